@@ -1,0 +1,29 @@
+/* autograd/gemm.h — the one GEMM entry point of the CPU engine (oneDNN matmul).
+ *
+ * Row-major, BLAS-like: C[M,N] = alpha * op(A)[M,K] · op(B)[K,N] + beta * C.
+ * A and B are both fp32 or both bf16; C and the accumulation are fp32 (oneDNN
+ * matmul with f32 dst accumulates in f32). op(X) = X or Xᵀ; a transposed operand
+ * is expressed through strides, never copied. Primitives are created once per
+ * distinct (shape, strides, dtype, alpha, beta) and cached for the process.
+ */
+#ifndef QLORA_AUTOGRAD_GEMM_H
+#define QLORA_AUTOGRAD_GEMM_H
+
+#include <stdint.h>
+
+#include "core/status.h"
+
+typedef enum gemm_dtype { GEMM_F32 = 0, GEMM_BF16 = 1 } gemm_dtype;
+
+/* A is (M, K) with leading dimension lda when !trans_a, (K, M) when trans_a;
+ * B is (K, N) with ldb when !trans_b, (N, K) when trans_b; C is (M, N), ldc.
+ * beta must be 0 (overwrite) or 1 (accumulate). Aborts with a message on a
+ * oneDNN failure (an internal error, not bad input: shapes come from the model). */
+void gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+          const void *A, int64_t lda, const void *B, int64_t ldb, float beta,
+          float *C, int64_t ldc, gemm_dtype dt);
+
+/* Release the cached primitives (end of process / tests). */
+void gemm_shutdown(void);
+
+#endif

@@ -1,0 +1,101 @@
+/* autograd/ops.h — the differentiable ops of a Llama block, CPU reference engine.
+ *
+ * Every op computes its forward result into a new arena tensor and, when the
+ * context is recording and an input requires grad, records a backward node.
+ * Activations are (N, C) row-major fp32 with N = B*T tokens; norms, softmax and
+ * the loss are computed in fp32; GEMM operands are rounded to bf16 when
+ * ctx->bf16 (fp32 accumulation), fp32 otherwise. Frozen base weights are never
+ * materialised whole: each linear dequantizes its own weight into a reusable
+ * scratch buffer right before its GEMM, in forward and again in backward.
+ *
+ * Maths references: RMSNorm (Zhang & Sennrich 2019; HF LlamaRMSNorm), RoPE
+ * (Su et al. 2021; HF `rotate_half` convention, modeling_llama.py), grouped-query
+ * attention (Ainslie et al. 2023), SwiGLU (Shazeer 2020), LoRA (Hu et al. 2021;
+ * PEFT tuners/lora/layer.py), rsLoRA (Kalajdzievski 2023).
+ */
+#ifndef QLORA_AUTOGRAD_OPS_H
+#define QLORA_AUTOGRAD_OPS_H
+
+#include <stdint.h>
+
+#include "autograd/tensor.h"
+#include "core/bf16.h"
+#include "quant/nf4.h"
+
+typedef enum frozen_kind { FROZEN_NF4 = 0, FROZEN_BF16 = 1, FROZEN_F32 = 2 } frozen_kind;
+
+/* A frozen [out, in] weight (nn.Linear layout), stored NF4, bf16 or fp32. */
+typedef struct frozen_weight {
+    int64_t out, in;
+    frozen_kind kind;
+    const nf4_tensor *nf4; /* FROZEN_NF4 */
+    const bf16 *w_bf16;    /* FROZEN_BF16: (out, in) */
+    const float *w_f32;    /* FROZEN_F32: (out, in) */
+} frozen_weight;
+
+/* LoRA adapter on one linear: ΔW = scaling · B·A (PEFT). A (r, in) and B (out, r)
+ * are fp32 leaf tensors whose grads live in the trainer's gradient arena. */
+typedef struct lora_adapter {
+    tensor *A;
+    tensor *B;
+    int r;
+    float scaling;   /* lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA */
+    float dropout;   /* probability p in [0, 1) */
+    uint64_t stream; /* RNG stream id of this module (layer, module) for dropout masks */
+} lora_adapter;
+
+/* RoPE cos/sin table: (max_pos, head_dim/2) fp32 each, computed as HF does
+ * (inv_freq = 1/theta^(2i/d) in fp32; angle = pos * inv_freq in fp32). */
+typedef struct rope_table {
+    int max_pos, head_dim;
+    float *cos, *sin;
+} rope_table;
+
+int rope_table_init(rope_table *t, int max_pos, int head_dim, float theta, qerr *e);
+void rope_table_free(rope_table *t);
+
+/* Dequantize rows [row0, row0+n) of w into dst as fp32 or bf16 (n × in). */
+void frozen_rows_f32(const frozen_weight *w, int64_t row0, int64_t n, float *dst);
+void frozen_rows_bf16(const frozen_weight *w, int64_t row0, int64_t n, bf16 *dst);
+
+/* x[N, D] = table[ids[n], :] (table is the frozen embedding (V, D)); no grad. */
+tensor *op_embedding(ag_ctx *ctx, const frozen_weight *table, const int32_t *ids, int64_t n);
+
+/* y = x / sqrt(mean(x²) + eps) * w ; x (N, D) fp32, w (D) fp32 tensor (frozen or trainable). */
+tensor *op_rmsnorm(ag_ctx *ctx, tensor *x, tensor *w, float eps);
+
+/* y (N, out) = x W^T + scaling · dropout(x) A^T B^T ; x (N, in) fp32.
+ * lora may be NULL (frozen linear: only dx flows back). */
+tensor *op_linear(ag_ctx *ctx, tensor *x, const frozen_weight *w, const lora_adapter *lora);
+
+/* Rotary embedding on x (N, n_heads*head_dim), rotate_half convention, with
+ * per-token positions pos (N). */
+tensor *op_rope(ag_ctx *ctx, tensor *x, int n_heads, const rope_table *rt, const int32_t *pos);
+
+/* Causal grouped-query attention. q (B*T, H*hd), k and v (B*T, KVH*hd); head h
+ * uses kv head h / (H/KVH). seq_ids (B*T) or NULL: token i attends to token j ≤ i
+ * of the same row only if seq_ids[i] == seq_ids[j] (packed examples never see
+ * each other). Scale 1/sqrt(hd). Returns (B*T, H*hd). Stores the fp32
+ * probabilities (B, H, T, T) for backward. */
+tensor *op_attention(ag_ctx *ctx, tensor *q, tensor *k, tensor *v, int B, int T, int H, int KVH,
+                     const int32_t *seq_ids);
+
+/* SwiGLU: y = silu(g) * u, elementwise; g, u (N, F). */
+tensor *op_swiglu(ag_ctx *ctx, tensor *g, tensor *u);
+
+/* y = a + b, same shapes. */
+tensor *op_add(ag_ctx *ctx, tensor *a, tensor *b);
+
+/* Fused LM head + cross-entropy with ignore index -100:
+ *   loss = scale · Σ_{n: targets[n] != -100} −log softmax(h[n] Wᵀ)[targets[n]]
+ * h (N, D) fp32, W the frozen (V, D) head. The logits are computed `chunk` rows
+ * at a time and never exist for all N × V at once; the gradient w.r.t. h is
+ * computed in the same pass (the loss is a leaf of the graph) and stored.
+ * scale is e.g. 1 / (number of target tokens in the optimizer step), so
+ * micro-batches sum to a per-token mean (transformers' num_items_in_batch).
+ * Returns a 1-element tensor; *loss_sum and *n_tokens (if non-NULL) receive the
+ * unscaled summed loss (fp64) and the number of target tokens. */
+tensor *op_lm_head_ce(ag_ctx *ctx, tensor *h, const frozen_weight *w, const int32_t *targets,
+                      float scale, double *loss_sum, int64_t *n_tokens);
+
+#endif

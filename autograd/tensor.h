@@ -1,0 +1,117 @@
+/* autograd/tensor.h — tensors, the activation arena and the tape.
+ *
+ * A tensor is a shape, a dtype and a pointer; activations live in a bump arena
+ * that is reset after every micro-batch, so a training step allocates nothing
+ * from malloc in steady state. The tape is a flat list of nodes, each with a
+ * backward function; `ag_backward` walks it in reverse (reverse-mode AD as in
+ * micrograd / PyTorch autograd, without a dynamic graph). Gradients are always
+ * fp32. Parameters (LoRA A/B) are leaf tensors whose `grad` points into the
+ * trainer's flat gradient arena, so the optimizer is one loop over it.
+ */
+#ifndef QLORA_AUTOGRAD_TENSOR_H
+#define QLORA_AUTOGRAD_TENSOR_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/status.h"
+
+typedef enum ag_dtype { AG_F32 = 0, AG_BF16 = 1, AG_I32 = 2 } ag_dtype;
+
+typedef struct tensor {
+    int ndim;
+    int64_t shape[4];
+    int64_t numel;
+    ag_dtype dtype;
+    void *data;
+    float *grad;       /* fp32, numel; NULL until first accumulated (activations) */
+    int requires_grad; /* gradient wanted for this tensor (param, or depends on one) */
+} tensor;
+
+/* ---- arena: chunked bump allocator with mark/reset ---- */
+typedef struct ag_arena_chunk {
+    struct ag_arena_chunk *prev;
+    size_t size, used;
+    unsigned char *mem;
+} ag_arena_chunk;
+
+typedef struct ag_arena {
+    ag_arena_chunk *head;
+    size_t chunk_size;
+    size_t in_use, peak; /* bytes, for the memory report */
+} ag_arena;
+
+typedef struct ag_mark {
+    ag_arena_chunk *chunk;
+    size_t used;
+    size_t in_use;
+} ag_mark;
+
+/* ---- tape ---- */
+struct ag_ctx;
+struct ag_node;
+typedef void (*ag_backward_fn)(struct ag_ctx *ctx, const struct ag_node *node);
+
+typedef struct ag_node {
+    ag_backward_fn backward;
+    tensor *out;
+    tensor *in[4];
+    void *saved; /* op-specific, allocated in the arena */
+} ag_node;
+
+typedef struct ag_ctx {
+    ag_arena arena;
+    ag_node *nodes;
+    int64_t n_nodes, cap_nodes;
+    int recording; /* 1: ops record backward nodes; 0: inference / checkpoint forward */
+    int bf16;      /* 1: GEMM operands rounded to bf16 (fp32 accumulate); 0: fp32 GEMMs */
+    int training;  /* 1: dropout active */
+    uint64_t seed;  /* dropout stream seed for the current micro-batch */
+    /* reusable scratch for dequantized frozen weights and bf16 operand copies */
+    void *wscratch;
+    size_t wscratch_size;
+    void *ascratch;
+    size_t ascratch_size;
+} ag_ctx;
+
+/* Initialise a context with arena chunks of at least chunk_bytes. */
+int ag_ctx_init(ag_ctx *ctx, size_t chunk_bytes, qerr *e);
+void ag_ctx_free(ag_ctx *ctx);
+
+/* Arena allocation (64-byte aligned). Aborts with a message on out-of-memory:
+ * activations are sized from the config, and the predicted peak is printed
+ * before training, so an OOM here is not recoverable input. */
+void *ag_alloc(ag_ctx *ctx, size_t bytes);
+ag_mark ag_arena_mark(const ag_ctx *ctx);
+void ag_arena_reset(ag_ctx *ctx, ag_mark m);
+
+/* New tensor in the arena (data uninitialised, grad NULL). */
+tensor *ag_tensor(ag_ctx *ctx, ag_dtype dt, int ndim, const int64_t *shape);
+tensor *ag_tensor2(ag_ctx *ctx, ag_dtype dt, int64_t d0, int64_t d1);
+/* Wrap caller-owned memory (parameters) as a leaf tensor allocated in the arena. */
+tensor *ag_wrap(ag_ctx *ctx, ag_dtype dt, int64_t d0, int64_t d1, void *data, float *grad);
+
+/* Zeroed fp32 grad buffer for t (allocated in the arena on first use). */
+float *ag_grad(ag_ctx *ctx, tensor *t);
+
+/* Record a node (only when ctx->recording and some input requires grad). */
+ag_node *ag_record(ag_ctx *ctx, ag_backward_fn fn, tensor *out, tensor *a, tensor *b, tensor *c,
+                   tensor *d);
+/* Does any of the (non-NULL) inputs require grad while recording? */
+int ag_needs_grad(const ag_ctx *ctx, const tensor *a, const tensor *b, const tensor *c);
+
+/* Reverse-mode pass over the tape from node index `from_node` to the end,
+ * seeded with out->grad (which the caller sets, e.g. 1.0 for a scalar loss).
+ * The nodes are removed from the tape afterwards. */
+void ag_backward_from(ag_ctx *ctx, int64_t from_node);
+void ag_backward(ag_ctx *ctx, tensor *loss);
+
+/* Gradient checkpointing (Chen et al. 2016, "Training deep nets with sublinear
+ * memory cost"): run fn(arg, x) without recording and keep only its output;
+ * during backward, recompute fn on a copy of x with recording on and
+ * backpropagate through the recomputed graph. fn must be deterministic given
+ * its inputs (dropout uses counter-based RNG, so it is). */
+typedef tensor *(*ag_block_fn)(ag_ctx *ctx, void *arg, tensor *x);
+tensor *ag_checkpoint(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x);
+
+#endif

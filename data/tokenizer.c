@@ -1,0 +1,773 @@
+/* data/tokenizer.c — byte-level BPE (GPT-2 family) from GGUF metadata.
+ *
+ * References: OpenAI gpt-2 encoder.py (bytes_to_unicode, the pre-tokenizer
+ * regex, BPE by merge rank); Hugging Face tokenizers
+ * (pre_tokenizers/byte_level.rs, pre_tokenizers/digits.rs,
+ * models/bpe/word.rs `merge_all`, added_vocabulary.rs), which is the oracle
+ * tests/test_tokenizer.c compares against; llama.cpp llama-vocab.cpp for the
+ * GGUF keys and the per-`pre` regex lists.
+ *
+ * Layout: the token texts live in one arena; a string→id open-addressing
+ * table serves lookups; a (left id, right id)→(rank, merged id) table serves
+ * BPE. Merging uses a binary heap ordered by (rank, position), which is what
+ * HF does, so ties resolve identically and long words stay O(n log n).
+ */
+#include "data/tokenizer.h"
+
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/rng.h"
+
+typedef enum tok_pre {
+    TOK_PRE_GPT2 = 0,   /* GPT-2 regex */
+    TOK_PRE_DIGITS_GPT2, /* \p{N} isolated, then GPT-2 regex (smollm, starcoder, refact) */
+    TOK_PRE_LLAMA3,     /* Llama 3 regex, ignore_merges */
+} tok_pre;
+
+struct tokenizer {
+    int32_t n_vocab;
+    char *arena;          /* all token texts, each NUL-terminated */
+    size_t *tok_off;      /* (n_vocab) offset of token i in arena */
+    uint32_t *tok_len;    /* (n_vocab) bytes */
+    uint8_t *tok_type;    /* (n_vocab) tokenizer_token_type */
+
+    int32_t *vhash;       /* open addressing: token id or -1 */
+    uint64_t vmask;
+
+    uint64_t *mkey;       /* open addressing: (left << 32 | right), UINT64_MAX = empty */
+    int32_t *mrank;
+    int32_t *mres;
+    uint64_t mmask;
+
+    int32_t byte_tok[256];     /* id of the single-byte token for each byte */
+    char byte_utf8[256][3];    /* bytes_to_unicode(b) as UTF-8 */
+    uint8_t byte_utf8_len[256];
+    int16_t cp_byte[512];      /* inverse: code point -> byte, -1 if none */
+
+    tok_pre pre;
+    int ignore_merges;
+    pcre2_code *re_digit;      /* \p{N} (TOK_PRE_DIGITS_GPT2 only) */
+    pcre2_code *re_main;
+
+    int32_t *sp_ids;           /* added tokens split out before BPE, longest first */
+    int n_sp;
+    uint8_t sp_first[256];     /* 1 if some added token starts with this byte */
+
+    int32_t bos, eos, pad, unk;
+    int add_bos, add_eos;
+    char *chat_template;
+    char pre_name[64];
+};
+
+static const char RE_GPT2[] =
+    "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
+static const char RE_LLAMA3[] =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
+    "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+static const char RE_DIGIT[] = "\\p{N}";
+
+/* ------------------------------------------------------------------------ */
+/* hashing                                                                   */
+
+static uint64_t tok_hash_bytes(const char *s, size_t n) {
+    uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a */
+    for (size_t i = 0; i < n; i++) {
+        h ^= (uint8_t)s[i];
+        h *= 0x100000001b3ull;
+    }
+    return rng_mix64(h);
+}
+
+static const char *tok_text(const tokenizer *t, int32_t id) { return t->arena + t->tok_off[id]; }
+
+static int32_t tok_vocab_lookup(const tokenizer *t, const char *s, size_t n) {
+    uint64_t i = tok_hash_bytes(s, n) & t->vmask;
+    for (;;) {
+        int32_t id = t->vhash[i];
+        if (id < 0) return -1;
+        if (t->tok_len[id] == n && memcmp(tok_text(t, id), s, n) == 0) return id;
+        i = (i + 1) & t->vmask;
+    }
+}
+
+/* Returns the slot for a pair: either its entry or the empty slot where it
+ * would go. */
+static uint64_t tok_merge_slot(const tokenizer *t, uint64_t key) {
+    uint64_t i = rng_mix64(key) & t->mmask;
+    while (t->mkey[i] != UINT64_MAX && t->mkey[i] != key) i = (i + 1) & t->mmask;
+    return i;
+}
+
+static uint64_t tok_pow2_at_least(uint64_t n) {
+    uint64_t c = 16;
+    while (c < n) c <<= 1;
+    return c;
+}
+
+/* ------------------------------------------------------------------------ */
+/* loading                                                                   */
+
+/* GPT-2 encoder.py bytes_to_unicode: printable Latin-1 bytes map to
+ * themselves, the other 68 to U+0100.. in byte order. */
+static void tok_init_byte_alphabet(tokenizer *t) {
+    int n = 0;
+    for (int i = 0; i < 512; i++) t->cp_byte[i] = -1;
+    for (int b = 0; b < 256; b++) {
+        int printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+        int cp = printable ? b : 256 + n++;
+        t->cp_byte[cp] = (int16_t)b;
+        if (cp < 0x80) {
+            t->byte_utf8[b][0] = (char)cp;
+            t->byte_utf8_len[b] = 1;
+        } else {
+            t->byte_utf8[b][0] = (char)(0xC0 | (cp >> 6));
+            t->byte_utf8[b][1] = (char)(0x80 | (cp & 0x3F));
+            t->byte_utf8_len[b] = 2;
+        }
+    }
+}
+
+static int tok_compile(const char *pattern, pcre2_code **out, qerr *e) {
+    int err;
+    PCRE2_SIZE erroff;
+    pcre2_code *re = pcre2_compile((PCRE2_SPTR)pattern, PCRE2_ZERO_TERMINATED,
+                                   PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF, &err, &erroff, NULL);
+    if (!re) {
+        PCRE2_UCHAR buf[256];
+        pcre2_get_error_message(err, buf, sizeof buf);
+        return qerr_set(e, "tokenizer: PCRE2 cannot compile the pre-tokenizer regex at %zu: %s",
+                        (size_t)erroff, (const char *)buf);
+    }
+    (void)pcre2_jit_compile(re, PCRE2_JIT_COMPLETE); /* falls back to the interpreter */
+    *out = re;
+    return 0;
+}
+
+static int tok_get_special_id(const gguf_file *f, const char *key, int32_t n_vocab, int32_t *out, qerr *e) {
+    *out = -1;
+    if (!gguf_has_key(f, key)) return 0;
+    uint32_t v;
+    if (gguf_get_u32(f, key, &v, e)) return -1;
+    if (v >= (uint32_t)n_vocab)
+        return qerr_set(e, "tokenizer: %s = %u is outside the vocabulary (%d tokens)", key, v, n_vocab);
+    *out = (int32_t)v;
+    return 0;
+}
+
+static int tok_get_flag(const gguf_file *f, const char *key, int *out, qerr *e) {
+    *out = 0;
+    if (!gguf_has_key(f, key)) return 0;
+    return gguf_get_bool(f, key, out, e);
+}
+
+static int tok_sp_cmp_len_desc(const void *a, const void *b, void *ctx) {
+    const tokenizer *t = ctx;
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    if (t->tok_len[x] != t->tok_len[y]) return t->tok_len[x] > t->tok_len[y] ? -1 : 1;
+    return x < y ? -1 : x > y;
+}
+
+static int tok_load_vocab(const gguf_file *f, tokenizer *t, qerr *e) {
+    gguf_vtype et;
+    uint64_t count;
+    if (gguf_get_arr_info(f, "tokenizer.ggml.tokens", &et, &count, e)) return -1;
+    if (et != GGUF_VTYPE_STRING)
+        return qerr_set(e, "tokenizer: tokenizer.ggml.tokens must be an array of strings (element type %d)", (int)et);
+    if (count == 0 || count > INT32_MAX)
+        return qerr_set(e, "tokenizer: tokenizer.ggml.tokens has %llu entries", (unsigned long long)count);
+    t->n_vocab = (int32_t)count;
+    size_t total = 0;
+    for (uint64_t i = 0; i < count; i++) {
+        const char *s;
+        size_t n;
+        if (gguf_get_arr_str(f, "tokenizer.ggml.tokens", i, &s, &n, e)) return -1;
+        total += n + 1;
+    }
+    t->arena = qmalloc(total, e);
+    t->tok_off = qmalloc(count * sizeof *t->tok_off, e);
+    t->tok_len = qmalloc(count * sizeof *t->tok_len, e);
+    t->tok_type = qmalloc(count, e);
+    if (!t->arena || !t->tok_off || !t->tok_len || !t->tok_type) return -1;
+    size_t off = 0;
+    for (uint64_t i = 0; i < count; i++) {
+        const char *s;
+        size_t n;
+        if (gguf_get_arr_str(f, "tokenizer.ggml.tokens", i, &s, &n, e)) return -1;
+        memcpy(t->arena + off, s, n);
+        t->arena[off + n] = 0;
+        t->tok_off[i] = off;
+        t->tok_len[i] = (uint32_t)n;
+        t->tok_type[i] = TOKENIZER_TOKEN_NORMAL;
+        off += n + 1;
+    }
+
+    if (gguf_has_key(f, "tokenizer.ggml.token_type")) {
+        uint64_t tc;
+        const void *data;
+        if (gguf_get_arr_info(f, "tokenizer.ggml.token_type", &et, &tc, e)) return -1;
+        if (et != GGUF_VTYPE_INT32 && et != GGUF_VTYPE_UINT32)
+            return qerr_set(e, "tokenizer: tokenizer.ggml.token_type must be an int32 array (element type %d)",
+                            (int)et);
+        if (tc != count)
+            return qerr_set(e, "tokenizer: tokenizer.ggml.token_type has %llu entries, tokens has %llu",
+                            (unsigned long long)tc, (unsigned long long)count);
+        if (gguf_get_arr_data(f, "tokenizer.ggml.token_type", &data, e)) return -1;
+        for (uint64_t i = 0; i < count; i++) {
+            int32_t v;
+            memcpy(&v, (const uint8_t *)data + 4 * i, 4);
+            if (v < 0 || v > TOKENIZER_TOKEN_BYTE)
+                return qerr_set(e, "tokenizer: tokenizer.ggml.token_type[%llu] = %d is not a known token type",
+                                (unsigned long long)i, v);
+            t->tok_type[i] = (uint8_t)v;
+        }
+    }
+
+    t->vmask = tok_pow2_at_least(2 * count) - 1;
+    t->vhash = qmalloc((t->vmask + 1) * sizeof *t->vhash, e);
+    if (!t->vhash) return -1;
+    memset(t->vhash, 0xff, (t->vmask + 1) * sizeof *t->vhash);
+    for (int32_t id = 0; id < t->n_vocab; id++) {
+        const char *s = tok_text(t, id);
+        uint64_t i = tok_hash_bytes(s, t->tok_len[id]) & t->vmask;
+        int dup = 0;
+        while (t->vhash[i] >= 0) {
+            int32_t o = t->vhash[i];
+            if (t->tok_len[o] == t->tok_len[id] && memcmp(tok_text(t, o), s, t->tok_len[id]) == 0) {
+                dup = 1; /* duplicate text: the first id wins, as in HF's vocab map */
+                break;
+            }
+            i = (i + 1) & t->vmask;
+        }
+        if (!dup) t->vhash[i] = id;
+    }
+    return 0;
+}
+
+static int tok_load_merges(const gguf_file *f, tokenizer *t, qerr *e) {
+    gguf_vtype et;
+    uint64_t count;
+    if (!gguf_has_key(f, "tokenizer.ggml.merges"))
+        return qerr_set(e, "tokenizer: tokenizer.ggml.merges is missing (required for a gpt2 BPE vocabulary)");
+    if (gguf_get_arr_info(f, "tokenizer.ggml.merges", &et, &count, e)) return -1;
+    if (et != GGUF_VTYPE_STRING)
+        return qerr_set(e, "tokenizer: tokenizer.ggml.merges must be an array of strings (element type %d)", (int)et);
+    if (count > INT32_MAX) return qerr_set(e, "tokenizer: too many merges (%llu)", (unsigned long long)count);
+    t->mmask = tok_pow2_at_least(2 * count + 2) - 1;
+    t->mkey = qmalloc((t->mmask + 1) * sizeof *t->mkey, e);
+    t->mrank = qmalloc((t->mmask + 1) * sizeof *t->mrank, e);
+    t->mres = qmalloc((t->mmask + 1) * sizeof *t->mres, e);
+    if (!t->mkey || !t->mrank || !t->mres) return -1;
+    memset(t->mkey, 0xff, (t->mmask + 1) * sizeof *t->mkey);
+    char *buf = NULL;
+    size_t cap = 0;
+    for (uint64_t r = 0; r < count; r++) {
+        const char *s;
+        size_t n;
+        if (gguf_get_arr_str(f, "tokenizer.ggml.merges", r, &s, &n, e)) {
+            free(buf);
+            return -1;
+        }
+        /* "left right": the separator is the first space after position 0
+         * (a token in the byte alphabet never contains a real space). */
+        const char *sp = n > 1 ? memchr(s + 1, ' ', n - 1) : NULL;
+        if (!sp) {
+            free(buf);
+            return qerr_set(e, "tokenizer: tokenizer.ggml.merges[%llu] = \"%.*s\" is not \"left right\"",
+                            (unsigned long long)r, (int)(n > 64 ? 64 : n), s);
+        }
+        size_t nl = (size_t)(sp - s), nr = n - nl - 1;
+        int32_t a = tok_vocab_lookup(t, s, nl), b = tok_vocab_lookup(t, sp + 1, nr);
+        if (nl + nr > cap) {
+            cap = 2 * (nl + nr) + 64;
+            char *nb = realloc(buf, cap);
+            if (!nb) {
+                free(buf);
+                return qerr_set(e, "out of memory reading merges");
+            }
+            buf = nb;
+        }
+        memcpy(buf, s, nl);
+        memcpy(buf + nl, sp + 1, nr);
+        int32_t res = tok_vocab_lookup(t, buf, nl + nr);
+        if (a < 0 || b < 0 || res < 0) continue; /* unusable merge: HF/llama.cpp never produce it either */
+        uint64_t key = ((uint64_t)(uint32_t)a << 32) | (uint32_t)b;
+        uint64_t slot = tok_merge_slot(t, key);
+        if (t->mkey[slot] == key) continue; /* duplicate: the lower rank stays */
+        t->mkey[slot] = key;
+        t->mrank[slot] = (int32_t)r;
+        t->mres[slot] = res;
+    }
+    free(buf);
+    return 0;
+}
+
+int tokenizer_load_gguf(const gguf_file *f, tokenizer **out, qerr *e) {
+    *out = NULL;
+    const char *s;
+    size_t n;
+    if (!gguf_has_key(f, "tokenizer.ggml.model"))
+        return qerr_set(e, "tokenizer: the GGUF has no tokenizer.ggml.model (no tokenizer stored)");
+    if (gguf_get_str(f, "tokenizer.ggml.model", &s, &n, e)) return -1;
+    if (n != 4 || memcmp(s, "gpt2", 4) != 0)
+        return qerr_set(e,
+                        "tokenizer: tokenizer.ggml.model is \"%.*s\"; only \"gpt2\" (byte-level BPE) is supported",
+                        (int)(n > 64 ? 64 : n), s);
+
+    tokenizer *t = calloc(1, sizeof *t);
+    if (!t) return qerr_set(e, "out of memory");
+    tok_init_byte_alphabet(t);
+
+    const char *pre = "default";
+    size_t npre = strlen(pre);
+    if (gguf_has_key(f, "tokenizer.ggml.pre")) {
+        if (gguf_get_str(f, "tokenizer.ggml.pre", &pre, &npre, e)) goto fail;
+    }
+    snprintf(t->pre_name, sizeof t->pre_name, "%.*s", (int)npre, pre);
+    if (!strcmp(t->pre_name, "smollm") || !strcmp(t->pre_name, "starcoder") || !strcmp(t->pre_name, "refact")) {
+        t->pre = TOK_PRE_DIGITS_GPT2;
+    } else if (!strcmp(t->pre_name, "gpt2") || !strcmp(t->pre_name, "default") ||
+               !strcmp(t->pre_name, "gpt-2")) {
+        t->pre = TOK_PRE_GPT2;
+    } else if (!strcmp(t->pre_name, "llama-bpe") || !strcmp(t->pre_name, "llama3") ||
+               !strcmp(t->pre_name, "llama-v3")) {
+        t->pre = TOK_PRE_LLAMA3;
+        t->ignore_merges = 1;
+    } else {
+        qerr_set(e,
+                 "tokenizer: tokenizer.ggml.pre = \"%s\" is not supported (supported: smollm, starcoder, refact, "
+                 "gpt2, default, llama-bpe, llama3)",
+                 t->pre_name);
+        goto fail;
+    }
+    if (tok_compile(t->pre == TOK_PRE_LLAMA3 ? RE_LLAMA3 : RE_GPT2, &t->re_main, e)) goto fail;
+    if (t->pre == TOK_PRE_DIGITS_GPT2 && tok_compile(RE_DIGIT, &t->re_digit, e)) goto fail;
+
+    if (tok_load_vocab(f, t, e)) goto fail;
+    if (tok_load_merges(f, t, e)) goto fail;
+
+    if (tok_get_special_id(f, "tokenizer.ggml.bos_token_id", t->n_vocab, &t->bos, e) ||
+        tok_get_special_id(f, "tokenizer.ggml.eos_token_id", t->n_vocab, &t->eos, e) ||
+        tok_get_special_id(f, "tokenizer.ggml.padding_token_id", t->n_vocab, &t->pad, e) ||
+        tok_get_special_id(f, "tokenizer.ggml.unknown_token_id", t->n_vocab, &t->unk, e) ||
+        tok_get_flag(f, "tokenizer.ggml.add_bos_token", &t->add_bos, e) ||
+        tok_get_flag(f, "tokenizer.ggml.add_eos_token", &t->add_eos, e))
+        goto fail;
+    if (t->pad < 0) t->pad = t->eos;
+
+    for (int b = 0; b < 256; b++) {
+        t->byte_tok[b] = tok_vocab_lookup(t, t->byte_utf8[b], t->byte_utf8_len[b]);
+        if (t->byte_tok[b] < 0 && t->unk < 0) {
+            qerr_set(e, "tokenizer: the vocabulary has no token for byte 0x%02x and no unknown token", b);
+            goto fail;
+        }
+        if (t->byte_tok[b] < 0) t->byte_tok[b] = t->unk;
+    }
+
+    /* Added tokens split out before pre-tokenization. */
+    t->sp_ids = malloc((size_t)t->n_vocab * sizeof *t->sp_ids);
+    if (!t->sp_ids) {
+        qerr_set(e, "out of memory");
+        goto fail;
+    }
+    for (int32_t id = 0; id < t->n_vocab; id++) {
+        int ty = t->tok_type[id];
+        if ((ty == TOKENIZER_TOKEN_CONTROL || ty == TOKENIZER_TOKEN_USER_DEFINED) && t->tok_len[id] > 0) {
+            t->sp_ids[t->n_sp++] = id;
+            t->sp_first[(uint8_t)tok_text(t, id)[0]] = 1;
+        }
+    }
+    qsort_r(t->sp_ids, (size_t)t->n_sp, sizeof *t->sp_ids, tok_sp_cmp_len_desc, t);
+
+    if (gguf_has_key(f, "tokenizer.chat_template")) {
+        if (gguf_get_str(f, "tokenizer.chat_template", &s, &n, e)) goto fail;
+        t->chat_template = malloc(n + 1);
+        if (!t->chat_template) {
+            qerr_set(e, "out of memory");
+            goto fail;
+        }
+        memcpy(t->chat_template, s, n);
+        t->chat_template[n] = 0;
+    }
+    *out = t;
+    return 0;
+fail:
+    tokenizer_free(t);
+    return -1;
+}
+
+void tokenizer_free(tokenizer *t) {
+    if (!t) return;
+    free(t->arena);
+    free(t->tok_off);
+    free(t->tok_len);
+    free(t->tok_type);
+    free(t->vhash);
+    free(t->mkey);
+    free(t->mrank);
+    free(t->mres);
+    pcre2_code_free(t->re_digit);
+    pcre2_code_free(t->re_main);
+    free(t->sp_ids);
+    free(t->chat_template);
+    free(t);
+}
+
+/* ------------------------------------------------------------------------ */
+/* id lists                                                                  */
+
+static int tok_ids_reserve(tokenizer_ids *v, size_t extra, int with_offsets, qerr *e) {
+    size_t need = v->n + extra;
+    if (need <= v->cap && v->ids && (!with_offsets || v->offsets)) return 0;
+    size_t cap = v->cap > 64 ? v->cap : 64;
+    while (cap < need) cap *= 2;
+    int32_t *ni = realloc(v->ids, cap * sizeof *ni);
+    if (!ni) return qerr_set(e, "out of memory growing a token list to %zu ids", cap);
+    v->ids = ni;
+    if (with_offsets || v->offsets) {
+        int64_t *no = realloc(v->offsets, cap * sizeof *no);
+        if (!no) return qerr_set(e, "out of memory growing a token list to %zu ids", cap);
+        if (!v->offsets)
+            for (size_t i = 0; i < v->n; i++) no[i] = -1;
+        v->offsets = no;
+    }
+    v->cap = cap;
+    return 0;
+}
+
+int tokenizer_ids_push(tokenizer_ids *v, int32_t id, qerr *e) {
+    if (tok_ids_reserve(v, 1, 0, e)) return -1;
+    if (v->offsets) v->offsets[v->n] = -1;
+    v->ids[v->n++] = id;
+    return 0;
+}
+
+void tokenizer_ids_free(tokenizer_ids *v) {
+    if (!v) return;
+    free(v->ids);
+    free(v->offsets);
+    memset(v, 0, sizeof *v);
+}
+
+/* ------------------------------------------------------------------------ */
+/* BPE on one pre-token                                                      */
+
+typedef struct tok_sym {
+    int32_t id;
+    int32_t prev, next; /* -1 at the ends */
+    int32_t nbytes;     /* bytes of the original text covered */
+} tok_sym;
+
+typedef struct tok_cand {
+    int32_t rank, pos, left, right;
+} tok_cand;
+
+/* Scratch owned by one encode call. */
+typedef struct tok_work {
+    tok_sym *sym;
+    tok_cand *heap;
+    size_t sym_cap, heap_cap, heap_n;
+    char *spell;
+    size_t spell_cap;
+    pcre2_match_data *md;
+} tok_work;
+
+static int tok_cand_less(const tok_cand *a, const tok_cand *b) {
+    return a->rank < b->rank || (a->rank == b->rank && a->pos < b->pos);
+}
+
+static void tok_heap_push(tok_work *w, tok_cand c) {
+    size_t i = w->heap_n++;
+    w->heap[i] = c;
+    while (i > 0) {
+        size_t p = (i - 1) / 2;
+        if (!tok_cand_less(&w->heap[i], &w->heap[p])) break;
+        tok_cand tmp = w->heap[p];
+        w->heap[p] = w->heap[i];
+        w->heap[i] = tmp;
+        i = p;
+    }
+}
+
+static tok_cand tok_heap_pop(tok_work *w) {
+    tok_cand top = w->heap[0];
+    w->heap[0] = w->heap[--w->heap_n];
+    size_t i = 0;
+    for (;;) {
+        size_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < w->heap_n && tok_cand_less(&w->heap[l], &w->heap[m])) m = l;
+        if (r < w->heap_n && tok_cand_less(&w->heap[r], &w->heap[m])) m = r;
+        if (m == i) break;
+        tok_cand tmp = w->heap[m];
+        w->heap[m] = w->heap[i];
+        w->heap[i] = tmp;
+        i = m;
+    }
+    return top;
+}
+
+static void tok_try_pair(const tokenizer *t, tok_work *w, int32_t pos) {
+    int32_t nx = w->sym[pos].next;
+    if (nx < 0) return;
+    uint64_t key = ((uint64_t)(uint32_t)w->sym[pos].id << 32) | (uint32_t)w->sym[nx].id;
+    uint64_t slot = tok_merge_slot(t, key);
+    if (t->mkey[slot] != key) return;
+    tok_cand c = {t->mrank[slot], pos, w->sym[pos].id, w->sym[nx].id};
+    tok_heap_push(w, c);
+}
+
+static int tok_emit(tokenizer_ids *out, int32_t id, int64_t off, int with_offsets, qerr *e) {
+    if (out->n == out->cap && tok_ids_reserve(out, 1, with_offsets, e)) return -1;
+    if (with_offsets) out->offsets[out->n] = off;
+    out->ids[out->n++] = id;
+    return 0;
+}
+
+/* BPE-encode bytes w[0..n) (one pre-token) and append the ids; `off` is the
+ * absolute offset of w[0] for the offsets list. */
+static int tok_bpe_word(const tokenizer *t, tok_work *w, const char *s, size_t n, int64_t off,
+                        tokenizer_ids *out, int with_offsets, qerr *e) {
+    if (n == 0) return 0;
+    if (n == 1) return tok_emit(out, t->byte_tok[(uint8_t)s[0]], off, with_offsets, e);
+    if (t->ignore_merges) {
+        if (w->spell_cap < 2 * n) {
+            size_t cap = 2 * n + 64;
+            char *ns = realloc(w->spell, cap);
+            if (!ns) return qerr_set(e, "out of memory in BPE");
+            w->spell = ns;
+            w->spell_cap = cap;
+        }
+        size_t k = 0;
+        for (size_t i = 0; i < n; i++) {
+            uint8_t b = (uint8_t)s[i];
+            memcpy(w->spell + k, t->byte_utf8[b], t->byte_utf8_len[b]);
+            k += t->byte_utf8_len[b];
+        }
+        int32_t id = tok_vocab_lookup(t, w->spell, k);
+        if (id >= 0) return tok_emit(out, id, off, with_offsets, e);
+    }
+    if (w->sym_cap < n) {
+        size_t cap = n + 64;
+        tok_sym *ns = realloc(w->sym, cap * sizeof *ns);
+        if (!ns) return qerr_set(e, "out of memory in BPE");
+        w->sym = ns;
+        w->sym_cap = cap;
+    }
+    /* Each merge adds at most 2 candidates; n-1 initial ones. */
+    if (w->heap_cap < 3 * n) {
+        size_t cap = 3 * n + 64;
+        tok_cand *nh = realloc(w->heap, cap * sizeof *nh);
+        if (!nh) return qerr_set(e, "out of memory in BPE");
+        w->heap = nh;
+        w->heap_cap = cap;
+    }
+    for (size_t i = 0; i < n; i++) {
+        w->sym[i].id = t->byte_tok[(uint8_t)s[i]];
+        w->sym[i].prev = (int32_t)i - 1;
+        w->sym[i].next = i + 1 < n ? (int32_t)i + 1 : -1;
+        w->sym[i].nbytes = 1;
+    }
+    w->heap_n = 0;
+    for (size_t i = 0; i + 1 < n; i++) tok_try_pair(t, w, (int32_t)i);
+    while (w->heap_n > 0) {
+        tok_cand c = tok_heap_pop(w);
+        tok_sym *a = &w->sym[c.pos];
+        if (a->nbytes == 0 || a->id != c.left || a->next < 0) continue; /* stale */
+        tok_sym *b = &w->sym[a->next];
+        if (b->id != c.right) continue;
+        uint64_t key = ((uint64_t)(uint32_t)c.left << 32) | (uint32_t)c.right;
+        a->id = t->mres[tok_merge_slot(t, key)];
+        a->nbytes += b->nbytes;
+        b->nbytes = 0;
+        a->next = b->next;
+        if (b->next >= 0) w->sym[b->next].prev = c.pos;
+        if (a->prev >= 0) tok_try_pair(t, w, a->prev);
+        tok_try_pair(t, w, c.pos);
+    }
+    int64_t o = off;
+    for (int32_t i = 0; i >= 0; i = w->sym[i].next) {
+        if (tok_emit(out, w->sym[i].id, o, with_offsets, e)) return -1;
+        o += w->sym[i].nbytes;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* pre-tokenization                                                          */
+
+/* Split s[0..n) with the main regex; every match, and every gap between
+ * matches (only possible on invalid UTF-8), is one BPE word. The subject is
+ * exactly this stretch, so (?!\S) sees its end as HF's does. */
+static int tok_split_main(const tokenizer *t, tok_work *w, const char *s, size_t n, int64_t off,
+                          tokenizer_ids *out, int with_offsets, qerr *e) {
+    size_t pos = 0;
+    while (pos < n) {
+        int rc = pcre2_match(t->re_main, (PCRE2_SPTR)s, n, pos, 0, w->md, NULL);
+        if (rc == PCRE2_ERROR_NOMATCH) break;
+        if (rc < 0) {
+            PCRE2_UCHAR buf[256];
+            pcre2_get_error_message(rc, buf, sizeof buf);
+            return qerr_set(e, "tokenizer: PCRE2 match failed: %s", (const char *)buf);
+        }
+        PCRE2_SIZE *ov = pcre2_get_ovector_pointer(w->md);
+        size_t ms = ov[0], me = ov[1];
+        if (ms > pos && tok_bpe_word(t, w, s + pos, ms - pos, off + (int64_t)pos, out, with_offsets, e)) return -1;
+        if (me == ms) me = ms + 1; /* cannot happen with these patterns; never loop */
+        if (tok_bpe_word(t, w, s + ms, me - ms, off + (int64_t)ms, out, with_offsets, e)) return -1;
+        pos = me;
+    }
+    if (pos < n) return tok_bpe_word(t, w, s + pos, n - pos, off + (int64_t)pos, out, with_offsets, e);
+    return 0;
+}
+
+/* One stretch of text without added tokens. */
+static int tok_encode_plain(const tokenizer *t, tok_work *w, const char *s, size_t n, int64_t off,
+                            tokenizer_ids *out, int with_offsets, qerr *e) {
+    if (t->pre != TOK_PRE_DIGITS_GPT2) return tok_split_main(t, w, s, n, off, out, with_offsets, e);
+    /* HF Digits(individual_digits=True): each \p{N} character isolated. */
+    size_t pos = 0;
+    while (pos < n) {
+        int rc = pcre2_match(t->re_digit, (PCRE2_SPTR)s, n, pos, 0, w->md, NULL);
+        if (rc == PCRE2_ERROR_NOMATCH) break;
+        if (rc < 0) {
+            PCRE2_UCHAR buf[256];
+            pcre2_get_error_message(rc, buf, sizeof buf);
+            return qerr_set(e, "tokenizer: PCRE2 match failed: %s", (const char *)buf);
+        }
+        PCRE2_SIZE *ov = pcre2_get_ovector_pointer(w->md);
+        size_t ms = ov[0], me = ov[1];
+        if (ms > pos && tok_split_main(t, w, s + pos, ms - pos, off + (int64_t)pos, out, with_offsets, e))
+            return -1;
+        if (tok_bpe_word(t, w, s + ms, me - ms, off + (int64_t)ms, out, with_offsets, e)) return -1;
+        pos = me;
+    }
+    if (pos < n) return tok_split_main(t, w, s + pos, n - pos, off + (int64_t)pos, out, with_offsets, e);
+    return 0;
+}
+
+/* The added token starting at s[0..n), longest first, or -1. */
+static int32_t tok_match_added(const tokenizer *t, const char *s, size_t n, int parse_special) {
+    for (int k = 0; k < t->n_sp; k++) {
+        int32_t id = t->sp_ids[k];
+        if (!parse_special && t->tok_type[id] == TOKENIZER_TOKEN_CONTROL) continue;
+        uint32_t l = t->tok_len[id];
+        if (l <= n && memcmp(s, tok_text(t, id), l) == 0) return id;
+    }
+    return -1;
+}
+
+static int tok_encode_impl(const tokenizer *t, const char *text, size_t len, int parse_special, int64_t base,
+                           tokenizer_ids *out, int with_offsets, qerr *e) {
+    if (tok_ids_reserve(out, len / 3 + 8, with_offsets, e)) return -1;
+    tok_work w = {0};
+    w.md = pcre2_match_data_create(1, NULL);
+    if (!w.md) return qerr_set(e, "out of memory (PCRE2 match data)");
+    int rc = 0;
+    size_t pos = 0, i = 0;
+    while (i < len) {
+        if (t->sp_first[(uint8_t)text[i]]) {
+            int32_t id = tok_match_added(t, text + i, len - i, parse_special);
+            if (id >= 0) {
+                if (i > pos && (rc = tok_encode_plain(t, &w, text + pos, i - pos, base + (int64_t)pos, out,
+                                                      with_offsets, e)))
+                    goto done;
+                if ((rc = tok_emit(out, id, base + (int64_t)i, with_offsets, e))) goto done;
+                i += t->tok_len[id];
+                pos = i;
+                continue;
+            }
+        }
+        i++;
+    }
+    if (pos < len) rc = tok_encode_plain(t, &w, text + pos, len - pos, base + (int64_t)pos, out, with_offsets, e);
+done:
+    pcre2_match_data_free(w.md);
+    free(w.sym);
+    free(w.heap);
+    free(w.spell);
+    return rc;
+}
+
+int tokenizer_encode(const tokenizer *t, const char *text, size_t len, int parse_special, tokenizer_ids *out,
+                     qerr *e) {
+    return tok_encode_impl(t, text, len, parse_special, 0, out, out->offsets != NULL, e);
+}
+
+int tokenizer_encode_offsets(const tokenizer *t, const char *text, size_t len, int parse_special, int64_t base,
+                             tokenizer_ids *out, qerr *e) {
+    return tok_encode_impl(t, text, len, parse_special, base, out, 1, e);
+}
+
+/* ------------------------------------------------------------------------ */
+/* decoding and accessors                                                    */
+
+int tokenizer_decode(const tokenizer *t, const int32_t *ids, size_t n, char **text, size_t *len, qerr *e) {
+    *text = NULL;
+    *len = 0;
+    size_t cap = 1;
+    for (size_t i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= t->n_vocab)
+            return qerr_set(e, "tokenizer_decode: id %d at position %zu is outside [0, %d)", ids[i], i, t->n_vocab);
+        cap += t->tok_len[ids[i]];
+    }
+    char *buf = qmalloc(cap, e);
+    if (!buf) return -1;
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *s = (const uint8_t *)tok_text(t, ids[i]);
+        uint32_t l = t->tok_len[ids[i]];
+        int ty = t->tok_type[ids[i]];
+        if (ty == TOKENIZER_TOKEN_CONTROL || ty == TOKENIZER_TOKEN_USER_DEFINED) {
+            memcpy(buf + k, s, l);
+            k += l;
+            continue;
+        }
+        for (uint32_t j = 0; j < l;) {
+            /* Byte-alphabet code points are < 0x200: one or two UTF-8 bytes. */
+            int cp = -1, w = 1;
+            if (s[j] < 0x80) {
+                cp = s[j];
+            } else if ((s[j] & 0xE0) == 0xC0 && j + 1 < l && (s[j + 1] & 0xC0) == 0x80) {
+                cp = ((s[j] & 0x1F) << 6) | (s[j + 1] & 0x3F);
+                w = 2;
+            }
+            if (cp >= 0 && cp < 512 && t->cp_byte[cp] >= 0) {
+                buf[k++] = (char)t->cp_byte[cp];
+            } else {
+                buf[k++] = (char)s[j]; /* not in the alphabet: keep the raw byte */
+                w = 1;
+            }
+            j += (uint32_t)w;
+        }
+    }
+    buf[k] = 0;
+    *text = buf;
+    *len = k;
+    return 0;
+}
+
+int32_t tokenizer_n_vocab(const tokenizer *t) { return t->n_vocab; }
+int32_t tokenizer_bos_id(const tokenizer *t) { return t->bos; }
+int32_t tokenizer_eos_id(const tokenizer *t) { return t->eos; }
+int32_t tokenizer_pad_id(const tokenizer *t) { return t->pad; }
+int32_t tokenizer_unk_id(const tokenizer *t) { return t->unk; }
+int tokenizer_add_bos(const tokenizer *t) { return t->add_bos; }
+int tokenizer_add_eos(const tokenizer *t) { return t->add_eos; }
+const char *tokenizer_chat_template(const tokenizer *t) { return t->chat_template; }
+const char *tokenizer_pre_name(const tokenizer *t) { return t->pre_name; }
+
+int32_t tokenizer_find_token(const tokenizer *t, const char *text) {
+    return tok_vocab_lookup(t, text, strlen(text));
+}
+
+const char *tokenizer_token_text(const tokenizer *t, int32_t id) {
+    return id >= 0 && id < t->n_vocab ? tok_text(t, id) : NULL;
+}
+
+int tokenizer_token_type_of(const tokenizer *t, int32_t id) {
+    return id >= 0 && id < t->n_vocab ? t->tok_type[id] : -1;
+}

@@ -1,0 +1,356 @@
+/* model/llama.c — load a Llama GGUF into the QLoRA layout and run its forward
+ * pass on the autograd tape (see llama.h). */
+#include "model/llama.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/rng.h"
+
+const char *const llama_linear_names[LLAMA_N_LINEAR] = {
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+
+static const char *const gguf_linear_names[LLAMA_N_LINEAR] = {
+    "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
+
+int llama_hparams_from_gguf(const gguf_file *f, llama_hparams *hp, qerr *e) {
+    memset(hp, 0, sizeof *hp);
+    const char *arch;
+    size_t alen;
+    if (gguf_get_str(f, "general.architecture", &arch, &alen, e)) return -1;
+    if (!(alen == 5 && memcmp(arch, "llama", 5) == 0))
+        return qerr_set(e, "general.architecture: expected \"llama\", got \"%.*s\"", (int)alen, arch);
+    uint32_t v;
+    if (gguf_get_u32(f, "llama.block_count", &v, e)) return -1;
+    hp->n_layer = (int)v;
+    if (gguf_get_u32(f, "llama.embedding_length", &v, e)) return -1;
+    hp->d_model = (int)v;
+    if (gguf_get_u32(f, "llama.attention.head_count", &v, e)) return -1;
+    hp->n_head = (int)v;
+    hp->n_kv_head = hp->n_head;
+    if (gguf_has_key(f, "llama.attention.head_count_kv")) {
+        if (gguf_get_u32(f, "llama.attention.head_count_kv", &v, e)) return -1;
+        hp->n_kv_head = (int)v;
+    }
+    if (gguf_get_u32(f, "llama.feed_forward_length", &v, e)) return -1;
+    hp->d_ff = (int)v;
+    hp->context_length = 2048;
+    if (gguf_has_key(f, "llama.context_length")) {
+        if (gguf_get_u32(f, "llama.context_length", &v, e)) return -1;
+        hp->context_length = (int)v;
+    }
+    hp->head_dim = hp->n_head ? hp->d_model / hp->n_head : 0;
+    if (gguf_has_key(f, "llama.attention.key_length")) {
+        if (gguf_get_u32(f, "llama.attention.key_length", &v, e)) return -1;
+        hp->head_dim = (int)v;
+    }
+    hp->rope_theta = 10000.0f;
+    if (gguf_has_key(f, "llama.rope.freq_base") && gguf_get_f32(f, "llama.rope.freq_base", &hp->rope_theta, e))
+        return -1;
+    hp->rms_eps = 1e-5f;
+    if (gguf_has_key(f, "llama.attention.layer_norm_rms_epsilon") &&
+        gguf_get_f32(f, "llama.attention.layer_norm_rms_epsilon", &hp->rms_eps, e))
+        return -1;
+    const gguf_tensor *emb = gguf_find_tensor(f, "token_embd.weight");
+    if (!emb) return qerr_set(e, "tensor token_embd.weight missing");
+    hp->vocab = (int)emb->ne[1];
+    hp->tied_embeddings = gguf_find_tensor(f, "output.weight") == NULL;
+    if (hp->n_layer <= 0 || hp->d_model <= 0 || hp->n_head <= 0 || hp->n_kv_head <= 0 ||
+        hp->n_head % hp->n_kv_head != 0 || hp->head_dim <= 0 || hp->head_dim % 2 != 0 || hp->d_ff <= 0)
+        return qerr_set(e, "inconsistent llama hyper-parameters (layers %d, d_model %d, heads %d/%d, head_dim %d, ff %d)",
+                        hp->n_layer, hp->d_model, hp->n_head, hp->n_kv_head, hp->head_dim, hp->d_ff);
+    if ((int64_t)emb->ne[0] != hp->d_model)
+        return qerr_set(e, "token_embd.weight: expected ne0 = %d, got %llu", hp->d_model,
+                        (unsigned long long)emb->ne[0]);
+    return 0;
+}
+
+void llama_unpermute_rows(float *w, int n_head, int head_dim, int64_t in) {
+    int half = head_dim / 2;
+    float *tmp = malloc((size_t)head_dim * in * sizeof(float));
+    if (!tmp) abort();
+    for (int h = 0; h < n_head; h++) {
+        float *blk = w + (size_t)h * head_dim * in;
+        memcpy(tmp, blk, (size_t)head_dim * in * sizeof(float));
+        for (int i = 0; i < half; i++)
+            for (int j = 0; j < 2; j++)
+                memcpy(blk + (size_t)(j * half + i) * in, tmp + (size_t)(2 * i + j) * in, (size_t)in * sizeof(float));
+    }
+    free(tmp);
+}
+
+static int load_matrix_f32(const gguf_file *f, const char *name, int64_t rows, int64_t cols, float *dst, qerr *e) {
+    const gguf_tensor *t = gguf_find_tensor(f, name);
+    if (!t) return qerr_set(e, "tensor %s missing", name);
+    if ((int64_t)t->ne[0] != cols || (int64_t)(t->nelements / t->ne[0]) != rows)
+        return qerr_set(e, "tensor %s: expected shape [%lld, %lld] (HF order), got ne = {%llu, %llu}", name,
+                        (long long)rows, (long long)cols, (unsigned long long)t->ne[0],
+                        (unsigned long long)t->ne[1]);
+    int err = 0;
+    qerr e2 = {{0}};
+#pragma omp parallel for schedule(static)
+    for (int64_t r0 = 0; r0 < rows; r0 += 64) {
+        int64_t n = rows - r0 < 64 ? rows - r0 : 64;
+        qerr el;
+        if (gguf_tensor_rows_to_f32(t, (uint64_t)r0, (uint64_t)n, dst + r0 * cols, &el)) {
+#pragma omp critical
+            {
+                err = 1;
+                e2 = el;
+            }
+        }
+    }
+    if (err) {
+        if (e) *e = e2;
+        return qerr_prefix(e, "tensor %s", name);
+    }
+    return 0;
+}
+
+static int load_vector_f32(const gguf_file *f, const char *name, int64_t n, float **out, qerr *e) {
+    *out = qmalloc((size_t)n * sizeof(float), e);
+    if (!*out) return -1;
+    return load_matrix_f32(f, name, 1, n, *out, e);
+}
+
+static int load_bf16_matrix(const gguf_file *f, const char *name, int64_t rows, int64_t cols, bf16 **out, qerr *e) {
+    *out = qmalloc((size_t)(rows * cols) * sizeof(bf16), e);
+    if (!*out) return -1;
+    int64_t chunk = 1024;
+    float *tmp = qmalloc((size_t)(chunk * cols) * sizeof(float), e);
+    if (!tmp) return -1;
+    const gguf_tensor *t = gguf_find_tensor(f, name);
+    if (!t) {
+        free(tmp);
+        return qerr_set(e, "tensor %s missing", name);
+    }
+    if ((int64_t)t->ne[0] != cols || (int64_t)(t->nelements / t->ne[0]) != rows) {
+        free(tmp);
+        return qerr_set(e, "tensor %s: unexpected shape", name);
+    }
+    for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+        int64_t n = rows - r0 < chunk ? rows - r0 : chunk;
+        if (gguf_tensor_rows_to_f32(t, (uint64_t)r0, (uint64_t)n, tmp, e)) {
+            free(tmp);
+            return qerr_prefix(e, "tensor %s", name);
+        }
+        bf16 *d = *out + r0 * cols;
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n * cols; i++) d[i] = f32_to_bf16(tmp[i]);
+    }
+    free(tmp);
+    return 0;
+}
+
+int llama_load_gguf(const gguf_file *f, int load_in_4bit, int double_quant, int max_pos, llama_model *m, qerr *e) {
+    memset(m, 0, sizeof *m);
+    if (llama_hparams_from_gguf(f, &m->hp, e)) return -1;
+    const llama_hparams *hp = &m->hp;
+    int64_t D = hp->d_model, F = hp->d_ff, V = hp->vocab, hd = hp->head_dim;
+    int64_t qd = (int64_t)hp->n_head * hd, kd = (int64_t)hp->n_kv_head * hd;
+    m->load_in_4bit = load_in_4bit;
+    m->double_quant = double_quant;
+
+    if (load_bf16_matrix(f, "token_embd.weight", V, D, &m->tok_embd, e)) return -1;
+    m->n_params += V * D;
+    if (hp->tied_embeddings) {
+        m->lm_head_w = m->tok_embd;
+    } else {
+        if (load_bf16_matrix(f, "output.weight", V, D, &m->lm_head_w, e)) return -1;
+        m->n_params += V * D;
+    }
+    m->embed = (frozen_weight){.out = V, .in = D, .kind = FROZEN_BF16, .w_bf16 = m->tok_embd};
+    m->lm_head = (frozen_weight){.out = V, .in = D, .kind = FROZEN_BF16, .w_bf16 = m->lm_head_w};
+    if (load_vector_f32(f, "output_norm.weight", D, &m->out_norm, e)) return -1;
+    m->n_params += D;
+
+    m->layers = qcalloc((size_t)hp->n_layer, sizeof *m->layers, e);
+    if (!m->layers) return -1;
+    int64_t outs[LLAMA_N_LINEAR] = {qd, kd, kd, D, F, F, D};
+    int64_t ins[LLAMA_N_LINEAR] = {D, D, D, qd, D, D, F};
+    float *tmp = qmalloc((size_t)(F * D > qd * D ? F * D : qd * D) * sizeof(float), e);
+    if (!tmp) return -1;
+    char name[96];
+    for (int l = 0; l < hp->n_layer; l++) {
+        llama_layer *L = &m->layers[l];
+        snprintf(name, sizeof name, "blk.%d.attn_norm.weight", l);
+        if (load_vector_f32(f, name, D, &L->attn_norm, e)) goto fail;
+        snprintf(name, sizeof name, "blk.%d.ffn_norm.weight", l);
+        if (load_vector_f32(f, name, D, &L->ffn_norm, e)) goto fail;
+        m->n_params += 2 * D;
+        for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+            snprintf(name, sizeof name, "blk.%d.%s.weight", l, gguf_linear_names[k]);
+            if (load_matrix_f32(f, name, outs[k], ins[k], tmp, e)) goto fail;
+            if (k == LLAMA_Q) llama_unpermute_rows(tmp, hp->n_head, (int)hd, ins[k]);
+            if (k == LLAMA_K) llama_unpermute_rows(tmp, hp->n_kv_head, (int)hd, ins[k]);
+            frozen_weight *w = &L->lin[k];
+            w->out = outs[k];
+            w->in = ins[k];
+            if (load_in_4bit) {
+                if (nf4_quantize(tmp, outs[k], ins[k], 64, double_quant, &L->nf4[k], e)) goto fail;
+                w->kind = FROZEN_NF4;
+                w->nf4 = &L->nf4[k];
+                m->quantized_bytes += (int64_t)nf4_nbytes(&L->nf4[k]);
+            } else {
+                L->w_bf16[k] = qmalloc((size_t)(outs[k] * ins[k]) * sizeof(bf16), e);
+                if (!L->w_bf16[k]) goto fail;
+                for (int64_t i = 0; i < outs[k] * ins[k]; i++) L->w_bf16[k][i] = f32_to_bf16(tmp[i]);
+                w->kind = FROZEN_BF16;
+                w->w_bf16 = L->w_bf16[k];
+                m->quantized_bytes += outs[k] * ins[k] * 2;
+            }
+            m->n_quantized_params += outs[k] * ins[k];
+        }
+    }
+    free(tmp);
+    m->n_params += m->n_quantized_params;
+    if (rope_table_init(&m->rope, max_pos, (int)hd, hp->rope_theta, e)) return -1;
+    return 0;
+fail:
+    free(tmp);
+    return -1;
+}
+
+void llama_free(llama_model *m) {
+    if (m->layers) {
+        for (int l = 0; l < m->hp.n_layer; l++) {
+            llama_layer *L = &m->layers[l];
+            free(L->attn_norm);
+            free(L->ffn_norm);
+            for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+                if (L->lin[k].kind == FROZEN_NF4 && L->lin[k].nf4) nf4_free(&L->nf4[k]);
+                free(L->w_bf16[k]);
+            }
+        }
+        free(m->layers);
+    }
+    if (m->lm_head_w != m->tok_embd) free(m->lm_head_w);
+    free(m->tok_embd);
+    free(m->out_norm);
+    rope_table_free(&m->rope);
+    memset(m, 0, sizeof *m);
+}
+
+/* ------------------------------------------------------------------ LoRA */
+
+int lora_set_init(lora_set *ls, const llama_model *m, int r, float alpha, float dropout, int use_rslora,
+                  const int target[LLAMA_N_LINEAR], uint64_t seed, qerr *e) {
+    memset(ls, 0, sizeof *ls);
+    int nl = m->hp.n_layer;
+    ls->r = r;
+    ls->alpha = alpha;
+    ls->dropout = dropout;
+    ls->use_rslora = use_rslora;
+    ls->scaling = use_rslora ? alpha / sqrtf((float)r) : alpha / (float)r;
+    ls->n_layer = nl;
+    memcpy(ls->target, target, sizeof ls->target);
+    int64_t total = 0;
+    ls->offset = qmalloc((size_t)nl * LLAMA_N_LINEAR * sizeof(int64_t), e);
+    ls->A = qcalloc((size_t)nl * LLAMA_N_LINEAR, sizeof(tensor), e);
+    ls->B = qcalloc((size_t)nl * LLAMA_N_LINEAR, sizeof(tensor), e);
+    ls->ad = qcalloc((size_t)nl * LLAMA_N_LINEAR, sizeof(lora_adapter), e);
+    if (!ls->offset || !ls->A || !ls->B || !ls->ad) return -1;
+    for (int l = 0; l < nl; l++)
+        for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+            const frozen_weight *w = &m->layers[l].lin[k];
+            ls->offset[l * LLAMA_N_LINEAR + k] = target[k] ? total : -1;
+            if (target[k]) total += (int64_t)r * w->in + w->out * (int64_t)r;
+        }
+    ls->n_params = total;
+    ls->params = qcalloc((size_t)total, sizeof(float), e);
+    ls->grads = qcalloc((size_t)total, sizeof(float), e);
+    if (!ls->params || !ls->grads) return -1;
+    for (int l = 0; l < nl; l++)
+        for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+            int idx = l * LLAMA_N_LINEAR + k;
+            int64_t off = ls->offset[idx];
+            if (off < 0) continue;
+            const frozen_weight *w = &m->layers[l].lin[k];
+            float *A = ls->params + off, *B = A + (int64_t)r * w->in;
+            float bound = 1.0f / sqrtf((float)w->in);
+            uint64_t stream = (uint64_t)idx + 1;
+            for (int64_t i = 0; i < (int64_t)r * w->in; i++)
+                A[i] = (2.0f * rng_uniform(seed, stream, (uint64_t)i) - 1.0f) * bound;
+            (void)B; /* B = 0 (calloc) */
+            tensor *tA = &ls->A[idx], *tB = &ls->B[idx];
+            *tA = (tensor){.ndim = 2, .shape = {r, w->in}, .numel = (int64_t)r * w->in, .dtype = AG_F32,
+                           .data = A, .grad = ls->grads + off, .requires_grad = 1};
+            *tB = (tensor){.ndim = 2, .shape = {w->out, r}, .numel = w->out * (int64_t)r, .dtype = AG_F32,
+                           .data = B, .grad = ls->grads + off + (int64_t)r * w->in, .requires_grad = 1};
+            ls->ad[idx] = (lora_adapter){.A = tA, .B = tB, .r = r, .scaling = ls->scaling,
+                                         .dropout = dropout, .stream = 0x10000u + (uint64_t)idx};
+        }
+    return 0;
+}
+
+void lora_set_free(lora_set *ls) {
+    free(ls->params);
+    free(ls->grads);
+    free(ls->offset);
+    free(ls->A);
+    free(ls->B);
+    free(ls->ad);
+    memset(ls, 0, sizeof *ls);
+}
+
+const lora_adapter *lora_set_get(const lora_set *ls, int layer, int module) {
+    if (!ls) return NULL;
+    int idx = layer * LLAMA_N_LINEAR + module;
+    return ls->offset[idx] >= 0 ? &ls->ad[idx] : NULL;
+}
+
+/* ------------------------------------------------------------------ forward */
+
+typedef struct block_arg {
+    const llama_model *m;
+    const lora_set *ls;
+    const llama_batch *b;
+    int layer;
+} block_arg;
+
+static tensor *llama_block(ag_ctx *ctx, void *argp, tensor *x) {
+    const block_arg *a = argp;
+    const llama_model *m = a->m;
+    const llama_hparams *hp = &m->hp;
+    const llama_layer *L = &m->layers[a->layer];
+    int l = a->layer;
+    tensor *an = ag_wrap(ctx, AG_F32, 1, hp->d_model, L->attn_norm, NULL);
+    tensor *fn = ag_wrap(ctx, AG_F32, 1, hp->d_model, L->ffn_norm, NULL);
+    an->ndim = fn->ndim = 1;
+    an->shape[0] = fn->shape[0] = hp->d_model;
+
+    tensor *h = op_rmsnorm(ctx, x, an, hp->rms_eps);
+    tensor *q = op_linear(ctx, h, &L->lin[LLAMA_Q], lora_set_get(a->ls, l, LLAMA_Q));
+    tensor *k = op_linear(ctx, h, &L->lin[LLAMA_K], lora_set_get(a->ls, l, LLAMA_K));
+    tensor *v = op_linear(ctx, h, &L->lin[LLAMA_V], lora_set_get(a->ls, l, LLAMA_V));
+    q = op_rope(ctx, q, hp->n_head, &m->rope, a->b->position_ids);
+    k = op_rope(ctx, k, hp->n_kv_head, &m->rope, a->b->position_ids);
+    tensor *att = op_attention(ctx, q, k, v, a->b->B, a->b->T, hp->n_head, hp->n_kv_head, a->b->seq_ids);
+    tensor *o = op_linear(ctx, att, &L->lin[LLAMA_O], lora_set_get(a->ls, l, LLAMA_O));
+    x = op_add(ctx, x, o);
+    tensor *h2 = op_rmsnorm(ctx, x, fn, hp->rms_eps);
+    tensor *g = op_linear(ctx, h2, &L->lin[LLAMA_GATE], lora_set_get(a->ls, l, LLAMA_GATE));
+    tensor *u = op_linear(ctx, h2, &L->lin[LLAMA_UP], lora_set_get(a->ls, l, LLAMA_UP));
+    tensor *mm = op_swiglu(ctx, g, u);
+    tensor *d = op_linear(ctx, mm, &L->lin[LLAMA_DOWN], lora_set_get(a->ls, l, LLAMA_DOWN));
+    return op_add(ctx, x, d);
+}
+
+tensor *llama_forward_loss(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const llama_batch *b,
+                           float scale, int checkpointing, double *loss_sum, int64_t *n_tokens) {
+    const llama_hparams *hp = &m->hp;
+    int64_t N = (int64_t)b->B * b->T;
+    tensor *x = op_embedding(ctx, &m->embed, b->input_ids, N);
+    block_arg *args = ag_alloc(ctx, (size_t)hp->n_layer * sizeof *args);
+    for (int l = 0; l < hp->n_layer; l++) {
+        args[l] = (block_arg){.m = m, .ls = ls, .b = b, .layer = l};
+        x = checkpointing ? ag_checkpoint(ctx, llama_block, &args[l], x) : llama_block(ctx, &args[l], x);
+    }
+    tensor *nw = ag_wrap(ctx, AG_F32, 1, hp->d_model, m->out_norm, NULL);
+    nw->ndim = 1;
+    nw->shape[0] = hp->d_model;
+    tensor *h = op_rmsnorm(ctx, x, nw, hp->rms_eps);
+    return op_lm_head_ce(ctx, h, &m->lm_head, b->targets, scale, loss_sum, n_tokens);
+}

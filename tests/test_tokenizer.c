@@ -1,0 +1,395 @@
+/* tests/test_tokenizer.c — data/tokenizer against Hugging Face `tokenizers`.
+ *
+ * tests/fixtures/tokenizer_cases.json holds ids that HF produced for the
+ * SmolLM2 vocabulary (scripts/make_tokenizer_fixtures.py); every case must
+ * match exactly and round-trip through decode. Error paths use tiny GGUF
+ * files written by the test itself. Needs models/SmolLM2-135M-Instruct.Q4_1.gguf
+ * (`make model`); without it the real-model tests fail.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <cjson/cJSON.h>
+
+#include "data/tokenizer.h"
+
+#define MODEL_PATH "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+#define FIXTURE_PATH "tests/fixtures/tokenizer_cases.json"
+
+static char *read_file(const char *path, size_t *len) {
+    FILE *fp = fopen(path, "rb");
+    if (!fp) return NULL;
+    fseek(fp, 0, SEEK_END);
+    long n = ftell(fp);
+    fseek(fp, 0, SEEK_SET);
+    char *buf = malloc((size_t)n + 1);
+    if (buf && fread(buf, 1, (size_t)n, fp) != (size_t)n) {
+        free(buf);
+        buf = NULL;
+    }
+    fclose(fp);
+    if (buf) buf[n] = 0;
+    if (len) *len = (size_t)n;
+    return buf;
+}
+
+static tokenizer *load_real(void) {
+    if (access(MODEL_PATH, R_OK) != 0) fail_msg("%s is missing: run `make model` first", MODEL_PATH);
+    gguf_file *f = NULL;
+    tokenizer *t = NULL;
+    qerr e = {{0}};
+    if (gguf_open(MODEL_PATH, &f, &e)) fail_msg("%s", e.msg);
+    if (tokenizer_load_gguf(f, &t, &e)) fail_msg("%s", e.msg);
+    gguf_close(f);
+    return t;
+}
+
+static void test_real_metadata(void **state) {
+    (void)state;
+    tokenizer *t = load_real();
+    assert_int_equal(tokenizer_n_vocab(t), 49152);
+    assert_int_equal(tokenizer_bos_id(t), 1);
+    assert_int_equal(tokenizer_eos_id(t), 2);
+    assert_int_equal(tokenizer_pad_id(t), 2);
+    assert_int_equal(tokenizer_add_bos(t), 0);
+    assert_string_equal(tokenizer_pre_name(t), "smollm");
+    assert_int_equal(tokenizer_find_token(t, "<|im_start|>"), 1);
+    assert_int_equal(tokenizer_find_token(t, "<|im_end|>"), 2);
+    assert_int_equal(tokenizer_find_token(t, "<|endoftext|>"), 0);
+    assert_int_equal(tokenizer_find_token(t, "no such token, surely"), -1);
+    assert_int_equal(tokenizer_token_type_of(t, 1), TOKENIZER_TOKEN_CONTROL);
+    assert_non_null(tokenizer_chat_template(t));
+    assert_non_null(strstr(tokenizer_chat_template(t), "<|im_start|>"));
+    tokenizer_free(t);
+}
+
+/* Every fixture case: ids equal HF's, decode(encode(x)) == x. */
+static void test_real_fixture_cases(void **state) {
+    (void)state;
+    tokenizer *t = load_real();
+    size_t len = 0;
+    char *json = read_file(FIXTURE_PATH, &len);
+    if (!json) fail_msg("%s is missing (scripts/make_tokenizer_fixtures.py writes it)", FIXTURE_PATH);
+    cJSON *doc = cJSON_ParseWithLength(json, len);
+    assert_non_null(doc);
+    cJSON *cases = cJSON_GetObjectItemCaseSensitive(doc, "cases");
+    assert_true(cJSON_IsArray(cases));
+    int n_cases = 0, n_match = 0, n_roundtrip = 0;
+    cJSON *c;
+    cJSON_ArrayForEach(c, cases) {
+        const char *text = cJSON_GetObjectItemCaseSensitive(c, "text")->valuestring;
+        int ps = cJSON_GetObjectItemCaseSensitive(c, "parse_special")->valueint;
+        cJSON *want = cJSON_GetObjectItemCaseSensitive(c, "ids");
+        tokenizer_ids ids = {0};
+        qerr e = {{0}};
+        if (tokenizer_encode(t, text, strlen(text), ps, &ids, &e)) fail_msg("encode: %s", e.msg);
+        int ok = (size_t)cJSON_GetArraySize(want) == ids.n;
+        for (size_t i = 0; ok && i < ids.n; i++) ok = cJSON_GetArrayItem(want, (int)i)->valueint == ids.ids[i];
+        if (!ok) {
+            fprintf(stderr, "MISMATCH (parse_special=%d) \"%s\"\n  want:", ps, text);
+            cJSON *w;
+            cJSON_ArrayForEach(w, want) fprintf(stderr, " %d", w->valueint);
+            fprintf(stderr, "\n  got: ");
+            for (size_t i = 0; i < ids.n; i++) fprintf(stderr, " %d", ids.ids[i]);
+            fprintf(stderr, "\n");
+        }
+        n_match += ok;
+        char *back;
+        size_t blen;
+        if (tokenizer_decode(t, ids.ids, ids.n, &back, &blen, &e)) fail_msg("decode: %s", e.msg);
+        int rt = blen == strlen(text) && memcmp(back, text, blen) == 0;
+        if (!rt) fprintf(stderr, "ROUNDTRIP FAIL \"%s\" -> \"%s\"\n", text, back);
+        n_roundtrip += rt;
+        free(back);
+        tokenizer_ids_free(&ids);
+        n_cases++;
+    }
+    printf("[tokenizer] %d/%d cases match HF tokenizers, %d/%d round-trip\n", n_match, n_cases, n_roundtrip,
+           n_cases);
+    assert_true(n_cases >= 30);
+    assert_int_equal(n_match, n_cases);
+    assert_int_equal(n_roundtrip, n_cases);
+    cJSON_Delete(doc);
+    free(json);
+    tokenizer_free(t);
+}
+
+/* Offsets cover the text contiguously and each token decodes to its span. */
+static void test_real_offsets(void **state) {
+    (void)state;
+    tokenizer *t = load_real();
+    const char *text = "<|im_start|>user\nNumbers 12345, caf\xc3\xa9 \xf0\x9f\x98\x80<|im_end|>\n  x";
+    size_t n = strlen(text);
+    tokenizer_ids ids = {0};
+    qerr e = {{0}};
+    assert_int_equal(tokenizer_encode_offsets(t, text, n, 1, 100, &ids, &e), 0);
+    assert_int_equal(ids.offsets[0], 100);
+    for (size_t i = 0; i < ids.n; i++) {
+        int64_t end = i + 1 < ids.n ? ids.offsets[i + 1] : 100 + (int64_t)n;
+        assert_true(end > ids.offsets[i]);
+        char *piece;
+        size_t plen;
+        assert_int_equal(tokenizer_decode(t, &ids.ids[i], 1, &piece, &plen, &e), 0);
+        assert_int_equal((int64_t)plen, end - ids.offsets[i]);
+        assert_memory_equal(piece, text + (ids.offsets[i] - 100), plen);
+        free(piece);
+    }
+    tokenizer_ids_free(&ids);
+    tokenizer_free(t);
+}
+
+/* Invalid UTF-8 is encoded byte by byte and round-trips. */
+static void test_real_invalid_utf8(void **state) {
+    (void)state;
+    tokenizer *t = load_real();
+    const char text[] = "ok \xff\xfe bad \xc3 end \x80";
+    tokenizer_ids ids = {0};
+    qerr e = {{0}};
+    assert_int_equal(tokenizer_encode(t, text, sizeof text - 1, 1, &ids, &e), 0);
+    char *back;
+    size_t blen;
+    assert_int_equal(tokenizer_decode(t, ids.ids, ids.n, &back, &blen, &e), 0);
+    assert_int_equal(blen, sizeof text - 1);
+    assert_memory_equal(back, text, blen);
+    free(back);
+    int32_t bad = 49152;
+    assert_int_equal(tokenizer_decode(t, &bad, 1, &back, &blen, &e), -1);
+    assert_non_null(strstr(e.msg, "49152"));
+    tokenizer_ids_free(&ids);
+    tokenizer_free(t);
+}
+
+/* ---- tiny GGUF files for error paths and a synthetic vocabulary ---- */
+
+typedef struct gbuf {
+    unsigned char *p;
+    size_t n, cap;
+} gbuf;
+
+static void gb_put(gbuf *b, const void *src, size_t n) {
+    if (b->n + n > b->cap) {
+        b->cap = (b->n + n) * 2 + 256;
+        b->p = realloc(b->p, b->cap);
+    }
+    memcpy(b->p + b->n, src, n);
+    b->n += n;
+}
+static void gb_u32(gbuf *b, uint32_t v) { gb_put(b, &v, 4); }
+static void gb_u64(gbuf *b, uint64_t v) { gb_put(b, &v, 8); }
+static void gb_str(gbuf *b, const char *s, size_t n) {
+    gb_u64(b, n);
+    gb_put(b, s, n);
+}
+static void gb_kv_str(gbuf *b, const char *key, const char *val) {
+    gb_str(b, key, strlen(key));
+    gb_u32(b, 8);
+    gb_str(b, val, strlen(val));
+}
+static void gb_kv_u32(gbuf *b, const char *key, uint32_t v) {
+    gb_str(b, key, strlen(key));
+    gb_u32(b, 4);
+    gb_u32(b, v);
+}
+static void gb_kv_arr_str(gbuf *b, const char *key, char **vals, size_t n) {
+    gb_str(b, key, strlen(key));
+    gb_u32(b, 9);
+    gb_u32(b, 8);
+    gb_u64(b, n);
+    for (size_t i = 0; i < n; i++) gb_str(b, vals[i], strlen(vals[i]));
+}
+static void gb_kv_arr_i32(gbuf *b, const char *key, const int32_t *vals, size_t n) {
+    gb_str(b, key, strlen(key));
+    gb_u32(b, 9);
+    gb_u32(b, 5);
+    gb_u64(b, n);
+    gb_put(b, vals, 4 * n);
+}
+
+/* The byte alphabet spelling of byte b (GPT-2 bytes_to_unicode) as UTF-8. */
+static void byte_spelling(int b, char out[3]) {
+    int n = 0, cp = -1;
+    for (int x = 0; x < 256; x++) {
+        int printable = (x >= '!' && x <= '~') || (x >= 0xA1 && x <= 0xAC) || (x >= 0xAE && x <= 0xFF);
+        int c = printable ? x : 256 + n++;
+        if (x == b) cp = c;
+    }
+    if (cp < 0x80) {
+        out[0] = (char)cp;
+        out[1] = 0;
+    } else {
+        out[0] = (char)(0xC0 | (cp >> 6));
+        out[1] = (char)(0x80 | (cp & 0x3F));
+        out[2] = 0;
+    }
+}
+
+/* Writes a GGUF with a synthetic vocabulary: <eos>, <ctl>, the 256 byte
+ * tokens, then merges  "a b" -> ab, "b c" -> bc, "ab c" -> abc, "Ġ a" -> Ġa.
+ * `model`/`pre` NULL omit the key. Returns the path (static buffer). */
+static const char *write_tiny_gguf(const char *dir, const char *name, const char *model, const char *pre) {
+    static char path[512];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    char *toks[264];
+    int32_t types[264];
+    size_t nt = 0;
+    toks[nt] = strdup("<eos>");
+    types[nt++] = 3;
+    toks[nt] = strdup("<ctl>");
+    types[nt++] = 3;
+    for (int b = 0; b < 256; b++) {
+        char s[3];
+        byte_spelling(b, s);
+        toks[nt] = strdup(s);
+        types[nt++] = 1;
+    }
+    const char *extra[] = {"ab", "bc", "abc", "\xc4\xa0" "a"};
+    for (int i = 0; i < 4; i++) {
+        toks[nt] = strdup(extra[i]);
+        types[nt++] = 1;
+    }
+    char *merges[] = {"a b", "b c", "ab c", "\xc4\xa0 a"};
+    gbuf b = {0};
+    gb_u32(&b, 0x46554747u);
+    gb_u32(&b, 3);
+    gb_u64(&b, 0);
+    uint64_t n_kv = 4 + (model != NULL) + (pre != NULL);
+    gb_u64(&b, n_kv);
+    if (model) gb_kv_str(&b, "tokenizer.ggml.model", model);
+    if (pre) gb_kv_str(&b, "tokenizer.ggml.pre", pre);
+    gb_kv_arr_str(&b, "tokenizer.ggml.tokens", toks, nt);
+    gb_kv_arr_i32(&b, "tokenizer.ggml.token_type", types, nt);
+    gb_kv_arr_str(&b, "tokenizer.ggml.merges", merges, 4);
+    gb_kv_u32(&b, "tokenizer.ggml.eos_token_id", 0);
+    while (b.n % 32) gb_put(&b, "", 1);
+    FILE *fp = fopen(path, "wb");
+    assert_non_null(fp);
+    assert_int_equal(fwrite(b.p, 1, b.n, fp), b.n);
+    fclose(fp);
+    free(b.p);
+    for (size_t i = 0; i < nt; i++) free(toks[i]);
+    return path;
+}
+
+static int load_tiny(const char *path, tokenizer **t, qerr *e) {
+    gguf_file *f = NULL;
+    if (gguf_open(path, &f, e)) fail_msg("gguf_open(%s): %s", path, e->msg);
+    int rc = tokenizer_load_gguf(f, t, e);
+    gguf_close(f);
+    return rc;
+}
+
+static void test_errors(void **state) {
+    (void)state;
+    char dir[] = "/tmp/qlora_tok_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    tokenizer *t = NULL;
+    qerr e = {{0}};
+
+    assert_int_equal(load_tiny(write_tiny_gguf(dir, "spm.gguf", "llama", "default"), &t, &e), -1);
+    assert_null(t);
+    assert_non_null(strstr(e.msg, "tokenizer.ggml.model"));
+    assert_non_null(strstr(e.msg, "\"llama\""));
+
+    assert_int_equal(load_tiny(write_tiny_gguf(dir, "nomodel.gguf", NULL, "default"), &t, &e), -1);
+    assert_non_null(strstr(e.msg, "tokenizer.ggml.model"));
+
+    assert_int_equal(load_tiny(write_tiny_gguf(dir, "pre.gguf", "gpt2", "qwen-unknown"), &t, &e), -1);
+    assert_non_null(strstr(e.msg, "tokenizer.ggml.pre"));
+    assert_non_null(strstr(e.msg, "qwen-unknown"));
+
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
+/* BPE mechanics on the synthetic vocabulary: rank order, leftmost ties,
+ * control tokens with and without parse_special, a missing pre key. */
+static void test_synthetic_bpe(void **state) {
+    (void)state;
+    char dir[] = "/tmp/qlora_tok_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    tokenizer *t = NULL;
+    qerr e = {{0}};
+    assert_int_equal(load_tiny(write_tiny_gguf(dir, "ok.gguf", "gpt2", NULL), &t, &e), 0);
+    assert_string_equal(tokenizer_pre_name(t), "default");
+    int32_t id_ab = tokenizer_find_token(t, "ab"), id_bc = tokenizer_find_token(t, "bc");
+    int32_t id_abc = tokenizer_find_token(t, "abc"), id_c = tokenizer_find_token(t, "c");
+    int32_t id_sa = tokenizer_find_token(t, "\xc4\xa0" "a"), id_ctl = tokenizer_find_token(t, "<ctl>");
+    assert_true(id_ab > 0 && id_bc > 0 && id_abc > 0 && id_sa > 0 && id_ctl == 1);
+
+    tokenizer_ids v = {0};
+    /* "abc": a+b (rank 0) first, then ab+c (rank 2) -> abc */
+    assert_int_equal(tokenizer_encode(t, "abc", 3, 1, &v, &e), 0);
+    assert_int_equal(v.n, 1);
+    assert_int_equal(v.ids[0], id_abc);
+    /* "bcab": b+c and a+b both apply; a+b has the lower rank */
+    v.n = 0;
+    assert_int_equal(tokenizer_encode(t, "bcab", 4, 1, &v, &e), 0);
+    assert_int_equal(v.n, 2);
+    assert_int_equal(v.ids[0], id_bc);
+    assert_int_equal(v.ids[1], id_ab);
+    /* " a<ctl>c" with parse_special -> [Ġa, <ctl>, c]; without -> plain bytes */
+    v.n = 0;
+    assert_int_equal(tokenizer_encode(t, " a<ctl>c", 8, 1, &v, &e), 0);
+    assert_int_equal(v.n, 3);
+    assert_int_equal(v.ids[0], id_sa);
+    assert_int_equal(v.ids[1], id_ctl);
+    assert_int_equal(v.ids[2], id_c);
+    v.n = 0;
+    assert_int_equal(tokenizer_encode(t, " a<ctl>c", 8, 0, &v, &e), 0);
+    assert_true(v.n > 3);
+    for (size_t i = 0; i < v.n; i++) assert_int_not_equal(v.ids[i], id_ctl);
+    tokenizer_ids_free(&v);
+    tokenizer_free(t);
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
+/* Throughput on ~1 MB of mixed text (informational; fails only if absurdly slow). */
+static void test_real_throughput(void **state) {
+    (void)state;
+    tokenizer *t = load_real();
+    const char *para =
+        "The open() system call opens the file specified by pathname. If the specified file does not exist, "
+        "it may optionally (if O_CREAT is specified in flags) be created by open().\n"
+        "       int fd = open(\"/tmp/x\", O_RDWR | O_CREAT, 0644); /* returns -1 on error, errno = 13 */\n\n";
+    size_t plen = strlen(para), reps = (1u << 20) / plen, n = plen * reps;
+    char *text = malloc(n + 1);
+    for (size_t i = 0; i < reps; i++) memcpy(text + i * plen, para, plen);
+    text[n] = 0;
+    tokenizer_ids v = {0};
+    qerr e = {{0}};
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    assert_int_equal(tokenizer_encode(t, text, n, 0, &v, &e), 0);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    double s = (double)(b.tv_sec - a.tv_sec) + 1e-9 * (double)(b.tv_nsec - a.tv_nsec);
+    printf("[tokenizer] %.2f MB -> %zu tokens in %.3f s (%.2f M tokens/s, %.1f MB/s)\n", (double)n / 1e6, v.n, s,
+           (double)v.n / s / 1e6, (double)n / s / 1e6);
+    assert_true(s < 10.0);
+    tokenizer_ids_free(&v);
+    free(text);
+    tokenizer_free(t);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_synthetic_bpe),
+        cmocka_unit_test(test_real_metadata),
+        cmocka_unit_test(test_real_fixture_cases),
+        cmocka_unit_test(test_real_offsets),
+        cmocka_unit_test(test_real_invalid_utf8),
+        cmocka_unit_test(test_real_throughput),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,869 @@
+/* trainer/config.c — YAML config loading, overrides, validation and writing.
+ *
+ * Parsing uses libyaml's document API (yaml_parser_load): the whole file becomes
+ * a node tree whose marks give line numbers for messages. Every implemented key
+ * is a row of `KEYS` (kind, struct offset, range, accepted values), so loading,
+ * validating and writing walk the same table. Key names and meanings follow
+ * axolotl (src/axolotl/utils/schemas/*.py); see config.h for the policy on keys
+ * axolotl has and we do not.
+ */
+#include "trainer/config.h"
+
+#include <yaml.h>
+
+#include <ctype.h>
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+const char *const TRAIN_LINEAR_MODULES[TRAIN_N_LINEAR_MODULES] = {
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+};
+
+/* ------------------------------------------------------------------------ */
+/* Key tables                                                                 */
+
+typedef enum key_kind {
+    K_STR,      /* char *, non-empty */
+    K_BOOL,     /* int 0/1 */
+    K_BF16,     /* int 0/1, also "auto" = 1 */
+    K_INT,      /* int with range */
+    K_FLOAT,    /* float with range */
+    K_DOUBLE,   /* double with range */
+    K_ENUM,     /* char *, one of `values` (after `aliases`) */
+    K_MODULES,  /* char ** + int count: subset of TRAIN_LINEAR_MODULES */
+    K_DATASETS, /* dataset_cfg * + int count */
+} key_kind;
+
+enum {
+    F_LO_OPEN = 1u,       /* v > lo instead of v >= lo */
+    F_HI_OPEN = 2u,       /* v < hi instead of v <= hi */
+    F_ALSO_MINUS1 = 4u,   /* -1 is also accepted (max_steps) */
+    F_WHOLE_IF_GE1 = 8u,  /* values >= 1 must be whole numbers (val_set_size) */
+};
+
+typedef struct value_alias {
+    const char *from, *to;
+    const char *note; /* warning text, or NULL for a silent alias */
+} value_alias;
+
+typedef struct value_later {
+    const char *value;
+    const char *status; /* "not implemented yet" | "not supported yet" */
+} value_later;
+
+typedef struct key_spec {
+    const char *name;
+    key_kind kind;
+    size_t off;   /* offsetof(train_config, field) */
+    size_t off_n; /* count field for lists */
+    double lo, hi;
+    unsigned flags;
+    const char *expect;                /* "a positive integer" */
+    const char *const *values;         /* K_ENUM: canonical values, NULL-terminated */
+    const value_alias *aliases;        /* K_ENUM: {NULL} terminated */
+    const value_later *later;          /* K_ENUM: known values we do not do yet */
+    const char *alias_of;              /* another spelling of this key */
+} key_spec;
+
+static const char *const V_QUANT[] = {"nf4", NULL};
+static const value_later L_QUANT[] = {{"fp4", "not supported yet"}, {NULL, NULL}};
+static const char *const V_ADAPTER[] = {"qlora", "lora", NULL};
+static const char *const V_SCHED[] = {"cosine", "linear", "constant", NULL};
+static const value_alias A_SCHED[] = {{"constant_with_warmup", "constant", NULL}, {NULL, NULL, NULL}};
+static const value_later L_SCHED[] = {
+    {"cosine_with_restarts", "not supported yet"}, {"polynomial", "not supported yet"},
+    {"inverse_sqrt", "not supported yet"}, {"reduce_lr_on_plateau", "not supported yet"},
+    {"cosine_with_min_lr", "not supported yet"}, {"warmup_stable_decay", "not supported yet"},
+    {"one_cycle", "not supported yet"}, {"rex", "not supported yet"}, {NULL, NULL}};
+static const char *const V_OPTIM[] = {"adamw", NULL};
+static const value_alias A_OPTIM[] = {
+    {"adamw_torch", "adamw", NULL},
+    {"adamw_torch_fused", "adamw", NULL},
+    {"paged_adamw_32bit", "adamw",
+     "optimizer: \"paged_adamw_32bit\" runs as \"adamw\" (paging is a CUDA memory feature; the update is the same)"},
+    {NULL, NULL, NULL}};
+static const value_later L_OPTIM[] = {
+    {"sophia", "not implemented yet"}, {"sophiag", "not implemented yet"},
+    {"adamw_bnb_8bit", "not supported yet"}, {"adamw_8bit", "not supported yet"},
+    {"paged_adamw_8bit", "not supported yet"}, {"adamw_torch_8bit", "not supported yet"},
+    {"adafactor", "not supported yet"}, {"sgd", "not supported yet"}, {"adagrad", "not supported yet"},
+    {"lion_8bit", "not supported yet"}, {"lion_32bit", "not supported yet"},
+    {"paged_lion_8bit", "not supported yet"}, {"paged_lion_32bit", "not supported yet"},
+    {"ademamix", "not supported yet"}, {"ademamix_8bit", "not supported yet"},
+    {"galore_adamw", "not supported yet"}, {"adopt_adamw", "not supported yet"},
+    {"muon", "not supported yet"}, {"schedule_free_adamw", "not supported yet"},
+    {"optimi_adamw", "not supported yet"}, {"ao_adamw_8bit", "not supported yet"},
+    {NULL, NULL}};
+static const char *const V_DSTYPE[] = {"completion", "alpaca", "chat_template", NULL};
+static const char *const V_MODULES[] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                        NULL};
+
+#define OFF(f) offsetof(train_config, f)
+#define INTMAX_D ((double)INT_MAX)
+
+/* The implemented keys, in the order train_config_write_yaml writes them. */
+static const key_spec KEYS[] = {
+    {.name = "base_model", .kind = K_STR, .off = OFF(base_model), .expect = "a path to a .gguf file"},
+    {.name = "load_in_4bit", .kind = K_BOOL, .off = OFF(load_in_4bit)},
+    {.name = "bnb_4bit_use_double_quant", .kind = K_BOOL, .off = OFF(bnb_4bit_use_double_quant)},
+    {.name = "bnb_4bit_quant_type", .kind = K_ENUM, .off = OFF(bnb_4bit_quant_type), .values = V_QUANT, .later = L_QUANT},
+    {.name = "adapter", .kind = K_ENUM, .off = OFF(adapter), .values = V_ADAPTER},
+    {.name = "lora_r", .kind = K_INT, .off = OFF(lora_r), .lo = 1, .hi = INTMAX_D, .expect = "a positive integer"},
+    {.name = "lora_alpha", .kind = K_FLOAT, .off = OFF(lora_alpha), .lo = 0, .hi = HUGE_VAL, .flags = F_LO_OPEN,
+     .expect = "a positive number"},
+    {.name = "lora_dropout", .kind = K_FLOAT, .off = OFF(lora_dropout), .lo = 0, .hi = 1, .flags = F_HI_OPEN,
+     .expect = "a number in [0, 1)"},
+    {.name = "peft_use_rslora", .kind = K_BOOL, .off = OFF(use_rslora)},
+    {.name = "use_rslora", .kind = K_BOOL, .off = OFF(use_rslora), .alias_of = "peft_use_rslora"},
+    {.name = "lora_target_modules", .kind = K_MODULES, .off = OFF(lora_target_modules),
+     .off_n = OFF(n_lora_target_modules)},
+    {.name = "lora_target_linear", .kind = K_BOOL, .off = OFF(lora_target_linear)},
+    {.name = "datasets", .kind = K_DATASETS, .off = OFF(datasets), .off_n = OFF(n_datasets)},
+    {.name = "test_datasets", .kind = K_DATASETS, .off = OFF(test_datasets), .off_n = OFF(n_test_datasets)},
+    {.name = "val_set_size", .kind = K_DOUBLE, .off = OFF(val_set_size), .lo = 0, .hi = 2147483647.0,
+     .flags = F_WHOLE_IF_GE1, .expect = "a fraction in [0, 1) or a whole number of examples >= 1"},
+    {.name = "sequence_len", .kind = K_INT, .off = OFF(sequence_len), .lo = 2, .hi = INTMAX_D,
+     .expect = "an integer >= 2"},
+    {.name = "sample_packing", .kind = K_BOOL, .off = OFF(sample_packing)},
+    {.name = "micro_batch_size", .kind = K_INT, .off = OFF(micro_batch_size), .lo = 1, .hi = INTMAX_D,
+     .expect = "a positive integer"},
+    {.name = "gradient_accumulation_steps", .kind = K_INT, .off = OFF(gradient_accumulation_steps), .lo = 1,
+     .hi = INTMAX_D, .expect = "a positive integer"},
+    {.name = "num_epochs", .kind = K_INT, .off = OFF(num_epochs), .lo = 1, .hi = INTMAX_D,
+     .expect = "a positive integer"},
+    {.name = "max_steps", .kind = K_INT, .off = OFF(max_steps), .lo = 1, .hi = INTMAX_D, .flags = F_ALSO_MINUS1,
+     .expect = "a positive integer, or -1 for num_epochs"},
+    {.name = "learning_rate", .kind = K_FLOAT, .off = OFF(learning_rate), .lo = 0, .hi = HUGE_VAL,
+     .flags = F_LO_OPEN, .expect = "a positive number"},
+    {.name = "lr_scheduler", .kind = K_ENUM, .off = OFF(lr_scheduler), .values = V_SCHED, .aliases = A_SCHED,
+     .later = L_SCHED},
+    {.name = "warmup_steps", .kind = K_INT, .off = OFF(warmup_steps), .lo = 0, .hi = INTMAX_D,
+     .expect = "an integer >= 0"},
+    {.name = "warmup_ratio", .kind = K_FLOAT, .off = OFF(warmup_ratio), .lo = 0, .hi = 1, .flags = F_HI_OPEN,
+     .expect = "a number in [0, 1)"},
+    {.name = "weight_decay", .kind = K_FLOAT, .off = OFF(weight_decay), .lo = 0, .hi = HUGE_VAL,
+     .expect = "a number >= 0"},
+    {.name = "max_grad_norm", .kind = K_FLOAT, .off = OFF(max_grad_norm), .lo = 0, .hi = HUGE_VAL,
+     .expect = "a number >= 0 (0 = no clipping)"},
+    {.name = "optimizer", .kind = K_ENUM, .off = OFF(optimizer), .values = V_OPTIM, .aliases = A_OPTIM,
+     .later = L_OPTIM},
+    {.name = "adam_beta1", .kind = K_FLOAT, .off = OFF(adam_beta1), .lo = 0, .hi = 1, .flags = F_HI_OPEN,
+     .expect = "a number in [0, 1)"},
+    {.name = "adam_beta2", .kind = K_FLOAT, .off = OFF(adam_beta2), .lo = 0, .hi = 1, .flags = F_HI_OPEN,
+     .expect = "a number in [0, 1)"},
+    {.name = "adam_epsilon", .kind = K_FLOAT, .off = OFF(adam_epsilon), .lo = 0, .hi = HUGE_VAL,
+     .flags = F_LO_OPEN, .expect = "a positive number"},
+    {.name = "seed", .kind = K_INT, .off = OFF(seed), .lo = 0, .hi = INTMAX_D, .expect = "an integer >= 0"},
+    {.name = "output_dir", .kind = K_STR, .off = OFF(output_dir), .expect = "a directory path"},
+    {.name = "logging_steps", .kind = K_INT, .off = OFF(logging_steps), .lo = 1, .hi = INTMAX_D,
+     .expect = "a positive integer"},
+    {.name = "eval_steps", .kind = K_INT, .off = OFF(eval_steps), .lo = 0, .hi = INTMAX_D,
+     .expect = "an integer >= 0 (0 = only at start and end)"},
+    {.name = "evals_per_epoch", .kind = K_INT, .off = OFF(evals_per_epoch), .lo = 0, .hi = INTMAX_D,
+     .expect = "an integer >= 0"},
+    {.name = "eval_max_tokens", .kind = K_INT, .off = OFF(eval_max_tokens), .lo = 0, .hi = INTMAX_D,
+     .expect = "an integer >= 0 (0 = all)"},
+    {.name = "train_on_inputs", .kind = K_BOOL, .off = OFF(train_on_inputs)},
+    {.name = "bf16", .kind = K_BF16, .off = OFF(bf16)},
+    {.name = "gradient_checkpointing", .kind = K_BOOL, .off = OFF(gradient_checkpointing)},
+    {.name = "num_threads", .kind = K_INT, .off = OFF(num_threads), .lo = 0, .hi = 65536,
+     .expect = "an integer in [0, 65536] (0 = all cores)"},
+};
+#define N_KEYS ((int)(sizeof KEYS / sizeof KEYS[0]))
+
+/* Accepted and ignored: they cannot change what this trainer computes. */
+typedef struct ignored_key {
+    const char *name, *reason;
+} ignored_key;
+
+static const ignored_key IGNORED[] = {
+    {"strict", "axolotl's schema strictness; unknown keys are always errors here"},
+    {"base_model_config", "the architecture is read from the base_model file"},
+    {"model_type", "the architecture is read from the base_model file"},
+    {"tokenizer_type", "the tokenizer is read from the base_model file"},
+    {"tokenizer_use_fast", "the tokenizer is read from the base_model file"},
+    {"tokenizer_legacy", "the tokenizer is read from the base_model file"},
+    {"is_llama_derived_model", "the architecture is read from the base_model file"},
+    {"trust_remote_code", "no Python code is ever run"},
+    {"hf_use_auth_token", "models and data are local files; nothing is downloaded"},
+    {"dataset_prepared_path", "datasets are tokenized in memory at start-up; nothing is cached"},
+    {"dataset_processes", "pre-processing runs in this process; there are no worker processes"},
+    {"gradient_checkpointing_kwargs", "PyTorch-specific (use_reentrant); recomputation here is exact"},
+    {"pad_to_sequence_len", "padded positions are masked, so padding never changes the loss"},
+    {"local_rank", "set by PyTorch launchers"},
+    {"dataloader_num_workers", "PyTorch DataLoader setting"},
+    {"dataloader_pin_memory", "PyTorch DataLoader setting"},
+    {"dataloader_prefetch_factor", "PyTorch DataLoader setting"},
+};
+#define N_IGNORED ((int)(sizeof IGNORED / sizeof IGNORED[0]))
+
+/* Known to axolotl, not done here yet: fine when null/false/empty (axolotl's
+ * examples list many of them empty), an error otherwise. `allowed` is one
+ * extra harmless value. */
+typedef struct later_key {
+    const char *name, *allowed, *hint;
+} later_key;
+
+static const later_key LATER[] = {
+    {"load_in_8bit", NULL, "the frozen base is NF4 (load_in_4bit: true) or bf16"},
+    {"gptq", NULL, NULL},
+    {"fp16", NULL, "compute is bf16 (bf16: true) or fp32 (bf16: false)"},
+    {"tf32", NULL, "TF32 is a CUDA matmul mode"},
+    {"flash_attention", NULL, NULL},
+    {"sdp_attention", NULL, NULL},
+    {"xformers_attention", NULL, NULL},
+    {"flex_attention", NULL, NULL},
+    {"s2_attention", NULL, NULL},
+    {"attn_implementation", NULL, NULL},
+    {"eval_sample_packing", NULL, NULL},
+    {"group_by_length", NULL, NULL},
+    {"deepspeed", NULL, NULL},
+    {"fsdp", NULL, NULL},
+    {"fsdp_config", NULL, NULL},
+    {"fsdp_version", NULL, NULL},
+    {"sequence_parallel_degree", NULL, NULL},
+    {"context_parallel_size", NULL, NULL},
+    {"tensor_parallel_size", NULL, NULL},
+    {"ddp_timeout", NULL, NULL},
+    {"ddp_bucket_cap_mb", NULL, NULL},
+    {"ddp_broadcast_buffers", NULL, NULL},
+    {"wandb_project", NULL, "metrics go to <output_dir>/metrics.jsonl"},
+    {"wandb_entity", NULL, NULL},
+    {"wandb_watch", NULL, NULL},
+    {"wandb_name", NULL, NULL},
+    {"wandb_run_id", NULL, NULL},
+    {"wandb_log_model", NULL, NULL},
+    {"wandb_mode", NULL, NULL},
+    {"use_wandb", NULL, NULL},
+    {"mlflow_tracking_uri", NULL, NULL},
+    {"mlflow_experiment_name", NULL, NULL},
+    {"use_tensorboard", NULL, NULL},
+    {"hub_model_id", NULL, NULL},
+    {"hub_strategy", NULL, NULL},
+    {"push_dataset_to_hub", NULL, NULL},
+    {"resume_from_checkpoint", NULL, NULL},
+    {"auto_resume_from_checkpoints", NULL, NULL},
+    {"lora_model_dir", NULL, NULL},
+    {"saves_per_epoch", NULL, NULL},
+    {"save_steps", NULL, NULL},
+    {"save_strategy", NULL, NULL},
+    {"save_total_limit", NULL, NULL},
+    {"save_first_step", NULL, NULL},
+    {"save_safetensors", "true", NULL},
+    {"early_stopping_patience", NULL, NULL},
+    {"loss_watchdog_threshold", NULL, NULL},
+    {"loss_watchdog_patience", NULL, NULL},
+    {"eval_strategy", NULL, "use eval_steps or evals_per_epoch"},
+    {"evaluation_strategy", NULL, "use eval_steps or evals_per_epoch"},
+    {"eval_table_size", NULL, NULL},
+    {"eval_max_new_tokens", NULL, NULL},
+    {"eval_batch_size", NULL, NULL},
+    {"eval_causal_lm_metrics", NULL, NULL},
+    {"do_causal_lm_eval", NULL, NULL},
+    {"lora_fan_in_fan_out", NULL, NULL},
+    {"lora_modules_to_save", NULL, NULL},
+    {"lora_target_parameters", NULL, NULL},
+    {"peft_use_dora", NULL, NULL},
+    {"peft_layers_to_transform", NULL, NULL},
+    {"peft_layers_pattern", NULL, NULL},
+    {"peft_init_lora_weights", "true", NULL},
+    {"peft_layer_replication", NULL, NULL},
+    {"peft", NULL, NULL},
+    {"loraplus_lr_ratio", NULL, NULL},
+    {"loraplus_lr_embedding", NULL, NULL},
+    {"relora", NULL, NULL},
+    {"merge_lora", NULL, NULL},
+    {"bnb_config_kwargs", NULL, NULL},
+    {"qlora_sharded_model_loading", NULL, NULL},
+    {"lora_on_cpu", NULL, NULL},
+    {"gpu_memory_limit", NULL, NULL},
+    {"max_memory", NULL, NULL},
+    {"special_tokens", NULL, "bos/eos/unk come from the base_model file"},
+    {"tokens", NULL, NULL},
+    {"added_tokens_overrides", NULL, NULL},
+    {"chat_template", "tokenizer_default", "the base_model file's own template is always used"},
+    {"chat_template_jinja", NULL, NULL},
+    {"default_system_message", NULL, NULL},
+    {"tokenizer_config", NULL, "the tokenizer is read from the base_model file"},
+    {"neftune_noise_alpha", NULL, NULL},
+    {"noisy_embedding_alpha", NULL, NULL},
+    {"lr_scheduler_kwargs", NULL, NULL},
+    {"cosine_min_lr_ratio", NULL, NULL},
+    {"cosine_constant_lr_ratio", NULL, NULL},
+    {"lr_quadratic_warmup", NULL, NULL},
+    {"lr_div_factor", NULL, NULL},
+    {"lr_groups", NULL, NULL},
+    {"embedding_lr", NULL, NULL},
+    {"embedding_lr_scale", NULL, NULL},
+    {"optim_args", NULL, NULL},
+    {"optim_target_modules", NULL, NULL},
+    {"adam_beta3", NULL, NULL},
+    {"adam_epsilon2", NULL, NULL},
+    {"batch_size", NULL, "use micro_batch_size and gradient_accumulation_steps"},
+    {"auto_find_batch_size", NULL, NULL},
+    {"torch_compile", NULL, NULL},
+    {"unfrozen_parameters", NULL, NULL},
+    {"plugins", NULL, NULL},
+    {"rl", NULL, NULL},
+    {"pretraining_dataset", NULL, NULL},
+    {"debug", NULL, NULL},
+    {"liger_rms_norm", NULL, NULL},
+    {"liger_glu_activation", NULL, NULL},
+    {"liger_cross_entropy", NULL, NULL},
+    {"liger_fused_linear_cross_entropy", NULL, NULL},
+    {"lora_mlp_kernel", NULL, NULL},
+    {"lora_qkv_kernel", NULL, NULL},
+    {"lora_o_kernel", NULL, NULL},
+    {"unsloth_lora_mlp", NULL, NULL},
+    {"unsloth_lora_qkv", NULL, NULL},
+    {"unsloth_lora_o", NULL, NULL},
+};
+#define N_LATER ((int)(sizeof LATER / sizeof LATER[0]))
+
+/* Keys inside one datasets / test_datasets entry. */
+static const char *const DS_KEYS[] = {"path", "type", "field", "field_messages"};
+#define N_DS_KEYS 4
+static const later_key DS_LATER[] = {
+    {"ds_type", "json", "dataset files are JSON lines"},
+    {"split", NULL, NULL},
+    {"data_files", NULL, NULL},
+    {"name", NULL, NULL},
+    {"revision", NULL, NULL},
+    {"shards", NULL, NULL},
+    {"shards_idx", NULL, NULL},
+    {"preprocess_shards", NULL, NULL},
+    {"chat_template", "tokenizer_default", "the base_model file's own template is always used"},
+    {"chat_template_jinja", NULL, NULL},
+    {"roles_to_train", NULL, NULL},
+    {"train_on_eos", NULL, NULL},
+    {"roles", NULL, NULL},
+    {"message_property_mappings", NULL, NULL},
+    {"message_field_role", NULL, NULL},
+    {"message_field_content", NULL, NULL},
+    {"message_field_training", NULL, NULL},
+    {"message_field_training_detail", NULL, NULL},
+    {"field_system", NULL, NULL},
+    {"field_instruction", NULL, NULL},
+    {"field_input", NULL, NULL},
+    {"field_output", NULL, NULL},
+    {"field_human", NULL, NULL},
+    {"field_model", NULL, NULL},
+    {"field_tools", NULL, NULL},
+    {"field_thinking", NULL, NULL},
+    {"conversation", NULL, NULL},
+    {"drop_system_message", NULL, NULL},
+    {"input_transform", NULL, NULL},
+    {"trust_remote_code", NULL, NULL},
+};
+#define N_DS_LATER ((int)(sizeof DS_LATER / sizeof DS_LATER[0]))
+
+/* ------------------------------------------------------------------------ */
+/* Small helpers                                                              */
+
+#define FIELD(c, off, T) ((T *)(void *)((char *)(c) + (off)))
+#define CFIELD(c, off, T) ((const T *)(const void *)((const char *)(c) + (off)))
+
+static char *dup_str(const char *s) {
+    if (!s) return NULL;
+    size_t n = strlen(s);
+    char *p = malloc(n + 1);
+    if (p) memcpy(p, s, n + 1);
+    return p;
+}
+
+/* Optimal-string-alignment (restricted Damerau-Levenshtein) distance,
+ * case-insensitive; strings longer than 63 bytes compare as far apart. */
+static int edit_distance(const char *a, const char *b) {
+    size_t la = strlen(a), lb = strlen(b);
+    if (la > 63 || lb > 63) return 1000;
+    int d[64][64];
+    for (size_t i = 0; i <= la; i++) d[i][0] = (int)i;
+    for (size_t j = 0; j <= lb; j++) d[0][j] = (int)j;
+    for (size_t i = 1; i <= la; i++) {
+        for (size_t j = 1; j <= lb; j++) {
+            int ca = tolower((unsigned char)a[i - 1]), cb = tolower((unsigned char)b[j - 1]);
+            int cost = ca != cb;
+            int best = d[i - 1][j] + 1;
+            if (d[i][j - 1] + 1 < best) best = d[i][j - 1] + 1;
+            if (d[i - 1][j - 1] + cost < best) best = d[i - 1][j - 1] + cost;
+            if (i > 1 && j > 1 && ca == tolower((unsigned char)b[j - 2]) &&
+                tolower((unsigned char)a[i - 2]) == cb && d[i - 2][j - 2] + 1 < best)
+                best = d[i - 2][j - 2] + 1;
+            d[i][j] = best;
+        }
+    }
+    return d[la][lb];
+}
+
+/* Track the closest candidate for a "did you mean" hint. */
+typedef struct suggest {
+    const char *best;
+    int dist;
+} suggest;
+
+static void suggest_try(suggest *s, const char *word, const char *cand) {
+    int d = edit_distance(word, cand);
+    if (d < s->dist) {
+        s->dist = d;
+        s->best = cand;
+    }
+}
+
+/* The candidate if it is close enough to be a plausible typo, else NULL. */
+static const char *suggest_result(const suggest *s, const char *word) {
+    int lim = (int)strlen(word) / 3;
+    if (lim < 2) lim = 2;
+    return (s->best && s->dist <= lim) ? s->best : NULL;
+}
+
+/* Shortest decimal form that parses back to exactly v (as a float if
+ * is_float, else as a double). A bare exponent form gets ".0" inserted so
+ * PyYAML also reads it as a number ("1e-08" -> "1.0e-08"). */
+static void fmt_shortest(char *buf, size_t n, double v, int is_float) {
+    int maxp = is_float ? 9 : 17;
+    for (int p = 1; p <= maxp; p++) {
+        snprintf(buf, n, "%.*g", p, v);
+        if (is_float ? (strtof(buf, NULL) == (float)v) : (strtod(buf, NULL) == v)) break;
+    }
+    char *ep = strchr(buf, 'e');
+    if (ep && !strchr(buf, '.') && strlen(buf) + 3 < n) {
+        memmove(ep + 2, ep, strlen(ep) + 1);
+        ep[0] = '.';
+        ep[1] = '0';
+    }
+}
+
+static int parse_bool_str(const char *s, int *out) {
+    static const char *const T[] = {"true", "yes", "on", "y", "1"};
+    static const char *const F[] = {"false", "no", "off", "n", "0"};
+    for (size_t i = 0; i < sizeof T / sizeof T[0]; i++) {
+        if (!strcasecmp(s, T[i])) return *out = 1, 0;
+        if (!strcasecmp(s, F[i])) return *out = 0, 0;
+    }
+    return -1;
+}
+
+/* Parse a whole string as a finite double (surrounding blanks allowed). */
+static int parse_double_str(const char *s, double *out) {
+    while (isspace((unsigned char)*s)) s++;
+    if (!*s) return -1;
+    char *end;
+    errno = 0;
+    double v = strtod(s, &end);
+    while (isspace((unsigned char)*end)) end++;
+    if (*end || errno == ERANGE || !isfinite(v)) return -1;
+    /* strtod also takes hex floats and "nan"/"inf": YAML numbers are decimal. */
+    for (const char *q = s; q < end; q++)
+        if (*q == 'x' || *q == 'X' || isalpha((unsigned char)*q) && *q != 'e' && *q != 'E') return -1;
+    *out = v;
+    return 0;
+}
+
+/* A whole number (decimal, or a float with no fractional part, e.g. "3.0"). */
+static int parse_int_str(const char *s, long long *out) {
+    double v;
+    if (parse_double_str(s, &v)) return -1;
+    if (v != floor(v) || fabs(v) > 9.0e15) return -1;
+    *out = (long long)v;
+    return 0;
+}
+
+static int range_ok(const key_spec *k, double v) {
+    if ((k->flags & F_ALSO_MINUS1) && v == -1) return 1;
+    if ((k->flags & F_LO_OPEN) ? !(v > k->lo) : !(v >= k->lo)) return 0;
+    if ((k->flags & F_HI_OPEN) ? !(v < k->hi) : !(v <= k->hi)) return 0;
+    if ((k->flags & F_WHOLE_IF_GE1) && v >= 1 && v != floor(v)) return 0;
+    return 1;
+}
+
+static int add_warning(train_config *c, qerr *e, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int add_warning(train_config *c, qerr *e, const char *fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    char **w = realloc(c->warnings, (size_t)(c->n_warnings + 1) * sizeof *w);
+    if (!w) return qerr_set(e, "out of memory");
+    c->warnings = w;
+    if (!(w[c->n_warnings] = dup_str(buf))) return qerr_set(e, "out of memory");
+    c->n_warnings++;
+    return 0;
+}
+
+static void free_str_list(char **v, int n) {
+    for (int i = 0; i < n; i++) free(v[i]);
+    free(v);
+}
+
+static void free_datasets(dataset_cfg *d, int n) {
+    for (int i = 0; i < n; i++) {
+        free(d[i].path);
+        free(d[i].type);
+        free(d[i].field);
+        free(d[i].field_messages);
+    }
+    free(d);
+}
+
+static const key_spec *find_key(const char *name) {
+    for (int i = 0; i < N_KEYS; i++)
+        if (!strcmp(KEYS[i].name, name)) return &KEYS[i];
+    return NULL;
+}
+
+static int enum_index(const char *const *values, const char *s) {
+    for (int i = 0; values[i]; i++)
+        if (!strcmp(values[i], s)) return i;
+    return -1;
+}
+
+static void join_values(char *buf, size_t n, const char *const *values) {
+    buf[0] = 0;
+    for (int i = 0; values[i]; i++) {
+        size_t l = strlen(buf);
+        snprintf(buf + l, n - l, "%s%s", i ? ", " : "", values[i]);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Defaults / free                                                            */
+
+int train_config_defaults(train_config *c) {
+    memset(c, 0, sizeof *c);
+    c->load_in_4bit = 1;
+    c->bnb_4bit_use_double_quant = 1;
+    c->lora_r = 8;
+    c->lora_alpha = 16.0f;
+    c->lora_dropout = 0.05f;
+    c->val_set_size = 0.0;
+    c->sequence_len = 512;
+    c->sample_packing = 0;
+    c->micro_batch_size = 1;
+    c->gradient_accumulation_steps = 1;
+    c->num_epochs = 1;
+    c->max_steps = -1;
+    c->learning_rate = 2e-4f;
+    c->warmup_steps = 0;
+    c->warmup_ratio = 0.0f;
+    c->weight_decay = 0.0f;
+    c->max_grad_norm = 1.0f;
+    c->adam_beta1 = 0.9f;
+    c->adam_beta2 = 0.999f;
+    c->adam_epsilon = 1e-8f;
+    c->seed = 42;
+    c->logging_steps = 1;
+    c->bf16 = 1;
+    c->gradient_checkpointing = 1;
+    c->bnb_4bit_quant_type = dup_str("nf4");
+    c->adapter = dup_str("qlora");
+    c->lr_scheduler = dup_str("cosine");
+    c->optimizer = dup_str("adamw");
+    c->output_dir = dup_str("./outputs/lora-out");
+    if (!c->bnb_4bit_quant_type || !c->adapter || !c->lr_scheduler || !c->optimizer || !c->output_dir) return -1;
+    return 0;
+}
+
+void train_config_free(train_config *c) {
+    if (!c) return;
+    free(c->base_model);
+    free(c->bnb_4bit_quant_type);
+    free(c->adapter);
+    free_str_list(c->lora_target_modules, c->n_lora_target_modules);
+    free_datasets(c->datasets, c->n_datasets);
+    free_datasets(c->test_datasets, c->n_test_datasets);
+    free(c->lr_scheduler);
+    free(c->optimizer);
+    free(c->output_dir);
+    free(c->config_path);
+    free_str_list(c->warnings, c->n_warnings);
+    memset(c, 0, sizeof *c);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Parsing one value                                                          */
+
+typedef struct pctx {
+    const char *src;          /* file name or "command line" */
+    int lines;                /* append " (line N)" to messages */
+    yaml_document_t *doc;
+    train_config *c;
+    const train_config *def;  /* defaults, for null values */
+    qerr *e;
+} pctx;
+
+static int perr(const pctx *p, const yaml_node_t *at, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int perr(const pctx *p, const yaml_node_t *at, const char *fmt, ...) {
+    char msg[800];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (p->lines && at)
+        return qerr_set(p->e, "%s: %s (line %lu)", p->src, msg, (unsigned long)at->start_mark.line + 1);
+    return qerr_set(p->e, "%s: %s", p->src, msg);
+}
+
+static const char *sval(const yaml_node_t *n) { return (const char *)n->data.scalar.value; }
+
+static int is_null(const yaml_node_t *n) {
+    if (!n) return 1;
+    if (n->type != YAML_SCALAR_NODE || n->data.scalar.style != YAML_PLAIN_SCALAR_STYLE) return 0;
+    const char *s = sval(n);
+    return !*s || !strcmp(s, "~") || !strcmp(s, "null") || !strcmp(s, "Null") || !strcmp(s, "NULL");
+}
+
+/* "Unset" in the sense of axolotl's example files: null, false, "" or an
+ * empty collection. */
+static int is_unset(const yaml_node_t *n) {
+    if (is_null(n)) return 1;
+    int b;
+    switch (n->type) {
+    case YAML_SCALAR_NODE:
+        return !*sval(n) || (parse_bool_str(sval(n), &b) == 0 && b == 0 && strcmp(sval(n), "0"));
+    case YAML_SEQUENCE_NODE:
+        return n->data.sequence.items.top == n->data.sequence.items.start;
+    case YAML_MAPPING_NODE:
+        return n->data.mapping.pairs.top == n->data.mapping.pairs.start;
+    default:
+        return 0;
+    }
+}
+
+/* Describe a value for "got ..." in messages. */
+static void describe(const yaml_node_t *n, char *buf, size_t len) {
+    if (!n) {
+        snprintf(buf, len, "nothing");
+    } else if (n->type == YAML_SEQUENCE_NODE) {
+        snprintf(buf, len, "a list");
+    } else if (n->type == YAML_MAPPING_NODE) {
+        snprintf(buf, len, "a mapping");
+    } else if (is_null(n)) {
+        snprintf(buf, len, "null");
+    } else {
+        const char *s = sval(n);
+        size_t l = strlen(s);
+        if (l > 60)
+            snprintf(buf, len, "\"%.57s...\"", s);
+        else
+            snprintf(buf, len, "\"%s\"", s);
+    }
+}
+
+/* Value of a harmless-when-unset key: accepted iff unset or == allowed. */
+static int later_ok(const yaml_node_t *v, const char *allowed) {
+    if (is_unset(v)) return 1;
+    if (!allowed || v->type != YAML_SCALAR_NODE) return 0;
+    int a, b;
+    if (parse_bool_str(allowed, &a) == 0) return parse_bool_str(sval(v), &b) == 0 && a == b;
+    return !strcmp(sval(v), allowed);
+}
+
+static int later_err(const pctx *p, const yaml_node_t *at, const char *prefix, const later_key *lk) {
+    char extra[256] = "";
+    if (lk->allowed)
+        snprintf(extra, sizeof extra, "; the only accepted value is %s", lk->allowed);
+    return perr(p, at, "%s%s: not supported yet%s%s%s (delete the line, or leave it empty)", prefix, lk->name,
+                extra, lk->hint ? "; " : "", lk->hint ? lk->hint : "");
+}
+
+/* Parse a scalar string for K_STR / dataset strings into a fresh copy. */
+static int get_string(const pctx *p, const char *what, const yaml_node_t *v, char **out) {
+    char got[96];
+    if (v->type != YAML_SCALAR_NODE) {
+        describe(v, got, sizeof got);
+        return perr(p, v, "%s: expected a string, got %s", what, got);
+    }
+    if (!*sval(v)) return perr(p, v, "%s: expected a non-empty string", what);
+    if (!(*out = dup_str(sval(v)))) return qerr_set(p->e, "out of memory");
+    return 0;
+}
+
+/* Resolve an enum value (aliases, not-yet values, suggestions). On success
+ * *out points into the static tables. */
+static int get_enum(const pctx *p, const char *what, const yaml_node_t *v, const char *const *values,
+                    const value_alias *aliases, const value_later *later, const char **out) {
+    char got[96], list[256];
+    join_values(list, sizeof list, values);
+    if (v->type != YAML_SCALAR_NODE || !*sval(v)) {
+        describe(v, got, sizeof got);
+        return perr(p, v, "%s: expected one of %s, got %s", what, list, got);
+    }
+    const char *s = sval(v);
+    int i = enum_index(values, s);
+    if (i >= 0) return *out = values[i], 0;
+    for (int a = 0; aliases && aliases[a].from; a++) {
+        if (!strcmp(aliases[a].from, s)) {
+            if (aliases[a].note && add_warning(p->c, p->e, "%s: %s", p->src, aliases[a].note)) return -1;
+            *out = values[enum_index(values, aliases[a].to)];
+            return 0;
+        }
+    }
+    for (int l = 0; later && later[l].value; l++)
+        if (!strcmp(later[l].value, s))
+            return perr(p, v, "%s: \"%s\" is %s (accepted: %s)", what, s, later[l].status, list);
+    suggest sg = {NULL, 1000};
+    for (int j = 0; values[j]; j++) suggest_try(&sg, s, values[j]);
+    for (int a = 0; aliases && aliases[a].from; a++) suggest_try(&sg, s, aliases[a].from);
+    const char *hint = suggest_result(&sg, s);
+    describe(v, got, sizeof got);
+    if (hint) return perr(p, v, "%s: expected one of %s, got %s; did you mean \"%s\"?", what, list, got, hint);
+    return perr(p, v, "%s: expected one of %s, got %s", what, list, got);
+}
+
+static yaml_node_t *node_at(yaml_document_t *doc, int id) { return yaml_document_get_node(doc, id); }
+
+/* One datasets entry (a mapping) into *d (fully owned on success). */
+static int parse_dataset(const pctx *p, const char *what, const yaml_node_t *m, dataset_cfg *d) {
+    char got[96];
+    memset(d, 0, sizeof *d);
+    if (m->type != YAML_MAPPING_NODE) {
+        describe(m, got, sizeof got);
+        return perr(p, m, "%s: expected a mapping with path and type, got %s", what, got);
+    }
+    char *vals[N_DS_KEYS] = {NULL, NULL, NULL, NULL};
+    int seen[N_DS_KEYS] = {0, 0, 0, 0};
+    int rc = -1;
+    for (yaml_node_pair_t *pr = m->data.mapping.pairs.start; pr < m->data.mapping.pairs.top; pr++) {
+        yaml_node_t *k = node_at(p->doc, pr->key), *v = node_at(p->doc, pr->value);
+        if (k->type != YAML_SCALAR_NODE) {
+            perr(p, k, "%s: keys must be plain strings", what);
+            goto out;
+        }
+        const char *name = sval(k);
+        int ki = -1;
+        for (int j = 0; j < N_DS_KEYS; j++)
+            if (!strcmp(DS_KEYS[j], name)) ki = j;
+        if (ki >= 0) {
+            if (seen[ki]) {
+                perr(p, k, "%s: key \"%s\" given twice", what, name);
+                goto out;
+            }
+            seen[ki] = 1;
+            if (is_null(v)) continue; /* default */
+            char sub[160];
+            snprintf(sub, sizeof sub, "%s.%s", what, name);
+            if (ki == 1) {
+                const char *t;
+                if (get_enum(p, sub, v, V_DSTYPE, NULL, NULL, &t)) goto out;
+                if (!(vals[ki] = dup_str(t))) {
+                    qerr_set(p->e, "out of memory");
+                    goto out;
+                }
+            } else if (get_string(p, sub, v, &vals[ki])) {
+                goto out;
+            }
+            continue;
+        }
+        const later_key *lk = NULL;
+        for (int j = 0; j < N_DS_LATER; j++)
+            if (!strcmp(DS_LATER[j].name, name)) lk = &DS_LATER[j];
+        if (lk) {
+            if (!later_ok(v, lk->allowed)) {
+                char pre[160];
+                snprintf(pre, sizeof pre, "%s.", what);
+                later_err(p, v, pre, lk);
+                goto out;
+            }
+            continue;
+        }
+        suggest sg = {NULL, 1000};
+        for (int j = 0; j < N_DS_KEYS; j++) suggest_try(&sg, name, DS_KEYS[j]);
+        for (int j = 0; j < N_DS_LATER; j++) suggest_try(&sg, name, DS_LATER[j].name);
+        const char *hint = suggest_result(&sg, name);
+        if (hint)
+            perr(p, k, "%s: unknown key \"%s\"; did you mean \"%s\"?", what, name, hint);
+        else
+            perr(p, k, "%s: unknown key \"%s\" (accepted: path, type, field, field_messages)", what, name);
+        goto out;
+    }
+    if (!vals[0]) {
+        perr(p, m, "%s: missing required key \"path\"", what);
+        goto out;
+    }
+    if (!vals[1]) {
+        perr(p, m, "%s: missing required key \"type\" (one of completion, alpaca, chat_template)", what);
+        goto out;
+    }
+    if (!vals[2] && !(vals[2] = dup_str("text"))) goto oom;
+    if (!vals[3] && !(vals[3] = dup_str("messages"))) goto oom;
+    d->path = vals[0];
+    d->type = vals[1];
+    d->field = vals[2];
+    d->field_messages = vals[3];
+    return 0;
+oom:
+    qerr_set(p->e, "out of memory");
+out:
+    for (int j = 0; j < N_DS_KEYS; j++) free(vals[j]);
+    return rc;
+}
+
+static int parse_datasets(const pctx *p, const char *key, const yaml_node_t *v, dataset_cfg **out, int *n_out) {
+    char got[96];
+    *out = NULL;
+    *n_out = 0;
+    if (is_null(v)) return 0;
+    if (v->type != YAML_SEQUENCE_NODE) {
+        describe(v, got, sizeof got);
+        return perr(p, v, "%s: expected a list of {path, type} entries, got %s", key, got);
+    }
+    int n = (int)(v->data.sequence.items.top - v->data.sequence.items.start);
+    dataset_cfg *d = calloc((size_t)(n ? n : 1), sizeof *d);
+    if (!d) return qerr_set(p->e, "out of memory");
+    for (int i = 0; i < n; i++) {
+        char what[64];
+        snprintf(what, sizeof what, "%s[%d]", key, i);
+        if (parse_dataset(p, what, node_at(p->doc, v->data.sequence.items.start[i]), &d[i])) {
+            free_datasets(d, i);
+            return -1;
+        }
+    }
+    *out = d;
+    *n_out = n;
+    return 0;
+}
+
+static int parse_modules(const pctx *p, const char *key, const yaml_node_t *v, char ***out, int *n_out) {
+    char got[96], list[160];
+    join_values(list, sizeof list, V_MODULES);
+    *out = NULL;
+    *n_out = 0;
+    if (is_null(v)) return 0;
+    if (v->type != YAML_SEQUENCE_NODE) {
+        describe(v, got, sizeof got);
+        return perr(p, v, "%s: expected a list of module names (%s), got %s", key, list, got);
+    }
+    int n = (int)(v->data.sequence.items.top - v->data.sequence.items.start);
+    char **m = calloc((size_t)(n ? n : 1), sizeof *m);
+    if (!m) return qerr_set(p->e, "out of memory");
+    for (int i = 0; i < n; i++) {
+        yaml_node_t *it = node_at(p->doc, v->data.sequence.items.start[i]);
+        char what[64];
+        snprintf(what, sizeof what, "%s[%d]", key, i);
+        const char *name;
+        if (get_enum(p, what, it, V_MODULES, NULL, NULL, &name)) goto fail;
+        for (int j = 0; j < i; j++)
+            if (!strcmp(m[j], name)) {
+                perr(p, it, "%s: \"%s\" is listed twice", key, name);
+                goto fail;
+            }
+        if (!(m[i] = dup_str(name))) {
+            qerr_set(p->e, "out of memory");
+            goto fail;
+        }
+    }
+    *out = m;
+    *n_out = n;
+    return 0;
+fail:
+    free_str_list(m, n);
+    return -1;
+}

@@ -1,0 +1,193 @@
+/* trainer/config.h — the training configuration: YAML with axolotl's key names.
+ *
+ * A config file is one YAML mapping (libyaml document API). Keys, meanings and
+ * most defaults follow axolotl (src/axolotl/utils/schemas/{config,peft,training,
+ * datasets}.py), so an axolotl example config mostly runs after deleting the
+ * lines this trainer does not implement. Values may be overridden on the
+ * command line with `key=value`, where value is any YAML flow value:
+ *   lora_r=16   lora_target_modules=[q_proj,v_proj]
+ *   datasets=[{path: train.jsonl, type: completion}]
+ *
+ * Typical use:
+ *   train_config c;
+ *   if (train_config_load(path, &c, &e)) fail(e);             // c is freshly filled
+ *   for each argv override: train_config_apply_override(&c, arg, &e)
+ *   if (train_config_validate(&c, &e)) fail(e);
+ *   for (i < c.n_warnings) print c.warnings[i]
+ *   ...; train_config_write_yaml(&c, "<output_dir>/config.resolved.yaml", &e);
+ *   train_config_free(&c);
+ *
+ * Key policy — there is no silent acceptance:
+ *  - Implemented keys: every field of train_config below (YAML key = field name,
+ *    except `use_rslora`, whose axolotl key is `peft_use_rslora`; the PEFT
+ *    spelling `use_rslora` is accepted as an alias).
+ *    `null` (an empty value, as in axolotl's examples) means "use the default".
+ *  - Accepted and ignored, with a warning in `warnings` when given a value
+ *    (null/false gives no warning), because they cannot change what this
+ *    trainer computes:
+ *      strict                      axolotl's schema strictness; unknown keys are always errors here
+ *      base_model_config, model_type, tokenizer_type, is_llama_derived_model
+ *                                  architecture and tokenizer are read from the base_model file
+ *      trust_remote_code           no Python code is ever run
+ *      dataset_prepared_path       datasets are tokenized in memory at start-up, nothing is cached
+ *      gradient_checkpointing_kwargs  PyTorch-specific (use_reentrant); recomputation here is exact
+ *      pad_to_sequence_len         padded positions are masked, so padding never changes the loss
+ *      local_rank, dataloader_num_workers, dataloader_pin_memory, dataloader_prefetch_factor
+ *                                  PyTorch launcher / DataLoader knobs
+ *  - Known but not supported yet (flash_attention, deepspeed, fsdp, load_in_8bit,
+ *    fp16, wandb_*, saves_per_epoch, resume_from_checkpoint, ...): accepted only
+ *    when null/false/empty (as in axolotl's example files, which list them
+ *    empty); any other value is an error "not supported yet". A few accept one
+ *    harmless value: `chat_template: tokenizer_default` (we always use the
+ *    model's template), `save_safetensors: true`, `peft_init_lora_weights: true`,
+ *    `special_tokens` holding only `pad_token` (padding is masked out).
+ *  - Anything else is an error `unknown key "x"; did you mean "y"?`.
+ *
+ * Decisions (differences from axolotl noted):
+ *  - sample_packing defaults to false, as in axolotl.
+ *  - lora_dropout defaults to 0.05 (axolotl: 0.0; every axolotl example sets it).
+ *  - load_in_4bit defaults to true (axolotl: false) because QLoRA is the product.
+ *    `adapter: lora` + `load_in_4bit: true` is the same computation as qlora;
+ *    `adapter: qlora` requires load_in_4bit (as axolotl); `adapter: lora` +
+ *    `load_in_4bit: false` keeps the frozen base in bf16.
+ *  - optimizer: "adamw"; the aliases adamw_torch, adamw_torch_fused (axolotl's
+ *    default) and paged_adamw_32bit resolve to "adamw" (paging is a CUDA memory
+ *    feature, the update is identical; a warning says so for the paged one).
+ *    "sophia" is an error "not implemented yet"; 8-bit and other optimizers are
+ *    "not supported yet". The field always holds the resolved name.
+ *  - lr_scheduler: cosine | linear | constant (+ alias constant_with_warmup).
+ *    Warmup (warmup_steps or warmup_ratio) applies to every schedule, so
+ *    "constant" is HF's constant_with_warmup.
+ *  - eval_max_tokens (ours): cap on held-out tokens per evaluation, 0 = all.
+ *  - evals_per_epoch (axolotl): alternative to eval_steps; see
+ *    train_config_eval_interval(). The two are mutually exclusive.
+ *  - num_threads (ours): 0 = OMP_NUM_THREADS, else all cores.
+ *  - max_grad_norm 0 disables clipping (as HF).
+ *  - bf16: true | false | auto (= true). fp16 is not supported.
+ *  - Booleans: true/false, yes/no, on/off (YAML 1.1 as PyYAML), and 1/0.
+ *  - Numbers may be quoted ("2e-4") and floats may omit the dot (2e-4), which
+ *    PyYAML would read as a string but axolotl converts anyway.
+ *  - Paths (base_model, dataset paths, output_dir) are kept verbatim, relative
+ *    to the working directory as in axolotl. This module never touches them:
+ *    the caller reports missing or unreadable files.
+ */
+#ifndef QLORA_TRAINER_CONFIG_H
+#define QLORA_TRAINER_CONFIG_H
+
+#include "core/status.h"
+
+/* The 7 Llama linear layers LoRA can target, in this fixed order
+ * (bit i of train_config_target_mask() is TRAIN_LINEAR_MODULES[i]). */
+#define TRAIN_N_LINEAR_MODULES 7
+extern const char *const TRAIN_LINEAR_MODULES[TRAIN_N_LINEAR_MODULES];
+/* = { "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj" } */
+
+typedef struct dataset_cfg {
+    char *path;           /* JSONL file (required) */
+    char *type;           /* "completion" | "alpaca" | "chat_template" (required) */
+    char *field;          /* completion: JSON key holding the text; default "text" */
+    char *field_messages; /* chat_template: JSON key holding the message list; default "messages" */
+} dataset_cfg;
+
+/* Every char* is heap-owned (or NULL) and released by train_config_free. */
+typedef struct train_config {
+    char *base_model;                 /* path to the .gguf (required) */
+    int load_in_4bit;                 /* default 1: frozen base held as NF4 */
+    int bnb_4bit_use_double_quant;    /* default 1 */
+    char *bnb_4bit_quant_type;        /* only "nf4" */
+    char *adapter;                    /* "qlora" (default) | "lora"; see the header comment */
+    int lora_r;                       /* default 8, > 0 */
+    float lora_alpha;                 /* default 16, > 0 */
+    float lora_dropout;               /* default 0.05, in [0, 1) */
+    int use_rslora;                   /* key peft_use_rslora (alias use_rslora); default 0:
+                                         scaling alpha/r, 1: alpha/sqrt(r) */
+    char **lora_target_modules;       /* subset of TRAIN_LINEAR_MODULES, no duplicates */
+    int n_lora_target_modules;
+    int lora_target_linear;           /* default 0; 1 adds all 7 linears to the list */
+    dataset_cfg *datasets;            /* required, >= 1 */
+    int n_datasets;
+    dataset_cfg *test_datasets;       /* optional held-out set (excludes val_set_size > 0) */
+    int n_test_datasets;
+    double val_set_size;              /* fraction in [0,1) or whole count >= 1; default 0 */
+    int sequence_len;                 /* default 512, >= 2 (tokens) */
+    int sample_packing;               /* default 0 (axolotl's default) */
+    int micro_batch_size;             /* default 1 (sequences per forward) */
+    int gradient_accumulation_steps;  /* default 1 */
+    int num_epochs;                   /* default 1 */
+    int max_steps;                    /* default -1 = derived from num_epochs; else >= 1
+                                         optimizer steps (then num_epochs is ignored) */
+    float learning_rate;              /* default 2e-4, > 0 */
+    char *lr_scheduler;               /* "cosine" (default) | "linear" | "constant" */
+    int warmup_steps;                 /* default 0 */
+    float warmup_ratio;               /* default 0, in [0,1); exclusive with warmup_steps > 0 */
+    float weight_decay;               /* default 0.0 (decoupled, AdamW) */
+    float max_grad_norm;              /* default 1.0; 0 = no clipping */
+    char *optimizer;                  /* "adamw" (resolved; see aliases above) */
+    float adam_beta1, adam_beta2, adam_epsilon; /* 0.9, 0.999, 1e-8 */
+    int seed;                         /* default 42, >= 0 */
+    char *output_dir;                 /* default "./outputs/lora-out" */
+    int logging_steps;                /* default 1 (optimizer steps between train log lines) */
+    int eval_steps;                   /* default 0 = evaluate only at start and end;
+                                         > 0: every N optimizer steps */
+    int evals_per_epoch;              /* default 0 = unused; see train_config_eval_interval */
+    int eval_max_tokens;              /* default 0 = evaluate all held-out tokens */
+    int train_on_inputs;              /* default 0: prompt tokens are masked from the loss */
+    int bf16;                         /* default 1 ("auto" = 1); 0 = fp32 compute */
+    int gradient_checkpointing;       /* default 1 */
+    int num_threads;                  /* default 0 = OMP_NUM_THREADS / all cores */
+    char *config_path;                /* file the config came from (for messages); NULL if none */
+    char **warnings;                  /* one-line notes for the caller to print ("[config] ..."
+                                         is the caller's prefix); ignored keys, aliases */
+    int n_warnings;
+} train_config;
+
+/* Fill *c with the defaults above (all strings heap-allocated; base_model and
+ * datasets empty). Does not free previous contents. Returns 0, or -1 if out of
+ * memory (then *c is safe to pass to train_config_free). */
+int train_config_defaults(train_config *c);
+
+/* Parse the YAML file `path` into *out (previous contents are NOT freed; out
+ * is fully initialised, defaults first). Checks syntax, key names, value types
+ * and per-key ranges; cross-key rules and required keys are left to
+ * train_config_validate, because command-line overrides come in between.
+ * Errors (one line): "<path>:<line>:<col>: YAML syntax error: ...",
+ * "<path>: unknown key \"lora_rank\"; did you mean \"lora_r\"? (line 7)",
+ * "<path>: lora_r: expected a positive integer, got \"abc\" (line 7)",
+ * "<path>: flash_attention: not supported yet (...)", "cannot open <path>: ...".
+ * On failure *out holds nothing that needs freeing (it is zeroed). */
+int train_config_load(const char *path, train_config *out, qerr *e);
+
+/* Apply one command-line override "key=value"; value is parsed as a YAML
+ * scalar or flow collection (an empty value means null = the default). The
+ * same key rules as in a file apply; errors are prefixed "command line: ".
+ * On failure *c is unchanged. */
+int train_config_apply_override(train_config *c, const char *key_eq_value, qerr *e);
+
+/* Check required keys, every range, and the cross-key rules (qlora needs
+ * load_in_4bit, at least one LoRA target, warmup_steps vs warmup_ratio,
+ * val_set_size vs test_datasets, eval_steps vs evals_per_epoch, ...).
+ * Messages name config_path (or "config") and the key. */
+int train_config_validate(const train_config *c, qerr *e);
+
+/* Write the resolved config (every implemented key with its final value) as
+ * YAML that train_config_load reads back to an identical struct (floats are
+ * written in their shortest round-trip form). Written to path.tmp, then renamed. */
+int train_config_write_yaml(const train_config *c, const char *path, qerr *e);
+
+/* Release everything owned by *c and zero it. Safe on a zeroed struct. */
+void train_config_free(train_config *c);
+
+/* Bit i set <=> TRAIN_LINEAR_MODULES[i] gets a LoRA adapter (the union of
+ * lora_target_modules and, if lora_target_linear, all seven). */
+unsigned train_config_target_mask(const train_config *c);
+
+/* Evaluation interval in optimizer steps: eval_steps if > 0; else, if
+ * evals_per_epoch > 0, max(1, steps_per_epoch / evals_per_epoch) (axolotl);
+ * else 0 (= only at start and end). */
+int train_config_eval_interval(const train_config *c, int steps_per_epoch);
+
+/* Warmup length in optimizer steps: warmup_steps if > 0, else
+ * ceil(warmup_ratio * total_steps) (HF TrainingArguments.get_warmup_steps). */
+int train_config_warmup_steps(const train_config *c, int total_steps);
+
+#endif
