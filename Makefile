@@ -20,7 +20,7 @@ TEST_HELPER_SRC := $(filter-out $(TEST_SRC),$(wildcard tests/*.c))
 TEST_HELPER_OBJ := $(TEST_HELPER_SRC:%.c=build/%.o)
 
 DEFAULT_MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
-DEFAULT_DATA  := datasets/manpages/train.jsonl
+DEFAULT_DATA  := datasets/manpages/train.jsonl datasets/manpages/heldout.jsonl
 
 .PHONY: all test test-unit setup model dataset clean features
 all: features bin/qlora-train
@@ -48,7 +48,7 @@ build/tests/%: tests/%.c build/libqlora.a $(TEST_HELPER_OBJ)
 # The model and the data the end-to-end tests and the default run use.
 $(DEFAULT_MODEL):
 	scripts/fetch_model.sh
-$(DEFAULT_DATA):
+datasets/manpages/train.jsonl datasets/manpages/heldout.jsonl &: scripts/prepare_manpages.sh scripts/prepare_manpages.py
 	scripts/prepare_manpages.sh
 model: $(DEFAULT_MODEL)
 dataset: $(DEFAULT_DATA)

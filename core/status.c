@@ -17,14 +17,22 @@ int qerr_set(qerr *e, const char *fmt, ...) {
 
 int qerr_prefix(qerr *e, const char *fmt, ...) {
     if (!e) return -1;
-    char pre[512];
+    char pre[256];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(pre, sizeof pre, fmt, ap);
     va_end(ap);
     char old[sizeof e->msg];
     memcpy(old, e->msg, sizeof old);
-    snprintf(e->msg, sizeof e->msg, "%s: %s", pre, old);
+    size_t n = strlen(pre);
+    if (n + 2 >= sizeof e->msg) n = sizeof e->msg - 3;
+    memcpy(e->msg, pre, n);
+    memcpy(e->msg + n, ": ", 2);
+    size_t rest = sizeof e->msg - n - 3;
+    size_t ol = strnlen(old, sizeof old);
+    if (ol > rest) ol = rest;
+    memcpy(e->msg + n + 2, old, ol);
+    e->msg[n + 2 + ol] = 0;
     return -1;
 }
 

@@ -359,14 +359,10 @@ int tokenizer_load_gguf(const gguf_file *f, tokenizer **out, qerr *e) {
         goto fail;
     if (t->pad < 0) t->pad = t->eos;
 
-    for (int b = 0; b < 256; b++) {
-        t->byte_tok[b] = tok_vocab_lookup(t, t->byte_utf8[b], t->byte_utf8_len[b]);
-        if (t->byte_tok[b] < 0 && t->unk < 0) {
-            qerr_set(e, "tokenizer: the vocabulary has no token for byte 0x%02x and no unknown token", b);
-            goto fail;
-        }
-        if (t->byte_tok[b] < 0) t->byte_tok[b] = t->unk;
-    }
+    /* A byte the vocabulary cannot spell is dropped, as HF's BPE does with
+     * unk_token = null (SmolLM2's tokenizer.json); SmolLM2 lacks 21 of them,
+     * e.g. 0x04 and 0xF5..0xFF. */
+    for (int b = 0; b < 256; b++) t->byte_tok[b] = tok_vocab_lookup(t, t->byte_utf8[b], t->byte_utf8_len[b]);
 
     /* Added tokens split out before pre-tokenization. */
     t->sp_ids = malloc((size_t)t->n_vocab * sizeof *t->sp_ids);
@@ -532,7 +528,7 @@ static int tok_emit(tokenizer_ids *out, int32_t id, int64_t off, int with_offset
 static int tok_bpe_word(const tokenizer *t, tok_work *w, const char *s, size_t n, int64_t off,
                         tokenizer_ids *out, int with_offsets, qerr *e) {
     if (n == 0) return 0;
-    if (n == 1) return tok_emit(out, t->byte_tok[(uint8_t)s[0]], off, with_offsets, e);
+    if (n == 1) return t->byte_tok[(uint8_t)s[0]] < 0 ? 0 : tok_emit(out, t->byte_tok[(uint8_t)s[0]], off, with_offsets, e);
     if (t->ignore_merges) {
         if (w->spell_cap < 2 * n) {
             size_t cap = 2 * n + 64;
@@ -565,14 +561,28 @@ static int tok_bpe_word(const tokenizer *t, tok_work *w, const char *s, size_t n
         w->heap = nh;
         w->heap_cap = cap;
     }
+    /* Initial symbols: one per byte; bytes without a token are dropped
+     * before merging (HF Word::from), their bytes counted into the previous
+     * symbol's span so offsets stay in text order. */
+    int32_t nsym = 0;
+    int64_t lead = 0;
     for (size_t i = 0; i < n; i++) {
-        w->sym[i].id = t->byte_tok[(uint8_t)s[i]];
-        w->sym[i].prev = (int32_t)i - 1;
-        w->sym[i].next = i + 1 < n ? (int32_t)i + 1 : -1;
-        w->sym[i].nbytes = 1;
+        int32_t id = t->byte_tok[(uint8_t)s[i]];
+        if (id < 0) {
+            if (nsym > 0) w->sym[nsym - 1].nbytes++;
+            else lead++;
+            continue;
+        }
+        w->sym[nsym].id = id;
+        w->sym[nsym].prev = nsym - 1;
+        w->sym[nsym].next = -1;
+        if (nsym > 0) w->sym[nsym - 1].next = nsym;
+        w->sym[nsym].nbytes = 1;
+        nsym++;
     }
+    if (nsym == 0) return 0;
     w->heap_n = 0;
-    for (size_t i = 0; i + 1 < n; i++) tok_try_pair(t, w, (int32_t)i);
+    for (int32_t i = 0; i + 1 < nsym; i++) tok_try_pair(t, w, i);
     while (w->heap_n > 0) {
         tok_cand c = tok_heap_pop(w);
         tok_sym *a = &w->sym[c.pos];
@@ -588,7 +598,7 @@ static int tok_bpe_word(const tokenizer *t, tok_work *w, const char *s, size_t n
         if (a->prev >= 0) tok_try_pair(t, w, a->prev);
         tok_try_pair(t, w, c.pos);
     }
-    int64_t o = off;
+    int64_t o = off + lead;
     for (int32_t i = 0; i >= 0; i = w->sym[i].next) {
         if (tok_emit(out, w->sym[i].id, o, with_offsets, e)) return -1;
         o += w->sym[i].nbytes;

@@ -61,8 +61,7 @@ typedef struct tokenizer_ids {
  * Errors (-1, message names the key): `tokenizer.ggml.model` missing or not
  * "gpt2" (e.g. "llama" = SentencePiece is not supported), unknown
  * `tokenizer.ggml.pre`, missing/ill-typed tokens, merges or token types, a
- * special token id outside the vocabulary, a byte of the byte alphabet
- * missing from the vocabulary. */
+ * special token id outside the vocabulary. */
 int tokenizer_load_gguf(const gguf_file *f, tokenizer **out, qerr *e);
 void tokenizer_free(tokenizer *t);
 
@@ -71,6 +70,9 @@ void tokenizer_free(tokenizer *t);
  * occurrences of control tokens (e.g. "<|im_start|>") to their ids; 0
  * tokenizes them as plain text. Invalid UTF-8 is accepted: bytes that are
  * not valid UTF-8 become pre-tokens of their own and are byte-encoded.
+ * A byte whose byte-alphabet symbol is not in the vocabulary is dropped, as
+ * HF's BPE does without an unk token (SmolLM2 lacks e.g. 0x04, 0xF5..0xFF),
+ * so decode(encode(x)) == x holds only for text without such bytes.
  * Errors: out of memory, a PCRE2 matching failure. */
 int tokenizer_encode(const tokenizer *t, const char *text, size_t len, int parse_special,
                      tokenizer_ids *out, qerr *e);
@@ -78,8 +80,9 @@ int tokenizer_encode(const tokenizer *t, const char *text, size_t len, int parse
 /* tokenizer_encode_offsets: as tokenizer_encode, and also fills
  * out->offsets with each token's first byte offset into `text` (plus
  * `base`, so several pieces of a longer text can be encoded into one list).
- * Tokens cover the text contiguously: token i spans
- * [offsets[i], offsets[i+1]) and the last one ends at base + len. */
+ * Offsets increase strictly; token i spans [offsets[i], offsets[i+1]) (the
+ * last one ends at base + len), where a span also holds any dropped bytes
+ * that follow the token's own. */
 int tokenizer_encode_offsets(const tokenizer *t, const char *text, size_t len, int parse_special,
                              int64_t base, tokenizer_ids *out, qerr *e);
 

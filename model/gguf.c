@@ -399,12 +399,17 @@ static int parse(gguf_file *f, qerr *e) {
     rd_u64(&r, "tensor count", &f->n_tensors);
     rd_u64(&r, "KV count", &f->n_kv);
     uint64_t left = f->size - r.pos;
-    if (f->n_kv > GGUF_MAX_KV || f->n_kv > left / GGUF_MIN_KV_BYTES)
-        return qerr_set(e, "%s: corrupt header: KV count %llu is impossible (limit %u; %llu bytes left in the file)",
-                        f->path, (unsigned long long)f->n_kv, GGUF_MAX_KV, (unsigned long long)left);
-    if (f->n_tensors > GGUF_MAX_TENSORS || f->n_tensors > left / GGUF_MIN_TI_BYTES)
-        return qerr_set(e, "%s: corrupt header: tensor count %llu is impossible (limit %u; %llu bytes left in the file)",
-                        f->path, (unsigned long long)f->n_tensors, GGUF_MAX_TENSORS, (unsigned long long)left);
+    if (f->n_kv > GGUF_MAX_KV)
+        return qerr_set(e, "%s: corrupt header: KV count %llu exceeds the limit %u", f->path,
+                        (unsigned long long)f->n_kv, GGUF_MAX_KV);
+    if (f->n_tensors > GGUF_MAX_TENSORS)
+        return qerr_set(e, "%s: corrupt header: tensor count %llu exceeds the limit %u", f->path,
+                        (unsigned long long)f->n_tensors, GGUF_MAX_TENSORS);
+    if (f->n_kv * GGUF_MIN_KV_BYTES + f->n_tensors * GGUF_MIN_TI_BYTES > left)
+        return qerr_set(e, "%s: truncated or corrupt: %llu KVs and %llu tensor infos need at least %llu bytes, only %llu left",
+                        f->path, (unsigned long long)f->n_kv, (unsigned long long)f->n_tensors,
+                        (unsigned long long)(f->n_kv * GGUF_MIN_KV_BYTES + f->n_tensors * GGUF_MIN_TI_BYTES),
+                        (unsigned long long)left);
 
     f->kv_cap = hash_cap(f->n_kv);
     f->t_cap = hash_cap(f->n_tensors);

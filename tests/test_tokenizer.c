@@ -71,7 +71,8 @@ static void test_real_metadata(void **state) {
     tokenizer_free(t);
 }
 
-/* Every fixture case: ids equal HF's, decode(encode(x)) == x. */
+/* Every fixture case: ids equal HF's, decode(encode(x)) == x (or HF's own
+ * decode for the cases with bytes the vocabulary lacks). */
 static void test_real_fixture_cases(void **state) {
     (void)state;
     tokenizer *t = load_real();
@@ -105,7 +106,22 @@ static void test_real_fixture_cases(void **state) {
         char *back;
         size_t blen;
         if (tokenizer_decode(t, ids.ids, ids.n, &back, &blen, &e)) fail_msg("decode: %s", e.msg);
-        int rt = blen == strlen(text) && memcmp(back, text, blen) == 0;
+        /* Cases with bytes the vocabulary lacks carry HF's decoded bytes. */
+        cJSON *dec = cJSON_GetObjectItemCaseSensitive(c, "decoded_hex");
+        char expect_buf[256];
+        const char *expect = text;
+        if (cJSON_IsString(dec)) {
+            size_t nh = strlen(dec->valuestring) / 2;
+            assert_true(nh < sizeof expect_buf);
+            for (size_t i = 0; i < nh; i++) {
+                unsigned v;
+                sscanf(dec->valuestring + 2 * i, "%2x", &v);
+                expect_buf[i] = (char)v;
+            }
+            expect_buf[nh] = 0;
+            expect = expect_buf;
+        }
+        int rt = blen == strlen(expect) && memcmp(back, expect, blen) == 0;
         if (!rt) fprintf(stderr, "ROUNDTRIP FAIL \"%s\" -> \"%s\"\n", text, back);
         n_roundtrip += rt;
         free(back);
@@ -150,7 +166,7 @@ static void test_real_offsets(void **state) {
 static void test_real_invalid_utf8(void **state) {
     (void)state;
     tokenizer *t = load_real();
-    const char text[] = "ok \xff\xfe bad \xc3 end \x80";
+    const char text[] = "ok \xe9t\xe9 bad \xc3 end \x80\x80";
     tokenizer_ids ids = {0};
     qerr e = {{0}};
     assert_int_equal(tokenizer_encode(t, text, sizeof text - 1, 1, &ids, &e), 0);

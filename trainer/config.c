@@ -4,7 +4,8 @@
  * a node tree whose marks give line numbers for messages. Every implemented key
  * is a row of `KEYS` (kind, struct offset, range, accepted values), so loading,
  * validating and writing walk the same table. Key names and meanings follow
- * axolotl (src/axolotl/utils/schemas/*.py); see config.h for the policy on keys
+ * axolotl (src/axolotl/utils/schemas/ config.py, peft.py, training.py,
+ * datasets.py); see config.h for the policy on keys
  * axolotl has and we do not.
  */
 #include "trainer/config.h"
@@ -369,6 +370,7 @@ static const later_key DS_LATER[] = {
 
 #define FIELD(c, off, T) ((T *)(void *)((char *)(c) + (off)))
 #define CFIELD(c, off, T) ((const T *)(const void *)((const char *)(c) + (off)))
+typedef char **strv_t; /* so CFIELD(c, off, strv_t) is char **const * */
 
 static char *dup_str(const char *s) {
     if (!s) return NULL;
@@ -461,7 +463,7 @@ static int parse_double_str(const char *s, double *out) {
     if (*end || errno == ERANGE || !isfinite(v)) return -1;
     /* strtod also takes hex floats and "nan"/"inf": YAML numbers are decimal. */
     for (const char *q = s; q < end; q++)
-        if (*q == 'x' || *q == 'X' || isalpha((unsigned char)*q) && *q != 'e' && *q != 'E') return -1;
+        if (isalpha((unsigned char)*q) && *q != 'e' && *q != 'E') return -1;
     *out = v;
     return 0;
 }
@@ -866,4 +868,556 @@ static int parse_modules(const pctx *p, const char *key, const yaml_node_t *v, c
 fail:
     free_str_list(m, n);
     return -1;
+}
+
+/* Apply one implemented key. Atomic: on failure p->c is unchanged. */
+static int apply_key(const pctx *p, const key_spec *k, const char *kname, const yaml_node_t *v) {
+    train_config *c = p->c;
+    char got[96];
+    describe(v, got, sizeof got);
+    switch (k->kind) {
+    case K_STR:
+    case K_ENUM: {
+        char *s = NULL;
+        if (is_null(v)) {
+            const char *d = *CFIELD(p->def, k->off, char *);
+            if (d && !(s = dup_str(d))) return qerr_set(p->e, "out of memory");
+        } else if (k->kind == K_STR) {
+            if (get_string(p, kname, v, &s)) return -1;
+        } else {
+            const char *t;
+            if (get_enum(p, kname, v, k->values, k->aliases, k->later, &t)) return -1;
+            if (!(s = dup_str(t))) return qerr_set(p->e, "out of memory");
+        }
+        char **f = FIELD(c, k->off, char *);
+        free(*f);
+        *f = s;
+        return 0;
+    }
+    case K_BOOL:
+    case K_BF16: {
+        int b = *CFIELD(p->def, k->off, int);
+        if (!is_null(v)) {
+            if (v->type == YAML_SCALAR_NODE && parse_bool_str(sval(v), &b) == 0) {
+                /* ok */
+            } else if (k->kind == K_BF16 && v->type == YAML_SCALAR_NODE && !strcmp(sval(v), "auto")) {
+                b = 1;
+            } else {
+                return perr(p, v, "%s: expected %s, got %s", kname,
+                            k->kind == K_BF16 ? "true, false or auto" : "true or false", got);
+            }
+        }
+        *FIELD(c, k->off, int) = b;
+        return 0;
+    }
+    case K_INT: {
+        long long x = *CFIELD(p->def, k->off, int);
+        if (!is_null(v) &&
+            (v->type != YAML_SCALAR_NODE || parse_int_str(sval(v), &x) || !range_ok(k, (double)x)))
+            return perr(p, v, "%s: expected %s, got %s", kname, k->expect, got);
+        *FIELD(c, k->off, int) = (int)x;
+        return 0;
+    }
+    case K_FLOAT:
+    case K_DOUBLE: {
+        double x = k->kind == K_FLOAT ? (double)*CFIELD(p->def, k->off, float) : *CFIELD(p->def, k->off, double);
+        if (!is_null(v)) {
+            int bad = v->type != YAML_SCALAR_NODE || parse_double_str(sval(v), &x);
+            if (!bad && k->kind == K_FLOAT) {
+                bad = !isfinite((float)x);
+                if (!bad) x = (double)(float)x;
+            }
+            if (bad || !range_ok(k, x)) return perr(p, v, "%s: expected %s, got %s", kname, k->expect, got);
+        }
+        if (k->kind == K_FLOAT)
+            *FIELD(c, k->off, float) = (float)x;
+        else
+            *FIELD(c, k->off, double) = x;
+        return 0;
+    }
+    case K_MODULES: {
+        char **m;
+        int n;
+        if (parse_modules(p, kname, v, &m, &n)) return -1;
+        free_str_list(*FIELD(c, k->off, char **), *FIELD(c, k->off_n, int));
+        *FIELD(c, k->off, char **) = m;
+        *FIELD(c, k->off_n, int) = n;
+        return 0;
+    }
+    case K_DATASETS: {
+        dataset_cfg *d;
+        int n;
+        if (parse_datasets(p, kname, v, &d, &n)) return -1;
+        free_datasets(*FIELD(c, k->off, dataset_cfg *), *FIELD(c, k->off_n, int));
+        *FIELD(c, k->off, dataset_cfg *) = d;
+        *FIELD(c, k->off_n, int) = n;
+        return 0;
+    }
+    }
+    return qerr_set(p->e, "internal error: unhandled key kind");
+}
+
+static const ignored_key *find_ignored(const char *name) {
+    for (int i = 0; i < N_IGNORED; i++)
+        if (!strcmp(IGNORED[i].name, name)) return &IGNORED[i];
+    return NULL;
+}
+
+static const later_key *find_later(const char *name) {
+    for (int i = 0; i < N_LATER; i++)
+        if (!strcmp(LATER[i].name, name)) return &LATER[i];
+    return NULL;
+}
+
+static int unknown_key(const pctx *p, const yaml_node_t *at, const char *name) {
+    suggest sg = {NULL, 1000};
+    for (int i = 0; i < N_KEYS; i++) suggest_try(&sg, name, KEYS[i].name);
+    for (int i = 0; i < N_IGNORED; i++) suggest_try(&sg, name, IGNORED[i].name);
+    for (int i = 0; i < N_LATER; i++) suggest_try(&sg, name, LATER[i].name);
+    const char *hint = suggest_result(&sg, name);
+    if (hint) return perr(p, at, "unknown key \"%s\"; did you mean \"%s\"?", name, hint);
+    return perr(p, at, "unknown key \"%s\" (trainer/config.h lists the accepted keys)", name);
+}
+
+/* `special_tokens` holding only pad_token is harmless: padded positions are
+ * masked out of attention and loss, so the pad id never matters. */
+static int special_tokens_pad_only(const pctx *p, const yaml_node_t *v) {
+    if (v->type != YAML_MAPPING_NODE) return 0;
+    for (yaml_node_pair_t *pr = v->data.mapping.pairs.start; pr < v->data.mapping.pairs.top; pr++) {
+        yaml_node_t *k = node_at(p->doc, pr->key);
+        if (k->type != YAML_SCALAR_NODE || strcmp(sval(k), "pad_token")) return 0;
+    }
+    return 1;
+}
+
+/* One top-level key: value. `seen` (N_KEYS entries) detects duplicates in a file. */
+static int apply_pair(const pctx *p, const char *name, const yaml_node_t *knode, const yaml_node_t *v, int *seen) {
+    const key_spec *k = find_key(name);
+    if (k) {
+        const key_spec *canon = k->alias_of ? find_key(k->alias_of) : k;
+        if (seen) {
+            int idx = (int)(canon - KEYS);
+            if (seen[idx]) {
+                if (k != canon)
+                    return perr(p, knode, "key \"%s\" given twice (\"%s\" is another name for \"%s\")", name, name,
+                                canon->name);
+                return perr(p, knode, "key \"%s\" given twice", name);
+            }
+            seen[idx] = 1;
+        }
+        return apply_key(p, k, name, v);
+    }
+    const ignored_key *ig = find_ignored(name);
+    if (ig) {
+        if (!is_unset(v)) return add_warning(p->c, p->e, "%s: ignoring \"%s\" (%s)", p->src, name, ig->reason);
+        return 0;
+    }
+    if (!strcmp(name, "special_tokens") && special_tokens_pad_only(p, v))
+        return add_warning(p->c, p->e,
+                           "%s: ignoring \"special_tokens.pad_token\" (padded positions are masked, so the pad "
+                           "token never matters)",
+                           p->src);
+    const later_key *lk = find_later(name);
+    if (lk) return later_ok(v, lk->allowed) ? 0 : later_err(p, knode ? knode : v, "", lk);
+    return unknown_key(p, knode, name);
+}
+
+static int yaml_error(qerr *e, const char *src, const yaml_parser_t *ps) {
+    switch (ps->error) {
+    case YAML_MEMORY_ERROR:
+        return qerr_set(e, "%s: out of memory while parsing YAML", src);
+    case YAML_READER_ERROR:
+        return qerr_set(e, "%s: YAML read error: %s at byte %zu", src, ps->problem ? ps->problem : "?",
+                        ps->problem_offset);
+    default:
+        if (ps->context)
+            return qerr_set(e, "%s:%lu:%lu: YAML syntax error: %s (%s at line %lu)", src,
+                            (unsigned long)ps->problem_mark.line + 1, (unsigned long)ps->problem_mark.column + 1,
+                            ps->problem ? ps->problem : "?", ps->context,
+                            (unsigned long)ps->context_mark.line + 1);
+        return qerr_set(e, "%s:%lu:%lu: YAML syntax error: %s", src, (unsigned long)ps->problem_mark.line + 1,
+                        (unsigned long)ps->problem_mark.column + 1, ps->problem ? ps->problem : "?");
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Public: load / override                                                    */
+
+int train_config_load(const char *path, train_config *out, qerr *e) {
+    memset(out, 0, sizeof *out);
+    FILE *f = fopen(path, "rb");
+    if (!f) return qerr_set(e, "cannot open config %s: %s", path, strerror(errno));
+    yaml_parser_t ps;
+    yaml_document_t doc;
+    train_config c, def;
+    int rc = -1, have_doc = 0;
+    memset(&c, 0, sizeof c);
+    memset(&def, 0, sizeof def);
+    if (!yaml_parser_initialize(&ps)) {
+        fclose(f);
+        return qerr_set(e, "%s: out of memory", path);
+    }
+    yaml_parser_set_input_file(&ps, f);
+    if (!yaml_parser_load(&ps, &doc)) {
+        yaml_error(e, path, &ps);
+        goto done;
+    }
+    have_doc = 1;
+    yaml_node_t *root = yaml_document_get_root_node(&doc);
+    if (!root || is_null(root)) {
+        qerr_set(e, "%s: the file is empty; expected a mapping with at least base_model and datasets", path);
+        goto done;
+    }
+    {
+        yaml_document_t doc2;
+        if (!yaml_parser_load(&ps, &doc2)) {
+            yaml_error(e, path, &ps);
+            goto done;
+        }
+        yaml_node_t *root2 = yaml_document_get_root_node(&doc2);
+        unsigned long line2 = root2 ? (unsigned long)root2->start_mark.line + 1 : 0;
+        yaml_document_delete(&doc2);
+        if (root2) {
+            qerr_set(e, "%s: more than one YAML document (the second starts at line %lu)", path, line2);
+            goto done;
+        }
+    }
+    if (root->type != YAML_MAPPING_NODE) {
+        qerr_set(e, "%s: expected a mapping of key: value pairs at the top level (line %lu)", path,
+                 (unsigned long)root->start_mark.line + 1);
+        goto done;
+    }
+    if (train_config_defaults(&c) || train_config_defaults(&def)) {
+        qerr_set(e, "out of memory");
+        goto done;
+    }
+    pctx p = {path, 1, &doc, &c, &def, e};
+    int seen[N_KEYS];
+    memset(seen, 0, sizeof seen);
+    for (yaml_node_pair_t *pr = root->data.mapping.pairs.start; pr < root->data.mapping.pairs.top; pr++) {
+        yaml_node_t *k = node_at(&doc, pr->key), *v = node_at(&doc, pr->value);
+        if (k->type != YAML_SCALAR_NODE) {
+            perr(&p, k, "top-level keys must be plain strings");
+            goto done;
+        }
+        if (apply_pair(&p, sval(k), k, v, seen)) goto done;
+    }
+    if (!(c.config_path = dup_str(path))) {
+        qerr_set(e, "out of memory");
+        goto done;
+    }
+    *out = c;
+    memset(&c, 0, sizeof c);
+    rc = 0;
+done:
+    train_config_free(&c);
+    train_config_free(&def);
+    if (have_doc) yaml_document_delete(&doc);
+    yaml_parser_delete(&ps);
+    fclose(f);
+    return rc;
+}
+
+int train_config_apply_override(train_config *c, const char *kv, qerr *e) {
+    static const char *const src = "command line";
+    const char *eq = strchr(kv, '=');
+    if (!eq) return qerr_set(e, "%s: expected key=value, got \"%s\"", src, kv);
+    const char *kb = kv, *ke = eq;
+    while (kb < ke && isspace((unsigned char)*kb)) kb++;
+    while (ke > kb && isspace((unsigned char)ke[-1])) ke--;
+    char key[128];
+    if (ke == kb) return qerr_set(e, "%s: expected key=value, got \"%s\"", src, kv);
+    if ((size_t)(ke - kb) >= sizeof key) return qerr_set(e, "%s: unknown key \"%.*s\"", src, (int)(ke - kb), kb);
+    memcpy(key, kb, (size_t)(ke - kb));
+    key[ke - kb] = 0;
+
+    pctx p = {src, 0, NULL, c, NULL, e};
+    if (!find_key(key) && !find_ignored(key) && !find_later(key)) return unknown_key(&p, NULL, key);
+
+    const char *val = eq + 1;
+    while (isspace((unsigned char)*val)) val++;
+    if (!*val) val = "~";
+
+    yaml_parser_t ps;
+    yaml_document_t doc;
+    train_config def;
+    int rc = -1;
+    memset(&def, 0, sizeof def);
+    if (!yaml_parser_initialize(&ps)) return qerr_set(e, "out of memory");
+    yaml_parser_set_input_string(&ps, (const unsigned char *)val, strlen(val));
+    if (!yaml_parser_load(&ps, &doc)) {
+        if (ps.error == YAML_MEMORY_ERROR)
+            qerr_set(e, "out of memory");
+        else
+            qerr_set(e, "%s: %s: cannot parse \"%s\" as a YAML value: %s at column %lu", src, key, val,
+                     ps.problem ? ps.problem : "?", (unsigned long)ps.problem_mark.column + 1);
+        yaml_parser_delete(&ps);
+        return -1;
+    }
+    yaml_node_t *root = yaml_document_get_root_node(&doc);
+    if (!root) {
+        qerr_set(e, "%s: %s: empty value", src, key);
+        goto done;
+    }
+    if (train_config_defaults(&def)) {
+        qerr_set(e, "out of memory");
+        goto done;
+    }
+    p.doc = &doc;
+    p.def = &def;
+    rc = apply_pair(&p, key, NULL, root, NULL);
+done:
+    train_config_free(&def);
+    yaml_document_delete(&doc);
+    yaml_parser_delete(&ps);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Public: validate                                                           */
+
+static int check_datasets(const char *src, const char *key, const dataset_cfg *d, int n, qerr *e) {
+    char list[128];
+    join_values(list, sizeof list, V_DSTYPE);
+    for (int i = 0; i < n; i++) {
+        if (!d[i].path || !*d[i].path) return qerr_set(e, "%s: %s[%d]: missing required key \"path\"", src, key, i);
+        if (!d[i].type) return qerr_set(e, "%s: %s[%d]: missing required key \"type\" (one of %s)", src, key, i, list);
+        if (enum_index(V_DSTYPE, d[i].type) < 0)
+            return qerr_set(e, "%s: %s[%d].type: expected one of %s, got \"%s\"", src, key, i, list, d[i].type);
+        if (!d[i].field || !*d[i].field)
+            return qerr_set(e, "%s: %s[%d].field: expected a non-empty string", src, key, i);
+        if (!d[i].field_messages || !*d[i].field_messages)
+            return qerr_set(e, "%s: %s[%d].field_messages: expected a non-empty string", src, key, i);
+    }
+    return 0;
+}
+
+int train_config_validate(const train_config *c, qerr *e) {
+    const char *src = c->config_path ? c->config_path : "config";
+    char list[256], num[64];
+    if (!c->base_model || !*c->base_model)
+        return qerr_set(e, "%s: missing required key \"base_model\" (path to the .gguf model file)", src);
+    if (c->n_datasets < 1)
+        return qerr_set(e, "%s: missing required key \"datasets\" (a list of {path, type} entries)", src);
+    for (int i = 0; i < N_KEYS; i++) {
+        const key_spec *k = &KEYS[i];
+        if (k->alias_of) continue;
+        switch (k->kind) {
+        case K_STR: {
+            const char *s = *CFIELD(c, k->off, char *);
+            if (!s || !*s) return qerr_set(e, "%s: %s: expected %s", src, k->name, k->expect);
+            break;
+        }
+        case K_ENUM: {
+            const char *s = *CFIELD(c, k->off, char *);
+            join_values(list, sizeof list, k->values);
+            if (!s || enum_index(k->values, s) < 0)
+                return qerr_set(e, "%s: %s: expected one of %s, got \"%s\"", src, k->name, list, s ? s : "null");
+            break;
+        }
+        case K_BOOL:
+        case K_BF16: {
+            int b = *CFIELD(c, k->off, int);
+            if (b != 0 && b != 1) return qerr_set(e, "%s: %s: expected true or false, got %d", src, k->name, b);
+            break;
+        }
+        case K_INT: {
+            int x = *CFIELD(c, k->off, int);
+            if (!range_ok(k, x)) return qerr_set(e, "%s: %s: expected %s, got %d", src, k->name, k->expect, x);
+            break;
+        }
+        case K_FLOAT:
+        case K_DOUBLE: {
+            double x = k->kind == K_FLOAT ? (double)*CFIELD(c, k->off, float) : *CFIELD(c, k->off, double);
+            if (!isfinite(x) || !range_ok(k, x)) {
+                fmt_shortest(num, sizeof num, x, k->kind == K_FLOAT);
+                return qerr_set(e, "%s: %s: expected %s, got %s", src, k->name, k->expect, num);
+            }
+            break;
+        }
+        case K_MODULES: {
+            char *const *m = *CFIELD(c, k->off, strv_t);
+            int n = *CFIELD(c, k->off_n, int);
+            join_values(list, sizeof list, V_MODULES);
+            for (int j = 0; j < n; j++) {
+                if (!m[j] || enum_index(V_MODULES, m[j]) < 0)
+                    return qerr_set(e, "%s: %s[%d]: expected one of %s, got \"%s\"", src, k->name, j, list,
+                                    m[j] ? m[j] : "null");
+                for (int q = 0; q < j; q++)
+                    if (!strcmp(m[q], m[j])) return qerr_set(e, "%s: %s: \"%s\" is listed twice", src, k->name, m[j]);
+            }
+            break;
+        }
+        case K_DATASETS:
+            if (check_datasets(src, k->name, *CFIELD(c, k->off, dataset_cfg *), *CFIELD(c, k->off_n, int), e))
+                return -1;
+            break;
+        }
+    }
+    if (!strcmp(c->adapter, "qlora") && !c->load_in_4bit)
+        return qerr_set(e,
+                        "%s: adapter: \"qlora\" requires load_in_4bit: true (use adapter: lora to keep the base in "
+                        "bf16)",
+                        src);
+    if (train_config_target_mask(c) == 0)
+        return qerr_set(e,
+                        "%s: lora_target_modules: no LoRA target; list some of %s, or set lora_target_linear: true",
+                        src, (join_values(list, sizeof list, V_MODULES), list));
+    if (c->warmup_steps > 0 && c->warmup_ratio > 0)
+        return qerr_set(e, "%s: warmup_steps and warmup_ratio are both set; use one of them", src);
+    if (c->val_set_size > 0 && c->n_test_datasets > 0)
+        return qerr_set(e, "%s: val_set_size and test_datasets are both set; use one held-out source", src);
+    if (c->eval_steps > 0 && c->evals_per_epoch > 0)
+        return qerr_set(e, "%s: eval_steps and evals_per_epoch are both set; use one of them", src);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Public: write                                                              */
+
+/* YAML double-quoted scalar (escapes \ " and control bytes; UTF-8 passes). */
+static void put_yaml_str(FILE *f, const char *s) {
+    fputc('"', f);
+    for (const unsigned char *q = (const unsigned char *)s; *q; q++) {
+        switch (*q) {
+        case '"': fputs("\\\"", f); break;
+        case '\\': fputs("\\\\", f); break;
+        case '\n': fputs("\\n", f); break;
+        case '\t': fputs("\\t", f); break;
+        case '\r': fputs("\\r", f); break;
+        default:
+            if (*q < 0x20 || *q == 0x7f)
+                fprintf(f, "\\x%02x", *q);
+            else
+                fputc(*q, f);
+        }
+    }
+    fputc('"', f);
+}
+
+static void put_datasets(FILE *f, const char *key, const dataset_cfg *d, int n) {
+    if (n == 0) {
+        fprintf(f, "%s: []\n", key);
+        return;
+    }
+    fprintf(f, "%s:\n", key);
+    for (int i = 0; i < n; i++) {
+        const char *names[4] = {"path", "type", "field", "field_messages"};
+        const char *vals[4] = {d[i].path, d[i].type, d[i].field, d[i].field_messages};
+        for (int j = 0; j < 4; j++) {
+            fprintf(f, "  %s %s: ", j ? " " : "-", names[j]);
+            if (vals[j])
+                put_yaml_str(f, vals[j]);
+            else
+                fputs("null", f);
+            fputc('\n', f);
+        }
+    }
+}
+
+int train_config_write_yaml(const train_config *c, const char *path, qerr *e) {
+    size_t n = strlen(path);
+    char *tmp = malloc(n + 5);
+    if (!tmp) return qerr_set(e, "out of memory");
+    memcpy(tmp, path, n);
+    memcpy(tmp + n, ".tmp", 5);
+    FILE *f = fopen(tmp, "w");
+    if (!f) {
+        qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
+        free(tmp);
+        return -1;
+    }
+    char num[64];
+    fprintf(f, "# Resolved qlora-train configuration: every key with its final value.\n");
+    if (c->config_path) {
+        fputs("# Loaded from: ", f);
+        for (const char *q = c->config_path; *q; q++) fputc(*q == '\n' ? ' ' : *q, f);
+        fputc('\n', f);
+    }
+    for (int i = 0; i < N_KEYS; i++) {
+        const key_spec *k = &KEYS[i];
+        if (k->alias_of) continue;
+        switch (k->kind) {
+        case K_STR:
+        case K_ENUM: {
+            const char *s = *CFIELD(c, k->off, char *);
+            fprintf(f, "%s: ", k->name);
+            if (s)
+                put_yaml_str(f, s);
+            else
+                fputs("null", f);
+            fputc('\n', f);
+            break;
+        }
+        case K_BOOL:
+        case K_BF16:
+            fprintf(f, "%s: %s\n", k->name, *CFIELD(c, k->off, int) ? "true" : "false");
+            break;
+        case K_INT:
+            fprintf(f, "%s: %d\n", k->name, *CFIELD(c, k->off, int));
+            break;
+        case K_FLOAT:
+            fmt_shortest(num, sizeof num, (double)*CFIELD(c, k->off, float), 1);
+            fprintf(f, "%s: %s\n", k->name, num);
+            break;
+        case K_DOUBLE:
+            fmt_shortest(num, sizeof num, *CFIELD(c, k->off, double), 0);
+            fprintf(f, "%s: %s\n", k->name, num);
+            break;
+        case K_MODULES: {
+            char *const *m = *CFIELD(c, k->off, strv_t);
+            int cnt = *CFIELD(c, k->off_n, int);
+            fprintf(f, "%s: [", k->name);
+            for (int j = 0; j < cnt; j++) {
+                if (j) fputs(", ", f);
+                put_yaml_str(f, m[j]);
+            }
+            fputs("]\n", f);
+            break;
+        }
+        case K_DATASETS:
+            put_datasets(f, k->name, *CFIELD(c, k->off, dataset_cfg *), *CFIELD(c, k->off_n, int));
+            break;
+        }
+    }
+    int bad = ferror(f) || fflush(f) || fsync(fileno(f));
+    int err = errno;
+    if (fclose(f)) bad = 1, err = errno;
+    if (!bad && rename(tmp, path)) bad = 1, err = errno;
+    if (bad) {
+        qerr_set(e, "cannot write %s: %s", path, strerror(err));
+        unlink(tmp);
+        free(tmp);
+        return -1;
+    }
+    free(tmp);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Public: derived values                                                     */
+
+unsigned train_config_target_mask(const train_config *c) {
+    unsigned m = 0;
+    if (c->lora_target_linear) m = (1u << TRAIN_N_LINEAR_MODULES) - 1u;
+    for (int i = 0; i < c->n_lora_target_modules; i++)
+        for (int j = 0; j < TRAIN_N_LINEAR_MODULES; j++)
+            if (c->lora_target_modules[i] && !strcmp(c->lora_target_modules[i], TRAIN_LINEAR_MODULES[j]))
+                m |= 1u << j;
+    return m;
+}
+
+int train_config_eval_interval(const train_config *c, int steps_per_epoch) {
+    if (c->eval_steps > 0) return c->eval_steps;
+    if (c->evals_per_epoch > 0) {
+        int k = steps_per_epoch / c->evals_per_epoch;
+        return k > 1 ? k : 1;
+    }
+    return 0;
+}
+
+int train_config_warmup_steps(const train_config *c, int total_steps) {
+    if (c->warmup_steps > 0) return c->warmup_steps;
+    if (c->warmup_ratio > 0 && total_steps > 0) return (int)ceil((double)c->warmup_ratio * (double)total_steps);
+    return 0;
 }

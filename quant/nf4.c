@@ -1,0 +1,609 @@
+/* quant/nf4.c — bitsandbytes-exact NF4 quantization with double quantization.
+ *
+ * Reference implementation reproduced: bitsandbytes' CPU path (what runs when a
+ * model is quantized with `bitsandbytes` on a machine without a GPU):
+ *   - quantize_4bit: backends/default/ops.py (the CPU registration in
+ *     backends/cpu/ops.py has the same arithmetic):
+ *         absmax  = abs(A_block).max()
+ *         scaled  = clamp(A * (1 / absmax), -1, 1)        # fp32 reciprocal, then multiply
+ *         q       = argmin(abs(scaled - code))             # first minimum wins
+ *         packed  = q[::2] << 4 | q[1::2]                  # odd length padded with 0
+ *   - double quantization: functional.py::quantize_4bit
+ *         offset  = absmax.mean()                          # torch CPU float32 mean
+ *         qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=256)
+ *     where quantize_blockwise on CPU is csrc/cpu_ops.cpp::quantize_cpu +
+ *     csrc/common.cpp::quantize_block (fp32 DIVISION by the group absmax, a
+ *     floor binary search in the code, then the right neighbour only if strictly
+ *     closer), and quantize_cpu first overwrites code[0] with -1.0f in place.
+ *   - dequantize_4bit: csrc/cpu_ops.cpp::dequantizeBlockwise4bitCpu
+ *         v = code[q] * absmax   (fp32)  -> bf16 round-to-nearest-even
+ *     and, with double quantization, absmax = dequantize_blockwise(...) + offset,
+ *     i.e. fl(fl(code8[q] * nested_absmax) + offset): two fp32 roundings, no FMA.
+ *
+ * Choices, and why:
+ *   - Scaling multiplies by the fp32 reciprocal (x * fl(1/absmax)) instead of
+ *     dividing: that is what both the default/CPU backend (`A * (1 / absmax)`,
+ *     torch.reciprocal is an IEEE fp32 division) and the CUDA kernel
+ *     (`local_abs_max = 1.0f/absmax`) do. The clamp to [-1, 1] never changes an
+ *     index (anything above 0.8614 is code 15) so it is omitted.
+ *   - Nearest code: argmin over fp32 distances picks the first (lower) index on
+ *     a tie. Near every midpoint both distances |s - c| are computed exactly in
+ *     fp32 (Sterbenz), so argmin is the exact comparison "s > midpoint" with a
+ *     value exactly on a midpoint going to the LOWER code. We implement that as
+ *     15 comparisons `s > t_k`, t_k = the largest float <= the exact midpoint;
+ *     test_nf4 checks it against a literal argmin on every float near every
+ *     midpoint. (CUDA's decision tree compares against decimal midpoint
+ *     literals and can differ by one ulp of s; we follow the CPU path.)
+ *   - All-zero block: bnb computes 0 * (1/0) = NaN and argmin over NaN gives
+ *     index 0 (code -1.0), so bnb stores nibble 0 and dequantizes to
+ *     -1.0 * absmax, which with double quantization is NOT zero (the recovered
+ *     absmax is ~offset). We store index 7 (code 0.0) instead, so the block
+ *     dequantizes to exactly 0 whatever the recovered absmax: a deliberate
+ *     divergence from bnb's bytes for this degenerate case only.
+ *   - Subnormal absmax below 1/FLT_MAX (~2.9e-39), whose reciprocal overflows
+ *     to inf in bnb (giving +-1 or NaN indices): we divide instead. Degenerate;
+ *     documented so nobody is surprised.
+ *   - Double-quant offset: torch's CPU `mean` of a float32 vector is
+ *     sum(float32 cascade sum, SumKernel.cpp) / n in fp32. The cascade order
+ *     depends on the SIMD width torch dispatched to (16 lanes for AVX-512, which
+ *     is what torch picks on this project's CPUs; 8 on AVX2-only machines) and,
+ *     above 32768 elements with several torch threads, on the thread split. We
+ *     reproduce the single-threaded AVX-512 order (TORCH_SUM_LANES).
+ *   - The 8-bit map: create_dynamic_map() computed the way PyTorch computes it:
+ *     fp32 torch.linspace whose `start + step*i` is contracted to an FMA in
+ *     torch's AVX2/AVX-512 kernel builds (this reproduces a published dump of
+ *     the map bit for bit; without the FMA 21 entries differ by one ulp), fp32
+ *     means, fp32 scaling. Double quantization uses and stores the map with
+ *     code[0] = -1.0f, as bnb's CPU kernel leaves it (see nf4_dynamic_map_cpu).
+ *
+ * No -ffast-math anywhere near this file: the rounding is the specification.
+ * GCC with -std=c11 does not contract a*b+c into an FMA; the two roundings that
+ * must stay separate are also written as separate statements.
+ */
+#include "quant/nf4.h"
+
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/bf16.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define NF4_USE_AVX512 1
+#endif
+
+/* SIMD width (fp32 lanes) of the torch sum kernel whose order we reproduce. */
+#define TORCH_SUM_LANES 16
+
+const float nf4_code[16] = {
+    -1.0f,
+    -0.6961928009986877f,
+    -0.5250730514526367f,
+    -0.39491748809814453f,
+    -0.28444138169288635f,
+    -0.18477343022823334f,
+    -0.09105003625154495f,
+    0.0f,
+    0.07958029955625534f,
+    0.16093020141124725f,
+    0.24611230194568634f,
+    0.33791524171829224f,
+    0.44070982933044434f,
+    0.5626170039176941f,
+    0.7229568362236023f,
+    1.0f,
+};
+
+/* ---------------------------------------------------------------- code index */
+
+/* thr[k] = the largest float <= (code[k] + code[k+1]) / 2 (exact in double).
+ * For a float s: s > thr[k]  <=>  s > exact midpoint. */
+static void nf4_thresholds(float thr[15]) {
+    for (int k = 0; k < 15; k++) {
+        double mid = ((double)nf4_code[k] + (double)nf4_code[k + 1]) * 0.5;
+        float f = (float)mid;
+        if ((double)f > mid) f = nextafterf(f, -INFINITY);
+        thr[k] = f;
+    }
+}
+
+static inline uint8_t nf4_index_thr(float s, const float thr[15]) {
+    uint8_t c = 0;
+    for (int k = 0; k < 15; k++) c += (uint8_t)(s > thr[k]);
+    return c;
+}
+
+uint8_t nf4_code_index(float scaled) {
+    float thr[15];
+    nf4_thresholds(thr);
+    return nf4_index_thr(scaled, thr);
+}
+
+/* ------------------------------------------------------- torch float32 mean */
+
+static int64_t torch_ceil_log2(int64_t x) { /* aten/src/ATen/native/cpu/utils.h CeilLog2 */
+    if (x <= 2) return 1;
+    uint64_t v = (uint64_t)(x - 1);
+    int64_t bits = 0;
+    while (v) {
+        bits++;
+        v >>= 1;
+    }
+    return bits;
+}
+
+/* torch SumKernel.cpp multi_row_sum<nrows=4>: `size` rows; row i, column k is
+ * the unit (4*i + k), a unit being `w` consecutive floats summed lane-wise. */
+static void torch_multi_row_sum4(const float *x, int64_t size, int w, float out[4][TORCH_SUM_LANES]) {
+    const int64_t level_power = torch_ceil_log2(size) / 4 > 4 ? torch_ceil_log2(size) / 4 : 4;
+    const int64_t level_step = (int64_t)1 << level_power;
+    const int64_t level_mask = level_step - 1;
+    float acc[4][4][TORCH_SUM_LANES];
+    memset(acc, 0, sizeof acc);
+
+    int64_t i = 0;
+    while (i + level_step <= size) {
+        for (int64_t j = 0; j < level_step; ++j, ++i)
+            for (int k = 0; k < 4; k++)
+                for (int l = 0; l < w; l++) acc[0][k][l] += x[(4 * i + k) * w + l];
+        for (int j = 1; j < 4; ++j) {
+            for (int k = 0; k < 4; k++)
+                for (int l = 0; l < w; l++) {
+                    acc[j][k][l] += acc[j - 1][k][l];
+                    acc[j - 1][k][l] = 0.0f;
+                }
+            if ((i & (level_mask << (j * level_power))) != 0) break;
+        }
+    }
+    for (; i < size; ++i)
+        for (int k = 0; k < 4; k++)
+            for (int l = 0; l < w; l++) acc[0][k][l] += x[(4 * i + k) * w + l];
+    for (int j = 1; j < 4; ++j)
+        for (int k = 0; k < 4; k++)
+            for (int l = 0; l < w; l++) acc[0][k][l] += acc[j][k][l];
+    memcpy(out, acc[0], sizeof acc[0]);
+}
+
+/* torch row_sum (ilp_factor 4) over `size` units of width w. */
+static void torch_row_sum(const float *x, int64_t size, int w, float out[TORCH_SUM_LANES]) {
+    const int64_t size_ilp = size / 4;
+    float p[4][TORCH_SUM_LANES];
+    torch_multi_row_sum4(x, size_ilp, w, p);
+    for (int64_t i = size_ilp * 4; i < size; ++i)
+        for (int l = 0; l < w; l++) p[0][l] += x[i * w + l];
+    for (int k = 1; k < 4; k++)
+        for (int l = 0; l < w; l++) p[0][l] += p[k][l];
+    memcpy(out, p[0], sizeof p[0]);
+}
+
+/* `x.mean()` for a contiguous float32 vector on torch CPU: cascade_sum
+ * (vectorized_inner_sum when n >= lanes, scalar row_sum otherwise), stored by
+ * accumulating into a zero-filled output, then div_ by n in fp32
+ * (ReduceOps.cpp mean_out: sum_out(...).div_(dim_prod)). */
+static float torch_mean_f32(const float *x, int64_t n) {
+    float sum, v[TORCH_SUM_LANES];
+    if (n >= TORCH_SUM_LANES) {
+        const int64_t nvec = n / TORCH_SUM_LANES;
+        torch_row_sum(x, nvec, TORCH_SUM_LANES, v);
+        float fin = 0.0f;
+        for (int64_t k = nvec * TORCH_SUM_LANES; k < n; k++) fin += x[k];
+        for (int l = 0; l < TORCH_SUM_LANES; l++) fin += v[l];
+        sum = fin;
+    } else {
+        torch_row_sum(x, n, 1, v);
+        sum = v[0];
+    }
+    sum = 0.0f + sum;
+    return sum / (float)n;
+}
+
+/* ------------------------------------------------------------ dynamic map */
+
+void nf4_dynamic_map(float out[256]) {
+    /* create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8):
+     * non_sign_bits = 7, additional_items = 2^(7-7) - 1 = 0; for i in 0..6:
+     * boundaries = torch.linspace(0.1, 1, 2^i + 1)  (fp32)
+     * means = (boundaries[:-1] + boundaries[1:]) / 2.0
+     * data += 10^(i-6) * means, and -(10^(i-6)) * means; then 0 and 1.0; sorted. */
+    float data[256];
+    int n = 0;
+    for (int i = 0; i < 7; i++) {
+        const int steps = (1 << i) + 1;
+        const float start = 0.1f, end = 1.0f;
+        const float step = (end - start) / (float)(steps - 1);
+        const int halfway = steps / 2;
+        float b[65];
+        /* RangeFactoriesKernel.cpp linspace_kernel; see the file comment on FMA. */
+        for (int j = 0; j < steps; j++)
+            b[j] = j < halfway ? fmaf(step, (float)j, start) : fmaf(-step, (float)(steps - j - 1), end);
+        const float scale = (float)pow(10.0, (double)(i - 6));
+        for (int j = 0; j < steps - 1; j++) {
+            float m = b[j] + b[j + 1];
+            m = m / 2.0f;
+            const float v = scale * m;
+            data[n++] = v;
+            data[n++] = -v;
+        }
+    }
+    data[n++] = 0.0f;
+    data[n++] = 1.0f;
+    for (int i = 1; i < 256; i++) { /* insertion sort, ascending */
+        float v = data[i];
+        int j = i - 1;
+        while (j >= 0 && data[j] > v) {
+            data[j + 1] = data[j];
+            j--;
+        }
+        data[j + 1] = v;
+    }
+    memcpy(out, data, sizeof data);
+}
+
+void nf4_dynamic_map_cpu(float out[256]) {
+    nf4_dynamic_map(out);
+    out[0] = -1.0f;
+}
+
+/* csrc/common.cpp quantize_block, for one value already divided by the group
+ * absmax (so within [-1, 1]): floor binary search in `code` (code[0] = -1),
+ * then step right only if the right neighbour is strictly closer in fp32. */
+static uint8_t quant8_cpu(const float code[256], float normed) {
+    int lo = 0, hi = 255;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (code[mid] <= normed)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    int idx = lo;
+    if (idx < 255) {
+        const float dl = fabsf(normed - code[idx]);
+        const float dr = fabsf(normed - code[idx + 1]);
+        if (dr < dl) idx++;
+    }
+    return (uint8_t)idx;
+}
+
+/* ------------------------------------------------------------- quantization */
+
+static int nf4_check_geometry(int64_t rows, int64_t cols, int blocksize, qerr *e) {
+    if (rows < 1 || cols < 1)
+        return qerr_set(e, "nf4: matrix shape (%lld, %lld) must have rows >= 1 and cols >= 1", (long long)rows,
+                        (long long)cols);
+    if (rows > INT64_MAX / 2 / cols)
+        return qerr_set(e, "nf4: matrix shape (%lld, %lld) is too large", (long long)rows, (long long)cols);
+    if (blocksize < NF4_MIN_BLOCKSIZE || blocksize > NF4_MAX_BLOCKSIZE || (blocksize & (blocksize - 1)) != 0)
+        return qerr_set(e, "nf4: blocksize %d must be a power of two in [%d, %d] (bitsandbytes default 64)", blocksize,
+                        NF4_MIN_BLOCKSIZE, NF4_MAX_BLOCKSIZE);
+    return 0;
+}
+
+int nf4_alloc(nf4_tensor *t, int64_t rows, int64_t cols, int blocksize, int double_quant, qerr *e) {
+    memset(t, 0, sizeof *t);
+    if (nf4_check_geometry(rows, cols, blocksize, e)) return -1;
+    t->rows = rows;
+    t->cols = cols;
+    t->n = rows * cols;
+    t->blocksize = blocksize;
+    t->nblocks = (t->n + blocksize - 1) / blocksize;
+    t->double_quant = double_quant ? 1 : 0;
+    t->packed = qcalloc((size_t)((t->n + 1) / 2), 1, e);
+    if (!t->packed) goto fail;
+    if (t->double_quant) {
+        const int64_t ngroups = (t->nblocks + NF4_NESTED_BLOCKSIZE - 1) / NF4_NESTED_BLOCKSIZE;
+        t->absmax_q = qcalloc((size_t)t->nblocks, 1, e);
+        t->nested_absmax = qcalloc((size_t)ngroups, sizeof(float), e);
+        if (!t->absmax_q || !t->nested_absmax) goto fail;
+        nf4_dynamic_map_cpu(t->nested_code);
+    } else {
+        t->absmax = qcalloc((size_t)t->nblocks, sizeof(float), e);
+        if (!t->absmax) goto fail;
+    }
+    return 0;
+fail:
+    nf4_free(t);
+    return qerr_prefix(e, "nf4: allocating a (%lld, %lld) tensor", (long long)rows, (long long)cols);
+}
+
+void nf4_free(nf4_tensor *t) {
+    if (!t) return;
+    free(t->packed);
+    free(t->absmax);
+    free(t->absmax_q);
+    free(t->nested_absmax);
+    memset(t, 0, sizeof *t);
+}
+
+size_t nf4_nbytes(const nf4_tensor *t) {
+    size_t b = (size_t)((t->n + 1) / 2);
+    if (t->double_quant) {
+        const int64_t ngroups = (t->nblocks + NF4_NESTED_BLOCKSIZE - 1) / NF4_NESTED_BLOCKSIZE;
+        b += (size_t)t->nblocks + (size_t)ngroups * sizeof(float) + sizeof(float);
+    } else {
+        b += (size_t)t->nblocks * sizeof(float);
+    }
+    return b;
+}
+
+/* Quantize one block of len (<= blocksize) f32 values starting at an even
+ * element index: writes ceil(len/2) bytes of packed and *absmax_out (NaN if the
+ * block holds a NaN or an infinity). */
+static void nf4_quant_block(const float *x, int64_t len, const float thr[15], uint8_t *packed, float *absmax_out) {
+    float amax = 0.0f;
+    int finite = 1;
+    for (int64_t i = 0; i < len; i++) {
+        const float a = fabsf(x[i]);
+        finite &= a <= FLT_MAX;
+        amax = a > amax ? a : amax;
+    }
+    if (!finite) {
+        *absmax_out = NAN;
+        return;
+    }
+    *absmax_out = amax;
+
+    uint8_t q[NF4_MAX_BLOCKSIZE];
+    if (amax == 0.0f) {
+        memset(q, 7, (size_t)len); /* code 0.0: dequantizes to exactly 0 (bnb: NaN -> index 0) */
+    } else {
+        const float r = 1.0f / amax;
+        if (r <= FLT_MAX) {
+            for (int64_t i = 0; i < len; i++) q[i] = nf4_index_thr(x[i] * r, thr);
+        } else { /* subnormal absmax: the reciprocal overflows, divide instead */
+            for (int64_t i = 0; i < len; i++) q[i] = nf4_index_thr(x[i] / amax, thr);
+        }
+    }
+    int64_t i = 0;
+    for (; i + 1 < len; i += 2) packed[i / 2] = (uint8_t)(q[i] << 4 | q[i + 1]);
+    if (i < len) packed[i / 2] = (uint8_t)(q[i] << 4);
+}
+
+/* Double quantization of the fp32 absmax vector into t (absmax_q,
+ * nested_absmax, offset; nested_code already set by nf4_alloc). */
+static void nf4_double_quant(nf4_tensor *t, const float *absmax) {
+    const int64_t nb = t->nblocks;
+    const int64_t ngroups = (nb + NF4_NESTED_BLOCKSIZE - 1) / NF4_NESTED_BLOCKSIZE;
+    const float offset = torch_mean_f32(absmax, nb);
+    t->offset = offset;
+#pragma omp parallel for schedule(static) if (ngroups >= 8)
+    for (int64_t g = 0; g < ngroups; g++) {
+        const int64_t b0 = g * NF4_NESTED_BLOCKSIZE;
+        const int64_t len = nb - b0 < NF4_NESTED_BLOCKSIZE ? nb - b0 : NF4_NESTED_BLOCKSIZE;
+        float dev[NF4_NESTED_BLOCKSIZE];
+        float amax = -FLT_MAX;
+        for (int64_t j = 0; j < len; j++) {
+            dev[j] = absmax[b0 + j] - offset; /* torch: _absmax - offset, fp32 */
+            amax = fmaxf(amax, fabsf(dev[j]));
+        }
+        t->nested_absmax[g] = amax;
+        for (int64_t j = 0; j < len; j++) {
+            if (amax > 0.0f) {
+                const float normed = dev[j] / amax;
+                t->absmax_q[b0 + j] = quant8_cpu(t->nested_code, normed);
+            } else {
+                /* all deviations 0 (e.g. a single group of equal scales): bnb
+                 * divides 0/0; any index recovers the same absmax (code * 0 +
+                 * offset), we store the one whose code is 0. */
+                t->absmax_q[b0 + j] = 127;
+            }
+        }
+    }
+}
+
+static int nf4_quantize_impl(const void *src, int src_bf16, int64_t rows, int64_t cols, int blocksize,
+                             int double_quant, nf4_tensor *out, qerr *e) {
+    if (!src) {
+        memset(out, 0, sizeof *out);
+        return qerr_set(e, "nf4: NULL weight pointer");
+    }
+    nf4_tensor t;
+    if (nf4_alloc(&t, rows, cols, blocksize, double_quant, e)) {
+        memset(out, 0, sizeof *out);
+        return -1;
+    }
+    float *absmax = t.absmax;
+    if (t.double_quant) {
+        absmax = qmalloc((size_t)t.nblocks * sizeof(float), e);
+        if (!absmax) {
+            nf4_free(&t);
+            memset(out, 0, sizeof *out);
+            return qerr_prefix(e, "nf4: quantizing (%lld, %lld)", (long long)rows, (long long)cols);
+        }
+    }
+    float thr[15];
+    nf4_thresholds(thr);
+
+    const int64_t n = t.n, bs = blocksize, nb = t.nblocks;
+#pragma omp parallel for schedule(static) if (nb >= 16)
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t i0 = b * bs;
+        const int64_t len = n - i0 < bs ? n - i0 : bs;
+        if (src_bf16) {
+            float xb[NF4_MAX_BLOCKSIZE];
+            const uint16_t *s = (const uint16_t *)src + i0;
+            for (int64_t i = 0; i < len; i++) xb[i] = bf16_to_f32(s[i]);
+            nf4_quant_block(xb, len, thr, t.packed + i0 / 2, &absmax[b]);
+        } else {
+            nf4_quant_block((const float *)src + i0, len, thr, t.packed + i0 / 2, &absmax[b]);
+        }
+    }
+
+    for (int64_t b = 0; b < nb; b++) {
+        if (absmax[b] == absmax[b]) continue;
+        int64_t bad = b * bs;
+        for (int64_t i = b * bs; i < (b + 1) * bs && i < n; i++) {
+            const float v = src_bf16 ? bf16_to_f32(((const uint16_t *)src)[i]) : ((const float *)src)[i];
+            if (!(fabsf(v) <= FLT_MAX)) {
+                bad = i;
+                break;
+            }
+        }
+        if (t.double_quant) free(absmax);
+        nf4_free(&t);
+        memset(out, 0, sizeof *out);
+        return qerr_set(e, "nf4: weight (%lld, %lld) has a non-finite value at row %lld, col %lld", (long long)rows,
+                        (long long)cols, (long long)(bad / cols), (long long)(bad % cols));
+    }
+
+    if (t.double_quant) {
+        nf4_double_quant(&t, absmax);
+        free(absmax);
+    }
+    *out = t;
+    return 0;
+}
+
+int nf4_quantize(const float *w, int64_t rows, int64_t cols, int blocksize, int double_quant, nf4_tensor *out,
+                 qerr *e) {
+    return nf4_quantize_impl(w, 0, rows, cols, blocksize, double_quant, out, e);
+}
+
+int nf4_quantize_bf16(const uint16_t *w, int64_t rows, int64_t cols, int blocksize, int double_quant,
+                      nf4_tensor *out, qerr *e) {
+    return nf4_quantize_impl(w, 1, rows, cols, blocksize, double_quant, out, e);
+}
+
+/* ---------------------------------------------------------- dequantization */
+
+float nf4_block_absmax(const nf4_tensor *t, int64_t b) {
+    if (!t->double_quant) return t->absmax[b];
+    /* two statements: the product and the sum are separate fp32 roundings */
+    const float s = t->nested_code[t->absmax_q[b]] * t->nested_absmax[b / NF4_NESTED_BLOCKSIZE];
+    const float a = s + t->offset;
+    return a;
+}
+
+static inline uint8_t nf4_nibble(const uint8_t *packed, int64_t i) {
+    const uint8_t byte = packed[i >> 1];
+    return (i & 1) ? (uint8_t)(byte & 0x0f) : (uint8_t)(byte >> 4);
+}
+
+void nf4_dequantize_rows_f32_ref(const nf4_tensor *t, int64_t row0, int64_t nrows, float *dst) {
+    const int64_t e0 = row0 * t->cols, e1 = e0 + nrows * t->cols;
+    for (int64_t i = e0; i < e1; i++) {
+        const float a = nf4_block_absmax(t, i / t->blocksize);
+        dst[i - e0] = nf4_code[nf4_nibble(t->packed, i)] * a;
+    }
+}
+
+void nf4_dequantize_rows_bf16_ref(const nf4_tensor *t, int64_t row0, int64_t nrows, uint16_t *dst) {
+    const int64_t e0 = row0 * t->cols, e1 = e0 + nrows * t->cols;
+    for (int64_t i = e0; i < e1; i++) {
+        const float a = nf4_block_absmax(t, i / t->blocksize);
+        const float v = nf4_code[nf4_nibble(t->packed, i)] * a;
+        dst[i - e0] = f32_to_bf16(v);
+    }
+}
+
+#ifdef NF4_USE_AVX512
+/* 16 fp32 -> bf16 (in the low half of each u32 lane), exactly as f32_to_bf16. */
+static inline __m512i nf4_avx512_bf16_rne(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i hi = _mm512_srli_epi32(u, 16);
+    const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+}
+
+/* A whole block: nbytes (a multiple of 16) packed bytes -> 2*nbytes values. */
+static void nf4_block_f32_avx512(const uint8_t *p, int64_t nbytes, float a, float *out) {
+    const __m512 tv = _mm512_mul_ps(_mm512_loadu_ps(nf4_code), _mm512_set1_ps(a));
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    for (int64_t i = 0; i < nbytes; i += 16) {
+        const __m128i v = _mm_loadu_si128((const __m128i *)(p + i));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+        const __m128i lo = _mm_and_si128(v, m4);
+        const __m128i i0 = _mm_unpacklo_epi8(hi, lo); /* elements 2i .. 2i+15 */
+        const __m128i i1 = _mm_unpackhi_epi8(hi, lo); /* elements 2i+16 .. 2i+31 */
+        _mm512_storeu_ps(out + 2 * i, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(i0), tv));
+        _mm512_storeu_ps(out + 2 * i + 16, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(i1), tv));
+    }
+}
+
+static void nf4_block_bf16_avx512(const uint8_t *p, int64_t nbytes, float a, uint16_t *out) {
+    const __m512 tv = _mm512_mul_ps(_mm512_loadu_ps(nf4_code), _mm512_set1_ps(a));
+    const __m512i tb = _mm512_zextsi256_si512(_mm512_cvtepi32_epi16(nf4_avx512_bf16_rne(tv)));
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    for (int64_t i = 0; i < nbytes; i += 16) {
+        const __m128i v = _mm_loadu_si128((const __m128i *)(p + i));
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), m4);
+        const __m128i lo = _mm_and_si128(v, m4);
+        const __m256i idx8 = _mm256_set_m128i(_mm_unpackhi_epi8(hi, lo), _mm_unpacklo_epi8(hi, lo));
+        _mm512_storeu_si512((void *)(out + 2 * i), _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(idx8), tb));
+    }
+}
+
+#else
+/* Portable whole-block kernels: a 16-entry table per block, two lookups per byte. */
+static void nf4_block_f32_plain(const uint8_t *p, int64_t nbytes, float a, float *out) {
+    float tbl[16];
+    for (int k = 0; k < 16; k++) tbl[k] = nf4_code[k] * a;
+    for (int64_t i = 0; i < nbytes; i++) {
+        out[2 * i] = tbl[p[i] >> 4];
+        out[2 * i + 1] = tbl[p[i] & 0x0f];
+    }
+}
+
+static void nf4_block_bf16_plain(const uint8_t *p, int64_t nbytes, float a, uint16_t *out) {
+    uint16_t tbl[16];
+    for (int k = 0; k < 16; k++) tbl[k] = f32_to_bf16(nf4_code[k] * a);
+    for (int64_t i = 0; i < nbytes; i++) {
+        out[2 * i] = tbl[p[i] >> 4];
+        out[2 * i + 1] = tbl[p[i] & 0x0f];
+    }
+}
+#endif
+
+/* Elements [e0, e1) of W into dst (f32 when bf16 == 0, else bf16): parallel
+ * over the blocks the range touches; whole blocks take the SIMD kernel, the
+ * partial blocks at the ends (rows not aligned to blocks) go one by one. */
+static void nf4_dequant_range(const nf4_tensor *t, int64_t e0, int64_t e1, void *dst, int out_bf16) {
+    if (e1 <= e0) return;
+    const int64_t bs = t->blocksize;
+    const int64_t b0 = e0 / bs, b1 = (e1 + bs - 1) / bs;
+#pragma omp parallel for schedule(static) if (b1 - b0 >= 32)
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t lo = b * bs > e0 ? b * bs : e0;
+        const int64_t hi = (b + 1) * bs < e1 ? (b + 1) * bs : e1;
+        const float a = nf4_block_absmax(t, b);
+        if (lo == b * bs && hi == (b + 1) * bs) {
+            const uint8_t *p = t->packed + lo / 2;
+            if (out_bf16) {
+                uint16_t *o = (uint16_t *)dst + (lo - e0);
+#ifdef NF4_USE_AVX512
+                nf4_block_bf16_avx512(p, bs / 2, a, o);
+#else
+                nf4_block_bf16_plain(p, bs / 2, a, o);
+#endif
+            } else {
+                float *o = (float *)dst + (lo - e0);
+#ifdef NF4_USE_AVX512
+                nf4_block_f32_avx512(p, bs / 2, a, o);
+#else
+                nf4_block_f32_plain(p, bs / 2, a, o);
+#endif
+            }
+        } else {
+            for (int64_t i = lo; i < hi; i++) {
+                const float v = nf4_code[nf4_nibble(t->packed, i)] * a;
+                if (out_bf16)
+                    ((uint16_t *)dst)[i - e0] = f32_to_bf16(v);
+                else
+                    ((float *)dst)[i - e0] = v;
+            }
+        }
+    }
+}
+
+void nf4_dequantize_rows_f32(const nf4_tensor *t, int64_t row0, int64_t nrows, float *dst) {
+    nf4_dequant_range(t, row0 * t->cols, (row0 + nrows) * t->cols, dst, 0);
+}
+
+void nf4_dequantize_rows_bf16(const nf4_tensor *t, int64_t row0, int64_t nrows, uint16_t *dst) {
+    nf4_dequant_range(t, row0 * t->cols, (row0 + nrows) * t->cols, dst, 1);
+}
