@@ -231,6 +231,8 @@ static void linear_backward(ag_ctx *ctx, const ag_node *n) {
     const lora_adapter *lo = s->lora;
     int64_t N = x->shape[0], in = w->in, out = w->out;
     float *dx = x->requires_grad ? ag_grad(ctx, x) : NULL;
+    float *dA = lo && lo->A->requires_grad ? ag_grad(ctx, lo->A) : NULL;
+    float *dB = lo && lo->B->requires_grad ? ag_grad(ctx, lo->B) : NULL;
     ag_mark m = ag_arena_mark(ctx);
     const void *dyb = operand(ctx, y->grad, N * out);
     gemm_dtype dt = gdt(ctx);
@@ -241,17 +243,18 @@ static void linear_backward(ag_ctx *ctx, const ag_node *n) {
     if (lo) {
         int64_t r = lo->r;
         const void *ub = operand(ctx, s->u, N * r);
-        float *dB = lo->B->grad, *dA = lo->A->grad;
         /* dB += s · dyᵀ u   (out, r) */
-        gemm(1, 0, out, r, N, lo->scaling, dyb, out, ub, r, 1.0f, dB, r, dt);
+        if (dB) gemm(1, 0, out, r, N, lo->scaling, dyb, out, ub, r, 1.0f, dB, r, dt);
         /* du = s · dy B   (N, r) */
         float *du = ag_alloc(ctx, (size_t)(N * r) * sizeof(float));
         const void *Bb = operand(ctx, lo->B->data, out * r);
         gemm(0, 0, N, r, out, lo->scaling, dyb, out, Bb, r, 0.0f, du, r, dt);
         const void *dub = operand(ctx, du, N * r);
         /* dA += duᵀ dropout(x)   (r, in) */
-        const void *xdb = operand(ctx, s->xd, N * in);
-        gemm(1, 0, r, in, N, 1.0f, dub, r, xdb, in, 1.0f, dA, in, dt);
+        if (dA) {
+            const void *xdb = operand(ctx, s->xd, N * in);
+            gemm(1, 0, r, in, N, 1.0f, dub, r, xdb, in, 1.0f, dA, in, dt);
+        }
         if (dx) {
             /* d dropout(x) = du A ; dx += mask/(1-p) · that */
             const void *Ab = operand(ctx, lo->A->data, r * in);

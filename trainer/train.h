@@ -2,6 +2,8 @@
 #ifndef QLORA_TRAINER_TRAIN_H
 #define QLORA_TRAINER_TRAIN_H
 
+#include <stdint.h>
+
 #include "core/status.h"
 #include "trainer/config.h"
 
