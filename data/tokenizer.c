@@ -64,11 +64,25 @@ struct tokenizer {
     char pre_name[64];
 };
 
+/* White space is spelled out instead of \s: HF runs these regexes in
+ * Oniguruma, whose \s is exactly this list (Oniguruma doc/RE, "\s" for
+ * Unicode), while PCRE2 10.42's UCP \s also holds U+180E MONGOLIAN VOWEL
+ * SEPARATOR (kept in its \h list; not White_Space since Unicode 6.3).
+ * PCRE2's set was enumerated over all code points: the two differ only
+ * there (found by fuzzing against HF). A single class, unlike an
+ * alternation, also repeats without using JIT stack, so a megabyte of
+ * punctuation is one match. \p{L} and \p{N} come from PCRE2's tables;
+ * remaining difference: numerals added in Unicode 15/16 (e.g. U+10D40 Garay
+ * digits) are \p{N} to HF's Rust tables but not to PCRE2 10.42's Unicode 14. */
+#define RE_SPACE_LIST "\\t\\n\\x0B\\f\\r\\x20\\x85\\xA0\\x{1680}\\x{2000}-\\x{200A}\\x{2028}\\x{2029}\\x{202F}\\x{205F}\\x{3000}"
+#define RE_WS "[" RE_SPACE_LIST "]"
+#define RE_NWS "[^" RE_SPACE_LIST "]"
+#define RE_OTHER "[^" RE_SPACE_LIST "\\p{L}\\p{N}]"
 static const char RE_GPT2[] =
-    "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
+    "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?" RE_OTHER "+|" RE_WS "+(?!" RE_NWS ")|" RE_WS "+";
 static const char RE_LLAMA3[] =
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
-    "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+    "| ?" RE_OTHER "+[\\r\\n]*|" RE_WS "*[\\r\\n]+|" RE_WS "+(?!" RE_NWS ")|" RE_WS "+";
 static const char RE_DIGIT[] = "\\p{N}";
 
 /* ------------------------------------------------------------------------ */

@@ -73,6 +73,11 @@ void tokenizer_free(tokenizer *t);
  * A byte whose byte-alphabet symbol is not in the vocabulary is dropped, as
  * HF's BPE does without an unk token (SmolLM2 lacks e.g. 0x04, 0xF5..0xFF),
  * so decode(encode(x)) == x holds only for text without such bytes.
+ * If `out` already tracks offsets (filled by tokenizer_encode_offsets),
+ * they are extended with base 0.
+ * Speed: ~5 M tokens/s on one core (man-page text); a pre-token is merged
+ * with a heap, O(n log n), so pathological runs (1 MB of one character)
+ * stay well under a second.
  * Errors: out of memory, a PCRE2 matching failure. */
 int tokenizer_encode(const tokenizer *t, const char *text, size_t len, int parse_special,
                      tokenizer_ids *out, qerr *e);
@@ -114,7 +119,7 @@ int32_t tokenizer_find_token(const tokenizer *t, const char *text);
 /* Stored text of token `id` (NUL-terminated, in the byte alphabet for normal
  * tokens), or NULL if out of range. */
 const char *tokenizer_token_text(const tokenizer *t, int32_t id);
-/* tokenizer_token_type: a tokenizer_token_type value, or -1 if out of range. */
+/* Type of token `id` (a tokenizer_token_type value), or -1 if out of range. */
 int tokenizer_token_type_of(const tokenizer *t, int32_t id);
 /* `tokenizer.chat_template` (NUL-terminated) or NULL if the file has none. */
 const char *tokenizer_chat_template(const tokenizer *t);

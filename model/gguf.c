@@ -391,7 +391,7 @@ static int parse(gguf_file *f, qerr *e) {
     rd_u32(&r, "version", &f->version);
     if (f->version != 2 && f->version != 3) {
         if (f->version == 1) return qerr_set(e, "%s: GGUF version 1 is not supported (need 2 or 3)", f->path);
-        if ((f->version & 0xffffu) == 0)
+        if (f->version != 0 && (f->version & 0xffffu) == 0)
             return qerr_set(e, "%s: GGUF version field is 0x%08x: a big-endian file? only little-endian v2/v3 are supported",
                             f->path, f->version);
         return qerr_set(e, "%s: unsupported GGUF version %u (need 2 or 3)", f->path, f->version);

@@ -1,4 +1,4 @@
-/* model/gguf.h — GGUF v3 reader (memory-mapped, read-only).
+/* model/gguf.h — GGUF v2/v3 reader (memory-mapped, read-only).
  *
  * Format: ggml/docs/gguf.md and gguf-py/gguf/constants.py (see
  * ../shared/reference/formats.md §3). Little-endian; strings are u64 length +

@@ -5,8 +5,11 @@
  * get_scale_min_k4), ggml/src/ggml.c (type_traits sizes). Checked bit for bit
  * against gguf-py's gguf/quants.py by tests/test_gguf.c.
  *
- * Multiply-then-add must not be fused into an FMA, or results stop matching the
- * oracle: gcc does not contract in ISO C mode (-std=c11); clang needs the pragma.
+ * Floating-point contraction is switched off below: fusing x*id + 0.5f into an
+ * FMA changes which integer the quantizers truncate to, so their bytes would no
+ * longer match ggml / gguf-py. (The dequantizers would survive it: every
+ * product there is exact in fp32 — f16 scale × 6/8-bit ints — except Q6_K's
+ * last multiply, which has no add to fuse with.)
  */
 #include "quant/ggml_quants.h"
 
@@ -17,8 +20,10 @@
 
 #include "core/bf16.h"
 
-#ifdef __clang__
+#if defined(__clang__)
 #pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
 #endif
 
 typedef struct type_row {

@@ -64,8 +64,8 @@ void ggml_dequantize_row_q6_k(const void *src, float *dst, int64_t k);
  * gguf-py quants.quantize). src: k fp32 (k a multiple of 32, finite values);
  * dst: k / 32 blocks (34, 18, 20 bytes each).
  *   Q8_0: d = amax/127, q = roundf(x/d)  (round half away from zero)
- *   Q4_0: d = x_amax/−8 (signed value of largest magnitude), q = min(15, trunc(x/d + 8.5))
- *   Q4_1: d = (max−min)/15, m = min, q = min(15, trunc((x−min)/d + 0.5))
+ *   Q4_0: d = x_amax/−8 (signed value of largest magnitude), q = min(15, trunc(x·(1/d) + 8.5))
+ *   Q4_1: d = (max−min)/15, m = min, q = min(15, trunc((x−min)·(1/d) + 0.5))
  * d and m are stored as f16 (round to nearest even); 1/d uses the unrounded d. */
 void ggml_quantize_row_q8_0_ref(const float *src, void *dst, int64_t k);
 void ggml_quantize_row_q4_0_ref(const float *src, void *dst, int64_t k);

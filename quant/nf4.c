@@ -109,10 +109,12 @@ static void nf4_thresholds(float thr[15]) {
     }
 }
 
+/* The one place the nearest-code rule lives (nf4_code_index and the block
+ * quantizer both call it): count of thresholds strictly below s. */
 static inline uint8_t nf4_index_thr(float s, const float thr[15]) {
-    uint8_t c = 0;
-    for (int k = 0; k < 15; k++) c += (uint8_t)(s > thr[k]);
-    return c;
+    int c = 0;
+    for (int k = 0; k < 15; k++) c += s > thr[k];
+    return (uint8_t)c;
 }
 
 uint8_t nf4_code_index(float scaled) {
@@ -332,17 +334,22 @@ size_t nf4_nbytes(const nf4_tensor *t) {
  * element index: writes ceil(len/2) bytes of packed and *absmax_out (NaN if the
  * block holds a NaN or an infinity). */
 static void nf4_quant_block(const float *x, int64_t len, const float thr[15], uint8_t *packed, float *absmax_out) {
-    float amax = 0.0f;
-    int finite = 1;
+    /* max |x| over the bit patterns: for non-negative floats the u32 order is
+     * the float order, and any NaN/inf shows up as a pattern >= 0x7f800000
+     * (an integer max reduction also vectorizes, a NaN-aware float one does not) */
+    uint32_t umax = 0;
     for (int64_t i = 0; i < len; i++) {
-        const float a = fabsf(x[i]);
-        finite &= a <= FLT_MAX;
-        amax = a > amax ? a : amax;
+        uint32_t u;
+        memcpy(&u, &x[i], 4);
+        u &= 0x7fffffffu;
+        umax = u > umax ? u : umax;
     }
-    if (!finite) {
+    if (umax >= 0x7f800000u) {
         *absmax_out = NAN;
         return;
     }
+    float amax;
+    memcpy(&amax, &umax, 4);
     *absmax_out = amax;
 
     uint8_t q[NF4_MAX_BLOCKSIZE];
@@ -350,10 +357,10 @@ static void nf4_quant_block(const float *x, int64_t len, const float thr[15], ui
         memset(q, 7, (size_t)len); /* code 0.0: dequantizes to exactly 0 (bnb: NaN -> index 0) */
     } else {
         const float r = 1.0f / amax;
-        if (r <= FLT_MAX) {
-            for (int64_t i = 0; i < len; i++) q[i] = nf4_index_thr(x[i] * r, thr);
-        } else { /* subnormal absmax: the reciprocal overflows, divide instead */
-            for (int64_t i = 0; i < len; i++) q[i] = nf4_index_thr(x[i] / amax, thr);
+        const int use_div = !(r <= FLT_MAX); /* subnormal absmax: the reciprocal overflows, divide */
+        for (int64_t i = 0; i < len; i++) {
+            const float s = use_div ? x[i] / amax : x[i] * r;
+            q[i] = nf4_index_thr(s, thr);
         }
     }
     int64_t i = 0;

@@ -71,6 +71,8 @@ CASES = [
     ("Caf\u00e9 na\u00efve r\u00e9sum\u00e9 fa\u00e7ade \u00c5ngstr\u00f6m", 1),
     ("e\u0301 combining mark", 1),
     ("a\u00a0b c\u2003d\u0085e\u3000f\u200bg", 1),
+    # U+180E is white space to PCRE2 (its \\h list) but not to Oniguruma/HF
+    ("x  \u180e\u180e y\u180e  z", 1),
     ("\u0391\u03bb\u03c6\u03ac\u03b2\u03b7\u03c4\u03bf \u0395\u03bb\u03bb\u03b7\u03bd\u03b9\u03ba\u03ac", 1),
     ("\u0928\u092e\u0938\u094d\u0924\u0947 \u0926\u0941\u0928\u093f\u092f\u093e", 1),
     ("\ud55c\uad6d\uc5b4 \ud14d\uc2a4\ud2b8\uc785\ub2c8\ub2e4", 1),

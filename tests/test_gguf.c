@@ -922,6 +922,17 @@ static void test_real_model(void **state) {
                      (unsigned long long)cases[c].row0, bad, got[bad], want[bad]);
     }
     gguf_close(x);
+
+    /* The real file's metadata truncated at 41 places (inside the 49152-token
+     * and merges arrays, the tensor infos, the first tensor) fails cleanly. */
+    const uint64_t head = gguf_data_offset(f) + 4096;
+    uint8_t *bytes = malloc(head);
+    FILE *fp = fopen(MODEL_PATH, "rb");
+    assert_non_null(fp);
+    assert_int_equal(fread(bytes, 1, head, fp), head);
+    fclose(fp);
+    for (uint64_t k = 0; k <= 40; k++) expect_fail(bytes, (size_t)(head * k / 41 + k), k == 0 ? NULL : "truncated");
+    free(bytes);
     gguf_close(f);
 }
 

@@ -183,6 +183,32 @@ static void test_real_invalid_utf8(void **state) {
     tokenizer_free(t);
 }
 
+/* Long runs of one character class are single pre-tokens (one regex match,
+ * one BPE word): they must not exhaust the PCRE2 JIT stack and must round-trip. */
+static void test_real_pathological_runs(void **state) {
+    (void)state;
+    tokenizer *t = load_real();
+    const char *pats[] = {" ", "a", "=", "ab", "\n", "\xc3\xa9", "1", " \t", "\xe4\xb8\xad"};
+    size_t n = 256 * 1024;
+    char *buf = malloc(n);
+    for (size_t p = 0; p < sizeof pats / sizeof pats[0]; p++) {
+        size_t pl = strlen(pats[p]), m = n - n % pl;
+        for (size_t i = 0; i < m; i++) buf[i] = pats[p][i % pl];
+        tokenizer_ids v = {0};
+        qerr e = {{0}};
+        if (tokenizer_encode(t, buf, m, 1, &v, &e)) fail_msg("pattern %zu: %s", p, e.msg);
+        char *back;
+        size_t blen;
+        assert_int_equal(tokenizer_decode(t, v.ids, v.n, &back, &blen, &e), 0);
+        assert_int_equal(blen, m);
+        assert_memory_equal(back, buf, m);
+        free(back);
+        tokenizer_ids_free(&v);
+    }
+    free(buf);
+    tokenizer_free(t);
+}
+
 /* ---- tiny GGUF files for error paths and a synthetic vocabulary ---- */
 
 typedef struct gbuf {
@@ -405,6 +431,7 @@ int main(void) {
         cmocka_unit_test(test_real_fixture_cases),
         cmocka_unit_test(test_real_offsets),
         cmocka_unit_test(test_real_invalid_utf8),
+        cmocka_unit_test(test_real_pathological_runs),
         cmocka_unit_test(test_real_throughput),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

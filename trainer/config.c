@@ -443,8 +443,8 @@ static void fmt_shortest(char *buf, size_t n, double v, int is_float) {
 }
 
 static int parse_bool_str(const char *s, int *out) {
-    static const char *const T[] = {"true", "yes", "on", "y", "1"};
-    static const char *const F[] = {"false", "no", "off", "n", "0"};
+    static const char *const T[] = {"true", "yes", "on", "1"};
+    static const char *const F[] = {"false", "no", "off", "0"};
     for (size_t i = 0; i < sizeof T / sizeof T[0]; i++) {
         if (!strcasecmp(s, T[i])) return *out = 1, 0;
         if (!strcasecmp(s, F[i])) return *out = 0, 0;
@@ -622,14 +622,16 @@ static int is_null(const yaml_node_t *n) {
     return !*s || !strcmp(s, "~") || !strcmp(s, "null") || !strcmp(s, "Null") || !strcmp(s, "NULL");
 }
 
-/* "Unset" in the sense of axolotl's example files: null, false, "" or an
- * empty collection. */
+/* "Unset" in the sense of axolotl, which tests these keys for Python
+ * truthiness: null, false, 0, "" or an empty collection. */
 static int is_unset(const yaml_node_t *n) {
     if (is_null(n)) return 1;
     int b;
+    double d;
     switch (n->type) {
     case YAML_SCALAR_NODE:
-        return !*sval(n) || (parse_bool_str(sval(n), &b) == 0 && b == 0 && strcmp(sval(n), "0"));
+        return !*sval(n) || (parse_bool_str(sval(n), &b) == 0 && b == 0) ||
+               (parse_double_str(sval(n), &d) == 0 && d == 0);
     case YAML_SEQUENCE_NODE:
         return n->data.sequence.items.top == n->data.sequence.items.start;
     case YAML_MAPPING_NODE:
@@ -969,12 +971,17 @@ static const later_key *find_later(const char *name) {
     return NULL;
 }
 
+/* Suggestions prefer implemented keys: "lora_rank" is closer to the ignored
+ * "local_rank" (2 edits) than to "lora_r" (3), but means the latter. */
 static int unknown_key(const pctx *p, const yaml_node_t *at, const char *name) {
     suggest sg = {NULL, 1000};
     for (int i = 0; i < N_KEYS; i++) suggest_try(&sg, name, KEYS[i].name);
-    for (int i = 0; i < N_IGNORED; i++) suggest_try(&sg, name, IGNORED[i].name);
-    for (int i = 0; i < N_LATER; i++) suggest_try(&sg, name, LATER[i].name);
     const char *hint = suggest_result(&sg, name);
+    if (!hint) {
+        for (int i = 0; i < N_IGNORED; i++) suggest_try(&sg, name, IGNORED[i].name);
+        for (int i = 0; i < N_LATER; i++) suggest_try(&sg, name, LATER[i].name);
+        hint = suggest_result(&sg, name);
+    }
     if (hint) return perr(p, at, "unknown key \"%s\"; did you mean \"%s\"?", name, hint);
     return perr(p, at, "unknown key \"%s\" (trainer/config.h lists the accepted keys)", name);
 }
@@ -990,20 +997,20 @@ static int special_tokens_pad_only(const pctx *p, const yaml_node_t *v) {
     return 1;
 }
 
-/* One top-level key: value. `seen` (N_KEYS entries) detects duplicates in a file. */
-static int apply_pair(const pctx *p, const char *name, const yaml_node_t *knode, const yaml_node_t *v, int *seen) {
+/* One top-level key: value. `seen` (N_KEYS entries, indexed by the canonical
+ * key) detects duplicates in a file, also across the two spellings of a key. */
+static int apply_pair(const pctx *p, const char *name, const yaml_node_t *knode, const yaml_node_t *v,
+                      const key_spec **seen) {
     const key_spec *k = find_key(name);
     if (k) {
         const key_spec *canon = k->alias_of ? find_key(k->alias_of) : k;
         if (seen) {
             int idx = (int)(canon - KEYS);
-            if (seen[idx]) {
-                if (k != canon)
-                    return perr(p, knode, "key \"%s\" given twice (\"%s\" is another name for \"%s\")", name, name,
-                                canon->name);
-                return perr(p, knode, "key \"%s\" given twice", name);
-            }
-            seen[idx] = 1;
+            if (seen[idx] && seen[idx] != k)
+                return perr(p, knode, "key \"%s\" given twice (also as \"%s\", another name for the same setting)",
+                            name, seen[idx]->name);
+            if (seen[idx]) return perr(p, knode, "key \"%s\" given twice", name);
+            seen[idx] = k;
         }
         return apply_key(p, k, name, v);
     }
@@ -1092,7 +1099,7 @@ int train_config_load(const char *path, train_config *out, qerr *e) {
         goto done;
     }
     pctx p = {path, 1, &doc, &c, &def, e};
-    int seen[N_KEYS];
+    const key_spec *seen[N_KEYS];
     memset(seen, 0, sizeof seen);
     for (yaml_node_pair_t *pr = root->data.mapping.pairs.start; pr < root->data.mapping.pairs.top; pr++) {
         yaml_node_t *k = node_at(&doc, pr->key), *v = node_at(&doc, pr->value);

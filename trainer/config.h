@@ -23,8 +23,8 @@
  *    spelling `use_rslora` is accepted as an alias).
  *    `null` (an empty value, as in axolotl's examples) means "use the default".
  *  - Accepted and ignored, with a warning in `warnings` when given a value
- *    (null/false gives no warning), because they cannot change what this
- *    trainer computes:
+ *    (null/false/0/empty gives no warning), because they cannot change what
+ *    this trainer computes:
  *      strict                      axolotl's schema strictness; unknown keys are always errors here
  *      base_model_config, model_type, tokenizer_type, is_llama_derived_model
  *                                  architecture and tokenizer are read from the base_model file
@@ -36,8 +36,9 @@
  *                                  PyTorch launcher / DataLoader knobs
  *  - Known but not supported yet (flash_attention, deepspeed, fsdp, load_in_8bit,
  *    fp16, wandb_*, saves_per_epoch, resume_from_checkpoint, ...): accepted only
- *    when null/false/empty (as in axolotl's example files, which list them
- *    empty); any other value is an error "not supported yet". A few accept one
+ *    when null/false/0/empty — "off" by axolotl's own truthiness tests, and how
+ *    axolotl's example files list them; any other value is an error "not
+ *    supported yet". A few accept one
  *    harmless value: `chat_template: tokenizer_default` (we always use the
  *    model's template), `save_safetensors: true`, `peft_init_lora_weights: true`,
  *    `special_tokens` holding only `pad_token` (padding is masked out).

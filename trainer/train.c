@@ -114,7 +114,8 @@ static double evaluate(ag_ctx *ctx, const llama_model *m, const lora_set *ls, co
     int rec = ctx->recording, tr = ctx->training;
     ctx->recording = 0;
     ctx->training = 0;
-    int64_t rows[256];
+    int64_t *rows = malloc((size_t)mbs * sizeof(int64_t));
+    if (!rows) return NAN;
     for (int64_t r0 = 0; r0 < ev->n_rows; r0 += mbs) {
         int nb = (int)(ev->n_rows - r0 < mbs ? ev->n_rows - r0 : mbs);
         for (int i = 0; i < nb; i++) rows[i] = r0 + i;
@@ -129,6 +130,7 @@ static double evaluate(ag_ctx *ctx, const llama_model *m, const lora_set *ls, co
         ntok += nt;
         if (max_tokens > 0 && ntok >= max_tokens) break;
     }
+    free(rows);
     ctx->recording = rec;
     ctx->training = tr;
     if (n_tok_out) *n_tok_out = ntok;
@@ -305,14 +307,17 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
     bb.pos = malloc((size_t)bb_n * 4);
     bb.sid = malloc((size_t)bb_n * 4);
     int64_t *perm = malloc((size_t)train_set.n_rows * sizeof(int64_t));
-    if (!bb.ids || !bb.tgt || !bb.pos || !bb.sid || !perm) {
+    int64_t *rows = malloc((size_t)rows_per_step * sizeof(int64_t));
+    if (!bb.ids || !bb.tgt || !bb.pos || !bb.sid || !perm || !rows) {
         free(perm);
+        free(rows);
         qerr_set(e, "out of memory");
         goto done;
     }
     snprintf(path, sizeof path, "%s/metrics.jsonl", c->output_dir);
-    if (metrics_open(&mw, path, e)) {
+    if (metrics_open(path, 0, &mw, e)) {
         free(perm);
+        free(rows);
         goto done;
     }
 
@@ -344,9 +349,7 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
     for (int step = 1; step <= total_steps; step++) {
         double ts0 = now_sec();
         /* rows of this step, in epoch order */
-        int64_t rows[1024];
         int nrows = (int)rows_per_step;
-        if (nrows > 1024) nrows = 1024;
         for (int i = 0; i < nrows; i++) {
             int ep = (int)(cursor / train_set.n_rows);
             if (ep != epoch) {
@@ -378,7 +381,7 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
         }
         double loss = step_tok ? step_loss / (double)step_tok : NAN;
         float gnorm = clip_grad_norm(ls.grads, ls.n_params, c->max_grad_norm);
-        float lr = schedule_lr(sk, step - 1, total_steps, warmup, c->learning_rate);
+        double lr = schedule_lr(sk, step - 1, total_steps, warmup, c->learning_rate);
         adamw_step(&opt, &ac, lr, ls.params, ls.grads, NULL);
         double dt = now_sec() - ts0;
         tok_trained += (double)rows_per_step * c->sequence_len;
@@ -422,7 +425,10 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
         res->eval_loss_end = el;
         res->eval_ppl_end = exp(el);
     }
-    metrics_close(mw);
+    if (metrics_close(mw, e)) {
+        mw = NULL;
+        goto done_perm;
+    }
     mw = NULL;
 
     /* ---- outputs ---- */
@@ -431,7 +437,7 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
         char mpath[4096];
         snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", c->output_dir);
         snprintf(path, sizeof path, "%s/loss_curve.png", c->output_dir);
-        if (plot_loss_from_metrics(mpath, path, e)) goto done_perm;
+        if (plot_metrics_png(mpath, path, e)) goto done_perm;
     }
     res->wall_seconds = now_sec() - t_start;
     res->peak_rss_mib = peak_rss_mib();
@@ -440,8 +446,9 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
     rc = 0;
 done_perm:
     free(perm);
+    free(rows);
 done:
-    if (mw) metrics_close(mw);
+    if (mw) metrics_close(mw, NULL);
     free(bb.ids);
     free(bb.tgt);
     free(bb.pos);

@@ -1,0 +1,408 @@
+/* data/jsonl.c — JSONL records → tokenized, label-masked documents.
+ *
+ * Prompt formats follow axolotl: `completion` (prompt_strategies/completion.py),
+ * `alpaca` (prompters.py AlpacaPrompter, the "### Instruction:" format) and
+ * `chat_template` (prompt_strategies/chat_template.py) restricted to ChatML
+ * templates, rendered here in C as SmolLM2's template does
+ * (shared/reference/formats.md §6) instead of through a Jinja engine.
+ *
+ * Masking works on the rendered text: each format records the byte spans it
+ * trains on, the text is tokenized once with byte offsets, and a token is a
+ * label if it overlaps a trained span. Tokenizing the whole text once (not
+ * piece by piece) keeps the ids identical to what HF produces for the same
+ * rendered string even when a BPE token straddles a span boundary.
+ */
+#include "data/dataset.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define DS_IM_START "<|im_start|>"
+#define DS_IM_END "<|im_end|>"
+
+static const char ALPACA_PROMPT_INPUT[] =
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n%s\n\n### Input:\n%s\n\n### Response:\n";
+static const char ALPACA_PROMPT_NO_INPUT[] =
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n%s\n\n### Response:\n";
+
+typedef enum ds_type { DS_COMPLETION, DS_ALPACA, DS_CHAT } ds_type;
+
+/* Growable rendered text plus the byte spans that are trained on. */
+typedef struct ds_render {
+    char *s;
+    size_t n, cap;
+    int64_t *span; /* (n_span, 2) [start, end) */
+    size_t n_span, span_cap;
+} ds_render;
+
+static int ds_put(ds_render *r, const char *s, size_t n, qerr *e) {
+    if (r->n + n + 1 > r->cap) {
+        size_t cap = r->cap ? r->cap : 256;
+        while (cap < r->n + n + 1) cap *= 2;
+        char *ns = realloc(r->s, cap);
+        if (!ns) return qerr_set(e, "out of memory rendering an example (%zu bytes)", cap);
+        r->s = ns;
+        r->cap = cap;
+    }
+    memcpy(r->s + r->n, s, n);
+    r->n += n;
+    r->s[r->n] = 0;
+    return 0;
+}
+
+static int ds_puts(ds_render *r, const char *s, qerr *e) { return ds_put(r, s, strlen(s), e); }
+
+static int ds_add_span(ds_render *r, size_t start, size_t end, qerr *e) {
+    if (r->n_span == r->span_cap) {
+        size_t cap = r->span_cap ? 2 * r->span_cap : 8;
+        int64_t *ns = realloc(r->span, cap * 2 * sizeof *ns);
+        if (!ns) return qerr_set(e, "out of memory rendering an example");
+        r->span = ns;
+        r->span_cap = cap;
+    }
+    r->span[2 * r->n_span] = (int64_t)start;
+    r->span[2 * r->n_span + 1] = (int64_t)end;
+    r->n_span++;
+    return 0;
+}
+
+/* Tokenize the rendered text (parse_special = 1) into one document:
+ * [bos] tokens [eos]; bos is never a label, eos always is. */
+static int ds_render_to_example(const tokenizer *tok, const ds_render *r, int train_all, int add_bos, int add_eos,
+                                int chunkable, dataset_example *ex, qerr *e) {
+    tokenizer_ids v = {0};
+    if (tokenizer_encode_offsets(tok, r->s ? r->s : "", r->n, 1, 0, &v, e)) {
+        tokenizer_ids_free(&v);
+        return -1;
+    }
+    size_t n = v.n + (add_bos ? 1 : 0) + (add_eos ? 1 : 0);
+    if (n > INT32_MAX) {
+        tokenizer_ids_free(&v);
+        return qerr_set(e, "example of %zu tokens is too long", n);
+    }
+    memset(ex, 0, sizeof *ex);
+    ex->ids = malloc((n ? n : 1) * sizeof *ex->ids);
+    ex->mask = malloc(n ? n : 1);
+    if (!ex->ids || !ex->mask) {
+        free(ex->ids);
+        free(ex->mask);
+        tokenizer_ids_free(&v);
+        return qerr_set(e, "out of memory (example of %zu tokens)", n);
+    }
+    size_t k = 0, sp = 0;
+    if (add_bos) {
+        ex->ids[k] = tokenizer_bos_id(tok);
+        ex->mask[k++] = 0;
+    }
+    for (size_t i = 0; i < v.n; i++) {
+        int64_t s = v.offsets[i], end = i + 1 < v.n ? v.offsets[i + 1] : (int64_t)r->n;
+        while (sp < r->n_span && r->span[2 * sp + 1] <= s) sp++;
+        int trained = train_all || (sp < r->n_span && r->span[2 * sp] < end);
+        ex->ids[k] = v.ids[i];
+        ex->mask[k++] = (uint8_t)trained;
+    }
+    if (add_eos) {
+        ex->ids[k] = tokenizer_eos_id(tok);
+        ex->mask[k++] = 1;
+    }
+    ex->n = (int32_t)n;
+    ex->chunkable = chunkable;
+    tokenizer_ids_free(&v);
+    return 0;
+}
+
+static int ds_examples_push(dataset_examples *v, const dataset_example *ex, qerr *e) {
+    if (v->n == v->cap) {
+        int64_t cap = v->cap ? 2 * v->cap : 256;
+        dataset_example *nv = realloc(v->v, (size_t)cap * sizeof *nv);
+        if (!nv) return qerr_set(e, "out of memory (%lld examples)", (long long)cap);
+        v->v = nv;
+        v->cap = cap;
+    }
+    v->v[v->n++] = *ex;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* ChatML                                                                    */
+
+int dataset_chatml_default_system(const char *tmpl, char **out, qerr *e) {
+    *out = NULL;
+    if (!tmpl) return qerr_set(e, "the model has no tokenizer.chat_template");
+    if (!strstr(tmpl, DS_IM_START) || !strstr(tmpl, DS_IM_END))
+        return qerr_set(e,
+                        "tokenizer.chat_template is not ChatML (no \"" DS_IM_START "\" / \"" DS_IM_END
+                        "\"); only ChatML templates are supported");
+    static const char key[] = DS_IM_START "system";
+    for (const char *p = strstr(tmpl, key); p; p = strstr(p + 1, key)) {
+        if (p == tmpl || (p[-1] != '\'' && p[-1] != '"')) continue; /* not the start of a string literal */
+        char quote = p[-1];
+        size_t cap = strlen(p) + 1, n = 0;
+        char *s = malloc(cap);
+        if (!s) return qerr_set(e, "out of memory");
+        const char *q = p;
+        int closed = 0;
+        while (*q) {
+            if (*q == quote) {
+                closed = 1;
+                break;
+            }
+            if (*q == '\\' && q[1]) {
+                q++;
+                switch (*q) {
+                case 'n': s[n++] = '\n'; break;
+                case 't': s[n++] = '\t'; break;
+                case 'r': s[n++] = '\r'; break;
+                default: s[n++] = *q; break; /* \\ \' \" */
+                }
+                q++;
+                continue;
+            }
+            s[n++] = *q++;
+        }
+        s[n] = 0;
+        /* A whole turn: "<|im_start|>system\n" body "<|im_end|>" ["\n"]. */
+        size_t le = strlen(DS_IM_END), lk = strlen(key);
+        int whole = closed && n > lk + le && s[lk] == '\n' &&
+                    ((n >= le + 1 && s[n - 1] == '\n' && memcmp(s + n - 1 - le, DS_IM_END, le) == 0) ||
+                     memcmp(s + n - le, DS_IM_END, le) == 0);
+        if (!whole) {
+            free(s);
+            continue;
+        }
+        if (s[n - 1] != '\n') {
+            s[n++] = '\n'; /* cap >= strlen(p) + 1 > n: the closing quote is still ahead */
+            s[n] = 0;
+        }
+        *out = s;
+        return 0;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* record formats                                                            */
+
+static const char *ds_get_str(const cJSON *obj, const char *name) {
+    const cJSON *it = cJSON_GetObjectItemCaseSensitive(obj, name);
+    return cJSON_IsString(it) ? it->valuestring : NULL;
+}
+
+static int ds_render_completion(const cJSON *obj, const char *field, const char *path, long line,
+                                ds_render *r, qerr *e) {
+    const char *text = ds_get_str(obj, field);
+    if (!text) return qerr_set(e, "%s:%ld: field \"%s\" missing or not a string", path, line, field);
+    if (ds_puts(r, text, e)) return -1;
+    return ds_add_span(r, 0, r->n, e);
+}
+
+static int ds_render_alpaca(const cJSON *obj, const char *path, long line, ds_render *r, qerr *e) {
+    const char *ins = ds_get_str(obj, "instruction"), *out = ds_get_str(obj, "output");
+    if (!ins) return qerr_set(e, "%s:%ld: field \"instruction\" missing or not a string", path, line);
+    if (!out) return qerr_set(e, "%s:%ld: field \"output\" missing or not a string", path, line);
+    const cJSON *in_it = cJSON_GetObjectItemCaseSensitive(obj, "input");
+    if (in_it && !cJSON_IsString(in_it) && !cJSON_IsNull(in_it))
+        return qerr_set(e, "%s:%ld: field \"input\" must be a string or null", path, line);
+    const char *in = cJSON_IsString(in_it) ? in_it->valuestring : "";
+    /* axolotl: an empty input selects the no-input prompt. */
+    size_t cap = strlen(ALPACA_PROMPT_INPUT) + strlen(ins) + strlen(in) + 1;
+    char *prompt = malloc(cap);
+    if (!prompt) return qerr_set(e, "out of memory");
+    if (in[0])
+        snprintf(prompt, cap, ALPACA_PROMPT_INPUT, ins, in);
+    else
+        snprintf(prompt, cap, ALPACA_PROMPT_NO_INPUT, ins);
+    int rc = ds_puts(r, prompt, e);
+    free(prompt);
+    if (rc) return -1;
+    size_t start = r->n;
+    if (ds_puts(r, out, e)) return -1;
+    return ds_add_span(r, start, r->n, e);
+}
+
+static int ds_render_chat(const cJSON *obj, const char *field, const char *default_system, const char *path,
+                          long line, ds_render *r, qerr *e) {
+    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(obj, field);
+    if (!cJSON_IsArray(msgs)) return qerr_set(e, "%s:%ld: field \"%s\" missing or not an array", path, line, field);
+    int n = cJSON_GetArraySize(msgs);
+    if (n == 0) return qerr_set(e, "%s:%ld: field \"%s\" is an empty list", path, line, field);
+    int i = 0;
+    const cJSON *m;
+    cJSON_ArrayForEach(m, msgs) {
+        const char *role = cJSON_IsObject(m) ? ds_get_str(m, "role") : NULL;
+        const char *content = cJSON_IsObject(m) ? ds_get_str(m, "content") : NULL;
+        if (!role) return qerr_set(e, "%s:%ld: %s[%d]: field \"role\" missing or not a string", path, line, field, i);
+        if (!content)
+            return qerr_set(e, "%s:%ld: %s[%d]: field \"content\" missing or not a string", path, line, field, i);
+        if (i == 0 && strcmp(role, "system") != 0 && default_system && ds_puts(r, default_system, e)) return -1;
+        if (ds_puts(r, DS_IM_START, e) || ds_puts(r, role, e) || ds_puts(r, "\n", e)) return -1;
+        size_t start = r->n;
+        if (ds_puts(r, content, e) || ds_puts(r, DS_IM_END, e)) return -1;
+        if (!strcmp(role, "assistant") && ds_add_span(r, start, r->n, e)) return -1;
+        if (ds_puts(r, "\n", e)) return -1;
+        i++;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+
+static char *ds_read_all(const char *path, size_t *len, qerr *e) {
+    FILE *fp = fopen(path, "rb");
+    if (!fp) {
+        qerr_set(e, "%s: cannot open: %s", path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap);
+    for (;;) {
+        if (!buf) {
+            fclose(fp);
+            qerr_set(e, "%s: out of memory reading the file", path);
+            return NULL;
+        }
+        n += fread(buf + n, 1, cap - n - 1, fp);
+        if (n < cap - 1) break;
+        cap *= 2;
+        char *nb = realloc(buf, cap);
+        if (!nb) free(buf);
+        buf = nb;
+    }
+    int err = ferror(fp);
+    fclose(fp);
+    if (err) {
+        free(buf);
+        qerr_set(e, "%s: read error", path);
+        return NULL;
+    }
+    buf[n] = 0;
+    *len = n;
+    return buf;
+}
+
+static int ds_is_blank(const char *s, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (s[i] != ' ' && s[i] != '\t' && s[i] != '\r' && s[i] != '\n' && s[i] != '\f' && s[i] != '\v') return 0;
+    return 1;
+}
+
+static const char *ds_json_kind(const cJSON *j) {
+    if (cJSON_IsArray(j)) return "an array";
+    if (cJSON_IsString(j)) return "a string";
+    if (cJSON_IsNumber(j)) return "a number";
+    if (cJSON_IsBool(j)) return "a boolean";
+    if (cJSON_IsNull(j)) return "null";
+    return "something else";
+}
+
+int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train_on_inputs, dataset_examples *docs,
+                       qerr *e) {
+    const char *path = spec->path ? spec->path : "(no path)";
+    if (!spec->path) return qerr_set(e, "dataset entry has no path");
+    ds_type type;
+    if (!spec->type)
+        return qerr_set(e, "%s: dataset type missing (expected completion, alpaca or chat_template)", path);
+    if (!strcmp(spec->type, "completion"))
+        type = DS_COMPLETION;
+    else if (!strcmp(spec->type, "alpaca"))
+        type = DS_ALPACA;
+    else if (!strcmp(spec->type, "chat_template"))
+        type = DS_CHAT;
+    else
+        return qerr_set(e, "%s: unknown dataset type \"%s\" (expected completion, alpaca or chat_template)", path,
+                        spec->type);
+    const char *field = spec->field ? spec->field : "text";
+    const char *field_messages = spec->field_messages ? spec->field_messages : "messages";
+
+    char *default_system = NULL;
+    if (type == DS_CHAT) {
+        if (dataset_chatml_default_system(tokenizer_chat_template(tok), &default_system, e))
+            return qerr_prefix(e, "%s: type chat_template", path);
+        if (tokenizer_find_token(tok, DS_IM_START) < 0 || tokenizer_find_token(tok, DS_IM_END) < 0) {
+            free(default_system);
+            return qerr_set(e, "%s: type chat_template: the vocabulary has no " DS_IM_START " / " DS_IM_END " token",
+                            path);
+        }
+    }
+
+    size_t len = 0;
+    char *buf = ds_read_all(path, &len, e);
+    if (!buf) {
+        free(default_system);
+        return -1;
+    }
+    int64_t n0 = docs->n;
+    ds_render r = {0};
+    int rc = 0;
+    long line = 0;
+    for (size_t pos = 0; pos < len && rc == 0;) {
+        const char *ls = buf + pos;
+        const char *nl = memchr(ls, '\n', len - pos);
+        size_t ll = nl ? (size_t)(nl - ls) : len - pos;
+        pos += ll + 1;
+        line++;
+        if (ds_is_blank(ls, ll)) continue;
+        const char *end = NULL;
+        cJSON *obj = cJSON_ParseWithLengthOpts(ls, ll, &end, 0);
+        if (!obj) {
+            long col = end && end >= ls ? (long)(end - ls) + 1 : 1;
+            rc = qerr_set(e, "%s:%ld: invalid JSON near column %ld (expected one JSON object per line)", path, line,
+                          col);
+            break;
+        }
+        if (end && !ds_is_blank(end, ll - (size_t)(end - ls))) {
+            rc = qerr_set(e, "%s:%ld: unexpected text after the JSON object at column %ld (one object per line)",
+                          path, line, (long)(end - ls) + 1);
+        } else if (!cJSON_IsObject(obj)) {
+            rc = qerr_set(e, "%s:%ld: expected a JSON object, got %s", path, line, ds_json_kind(obj));
+        } else {
+            r.n = 0;
+            r.n_span = 0;
+            if (type == DS_COMPLETION)
+                rc = ds_render_completion(obj, field, path, line, &r, e);
+            else if (type == DS_ALPACA)
+                rc = ds_render_alpaca(obj, path, line, &r, e);
+            else
+                rc = ds_render_chat(obj, field_messages, default_system, path, line, &r, e);
+            dataset_example ex;
+            int add_bos = type != DS_CHAT && tokenizer_add_bos(tok) && tokenizer_bos_id(tok) >= 0;
+            int add_eos = type != DS_CHAT;
+            if (rc == 0 && add_eos && tokenizer_eos_id(tok) < 0)
+                rc = qerr_set(e, "%s: type %s appends eos, but the tokenizer has no eos id", path, spec->type);
+            if (rc == 0) {
+                rc = ds_render_to_example(tok, &r, train_on_inputs, add_bos, add_eos, type == DS_COMPLETION, &ex, e);
+                if (rc == 0) {
+                    ex.doc = docs->n;
+                    rc = ds_examples_push(docs, &ex, e);
+                    if (rc) {
+                        free(ex.ids);
+                        free(ex.mask);
+                    }
+                }
+                if (rc) qerr_prefix(e, "%s:%ld", path, line);
+            }
+        }
+        cJSON_Delete(obj);
+    }
+    if (rc == 0 && docs->n == n0) rc = qerr_set(e, "%s: no records (the file is empty or has only blank lines)", path);
+    if (rc) {
+        /* leave `docs` as it was */
+        for (int64_t i = n0; i < docs->n; i++) {
+            free(docs->v[i].ids);
+            free(docs->v[i].mask);
+        }
+        docs->n = n0;
+    }
+    free(r.s);
+    free(r.span);
+    free(buf);
+    free(default_system);
+    return rc;
+}

@@ -1,0 +1,332 @@
+/* data/pack.c — documents → examples (chunk / truncate) → packed rows.
+ *
+ * Packing follows the layout of axolotl's sample packing (multipack): several
+ * examples share a row, position ids restart per example and attention is
+ * confined to each example (here through seq_ids). Placement is first-fit in
+ * a seeded shuffled order: a max-segment tree over the rows' free space finds
+ * the leftmost row with room in O(log rows), so packing a million examples
+ * stays fast. Row order is reshuffled every epoch by dataset_epoch_order.
+ * Random choices come from core/rng.h (counter-based), so they depend only on
+ * the seed.
+ */
+#include "data/dataset.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/rng.h"
+
+#define PACK_STREAM_SHUFFLE 0x5348554646ull /* "SHUFF" */
+#define PACK_STREAM_EPOCH 0x45504f4348000000ull /* "EPOCH" + epoch */
+#define PACK_IGNORE (-100)
+
+void dataset_examples_free(dataset_examples *v) {
+    if (!v) return;
+    for (int64_t i = 0; i < v->n; i++) {
+        free(v->v[i].ids);
+        free(v->v[i].mask);
+    }
+    free(v->v);
+    memset(v, 0, sizeof *v);
+}
+
+void packed_set_free(packed_set *p) {
+    if (!p) return;
+    free(p->input_ids);
+    free(p->targets);
+    free(p->position_ids);
+    free(p->seq_ids);
+    memset(p, 0, sizeof *p);
+}
+
+/* Fisher–Yates with draws rng_u64(seed, stream, i); the modulo bias is
+ * below 2^-40 for any realistic n. */
+static void pack_permute(uint64_t seed, uint64_t stream, int64_t n, int64_t *perm) {
+    for (int64_t i = 0; i < n; i++) perm[i] = i;
+    for (int64_t i = n - 1; i > 0; i--) {
+        int64_t j = (int64_t)(rng_u64(seed, stream, (uint64_t)i) % (uint64_t)(i + 1));
+        int64_t t = perm[i];
+        perm[i] = perm[j];
+        perm[j] = t;
+    }
+}
+
+void dataset_epoch_order(uint64_t seed, int epoch, int64_t n_rows, int64_t *perm) {
+    pack_permute(seed, PACK_STREAM_EPOCH + (uint64_t)(uint32_t)epoch, n_rows, perm);
+}
+
+/* ------------------------------------------------------------------------ */
+/* fitting                                                                   */
+
+static int pack_has_target(const uint8_t *mask, int32_t n) {
+    for (int32_t j = 1; j < n; j++)
+        if (mask[j]) return 1;
+    return 0;
+}
+
+static int pack_push_slice(dataset_examples *out, const dataset_example *d, int32_t start, int32_t n, qerr *e) {
+    if (out->n == out->cap) {
+        int64_t cap = out->cap ? 2 * out->cap : 256;
+        dataset_example *nv = realloc(out->v, (size_t)cap * sizeof *nv);
+        if (!nv) return qerr_set(e, "out of memory (%lld examples)", (long long)cap);
+        out->v = nv;
+        out->cap = cap;
+    }
+    dataset_example ex = {0};
+    ex.ids = malloc((size_t)n * sizeof *ex.ids);
+    ex.mask = malloc((size_t)n);
+    if (!ex.ids || !ex.mask) {
+        free(ex.ids);
+        free(ex.mask);
+        return qerr_set(e, "out of memory (example of %d tokens)", n);
+    }
+    memcpy(ex.ids, d->ids + start, (size_t)n * sizeof *ex.ids);
+    memcpy(ex.mask, d->mask + start, (size_t)n);
+    ex.n = n;
+    ex.chunkable = d->chunkable;
+    ex.doc = d->doc;
+    out->v[out->n++] = ex;
+    return 0;
+}
+
+int dataset_fit(const dataset_examples *docs, const uint8_t *select, int sequence_len, dataset_examples *out,
+                dataset_split_stats *st, qerr *e) {
+    if (sequence_len < 2) return qerr_set(e, "sequence_len = %d: must be at least 2", sequence_len);
+    dataset_split_stats dummy = {0};
+    if (!st) st = &dummy;
+    for (int64_t i = 0; i < docs->n; i++) {
+        if (select && !select[i]) continue;
+        const dataset_example *d = &docs->v[i];
+        st->n_docs++;
+        if (d->n > sequence_len && d->chunkable) {
+            st->n_chunked++;
+            for (int32_t s = 0; s < d->n; s += sequence_len) {
+                int32_t n = d->n - s < sequence_len ? d->n - s : sequence_len;
+                if (!pack_has_target(d->mask + s, n)) {
+                    st->n_dropped++;
+                    continue;
+                }
+                if (pack_push_slice(out, d, s, n, e)) return -1;
+            }
+            continue;
+        }
+        int32_t n = d->n;
+        if (n > sequence_len) {
+            st->n_truncated++;
+            n = sequence_len;
+        }
+        if (!pack_has_target(d->mask, n)) {
+            st->n_dropped++;
+            continue;
+        }
+        if (pack_push_slice(out, d, 0, n, e)) return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* packing                                                                   */
+
+int dataset_pack(const dataset_examples *ex, int seq_len, int sample_packing, int32_t pad_id, int shuffle,
+                 uint64_t seed, packed_set *out, dataset_split_stats *st, qerr *e) {
+    memset(out, 0, sizeof *out);
+    out->seq_len = seq_len;
+    if (seq_len < 2) return qerr_set(e, "sequence_len = %d: must be at least 2", seq_len);
+    int64_t n = ex->n;
+    for (int64_t i = 0; i < n; i++)
+        if (ex->v[i].n < 1 || ex->v[i].n > seq_len)
+            return qerr_set(e, "dataset_pack: example %lld has %d tokens (sequence_len %d)", (long long)i,
+                            ex->v[i].n, seq_len);
+    if (n == 0) return 0;
+
+    int rc = -1;
+    int64_t *order = malloc((size_t)n * sizeof *order);
+    int64_t *row_of = malloc((size_t)n * sizeof *row_of);
+    int32_t *off_of = malloc((size_t)n * sizeof *off_of);
+    int32_t *tree = NULL, *row_cnt = NULL;
+    if (!order || !row_of || !off_of) {
+        qerr_set(e, "out of memory packing %lld examples", (long long)n);
+        goto done;
+    }
+    if (shuffle)
+        pack_permute(seed, PACK_STREAM_SHUFFLE, n, order);
+    else
+        for (int64_t i = 0; i < n; i++) order[i] = i;
+
+    int64_t n_rows = 0;
+    if (sample_packing) {
+        /* Max-segment tree over the free space of rows 0..P-1 (n rows always
+         * suffice); descend to the leftmost leaf with enough room. */
+        int64_t P = 1;
+        while (P < n) P <<= 1;
+        tree = malloc((size_t)(2 * P) * sizeof *tree);
+        if (!tree) {
+            qerr_set(e, "out of memory packing %lld examples", (long long)n);
+            goto done;
+        }
+        for (int64_t i = 0; i < P; i++) tree[P + i] = seq_len;
+        for (int64_t i = P - 1; i >= 1; i--) tree[i] = tree[2 * i] > tree[2 * i + 1] ? tree[2 * i] : tree[2 * i + 1];
+        for (int64_t k = 0; k < n; k++) {
+            int32_t need = ex->v[order[k]].n;
+            int64_t node = 1;
+            while (node < P) node = tree[2 * node] >= need ? 2 * node : 2 * node + 1;
+            int64_t row = node - P;
+            row_of[order[k]] = row;
+            off_of[order[k]] = seq_len - tree[node];
+            tree[node] -= need;
+            for (node >>= 1; node >= 1; node >>= 1)
+                tree[node] = tree[2 * node] > tree[2 * node + 1] ? tree[2 * node] : tree[2 * node + 1];
+            if (row + 1 > n_rows) n_rows = row + 1;
+        }
+    } else {
+        for (int64_t k = 0; k < n; k++) {
+            row_of[order[k]] = k;
+            off_of[order[k]] = 0;
+        }
+        n_rows = n;
+    }
+
+    size_t cells = (size_t)n_rows * (size_t)seq_len;
+    out->n_rows = n_rows;
+    out->input_ids = malloc(cells * sizeof(int32_t));
+    out->targets = malloc(cells * sizeof(int32_t));
+    out->position_ids = malloc(cells * sizeof(int32_t));
+    out->seq_ids = malloc(cells * sizeof(int32_t));
+    row_cnt = calloc((size_t)n_rows, sizeof *row_cnt);
+    if (!out->input_ids || !out->targets || !out->position_ids || !out->seq_ids || !row_cnt) {
+        qerr_set(e, "out of memory allocating %lld packed rows of %d tokens", (long long)n_rows, seq_len);
+        goto done;
+    }
+    for (size_t c = 0; c < cells; c++) {
+        out->input_ids[c] = pad_id;
+        out->targets[c] = PACK_IGNORE;
+        out->position_ids[c] = 0;
+        out->seq_ids[c] = -1;
+    }
+    int64_t n_tok = 0, n_tgt = 0;
+    /* Visit examples in placement order so seq_ids count left to right. */
+    for (int64_t k = 0; k < n; k++) {
+        const dataset_example *x = &ex->v[order[k]];
+        int64_t row = row_of[order[k]];
+        size_t base = (size_t)row * (size_t)seq_len + (size_t)off_of[order[k]];
+        int32_t sid = row_cnt[row]++;
+        for (int32_t p = 0; p < x->n; p++) {
+            out->input_ids[base + p] = x->ids[p];
+            out->position_ids[base + p] = p;
+            out->seq_ids[base + p] = sid;
+            if (p + 1 < x->n && x->mask[p + 1]) {
+                out->targets[base + p] = x->ids[p + 1];
+                n_tgt++;
+            }
+        }
+        n_tok += x->n;
+    }
+    out->n_target_tokens = n_tgt;
+    if (st) {
+        st->n_examples += n;
+        st->n_tokens += n_tok;
+        st->n_trained += n_tgt;
+        st->n_rows += n_rows;
+        st->n_pad += (int64_t)cells - n_tok;
+    }
+    rc = 0;
+done:
+    if (rc) {
+        packed_set_free(out);
+        out->seq_len = seq_len;
+    }
+    free(order);
+    free(row_of);
+    free(off_of);
+    free(tree);
+    free(row_cnt);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* label-mask view                                                           */
+
+typedef struct pack_str {
+    char *s;
+    size_t n, cap;
+} pack_str;
+
+static int pack_str_put(pack_str *b, const char *s, size_t n, qerr *e) {
+    if (b->n + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 1024;
+        while (cap < b->n + n + 1) cap *= 2;
+        char *ns = realloc(b->s, cap);
+        if (!ns) return qerr_set(e, "out of memory");
+        b->s = ns;
+        b->cap = cap;
+    }
+    memcpy(b->s + b->n, s, n);
+    b->n += n;
+    b->s[b->n] = 0;
+    return 0;
+}
+
+static int pack_str_printf(pack_str *b, qerr *e, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int pack_str_printf(pack_str *b, qerr *e, const char *fmt, ...) {
+    char tmp[256];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
+    va_end(ap);
+    if (n < 0) return qerr_set(e, "format error");
+    return pack_str_put(b, tmp, (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1, e);
+}
+
+static int pack_decode_run(const tokenizer *tok, const int32_t *ids, int32_t n, int masked, pack_str *b, qerr *e) {
+    char *txt;
+    size_t len;
+    if (tokenizer_decode(tok, ids, (size_t)n, &txt, &len, e)) return -1;
+    int rc = (masked && pack_str_put(b, "[[", 2, e)) || pack_str_put(b, txt, len, e) ||
+             (masked && pack_str_put(b, "]]", 2, e));
+    free(txt);
+    return rc ? -1 : 0;
+}
+
+/* Token t of the example starting at a is masked unless position t-1 predicts it. */
+static int pack_is_masked(const int32_t *tg, int a, int t) { return !(t > a && tg[t - 1] != -100); }
+
+int dataset_row_describe(const tokenizer *tok, const packed_set *set, int64_t row, char **out, qerr *e) {
+    *out = NULL;
+    if (row < 0 || row >= set->n_rows)
+        return qerr_set(e, "dataset_row_describe: row %lld outside [0, %lld)", (long long)row, (long long)set->n_rows);
+    int L = set->seq_len;
+    const int32_t *ids = set->input_ids + (size_t)row * L, *tg = set->targets + (size_t)row * L;
+    const int32_t *sq = set->seq_ids + (size_t)row * L;
+    pack_str b = {0};
+    int n_pad = 0;
+    for (int a = 0; a < L;) {
+        if (sq[a] < 0) {
+            n_pad++;
+            a++;
+            continue;
+        }
+        int z = a;
+        while (z < L && sq[z] == sq[a]) z++;
+        int trained = 0;
+        for (int t = a; t < z; t++) trained += tg[t] != -100;
+        if (pack_str_printf(&b, e, "--- example %d: %d tokens, %d trained ---\n", sq[a], z - a, trained)) goto fail;
+        /* token t is trained on iff the position before it predicts it */
+        for (int t = a; t < z;) {
+            int m = pack_is_masked(tg, a, t);
+            int u = t;
+            while (u < z && pack_is_masked(tg, a, u) == m) u++;
+            if (pack_decode_run(tok, ids + t, u - t, m, &b, e)) goto fail;
+            t = u;
+        }
+        if (pack_str_put(&b, "\n", 1, e)) goto fail;
+        a = z;
+    }
+    if (pack_str_printf(&b, e, "--- padding: %d positions ---\n", n_pad)) goto fail;
+    *out = b.s;
+    return 0;
+fail:
+    free(b.s);
+    return -1;
+}

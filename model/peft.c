@@ -1,0 +1,334 @@
+/* model/peft.c — PEFT adapter_config.json writer and tensor names.
+ *
+ * The config is built as a cJSON tree and printed by a small printer that
+ * reproduces Python's json.dumps(obj, indent=2, sort_keys=True): keys sorted by
+ * code point, items separated by "," + newline, key and value by ": ",
+ * empty containers as {} / [], ensure_ascii escapes, ints without a dot and
+ * floats in repr() form ("0.05", "0.0", "1e-05"). Numbers go in as cJSON raw
+ * items carrying their final text, so int vs float survives. */
+#include "model/peft.h"
+
+#include <cjson/cJSON.h>
+
+#include <errno.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static const char *const ATTN_MODULES[] = {"q_proj", "k_proj", "v_proj", "o_proj"};
+static const char *const MLP_MODULES[] = {"gate_proj", "up_proj", "down_proj"};
+
+int peft_tensor_name(char *buf, size_t n, int layer, const char *module, char ab) {
+    const char *parent = NULL;
+    if (n) buf[0] = 0;
+    if (!module || layer < 0) return -1;
+    for (size_t i = 0; i < sizeof ATTN_MODULES / sizeof ATTN_MODULES[0]; i++)
+        if (!strcmp(module, ATTN_MODULES[i])) parent = "self_attn";
+    for (size_t i = 0; i < sizeof MLP_MODULES / sizeof MLP_MODULES[0]; i++)
+        if (!strcmp(module, MLP_MODULES[i])) parent = "mlp";
+    char AB = ab == 'a' ? 'A' : ab == 'b' ? 'B' : ab;
+    if (!parent || (AB != 'A' && AB != 'B')) return -1;
+    int w = snprintf(buf, n, "base_model.model.model.layers.%d.%s.%s.lora_%c.weight", layer, parent, module, AB);
+    if (w < 0 || (size_t)w >= n) {
+        if (n) buf[0] = 0;
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Python-compatible JSON text                                                */
+
+typedef struct sbuf {
+    char *p;
+    size_t n, cap;
+    int oom;
+} sbuf;
+
+static void sb_put(sbuf *b, const char *s, size_t n) {
+    if (b->oom) return;
+    if (b->n + n + 1 > b->cap) {
+        size_t cap = b->cap ? b->cap : 1024;
+        while (b->n + n + 1 > cap) cap *= 2;
+        char *q = realloc(b->p, cap);
+        if (!q) {
+            b->oom = 1;
+            return;
+        }
+        b->p = q;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, s, n);
+    b->n += n;
+    b->p[b->n] = 0;
+}
+
+static void sb_puts(sbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
+
+static void sb_u16(sbuf *b, unsigned v) {
+    char t[8];
+    snprintf(t, sizeof t, "\\u%04x", v & 0xffffu);
+    sb_puts(b, t);
+}
+
+/* json.dumps string with ensure_ascii=True: " \ \n \r \t \b \f escaped by name,
+ * everything outside 0x20..0x7e as \uXXXX (lowercase; surrogate pairs above
+ * U+FFFF). Bytes that are not valid UTF-8 become \ufffd. */
+static void sb_py_str(sbuf *b, const char *s) {
+    const unsigned char *q = (const unsigned char *)s;
+    sb_put(b, "\"", 1);
+    while (*q) {
+        unsigned c = *q;
+        if (c < 0x80) {
+            switch (c) {
+            case '"': sb_puts(b, "\\\""); break;
+            case '\\': sb_puts(b, "\\\\"); break;
+            case '\n': sb_puts(b, "\\n"); break;
+            case '\r': sb_puts(b, "\\r"); break;
+            case '\t': sb_puts(b, "\\t"); break;
+            case '\b': sb_puts(b, "\\b"); break;
+            case '\f': sb_puts(b, "\\f"); break;
+            default:
+                if (c < 0x20 || c == 0x7f)
+                    sb_u16(b, c);
+                else
+                    sb_put(b, (const char *)q, 1);
+            }
+            q++;
+            continue;
+        }
+        int len = c >= 0xf0 ? 4 : c >= 0xe0 ? 3 : c >= 0xc0 ? 2 : 0;
+        uint32_t cp = len == 4 ? c & 0x07 : len == 3 ? c & 0x0f : c & 0x1f;
+        int ok = len > 0;
+        for (int k = 1; ok && k < len; k++) {
+            if ((q[k] & 0xc0) != 0x80)
+                ok = 0;
+            else
+                cp = (cp << 6) | (q[k] & 0x3f);
+        }
+        if (ok && ((len == 2 && cp < 0x80) || (len == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) ||
+                   (len == 4 && (cp < 0x10000 || cp > 0x10ffff))))
+            ok = 0;
+        if (!ok) {
+            sb_u16(b, 0xfffd);
+            q++;
+            continue;
+        }
+        if (cp >= 0x10000) {
+            cp -= 0x10000;
+            sb_u16(b, 0xd800 + (cp >> 10));
+            sb_u16(b, 0xdc00 + (cp & 0x3ff));
+        } else {
+            sb_u16(b, cp);
+        }
+        q += len;
+    }
+    sb_put(b, "\"", 1);
+}
+
+/* repr() of a Python float holding the value the user wrote: the shortest
+ * digits that give back v as a float32, laid out by Python's rules
+ * (positional for 1e-4 <= |v| < 1e16 with at least one decimal, else
+ * d.ddde[+-]XX). */
+static void py_float_repr(char *buf, size_t n, float v) {
+    if (v == 0.0f) {
+        snprintf(buf, n, signbit(v) ? "-0.0" : "0.0");
+        return;
+    }
+    char e[40];
+    for (int p = 0; p <= 8; p++) {
+        snprintf(e, sizeof e, "%.*e", p, (double)v);
+        if (strtof(e, NULL) == v) break;
+    }
+    /* e = "[-]d[.ddd]e[+-]XX" -> sign, digits, exponent */
+    const char *s = e;
+    int neg = *s == '-';
+    if (neg) s++;
+    char dig[24];
+    int nd = 0;
+    for (; *s && *s != 'e'; s++)
+        if (*s != '.') dig[nd++] = *s;
+    int x = atoi(s + 1);
+    while (nd > 1 && dig[nd - 1] == '0') nd--;
+    dig[nd] = 0;
+    char out[64];
+    int o = 0;
+    if (neg) out[o++] = '-';
+    if (x >= -4 && x < 16) {
+        if (x >= 0) {
+            for (int i = 0; i <= x; i++) out[o++] = i < nd ? dig[i] : '0';
+            out[o++] = '.';
+            if (nd > x + 1)
+                for (int i = x + 1; i < nd; i++) out[o++] = dig[i];
+            else
+                out[o++] = '0';
+        } else {
+            out[o++] = '0';
+            out[o++] = '.';
+            for (int i = 0; i < -x - 1; i++) out[o++] = '0';
+            for (int i = 0; i < nd; i++) out[o++] = dig[i];
+        }
+        out[o] = 0;
+    } else {
+        out[o++] = dig[0];
+        if (nd > 1) {
+            out[o++] = '.';
+            for (int i = 1; i < nd; i++) out[o++] = dig[i];
+        }
+        snprintf(out + o, sizeof out - (size_t)o, "e%c%02d", x < 0 ? '-' : '+', x < 0 ? -x : x);
+    }
+    snprintf(buf, n, "%s", out);
+}
+
+static int cmp_item_keys(const void *a, const void *b) {
+    return strcmp((*(const cJSON *const *)a)->string, (*(const cJSON *const *)b)->string);
+}
+
+static void sb_indent(sbuf *b, int level) {
+    for (int i = 0; i < 2 * level; i++) sb_put(b, " ", 1);
+}
+
+/* json.dumps(x, indent=2, sort_keys=True) of a cJSON tree (raw items verbatim). */
+static void sb_py_json(sbuf *b, const cJSON *x, int level) {
+    if (cJSON_IsObject(x) || cJSON_IsArray(x)) {
+        int obj = cJSON_IsObject(x), n = cJSON_GetArraySize(x);
+        if (n == 0) {
+            sb_puts(b, obj ? "{}" : "[]");
+            return;
+        }
+        const cJSON **items = malloc((size_t)n * sizeof *items);
+        if (!items) {
+            b->oom = 1;
+            return;
+        }
+        int i = 0;
+        for (const cJSON *it = x->child; it; it = it->next) items[i++] = it;
+        if (obj) qsort(items, (size_t)n, sizeof *items, cmp_item_keys);
+        sb_puts(b, obj ? "{\n" : "[\n");
+        for (i = 0; i < n; i++) {
+            sb_indent(b, level + 1);
+            if (obj) {
+                sb_py_str(b, items[i]->string);
+                sb_puts(b, ": ");
+            }
+            sb_py_json(b, items[i], level + 1);
+            sb_puts(b, i + 1 < n ? ",\n" : "\n");
+        }
+        sb_indent(b, level);
+        sb_puts(b, obj ? "}" : "]");
+        free(items);
+    } else if (cJSON_IsString(x)) {
+        sb_py_str(b, x->valuestring);
+    } else if (cJSON_IsRaw(x)) {
+        sb_puts(b, x->valuestring);
+    } else if (cJSON_IsBool(x)) {
+        sb_puts(b, cJSON_IsTrue(x) ? "true" : "false");
+    } else if (cJSON_IsNull(x)) {
+        sb_puts(b, "null");
+    } else { /* plain numbers are not used by this writer; print as Python would an int-valued float */
+        char t[64];
+        snprintf(t, sizeof t, "%.17g", x->valuedouble);
+        sb_puts(b, t);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+
+static int write_file_atomic(const char *path, const char *data, size_t n, qerr *e) {
+    size_t pl = strlen(path);
+    char *tmp = qmalloc(pl + 5, e);
+    if (!tmp) return -1;
+    memcpy(tmp, path, pl);
+    memcpy(tmp + pl, ".tmp", 5);
+    FILE *f = fopen(tmp, "wb");
+    if (!f) {
+        qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
+        free(tmp);
+        return -1;
+    }
+    int bad = fwrite(data, 1, n, f) != n || fflush(f) || fsync(fileno(f));
+    int err = errno;
+    if (fclose(f) && !bad) bad = 1, err = errno;
+    if (!bad && rename(tmp, path)) bad = 1, err = errno;
+    if (bad) {
+        qerr_set(e, "cannot write %s: %s", path, strerror(err));
+        unlink(tmp);
+    }
+    free(tmp);
+    return bad ? -1 : 0;
+}
+
+int peft_write_adapter_config(const char *path, const peft_lora_config *c, qerr *e) {
+    if (c->r <= 0) return qerr_set(e, "%s: r must be positive, got %d", path, c->r);
+    if (!(c->lora_alpha > 0) || !isfinite(c->lora_alpha))
+        return qerr_set(e, "%s: lora_alpha must be a positive number", path);
+    if (!(c->lora_dropout >= 0 && c->lora_dropout < 1))
+        return qerr_set(e, "%s: lora_dropout must be in [0, 1)", path);
+    if (c->n_target_modules < 1 || !c->target_modules)
+        return qerr_set(e, "%s: at least one target module is needed", path);
+    for (int i = 0; i < c->n_target_modules; i++)
+        if (!c->target_modules[i] || !*c->target_modules[i])
+            return qerr_set(e, "%s: target module %d is empty", path, i);
+
+    char alpha[48], dropout[48];
+    if (c->lora_alpha == floorf(c->lora_alpha) && c->lora_alpha < 2147483648.0f)
+        snprintf(alpha, sizeof alpha, "%ld", (long)c->lora_alpha); /* PEFT types lora_alpha as int */
+    else
+        py_float_repr(alpha, sizeof alpha, c->lora_alpha);
+    py_float_repr(dropout, sizeof dropout, c->lora_dropout);
+    char r[24];
+    snprintf(r, sizeof r, "%d", c->r);
+
+    cJSON *o = cJSON_CreateObject(), *tm = cJSON_CreateArray();
+    if (!o || !tm) {
+        cJSON_Delete(o);
+        cJSON_Delete(tm);
+        return qerr_set(e, "out of memory");
+    }
+    cJSON_AddItemToObject(o, "target_modules", tm);
+    for (int i = 0; i < c->n_target_modules; i++) cJSON_AddItemToArray(tm, cJSON_CreateString(c->target_modules[i]));
+    cJSON_AddItemToObject(o, "alpha_pattern", cJSON_CreateObject());
+    cJSON_AddNullToObject(o, "auto_mapping");
+    if (c->base_model_name_or_path)
+        cJSON_AddStringToObject(o, "base_model_name_or_path", c->base_model_name_or_path);
+    else
+        cJSON_AddNullToObject(o, "base_model_name_or_path");
+    cJSON_AddStringToObject(o, "bias", "none");
+    cJSON_AddNullToObject(o, "exclude_modules");
+    cJSON_AddFalseToObject(o, "fan_in_fan_out");
+    cJSON_AddTrueToObject(o, "inference_mode");
+    cJSON_AddTrueToObject(o, "init_lora_weights");
+    cJSON_AddNullToObject(o, "layer_replication");
+    cJSON_AddNullToObject(o, "layers_pattern");
+    cJSON_AddNullToObject(o, "layers_to_transform");
+    cJSON_AddItemToObject(o, "loftq_config", cJSON_CreateObject());
+    cJSON_AddRawToObject(o, "lora_alpha", alpha);
+    cJSON_AddFalseToObject(o, "lora_bias");
+    cJSON_AddRawToObject(o, "lora_dropout", dropout);
+    cJSON_AddNullToObject(o, "megatron_config");
+    cJSON_AddStringToObject(o, "megatron_core", "megatron.core");
+    cJSON_AddNullToObject(o, "modules_to_save");
+    cJSON_AddStringToObject(o, "peft_type", "LORA");
+    cJSON_AddRawToObject(o, "r", r);
+    cJSON_AddItemToObject(o, "rank_pattern", cJSON_CreateObject());
+    cJSON_AddNullToObject(o, "revision");
+    cJSON_AddStringToObject(o, "task_type", "CAUSAL_LM");
+    cJSON_AddFalseToObject(o, "use_dora");
+    cJSON_AddBoolToObject(o, "use_rslora", c->use_rslora != 0);
+
+    /* every Add* above allocates; a failed one leaves the key missing */
+    int expect = 26, have = cJSON_GetArraySize(o);
+    sbuf b = {0};
+    if (have == expect && cJSON_GetArraySize(tm) == c->n_target_modules) sb_py_json(&b, o, 0);
+    cJSON_Delete(o);
+    if (have != expect || b.oom || !b.p) {
+        free(b.p);
+        return qerr_set(e, "out of memory writing %s", path);
+    }
+    int rc = write_file_atomic(path, b.p, b.n, e);
+    free(b.p);
+    return rc;
+}

@@ -1,0 +1,48 @@
+/* model/peft.h — Hugging Face PEFT LoRA adapter files.
+ *
+ * An adapter directory holds adapter_config.json and adapter_model.safetensors
+ * (peft/utils/constants.py). The config is `asdict(LoraConfig)` written with
+ * json.dumps(indent=2, sort_keys=True) (peft/config.py save_pretrained); the
+ * tensors are named base_model.model.model.layers.{N}.{self_attn|mlp}.{module}
+ * .lora_{A|B}.weight, A [r, in] and B [out, r], usually F32
+ * (peft/tuners/lora/layer.py, ../shared/reference/formats.md §2). With
+ * scaling s = lora_alpha / r (or / sqrt(r) with use_rslora), the adapter adds
+ * s * B @ A to the frozen [out, in] weight. B rows of q_proj/k_proj must be in
+ * HF (rotate_half) order — the caller's job, not this module's.
+ */
+#ifndef QLORA_MODEL_PEFT_H
+#define QLORA_MODEL_PEFT_H
+
+#include <stddef.h>
+
+#include "core/status.h"
+
+typedef struct peft_lora_config {
+    int r;                               /* rank, > 0 */
+    float lora_alpha;                    /* > 0; written as an int when whole (as PEFT configs hold it) */
+    float lora_dropout;                  /* [0, 1) */
+    int use_rslora;                      /* 0: scaling alpha/r, 1: alpha/sqrt(r) */
+    const char **target_modules;         /* e.g. {"q_proj", "v_proj"}; written in this order */
+    int n_target_modules;                /* >= 1 */
+    const char *base_model_name_or_path; /* NULL -> null */
+} peft_lora_config;
+
+/* Write adapter_config.json byte-for-byte as PEFT's save_pretrained would
+ * (2-space indent, sorted keys, ASCII-only with \uXXXX escapes, Python float
+ * repr, no trailing newline), with PEFT's defaults for everything we do not
+ * use: peft_type "LORA", task_type "CAUSAL_LM", bias "none", inference_mode
+ * true, init_lora_weights true, fan_in_fan_out/use_dora/lora_bias false,
+ * revision/modules_to_save/layers_to_transform/layers_pattern/
+ * megatron_config/exclude_modules/layer_replication/auto_mapping null,
+ * rank_pattern/alpha_pattern/loftq_config {}, megatron_core "megatron.core".
+ * Written to path.tmp then renamed. */
+int peft_write_adapter_config(const char *path, const peft_lora_config *c, qerr *e);
+
+/* PEFT tensor name for layer `layer` (>= 0), module one of q_proj k_proj v_proj
+ * o_proj (under self_attn) or gate_proj up_proj down_proj (under mlp), ab 'A'
+ * or 'B' (either case): "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight".
+ * Returns 0, or -1 for an unknown module / bad ab / negative layer / buffer
+ * too small (buf then holds ""). */
+int peft_tensor_name(char *buf, size_t n, int layer, const char *module, char ab);
+
+#endif

@@ -1,0 +1,677 @@
+/* tests/test_config.c — trainer/config: defaults, a full file, an axolotl-style
+ * example, every error class (message substrings), command-line overrides and
+ * the write -> load round trip. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "trainer/config.h"
+
+typedef struct tctx {
+    char dir[64];
+} tctx;
+
+static int group_setup(void **state) {
+    tctx *t = calloc(1, sizeof *t);
+    if (!t) return -1;
+    snprintf(t->dir, sizeof t->dir, "/tmp/qlora_test_config_XXXXXX");
+    if (!mkdtemp(t->dir)) return -1;
+    *state = t;
+    return 0;
+}
+
+static int group_teardown(void **state) {
+    tctx *t = *state;
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", t->dir);
+    if (system(cmd) != 0) return -1;
+    free(t);
+    return 0;
+}
+
+/* Write `text` to <dir>/<name> and return the path (static buffer per call site). */
+static void write_file(const tctx *t, const char *name, const char *text, char *path, size_t n) {
+    snprintf(path, n, "%s/%s", t->dir, name);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fputs(text, f);
+    assert_int_equal(fclose(f), 0);
+}
+
+/* Load `text` as <name>; expect failure with `substr` in the message. */
+static void expect_load_error(const tctx *t, const char *name, const char *text, const char *substr) {
+    char path[256];
+    write_file(t, name, text, path, sizeof path);
+    train_config c;
+    qerr e = {{0}};
+    int rc = train_config_load(path, &c, &e);
+    if (rc == 0 || !strstr(e.msg, substr)) {
+        print_error("load %s: rc=%d msg=[%s], expected substring [%s]\n", name, rc, e.msg, substr);
+        if (rc == 0) train_config_free(&c);
+        fail();
+    }
+}
+
+/* Load `text` (must succeed), validate; expect failure with `substr`. */
+static void expect_validate_error(const tctx *t, const char *name, const char *text, const char *substr) {
+    char path[256];
+    write_file(t, name, text, path, sizeof path);
+    train_config c;
+    qerr e = {{0}};
+    if (train_config_load(path, &c, &e)) {
+        print_error("load %s failed: %s\n", name, e.msg);
+        fail();
+    }
+    int rc = train_config_validate(&c, &e);
+    train_config_free(&c);
+    if (rc == 0 || !strstr(e.msg, substr)) {
+        print_error("validate %s: rc=%d msg=[%s], expected substring [%s]\n", name, rc, e.msg, substr);
+        fail();
+    }
+}
+
+static const char *MINIMAL = "base_model: m.gguf\n"
+                             "datasets:\n"
+                             "  - path: train.jsonl\n"
+                             "    type: completion\n"
+                             "lora_target_linear: true\n";
+
+static const char *FULL =
+    "# every implemented key, none at its default\n"
+    "base_model: models/SmolLM2-135M-Instruct.Q4_1.gguf\n"
+    "load_in_4bit: true\n"
+    "bnb_4bit_use_double_quant: false\n"
+    "bnb_4bit_quant_type: nf4\n"
+    "adapter: qlora\n"
+    "lora_r: 16\n"
+    "lora_alpha: 32.5\n"
+    "lora_dropout: 0.1\n"
+    "peft_use_rslora: true\n"
+    "lora_target_modules:\n"
+    "  - q_proj\n"
+    "  - v_proj\n"
+    "  - down_proj\n"
+    "lora_target_linear: false\n"
+    "datasets:\n"
+    "  - path: data/a.jsonl\n"
+    "    type: completion\n"
+    "    field: content\n"
+    "  - path: \"data/b \\\"quoted\\\" \\\\ é.jsonl\"\n"
+    "    type: chat_template\n"
+    "    field_messages: conversation\n"
+    "test_datasets:\n"
+    "  - path: data/held.jsonl\n"
+    "    type: alpaca\n"
+    "val_set_size: 0\n"
+    "sequence_len: 1024\n"
+    "sample_packing: yes\n"
+    "micro_batch_size: 4\n"
+    "gradient_accumulation_steps: 8\n"
+    "num_epochs: 3\n"
+    "max_steps: 500\n"
+    "learning_rate: 1e-4\n"
+    "lr_scheduler: linear\n"
+    "warmup_steps: 0\n"
+    "warmup_ratio: 0.03\n"
+    "weight_decay: 0.01\n"
+    "max_grad_norm: 0.5\n"
+    "optimizer: adamw_torch\n"
+    "adam_beta1: 0.85\n"
+    "adam_beta2: 0.95\n"
+    "adam_epsilon: 1e-6\n"
+    "seed: 7\n"
+    "output_dir: ./runs/full\n"
+    "logging_steps: 5\n"
+    "eval_steps: 50\n"
+    "evals_per_epoch: 0\n"
+    "eval_max_tokens: 20000\n"
+    "train_on_inputs: true\n"
+    "bf16: false\n"
+    "gradient_checkpointing: off\n"
+    "num_threads: 2\n";
+
+static void check_full(const train_config *c) {
+    assert_string_equal(c->base_model, "models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert_int_equal(c->load_in_4bit, 1);
+    assert_int_equal(c->bnb_4bit_use_double_quant, 0);
+    assert_string_equal(c->bnb_4bit_quant_type, "nf4");
+    assert_string_equal(c->adapter, "qlora");
+    assert_int_equal(c->lora_r, 16);
+    assert_true(c->lora_alpha == 32.5f);
+    assert_true(c->lora_dropout == 0.1f);
+    assert_int_equal(c->use_rslora, 1);
+    assert_int_equal(c->n_lora_target_modules, 3);
+    assert_string_equal(c->lora_target_modules[0], "q_proj");
+    assert_string_equal(c->lora_target_modules[1], "v_proj");
+    assert_string_equal(c->lora_target_modules[2], "down_proj");
+    assert_int_equal(c->lora_target_linear, 0);
+    assert_int_equal(c->n_datasets, 2);
+    assert_string_equal(c->datasets[0].path, "data/a.jsonl");
+    assert_string_equal(c->datasets[0].type, "completion");
+    assert_string_equal(c->datasets[0].field, "content");
+    assert_string_equal(c->datasets[0].field_messages, "messages");
+    assert_string_equal(c->datasets[1].path, "data/b \"quoted\" \\ é.jsonl");
+    assert_string_equal(c->datasets[1].type, "chat_template");
+    assert_string_equal(c->datasets[1].field, "text");
+    assert_string_equal(c->datasets[1].field_messages, "conversation");
+    assert_int_equal(c->n_test_datasets, 1);
+    assert_string_equal(c->test_datasets[0].path, "data/held.jsonl");
+    assert_string_equal(c->test_datasets[0].type, "alpaca");
+    assert_true(c->val_set_size == 0.0);
+    assert_int_equal(c->sequence_len, 1024);
+    assert_int_equal(c->sample_packing, 1);
+    assert_int_equal(c->micro_batch_size, 4);
+    assert_int_equal(c->gradient_accumulation_steps, 8);
+    assert_int_equal(c->num_epochs, 3);
+    assert_int_equal(c->max_steps, 500);
+    assert_true(c->learning_rate == 1e-4f);
+    assert_string_equal(c->lr_scheduler, "linear");
+    assert_int_equal(c->warmup_steps, 0);
+    assert_true(c->warmup_ratio == 0.03f);
+    assert_true(c->weight_decay == 0.01f);
+    assert_true(c->max_grad_norm == 0.5f);
+    assert_string_equal(c->optimizer, "adamw");
+    assert_true(c->adam_beta1 == 0.85f);
+    assert_true(c->adam_beta2 == 0.95f);
+    assert_true(c->adam_epsilon == 1e-6f);
+    assert_int_equal(c->seed, 7);
+    assert_string_equal(c->output_dir, "./runs/full");
+    assert_int_equal(c->logging_steps, 5);
+    assert_int_equal(c->eval_steps, 50);
+    assert_int_equal(c->evals_per_epoch, 0);
+    assert_int_equal(c->eval_max_tokens, 20000);
+    assert_int_equal(c->train_on_inputs, 1);
+    assert_int_equal(c->bf16, 0);
+    assert_int_equal(c->gradient_checkpointing, 0);
+    assert_int_equal(c->num_threads, 2);
+}
+
+static void assert_datasets_equal(const dataset_cfg *a, int na, const dataset_cfg *b, int nb) {
+    assert_int_equal(na, nb);
+    for (int i = 0; i < na; i++) {
+        assert_string_equal(a[i].path, b[i].path);
+        assert_string_equal(a[i].type, b[i].type);
+        assert_string_equal(a[i].field, b[i].field);
+        assert_string_equal(a[i].field_messages, b[i].field_messages);
+    }
+}
+
+static void assert_configs_equal(const train_config *a, const train_config *b) {
+    assert_string_equal(a->base_model, b->base_model);
+    assert_int_equal(a->load_in_4bit, b->load_in_4bit);
+    assert_int_equal(a->bnb_4bit_use_double_quant, b->bnb_4bit_use_double_quant);
+    assert_string_equal(a->bnb_4bit_quant_type, b->bnb_4bit_quant_type);
+    assert_string_equal(a->adapter, b->adapter);
+    assert_int_equal(a->lora_r, b->lora_r);
+    assert_memory_equal(&a->lora_alpha, &b->lora_alpha, sizeof(float));
+    assert_memory_equal(&a->lora_dropout, &b->lora_dropout, sizeof(float));
+    assert_int_equal(a->use_rslora, b->use_rslora);
+    assert_int_equal(a->n_lora_target_modules, b->n_lora_target_modules);
+    for (int i = 0; i < a->n_lora_target_modules; i++)
+        assert_string_equal(a->lora_target_modules[i], b->lora_target_modules[i]);
+    assert_int_equal(a->lora_target_linear, b->lora_target_linear);
+    assert_datasets_equal(a->datasets, a->n_datasets, b->datasets, b->n_datasets);
+    assert_datasets_equal(a->test_datasets, a->n_test_datasets, b->test_datasets, b->n_test_datasets);
+    assert_memory_equal(&a->val_set_size, &b->val_set_size, sizeof(double));
+    assert_int_equal(a->sequence_len, b->sequence_len);
+    assert_int_equal(a->sample_packing, b->sample_packing);
+    assert_int_equal(a->micro_batch_size, b->micro_batch_size);
+    assert_int_equal(a->gradient_accumulation_steps, b->gradient_accumulation_steps);
+    assert_int_equal(a->num_epochs, b->num_epochs);
+    assert_int_equal(a->max_steps, b->max_steps);
+    assert_memory_equal(&a->learning_rate, &b->learning_rate, sizeof(float));
+    assert_string_equal(a->lr_scheduler, b->lr_scheduler);
+    assert_int_equal(a->warmup_steps, b->warmup_steps);
+    assert_memory_equal(&a->warmup_ratio, &b->warmup_ratio, sizeof(float));
+    assert_memory_equal(&a->weight_decay, &b->weight_decay, sizeof(float));
+    assert_memory_equal(&a->max_grad_norm, &b->max_grad_norm, sizeof(float));
+    assert_string_equal(a->optimizer, b->optimizer);
+    assert_memory_equal(&a->adam_beta1, &b->adam_beta1, sizeof(float));
+    assert_memory_equal(&a->adam_beta2, &b->adam_beta2, sizeof(float));
+    assert_memory_equal(&a->adam_epsilon, &b->adam_epsilon, sizeof(float));
+    assert_int_equal(a->seed, b->seed);
+    assert_string_equal(a->output_dir, b->output_dir);
+    assert_int_equal(a->logging_steps, b->logging_steps);
+    assert_int_equal(a->eval_steps, b->eval_steps);
+    assert_int_equal(a->evals_per_epoch, b->evals_per_epoch);
+    assert_int_equal(a->eval_max_tokens, b->eval_max_tokens);
+    assert_int_equal(a->train_on_inputs, b->train_on_inputs);
+    assert_int_equal(a->bf16, b->bf16);
+    assert_int_equal(a->gradient_checkpointing, b->gradient_checkpointing);
+    assert_int_equal(a->num_threads, b->num_threads);
+}
+
+static void test_defaults(void **state) {
+    (void)state;
+    train_config c;
+    assert_int_equal(train_config_defaults(&c), 0);
+    assert_null(c.base_model);
+    assert_int_equal(c.load_in_4bit, 1);
+    assert_int_equal(c.bnb_4bit_use_double_quant, 1);
+    assert_string_equal(c.bnb_4bit_quant_type, "nf4");
+    assert_string_equal(c.adapter, "qlora");
+    assert_int_equal(c.lora_r, 8);
+    assert_true(c.lora_alpha == 16.0f);
+    assert_true(c.lora_dropout == 0.05f);
+    assert_int_equal(c.use_rslora, 0);
+    assert_int_equal(c.n_lora_target_modules, 0);
+    assert_int_equal(c.lora_target_linear, 0);
+    assert_int_equal(c.n_datasets, 0);
+    assert_int_equal(c.n_test_datasets, 0);
+    assert_true(c.val_set_size == 0.0);
+    assert_int_equal(c.sequence_len, 512);
+    assert_int_equal(c.sample_packing, 0);
+    assert_int_equal(c.micro_batch_size, 1);
+    assert_int_equal(c.gradient_accumulation_steps, 1);
+    assert_int_equal(c.num_epochs, 1);
+    assert_int_equal(c.max_steps, -1);
+    assert_true(c.learning_rate == 2e-4f);
+    assert_string_equal(c.lr_scheduler, "cosine");
+    assert_int_equal(c.warmup_steps, 0);
+    assert_true(c.warmup_ratio == 0.0f);
+    assert_true(c.weight_decay == 0.0f);
+    assert_true(c.max_grad_norm == 1.0f);
+    assert_string_equal(c.optimizer, "adamw");
+    assert_true(c.adam_beta1 == 0.9f);
+    assert_true(c.adam_beta2 == 0.999f);
+    assert_true(c.adam_epsilon == 1e-8f);
+    assert_int_equal(c.seed, 42);
+    assert_string_equal(c.output_dir, "./outputs/lora-out");
+    assert_int_equal(c.logging_steps, 1);
+    assert_int_equal(c.eval_steps, 0);
+    assert_int_equal(c.evals_per_epoch, 0);
+    assert_int_equal(c.eval_max_tokens, 0);
+    assert_int_equal(c.train_on_inputs, 0);
+    assert_int_equal(c.bf16, 1);
+    assert_int_equal(c.gradient_checkpointing, 1);
+    assert_int_equal(c.num_threads, 0);
+    assert_null(c.config_path);
+    assert_int_equal(c.n_warnings, 0);
+    /* defaults alone are not a runnable config */
+    qerr e = {{0}};
+    assert_int_equal(train_config_validate(&c, &e), -1);
+    assert_non_null(strstr(e.msg, "config: missing required key \"base_model\""));
+    train_config_free(&c);
+    train_config_free(&c); /* idempotent on a zeroed struct */
+}
+
+static void test_minimal_and_full(void **state) {
+    const tctx *t = *state;
+    char path[256];
+    train_config c;
+    qerr e = {{0}};
+
+    write_file(t, "minimal.yaml", MINIMAL, path, sizeof path);
+    assert_int_equal(train_config_load(path, &c, &e), 0);
+    assert_int_equal(train_config_validate(&c, &e), 0);
+    assert_string_equal(c.config_path, path);
+    assert_string_equal(c.datasets[0].field, "text");
+    assert_string_equal(c.datasets[0].field_messages, "messages");
+    assert_int_equal(train_config_target_mask(&c), 0x7f);
+    assert_int_equal(c.n_warnings, 0);
+    train_config_free(&c);
+
+    write_file(t, "full.yaml", FULL, path, sizeof path);
+    if (train_config_load(path, &c, &e)) {
+        print_error("%s\n", e.msg);
+        fail();
+    }
+    check_full(&c);
+    /* FULL sets test_datasets and warmup_ratio but neither val_set_size nor warmup_steps: valid. */
+    if (train_config_validate(&c, &e)) {
+        print_error("%s\n", e.msg);
+        fail();
+    }
+    assert_int_equal(train_config_target_mask(&c), (1u << 0) | (1u << 2) | (1u << 6));
+    assert_int_equal(train_config_eval_interval(&c, 1000), 50);
+    assert_int_equal(train_config_warmup_steps(&c, 1000), 30);
+    assert_int_equal(train_config_warmup_steps(&c, 1001), 31); /* ceil, as HF */
+    train_config_free(&c);
+}
+
+/* What a user copying an axolotl example gets: empty keys are fine, harmless
+ * keys are ignored with a warning, aliases resolve. */
+static void test_axolotl_style(void **state) {
+    const tctx *t = *state;
+    const char *yaml = "base_model: m.gguf\n"
+                       "model_type: AutoModelForCausalLM\n"
+                       "tokenizer_type: AutoTokenizer\n"
+                       "load_in_8bit: false\n"
+                       "load_in_4bit: true\n"
+                       "strict: false\n"
+                       "datasets:\n"
+                       "  - path: train.jsonl\n"
+                       "    type: alpaca\n"
+                       "    ds_type: json\n"
+                       "dataset_prepared_path:\n"
+                       "val_set_size: 0.05\n"
+                       "output_dir: ./outputs/qlora-out\n"
+                       "adapter: qlora\n"
+                       "lora_model_dir:\n"
+                       "sequence_len: 4096\n"
+                       "sample_packing: true\n"
+                       "pad_to_sequence_len: true\n"
+                       "lora_r: 32\n"
+                       "lora_alpha: 16\n"
+                       "lora_dropout: 0.05\n"
+                       "lora_target_modules:\n"
+                       "lora_target_linear: true\n"
+                       "lora_fan_in_fan_out:\n"
+                       "wandb_project:\n"
+                       "wandb_entity:\n"
+                       "gradient_accumulation_steps: 4\n"
+                       "micro_batch_size: 2\n"
+                       "num_epochs: 4\n"
+                       "optimizer: paged_adamw_32bit\n"
+                       "lr_scheduler: cosine\n"
+                       "learning_rate: 0.0002\n"
+                       "train_on_inputs: false\n"
+                       "group_by_length: false\n"
+                       "bf16: auto\n"
+                       "fp16:\n"
+                       "tf32: false\n"
+                       "gradient_checkpointing: true\n"
+                       "early_stopping_patience:\n"
+                       "resume_from_checkpoint:\n"
+                       "local_rank:\n"
+                       "logging_steps: 1\n"
+                       "xformers_attention:\n"
+                       "flash_attention: false\n"
+                       "warmup_steps: 10\n"
+                       "evals_per_epoch: 4\n"
+                       "eval_table_size:\n"
+                       "saves_per_epoch: 0\n"
+                       "debug:\n"
+                       "deepspeed:\n"
+                       "weight_decay: 0.0\n"
+                       "fsdp:\n"
+                       "fsdp_config:\n"
+                       "special_tokens:\n"
+                       "  pad_token: \"<|end_of_text|>\"\n";
+    char path[256];
+    write_file(t, "axolotl.yaml", yaml, path, sizeof path);
+    train_config c;
+    qerr e = {{0}};
+    if (train_config_load(path, &c, &e) || train_config_validate(&c, &e)) {
+        print_error("%s\n", e.msg);
+        fail();
+    }
+    assert_string_equal(c.optimizer, "adamw");
+    assert_int_equal(c.bf16, 1);
+    assert_int_equal(c.n_lora_target_modules, 0);
+    assert_int_equal(train_config_target_mask(&c), 0x7f);
+    assert_true(fabs(c.val_set_size - 0.05) < 1e-15);
+    assert_int_equal(train_config_eval_interval(&c, 100), 25);
+    assert_int_equal(train_config_eval_interval(&c, 3), 1);
+    /* warnings: model_type, tokenizer_type, pad_to_sequence_len, paged optimizer, special_tokens */
+    int saw_model_type = 0, saw_paged = 0, saw_pad = 0, saw_special = 0;
+    for (int i = 0; i < c.n_warnings; i++) {
+        if (strstr(c.warnings[i], "ignoring \"model_type\"")) saw_model_type = 1;
+        if (strstr(c.warnings[i], "paged_adamw_32bit")) saw_paged = 1;
+        if (strstr(c.warnings[i], "ignoring \"pad_to_sequence_len\"")) saw_pad = 1;
+        if (strstr(c.warnings[i], "special_tokens.pad_token")) saw_special = 1;
+        assert_non_null(strstr(c.warnings[i], "axolotl.yaml: "));
+    }
+    assert_true(saw_model_type && saw_paged && saw_pad && saw_special);
+    assert_int_equal(c.n_warnings, 5);
+    train_config_free(&c);
+}
+
+static void test_errors_per_key(void **state) {
+    const tctx *t = *state;
+    /* the exact message shape from the brief, plus the line */
+    expect_load_error(t, "x.yaml", "base_model: m.gguf\nlora_r: abc\n",
+                      "x.yaml: lora_r: expected a positive integer, got \"abc\" (line 2)");
+    expect_load_error(t, "x.yaml", "lora_r: -2\n", "x.yaml: lora_r: expected a positive integer, got \"-2\"");
+    expect_load_error(t, "x.yaml", "lora_r: 2.5\n", "lora_r: expected a positive integer, got \"2.5\"");
+    expect_load_error(t, "x.yaml", "lora_r: 99999999999\n", "lora_r: expected a positive integer");
+    /* unknown key with suggestion */
+    expect_load_error(t, "x.yaml", "base_model: m.gguf\n\nlora_rank: 8\n",
+                      "x.yaml: unknown key \"lora_rank\"; did you mean \"lora_r\"? (line 3)");
+    expect_load_error(t, "x.yaml", "learning_rat: 1e-4\n", "unknown key \"learning_rat\"; did you mean \"learning_rate\"?");
+    expect_load_error(t, "x.yaml", "micro_batchsize: 2\n", "did you mean \"micro_batch_size\"?");
+    expect_load_error(t, "x.yaml", "zzzzzz_qqqq: 1\n", "unknown key \"zzzzzz_qqqq\" (trainer/config.h");
+    /* list vs scalar */
+    expect_load_error(t, "x.yaml", "lora_r: [1, 2]\n", "lora_r: expected a positive integer, got a list");
+    expect_load_error(t, "x.yaml", "lora_target_modules: q_proj\n",
+                      "lora_target_modules: expected a list of module names (q_proj, k_proj, v_proj, o_proj, "
+                      "gate_proj, up_proj, down_proj), got \"q_proj\"");
+    expect_load_error(t, "x.yaml", "base_model: [a, b]\n", "base_model: expected a string, got a list");
+    expect_load_error(t, "x.yaml", "datasets: train.jsonl\n", "datasets: expected a list of {path, type} entries");
+    expect_load_error(t, "x.yaml", "datasets: [train.jsonl]\n",
+                      "datasets[0]: expected a mapping with path and type, got \"train.jsonl\"");
+    expect_load_error(t, "x.yaml", "sample_packing: maybe\n", "sample_packing: expected true or false, got \"maybe\"");
+    expect_load_error(t, "x.yaml", "bf16: full\n", "bf16: expected true, false or auto, got \"full\"");
+    /* out of range */
+    expect_load_error(t, "x.yaml", "lora_dropout: 1.5\n", "lora_dropout: expected a number in [0, 1), got \"1.5\"");
+    expect_load_error(t, "x.yaml", "learning_rate: 0\n", "learning_rate: expected a positive number, got \"0\"");
+    expect_load_error(t, "x.yaml", "learning_rate: nan\n", "learning_rate: expected a positive number");
+    expect_load_error(t, "x.yaml", "val_set_size: 2.5\n", "val_set_size: expected a fraction in [0, 1) or a whole");
+    expect_load_error(t, "x.yaml", "max_steps: 0\n", "max_steps: expected a positive integer, or -1");
+    expect_load_error(t, "x.yaml", "sequence_len: 1\n", "sequence_len: expected an integer >= 2");
+    /* enums */
+    expect_load_error(t, "x.yaml", "lr_scheduler: cosin\n",
+                      "lr_scheduler: expected one of cosine, linear, constant, got \"cosin\"; did you mean \"cosine\"?");
+    expect_load_error(t, "x.yaml", "optimizer: sophia\n",
+                      "x.yaml: optimizer: \"sophia\" is not implemented yet (accepted: adamw)");
+    expect_load_error(t, "x.yaml", "optimizer: adamw_bnb_8bit\n", "optimizer: \"adamw_bnb_8bit\" is not supported yet");
+    expect_load_error(t, "x.yaml", "bnb_4bit_quant_type: fp4\n", "bnb_4bit_quant_type: \"fp4\" is not supported yet");
+    expect_load_error(t, "x.yaml", "adapter: ia3\n", "adapter: expected one of qlora, lora, got \"ia3\"");
+    expect_load_error(t, "x.yaml", "lora_target_modules: [q_proj, lm_head]\n",
+                      "lora_target_modules[1]: expected one of q_proj, k_proj");
+    expect_load_error(t, "x.yaml", "lora_target_modules: [q_proj, q_proj]\n",
+                      "lora_target_modules: \"q_proj\" is listed twice");
+    /* not supported yet */
+    expect_load_error(t, "x.yaml", "flash_attention: true\n",
+                      "x.yaml: flash_attention: not supported yet (delete the line, or leave it empty) (line 1)");
+    expect_load_error(t, "x.yaml", "deepspeed: deepspeed_configs/zero2.json\n", "deepspeed: not supported yet");
+    expect_load_error(t, "x.yaml", "load_in_8bit: true\n", "load_in_8bit: not supported yet");
+    expect_load_error(t, "x.yaml", "wandb_project: myproj\n", "wandb_project: not supported yet");
+    expect_load_error(t, "x.yaml", "fp16: true\n", "fp16: not supported yet");
+    expect_load_error(t, "x.yaml", "chat_template: chatml\n",
+                      "chat_template: not supported yet; the only accepted value is tokenizer_default");
+    expect_load_error(t, "x.yaml", "special_tokens:\n  eos_token: \"</s>\"\n", "special_tokens: not supported yet");
+    /* dataset entries */
+    expect_load_error(t, "x.yaml", "datasets:\n  - path: a.jsonl\n    type: completion\n    feild: body\n",
+                      "x.yaml: datasets[0]: unknown key \"feild\"; did you mean \"field\"? (line 4)");
+    expect_load_error(t, "x.yaml", "datasets:\n  - path: a.jsonl\n", "datasets[0]: missing required key \"type\"");
+    expect_load_error(t, "x.yaml", "datasets:\n  - type: completion\n", "datasets[0]: missing required key \"path\"");
+    expect_load_error(t, "x.yaml", "test_datasets:\n  - path: a.jsonl\n    type: sharegpt\n",
+                      "test_datasets[0].type: expected one of completion, alpaca, chat_template, got \"sharegpt\"");
+    expect_load_error(t, "x.yaml", "datasets:\n  - path: a.jsonl\n    type: completion\n    split: train\n",
+                      "datasets[0].split: not supported yet");
+    expect_load_error(t, "x.yaml", "datasets:\n  - path: a.jsonl\n    type: completion\n    ds_type: parquet\n",
+                      "datasets[0].ds_type: not supported yet; the only accepted value is json");
+    /* structure */
+    expect_load_error(t, "x.yaml", "lora_r: 8\nlora_r: 16\n", "key \"lora_r\" given twice (line 2)");
+    expect_load_error(t, "x.yaml", "use_rslora: true\npeft_use_rslora: true\n",
+                      "key \"peft_use_rslora\" given twice (also as \"use_rslora\", another name for the same setting)");
+    expect_load_error(t, "x.yaml", "", "x.yaml: the file is empty");
+    expect_load_error(t, "x.yaml", "- a\n- b\n", "expected a mapping of key: value pairs at the top level");
+    expect_load_error(t, "x.yaml", "lora_r: 8\n---\nlora_r: 9\n", "more than one YAML document");
+
+    train_config c;
+    qerr e = {{0}};
+    assert_int_equal(train_config_load("/nonexistent/dir/none.yaml", &c, &e), -1);
+    assert_non_null(strstr(e.msg, "cannot open config /nonexistent/dir/none.yaml: No such file"));
+}
+
+static void test_syntax_error_line(void **state) {
+    const tctx *t = *state;
+    /* unclosed flow sequence starting on line 3 */
+    expect_load_error(t, "syn.yaml", "base_model: m.gguf\nlora_r: 8\nlora_target_modules: [q_proj, v_proj\nseed: 1\n",
+                      "syn.yaml:4:");
+    expect_load_error(t, "syn.yaml", "base_model: m.gguf\nlora_r: 8\nlora_target_modules: [q_proj, v_proj\nseed: 1\n",
+                      "YAML syntax error: ");
+    /* bad indentation on line 2 */
+    expect_load_error(t, "syn2.yaml", "base_model: m.gguf\n  lora_r: 8\n", "syn2.yaml:2:");
+    expect_load_error(t, "syn3.yaml", "a: \"unterminated\n", "syn3.yaml:");
+}
+
+static void test_validate_rules(void **state) {
+    const tctx *t = *state;
+    expect_validate_error(t, "v.yaml", "datasets: [{path: a.jsonl, type: completion}]\nlora_target_linear: true\n",
+                          "v.yaml: missing required key \"base_model\"");
+    expect_validate_error(t, "v.yaml", "base_model: m.gguf\nlora_target_linear: true\n",
+                          "v.yaml: missing required key \"datasets\"");
+    expect_validate_error(t, "v.yaml", "base_model: m.gguf\ndatasets: []\nlora_target_linear: true\n",
+                          "missing required key \"datasets\"");
+    char buf[1024];
+    snprintf(buf, sizeof buf, "%sload_in_4bit: false\n", MINIMAL);
+    expect_validate_error(t, "v.yaml", buf, "v.yaml: adapter: \"qlora\" requires load_in_4bit: true");
+    snprintf(buf, sizeof buf, "%swarmup_steps: 10\nwarmup_ratio: 0.1\n", MINIMAL);
+    expect_validate_error(t, "v.yaml", buf, "warmup_steps and warmup_ratio are both set");
+    snprintf(buf, sizeof buf, "%sval_set_size: 0.1\ntest_datasets: [{path: t.jsonl, type: completion}]\n", MINIMAL);
+    expect_validate_error(t, "v.yaml", buf, "val_set_size and test_datasets are both set");
+    snprintf(buf, sizeof buf, "%seval_steps: 10\nevals_per_epoch: 2\n", MINIMAL);
+    expect_validate_error(t, "v.yaml", buf, "eval_steps and evals_per_epoch are both set");
+    expect_validate_error(t, "v.yaml", "base_model: m.gguf\ndatasets: [{path: a.jsonl, type: completion}]\n",
+                          "lora_target_modules: no LoRA target; list some of q_proj");
+
+    /* lora + bf16 base is valid; values set from code are range-checked too */
+    char path[256];
+    snprintf(buf, sizeof buf, "%sadapter: lora\nload_in_4bit: false\nval_set_size: 100\n", MINIMAL);
+    write_file(t, "ok.yaml", buf, path, sizeof path);
+    train_config c;
+    qerr e = {{0}};
+    assert_int_equal(train_config_load(path, &c, &e), 0);
+    assert_int_equal(train_config_validate(&c, &e), 0);
+    assert_true(c.val_set_size == 100.0);
+    c.lora_r = 0;
+    assert_int_equal(train_config_validate(&c, &e), -1);
+    assert_non_null(strstr(e.msg, "ok.yaml: lora_r: expected a positive integer, got 0"));
+    c.lora_r = 8;
+    c.adam_beta2 = 1.0f;
+    assert_int_equal(train_config_validate(&c, &e), -1);
+    assert_non_null(strstr(e.msg, "adam_beta2: expected a number in [0, 1), got 1"));
+    train_config_free(&c);
+}
+
+static void test_overrides(void **state) {
+    const tctx *t = *state;
+    char path[256];
+    write_file(t, "o.yaml", MINIMAL, path, sizeof path);
+    train_config c;
+    qerr e = {{0}};
+    assert_int_equal(train_config_load(path, &c, &e), 0);
+
+    /* scalars */
+    assert_int_equal(train_config_apply_override(&c, "lora_r=16", &e), 0);
+    assert_int_equal(c.lora_r, 16);
+    assert_int_equal(train_config_apply_override(&c, " learning_rate = 3e-5 ", &e), 0);
+    assert_true(c.learning_rate == 3e-5f);
+    assert_int_equal(train_config_apply_override(&c, "output_dir=runs/x y", &e), 0);
+    assert_string_equal(c.output_dir, "runs/x y");
+    assert_int_equal(train_config_apply_override(&c, "bf16=auto", &e), 0);
+    assert_int_equal(c.bf16, 1);
+    /* list */
+    assert_int_equal(train_config_apply_override(&c, "lora_target_modules=[q_proj,v_proj]", &e), 0);
+    assert_int_equal(c.n_lora_target_modules, 2);
+    assert_string_equal(c.lora_target_modules[0], "q_proj");
+    assert_string_equal(c.lora_target_modules[1], "v_proj");
+    /* nested datasets list replaces the file's list */
+    assert_int_equal(train_config_apply_override(&c, "datasets=[{path: x.jsonl, type: completion}, "
+                                                     "{path: y.jsonl, type: chat_template, field_messages: conv}]",
+                                                 &e),
+                     0);
+    assert_int_equal(c.n_datasets, 2);
+    assert_string_equal(c.datasets[0].path, "x.jsonl");
+    assert_string_equal(c.datasets[1].type, "chat_template");
+    assert_string_equal(c.datasets[1].field_messages, "conv");
+    /* empty value = back to the default */
+    assert_int_equal(train_config_apply_override(&c, "lora_r=", &e), 0);
+    assert_int_equal(c.lora_r, 8);
+    assert_int_equal(train_config_apply_override(&c, "use_rslora=true", &e), 0);
+    assert_int_equal(c.use_rslora, 1);
+
+    /* errors leave the config unchanged */
+    assert_int_equal(train_config_apply_override(&c, "lora_rank=4", &e), -1);
+    assert_string_equal(e.msg, "command line: unknown key \"lora_rank\"; did you mean \"lora_r\"?");
+    assert_int_equal(train_config_apply_override(&c, "lora_r=abc", &e), -1);
+    assert_string_equal(e.msg, "command line: lora_r: expected a positive integer, got \"abc\"");
+    assert_int_equal(c.lora_r, 8);
+    assert_int_equal(train_config_apply_override(&c, "lora_target_modules=[q_proj,", &e), -1);
+    assert_non_null(strstr(e.msg, "command line: lora_target_modules: cannot parse \"[q_proj,\" as a YAML value"));
+    assert_int_equal(c.n_lora_target_modules, 2);
+    assert_int_equal(train_config_apply_override(&c, "datasets=[{path: z.jsonl, type: completion, feild: t}]", &e),
+                     -1);
+    assert_non_null(strstr(e.msg, "datasets[0]: unknown key \"feild\"; did you mean \"field\"?"));
+    assert_int_equal(c.n_datasets, 2);
+    assert_string_equal(c.datasets[0].path, "x.jsonl");
+    assert_int_equal(train_config_apply_override(&c, "lora_r", &e), -1);
+    assert_string_equal(e.msg, "command line: expected key=value, got \"lora_r\"");
+    assert_int_equal(train_config_apply_override(&c, "=8", &e), -1);
+    assert_int_equal(train_config_apply_override(&c, "flash_attention=true", &e), -1);
+    assert_non_null(strstr(e.msg, "command line: flash_attention: not supported yet"));
+    assert_int_equal(train_config_apply_override(&c, "optimizer=sophia", &e), -1);
+    assert_non_null(strstr(e.msg, "optimizer: \"sophia\" is not implemented yet"));
+    assert_int_equal(train_config_apply_override(&c, "flash_attention=false", &e), 0);
+
+    assert_int_equal(train_config_validate(&c, &e), 0);
+    train_config_free(&c);
+}
+
+static void test_round_trip(void **state) {
+    const tctx *t = *state;
+    char path[256], out[256], out2[300];
+    train_config a, b;
+    qerr e = {{0}};
+    write_file(t, "rt.yaml", FULL, path, sizeof path);
+    assert_int_equal(train_config_load(path, &a, &e), 0);
+    /* awkward values: exact float round trip, odd strings */
+    a.learning_rate = 1.0f / 3.0f * 1e-4f;
+    a.val_set_size = 0.1234567890123;
+    a.adam_epsilon = 1e-8f;
+    free(a.output_dir);
+    a.output_dir = strdup("out dir/with: colon #hash 'q' \"dq\" \\ tab\there\nnewline");
+    snprintf(out, sizeof out, "%s/resolved.yaml", t->dir);
+    if (train_config_write_yaml(&a, out, &e)) {
+        print_error("%s\n", e.msg);
+        fail();
+    }
+    snprintf(out2, sizeof out2, "%s.tmp", out);
+    assert_int_equal(access(out2, F_OK), -1); /* temp file renamed away */
+    if (train_config_load(out, &b, &e)) {
+        print_error("%s\n", e.msg);
+        fail();
+    }
+    assert_configs_equal(&a, &b);
+    assert_int_equal(b.n_warnings, 0);
+    train_config_free(&b);
+
+    /* defaults + required keys also round-trip (empty lists, -1, null-ish values) */
+    train_config_free(&a);
+    write_file(t, "rt2.yaml", MINIMAL, path, sizeof path);
+    assert_int_equal(train_config_load(path, &a, &e), 0);
+    assert_int_equal(train_config_write_yaml(&a, out, &e), 0);
+    assert_int_equal(train_config_load(out, &b, &e), 0);
+    assert_configs_equal(&a, &b);
+    train_config_free(&a);
+    train_config_free(&b);
+
+    /* writing into a missing directory fails with a message */
+    assert_int_equal(train_config_write_yaml(&b, "/nonexistent/dir/x.yaml", &e), -1);
+    assert_non_null(strstr(e.msg, "cannot create /nonexistent/dir/x.yaml.tmp"));
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_defaults),
+        cmocka_unit_test(test_minimal_and_full),
+        cmocka_unit_test(test_axolotl_style),
+        cmocka_unit_test(test_errors_per_key),
+        cmocka_unit_test(test_syntax_error_line),
+        cmocka_unit_test(test_validate_rules),
+        cmocka_unit_test(test_overrides),
+        cmocka_unit_test(test_round_trip),
+    };
+    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+}

@@ -1,0 +1,640 @@
+/* tests/test_dataset.c — data/dataset: formats, masks, packing, split, errors.
+ *
+ * Uses the real SmolLM2 tokenizer (models/SmolLM2-135M-Instruct.Q4_1.gguf,
+ * `make model`) and small JSONL files written into a mkdtemp directory.
+ * Expected strings are the ones SmolLM2's chat template and axolotl's Alpaca
+ * prompter produce (shared/reference/formats.md §6; axolotl prompters.py).
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "data/dataset.h"
+
+#define MODEL_PATH "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+#define SMOL_SYSTEM "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+typedef struct fixture {
+    tokenizer *tok;
+    char dir[64];
+} fixture;
+
+/* A missing model does not abort the group: every test that needs the
+ * tokenizer fails on its own with the hint (so the runner counts failures). */
+static int setup(void **state) {
+    fixture *fx = calloc(1, sizeof *fx);
+    if (!fx) return -1;
+    snprintf(fx->dir, sizeof fx->dir, "/tmp/qlora_ds_XXXXXX");
+    if (!mkdtemp(fx->dir)) {
+        free(fx);
+        return -1;
+    }
+    *state = fx;
+    if (access(MODEL_PATH, R_OK) != 0) return 0;
+    gguf_file *f = NULL;
+    qerr e = {{0}};
+    if (gguf_open(MODEL_PATH, &f, &e) || tokenizer_load_gguf(f, &fx->tok, &e)) {
+        fprintf(stderr, "%s\n", e.msg);
+        fx->tok = NULL;
+    }
+    gguf_close(f);
+    return 0;
+}
+
+static int teardown(void **state) {
+    fixture *fx = *state;
+    if (!fx) return 0;
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", fx->dir);
+    int rc = system(cmd);
+    tokenizer_free(fx->tok);
+    free(fx);
+    return rc == 0 ? 0 : -1;
+}
+
+static fixture *need_model(void **state) {
+    fixture *fx = *state;
+    if (!fx->tok) fail_msg("%s is missing or unreadable: run `make model` first", MODEL_PATH);
+    return fx;
+}
+
+/* Writes `content` to dir/name; returns a static path buffer (copy it if needed). */
+static char *write_jsonl(const fixture *fx, const char *name, const char *content) {
+    static char path[4][256];
+    static int k;
+    char *p = path[k++ % 4];
+    snprintf(p, 256, "%s/%s", fx->dir, name);
+    FILE *fp = fopen(p, "wb");
+    assert_non_null(fp);
+    fputs(content, fp);
+    fclose(fp);
+    return p;
+}
+
+static char *decode(const tokenizer *tok, const int32_t *ids, size_t n) {
+    char *s;
+    size_t len;
+    qerr e = {{0}};
+    if (tokenizer_decode(tok, ids, n, &s, &len, &e)) fail_msg("%s", e.msg);
+    return s;
+}
+
+static int32_t count_tokens(const tokenizer *tok, const char *text) {
+    tokenizer_ids v = {0};
+    qerr e = {{0}};
+    if (tokenizer_encode(tok, text, strlen(text), 1, &v, &e)) fail_msg("%s", e.msg);
+    int32_t n = (int32_t)v.n;
+    tokenizer_ids_free(&v);
+    return n;
+}
+
+/* Decoded text of the tokens whose mask is 1. */
+static char *decode_trained(const tokenizer *tok, const dataset_example *x) {
+    int32_t *ids = malloc((size_t)x->n * sizeof *ids);
+    size_t k = 0;
+    for (int32_t i = 0; i < x->n; i++)
+        if (x->mask[i]) ids[k++] = x->ids[i];
+    char *s = decode(tok, ids, k);
+    free(ids);
+    return s;
+}
+
+static void read_ok(const fixture *fx, dataset_spec *spec, int train_on_inputs, dataset_examples *docs) {
+    qerr e = {{0}};
+    if (dataset_read_jsonl(fx->tok, spec, train_on_inputs, docs, &e)) fail_msg("%s", e.msg);
+}
+
+/* ---- completion ---------------------------------------------------------- */
+
+static void test_completion_chunking(void **state) {
+    fixture *fx = need_model(state);
+    char text[4096] = "";
+    for (int i = 0; i < 40; i++) strcat(text, "The quick brown fox jumps over the lazy dog. ");
+    char line[4200];
+    snprintf(line, sizeof line, "{\"text\": \"%s\"}\n\n{\"text\": \"short one\"}\n", text);
+    dataset_spec spec = {write_jsonl(fx, "c.jsonl", line), "completion", NULL, NULL};
+    dataset_examples docs = {0};
+    read_ok(fx, &spec, 0, &docs);
+    assert_int_equal(docs.n, 2);
+    int32_t nt = count_tokens(fx->tok, text) + 1; /* + eos, no bos for SmolLM2 */
+    assert_int_equal(docs.v[0].n, nt);
+    assert_int_equal(docs.v[0].ids[nt - 1], tokenizer_eos_id(fx->tok));
+    for (int32_t i = 0; i < nt; i++) assert_int_equal(docs.v[0].mask[i], 1);
+    char *back = decode(fx->tok, docs.v[0].ids, (size_t)nt - 1);
+    assert_string_equal(back, text);
+    free(back);
+
+    const int L = 64;
+    dataset_examples ex = {0};
+    dataset_split_stats st = {0};
+    qerr e = {{0}};
+    assert_int_equal(dataset_fit(&docs, NULL, L, &ex, &st, &e), 0);
+    int32_t n_chunks = (nt + L - 1) / L;
+    /* a final chunk of one token has no target and is dropped */
+    int32_t expect = (nt % L == 1) ? n_chunks - 1 : n_chunks;
+    assert_int_equal(ex.n, expect + 1);
+    assert_int_equal(st.n_chunked, 1);
+    assert_int_equal(st.n_docs, 2);
+    /* consecutive chunks reassemble the document */
+    int32_t pos = 0;
+    for (int64_t k = 0; k < expect; k++) {
+        assert_int_equal(ex.v[k].doc, 0);
+        assert_true(ex.v[k].n == L || k == expect - 1);
+        assert_memory_equal(ex.v[k].ids, docs.v[0].ids + pos, (size_t)ex.v[k].n * sizeof(int32_t));
+        pos += ex.v[k].n;
+    }
+    assert_int_equal(ex.v[expect].doc, 1);
+
+    packed_set ps;
+    assert_int_equal(dataset_pack(&ex, L, 0, tokenizer_pad_id(fx->tok), 0, 1, &ps, NULL, &e), 0);
+    assert_int_equal(ps.n_rows, ex.n);
+    /* row 0 is a full chunk: every position but the last predicts the next token */
+    for (int t = 0; t < L - 1; t++) assert_int_equal(ps.targets[t], ps.input_ids[t + 1]);
+    assert_int_equal(ps.targets[L - 1], -100);
+    packed_set_free(&ps);
+    dataset_examples_free(&ex);
+    dataset_examples_free(&docs);
+}
+
+/* ---- alpaca -------------------------------------------------------------- */
+
+static void check_alpaca(fixture *fx, int train_on_inputs) {
+    const char *jsonl =
+        "{\"instruction\": \"Name a primary color.\", \"input\": \"\", \"output\": \"Red is a primary color.\"}\n"
+        "{\"instruction\": \"Add the numbers.\", \"input\": \"2 and 3\", \"output\": \"The sum is 5.\"}\n";
+    const char *prompt0 =
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nName a primary color.\n\n### Response:\n";
+    const char *prompt1 =
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nAdd the numbers.\n\n"
+        "### Input:\n2 and 3\n\n### Response:\n";
+    const char *outs[2] = {"Red is a primary color.", "The sum is 5."};
+    const char *prompts[2] = {prompt0, prompt1};
+    dataset_spec spec = {write_jsonl(fx, "a.jsonl", jsonl), "alpaca", NULL, NULL};
+    dataset_examples docs = {0};
+    read_ok(fx, &spec, train_on_inputs, &docs);
+    assert_int_equal(docs.n, 2);
+    for (int k = 0; k < 2; k++) {
+        const dataset_example *x = &docs.v[k];
+        char full[1024];
+        snprintf(full, sizeof full, "%s%s", prompts[k], outs[k]);
+        char *back = decode(fx->tok, x->ids, (size_t)x->n - 1);
+        assert_string_equal(back, full);
+        free(back);
+        assert_int_equal(x->ids[x->n - 1], tokenizer_eos_id(fx->tok));
+        int32_t P = count_tokens(fx->tok, prompts[k]);
+        assert_int_equal(x->n, count_tokens(fx->tok, full) + 1);
+        for (int32_t i = 0; i < x->n; i++) assert_int_equal(x->mask[i], train_on_inputs || i >= P);
+
+        /* packed (one example per row): exactly which targets are -100 */
+        dataset_examples one = {(dataset_example *)x, 1, 1};
+        packed_set ps;
+        qerr e = {{0}};
+        const int L = 128;
+        assert_true(x->n <= L);
+        assert_int_equal(dataset_pack(&one, L, 0, tokenizer_pad_id(fx->tok), 0, 0, &ps, NULL, &e), 0);
+        for (int t = 0; t < L; t++) {
+            int32_t want = -100;
+            if (t + 1 < x->n && (train_on_inputs || t + 1 >= P)) want = x->ids[t + 1];
+            assert_int_equal(ps.targets[t], want);
+            assert_int_equal(ps.input_ids[t], t < x->n ? x->ids[t] : tokenizer_pad_id(fx->tok));
+            assert_int_equal(ps.seq_ids[t], t < x->n ? 0 : -1);
+        }
+        assert_int_equal(ps.n_target_tokens, train_on_inputs ? x->n - 1 : x->n - P);
+        packed_set_free(&ps);
+    }
+    dataset_examples_free(&docs);
+}
+
+static void test_alpaca_masked(void **state) { check_alpaca(need_model(state), 0); }
+static void test_alpaca_train_on_inputs(void **state) { check_alpaca(need_model(state), 1); }
+
+/* ---- chat_template ------------------------------------------------------- */
+
+static void test_chatml_default_system(void **state) {
+    fixture *fx = need_model(state);
+    char *sys = NULL;
+    qerr e = {{0}};
+    assert_int_equal(dataset_chatml_default_system(tokenizer_chat_template(fx->tok), &sys, &e), 0);
+    assert_non_null(sys);
+    assert_string_equal(sys, SMOL_SYSTEM);
+    free(sys);
+    /* Jinja escapes in the literal are decoded */
+    const char *esc = "{% if x %}{{ '<|im_start|>system\\nYou are \\'X\\'<|im_end|>\\n' }}{% endif %}"
+                      "{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n'}}";
+    assert_int_equal(dataset_chatml_default_system(esc, &sys, &e), 0);
+    assert_string_equal(sys, "<|im_start|>system\nYou are 'X'<|im_end|>\n");
+    free(sys);
+    /* ChatML without a default system turn */
+    assert_int_equal(dataset_chatml_default_system("{{'<|im_start|>' + r + '\\n' + c + '<|im_end|>\\n'}}", &sys, &e),
+                     0);
+    assert_null(sys);
+    /* not ChatML */
+    assert_int_equal(dataset_chatml_default_system("{{ bos_token }}[INST] {{ m }} [/INST]", &sys, &e), -1);
+    assert_non_null(strstr(e.msg, "not ChatML"));
+    assert_int_equal(dataset_chatml_default_system(NULL, &sys, &e), -1);
+}
+
+static void test_chat_template(void **state) {
+    fixture *fx = need_model(state);
+    const char *jsonl =
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi!\"}, {\"role\": \"assistant\", \"content\": \"Hello! "
+        "How can I help?\"}, {\"role\": \"user\", \"content\": \"What is 2+2?\"}, {\"role\": \"assistant\", "
+        "\"content\": \"2+2 = 4.\"}]}\n"
+        "{\"messages\": [{\"role\": \"system\", \"content\": \"Be terse.\"}, {\"role\": \"user\", \"content\": "
+        "\"Ping\"}, {\"role\": \"assistant\", \"content\": \"\\n  Pong\"}]}\n";
+    dataset_spec spec = {write_jsonl(fx, "chat.jsonl", jsonl), "chat_template", NULL, NULL};
+    dataset_examples docs = {0};
+    read_ok(fx, &spec, 0, &docs);
+    assert_int_equal(docs.n, 2);
+
+    /* rendering: SmolLM2's template, default system turn inserted */
+    char *s0 = decode(fx->tok, docs.v[0].ids, (size_t)docs.v[0].n);
+    assert_string_equal(s0, SMOL_SYSTEM
+                        "<|im_start|>user\nHi!<|im_end|>\n"
+                        "<|im_start|>assistant\nHello! How can I help?<|im_end|>\n"
+                        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+                        "<|im_start|>assistant\n2+2 = 4.<|im_end|>\n");
+    free(s0);
+    char *s1 = decode(fx->tok, docs.v[1].ids, (size_t)docs.v[1].n);
+    assert_string_equal(s1, "<|im_start|>system\nBe terse.<|im_end|>\n"
+                            "<|im_start|>user\nPing<|im_end|>\n"
+                            "<|im_start|>assistant\n\n  Pong<|im_end|>\n");
+    free(s1);
+    /* ids equal tokenizing the rendered string in one go (parse_special) */
+    tokenizer_ids v = {0};
+    qerr e = {{0}};
+    const char *r1 = "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nPing<|im_end|>\n"
+                     "<|im_start|>assistant\n\n  Pong<|im_end|>\n";
+    assert_int_equal(tokenizer_encode(fx->tok, r1, strlen(r1), 1, &v, &e), 0);
+    assert_int_equal(v.n, docs.v[1].n);
+    assert_memory_equal(v.ids, docs.v[1].ids, v.n * sizeof(int32_t));
+    tokenizer_ids_free(&v);
+
+    /* masking: only assistant content + <|im_end|> */
+    char *t0 = decode_trained(fx->tok, &docs.v[0]);
+    assert_string_equal(t0, "Hello! How can I help?<|im_end|>2+2 = 4.<|im_end|>");
+    free(t0);
+    int32_t im_end = tokenizer_find_token(fx->tok, "<|im_end|>"), im_start = tokenizer_find_token(fx->tok, "<|im_start|>");
+    int n_end_trained = 0;
+    for (int32_t i = 0; i < docs.v[0].n; i++) {
+        if (docs.v[0].ids[i] == im_start) assert_int_equal(docs.v[0].mask[i], 0);
+        if (docs.v[0].ids[i] == im_end) n_end_trained += docs.v[0].mask[i];
+    }
+    assert_int_equal(n_end_trained, 2); /* the two assistant turns' ends, not the system/user ones */
+    /* the content starts with "\n  ": the header's "\n" and the content's
+     * whitespace share a token, which is trained (it holds content bytes) */
+    char *t1 = decode_trained(fx->tok, &docs.v[1]);
+    assert_non_null(strstr(t1, "Pong<|im_end|>"));
+    assert_null(strstr(t1, "assistant"));
+    free(t1);
+
+    /* train_on_inputs: everything */
+    dataset_examples all = {0};
+    read_ok(fx, &spec, 1, &all);
+    for (int32_t i = 0; i < all.v[0].n; i++) assert_int_equal(all.v[0].mask[i], 1);
+    dataset_examples_free(&all);
+
+    /* the label-mask view */
+    dataset_examples ex = {0};
+    assert_int_equal(dataset_fit(&docs, NULL, 256, &ex, NULL, &e), 0);
+    packed_set ps;
+    assert_int_equal(dataset_pack(&ex, 256, 1, tokenizer_pad_id(fx->tok), 0, 0, &ps, NULL, &e), 0);
+    assert_int_equal(ps.n_rows, 1);
+    char *view;
+    assert_int_equal(dataset_row_describe(fx->tok, &ps, 0, &view, &e), 0);
+    assert_non_null(strstr(view, "--- example 0:"));
+    assert_non_null(strstr(view, "--- example 1:"));
+    assert_non_null(strstr(view, "[[<|im_start|>system\n"));
+    assert_non_null(strstr(view, "assistant\n]]Hello! How can I help?<|im_end|>[[\n<|im_start|>user"));
+    free(view);
+    packed_set_free(&ps);
+    dataset_examples_free(&ex);
+
+    /* truncation of a chat example is counted */
+    dataset_split_stats st = {0};
+    assert_int_equal(dataset_fit(&docs, NULL, 40, &ex, &st, &e), 0);
+    assert_int_equal(st.n_truncated, 1);
+    assert_int_equal(st.n_dropped, 0);
+    assert_int_equal(ex.n, 2);
+    assert_int_equal(ex.v[0].n, 40);
+    dataset_examples_free(&ex);
+    /* cut before any assistant token: nothing to learn, dropped */
+    memset(&st, 0, sizeof st);
+    assert_int_equal(dataset_fit(&docs, NULL, 12, &ex, &st, &e), 0);
+    assert_int_equal(st.n_truncated, 2);
+    assert_int_equal(st.n_dropped, 2);
+    assert_int_equal(ex.n, 0);
+    dataset_examples_free(&ex);
+    dataset_examples_free(&docs);
+}
+
+/* ---- packing invariants --------------------------------------------------- */
+
+static void check_packing_invariants(const packed_set *ps, int32_t pad) {
+    int L = ps->seq_len;
+    int64_t n_tgt = 0;
+    for (int64_t r = 0; r < ps->n_rows; r++) {
+        const int32_t *in = ps->input_ids + r * L, *tg = ps->targets + r * L;
+        const int32_t *po = ps->position_ids + r * L, *sq = ps->seq_ids + r * L;
+        assert_int_equal(tg[L - 1], -100);
+        assert_true(sq[0] == 0);
+        for (int t = 0; t < L; t++) {
+            if (sq[t] < 0) {
+                assert_int_equal(in[t], pad);
+                assert_int_equal(tg[t], -100);
+                assert_int_equal(po[t], 0);
+                continue;
+            }
+            if (t == 0 || sq[t] != sq[t - 1]) {
+                assert_int_equal(po[t], 0); /* positions restart per example */
+                if (t > 0) assert_true(sq[t - 1] < 0 || sq[t] == sq[t - 1] + 1);
+            } else {
+                assert_int_equal(po[t], po[t - 1] + 1);
+            }
+            if (tg[t] != -100) {
+                n_tgt++;
+                assert_true(t + 1 < L);
+                assert_int_equal(sq[t + 1], sq[t]); /* never crosses an example */
+                assert_int_equal(tg[t], in[t + 1]);
+            }
+        }
+    }
+    assert_int_equal(n_tgt, ps->n_target_tokens);
+}
+
+static void test_packing_invariants(void **state) {
+    (void)state;
+    /* synthetic examples: example k = (k + 100) repeated len_k times */
+    enum { N = 300, L = 64 };
+    dataset_examples ex = {0};
+    ex.v = calloc(N, sizeof *ex.v);
+    ex.n = ex.cap = N;
+    int64_t total = 0;
+    for (int k = 0; k < N; k++) {
+        int32_t n = 1 + (int32_t)((k * 37u + 11u) % L);
+        ex.v[k].n = n;
+        ex.v[k].ids = malloc((size_t)n * sizeof(int32_t));
+        ex.v[k].mask = malloc((size_t)n);
+        for (int32_t i = 0; i < n; i++) {
+            ex.v[k].ids[i] = k + 100;
+            ex.v[k].mask[i] = (uint8_t)(i % 3 != 0);
+        }
+        total += n;
+    }
+    for (int packing = 0; packing <= 1; packing++) {
+        packed_set ps;
+        dataset_split_stats st = {0};
+        qerr e = {{0}};
+        assert_int_equal(dataset_pack(&ex, L, packing, 7, 1, 42, &ps, &st, &e), 0);
+        check_packing_invariants(&ps, 7);
+        assert_int_equal(st.n_tokens, total);
+        assert_int_equal(st.n_pad, ps.n_rows * L - total);
+        /* every example appears exactly once, whole, in one row */
+        int seen[N] = {0};
+        for (int64_t r = 0; r < ps.n_rows; r++) {
+            for (int t = 0; t < L;) {
+                if (ps.seq_ids[r * L + t] < 0) {
+                    t++;
+                    continue;
+                }
+                int32_t id = ps.input_ids[r * L + t];
+                int k = id - 100, u = t;
+                while (u < L && ps.seq_ids[r * L + u] == ps.seq_ids[r * L + t]) {
+                    assert_int_equal(ps.input_ids[r * L + u], id);
+                    u++;
+                }
+                assert_true(k >= 0 && k < N);
+                assert_int_equal(u - t, ex.v[k].n);
+                seen[k]++;
+                t = u;
+            }
+        }
+        for (int k = 0; k < N; k++) assert_int_equal(seen[k], 1);
+        if (packing) {
+            int64_t lower = (total + L - 1) / L;
+            assert_true(ps.n_rows <= lower + lower / 10); /* first-fit packs within 10% of the bound */
+            printf("[dataset] %d examples, %lld tokens -> %lld rows of %d (%.1f%% padding)\n", N, (long long)total,
+                   (long long)ps.n_rows, L, 100.0 * (double)st.n_pad / (double)(ps.n_rows * L));
+        } else {
+            assert_int_equal(ps.n_rows, N);
+        }
+        packed_set_free(&ps);
+    }
+    /* an over-long example is an error */
+    ex.v[0].n = L + 1;
+    int32_t *big = realloc(ex.v[0].ids, (L + 1) * sizeof(int32_t));
+    ex.v[0].ids = big;
+    packed_set ps;
+    qerr e = {{0}};
+    assert_int_equal(dataset_pack(&ex, L, 1, 7, 1, 42, &ps, NULL, &e), -1);
+    ex.v[0].n = 1;
+    dataset_examples_free(&ex);
+}
+
+/* ---- determinism, split, build ------------------------------------------- */
+
+static char *make_docs_jsonl(int n_docs) {
+    static const char *words[] = {"alpha", "river", "stone", "cloud", "pixel", "garden", "signal", "vector"};
+    size_t cap = (size_t)n_docs * 2048;
+    char *s = malloc(cap);
+    size_t k = 0;
+    for (int d = 0; d < n_docs; d++) {
+        k += (size_t)snprintf(s + k, cap - k, "{\"text\": \"Document %d.", d);
+        int len = 5 + (d * 13) % 60;
+        for (int w = 0; w < len; w++) k += (size_t)snprintf(s + k, cap - k, " %s", words[(d + w * w) % 8]);
+        k += (size_t)snprintf(s + k, cap - k, "\"}\n");
+    }
+    return s;
+}
+
+static void test_determinism(void **state) {
+    fixture *fx = need_model(state);
+    char *jsonl = make_docs_jsonl(40);
+    dataset_spec spec = {write_jsonl(fx, "d.jsonl", jsonl), "completion", NULL, NULL};
+    free(jsonl);
+    packed_set a, b, c, ea, eb, ec;
+    dataset_stats sa, sb, sc;
+    qerr e = {{0}};
+    assert_int_equal(dataset_build(fx->tok, &spec, 1, NULL, 0, 0.1, 32, 1, 0, 1234, &a, &ea, &sa, &e), 0);
+    assert_int_equal(dataset_build(fx->tok, &spec, 1, NULL, 0, 0.1, 32, 1, 0, 1234, &b, &eb, &sb, &e), 0);
+    assert_int_equal(dataset_build(fx->tok, &spec, 1, NULL, 0, 0.1, 32, 1, 0, 999, &c, &ec, &sc, &e), 0);
+    assert_int_equal(a.n_rows, b.n_rows);
+    size_t cells = (size_t)a.n_rows * 32;
+    assert_memory_equal(a.input_ids, b.input_ids, cells * 4);
+    assert_memory_equal(a.targets, b.targets, cells * 4);
+    assert_memory_equal(a.position_ids, b.position_ids, cells * 4);
+    assert_memory_equal(a.seq_ids, b.seq_ids, cells * 4);
+    assert_true(c.n_rows != a.n_rows || memcmp(a.input_ids, c.input_ids, cells * 4) != 0);
+    check_packing_invariants(&a, tokenizer_pad_id(fx->tok));
+    check_packing_invariants(&c, tokenizer_pad_id(fx->tok));
+    assert_int_equal(sa.train.n_docs, 36);
+    assert_int_equal(sa.eval.n_docs, 4);
+    assert_int_equal(sa.train.n_rows, a.n_rows);
+    assert_int_equal(sa.train.n_trained, a.n_target_tokens);
+    assert_true(sa.train.n_chunked > 0);
+    printf("[dataset] train: %lld docs -> %lld examples (%lld chunked), %lld tokens, %lld trained, %lld rows; "
+           "eval: %lld docs, %lld rows\n",
+           (long long)sa.train.n_docs, (long long)sa.train.n_examples, (long long)sa.train.n_chunked,
+           (long long)sa.train.n_tokens, (long long)sa.train.n_trained, (long long)sa.train.n_rows,
+           (long long)sa.eval.n_docs, (long long)sa.eval.n_rows);
+    packed_set_free(&a);
+    packed_set_free(&b);
+    packed_set_free(&c);
+    packed_set_free(&ea);
+    packed_set_free(&eb);
+    packed_set_free(&ec);
+
+    /* epoch order: a permutation, fixed per (seed, epoch), changing with epoch */
+    int64_t p0[50], p0b[50], p1[50];
+    dataset_epoch_order(7, 0, 50, p0);
+    dataset_epoch_order(7, 0, 50, p0b);
+    dataset_epoch_order(7, 1, 50, p1);
+    assert_memory_equal(p0, p0b, sizeof p0);
+    assert_memory_not_equal(p0, p1, sizeof p0);
+    int seen[50] = {0};
+    for (int i = 0; i < 50; i++) seen[p1[i]]++;
+    for (int i = 0; i < 50; i++) assert_int_equal(seen[i], 1);
+}
+
+static void test_split_no_leak(void **state) {
+    fixture *fx = need_model(state);
+    char *jsonl = make_docs_jsonl(20);
+    dataset_spec spec = {write_jsonl(fx, "s.jsonl", jsonl), "completion", NULL, NULL};
+    free(jsonl);
+    dataset_examples docs = {0}, tr = {0}, ev = {0};
+    read_ok(fx, &spec, 0, &docs);
+    assert_int_equal(docs.n, 20);
+    uint8_t is_eval[20], is_train[20];
+    qerr e = {{0}};
+    assert_int_equal(dataset_split_docs(20, 0.25, 5, is_eval, &e), 0);
+    int n_eval = 0;
+    for (int i = 0; i < 20; i++) {
+        n_eval += is_eval[i];
+        is_train[i] = !is_eval[i];
+    }
+    assert_int_equal(n_eval, 5);
+    /* seq_len 16 chunks most documents: chunks keep their document */
+    assert_int_equal(dataset_fit(&docs, is_train, 16, &tr, NULL, &e), 0);
+    assert_int_equal(dataset_fit(&docs, is_eval, 16, &ev, NULL, &e), 0);
+    assert_true(tr.n > 15 && ev.n >= 5);
+    for (int64_t k = 0; k < tr.n; k++) assert_int_equal(is_eval[tr.v[k].doc], 0);
+    for (int64_t k = 0; k < ev.n; k++) assert_int_equal(is_eval[ev.v[k].doc], 1);
+    /* the split depends on the seed, deterministically */
+    uint8_t again[20], other[20];
+    assert_int_equal(dataset_split_docs(20, 0.25, 5, again, &e), 0);
+    assert_memory_equal(again, is_eval, 20);
+    assert_int_equal(dataset_split_docs(20, 0.25, 6, other, &e), 0);
+    assert_memory_not_equal(other, is_eval, 20);
+    /* absolute counts and bad values */
+    assert_int_equal(dataset_split_docs(20, 3, 5, other, &e), 0);
+    n_eval = 0;
+    for (int i = 0; i < 20; i++) n_eval += other[i];
+    assert_int_equal(n_eval, 3);
+    assert_int_equal(dataset_split_docs(20, 2.5, 5, other, &e), -1);
+    assert_int_equal(dataset_split_docs(20, 20, 5, other, &e), -1);
+    assert_non_null(strstr(e.msg, "at least one"));
+    assert_int_equal(dataset_split_docs(20, -0.1, 5, other, &e), -1);
+    dataset_examples_free(&tr);
+    dataset_examples_free(&ev);
+    dataset_examples_free(&docs);
+
+    /* test_datasets: the held-out set is that file; val_set_size must be 0 */
+    dataset_spec test = {write_jsonl(fx, "t.jsonl", "{\"text\": \"held out one\"}\n{\"text\": \"held out two\"}\n"),
+                         "completion", NULL, NULL};
+    packed_set a, b;
+    dataset_stats st;
+    assert_int_equal(dataset_build(fx->tok, &spec, 1, &test, 1, 0.1, 32, 1, 0, 1, &a, &b, &st, &e), -1);
+    assert_non_null(strstr(e.msg, "val_set_size"));
+    assert_int_equal(dataset_build(fx->tok, &spec, 1, &test, 1, 0.0, 32, 1, 0, 1, &a, &b, &st, &e), 0);
+    assert_int_equal(st.train.n_docs, 20);
+    assert_int_equal(st.eval.n_docs, 2);
+    assert_int_equal(b.n_rows, 1); /* two short documents packed in one row */
+    check_packing_invariants(&b, tokenizer_pad_id(fx->tok));
+    packed_set_free(&a);
+    packed_set_free(&b);
+    /* no held-out set at all */
+    assert_int_equal(dataset_build(fx->tok, &spec, 1, NULL, 0, 0.0, 32, 0, 0, 1, &a, &b, &st, &e), 0);
+    assert_int_equal(b.n_rows, 0);
+    assert_int_equal(a.n_rows, st.train.n_examples); /* no packing: one example per row */
+    packed_set_free(&a);
+    packed_set_free(&b);
+}
+
+/* ---- errors --------------------------------------------------------------- */
+
+static void expect_read_error(fixture *fx, const char *name, const char *type, const char *content,
+                              const char *want1, const char *want2) {
+    char *path = write_jsonl(fx, name, content);
+    dataset_spec spec = {path, (char *)type, NULL, NULL};
+    dataset_examples docs = {0};
+    qerr e = {{0}};
+    assert_int_equal(dataset_read_jsonl(fx->tok, &spec, 0, &docs, &e), -1);
+    assert_int_equal(docs.n, 0);
+    if (!strstr(e.msg, path)) fail_msg("error does not name the file: %s", e.msg);
+    if (want1 && !strstr(e.msg, want1)) fail_msg("expected \"%s\" in: %s", want1, e.msg);
+    if (want2 && !strstr(e.msg, want2)) fail_msg("expected \"%s\" in: %s", want2, e.msg);
+    dataset_examples_free(&docs);
+}
+
+static void test_errors(void **state) {
+    fixture *fx = need_model(state);
+    expect_read_error(fx, "bad.jsonl", "completion", "{\"text\": \"ok\"}\n\n{\"text\": \"unterminated}\n",
+                      "bad.jsonl:3:", "invalid JSON");
+    expect_read_error(fx, "missing.jsonl", "completion", "{\"text\": \"ok\"}\n{\"body\": \"no text\"}\n",
+                      "missing.jsonl:2: field \"text\" missing or not a string", NULL);
+    expect_read_error(fx, "notstr.jsonl", "completion", "{\"text\": 42}\n", ":1: field \"text\"", NULL);
+    expect_read_error(fx, "arr.jsonl", "completion", "[1, 2]\n", ":1: expected a JSON object", "array");
+    expect_read_error(fx, "two.jsonl", "completion", "{\"text\": \"a\"} {\"text\": \"b\"}\n", ":1:", "after");
+    expect_read_error(fx, "type.jsonl", "sharegpt_v9", "{\"text\": \"a\"}\n", "unknown dataset type",
+                      "sharegpt_v9");
+    expect_read_error(fx, "empty.jsonl", "completion", "\n  \n\n", "no records", NULL);
+    expect_read_error(fx, "alp.jsonl", "alpaca", "{\"instruction\": \"x\", \"output\": \"y\"}\n{\"instruction\": \"x\"}\n",
+                      "alp.jsonl:2: field \"output\"", NULL);
+    expect_read_error(fx, "chat.jsonl", "chat_template",
+                      "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"content\": \"x\"}]}\n",
+                      "chat.jsonl:1: messages[1]: field \"role\"", NULL);
+    expect_read_error(fx, "chat2.jsonl", "chat_template", "{\"conversations\": []}\n",
+                      "chat2.jsonl:1: field \"messages\" missing or not an array", NULL);
+    /* a missing file */
+    dataset_spec spec = {"/nonexistent/x.jsonl", "completion", NULL, NULL};
+    dataset_examples docs = {0};
+    qerr e = {{0}};
+    assert_int_equal(dataset_read_jsonl(fx->tok, &spec, 0, &docs, &e), -1);
+    assert_non_null(strstr(e.msg, "/nonexistent/x.jsonl: cannot open"));
+    /* dataset_build passes errors through and leaves nothing allocated */
+    dataset_spec bad = {write_jsonl(fx, "bad2.jsonl", "{\"text\": \"ok\"}\nnot json\n"), "completion", NULL, NULL};
+    packed_set a, b;
+    assert_int_equal(dataset_build(fx->tok, &bad, 1, NULL, 0, 0.0, 32, 1, 0, 1, &a, &b, NULL, &e), -1);
+    assert_non_null(strstr(e.msg, "bad2.jsonl:2:"));
+    assert_null(a.input_ids);
+    assert_null(b.input_ids);
+    /* custom field names */
+    dataset_spec custom = {write_jsonl(fx, "f.jsonl", "{\"body\": \"custom field\"}\n"), "completion", "body", NULL};
+    assert_int_equal(dataset_read_jsonl(fx->tok, &custom, 0, &docs, &e), 0);
+    assert_int_equal(docs.n, 1);
+    dataset_examples_free(&docs);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_completion_chunking),
+        cmocka_unit_test(test_alpaca_masked),
+        cmocka_unit_test(test_alpaca_train_on_inputs),
+        cmocka_unit_test(test_chatml_default_system),
+        cmocka_unit_test(test_chat_template),
+        cmocka_unit_test(test_packing_invariants),
+        cmocka_unit_test(test_determinism),
+        cmocka_unit_test(test_split_no_leak),
+        cmocka_unit_test(test_errors),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
