@@ -210,18 +210,17 @@ static void ckpt_backward(ag_ctx *ctx, const ag_node *n) {
     ag_arena_reset(ctx, m);
 }
 
-tensor *ag_checkpoint(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x) {
-    if (!ctx->recording) return fn(ctx, arg, x);
-    size_t es = x->dtype == AG_BF16 ? 2 : 4;
+tensor *ag_run_discard(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x) {
+    int rec = ctx->recording;
     ag_mark m = ag_arena_mark(ctx);
     ctx->recording = 0;
     tensor *y = fn(ctx, arg, x);
-    ctx->recording = 1;
+    ctx->recording = rec;
     /* keep the output, drop the intermediates */
     size_t ybytes = (size_t)y->numel * (y->dtype == AG_BF16 ? 2 : 4);
     void *tmp = malloc(ybytes);
     if (!tmp) {
-        fprintf(stderr, "[autograd] out of memory in checkpoint\n");
+        fprintf(stderr, "[autograd] out of memory keeping a block output\n");
         abort();
     }
     memcpy(tmp, y->data, ybytes);
@@ -230,7 +229,12 @@ tensor *ag_checkpoint(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x) {
     tensor *out = ag_tensor(ctx, yshape.dtype, yshape.ndim, yshape.shape);
     memcpy(out->data, tmp, ybytes);
     free(tmp);
-    (void)es;
+    return out;
+}
+
+tensor *ag_checkpoint(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x) {
+    tensor *out = ag_run_discard(ctx, fn, arg, x);
+    if (!ctx->recording) return out;
     /* The block depends on trainable parameters even if x does not. */
     ag_node *n = ag_record(ctx, ckpt_backward, out, x, NULL, NULL, NULL);
     ckpt_saved *s = ag_alloc(ctx, sizeof *s);

@@ -114,4 +114,9 @@ void ag_backward(ag_ctx *ctx, tensor *loss);
 typedef tensor *(*ag_block_fn)(ag_ctx *ctx, void *arg, tensor *x);
 tensor *ag_checkpoint(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x);
 
+/* Run fn(arg, x) without recording and keep only its output (a new arena
+ * tensor); the block's intermediates are released. Inference uses this per
+ * block so evaluation memory does not grow with depth. */
+tensor *ag_run_discard(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x);
+
 #endif

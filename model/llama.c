@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "autograd/gemm.h"
 #include "core/rng.h"
 
 const char *const llama_linear_names[LLAMA_N_LINEAR] = {
@@ -346,11 +347,54 @@ tensor *llama_forward_loss(ag_ctx *ctx, const llama_model *m, const lora_set *ls
     block_arg *args = ag_alloc(ctx, (size_t)hp->n_layer * sizeof *args);
     for (int l = 0; l < hp->n_layer; l++) {
         args[l] = (block_arg){.m = m, .ls = ls, .b = b, .layer = l};
-        x = checkpointing ? ag_checkpoint(ctx, llama_block, &args[l], x) : llama_block(ctx, &args[l], x);
+        if (!ctx->recording) x = ag_run_discard(ctx, llama_block, &args[l], x);
+        else if (checkpointing) x = ag_checkpoint(ctx, llama_block, &args[l], x);
+        else x = llama_block(ctx, &args[l], x);
     }
     tensor *nw = ag_wrap(ctx, AG_F32, 1, hp->d_model, m->out_norm, NULL);
     nw->ndim = 1;
     nw->shape[0] = hp->d_model;
     tensor *h = op_rmsnorm(ctx, x, nw, hp->rms_eps);
     return op_lm_head_ce(ctx, h, &m->lm_head, b->targets, scale, loss_sum, n_tokens);
+}
+
+tensor *llama_forward_hidden(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const llama_batch *b) {
+    const llama_hparams *hp = &m->hp;
+    int rec = ctx->recording;
+    ctx->recording = 0;
+    int64_t N = (int64_t)b->B * b->T;
+    tensor *x = op_embedding(ctx, &m->embed, b->input_ids, N);
+    block_arg *args = ag_alloc(ctx, (size_t)hp->n_layer * sizeof *args);
+    for (int l = 0; l < hp->n_layer; l++) {
+        args[l] = (block_arg){.m = m, .ls = ls, .b = b, .layer = l};
+        x = ag_run_discard(ctx, llama_block, &args[l], x);
+    }
+    tensor *nw = ag_wrap(ctx, AG_F32, 1, hp->d_model, m->out_norm, NULL);
+    nw->ndim = 1;
+    nw->shape[0] = hp->d_model;
+    tensor *h = op_rmsnorm(ctx, x, nw, hp->rms_eps);
+    ctx->recording = rec;
+    return h;
+}
+
+void llama_logits_rows(ag_ctx *ctx, const llama_model *m, const tensor *h, int64_t row0, int64_t n, float *out) {
+    int64_t D = m->hp.d_model, V = m->hp.vocab;
+    const float *hd = (const float *)h->data + row0 * D;
+    ag_mark mk = ag_arena_mark(ctx);
+    if (ctx->bf16) {
+        bf16 *hb = ag_alloc(ctx, (size_t)(n * D) * sizeof(bf16));
+        for (int64_t i = 0; i < n * D; i++) hb[i] = f32_to_bf16(hd[i]);
+        const void *wb = m->lm_head.w_bf16;
+        if (m->lm_head.kind != FROZEN_BF16) {
+            bf16 *w2 = ag_alloc(ctx, (size_t)(V * D) * sizeof(bf16));
+            frozen_rows_bf16(&m->lm_head, 0, V, w2);
+            wb = w2;
+        }
+        gemm(0, 1, n, V, D, 1.0f, hb, D, wb, D, 0.0f, out, V, GEMM_BF16);
+    } else {
+        float *wf = ag_alloc(ctx, (size_t)(V * D) * sizeof(float));
+        frozen_rows_f32(&m->lm_head, 0, V, wf);
+        gemm(0, 1, n, V, D, 1.0f, hd, D, wf, D, 0.0f, out, V, GEMM_F32);
+    }
+    ag_arena_reset(ctx, mk);
 }

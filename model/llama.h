@@ -104,4 +104,14 @@ typedef struct llama_batch {
 tensor *llama_forward_loss(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const llama_batch *b,
                            float scale, int checkpointing, double *loss_sum, int64_t *n_tokens);
 
+/* Forward pass to the final hidden states (B*T, D) fp32, after the final
+ * RMSNorm, without recording (inference). ls may be NULL. */
+tensor *llama_forward_hidden(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const llama_batch *b);
+
+/* Logits for rows [row0, row0+n) of the hidden states h (B*T, D):
+ * out (n, V) fp32 = h W_headᵀ, with the same GEMM precision as training
+ * (bf16 operands when ctx->bf16). For inference, tests and generation; the
+ * training loss never materialises all logits. */
+void llama_logits_rows(ag_ctx *ctx, const llama_model *m, const tensor *h, int64_t row0, int64_t n, float *out);
+
 #endif
