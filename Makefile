@@ -12,7 +12,7 @@ endif
 LDLIBS  += -ldnnl -lyaml -lcjson -lpcre2-8 -lpng -lz -lm -fopenmp
 
 MODULES := core quant model autograd optim data trainer
-LIB_SRC := $(filter-out trainer/main.c,$(foreach m,$(MODULES),$(wildcard $(m)/*.c)))
+LIB_SRC := $(filter-out trainer/main.c trainer/%_main.c,$(foreach m,$(MODULES),$(wildcard $(m)/*.c)))
 LIB_OBJ := $(LIB_SRC:%.c=build/%.o)
 TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=build/tests/%)
@@ -22,8 +22,11 @@ TEST_HELPER_OBJ := $(TEST_HELPER_SRC:%.c=build/%.o)
 DEFAULT_MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 DEFAULT_DATA  := datasets/manpages/train.jsonl datasets/manpages/heldout.jsonl
 
-.PHONY: all test test-unit setup model dataset clean features
-all: features bin/qlora-train
+# Tools around the trainer (trainer/<name>_main.c -> bin/qlora-<name>).
+TOOL_BINS := bin/qlora-export bin/qlora-generate
+
+.PHONY: all test test-unit setup model dataset clean features bench
+all: features bin/qlora-train bin/qlora-bench $(TOOL_BINS)
 
 features:
 	@printf '[build] CPU engine (oneDNN, OpenMP) ✓\n'
@@ -38,6 +41,14 @@ build/libqlora.a: $(LIB_OBJ)
 	ar rcs $@ $^
 
 bin/qlora-train: build/trainer/main.o build/libqlora.a
+	@mkdir -p bin
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+bin/qlora-bench: build/trainer/bench_main.o build/libqlora.a
+	@mkdir -p bin
+	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
+
+$(TOOL_BINS): bin/qlora-%: build/trainer/%_main.o build/libqlora.a
 	@mkdir -p bin
 	$(CC) $(CFLAGS) $^ -o $@ $(LDLIBS)
 
@@ -63,4 +74,4 @@ test: all $(TEST_BIN) $(DEFAULT_MODEL) $(DEFAULT_DATA)
 clean:
 	rm -rf build bin
 
--include $(LIB_OBJ:.o=.d) $(TEST_HELPER_OBJ:.o=.d) build/trainer/main.d
+-include $(LIB_OBJ:.o=.d) $(TEST_HELPER_OBJ:.o=.d) build/trainer/main.d build/trainer/bench_main.d $(TOOL_BINS:bin/qlora-%=build/trainer/%_main.d)

@@ -2,9 +2,16 @@
  *
  * oneDNN runs bf16 matmul on AVX512_BF16 CPUs at about twice its fp32 rate
  * (DESIGN.md). Results are deterministic for a fixed thread count.
+ *
+ * gemm() may also be called from inside an OpenMP parallel region (attention
+ * runs one small GEMM per thread): oneDNN then runs the primitive on the
+ * calling thread only, with that thread's stream and memory objects.
  */
 #include "autograd/gemm.h"
 
+#include "autograd/prof.h"
+
+#include <omp.h>
 #include <oneapi/dnnl/dnnl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,16 +23,22 @@ typedef struct gemm_key {
     int dt;
 } gemm_key;
 
+/* One cached primitive. Memory objects are per calling thread so that gemm()
+ * can run concurrently from inside an OpenMP region (each thread then executes
+ * the primitive single-threaded: oneDNN does not nest parallelism). */
+enum { GEMM_MAX_THREADS = 256, GEMM_HASH = 4096 };
+
 typedef struct gemm_entry {
     gemm_key key;
     dnnl_primitive_t prim;
-    dnnl_memory_t mA, mB, mC;
+    dnnl_memory_desc_t da, db, dc;
+    dnnl_memory_t mA[GEMM_MAX_THREADS], mB[GEMM_MAX_THREADS], mC[GEMM_MAX_THREADS];
 } gemm_entry;
 
 static dnnl_engine_t g_engine;
-static dnnl_stream_t g_stream;
-static gemm_entry *g_cache;
-static int g_n, g_cap;
+static dnnl_stream_t g_stream[GEMM_MAX_THREADS];
+static gemm_entry *g_table[GEMM_HASH]; /* open addressing on the key hash */
+static int g_n;
 
 #define DNNL_CHECK(call)                                                                   \
     do {                                                                                   \
@@ -37,30 +50,27 @@ static int g_n, g_cap;
         }                                                                                  \
     } while (0)
 
-static void gemm_init_engine(void) {
-    if (g_engine) return;
-    DNNL_CHECK(dnnl_engine_create(&g_engine, dnnl_cpu, 0));
-    DNNL_CHECK(dnnl_stream_create(&g_stream, g_engine, dnnl_stream_default_flags));
-}
-
-static gemm_entry *gemm_lookup(const gemm_key *k) {
-    for (int i = 0; i < g_n; i++)
-        if (memcmp(&g_cache[i].key, k, sizeof *k) == 0) return &g_cache[i];
-    return NULL;
+static uint64_t gemm_hash(const gemm_key *k) {
+    const unsigned char *p = (const unsigned char *)k;
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < sizeof *k; i++) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
 }
 
 static gemm_entry *gemm_create(const gemm_key *k) {
-    gemm_init_engine();
+    if (!g_engine) DNNL_CHECK(dnnl_engine_create(&g_engine, dnnl_cpu, 0));
+    gemm_entry *en = calloc(1, sizeof *en);
+    if (!en) { fprintf(stderr, "[gemm] out of memory\n"); abort(); }
+    en->key = *k;
     dnnl_data_type_t ab = k->dt == GEMM_BF16 ? dnnl_bf16 : dnnl_f32;
-    dnnl_memory_desc_t da, db, dc;
     dnnl_dims_t dims_a = {k->M, k->K}, str_a = {k->sa0, k->sa1};
     dnnl_dims_t dims_b = {k->K, k->N}, str_b = {k->sb0, k->sb1};
     dnnl_dims_t dims_c = {k->M, k->N}, str_c = {k->ldc, 1};
-    DNNL_CHECK(dnnl_memory_desc_init_by_strides(&da, 2, dims_a, ab, str_a));
-    DNNL_CHECK(dnnl_memory_desc_init_by_strides(&db, 2, dims_b, ab, str_b));
-    DNNL_CHECK(dnnl_memory_desc_init_by_strides(&dc, 2, dims_c, dnnl_f32, str_c));
+    DNNL_CHECK(dnnl_memory_desc_init_by_strides(&en->da, 2, dims_a, ab, str_a));
+    DNNL_CHECK(dnnl_memory_desc_init_by_strides(&en->db, 2, dims_b, ab, str_b));
+    DNNL_CHECK(dnnl_memory_desc_init_by_strides(&en->dc, 2, dims_c, dnnl_f32, str_c));
     dnnl_matmul_desc_t md;
-    DNNL_CHECK(dnnl_matmul_desc_init(&md, &da, &db, NULL, &dc));
+    DNNL_CHECK(dnnl_matmul_desc_init(&md, &en->da, &en->db, NULL, &en->dc));
 
     dnnl_primitive_attr_t attr;
     DNNL_CHECK(dnnl_primitive_attr_create(&attr));
@@ -75,19 +85,40 @@ static gemm_entry *gemm_create(const gemm_key *k) {
     dnnl_primitive_desc_t pd;
     DNNL_CHECK(dnnl_primitive_desc_create(&pd, &md, attr, g_engine, NULL));
     dnnl_primitive_attr_destroy(attr);
-
-    if (g_n == g_cap) {
-        g_cap = g_cap ? 2 * g_cap : 64;
-        g_cache = realloc(g_cache, (size_t)g_cap * sizeof *g_cache);
-        if (!g_cache) { fprintf(stderr, "[gemm] out of memory\n"); abort(); }
-    }
-    gemm_entry *en = &g_cache[g_n++];
-    en->key = *k;
     DNNL_CHECK(dnnl_primitive_create(&en->prim, pd));
-    DNNL_CHECK(dnnl_memory_create(&en->mA, &da, g_engine, DNNL_MEMORY_NONE));
-    DNNL_CHECK(dnnl_memory_create(&en->mB, &db, g_engine, DNNL_MEMORY_NONE));
-    DNNL_CHECK(dnnl_memory_create(&en->mC, &dc, g_engine, DNNL_MEMORY_NONE));
     dnnl_primitive_desc_destroy(pd);
+    return en;
+}
+
+/* The cache entry for k and this thread's stream and memory objects. */
+static gemm_entry *gemm_get(const gemm_key *k, int tid, dnnl_stream_t *st) {
+    gemm_entry *en = NULL;
+#pragma omp critical(qlora_gemm_cache)
+    {
+        uint64_t h = gemm_hash(k);
+        for (uint64_t i = 0;; i++) {
+            gemm_entry **slot = &g_table[(h + i) & (GEMM_HASH - 1)];
+            if (!*slot) {
+                if (g_n >= GEMM_HASH / 2) {
+                    fprintf(stderr, "[gemm] more than %d distinct GEMM shapes\n", GEMM_HASH / 2);
+                    abort();
+                }
+                *slot = gemm_create(k);
+                g_n++;
+            }
+            if (memcmp(&(*slot)->key, k, sizeof *k) == 0) {
+                en = *slot;
+                break;
+            }
+        }
+        if (!en->mA[tid]) {
+            DNNL_CHECK(dnnl_memory_create(&en->mA[tid], &en->da, g_engine, DNNL_MEMORY_NONE));
+            DNNL_CHECK(dnnl_memory_create(&en->mB[tid], &en->db, g_engine, DNNL_MEMORY_NONE));
+            DNNL_CHECK(dnnl_memory_create(&en->mC[tid], &en->dc, g_engine, DNNL_MEMORY_NONE));
+        }
+        if (!g_stream[tid]) DNNL_CHECK(dnnl_stream_create(&g_stream[tid], g_engine, dnnl_stream_default_flags));
+        *st = g_stream[tid];
+    }
     return en;
 }
 
@@ -95,9 +126,13 @@ void gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha
           const void *A, int64_t lda, const void *B, int64_t ldb, float beta,
           float *C, int64_t ldc, gemm_dtype dt) {
     if (M <= 0 || N <= 0) return;
+    int nested = omp_in_parallel();
+    int pc = nested ? 0 : ag_prof_push(AG_PROF_GEMM);
+    if (!nested) ag_prof_add_gemm_flops(2.0 * (double)M * (double)N * (double)K);
     if (K <= 0) {
         for (int64_t i = 0; i < M; i++)
             for (int64_t j = 0; j < N; j++) C[i * ldc + j] = beta == 0.0f ? 0.0f : C[i * ldc + j];
+        if (!nested) ag_prof_pop(pc);
         return;
     }
     gemm_key k;
@@ -106,29 +141,41 @@ void gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha
     k.sa0 = trans_a ? 1 : lda;  k.sa1 = trans_a ? lda : 1;
     k.sb0 = trans_b ? 1 : ldb;  k.sb1 = trans_b ? ldb : 1;
     k.ldc = ldc; k.alpha = alpha; k.beta = beta; k.dt = dt;
-    gemm_entry *en = gemm_lookup(&k);
-    if (!en) en = gemm_create(&k);
-    DNNL_CHECK(dnnl_memory_set_data_handle(en->mA, (void *)A));
-    DNNL_CHECK(dnnl_memory_set_data_handle(en->mB, (void *)B));
-    DNNL_CHECK(dnnl_memory_set_data_handle(en->mC, C));
+    int tid = nested ? omp_get_thread_num() : 0;
+    if (tid >= GEMM_MAX_THREADS) {
+        fprintf(stderr, "[gemm] thread %d: at most %d threads supported\n", tid, GEMM_MAX_THREADS);
+        abort();
+    }
+    dnnl_stream_t st;
+    gemm_entry *en = gemm_get(&k, tid, &st);
+    DNNL_CHECK(dnnl_memory_set_data_handle(en->mA[tid], (void *)A));
+    DNNL_CHECK(dnnl_memory_set_data_handle(en->mB[tid], (void *)B));
+    DNNL_CHECK(dnnl_memory_set_data_handle(en->mC[tid], C));
     dnnl_exec_arg_t args[3] = {
-        {DNNL_ARG_SRC, en->mA}, {DNNL_ARG_WEIGHTS, en->mB}, {DNNL_ARG_DST, en->mC}};
-    DNNL_CHECK(dnnl_primitive_execute(en->prim, g_stream, 3, args));
-    DNNL_CHECK(dnnl_stream_wait(g_stream));
+        {DNNL_ARG_SRC, en->mA[tid]}, {DNNL_ARG_WEIGHTS, en->mB[tid]}, {DNNL_ARG_DST, en->mC[tid]}};
+    DNNL_CHECK(dnnl_primitive_execute(en->prim, st, 3, args));
+    DNNL_CHECK(dnnl_stream_wait(st));
+    if (!nested) ag_prof_pop(pc);
 }
 
 void gemm_shutdown(void) {
-    for (int i = 0; i < g_n; i++) {
-        dnnl_primitive_destroy(g_cache[i].prim);
-        dnnl_memory_destroy(g_cache[i].mA);
-        dnnl_memory_destroy(g_cache[i].mB);
-        dnnl_memory_destroy(g_cache[i].mC);
+    for (int i = 0; i < GEMM_HASH; i++) {
+        gemm_entry *en = g_table[i];
+        if (!en) continue;
+        dnnl_primitive_destroy(en->prim);
+        for (int t = 0; t < GEMM_MAX_THREADS; t++) {
+            if (en->mA[t]) dnnl_memory_destroy(en->mA[t]);
+            if (en->mB[t]) dnnl_memory_destroy(en->mB[t]);
+            if (en->mC[t]) dnnl_memory_destroy(en->mC[t]);
+        }
+        free(en);
+        g_table[i] = NULL;
     }
-    free(g_cache);
-    g_cache = NULL;
-    g_n = g_cap = 0;
-    if (g_stream) dnnl_stream_destroy(g_stream);
+    g_n = 0;
+    for (int t = 0; t < GEMM_MAX_THREADS; t++) {
+        if (g_stream[t]) dnnl_stream_destroy(g_stream[t]);
+        g_stream[t] = NULL;
+    }
     if (g_engine) dnnl_engine_destroy(g_engine);
-    g_stream = NULL;
     g_engine = NULL;
 }

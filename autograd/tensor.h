@@ -1,8 +1,16 @@
 /* autograd/tensor.h — tensors, the activation arena and the tape.
  *
- * A tensor is a shape, a dtype and a pointer; activations live in a bump arena
- * that is reset after every micro-batch, so a training step allocates nothing
- * from malloc in steady state. The tape is a flat list of nodes, each with a
+ * A tensor is a shape, a dtype and a pointer; activations live in bump arenas
+ * that are reset after every micro-batch and keep their chunks, so a training
+ * step allocates nothing from malloc in steady state.
+ *
+ * Two arenas. The main (transient) arena holds op outputs and temporaries;
+ * the keep arena holds tensor headers and what backward needs (each op saves
+ * its own inputs there, in bf16 where they are only GEMM operands). A
+ * segment (ag_segment: one transformer block recorded without checkpointing)
+ * resets the main arena when it ends, so a block's intermediates do not stay
+ * alive until backward: only what its ops saved does. In backward a segment
+ * releases the gradients of its intermediates once it is done. The tape is a flat list of nodes, each with a
  * backward function; `ag_backward` walks it in reverse (reverse-mode AD as in
  * micrograd / PyTorch autograd, without a dynamic graph). Gradients are always
  * fp32. Parameters (LoRA A/B) are leaf tensors whose `grad` points into the
@@ -26,11 +34,13 @@ typedef struct tensor {
     void *data;
     float *grad;       /* fp32, numel; NULL until first accumulated (activations) */
     int requires_grad; /* gradient wanted for this tensor (param, or depends on one) */
+    void *kept;        /* copy of data (same dtype) that survives the segment, or NULL */
+    void *kept_bf16;   /* bf16 copy of data (GEMM operand, saved for backward), or NULL */
 } tensor;
 
 /* ---- arena: chunked bump allocator with mark/reset ---- */
 typedef struct ag_arena_chunk {
-    struct ag_arena_chunk *prev;
+    struct ag_arena_chunk *prev, *next; /* next: a chunk kept after a reset, reused before malloc */
     size_t size, used;
     unsigned char *mem;
 } ag_arena_chunk;
@@ -38,13 +48,18 @@ typedef struct ag_arena_chunk {
 typedef struct ag_arena {
     ag_arena_chunk *head;
     size_t chunk_size;
-    size_t in_use, peak; /* bytes, for the memory report */
+    size_t in_use, peak; /* bytes; ctx->arena.peak is the high-water mark of both arenas together */
+    size_t reserved;     /* bytes of chunks held (touched or not) */
 } ag_arena;
 
-typedef struct ag_mark {
+typedef struct ag_arena_pos {
     ag_arena_chunk *chunk;
     size_t used;
     size_t in_use;
+} ag_arena_pos;
+
+typedef struct ag_mark {
+    ag_arena_pos main, keep;
 } ag_mark;
 
 /* ---- tape ---- */
@@ -60,12 +75,14 @@ typedef struct ag_node {
 } ag_node;
 
 typedef struct ag_ctx {
-    ag_arena arena;
+    ag_arena arena; /* main (transient) arena */
+    ag_arena keep;  /* tensor headers and saved-for-backward data */
     ag_node *nodes;
     int64_t n_nodes, cap_nodes;
     int recording; /* 1: ops record backward nodes; 0: inference / checkpoint forward */
     int bf16;      /* 1: GEMM operands rounded to bf16 (fp32 accumulate); 0: fp32 GEMMs */
     int training;  /* 1: dropout active */
+    int saving;    /* 1 inside a segment: ops copy what backward needs into the keep arena */
     uint64_t seed;  /* dropout stream seed for the current micro-batch */
     /* reusable scratch for dequantized frozen weights and bf16 operand copies */
     void *wscratch;
@@ -82,8 +99,20 @@ void ag_ctx_free(ag_ctx *ctx);
  * activations are sized from the config, and the predicted peak is printed
  * before training, so an OOM here is not recoverable input. */
 void *ag_alloc(ag_ctx *ctx, size_t bytes);
+/* Allocation that outlives the current segment (saved for backward). */
+void *ag_alloc_keep(ag_ctx *ctx, size_t bytes);
+/* Marks and resets cover both arenas. */
 ag_mark ag_arena_mark(const ag_ctx *ctx);
 void ag_arena_reset(ag_ctx *ctx, ag_mark m);
+
+/* What backward needs of t, valid until the micro-batch's reset: t->data itself
+ * outside a segment, a copy in the keep arena inside one (made once, memoised
+ * in t->kept). */
+void *ag_keep(ag_ctx *ctx, tensor *t);
+/* bf16 copy of an fp32 tensor t (memoised in t->kept_bf16): the GEMM operand
+ * several ops share (q/k/v read the same normed input) and backward reuses.
+ * Kept like ag_keep when `keep`, else in the main arena. */
+const void *ag_bf16_of(ag_ctx *ctx, tensor *t, int keep);
 
 /* New tensor in the arena (data uninitialised, grad NULL). */
 tensor *ag_tensor(ag_ctx *ctx, ag_dtype dt, int ndim, const int64_t *shape);
@@ -118,5 +147,12 @@ tensor *ag_checkpoint(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x);
  * tensor); the block's intermediates are released. Inference uses this per
  * block so evaluation memory does not grow with depth. */
 tensor *ag_run_discard(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x);
+
+/* Run fn(arg, x) recording (no recompute): the ops save what backward needs
+ * in the keep arena, the output is copied there, and the main arena is reset
+ * to where it was, releasing the block's other intermediates. In backward the
+ * gradients of the block's intermediates are released when it is done. Same
+ * gradients as calling fn directly. Not recording: as ag_run_discard. */
+tensor *ag_segment(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x);
 
 #endif

@@ -58,6 +58,12 @@
 #include "core/status.h"
 #include "data/tokenizer.h"
 
+/* Malformed lines skipped while reading one or more files (skip_bad_lines). */
+typedef struct dataset_skip_log {
+    int64_t n_lines; /* lines skipped so far */
+    char first[512]; /* the error of the first one: "file.jsonl:17: invalid JSON ..." */
+} dataset_skip_log;
+
 /* One entry of `datasets:` / `test_datasets:` in the config (axolotl keys).
  * Filled by the config parser; strings are owned by whoever fills it. */
 typedef struct dataset_spec {
@@ -65,6 +71,10 @@ typedef struct dataset_spec {
     char *type;           /* "completion" | "alpaca" | "chat_template" */
     char *field;          /* completion: text field name, NULL = "text" */
     char *field_messages; /* chat_template: messages field, NULL = "messages" */
+    int skip_bad_lines;   /* 0: a malformed line (invalid JSON, not an object, a missing or
+                             ill-typed field) is an error naming file and line; 1: it is
+                             skipped and counted in *skipped */
+    dataset_skip_log *skipped; /* NULL or where skipped lines are counted (caller-owned) */
 } dataset_spec;
 
 /* One tokenized document or example. */
@@ -118,7 +128,9 @@ typedef struct dataset_stats {
  * Errors (message names file and, where it applies, line): cannot open,
  * invalid JSON, a line that is not an object, a missing or ill-typed field
  * (`x.jsonl:17: field "text" missing or not a string`), unknown type, a
- * file with no records, chat_template with a template that is not ChatML. */
+ * file with no records, chat_template with a template that is not ChatML.
+ * With spec->skip_bad_lines the malformed-line errors are skipped and
+ * counted instead (a file with no valid record is still an error). */
 int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train_on_inputs,
                        dataset_examples *docs, qerr *e);
 

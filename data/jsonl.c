@@ -16,6 +16,7 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +34,22 @@ static const char ALPACA_PROMPT_NO_INPUT[] =
     "### Instruction:\n%s\n\n### Response:\n";
 
 typedef enum ds_type { DS_COMPLETION, DS_ALPACA, DS_CHAT } ds_type;
+
+/* A record that is malformed (invalid JSON, wrong shape, missing field), as
+ * opposed to a failure of the machine (out of memory): only these may be
+ * skipped when the spec asks for it (dataset_spec.skip_bad_lines). */
+#define DS_BAD (-2)
+
+static int ds_bad(qerr *e, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int ds_bad(qerr *e, const char *fmt, ...) {
+    if (e) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(e->msg, sizeof e->msg, fmt, ap);
+        va_end(ap);
+    }
+    return DS_BAD;
+}
 
 /* Growable rendered text plus the byte spans that are trained on. */
 typedef struct ds_render {
@@ -198,18 +215,18 @@ static const char *ds_get_str(const cJSON *obj, const char *name) {
 static int ds_render_completion(const cJSON *obj, const char *field, const char *path, long line,
                                 ds_render *r, qerr *e) {
     const char *text = ds_get_str(obj, field);
-    if (!text) return qerr_set(e, "%s:%ld: field \"%s\" missing or not a string", path, line, field);
+    if (!text) return ds_bad(e, "%s:%ld: field \"%s\" missing or not a string", path, line, field);
     if (ds_puts(r, text, e)) return -1;
     return ds_add_span(r, 0, r->n, e);
 }
 
 static int ds_render_alpaca(const cJSON *obj, const char *path, long line, ds_render *r, qerr *e) {
     const char *ins = ds_get_str(obj, "instruction"), *out = ds_get_str(obj, "output");
-    if (!ins) return qerr_set(e, "%s:%ld: field \"instruction\" missing or not a string", path, line);
-    if (!out) return qerr_set(e, "%s:%ld: field \"output\" missing or not a string", path, line);
+    if (!ins) return ds_bad(e, "%s:%ld: field \"instruction\" missing or not a string", path, line);
+    if (!out) return ds_bad(e, "%s:%ld: field \"output\" missing or not a string", path, line);
     const cJSON *in_it = cJSON_GetObjectItemCaseSensitive(obj, "input");
     if (in_it && !cJSON_IsString(in_it) && !cJSON_IsNull(in_it))
-        return qerr_set(e, "%s:%ld: field \"input\" must be a string or null", path, line);
+        return ds_bad(e, "%s:%ld: field \"input\" must be a string or null", path, line);
     const char *in = cJSON_IsString(in_it) ? in_it->valuestring : "";
     /* axolotl: an empty input selects the no-input prompt. */
     size_t cap = strlen(ALPACA_PROMPT_INPUT) + strlen(ins) + strlen(in) + 1;
@@ -230,17 +247,17 @@ static int ds_render_alpaca(const cJSON *obj, const char *path, long line, ds_re
 static int ds_render_chat(const cJSON *obj, const char *field, const char *default_system, const char *path,
                           long line, ds_render *r, qerr *e) {
     const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(obj, field);
-    if (!cJSON_IsArray(msgs)) return qerr_set(e, "%s:%ld: field \"%s\" missing or not an array", path, line, field);
+    if (!cJSON_IsArray(msgs)) return ds_bad(e, "%s:%ld: field \"%s\" missing or not an array", path, line, field);
     int n = cJSON_GetArraySize(msgs);
-    if (n == 0) return qerr_set(e, "%s:%ld: field \"%s\" is an empty list", path, line, field);
+    if (n == 0) return ds_bad(e, "%s:%ld: field \"%s\" is an empty list", path, line, field);
     int i = 0;
     const cJSON *m;
     cJSON_ArrayForEach(m, msgs) {
         const char *role = cJSON_IsObject(m) ? ds_get_str(m, "role") : NULL;
         const char *content = cJSON_IsObject(m) ? ds_get_str(m, "content") : NULL;
-        if (!role) return qerr_set(e, "%s:%ld: %s[%d]: field \"role\" missing or not a string", path, line, field, i);
+        if (!role) return ds_bad(e, "%s:%ld: %s[%d]: field \"role\" missing or not a string", path, line, field, i);
         if (!content)
-            return qerr_set(e, "%s:%ld: %s[%d]: field \"content\" missing or not a string", path, line, field, i);
+            return ds_bad(e, "%s:%ld: %s[%d]: field \"content\" missing or not a string", path, line, field, i);
         if (i == 0 && strcmp(role, "system") != 0 && default_system && ds_puts(r, default_system, e)) return -1;
         if (ds_puts(r, DS_IM_START, e) || ds_puts(r, role, e) || ds_puts(r, "\n", e)) return -1;
         size_t start = r->n;
@@ -342,6 +359,7 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
     ds_render r = {0};
     int rc = 0;
     long line = 0;
+    int64_t n_skipped = 0;
     for (size_t pos = 0; pos < len && rc == 0;) {
         const char *ls = buf + pos;
         const char *nl = memchr(ls, '\n', len - pos);
@@ -353,15 +371,13 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
         cJSON *obj = cJSON_ParseWithLengthOpts(ls, ll, &end, 0);
         if (!obj) {
             long col = end && end >= ls ? (long)(end - ls) + 1 : 1;
-            rc = qerr_set(e, "%s:%ld: invalid JSON near column %ld (expected one JSON object per line)", path, line,
-                          col);
-            break;
-        }
-        if (end && !ds_is_blank(end, ll - (size_t)(end - ls))) {
-            rc = qerr_set(e, "%s:%ld: unexpected text after the JSON object at column %ld (one object per line)",
-                          path, line, (long)(end - ls) + 1);
+            rc = ds_bad(e, "%s:%ld: invalid JSON near column %ld (expected one JSON object per line)", path, line,
+                        col);
+        } else if (end && !ds_is_blank(end, ll - (size_t)(end - ls))) {
+            rc = ds_bad(e, "%s:%ld: unexpected text after the JSON object at column %ld (one object per line)",
+                        path, line, (long)(end - ls) + 1);
         } else if (!cJSON_IsObject(obj)) {
-            rc = qerr_set(e, "%s:%ld: expected a JSON object, got %s", path, line, ds_json_kind(obj));
+            rc = ds_bad(e, "%s:%ld: expected a JSON object, got %s", path, line, ds_json_kind(obj));
         } else {
             r.n = 0;
             r.n_span = 0;
@@ -390,9 +406,25 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
             }
         }
         cJSON_Delete(obj);
+        if (rc == DS_BAD && spec->skip_bad_lines) {
+            n_skipped++;
+            if (spec->skipped) {
+                if (spec->skipped->n_lines == 0)
+                    snprintf(spec->skipped->first, sizeof spec->skipped->first, "%s", e ? e->msg : "");
+                spec->skipped->n_lines++;
+            }
+            rc = 0;
+        }
     }
-    if (rc == 0 && docs->n == n0) rc = qerr_set(e, "%s: no records (the file is empty or has only blank lines)", path);
+    if (rc == 0 && docs->n == n0) {
+        if (n_skipped)
+            rc = qerr_set(e, "%s: no valid records (all %lld non-blank lines are malformed and were skipped)", path,
+                          (long long)n_skipped);
+        else
+            rc = qerr_set(e, "%s: no records (the file is empty or has only blank lines)", path);
+    }
     if (rc) {
+        rc = -1;
         /* leave `docs` as it was */
         for (int64_t i = n0; i < docs->n; i++) {
             free(docs->v[i].ids);

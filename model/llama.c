@@ -349,7 +349,7 @@ tensor *llama_forward_loss(ag_ctx *ctx, const llama_model *m, const lora_set *ls
         args[l] = (block_arg){.m = m, .ls = ls, .b = b, .layer = l};
         if (!ctx->recording) x = ag_run_discard(ctx, llama_block, &args[l], x);
         else if (checkpointing) x = ag_checkpoint(ctx, llama_block, &args[l], x);
-        else x = llama_block(ctx, &args[l], x);
+        else x = ag_segment(ctx, llama_block, &args[l], x); /* releases the block's intermediates */
     }
     tensor *nw = ag_wrap(ctx, AG_F32, 1, hp->d_model, m->out_norm, NULL);
     nw->ndim = 1;

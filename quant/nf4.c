@@ -1,60 +1,66 @@
 /* quant/nf4.c — bitsandbytes-exact NF4 quantization with double quantization.
  *
- * Reference implementation reproduced: bitsandbytes' CPU path (what runs when a
- * model is quantized with `bitsandbytes` on a machine without a GPU):
- *   - quantize_4bit: backends/default/ops.py (the CPU registration in
- *     backends/cpu/ops.py has the same arithmetic):
- *         absmax  = abs(A_block).max()
- *         scaled  = clamp(A * (1 / absmax), -1, 1)        # fp32 reciprocal, then multiply
- *         q       = argmin(abs(scaled - code))             # first minimum wins
- *         packed  = q[::2] << 4 | q[1::2]                  # odd length padded with 0
+ * Reference implementation reproduced, checked bit for bit against the
+ * installed library by tests/test_reference_nf4.c (fixture from
+ * scripts/make_reference.py; bitsandbytes 0.50.2 with torch 2.15.0, CPU):
+ *   - quantize_4bit: backends/default/ops.py (the CPU backend registers no
+ *     quantize_4bit of its own, so this is what runs without a GPU):
+ *         bounds  = (code[:-1] + code[1:]) / 2             # fp32 midpoints
+ *         absmax  = abs(A_block).max()                     # stored as is
+ *         scaled  = clamp(A * (1.0 / absmax.clamp(min=1e-38)), -1, 1)
+ *         last partial block: am = max|.|.clamp(min=1e-38) (stored CLAMPED),
+ *                             scaled = clamp(A / am, -1, 1)  # a division
+ *         scaled padded with one 0.0 when the element count is odd
+ *         q       = bucketize(scaled, bounds)              # count(bounds < s)
+ *         packed  = q[::2] << 4 | q[1::2]
  *   - double quantization: functional.py::quantize_4bit
  *         offset  = absmax.mean()                          # torch CPU float32 mean
  *         qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=256)
- *     where quantize_blockwise on CPU is csrc/cpu_ops.cpp::quantize_cpu +
- *     csrc/common.cpp::quantize_block (fp32 DIVISION by the group absmax, a
- *     floor binary search in the code, then the right neighbour only if strictly
- *     closer), and quantize_cpu first overwrites code[0] with -1.0f in place.
- *   - dequantize_4bit: csrc/cpu_ops.cpp::dequantizeBlockwise4bitCpu
+ *     where quantize_blockwise on CPU is the native cquantize_blockwise_cpu_fp32
+ *     (fp32 DIVISION by the group absmax, a floor binary search in the code,
+ *     then the right neighbour only if strictly closer) with the unmodified
+ *     create_dynamic_map() (state2.code[0] = -0.99296875).
+ *   - dequantize_4bit: native cdequantize_blockwise_cpu_nf4_* (the default
+ *     backend for an odd last dimension, same arithmetic)
  *         v = code[q] * absmax   (fp32)  -> bf16 round-to-nearest-even
  *     and, with double quantization, absmax = dequantize_blockwise(...) + offset,
  *     i.e. fl(fl(code8[q] * nested_absmax) + offset): two fp32 roundings, no FMA.
  *
  * Choices, and why:
- *   - Scaling multiplies by the fp32 reciprocal (x * fl(1/absmax)) instead of
- *     dividing: that is what both the default/CPU backend (`A * (1 / absmax)`,
- *     torch.reciprocal is an IEEE fp32 division) and the CUDA kernel
- *     (`local_abs_max = 1.0f/absmax`) do. The clamp to [-1, 1] never changes an
- *     index (anything above 0.8614 is code 15) so it is omitted.
- *   - Nearest code: argmin over fp32 distances picks the first (lower) index on
- *     a tie. Near every midpoint both distances |s - c| are computed exactly in
- *     fp32 (Sterbenz), so argmin is the exact comparison "s > midpoint" with a
- *     value exactly on a midpoint going to the LOWER code. We implement that as
- *     15 comparisons `s > t_k`, t_k = the largest float <= the exact midpoint;
- *     test_nf4 checks it against a literal argmin on every float near every
- *     midpoint. (CUDA's decision tree compares against decimal midpoint
- *     literals and can differ by one ulp of s; we follow the CPU path.)
- *   - All-zero block: bnb computes 0 * (1/0) = NaN and argmin over NaN gives
- *     index 0 (code -1.0), so bnb stores nibble 0 and dequantizes to
- *     -1.0 * absmax, which with double quantization is NOT zero (the recovered
- *     absmax is ~offset). We store index 7 (code 0.0) instead, so the block
- *     dequantizes to exactly 0 whatever the recovered absmax: a deliberate
- *     divergence from bnb's bytes for this degenerate case only.
- *   - Subnormal absmax below 1/FLT_MAX (~2.9e-39), whose reciprocal overflows
- *     to inf in bnb (giving +-1 or NaN indices): we divide instead. Degenerate;
- *     documented so nobody is surprised.
+ *   - Scaling multiplies by the fp32 reciprocal (x * fl(1/absmax)) for full
+ *     blocks and divides for the partial last block, as bnb does (torch's
+ *     `1.0 / t` is reciprocal(t), an IEEE fp32 division). The clamp to
+ *     [-1, 1] never changes an index (anything above 0.8614 is code 15) so it
+ *     is omitted. The 1e-38 clamp is kept: it decides the indices of blocks
+ *     whose absmax is a subnormal below it (they scale by 1e38, not 1/absmax).
+ *   - Nearest code: bnb's bucketize against its fp32 midpoints, i.e. 15
+ *     comparisons `s > bound_k` with bound_k = fl(code[k] + code[k+1]) / 2. A
+ *     value exactly on a bound goes to the LOWER code. Where the fp32 sum
+ *     rounds up, the bound is one ulp above the real midpoint, and that one
+ *     float goes lower than a true nearest-code rule would send it.
+ *   - All-zero block: 0 * fl(1/1e-38) = 0 -> code index 7 (0.0); absmax 0
+ *     (or the clamp value 1e-38 for a partial last block, as bnb stores it).
  *   - Double-quant offset: torch's CPU `mean` of a float32 vector is
- *     sum(float32 cascade sum, SumKernel.cpp) / n in fp32. The cascade order
- *     depends on the SIMD width torch dispatched to (16 lanes for AVX-512, which
- *     is what torch picks on this project's CPUs; 8 on AVX2-only machines) and,
- *     above 32768 elements with several torch threads, on the thread split. We
- *     reproduce the single-threaded AVX-512 order (TORCH_SUM_LANES).
+ *     sum(float32 cascade sum, SumKernel.cpp) / n in fp32. torch 2.15 on this
+ *     project's AVX-512 machines sums in 8-lane vectors (measured: the 8-lane
+ *     order matches torch for every length tried, the 16-lane one does not).
+ *     Above 32768 elements torch splits the sum across its threads, so bnb's
+ *     offset for tensors of more than 32768 blocks (e.g. a 4096 x 11008
+ *     weight) depends on torch's thread count; we reproduce torch with ONE
+ *     thread, so the result does not depend on the machine
+ *     (tests/test_reference_nf4.c shows the 1-thread case bit-exact and how
+ *     far the 2-thread result is).
+ *   - Double quant of a tensor whose block scales are all equal: every
+ *     deviation is 0, the group absmax is 0 and bnb's kernel quantizes 0/0 =
+ *     NaN, which its binary search sends to index 0. We store index 0 too
+ *     (it recovers code[0] * 0 + offset = offset, the exact scale).
  *   - The 8-bit map: create_dynamic_map() computed the way PyTorch computes it:
  *     fp32 torch.linspace whose `start + step*i` is contracted to an FMA in
  *     torch's AVX2/AVX-512 kernel builds (this reproduces a published dump of
  *     the map bit for bit; without the FMA 21 entries differ by one ulp), fp32
- *     means, fp32 scaling. Double quantization uses and stores the map with
- *     code[0] = -1.0f, as bnb's CPU kernel leaves it (see nf4_dynamic_map_cpu).
+ *     means, fp32 scaling. Double quantization uses and stores it unchanged
+ *     (bitsandbytes 0.50.2 does not overwrite code[0] with -1.0f any more;
+ *     nf4_dynamic_map_cpu keeps that older variant for reading old states).
  *
  * No -ffast-math anywhere near this file: the rounding is the specification.
  * GCC with -std=c11 does not contract a*b+c into an FMA; the two roundings that
@@ -75,7 +81,7 @@
 #endif
 
 /* SIMD width (fp32 lanes) of the torch sum kernel whose order we reproduce. */
-#define TORCH_SUM_LANES 16
+#define TORCH_SUM_LANES 8
 
 const float nf4_code[16] = {
     -1.0f,
@@ -98,19 +104,22 @@ const float nf4_code[16] = {
 
 /* ---------------------------------------------------------------- code index */
 
-/* thr[k] = the largest float <= (code[k] + code[k+1]) / 2 (exact in double).
- * For a float s: s > thr[k]  <=>  s > exact midpoint. */
+/* thr[k] = bnb's bound fl(code[k] + code[k+1]) / 2, all in fp32
+ * (backends/default/ops.py _get_4bit_quantize_bounds). Two statements: the
+ * sum is rounded to fp32 before the (exact) halving. */
 static void nf4_thresholds(float thr[15]) {
     for (int k = 0; k < 15; k++) {
-        double mid = ((double)nf4_code[k] + (double)nf4_code[k + 1]) * 0.5;
-        float f = (float)mid;
-        if ((double)f > mid) f = nextafterf(f, -INFINITY);
-        thr[k] = f;
+        const float sum = nf4_code[k] + nf4_code[k + 1];
+        thr[k] = sum / 2.0f;
     }
 }
 
-/* The one place the nearest-code rule lives (nf4_code_index and the block
- * quantizer both call it): count of thresholds strictly below s. */
+/* bnb's absmax.clamp(min=1e-38) as an fp32 value (a subnormal, 9.99999935e-39). */
+static const float NF4_BNB_ABSMAX_MIN = 1e-38f;
+
+/* The one place the code rule lives (nf4_code_index and the block quantizer
+ * both call it): count of bounds strictly below s (torch.bucketize,
+ * right=False). NaN compares false everywhere -> 0. */
 static inline uint8_t nf4_index_thr(float s, const float thr[15]) {
     int c = 0;
     for (int k = 0; k < 15; k++) c += s > thr[k];
@@ -299,7 +308,7 @@ int nf4_alloc(nf4_tensor *t, int64_t rows, int64_t cols, int blocksize, int doub
         t->absmax_q = qcalloc((size_t)t->nblocks, 1, e);
         t->nested_absmax = qcalloc((size_t)ngroups, sizeof(float), e);
         if (!t->absmax_q || !t->nested_absmax) goto fail;
-        nf4_dynamic_map_cpu(t->nested_code);
+        nf4_dynamic_map(t->nested_code);
     } else {
         t->absmax = qcalloc((size_t)t->nblocks, sizeof(float), e);
         if (!t->absmax) goto fail;
@@ -332,8 +341,10 @@ size_t nf4_nbytes(const nf4_tensor *t) {
 
 /* Quantize one block of len (<= blocksize) f32 values starting at an even
  * element index: writes ceil(len/2) bytes of packed and *absmax_out (NaN if the
- * block holds a NaN or an infinity). */
-static void nf4_quant_block(const float *x, int64_t len, const float thr[15], uint8_t *packed, float *absmax_out) {
+ * block holds a NaN or an infinity). partial: this is the last block and
+ * shorter than blocksize (bnb treats it apart: clamped absmax stored, division). */
+static void nf4_quant_block(const float *x, int64_t len, int partial, const float thr[15], uint8_t *packed,
+                            float *absmax_out) {
     /* max |x| over the bit patterns: for non-negative floats the u32 order is
      * the float order, and any NaN/inf shows up as a pattern >= 0x7f800000
      * (an integer max reduction also vectorizes, a NaN-aware float one does not) */
@@ -350,22 +361,22 @@ static void nf4_quant_block(const float *x, int64_t len, const float thr[15], ui
     }
     float amax;
     memcpy(&amax, &umax, 4);
-    *absmax_out = amax;
+    /* clamp(min=1e-38): an all-zero block scales by 1e38 -> every value 0 -> code 7 */
+    const float amax_c = amax > NF4_BNB_ABSMAX_MIN ? amax : NF4_BNB_ABSMAX_MIN;
 
     uint8_t q[NF4_MAX_BLOCKSIZE];
-    if (amax == 0.0f) {
-        memset(q, 7, (size_t)len); /* code 0.0: dequantizes to exactly 0 (bnb: NaN -> index 0) */
+    if (partial) {
+        *absmax_out = amax_c; /* bnb stores the clamped value for this block only */
+        for (int64_t i = 0; i < len; i++) q[i] = nf4_index_thr(x[i] / amax_c, thr);
     } else {
-        const float r = 1.0f / amax;
-        const int use_div = !(r <= FLT_MAX); /* subnormal absmax: the reciprocal overflows, divide */
-        for (int64_t i = 0; i < len; i++) {
-            const float s = use_div ? x[i] / amax : x[i] * r;
-            q[i] = nf4_index_thr(s, thr);
-        }
+        *absmax_out = amax;
+        const float r = 1.0f / amax_c; /* <= 1e38: never overflows */
+        for (int64_t i = 0; i < len; i++) q[i] = nf4_index_thr(x[i] * r, thr);
     }
     int64_t i = 0;
     for (; i + 1 < len; i += 2) packed[i / 2] = (uint8_t)(q[i] << 4 | q[i + 1]);
-    if (i < len) packed[i / 2] = (uint8_t)(q[i] << 4);
+    /* odd count: bnb pads the scaled values with 0.0, whose index is 7 */
+    if (i < len) packed[i / 2] = (uint8_t)(q[i] << 4 | 7);
 }
 
 /* Double quantization of the fp32 absmax vector into t (absmax_q,
@@ -392,9 +403,9 @@ static void nf4_double_quant(nf4_tensor *t, const float *absmax) {
                 t->absmax_q[b0 + j] = quant8_cpu(t->nested_code, normed);
             } else {
                 /* all deviations 0 (e.g. a single group of equal scales): bnb
-                 * divides 0/0; any index recovers the same absmax (code * 0 +
-                 * offset), we store the one whose code is 0. */
-                t->absmax_q[b0 + j] = 127;
+                 * quantizes 0/0 = NaN, which its binary search ends at index
+                 * 0; code[0] * 0 + offset recovers the exact scale anyway. */
+                t->absmax_q[b0 + j] = 0;
             }
         }
     }
@@ -432,9 +443,9 @@ static int nf4_quantize_impl(const void *src, int src_bf16, int64_t rows, int64_
             float xb[NF4_MAX_BLOCKSIZE];
             const uint16_t *s = (const uint16_t *)src + i0;
             for (int64_t i = 0; i < len; i++) xb[i] = bf16_to_f32(s[i]);
-            nf4_quant_block(xb, len, thr, t.packed + i0 / 2, &absmax[b]);
+            nf4_quant_block(xb, len, len < bs, thr, t.packed + i0 / 2, &absmax[b]);
         } else {
-            nf4_quant_block((const float *)src + i0, len, thr, t.packed + i0 / 2, &absmax[b]);
+            nf4_quant_block((const float *)src + i0, len, len < bs, thr, t.packed + i0 / 2, &absmax[b]);
         }
     }
 

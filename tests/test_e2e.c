@@ -110,13 +110,18 @@ static void test_base_model_and_identity(void **st) {
     lora_set_free(&ls);
     llama_free(&m);
 
-    /* load_in_4bit: false keeps the base in bf16 through the same code path; NF4 costs little */
+    /* load_in_4bit: false keeps the base in bf16 through the same code path. The GGUF
+     * holds Q4_1 weights, so NF4 here re-quantizes already 4-bit values onto a
+     * different grid (uniform 16 levels per 32 → normal quantiles per 64): on
+     * these rows it costs ≈ 0.2 nats (measured 2.63 bf16 vs 2.84 NF4). The
+     * bound only guards against a broken path (a wrong permutation or scale
+     * costs several nats), not against the re-quantization itself. */
     assert_int_equal(llama_load_gguf(gf, 0, 0, 128, &m, &e), 0);
     ctx.bf16 = 1;
     double bf = model_loss(&ctx, &m, NULL, &ps, 4);
     print_message("bf16 base: %.4f  (NF4 base %.4f)\n", bf, base);
     assert_true(m.layers[0].lin[0].kind == FROZEN_BF16);
-    assert_true(fabs(bf - base) < 0.25);
+    assert_true(fabs(bf - base) < 0.35);
     llama_free(&m);
     ag_ctx_free(&ctx);
     packed_set_free(&ps);
@@ -127,7 +132,10 @@ static void test_base_model_and_identity(void **st) {
 static void test_train_few_steps(void **st) {
     (void)st;
     if (!have_inputs()) fail();
+    /* The output stays in build/e2e-out so CI can check the adapter with the
+     * real consumer libraries (scripts/check_peft_adapter.py). */
     char dir[] = "/tmp/qlora-e2e-XXXXXX";
+    assert_int_equal(system("rm -rf build/e2e-out"), 0);
     assert_non_null(mkdtemp(dir));
     char cfgpath[256];
     snprintf(cfgpath, sizeof cfgpath, "%s/config.yaml", dir);
@@ -140,8 +148,7 @@ static void test_train_few_steps(void **st) {
             "datasets:\n  - path: " HELDOUT "\n    type: completion\n"
             "val_set_size: 4\nsequence_len: 128\nsample_packing: true\nmicro_batch_size: 2\n"
             "gradient_accumulation_steps: 2\nmax_steps: 4\nlearning_rate: 1e-3\nwarmup_steps: 1\n"
-            "eval_steps: 2\neval_max_tokens: 1024\nlogging_steps: 1\noutput_dir: %s/out\n",
-            dir);
+            "eval_steps: 2\neval_max_tokens: 1024\nlogging_steps: 1\noutput_dir: build/e2e-out\n");
     fclose(f);
     train_config c;
     qerr e;
@@ -157,7 +164,7 @@ static void test_train_few_steps(void **st) {
 
     char p[512];
     /* metrics.jsonl: 4 train lines, evals at 0, 2, 4 */
-    snprintf(p, sizeof p, "%s/out/metrics.jsonl", dir);
+    snprintf(p, sizeof p, "build/e2e-out/metrics.jsonl");
     metrics_series ms;
     assert_int_equal(metrics_read(p, &ms, &e), 0);
     assert_int_equal(ms.n_train, 4);
@@ -166,7 +173,7 @@ static void test_train_few_steps(void **st) {
     metrics_series_free(&ms);
 
     /* the adapter: PEFT names, A [r, in], B [out, r], F32, 30 layers x 7 modules x 2 */
-    snprintf(p, sizeof p, "%s/out/adapter_model.safetensors", dir);
+    snprintf(p, sizeof p, "build/e2e-out/adapter_model.safetensors");
     safetensors_file *sf;
     assert_int_equal(safetensors_open(p, &sf, &e), 0);
     assert_int_equal(safetensors_count(sf), 30 * 7 * 2);
@@ -185,7 +192,7 @@ static void test_train_few_steps(void **st) {
     assert_true(nb > 0);
     safetensors_close(sf);
 
-    snprintf(p, sizeof p, "%s/out/adapter_config.json", dir);
+    snprintf(p, sizeof p, "build/e2e-out/adapter_config.json");
     f = fopen(p, "r");
     assert_non_null(f);
     char buf[8192];
@@ -199,10 +206,10 @@ static void test_train_few_steps(void **st) {
     cJSON_Delete(j);
 
     struct stat sb;
-    snprintf(p, sizeof p, "%s/out/loss_curve.png", dir);
+    snprintf(p, sizeof p, "build/e2e-out/loss_curve.png");
     assert_int_equal(stat(p, &sb), 0);
     assert_true(sb.st_size > 1000);
-    snprintf(p, sizeof p, "%s/out/config.resolved.yaml", dir);
+    snprintf(p, sizeof p, "build/e2e-out/config.resolved.yaml");
     assert_int_equal(stat(p, &sb), 0);
     train_config_free(&c);
 }

@@ -47,6 +47,7 @@ enum {
     F_HI_OPEN = 2u,       /* v < hi instead of v <= hi */
     F_ALSO_MINUS1 = 4u,   /* -1 is also accepted (max_steps) */
     F_WHOLE_IF_GE1 = 8u,  /* values >= 1 must be whole numbers (val_set_size) */
+    F_OPTIONAL = 16u,     /* K_STR: NULL (unset) is valid */
 };
 
 typedef struct value_alias {
@@ -176,6 +177,18 @@ static const key_spec KEYS[] = {
     {.name = "gradient_checkpointing", .kind = K_BOOL, .off = OFF(gradient_checkpointing)},
     {.name = "num_threads", .kind = K_INT, .off = OFF(num_threads), .lo = 0, .hi = 65536,
      .expect = "an integer in [0, 65536] (0 = all cores)"},
+    {.name = "save_steps", .kind = K_INT, .off = OFF(save_steps), .lo = 0, .hi = INTMAX_D,
+     .expect = "an integer >= 0 (0 = unset: saves_per_epoch, else every 500 steps)"},
+    {.name = "saves_per_epoch", .kind = K_INT, .off = OFF(saves_per_epoch), .lo = 0, .hi = INTMAX_D,
+     .expect = "an integer >= 0"},
+    {.name = "save_total_limit", .kind = K_INT, .off = OFF(save_total_limit), .lo = 0, .hi = INTMAX_D,
+     .expect = "an integer >= 0 (0 = keep every checkpoint)"},
+    {.name = "resume_from_checkpoint", .kind = K_STR, .off = OFF(resume_from_checkpoint), .flags = F_OPTIONAL,
+     .expect = "a path to a checkpoint-<step> directory"},
+    {.name = "auto_resume_from_checkpoints", .kind = K_BOOL, .off = OFF(auto_resume_from_checkpoints)},
+    {.name = "max_nan_steps", .kind = K_INT, .off = OFF(max_nan_steps), .lo = 1, .hi = INTMAX_D,
+     .expect = "a positive integer"},
+    {.name = "skip_bad_lines", .kind = K_BOOL, .off = OFF(skip_bad_lines)},
 };
 #define N_KEYS ((int)(sizeof KEYS / sizeof KEYS[0]))
 
@@ -249,13 +262,8 @@ static const later_key LATER[] = {
     {"hub_model_id", NULL, NULL},
     {"hub_strategy", NULL, NULL},
     {"push_dataset_to_hub", NULL, NULL},
-    {"resume_from_checkpoint", NULL, NULL},
-    {"auto_resume_from_checkpoints", NULL, NULL},
     {"lora_model_dir", NULL, NULL},
-    {"saves_per_epoch", NULL, NULL},
-    {"save_steps", NULL, NULL},
     {"save_strategy", NULL, NULL},
-    {"save_total_limit", NULL, NULL},
     {"save_first_step", NULL, NULL},
     {"save_safetensors", "true", NULL},
     {"early_stopping_patience", NULL, NULL},
@@ -564,6 +572,8 @@ int train_config_defaults(train_config *c) {
     c->logging_steps = 1;
     c->bf16 = 1;
     c->gradient_checkpointing = 1;
+    c->auto_resume_from_checkpoints = 1;
+    c->max_nan_steps = 5;
     c->bnb_4bit_quant_type = dup_str("nf4");
     c->adapter = dup_str("qlora");
     c->lr_scheduler = dup_str("cosine");
@@ -584,6 +594,7 @@ void train_config_free(train_config *c) {
     free(c->lr_scheduler);
     free(c->optimizer);
     free(c->output_dir);
+    free(c->resume_from_checkpoint);
     free(c->config_path);
     free_str_list(c->warnings, c->n_warnings);
     memset(c, 0, sizeof *c);
@@ -1212,6 +1223,7 @@ int train_config_validate(const train_config *c, qerr *e) {
         switch (k->kind) {
         case K_STR: {
             const char *s = *CFIELD(c, k->off, char *);
+            if (!s && (k->flags & F_OPTIONAL)) break;
             if (!s || !*s) return qerr_set(e, "%s: %s: expected %s", src, k->name, k->expect);
             break;
         }
@@ -1276,6 +1288,8 @@ int train_config_validate(const train_config *c, qerr *e) {
         return qerr_set(e, "%s: val_set_size and test_datasets are both set; use one held-out source", src);
     if (c->eval_steps > 0 && c->evals_per_epoch > 0)
         return qerr_set(e, "%s: eval_steps and evals_per_epoch are both set; use one of them", src);
+    if (c->save_steps > 0 && c->saves_per_epoch > 0)
+        return qerr_set(e, "%s: save_steps and saves_per_epoch are both set; use one of them", src);
     return 0;
 }
 
@@ -1421,6 +1435,15 @@ int train_config_eval_interval(const train_config *c, int steps_per_epoch) {
         return k > 1 ? k : 1;
     }
     return 0;
+}
+
+int train_config_save_interval(const train_config *c, int steps_per_epoch) {
+    if (c->save_steps > 0) return c->save_steps;
+    if (c->saves_per_epoch > 0) {
+        int k = steps_per_epoch / c->saves_per_epoch;
+        return k > 1 ? k : 1;
+    }
+    return 500;
 }
 
 int train_config_warmup_steps(const train_config *c, int total_steps) {

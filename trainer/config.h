@@ -35,7 +35,7 @@
  *      local_rank, dataloader_num_workers, dataloader_pin_memory, dataloader_prefetch_factor
  *                                  PyTorch launcher / DataLoader knobs
  *  - Known but not supported yet (flash_attention, deepspeed, fsdp, load_in_8bit,
- *    fp16, wandb_*, saves_per_epoch, resume_from_checkpoint, ...): accepted only
+ *    fp16, wandb_*, save_strategy, ...): accepted only
  *    when null/false/0/empty — "off" by axolotl's own truthiness tests, and how
  *    axolotl's example files list them; any other value is an error "not
  *    supported yet". A few accept one
@@ -63,6 +63,11 @@
  *  - evals_per_epoch (axolotl): alternative to eval_steps; see
  *    train_config_eval_interval(). The two are mutually exclusive.
  *  - num_threads (ours): 0 = OMP_NUM_THREADS, else all cores.
+ *  - Checkpoints: save_steps / saves_per_epoch / save_total_limit /
+ *    resume_from_checkpoint / auto_resume_from_checkpoints as axolotl and HF,
+ *    except that resuming from the newest checkpoint in output_dir is the
+ *    default (auto_resume_from_checkpoints: true). max_nan_steps and
+ *    skip_bad_lines are ours.
  *  - max_grad_norm 0 disables clipping (as HF).
  *  - bf16: true | false | auto (= true). fp16 is not supported.
  *  - Booleans: true/false, yes/no, on/off (YAML 1.1 as PyYAML), and 1/0.
@@ -136,6 +141,19 @@ typedef struct train_config {
     int bf16;                         /* default 1 ("auto" = 1); 0 = fp32 compute */
     int gradient_checkpointing;       /* default 1 */
     int num_threads;                  /* default 0 = OMP_NUM_THREADS / all cores */
+    /* checkpoints and faults (README "Checkpoints, resume and faults") */
+    int save_steps;                   /* default 0 = unset; > 0: checkpoint every N optimizer steps
+                                         (see train_config_save_interval) */
+    int saves_per_epoch;              /* default 0 = unset (axolotl); exclusive with save_steps */
+    int save_total_limit;             /* default 0 = keep every checkpoint; N > 0 keeps the newest N */
+    char *resume_from_checkpoint;     /* default NULL = the newest complete checkpoint in output_dir;
+                                         else a checkpoint-<step> directory to resume from */
+    int auto_resume_from_checkpoints; /* default 1: re-running resumes; 0: refuse to start over
+                                         checkpoints already in output_dir */
+    int max_nan_steps;                /* default 5: abort after this many optimizer steps in a row
+                                         with NaN/Inf loss or gradients (each one is skipped) */
+    int skip_bad_lines;               /* default 0: a malformed JSONL line is an error naming file
+                                         and line; 1: skip it and count it */
     char *config_path;                /* file the config came from (for messages); NULL if none */
     char **warnings;                  /* one-line notes for the caller to print ("[config] ..."
                                          is the caller's prefix); ignored keys, aliases */
@@ -186,6 +204,12 @@ unsigned train_config_target_mask(const train_config *c);
  * evals_per_epoch > 0, max(1, steps_per_epoch / evals_per_epoch) (axolotl);
  * else 0 (= only at start and end). */
 int train_config_eval_interval(const train_config *c, int steps_per_epoch);
+
+/* Checkpoint interval in optimizer steps: save_steps if > 0; else, if
+ * saves_per_epoch > 0, max(1, steps_per_epoch / saves_per_epoch); else 500
+ * (HF TrainingArguments' default save_steps). A checkpoint is also written
+ * after the last step and on SIGINT/SIGTERM. */
+int train_config_save_interval(const train_config *c, int steps_per_epoch);
 
 /* Warmup length in optimizer steps: warmup_steps if > 0, else
  * ceil(warmup_ratio * total_steps) (HF TrainingArguments.get_warmup_steps). */

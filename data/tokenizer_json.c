@@ -1,0 +1,295 @@
+/* data/tokenizer_json.c — tokenizer.json <-> GGUF tokenizer metadata (see
+ * tokenizer_json.h). Structures as the `tokenizers` library serializes them
+ * (pre_tokenizers/{sequence,digits,byte_level,split}.rs, models/bpe/
+ * serialization.rs, processors/template.rs, tokenizer/added_vocabulary.rs);
+ * the SmolLM2 layout is the one scripts/make_tokenizer_fixtures.py builds as
+ * the tokenizer oracle.
+ */
+#include "data/tokenizer_json.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "model/gguf_write.h"
+
+/* Llama 3's pre-tokenizer regex as tokenizer.json spells it. */
+static const char LLAMA3_REGEX[] =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+
+typedef enum pre_kind { PRE_GPT2, PRE_SMOLLM, PRE_LLAMA3 } pre_kind;
+
+static int pre_from_name(const char *s, size_t n, pre_kind *out) {
+    char name[64];
+    snprintf(name, sizeof name, "%.*s", (int)(n < 63 ? n : 63), s);
+    if (!strcmp(name, "smollm") || !strcmp(name, "starcoder") || !strcmp(name, "refact")) *out = PRE_SMOLLM;
+    else if (!strcmp(name, "gpt2") || !strcmp(name, "default") || !strcmp(name, "gpt-2")) *out = PRE_GPT2;
+    else if (!strcmp(name, "llama-bpe") || !strcmp(name, "llama3") || !strcmp(name, "llama-v3")) *out = PRE_LLAMA3;
+    else return -1;
+    return 0;
+}
+
+static cJSON *byte_level(int add_prefix_space, int trim_offsets, int use_regex) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "type", "ByteLevel");
+    cJSON_AddBoolToObject(o, "add_prefix_space", add_prefix_space);
+    cJSON_AddBoolToObject(o, "trim_offsets", trim_offsets);
+    cJSON_AddBoolToObject(o, "use_regex", use_regex);
+    return o;
+}
+
+static cJSON *pre_tokenizer_json(pre_kind k) {
+    if (k == PRE_GPT2) return byte_level(0, 1, 1);
+    cJSON *seq = cJSON_CreateObject(), *arr = cJSON_CreateArray();
+    cJSON_AddStringToObject(seq, "type", "Sequence");
+    cJSON_AddItemToObject(seq, "pretokenizers", arr);
+    if (k == PRE_SMOLLM) {
+        cJSON *d = cJSON_CreateObject();
+        cJSON_AddStringToObject(d, "type", "Digits");
+        cJSON_AddTrueToObject(d, "individual_digits");
+        cJSON_AddItemToArray(arr, d);
+        cJSON_AddItemToArray(arr, byte_level(0, 1, 1));
+    } else {
+        cJSON *s = cJSON_CreateObject(), *pat = cJSON_CreateObject();
+        cJSON_AddStringToObject(s, "type", "Split");
+        cJSON_AddStringToObject(pat, "Regex", LLAMA3_REGEX);
+        cJSON_AddItemToObject(s, "pattern", pat);
+        cJSON_AddStringToObject(s, "behavior", "Isolated");
+        cJSON_AddFalseToObject(s, "invert");
+        cJSON_AddItemToArray(arr, s);
+        cJSON_AddItemToArray(arr, byte_level(0, 1, 0));
+    }
+    return seq;
+}
+
+static cJSON *special_piece(const char *tok) {
+    cJSON *o = cJSON_CreateObject(), *st = cJSON_CreateObject();
+    cJSON_AddStringToObject(st, "id", tok);
+    cJSON_AddNumberToObject(st, "type_id", 0);
+    cJSON_AddItemToObject(o, "SpecialToken", st);
+    return o;
+}
+
+static cJSON *seq_piece(const char *id, int type_id) {
+    cJSON *o = cJSON_CreateObject(), *st = cJSON_CreateObject();
+    cJSON_AddStringToObject(st, "id", id);
+    cJSON_AddNumberToObject(st, "type_id", type_id);
+    cJSON_AddItemToObject(o, "Sequence", st);
+    return o;
+}
+
+/* TemplateProcessing that prepends bos ("$A" -> "bos $A", pairs "bos $A bos $B"),
+ * as Llama 3's tokenizer.json has it. */
+static cJSON *bos_template(const char *bos, int32_t bos_id) {
+    cJSON *o = cJSON_CreateObject(), *single = cJSON_CreateArray(), *pair = cJSON_CreateArray(),
+          *sp = cJSON_CreateObject(), *ent = cJSON_CreateObject(), *ids = cJSON_CreateArray(),
+          *toks = cJSON_CreateArray();
+    cJSON_AddStringToObject(o, "type", "TemplateProcessing");
+    cJSON_AddItemToArray(single, special_piece(bos));
+    cJSON_AddItemToArray(single, seq_piece("A", 0));
+    cJSON_AddItemToArray(pair, special_piece(bos));
+    cJSON_AddItemToArray(pair, seq_piece("A", 0));
+    cJSON_AddItemToArray(pair, special_piece(bos));
+    cJSON_AddItemToArray(pair, seq_piece("B", 1));
+    cJSON_AddItemToObject(o, "single", single);
+    cJSON_AddItemToObject(o, "pair", pair);
+    cJSON_AddStringToObject(ent, "id", bos);
+    cJSON_AddItemToArray(ids, cJSON_CreateNumber(bos_id));
+    cJSON_AddItemToArray(toks, cJSON_CreateString(bos));
+    cJSON_AddItemToObject(ent, "ids", ids);
+    cJSON_AddItemToObject(ent, "tokens", toks);
+    cJSON_AddItemToObject(sp, bos, ent);
+    cJSON_AddItemToObject(o, "special_tokens", sp);
+    return o;
+}
+
+/* A set of strings (open addressing) to keep the first id of a duplicated
+ * token text, as HF's vocab map does, without a quadratic lookup. */
+typedef struct str_set {
+    char **slot;
+    uint64_t mask;
+} str_set;
+
+static uint64_t str_hash(const char *s) {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (; *s; s++) h = (h ^ (uint8_t)*s) * 0x100000001b3ull;
+    return h;
+}
+
+/* 1 if s was new (and is now in the set, owned by it), 0 if present, -1 on OOM. */
+static int str_set_add(str_set *st, const char *s) {
+    uint64_t i = str_hash(s) & st->mask;
+    while (st->slot[i]) {
+        if (!strcmp(st->slot[i], s)) return 0;
+        i = (i + 1) & st->mask;
+    }
+    return (st->slot[i] = strdup(s)) ? 1 : -1;
+}
+
+static char *dupn(const char *s, size_t n) {
+    char *d = malloc(n + 1);
+    if (d) {
+        memcpy(d, s, n);
+        d[n] = 0;
+    }
+    return d;
+}
+
+static int write_text_file(const char *path, const char *text, qerr *e) {
+    size_t n = strlen(path);
+    char *tmp = qmalloc(n + 5, e);
+    if (!tmp) return -1;
+    memcpy(tmp, path, n);
+    memcpy(tmp + n, ".tmp", 5);
+    FILE *f = fopen(tmp, "wb");
+    if (!f) {
+        qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
+        free(tmp);
+        return -1;
+    }
+    size_t len = strlen(text);
+    int bad = fwrite(text, 1, len, f) != len;
+    bad |= fclose(f) != 0;
+    if (bad || rename(tmp, path)) {
+        qerr_set(e, "cannot write %s: %s", path, strerror(errno));
+        unlink(tmp);
+        free(tmp);
+        return -1;
+    }
+    free(tmp);
+    return 0;
+}
+
+int tokenizer_json_write_from_gguf(const gguf_file *f, const char *path, qerr *e) {
+    const char *s;
+    size_t n;
+    if (gguf_get_str(f, "tokenizer.ggml.model", &s, &n, e)) return -1;
+    if (n != 4 || memcmp(s, "gpt2", 4))
+        return qerr_set(e, "tokenizer.json: tokenizer.ggml.model \"%.*s\" is not byte-level BPE (\"gpt2\"); not supported",
+                        (int)(n > 64 ? 64 : n), s);
+    pre_kind pk = PRE_GPT2;
+    if (gguf_has_key(f, "tokenizer.ggml.pre")) {
+        if (gguf_get_str(f, "tokenizer.ggml.pre", &s, &n, e)) return -1;
+        if (pre_from_name(s, n, &pk))
+            return qerr_set(e, "tokenizer.json: tokenizer.ggml.pre \"%.*s\" has no tokenizer.json equivalent here",
+                            (int)(n > 64 ? 64 : n), s);
+    }
+    gguf_vtype et;
+    uint64_t nv, nm = 0;
+    if (gguf_get_arr_info(f, "tokenizer.ggml.tokens", &et, &nv, e)) return -1;
+    const void *types = NULL;
+    if (gguf_has_key(f, "tokenizer.ggml.token_type") && gguf_get_arr_data(f, "tokenizer.ggml.token_type", &types, e))
+        return -1;
+    if (gguf_has_key(f, "tokenizer.ggml.merges") && gguf_get_arr_info(f, "tokenizer.ggml.merges", &et, &nm, e))
+        return -1;
+    int add_bos = 0;
+    if (gguf_has_key(f, "tokenizer.ggml.add_bos_token") && gguf_get_bool(f, "tokenizer.ggml.add_bos_token", &add_bos, e))
+        return -1;
+    uint32_t bos_id = 0;
+    if (add_bos && gguf_get_u32(f, "tokenizer.ggml.bos_token_id", &bos_id, e)) return -1;
+
+    cJSON *root = cJSON_CreateObject(), *added = cJSON_CreateArray(), *model = cJSON_CreateObject(),
+          *vocab = cJSON_CreateObject(), *merges = cJSON_CreateArray();
+    cJSON_AddStringToObject(root, "version", "1.0");
+    cJSON_AddNullToObject(root, "truncation");
+    cJSON_AddNullToObject(root, "padding");
+    cJSON_AddItemToObject(root, "added_tokens", added);
+    cJSON_AddNullToObject(root, "normalizer");
+    cJSON_AddItemToObject(root, "pre_tokenizer", pre_tokenizer_json(pk));
+    int rc = -1;
+    char *bos_text = NULL;
+    str_set seen = {0};
+    uint64_t cap = 16;
+    while (cap < 2 * nv) cap *= 2;
+    seen.mask = cap - 1;
+    if (!(seen.slot = calloc(cap, sizeof *seen.slot))) {
+        qerr_set(e, "out of memory");
+        goto done;
+    }
+    for (uint64_t i = 0; i < nv; i++) {
+        if (gguf_get_arr_str(f, "tokenizer.ggml.tokens", i, &s, &n, e)) goto done;
+        char *tok = dupn(s, n);
+        if (!tok) {
+            qerr_set(e, "out of memory");
+            goto done;
+        }
+        int32_t ty = 1;
+        if (types) memcpy(&ty, (const uint8_t *)types + 4 * i, 4);
+        if (ty == TOKENIZER_TOKEN_CONTROL || ty == TOKENIZER_TOKEN_USER_DEFINED) {
+            cJSON *a = cJSON_CreateObject();
+            cJSON_AddNumberToObject(a, "id", (double)i);
+            cJSON_AddStringToObject(a, "content", tok);
+            cJSON_AddFalseToObject(a, "single_word");
+            cJSON_AddFalseToObject(a, "lstrip");
+            cJSON_AddFalseToObject(a, "rstrip");
+            cJSON_AddBoolToObject(a, "normalized", ty != TOKENIZER_TOKEN_CONTROL);
+            cJSON_AddBoolToObject(a, "special", ty == TOKENIZER_TOKEN_CONTROL);
+            cJSON_AddItemToArray(added, a);
+        }
+        if (add_bos && i == bos_id) bos_text = strdup(tok);
+        int fresh = str_set_add(&seen, tok);
+        if (fresh > 0) cJSON_AddNumberToObject(vocab, tok, (double)i);
+        free(tok);
+        if (fresh < 0) {
+            qerr_set(e, "out of memory");
+            goto done;
+        }
+    }
+    if (add_bos && bos_text) cJSON_AddItemToObject(root, "post_processor", bos_template(bos_text, (int32_t)bos_id));
+    else cJSON_AddNullToObject(root, "post_processor");
+    cJSON_AddItemToObject(root, "decoder", byte_level(1, 1, 1));
+    cJSON_AddItemToObject(root, "model", model);
+    model = NULL;
+    cJSON *mo = cJSON_GetObjectItemCaseSensitive(root, "model");
+    cJSON_AddStringToObject(mo, "type", "BPE");
+    cJSON_AddNullToObject(mo, "dropout");
+    cJSON_AddNullToObject(mo, "unk_token");
+    cJSON_AddNullToObject(mo, "continuing_subword_prefix");
+    cJSON_AddNullToObject(mo, "end_of_word_suffix");
+    cJSON_AddFalseToObject(mo, "fuse_unk");
+    cJSON_AddFalseToObject(mo, "byte_fallback");
+    cJSON_AddBoolToObject(mo, "ignore_merges", pk == PRE_LLAMA3);
+    cJSON_AddItemToObject(mo, "vocab", vocab);
+    vocab = NULL;
+    for (uint64_t i = 0; i < nm; i++) {
+        if (gguf_get_arr_str(f, "tokenizer.ggml.merges", i, &s, &n, e)) goto done;
+        char *m = dupn(s, n);
+        if (!m) {
+            qerr_set(e, "out of memory");
+            goto done;
+        }
+        cJSON_AddItemToArray(merges, cJSON_CreateString(m));
+        free(m);
+    }
+    cJSON_AddItemToObject(mo, "merges", merges);
+    merges = NULL;
+    char *text = cJSON_PrintUnformatted(root);
+    if (!text) {
+        qerr_set(e, "out of memory printing %s", path);
+        goto done;
+    }
+    rc = write_text_file(path, text, e);
+    free(text);
+done:
+    free(bos_text);
+    if (seen.slot)
+        for (uint64_t i = 0; i <= seen.mask; i++) free(seen.slot[i]);
+    free(seen.slot);
+    cJSON_Delete(model);
+    cJSON_Delete(vocab);
+    cJSON_Delete(merges);
+    cJSON_Delete(root);
+    return rc;
+}
+
+int tokenizer_load_hf(const char *json_path, const char *config_path, tokenizer **out, qerr *e) {
+    (void)config_path;
+    *out = NULL;
+    return qerr_set(e, "%s: loading tokenizer.json is not implemented yet", json_path);
+}

@@ -1,0 +1,265 @@
+/* model/adapter.c — PEFT LoRA adapter directory → lora_set (see adapter.h).
+ * Config keys: peft/tuners/lora/config.py; tensor names:
+ * peft/utils/save_and_load.py (adapter name removed on save). */
+#include "model/adapter.h"
+
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/bf16.h"
+#include "model/safetensors.h"
+
+static char *read_text(const char *path, qerr *e) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        qerr_set(e, "%s: cannot open", path);
+        return NULL;
+    }
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *b = n >= 0 ? malloc((size_t)n + 1) : NULL;
+    if (!b || fread(b, 1, (size_t)n, f) != (size_t)n) {
+        free(b);
+        fclose(f);
+        qerr_set(e, "%s: cannot read", path);
+        return NULL;
+    }
+    fclose(f);
+    b[n] = 0;
+    return b;
+}
+
+static int module_index(const char *name, size_t n) {
+    for (int k = 0; k < LLAMA_N_LINEAR; k++)
+        if (strlen(llama_linear_names[k]) == n && !memcmp(llama_linear_names[k], name, n)) return k;
+    return -1;
+}
+
+/* A config value that must be empty (null, false, {}, [], "none") for qlora to
+ * represent the adapter faithfully. */
+static int config_must_be_empty(const cJSON *cfg, const char *key, const char *ok_str, const char *path, qerr *e) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, key);
+    if (!v || cJSON_IsNull(v) || cJSON_IsFalse(v)) return 0;
+    if ((cJSON_IsObject(v) || cJSON_IsArray(v)) && cJSON_GetArraySize(v) == 0) return 0;
+    if (ok_str && cJSON_IsString(v) && !strcmp(v->valuestring, ok_str)) return 0;
+    return qerr_set(e, "%s: \"%s\" is set; adapters with %s are not supported", path, key, key);
+}
+
+/* "base_model.model.model.layers.N.(self_attn|mlp).MODULE.lora_(A|B).weight" */
+static int parse_name(const char *name, int *layer, int *module, int *ab) {
+    static const char pre[] = "base_model.model.model.layers.";
+    if (strncmp(name, pre, sizeof pre - 1)) return -1;
+    const char *p = name + sizeof pre - 1;
+    char *end;
+    long l = strtol(p, &end, 10);
+    if (end == p || *end != '.' || l < 0 || l > 100000) return -1;
+    p = end + 1;
+    int attn;
+    if (!strncmp(p, "self_attn.", 10)) {
+        attn = 1;
+        p += 10;
+    } else if (!strncmp(p, "mlp.", 4)) {
+        attn = 0;
+        p += 4;
+    } else {
+        return -1;
+    }
+    const char *dot = strchr(p, '.');
+    if (!dot) return -1;
+    int k = module_index(p, (size_t)(dot - p));
+    if (k < 0 || (k <= LLAMA_O) != attn) return -1;
+    if (!strcmp(dot, ".lora_A.weight")) *ab = 0;
+    else if (!strcmp(dot, ".lora_B.weight")) *ab = 1;
+    else return -1;
+    *layer = (int)l;
+    *module = k;
+    return 0;
+}
+
+static int to_f32(const st_tensor *t, float *dst, const char *path, qerr *e) {
+    int64_t n = t->shape[0] * t->shape[1];
+    if (!strcmp(t->dtype, "F32")) {
+        memcpy(dst, t->data, (size_t)n * 4);
+    } else if (!strcmp(t->dtype, "BF16") || !strcmp(t->dtype, "F16")) {
+        int isbf = t->dtype[0] == 'B';
+        const uint8_t *s = t->data;
+        for (int64_t i = 0; i < n; i++) {
+            uint16_t h;
+            memcpy(&h, s + 2 * i, 2);
+            dst[i] = isbf ? bf16_to_f32(h) : f16_to_f32(h);
+        }
+    } else {
+        return qerr_set(e, "%s: tensor %s: dtype %s (expected F32, BF16 or F16)", path, t->name, t->dtype);
+    }
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(dst[i])) return qerr_set(e, "%s: tensor %s: non-finite value at %lld", path, t->name, (long long)i);
+    return 0;
+}
+
+void adapter_info_free(adapter_info *info) {
+    free(info->present);
+    memset(info, 0, sizeof *info);
+}
+
+int adapter_load_peft(const char *dir, const llama_hparams *hp, lora_set *ls, adapter_info *info, qerr *e) {
+    memset(ls, 0, sizeof *ls);
+    memset(info, 0, sizeof *info);
+    char path[4096], spath[4096];
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    snprintf(spath, sizeof spath, "%s/adapter_model.safetensors", dir);
+    char *text = read_text(path, e);
+    if (!text) return qerr_prefix(e, "adapter");
+    cJSON *cfg = cJSON_Parse(text);
+    free(text);
+    if (!cfg || !cJSON_IsObject(cfg)) {
+        cJSON_Delete(cfg);
+        return qerr_set(e, "%s: not a JSON object", path);
+    }
+    int rc = -1;
+    safetensors_file *sf = NULL;
+    llama_model skel;
+    memset(&skel, 0, sizeof skel);
+    float *buf = NULL;
+
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, "peft_type");
+    if (!cJSON_IsString(v) || strcmp(v->valuestring, "LORA")) {
+        qerr_set(e, "%s: peft_type must be \"LORA\"", path);
+        goto done;
+    }
+    v = cJSON_GetObjectItemCaseSensitive(cfg, "r");
+    if (!cJSON_IsNumber(v) || v->valuedouble < 1 || v->valuedouble != floor(v->valuedouble)) {
+        qerr_set(e, "%s: \"r\" must be a positive integer", path);
+        goto done;
+    }
+    info->r = (int)v->valuedouble;
+    v = cJSON_GetObjectItemCaseSensitive(cfg, "lora_alpha");
+    info->lora_alpha = cJSON_IsNumber(v) ? (float)v->valuedouble : 8.0f; /* PEFT's default */
+    v = cJSON_GetObjectItemCaseSensitive(cfg, "lora_dropout");
+    info->lora_dropout = cJSON_IsNumber(v) ? (float)v->valuedouble : 0.0f;
+    v = cJSON_GetObjectItemCaseSensitive(cfg, "use_rslora");
+    info->use_rslora = cJSON_IsTrue(v);
+    v = cJSON_GetObjectItemCaseSensitive(cfg, "base_model_name_or_path");
+    if (cJSON_IsString(v)) snprintf(info->base_model_name_or_path, sizeof info->base_model_name_or_path, "%s", v->valuestring);
+    if (config_must_be_empty(cfg, "use_dora", NULL, path, e) ||
+        config_must_be_empty(cfg, "rank_pattern", NULL, path, e) ||
+        config_must_be_empty(cfg, "alpha_pattern", NULL, path, e) ||
+        config_must_be_empty(cfg, "modules_to_save", NULL, path, e) ||
+        config_must_be_empty(cfg, "fan_in_fan_out", NULL, path, e) ||
+        config_must_be_empty(cfg, "lora_bias", NULL, path, e) ||
+        config_must_be_empty(cfg, "layer_replication", NULL, path, e) ||
+        config_must_be_empty(cfg, "bias", "none", path, e))
+        goto done;
+
+    if (safetensors_open(spath, &sf, e)) goto done;
+    int n = safetensors_count(sf);
+    int target[LLAMA_N_LINEAR] = {0};
+    for (int i = 0; i < n; i++) {
+        st_tensor t;
+        safetensors_get(sf, i, &t);
+        int l, k, ab;
+        if (parse_name(t.name, &l, &k, &ab)) {
+            if (strstr(t.name, "lora_magnitude_vector")) qerr_set(e, "%s: %s: DoRA adapters are not supported", spath, t.name);
+            else if (strstr(t.name, "lora_embedding")) qerr_set(e, "%s: %s: embedding adapters are not supported", spath, t.name);
+            else qerr_set(e, "%s: tensor %s is not a LoRA A/B of a Llama linear (q/k/v/o/gate/up/down_proj); "
+                             "modules_to_save and other extras are not supported", spath, t.name);
+            goto done;
+        }
+        if (l >= hp->n_layer) {
+            qerr_set(e, "%s: tensor %s: layer %d, but the base model has %d layers", spath, t.name, l, hp->n_layer);
+            goto done;
+        }
+        target[k] = 1;
+    }
+    if (n == 0) {
+        qerr_set(e, "%s: no tensors", spath);
+        goto done;
+    }
+
+    /* a skeleton model (dims only) is all lora_set_init needs */
+    skel.hp = *hp;
+    skel.layers = qcalloc((size_t)hp->n_layer, sizeof *skel.layers, e);
+    if (!skel.layers) goto done;
+    for (int l = 0; l < hp->n_layer; l++)
+        for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+            int64_t rows, cols;
+            int64_t D = hp->d_model, F = hp->d_ff, qd = (int64_t)hp->n_head * hp->head_dim,
+                    kd = (int64_t)hp->n_kv_head * hp->head_dim;
+            const int64_t outs[LLAMA_N_LINEAR] = {qd, kd, kd, D, F, F, D};
+            const int64_t ins[LLAMA_N_LINEAR] = {D, D, D, qd, D, D, F};
+            rows = outs[k];
+            cols = ins[k];
+            skel.layers[l].lin[k].out = rows;
+            skel.layers[l].lin[k].in = cols;
+        }
+    if (lora_set_init(ls, &skel, info->r, info->lora_alpha, info->lora_dropout, info->use_rslora, target, 0, e))
+        goto done;
+    memset(ls->params, 0, (size_t)ls->n_params * sizeof(float));
+    info->present = qcalloc((size_t)hp->n_layer * LLAMA_N_LINEAR, 1, e);
+    if (!info->present) goto done;
+    unsigned char *seen = qcalloc((size_t)hp->n_layer * LLAMA_N_LINEAR, 1, e);
+    if (!seen) goto done;
+    for (int i = 0; i < n; i++) {
+        st_tensor t;
+        safetensors_get(sf, i, &t);
+        int l, k, ab;
+        parse_name(t.name, &l, &k, &ab);
+        int idx = l * LLAMA_N_LINEAR + k;
+        const lora_adapter *a = lora_set_get(ls, l, k);
+        const tensor *dst = ab ? a->B : a->A;
+        if (t.n_dims != 2 || t.shape[0] != dst->shape[0] || t.shape[1] != dst->shape[1]) {
+            qerr_set(e, "%s: tensor %s: shape [%lld, %lld], expected [%lld, %lld] (r %d)", spath, t.name,
+                     (long long)t.shape[0], (long long)(t.n_dims > 1 ? t.shape[1] : 0), (long long)dst->shape[0],
+                     (long long)dst->shape[1], info->r);
+            free(seen);
+            goto done;
+        }
+        if (to_f32(&t, dst->data, spath, e)) {
+            free(seen);
+            goto done;
+        }
+        seen[idx] |= (unsigned char)(1u << ab);
+    }
+    for (int idx = 0; idx < hp->n_layer * LLAMA_N_LINEAR; idx++) {
+        if (seen[idx] == 1 || seen[idx] == 2) {
+            qerr_set(e, "%s: layer %d %s has lora_%c but not lora_%c", spath, idx / LLAMA_N_LINEAR,
+                     llama_linear_names[idx % LLAMA_N_LINEAR], seen[idx] == 1 ? 'A' : 'B', seen[idx] == 1 ? 'B' : 'A');
+            free(seen);
+            goto done;
+        }
+        info->present[idx] = seen[idx] == 3;
+        info->n_present += seen[idx] == 3;
+    }
+    free(seen);
+    rc = 0;
+done:
+    if (rc) {
+        lora_set_free(ls);
+        adapter_info_free(info);
+    }
+    free(buf);
+    free(skel.layers);
+    safetensors_close(sf);
+    cJSON_Delete(cfg);
+    return rc;
+}
+
+int adapter_peek_base(const char *dir, char *buf, size_t n) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    char *text = read_text(path, NULL);
+    if (!text) return -1;
+    cJSON *cfg = cJSON_Parse(text);
+    free(text);
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, "base_model_name_or_path");
+    int rc = -1;
+    if (cJSON_IsString(v) && v->valuestring[0]) {
+        snprintf(buf, n, "%s", v->valuestring);
+        rc = 0;
+    }
+    cJSON_Delete(cfg);
+    return rc;
+}

@@ -1,0 +1,149 @@
+/* model/base.c — GGUF file or HF directory behind one interface (see base.h). */
+#include "model/base.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "model/hf.h"
+
+struct base_model {
+    base_kind kind;
+    char *path;
+    gguf_file *gguf;
+    hf_model *hf;
+    llama_hparams hp;
+};
+
+static const char *const gguf_linear_names[LLAMA_N_LINEAR] = {
+    "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
+
+int base_model_open(const char *path, base_model **out, qerr *e) {
+    *out = NULL;
+    struct stat st;
+    if (stat(path, &st)) return qerr_set(e, "%s: no such file or directory", path);
+    base_model *b = qcalloc(1, sizeof *b, e);
+    if (!b) return -1;
+    if (!(b->path = strdup(path))) {
+        free(b);
+        return qerr_set(e, "out of memory");
+    }
+    if (S_ISDIR(st.st_mode)) {
+        b->kind = BASE_HF;
+        if (hf_model_open(path, &b->hf, e)) goto fail;
+        b->hp = *hf_model_hparams(b->hf);
+    } else {
+        b->kind = BASE_GGUF;
+        if (gguf_open(path, &b->gguf, e)) goto fail;
+        if (llama_hparams_from_gguf(b->gguf, &b->hp, e)) {
+            qerr_prefix(e, "%s", path);
+            goto fail;
+        }
+    }
+    *out = b;
+    return 0;
+fail:
+    base_model_close(b);
+    return -1;
+}
+
+void base_model_close(base_model *b) {
+    if (!b) return;
+    gguf_close(b->gguf);
+    hf_model_close(b->hf);
+    free(b->path);
+    free(b);
+}
+
+base_kind base_model_kind(const base_model *b) { return b->kind; }
+const char *base_model_path(const base_model *b) { return b->path; }
+const gguf_file *base_model_gguf(const base_model *b) { return b->gguf; }
+int base_model_prequantized(const base_model *b) { return b->hf ? hf_model_prequantized(b->hf) : 0; }
+const llama_hparams *base_model_hparams(const base_model *b) { return &b->hp; }
+
+int base_model_tokenizer(const base_model *b, tokenizer **out, qerr *e) {
+    if (b->kind == BASE_HF) return hf_model_tokenizer(b->hf, out, e);
+    if (tokenizer_load_gguf(b->gguf, out, e)) return qerr_prefix(e, "%s", b->path);
+    return 0;
+}
+
+int base_model_load(const base_model *b, int load_in_4bit, int double_quant, int max_pos, llama_model *m, qerr *e) {
+    if (b->kind == BASE_HF) return hf_model_load(b->hf, load_in_4bit, double_quant, max_pos, m, e);
+    return llama_load_gguf(b->gguf, load_in_4bit, double_quant, max_pos, m, e);
+}
+
+void base_model_tensor_shape(const llama_hparams *hp, base_role role, int module, int64_t *rows, int64_t *cols) {
+    int64_t D = hp->d_model, F = hp->d_ff, qd = (int64_t)hp->n_head * hp->head_dim,
+            kd = (int64_t)hp->n_kv_head * hp->head_dim;
+    switch (role) {
+    case BASE_T_EMBED:
+    case BASE_T_LM_HEAD: *rows = hp->vocab; *cols = D; return;
+    case BASE_T_OUT_NORM:
+    case BASE_T_ATTN_NORM:
+    case BASE_T_FFN_NORM: *rows = D; *cols = 1; return;
+    case BASE_T_LINEAR: {
+        const int64_t outs[LLAMA_N_LINEAR] = {qd, kd, kd, D, F, F, D};
+        const int64_t ins[LLAMA_N_LINEAR] = {D, D, D, qd, D, D, F};
+        *rows = outs[module];
+        *cols = ins[module];
+        return;
+    }
+    }
+    *rows = *cols = 0;
+}
+
+static int gguf_name_of(const llama_hparams *hp, base_role role, int layer, int module, char *name, size_t n) {
+    switch (role) {
+    case BASE_T_EMBED: snprintf(name, n, "token_embd.weight"); return 0;
+    case BASE_T_LM_HEAD: snprintf(name, n, hp->tied_embeddings ? "token_embd.weight" : "output.weight"); return 0;
+    case BASE_T_OUT_NORM: snprintf(name, n, "output_norm.weight"); return 0;
+    case BASE_T_ATTN_NORM: snprintf(name, n, "blk.%d.attn_norm.weight", layer); return 0;
+    case BASE_T_FFN_NORM: snprintf(name, n, "blk.%d.ffn_norm.weight", layer); return 0;
+    case BASE_T_LINEAR:
+        if (module < 0 || module >= LLAMA_N_LINEAR) return -1;
+        snprintf(name, n, "blk.%d.%s.weight", layer, gguf_linear_names[module]);
+        return 0;
+    }
+    return -1;
+}
+
+int base_model_tensor_f32(const base_model *b, base_role role, int layer, int module, float *dst, qerr *e) {
+    if (layer < 0 || layer >= b->hp.n_layer) return qerr_set(e, "%s: layer %d out of range", b->path, layer);
+    if (b->kind == BASE_HF) return hf_model_tensor_f32(b->hf, role, layer, module, dst, e);
+    char name[96];
+    if (gguf_name_of(&b->hp, role, layer, module, name, sizeof name))
+        return qerr_set(e, "%s: unknown tensor role", b->path);
+    int64_t rows, cols;
+    base_model_tensor_shape(&b->hp, role, module, &rows, &cols);
+    if (cols == 1) {
+        cols = rows;
+        rows = 1;
+    }
+    const gguf_tensor *t = gguf_find_tensor(b->gguf, name);
+    if (!t) return qerr_set(e, "%s: tensor %s missing", b->path, name);
+    if ((int64_t)t->ne[0] != cols || (int64_t)(t->nelements / t->ne[0]) != rows)
+        return qerr_set(e, "%s: tensor %s: expected %lld x %lld elements", b->path, name, (long long)rows,
+                        (long long)cols);
+    int err = 0;
+    qerr e2 = {{0}};
+#pragma omp parallel for schedule(static)
+    for (int64_t r0 = 0; r0 < rows; r0 += 64) {
+        int64_t n = rows - r0 < 64 ? rows - r0 : 64;
+        qerr el;
+        if (gguf_tensor_rows_to_f32(t, (uint64_t)r0, (uint64_t)n, dst + r0 * cols, &el)) {
+#pragma omp critical
+            {
+                err = 1;
+                e2 = el;
+            }
+        }
+    }
+    if (err) {
+        if (e) *e = e2;
+        return qerr_prefix(e, "%s: tensor %s", b->path, name);
+    }
+    if (role == BASE_T_LINEAR && module == LLAMA_Q) llama_unpermute_rows(dst, b->hp.n_head, b->hp.head_dim, cols);
+    if (role == BASE_T_LINEAR && module == LLAMA_K) llama_unpermute_rows(dst, b->hp.n_kv_head, b->hp.head_dim, cols);
+    return 0;
+}

@@ -1,0 +1,723 @@
+#!/usr/bin/env python3
+"""Write the reference fixtures (tests/fixtures/ref_*.qref.gz) that tests/test_reference*.c
+compare qlora against: outputs of tools nobody on this project wrote — bitsandbytes, Hugging Face
+`tokenizers`, transformers, PEFT and PyTorch. `make test` reads only the committed fixtures; no
+Python runs at test time.
+
+Regenerate (from the repo root; needs the model, `make model`):
+
+    make reference-fixtures
+    # = python3 -m venv /tmp/venv-ref && /tmp/venv-ref/bin/pip install -r scripts/requirements-reference.txt
+    #   (the target reuses $(REF_VENV) if it exists) and then
+    #   $(REF_VENV)/bin/python scripts/make_reference.py [--only nf4,tokenizer,chat,tiny,real]
+
+Versions the committed fixtures were written with: scripts/requirements-reference.txt (pinned from
+the venv's `pip freeze`), Python 3.11.7, CPU only (torch's CPU wheel behaviour; bitsandbytes' CPU
+backend). Every fixture also records the versions it was written with (array "versions").
+
+Fixtures (each a gzip'd list of named arrays; format in tests/ref_fixture.h):
+
+  ref_nf4.qref.gz        bitsandbytes.functional.quantize_4bit(quant_type="nf4", blocksize=64,
+                         compress_statistics=True/False) on CPU: packed bytes, absmax, the double-
+                         quant state (8-bit absmax codes, nested absmax, offset, code map) and
+                         dequantize_4bit output (fp32 and bf16), for adversarial tensors.
+  ref_tokenizer.qref.gz  >= 1 MB corpus in segments (prose, C and Python code, numbers, whitespace
+                         runs, emoji, non-Latin scripts, special tokens), and HF `tokenizers`' ids
+                         per segment.
+  ref_chat.qref.gz       transformers' apply_chat_template (the GGUF's Jinja template) rendered
+                         strings and ids for several conversations.
+  ref_tiny.qref.gz       a tiny random LlamaForCausalLM + PEFT LoRA (r=4, all 7 linears): weights,
+                         batch, logits, loss, every LoRA gradient (also with gradient checkpointing),
+                         10 AdamW steps (losses + final adapter), fp32; and the same forward/grads
+                         under torch.autocast(bfloat16) as a yardstick for bf16 error.
+  ref_real.qref.gz       SmolLM2-135M-Instruct from the GGUF in transformers: logits on a fixed batch
+                         (log-sum-exp, top-k and a fixed vocab subset per position) for fp32 as
+                         loaded, fp32 with bf16-rounded matrices, and bitsandbytes NF4 (compute
+                         bf16 and fp32).
+
+The tokenizer corpus is built once from files on a Debian machine (man pages from
+datasets/manpages, /usr/include headers, Python's stdlib, /usr/share/common-licenses, gettext
+catalogs in /usr/share/locale) plus generated text, and is then reused from the committed fixture
+(pass --new-corpus to rebuild it), so regenerating the ids never depends on what the machine has.
+"""
+import argparse
+import gzip
+import json
+import os
+import random
+import struct
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIX = os.path.join(ROOT, "tests", "fixtures")
+MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+# ----------------------------------------------------------------------------- container
+
+DT = {np.dtype(np.float32): 0, np.dtype(np.int32): 1, np.dtype(np.uint8): 2, np.dtype(np.uint16): 3,
+      np.dtype(np.int64): 4, np.dtype(np.float64): 5}
+
+
+def write_qref(path, arrays):
+    """arrays: dict name -> numpy array (or str / bytes -> u8, float -> f64 scalar, int -> i64)."""
+    out = bytearray(b"QLREF001")
+    out += struct.pack("<I", len(arrays))
+    for name, a in arrays.items():
+        if isinstance(a, str):
+            a = np.frombuffer(a.encode("utf-8"), dtype=np.uint8)
+        elif isinstance(a, (bytes, bytearray)):
+            a = np.frombuffer(bytes(a), dtype=np.uint8)
+        elif isinstance(a, float):
+            a = np.array([a], dtype=np.float64)
+        elif isinstance(a, (int, np.integer)) and not isinstance(a, bool):
+            a = np.array([int(a)], dtype=np.int64)
+        a = np.ascontiguousarray(a)
+        if a.dtype not in DT:
+            raise TypeError(f"{name}: unsupported dtype {a.dtype}")
+        nb = name.encode("utf-8")
+        out += struct.pack("<I", len(nb)) + nb
+        out += struct.pack("<II", DT[a.dtype], a.ndim)
+        for s in a.shape:
+            out += struct.pack("<Q", s)
+        data = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+        out += struct.pack("<Q", len(data)) + data
+    with gzip.GzipFile(path, "wb", compresslevel=9, mtime=0) as f:
+        f.write(bytes(out))
+    print(f"[ref] wrote {os.path.relpath(path, ROOT)}: {len(arrays)} arrays, {len(out)} bytes raw, "
+          f"{os.path.getsize(path)} bytes gzip")
+
+
+def read_qref(path):
+    with gzip.open(path, "rb") as f:
+        buf = f.read()
+    assert buf[:8] == b"QLREF001"
+    (n,) = struct.unpack_from("<I", buf, 8)
+    pos, res = 12, {}
+    inv = {v: k for k, v in DT.items()}
+    for _ in range(n):
+        (nl,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        name = buf[pos:pos + nl].decode()
+        pos += nl
+        dt, nd = struct.unpack_from("<II", buf, pos)
+        pos += 8
+        shape = struct.unpack_from("<" + "Q" * nd, buf, pos)
+        pos += 8 * nd
+        (nbytes,) = struct.unpack_from("<Q", buf, pos)
+        pos += 8
+        res[name] = np.frombuffer(buf[pos:pos + nbytes], dtype=inv[dt]).reshape(shape)
+        pos += nbytes
+    return res
+
+
+def versions():
+    import importlib.metadata as md
+    names = ["torch", "transformers", "peft", "bitsandbytes", "tokenizers", "safetensors", "gguf", "numpy"]
+    vs = {}
+    for n in names:
+        try:
+            vs[n] = md.version(n)
+        except md.PackageNotFoundError:
+            vs[n] = "absent"
+    vs["python"] = sys.version.split()[0]
+    return json.dumps(vs, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- GGUF tokenizer
+
+
+def bytes_to_unicode():
+    """GPT-2 encoder.py's byte alphabet."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def gguf_tokenizer_parts(path):
+    from gguf import GGUFReader
+    r = GGUFReader(path)
+
+    def fstr(key):
+        f = r.fields[key]
+        return bytes(f.parts[f.data[0]]).decode("utf-8")
+
+    def farr_str(key):
+        f = r.fields[key]
+        return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+
+    def farr_int(key):
+        f = r.fields[key]
+        return [int(f.parts[i][0]) for i in f.data]
+
+    assert fstr("tokenizer.ggml.model") == "gpt2"
+    assert fstr("tokenizer.ggml.pre") == "smollm"
+    tokens = farr_str("tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in farr_str("tokenizer.ggml.merges")]
+    types = farr_int("tokenizer.ggml.token_type")
+    return tokens, merges, types, fstr("tokenizer.chat_template")
+
+
+def hf_tokenizer(path):
+    """SmolLM2's tokenizer.json pipeline rebuilt from the GGUF (as scripts/make_tokenizer_fixtures.py):
+    BPE(vocab, merges), pre-tokenizer Sequence[Digits(individual_digits=True),
+    ByteLevel(add_prefix_space=False, use_regex=True)], ByteLevel decoder, control tokens special."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    tokens, merges, types, tmpl = gguf_tokenizer_parts(path)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == 3])
+    return tok, tokens, types, tmpl
+
+
+# ----------------------------------------------------------------------------- tokenizer corpus
+
+KINDS = ["prose", "manpage", "c_code", "python_code", "numbers", "whitespace", "emoji", "non_latin",
+         "mixed_special", "chatml"]
+
+
+def _chunks(text, rng, lo=2000, hi=7000):
+    """Cut text at line boundaries into pieces of lo..hi characters."""
+    out, pos = [], 0
+    while pos < len(text):
+        want = rng.randint(lo, hi)
+        end = text.find("\n", pos + want)
+        end = len(text) if end < 0 else end + 1
+        out.append(text[pos:end])
+        pos = end
+    return [c for c in out if c.strip()]
+
+
+def _read(path):
+    with open(path, "r", encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def corpus_prose(rng):
+    segs = []
+    lic = "/usr/share/common-licenses"
+    for name in ["GPL-3", "Apache-2.0", "MPL-2.0", "LGPL-2.1", "Artistic", "GFDL-1.3", "CC0-1.0"]:
+        p = os.path.join(lic, name)
+        if os.path.exists(p):
+            segs += _chunks(_read(p), rng)
+    return segs
+
+
+def corpus_manpages(rng, budget):
+    segs, total = [], 0
+    p = os.path.join(ROOT, "datasets", "manpages", "heldout.jsonl")
+    for line in open(p, encoding="utf-8"):
+        for c in _chunks(json.loads(line)["text"], rng):
+            segs.append(c)
+            total += len(c)
+        if total > budget:
+            break
+    return segs
+
+
+def corpus_c(rng, budget):
+    names = ["stdio.h", "stdlib.h", "string.h", "zlib.h", "cjson/cJSON.h", "yaml.h", "pcre2.h", "math.h",
+             "pthread.h", "unistd.h", "elf.h", "png.h", "cmocka.h", "dnnl.h", "fenv.h", "regex.h"]
+    segs, total = [], 0
+    for n in names:
+        p = os.path.join("/usr/include", n)
+        if not os.path.exists(p):
+            continue
+        for c in _chunks(_read(p), rng):
+            segs.append(c)
+            total += len(c)
+        if total > budget:
+            break
+    return segs
+
+
+def corpus_python(rng, budget):
+    import textwrap, json.decoder, argparse as ap, difflib, fractions, heapq  # noqa: E401
+    segs, total = [], 0
+    for mod in [textwrap, json.decoder, difflib, fractions, heapq, ap]:
+        for c in _chunks(_read(mod.__file__), rng):
+            segs.append(c)
+            total += len(c)
+        if total > budget:
+            break
+    return segs
+
+
+def corpus_numbers(rng, n_segs):
+    digit_sets = ["0123456789", "٠١٢٣٤٥٦٧٨٩", "۰۱۲۳۴۵۶۷۸۹", "०१२३४५६७८९", "০১২৩৪৫৬৭৮৯", "０１２３４５６７８９",
+                  "⁰¹²³⁴⁵⁶⁷⁸⁹", "₀₁₂₃₄₅₆₇₈₉", "๐๑๒๓๔๕๖๗๘๙"]
+    segs = []
+    for _ in range(n_segs):
+        lines = []
+        for _ in range(rng.randint(40, 120)):
+            k = rng.randint(0, 11)
+            if k == 0:
+                lines.append(f"{rng.randint(-10**12, 10**12):,}")
+            elif k == 1:
+                lines.append(repr(rng.uniform(-1e6, 1e6)))
+            elif k == 2:
+                lines.append(f"{rng.random():.{rng.randint(1, 17)}e}")
+            elif k == 3:
+                lines.append(f"0x{rng.getrandbits(64):016x}ULL, 0b{rng.getrandbits(12):b}, 0o{rng.getrandbits(9):o}")
+            elif k == 4:
+                lines.append(f"{rng.randint(1970, 2099)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}T"
+                             f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}Z")
+            elif k == 5:
+                lines.append(f"+1 ({rng.randint(200, 999)}) {rng.randint(200, 999)}-{rng.randint(0, 9999):04d}")
+            elif k == 6:
+                ds = rng.choice(digit_sets)
+                lines.append("".join(rng.choice(ds) for _ in range(rng.randint(1, 20))))
+            elif k == 7:
+                lines.append(" ".join(str(rng.randint(0, 999)) for _ in range(rng.randint(2, 12))))
+            elif k == 8:
+                lines.append(f"v{rng.randint(0, 9)}.{rng.randint(0, 99)}.{rng.randint(0, 999)}-rc{rng.randint(1, 9)}")
+            elif k == 9:
+                lines.append(f"| {rng.randint(0, 99999):>7} | {rng.uniform(0, 100):8.3f}% | ${rng.uniform(0, 1e5):,.2f} |")
+            elif k == 10:
+                lines.append(str(rng.getrandbits(rng.randint(64, 400))))
+            else:
+                lines.append(f"½ ¾ ⅞ {rng.randint(1, 9)}² x³ Ⅻ ⑤ 1st 2nd 3rd {rng.randint(4, 99)}th")
+        segs.append("\n".join(lines) + "\n")
+    return segs
+
+
+def corpus_whitespace(rng, n_segs):
+    ws = [" ", "  ", "   ", "    ", "\t", "\t\t", "\n", "\n\n", "\r\n", "\r", "\u00a0", "\u3000", "\u2003",
+          "\u200b", "\u0085", "\u2028", "\x0b", "\x0c", " \n", "\n ", " \t \n", "        "]
+    words = ["a", "the", "x", "int", "foo();", "{", "}", "--", "#", "word", "WORD", "Ünïcode", "日本", "42"]
+    segs = []
+    for _ in range(n_segs):
+        parts = []
+        for _ in range(rng.randint(200, 600)):
+            if rng.random() < 0.5:
+                parts.append(rng.choice(ws) * rng.randint(1, 6))
+            else:
+                parts.append(rng.choice(words))
+        segs.append("".join(parts))
+    return segs
+
+
+def corpus_emoji(rng, n_segs):
+    base = [chr(c) for c in list(range(0x1F600, 0x1F650)) + list(range(0x1F300, 0x1F380)) +
+            list(range(0x1F680, 0x1F6C0)) + list(range(0x1F900, 0x1F950))]
+    tones = [chr(c) for c in range(0x1F3FB, 0x1F400)]
+    people = ["\U0001F468", "\U0001F469", "\U0001F467", "\U0001F466"]
+    flags = ["\U0001F1FA\U0001F1F8", "\U0001F1EF\U0001F1F5", "\U0001F1E9\U0001F1EA", "\U0001F1E7\U0001F1F7",
+             "\U0001F1EE\U0001F1F3", "\U0001F3F4\U000E0067\U000E0062\U000E0073\U000E0063\U000E0074\U000E007F"]
+    misc = ["\u2764\ufe0f", "\u263a\ufe0e", "1\ufe0f\u20e3", "#\ufe0f\u20e3", "\u2705", "\u2728", "\u00a9", "\u2122"]
+    words = ["great", "ok", "lol", "wow", "see you", "!!!", "...", "good morning", "ship it"]
+    segs = []
+    for _ in range(n_segs):
+        parts = []
+        for _ in range(rng.randint(150, 400)):
+            k = rng.randint(0, 6)
+            if k == 0:
+                parts.append(rng.choice(base))
+            elif k == 1:
+                parts.append(rng.choice(base[:80]) + rng.choice(tones))
+            elif k == 2:
+                parts.append("\u200d".join(rng.choice(people) for _ in range(rng.randint(2, 4))))
+            elif k == 3:
+                parts.append(rng.choice(flags))
+            elif k == 4:
+                parts.append(rng.choice(misc))
+            elif k == 5:
+                parts.append(" " + rng.choice(words) + " ")
+            else:
+                parts.append(rng.choice(["\n", " ", "", "  "]))
+        segs.append("".join(parts))
+    return segs
+
+
+def corpus_non_latin(rng, budget):
+    import gettext
+    langs = ["ja", "zh_CN", "zh_TW", "ko", "ru", "uk", "el", "ka", "he", "ar", "hi", "th", "fa", "bn", "ta",
+             "am", "hy", "vi", "tr", "pl", "cs", "de", "fr", "sr", "bg", "be", "km", "my", "si", "ml", "te",
+             "gu", "pa", "mr", "ne", "lo", "ur", "kk", "mn"]
+    segs, total = [], 0
+    per_lang = budget // len(langs) + 1
+    for lang in langs:
+        d = os.path.join("/usr/share/locale", lang, "LC_MESSAGES")
+        if not os.path.isdir(d):
+            continue
+        texts = []
+        for fn in sorted(os.listdir(d)):
+            if not fn.endswith(".mo"):
+                continue
+            try:
+                with open(os.path.join(d, fn), "rb") as f:
+                    cat = gettext.GNUTranslations(f)._catalog
+            except Exception:  # noqa: BLE001 - a broken catalog is just skipped
+                continue
+            for k, v in cat.items():
+                if k and isinstance(v, str) and v.strip() and v != k:
+                    texts.append(v)
+        texts = sorted(set(texts))
+        rng.shuffle(texts)
+        got, cur = 0, []
+        for t in texts:
+            cur.append(t)
+            got += len(t)
+            if sum(len(c) for c in cur) > rng.randint(1500, 5000):
+                segs.append("\n".join(cur) + "\n")
+                cur = []
+            if got > per_lang:
+                break
+        if cur:
+            segs.append("\n".join(cur) + "\n")
+        total += got
+    return segs
+
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>", "<file_sep>",
+            "<filename>", "<gh_stars>", "<issue_start>", "<issue_comment>", "<issue_closed>", "<jupyter_start>",
+            "<jupyter_text>", "<jupyter_code>", "<jupyter_output>", "<jupyter_script>", "<empty_output>"]
+
+
+def sprinkle_specials(rng, text, specials):
+    """Insert special tokens (and near-misses) at random places, also mid-word."""
+    out, pos = [], 0
+    cuts = sorted(rng.randint(0, len(text)) for _ in range(rng.randint(3, 15)))
+    for c in cuts:
+        out.append(text[pos:c])
+        s = rng.choice(specials)
+        r = rng.random()
+        if r < 0.15:
+            s = s[:-1]  # near-miss: "<|im_end|"
+        elif r < 0.25:
+            s = " " + s + " "
+        out.append(s)
+        pos = c
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def corpus_chatml(rng, n_segs, pool):
+    segs = []
+    for _ in range(n_segs):
+        turns = []
+        if rng.random() < 0.5:
+            turns.append(("system", "You are a helpful AI assistant named SmolLM, trained by Hugging Face"))
+        for _ in range(rng.randint(1, 6)):
+            turns.append((rng.choice(["user", "assistant"]), rng.choice(pool)[:rng.randint(20, 600)]))
+        segs.append("".join(f"<|im_start|>{r}\n{c}<|im_end|>\n" for r, c in turns))
+    return segs
+
+
+def build_corpus(seed=20251122):
+    rng = random.Random(seed)
+    segs = []  # (kind, text, parse_special)
+
+    def add(kind, texts):
+        for t in texts:
+            segs.append((kind, t, 1))
+
+    add("prose", corpus_prose(rng))
+    add("manpage", corpus_manpages(rng, 200_000))
+    add("c_code", corpus_c(rng, 220_000))
+    add("python_code", corpus_python(rng, 110_000))
+    add("numbers", corpus_numbers(rng, 25))
+    add("whitespace", corpus_whitespace(rng, 25))
+    add("emoji", corpus_emoji(rng, 25))
+    add("non_latin", corpus_non_latin(rng, 160_000))
+    pool = [t for k, t, _ in segs]
+    mixed = [sprinkle_specials(rng, rng.choice(pool)[:rng.randint(200, 3000)], SPECIALS) for _ in range(40)]
+    for i, t in enumerate(mixed):
+        segs.append(("mixed_special", t, 1 if i % 4 else 0))  # every 4th: specials as plain text
+    for i, t in enumerate(corpus_chatml(rng, 30, pool)):
+        segs.append(("chatml", t, 1 if i % 5 else 0))
+    rng.shuffle(segs)
+    return segs
+
+
+def make_tokenizer(args):
+    tok, tokens, types, _ = hf_tokenizer(MODEL)
+    path = os.path.join(FIX, "ref_tokenizer.qref.gz")
+    if os.path.exists(path) and not args.new_corpus:
+        old = read_qref(path)
+        corpus = old["corpus"].tobytes()
+        off = old["seg_off"]
+        kinds = old["kinds"].tobytes().decode().split(",")
+        segs = [(kinds[int(k)], corpus[off[i]:off[i + 1]].decode("utf-8"), int(p))
+                for i, (k, p) in enumerate(zip(old["seg_kind"], old["seg_special"]))]
+        print(f"[ref] tokenizer: reusing the committed corpus ({len(corpus)} bytes, {len(segs)} segments)")
+    else:
+        segs = build_corpus()
+    corpus = bytearray()
+    seg_off, ids_off, all_ids, seg_kind, seg_special = [0], [0], [], [], []
+    for kind, text, ps in segs:
+        tok.encode_special_tokens = not ps
+        ids = tok.encode(text, add_special_tokens=False).ids
+        corpus += text.encode("utf-8")
+        seg_off.append(len(corpus))
+        all_ids += ids
+        ids_off.append(len(all_ids))
+        seg_kind.append(KINDS.index(kind))
+        seg_special.append(ps)
+    assert max(all_ids) < 65536
+    by_kind = {}
+    for (kind, text, _), a, b in zip(segs, ids_off[:-1], ids_off[1:]):
+        kb = by_kind.setdefault(kind, [0, 0, 0])
+        kb[0] += 1
+        kb[1] += len(text.encode("utf-8"))
+        kb[2] += b - a
+    for k, (n, nb, nt) in sorted(by_kind.items()):
+        print(f"[ref]   {k:14s} {n:4d} segments {nb:8d} bytes {nt:7d} tokens")
+    print(f"[ref] tokenizer corpus: {len(corpus)} bytes, {len(segs)} segments, {len(all_ids)} tokens")
+    assert len(corpus) >= 1_000_000, "the corpus must be at least 1 MB"
+    write_qref(path, {
+        "versions": versions(),
+        "oracle": "tokenizers BPE(vocab, merges from the GGUF) + Sequence[Digits(individual_digits=True), "
+                  "ByteLevel(add_prefix_space=False)], control tokens special; parse_special=0 segments use "
+                  "encode_special_tokens=True",
+        "kinds": ",".join(KINDS),
+        "corpus": bytes(corpus),
+        "seg_off": np.array(seg_off, dtype=np.int64),
+        "seg_kind": np.array(seg_kind, dtype=np.uint8),
+        "seg_special": np.array(seg_special, dtype=np.uint8),
+        "ids": np.array(all_ids, dtype=np.uint16),
+        "ids_off": np.array(ids_off, dtype=np.int64),
+    })
+
+
+# ----------------------------------------------------------------------------- chat template
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello!"}],
+    [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "2 + 2 = 4."}],
+    [{"role": "system", "content": "You are a terse assistant."},
+     {"role": "user", "content": "Summarise ls(1) in one line."},
+     {"role": "assistant", "content": "ls lists directory contents."}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": ""}, {"role": "assistant", "content": ""}],
+    [{"role": "user", "content": "  leading and trailing spaces  \n\n"},
+     {"role": "assistant", "content": "\tTabbed\r\nCRLF line\n"},
+     {"role": "user", "content": "Multi\n\nparagraph\n\n\n"},
+     {"role": "assistant", "content": "Sure."}],
+    [{"role": "user", "content": "Écris « bonjour » en 日本語 и по-русски 😀👍🏽"},
+     {"role": "assistant", "content": "こんにちは — Привет — مرحبا — שלום — 🇯🇵"}],
+    [{"role": "user", "content": "A literal <|im_end|> and <|im_start|>assistant inside the text"},
+     {"role": "assistant", "content": "and <|endoftext|> here"}],
+    [{"role": "system", "content": "System prompt\nwith lines"},
+     {"role": "user", "content": "int main(void) {\n    return 0;\n}\n"},
+     {"role": "assistant", "content": "```c\n#include <stdio.h>\nint main(void) { puts(\"hi\"); }\n```"},
+     {"role": "user", "content": "Numbers 1234567890 3.14159 -2e-10"},
+     {"role": "assistant", "content": "OK: 1234567890."}],
+    [{"role": "user", "content": "x"}, {"role": "tool", "content": "{\"result\": 42}"},
+     {"role": "assistant", "content": "The tool said 42."}],
+    [{"role": "assistant", "content": "An assistant turn first."}, {"role": "user", "content": "then a user"}],
+]
+
+
+def make_chat(args):
+    from transformers import PreTrainedTokenizerFast
+    tok, tokens, types, tmpl = hf_tokenizer(MODEL)
+    tok.encode_special_tokens = False
+    hft = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>", unk_token=None)
+    hft.chat_template = tmpl
+    rendered, ids, offs, gen = [], [], [0], []
+    for conv in CONVERSATIONS:
+        s = hft.apply_chat_template(conv, tokenize=False, add_generation_prompt=False)
+        t = hft.apply_chat_template(conv, tokenize=True, add_generation_prompt=False, return_dict=False)
+        if isinstance(t, dict) or hasattr(t, "keys"):
+            t = t["input_ids"]
+        assert t == tok.encode(s, add_special_tokens=False).ids, "apply_chat_template ids != encode(rendered)"
+        rendered.append(s)
+        ids += t
+        offs.append(len(ids))
+        gen.append(hft.apply_chat_template(conv, tokenize=False, add_generation_prompt=True))
+    write_qref(os.path.join(FIX, "ref_chat.qref.gz"), {
+        "versions": versions(),
+        "chat_template": tmpl,
+        "conversations": json.dumps(CONVERSATIONS, ensure_ascii=False),
+        "rendered": json.dumps(rendered, ensure_ascii=False),
+        "rendered_gen": json.dumps(gen, ensure_ascii=False),
+        "ids": np.array(ids, dtype=np.int32),
+        "ids_off": np.array(offs, dtype=np.int64),
+    })
+
+
+# ----------------------------------------------------------------------------- NF4 (bitsandbytes)
+
+NF4_CODE = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0]
+
+
+def nf4_generated(nblocks):
+    """The large generated case, computed identically in tests/test_reference_nf4.c (integers and
+    powers of two only, so every value is exact): element i of block b is
+    ((h(i) >> 8) & 0xffff) - 32768, times 2^-15, times 2^-(b % 23), h(i) = (i * 2654435761) mod 2^32."""
+    i = np.arange(nblocks * 64, dtype=np.uint64)
+    h = (i * np.uint64(2654435761)) & np.uint64(0xffffffff)
+    v = ((h >> np.uint64(8)) & np.uint64(0xffff)).astype(np.int64) - 32768
+    b = (i // np.uint64(64)).astype(np.int64)
+    return (v.astype(np.float64) * np.ldexp(1.0, -15) * np.ldexp(1.0, -(b % 23))).astype(np.float32)
+
+
+def crc32(data):
+    import zlib
+    return np.array([zlib.crc32(data)], dtype=np.int64)
+
+
+def nf4_cases():
+    rng = np.random.default_rng(1234)
+    f32 = np.float32
+    code = np.array(NF4_CODE, dtype=f32)
+    # bitsandbytes' own fp32 bounds ((c_k + c_{k+1}) / 2 in fp32) and the exact midpoints
+    mids32 = ((code[:-1] + code[1:]) / f32(2)).astype(f32)
+    cases = {}
+    cases["randn"] = (rng.standard_normal((70, 257)) * 0.05).astype(f32)  # 282 blocks (2 nested groups), partial last
+    cases["odd_small"] = rng.standard_normal((7, 9)).astype(f32)  # 63 elements: one partial block, odd count
+    cases["odd_129"] = rng.standard_normal((1, 129)).astype(f32)  # 2 full blocks + 1 element
+    cases["one_element"] = np.array([[-0.75]], dtype=f32)
+    z = rng.standard_normal((1, 64 * 10 + 10)).astype(f32)
+    for b in (0, 3, 9):
+        z[0, b * 64:(b + 1) * 64] = 0
+    z[0, 640:] = 0  # the partial last block is all zero too
+    cases["zero_blocks"] = z
+    cases["all_zero"] = np.zeros((3, 64), dtype=f32)
+    cases["all_zero_odd"] = np.zeros((1, 77), dtype=f32)
+    cases["constant"] = np.full((4, 128), 0.125, dtype=f32)  # equal scales: nested deviations all 0
+    cases["single_block"] = rng.standard_normal((1, 64)).astype(f32)
+    # values on and around the code midpoints: per block, element 0 fixes absmax = s, the rest are
+    # s * (fp32 midpoint, its neighbours, the exact (double) midpoint rounded both ways, the codes)
+    vals = []
+    for k in range(15):
+        m = mids32[k]
+        exact = (float(code[k]) + float(code[k + 1])) / 2
+        vals += [m, np.nextafter(m, f32(-2)), np.nextafter(m, f32(2)),
+                 np.float32(exact), np.nextafter(np.float32(exact), f32(-2)), np.nextafter(np.float32(exact), f32(2))]
+    vals += list(code) + [-m for m in mids32]
+    vals = np.array(vals, dtype=f32)
+    blocks = []
+    for s in [1.0, 2.0, 0.5, 2.0 ** -20, 2.0 ** 20, 0.3, 0.7, 1.7, 3e-5, 123.456]:
+        for start in range(0, len(vals), 63):
+            chunk = vals[start:start + 63]
+            blk = np.zeros(64, dtype=f32)
+            blk[0] = f32(s)
+            blk[1:1 + len(chunk)] = (chunk.astype(np.float64) * s).astype(f32)
+            blocks.append(blk)
+    cases["midpoints"] = np.stack(blocks).reshape(-1, 64)
+    # tiny and huge magnitudes: subnormals (absmax below bnb's 1e-38 clamp), FLT_MAX neighbours,
+    # blocks mixing 1e-30 with 1e30 (the small ones go to 0)
+    t = rng.standard_normal((12, 64)).astype(np.float64)
+    scales = [1e-30, 1e-37, 2e-38, 1e-38, 5e-39, 1e-40, 1e-44, 1.4e-45, 1e30, 1e38, 3.4e38, 1.0]
+    tiny = np.stack([(t[i] / np.abs(t[i]).max() * s) for i, s in enumerate(scales)]).astype(f32)
+    tiny[11, ::2] = f32(1e-30)
+    tiny[11, 1] = f32(1e30)
+    tiny[10, 5] = np.finfo(f32).max
+    cases["tiny_huge"] = tiny
+    # block scales spanning 12 decades (stress the 8-bit double quantization)
+    w = rng.standard_normal((300, 64)) * (10.0 ** rng.uniform(-9, 3, size=(300, 1)))
+    cases["wide_scales"] = w.astype(f32)
+    # a bf16 source (HF checkpoints): quantize_4bit promotes to fp32
+    cases["bf16_source"] = (rng.standard_normal((33, 65)) * 0.02).astype(f32)
+    return cases
+
+
+def make_nf4(args):
+    import torch
+    import bitsandbytes.functional as bnbF
+    # One torch thread: torch's float32 mean (the double-quant offset) splits its sum across
+    # threads above 32768 elements, so bnb's offset for > 32768 blocks depends on the thread
+    # count; qlora reproduces the 1-thread order (quant/nf4.c). The 2-thread result of the large
+    # case is stored too (generated_2threads) so the test can show how far it is.
+    torch.set_num_threads(1)
+    out = {"versions": versions(), "torch_threads": 1,
+           "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    cases = nf4_cases()
+    names = []
+
+    def bf16_bits(t):
+        return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+    def run(name, A, keep_input=True):
+        names.append(name)
+        out[f"{name}.shape"] = np.array(list(A.shape) if A.dim() == 2 else [1, A.numel()], dtype=np.int64)
+        if keep_input:
+            if A.dtype == torch.bfloat16:
+                out[f"{name}.w_bf16"] = bf16_bits(A)
+            else:
+                out[f"{name}.w"] = A.numpy()
+        res = {}
+        for dq in (0, 1):
+            p = f"{name}.{'dq' if dq else 'nodq'}"
+            q, st = bnbF.quantize_4bit(A, blocksize=64, compress_statistics=bool(dq), quant_type="nf4")
+            res[dq] = (q, st)
+            packed = q.view(torch.uint8).reshape(-1).numpy()
+            if keep_input:
+                out[f"{p}.packed"] = packed
+            else:
+                out[f"{p}.packed_crc32"] = crc32(packed.tobytes())
+                out[f"{p}.packed_len"] = np.array([packed.size], dtype=np.int64)
+            if dq:
+                assert st.nested and st.state2.blocksize == 256
+                out[f"{p}.absmax_q"] = st.absmax.numpy()
+                out[f"{p}.nested_absmax"] = st.state2.absmax.numpy()
+                out[f"{p}.offset"] = np.array([st.offset.item()], dtype=np.float32)
+                out[f"{p}.code"] = st.state2.code.numpy()
+            else:
+                out[f"{p}.absmax"] = st.absmax.numpy()
+            for dt, key in ((torch.float32, "deq_f32"), (torch.bfloat16, "deq_bf16")):
+                st.dtype = dt
+                d = bnbF.dequantize_4bit(q, st).reshape(-1)
+                if keep_input:
+                    out[f"{p}.{key}"] = bf16_bits(d) if dt == torch.bfloat16 else d.numpy()
+                else:
+                    b = (bf16_bits(d) if dt == torch.bfloat16 else d.numpy()).tobytes()
+                    out[f"{p}.{key}_crc32"] = crc32(b)
+
+    for name, w in cases.items():
+        A = torch.from_numpy(w.copy())
+        if name == "bf16_source":
+            A = A.to(torch.bfloat16)
+        run(name, A)
+    # 40000 blocks (2.56 M elements, > 32768 blocks: torch's mean over the absmax vector then
+    # takes its multi-level cascade); only hashes of the large outputs are stored.
+    nb = 40000
+    A = torch.from_numpy(nf4_generated(nb)).reshape(nb, 64)
+    run("generated", A, keep_input=False)
+    torch.set_num_threads(2)
+    _, st2 = bnbF.quantize_4bit(A, blocksize=64, compress_statistics=True, quant_type="nf4")
+    out["generated_2threads.dq.offset"] = np.array([st2.offset.item()], dtype=np.float32)
+    torch.set_num_threads(1)
+    out["cases"] = ",".join(names)
+    write_qref(os.path.join(FIX, "ref_nf4.qref.gz"), out)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", default="nf4,tokenizer,chat,tiny,real",
+                    help="comma-separated subset of nf4,tokenizer,chat,tiny,real")
+    ap.add_argument("--new-corpus", action="store_true", help="rebuild the tokenizer corpus from this machine")
+    args = ap.parse_args()
+    os.makedirs(FIX, exist_ok=True)
+    todo = args.only.split(",")
+    steps = {"nf4": "make_nf4", "tokenizer": "make_tokenizer", "chat": "make_chat", "tiny": "make_tiny",
+             "real": "make_real"}
+    for k in todo:
+        if k not in steps:
+            sys.exit(f"unknown part {k!r}")
+        globals()[steps[k]](args)
+
+
+if __name__ == "__main__":
+    main()

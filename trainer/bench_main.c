@@ -1,0 +1,383 @@
+/* trainer/bench_main.c — `qlora-bench`: training-step throughput, MFU and memory.
+ *
+ *   qlora-bench --shape smollm2-135m|llama2-7b --seq N --batch N --lora-r N
+ *               --checkpointing on|off [--model PATH.gguf] [--steps N]
+ *
+ * Runs N training steps (forward, backward, clipping, AdamW; LoRA on all seven
+ * linears, alpha = 2r, no dropout) of a Llama shape whose frozen linears are
+ * random NF4 generated directly in the quantized layout (no multi-GB file), or
+ * of a real GGUF model. Before the steps it measures the machine's oneDNN bf16
+ * matmul rate on a large GEMM (the MFU denominator, taken in the same run, so
+ * it sees the same machine load) and prints the memory planner's predicted
+ * peak; after them: tokens/s, model GFLOP/s, MFU, peak RSS, time per op class.
+ * The last line is one JSON object.
+ *
+ * Model FLOPs per token (PaLM appendix B convention, the one anchors.md uses):
+ * 2·P_frozen forward + 2·P_frozen input gradient (LM head included), LoRA
+ * 6·r·(in+out) per adapted linear (forward, input grad, A/B grads), and
+ * attention 4·T·H·hd forward + 8·T·H·hd backward per layer, counted over the
+ * full T×T score matrix (causal masking not subtracted). No recompute: with
+ * checkpointing the same model FLOPs take longer, and MFU says so.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "autograd/gemm.h"
+#include "autograd/prof.h"
+#include "autograd/tensor.h"
+#include "core/rng.h"
+#include "model/gguf.h"
+#include "model/llama.h"
+#include "optim/adamw.h"
+#include "optim/clip.h"
+#include "trainer/memplan.h"
+
+static double now_sec(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static double peak_rss_mib(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_maxrss / 1024.0;
+}
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: qlora-bench --shape smollm2-135m|llama2-7b --seq N --batch N --lora-r N --checkpointing on|off\n"
+            "                   [--model PATH.gguf] [--steps N] [--warmup N] [--layers N] [--calib-seconds S]\n"
+            "  Times N LoRA training steps (random NF4 base of the given shape, or a real GGUF model)\n"
+            "  and prints tokens/s, GFLOP/s, MFU against a bf16 GEMM measured in the same run,\n"
+            "  peak RSS (predicted and measured) and time per op class; last line is JSON.\n");
+}
+
+/* ------------------------------------------------------------------ random model */
+
+/* Random NF4 directly in the quantized layout: uniform nibbles, block scales
+ * around 0.04 via double quantization, so weights have std ≈ 0.02. */
+static int random_nf4(nf4_tensor *t, int64_t rows, int64_t cols, uint64_t stream, qerr *e) {
+    if (nf4_alloc(t, rows, cols, 64, 1, e)) return -1;
+    int64_t nbytes = (t->n + 1) / 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < nbytes / 8; i++) {
+        uint64_t r = rng_u64(17, stream, (uint64_t)i);
+        memcpy(t->packed + 8 * i, &r, 8);
+    }
+    for (int64_t i = nbytes / 8 * 8; i < nbytes; i++) t->packed[i] = (uint8_t)rng_u64(18, stream, (uint64_t)i);
+    for (int64_t b = 0; b < t->nblocks; b++) t->absmax_q[b] = (uint8_t)(rng_u64(19, stream, (uint64_t)b) & 0xff);
+    int64_t ng = (t->nblocks + NF4_NESTED_BLOCKSIZE - 1) / NF4_NESTED_BLOCKSIZE;
+    for (int64_t g = 0; g < ng; g++) t->nested_absmax[g] = 0.01f;
+    t->offset = 0.04f;
+    return 0;
+}
+
+static int random_model(llama_model *m, const llama_hparams *hp, int max_pos, qerr *e) {
+    memset(m, 0, sizeof *m);
+    m->hp = *hp;
+    int64_t D = hp->d_model, F = hp->d_ff, V = hp->vocab, hd = hp->head_dim;
+    int64_t qd = (int64_t)hp->n_head * hd, kd = (int64_t)hp->n_kv_head * hd;
+    m->load_in_4bit = 1;
+    m->double_quant = 1;
+    m->tok_embd = qmalloc((size_t)(V * D) * sizeof(bf16), e);
+    if (!m->tok_embd) return -1;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < V * D; i++)
+        m->tok_embd[i] = f32_to_bf16((rng_uniform(5, 1, (uint64_t)i) - 0.5f) * 0.07f);
+    m->n_params += V * D;
+    if (hp->tied_embeddings) {
+        m->lm_head_w = m->tok_embd;
+    } else {
+        m->lm_head_w = qmalloc((size_t)(V * D) * sizeof(bf16), e);
+        if (!m->lm_head_w) return -1;
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < V * D; i++)
+            m->lm_head_w[i] = f32_to_bf16((rng_uniform(5, 2, (uint64_t)i) - 0.5f) * 0.07f);
+        m->n_params += V * D;
+    }
+    m->embed = (frozen_weight){.out = V, .in = D, .kind = FROZEN_BF16, .w_bf16 = m->tok_embd};
+    m->lm_head = (frozen_weight){.out = V, .in = D, .kind = FROZEN_BF16, .w_bf16 = m->lm_head_w};
+    m->out_norm = qmalloc((size_t)D * sizeof(float), e);
+    m->layers = qcalloc((size_t)hp->n_layer, sizeof *m->layers, e);
+    if (!m->out_norm || !m->layers) return -1;
+    for (int64_t i = 0; i < D; i++) m->out_norm[i] = 1.0f;
+    int64_t outs[LLAMA_N_LINEAR] = {qd, kd, kd, D, F, F, D};
+    int64_t ins[LLAMA_N_LINEAR] = {D, D, D, qd, D, D, F};
+    for (int l = 0; l < hp->n_layer; l++) {
+        llama_layer *L = &m->layers[l];
+        L->attn_norm = qmalloc((size_t)D * sizeof(float), e);
+        L->ffn_norm = qmalloc((size_t)D * sizeof(float), e);
+        if (!L->attn_norm || !L->ffn_norm) return -1;
+        for (int64_t i = 0; i < D; i++) L->attn_norm[i] = L->ffn_norm[i] = 1.0f;
+        m->n_params += 2 * D;
+        for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+            if (random_nf4(&L->nf4[k], outs[k], ins[k], (uint64_t)(l * LLAMA_N_LINEAR + k), e)) return -1;
+            L->lin[k] = (frozen_weight){.out = outs[k], .in = ins[k], .kind = FROZEN_NF4, .nf4 = &L->nf4[k]};
+            m->quantized_bytes += (int64_t)nf4_nbytes(&L->nf4[k]);
+            m->n_quantized_params += outs[k] * ins[k];
+        }
+    }
+    m->n_params += D + m->n_quantized_params;
+    return rope_table_init(&m->rope, max_pos, (int)hd, hp->rope_theta, e);
+}
+
+/* ------------------------------------------------------------------ FLOPs */
+
+static double model_flops_per_token(const llama_hparams *hp, int T, int r) {
+    double D = hp->d_model, F = hp->d_ff, hd = hp->head_dim, H = hp->n_head, KV = hp->n_kv_head;
+    double qd = H * hd, kd = KV * hd;
+    double ins[LLAMA_N_LINEAR] = {D, D, D, qd, D, D, F};
+    double outs[LLAMA_N_LINEAR] = {qd, kd, kd, D, F, F, D};
+    double per_layer = 0;
+    for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+        per_layer += 4.0 * ins[k] * outs[k];          /* forward + input gradient */
+        per_layer += 6.0 * r * (ins[k] + outs[k]);    /* LoRA: fwd, input grad, dA, dB */
+    }
+    per_layer += 12.0 * T * qd;                        /* attention: QKᵀ, PV fwd (4) + bwd (8), full T×T */
+    return per_layer * hp->n_layer + 4.0 * (double)hp->vocab * D; /* LM head fwd + dh */
+}
+
+/* ------------------------------------------------------------------ calibration */
+
+/* The oneDNN bf16 matmul rate on a large square-ish GEMM (fp32 accumulate and
+ * output, as the engine's GEMMs): best of repeated runs over ~`seconds`. */
+static double calibrate_gemm(double seconds, int64_t M, int64_t N, int64_t K) {
+    bf16 *A = aligned_alloc(64, (size_t)(M * K) * sizeof(bf16));
+    bf16 *B = aligned_alloc(64, (size_t)(K * N) * sizeof(bf16));
+    float *C = aligned_alloc(64, (size_t)(M * N) * sizeof(float));
+    if (!A || !B || !C) {
+        free(A);
+        free(B);
+        free(C);
+        return 0;
+    }
+    for (int64_t i = 0; i < M * K; i++) A[i] = f32_to_bf16(rng_uniform(1, 1, (uint64_t)i) - 0.5f);
+    for (int64_t i = 0; i < K * N; i++) B[i] = f32_to_bf16(rng_uniform(1, 2, (uint64_t)i) - 0.5f);
+    gemm(0, 0, M, N, K, 1.0f, A, K, B, N, 0.0f, C, N, GEMM_BF16); /* JIT + first touch */
+    double best = 0, t_end = now_sec() + seconds;
+    int it = 0;
+    while (now_sec() < t_end || it < 3) {
+        double t0 = now_sec();
+        gemm(0, 0, M, N, K, 1.0f, A, K, B, N, 0.0f, C, N, GEMM_BF16);
+        double dt = now_sec() - t0;
+        double r = 2.0 * M * N * K / dt;
+        if (r > best) best = r;
+        it++;
+    }
+    free(A);
+    free(B);
+    free(C);
+    return best;
+}
+
+/* ------------------------------------------------------------------ main */
+
+int main(int argc, char **argv) {
+    const char *shape = "smollm2-135m", *model_path = NULL;
+    int T = 512, B = 4, r = 16, ckpt = 1, steps = 3, warmup = 1, layers = 0;
+    double calib_s = 2.0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage(stdout);
+            return 0;
+        }
+        if (!v) {
+            fprintf(stderr, "qlora-bench: %s needs a value\n", a);
+            usage(stderr);
+            return 2;
+        }
+        if (!strcmp(a, "--shape")) shape = v;
+        else if (!strcmp(a, "--seq")) T = atoi(v);
+        else if (!strcmp(a, "--batch")) B = atoi(v);
+        else if (!strcmp(a, "--lora-r")) r = atoi(v);
+        else if (!strcmp(a, "--checkpointing")) {
+            if (!strcmp(v, "on")) ckpt = 1;
+            else if (!strcmp(v, "off")) ckpt = 0;
+            else {
+                fprintf(stderr, "qlora-bench: --checkpointing: expected on or off, got \"%s\"\n", v);
+                return 2;
+            }
+        } else if (!strcmp(a, "--model")) model_path = v;
+        else if (!strcmp(a, "--steps")) steps = atoi(v);
+        else if (!strcmp(a, "--warmup")) warmup = atoi(v);
+        else if (!strcmp(a, "--layers")) layers = atoi(v);
+        else if (!strcmp(a, "--calib-seconds")) calib_s = atof(v);
+        else {
+            fprintf(stderr, "qlora-bench: unknown option %s\n", a);
+            usage(stderr);
+            return 2;
+        }
+        i++;
+    }
+    if (T <= 0 || B <= 0 || r <= 0 || steps <= 0 || warmup < 0) {
+        fprintf(stderr, "qlora-bench: --seq, --batch, --lora-r, --steps must be positive\n");
+        return 2;
+    }
+    qerr e = {{0}};
+    llama_hparams hp;
+    if (!strcmp(shape, "smollm2-135m"))
+        hp = (llama_hparams){.n_layer = 30, .d_model = 576, .n_head = 9, .n_kv_head = 3, .head_dim = 64,
+                             .d_ff = 1536, .vocab = 49152, .context_length = 8192, .rope_theta = 100000.0f,
+                             .rms_eps = 1e-5f, .tied_embeddings = 1};
+    else if (!strcmp(shape, "llama2-7b"))
+        hp = (llama_hparams){.n_layer = 32, .d_model = 4096, .n_head = 32, .n_kv_head = 32, .head_dim = 128,
+                             .d_ff = 11008, .vocab = 32000, .context_length = 4096, .rope_theta = 10000.0f,
+                             .rms_eps = 1e-5f, .tied_embeddings = 0};
+    else {
+        fprintf(stderr, "qlora-bench: --shape: expected smollm2-135m or llama2-7b, got \"%s\"\n", shape);
+        return 2;
+    }
+    if (layers > 0) hp.n_layer = layers;
+    int n_threads = omp_get_max_threads();
+    double rss_start = peak_rss_mib();
+
+    /* ---- calibration: the machine's bf16 GEMM rate right now ---- */
+    double peak = calibrate_gemm(calib_s, 2048, 2048, 2048);
+    fprintf(stderr, "[bench] calibration: oneDNN bf16 matmul 2048x2048x2048 peak %.0f GFLOP/s on %d threads\n",
+            peak / 1e9, n_threads);
+
+    /* ---- model ---- */
+    llama_model m;
+    gguf_file *gf = NULL;
+    double t0 = now_sec();
+    if (model_path) {
+        if (gguf_open(model_path, &gf, &e) || llama_load_gguf(gf, 1, 1, T, &m, &e)) {
+            fprintf(stderr, "qlora-bench: --model %s: %s\n", model_path, e.msg);
+            return 1;
+        }
+        gguf_close(gf);
+        gf = NULL;
+        hp = m.hp;
+        shape = model_path;
+    } else if (random_model(&m, &hp, T, &e)) {
+        fprintf(stderr, "qlora-bench: %s\n", e.msg);
+        return 1;
+    }
+    fprintf(stderr, "[bench] model %s: %d layers, d %d, heads %d/%d, ff %d, vocab %d; %.1fM frozen linear params as NF4 "
+                    "(%.1f MiB); %.1fs\n",
+            shape, hp.n_layer, hp.d_model, hp.n_head, hp.n_kv_head, hp.d_ff, hp.vocab, m.n_quantized_params / 1e6,
+            m.quantized_bytes / 1048576.0, now_sec() - t0);
+
+    int target[LLAMA_N_LINEAR] = {1, 1, 1, 1, 1, 1, 1};
+    lora_set ls;
+    if (lora_set_init(&ls, &m, r, 2.0f * (float)r, 0.0f, 0, target, 42, &e)) {
+        fprintf(stderr, "qlora-bench: %s\n", e.msg);
+        return 1;
+    }
+    /* B != 0 so every gradient path carries real numbers */
+    for (int64_t i = 0; i < ls.n_params; i++)
+        if (ls.params[i] == 0.0f) ls.params[i] = 1e-3f * (rng_uniform(9, 9, (uint64_t)i) - 0.5f);
+
+    memplan_input mi = {.hp = hp, .B = B, .T = T, .checkpointing = ckpt, .bf16 = 1, .lora_r = r,
+                        .lora_params = ls.n_params, .frozen_bytes = m.quantized_bytes, .lora_dropout = 0.0f,
+                        .n_threads = n_threads};
+    memplan plan;
+    memplan_predict(&mi, &plan);
+    memplan_print(stderr, &plan);
+
+    ag_ctx ctx;
+    adamw_state opt;
+    if (ag_ctx_init(&ctx, memplan_arena_chunk(&plan), &e) || adamw_state_init(&opt, ls.n_params, &e)) {
+        fprintf(stderr, "qlora-bench: %s\n", e.msg);
+        return 1;
+    }
+    ctx.bf16 = 1;
+    ctx.training = 1;
+    adamw_config ac = {.lr = 1e-4, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 0.0};
+
+    int64_t N = (int64_t)B * T;
+    int32_t *ids = malloc((size_t)N * 4), *tgt = malloc((size_t)N * 4), *pos = malloc((size_t)N * 4);
+    if (!ids || !tgt || !pos) {
+        fprintf(stderr, "qlora-bench: out of memory\n");
+        return 1;
+    }
+    for (int64_t i = 0; i < N; i++) {
+        ids[i] = (int32_t)(rng_u64(3, 1, (uint64_t)i) % (uint64_t)hp.vocab);
+        tgt[i] = (int32_t)(rng_u64(3, 2, (uint64_t)i) % (uint64_t)hp.vocab);
+        pos[i] = (int32_t)(i % T);
+    }
+    llama_batch b = {.B = B, .T = T, .input_ids = ids, .targets = tgt, .position_ids = pos, .seq_ids = NULL};
+
+    fprintf(stderr, "[bench] %d warm-up + %d timed steps: seq %d x batch %d, LoRA r %d on all linears, AdamW, "
+                    "checkpointing %s, %d threads\n",
+            warmup, steps, T, B, r, ckpt ? "on" : "off", n_threads);
+    double step_time = 0, loss = 0;
+    for (int s = 0; s < warmup + steps; s++) {
+        if (s == warmup) ag_prof_reset();
+        double ts = now_sec();
+        memset(ls.grads, 0, (size_t)ls.n_params * sizeof(float));
+        ctx.seed = rng_u64(42, 0xd509u, (uint64_t)s);
+        ag_mark mk = ag_arena_mark(&ctx);
+        double lsum = 0;
+        int64_t nt = 0;
+        tensor *L = llama_forward_loss(&ctx, &m, &ls, &b, 1.0f / (float)N, ckpt, &lsum, &nt);
+        ag_backward(&ctx, L);
+        ag_arena_reset(&ctx, mk);
+        int pc = ag_prof_push(AG_PROF_OPTIM);
+        float gn = clip_grad_norm(ls.grads, ls.n_params, 1.0f);
+        adamw_step(&opt, &ac, 1e-4, ls.params, ls.grads, NULL);
+        ag_prof_pop(pc);
+        double dt = now_sec() - ts;
+        loss = lsum / (double)(nt ? nt : 1);
+        fprintf(stderr, "[bench] step %d%s: %.2fs, %.0f tok/s, loss %.4f, grad_norm %.3g\n", s + 1,
+                s < warmup ? " (warm-up)" : "", dt, (double)N / dt, loss, gn);
+        if (s >= warmup) step_time += dt;
+    }
+    step_time /= steps;
+    double prof[AG_PROF_N], gemm_flops;
+    ag_prof_read(prof, &gemm_flops);
+
+    double tps = (double)N / step_time;
+    double fpt = model_flops_per_token(&hp, T, r);
+    double achieved = fpt * tps;
+    double mfu = peak > 0 ? achieved / peak : 0;
+    double rss = peak_rss_mib();
+    double prof_total = 0;
+    for (int c = 0; c < AG_PROF_N; c++) prof_total += prof[c];
+    double gemm_rate = prof[AG_PROF_GEMM] > 0 ? gemm_flops / prof[AG_PROF_GEMM] : 0;
+
+    printf("qlora-bench: %s, seq %d x batch %d, LoRA r %d (all linears), AdamW, checkpointing %s, %d threads\n", shape,
+           T, B, r, ckpt ? "on" : "off", n_threads);
+    printf("  tokens/s          %10.1f   (%.3f s/step, mean of %d steps)\n", tps, step_time, steps);
+    printf("  model FLOPs/token %10.3f G (fwd + input grad + LoRA + attention, no recompute)\n", fpt / 1e9);
+    printf("  achieved          %10.1f GFLOP/s\n", achieved / 1e9);
+    printf("  bf16 GEMM peak    %10.1f GFLOP/s (measured in this run)\n", peak / 1e9);
+    printf("  MFU               %10.1f %%\n", 100 * mfu);
+    printf("  GEMM calls        %10.1f GFLOP/s inside oneDNN (%.1f%% of peak), incl. recompute\n", gemm_rate / 1e9,
+           peak > 0 ? 100 * gemm_rate / peak : 0);
+    printf("  peak RSS          %10.0f MiB measured, %.0f MiB predicted (%+.1f%%); arena peak %.0f MiB\n", rss,
+           plan.total / 1048576.0, 100.0 * (plan.total / 1048576.0 - rss) / rss, ctx.arena.peak / 1048576.0);
+    printf("  time per op class (per step):\n");
+    for (int c = 0; c < AG_PROF_N; c++)
+        if (prof[c] > 0)
+            printf("    %-10s %8.3f s  %5.1f%%\n", ag_prof_names[c], prof[c] / steps, 100 * prof[c] / prof_total);
+    printf("{\"shape\":\"%s\",\"seq\":%d,\"batch\":%d,\"lora_r\":%d,\"checkpointing\":%s,\"threads\":%d,"
+           "\"steps\":%d,\"tokens_per_s\":%.2f,\"s_per_step\":%.4f,\"model_gflop_per_token\":%.4f,"
+           "\"achieved_gflops\":%.1f,\"peak_gflops\":%.1f,\"mfu\":%.4f,\"gemm_gflops\":%.1f,"
+           "\"peak_rss_mb\":%.1f,\"predicted_peak_mb\":%.1f,\"arena_peak_mb\":%.1f,\"loss\":%.5f",
+           shape, T, B, r, ckpt ? "true" : "false", n_threads, steps, tps, step_time, fpt / 1e9, achieved / 1e9,
+           peak / 1e9, mfu, gemm_rate / 1e9, rss, plan.total / 1048576.0, ctx.arena.peak / 1048576.0, loss);
+    printf(",\"op_seconds_per_step\":{");
+    for (int c = 0; c < AG_PROF_N; c++) printf("%s\"%s\":%.4f", c ? "," : "", ag_prof_names[c], prof[c] / steps);
+    printf("}}\n");
+    (void)rss_start;
+
+    free(ids);
+    free(tgt);
+    free(pos);
+    adamw_state_free(&opt);
+    ag_ctx_free(&ctx);
+    lora_set_free(&ls);
+    llama_free(&m);
+    gemm_shutdown();
+    return 0;
+}

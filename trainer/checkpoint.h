@@ -1,0 +1,166 @@
+/* trainer/checkpoint.h — training checkpoints: HDF5 state, crash-safe directories.
+ *
+ * A checkpoint is a directory output_dir/checkpoint-<step>/ holding
+ *   state.h5                   everything needed to continue bit-exactly (layout below)
+ *   adapter_model.safetensors  the PEFT adapter at that step (a convenience copy,
+ *   adapter_config.json        as HF Trainer / PEFT write into their checkpoints)
+ *   config.resolved.yaml       the configuration that was running
+ *   COMPLETE                   the completion marker, written last
+ *
+ * Crash safety (marker-last protocol). A save writes everything into
+ * checkpoint-<step>.tmp-<pid>/, fsyncs every file and the directory, renames
+ * it to checkpoint-<step> (after moving an existing directory of that name
+ * aside to .old-<pid>), fsyncs output_dir, and only then writes COMPLETE
+ * (through COMPLETE.tmp + fsync + rename). COMPLETE records the size and
+ * XXH64 of state.h5; a checkpoint counts only if COMPLETE parses and matches,
+ * so a kill at any moment, also in the middle of a save, leaves the previous
+ * complete checkpoint as the newest one that loads.
+ *
+ * state.h5 layout (format_version 1; read it with h5dump or h5py):
+ *   /                       attrs format="qlora-checkpoint", format_version=1, step, created_by
+ *   /config                 string: the resolved YAML config
+ *   /lora/params            float32 (n_params): the flat adapter arena (chunked, shuffle + zlib)
+ *   /lora/tensor_names      string[128] (n_tensors): PEFT names, in arena order
+ *   /lora/tensor_offsets    int64 (n_tensors): first element of each tensor in the arena
+ *   /lora/tensor_shapes     int64 (n_tensors, 2): [rows, cols] row-major (A [r, in], B [out, r])
+ *   /optimizer/exp_avg      float32 (n_params): AdamW first moment (torch's name)
+ *   /optimizer/exp_avg_sq   float32 (n_params): AdamW second moment
+ *     attrs name="adamw", step (completed updates), beta1, beta2, eps, weight_decay
+ *   /scheduler              attrs name, base_lr, warmup_steps, total_steps, last_step, last_lr
+ *   /rng                    attrs seed, scheme (counter-based: see below)
+ *   /data                   attrs epoch, index (into the epoch permutation), rows_consumed,
+ *                           n_rows, rows_per_step, shuffle_seed, fingerprint (XXH64 hex)
+ *   /fingerprint            attrs base_model (path), model_xxh64, tokenizer_xxh64, method
+ *   /trainer_state          attrs nan_streak, nan_skipped, eval_loss_start, last_eval_loss,
+ *                           last_eval_step
+ *   /log_history            uint8 (n): metrics.jsonl as it was at this step (restored on resume)
+ * Adapters and optimizer state are saved whole, so the format does not depend on
+ * how many workers wrote it. Randomness is counter-based (core/rng.h): dropout
+ * masks are a pure function of (seed, step, micro-batch) and the data order of
+ * (seed, epoch), so seed + step + rows_consumed are the whole RNG state.
+ */
+#ifndef QLORA_TRAINER_CHECKPOINT_H
+#define QLORA_TRAINER_CHECKPOINT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/status.h"
+#include "model/gguf.h"
+
+#define CKPT_FORMAT_VERSION 1
+#define CKPT_STATE_FILE "state.h5"
+#define CKPT_MARKER "COMPLETE"
+#define CKPT_NAME_MAX 128
+
+/* One tensor inside the flat adapter arena. */
+typedef struct ckpt_tensor {
+    char name[CKPT_NAME_MAX]; /* PEFT name */
+    int64_t offset;           /* first element in the arena */
+    int64_t rows, cols;       /* row-major shape */
+} ckpt_tensor;
+
+/* Everything in state.h5. On write the caller owns every pointer; after
+ * ckpt_read_state they are malloc'd and released by ckpt_state_free. */
+typedef struct ckpt_state {
+    int64_t step;          /* optimizer steps completed (HF global_step) */
+    int64_t total_steps;   /* of the run that wrote it */
+    /* data position */
+    int64_t rows_consumed; /* training rows consumed since step 0, over all epochs */
+    int64_t n_rows;        /* rows per epoch */
+    int64_t rows_per_step; /* micro_batch_size * gradient_accumulation_steps */
+    uint64_t shuffle_seed;
+    uint64_t data_fingerprint;  /* XXH64 of the packed training rows */
+    /* randomness */
+    uint64_t seed;
+    /* learning-rate schedule */
+    char lr_scheduler[32];
+    double base_lr, last_lr;
+    int64_t warmup_steps;
+    /* optimizer */
+    int64_t opt_step;      /* AdamW updates applied (skipped NaN steps do not count) */
+    double beta1, beta2, eps, weight_decay;
+    /* trainer */
+    int64_t nan_streak, nan_skipped;
+    double eval_loss_start, last_eval_loss; /* NAN when none */
+    int64_t last_eval_step;                 /* -1 when none */
+    /* what it was trained on */
+    uint64_t model_fingerprint, tokenizer_fingerprint;
+    char base_model[1024];
+    /* payload */
+    int64_t n_params;
+    float *params, *exp_avg, *exp_avg_sq; /* (n_params) each */
+    int n_tensors;
+    ckpt_tensor *tensors;                 /* (n_tensors) */
+    char *config_yaml;                    /* NUL-terminated */
+    char *log_history;                    /* log_history_len bytes (+ NUL after read) */
+    int64_t log_history_len;
+} ckpt_state;
+
+/* Write state.h5 at `path` (created or truncated), then fsync it. */
+int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e);
+
+/* Read state.h5: checks the format, version, every dataset's shape against
+ * n_params / n_tensors, and tensor offsets/shapes against the arena. *s is
+ * zeroed first and owns its buffers on success (nothing on failure). */
+int ckpt_read_state(const char *path, ckpt_state *s, qerr *e);
+void ckpt_state_free(ckpt_state *s);
+
+/* Called by ckpt_save with the temporary directory, to add files (the PEFT
+ * adapter, the config) before the checkpoint is committed. */
+typedef int (*ckpt_extra_fn)(const char *dir, void *arg, qerr *e);
+
+/* Save a checkpoint for s->step with the marker-last protocol above. On
+ * success out_dir (may be NULL) receives the final directory path. On failure
+ * the temporary directory is removed and no existing checkpoint is touched
+ * (except an existing directory of the same step, which is restored). */
+int ckpt_save(const char *output_dir, const ckpt_state *s, ckpt_extra_fn extra, void *arg, char *out_dir,
+              size_t out_n, qerr *e);
+
+/* Is `dir` a complete checkpoint? Checks COMPLETE and the size and XXH64 of
+ * state.h5. Returns 0 and its step, or -1 with the reason. */
+int ckpt_verify(const char *dir, int64_t *step, qerr *e);
+
+/* The directories named checkpoint-<digits> in output_dir, by step, newest
+ * first. *out is malloc'd (free it); n = 0 and *out = NULL when there are
+ * none or output_dir does not exist. Incomplete ones are listed too. */
+typedef struct ckpt_entry {
+    int64_t step;
+    char path[4096];
+} ckpt_entry;
+int ckpt_list(const char *output_dir, ckpt_entry **out, int *n, qerr *e);
+
+/* Keep the newest `keep` complete checkpoints (keep > 0) and delete older
+ * ones (marker first, so a half-deleted checkpoint never looks complete);
+ * also delete incomplete checkpoint directories older than the newest complete
+ * one. `*n_deleted` counts the directories removed. */
+int ckpt_prune(const char *output_dir, int keep, int *n_deleted, qerr *e);
+
+/* Delete leftovers of interrupted saves (checkpoint-*.tmp-* and
+ * checkpoint-*.old-* directories). Call only while holding the output_dir lock. */
+int ckpt_clean_stale(const char *output_dir, int *n_deleted, qerr *e);
+
+/* Fingerprint of the base model file (or directory) at `path`: XXH64 over the
+ * file size and its bytes, all of them for files up to 256 MiB; for larger
+ * files the first 16 MiB (GGUF metadata, tokenizer and tensor infos), then 64
+ * KiB every 4 MiB and the last 64 KiB. A directory hashes each regular file's
+ * name and fingerprint in name order. */
+int ckpt_fingerprint_model(const char *path, uint64_t *fp, qerr *e);
+
+/* Fingerprint of a GGUF's tokenizer: XXH64 over every `tokenizer.*` key, its
+ * type and value, in file order. */
+uint64_t ckpt_fingerprint_tokenizer(const gguf_file *f);
+
+/* Delete a directory tree (no symlinks followed). Missing is fine. */
+int ckpt_remove_tree(const char *path, qerr *e);
+
+/* Test hooks (environment; used by tests/test_e2e_resume.c, never needed otherwise):
+ *   QLORA_TEST_SAVE_DELAY_MS=N   sleep N ms between the stages of a save, so that
+ *                                 a kill at a random moment often lands inside one;
+ *   QLORA_TEST_CRASH_AT=STAGE    raise SIGKILL at STAGE of the first save:
+ *                                 "state" (state.h5 half written), "extra",
+ *                                 "rename" (before the directory rename),
+ *                                 "marker" (renamed, before COMPLETE). */
+void ckpt_test_point(const char *stage);
+
+#endif

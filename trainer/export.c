@@ -1,0 +1,538 @@
+/* trainer/export.c — GGUF LoRA and merged-model exports (see export.h).
+ *
+ * References: llama.cpp convert_lora_to_gguf.py (tensor names, orientation,
+ * F32, adapter.* keys) and src/llama-adapter.cpp (the shape checks and
+ * scale = alpha / r it applies); convert_hf_to_gguf.py LlamaModel.permute
+ * (Q/K row order); PEFT tuners/lora/layer.py get_delta_weight
+ * (ΔW = (B @ A) · scaling); transformers configuration_llama.py and
+ * modeling_utils.py save_pretrained (config.json, generation_config.json,
+ * shard naming model-0000i-of-0000n.safetensors + model.safetensors.index.json).
+ */
+#include "trainer/export.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "core/bf16.h"
+#include "data/chat.h"
+#include "data/tokenizer_json.h"
+#include "model/gguf_write.h"
+#include "model/safetensors.h"
+
+static const char *const gguf_linear_names[LLAMA_N_LINEAR] = {
+    "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
+
+void export_permute_rows_to_gguf(const float *src, float *dst, int n_head, int head_dim, int64_t cols) {
+    int half = head_dim / 2;
+    for (int h = 0; h < n_head; h++)
+        for (int i = 0; i < half; i++)
+            for (int j = 0; j < 2; j++)
+                memcpy(dst + ((size_t)h * head_dim + 2 * i + j) * cols,
+                       src + ((size_t)h * head_dim + (size_t)j * half + i) * cols, (size_t)cols * sizeof(float));
+}
+
+void export_py_float(char *buf, size_t n, float v) {
+    if (isnan(v)) {
+        snprintf(buf, n, "NaN");
+        return;
+    }
+    if (isinf(v)) {
+        snprintf(buf, n, v > 0 ? "Infinity" : "-Infinity");
+        return;
+    }
+    if (v == 0.0f) {
+        snprintf(buf, n, signbit(v) ? "-0.0" : "0.0");
+        return;
+    }
+    char tmp[64];
+    for (int p = 0; p < 17; p++) {
+        snprintf(tmp, sizeof tmp, "%.*e", p, (double)v);
+        if ((float)strtod(tmp, NULL) == v) break;
+    }
+    /* tmp = [-]d[.ddd]e±X */
+    char digits[40];
+    int nd = 0, neg = tmp[0] == '-';
+    const char *q = tmp + neg;
+    for (; *q && *q != 'e'; q++)
+        if (*q != '.') digits[nd++] = *q;
+    int x = atoi(q + 1);
+    while (nd > 1 && digits[nd - 1] == '0') nd--;
+    digits[nd] = 0;
+    char out[96];
+    int k = 0;
+    if (neg) out[k++] = '-';
+    if (x >= -4 && x < 16) {
+        if (x >= 0) {
+            for (int i = 0; i <= x; i++) out[k++] = i < nd ? digits[i] : '0';
+            out[k++] = '.';
+            if (nd > x + 1)
+                for (int i = x + 1; i < nd; i++) out[k++] = digits[i];
+            else
+                out[k++] = '0';
+        } else {
+            out[k++] = '0';
+            out[k++] = '.';
+            for (int i = 0; i < -x - 1; i++) out[k++] = '0';
+            for (int i = 0; i < nd; i++) out[k++] = digits[i];
+        }
+        out[k] = 0;
+    } else {
+        out[k++] = digits[0];
+        if (nd > 1) {
+            out[k++] = '.';
+            for (int i = 1; i < nd; i++) out[k++] = digits[i];
+        }
+        snprintf(out + k, sizeof out - (size_t)k, "e%c%02d", x < 0 ? '-' : '+', x < 0 ? -x : x);
+    }
+    snprintf(buf, n, "%s", out);
+}
+
+/* ------------------------------------------------------------------ GGUF LoRA */
+
+int export_gguf_lora(const base_model *b, const lora_set *ls, const adapter_info *info, const char *path, qerr *e) {
+    const llama_hparams *hp = base_model_hparams(b);
+    gguf_writer *w;
+    if (gguf_writer_init(&w, e)) return -1;
+    /* llama.cpp: scale = alpha / r (b->ne[0]); rsLoRA wants alpha / sqrt(r) */
+    float alpha = ls->use_rslora ? ls->alpha * sqrtf((float)ls->r) : ls->alpha;
+    gguf_writer_add_str(w, "general.architecture", "llama");
+    gguf_writer_add_str(w, "general.type", "adapter");
+    gguf_writer_add_str(w, "general.name", "qlora adapter");
+    if (info && info->base_model_name_or_path[0])
+        gguf_writer_add_str(w, "general.base_model.0.name", info->base_model_name_or_path);
+    gguf_writer_add_u32(w, "general.file_type", 0); /* ALL_F32 */
+    gguf_writer_add_u32(w, "general.quantization_version", 2);
+    gguf_writer_add_str(w, "adapter.type", "lora");
+    gguf_writer_add_f32(w, "adapter.lora.alpha", alpha);
+
+    /* q/k B matrices need a permuted copy; everything else is referenced in place */
+    float **perm = calloc((size_t)ls->n_layer * 2, sizeof *perm);
+    if (!perm) {
+        gguf_writer_free(w);
+        return qerr_set(e, "out of memory");
+    }
+    int rc = -1, n_written = 0;
+    char name[96];
+    for (int l = 0; l < ls->n_layer; l++)
+        for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+            const lora_adapter *a = lora_set_get(ls, l, k);
+            if (!a || (info && info->present && !info->present[l * LLAMA_N_LINEAR + k])) continue;
+            int64_t r = a->r, in = a->A->shape[1], out = a->B->shape[0];
+            const float *B = a->B->data;
+            if (k == LLAMA_Q || k == LLAMA_K) {
+                float *pb = malloc((size_t)(out * r) * sizeof(float));
+                if (!pb) {
+                    qerr_set(e, "out of memory");
+                    goto done;
+                }
+                perm[l * 2 + (k == LLAMA_K)] = pb;
+                export_permute_rows_to_gguf(B, pb, k == LLAMA_Q ? hp->n_head : hp->n_kv_head, hp->head_dim, r);
+                B = pb;
+            }
+            uint64_t ne_a[2] = {(uint64_t)in, (uint64_t)r}, ne_b[2] = {(uint64_t)r, (uint64_t)out};
+            snprintf(name, sizeof name, "blk.%d.%s.weight.lora_a", l, gguf_linear_names[k]);
+            gguf_writer_add_tensor(w, name, GGML_TYPE_F32, 2, ne_a, a->A->data, (size_t)(in * r) * sizeof(float));
+            snprintf(name, sizeof name, "blk.%d.%s.weight.lora_b", l, gguf_linear_names[k]);
+            gguf_writer_add_tensor(w, name, GGML_TYPE_F32, 2, ne_b, B, (size_t)(out * r) * sizeof(float));
+            n_written++;
+        }
+    if (n_written == 0) {
+        qerr_set(e, "%s: the adapter has no LoRA modules to export", path);
+        goto done;
+    }
+    rc = gguf_writer_write(w, path, e);
+done:
+    for (int i = 0; i < ls->n_layer * 2; i++) free(perm[i]);
+    free(perm);
+    gguf_writer_free(w);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ files */
+
+static int mkdir_p(const char *path, qerr *e) {
+    char tmp[4096];
+    size_t len = strlen(path);
+    if (len == 0 || len >= sizeof tmp) return qerr_set(e, "invalid output path \"%s\"", path);
+    memcpy(tmp, path, len + 1);
+    for (char *p = tmp + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = 0;
+        if (mkdir(tmp, 0755) && errno != EEXIST) return qerr_set(e, "cannot create \"%s\": %s", tmp, strerror(errno));
+        *p = '/';
+    }
+    if (mkdir(tmp, 0755) && errno != EEXIST) return qerr_set(e, "cannot create \"%s\": %s", tmp, strerror(errno));
+    return 0;
+}
+
+static int write_file(const char *dir, const char *name, const char *text, qerr *e) {
+    char path[4096], tmp[4100];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "wb");
+    if (!f) return qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
+    size_t n = strlen(text);
+    int bad = fwrite(text, 1, n, f) != n;
+    bad |= fputc('\n', f) == EOF;
+    bad |= fclose(f) != 0;
+    if (bad || rename(tmp, path)) {
+        unlink(tmp);
+        return qerr_set(e, "cannot write %s: %s", path, strerror(errno));
+    }
+    return 0;
+}
+
+static int write_json(const char *dir, const char *name, cJSON *o, qerr *e) {
+    char *text = cJSON_Print(o);
+    if (!text) return qerr_set(e, "out of memory printing %s", name);
+    int rc = write_file(dir, name, text, e);
+    free(text);
+    return rc;
+}
+
+static int copy_file(const char *src, const char *dst, qerr *e) {
+    FILE *in = fopen(src, "rb");
+    if (!in) return qerr_set(e, "cannot open %s: %s", src, strerror(errno));
+    char tmp[4100];
+    snprintf(tmp, sizeof tmp, "%s.tmp", dst);
+    FILE *out = fopen(tmp, "wb");
+    if (!out) {
+        fclose(in);
+        return qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
+    }
+    char buf[1 << 16];
+    size_t n;
+    int bad = 0;
+    while ((n = fread(buf, 1, sizeof buf, in)) > 0)
+        if (fwrite(buf, 1, n, out) != n) bad = 1;
+    bad |= ferror(in);
+    fclose(in);
+    bad |= fclose(out) != 0;
+    if (bad || rename(tmp, dst)) {
+        unlink(tmp);
+        return qerr_set(e, "cannot copy %s to %s", src, dst);
+    }
+    return 0;
+}
+
+static void add_raw_float(cJSON *o, const char *key, float v) {
+    char b[64];
+    export_py_float(b, sizeof b, v);
+    cJSON_AddRawToObject(o, key, b);
+}
+
+static void add_id_or_null(cJSON *o, const char *key, int32_t id) {
+    if (id >= 0) cJSON_AddNumberToObject(o, key, id);
+    else cJSON_AddNullToObject(o, key);
+}
+
+/* generation_config.json: eos = [eos, end-of-turn] (one int when they coincide). */
+static int write_generation_config(const tokenizer *tok, const char *dir, qerr *e) {
+    int32_t stop[4];
+    int ns = chat_stop_ids(tok, stop, 4);
+    cJSON *g = cJSON_CreateObject();
+    add_id_or_null(g, "bos_token_id", tokenizer_bos_id(tok));
+    if (ns == 1) cJSON_AddNumberToObject(g, "eos_token_id", stop[0]);
+    else if (ns > 1) cJSON_AddItemToObject(g, "eos_token_id", cJSON_CreateIntArray(stop, ns));
+    add_id_or_null(g, "pad_token_id", tokenizer_pad_id(tok));
+    int rc = write_json(dir, "generation_config.json", g, e);
+    cJSON_Delete(g);
+    return rc;
+}
+
+/* config.json for a GGUF base: every Llama hyper-parameter transformers reads. */
+static int write_config_from_hparams(const base_model *b, const tokenizer *tok, const char *dir, qerr *e) {
+    const llama_hparams *hp = base_model_hparams(b);
+    cJSON *c = cJSON_CreateObject();
+    cJSON_AddItemToObject(c, "architectures", cJSON_CreateStringArray((const char *[]){"LlamaForCausalLM"}, 1));
+    cJSON_AddFalseToObject(c, "attention_bias");
+    cJSON_AddRawToObject(c, "attention_dropout", "0.0");
+    add_id_or_null(c, "bos_token_id", tokenizer_bos_id(tok));
+    add_id_or_null(c, "eos_token_id", tokenizer_eos_id(tok));
+    cJSON_AddNumberToObject(c, "head_dim", hp->head_dim);
+    cJSON_AddStringToObject(c, "hidden_act", "silu");
+    cJSON_AddNumberToObject(c, "hidden_size", hp->d_model);
+    cJSON_AddRawToObject(c, "initializer_range", "0.02");
+    cJSON_AddNumberToObject(c, "intermediate_size", hp->d_ff);
+    cJSON_AddNumberToObject(c, "max_position_embeddings", hp->context_length);
+    cJSON_AddFalseToObject(c, "mlp_bias");
+    cJSON_AddStringToObject(c, "model_type", "llama");
+    cJSON_AddNumberToObject(c, "num_attention_heads", hp->n_head);
+    cJSON_AddNumberToObject(c, "num_hidden_layers", hp->n_layer);
+    cJSON_AddNumberToObject(c, "num_key_value_heads", hp->n_kv_head);
+    add_id_or_null(c, "pad_token_id", tokenizer_pad_id(tok));
+    cJSON_AddNumberToObject(c, "pretraining_tp", 1);
+    add_raw_float(c, "rms_norm_eps", hp->rms_eps);
+    cJSON_AddNullToObject(c, "rope_scaling");
+    add_raw_float(c, "rope_theta", hp->rope_theta);
+    cJSON_AddBoolToObject(c, "tie_word_embeddings", hp->tied_embeddings);
+    cJSON_AddStringToObject(c, "torch_dtype", "bfloat16");
+    cJSON_AddTrueToObject(c, "use_cache");
+    cJSON_AddNumberToObject(c, "vocab_size", hp->vocab);
+    int rc = write_json(dir, "config.json", c, e);
+    cJSON_Delete(c);
+    return rc;
+}
+
+/* config.json for an HF base: the original, minus quantization_config, bf16. */
+static int write_config_from_hf(const base_model *b, const char *dir, qerr *e) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/config.json", base_model_path(b));
+    FILE *f = fopen(path, "rb");
+    if (!f) return qerr_set(e, "cannot open %s", path);
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *text = n >= 0 ? malloc((size_t)n + 1) : NULL;
+    if (!text || fread(text, 1, (size_t)n, f) != (size_t)n) {
+        fclose(f);
+        free(text);
+        return qerr_set(e, "cannot read %s", path);
+    }
+    fclose(f);
+    text[n] = 0;
+    cJSON *c = cJSON_Parse(text);
+    free(text);
+    if (!c) return qerr_set(e, "%s: invalid JSON", path);
+    cJSON_DeleteItemFromObjectCaseSensitive(c, "quantization_config");
+    cJSON_DeleteItemFromObjectCaseSensitive(c, "torch_dtype");
+    cJSON_DeleteItemFromObjectCaseSensitive(c, "dtype");
+    cJSON_AddStringToObject(c, "torch_dtype", "bfloat16");
+    int rc = write_json(dir, "config.json", c, e);
+    cJSON_Delete(c);
+    return rc;
+}
+
+int export_tokenizer_files(const base_model *b, const tokenizer *tok, const char *dir, qerr *e) {
+    char src[4096], dst[4096];
+    if (base_model_kind(b) == BASE_HF) {
+        static const char *const files[] = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                            "chat_template.jinja", "vocab.json", "merges.txt"};
+        for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+            snprintf(src, sizeof src, "%s/%s", base_model_path(b), files[i]);
+            if (access(src, R_OK)) continue;
+            snprintf(dst, sizeof dst, "%s/%s", dir, files[i]);
+            if (copy_file(src, dst, e)) return -1;
+        }
+        return 0;
+    }
+    snprintf(dst, sizeof dst, "%s/tokenizer.json", dir);
+    if (tokenizer_json_write_from_gguf(base_model_gguf(b), dst, e)) return -1;
+
+    /* tokenizer_config.json: special tokens, the chat template, added tokens */
+    cJSON *c = cJSON_CreateObject(), *dec = cJSON_CreateObject();
+    int32_t nv = tokenizer_n_vocab(tok);
+    char idbuf[16];
+    for (int32_t id = 0; id < nv; id++) {
+        int ty = tokenizer_token_type_of(tok, id);
+        if (ty != TOKENIZER_TOKEN_CONTROL && ty != TOKENIZER_TOKEN_USER_DEFINED) continue;
+        cJSON *a = cJSON_CreateObject();
+        cJSON_AddStringToObject(a, "content", tokenizer_token_text(tok, id));
+        cJSON_AddFalseToObject(a, "lstrip");
+        cJSON_AddBoolToObject(a, "normalized", ty != TOKENIZER_TOKEN_CONTROL);
+        cJSON_AddFalseToObject(a, "rstrip");
+        cJSON_AddFalseToObject(a, "single_word");
+        cJSON_AddBoolToObject(a, "special", ty == TOKENIZER_TOKEN_CONTROL);
+        snprintf(idbuf, sizeof idbuf, "%d", id);
+        cJSON_AddItemToObject(dec, idbuf, a);
+    }
+    cJSON_AddBoolToObject(c, "add_bos_token", tokenizer_add_bos(tok));
+    cJSON_AddBoolToObject(c, "add_eos_token", tokenizer_add_eos(tok));
+    cJSON_AddFalseToObject(c, "add_prefix_space");
+    cJSON_AddItemToObject(c, "added_tokens_decoder", dec);
+    int32_t sp[4] = {tokenizer_bos_id(tok), tokenizer_eos_id(tok), tokenizer_pad_id(tok), tokenizer_unk_id(tok)};
+    static const char *const spk[4] = {"bos_token", "eos_token", "pad_token", "unk_token"};
+    for (int i = 0; i < 4; i++) {
+        if (sp[i] >= 0) cJSON_AddStringToObject(c, spk[i], tokenizer_token_text(tok, sp[i]));
+        else cJSON_AddNullToObject(c, spk[i]);
+    }
+    if (tokenizer_chat_template(tok)) cJSON_AddStringToObject(c, "chat_template", tokenizer_chat_template(tok));
+    cJSON_AddFalseToObject(c, "clean_up_tokenization_spaces");
+    cJSON_AddNumberToObject(c, "model_max_length", base_model_hparams(b)->context_length);
+    /* the generic fast tokenizer: it runs tokenizer.json as written (pre-tokenizer included) */
+    cJSON_AddStringToObject(c, "tokenizer_class", "PreTrainedTokenizerFast");
+    int rc = write_json(dir, "tokenizer_config.json", c, e);
+    cJSON_Delete(c);
+    if (rc) return -1;
+
+    cJSON *m = cJSON_CreateObject();
+    for (int i = 0; i < 4; i++)
+        if (sp[i] >= 0) cJSON_AddStringToObject(m, spk[i], tokenizer_token_text(tok, sp[i]));
+    rc = write_json(dir, "special_tokens_map.json", m, e);
+    cJSON_Delete(m);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ merged model */
+
+typedef struct merged_entry {
+    char name[128];
+    base_role role;
+    int layer, module;
+    int64_t rows, cols;
+} merged_entry;
+
+/* W (rows, cols) += scaling · (B @ A), fp32; A (r, cols), B (rows, r). */
+static void add_lora_delta(float *W, const float *A, const float *B, int64_t rows, int64_t cols, int r, float scaling) {
+#pragma omp parallel
+    {
+        float *acc = malloc((size_t)cols * sizeof(float));
+        if (acc) {
+#pragma omp for schedule(static)
+            for (int64_t o = 0; o < rows; o++) {
+                memset(acc, 0, (size_t)cols * sizeof(float));
+                for (int j = 0; j < r; j++) {
+                    float bj = B[o * r + j];
+                    const float *a = A + (int64_t)j * cols;
+                    for (int64_t i = 0; i < cols; i++) acc[i] += bj * a[i];
+                }
+                float *w = W + o * cols;
+                for (int64_t i = 0; i < cols; i++) w[i] += acc[i] * scaling;
+            }
+            free(acc);
+        }
+    }
+}
+
+static int merged_tensor(const base_model *b, const llama_model *m, const lora_set *ls, const adapter_info *info,
+                         const merged_entry *me, float *tmp, bf16 *dst, qerr *e) {
+    if (me->role == BASE_T_LINEAR && m) {
+        frozen_rows_f32(&m->layers[me->layer].lin[me->module], 0, me->rows, tmp);
+    } else if (base_model_tensor_f32(b, me->role, me->layer, me->module, tmp, e)) {
+        return -1;
+    }
+    if (me->role == BASE_T_LINEAR && ls) {
+        const lora_adapter *a = lora_set_get(ls, me->layer, me->module);
+        int present = !info || !info->present || info->present[me->layer * LLAMA_N_LINEAR + me->module];
+        if (a && present) add_lora_delta(tmp, a->A->data, a->B->data, me->rows, me->cols, a->r, a->scaling);
+    }
+    int64_t n = me->rows * me->cols;
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(tmp[i])) return qerr_set(e, "%s: non-finite value after merging", me->name);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(tmp[i]);
+    return 0;
+}
+
+int export_merged(const base_model *b, const llama_model *m, const tokenizer *tok, const lora_set *ls,
+                  const adapter_info *info, const char *dir, size_t max_shard_bytes, qerr *e) {
+    static const char *const hf_linear[LLAMA_N_LINEAR] = {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
+    const llama_hparams *hp = base_model_hparams(b);
+    if (max_shard_bytes == 0) max_shard_bytes = (size_t)2 << 30;
+    if (mkdir_p(dir, e)) return -1;
+
+    /* tensors in transformers' state_dict order */
+    int n = 1 + hp->n_layer * (2 + LLAMA_N_LINEAR) + 1 + (hp->tied_embeddings ? 0 : 1);
+    merged_entry *ent = calloc((size_t)n, sizeof *ent);
+    if (!ent) return qerr_set(e, "out of memory");
+    int k = 0;
+    ent[k++] = (merged_entry){.name = "model.embed_tokens.weight", .role = BASE_T_EMBED};
+    for (int l = 0; l < hp->n_layer; l++) {
+        for (int j = 0; j < LLAMA_N_LINEAR; j++) {
+            ent[k] = (merged_entry){.role = BASE_T_LINEAR, .layer = l, .module = j};
+            snprintf(ent[k].name, sizeof ent[k].name, "model.layers.%d.%s.weight", l, hf_linear[j]);
+            k++;
+        }
+        ent[k] = (merged_entry){.role = BASE_T_ATTN_NORM, .layer = l};
+        snprintf(ent[k++].name, sizeof ent[0].name, "model.layers.%d.input_layernorm.weight", l);
+        ent[k] = (merged_entry){.role = BASE_T_FFN_NORM, .layer = l};
+        snprintf(ent[k++].name, sizeof ent[0].name, "model.layers.%d.post_attention_layernorm.weight", l);
+    }
+    ent[k++] = (merged_entry){.name = "model.norm.weight", .role = BASE_T_OUT_NORM};
+    if (!hp->tied_embeddings) ent[k++] = (merged_entry){.name = "lm_head.weight", .role = BASE_T_LM_HEAD};
+    int64_t max_el = 0;
+    for (int i = 0; i < n; i++) {
+        base_model_tensor_shape(hp, ent[i].role, ent[i].module, &ent[i].rows, &ent[i].cols);
+        if (ent[i].rows * ent[i].cols > max_el) max_el = ent[i].rows * ent[i].cols;
+    }
+
+    /* plan shards: consecutive tensors up to max_shard_bytes each */
+    int *shard_of = calloc((size_t)n, sizeof *shard_of);
+    if (!shard_of) {
+        free(ent);
+        return qerr_set(e, "out of memory");
+    }
+    int n_shards = 1;
+    size_t cur = 0, total = 0;
+    for (int i = 0; i < n; i++) {
+        size_t nb = (size_t)(ent[i].rows * ent[i].cols) * 2;
+        if (cur > 0 && cur + nb > max_shard_bytes) {
+            n_shards++;
+            cur = 0;
+        }
+        cur += nb;
+        total += nb;
+        shard_of[i] = n_shards - 1;
+    }
+
+    int rc = -1;
+    float *tmp = malloc((size_t)max_el * sizeof(float));
+    st_tensor *ts = calloc((size_t)n, sizeof *ts);
+    bf16 **bufs = calloc((size_t)n, sizeof *bufs);
+    cJSON *wmap = cJSON_CreateObject();
+    char path[4096], fname[64];
+    if (!tmp || !ts || !bufs || !wmap) {
+        qerr_set(e, "out of memory");
+        goto done;
+    }
+    for (int s = 0, i = 0; s < n_shards; s++) {
+        if (n_shards == 1) snprintf(fname, sizeof fname, "model.safetensors");
+        else snprintf(fname, sizeof fname, "model-%05d-of-%05d.safetensors", s + 1, n_shards);
+        int first = i, cnt = 0;
+        for (; i < n && shard_of[i] == s; i++, cnt++) {
+            const merged_entry *me = &ent[i];
+            int64_t rows = me->rows, cols = me->cols;
+            if (!(bufs[i] = malloc((size_t)(rows * cols) * sizeof(bf16)))) {
+                qerr_set(e, "out of memory (shard of %zu bytes; lower --max-shard-size)", max_shard_bytes);
+                goto done;
+            }
+            if (merged_tensor(b, m, ls, info, me, tmp, bufs[i], e)) goto done;
+            ts[i] = (st_tensor){.name = me->name, .dtype = "BF16", .n_dims = cols == 1 ? 1 : 2,
+                                .shape = {rows, cols}, .data = bufs[i],
+                                .nbytes = (size_t)(rows * cols) * sizeof(bf16)};
+            cJSON_AddStringToObject(wmap, me->name, fname);
+        }
+        snprintf(path, sizeof path, "%s/%s", dir, fname);
+        if (safetensors_write(path, ts + first, cnt, NULL, e)) goto done;
+        for (int j = first; j < first + cnt; j++) {
+            free(bufs[j]);
+            bufs[j] = NULL;
+        }
+    }
+    if (n_shards > 1) {
+        cJSON *idx = cJSON_CreateObject(), *meta = cJSON_CreateObject();
+        cJSON_AddNumberToObject(meta, "total_size", (double)total);
+        cJSON_AddItemToObject(idx, "metadata", meta);
+        cJSON_AddItemToObject(idx, "weight_map", wmap);
+        wmap = NULL;
+        int r2 = write_json(dir, "model.safetensors.index.json", idx, e);
+        cJSON_Delete(idx);
+        if (r2) goto done;
+    } else {
+        snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+        unlink(path); /* a stale index from an earlier sharded export would shadow model.safetensors */
+    }
+    if (base_model_kind(b) == BASE_HF ? write_config_from_hf(b, dir, e) : write_config_from_hparams(b, tok, dir, e))
+        goto done;
+    if (write_generation_config(tok, dir, e)) goto done;
+    if (export_tokenizer_files(b, tok, dir, e)) goto done;
+    rc = 0;
+done:
+    if (bufs)
+        for (int i = 0; i < n; i++) free(bufs[i]);
+    free(bufs);
+    free(ts);
+    free(tmp);
+    free(shard_of);
+    free(ent);
+    cJSON_Delete(wmap);
+    return rc;
+}

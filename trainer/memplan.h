@@ -1,0 +1,56 @@
+/* trainer/memplan.h — the memory planner: predicted peak resident memory of a
+ * training run, printed before training and compared with the measured peak
+ * after it (DESIGN.md "Known traps": users cannot predict memory).
+ *
+ * The prediction mirrors what the engine allocates: the frozen base (NF4
+ * linears at ≈0.52 bytes/param, bf16 embeddings / LM head, fp32 norms), the
+ * adapters and their gradients (fp32), the optimizer moments (fp32 m and v),
+ * the activation arena's high-water mark (what the ops of autograd/ops.c keep
+ * for backward, with or without per-block checkpointing, plus the largest
+ * transient of one op), fixed scratch (dequantized weight buffer, operand
+ * copies) and the runtime (code, oneDNN JIT kernels, thread stacks).
+ */
+#ifndef QLORA_TRAINER_MEMPLAN_H
+#define QLORA_TRAINER_MEMPLAN_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "model/llama.h"
+
+typedef struct memplan_input {
+    llama_hparams hp;
+    int B, T;              /* micro-batch rows × tokens per row */
+    int checkpointing;     /* per-block recompute in backward */
+    int bf16;              /* bf16 GEMM operands (ctx->bf16) */
+    int lora_r;
+    float lora_dropout;    /* > 0: dropout(x) kept for backward */
+    int64_t lora_params;   /* fp32 adapter elements (A and B of every adapted linear) */
+    int64_t frozen_bytes;  /* bytes of the frozen linears as stored (NF4 or bf16) */
+    int64_t extra_bytes;   /* anything else the caller holds for the run (data, tokenizer), or 0 */
+    int n_threads;
+} memplan_input;
+
+/* Bytes per component; total = sum. */
+typedef struct memplan {
+    double base;        /* frozen linears + embeddings/LM head + norms + RoPE table */
+    double adapters;    /* LoRA A/B and their gradients */
+    double optimizer;   /* AdamW m, v */
+    double activations; /* activation arena high-water mark */
+    double scratch;     /* weight dequant buffer, operand scratch */
+    double runtime;     /* process baseline: code, libraries, oneDNN JIT, thread stacks, caller extras */
+    double total;
+    double arena_chunk; /* suggested arena chunk size (bytes) */
+    int checkpointing;
+} memplan;
+
+void memplan_predict(const memplan_input *in, memplan *out);
+
+/* One "[memory] predicted peak ..." line. */
+void memplan_print(FILE *f, const memplan *p);
+
+/* The arena chunk size to initialise the activation context with. */
+size_t memplan_arena_chunk(const memplan *p);
+
+#endif
