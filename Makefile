@@ -1,5 +1,6 @@
 # qlora — one Makefile. `make` builds bin/qlora-train, `make test` builds and runs the tests,
-# `make setup` installs system packages, fetches the default model and prepares the default data.
+# `make setup` installs system packages, fetches the default model and prepares the default data,
+# `make test-asan` runs the unit tests under ASan + UBSan, `make fuzz` runs the libFuzzer targets.
 #
 # Optional parts are detected and announced; the CPU engine always builds.
 
@@ -9,7 +10,11 @@ CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) -g -fopenmp -Wall -Wextra -Wshadow -Wno
 ifeq ($(WERROR),1)
 CFLAGS  += -Werror
 endif
-LDLIBS  += -ldnnl -lyaml -lcjson -lpcre2-8 -lpng -lz -lm -fopenmp
+# HDF5 (checkpoints): Debian keeps the serial build's headers and library in a subdirectory.
+HDF5_CFLAGS := $(shell pkg-config --cflags hdf5 2>/dev/null || echo -I/usr/include/hdf5/serial)
+HDF5_LIBS   := $(shell pkg-config --libs hdf5 2>/dev/null || echo -L/usr/lib/x86_64-linux-gnu/hdf5/serial -lhdf5)
+CFLAGS  += $(HDF5_CFLAGS)
+LDLIBS  += -ldnnl -lyaml -lcjson -lpcre2-8 -lpng $(HDF5_LIBS) -lz -lm -fopenmp
 
 MODULES := core quant model autograd optim data trainer
 LIB_SRC := $(filter-out trainer/main.c trainer/%_main.c,$(foreach m,$(MODULES),$(wildcard $(m)/*.c)))
@@ -23,7 +28,7 @@ DEFAULT_MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 DEFAULT_DATA  := datasets/manpages/train.jsonl datasets/manpages/heldout.jsonl
 
 # Tools around the trainer (trainer/<name>_main.c -> bin/qlora-<name>).
-TOOL_BINS := bin/qlora-export bin/qlora-generate
+TOOL_BINS := bin/qlora-export bin/qlora-generate bin/qlora-plot bin/qlora-preprocess
 
 .PHONY: all test test-unit setup model dataset clean features bench
 all: features bin/qlora-train bin/qlora-bench $(TOOL_BINS)
@@ -67,11 +72,86 @@ dataset: $(DEFAULT_DATA)
 setup:
 	scripts/setup.sh
 
+# qlora-bench against transformers+PEFT+bitsandbytes and plain PyTorch, side by side
+# (bench/run_peers.sh makes the peers' venv from bench/requirements.txt; ~30 min on 2 cores).
+bench: bin/qlora-bench
+	bench/run_peers.sh
+
 # Unit tests run first (fast); the end-to-end test on the real model runs last.
 test: all $(TEST_BIN) $(DEFAULT_MODEL) $(DEFAULT_DATA)
 	@scripts/run_tests.sh $(TEST_BIN)
 
-clean:
-	rm -rf build bin
+# ---- sanitizers: the unit tests (and the CLI they run) under AddressSanitizer +
+# UndefinedBehaviorSanitizer, built into build-asan/. Test binaries named *e2e* train the
+# real model for minutes and are left out (about 10x slower under ASan).
+# (-Werror is the main build's job: -O1 makes GCC's flow-based warnings differ from -O3's)
+ASAN_FLAGS      := -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+ASAN_CFLAGS      = $(filter-out -Werror,$(CFLAGS)) $(ASAN_FLAGS)
+ASAN_LIB_OBJ    := $(LIB_SRC:%.c=build-asan/%.o)
+ASAN_HELPER_OBJ := $(TEST_HELPER_SRC:%.c=build-asan/%.o)
+ASAN_TEST_BIN   := $(foreach t,$(TEST_SRC:tests/%.c=%),$(if $(findstring e2e,$(t)),,build-asan/tests/$(t)))
+ASAN_ENV        := QLORA_TRAIN_BIN=build-asan/bin/qlora-train \
+                   ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:strict_string_checks=1:detect_stack_use_after_return=1 \
+                   LSAN_OPTIONS=suppressions=$(CURDIR)/scripts/lsan.supp:print_suppressions=0 \
+                   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
+build-asan/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(ASAN_CFLAGS) -c $< -o $@
+
+build-asan/libqlora.a: $(ASAN_LIB_OBJ)
+	ar rcs $@ $^
+
+build-asan/bin/qlora-train: build-asan/trainer/main.o build-asan/libqlora.a
+	@mkdir -p $(dir $@)
+	$(CC) $(ASAN_CFLAGS) $^ -o $@ $(LDLIBS)
+
+build-asan/tests/%: tests/%.c build-asan/libqlora.a $(ASAN_HELPER_OBJ)
+	@mkdir -p $(dir $@)
+	$(CC) $(ASAN_CFLAGS) $< $(ASAN_HELPER_OBJ) build-asan/libqlora.a -o $@ $(LDLIBS) -lcmocka
+
+.SECONDARY: $(ASAN_HELPER_OBJ) $(FUZZ_LIB_OBJ)
+.PHONY: test-asan
+test-asan: $(ASAN_TEST_BIN) build-asan/bin/qlora-train $(DEFAULT_MODEL) $(DEFAULT_DATA)
+	@$(ASAN_ENV) scripts/run_tests.sh $(ASAN_TEST_BIN)
+
+# ---- fuzzing: libFuzzer targets (fuzz/) for the GGUF, safetensors, config and JSONL parsers,
+# built with clang + ASan + UBSan into build-fuzz/. `make fuzz` runs each for FUZZ_SECONDS.
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := gguf safetensors config jsonl
+FUZZ_LIB_SRC := core/status.c core/hash.c quant/ggml_quants.c model/gguf.c model/safetensors.c trainer/config.c \
+                data/tokenizer.c data/jsonl.c data/dataset.c data/pack.c
+FUZZ_FLAGS   := -std=c11 -D_GNU_SOURCE -g -O1 -I. -fno-omit-frame-pointer -fsanitize=address,undefined \
+                -fno-sanitize-recover=undefined -Wall -Wno-unknown-pragmas -Wno-unused-parameter
+FUZZ_LIB_OBJ := $(FUZZ_LIB_SRC:%.c=build-fuzz/%.o)
+FUZZ_BIN     := $(FUZZ_TARGETS:%=build-fuzz/fuzz_%)
+
+build-fuzz/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link -MMD -MP -c $< -o $@
+
+build-fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz_common.h $(FUZZ_LIB_OBJ)
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer $< $(FUZZ_LIB_OBJ) -o $@ -lyaml -lcjson -lpcre2-8 -lm
+
+.PHONY: fuzz fuzz-build
+fuzz-build: $(FUZZ_BIN)
+fuzz: $(FUZZ_BIN) $(DEFAULT_MODEL)
+	@scripts/run_fuzz.sh $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+clean:
+	rm -rf build bin build-asan build-fuzz
+
+-include $(ASAN_LIB_OBJ:.o=.d) $(ASAN_HELPER_OBJ:.o=.d) $(FUZZ_LIB_OBJ:.o=.d) build-asan/trainer/main.d
 -include $(LIB_OBJ:.o=.d) $(TEST_HELPER_OBJ:.o=.d) build/trainer/main.d build/trainer/bench_main.d $(TOOL_BINS:bin/qlora-%=build/trainer/%_main.d)
+
+# ---- reference fixtures (issue 3) ------------------------------------------------------------
+# Regenerate tests/fixtures/ref_*.qref.gz from PyTorch / transformers / PEFT / bitsandbytes / HF
+# tokenizers (scripts/make_reference.py; versions pinned in scripts/requirements-reference.txt).
+# `make test` only reads the committed fixtures. REF_VENV is created on first use (a few GB: torch).
+REF_VENV ?= /tmp/qlora-venv-ref
+.PHONY: reference-fixtures
+reference-fixtures: $(DEFAULT_MODEL)
+	@test -x $(REF_VENV)/bin/python || { python3 -m venv $(REF_VENV) && \
+		$(REF_VENV)/bin/pip install -q -r scripts/requirements-reference.txt; }
+	$(REF_VENV)/bin/python scripts/make_reference.py $(REF_ARGS)

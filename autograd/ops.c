@@ -19,10 +19,16 @@
 
 /* ------------------------------------------------------------------ helpers */
 
+static void row_to_bf16(const float *src, bf16 *dst, int64_t n);
+
 static void f32_to_bf16_n(const float *src, bf16 *dst, int64_t n) {
     int pc = ag_prof_push(AG_PROF_CONVERT);
+    int64_t nchunk = (n + 4095) / 4096;
 #pragma omp parallel for schedule(static) if (n > 16384)
-    for (int64_t i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+    for (int64_t c = 0; c < nchunk; c++) {
+        int64_t j0 = c * 4096, len = n - j0 < 4096 ? n - j0 : 4096;
+        row_to_bf16(src + j0, dst + j0, len);
+    }
     ag_prof_pop(pc);
 }
 
@@ -40,6 +46,14 @@ static const void *operand(ag_ctx *ctx, const float *src, int64_t n) {
 static const void *operand_of(ag_ctx *ctx, tensor *t) {
     if (ctx->bf16) return ag_bf16_of(ctx, t, 1);
     return ag_keep(ctx, t);
+}
+
+/* The bf16 copy of t that operand_of() would make, to be filled by the op that
+ * produces t in the same pass (saves a conversion pass and its fork/join). */
+static bf16 *memo_bf16_alloc(ag_ctx *ctx, tensor *t) {
+    if (!ctx->bf16 || t->dtype != AG_F32) return NULL;
+    t->kept_bf16 = ag_alloc_keep(ctx, (size_t)t->numel * sizeof(bf16));
+    return t->kept_bf16;
 }
 
 /* Per-row statistics and other small saved buffers: keep arena inside a segment. */
@@ -131,6 +145,163 @@ static inline float exp_poly(float x) {
     union { uint32_t u; float f; } sc;
     sc.u = (uint32_t)((int32_t)n + 127) << 23;
     return y * sc.f;
+}
+
+/* ------------------------------------------------------------------ row kernels
+ *
+ * The hot elementwise loops (softmax rows of attention and of the LM head,
+ * bf16 rounding, SwiGLU) as explicit AVX-512 where the compiler has it:
+ * without -ffast-math GCC does not vectorize exp_poly's bit tricks. The
+ * vector exp is exp_poly lane by lane, bit for bit (same operations, same
+ * order, no FMA; 2^n applied with scalef, exact like the scalar multiply), so
+ * scalar and vector paths agree exactly; only sums are reassociated (16
+ * partial sums). The bf16 rounding is core/bf16.h's f32_to_bf16. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define OPS_AVX512 1
+
+static inline __m512 exp_poly16(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-87.0f), x); /* a NaN x is kept (second operand) */
+    x = _mm512_min_ps(_mm512_set1_ps(88.0f), x);
+    __m512 n = _mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _mm512_set1_ps(0.5f));
+    n = _mm512_roundscale_ps(n, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
+    r = _mm512_add_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(2.12194440e-4f)));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
+    __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* 16 fp32 -> 16 bf16, exactly f32_to_bf16 (round to nearest even, quiet NaN). */
+static inline __m256i bf16_rne16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+static inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1u); }
+#endif
+
+/* dst[j] = bf16(src[j]), j < n */
+static void row_to_bf16(const float *src, bf16 *dst, int64_t n) {
+#ifdef OPS_AVX512
+    for (int64_t j = 0; j < n; j += 16) {
+        __mmask16 k = tail_mask(n - j);
+        __m256i b = bf16_rne16(_mm512_maskz_loadu_ps(k, src + j));
+        _mm256_mask_storeu_epi16(dst + j, k, b);
+    }
+#else
+    for (int64_t j = 0; j < n; j++) dst[j] = f32_to_bf16(src[j]);
+#endif
+}
+
+static float row_max(const float *x, int64_t n) {
+    float mx = -INFINITY;
+#ifdef OPS_AVX512
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += 16) m = _mm512_mask_max_ps(m, tail_mask(n - j), m, _mm512_maskz_loadu_ps(tail_mask(n - j), x + j));
+    mx = _mm512_reduce_max_ps(m);
+#else
+    for (int64_t j = 0; j < n; j++) mx = x[j] > mx ? x[j] : mx;
+#endif
+    return mx;
+}
+
+/* Σ_j exp_poly(x[j] − sub); with store, x[j] = exp_poly(x[j] − sub) too. */
+static float row_sum_exp(float *x, int64_t n, float sub, int store) {
+#ifdef OPS_AVX512
+    __m512 acc = _mm512_setzero_ps(), s = _mm512_set1_ps(sub);
+    for (int64_t j = 0; j < n; j += 16) {
+        __mmask16 k = tail_mask(n - j);
+        __m512 e = exp_poly16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), s));
+        acc = _mm512_mask_add_ps(acc, k, acc, e);
+        if (store) _mm512_mask_storeu_ps(x + j, k, e);
+    }
+    return _mm512_reduce_add_ps(acc);
+#else
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        float e = exp_poly(x[j] - sub);
+        if (store) x[j] = e;
+        sum += e;
+    }
+    return sum;
+#endif
+}
+
+/* y[j] = exp_poly(x[j] − sub) · mul (fp32, y may be x), or bf16 into yb. */
+static void row_exp_scale(const float *x, float *y, bf16 *yb, int64_t n, float sub, float mul) {
+#ifdef OPS_AVX512
+    __m512 s = _mm512_set1_ps(sub), mm = _mm512_set1_ps(mul);
+    for (int64_t j = 0; j < n; j += 16) {
+        __mmask16 k = tail_mask(n - j);
+        __m512 e = _mm512_mul_ps(exp_poly16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), s)), mm);
+        if (yb) _mm256_mask_storeu_epi16(yb + j, k, bf16_rne16(e));
+        else _mm512_mask_storeu_ps(y + j, k, e);
+    }
+#else
+    for (int64_t j = 0; j < n; j++) {
+        float e = exp_poly(x[j] - sub) * mul;
+        if (yb) yb[j] = f32_to_bf16(e);
+        else y[j] = e;
+    }
+#endif
+}
+
+static void row_scale(float *x, int64_t n, float mul) {
+#ifdef OPS_AVX512
+    __m512 mm = _mm512_set1_ps(mul);
+    for (int64_t j = 0; j < n; j += 16) {
+        __mmask16 k = tail_mask(n - j);
+        _mm512_mask_storeu_ps(x + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + j), mm));
+    }
+#else
+    for (int64_t j = 0; j < n; j++) x[j] *= mul;
+#endif
+}
+
+/* Σ_j p[j]·d[j] in double (the softmax-backward row sum), 8 partial sums. */
+static double row_dot_f64(const float *p, const float *d, int64_t n) {
+#ifdef OPS_AVX512
+    __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd();
+    for (int64_t j = 0; j < n; j += 16) {
+        __mmask16 k = tail_mask(n - j);
+        __m512 pp = _mm512_maskz_loadu_ps(k, p + j), dd = _mm512_maskz_loadu_ps(k, d + j);
+        __m512d plo = _mm512_cvtps_pd(_mm512_castps512_ps256(pp)), dlo = _mm512_cvtps_pd(_mm512_castps512_ps256(dd));
+        __m512d phi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(pp), 1)));
+        __m512d dhi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(dd), 1)));
+        a0 = _mm512_add_pd(a0, _mm512_mul_pd(plo, dlo));
+        a1 = _mm512_add_pd(a1, _mm512_mul_pd(phi, dhi));
+    }
+    return _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
+#else
+    double acc = 0.0;
+    for (int64_t j = 0; j < n; j++) acc += (double)p[j] * d[j];
+    return acc;
+#endif
+}
+
+/* d[j] = p[j]·(d[j] − a)·scale */
+static void row_dsoftmax(const float *p, float *d, int64_t n, float a, float scale) {
+#ifdef OPS_AVX512
+    __m512 va = _mm512_set1_ps(a), vs = _mm512_set1_ps(scale);
+    for (int64_t j = 0; j < n; j += 16) {
+        __mmask16 k = tail_mask(n - j);
+        __m512 pp = _mm512_maskz_loadu_ps(k, p + j), dd = _mm512_maskz_loadu_ps(k, d + j);
+        _mm512_mask_storeu_ps(d + j, k, _mm512_mul_ps(_mm512_mul_ps(pp, _mm512_sub_ps(dd, va)), vs));
+    }
+#else
+    for (int64_t j = 0; j < n; j++) d[j] = p[j] * (d[j] - a) * scale;
+#endif
 }
 
 /* ------------------------------------------------------------------ rope table */
@@ -226,6 +397,7 @@ tensor *op_rmsnorm(ag_ctx *ctx, tensor *x, tensor *w, float eps) {
     float *rstd = grad ? alloc_saved(ctx, (size_t)N * sizeof(float)) : ag_alloc(ctx, (size_t)N * sizeof(float));
     const float *xd = x->data, *wd = w->data;
     float *yd = y->data;
+    bf16 *yb = memo_bf16_alloc(ctx, y); /* the linears that read y take it as bf16 */
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < N; i++) {
         const float *xi = xd + i * D;
@@ -234,6 +406,7 @@ tensor *op_rmsnorm(ag_ctx *ctx, tensor *x, tensor *w, float eps) {
         float r = 1.0f / sqrtf((float)(ss / (double)D) + eps);
         rstd[i] = r;
         for (int64_t j = 0; j < D; j++) yd[i * D + j] = wd[j] * (xi[j] * r);
+        if (yb) row_to_bf16(yd + i * D, yb + i * D, D);
     }
     if (grad) {
         ag_node *nd = ag_record(ctx, rmsnorm_backward, y, x, w, NULL, NULL);
@@ -371,7 +544,7 @@ typedef struct rope_saved {
 } rope_saved;
 
 /* y (+)= rotate(x) with angle sign·θ; accumulate into y when acc. */
-static void rope_apply(const float *x, float *y, int64_t N, int n_heads, const rope_table *rt,
+static void rope_apply(const float *x, float *y, bf16 *yb, int64_t N, int n_heads, const rope_table *rt,
                        const int32_t *pos, float sign, int acc) {
     int hd = rt->head_dim, half = hd / 2;
 #pragma omp parallel for schedule(static)
@@ -392,6 +565,7 @@ static void rope_apply(const float *x, float *y, int64_t N, int n_heads, const r
                 }
             }
         }
+        if (yb) row_to_bf16(y + t * n_heads * hd, yb + t * n_heads * hd, (int64_t)n_heads * hd);
     }
 }
 
@@ -400,7 +574,7 @@ static void rope_backward(ag_ctx *ctx, const ag_node *n) {
     tensor *x = n->in[0], *y = n->out;
     const rope_saved *s = n->saved;
     float *dx = ag_grad(ctx, x);
-    rope_apply(y->grad, dx, x->shape[0], s->n_heads, s->rt, s->pos, -1.0f, 1); /* inverse rotation */
+    rope_apply(y->grad, dx, NULL, x->shape[0], s->n_heads, s->rt, s->pos, -1.0f, 1); /* inverse rotation */
     ag_prof_pop(pc);
 }
 
@@ -408,7 +582,7 @@ tensor *op_rope(ag_ctx *ctx, tensor *x, int n_heads, const rope_table *rt, const
     int pc = ag_prof_push(AG_PROF_ROPE);
     int64_t N = x->shape[0];
     tensor *y = ag_tensor2(ctx, AG_F32, N, x->shape[1]);
-    rope_apply(x->data, y->data, N, n_heads, rt, pos, 1.0f, 0);
+    rope_apply(x->data, y->data, memo_bf16_alloc(ctx, y), N, n_heads, rt, pos, 1.0f, 0); /* attention reads bf16 */
     if (ag_needs_grad(ctx, x, NULL, NULL)) {
         ag_node *nd = ag_record(ctx, rope_backward, y, x, NULL, NULL, NULL);
         rope_saved *s = alloc_saved(ctx, sizeof *s);
@@ -438,8 +612,27 @@ typedef struct attn_saved {
     const void *qb, *kb, *vb; /* q, k, v as GEMM operands (bf16, or fp32 in fp32 mode) */
     const float *rmax, *rinv; /* (B, H, T) row max and 1/sum of the softmax */
     const int32_t *seq_ids;
+    const int32_t *seglo;     /* (B, T) start of each token's example (attn_seg_lo) */
+    const unsigned char *seg_ok; /* (B) 1: row b's examples are contiguous runs */
     int B, T, H, KVH;
 } attn_saved;
+
+/* Packed rows: lo[i] = first position of the run of equal seq ids that ends at
+ * i. Returns 1 when every id forms a single run, so token i attends exactly to
+ * [lo[i], i] (what packing produces); 0 means the general masked path. */
+static int attn_seg_lo(const int32_t *sid, int T, int32_t *lo) {
+    int ok = 1;
+    for (int i = 0; i < T; i++) {
+        if (i > 0 && sid[i] == sid[i - 1]) {
+            lo[i] = lo[i - 1];
+            continue;
+        }
+        lo[i] = i;
+        for (int j = 0; j < i && ok; j++) /* an earlier run with the same id? */
+            if (sid[j] == sid[i]) ok = 0;
+    }
+    return ok;
+}
 
 /* Scores for query rows [i0, i0+m) of (b, h) against keys [0, kend): S = scale · Q Kᵀ (m, kend). */
 static void attn_scores(const attn_saved *a, int64_t hd, int b, int h, int i0, int m, int kend, float scale,
@@ -494,18 +687,24 @@ static void attn_backward(ag_ctx *ctx, const ag_node *n) {
                 attn_scores(s, hd, b, h, i0, mr, kend, scale, es, P, dt);
                 const float *rmax = s->rmax + ((size_t)b * H + h) * T + i0;
                 const float *rinv = s->rinv + ((size_t)b * H + h) * T + i0;
-                for (int i = 0; i < mr; i++) {
+                int ok = s->seg_ok[b];
+                const int32_t *lo_b = s->seglo + (size_t)b * T;
+                for (int i = 0; i < mr; i++) { /* P again, bit-identical to forward */
                     float *pi = P + (size_t)i * kend;
                     int gi = i0 + i;
-                    for (int j = 0; j < kend; j++)
-                        pi[j] = attn_allowed(sid, gi, j) ? exp_poly(pi[j] - rmax[i]) * rinv[i] : 0.0f;
+                    if (ok) {
+                        int lo = lo_b[gi];
+                        memset(pi, 0, (size_t)lo * sizeof(float));
+                        row_exp_scale(pi + lo, pi + lo, NULL, gi - lo + 1, rmax[i], rinv[i]);
+                        memset(pi + gi + 1, 0, (size_t)(kend - gi - 1) * sizeof(float));
+                    } else {
+                        for (int j = 0; j < kend; j++)
+                            pi[j] = attn_allowed(sid, gi, j) ? exp_poly(pi[j] - rmax[i]) * rinv[i] : 0.0f;
+                    }
                 }
                 /* dP = dO Vᵀ (m, kend) */
                 gemm(0, 1, mr, kend, hd, 1.0f, dObh, qs, Vbg, ks, 0.0f, dP, kend, dt);
-                if (Pball) {
-                    bf16 *pb = Pop;
-                    for (size_t i = 0; i < (size_t)mr * kend; i++) pb[i] = f32_to_bf16(P[i]);
-                }
+                if (Pball) row_to_bf16(P, Pop, (int64_t)mr * kend);
                 /* dV += Pᵀ dO */
                 if (dv)
                     gemm(1, 0, kend, hd, mr, 1.0f, Pop, kend, dObh, qs, 1.0f,
@@ -515,15 +714,13 @@ static void attn_backward(ag_ctx *ctx, const ag_node *n) {
                     const float *pi = P + (size_t)i * kend;
                     float *di = dP + (size_t)i * kend;
                     int gi = i0 + i;
-                    double acc = 0.0;
-                    for (int j = 0; j <= gi; j++) acc += (double)pi[j] * di[j];
-                    float a = (float)acc;
-                    for (int j = 0; j < kend; j++) di[j] = j <= gi ? pi[j] * (di[j] - a) * scale : 0.0f;
+                    int lo = ok ? lo_b[gi] : 0;
+                    float a = (float)row_dot_f64(pi + lo, di + lo, gi - lo + 1);
+                    memset(di, 0, (size_t)lo * sizeof(float));
+                    row_dsoftmax(pi + lo, di + lo, gi - lo + 1, a, scale);
+                    memset(di + gi + 1, 0, (size_t)(kend - gi - 1) * sizeof(float));
                 }
-                if (dSball) {
-                    bf16 *db = dSop;
-                    for (size_t i = 0; i < (size_t)mr * kend; i++) db[i] = f32_to_bf16(dP[i]);
-                }
+                if (dSball) row_to_bf16(dP, dSop, (int64_t)mr * kend);
                 /* dQ += dS K ; dK += dSᵀ Q */
                 if (dq) gemm(0, 0, mr, hd, kend, 1.0f, dSop, kend, Kbg, ks, 1.0f, dq + qoff, qs, dt);
                 if (dk)
@@ -541,11 +738,14 @@ tensor *op_attention(ag_ctx *ctx, tensor *q, tensor *k, tensor *v, int B, int T,
     int64_t hd = q->shape[1] / H, qs = (int64_t)H * hd;
     float scale = 1.0f / sqrtf((float)hd);
     tensor *o = ag_tensor2(ctx, AG_F32, (int64_t)B * T, qs);
+    bf16 *ob = memo_bf16_alloc(ctx, o); /* the output projection reads o as bf16 */
     int grad = ag_needs_grad(ctx, q, k, v);
     attn_saved a0 = {.qb = operand_of(ctx, q), .kb = operand_of(ctx, k), .vb = operand_of(ctx, v),
                      .seq_ids = seq_ids, .B = B, .T = T, .H = H, .KVH = KVH};
     size_t nstat = (size_t)B * H * T * sizeof(float);
     float *rmax = grad ? alloc_saved(ctx, nstat) : NULL, *rinv = grad ? alloc_saved(ctx, nstat) : NULL;
+    int32_t *seglo = alloc_saved(ctx, (size_t)B * T * sizeof(int32_t));
+    unsigned char *seg_ok = alloc_saved(ctx, (size_t)B);
     ag_mark m = ag_arena_mark(ctx);
     if (!grad) {
         rmax = ag_alloc(ctx, nstat);
@@ -554,6 +754,16 @@ tensor *op_attention(ag_ctx *ctx, tensor *q, tensor *k, tensor *v, int B, int T,
     a0.rmax = rmax;
     a0.rinv = rinv;
     int pc = ag_prof_push(AG_PROF_ATTN);
+    for (int b = 0; b < B; b++) {
+        if (seq_ids) {
+            seg_ok[b] = (unsigned char)attn_seg_lo(seq_ids + (size_t)b * T, T, seglo + (size_t)b * T);
+        } else {
+            memset(seglo + (size_t)b * T, 0, (size_t)T * sizeof(int32_t));
+            seg_ok[b] = 1;
+        }
+    }
+    a0.seglo = seglo;
+    a0.seg_ok = seg_ok;
     gemm_dtype dt = gdt(ctx);
     size_t es = ctx->bf16 ? 2 : 4;
     int64_t ks = (int64_t)KVH * hd;
@@ -563,6 +773,7 @@ tensor *op_attention(ag_ctx *ctx, tensor *q, tensor *k, tensor *v, int B, int T,
     float *Sall = ag_alloc(ctx, (size_t)nth * blk * sizeof(float));
     char *Pball = ctx->bf16 ? ag_alloc(ctx, (size_t)nth * blk * es) : NULL;
     float *od = o->data;
+
     int ntask = B * H;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int task = 0; task < ntask; task++) {
@@ -579,30 +790,44 @@ tensor *op_attention(ag_ctx *ctx, tensor *q, tensor *k, tensor *v, int B, int T,
             for (int i = 0; i < mr; i++) {
                 float *pi = S + (size_t)i * kend;
                 int gi = i0 + i;
-                float mx = -INFINITY;
-                for (int j = 0; j <= gi; j++)
-                    if ((!sid || sid[j] == sid[gi]) && pi[j] > mx) mx = pi[j];
-                if (sid)
-                    for (int j = 0; j <= gi; j++) pi[j] = sid[j] == sid[gi] ? pi[j] : -INFINITY;
-                float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                for (int j = 0; j <= gi; j++) {
-                    float ev = pi[j] == -INFINITY ? 0.0f : exp_poly(pi[j] - mx);
-                    pi[j] = ev;
-                    sum += ev;
+                float mx, inv;
+                if (seg_ok[b]) { /* attends to [lo, gi]: vector rows */
+                    int lo = seglo[(size_t)b * T + gi], len = gi - lo + 1;
+                    mx = row_max(pi + lo, len);
+                    inv = 1.0f / row_sum_exp(pi + lo, len, mx, 1);
+                    if (Pball) {
+                        bf16 *pb = (bf16 *)Pop + (size_t)i * kend;
+                        memset(pb, 0, (size_t)lo * sizeof(bf16));
+                        row_scale(pi + lo, len, inv);
+                        row_to_bf16(pi + lo, pb + lo, len);
+                        memset(pb + gi + 1, 0, (size_t)(kend - gi - 1) * sizeof(bf16));
+                    } else {
+                        memset(pi, 0, (size_t)lo * sizeof(float));
+                        row_scale(pi + lo, len, inv);
+                        memset(pi + gi + 1, 0, (size_t)(kend - gi - 1) * sizeof(float));
+                    }
+                } else { /* general mask */
+                    mx = -INFINITY;
+                    for (int j = 0; j <= gi; j++)
+                        if (sid[j] == sid[gi] && pi[j] > mx) mx = pi[j];
+                    float sum = 0.0f;
+                    for (int j = 0; j <= gi; j++) {
+                        float ev = sid[j] == sid[gi] ? exp_poly(pi[j] - mx) : 0.0f;
+                        pi[j] = ev;
+                        sum += ev;
+                    }
+                    for (int j = gi + 1; j < kend; j++) pi[j] = 0.0f;
+                    inv = 1.0f / sum;
+                    for (int j = 0; j <= gi; j++) pi[j] *= inv;
+                    if (Pball) row_to_bf16(pi, (bf16 *)Pop + (size_t)i * kend, kend);
                 }
-                for (int j = gi + 1; j < kend; j++) pi[j] = 0.0f;
-                float inv = 1.0f / sum;
-                for (int j = 0; j <= gi; j++) pi[j] *= inv;
                 rm[i] = mx;
                 ri[i] = inv;
             }
-            if (Pball) {
-                bf16 *pb = Pop;
-                for (size_t i = 0; i < (size_t)mr * kend; i++) pb[i] = f32_to_bf16(S[i]);
-            }
-            gemm(0, 0, mr, hd, kend, 1.0f, Pop, kend, Vbg, ks, 0.0f, od + ((size_t)b * T + i0) * qs + (size_t)h * hd,
-                 qs, dt);
+            size_t ooff = ((size_t)b * T + i0) * qs + (size_t)h * hd;
+            gemm(0, 0, mr, hd, kend, 1.0f, Pop, kend, Vbg, ks, 0.0f, od + ooff, qs, dt);
+            if (ob)
+                for (int i = 0; i < mr; i++) row_to_bf16(od + ooff + (size_t)i * qs, ob + ooff + (size_t)i * qs, hd);
         }
     }
     ag_prof_pop(pc);
@@ -633,13 +858,38 @@ static void swiglu_backward(ag_ctx *ctx, const ag_node *n) {
     const bf16 *gb = s->g, *ubb = s->u;
     const float *gf = s->g, *uf = s->u;
     int isb = s->bf16;
+    int64_t ne = g->numel, nchunk = (ne + 4095) / 4096;
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < g->numel; i++) {
-        float gv = isb ? bf16_to_f32(gb[i]) : gf[i], uv = isb ? bf16_to_f32(ubb[i]) : uf[i];
-        float sg = 1.0f / (1.0f + expf(-gv));
-        float silu = gv * sg;
-        if (du) du[i] += dy[i] * silu;
-        if (dg) dg[i] += dy[i] * uv * (sg + gv * sg * (1.0f - sg));
+    for (int64_t c = 0; c < nchunk; c++) {
+        int64_t i0 = c * 4096, i1 = ne - i0 < 4096 ? ne : i0 + 4096, i = i0;
+#ifdef OPS_AVX512
+        const __m512 one = _mm512_set1_ps(1.0f);
+        for (; i < i1; i += 16) {
+            __mmask16 k = tail_mask(i1 - i);
+            __m512 gv = isb ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, gb + i)), 16))
+                            : _mm512_maskz_loadu_ps(k, gf + i);
+            __m512 uv = isb ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, ubb + i)), 16))
+                            : _mm512_maskz_loadu_ps(k, uf + i);
+            __m512 dyv = _mm512_maskz_loadu_ps(k, dy + i);
+            __m512 sg = _mm512_div_ps(one, _mm512_add_ps(one, exp_poly16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+            if (du) {
+                __m512 silu = _mm512_mul_ps(gv, sg);
+                _mm512_mask_storeu_ps(du + i, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, du + i), _mm512_mul_ps(dyv, silu)));
+            }
+            if (dg) {
+                __m512 t = _mm512_add_ps(sg, _mm512_mul_ps(_mm512_mul_ps(gv, sg), _mm512_sub_ps(one, sg)));
+                __m512 v = _mm512_mul_ps(_mm512_mul_ps(dyv, uv), t);
+                _mm512_mask_storeu_ps(dg + i, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, dg + i), v));
+            }
+        }
+#endif
+        for (; i < i1; i++) {
+            float gv = isb ? bf16_to_f32(gb[i]) : gf[i], uv = isb ? bf16_to_f32(ubb[i]) : uf[i];
+            float sg = 1.0f / (1.0f + exp_poly(-gv));
+            float silu = gv * sg;
+            if (du) du[i] += dy[i] * silu;
+            if (dg) dg[i] += dy[i] * uv * (sg + gv * sg * (1.0f - sg));
+        }
     }
     ag_prof_pop(pc);
 }
@@ -649,9 +899,30 @@ tensor *op_swiglu(ag_ctx *ctx, tensor *g, tensor *u) {
     tensor *y = ag_tensor(ctx, AG_F32, g->ndim, g->shape);
     const float *gd = g->data, *ud = u->data;
     float *yd = y->data;
+    int grad = ag_needs_grad(ctx, g, u, NULL);
+    /* one pass: y, its bf16 copy for the down projection, and (for backward)
+     * g and u in bf16 unless they already have one */
+    bf16 *yb = memo_bf16_alloc(ctx, y);
+    bf16 *gb = grad && ctx->bf16 && !g->kept_bf16 ? memo_bf16_alloc(ctx, g) : NULL;
+    bf16 *ubf = grad && ctx->bf16 && !u->kept_bf16 ? memo_bf16_alloc(ctx, u) : NULL;
+    int64_t n = g->numel, nchunk = (n + 4095) / 4096;
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < g->numel; i++) yd[i] = gd[i] / (1.0f + expf(-gd[i])) * ud[i];
-    if (ag_needs_grad(ctx, g, u, NULL)) {
+    for (int64_t c = 0; c < nchunk; c++) {
+        int64_t i0 = c * 4096, i1 = n - i0 < 4096 ? n : i0 + 4096, i = i0;
+#ifdef OPS_AVX512
+        for (; i < i1; i += 16) {
+            __mmask16 k = tail_mask(i1 - i);
+            __m512 gv = _mm512_maskz_loadu_ps(k, gd + i), uv = _mm512_maskz_loadu_ps(k, ud + i);
+            __m512 den = _mm512_add_ps(_mm512_set1_ps(1.0f), exp_poly16(_mm512_sub_ps(_mm512_setzero_ps(), gv)));
+            _mm512_mask_storeu_ps(yd + i, k, _mm512_mul_ps(_mm512_div_ps(gv, den), uv));
+        }
+#endif
+        for (; i < i1; i++) yd[i] = gd[i] / (1.0f + exp_poly(-gd[i])) * ud[i];
+        if (yb) row_to_bf16(yd + i0, yb + i0, i1 - i0);
+        if (gb) row_to_bf16(gd + i0, gb + i0, i1 - i0);
+        if (ubf) row_to_bf16(ud + i0, ubf + i0, i1 - i0);
+    }
+    if (grad) {
         ag_node *nd = ag_record(ctx, swiglu_backward, y, g, u, NULL, NULL);
         swiglu_saved *s = alloc_saved(ctx, sizeof *s);
         s->bf16 = ctx->bf16;
@@ -740,32 +1011,30 @@ tensor *op_lm_head_ce(ag_ctx *ctx, tensor *h, const frozen_weight *w, const int3
         int pc = ag_prof_push(AG_PROF_CE);
 #pragma omp parallel for schedule(static) reduction(+ : chunk_loss, chunk_count)
         for (int64_t i = 0; i < c; i++) {
+            /* locals: shared variables of the region would be reloaded after
+             * every store and block vectorization */
+            const int64_t Vl = V;
+            const float sc = scale;
             int32_t tgt = targets[r0 + i];
-            float *li = logits + i * V;
+            float *li = logits + i * Vl;
             if (tgt == -100) {
                 if (glb) memset(glb + i * V, 0, (size_t)V * sizeof(bf16));
                 else if (grad) memset(li, 0, (size_t)V * sizeof(float));
                 continue;
             }
-            float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-            for (int64_t j = 0; j < V; j++) mx = li[j] > mx ? li[j] : mx;
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < V; j++) sum += exp_poly(li[j] - mx);
+            float mx = row_max(li, Vl);
+            float sum = row_sum_exp(li, Vl, mx, 0);
             float lse = mx + logf(sum);
             chunk_loss += (double)lse - (double)li[tgt];
             chunk_count += 1;
             if (glb) {
-                bf16 *gi = glb + i * V;
+                bf16 *gi = glb + i * Vl;
                 float lt = li[tgt];
-#pragma omp simd
-                for (int64_t j = 0; j < V; j++) gi[j] = f32_to_bf16(exp_poly(li[j] - lse) * scale);
-                gi[tgt] = f32_to_bf16(exp_poly(lt - lse) * scale - scale);
+                row_exp_scale(li, NULL, gi, Vl, lse, sc);
+                gi[tgt] = f32_to_bf16(exp_poly(lt - lse) * sc - sc);
             } else if (grad) {
-#pragma omp simd
-                for (int64_t j = 0; j < V; j++) li[j] = exp_poly(li[j] - lse) * scale;
-                li[tgt] -= scale;
+                row_exp_scale(li, li, NULL, Vl, lse, sc);
+                li[tgt] -= sc;
             }
         }
         ag_prof_pop(pc);

@@ -410,7 +410,7 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
             n_skipped++;
             if (spec->skipped) {
                 if (spec->skipped->n_lines == 0)
-                    snprintf(spec->skipped->first, sizeof spec->skipped->first, "%s", e ? e->msg : "");
+                    snprintf(spec->skipped->first, sizeof spec->skipped->first, "%.500s", e ? e->msg : "");
                 spec->skipped->n_lines++;
             }
             rc = 0;

@@ -288,8 +288,312 @@ done:
     return rc;
 }
 
+/* ------------------------------------------------------------------ loading */
+
+static cJSON *json_file(const char *path, qerr *e) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        qerr_set(e, "%s: cannot open", path);
+        return NULL;
+    }
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *b = n >= 0 ? malloc((size_t)n + 1) : NULL;
+    if (!b || fread(b, 1, (size_t)n, f) != (size_t)n) {
+        fclose(f);
+        free(b);
+        qerr_set(e, "%s: cannot read", path);
+        return NULL;
+    }
+    fclose(f);
+    b[n] = 0;
+    cJSON *j = cJSON_Parse(b);
+    free(b);
+    if (!j || !cJSON_IsObject(j)) {
+        cJSON_Delete(j);
+        qerr_set(e, "%s: not a JSON object", path);
+        return NULL;
+    }
+    return j;
+}
+
+static int is_type(const cJSON *o, const char *type) {
+    const cJSON *t = cJSON_GetObjectItemCaseSensitive(o, "type");
+    return cJSON_IsString(t) && !strcmp(t->valuestring, type);
+}
+
+static int flag(const cJSON *o, const char *key, int def) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
+    return v ? cJSON_IsTrue(v) : def;
+}
+
+/* The pre-tokenizer structure -> llama.cpp's pre name, or NULL. */
+static const char *detect_pre(const cJSON *pre) {
+    if (!pre || cJSON_IsNull(pre)) return NULL;
+    if (is_type(pre, "ByteLevel")) return flag(pre, "use_regex", 1) ? "gpt2" : NULL;
+    if (!is_type(pre, "Sequence")) return NULL;
+    const cJSON *arr = cJSON_GetObjectItemCaseSensitive(pre, "pretokenizers");
+    if (!cJSON_IsArray(arr) || cJSON_GetArraySize(arr) != 2) return NULL;
+    const cJSON *a = cJSON_GetArrayItem(arr, 0), *b = cJSON_GetArrayItem(arr, 1);
+    if (is_type(a, "Digits") && flag(a, "individual_digits", 0) && is_type(b, "ByteLevel") && flag(b, "use_regex", 1))
+        return "smollm";
+    if (is_type(a, "Split") && is_type(b, "ByteLevel") && !flag(b, "use_regex", 1)) {
+        const cJSON *pat = cJSON_GetObjectItemCaseSensitive(a, "pattern");
+        const cJSON *re = cJSON_GetObjectItemCaseSensitive(pat, "Regex");
+        const cJSON *beh = cJSON_GetObjectItemCaseSensitive(a, "behavior");
+        if (cJSON_IsString(re) && !strcmp(re->valuestring, LLAMA3_REGEX) && cJSON_IsString(beh) &&
+            !strcmp(beh->valuestring, "Isolated") && !flag(a, "invert", 0))
+            return "llama-bpe";
+    }
+    return NULL;
+}
+
+/* tokenizer_config.json special token: a string or an AddedToken dict. */
+static const char *special_text(const cJSON *cfg, const char *key) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, key);
+    if (cJSON_IsString(v)) return v->valuestring;
+    if (cJSON_IsObject(v)) {
+        const cJSON *c = cJSON_GetObjectItemCaseSensitive(v, "content");
+        if (cJSON_IsString(c)) return c->valuestring;
+    }
+    return NULL;
+}
+
+/* bos prepended by a TemplateProcessing post-processor (Llama 3), or NULL. */
+static const char *template_bos(const cJSON *pp) {
+    if (!pp) return NULL;
+    if (is_type(pp, "Sequence")) {
+        const cJSON *it;
+        cJSON_ArrayForEach(it, cJSON_GetObjectItemCaseSensitive(pp, "processors")) {
+            const char *b = template_bos(it);
+            if (b) return b;
+        }
+        return NULL;
+    }
+    if (!is_type(pp, "TemplateProcessing")) return NULL;
+    const cJSON *first = cJSON_GetArrayItem(cJSON_GetObjectItemCaseSensitive(pp, "single"), 0);
+    const cJSON *st = cJSON_GetObjectItemCaseSensitive(first, "SpecialToken");
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(st, "id");
+    return cJSON_IsString(id) ? id->valuestring : NULL;
+}
+
 int tokenizer_load_hf(const char *json_path, const char *config_path, tokenizer **out, qerr *e) {
-    (void)config_path;
     *out = NULL;
-    return qerr_set(e, "%s: loading tokenizer.json is not implemented yet", json_path);
+    gguf_file *g;
+    if (tokenizer_hf_to_gguf(json_path, config_path, &g, e)) return -1;
+    int rc = tokenizer_load_gguf(g, out, e);
+    if (rc) qerr_prefix(e, "%s", json_path);
+    gguf_close(g);
+    return rc;
+}
+
+int tokenizer_hf_to_gguf(const char *json_path, const char *config_path, gguf_file **out, qerr *e) {
+    *out = NULL;
+    cJSON *tj = json_file(json_path, e), *cfg = NULL;
+    if (!tj) return -1;
+    if (config_path && !(cfg = json_file(config_path, e))) {
+        cJSON_Delete(tj);
+        return -1;
+    }
+    int rc = -1, fd = -1;
+    char **toks = NULL, **merges = NULL, *tmpl_file = NULL;
+    int32_t *types = NULL;
+    int64_t nv = 0, nm = 0;
+    gguf_writer *w = NULL;
+    gguf_file *gf = NULL;
+
+    const cJSON *model = cJSON_GetObjectItemCaseSensitive(tj, "model");
+    const cJSON *vocab = cJSON_GetObjectItemCaseSensitive(model, "vocab");
+    const cJSON *mj = cJSON_GetObjectItemCaseSensitive(model, "merges");
+    if (!cJSON_IsObject(model) || !is_type(model, "BPE") || !cJSON_IsObject(vocab) || !cJSON_IsArray(mj)) {
+        qerr_set(e, "%s: model is not BPE with vocab and merges (WordPiece / Unigram tokenizers are not supported)",
+                 json_path);
+        goto done;
+    }
+    if (flag(model, "byte_fallback", 0)) {
+        qerr_set(e, "%s: BPE with byte_fallback (SentencePiece-style, Llama 2 / Mistral) is not supported yet; "
+                    "byte-level BPE (GPT-2, SmolLM, Llama 3) is", json_path);
+        goto done;
+    }
+    const cJSON *norm = cJSON_GetObjectItemCaseSensitive(tj, "normalizer");
+    if (norm && !cJSON_IsNull(norm)) {
+        qerr_set(e, "%s: a normalizer is set; only byte-level BPE without normalizer is supported", json_path);
+        goto done;
+    }
+    const char *pre = detect_pre(cJSON_GetObjectItemCaseSensitive(tj, "pre_tokenizer"));
+    if (!pre) {
+        qerr_set(e, "%s: pre_tokenizer not supported (supported: ByteLevel; Digits+ByteLevel as SmolLM; "
+                    "Split(Llama 3 regex)+ByteLevel as Llama 3)", json_path);
+        goto done;
+    }
+    if (flag(model, "ignore_merges", 0) != !strcmp(pre, "llama-bpe")) {
+        qerr_set(e, "%s: model.ignore_merges does not match the pre-tokenizer (%s)", json_path, pre);
+        goto done;
+    }
+
+    /* vocabulary: model.vocab plus added_tokens (which may extend it) */
+    const cJSON *it;
+    cJSON_ArrayForEach(it, vocab) {
+        if (!cJSON_IsNumber(it) || it->valuedouble < 0 || it->valuedouble > 1e8) {
+            qerr_set(e, "%s: vocab[\"%s\"] is not a token id", json_path, it->string);
+            goto done;
+        }
+        if ((int64_t)it->valuedouble + 1 > nv) nv = (int64_t)it->valuedouble + 1;
+    }
+    const cJSON *added = cJSON_GetObjectItemCaseSensitive(tj, "added_tokens");
+    cJSON_ArrayForEach(it, added) {
+        const cJSON *id = cJSON_GetObjectItemCaseSensitive(it, "id");
+        const cJSON *ct = cJSON_GetObjectItemCaseSensitive(it, "content");
+        if (!cJSON_IsNumber(id) || id->valuedouble < 0 || id->valuedouble > 1e8 || !cJSON_IsString(ct)) {
+            qerr_set(e, "%s: added_tokens entry without id/content", json_path);
+            goto done;
+        }
+        if ((int64_t)id->valuedouble + 1 > nv) nv = (int64_t)id->valuedouble + 1;
+    }
+    toks = calloc((size_t)nv, sizeof *toks);
+    types = calloc((size_t)nv, sizeof *types);
+    if (!toks || !types) {
+        qerr_set(e, "out of memory");
+        goto done;
+    }
+    cJSON_ArrayForEach(it, vocab) {
+        int64_t id = (int64_t)it->valuedouble;
+        if (toks[id]) continue;
+        toks[id] = it->string;
+        types[id] = TOKENIZER_TOKEN_NORMAL;
+    }
+    cJSON_ArrayForEach(it, added) {
+        int64_t id = (int64_t)cJSON_GetObjectItemCaseSensitive(it, "id")->valuedouble;
+        toks[id] = cJSON_GetObjectItemCaseSensitive(it, "content")->valuestring;
+        types[id] = flag(it, "special", 0) ? TOKENIZER_TOKEN_CONTROL : TOKENIZER_TOKEN_USER_DEFINED;
+    }
+    /* ids nobody uses (holes) get unmatchable placeholders, as convert_hf_to_gguf's [PADi] */
+    char **holes = calloc((size_t)nv, sizeof *holes);
+    if (!holes) {
+        qerr_set(e, "out of memory");
+        goto done;
+    }
+    for (int64_t i = 0; i < nv; i++)
+        if (!toks[i]) {
+            char b[32];
+            snprintf(b, sizeof b, "[PAD%lld]", (long long)i);
+            toks[i] = holes[i] = strdup(b);
+            types[i] = TOKENIZER_TOKEN_UNUSED;
+        }
+
+    nm = cJSON_GetArraySize(mj);
+    merges = calloc((size_t)nm + 1, sizeof *merges);
+    if (!merges) {
+        qerr_set(e, "out of memory");
+        goto done_holes;
+    }
+    int64_t k = 0;
+    cJSON_ArrayForEach(it, mj) {
+        if (cJSON_IsString(it)) {
+            merges[k++] = strdup(it->valuestring);
+        } else if (cJSON_IsArray(it) && cJSON_GetArraySize(it) == 2 && cJSON_IsString(cJSON_GetArrayItem(it, 0)) &&
+                   cJSON_IsString(cJSON_GetArrayItem(it, 1))) {
+            const char *a = cJSON_GetArrayItem(it, 0)->valuestring, *b = cJSON_GetArrayItem(it, 1)->valuestring;
+            size_t n = strlen(a) + strlen(b) + 2;
+            if ((merges[k] = malloc(n))) snprintf(merges[k], n, "%s %s", a, b);
+            k++;
+        } else {
+            qerr_set(e, "%s: merges[%lld] is neither \"a b\" nor [\"a\", \"b\"]", json_path, (long long)k);
+            goto done_holes;
+        }
+        if (!merges[k - 1]) {
+            qerr_set(e, "out of memory");
+            goto done_holes;
+        }
+    }
+
+    if (gguf_writer_init(&w, e)) goto done_holes;
+    gguf_writer_add_str(w, "tokenizer.ggml.model", "gpt2");
+    gguf_writer_add_str(w, "tokenizer.ggml.pre", pre);
+    gguf_writer_add_arr_str(w, "tokenizer.ggml.tokens", (const char *const *)toks, NULL, (uint64_t)nv);
+    gguf_writer_add_arr_i32(w, "tokenizer.ggml.token_type", types, (uint64_t)nv);
+    gguf_writer_add_arr_str(w, "tokenizer.ggml.merges", (const char *const *)merges, NULL, (uint64_t)nm);
+    static const char *const keys[4] = {"bos_token", "eos_token", "pad_token", "unk_token"};
+    static const char *const gkeys[4] = {"tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                                         "tokenizer.ggml.padding_token_id", "tokenizer.ggml.unknown_token_id"};
+    const char *tbos = template_bos(cJSON_GetObjectItemCaseSensitive(tj, "post_processor"));
+    for (int s = 0; s < 4; s++) {
+        const char *txt = cfg ? special_text(cfg, keys[s]) : NULL;
+        if (s == 0 && !txt) txt = tbos;
+        if (!txt) continue;
+        int64_t id = -1;
+        for (int64_t i = 0; i < nv && id < 0; i++)
+            if (!strcmp(toks[i], txt)) id = i;
+        if (id < 0) {
+            qerr_set(e, "%s: %s \"%s\" is not in the vocabulary", config_path ? config_path : json_path, keys[s], txt);
+            goto done_holes;
+        }
+        gguf_writer_add_u32(w, gkeys[s], (uint32_t)id);
+    }
+    int add_bos = cfg && cJSON_GetObjectItemCaseSensitive(cfg, "add_bos_token") ? flag(cfg, "add_bos_token", 0)
+                                                                                 : tbos != NULL;
+    gguf_writer_add_bool(w, "tokenizer.ggml.add_bos_token", add_bos);
+    gguf_writer_add_bool(w, "tokenizer.ggml.add_eos_token", cfg ? flag(cfg, "add_eos_token", 0) : 0);
+    const cJSON *ct = cfg ? cJSON_GetObjectItemCaseSensitive(cfg, "chat_template") : NULL;
+    const char *tmpl = cJSON_IsString(ct) ? ct->valuestring : NULL;
+    if (cJSON_IsArray(ct)) { /* [{"name": "default", "template": ...}, ...] */
+        cJSON_ArrayForEach(it, ct) {
+            const cJSON *nmj = cJSON_GetObjectItemCaseSensitive(it, "name");
+            const cJSON *tt = cJSON_GetObjectItemCaseSensitive(it, "template");
+            if (cJSON_IsString(nmj) && !strcmp(nmj->valuestring, "default") && cJSON_IsString(tt)) tmpl = tt->valuestring;
+        }
+    }
+    if (!tmpl) { /* transformers 5 keeps it beside: chat_template.jinja */
+        char jp[4096];
+        snprintf(jp, sizeof jp, "%s", json_path);
+        char *slash = strrchr(jp, '/');
+        if (slash) {
+            snprintf(slash + 1, sizeof jp - (size_t)(slash + 1 - jp), "chat_template.jinja");
+            FILE *f = fopen(jp, "rb");
+            if (f) {
+                fseek(f, 0, SEEK_END);
+                long n = ftell(f);
+                fseek(f, 0, SEEK_SET);
+                tmpl_file = n >= 0 ? calloc((size_t)n + 1, 1) : NULL;
+                if (tmpl_file && fread(tmpl_file, 1, (size_t)n, f) != (size_t)n) {
+                    free(tmpl_file);
+                    tmpl_file = NULL;
+                }
+                fclose(f);
+                tmpl = tmpl_file;
+            }
+        }
+    }
+    if (tmpl) gguf_writer_add_str(w, "tokenizer.chat_template", tmpl);
+
+    /* through GGUF metadata in memory: one tokenizer implementation for both sources */
+    fd = memfd_create("qlora-tokenizer", MFD_CLOEXEC);
+    if (fd < 0) {
+        qerr_set(e, "memfd_create: %s", strerror(errno));
+        goto done_holes;
+    }
+    if (gguf_writer_write_fd(w, fd, "tokenizer metadata", e)) goto done_holes;
+    char fdp[64];
+    snprintf(fdp, sizeof fdp, "/proc/self/fd/%d", fd);
+    if (gguf_open(fdp, &gf, e)) goto done_holes;
+    *out = gf;
+    gf = NULL;
+    rc = 0;
+done_holes:
+    for (int64_t i = 0; i < nv; i++) free(holes[i]);
+    free(holes);
+done:
+    gguf_close(gf);
+    if (fd >= 0) close(fd);
+    gguf_writer_free(w);
+    if (merges)
+        for (int64_t i = 0; i < nm; i++) free(merges[i]);
+    free(merges);
+    free(toks);
+    free(types);
+    free(tmpl_file);
+    cJSON_Delete(tj);
+    cJSON_Delete(cfg);
+    return rc;
 }

@@ -39,4 +39,10 @@ int tokenizer_json_write_from_gguf(const gguf_file *f, const char *path, qerr *e
  * both sources share one tokenizer implementation. */
 int tokenizer_load_hf(const char *json_path, const char *config_path, tokenizer **out, qerr *e);
 
+/* The translation step alone: the tokenizer as GGUF metadata (tokenizer.ggml.*,
+ * tokenizer.chat_template) in an in-memory GGUF without tensors, for code
+ * that reads tokenizer metadata from a gguf_file (the tokenizer, checkpoint
+ * fingerprints). Close with gguf_close. */
+int tokenizer_hf_to_gguf(const char *json_path, const char *config_path, gguf_file **out, qerr *e);
+
 #endif

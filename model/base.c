@@ -59,6 +59,9 @@ void base_model_close(base_model *b) {
 base_kind base_model_kind(const base_model *b) { return b->kind; }
 const char *base_model_path(const base_model *b) { return b->path; }
 const gguf_file *base_model_gguf(const base_model *b) { return b->gguf; }
+const gguf_file *base_model_tokenizer_gguf(const base_model *b) {
+    return b->kind == BASE_HF ? hf_model_tokenizer_gguf(b->hf) : b->gguf;
+}
 int base_model_prequantized(const base_model *b) { return b->hf ? hf_model_prequantized(b->hf) : 0; }
 const llama_hparams *base_model_hparams(const base_model *b) { return &b->hp; }
 

@@ -44,6 +44,10 @@ base_kind base_model_kind(const base_model *b);
 const char *base_model_path(const base_model *b);
 /* The GGUF file (BASE_GGUF) or NULL. */
 const gguf_file *base_model_gguf(const base_model *b);
+/* GGUF tokenizer metadata (tokenizer.ggml.*, tokenizer.chat_template): the
+ * GGUF itself, or for an HF directory its tokenizer.json translated in memory;
+ * valid until base_model_close. tokenizer_load_gguf accepts either. */
+const gguf_file *base_model_tokenizer_gguf(const base_model *b);
 /* 1 if the HF checkpoint holds the linears pre-quantized (bitsandbytes nf4). */
 int base_model_prequantized(const base_model *b);
 

@@ -163,7 +163,7 @@ void gguf_writer_add_arr_i32(gguf_writer *w, const char *key, const int32_t *v, 
     gw_put(w, v, (size_t)n * 4);
 }
 
-void gguf_writer_add_tensor(gguf_writer *w, const char *name, uint32_t ggml_type, int n_dims, const uint64_t *ne,
+void gguf_writer_add_tensor(gguf_writer *w, const char *name, uint32_t tensor_type, int n_dims, const uint64_t *ne,
                             const void *data, size_t nbytes) {
     if (w->failed) return;
     size_t nl = name ? strlen(name) : 0;
@@ -176,8 +176,8 @@ void gguf_writer_add_tensor(gguf_writer *w, const char *name, uint32_t ggml_type
         return;
     }
     uint32_t blck, tsz;
-    if (ggml_type_info(ggml_type, &blck, &tsz)) {
-        gw_fail(w, "GGUF writer: tensor %s: unknown ggml type %u", name, ggml_type);
+    if (ggml_type_info(tensor_type, &blck, &tsz)) {
+        gw_fail(w, "GGUF writer: tensor %s: unknown ggml type %u", name, tensor_type);
         return;
     }
     uint64_t nel = 1;
@@ -190,7 +190,7 @@ void gguf_writer_add_tensor(gguf_writer *w, const char *name, uint32_t ggml_type
     }
     if (ne[0] % blck || nel / blck * tsz != (uint64_t)nbytes) {
         gw_fail(w, "GGUF writer: tensor %s: %zu bytes do not match %llu elements of %s", name, nbytes,
-                (unsigned long long)nel, ggml_type_name(ggml_type));
+                (unsigned long long)nel, ggml_type_name(tensor_type));
         return;
     }
     for (uint64_t i = 0; i < w->n_t; i++)
@@ -214,7 +214,7 @@ void gguf_writer_add_tensor(gguf_writer *w, const char *name, uint32_t ggml_type
         gw_fail(w, "out of memory");
         return;
     }
-    t->type = ggml_type;
+    t->type = tensor_type;
     t->n_dims = (uint32_t)n_dims;
     for (int d = 0; d < 4; d++) t->ne[d] = d < n_dims ? ne[d] : 1;
     t->data = data;

@@ -43,7 +43,7 @@ void gguf_writer_add_arr_i32(gguf_writer *w, const char *key, const int32_t *v, 
 /* A tensor: name (< 64 bytes), n_dims 1..4, ne in ggml order (ne[0] fastest:
  * a PyTorch [out, in] matrix is ne = {in, out}), ggml type, nbytes =
  * nelements / blck * type_size (checked). data must outlive the write. */
-void gguf_writer_add_tensor(gguf_writer *w, const char *name, uint32_t ggml_type, int n_dims, const uint64_t *ne,
+void gguf_writer_add_tensor(gguf_writer *w, const char *name, uint32_t tensor_type, int n_dims, const uint64_t *ne,
                             const void *data, size_t nbytes);
 
 /* Write everything. _write: to path.tmp then rename (an existing file is

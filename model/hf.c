@@ -1,19 +1,607 @@
-/* model/hf.c — Hugging Face model directories (see hf.h). */
+/* model/hf.c — Hugging Face model directories as a base model (see hf.h).
+ *
+ * References: transformers configuration_llama.py (config keys, defaults),
+ * modeling_rope_utils.py (rope_theta / rope_scaling, and transformers 5's
+ * rope_parameters), modeling_utils.py (model.safetensors.index.json:
+ * {"metadata": ..., "weight_map": {tensor: shard}}), bitsandbytes
+ * QuantState.as_dict(packed=True) / from_dict and transformers
+ * quantizer_bnb_4bit.py (the 4-bit checkpoint layout,
+ * ../shared/reference/formats.md §1).
+ *
+ * Memory: shards are mmap'ed read-only; each tensor is converted on its own
+ * (bf16 -> NF4, or adopted as NF4) and its mapped pages are released with
+ * madvise(MADV_DONTNEED) right after, so the resident set stays near the
+ * converted model plus one tensor.
+ */
 #include "model/hf.h"
 
+#include <cjson/cJSON.h>
+#include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "core/bf16.h"
+#include "data/tokenizer_json.h"
+#include "model/base.h"
+#include "model/safetensors.h"
+#include "quant/nf4.h"
+
+#define HF_MAX_SHARDS 4096
 
 struct hf_model {
+    char *dir;
     llama_hparams hp;
+    int n_shards;
+    safetensors_file **shards;
+    int bnb4;             /* linears stored as bitsandbytes nf4 */
+    gguf_file *tok_gguf;  /* tokenizer.json + tokenizer_config.json as GGUF tokenizer metadata */
+    char lm_head_name[64]; /* "lm_head.weight" or the embedding when tied */
 };
+
+static const char *const hf_linear[LLAMA_N_LINEAR] = {
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
+
+static char *slurp(const char *path, qerr *e) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        qerr_set(e, "%s: cannot open", path);
+        return NULL;
+    }
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *b = n >= 0 ? malloc((size_t)n + 1) : NULL;
+    if (!b || fread(b, 1, (size_t)n, f) != (size_t)n) {
+        free(b);
+        fclose(f);
+        qerr_set(e, "%s: cannot read", path);
+        return NULL;
+    }
+    fclose(f);
+    b[n] = 0;
+    return b;
+}
+
+static cJSON *read_json(const char *path, qerr *e) {
+    char *t = slurp(path, e);
+    if (!t) return NULL;
+    cJSON *j = cJSON_Parse(t);
+    free(t);
+    if (!j || !cJSON_IsObject(j)) {
+        cJSON_Delete(j);
+        qerr_set(e, "%s: not a JSON object", path);
+        return NULL;
+    }
+    return j;
+}
+
+/* ------------------------------------------------------------------ config.json */
+
+static int cfg_int(const cJSON *c, const char *key, int def, int *out, const char *path, qerr *e) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(c, key);
+    if (!v || cJSON_IsNull(v)) {
+        if (def < 0) return qerr_set(e, "%s: \"%s\" missing", path, key);
+        *out = def;
+        return 0;
+    }
+    if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || v->valuedouble < 0 || v->valuedouble > 1e9)
+        return qerr_set(e, "%s: \"%s\" must be a non-negative integer", path, key);
+    *out = (int)v->valuedouble;
+    return 0;
+}
+
+static int parse_config(hf_model *h, qerr *e) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/config.json", h->dir);
+    cJSON *c = read_json(path, e);
+    if (!c) return -1;
+    int rc = -1;
+    llama_hparams *hp = &h->hp;
+    memset(hp, 0, sizeof *hp);
+    const cJSON *mt = cJSON_GetObjectItemCaseSensitive(c, "model_type");
+    if (!cJSON_IsString(mt) || (strcmp(mt->valuestring, "llama") && strcmp(mt->valuestring, "mistral"))) {
+        qerr_set(e, "%s: model_type \"%s\" is not supported (Llama family: \"llama\", \"mistral\")", path,
+                 cJSON_IsString(mt) ? mt->valuestring : "?");
+        goto done;
+    }
+    const cJSON *sw = cJSON_GetObjectItemCaseSensitive(c, "sliding_window");
+    if (sw && cJSON_IsNumber(sw) && sw->valuedouble > 0 && sw->valuedouble < 1e9) {
+        /* Mistral v0.1's 4096-token window: identical to full attention for shorter rows */
+        const cJSON *mp = cJSON_GetObjectItemCaseSensitive(c, "max_position_embeddings");
+        if (cJSON_IsNumber(mp) && sw->valuedouble < mp->valuedouble)
+            fprintf(stderr, "[model] %s: sliding_window %d is not implemented: rows must stay within %d tokens\n",
+                    path, (int)sw->valuedouble, (int)sw->valuedouble);
+    }
+    const cJSON *act = cJSON_GetObjectItemCaseSensitive(c, "hidden_act");
+    if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu"))) {
+        qerr_set(e, "%s: hidden_act must be \"silu\"", path);
+        goto done;
+    }
+    static const char *const biases[] = {"attention_bias", "mlp_bias"};
+    for (int i = 0; i < 2; i++)
+        if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(c, biases[i]))) {
+            qerr_set(e, "%s: %s = true is not supported (Llama without biases only)", path, biases[i]);
+            goto done;
+        }
+    if (cfg_int(c, "hidden_size", -1, &hp->d_model, path, e) || cfg_int(c, "intermediate_size", -1, &hp->d_ff, path, e) ||
+        cfg_int(c, "num_hidden_layers", -1, &hp->n_layer, path, e) ||
+        cfg_int(c, "num_attention_heads", -1, &hp->n_head, path, e) ||
+        cfg_int(c, "num_key_value_heads", hp->n_head, &hp->n_kv_head, path, e) ||
+        cfg_int(c, "vocab_size", -1, &hp->vocab, path, e) ||
+        cfg_int(c, "max_position_embeddings", 2048, &hp->context_length, path, e))
+        goto done;
+    if (hp->n_head <= 0 || hp->d_model % hp->n_head) {
+        qerr_set(e, "%s: hidden_size %d is not a multiple of num_attention_heads %d", path, hp->d_model, hp->n_head);
+        goto done;
+    }
+    if (cfg_int(c, "head_dim", hp->d_model / hp->n_head, &hp->head_dim, path, e)) goto done;
+    const cJSON *eps = cJSON_GetObjectItemCaseSensitive(c, "rms_norm_eps");
+    hp->rms_eps = cJSON_IsNumber(eps) ? (float)eps->valuedouble : 1e-6f;
+    hp->tied_embeddings = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(c, "tie_word_embeddings"));
+
+    /* RoPE: rope_theta + rope_scaling (transformers 4) or rope_parameters (5) */
+    hp->rope_theta = 10000.0f;
+    const cJSON *rt = cJSON_GetObjectItemCaseSensitive(c, "rope_theta");
+    const cJSON *rs = cJSON_GetObjectItemCaseSensitive(c, "rope_scaling");
+    const cJSON *rpar = cJSON_GetObjectItemCaseSensitive(c, "rope_parameters");
+    if (cJSON_IsObject(rpar)) {
+        const cJSON *t2 = cJSON_GetObjectItemCaseSensitive(rpar, "rope_theta");
+        if (cJSON_IsNumber(t2)) rt = t2;
+        if (!rs || cJSON_IsNull(rs)) rs = rpar;
+    }
+    if (cJSON_IsNumber(rt)) hp->rope_theta = (float)rt->valuedouble;
+    if (cJSON_IsObject(rs)) {
+        const cJSON *ty = cJSON_GetObjectItemCaseSensitive(rs, "rope_type");
+        if (!ty) ty = cJSON_GetObjectItemCaseSensitive(rs, "type");
+        if (cJSON_IsString(ty) && strcmp(ty->valuestring, "default")) {
+            qerr_set(e, "%s: rope scaling \"%s\" is not supported (only the default RoPE)", path, ty->valuestring);
+            goto done;
+        }
+    }
+    if (hp->n_layer <= 0 || hp->n_kv_head <= 0 || hp->n_head % hp->n_kv_head || hp->head_dim <= 0 ||
+        hp->head_dim % 2 || hp->d_ff <= 0 || hp->vocab <= 0) {
+        qerr_set(e, "%s: inconsistent hyper-parameters", path);
+        goto done;
+    }
+
+    const cJSON *q = cJSON_GetObjectItemCaseSensitive(c, "quantization_config");
+    if (cJSON_IsObject(q)) {
+        const cJSON *qm = cJSON_GetObjectItemCaseSensitive(q, "quant_method");
+        const cJSON *l4 = cJSON_GetObjectItemCaseSensitive(q, "load_in_4bit");
+        const cJSON *qt = cJSON_GetObjectItemCaseSensitive(q, "bnb_4bit_quant_type");
+        if (!cJSON_IsString(qm) || strcmp(qm->valuestring, "bitsandbytes") || !cJSON_IsTrue(l4)) {
+            qerr_set(e, "%s: quantization_config: only bitsandbytes load_in_4bit checkpoints are supported", path);
+            goto done;
+        }
+        if (!cJSON_IsString(qt) || strcmp(qt->valuestring, "nf4")) {
+            qerr_set(e, "%s: quantization_config: bnb_4bit_quant_type \"%s\" is not supported (nf4 only)", path,
+                     cJSON_IsString(qt) ? qt->valuestring : "fp4 (the default)");
+            goto done;
+        }
+        h->bnb4 = 1;
+    }
+    rc = 0;
+done:
+    cJSON_Delete(c);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ shards */
+
+static int open_shards(hf_model *h, qerr *e) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", h->dir);
+    if (access(path, R_OK) == 0) {
+        cJSON *idx = read_json(path, e);
+        if (!idx) return -1;
+        const cJSON *wm = cJSON_GetObjectItemCaseSensitive(idx, "weight_map");
+        if (!cJSON_IsObject(wm)) {
+            cJSON_Delete(idx);
+            return qerr_set(e, "%s: no \"weight_map\"", path);
+        }
+        /* distinct shard names, in first-use order */
+        const char **names = calloc(HF_MAX_SHARDS, sizeof *names);
+        int n = 0;
+        const cJSON *it;
+        cJSON_ArrayForEach(it, wm) {
+            if (!cJSON_IsString(it) || strchr(it->valuestring, '/')) {
+                free(names);
+                cJSON_Delete(idx);
+                return qerr_set(e, "%s: weight_map[\"%s\"] is not a file name", path, it->string);
+            }
+            int seen = 0;
+            for (int i = 0; i < n && !seen; i++) seen = !strcmp(names[i], it->valuestring);
+            if (!seen && n < HF_MAX_SHARDS) names[n++] = it->valuestring;
+        }
+        h->shards = calloc((size_t)n + 1, sizeof *h->shards);
+        int rc = 0;
+        for (int i = 0; i < n && !rc; i++) {
+            char sp[4096];
+            snprintf(sp, sizeof sp, "%s/%s", h->dir, names[i]);
+            rc = safetensors_open(sp, &h->shards[i], e);
+            if (!rc) h->n_shards++;
+        }
+        free(names);
+        cJSON_Delete(idx);
+        if (rc) return -1;
+        if (h->n_shards == 0) return qerr_set(e, "%s: empty weight_map", path);
+        return 0;
+    }
+    snprintf(path, sizeof path, "%s/model.safetensors", h->dir);
+    if (access(path, R_OK))
+        return qerr_set(e, "%s: neither model.safetensors nor model.safetensors.index.json (only safetensors "
+                           "checkpoints are supported, not pytorch_model.bin)", h->dir);
+    h->shards = calloc(1, sizeof *h->shards);
+    if (!h->shards || safetensors_open(path, &h->shards[0], e)) return -1;
+    h->n_shards = 1;
+    return 0;
+}
+
+static int find(const hf_model *h, const char *name, st_tensor *t) {
+    for (int i = 0; i < h->n_shards; i++)
+        if (safetensors_find(h->shards[i], name, t, NULL) == 0) return 0;
+    return -1;
+}
+
+/* Give the tensor's mapped pages back (they are re-read from the page cache if touched again). */
+static void release(const st_tensor *t) {
+    if (!t->nbytes) return;
+    long pg = sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)t->data, b = a + t->nbytes;
+    uintptr_t a0 = (a + (uintptr_t)pg - 1) & ~((uintptr_t)pg - 1), b0 = b & ~((uintptr_t)pg - 1);
+    if (b0 > a0) madvise((void *)a0, b0 - a0, MADV_DONTNEED);
+}
 
 int hf_model_open(const char *dir, hf_model **out, qerr *e) {
     *out = NULL;
-    return qerr_set(e, "%s: Hugging Face model directories are not supported yet", dir);
+    hf_model *h = qcalloc(1, sizeof *h, e);
+    if (!h) return -1;
+    if (!(h->dir = strdup(dir))) {
+        free(h);
+        return qerr_set(e, "out of memory");
+    }
+    if (parse_config(h, e) || open_shards(h, e)) goto fail;
+    char tj[4096], tc[4096];
+    snprintf(tj, sizeof tj, "%s/tokenizer.json", dir);
+    snprintf(tc, sizeof tc, "%s/tokenizer_config.json", dir);
+    if (access(tj, R_OK)) {
+        qerr_set(e, "%s: no tokenizer.json (only fast-tokenizer checkpoints are supported; a SentencePiece "
+                    "tokenizer.model alone is not)", dir);
+        goto fail;
+    }
+    if (tokenizer_hf_to_gguf(tj, access(tc, R_OK) ? NULL : tc, &h->tok_gguf, e)) goto fail;
+    st_tensor t;
+    if (find(h, "model.embed_tokens.weight", &t)) {
+        qerr_set(e, "%s: tensor model.embed_tokens.weight missing (a LlamaForCausalLM checkpoint is expected)", dir);
+        goto fail;
+    }
+    if (t.n_dims != 2 || t.shape[0] != h->hp.vocab || t.shape[1] != h->hp.d_model) {
+        qerr_set(e, "%s: model.embed_tokens.weight has shape [%lld, %lld], config says [%d, %d]", dir,
+                 (long long)t.shape[0], (long long)(t.n_dims > 1 ? t.shape[1] : 0), h->hp.vocab, h->hp.d_model);
+        goto fail;
+    }
+    /* an untied head wins over the flag: some exports keep lm_head.weight even when tied */
+    if (find(h, "lm_head.weight", &t) == 0) h->hp.tied_embeddings = 0;
+    else h->hp.tied_embeddings = 1;
+    *out = h;
+    return 0;
+fail:
+    hf_model_close(h);
+    return -1;
 }
-void hf_model_close(hf_model *h) { free(h); }
+
+void hf_model_close(hf_model *h) {
+    if (!h) return;
+    for (int i = 0; i < h->n_shards; i++) safetensors_close(h->shards[i]);
+    free(h->shards);
+    gguf_close(h->tok_gguf);
+    free(h->dir);
+    free(h);
+}
+
 const llama_hparams *hf_model_hparams(const hf_model *h) { return &h->hp; }
-int hf_model_prequantized(const hf_model *h) { (void)h; return 0; }
-int hf_model_tokenizer(const hf_model *h, tokenizer **out, qerr *e) { (void)h; *out = NULL; return qerr_set(e, "not supported"); }
-int hf_model_load(const hf_model *h, int a, int b, int c, llama_model *m, qerr *e) { (void)h; (void)a; (void)b; (void)c; (void)m; return qerr_set(e, "not supported"); }
-int hf_model_tensor_f32(const hf_model *h, int r, int l, int k, float *d, qerr *e) { (void)h; (void)r; (void)l; (void)k; (void)d; return qerr_set(e, "not supported"); }
+int hf_model_prequantized(const hf_model *h) { return h->bnb4; }
+
+int hf_model_tokenizer(const hf_model *h, tokenizer **out, qerr *e) {
+    if (tokenizer_load_gguf(h->tok_gguf, out, e)) return qerr_prefix(e, "%s/tokenizer.json", h->dir);
+    return 0;
+}
+
+const gguf_file *hf_model_tokenizer_gguf(const hf_model *h) { return h->tok_gguf; }
+
+/* ------------------------------------------------------------------ tensors */
+
+static void role_name(base_role role, int layer, int module, char *name, size_t n) {
+    switch (role) {
+    case BASE_T_EMBED: snprintf(name, n, "model.embed_tokens.weight"); return;
+    case BASE_T_LM_HEAD: snprintf(name, n, "lm_head.weight"); return;
+    case BASE_T_OUT_NORM: snprintf(name, n, "model.norm.weight"); return;
+    case BASE_T_ATTN_NORM: snprintf(name, n, "model.layers.%d.input_layernorm.weight", layer); return;
+    case BASE_T_FFN_NORM: snprintf(name, n, "model.layers.%d.post_attention_layernorm.weight", layer); return;
+    case BASE_T_LINEAR: snprintf(name, n, "model.layers.%d.%s.weight", layer, hf_linear[module]); return;
+    }
+    name[0] = 0;
+}
+
+/* A plain (bf16 / f16 / f32) tensor of n elements into fp32. */
+static int plain_to_f32(const hf_model *h, const st_tensor *t, int64_t n, float *dst, qerr *e) {
+    int64_t have = 1;
+    for (int d = 0; d < t->n_dims; d++) have *= t->shape[d];
+    if (have != n) return qerr_set(e, "%s: tensor %s has %lld elements, expected %lld", h->dir, t->name,
+                                   (long long)have, (long long)n);
+    const uint8_t *s = t->data;
+    if (!strcmp(t->dtype, "F32")) {
+        memcpy(dst, s, (size_t)n * 4);
+    } else if (!strcmp(t->dtype, "BF16")) {
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            uint16_t v;
+            memcpy(&v, s + 2 * i, 2);
+            dst[i] = bf16_to_f32(v);
+        }
+    } else if (!strcmp(t->dtype, "F16")) {
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            uint16_t v;
+            memcpy(&v, s + 2 * i, 2);
+            dst[i] = f16_to_f32(v);
+        }
+    } else {
+        return qerr_set(e, "%s: tensor %s: dtype %s (expected BF16, F16 or F32)", h->dir, t->name, t->dtype);
+    }
+    return 0;
+}
+
+/* A bitsandbytes nf4 linear (weight + .absmax + .quant_map [+ nested] +
+ * .quant_state.bitsandbytes__nf4) adopted into *out as it is. */
+static int load_bnb4(const hf_model *h, const char *wname, int64_t rows, int64_t cols, nf4_tensor *out, qerr *e) {
+    char name[256];
+    st_tensor w, qs, am, qm;
+    if (find(h, wname, &w)) return qerr_set(e, "%s: tensor %s missing", h->dir, wname);
+    snprintf(name, sizeof name, "%s.quant_state.bitsandbytes__nf4", wname);
+    if (find(h, name, &qs)) {
+        snprintf(name, sizeof name, "%s.quant_state.bitsandbytes__fp4", wname);
+        if (find(h, name, &qs) == 0) return qerr_set(e, "%s: %s is fp4; only nf4 is supported", h->dir, wname);
+        return qerr_set(e, "%s: %s.quant_state.bitsandbytes__nf4 missing (not a bnb 4-bit checkpoint?)", h->dir,
+                        wname);
+    }
+    char *js = malloc(qs.nbytes + 1);
+    if (!js) return qerr_set(e, "out of memory");
+    memcpy(js, qs.data, qs.nbytes);
+    js[qs.nbytes] = 0;
+    cJSON *st = cJSON_Parse(js);
+    free(js);
+    int rc = -1;
+    const cJSON *bs = cJSON_GetObjectItemCaseSensitive(st, "blocksize");
+    const cJSON *shp = cJSON_GetObjectItemCaseSensitive(st, "shape");
+    const cJSON *qt = cJSON_GetObjectItemCaseSensitive(st, "quant_type");
+    const cJSON *nbs = cJSON_GetObjectItemCaseSensitive(st, "nested_blocksize");
+    const cJSON *noff = cJSON_GetObjectItemCaseSensitive(st, "nested_offset");
+    int dq = nbs != NULL;
+    if (!cJSON_IsString(qt) || strcmp(qt->valuestring, "nf4") || !cJSON_IsNumber(bs) || !cJSON_IsArray(shp) ||
+        cJSON_GetArraySize(shp) != 2 || cJSON_GetArrayItem(shp, 0)->valuedouble != (double)rows ||
+        cJSON_GetArrayItem(shp, 1)->valuedouble != (double)cols ||
+        (dq && (!cJSON_IsNumber(nbs) || nbs->valueint != NF4_NESTED_BLOCKSIZE || !cJSON_IsNumber(noff)))) {
+        qerr_set(e, "%s: %s: quant_state is not nf4 of shape [%lld, %lld] with blocksize and (nested) offset",
+                 h->dir, wname, (long long)rows, (long long)cols);
+        goto done;
+    }
+    if (nf4_alloc(out, rows, cols, bs->valueint, dq, e)) goto done;
+    if (strcmp(w.dtype, "U8") || w.nbytes != (size_t)((out->n + 1) / 2)) {
+        qerr_set(e, "%s: %s: expected U8 packed nibbles of %lld bytes, got %s of %zu", h->dir, wname,
+                 (long long)((out->n + 1) / 2), w.dtype, w.nbytes);
+        goto done;
+    }
+    memcpy(out->packed, w.data, w.nbytes);
+    release(&w);
+    snprintf(name, sizeof name, "%s.quant_map", wname);
+    if (find(h, name, &qm) || strcmp(qm.dtype, "F32") || qm.nbytes != 16 * 4) {
+        qerr_set(e, "%s: %s missing or not F32[16]", h->dir, name);
+        goto done;
+    }
+    for (int i = 0; i < 16; i++) {
+        float v;
+        memcpy(&v, (const uint8_t *)qm.data + 4 * i, 4);
+        if (v != nf4_code[i]) {
+            qerr_set(e, "%s: %s[%d] = %g is not the NF4 code value %g", h->dir, name, i, v, nf4_code[i]);
+            goto done;
+        }
+    }
+    snprintf(name, sizeof name, "%s.absmax", wname);
+    if (find(h, name, &am)) {
+        qerr_set(e, "%s: %s missing", h->dir, name);
+        goto done;
+    }
+    if (dq) {
+        st_tensor na, nq;
+        if (strcmp(am.dtype, "U8") || am.nbytes != (size_t)out->nblocks) {
+            qerr_set(e, "%s: %s: expected U8[%lld]", h->dir, name, (long long)out->nblocks);
+            goto done;
+        }
+        memcpy(out->absmax_q, am.data, am.nbytes);
+        int64_t ng = (out->nblocks + NF4_NESTED_BLOCKSIZE - 1) / NF4_NESTED_BLOCKSIZE;
+        snprintf(name, sizeof name, "%s.nested_absmax", wname);
+        if (find(h, name, &na) || strcmp(na.dtype, "F32") || na.nbytes != (size_t)ng * 4) {
+            qerr_set(e, "%s: %s missing or not F32[%lld]", h->dir, name, (long long)ng);
+            goto done;
+        }
+        memcpy(out->nested_absmax, na.data, na.nbytes);
+        snprintf(name, sizeof name, "%s.nested_quant_map", wname);
+        if (find(h, name, &nq) || strcmp(nq.dtype, "F32") || nq.nbytes != 256 * 4) {
+            qerr_set(e, "%s: %s missing or not F32[256]", h->dir, name);
+            goto done;
+        }
+        memcpy(out->nested_code, nq.data, nq.nbytes);
+        out->offset = (float)noff->valuedouble;
+    } else {
+        if (strcmp(am.dtype, "F32") || am.nbytes != (size_t)out->nblocks * 4) {
+            qerr_set(e, "%s: %s: expected F32[%lld]", h->dir, name, (long long)out->nblocks);
+            goto done;
+        }
+        memcpy(out->absmax, am.data, am.nbytes);
+    }
+    rc = 0;
+done:
+    if (rc) nf4_free(out);
+    cJSON_Delete(st);
+    return rc;
+}
+
+int hf_model_tensor_f32(const hf_model *h, int role, int layer, int module, float *dst, qerr *e) {
+    char name[128];
+    if (role == BASE_T_LM_HEAD && h->hp.tied_embeddings) role = BASE_T_EMBED;
+    role_name((base_role)role, layer, module, name, sizeof name);
+    int64_t rows, cols;
+    base_model_tensor_shape(&h->hp, (base_role)role, module, &rows, &cols);
+    if (role == BASE_T_LINEAR && h->bnb4) {
+        nf4_tensor t;
+        if (load_bnb4(h, name, rows, cols, &t, e)) return -1;
+        nf4_dequantize_rows_f32(&t, 0, rows, dst);
+        nf4_free(&t);
+        return 0;
+    }
+    st_tensor t;
+    if (find(h, name, &t)) return qerr_set(e, "%s: tensor %s missing", h->dir, name);
+    int rc = plain_to_f32(h, &t, rows * cols, dst, e);
+    release(&t);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ the model */
+
+static int load_bf16(const hf_model *h, base_role role, bf16 **out, qerr *e) {
+    char name[128];
+    role_name(role, 0, 0, name, sizeof name);
+    int64_t rows, cols;
+    base_model_tensor_shape(&h->hp, role, 0, &rows, &cols);
+    st_tensor t;
+    if (find(h, name, &t)) return qerr_set(e, "%s: tensor %s missing", h->dir, name);
+    if (!(*out = qmalloc((size_t)(rows * cols) * sizeof(bf16), e))) return -1;
+    if (!strcmp(t.dtype, "BF16") && t.nbytes == (size_t)(rows * cols) * 2) {
+        memcpy(*out, t.data, t.nbytes);
+    } else {
+        int64_t chunk = 4096 * 64;
+        float *tmp = qmalloc((size_t)(rows * cols < chunk ? rows * cols : chunk) * sizeof(float), e);
+        if (!tmp) return -1;
+        /* whole-tensor conversion through a bounded buffer */
+        st_tensor part = t;
+        size_t es = safetensors_dtype_size(t.dtype);
+        for (int64_t i0 = 0; i0 < rows * cols; i0 += chunk) {
+            int64_t n = rows * cols - i0 < chunk ? rows * cols - i0 : chunk;
+            part.data = (const uint8_t *)t.data + (size_t)i0 * es;
+            part.nbytes = (size_t)n * es;
+            part.n_dims = 1;
+            part.shape[0] = n;
+            if (plain_to_f32(h, &part, n, tmp, e)) {
+                free(tmp);
+                return -1;
+            }
+            for (int64_t i = 0; i < n; i++) (*out)[i0 + i] = f32_to_bf16(tmp[i]);
+        }
+        free(tmp);
+    }
+    release(&t);
+    return 0;
+}
+
+static int load_norm(const hf_model *h, base_role role, int layer, float **out, qerr *e) {
+    if (!(*out = qmalloc((size_t)h->hp.d_model * sizeof(float), e))) return -1;
+    return hf_model_tensor_f32(h, role, layer, 0, *out, e);
+}
+
+int hf_model_load(const hf_model *h, int load_in_4bit, int double_quant, int max_pos, llama_model *m, qerr *e) {
+    memset(m, 0, sizeof *m);
+    m->hp = h->hp;
+    const llama_hparams *hp = &m->hp;
+    int64_t D = hp->d_model, V = hp->vocab;
+    m->load_in_4bit = load_in_4bit;
+    m->double_quant = double_quant;
+    if (load_bf16(h, BASE_T_EMBED, &m->tok_embd, e)) goto fail;
+    m->n_params += V * D;
+    if (hp->tied_embeddings) {
+        m->lm_head_w = m->tok_embd;
+    } else {
+        if (load_bf16(h, BASE_T_LM_HEAD, &m->lm_head_w, e)) goto fail;
+        m->n_params += V * D;
+    }
+    m->embed = (frozen_weight){.out = V, .in = D, .kind = FROZEN_BF16, .w_bf16 = m->tok_embd};
+    m->lm_head = (frozen_weight){.out = V, .in = D, .kind = FROZEN_BF16, .w_bf16 = m->lm_head_w};
+    if (load_norm(h, BASE_T_OUT_NORM, 0, &m->out_norm, e)) goto fail;
+    m->n_params += D;
+    if (!(m->layers = qcalloc((size_t)hp->n_layer, sizeof *m->layers, e))) goto fail;
+    int64_t max_el = 0;
+    for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+        int64_t r, c;
+        base_model_tensor_shape(hp, BASE_T_LINEAR, k, &r, &c);
+        if (r * c > max_el) max_el = r * c;
+    }
+    float *tmp = qmalloc((size_t)max_el * sizeof(float), e);
+    if (!tmp) goto fail;
+    char name[128];
+    for (int l = 0; l < hp->n_layer; l++) {
+        llama_layer *L = &m->layers[l];
+        if (load_norm(h, BASE_T_ATTN_NORM, l, &L->attn_norm, e) || load_norm(h, BASE_T_FFN_NORM, l, &L->ffn_norm, e)) {
+            free(tmp);
+            goto fail;
+        }
+        m->n_params += 2 * D;
+        for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+            int64_t rows, cols;
+            base_model_tensor_shape(hp, BASE_T_LINEAR, k, &rows, &cols);
+            frozen_weight *w = &L->lin[k];
+            w->out = rows;
+            w->in = cols;
+            role_name(BASE_T_LINEAR, l, k, name, sizeof name);
+            int rc = 0;
+            if (h->bnb4 && load_in_4bit) {
+                /* adopted as stored: no re-quantization */
+                rc = load_bnb4(h, name, rows, cols, &L->nf4[k], e);
+            } else if (load_in_4bit) {
+                st_tensor t;
+                if (find(h, name, &t)) {
+                    rc = qerr_set(e, "%s: tensor %s missing", h->dir, name);
+                } else if (!strcmp(t.dtype, "BF16") && t.nbytes == (size_t)(rows * cols) * 2) {
+                    rc = nf4_quantize_bf16((const uint16_t *)t.data, rows, cols, 64, double_quant, &L->nf4[k], e);
+                    release(&t);
+                } else {
+                    rc = hf_model_tensor_f32(h, BASE_T_LINEAR, l, k, tmp, e) ||
+                         nf4_quantize(tmp, rows, cols, 64, double_quant, &L->nf4[k], e);
+                }
+            } else {
+                rc = hf_model_tensor_f32(h, BASE_T_LINEAR, l, k, tmp, e);
+                if (!rc && !(L->w_bf16[k] = qmalloc((size_t)(rows * cols) * sizeof(bf16), e))) rc = -1;
+                if (!rc)
+                    for (int64_t i = 0; i < rows * cols; i++) L->w_bf16[k][i] = f32_to_bf16(tmp[i]);
+            }
+            if (rc) {
+                free(tmp);
+                qerr_prefix(e, "%s", name);
+                goto fail;
+            }
+            if (load_in_4bit) {
+                w->kind = FROZEN_NF4;
+                w->nf4 = &L->nf4[k];
+                m->quantized_bytes += (int64_t)nf4_nbytes(&L->nf4[k]);
+            } else {
+                w->kind = FROZEN_BF16;
+                w->w_bf16 = L->w_bf16[k];
+                m->quantized_bytes += rows * cols * 2;
+            }
+            m->n_quantized_params += rows * cols;
+        }
+    }
+    free(tmp);
+    if (h->bnb4 && load_in_4bit) {
+        m->double_quant = m->layers[0].nf4[0].double_quant;
+    }
+    m->n_params += m->n_quantized_params;
+    if (rope_table_init(&m->rope, max_pos, hp->head_dim, hp->rope_theta, e)) goto fail;
+    return 0;
+fail:
+    llama_free(m);
+    return -1;
+}

@@ -14,6 +14,7 @@
 
 #include "core/status.h"
 #include "data/tokenizer.h"
+#include "model/gguf.h"
 #include "model/llama.h"
 
 typedef struct hf_model hf_model; /* opaque */
@@ -28,8 +29,10 @@ const llama_hparams *hf_model_hparams(const hf_model *h);
 /* 1 if the linears are stored as bitsandbytes nf4. */
 int hf_model_prequantized(const hf_model *h);
 
-/* Tokenizer from tokenizer.json + tokenizer_config.json (data/tokenizer_json.c). */
+/* Tokenizer from tokenizer.json + tokenizer_config.json (data/tokenizer_json.c),
+ * translated at open; _gguf: that translation as GGUF tokenizer metadata. */
 int hf_model_tokenizer(const hf_model *h, tokenizer **out, qerr *e);
+const gguf_file *hf_model_tokenizer_gguf(const hf_model *h);
 
 /* The frozen model (see llama_load_gguf); nf4 checkpoints are adopted as
  * they are when load_in_4bit (their blocksize / double quant win over the

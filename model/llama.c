@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "autograd/ce_sampled.h"
 #include "autograd/gemm.h"
 #include "core/rng.h"
 
@@ -339,8 +340,10 @@ static tensor *llama_block(ag_ctx *ctx, void *argp, tensor *x) {
     return op_add(ctx, x, d);
 }
 
-tensor *llama_forward_loss(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const llama_batch *b,
-                           float scale, int checkpointing, double *loss_sum, int64_t *n_tokens) {
+/* embed → blocks → final RMSNorm: the hidden states (B*T, D) the LM head reads,
+ * recorded on the tape when ctx->recording. */
+static tensor *llama_forward_trunk(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const llama_batch *b,
+                                   int checkpointing) {
     const llama_hparams *hp = &m->hp;
     int64_t N = (int64_t)b->B * b->T;
     tensor *x = op_embedding(ctx, &m->embed, b->input_ids, N);
@@ -354,8 +357,20 @@ tensor *llama_forward_loss(ag_ctx *ctx, const llama_model *m, const lora_set *ls
     tensor *nw = ag_wrap(ctx, AG_F32, 1, hp->d_model, m->out_norm, NULL);
     nw->ndim = 1;
     nw->shape[0] = hp->d_model;
-    tensor *h = op_rmsnorm(ctx, x, nw, hp->rms_eps);
+    return op_rmsnorm(ctx, x, nw, hp->rms_eps);
+}
+
+tensor *llama_forward_loss(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const llama_batch *b,
+                           float scale, int checkpointing, double *loss_sum, int64_t *n_tokens) {
+    tensor *h = llama_forward_trunk(ctx, m, ls, b, checkpointing);
     return op_lm_head_ce(ctx, h, &m->lm_head, b->targets, scale, loss_sum, n_tokens);
+}
+
+tensor *llama_forward_sampled_loss(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const llama_batch *b,
+                                   float scale, int checkpointing, uint64_t sample_seed, int32_t *labels,
+                                   double *loss_sum, int64_t *n_tokens) {
+    tensor *h = llama_forward_trunk(ctx, m, ls, b, checkpointing);
+    return op_lm_head_ce_sampled(ctx, h, &m->lm_head, b->targets, sample_seed, scale, labels, loss_sum, n_tokens);
 }
 
 tensor *llama_forward_hidden(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const llama_batch *b) {

@@ -104,6 +104,15 @@ typedef struct llama_batch {
 tensor *llama_forward_loss(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const llama_batch *b,
                            float scale, int checkpointing, double *loss_sum, int64_t *n_tokens);
 
+/* The same forward pass ending in Sophia's Gauss-Newton-Bartlett loss
+ * (autograd/ce_sampled.h): at every position with a training target, a label
+ * is sampled from the model's own softmax (deterministically from
+ * sample_seed) and loss = scale · Σ CE with the sampled labels. labels (B*T)
+ * or NULL receives them (−100 at masked positions). */
+tensor *llama_forward_sampled_loss(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const llama_batch *b,
+                                   float scale, int checkpointing, uint64_t sample_seed, int32_t *labels,
+                                   double *loss_sum, int64_t *n_tokens);
+
 /* Forward pass to the final hidden states (B*T, D) fp32, after the final
  * RMSNorm, without recording (inference). ls may be NULL. */
 tensor *llama_forward_hidden(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const llama_batch *b);

@@ -17,9 +17,9 @@
  *         offset  = absmax.mean()                          # torch CPU float32 mean
  *         qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=256)
  *     where quantize_blockwise on CPU is the native cquantize_blockwise_cpu_fp32
- *     (fp32 DIVISION by the group absmax, a floor binary search in the code,
- *     then the right neighbour only if strictly closer) with the unmodified
- *     create_dynamic_map() (state2.code[0] = -0.99296875).
+ *     (multiplication by fl(1/group absmax), then a 65536-bin lookup table,
+ *     see q8_build_lut below) with the unmodified create_dynamic_map()
+ *     (state2.code[0] = -0.99296875).
  *   - dequantize_4bit: native cdequantize_blockwise_cpu_nf4_* (the default
  *     backend for an odd last dimension, same arithmetic)
  *         v = code[q] * absmax   (fp32)  -> bf16 round-to-nearest-even
@@ -51,9 +51,9 @@
  *     (tests/test_reference_nf4.c shows the 1-thread case bit-exact and how
  *     far the 2-thread result is).
  *   - Double quant of a tensor whose block scales are all equal: every
- *     deviation is 0, the group absmax is 0 and bnb's kernel quantizes 0/0 =
- *     NaN, which its binary search sends to index 0. We store index 0 too
- *     (it recovers code[0] * 0 + offset = offset, the exact scale).
+ *     deviation is 0, the group absmax is 0, and bnb's kernel writes index 0
+ *     for such a group. We store index 0 too (it recovers code[0] * 0 +
+ *     offset = offset, the exact scale).
  *   - The 8-bit map: create_dynamic_map() computed the way PyTorch computes it:
  *     fp32 torch.linspace whose `start + step*i` is contracted to an FMA in
  *     torch's AVX2/AVX-512 kernel builds (this reproduces a published dump of
@@ -257,25 +257,45 @@ void nf4_dynamic_map_cpu(float out[256]) {
     out[0] = -1.0f;
 }
 
-/* csrc/common.cpp quantize_block, for one value already divided by the group
- * absmax (so within [-1, 1]): floor binary search in `code` (code[0] = -1),
- * then step right only if the right neighbour is strictly closer in fp32. */
-static uint8_t quant8_cpu(const float code[256], float normed) {
-    int lo = 0, hi = 255;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (code[mid] <= normed)
-            lo = mid;
-        else
-            hi = mid - 1;
+/* bitsandbytes' CPU 8-bit blockwise quantizer (native
+ * cquantize_blockwise_cpu_fp32, csrc/cpu_ops.cpp quantize_cpu_impl and its
+ * AVX2 block kernel) does not search the code: it maps the normalized value
+ * to one of 65536 evenly spaced bins and looks the code index up in a table
+ * built once per code map:
+ *     mid[k]  = 0.5f * (code[k] + code[k+1])                      (fp32)
+ *     val(i)  = -1.0f + (2.0f * i) / 65535                       (fp32)
+ *     lut[i]  = number of mid[k] < val(i)
+ *     index(x) = lut[(int)(((clamp(x * fl(1/absmax), -1, 1) + 1) * 0.5f) * 65535 + 0.5f)]
+ * (each operation a separate fp32 rounding, as the AVX2 kernel's intrinsics
+ * are). So a value near a midpoint goes to the code its BIN lands on, not
+ * always the nearest code; tests/test_reference_nf4.c checks this against the
+ * library bit for bit. */
+#define NF4_Q8_LUT_SIZE 65536
+
+static void q8_build_lut(const float code[256], uint8_t *lut) {
+    float mid[255];
+    for (int k = 0; k < 255; k++) {
+        const float sum = code[k] + code[k + 1];
+        mid[k] = 0.5f * sum;
     }
-    int idx = lo;
-    if (idx < 255) {
-        const float dl = fabsf(normed - code[idx]);
-        const float dr = fabsf(normed - code[idx + 1]);
-        if (dr < dl) idx++;
+    int k = 0;
+    for (int i = 0; i < NF4_Q8_LUT_SIZE; i++) {
+        const float frac = (2.0f * (float)i) / (float)(NF4_Q8_LUT_SIZE - 1);
+        const float val = -1.0f + frac;
+        while (k < 255 && mid[k] < val) k++;
+        lut[i] = (uint8_t)k;
     }
-    return (uint8_t)idx;
+}
+
+static inline uint8_t q8_index(const uint8_t *lut, float x, float inv_absmax) {
+    float v = x * inv_absmax;
+    v = v > -1.0f ? v : -1.0f; /* _mm256_max_ps then _mm256_min_ps: a NaN becomes -1 */
+    v = v < 1.0f ? v : 1.0f;
+    float t = v + 1.0f;
+    t = t * 0.5f;
+    t = t * (float)(NF4_Q8_LUT_SIZE - 1);
+    t = t + 0.5f;
+    return lut[(int)t];
 }
 
 /* ------------------------------------------------------------- quantization */
@@ -380,8 +400,12 @@ static void nf4_quant_block(const float *x, int64_t len, int partial, const floa
 }
 
 /* Double quantization of the fp32 absmax vector into t (absmax_q,
- * nested_absmax, offset; nested_code already set by nf4_alloc). */
-static void nf4_double_quant(nf4_tensor *t, const float *absmax) {
+ * nested_absmax, offset; nested_code already set by nf4_alloc). Returns -1 on
+ * out of memory (the 64 KiB bin table). */
+static int nf4_double_quant(nf4_tensor *t, const float *absmax, qerr *e) {
+    uint8_t *lut = qmalloc(NF4_Q8_LUT_SIZE, e);
+    if (!lut) return -1;
+    q8_build_lut(t->nested_code, lut);
     const int64_t nb = t->nblocks;
     const int64_t ngroups = (nb + NF4_NESTED_BLOCKSIZE - 1) / NF4_NESTED_BLOCKSIZE;
     const float offset = torch_mean_f32(absmax, nb);
@@ -397,18 +421,15 @@ static void nf4_double_quant(nf4_tensor *t, const float *absmax) {
             amax = fmaxf(amax, fabsf(dev[j]));
         }
         t->nested_absmax[g] = amax;
+        const float inv = amax == 0.0f ? 0.0f : 1.0f / amax;
         for (int64_t j = 0; j < len; j++) {
-            if (amax > 0.0f) {
-                const float normed = dev[j] / amax;
-                t->absmax_q[b0 + j] = quant8_cpu(t->nested_code, normed);
-            } else {
-                /* all deviations 0 (e.g. a single group of equal scales): bnb
-                 * quantizes 0/0 = NaN, which its binary search ends at index
-                 * 0; code[0] * 0 + offset recovers the exact scale anyway. */
-                t->absmax_q[b0 + j] = 0;
-            }
+            /* all deviations 0 (e.g. a single group of equal scales): bnb
+             * writes index 0; code[0] * 0 + offset recovers the exact scale. */
+            t->absmax_q[b0 + j] = amax == 0.0f ? 0 : q8_index(lut, dev[j], inv);
         }
     }
+    free(lut);
+    return 0;
 }
 
 static int nf4_quantize_impl(const void *src, int src_bf16, int64_t rows, int64_t cols, int blocksize,
@@ -467,8 +488,13 @@ static int nf4_quantize_impl(const void *src, int src_bf16, int64_t rows, int64_
     }
 
     if (t.double_quant) {
-        nf4_double_quant(&t, absmax);
+        const int rc = nf4_double_quant(&t, absmax, e);
         free(absmax);
+        if (rc) {
+            nf4_free(&t);
+            memset(out, 0, sizeof *out);
+            return qerr_prefix(e, "nf4: quantizing (%lld, %lld)", (long long)rows, (long long)cols);
+        }
     }
     *out = t;
     return 0;

@@ -3,8 +3,9 @@
  * A frozen base weight W (rows = out_features, cols = in_features, row-major as
  * nn.Linear.weight) is flattened and cut into blocks of `blocksize` consecutive
  * elements (default 64; blocks may straddle rows). Each block keeps its fp32
- * absmax; each element becomes the index of the nearest of the 16 NF4 codes to
- * w * (1/absmax). Two indices share a byte, element 2i in the HIGH nibble.
+ * absmax; each element becomes the index of the NF4 code whose bucket holds
+ * w * (1/absmax) (bnb's fp32 midpoints between codes; nearest code up to one
+ * ulp). Two indices share a byte, element 2i in the HIGH nibble.
  * With double quantization (bnb `compress_statistics=True`) the fp32 absmax
  * vector is replaced by: offset = mean(absmax), and 8-bit blockwise codes of
  * (absmax - offset) in groups of 256 with the bnb "dynamic" map, one fp32
@@ -15,12 +16,14 @@
  *
  * Which bitsandbytes: its CPU backend as `pip install bitsandbytes` runs it on
  * a machine without a GPU (bitsandbytes/backends/cpu/ops.py +
- * backends/default/ops.py for quantize_4bit, csrc/cpu_ops.cpp + csrc/common.cpp
- * for the 8-bit quantize_blockwise used by double quantization), with PyTorch's
+ * backends/default/ops.py for quantize_4bit, the native CPU library's 65536-bin
+ * lookup for the 8-bit quantize_blockwise used by double quantization), with PyTorch's
  * CPU kernels for the tensor arithmetic around them. Every rounding step is
  * documented in nf4.c next to the code that reproduces it, together with the
- * places where we knowingly differ (all-zero blocks) or cannot be sure
- * (torch's mean over >= 32768 blocks with several threads).
+ * places where bnb's result depends on the machine (torch's mean over more
+ * than 32768 blocks with several threads; bf16 conversion of subnormal
+ * values). tests/test_reference_nf4.c compares against the library itself
+ * (bitsandbytes 0.50.2, fixtures from scripts/make_reference.py).
  *
  * The trainer never dequantizes a base weight whole: it calls
  * nf4_dequantize_rows_bf16/_f32 per layer into a scratch buffer right before
@@ -52,8 +55,10 @@ typedef struct nf4_tensor {
     int64_t nblocks;        /* ceil(n / blocksize) */
     int blocksize;          /* power of two in [32, 4096] */
     int double_quant;       /* 1: absmax held as 8-bit codes (bnb compress_statistics) */
-    uint8_t *packed;        /* (ceil(n/2),) u8: byte i = q[2i] << 4 | q[2i+1]; odd n padded with a 0 nibble */
-    float *absmax;          /* (nblocks,) f32 block scales; NULL when double_quant */
+    uint8_t *packed;        /* (ceil(n/2),) u8: byte i = q[2i] << 4 | q[2i+1]; odd n padded with nibble 7
+                             * (bnb pads the scaled values with 0.0) */
+    float *absmax;          /* (nblocks,) f32 block scales (a partial last block stores max(absmax, 1e-38),
+                             * as bnb does); NULL when double_quant */
     uint8_t *absmax_q;      /* (nblocks,) u8 indices into nested_code; NULL unless double_quant */
     float *nested_absmax;   /* (ceil(nblocks/256),) f32; NULL unless double_quant */
     float offset;           /* f32 mean of the original absmax (double_quant only, else 0) */
@@ -79,7 +84,8 @@ int nf4_quantize_bf16(const uint16_t *w, int64_t rows, int64_t cols, int blocksi
 
 /* nf4_alloc: allocate an empty tensor of the given geometry for a loader that
  * fills the buffers itself (e.g. from a bnb-4bit checkpoint). packed is zeroed,
- * scales are zeroed, nested_code is set to nf4_dynamic_map_cpu().
+ * scales are zeroed, nested_code is set to nf4_dynamic_map() (a loader should
+ * copy the checkpoint's nested_quant_map over it).
  * Errors: as nf4_quantize (geometry, memory). */
 int nf4_alloc(nf4_tensor *t, int64_t rows, int64_t cols, int blocksize, int double_quant, qerr *e);
 
@@ -114,10 +120,11 @@ void nf4_dequantize_rows_f32(const nf4_tensor *t, int64_t row0, int64_t nrows, f
 void nf4_dequantize_rows_bf16_ref(const nf4_tensor *t, int64_t row0, int64_t nrows, uint16_t *dst);
 void nf4_dequantize_rows_f32_ref(const nf4_tensor *t, int64_t row0, int64_t nrows, float *dst);
 
-/* nf4_code_index: the NF4 index for a value already scaled to [-1, 1]: the
- * nearest code, a value exactly on the midpoint of two codes going to the LOWER
- * one (what bnb's argmin over |scaled - code| gives: first minimum wins).
- * NaN -> 0. */
+/* nf4_code_index: the NF4 index for a value already scaled to [-1, 1], as
+ * bnb's torch.bucketize against its fp32 bounds fl(code[k] + code[k+1]) / 2:
+ * the number of bounds strictly below the value (a value exactly on a bound
+ * goes to the LOWER code). This is the nearest code except for the one float
+ * at each bound that fp32 rounding put above the real midpoint. NaN -> 0. */
 uint8_t nf4_code_index(float scaled);
 
 /* nf4_dynamic_map: bitsandbytes' create_dynamic_map(signed=True,
@@ -126,10 +133,11 @@ uint8_t nf4_code_index(float scaled);
  * [127] = 0, [255] = 1. */
 void nf4_dynamic_map(float out[256]);
 
-/* nf4_dynamic_map_cpu: the map as bitsandbytes' CPU backend leaves it after
- * quantize_blockwise: identical except out[0] = -1.0f (csrc/cpu_ops.cpp
- * quantize_cpu overwrites code[0] in place, and the QuantState keeps that
- * tensor). This is what double quantization here uses and stores. */
+/* nf4_dynamic_map_cpu: the map as older bitsandbytes CPU kernels left it
+ * after quantize_blockwise: identical except out[0] = -1.0f (their
+ * quantize_cpu overwrote code[0] in place). bitsandbytes 0.50.2 no longer
+ * does, so double quantization here uses and stores nf4_dynamic_map(); this
+ * variant stays for states written by those older versions. */
 void nf4_dynamic_map_cpu(float out[256]);
 
 #endif

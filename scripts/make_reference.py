@@ -4,12 +4,15 @@ compare qlora against: outputs of tools nobody on this project wrote — bitsand
 `tokenizers`, transformers, PEFT and PyTorch. `make test` reads only the committed fixtures; no
 Python runs at test time.
 
-Regenerate (from the repo root; needs the model, `make model`):
+Regenerate (from the repo root; needs the model, `make model`; about 6 minutes on 2 cores):
 
-    make reference-fixtures
-    # = python3 -m venv /tmp/venv-ref && /tmp/venv-ref/bin/pip install -r scripts/requirements-reference.txt
-    #   (the target reuses $(REF_VENV) if it exists) and then
-    #   $(REF_VENV)/bin/python scripts/make_reference.py [--only nf4,tokenizer,chat,tiny,real]
+    make reference-fixtures                      # all five fixtures
+    make reference-fixtures REF_ARGS='--only nf4,tiny' REF_VENV=/path/to/venv
+    # = python3 -m venv $REF_VENV && $REF_VENV/bin/pip install -r scripts/requirements-reference.txt
+    #   (skipped when $REF_VENV/bin/python exists; default /tmp/qlora-venv-ref), then
+    #   $REF_VENV/bin/python scripts/make_reference.py $REF_ARGS
+The output is deterministic: regenerating with the pinned versions reproduces the committed files
+byte for byte (gzip written with mtime 0).
 
 Versions the committed fixtures were written with: scripts/requirements-reference.txt (pinned from
 the venv's `pip freeze`), Python 3.11.7, CPU only (torch's CPU wheel behaviour; bitsandbytes' CPU
@@ -522,6 +525,13 @@ CONVERSATIONS = [
 ]
 
 
+# (system or None for the template's default, user): one user turn with add_generation_prompt=True, as
+# data/chat.h chat_render_prompt renders it for generation
+GEN_PROMPTS = [(None, "Hello!"), ("You are a terse assistant.", "Summarise ls(1) in one line."),
+               ("", "x"), (None, "Écris « bonjour » en 日本語 😀\n\nthen\tstop  "),
+               ("Line one\nline two", "<|im_end|> literal")]
+
+
 def make_chat(args):
     from transformers import PreTrainedTokenizerFast
     tok, tokens, types, tmpl = hf_tokenizer(MODEL)
@@ -540,7 +550,18 @@ def make_chat(args):
         ids += t
         offs.append(len(ids))
         gen.append(hft.apply_chat_template(conv, tokenize=False, add_generation_prompt=True))
+    gen_prompts, gen_ids, gen_off = [], [], [0]
+    for system, user in GEN_PROMPTS:
+        conv = ([] if system is None else [{"role": "system", "content": system}]) + \
+            [{"role": "user", "content": user}]
+        s = hft.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        gen_prompts.append({"system": system, "user": user, "rendered": s})
+        gen_ids += tok.encode(s, add_special_tokens=False).ids
+        gen_off.append(len(gen_ids))
     write_qref(os.path.join(FIX, "ref_chat.qref.gz"), {
+        "gen_prompts": json.dumps(gen_prompts, ensure_ascii=False),
+        "gen_ids": np.array(gen_ids, dtype=np.int32),
+        "gen_ids_off": np.array(gen_off, dtype=np.int64),
         "versions": versions(),
         "chat_template": tmpl,
         "conversations": json.dumps(CONVERSATIONS, ensure_ascii=False),
@@ -699,6 +720,260 @@ def make_nf4(args):
     torch.set_num_threads(1)
     out["cases"] = ",".join(names)
     write_qref(os.path.join(FIX, "ref_nf4.qref.gz"), out)
+
+
+# ----------------------------------------------------------------------------- tiny Llama + PEFT LoRA
+
+LINEARS = [("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+           ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj")]  # qlora's LLAMA_Q .. LLAMA_DOWN order
+TINY = dict(vocab=96, d=64, ff=128, layers=2, heads=4, kv_heads=2, head_dim=16, eps=1e-6, theta=500.0,
+            r=4, alpha=8.0, B=2, T=16, lr=1e-2, wd=0.01, betas=(0.9, 0.999), adam_eps=1e-8, max_norm=1.0,
+            steps=10)
+
+
+def make_tiny(args):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    c = TINY
+    cfg = LlamaConfig(vocab_size=c["vocab"], hidden_size=c["d"], intermediate_size=c["ff"],
+                      num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
+                      num_key_value_heads=c["kv_heads"], head_dim=c["head_dim"], rms_norm_eps=c["eps"],
+                      rope_theta=c["theta"], max_position_embeddings=64, tie_word_embeddings=True,
+                      attention_dropout=0.0)
+    cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(cfg).float()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # weights with some spread, norms away from 1, so every parameter matters
+        model.model.embed_tokens.weight.copy_(torch.randn(c["vocab"], c["d"], generator=g) * 0.2)
+        for layer in model.model.layers:
+            for mod, name in LINEARS:
+                w = getattr(getattr(layer, mod), name).weight
+                w.copy_(torch.randn(w.shape, generator=g) * (0.8 / w.shape[1] ** 0.5))
+            layer.input_layernorm.weight.copy_(1 + 0.2 * torch.randn(c["d"], generator=g))
+            layer.post_attention_layernorm.weight.copy_(1 + 0.2 * torch.randn(c["d"], generator=g))
+        model.model.norm.weight.copy_(1 + 0.2 * torch.randn(c["d"], generator=g))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(), "not tied"
+    base = {"embed": model.model.embed_tokens.weight.detach().clone(), "norm": model.model.norm.weight.detach().clone()}
+    for l, layer in enumerate(model.model.layers):
+        base[f"l{l}.attn_norm"] = layer.input_layernorm.weight.detach().clone()
+        base[f"l{l}.ffn_norm"] = layer.post_attention_layernorm.weight.detach().clone()
+        for mod, name in LINEARS:
+            base[f"l{l}.{name}"] = getattr(getattr(layer, mod), name).weight.detach().clone()
+
+    lcfg = LoraConfig(r=c["r"], lora_alpha=c["alpha"], lora_dropout=0.0, bias="none",
+                      target_modules=[n for _, n in LINEARS], init_lora_weights=True)
+    pm = get_peft_model(model, lcfg)
+    lora = []  # (name, param) in qlora's flat order: per layer, per module: A then B
+    for l, layer in enumerate(pm.base_model.model.model.layers):
+        for mod, name in LINEARS:
+            lin = getattr(getattr(layer, mod), name)
+            A, Bm = lin.lora_A["default"].weight, lin.lora_B["default"].weight
+            with torch.no_grad():  # A as PEFT's kaiming init draws it; B non-zero so every grad is informative
+                Bm.copy_(torch.randn(Bm.shape, generator=g) * 0.1)
+            assert lin.scaling["default"] == c["alpha"] / c["r"]
+            lora += [(f"l{l}.{name}.A", A), (f"l{l}.{name}.B", Bm)]
+    params = [p for _, p in lora]
+    n_trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    assert n_trainable == sum(p.numel() for p in params), "unexpected trainable parameters"
+    p0 = torch.cat([p.detach().reshape(-1) for p in params]).clone()
+
+    B, T = c["B"], c["T"]
+    ids = torch.randint(0, c["vocab"], (B, T), generator=g)
+    labels = ids.clone()
+    labels[0, :5] = -100                      # a masked prompt
+    labels[1, torch.tensor([3, 8, 9])] = -100  # scattered ignored labels
+    pos = torch.stack([torch.arange(T), torch.arange(T) + 5])  # row 1 starts at position 5
+    n_tok = int((labels[:, 1:] != -100).sum())
+
+    def fwd(autocast=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return pm(input_ids=ids, position_ids=pos, labels=labels)
+
+    def grads():
+        return torch.cat([p.grad.detach().reshape(-1).float() for p in params])
+
+    pm.train()  # dropout is 0; train mode only so that gradient checkpointing is active below
+    for p in params:
+        p.grad = None
+    out = fwd()
+    out.loss.backward()
+    g_ref = grads()
+    logits = out.logits.detach().float()
+    loss = float(out.loss.detach())
+    # the same with transformers' gradient checkpointing (the "silently zero grads" trap)
+    pm.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    pm.base_model.model.enable_input_require_grads()
+    for p in params:
+        p.grad = None
+    fwd().loss.backward()
+    g_ck = grads()
+    pm.base_model.model.gradient_checkpointing_disable()
+    ck_diff = float((g_ck - g_ref).abs().max() / g_ref.abs().max())
+    print(f"[ref] tiny: loss {loss:.6f} over {n_tok} tokens, |grad| {float(g_ref.norm()):.4f}, "
+          f"HF checkpointing vs not: max rel diff {ck_diff:.2e}")
+    assert ck_diff < 1e-5 and float(g_ck.abs().max()) > 0
+    # bf16 yardstick: torch.autocast(bfloat16) on the same model and batch
+    for p in params:
+        p.grad = None
+    out_bf = fwd(autocast=True)
+    out_bf.loss.backward()
+    g_bf = grads()
+    logits_bf = out_bf.logits.detach().float()
+
+    # 10 AdamW steps (torch.optim.AdamW, CPU single-tensor path) with global-norm clipping
+    opt = torch.optim.AdamW(params, lr=c["lr"], betas=c["betas"], eps=c["adam_eps"], weight_decay=c["wd"],
+                            foreach=False)
+    losses, norms = [], []
+    for step in range(c["steps"]):
+        opt.zero_grad(set_to_none=True)
+        o = fwd()
+        o.loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, c["max_norm"])))
+        losses.append(float(o.loss.detach()))
+        opt.step()
+    with torch.no_grad():
+        losses.append(float(fwd().loss))  # after the last step
+    p_final = torch.cat([p.detach().reshape(-1) for p in params])
+    print(f"[ref] tiny: AdamW losses {['%.4f' % x for x in losses]}, pre-clip norms "
+          f"{['%.3f' % x for x in norms]}")
+
+    o = {"versions": versions(), "config": json.dumps(c), "n_tokens": n_tok}
+    for k, v in base.items():
+        o[f"w.{k}"] = v.numpy().astype(np.float32)
+    o["lora_params"] = p0.numpy().astype(np.float32)
+    o["lora_names"] = ",".join(n for n, _ in lora)
+    o["input_ids"] = ids.numpy().astype(np.int32)
+    o["labels"] = labels.numpy().astype(np.int32)
+    o["position_ids"] = pos.numpy().astype(np.int32)
+    o["logits"] = logits.numpy()
+    o["loss"] = loss
+    o["grads"] = g_ref.numpy()
+    o["grads_checkpointing_max_rel_diff"] = ck_diff  # HF with vs without checkpointing (asserted < 1e-5 above)
+    o["bf16.logits"] = logits_bf.numpy()
+    o["bf16.loss"] = float(out_bf.loss.detach())
+    o["bf16.grads"] = g_bf.numpy()
+    o["adamw.losses"] = np.array(losses, dtype=np.float64)
+    o["adamw.grad_norms"] = np.array(norms, dtype=np.float64)
+    o["adamw.final_params"] = p_final.numpy().astype(np.float32)
+    write_qref(os.path.join(FIX, "ref_tiny.qref.gz"), o)
+
+
+# ----------------------------------------------------------------------------- SmolLM2-135M from the GGUF
+
+REAL_TEXTS = [
+    "ls - list directory contents\n\nSYNOPSIS\n       ls [OPTION]... [FILE]...\n\nDESCRIPTION\n       List "
+    "information about the FILEs (the current directory by default).",
+    "<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n<|im_start|>assistant\n"
+    "Paris.<|im_end|>\n<|im_start|>user\nAnd of Italy?",
+]
+REAL_T = 32
+REAL_TOPK = 16
+REAL_SUBSET = 256
+
+
+def make_real(args):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    torch.set_num_threads(1)  # bnb's double-quant offset is a torch mean: one thread (see make_nf4)
+    tok, _, _, _ = hf_tokenizer(MODEL)
+    tok.encode_special_tokens = False
+    rows = []
+    for t in REAL_TEXTS:
+        ids = tok.encode(t, add_special_tokens=False).ids
+        assert len(ids) >= REAL_T, (len(ids), t)
+        rows.append(ids[:REAL_T])
+    ids = torch.tensor(rows, dtype=torch.long)
+    B, T = ids.shape
+    V = 49152
+    g = np.random.default_rng(7)
+    subset = np.sort(g.choice(V, REAL_SUBSET, replace=False)).astype(np.int32)
+    d, f = os.path.dirname(MODEL), os.path.basename(MODEL)
+
+    def load(**kw):
+        m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, **kw)
+        m.eval()
+        return m
+
+    def round_bf16_(model, linears=True):
+        """Round the embedding (tied LM head) and, optionally, every linear weight to bf16 (RNE),
+        in place, leaving them fp32 tensors: the weights qlora's bf16 base holds."""
+        with torch.no_grad():
+            e = model.model.embed_tokens.weight
+            e.copy_(e.to(torch.bfloat16).float())
+            if linears:
+                for layer in model.model.layers:
+                    for mod, name in LINEARS:
+                        w = getattr(getattr(layer, mod), name).weight
+                        w.copy_(w.to(torch.bfloat16).float())
+
+    out = {"versions": versions(), "input_ids": ids.numpy().astype(np.int32), "subset": subset,
+           "topk": REAL_TOPK, "texts": json.dumps(REAL_TEXTS)}
+
+    def record(name, model):
+        with torch.no_grad():
+            lg = model(input_ids=ids, position_ids=torch.arange(T).expand(B, T)).logits.float()
+        lg = lg.reshape(B * T, -1)
+        assert lg.shape[1] == V
+        lse = torch.logsumexp(lg.double(), dim=-1)
+        top = torch.topk(lg, REAL_TOPK, dim=-1)
+        out[f"{name}.lse"] = lse.numpy().astype(np.float64)
+        out[f"{name}.top_ids"] = top.indices.numpy().astype(np.int32)
+        out[f"{name}.top_vals"] = top.values.numpy().astype(np.float32)
+        out[f"{name}.subset_logits"] = lg[:, torch.from_numpy(subset).long()].numpy().astype(np.float32)
+        print(f"[ref] real {name}: max|logit| {float(lg.abs().max()):.3f}, lse[0] {float(lse[0]):.4f}, "
+              f"top1 row0 pos0..4 {top.indices[:5, 0].tolist()}")
+        return lg
+
+    m = load(torch_dtype=torch.float32)
+    assert m.config.tie_word_embeddings
+    ref_f32 = record("f32", m)                  # transformers as it loads the GGUF (fp32)
+    round_bf16_(m)
+    ref_bw = record("f32_bf16w", m)             # the same with qlora's bf16 weights, fp32 compute
+    del m
+    m = load(torch_dtype=torch.bfloat16)
+    ref_bf = record("bf16", m)                  # transformers entirely in bf16: the bf16 yardstick
+    del m
+    # transformers will not quantize while loading a GGUF, so the dequantized fp32 model is saved as an
+    # HF checkpoint (safetensors) first and loaded from there with BitsAndBytesConfig: bitsandbytes
+    # then quantizes exactly the fp32 weights transformers dequantized from the GGUF.
+    import tempfile
+    tmp = tempfile.mkdtemp(prefix="qlora_ref_")
+    src = load(torch_dtype=torch.float32)
+    cfg = src.config.to_dict()
+    cfg.pop("quantization_config", None)  # the GGUF marker; a plain checkpoint has none
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+    LlamaConfig.from_dict(cfg).save_pretrained(tmp)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items() if k != "lm_head.weight"},
+              os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    del src
+    for cd, name in ((torch.bfloat16, "nf4_bf16"), (torch.float32, "nf4_f32")):
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=cd)
+        m = AutoModelForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32, quantization_config=q)
+        m.eval()
+        # On an AVX512-BF16 CPU, Linear4bit in eval mode without grad repacks its weight for a bf16
+        # inference kernel (bf16 block scales, activations cast to bf16 whatever the compute dtype).
+        # Training never takes that path: it dequantizes and calls F.linear in the compute dtype
+        # (bnb's gemm_4bit default op), which is the arithmetic qlora's trainer shares. Turn the
+        # inference path off so the reference is the training one.
+        for mod in m.modules():
+            if type(mod).__name__ == "Linear4bit":
+                mod.support_avx512bf16_for_cpu = False
+        lin = m.model.layers[0].self_attn.q_proj
+        assert type(lin).__name__ == "Linear4bit" and lin.weight.quant_state.nested, type(lin)
+        if cd == torch.float32:
+            round_bf16_(m, linears=False)       # qlora holds the (tied) embedding in bf16
+        record(name, m)
+        del m
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"[ref] real: bf16-weights vs fp32: max|Δ| {float((ref_bw - ref_f32).abs().max()):.4f}; torch bf16 vs "
+          f"fp32: {float((ref_bf - ref_f32).abs().max()):.4f}")
+    write_qref(os.path.join(FIX, "ref_real.qref.gz"), out)
 
 
 # ----------------------------------------------------------------------------- main

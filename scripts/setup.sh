@@ -21,6 +21,9 @@ PACKAGES=(
     libpcre2-dev      # the tokenizer's pre-tokenizer regex (\p{N}, \p{L})
     libcmocka-dev     # unit tests
     libhdf5-dev       # checkpoints
+    hdf5-tools        # h5dump: read a checkpoint's state.h5 (the resume test checks it is readable)
+    clang             # libFuzzer targets (make fuzz)
+    libclang-rt-14-dev # clang's fuzzer / ASan / UBSan runtimes (not pulled in without recommends)
     zlib1g-dev        # zlib
     libpng-dev        # PNG output
     python3           # scripts (fetch, dataset); not needed at run time

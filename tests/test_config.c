@@ -237,6 +237,11 @@ static void assert_configs_equal(const train_config *a, const train_config *b) {
     assert_memory_equal(&a->adam_beta1, &b->adam_beta1, sizeof(float));
     assert_memory_equal(&a->adam_beta2, &b->adam_beta2, sizeof(float));
     assert_memory_equal(&a->adam_epsilon, &b->adam_epsilon, sizeof(float));
+    assert_memory_equal(&a->sophia_beta1, &b->sophia_beta1, sizeof(float));
+    assert_memory_equal(&a->sophia_beta2, &b->sophia_beta2, sizeof(float));
+    assert_memory_equal(&a->sophia_rho, &b->sophia_rho, sizeof(float));
+    assert_int_equal(a->sophia_k, b->sophia_k);
+    assert_int_equal(a->sophia_bs, b->sophia_bs);
     assert_int_equal(a->seed, b->seed);
     assert_string_equal(a->output_dir, b->output_dir);
     assert_int_equal(a->logging_steps, b->logging_steps);
@@ -460,8 +465,11 @@ static void test_errors_per_key(void **state) {
     /* enums */
     expect_load_error(t, "x.yaml", "lr_scheduler: cosin\n",
                       "lr_scheduler: expected one of cosine, linear, constant, got \"cosin\"; did you mean \"cosine\"?");
-    expect_load_error(t, "x.yaml", "optimizer: sophia\n",
-                      "x.yaml: optimizer: \"sophia\" is not implemented yet (accepted: adamw)");
+    expect_load_error(t, "x.yaml", "optimizer: adafactor\n",
+                      "x.yaml: optimizer: \"adafactor\" is not supported yet (accepted: adamw, sophia)");
+    expect_load_error(t, "x.yaml", "sophia_rho: 0\n", "sophia_rho: expected a positive number, got \"0\"");
+    expect_load_error(t, "x.yaml", "sophia_k: 0\n", "sophia_k: expected a positive integer");
+    expect_load_error(t, "x.yaml", "sophia_beta2: 1\n", "sophia_beta2: expected a number in [0, 1)");
     expect_load_error(t, "x.yaml", "optimizer: adamw_bnb_8bit\n", "optimizer: \"adamw_bnb_8bit\" is not supported yet");
     expect_load_error(t, "x.yaml", "bnb_4bit_quant_type: fp4\n", "bnb_4bit_quant_type: \"fp4\" is not supported yet");
     expect_load_error(t, "x.yaml", "adapter: ia3\n", "adapter: expected one of qlora, lora, got \"ia3\"");
@@ -555,6 +563,71 @@ static void test_validate_rules(void **state) {
     train_config_free(&c);
 }
 
+/* The checkpoint / fault keys (issue 4): defaults, parsing, ranges, the
+ * save interval, and that resume_from_checkpoint is optional. */
+static void test_checkpoint_keys(void **state) {
+    const tctx *t = *state;
+    char path[256], buf[1024];
+    write_file(t, "ck.yaml", MINIMAL, path, sizeof path);
+    train_config c;
+    qerr e = {{0}};
+    assert_int_equal(train_config_load(path, &c, &e), 0);
+    assert_int_equal(train_config_validate(&c, &e), 0);
+    assert_int_equal(c.save_steps, 0);
+    assert_int_equal(c.saves_per_epoch, 0);
+    assert_int_equal(c.save_total_limit, 0);
+    assert_null(c.resume_from_checkpoint);
+    assert_int_equal(c.auto_resume_from_checkpoints, 1);
+    assert_int_equal(c.max_nan_steps, 5);
+    assert_int_equal(c.skip_bad_lines, 0);
+    assert_int_equal(train_config_save_interval(&c, 100), 500); /* HF's default */
+    train_config_free(&c);
+
+    snprintf(buf, sizeof buf,
+             "%ssave_steps: 25\nsave_total_limit: 3\nresume_from_checkpoint: out/checkpoint-50\n"
+             "auto_resume_from_checkpoints: false\nmax_nan_steps: 2\nskip_bad_lines: yes\n",
+             MINIMAL);
+    write_file(t, "ck2.yaml", buf, path, sizeof path);
+    assert_int_equal(train_config_load(path, &c, &e), 0);
+    assert_int_equal(train_config_validate(&c, &e), 0);
+    assert_int_equal(train_config_save_interval(&c, 100), 25);
+    assert_int_equal(c.save_total_limit, 3);
+    assert_string_equal(c.resume_from_checkpoint, "out/checkpoint-50");
+    assert_int_equal(c.auto_resume_from_checkpoints, 0);
+    assert_int_equal(c.max_nan_steps, 2);
+    assert_int_equal(c.skip_bad_lines, 1);
+    /* written and read back */
+    char out[256];
+    snprintf(out, sizeof out, "%s/ck2.resolved.yaml", t->dir);
+    assert_int_equal(train_config_write_yaml(&c, out, &e), 0);
+    train_config c2;
+    assert_int_equal(train_config_load(out, &c2, &e), 0);
+    assert_string_equal(c2.resume_from_checkpoint, "out/checkpoint-50");
+    assert_int_equal(c2.save_steps, 25);
+    assert_int_equal(c2.skip_bad_lines, 1);
+    /* null resets an override to the default */
+    assert_int_equal(train_config_apply_override(&c2, "resume_from_checkpoint=", &e), 0);
+    assert_null(c2.resume_from_checkpoint);
+    assert_int_equal(train_config_apply_override(&c2, "saves_per_epoch=4", &e), 0);
+    assert_int_equal(train_config_validate(&c2, &e), -1);
+    assert_non_null(strstr(e.msg, "save_steps and saves_per_epoch are both set"));
+    assert_int_equal(train_config_apply_override(&c2, "save_steps=0", &e), 0);
+    assert_int_equal(train_config_validate(&c2, &e), 0);
+    assert_int_equal(train_config_save_interval(&c2, 100), 25);
+    assert_int_equal(train_config_save_interval(&c2, 3), 1);
+    train_config_free(&c2);
+    train_config_free(&c);
+
+    snprintf(buf, sizeof buf, "%smax_nan_steps: 0\n", MINIMAL);
+    expect_load_error(t, "ck3.yaml", buf, "max_nan_steps: expected a positive integer, got \"0\"");
+    snprintf(buf, sizeof buf, "%ssave_steps: -1\n", MINIMAL);
+    expect_load_error(t, "ck3.yaml", buf, "save_steps: expected an integer >= 0");
+    snprintf(buf, sizeof buf, "%sresume_from_checkpoint: [a, b]\n", MINIMAL);
+    expect_load_error(t, "ck3.yaml", buf, "resume_from_checkpoint: expected a string, got a list");
+    snprintf(buf, sizeof buf, "%ssave_strategy: epoch\n", MINIMAL);
+    expect_load_error(t, "ck3.yaml", buf, "save_strategy: not supported yet");
+}
+
 static void test_overrides(void **state) {
     const tctx *t = *state;
     char path[256];
@@ -611,8 +684,19 @@ static void test_overrides(void **state) {
     assert_int_equal(train_config_apply_override(&c, "=8", &e), -1);
     assert_int_equal(train_config_apply_override(&c, "flash_attention=true", &e), -1);
     assert_non_null(strstr(e.msg, "command line: flash_attention: not supported yet"));
-    assert_int_equal(train_config_apply_override(&c, "optimizer=sophia", &e), -1);
-    assert_non_null(strstr(e.msg, "optimizer: \"sophia\" is not implemented yet"));
+    assert_int_equal(train_config_apply_override(&c, "optimizer=sgd", &e), -1);
+    assert_non_null(strstr(e.msg, "optimizer: \"sgd\" is not supported yet"));
+    /* Sophia: the official defaults, then overrides; "sophiag" is an alias */
+    assert_string_equal(c.optimizer, "adamw");
+    assert_true(c.sophia_beta1 == 0.965f && c.sophia_beta2 == 0.99f && c.sophia_rho == 0.04f);
+    assert_int_equal(c.sophia_k, 10);
+    assert_int_equal(c.sophia_bs, 0);
+    assert_int_equal(train_config_apply_override(&c, "optimizer=sophiag", &e), 0);
+    assert_string_equal(c.optimizer, "sophia");
+    assert_int_equal(train_config_apply_override(&c, "sophia_rho=0.05", &e), 0);
+    assert_int_equal(train_config_apply_override(&c, "sophia_k=5", &e), 0);
+    assert_true(c.sophia_rho == 0.05f);
+    assert_int_equal(c.sophia_k, 5);
     assert_int_equal(train_config_apply_override(&c, "flash_attention=false", &e), 0);
 
     assert_int_equal(train_config_validate(&c, &e), 0);
@@ -628,6 +712,9 @@ static void test_round_trip(void **state) {
     assert_int_equal(train_config_load(path, &a, &e), 0);
     /* awkward values: exact float round trip, odd strings */
     a.learning_rate = 1.0f / 3.0f * 1e-4f;
+    a.sophia_rho = 1.0f / 3.0f;
+    a.sophia_k = 7;
+    a.sophia_bs = 5120;
     a.val_set_size = 0.1234567890123;
     a.adam_epsilon = 1e-8f;
     free(a.output_dir);
@@ -670,6 +757,7 @@ int main(void) {
         cmocka_unit_test(test_errors_per_key),
         cmocka_unit_test(test_syntax_error_line),
         cmocka_unit_test(test_validate_rules),
+        cmocka_unit_test(test_checkpoint_keys),
         cmocka_unit_test(test_overrides),
         cmocka_unit_test(test_round_trip),
     };

@@ -119,7 +119,7 @@ static void test_completion_chunking(void **state) {
     for (int i = 0; i < 40; i++) strcat(text, "The quick brown fox jumps over the lazy dog. ");
     char line[4200];
     snprintf(line, sizeof line, "{\"text\": \"%s\"}\n\n{\"text\": \"short one\"}\n", text);
-    dataset_spec spec = {write_jsonl(fx, "c.jsonl", line), "completion", NULL, NULL};
+    dataset_spec spec = {write_jsonl(fx, "c.jsonl", line), "completion", NULL, NULL, 0, NULL};
     dataset_examples docs = {0};
     read_ok(fx, &spec, 0, &docs);
     assert_int_equal(docs.n, 2);
@@ -178,7 +178,7 @@ static void check_alpaca(fixture *fx, int train_on_inputs) {
         "### Input:\n2 and 3\n\n### Response:\n";
     const char *outs[2] = {"Red is a primary color.", "The sum is 5."};
     const char *prompts[2] = {prompt0, prompt1};
-    dataset_spec spec = {write_jsonl(fx, "a.jsonl", jsonl), "alpaca", NULL, NULL};
+    dataset_spec spec = {write_jsonl(fx, "a.jsonl", jsonl), "alpaca", NULL, NULL, 0, NULL};
     dataset_examples docs = {0};
     read_ok(fx, &spec, train_on_inputs, &docs);
     assert_int_equal(docs.n, 2);
@@ -251,7 +251,7 @@ static void test_chat_template(void **state) {
         "\"content\": \"2+2 = 4.\"}]}\n"
         "{\"messages\": [{\"role\": \"system\", \"content\": \"Be terse.\"}, {\"role\": \"user\", \"content\": "
         "\"Ping\"}, {\"role\": \"assistant\", \"content\": \"\\n  Pong\"}]}\n";
-    dataset_spec spec = {write_jsonl(fx, "chat.jsonl", jsonl), "chat_template", NULL, NULL};
+    dataset_spec spec = {write_jsonl(fx, "chat.jsonl", jsonl), "chat_template", NULL, NULL, 0, NULL};
     dataset_examples docs = {0};
     read_ok(fx, &spec, 0, &docs);
     assert_int_equal(docs.n, 2);
@@ -459,7 +459,7 @@ static char *make_docs_jsonl(int n_docs) {
 static void test_determinism(void **state) {
     fixture *fx = need_model(state);
     char *jsonl = make_docs_jsonl(40);
-    dataset_spec spec = {write_jsonl(fx, "d.jsonl", jsonl), "completion", NULL, NULL};
+    dataset_spec spec = {write_jsonl(fx, "d.jsonl", jsonl), "completion", NULL, NULL, 0, NULL};
     free(jsonl);
     packed_set a, b, c, ea, eb, ec;
     dataset_stats sa, sb, sc;
@@ -508,7 +508,7 @@ static void test_determinism(void **state) {
 static void test_split_no_leak(void **state) {
     fixture *fx = need_model(state);
     char *jsonl = make_docs_jsonl(20);
-    dataset_spec spec = {write_jsonl(fx, "s.jsonl", jsonl), "completion", NULL, NULL};
+    dataset_spec spec = {write_jsonl(fx, "s.jsonl", jsonl), "completion", NULL, NULL, 0, NULL};
     free(jsonl);
     dataset_examples docs = {0}, tr = {0}, ev = {0};
     read_ok(fx, &spec, 0, &docs);
@@ -549,7 +549,7 @@ static void test_split_no_leak(void **state) {
 
     /* test_datasets: the held-out set is that file; val_set_size must be 0 */
     dataset_spec test = {write_jsonl(fx, "t.jsonl", "{\"text\": \"held out one\"}\n{\"text\": \"held out two\"}\n"),
-                         "completion", NULL, NULL};
+                         "completion", NULL, NULL, 0, NULL};
     packed_set a, b;
     dataset_stats st;
     assert_int_equal(dataset_build(fx->tok, &spec, 1, &test, 1, 0.1, 32, 1, 0, 1, &a, &b, &st, &e), -1);
@@ -574,7 +574,7 @@ static void test_split_no_leak(void **state) {
 static void expect_read_error(fixture *fx, const char *name, const char *type, const char *content,
                               const char *want1, const char *want2) {
     char *path = write_jsonl(fx, name, content);
-    dataset_spec spec = {path, (char *)type, NULL, NULL};
+    dataset_spec spec = {path, (char *)type, NULL, NULL, 0, NULL};
     dataset_examples docs = {0};
     qerr e = {{0}};
     assert_int_equal(dataset_read_jsonl(fx->tok, &spec, 0, &docs, &e), -1);
@@ -605,20 +605,29 @@ static void test_errors(void **state) {
     expect_read_error(fx, "chat2.jsonl", "chat_template", "{\"conversations\": []}\n",
                       "chat2.jsonl:1: field \"messages\" missing or not an array", NULL);
     /* a missing file */
-    dataset_spec spec = {"/nonexistent/x.jsonl", "completion", NULL, NULL};
+    dataset_spec spec = {"/nonexistent/x.jsonl", "completion", NULL, NULL, 0, NULL};
     dataset_examples docs = {0};
     qerr e = {{0}};
     assert_int_equal(dataset_read_jsonl(fx->tok, &spec, 0, &docs, &e), -1);
     assert_non_null(strstr(e.msg, "/nonexistent/x.jsonl: cannot open"));
     /* dataset_build passes errors through and leaves nothing allocated */
-    dataset_spec bad = {write_jsonl(fx, "bad2.jsonl", "{\"text\": \"ok\"}\nnot json\n"), "completion", NULL, NULL};
+    dataset_spec bad = {write_jsonl(fx, "bad2.jsonl", "{\"text\": \"ok\"}\nnot json\n"), "completion", NULL, NULL, 0, NULL};
     packed_set a, b;
     assert_int_equal(dataset_build(fx->tok, &bad, 1, NULL, 0, 0.0, 32, 1, 0, 1, &a, &b, NULL, &e), -1);
     assert_non_null(strstr(e.msg, "bad2.jsonl:2:"));
     assert_null(a.input_ids);
     assert_null(b.input_ids);
+    /* skip_bad_lines: the same file reads, the bad line is counted and named */
+    dataset_skip_log skipped = {0};
+    bad.skip_bad_lines = 1;
+    bad.skipped = &skipped;
+    assert_int_equal(dataset_read_jsonl(fx->tok, &bad, 0, &docs, &e), 0);
+    assert_int_equal(docs.n, 1);
+    assert_int_equal(skipped.n_lines, 1);
+    assert_non_null(strstr(skipped.first, "bad2.jsonl:2: invalid JSON"));
+    dataset_examples_free(&docs);
     /* custom field names */
-    dataset_spec custom = {write_jsonl(fx, "f.jsonl", "{\"body\": \"custom field\"}\n"), "completion", "body", NULL};
+    dataset_spec custom = {write_jsonl(fx, "f.jsonl", "{\"body\": \"custom field\"}\n"), "completion", "body", NULL, 0, NULL};
     assert_int_equal(dataset_read_jsonl(fx->tok, &custom, 0, &docs, &e), 0);
     assert_int_equal(docs.n, 1);
     dataset_examples_free(&docs);

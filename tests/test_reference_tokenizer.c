@@ -19,8 +19,10 @@
  *    first conversation. qlora renders through dataset_read_jsonl (type
  *    chat_template, train_on_inputs so nothing is dropped); the ids must be
  *    equal and tokenizer_decode(ids) must equal the rendered string byte for
- *    byte. add_generation_prompt is not compared: the C API renders training
- *    examples only and has no generation-prompt option.
+ *    byte. add_generation_prompt=True is compared through the one C API
+ *    that renders it, data/chat.h chat_render_prompt (one user turn, an
+ *    explicit system turn, an empty one, or the template's default): the
+ *    rendered prompt and its ids (tokenizer_encode, parse_special = 1).
  *
  * Needs models/SmolLM2-135M-Instruct.Q4_1.gguf (`make model`).
  */
@@ -37,6 +39,7 @@
 #include <cjson/cJSON.h>
 #include <cmocka.h>
 
+#include "data/chat.h"
 #include "data/dataset.h"
 #include "data/tokenizer.h"
 #include "tests/ref_fixture.h"
@@ -221,10 +224,58 @@ static void test_chat_template_equals_transformers(void **state) {
     tokenizer_free(t);
 }
 
+static void test_generation_prompt_equals_transformers(void **state) {
+    (void)state;
+    tokenizer *t = load_tok();
+    ref_file rf;
+    ref_open_or_fail(CHAT_FIXTURE, &rf);
+    char *js = ref_str(&rf, "gen_prompts");
+    cJSON *cases = cJSON_Parse(js);
+    assert_non_null(cases);
+    int n = cJSON_GetArraySize(cases);
+    assert_true(n >= 4);
+    const ref_array *io = ref_find(&rf, "gen_ids_off");
+    assert_non_null(io);
+    assert_int_equal(io->numel, n + 1);
+    const int64_t *off = io->data;
+    const int32_t *ids = ref_i32(&rf, "gen_ids", off[n]);
+    int bad = 0;
+    for (int i = 0; i < n; i++) {
+        const cJSON *c = cJSON_GetArrayItem(cases, i);
+        const cJSON *sys = cJSON_GetObjectItemCaseSensitive(c, "system");
+        const char *user = cJSON_GetObjectItemCaseSensitive(c, "user")->valuestring;
+        const char *want = cJSON_GetObjectItemCaseSensitive(c, "rendered")->valuestring;
+        char *got = NULL;
+        qerr e = {{0}};
+        if (chat_render_prompt(t, cJSON_IsString(sys) ? sys->valuestring : NULL, user, &got, &e))
+            fail_msg("%s", e.msg);
+        tokenizer_ids v = {0};
+        if (tokenizer_encode(t, got, strlen(got), 1, &v, &e)) fail_msg("%s", e.msg);
+        int ids_ok = (int64_t)v.n == off[i + 1] - off[i];
+        for (size_t j = 0; ids_ok && j < v.n; j++) ids_ok = v.ids[j] == ids[off[i] + (int64_t)j];
+        if (strcmp(got, want) != 0 || !ids_ok) {
+            bad++;
+            print_error("generation prompt %d: rendered string %s, ids %s\n", i, strcmp(got, want) ? "DIFFERS" : "equal",
+                        ids_ok ? "equal" : "DIFFER");
+            print_snippet("transformers", want, 0, (int64_t)strlen(want));
+            print_snippet("qlora       ", got, 0, (int64_t)strlen(got));
+        }
+        tokenizer_ids_free(&v);
+        free(got);
+    }
+    print_message("[ref] chat template with add_generation_prompt: %d prompts, %d differ\n", n, bad);
+    assert_int_equal(bad, 0);
+    cJSON_Delete(cases);
+    free(js);
+    ref_close(&rf);
+    tokenizer_free(t);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_corpus_ids_equal_hf),
         cmocka_unit_test(test_chat_template_equals_transformers),
+        cmocka_unit_test(test_generation_prompt_equals_transformers),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

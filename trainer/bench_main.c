@@ -50,6 +50,13 @@ static double peak_rss_mib(void) {
     return (double)ru.ru_maxrss / 1024.0;
 }
 
+static double cpu_sec(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_utime.tv_sec + 1e-6 * (double)ru.ru_utime.tv_usec + (double)ru.ru_stime.tv_sec +
+           1e-6 * (double)ru.ru_stime.tv_usec;
+}
+
 static void usage(FILE *f) {
     fprintf(f,
             "usage: qlora-bench --shape smollm2-135m|llama2-7b --seq N --batch N --lora-r N --checkpointing on|off\n"
@@ -310,10 +317,10 @@ int main(int argc, char **argv) {
     fprintf(stderr, "[bench] %d warm-up + %d timed steps: seq %d x batch %d, LoRA r %d on all linears, AdamW, "
                     "checkpointing %s, %d threads\n",
             warmup, steps, T, B, r, ckpt ? "on" : "off", n_threads);
-    double step_time = 0, loss = 0;
+    double step_time = 0, loss = 0, step_cpu = 0;
     for (int s = 0; s < warmup + steps; s++) {
         if (s == warmup) ag_prof_reset();
-        double ts = now_sec();
+        double ts = now_sec(), cs = cpu_sec();
         memset(ls.grads, 0, (size_t)ls.n_params * sizeof(float));
         ctx.seed = rng_u64(42, 0xd509u, (uint64_t)s);
         ag_mark mk = ag_arena_mark(&ctx);
@@ -330,9 +337,13 @@ int main(int argc, char **argv) {
         loss = lsum / (double)(nt ? nt : 1);
         fprintf(stderr, "[bench] step %d%s: %.2fs, %.0f tok/s, loss %.4f, grad_norm %.3g\n", s + 1,
                 s < warmup ? " (warm-up)" : "", dt, (double)N / dt, loss, gn);
-        if (s >= warmup) step_time += dt;
+        if (s >= warmup) {
+            step_time += dt;
+            step_cpu += cpu_sec() - cs;
+        }
     }
     step_time /= steps;
+    step_cpu /= steps;
     double prof[AG_PROF_N], gemm_flops;
     ag_prof_read(prof, &gemm_flops);
 
@@ -348,6 +359,8 @@ int main(int argc, char **argv) {
     printf("qlora-bench: %s, seq %d x batch %d, LoRA r %d (all linears), AdamW, checkpointing %s, %d threads\n", shape,
            T, B, r, ckpt ? "on" : "off", n_threads);
     printf("  tokens/s          %10.1f   (%.3f s/step, mean of %d steps)\n", tps, step_time, steps);
+    printf("  CPU time          %10.3f s/step (%.2f of %d threads busy; wall/CPU shows machine contention)\n",
+           step_cpu, step_cpu / step_time, n_threads);
     printf("  model FLOPs/token %10.3f G (fwd + input grad + LoRA + attention, no recompute)\n", fpt / 1e9);
     printf("  achieved          %10.1f GFLOP/s\n", achieved / 1e9);
     printf("  bf16 GEMM peak    %10.1f GFLOP/s (measured in this run)\n", peak / 1e9);
@@ -361,10 +374,10 @@ int main(int argc, char **argv) {
         if (prof[c] > 0)
             printf("    %-10s %8.3f s  %5.1f%%\n", ag_prof_names[c], prof[c] / steps, 100 * prof[c] / prof_total);
     printf("{\"shape\":\"%s\",\"seq\":%d,\"batch\":%d,\"lora_r\":%d,\"checkpointing\":%s,\"threads\":%d,"
-           "\"steps\":%d,\"tokens_per_s\":%.2f,\"s_per_step\":%.4f,\"model_gflop_per_token\":%.4f,"
+           "\"steps\":%d,\"tokens_per_s\":%.2f,\"s_per_step\":%.4f,\"cpu_s_per_step\":%.4f,\"model_gflop_per_token\":%.4f,"
            "\"achieved_gflops\":%.1f,\"peak_gflops\":%.1f,\"mfu\":%.4f,\"gemm_gflops\":%.1f,"
            "\"peak_rss_mb\":%.1f,\"predicted_peak_mb\":%.1f,\"arena_peak_mb\":%.1f,\"loss\":%.5f",
-           shape, T, B, r, ckpt ? "true" : "false", n_threads, steps, tps, step_time, fpt / 1e9, achieved / 1e9,
+           shape, T, B, r, ckpt ? "true" : "false", n_threads, steps, tps, step_time, step_cpu, fpt / 1e9, achieved / 1e9,
            peak / 1e9, mfu, gemm_rate / 1e9, rss, plan.total / 1048576.0, ctx.arena.peak / 1048576.0, loss);
     printf(",\"op_seconds_per_step\":{");
     for (int c = 0; c < AG_PROF_N; c++) printf("%s\"%s\":%.4f", c ? "," : "", ag_prof_names[c], prof[c] / steps);

@@ -23,9 +23,11 @@
  *   /lora/tensor_names      string[128] (n_tensors): PEFT names, in arena order
  *   /lora/tensor_offsets    int64 (n_tensors): first element of each tensor in the arena
  *   /lora/tensor_shapes     int64 (n_tensors, 2): [rows, cols] row-major (A [r, in], B [out, r])
- *   /optimizer/exp_avg      float32 (n_params): AdamW first moment (torch's name)
- *   /optimizer/exp_avg_sq   float32 (n_params): AdamW second moment
- *     attrs name="adamw", step (completed updates), beta1, beta2, eps, weight_decay
+ *   /optimizer/exp_avg      float32 (n_params): AdamW first moment / Sophia momentum m (torch's name)
+ *   /optimizer/exp_avg_sq   float32 (n_params): AdamW second moment (adamw only)
+ *   /optimizer/hessian      float32 (n_params): Sophia's Hessian EMA h (sophia only; the official name)
+ *     attrs name="adamw" | "sophia", step (completed updates), beta1, beta2, weight_decay;
+ *     adamw: eps; sophia: rho, hessian_interval (k), hessian_updates
  *   /scheduler              attrs name, base_lr, warmup_steps, total_steps, last_step, last_lr
  *   /rng                    attrs seed, scheme (counter-based: see below)
  *   /data                   attrs epoch, index (into the epoch permutation), rows_consumed,
@@ -78,8 +80,11 @@ typedef struct ckpt_state {
     double base_lr, last_lr;
     int64_t warmup_steps;
     /* optimizer */
-    int64_t opt_step;      /* AdamW updates applied (skipped NaN steps do not count) */
+    char optimizer[16];    /* "adamw" ("" on write = "adamw") | "sophia" */
+    int64_t opt_step;      /* optimizer updates applied (skipped NaN steps do not count) */
     double beta1, beta2, eps, weight_decay;
+    double rho;                              /* sophia */
+    int64_t hessian_interval, hessian_updates; /* sophia: k, Hessian EMA updates applied */
     /* trainer */
     int64_t nan_streak, nan_skipped;
     double eval_loss_start, last_eval_loss; /* NAN when none */
@@ -89,7 +94,8 @@ typedef struct ckpt_state {
     char base_model[1024];
     /* payload */
     int64_t n_params;
-    float *params, *exp_avg, *exp_avg_sq; /* (n_params) each */
+    float *params, *exp_avg, *exp_avg_sq; /* (n_params) each; exp_avg_sq NULL for sophia */
+    float *hessian;                       /* (n_params) sophia's h, else NULL */
     int n_tensors;
     ckpt_tensor *tensors;                 /* (n_tensors) */
     char *config_yaml;                    /* NUL-terminated */
@@ -105,6 +111,9 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e);
  * zeroed first and owns its buffers on success (nothing on failure). */
 int ckpt_read_state(const char *path, ckpt_state *s, qerr *e);
 void ckpt_state_free(ckpt_state *s);
+
+/* ckpt_verify(dir) then ckpt_read_state(dir/state.h5). */
+int ckpt_load(const char *dir, ckpt_state *s, qerr *e);
 
 /* Called by ckpt_save with the temporary directory, to add files (the PEFT
  * adapter, the config) before the checkpoint is committed. */
@@ -136,8 +145,11 @@ int ckpt_list(const char *output_dir, ckpt_entry **out, int *n, qerr *e);
  * one. `*n_deleted` counts the directories removed. */
 int ckpt_prune(const char *output_dir, int keep, int *n_deleted, qerr *e);
 
-/* Delete leftovers of interrupted saves (checkpoint-*.tmp-* and
- * checkpoint-*.old-* directories). Call only while holding the output_dir lock. */
+/* Clean up after interrupted saves: delete checkpoint-*.tmp-* directories;
+ * a complete checkpoint-N.old-* (moved aside by a save of the same step that
+ * did not complete) is renamed back over an incomplete checkpoint-N, else
+ * deleted. `*n_deleted` counts directories removed or restored. Call only
+ * while holding the output_dir lock. */
 int ckpt_clean_stale(const char *output_dir, int *n_deleted, qerr *e);
 
 /* Fingerprint of the base model file (or directory) at `path`: XXH64 over the
@@ -157,10 +169,12 @@ int ckpt_remove_tree(const char *path, qerr *e);
 /* Test hooks (environment; used by tests/test_e2e_resume.c, never needed otherwise):
  *   QLORA_TEST_SAVE_DELAY_MS=N   sleep N ms between the stages of a save, so that
  *                                 a kill at a random moment often lands inside one;
- *   QLORA_TEST_CRASH_AT=STAGE    raise SIGKILL at STAGE of the first save:
- *                                 "state" (state.h5 half written), "extra",
- *                                 "rename" (before the directory rename),
- *                                 "marker" (renamed, before COMPLETE). */
+ *   QLORA_TEST_CRASH_AT=STAGE    raise SIGKILL at STAGE of the process's first save:
+ *                                 "begin" (temporary directory made), "state"
+ *                                 (state.h5 half written), "extra" (before the
+ *                                 adapter files), "rename" (before the directory
+ *                                 rename), "marker" (renamed, before COMPLETE),
+ *                                 "committed" (COMPLETE written, before cleanup). */
 void ckpt_test_point(const char *stage);
 
 #endif

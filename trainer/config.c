@@ -84,15 +84,15 @@ static const value_later L_SCHED[] = {
     {"inverse_sqrt", "not supported yet"}, {"reduce_lr_on_plateau", "not supported yet"},
     {"cosine_with_min_lr", "not supported yet"}, {"warmup_stable_decay", "not supported yet"},
     {"one_cycle", "not supported yet"}, {"rex", "not supported yet"}, {NULL, NULL}};
-static const char *const V_OPTIM[] = {"adamw", NULL};
+static const char *const V_OPTIM[] = {"adamw", "sophia", NULL};
 static const value_alias A_OPTIM[] = {
     {"adamw_torch", "adamw", NULL},
     {"adamw_torch_fused", "adamw", NULL},
     {"paged_adamw_32bit", "adamw",
      "optimizer: \"paged_adamw_32bit\" runs as \"adamw\" (paging is a CUDA memory feature; the update is the same)"},
+    {"sophiag", "sophia", NULL},
     {NULL, NULL, NULL}};
 static const value_later L_OPTIM[] = {
-    {"sophia", "not implemented yet"}, {"sophiag", "not implemented yet"},
     {"adamw_bnb_8bit", "not supported yet"}, {"adamw_8bit", "not supported yet"},
     {"paged_adamw_8bit", "not supported yet"}, {"adamw_torch_8bit", "not supported yet"},
     {"adafactor", "not supported yet"}, {"sgd", "not supported yet"}, {"adagrad", "not supported yet"},
@@ -162,6 +162,16 @@ static const key_spec KEYS[] = {
      .expect = "a number in [0, 1)"},
     {.name = "adam_epsilon", .kind = K_FLOAT, .off = OFF(adam_epsilon), .lo = 0, .hi = HUGE_VAL,
      .flags = F_LO_OPEN, .expect = "a positive number"},
+    {.name = "sophia_beta1", .kind = K_FLOAT, .off = OFF(sophia_beta1), .lo = 0, .hi = 1, .flags = F_HI_OPEN,
+     .expect = "a number in [0, 1)"},
+    {.name = "sophia_beta2", .kind = K_FLOAT, .off = OFF(sophia_beta2), .lo = 0, .hi = 1, .flags = F_HI_OPEN,
+     .expect = "a number in [0, 1)"},
+    {.name = "sophia_rho", .kind = K_FLOAT, .off = OFF(sophia_rho), .lo = 0, .hi = HUGE_VAL, .flags = F_LO_OPEN,
+     .expect = "a positive number"},
+    {.name = "sophia_k", .kind = K_INT, .off = OFF(sophia_k), .lo = 1, .hi = INTMAX_D,
+     .expect = "a positive integer (optimizer steps between Hessian updates)"},
+    {.name = "sophia_bs", .kind = K_INT, .off = OFF(sophia_bs), .lo = 0, .hi = INTMAX_D,
+     .expect = "an integer >= 0 (0 = the target tokens of each step)"},
     {.name = "seed", .kind = K_INT, .off = OFF(seed), .lo = 0, .hi = INTMAX_D, .expect = "an integer >= 0"},
     {.name = "output_dir", .kind = K_STR, .off = OFF(output_dir), .expect = "a directory path"},
     {.name = "logging_steps", .kind = K_INT, .off = OFF(logging_steps), .lo = 1, .hi = INTMAX_D,
@@ -568,6 +578,11 @@ int train_config_defaults(train_config *c) {
     c->adam_beta1 = 0.9f;
     c->adam_beta2 = 0.999f;
     c->adam_epsilon = 1e-8f;
+    c->sophia_beta1 = 0.965f;
+    c->sophia_beta2 = 0.99f;
+    c->sophia_rho = 0.04f;
+    c->sophia_k = 10;
+    c->sophia_bs = 0;
     c->seed = 42;
     c->logging_steps = 1;
     c->bf16 = 1;

@@ -51,11 +51,19 @@
  *    `adapter: lora` + `load_in_4bit: true` is the same computation as qlora;
  *    `adapter: qlora` requires load_in_4bit (as axolotl); `adapter: lora` +
  *    `load_in_4bit: false` keeps the frozen base in bf16.
- *  - optimizer: "adamw"; the aliases adamw_torch, adamw_torch_fused (axolotl's
- *    default) and paged_adamw_32bit resolve to "adamw" (paging is a CUDA memory
- *    feature, the update is identical; a warning says so for the paged one).
- *    "sophia" is an error "not implemented yet"; 8-bit and other optimizers are
+ *  - optimizer: "adamw" | "sophia"; the aliases adamw_torch, adamw_torch_fused
+ *    (axolotl's default) and paged_adamw_32bit resolve to "adamw" (paging is a
+ *    CUDA memory feature, the update is identical; a warning says so for the
+ *    paged one); "sophiag" resolves to "sophia". 8-bit and other optimizers are
  *    "not supported yet". The field always holds the resolved name.
+ *  - Sophia (SophiaG, optim/sophia.h; ours, named after the official code):
+ *    sophia_beta1 / sophia_beta2 (0.965 / 0.99), sophia_rho (0.04), sophia_k
+ *    (10: Hessian update after every k-th step), sophia_bs (0 = the number of
+ *    target tokens of each optimizer step, the official total_bs·block_size;
+ *    > 0 a fixed value) — the official defaults. learning_rate, weight_decay
+ *    (decoupled, the same formula as AdamW's; default 0.0, official Sophia
+ *    0.1) and max_grad_norm (also applied to the Hessian-estimate gradient, as
+ *    train_sophiag.py does) are shared with AdamW; adam_* apply to AdamW only.
  *  - lr_scheduler: cosine | linear | constant (+ alias constant_with_warmup).
  *    Warmup (warmup_steps or warmup_ratio) applies to every schedule, so
  *    "constant" is HF's constant_with_warmup.
@@ -128,8 +136,12 @@ typedef struct train_config {
     float warmup_ratio;               /* default 0, in [0,1); exclusive with warmup_steps > 0 */
     float weight_decay;               /* default 0.0 (decoupled, AdamW) */
     float max_grad_norm;              /* default 1.0; 0 = no clipping */
-    char *optimizer;                  /* "adamw" (resolved; see aliases above) */
+    char *optimizer;                  /* "adamw" | "sophia" (resolved; see aliases above) */
     float adam_beta1, adam_beta2, adam_epsilon; /* 0.9, 0.999, 1e-8 */
+    float sophia_beta1, sophia_beta2; /* 0.965, 0.99: momentum, Hessian EMA (optimizer: sophia) */
+    float sophia_rho;                 /* 0.04: clipping scale rho, > 0 */
+    int sophia_k;                     /* 10: Hessian estimate after every k-th optimizer step */
+    int sophia_bs;                    /* 0: bs = target tokens of each step; > 0: fixed bs */
     int seed;                         /* default 42, >= 0 */
     char *output_dir;                 /* default "./outputs/lora-out" */
     int logging_steps;                /* default 1 (optimizer steps between train log lines) */

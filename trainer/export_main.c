@@ -18,6 +18,7 @@
 static void usage(FILE *f) {
     fprintf(f,
             "usage: qlora-export RUN_DIR [--gguf FILE] [--merged DIR] [options]\n"
+            "       qlora-export --base MODEL --merged DIR [--merge-base source]   (the base alone, as an HF directory)\n"
             "  RUN_DIR holds adapter_config.json + adapter_model.safetensors (a qlora-train output_dir,\n"
             "  or any PEFT LoRA adapter of a Llama-family model).\n"
             "  --gguf FILE          llama.cpp LoRA adapter (F32; use with llama-cli --lora FILE)\n"
@@ -86,7 +87,7 @@ int main(int argc, char **argv) {
             run = a;
         }
     }
-    if (!run) {
+    if (!run && !(base_path && merged_out && !gguf_out)) {
         usage(stderr);
         return 2;
     }
@@ -100,7 +101,7 @@ int main(int argc, char **argv) {
     train_config c;
     int have_cfg = 0, dq = 1;
     qerr e = {{0}};
-    char *cfg_path = join(run, "config.resolved.yaml");
+    char *cfg_path = run ? join(run, "config.resolved.yaml") : NULL;
     if (cfg_path && access(cfg_path, R_OK) == 0) {
         if (train_config_load(cfg_path, &c, &e)) {
             fprintf(stderr, "qlora-export: %s\n", e.msg);
@@ -126,7 +127,7 @@ int main(int argc, char **argv) {
     double t0 = now_sec();
 
     char peek[1024];
-    if (!base_path && adapter_peek_base(run, peek, sizeof peek) == 0 && access(peek, R_OK) == 0) base_path = peek;
+    if (!base_path && run && adapter_peek_base(run, peek, sizeof peek) == 0 && access(peek, R_OK) == 0) base_path = peek;
     if (!base_path) {
         fprintf(stderr, "qlora-export: %s: no config.resolved.yaml and no readable base_model_name_or_path: "
                         "give the base model with --base PATH\n", run);
@@ -135,6 +136,19 @@ int main(int argc, char **argv) {
     }
     if (base_model_open(base_path, &b, &e)) goto fail;
     const llama_hparams *hp = base_model_hparams(b);
+    if (!run) {
+        /* no adapter: the base alone as an HF directory (e.g. GGUF -> safetensors) */
+        if (base_model_tokenizer(b, &tok, &e)) goto fail;
+        if (!merge_source) {
+            if (base_model_load(b, load_in_4bit, dq, 16, &m, &e)) goto fail;
+            have_model = 1;
+        }
+        if (export_merged(b, have_model ? &m : NULL, tok, NULL, NULL, merged_out, (size_t)shard_mb << 20, &e))
+            goto fail;
+        fprintf(stderr, "[export] base model %s as an HF directory: %s\n", base_path, merged_out);
+        rc = 0;
+        goto out;
+    }
     if (adapter_load_peft(run, hp, &ls, &info, &e)) goto fail;
     fprintf(stderr, "[export] adapter %s: r %d, alpha %g%s, %d modules; base %s (%s)\n", run, ls.r, ls.alpha,
             ls.use_rslora ? " (rsLoRA)" : "", info.n_present, base_path,

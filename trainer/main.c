@@ -1,8 +1,11 @@
 /* trainer/main.c — `qlora-train config.yaml [key=value ...]`.
  *
  * Exit status: 0 success, 1 the run failed (message on stderr), 2 bad usage
- * or an invalid config. Every error is one line naming the file and field.
+ * or an invalid config, 128 + signal (130 SIGINT, 143 SIGTERM) when a signal
+ * stopped training after saving a checkpoint (re-running resumes). Every error
+ * is one line naming the file and field.
  */
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +21,8 @@ static void usage(FILE *f) {
             "usage: qlora-train CONFIG.yaml [key=value ...]\n"
             "  Fine-tune a LoRA/QLoRA adapter on a GGUF Llama-family model (axolotl config keys).\n"
             "  key=value overrides a config key, e.g. max_steps=20 lora_r=16 'lora_target_modules=[q_proj,v_proj]'\n"
+            "  Checkpoints go to output_dir/checkpoint-<step>/; re-running the same command resumes from the\n"
+            "  newest complete one. Ctrl-C (SIGINT) or SIGTERM finishes the step, saves a checkpoint and stops.\n"
             "  --help, --version\n");
 }
 
@@ -61,6 +66,24 @@ int main(int argc, char **argv) {
         train_config_free(&c);
         gemm_shutdown();
         return 1;
+    }
+    if (r.interrupted) {
+        /* 128 + signal, the shell's convention for "stopped by that signal":
+         * the run did not finish, and scripts must not mistake it for done. */
+        char cmd[2048] = "";
+        for (int i = 0; i < argc; i++) {
+            size_t l = strlen(cmd);
+            int quote = strpbrk(argv[i], " \t'\"[]{}$*?;&|<>()") != NULL;
+            snprintf(cmd + l, sizeof cmd - l, i ? (quote ? " '%s'" : " %s") : (quote ? "'%s'" : "%s"), argv[i]);
+        }
+        fprintf(stderr,
+                "qlora-train: stopped by %s after step %d; checkpoint %s is complete. Resume with the same "
+                "command:\n  %s\n",
+                r.interrupted == SIGINT ? "SIGINT" : r.interrupted == SIGTERM ? "SIGTERM" : "a signal",
+                r.interrupted_step, r.checkpoint, cmd);
+        train_config_free(&c);
+        gemm_shutdown();
+        return 128 + r.interrupted;
     }
     if (r.eval_loss_start > 0)
         fprintf(stderr, "[done] held-out loss %.4f -> %.4f (perplexity %.2f -> %.2f)\n", r.eval_loss_start,

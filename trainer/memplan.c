@@ -1,4 +1,20 @@
-/* trainer/memplan.c — predicted peak memory of a training run (see memplan.h). */
+/* trainer/memplan.c — predicted peak memory of a training run (see memplan.h).
+ *
+ * The activation model follows autograd/ops.c and autograd/tensor.c:
+ *  - without checkpointing every block is an ag_segment: what stays until
+ *    backward is what its ops saved in the keep arena — the block output and
+ *    the residual after attention (fp32, RMSNorm backward needs them), the
+ *    bf16 GEMM operands of the seven linears (normed inputs, attention output,
+ *    SwiGLU output; q, k, v for attention), SwiGLU's g and u (bf16), LoRA's
+ *    u = xAᵀ (bf16), per-row statistics; the block's other fp32 outputs live
+ *    in the main arena only while the block runs;
+ *  - with checkpointing only each block's fp32 input stays, and one block at
+ *    a time is recomputed in backward (its fp32 outputs, bf16 memos and
+ *    gradients together);
+ *  - plus the top of the graph (embedding output, final norm, dL/dh of the
+ *    fused LM head + CE) and the CE chunk (128 rows of logits, fp32 + bf16).
+ * Sizes are per micro-batch; gradient accumulation reuses the same arena.
+ */
 #include "trainer/memplan.h"
 
 #include <string.h>
@@ -7,18 +23,44 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     memset(out, 0, sizeof *out);
     const llama_hparams *hp = &in->hp;
     double D = hp->d_model, F = hp->d_ff, V = hp->vocab, L = hp->n_layer;
-    double N = (double)in->B * in->T, T = in->T;
+    double B = in->B, T = in->T, N = B * T, r = in->lora_r, H = hp->n_head;
     double qd = (double)hp->n_head * hp->head_dim, kd = (double)hp->n_kv_head * hp->head_dim;
-    out->base = (double)in->frozen_bytes + V * D * 2.0 * (hp->tied_embeddings ? 1 : 2) + (2 * L + 1) * D * 4;
-    out->adapters = 8.0 * (double)in->lora_params;
-    out->optimizer = 8.0 * (double)in->lora_params;
-    double act_layer = 4.0 * N * (6.0 * D + 3.0 * F + 2.0 * (qd + 2 * kd)) + 4.0 * in->B * hp->n_head * T * T;
-    out->activations = in->checkpointing ? 4.0 * N * D * L + 2.0 * act_layer : act_layer * L;
-    out->activations += 4.0 * 256 * V * 2 + 4.0 * N * D * 3;
-    out->scratch = 2.0 * F * D;
-    out->runtime = 40.0 * 1048576.0 + (double)in->extra_bytes;
+    double nth = in->n_threads > 0 ? in->n_threads : 1;
+    double es = in->bf16 ? 2.0 : 4.0; /* GEMM operand element size */
+    double nl = r > 0 ? 7.0 : 0.0;     /* adapted linears per block (lora_target_linear) */
+
+    /* frozen base: NF4 linears, bf16 embeddings (+ untied head), fp32 norms, RoPE table */
+    out->base = (double)in->frozen_bytes + V * D * 2.0 * (hp->tied_embeddings ? 1 : 2) + (2 * L + 1) * D * 4 +
+                T * hp->head_dim * 4.0;
+    out->adapters = 8.0 * (double)in->lora_params;  /* A, B and their gradients, fp32 */
+    out->optimizer = 8.0 * (double)in->lora_params; /* AdamW m and v, fp32 */
+
+    /* one block's fp32 outputs (the same sizes again as their gradients in backward) */
+    double blk_f32 = 4.0 * N * (D + (qd + 2 * kd) + (qd + kd) + qd + 4 * D + 3 * F + nl * r);
+    /* GEMM operand copies kept for backward */
+    double blk_ops = es * N * (2 * D + (qd + 2 * kd) + qd + 3 * F + nl * r);
+    if (in->lora_dropout > 0) blk_ops += es * N * (3 * D + qd + 2 * D + F); /* dropout(x) per linear */
+    double blk_stats = 8.0 * N + 8.0 * B * H * T + 4.0 * N;
+    /* transients of one op: bf16 dy, attention scratch (per thread), dO */
+    double op_tmp = 2.0 * N * (F > qd + 2 * kd ? F : qd + 2 * kd) + 4.0 * N * r + nth * 128.0 * T * 12.0 + es * N * qd;
+    double top = 4.0 * N * D * 5.0 + 128.0 * V * (4.0 + es) + es * 128.0 * D;
+    if (!in->checkpointing) {
+        double keep_layer = 4.0 * N * D * 2.0 + blk_ops + blk_stats;
+        out->activations = L * keep_layer + blk_f32 + op_tmp + top;
+    } else {
+        out->activations = L * 4.0 * N * D + 2.0 * blk_f32 + blk_ops + blk_stats + op_tmp + top;
+    }
+    /* dequantized weight of the largest linear, block-output copy buffer */
+    double wmax = (F * D > qd * D ? F * D : qd * D) * es;
+    out->scratch = wmax + 4.0 * N * D;
+    /* process baseline: code and libraries, oneDNN JIT kernels and scratchpads, thread stacks */
+    out->runtime = 24.0 * 1048576.0 + nth * 4.0 * 1048576.0 + (double)in->extra_bytes;
     out->total = out->base + out->adapters + out->optimizer + out->activations + out->scratch + out->runtime;
-    out->arena_chunk = 256.0 * 1048576.0;
+    /* arena chunks: big enough that a step needs few of them */
+    double chunk = out->activations / 4;
+    if (chunk < 64.0 * 1048576.0) chunk = 64.0 * 1048576.0;
+    if (chunk > 512.0 * 1048576.0) chunk = 512.0 * 1048576.0;
+    out->arena_chunk = chunk;
     out->checkpointing = in->checkpointing;
 }
 
@@ -28,7 +70,7 @@ void memplan_print(FILE *f, const memplan *p) {
             "[memory] predicted peak %.0f MiB = base %.0f + adapters %.1f + optimizer %.1f + activations %.0f%s + "
             "scratch %.0f + runtime %.0f\n",
             p->total / M, p->base / M, p->adapters / M, p->optimizer / M, p->activations / M,
-            p->checkpointing ? " (checkpointing)" : "", p->scratch / M, p->runtime / M);
+            p->checkpointing ? " (gradient checkpointing)" : "", p->scratch / M, p->runtime / M);
 }
 
 size_t memplan_arena_chunk(const memplan *p) { return (size_t)p->arena_chunk; }

@@ -56,18 +56,30 @@ static int write_line(metrics_writer *w, const char *line, qerr *e) {
     return 0;
 }
 
-int metrics_log_train(metrics_writer *w, int64_t step, double loss, double lr, double grad_norm,
-                      double tokens_per_sec, double epoch, qerr *e) {
-    char a[40], b[40], c[40], d[40], f[40], line[320];
+int metrics_log_train_fields(metrics_writer *w, int64_t step, double loss, double lr, double grad_norm,
+                             double tokens_per_sec, double epoch, const metrics_field *extra, int n_extra, qerr *e) {
+    char a[40], b[40], c[40], d[40], f[40], line[320 + 16 * 80];
     fmt_num(a, sizeof a, loss);
     fmt_num(b, sizeof b, lr);
     fmt_num(c, sizeof c, grad_norm);
     fmt_num(d, sizeof d, tokens_per_sec);
     fmt_num(f, sizeof f, epoch);
-    snprintf(line, sizeof line,
-             "{\"step\": %lld, \"loss\": %s, \"lr\": %s, \"grad_norm\": %s, \"tokens_per_sec\": %s, \"epoch\": %s}\n",
-             (long long)step, a, b, c, d, f);
+    int len = snprintf(line, sizeof line,
+                       "{\"step\": %lld, \"loss\": %s, \"lr\": %s, \"grad_norm\": %s, \"tokens_per_sec\": %s, \"epoch\": %s",
+                       (long long)step, a, b, c, d, f);
+    if (n_extra > 16) n_extra = 16;
+    for (int i = 0; i < n_extra; i++) {
+        char v[40];
+        fmt_num(v, sizeof v, extra[i].value);
+        len += snprintf(line + len, sizeof line - (size_t)len, ", \"%.40s\": %s", extra[i].name, v);
+    }
+    snprintf(line + len, sizeof line - (size_t)len, "}\n");
     return write_line(w, line, e);
+}
+
+int metrics_log_train(metrics_writer *w, int64_t step, double loss, double lr, double grad_norm,
+                      double tokens_per_sec, double epoch, qerr *e) {
+    return metrics_log_train_fields(w, step, loss, lr, grad_norm, tokens_per_sec, epoch, NULL, 0, e);
 }
 
 int metrics_log_eval(metrics_writer *w, int64_t step, double eval_loss, double eval_ppl, int64_t eval_tokens,

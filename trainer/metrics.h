@@ -3,6 +3,9 @@
  * Train lines:  {"step": 12, "loss": 2.31, "lr": 0.0002, "grad_norm": 0.91, "tokens_per_sec": 5120.5, "epoch": 0.25}
  * Eval lines:   {"step": 12, "eval_loss": 2.05, "eval_ppl": 7.77, "eval_tokens": 40960}
  *
+ * A train line may carry extra numbers after these (metrics_log_train_fields),
+ * e.g. Sophia's {"..., "epoch": 0.25, "train_seconds": 41.2, "sophia_win_rate": 0.31}.
+ *
  * `step` is the optimizer step (0 = before the first update), losses are mean
  * token cross-entropy in nats, lr is the value used for that step, grad_norm
  * is the global L2 norm before clipping, epoch is fractional. Numbers are
@@ -28,6 +31,16 @@ int metrics_open(const char *path, int append, metrics_writer **out, qerr *e);
 /* One train line (see above). */
 int metrics_log_train(metrics_writer *w, int64_t step, double loss, double lr, double grad_norm,
                       double tokens_per_sec, double epoch, qerr *e);
+
+/* An extra named number of a train line (name: a JSON-safe identifier). */
+typedef struct metrics_field {
+    const char *name;
+    double value;
+} metrics_field;
+
+/* A train line with n_extra fields appended after "epoch" (n_extra <= 16). */
+int metrics_log_train_fields(metrics_writer *w, int64_t step, double loss, double lr, double grad_norm,
+                             double tokens_per_sec, double epoch, const metrics_field *extra, int n_extra, qerr *e);
 
 /* One eval line; eval_ppl = exp(eval_loss) is the caller's to compute. */
 int metrics_log_eval(metrics_writer *w, int64_t step, double eval_loss, double eval_ppl, int64_t eval_tokens,

@@ -53,6 +53,17 @@ static const glyph FONT[] = {
     {'r', {0x00, 0x00, 0x16, 0x19, 0x10, 0x10, 0x10}}, {'s', {0x00, 0x00, 0x0e, 0x10, 0x0e, 0x01, 0x1e}},
     {'t', {0x08, 0x08, 0x1c, 0x08, 0x08, 0x09, 0x06}}, {'u', {0x00, 0x00, 0x11, 0x11, 0x11, 0x13, 0x0d}},
     {'v', {0x00, 0x00, 0x11, 0x11, 0x11, 0x0a, 0x04}}, {' ', {0, 0, 0, 0, 0, 0, 0}},
+    /* the rest of the lower-case alphabet and some punctuation, for legends (plot_curves_png) */
+    {'b', {0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x1e}}, {'c', {0x00, 0x00, 0x0e, 0x10, 0x10, 0x11, 0x0e}},
+    {'f', {0x06, 0x09, 0x08, 0x1c, 0x08, 0x08, 0x08}}, {'g', {0x00, 0x0f, 0x11, 0x11, 0x0f, 0x01, 0x0e}},
+    {'j', {0x02, 0x00, 0x06, 0x02, 0x02, 0x12, 0x0c}}, {'k', {0x10, 0x10, 0x12, 0x14, 0x18, 0x14, 0x12}},
+    {'m', {0x00, 0x00, 0x1a, 0x15, 0x15, 0x11, 0x11}}, {'q', {0x00, 0x00, 0x0d, 0x13, 0x0f, 0x01, 0x01}},
+    {'w', {0x00, 0x00, 0x11, 0x11, 0x15, 0x15, 0x0a}}, {'x', {0x00, 0x00, 0x11, 0x0a, 0x04, 0x0a, 0x11}},
+    {'y', {0x00, 0x00, 0x11, 0x11, 0x0f, 0x01, 0x0e}}, {'z', {0x00, 0x00, 0x1f, 0x02, 0x04, 0x08, 0x1f}},
+    {'(', {0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02}}, {')', {0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08}},
+    {'=', {0x00, 0x00, 0x1f, 0x00, 0x1f, 0x00, 0x00}}, {',', {0x00, 0x00, 0x00, 0x00, 0x0c, 0x04, 0x08}},
+    {'/', {0x00, 0x01, 0x02, 0x04, 0x08, 0x10, 0x00}}, {':', {0x00, 0x0c, 0x0c, 0x00, 0x0c, 0x0c, 0x00}},
+    {'_', {0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x1f}}, {'%', {0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03}},
 };
 
 #define FONT_SCALE 2
@@ -394,5 +405,113 @@ int plot_metrics_png(const char *metrics_path, const char *png_path, qerr *e) {
     if (metrics_read(metrics_path, &s, e)) return -1;
     int rc = plot_loss_png(png_path, s.train_step, s.train_loss, s.n_train, s.eval_step, s.eval_loss, s.n_eval, e);
     metrics_series_free(&s);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Several curves on one set of axes (optimizer comparisons)                  */
+
+static const rgb TAB10[] = {{31, 119, 180}, {255, 127, 14}, {44, 160, 44}, {214, 39, 40}, {148, 103, 189},
+                            {140, 86, 75},  {227, 119, 194}, {127, 127, 127}};
+
+int plot_curves_png(const char *path, const plot_series *series, int n_series, const char *xlabel,
+                    const char *ylabel, qerr *e) {
+    if (n_series < 0 || n_series > (int)(sizeof TAB10 / sizeof TAB10[0]) || (n_series && !series))
+        return qerr_set(e, "plot %s: invalid series arguments (at most %d series)", path,
+                        (int)(sizeof TAB10 / sizeof TAB10[0]));
+    for (int k = 0; k < n_series; k++)
+        if (series[k].n < 0 || (series[k].n && (!series[k].x || !series[k].y)))
+            return qerr_set(e, "plot %s: invalid series %d", path, k);
+    canvas cv = {NULL, PLOT_WIDTH, PLOT_HEIGHT};
+    cv.px = qmalloc((size_t)cv.w * (size_t)cv.h * 3, e);
+    if (!cv.px) return -1;
+    memset(cv.px, 255, (size_t)cv.w * (size_t)cv.h * 3);
+
+    double xmn = INFINITY, xmx = -INFINITY, ymn = INFINITY, ymx = -INFINITY;
+    for (int k = 0; k < n_series; k++) {
+        minmax(series[k].x, series[k].n, &xmn, &xmx);
+        minmax(series[k].y, series[k].n, &ymn, &ymx);
+    }
+    if (!(xmn <= xmx)) xmn = 0, xmx = 1;
+    if (!(ymn <= ymx)) ymn = 0, ymx = 1;
+    if (xmn > 0 && xmn <= 0.2 * xmx) xmn = 0;
+    double ypad = (ymx - ymn) * 0.04;
+    axis ay = nice_axis(ymn - ypad, ymx + ypad, 6);
+    int L = axis_label_width(&ay) + 20;
+    if (L < 60) L = 60;
+    const int R = PLOT_WIDTH - 24, T = 40, B = PLOT_HEIGHT - 60;
+    axis ax = nice_axis(xmn, xmx, 8);
+    for (int target = 7; target >= 2; target--) {
+        double n_int = (ax.hi - ax.lo) / ax.step;
+        if ((double)(R - L) / n_int >= axis_label_width(&ax) + 2 * CHAR_W) break;
+        ax = nice_axis(xmn, xmx, target);
+    }
+    double xmaxabs = fmax(fabs(ax.lo), fabs(ax.hi)), ymaxabs = fmax(fabs(ay.lo), fabs(ay.hi));
+#define MAPX(v) ((float)(L + ((double)(v) - ax.lo) / (ax.hi - ax.lo) * (R - 1 - L)))
+#define MAPY(v) ((float)(B - 1 - ((double)(v) - ay.lo) / (ay.hi - ay.lo) * (B - 1 - T)))
+    char lab[48];
+    for (int i = 0;; i++) {
+        double v = ax.lo + i * ax.step;
+        if (v > ax.hi + ax.step * 1e-6) break;
+        int x = (int)lrintf(MAPX(v));
+        fill_rect(&cv, x, T, x + 1, B, C_GRID);
+        fill_rect(&cv, x, B, x + 1, B + 6, C_AXIS);
+        fmt_tick(lab, sizeof lab, v, ax.step, xmaxabs);
+        draw_text(&cv, x - text_width(lab) / 2, B + 10, lab, C_TEXT);
+    }
+    for (int i = 0;; i++) {
+        double v = ay.lo + i * ay.step;
+        if (v > ay.hi + ay.step * 1e-6) break;
+        int y = (int)lrintf(MAPY(v));
+        fill_rect(&cv, L, y, R, y + 1, C_GRID);
+        fill_rect(&cv, L - 6, y, L, y + 1, C_AXIS);
+        fmt_tick(lab, sizeof lab, v, ay.step, ymaxabs);
+        draw_text(&cv, L - 10 - text_width(lab), y - CHAR_H / 2, lab, C_TEXT);
+    }
+    fill_rect(&cv, L - 1, T, L + 1, B + 1, C_AXIS);
+    fill_rect(&cv, L - 1, B - 1, R, B + 1, C_AXIS);
+    const char *xl = xlabel ? xlabel : "step", *yl = ylabel ? ylabel : "loss";
+    draw_text(&cv, (L + R) / 2 - text_width(xl) / 2, B + 10 + CHAR_H + 8, xl, C_TEXT);
+    draw_text(&cv, L - text_width(yl) / 2 > 4 ? L - text_width(yl) / 2 : 4, T - CHAR_H - 10, yl, C_TEXT);
+
+    for (int k = 0; k < n_series; k++) {
+        const plot_series *s = &series[k];
+        const rgb c = TAB10[k];
+        for (int i = 1; i < s->n; i++)
+            if (point_ok(s->x, s->y, i - 1) && point_ok(s->x, s->y, i))
+                draw_segment(&cv, MAPX(s->x[i - 1]), MAPY(s->y[i - 1]), MAPX(s->x[i]), MAPY(s->y[i]), 2.0f, c, L + 1,
+                             T, R, B - 1);
+        for (int i = 0; i < s->n; i++)
+            if (point_ok(s->x, s->y, i) &&
+                (s->markers || ((i == 0 || !point_ok(s->x, s->y, i - 1)) && (i == s->n - 1 || !point_ok(s->x, s->y, i + 1)))))
+                draw_disc(&cv, MAPX(s->x[i]), MAPY(s->y[i]), s->markers ? 3.5f : 2.0f, c);
+    }
+
+    /* legend, top right inside the plot */
+    int wmax = 0;
+    for (int k = 0; k < n_series; k++) {
+        int w = text_width(series[k].label ? series[k].label : "");
+        if (w > wmax) wmax = w;
+    }
+    if (n_series) {
+        int lw = 12 + 28 + 8 + wmax + 12, lh = 10 + n_series * (CHAR_H + 8) + 2;
+        int lx = R - lw - 10, ly = T + 10, yy = ly + 10;
+        fill_rect(&cv, lx, ly, lx + lw, ly + lh, C_BG);
+        fill_rect(&cv, lx, ly, lx + lw, ly + 1, C_LEGEND_EDGE);
+        fill_rect(&cv, lx, ly + lh - 1, lx + lw, ly + lh, C_LEGEND_EDGE);
+        fill_rect(&cv, lx, ly, lx + 1, ly + lh, C_LEGEND_EDGE);
+        fill_rect(&cv, lx + lw - 1, ly, lx + lw, ly + lh, C_LEGEND_EDGE);
+        for (int k = 0; k < n_series; k++) {
+            float cy = (float)yy + CHAR_H / 2.0f;
+            draw_segment(&cv, (float)lx + 12, cy, (float)lx + 40, cy, 2.0f, TAB10[k], 0, 0, cv.w, cv.h);
+            if (series[k].markers) draw_disc(&cv, (float)lx + 26, cy, 3.5f, TAB10[k]);
+            draw_text(&cv, lx + 48, yy, series[k].label ? series[k].label : "", C_TEXT);
+            yy += CHAR_H + 8;
+        }
+    }
+#undef MAPX
+#undef MAPY
+    int rc = write_png(path, &cv, e);
+    free(cv.px);
     return rc;
 }

@@ -24,4 +24,18 @@ int plot_loss_png(const char *path, const float *train_steps, const float *train
 /* Convenience: metrics_read(metrics_path) then plot_loss_png(png_path). */
 int plot_metrics_png(const char *metrics_path, const char *png_path, qerr *e);
 
+/* One curve of plot_curves_png. */
+typedef struct plot_series {
+    const char *label;  /* legend text: lower case, digits, space and . - + ( ) = , / : _ % */
+    const float *x, *y; /* (n) each; non-finite points break the line */
+    int n;
+    int markers;        /* 1: a round marker at every point */
+} plot_series;
+
+/* Up to 8 curves on one set of axes, in matplotlib's tab10 colours in order,
+ * with a legend; axis names xlabel / ylabel (NULL: "step" / "loss"). Used to
+ * compare runs (scripts/compare_optimizers.sh via bin/qlora-plot). */
+int plot_curves_png(const char *path, const plot_series *series, int n_series, const char *xlabel,
+                    const char *ylabel, qerr *e);
+
 #endif

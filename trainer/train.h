@@ -17,13 +17,25 @@ typedef struct train_result {
     double wall_seconds;
     double peak_rss_mib;
     int64_t quantized_bytes, n_quantized_params;
+    int interrupted;          /* SIGINT/SIGTERM stopped the run after a checkpoint (else 0) */
+    int interrupted_step;     /* the step that checkpoint holds */
+    char checkpoint[4096];    /* its directory */
 } train_result;
 
 /* Run the whole job described by a validated config: load model, tokenizer
  * and data; evaluate; train; evaluate; write the PEFT adapter, metrics.jsonl,
  * loss_curve.png and config.resolved.yaml into c->output_dir. Progress goes to
  * stderr, one line per logging step. Returns 0, or -1 with a one-line message
- * (file, field, what was expected) and no partial adapter left behind. */
+ * (file, field, what was expected) and no partial adapter left behind.
+ *
+ * Checkpoints (trainer/checkpoint.h) go to output_dir/checkpoint-<step>/ every
+ * train_config_save_interval() steps, after the last step and on
+ * SIGINT/SIGTERM; the run resumes from the newest complete one (or
+ * c->resume_from_checkpoint) bit-exactly. A SIGINT/SIGTERM during training
+ * finishes the step, saves, and returns 0 with res->interrupted = the signal.
+ * Inputs are checked (output_dir writable and unlocked, files readable,
+ * sequence_len within the model's context) before anything heavy is loaded,
+ * and nothing in output_dir changes until every input has loaded. */
 int train_run(const train_config *c, train_result *res, qerr *e);
 
 #endif

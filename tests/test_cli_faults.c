@@ -1,0 +1,520 @@
+/* tests/test_cli_faults.c — bad input never hurts: one test per class of bad
+ * input, each running the real CLI (bin/qlora-train, or $QLORA_TRAIN_BIN) as
+ * a subprocess and asserting the exit code, the one-line message (file, field,
+ * what was expected) and that an output_dir holding the outputs of an earlier
+ * run is byte-for-byte untouched. Plus the parsers' own checks on corrupt
+ * safetensors and checkpoint files. Needs the default model (make model). */
+#include <errno.h>
+#include <fcntl.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <dirent.h>
+
+#include "core/hash.h"
+#include "model/gguf.h"
+#include "model/safetensors.h"
+#include "tests/subproc.h"
+#include "trainer/checkpoint.h"
+
+#define MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+static char g_dir[256]; /* scratch directory of this test run */
+
+static void write_text(const char *path, const char *s) {
+    FILE *f = fopen(path, "wb");
+    assert_non_null(f);
+    fputs(s, f);
+    fclose(f);
+}
+
+static void write_bytes(const char *path, const void *p, size_t n) {
+    FILE *f = fopen(path, "wb");
+    assert_non_null(f);
+    assert_int_equal(fwrite(p, 1, n, f), n);
+    fclose(f);
+}
+
+static unsigned char *read_bytes(const char *path, size_t max, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    unsigned char *buf = malloc(max);
+    assert_non_null(buf);
+    *n = fread(buf, 1, max, f);
+    fclose(f);
+    return buf;
+}
+
+/* A listing of every file under dir with its size and XXH64, sorted by the
+ * directory order made stable (names sorted). */
+static int cmp_names(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+static void snapshot_rec(const char *dir, char *out, size_t n) {
+    DIR *d = opendir(dir);
+    if (!d) {
+        snprintf(out + strlen(out), n - strlen(out), "%s: (missing)\n", dir);
+        return;
+    }
+    char *names[256];
+    int k = 0;
+    struct dirent *de;
+    while ((de = readdir(d)) && k < 256)
+        if (strcmp(de->d_name, ".") && strcmp(de->d_name, "..")) names[k++] = strdup(de->d_name);
+    closedir(d);
+    qsort(names, (size_t)k, sizeof *names, cmp_names);
+    for (int i = 0; i < k; i++) {
+        char p[1024];
+        snprintf(p, sizeof p, "%s/%s", dir, names[i]);
+        struct stat sb;
+        if (lstat(p, &sb) == 0 && S_ISDIR(sb.st_mode)) {
+            snprintf(out + strlen(out), n - strlen(out), "%s/\n", p);
+            snapshot_rec(p, out, n);
+        } else {
+            size_t len = 0;
+            unsigned char *b = read_bytes(p, 1 << 20, &len);
+            snprintf(out + strlen(out), n - strlen(out), "%s %zu %016llx\n", p, len,
+                     (unsigned long long)xxh64(b, len, 0));
+            free(b);
+        }
+        free(names[i]);
+    }
+}
+
+static char *snapshot(const char *dir) {
+    size_t n = 1 << 16;
+    char *s = calloc(n, 1);
+    assert_non_null(s);
+    snapshot_rec(dir, s, n);
+    return s;
+}
+
+/* output_dir holding the outputs of an earlier run (content is arbitrary: it
+ * must come out unchanged). */
+static void make_earlier_outputs(const char *out) {
+    char p[512];
+    mkdir(out, 0755);
+    snprintf(p, sizeof p, "%s/metrics.jsonl", out);
+    write_text(p, "{\"step\": 1, \"loss\": 2.5, \"lr\": 0.0002, \"grad_norm\": 1, \"tokens_per_sec\": 1, \"epoch\": 0.1}\n");
+    snprintf(p, sizeof p, "%s/adapter_model.safetensors", out);
+    write_text(p, "an adapter from an earlier run");
+    snprintf(p, sizeof p, "%s/adapter_config.json", out);
+    write_text(p, "{\"r\": 8}");
+    snprintf(p, sizeof p, "%s/config.resolved.yaml", out);
+    write_text(p, "lora_r: 8\n");
+    snprintf(p, sizeof p, "%s/.qlora-train.lock", out);
+    write_text(p, "");
+    snprintf(p, sizeof p, "%s/checkpoint-5", out);
+    mkdir(p, 0755);
+    snprintf(p, sizeof p, "%s/checkpoint-5/state.h5", out);
+    write_text(p, "half a checkpoint (no COMPLETE marker)");
+}
+
+static char g_cfg[300], g_out[300];
+
+static int setup(void **st) {
+    (void)st;
+    if (access(MODEL, R_OK)) {
+        fprintf(stderr, "%s missing: run `make model`\n", MODEL);
+        return -1;
+    }
+    snprintf(g_dir, sizeof g_dir, "/tmp/qlora-faults-XXXXXX");
+    if (!mkdtemp(g_dir)) return -1;
+    char p[512];
+    snprintf(p, sizeof p, "%s/train.jsonl", g_dir);
+    write_text(p,
+               "{\"text\": \"The open() system call opens the file specified by pathname.\"}\n"
+               "{\"text\": \"If the specified file does not exist, it may optionally be created by open().\"}\n"
+               "{\"text\": \"The return value of open() is a file descriptor, a small, nonnegative integer.\"}\n");
+    snprintf(g_out, sizeof g_out, "%s/out", g_dir);
+    make_earlier_outputs(g_out);
+    snprintf(g_cfg, sizeof g_cfg, "%s/config.yaml", g_dir);
+    char cfg[2048];
+    snprintf(cfg, sizeof cfg,
+             "base_model: " MODEL "\n"
+             "lora_r: 2\nlora_alpha: 4\nlora_target_modules: [q_proj]\n"
+             "datasets:\n  - path: %s/train.jsonl\n    type: completion\n"
+             "sequence_len: 32\nmicro_batch_size: 1\nmax_steps: 1\nnum_threads: 1\n"
+             "output_dir: %s\n",
+             g_dir, g_out);
+    write_text(g_cfg, cfg);
+    return 0;
+}
+
+static int teardown(void **st) {
+    (void)st;
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+/* Run `qlora-train cfg args...`; check the exit code, that the last stderr
+ * line is one "qlora-train: ..." line holding every `want` substring, and that
+ * g_out is unchanged. `want` is NULL-terminated. */
+static void expect_failure(const char *cfg, const char *const *args, int want_code, const char *const *want) {
+    char *before = snapshot(g_out);
+    char *argv[32];
+    int n = 0;
+    argv[n++] = (char *)subproc_trainer();
+    argv[n++] = (char *)cfg;
+    for (int i = 0; args && args[i]; i++) argv[n++] = (char *)args[i];
+    argv[n] = NULL;
+    char *err = NULL;
+    int code = subproc_run(argv, NULL, 120, &err);
+    assert_non_null(err);
+    /* the message: the last non-empty line */
+    size_t len = strlen(err);
+    while (len && err[len - 1] == '\n') err[--len] = 0;
+    char *last = strrchr(err, '\n');
+    last = last ? last + 1 : err;
+    print_message("exit %d: %s\n", code, last);
+    if (code != want_code) print_error("stderr:\n%s\n", err);
+    assert_int_equal(code, want_code);
+    assert_true(!strncmp(last, "qlora-train: ", 13));
+    for (int i = 0; want[i]; i++) {
+        if (!strstr(last, want[i])) print_error("missing \"%s\" in: %s\n", want[i], last);
+        assert_non_null(strstr(last, want[i]));
+    }
+    /* no crash report, no sanitizer report */
+    assert_null(strstr(err, "AddressSanitizer"));
+    assert_null(strstr(err, "runtime error"));
+    char *after = snapshot(g_out);
+    if (strcmp(before, after)) print_error("output_dir changed:\nbefore:\n%s\nafter:\n%s\n", before, after);
+    assert_string_equal(before, after);
+    free(before);
+    free(after);
+    free(err);
+}
+
+#define ARGS(...) ((const char *const[]){__VA_ARGS__, NULL})
+#define WANT(...) ((const char *const[]){__VA_ARGS__, NULL})
+
+static void test_yaml_errors(void **st) {
+    (void)st;
+    char p[512];
+    snprintf(p, sizeof p, "%s/syntax.yaml", g_dir);
+    write_text(p, "base_model: x.gguf\nlora_target_modules: [q_proj,\ndatasets: []\n");
+    expect_failure(p, NULL, 2, WANT("syntax.yaml:", "YAML syntax error"));
+    snprintf(p, sizeof p, "%s/notamapping.yaml", g_dir);
+    write_text(p, "- just\n- a list\n");
+    expect_failure(p, NULL, 2, WANT("notamapping.yaml", "expected a mapping"));
+    snprintf(p, sizeof p, "%s/empty.yaml", g_dir);
+    write_text(p, "");
+    expect_failure(p, NULL, 2, WANT("empty.yaml", "empty"));
+    snprintf(p, sizeof p, "%s/missing.yaml", g_dir);
+    expect_failure(p, NULL, 2, WANT("missing.yaml", "No such file"));
+}
+
+static void test_wrong_types_and_ranges(void **st) {
+    (void)st;
+    char p[512];
+    snprintf(p, sizeof p, "%s/types.yaml", g_dir);
+    write_text(p, "base_model: " MODEL "\nlora_r: abc\n");
+    expect_failure(p, NULL, 2, WANT("types.yaml", "lora_r", "expected a positive integer", "\"abc\"", "line 2"));
+    expect_failure(g_cfg, ARGS("lora_dropout=1.5"), 2, WANT("lora_dropout", "[0, 1)", "1.5"));
+    expect_failure(g_cfg, ARGS("learning_rate=-1"), 2, WANT("learning_rate", "positive"));
+    expect_failure(g_cfg, ARGS("sequence_len=1"), 2, WANT("sequence_len", ">= 2"));
+    expect_failure(g_cfg, ARGS("max_nan_steps=0"), 2, WANT("max_nan_steps", "positive"));
+    expect_failure(g_cfg, ARGS("save_total_limit=-3"), 2, WANT("save_total_limit", ">= 0"));
+    expect_failure(g_cfg, ARGS("skip_bad_lines=maybe"), 2, WANT("skip_bad_lines", "true or false"));
+    expect_failure(g_cfg, ARGS("datasets=[{path: a.jsonl, type: sharegpt}]"), 2,
+                   WANT("datasets[0].type", "completion, alpaca, chat_template"));
+    expect_failure(g_cfg, ARGS("save_steps=5", "saves_per_epoch=2"), 2, WANT("save_steps", "saves_per_epoch"));
+}
+
+static void test_unknown_keys(void **st) {
+    (void)st;
+    char p[512];
+    snprintf(p, sizeof p, "%s/unknown.yaml", g_dir);
+    write_text(p, "base_model: " MODEL "\nlora_rank: 8\n");
+    expect_failure(p, NULL, 2, WANT("unknown.yaml", "unknown key \"lora_rank\"", "did you mean \"lora_r\""));
+    expect_failure(g_cfg, ARGS("save_step=10"), 2, WANT("command line", "unknown key \"save_step\"", "save_steps"));
+}
+
+static void test_missing_files(void **st) {
+    (void)st;
+    char a[600];
+    snprintf(a, sizeof a, "base_model=%s/nope.gguf", g_dir);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("base_model", "nope.gguf", "No such file"));
+    snprintf(a, sizeof a, "datasets=[{path: %s/none.jsonl, type: completion}]", g_dir);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("datasets[0].path", "none.jsonl", "No such file"));
+    snprintf(a, sizeof a, "test_datasets=[{path: %s/none2.jsonl, type: completion}]", g_dir);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("test_datasets[0].path", "none2.jsonl"));
+    snprintf(a, sizeof a, "resume_from_checkpoint=%s/no-such-checkpoint", g_dir);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("resume_from_checkpoint", "no-such-checkpoint", "No such file"));
+}
+
+static void test_corrupt_gguf(void **st) {
+    (void)st;
+    size_t n = 0;
+    unsigned char *b = read_bytes(MODEL, 4u << 20, &n);
+    assert_int_equal(n, 4u << 20);
+    char p[512], a[600];
+    /* truncated: tensor data (and most tensor infos) past the end of the file */
+    snprintf(p, sizeof p, "%s/truncated.gguf", g_dir);
+    write_bytes(p, b, 2u << 20);
+    snprintf(a, sizeof a, "base_model=%s", p);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("base_model", "truncated.gguf", "truncated or corrupt"));
+    /* header only */
+    write_bytes(p, b, 20);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("truncated.gguf", "too small for a GGUF header"));
+    /* wrong magic */
+    unsigned char save[8];
+    memcpy(save, b, 8);
+    memcpy(b, "GGUX", 4);
+    snprintf(p, sizeof p, "%s/magic.gguf", g_dir);
+    write_bytes(p, b, 1u << 20);
+    snprintf(a, sizeof a, "base_model=%s", p);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("magic.gguf", "not a GGUF file"));
+    memcpy(b, save, 8);
+    /* a count past anything the file can hold */
+    uint64_t huge = (uint64_t)1 << 19;
+    memcpy(b + 8, &huge, 8);
+    snprintf(p, sizeof p, "%s/count.gguf", g_dir);
+    write_bytes(p, b, 1u << 20);
+    snprintf(a, sizeof a, "base_model=%s", p);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("count.gguf", "truncated or corrupt"));
+    /* a string length that overflows (u64 max) in the first KV */
+    memcpy(b, save, 8);
+    memset(b + 8, 0, 8);
+    b[8] = 1;
+    uint64_t big = UINT64_MAX;
+    memcpy(b + 24, &big, 8);
+    snprintf(p, sizeof p, "%s/strlen.gguf", g_dir);
+    write_bytes(p, b, 1u << 20);
+    snprintf(a, sizeof a, "base_model=%s", p);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("strlen.gguf", "truncated or corrupt"));
+    free(b);
+}
+
+static void test_bad_jsonl(void **st) {
+    (void)st;
+    char p[512], a[700];
+    snprintf(p, sizeof p, "%s/bad.jsonl", g_dir);
+    write_text(p, "{\"text\": \"fine line\"}\n{\"text\": \"cut off\n{\"text\": \"fine again\"}\n");
+    snprintf(a, sizeof a, "datasets=[{path: %s, type: completion}]", p);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("bad.jsonl:2", "invalid JSON", "skip_bad_lines"));
+    snprintf(p, sizeof p, "%s/field.jsonl", g_dir);
+    write_text(p, "{\"txt\": \"wrong field name\"}\n");
+    snprintf(a, sizeof a, "datasets=[{path: %s, type: completion}]", p);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("field.jsonl:1", "field \"text\" missing or not a string"));
+    snprintf(p, sizeof p, "%s/array.jsonl", g_dir);
+    write_text(p, "[1, 2, 3]\n");
+    snprintf(a, sizeof a, "datasets=[{path: %s, type: alpaca}]", p);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("array.jsonl:1", "expected a JSON object, got an array"));
+    /* skipping cannot make an all-bad file valid */
+    snprintf(p, sizeof p, "%s/allbad.jsonl", g_dir);
+    write_text(p, "not json\n{\"nope\": 1}\n");
+    snprintf(a, sizeof a, "datasets=[{path: %s, type: completion}]", p);
+    expect_failure(g_cfg, ARGS(a, "skip_bad_lines=true"), 1, WANT("allbad.jsonl", "no valid records", "2"));
+}
+
+static void test_empty_dataset(void **st) {
+    (void)st;
+    char p[512], a[700];
+    snprintf(p, sizeof p, "%s/empty.jsonl", g_dir);
+    write_text(p, "\n  \n");
+    snprintf(a, sizeof a, "datasets=[{path: %s, type: completion}]", p);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("datasets", "empty.jsonl", "no records"));
+    expect_failure(g_cfg, ARGS("val_set_size=3"), 1, WANT("val_set_size", "at least one must remain"));
+}
+
+static void test_sequence_len_beyond_context(void **st) {
+    (void)st;
+    expect_failure(g_cfg, ARGS("sequence_len=9000"), 1,
+                   WANT("sequence_len", "9000", "context length 8192", "llama.context_length"));
+}
+
+static void test_output_dir_unwritable(void **st) {
+    (void)st;
+    char p[512], a[600];
+    snprintf(p, sizeof p, "%s/a-file", g_dir);
+    write_text(p, "a file where a directory should be");
+    snprintf(a, sizeof a, "output_dir=%s", p);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("output_dir", "a-file"));
+    snprintf(a, sizeof a, "output_dir=%s/sub", p);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("output_dir", "a-file"));
+    expect_failure(g_cfg, ARGS("output_dir=/proc/qlora-out"), 1, WANT("output_dir", "/proc/qlora-out"));
+    /* another trainer holds the directory */
+    snprintf(p, sizeof p, "%s/.qlora-train.lock", g_out);
+    int fd = open(p, O_RDWR);
+    assert_true(fd >= 0);
+    assert_int_equal(flock(fd, LOCK_EX | LOCK_NB), 0);
+    expect_failure(g_cfg, NULL, 1, WANT("output_dir", "in use by another qlora-train"));
+    close(fd);
+}
+
+/* A checkpoint in g_dir/ck/checkpoint-3 made with ckpt_save, for the given
+ * fingerprints. */
+static void make_checkpoint(const char *root, uint64_t model_fp, uint64_t tok_fp) {
+    mkdir(root, 0755);
+    float params[6] = {1, 2, 3, 4, 5, 6}, m[6] = {0}, v[6] = {0};
+    ckpt_tensor t[2] = {{"a", 0, 1, 2}, {"b", 2, 2, 2}};
+    ckpt_state s = {.step = 3, .total_steps = 10, .rows_consumed = 3, .n_rows = 10, .rows_per_step = 1,
+                    .n_params = 6, .params = params, .exp_avg = m, .exp_avg_sq = v, .n_tensors = 2, .tensors = t,
+                    .config_yaml = "lora_r: 2\n", .log_history = "", .log_history_len = 0, .opt_step = 3,
+                    .model_fingerprint = model_fp, .tokenizer_fingerprint = tok_fp, .last_eval_step = -1};
+    snprintf(s.lr_scheduler, sizeof s.lr_scheduler, "cosine");
+    qerr e;
+    int rc = ckpt_save(root, &s, NULL, NULL, NULL, 0, &e);
+    if (rc) print_error("%s\n", e.msg);
+    assert_int_equal(rc, 0);
+}
+
+static void test_bad_checkpoints(void **st) {
+    (void)st;
+    char root[512], ck[600], a[700], p[700];
+    gguf_file *gf;
+    qerr e;
+    assert_int_equal(gguf_open(MODEL, &gf, &e), 0);
+    uint64_t tok_fp = ckpt_fingerprint_tokenizer(gf), model_fp = 0;
+    gguf_close(gf);
+    assert_int_equal(ckpt_fingerprint_model(MODEL, &model_fp, &e), 0);
+
+    /* a different base model */
+    snprintf(root, sizeof root, "%s/ck-other", g_dir);
+    make_checkpoint(root, model_fp ^ 1, tok_fp);
+    snprintf(ck, sizeof ck, "%s/checkpoint-3", root);
+    snprintf(a, sizeof a, "resume_from_checkpoint=%s", ck);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("base_model", "different base model", "another output_dir"));
+    /* a different tokenizer */
+    snprintf(root, sizeof root, "%s/ck-tok", g_dir);
+    make_checkpoint(root, model_fp, tok_fp ^ 1);
+    snprintf(ck, sizeof ck, "%s/checkpoint-3", root);
+    snprintf(a, sizeof a, "resume_from_checkpoint=%s", ck);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("base_model", "another tokenizer"));
+    /* the same model, different training data */
+    snprintf(root, sizeof root, "%s/ck-data", g_dir);
+    make_checkpoint(root, model_fp, tok_fp);
+    snprintf(ck, sizeof ck, "%s/checkpoint-3", root);
+    snprintf(a, sizeof a, "resume_from_checkpoint=%s", ck);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("datasets", "training data differs"));
+    /* corrupt state.h5: the marker's hash catches it before HDF5 parses it */
+    snprintf(p, sizeof p, "%s/state.h5", ck);
+    size_t n;
+    unsigned char *b = read_bytes(p, 1 << 20, &n);
+    b[n / 2] ^= 0x40;
+    write_bytes(p, b, n);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("resume_from_checkpoint", "state.h5 is corrupt"));
+    write_bytes(p, b, n / 2);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("resume_from_checkpoint", "truncated or replaced"));
+    free(b);
+    /* an incomplete one (no marker) */
+    snprintf(a, sizeof a, "resume_from_checkpoint=%s/checkpoint-5", g_out);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("resume_from_checkpoint", "incomplete checkpoint"));
+    /* checkpoints present but auto_resume_from_checkpoints: false */
+    char cfg2[600];
+    snprintf(cfg2, sizeof cfg2, "output_dir=%s/ck-tok", g_dir);
+    /* (ck-tok's checkpoint is complete and verifies; refuse to start over on it) */
+    expect_failure(g_cfg, ARGS(cfg2, "auto_resume_from_checkpoints=false"), 1,
+                   WANT("auto_resume_from_checkpoints is false", "checkpoint-3"));
+}
+
+/* The parsers reject corrupt safetensors files with one line naming the file. */
+static void test_corrupt_safetensors(void **st) {
+    (void)st;
+    char p[512];
+    snprintf(p, sizeof p, "%s/good.safetensors", g_dir);
+    float x[4] = {1, 2, 3, 4};
+    st_tensor t = {.name = "w", .dtype = "F32", .n_dims = 2, .shape = {2, 2}, .data = x, .nbytes = sizeof x};
+    qerr e;
+    assert_int_equal(safetensors_write(p, &t, 1, NULL, &e), 0);
+    size_t n;
+    unsigned char *good = read_bytes(p, 4096, &n);
+    safetensors_file *sf;
+    assert_int_equal(safetensors_open(p, &sf, &e), 0);
+    safetensors_close(sf);
+    struct {
+        const char *what;
+        void (*mutate)(unsigned char *b, size_t *n);
+    } cases[] = {
+        {"truncated", NULL},
+        {"header size past the end", NULL},
+        {"header size 2^64-1", NULL},
+        {"not JSON", NULL},
+        {"offsets past the end", NULL},
+        {"shape/size mismatch", NULL},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        unsigned char b[4096];
+        memcpy(b, good, n);
+        size_t m = n;
+        uint64_t hl;
+        memcpy(&hl, b, 8);
+        char *hdr = (char *)b + 8;
+        switch (i) {
+        case 0: m = n - 5; break;
+        case 1: hl = (uint64_t)n; memcpy(b, &hl, 8); break;
+        case 2: hl = UINT64_MAX; memcpy(b, &hl, 8); break;
+        case 3: hdr[0] = '['; break;
+        case 4: {
+            char *q = strstr(hdr, "16]");
+            assert_non_null(q);
+            memcpy(q, "99]", 3);
+            break;
+        }
+        case 5: {
+            char *q = strstr(hdr, "[2,2]");
+            assert_non_null(q);
+            memcpy(q, "[2,3]", 5);
+            break;
+        }
+        }
+        snprintf(p, sizeof p, "%s/bad%zu.safetensors", g_dir, i);
+        write_bytes(p, b, m);
+        int rc = safetensors_open(p, &sf, &e);
+        print_message("%s: %s\n", cases[i].what, rc ? e.msg : "(opened!)");
+        assert_int_equal(rc, -1);
+        assert_non_null(strstr(e.msg, p));
+    }
+    free(good);
+}
+
+/* A file with good and bad lines trains when skip_bad_lines is set, and says
+ * how many lines it skipped. (This one runs a real, 1-step training.) */
+static void test_skip_bad_lines_trains(void **st) {
+    (void)st;
+    char p[512], a[700], o[600];
+    snprintf(p, sizeof p, "%s/mixed.jsonl", g_dir);
+    write_text(p,
+               "{\"text\": \"The read() system call reads up to count bytes from a file descriptor.\"}\n"
+               "{\"text\": broken}\n"
+               "{\"text\": \"On success, the number of bytes read is returned.\"}\n"
+               "{\"body\": \"wrong field\"}\n");
+    snprintf(a, sizeof a, "datasets=[{path: %s, type: completion}]", p);
+    snprintf(o, sizeof o, "output_dir=%s/out-skip", g_dir);
+    char *argv[] = {(char *)subproc_trainer(), g_cfg, a, o, "skip_bad_lines=true", NULL};
+    char *err = NULL;
+    int code = subproc_run(argv, NULL, 600, &err);
+    if (code) print_error("%s\n", err);
+    assert_int_equal(code, 0);
+    assert_non_null(strstr(err, "[data] skipped 2 malformed line(s)"));
+    assert_non_null(strstr(err, "mixed.jsonl:2"));
+    free(err);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_yaml_errors),
+        cmocka_unit_test(test_wrong_types_and_ranges),
+        cmocka_unit_test(test_unknown_keys),
+        cmocka_unit_test(test_missing_files),
+        cmocka_unit_test(test_corrupt_gguf),
+        cmocka_unit_test(test_bad_jsonl),
+        cmocka_unit_test(test_empty_dataset),
+        cmocka_unit_test(test_sequence_len_beyond_context),
+        cmocka_unit_test(test_output_dir_unwritable),
+        cmocka_unit_test(test_bad_checkpoints),
+        cmocka_unit_test(test_corrupt_safetensors),
+        cmocka_unit_test(test_skip_bad_lines_trains),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
