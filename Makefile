@@ -30,7 +30,7 @@ DEFAULT_DATA  := datasets/manpages/train.jsonl datasets/manpages/heldout.jsonl
 # Tools around the trainer (trainer/<name>_main.c -> bin/qlora-<name>).
 TOOL_BINS := bin/qlora-export bin/qlora-generate bin/qlora-plot bin/qlora-preprocess
 
-.PHONY: all test test-unit setup model dataset clean features bench
+.PHONY: all test test-unit test-interop setup model dataset clean features bench
 all: features bin/qlora-train bin/qlora-bench $(TOOL_BINS)
 
 features:
@@ -80,6 +80,11 @@ bench: bin/qlora-bench
 # Unit tests run first (fast); the end-to-end test on the real model runs last.
 test: all $(TEST_BIN) $(DEFAULT_MODEL) $(DEFAULT_DATA)
 	@scripts/run_tests.sh $(TEST_BIN)
+
+# Interop with the consumers (PEFT/transformers, bitsandbytes, gguf; llama.cpp with
+# QLORA_INTEROP_LLAMA_CPP=1): pinned PyPI packages in build/venv-interop (scripts/interop/run.sh).
+test-interop: all $(DEFAULT_MODEL) $(DEFAULT_DATA)
+	@scripts/interop/run.sh
 
 # ---- sanitizers: the unit tests (and the CLI they run) under AddressSanitizer +
 # UndefinedBehaviorSanitizer, built into build-asan/. Test binaries named *e2e* train the

@@ -83,7 +83,8 @@ rho0=${SOPHIA_RHOS%% *}
 echo "[compare] Hessian overhead: ${th}s of ${ts}s optimizer-step time -> $eq_steps Sophia steps match $STEPS AdamW steps"
 { echo; echo "Hessian overhead in $first: ${th}s of ${ts}s of optimizer steps; equal-time Sophia run: $eq_steps steps"; } >> "$SUMMARY"
 run sophia_eqtime optimizer=sophia sophia_rho="$rho0" max_steps="$eq_steps"
-labels+=("sophia equal time ($eq_steps steps)=$OUT/sophia_eqtime")
+ran_steps=$(grep -o '"step": [0-9]*, "loss"' "$OUT/sophia_eqtime/metrics.jsonl" | tail -1 | awk '{print $2+0}')
+labels+=("sophia equal time ($ran_steps steps)=$OUT/sophia_eqtime")
 
 bin/qlora-plot "$OUT/loss_curves.png" "${labels[@]}" > "$OUT/table.txt"
 bin/qlora-plot "$OUT/loss_curves_time.png" --x time "${labels[@]}" > /dev/null

@@ -28,15 +28,18 @@ Fixtures (each a gzip'd list of named arrays; format in tests/ref_fixture.h):
                          runs, emoji, non-Latin scripts, special tokens), and HF `tokenizers`' ids
                          per segment.
   ref_chat.qref.gz       transformers' apply_chat_template (the GGUF's Jinja template) rendered
-                         strings and ids for several conversations.
+                         strings and ids for several conversations, and add_generation_prompt=True
+                         prompts of one user turn (with / without / empty system turn).
   ref_tiny.qref.gz       a tiny random LlamaForCausalLM + PEFT LoRA (r=4, all 7 linears): weights,
                          batch, logits, loss, every LoRA gradient (also with gradient checkpointing),
                          10 AdamW steps (losses + final adapter), fp32; and the same forward/grads
                          under torch.autocast(bfloat16) as a yardstick for bf16 error.
   ref_real.qref.gz       SmolLM2-135M-Instruct from the GGUF in transformers: logits on a fixed batch
                          (log-sum-exp, top-k and a fixed vocab subset per position) for fp32 as
-                         loaded, fp32 with bf16-rounded matrices, and bitsandbytes NF4 (compute
-                         bf16 and fp32).
+                         loaded, fp32 with bf16-rounded matrices, all-bf16 (the yardstick), and
+                         bitsandbytes NF4 (compute bf16 and fp32; the model is saved as an HF
+                         checkpoint first, since transformers does not quantize while loading a
+                         GGUF).
 
 The tokenizer corpus is built once from files on a Debian machine (man pages from
 datasets/manpages, /usr/include headers, Python's stdlib, /usr/share/common-licenses, gettext

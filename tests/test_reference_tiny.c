@@ -6,9 +6,9 @@
  * d_ff 128, vocab 96, rms_eps 1e-6, rope_theta 500, tied embeddings, eager
  * attention, fp32) with PEFT LoRA r 4, alpha 8 (scaling 2), dropout 0 on all
  * seven linears, B drawn non-zero so every gradient is informative; a batch
- * of 2 × 16 tokens, row 1 at positions 5..20, 9 of 30 shifted labels -100
- * (HF shifts labels inside its loss; here targets[t] = labels[t+1] and the
- * last position is ignored; HF's mean over 23 tokens = scale 1/23). The
+ * of 2 × 16 tokens, row 1 at positions 5..20, 7 of the 30 shifted labels
+ * -100 (HF shifts labels inside its loss; here targets[t] = labels[t+1] and
+ * the last position is ignored; HF's mean over 23 tokens = scale 1/23). The
  * fixture holds the weights, the batch, logits, loss, every LoRA gradient,
  * the same under torch.autocast(bfloat16), and 10 AdamW steps (lr 1e-2,
  * betas 0.9/0.999, eps 1e-8, weight decay 0.01, clip_grad_norm_ 1.0: active

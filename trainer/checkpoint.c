@@ -494,6 +494,7 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
     W(h5_attr_f64(g, "eval_loss_start", s->eval_loss_start), "/trainer_state eval_loss_start");
     W(h5_attr_f64(g, "last_eval_loss", s->last_eval_loss), "/trainer_state last_eval_loss");
     W(h5_attr_i64(g, "last_eval_step", s->last_eval_step), "/trainer_state last_eval_step");
+    W(h5_attr_f64(g, "train_seconds", s->train_seconds), "/trainer_state train_seconds");
     if (g >= 0) H5Gclose(g), g = -1;
 
     W(h5_put(f, "log_history", H5T_STD_U8LE, H5T_NATIVE_UCHAR, s->log_history, s->log_history_len, 0, 1),
@@ -652,6 +653,7 @@ int ckpt_read_state(const char *path, ckpt_state *s, qerr *e) {
     R(h5_get_attr(g, "eval_loss_start", H5T_NATIVE_DOUBLE, &s->eval_loss_start), "/trainer_state eval_loss_start");
     R(h5_get_attr(g, "last_eval_loss", H5T_NATIVE_DOUBLE, &s->last_eval_loss), "/trainer_state last_eval_loss");
     R(h5_get_attr(g, "last_eval_step", H5T_NATIVE_INT64, &s->last_eval_step), "/trainer_state last_eval_step");
+    R(h5_get_attr(g, "train_seconds", H5T_NATIVE_DOUBLE, &s->train_seconds), "/trainer_state train_seconds");
     if (g >= 0) H5Gclose(g), g = -1;
 
     if (!what) {
@@ -862,9 +864,8 @@ int ckpt_list(const char *output_dir, ckpt_entry **out, int *n, qerr *e) {
 }
 
 static int has_marker(const char *dir) {
-    char p[4400];
-    snprintf(p, sizeof p, "%s/" CKPT_MARKER, dir);
-    return access(p, F_OK) == 0;
+    char p[4608];
+    return path_join(p, sizeof p, dir, CKPT_MARKER) == 0 && access(p, F_OK) == 0;
 }
 
 /* Delete a checkpoint so that it never looks complete half-way. */

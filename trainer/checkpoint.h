@@ -34,7 +34,7 @@
  *                           n_rows, rows_per_step, shuffle_seed, fingerprint (XXH64 hex)
  *   /fingerprint            attrs base_model (path), model_xxh64, tokenizer_xxh64, method
  *   /trainer_state          attrs nan_streak, nan_skipped, eval_loss_start, last_eval_loss,
- *                           last_eval_step
+ *                           last_eval_step, train_seconds
  *   /log_history            uint8 (n): metrics.jsonl as it was at this step (restored on resume)
  * Adapters and optimizer state are saved whole, so the format does not depend on
  * how many workers wrote it. Randomness is counter-based (core/rng.h): dropout
@@ -89,6 +89,7 @@ typedef struct ckpt_state {
     int64_t nan_streak, nan_skipped;
     double eval_loss_start, last_eval_loss; /* NAN when none */
     int64_t last_eval_step;                 /* -1 when none */
+    double train_seconds;                   /* optimizer-step time so far (metrics' train_seconds) */
     /* what it was trained on */
     uint64_t model_fingerprint, tokenizer_fingerprint;
     char base_model[1024];

@@ -112,7 +112,7 @@ static const char *const V_MODULES[] = {"q_proj", "k_proj", "v_proj", "o_proj", 
 
 /* The implemented keys, in the order train_config_write_yaml writes them. */
 static const key_spec KEYS[] = {
-    {.name = "base_model", .kind = K_STR, .off = OFF(base_model), .expect = "a path to a .gguf file"},
+    {.name = "base_model", .kind = K_STR, .off = OFF(base_model), .expect = "a path to a .gguf file or a Hugging Face model directory"},
     {.name = "load_in_4bit", .kind = K_BOOL, .off = OFF(load_in_4bit)},
     {.name = "bnb_4bit_use_double_quant", .kind = K_BOOL, .off = OFF(bnb_4bit_use_double_quant)},
     {.name = "bnb_4bit_quant_type", .kind = K_ENUM, .off = OFF(bnb_4bit_quant_type), .values = V_QUANT, .later = L_QUANT},
@@ -1229,7 +1229,7 @@ int train_config_validate(const train_config *c, qerr *e) {
     const char *src = c->config_path ? c->config_path : "config";
     char list[256], num[64];
     if (!c->base_model || !*c->base_model)
-        return qerr_set(e, "%s: missing required key \"base_model\" (path to the .gguf model file)", src);
+        return qerr_set(e, "%s: missing required key \"base_model\" (a .gguf file or a Hugging Face model directory)", src);
     if (c->n_datasets < 1)
         return qerr_set(e, "%s: missing required key \"datasets\" (a list of {path, type} entries)", src);
     for (int i = 0; i < N_KEYS; i++) {

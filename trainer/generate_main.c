@@ -98,12 +98,10 @@ static int32_t sample(const float *logits, int32_t V, const gen_opts *o, uint64_
     for (int32_t i = 1; i < V; i++)
         if (logits[i] > logits[best]) best = i;
     if (o->temperature <= 0.0f) return best;
-    double sum = 0.0;
     float mx = logits[best];
-    for (int32_t i = 0; i < V; i++) {
+    for (int32_t i = 0; i < V; i++) { /* unnormalised softmax(logits / T) */
         work[i].p = expf((logits[i] - mx) / o->temperature);
         work[i].id = i;
-        sum += work[i].p;
     }
     qsort(work, (size_t)V, sizeof *work, cand_desc);
     int32_t keep = V;
@@ -121,7 +119,6 @@ static int32_t sample(const float *logits, int32_t V, const gen_opts *o, uint64_
         }
         kept = c;
     }
-    (void)sum;
     double u = (double)rng_uniform(o->seed, 0x9e7e7a7eu, step) * kept, c = 0.0;
     for (int32_t i = 0; i < keep; i++) {
         c += work[i].p;

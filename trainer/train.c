@@ -413,7 +413,10 @@ static int check_resume_compat(const train_config *c, const char *cfgname, const
  * tokens (micro-batches accumulate, as in the normal step), ĝ is clipped to
  * max_grad_norm as train_sophiag.py clips it, and h ← β2·h + (1−β2)·ĝ⊙ĝ.
  * Leaves ĝ in ls->grads. Returns ||ĝ|| before clipping; a non-finite ĝ leaves h
- * unchanged. */
+ * unchanged. (train_sophiag.py takes one micro-batch per GPU for this — its X
+ * has already advanced to the next batch — while bs counts the whole step's
+ * tokens; we use the step's own rows, all of them, so the estimate averages
+ * over exactly the bs tokens the clipping threshold assumes.) */
 static float sophia_hessian_pass(ag_ctx *ctx, const train_config *c, const llama_model *m, lora_set *ls,
                                  const packed_set *ps, const int64_t *rows, int64_t step_targets, int step,
                                  batch_buf *bb, sophia_state *s, const sophia_config *sc) {
@@ -739,6 +742,7 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
     sophia_config soc = {.lr = c->learning_rate, .beta1 = c->sophia_beta1, .beta2 = c->sophia_beta2,
                          .rho = c->sophia_rho, .weight_decay = c->weight_decay, .k = c->sophia_k};
     double sophia_hess_sec = 0.0, train_sec = 0.0;
+    if (resuming) train_sec = ck.train_seconds; /* train_seconds continues across resumes */
     if (use_sophia)
         fprintf(stderr, "[sophia] SophiaG: betas (%g, %g), rho %g, weight_decay %g, Hessian (GNB) every %d steps; bs = "
                         "%s\n", c->sophia_beta1, c->sophia_beta2, c->sophia_rho, c->weight_decay, c->sophia_k,
@@ -834,7 +838,8 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
             .warmup_steps = warmup, .opt_step = opt.step, .beta1 = c->adam_beta1, .beta2 = c->adam_beta2,         \
             .eps = c->adam_epsilon, .weight_decay = c->weight_decay, .nan_streak = nan_streak,                    \
             .nan_skipped = nan_skipped, .eval_loss_start = res->eval_loss_start, .last_eval_loss = last_eval,     \
-            .last_eval_step = last_eval_step, .model_fingerprint = model_fp, .tokenizer_fingerprint = tok_fp,     \
+            .last_eval_step = last_eval_step, .train_seconds = train_sec, .model_fingerprint = model_fp,          \
+            .tokenizer_fingerprint = tok_fp,                                                                      \
             .n_params = ls.n_params, .params = ls.params, .exp_avg = opt.m, .exp_avg_sq = opt.v,                  \
             .n_tensors = n_ttab, .tensors = ttab, .config_yaml = config_yaml, .log_history = lh_,                 \
             .log_history_len = lh_len_};                                                                          \
