@@ -743,6 +743,7 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
                          .rho = c->sophia_rho, .weight_decay = c->weight_decay, .k = c->sophia_k};
     double sophia_hess_sec = 0.0, train_sec = 0.0;
     if (resuming) train_sec = ck.train_seconds; /* train_seconds continues across resumes */
+    const double train_sec_at_start = train_sec;
     if (use_sophia)
         fprintf(stderr, "[sophia] SophiaG: betas (%g, %g), rho %g, weight_decay %g, Hessian (GNB) every %d steps; bs = "
                         "%s\n", c->sophia_beta1, c->sophia_beta2, c->sophia_rho, c->weight_decay, c->sophia_k,
@@ -984,7 +985,8 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
     if (use_sophia && steps_run > 0)
         fprintf(stderr, "[sophia] %lld Hessian updates in total; those of this run took %.1fs = %.1f%% of its %.1fs of "
                         "optimizer steps\n", (long long)sop.hessian_updates, sophia_hess_sec,
-                train_sec > 0 ? 100.0 * sophia_hess_sec / train_sec : 0.0, train_sec);
+                train_sec > train_sec_at_start ? 100.0 * sophia_hess_sec / (train_sec - train_sec_at_start) : 0.0,
+                train_sec - train_sec_at_start);
     res->steps = steps_run;
     res->train_tokens_per_sec = steps_run ? tok_trained / (now_sec() - t_train) : 0.0;
     if (!g_stop_signal && last_saved != final_step && start_step < total_steps) SAVE_CHECKPOINT(final_step);
