@@ -12,7 +12,8 @@ Adapters under test:
   synth      random r=8 adapter on all seven linears, |B| large enough that the adapter moves the
              logits by O(1) (so a wrong Q/K row order, scaling or orientation cannot hide);
   synth_rs   the same idea with use_rslora and r=4 (GGUF alpha must become alpha*sqrt(r));
-  trained    a short qlora-train run on the man pages (qlora's own adapter, end to end).
+  trained    qlora's own adapter: build/e2e-out from `make test` if present (QLORA_INTEROP_TRAIN=1 to
+             train one here instead), else a short qlora-train run on the man pages.
 
 Checks (tolerances are on logits, in nats; the base logits span about 30):
   1. gguf      the GGUF LoRA read back with the `gguf` package: keys, F32, shapes {in,r}/{r,out},
@@ -31,8 +32,10 @@ Checks (tolerances are on logits, in nats; the base logits span about 30):
                same); peak RSS of loading (info).
   6. bnb4      transformers + bitsandbytes quantize that directory (nf4, double quant) and save it;
                qlora adopts the checkpoint as stored and its logits equal those of qlora quantizing
-               the fp32 directory itself (exactly: the NF4 bytes are bnb's); transformers' own
-               forward on the 4-bit model agrees within 2e-3.
+               the fp32 directory itself (exactly: the NF4 bytes are bnb's); bnb's own
+               dequantize_4bit of the stored weights in an fp32 forward agrees within 2e-3;
+               transformers' Linear4bit forward (reduced-precision CPU matmul) is reported with
+               top-1 agreement >= 0.95.
 Exit status 0 = every check passed; results also go to WORK_DIR/results.json.
 """
 import argparse
@@ -250,7 +253,13 @@ def main():
     synth_rs = os.path.join(work, "synth_rs")
     write_synth_adapter(synth, model, r=8, alpha=16, rslora=False, b_std=0.02, seed=1)
     write_synth_adapter(synth_rs, model, r=4, alpha=16, rslora=True, b_std=0.02, seed=2)
-    trained = train_adapter(bin_dir, model, work)
+    e2e = os.path.join(os.path.dirname(bin_dir), "build", "e2e-out")
+    if os.path.exists(os.path.join(e2e, "adapter_model.safetensors")) and os.environ.get("QLORA_INTEROP_TRAIN") != "1":
+        trained = os.path.join(work, "trained")  # the adapter `make test` trained (tests/test_e2e.c)
+        shutil.copytree(e2e, trained, dirs_exist_ok=True)
+        log(f"trained adapter: {e2e} (from make test)")
+    else:
+        trained = train_adapter(bin_dir, model, work)
     adapters = {"synth": (synth, 16.0), "synth_rs": (synth_rs, 16.0 * math.sqrt(4)), "trained": (trained, 16.0)}
 
     # exports
@@ -372,7 +381,7 @@ def main():
         RESULTS[f"train_peak_rss_mib:{tag}"] = rss
     lg, lh = np.array(losses["gguf"]), np.array(losses["hf"])
     check("hf_dir:training_losses", len(lg) == len(lh) and np.abs(lg - lh).max() <= 1e-6,
-          {"gguf": [round(x, 5) for x in lg], "hf": [round(x, 5) for x in lh]})
+          {"gguf": [round(float(x), 5) for x in lg], "hf": [round(float(x), 5) for x in lh]})
     rss = {}
     for tag, bm in (("gguf", model), ("hf_fp32", hf_dir)):
         rss[tag] = load_peak_rss(bin_dir, bm, work)
@@ -392,8 +401,24 @@ def main():
     qb, _ = qlora_logits(bin_dir, work, "bnb4_adopted", None, bnb_dir, PROMPT, nf4=True, bf16=False)
     qs, _ = qlora_logits(bin_dir, work, "hf_fp32_nf4", None, hf_dir, PROMPT, nf4=True, bf16=False)
     compare("bnb4:adopted_vs_qlora_quantized", qs, qb, 0.0)
+    # what the checkpoint means to bitsandbytes: its own dequantize_4bit of every stored weight,
+    # then an fp32 forward (embeddings and norms as qlora holds them)
+    import bitsandbytes as bnb
+    sd_deq = dict(sd_bf)
+    for name, mod in qm.named_modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            sd_deq[name + ".weight"] = bnbf.dequantize_4bit(mod.weight.data, mod.weight.quant_state).to(torch.float32)
+    base.load_state_dict(sd_deq)
+    compare("bnb4:bnb_dequantized_vs_qlora", qb, hf_logits(base, ids), 2e-3)
+    # bitsandbytes' own 4-bit CPU matmul computes in reduced precision (about 0.4% of |y| on one
+    # linear, measured against the fp32 product of the same dequantized weight): looser, reported
     qm.eval()
-    compare("bnb4:transformers_vs_qlora", qb, hf_logits(qm, ids), 2e-3)
+    got = hf_logits(qm, ids)
+    agree = float((got.argmax(-1) == qb.argmax(-1)).mean())
+    diff = np.abs(got - qb)
+    check("bnb4:Linear4bit_forward_vs_qlora", agree >= 0.95 and diff.mean() <= 0.25,
+          {"max_abs": float(f"{diff.max():.3g}"), "mean_abs": float(f"{diff.mean():.3g}"), "top1_agree": round(agree, 3),
+           "bounds": "top1 >= 0.95, mean_abs <= 0.25"})
     del qm
 
     RESULTS["_seconds"] = round(time.time() - t_all, 1)

@@ -5,12 +5,17 @@
 usage: check_llama_cpp.py --model MODEL.gguf --work WORK_DIR      (after check_interop.py)
 Needs: llama-cpp-python, numpy, safetensors.
 
-llama.cpp multiplies the Q4_1 weights with 8-bit-quantized activations while qlora's reference run
-uses the dequantized weights in bf16 with fp32 GEMMs, so the base logits already differ a little
-(reported). The check is on what the adapter does:
-    effect_rel_err = ||d_lcpp - d_qlora|| / ||d_qlora||  <= 0.1,  d = logits(base + lora) - logits(base)
-and greedy next tokens with the adapter agree on >= 90% of positions. A wrong Q/K row order, a
-transposed A/B or a wrong alpha (rsLoRA) gives an error of order 1.
+Two bases:
+  exact   the Q4_1 base dequantized and rounded to bf16, stored as F32 (what qlora holds with
+          load_in_4bit: false; norms stay F32), with an F32 KV cache: llama.cpp then does the same
+          arithmetic as qlora's fp32 reference up to summation order. Checked:
+              effect_rel_err = ||d_lcpp - d_qlora|| / ||d_qlora|| <= 0.01,
+              d = logits(base + lora) - logits(base),
+          and max |logits difference| <= 0.02 with every adapter. A wrong Q/K row order, a
+          transposed A/B or a wrong alpha (rsLoRA) gives errors of order 1.
+  q4_1    the shipped Q4_1 GGUF as llama.cpp users run it: llama.cpp multiplies 4-bit weights with
+          8-bit-quantized activations and keeps an F16 KV cache, so logits differ from qlora's by
+          ~0.2 on average already for the base; reported, with the looser check top-1 agreement >= 90%.
 """
 import argparse
 import json
@@ -19,6 +24,37 @@ import sys
 
 import numpy as np
 from safetensors.numpy import load_file
+
+
+def bf16_round(x):
+    u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16
+    return u.astype(np.uint32).view(np.float32)
+
+
+def write_exact_base(src, dst):
+    """The GGUF with every tensor dequantized to F32, matrices rounded to bf16 (qlora's bf16 base)."""
+    import gguf
+    from gguf.quants import dequantize
+    r = gguf.GGUFReader(src)
+    arch = r.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(dst, arch)
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name in ("general.architecture", "general.file_type"):
+            continue
+        vt = f.types[0]
+        sub = f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(f.name, f.contents(), vt, sub_type=sub)
+    w.add_file_type(0)
+    for t in r.tensors:
+        x = dequantize(t.data, t.tensor_type).astype(np.float32).reshape([int(d) for d in reversed(t.shape)])
+        if x.ndim > 1:
+            x = bf16_round(x)
+        w.add_tensor(t.name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def main():
@@ -31,9 +67,11 @@ def main():
     q = {t: load_file(os.path.join(args.work, f"q_{t}.safetensors")) for t in ("base", "synth", "synth_rs", "trained")}
     ids = [int(x) for x in q["base"]["input_ids"]]
 
-    def logits(lora):
-        kw = dict(model_path=args.model, n_ctx=max(256, len(ids) + 8), logits_all=True, verbose=False,
+    def logits(model, lora, exact):
+        kw = dict(model_path=model, n_ctx=max(256, len(ids) + 8), logits_all=True, verbose=False,
                   n_threads=os.cpu_count() or 1, seed=0)
+        if exact:
+            kw.update(type_k=0, type_v=0)  # GGML_TYPE_F32 KV cache
         if lora:
             kw["lora_path"] = lora
         llm = Llama(**kw)
@@ -43,27 +81,35 @@ def main():
         llm.close()
         return out
 
+    exact_base = os.path.join(args.work, "base_bf16_as_f32.gguf")
+    write_exact_base(args.model, exact_base)
     results, fails = {}, []
-    lb = logits(None)
     qb = q["base"]["logits"]
-    d = np.abs(lb - qb)
-    results["llama.cpp:base(info)"] = {"max_abs": float(f"{d.max():.3g}"), "mean_abs": float(f"{d.mean():.3g}"),
-                                       "top1_agree": round(float((lb.argmax(-1) == qb.argmax(-1)).mean()), 3)}
-    print(f"[interop] INFO llama.cpp:base vs qlora: {results['llama.cpp:base(info)']}", flush=True)
-    for tag in ("synth", "synth_rs", "trained"):
-        ll = logits(os.path.join(args.work, f"{tag}.gguf"))
-        qt = q[tag]["logits"]
-        dq, dl = qt - qb, ll - lb
-        rel = float(np.linalg.norm(dl - dq) / max(np.linalg.norm(dq), 1e-12))
-        agree = float((ll.argmax(-1) == qt.argmax(-1)).mean())
-        diff = np.abs(ll - qt)
-        ok = rel <= 0.1 and agree >= 0.9
-        results[f"llama.cpp:{tag}"] = {"ok": ok, "effect_rel_err": round(rel, 4), "top1_agree": round(agree, 3),
-                                       "max_abs": float(f"{diff.max():.3g}"), "mean_abs": float(f"{diff.mean():.3g}"),
-                                       "effect_norm": float(f"{np.linalg.norm(dq):.3g}")}
-        print(f"[interop] {'PASS' if ok else 'FAIL'} llama.cpp:{tag}: {results[f'llama.cpp:{tag}']}", flush=True)
+    for mode, model in (("exact", exact_base), ("q4_1", args.model)):
+        exact = mode == "exact"
+        lb = logits(model, None, exact)
+        d = np.abs(lb - qb)
+        res = {"max_abs": float(f"{d.max():.3g}"), "mean_abs": float(f"{d.mean():.3g}"),
+               "top1_agree": round(float((lb.argmax(-1) == qb.argmax(-1)).mean()), 3)}
+        ok = d.max() <= 0.02 if exact else True
+        results[f"llama.cpp:{mode}:base"] = {"ok": bool(ok), **res}
+        print(f"[interop] {'PASS' if ok else 'FAIL'} llama.cpp:{mode}:base: {res}", flush=True)
         if not ok:
-            fails.append(tag)
+            fails.append(f"{mode}:base")
+        for tag in ("synth", "synth_rs", "trained"):
+            ll = logits(model, os.path.join(args.work, f"{tag}.gguf"), exact)
+            qt = q[tag]["logits"]
+            dq, dl = qt - qb, ll - lb
+            rel = float(np.linalg.norm(dl - dq) / max(np.linalg.norm(dq), 1e-12))
+            agree = float((ll.argmax(-1) == qt.argmax(-1)).mean())
+            diff = np.abs(ll - qt)
+            ok = (rel <= 0.01 and diff.max() <= 0.02) if exact else agree >= 0.9
+            res = {"effect_rel_err": round(rel, 5), "top1_agree": round(agree, 3), "max_abs": float(f"{diff.max():.3g}"),
+                   "mean_abs": float(f"{diff.mean():.3g}"), "effect_norm": float(f"{np.linalg.norm(dq):.3g}")}
+            results[f"llama.cpp:{mode}:{tag}"] = {"ok": bool(ok), **res}
+            print(f"[interop] {'PASS' if ok else 'FAIL'} llama.cpp:{mode}:{tag}: {res}", flush=True)
+            if not ok:
+                fails.append(f"{mode}:{tag}")
     with open(os.path.join(args.work, "results_llama_cpp.json"), "w") as f:
         json.dump(results, f, indent=2)
     return 1 if fails else 0
