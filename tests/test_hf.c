@@ -892,10 +892,11 @@ static void test_bnb4_checkpoint_adopted(void **state) {
     llama_model md;
     assert_int_equal(base_model_load(b, 0, 0, 32, &md, &e), 0);
     assert_int_equal(md.layers[0].lin[0].kind, FROZEN_BF16);
-    float w1[DM], w2[DM];
+    float w1[FF], w2[FF]; /* one row of down_proj (DM, FF) holds FF elements */
+    assert_int_equal(md.layers[1].lin[LLAMA_DOWN].in, FF);
     frozen_rows_f32(&md.layers[1].lin[LLAMA_DOWN], 3, 1, w1);
     frozen_rows_f32(&m.layers[1].lin[LLAMA_DOWN], 3, 1, w2);
-    for (int i = 0; i < DM; i++) assert_true(w1[i] == bf16_to_f32(f32_to_bf16(w2[i])));
+    for (int i = 0; i < FF; i++) assert_true(w1[i] == bf16_to_f32(f32_to_bf16(w2[i])));
     llama_free(&md);
     free(la);
     free(lb);
