@@ -288,17 +288,40 @@ tensor *ag_run_discard(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x) {
     return block_output(ctx, y, m, 0);
 }
 
-/* ---- segments (no recompute, intermediates released) ---- */
+/* ---- segments (no recompute, intermediates released) ----
+ *
+ * Gradients of block boundaries do not pile up: when a block's backward is
+ * done, the gradient of its output is dead, so the gradient of its input is
+ * copied into that buffer and its own allocation (the last one before the
+ * block's mark) is popped. Memory for boundary gradients is then one buffer,
+ * not one per layer. */
 
 typedef struct seg_saved {
-    tensor *x;     /* block input */
-    ag_mark mark;  /* taken in backward after x's grad exists */
-    int armed;
+    tensor *x, *y;      /* block input and output */
+    ag_mark before_gx;  /* position before x's gradient was allocated */
+    ag_mark mark;       /* taken in backward after x's gradient exists */
+    int armed, fresh_gx;
 } seg_saved;
+
+/* Move x's fresh gradient into y's dead gradient buffer and release
+ * everything allocated since `before` (x's gradient included). */
+static void grad_handover(ag_ctx *ctx, tensor *x, tensor *y, const float *gx, ag_mark before) {
+    float *dst = y->grad;
+    memcpy(dst, gx, (size_t)x->numel * sizeof(float));
+    y->grad = NULL;
+    ag_arena_reset(ctx, before);
+    x->grad = dst;
+}
+
+static int can_handover(const tensor *x, const tensor *y) {
+    return y && y->grad && x->numel == y->numel;
+}
 
 /* Recorded after the block: runs first in backward. */
 static void seg_end_backward(ag_ctx *ctx, const ag_node *n) {
     seg_saved *s = n->saved;
+    s->before_gx = ag_arena_mark(ctx);
+    s->fresh_gx = s->x->requires_grad && !s->x->grad && can_handover(s->x, s->y);
     if (s->x->requires_grad) (void)ag_grad(ctx, s->x); /* survives the release below */
     s->mark = ag_arena_mark(ctx);
     s->armed = 1;
@@ -307,7 +330,10 @@ static void seg_end_backward(ag_ctx *ctx, const ag_node *n) {
 /* Recorded before the block: runs after the block's own nodes in backward. */
 static void seg_start_backward(ag_ctx *ctx, const ag_node *n) {
     seg_saved *s = n->saved;
-    if (s->armed) ag_arena_reset(ctx, s->mark);
+    if (s->armed) {
+        if (s->fresh_gx && can_handover(s->x, s->y)) grad_handover(ctx, s->x, s->y, s->x->grad, s->before_gx);
+        else ag_arena_reset(ctx, s->mark);
+    }
     s->armed = 0;
 }
 
@@ -347,6 +373,7 @@ tensor *ag_segment(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x) {
     y->data = yk;
     y->kept = yk;
     y->grad = NULL;
+    s->y = y;
     ag_arena_reset(ctx, (ag_mark){m.main, arena_pos(&ctx->keep)});
     ag_prof_pop(pc);
     ag_node *n1 = ag_record(ctx, seg_end_backward, dummy, NULL, NULL, NULL, NULL);
@@ -365,7 +392,10 @@ typedef struct ckpt_saved {
 static void ckpt_backward(ag_ctx *ctx, const ag_node *n) {
     const ckpt_saved *s = n->saved;
     tensor *x = n->in[0], *y = n->out;
-    float *gx = x->requires_grad ? ag_grad(ctx, x) : NULL; /* allocated before the mark */
+    /* x's gradient: fresh -> handed over into y's dead gradient buffer at the
+     * end (see the segments above); already there -> accumulated into */
+    int fresh = x->requires_grad && !x->grad && can_handover(x, y);
+    float *gx = x->requires_grad && !fresh ? ag_grad(ctx, x) : NULL; /* allocated before the mark */
     ag_mark m = ag_arena_mark(ctx);
     int64_t from = ctx->n_nodes;
     int rec = ctx->recording, tr = ctx->training, sv = ctx->saving;
@@ -388,16 +418,27 @@ static void ckpt_backward(ag_ctx *ctx, const ag_node *n) {
     } else {
         ctx->n_nodes = from;
     }
+    ctx->recording = rec;
+    ctx->training = tr;
+    ctx->saving = sv;
+    ctx->seed = seed;
+    if (fresh) {
+        if (x2->grad) {
+            grad_handover(ctx, x, y, x2->grad, m);
+        } else {
+            memset(y->grad, 0, (size_t)y->numel * sizeof(float));
+            ag_arena_reset(ctx, m);
+            x->grad = y->grad;
+            y->grad = NULL;
+        }
+        return;
+    }
     if (gx && x2->grad) {
         const float *g2 = x2->grad;
         int64_t nx = x->numel;
 #pragma omp parallel for schedule(static) if (nx > 16384)
         for (int64_t i = 0; i < nx; i++) gx[i] += g2[i];
     }
-    ctx->recording = rec;
-    ctx->training = tr;
-    ctx->saving = sv;
-    ctx->seed = seed;
     ag_arena_reset(ctx, m);
 }
 
