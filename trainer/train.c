@@ -970,7 +970,8 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
                             "ETA %s | RSS %.0f MiB\n",
                     step, total_steps, loss, lr, gnorm, opt_note, tps, dt, eta, rss_mib());
         }
-        if (eval_set.n_rows > 0 && eval_every > 0 && step % eval_every == 0 && step != total_steps) {
+        /* a stop signal saves first: the periodic evaluation would delay it (and a second signal kills) */
+        if (eval_set.n_rows > 0 && eval_every > 0 && step % eval_every == 0 && step != total_steps && !g_stop_signal) {
             t0 = now_sec();
             double el = evaluate(&ctx, &model, &ls, &eval_set, mbs, c->eval_max_tokens, &bb, &ev_tok);
             fprintf(stderr, "[eval] step %d: held-out loss %.4f, perplexity %.2f (%.1fs)\n", step, el, exp(el),
