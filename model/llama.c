@@ -90,24 +90,7 @@ static int load_matrix_f32(const gguf_file *f, const char *name, int64_t rows, i
         return qerr_set(e, "tensor %s: expected shape [%lld, %lld] (HF order), got ne = {%llu, %llu}", name,
                         (long long)rows, (long long)cols, (unsigned long long)t->ne[0],
                         (unsigned long long)t->ne[1]);
-    int err = 0;
-    qerr e2 = {{0}};
-#pragma omp parallel for schedule(static)
-    for (int64_t r0 = 0; r0 < rows; r0 += 64) {
-        int64_t n = rows - r0 < 64 ? rows - r0 : 64;
-        qerr el;
-        if (gguf_tensor_rows_to_f32(t, (uint64_t)r0, (uint64_t)n, dst + r0 * cols, &el)) {
-#pragma omp critical
-            {
-                err = 1;
-                e2 = el;
-            }
-        }
-    }
-    if (err) {
-        if (e) *e = e2;
-        return qerr_prefix(e, "tensor %s", name);
-    }
+    if (gguf_tensor_to_f32(t, dst, e)) return qerr_prefix(e, "tensor %s", name);
     return 0;
 }
 
