@@ -16,6 +16,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "core/file.h"
 #include "model/gguf_write.h"
 
 /* Llama 3's pre-tokenizer regex as tokenizer.json spells it. */
@@ -290,34 +291,6 @@ done:
 
 /* ------------------------------------------------------------------ loading */
 
-static cJSON *json_file(const char *path, qerr *e) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        qerr_set(e, "%s: cannot open", path);
-        return NULL;
-    }
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = n >= 0 ? malloc((size_t)n + 1) : NULL;
-    if (!b || fread(b, 1, (size_t)n, f) != (size_t)n) {
-        fclose(f);
-        free(b);
-        qerr_set(e, "%s: cannot read", path);
-        return NULL;
-    }
-    fclose(f);
-    b[n] = 0;
-    cJSON *j = cJSON_Parse(b);
-    free(b);
-    if (!j || !cJSON_IsObject(j)) {
-        cJSON_Delete(j);
-        qerr_set(e, "%s: not a JSON object", path);
-        return NULL;
-    }
-    return j;
-}
-
 static int is_type(const cJSON *o, const char *type) {
     const cJSON *t = cJSON_GetObjectItemCaseSensitive(o, "type");
     return cJSON_IsString(t) && !strcmp(t->valuestring, type);
@@ -390,9 +363,9 @@ int tokenizer_load_hf(const char *json_path, const char *config_path, tokenizer 
 
 int tokenizer_hf_to_gguf(const char *json_path, const char *config_path, gguf_file **out, qerr *e) {
     *out = NULL;
-    cJSON *tj = json_file(json_path, e), *cfg = NULL;
+    cJSON *tj = file_read_json_object(json_path, e), *cfg = NULL;
     if (!tj) return -1;
-    if (config_path && !(cfg = json_file(config_path, e))) {
+    if (config_path && !(cfg = file_read_json_object(config_path, e))) {
         cJSON_Delete(tj);
         return -1;
     }
@@ -550,19 +523,8 @@ int tokenizer_hf_to_gguf(const char *json_path, const char *config_path, gguf_fi
         char *slash = strrchr(jp, '/');
         if (slash) {
             snprintf(slash + 1, sizeof jp - (size_t)(slash + 1 - jp), "chat_template.jinja");
-            FILE *f = fopen(jp, "rb");
-            if (f) {
-                fseek(f, 0, SEEK_END);
-                long n = ftell(f);
-                fseek(f, 0, SEEK_SET);
-                tmpl_file = n >= 0 ? calloc((size_t)n + 1, 1) : NULL;
-                if (tmpl_file && fread(tmpl_file, 1, (size_t)n, f) != (size_t)n) {
-                    free(tmpl_file);
-                    tmpl_file = NULL;
-                }
-                fclose(f);
-                tmpl = tmpl_file;
-            }
+            tmpl_file = file_read_all(jp, NULL, NULL); /* optional: absent or unreadable, no template */
+            tmpl = tmpl_file;
         }
     }
     if (tmpl) gguf_writer_add_str(w, "tokenizer.chat_template", tmpl);

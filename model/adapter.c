@@ -10,28 +10,8 @@
 #include <string.h>
 
 #include "core/bf16.h"
+#include "core/file.h"
 #include "model/safetensors.h"
-
-static char *read_text(const char *path, qerr *e) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        qerr_set(e, "%s: cannot open", path);
-        return NULL;
-    }
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = n >= 0 ? malloc((size_t)n + 1) : NULL;
-    if (!b || fread(b, 1, (size_t)n, f) != (size_t)n) {
-        free(b);
-        fclose(f);
-        qerr_set(e, "%s: cannot read", path);
-        return NULL;
-    }
-    fclose(f);
-    b[n] = 0;
-    return b;
-}
 
 static int module_index(const char *name, size_t n) {
     for (int k = 0; k < LLAMA_N_LINEAR; k++)
@@ -111,7 +91,7 @@ int adapter_load_peft(const char *dir, const llama_hparams *hp, lora_set *ls, ad
     char path[4096], spath[4096];
     snprintf(path, sizeof path, "%s/adapter_config.json", dir);
     snprintf(spath, sizeof spath, "%s/adapter_model.safetensors", dir);
-    char *text = read_text(path, e);
+    char *text = file_read_all(path, NULL, e);
     if (!text) return qerr_prefix(e, "adapter");
     cJSON *cfg = cJSON_Parse(text);
     free(text);
@@ -250,10 +230,7 @@ done:
 int adapter_peek_base(const char *dir, char *buf, size_t n) {
     char path[4096];
     snprintf(path, sizeof path, "%s/adapter_config.json", dir);
-    char *text = read_text(path, NULL);
-    if (!text) return -1;
-    cJSON *cfg = cJSON_Parse(text);
-    free(text);
+    cJSON *cfg = file_read_json_object(path, NULL);
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, "base_model_name_or_path");
     int rc = -1;
     if (cJSON_IsString(v) && v->valuestring[0]) {

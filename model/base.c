@@ -128,24 +128,7 @@ int base_model_tensor_f32(const base_model *b, base_role role, int layer, int mo
     if ((int64_t)t->ne[0] != cols || (int64_t)(t->nelements / t->ne[0]) != rows)
         return qerr_set(e, "%s: tensor %s: expected %lld x %lld elements", b->path, name, (long long)rows,
                         (long long)cols);
-    int err = 0;
-    qerr e2 = {{0}};
-#pragma omp parallel for schedule(static)
-    for (int64_t r0 = 0; r0 < rows; r0 += 64) {
-        int64_t n = rows - r0 < 64 ? rows - r0 : 64;
-        qerr el;
-        if (gguf_tensor_rows_to_f32(t, (uint64_t)r0, (uint64_t)n, dst + r0 * cols, &el)) {
-#pragma omp critical
-            {
-                err = 1;
-                e2 = el;
-            }
-        }
-    }
-    if (err) {
-        if (e) *e = e2;
-        return qerr_prefix(e, "%s: tensor %s", b->path, name);
-    }
+    if (gguf_tensor_to_f32(t, dst, e)) return qerr_prefix(e, "%s: tensor %s", b->path, name);
     if (role == BASE_T_LINEAR && module == LLAMA_Q) llama_unpermute_rows(dst, b->hp.n_head, b->hp.head_dim, cols);
     if (role == BASE_T_LINEAR && module == LLAMA_K) llama_unpermute_rows(dst, b->hp.n_kv_head, b->hp.head_dim, cols);
     return 0;

@@ -680,3 +680,27 @@ int gguf_tensor_rows_to_f32(const gguf_tensor *t, uint64_t row0, uint64_t nrows,
             return qerr_set(e, "tensor '%s': cannot dequantize %s row", t->name, ggml_type_name(t->type));
     return 0;
 }
+
+int gguf_tensor_to_f32(const gguf_tensor *t, float *dst, qerr *e) {
+    if (!t) return qerr_set(e, "gguf_tensor_to_f32: no tensor");
+    const int64_t cols = (int64_t)t->ne[0], rows = (int64_t)(t->nelements / t->ne[0]);
+    int err = 0;
+    qerr e2 = {{0}};
+#pragma omp parallel for schedule(static)
+    for (int64_t r0 = 0; r0 < rows; r0 += 64) {
+        int64_t n = rows - r0 < 64 ? rows - r0 : 64;
+        qerr el;
+        if (gguf_tensor_rows_to_f32(t, (uint64_t)r0, (uint64_t)n, dst + r0 * cols, &el)) {
+#pragma omp critical
+            {
+                err = 1;
+                e2 = el;
+            }
+        }
+    }
+    if (err) {
+        if (e) *e = e2;
+        return -1;
+    }
+    return 0;
+}

@@ -94,5 +94,10 @@ const gguf_tensor *gguf_find_tensor(const gguf_file *f, const char *name); /* NU
  * Q4_K, Q6_K (block layouts: ggml-common.h / ggml-quants.c). Returns -1 with a
  * message for unsupported types or out-of-range rows. */
 int gguf_tensor_rows_to_f32(const gguf_tensor *t, uint64_t row0, uint64_t nrows, float *dst, qerr *e);
+/* The whole tensor, (nelements/ne0, ne0), into dst as fp32: the rows in
+ * blocks of 64 over the OpenMP threads (each row is converted on its own, so
+ * the result does not depend on the thread count). Errors as
+ * gguf_tensor_rows_to_f32 (the message of one failing block). */
+int gguf_tensor_to_f32(const gguf_tensor *t, float *dst, qerr *e);
 
 #endif

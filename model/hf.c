@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "core/bf16.h"
+#include "core/file.h"
 #include "data/tokenizer_json.h"
 #include "model/base.h"
 #include "model/safetensors.h"
@@ -45,40 +46,6 @@ static const char *const hf_linear[LLAMA_N_LINEAR] = {
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
 
-static char *slurp(const char *path, qerr *e) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        qerr_set(e, "%s: cannot open", path);
-        return NULL;
-    }
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = n >= 0 ? malloc((size_t)n + 1) : NULL;
-    if (!b || fread(b, 1, (size_t)n, f) != (size_t)n) {
-        free(b);
-        fclose(f);
-        qerr_set(e, "%s: cannot read", path);
-        return NULL;
-    }
-    fclose(f);
-    b[n] = 0;
-    return b;
-}
-
-static cJSON *read_json(const char *path, qerr *e) {
-    char *t = slurp(path, e);
-    if (!t) return NULL;
-    cJSON *j = cJSON_Parse(t);
-    free(t);
-    if (!j || !cJSON_IsObject(j)) {
-        cJSON_Delete(j);
-        qerr_set(e, "%s: not a JSON object", path);
-        return NULL;
-    }
-    return j;
-}
-
 /* ------------------------------------------------------------------ config.json */
 
 static int cfg_int(const cJSON *c, const char *key, int def, int *out, const char *path, qerr *e) {
@@ -97,7 +64,7 @@ static int cfg_int(const cJSON *c, const char *key, int def, int *out, const cha
 static int parse_config(hf_model *h, qerr *e) {
     char path[4096];
     snprintf(path, sizeof path, "%s/config.json", h->dir);
-    cJSON *c = read_json(path, e);
+    cJSON *c = file_read_json_object(path, e);
     if (!c) return -1;
     int rc = -1;
     llama_hparams *hp = &h->hp;
@@ -196,7 +163,7 @@ static int open_shards(hf_model *h, qerr *e) {
     char path[4096];
     snprintf(path, sizeof path, "%s/model.safetensors.index.json", h->dir);
     if (access(path, R_OK) == 0) {
-        cJSON *idx = read_json(path, e);
+        cJSON *idx = file_read_json_object(path, e);
         if (!idx) return -1;
         const cJSON *wm = cJSON_GetObjectItemCaseSensitive(idx, "weight_map");
         if (!cJSON_IsObject(wm)) {

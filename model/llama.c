@@ -90,24 +90,7 @@ static int load_matrix_f32(const gguf_file *f, const char *name, int64_t rows, i
         return qerr_set(e, "tensor %s: expected shape [%lld, %lld] (HF order), got ne = {%llu, %llu}", name,
                         (long long)rows, (long long)cols, (unsigned long long)t->ne[0],
                         (unsigned long long)t->ne[1]);
-    int err = 0;
-    qerr e2 = {{0}};
-#pragma omp parallel for schedule(static)
-    for (int64_t r0 = 0; r0 < rows; r0 += 64) {
-        int64_t n = rows - r0 < 64 ? rows - r0 : 64;
-        qerr el;
-        if (gguf_tensor_rows_to_f32(t, (uint64_t)r0, (uint64_t)n, dst + r0 * cols, &el)) {
-#pragma omp critical
-            {
-                err = 1;
-                e2 = el;
-            }
-        }
-    }
-    if (err) {
-        if (e) *e = e2;
-        return qerr_prefix(e, "tensor %s", name);
-    }
+    if (gguf_tensor_to_f32(t, dst, e)) return qerr_prefix(e, "tensor %s", name);
     return 0;
 }
 
@@ -305,6 +288,42 @@ const lora_adapter *lora_set_get(const lora_set *ls, int layer, int module) {
 
 /* ------------------------------------------------------------------ forward */
 
+/* A (n) fp32 vector (a norm weight) as a 1-D tensor. */
+static tensor *wrap_vector(ag_ctx *ctx, int64_t n, float *w) {
+    tensor *t = ag_wrap(ctx, AG_F32, 1, n, w, NULL);
+    t->ndim = 1;
+    t->shape[0] = n;
+    return t;
+}
+
+tensor *llama_layer_forward(ag_ctx *ctx, const llama_model *m, const lora_set *ls, int l, tensor *x,
+                            const int32_t *pos, llama_attention_fn attention, const void *arg) {
+    const llama_hparams *hp = &m->hp;
+    const llama_layer *L = &m->layers[l];
+    tensor *an = wrap_vector(ctx, hp->d_model, L->attn_norm);
+    tensor *fn = wrap_vector(ctx, hp->d_model, L->ffn_norm);
+
+    tensor *h = op_rmsnorm(ctx, x, an, hp->rms_eps);
+    tensor *q = op_linear(ctx, h, &L->lin[LLAMA_Q], lora_set_get(ls, l, LLAMA_Q));
+    tensor *k = op_linear(ctx, h, &L->lin[LLAMA_K], lora_set_get(ls, l, LLAMA_K));
+    tensor *v = op_linear(ctx, h, &L->lin[LLAMA_V], lora_set_get(ls, l, LLAMA_V));
+    q = op_rope(ctx, q, hp->n_head, &m->rope, pos);
+    k = op_rope(ctx, k, hp->n_kv_head, &m->rope, pos);
+    tensor *att = attention(ctx, arg, q, k, v);
+    tensor *o = op_linear(ctx, att, &L->lin[LLAMA_O], lora_set_get(ls, l, LLAMA_O));
+    x = op_add(ctx, x, o);
+    tensor *h2 = op_rmsnorm(ctx, x, fn, hp->rms_eps);
+    tensor *g = op_linear(ctx, h2, &L->lin[LLAMA_GATE], lora_set_get(ls, l, LLAMA_GATE));
+    tensor *u = op_linear(ctx, h2, &L->lin[LLAMA_UP], lora_set_get(ls, l, LLAMA_UP));
+    tensor *mm = op_swiglu(ctx, g, u);
+    tensor *d = op_linear(ctx, mm, &L->lin[LLAMA_DOWN], lora_set_get(ls, l, LLAMA_DOWN));
+    return op_add(ctx, x, d);
+}
+
+tensor *llama_output_norm(ag_ctx *ctx, const llama_model *m, tensor *x) {
+    return op_rmsnorm(ctx, x, wrap_vector(ctx, m->hp.d_model, m->out_norm), m->hp.rms_eps);
+}
+
 typedef struct block_arg {
     const llama_model *m;
     const lora_set *ls;
@@ -312,32 +331,16 @@ typedef struct block_arg {
     int layer;
 } block_arg;
 
+/* Causal attention within the batch's rows and packed sequences. */
+static tensor *batch_attention(ag_ctx *ctx, const void *argp, tensor *q, tensor *k, tensor *v) {
+    const block_arg *a = argp;
+    const llama_hparams *hp = &a->m->hp;
+    return op_attention(ctx, q, k, v, a->b->B, a->b->T, hp->n_head, hp->n_kv_head, a->b->seq_ids);
+}
+
 static tensor *llama_block(ag_ctx *ctx, void *argp, tensor *x) {
     const block_arg *a = argp;
-    const llama_model *m = a->m;
-    const llama_hparams *hp = &m->hp;
-    const llama_layer *L = &m->layers[a->layer];
-    int l = a->layer;
-    tensor *an = ag_wrap(ctx, AG_F32, 1, hp->d_model, L->attn_norm, NULL);
-    tensor *fn = ag_wrap(ctx, AG_F32, 1, hp->d_model, L->ffn_norm, NULL);
-    an->ndim = fn->ndim = 1;
-    an->shape[0] = fn->shape[0] = hp->d_model;
-
-    tensor *h = op_rmsnorm(ctx, x, an, hp->rms_eps);
-    tensor *q = op_linear(ctx, h, &L->lin[LLAMA_Q], lora_set_get(a->ls, l, LLAMA_Q));
-    tensor *k = op_linear(ctx, h, &L->lin[LLAMA_K], lora_set_get(a->ls, l, LLAMA_K));
-    tensor *v = op_linear(ctx, h, &L->lin[LLAMA_V], lora_set_get(a->ls, l, LLAMA_V));
-    q = op_rope(ctx, q, hp->n_head, &m->rope, a->b->position_ids);
-    k = op_rope(ctx, k, hp->n_kv_head, &m->rope, a->b->position_ids);
-    tensor *att = op_attention(ctx, q, k, v, a->b->B, a->b->T, hp->n_head, hp->n_kv_head, a->b->seq_ids);
-    tensor *o = op_linear(ctx, att, &L->lin[LLAMA_O], lora_set_get(a->ls, l, LLAMA_O));
-    x = op_add(ctx, x, o);
-    tensor *h2 = op_rmsnorm(ctx, x, fn, hp->rms_eps);
-    tensor *g = op_linear(ctx, h2, &L->lin[LLAMA_GATE], lora_set_get(a->ls, l, LLAMA_GATE));
-    tensor *u = op_linear(ctx, h2, &L->lin[LLAMA_UP], lora_set_get(a->ls, l, LLAMA_UP));
-    tensor *mm = op_swiglu(ctx, g, u);
-    tensor *d = op_linear(ctx, mm, &L->lin[LLAMA_DOWN], lora_set_get(a->ls, l, LLAMA_DOWN));
-    return op_add(ctx, x, d);
+    return llama_layer_forward(ctx, a->m, a->ls, a->layer, x, a->b->position_ids, batch_attention, a);
 }
 
 /* embed → blocks → final RMSNorm: the hidden states (B*T, D) the LM head reads,
@@ -354,10 +357,7 @@ static tensor *llama_forward_trunk(ag_ctx *ctx, const llama_model *m, const lora
         else if (checkpointing) x = ag_checkpoint(ctx, llama_block, &args[l], x);
         else x = ag_segment(ctx, llama_block, &args[l], x); /* releases the block's intermediates */
     }
-    tensor *nw = ag_wrap(ctx, AG_F32, 1, hp->d_model, m->out_norm, NULL);
-    nw->ndim = 1;
-    nw->shape[0] = hp->d_model;
-    return op_rmsnorm(ctx, x, nw, hp->rms_eps);
+    return llama_output_norm(ctx, m, x);
 }
 
 tensor *llama_forward_loss(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const llama_batch *b,
@@ -374,20 +374,9 @@ tensor *llama_forward_sampled_loss(ag_ctx *ctx, const llama_model *m, const lora
 }
 
 tensor *llama_forward_hidden(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const llama_batch *b) {
-    const llama_hparams *hp = &m->hp;
     int rec = ctx->recording;
     ctx->recording = 0;
-    int64_t N = (int64_t)b->B * b->T;
-    tensor *x = op_embedding(ctx, &m->embed, b->input_ids, N);
-    block_arg *args = ag_alloc(ctx, (size_t)hp->n_layer * sizeof *args);
-    for (int l = 0; l < hp->n_layer; l++) {
-        args[l] = (block_arg){.m = m, .ls = ls, .b = b, .layer = l};
-        x = ag_run_discard(ctx, llama_block, &args[l], x);
-    }
-    tensor *nw = ag_wrap(ctx, AG_F32, 1, hp->d_model, m->out_norm, NULL);
-    nw->ndim = 1;
-    nw->shape[0] = hp->d_model;
-    tensor *h = op_rmsnorm(ctx, x, nw, hp->rms_eps);
+    tensor *h = llama_forward_trunk(ctx, m, ls, b, 0);
     ctx->recording = rec;
     return h;
 }

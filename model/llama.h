@@ -113,6 +113,23 @@ tensor *llama_forward_sampled_loss(ag_ctx *ctx, const llama_model *m, const lora
                                    float scale, int checkpointing, uint64_t sample_seed, int32_t *labels,
                                    double *loss_sum, int64_t *n_tokens);
 
+/* The attention of one decoder layer, supplied by the caller of
+ * llama_layer_forward: q (N, n_head·hd) and k, v (N, n_kv_head·hd) fp32,
+ * already rotated; returns (N, n_head·hd). arg is the caller's. */
+typedef tensor *(*llama_attention_fn)(ag_ctx *ctx, const void *arg, tensor *q, tensor *k, tensor *v);
+
+/* One decoder layer (HF modeling_llama.py LlamaDecoderLayer) on x (N, D) fp32:
+ *   q, k, v = linears of RMSNorm(x) (+ LoRA), RoPE on q and k at positions pos (N);
+ *   x += o_proj(attention(q, k, v));  x += down(SwiGLU(gate(RMSNorm(x)), up(RMSNorm(x)))).
+ * Training and evaluation pass op_attention over the batch; generation the
+ * KV-cached attention (model/llama_infer.c). Every linear carries its LoRA
+ * adapter from ls (NULL: base model only). Returns the new x (N, D). */
+tensor *llama_layer_forward(ag_ctx *ctx, const llama_model *m, const lora_set *ls, int layer, tensor *x,
+                            const int32_t *pos, llama_attention_fn attention, const void *arg);
+
+/* The output RMSNorm (model.norm) on x (N, D): the hidden states the LM head reads. */
+tensor *llama_output_norm(ag_ctx *ctx, const llama_model *m, tensor *x);
+
 /* Forward pass to the final hidden states (B*T, D) fp32, after the final
  * RMSNorm, without recording (inference). ls may be NULL. */
 tensor *llama_forward_hidden(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const llama_batch *b);

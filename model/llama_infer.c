@@ -101,37 +101,23 @@ static void cached_attention(ag_ctx *ctx, const infer_arg *a, const float *q, fl
     }
 }
 
-static tensor *infer_block(ag_ctx *ctx, void *argp, tensor *x) {
+/* Appends this layer's k and v (n, KVH·hd) to the cache, then attends from
+ * the new tokens to every cached position up to their own. */
+static tensor *cached_attention_op(ag_ctx *ctx, const void *argp, tensor *q, tensor *k, tensor *v) {
     const infer_arg *a = argp;
-    const llama_model *m = a->m;
-    const llama_hparams *hp = &m->hp;
-    const llama_layer *L = &m->layers[a->layer];
-    int l = a->layer;
-    tensor *an = ag_wrap(ctx, AG_F32, 1, hp->d_model, L->attn_norm, NULL);
-    tensor *fn = ag_wrap(ctx, AG_F32, 1, hp->d_model, L->ffn_norm, NULL);
-    an->ndim = fn->ndim = 1;
-    an->shape[0] = fn->shape[0] = hp->d_model;
-
-    tensor *h = op_rmsnorm(ctx, x, an, hp->rms_eps);
-    tensor *q = op_linear(ctx, h, &L->lin[LLAMA_Q], lora_set_get(a->ls, l, LLAMA_Q));
-    tensor *k = op_linear(ctx, h, &L->lin[LLAMA_K], lora_set_get(a->ls, l, LLAMA_K));
-    tensor *v = op_linear(ctx, h, &L->lin[LLAMA_V], lora_set_get(a->ls, l, LLAMA_V));
-    q = op_rope(ctx, q, hp->n_head, &m->rope, a->pos);
-    k = op_rope(ctx, k, hp->n_kv_head, &m->rope, a->pos);
+    const llama_hparams *hp = &a->m->hp;
     int64_t kvd = a->c->kv_dim;
-    size_t base = ((size_t)l * a->c->max_pos + (size_t)a->pos[0]) * kvd;
+    size_t base = ((size_t)a->layer * a->c->max_pos + (size_t)a->pos[0]) * kvd;
     memcpy(a->c->k + base, k->data, (size_t)a->n * kvd * sizeof(float));
     memcpy(a->c->v + base, v->data, (size_t)a->n * kvd * sizeof(float));
     tensor *att = ag_tensor2(ctx, AG_F32, a->n, (int64_t)hp->n_head * hp->head_dim);
     cached_attention(ctx, a, q->data, att->data);
-    tensor *o = op_linear(ctx, att, &L->lin[LLAMA_O], lora_set_get(a->ls, l, LLAMA_O));
-    x = op_add(ctx, x, o);
-    tensor *h2 = op_rmsnorm(ctx, x, fn, hp->rms_eps);
-    tensor *g = op_linear(ctx, h2, &L->lin[LLAMA_GATE], lora_set_get(a->ls, l, LLAMA_GATE));
-    tensor *u = op_linear(ctx, h2, &L->lin[LLAMA_UP], lora_set_get(a->ls, l, LLAMA_UP));
-    tensor *mm = op_swiglu(ctx, g, u);
-    tensor *d = op_linear(ctx, mm, &L->lin[LLAMA_DOWN], lora_set_get(a->ls, l, LLAMA_DOWN));
-    return op_add(ctx, x, d);
+    return att;
+}
+
+static tensor *infer_block(ag_ctx *ctx, void *argp, tensor *x) {
+    const infer_arg *a = argp;
+    return llama_layer_forward(ctx, a->m, a->ls, a->layer, x, a->pos, cached_attention_op, a);
 }
 
 tensor *llama_forward_cached(ag_ctx *ctx, const llama_model *m, const lora_set *ls, llama_kv_cache *c,
@@ -149,10 +135,7 @@ tensor *llama_forward_cached(ag_ctx *ctx, const llama_model *m, const lora_set *
         x = ag_run_discard(ctx, infer_block, &a, x);
     }
     c->n += n;
-    tensor *nw = ag_wrap(ctx, AG_F32, 1, hp->d_model, m->out_norm, NULL);
-    nw->ndim = 1;
-    nw->shape[0] = hp->d_model;
-    tensor *h = op_rmsnorm(ctx, x, nw, hp->rms_eps);
+    tensor *h = llama_output_norm(ctx, m, x);
     ctx->recording = rec;
     ctx->training = tr;
     return h;

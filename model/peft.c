@@ -18,6 +18,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "core/strbuf.h"
+
 static const char *const ATTN_MODULES[] = {"q_proj", "k_proj", "v_proj", "o_proj"};
 static const char *const MLP_MODULES[] = {"gate_proj", "up_proj", "down_proj"};
 
@@ -42,60 +44,34 @@ int peft_tensor_name(char *buf, size_t n, int layer, const char *module, char ab
 /* ------------------------------------------------------------------------ */
 /* Python-compatible JSON text                                                */
 
-typedef struct sbuf {
-    char *p;
-    size_t n, cap;
-    int oom;
-} sbuf;
-
-static void sb_put(sbuf *b, const char *s, size_t n) {
-    if (b->oom) return;
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 1024;
-        while (b->n + n + 1 > cap) cap *= 2;
-        char *q = realloc(b->p, cap);
-        if (!q) {
-            b->oom = 1;
-            return;
-        }
-        b->p = q;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = 0;
-}
-
-static void sb_puts(sbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
-
-static void sb_u16(sbuf *b, unsigned v) {
+static void sb_u16(strbuf *b, unsigned v) {
     char t[8];
     snprintf(t, sizeof t, "\\u%04x", v & 0xffffu);
-    sb_puts(b, t);
+    strbuf_puts(b, t);
 }
 
 /* json.dumps string with ensure_ascii=True: " \ \n \r \t \b \f escaped by name,
  * everything outside 0x20..0x7e as \uXXXX (lowercase; surrogate pairs above
  * U+FFFF). Bytes that are not valid UTF-8 become \ufffd. */
-static void sb_py_str(sbuf *b, const char *s) {
+static void sb_py_str(strbuf *b, const char *s) {
     const unsigned char *q = (const unsigned char *)s;
-    sb_put(b, "\"", 1);
+    strbuf_put(b, "\"", 1);
     while (*q) {
         unsigned c = *q;
         if (c < 0x80) {
             switch (c) {
-            case '"': sb_puts(b, "\\\""); break;
-            case '\\': sb_puts(b, "\\\\"); break;
-            case '\n': sb_puts(b, "\\n"); break;
-            case '\r': sb_puts(b, "\\r"); break;
-            case '\t': sb_puts(b, "\\t"); break;
-            case '\b': sb_puts(b, "\\b"); break;
-            case '\f': sb_puts(b, "\\f"); break;
+            case '"': strbuf_puts(b, "\\\""); break;
+            case '\\': strbuf_puts(b, "\\\\"); break;
+            case '\n': strbuf_puts(b, "\\n"); break;
+            case '\r': strbuf_puts(b, "\\r"); break;
+            case '\t': strbuf_puts(b, "\\t"); break;
+            case '\b': strbuf_puts(b, "\\b"); break;
+            case '\f': strbuf_puts(b, "\\f"); break;
             default:
                 if (c < 0x20 || c == 0x7f)
                     sb_u16(b, c);
                 else
-                    sb_put(b, (const char *)q, 1);
+                    strbuf_put(b, (const char *)q, 1);
             }
             q++;
             continue;
@@ -126,7 +102,7 @@ static void sb_py_str(sbuf *b, const char *s) {
         }
         q += len;
     }
-    sb_put(b, "\"", 1);
+    strbuf_put(b, "\"", 1);
 }
 
 /* repr() of a Python float holding the value the user wrote: the shortest
@@ -187,16 +163,16 @@ static int cmp_item_keys(const void *a, const void *b) {
     return strcmp((*(const cJSON *const *)a)->string, (*(const cJSON *const *)b)->string);
 }
 
-static void sb_indent(sbuf *b, int level) {
-    for (int i = 0; i < 2 * level; i++) sb_put(b, " ", 1);
+static void sb_indent(strbuf *b, int level) {
+    for (int i = 0; i < 2 * level; i++) strbuf_put(b, " ", 1);
 }
 
 /* json.dumps(x, indent=2, sort_keys=True) of a cJSON tree (raw items verbatim). */
-static void sb_py_json(sbuf *b, const cJSON *x, int level) {
+static void sb_py_json(strbuf *b, const cJSON *x, int level) {
     if (cJSON_IsObject(x) || cJSON_IsArray(x)) {
         int obj = cJSON_IsObject(x), n = cJSON_GetArraySize(x);
         if (n == 0) {
-            sb_puts(b, obj ? "{}" : "[]");
+            strbuf_puts(b, obj ? "{}" : "[]");
             return;
         }
         const cJSON **items = malloc((size_t)n * sizeof *items);
@@ -207,31 +183,31 @@ static void sb_py_json(sbuf *b, const cJSON *x, int level) {
         int i = 0;
         for (const cJSON *it = x->child; it; it = it->next) items[i++] = it;
         if (obj) qsort(items, (size_t)n, sizeof *items, cmp_item_keys);
-        sb_puts(b, obj ? "{\n" : "[\n");
+        strbuf_puts(b, obj ? "{\n" : "[\n");
         for (i = 0; i < n; i++) {
             sb_indent(b, level + 1);
             if (obj) {
                 sb_py_str(b, items[i]->string);
-                sb_puts(b, ": ");
+                strbuf_puts(b, ": ");
             }
             sb_py_json(b, items[i], level + 1);
-            sb_puts(b, i + 1 < n ? ",\n" : "\n");
+            strbuf_puts(b, i + 1 < n ? ",\n" : "\n");
         }
         sb_indent(b, level);
-        sb_puts(b, obj ? "}" : "]");
+        strbuf_puts(b, obj ? "}" : "]");
         free(items);
     } else if (cJSON_IsString(x)) {
         sb_py_str(b, x->valuestring);
     } else if (cJSON_IsRaw(x)) {
-        sb_puts(b, x->valuestring);
+        strbuf_puts(b, x->valuestring);
     } else if (cJSON_IsBool(x)) {
-        sb_puts(b, cJSON_IsTrue(x) ? "true" : "false");
+        strbuf_puts(b, cJSON_IsTrue(x) ? "true" : "false");
     } else if (cJSON_IsNull(x)) {
-        sb_puts(b, "null");
+        strbuf_puts(b, "null");
     } else { /* plain numbers are not used by this writer; print as Python would an int-valued float */
         char t[64];
         snprintf(t, sizeof t, "%.17g", x->valuedouble);
-        sb_puts(b, t);
+        strbuf_puts(b, t);
     }
 }
 
@@ -321,7 +297,7 @@ int peft_write_adapter_config(const char *path, const peft_lora_config *c, qerr 
 
     /* every Add* above allocates; a failed one leaves the key missing */
     int expect = 26, have = cJSON_GetArraySize(o);
-    sbuf b = {0};
+    strbuf b = {0};
     if (have == expect && cJSON_GetArraySize(tm) == c->n_target_modules) sb_py_json(&b, o, 0);
     cJSON_Delete(o);
     if (have != expect || b.oom || !b.p) {

@@ -10,13 +10,14 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include "core/strbuf.h"
 
 /* The Rust `Dtype` enum order ("MUST be in increasing alignment order"); the
  * writer sorts by it descending. */
@@ -44,65 +45,29 @@ size_t safetensors_dtype_size(const char *dtype) {
 }
 
 /* ------------------------------------------------------------------------ */
-/* Growable byte buffer                                                       */
-
-typedef struct sbuf {
-    char *p;
-    size_t n, cap;
-    int oom;
-} sbuf;
-
-static void sb_put(sbuf *b, const char *s, size_t n) {
-    if (b->oom) return;
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 256;
-        while (b->n + n + 1 > cap) cap *= 2;
-        char *q = realloc(b->p, cap);
-        if (!q) {
-            b->oom = 1;
-            return;
-        }
-        b->p = q;
-        b->cap = cap;
-    }
-    memcpy(b->p + b->n, s, n);
-    b->n += n;
-    b->p[b->n] = 0;
-}
-
-static void sb_puts(sbuf *b, const char *s) { sb_put(b, s, strlen(s)); }
-
-static void sb_printf(sbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void sb_printf(sbuf *b, const char *fmt, ...) {
-    char tmp[128];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
-    if (n > 0) sb_put(b, tmp, (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1);
-}
+/* Header text                                                                */
 
 /* JSON string as serde_json writes it: escapes " \ \b \f \n \r \t, other
  * control bytes as \u00xx (lowercase hex); UTF-8 passes through. */
-static void sb_json_str(sbuf *b, const char *s) {
-    sb_put(b, "\"", 1);
+static void sb_json_str(strbuf *b, const char *s) {
+    strbuf_put(b, "\"", 1);
     for (const unsigned char *q = (const unsigned char *)s; *q; q++) {
         switch (*q) {
-        case '"': sb_puts(b, "\\\""); break;
-        case '\\': sb_puts(b, "\\\\"); break;
-        case '\b': sb_puts(b, "\\b"); break;
-        case '\f': sb_puts(b, "\\f"); break;
-        case '\n': sb_puts(b, "\\n"); break;
-        case '\r': sb_puts(b, "\\r"); break;
-        case '\t': sb_puts(b, "\\t"); break;
+        case '"': strbuf_puts(b, "\\\""); break;
+        case '\\': strbuf_puts(b, "\\\\"); break;
+        case '\b': strbuf_puts(b, "\\b"); break;
+        case '\f': strbuf_puts(b, "\\f"); break;
+        case '\n': strbuf_puts(b, "\\n"); break;
+        case '\r': strbuf_puts(b, "\\r"); break;
+        case '\t': strbuf_puts(b, "\\t"); break;
         default:
             if (*q < 0x20)
-                sb_printf(b, "\\u%04x", *q);
+                strbuf_printf(b, "\\u%04x", *q);
             else
-                sb_put(b, (const char *)q, 1);
+                strbuf_put(b, (const char *)q, 1);
         }
     }
-    sb_put(b, "\"", 1);
+    strbuf_put(b, "\"", 1);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -150,9 +115,9 @@ static int write_all(int fd, const void *p, size_t n) {
 }
 
 /* The "__metadata__" object text, or "" for none. */
-static int build_metadata(const char *path, const char *json, sbuf *out, qerr *e) {
+static int build_metadata(const char *path, const char *json, strbuf *out, qerr *e) {
     if (!json) {
-        sb_puts(out, "{\"format\":\"pt\"}");
+        strbuf_puts(out, "{\"format\":\"pt\"}");
         return 0;
     }
     cJSON *m = cJSON_Parse(json);
@@ -167,12 +132,12 @@ static int build_metadata(const char *path, const char *json, sbuf *out, qerr *e
             cJSON_Delete(m);
             return -1;
         }
-        sb_puts(out, n++ ? "," : "{");
+        strbuf_puts(out, n++ ? "," : "{");
         sb_json_str(out, it->string);
-        sb_put(out, ":", 1);
+        strbuf_put(out, ":", 1);
         sb_json_str(out, it->valuestring);
     }
-    if (n) sb_put(out, "}", 1);
+    if (n) strbuf_put(out, "}", 1);
     cJSON_Delete(m);
     return 0;
 }
@@ -192,7 +157,7 @@ int safetensors_write(const char *path, const st_tensor *tensors, int n, const c
     if (n < 0 || (n > 0 && !tensors)) return qerr_set(e, "%s: invalid tensor list", path);
     wentry *ord = qcalloc((size_t)(n ? n : 1), sizeof *ord, e);
     if (!ord) return -1;
-    sbuf hdr = {0}, meta = {0};
+    strbuf hdr = {0}, meta = {0};
     char *tmp = NULL;
     int fd = -1, rc = -1;
 
@@ -241,24 +206,24 @@ int safetensors_write(const char *path, const st_tensor *tensors, int n, const c
     qsort(ord, (size_t)n, sizeof *ord, cmp_rust_order);
 
     if (build_metadata(path, metadata_json, &meta, e)) goto done;
-    sb_put(&hdr, "{", 1);
+    strbuf_put(&hdr, "{", 1);
     if (meta.n) {
-        sb_puts(&hdr, "\"__metadata__\":");
-        sb_put(&hdr, meta.p, meta.n);
+        strbuf_puts(&hdr, "\"__metadata__\":");
+        strbuf_put(&hdr, meta.p, meta.n);
     }
     uint64_t off = 0;
     for (int i = 0; i < n; i++) {
         const st_tensor *t = ord[i].t;
-        if (i || meta.n) sb_put(&hdr, ",", 1);
+        if (i || meta.n) strbuf_put(&hdr, ",", 1);
         sb_json_str(&hdr, t->name);
-        sb_printf(&hdr, ":{\"dtype\":\"%s\",\"shape\":[", DTYPES[ord[i].rank].name);
-        for (int d = 0; d < t->n_dims; d++) sb_printf(&hdr, "%s%lld", d ? "," : "", (long long)t->shape[d]);
-        sb_printf(&hdr, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)off,
+        strbuf_printf(&hdr, ":{\"dtype\":\"%s\",\"shape\":[", DTYPES[ord[i].rank].name);
+        for (int d = 0; d < t->n_dims; d++) strbuf_printf(&hdr, "%s%lld", d ? "," : "", (long long)t->shape[d]);
+        strbuf_printf(&hdr, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)off,
                   (unsigned long long)(off + t->nbytes));
         off += t->nbytes;
     }
-    sb_put(&hdr, "}", 1);
-    while (hdr.n % 8) sb_put(&hdr, " ", 1);
+    strbuf_put(&hdr, "}", 1);
+    while (hdr.n % 8) strbuf_put(&hdr, " ", 1);
     if (hdr.oom || meta.oom) {
         qerr_set(e, "out of memory building the safetensors header of %s", path);
         goto done;

@@ -21,6 +21,7 @@
 #include <unistd.h>
 
 #include "autograd/gemm.h"
+#include "core/file.h"
 #include "core/rng.h"
 #include "data/chat.h"
 #include "model/adapter.h"
@@ -57,22 +58,6 @@ static double now_sec(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static char *read_file(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = n >= 0 ? malloc((size_t)n + 1) : NULL;
-    if (b && fread(b, 1, (size_t)n, f) != (size_t)n) {
-        free(b);
-        b = NULL;
-    }
-    fclose(f);
-    if (b) b[n] = 0;
-    return b;
 }
 
 typedef struct gen_opts {
@@ -353,7 +338,7 @@ int main(int argc, char **argv) {
             p = *end == ',' ? end + 1 : end;
         }
     } else {
-        if (prompt_file && !(text = read_file(prompt_file))) {
+        if (prompt_file && !(text = file_read_all(prompt_file, NULL, NULL))) {
             qerr_set(&e, "--prompt-file %s: %s", prompt_file, strerror(errno));
             goto fail;
         }

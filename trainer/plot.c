@@ -293,84 +293,123 @@ static int write_png(const char *path, const canvas *cv, qerr *e) {
 /* ------------------------------------------------------------------------ */
 /* The plot                                                                   */
 
+/* The plot rectangle [L, R) x [T, B) in pixels and the axes drawn on it. */
+typedef struct frame {
+    int L, R, T, B;
+    axis ax, ay;
+} frame;
+
+/* Axes for data in [xmn, xmx] x [ymn, ymx] (an empty range, mn > mx, becomes
+ * [0, 1]): x starts at 0 when the data start close to it, y gets a 4 % margin,
+ * the left margin fits the y labels, and x gets as many ticks as fit without
+ * labels touching. */
+static frame frame_fit(double xmn, double xmx, double ymn, double ymx) {
+    frame f;
+    if (!(xmn <= xmx)) xmn = 0, xmx = 1;
+    if (!(ymn <= ymx)) ymn = 0, ymx = 1;
+    if (xmn > 0 && xmn <= 0.2 * xmx) xmn = 0; /* start at step 0 when it is close */
+    double ypad = (ymx - ymn) * 0.04;
+    f.ay = nice_axis(ymn - ypad, ymx + ypad, 6);
+    f.L = axis_label_width(&f.ay) + 20;
+    if (f.L < 60) f.L = 60;
+    f.R = PLOT_WIDTH - 24, f.T = 40, f.B = PLOT_HEIGHT - 60;
+    f.ax = nice_axis(xmn, xmx, 8);
+    for (int target = 7; target >= 2; target--) {
+        double n_int = (f.ax.hi - f.ax.lo) / f.ax.step;
+        if ((double)(f.R - f.L) / n_int >= axis_label_width(&f.ax) + 2 * CHAR_W) break;
+        f.ax = nice_axis(xmn, xmx, target);
+    }
+    return f;
+}
+
+/* Data coordinates to pixels. */
+static float frame_x(const frame *f, double v) {
+    return (float)(f->L + (v - f->ax.lo) / (f->ax.hi - f->ax.lo) * (f->R - 1 - f->L));
+}
+static float frame_y(const frame *f, double v) {
+    return (float)(f->B - 1 - (v - f->ay.lo) / (f->ay.hi - f->ay.lo) * (f->B - 1 - f->T));
+}
+
+/* A white PLOT_WIDTH x PLOT_HEIGHT canvas; -1 (e set) when out of memory. */
+static int canvas_init(canvas *cv, qerr *e) {
+    *cv = (canvas){NULL, PLOT_WIDTH, PLOT_HEIGHT};
+    cv->px = qmalloc((size_t)cv->w * (size_t)cv->h * 3, e);
+    if (!cv->px) return -1;
+    memset(cv->px, 255, (size_t)cv->w * (size_t)cv->h * 3);
+    return 0;
+}
+
+/* Grid, ticks and their labels, the frame, and the axis names. */
+static void draw_axes(canvas *cv, const frame *f, const char *xlabel, const char *ylabel) {
+    const int L = f->L, R = f->R, T = f->T, B = f->B;
+    const axis *ax = &f->ax, *ay = &f->ay;
+    double xmaxabs = fmax(fabs(ax->lo), fabs(ax->hi)), ymaxabs = fmax(fabs(ay->lo), fabs(ay->hi));
+    char lab[48];
+    for (int i = 0;; i++) {
+        double v = ax->lo + i * ax->step;
+        if (v > ax->hi + ax->step * 1e-6) break;
+        int x = (int)lrintf(frame_x(f, v));
+        fill_rect(cv, x, T, x + 1, B, C_GRID);
+        fill_rect(cv, x, B, x + 1, B + 6, C_AXIS);
+        fmt_tick(lab, sizeof lab, v, ax->step, xmaxabs);
+        draw_text(cv, x - text_width(lab) / 2, B + 10, lab, C_TEXT);
+    }
+    for (int i = 0;; i++) {
+        double v = ay->lo + i * ay->step;
+        if (v > ay->hi + ay->step * 1e-6) break;
+        int y = (int)lrintf(frame_y(f, v));
+        fill_rect(cv, L, y, R, y + 1, C_GRID);
+        fill_rect(cv, L - 6, y, L, y + 1, C_AXIS);
+        fmt_tick(lab, sizeof lab, v, ay->step, ymaxabs);
+        draw_text(cv, L - 10 - text_width(lab), y - CHAR_H / 2, lab, C_TEXT);
+    }
+    fill_rect(cv, L - 1, T, L + 1, B + 1, C_AXIS);
+    fill_rect(cv, L - 1, B - 1, R, B + 1, C_AXIS);
+    draw_text(cv, (L + R) / 2 - text_width(xlabel) / 2, B + 10 + CHAR_H + 8, xlabel, C_TEXT);
+    draw_text(cv, L - text_width(ylabel) / 2 > 4 ? L - text_width(ylabel) / 2 : 4, T - CHAR_H - 10, ylabel, C_TEXT);
+}
+
+/* The legend's box, w x h at (x, y): background and a 1-pixel border. */
+static void draw_legend_box(canvas *cv, int x, int y, int w, int h) {
+    fill_rect(cv, x, y, x + w, y + h, C_BG);
+    fill_rect(cv, x, y, x + w, y + 1, C_LEGEND_EDGE);
+    fill_rect(cv, x, y + h - 1, x + w, y + h, C_LEGEND_EDGE);
+    fill_rect(cv, x, y, x + 1, y + h, C_LEGEND_EDGE);
+    fill_rect(cv, x + w - 1, y, x + w, y + h, C_LEGEND_EDGE);
+}
+
 int plot_loss_png(const char *path, const float *train_steps, const float *train_loss, int n_train,
                   const float *eval_steps, const float *eval_loss, int n_eval, qerr *e) {
     if (n_train < 0 || n_eval < 0 || (n_train && (!train_steps || !train_loss)) ||
         (n_eval && (!eval_steps || !eval_loss)))
         return qerr_set(e, "plot %s: invalid series arguments", path);
-    canvas cv = {NULL, PLOT_WIDTH, PLOT_HEIGHT};
-    cv.px = qmalloc((size_t)cv.w * (size_t)cv.h * 3, e);
-    if (!cv.px) return -1;
-    memset(cv.px, 255, (size_t)cv.w * (size_t)cv.h * 3);
-
+    canvas cv;
+    if (canvas_init(&cv, e)) return -1;
     double xmn = INFINITY, xmx = -INFINITY, ymn = INFINITY, ymx = -INFINITY;
     minmax(train_steps, n_train, &xmn, &xmx);
     minmax(eval_steps, n_eval, &xmn, &xmx);
     minmax(train_loss, n_train, &ymn, &ymx);
     minmax(eval_loss, n_eval, &ymn, &ymx);
-    if (!(xmn <= xmx)) xmn = 0, xmx = 1;
-    if (!(ymn <= ymx)) ymn = 0, ymx = 1;
-    if (xmn > 0 && xmn <= 0.2 * xmx) xmn = 0; /* start at step 0 when it is close */
-    double ypad = (ymx - ymn) * 0.04;
-    axis ay = nice_axis(ymn - ypad, ymx + ypad, 6);
-
-    /* plot rectangle [L, R) x [T, B); the left margin fits the y labels */
-    int L = axis_label_width(&ay) + 20;
-    if (L < 60) L = 60;
-    const int R = PLOT_WIDTH - 24, T = 40, B = PLOT_HEIGHT - 60;
-    /* as many x ticks as fit without labels touching */
-    axis ax = nice_axis(xmn, xmx, 8);
-    for (int target = 7; target >= 2; target--) {
-        double n_int = (ax.hi - ax.lo) / ax.step;
-        if ((double)(R - L) / n_int >= axis_label_width(&ax) + 2 * CHAR_W) break;
-        ax = nice_axis(xmn, xmx, target);
-    }
-    double xmaxabs = fmax(fabs(ax.lo), fabs(ax.hi)), ymaxabs = fmax(fabs(ay.lo), fabs(ay.hi));
-
-#define MAPX(v) ((float)(L + ((double)(v) - ax.lo) / (ax.hi - ax.lo) * (R - 1 - L)))
-#define MAPY(v) ((float)(B - 1 - ((double)(v) - ay.lo) / (ay.hi - ay.lo) * (B - 1 - T)))
-
-    /* grid, ticks and labels */
-    char lab[48];
-    for (int i = 0;; i++) {
-        double v = ax.lo + i * ax.step;
-        if (v > ax.hi + ax.step * 1e-6) break;
-        int x = (int)lrintf(MAPX(v));
-        fill_rect(&cv, x, T, x + 1, B, C_GRID);
-        fill_rect(&cv, x, B, x + 1, B + 6, C_AXIS);
-        fmt_tick(lab, sizeof lab, v, ax.step, xmaxabs);
-        draw_text(&cv, x - text_width(lab) / 2, B + 10, lab, C_TEXT);
-    }
-    for (int i = 0;; i++) {
-        double v = ay.lo + i * ay.step;
-        if (v > ay.hi + ay.step * 1e-6) break;
-        int y = (int)lrintf(MAPY(v));
-        fill_rect(&cv, L, y, R, y + 1, C_GRID);
-        fill_rect(&cv, L - 6, y, L, y + 1, C_AXIS);
-        fmt_tick(lab, sizeof lab, v, ay.step, ymaxabs);
-        draw_text(&cv, L - 10 - text_width(lab), y - CHAR_H / 2, lab, C_TEXT);
-    }
-    /* frame */
-    fill_rect(&cv, L - 1, T, L + 1, B + 1, C_AXIS);
-    fill_rect(&cv, L - 1, B - 1, R, B + 1, C_AXIS);
-    draw_text(&cv, (L + R) / 2 - text_width("step") / 2, B + 10 + CHAR_H + 8, "step", C_TEXT);
-    draw_text(&cv, L - text_width("loss") / 2, T - CHAR_H - 10, "loss", C_TEXT);
+    const frame f = frame_fit(xmn, xmx, ymn, ymx);
+    const int L = f.L, R = f.R, T = f.T, B = f.B;
+    draw_axes(&cv, &f, "step", "loss");
 
     /* series: train line, then eval line + markers on top */
     for (int i = 1; i < n_train; i++)
         if (point_ok(train_steps, train_loss, i - 1) && point_ok(train_steps, train_loss, i))
-            draw_segment(&cv, MAPX(train_steps[i - 1]), MAPY(train_loss[i - 1]), MAPX(train_steps[i]),
-                         MAPY(train_loss[i]), 2.0f, C_TRAIN, L + 1, T, R, B - 1);
+            draw_segment(&cv, frame_x(&f, train_steps[i - 1]), frame_y(&f, train_loss[i - 1]),
+                         frame_x(&f, train_steps[i]), frame_y(&f, train_loss[i]), 2.0f, C_TRAIN, L + 1, T, R, B - 1);
     for (int i = 0; i < n_train; i++) /* isolated points stay visible */
         if (point_ok(train_steps, train_loss, i) && (i == 0 || !point_ok(train_steps, train_loss, i - 1)) &&
             (i == n_train - 1 || !point_ok(train_steps, train_loss, i + 1)))
-            draw_disc(&cv, MAPX(train_steps[i]), MAPY(train_loss[i]), 2.0f, C_TRAIN);
+            draw_disc(&cv, frame_x(&f, train_steps[i]), frame_y(&f, train_loss[i]), 2.0f, C_TRAIN);
     for (int i = 1; i < n_eval; i++)
         if (point_ok(eval_steps, eval_loss, i - 1) && point_ok(eval_steps, eval_loss, i))
-            draw_segment(&cv, MAPX(eval_steps[i - 1]), MAPY(eval_loss[i - 1]), MAPX(eval_steps[i]),
-                         MAPY(eval_loss[i]), 2.0f, C_EVAL, L + 1, T, R, B - 1);
+            draw_segment(&cv, frame_x(&f, eval_steps[i - 1]), frame_y(&f, eval_loss[i - 1]),
+                         frame_x(&f, eval_steps[i]), frame_y(&f, eval_loss[i]), 2.0f, C_EVAL, L + 1, T, R, B - 1);
     for (int i = 0; i < n_eval; i++)
-        if (point_ok(eval_steps, eval_loss, i)) draw_disc(&cv, MAPX(eval_steps[i]), MAPY(eval_loss[i]), 4.0f, C_EVAL);
+        if (point_ok(eval_steps, eval_loss, i))
+            draw_disc(&cv, frame_x(&f, eval_steps[i]), frame_y(&f, eval_loss[i]), 4.0f, C_EVAL);
 
     /* legend, top right inside the plot */
     const char *names[2] = {"train loss", "held-out loss"};
@@ -378,11 +417,7 @@ int plot_loss_png(const char *path, const float *train_steps, const float *train
     if (rows) {
         int lw = 12 + 28 + 8 + text_width(names[1]) + 12, lh = 10 + rows * (CHAR_H + 8) + 2;
         int lx = R - lw - 10, ly = T + 10, yy = ly + 10;
-        fill_rect(&cv, lx, ly, lx + lw, ly + lh, C_BG);
-        fill_rect(&cv, lx, ly, lx + lw, ly + 1, C_LEGEND_EDGE);
-        fill_rect(&cv, lx, ly + lh - 1, lx + lw, ly + lh, C_LEGEND_EDGE);
-        fill_rect(&cv, lx, ly, lx + 1, ly + lh, C_LEGEND_EDGE);
-        fill_rect(&cv, lx + lw - 1, ly, lx + lw, ly + lh, C_LEGEND_EDGE);
+        draw_legend_box(&cv, lx, ly, lw, lh);
         for (int s = 0; s < 2; s++) {
             if (!show[s]) continue;
             rgb c = s ? C_EVAL : C_TRAIN;
@@ -393,8 +428,6 @@ int plot_loss_png(const char *path, const float *train_steps, const float *train
             yy += CHAR_H + 8;
         }
     }
-#undef MAPX
-#undef MAPY
     int rc = write_png(path, &cv, e);
     free(cv.px);
     return rc;
@@ -422,69 +455,28 @@ int plot_curves_png(const char *path, const plot_series *series, int n_series, c
     for (int k = 0; k < n_series; k++)
         if (series[k].n < 0 || (series[k].n && (!series[k].x || !series[k].y)))
             return qerr_set(e, "plot %s: invalid series %d", path, k);
-    canvas cv = {NULL, PLOT_WIDTH, PLOT_HEIGHT};
-    cv.px = qmalloc((size_t)cv.w * (size_t)cv.h * 3, e);
-    if (!cv.px) return -1;
-    memset(cv.px, 255, (size_t)cv.w * (size_t)cv.h * 3);
-
+    canvas cv;
+    if (canvas_init(&cv, e)) return -1;
     double xmn = INFINITY, xmx = -INFINITY, ymn = INFINITY, ymx = -INFINITY;
     for (int k = 0; k < n_series; k++) {
         minmax(series[k].x, series[k].n, &xmn, &xmx);
         minmax(series[k].y, series[k].n, &ymn, &ymx);
     }
-    if (!(xmn <= xmx)) xmn = 0, xmx = 1;
-    if (!(ymn <= ymx)) ymn = 0, ymx = 1;
-    if (xmn > 0 && xmn <= 0.2 * xmx) xmn = 0;
-    double ypad = (ymx - ymn) * 0.04;
-    axis ay = nice_axis(ymn - ypad, ymx + ypad, 6);
-    int L = axis_label_width(&ay) + 20;
-    if (L < 60) L = 60;
-    const int R = PLOT_WIDTH - 24, T = 40, B = PLOT_HEIGHT - 60;
-    axis ax = nice_axis(xmn, xmx, 8);
-    for (int target = 7; target >= 2; target--) {
-        double n_int = (ax.hi - ax.lo) / ax.step;
-        if ((double)(R - L) / n_int >= axis_label_width(&ax) + 2 * CHAR_W) break;
-        ax = nice_axis(xmn, xmx, target);
-    }
-    double xmaxabs = fmax(fabs(ax.lo), fabs(ax.hi)), ymaxabs = fmax(fabs(ay.lo), fabs(ay.hi));
-#define MAPX(v) ((float)(L + ((double)(v) - ax.lo) / (ax.hi - ax.lo) * (R - 1 - L)))
-#define MAPY(v) ((float)(B - 1 - ((double)(v) - ay.lo) / (ay.hi - ay.lo) * (B - 1 - T)))
-    char lab[48];
-    for (int i = 0;; i++) {
-        double v = ax.lo + i * ax.step;
-        if (v > ax.hi + ax.step * 1e-6) break;
-        int x = (int)lrintf(MAPX(v));
-        fill_rect(&cv, x, T, x + 1, B, C_GRID);
-        fill_rect(&cv, x, B, x + 1, B + 6, C_AXIS);
-        fmt_tick(lab, sizeof lab, v, ax.step, xmaxabs);
-        draw_text(&cv, x - text_width(lab) / 2, B + 10, lab, C_TEXT);
-    }
-    for (int i = 0;; i++) {
-        double v = ay.lo + i * ay.step;
-        if (v > ay.hi + ay.step * 1e-6) break;
-        int y = (int)lrintf(MAPY(v));
-        fill_rect(&cv, L, y, R, y + 1, C_GRID);
-        fill_rect(&cv, L - 6, y, L, y + 1, C_AXIS);
-        fmt_tick(lab, sizeof lab, v, ay.step, ymaxabs);
-        draw_text(&cv, L - 10 - text_width(lab), y - CHAR_H / 2, lab, C_TEXT);
-    }
-    fill_rect(&cv, L - 1, T, L + 1, B + 1, C_AXIS);
-    fill_rect(&cv, L - 1, B - 1, R, B + 1, C_AXIS);
-    const char *xl = xlabel ? xlabel : "step", *yl = ylabel ? ylabel : "loss";
-    draw_text(&cv, (L + R) / 2 - text_width(xl) / 2, B + 10 + CHAR_H + 8, xl, C_TEXT);
-    draw_text(&cv, L - text_width(yl) / 2 > 4 ? L - text_width(yl) / 2 : 4, T - CHAR_H - 10, yl, C_TEXT);
+    const frame f = frame_fit(xmn, xmx, ymn, ymx);
+    const int L = f.L, R = f.R, T = f.T, B = f.B;
+    draw_axes(&cv, &f, xlabel ? xlabel : "step", ylabel ? ylabel : "loss");
 
     for (int k = 0; k < n_series; k++) {
         const plot_series *s = &series[k];
         const rgb c = TAB10[k];
         for (int i = 1; i < s->n; i++)
             if (point_ok(s->x, s->y, i - 1) && point_ok(s->x, s->y, i))
-                draw_segment(&cv, MAPX(s->x[i - 1]), MAPY(s->y[i - 1]), MAPX(s->x[i]), MAPY(s->y[i]), 2.0f, c, L + 1,
-                             T, R, B - 1);
+                draw_segment(&cv, frame_x(&f, s->x[i - 1]), frame_y(&f, s->y[i - 1]), frame_x(&f, s->x[i]),
+                             frame_y(&f, s->y[i]), 2.0f, c, L + 1, T, R, B - 1);
         for (int i = 0; i < s->n; i++)
             if (point_ok(s->x, s->y, i) &&
                 (s->markers || ((i == 0 || !point_ok(s->x, s->y, i - 1)) && (i == s->n - 1 || !point_ok(s->x, s->y, i + 1)))))
-                draw_disc(&cv, MAPX(s->x[i]), MAPY(s->y[i]), s->markers ? 3.5f : 2.0f, c);
+                draw_disc(&cv, frame_x(&f, s->x[i]), frame_y(&f, s->y[i]), s->markers ? 3.5f : 2.0f, c);
     }
 
     /* legend, top right inside the plot */
@@ -496,11 +488,7 @@ int plot_curves_png(const char *path, const plot_series *series, int n_series, c
     if (n_series) {
         int lw = 12 + 28 + 8 + wmax + 12, lh = 10 + n_series * (CHAR_H + 8) + 2;
         int lx = R - lw - 10, ly = T + 10, yy = ly + 10;
-        fill_rect(&cv, lx, ly, lx + lw, ly + lh, C_BG);
-        fill_rect(&cv, lx, ly, lx + lw, ly + 1, C_LEGEND_EDGE);
-        fill_rect(&cv, lx, ly + lh - 1, lx + lw, ly + lh, C_LEGEND_EDGE);
-        fill_rect(&cv, lx, ly, lx + 1, ly + lh, C_LEGEND_EDGE);
-        fill_rect(&cv, lx + lw - 1, ly, lx + lw, ly + lh, C_LEGEND_EDGE);
+        draw_legend_box(&cv, lx, ly, lw, lh);
         for (int k = 0; k < n_series; k++) {
             float cy = (float)yy + CHAR_H / 2.0f;
             draw_segment(&cv, (float)lx + 12, cy, (float)lx + 40, cy, 2.0f, TAB10[k], 0, 0, cv.w, cv.h);
@@ -509,8 +497,6 @@ int plot_curves_png(const char *path, const plot_series *series, int n_series, c
             yy += CHAR_H + 8;
         }
     }
-#undef MAPX
-#undef MAPY
     int rc = write_png(path, &cv, e);
     free(cv.px);
     return rc;

@@ -1,0 +1,28 @@
+/* core/file.h — whole-file reads: a config, a JSON document, a template,
+ * read into memory in one piece (small files; models and shards are mmap'ed
+ * by their own readers).
+ */
+#ifndef QLORA_CORE_FILE_H
+#define QLORA_CORE_FILE_H
+
+#include <stddef.h>
+
+#include "core/status.h"
+
+struct cJSON;
+
+/* file_read_all: the bytes of `path` in one malloc'd buffer (the caller frees
+ * it) with a NUL after the last byte, so text can be used as a C string.
+ * len: NULL, or receives the number of bytes read (without the NUL).
+ * Errors (returns NULL; e may be NULL): "<path>: cannot open" when fopen
+ * fails; "<path>: cannot read" when the size cannot be taken, memory runs
+ * out or fewer bytes arrive than the file held. */
+char *file_read_all(const char *path, size_t *len, qerr *e);
+
+/* file_read_json_object: `path` parsed by cJSON; the top level must be a JSON
+ * object. The caller frees the tree with cJSON_Delete. Errors (returns NULL;
+ * e may be NULL): those of file_read_all, and "<path>: not a JSON object"
+ * for text that does not parse or whose top level is not an object. */
+struct cJSON *file_read_json_object(const char *path, qerr *e);
+
+#endif
