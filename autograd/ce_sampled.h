@@ -29,11 +29,11 @@
  *   loss = scale · Σ_{n: mask[n] != -100} −log softmax(h[n] Wᵀ)[ŷ[n]]
  * h (N, D) fp32 (N = B·T rows), W the frozen (V, D) head. mask (N) or NULL (=
  * every row): the training targets, used only to choose which positions are
- * sampled (the positions the training loss covers). The softmax, the sampling
- * and the gradient are computed from the same fp32 logits, with the same
- * GEMM precision as op_lm_head_ce (bf16 operands when ctx->bf16). The
- * gradient w.r.t. h is scale·(softmax − onehot(ŷ)) W, recorded as a leaf node
- * like op_lm_head_ce's. labels (N) or NULL receives ŷ (−100 where masked);
+ * sampled (the positions the training loss covers). The pass is
+ * op_lm_head_ce's own (op_lm_head_ce_pick): the softmax, the sampling and the
+ * gradient come from the same fp32 logits and log-sum-exp, so with the labels
+ * drawn, loss and gradient equal op_lm_head_ce's bit for bit. The gradient
+ * w.r.t. h is scale·(softmax − onehot(ŷ)) W, recorded as a leaf node. labels (N) or NULL receives ŷ (−100 where masked);
  * *loss_sum / *n_tokens (or NULL) the unscaled summed loss and the number of
  * sampled rows. Returns a 1-element tensor. */
 tensor *op_lm_head_ce_sampled(ag_ctx *ctx, tensor *h, const frozen_weight *w, const int32_t *mask,

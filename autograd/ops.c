@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "autograd/exp_poly.h"
 #include "autograd/gemm.h"
 #include "autograd/prof.h"
 #include "core/rng.h"
@@ -125,26 +126,6 @@ static const void *frozen_operand(ag_ctx *ctx, const frozen_weight *w) {
     float *dst = scratch_grow(&ctx->wscratch, &ctx->wscratch_size, (size_t)n * sizeof(float));
     frozen_rows_f32(w, 0, w->out, dst);
     return dst;
-}
-
-/* expf for softmax-like loops: Cephes' single-precision polynomial (Moshier,
- * cephes/single/expf.c) after range reduction x = n·ln2 + r; max relative error
- * ≈ 2e-7 on [-87, 88]. Written branch-free so `omp simd` loops vectorize it
- * (glibc's expf only vectorizes under -ffast-math, which we do not use). */
-static inline float exp_poly(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    float y = p * r * r + r + 1.0f;
-    union { uint32_t u; float f; } sc;
-    sc.u = (uint32_t)((int32_t)n + 127) << 23;
-    return y * sc.f;
 }
 
 /* ------------------------------------------------------------------ row kernels
@@ -981,8 +962,9 @@ static void ce_backward(ag_ctx *ctx, const ag_node *n) {
  * largest transient of a training step (memplan.c counts it). */
 enum { CE_CHUNK = 128 };
 
-tensor *op_lm_head_ce(ag_ctx *ctx, tensor *h, const frozen_weight *w, const int32_t *targets,
-                      float scale, double *loss_sum, int64_t *n_tokens) {
+tensor *op_lm_head_ce_pick(ag_ctx *ctx, tensor *h, const frozen_weight *w, const int32_t *targets,
+                           ce_target_fn pick, const void *pick_arg, float scale, int32_t *labels,
+                           double *loss_sum, int64_t *n_tokens) {
     int64_t N = h->shape[0], D = h->shape[1], V = w->out;
     int64_t one = 1;
     tensor *loss = ag_tensor(ctx, AG_F32, 1, &one);
@@ -1001,8 +983,12 @@ tensor *op_lm_head_ce(ag_ctx *ctx, tensor *h, const frozen_weight *w, const int3
     for (int64_t r0 = 0; r0 < N; r0 += CE_CHUNK) {
         int64_t c = N - r0 < CE_CHUNK ? N - r0 : CE_CHUNK;
         int any = 0;
-        for (int64_t i = 0; i < c; i++) any |= targets[r0 + i] != -100;
-        if (!any) continue;
+        for (int64_t i = 0; i < c; i++) any |= !targets || targets[r0 + i] != -100;
+        if (!any) {
+            if (labels)
+                for (int64_t i = 0; i < c; i++) labels[r0 + i] = -100;
+            continue;
+        }
         ag_mark m2 = ag_arena_mark(ctx);
         const void *hb = operand(ctx, hd + r0 * D, c * D);
         gemm(0, 1, c, V, D, 1.0f, hb, D, wb, D, 0.0f, logits, V, dt);
@@ -1015,9 +1001,10 @@ tensor *op_lm_head_ce(ag_ctx *ctx, tensor *h, const frozen_weight *w, const int3
              * every store and block vectorization */
             const int64_t Vl = V;
             const float sc = scale;
-            int32_t tgt = targets[r0 + i];
+            int32_t tgt = targets ? targets[r0 + i] : 0;
             float *li = logits + i * Vl;
             if (tgt == -100) {
+                if (labels) labels[r0 + i] = -100;
                 if (glb) memset(glb + i * V, 0, (size_t)V * sizeof(bf16));
                 else if (grad) memset(li, 0, (size_t)V * sizeof(float));
                 continue;
@@ -1025,6 +1012,8 @@ tensor *op_lm_head_ce(ag_ctx *ctx, tensor *h, const frozen_weight *w, const int3
             float mx = row_max(li, Vl);
             float sum = row_sum_exp(li, Vl, mx, 0);
             float lse = mx + logf(sum);
+            if (pick) tgt = pick(li, Vl, lse, r0 + i, pick_arg);
+            if (labels) labels[r0 + i] = tgt;
             chunk_loss += (double)lse - (double)li[tgt];
             chunk_count += 1;
             if (glb) {
@@ -1057,4 +1046,9 @@ tensor *op_lm_head_ce(ag_ctx *ctx, tensor *h, const frozen_weight *w, const int3
         nd->saved = s;
     }
     return loss;
+}
+
+tensor *op_lm_head_ce(ag_ctx *ctx, tensor *h, const frozen_weight *w, const int32_t *targets,
+                      float scale, double *loss_sum, int64_t *n_tokens) {
+    return op_lm_head_ce_pick(ctx, h, w, targets, NULL, NULL, scale, NULL, loss_sum, n_tokens);
 }

@@ -98,4 +98,21 @@ tensor *op_add(ag_ctx *ctx, tensor *a, tensor *b);
 tensor *op_lm_head_ce(ag_ctx *ctx, tensor *h, const frozen_weight *w, const int32_t *targets,
                       float scale, double *loss_sum, int64_t *n_tokens);
 
+/* Chooses the target of one row of the LM-head cross-entropy from that row's
+ * logits (V) fp32 and their log-sum-exp lse (fp32, exp_poly sums): a label in
+ * [0, V). row is the row's index in h; arg is the caller's. Called from
+ * OpenMP threads, one row at a time: it must not write shared state. */
+typedef int32_t (*ce_target_fn)(const float *logits, int64_t V, float lse, int64_t row, const void *arg);
+
+/* The chunked LM head + cross-entropy pass op_lm_head_ce is, with the target
+ * of each row chosen by pick (NULL: targets[n]) once its logits and
+ * log-sum-exp are known — Sophia's sampled labels (autograd/ce_sampled.h) use
+ * this. targets (N) or NULL (= every row): −100 skips a row; otherwise the
+ * target when pick is NULL (then targets must not be NULL). labels (N) or
+ * NULL receives the targets used (−100 at skipped rows). Loss, gradient,
+ * *loss_sum and *n_tokens as op_lm_head_ce. */
+tensor *op_lm_head_ce_pick(ag_ctx *ctx, tensor *h, const frozen_weight *w, const int32_t *targets,
+                           ce_target_fn pick, const void *pick_arg, float scale, int32_t *labels,
+                           double *loss_sum, int64_t *n_tokens);
+
 #endif

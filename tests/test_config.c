@@ -13,32 +13,13 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "tests/tmpdir.h"
 #include "trainer/config.h"
 
-typedef struct tctx {
-    char dir[64];
-} tctx;
-
-static int group_setup(void **state) {
-    tctx *t = calloc(1, sizeof *t);
-    if (!t) return -1;
-    snprintf(t->dir, sizeof t->dir, "/tmp/qlora_test_config_XXXXXX");
-    if (!mkdtemp(t->dir)) return -1;
-    *state = t;
-    return 0;
-}
-
-static int group_teardown(void **state) {
-    tctx *t = *state;
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", t->dir);
-    if (system(cmd) != 0) return -1;
-    free(t);
-    return 0;
-}
+static int group_setup(void **state) { return tmpdir_setup(state, "qlora_test_config"); }
 
 /* Write `text` to <dir>/<name> and return the path (static buffer per call site). */
-static void write_file(const tctx *t, const char *name, const char *text, char *path, size_t n) {
+static void write_file(const tmpdir *t, const char *name, const char *text, char *path, size_t n) {
     snprintf(path, n, "%s/%s", t->dir, name);
     FILE *f = fopen(path, "w");
     assert_non_null(f);
@@ -47,7 +28,7 @@ static void write_file(const tctx *t, const char *name, const char *text, char *
 }
 
 /* Load `text` as <name>; expect failure with `substr` in the message. */
-static void expect_load_error(const tctx *t, const char *name, const char *text, const char *substr) {
+static void expect_load_error(const tmpdir *t, const char *name, const char *text, const char *substr) {
     char path[256];
     write_file(t, name, text, path, sizeof path);
     train_config c;
@@ -61,7 +42,7 @@ static void expect_load_error(const tctx *t, const char *name, const char *text,
 }
 
 /* Load `text` (must succeed), validate; expect failure with `substr`. */
-static void expect_validate_error(const tctx *t, const char *name, const char *text, const char *substr) {
+static void expect_validate_error(const tmpdir *t, const char *name, const char *text, const char *substr) {
     char path[256];
     write_file(t, name, text, path, sizeof path);
     train_config c;
@@ -309,7 +290,7 @@ static void test_defaults(void **state) {
 }
 
 static void test_minimal_and_full(void **state) {
-    const tctx *t = *state;
+    const tmpdir *t = *state;
     char path[256];
     train_config c;
     qerr e = {{0}};
@@ -345,7 +326,7 @@ static void test_minimal_and_full(void **state) {
 /* What a user copying an axolotl example gets: empty keys are fine, harmless
  * keys are ignored with a warning, aliases resolve. */
 static void test_axolotl_style(void **state) {
-    const tctx *t = *state;
+    const tmpdir *t = *state;
     const char *yaml = "base_model: m.gguf\n"
                        "model_type: AutoModelForCausalLM\n"
                        "tokenizer_type: AutoTokenizer\n"
@@ -431,7 +412,7 @@ static void test_axolotl_style(void **state) {
 }
 
 static void test_errors_per_key(void **state) {
-    const tctx *t = *state;
+    const tmpdir *t = *state;
     /* the exact message shape from the brief, plus the line */
     expect_load_error(t, "x.yaml", "base_model: m.gguf\nlora_r: abc\n",
                       "x.yaml: lora_r: expected a positive integer, got \"abc\" (line 2)");
@@ -513,7 +494,7 @@ static void test_errors_per_key(void **state) {
 }
 
 static void test_syntax_error_line(void **state) {
-    const tctx *t = *state;
+    const tmpdir *t = *state;
     /* unclosed flow sequence starting on line 3 */
     expect_load_error(t, "syn.yaml", "base_model: m.gguf\nlora_r: 8\nlora_target_modules: [q_proj, v_proj\nseed: 1\n",
                       "syn.yaml:4:");
@@ -525,7 +506,7 @@ static void test_syntax_error_line(void **state) {
 }
 
 static void test_validate_rules(void **state) {
-    const tctx *t = *state;
+    const tmpdir *t = *state;
     expect_validate_error(t, "v.yaml", "datasets: [{path: a.jsonl, type: completion}]\nlora_target_linear: true\n",
                           "v.yaml: missing required key \"base_model\"");
     expect_validate_error(t, "v.yaml", "base_model: m.gguf\nlora_target_linear: true\n",
@@ -566,7 +547,7 @@ static void test_validate_rules(void **state) {
 /* The checkpoint / fault keys (issue 4): defaults, parsing, ranges, the
  * save interval, and that resume_from_checkpoint is optional. */
 static void test_checkpoint_keys(void **state) {
-    const tctx *t = *state;
+    const tmpdir *t = *state;
     char path[256], buf[1024];
     write_file(t, "ck.yaml", MINIMAL, path, sizeof path);
     train_config c;
@@ -629,7 +610,7 @@ static void test_checkpoint_keys(void **state) {
 }
 
 static void test_overrides(void **state) {
-    const tctx *t = *state;
+    const tmpdir *t = *state;
     char path[256];
     write_file(t, "o.yaml", MINIMAL, path, sizeof path);
     train_config c;
@@ -704,7 +685,7 @@ static void test_overrides(void **state) {
 }
 
 static void test_round_trip(void **state) {
-    const tctx *t = *state;
+    const tmpdir *t = *state;
     char path[256], out[256], out2[300];
     train_config a, b;
     qerr e = {{0}};
@@ -761,5 +742,5 @@ int main(void) {
         cmocka_unit_test(test_overrides),
         cmocka_unit_test(test_round_trip),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return cmocka_run_group_tests(tests, group_setup, tmpdir_teardown);
 }

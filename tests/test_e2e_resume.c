@@ -32,15 +32,15 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <cjson/cJSON.h>
 #include <cmocka.h>
 
+#include "core/file.h"
 #include "core/rng.h"
+#include "tests/e2e_run.h"
 #include "tests/subproc.h"
+#include "tests/tmpdir.h"
 #include "trainer/checkpoint.h"
 
-#define MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
-#define HELDOUT "datasets/manpages/heldout.jsonl"
 #define MAX_STEPS 6
 
 static char g_dir[64], g_cfg[128];
@@ -51,131 +51,34 @@ static double now_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static unsigned char *slurp(const char *path, size_t *n) {
-    *n = 0;
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long sz = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    unsigned char *b = malloc((size_t)sz + 1);
-    *n = fread(b, 1, (size_t)sz, f);
-    b[*n] = 0;
-    fclose(f);
-    return b;
-}
-
-static void assert_same_file(const char *a, const char *b) {
-    size_t na = 0, nb = 0;
-    unsigned char *x = slurp(a, &na), *y = slurp(b, &nb);
-    if (!x || !y || na != nb || memcmp(x, y, na)) print_error("%s and %s differ\n", a, b);
-    assert_non_null(x);
-    assert_non_null(y);
-    assert_int_equal(na, nb);
-    assert_memory_equal(x, y, na);
-    free(x);
-    free(y);
-}
-
 /* The training data: the first documents of the held-out man pages, cut short,
  * so that MAX_STEPS steps cross an epoch boundary. */
 static int setup(void **st) {
     (void)st;
-    if (access(MODEL, R_OK) || access(HELDOUT, R_OK)) {
-        fprintf(stderr, "%s or %s missing: run `make model dataset`\n", MODEL, HELDOUT);
-        return -1;
-    }
-    snprintf(g_dir, sizeof g_dir, "/tmp/qlora-resume-XXXXXX");
-    if (!mkdtemp(g_dir)) return -1;
-    FILE *in = fopen(HELDOUT, "r");
-    char p[256];
-    snprintf(p, sizeof p, "%s/train.jsonl", g_dir);
-    FILE *out = fopen(p, "w");
-    if (!in || !out) return -1;
-    static char line[1 << 20];
-    for (int k = 0; k < 4 && fgets(line, sizeof line, in); k++) {
-        cJSON *j = cJSON_Parse(line);
-        const cJSON *t = cJSON_GetObjectItem(j, "text");
-        if (!cJSON_IsString(t)) return -1;
-        char text[700];
-        snprintf(text, sizeof text, "%s", t->valuestring);
-        char *sp = strrchr(text, ' ');
-        if (sp) *sp = 0;
-        cJSON *o = cJSON_CreateObject();
-        cJSON_AddStringToObject(o, "text", text);
-        char *s = cJSON_PrintUnformatted(o);
-        fprintf(out, "%s\n", s);
-        free(s);
-        cJSON_Delete(o);
-        cJSON_Delete(j);
-    }
-    fclose(in);
-    fclose(out);
-    const char *thr = getenv("QLORA_TEST_THREADS");
-    snprintf(g_cfg, sizeof g_cfg, "%s/config.yaml", g_dir);
-    out = fopen(g_cfg, "w");
-    fprintf(out,
-            "base_model: " MODEL "\n"
-            "lora_r: 4\nlora_alpha: 8\nlora_dropout: 0.1\nlora_target_modules: [q_proj, v_proj]\n"
-            "datasets:\n  - path: %s/train.jsonl\n    type: completion\n"
-            "val_set_size: 1\nsequence_len: 64\nmicro_batch_size: 2\ngradient_accumulation_steps: 1\n"
-            "max_steps: %d\nlearning_rate: 2e-3\nwarmup_steps: 2\nweight_decay: 0.01\nlr_scheduler: cosine\n"
-            "eval_steps: 3\neval_max_tokens: 64\nsave_steps: 1\nsave_total_limit: 3\nseed: 7\nnum_threads: %s\n",
-            g_dir, MAX_STEPS, thr && *thr ? thr : "1");
-    fclose(out);
-    return 0;
+    char keys[512];
+    snprintf(keys, sizeof keys,
+             "max_steps: %d\nlearning_rate: 2e-3\nwarmup_steps: 2\nweight_decay: 0.01\nlr_scheduler: cosine\n"
+             "eval_steps: 3\neval_max_tokens: 64\nsave_steps: 1\nsave_total_limit: 3\nseed: 7\n",
+             MAX_STEPS);
+    return e2e_setup(g_dir, sizeof g_dir, g_cfg, sizeof g_cfg, "qlora-resume-", 1, keys);
 }
 
 static int teardown(void **st) {
     (void)st;
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
-    return system(cmd) == 0 ? 0 : -1;
+    return tmpdir_remove(g_dir);
 }
 
 /* Run the trainer to completion into output_dir; returns the exit code. */
 static int run_trainer(const char *out_dir, const char *const *extra_args, const char *const *env, char **err) {
-    char od[256];
-    snprintf(od, sizeof od, "output_dir=%s", out_dir);
-    char *argv[16];
-    int n = 0;
-    argv[n++] = (char *)subproc_trainer();
-    argv[n++] = g_cfg;
-    argv[n++] = od;
-    for (int i = 0; extra_args && extra_args[i]; i++) argv[n++] = (char *)extra_args[i];
-    argv[n] = NULL;
-    return subproc_run(argv, env, 900, err);
+    return e2e_run_trainer(g_cfg, out_dir, extra_args, env, err);
 }
 
 /* metrics.jsonl as comparable lines: everything but the timings. */
 static char *metrics_canonical(const char *dir) {
-    char p[256];
-    snprintf(p, sizeof p, "%s/metrics.jsonl", dir);
-    size_t n = 0;
-    char *s = (char *)slurp(p, &n);
-    assert_non_null(s);
-    char *out = calloc(2 * n + 4096, 1);
-    for (char *line = strtok(s, "\n"); line; line = strtok(NULL, "\n")) {
-        cJSON *j = cJSON_Parse(line);
-        assert_non_null(j);
-        /* keep what must be reproducible; timings (tokens_per_sec, train_seconds, ...) are not */
-        static const char *const keep[] = {"step", "loss", "lr", "grad_norm", "epoch", "eval_loss", "eval_ppl",
-                                           "eval_tokens"};
-        cJSON *o = cJSON_CreateObject();
-        for (size_t k = 0; k < sizeof keep / sizeof *keep; k++) {
-            cJSON *it = cJSON_GetObjectItemCaseSensitive(j, keep[k]);
-            if (it) cJSON_AddItemToObject(o, keep[k], cJSON_Duplicate(it, 1));
-        }
-        cJSON_Delete(j);
-        j = o;
-        char *c = cJSON_PrintUnformatted(j);
-        strcat(out, c);
-        strcat(out, "\n");
-        free(c);
-        cJSON_Delete(j);
-    }
-    free(s);
-    return out;
+    /* keep what must be reproducible; timings (tokens_per_sec, train_seconds, ...) are not */
+    static const char *const keep[] = {"step", "loss", "lr", "grad_norm", "epoch", "eval_loss", "eval_ppl",
+                                       "eval_tokens", NULL};
+    return e2e_metrics_canonical(dir, keep, NULL);
 }
 
 /* Every step 1..MAX_STEPS exactly once, in order. */
@@ -354,9 +257,9 @@ static void test_kill_and_resume(void **st) {
     char a[256], b[256];
     snprintf(a, sizeof a, "%s/adapter_model.safetensors", g_ref);
     snprintf(b, sizeof b, "%s/adapter_model.safetensors", kdir);
-    assert_same_file(a, b);
+    e2e_assert_same_file(a, b);
     snprintf(b, sizeof b, "%s/checkpoint-%d/adapter_model.safetensors", kdir, MAX_STEPS);
-    assert_same_file(a, b);
+    e2e_assert_same_file(a, b);
     char *mr = metrics_canonical(g_ref), *mk = metrics_canonical(kdir);
     if (strcmp(mr, mk)) print_error("metrics differ:\nreference:\n%s\nkilled:\n%s\n", mr, mk);
     assert_string_equal(mr, mk);
@@ -389,7 +292,7 @@ static void test_kill_and_resume(void **st) {
     assert_non_null(strstr(err, "[checkpoint] resuming from"));
     free(err);
     snprintf(b, sizeof b, "%s/adapter_model.safetensors", kdir);
-    assert_same_file(a, b);
+    e2e_assert_same_file(a, b);
     mk = metrics_canonical(kdir);
     assert_string_equal(mr, mk);
     free(mk);
@@ -398,7 +301,7 @@ static void test_kill_and_resume(void **st) {
     char p[256];
     snprintf(p, sizeof p, "%s/checkpoint-%d/state.h5", kdir, MAX_STEPS);
     size_t len = 0;
-    unsigned char *buf = slurp(p, &len);
+    char *buf = file_read_all(p, &len, NULL);
     assert_non_null(buf);
     buf[len / 3] ^= 1;
     FILE *f = fopen(p, "wb");
@@ -412,7 +315,7 @@ static void test_kill_and_resume(void **st) {
     snprintf(want, sizeof want, "checkpoint-%d: step %d", MAX_STEPS - 1, MAX_STEPS - 1);
     assert_non_null(strstr(err, want));
     free(err);
-    assert_same_file(a, b);
+    e2e_assert_same_file(a, b);
     mk = metrics_canonical(kdir);
     assert_string_equal(mr, mk);
     free(mk);
@@ -436,8 +339,7 @@ static void test_nan_steps(void **st) {
     free(err);
     char p[256];
     snprintf(p, sizeof p, "%s/metrics.jsonl", dir);
-    size_t n;
-    char *m = (char *)slurp(p, &n);
+    char *m = file_read_all(p, NULL, NULL);
     assert_non_null(strstr(m, "{\"step\": 2, \"loss\":"));
     assert_non_null(strstr(m, "\"grad_norm\": null"));
     free(m);

@@ -21,48 +21,16 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "core/file.h"
 #include "core/rng.h"
 #include "model/peft.h"
 #include "model/safetensors.h"
+#include "tests/tmpdir.h"
 
-typedef struct tctx {
-    char dir[64];
-} tctx;
+static int group_setup(void **state) { return tmpdir_setup(state, "qlora_test_export"); }
 
-static int group_setup(void **state) {
-    tctx *t = calloc(1, sizeof *t);
-    if (!t) return -1;
-    snprintf(t->dir, sizeof t->dir, "/tmp/qlora_test_export_XXXXXX");
-    if (!mkdtemp(t->dir)) return -1;
-    *state = t;
-    return 0;
-}
-
-static int group_teardown(void **state) {
-    tctx *t = *state;
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", t->dir);
-    if (system(cmd) != 0) return -1;
-    free(t);
-    return 0;
-}
-
-static uint8_t *read_all(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long sz = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *b = malloc((size_t)sz + 1);
-    if (b && fread(b, 1, (size_t)sz, f) != (size_t)sz) {
-        free(b);
-        b = NULL;
-    }
-    fclose(f);
-    if (b) b[sz] = 0;
-    *n = (size_t)sz;
-    return b;
-}
+/* The whole file (NUL-terminated), or NULL. */
+static uint8_t *read_all(const char *path, size_t *n) { return (uint8_t *)file_read_all(path, n, NULL); }
 
 static void write_bytes(const char *path, const void *p, size_t n) {
     FILE *f = fopen(path, "wb");
@@ -86,7 +54,7 @@ static void expect_file(const char *path, const char *header, const void *data, 
 /* The byte-level test vectors of safetensors src/tensor.rs (test_serialization,
  * test_serialization_forced_alignement, test_empty). */
 static void test_rust_vectors(void **state) {
-    const tctx *t = *state;
+    const tmpdir *t = *state;
     char path[128];
     qerr e = {{0}};
     float data[6] = {0, 1, 2, 3, 4, 5};
@@ -119,7 +87,7 @@ static void test_rust_vectors(void **state) {
 
 /* Mixed dtypes go in the Rust order: dtype descending (enum order), then name. */
 static void test_dtype_order(void **state) {
-    const tctx *t = *state;
+    const tmpdir *t = *state;
     char path[128];
     qerr e = {{0}};
     snprintf(path, sizeof path, "%s/mixed.safetensors", t->dir);
@@ -210,7 +178,7 @@ static void write_adapter_dir(const char *dir, adapter *a) {
 }
 
 static void test_adapter_round_trip(void **state) {
-    const tctx *t = *state;
+    const tmpdir *t = *state;
     adapter *a = calloc(1, sizeof *a);
     assert_non_null(a);
     make_adapter(a);
@@ -310,7 +278,7 @@ static void test_adapter_round_trip(void **state) {
 }
 
 static void test_adapter_config_text(void **state) {
-    const tctx *t = *state;
+    const tmpdir *t = *state;
     char path[256];
     qerr e = {{0}};
     snprintf(path, sizeof path, "%s/cfg.json", t->dir);
@@ -390,7 +358,7 @@ static void test_tensor_names(void **state) {
 }
 
 static void test_write_errors_atomic(void **state) {
-    const tctx *t = *state;
+    const tmpdir *t = *state;
     char path[128], tmp[160];
     qerr e = {{0}};
     snprintf(path, sizeof path, "%s/keep.safetensors", t->dir);
@@ -453,7 +421,7 @@ static void expect_open_error(const char *path, const char *substr) {
 }
 
 static void test_reader_rejects(void **state) {
-    const tctx *t = *state;
+    const tmpdir *t = *state;
     char p[128];
     snprintf(p, sizeof p, "%s/bad.safetensors", t->dir);
     const char *T2 = "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
@@ -520,5 +488,5 @@ int main(void) {
         cmocka_unit_test(test_tensor_names),        cmocka_unit_test(test_write_errors_atomic),
         cmocka_unit_test(test_reader_rejects),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return cmocka_run_group_tests(tests, group_setup, tmpdir_teardown);
 }

@@ -14,30 +14,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "tests/tmpdir.h"
 #include "trainer/metrics.h"
 #include "trainer/plot.h"
 
-typedef struct tctx {
-    char dir[64];
-} tctx;
-
-static int group_setup(void **state) {
-    tctx *t = calloc(1, sizeof *t);
-    if (!t) return -1;
-    snprintf(t->dir, sizeof t->dir, "/tmp/qlora_test_metrics_XXXXXX");
-    if (!mkdtemp(t->dir)) return -1;
-    *state = t;
-    return 0;
-}
-
-static int group_teardown(void **state) {
-    tctx *t = *state;
-    char cmd[128];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", t->dir);
-    if (system(cmd) != 0) return -1;
-    free(t);
-    return 0;
-}
+static int group_setup(void **state) { return tmpdir_setup(state, "qlora_test_metrics"); }
 
 static long count_lines(const char *path) {
     FILE *f = fopen(path, "r");
@@ -50,7 +31,7 @@ static long count_lines(const char *path) {
 }
 
 static void test_metrics_round_trip(void **state) {
-    const tctx *t = *state;
+    const tmpdir *t = *state;
     char path[128];
     snprintf(path, sizeof path, "%s/metrics.jsonl", t->dir);
     metrics_writer *w;
@@ -149,7 +130,7 @@ static long count_colour(const uint8_t *px, int w, int h, int r, int g, int b) {
 }
 
 static void test_plot_png(void **state) {
-    const tctx *t = *state;
+    const tmpdir *t = *state;
     char path[128], tmp[160];
     snprintf(path, sizeof path, "%s/loss.png", t->dir);
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
@@ -197,7 +178,7 @@ static void test_plot_png(void **state) {
 }
 
 static void test_plot_from_metrics(void **state) {
-    const tctx *t = *state;
+    const tmpdir *t = *state;
     char mpath[128], ppath[128];
     snprintf(mpath, sizeof mpath, "%s/m2.jsonl", t->dir);
     snprintf(ppath, sizeof ppath, "%s/m2.png", t->dir);
@@ -223,5 +204,5 @@ int main(void) {
         cmocka_unit_test(test_plot_png),
         cmocka_unit_test(test_plot_from_metrics),
     };
-    return cmocka_run_group_tests(tests, group_setup, group_teardown);
+    return cmocka_run_group_tests(tests, group_setup, tmpdir_teardown);
 }

@@ -19,27 +19,11 @@
 #include <cmocka.h>
 #include <cjson/cJSON.h>
 
+#include "core/file.h"
 #include "data/tokenizer.h"
 
 #define MODEL_PATH "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 #define FIXTURE_PATH "tests/fixtures/tokenizer_cases.json"
-
-static char *read_file(const char *path, size_t *len) {
-    FILE *fp = fopen(path, "rb");
-    if (!fp) return NULL;
-    fseek(fp, 0, SEEK_END);
-    long n = ftell(fp);
-    fseek(fp, 0, SEEK_SET);
-    char *buf = malloc((size_t)n + 1);
-    if (buf && fread(buf, 1, (size_t)n, fp) != (size_t)n) {
-        free(buf);
-        buf = NULL;
-    }
-    fclose(fp);
-    if (buf) buf[n] = 0;
-    if (len) *len = (size_t)n;
-    return buf;
-}
 
 static tokenizer *load_real(void) {
     if (access(MODEL_PATH, R_OK) != 0) fail_msg("%s is missing: run `make model` first", MODEL_PATH);
@@ -77,7 +61,7 @@ static void test_real_fixture_cases(void **state) {
     (void)state;
     tokenizer *t = load_real();
     size_t len = 0;
-    char *json = read_file(FIXTURE_PATH, &len);
+    char *json = file_read_all(FIXTURE_PATH, &len, NULL);
     if (!json) fail_msg("%s is missing (scripts/make_tokenizer_fixtures.py writes it)", FIXTURE_PATH);
     cJSON *doc = cJSON_ParseWithLength(json, len);
     assert_non_null(doc);
