@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "core/bf16.h"
+#include "core/file.h"
 #include "data/chat.h"
 #include "data/tokenizer_json.h"
 #include "model/gguf_write.h"
@@ -284,22 +285,8 @@ static int write_config_from_hparams(const base_model *b, const tokenizer *tok, 
 static int write_config_from_hf(const base_model *b, const char *dir, qerr *e) {
     char path[4096];
     snprintf(path, sizeof path, "%s/config.json", base_model_path(b));
-    FILE *f = fopen(path, "rb");
-    if (!f) return qerr_set(e, "cannot open %s", path);
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *text = n >= 0 ? malloc((size_t)n + 1) : NULL;
-    if (!text || fread(text, 1, (size_t)n, f) != (size_t)n) {
-        fclose(f);
-        free(text);
-        return qerr_set(e, "cannot read %s", path);
-    }
-    fclose(f);
-    text[n] = 0;
-    cJSON *c = cJSON_Parse(text);
-    free(text);
-    if (!c) return qerr_set(e, "%s: invalid JSON", path);
+    cJSON *c = file_read_json_object(path, e);
+    if (!c) return -1;
     cJSON_DeleteItemFromObjectCaseSensitive(c, "quantization_config");
     cJSON_DeleteItemFromObjectCaseSensitive(c, "torch_dtype");
     cJSON_DeleteItemFromObjectCaseSensitive(c, "dtype");
