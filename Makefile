@@ -16,7 +16,7 @@ HDF5_LIBS   := $(shell pkg-config --libs hdf5 2>/dev/null || echo -L/usr/lib/x86
 CFLAGS  += $(HDF5_CFLAGS)
 LDLIBS  += -ldnnl -lyaml -lcjson -lpcre2-8 -lpng $(HDF5_LIBS) -lz -lm -fopenmp
 
-MODULES := core quant model autograd optim data trainer
+MODULES := core quant format data autograd optim model trainer
 LIB_SRC := $(filter-out trainer/main.c trainer/%_main.c,$(foreach m,$(MODULES),$(wildcard $(m)/*.c)))
 LIB_OBJ := $(LIB_SRC:%.c=build/%.o)
 TEST_SRC := $(wildcard tests/test_*.c)
@@ -125,7 +125,7 @@ test-asan: $(ASAN_TEST_BIN) build-asan/bin/qlora-train $(DEFAULT_MODEL) $(DEFAUL
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := gguf safetensors config jsonl
-FUZZ_LIB_SRC := core/status.c core/hash.c core/strbuf.c quant/ggml_quants.c model/gguf.c model/safetensors.c \
+FUZZ_LIB_SRC := core/status.c core/hash.c core/strbuf.c quant/ggml_quants.c format/gguf.c format/safetensors.c \
                 trainer/config.c data/tokenizer.c data/jsonl.c data/dataset.c data/pack.c
 FUZZ_FLAGS   := -std=c11 -D_GNU_SOURCE -g -O1 -I. -fno-omit-frame-pointer -fsanitize=address,undefined \
                 -fno-sanitize-recover=undefined -Wall -Wno-unknown-pragmas -Wno-unused-parameter

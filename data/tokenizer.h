@@ -31,7 +31,7 @@
 #include <stdint.h>
 
 #include "core/status.h"
-#include "model/gguf.h"
+#include "format/gguf.h"
 
 typedef struct tokenizer tokenizer; /* opaque */
 

@@ -17,7 +17,7 @@
 #include <unistd.h>
 
 #include "core/file.h"
-#include "model/gguf_write.h"
+#include "format/gguf_write.h"
 
 /* Llama 3's pre-tokenizer regex as tokenizer.json spells it. */
 static const char LLAMA3_REGEX[] =

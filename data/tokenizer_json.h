@@ -21,7 +21,7 @@
 
 #include "core/status.h"
 #include "data/tokenizer.h"
-#include "model/gguf.h"
+#include "format/gguf.h"
 
 /* Write tokenizer.json for the tokenizer stored in a GGUF (tokenizer.ggml.*):
  * vocab in id order, merges in rank order, control (type 3) tokens as special

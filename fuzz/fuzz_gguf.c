@@ -1,4 +1,4 @@
-/* fuzz/fuzz_gguf.c — libFuzzer target for the GGUF reader (model/gguf.c) and
+/* fuzz/fuzz_gguf.c — libFuzzer target for the GGUF reader (format/gguf.c) and
  * what reads GGUF metadata next: every accessor on every KV and tensor, row
  * dequantization of small tensors, and the tokenizer loader
  * (data/tokenizer.c). Seeds: the .gguf files in tests/fixtures. */
@@ -6,7 +6,7 @@
 
 #include "data/tokenizer.h"
 #include "fuzz/fuzz_common.h"
-#include "model/gguf.h"
+#include "format/gguf.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     gguf_file *f = NULL;

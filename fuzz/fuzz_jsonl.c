@@ -9,7 +9,7 @@
 
 #include "data/dataset.h"
 #include "fuzz/fuzz_common.h"
-#include "model/gguf.h"
+#include "format/gguf.h"
 
 static gguf_file *g_gf;
 static tokenizer *g_tok;

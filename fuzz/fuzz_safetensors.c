@@ -1,10 +1,10 @@
 /* fuzz/fuzz_safetensors.c — libFuzzer target for the safetensors reader
- * (model/safetensors.c): open, then touch every tensor's first and last byte
+ * (format/safetensors.c): open, then touch every tensor's first and last byte
  * and look up names and metadata. */
 #include <string.h>
 
 #include "fuzz/fuzz_common.h"
-#include "model/safetensors.h"
+#include "format/safetensors.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     safetensors_file *f = NULL;

@@ -11,7 +11,7 @@
 
 #include "core/bf16.h"
 #include "core/file.h"
-#include "model/safetensors.h"
+#include "format/safetensors.h"
 
 static int module_index(const char *name, size_t n) {
     for (int k = 0; k < LLAMA_N_LINEAR; k++)

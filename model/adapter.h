@@ -1,6 +1,6 @@
 /* model/adapter.h — read a PEFT LoRA adapter directory back into a lora_set.
  *
- * The inverse of the trainer's writer (model/peft.h): adapter_config.json
+ * The inverse of the trainer's writer (format/peft.h): adapter_config.json
  * (peft_type "LORA", r, lora_alpha, use_rslora, target_modules) and
  * adapter_model.safetensors (base_model.model.model.layers.N.{self_attn|mlp}.
  * MODULE.lora_{A|B}.weight, A [r, in], B [out, r], F32/BF16/F16; B rows of

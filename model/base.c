@@ -76,34 +76,14 @@ int base_model_load(const base_model *b, int load_in_4bit, int double_quant, int
     return llama_load_gguf(b->gguf, load_in_4bit, double_quant, max_pos, m, e);
 }
 
-void base_model_tensor_shape(const llama_hparams *hp, base_role role, int module, int64_t *rows, int64_t *cols) {
-    int64_t D = hp->d_model, F = hp->d_ff, qd = (int64_t)hp->n_head * hp->head_dim,
-            kd = (int64_t)hp->n_kv_head * hp->head_dim;
+static int gguf_name_of(const llama_hparams *hp, llama_role role, int layer, int module, char *name, size_t n) {
     switch (role) {
-    case BASE_T_EMBED:
-    case BASE_T_LM_HEAD: *rows = hp->vocab; *cols = D; return;
-    case BASE_T_OUT_NORM:
-    case BASE_T_ATTN_NORM:
-    case BASE_T_FFN_NORM: *rows = D; *cols = 1; return;
-    case BASE_T_LINEAR: {
-        const int64_t outs[LLAMA_N_LINEAR] = {qd, kd, kd, D, F, F, D};
-        const int64_t ins[LLAMA_N_LINEAR] = {D, D, D, qd, D, D, F};
-        *rows = outs[module];
-        *cols = ins[module];
-        return;
-    }
-    }
-    *rows = *cols = 0;
-}
-
-static int gguf_name_of(const llama_hparams *hp, base_role role, int layer, int module, char *name, size_t n) {
-    switch (role) {
-    case BASE_T_EMBED: snprintf(name, n, "token_embd.weight"); return 0;
-    case BASE_T_LM_HEAD: snprintf(name, n, hp->tied_embeddings ? "token_embd.weight" : "output.weight"); return 0;
-    case BASE_T_OUT_NORM: snprintf(name, n, "output_norm.weight"); return 0;
-    case BASE_T_ATTN_NORM: snprintf(name, n, "blk.%d.attn_norm.weight", layer); return 0;
-    case BASE_T_FFN_NORM: snprintf(name, n, "blk.%d.ffn_norm.weight", layer); return 0;
-    case BASE_T_LINEAR:
+    case LLAMA_T_EMBED: snprintf(name, n, "token_embd.weight"); return 0;
+    case LLAMA_T_LM_HEAD: snprintf(name, n, hp->tied_embeddings ? "token_embd.weight" : "output.weight"); return 0;
+    case LLAMA_T_OUT_NORM: snprintf(name, n, "output_norm.weight"); return 0;
+    case LLAMA_T_ATTN_NORM: snprintf(name, n, "blk.%d.attn_norm.weight", layer); return 0;
+    case LLAMA_T_FFN_NORM: snprintf(name, n, "blk.%d.ffn_norm.weight", layer); return 0;
+    case LLAMA_T_LINEAR:
         if (module < 0 || module >= LLAMA_N_LINEAR) return -1;
         snprintf(name, n, "blk.%d.%s.weight", layer, gguf_linear_names[module]);
         return 0;
@@ -111,14 +91,14 @@ static int gguf_name_of(const llama_hparams *hp, base_role role, int layer, int 
     return -1;
 }
 
-int base_model_tensor_f32(const base_model *b, base_role role, int layer, int module, float *dst, qerr *e) {
+int base_model_tensor_f32(const base_model *b, llama_role role, int layer, int module, float *dst, qerr *e) {
     if (layer < 0 || layer >= b->hp.n_layer) return qerr_set(e, "%s: layer %d out of range", b->path, layer);
     if (b->kind == BASE_HF) return hf_model_tensor_f32(b->hf, role, layer, module, dst, e);
     char name[96];
     if (gguf_name_of(&b->hp, role, layer, module, name, sizeof name))
         return qerr_set(e, "%s: unknown tensor role", b->path);
     int64_t rows, cols;
-    base_model_tensor_shape(&b->hp, role, module, &rows, &cols);
+    llama_tensor_shape(&b->hp, role, module, &rows, &cols);
     if (cols == 1) {
         cols = rows;
         rows = 1;
@@ -129,7 +109,7 @@ int base_model_tensor_f32(const base_model *b, base_role role, int layer, int mo
         return qerr_set(e, "%s: tensor %s: expected %lld x %lld elements", b->path, name, (long long)rows,
                         (long long)cols);
     if (gguf_tensor_to_f32(t, dst, e)) return qerr_prefix(e, "%s: tensor %s", b->path, name);
-    if (role == BASE_T_LINEAR && module == LLAMA_Q) llama_unpermute_rows(dst, b->hp.n_head, b->hp.head_dim, cols);
-    if (role == BASE_T_LINEAR && module == LLAMA_K) llama_unpermute_rows(dst, b->hp.n_kv_head, b->hp.head_dim, cols);
+    if (role == LLAMA_T_LINEAR && module == LLAMA_Q) llama_unpermute_rows(dst, b->hp.n_head, b->hp.head_dim, cols);
+    if (role == LLAMA_T_LINEAR && module == LLAMA_K) llama_unpermute_rows(dst, b->hp.n_kv_head, b->hp.head_dim, cols);
     return 0;
 }

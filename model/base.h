@@ -2,7 +2,7 @@
  *
  * `base_model` in a config (and the --base option of qlora-export /
  * qlora-generate) is either
- *   - a GGUF file (llama.cpp's format; model/gguf.h), or
+ *   - a GGUF file (llama.cpp's format; format/gguf.h), or
  *   - a Hugging Face model directory: config.json (Llama family), one
  *     model.safetensors or shards listed in model.safetensors.index.json
  *     (bf16/f16/f32, or bitsandbytes NF4 as transformers saves it),
@@ -18,20 +18,10 @@
 
 #include "core/status.h"
 #include "data/tokenizer.h"
-#include "model/gguf.h"
+#include "format/gguf.h"
 #include "model/llama.h"
 
 typedef enum base_kind { BASE_GGUF = 0, BASE_HF = 1 } base_kind;
-
-/* Tensor roles, for base_model_tensor_f32. */
-typedef enum base_role {
-    BASE_T_EMBED = 0, /* (V, D) model.embed_tokens / token_embd */
-    BASE_T_LM_HEAD,   /* (V, D) lm_head / output (== embed when tied) */
-    BASE_T_OUT_NORM,  /* (D) model.norm / output_norm */
-    BASE_T_ATTN_NORM, /* (D) layers.N.input_layernorm / blk.N.attn_norm */
-    BASE_T_FFN_NORM,  /* (D) layers.N.post_attention_layernorm / blk.N.ffn_norm */
-    BASE_T_LINEAR,    /* layers.N.{self_attn,mlp}.<module> (out, in) */
-} base_role;
 
 typedef struct base_model base_model; /* opaque */
 
@@ -63,11 +53,8 @@ int base_model_tokenizer(const base_model *b, tokenizer **out, qerr *e);
 int base_model_load(const base_model *b, int load_in_4bit, int double_quant, int max_pos, llama_model *m, qerr *e);
 
 /* One tensor as fp32 in HF layout and row order (GGUF Q/K rows un-permuted),
- * dst sized from the hyper-parameters (see base_role). layer/module are
+ * dst sized from the hyper-parameters (see llama_role). layer/module are
  * ignored where they do not apply. */
-int base_model_tensor_f32(const base_model *b, base_role role, int layer, int module, float *dst, qerr *e);
-
-/* Shape (rows, cols) of a role's tensor (cols = 1 for norms: rows = D). */
-void base_model_tensor_shape(const llama_hparams *hp, base_role role, int module, int64_t *rows, int64_t *cols);
+int base_model_tensor_f32(const base_model *b, llama_role role, int layer, int module, float *dst, qerr *e);
 
 #endif

@@ -26,8 +26,7 @@
 #include "core/bf16.h"
 #include "core/file.h"
 #include "data/tokenizer_json.h"
-#include "model/base.h"
-#include "model/safetensors.h"
+#include "format/safetensors.h"
 #include "quant/nf4.h"
 
 #define HF_MAX_SHARDS 4096
@@ -282,14 +281,14 @@ const gguf_file *hf_model_tokenizer_gguf(const hf_model *h) { return h->tok_gguf
 
 /* ------------------------------------------------------------------ tensors */
 
-static void role_name(base_role role, int layer, int module, char *name, size_t n) {
+static void role_name(llama_role role, int layer, int module, char *name, size_t n) {
     switch (role) {
-    case BASE_T_EMBED: snprintf(name, n, "model.embed_tokens.weight"); return;
-    case BASE_T_LM_HEAD: snprintf(name, n, "lm_head.weight"); return;
-    case BASE_T_OUT_NORM: snprintf(name, n, "model.norm.weight"); return;
-    case BASE_T_ATTN_NORM: snprintf(name, n, "model.layers.%d.input_layernorm.weight", layer); return;
-    case BASE_T_FFN_NORM: snprintf(name, n, "model.layers.%d.post_attention_layernorm.weight", layer); return;
-    case BASE_T_LINEAR: snprintf(name, n, "model.layers.%d.%s.weight", layer, hf_linear[module]); return;
+    case LLAMA_T_EMBED: snprintf(name, n, "model.embed_tokens.weight"); return;
+    case LLAMA_T_LM_HEAD: snprintf(name, n, "lm_head.weight"); return;
+    case LLAMA_T_OUT_NORM: snprintf(name, n, "model.norm.weight"); return;
+    case LLAMA_T_ATTN_NORM: snprintf(name, n, "model.layers.%d.input_layernorm.weight", layer); return;
+    case LLAMA_T_FFN_NORM: snprintf(name, n, "model.layers.%d.post_attention_layernorm.weight", layer); return;
+    case LLAMA_T_LINEAR: snprintf(name, n, "model.layers.%d.%s.weight", layer, hf_linear[module]); return;
     }
     name[0] = 0;
 }
@@ -420,11 +419,11 @@ done:
 
 int hf_model_tensor_f32(const hf_model *h, int role, int layer, int module, float *dst, qerr *e) {
     char name[128];
-    if (role == BASE_T_LM_HEAD && h->hp.tied_embeddings) role = BASE_T_EMBED;
-    role_name((base_role)role, layer, module, name, sizeof name);
+    if (role == LLAMA_T_LM_HEAD && h->hp.tied_embeddings) role = LLAMA_T_EMBED;
+    role_name((llama_role)role, layer, module, name, sizeof name);
     int64_t rows, cols;
-    base_model_tensor_shape(&h->hp, (base_role)role, module, &rows, &cols);
-    if (role == BASE_T_LINEAR && h->bnb4) {
+    llama_tensor_shape(&h->hp, (llama_role)role, module, &rows, &cols);
+    if (role == LLAMA_T_LINEAR && h->bnb4) {
         nf4_tensor t;
         if (load_bnb4(h, name, rows, cols, &t, e)) return -1;
         nf4_dequantize_rows_f32(&t, 0, rows, dst);
@@ -440,11 +439,11 @@ int hf_model_tensor_f32(const hf_model *h, int role, int layer, int module, floa
 
 /* ------------------------------------------------------------------ the model */
 
-static int load_bf16(const hf_model *h, base_role role, bf16 **out, qerr *e) {
+static int load_bf16(const hf_model *h, llama_role role, bf16 **out, qerr *e) {
     char name[128];
     role_name(role, 0, 0, name, sizeof name);
     int64_t rows, cols;
-    base_model_tensor_shape(&h->hp, role, 0, &rows, &cols);
+    llama_tensor_shape(&h->hp, role, 0, &rows, &cols);
     st_tensor t;
     if (find(h, name, &t)) return qerr_set(e, "%s: tensor %s missing", h->dir, name);
     if (!(*out = qmalloc((size_t)(rows * cols) * sizeof(bf16), e))) return -1;
@@ -475,7 +474,7 @@ static int load_bf16(const hf_model *h, base_role role, bf16 **out, qerr *e) {
     return 0;
 }
 
-static int load_norm(const hf_model *h, base_role role, int layer, float **out, qerr *e) {
+static int load_norm(const hf_model *h, llama_role role, int layer, float **out, qerr *e) {
     if (!(*out = qmalloc((size_t)h->hp.d_model * sizeof(float), e))) return -1;
     return hf_model_tensor_f32(h, role, layer, 0, *out, e);
 }
@@ -487,23 +486,23 @@ int hf_model_load(const hf_model *h, int load_in_4bit, int double_quant, int max
     int64_t D = hp->d_model, V = hp->vocab;
     m->load_in_4bit = load_in_4bit;
     m->double_quant = double_quant;
-    if (load_bf16(h, BASE_T_EMBED, &m->tok_embd, e)) goto fail;
+    if (load_bf16(h, LLAMA_T_EMBED, &m->tok_embd, e)) goto fail;
     m->n_params += V * D;
     if (hp->tied_embeddings) {
         m->lm_head_w = m->tok_embd;
     } else {
-        if (load_bf16(h, BASE_T_LM_HEAD, &m->lm_head_w, e)) goto fail;
+        if (load_bf16(h, LLAMA_T_LM_HEAD, &m->lm_head_w, e)) goto fail;
         m->n_params += V * D;
     }
     m->embed = (frozen_weight){.out = V, .in = D, .kind = FROZEN_BF16, .w_bf16 = m->tok_embd};
     m->lm_head = (frozen_weight){.out = V, .in = D, .kind = FROZEN_BF16, .w_bf16 = m->lm_head_w};
-    if (load_norm(h, BASE_T_OUT_NORM, 0, &m->out_norm, e)) goto fail;
+    if (load_norm(h, LLAMA_T_OUT_NORM, 0, &m->out_norm, e)) goto fail;
     m->n_params += D;
     if (!(m->layers = qcalloc((size_t)hp->n_layer, sizeof *m->layers, e))) goto fail;
     int64_t max_el = 0;
     for (int k = 0; k < LLAMA_N_LINEAR; k++) {
         int64_t r, c;
-        base_model_tensor_shape(hp, BASE_T_LINEAR, k, &r, &c);
+        llama_tensor_shape(hp, LLAMA_T_LINEAR, k, &r, &c);
         if (r * c > max_el) max_el = r * c;
     }
     float *tmp = qmalloc((size_t)max_el * sizeof(float), e);
@@ -511,18 +510,18 @@ int hf_model_load(const hf_model *h, int load_in_4bit, int double_quant, int max
     char name[128];
     for (int l = 0; l < hp->n_layer; l++) {
         llama_layer *L = &m->layers[l];
-        if (load_norm(h, BASE_T_ATTN_NORM, l, &L->attn_norm, e) || load_norm(h, BASE_T_FFN_NORM, l, &L->ffn_norm, e)) {
+        if (load_norm(h, LLAMA_T_ATTN_NORM, l, &L->attn_norm, e) || load_norm(h, LLAMA_T_FFN_NORM, l, &L->ffn_norm, e)) {
             free(tmp);
             goto fail;
         }
         m->n_params += 2 * D;
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
             int64_t rows, cols;
-            base_model_tensor_shape(hp, BASE_T_LINEAR, k, &rows, &cols);
+            llama_tensor_shape(hp, LLAMA_T_LINEAR, k, &rows, &cols);
             frozen_weight *w = &L->lin[k];
             w->out = rows;
             w->in = cols;
-            role_name(BASE_T_LINEAR, l, k, name, sizeof name);
+            role_name(LLAMA_T_LINEAR, l, k, name, sizeof name);
             int rc = 0;
             if (h->bnb4 && load_in_4bit) {
                 /* adopted as stored: no re-quantization */
@@ -535,11 +534,11 @@ int hf_model_load(const hf_model *h, int load_in_4bit, int double_quant, int max
                     rc = nf4_quantize_bf16((const uint16_t *)t.data, rows, cols, 64, double_quant, &L->nf4[k], e);
                     release(&t);
                 } else {
-                    rc = hf_model_tensor_f32(h, BASE_T_LINEAR, l, k, tmp, e) ||
+                    rc = hf_model_tensor_f32(h, LLAMA_T_LINEAR, l, k, tmp, e) ||
                          nf4_quantize(tmp, rows, cols, 64, double_quant, &L->nf4[k], e);
                 }
             } else {
-                rc = hf_model_tensor_f32(h, BASE_T_LINEAR, l, k, tmp, e);
+                rc = hf_model_tensor_f32(h, LLAMA_T_LINEAR, l, k, tmp, e);
                 if (!rc && !(L->w_bf16[k] = qmalloc((size_t)(rows * cols) * sizeof(bf16), e))) rc = -1;
                 if (!rc)
                     for (int64_t i = 0; i < rows * cols; i++) L->w_bf16[k][i] = f32_to_bf16(tmp[i]);

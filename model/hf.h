@@ -14,7 +14,7 @@
 
 #include "core/status.h"
 #include "data/tokenizer.h"
-#include "model/gguf.h"
+#include "format/gguf.h"
 #include "model/llama.h"
 
 typedef struct hf_model hf_model; /* opaque */
@@ -39,7 +39,7 @@ const gguf_file *hf_model_tokenizer_gguf(const hf_model *h);
  * arguments), and dequantized to bf16 otherwise. */
 int hf_model_load(const hf_model *h, int load_in_4bit, int double_quant, int max_pos, llama_model *m, qerr *e);
 
-/* One tensor as fp32 (HF layout), see base_model_tensor_f32; role is a base_role. */
+/* One tensor as fp32 (HF layout), see base_model_tensor_f32; role is a llama_role. */
 int hf_model_tensor_f32(const hf_model *h, int role, int layer, int module, float *dst, qerr *e);
 
 #endif

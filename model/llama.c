@@ -14,6 +14,26 @@
 const char *const llama_linear_names[LLAMA_N_LINEAR] = {
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
 
+void llama_tensor_shape(const llama_hparams *hp, llama_role role, int module, int64_t *rows, int64_t *cols) {
+    int64_t D = hp->d_model, F = hp->d_ff, qd = (int64_t)hp->n_head * hp->head_dim,
+            kd = (int64_t)hp->n_kv_head * hp->head_dim;
+    switch (role) {
+    case LLAMA_T_EMBED:
+    case LLAMA_T_LM_HEAD: *rows = hp->vocab; *cols = D; return;
+    case LLAMA_T_OUT_NORM:
+    case LLAMA_T_ATTN_NORM:
+    case LLAMA_T_FFN_NORM: *rows = D; *cols = 1; return;
+    case LLAMA_T_LINEAR: {
+        const int64_t outs[LLAMA_N_LINEAR] = {qd, kd, kd, D, F, F, D};
+        const int64_t ins[LLAMA_N_LINEAR] = {D, D, D, qd, D, D, F};
+        *rows = outs[module];
+        *cols = ins[module];
+        return;
+    }
+    }
+    *rows = *cols = 0;
+}
+
 static const char *const gguf_linear_names[LLAMA_N_LINEAR] = {
     "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
 

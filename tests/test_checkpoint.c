@@ -16,7 +16,7 @@
 #include <cmocka.h>
 
 #include "core/hash.h"
-#include "model/gguf.h"
+#include "format/gguf.h"
 #include "trainer/checkpoint.h"
 
 static void test_xxh64_vectors(void **st) {

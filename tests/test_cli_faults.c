@@ -21,8 +21,8 @@
 #include <dirent.h>
 
 #include "core/hash.h"
-#include "model/gguf.h"
-#include "model/safetensors.h"
+#include "format/gguf.h"
+#include "format/safetensors.h"
 #include "tests/subproc.h"
 #include "trainer/checkpoint.h"
 

@@ -1,4 +1,4 @@
-/* tests/test_export.c — model/safetensors + model/peft: the Rust writer's own
+/* tests/test_export.c — format/safetensors + format/peft: the Rust writer's own
  * test vectors byte for byte, a 2-layer PEFT adapter written and read back
  * (bytes, names, shapes, header order and padding), adapter_config.json
  * (exact text of PEFT's json.dumps(indent=2, sort_keys=True), parsed with
@@ -23,8 +23,8 @@
 
 #include "core/file.h"
 #include "core/rng.h"
-#include "model/peft.h"
-#include "model/safetensors.h"
+#include "format/peft.h"
+#include "format/safetensors.h"
 #include "tests/tmpdir.h"
 
 static int group_setup(void **state) { return tmpdir_setup(state, "qlora_test_export"); }

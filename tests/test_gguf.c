@@ -28,7 +28,7 @@
 
 #include "core/bf16.h"
 #include "core/rng.h"
-#include "model/gguf.h"
+#include "format/gguf.h"
 #include "quant/ggml_quants.h"
 
 #define MODEL_PATH "models/SmolLM2-135M-Instruct.Q4_1.gguf"

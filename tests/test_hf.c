@@ -3,7 +3,7 @@
  * and Hugging Face model directories as a base (model/hf.c).
  *
  * Everything runs on a tiny random Llama written here as a GGUF with
- * model/gguf_write.c (2 layers, d 64, 4/2 heads, byte-level vocabulary with
+ * format/gguf_write.c (2 layers, d 64, 4/2 heads, byte-level vocabulary with
  * ChatML specials), so no download is needed. The consumers' side (PEFT,
  * transformers, llama.cpp) is checked by `make test-interop`.
  */
@@ -28,11 +28,11 @@
 #include "data/tokenizer_json.h"
 #include "model/adapter.h"
 #include "model/base.h"
-#include "model/gguf.h"
-#include "model/gguf_write.h"
+#include "format/gguf.h"
+#include "format/gguf_write.h"
 #include "model/llama_infer.h"
-#include "model/peft.h"
-#include "model/safetensors.h"
+#include "format/peft.h"
+#include "format/safetensors.h"
 #include "trainer/export.h"
 
 #define NL 2

@@ -70,7 +70,7 @@
 #include <cmocka.h>
 
 #include "autograd/gemm.h"
-#include "model/gguf.h"
+#include "format/gguf.h"
 #include "model/llama.h"
 #include "tests/ref_fixture.h"
 

@@ -32,7 +32,7 @@
 #include "autograd/prof.h"
 #include "autograd/tensor.h"
 #include "core/rng.h"
-#include "model/gguf.h"
+#include "format/gguf.h"
 #include "model/llama.h"
 #include "optim/adamw.h"
 #include "optim/clip.h"

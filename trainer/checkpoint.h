@@ -48,7 +48,7 @@
 #include <stdint.h>
 
 #include "core/status.h"
-#include "model/gguf.h"
+#include "format/gguf.h"
 
 #define CKPT_FORMAT_VERSION 1
 #define CKPT_STATE_FILE "state.h5"

@@ -23,8 +23,8 @@
 #include "core/file.h"
 #include "data/chat.h"
 #include "data/tokenizer_json.h"
-#include "model/gguf_write.h"
-#include "model/safetensors.h"
+#include "format/gguf_write.h"
+#include "format/safetensors.h"
 
 static const char *const gguf_linear_names[LLAMA_N_LINEAR] = {
     "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
@@ -360,7 +360,7 @@ int export_tokenizer_files(const base_model *b, const tokenizer *tok, const char
 
 typedef struct merged_entry {
     char name[128];
-    base_role role;
+    llama_role role;
     int layer, module;
     int64_t rows, cols;
 } merged_entry;
@@ -389,12 +389,12 @@ static void add_lora_delta(float *W, const float *A, const float *B, int64_t row
 
 static int merged_tensor(const base_model *b, const llama_model *m, const lora_set *ls, const adapter_info *info,
                          const merged_entry *me, float *tmp, bf16 *dst, qerr *e) {
-    if (me->role == BASE_T_LINEAR && m) {
+    if (me->role == LLAMA_T_LINEAR && m) {
         frozen_rows_f32(&m->layers[me->layer].lin[me->module], 0, me->rows, tmp);
     } else if (base_model_tensor_f32(b, me->role, me->layer, me->module, tmp, e)) {
         return -1;
     }
-    if (me->role == BASE_T_LINEAR && ls) {
+    if (me->role == LLAMA_T_LINEAR && ls) {
         const lora_adapter *a = lora_set_get(ls, me->layer, me->module);
         int present = !info || !info->present || info->present[me->layer * LLAMA_N_LINEAR + me->module];
         if (a && present) add_lora_delta(tmp, a->A->data, a->B->data, me->rows, me->cols, a->r, a->scaling);
@@ -421,23 +421,23 @@ int export_merged(const base_model *b, const llama_model *m, const tokenizer *to
     merged_entry *ent = calloc((size_t)n, sizeof *ent);
     if (!ent) return qerr_set(e, "out of memory");
     int k = 0;
-    ent[k++] = (merged_entry){.name = "model.embed_tokens.weight", .role = BASE_T_EMBED};
+    ent[k++] = (merged_entry){.name = "model.embed_tokens.weight", .role = LLAMA_T_EMBED};
     for (int l = 0; l < hp->n_layer; l++) {
         for (int j = 0; j < LLAMA_N_LINEAR; j++) {
-            ent[k] = (merged_entry){.role = BASE_T_LINEAR, .layer = l, .module = j};
+            ent[k] = (merged_entry){.role = LLAMA_T_LINEAR, .layer = l, .module = j};
             snprintf(ent[k].name, sizeof ent[k].name, "model.layers.%d.%s.weight", l, hf_linear[j]);
             k++;
         }
-        ent[k] = (merged_entry){.role = BASE_T_ATTN_NORM, .layer = l};
+        ent[k] = (merged_entry){.role = LLAMA_T_ATTN_NORM, .layer = l};
         snprintf(ent[k++].name, sizeof ent[0].name, "model.layers.%d.input_layernorm.weight", l);
-        ent[k] = (merged_entry){.role = BASE_T_FFN_NORM, .layer = l};
+        ent[k] = (merged_entry){.role = LLAMA_T_FFN_NORM, .layer = l};
         snprintf(ent[k++].name, sizeof ent[0].name, "model.layers.%d.post_attention_layernorm.weight", l);
     }
-    ent[k++] = (merged_entry){.name = "model.norm.weight", .role = BASE_T_OUT_NORM};
-    if (!hp->tied_embeddings) ent[k++] = (merged_entry){.name = "lm_head.weight", .role = BASE_T_LM_HEAD};
+    ent[k++] = (merged_entry){.name = "model.norm.weight", .role = LLAMA_T_OUT_NORM};
+    if (!hp->tied_embeddings) ent[k++] = (merged_entry){.name = "lm_head.weight", .role = LLAMA_T_LM_HEAD};
     int64_t max_el = 0;
     for (int i = 0; i < n; i++) {
-        base_model_tensor_shape(hp, ent[i].role, ent[i].module, &ent[i].rows, &ent[i].cols);
+        llama_tensor_shape(hp, ent[i].role, ent[i].module, &ent[i].rows, &ent[i].cols);
         if (ent[i].rows * ent[i].cols > max_el) max_el = ent[i].rows * ent[i].cols;
     }
 

@@ -27,7 +27,7 @@
 #include "model/adapter.h"
 #include "model/base.h"
 #include "model/llama_infer.h"
-#include "model/safetensors.h"
+#include "format/safetensors.h"
 #include "trainer/config.h"
 
 static void usage(FILE *f) {

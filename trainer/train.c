@@ -28,15 +28,17 @@
 
 #include "autograd/gemm.h"
 #include "autograd/tensor.h"
+#include "core/clock.h"
+#include "core/file.h"
 #include "core/hash.h"
 #include "core/rng.h"
 #include "data/dataset.h"
 #include "data/tokenizer.h"
 #include "model/base.h"
-#include "model/gguf.h"
+#include "format/gguf.h"
 #include "model/llama.h"
-#include "model/peft.h"
-#include "model/safetensors.h"
+#include "format/peft.h"
+#include "format/safetensors.h"
 #include "optim/adamw.h"
 #include "optim/clip.h"
 #include "optim/schedule.h"
@@ -46,50 +48,11 @@
 #include "trainer/metrics.h"
 #include "trainer/plot.h"
 
-static double now_sec(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static double rss_mib(void) {
-    FILE *f = fopen("/proc/self/statm", "r");
-    if (!f) return 0.0;
-    long pages = 0, rss = 0;
-    if (fscanf(f, "%ld %ld", &pages, &rss) != 2) rss = 0;
-    fclose(f);
-    return (double)rss * (double)sysconf(_SC_PAGESIZE) / (1024.0 * 1024.0);
-}
-
-static double peak_rss_mib(void) {
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    return (double)ru.ru_maxrss / 1024.0;
-}
-
 static void fmt_duration(double s, char *buf, size_t n) {
     if (s < 0 || !isfinite(s)) s = 0;
     long t = (long)(s + 0.5);
     if (t >= 3600) snprintf(buf, n, "%ldh%02ldm", t / 3600, (t / 60) % 60);
     else snprintf(buf, n, "%ldm%02lds", t / 60, t % 60);
-}
-
-static int mkdir_p(const char *path, qerr *e) {
-    char tmp[4096];
-    size_t len = strlen(path);
-    if (len == 0 || len >= sizeof tmp) return qerr_set(e, "output_dir: invalid path \"%s\"", path);
-    memcpy(tmp, path, len + 1);
-    for (char *p = tmp + 1; *p; p++) {
-        if (*p == '/') {
-            *p = 0;
-            if (mkdir(tmp, 0755) && errno != EEXIST)
-                return qerr_set(e, "output_dir: cannot create \"%s\": %s", tmp, strerror(errno));
-            *p = '/';
-        }
-    }
-    if (mkdir(tmp, 0755) && errno != EEXIST)
-        return qerr_set(e, "output_dir: cannot create \"%s\": %s", tmp, strerror(errno));
-    return 0;
 }
 
 /* Gather rows into a batch (contiguous copies). */
@@ -216,52 +179,6 @@ static void stop_handlers_restore(const struct sigaction old[2]) {
     sigaction(SIGTERM, &old[1], NULL);
 }
 
-/* Whole file into a malloc'd, NUL-terminated buffer (*len bytes). */
-static char *read_file_all(const char *path, int64_t *len, qerr *e) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
-        qerr_set(e, "cannot open %s: %s", path, strerror(errno));
-        return NULL;
-    }
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap);
-    while (buf) {
-        n += fread(buf + n, 1, cap - n - 1, f);
-        if (n < cap - 1) break;
-        cap *= 2;
-        char *nb = realloc(buf, cap);
-        if (!nb) free(buf);
-        buf = nb;
-    }
-    int err = ferror(f);
-    fclose(f);
-    if (!buf || err) {
-        free(buf);
-        qerr_set(e, buf ? "cannot read %s" : "out of memory reading %s", path);
-        return NULL;
-    }
-    buf[n] = 0;
-    *len = (int64_t)n;
-    return buf;
-}
-
-/* Replace `path` by `len` bytes, crash-safely (tmp, fsync, rename). */
-static int write_file_atomic(const char *path, const char *data, size_t len, qerr *e) {
-    char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
-    if (!f) return qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
-    int bad = (len && fwrite(data, 1, len, f) != len) || fflush(f) || fsync(fileno(f));
-    int err = errno;
-    if (fclose(f)) bad = 1, err = errno;
-    if (!bad && rename(tmp, path)) bad = 1, err = errno;
-    if (bad) {
-        unlink(tmp);
-        return qerr_set(e, "cannot write %s: %s", path, strerror(err));
-    }
-    return 0;
-}
-
 /* XXH64 of the packed training rows: a changed dataset (or tokenizer,
  * sequence_len, packing, seed) makes the saved data position meaningless. */
 static uint64_t packed_fingerprint(const packed_set *ps) {
@@ -364,7 +281,7 @@ static int save_extra(const char *dir, void *arg, qerr *e) {
     if (write_adapter(sc->c, dir, sc->ls, e)) return -1;
     char p[4200];
     snprintf(p, sizeof p, "%s/config.resolved.yaml", dir);
-    return write_file_atomic(p, sc->config_yaml, strlen(sc->config_yaml), e);
+    return file_write_atomic(p, sc->config_yaml, strlen(sc->config_yaml), e);
 }
 
 /* Steps listed in QLORA_TEST_NAN_STEPS ("3,4,5") get a NaN gradient: the test
@@ -442,7 +359,7 @@ static float sophia_hessian_pass(ag_ctx *ctx, const train_config *c, const llama
 
 int train_run(const train_config *c, train_result *res, qerr *e) {
     memset(res, 0, sizeof *res);
-    double t_start = now_sec();
+    double t_start = clock_now_sec();
     const char *cfgname = c->config_path ? c->config_path : "config";
     if (c->num_threads > 0) omp_set_num_threads(c->num_threads);
     int n_threads = omp_get_max_threads();
@@ -451,7 +368,7 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
     /* ---- output_dir first: it must be writable before anything heavy is
      * loaded, and one trainer at a time may use it. Nothing in it is modified
      * until every input has been read successfully. ---- */
-    if (mkdir_p(c->output_dir, e)) return qerr_prefix(e, "%s", cfgname);
+    if (file_mkdir_p(c->output_dir, e)) return qerr_prefix(e, "%s: output_dir", cfgname);
     snprintf(path, sizeof path, "%s/.qlora-train.lock", c->output_dir);
     int lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (lock_fd < 0)
@@ -559,7 +476,7 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
     int handlers = 0;
     struct sigaction old_sa[2];
 
-    double t0 = now_sec();
+    double t0 = clock_now_sec();
     if (base_model_open(c->base_model, &bm, e)) {
         qerr_prefix(e, "%s: base_model", cfgname);
         goto done;
@@ -599,7 +516,7 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
         }
     }
     fprintf(stderr, "[model] fingerprint %016llx, tokenizer %016llx (%.1fs)\n", (unsigned long long)model_fp,
-            (unsigned long long)tok_fp, now_sec() - t0);
+            (unsigned long long)tok_fp, clock_now_sec() - t0);
     if (tokenizer_load_gguf(gf, &tok, e)) {
         qerr_prefix(e, "%s: base_model %s", cfgname, c->base_model);
         goto done;
@@ -621,7 +538,7 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
                                    .field = c->test_datasets[i].field,
                                    .field_messages = c->test_datasets[i].field_messages,
                                    .skip_bad_lines = c->skip_bad_lines, .skipped = &tskipped};
-    t0 = now_sec();
+    t0 = clock_now_sec();
     dataset_stats st;
     if (dataset_build(tok, specs, c->n_datasets, tspecs, c->n_test_datasets, c->val_set_size, c->sequence_len,
                       c->sample_packing, c->train_on_inputs, (uint64_t)c->seed, &train_set, &eval_set, &st, e)) {
@@ -646,7 +563,7 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
             "-> %lld rows (%lld target tokens); %.1fs\n",
             (long long)st.train.n_examples, (long long)train_set.n_rows, train_set.seq_len,
             (long long)train_set.n_target_tokens, (long long)st.eval.n_examples, (long long)eval_set.n_rows,
-            (long long)eval_set.n_target_tokens, now_sec() - t0);
+            (long long)eval_set.n_target_tokens, clock_now_sec() - t0);
     if (train_set.n_rows == 0) {
         qerr_set(e, "%s: datasets: no training rows after tokenization", cfgname);
         goto done;
@@ -662,7 +579,7 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
         goto done;
     }
 
-    t0 = now_sec();
+    t0 = clock_now_sec();
     if (base_model_load(bm, c->load_in_4bit, c->bnb_4bit_use_double_quant, c->sequence_len, &model, e)) {
         qerr_prefix(e, "%s: base_model %s", cfgname, c->base_model);
         goto done;
@@ -670,7 +587,7 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
     const llama_hparams *hp = &model.hp;
     fprintf(stderr, "[model] %s: llama, %d layers, d_model %d, heads %d/%d (head_dim %d), ffn %d, vocab %d, %s embeddings; %.1fs\n",
             c->base_model, hp->n_layer, hp->d_model, hp->n_head, hp->n_kv_head, hp->head_dim, hp->d_ff, hp->vocab,
-            hp->tied_embeddings ? "tied" : "untied", now_sec() - t0);
+            hp->tied_embeddings ? "tied" : "untied", clock_now_sec() - t0);
     fprintf(stderr, "[model] frozen linears: %.1fM params held %s in %.1f MiB = %.4f bytes/param; embeddings bf16 %.1f MiB\n",
             model.n_quantized_params / 1e6,
             c->load_in_4bit ? (c->bnb_4bit_use_double_quant ? "as NF4 (blocksize 64, double-quant)" : "as NF4 (blocksize 64)") : "as bf16",
@@ -765,8 +682,8 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
     /* ---- every input is good: now output_dir may change ---- */
     snprintf(path, sizeof path, "%s/config.resolved.yaml", c->output_dir);
     if (train_config_write_yaml(c, path, e)) goto done;
-    int64_t cy_len = 0;
-    if (!(config_yaml = read_file_all(path, &cy_len, e))) goto done;
+    size_t cy_len = 0;
+    if (!(config_yaml = file_read_all(path, &cy_len, e))) goto done;
     if (resuming) {
         char diff[512];
         config_diff_keys(ck.config_yaml, config_yaml, diff, sizeof diff);
@@ -776,7 +693,7 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
                     ck_dir, diff);
     }
     snprintf(path, sizeof path, "%s/metrics.jsonl", c->output_dir);
-    if (resuming && write_file_atomic(path, ck.log_history, (size_t)ck.log_history_len, e)) goto done;
+    if (resuming && file_write_atomic(path, ck.log_history, (size_t)ck.log_history_len, e)) goto done;
     if (metrics_open(path, resuming, &mw, e)) goto done;
 
     fprintf(stderr, "[train] %d steps (%d per epoch) x %d micro-batches x %d rows x %d tokens; lr %g %s, warmup %d; "
@@ -795,12 +712,12 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
         last_eval = ck.last_eval_loss;
         last_eval_step = (int)ck.last_eval_step;
     } else if (eval_set.n_rows > 0) {
-        t0 = now_sec();
+        t0 = clock_now_sec();
         double el = evaluate(&ctx, &model, &ls, &eval_set, mbs, c->eval_max_tokens, &bb, &ev_tok);
         res->eval_loss_start = el;
         res->eval_ppl_start = exp(el);
         fprintf(stderr, "[eval] step 0: held-out loss %.4f, perplexity %.2f (%lld tokens, %.1fs)\n", el, exp(el),
-                (long long)ev_tok, now_sec() - t0);
+                (long long)ev_tok, clock_now_sec() - t0);
         metrics_log_eval(mw, 0, el, exp(el), ev_tok, e);
         last_eval = el;
         last_eval_step = 0;
@@ -826,11 +743,11 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
     /* A checkpoint of the current state (step `step`). */
 #define SAVE_CHECKPOINT(step_)                                                                                    \
     do {                                                                                                          \
-        double ts_ = now_sec();                                                                                   \
-        int64_t lh_len_ = 0;                                                                                      \
+        double ts_ = clock_now_sec();                                                                                   \
+        size_t lh_len_ = 0;                                                                                       \
         char mp_[4200];                                                                                           \
         snprintf(mp_, sizeof mp_, "%s/metrics.jsonl", c->output_dir);                                             \
-        char *lh_ = read_file_all(mp_, &lh_len_, e);                                                              \
+        char *lh_ = file_read_all(mp_, &lh_len_, e);                                                              \
         if (!lh_) goto done;                                                                                      \
         ckpt_state cs_ = {                                                                                        \
             .step = (step_), .total_steps = total_steps, .rows_consumed = cursor, .n_rows = train_set.n_rows,     \
@@ -843,7 +760,7 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
             .tokenizer_fingerprint = tok_fp,                                                                      \
             .n_params = ls.n_params, .params = ls.params, .exp_avg = opt.m, .exp_avg_sq = opt.v,                  \
             .n_tensors = n_ttab, .tensors = ttab, .config_yaml = config_yaml, .log_history = lh_,                 \
-            .log_history_len = lh_len_};                                                                          \
+            .log_history_len = (int64_t)lh_len_};                                                                          \
         snprintf(cs_.lr_scheduler, sizeof cs_.lr_scheduler, "%s", lr_schedule_name(sk));                          \
         if (use_sophia) {                                                                                         \
             snprintf(cs_.optimizer, sizeof cs_.optimizer, "sophia");                                              \
@@ -862,16 +779,16 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
         last_saved = (step_);                                                                                     \
         int ndel_ = 0;                                                                                            \
         if (c->save_total_limit > 0 && ckpt_prune(c->output_dir, c->save_total_limit, &ndel_, e)) goto done;     \
-        fprintf(stderr, "[checkpoint] saved %s (%.1fs)%s\n", last_ckpt, now_sec() - ts_,                          \
+        fprintf(stderr, "[checkpoint] saved %s (%.1fs)%s\n", last_ckpt, clock_now_sec() - ts_,                          \
                 ndel_ ? "; older checkpoints beyond save_total_limit deleted" : "");                              \
     } while (0)
 
     stop_handlers_install(old_sa);
     handlers = 1;
-    double t_train = now_sec(), tok_trained = 0;
+    double t_train = clock_now_sec(), tok_trained = 0;
     int epoch = -1, steps_run = 0;
     for (int step = start_step + 1; step <= total_steps; step++) {
-        double ts0 = now_sec();
+        double ts0 = clock_now_sec();
         /* rows of this step, in epoch order */
         int nrows = (int)rows_per_step;
         for (int i = 0; i < nrows; i++) {
@@ -914,10 +831,10 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
             win_rate = (double)sophia_step(&sop, &soc, lr, bs, ls.params, ls.grads, NULL) / (double)ls.n_params;
             nan_streak = 0;
             if (sophia_hessian_due(&soc, step)) {
-                double th = now_sec();
+                double th = clock_now_sec();
                 hess_gnorm = sophia_hessian_pass(&ctx, c, &model, &ls, &train_set, rows, step_targets, step, &bb,
                                                  &sop, &soc);
-                hess_sec = now_sec() - th;
+                hess_sec = clock_now_sec() - th;
                 sophia_hess_sec += hess_sec;
                 if (!isfinite(hess_gnorm))
                     fprintf(stderr, "[sophia] step %d: the Hessian-estimate gradient is NaN/Inf; h left unchanged\n",
@@ -934,10 +851,10 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
         }
         last_lr = lr;
         steps_run++;
-        double dt = now_sec() - ts0;
+        double dt = clock_now_sec() - ts0;
         train_sec += dt;
         tok_trained += (double)rows_per_step * c->sequence_len;
-        double elapsed = now_sec() - t_train;
+        double elapsed = clock_now_sec() - t_train;
         double tps = tok_trained / elapsed;
         {
             /* train_seconds: optimizer-step time so far (no evaluation / checkpoint time), for wall-clock comparisons */
@@ -968,14 +885,14 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
                          win_rate, hess_sec);
             fprintf(stderr, "[train] step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f%s | %.0f tok/s | %.2fs/step | "
                             "ETA %s | RSS %.0f MiB\n",
-                    step, total_steps, loss, lr, gnorm, opt_note, tps, dt, eta, rss_mib());
+                    step, total_steps, loss, lr, gnorm, opt_note, tps, dt, eta, proc_rss_mib());
         }
         /* a stop signal saves first: the periodic evaluation would delay it (and a second signal kills) */
         if (eval_set.n_rows > 0 && eval_every > 0 && step % eval_every == 0 && step != total_steps && !g_stop_signal) {
-            t0 = now_sec();
+            t0 = clock_now_sec();
             double el = evaluate(&ctx, &model, &ls, &eval_set, mbs, c->eval_max_tokens, &bb, &ev_tok);
             fprintf(stderr, "[eval] step %d: held-out loss %.4f, perplexity %.2f (%.1fs)\n", step, el, exp(el),
-                    now_sec() - t0);
+                    clock_now_sec() - t0);
             metrics_log_eval(mw, step, el, exp(el), ev_tok, e);
             last_eval = el;
             last_eval_step = step;
@@ -989,7 +906,7 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
                 train_sec > train_sec_at_start ? 100.0 * sophia_hess_sec / (train_sec - train_sec_at_start) : 0.0,
                 train_sec - train_sec_at_start);
     res->steps = steps_run;
-    res->train_tokens_per_sec = steps_run ? tok_trained / (now_sec() - t_train) : 0.0;
+    res->train_tokens_per_sec = steps_run ? tok_trained / (clock_now_sec() - t_train) : 0.0;
     if (!g_stop_signal && last_saved != final_step && start_step < total_steps) SAVE_CHECKPOINT(final_step);
     if (g_stop_signal) {
         res->interrupted = (int)g_stop_signal;
@@ -1006,10 +923,10 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
     if (eval_set.n_rows > 0) {
         double el = last_eval;
         if (last_eval_step != final_step) {
-            t0 = now_sec();
+            t0 = clock_now_sec();
             el = evaluate(&ctx, &model, &ls, &eval_set, mbs, c->eval_max_tokens, &bb, &ev_tok);
             fprintf(stderr, "[eval] step %d: held-out loss %.4f, perplexity %.2f (%.1fs)\n", final_step, el, exp(el),
-                    now_sec() - t0);
+                    clock_now_sec() - t0);
             metrics_log_eval(mw, final_step, el, exp(el), ev_tok, e);
         }
         res->eval_loss_end = el;
@@ -1032,8 +949,8 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
         snprintf(path, sizeof path, "%s/loss_curve.png", c->output_dir);
         if (plot_metrics_png(mpath, path, e)) goto done;
     }
-    res->wall_seconds = now_sec() - t_start;
-    res->peak_rss_mib = peak_rss_mib();
+    res->wall_seconds = clock_now_sec() - t_start;
+    res->peak_rss_mib = proc_peak_rss_mib();
     fprintf(stderr, "[memory] peak RSS %.0f MiB (predicted %.0f MiB, %+.1f%%); activation arena peak %.0f MiB\n",
             res->peak_rss_mib, plan.total / 1048576.0, 100.0 * (plan.total / 1048576.0 - res->peak_rss_mib) / res->peak_rss_mib,
             ctx.arena.peak / 1048576.0);

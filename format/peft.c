@@ -1,4 +1,4 @@
-/* model/peft.c — PEFT adapter_config.json writer and tensor names.
+/* format/peft.c — PEFT adapter_config.json writer and tensor names.
  *
  * The config is built as a cJSON tree and printed by a small printer that
  * reproduces Python's json.dumps(obj, indent=2, sort_keys=True): keys sorted by
@@ -6,7 +6,7 @@
  * empty containers as {} / [], ensure_ascii escapes, ints without a dot and
  * floats in repr() form ("0.05", "0.0", "1e-05"). Numbers go in as cJSON raw
  * items carrying their final text, so int vs float survives. */
-#include "model/peft.h"
+#include "format/peft.h"
 
 #include <cjson/cJSON.h>
 

@@ -1,11 +1,11 @@
-/* model/gguf_write.c — GGUF v3 writer (see gguf_write.h). The byte layout is
+/* format/gguf_write.c — GGUF v3 writer (see gguf_write.h). The byte layout is
  * that of gguf-py's GGUFWriter (write_header_to_file, write_kv_data_to_file,
  * write_ti_data_to_file, write_tensors_to_file): KVs in insertion order,
  * tensor offsets aligned to 32, the data section padded to 32 before and
- * after every tensor. Files written here are read back by model/gguf.c in the
+ * after every tensor. Files written here are read back by format/gguf.c in the
  * tests and by llama.cpp / gguf-py in `make test-interop`.
  */
-#include "model/gguf_write.h"
+#include "format/gguf_write.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -15,7 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "model/gguf.h"
+#include "format/gguf.h"
 #include "quant/ggml_quants.h"
 
 #define GGUFW_ALIGN 32u

@@ -1,4 +1,4 @@
-/* model/gguf.c — GGUF v2/v3 reader: mmap, parse, validate against the file size.
+/* format/gguf.c — GGUF v2/v3 reader: mmap, parse, validate against the file size.
  *
  * Format: ggml/docs/gguf.md, gguf-py/gguf/constants.py and gguf_reader.py, and
  * the checks of ggml/src/gguf.cpp (gguf_init_from_file_impl) and
@@ -13,7 +13,7 @@
  * Multi-byte fields are read with memcpy (the host must be little-endian, as
  * the format is).
  */
-#include "model/gguf.h"
+#include "format/gguf.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -25,7 +25,7 @@
 #include <unistd.h>
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-#error "model/gguf.c reads little-endian fields with memcpy: port it for big-endian hosts"
+#error "format/gguf.c reads little-endian fields with memcpy: port it for big-endian hosts"
 #endif
 
 #define GGUF_MAGIC 0x46554747u /* "GGUF" */

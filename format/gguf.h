@@ -1,4 +1,4 @@
-/* model/gguf.h — GGUF v2/v3 reader (memory-mapped, read-only).
+/* format/gguf.h — GGUF v2/v3 reader (memory-mapped, read-only).
  *
  * Format: ggml/docs/gguf.md and gguf-py/gguf/constants.py (see
  * ../shared/reference/formats.md §3). Little-endian; strings are u64 length +
@@ -7,8 +7,8 @@
  * section starts at the first multiple of `general.alignment` (default 32)
  * after the tensor infos; every offset is checked against the file size.
  */
-#ifndef QLORA_MODEL_GGUF_H
-#define QLORA_MODEL_GGUF_H
+#ifndef QLORA_FORMAT_GGUF_H
+#define QLORA_FORMAT_GGUF_H
 
 #include <stddef.h>
 #include <stdint.h>

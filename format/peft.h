@@ -1,4 +1,4 @@
-/* model/peft.h — Hugging Face PEFT LoRA adapter files.
+/* format/peft.h — Hugging Face PEFT LoRA adapter files.
  *
  * An adapter directory holds adapter_config.json and adapter_model.safetensors
  * (peft/utils/constants.py). The config is `asdict(LoraConfig)` written with
@@ -10,8 +10,8 @@
  * s * B @ A to the frozen [out, in] weight. B rows of q_proj/k_proj must be in
  * HF (rotate_half) order — the caller's job, not this module's.
  */
-#ifndef QLORA_MODEL_PEFT_H
-#define QLORA_MODEL_PEFT_H
+#ifndef QLORA_FORMAT_PEFT_H
+#define QLORA_FORMAT_PEFT_H
 
 #include <stddef.h>
 

@@ -1,4 +1,4 @@
-/* model/gguf_write.h — GGUF v3 writer (the counterpart of model/gguf.h).
+/* format/gguf_write.h — GGUF v3 writer (the counterpart of format/gguf.h).
  *
  * Format: ggml/docs/gguf.md, gguf-py/gguf/gguf_writer.py (see
  * ../shared/reference/formats.md §3): magic "GGUF", version 3, u64 tensor
@@ -15,8 +15,8 @@
  * gguf_writer_write_fd, and gguf_writer_free. Errors are sticky: the first
  * failing add is reported by the write.
  */
-#ifndef QLORA_MODEL_GGUF_WRITE_H
-#define QLORA_MODEL_GGUF_WRITE_H
+#ifndef QLORA_FORMAT_GGUF_WRITE_H
+#define QLORA_FORMAT_GGUF_WRITE_H
 
 #include <stddef.h>
 #include <stdint.h>

@@ -1,4 +1,4 @@
-/* model/safetensors.h — safetensors writer and memory-mapped reader.
+/* format/safetensors.h — safetensors writer and memory-mapped reader.
  *
  * Format (huggingface/safetensors README, src/tensor.rs): u64 little-endian
  * header size N, N bytes of UTF-8 JSON, then the byte buffer. The JSON maps
@@ -12,8 +12,8 @@
  * keeps larger elements first and aligned) then by name, compact JSON with
  * "__metadata__" first, header padded with spaces to a multiple of 8.
  */
-#ifndef QLORA_MODEL_SAFETENSORS_H
-#define QLORA_MODEL_SAFETENSORS_H
+#ifndef QLORA_FORMAT_SAFETENSORS_H
+#define QLORA_FORMAT_SAFETENSORS_H
 
 #include <stddef.h>
 #include <stdint.h>

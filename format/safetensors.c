@@ -1,9 +1,9 @@
-/* model/safetensors.c — safetensors writer (byte-compatible with the Rust
+/* format/safetensors.c — safetensors writer (byte-compatible with the Rust
  * writer, huggingface/safetensors src/tensor.rs `prepare`/`serialize`) and a
  * validating mmap reader (the checks of `read_metadata` and
  * `Metadata::validate`). The JSON header is built by hand for the writer, so
  * its bytes are fully determined; the reader parses it with cJSON. */
-#include "model/safetensors.h"
+#include "format/safetensors.h"
 
 #include <cjson/cJSON.h>
 
