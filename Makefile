@@ -30,7 +30,7 @@ DEFAULT_DATA  := datasets/manpages/train.jsonl datasets/manpages/heldout.jsonl
 # Tools around the trainer (trainer/<name>_main.c -> bin/qlora-<name>).
 TOOL_BINS := bin/qlora-export bin/qlora-generate bin/qlora-plot bin/qlora-preprocess
 
-.PHONY: all test test-unit test-interop setup model dataset clean features bench
+.PHONY: all test test-unit test-interop setup model dataset clean features bench check-layers
 all: features bin/qlora-train bin/qlora-bench $(TOOL_BINS)
 
 features:
@@ -77,8 +77,12 @@ setup:
 bench: bin/qlora-bench
 	bench/run_peers.sh
 
+# The include graph against the layer order of docs/design.md (no include up, no cycle).
+check-layers:
+	@python3 scripts/check_layers.py
+
 # Unit tests run first (fast); the end-to-end test on the real model runs last.
-test: all $(TEST_BIN) $(DEFAULT_MODEL) $(DEFAULT_DATA)
+test: check-layers all $(TEST_BIN) $(DEFAULT_MODEL) $(DEFAULT_DATA)
 	@scripts/run_tests.sh $(TEST_BIN)
 
 # Interop with the consumers (PEFT/transformers, bitsandbytes, gguf; llama.cpp with
