@@ -17,7 +17,8 @@ relative to the including file's folder, then to the repository root). Checked:
   2. a project include resolves to a file that exists (a quoted include that names
      no project file and no layer folder is taken for an outside header);
   3. the file-level include graph has no cycle (tests/, fuzz/ and bench/, which sit
-     on top of every layer and may include anything, are part of this graph).
+     on top of every layer and may include anything, are part of this graph);
+  4. the Makefile's MODULES line names the same folders as the order.
 
 Each violation is printed as `file:line: #include "x": why`; the exit status is 0
 when there is none, 1 when there are some, 2 when the order cannot be read.
@@ -54,6 +55,20 @@ def read_order(design_path):
               "(folder names separated by → or ->, each once)", file=sys.stderr)
         sys.exit(2)
     return names
+
+
+def read_makefile_modules(path):
+    """The folder list of the Makefile's `MODULES := ...` line, or None when there is none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read().replace("\\\n", " ")  # join continuation lines
+    except OSError:
+        return None
+    for line in text.splitlines():
+        m = re.match(r"^MODULES\s*:?=\s*(.*?)\s*$", line)
+        if m:
+            return m.group(1).split()
+    return None
 
 
 def source_files(root, folders):
@@ -182,6 +197,15 @@ def main():
               file=sys.stderr)
         return 2
 
+    # The Makefile's MODULES (the folders compiled into the library) must be the same set.
+    modules = read_makefile_modules(os.path.join(root, "Makefile"))
+    if modules is not None and set(modules) != set(order):
+        print(f"[layers] Makefile MODULES ({' '.join(modules)}) and the layer order of docs/design.md "
+              f"({' '.join(order)}) name different folders")
+        mismatch = 1
+    else:
+        mismatch = 0
+
     layer_files = source_files(root, order)
     top_files = source_files(root, TOP_FOLDERS)
     violations = []
@@ -229,8 +253,9 @@ def main():
             print(f"{s:>{width}} " + " ".join(f"{matrix.get((s, d), 0) or '.':>8}" for d in order))
 
     n_files = len(layer_files) + len(top_files)
-    if violations or cycles:
-        print(f"[layers] ✗ {len(violations)} layering violation(s), {len(cycles)} include cycle(s) "
+    if violations or cycles or mismatch:
+        print(f"[layers] ✗ {len(violations)} layering violation(s), {len(cycles)} include cycle(s)"
+              f"{', Makefile MODULES differ' if mismatch else ''} "
               f"in {n_files} files ({n_includes} quoted includes); order: {' → '.join(order)}")
         return 1
     print(f"[layers] ✓ {n_files} files, {n_includes} quoted includes: no include goes up the layer order "
