@@ -14,7 +14,7 @@ endif
 HDF5_CFLAGS := $(shell pkg-config --cflags hdf5 2>/dev/null || echo -I/usr/include/hdf5/serial)
 HDF5_LIBS   := $(shell pkg-config --libs hdf5 2>/dev/null || echo -L/usr/lib/x86_64-linux-gnu/hdf5/serial -lhdf5)
 CFLAGS  += $(HDF5_CFLAGS)
-LDLIBS  += -ldnnl -lyaml -lcjson -lpcre2-8 -lpng $(HDF5_LIBS) -lz -lm -fopenmp
+LDLIBS  += -ldnnl -lyaml -lcjson -lpcre2-8 -lxxhash -lpng $(HDF5_LIBS) -lz -lm -fopenmp
 
 MODULES := core quant format data autograd optim model trainer
 LIB_SRC := $(filter-out trainer/main.c trainer/%_main.c,$(foreach m,$(MODULES),$(wildcard $(m)/*.c)))
@@ -137,7 +137,7 @@ build-fuzz/%.o: %.c
 	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link -MMD -MP -c $< -o $@
 
 build-fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz_common.h $(FUZZ_LIB_OBJ)
-	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer $< $(FUZZ_LIB_OBJ) -o $@ -lyaml -lcjson -lpcre2-8 -lm
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer $< $(FUZZ_LIB_OBJ) -o $@ -lyaml -lcjson -lpcre2-8 -lxxhash -lm
 
 .PHONY: fuzz fuzz-build
 fuzz-build: $(FUZZ_BIN)
