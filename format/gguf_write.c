@@ -15,6 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "core/file.h"
 #include "format/gguf.h"
 #include "quant/ggml_quants.h"
 
@@ -222,20 +223,6 @@ void gguf_writer_add_tensor(gguf_writer *w, const char *name, uint32_t tensor_ty
     w->n_t++;
 }
 
-static int write_all(int fd, const void *p, size_t n) {
-    const uint8_t *b = p;
-    while (n) {
-        ssize_t k = write(fd, b, n);
-        if (k < 0) {
-            if (errno == EINTR) continue;
-            return -1;
-        }
-        b += k;
-        n -= (size_t)k;
-    }
-    return 0;
-}
-
 static uint64_t pad_to(uint64_t x) { return (x + GGUFW_ALIGN - 1) / GGUFW_ALIGN * GGUFW_ALIGN; }
 
 int gguf_writer_write_fd(gguf_writer *w, int fd, const char *what, qerr *e) {
@@ -269,13 +256,13 @@ int gguf_writer_write_fd(gguf_writer *w, int fd, const char *what, qerr *e) {
         free(hw.kv);
         return qerr_set(e, "%s: %s", what, hw.err.msg);
     }
-    int bad = write_all(fd, hw.kv, hw.kv_n);
+    int bad = file_write_fd_all(fd, hw.kv, hw.kv_n);
     free(hw.kv);
     for (uint64_t i = 0; i < w->n_t && !bad; i++) {
         const gw_tensor *t = &w->t[i];
-        bad = write_all(fd, t->data, (size_t)t->nbytes);
+        bad = file_write_fd_all(fd, t->data, (size_t)t->nbytes);
         size_t tp = (size_t)(pad_to(t->nbytes) - t->nbytes);
-        if (!bad && tp) bad = write_all(fd, zeros, tp);
+        if (!bad && tp) bad = file_write_fd_all(fd, zeros, tp);
     }
     if (bad) return qerr_set(e, "cannot write %s: %s", what, strerror(errno));
     return 0;
@@ -286,22 +273,11 @@ int gguf_writer_write(gguf_writer *w, const char *path, qerr *e) {
         if (e) *e = w->err;
         return qerr_prefix(e, "%s", path);
     }
-    size_t n = strlen(path);
-    char *tmp = qmalloc(n + 5, e);
-    if (!tmp) return -1;
-    memcpy(tmp, path, n);
-    memcpy(tmp + n, ".tmp", 5);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
-        free(tmp);
+    file_atomic out;
+    if (file_atomic_begin(&out, path, e)) return -1;
+    if (gguf_writer_write_fd(w, out.fd, out.tmp, e)) {
+        file_atomic_abort(&out);
         return -1;
     }
-    int rc = gguf_writer_write_fd(w, fd, tmp, e);
-    if (!rc && fsync(fd)) rc = qerr_set(e, "cannot write %s: %s", tmp, strerror(errno));
-    if (close(fd) && !rc) rc = qerr_set(e, "cannot write %s: %s", tmp, strerror(errno));
-    if (!rc && rename(tmp, path)) rc = qerr_set(e, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
-    if (rc) unlink(tmp);
-    free(tmp);
-    return rc;
+    return file_atomic_commit(&out, e);
 }

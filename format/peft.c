@@ -18,6 +18,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "core/file.h"
 #include "core/strbuf.h"
 
 static const char *const ATTN_MODULES[] = {"q_proj", "k_proj", "v_proj", "o_proj"};
@@ -213,30 +214,6 @@ static void sb_py_json(strbuf *b, const cJSON *x, int level) {
 
 /* ------------------------------------------------------------------------ */
 
-static int write_file_atomic(const char *path, const char *data, size_t n, qerr *e) {
-    size_t pl = strlen(path);
-    char *tmp = qmalloc(pl + 5, e);
-    if (!tmp) return -1;
-    memcpy(tmp, path, pl);
-    memcpy(tmp + pl, ".tmp", 5);
-    FILE *f = fopen(tmp, "wb");
-    if (!f) {
-        qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
-        free(tmp);
-        return -1;
-    }
-    int bad = fwrite(data, 1, n, f) != n || fflush(f) || fsync(fileno(f));
-    int err = errno;
-    if (fclose(f) && !bad) bad = 1, err = errno;
-    if (!bad && rename(tmp, path)) bad = 1, err = errno;
-    if (bad) {
-        qerr_set(e, "cannot write %s: %s", path, strerror(err));
-        unlink(tmp);
-    }
-    free(tmp);
-    return bad ? -1 : 0;
-}
-
 int peft_write_adapter_config(const char *path, const peft_lora_config *c, qerr *e) {
     if (c->r <= 0) return qerr_set(e, "%s: r must be positive, got %d", path, c->r);
     if (!(c->lora_alpha > 0) || !isfinite(c->lora_alpha))
@@ -304,7 +281,7 @@ int peft_write_adapter_config(const char *path, const peft_lora_config *c, qerr 
         free(b.p);
         return qerr_set(e, "out of memory writing %s", path);
     }
-    int rc = write_file_atomic(path, b.p, b.n, e);
+    int rc = file_write_atomic(path, b.p, b.n, e);
     free(b.p);
     return rc;
 }

@@ -25,6 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core/file.h"
 #include "core/hash.h"
 
 #define CKPT_FORMAT_NAME "qlora-checkpoint"
@@ -686,22 +687,12 @@ int ckpt_read_state(const char *path, ckpt_state *s, qerr *e) {
 /* directory protocol                                                         */
 
 static int write_marker(const char *dir, int64_t step, int64_t size, uint64_t h, qerr *e) {
-    char tmp[4200], fin[4200];
-    snprintf(tmp, sizeof tmp, "%s/" CKPT_MARKER ".tmp", dir);
+    char fin[4200], text[256];
     snprintf(fin, sizeof fin, "%s/" CKPT_MARKER, dir);
-    FILE *f = fopen(tmp, "w");
-    if (!f) return qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
-    fprintf(f, "%s %d\nstep %lld\n%s %lld %016" PRIx64 "\n", CKPT_FORMAT_NAME, CKPT_FORMAT_VERSION, (long long)step,
-            CKPT_STATE_FILE, (long long)size, h);
-    int bad = ferror(f) || fflush(f) || fsync(fileno(f));
-    int err = errno;
-    if (fclose(f)) bad = 1, err = errno;
-    if (!bad && rename(tmp, fin)) bad = 1, err = errno;
-    if (bad) {
-        unlink(tmp);
-        return qerr_set(e, "cannot write %s: %s", fin, strerror(err));
-    }
-    return fsync_path(dir, 1, e);
+    int n = snprintf(text, sizeof text, "%s %d\nstep %lld\n%s %lld %016" PRIx64 "\n", CKPT_FORMAT_NAME,
+                     CKPT_FORMAT_VERSION, (long long)step, CKPT_STATE_FILE, (long long)size, h);
+    if (file_write_atomic(fin, text, (size_t)n, e)) return -1;
+    return fsync_path(dir, 1, e); /* the marker's rename is the commit: its failure to sync is an error */
 }
 
 /* fsync every regular file directly inside dir, then dir itself. */

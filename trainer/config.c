@@ -23,6 +23,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "core/file.h"
+
 const char *const TRAIN_LINEAR_MODULES[TRAIN_N_LINEAR_MODULES] = {
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 };
@@ -1352,17 +1354,11 @@ static void put_datasets(FILE *f, const char *key, const dataset_cfg *d, int n) 
 }
 
 int train_config_write_yaml(const train_config *c, const char *path, qerr *e) {
-    size_t n = strlen(path);
-    char *tmp = malloc(n + 5);
-    if (!tmp) return qerr_set(e, "out of memory");
-    memcpy(tmp, path, n);
-    memcpy(tmp + n, ".tmp", 5);
-    FILE *f = fopen(tmp, "w");
-    if (!f) {
-        qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
-        free(tmp);
-        return -1;
-    }
+    /* printed into memory, then written in one piece by core/file */
+    char *text = NULL;
+    size_t text_len = 0;
+    FILE *f = open_memstream(&text, &text_len);
+    if (!f) return qerr_set(e, "out of memory writing %s", path);
     char num[64];
     fprintf(f, "# Resolved qlora-train configuration: every key with its final value.\n");
     if (c->config_path) {
@@ -1416,18 +1412,11 @@ int train_config_write_yaml(const train_config *c, const char *path, qerr *e) {
             break;
         }
     }
-    int bad = ferror(f) || fflush(f) || fsync(fileno(f));
-    int err = errno;
-    if (fclose(f)) bad = 1, err = errno;
-    if (!bad && rename(tmp, path)) bad = 1, err = errno;
-    if (bad) {
-        qerr_set(e, "cannot write %s: %s", path, strerror(err));
-        unlink(tmp);
-        free(tmp);
-        return -1;
-    }
-    free(tmp);
-    return 0;
+    int bad = ferror(f);
+    if (fclose(f)) bad = 1;
+    int rc = bad ? qerr_set(e, "out of memory writing %s", path) : file_write_atomic(path, text, text_len, e);
+    free(text);
+    return rc;
 }
 
 /* ------------------------------------------------------------------------ */

@@ -21,6 +21,7 @@
 
 #include "core/bf16.h"
 #include "core/file.h"
+#include "core/strbuf.h"
 #include "data/chat.h"
 #include "data/tokenizer_json.h"
 #include "format/gguf_write.h"
@@ -157,36 +158,16 @@ done:
 
 /* ------------------------------------------------------------------ files */
 
-static int mkdir_p(const char *path, qerr *e) {
-    char tmp[4096];
-    size_t len = strlen(path);
-    if (len == 0 || len >= sizeof tmp) return qerr_set(e, "invalid output path \"%s\"", path);
-    memcpy(tmp, path, len + 1);
-    for (char *p = tmp + 1; *p; p++) {
-        if (*p != '/') continue;
-        *p = 0;
-        if (mkdir(tmp, 0755) && errno != EEXIST) return qerr_set(e, "cannot create \"%s\": %s", tmp, strerror(errno));
-        *p = '/';
-    }
-    if (mkdir(tmp, 0755) && errno != EEXIST) return qerr_set(e, "cannot create \"%s\": %s", tmp, strerror(errno));
-    return 0;
-}
-
+/* dir/name holding `text` and a final newline (cJSON_Print's text has none). */
 static int write_file(const char *dir, const char *name, const char *text, qerr *e) {
-    char path[4096], tmp[4100];
+    char path[4096];
     snprintf(path, sizeof path, "%s/%s", dir, name);
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
-    if (!f) return qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
-    size_t n = strlen(text);
-    int bad = fwrite(text, 1, n, f) != n;
-    bad |= fputc('\n', f) == EOF;
-    bad |= fclose(f) != 0;
-    if (bad || rename(tmp, path)) {
-        unlink(tmp);
-        return qerr_set(e, "cannot write %s: %s", path, strerror(errno));
-    }
-    return 0;
+    strbuf b = {0};
+    strbuf_puts(&b, text);
+    strbuf_puts(&b, "\n");
+    int rc = b.oom ? qerr_set(e, "out of memory writing %s", path) : file_write_atomic(path, b.p, b.n, e);
+    free(b.p);
+    return rc;
 }
 
 static int write_json(const char *dir, const char *name, cJSON *o, qerr *e) {
@@ -197,29 +178,14 @@ static int write_json(const char *dir, const char *name, cJSON *o, qerr *e) {
     return rc;
 }
 
+/* The tokenizer files are small (a few MB at most): read whole, written atomically. */
 static int copy_file(const char *src, const char *dst, qerr *e) {
-    FILE *in = fopen(src, "rb");
-    if (!in) return qerr_set(e, "cannot open %s: %s", src, strerror(errno));
-    char tmp[4100];
-    snprintf(tmp, sizeof tmp, "%s.tmp", dst);
-    FILE *out = fopen(tmp, "wb");
-    if (!out) {
-        fclose(in);
-        return qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
-    }
-    char buf[1 << 16];
-    size_t n;
-    int bad = 0;
-    while ((n = fread(buf, 1, sizeof buf, in)) > 0)
-        if (fwrite(buf, 1, n, out) != n) bad = 1;
-    bad |= ferror(in);
-    fclose(in);
-    bad |= fclose(out) != 0;
-    if (bad || rename(tmp, dst)) {
-        unlink(tmp);
-        return qerr_set(e, "cannot copy %s to %s", src, dst);
-    }
-    return 0;
+    size_t n = 0;
+    char *b = file_read_all(src, &n, e);
+    if (!b) return -1;
+    int rc = file_write_atomic(dst, b, n, e);
+    free(b);
+    return rc;
 }
 
 static void add_raw_float(cJSON *o, const char *key, float v) {
@@ -414,7 +380,7 @@ int export_merged(const base_model *b, const llama_model *m, const tokenizer *to
         "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
     const llama_hparams *hp = base_model_hparams(b);
     if (max_shard_bytes == 0) max_shard_bytes = (size_t)2 << 30;
-    if (mkdir_p(dir, e)) return -1;
+    if (file_mkdir_p(dir, e)) return -1;
 
     /* tensors in transformers' state_dict order */
     int n = 1 + hp->n_layer * (2 + LLAMA_N_LINEAR) + 1 + (hp->tied_embeddings ? 0 : 1);
