@@ -21,24 +21,45 @@
 #include "core/file.h"
 #include "core/strbuf.h"
 
-static const char *const ATTN_MODULES[] = {"q_proj", "k_proj", "v_proj", "o_proj"};
-static const char *const MLP_MODULES[] = {"gate_proj", "up_proj", "down_proj"};
+#define PEFT_LAYER_PREFIX "base_model.model.model.layers."
 
-int peft_tensor_name(char *buf, size_t n, int layer, const char *module, char ab) {
-    const char *parent = NULL;
+static int plain_part(const char *s) { return s && *s && !strchr(s, '.'); }
+
+int peft_tensor_name(char *buf, size_t n, int layer, const char *parent, const char *module, char ab) {
     if (n) buf[0] = 0;
-    if (!module || layer < 0) return -1;
-    for (size_t i = 0; i < sizeof ATTN_MODULES / sizeof ATTN_MODULES[0]; i++)
-        if (!strcmp(module, ATTN_MODULES[i])) parent = "self_attn";
-    for (size_t i = 0; i < sizeof MLP_MODULES / sizeof MLP_MODULES[0]; i++)
-        if (!strcmp(module, MLP_MODULES[i])) parent = "mlp";
     char AB = ab == 'a' ? 'A' : ab == 'b' ? 'B' : ab;
-    if (!parent || (AB != 'A' && AB != 'B')) return -1;
-    int w = snprintf(buf, n, "base_model.model.model.layers.%d.%s.%s.lora_%c.weight", layer, parent, module, AB);
+    if (!plain_part(parent) || !plain_part(module) || layer < 0 || (AB != 'A' && AB != 'B')) return -1;
+    int w = snprintf(buf, n, PEFT_LAYER_PREFIX "%d.%s.%s.lora_%c.weight", layer, parent, module, AB);
     if (w < 0 || (size_t)w >= n) {
         if (n) buf[0] = 0;
         return -1;
     }
+    return 0;
+}
+
+int peft_tensor_name_parse(const char *name, peft_name_parts *out) {
+    static const char pre[] = PEFT_LAYER_PREFIX;
+    if (strncmp(name, pre, sizeof pre - 1)) return -1;
+    const char *p = name + sizeof pre - 1;
+    if (*p < '0' || *p > '9') return -1;
+    char *end;
+    long l = strtol(p, &end, 10);
+    if (*end != '.' || l < 0 || l > 100000) return -1;
+    const char *parent = end + 1, *dot1 = strchr(parent, '.');
+    if (!dot1 || dot1 == parent) return -1;
+    const char *module = dot1 + 1, *dot2 = strchr(module, '.');
+    if (!dot2 || dot2 == module) return -1;
+    if (!strcmp(dot2, ".lora_A.weight"))
+        out->ab = 'A';
+    else if (!strcmp(dot2, ".lora_B.weight"))
+        out->ab = 'B';
+    else
+        return -1;
+    out->layer = (int)l;
+    out->parent = parent;
+    out->parent_len = (size_t)(dot1 - parent);
+    out->module = module;
+    out->module_len = (size_t)(dot2 - module);
     return 0;
 }
 

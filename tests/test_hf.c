@@ -181,14 +181,14 @@ static void write_tiny_adapter(const char *dir, int r, float alpha, int rslora, 
     const char *tm[LLAMA_N_LINEAR];
     int ntm = 0;
     for (int k = 0; k < LLAMA_N_LINEAR; k++)
-        if (target[k]) tm[ntm++] = llama_linear_names[k];
+        if (target[k]) tm[ntm++] = llama_linears[k].peft;
     for (int l = 0; l < NL; l++)
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
             if (!target[k]) continue;
             for (int ab = 0; ab < 2; ab++) {
                 int64_t rows = ab ? outs[k] : r, cols = ab ? r : ins[k];
                 bufs[n] = rand_f32(rows * cols, 1000 + (uint64_t)n, ab ? 0.3f : 0.2f);
-                peft_tensor_name(names[n], 128, l, llama_linear_names[k], ab ? 'B' : 'A');
+                peft_tensor_name(names[n], 128, l, llama_linears[k].parent, llama_linears[k].peft, ab ? 'B' : 'A');
                 ts[n] = (st_tensor){.name = names[n], .dtype = "F32", .n_dims = 2, .shape = {rows, cols},
                                     .data = bufs[n], .nbytes = (size_t)(rows * cols) * sizeof(float)};
                 n++;

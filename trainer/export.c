@@ -27,9 +27,6 @@
 #include "format/gguf_write.h"
 #include "format/safetensors.h"
 
-static const char *const gguf_linear_names[LLAMA_N_LINEAR] = {
-    "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
-
 void export_permute_rows_to_gguf(const float *src, float *dst, int n_head, int head_dim, int64_t cols) {
     int half = head_dim / 2;
     for (int h = 0; h < n_head; h++)
@@ -138,9 +135,9 @@ int export_gguf_lora(const base_model *b, const lora_set *ls, const adapter_info
                 B = pb;
             }
             uint64_t ne_a[2] = {(uint64_t)in, (uint64_t)r}, ne_b[2] = {(uint64_t)r, (uint64_t)out};
-            snprintf(name, sizeof name, "blk.%d.%s.weight.lora_a", l, gguf_linear_names[k]);
+            snprintf(name, sizeof name, "blk.%d.%s.weight.lora_a", l, llama_linears[k].gguf);
             gguf_writer_add_tensor(w, name, GGML_TYPE_F32, 2, ne_a, a->A->data, (size_t)(in * r) * sizeof(float));
-            snprintf(name, sizeof name, "blk.%d.%s.weight.lora_b", l, gguf_linear_names[k]);
+            snprintf(name, sizeof name, "blk.%d.%s.weight.lora_b", l, llama_linears[k].gguf);
             gguf_writer_add_tensor(w, name, GGML_TYPE_F32, 2, ne_b, B, (size_t)(out * r) * sizeof(float));
             n_written++;
         }
@@ -375,9 +372,6 @@ static int merged_tensor(const base_model *b, const llama_model *m, const lora_s
 
 int export_merged(const base_model *b, const llama_model *m, const tokenizer *tok, const lora_set *ls,
                   const adapter_info *info, const char *dir, size_t max_shard_bytes, qerr *e) {
-    static const char *const hf_linear[LLAMA_N_LINEAR] = {
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
     const llama_hparams *hp = base_model_hparams(b);
     if (max_shard_bytes == 0) max_shard_bytes = (size_t)2 << 30;
     if (file_mkdir_p(dir, e)) return -1;
@@ -391,7 +385,8 @@ int export_merged(const base_model *b, const llama_model *m, const tokenizer *to
     for (int l = 0; l < hp->n_layer; l++) {
         for (int j = 0; j < LLAMA_N_LINEAR; j++) {
             ent[k] = (merged_entry){.role = LLAMA_T_LINEAR, .layer = l, .module = j};
-            snprintf(ent[k].name, sizeof ent[k].name, "model.layers.%d.%s.weight", l, hf_linear[j]);
+            snprintf(ent[k].name, sizeof ent[k].name, "model.layers.%d.%s.%s.weight", l, llama_linears[j].parent,
+                     llama_linears[j].peft);
             k++;
         }
         ent[k] = (merged_entry){.role = LLAMA_T_ATTN_NORM, .layer = l};
