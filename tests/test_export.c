@@ -128,6 +128,8 @@ static void test_dtype_order(void **state) {
 /* ------------------------------------------------------------------------ */
 
 enum { N_LAYERS = 2, RANK = 4, HID = 64, KVD = 16, FFN = 96, N_MOD = LLAMA_N_LINEAR };
+/* target_modules as PEFT lists them (this test's own copy: it checks the table) */
+static const char *const MODS[N_MOD] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
 static const int MOD_IN[N_MOD] = {HID, HID, HID, HID, HID, HID, FFN};
 static const int MOD_OUT[N_MOD] = {HID, KVD, KVD, HID, FFN, FFN, HID};
 

@@ -23,6 +23,7 @@
 
 #include "autograd/gemm.h"
 #include "core/bf16.h"
+#include "core/pyrepr.h"
 #include "core/rng.h"
 #include "data/chat.h"
 #include "data/tokenizer_json.h"
@@ -329,7 +330,7 @@ static void test_permute_and_floats(void **state) {
         {0.0417f, "0.0417"}, {123.456f, "123.456"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        export_py_float(b, sizeof b, cases[i].v);
+        py_float_repr(b, sizeof b, cases[i].v);
         assert_string_equal(b, cases[i].s);
     }
 }

@@ -1024,16 +1024,6 @@ int ckpt_fingerprint_model(const char *path, uint64_t *fp, qerr *e) {
     return rc;
 }
 
-static uint64_t vsize(gguf_vtype t) {
-    switch (t) {
-    case GGUF_VTYPE_UINT8: case GGUF_VTYPE_INT8: case GGUF_VTYPE_BOOL: return 1;
-    case GGUF_VTYPE_UINT16: case GGUF_VTYPE_INT16: return 2;
-    case GGUF_VTYPE_UINT32: case GGUF_VTYPE_INT32: case GGUF_VTYPE_FLOAT32: return 4;
-    case GGUF_VTYPE_UINT64: case GGUF_VTYPE_INT64: case GGUF_VTYPE_FLOAT64: return 8;
-    default: return 0;
-    }
-}
-
 uint64_t ckpt_fingerprint_tokenizer(const gguf_file *f) {
     xxh64_state st;
     xxh64_init(&st, 0);
@@ -1065,9 +1055,10 @@ uint64_t ckpt_fingerprint_tokenizer(const gguf_file *f) {
                         xxh64_update(&st, &l, sizeof l);
                         xxh64_update(&st, s, len);
                     }
-            } else if (vsize(et)) {
+            } else if (gguf_vtype_size(et)) {
                 const void *data;
-                if (gguf_get_arr_data(f, key, &data, NULL) == 0) xxh64_update(&st, data, (size_t)(cnt * vsize(et)));
+                if (gguf_get_arr_data(f, key, &data, NULL) == 0)
+                    xxh64_update(&st, data, (size_t)(cnt * gguf_vtype_size(et)));
             }
         } else if (type == GGUF_VTYPE_FLOAT32 || type == GGUF_VTYPE_FLOAT64) {
             float v = 0;

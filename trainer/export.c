@@ -21,6 +21,7 @@
 
 #include "core/bf16.h"
 #include "core/file.h"
+#include "core/pyrepr.h"
 #include "core/strbuf.h"
 #include "data/chat.h"
 #include "data/tokenizer_json.h"
@@ -34,62 +35,6 @@ void export_permute_rows_to_gguf(const float *src, float *dst, int n_head, int h
             for (int j = 0; j < 2; j++)
                 memcpy(dst + ((size_t)h * head_dim + 2 * i + j) * cols,
                        src + ((size_t)h * head_dim + (size_t)j * half + i) * cols, (size_t)cols * sizeof(float));
-}
-
-void export_py_float(char *buf, size_t n, float v) {
-    if (isnan(v)) {
-        snprintf(buf, n, "NaN");
-        return;
-    }
-    if (isinf(v)) {
-        snprintf(buf, n, v > 0 ? "Infinity" : "-Infinity");
-        return;
-    }
-    if (v == 0.0f) {
-        snprintf(buf, n, signbit(v) ? "-0.0" : "0.0");
-        return;
-    }
-    char tmp[64];
-    for (int p = 0; p < 17; p++) {
-        snprintf(tmp, sizeof tmp, "%.*e", p, (double)v);
-        if ((float)strtod(tmp, NULL) == v) break;
-    }
-    /* tmp = [-]d[.ddd]e±X */
-    char digits[40];
-    int nd = 0, neg = tmp[0] == '-';
-    const char *q = tmp + neg;
-    for (; *q && *q != 'e'; q++)
-        if (*q != '.') digits[nd++] = *q;
-    int x = atoi(q + 1);
-    while (nd > 1 && digits[nd - 1] == '0') nd--;
-    digits[nd] = 0;
-    char out[96];
-    int k = 0;
-    if (neg) out[k++] = '-';
-    if (x >= -4 && x < 16) {
-        if (x >= 0) {
-            for (int i = 0; i <= x; i++) out[k++] = i < nd ? digits[i] : '0';
-            out[k++] = '.';
-            if (nd > x + 1)
-                for (int i = x + 1; i < nd; i++) out[k++] = digits[i];
-            else
-                out[k++] = '0';
-        } else {
-            out[k++] = '0';
-            out[k++] = '.';
-            for (int i = 0; i < -x - 1; i++) out[k++] = '0';
-            for (int i = 0; i < nd; i++) out[k++] = digits[i];
-        }
-        out[k] = 0;
-    } else {
-        out[k++] = digits[0];
-        if (nd > 1) {
-            out[k++] = '.';
-            for (int i = 1; i < nd; i++) out[k++] = digits[i];
-        }
-        snprintf(out + k, sizeof out - (size_t)k, "e%c%02d", x < 0 ? '-' : '+', x < 0 ? -x : x);
-    }
-    snprintf(buf, n, "%s", out);
 }
 
 /* ------------------------------------------------------------------ GGUF LoRA */
@@ -187,7 +132,7 @@ static int copy_file(const char *src, const char *dst, qerr *e) {
 
 static void add_raw_float(cJSON *o, const char *key, float v) {
     char b[64];
-    export_py_float(b, sizeof b, v);
+    py_float_repr(b, sizeof b, v);
     cJSON_AddRawToObject(o, key, b);
 }
 
