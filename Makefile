@@ -14,7 +14,11 @@ endif
 HDF5_CFLAGS := $(shell pkg-config --cflags hdf5 2>/dev/null || echo -I/usr/include/hdf5/serial)
 HDF5_LIBS   := $(shell pkg-config --libs hdf5 2>/dev/null || echo -L/usr/lib/x86_64-linux-gnu/hdf5/serial -lhdf5)
 CFLAGS  += $(HDF5_CFLAGS)
-LDLIBS  += -ldnnl -lyaml -lcjson -lpcre2-8 -lxxhash -lpng $(HDF5_LIBS) -lz -lm -fopenmp
+# cairo (the loss-curve plot, trainer/plot.c): its headers sit in a subdirectory too.
+CAIRO_CFLAGS := $(shell pkg-config --cflags cairo 2>/dev/null || echo -I/usr/include/cairo)
+CAIRO_LIBS   := $(shell pkg-config --libs cairo 2>/dev/null || echo -lcairo)
+CFLAGS  += $(CAIRO_CFLAGS)
+LDLIBS  += -ldnnl -lyaml -lcjson -lpcre2-8 -lxxhash $(CAIRO_LIBS) $(HDF5_LIBS) -lz -lm -fopenmp
 
 MODULES := core quant format data autograd optim model trainer
 LIB_SRC := $(filter-out trainer/main.c trainer/%_main.c,$(foreach m,$(MODULES),$(wildcard $(m)/*.c)))

@@ -948,8 +948,7 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
     {
         char mpath[4096];
         snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", c->output_dir);
-        snprintf(path, sizeof path, "%s/loss_curve.png", c->output_dir);
-        if (plot_metrics_png(mpath, path, e)) goto done;
+        if (plot_run_loss_curves(mpath, c->output_dir, e)) goto done;
     }
     res->wall_seconds = clock_now_sec() - t_start;
     res->peak_rss_mib = proc_peak_rss_mib();
