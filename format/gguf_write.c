@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "core/file.h"
+#include "core/strbuf.h"
 #include "format/gguf.h"
 #include "quant/ggml_quants.h"
 
@@ -31,8 +32,7 @@ typedef struct gw_tensor {
 } gw_tensor;
 
 struct gguf_writer {
-    uint8_t *kv;      /* serialized KVs */
-    size_t kv_n, kv_cap;
+    strbuf kv;        /* serialized KVs */
     uint64_t n_kv;
     char **keys;
     size_t keys_cap;
@@ -49,7 +49,7 @@ int gguf_writer_init(gguf_writer **out, qerr *e) {
 
 void gguf_writer_free(gguf_writer *w) {
     if (!w) return;
-    free(w->kv);
+    free(w->kv.p);
     for (uint64_t i = 0; i < w->n_kv; i++) free(w->keys[i]);
     free(w->keys);
     for (uint64_t i = 0; i < w->n_t; i++) free(w->t[i].name);
@@ -69,19 +69,8 @@ static void gw_fail(gguf_writer *w, const char *fmt, ...) {
 
 static void gw_put(gguf_writer *w, const void *p, size_t n) {
     if (w->failed) return;
-    if (w->kv_n + n > w->kv_cap) {
-        size_t cap = w->kv_cap ? w->kv_cap : 4096;
-        while (cap < w->kv_n + n) cap *= 2;
-        uint8_t *nb = realloc(w->kv, cap);
-        if (!nb) {
-            gw_fail(w, "out of memory building GGUF metadata");
-            return;
-        }
-        w->kv = nb;
-        w->kv_cap = cap;
-    }
-    memcpy(w->kv + w->kv_n, p, n);
-    w->kv_n += n;
+    strbuf_put(&w->kv, p, n);
+    if (w->kv.oom) gw_fail(w, "out of memory building GGUF metadata");
 }
 
 static void gw_u32(gguf_writer *w, uint32_t v) { gw_put(w, &v, 4); }
@@ -237,7 +226,7 @@ int gguf_writer_write_fd(gguf_writer *w, int fd, const char *what, qerr *e) {
     gw_u32(&hw, 3);
     gw_u64(&hw, w->n_t);
     gw_u64(&hw, w->n_kv);
-    gw_put(&hw, w->kv, w->kv_n);
+    gw_put(&hw, w->kv.p, w->kv.n);
     uint64_t off = 0;
     for (uint64_t i = 0; i < w->n_t; i++) {
         gw_tensor *t = &w->t[i];
@@ -250,14 +239,14 @@ int gguf_writer_write_fd(gguf_writer *w, int fd, const char *what, qerr *e) {
         off = pad_to(off + t->nbytes);
     }
     static const uint8_t zeros[GGUFW_ALIGN];
-    size_t hpad = (size_t)(pad_to(hw.kv_n) - hw.kv_n);
+    size_t hpad = (size_t)(pad_to(hw.kv.n) - hw.kv.n);
     gw_put(&hw, zeros, hpad);
     if (hw.failed) {
-        free(hw.kv);
+        free(hw.kv.p);
         return qerr_set(e, "%s: %s", what, hw.err.msg);
     }
-    int bad = file_write_fd_all(fd, hw.kv, hw.kv_n);
-    free(hw.kv);
+    int bad = file_write_fd_all(fd, hw.kv.p, hw.kv.n);
+    free(hw.kv.p);
     for (uint64_t i = 0; i < w->n_t && !bad; i++) {
         const gw_tensor *t = &w->t[i];
         bad = file_write_fd_all(fd, t->data, (size_t)t->nbytes);
