@@ -14,22 +14,32 @@
 char *file_read_all(const char *path, size_t *len, qerr *e) {
     FILE *f = fopen(path, "rb");
     if (!f) {
-        qerr_set(e, "%s: cannot open", path);
+        qerr_set(e, "%s: cannot open: %s", path, strerror(errno));
         return NULL;
     }
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = n >= 0 ? malloc((size_t)n + 1) : NULL;
-    if (!b || fread(b, 1, (size_t)n, f) != (size_t)n) {
+    /* read to end of file (a pipe or /proc file has no size up front); the
+     * size, when there is one, only sets the first allocation */
+    struct stat st;
+    size_t cap = fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0 ? (size_t)st.st_size + 1 : 65536;
+    size_t n = 0;
+    char *b = malloc(cap);
+    while (b) {
+        n += fread(b + n, 1, cap - n - 1, f);
+        if (n < cap - 1) break;
+        char *nb = realloc(b, cap * 2);
+        if (!nb) free(b);
+        b = nb;
+        cap *= 2;
+    }
+    int bad = !b || ferror(f);
+    fclose(f);
+    if (bad) {
         free(b);
-        fclose(f);
         qerr_set(e, "%s: cannot read", path);
         return NULL;
     }
-    fclose(f);
     b[n] = 0;
-    if (len) *len = (size_t)n;
+    if (len) *len = n;
     return b;
 }
 

@@ -14,11 +14,12 @@
 struct cJSON;
 
 /* file_read_all: the bytes of `path` in one malloc'd buffer (the caller frees
- * it) with a NUL after the last byte, so text can be used as a C string.
+ * it) with a NUL after the last byte, so text can be used as a C string. It
+ * reads to end of file, so pipes and /proc files work too.
  * len: NULL, or receives the number of bytes read (without the NUL).
- * Errors (returns NULL; e may be NULL): "<path>: cannot open" when fopen
- * fails; "<path>: cannot read" when the size cannot be taken, memory runs
- * out or fewer bytes arrive than the file held. */
+ * Errors (returns NULL; e may be NULL): "<path>: cannot open: <strerror>"
+ * when fopen fails; "<path>: cannot read" when reading fails or memory runs
+ * out. */
 char *file_read_all(const char *path, size_t *len, qerr *e);
 
 /* file_read_json_object: `path` parsed by cJSON; the top level must be a JSON

@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/file.h"
 #include "core/strbuf.h"
 
 #define DS_IM_START "<|im_start|>"
@@ -260,39 +261,6 @@ static int ds_render_chat(const cJSON *obj, const char *field, const char *defau
 
 /* ------------------------------------------------------------------------ */
 
-static char *ds_read_all(const char *path, size_t *len, qerr *e) {
-    FILE *fp = fopen(path, "rb");
-    if (!fp) {
-        qerr_set(e, "%s: cannot open: %s", path, strerror(errno));
-        return NULL;
-    }
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap);
-    for (;;) {
-        if (!buf) {
-            fclose(fp);
-            qerr_set(e, "%s: out of memory reading the file", path);
-            return NULL;
-        }
-        n += fread(buf + n, 1, cap - n - 1, fp);
-        if (n < cap - 1) break;
-        cap *= 2;
-        char *nb = realloc(buf, cap);
-        if (!nb) free(buf);
-        buf = nb;
-    }
-    int err = ferror(fp);
-    fclose(fp);
-    if (err) {
-        free(buf);
-        qerr_set(e, "%s: read error", path);
-        return NULL;
-    }
-    buf[n] = 0;
-    *len = n;
-    return buf;
-}
-
 static int ds_is_blank(const char *s, size_t n) {
     for (size_t i = 0; i < n; i++)
         if (s[i] != ' ' && s[i] != '\t' && s[i] != '\r' && s[i] != '\n' && s[i] != '\f' && s[i] != '\v') return 0;
@@ -339,7 +307,7 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
     }
 
     size_t len = 0;
-    char *buf = ds_read_all(path, &len, e);
+    char *buf = file_read_all(path, &len, e);
     if (!buf) {
         free(default_system);
         return -1;
