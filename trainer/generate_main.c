@@ -12,7 +12,6 @@
  * or after --max-new-tokens.
  * Exit status: 0 success, 1 failure, 2 bad usage.
  */
-#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -332,8 +331,8 @@ int main(int argc, char **argv) {
             p = *end == ',' ? end + 1 : end;
         }
     } else {
-        if (prompt_file && !(text = file_read_all(prompt_file, NULL, NULL))) {
-            qerr_set(&e, "--prompt-file %s: %s", prompt_file, strerror(errno));
+        if (prompt_file && !(text = file_read_all(prompt_file, NULL, &e))) {
+            qerr_prefix(&e, "--prompt-file");
             goto fail;
         }
         const char *user = prompt ? prompt : text;
