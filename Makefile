@@ -14,7 +14,11 @@ endif
 HDF5_CFLAGS := $(shell pkg-config --cflags hdf5 2>/dev/null || echo -I/usr/include/hdf5/serial)
 HDF5_LIBS   := $(shell pkg-config --libs hdf5 2>/dev/null || echo -L/usr/lib/x86_64-linux-gnu/hdf5/serial -lhdf5)
 CFLAGS  += $(HDF5_CFLAGS)
-LDLIBS  += -ldnnl -lyaml -lcjson -lpcre2-8 -lpng $(HDF5_LIBS) -lz -lm -fopenmp
+# cairo (the loss-curve plot, trainer/plot.c): its headers sit in a subdirectory too.
+CAIRO_CFLAGS := $(shell pkg-config --cflags cairo 2>/dev/null || echo -I/usr/include/cairo)
+CAIRO_LIBS   := $(shell pkg-config --libs cairo 2>/dev/null || echo -lcairo)
+CFLAGS  += $(CAIRO_CFLAGS)
+LDLIBS  += -ldnnl -lyaml -lcjson -lpcre2-8 -lxxhash $(CAIRO_LIBS) $(HDF5_LIBS) -lz -lm -fopenmp
 
 MODULES := core quant format data autograd optim model trainer
 LIB_SRC := $(filter-out trainer/main.c trainer/%_main.c,$(foreach m,$(MODULES),$(wildcard $(m)/*.c)))
@@ -129,8 +133,8 @@ test-asan: $(ASAN_TEST_BIN) build-asan/bin/qlora-train $(DEFAULT_MODEL) $(DEFAUL
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := gguf safetensors config jsonl
-FUZZ_LIB_SRC := core/status.c core/hash.c core/strbuf.c quant/ggml_quants.c format/gguf.c format/safetensors.c \
-                trainer/config.c data/tokenizer.c data/jsonl.c data/dataset.c data/pack.c
+FUZZ_LIB_SRC := core/status.c core/file.c core/hash.c core/strbuf.c quant/ggml_quants.c format/gguf.c format/safetensors.c \
+                model/llama_linear.c trainer/config.c data/tokenizer.c data/jsonl.c data/dataset.c data/pack.c
 FUZZ_FLAGS   := -std=c11 -D_GNU_SOURCE -g -O1 -I. -fno-omit-frame-pointer -fsanitize=address,undefined \
                 -fno-sanitize-recover=undefined -Wall -Wno-unknown-pragmas -Wno-unused-parameter
 FUZZ_LIB_OBJ := $(FUZZ_LIB_SRC:%.c=build-fuzz/%.o)
@@ -141,7 +145,7 @@ build-fuzz/%.o: %.c
 	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link -MMD -MP -c $< -o $@
 
 build-fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz_common.h $(FUZZ_LIB_OBJ)
-	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer $< $(FUZZ_LIB_OBJ) -o $@ -lyaml -lcjson -lpcre2-8 -lm
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer $< $(FUZZ_LIB_OBJ) -o $@ -lyaml -lcjson -lpcre2-8 -lxxhash -lm
 
 .PHONY: fuzz fuzz-build
 fuzz-build: $(FUZZ_BIN)

@@ -1,8 +1,10 @@
-/* core/file.c — whole-file reads, atomic writes, mkdir -p (see file.h). */
+/* core/file.c — whole-file reads, atomic writes (whole or streamed), mkdir -p (see file.h). */
 #include "core/file.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,22 +14,32 @@
 char *file_read_all(const char *path, size_t *len, qerr *e) {
     FILE *f = fopen(path, "rb");
     if (!f) {
-        qerr_set(e, "%s: cannot open", path);
+        qerr_set(e, "%s: cannot open: %s", path, strerror(errno));
         return NULL;
     }
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = n >= 0 ? malloc((size_t)n + 1) : NULL;
-    if (!b || fread(b, 1, (size_t)n, f) != (size_t)n) {
+    /* read to end of file (a pipe or /proc file has no size up front); the
+     * size, when there is one, only sets the first allocation */
+    struct stat st;
+    size_t cap = fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0 ? (size_t)st.st_size + 1 : 65536;
+    size_t n = 0;
+    char *b = malloc(cap);
+    while (b) {
+        n += fread(b + n, 1, cap - n - 1, f);
+        if (n < cap - 1) break;
+        char *nb = realloc(b, cap * 2);
+        if (!nb) free(b);
+        b = nb;
+        cap *= 2;
+    }
+    int bad = !b || ferror(f);
+    fclose(f);
+    if (bad) {
         free(b);
-        fclose(f);
         qerr_set(e, "%s: cannot read", path);
         return NULL;
     }
-    fclose(f);
     b[n] = 0;
-    if (len) *len = (size_t)n;
+    if (len) *len = n;
     return b;
 }
 
@@ -44,20 +56,103 @@ cJSON *file_read_json_object(const char *path, qerr *e) {
     return j;
 }
 
-int file_write_atomic(const char *path, const void *data, size_t len, qerr *e) {
-    char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
-    if (!f) return qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
-    int bad = (len && fwrite(data, 1, len, f) != len) || fflush(f) || fsync(fileno(f));
-    int err = errno;
-    if (fclose(f)) bad = 1, err = errno;
-    if (!bad && rename(tmp, path)) bad = 1, err = errno;
-    if (bad) {
-        unlink(tmp);
-        return qerr_set(e, "cannot write %s: %s", path, strerror(err));
+int file_atomic_begin(file_atomic *w, const char *path, qerr *e) {
+    size_t n = strlen(path);
+    w->fd = -1;
+    w->path = strdup(path);
+    w->tmp = malloc(n + 5);
+    if (!w->path || !w->tmp) {
+        free(w->path);
+        free(w->tmp);
+        return qerr_set(e, "out of memory");
+    }
+    memcpy(w->tmp, path, n);
+    memcpy(w->tmp + n, ".tmp", 5);
+    w->fd = open(w->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (w->fd < 0) {
+        qerr_set(e, "cannot create %s: %s", w->tmp, strerror(errno));
+        free(w->path);
+        free(w->tmp);
+        return -1;
     }
     return 0;
+}
+
+int file_write_fd_all(int fd, const void *data, size_t len) {
+    const char *p = data;
+    while (len) {
+        size_t chunk = len > (1u << 30) ? (1u << 30) : len; /* write() moves at most ~2 GiB per call */
+        ssize_t k = write(fd, p, chunk);
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) {
+            if (k == 0) errno = EIO;
+            return -1;
+        }
+        p += k;
+        len -= (size_t)k;
+    }
+    return 0;
+}
+
+int file_atomic_write(file_atomic *w, const void *data, size_t len, qerr *e) {
+    if (file_write_fd_all(w->fd, data, len)) return qerr_set(e, "cannot write %s: %s", w->tmp, strerror(errno));
+    return 0;
+}
+
+static void release(file_atomic *w) {
+    free(w->path);
+    free(w->tmp);
+    w->path = w->tmp = NULL;
+    w->fd = -1;
+}
+
+void file_atomic_abort(file_atomic *w) {
+    if (w->fd >= 0) close(w->fd);
+    if (w->tmp) unlink(w->tmp);
+    release(w);
+}
+
+/* fsync the directory holding `path`, so that a rename into it is durable.
+ * Best effort: some filesystems cannot sync a directory. */
+static void fsync_parent(const char *path) {
+    char *dup = strdup(path);
+    if (!dup) return;
+    int dfd = open(dirname(dup), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd >= 0) {
+        (void)fsync(dfd);
+        close(dfd);
+    }
+    free(dup);
+}
+
+int file_atomic_commit(file_atomic *w, qerr *e) {
+    int bad = fsync(w->fd) != 0;
+    int err = errno;
+    if (close(w->fd) && !bad) bad = 1, err = errno;
+    w->fd = -1;
+    if (bad) {
+        qerr_set(e, "cannot write %s: %s", w->path, strerror(err));
+        file_atomic_abort(w);
+        return -1;
+    }
+    if (rename(w->tmp, w->path)) {
+        qerr_set(e, "cannot rename %s to %s: %s", w->tmp, w->path, strerror(errno));
+        file_atomic_abort(w);
+        return -1;
+    }
+    fsync_parent(w->path);
+    release(w);
+    return 0;
+}
+
+int file_write_atomic(const char *path, const void *data, size_t len, qerr *e) {
+    file_atomic w;
+    if (file_atomic_begin(&w, path, e)) return -1;
+    if (file_atomic_write(&w, data, len, e)) {
+        file_atomic_abort(&w);
+        return -1;
+    }
+    return file_atomic_commit(&w, e);
 }
 
 int file_mkdir_p(const char *path, qerr *e) {

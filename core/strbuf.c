@@ -24,12 +24,17 @@ static int strbuf_reserve(strbuf *b, size_t more) {
 
 void strbuf_put(strbuf *b, const char *s, size_t n) {
     if (strbuf_reserve(b, n)) return;
-    memcpy(b->p + b->n, s, n);
+    if (n) memcpy(b->p + b->n, s, n);
     b->n += n;
     b->p[b->n] = 0;
 }
 
 void strbuf_puts(strbuf *b, const char *s) { strbuf_put(b, s, strlen(s)); }
+
+void strbuf_clear(strbuf *b) {
+    b->n = 0;
+    if (b->p) b->p[0] = 0;
+}
 
 void strbuf_printf(strbuf *b, const char *fmt, ...) {
     va_list ap;

@@ -1,6 +1,7 @@
 /* core/strbuf.h — a growable, always NUL-terminated byte buffer for text that
  * is built piece by piece (JSON headers and configs written by hand so that
- * their bytes are fully determined).
+ * their bytes are fully determined, rendered examples and prompts, serialized
+ * GGUF metadata): the project's one growable byte buffer.
  *
  * Out of memory is sticky: the first failed growth sets `oom`, later appends
  * do nothing, and the caller checks `oom` once at the end.
@@ -22,6 +23,9 @@ void strbuf_put(strbuf *b, const char *s, size_t n);
 
 /* Append the C string s. */
 void strbuf_puts(strbuf *b, const char *s);
+
+/* Empty the buffer, keeping its allocation (and a sticky oom). */
+void strbuf_clear(strbuf *b);
 
 /* Append printf-style formatted text (any length). */
 void strbuf_printf(strbuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

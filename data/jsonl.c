@@ -15,11 +15,13 @@
 #include "data/dataset.h"
 
 #include <cjson/cJSON.h>
-#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "core/file.h"
+#include "core/strbuf.h"
 
 #define DS_IM_START "<|im_start|>"
 #define DS_IM_END "<|im_end|>"
@@ -53,28 +55,15 @@ static int ds_bad(qerr *e, const char *fmt, ...) {
 
 /* Growable rendered text plus the byte spans that are trained on. */
 typedef struct ds_render {
-    char *s;
-    size_t n, cap;
+    strbuf text;   /* the rendered example */
     int64_t *span; /* (n_span, 2) [start, end) */
     size_t n_span, span_cap;
 } ds_render;
 
-static int ds_put(ds_render *r, const char *s, size_t n, qerr *e) {
-    if (r->n + n + 1 > r->cap) {
-        size_t cap = r->cap ? r->cap : 256;
-        while (cap < r->n + n + 1) cap *= 2;
-        char *ns = realloc(r->s, cap);
-        if (!ns) return qerr_set(e, "out of memory rendering an example (%zu bytes)", cap);
-        r->s = ns;
-        r->cap = cap;
-    }
-    memcpy(r->s + r->n, s, n);
-    r->n += n;
-    r->s[r->n] = 0;
-    return 0;
+static int ds_puts(ds_render *r, const char *s, qerr *e) {
+    strbuf_puts(&r->text, s);
+    return r->text.oom ? qerr_set(e, "out of memory rendering an example (%zu bytes)", r->text.n + strlen(s)) : 0;
 }
-
-static int ds_puts(ds_render *r, const char *s, qerr *e) { return ds_put(r, s, strlen(s), e); }
 
 static int ds_add_span(ds_render *r, size_t start, size_t end, qerr *e) {
     if (r->n_span == r->span_cap) {
@@ -95,7 +84,7 @@ static int ds_add_span(ds_render *r, size_t start, size_t end, qerr *e) {
 static int ds_render_to_example(const tokenizer *tok, const ds_render *r, int train_all, int add_bos, int add_eos,
                                 int chunkable, dataset_example *ex, qerr *e) {
     tokenizer_ids v = {0};
-    if (tokenizer_encode_offsets(tok, r->s ? r->s : "", r->n, 1, 0, &v, e)) {
+    if (tokenizer_encode_offsets(tok, r->text.p ? r->text.p : "", r->text.n, 1, 0, &v, e)) {
         tokenizer_ids_free(&v);
         return -1;
     }
@@ -119,7 +108,7 @@ static int ds_render_to_example(const tokenizer *tok, const ds_render *r, int tr
         ex->mask[k++] = 0;
     }
     for (size_t i = 0; i < v.n; i++) {
-        int64_t s = v.offsets[i], end = i + 1 < v.n ? v.offsets[i + 1] : (int64_t)r->n;
+        int64_t s = v.offsets[i], end = i + 1 < v.n ? v.offsets[i + 1] : (int64_t)r->text.n;
         while (sp < r->n_span && r->span[2 * sp + 1] <= s) sp++;
         int trained = train_all || (sp < r->n_span && r->span[2 * sp] < end);
         ex->ids[k] = v.ids[i];
@@ -217,7 +206,7 @@ static int ds_render_completion(const cJSON *obj, const char *field, const char 
     const char *text = ds_get_str(obj, field);
     if (!text) return ds_bad(e, "%s:%ld: field \"%s\" missing or not a string", path, line, field);
     if (ds_puts(r, text, e)) return -1;
-    return ds_add_span(r, 0, r->n, e);
+    return ds_add_span(r, 0, r->text.n, e);
 }
 
 static int ds_render_alpaca(const cJSON *obj, const char *path, long line, ds_render *r, qerr *e) {
@@ -239,9 +228,9 @@ static int ds_render_alpaca(const cJSON *obj, const char *path, long line, ds_re
     int rc = ds_puts(r, prompt, e);
     free(prompt);
     if (rc) return -1;
-    size_t start = r->n;
+    size_t start = r->text.n;
     if (ds_puts(r, out, e)) return -1;
-    return ds_add_span(r, start, r->n, e);
+    return ds_add_span(r, start, r->text.n, e);
 }
 
 static int ds_render_chat(const cJSON *obj, const char *field, const char *default_system, const char *path,
@@ -260,9 +249,9 @@ static int ds_render_chat(const cJSON *obj, const char *field, const char *defau
             return ds_bad(e, "%s:%ld: %s[%d]: field \"content\" missing or not a string", path, line, field, i);
         if (i == 0 && strcmp(role, "system") != 0 && default_system && ds_puts(r, default_system, e)) return -1;
         if (ds_puts(r, DS_IM_START, e) || ds_puts(r, role, e) || ds_puts(r, "\n", e)) return -1;
-        size_t start = r->n;
+        size_t start = r->text.n;
         if (ds_puts(r, content, e) || ds_puts(r, DS_IM_END, e)) return -1;
-        if (!strcmp(role, "assistant") && ds_add_span(r, start, r->n, e)) return -1;
+        if (!strcmp(role, "assistant") && ds_add_span(r, start, r->text.n, e)) return -1;
         if (ds_puts(r, "\n", e)) return -1;
         i++;
     }
@@ -270,39 +259,6 @@ static int ds_render_chat(const cJSON *obj, const char *field, const char *defau
 }
 
 /* ------------------------------------------------------------------------ */
-
-static char *ds_read_all(const char *path, size_t *len, qerr *e) {
-    FILE *fp = fopen(path, "rb");
-    if (!fp) {
-        qerr_set(e, "%s: cannot open: %s", path, strerror(errno));
-        return NULL;
-    }
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap);
-    for (;;) {
-        if (!buf) {
-            fclose(fp);
-            qerr_set(e, "%s: out of memory reading the file", path);
-            return NULL;
-        }
-        n += fread(buf + n, 1, cap - n - 1, fp);
-        if (n < cap - 1) break;
-        cap *= 2;
-        char *nb = realloc(buf, cap);
-        if (!nb) free(buf);
-        buf = nb;
-    }
-    int err = ferror(fp);
-    fclose(fp);
-    if (err) {
-        free(buf);
-        qerr_set(e, "%s: read error", path);
-        return NULL;
-    }
-    buf[n] = 0;
-    *len = n;
-    return buf;
-}
 
 static int ds_is_blank(const char *s, size_t n) {
     for (size_t i = 0; i < n; i++)
@@ -350,7 +306,7 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
     }
 
     size_t len = 0;
-    char *buf = ds_read_all(path, &len, e);
+    char *buf = file_read_all(path, &len, e);
     if (!buf) {
         free(default_system);
         return -1;
@@ -379,7 +335,7 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
         } else if (!cJSON_IsObject(obj)) {
             rc = ds_bad(e, "%s:%ld: expected a JSON object, got %s", path, line, ds_json_kind(obj));
         } else {
-            r.n = 0;
+            strbuf_clear(&r.text);
             r.n_span = 0;
             if (type == DS_COMPLETION)
                 rc = ds_render_completion(obj, field, path, line, &r, e);
@@ -432,7 +388,7 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
         }
         docs->n = n0;
     }
-    free(r.s);
+    free(r.text.p);
     free(r.span);
     free(buf);
     free(default_system);

@@ -11,12 +11,12 @@
  */
 #include "data/dataset.h"
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/rng.h"
+#include "core/strbuf.h"
 
 #define PACK_STREAM_SHUFFLE 0x5348554646ull /* "SHUFF" */
 #define PACK_STREAM_EPOCH 0x45504f4348000000ull /* "EPOCH" + epoch */
@@ -248,45 +248,15 @@ done:
 /* ------------------------------------------------------------------------ */
 /* label-mask view                                                           */
 
-typedef struct pack_str {
-    char *s;
-    size_t n, cap;
-} pack_str;
-
-static int pack_str_put(pack_str *b, const char *s, size_t n, qerr *e) {
-    if (b->n + n + 1 > b->cap) {
-        size_t cap = b->cap ? b->cap : 1024;
-        while (cap < b->n + n + 1) cap *= 2;
-        char *ns = realloc(b->s, cap);
-        if (!ns) return qerr_set(e, "out of memory");
-        b->s = ns;
-        b->cap = cap;
-    }
-    memcpy(b->s + b->n, s, n);
-    b->n += n;
-    b->s[b->n] = 0;
-    return 0;
-}
-
-static int pack_str_printf(pack_str *b, qerr *e, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-static int pack_str_printf(pack_str *b, qerr *e, const char *fmt, ...) {
-    char tmp[256];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof tmp, fmt, ap);
-    va_end(ap);
-    if (n < 0) return qerr_set(e, "format error");
-    return pack_str_put(b, tmp, (size_t)n < sizeof tmp ? (size_t)n : sizeof tmp - 1, e);
-}
-
-static int pack_decode_run(const tokenizer *tok, const int32_t *ids, int32_t n, int masked, pack_str *b, qerr *e) {
+static int pack_decode_run(const tokenizer *tok, const int32_t *ids, int32_t n, int masked, strbuf *b, qerr *e) {
     char *txt;
     size_t len;
     if (tokenizer_decode(tok, ids, (size_t)n, &txt, &len, e)) return -1;
-    int rc = (masked && pack_str_put(b, "[[", 2, e)) || pack_str_put(b, txt, len, e) ||
-             (masked && pack_str_put(b, "]]", 2, e));
+    if (masked) strbuf_puts(b, "[[");
+    strbuf_put(b, txt, len);
+    if (masked) strbuf_puts(b, "]]");
     free(txt);
-    return rc ? -1 : 0;
+    return 0;
 }
 
 /* Token t of the example starting at a is masked unless position t-1 predicts it. */
@@ -299,7 +269,7 @@ int dataset_row_describe(const tokenizer *tok, const packed_set *set, int64_t ro
     int L = set->seq_len;
     const int32_t *ids = set->input_ids + (size_t)row * L, *tg = set->targets + (size_t)row * L;
     const int32_t *sq = set->seq_ids + (size_t)row * L;
-    pack_str b = {0};
+    strbuf b = {0};
     int n_pad = 0;
     for (int a = 0; a < L;) {
         if (sq[a] < 0) {
@@ -311,7 +281,7 @@ int dataset_row_describe(const tokenizer *tok, const packed_set *set, int64_t ro
         while (z < L && sq[z] == sq[a]) z++;
         int trained = 0;
         for (int t = a; t < z; t++) trained += tg[t] != -100;
-        if (pack_str_printf(&b, e, "--- example %d: %d tokens, %d trained ---\n", sq[a], z - a, trained)) goto fail;
+        strbuf_printf(&b, "--- example %d: %d tokens, %d trained ---\n", sq[a], z - a, trained);
         /* token t is trained on iff the position before it predicts it */
         for (int t = a; t < z;) {
             int m = pack_is_masked(tg, a, t);
@@ -320,13 +290,17 @@ int dataset_row_describe(const tokenizer *tok, const packed_set *set, int64_t ro
             if (pack_decode_run(tok, ids + t, u - t, m, &b, e)) goto fail;
             t = u;
         }
-        if (pack_str_put(&b, "\n", 1, e)) goto fail;
+        strbuf_puts(&b, "\n");
         a = z;
     }
-    if (pack_str_printf(&b, e, "--- padding: %d positions ---\n", n_pad)) goto fail;
-    *out = b.s;
+    strbuf_printf(&b, "--- padding: %d positions ---\n", n_pad);
+    if (b.oom) {
+        qerr_set(e, "out of memory");
+        goto fail;
+    }
+    *out = b.p;
     return 0;
 fail:
-    free(b.s);
+    free(b.p);
     return -1;
 }

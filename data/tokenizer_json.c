@@ -142,31 +142,6 @@ static char *dupn(const char *s, size_t n) {
     return d;
 }
 
-static int write_text_file(const char *path, const char *text, qerr *e) {
-    size_t n = strlen(path);
-    char *tmp = qmalloc(n + 5, e);
-    if (!tmp) return -1;
-    memcpy(tmp, path, n);
-    memcpy(tmp + n, ".tmp", 5);
-    FILE *f = fopen(tmp, "wb");
-    if (!f) {
-        qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
-        free(tmp);
-        return -1;
-    }
-    size_t len = strlen(text);
-    int bad = fwrite(text, 1, len, f) != len;
-    bad |= fclose(f) != 0;
-    if (bad || rename(tmp, path)) {
-        qerr_set(e, "cannot write %s: %s", path, strerror(errno));
-        unlink(tmp);
-        free(tmp);
-        return -1;
-    }
-    free(tmp);
-    return 0;
-}
-
 int tokenizer_json_write_from_gguf(const gguf_file *f, const char *path, qerr *e) {
     const char *s;
     size_t n;
@@ -275,7 +250,7 @@ int tokenizer_json_write_from_gguf(const gguf_file *f, const char *path, qerr *e
         qerr_set(e, "out of memory printing %s", path);
         goto done;
     }
-    rc = write_text_file(path, text, e);
+    rc = file_write_atomic(path, text, strlen(text), e);
     free(text);
 done:
     free(bos_text);

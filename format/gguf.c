@@ -110,8 +110,7 @@ static const char *vtype_name(uint32_t t) {
     return t < sizeof names / sizeof names[0] ? names[t] : "unknown";
 }
 
-/* Size of a fixed-size value type, 0 for string/array/unknown. */
-static uint64_t vtype_size(uint32_t t) {
+uint64_t gguf_vtype_size(uint32_t t) {
     switch (t) {
     case GGUF_VTYPE_UINT8: case GGUF_VTYPE_INT8: case GGUF_VTYPE_BOOL: return 1;
     case GGUF_VTYPE_UINT16: case GGUF_VTYPE_INT16: return 2;
@@ -125,7 +124,7 @@ static int parse_value(rd *r, uint32_t type, int depth);
 
 /* Array body after its element type and count have been read. */
 static int parse_array_body(rd *r, uint32_t elem, uint64_t count, int depth) {
-    uint64_t left = r->size - r->pos, esz = vtype_size(elem);
+    uint64_t left = r->size - r->pos, esz = gguf_vtype_size(elem);
     if (esz) {
         if (count > left / esz)
             return qerr_set(r->e, "%s: truncated or corrupt: %s: array of %llu %s needs %llu bytes each, only %llu left",
@@ -153,7 +152,7 @@ static int parse_array_body(rd *r, uint32_t elem, uint64_t count, int depth) {
 
 /* Validate and skip one value of `type`; depth counts enclosing arrays. */
 static int parse_value(rd *r, uint32_t type, int depth) {
-    uint64_t esz = vtype_size(type);
+    uint64_t esz = gguf_vtype_size(type);
     if (esz) {
         if (rd_need(r, esz, "value")) return -1;
         if (type == GGUF_VTYPE_BOOL && r->map[r->pos] > 1)
@@ -631,7 +630,7 @@ int gguf_get_arr_info(const gguf_file *f, const char *key, gguf_vtype *elem, uin
 int gguf_get_arr_data(const gguf_file *f, const char *key, const void **data, qerr *e) {
     const gguf_kv *kv = kv_get(f, key, e);
     if (!kv) return -1;
-    if (kv->type != GGUF_VTYPE_ARRAY || !vtype_size(kv->arr_type))
+    if (kv->type != GGUF_VTYPE_ARRAY || !gguf_vtype_size(kv->arr_type))
         return kv_wrong_type(f, kv, "an array of numbers or bools", e);
     *data = f->map + kv->off;
     return 0;

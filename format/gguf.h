@@ -23,6 +23,10 @@ typedef enum gguf_vtype {
     GGUF_VTYPE_FLOAT64 = 12,
 } gguf_vtype;
 
+/* Bytes of one value of a fixed-size type (1, 2, 4 or 8); 0 for string,
+ * array and unknown types. */
+uint64_t gguf_vtype_size(uint32_t t);
+
 /* ggml_type (tensor type numbers), ggml_type_name and the block dequantizers
  * live in quant/ggml_quants.h. */
 

@@ -8,13 +8,13 @@
 #include "format/gguf_write.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
+#include "core/file.h"
+#include "core/strbuf.h"
 #include "format/gguf.h"
 #include "quant/ggml_quants.h"
 
@@ -30,8 +30,7 @@ typedef struct gw_tensor {
 } gw_tensor;
 
 struct gguf_writer {
-    uint8_t *kv;      /* serialized KVs */
-    size_t kv_n, kv_cap;
+    strbuf kv;        /* serialized KVs */
     uint64_t n_kv;
     char **keys;
     size_t keys_cap;
@@ -48,7 +47,7 @@ int gguf_writer_init(gguf_writer **out, qerr *e) {
 
 void gguf_writer_free(gguf_writer *w) {
     if (!w) return;
-    free(w->kv);
+    free(w->kv.p);
     for (uint64_t i = 0; i < w->n_kv; i++) free(w->keys[i]);
     free(w->keys);
     for (uint64_t i = 0; i < w->n_t; i++) free(w->t[i].name);
@@ -68,19 +67,8 @@ static void gw_fail(gguf_writer *w, const char *fmt, ...) {
 
 static void gw_put(gguf_writer *w, const void *p, size_t n) {
     if (w->failed) return;
-    if (w->kv_n + n > w->kv_cap) {
-        size_t cap = w->kv_cap ? w->kv_cap : 4096;
-        while (cap < w->kv_n + n) cap *= 2;
-        uint8_t *nb = realloc(w->kv, cap);
-        if (!nb) {
-            gw_fail(w, "out of memory building GGUF metadata");
-            return;
-        }
-        w->kv = nb;
-        w->kv_cap = cap;
-    }
-    memcpy(w->kv + w->kv_n, p, n);
-    w->kv_n += n;
+    strbuf_put(&w->kv, p, n);
+    if (w->kv.oom) gw_fail(w, "out of memory building GGUF metadata");
 }
 
 static void gw_u32(gguf_writer *w, uint32_t v) { gw_put(w, &v, 4); }
@@ -222,20 +210,6 @@ void gguf_writer_add_tensor(gguf_writer *w, const char *name, uint32_t tensor_ty
     w->n_t++;
 }
 
-static int write_all(int fd, const void *p, size_t n) {
-    const uint8_t *b = p;
-    while (n) {
-        ssize_t k = write(fd, b, n);
-        if (k < 0) {
-            if (errno == EINTR) continue;
-            return -1;
-        }
-        b += k;
-        n -= (size_t)k;
-    }
-    return 0;
-}
-
 static uint64_t pad_to(uint64_t x) { return (x + GGUFW_ALIGN - 1) / GGUFW_ALIGN * GGUFW_ALIGN; }
 
 int gguf_writer_write_fd(gguf_writer *w, int fd, const char *what, qerr *e) {
@@ -250,7 +224,7 @@ int gguf_writer_write_fd(gguf_writer *w, int fd, const char *what, qerr *e) {
     gw_u32(&hw, 3);
     gw_u64(&hw, w->n_t);
     gw_u64(&hw, w->n_kv);
-    gw_put(&hw, w->kv, w->kv_n);
+    gw_put(&hw, w->kv.p, w->kv.n);
     uint64_t off = 0;
     for (uint64_t i = 0; i < w->n_t; i++) {
         gw_tensor *t = &w->t[i];
@@ -263,19 +237,19 @@ int gguf_writer_write_fd(gguf_writer *w, int fd, const char *what, qerr *e) {
         off = pad_to(off + t->nbytes);
     }
     static const uint8_t zeros[GGUFW_ALIGN];
-    size_t hpad = (size_t)(pad_to(hw.kv_n) - hw.kv_n);
+    size_t hpad = (size_t)(pad_to(hw.kv.n) - hw.kv.n);
     gw_put(&hw, zeros, hpad);
     if (hw.failed) {
-        free(hw.kv);
+        free(hw.kv.p);
         return qerr_set(e, "%s: %s", what, hw.err.msg);
     }
-    int bad = write_all(fd, hw.kv, hw.kv_n);
-    free(hw.kv);
+    int bad = file_write_fd_all(fd, hw.kv.p, hw.kv.n);
+    free(hw.kv.p);
     for (uint64_t i = 0; i < w->n_t && !bad; i++) {
         const gw_tensor *t = &w->t[i];
-        bad = write_all(fd, t->data, (size_t)t->nbytes);
+        bad = file_write_fd_all(fd, t->data, (size_t)t->nbytes);
         size_t tp = (size_t)(pad_to(t->nbytes) - t->nbytes);
-        if (!bad && tp) bad = write_all(fd, zeros, tp);
+        if (!bad && tp) bad = file_write_fd_all(fd, zeros, tp);
     }
     if (bad) return qerr_set(e, "cannot write %s: %s", what, strerror(errno));
     return 0;
@@ -286,22 +260,11 @@ int gguf_writer_write(gguf_writer *w, const char *path, qerr *e) {
         if (e) *e = w->err;
         return qerr_prefix(e, "%s", path);
     }
-    size_t n = strlen(path);
-    char *tmp = qmalloc(n + 5, e);
-    if (!tmp) return -1;
-    memcpy(tmp, path, n);
-    memcpy(tmp + n, ".tmp", 5);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
-        free(tmp);
+    file_atomic out;
+    if (file_atomic_begin(&out, path, e)) return -1;
+    if (gguf_writer_write_fd(w, out.fd, out.tmp, e)) {
+        file_atomic_abort(&out);
         return -1;
     }
-    int rc = gguf_writer_write_fd(w, fd, tmp, e);
-    if (!rc && fsync(fd)) rc = qerr_set(e, "cannot write %s: %s", tmp, strerror(errno));
-    if (close(fd) && !rc) rc = qerr_set(e, "cannot write %s: %s", tmp, strerror(errno));
-    if (!rc && rename(tmp, path)) rc = qerr_set(e, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
-    if (rc) unlink(tmp);
-    free(tmp);
-    return rc;
+    return file_atomic_commit(&out, e);
 }

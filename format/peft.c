@@ -10,34 +10,55 @@
 
 #include <cjson/cJSON.h>
 
-#include <errno.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
+#include "core/file.h"
+#include "core/pyrepr.h"
 #include "core/strbuf.h"
 
-static const char *const ATTN_MODULES[] = {"q_proj", "k_proj", "v_proj", "o_proj"};
-static const char *const MLP_MODULES[] = {"gate_proj", "up_proj", "down_proj"};
+#define PEFT_LAYER_PREFIX "base_model.model.model.layers."
 
-int peft_tensor_name(char *buf, size_t n, int layer, const char *module, char ab) {
-    const char *parent = NULL;
+static int plain_part(const char *s) { return s && *s && !strchr(s, '.'); }
+
+int peft_tensor_name(char *buf, size_t n, int layer, const char *parent, const char *module, char ab) {
     if (n) buf[0] = 0;
-    if (!module || layer < 0) return -1;
-    for (size_t i = 0; i < sizeof ATTN_MODULES / sizeof ATTN_MODULES[0]; i++)
-        if (!strcmp(module, ATTN_MODULES[i])) parent = "self_attn";
-    for (size_t i = 0; i < sizeof MLP_MODULES / sizeof MLP_MODULES[0]; i++)
-        if (!strcmp(module, MLP_MODULES[i])) parent = "mlp";
     char AB = ab == 'a' ? 'A' : ab == 'b' ? 'B' : ab;
-    if (!parent || (AB != 'A' && AB != 'B')) return -1;
-    int w = snprintf(buf, n, "base_model.model.model.layers.%d.%s.%s.lora_%c.weight", layer, parent, module, AB);
+    if (!plain_part(parent) || !plain_part(module) || layer < 0 || (AB != 'A' && AB != 'B')) return -1;
+    int w = snprintf(buf, n, PEFT_LAYER_PREFIX "%d.%s.%s.lora_%c.weight", layer, parent, module, AB);
     if (w < 0 || (size_t)w >= n) {
         if (n) buf[0] = 0;
         return -1;
     }
+    return 0;
+}
+
+int peft_tensor_name_parse(const char *name, peft_name_parts *out) {
+    static const char pre[] = PEFT_LAYER_PREFIX;
+    if (strncmp(name, pre, sizeof pre - 1)) return -1;
+    const char *p = name + sizeof pre - 1;
+    if (*p < '0' || *p > '9') return -1;
+    char *end;
+    long l = strtol(p, &end, 10);
+    if (*end != '.' || l < 0 || l > 100000) return -1;
+    const char *parent = end + 1, *dot1 = strchr(parent, '.');
+    if (!dot1 || dot1 == parent) return -1;
+    const char *module = dot1 + 1, *dot2 = strchr(module, '.');
+    if (!dot2 || dot2 == module) return -1;
+    if (!strcmp(dot2, ".lora_A.weight"))
+        out->ab = 'A';
+    else if (!strcmp(dot2, ".lora_B.weight"))
+        out->ab = 'B';
+    else
+        return -1;
+    out->layer = (int)l;
+    out->parent = parent;
+    out->parent_len = (size_t)(dot1 - parent);
+    out->module = module;
+    out->module_len = (size_t)(dot2 - module);
     return 0;
 }
 
@@ -105,60 +126,6 @@ static void sb_py_str(strbuf *b, const char *s) {
     strbuf_put(b, "\"", 1);
 }
 
-/* repr() of a Python float holding the value the user wrote: the shortest
- * digits that give back v as a float32, laid out by Python's rules
- * (positional for 1e-4 <= |v| < 1e16 with at least one decimal, else
- * d.ddde[+-]XX). */
-static void py_float_repr(char *buf, size_t n, float v) {
-    if (v == 0.0f) {
-        snprintf(buf, n, signbit(v) ? "-0.0" : "0.0");
-        return;
-    }
-    char e[40];
-    for (int p = 0; p <= 8; p++) {
-        snprintf(e, sizeof e, "%.*e", p, (double)v);
-        if (strtof(e, NULL) == v) break;
-    }
-    /* e = "[-]d[.ddd]e[+-]XX" -> sign, digits, exponent */
-    const char *s = e;
-    int neg = *s == '-';
-    if (neg) s++;
-    char dig[24];
-    int nd = 0;
-    for (; *s && *s != 'e'; s++)
-        if (*s != '.') dig[nd++] = *s;
-    int x = atoi(s + 1);
-    while (nd > 1 && dig[nd - 1] == '0') nd--;
-    dig[nd] = 0;
-    char out[64];
-    int o = 0;
-    if (neg) out[o++] = '-';
-    if (x >= -4 && x < 16) {
-        if (x >= 0) {
-            for (int i = 0; i <= x; i++) out[o++] = i < nd ? dig[i] : '0';
-            out[o++] = '.';
-            if (nd > x + 1)
-                for (int i = x + 1; i < nd; i++) out[o++] = dig[i];
-            else
-                out[o++] = '0';
-        } else {
-            out[o++] = '0';
-            out[o++] = '.';
-            for (int i = 0; i < -x - 1; i++) out[o++] = '0';
-            for (int i = 0; i < nd; i++) out[o++] = dig[i];
-        }
-        out[o] = 0;
-    } else {
-        out[o++] = dig[0];
-        if (nd > 1) {
-            out[o++] = '.';
-            for (int i = 1; i < nd; i++) out[o++] = dig[i];
-        }
-        snprintf(out + o, sizeof out - (size_t)o, "e%c%02d", x < 0 ? '-' : '+', x < 0 ? -x : x);
-    }
-    snprintf(buf, n, "%s", out);
-}
-
 static int cmp_item_keys(const void *a, const void *b) {
     return strcmp((*(const cJSON *const *)a)->string, (*(const cJSON *const *)b)->string);
 }
@@ -212,30 +179,6 @@ static void sb_py_json(strbuf *b, const cJSON *x, int level) {
 }
 
 /* ------------------------------------------------------------------------ */
-
-static int write_file_atomic(const char *path, const char *data, size_t n, qerr *e) {
-    size_t pl = strlen(path);
-    char *tmp = qmalloc(pl + 5, e);
-    if (!tmp) return -1;
-    memcpy(tmp, path, pl);
-    memcpy(tmp + pl, ".tmp", 5);
-    FILE *f = fopen(tmp, "wb");
-    if (!f) {
-        qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
-        free(tmp);
-        return -1;
-    }
-    int bad = fwrite(data, 1, n, f) != n || fflush(f) || fsync(fileno(f));
-    int err = errno;
-    if (fclose(f) && !bad) bad = 1, err = errno;
-    if (!bad && rename(tmp, path)) bad = 1, err = errno;
-    if (bad) {
-        qerr_set(e, "cannot write %s: %s", path, strerror(err));
-        unlink(tmp);
-    }
-    free(tmp);
-    return bad ? -1 : 0;
-}
 
 int peft_write_adapter_config(const char *path, const peft_lora_config *c, qerr *e) {
     if (c->r <= 0) return qerr_set(e, "%s: r must be positive, got %d", path, c->r);
@@ -304,7 +247,7 @@ int peft_write_adapter_config(const char *path, const peft_lora_config *c, qerr 
         free(b.p);
         return qerr_set(e, "out of memory writing %s", path);
     }
-    int rc = write_file_atomic(path, b.p, b.n, e);
+    int rc = file_write_atomic(path, b.p, b.n, e);
     free(b.p);
     return rc;
 }

@@ -3,8 +3,9 @@
  * An adapter directory holds adapter_config.json and adapter_model.safetensors
  * (peft/utils/constants.py). The config is `asdict(LoraConfig)` written with
  * json.dumps(indent=2, sort_keys=True) (peft/config.py save_pretrained); the
- * tensors are named base_model.model.model.layers.{N}.{self_attn|mlp}.{module}
- * .lora_{A|B}.weight, A [r, in] and B [out, r], usually F32
+ * tensors are named base_model.model.model.layers.{N}.{parent}.{module}
+ * .lora_{A|B}.weight (for Llama: {self_attn|mlp}.{q_proj|...}, the caller's
+ * table, model/llama_linear.h), A [r, in] and B [out, r], usually F32
  * (peft/tuners/lora/layer.py, ../shared/reference/formats.md §2). With
  * scaling s = lora_alpha / r (or / sqrt(r) with use_rslora), the adapter adds
  * s * B @ A to the frozen [out, in] weight. B rows of q_proj/k_proj must be in
@@ -38,11 +39,26 @@ typedef struct peft_lora_config {
  * Written to path.tmp then renamed. */
 int peft_write_adapter_config(const char *path, const peft_lora_config *c, qerr *e);
 
-/* PEFT tensor name for layer `layer` (>= 0), module one of q_proj k_proj v_proj
- * o_proj (under self_attn) or gate_proj up_proj down_proj (under mlp), ab 'A'
+/* PEFT tensor name for layer `layer` (>= 0) of module `module` under HF
+ * parent module `parent` (for Llama: model/llama_linear.h gives both), ab 'A'
  * or 'B' (either case): "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight".
- * Returns 0, or -1 for an unknown module / bad ab / negative layer / buffer
- * too small (buf then holds ""). */
-int peft_tensor_name(char *buf, size_t n, int layer, const char *module, char ab);
+ * Returns 0, or -1 for an empty or dotted parent / module, a bad ab, a
+ * negative layer or a buffer too small (buf then holds ""). */
+int peft_tensor_name(char *buf, size_t n, int layer, const char *parent, const char *module, char ab);
+
+/* The parts of a PEFT LoRA tensor name, as peft_tensor_name builds it. */
+typedef struct peft_name_parts {
+    int layer;          /* 0 .. 100000 */
+    const char *parent; /* points into the name; parent_len bytes, no dot */
+    size_t parent_len;
+    const char *module; /* points into the name; module_len bytes, no dot */
+    size_t module_len;
+    char ab;            /* 'A' or 'B' */
+} peft_name_parts;
+
+/* Split `name` ("base_model.model.model.layers.<N>.<parent>.<module>.lora_<A|B>.weight")
+ * into *out; the inverse of peft_tensor_name. Returns 0, or -1 when the name
+ * does not have that form (the caller checks parent and module). */
+int peft_tensor_name_parse(const char *name, peft_name_parts *out);
 
 #endif

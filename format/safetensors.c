@@ -9,7 +9,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <libgen.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +16,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "core/file.h"
 #include "core/strbuf.h"
 
 /* The Rust `Dtype` enum order ("MUST be in increasing alignment order"); the
@@ -99,21 +99,6 @@ static int shape_nbytes(const int64_t *shape, int n_dims, size_t elem, uint64_t 
     return 0;
 }
 
-static int write_all(int fd, const void *p, size_t n) {
-    const char *c = p;
-    while (n > 0) {
-        size_t chunk = n > (1u << 30) ? (1u << 30) : n;
-        ssize_t w = write(fd, c, chunk);
-        if (w < 0) {
-            if (errno == EINTR) continue;
-            return -1;
-        }
-        c += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
 /* The "__metadata__" object text, or "" for none. */
 static int build_metadata(const char *path, const char *json, strbuf *out, qerr *e) {
     if (!json) {
@@ -142,24 +127,13 @@ static int build_metadata(const char *path, const char *json, strbuf *out, qerr 
     return 0;
 }
 
-static void fsync_dir_of(const char *path) {
-    char *dup = strdup(path);
-    if (!dup) return;
-    int dfd = open(dirname(dup), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-        (void)fsync(dfd); /* best effort: makes the rename durable */
-        close(dfd);
-    }
-    free(dup);
-}
-
 int safetensors_write(const char *path, const st_tensor *tensors, int n, const char *metadata_json, qerr *e) {
     if (n < 0 || (n > 0 && !tensors)) return qerr_set(e, "%s: invalid tensor list", path);
     wentry *ord = qcalloc((size_t)(n ? n : 1), sizeof *ord, e);
     if (!ord) return -1;
     strbuf hdr = {0}, meta = {0};
-    char *tmp = NULL;
-    int fd = -1, rc = -1;
+    file_atomic out;
+    int opened = 0, rc = -1;
 
     for (int i = 0; i < n; i++) {
         const st_tensor *t = &tensors[i];
@@ -233,40 +207,18 @@ int safetensors_write(const char *path, const st_tensor *tensors, int n, const c
         goto done;
     }
 
-    size_t plen = strlen(path);
-    if (!(tmp = qmalloc(plen + 5, e))) goto done;
-    memcpy(tmp, path, plen);
-    memcpy(tmp + plen, ".tmp", 5);
-    fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
-        goto done;
-    }
+    if (file_atomic_begin(&out, path, e)) goto done;
+    opened = 1;
     uint8_t len8[8];
     for (int i = 0; i < 8; i++) len8[i] = (uint8_t)((uint64_t)hdr.n >> (8 * i));
-    int bad = write_all(fd, len8, 8) || write_all(fd, hdr.p, hdr.n);
-    for (int i = 0; i < n && !bad; i++)
-        if (ord[i].t->nbytes) bad = write_all(fd, ord[i].t->data, ord[i].t->nbytes);
-    if (bad || fsync(fd)) {
-        qerr_set(e, "cannot write %s: %s", tmp, strerror(errno));
-        goto done;
-    }
-    int cfd = fd;
-    fd = -1;
-    if (close(cfd)) {
-        qerr_set(e, "cannot write %s: %s", tmp, strerror(errno));
-        goto done;
-    }
-    if (rename(tmp, path)) {
-        qerr_set(e, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
-        goto done;
-    }
-    fsync_dir_of(path);
+    if (file_atomic_write(&out, len8, 8, e) || file_atomic_write(&out, hdr.p, hdr.n, e)) goto done;
+    for (int i = 0; i < n; i++)
+        if (ord[i].t->nbytes && file_atomic_write(&out, ord[i].t->data, ord[i].t->nbytes, e)) goto done;
+    opened = 0;
+    if (file_atomic_commit(&out, e)) goto done;
     rc = 0;
 done:
-    if (fd >= 0) close(fd);
-    if (rc && tmp) unlink(tmp);
-    free(tmp);
+    if (opened) file_atomic_abort(&out);
     free(hdr.p);
     free(meta.p);
     free(ord);

@@ -11,13 +11,8 @@
 
 #include "core/bf16.h"
 #include "core/file.h"
+#include "format/peft.h"
 #include "format/safetensors.h"
-
-static int module_index(const char *name, size_t n) {
-    for (int k = 0; k < LLAMA_N_LINEAR; k++)
-        if (strlen(llama_linear_names[k]) == n && !memcmp(llama_linear_names[k], name, n)) return k;
-    return -1;
-}
 
 /* A config value that must be empty (null, false, {}, [], "none") for qlora to
  * represent the adapter faithfully. */
@@ -29,34 +24,18 @@ static int config_must_be_empty(const cJSON *cfg, const char *key, const char *o
     return qerr_set(e, "%s: \"%s\" is set; adapters with %s are not supported", path, key, key);
 }
 
-/* "base_model.model.model.layers.N.(self_attn|mlp).MODULE.lora_(A|B).weight" */
+/* A Llama LoRA tensor name (format/peft.h): layer, module (model/llama_linear.h) and
+ * ab (0 = A, 1 = B); -1 unless the parent is the module's own (self_attn / mlp). */
 static int parse_name(const char *name, int *layer, int *module, int *ab) {
-    static const char pre[] = "base_model.model.model.layers.";
-    if (strncmp(name, pre, sizeof pre - 1)) return -1;
-    const char *p = name + sizeof pre - 1;
-    char *end;
-    long l = strtol(p, &end, 10);
-    if (end == p || *end != '.' || l < 0 || l > 100000) return -1;
-    p = end + 1;
-    int attn;
-    if (!strncmp(p, "self_attn.", 10)) {
-        attn = 1;
-        p += 10;
-    } else if (!strncmp(p, "mlp.", 4)) {
-        attn = 0;
-        p += 4;
-    } else {
+    peft_name_parts n;
+    if (peft_tensor_name_parse(name, &n)) return -1;
+    int k = llama_linear_from_peft(n.module, n.module_len);
+    if (k < 0 || strlen(llama_linears[k].parent) != n.parent_len ||
+        memcmp(llama_linears[k].parent, n.parent, n.parent_len))
         return -1;
-    }
-    const char *dot = strchr(p, '.');
-    if (!dot) return -1;
-    int k = module_index(p, (size_t)(dot - p));
-    if (k < 0 || (k <= LLAMA_O) != attn) return -1;
-    if (!strcmp(dot, ".lora_A.weight")) *ab = 0;
-    else if (!strcmp(dot, ".lora_B.weight")) *ab = 1;
-    else return -1;
-    *layer = (int)l;
+    *layer = n.layer;
     *module = k;
+    *ab = n.ab == 'B';
     return 0;
 }
 
@@ -166,12 +145,7 @@ int adapter_load_peft(const char *dir, const llama_hparams *hp, lora_set *ls, ad
     for (int l = 0; l < hp->n_layer; l++)
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
             int64_t rows, cols;
-            int64_t D = hp->d_model, F = hp->d_ff, qd = (int64_t)hp->n_head * hp->head_dim,
-                    kd = (int64_t)hp->n_kv_head * hp->head_dim;
-            const int64_t outs[LLAMA_N_LINEAR] = {qd, kd, kd, D, F, F, D};
-            const int64_t ins[LLAMA_N_LINEAR] = {D, D, D, qd, D, D, F};
-            rows = outs[k];
-            cols = ins[k];
+            llama_tensor_shape(hp, LLAMA_T_LINEAR, k, &rows, &cols);
             skel.layers[l].lin[k].out = rows;
             skel.layers[l].lin[k].in = cols;
         }
@@ -206,7 +180,7 @@ int adapter_load_peft(const char *dir, const llama_hparams *hp, lora_set *ls, ad
     for (int idx = 0; idx < hp->n_layer * LLAMA_N_LINEAR; idx++) {
         if (seen[idx] == 1 || seen[idx] == 2) {
             qerr_set(e, "%s: layer %d %s has lora_%c but not lora_%c", spath, idx / LLAMA_N_LINEAR,
-                     llama_linear_names[idx % LLAMA_N_LINEAR], seen[idx] == 1 ? 'A' : 'B', seen[idx] == 1 ? 'B' : 'A');
+                     llama_linears[idx % LLAMA_N_LINEAR].peft, seen[idx] == 1 ? 'A' : 'B', seen[idx] == 1 ? 'B' : 'A');
             free(seen);
             goto done;
         }

@@ -16,9 +16,6 @@ struct base_model {
     llama_hparams hp;
 };
 
-static const char *const gguf_linear_names[LLAMA_N_LINEAR] = {
-    "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
-
 int base_model_open(const char *path, base_model **out, qerr *e) {
     *out = NULL;
     struct stat st;
@@ -85,7 +82,7 @@ static int gguf_name_of(const llama_hparams *hp, llama_role role, int layer, int
     case LLAMA_T_FFN_NORM: snprintf(name, n, "blk.%d.ffn_norm.weight", layer); return 0;
     case LLAMA_T_LINEAR:
         if (module < 0 || module >= LLAMA_N_LINEAR) return -1;
-        snprintf(name, n, "blk.%d.%s.weight", layer, gguf_linear_names[module]);
+        snprintf(name, n, "blk.%d.%s.weight", layer, llama_linears[module].gguf);
         return 0;
     }
     return -1;

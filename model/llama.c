@@ -11,9 +11,6 @@
 #include "autograd/gemm.h"
 #include "core/rng.h"
 
-const char *const llama_linear_names[LLAMA_N_LINEAR] = {
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
-
 void llama_tensor_shape(const llama_hparams *hp, llama_role role, int module, int64_t *rows, int64_t *cols) {
     int64_t D = hp->d_model, F = hp->d_ff, qd = (int64_t)hp->n_head * hp->head_dim,
             kd = (int64_t)hp->n_kv_head * hp->head_dim;
@@ -33,9 +30,6 @@ void llama_tensor_shape(const llama_hparams *hp, llama_role role, int module, in
     }
     *rows = *cols = 0;
 }
-
-static const char *const gguf_linear_names[LLAMA_N_LINEAR] = {
-    "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
 
 int llama_hparams_from_gguf(const gguf_file *f, llama_hparams *hp, qerr *e) {
     memset(hp, 0, sizeof *hp);
@@ -186,7 +180,7 @@ int llama_load_gguf(const gguf_file *f, int load_in_4bit, int double_quant, int 
         if (load_vector_f32(f, name, D, &L->ffn_norm, e)) goto fail;
         m->n_params += 2 * D;
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
-            snprintf(name, sizeof name, "blk.%d.%s.weight", l, gguf_linear_names[k]);
+            snprintf(name, sizeof name, "blk.%d.%s.weight", l, llama_linears[k].gguf);
             if (load_matrix_f32(f, name, outs[k], ins[k], tmp, e)) goto fail;
             if (k == LLAMA_Q) llama_unpermute_rows(tmp, hp->n_head, (int)hd, ins[k]);
             if (k == LLAMA_K) llama_unpermute_rows(tmp, hp->n_kv_head, (int)hd, ins[k]);

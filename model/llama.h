@@ -17,13 +17,8 @@
 #include "autograd/ops.h"
 #include "core/status.h"
 #include "format/gguf.h"
+#include "model/llama_linear.h" /* LLAMA_Q .. LLAMA_DOWN, their names and the order contract */
 
-enum {
-    LLAMA_Q = 0, LLAMA_K, LLAMA_V, LLAMA_O, LLAMA_GATE, LLAMA_UP, LLAMA_DOWN, LLAMA_N_LINEAR
-};
-
-/* PEFT module names, indexed by the enum above: "q_proj", ..., "down_proj". */
-extern const char *const llama_linear_names[LLAMA_N_LINEAR];
 
 typedef struct llama_hparams {
     int n_layer, d_model, n_head, n_kv_head, head_dim, d_ff, vocab, context_length;

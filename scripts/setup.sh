@@ -25,7 +25,6 @@ PACKAGES=(
     clang             # libFuzzer targets (make fuzz)
     libclang-rt-14-dev # clang's fuzzer / ASan / UBSan runtimes (not pulled in without recommends)
     zlib1g-dev        # zlib
-    libpng-dev        # PNG output
     libxxhash-dev     # XXH64 (data fingerprints, checkpoint COMPLETE markers)
     libcairo2-dev     # the loss-curve plot (PNG and SVG, real fonts)
     fonts-dejavu-core # the plot's font

@@ -12,6 +12,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core/clock.h"
+
 const char *subproc_trainer(void) {
     const char *b = getenv("QLORA_TRAIN_BIN");
     return b && *b ? b : "bin/qlora-train";
@@ -79,16 +81,10 @@ int subproc_poll(subproc *p, int timeout_ms) {
     return p->done;
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 void subproc_wait(subproc *p, int timeout_s) {
-    double t0 = now_s();
+    double t0 = clock_now_sec();
     while (!subproc_poll(p, 100)) {
-        if (timeout_s > 0 && now_s() - t0 > timeout_s) {
+        if (timeout_s > 0 && clock_now_sec() - t0 > timeout_s) {
             fprintf(stderr, "[subproc] pid %d still running after %d s: killing it\n", (int)p->pid, timeout_s);
             kill(p->pid, SIGKILL);
             timeout_s = 0;

@@ -1,7 +1,10 @@
 /* tests/test_checkpoint.c — core/hash.c (XXH64 reference vectors) and
  * trainer/checkpoint.c: state.h5 round trip, the marker-last directory
  * protocol, corruption and truncation detection, listing, pruning and
- * clean-up of interrupted saves, and the model / tokenizer fingerprints. */
+ * clean-up of interrupted saves, the model / tokenizer fingerprints, and a
+ * checkpoint written by the hand-written XXH64 of before libxxhash
+ * (tests/fixtures/ckpt_pre_xxhash/README.md), which must still verify and load.
+ * The last test needs the default model (make model). */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -316,6 +319,59 @@ static void test_fingerprints(void **st) {
     }
 }
 
+/* A checkpoint written by bin/qlora-train at commit 1099942 (our own XXH64):
+ * its COMPLETE marker (size and XXH64 of state.h5) verifies, state.h5 loads,
+ * and the fingerprints it recorded are those computed now from the same model. */
+#define PRE_XXHASH_DIR "tests/fixtures/ckpt_pre_xxhash"
+#define PRE_XXHASH_MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+static void test_pre_xxhash_checkpoint(void **st) {
+    (void)st;
+    qerr e;
+    int64_t step = -1;
+    int rc = ckpt_verify(PRE_XXHASH_DIR, &step, &e);
+    if (rc) print_error("%s\n", e.msg);
+    assert_int_equal(rc, 0);
+    assert_int_equal(step, 1);
+    /* the digest in COMPLETE, recomputed here through core/hash */
+    FILE *f = fopen(PRE_XXHASH_DIR "/" CKPT_STATE_FILE, "rb");
+    assert_non_null(f);
+    unsigned char buf[1 << 16];
+    xxh64_state hs;
+    xxh64_init(&hs, 0);
+    size_t got, total = 0;
+    while ((got = fread(buf, 1, sizeof buf, f)) > 0) xxh64_update(&hs, buf, got), total += got;
+    fclose(f);
+    assert_int_equal(total, 254880);
+    assert_true(xxh64_digest(&hs) == 0x81043daf54c160a0ull);
+
+    ckpt_state s;
+    rc = ckpt_load(PRE_XXHASH_DIR, &s, &e);
+    if (rc) print_error("%s\n", e.msg);
+    assert_int_equal(rc, 0);
+    assert_int_equal(s.step, 1);
+    assert_int_equal(s.opt_step, 1);
+    assert_int_equal(s.n_params, 34560); /* r 1 on q_proj: 30 layers x (576 + 576) */
+    assert_int_equal(s.n_tensors, 60);
+    assert_string_equal(s.tensors[0].name, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
+    assert_string_equal(s.optimizer, "adamw");
+    assert_string_equal(s.base_model, PRE_XXHASH_MODEL);
+    assert_non_null(strstr(s.config_yaml, "lora_r: 1\n"));
+    assert_true(s.model_fingerprint == 0x920196a6e641e6d3ull);
+    assert_true(s.tokenizer_fingerprint == 0x1d25318e1cb00e84ull);
+    /* the same fingerprints computed now (sampled model hash, tokenizer keys) */
+    uint64_t fp = 0;
+    rc = ckpt_fingerprint_model(PRE_XXHASH_MODEL, &fp, &e);
+    if (rc) print_error("%s (run `make model`)\n", e.msg);
+    assert_int_equal(rc, 0);
+    assert_true(fp == s.model_fingerprint);
+    gguf_file *g;
+    assert_int_equal(gguf_open(PRE_XXHASH_MODEL, &g, &e), 0);
+    assert_true(ckpt_fingerprint_tokenizer(g) == s.tokenizer_fingerprint);
+    gguf_close(g);
+    ckpt_state_free(&s);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_xxh64_vectors),
@@ -323,6 +379,7 @@ int main(void) {
         cmocka_unit_test(test_corruption_detected),
         cmocka_unit_test(test_list_prune_clean),
         cmocka_unit_test(test_fingerprints),
+        cmocka_unit_test(test_pre_xxhash_checkpoint),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

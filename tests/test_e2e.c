@@ -209,6 +209,9 @@ static void test_train_few_steps(void **st) {
     snprintf(p, sizeof p, "build/e2e-out/loss_curve.png");
     assert_int_equal(stat(p, &sb), 0);
     assert_true(sb.st_size > 1000);
+    snprintf(p, sizeof p, "build/e2e-out/loss_curve.svg");
+    assert_int_equal(stat(p, &sb), 0);
+    assert_true(sb.st_size > 1000);
     snprintf(p, sizeof p, "build/e2e-out/config.resolved.yaml");
     assert_int_equal(stat(p, &sb), 0);
     train_config_free(&c);

@@ -34,6 +34,7 @@
 
 #include <cmocka.h>
 
+#include "core/clock.h"
 #include "core/file.h"
 #include "core/rng.h"
 #include "tests/e2e_run.h"
@@ -44,12 +45,6 @@
 #define MAX_STEPS 6
 
 static char g_dir[64], g_cfg[128];
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 /* The training data: the first documents of the held-out man pages, cut short,
  * so that MAX_STEPS steps cross an epoch boundary. */
@@ -132,11 +127,11 @@ static void test_reference_run(void **st) {
     (void)st;
     snprintf(g_ref, sizeof g_ref, "%s/ref", g_dir);
     char *err = NULL;
-    double t0 = now_s();
+    double t0 = clock_now_sec();
     int code = run_trainer(g_ref, NULL, NULL, &err);
     if (code) print_error("%s\n", err);
     assert_int_equal(code, 0);
-    print_message("reference run: %.1fs\n", now_s() - t0);
+    print_message("reference run: %.1fs\n", clock_now_sec() - t0);
     free(err);
     char *m = metrics_canonical(g_ref);
     assert_steps_once(m);
@@ -153,7 +148,7 @@ static void test_kill_and_resume(void **st) {
     static const char *const stages[] = {"begin", "state", "extra", "rename", "marker", "committed"};
     const int n_stages = 6;
     int attempts = 0, kills = 0, kills_in_save = 0, graceful = 0, done = 0;
-    double t0 = now_s();
+    double t0 = clock_now_sec();
     char od[160];
     snprintf(od, sizeof od, "output_dir=%s", kdir);
     int64_t newest = -1;
@@ -177,7 +172,7 @@ static void test_kill_and_resume(void **st) {
         char *argv[] = {(char *)subproc_trainer(), g_cfg, od, NULL};
         subproc p;
         assert_int_equal(subproc_start(&p, argv, env), 0);
-        double start = now_s();
+        double start = clock_now_sec();
         /* Random kills: a quarter during start-up (loading), the rest after
          * the first or second step of this run plus a random delay, so that
          * most runs make progress and the moments cover steps and saves. */
@@ -192,7 +187,7 @@ static void test_kill_and_resume(void **st) {
         int sent = 0, steps_seen = 0, saves_seen = 0;
         double step_seen_at = 0, save_seen_at = 0;
         while (!subproc_poll(&p, 10)) {
-            double t = now_s() - start;
+            double t = clock_now_sec() - start;
             int k = count_lines_with(p.err, "[train] step");
             if (k > steps_seen) steps_seen = k, step_seen_at = t;
             k = count_lines_with(p.err, "[checkpoint] saving step");
@@ -245,11 +240,11 @@ static void test_kill_and_resume(void **st) {
                       mode == 0 ? env[1] + 20 : mode == 1 ? "SIGTERM" : mode == 2 ? "SIGINT" :
                       mode == 3 ? (early ? "SIGKILL during start-up" : "SIGKILL at a random time") :
                       "SIGKILL inside a save",
-                      code, now_s() - start, (long long)newest);
+                      code, clock_now_sec() - start, (long long)newest);
         subproc_free(&p);
     }
     print_message("%d runs: %d SIGKILLs (%d inside a save), %d SIGTERM/SIGINT; %.0fs\n", attempts, kills,
-                  kills_in_save, graceful, now_s() - t0);
+                  kills_in_save, graceful, clock_now_sec() - t0);
     assert_true(done);
     assert_true(kills_in_save >= n_stages);
 

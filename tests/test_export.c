@@ -25,6 +25,7 @@
 #include "core/rng.h"
 #include "format/peft.h"
 #include "format/safetensors.h"
+#include "model/llama_linear.h"
 #include "tests/tmpdir.h"
 
 static int group_setup(void **state) { return tmpdir_setup(state, "qlora_test_export"); }
@@ -126,7 +127,8 @@ static void test_dtype_order(void **state) {
 
 /* ------------------------------------------------------------------------ */
 
-enum { N_LAYERS = 2, RANK = 4, HID = 64, KVD = 16, FFN = 96, N_MOD = 7 };
+enum { N_LAYERS = 2, RANK = 4, HID = 64, KVD = 16, FFN = 96, N_MOD = LLAMA_N_LINEAR };
+/* target_modules as PEFT lists them (this test's own copy: it checks the table) */
 static const char *const MODS[N_MOD] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
 static const int MOD_IN[N_MOD] = {HID, HID, HID, HID, HID, HID, FFN};
 static const int MOD_OUT[N_MOD] = {HID, KVD, KVD, HID, FFN, FFN, HID};
@@ -145,7 +147,8 @@ static void make_adapter(adapter *a) {
         for (int m = N_MOD - 1; m >= 0; m--)
             for (int ab = 0; ab < 2; ab++, k++) {
                 int rows = ab ? MOD_OUT[m] : RANK, cols = ab ? RANK : MOD_IN[m];
-                assert_int_equal(peft_tensor_name(a->names[k], sizeof a->names[k], l, MODS[m], ab ? 'B' : 'A'), 0);
+                assert_int_equal(peft_tensor_name(a->names[k], sizeof a->names[k], l, llama_linears[m].parent,
+                                                  llama_linears[m].peft, ab ? 'B' : 'A'), 0);
                 a->data[k] = malloc((size_t)rows * (size_t)cols * sizeof(float));
                 assert_non_null(a->data[k]);
                 for (int i = 0; i < rows * cols; i++)
@@ -342,19 +345,55 @@ static void test_adapter_config_text(void **state) {
 static void test_tensor_names(void **state) {
     (void)state;
     char b[128];
-    assert_int_equal(peft_tensor_name(b, sizeof b, 0, "q_proj", 'A'), 0);
-    assert_string_equal(b, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
-    assert_int_equal(peft_tensor_name(b, sizeof b, 29, "o_proj", 'b'), 0);
+    /* the Llama table (model/llama_linear.h) gives PEFT's names */
+    static const char *const want[LLAMA_N_LINEAR] = {
+        "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight",
+        "base_model.model.model.layers.3.self_attn.k_proj.lora_A.weight",
+        "base_model.model.model.layers.3.self_attn.v_proj.lora_A.weight",
+        "base_model.model.model.layers.3.self_attn.o_proj.lora_A.weight",
+        "base_model.model.model.layers.3.mlp.gate_proj.lora_A.weight",
+        "base_model.model.model.layers.3.mlp.up_proj.lora_A.weight",
+        "base_model.model.model.layers.3.mlp.down_proj.lora_A.weight"};
+    static const char *const gguf[LLAMA_N_LINEAR] = {"attn_q",   "attn_k", "attn_v",  "attn_output",
+                                                      "ffn_gate", "ffn_up", "ffn_down"};
+    for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+        assert_int_equal(peft_tensor_name(b, sizeof b, 3, llama_linears[k].parent, llama_linears[k].peft, 'A'), 0);
+        assert_string_equal(b, want[k]);
+        assert_string_equal(llama_linears[k].gguf, gguf[k]);
+        assert_int_equal(llama_linear_from_peft(llama_linears[k].peft, strlen(llama_linears[k].peft)), k);
+        peft_name_parts n;
+        assert_int_equal(peft_tensor_name_parse(b, &n), 0);
+        assert_int_equal(n.layer, 3);
+        assert_int_equal(n.ab, 'A');
+        assert_int_equal(n.parent_len, strlen(llama_linears[k].parent));
+        assert_memory_equal(n.parent, llama_linears[k].parent, n.parent_len);
+        assert_int_equal(n.module_len, strlen(llama_linears[k].peft));
+        assert_memory_equal(n.module, llama_linears[k].peft, n.module_len);
+    }
+    assert_int_equal(llama_linear_from_peft("lm_head", 7), -1);
+    assert_int_equal(llama_linear_from_peft("q_proj", 5), -1);
+    assert_int_equal(peft_tensor_name(b, sizeof b, 29, "self_attn", "o_proj", 'b'), 0);
     assert_string_equal(b, "base_model.model.model.layers.29.self_attn.o_proj.lora_B.weight");
-    assert_int_equal(peft_tensor_name(b, sizeof b, 3, "down_proj", 'B'), 0);
+    assert_int_equal(peft_tensor_name(b, sizeof b, 3, "mlp", "down_proj", 'B'), 0);
     assert_string_equal(b, "base_model.model.model.layers.3.mlp.down_proj.lora_B.weight");
-    assert_int_equal(peft_tensor_name(b, sizeof b, 3, "gate_proj", 'A'), 0);
-    assert_string_equal(b, "base_model.model.model.layers.3.mlp.gate_proj.lora_A.weight");
-    assert_int_equal(peft_tensor_name(b, sizeof b, 3, "lm_head", 'A'), -1);
-    assert_int_equal(peft_tensor_name(b, sizeof b, 3, "q_proj", 'C'), -1);
-    assert_int_equal(peft_tensor_name(b, sizeof b, -1, "q_proj", 'A'), -1);
-    assert_int_equal(peft_tensor_name(b, 20, 0, "q_proj", 'A'), -1);
+    assert_int_equal(peft_tensor_name(b, sizeof b, 3, "", "q_proj", 'A'), -1);
+    assert_int_equal(peft_tensor_name(b, sizeof b, 3, "self_attn", "q.proj", 'A'), -1);
+    assert_int_equal(peft_tensor_name(b, sizeof b, 3, NULL, "q_proj", 'A'), -1);
+    assert_int_equal(peft_tensor_name(b, sizeof b, 3, "self_attn", "q_proj", 'C'), -1);
+    assert_int_equal(peft_tensor_name(b, sizeof b, -1, "self_attn", "q_proj", 'A'), -1);
+    assert_int_equal(peft_tensor_name(b, 20, 0, "self_attn", "q_proj", 'A'), -1);
     assert_string_equal(b, "");
+    /* names that are not LoRA tensor names */
+    peft_name_parts n;
+    assert_int_equal(peft_tensor_name_parse("base_model.model.model.layers.29.self_attn.o_proj.lora_B.weight", &n), 0);
+    assert_int_equal(n.layer, 29);
+    assert_int_equal(n.ab, 'B');
+    assert_int_equal(peft_tensor_name_parse("base_model.model.model.layers.x.self_attn.o_proj.lora_B.weight", &n), -1);
+    assert_int_equal(peft_tensor_name_parse("base_model.model.model.layers.-1.self_attn.o_proj.lora_B.weight", &n), -1);
+    assert_int_equal(peft_tensor_name_parse("base_model.model.model.layers.0.o_proj.lora_B.weight", &n), -1);
+    assert_int_equal(peft_tensor_name_parse("base_model.model.model.layers.0.self_attn.o_proj.lora_C.weight", &n), -1);
+    assert_int_equal(peft_tensor_name_parse("base_model.model.model.layers.0.self_attn..lora_A.weight", &n), -1);
+    assert_int_equal(peft_tensor_name_parse("model.layers.0.self_attn.o_proj.lora_A.weight", &n), -1);
 }
 
 static void test_write_errors_atomic(void **state) {

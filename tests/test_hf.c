@@ -23,6 +23,7 @@
 
 #include "autograd/gemm.h"
 #include "core/bf16.h"
+#include "core/pyrepr.h"
 #include "core/rng.h"
 #include "data/chat.h"
 #include "data/tokenizer_json.h"
@@ -181,14 +182,14 @@ static void write_tiny_adapter(const char *dir, int r, float alpha, int rslora, 
     const char *tm[LLAMA_N_LINEAR];
     int ntm = 0;
     for (int k = 0; k < LLAMA_N_LINEAR; k++)
-        if (target[k]) tm[ntm++] = llama_linear_names[k];
+        if (target[k]) tm[ntm++] = llama_linears[k].peft;
     for (int l = 0; l < NL; l++)
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
             if (!target[k]) continue;
             for (int ab = 0; ab < 2; ab++) {
                 int64_t rows = ab ? outs[k] : r, cols = ab ? r : ins[k];
                 bufs[n] = rand_f32(rows * cols, 1000 + (uint64_t)n, ab ? 0.3f : 0.2f);
-                peft_tensor_name(names[n], 128, l, llama_linear_names[k], ab ? 'B' : 'A');
+                peft_tensor_name(names[n], 128, l, llama_linears[k].parent, llama_linears[k].peft, ab ? 'B' : 'A');
                 ts[n] = (st_tensor){.name = names[n], .dtype = "F32", .n_dims = 2, .shape = {rows, cols},
                                     .data = bufs[n], .nbytes = (size_t)(rows * cols) * sizeof(float)};
                 n++;
@@ -329,7 +330,7 @@ static void test_permute_and_floats(void **state) {
         {0.0417f, "0.0417"}, {123.456f, "123.456"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        export_py_float(b, sizeof b, cases[i].v);
+        py_float_repr(b, sizeof b, cases[i].v);
         assert_string_equal(b, cases[i].s);
     }
 }

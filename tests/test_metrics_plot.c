@@ -1,19 +1,24 @@
 /* tests/test_metrics_plot.c — trainer/metrics (write, flush, read back, the
- * partial-last-line rule) and trainer/plot (a PNG read back with libpng: size
- * and the series colours present). */
+ * partial-last-line rule) and trainer/plot: the PNG read back with cairo (size,
+ * the curves where the data put them: a falling train line with its gap, a
+ * flat held-out line with one marker per evaluation) and the SVG (a complete
+ * SVG 1.1 document whose train path has one vertex per finite point, each of
+ * them on the PNG's train line). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <cairo.h>
+
 #include <math.h>
-#include <png.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "core/file.h"
 #include "tests/tmpdir.h"
 #include "trainer/metrics.h"
 #include "trainer/plot.h"
@@ -105,48 +110,111 @@ static void test_metrics_round_trip(void **state) {
     assert_non_null(strstr(e.msg, "cannot open /nonexistent/m.jsonl for writing"));
 }
 
-/* Read an RGB PNG with libpng's simplified API. */
+/* An RGB PNG read back with cairo: (h, w, 3) bytes, malloc'd; NULL if it is not a PNG. */
 static uint8_t *read_png_rgb(const char *path, int *w, int *h) {
-    png_image img;
-    memset(&img, 0, sizeof img);
-    img.version = PNG_IMAGE_VERSION;
-    if (!png_image_begin_read_from_file(&img, path)) return NULL;
-    img.format = PNG_FORMAT_RGB;
-    uint8_t *buf = malloc(PNG_IMAGE_SIZE(img));
-    if (!buf || !png_image_finish_read(&img, NULL, buf, 0, NULL)) {
-        free(buf);
-        png_image_free(&img);
+    cairo_surface_t *sf = cairo_image_surface_create_from_png(path);
+    if (cairo_surface_status(sf) != CAIRO_STATUS_SUCCESS) {
+        cairo_surface_destroy(sf);
         return NULL;
     }
-    *w = (int)img.width;
-    *h = (int)img.height;
-    return buf;
+    cairo_surface_flush(sf);
+    *w = cairo_image_surface_get_width(sf);
+    *h = cairo_image_surface_get_height(sf);
+    int stride = cairo_image_surface_get_stride(sf);
+    const uint8_t *d = cairo_image_surface_get_data(sf);
+    uint8_t *px = malloc((size_t)*w * (size_t)*h * 3);
+    assert_non_null(px);
+    for (int y = 0; y < *h; y++)
+        for (int x = 0; x < *w; x++) { /* RGB24 / ARGB32: one native-endian 0xAARRGGBB word a pixel */
+            uint32_t v;
+            memcpy(&v, d + (size_t)y * stride + 4 * (size_t)x, 4);
+            uint8_t *q = px + ((size_t)y * *w + x) * 3;
+            q[0] = (uint8_t)(v >> 16), q[1] = (uint8_t)(v >> 8), q[2] = (uint8_t)v;
+        }
+    cairo_surface_destroy(sf);
+    return px;
 }
 
-static long count_colour(const uint8_t *px, int w, int h, int r, int g, int b) {
+static const uint8_t BLUE[3] = {31, 119, 180}, ORANGE[3] = {255, 127, 14};
+
+/* Pixel (x, y) within `tol` (sum of channel differences) of colour c. */
+static int near(const uint8_t *px, int w, int x, int y, const uint8_t c[3], int tol) {
+    const uint8_t *q = px + ((size_t)y * w + x) * 3;
+    return abs(q[0] - c[0]) + abs(q[1] - c[1]) + abs(q[2] - c[2]) <= tol;
+}
+
+static long count_near(const uint8_t *px, int w, int h, const uint8_t c[3]) {
     long n = 0;
-    for (long i = 0; i < (long)w * h; i++) n += px[3 * i] == r && px[3 * i + 1] == g && px[3 * i + 2] == b;
+    for (int y = 0; y < h; y++)
+        for (int x = 0; x < w; x++) n += near(px, w, x, y, c, 40);
     return n;
 }
 
-static void test_plot_png(void **state) {
+/* The legend sits top right inside the plot: curve checks skip that corner. */
+static int in_legend(int x, int y) { return x > PLOT_WIDTH / 2 && y < 120; }
+
+/* Mean row of the pixels of colour c in columns [x0, x1), outside the legend; -1 if none. */
+static double mean_row(const uint8_t *px, int w, int h, const uint8_t c[3], int x0, int x1) {
+    double sum = 0;
+    long n = 0;
+    for (int y = 0; y < h; y++)
+        for (int x = x0; x < x1; x++)
+            if (!in_legend(x, y) && near(px, w, x, y, c, 40)) sum += y, n++;
+    return n ? sum / (double)n : -1;
+}
+
+/* Does column x hold a pixel of colour c (outside the legend)? */
+static int column_has(const uint8_t *px, int w, int h, const uint8_t c[3], int x) {
+    for (int y = 0; y < h; y++)
+        if (!in_legend(x, y) && near(px, w, x, y, c, 40)) return 1;
+    return 0;
+}
+
+/* The vertices of the first path stroked in `rgb` (cairo's SVG: a style with
+ * "stroke:rgb(...)", then d="M x y L x y ..."), at most max; returns the count
+ * and *moves the number of sub-paths (M). cairo merges consecutive collinear
+ * segments, so a straight run of points may give fewer vertices. */
+static int svg_path_vertices(const char *svg, const char *rgb, double *xy, int max, int *moves) {
+    char key[96];
+    snprintf(key, sizeof key, "stroke:%s;", rgb);
+    const char *p = strstr(svg, key);
+    *moves = 0;
+    if (!p || !(p = strstr(p, "d=\""))) return 0;
+    p += 3;
+    int n = 0;
+    while (*p && *p != '"' && n < max) {
+        char op;
+        double x, y;
+        int used = 0;
+        if (sscanf(p, " %c %lf %lf%n", &op, &x, &y, &used) != 3 || (op != 'M' && op != 'L')) break;
+        *moves += op == 'M';
+        xy[2 * n] = x, xy[2 * n + 1] = y;
+        n++;
+        p += used;
+    }
+    return n;
+}
+
+static void test_plot_png_svg(void **state) {
     const tmpdir *t = *state;
-    char path[128], tmp[160];
+    char path[128], svg_path[128], tmp[160];
     snprintf(path, sizeof path, "%s/loss.png", t->dir);
+    snprintf(svg_path, sizeof svg_path, "%s/loss.svg", t->dir);
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    enum { NT = 300, NE = 7 };
+    /* train loss falls in a straight line from 4 to 2 with a gap (NaN) over
+     * steps 141..160; held-out loss is flat at 3, evaluated 7 times */
+    enum { NT = 300, NE = 7, GAP0 = 140, GAP1 = 160 };
     float ts[NT], tl[NT], es[NE], el[NE];
     for (int i = 0; i < NT; i++) {
         ts[i] = (float)(i + 1);
-        tl[i] = 2.0f + 1.5f * expf(-(float)i / 60.0f) + 0.08f * sinf((float)i * 0.7f);
+        tl[i] = (i >= GAP0 && i < GAP1) ? NAN : 4.0f - 2.0f * (float)i / (NT - 1);
     }
-    tl[150] = NAN; /* a gap */
     for (int i = 0; i < NE; i++) {
         es[i] = (float)(i * 50);
-        el[i] = 2.1f + 1.4f * expf(-(float)(i * 50) / 70.0f);
+        el[i] = 3.0f;
     }
     qerr e = {{0}};
-    if (plot_loss_png(path, ts, tl, NT, es, el, NE, &e)) {
+    if (plot_loss(path, ts, tl, NT, es, el, NE, &e) || plot_loss(svg_path, ts, tl, NT, es, el, NE, &e)) {
         print_error("%s\n", e.msg);
         fail();
     }
@@ -156,32 +224,92 @@ static void test_plot_png(void **state) {
     assert_non_null(px);
     assert_int_equal(w, PLOT_WIDTH);
     assert_int_equal(h, PLOT_HEIGHT);
-    long n_train = count_colour(px, w, h, 31, 119, 180), n_eval = count_colour(px, w, h, 255, 127, 14);
-    long n_white = count_colour(px, w, h, 255, 255, 255), n_text = count_colour(px, w, h, 30, 30, 30);
-    assert_true(n_train > 500); /* a 2-px line across ~680 px */
-    assert_true(n_eval > 7 * 20); /* 7 markers of radius 4 + line */
-    assert_true(n_white > w * h / 2);
-    assert_true(n_text > 200); /* tick labels */
+    long white = 0, dark = 0;
+    for (long i = 0; i < (long)w * h; i++) {
+        int sum = px[3 * i] + px[3 * i + 1] + px[3 * i + 2];
+        white += sum == 3 * 255, dark += sum < 3 * 80;
+    }
+    assert_true(white > (long)w * h / 2);
+    assert_true(dark > 300); /* axes, ticks and their labels */
+    assert_true(count_near(px, w, h, BLUE) > 600); /* a 2-px line across ~650 px */
+
+    /* the train line falls from left to right */
+    double left = mean_row(px, w, h, BLUE, 0, w / 4), right = mean_row(px, w, h, BLUE, 3 * w / 4, w);
+    assert_true(left > 0 && right > 0);
+    assert_true(right - left > 0.5 * (h / 2));
+    /* ... and breaks at the gap: a run of empty columns between drawn ones */
+    int run = 0, best = 0, seen = 0;
+    for (int x = 0; x < w; x++) {
+        int has = column_has(px, w, h, BLUE, x);
+        if (has && run > best) best = run; /* an empty run closed by a drawn column */
+        if (has) seen = 1, run = 0;
+        else if (seen) run++;
+    }
+    assert_true(best >= 30 && best <= 60); /* 20 steps of 300 over ~650 px, less the round caps */
+    /* the held-out line is flat at 3 (between the train line's ends), with 7 markers */
+    long lo = h, hi = -1;
+    for (int y = 0; y < h; y++)
+        for (int x = 0; x < w; x++)
+            if (!in_legend(x, y) && near(px, w, x, y, ORANGE, 40)) lo = y < lo ? y : lo, hi = y > hi ? y : hi;
+    assert_true(hi >= 0 && hi - lo <= 10);
+    assert_true(lo > left && hi < right);
+    int markers = 0, in_marker = 0;
+    for (int x = 0; x < w; x++) {
+        int tall = 0;
+        for (int y = (int)lo; y <= hi; y++) tall += near(px, w, x, y, ORANGE, 40);
+        if (tall >= 5 && !in_marker) markers++;
+        in_marker = tall >= 5;
+    }
+    assert_int_equal(markers, NE);
+
+    /* the SVG: a whole document of the same size whose train path has two
+     * sub-paths (the gap), going right and down, every vertex on the PNG's line */
+    size_t n = 0;
+    char *svg = file_read_all(svg_path, &n, NULL);
+    assert_non_null(svg);
+    assert_int_equal(strncmp(svg, "<?xml", 5), 0);
+    assert_non_null(strstr(svg, "<svg xmlns=\"http://www.w3.org/2000/svg\""));
+    assert_non_null(strstr(svg, "width=\"800pt\" height=\"500pt\""));
+    assert_non_null(strstr(svg + n - 10, "</svg>"));
+    assert_non_null(strstr(svg, "stroke:rgb(100%,49.803922%,5.490196%);")); /* orange */
+    static double xy[2 * NT];
+    int moves = 0, nv = svg_path_vertices(svg, "rgb(12.156863%,46.666667%,70.588235%)", xy, NT, &moves);
+    assert_int_equal(moves, 2);
+    assert_true(nv >= 4 && xy[2 * nv - 2] - xy[0] > w / 2.0);
+    for (int i = 0; i < nv; i++) {
+        int x = (int)floor(xy[2 * i]), y = (int)floor(xy[2 * i + 1]);
+        if (i) assert_true(xy[2 * i] > xy[2 * i - 2] && xy[2 * i + 1] > xy[2 * i - 1]); /* right and down */
+        assert_true(x >= 0 && x < w && y >= 0 && y < h);
+        assert_true(near(px, w, x, y, BLUE, 60));
+    }
+    free(svg);
     free(px);
 
     /* empty series still give a valid (axes-only) image */
-    assert_int_equal(plot_loss_png(path, NULL, NULL, 0, NULL, NULL, 0, &e), 0);
+    assert_int_equal(plot_loss(path, NULL, NULL, 0, NULL, NULL, 0, &e), 0);
     px = read_png_rgb(path, &w, &h);
     assert_non_null(px);
-    assert_int_equal(count_colour(px, w, h, 31, 119, 180), 0);
+    assert_int_equal(count_near(px, w, h, BLUE), 0);
     free(px);
     /* one point of each */
-    assert_int_equal(plot_loss_png(path, ts, tl, 1, es, el, 1, &e), 0);
+    assert_int_equal(plot_loss(path, ts, tl, 1, es, el, 1, &e), 0);
+    px = read_png_rgb(path, &w, &h);
+    assert_non_null(px);
+    assert_true(count_near(px, w, h, BLUE) > 0);
+    free(px);
 
-    assert_int_equal(plot_loss_png("/nonexistent/dir/x.png", ts, tl, NT, es, el, NE, &e), -1);
+    assert_int_equal(plot_loss("/nonexistent/dir/x.png", ts, tl, NT, es, el, NE, &e), -1);
     assert_non_null(strstr(e.msg, "cannot create /nonexistent/dir/x.png.tmp"));
+    assert_int_equal(plot_loss(path, NULL, tl, 3, NULL, NULL, 0, &e), -1);
+    assert_non_null(strstr(e.msg, "invalid series"));
 }
 
 static void test_plot_from_metrics(void **state) {
     const tmpdir *t = *state;
-    char mpath[128], ppath[128];
+    char mpath[128], ppath[160], spath[160];
     snprintf(mpath, sizeof mpath, "%s/m2.jsonl", t->dir);
-    snprintf(ppath, sizeof ppath, "%s/m2.png", t->dir);
+    snprintf(ppath, sizeof ppath, "%s/loss_curve.png", t->dir);
+    snprintf(spath, sizeof spath, "%s/loss_curve.svg", t->dir);
     metrics_writer *w;
     qerr e = {{0}};
     assert_int_equal(metrics_open(mpath, 0, &w, &e), 0);
@@ -189,20 +317,53 @@ static void test_plot_from_metrics(void **state) {
     for (int s = 1; s <= 40; s++) metrics_log_train(w, s, 3.0 - 0.02 * s, 2e-4, 1.0, 100, s / 40.0, &e);
     metrics_log_eval(w, 40, 2.3, exp(2.3), 1000, &e);
     assert_int_equal(metrics_close(w, &e), 0);
-    assert_int_equal(plot_metrics_png(mpath, ppath, &e), 0);
+    assert_int_equal(plot_run_loss_curves(mpath, t->dir, &e), 0);
     int pw, ph;
     uint8_t *px = read_png_rgb(ppath, &pw, &ph);
     assert_non_null(px);
-    assert_true(count_colour(px, pw, ph, 31, 119, 180) > 100);
-    assert_true(count_colour(px, pw, ph, 255, 127, 14) > 40);
+    assert_true(count_near(px, pw, ph, BLUE) > 100);
+    assert_true(count_near(px, pw, ph, ORANGE) > 40);
     free(px);
+    char *svg = file_read_all(spath, NULL, NULL);
+    assert_non_null(svg);
+    double xy[2 * 64];
+    int moves = 0;
+    assert_true(svg_path_vertices(svg, "rgb(12.156863%,46.666667%,70.588235%)", xy, 64, &moves) >= 2);
+    assert_int_equal(moves, 1);
+    assert_int_equal(svg_path_vertices(svg, "rgb(100%,49.803922%,5.490196%)", xy, 64, &moves), 2);
+    assert_true(xy[1] < xy[3]); /* held-out loss 2.9 at step 0 above 2.3 at step 40 */
+    free(svg);
+}
+
+/* qlora-plot's figure: up to PLOT_MAX_SERIES curves in tab10 order, with any
+ * UTF-8 legend text; one more is refused. */
+static void test_plot_curves(void **state) {
+    const tmpdir *t = *state;
+    char path[128];
+    snprintf(path, sizeof path, "%s/curves.svg", t->dir);
+    float x[3] = {0, 10, 20}, y[PLOT_MAX_SERIES + 1][3];
+    plot_series s[PLOT_MAX_SERIES + 1];
+    for (int k = 0; k <= PLOT_MAX_SERIES; k++) {
+        for (int i = 0; i < 3; i++) y[k][i] = 3.0f - 0.1f * (float)(k + i);
+        s[k] = (plot_series){"sophia \xcf\x81=0.04", x, y[k], 3, k % 2};
+    }
+    qerr e = {{0}};
+    assert_int_equal(plot_curves(path, s, PLOT_MAX_SERIES, "seconds", "held-out loss", &e), 0);
+    char *svg = file_read_all(path, NULL, NULL);
+    assert_non_null(svg);
+    assert_non_null(strstr(svg, "stroke:rgb(12.156863%,46.666667%,70.588235%);"));   /* tab10[0] */
+    assert_non_null(strstr(svg, "stroke:rgb(49.803922%,49.803922%,49.803922%);")); /* tab10[7] */
+    free(svg);
+    assert_int_equal(plot_curves(path, s, PLOT_MAX_SERIES + 1, NULL, NULL, &e), -1);
+    assert_non_null(strstr(e.msg, "at most 8 series"));
 }
 
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_metrics_round_trip),
-        cmocka_unit_test(test_plot_png),
+        cmocka_unit_test(test_plot_png_svg),
         cmocka_unit_test(test_plot_from_metrics),
+        cmocka_unit_test(test_plot_curves),
     };
     return cmocka_run_group_tests(tests, group_setup, tmpdir_teardown);
 }

@@ -70,6 +70,7 @@
 #include <cmocka.h>
 
 #include "autograd/gemm.h"
+#include "core/clock.h"
 #include "format/gguf.h"
 #include "model/llama.h"
 #include "tests/ref_fixture.h"
@@ -118,12 +119,6 @@ static int teardown(void **state) {
     return 0;
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 /* Full logits (B*T, V) of the model in the given precision. */
 static float *qlora_logits(const llama_model *m, int use_bf16) {
     ag_ctx ctx;
@@ -136,11 +131,11 @@ static float *qlora_logits(const llama_model *m, int use_bf16) {
     int64_t n = (int64_t)g_B * g_T;
     float *out = malloc((size_t)(n * g_V) * sizeof(float));
     assert_non_null(out);
-    double t0 = now_s();
+    double t0 = clock_now_sec();
     tensor *h = llama_forward_hidden(&ctx, m, NULL, &b);
     llama_logits_rows(&ctx, m, h, 0, n, out);
     ag_ctx_free(&ctx);
-    print_message("[ref] real: forward + logits (%s compute) in %.1fs\n", use_bf16 ? "bf16" : "fp32", now_s() - t0);
+    print_message("[ref] real: forward + logits (%s compute) in %.1fs\n", use_bf16 ? "bf16" : "fp32", clock_now_sec() - t0);
     return out;
 }
 
@@ -238,12 +233,12 @@ static void check_bf16(const char *what, const float *q, const char *ref, const 
 static void load_model(int load_in_4bit, llama_model *m) {
     gguf_file *f = NULL;
     qerr e = {{0}};
-    double t0 = now_s();
+    double t0 = clock_now_sec();
     if (gguf_open(MODEL_PATH, &f, &e)) fail_msg("%s", e.msg);
     if (llama_load_gguf(f, load_in_4bit, 1, g_T, m, &e)) fail_msg("%s", e.msg);
     gguf_close(f);
     g_V = m->hp.vocab;
-    print_message("[ref] real: loaded the %s base in %.1fs\n", load_in_4bit ? "NF4" : "bf16", now_s() - t0);
+    print_message("[ref] real: loaded the %s base in %.1fs\n", load_in_4bit ? "NF4" : "bf16", clock_now_sec() - t0);
 }
 
 static void test_bf16_base(void **state) {

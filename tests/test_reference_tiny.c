@@ -145,7 +145,7 @@ static int setup(void **state) {
         snprintf(key, sizeof key, "w.l%d.ffn_norm", l);
         L->ffn_norm = (float *)ref_f32(&t->rf, key, D);
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
-            snprintf(key, sizeof key, "w.l%d.%s", l, llama_linear_names[k]);
+            snprintf(key, sizeof key, "w.l%d.%s", l, llama_linears[k].peft);
             L->lin[k] = (frozen_weight){.out = outs[k], .in = ins[k], .kind = FROZEN_F32,
                                         .w_f32 = ref_f32(&t->rf, key, outs[k] * ins[k])};
         }

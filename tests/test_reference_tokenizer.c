@@ -39,6 +39,7 @@
 #include <cjson/cJSON.h>
 #include <cmocka.h>
 
+#include "core/clock.h"
 #include "data/chat.h"
 #include "data/dataset.h"
 #include "data/tokenizer.h"
@@ -101,8 +102,7 @@ static void test_corpus_ids_equal_hf(void **state) {
 
     int64_t bad = 0, first_bad = -1, ntok = 0;
     int kinds_seen[32] = {0};
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
+    double t0 = clock_now_sec();
     for (int64_t s = 0; s < nseg; s++) {
         qerr e = {{0}};
         tokenizer_ids got = {0};
@@ -139,8 +139,7 @@ static void test_corpus_ids_equal_hf(void **state) {
         }
         tokenizer_ids_free(&got);
     }
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    double dt = (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+    double dt = clock_now_sec() - t0;
     print_message("[ref] tokenizer: %lld segments, %lld bytes, %lld tokens, %lld differing segments (%.2fs)\n",
                   (long long)nseg, (long long)nbytes, (long long)ntok, (long long)bad, dt);
     for (int k = 0; k < nk; k++)

@@ -25,30 +25,18 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "autograd/gemm.h"
 #include "autograd/prof.h"
 #include "autograd/tensor.h"
+#include "core/clock.h"
 #include "core/rng.h"
 #include "format/gguf.h"
 #include "model/llama.h"
 #include "optim/adamw.h"
 #include "optim/clip.h"
 #include "trainer/memplan.h"
-
-static double now_sec(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static double peak_rss_mib(void) {
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    return (double)ru.ru_maxrss / 1024.0;
-}
 
 static double cpu_sec(void) {
     struct rusage ru;
@@ -168,12 +156,12 @@ static double calibrate_gemm(double seconds, int64_t M, int64_t N, int64_t K) {
     for (int64_t i = 0; i < M * K; i++) A[i] = f32_to_bf16(rng_uniform(1, 1, (uint64_t)i) - 0.5f);
     for (int64_t i = 0; i < K * N; i++) B[i] = f32_to_bf16(rng_uniform(1, 2, (uint64_t)i) - 0.5f);
     gemm(0, 0, M, N, K, 1.0f, A, K, B, N, 0.0f, C, N, GEMM_BF16); /* JIT + first touch */
-    double best = 0, t_end = now_sec() + seconds;
+    double best = 0, t_end = clock_now_sec() + seconds;
     int it = 0;
-    while (now_sec() < t_end || it < 3) {
-        double t0 = now_sec();
+    while (clock_now_sec() < t_end || it < 3) {
+        double t0 = clock_now_sec();
         gemm(0, 0, M, N, K, 1.0f, A, K, B, N, 0.0f, C, N, GEMM_BF16);
-        double dt = now_sec() - t0;
+        double dt = clock_now_sec() - t0;
         double r = 2.0 * M * N * K / dt;
         if (r > best) best = r;
         it++;
@@ -245,7 +233,7 @@ int main(int argc, char **argv) {
     }
     if (layers > 0) hp.n_layer = layers;
     int n_threads = omp_get_max_threads();
-    double rss_start = peak_rss_mib();
+    double rss_start = proc_peak_rss_mib();
 
     /* ---- calibration: the machine's bf16 GEMM rate right now ---- */
     double peak = calibrate_gemm(calib_s, 2048, 2048, 2048);
@@ -255,7 +243,7 @@ int main(int argc, char **argv) {
     /* ---- model ---- */
     llama_model m;
     gguf_file *gf = NULL;
-    double t0 = now_sec();
+    double t0 = clock_now_sec();
     if (model_path) {
         if (gguf_open(model_path, &gf, &e) || llama_load_gguf(gf, 1, 1, T, &m, &e)) {
             fprintf(stderr, "qlora-bench: --model %s: %s\n", model_path, e.msg);
@@ -272,7 +260,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "[bench] model %s: %d layers, d %d, heads %d/%d, ff %d, vocab %d; %.1fM frozen linear params as NF4 "
                     "(%.1f MiB); %.1fs\n",
             shape, hp.n_layer, hp.d_model, hp.n_head, hp.n_kv_head, hp.d_ff, hp.vocab, m.n_quantized_params / 1e6,
-            m.quantized_bytes / 1048576.0, now_sec() - t0);
+            m.quantized_bytes / 1048576.0, clock_now_sec() - t0);
 
     int target[LLAMA_N_LINEAR] = {1, 1, 1, 1, 1, 1, 1};
     lora_set ls;
@@ -320,7 +308,7 @@ int main(int argc, char **argv) {
     double step_time = 0, loss = 0, step_cpu = 0;
     for (int s = 0; s < warmup + steps; s++) {
         if (s == warmup) ag_prof_reset();
-        double ts = now_sec(), cs = cpu_sec();
+        double ts = clock_now_sec(), cs = cpu_sec();
         memset(ls.grads, 0, (size_t)ls.n_params * sizeof(float));
         ctx.seed = rng_u64(42, 0xd509u, (uint64_t)s);
         ag_mark mk = ag_arena_mark(&ctx);
@@ -333,7 +321,7 @@ int main(int argc, char **argv) {
         float gn = clip_grad_norm(ls.grads, ls.n_params, 1.0f);
         adamw_step(&opt, &ac, 1e-4, ls.params, ls.grads, NULL);
         ag_prof_pop(pc);
-        double dt = now_sec() - ts;
+        double dt = clock_now_sec() - ts;
         loss = lsum / (double)(nt ? nt : 1);
         fprintf(stderr, "[bench] step %d%s: %.2fs, %.0f tok/s, loss %.4f, grad_norm %.3g\n", s + 1,
                 s < warmup ? " (warm-up)" : "", dt, (double)N / dt, loss, gn);
@@ -351,7 +339,7 @@ int main(int argc, char **argv) {
     double fpt = model_flops_per_token(&hp, T, r);
     double achieved = fpt * tps;
     double mfu = peak > 0 ? achieved / peak : 0;
-    double rss = peak_rss_mib();
+    double rss = proc_peak_rss_mib();
     double prof_total = 0;
     for (int c = 0; c < AG_PROF_N; c++) prof_total += prof[c];
     double gemm_rate = prof[AG_PROF_GEMM] > 0 ? gemm_flops / prof[AG_PROF_GEMM] : 0;

@@ -25,6 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core/file.h"
 #include "core/hash.h"
 
 #define CKPT_FORMAT_NAME "qlora-checkpoint"
@@ -686,22 +687,12 @@ int ckpt_read_state(const char *path, ckpt_state *s, qerr *e) {
 /* directory protocol                                                         */
 
 static int write_marker(const char *dir, int64_t step, int64_t size, uint64_t h, qerr *e) {
-    char tmp[4200], fin[4200];
-    snprintf(tmp, sizeof tmp, "%s/" CKPT_MARKER ".tmp", dir);
+    char fin[4200], text[256];
     snprintf(fin, sizeof fin, "%s/" CKPT_MARKER, dir);
-    FILE *f = fopen(tmp, "w");
-    if (!f) return qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
-    fprintf(f, "%s %d\nstep %lld\n%s %lld %016" PRIx64 "\n", CKPT_FORMAT_NAME, CKPT_FORMAT_VERSION, (long long)step,
-            CKPT_STATE_FILE, (long long)size, h);
-    int bad = ferror(f) || fflush(f) || fsync(fileno(f));
-    int err = errno;
-    if (fclose(f)) bad = 1, err = errno;
-    if (!bad && rename(tmp, fin)) bad = 1, err = errno;
-    if (bad) {
-        unlink(tmp);
-        return qerr_set(e, "cannot write %s: %s", fin, strerror(err));
-    }
-    return fsync_path(dir, 1, e);
+    int n = snprintf(text, sizeof text, "%s %d\nstep %lld\n%s %lld %016" PRIx64 "\n", CKPT_FORMAT_NAME,
+                     CKPT_FORMAT_VERSION, (long long)step, CKPT_STATE_FILE, (long long)size, h);
+    if (file_write_atomic(fin, text, (size_t)n, e)) return -1;
+    return fsync_path(dir, 1, e); /* the marker's rename is the commit: its failure to sync is an error */
 }
 
 /* fsync every regular file directly inside dir, then dir itself. */
@@ -1033,16 +1024,6 @@ int ckpt_fingerprint_model(const char *path, uint64_t *fp, qerr *e) {
     return rc;
 }
 
-static uint64_t vsize(gguf_vtype t) {
-    switch (t) {
-    case GGUF_VTYPE_UINT8: case GGUF_VTYPE_INT8: case GGUF_VTYPE_BOOL: return 1;
-    case GGUF_VTYPE_UINT16: case GGUF_VTYPE_INT16: return 2;
-    case GGUF_VTYPE_UINT32: case GGUF_VTYPE_INT32: case GGUF_VTYPE_FLOAT32: return 4;
-    case GGUF_VTYPE_UINT64: case GGUF_VTYPE_INT64: case GGUF_VTYPE_FLOAT64: return 8;
-    default: return 0;
-    }
-}
-
 uint64_t ckpt_fingerprint_tokenizer(const gguf_file *f) {
     xxh64_state st;
     xxh64_init(&st, 0);
@@ -1074,9 +1055,10 @@ uint64_t ckpt_fingerprint_tokenizer(const gguf_file *f) {
                         xxh64_update(&st, &l, sizeof l);
                         xxh64_update(&st, s, len);
                     }
-            } else if (vsize(et)) {
+            } else if (gguf_vtype_size(et)) {
                 const void *data;
-                if (gguf_get_arr_data(f, key, &data, NULL) == 0) xxh64_update(&st, data, (size_t)(cnt * vsize(et)));
+                if (gguf_get_arr_data(f, key, &data, NULL) == 0)
+                    xxh64_update(&st, data, (size_t)(cnt * gguf_vtype_size(et)));
             }
         } else if (type == GGUF_VTYPE_FLOAT32 || type == GGUF_VTYPE_FLOAT64) {
             float v = 0;

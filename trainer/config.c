@@ -21,11 +21,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
-const char *const TRAIN_LINEAR_MODULES[TRAIN_N_LINEAR_MODULES] = {
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-};
+#include "core/file.h"
+#include "model/llama_linear.h"
+
 
 /* ------------------------------------------------------------------------ */
 /* Key tables                                                                 */
@@ -38,7 +37,7 @@ typedef enum key_kind {
     K_FLOAT,    /* float with range */
     K_DOUBLE,   /* double with range */
     K_ENUM,     /* char *, one of `values` (after `aliases`) */
-    K_MODULES,  /* char ** + int count: subset of TRAIN_LINEAR_MODULES */
+    K_MODULES,  /* char ** + int count: PEFT names of model/llama_linear.h */
     K_DATASETS, /* dataset_cfg * + int count */
 } key_kind;
 
@@ -104,8 +103,14 @@ static const value_later L_OPTIM[] = {
     {"optimi_adamw", "not supported yet"}, {"ao_adamw_8bit", "not supported yet"},
     {NULL, NULL}};
 static const char *const V_DSTYPE[] = {"completion", "alpaca", "chat_template", NULL};
-static const char *const V_MODULES[] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                                        NULL};
+
+/* The values lora_target_modules accepts: the PEFT names of model/llama_linear.h,
+ * NULL-terminated (the shape the enum helpers below take). */
+static const char *const *module_values(void) {
+    static const char *v[LLAMA_N_LINEAR + 1];
+    for (int k = 0; k < LLAMA_N_LINEAR; k++) v[k] = llama_linears[k].peft;
+    return v;
+}
 
 #define OFF(f) offsetof(train_config, f)
 #define INTMAX_D ((double)INT_MAX)
@@ -863,7 +868,7 @@ static int parse_datasets(const pctx *p, const char *key, const yaml_node_t *v, 
 
 static int parse_modules(const pctx *p, const char *key, const yaml_node_t *v, char ***out, int *n_out) {
     char got[96], list[160];
-    join_values(list, sizeof list, V_MODULES);
+    join_values(list, sizeof list, module_values());
     *out = NULL;
     *n_out = 0;
     if (is_null(v)) return 0;
@@ -879,7 +884,7 @@ static int parse_modules(const pctx *p, const char *key, const yaml_node_t *v, c
         char what[64];
         snprintf(what, sizeof what, "%s[%d]", key, i);
         const char *name;
-        if (get_enum(p, what, it, V_MODULES, NULL, NULL, &name)) goto fail;
+        if (get_enum(p, what, it, module_values(), NULL, NULL, &name)) goto fail;
         for (int j = 0; j < i; j++)
             if (!strcmp(m[j], name)) {
                 perr(p, it, "%s: \"%s\" is listed twice", key, name);
@@ -1272,9 +1277,9 @@ int train_config_validate(const train_config *c, qerr *e) {
         case K_MODULES: {
             char *const *m = *CFIELD(c, k->off, strv_t);
             int n = *CFIELD(c, k->off_n, int);
-            join_values(list, sizeof list, V_MODULES);
+            join_values(list, sizeof list, module_values());
             for (int j = 0; j < n; j++) {
-                if (!m[j] || enum_index(V_MODULES, m[j]) < 0)
+                if (!m[j] || enum_index(module_values(), m[j]) < 0)
                     return qerr_set(e, "%s: %s[%d]: expected one of %s, got \"%s\"", src, k->name, j, list,
                                     m[j] ? m[j] : "null");
                 for (int q = 0; q < j; q++)
@@ -1296,7 +1301,7 @@ int train_config_validate(const train_config *c, qerr *e) {
     if (train_config_target_mask(c) == 0)
         return qerr_set(e,
                         "%s: lora_target_modules: no LoRA target; list some of %s, or set lora_target_linear: true",
-                        src, (join_values(list, sizeof list, V_MODULES), list));
+                        src, (join_values(list, sizeof list, module_values()), list));
     if (c->warmup_steps > 0 && c->warmup_ratio > 0)
         return qerr_set(e, "%s: warmup_steps and warmup_ratio are both set; use one of them", src);
     if (c->val_set_size > 0 && c->n_test_datasets > 0)
@@ -1352,17 +1357,11 @@ static void put_datasets(FILE *f, const char *key, const dataset_cfg *d, int n) 
 }
 
 int train_config_write_yaml(const train_config *c, const char *path, qerr *e) {
-    size_t n = strlen(path);
-    char *tmp = malloc(n + 5);
-    if (!tmp) return qerr_set(e, "out of memory");
-    memcpy(tmp, path, n);
-    memcpy(tmp + n, ".tmp", 5);
-    FILE *f = fopen(tmp, "w");
-    if (!f) {
-        qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
-        free(tmp);
-        return -1;
-    }
+    /* printed into memory, then written in one piece by core/file */
+    char *text = NULL;
+    size_t text_len = 0;
+    FILE *f = open_memstream(&text, &text_len);
+    if (!f) return qerr_set(e, "out of memory writing %s", path);
     char num[64];
     fprintf(f, "# Resolved qlora-train configuration: every key with its final value.\n");
     if (c->config_path) {
@@ -1416,18 +1415,11 @@ int train_config_write_yaml(const train_config *c, const char *path, qerr *e) {
             break;
         }
     }
-    int bad = ferror(f) || fflush(f) || fsync(fileno(f));
-    int err = errno;
-    if (fclose(f)) bad = 1, err = errno;
-    if (!bad && rename(tmp, path)) bad = 1, err = errno;
-    if (bad) {
-        qerr_set(e, "cannot write %s: %s", path, strerror(err));
-        unlink(tmp);
-        free(tmp);
-        return -1;
-    }
-    free(tmp);
-    return 0;
+    int bad = ferror(f);
+    if (fclose(f)) bad = 1;
+    int rc = bad ? qerr_set(e, "out of memory writing %s", path) : file_write_atomic(path, text, text_len, e);
+    free(text);
+    return rc;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1435,11 +1427,12 @@ int train_config_write_yaml(const train_config *c, const char *path, qerr *e) {
 
 unsigned train_config_target_mask(const train_config *c) {
     unsigned m = 0;
-    if (c->lora_target_linear) m = (1u << TRAIN_N_LINEAR_MODULES) - 1u;
-    for (int i = 0; i < c->n_lora_target_modules; i++)
-        for (int j = 0; j < TRAIN_N_LINEAR_MODULES; j++)
-            if (c->lora_target_modules[i] && !strcmp(c->lora_target_modules[i], TRAIN_LINEAR_MODULES[j]))
-                m |= 1u << j;
+    if (c->lora_target_linear) m = (1u << LLAMA_N_LINEAR) - 1u;
+    for (int i = 0; i < c->n_lora_target_modules; i++) {
+        const char *name = c->lora_target_modules[i];
+        int k = name ? llama_linear_from_peft(name, strlen(name)) : -1;
+        if (k >= 0) m |= 1u << k;
+    }
     return m;
 }
 

@@ -90,12 +90,6 @@
 
 #include "core/status.h"
 
-/* The 7 Llama linear layers LoRA can target, in this fixed order
- * (bit i of train_config_target_mask() is TRAIN_LINEAR_MODULES[i]). */
-#define TRAIN_N_LINEAR_MODULES 7
-extern const char *const TRAIN_LINEAR_MODULES[TRAIN_N_LINEAR_MODULES];
-/* = { "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj" } */
-
 typedef struct dataset_cfg {
     char *path;           /* JSONL file (required) */
     char *type;           /* "completion" | "alpaca" | "chat_template" (required) */
@@ -115,7 +109,7 @@ typedef struct train_config {
     float lora_dropout;               /* default 0.05, in [0, 1) */
     int use_rslora;                   /* key peft_use_rslora (alias use_rslora); default 0:
                                          scaling alpha/r, 1: alpha/sqrt(r) */
-    char **lora_target_modules;       /* subset of TRAIN_LINEAR_MODULES, no duplicates */
+    char **lora_target_modules;       /* PEFT names of model/llama_linear.h, no duplicates */
     int n_lora_target_modules;
     int lora_target_linear;           /* default 0; 1 adds all 7 linears to the list */
     dataset_cfg *datasets;            /* required, >= 1 */
@@ -208,8 +202,9 @@ int train_config_write_yaml(const train_config *c, const char *path, qerr *e);
 /* Release everything owned by *c and zero it. Safe on a zeroed struct. */
 void train_config_free(train_config *c);
 
-/* Bit i set <=> TRAIN_LINEAR_MODULES[i] gets a LoRA adapter (the union of
- * lora_target_modules and, if lora_target_linear, all seven). */
+/* Bit k set <=> module LLAMA_Q + k (model/llama_linear.h, whose order
+ * contract this is) gets a LoRA adapter: the union of lora_target_modules and,
+ * if lora_target_linear, all seven. */
 unsigned train_config_target_mask(const train_config *c);
 
 /* Evaluation interval in optimizer steps: eval_steps if > 0; else, if

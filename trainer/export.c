@@ -11,23 +11,20 @@
 #include "trainer/export.h"
 
 #include <cjson/cJSON.h>
-#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "core/bf16.h"
 #include "core/file.h"
+#include "core/pyrepr.h"
+#include "core/strbuf.h"
 #include "data/chat.h"
 #include "data/tokenizer_json.h"
 #include "format/gguf_write.h"
 #include "format/safetensors.h"
-
-static const char *const gguf_linear_names[LLAMA_N_LINEAR] = {
-    "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
 
 void export_permute_rows_to_gguf(const float *src, float *dst, int n_head, int head_dim, int64_t cols) {
     int half = head_dim / 2;
@@ -36,62 +33,6 @@ void export_permute_rows_to_gguf(const float *src, float *dst, int n_head, int h
             for (int j = 0; j < 2; j++)
                 memcpy(dst + ((size_t)h * head_dim + 2 * i + j) * cols,
                        src + ((size_t)h * head_dim + (size_t)j * half + i) * cols, (size_t)cols * sizeof(float));
-}
-
-void export_py_float(char *buf, size_t n, float v) {
-    if (isnan(v)) {
-        snprintf(buf, n, "NaN");
-        return;
-    }
-    if (isinf(v)) {
-        snprintf(buf, n, v > 0 ? "Infinity" : "-Infinity");
-        return;
-    }
-    if (v == 0.0f) {
-        snprintf(buf, n, signbit(v) ? "-0.0" : "0.0");
-        return;
-    }
-    char tmp[64];
-    for (int p = 0; p < 17; p++) {
-        snprintf(tmp, sizeof tmp, "%.*e", p, (double)v);
-        if ((float)strtod(tmp, NULL) == v) break;
-    }
-    /* tmp = [-]d[.ddd]e±X */
-    char digits[40];
-    int nd = 0, neg = tmp[0] == '-';
-    const char *q = tmp + neg;
-    for (; *q && *q != 'e'; q++)
-        if (*q != '.') digits[nd++] = *q;
-    int x = atoi(q + 1);
-    while (nd > 1 && digits[nd - 1] == '0') nd--;
-    digits[nd] = 0;
-    char out[96];
-    int k = 0;
-    if (neg) out[k++] = '-';
-    if (x >= -4 && x < 16) {
-        if (x >= 0) {
-            for (int i = 0; i <= x; i++) out[k++] = i < nd ? digits[i] : '0';
-            out[k++] = '.';
-            if (nd > x + 1)
-                for (int i = x + 1; i < nd; i++) out[k++] = digits[i];
-            else
-                out[k++] = '0';
-        } else {
-            out[k++] = '0';
-            out[k++] = '.';
-            for (int i = 0; i < -x - 1; i++) out[k++] = '0';
-            for (int i = 0; i < nd; i++) out[k++] = digits[i];
-        }
-        out[k] = 0;
-    } else {
-        out[k++] = digits[0];
-        if (nd > 1) {
-            out[k++] = '.';
-            for (int i = 1; i < nd; i++) out[k++] = digits[i];
-        }
-        snprintf(out + k, sizeof out - (size_t)k, "e%c%02d", x < 0 ? '-' : '+', x < 0 ? -x : x);
-    }
-    snprintf(buf, n, "%s", out);
 }
 
 /* ------------------------------------------------------------------ GGUF LoRA */
@@ -137,9 +78,9 @@ int export_gguf_lora(const base_model *b, const lora_set *ls, const adapter_info
                 B = pb;
             }
             uint64_t ne_a[2] = {(uint64_t)in, (uint64_t)r}, ne_b[2] = {(uint64_t)r, (uint64_t)out};
-            snprintf(name, sizeof name, "blk.%d.%s.weight.lora_a", l, gguf_linear_names[k]);
+            snprintf(name, sizeof name, "blk.%d.%s.weight.lora_a", l, llama_linears[k].gguf);
             gguf_writer_add_tensor(w, name, GGML_TYPE_F32, 2, ne_a, a->A->data, (size_t)(in * r) * sizeof(float));
-            snprintf(name, sizeof name, "blk.%d.%s.weight.lora_b", l, gguf_linear_names[k]);
+            snprintf(name, sizeof name, "blk.%d.%s.weight.lora_b", l, llama_linears[k].gguf);
             gguf_writer_add_tensor(w, name, GGML_TYPE_F32, 2, ne_b, B, (size_t)(out * r) * sizeof(float));
             n_written++;
         }
@@ -157,36 +98,16 @@ done:
 
 /* ------------------------------------------------------------------ files */
 
-static int mkdir_p(const char *path, qerr *e) {
-    char tmp[4096];
-    size_t len = strlen(path);
-    if (len == 0 || len >= sizeof tmp) return qerr_set(e, "invalid output path \"%s\"", path);
-    memcpy(tmp, path, len + 1);
-    for (char *p = tmp + 1; *p; p++) {
-        if (*p != '/') continue;
-        *p = 0;
-        if (mkdir(tmp, 0755) && errno != EEXIST) return qerr_set(e, "cannot create \"%s\": %s", tmp, strerror(errno));
-        *p = '/';
-    }
-    if (mkdir(tmp, 0755) && errno != EEXIST) return qerr_set(e, "cannot create \"%s\": %s", tmp, strerror(errno));
-    return 0;
-}
-
+/* dir/name holding `text` and a final newline (cJSON_Print's text has none). */
 static int write_file(const char *dir, const char *name, const char *text, qerr *e) {
-    char path[4096], tmp[4100];
+    char path[4096];
     snprintf(path, sizeof path, "%s/%s", dir, name);
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *f = fopen(tmp, "wb");
-    if (!f) return qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
-    size_t n = strlen(text);
-    int bad = fwrite(text, 1, n, f) != n;
-    bad |= fputc('\n', f) == EOF;
-    bad |= fclose(f) != 0;
-    if (bad || rename(tmp, path)) {
-        unlink(tmp);
-        return qerr_set(e, "cannot write %s: %s", path, strerror(errno));
-    }
-    return 0;
+    strbuf b = {0};
+    strbuf_puts(&b, text);
+    strbuf_puts(&b, "\n");
+    int rc = b.oom ? qerr_set(e, "out of memory writing %s", path) : file_write_atomic(path, b.p, b.n, e);
+    free(b.p);
+    return rc;
 }
 
 static int write_json(const char *dir, const char *name, cJSON *o, qerr *e) {
@@ -197,34 +118,19 @@ static int write_json(const char *dir, const char *name, cJSON *o, qerr *e) {
     return rc;
 }
 
+/* The tokenizer files are small (a few MB at most): read whole, written atomically. */
 static int copy_file(const char *src, const char *dst, qerr *e) {
-    FILE *in = fopen(src, "rb");
-    if (!in) return qerr_set(e, "cannot open %s: %s", src, strerror(errno));
-    char tmp[4100];
-    snprintf(tmp, sizeof tmp, "%s.tmp", dst);
-    FILE *out = fopen(tmp, "wb");
-    if (!out) {
-        fclose(in);
-        return qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
-    }
-    char buf[1 << 16];
-    size_t n;
-    int bad = 0;
-    while ((n = fread(buf, 1, sizeof buf, in)) > 0)
-        if (fwrite(buf, 1, n, out) != n) bad = 1;
-    bad |= ferror(in);
-    fclose(in);
-    bad |= fclose(out) != 0;
-    if (bad || rename(tmp, dst)) {
-        unlink(tmp);
-        return qerr_set(e, "cannot copy %s to %s", src, dst);
-    }
-    return 0;
+    size_t n = 0;
+    char *b = file_read_all(src, &n, e);
+    if (!b) return -1;
+    int rc = file_write_atomic(dst, b, n, e);
+    free(b);
+    return rc;
 }
 
 static void add_raw_float(cJSON *o, const char *key, float v) {
     char b[64];
-    export_py_float(b, sizeof b, v);
+    py_float_repr(b, sizeof b, v);
     cJSON_AddRawToObject(o, key, b);
 }
 
@@ -409,12 +315,9 @@ static int merged_tensor(const base_model *b, const llama_model *m, const lora_s
 
 int export_merged(const base_model *b, const llama_model *m, const tokenizer *tok, const lora_set *ls,
                   const adapter_info *info, const char *dir, size_t max_shard_bytes, qerr *e) {
-    static const char *const hf_linear[LLAMA_N_LINEAR] = {
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
     const llama_hparams *hp = base_model_hparams(b);
     if (max_shard_bytes == 0) max_shard_bytes = (size_t)2 << 30;
-    if (mkdir_p(dir, e)) return -1;
+    if (file_mkdir_p(dir, e)) return -1;
 
     /* tensors in transformers' state_dict order */
     int n = 1 + hp->n_layer * (2 + LLAMA_N_LINEAR) + 1 + (hp->tied_embeddings ? 0 : 1);
@@ -425,7 +328,8 @@ int export_merged(const base_model *b, const llama_model *m, const tokenizer *to
     for (int l = 0; l < hp->n_layer; l++) {
         for (int j = 0; j < LLAMA_N_LINEAR; j++) {
             ent[k] = (merged_entry){.role = LLAMA_T_LINEAR, .layer = l, .module = j};
-            snprintf(ent[k].name, sizeof ent[k].name, "model.layers.%d.%s.weight", l, hf_linear[j]);
+            snprintf(ent[k].name, sizeof ent[k].name, "model.layers.%d.%s.%s.weight", l, llama_linears[j].parent,
+                     llama_linears[j].peft);
             k++;
         }
         ent[k] = (merged_entry){.role = LLAMA_T_ATTN_NORM, .layer = l};

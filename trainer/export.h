@@ -56,8 +56,4 @@ int export_tokenizer_files(const base_model *b, const tokenizer *tok, const char
  * inverse of llama_unpermute_rows). */
 void export_permute_rows_to_gguf(const float *src, float *dst, int n_head, int head_dim, int64_t cols);
 
-/* Python's repr() of a float32 value (shortest round-trip digits, "1e-05",
- * "100000.0"), as json.dumps writes config values. */
-void export_py_float(char *buf, size_t n, float v);
-
 #endif

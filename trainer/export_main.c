@@ -6,10 +6,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "autograd/gemm.h"
+#include "core/clock.h"
 #include "model/adapter.h"
 #include "model/base.h"
 #include "trainer/config.h"
@@ -39,12 +39,6 @@ static char *join(const char *dir, const char *name) {
     char *p = malloc(n);
     if (p) snprintf(p, n, "%s/%s", dir, name);
     return p;
-}
-
-static double now_sec(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 int main(int argc, char **argv) {
@@ -124,7 +118,7 @@ int main(int argc, char **argv) {
     memset(&info, 0, sizeof info);
     memset(&m, 0, sizeof m);
     int have_model = 0;
-    double t0 = now_sec();
+    double t0 = clock_now_sec();
 
     char peek[1024];
     if (!base_path && run && adapter_peek_base(run, peek, sizeof peek) == 0 && access(peek, R_OK) == 0) base_path = peek;
@@ -176,7 +170,7 @@ int main(int argc, char **argv) {
                 : load_in_4bit ? "the NF4 base dequantized, as trained (--merge-base source for the original weights)"
                                : "the bf16 base, as trained");
     }
-    fprintf(stderr, "[export] done in %.1fs\n", now_sec() - t0);
+    fprintf(stderr, "[export] done in %.1fs\n", clock_now_sec() - t0);
     rc = 0;
     goto out;
 fail:

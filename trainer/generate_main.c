@@ -12,15 +12,14 @@
  * or after --max-new-tokens.
  * Exit status: 0 success, 1 failure, 2 bad usage.
  */
-#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "autograd/gemm.h"
+#include "core/clock.h"
 #include "core/file.h"
 #include "core/rng.h"
 #include "data/chat.h"
@@ -52,12 +51,6 @@ static void usage(FILE *f) {
             "  --bf16 0|1            bf16 GEMM operands (default: as the run did, else 1)\n"
             "  --dump-logits FILE    no sampling: write the prompt's logits (safetensors: logits F32\n"
             "                        [T, vocab], input_ids I32 [T]), full forward as in evaluation\n");
-}
-
-static double now_sec(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 typedef struct gen_opts {
@@ -139,7 +132,7 @@ static int generate(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const
     int ns = chat_stop_ids(tok, stop, 4);
     int rc = -1, n_out = 0;
     size_t printed = 0;
-    double t0 = now_sec(), t_prefill = 0;
+    double t0 = clock_now_sec(), t_prefill = 0;
     if (!logits || !work || !out) {
         qerr_set(e, "out of memory");
         goto done;
@@ -157,7 +150,7 @@ static int generate(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const
         }
         llama_logits_rows(ctx, m, h, n_next - 1, 1, logits);
         ag_arena_reset(ctx, mk);
-        if (step == 0) t_prefill = now_sec() - t0;
+        if (step == 0) t_prefill = clock_now_sec() - t0;
         int32_t id = sample(logits, V, o, (uint64_t)step, work);
         int is_stop = 0;
         for (int i = 0; i < ns; i++) is_stop |= id == stop[i];
@@ -188,7 +181,7 @@ static int generate(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const
     }
     fputc('\n', stdout);
     fflush(stdout);
-    double dt = now_sec() - t0;
+    double dt = clock_now_sec() - t0;
     fprintf(stderr, "[generate] prompt %d tokens (%.2fs), %d new tokens (%.1f tok/s), stopped at %s\n", n, t_prefill,
             n_out, n_out > 1 ? (n_out - 1) / (dt - t_prefill) : 0.0, why);
     rc = 0;
@@ -338,8 +331,8 @@ int main(int argc, char **argv) {
             p = *end == ',' ? end + 1 : end;
         }
     } else {
-        if (prompt_file && !(text = file_read_all(prompt_file, NULL, NULL))) {
-            qerr_set(&e, "--prompt-file %s: %s", prompt_file, strerror(errno));
+        if (prompt_file && !(text = file_read_all(prompt_file, NULL, &e))) {
+            qerr_prefix(&e, "--prompt-file");
             goto fail;
         }
         const char *user = prompt ? prompt : text;

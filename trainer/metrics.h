@@ -50,7 +50,7 @@ int metrics_log_eval(metrics_writer *w, int64_t step, double eval_loss, double e
 int metrics_close(metrics_writer *w, qerr *e);
 
 /* A metrics.jsonl read back into columns. Steps are floats (exact up to 2^24)
- * so they can go straight to plot_loss_png. Missing fields read as NAN. */
+ * so they can go straight to plot_loss (trainer/plot.h). Missing fields read as NAN. */
 typedef struct metrics_series {
     int n_train;
     float *train_step, *train_loss, *train_lr, *train_grad_norm, *train_tokens_per_sec, *train_epoch;

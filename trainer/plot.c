@@ -1,143 +1,34 @@
-/* trainer/plot.c — loss-curve PNG: a tiny raster plotter on an RGB buffer and
- * libpng for the file. Lines and discs are antialiased by coverage (distance
- * of the pixel centre to the segment / centre, as in signed-distance
- * rendering); tick spacing is the classic 1-2-5 "nice numbers" rule
- * (Heckbert, Graphics Gems I, 1990). The font is our own 5x7 bitmap. */
+/* trainer/plot.c — loss curves drawn with cairo (cairographics.org: an image
+ * surface written as PNG, or the SVG surface), text in DejaVu Sans through
+ * cairo's toy font API (fontconfig). Tick spacing is the classic 1-2-5 "nice
+ * numbers" rule (Heckbert, Graphics Gems I, 1990); the look follows
+ * matplotlib's defaults (tab10 colours, light grid, legend top right). */
 #include "trainer/plot.h"
 
-#include <png.h>
+#include <cairo-svg.h>
+#include <cairo.h>
 
-#include <errno.h>
 #include <math.h>
-#include <setjmp.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
+#include <strings.h>
 
+#include "core/file.h"
+#include "core/strbuf.h"
 #include "trainer/metrics.h"
 
-typedef struct rgb {
-    uint8_t r, g, b;
-} rgb;
+/* matplotlib's tab10, in order */
+static const unsigned char TAB10[PLOT_MAX_SERIES][3] = {{31, 119, 180}, {255, 127, 14}, {44, 160, 44},
+                                                        {214, 39, 40},  {148, 103, 189}, {140, 86, 75},
+                                                        {227, 119, 194}, {127, 127, 127}};
 
-static const rgb C_BG = {255, 255, 255}, C_AXIS = {40, 40, 40}, C_TEXT = {30, 30, 30}, C_GRID = {228, 228, 228},
-                 C_TRAIN = {31, 119, 180}, C_EVAL = {255, 127, 14}, C_LEGEND_EDGE = {190, 190, 190};
-
-typedef struct canvas {
-    uint8_t *px; /* (H, W, 3) */
-    int w, h;
-} canvas;
-
-/* ------------------------------------------------------------------------ */
-/* 5x7 font: each row is 5 bits, bit 4 = leftmost column. */
-
-typedef struct glyph {
-    char ch;
-    uint8_t rows[7];
-} glyph;
-
-static const glyph FONT[] = {
-    {'0', {0x0e, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0e}}, {'1', {0x04, 0x0c, 0x04, 0x04, 0x04, 0x04, 0x0e}},
-    {'2', {0x0e, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1f}}, {'3', {0x1f, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0e}},
-    {'4', {0x02, 0x06, 0x0a, 0x12, 0x1f, 0x02, 0x02}}, {'5', {0x1f, 0x10, 0x1e, 0x01, 0x01, 0x11, 0x0e}},
-    {'6', {0x06, 0x08, 0x10, 0x1e, 0x11, 0x11, 0x0e}}, {'7', {0x1f, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08}},
-    {'8', {0x0e, 0x11, 0x11, 0x0e, 0x11, 0x11, 0x0e}}, {'9', {0x0e, 0x11, 0x11, 0x0f, 0x01, 0x02, 0x0c}},
-    {'.', {0x00, 0x00, 0x00, 0x00, 0x00, 0x0c, 0x0c}}, {'-', {0x00, 0x00, 0x00, 0x1f, 0x00, 0x00, 0x00}},
-    {'+', {0x00, 0x04, 0x04, 0x1f, 0x04, 0x04, 0x00}}, {'e', {0x00, 0x00, 0x0e, 0x11, 0x1f, 0x10, 0x0e}},
-    {'a', {0x00, 0x00, 0x0e, 0x01, 0x0f, 0x11, 0x0f}}, {'d', {0x01, 0x01, 0x0d, 0x13, 0x11, 0x11, 0x0f}},
-    {'h', {0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x11}}, {'i', {0x04, 0x00, 0x0c, 0x04, 0x04, 0x04, 0x0e}},
-    {'l', {0x0c, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0e}}, {'n', {0x00, 0x00, 0x16, 0x19, 0x11, 0x11, 0x11}},
-    {'o', {0x00, 0x00, 0x0e, 0x11, 0x11, 0x11, 0x0e}}, {'p', {0x00, 0x00, 0x1e, 0x11, 0x1e, 0x10, 0x10}},
-    {'r', {0x00, 0x00, 0x16, 0x19, 0x10, 0x10, 0x10}}, {'s', {0x00, 0x00, 0x0e, 0x10, 0x0e, 0x01, 0x1e}},
-    {'t', {0x08, 0x08, 0x1c, 0x08, 0x08, 0x09, 0x06}}, {'u', {0x00, 0x00, 0x11, 0x11, 0x11, 0x13, 0x0d}},
-    {'v', {0x00, 0x00, 0x11, 0x11, 0x11, 0x0a, 0x04}}, {' ', {0, 0, 0, 0, 0, 0, 0}},
-    /* the rest of the lower-case alphabet and some punctuation, for legends (plot_curves_png) */
-    {'b', {0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x1e}}, {'c', {0x00, 0x00, 0x0e, 0x10, 0x10, 0x11, 0x0e}},
-    {'f', {0x06, 0x09, 0x08, 0x1c, 0x08, 0x08, 0x08}}, {'g', {0x00, 0x0f, 0x11, 0x11, 0x0f, 0x01, 0x0e}},
-    {'j', {0x02, 0x00, 0x06, 0x02, 0x02, 0x12, 0x0c}}, {'k', {0x10, 0x10, 0x12, 0x14, 0x18, 0x14, 0x12}},
-    {'m', {0x00, 0x00, 0x1a, 0x15, 0x15, 0x11, 0x11}}, {'q', {0x00, 0x00, 0x0d, 0x13, 0x0f, 0x01, 0x01}},
-    {'w', {0x00, 0x00, 0x11, 0x11, 0x15, 0x15, 0x0a}}, {'x', {0x00, 0x00, 0x11, 0x0a, 0x04, 0x0a, 0x11}},
-    {'y', {0x00, 0x00, 0x11, 0x11, 0x0f, 0x01, 0x0e}}, {'z', {0x00, 0x00, 0x1f, 0x02, 0x04, 0x08, 0x1f}},
-    {'(', {0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02}}, {')', {0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08}},
-    {'=', {0x00, 0x00, 0x1f, 0x00, 0x1f, 0x00, 0x00}}, {',', {0x00, 0x00, 0x00, 0x00, 0x0c, 0x04, 0x08}},
-    {'/', {0x00, 0x01, 0x02, 0x04, 0x08, 0x10, 0x00}}, {':', {0x00, 0x0c, 0x0c, 0x00, 0x0c, 0x0c, 0x00}},
-    {'_', {0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x1f}}, {'%', {0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03}},
-};
-
-#define FONT_SCALE 2
-#define CHAR_W (6 * FONT_SCALE) /* 5 columns + 1 spacing */
-#define CHAR_H (7 * FONT_SCALE)
-
-static const glyph *find_glyph(char ch) {
-    for (size_t i = 0; i < sizeof FONT / sizeof FONT[0]; i++)
-        if (FONT[i].ch == ch) return &FONT[i];
-    return NULL; /* unknown characters draw as blanks */
-}
-
-/* ------------------------------------------------------------------------ */
-/* Raster primitives                                                          */
-
-static void blend(canvas *cv, int x, int y, rgb c, float a) {
-    if (x < 0 || y < 0 || x >= cv->w || y >= cv->h || a <= 0.0f) return;
-    if (a > 1.0f) a = 1.0f;
-    uint8_t *p = cv->px + ((size_t)y * (size_t)cv->w + (size_t)x) * 3;
-    p[0] = (uint8_t)lrintf((float)p[0] + ((float)c.r - (float)p[0]) * a);
-    p[1] = (uint8_t)lrintf((float)p[1] + ((float)c.g - (float)p[1]) * a);
-    p[2] = (uint8_t)lrintf((float)p[2] + ((float)c.b - (float)p[2]) * a);
-}
-
-static void fill_rect(canvas *cv, int x0, int y0, int x1, int y1, rgb c) {
-    for (int y = y0; y < y1; y++)
-        for (int x = x0; x < x1; x++) blend(cv, x, y, c, 1.0f);
-}
-
-/* Antialiased segment of width `wd` px, clipped to [cx0,cx1) x [cy0,cy1). */
-static void draw_segment(canvas *cv, float x0, float y0, float x1, float y1, float wd, rgb c, int cx0, int cy0,
-                         int cx1, int cy1) {
-    float r = wd * 0.5f;
-    int bx0 = (int)floorf(fminf(x0, x1) - r - 1), bx1 = (int)ceilf(fmaxf(x0, x1) + r + 1);
-    int by0 = (int)floorf(fminf(y0, y1) - r - 1), by1 = (int)ceilf(fmaxf(y0, y1) + r + 1);
-    if (bx0 < cx0) bx0 = cx0;
-    if (by0 < cy0) by0 = cy0;
-    if (bx1 > cx1) bx1 = cx1;
-    if (by1 > cy1) by1 = cy1;
-    float dx = x1 - x0, dy = y1 - y0, len2 = dx * dx + dy * dy;
-    for (int y = by0; y < by1; y++) {
-        for (int x = bx0; x < bx1; x++) {
-            float px = (float)x + 0.5f, py = (float)y + 0.5f;
-            float t = len2 > 0 ? ((px - x0) * dx + (py - y0) * dy) / len2 : 0.0f;
-            t = t < 0 ? 0 : t > 1 ? 1 : t;
-            float ex = px - (x0 + t * dx), ey = py - (y0 + t * dy);
-            float cov = r + 0.5f - sqrtf(ex * ex + ey * ey);
-            if (cov > 0) blend(cv, x, y, c, cov);
-        }
-    }
-}
-
-static void draw_disc(canvas *cv, float cx, float cy, float rad, rgb c) {
-    for (int y = (int)floorf(cy - rad - 1); y <= (int)ceilf(cy + rad + 1); y++)
-        for (int x = (int)floorf(cx - rad - 1); x <= (int)ceilf(cx + rad + 1); x++) {
-            float dx = (float)x + 0.5f - cx, dy = (float)y + 0.5f - cy;
-            float cov = rad + 0.5f - sqrtf(dx * dx + dy * dy);
-            if (cov > 0) blend(cv, x, y, c, cov);
-        }
-}
-
-static void draw_text(canvas *cv, int x, int y, const char *s, rgb c) {
-    for (; *s; s++, x += CHAR_W) {
-        const glyph *g = find_glyph(*s);
-        if (!g) continue;
-        for (int row = 0; row < 7; row++)
-            for (int col = 0; col < 5; col++)
-                if (g->rows[row] & (0x10 >> col))
-                    fill_rect(cv, x + col * FONT_SCALE, y + row * FONT_SCALE, x + (col + 1) * FONT_SCALE,
-                              y + (row + 1) * FONT_SCALE, c);
-    }
-}
-
-static int text_width(const char *s) { return s[0] ? (int)strlen(s) * CHAR_W - FONT_SCALE : 0; }
+#define FONT_FAMILY "DejaVu Sans"
+#define FONT_TICK 12.0   /* px */
+#define FONT_LABEL 14.0
+#define FONT_LEGEND 13.0
+#define LINE_WIDTH 2.0
+#define MARKER_RADIUS 4.0
 
 /* ------------------------------------------------------------------------ */
 /* Axes                                                                       */
@@ -193,311 +84,337 @@ static void fmt_tick(char *buf, size_t n, double v, double step, double maxabs) 
     snprintf(buf, n, "%.*f", dec, v);
 }
 
-/* Widest tick label of an axis, in pixels. */
-static int axis_label_width(const axis *a) {
-    char lab[48];
-    int w = 0;
-    double maxabs = fmax(fabs(a->lo), fabs(a->hi));
+static int point_ok(const float *xs, const float *ys, int i) { return isfinite(xs[i]) && isfinite(ys[i]); }
+
+/* ------------------------------------------------------------------------ */
+/* Text                                                                       */
+
+static void set_font(cairo_t *cr, double size) {
+    cairo_select_font_face(cr, FONT_FAMILY, CAIRO_FONT_SLANT_NORMAL, CAIRO_FONT_WEIGHT_NORMAL);
+    cairo_set_font_size(cr, size);
+}
+
+static double text_width(cairo_t *cr, const char *s) {
+    cairo_text_extents_t t;
+    cairo_text_extents(cr, s, &t);
+    return t.x_advance;
+}
+
+/* Draw s with its left edge at x - ax * width (ax: 0 left, 0.5 centre, 1
+ * right) and its x-height centred on y (so labels line up with tick marks). */
+static void draw_text(cairo_t *cr, double x, double y, const char *s, double ax) {
+    cairo_font_extents_t f;
+    cairo_font_extents(cr, &f);
+    cairo_move_to(cr, x - ax * text_width(cr, s), y + (f.ascent - f.descent) / 2.0);
+    cairo_show_text(cr, s);
+}
+
+/* A tick label with a true minus sign (U+2212), as typeset axes have it. */
+static void tick_label(char *buf, size_t n, double v, double step, double maxabs) {
+    char t[48];
+    fmt_tick(t, sizeof t, v, step, maxabs);
+    char *m = strchr(t, '-');
+    if (m) {
+        *m = 0;
+        snprintf(buf, n, "%s\xe2\x88\x92%s", t, m + 1); /* U+2212 in UTF-8 */
+    } else {
+        snprintf(buf, n, "%s", t);
+    }
+}
+
+/* Widest tick label of an axis (current font). */
+static double axis_label_width(cairo_t *cr, const axis *a) {
+    char lab[64];
+    double w = 0, maxabs = fmax(fabs(a->lo), fabs(a->hi));
     for (int i = 0;; i++) {
         double v = a->lo + i * a->step;
         if (v > a->hi + a->step * 1e-6) break;
-        fmt_tick(lab, sizeof lab, v, a->step, maxabs);
-        int tw = (int)strlen(lab) * CHAR_W;
-        if (tw > w) w = tw;
+        tick_label(lab, sizeof lab, v, a->step, maxabs);
+        w = fmax(w, text_width(cr, lab));
     }
     return w;
 }
 
-static void minmax(const float *v, int n, double *mn, double *mx) {
-    for (int i = 0; i < n; i++)
-        if (isfinite(v[i])) {
-            if (v[i] < *mn) *mn = v[i];
-            if (v[i] > *mx) *mx = v[i];
-        }
-}
-
-static int point_ok(const float *xs, const float *ys, int i) { return isfinite(xs[i]) && isfinite(ys[i]); }
-
 /* ------------------------------------------------------------------------ */
-/* PNG                                                                        */
+/* The figure                                                                 */
 
-typedef struct png_err {
-    char msg[256];
-} png_err;
+/* One curve and its colour (a TAB10 index). */
+typedef struct curve {
+    plot_series s;
+    int colour;
+} curve;
 
-static void on_png_error(png_structp png, png_const_charp msg) {
-    png_err *pe = png_get_error_ptr(png);
-    snprintf(pe->msg, sizeof pe->msg, "%s", msg);
-    png_longjmp(png, 1);
-}
-
-static void on_png_warning(png_structp png, png_const_charp msg) {
-    (void)png;
-    (void)msg; /* library code never prints */
-}
-
-static int write_png(const char *path, const canvas *cv, qerr *e) {
-    size_t n = strlen(path);
-    char *tmp = qmalloc(n + 5, e);
-    if (!tmp) return -1;
-    memcpy(tmp, path, n);
-    memcpy(tmp + n, ".tmp", 5);
-    png_bytep *rows = qmalloc((size_t)cv->h * sizeof *rows, e);
-    if (!rows) {
-        free(tmp);
-        return -1;
-    }
-    for (int y = 0; y < cv->h; y++) rows[y] = cv->px + (size_t)y * (size_t)cv->w * 3;
-    FILE *f = fopen(tmp, "wb");
-    if (!f) {
-        qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
-        free(rows);
-        free(tmp);
-        return -1;
-    }
-    png_err pe = {{0}};
-    png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, &pe, on_png_error, on_png_warning);
-    png_infop info = png ? png_create_info_struct(png) : NULL;
-    volatile int ok = 0; /* set after setjmp, read after a longjmp */
-    if (png && info) {
-        if (setjmp(png_jmpbuf(png)) == 0) {
-            png_init_io(png, f);
-            png_set_IHDR(png, info, (png_uint_32)cv->w, (png_uint_32)cv->h, 8, PNG_COLOR_TYPE_RGB,
-                         PNG_INTERLACE_NONE, PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
-            png_write_info(png, info);
-            png_write_image(png, rows);
-            png_write_end(png, NULL);
-            ok = 1;
-        }
-    } else {
-        snprintf(pe.msg, sizeof pe.msg, "out of memory");
-    }
-    png_destroy_write_struct(png ? &png : NULL, info ? &info : NULL);
-    int werr = 0;
-    if (fflush(f) || fsync(fileno(f))) werr = errno;
-    if (fclose(f) && !werr) werr = errno;
-    int rc = 0;
-    if (!ok) {
-        rc = qerr_set(e, "cannot write %s: libpng: %s", path, pe.msg);
-    } else if (werr) {
-        rc = qerr_set(e, "cannot write %s: %s", path, strerror(werr));
-    } else if (rename(tmp, path)) {
-        rc = qerr_set(e, "cannot rename %s to %s: %s", tmp, path, strerror(errno));
-    }
-    if (rc) unlink(tmp);
-    free(rows);
-    free(tmp);
-    return rc;
-}
-
-/* ------------------------------------------------------------------------ */
-/* The plot                                                                   */
-
-/* The plot rectangle [L, R) x [T, B) in pixels and the axes drawn on it. */
+/* The plot rectangle [L, R] x [T, B] and the axes drawn on it. */
 typedef struct frame {
-    int L, R, T, B;
+    double L, R, T, B;
     axis ax, ay;
 } frame;
 
 /* Axes for data in [xmn, xmx] x [ymn, ymx] (an empty range, mn > mx, becomes
  * [0, 1]): x starts at 0 when the data start close to it, y gets a 4 % margin,
- * the left margin fits the y labels, and x gets as many ticks as fit without
- * labels touching. */
-static frame frame_fit(double xmn, double xmx, double ymn, double ymx) {
+ * the left margin fits the rotated y name and the y tick labels, and x gets as
+ * many ticks as fit without labels touching. */
+static frame frame_fit(cairo_t *cr, double xmn, double xmx, double ymn, double ymx) {
     frame f;
     if (!(xmn <= xmx)) xmn = 0, xmx = 1;
     if (!(ymn <= ymx)) ymn = 0, ymx = 1;
     if (xmn > 0 && xmn <= 0.2 * xmx) xmn = 0; /* start at step 0 when it is close */
     double ypad = (ymx - ymn) * 0.04;
     f.ay = nice_axis(ymn - ypad, ymx + ypad, 6);
-    f.L = axis_label_width(&f.ay) + 20;
-    if (f.L < 60) f.L = 60;
-    f.R = PLOT_WIDTH - 24, f.T = 40, f.B = PLOT_HEIGHT - 60;
+    set_font(cr, FONT_TICK);
+    f.L = 16 + FONT_LABEL + 14 + axis_label_width(cr, &f.ay) + 6 + 6;
+    f.R = PLOT_WIDTH - 28, f.T = 20, f.B = PLOT_HEIGHT - 58;
     f.ax = nice_axis(xmn, xmx, 8);
     for (int target = 7; target >= 2; target--) {
         double n_int = (f.ax.hi - f.ax.lo) / f.ax.step;
-        if ((double)(f.R - f.L) / n_int >= axis_label_width(&f.ax) + 2 * CHAR_W) break;
+        if ((f.R - f.L) / n_int >= axis_label_width(cr, &f.ax) + 2 * FONT_TICK) break;
         f.ax = nice_axis(xmn, xmx, target);
     }
     return f;
 }
 
-/* Data coordinates to pixels. */
-static float frame_x(const frame *f, double v) {
-    return (float)(f->L + (v - f->ax.lo) / (f->ax.hi - f->ax.lo) * (f->R - 1 - f->L));
-}
-static float frame_y(const frame *f, double v) {
-    return (float)(f->B - 1 - (v - f->ay.lo) / (f->ay.hi - f->ay.lo) * (f->B - 1 - f->T));
+/* Data coordinates to device coordinates. */
+static double frame_x(const frame *f, double v) { return f->L + (v - f->ax.lo) / (f->ax.hi - f->ax.lo) * (f->R - f->L); }
+static double frame_y(const frame *f, double v) { return f->B - (v - f->ay.lo) / (f->ay.hi - f->ay.lo) * (f->B - f->T); }
+
+/* The centre of the pixel holding v: 1-unit lines drawn there are crisp. */
+static double crisp(double v) { return floor(v) + 0.5; }
+
+static void set_grey(cairo_t *cr, double g) { cairo_set_source_rgb(cr, g, g, g); }
+
+static void set_colour(cairo_t *cr, int k) {
+    cairo_set_source_rgb(cr, TAB10[k][0] / 255.0, TAB10[k][1] / 255.0, TAB10[k][2] / 255.0);
 }
 
-/* A white PLOT_WIDTH x PLOT_HEIGHT canvas; -1 (e set) when out of memory. */
-static int canvas_init(canvas *cv, qerr *e) {
-    *cv = (canvas){NULL, PLOT_WIDTH, PLOT_HEIGHT};
-    cv->px = qmalloc((size_t)cv->w * (size_t)cv->h * 3, e);
-    if (!cv->px) return -1;
-    memset(cv->px, 255, (size_t)cv->w * (size_t)cv->h * 3);
-    return 0;
-}
-
-/* Grid, ticks and their labels, the frame, and the axis names. */
-static void draw_axes(canvas *cv, const frame *f, const char *xlabel, const char *ylabel) {
-    const int L = f->L, R = f->R, T = f->T, B = f->B;
+/* Grid, ticks and their labels, the left and bottom spines, the axis names. */
+static void draw_axes(cairo_t *cr, const frame *f, const char *xlabel, const char *ylabel) {
     const axis *ax = &f->ax, *ay = &f->ay;
     double xmaxabs = fmax(fabs(ax->lo), fabs(ax->hi)), ymaxabs = fmax(fabs(ay->lo), fabs(ay->hi));
-    char lab[48];
+    char lab[64];
+    cairo_set_line_width(cr, 1.0);
+    set_font(cr, FONT_TICK);
     for (int i = 0;; i++) {
         double v = ax->lo + i * ax->step;
         if (v > ax->hi + ax->step * 1e-6) break;
-        int x = (int)lrintf(frame_x(f, v));
-        fill_rect(cv, x, T, x + 1, B, C_GRID);
-        fill_rect(cv, x, B, x + 1, B + 6, C_AXIS);
-        fmt_tick(lab, sizeof lab, v, ax->step, xmaxabs);
-        draw_text(cv, x - text_width(lab) / 2, B + 10, lab, C_TEXT);
+        double x = crisp(frame_x(f, v));
+        set_grey(cr, 0.90);
+        cairo_move_to(cr, x, f->T);
+        cairo_line_to(cr, x, f->B);
+        cairo_stroke(cr);
+        set_grey(cr, 0.25);
+        cairo_move_to(cr, x, f->B);
+        cairo_line_to(cr, x, f->B + 5);
+        cairo_stroke(cr);
+        tick_label(lab, sizeof lab, v, ax->step, xmaxabs);
+        set_grey(cr, 0.15);
+        draw_text(cr, x, f->B + 8 + FONT_TICK / 2, lab, 0.5);
     }
     for (int i = 0;; i++) {
         double v = ay->lo + i * ay->step;
         if (v > ay->hi + ay->step * 1e-6) break;
-        int y = (int)lrintf(frame_y(f, v));
-        fill_rect(cv, L, y, R, y + 1, C_GRID);
-        fill_rect(cv, L - 6, y, L, y + 1, C_AXIS);
-        fmt_tick(lab, sizeof lab, v, ay->step, ymaxabs);
-        draw_text(cv, L - 10 - text_width(lab), y - CHAR_H / 2, lab, C_TEXT);
+        double y = crisp(frame_y(f, v));
+        set_grey(cr, 0.90);
+        cairo_move_to(cr, f->L, y);
+        cairo_line_to(cr, f->R, y);
+        cairo_stroke(cr);
+        set_grey(cr, 0.25);
+        cairo_move_to(cr, f->L - 5, y);
+        cairo_line_to(cr, f->L, y);
+        cairo_stroke(cr);
+        tick_label(lab, sizeof lab, v, ay->step, ymaxabs);
+        set_grey(cr, 0.15);
+        draw_text(cr, f->L - 8, y, lab, 1.0);
     }
-    fill_rect(cv, L - 1, T, L + 1, B + 1, C_AXIS);
-    fill_rect(cv, L - 1, B - 1, R, B + 1, C_AXIS);
-    draw_text(cv, (L + R) / 2 - text_width(xlabel) / 2, B + 10 + CHAR_H + 8, xlabel, C_TEXT);
-    draw_text(cv, L - text_width(ylabel) / 2 > 4 ? L - text_width(ylabel) / 2 : 4, T - CHAR_H - 10, ylabel, C_TEXT);
+    set_grey(cr, 0.25);
+    cairo_set_line_width(cr, 1.2);
+    cairo_move_to(cr, crisp(f->L), f->T);
+    cairo_line_to(cr, crisp(f->L), crisp(f->B));
+    cairo_line_to(cr, f->R, crisp(f->B));
+    cairo_stroke(cr);
+    set_grey(cr, 0.15);
+    set_font(cr, FONT_LABEL);
+    draw_text(cr, (f->L + f->R) / 2, f->B + 8 + FONT_TICK + 10 + FONT_LABEL / 2, xlabel, 0.5);
+    cairo_save(cr);
+    cairo_translate(cr, 16 + FONT_LABEL / 2, (f->T + f->B) / 2);
+    cairo_rotate(cr, -M_PI / 2);
+    draw_text(cr, 0, 0, ylabel, 0.5);
+    cairo_restore(cr);
 }
 
-/* The legend's box, w x h at (x, y): background and a 1-pixel border. */
-static void draw_legend_box(canvas *cv, int x, int y, int w, int h) {
-    fill_rect(cv, x, y, x + w, y + h, C_BG);
-    fill_rect(cv, x, y, x + w, y + 1, C_LEGEND_EDGE);
-    fill_rect(cv, x, y + h - 1, x + w, y + h, C_LEGEND_EDGE);
-    fill_rect(cv, x, y, x + 1, y + h, C_LEGEND_EDGE);
-    fill_rect(cv, x + w - 1, y, x + w, y + h, C_LEGEND_EDGE);
+static void draw_marker(cairo_t *cr, double x, double y, double r) {
+    cairo_new_sub_path(cr);
+    cairo_arc(cr, x, y, r, 0, 2 * M_PI);
+    cairo_fill(cr);
 }
 
-int plot_loss_png(const char *path, const float *train_steps, const float *train_loss, int n_train,
-                  const float *eval_steps, const float *eval_loss, int n_eval, qerr *e) {
-    if (n_train < 0 || n_eval < 0 || (n_train && (!train_steps || !train_loss)) ||
-        (n_eval && (!eval_steps || !eval_loss)))
-        return qerr_set(e, "plot %s: invalid series arguments", path);
-    canvas cv;
-    if (canvas_init(&cv, e)) return -1;
-    double xmn = INFINITY, xmx = -INFINITY, ymn = INFINITY, ymx = -INFINITY;
-    minmax(train_steps, n_train, &xmn, &xmx);
-    minmax(eval_steps, n_eval, &xmn, &xmx);
-    minmax(train_loss, n_train, &ymn, &ymx);
-    minmax(eval_loss, n_eval, &ymn, &ymx);
-    const frame f = frame_fit(xmn, xmx, ymn, ymx);
-    const int L = f.L, R = f.R, T = f.T, B = f.B;
-    draw_axes(&cv, &f, "step", "loss");
-
-    /* series: train line, then eval line + markers on top */
-    for (int i = 1; i < n_train; i++)
-        if (point_ok(train_steps, train_loss, i - 1) && point_ok(train_steps, train_loss, i))
-            draw_segment(&cv, frame_x(&f, train_steps[i - 1]), frame_y(&f, train_loss[i - 1]),
-                         frame_x(&f, train_steps[i]), frame_y(&f, train_loss[i]), 2.0f, C_TRAIN, L + 1, T, R, B - 1);
-    for (int i = 0; i < n_train; i++) /* isolated points stay visible */
-        if (point_ok(train_steps, train_loss, i) && (i == 0 || !point_ok(train_steps, train_loss, i - 1)) &&
-            (i == n_train - 1 || !point_ok(train_steps, train_loss, i + 1)))
-            draw_disc(&cv, frame_x(&f, train_steps[i]), frame_y(&f, train_loss[i]), 2.0f, C_TRAIN);
-    for (int i = 1; i < n_eval; i++)
-        if (point_ok(eval_steps, eval_loss, i - 1) && point_ok(eval_steps, eval_loss, i))
-            draw_segment(&cv, frame_x(&f, eval_steps[i - 1]), frame_y(&f, eval_loss[i - 1]),
-                         frame_x(&f, eval_steps[i]), frame_y(&f, eval_loss[i]), 2.0f, C_EVAL, L + 1, T, R, B - 1);
-    for (int i = 0; i < n_eval; i++)
-        if (point_ok(eval_steps, eval_loss, i))
-            draw_disc(&cv, frame_x(&f, eval_steps[i]), frame_y(&f, eval_loss[i]), 4.0f, C_EVAL);
-
-    /* legend, top right inside the plot */
-    const char *names[2] = {"train loss", "held-out loss"};
-    int show[2] = {n_train > 0, n_eval > 0}, rows = show[0] + show[1];
-    if (rows) {
-        int lw = 12 + 28 + 8 + text_width(names[1]) + 12, lh = 10 + rows * (CHAR_H + 8) + 2;
-        int lx = R - lw - 10, ly = T + 10, yy = ly + 10;
-        draw_legend_box(&cv, lx, ly, lw, lh);
-        for (int s = 0; s < 2; s++) {
-            if (!show[s]) continue;
-            rgb c = s ? C_EVAL : C_TRAIN;
-            float cy = (float)yy + CHAR_H / 2.0f;
-            draw_segment(&cv, (float)lx + 12, cy, (float)lx + 40, cy, 2.0f, c, 0, 0, cv.w, cv.h);
-            if (s) draw_disc(&cv, (float)lx + 26, cy, 4.0f, c);
-            draw_text(&cv, lx + 48, yy, names[s], C_TEXT);
-            yy += CHAR_H + 8;
+/* A curve inside the plot rectangle: its line (broken at non-finite points;
+ * a point with no finite neighbour drawn as a dot), then its markers. */
+static void draw_curve(cairo_t *cr, const frame *f, const curve *c) {
+    const plot_series *s = &c->s;
+    cairo_save(cr);
+    const double m = MARKER_RADIUS + 1; /* markers at the ends of the range stay whole */
+    cairo_rectangle(cr, f->L - m, f->T - m, f->R - f->L + 2 * m, f->B - f->T + 2 * m);
+    cairo_clip(cr);
+    set_colour(cr, c->colour);
+    cairo_set_line_width(cr, LINE_WIDTH);
+    cairo_set_line_join(cr, CAIRO_LINE_JOIN_ROUND);
+    cairo_set_line_cap(cr, CAIRO_LINE_CAP_ROUND);
+    for (int i = 0; i < s->n; i++) {
+        if (!point_ok(s->x, s->y, i)) continue;
+        double x = frame_x(f, s->x[i]), y = frame_y(f, s->y[i]);
+        int prev = i > 0 && point_ok(s->x, s->y, i - 1), next = i + 1 < s->n && point_ok(s->x, s->y, i + 1);
+        if (prev)
+            cairo_line_to(cr, x, y);
+        else
+            cairo_move_to(cr, x, y);
+        if (!prev && !next) {
+            cairo_stroke(cr);
+            if (!s->markers) draw_marker(cr, x, y, LINE_WIDTH);
         }
     }
-    int rc = write_png(path, &cv, e);
-    free(cv.px);
+    cairo_stroke(cr);
+    if (s->markers)
+        for (int i = 0; i < s->n; i++)
+            if (point_ok(s->x, s->y, i)) draw_marker(cr, frame_x(f, s->x[i]), frame_y(f, s->y[i]), MARKER_RADIUS);
+    cairo_restore(cr);
+}
+
+/* The legend, top right inside the plot: a sample of each labelled curve. */
+static void draw_legend(cairo_t *cr, const frame *f, const curve *c, int n) {
+    set_font(cr, FONT_LEGEND);
+    double wmax = 0;
+    int rows = 0;
+    for (int k = 0; k < n; k++)
+        if (c[k].s.label) wmax = fmax(wmax, text_width(cr, c[k].s.label)), rows++;
+    if (!rows) return;
+    const double row_h = FONT_LEGEND + 9, pad = 9, sample = 28;
+    double w = pad + sample + 8 + wmax + pad, h = 2 * pad + rows * row_h - 9;
+    double x = f->R - w - 10, y = f->T + 10, r = 4;
+    cairo_new_sub_path(cr);
+    cairo_arc(cr, x + w - r, y + r, r, -M_PI / 2, 0);
+    cairo_arc(cr, x + w - r, y + h - r, r, 0, M_PI / 2);
+    cairo_arc(cr, x + r, y + h - r, r, M_PI / 2, M_PI);
+    cairo_arc(cr, x + r, y + r, r, M_PI, 3 * M_PI / 2);
+    cairo_close_path(cr);
+    cairo_set_source_rgba(cr, 1, 1, 1, 0.9);
+    cairo_fill_preserve(cr);
+    set_grey(cr, 0.80);
+    cairo_set_line_width(cr, 1.0);
+    cairo_stroke(cr);
+    double cy = y + pad + (FONT_LEGEND) / 2;
+    for (int k = 0; k < n; k++) {
+        if (!c[k].s.label) continue;
+        set_colour(cr, c[k].colour);
+        cairo_set_line_width(cr, LINE_WIDTH);
+        cairo_set_line_cap(cr, CAIRO_LINE_CAP_ROUND);
+        cairo_move_to(cr, x + pad, cy);
+        cairo_line_to(cr, x + pad + sample, cy);
+        cairo_stroke(cr);
+        if (c[k].s.markers) draw_marker(cr, x + pad + sample / 2, cy, MARKER_RADIUS);
+        set_grey(cr, 0.15);
+        draw_text(cr, x + pad + sample + 8, cy, c[k].s.label, 0.0);
+        cy += row_h;
+    }
+}
+
+static void draw_figure(cairo_t *cr, const curve *c, int n, const char *xlabel, const char *ylabel) {
+    cairo_font_options_t *fo = cairo_font_options_create();
+    cairo_font_options_set_hint_metrics(fo, CAIRO_HINT_METRICS_OFF); /* the same layout in PNG and SVG */
+    cairo_font_options_set_antialias(fo, CAIRO_ANTIALIAS_GRAY);
+    cairo_set_font_options(cr, fo);
+    cairo_font_options_destroy(fo);
+    cairo_set_source_rgb(cr, 1, 1, 1);
+    cairo_paint(cr);
+    double xmn = INFINITY, xmx = -INFINITY, ymn = INFINITY, ymx = -INFINITY;
+    for (int k = 0; k < n; k++)
+        for (int i = 0; i < c[k].s.n; i++)
+            if (point_ok(c[k].s.x, c[k].s.y, i)) { /* the range of the points that are drawn */
+                xmn = fmin(xmn, c[k].s.x[i]), xmx = fmax(xmx, c[k].s.x[i]);
+                ymn = fmin(ymn, c[k].s.y[i]), ymx = fmax(ymx, c[k].s.y[i]);
+            }
+    const frame f = frame_fit(cr, xmn, xmx, ymn, ymx);
+    draw_axes(cr, &f, xlabel, ylabel);
+    for (int k = 0; k < n; k++) draw_curve(cr, &f, &c[k]);
+    draw_legend(cr, &f, c, n);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Files                                                                      */
+
+static cairo_status_t put_bytes(void *closure, const unsigned char *data, unsigned int len) {
+    strbuf *b = closure;
+    strbuf_put(b, (const char *)data, len);
+    return b->oom ? CAIRO_STATUS_NO_MEMORY : CAIRO_STATUS_SUCCESS;
+}
+
+static int is_svg(const char *path) {
+    size_t n = strlen(path);
+    return n >= 4 && !strcasecmp(path + n - 4, ".svg");
+}
+
+/* Draw the figure into an SVG or PNG (by path's extension) in memory, then
+ * write it atomically. */
+static int render(const char *path, const curve *c, int n, const char *xlabel, const char *ylabel, qerr *e) {
+    strbuf out = {0};
+    int svg = is_svg(path);
+    cairo_surface_t *sf = svg ? cairo_svg_surface_create_for_stream(put_bytes, &out, PLOT_WIDTH, PLOT_HEIGHT)
+                              : cairo_image_surface_create(CAIRO_FORMAT_RGB24, PLOT_WIDTH, PLOT_HEIGHT);
+    cairo_t *cr = cairo_create(sf);
+    draw_figure(cr, c, n, xlabel, ylabel);
+    cairo_status_t st = cairo_status(cr);
+    cairo_destroy(cr);
+    if (st == CAIRO_STATUS_SUCCESS && !svg) st = cairo_surface_write_to_png_stream(sf, put_bytes, &out);
+    cairo_surface_finish(sf); /* the SVG surface writes its document here */
+    if (st == CAIRO_STATUS_SUCCESS) st = cairo_surface_status(sf);
+    cairo_surface_destroy(sf);
+    int rc;
+    if (st != CAIRO_STATUS_SUCCESS || out.oom)
+        rc = qerr_set(e, "plot %s: cairo: %s", path, cairo_status_to_string(out.oom ? CAIRO_STATUS_NO_MEMORY : st));
+    else
+        rc = file_write_atomic(path, out.p, out.n, e);
+    free(out.p);
     return rc;
 }
 
-int plot_metrics_png(const char *metrics_path, const char *png_path, qerr *e) {
+int plot_loss(const char *path, const float *train_steps, const float *train_loss, int n_train,
+              const float *eval_steps, const float *eval_loss, int n_eval, qerr *e) {
+    if (n_train < 0 || n_eval < 0 || (n_train && (!train_steps || !train_loss)) ||
+        (n_eval && (!eval_steps || !eval_loss)))
+        return qerr_set(e, "plot %s: invalid series arguments", path);
+    const curve c[2] = {
+        {{n_train ? "train loss" : NULL, train_steps, train_loss, n_train, 0}, 0},
+        {{n_eval ? "held-out loss" : NULL, eval_steps, eval_loss, n_eval, 1}, 1},
+    };
+    return render(path, c, 2, "step", "loss", e);
+}
+
+int plot_metrics(const char *metrics_path, const char *path, qerr *e) {
     metrics_series s;
     if (metrics_read(metrics_path, &s, e)) return -1;
-    int rc = plot_loss_png(png_path, s.train_step, s.train_loss, s.n_train, s.eval_step, s.eval_loss, s.n_eval, e);
+    int rc = plot_loss(path, s.train_step, s.train_loss, s.n_train, s.eval_step, s.eval_loss, s.n_eval, e);
     metrics_series_free(&s);
     return rc;
 }
 
-/* ------------------------------------------------------------------------ */
-/* Several curves on one set of axes (optimizer comparisons)                  */
+int plot_run_loss_curves(const char *metrics_path, const char *out_dir, qerr *e) {
+    static const char *const names[] = {"loss_curve.png", "loss_curve.svg"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        char path[4200];
+        snprintf(path, sizeof path, "%s/%s", out_dir, names[i]);
+        if (plot_metrics(metrics_path, path, e)) return -1;
+    }
+    return 0;
+}
 
-static const rgb TAB10[] = {{31, 119, 180}, {255, 127, 14}, {44, 160, 44}, {214, 39, 40}, {148, 103, 189},
-                            {140, 86, 75},  {227, 119, 194}, {127, 127, 127}};
-
-int plot_curves_png(const char *path, const plot_series *series, int n_series, const char *xlabel,
-                    const char *ylabel, qerr *e) {
-    if (n_series < 0 || n_series > (int)(sizeof TAB10 / sizeof TAB10[0]) || (n_series && !series))
-        return qerr_set(e, "plot %s: invalid series arguments (at most %d series)", path,
-                        (int)(sizeof TAB10 / sizeof TAB10[0]));
-    for (int k = 0; k < n_series; k++)
+int plot_curves(const char *path, const plot_series *series, int n_series, const char *xlabel, const char *ylabel,
+                qerr *e) {
+    if (n_series < 0 || n_series > PLOT_MAX_SERIES || (n_series && !series))
+        return qerr_set(e, "plot %s: invalid series arguments (at most %d series)", path, PLOT_MAX_SERIES);
+    curve c[PLOT_MAX_SERIES];
+    for (int k = 0; k < n_series; k++) {
         if (series[k].n < 0 || (series[k].n && (!series[k].x || !series[k].y)))
             return qerr_set(e, "plot %s: invalid series %d", path, k);
-    canvas cv;
-    if (canvas_init(&cv, e)) return -1;
-    double xmn = INFINITY, xmx = -INFINITY, ymn = INFINITY, ymx = -INFINITY;
-    for (int k = 0; k < n_series; k++) {
-        minmax(series[k].x, series[k].n, &xmn, &xmx);
-        minmax(series[k].y, series[k].n, &ymn, &ymx);
+        c[k] = (curve){series[k], k};
     }
-    const frame f = frame_fit(xmn, xmx, ymn, ymx);
-    const int L = f.L, R = f.R, T = f.T, B = f.B;
-    draw_axes(&cv, &f, xlabel ? xlabel : "step", ylabel ? ylabel : "loss");
-
-    for (int k = 0; k < n_series; k++) {
-        const plot_series *s = &series[k];
-        const rgb c = TAB10[k];
-        for (int i = 1; i < s->n; i++)
-            if (point_ok(s->x, s->y, i - 1) && point_ok(s->x, s->y, i))
-                draw_segment(&cv, frame_x(&f, s->x[i - 1]), frame_y(&f, s->y[i - 1]), frame_x(&f, s->x[i]),
-                             frame_y(&f, s->y[i]), 2.0f, c, L + 1, T, R, B - 1);
-        for (int i = 0; i < s->n; i++)
-            if (point_ok(s->x, s->y, i) &&
-                (s->markers || ((i == 0 || !point_ok(s->x, s->y, i - 1)) && (i == s->n - 1 || !point_ok(s->x, s->y, i + 1)))))
-                draw_disc(&cv, frame_x(&f, s->x[i]), frame_y(&f, s->y[i]), s->markers ? 3.5f : 2.0f, c);
-    }
-
-    /* legend, top right inside the plot */
-    int wmax = 0;
-    for (int k = 0; k < n_series; k++) {
-        int w = text_width(series[k].label ? series[k].label : "");
-        if (w > wmax) wmax = w;
-    }
-    if (n_series) {
-        int lw = 12 + 28 + 8 + wmax + 12, lh = 10 + n_series * (CHAR_H + 8) + 2;
-        int lx = R - lw - 10, ly = T + 10, yy = ly + 10;
-        draw_legend_box(&cv, lx, ly, lw, lh);
-        for (int k = 0; k < n_series; k++) {
-            float cy = (float)yy + CHAR_H / 2.0f;
-            draw_segment(&cv, (float)lx + 12, cy, (float)lx + 40, cy, 2.0f, TAB10[k], 0, 0, cv.w, cv.h);
-            if (series[k].markers) draw_disc(&cv, (float)lx + 26, cy, 3.5f, TAB10[k]);
-            draw_text(&cv, lx + 48, yy, series[k].label ? series[k].label : "", C_TEXT);
-            yy += CHAR_H + 8;
-        }
-    }
-    int rc = write_png(path, &cv, e);
-    free(cv.px);
-    return rc;
+    return render(path, c, n_series, xlabel ? xlabel : "step", ylabel ? ylabel : "loss", e);
 }

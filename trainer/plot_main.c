@@ -1,8 +1,9 @@
-/* trainer/plot_main.c — `qlora-plot`: curves of several runs in one PNG, and a
- * summary table of each run, from their metrics.jsonl files.
+/* trainer/plot_main.c — `qlora-plot`: curves of several runs in one figure, and
+ * a summary table of each run, from their metrics.jsonl files.
  *
- *   qlora-plot OUT.png [--x step|time] [--y eval|train] LABEL=RUN ...
+ *   qlora-plot OUT.png|OUT.svg [--x step|time] [--y eval|train] LABEL=RUN ...
  *
+ * OUT's extension picks the format (trainer/plot.h): ".svg" SVG, else PNG.
  * RUN is an output_dir (its metrics.jsonl is read) or a metrics.jsonl path.
  * --y eval (default): held-out loss at each evaluation; --y train: training
  * loss per step. --x step (default): optimizer step; --x time: seconds of
@@ -110,8 +111,8 @@ int main(int argc, char **argv) {
     }
     int time_x = !strcmp(xmode, "time"), train_y = !strcmp(ymode, "train");
     if (!out || !n || (!time_x && strcmp(xmode, "step")) || (!train_y && strcmp(ymode, "eval"))) {
-        fprintf(stderr, "usage: qlora-plot OUT.png [--x step|time] [--y eval|train] LABEL=RUN ...\n"
-                        "  RUN: an output_dir or a metrics.jsonl\n");
+        fprintf(stderr, "usage: qlora-plot OUT.png|OUT.svg [--x step|time] [--y eval|train] LABEL=RUN ...\n"
+                        "  OUT: a .svg name gives SVG, any other a PNG; RUN: an output_dir or a metrics.jsonl\n");
         return 2;
     }
     plot_series ps[MAX_RUNS];
@@ -126,7 +127,7 @@ int main(int argc, char **argv) {
                               .markers = !train_y};
     }
     qerr e;
-    int rc = plot_curves_png(out, ps, n, time_x ? "seconds of optimizer steps" : "step",
+    int rc = plot_curves(out, ps, n, time_x ? "seconds of optimizer steps" : "step",
                              train_y ? "train loss" : "held-out loss", &e);
     if (rc) fprintf(stderr, "qlora-plot: %s\n", e.msg);
     printf("%-24s %6s %12s %12s %10s %12s %10s\n", "run", "steps", "eval_first", "eval_last", "train_s", "hessian_s",

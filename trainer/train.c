@@ -129,7 +129,8 @@ static int write_adapter(const train_config *c, const char *dir, const lora_set 
             if (!a) continue;
             for (int ab = 0; ab < 2; ab++) {
                 const tensor *t = ab ? a->B : a->A;
-                peft_tensor_name(names[i], 128, l, llama_linear_names[k], ab ? 'B' : 'A');
+                peft_tensor_name(names[i], 128, l, llama_linears[k].parent, llama_linears[k].peft,
+                                 ab ? 'B' : 'A');
                 ts[i] = (st_tensor){.name = names[i], .dtype = "F32", .n_dims = 2,
                                     .shape = {t->shape[0], t->shape[1]}, .data = t->data,
                                     .nbytes = (size_t)t->numel * sizeof(float)};
@@ -145,7 +146,7 @@ static int write_adapter(const train_config *c, const char *dir, const lora_set 
     const char *targets[LLAMA_N_LINEAR];
     int nt = 0;
     for (int k = 0; k < LLAMA_N_LINEAR; k++)
-        if (ls->target[k]) targets[nt++] = llama_linear_names[k];
+        if (ls->target[k]) targets[nt++] = llama_linears[k].peft;
     peft_lora_config pc = {.r = ls->r, .lora_alpha = ls->alpha, .lora_dropout = ls->dropout,
                            .use_rslora = ls->use_rslora, .target_modules = targets, .n_target_modules = nt,
                            .base_model_name_or_path = c->base_model};
@@ -208,7 +209,8 @@ static int lora_tensor_table(const lora_set *ls, ckpt_tensor **out, int *n_out, 
             if (!a) continue;
             for (int ab = 0; ab < 2; ab++) {
                 const tensor *x = ab ? a->B : a->A;
-                peft_tensor_name(t[i].name, sizeof t[i].name, l, llama_linear_names[k], ab ? 'B' : 'A');
+                peft_tensor_name(t[i].name, sizeof t[i].name, l, llama_linears[k].parent, llama_linears[k].peft,
+                                 ab ? 'B' : 'A');
                 t[i].offset = (int64_t)((const float *)x->data - ls->params);
                 t[i].rows = x->shape[0];
                 t[i].cols = x->shape[1];
@@ -946,8 +948,7 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
     {
         char mpath[4096];
         snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", c->output_dir);
-        snprintf(path, sizeof path, "%s/loss_curve.png", c->output_dir);
-        if (plot_metrics_png(mpath, path, e)) goto done;
+        if (plot_run_loss_curves(mpath, c->output_dir, e)) goto done;
     }
     res->wall_seconds = clock_now_sec() - t_start;
     res->peak_rss_mib = proc_peak_rss_mib();

@@ -24,8 +24,8 @@ typedef struct train_result {
 
 /* Run the whole job described by a validated config: load model, tokenizer
  * and data; evaluate; train; evaluate; write the PEFT adapter, metrics.jsonl,
- * loss_curve.png and config.resolved.yaml into c->output_dir. Progress goes to
- * stderr, one line per logging step. Returns 0, or -1 with a one-line message
+ * loss_curve.png, loss_curve.svg and config.resolved.yaml into c->output_dir.
+ * Progress goes to stderr, one line per logging step. Returns 0, or -1 with a one-line message
  * (file, field, what was expected) and no partial adapter left behind.
  *
  * Checkpoints (trainer/checkpoint.h) go to output_dir/checkpoint-<step>/ every
