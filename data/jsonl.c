@@ -16,10 +16,13 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #define DS_IM_START "<|im_start|>"
 #define DS_IM_END "<|im_end|>"
@@ -271,37 +274,112 @@ static int ds_render_chat(const cJSON *obj, const char *field, const char *defau
 
 /* ------------------------------------------------------------------------ */
 
+/* The whole data file, read only if it is a regular file of a size this
+ * machine can hold: a FIFO, a device (/dev/zero, /dev/urandom) or a directory
+ * is refused before a byte is read (opened O_NONBLOCK, so a FIFO with no
+ * writer cannot block), and exactly st_size bytes are read, never more. */
 static char *ds_read_all(const char *path, size_t *len, qerr *e) {
-    FILE *fp = fopen(path, "rb");
-    if (!fp) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
         qerr_set(e, "%s: cannot open: %s", path, strerror(errno));
         return NULL;
     }
-    size_t cap = 1 << 16, n = 0;
-    char *buf = malloc(cap);
-    for (;;) {
-        if (!buf) {
-            fclose(fp);
-            qerr_set(e, "%s: out of memory reading the file", path);
-            return NULL;
-        }
-        n += fread(buf + n, 1, cap - n - 1, fp);
-        if (n < cap - 1) break;
-        cap *= 2;
-        char *nb = realloc(buf, cap);
-        if (!nb) free(buf);
-        buf = nb;
-    }
-    int err = ferror(fp);
-    fclose(fp);
-    if (err) {
-        free(buf);
-        qerr_set(e, "%s: read error", path);
+    struct stat sb;
+    if (fstat(fd, &sb)) {
+        qerr_set(e, "%s: cannot stat: %s", path, strerror(errno));
+        close(fd);
         return NULL;
     }
+    if (!S_ISREG(sb.st_mode)) {
+        qerr_set(e, "%s: not a regular file (%s): a dataset must be a JSONL file", path,
+                 S_ISDIR(sb.st_mode)    ? "a directory"
+                 : S_ISFIFO(sb.st_mode) ? "a FIFO"
+                 : S_ISCHR(sb.st_mode)  ? "a character device"
+                 : S_ISBLK(sb.st_mode)  ? "a block device"
+                 : S_ISSOCK(sb.st_mode) ? "a socket"
+                                        : "not a file");
+        close(fd);
+        return NULL;
+    }
+    /* The records are tokenized from memory: a file over half the machine's
+     * memory would not fit beside its tokens. */
+    const double phys = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    if (phys > 0 && (double)sb.st_size > phys / 2) {
+        qerr_set(e, "%s: %.1f GiB, more than half of this machine's memory (%.1f GiB): split it into several datasets",
+                 path, (double)sb.st_size / 1073741824.0, phys / 1073741824.0);
+        close(fd);
+        return NULL;
+    }
+    size_t want = (size_t)sb.st_size, n = 0;
+    char *buf = malloc(want + 1);
+    if (!buf) {
+        close(fd);
+        qerr_set(e, "%s: out of memory reading the file (%zu bytes)", path, want);
+        return NULL;
+    }
+    while (n < want) {
+        ssize_t got = read(fd, buf + n, want - n);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) {
+            qerr_set(e, "%s: read error: %s", path, strerror(errno));
+            free(buf);
+            close(fd);
+            return NULL;
+        }
+        if (got == 0) break; /* truncated while reading: take what is there */
+        n += (size_t)got;
+    }
+    close(fd);
     buf[n] = 0;
     *len = n;
     return buf;
+}
+
+/* Byte offset of the first invalid UTF-8 sequence in s[0..n) (RFC 3629:
+ * no overlongs, no surrogates, nothing above U+10FFFF), or -1 if valid. */
+static long ds_utf8_invalid_at(const char *s, size_t n) {
+    const unsigned char *u = (const unsigned char *)s;
+    for (size_t i = 0; i < n;) {
+        unsigned c = u[i];
+        size_t k;
+        unsigned lo = 0x80, hi = 0xBF;
+        if (c < 0x80) {
+            i++;
+            continue;
+        } else if (c >= 0xC2 && c <= 0xDF) {
+            k = 1;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            k = 2;
+            if (c == 0xE0) lo = 0xA0;
+            if (c == 0xED) hi = 0x9F;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            k = 3;
+            if (c == 0xF0) lo = 0x90;
+            if (c == 0xF4) hi = 0x8F;
+        } else {
+            return (long)i;
+        }
+        for (size_t j = 1; j <= k; j++) {
+            if (i + j >= n) return (long)i;
+            unsigned b = u[i + j];
+            unsigned l = j == 1 ? lo : 0x80, h = j == 1 ? hi : 0xBF;
+            if (b < l || b > h) return (long)i;
+        }
+        i += k + 1;
+    }
+    return -1;
+}
+
+/* Offset of a JSON "\u0000" escape in line[0..n) (a backslash that is not
+ * itself escaped, then u0000), or -1. cJSON's strings end at the first NUL,
+ * so such text would be cut there without a word. */
+static long ds_nul_escape_at(const char *s, size_t n) {
+    for (size_t i = 0; i + 6 <= n; i++) {
+        if (s[i] != '\\') continue;
+        if (s[i + 1] == 'u' && !memcmp(s + i + 2, "0000", 4)) return (long)i;
+        i++; /* skip the escaped character (also a second backslash) */
+    }
+    return -1;
 }
 
 static int ds_is_blank(const char *s, size_t n) {
@@ -368,8 +446,21 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
         line++;
         if (ds_is_blank(ls, ll)) continue;
         const char *end = NULL;
-        cJSON *obj = cJSON_ParseWithLengthOpts(ls, ll, &end, 0);
-        if (!obj) {
+        const char *nul = memchr(ls, 0, ll);
+        long bad_utf8 = nul ? -1 : ds_utf8_invalid_at(ls, ll), nul_esc = -1;
+        cJSON *obj = NULL;
+        if (nul)
+            rc = ds_bad(e, "%s:%ld: a NUL byte at column %ld (not valid JSON text)", path, line, (long)(nul - ls) + 1);
+        else if (bad_utf8 >= 0)
+            rc = ds_bad(e, "%s:%ld: invalid UTF-8 at column %ld (JSON text must be UTF-8)", path, line, bad_utf8 + 1);
+        else if ((nul_esc = ds_nul_escape_at(ls, ll)) >= 0)
+            rc = ds_bad(e, "%s:%ld: \\u0000 at column %ld: text with a NUL character is not supported (it would be "
+                           "cut there)", path, line, nul_esc + 1);
+        else
+            obj = cJSON_ParseWithLengthOpts(ls, ll, &end, 0);
+        if (rc) {
+            /* refused above, before parsing */
+        } else if (!obj) {
             long col = end && end >= ls ? (long)(end - ls) + 1 : 1;
             rc = ds_bad(e, "%s:%ld: invalid JSON near column %ld (expected one JSON object per line)", path, line,
                         col);
