@@ -43,6 +43,63 @@ char *file_read_all(const char *path, size_t *len, qerr *e) {
     return b;
 }
 
+char *file_read_regular(const char *path, size_t max_bytes, size_t *len, qerr *e) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        qerr_set(e, "%s: cannot open: %s", path, strerror(errno));
+        return NULL;
+    }
+    struct stat sb;
+    if (fstat(fd, &sb)) {
+        qerr_set(e, "%s: cannot stat: %s", path, strerror(errno));
+        close(fd);
+        return NULL;
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        qerr_set(e, "%s: not a regular file (%s)", path,
+                 S_ISDIR(sb.st_mode)    ? "a directory"
+                 : S_ISFIFO(sb.st_mode) ? "a FIFO"
+                 : S_ISCHR(sb.st_mode)  ? "a character device"
+                 : S_ISBLK(sb.st_mode)  ? "a block device"
+                 : S_ISSOCK(sb.st_mode) ? "a socket"
+                                        : "not a file");
+        close(fd);
+        return NULL;
+    }
+    double cap = (double)max_bytes;
+    if (max_bytes == 0) cap = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE) / 2;
+    if (cap > 0 && (double)sb.st_size > cap) {
+        qerr_set(e, "%s: %.2f GiB, more than the %.2f GiB limit (%s): split it into several files", path,
+                 (double)sb.st_size / 1073741824.0, cap / 1073741824.0,
+                 max_bytes ? "for this kind of input" : "half of this machine's memory");
+        close(fd);
+        return NULL;
+    }
+    size_t want = (size_t)sb.st_size, n = 0;
+    char *buf = malloc(want + 1);
+    if (!buf) {
+        close(fd);
+        qerr_set(e, "%s: out of memory reading %zu bytes", path, want);
+        return NULL;
+    }
+    while (n < want) {
+        ssize_t got = read(fd, buf + n, want - n);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) {
+            qerr_set(e, "%s: read error: %s", path, strerror(errno));
+            free(buf);
+            close(fd);
+            return NULL;
+        }
+        if (got == 0) break; /* the file shrank while being read: what is there */
+        n += (size_t)got;
+    }
+    close(fd);
+    buf[n] = 0;
+    if (len) *len = n;
+    return buf;
+}
+
 cJSON *file_read_json_object(const char *path, qerr *e) {
     char *t = file_read_all(path, NULL, e);
     if (!t) return NULL;

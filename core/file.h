@@ -28,6 +28,17 @@ char *file_read_all(const char *path, size_t *len, qerr *e);
  * for text that does not parse or whose top level is not an object. */
 struct cJSON *file_read_json_object(const char *path, qerr *e);
 
+/* file_read_regular: as file_read_all, for inputs that must be files on a
+ * disk (datasets): a FIFO, a device (/dev/zero, /dev/urandom), a socket or a
+ * directory is refused before a byte is read (the open is O_NONBLOCK, so a
+ * FIFO without a writer cannot block), and exactly the st_size bytes are read,
+ * never more. max_bytes: 0 = at most half of the machine's physical memory
+ * (the bytes are processed in memory beside what is made of them), else that
+ * many. Errors (returns NULL): "<path>: cannot open: <strerror>", "<path>: not
+ * a regular file (a FIFO|a directory|...)", "<path>: <size>, more than ...",
+ * "<path>: read error: <strerror>", out of memory. */
+char *file_read_regular(const char *path, size_t max_bytes, size_t *len, qerr *e);
+
 /* file_write_fd_all: write `len` bytes at `data` to `fd`, retrying short
  * writes and EINTR. Returns 0, or -1 with errno set (EIO when write() made no
  * progress). */

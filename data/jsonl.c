@@ -260,6 +260,53 @@ static int ds_render_chat(const cJSON *obj, const char *field, const char *defau
 
 /* ------------------------------------------------------------------------ */
 
+/* Byte offset of the first invalid UTF-8 sequence in s[0..n) (RFC 3629:
+ * no overlongs, no surrogates, nothing above U+10FFFF), or -1 if valid. */
+static long ds_utf8_invalid_at(const char *s, size_t n) {
+    const unsigned char *u = (const unsigned char *)s;
+    for (size_t i = 0; i < n;) {
+        unsigned c = u[i];
+        size_t k;
+        unsigned lo = 0x80, hi = 0xBF;
+        if (c < 0x80) {
+            i++;
+            continue;
+        } else if (c >= 0xC2 && c <= 0xDF) {
+            k = 1;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            k = 2;
+            if (c == 0xE0) lo = 0xA0;
+            if (c == 0xED) hi = 0x9F;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            k = 3;
+            if (c == 0xF0) lo = 0x90;
+            if (c == 0xF4) hi = 0x8F;
+        } else {
+            return (long)i;
+        }
+        for (size_t j = 1; j <= k; j++) {
+            if (i + j >= n) return (long)i;
+            unsigned b = u[i + j];
+            unsigned l = j == 1 ? lo : 0x80, h = j == 1 ? hi : 0xBF;
+            if (b < l || b > h) return (long)i;
+        }
+        i += k + 1;
+    }
+    return -1;
+}
+
+/* Offset of a JSON "\u0000" escape in line[0..n) (a backslash that is not
+ * itself escaped, then u0000), or -1. cJSON's strings end at the first NUL,
+ * so such text would be cut there without a word. */
+static long ds_nul_escape_at(const char *s, size_t n) {
+    for (size_t i = 0; i + 6 <= n; i++) {
+        if (s[i] != '\\') continue;
+        if (s[i + 1] == 'u' && !memcmp(s + i + 2, "0000", 4)) return (long)i;
+        i++; /* skip the escaped character (also a second backslash) */
+    }
+    return -1;
+}
+
 static int ds_is_blank(const char *s, size_t n) {
     for (size_t i = 0; i < n; i++)
         if (s[i] != ' ' && s[i] != '\t' && s[i] != '\r' && s[i] != '\n' && s[i] != '\f' && s[i] != '\v') return 0;
@@ -306,7 +353,7 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
     }
 
     size_t len = 0;
-    char *buf = file_read_all(path, &len, e);
+    char *buf = file_read_regular(path, 0, &len, e);
     if (!buf) {
         free(default_system);
         return -1;
@@ -324,8 +371,21 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
         line++;
         if (ds_is_blank(ls, ll)) continue;
         const char *end = NULL;
-        cJSON *obj = cJSON_ParseWithLengthOpts(ls, ll, &end, 0);
-        if (!obj) {
+        const char *nul = memchr(ls, 0, ll);
+        long bad_utf8 = nul ? -1 : ds_utf8_invalid_at(ls, ll), nul_esc = -1;
+        cJSON *obj = NULL;
+        if (nul)
+            rc = ds_bad(e, "%s:%ld: a NUL byte at column %ld (not valid JSON text)", path, line, (long)(nul - ls) + 1);
+        else if (bad_utf8 >= 0)
+            rc = ds_bad(e, "%s:%ld: invalid UTF-8 at column %ld (JSON text must be UTF-8)", path, line, bad_utf8 + 1);
+        else if ((nul_esc = ds_nul_escape_at(ls, ll)) >= 0)
+            rc = ds_bad(e, "%s:%ld: \\u0000 at column %ld: text with a NUL character is not supported (it would be "
+                           "cut there)", path, line, nul_esc + 1);
+        else
+            obj = cJSON_ParseWithLengthOpts(ls, ll, &end, 0);
+        if (rc) {
+            /* refused above, before parsing */
+        } else if (!obj) {
             long col = end && end >= ls ? (long)(end - ls) + 1 : 1;
             rc = ds_bad(e, "%s:%ld: invalid JSON near column %ld (expected one JSON object per line)", path, line,
                         col);

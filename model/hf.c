@@ -106,7 +106,11 @@ static int parse_config(hf_model *h, qerr *e) {
     }
     if (cfg_int(c, "head_dim", hp->d_model / hp->n_head, &hp->head_dim, path, e)) goto done;
     const cJSON *eps = cJSON_GetObjectItemCaseSensitive(c, "rms_norm_eps");
-    hp->rms_eps = cJSON_IsNumber(eps) ? (float)eps->valuedouble : 1e-6f;
+    if (eps && !cJSON_IsNumber(eps)) {
+        qerr_set(e, "%s: rms_norm_eps: expected a number", path);
+        goto done;
+    }
+    hp->rms_eps = eps ? (float)eps->valuedouble : 1e-6f;
     hp->tied_embeddings = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(c, "tie_word_embeddings"));
 
     /* RoPE: rope_theta + rope_scaling (transformers 4) or rope_parameters (5) */
@@ -119,7 +123,11 @@ static int parse_config(hf_model *h, qerr *e) {
         if (cJSON_IsNumber(t2)) rt = t2;
         if (!rs || cJSON_IsNull(rs)) rs = rpar;
     }
-    if (cJSON_IsNumber(rt)) hp->rope_theta = (float)rt->valuedouble;
+    if (rt && !cJSON_IsNumber(rt)) {
+        qerr_set(e, "%s: rope_theta: expected a number", path);
+        goto done;
+    }
+    if (rt) hp->rope_theta = (float)rt->valuedouble;
     if (cJSON_IsObject(rs)) {
         const cJSON *ty = cJSON_GetObjectItemCaseSensitive(rs, "rope_type");
         if (!ty) ty = cJSON_GetObjectItemCaseSensitive(rs, "type");
@@ -131,6 +139,10 @@ static int parse_config(hf_model *h, qerr *e) {
     if (hp->n_layer <= 0 || hp->n_kv_head <= 0 || hp->n_head % hp->n_kv_head || hp->head_dim <= 0 ||
         hp->head_dim % 2 || hp->d_ff <= 0 || hp->vocab <= 0) {
         qerr_set(e, "%s: inconsistent hyper-parameters", path);
+        goto done;
+    }
+    if (llama_hparams_check(hp, "rope_theta", "rms_norm_eps", e)) {
+        qerr_prefix(e, "%s", path);
         goto done;
     }
 
@@ -171,20 +183,36 @@ static int open_shards(hf_model *h, qerr *e) {
         }
         /* distinct shard names, in first-use order */
         const char **names = calloc(HF_MAX_SHARDS, sizeof *names);
+        if (!names) {
+            cJSON_Delete(idx);
+            return qerr_set(e, "out of memory");
+        }
         int n = 0;
         const cJSON *it;
         cJSON_ArrayForEach(it, wm) {
-            if (!cJSON_IsString(it) || strchr(it->valuestring, '/')) {
+            /* a shard is a file beside the index: no path, no "." / "..", nothing empty */
+            const char *v = cJSON_IsString(it) ? it->valuestring : NULL;
+            if (!v || !v[0] || strchr(v, '/') || !strcmp(v, ".") || !strcmp(v, "..")) {
+                /* the message is written before the tree (which owns it->string) is freed */
+                qerr_set(e, "%s: weight_map[\"%.200s\"]: expected the file name of a shard in the same directory",
+                         path, it->string ? it->string : "");
                 free(names);
                 cJSON_Delete(idx);
-                return qerr_set(e, "%s: weight_map[\"%s\"] is not a file name", path, it->string);
+                return -1;
             }
             int seen = 0;
-            for (int i = 0; i < n && !seen; i++) seen = !strcmp(names[i], it->valuestring);
-            if (!seen && n < HF_MAX_SHARDS) names[n++] = it->valuestring;
+            for (int i = 0; i < n && !seen; i++) seen = !strcmp(names[i], v);
+            if (seen) continue;
+            if (n == HF_MAX_SHARDS) {
+                qerr_set(e, "%s: weight_map names more than %d shard files", path, HF_MAX_SHARDS);
+                free(names);
+                cJSON_Delete(idx);
+                return -1;
+            }
+            names[n++] = v;
         }
         h->shards = calloc((size_t)n + 1, sizeof *h->shards);
-        int rc = 0;
+        int rc = h->shards ? 0 : qerr_set(e, "out of memory");
         for (int i = 0; i < n && !rc; i++) {
             char sp[4096];
             snprintf(sp, sizeof sp, "%s/%s", h->dir, names[i]);
@@ -248,6 +276,14 @@ int hf_model_open(const char *dir, hf_model **out, qerr *e) {
     if (t.n_dims != 2 || t.shape[0] != h->hp.vocab || t.shape[1] != h->hp.d_model) {
         qerr_set(e, "%s: model.embed_tokens.weight has shape [%lld, %lld], config says [%d, %d]", dir,
                  (long long)t.shape[0], (long long)(t.n_dims > 1 ? t.shape[1] : 0), h->hp.vocab, h->hp.d_model);
+        goto fail;
+    }
+    /* a layer beyond num_hidden_layers: the model would be trained truncated */
+    char extra[96];
+    snprintf(extra, sizeof extra, "model.layers.%d.input_layernorm.weight", h->hp.n_layer);
+    if (find(h, extra, &t) == 0) {
+        qerr_set(e, "%s: tensor %s exists, but config.json num_hidden_layers is %d (the checkpoint holds more layers "
+                    "than its config declares)", dir, extra, h->hp.n_layer);
         goto fail;
     }
     /* an untied head wins over the flag: some exports keep lm_head.weight even when tied */

@@ -31,6 +31,8 @@ void llama_tensor_shape(const llama_hparams *hp, llama_role role, int module, in
     *rows = *cols = 0;
 }
 
+static int llama_gguf_refuse_unimplemented(const gguf_file *f, const llama_hparams *hp, qerr *e);
+
 int llama_hparams_from_gguf(const gguf_file *f, llama_hparams *hp, qerr *e) {
     memset(hp, 0, sizeof *hp);
     const char *arch;
@@ -80,6 +82,76 @@ int llama_hparams_from_gguf(const gguf_file *f, llama_hparams *hp, qerr *e) {
     if ((int64_t)emb->ne[0] != hp->d_model)
         return qerr_set(e, "token_embd.weight: expected ne0 = %d, got %llu", hp->d_model,
                         (unsigned long long)emb->ne[0]);
+    if (llama_hparams_check(hp, "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon", e)) return -1;
+    return llama_gguf_refuse_unimplemented(f, hp, e);
+}
+
+int llama_hparams_check(const llama_hparams *hp, const char *theta_key, const char *eps_key, qerr *e) {
+    /* rope_theta: the base of the frequencies 1/theta^(2i/d); <= 1 makes every pair rotate at least once per
+     * token (no model is trained so), NaN/Inf makes every angle NaN */
+    if (!isfinite(hp->rope_theta) || hp->rope_theta <= 1.0f)
+        return qerr_set(e, "%s: expected a finite RoPE base > 1, got %g", theta_key, (double)hp->rope_theta);
+    /* rms_eps: added to mean(x^2) under the square root; <= 0 or NaN divides by zero or poisons every row */
+    if (!isfinite(hp->rms_eps) || hp->rms_eps <= 0.0f || hp->rms_eps >= 1.0f)
+        return qerr_set(e, "%s: expected a finite RMSNorm epsilon in (0, 1), got %g", eps_key, (double)hp->rms_eps);
+    if (hp->context_length <= 0)
+        return qerr_set(e, "context length: expected a positive number of positions, got %d", hp->context_length);
+    return 0;
+}
+
+/* Tensors and keys of a GGUF that change the maths and that this loader does
+ * not implement: refused by name, so a model is never trained as a different
+ * one (docs/formats.md §3). */
+static int llama_gguf_refuse_unimplemented(const gguf_file *f, const llama_hparams *hp, qerr *e) {
+    if (gguf_find_tensor(f, "rope_freqs.weight"))
+        return qerr_set(e, "tensor rope_freqs.weight: per-pair RoPE frequency factors (llama3 RoPE scaling, Llama "
+                           "3.1/3.2) are not implemented; refusing rather than training with the default RoPE");
+    const char *type = NULL;
+    size_t tl = 0;
+    if (gguf_has_key(f, "llama.rope.scaling.type")) {
+        if (gguf_get_str(f, "llama.rope.scaling.type", &type, &tl, e)) return -1;
+        if (!(tl == 4 && !memcmp(type, "none", 4)))
+            return qerr_set(e, "llama.rope.scaling.type: \"%.*s\" RoPE scaling is not implemented (only none)",
+                            (int)tl, type);
+    }
+    if (gguf_has_key(f, "llama.rope.scaling.factor")) {
+        float factor;
+        if (gguf_get_f32(f, "llama.rope.scaling.factor", &factor, e)) return -1;
+        if (factor != 0.0f && factor != 1.0f)
+            return qerr_set(e, "llama.rope.scaling.factor: %g: RoPE scaling is not implemented (only factor 1)",
+                            (double)factor);
+    }
+    static const char *const refused[] = {"llama.attn_logit_softcapping", "llama.final_logit_softcapping",
+                                          "llama.attention.sliding_window", "llama.rope.dimension_sections"};
+    for (size_t i = 0; i < sizeof refused / sizeof *refused; i++)
+        if (gguf_has_key(f, refused[i]))
+            return qerr_set(e, "%s: not implemented for the llama architecture here; refusing rather than training "
+                               "a different model", refused[i]);
+    if (gguf_has_key(f, "llama.rope.dimension_count")) {
+        uint32_t n;
+        if (gguf_get_u32(f, "llama.rope.dimension_count", &n, e)) return -1;
+        if ((int)n != hp->head_dim)
+            return qerr_set(e, "llama.rope.dimension_count: %u, but head_dim is %d: partial rotary embeddings are not "
+                               "implemented", n, hp->head_dim);
+    }
+    /* every blk.N tensor must belong to one of the block_count layers: fewer layers than the file holds would train
+     * a truncated model without a word */
+    for (uint64_t i = 0; i < gguf_n_tensors(f); i++) {
+        const gguf_tensor *t = gguf_tensor_at(f, i);
+        long blk;
+        char *end;
+        if (strncmp(t->name, "blk.", 4)) continue;
+        blk = strtol(t->name + 4, &end, 10);
+        if (end != t->name + 4 && *end == '.' && blk >= hp->n_layer)
+            return qerr_set(e, "tensor %s: block %ld, but llama.block_count is %d (the file holds more layers than "
+                               "its metadata declares)", t->name, blk, hp->n_layer);
+        if (!strcmp(end, ".attn_q.bias") || !strcmp(end, ".attn_k.bias") || !strcmp(end, ".attn_v.bias") ||
+            !strcmp(end, ".attn_output.bias") || !strcmp(end, ".ffn_up.bias") || !strcmp(end, ".ffn_down.bias") ||
+            !strcmp(end, ".ffn_gate.bias"))
+            return qerr_set(e, "tensor %s: linear biases are not implemented (Llama without biases only)", t->name);
+        if (!strcmp(end, ".attn_q_norm.weight") || !strcmp(end, ".attn_k_norm.weight"))
+            return qerr_set(e, "tensor %s: QK-norm is not implemented", t->name);
+    }
     return 0;
 }
 

@@ -62,8 +62,21 @@ typedef struct llama_model {
     rope_table rope;
 } llama_model;
 
-/* Read hyper-parameters from GGUF metadata (`llama.*` keys). */
+/* Read hyper-parameters from GGUF metadata (`llama.*` keys), checked with
+ * llama_hparams_check. Keys and tensors that change the maths and are not
+ * implemented are refused by name: rope_freqs.weight (llama3 scaling),
+ * llama.rope.scaling.* other than none/1, logit soft-capping, a sliding
+ * window, partial rotary dimensions, linear biases, QK-norm, and blk.N
+ * tensors beyond llama.block_count. Errors (-1): one line naming the key or
+ * tensor. */
 int llama_hparams_from_gguf(const gguf_file *f, llama_hparams *hp, qerr *e);
+
+/* Hyper-parameters that would make a different (or NaN) model: rope_theta
+ * must be finite and > 1, rms_eps finite in (0, 1), context_length > 0.
+ * theta_key / eps_key name the source's keys in the message (GGUF
+ * "llama.rope.freq_base", HF config.json "rope_theta"). Returns 0, or -1 with
+ * "<key>: expected ..., got <value>". */
+int llama_hparams_check(const llama_hparams *hp, const char *theta_key, const char *eps_key, qerr *e);
 
 /* Load the base model from an open GGUF: dequantize each tensor from its GGUF
  * type, un-permute Q/K rows, and store the linears as NF4 (load_in_4bit) or

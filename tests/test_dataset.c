@@ -14,6 +14,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <sys/stat.h>
+
 #include <cmocka.h>
 
 #include "data/dataset.h"
@@ -633,6 +635,61 @@ static void test_errors(void **state) {
     dataset_examples_free(&docs);
 }
 
+/* Hostile input at the data boundary (issue 17 items 4 and 5): only regular
+ * files are read (a FIFO with no writer, a device, a directory are refused at
+ * once instead of blocking or reading without end); a NUL byte, a \u0000
+ * escape (cJSON would cut the text there) and invalid UTF-8 are refused with
+ * the line and column, never trained on in part. */
+static void test_hostile_files_and_text(void **state) {
+    fixture *fx = need_model(state);
+    dataset_examples docs = {0};
+    qerr e = {{0}};
+    char fifo[300];
+    snprintf(fifo, sizeof fifo, "%s/fifo.jsonl", fx->dir);
+    assert_int_equal(mkfifo(fifo, 0600), 0);
+    char *paths[] = {fifo, (char *)"/dev/zero", (char *)"/dev/urandom", fx->dir};
+    const char *kinds[] = {"a FIFO", "a character device", "a character device", "a directory"};
+    for (int i = 0; i < 4; i++) {
+        dataset_spec spec = {paths[i], "completion", NULL, NULL, 0, NULL};
+        assert_int_equal(dataset_read_jsonl(fx->tok, &spec, 0, &docs, &e), -1);
+        assert_non_null(strstr(e.msg, paths[i]));
+        if (!strstr(e.msg, kinds[i])) fail_msg("%s: expected \"%s\" in: %s", paths[i], kinds[i], e.msg);
+        assert_int_equal(docs.n, 0);
+    }
+    /* a raw NUL byte inside the line (written byte by byte: fputs would stop at it) */
+    char p[300];
+    snprintf(p, sizeof p, "%s/nul.jsonl", fx->dir);
+    FILE *fp = fopen(p, "wb");
+    assert_non_null(fp);
+    static const char raw[] = "{\"text\": \"ok\"}\n{\"text\": \"abc\0def\"}\n";
+    assert_int_equal(fwrite(raw, 1, sizeof raw - 1, fp), sizeof raw - 1);
+    fclose(fp);
+    dataset_spec nul = {p, "completion", NULL, NULL, 0, NULL};
+    assert_int_equal(dataset_read_jsonl(fx->tok, &nul, 0, &docs, &e), -1);
+    assert_non_null(strstr(e.msg, "nul.jsonl:2: a NUL byte at column 14"));
+    expect_read_error(fx, "esc.jsonl", "completion", "{\"text\": \"abc\\u0000def\"}\n", "esc.jsonl:1:",
+                      "\\u0000 at column 14");
+    /* an escaped backslash before u0000 is text, not a NUL */
+    dataset_spec ok = {write_jsonl(fx, "bs.jsonl", "{\"text\": \"C:\\\\u0000 is a path\"}\n"), "completion", NULL,
+                       NULL, 0, NULL};
+    if (dataset_read_jsonl(fx->tok, &ok, 0, &docs, &e)) fail_msg("%s", e.msg);
+    assert_int_equal(docs.n, 1);
+    dataset_examples_free(&docs);
+    expect_read_error(fx, "utf8.jsonl", "completion", "{\"text\": \"caf\xc3\xa9 ok\"}\n{\"text\": \"bad \xff byte\"}\n",
+                      "utf8.jsonl:2: invalid UTF-8 at column 15", NULL);
+    expect_read_error(fx, "over.jsonl", "completion", "{\"text\": \"overlong \xc0\xaf\"}\n", "over.jsonl:1: invalid UTF-8",
+                      NULL);
+    expect_read_error(fx, "surr.jsonl", "completion", "{\"text\": \"surrogate \xed\xa0\x80\"}\n",
+                      "surr.jsonl:1: invalid UTF-8", NULL);
+    expect_read_error(fx, "cut.jsonl", "completion", "{\"text\": \"cut \xe2\x82\"}\n", "cut.jsonl:1: invalid UTF-8",
+                      NULL);
+    /* valid 4-byte UTF-8 passes */
+    dataset_spec emoji = {write_jsonl(fx, "emoji.jsonl", "{\"text\": \"ok \xf0\x9f\x98\x80\"}\n"), "completion", NULL,
+                          NULL, 0, NULL};
+    if (dataset_read_jsonl(fx->tok, &emoji, 0, &docs, &e)) fail_msg("%s", e.msg);
+    dataset_examples_free(&docs);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_completion_chunking),
@@ -644,6 +701,7 @@ int main(void) {
         cmocka_unit_test(test_determinism),
         cmocka_unit_test(test_split_no_leak),
         cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_hostile_files_and_text),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -14,6 +14,7 @@
  *    against gguf-py (tests/fixtures/smollm2_expected.gguf).
  * Run from the repo root.
  */
+#include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -29,6 +30,8 @@
 #include "core/bf16.h"
 #include "core/rng.h"
 #include "format/gguf.h"
+#include "format/gguf_write.h"
+#include "model/llama.h"
 #include "quant/ggml_quants.h"
 
 #define MODEL_PATH "models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -936,6 +939,79 @@ static void test_real_model(void **state) {
     gguf_close(f);
 }
 
+/* ---- model metadata that changes the maths: refused by name, never trained as another model ---- */
+
+/* A minimal llama GGUF: the hyper-parameter keys, token_embd and one block's
+ * attn_norm, plus one extra key or tensor chosen by `what`; returns
+ * llama_hparams_from_gguf's result with its message in e. */
+static int hparams_of_variant(const char *what, qerr *e) {
+    static float emb[16 * 8], norm[8], freqs[4];
+    for (int i = 0; i < 16 * 8; i++) emb[i] = 0.01f * (float)i;
+    for (int i = 0; i < 8; i++) norm[i] = 1.0f;
+    for (int i = 0; i < 4; i++) freqs[i] = 1.0f + (float)i;
+    gguf_writer *w;
+    assert_int_equal(gguf_writer_init(&w, e), 0);
+    gguf_writer_add_str(w, "general.architecture", "llama");
+    gguf_writer_add_u32(w, "llama.block_count", 1);
+    gguf_writer_add_u32(w, "llama.embedding_length", 8);
+    gguf_writer_add_u32(w, "llama.attention.head_count", 1);
+    gguf_writer_add_u32(w, "llama.feed_forward_length", 16);
+    gguf_writer_add_f32(w, "llama.rope.freq_base", strcmp(what, "theta0") ? 10000.0f : 0.0f);
+    gguf_writer_add_f32(w, "llama.attention.layer_norm_rms_epsilon",
+                        !strcmp(what, "epsnan") ? NAN : !strcmp(what, "epsneg") ? -1.0f : 1e-5f);
+    if (!strcmp(what, "scaling_type")) gguf_writer_add_str(w, "llama.rope.scaling.type", "yarn");
+    if (!strcmp(what, "scaling_none")) gguf_writer_add_str(w, "llama.rope.scaling.type", "none");
+    if (!strcmp(what, "scaling_factor")) gguf_writer_add_f32(w, "llama.rope.scaling.factor", 8.0f);
+    if (!strcmp(what, "softcap")) gguf_writer_add_f32(w, "llama.final_logit_softcapping", 30.0f);
+    if (!strcmp(what, "window")) gguf_writer_add_u32(w, "llama.attention.sliding_window", 4096);
+    if (!strcmp(what, "rotary")) gguf_writer_add_u32(w, "llama.rope.dimension_count", 4);
+    uint64_t ne_emb[2] = {8, 16}, ne_norm[1] = {8}, ne_f[1] = {4};
+    gguf_writer_add_tensor(w, "token_embd.weight", GGML_TYPE_F32, 2, ne_emb, emb, sizeof emb);
+    gguf_writer_add_tensor(w, "blk.0.attn_norm.weight", GGML_TYPE_F32, 1, ne_norm, norm, sizeof norm);
+    if (!strcmp(what, "rope_freqs")) gguf_writer_add_tensor(w, "rope_freqs.weight", GGML_TYPE_F32, 1, ne_f, freqs, sizeof freqs);
+    if (!strcmp(what, "extra_block"))
+        gguf_writer_add_tensor(w, "blk.1.attn_norm.weight", GGML_TYPE_F32, 1, ne_norm, norm, sizeof norm);
+    if (!strcmp(what, "bias")) gguf_writer_add_tensor(w, "blk.0.attn_q.bias", GGML_TYPE_F32, 1, ne_norm, norm, sizeof norm);
+    if (!strcmp(what, "qknorm"))
+        gguf_writer_add_tensor(w, "blk.0.attn_q_norm.weight", GGML_TYPE_F32, 1, ne_norm, norm, sizeof norm);
+    tmp_init();
+    assert_int_equal(gguf_writer_write(w, tmp_path, e), 0);
+    gguf_writer_free(w);
+    gguf_file *f = NULL;
+    assert_int_equal(gguf_open(tmp_path, &f, e), 0);
+    llama_hparams hp;
+    int rc = llama_hparams_from_gguf(f, &hp, e);
+    gguf_close(f);
+    return rc;
+}
+
+static void test_model_metadata_refused(void **state) {
+    (void)state;
+    qerr e = {{0}};
+    if (hparams_of_variant("plain", &e)) fail_msg("the plain variant must load: %s", e.msg);
+    if (hparams_of_variant("scaling_none", &e)) fail_msg("rope scaling none must load: %s", e.msg);
+    static const struct { const char *what, *want; } cases[] = {
+        {"rope_freqs", "rope_freqs.weight"},            /* Llama 3.1/3.2: must not train with the default RoPE */
+        {"scaling_type", "llama.rope.scaling.type"},
+        {"scaling_factor", "llama.rope.scaling.factor"},
+        {"softcap", "llama.final_logit_softcapping"},
+        {"window", "llama.attention.sliding_window"},
+        {"rotary", "llama.rope.dimension_count"},
+        {"extra_block", "blk.1.attn_norm.weight"},      /* more layers than block_count */
+        {"bias", "blk.0.attn_q.bias"},
+        {"qknorm", "blk.0.attn_q_norm.weight"},
+        {"theta0", "llama.rope.freq_base"},
+        {"epsnan", "llama.attention.layer_norm_rms_epsilon"},
+        {"epsneg", "llama.attention.layer_norm_rms_epsilon"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        memset(&e, 0, sizeof e);
+        if (hparams_of_variant(cases[i].what, &e) == 0) fail_msg("%s: loaded, expected a refusal", cases[i].what);
+        if (!strstr(e.msg, cases[i].want)) fail_msg("%s: message does not name %s: %s", cases[i].what, cases[i].want, e.msg);
+        if (strchr(e.msg, '\n')) fail_msg("%s: not one line: %s", cases[i].what, e.msg);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sample_roundtrip),
@@ -949,6 +1025,7 @@ int main(void) {
         cmocka_unit_test(test_dequant_vs_gguf_py),
         cmocka_unit_test(test_quantizers_vs_gguf_py),
         cmocka_unit_test(test_real_model),
+        cmocka_unit_test(test_model_metadata_refused),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     if (tmp_path[0]) unlink(tmp_path);

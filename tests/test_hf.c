@@ -935,6 +935,38 @@ static void test_hf_errors(void **state) {
     fclose(f);
     assert_int_equal(base_model_open(hd, &b, &e), -1); /* no weights */
     assert_non_null(strstr(e.msg, "model.safetensors"));
+    /* hostile values (issue 17 item 8): a rope_theta that is not a number was silently 10000 */
+    static const char *const bad_values[][2] = {
+        {"\"rope_theta\": \"abc\"", "rope_theta: expected a number"},
+        {"\"rope_theta\": 0", "rope_theta: expected a finite RoPE base > 1"},
+        {"\"rms_norm_eps\": \"x\"", "rms_norm_eps: expected a number"},
+        {"\"rms_norm_eps\": -1", "rms_norm_eps: expected a finite RMSNorm epsilon"},
+    };
+    for (size_t i = 0; i < sizeof bad_values / sizeof *bad_values; i++) {
+        f = fopen(p, "w");
+        fprintf(f, "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 96, "
+                   "\"num_hidden_layers\": 2, \"num_attention_heads\": 4, \"vocab_size\": 10, %s}", bad_values[i][0]);
+        fclose(f);
+        assert_int_equal(base_model_open(hd, &b, &e), -1);
+        if (!strstr(e.msg, bad_values[i][1])) fail_msg("%s: expected \"%s\" in: %s", bad_values[i][0], bad_values[i][1], e.msg);
+    }
+    /* a shard name that leaves the directory (issue 17 item 1: the message printed freed memory, ASan) */
+    f = fopen(p, "w");
+    fputs("{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 96, \"num_hidden_layers\": 2, "
+          "\"num_attention_heads\": 4, \"vocab_size\": 10}", f);
+    fclose(f);
+    static const char *const bad_shards[] = {"../x", "..", "", "a/b.safetensors"};
+    for (size_t i = 0; i < sizeof bad_shards / sizeof *bad_shards; i++) {
+        char ip[300];
+        snprintf(ip, sizeof ip, "%s/model.safetensors.index.json", hd);
+        f = fopen(ip, "w");
+        fprintf(f, "{\"metadata\": {}, \"weight_map\": {\"model.norm.weight\": \"%s\"}}", bad_shards[i]);
+        fclose(f);
+        assert_int_equal(base_model_open(hd, &b, &e), -1);
+        if (!strstr(e.msg, "weight_map[\"model.norm.weight\"]: expected the file name of a shard"))
+            fail_msg("shard \"%s\": %s", bad_shards[i], e.msg);
+        unlink(ip);
+    }
 }
 
 /* tokenizer.json written from a Llama-3-style GGUF tokenizer (llama-bpe pre-tokenizer,
