@@ -27,6 +27,7 @@
 #include "core/file.h"
 #include "data/tokenizer_json.h"
 #include "format/safetensors.h"
+#include "model/llama_linear.h"
 #include "quant/nf4.h"
 
 #define HF_MAX_SHARDS 4096
@@ -40,10 +41,6 @@ struct hf_model {
     gguf_file *tok_gguf;  /* tokenizer.json + tokenizer_config.json as GGUF tokenizer metadata */
     char lm_head_name[64]; /* "lm_head.weight" or the embedding when tied */
 };
-
-static const char *const hf_linear[LLAMA_N_LINEAR] = {
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj",    "mlp.up_proj",      "mlp.down_proj"};
 
 /* ------------------------------------------------------------------ config.json */
 
@@ -324,7 +321,8 @@ static void role_name(llama_role role, int layer, int module, char *name, size_t
     case LLAMA_T_OUT_NORM: snprintf(name, n, "model.norm.weight"); return;
     case LLAMA_T_ATTN_NORM: snprintf(name, n, "model.layers.%d.input_layernorm.weight", layer); return;
     case LLAMA_T_FFN_NORM: snprintf(name, n, "model.layers.%d.post_attention_layernorm.weight", layer); return;
-    case LLAMA_T_LINEAR: snprintf(name, n, "model.layers.%d.%s.weight", layer, hf_linear[module]); return;
+    case LLAMA_T_LINEAR: snprintf(name, n, "model.layers.%d.%s.%s.weight", layer, llama_linears[module].parent,
+                                      llama_linears[module].peft); return;
     }
     name[0] = 0;
 }
