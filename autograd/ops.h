@@ -63,8 +63,9 @@ tensor *op_rope(ag_ctx *ctx, tensor *x, int n_heads, const rope_table *rt, const
 /* Causal grouped-query attention. q (B*T, H*hd), k and v (B*T, KVH*hd); head h
  * uses kv head h / (H/KVH). seq_ids (B*T) or NULL: token i attends to token j ≤ i
  * of the same row only if seq_ids[i] == seq_ids[j] (packed examples never see
- * each other). Scale 1/sqrt(hd). Returns (B*T, H*hd). Stores the fp32
- * probabilities (B, H, T, T) for backward. */
+ * each other). Scale 1/sqrt(hd). Returns (B*T, H*hd). Saves each softmax
+ * row's max and 1/sum (B, H, T) fp32, from which backward recomputes the
+ * probabilities (backend attention_bwd). */
 tensor *op_attention(ag_ctx *ctx, tensor *q, tensor *k, tensor *v, int B, int T, int H, int KVH,
                      const int32_t *seq_ids);
 

@@ -99,7 +99,7 @@ typedef struct ag_ctx {
     int training;  /* 1: dropout active */
     int saving;    /* 1 inside a segment: ops copy what backward needs into the keep arena */
     uint64_t seed;  /* dropout stream seed for the current micro-batch */
-    /* reusable scratch for dequantized frozen weights and bf16 operand copies */
+    /* reusable scratch (backend memory) for dequantized frozen weights and block outputs */
     void *wscratch;
     size_t wscratch_size;
     void *ascratch;
