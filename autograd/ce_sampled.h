@@ -8,7 +8,7 @@
  * Like op_lm_head_ce (autograd/ops.h) the logits exist only `chunk` rows at a
  * time, and the gradient w.r.t. the hidden states is produced in the same
  * pass. Sampling is deterministic: row n draws one 53-bit uniform u from the
- * counter-based RNG (core/rng.h) at (seed, CE_SAMPLE_STREAM, n) and takes the
+ * counter-based RNG (core/rng.h) at (seed, CE_SAMPLE_STREAM (autograd/backend.h), n) and takes the
  * smallest label whose softmax prefix sum (fp32 terms, summed in double)
  * exceeds u·Σp — the inverse CDF — so labels depend on the seed and the
  * logits only (not on thread count or chunking).
@@ -20,9 +20,6 @@
 
 #include "autograd/ops.h"
 #include "autograd/tensor.h"
-
-/* RNG stream of the label draws. */
-#define CE_SAMPLE_STREAM 0x5a3b1e5ull
 
 /* Sampled-label LM head + cross-entropy:
  *   ŷ[n] ~ Categorical(softmax(h[n] Wᵀ))              for each row with mask[n] != -100

@@ -1,4 +1,4 @@
-/* autograd/ops.h — the differentiable ops of a Llama block, CPU reference engine.
+/* autograd/ops.h — the differentiable ops of a Llama block.
  *
  * Every op computes its forward result into a new arena tensor and, when the
  * context is recording and an input requires grad, records a backward node.
@@ -7,6 +7,8 @@
  * ctx->bf16 (fp32 accumulation), fp32 otherwise. Frozen base weights are never
  * materialised whole: each linear dequantizes its own weight into a reusable
  * scratch buffer right before its GEMM, in forward and again in backward.
+ * Every loop over tensor data runs in the context's backend (ctx->be,
+ * autograd/backend.h); the ops keep the shapes, the tape and the arenas.
  *
  * Maths references: RMSNorm (Zhang & Sennrich 2019; HF LlamaRMSNorm), RoPE
  * (Su et al. 2021; HF `rotate_half` convention, modeling_llama.py), grouped-query
@@ -18,20 +20,10 @@
 
 #include <stdint.h>
 
+#include "autograd/backend.h" /* frozen_weight, rope_table */
 #include "autograd/tensor.h"
 #include "core/bf16.h"
 #include "quant/nf4.h"
-
-typedef enum frozen_kind { FROZEN_NF4 = 0, FROZEN_BF16 = 1, FROZEN_F32 = 2 } frozen_kind;
-
-/* A frozen [out, in] weight (nn.Linear layout), stored NF4, bf16 or fp32. */
-typedef struct frozen_weight {
-    int64_t out, in;
-    frozen_kind kind;
-    const nf4_tensor *nf4; /* FROZEN_NF4 */
-    const bf16 *w_bf16;    /* FROZEN_BF16: (out, in) */
-    const float *w_f32;    /* FROZEN_F32: (out, in) */
-} frozen_weight;
 
 /* LoRA adapter on one linear: ΔW = scaling · B·A (PEFT). A (r, in) and B (out, r)
  * are fp32 leaf tensors whose grads live in the trainer's gradient arena. */
@@ -44,17 +36,13 @@ typedef struct lora_adapter {
     uint64_t stream; /* RNG stream id of this module (layer, module) for dropout masks */
 } lora_adapter;
 
-/* RoPE cos/sin table: (max_pos, head_dim/2) fp32 each, computed as HF does
- * (inv_freq = 1/theta^(2i/d) in fp32; angle = pos * inv_freq in fp32). */
-typedef struct rope_table {
-    int max_pos, head_dim;
-    float *cos, *sin;
-} rope_table;
-
+/* Fill t (host memory) for max_pos positions of head_dim; errors: out of memory. */
 int rope_table_init(rope_table *t, int max_pos, int head_dim, float theta, qerr *e);
 void rope_table_free(rope_table *t);
 
-/* Dequantize rows [row0, row0+n) of w into dst as fp32 or bf16 (n × in). */
+/* Rows [row0, row0+n) of w into dst (n × in) fp32 or bf16: the default
+ * backend's frozen_rows entries (ag_backend_default), for callers outside a
+ * context (trainer/export.c, tests). */
 void frozen_rows_f32(const frozen_weight *w, int64_t row0, int64_t n, float *dst);
 void frozen_rows_bf16(const frozen_weight *w, int64_t row0, int64_t n, bf16 *dst);
 
@@ -75,8 +63,9 @@ tensor *op_rope(ag_ctx *ctx, tensor *x, int n_heads, const rope_table *rt, const
 /* Causal grouped-query attention. q (B*T, H*hd), k and v (B*T, KVH*hd); head h
  * uses kv head h / (H/KVH). seq_ids (B*T) or NULL: token i attends to token j ≤ i
  * of the same row only if seq_ids[i] == seq_ids[j] (packed examples never see
- * each other). Scale 1/sqrt(hd). Returns (B*T, H*hd). Stores the fp32
- * probabilities (B, H, T, T) for backward. */
+ * each other). Scale 1/sqrt(hd). Returns (B*T, H*hd). Saves each softmax
+ * row's max and 1/sum (B, H, T) fp32, from which backward recomputes the
+ * probabilities (backend attention_bwd). */
 tensor *op_attention(ag_ctx *ctx, tensor *q, tensor *k, tensor *v, int B, int T, int H, int KVH,
                      const int32_t *seq_ids);
 
@@ -98,21 +87,16 @@ tensor *op_add(ag_ctx *ctx, tensor *a, tensor *b);
 tensor *op_lm_head_ce(ag_ctx *ctx, tensor *h, const frozen_weight *w, const int32_t *targets,
                       float scale, double *loss_sum, int64_t *n_tokens);
 
-/* Chooses the target of one row of the LM-head cross-entropy from that row's
- * logits (V) fp32 and their log-sum-exp lse (fp32, exp_poly sums): a label in
- * [0, V). row is the row's index in h; arg is the caller's. Called from
- * OpenMP threads, one row at a time: it must not write shared state. */
-typedef int32_t (*ce_target_fn)(const float *logits, int64_t V, float lse, int64_t row, const void *arg);
-
 /* The chunked LM head + cross-entropy pass op_lm_head_ce is, with the target
- * of each row chosen by pick (NULL: targets[n]) once its logits and
- * log-sum-exp are known — Sophia's sampled labels (autograd/ce_sampled.h) use
- * this. targets (N) or NULL (= every row): −100 skips a row; otherwise the
- * target when pick is NULL (then targets must not be NULL). labels (N) or
- * NULL receives the targets used (−100 at skipped rows). Loss, gradient,
- * *loss_sum and *n_tokens as op_lm_head_ce. */
+ * of each row chosen by mode once its logits and log-sum-exp are known:
+ * AG_CE_TARGETS takes targets[n]; AG_CE_SAMPLED draws it from the row's
+ * softmax with seed (Sophia's sampled labels, autograd/ce_sampled.h; the
+ * backend's lm_head_ce entry has the rule). targets (N) or NULL (= every row,
+ * AG_CE_SAMPLED only): −100 skips a row. labels (N) or NULL receives the
+ * targets used (−100 at skipped rows). Loss, gradient, *loss_sum and
+ * *n_tokens as op_lm_head_ce. */
 tensor *op_lm_head_ce_pick(ag_ctx *ctx, tensor *h, const frozen_weight *w, const int32_t *targets,
-                           ce_target_fn pick, const void *pick_arg, float scale, int32_t *labels,
+                           ag_ce_mode mode, uint64_t seed, float scale, int32_t *labels,
                            double *loss_sum, int64_t *n_tokens);
 
 #endif

@@ -2,7 +2,8 @@
 #include "autograd/prof.h"
 
 #include <string.h>
-#include <time.h>
+
+#include "core/clock.h"
 
 const char *const ag_prof_names[AG_PROF_N] = {"other", "gemm",  "dequant", "convert", "attention", "norm",
                                               "rope",  "eltwise", "ce",    "embed",   "ckpt_copy", "optimizer"};
@@ -12,14 +13,8 @@ static double g_last;
 static int g_cur;
 static double g_gemm_flops;
 
-static double prof_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 int ag_prof_push(int c) {
-    double t = prof_now();
+    double t = clock_now_sec();
     if (g_last > 0) g_acc[g_cur] += t - g_last;
     g_last = t;
     int prev = g_cur;
@@ -34,7 +29,7 @@ void ag_prof_add_gemm_flops(double flops) { g_gemm_flops += flops; }
 void ag_prof_reset(void) {
     memset(g_acc, 0, sizeof g_acc);
     g_gemm_flops = 0;
-    g_last = prof_now();
+    g_last = clock_now_sec();
 }
 
 void ag_prof_read(double secs[AG_PROF_N], double *gemm_flops) {

@@ -5,15 +5,26 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "autograd/backend.h"
 #include "autograd/prof.h"
 #include "core/bf16.h"
 
 /* ------------------------------------------------------------------ arenas */
 
-static ag_arena_chunk *arena_chunk_new(size_t size) {
+/* Chunk memory: the backend's (data arenas) or the host's. */
+static void *chunk_mem_alloc(const ag_backend *be, size_t size) {
+    return be ? be->alloc(size) : aligned_alloc(64, (size + 63) & ~(size_t)63);
+}
+
+static void chunk_mem_free(const ag_backend *be, void *p) {
+    if (be) be->free(p);
+    else free(p);
+}
+
+static ag_arena_chunk *arena_chunk_new(const ag_backend *be, size_t size) {
     ag_arena_chunk *c = malloc(sizeof *c);
     if (!c) return NULL;
-    c->mem = aligned_alloc(64, (size + 63) & ~(size_t)63);
+    c->mem = chunk_mem_alloc(be, size);
     if (!c->mem) {
         free(c);
         return NULL;
@@ -24,10 +35,11 @@ static ag_arena_chunk *arena_chunk_new(size_t size) {
     return c;
 }
 
-static int arena_init(ag_arena *a, size_t chunk_bytes) {
+static int arena_init(ag_arena *a, const ag_backend *be, size_t chunk_bytes) {
     memset(a, 0, sizeof *a);
+    a->be = be;
     a->chunk_size = chunk_bytes < (1u << 20) ? (1u << 20) : chunk_bytes;
-    a->head = arena_chunk_new(a->chunk_size);
+    a->head = arena_chunk_new(be, a->chunk_size);
     a->reserved = a->chunk_size;
     return a->head ? 0 : -1;
 }
@@ -37,7 +49,7 @@ static void arena_free(ag_arena *a) {
     while (c && c->next) c = c->next;
     while (c) {
         ag_arena_chunk *p = c->prev;
-        free(c->mem);
+        chunk_mem_free(a->be, c->mem);
         free(c);
         c = p;
     }
@@ -57,10 +69,10 @@ static void *arena_alloc(ag_ctx *ctx, ag_arena *a, size_t bytes) {
             continue;
         }
         size_t sz = need > a->chunk_size ? need : a->chunk_size;
-        ag_arena_chunk *c = arena_chunk_new(sz);
+        ag_arena_chunk *c = arena_chunk_new(a->be, sz);
         if (!c) {
-            fprintf(stderr, "[autograd] out of memory: activation arena needs %zu more bytes (in use %zu + %zu)\n",
-                    need, ctx->arena.in_use, ctx->keep.in_use);
+            fprintf(stderr, "[autograd] out of memory: %s arena needs %zu more bytes (in use %zu + %zu)\n",
+                    a->be ? "activation" : "host", need, ctx->arena.in_use, ctx->keep.in_use);
             abort();
         }
         a->reserved += sz;
@@ -73,7 +85,7 @@ static void *arena_alloc(ag_ctx *ctx, ag_arena *a, size_t bytes) {
     void *p = a->head->mem + a->head->used;
     a->head->used += need;
     a->in_use += need;
-    size_t total = ctx->arena.in_use + ctx->keep.in_use;
+    size_t total = ctx->arena.in_use + ctx->keep.in_use + ctx->host.in_use + ctx->host_keep.in_use;
     if (total > ctx->arena.peak) ctx->arena.peak = total;
     if (a->in_use > a->peak) a->peak = a->in_use;
     return p;
@@ -92,8 +104,15 @@ static void arena_reset(ag_arena *a, ag_arena_pos p) {
 }
 
 int ag_ctx_init(ag_ctx *ctx, size_t chunk_bytes, qerr *e) {
+    return ag_ctx_init_backend(ctx, ag_backend_default(), chunk_bytes, e);
+}
+
+int ag_ctx_init_backend(ag_ctx *ctx, const ag_backend *be, size_t chunk_bytes, qerr *e) {
     memset(ctx, 0, sizeof *ctx);
-    if (arena_init(&ctx->arena, chunk_bytes) || arena_init(&ctx->keep, chunk_bytes / 4)) {
+    ctx->be = be;
+    /* host arenas hold headers and small structs: the 1 MiB minimum chunk */
+    if (arena_init(&ctx->arena, be, chunk_bytes) || arena_init(&ctx->keep, be, chunk_bytes / 4) ||
+        arena_init(&ctx->host, NULL, 0) || arena_init(&ctx->host_keep, NULL, 0)) {
         ag_ctx_free(ctx);
         return qerr_set(e, "[autograd] cannot allocate an arena of %zu bytes", chunk_bytes);
     }
@@ -108,9 +127,13 @@ int ag_ctx_init(ag_ctx *ctx, size_t chunk_bytes, qerr *e) {
 void ag_ctx_free(ag_ctx *ctx) {
     if (ctx->arena.head) arena_free(&ctx->arena);
     if (ctx->keep.head) arena_free(&ctx->keep);
+    if (ctx->host.head) arena_free(&ctx->host);
+    if (ctx->host_keep.head) arena_free(&ctx->host_keep);
     free(ctx->nodes);
-    free(ctx->wscratch);
-    free(ctx->ascratch);
+    if (ctx->be) {
+        ctx->be->free(ctx->wscratch);
+        ctx->be->free(ctx->ascratch);
+    }
     memset(ctx, 0, sizeof *ctx);
 }
 
@@ -118,14 +141,28 @@ void *ag_alloc(ag_ctx *ctx, size_t bytes) { return arena_alloc(ctx, &ctx->arena,
 
 void *ag_alloc_keep(ag_ctx *ctx, size_t bytes) { return arena_alloc(ctx, &ctx->keep, bytes); }
 
+void *ag_alloc_host(ag_ctx *ctx, size_t bytes) { return arena_alloc(ctx, &ctx->host, bytes); }
+
+void *ag_alloc_host_keep(ag_ctx *ctx, size_t bytes) { return arena_alloc(ctx, &ctx->host_keep, bytes); }
+
 ag_mark ag_arena_mark(const ag_ctx *ctx) {
-    ag_mark m = {arena_pos(&ctx->arena), arena_pos(&ctx->keep)};
+    ag_mark m = {arena_pos(&ctx->arena), arena_pos(&ctx->keep), arena_pos(&ctx->host), arena_pos(&ctx->host_keep)};
     return m;
 }
 
 void ag_arena_reset(ag_ctx *ctx, ag_mark m) {
     arena_reset(&ctx->arena, m.main);
     arena_reset(&ctx->keep, m.keep);
+    arena_reset(&ctx->host, m.host);
+    arena_reset(&ctx->host_keep, m.host_keep);
+}
+
+/* Release the transient arenas to m, keeping both keep arenas as they are. */
+static void arena_reset_transient(ag_ctx *ctx, ag_mark m) {
+    ag_mark now = ag_arena_mark(ctx);
+    now.main = m.main;
+    now.host = m.host;
+    ag_arena_reset(ctx, now);
 }
 
 static size_t dtype_size(ag_dtype dt) { return dt == AG_BF16 ? 2 : 4; }
@@ -136,7 +173,7 @@ void *ag_keep(ag_ctx *ctx, tensor *t) {
         int pc = ag_prof_push(AG_PROF_CKPT);
         size_t bytes = (size_t)t->numel * dtype_size(t->dtype);
         t->kept = ag_alloc_keep(ctx, bytes);
-        memcpy(t->kept, t->data, bytes);
+        ctx->be->copy_d2d(t->kept, t->data, bytes);
         ag_prof_pop(pc);
     }
     return t->kept;
@@ -150,10 +187,7 @@ const void *ag_bf16_of(ag_ctx *ctx, tensor *t, int keep) {
          * would dangle after the segment's reset */
         size_t bytes = (size_t)t->numel * sizeof(bf16);
         bf16 *b = ctx->saving || keep ? ag_alloc_keep(ctx, bytes) : ag_alloc(ctx, bytes);
-        const float *src = t->data;
-        int64_t n = t->numel;
-#pragma omp parallel for schedule(static) if (n > 16384)
-        for (int64_t i = 0; i < n; i++) b[i] = f32_to_bf16(src[i]);
+        ctx->be->to_bf16(t->data, b, t->numel);
         t->kept_bf16 = b;
         ag_prof_pop(pc);
     }
@@ -163,7 +197,7 @@ const void *ag_bf16_of(ag_ctx *ctx, tensor *t, int keep) {
 /* ------------------------------------------------------------------ tensors */
 
 tensor *ag_tensor(ag_ctx *ctx, ag_dtype dt, int ndim, const int64_t *shape) {
-    tensor *t = ag_alloc_keep(ctx, sizeof *t);
+    tensor *t = ag_alloc_host_keep(ctx, sizeof *t);
     memset(t, 0, sizeof *t);
     t->ndim = ndim;
     t->numel = 1;
@@ -182,7 +216,7 @@ tensor *ag_tensor2(ag_ctx *ctx, ag_dtype dt, int64_t d0, int64_t d1) {
 }
 
 tensor *ag_wrap(ag_ctx *ctx, ag_dtype dt, int64_t d0, int64_t d1, void *data, float *grad) {
-    tensor *t = ag_alloc_keep(ctx, sizeof *t);
+    tensor *t = ag_alloc_host_keep(ctx, sizeof *t);
     memset(t, 0, sizeof *t);
     t->ndim = 2;
     t->shape[0] = d0;
@@ -199,7 +233,7 @@ tensor *ag_wrap(ag_ctx *ctx, ag_dtype dt, int64_t d0, int64_t d1, void *data, fl
 float *ag_grad(ag_ctx *ctx, tensor *t) {
     if (!t->grad) {
         t->grad = ag_alloc(ctx, (size_t)t->numel * sizeof(float));
-        memset(t->grad, 0, (size_t)t->numel * sizeof(float));
+        ctx->be->zero(t->grad, (size_t)t->numel * sizeof(float));
     }
     return t->grad;
 }
@@ -242,7 +276,7 @@ void ag_backward_from(ag_ctx *ctx, int64_t from_node) {
 
 void ag_backward(ag_ctx *ctx, tensor *loss) {
     float *g = ag_grad(ctx, loss);
-    for (int64_t i = 0; i < loss->numel; i++) g[i] = 1.0f;
+    ctx->be->fill_f32(g, loss->numel, 1.0f);
     ag_backward_from(ctx, 0);
 }
 
@@ -255,18 +289,18 @@ static tensor *block_output(ag_ctx *ctx, tensor *y, ag_mark m, int to_keep) {
     int pc = ag_prof_push(AG_PROF_CKPT);
     size_t ybytes = (size_t)y->numel * dtype_size(y->dtype);
     if (ctx->ascratch_size < ybytes) {
-        free(ctx->ascratch);
-        ctx->ascratch = aligned_alloc(64, (ybytes + 63) & ~(size_t)63);
+        ctx->be->free(ctx->ascratch);
+        ctx->ascratch = ctx->be->alloc(ybytes);
         if (!ctx->ascratch) {
             fprintf(stderr, "[autograd] out of memory keeping a block output\n");
             abort();
         }
         ctx->ascratch_size = ybytes;
     }
-    memcpy(ctx->ascratch, y->data, ybytes);
+    ctx->be->copy_d2d(ctx->ascratch, y->data, ybytes);
     tensor yshape = *y;
     ag_arena_reset(ctx, m);
-    tensor *out = ag_alloc_keep(ctx, sizeof *out);
+    tensor *out = ag_alloc_host_keep(ctx, sizeof *out);
     memset(out, 0, sizeof *out);
     out->ndim = yshape.ndim;
     memcpy(out->shape, yshape.shape, sizeof out->shape);
@@ -274,7 +308,7 @@ static tensor *block_output(ag_ctx *ctx, tensor *y, ag_mark m, int to_keep) {
     out->dtype = yshape.dtype;
     out->data = to_keep ? ag_alloc_keep(ctx, ybytes) : ag_alloc(ctx, ybytes);
     if (to_keep) out->kept = out->data;
-    memcpy(out->data, ctx->ascratch, ybytes);
+    ctx->be->copy_d2d(out->data, ctx->ascratch, ybytes);
     ag_prof_pop(pc);
     return out;
 }
@@ -307,7 +341,7 @@ typedef struct seg_saved {
  * everything allocated since `before` (x's gradient included). */
 static void grad_handover(ag_ctx *ctx, tensor *x, tensor *y, const float *gx, ag_mark before) {
     float *dst = y->grad;
-    memcpy(dst, gx, (size_t)x->numel * sizeof(float));
+    ctx->be->copy_d2d(dst, gx, (size_t)x->numel * sizeof(float));
     y->grad = NULL;
     ag_arena_reset(ctx, before);
     x->grad = dst;
@@ -339,12 +373,12 @@ static void seg_start_backward(ag_ctx *ctx, const ag_node *n) {
 
 tensor *ag_segment(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x) {
     if (!ctx->recording) return ag_run_discard(ctx, fn, arg, x);
-    seg_saved *s = ag_alloc_keep(ctx, sizeof *s);
+    seg_saved *s = ag_alloc_host_keep(ctx, sizeof *s);
     memset(s, 0, sizeof *s);
     s->x = x;
     /* the markers hang off a dummy tensor with a grad so backward always visits them */
     int64_t one = 1;
-    tensor *dummy = ag_alloc_keep(ctx, sizeof *dummy);
+    tensor *dummy = ag_alloc_host_keep(ctx, sizeof *dummy);
     memset(dummy, 0, sizeof *dummy);
     dummy->ndim = 1;
     dummy->shape[0] = one;
@@ -368,13 +402,13 @@ tensor *ag_segment(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x) {
     void *yk = y->kept;
     if (!yk) {
         yk = ag_alloc_keep(ctx, ybytes);
-        memcpy(yk, y->data, ybytes);
+        ctx->be->copy_d2d(yk, y->data, ybytes);
     }
     y->data = yk;
     y->kept = yk;
     y->grad = NULL;
     s->y = y;
-    ag_arena_reset(ctx, (ag_mark){m.main, arena_pos(&ctx->keep)});
+    arena_reset_transient(ctx, m);
     ag_prof_pop(pc);
     ag_node *n1 = ag_record(ctx, seg_end_backward, dummy, NULL, NULL, NULL, NULL);
     n1->saved = s;
@@ -407,13 +441,13 @@ static void ckpt_backward(ag_ctx *ctx, const ag_node *n) {
 
     int pc = ag_prof_push(AG_PROF_CKPT);
     tensor *x2 = ag_tensor(ctx, x->dtype, x->ndim, x->shape);
-    memcpy(x2->data, x->data, (size_t)x->numel * dtype_size(x->dtype));
+    ctx->be->copy_d2d(x2->data, x->data, (size_t)x->numel * dtype_size(x->dtype));
     x2->requires_grad = x->requires_grad;
     ag_prof_pop(pc);
     tensor *y2 = s->fn(ctx, s->arg, x2);
     if (y2->requires_grad) {
         float *g2 = ag_grad(ctx, y2);
-        memcpy(g2, y->grad, (size_t)y->numel * sizeof(float));
+        ctx->be->copy_d2d(g2, y->grad, (size_t)y->numel * sizeof(float));
         ag_backward_from(ctx, from);
     } else {
         ctx->n_nodes = from;
@@ -426,19 +460,14 @@ static void ckpt_backward(ag_ctx *ctx, const ag_node *n) {
         if (x2->grad) {
             grad_handover(ctx, x, y, x2->grad, m);
         } else {
-            memset(y->grad, 0, (size_t)y->numel * sizeof(float));
+            ctx->be->zero(y->grad, (size_t)y->numel * sizeof(float));
             ag_arena_reset(ctx, m);
             x->grad = y->grad;
             y->grad = NULL;
         }
         return;
     }
-    if (gx && x2->grad) {
-        const float *g2 = x2->grad;
-        int64_t nx = x->numel;
-#pragma omp parallel for schedule(static) if (nx > 16384)
-        for (int64_t i = 0; i < nx; i++) gx[i] += g2[i];
-    }
+    if (gx && x2->grad) ctx->be->axpy(gx, 1.0f, x2->grad, x->numel);
     ag_arena_reset(ctx, m);
 }
 
@@ -447,7 +476,7 @@ tensor *ag_checkpoint(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x) {
     if (!ctx->recording) return out;
     /* The block depends on trainable parameters even if x does not. */
     ag_node *n = ag_record(ctx, ckpt_backward, out, x, NULL, NULL, NULL);
-    ckpt_saved *s = ag_alloc(ctx, sizeof *s);
+    ckpt_saved *s = ag_alloc_host(ctx, sizeof *s);
     s->fn = fn;
     s->arg = arg;
     s->seed = ctx->seed;

@@ -15,6 +15,14 @@
  * micrograd / PyTorch autograd, without a dynamic graph). Gradients are always
  * fp32. Parameters (LoRA A/B) are leaf tensors whose `grad` points into the
  * trainer's flat gradient arena, so the optimizer is one loop over it.
+ *
+ * Two kinds of memory. Tensor *data* (op outputs, saved activations,
+ * gradients, kernel scratch) comes from the context's backend (ctx->be,
+ * autograd/backend.h) through ag_alloc / ag_alloc_keep; what only the host
+ * reads — tensor headers, the structs ops save for backward, the tape — is
+ * host memory (ag_alloc_host / ag_alloc_host_keep, and the tape's array).
+ * Each kind has a transient and a keep arena with the same lifetimes, and a
+ * mark covers all four. On the CPU backends both kinds are host memory.
  */
 #ifndef QLORA_AUTOGRAD_TENSOR_H
 #define QLORA_AUTOGRAD_TENSOR_H
@@ -23,6 +31,8 @@
 #include <stdint.h>
 
 #include "core/status.h"
+
+struct ag_backend;
 
 typedef enum ag_dtype { AG_F32 = 0, AG_BF16 = 1, AG_I32 = 2 } ag_dtype;
 
@@ -48,8 +58,9 @@ typedef struct ag_arena_chunk {
 typedef struct ag_arena {
     ag_arena_chunk *head;
     size_t chunk_size;
-    size_t in_use, peak; /* bytes; ctx->arena.peak is the high-water mark of both arenas together */
+    size_t in_use, peak; /* bytes; ctx->arena.peak is the high-water mark of all four arenas together */
     size_t reserved;     /* bytes of chunks held (touched or not) */
+    const struct ag_backend *be; /* chunks from be->alloc (data); NULL: host memory */
 } ag_arena;
 
 typedef struct ag_arena_pos {
@@ -59,7 +70,8 @@ typedef struct ag_arena_pos {
 } ag_arena_pos;
 
 typedef struct ag_mark {
-    ag_arena_pos main, keep;
+    ag_arena_pos main, keep;           /* data */
+    ag_arena_pos host, host_keep;      /* host */
 } ag_mark;
 
 /* ---- tape ---- */
@@ -75,8 +87,11 @@ typedef struct ag_node {
 } ag_node;
 
 typedef struct ag_ctx {
-    ag_arena arena; /* main (transient) arena */
-    ag_arena keep;  /* tensor headers and saved-for-backward data */
+    const struct ag_backend *be; /* kernels and data memory (autograd/backend.h) */
+    ag_arena arena;     /* main (transient) data arena */
+    ag_arena keep;      /* saved-for-backward data */
+    ag_arena host;      /* transient host structs */
+    ag_arena host_keep; /* tensor headers and saved-for-backward structs */
     ag_node *nodes;
     int64_t n_nodes, cap_nodes;
     int recording; /* 1: ops record backward nodes; 0: inference / checkpoint forward */
@@ -84,24 +99,32 @@ typedef struct ag_ctx {
     int training;  /* 1: dropout active */
     int saving;    /* 1 inside a segment: ops copy what backward needs into the keep arena */
     uint64_t seed;  /* dropout stream seed for the current micro-batch */
-    /* reusable scratch for dequantized frozen weights and bf16 operand copies */
+    /* reusable scratch (backend memory) for dequantized frozen weights and block outputs */
     void *wscratch;
     size_t wscratch_size;
     void *ascratch;
     size_t ascratch_size;
 } ag_ctx;
 
-/* Initialise a context with arena chunks of at least chunk_bytes. */
+/* Initialise a context on the process's default backend (ag_backend_default)
+ * with data arena chunks of at least chunk_bytes. Errors: out of memory. */
 int ag_ctx_init(ag_ctx *ctx, size_t chunk_bytes, qerr *e);
+/* The same on backend be. */
+int ag_ctx_init_backend(ag_ctx *ctx, const struct ag_backend *be, size_t chunk_bytes, qerr *e);
 void ag_ctx_free(ag_ctx *ctx);
 
-/* Arena allocation (64-byte aligned). Aborts with a message on out-of-memory:
- * activations are sized from the config, and the predicted peak is printed
- * before training, so an OOM here is not recoverable input. */
+/* Data arena allocation (64-byte aligned, backend memory). Aborts with a
+ * message on out-of-memory: activations are sized from the config, and the
+ * predicted peak is printed before training, so an OOM here is not
+ * recoverable input. */
 void *ag_alloc(ag_ctx *ctx, size_t bytes);
-/* Allocation that outlives the current segment (saved for backward). */
+/* Data allocation that outlives the current segment (saved for backward). */
 void *ag_alloc_keep(ag_ctx *ctx, size_t bytes);
-/* Marks and resets cover both arenas. */
+/* Host arena allocation (headers, saved structs, host-side index arrays):
+ * transient like ag_alloc, or kept like ag_alloc_keep. */
+void *ag_alloc_host(ag_ctx *ctx, size_t bytes);
+void *ag_alloc_host_keep(ag_ctx *ctx, size_t bytes);
+/* Marks and resets cover all four arenas. */
 ag_mark ag_arena_mark(const ag_ctx *ctx);
 void ag_arena_reset(ag_ctx *ctx, ag_mark m);
 

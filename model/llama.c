@@ -436,7 +436,7 @@ static tensor *llama_forward_trunk(ag_ctx *ctx, const llama_model *m, const lora
     const llama_hparams *hp = &m->hp;
     int64_t N = (int64_t)b->B * b->T;
     tensor *x = op_embedding(ctx, &m->embed, b->input_ids, N);
-    block_arg *args = ag_alloc(ctx, (size_t)hp->n_layer * sizeof *args);
+    block_arg *args = ag_alloc_host(ctx, (size_t)hp->n_layer * sizeof *args);
     for (int l = 0; l < hp->n_layer; l++) {
         args[l] = (block_arg){.m = m, .ls = ls, .b = b, .layer = l};
         if (!ctx->recording) x = ag_run_discard(ctx, llama_block, &args[l], x);
@@ -470,21 +470,22 @@ tensor *llama_forward_hidden(ag_ctx *ctx, const llama_model *m, const lora_set *
 void llama_logits_rows(ag_ctx *ctx, const llama_model *m, const tensor *h, int64_t row0, int64_t n, float *out) {
     int64_t D = m->hp.d_model, V = m->hp.vocab;
     const float *hd = (const float *)h->data + row0 * D;
+    const ag_backend *be = ctx->be;
     ag_mark mk = ag_arena_mark(ctx);
     if (ctx->bf16) {
         bf16 *hb = ag_alloc(ctx, (size_t)(n * D) * sizeof(bf16));
-        for (int64_t i = 0; i < n * D; i++) hb[i] = f32_to_bf16(hd[i]);
+        be->to_bf16(hd, hb, n * D);
         const void *wb = m->lm_head.w_bf16;
         if (m->lm_head.kind != FROZEN_BF16) {
             bf16 *w2 = ag_alloc(ctx, (size_t)(V * D) * sizeof(bf16));
-            frozen_rows_bf16(&m->lm_head, 0, V, w2);
+            be->frozen_rows_bf16(&m->lm_head, 0, V, w2);
             wb = w2;
         }
-        gemm(0, 1, n, V, D, 1.0f, hb, D, wb, D, 0.0f, out, V, GEMM_BF16);
+        be->gemm(0, 1, n, V, D, 1.0f, hb, D, wb, D, 0.0f, out, V, GEMM_BF16);
     } else {
         float *wf = ag_alloc(ctx, (size_t)(V * D) * sizeof(float));
-        frozen_rows_f32(&m->lm_head, 0, V, wf);
-        gemm(0, 1, n, V, D, 1.0f, hd, D, wf, D, 0.0f, out, V, GEMM_F32);
+        be->frozen_rows_f32(&m->lm_head, 0, V, wf);
+        be->gemm(0, 1, n, V, D, 1.0f, hd, D, wf, D, 0.0f, out, V, GEMM_F32);
     }
     ag_arena_reset(ctx, mk);
 }

@@ -23,6 +23,8 @@
  *   - addcmul_(t1, t2, value): self + value * t1 * t2 = self + ((value*t1)*t2)
  *   - sqrt, / scalar (a true division for fp32, BinaryOpsKernel.cpp), + scalar
  *   - addcdiv_(t1, t2, value): self + (value * t1) / t2           (PointwiseOpsKernel.cpp)
+ * The element loop is the backend's adamw_update (autograd/backend_cpu_kernels.inc
+ * on the CPU); this file computes its scalars.
  * We write each as its own statement (and the lerp as fmaf) so the compiler
  * neither fuses nor reorders them (GCC -std=c11 does not contract; see also
  * the note in quant/nf4.c). Torch's scalar tail loop (the last n % 16
@@ -41,22 +43,32 @@ adamw_config adamw_config_default(void) {
 }
 
 int adamw_state_init(adamw_state *s, int64_t n, qerr *e) {
+    return adamw_state_init_backend(s, ag_backend_default(), n, e);
+}
+
+int adamw_state_init_backend(adamw_state *s, const ag_backend *be, int64_t n, qerr *e) {
     memset(s, 0, sizeof *s);
     if (n < 0) return qerr_set(e, "adamw: parameter count %lld must be >= 0", (long long)n);
-    s->m = qcalloc((size_t)n, sizeof(float), e);
-    s->v = qcalloc((size_t)n, sizeof(float), e);
+    s->be = be;
+    const size_t bytes = (size_t)n * sizeof(float);
+    s->m = be->alloc(bytes);
+    s->v = be->alloc(bytes);
     if (!s->m || !s->v) {
         adamw_state_free(s);
-        return qerr_prefix(e, "adamw: optimizer state for %lld parameters", (long long)n);
+        return qerr_set(e, "adamw: out of memory for the optimizer state of %lld parameters", (long long)n);
     }
+    be->zero(s->m, bytes);
+    be->zero(s->v, bytes);
     s->n = n;
     return 0;
 }
 
 void adamw_state_free(adamw_state *s) {
     if (!s) return;
-    free(s->m);
-    free(s->v);
+    if (s->be) {
+        s->be->free(s->m);
+        s->be->free(s->v);
+    }
     memset(s, 0, sizeof *s);
 }
 
@@ -79,34 +91,8 @@ void adamw_step(adamw_state *s, const adamw_config *c, double lr, float *param, 
     const float bc2_sqrt_f = (float)bias_correction2_sqrt;
     const float eps_f = (float)c->eps;
     const float neg_step_f = (float)(-step_size);
-    float *restrict m = s->m;
-    float *restrict v = s->v;
-    const int64_t n = s->n;
-
-#pragma omp parallel for schedule(static) if (n >= 16384)
-    for (int64_t i = 0; i < n; i++) {
-        float p = param[i];
-        if (decay && (!decay_mask || decay_mask[i])) p = p * decay_f;
-        const float g = grad[i];
-
-        const float mi = m[i];
-        const float diff = g - mi;
-        const float mn = fmaf(lerp_coeff, diff, lerp_small ? mi : g);
-
-        float vn = v[i] * beta2_f;
-        float t = one_minus_beta2_f * g;
-        t = t * g;
-        vn = vn + t;
-
-        float denom = sqrtf(vn);
-        denom = denom / bc2_sqrt_f;
-        denom = denom + eps_f;
-        float u = neg_step_f * mn;
-        u = u / denom;
-        p = p + u;
-
-        m[i] = mn;
-        v[i] = vn;
-        param[i] = p;
-    }
+    const ag_adamw_coef co = {.decay = decay, .lerp_small = lerp_small, .decay_f = decay_f, .lerp_coeff = lerp_coeff,
+                              .beta2_f = beta2_f, .one_minus_beta2_f = one_minus_beta2_f, .bc2_sqrt_f = bc2_sqrt_f,
+                              .eps_f = eps_f, .neg_step_f = neg_step_f};
+    s->be->adamw_update(param, grad, s->m, s->v, s->n, decay_mask, &co);
 }

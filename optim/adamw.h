@@ -3,7 +3,9 @@
  * The trainable parameters (LoRA A and B of every layer), their gradients and
  * the two moment buffers are each one contiguous fp32 array of n elements, so
  * an optimizer step is a single loop and a checkpoint is one write per buffer
- * (DESIGN.md). Sharding later means giving each rank a sub-range.
+ * (docs/design.md). Sharding later means giving each rank a sub-range. The
+ * element loop runs in a backend (autograd/backend.h adamw_update) on the
+ * backend's memory: the state remembers the backend it was created on.
  *
  * Maths and order of operations: torch.optim.AdamW as PyTorch runs it on CPU
  * (foreach=False there: torch/optim/adam.py::_single_tensor_adam with
@@ -15,6 +17,7 @@
 
 #include <stdint.h>
 
+#include "autograd/backend.h"
 #include "core/status.h"
 
 /* Hyper-parameters. Doubles because torch keeps them as Python floats and
@@ -34,21 +37,25 @@ adamw_config adamw_config_default(void);
 /* Optimizer state for n parameters. m and v are (n,) fp32, zero at init;
  * step counts completed adamw_step calls (torch's state["step"]). */
 typedef struct adamw_state {
+    const ag_backend *be; /* where m, v live and the update runs */
     int64_t n;
     int64_t step;
     float *m; /* (n,) first moment  (torch exp_avg) */
     float *v; /* (n,) second moment (torch exp_avg_sq) */
 } adamw_state;
 
-/* adamw_state_init: allocate zeroed moments for n >= 0 parameters.
+/* adamw_state_init: allocate zeroed moments for n >= 0 parameters in the
+ * default backend's memory (ag_backend_default).
  * Errors: n < 0, out of memory (-1, *e filled, *s zeroed). */
 int adamw_state_init(adamw_state *s, int64_t n, qerr *e);
+/* The same in backend be's memory; adamw_step then runs there. */
+int adamw_state_init_backend(adamw_state *s, const ag_backend *be, int64_t n, qerr *e);
 
 /* adamw_state_free: release m, v and zero *s. Safe on a zeroed state. */
 void adamw_state_free(adamw_state *s);
 
 /* adamw_step: one AdamW update of param (n,) fp32 in place from grad (n,)
- * fp32, with learning rate lr (the scheduled value, a double as torch's
+ * fp32 (both memory of s->be), with learning rate lr (the scheduled value, a double as torch's
  * param_group["lr"]). decay_mask: NULL = decay every element, else (n,) u8
  * where 0 exempts that element from weight decay (torch's no-decay param
  * group). Per element, with t = ++s->step:

@@ -11,10 +11,15 @@
 
 #include <stdint.h>
 
+#include "autograd/backend.h"
+
 /* grad_norm_l2: ||grad||_2 of grad (n,) fp32, accumulated in double over a
  * fixed chunking (a function of n only) with the chunk sums added in order, so
- * the result is bit-identical for any number of OpenMP threads. n <= 0 -> 0. */
+ * the result is bit-identical for any number of OpenMP threads. n <= 0 -> 0.
+ * Runs on the default backend (ag_backend_default); grad is its memory. */
 double grad_norm_l2(const float *grad, int64_t n);
+/* The same on backend be (grad is be's memory). */
+double grad_norm_l2_backend(const ag_backend *be, const float *grad, int64_t n);
 
 /* clip_grad_norm: returns the pre-clip global norm (as float, like torch's
  * total_norm) and, when max_norm > 0 and coef = max_norm / (norm + 1e-6) < 1
@@ -23,5 +28,7 @@ double grad_norm_l2(const float *grad, int64_t n);
  * returned as is and grad is left untouched (torch would multiply by 0 or NaN;
  * the caller should skip the step instead). */
 float clip_grad_norm(float *grad, int64_t n, float max_norm);
+/* The same on backend be (grad is be's memory); clip_grad_norm uses the default backend. */
+float clip_grad_norm_backend(const ag_backend *be, float *grad, int64_t n, float max_norm);
 
 #endif

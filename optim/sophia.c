@@ -1,7 +1,7 @@
 /* optim/sophia.c — SophiaG, reproducing the official sophia.py's fp32 arithmetic.
  *
  * The update of _single_tensor_sophiag (Liuhong99/Sophia, sophia.py), per
- * parameter tensor, as documented in formats.md §5 (written here from that
+ * parameter tensor, as documented in docs/formats.md (written here from that
  * description, not copied):
  *
  *     step_t += 1
@@ -23,6 +23,8 @@
  *   - mul_, abs, /, + scalar, clamp(max=1) = min(x, 1), sign: one rounding each
  * including the tail elements (n % 16), so every element uses the same formula.
  * fmaf() is the exact fused multiply-add, so the compiler cannot change it.
+ * The element loops are the backend's sophia_update and sophia_hessian
+ * (autograd/backend_cpu_kernels.inc on the CPU); this file computes their scalars.
  */
 #include "optim/sophia.h"
 
@@ -36,71 +38,49 @@ sophia_config sophia_config_default(void) {
 }
 
 int sophia_state_init(sophia_state *s, int64_t n, qerr *e) {
+    return sophia_state_init_backend(s, ag_backend_default(), n, e);
+}
+
+int sophia_state_init_backend(sophia_state *s, const ag_backend *be, int64_t n, qerr *e) {
     memset(s, 0, sizeof *s);
     if (n < 0) return qerr_set(e, "sophia: parameter count %lld must be >= 0", (long long)n);
-    s->m = qcalloc((size_t)n, sizeof(float), e);
-    s->h = qcalloc((size_t)n, sizeof(float), e);
+    s->be = be;
+    const size_t bytes = (size_t)n * sizeof(float);
+    s->m = be->alloc(bytes);
+    s->h = be->alloc(bytes);
     if (!s->m || !s->h) {
         sophia_state_free(s);
-        return qerr_prefix(e, "sophia: optimizer state for %lld parameters", (long long)n);
+        return qerr_set(e, "sophia: out of memory for the optimizer state of %lld parameters", (long long)n);
     }
+    be->zero(s->m, bytes);
+    be->zero(s->h, bytes);
     s->n = n;
     return 0;
 }
 
 void sophia_state_free(sophia_state *s) {
     if (!s) return;
-    free(s->m);
-    free(s->h);
+    if (s->be) {
+        s->be->free(s->m);
+        s->be->free(s->h);
+    }
     memset(s, 0, sizeof *s);
 }
-
-/* torch.sign for floats: (0 < x) - (x < 0); NaN gives 0. */
-static inline float sign_f(float x) { return (float)((0.0f < x) - (x < 0.0f)); }
 
 int64_t sophia_step(sophia_state *s, const sophia_config *c, double lr, double bs, float *param,
                     const float *grad, const uint8_t *decay_mask) {
     s->step += 1;
-    const float decay_f = (float)(1.0 - lr * c->weight_decay);
-    const float beta1_f = (float)c->beta1;
-    const float one_minus_beta1_f = (float)(1.0 - c->beta1);
-    const float rho_bs_f = (float)(c->rho * bs);
-    const float eps_f = (float)1e-15;
-    const float neg_lr_f = (float)(-lr);
-    float *restrict m = s->m;
-    const float *restrict h = s->h;
-    const int64_t n = s->n;
-    int64_t unclipped = 0;
-
-#pragma omp parallel for schedule(static) reduction(+ : unclipped) if (n >= 16384)
-    for (int64_t i = 0; i < n; i++) {
-        float p = param[i];
-        /* the official code always multiplies (by exactly 1 when wd = 0); a
-         * masked element skips it, as a no-decay param group would */
-        if (!decay_mask || decay_mask[i]) p = p * decay_f;
-        const float mn = fmaf(grad[i], one_minus_beta1_f, m[i] * beta1_f);
-        float denom = h[i] * rho_bs_f;
-        denom = denom + eps_f;
-        float ratio = fabsf(mn) / denom;
-        ratio = ratio > 1.0f ? 1.0f : ratio; /* clamp(max=1); NaN stays NaN */
-        unclipped += fabsf(mn) < h[i] * rho_bs_f; /* the README's win_rate: |m| < rho·bs·h */
-        p = fmaf(neg_lr_f * sign_f(mn), ratio, p);
-        m[i] = mn;
-        param[i] = p;
-    }
-    return unclipped;
+    const ag_sophia_coef co = {.decay_f = (float)(1.0 - lr * c->weight_decay),
+                               .beta1_f = (float)c->beta1,
+                               .one_minus_beta1_f = (float)(1.0 - c->beta1),
+                               .rho_bs_f = (float)(c->rho * bs),
+                               .eps_f = (float)1e-15,
+                               .neg_lr_f = (float)(-lr)};
+    return s->be->sophia_update(param, grad, s->m, s->h, s->n, decay_mask, &co);
 }
 
 void sophia_update_hessian(sophia_state *s, const sophia_config *c, const float *ghat) {
-    const float beta2_f = (float)c->beta2;
-    const float one_minus_beta2_f = (float)(1.0 - c->beta2);
-    float *restrict h = s->h;
-    const int64_t n = s->n;
-#pragma omp parallel for schedule(static) if (n >= 16384)
-    for (int64_t i = 0; i < n; i++) {
-        const float g = ghat[i];
-        h[i] = fmaf(one_minus_beta2_f * g, g, h[i] * beta2_f);
-    }
+    s->be->sophia_hessian(s->h, ghat, s->n, (float)c->beta2, (float)(1.0 - c->beta2));
     s->hessian_updates += 1;
 }
 

@@ -7,7 +7,7 @@
  * every k steps. The update and its order of operations are those of the
  * official implementation (Liuhong99/Sophia, sophia.py: SophiaG.step ->
  * _single_tensor_sophiag, and SophiaG.update_hessian), as summarised in
- * ../shared/reference/formats.md §5:
+ * docs/formats.md:
  *
  *   step:            t += 1
  *                    θ ← θ·(1 − lr·wd)                        (decoupled weight decay)
@@ -24,7 +24,9 @@
  * count. Before the first Hessian update it is 0.
  *
  * The state (m, h, step) lives in flat arrays like AdamW's, so a checkpoint
- * is one write per buffer. Producing ĝ (the sampled-label forward/backward)
+ * is one write per buffer; the arrays are memory of the backend the state was
+ * created on, and the element loops run there (autograd/backend.h
+ * sophia_update, sophia_hessian). Producing ĝ (the sampled-label forward/backward)
  * is the trainer's job: autograd/ce_sampled.h gives the loss,
  * trainer/train.c runs it every k steps.
  */
@@ -33,6 +35,7 @@
 
 #include <stdint.h>
 
+#include "autograd/backend.h"
 #include "core/status.h"
 
 /* Hyper-parameters, doubles as the Python floats of torch param_groups. */
@@ -50,6 +53,7 @@ sophia_config sophia_config_default(void);
 
 /* Optimizer state for n parameters; m and h are (n,) fp32, zero at init. */
 typedef struct sophia_state {
+    const ag_backend *be;    /* where m, h live and the updates run */
     int64_t n;
     int64_t step;            /* completed sophia_step calls (torch state["step"]) */
     int64_t hessian_updates; /* completed sophia_update_hessian calls */
@@ -57,9 +61,11 @@ typedef struct sophia_state {
     float *h;                /* (n,) Hessian EMA (torch hessian) */
 } sophia_state;
 
-/* Allocate zeroed m, h for n >= 0 parameters. Errors: n < 0, out of memory
- * (-1, *e filled, *s zeroed). */
+/* Allocate zeroed m, h for n >= 0 parameters in the default backend's memory
+ * (ag_backend_default). Errors: n < 0, out of memory (-1, *e filled, *s zeroed). */
 int sophia_state_init(sophia_state *s, int64_t n, qerr *e);
+/* The same in backend be's memory; the updates then run there. */
+int sophia_state_init_backend(sophia_state *s, const ag_backend *be, int64_t n, qerr *e);
 
 /* Release m, h and zero *s. Safe on a zeroed state. */
 void sophia_state_free(sophia_state *s);

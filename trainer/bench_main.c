@@ -27,7 +27,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
-#include "autograd/gemm.h"
+#include "autograd/backend.h"
 #include "autograd/prof.h"
 #include "autograd/tensor.h"
 #include "core/clock.h"
@@ -141,34 +141,45 @@ static double model_flops_per_token(const llama_hparams *hp, int T, int r) {
 
 /* ------------------------------------------------------------------ calibration */
 
-/* The oneDNN bf16 matmul rate on a large square-ish GEMM (fp32 accumulate and
- * output, as the engine's GEMMs): best of repeated runs over ~`seconds`. */
-static double calibrate_gemm(double seconds, int64_t M, int64_t N, int64_t K) {
-    bf16 *A = aligned_alloc(64, (size_t)(M * K) * sizeof(bf16));
-    bf16 *B = aligned_alloc(64, (size_t)(K * N) * sizeof(bf16));
-    float *C = aligned_alloc(64, (size_t)(M * N) * sizeof(float));
-    if (!A || !B || !C) {
-        free(A);
-        free(B);
-        free(C);
+/* The backend's bf16 matmul rate (oneDNN on the CPU) on a large square-ish GEMM
+ * (fp32 accumulate and output, as the engine's GEMMs): best of repeated runs
+ * over ~`seconds`. */
+static double calibrate_gemm(const ag_backend *be, double seconds, int64_t M, int64_t N, int64_t K) {
+    bf16 *Ah = malloc((size_t)(M * K) * sizeof(bf16));
+    bf16 *Bh = malloc((size_t)(K * N) * sizeof(bf16));
+    bf16 *A = be->alloc((size_t)(M * K) * sizeof(bf16));
+    bf16 *B = be->alloc((size_t)(K * N) * sizeof(bf16));
+    float *C = be->alloc((size_t)(M * N) * sizeof(float));
+    if (!Ah || !Bh || !A || !B || !C) {
+        free(Ah);
+        free(Bh);
+        be->free(A);
+        be->free(B);
+        be->free(C);
         return 0;
     }
-    for (int64_t i = 0; i < M * K; i++) A[i] = f32_to_bf16(rng_uniform(1, 1, (uint64_t)i) - 0.5f);
-    for (int64_t i = 0; i < K * N; i++) B[i] = f32_to_bf16(rng_uniform(1, 2, (uint64_t)i) - 0.5f);
-    gemm(0, 0, M, N, K, 1.0f, A, K, B, N, 0.0f, C, N, GEMM_BF16); /* JIT + first touch */
+    for (int64_t i = 0; i < M * K; i++) Ah[i] = f32_to_bf16(rng_uniform(1, 1, (uint64_t)i) - 0.5f);
+    for (int64_t i = 0; i < K * N; i++) Bh[i] = f32_to_bf16(rng_uniform(1, 2, (uint64_t)i) - 0.5f);
+    be->copy_h2d(A, Ah, (size_t)(M * K) * sizeof(bf16));
+    be->copy_h2d(B, Bh, (size_t)(K * N) * sizeof(bf16));
+    free(Ah);
+    free(Bh);
+    be->gemm(0, 0, M, N, K, 1.0f, A, K, B, N, 0.0f, C, N, GEMM_BF16); /* JIT + first touch */
+    be->sync();
     double best = 0, t_end = clock_now_sec() + seconds;
     int it = 0;
     while (clock_now_sec() < t_end || it < 3) {
         double t0 = clock_now_sec();
-        gemm(0, 0, M, N, K, 1.0f, A, K, B, N, 0.0f, C, N, GEMM_BF16);
+        be->gemm(0, 0, M, N, K, 1.0f, A, K, B, N, 0.0f, C, N, GEMM_BF16);
+        be->sync();
         double dt = clock_now_sec() - t0;
         double r = 2.0 * M * N * K / dt;
         if (r > best) best = r;
         it++;
     }
-    free(A);
-    free(B);
-    free(C);
+    be->free(A);
+    be->free(B);
+    be->free(C);
     return best;
 }
 
@@ -236,7 +247,7 @@ int main(int argc, char **argv) {
     double rss_start = proc_peak_rss_mib();
 
     /* ---- calibration: the machine's bf16 GEMM rate right now ---- */
-    double peak = calibrate_gemm(calib_s, 2048, 2048, 2048);
+    double peak = calibrate_gemm(ag_backend_default(), calib_s, 2048, 2048, 2048);
     fprintf(stderr, "[bench] calibration: oneDNN bf16 matmul 2048x2048x2048 peak %.0f GFLOP/s on %d threads\n",
             peak / 1e9, n_threads);
 
@@ -281,7 +292,7 @@ int main(int argc, char **argv) {
 
     ag_ctx ctx;
     adamw_state opt;
-    if (ag_ctx_init(&ctx, memplan_arena_chunk(&plan), &e) || adamw_state_init(&opt, ls.n_params, &e)) {
+    if (ag_ctx_init(&ctx, memplan_arena_chunk(&plan), &e) || adamw_state_init_backend(&opt, ctx.be, ls.n_params, &e)) {
         fprintf(stderr, "qlora-bench: %s\n", e.msg);
         return 1;
     }
@@ -309,7 +320,7 @@ int main(int argc, char **argv) {
     for (int s = 0; s < warmup + steps; s++) {
         if (s == warmup) ag_prof_reset();
         double ts = clock_now_sec(), cs = cpu_sec();
-        memset(ls.grads, 0, (size_t)ls.n_params * sizeof(float));
+        ctx.be->zero(ls.grads, (size_t)ls.n_params * sizeof(float));
         ctx.seed = rng_u64(42, 0xd509u, (uint64_t)s);
         ag_mark mk = ag_arena_mark(&ctx);
         double lsum = 0;
@@ -318,7 +329,7 @@ int main(int argc, char **argv) {
         ag_backward(&ctx, L);
         ag_arena_reset(&ctx, mk);
         int pc = ag_prof_push(AG_PROF_OPTIM);
-        float gn = clip_grad_norm(ls.grads, ls.n_params, 1.0f);
+        float gn = clip_grad_norm_backend(ctx.be, ls.grads, ls.n_params, 1.0f);
         adamw_step(&opt, &ac, 1e-4, ls.params, ls.grads, NULL);
         ag_prof_pop(pc);
         double dt = clock_now_sec() - ts;

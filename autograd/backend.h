@@ -1,0 +1,230 @@
+/* autograd/backend.h — the backend table: memory calls and kernels behind the ops.
+ *
+ * A backend is a struct of function pointers, as ggml's backends are
+ * (ggml-backend-impl.h): the ops (autograd/ops.c) keep the shapes, the tape
+ * and the arena bookkeeping and call the table of their context (ctx->be)
+ * for every loop over tensor data; the optimizers (optim/) and the model's
+ * inference paths (model/llama.c logits, model/llama_infer.c cached
+ * attention) call it too. Pointers marked "data" below are memory of the
+ * backend (from its alloc, or arena memory of a context using it); pointers
+ * marked "host" are ordinary host memory.
+ *
+ * Backends today:
+ *   cpu      the CPU engine: oneDNN GEMMs, OpenMP over rows, the AVX-512 row
+ *            kernels where the compiler targets AVX-512 (-march=native) and
+ *            the processor has them (checked at run time);
+ *   cpu-ref  the same kernels built from their scalar branches (the
+ *            `#else` paths of the row kernels, bitsandbytes-order NF4
+ *            dequantization nf4_dequantize_rows_*_ref) and a plain scalar
+ *            GEMM: the reference tests/test_backend_ops.c checks `cpu`
+ *            against.
+ * QLORA_BACKEND=<name> in the environment selects the default backend
+ * (ag_backend_default); unset, it is `cpu`.
+ *
+ * All kernels are deterministic for a fixed OpenMP thread count; the
+ * elementwise ones (and the optimizer updates, and sum_squares) do not
+ * depend on the thread count at all.
+ */
+#ifndef QLORA_AUTOGRAD_BACKEND_H
+#define QLORA_AUTOGRAD_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "autograd/gemm.h"
+#include "core/bf16.h"
+#include "quant/nf4.h"
+
+struct ag_ctx;
+
+typedef enum frozen_kind { FROZEN_NF4 = 0, FROZEN_BF16 = 1, FROZEN_F32 = 2 } frozen_kind;
+
+/* A frozen [out, in] weight (nn.Linear layout), stored NF4, bf16 or fp32. */
+typedef struct frozen_weight {
+    int64_t out, in;
+    frozen_kind kind;
+    const nf4_tensor *nf4; /* FROZEN_NF4 */
+    const bf16 *w_bf16;    /* FROZEN_BF16: (out, in) */
+    const float *w_f32;    /* FROZEN_F32: (out, in) */
+} frozen_weight;
+
+/* RoPE cos/sin table: (max_pos, head_dim/2) fp32 each, computed as HF does
+ * (inv_freq = 1/theta^(2i/d) in fp32; angle = pos * inv_freq in fp32). */
+typedef struct rope_table {
+    int max_pos, head_dim;
+    float *cos, *sin;
+} rope_table;
+
+/* Causal grouped-query attention over a batch (op_attention, autograd/ops.h).
+ * q (B*T, H*hd), k and v (B*T, KVH*hd) as GEMM operands: bf16 when `bf16`,
+ * else fp32. Forward writes rmax/rinv (each row's softmax max and 1/sum),
+ * seglo and seg_ok; backward reads them. */
+typedef struct ag_attn {
+    const void *qb, *kb, *vb;
+    float *rmax, *rinv;      /* (B, H, T) fp32 */
+    const int32_t *seq_ids;  /* (B*T) or NULL: token i sees j <= i with seq_ids[j] == seq_ids[i] */
+    int32_t *seglo;          /* (B, T): first position of each token's example */
+    unsigned char *seg_ok;   /* (B): 1 when row b's examples are contiguous runs */
+    int B, T, H, KVH, hd;
+    int bf16;
+} ag_attn;
+
+/* Attention of n new tokens against a KV cache (model/llama_infer.c): query
+ * token i at absolute position pos[i] sees cached positions 0 .. pos[i]. */
+typedef struct ag_attn_cached {
+    const float *q;       /* (n, H*hd) fp32 */
+    const float *k, *v;   /* (max_pos, kv_dim) fp32: this layer's cache, positions 0 .. pos[n-1] filled */
+    const int32_t *pos;   /* (n) host */
+    int64_t kv_dim;       /* KVH*hd */
+    int n, H, KVH, hd;
+    int bf16;             /* round q, k, v, p to bf16 as op_attention's GEMM operands */
+} ag_attn_cached;
+
+/* How the LM-head cross-entropy chooses each row's target. */
+typedef enum ag_ce_mode {
+    AG_CE_TARGETS = 0, /* targets[n] (must not be NULL) */
+    AG_CE_SAMPLED = 1  /* drawn from the row's softmax with `seed` (autograd/ce_sampled.h) */
+} ag_ce_mode;
+
+/* RNG stream of the sampled labels' draws (core/rng.h). */
+#define CE_SAMPLE_STREAM 0x5a3b1e5ull
+
+/* Chunked LM head + cross-entropy (op_lm_head_ce / op_lm_head_ce_pick). */
+typedef struct ag_ce_args {
+    const float *h;         /* (N, D) fp32 data */
+    const void *w;          /* (V, D) head as GEMM operand: bf16 when bf16, else fp32 */
+    int64_t N, D, V;
+    const int32_t *targets; /* (N) host or NULL (= every row): -100 skips a row */
+    ag_ce_mode mode;
+    uint64_t seed;          /* AG_CE_SAMPLED */
+    float scale;            /* gradient scale (the loss itself is returned unscaled) */
+    float *dh;              /* (N, D) fp32 data, zeroed by the caller, or NULL: no gradient */
+    int32_t *labels;        /* (N) host or NULL: the targets used, -100 at skipped rows */
+    int bf16;
+} ag_ce_args;
+
+/* AdamW per-element constants, computed by optim/adamw.c from the doubles
+ * (torch's order of roundings: see there). */
+typedef struct ag_adamw_coef {
+    int decay, lerp_small;
+    float decay_f, lerp_coeff, beta2_f, one_minus_beta2_f, bc2_sqrt_f, eps_f, neg_step_f;
+} ag_adamw_coef;
+
+/* SophiaG per-element constants (optim/sophia.c). */
+typedef struct ag_sophia_coef {
+    float decay_f, beta1_f, one_minus_beta1_f, rho_bs_f, eps_f, neg_lr_f;
+} ag_sophia_coef;
+
+typedef struct ag_backend {
+    const char *name;
+
+    /* ---- memory ---- */
+    /* bytes of data memory, 64-byte aligned; NULL when out of memory. */
+    void *(*alloc)(size_t bytes);
+    void (*free)(void *p); /* NULL is a no-op */
+    void (*copy_h2d)(void *dst, const void *src, size_t bytes); /* dst data, src host */
+    void (*copy_d2h)(void *dst, const void *src, size_t bytes); /* dst host, src data */
+    void (*copy_d2d)(void *dst, const void *src, size_t bytes); /* both data, may not overlap */
+    void (*zero)(void *dst, size_t bytes);                      /* data: all bytes 0 */
+    void (*fill_f32)(float *dst, int64_t n, float value);       /* data (n) fp32 = value */
+    void (*sync)(void); /* wait until every call before it has finished (CPU: returns) */
+
+    /* ---- kernels ---- */
+    /* C[M,N] = alpha op(A)[M,K] op(B)[K,N] + beta C, row-major, A and B both fp32 or
+     * both bf16 (dt), C fp32; beta 0 or 1. Contract of autograd/gemm.h. */
+    void (*gemm)(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void *A,
+                 int64_t lda, const void *B, int64_t ldb, float beta, float *C, int64_t ldc, gemm_dtype dt);
+    /* Rows [row0, row0+n) of a frozen weight into dst (n, w->in), fp32 or bf16. NF4: bitsandbytes'
+     * dequantization (quant/nf4.h), bit for bit; bf16 -> fp32 exact; fp32 -> bf16 round to nearest even. */
+    void (*frozen_rows_f32)(const frozen_weight *w, int64_t row0, int64_t n, float *dst);
+    void (*frozen_rows_bf16)(const frozen_weight *w, int64_t row0, int64_t n, bf16 *dst);
+    /* dst (n) bf16 = f32_to_bf16(src (n) fp32): round to nearest even, quiet NaN (core/bf16.h). */
+    void (*to_bf16)(const float *src, bf16 *dst, int64_t n);
+    /* Inverted dropout (LoRA's lora_dropout): element i is kept when
+     * rng_uniform(seed, stream, i) >= p (core/rng.h, counter-based, so the mask is
+     * regenerated in backward). fwd: y = keep ? x / (1 - p) : 0. bwd: dx += keep ? g / (1 - p) : 0
+     * (the product g · (1/(1-p)) rounded once). x, y, g, dx (n) fp32. */
+    void (*dropout_fwd)(const float *x, float *y, int64_t n, float p, uint64_t seed, uint64_t stream);
+    void (*dropout_bwd)(const float *g, float *dx, int64_t n, float p, uint64_t seed, uint64_t stream);
+    /* x (n, table->in) fp32 = rows ids[0..n) (host) of the frozen embedding table. */
+    void (*embedding)(const frozen_weight *table, const int32_t *ids, int64_t n, float *x);
+    /* RMSNorm (Zhang & Sennrich 2019; HF LlamaRMSNorm): per row of x (N, D),
+     * rstd = 1/sqrt(mean(x²) + eps) (sum of squares in double), y = w ⊙ (x · rstd);
+     * yb (N, D) bf16 copy of y or NULL. rstd (N). */
+    void (*rmsnorm_fwd)(const float *x, const float *w, float *y, bf16 *yb, float *rstd, int64_t N, int64_t D,
+                        float eps);
+    /* dx += rstd·w⊙dy − (Σ dy⊙w⊙x / D)·rstd³·x (row dot in double), dw += Σ_rows dy⊙x·rstd;
+     * dx or dw may be NULL. All fp32. */
+    void (*rmsnorm_bwd)(const float *x, const float *w, const float *rstd, const float *dy, float *dx, float *dw,
+                        int64_t N, int64_t D);
+    /* RoPE (Su et al. 2021), HF rotate_half convention, on x (N, n_heads·hd) with token
+     * positions pos (N, host): fwd y = rot(θ) x (yb: bf16 copy or NULL); bwd dx += rot(−θ) dy. */
+    void (*rope_fwd)(const float *x, float *y, bf16 *yb, int64_t N, int n_heads, const rope_table *rt,
+                     const int32_t *pos);
+    void (*rope_bwd)(const float *dy, float *dx, int64_t N, int n_heads, const rope_table *rt, const int32_t *pos);
+    /* Causal GQA attention (Ainslie et al. 2023), scale 1/sqrt(hd): o (B*T, H*hd) fp32
+     * (ob: bf16 copy or NULL) = softmax(q kᵀ · scale, masked) v. Scratch from ctx's arena. */
+    void (*attention_fwd)(struct ag_ctx *ctx, ag_attn *a, float *o, bf16 *ob);
+    /* Its backward from dob = dL/do as GEMM operand (same dtype as q): dq, dk, dv (fp32,
+     * accumulated into; each may be NULL), probabilities recomputed bit-identically
+     * from rmax/rinv (Dao et al. 2022). */
+    void (*attention_bwd)(struct ag_ctx *ctx, const ag_attn *a, const void *dob, float *dq, float *dk, float *dv);
+    /* KV-cached attention of model/llama_infer.c: out (n, H*hd) fp32. Scratch from ctx's arena. */
+    void (*attention_cached)(struct ag_ctx *ctx, const ag_attn_cached *a, float *out);
+    /* SwiGLU (Shazeer 2020): y = silu(g)·u = g/(1+exp(−g))·u, g u y (n) fp32; yb, gb, ub bf16
+     * copies of y, g, u or NULL. exp is autograd/exp_poly.h's. */
+    void (*swiglu_fwd)(const float *g, const float *u, float *y, bf16 *yb, bf16 *gb, bf16 *ub, int64_t n);
+    /* dg += dy·u·(σ + g σ (1−σ)), du += dy·g σ with σ = 1/(1+exp(−g)); g and u (n) bf16 when
+     * is_bf16 else fp32; dg or du may be NULL. */
+    void (*swiglu_bwd)(const void *g, const void *u, int is_bf16, const float *dy, float *dg, float *du, int64_t n);
+    /* y = a + b; and its backward da += dy, db += dy (either NULL). fp32 (n). */
+    void (*add)(const float *a, const float *b, float *y, int64_t n);
+    void (*add_bwd)(const float *dy, float *da, float *db, int64_t n);
+    /* y += alpha · x, fp32 (n). */
+    void (*axpy)(float *y, float alpha, const float *x, int64_t n);
+    /* Chunked LM head + cross-entropy (128 rows of logits at a time), logits h Wᵀ, softmax
+     * with exp_poly in fp32, lse = max + log Σ. For each row not skipped: loss += lse −
+     * logit[target] (double); with dh, dlogits = scale·(softmax − onehot) and dh = dlogits W.
+     * AG_CE_SAMPLED draws the target by inverting the softmax CDF at one 53-bit uniform
+     * rng_u64(seed, CE_SAMPLE_STREAM, row) (autograd/ce_sampled.h). Returns the unscaled
+     * summed loss; *count (non-NULL) the number of rows counted. Scratch from ctx's arena. */
+    double (*lm_head_ce)(struct ag_ctx *ctx, const ag_ce_args *a, int64_t *count);
+    /* AdamW element update of torch.optim.AdamW (optim/adamw.c has the sequence):
+     * p, m, v updated in place from g, all (n) fp32; mask (n) u8 host or NULL. */
+    void (*adamw_update)(float *p, const float *g, float *m, float *v, int64_t n, const uint8_t *mask,
+                         const ag_adamw_coef *c);
+    /* SophiaG element update (optim/sophia.c): p, m in place from g and h (n) fp32.
+     * Returns the number of elements with |m| < ρ·bs·h (win-rate numerator). */
+    int64_t (*sophia_update)(float *p, const float *g, float *m, const float *h, int64_t n, const uint8_t *mask,
+                             const ag_sophia_coef *c);
+    /* h = fma((1−β2)·ĝ, ĝ, h·β2), (n) fp32 (Sophia's Hessian EMA). */
+    void (*sophia_hessian)(float *h, const float *ghat, int64_t n, float beta2_f, float one_minus_beta2_f);
+    /* Σ x² of x (n) fp32 in double, over a chunking that depends on n only (optim/clip.c):
+     * the same bits for any thread count. */
+    double (*sum_squares)(const float *x, int64_t n);
+    /* x = x · s, fp32 (n). */
+    void (*scale)(float *x, int64_t n, float s);
+    /* Number of NaN or ±Inf elements of x (n) fp32. */
+    int64_t (*count_nonfinite)(const float *x, int64_t n);
+} ag_backend;
+
+/* The backend named `name` ("cpu", "cpu-ref", ...), or NULL when it is not
+ * built into this binary or cannot run on this machine. */
+const ag_backend *ag_backend_find(const char *name);
+
+/* Every backend name the code knows, built or not (NULL-terminated): the
+ * list tests/test_backend_ops.c walks, printing SKIPPED for the missing. */
+extern const char *const ag_backend_names[];
+
+/* The process's backend: QLORA_BACKEND when set and available, else `cpu`
+ * (a set but unavailable name is reported once on stderr). Every ag_ctx and
+ * optimizer state starts with it. */
+const ag_backend *ag_backend_default(void);
+
+/* The two CPU tables (autograd/backend_cpu.c, autograd/backend_cpu_ref.c). */
+extern const ag_backend ag_backend_cpu;
+extern const ag_backend ag_backend_cpu_ref;
+/* 1 when the `cpu` table's vector path is compiled in and this processor runs it. */
+int ag_backend_cpu_vector_ok(void);
+
+#endif

@@ -1,0 +1,985 @@
+/* tests/test_backend_ops.c — every backend-table entry (autograd/backend.h)
+ * checked against the reference backend, as ggml's test-backend-ops checks
+ * every backend against the CPU.
+ *
+ * The reference is `cpu-ref`: the CPU kernels built from their scalar
+ * branches, the scalar NF4 dequantization and a plain double-accumulating
+ * GEMM (autograd/backend_cpu_ref.c). Every other backend name the code knows
+ * (ag_backend_names: `cpu`, and `cuda` once a later issue builds it) is run on
+ * the same inputs in the same binary; a backend that is not available prints
+ * "SKIPPED: <name> not available" per case and the case counts as skipped.
+ *
+ * Comparison per entry:
+ *   - bit for bit where both run the same operations in the same order:
+ *     memory calls, NF4/bf16/fp32 rows, fp32 -> bf16 (ties, NaN, Inf,
+ *     subnormals), dropout masks, embedding, RMSNorm, RoPE, SwiGLU (the
+ *     AVX-512 exp is exp_poly lane by lane), add/axpy, the cached attention,
+ *     AdamW, Sophia, the sum of squares, scaling, the non-finite count, and
+ *     the sampled labels of the LM-head cross-entropy (on inputs whose GEMM is
+ *     exact, see test_lm_head_ce_sampled);
+ *   - a bounded normalised mean squared error NMSE = Σ(x − ref)² / Σ ref²
+ *     where the fast path reassociates sums (the GEMM, the 16-lane softmax
+ *     sums of attention and of the LM head); each bound's reasoning is
+ *     written at its constant.
+ * Inputs are random with fixed seeds; sizes are not multiples of 16, so the
+ * masked tails of the vector loops run.
+ */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "autograd/backend.h"
+#include "autograd/tensor.h"
+#include "core/bf16.h"
+#include "core/rng.h"
+#include "quant/nf4.h"
+
+/* fp32 GEMM, fp32 accumulation against double accumulation: each of the K ≤
+ * ~1000 terms adds at most one fp32 rounding (2^-24 relative to the running
+ * sum), so the relative error of an element is ≲ √K·2^-24 ≈ 2e-6 for random
+ * signs, NMSE ≲ 4e-12; 1e-10 leaves margin and still catches any wrong term
+ * (one wrong product out of K moves NMSE by ~1/K ≫ 1e-10). bf16 operands
+ * multiply exactly in fp32 (8-bit mantissas), so the same bound holds. */
+#define NMSE_GEMM 1e-10
+/* Attention and the LM head in fp32 mode: the GEMMs above plus the softmax
+ * sums reassociated into 16 lanes (one fp32 rounding per term either way). */
+#define NMSE_SOFTMAX_F32 1e-10
+/* The same in bf16 mode: the probabilities and the logit gradients are
+ * rounded to bf16 before their GEMM, and an fp32 difference of one ulp can
+ * move a value across a bf16 rounding boundary, changing that term by up to
+ * 2^-8 relative. Such flips are rare (≈ 2^-16 of the terms), so NMSE stays
+ * ≲ 1e-7; 1e-5 still catches a wrong row (≈ 1/rows ≫ 1e-5). */
+#define NMSE_SOFTMAX_BF16 1e-5
+
+static const char *g_ref_name = "cpu-ref";
+
+/* ------------------------------------------------------------------ helpers */
+
+static float frand(uint64_t seed, uint64_t i) { return 2.0f * rng_uniform(seed, 77, i) - 1.0f; }
+
+static float *host_rand(int64_t n, uint64_t seed, float amp) {
+    float *x = malloc((size_t)(n ? n : 1) * sizeof(float));
+    assert_non_null(x);
+    for (int64_t i = 0; i < n; i++) x[i] = amp * frand(seed, (uint64_t)i);
+    return x;
+}
+
+/* A copy of host memory in backend memory. */
+static void *to_dev(const ag_backend *be, const void *host, size_t bytes) {
+    void *d = be->alloc(bytes);
+    assert_non_null(d);
+    be->copy_h2d(d, host, bytes);
+    return d;
+}
+
+/* A host copy of backend memory (after a sync). */
+static void *to_host(const ag_backend *be, const void *dev, size_t bytes) {
+    void *h = malloc(bytes ? bytes : 1);
+    assert_non_null(h);
+    be->sync();
+    be->copy_d2h(h, dev, bytes);
+    return h;
+}
+
+static double nmse(const float *x, const float *ref, int64_t n) {
+    double num = 0.0, den = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        double d = (double)x[i] - (double)ref[i];
+        num += d * d;
+        den += (double)ref[i] * ref[i];
+    }
+    return den > 0.0 ? num / den : num;
+}
+
+static void assert_nmse(const char *what, const float *x, const float *ref, int64_t n, double bound) {
+    double e = nmse(x, ref, n);
+    if (!(e <= bound)) fail_msg("%s: NMSE %.3g exceeds %.3g", what, e, bound);
+}
+
+static void assert_bits(const char *what, const void *x, const void *ref, size_t bytes) {
+    if (memcmp(x, ref, bytes) != 0) {
+        const unsigned char *a = x, *b = ref;
+        size_t i = 0;
+        while (a[i] == b[i]) i++;
+        fail_msg("%s: differs from the reference at byte %zu of %zu", what, i, bytes);
+    }
+}
+
+/* A case runs one entry on backend `be` and on the reference `ref`. */
+typedef void (*case_fn)(const ag_backend *be, const ag_backend *ref);
+
+typedef struct case_state {
+    const char *backend;
+    case_fn fn;
+} case_state;
+
+static void run_case(void **state) {
+    const case_state *cs = *state;
+    const ag_backend *ref = ag_backend_find(g_ref_name);
+    assert_non_null(ref);
+    const ag_backend *be = ag_backend_find(cs->backend);
+    if (!be) {
+        printf("SKIPPED: %s not available\n", cs->backend);
+        skip();
+    }
+    cs->fn(be, ref);
+}
+
+/* ------------------------------------------------------------------ memory */
+
+static void case_memory(const ag_backend *be, const ag_backend *ref) {
+    (void)ref;
+    const int64_t n = 1003;
+    float *h = host_rand(n, 1, 3.0f);
+    float *d = to_dev(be, h, (size_t)n * sizeof(float));
+    float *d2 = be->alloc((size_t)n * sizeof(float));
+    assert_non_null(d2);
+    be->copy_d2d(d2, d, (size_t)n * sizeof(float));
+    float *back = to_host(be, d2, (size_t)n * sizeof(float));
+    assert_bits("copy h2d/d2d/d2h", back, h, (size_t)n * sizeof(float));
+    free(back);
+    be->zero(d2 + 5, 17 * sizeof(float));
+    be->fill_f32(d2 + 100, 31, NAN);
+    be->fill_f32(d2 + 200, 1, -2.5f);
+    back = to_host(be, d2, (size_t)n * sizeof(float));
+    for (int64_t i = 0; i < n; i++) {
+        float want = h[i];
+        if (i >= 5 && i < 22) want = 0.0f;
+        if (i >= 100 && i < 131) want = NAN;
+        if (i == 200) want = -2.5f;
+        if (isnan(want)) assert_true(isnan(back[i]));
+        else assert_true(memcmp(&back[i], &want, sizeof want) == 0);
+    }
+    free(back);
+    void *z = be->alloc(0); /* a valid, freeable pointer */
+    assert_non_null(z);
+    be->free(z);
+    be->free(NULL);
+    be->free(d);
+    be->free(d2);
+    free(h);
+}
+
+/* ------------------------------------------------------------------ GEMM */
+
+static void gemm_one(const ag_backend *be, const ag_backend *ref, int ta, int tb, int64_t M, int64_t N, int64_t K,
+                     float alpha, float beta, gemm_dtype dt, uint64_t seed) {
+    int64_t lda = ta ? M : K, ldb = tb ? K : N, ldc = N + 3; /* C with a padded leading dimension */
+    size_t es = dt == GEMM_BF16 ? 2 : 4;
+    float *Af = host_rand(M * K, seed, 1.0f), *Bf = host_rand(K * N, seed + 1, 1.0f);
+    float *C0 = host_rand(M * ldc, seed + 2, 1.0f);
+    void *A = Af, *B = Bf;
+    bf16 *Ab = NULL, *Bb = NULL;
+    if (dt == GEMM_BF16) {
+        Ab = malloc((size_t)(M * K) * 2);
+        Bb = malloc((size_t)(K * N) * 2);
+        for (int64_t i = 0; i < M * K; i++) Ab[i] = f32_to_bf16(Af[i]);
+        for (int64_t i = 0; i < K * N; i++) Bb[i] = f32_to_bf16(Bf[i]);
+        A = Ab;
+        B = Bb;
+    }
+    float *out[2];
+    const ag_backend *bes[2] = {be, ref};
+    for (int w = 0; w < 2; w++) {
+        void *dA = to_dev(bes[w], A, (size_t)(M * K) * es), *dB = to_dev(bes[w], B, (size_t)(K * N) * es);
+        float *dC = to_dev(bes[w], C0, (size_t)(M * ldc) * sizeof(float));
+        bes[w]->gemm(ta, tb, M, N, K, alpha, dA, lda, dB, ldb, beta, dC, ldc, dt);
+        out[w] = to_host(bes[w], dC, (size_t)(M * ldc) * sizeof(float));
+        bes[w]->free(dA);
+        bes[w]->free(dB);
+        bes[w]->free(dC);
+    }
+    char what[96];
+    snprintf(what, sizeof what, "gemm %s ta %d tb %d %lldx%lldx%lld beta %g", dt == GEMM_BF16 ? "bf16" : "f32", ta,
+             tb, (long long)M, (long long)N, (long long)K, beta);
+    assert_nmse(what, out[0], out[1], M * ldc, NMSE_GEMM);
+    for (int64_t i = 0; i < M; i++) /* the padding columns are not written */
+        for (int64_t j = N; j < ldc; j++) assert_true(out[0][i * ldc + j] == C0[i * ldc + j]);
+    free(out[0]);
+    free(out[1]);
+    free(Af);
+    free(Bf);
+    free(C0);
+    free(Ab);
+    free(Bb);
+}
+
+static void case_gemm(const ag_backend *be, const ag_backend *ref) {
+    gemm_one(be, ref, 0, 0, 37, 53, 71, 1.0f, 0.0f, GEMM_F32, 10);
+    gemm_one(be, ref, 0, 1, 129, 45, 200, 0.5f, 1.0f, GEMM_F32, 11);
+    gemm_one(be, ref, 1, 0, 33, 17, 130, 2.0f, 1.0f, GEMM_BF16, 12);
+    gemm_one(be, ref, 0, 1, 64, 1003, 72, 1.0f, 0.0f, GEMM_BF16, 13);
+    gemm_one(be, ref, 1, 1, 19, 23, 29, 1.0f, 0.0f, GEMM_BF16, 14);
+}
+
+/* ------------------------------------------------------------------ frozen rows, bf16, dropout, embedding */
+
+typedef struct frozen_set {
+    nf4_tensor nf4;
+    bf16 *wb;
+    float *wf;
+    frozen_weight w[3]; /* NF4, bf16, fp32 */
+} frozen_set;
+
+static void frozen_set_init(frozen_set *fs, int64_t rows, int64_t cols, uint64_t seed) {
+    qerr e = {0};
+    float *w = host_rand(rows * cols, seed, 0.1f);
+    assert_int_equal(nf4_quantize(w, rows, cols, 64, 1, &fs->nf4, &e), 0);
+    fs->wb = malloc((size_t)(rows * cols) * sizeof(bf16));
+    for (int64_t i = 0; i < rows * cols; i++) fs->wb[i] = f32_to_bf16(w[i]);
+    fs->wf = w;
+    fs->w[0] = (frozen_weight){.out = rows, .in = cols, .kind = FROZEN_NF4, .nf4 = &fs->nf4};
+    fs->w[1] = (frozen_weight){.out = rows, .in = cols, .kind = FROZEN_BF16, .w_bf16 = fs->wb};
+    fs->w[2] = (frozen_weight){.out = rows, .in = cols, .kind = FROZEN_F32, .w_f32 = fs->wf};
+}
+
+static void frozen_set_free(frozen_set *fs) {
+    nf4_free(&fs->nf4);
+    free(fs->wb);
+    free(fs->wf);
+}
+
+static void case_frozen_rows(const ag_backend *be, const ag_backend *ref) {
+    frozen_set fs;
+    frozen_set_init(&fs, 41, 320, 20); /* 41·320 = 205 blocks of 64; rows cut blocks */
+    const int64_t row0 = 7, n = 29, cols = 320;
+    for (int k = 0; k < 3; k++) {
+        float *f[2];
+        bf16 *b[2];
+        const ag_backend *bes[2] = {be, ref};
+        for (int w = 0; w < 2; w++) {
+            float *df = bes[w]->alloc((size_t)(n * cols) * sizeof(float));
+            bf16 *db = bes[w]->alloc((size_t)(n * cols) * sizeof(bf16));
+            bes[w]->frozen_rows_f32(&fs.w[k], row0, n, df);
+            bes[w]->frozen_rows_bf16(&fs.w[k], row0, n, db);
+            f[w] = to_host(bes[w], df, (size_t)(n * cols) * sizeof(float));
+            b[w] = to_host(bes[w], db, (size_t)(n * cols) * sizeof(bf16));
+            bes[w]->free(df);
+            bes[w]->free(db);
+        }
+        assert_bits("frozen_rows_f32", f[0], f[1], (size_t)(n * cols) * sizeof(float));
+        assert_bits("frozen_rows_bf16", b[0], b[1], (size_t)(n * cols) * sizeof(bf16));
+        free(f[0]);
+        free(f[1]);
+        free(b[0]);
+        free(b[1]);
+    }
+    frozen_set_free(&fs);
+}
+
+static void case_to_bf16(const ag_backend *be, const ag_backend *ref) {
+    const int64_t n = 70001; /* several 4096-element chunks, parallel, and a tail */
+    float *x = host_rand(n, 30, 100.0f);
+    const uint32_t specials[] = {0x7fc00000u, 0xffc00001u, 0x7f800001u, 0x7f800000u, 0xff800000u, 0x00000001u,
+                                 0x807fffffu, 0x3f808000u, 0x3f818000u, 0x3f80ffffu, 0x7f7fffffu, 0x80000000u};
+    for (size_t i = 0; i < sizeof specials / sizeof specials[0]; i++) memcpy(&x[i * 997], &specials[i], 4);
+    bf16 *out[2];
+    const ag_backend *bes[2] = {be, ref};
+    for (int w = 0; w < 2; w++) {
+        float *dx = to_dev(bes[w], x, (size_t)n * sizeof(float));
+        bf16 *dy = bes[w]->alloc((size_t)n * sizeof(bf16));
+        bes[w]->to_bf16(dx, dy, n);
+        out[w] = to_host(bes[w], dy, (size_t)n * sizeof(bf16));
+        bes[w]->free(dx);
+        bes[w]->free(dy);
+    }
+    assert_bits("to_bf16", out[0], out[1], (size_t)n * sizeof(bf16));
+    for (int64_t i = 0; i < n; i++) assert_int_equal(out[1][i], f32_to_bf16(x[i])); /* the reference is core/bf16.h's */
+    free(out[0]);
+    free(out[1]);
+    free(x);
+}
+
+static void case_dropout(const ag_backend *be, const ag_backend *ref) {
+    const int64_t n = 33 * 577;
+    float *x = host_rand(n, 40, 1.0f), *g = host_rand(n, 41, 1.0f), *dx0 = host_rand(n, 42, 1.0f);
+    float *y[2], *dx[2];
+    const ag_backend *bes[2] = {be, ref};
+    for (int w = 0; w < 2; w++) {
+        float *dX = to_dev(bes[w], x, (size_t)n * 4), *dY = bes[w]->alloc((size_t)n * 4);
+        float *dG = to_dev(bes[w], g, (size_t)n * 4), *dDX = to_dev(bes[w], dx0, (size_t)n * 4);
+        bes[w]->dropout_fwd(dX, dY, n, 0.1f, 1234, 0x10007);
+        bes[w]->dropout_bwd(dG, dDX, n, 0.1f, 1234, 0x10007);
+        y[w] = to_host(bes[w], dY, (size_t)n * 4);
+        dx[w] = to_host(bes[w], dDX, (size_t)n * 4);
+        bes[w]->free(dX);
+        bes[w]->free(dY);
+        bes[w]->free(dG);
+        bes[w]->free(dDX);
+    }
+    assert_bits("dropout_fwd", y[0], y[1], (size_t)n * 4);
+    assert_bits("dropout_bwd", dx[0], dx[1], (size_t)n * 4);
+    int64_t dropped = 0; /* the mask is the one forward and backward share */
+    for (int64_t i = 0; i < n; i++) {
+        int kept = y[1][i] != 0.0f;
+        dropped += !kept;
+        assert_true(kept ? dx[1][i] != dx0[i] || g[i] == 0.0f : dx[1][i] == dx0[i]);
+    }
+    assert_true(dropped > n / 20 && dropped < n / 7); /* p = 0.1 */
+    free(y[0]);
+    free(y[1]);
+    free(dx[0]);
+    free(dx[1]);
+    free(x);
+    free(g);
+    free(dx0);
+}
+
+static void case_embedding(const ag_backend *be, const ag_backend *ref) {
+    frozen_set fs;
+    frozen_set_init(&fs, 97, 192, 50);
+    const int64_t n = 45;
+    int32_t ids[45];
+    for (int64_t i = 0; i < n; i++) ids[i] = (int32_t)((i * 37 + 5) % 97);
+    for (int k = 0; k < 3; k++) {
+        float *x[2];
+        const ag_backend *bes[2] = {be, ref};
+        for (int w = 0; w < 2; w++) {
+            float *dx = bes[w]->alloc((size_t)(n * 192) * 4);
+            bes[w]->embedding(&fs.w[k], ids, n, dx);
+            x[w] = to_host(bes[w], dx, (size_t)(n * 192) * 4);
+            bes[w]->free(dx);
+        }
+        assert_bits("embedding", x[0], x[1], (size_t)(n * 192) * 4);
+        free(x[0]);
+        free(x[1]);
+    }
+    frozen_set_free(&fs);
+}
+
+/* ------------------------------------------------------------------ norm, rope, swiglu, add, axpy */
+
+static void case_rmsnorm(const ag_backend *be, const ag_backend *ref) {
+    const int64_t N = 37, D = 579;
+    float *x = host_rand(N * D, 60, 2.0f), *wt = host_rand(D, 61, 1.0f), *dy = host_rand(N * D, 62, 1.0f);
+    float *dx0 = host_rand(N * D, 63, 0.1f), *dw0 = host_rand(D, 64, 0.1f);
+    float *y[2], *rs[2], *dx[2], *dw[2];
+    bf16 *yb[2];
+    const ag_backend *bes[2] = {be, ref};
+    for (int w = 0; w < 2; w++) {
+        const ag_backend *b = bes[w];
+        float *dX = to_dev(b, x, (size_t)(N * D) * 4), *dW = to_dev(b, wt, (size_t)D * 4);
+        float *dY = b->alloc((size_t)(N * D) * 4), *dR = b->alloc((size_t)N * 4);
+        bf16 *dYb = b->alloc((size_t)(N * D) * 2);
+        float *dDY = to_dev(b, dy, (size_t)(N * D) * 4), *dDX = to_dev(b, dx0, (size_t)(N * D) * 4);
+        float *dDW = to_dev(b, dw0, (size_t)D * 4);
+        b->rmsnorm_fwd(dX, dW, dY, dYb, dR, N, D, 1e-5f);
+        b->rmsnorm_bwd(dX, dW, dR, dDY, dDX, dDW, N, D);
+        y[w] = to_host(b, dY, (size_t)(N * D) * 4);
+        yb[w] = to_host(b, dYb, (size_t)(N * D) * 2);
+        rs[w] = to_host(b, dR, (size_t)N * 4);
+        dx[w] = to_host(b, dDX, (size_t)(N * D) * 4);
+        dw[w] = to_host(b, dDW, (size_t)D * 4);
+        void *ptrs[] = {dX, dW, dY, dR, dYb, dDY, dDX, dDW};
+        for (size_t i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++) b->free(ptrs[i]);
+    }
+    assert_bits("rmsnorm y", y[0], y[1], (size_t)(N * D) * 4);
+    assert_bits("rmsnorm y bf16", yb[0], yb[1], (size_t)(N * D) * 2);
+    assert_bits("rmsnorm rstd", rs[0], rs[1], (size_t)N * 4);
+    assert_bits("rmsnorm dx", dx[0], dx[1], (size_t)(N * D) * 4);
+    assert_bits("rmsnorm dw", dw[0], dw[1], (size_t)D * 4);
+    for (int w = 0; w < 2; w++) {
+        free(y[w]);
+        free(yb[w]);
+        free(rs[w]);
+        free(dx[w]);
+        free(dw[w]);
+    }
+    free(x);
+    free(wt);
+    free(dy);
+    free(dx0);
+    free(dw0);
+}
+
+static void case_rope(const ag_backend *be, const ag_backend *ref) {
+    const int64_t N = 29;
+    const int nh = 3, hd = 64;
+    rope_table rt = {.max_pos = 64, .head_dim = hd};
+    rt.cos = host_rand(64 * hd / 2, 70, 1.0f);
+    rt.sin = host_rand(64 * hd / 2, 71, 1.0f);
+    int32_t pos[29];
+    for (int i = 0; i < N; i++) pos[i] = (i * 7) % 64;
+    const int64_t n = N * nh * hd;
+    float *x = host_rand(n, 72, 1.0f), *dy = host_rand(n, 73, 1.0f), *dx0 = host_rand(n, 74, 0.5f);
+    float *y[2], *dx[2];
+    bf16 *yb[2];
+    const ag_backend *bes[2] = {be, ref};
+    for (int w = 0; w < 2; w++) {
+        const ag_backend *b = bes[w];
+        float *dX = to_dev(b, x, (size_t)n * 4), *dY = b->alloc((size_t)n * 4);
+        bf16 *dYb = b->alloc((size_t)n * 2);
+        float *dDY = to_dev(b, dy, (size_t)n * 4), *dDX = to_dev(b, dx0, (size_t)n * 4);
+        b->rope_fwd(dX, dY, dYb, N, nh, &rt, pos);
+        b->rope_bwd(dDY, dDX, N, nh, &rt, pos);
+        y[w] = to_host(b, dY, (size_t)n * 4);
+        yb[w] = to_host(b, dYb, (size_t)n * 2);
+        dx[w] = to_host(b, dDX, (size_t)n * 4);
+        b->free(dX);
+        b->free(dY);
+        b->free(dYb);
+        b->free(dDY);
+        b->free(dDX);
+    }
+    assert_bits("rope y", y[0], y[1], (size_t)n * 4);
+    assert_bits("rope y bf16", yb[0], yb[1], (size_t)n * 2);
+    assert_bits("rope dx", dx[0], dx[1], (size_t)n * 4);
+    for (int w = 0; w < 2; w++) {
+        free(y[w]);
+        free(yb[w]);
+        free(dx[w]);
+    }
+    free(x);
+    free(dy);
+    free(dx0);
+    free(rt.cos);
+    free(rt.sin);
+}
+
+static void case_swiglu(const ag_backend *be, const ag_backend *ref) {
+    const int64_t n = 3 * 4096 + 1013; /* chunks of 4096, then a tail that is not a multiple of 16 */
+    float *g = host_rand(n, 80, 6.0f), *u = host_rand(n, 81, 2.0f), *dy = host_rand(n, 82, 1.0f);
+    float *dg0 = host_rand(n, 83, 0.1f), *du0 = host_rand(n, 84, 0.1f);
+    g[17] = 100.0f; /* exp_poly's clamps */
+    g[18] = -100.0f;
+    g[19] = 0.0f;
+    bf16 *gb16 = malloc((size_t)n * 2), *ub16 = malloc((size_t)n * 2);
+    for (int64_t i = 0; i < n; i++) {
+        gb16[i] = f32_to_bf16(g[i]);
+        ub16[i] = f32_to_bf16(u[i]);
+    }
+    const ag_backend *bes[2] = {be, ref};
+    float *y[2], *dg[2][2], *du[2][2];
+    bf16 *yb[2], *gb[2], *ub[2];
+    for (int w = 0; w < 2; w++) {
+        const ag_backend *b = bes[w];
+        float *dG = to_dev(b, g, (size_t)n * 4), *dU = to_dev(b, u, (size_t)n * 4), *dY = b->alloc((size_t)n * 4);
+        bf16 *dYb = b->alloc((size_t)n * 2), *dGb = b->alloc((size_t)n * 2), *dUb = b->alloc((size_t)n * 2);
+        b->swiglu_fwd(dG, dU, dY, dYb, dGb, dUb, n);
+        y[w] = to_host(b, dY, (size_t)n * 4);
+        yb[w] = to_host(b, dYb, (size_t)n * 2);
+        gb[w] = to_host(b, dGb, (size_t)n * 2);
+        ub[w] = to_host(b, dUb, (size_t)n * 2);
+        float *dDY = to_dev(b, dy, (size_t)n * 4);
+        for (int isb = 0; isb < 2; isb++) { /* saved inputs fp32, then bf16 */
+            const void *sg = isb ? (const void *)to_dev(b, gb16, (size_t)n * 2) : (const void *)dG;
+            const void *su = isb ? (const void *)to_dev(b, ub16, (size_t)n * 2) : (const void *)dU;
+            float *dDG = to_dev(b, dg0, (size_t)n * 4), *dDU = to_dev(b, du0, (size_t)n * 4);
+            b->swiglu_bwd(sg, su, isb, dDY, dDG, dDU, n);
+            dg[w][isb] = to_host(b, dDG, (size_t)n * 4);
+            du[w][isb] = to_host(b, dDU, (size_t)n * 4);
+            if (isb) {
+                b->free((void *)sg);
+                b->free((void *)su);
+            }
+            b->free(dDG);
+            b->free(dDU);
+        }
+        void *ptrs[] = {dG, dU, dY, dYb, dGb, dUb, dDY};
+        for (size_t i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++) b->free(ptrs[i]);
+    }
+    assert_bits("swiglu y", y[0], y[1], (size_t)n * 4);
+    assert_bits("swiglu y bf16", yb[0], yb[1], (size_t)n * 2);
+    assert_bits("swiglu g bf16", gb[0], gb[1], (size_t)n * 2);
+    assert_bits("swiglu u bf16", ub[0], ub[1], (size_t)n * 2);
+    for (int isb = 0; isb < 2; isb++) {
+        assert_bits("swiglu dg", dg[0][isb], dg[1][isb], (size_t)n * 4);
+        assert_bits("swiglu du", du[0][isb], du[1][isb], (size_t)n * 4);
+    }
+    for (int w = 0; w < 2; w++) {
+        free(y[w]);
+        free(yb[w]);
+        free(gb[w]);
+        free(ub[w]);
+        for (int isb = 0; isb < 2; isb++) {
+            free(dg[w][isb]);
+            free(du[w][isb]);
+        }
+    }
+    free(g);
+    free(u);
+    free(dy);
+    free(dg0);
+    free(du0);
+    free(gb16);
+    free(ub16);
+}
+
+static void case_add_axpy(const ag_backend *be, const ag_backend *ref) {
+    const int64_t n = 50003;
+    float *a = host_rand(n, 90, 1.0f), *bb = host_rand(n, 91, 1.0f), *dy = host_rand(n, 92, 1.0f);
+    const ag_backend *bes[2] = {be, ref};
+    float *y[2], *da[2], *db[2], *ax[2];
+    for (int w = 0; w < 2; w++) {
+        const ag_backend *b = bes[w];
+        float *dA = to_dev(b, a, (size_t)n * 4), *dB = to_dev(b, bb, (size_t)n * 4), *dY = b->alloc((size_t)n * 4);
+        float *dDY = to_dev(b, dy, (size_t)n * 4);
+        b->add(dA, dB, dY, n);
+        y[w] = to_host(b, dY, (size_t)n * 4);
+        b->add_bwd(dDY, dA, NULL, n); /* da += dy, db untouched */
+        b->add_bwd(dDY, dA, dB, n);
+        da[w] = to_host(b, dA, (size_t)n * 4);
+        db[w] = to_host(b, dB, (size_t)n * 4);
+        b->axpy(dY, -0.37f, dDY, n);
+        ax[w] = to_host(b, dY, (size_t)n * 4);
+        b->free(dA);
+        b->free(dB);
+        b->free(dY);
+        b->free(dDY);
+    }
+    assert_bits("add", y[0], y[1], (size_t)n * 4);
+    assert_bits("add_bwd da", da[0], da[1], (size_t)n * 4);
+    assert_bits("add_bwd db", db[0], db[1], (size_t)n * 4);
+    assert_bits("axpy", ax[0], ax[1], (size_t)n * 4);
+    for (int64_t i = 0; i < n; i++) assert_true(y[1][i] == a[i] + bb[i]);
+    for (int w = 0; w < 2; w++) {
+        free(y[w]);
+        free(da[w]);
+        free(db[w]);
+        free(ax[w]);
+    }
+    free(a);
+    free(bb);
+    free(dy);
+}
+
+/* ------------------------------------------------------------------ attention */
+
+/* Runs attention forward and backward of one configuration on backend b with
+ * a context of its own; returns o, dq, dk, dv, rmax (host copies). */
+typedef struct attn_out {
+    float *o, *dq, *dk, *dv, *rmax, *rinv;
+    bf16 *ob;
+} attn_out;
+
+static void attn_run(const ag_backend *b, int B, int T, int H, int KVH, int hd, int bf, const int32_t *seq_ids,
+                     uint64_t seed, attn_out *out) {
+    ag_ctx ctx;
+    qerr e = {0};
+    assert_int_equal(ag_ctx_init_backend(&ctx, b, 64u << 20, &e), 0);
+    const int64_t nq = (int64_t)B * T * H * hd, nk = (int64_t)B * T * KVH * hd, nst = (int64_t)B * H * T;
+    float *q = host_rand(nq, seed, 2.0f), *k = host_rand(nk, seed + 1, 2.0f), *v = host_rand(nk, seed + 2, 1.0f);
+    float *dout = host_rand(nq, seed + 3, 1.0f);
+    size_t es = bf ? 2 : 4;
+    void *qo = malloc((size_t)nq * es), *ko = malloc((size_t)nk * es), *vo = malloc((size_t)nk * es),
+         *doo = malloc((size_t)nq * es);
+    for (int64_t i = 0; i < nq; i++) {
+        if (bf) {
+            ((bf16 *)qo)[i] = f32_to_bf16(q[i]);
+            ((bf16 *)doo)[i] = f32_to_bf16(dout[i]);
+        } else {
+            ((float *)qo)[i] = q[i];
+            ((float *)doo)[i] = dout[i];
+        }
+    }
+    for (int64_t i = 0; i < nk; i++) {
+        if (bf) {
+            ((bf16 *)ko)[i] = f32_to_bf16(k[i]);
+            ((bf16 *)vo)[i] = f32_to_bf16(v[i]);
+        } else {
+            ((float *)ko)[i] = k[i];
+            ((float *)vo)[i] = v[i];
+        }
+    }
+    ag_attn a = {.qb = to_dev(b, qo, (size_t)nq * es), .kb = to_dev(b, ko, (size_t)nk * es),
+                 .vb = to_dev(b, vo, (size_t)nk * es), .seq_ids = seq_ids, .B = B, .T = T, .H = H, .KVH = KVH,
+                 .hd = hd, .bf16 = bf};
+    a.rmax = b->alloc((size_t)nst * 4);
+    a.rinv = b->alloc((size_t)nst * 4);
+    a.seglo = b->alloc((size_t)B * T * 4);
+    a.seg_ok = b->alloc((size_t)B);
+    float *o = b->alloc((size_t)nq * 4);
+    bf16 *ob = b->alloc((size_t)nq * 2);
+    b->attention_fwd(&ctx, &a, o, ob);
+    float *dq = b->alloc((size_t)nq * 4), *dk = b->alloc((size_t)nk * 4), *dv = b->alloc((size_t)nk * 4);
+    b->zero(dq, (size_t)nq * 4);
+    b->zero(dk, (size_t)nk * 4);
+    b->zero(dv, (size_t)nk * 4);
+    void *dob = to_dev(b, doo, (size_t)nq * es);
+    b->attention_bwd(&ctx, &a, dob, dq, dk, dv);
+    out->o = to_host(b, o, (size_t)nq * 4);
+    out->ob = to_host(b, ob, (size_t)nq * 2);
+    out->dq = to_host(b, dq, (size_t)nq * 4);
+    out->dk = to_host(b, dk, (size_t)nk * 4);
+    out->dv = to_host(b, dv, (size_t)nk * 4);
+    out->rmax = to_host(b, a.rmax, (size_t)nst * 4);
+    out->rinv = to_host(b, a.rinv, (size_t)nst * 4);
+    void *ptrs[] = {(void *)a.qb, (void *)a.kb, (void *)a.vb, a.rmax, a.rinv, a.seglo, a.seg_ok, o, ob, dq, dk, dv, dob};
+    for (size_t i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++) b->free(ptrs[i]);
+    free(q);
+    free(k);
+    free(v);
+    free(dout);
+    free(qo);
+    free(ko);
+    free(vo);
+    free(doo);
+    ag_ctx_free(&ctx);
+}
+
+static void attn_out_free(attn_out *o) {
+    free(o->o);
+    free(o->ob);
+    free(o->dq);
+    free(o->dk);
+    free(o->dv);
+    free(o->rmax);
+    free(o->rinv);
+}
+
+static void attn_compare(const ag_backend *be, const ag_backend *ref, int B, int T, int H, int KVH, int hd,
+                         const int32_t *seq_ids, uint64_t seed) {
+    for (int bf = 0; bf < 2; bf++) {
+        attn_out x, r;
+        attn_run(be, B, T, H, KVH, hd, bf, seq_ids, seed, &x);
+        attn_run(ref, B, T, H, KVH, hd, bf, seq_ids, seed, &r);
+        const int64_t nq = (int64_t)B * T * H * hd, nk = (int64_t)B * T * KVH * hd, nst = (int64_t)B * H * T;
+        double bound = bf ? NMSE_SOFTMAX_BF16 : NMSE_SOFTMAX_F32;
+        assert_nmse(bf ? "attention o (bf16)" : "attention o (f32)", x.o, r.o, nq, bound);
+        assert_nmse("attention row max", x.rmax, r.rmax, nst, bound);
+        assert_nmse("attention row 1/sum", x.rinv, r.rinv, nst, bound);
+        assert_nmse("attention dq", x.dq, r.dq, nq, bound);
+        assert_nmse("attention dk", x.dk, r.dk, nk, bound);
+        assert_nmse("attention dv", x.dv, r.dv, nk, bound);
+        for (int64_t i = 0; i < nq; i++) assert_int_equal(x.ob[i], f32_to_bf16(x.o[i])); /* ob is o's bf16 copy */
+        attn_out_free(&x);
+        attn_out_free(&r);
+    }
+}
+
+static void case_attention(const ag_backend *be, const ag_backend *ref) {
+    /* T = 150: two query blocks of ATT_BQ = 128, the second a 22-row tail; GQA 6:2; hd 64 (SmolLM2) */
+    enum { B = 2, T = 150 };
+    attn_compare(be, ref, B, T, 6, 2, 64, NULL, 100);
+    int32_t packed[B * T], scattered[B * T];
+    for (int i = 0; i < B * T; i++) {
+        int t = i % T;
+        packed[i] = t < 37 ? 0 : (t < 120 ? 1 : 2); /* examples as contiguous runs: the vector-row path */
+        scattered[i] = (t / 5) % 3;                 /* ids recurring after others: the general mask path */
+    }
+    attn_compare(be, ref, B, T, 6, 2, 64, packed, 101);
+    attn_compare(be, ref, B, T, 4, 4, 40, scattered, 102);
+}
+
+static void case_attention_cached(const ag_backend *be, const ag_backend *ref) {
+    const int H = 6, KVH = 2, hd = 64, n = 5, max_pos = 40;
+    const int64_t kvd = (int64_t)KVH * hd;
+    float *K = host_rand(max_pos * kvd, 110, 2.0f), *V = host_rand(max_pos * kvd, 111, 1.0f);
+    float *q = host_rand((int64_t)n * H * hd, 112, 2.0f);
+    int32_t pos[5] = {31, 32, 33, 34, 35};
+    for (int bf = 0; bf < 2; bf++) {
+        float *out[2];
+        const ag_backend *bes[2] = {be, ref};
+        for (int w = 0; w < 2; w++) {
+            const ag_backend *b = bes[w];
+            ag_ctx ctx;
+            qerr e = {0};
+            assert_int_equal(ag_ctx_init_backend(&ctx, b, 4u << 20, &e), 0);
+            ag_attn_cached a = {.q = to_dev(b, q, (size_t)n * H * hd * 4), .k = to_dev(b, K, (size_t)(max_pos * kvd) * 4),
+                                .v = to_dev(b, V, (size_t)(max_pos * kvd) * 4), .pos = pos, .kv_dim = kvd, .n = n,
+                                .H = H, .KVH = KVH, .hd = hd, .bf16 = bf};
+            float *o = b->alloc((size_t)n * H * hd * 4);
+            b->attention_cached(&ctx, &a, o);
+            out[w] = to_host(b, o, (size_t)n * H * hd * 4);
+            b->free((void *)a.q);
+            b->free((void *)a.k);
+            b->free((void *)a.v);
+            b->free(o);
+            ag_ctx_free(&ctx);
+        }
+        assert_bits("attention_cached", out[0], out[1], (size_t)n * H * hd * 4);
+        free(out[0]);
+        free(out[1]);
+    }
+    free(K);
+    free(V);
+    free(q);
+}
+
+/* ------------------------------------------------------------------ LM head + cross-entropy */
+
+typedef struct ce_out {
+    double loss;
+    int64_t count;
+    float *dh;
+    int32_t *labels;
+} ce_out;
+
+/* h and W take values k/16, |k| <= 16, so every logit is an exact fp32 sum
+ * in any order (products k·k'/256, sums of D ≤ 72 of them stay far inside
+ * 24 bits): both backends see the same logits bit for bit whatever their GEMM,
+ * and only the softmax sums differ in rounding. */
+static float *host_grid(int64_t n, uint64_t seed) {
+    float *x = malloc((size_t)n * sizeof(float));
+    for (int64_t i = 0; i < n; i++) x[i] = floorf(16.0f * frand(seed, (uint64_t)i)) / 16.0f;
+    return x;
+}
+
+static void ce_run(const ag_backend *b, int64_t N, int64_t D, int64_t V, const float *h, const float *W,
+                   const int32_t *targets, ag_ce_mode mode, int bf, int grad, ce_out *out) {
+    ag_ctx ctx;
+    qerr e = {0};
+    assert_int_equal(ag_ctx_init_backend(&ctx, b, 16u << 20, &e), 0);
+    void *wop;
+    if (bf) {
+        bf16 *wb = malloc((size_t)(V * D) * 2);
+        for (int64_t i = 0; i < V * D; i++) wb[i] = f32_to_bf16(W[i]);
+        wop = to_dev(b, wb, (size_t)(V * D) * 2);
+        free(wb);
+    } else {
+        wop = to_dev(b, W, (size_t)(V * D) * 4);
+    }
+    float *dh = grad ? b->alloc((size_t)(N * D) * 4) : NULL;
+    if (dh) b->zero(dh, (size_t)(N * D) * 4);
+    float *hd = to_dev(b, h, (size_t)(N * D) * 4);
+    out->labels = malloc((size_t)N * sizeof(int32_t));
+    ag_ce_args a = {.h = hd, .w = wop, .N = N, .D = D, .V = V, .targets = targets, .mode = mode, .seed = 0xabcdef,
+                    .scale = 1.0f / 97.0f, .dh = dh, .labels = out->labels, .bf16 = bf};
+    out->loss = b->lm_head_ce(&ctx, &a, &out->count);
+    out->dh = dh ? to_host(b, dh, (size_t)(N * D) * 4) : NULL;
+    b->free(wop);
+    b->free(dh);
+    b->free(hd);
+    ag_ctx_free(&ctx);
+}
+
+static void case_lm_head_ce(const ag_backend *be, const ag_backend *ref) {
+    /* N = 300 rows: chunks of 128, 128 and a 44-row tail; V = 1003 (a tail of 11 lanes) */
+    const int64_t N = 300, D = 72, V = 1003;
+    float *h = host_grid(N * D, 120), *W = host_grid(V * D, 121);
+    int32_t *targets = malloc((size_t)N * sizeof(int32_t));
+    for (int64_t i = 0; i < N; i++) targets[i] = i % 7 == 3 ? -100 : (int32_t)((i * 131) % V);
+    for (int64_t i = 0; i < 128; i++) targets[128 + i] = i % 2 ? -100 : targets[128 + i];
+    for (int mode = 0; mode < 2; mode++)
+        for (int bf = 0; bf < 2; bf++)
+            for (int grad = 0; grad < 2; grad++) {
+                ce_out x, r;
+                ce_run(be, N, D, V, h, W, targets, (ag_ce_mode)mode, bf, grad, &x);
+                ce_run(ref, N, D, V, h, W, targets, (ag_ce_mode)mode, bf, grad, &r);
+                assert_int_equal(x.count, r.count);
+                /* the sampled labels (and the given ones) are identical: same logits, and the draw
+                 * reads the softmax through scalar exp_poly in both */
+                assert_bits("lm_head_ce labels", x.labels, r.labels, (size_t)N * sizeof(int32_t));
+                for (int64_t i = 0; i < N; i++) {
+                    if (targets[i] == -100) assert_int_equal(r.labels[i], -100);
+                    else if (mode == AG_CE_TARGETS) assert_int_equal(r.labels[i], targets[i]);
+                    else assert_true(r.labels[i] >= 0 && r.labels[i] < V);
+                }
+                double rel = fabs(x.loss - r.loss) / fabs(r.loss);
+                if (!(rel < 1e-6)) fail_msg("lm_head_ce loss %.9g vs %.9g", x.loss, r.loss);
+                if (grad) assert_nmse("lm_head_ce dh", x.dh, r.dh, N * D, bf ? NMSE_SOFTMAX_BF16 : NMSE_SOFTMAX_F32);
+                free(x.dh);
+                free(r.dh);
+                free(x.labels);
+                free(r.labels);
+            }
+    /* the sampled mode draws different labels from different seeds' streams but the same
+     * labels from the same seed: run twice on the same backend */
+    ce_out s1, s2;
+    ce_run(be, N, D, V, h, W, NULL, AG_CE_SAMPLED, 1, 0, &s1);
+    ce_run(be, N, D, V, h, W, NULL, AG_CE_SAMPLED, 1, 0, &s2);
+    assert_int_equal(s1.count, N);
+    assert_bits("sampled labels, same seed", s1.labels, s2.labels, (size_t)N * sizeof(int32_t));
+    free(s1.labels);
+    free(s2.labels);
+    free(h);
+    free(W);
+    free(targets);
+}
+
+/* ------------------------------------------------------------------ optimizer, clipping */
+
+static void case_adamw(const ag_backend *be, const ag_backend *ref) {
+    const int64_t n = 70001;
+    float *p = host_rand(n, 130, 1.0f), *g = host_rand(n, 131, 0.01f), *m = host_rand(n, 132, 0.001f);
+    float *v = host_rand(n, 133, 1e-5f);
+    for (int64_t i = 0; i < n; i++) v[i] = fabsf(v[i]);
+    uint8_t *mask = malloc((size_t)n);
+    for (int64_t i = 0; i < n; i++) mask[i] = (uint8_t)(i % 5 != 0);
+    const ag_adamw_coef cs[2] = {
+        {.decay = 1, .lerp_small = 1, .decay_f = 0.99996f, .lerp_coeff = 0.1f, .beta2_f = 0.999f,
+         .one_minus_beta2_f = 0.001f, .bc2_sqrt_f = 0.0316f, .eps_f = 1e-8f, .neg_step_f = -4e-4f},
+        {.decay = 0, .lerp_small = 0, .decay_f = 1.0f, .lerp_coeff = -0.3f, .beta2_f = 0.99f,
+         .one_minus_beta2_f = 0.01f, .bc2_sqrt_f = 0.5f, .eps_f = 1e-6f, .neg_step_f = -1e-3f}};
+    for (int c = 0; c < 2; c++) {
+        float *out[2][3];
+        const ag_backend *bes[2] = {be, ref};
+        for (int w = 0; w < 2; w++) {
+            const ag_backend *b = bes[w];
+            float *dp = to_dev(b, p, (size_t)n * 4), *dg = to_dev(b, g, (size_t)n * 4);
+            float *dm = to_dev(b, m, (size_t)n * 4), *dv = to_dev(b, v, (size_t)n * 4);
+            b->adamw_update(dp, dg, dm, dv, n, c ? NULL : mask, &cs[c]);
+            out[w][0] = to_host(b, dp, (size_t)n * 4);
+            out[w][1] = to_host(b, dm, (size_t)n * 4);
+            out[w][2] = to_host(b, dv, (size_t)n * 4);
+            b->free(dp);
+            b->free(dg);
+            b->free(dm);
+            b->free(dv);
+        }
+        for (int k = 0; k < 3; k++) {
+            assert_bits("adamw_update", out[0][k], out[1][k], (size_t)n * 4);
+            free(out[0][k]);
+            free(out[1][k]);
+        }
+    }
+    free(p);
+    free(g);
+    free(m);
+    free(v);
+    free(mask);
+}
+
+static void case_sophia(const ag_backend *be, const ag_backend *ref) {
+    const int64_t n = 70001;
+    float *p = host_rand(n, 140, 1.0f), *g = host_rand(n, 141, 0.01f), *m = host_rand(n, 142, 0.01f);
+    float *h = host_rand(n, 143, 1e-3f);
+    for (int64_t i = 0; i < n; i++) h[i] = i % 11 == 0 ? 0.0f : fabsf(h[i]);
+    uint8_t *mask = malloc((size_t)n);
+    for (int64_t i = 0; i < n; i++) mask[i] = (uint8_t)(i % 3 != 0);
+    const ag_sophia_coef co = {.decay_f = 0.99999f, .beta1_f = 0.965f, .one_minus_beta1_f = 0.035f,
+                               .rho_bs_f = 0.04f * 1024.0f, .eps_f = 1e-15f, .neg_lr_f = -1e-4f};
+    float *out[2][3];
+    int64_t wins[2];
+    const ag_backend *bes[2] = {be, ref};
+    for (int w = 0; w < 2; w++) {
+        const ag_backend *b = bes[w];
+        float *dp = to_dev(b, p, (size_t)n * 4), *dg = to_dev(b, g, (size_t)n * 4);
+        float *dm = to_dev(b, m, (size_t)n * 4), *dh = to_dev(b, h, (size_t)n * 4);
+        wins[w] = b->sophia_update(dp, dg, dm, dh, n, mask, &co);
+        b->sophia_hessian(dh, dg, n, 0.99f, 0.01f);
+        out[w][0] = to_host(b, dp, (size_t)n * 4);
+        out[w][1] = to_host(b, dm, (size_t)n * 4);
+        out[w][2] = to_host(b, dh, (size_t)n * 4);
+        b->free(dp);
+        b->free(dg);
+        b->free(dm);
+        b->free(dh);
+    }
+    assert_int_equal(wins[0], wins[1]);
+    assert_true(wins[1] > 0 && wins[1] < n);
+    for (int k = 0; k < 3; k++) {
+        assert_bits(k < 2 ? "sophia_update" : "sophia_hessian", out[0][k], out[1][k], (size_t)n * 4);
+        free(out[0][k]);
+        free(out[1][k]);
+    }
+    free(p);
+    free(g);
+    free(m);
+    free(h);
+    free(mask);
+}
+
+static void case_sumsq_scale_nonfinite(const ag_backend *be, const ag_backend *ref) {
+    const int64_t sizes[] = {0, 1, 7, 8191, 100003, 3000001};
+    for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
+        const int64_t n = sizes[s];
+        float *x = host_rand(n, 150 + s, 0.05f);
+        double ss[2];
+        float *sc[2];
+        int64_t bad[2];
+        const ag_backend *bes[2] = {be, ref};
+        for (int w = 0; w < 2; w++) {
+            const ag_backend *b = bes[w];
+            float *dx = to_dev(b, x, (size_t)n * 4);
+            ss[w] = b->sum_squares(dx, n);
+            b->scale(dx, n, 0.731f);
+            sc[w] = to_host(b, dx, (size_t)n * 4);
+            if (n > 7) {
+                b->fill_f32(dx + 3, 1, NAN);
+                b->fill_f32(dx + n - 1, 1, -INFINITY);
+            }
+            bad[w] = b->count_nonfinite(dx, n);
+            b->free(dx);
+        }
+        assert_true(memcmp(&ss[0], &ss[1], sizeof ss[0]) == 0);
+        double plain = 0.0;
+        for (int64_t i = 0; i < n; i++) plain += (double)x[i] * x[i];
+        /* a sum of n positive doubles in any order is within n·2^-53 (relative) of the exact sum */
+        assert_true(fabs(ss[1] - plain) <= 2.0 * (double)n * 0x1p-53 * plain);
+        assert_bits("scale", sc[0], sc[1], (size_t)n * 4);
+        assert_int_equal(bad[0], bad[1]);
+        assert_int_equal(bad[1], n > 7 ? 2 : 0);
+        free(sc[0]);
+        free(sc[1]);
+        free(x);
+    }
+}
+
+/* ------------------------------------------------------------------ driver */
+
+static const struct {
+    const char *name;
+    case_fn fn;
+} g_cases[] = {
+    {"memory", case_memory},
+    {"gemm", case_gemm},
+    {"frozen_rows", case_frozen_rows},
+    {"to_bf16", case_to_bf16},
+    {"dropout", case_dropout},
+    {"embedding", case_embedding},
+    {"rmsnorm", case_rmsnorm},
+    {"rope", case_rope},
+    {"swiglu", case_swiglu},
+    {"add_axpy", case_add_axpy},
+    {"attention", case_attention},
+    {"attention_cached", case_attention_cached},
+    {"lm_head_ce", case_lm_head_ce},
+    {"adamw", case_adamw},
+    {"sophia", case_sophia},
+    {"sumsq_scale_nonfinite", case_sumsq_scale_nonfinite},
+};
+
+/* Every table entry is named by some case (a new entry must add one). */
+static void test_every_entry_covered(void **state) {
+    (void)state;
+    const char *covered[] = {"alloc", "free", "copy_h2d", "copy_d2h", "copy_d2d", "zero", "fill_f32", "sync",
+                             "gemm", "frozen_rows_f32", "frozen_rows_bf16", "to_bf16", "dropout_fwd", "dropout_bwd",
+                             "embedding", "rmsnorm_fwd", "rmsnorm_bwd", "rope_fwd", "rope_bwd", "attention_fwd",
+                             "attention_bwd", "attention_cached", "swiglu_fwd", "swiglu_bwd", "add", "add_bwd",
+                             "axpy", "lm_head_ce", "adamw_update", "sophia_update", "sophia_hessian", "sum_squares",
+                             "scale", "count_nonfinite"};
+    /* the table is `name` plus one function pointer per entry */
+    size_t n_entries = (sizeof(ag_backend) - offsetof(ag_backend, alloc)) / sizeof(void (*)(void));
+    assert_int_equal(n_entries, sizeof covered / sizeof covered[0]);
+    for (const char *const *nm = ag_backend_names; *nm; nm++) { /* every available table is complete */
+        const ag_backend *b = ag_backend_find(*nm);
+        if (!b) continue;
+        void (*const *fp)(void) = (void (*const *)(void))((const char *)b + offsetof(ag_backend, alloc));
+        for (size_t i = 0; i < n_entries; i++)
+            if (!fp[i]) fail_msg("backend %s: entry %s is NULL", *nm, covered[i]);
+    }
+}
+
+int main(void) {
+    size_t n_cases = sizeof g_cases / sizeof g_cases[0], n_be = 0;
+    for (const char *const *nm = ag_backend_names; *nm; nm++)
+        if (strcmp(*nm, g_ref_name) != 0) n_be++;
+    struct CMUnitTest *tests = calloc(n_cases * n_be + 1, sizeof *tests);
+    case_state *states = calloc(n_cases * n_be, sizeof *states);
+    char (*names)[64] = calloc(n_cases * n_be, sizeof *names);
+    if (!tests || !states || !names) return 1;
+    size_t k = 0;
+    tests[k++] = (struct CMUnitTest){"every_entry_covered", test_every_entry_covered, NULL, NULL, NULL};
+    for (const char *const *nm = ag_backend_names; *nm; nm++) {
+        if (strcmp(*nm, g_ref_name) == 0) continue;
+        for (size_t c = 0; c < n_cases; c++, k++) {
+            size_t i = k - 1;
+            states[i] = (case_state){*nm, g_cases[c].fn};
+            snprintf(names[i], sizeof names[i], "%s/%s", *nm, g_cases[c].name);
+            tests[k] = (struct CMUnitTest){names[i], run_case, NULL, NULL, &states[i]};
+        }
+    }
+    int rc = _cmocka_run_group_tests("backend_ops", tests, k, NULL, NULL);
+    free(tests);
+    free(states);
+    free(names);
+    return rc;
+}
