@@ -429,7 +429,7 @@ int run_setup(run_ctx *r, const train_config *c, train_result *res, qerr *e) {
 /* ------------------------------------------------------------------------ */
 /* start, finish, teardown                                                    */
 
-int run_eval_start(run_ctx *r, qerr *e) {
+int run_start(run_ctx *r, qerr *e) {
     train_result *res = r->res;
     if (r->resuming) {
         res->eval_loss_start = r->eval_loss_start;

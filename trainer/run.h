@@ -1,6 +1,6 @@
 /* trainer/run.h — the training run as a context and a step (inside trainer/).
  *
- * train_run (trainer/train.c) is: run_setup, run_eval_start, then per step
+ * train_run (trainer/train.c) is: run_setup, run_start, then per step
  * train_step (trainer/step.c) with run_eval (trainer/eval.c) and
  * run_checkpoint_save when due, then run_finish, then run_free. Everything the
  * run owns lives in one run_ctx; the checkpoint state is written from it by
@@ -115,9 +115,10 @@ typedef struct run_ctx {
  * release with run_free. */
 int run_setup(run_ctx *r, const train_config *c, train_result *res, qerr *e);
 
-/* The held-out loss before training (or the one a resumed checkpoint holds),
- * then the counters' start and the stop-signal handlers. */
-int run_eval_start(run_ctx *r, qerr *e);
+/* Before the first step: the held-out loss before training (or the one the
+ * resumed checkpoint holds), the note when the checkpoint is past
+ * total_steps, the stop-signal handlers, the training clock. */
+int run_start(run_ctx *r, qerr *e);
 
 /* One optimizer step, number `step` (1-based): its rows_per_step rows from
  * the global data order, gradient_accumulation_steps micro-batches with the

@@ -8,9 +8,9 @@
  * schedule the learning rate, AdamW over the flat adapter arena — or SophiaG
  * (optim/sophia.h), which after every sophia_k-th step also runs its
  * Gauss-Newton-Bartlett Hessian estimate on that step's rows
- * (sophia_hessian_pass below). Every touch of the adapter's gradient and
- * parameter memory is in this file: step_gradients fills ls.grads, the rest
- * clips and applies them.
+ * (sophia_hessian_pass below). During training the adapter's gradients and
+ * parameters are touched only here: step_gradients zeroes and fills
+ * ls.grads, train_step and sophia_hessian_pass clip and apply them.
  */
 #include <math.h>
 #include <stdio.h>
