@@ -429,7 +429,7 @@ int run_setup(run_ctx *r, const train_config *c, train_result *res, qerr *e) {
 /* ------------------------------------------------------------------------ */
 /* start, finish, teardown                                                    */
 
-int run_start(run_ctx *r, qerr *e) {
+void run_start(run_ctx *r, qerr *e) {
     train_result *res = r->res;
     if (r->resuming) {
         res->eval_loss_start = r->eval_loss_start;
@@ -450,7 +450,6 @@ int run_start(run_ctx *r, qerr *e) {
     stop_handlers_install(r->old_sa);
     r->handlers = 1;
     r->t_train = clock_now_sec();
-    return 0;
 }
 
 int run_finish(run_ctx *r, qerr *e) {

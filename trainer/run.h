@@ -117,8 +117,9 @@ int run_setup(run_ctx *r, const train_config *c, train_result *res, qerr *e);
 
 /* Before the first step: the held-out loss before training (or the one the
  * resumed checkpoint holds), the note when the checkpoint is past
- * total_steps, the stop-signal handlers, the training clock. */
-int run_start(run_ctx *r, qerr *e);
+ * total_steps, the stop-signal handlers, the training clock. e receives a
+ * metrics line's write error (which does not stop the run). */
+void run_start(run_ctx *r, qerr *e);
 
 /* One optimizer step, number `step` (1-based): its rows_per_step rows from
  * the global data order, gradient_accumulation_steps micro-batches with the

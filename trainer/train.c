@@ -12,7 +12,7 @@
 int train_run(const train_config *c, train_result *res, qerr *e) {
     run_ctx r;
     int rc = run_setup(&r, c, res, e);
-    if (!rc) rc = run_start(&r, e);
+    if (!rc) run_start(&r, e);
     for (int step = r.start_step + 1; !rc && step <= r.total_steps; step++) {
         if ((rc = train_step(&r, step, e))) break;
         /* a stop signal saves first: the periodic evaluation would delay it (and a second signal kills) */
