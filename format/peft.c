@@ -19,6 +19,7 @@
 #include "core/file.h"
 #include "core/pyrepr.h"
 #include "core/strbuf.h"
+#include "format/safetensors.h"
 
 #define PEFT_LAYER_PREFIX "base_model.model.model.layers."
 
@@ -250,4 +251,25 @@ int peft_write_adapter_config(const char *path, const peft_lora_config *c, qerr 
     int rc = file_write_atomic(path, b.p, b.n, e);
     free(b.p);
     return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* the adapter directory                                                      */
+
+int peft_write_adapter(const char *dir, const peft_tensor *tensors, int n, const float *arena,
+                       const peft_lora_config *c, qerr *e) {
+    st_tensor *ts = calloc((size_t)(n > 0 ? n : 1), sizeof *ts);
+    if (!ts) return qerr_set(e, "out of memory writing the adapter");
+    for (int i = 0; i < n; i++) {
+        const peft_tensor *t = &tensors[i];
+        ts[i] = (st_tensor){.name = t->name, .dtype = "F32", .n_dims = 2, .shape = {t->rows, t->cols},
+                            .data = arena + t->offset, .nbytes = (size_t)(t->rows * t->cols) * sizeof(float)};
+    }
+    char path[4096];
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    int rc = safetensors_write(path, ts, n, NULL, e);
+    free(ts);
+    if (rc) return -1;
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    return peft_write_adapter_config(path, c, e);
 }

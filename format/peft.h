@@ -6,7 +6,7 @@
  * tensors are named base_model.model.model.layers.{N}.{parent}.{module}
  * .lora_{A|B}.weight (for Llama: {self_attn|mlp}.{q_proj|...}, the caller's
  * table, model/llama_linear.h), A [r, in] and B [out, r], usually F32
- * (peft/tuners/lora/layer.py, ../shared/reference/formats.md §2). With
+ * (peft/tuners/lora/layer.py, docs/formats.md §2). With
  * scaling s = lora_alpha / r (or / sqrt(r) with use_rslora), the adapter adds
  * s * B @ A to the frozen [out, in] weight. B rows of q_proj/k_proj must be in
  * HF (rotate_half) order — the caller's job, not this module's.
@@ -15,6 +15,7 @@
 #define QLORA_FORMAT_PEFT_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "core/status.h"
 
@@ -60,5 +61,28 @@ typedef struct peft_name_parts {
  * into *out; the inverse of peft_tensor_name. Returns 0, or -1 when the name
  * does not have that form (the caller checks parent and module). */
 int peft_tensor_name_parse(const char *name, peft_name_parts *out);
+
+#define PEFT_NAME_MAX 128
+
+/* One tensor of a LoRA adapter whose tensors lie in one flat fp32 arena. A
+ * table of these (one entry per lora_A / lora_B, in arena order) is what the
+ * adapter writer below takes and what a trainer checkpoint records
+ * (trainer/checkpoint.h: ckpt_tensor is this type). */
+typedef struct peft_tensor {
+    char name[PEFT_NAME_MAX]; /* PEFT name (peft_tensor_name) */
+    int64_t offset;           /* first element in the arena */
+    int64_t rows, cols;       /* row-major shape: lora_A [r, in], lora_B [out, r] */
+} peft_tensor;
+
+/* Write a PEFT adapter directory (which must exist): first
+ * dir/adapter_model.safetensors with the n tensors of `tensors`, in table
+ * order, each F32 [rows, cols] read from arena + offset (arena: fp32, at least
+ * max(offset + rows*cols) elements; written with the default
+ * {"format":"pt"} metadata, through safetensors_write's tmp + rename), then
+ * dir/adapter_config.json (peft_write_adapter_config with c). Returns 0, or
+ * -1 with the message of the file that failed (the config is not written when
+ * the tensors fail). */
+int peft_write_adapter(const char *dir, const peft_tensor *tensors, int n, const float *arena,
+                       const peft_lora_config *c, qerr *e);
 
 #endif

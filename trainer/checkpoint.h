@@ -49,18 +49,16 @@
 
 #include "core/status.h"
 #include "format/gguf.h"
+#include "format/peft.h"
 
 #define CKPT_FORMAT_VERSION 1
 #define CKPT_STATE_FILE "state.h5"
 #define CKPT_MARKER "COMPLETE"
-#define CKPT_NAME_MAX 128
+#define CKPT_NAME_MAX PEFT_NAME_MAX
 
-/* One tensor inside the flat adapter arena. */
-typedef struct ckpt_tensor {
-    char name[CKPT_NAME_MAX]; /* PEFT name */
-    int64_t offset;           /* first element in the arena */
-    int64_t rows, cols;       /* row-major shape */
-} ckpt_tensor;
+/* One tensor inside the flat adapter arena: {name (PEFT), offset, rows, cols},
+ * the same table the adapter writer takes (format/peft.h). */
+typedef peft_tensor ckpt_tensor;
 
 /* Everything in state.h5. On write the caller owns every pointer; after
  * ckpt_read_state they are malloc'd and released by ckpt_state_free. */

@@ -1,0 +1,175 @@
+/* trainer/run.h — the training run as a context and a step (inside trainer/).
+ *
+ * train_run (trainer/train.c) is: run_setup, run_start, then per step
+ * train_step (trainer/step.c) with run_eval (trainer/eval.c) and
+ * run_checkpoint_save when due, then run_finish, then run_free. Everything the
+ * run owns lives in one run_ctx; the checkpoint state is written from it by
+ * run_checkpoint_save and read back into it by run_resume, and by nothing else.
+ */
+#ifndef QLORA_TRAINER_RUN_H
+#define QLORA_TRAINER_RUN_H
+
+#include <signal.h>
+#include <stdint.h>
+
+#include "autograd/tensor.h"
+#include "core/status.h"
+#include "data/dataset.h"
+#include "data/tokenizer.h"
+#include "format/peft.h"
+#include "model/base.h"
+#include "model/llama.h"
+#include "optim/adamw.h"
+#include "optim/schedule.h"
+#include "optim/sophia.h"
+#include "trainer/checkpoint.h"
+#include "trainer/config.h"
+#include "trainer/memplan.h"
+#include "trainer/metrics.h"
+#include "trainer/train.h"
+
+/* The rows of one micro-batch, gathered contiguously: each (micro_batch_size * sequence_len) int32. */
+typedef struct batch_buf {
+    int32_t *ids, *tgt, *pos, *sid;
+} batch_buf;
+
+typedef struct run_ctx {
+    const train_config *c;
+    const char *cfgname;  /* c->config_path or "config", the prefix of every error */
+    train_result *res;
+    double t_start;       /* clock_now_sec() at train_run's start */
+    int n_threads;
+    int lock_fd;          /* output_dir/.qlora-train.lock, held with flock; -1 when not open */
+
+    /* the checkpoint resumed from (released by run_resume) */
+    int resuming;
+    ckpt_state ck;
+    char ck_dir[4096];
+
+    /* model, tokenizer, adapters */
+    base_model *bm;       /* GGUF file or HF directory (model/base.h) */
+    const gguf_file *gf;  /* its tokenizer metadata */
+    tokenizer *tok;
+    llama_model model;
+    lora_set ls;
+    peft_tensor *tensors; /* (n_tensors) the adapter's lora_A/lora_B in arena order: adapter files and checkpoints */
+    int n_tensors;
+    uint64_t model_fp, tok_fp, data_fp;
+
+    /* data */
+    packed_set train_set, eval_set;
+
+    /* schedule */
+    int mbs, gas;          /* micro_batch_size, gradient_accumulation_steps */
+    int64_t rows_per_step; /* mbs * gas */
+    int steps_per_epoch, total_steps, warmup, eval_every, save_every;
+    lr_schedule_kind sk;
+    memplan plan;
+
+    /* engine and optimizer */
+    ag_ctx ctx;
+    int use_sophia;
+    adamw_state opt;
+    adamw_config ac;
+    sophia_state sop;
+    sophia_config soc;
+
+    /* buffers and the data order */
+    batch_buf bb;
+    int64_t *perm;  /* (train_set.n_rows) the permutation of epoch `epoch` */
+    int64_t *rows;  /* (rows_per_step) the current step's rows */
+    int epoch;      /* whose permutation perm holds; -1 before the first step */
+
+    /* outputs */
+    char *config_yaml; /* config.resolved.yaml's text */
+    metrics_writer *mw;
+
+    /* counters (the checkpoint state) */
+    int start_step, final_step, steps_run;
+    int64_t cursor;                 /* training rows consumed since step 0, over all epochs */
+    int64_t nan_streak, nan_skipped;
+    int64_t last_saved;             /* step of the newest checkpoint; -1 when none */
+    double last_lr;
+    double eval_loss_start, last_eval; /* NAN when none */
+    int last_eval_step;                /* -1 when none */
+    int64_t ev_tok;                    /* target tokens of the latest evaluation */
+    char last_ckpt[4096];              /* its directory, or "(none)" */
+
+    /* timers */
+    double train_sec;          /* optimizer-step time, over resumes (metrics' train_seconds) */
+    double train_sec_at_start; /* train_sec when this process started training */
+    double sophia_hess_sec;    /* Hessian-pass time of this process */
+    double t_train;            /* clock_now_sec() when this process started training */
+    double tok_trained;        /* tokens trained by this process */
+
+    /* SIGINT / SIGTERM */
+    int handlers;
+    struct sigaction old_sa[2];
+} run_ctx;
+
+/* Set the run up, phase by phase: output_dir and its lock, the inputs exist,
+ * the checkpoint to resume from, the base model's file and tokenizer, the
+ * data, the model's weights and adapters, the schedule and optimizer, and
+ * (once every input has loaded) the outputs, restoring a resumed checkpoint
+ * with run_resume. Returns 0, or -1 with the one-line message; either way
+ * release with run_free. */
+int run_setup(run_ctx *r, const train_config *c, train_result *res, qerr *e);
+
+/* Before the first step: the held-out loss before training (or the one the
+ * resumed checkpoint holds), the note when the checkpoint is past
+ * total_steps, the stop-signal handlers, the training clock. e receives a
+ * metrics line's write error (which does not stop the run). */
+void run_start(run_ctx *r, qerr *e);
+
+/* One optimizer step, number `step` (1-based): its rows_per_step rows from
+ * the global data order, gradient_accumulation_steps micro-batches with the
+ * loss scaled by 1 / (the step's target tokens), clip, learning-rate schedule,
+ * AdamW or SophiaG (with its Hessian pass when due), the NaN policy (a
+ * non-finite loss or gradient skips the update; max_nan_steps in a row stop
+ * the run), the metrics line and the [train] log line. Returns 0, or -1 when
+ * the run must stop. (trainer/step.c) */
+int train_step(run_ctx *r, int step, qerr *e);
+
+/* Evaluate the held-out set at `step` and log it ([eval] line, metrics.jsonl);
+ * sets last_eval / last_eval_step. Returns the mean loss (nats per target
+ * token). A metrics line that cannot be written leaves its message in e but
+ * does not stop the run (nor does a train line's, in train_step).
+ * (trainer/eval.c) */
+double run_eval(run_ctx *r, int step, qerr *e);
+
+/* Mean held-out cross-entropy (nats per target token) over eval_set, forward
+ * only, stopping after eval_max_tokens target tokens (0: all); r->ev_tok
+ * receives the tokens counted. NAN when there are none. (trainer/eval.c) */
+double run_eval_loss(run_ctx *r);
+
+/* Save the run's state after step `step` as output_dir/checkpoint-<step>
+ * (trainer/checkpoint.h), with the PEFT adapter and config.resolved.yaml,
+ * then prune to save_total_limit. The inverse of run_resume.
+ * (trainer/run_state.c) */
+int run_checkpoint_save(run_ctx *r, int step, qerr *e);
+
+/* Continue from checkpoint ck: the adapter, the optimizer state and the
+ * counters, metrics.jsonl as it was, and a note when the config changed. The
+ * inverse of run_checkpoint_save. Called once every input has loaded (it
+ * writes output_dir/metrics.jsonl). (trainer/run_state.c) */
+int run_resume(run_ctx *r, const ckpt_state *ck, qerr *e);
+
+/* Write the run's adapter into dir (adapter_model.safetensors,
+ * adapter_config.json; format/peft.h peft_write_adapter) from the one tensor
+ * table r->tensors. (trainer/run_state.c) */
+int run_write_adapter(const run_ctx *r, const char *dir, qerr *e);
+
+/* After the loop: the Sophia summary, the final checkpoint, the stop-signal
+ * result, the held-out loss after training, the adapter and the loss curve. */
+int run_finish(run_ctx *r, qerr *e);
+
+/* The signal that asked the run to stop (SIGINT / SIGTERM), or 0. */
+int run_stop_signal(void);
+
+/* Release everything the run holds (any state run_setup left it in). */
+void run_free(run_ctx *r);
+
+/* Gather rows[0..nb) of ps into bb and describe them as a batch in *b. */
+void run_batch_fill(const packed_set *ps, const int64_t *rows, int nb, batch_buf *bb, llama_batch *b);
+
+#endif

@@ -1,0 +1,162 @@
+/* trainer/run_state.c — the run's checkpoint state: written from the run
+ * context by run_checkpoint_save, read back into it by run_resume (see
+ * run.h; the file layout is trainer/checkpoint.h's), and the PEFT adapter
+ * both checkpoints and the final output carry (format/peft.h).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/clock.h"
+#include "core/file.h"
+#include "model/llama_linear.h"
+#include "trainer/run.h"
+
+int run_write_adapter(const run_ctx *r, const char *dir, qerr *e) {
+    const lora_set *ls = &r->ls;
+    const char *targets[LLAMA_N_LINEAR];
+    int nt = 0;
+    for (int k = 0; k < LLAMA_N_LINEAR; k++)
+        if (ls->target[k]) targets[nt++] = llama_linears[k].peft;
+    peft_lora_config pc = {.r = ls->r, .lora_alpha = ls->alpha, .lora_dropout = ls->dropout,
+                           .use_rslora = ls->use_rslora, .target_modules = targets, .n_target_modules = nt,
+                           .base_model_name_or_path = r->c->base_model};
+    return peft_write_adapter(dir, r->tensors, r->n_tensors, ls->params, &pc, e);
+}
+
+/* ckpt_save's callback: the adapter and the config go into the checkpoint's
+ * directory before it is committed. */
+static int save_extra(const char *dir, void *arg, qerr *e) {
+    const run_ctx *r = arg;
+    if (run_write_adapter(r, dir, e)) return -1;
+    char p[4200];
+    snprintf(p, sizeof p, "%s/config.resolved.yaml", dir);
+    return file_write_atomic(p, r->config_yaml, strlen(r->config_yaml), e);
+}
+
+int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
+    const train_config *c = r->c;
+    double ts = clock_now_sec();
+    size_t lh_len = 0;
+    char mp[4200];
+    snprintf(mp, sizeof mp, "%s/metrics.jsonl", c->output_dir);
+    char *lh = file_read_all(mp, &lh_len, e);
+    if (!lh) return -1;
+    ckpt_state cs = {
+        .step = step, .total_steps = r->total_steps, .rows_consumed = r->cursor, .n_rows = r->train_set.n_rows,
+        .rows_per_step = r->rows_per_step, .shuffle_seed = (uint64_t)c->seed, .data_fingerprint = r->data_fp,
+        .seed = (uint64_t)c->seed, .base_lr = c->learning_rate, .last_lr = r->last_lr, .warmup_steps = r->warmup,
+        .opt_step = r->opt.step, .beta1 = c->adam_beta1, .beta2 = c->adam_beta2, .eps = c->adam_epsilon,
+        .weight_decay = c->weight_decay, .nan_streak = r->nan_streak, .nan_skipped = r->nan_skipped,
+        .eval_loss_start = r->eval_loss_start, .last_eval_loss = r->last_eval, .last_eval_step = r->last_eval_step,
+        .train_seconds = r->train_sec, .model_fingerprint = r->model_fp, .tokenizer_fingerprint = r->tok_fp,
+        .n_params = r->ls.n_params, .params = r->ls.params, .exp_avg = r->opt.m, .exp_avg_sq = r->opt.v,
+        .n_tensors = r->n_tensors, .tensors = r->tensors, .config_yaml = r->config_yaml, .log_history = lh,
+        .log_history_len = (int64_t)lh_len};
+    snprintf(cs.lr_scheduler, sizeof cs.lr_scheduler, "%s", lr_schedule_name(r->sk));
+    if (r->use_sophia) {
+        snprintf(cs.optimizer, sizeof cs.optimizer, "sophia");
+        cs.opt_step = r->sop.step, cs.exp_avg = r->sop.m, cs.exp_avg_sq = NULL, cs.hessian = r->sop.h;
+        cs.beta1 = c->sophia_beta1, cs.beta2 = c->sophia_beta2, cs.rho = c->sophia_rho;
+        cs.hessian_interval = c->sophia_k, cs.hessian_updates = r->sop.hessian_updates;
+    }
+    snprintf(cs.base_model, sizeof cs.base_model, "%s", c->base_model);
+    fprintf(stderr, "[checkpoint] saving step %d\n", step);
+    int rc = ckpt_save(c->output_dir, &cs, save_extra, r, r->last_ckpt, sizeof r->last_ckpt, e);
+    free(lh);
+    if (rc) return qerr_prefix(e, "checkpoint at step %d", step);
+    r->last_saved = step;
+    int ndel = 0;
+    if (c->save_total_limit > 0 && ckpt_prune(c->output_dir, c->save_total_limit, &ndel, e)) return -1;
+    fprintf(stderr, "[checkpoint] saved %s (%.1fs)%s\n", r->last_ckpt, clock_now_sec() - ts,
+            ndel ? "; older checkpoints beyond save_total_limit deleted" : "");
+    return 0;
+}
+
+/* Names of the top-level keys whose YAML text differs between two resolved
+ * configs (config.resolved.yaml form: one "key: value" line per key, nested
+ * lines indented), comma-separated into out. */
+static void config_diff_keys(const char *a, const char *b, char *out, size_t n) {
+    out[0] = 0;
+    const char *srcs[2] = {a, b};
+    /* Walk keys of a, then keys of b missing in a. */
+    for (int pass = 0; pass < 2; pass++) {
+        const char *x = srcs[pass], *y = srcs[1 - pass];
+        for (const char *p = x; p && *p;) {
+            const char *eol = strchr(p, '\n');
+            size_t ll = eol ? (size_t)(eol - p) : strlen(p);
+            if (*p == '#' || *p == ' ' || *p == '-' || ll == 0 || !memchr(p, ':', ll)) {
+                p = eol ? eol + 1 : NULL;
+                continue;
+            }
+            size_t kl = (size_t)((const char *)memchr(p, ':', ll) - p);
+            /* this key's block: its line and the indented lines after it */
+            const char *end = eol ? eol + 1 : p + ll;
+            while (*end == ' ' || *end == '-') {
+                const char *e2 = strchr(end, '\n');
+                end = e2 ? e2 + 1 : end + strlen(end);
+            }
+            /* the same key in y */
+            const char *q = y, *qb = NULL, *qe = NULL;
+            while (q && *q) {
+                const char *qeol = strchr(q, '\n');
+                if (!strncmp(q, p, kl) && q[kl] == ':') {
+                    qb = q;
+                    qe = qeol ? qeol + 1 : q + strlen(q);
+                    while (*qe == ' ' || *qe == '-') {
+                        const char *e2 = strchr(qe, '\n');
+                        qe = e2 ? e2 + 1 : qe + strlen(qe);
+                    }
+                    break;
+                }
+                q = qeol ? qeol + 1 : NULL;
+            }
+            int differs = pass == 0 ? (!qb || (size_t)(qe - qb) != (size_t)(end - p) || memcmp(qb, p, (size_t)(end - p)))
+                                    : !qb;
+            if (differs && strlen(out) + kl + 3 < n) {
+                if (out[0]) strcat(out, ", ");
+                strncat(out, p, kl);
+            }
+            p = *end ? end : NULL;
+        }
+    }
+}
+
+int run_resume(run_ctx *r, const ckpt_state *ck, qerr *e) {
+    const train_config *c = r->c;
+    const size_t n = (size_t)r->ls.n_params * sizeof(float);
+    const ag_backend *be = r->ctx.be; /* parameters and optimizer state are the backend's memory */
+    be->copy_h2d(r->ls.params, ck->params, n);
+    if (r->use_sophia) {
+        be->copy_h2d(r->sop.m, ck->exp_avg, n);
+        be->copy_h2d(r->sop.h, ck->hessian, n);
+        r->sop.step = ck->opt_step;
+        r->sop.hessian_updates = ck->hessian_updates;
+    } else {
+        be->copy_h2d(r->opt.m, ck->exp_avg, n);
+        be->copy_h2d(r->opt.v, ck->exp_avg_sq, n);
+        r->opt.step = ck->opt_step;
+    }
+    r->start_step = (int)ck->step;
+    r->cursor = ck->rows_consumed;
+    r->last_lr = ck->last_lr;
+    r->nan_streak = ck->nan_streak;
+    r->nan_skipped = ck->nan_skipped;
+    r->eval_loss_start = ck->eval_loss_start;
+    r->last_eval = ck->last_eval_loss;
+    r->last_eval_step = (int)ck->last_eval_step;
+    r->train_sec = ck->train_seconds; /* train_seconds continues across resumes */
+    r->last_saved = ck->step;
+    snprintf(r->last_ckpt, sizeof r->last_ckpt, "%s", r->ck_dir);
+
+    char diff[512];
+    config_diff_keys(ck->config_yaml, r->config_yaml, diff, sizeof diff);
+    if (diff[0])
+        fprintf(stderr, "[checkpoint] note: the config differs from the one %s was made with in: %s (the run "
+                        "continues with the new values, so it will not match an uninterrupted run)\n",
+                r->ck_dir, diff);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", c->output_dir);
+    return file_write_atomic(path, ck->log_history, (size_t)ck->log_history_len, e);
+}

@@ -1,0 +1,220 @@
+/* trainer/step.c — one optimizer step (train_step, see run.h).
+ *
+ * One optimizer step = gradient_accumulation_steps micro-batches of
+ * micro_batch_size packed rows. The loss of a micro-batch is its summed
+ * token cross-entropy divided by the number of target tokens of the whole
+ * step, so accumulated gradients equal those of one big batch (the fix
+ * transformers made with num_items_in_batch). Then: clip by global norm,
+ * schedule the learning rate, AdamW over the flat adapter arena — or SophiaG
+ * (optim/sophia.h), which after every sophia_k-th step also runs its
+ * Gauss-Newton-Bartlett Hessian estimate on that step's rows
+ * (sophia_hessian_pass below). During training the adapter's gradients and
+ * parameters are touched only here: step_gradients zeroes and fills
+ * ls.grads, train_step and sophia_hessian_pass clip and apply them.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/clock.h"
+#include "core/rng.h"
+#include "optim/clip.h"
+#include "trainer/run.h"
+
+void run_batch_fill(const packed_set *ps, const int64_t *rows, int nb, batch_buf *bb, llama_batch *b) {
+    int T = ps->seq_len;
+    for (int i = 0; i < nb; i++) {
+        size_t src = (size_t)rows[i] * T, dst = (size_t)i * T;
+        memcpy(bb->ids + dst, ps->input_ids + src, (size_t)T * 4);
+        memcpy(bb->tgt + dst, ps->targets + src, (size_t)T * 4);
+        memcpy(bb->pos + dst, ps->position_ids + src, (size_t)T * 4);
+        memcpy(bb->sid + dst, ps->seq_ids + src, (size_t)T * 4);
+    }
+    *b = (llama_batch){.B = nb, .T = T, .input_ids = bb->ids, .targets = bb->tgt, .position_ids = bb->pos,
+                       .seq_ids = bb->sid};
+}
+
+/* The step's rows_per_step rows into r->rows: the next ones of the global
+ * order (epoch by epoch, each epoch's permutation from dataset_epoch_order);
+ * advances r->cursor. Returns their target tokens. */
+static int64_t step_rows(run_ctx *r) {
+    const packed_set *ps = &r->train_set;
+    int64_t n_targets = 0;
+    for (int64_t i = 0; i < r->rows_per_step; i++) {
+        int ep = (int)(r->cursor / ps->n_rows);
+        if (ep != r->epoch) {
+            r->epoch = ep;
+            dataset_epoch_order((uint64_t)r->c->seed, r->epoch, ps->n_rows, r->perm);
+        }
+        r->rows[i] = r->perm[r->cursor % ps->n_rows];
+        r->cursor++;
+    }
+    for (int64_t i = 0; i < r->rows_per_step; i++) {
+        const int32_t *t = ps->targets + (size_t)r->rows[i] * ps->seq_len;
+        for (int j = 0; j < ps->seq_len; j++) n_targets += t[j] != -100;
+    }
+    return n_targets;
+}
+
+/* Forward and backward over the step's micro-batches, gradients accumulated
+ * into ls.grads (zeroed first): the loss is scale · Σ CE over target tokens,
+ * with the data's targets, or (sampled) with labels drawn from the model's
+ * own softmax for Sophia's Hessian estimate. loss_sum / n_tokens (may be NULL)
+ * receive the summed CE and its tokens. Dropout masks and sampled labels are
+ * a pure function of (seed, step, micro-batch). */
+static void step_gradients(run_ctx *r, int step, int sampled, float scale, double *loss_sum, int64_t *n_tokens) {
+    const train_config *c = r->c;
+    r->ctx.be->zero(r->ls.grads, (size_t)r->ls.n_params * sizeof(float));
+    r->ctx.training = 1;
+    for (int mb = 0; mb < r->gas; mb++) {
+        llama_batch b;
+        run_batch_fill(&r->train_set, r->rows + (size_t)mb * r->mbs, r->mbs, &r->bb, &b);
+        const uint64_t ctr = (uint64_t)step * 4096u + (uint64_t)mb;
+        r->ctx.seed = rng_u64((uint64_t)c->seed, sampled ? 0x5e55u : 0xd509u, ctr);
+        ag_mark mk = ag_arena_mark(&r->ctx);
+        double lsum = 0.0;
+        int64_t nt = 0;
+        tensor *L = sampled ? llama_forward_sampled_loss(&r->ctx, &r->model, &r->ls, &b, scale,
+                                                         c->gradient_checkpointing,
+                                                         rng_u64((uint64_t)c->seed, 0x5a3bu, ctr), NULL, NULL, NULL)
+                            : llama_forward_loss(&r->ctx, &r->model, &r->ls, &b, scale, c->gradient_checkpointing,
+                                                 &lsum, &nt);
+        if (L->requires_grad) ag_backward(&r->ctx, L);
+        ag_arena_reset(&r->ctx, mk);
+        if (loss_sum) *loss_sum += lsum;
+        if (n_tokens) *n_tokens += nt;
+    }
+}
+
+/* Sophia's Gauss-Newton-Bartlett Hessian estimate (optim/sophia.h), run after
+ * the update of step `step` on that step's rows: at every target position a
+ * label is sampled from the model's own softmax (autograd/ce_sampled.h), the
+ * loss is the mean cross-entropy with those labels over the step's target
+ * tokens (micro-batches accumulate, as in the normal step), ĝ is clipped to
+ * max_grad_norm as train_sophiag.py clips it, and h ← β2·h + (1−β2)·ĝ⊙ĝ.
+ * Leaves ĝ in ls.grads. Returns ||ĝ|| before clipping; a non-finite ĝ leaves h
+ * unchanged. (train_sophiag.py takes one micro-batch per GPU for this — its X
+ * has already advanced to the next batch — while bs counts the whole step's
+ * tokens; we use the step's own rows, all of them, so the estimate averages
+ * over exactly the bs tokens the clipping threshold assumes.) */
+static float sophia_hessian_pass(run_ctx *r, int step, int64_t step_targets) {
+    const float scale = step_targets > 0 ? 1.0f / (float)step_targets : 0.0f;
+    step_gradients(r, step, 1, scale, NULL, NULL);
+    const float gn = clip_grad_norm_backend(r->ctx.be, r->ls.grads, r->ls.n_params, r->c->max_grad_norm);
+    if (isfinite(gn)) sophia_update_hessian(&r->sop, &r->soc, r->ls.grads);
+    return gn;
+}
+
+/* Steps listed in QLORA_TEST_NAN_STEPS ("3,4,5") get a NaN gradient: the test
+ * hook for the non-finite-step path. */
+static int test_nan_step(int step) {
+    const char *s = getenv("QLORA_TEST_NAN_STEPS");
+    if (!s) return 0;
+    while (*s) {
+        char *end;
+        long v = strtol(s, &end, 10);
+        if (end == s) return 0;
+        if (v == step) return 1;
+        s = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') return 0;
+    }
+    return 0;
+}
+
+static void fmt_duration(double s, char *buf, size_t n) {
+    if (s < 0 || !isfinite(s)) s = 0;
+    long t = (long)(s + 0.5);
+    if (t >= 3600) snprintf(buf, n, "%ldh%02ldm", t / 3600, (t / 60) % 60);
+    else snprintf(buf, n, "%ldm%02lds", t / 60, t % 60);
+}
+
+/* What one step did, for its metrics and log lines. */
+typedef struct step_stats {
+    double loss, lr;
+    float gnorm;
+    int finite;
+    double win_rate, hess_sec, hess_gnorm; /* Sophia; NAN when not run */
+    double dt;                             /* seconds of the step */
+} step_stats;
+
+/* The step's metrics.jsonl line and [train] line; the max_nan_steps stop. */
+static int step_report(run_ctx *r, int step, const step_stats *s, qerr *e) {
+    const train_config *c = r->c;
+    double elapsed = clock_now_sec() - r->t_train;
+    double tps = r->tok_trained / elapsed;
+    {
+        /* train_seconds: optimizer-step time so far (no evaluation / checkpoint time), for wall-clock comparisons */
+        metrics_field xf[4] = {{"train_seconds", r->train_sec}, {"sophia_win_rate", s->win_rate},
+                               {"sophia_hessian_seconds", s->hess_sec}, {"sophia_hessian_grad_norm", s->hess_gnorm}};
+        int nxf = r->use_sophia ? (isfinite(s->hess_sec) ? 4 : 2) : 1;
+        metrics_log_train_fields(r->mw, step, s->loss, s->lr, s->gnorm, tps,
+                                 (double)r->cursor / (double)r->train_set.n_rows, xf, nxf, e);
+    }
+    if (!s->finite) {
+        fprintf(stderr, "[train] step %d/%d | loss %.4f | grad_norm %.3f | non-finite: update skipped (%lld in a "
+                        "row; max_nan_steps %d)\n",
+                step, r->total_steps, s->loss, s->gnorm, (long long)r->nan_streak, c->max_nan_steps);
+        if (r->nan_streak >= c->max_nan_steps)
+            return qerr_set(e,
+                            "step %d: the loss or the gradients were NaN/Inf in %lld optimizer steps in a row "
+                            "(max_nan_steps %d); stopping. Training diverged: lower learning_rate (%g) or "
+                            "max_grad_norm, then resume from the newest checkpoint (%s) or start over",
+                            step, (long long)r->nan_streak, c->max_nan_steps, c->learning_rate, r->last_ckpt);
+    } else if (step % (c->logging_steps > 0 ? c->logging_steps : 1) == 0 || step == r->total_steps) {
+        char eta[32];
+        fmt_duration(elapsed / r->steps_run * (r->total_steps - step), eta, sizeof eta);
+        char opt_note[96] = "";
+        if (r->use_sophia)
+            snprintf(opt_note, sizeof opt_note, isfinite(s->hess_sec) ? " | win %.3f | hessian %.2fs" : " | win %.3f",
+                     s->win_rate, s->hess_sec);
+        fprintf(stderr, "[train] step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f%s | %.0f tok/s | %.2fs/step | "
+                        "ETA %s | RSS %.0f MiB\n",
+                step, r->total_steps, s->loss, s->lr, s->gnorm, opt_note, tps, s->dt, eta, proc_rss_mib());
+    }
+    return 0;
+}
+
+int train_step(run_ctx *r, int step, qerr *e) {
+    const train_config *c = r->c;
+    double ts0 = clock_now_sec();
+    const int64_t step_targets = step_rows(r);
+    const float scale = step_targets > 0 ? 1.0f / (float)step_targets : 0.0f;
+    double step_loss = 0.0;
+    int64_t step_tok = 0;
+    step_gradients(r, step, 0, scale, &step_loss, &step_tok);
+    if (test_nan_step(step)) r->ctx.be->fill_f32(r->ls.grads, 1, NAN);
+    step_stats s = {.loss = step_tok ? step_loss / (double)step_tok : NAN,
+                    .lr = schedule_lr(r->sk, step - 1, r->total_steps, r->warmup, c->learning_rate),
+                    .win_rate = NAN, .hess_sec = NAN, .hess_gnorm = NAN};
+    s.gnorm = clip_grad_norm_backend(r->ctx.be, r->ls.grads, r->ls.n_params, c->max_grad_norm);
+    s.finite = isfinite(s.loss) && isfinite(s.gnorm);
+    if (s.finite && r->use_sophia) {
+        const double bs = c->sophia_bs > 0 ? (double)c->sophia_bs : (double)step_targets;
+        s.win_rate = (double)sophia_step(&r->sop, &r->soc, s.lr, bs, r->ls.params, r->ls.grads, NULL) /
+                     (double)r->ls.n_params;
+        r->nan_streak = 0;
+        if (sophia_hessian_due(&r->soc, step)) {
+            double th = clock_now_sec();
+            s.hess_gnorm = sophia_hessian_pass(r, step, step_targets);
+            s.hess_sec = clock_now_sec() - th;
+            r->sophia_hess_sec += s.hess_sec;
+            if (!isfinite(s.hess_gnorm))
+                fprintf(stderr, "[sophia] step %d: the Hessian-estimate gradient is NaN/Inf; h left unchanged\n", step);
+        }
+    } else if (s.finite) {
+        adamw_step(&r->opt, &r->ac, s.lr, r->ls.params, r->ls.grads, NULL);
+        r->nan_streak = 0;
+    } else {
+        /* As torch's GradScaler does with inf/NaN gradients: no update,
+         * no optimizer step; the schedule and the data move on. */
+        r->nan_streak++;
+        r->nan_skipped++;
+    }
+    r->last_lr = s.lr;
+    r->steps_run++;
+    s.dt = clock_now_sec() - ts0;
+    r->train_sec += s.dt;
+    r->tok_trained += (double)r->rows_per_step * c->sequence_len;
+    return step_report(r, step, &s, e);
+}
