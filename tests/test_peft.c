@@ -40,7 +40,7 @@ static void make_table(peft_tensor t[N_T], const int order[N_T]) {
     for (int i = 0; i < N_T; i++) off[i] = o, o += rows[i] * cols[i];
     for (int k = 0; k < N_T; k++) {
         int i = order[k];
-        assert_int_equal(peft_tensor_name(t[k].name, sizeof t[k].name, 1, mod[i], i % 2 ? 'B' : 'A'), 0);
+        assert_int_equal(peft_tensor_name(t[k].name, sizeof t[k].name, 1, "self_attn", mod[i], i % 2 ? 'B' : 'A'), 0);
         t[k].offset = off[i];
         t[k].rows = rows[i];
         t[k].cols = cols[i];
