@@ -216,7 +216,11 @@ int llama_layer_alloc(llama_layer *L, const llama_layer_layout *lo, qerr *e) {
     L->blob = NULL;
     const size_t cap = align_up(lo->nbytes > 0 ? lo->nbytes : 1, LLAMA_BLOB_ALIGN);
     uint8_t *blob = aligned_alloc(LLAMA_BLOB_ALIGN, cap);
-    if (!blob) return qerr_set(e, "out of memory (a %zu-byte layer)", lo->nbytes);
+    if (!blob) {
+        memset(L->nf4, 0, sizeof L->nf4);
+        memset(L->lin, 0, sizeof L->lin);
+        return qerr_set(e, "out of memory (a %zu-byte layer)", lo->nbytes);
+    }
     memset(blob, 0, cap);
     for (int k = 0; k < LLAMA_N_LINEAR; k++) {
         uint8_t *data;
@@ -228,6 +232,8 @@ int llama_layer_alloc(llama_layer *L, const llama_layer_layout *lo, qerr *e) {
         if (lo->kind == FROZEN_NF4) {
             if (nf4_view(&L->nf4[k], lo->rows[k], lo->cols[k], lo->blocksize, lo->double_quant, data, scales,
                          nested, e)) {
+                memset(L->nf4, 0, sizeof L->nf4); /* no view into the freed blob survives */
+                memset(L->lin, 0, sizeof L->lin);
                 free(blob);
                 return -1;
             }

@@ -149,7 +149,8 @@ int llama_layer_layout_init(llama_layer_layout *lo, const llama_hparams *hp, fro
  * 0) or L->w_bf16[k], and L->lin[k] (out, in, kind, storage). The loader then
  * fills the linears in place (nf4_quantize_into, bf16 conversion, or a
  * checkpoint's bytes) and calls llama_layer_seal. Norms are untouched.
- * Errors (-1, L's blob fields left NULL): out of memory. */
+ * Errors (-1; L->blob NULL, L->nf4 and L->lin zeroed): out of memory, a
+ * geometry nf4_view refuses. */
 int llama_layer_alloc(llama_layer *L, const llama_layer_layout *lo, qerr *e);
 
 /* llama_layer_seal: copy the double-quant offset of every NF4 view into the
