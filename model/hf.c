@@ -329,7 +329,8 @@ static int plain_to_f32(const hf_model *h, const st_tensor *t, int64_t n, float 
 static int bnb4_state(const hf_model *h, const char *wname, int64_t rows, int64_t cols, int *blocksize, int *dq,
                       float *offset, qerr *e) {
     char name[256];
-    st_tensor qs;
+    st_tensor w, qs;
+    if (find(h, wname, &w)) return qerr_set(e, "%s: tensor %s missing", h->dir, wname);
     snprintf(name, sizeof name, "%s.quant_state.bitsandbytes__nf4", wname);
     if (find(h, name, &qs)) {
         snprintf(name, sizeof name, "%s.quant_state.bitsandbytes__fp4", wname);
