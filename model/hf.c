@@ -356,11 +356,14 @@ static int plain_to_f32(const hf_model *h, const st_tensor *t, int64_t n, float 
     return 0;
 }
 
-/* A bitsandbytes nf4 linear (weight + .absmax + .quant_map [+ nested] +
- * .quant_state.bitsandbytes__nf4) adopted into *out as it is. */
-static int load_bnb4(const hf_model *h, const char *wname, int64_t rows, int64_t cols, nf4_tensor *out, qerr *e) {
+/* The quant_state of a bitsandbytes nf4 linear (its
+ * .quant_state.bitsandbytes__nf4 JSON): the blocksize, whether the absmax is
+ * double-quantized and then the nested offset. Checks that it is nf4 of shape
+ * (rows, cols), not fp4. */
+static int bnb4_state(const hf_model *h, const char *wname, int64_t rows, int64_t cols, int *blocksize, int *dq,
+                      float *offset, qerr *e) {
     char name[256];
-    st_tensor w, qs, am, qm;
+    st_tensor w, qs;
     if (find(h, wname, &w)) return qerr_set(e, "%s: tensor %s missing", h->dir, wname);
     snprintf(name, sizeof name, "%s.quant_state.bitsandbytes__nf4", wname);
     if (find(h, name, &qs)) {
@@ -375,80 +378,84 @@ static int load_bnb4(const hf_model *h, const char *wname, int64_t rows, int64_t
     js[qs.nbytes] = 0;
     cJSON *st = cJSON_Parse(js);
     free(js);
-    int rc = -1;
+    int rc = 0;
     const cJSON *bs = cJSON_GetObjectItemCaseSensitive(st, "blocksize");
     const cJSON *shp = cJSON_GetObjectItemCaseSensitive(st, "shape");
     const cJSON *qt = cJSON_GetObjectItemCaseSensitive(st, "quant_type");
     const cJSON *nbs = cJSON_GetObjectItemCaseSensitive(st, "nested_blocksize");
     const cJSON *noff = cJSON_GetObjectItemCaseSensitive(st, "nested_offset");
-    int dq = nbs != NULL;
+    *dq = nbs != NULL;
     if (!cJSON_IsString(qt) || strcmp(qt->valuestring, "nf4") || !cJSON_IsNumber(bs) || !cJSON_IsArray(shp) ||
         cJSON_GetArraySize(shp) != 2 || cJSON_GetArrayItem(shp, 0)->valuedouble != (double)rows ||
         cJSON_GetArrayItem(shp, 1)->valuedouble != (double)cols ||
-        (dq && (!cJSON_IsNumber(nbs) || nbs->valueint != NF4_NESTED_BLOCKSIZE || !cJSON_IsNumber(noff)))) {
-        qerr_set(e, "%s: %s: quant_state is not nf4 of shape [%lld, %lld] with blocksize and (nested) offset",
-                 h->dir, wname, (long long)rows, (long long)cols);
-        goto done;
+        (*dq && (!cJSON_IsNumber(nbs) || nbs->valueint != NF4_NESTED_BLOCKSIZE || !cJSON_IsNumber(noff)))) {
+        rc = qerr_set(e, "%s: %s: quant_state is not nf4 of shape [%lld, %lld] with blocksize and (nested) offset",
+                      h->dir, wname, (long long)rows, (long long)cols);
+    } else {
+        *blocksize = bs->valueint;
+        *offset = *dq ? (float)noff->valuedouble : 0.0f;
     }
-    if (nf4_alloc(out, rows, cols, bs->valueint, dq, e)) goto done;
-    if (strcmp(w.dtype, "U8") || w.nbytes != (size_t)((out->n + 1) / 2)) {
-        qerr_set(e, "%s: %s: expected U8 packed nibbles of %lld bytes, got %s of %zu", h->dir, wname,
-                 (long long)((out->n + 1) / 2), w.dtype, w.nbytes);
-        goto done;
-    }
-    memcpy(out->packed, w.data, w.nbytes);
+    cJSON_Delete(st);
+    return rc;
+}
+
+/* Adopt the bytes of a bitsandbytes nf4 linear (weight + .absmax + .quant_map
+ * [+ nested]) as they are into t, whose geometry and buffers are set (nf4_alloc
+ * or a layer view) from its bnb4_state; offset is the state's nested offset. */
+static int bnb4_fill(const hf_model *h, const char *wname, float offset, nf4_tensor *t, qerr *e) {
+    char name[256];
+    st_tensor w, am, qm;
+    if (find(h, wname, &w)) return qerr_set(e, "%s: tensor %s missing", h->dir, wname);
+    if (strcmp(w.dtype, "U8") || w.nbytes != (size_t)((t->n + 1) / 2))
+        return qerr_set(e, "%s: %s: expected U8 packed nibbles of %lld bytes, got %s of %zu", h->dir, wname,
+                        (long long)((t->n + 1) / 2), w.dtype, w.nbytes);
+    memcpy(t->packed, w.data, w.nbytes);
     release(&w);
     snprintf(name, sizeof name, "%s.quant_map", wname);
-    if (find(h, name, &qm) || strcmp(qm.dtype, "F32") || qm.nbytes != 16 * 4) {
-        qerr_set(e, "%s: %s missing or not F32[16]", h->dir, name);
-        goto done;
-    }
+    if (find(h, name, &qm) || strcmp(qm.dtype, "F32") || qm.nbytes != 16 * 4)
+        return qerr_set(e, "%s: %s missing or not F32[16]", h->dir, name);
     for (int i = 0; i < 16; i++) {
         float v;
         memcpy(&v, (const uint8_t *)qm.data + 4 * i, 4);
-        if (v != nf4_code[i]) {
-            qerr_set(e, "%s: %s[%d] = %g is not the NF4 code value %g", h->dir, name, i, v, nf4_code[i]);
-            goto done;
-        }
+        if (v != nf4_code[i])
+            return qerr_set(e, "%s: %s[%d] = %g is not the NF4 code value %g", h->dir, name, i, v, nf4_code[i]);
     }
     snprintf(name, sizeof name, "%s.absmax", wname);
-    if (find(h, name, &am)) {
-        qerr_set(e, "%s: %s missing", h->dir, name);
-        goto done;
-    }
-    if (dq) {
+    if (find(h, name, &am)) return qerr_set(e, "%s: %s missing", h->dir, name);
+    if (t->double_quant) {
         st_tensor na, nq;
-        if (strcmp(am.dtype, "U8") || am.nbytes != (size_t)out->nblocks) {
-            qerr_set(e, "%s: %s: expected U8[%lld]", h->dir, name, (long long)out->nblocks);
-            goto done;
-        }
-        memcpy(out->absmax_q, am.data, am.nbytes);
-        int64_t ng = (out->nblocks + NF4_NESTED_BLOCKSIZE - 1) / NF4_NESTED_BLOCKSIZE;
+        if (strcmp(am.dtype, "U8") || am.nbytes != (size_t)t->nblocks)
+            return qerr_set(e, "%s: %s: expected U8[%lld]", h->dir, name, (long long)t->nblocks);
+        memcpy(t->absmax_q, am.data, am.nbytes);
+        int64_t ng = (t->nblocks + NF4_NESTED_BLOCKSIZE - 1) / NF4_NESTED_BLOCKSIZE;
         snprintf(name, sizeof name, "%s.nested_absmax", wname);
-        if (find(h, name, &na) || strcmp(na.dtype, "F32") || na.nbytes != (size_t)ng * 4) {
-            qerr_set(e, "%s: %s missing or not F32[%lld]", h->dir, name, (long long)ng);
-            goto done;
-        }
-        memcpy(out->nested_absmax, na.data, na.nbytes);
+        if (find(h, name, &na) || strcmp(na.dtype, "F32") || na.nbytes != (size_t)ng * 4)
+            return qerr_set(e, "%s: %s missing or not F32[%lld]", h->dir, name, (long long)ng);
+        memcpy(t->nested_absmax, na.data, na.nbytes);
         snprintf(name, sizeof name, "%s.nested_quant_map", wname);
-        if (find(h, name, &nq) || strcmp(nq.dtype, "F32") || nq.nbytes != 256 * 4) {
-            qerr_set(e, "%s: %s missing or not F32[256]", h->dir, name);
-            goto done;
-        }
-        memcpy(out->nested_code, nq.data, nq.nbytes);
-        out->offset = (float)noff->valuedouble;
+        if (find(h, name, &nq) || strcmp(nq.dtype, "F32") || nq.nbytes != 256 * 4)
+            return qerr_set(e, "%s: %s missing or not F32[256]", h->dir, name);
+        memcpy(t->nested_code, nq.data, nq.nbytes);
+        t->offset = offset;
     } else {
-        if (strcmp(am.dtype, "F32") || am.nbytes != (size_t)out->nblocks * 4) {
-            qerr_set(e, "%s: %s: expected F32[%lld]", h->dir, name, (long long)out->nblocks);
-            goto done;
-        }
-        memcpy(out->absmax, am.data, am.nbytes);
+        if (strcmp(am.dtype, "F32") || am.nbytes != (size_t)t->nblocks * 4)
+            return qerr_set(e, "%s: %s: expected F32[%lld]", h->dir, name, (long long)t->nblocks);
+        memcpy(t->absmax, am.data, am.nbytes);
     }
-    rc = 0;
-done:
-    if (rc) nf4_free(out);
-    cJSON_Delete(st);
-    return rc;
+    return 0;
+}
+
+/* A bitsandbytes nf4 linear adopted into a new tensor *out (nf4_free it). */
+static int load_bnb4(const hf_model *h, const char *wname, int64_t rows, int64_t cols, nf4_tensor *out, qerr *e) {
+    int bs, dq;
+    float offset;
+    if (bnb4_state(h, wname, rows, cols, &bs, &dq, &offset, e)) return -1;
+    if (nf4_alloc(out, rows, cols, bs, dq, e)) return -1;
+    if (bnb4_fill(h, wname, offset, out, e)) {
+        nf4_free(out);
+        return -1;
+    }
+    return 0;
 }
 
 int hf_model_tensor_f32(const hf_model *h, int role, int layer, int module, float *dst, qerr *e) {
@@ -542,6 +549,7 @@ int hf_model_load(const hf_model *h, int load_in_4bit, int double_quant, int max
     float *tmp = qmalloc((size_t)max_el * sizeof(float), e);
     if (!tmp) goto fail;
     char name[128];
+    const int adopt = h->bnb4 && load_in_4bit; /* bnb nf4 bytes adopted as stored: no re-quantization */
     for (int l = 0; l < hp->n_layer; l++) {
         llama_layer *L = &m->layers[l];
         if (load_norm(h, LLAMA_T_ATTN_NORM, l, &L->attn_norm, e) || load_norm(h, LLAMA_T_FFN_NORM, l, &L->ffn_norm, e)) {
@@ -549,31 +557,53 @@ int hf_model_load(const hf_model *h, int load_in_4bit, int double_quant, int max
             goto fail;
         }
         m->n_params += 2 * D;
-        for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+        /* the layer's storage layout: blocksize 64 and the configured double
+         * quant, or for an adopted checkpoint those its linears were saved with
+         * (one blob holds one blocksize and one double-quant choice) */
+        int bs = NF4_DEFAULT_BLOCKSIZE, dq = double_quant;
+        float offsets[LLAMA_N_LINEAR] = {0};
+        int rc = 0;
+        for (int k = 0; adopt && k < LLAMA_N_LINEAR && !rc; k++) {
             int64_t rows, cols;
+            int kbs, kdq;
             llama_tensor_shape(hp, LLAMA_T_LINEAR, k, &rows, &cols);
-            frozen_weight *w = &L->lin[k];
-            w->out = rows;
-            w->in = cols;
             role_name(LLAMA_T_LINEAR, l, k, name, sizeof name);
-            int rc = 0;
-            if (h->bnb4 && load_in_4bit) {
-                /* adopted as stored: no re-quantization */
-                rc = load_bnb4(h, name, rows, cols, &L->nf4[k], e);
+            rc = bnb4_state(h, name, rows, cols, &kbs, &kdq, &offsets[k], e);
+            if (!rc && k == 0) {
+                bs = kbs;
+                dq = kdq;
+            } else if (!rc && (kbs != bs || kdq != dq)) {
+                rc = qerr_set(e, "%s: %s: blocksize %d%s, but the layer's first linear has %d%s (a layer's linears "
+                                 "share one storage layout)",
+                              h->dir, name, kbs, kdq ? " with double quant" : "", bs, dq ? " with double quant" : "");
+            }
+        }
+        llama_layer_layout lo;
+        if (!rc) rc = llama_layer_layout_init(&lo, hp, load_in_4bit ? FROZEN_NF4 : FROZEN_BF16, bs, dq, e);
+        if (!rc) rc = llama_layer_alloc(L, &lo, e);
+        if (rc) {
+            free(tmp);
+            qerr_prefix(e, "layer %d", l);
+            goto fail;
+        }
+        for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+            const int64_t rows = lo.rows[k], cols = lo.cols[k];
+            role_name(LLAMA_T_LINEAR, l, k, name, sizeof name);
+            if (adopt) {
+                rc = bnb4_fill(h, name, offsets[k], &L->nf4[k], e);
             } else if (load_in_4bit) {
                 st_tensor t;
                 if (find(h, name, &t)) {
                     rc = qerr_set(e, "%s: tensor %s missing", h->dir, name);
                 } else if (!strcmp(t.dtype, "BF16") && t.nbytes == (size_t)(rows * cols) * 2) {
-                    rc = nf4_quantize_bf16((const uint16_t *)t.data, rows, cols, 64, double_quant, &L->nf4[k], e);
+                    rc = nf4_quantize_bf16_into((const uint16_t *)t.data, &L->nf4[k], e);
                     release(&t);
                 } else {
                     rc = hf_model_tensor_f32(h, LLAMA_T_LINEAR, l, k, tmp, e) ||
-                         nf4_quantize(tmp, rows, cols, 64, double_quant, &L->nf4[k], e);
+                         nf4_quantize_into(tmp, &L->nf4[k], e);
                 }
             } else {
                 rc = hf_model_tensor_f32(h, LLAMA_T_LINEAR, l, k, tmp, e);
-                if (!rc && !(L->w_bf16[k] = qmalloc((size_t)(rows * cols) * sizeof(bf16), e))) rc = -1;
                 if (!rc)
                     for (int64_t i = 0; i < rows * cols; i++) L->w_bf16[k][i] = f32_to_bf16(tmp[i]);
             }
@@ -582,20 +612,13 @@ int hf_model_load(const hf_model *h, int load_in_4bit, int double_quant, int max
                 qerr_prefix(e, "%s", name);
                 goto fail;
             }
-            if (load_in_4bit) {
-                w->kind = FROZEN_NF4;
-                w->nf4 = &L->nf4[k];
-                m->quantized_bytes += (int64_t)nf4_nbytes(&L->nf4[k]);
-            } else {
-                w->kind = FROZEN_BF16;
-                w->w_bf16 = L->w_bf16[k];
-                m->quantized_bytes += rows * cols * 2;
-            }
             m->n_quantized_params += rows * cols;
         }
+        llama_layer_seal(L);
+        m->quantized_bytes += (int64_t)lo.nbytes;
     }
     free(tmp);
-    if (h->bnb4 && load_in_4bit) {
+    if (adopt) {
         m->double_quant = m->layers[0].nf4[0].double_quant;
     }
     m->n_params += m->n_quantized_params;

@@ -215,12 +215,185 @@ static int load_bf16_matrix(const gguf_file *f, const char *name, int64_t rows, 
     return 0;
 }
 
+/* ------------------------------------------------------------ layer blob */
+
+static size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+int llama_layer_layout_init(llama_layer_layout *lo, const llama_hparams *hp, frozen_kind kind, int blocksize,
+                            int double_quant, qerr *e) {
+    memset(lo, 0, sizeof *lo);
+    if (kind != FROZEN_NF4 && kind != FROZEN_BF16)
+        return qerr_set(e, "layer layout: linears are stored NF4 or bf16, not kind %d", (int)kind);
+    const int64_t bs = blocksize;
+    int64_t nblocks = 0;
+    for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+        llama_tensor_shape(hp, LLAMA_T_LINEAR, k, &lo->rows[k], &lo->cols[k]);
+        /* nf4_check_geometry also vets the bf16 padding unit: the same power of two */
+        if (nf4_check_geometry(lo->rows[k], lo->cols[k], blocksize, e))
+            return qerr_prefix(e, "layer layout, %s", llama_linears[k].peft);
+        const int64_t nb = (lo->rows[k] * lo->cols[k] + bs - 1) / bs;
+        lo->elem[k + 1] = lo->elem[k] + nb * bs;
+        lo->group[k + 1] = lo->group[k] + (double_quant && kind == FROZEN_NF4
+                                               ? (nb + NF4_NESTED_BLOCKSIZE - 1) / NF4_NESTED_BLOCKSIZE
+                                               : 0);
+        nblocks += nb;
+    }
+    lo->kind = kind;
+    lo->blocksize = blocksize;
+    lo->double_quant = kind == FROZEN_NF4 && double_quant ? 1 : 0;
+    const int64_t n = lo->elem[LLAMA_N_LINEAR];
+    if (kind == FROZEN_BF16) {
+        lo->len[LLAMA_BLOB_DATA] = (size_t)n * sizeof(bf16);
+        lo->nbytes = lo->len[LLAMA_BLOB_DATA];
+        return 0;
+    }
+    lo->len[LLAMA_BLOB_DATA] = (size_t)(n / 2);
+    lo->off[LLAMA_BLOB_SCALES] = align_up(lo->len[LLAMA_BLOB_DATA], LLAMA_BLOB_ALIGN);
+    lo->len[LLAMA_BLOB_SCALES] = (size_t)nblocks * (lo->double_quant ? 1 : sizeof(float));
+    lo->nbytes = lo->off[LLAMA_BLOB_SCALES] + lo->len[LLAMA_BLOB_SCALES];
+    if (lo->double_quant) {
+        lo->off[LLAMA_BLOB_NESTED] = align_up(lo->nbytes, LLAMA_BLOB_ALIGN);
+        lo->len[LLAMA_BLOB_NESTED] = (size_t)lo->group[LLAMA_N_LINEAR] * sizeof(float);
+        lo->off[LLAMA_BLOB_OFFSETS] = lo->off[LLAMA_BLOB_NESTED] + lo->len[LLAMA_BLOB_NESTED];
+        lo->len[LLAMA_BLOB_OFFSETS] = LLAMA_N_LINEAR * sizeof(float);
+        lo->nbytes = lo->off[LLAMA_BLOB_OFFSETS] + lo->len[LLAMA_BLOB_OFFSETS];
+    } else {
+        lo->off[LLAMA_BLOB_NESTED] = lo->off[LLAMA_BLOB_OFFSETS] = lo->nbytes;
+    }
+    return 0;
+}
+
+/* Where linear k's buffers start in a blob laid out as lo. */
+static void layer_linear_ptrs(const llama_layer_layout *lo, uint8_t *blob, int k, uint8_t **data, void **scales,
+                              float **nested) {
+    const int64_t b0 = lo->elem[k] / lo->blocksize;
+    if (lo->kind == FROZEN_BF16) {
+        *data = blob + lo->off[LLAMA_BLOB_DATA] + (size_t)lo->elem[k] * sizeof(bf16);
+        *scales = NULL;
+        *nested = NULL;
+        return;
+    }
+    *data = blob + lo->off[LLAMA_BLOB_DATA] + (size_t)(lo->elem[k] / 2);
+    *scales = blob + lo->off[LLAMA_BLOB_SCALES] + (size_t)b0 * (lo->double_quant ? 1 : sizeof(float));
+    *nested = lo->double_quant ? (float *)(blob + lo->off[LLAMA_BLOB_NESTED]) + lo->group[k] : NULL;
+}
+
+int llama_layer_alloc(llama_layer *L, const llama_layer_layout *lo, qerr *e) {
+    L->blob = NULL;
+    const size_t cap = align_up(lo->nbytes > 0 ? lo->nbytes : 1, LLAMA_BLOB_ALIGN);
+    uint8_t *blob = aligned_alloc(LLAMA_BLOB_ALIGN, cap);
+    if (!blob) {
+        memset(L->nf4, 0, sizeof L->nf4);
+        memset(L->lin, 0, sizeof L->lin);
+        return qerr_set(e, "out of memory (a %zu-byte layer)", lo->nbytes);
+    }
+    memset(blob, 0, cap);
+    for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+        uint8_t *data;
+        void *scales;
+        float *nested;
+        layer_linear_ptrs(lo, blob, k, &data, &scales, &nested);
+        frozen_weight *w = &L->lin[k];
+        *w = (frozen_weight){.out = lo->rows[k], .in = lo->cols[k], .kind = lo->kind};
+        if (lo->kind == FROZEN_NF4) {
+            if (nf4_view(&L->nf4[k], lo->rows[k], lo->cols[k], lo->blocksize, lo->double_quant, data, scales,
+                         nested, e)) {
+                memset(L->nf4, 0, sizeof L->nf4); /* no view into the freed blob survives */
+                memset(L->lin, 0, sizeof L->lin);
+                free(blob);
+                return -1;
+            }
+            w->nf4 = &L->nf4[k];
+        } else {
+            L->w_bf16[k] = (bf16 *)data;
+            w->w_bf16 = L->w_bf16[k];
+        }
+    }
+    L->blob = blob;
+    L->layout = *lo;
+    return 0;
+}
+
+void llama_layer_seal(llama_layer *L) {
+    const llama_layer_layout *lo = &L->layout;
+    if (lo->kind != FROZEN_NF4 || !lo->double_quant) return;
+    for (int k = 0; k < LLAMA_N_LINEAR; k++)
+        memcpy(L->blob + lo->off[LLAMA_BLOB_OFFSETS] + (size_t)k * sizeof(float), &L->nf4[k].offset, sizeof(float));
+}
+
+void llama_layer_bind(llama_layer *L, uint8_t *blob) {
+    const llama_layer_layout *lo = &L->layout;
+    for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+        uint8_t *data;
+        void *scales;
+        float *nested;
+        layer_linear_ptrs(lo, blob, k, &data, &scales, &nested);
+        if (lo->kind == FROZEN_NF4) {
+            nf4_tensor *t = &L->nf4[k];
+            t->packed = data;
+            if (lo->double_quant) {
+                t->absmax_q = scales;
+                t->nested_absmax = nested;
+                memcpy(&t->offset, blob + lo->off[LLAMA_BLOB_OFFSETS] + (size_t)k * sizeof(float), sizeof(float));
+            } else {
+                t->absmax = scales;
+            }
+            t->is_view = 1;
+            L->lin[k].nf4 = t;
+        } else {
+            L->w_bf16[k] = (bf16 *)data;
+            L->lin[k].w_bf16 = L->w_bf16[k];
+        }
+    }
+    L->blob = blob;
+}
+
+/* The linear holding layer element x (0 <= x < elem[7]). */
+static int layer_linear_of(const llama_layer_layout *lo, int64_t x) {
+    int k = 0;
+    while (k + 1 < LLAMA_N_LINEAR && x >= lo->elem[k + 1]) k++;
+    return k;
+}
+
+/* The NESTED group (index into the section) holding layer element x. */
+static int64_t layer_group_of(const llama_layer_layout *lo, int64_t x) {
+    const int k = layer_linear_of(lo, x);
+    return lo->group[k] + (x - lo->elem[k]) / lo->blocksize / NF4_NESTED_BLOCKSIZE;
+}
+
+int llama_layer_range_bytes(const llama_layer_layout *lo, int64_t x0, int64_t x1,
+                            llama_byte_range out[LLAMA_BLOB_N_SECTIONS], qerr *e) {
+    const int64_t bs = lo->blocksize, n = lo->elem[LLAMA_N_LINEAR];
+    if (x0 < 0 || x0 > x1 || x1 > n || x0 % bs || x1 % bs)
+        return qerr_set(e, "layer range [%lld, %lld): expected block boundaries (multiples of %lld) within [0, %lld]",
+                        (long long)x0, (long long)x1, (long long)bs, (long long)n);
+    for (int s = 0; s < LLAMA_BLOB_N_SECTIONS; s++) out[s] = (llama_byte_range){.off = lo->off[s], .len = 0};
+    if (x0 == x1) return 0;
+    if (lo->kind == FROZEN_BF16) {
+        out[LLAMA_BLOB_DATA] = (llama_byte_range){lo->off[LLAMA_BLOB_DATA] + (size_t)x0 * sizeof(bf16),
+                                                  (size_t)(x1 - x0) * sizeof(bf16)};
+        return 0;
+    }
+    const size_t s = lo->double_quant ? 1 : sizeof(float);
+    out[LLAMA_BLOB_DATA] = (llama_byte_range){lo->off[LLAMA_BLOB_DATA] + (size_t)(x0 / 2), (size_t)((x1 - x0) / 2)};
+    out[LLAMA_BLOB_SCALES] = (llama_byte_range){lo->off[LLAMA_BLOB_SCALES] + (size_t)(x0 / bs) * s,
+                                                (size_t)((x1 - x0) / bs) * s};
+    if (lo->double_quant) {
+        const int64_t g0 = layer_group_of(lo, x0), g1 = layer_group_of(lo, x1 - 1) + 1;
+        out[LLAMA_BLOB_NESTED] = (llama_byte_range){lo->off[LLAMA_BLOB_NESTED] + (size_t)g0 * sizeof(float),
+                                                    (size_t)(g1 - g0) * sizeof(float)};
+        const int k0 = layer_linear_of(lo, x0), k1 = layer_linear_of(lo, x1 - 1) + 1;
+        out[LLAMA_BLOB_OFFSETS] = (llama_byte_range){lo->off[LLAMA_BLOB_OFFSETS] + (size_t)k0 * sizeof(float),
+                                                     (size_t)(k1 - k0) * sizeof(float)};
+    }
+    return 0;
+}
+
 int llama_load_gguf(const gguf_file *f, int load_in_4bit, int double_quant, int max_pos, llama_model *m, qerr *e) {
     memset(m, 0, sizeof *m);
     if (llama_hparams_from_gguf(f, &m->hp, e)) return -1;
     const llama_hparams *hp = &m->hp;
-    int64_t D = hp->d_model, F = hp->d_ff, V = hp->vocab, hd = hp->head_dim;
-    int64_t qd = (int64_t)hp->n_head * hd, kd = (int64_t)hp->n_kv_head * hd;
+    int64_t D = hp->d_model, V = hp->vocab, hd = hp->head_dim;
     m->load_in_4bit = load_in_4bit;
     m->double_quant = double_quant;
 
@@ -239,9 +412,13 @@ int llama_load_gguf(const gguf_file *f, int load_in_4bit, int double_quant, int 
 
     m->layers = qcalloc((size_t)hp->n_layer, sizeof *m->layers, e);
     if (!m->layers) return -1;
-    int64_t outs[LLAMA_N_LINEAR] = {qd, kd, kd, D, F, F, D};
-    int64_t ins[LLAMA_N_LINEAR] = {D, D, D, qd, D, D, F};
-    float *tmp = qmalloc((size_t)(F * D > qd * D ? F * D : qd * D) * sizeof(float), e);
+    llama_layer_layout lo;
+    if (llama_layer_layout_init(&lo, hp, load_in_4bit ? FROZEN_NF4 : FROZEN_BF16, NF4_DEFAULT_BLOCKSIZE,
+                                double_quant, e))
+        return -1;
+    int64_t max_el = 0;
+    for (int k = 0; k < LLAMA_N_LINEAR; k++) max_el = lo.rows[k] * lo.cols[k] > max_el ? lo.rows[k] * lo.cols[k] : max_el;
+    float *tmp = qmalloc((size_t)max_el * sizeof(float), e);
     if (!tmp) return -1;
     char name[96];
     for (int l = 0; l < hp->n_layer; l++) {
@@ -251,29 +428,22 @@ int llama_load_gguf(const gguf_file *f, int load_in_4bit, int double_quant, int 
         snprintf(name, sizeof name, "blk.%d.ffn_norm.weight", l);
         if (load_vector_f32(f, name, D, &L->ffn_norm, e)) goto fail;
         m->n_params += 2 * D;
+        if (llama_layer_alloc(L, &lo, e)) goto fail;
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+            const int64_t rows = lo.rows[k], cols = lo.cols[k];
             snprintf(name, sizeof name, "blk.%d.%s.weight", l, llama_linears[k].gguf);
-            if (load_matrix_f32(f, name, outs[k], ins[k], tmp, e)) goto fail;
-            if (k == LLAMA_Q) llama_unpermute_rows(tmp, hp->n_head, (int)hd, ins[k]);
-            if (k == LLAMA_K) llama_unpermute_rows(tmp, hp->n_kv_head, (int)hd, ins[k]);
-            frozen_weight *w = &L->lin[k];
-            w->out = outs[k];
-            w->in = ins[k];
+            if (load_matrix_f32(f, name, rows, cols, tmp, e)) goto fail;
+            if (k == LLAMA_Q) llama_unpermute_rows(tmp, hp->n_head, (int)hd, cols);
+            if (k == LLAMA_K) llama_unpermute_rows(tmp, hp->n_kv_head, (int)hd, cols);
             if (load_in_4bit) {
-                if (nf4_quantize(tmp, outs[k], ins[k], 64, double_quant, &L->nf4[k], e)) goto fail;
-                w->kind = FROZEN_NF4;
-                w->nf4 = &L->nf4[k];
-                m->quantized_bytes += (int64_t)nf4_nbytes(&L->nf4[k]);
+                if (nf4_quantize_into(tmp, &L->nf4[k], e)) goto fail;
             } else {
-                L->w_bf16[k] = qmalloc((size_t)(outs[k] * ins[k]) * sizeof(bf16), e);
-                if (!L->w_bf16[k]) goto fail;
-                for (int64_t i = 0; i < outs[k] * ins[k]; i++) L->w_bf16[k][i] = f32_to_bf16(tmp[i]);
-                w->kind = FROZEN_BF16;
-                w->w_bf16 = L->w_bf16[k];
-                m->quantized_bytes += outs[k] * ins[k] * 2;
+                for (int64_t i = 0; i < rows * cols; i++) L->w_bf16[k][i] = f32_to_bf16(tmp[i]);
             }
-            m->n_quantized_params += outs[k] * ins[k];
+            m->n_quantized_params += rows * cols;
         }
+        llama_layer_seal(L);
+        m->quantized_bytes += (int64_t)lo.nbytes;
     }
     free(tmp);
     m->n_params += m->n_quantized_params;
@@ -291,9 +461,10 @@ void llama_free(llama_model *m) {
             free(L->attn_norm);
             free(L->ffn_norm);
             for (int k = 0; k < LLAMA_N_LINEAR; k++) {
-                if (L->lin[k].kind == FROZEN_NF4 && L->lin[k].nf4) nf4_free(&L->nf4[k]);
-                free(L->w_bf16[k]);
+                nf4_free(&L->nf4[k]); /* a view into the blob: forgotten; owned (no blob): freed */
+                if (!L->blob) free(L->w_bf16[k]);
             }
+            free(L->blob);
         }
         free(m->layers);
     }
@@ -322,13 +493,17 @@ int lora_set_init(lora_set *ls, const llama_model *m, int r, float alpha, float 
     ls->A = qcalloc((size_t)nl * LLAMA_N_LINEAR, sizeof(tensor), e);
     ls->B = qcalloc((size_t)nl * LLAMA_N_LINEAR, sizeof(tensor), e);
     ls->ad = qcalloc((size_t)nl * LLAMA_N_LINEAR, sizeof(lora_adapter), e);
-    if (!ls->offset || !ls->A || !ls->B || !ls->ad) return -1;
-    for (int l = 0; l < nl; l++)
+    ls->layer_offset = qmalloc((size_t)(nl + 1) * sizeof(int64_t), e);
+    if (!ls->offset || !ls->A || !ls->B || !ls->ad || !ls->layer_offset) return -1;
+    for (int l = 0; l < nl; l++) {
+        ls->layer_offset[l] = total;
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
             const frozen_weight *w = &m->layers[l].lin[k];
             ls->offset[l * LLAMA_N_LINEAR + k] = target[k] ? total : -1;
             if (target[k]) total += (int64_t)r * w->in + w->out * (int64_t)r;
         }
+    }
+    ls->layer_offset[nl] = total;
     ls->n_params = total;
     ls->params = qcalloc((size_t)total, sizeof(float), e);
     ls->grads = qcalloc((size_t)total, sizeof(float), e);
@@ -360,6 +535,7 @@ void lora_set_free(lora_set *ls) {
     free(ls->params);
     free(ls->grads);
     free(ls->offset);
+    free(ls->layer_offset);
     free(ls->A);
     free(ls->B);
     free(ls->ad);

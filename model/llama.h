@@ -41,12 +41,135 @@ typedef enum llama_role {
  * indexes the LLAMA_Q..LLAMA_DOWN enum for LLAMA_T_LINEAR. */
 void llama_tensor_shape(const llama_hparams *hp, llama_role role, int module, int64_t *rows, int64_t *cols);
 
+/* ---- The frozen linears of one layer in one allocation (the layer blob) ----
+ *
+ * The seven linears of a layer live in ONE allocation owned by the layer
+ * (llama_layer.blob), so that a layer can be sent, gathered or cut into shards
+ * as a unit (FSDP FULL_SHARD, docs/design.md). Each linear's nf4_tensor (or
+ * bf16 pointer) is a view into it (nf4_view: no ownership).
+ *
+ * Layer element space. The linears' weights, each flattened row-major as
+ * nn.Linear.weight, are laid end to end in module order q, k, v, o, gate, up,
+ * down: linear k holds elements [elem[k], elem[k] + rows_k*cols_k), and
+ * elem[k+1] = elem[k] + nblocks_k * blocksize with nblocks_k =
+ * ceil(rows_k*cols_k / blocksize), so every linear starts on a block boundary
+ * (the pad of a partial last block is zero bytes nobody reads; no Llama shape
+ * has one). elem[7] is the layer's (padded) element count.
+ *
+ * NF4 blob, four sections in this order. DATA, SCALES and NESTED start at a
+ * multiple of LLAMA_BLOB_ALIGN (64) bytes; OFFSETS follows NESTED directly.
+ *   DATA     packed nibbles, 1/2 byte per element: element x in byte
+ *            off[DATA] + x/2, the high nibble when x is even (quant/nf4.h).
+ *   SCALES   one per block, in block order, for block x / blocksize: the u8
+ *            absmax code (double_quant) or the f32 absmax; byte
+ *            off[SCALES] + s * (x / blocksize), s = 1 or 4.
+ *   NESTED   double_quant only: the f32 nested absmax of each group of 256
+ *            blocks OF ONE LINEAR (groups restart at every linear; a linear's
+ *            last group may hold fewer blocks): linear k's group j is float
+ *            group[k] + j of the section.
+ *   OFFSETS  double_quant only: linear k's f32 offset (its mean absmax) at
+ *            off[OFFSETS] + 4k. The views hold copies (nf4_tensor.offset);
+ *            llama_layer_seal writes them here, llama_layer_bind reads them back.
+ * Not in the blob: each linear's geometry and its 1 KiB nested_code map
+ * (nf4_dynamic_map() when qlora quantized it, the checkpoint's
+ * nested_quant_map for an adopted bnb-4bit one); they are part of the views,
+ * the same on every rank.
+ * bf16 blob (load_in_4bit: false): DATA only, element x at off[DATA] + 2x.
+ * The blob's size is the payload nf4_nbytes counts (or 2 bytes per element)
+ * plus the zero gaps that align SCALES and NESTED and pad partial blocks:
+ * none for SmolLM2-135M or Llama-2-7B (their sections are multiples of 64 B).
+ *
+ * Splitting (llama_layer_range_bytes). An element range [x0, x1) of the layer,
+ * x0 and x1 multiples of blocksize (64), a cut inside a linear or at its edge,
+ * needs one contiguous byte range per section:
+ *   DATA     [x0/2, x1/2) (bf16: [2*x0, 2*x1)) from off[DATA]
+ *   SCALES   [s*x0/bs, s*x1/bs) from off[SCALES]
+ *   NESTED   the groups holding blocks x0/bs .. x1/bs - 1, 4 bytes each
+ *   OFFSETS  the linears holding elements x0 .. x1 - 1, 4 bytes each
+ * For cuts 0 = c_0 < c_1 < ... < c_W = elem[7] at multiples of blocksize, the
+ * DATA and SCALES ranges of the W shards are disjoint and tile their
+ * sections: split anywhere on a 64-element boundary. NESTED ranges are
+ * disjoint only where each cut lies on a group boundary of its linear (c =
+ * elem[k] + j * 256 * blocksize, i.e. a multiple of 16384 elements into a
+ * linear, or a linear's edge); any other cut puts the group it splits (4
+ * bytes) in both neighbours' ranges. A cut inside a linear puts its offset (4
+ * bytes) in both. Overlapping bytes are copies of the same values, so writing
+ * every shard's ranges into one zeroed blob rebuilds the original byte for
+ * byte (tests/test_layer.c).
+ */
+#define LLAMA_BLOB_ALIGN 64
+
+typedef enum llama_blob_section {
+    LLAMA_BLOB_DATA = 0, LLAMA_BLOB_SCALES, LLAMA_BLOB_NESTED, LLAMA_BLOB_OFFSETS, LLAMA_BLOB_N_SECTIONS
+} llama_blob_section;
+
+typedef struct llama_layer_layout {
+    frozen_kind kind;                   /* FROZEN_NF4 or FROZEN_BF16 */
+    int blocksize;                      /* elements per NF4 block (64); for bf16 only the element-space padding */
+    int double_quant;                   /* NF4: absmax as u8 codes + nested absmax + offset */
+    int64_t rows[LLAMA_N_LINEAR], cols[LLAMA_N_LINEAR]; /* each linear's [out, in] */
+    int64_t elem[LLAMA_N_LINEAR + 1];   /* layer element space (above); elem[7] = padded total */
+    int64_t group[LLAMA_N_LINEAR + 1];  /* nested-absmax groups of the linears before k (double_quant) */
+    size_t off[LLAMA_BLOB_N_SECTIONS];  /* byte offset of each section in the blob */
+    size_t len[LLAMA_BLOB_N_SECTIONS];  /* byte length of each section (0: absent) */
+    size_t nbytes;                      /* blob size: the end of its last section */
+} llama_layer_layout;
+
+/* A byte range [off, off + len) of a layer blob. */
+typedef struct llama_byte_range {
+    size_t off, len;
+} llama_byte_range;
+
 typedef struct llama_layer {
     float *attn_norm, *ffn_norm;        /* (D) fp32 */
     frozen_weight lin[LLAMA_N_LINEAR];  /* q (H*hd, D), k/v (KVH*hd, D), o (D, H*hd), gate/up (F, D), down (D, F) */
-    nf4_tensor nf4[LLAMA_N_LINEAR];     /* storage when quantized */
-    bf16 *w_bf16[LLAMA_N_LINEAR];       /* storage when bf16 */
+    nf4_tensor nf4[LLAMA_N_LINEAR];     /* when quantized: views into blob (or, in a layer built by hand
+                                         * without a blob, tensors owning their buffers) */
+    bf16 *w_bf16[LLAMA_N_LINEAR];       /* when bf16: views into blob (rows, cols) */
+    uint8_t *blob;                      /* owned: the seven linears' storage, laid out as `layout`;
+                                         * LLAMA_BLOB_ALIGN-aligned, layout.nbytes bytes */
+    llama_layer_layout layout;
 } llama_layer;
+
+/* llama_layer_layout_init: the blob layout (above) of one layer of a model
+ * with hyper-parameters hp, its linears stored as kind (FROZEN_NF4 with
+ * blocksize, a power of two in [32, 4096], and double_quant; or FROZEN_BF16,
+ * whose element space is padded to blocksize too).
+ * Errors (-1): a kind other than those two, a bad blocksize or shape. */
+int llama_layer_layout_init(llama_layer_layout *lo, const llama_hparams *hp, frozen_kind kind, int blocksize,
+                            int double_quant, qerr *e);
+
+/* llama_layer_alloc: give L a zeroed blob laid out as *lo and point its
+ * views at it: L->nf4[k] (nf4_view: nested_code = nf4_dynamic_map(), offset
+ * 0) or L->w_bf16[k], and L->lin[k] (out, in, kind, storage). The loader then
+ * fills the linears in place (nf4_quantize_into, bf16 conversion, or a
+ * checkpoint's bytes) and calls llama_layer_seal. Norms are untouched.
+ * Errors (-1; L->blob NULL, L->nf4 and L->lin zeroed): out of memory, a
+ * geometry nf4_view refuses. */
+int llama_layer_alloc(llama_layer *L, const llama_layer_layout *lo, qerr *e);
+
+/* llama_layer_seal: copy the double-quant offset of every NF4 view into the
+ * blob's OFFSETS section (the blob's own copy, which shards carry). Call once
+ * the linears are filled. No-op without double quantization. */
+void llama_layer_seal(llama_layer *L);
+
+/* llama_layer_bind: point L's views (nf4[k] buffers, w_bf16[k], lin[k]) at
+ * blob, a buffer laid out as L->layout (e.g. a layer gathered from shards),
+ * reading each double-quant offset from blob's OFFSETS section; geometry and
+ * nested_code maps stay as they are. Sets L->blob = blob: the caller keeps
+ * ownership of what it binds (llama_free frees the blob of a loaded model's
+ * layers). */
+void llama_layer_bind(llama_layer *L, uint8_t *blob);
+
+/* llama_layer_range_bytes: the byte ranges of a layer blob laid out as *lo
+ * that element range [x0, x1) of the layer element space needs, one per
+ * section (out[LLAMA_BLOB_DATA] ... out[LLAMA_BLOB_OFFSETS]; len 0 for an
+ * absent section or an empty range). Linear k's own elements [i, j) are
+ * [lo->elem[k] + i, lo->elem[k] + j), with j = rows*cols rounded up to
+ * lo->elem[k+1]. What can be split where: see the layout comment above.
+ * Errors (-1): x0 or x1 not a multiple of blocksize, x0 > x1, x1 > elem[7]. */
+int llama_layer_range_bytes(const llama_layer_layout *lo, int64_t x0, int64_t x1,
+                            llama_byte_range out[LLAMA_BLOB_N_SECTIONS], qerr *e);
 
 typedef struct llama_model {
     llama_hparams hp;
@@ -57,7 +180,7 @@ typedef struct llama_model {
     llama_layer *layers;     /* n_layer */
     int load_in_4bit, double_quant;
     int64_t n_quantized_params;  /* elements of the frozen linears */
-    int64_t quantized_bytes;     /* bytes holding them (packed + scales) */
+    int64_t quantized_bytes;     /* bytes holding them: the layers' blobs (layout.nbytes) */
     int64_t n_params;            /* all base parameters */
     rope_table rope;
 } llama_model;
@@ -79,18 +202,28 @@ int llama_hparams_from_gguf(const gguf_file *f, llama_hparams *hp, qerr *e);
 int llama_hparams_check(const llama_hparams *hp, const char *theta_key, const char *eps_key, qerr *e);
 
 /* Load the base model from an open GGUF: dequantize each tensor from its GGUF
- * type, un-permute Q/K rows, and store the linears as NF4 (load_in_4bit) or
- * bf16. One layer is dequantized at a time; the fp32 copy never exists whole.
+ * type, un-permute Q/K rows, and store the linears as NF4 (load_in_4bit,
+ * blocksize 64) or bf16, each layer's in one blob (llama_layer_layout). One
+ * layer is dequantized at a time; the fp32 copy never exists whole.
  * max_pos bounds the RoPE table (≥ sequence_len). */
 int llama_load_gguf(const gguf_file *f, int load_in_4bit, int double_quant, int max_pos,
                     llama_model *m, qerr *e);
+/* llama_free: release everything the model holds (each layer's blob, or the
+ * nf4 tensors that own their buffers in a layer built without one) and zero *m. */
 void llama_free(llama_model *m);
 
 /* Invert the GGUF Q/K permutation for one (n_head*hd, in) matrix, in place.
  * GGUF row h·hd + 2i + j holds HF row h·hd + j·hd/2 + i. */
 void llama_unpermute_rows(float *w, int n_head, int head_dim, int64_t in);
 
-/* ---- LoRA adapters over the model, in one flat fp32 arena ---- */
+/* ---- LoRA adapters over the model, in one flat fp32 arena ----
+ * params, grads and the optimizer's moments (optim/) are flat fp32 arrays of
+ * n_params elements, all with one layout: per layer, per targeted module in
+ * the LLAMA_Q..LLAMA_DOWN order, lora_A (r, in) then lora_B (out, r), each
+ * row-major as PEFT stores them (checkpoints and adapters rely on this
+ * order). Layer l's parameters are the contiguous bucket
+ * [layer_offset[l], layer_offset[l+1]) of every one of these arrays: the unit
+ * a gradient reduction or an optimizer shard works on per layer. */
 typedef struct lora_set {
     int r;
     float alpha, dropout, scaling;
@@ -101,6 +234,8 @@ typedef struct lora_set {
     float *params;               /* flat: per layer, per targeted module: A (r, in) then B (out, r) */
     float *grads;                /* same layout */
     int64_t *offset;             /* (n_layer * LLAMA_N_LINEAR) start of A in params, or -1 */
+    int64_t *layer_offset;       /* (n_layer + 1) layer l = [layer_offset[l], layer_offset[l+1]);
+                                  * layer_offset[0] = 0, layer_offset[n_layer] = n_params */
     tensor *A, *B;               /* (n_layer * LLAMA_N_LINEAR) leaf tensors into params/grads */
     lora_adapter *ad;            /* (n_layer * LLAMA_N_LINEAR) */
 } lora_set;

@@ -300,7 +300,7 @@ static inline uint8_t q8_index(const uint8_t *lut, float x, float inv_absmax) {
 
 /* ------------------------------------------------------------- quantization */
 
-static int nf4_check_geometry(int64_t rows, int64_t cols, int blocksize, qerr *e) {
+int nf4_check_geometry(int64_t rows, int64_t cols, int blocksize, qerr *e) {
     if (rows < 1 || cols < 1)
         return qerr_set(e, "nf4: matrix shape (%lld, %lld) must have rows >= 1 and cols >= 1", (long long)rows,
                         (long long)cols);
@@ -339,12 +339,39 @@ fail:
     return qerr_prefix(e, "nf4: allocating a (%lld, %lld) tensor", (long long)rows, (long long)cols);
 }
 
+int nf4_view(nf4_tensor *t, int64_t rows, int64_t cols, int blocksize, int double_quant, uint8_t *packed,
+             void *scales, float *nested_absmax, qerr *e) {
+    memset(t, 0, sizeof *t);
+    if (nf4_check_geometry(rows, cols, blocksize, e)) return -1;
+    if (!packed || !scales || (double_quant && !nested_absmax))
+        return qerr_set(e, "nf4: a view of (%lld, %lld) needs its packed, scale%s buffers", (long long)rows,
+                        (long long)cols, double_quant ? " and nested absmax" : "");
+    t->rows = rows;
+    t->cols = cols;
+    t->n = rows * cols;
+    t->blocksize = blocksize;
+    t->nblocks = (t->n + blocksize - 1) / blocksize;
+    t->double_quant = double_quant ? 1 : 0;
+    t->packed = packed;
+    if (t->double_quant) {
+        t->absmax_q = scales;
+        t->nested_absmax = nested_absmax;
+        nf4_dynamic_map(t->nested_code);
+    } else {
+        t->absmax = scales;
+    }
+    t->is_view = 1;
+    return 0;
+}
+
 void nf4_free(nf4_tensor *t) {
     if (!t) return;
-    free(t->packed);
-    free(t->absmax);
-    free(t->absmax_q);
-    free(t->nested_absmax);
+    if (!t->is_view) {
+        free(t->packed);
+        free(t->absmax);
+        free(t->absmax_q);
+        free(t->nested_absmax);
+    }
     memset(t, 0, sizeof *t);
 }
 
@@ -432,30 +459,21 @@ static int nf4_double_quant(nf4_tensor *t, const float *absmax, qerr *e) {
     return 0;
 }
 
-static int nf4_quantize_impl(const void *src, int src_bf16, int64_t rows, int64_t cols, int blocksize,
-                             int double_quant, nf4_tensor *out, qerr *e) {
-    if (!src) {
-        memset(out, 0, sizeof *out);
-        return qerr_set(e, "nf4: NULL weight pointer");
-    }
-    nf4_tensor t;
-    if (nf4_alloc(&t, rows, cols, blocksize, double_quant, e)) {
-        memset(out, 0, sizeof *out);
-        return -1;
-    }
-    float *absmax = t.absmax;
-    if (t.double_quant) {
-        absmax = qmalloc((size_t)t.nblocks * sizeof(float), e);
-        if (!absmax) {
-            nf4_free(&t);
-            memset(out, 0, sizeof *out);
-            return qerr_prefix(e, "nf4: quantizing (%lld, %lld)", (long long)rows, (long long)cols);
-        }
+/* Quantize src (t->rows, t->cols), f32 or bf16 (u16 patterns) when src_bf16,
+ * into t's buffers. On error t keeps its buffers (contents undefined). */
+static int nf4_quantize_impl(const void *src, int src_bf16, nf4_tensor *t, qerr *e) {
+    const int64_t rows = t->rows, cols = t->cols;
+    if (!src) return qerr_set(e, "nf4: NULL weight pointer");
+    float *absmax = t->absmax;
+    if (t->double_quant) {
+        absmax = qmalloc((size_t)t->nblocks * sizeof(float), e);
+        if (!absmax) return qerr_prefix(e, "nf4: quantizing (%lld, %lld)", (long long)rows, (long long)cols);
     }
     float thr[15];
     nf4_thresholds(thr);
 
-    const int64_t n = t.n, bs = blocksize, nb = t.nblocks;
+    const int64_t n = t->n, bs = t->blocksize, nb = t->nblocks;
+    uint8_t *const packed = t->packed;
 #pragma omp parallel for schedule(static) if (nb >= 16)
     for (int64_t b = 0; b < nb; b++) {
         const int64_t i0 = b * bs;
@@ -464,9 +482,9 @@ static int nf4_quantize_impl(const void *src, int src_bf16, int64_t rows, int64_
             float xb[NF4_MAX_BLOCKSIZE];
             const uint16_t *s = (const uint16_t *)src + i0;
             for (int64_t i = 0; i < len; i++) xb[i] = bf16_to_f32(s[i]);
-            nf4_quant_block(xb, len, len < bs, thr, t.packed + i0 / 2, &absmax[b]);
+            nf4_quant_block(xb, len, len < bs, thr, packed + i0 / 2, &absmax[b]);
         } else {
-            nf4_quant_block((const float *)src + i0, len, len < bs, thr, t.packed + i0 / 2, &absmax[b]);
+            nf4_quant_block((const float *)src + i0, len, len < bs, thr, packed + i0 / 2, &absmax[b]);
         }
     }
 
@@ -480,34 +498,46 @@ static int nf4_quantize_impl(const void *src, int src_bf16, int64_t rows, int64_
                 break;
             }
         }
-        if (t.double_quant) free(absmax);
-        nf4_free(&t);
-        memset(out, 0, sizeof *out);
+        if (t->double_quant) free(absmax);
         return qerr_set(e, "nf4: weight (%lld, %lld) has a non-finite value at row %lld, col %lld", (long long)rows,
                         (long long)cols, (long long)(bad / cols), (long long)(bad % cols));
     }
 
-    if (t.double_quant) {
-        const int rc = nf4_double_quant(&t, absmax, e);
+    if (t->double_quant) {
+        const int rc = nf4_double_quant(t, absmax, e);
         free(absmax);
-        if (rc) {
-            nf4_free(&t);
-            memset(out, 0, sizeof *out);
-            return qerr_prefix(e, "nf4: quantizing (%lld, %lld)", (long long)rows, (long long)cols);
-        }
+        if (rc) return qerr_prefix(e, "nf4: quantizing (%lld, %lld)", (long long)rows, (long long)cols);
     }
-    *out = t;
+    return 0;
+}
+
+int nf4_quantize_into(const float *w, nf4_tensor *t, qerr *e) { return nf4_quantize_impl(w, 0, t, e); }
+
+int nf4_quantize_bf16_into(const uint16_t *w, nf4_tensor *t, qerr *e) { return nf4_quantize_impl(w, 1, t, e); }
+
+/* A fresh tensor (nf4_alloc) filled by nf4_quantize_impl; *out zeroed on error. */
+static int nf4_quantize_new(const void *src, int src_bf16, int64_t rows, int64_t cols, int blocksize,
+                            int double_quant, nf4_tensor *out, qerr *e) {
+    if (!src) {
+        memset(out, 0, sizeof *out);
+        return qerr_set(e, "nf4: NULL weight pointer");
+    }
+    if (nf4_alloc(out, rows, cols, blocksize, double_quant, e)) return -1;
+    if (nf4_quantize_impl(src, src_bf16, out, e)) {
+        nf4_free(out);
+        return -1;
+    }
     return 0;
 }
 
 int nf4_quantize(const float *w, int64_t rows, int64_t cols, int blocksize, int double_quant, nf4_tensor *out,
                  qerr *e) {
-    return nf4_quantize_impl(w, 0, rows, cols, blocksize, double_quant, out, e);
+    return nf4_quantize_new(w, 0, rows, cols, blocksize, double_quant, out, e);
 }
 
 int nf4_quantize_bf16(const uint16_t *w, int64_t rows, int64_t cols, int blocksize, int double_quant,
                       nf4_tensor *out, qerr *e) {
-    return nf4_quantize_impl(w, 1, rows, cols, blocksize, double_quant, out, e);
+    return nf4_quantize_new(w, 1, rows, cols, blocksize, double_quant, out, e);
 }
 
 /* ---------------------------------------------------------- dequantization */

@@ -48,7 +48,10 @@
  * functional.py::get_4bit_type("nf4") / backends/utils.py::_NF4_QUANT_TABLE). */
 extern const float nf4_code[16];
 
-/* One quantized weight matrix. All buffers are owned (nf4_free releases them). */
+/* One quantized weight matrix. Its buffers are either owned (nf4_alloc,
+ * nf4_quantize: nf4_free releases them) or a view into memory someone else
+ * owns (nf4_view: e.g. a model layer's one allocation, model/llama.h
+ * llama_layer_layout; nf4_free only forgets them). */
 typedef struct nf4_tensor {
     int64_t rows, cols;     /* logical [out, in], row-major as nn.Linear.weight */
     int64_t n;              /* rows * cols */
@@ -62,6 +65,7 @@ typedef struct nf4_tensor {
     uint8_t *absmax_q;      /* (nblocks,) u8 indices into nested_code; NULL unless double_quant */
     float *nested_absmax;   /* (ceil(nblocks/256),) f32; NULL unless double_quant */
     float offset;           /* f32 mean of the original absmax (double_quant only, else 0) */
+    int is_view;            /* 1: the four buffers above belong to the caller of nf4_view */
     float nested_code[256]; /* 8-bit map absmax_q indexes (double_quant only): bnb's `state2.code`,
                              * i.e. `nested_quant_map` in a bnb-4bit safetensors checkpoint */
 } nf4_tensor;
@@ -82,6 +86,11 @@ int nf4_quantize(const float *w, int64_t rows, int64_t cols, int blocksize, int 
 int nf4_quantize_bf16(const uint16_t *w, int64_t rows, int64_t cols, int blocksize, int double_quant,
                       nf4_tensor *out, qerr *e);
 
+/* nf4_check_geometry: 0 if (rows, cols, blocksize) is a shape nf4_alloc
+ * accepts (rows, cols >= 1, rows*cols < 2^62, blocksize a power of two in
+ * [32, 4096]); else -1 with the reason in *e. */
+int nf4_check_geometry(int64_t rows, int64_t cols, int blocksize, qerr *e);
+
 /* nf4_alloc: allocate an empty tensor of the given geometry for a loader that
  * fills the buffers itself (e.g. from a bnb-4bit checkpoint). packed is zeroed,
  * scales are zeroed, nested_code is set to nf4_dynamic_map() (a loader should
@@ -89,7 +98,32 @@ int nf4_quantize_bf16(const uint16_t *w, int64_t rows, int64_t cols, int blocksi
  * Errors: as nf4_quantize (geometry, memory). */
 int nf4_alloc(nf4_tensor *t, int64_t rows, int64_t cols, int blocksize, int double_quant, qerr *e);
 
-/* nf4_free: release the buffers and zero *t. Safe on a zeroed or freed tensor. */
+/* nf4_view: make *t a tensor of the given geometry whose buffers are the
+ * caller's, for storage that holds several tensors in one allocation (a
+ * model layer: model/llama.h llama_layer_layout). The buffers must hold
+ *   packed:        ceil(rows*cols / 2) bytes,
+ *   scales:        nblocks u8 absmax codes (double_quant) or nblocks f32
+ *                  absmax (4-byte aligned), nblocks = ceil(rows*cols / blocksize),
+ *   nested_absmax: ceil(nblocks / 256) f32, 4-byte aligned (double_quant; else NULL).
+ * Nothing is written to them. nested_code is set to nf4_dynamic_map(), offset
+ * to 0, is_view to 1: nf4_free on a view zeroes *t and frees nothing.
+ * Errors (-1, *t zeroed): geometry as nf4_quantize, a NULL buffer. */
+int nf4_view(nf4_tensor *t, int64_t rows, int64_t cols, int blocksize, int double_quant, uint8_t *packed,
+             void *scales, float *nested_absmax, qerr *e);
+
+/* nf4_quantize_into / nf4_quantize_bf16_into: quantize w (t->rows, t->cols)
+ * into the buffers t already has (nf4_alloc or nf4_view), with t's blocksize
+ * and double_quant: the same bytes nf4_quantize / nf4_quantize_bf16 produce,
+ * which are these functions on a fresh nf4_alloc. Every byte of packed (odd n:
+ * the pad nibble 7 included), of the scales and of nested_absmax is written,
+ * and offset. Errors (-1, *e filled; t keeps its buffers, their contents
+ * undefined): a NULL weight, a non-finite weight (the message names its row
+ * and column), out of memory (double quantization's 64 KiB table). */
+int nf4_quantize_into(const float *w, nf4_tensor *t, qerr *e);
+int nf4_quantize_bf16_into(const uint16_t *w, nf4_tensor *t, qerr *e);
+
+/* nf4_free: release the buffers (unless t is a view) and zero *t. Safe on a
+ * zeroed or freed tensor. */
 void nf4_free(nf4_tensor *t);
 
 /* nf4_nbytes: bytes of quantized data held: packed nibbles + block scales

@@ -884,6 +884,25 @@ static void test_bnb4_checkpoint_adopted(void **state) {
             assert_memory_equal(x->absmax_q, y->absmax_q, (size_t)x->nblocks);
             assert_true(x->offset == y->offset);
         }
+    /* the adopted bytes sit in each layer's one allocation (model/llama.h layer
+     * blob), whose OFFSETS section holds the checkpoint's nested offsets */
+    int64_t blob_bytes = 0;
+    for (int l = 0; l < NL; l++) {
+        const llama_layer *L = &mb.layers[l];
+        assert_non_null(L->blob);
+        assert_int_equal(L->layout.kind, FROZEN_NF4);
+        assert_int_equal(L->layout.double_quant, 1);
+        blob_bytes += (int64_t)L->layout.nbytes;
+        for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+            float o;
+            memcpy(&o, L->blob + L->layout.off[LLAMA_BLOB_OFFSETS] + 4 * k, 4);
+            assert_true(o == m.layers[l].nf4[k].offset);
+            assert_ptr_equal(L->nf4[k].packed, L->blob + L->layout.off[LLAMA_BLOB_DATA] + L->layout.elem[k] / 2);
+            assert_ptr_equal(L->lin[k].nf4, &L->nf4[k]);
+        }
+    }
+    assert_int_equal(mb.quantized_bytes, blob_bytes);
+    assert_int_equal(mb.quantized_bytes, m.quantized_bytes);
     int32_t ids[8] = {5, 70, 200, 1, 3, 99, 150, 261};
     float *la = malloc(sizeof(float) * 8 * VOCAB), *lb = malloc(sizeof(float) * 8 * VOCAB);
     logits_of(&m, NULL, 1, ids, 8, la);

@@ -650,6 +650,80 @@ static void test_errors(void **state) {
     nf4_free(&t);
 }
 
+/* A view over caller memory (one allocation holding several tensors, as a
+ * model layer does) quantized in place holds the same bytes as nf4_quantize's
+ * own buffers, for f32 and bf16 sources, odd shapes, several groups, with and
+ * without double quantization; the bytes around the view stay untouched and
+ * nf4_free on a view frees nothing. */
+static void test_view_quantize_into(void **state) {
+    (void)state;
+    static const int64_t shapes[][2] = {{3, 70}, {257, 129}, {136, 200}, {1, 65}};
+    qerr e = {{0}};
+    for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
+        for (int dq = 0; dq < 2; dq++)
+            for (int src_bf16 = 0; src_bf16 < 2; src_bf16++) {
+                const int64_t r = shapes[si][0], c = shapes[si][1], n = r * c, nb = (n + 63) / 64,
+                              ng = (nb + 255) / 256;
+                float *w = random_matrix(n, 0.03f);
+                uint16_t *h = malloc((size_t)n * sizeof(uint16_t));
+                for (int64_t i = 0; i < n; i++) h[i] = f32_to_bf16(w[i]);
+                nf4_tensor ref, v;
+                int rc = src_bf16 ? nf4_quantize_bf16(h, r, c, 64, dq, &ref, &e) : nf4_quantize(w, r, c, 64, dq, &ref, &e);
+                assert_int_equal(rc, 0);
+                /* one buffer: guard | packed | guard | scales | guard | nested | guard */
+                const size_t pk = (size_t)(n + 1) / 2, sc = (size_t)nb * (dq ? 1 : 4), ne = (size_t)ng * 4, g = 16;
+                const size_t o_pk = g, o_sc = (o_pk + pk + g + 3) / 4 * 4, o_ne = (o_sc + sc + g + 3) / 4 * 4,
+                             total = o_ne + ne + g;
+                uint8_t *buf = malloc(total), *guard = malloc(total);
+                for (size_t i = 0; i < total; i++) buf[i] = (uint8_t)(0xa5 ^ i);
+                memcpy(guard, buf, total);
+                assert_int_equal(nf4_view(&v, r, c, 64, dq, buf + o_pk, buf + o_sc, dq ? (float *)(buf + o_ne) : NULL, &e), 0);
+                assert_int_equal(v.is_view, 1);
+                assert_int_equal(v.nblocks, nb);
+                rc = src_bf16 ? nf4_quantize_bf16_into(h, &v, &e) : nf4_quantize_into(w, &v, &e);
+                assert_int_equal(rc, 0);
+                assert_memory_equal(v.packed, ref.packed, pk);
+                if (dq) {
+                    assert_memory_equal(v.absmax_q, ref.absmax_q, (size_t)nb);
+                    assert_memory_equal(v.nested_absmax, ref.nested_absmax, ne);
+                    assert_memory_equal(&v.offset, &ref.offset, sizeof(float));
+                    assert_memory_equal(v.nested_code, ref.nested_code, sizeof v.nested_code);
+                } else {
+                    assert_memory_equal(v.absmax, ref.absmax, sc);
+                }
+                for (size_t i = 0; i < total; i++) {
+                    const int inside = (i >= o_pk && i < o_pk + pk) || (i >= o_sc && i < o_sc + sc) ||
+                                       (dq && i >= o_ne && i < o_ne + ne);
+                    if (!inside) assert_int_equal(buf[i], guard[i]);
+                }
+                nf4_free(&v); /* a view: forgets, frees nothing (ASan would see a bad free) */
+                assert_null(v.packed);
+                assert_int_equal(buf[0], guard[0]);
+                nf4_free(&ref);
+                free(buf);
+                free(guard);
+                free(w);
+                free(h);
+            }
+    /* errors: geometry, missing buffers, a NULL or non-finite weight (the view keeps its buffers) */
+    uint8_t mem[256];
+    nf4_tensor v;
+    assert_int_equal(nf4_view(&v, 2, 64, 48, 0, mem, mem + 64, NULL, &e), -1);
+    assert_non_null(strstr(e.msg, "blocksize"));
+    assert_int_equal(nf4_view(&v, 2, 64, 64, 1, mem, mem + 64, NULL, &e), -1);
+    assert_non_null(strstr(e.msg, "nested absmax"));
+    assert_null(v.packed);
+    float w[128];
+    for (int i = 0; i < 128; i++) w[i] = (float)i - 64.0f;
+    assert_int_equal(nf4_view(&v, 2, 64, 64, 1, mem, mem + 64, (float *)(mem + 128), &e), 0);
+    assert_int_equal(nf4_quantize_into(NULL, &v, &e), -1);
+    w[70] = NAN;
+    assert_int_equal(nf4_quantize_into(w, &v, &e), -1);
+    assert_non_null(strstr(e.msg, "row 1, col 6"));
+    assert_ptr_equal(v.packed, mem);
+    nf4_free(&v);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_code_table),
@@ -669,6 +743,7 @@ int main(void) {
         cmocka_unit_test(test_bf16_source),
         cmocka_unit_test(test_nbytes),
         cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_view_quantize_into),
     };
     return cmocka_run_group_tests_name("nf4", tests, NULL, NULL);
 }
