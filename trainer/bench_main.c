@@ -77,8 +77,7 @@ static int random_nf4(nf4_tensor *t, int64_t rows, int64_t cols, uint64_t stream
 static int random_model(llama_model *m, const llama_hparams *hp, int max_pos, qerr *e) {
     memset(m, 0, sizeof *m);
     m->hp = *hp;
-    int64_t D = hp->d_model, F = hp->d_ff, V = hp->vocab, hd = hp->head_dim;
-    int64_t qd = (int64_t)hp->n_head * hd, kd = (int64_t)hp->n_kv_head * hd;
+    int64_t D = hp->d_model, V = hp->vocab, hd = hp->head_dim;
     m->load_in_4bit = 1;
     m->double_quant = 1;
     m->tok_embd = qmalloc((size_t)(V * D) * sizeof(bf16), e);
@@ -103,8 +102,8 @@ static int random_model(llama_model *m, const llama_hparams *hp, int max_pos, qe
     m->layers = qcalloc((size_t)hp->n_layer, sizeof *m->layers, e);
     if (!m->out_norm || !m->layers) return -1;
     for (int64_t i = 0; i < D; i++) m->out_norm[i] = 1.0f;
-    int64_t outs[LLAMA_N_LINEAR] = {qd, kd, kd, D, F, F, D};
-    int64_t ins[LLAMA_N_LINEAR] = {D, D, D, qd, D, D, F};
+    int64_t outs[LLAMA_N_LINEAR], ins[LLAMA_N_LINEAR];
+    for (int k = 0; k < LLAMA_N_LINEAR; k++) llama_tensor_shape(hp, LLAMA_T_LINEAR, k, &outs[k], &ins[k]);
     for (int l = 0; l < hp->n_layer; l++) {
         llama_layer *L = &m->layers[l];
         L->attn_norm = qmalloc((size_t)D * sizeof(float), e);
@@ -126,14 +125,14 @@ static int random_model(llama_model *m, const llama_hparams *hp, int max_pos, qe
 /* ------------------------------------------------------------------ FLOPs */
 
 static double model_flops_per_token(const llama_hparams *hp, int T, int r) {
-    double D = hp->d_model, F = hp->d_ff, hd = hp->head_dim, H = hp->n_head, KV = hp->n_kv_head;
-    double qd = H * hd, kd = KV * hd;
-    double ins[LLAMA_N_LINEAR] = {D, D, D, qd, D, D, F};
-    double outs[LLAMA_N_LINEAR] = {qd, kd, kd, D, F, F, D};
+    double D = hp->d_model, hd = hp->head_dim, H = hp->n_head;
+    double qd = H * hd;
     double per_layer = 0;
     for (int k = 0; k < LLAMA_N_LINEAR; k++) {
-        per_layer += 4.0 * ins[k] * outs[k];          /* forward + input gradient */
-        per_layer += 6.0 * r * (ins[k] + outs[k]);    /* LoRA: fwd, input grad, dA, dB */
+        int64_t out, in;
+        llama_tensor_shape(hp, LLAMA_T_LINEAR, k, &out, &in);
+        per_layer += 4.0 * (double)in * (double)out;         /* forward + input gradient */
+        per_layer += 6.0 * r * ((double)in + (double)out);   /* LoRA: fwd, input grad, dA, dB */
     }
     per_layer += 12.0 * T * qd;                        /* attention: QKᵀ, PV fwd (4) + bwd (8), full T×T */
     return per_layer * hp->n_layer + 4.0 * (double)hp->vocab * D; /* LM head fwd + dh */
