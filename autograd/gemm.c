@@ -1,7 +1,7 @@
 /* autograd/gemm.c — oneDNN (v2.x C API) matmul behind a BLAS-like call.
  *
  * oneDNN runs bf16 matmul on AVX512_BF16 CPUs at about twice its fp32 rate
- * (DESIGN.md). Results are deterministic for a fixed thread count.
+ * (docs/design.md "Decisions"). Results are deterministic for a fixed thread count.
  *
  * gemm() may also be called from inside an OpenMP parallel region (attention
  * runs one small GEMM per thread): oneDNN then runs the primitive on the

@@ -1,5 +1,5 @@
 /* data/chat.c — prompt rendering and stop tokens (see chat.h). The ChatML
- * layout is the SmolLM2 template (../shared/reference/formats.md §6); the
+ * layout is the SmolLM2 template (docs/formats.md §6); the
  * Llama 3 one is Meta's tokenizer_config.json template. */
 #include "data/chat.h"
 

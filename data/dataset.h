@@ -34,7 +34,7 @@
  *                    "<|im_start|>{role}\n{content}<|im_end|>\n". With
  *                    train_on_inputs = 0 only assistant content + <|im_end|>
  *                    are trained on (the end-of-turn token must be learned,
- *                    DESIGN.md "Known traps"); headers, system and user turns
+ *                    docs/design.md "Known traps"); headers, system and user turns
  *                    are masked. No bos is added: the template owns it.
  *   Texts are tokenized with parse_special = 1 (HF's default: a literal
  *   "<|im_end|>" in a text is the special token). A token is trained on if
@@ -179,7 +179,7 @@ int dataset_build(const tokenizer *tok, const dataset_spec *train, int n_train, 
 void dataset_epoch_order(uint64_t seed, int epoch, int64_t n_rows, int64_t *perm);
 
 /* dataset_row_describe: a human-readable view of one packed row for "show
- * the label mask" (DESIGN.md Known traps): each example's text, with the
+ * the label mask" (docs/design.md "Known traps"): each example's text, with the
  * tokens that are NOT trained on wrapped in "[[" and "]]", examples
  * separated by a "--- example k: n tokens, m trained ---" line, and the
  * padding count at the end. Malloc'd NUL-terminated string in *out. */

@@ -4,7 +4,7 @@
  * `alpaca` (prompters.py AlpacaPrompter, the "### Instruction:" format) and
  * `chat_template` (prompt_strategies/chat_template.py) restricted to ChatML
  * templates, rendered here in C as SmolLM2's template does
- * (shared/reference/formats.md §6) instead of through a Jinja engine.
+ * (docs/formats.md §6) instead of through a Jinja engine.
  *
  * Masking works on the rendered text: each format records the byte spans it
  * trains on, the text is tokenized once with byte offsets, and a token is a

@@ -3,7 +3,7 @@
  * Format: ggml/docs/gguf.md, gguf-py/gguf/constants.py and gguf_reader.py, and
  * the checks of ggml/src/gguf.cpp (gguf_init_from_file_impl) and
  * llama-model-loader.cpp (tensor data within file bounds); see
- * ../shared/reference/formats.md §3.
+ * docs/formats.md §3.
  *
  * Every read goes through a cursor that checks the remaining byte count first,
  * so a truncated or corrupt file produces one error line, never an

@@ -1,7 +1,7 @@
 /* format/gguf.h — GGUF v2/v3 reader (memory-mapped, read-only).
  *
  * Format: ggml/docs/gguf.md and gguf-py/gguf/constants.py (see
- * ../shared/reference/formats.md §3). Little-endian; strings are u64 length +
+ * docs/formats.md §3). Little-endian; strings are u64 length +
  * bytes; tensor dims are in ggml order (ne[0] is the fastest-varying, i.e. the
  * last PyTorch dimension: PyTorch [out, in] is ne = {in, out}). The data
  * section starts at the first multiple of `general.alignment` (default 32)

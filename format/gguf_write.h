@@ -1,7 +1,7 @@
 /* format/gguf_write.h — GGUF v3 writer (the counterpart of format/gguf.h).
  *
  * Format: ggml/docs/gguf.md, gguf-py/gguf/gguf_writer.py (see
- * ../shared/reference/formats.md §3): magic "GGUF", version 3, u64 tensor
+ * docs/formats.md §3): magic "GGUF", version 3, u64 tensor
  * count, u64 KV count, the KVs (u64-length key, u32 type, value), the tensor
  * infos (name, u32 n_dims, u64 ne[n_dims] in ggml order, u32 ggml_type, u64
  * offset into the data section), zero padding to the alignment (32), then

@@ -6,7 +6,7 @@
  * {"metadata": ..., "weight_map": {tensor: shard}}), bitsandbytes
  * QuantState.as_dict(packed=True) / from_dict and transformers
  * quantizer_bnb_4bit.py (the 4-bit checkpoint layout,
- * ../shared/reference/formats.md §1).
+ * docs/formats.md §1).
  *
  * Memory: shards are mmap'ed read-only; each tensor is converted on its own
  * (bf16 -> NF4, or adopted as NF4) and its mapped pages are released with

@@ -5,7 +5,7 @@
  * shards listed by model.safetensors.index.json, and tokenizer.json +
  * tokenizer_config.json. Weights may be bf16/f16/f32, or bitsandbytes 4-bit
  * (nf4) as transformers saves a model loaded with load_in_4bit
- * (../shared/reference/formats.md §1): those are kept as they are, never
+ * (docs/formats.md §1): those are kept as they are, never
  * re-quantized. Files are memory-mapped and each tensor is converted on its
  * own, so loading peaks near the quantized size plus one tensor.
  */

@@ -7,7 +7,7 @@
  * (`load_in_4bit: false`); embeddings and the LM head stay bf16 and norms fp32,
  * as QLoRA does. Weights are kept in HF orientation and HF row order: the
  * GGUF converter's Q/K row permutation is undone at load
- * (convert_hf_to_gguf.py LlamaModel.permute; formats.md §3).
+ * (convert_hf_to_gguf.py LlamaModel.permute; docs/formats.md §3).
  */
 #ifndef QLORA_MODEL_LLAMA_H
 #define QLORA_MODEL_LLAMA_H

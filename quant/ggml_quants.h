@@ -3,7 +3,7 @@
  *
  * Block layouts and formulas: ggml/src/ggml-common.h (block_q4_0 ... block_q6_K)
  * and ggml/src/ggml-quants.c (dequantize_row_*, quantize_row_*_ref); see
- * ../shared/reference/formats.md §3. Every function works on one contiguous run
+ * docs/formats.md §3. Every function works on one contiguous run
  * of blocks ("a row"); the caller parallelises over rows. Block bytes are read
  * byte by byte (no struct casts), so `src`/`dst` need no alignment.
  */

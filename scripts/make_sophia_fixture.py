@@ -5,7 +5,7 @@ compares qlora's optim/sophia.c and its training-loop order against.
 The optimizer below is written from the documented update of the official SophiaG
 (Liuhong99/Sophia, sophia.py `_single_tensor_sophiag` and `update_hessian`; the official repo is
 not on PyPI and no code of it is copied here — the update is restated in
-../shared/reference/formats.md §5) as PyTorch tensor ops in the same order and with the same
+docs/formats.md §5) as PyTorch tensor ops in the same order and with the same
 in-place ops, so torch's own fp32 kernels are the oracle:
 
     step += 1
@@ -79,7 +79,7 @@ def write_qref(path, arrays):
 
 
 class SophiaG(torch.optim.Optimizer):
-    """SophiaG as documented (formats.md §5); plain per-tensor loop (the official _single_tensor path)."""
+    """SophiaG as documented (docs/formats.md §5); plain per-tensor loop (the official _single_tensor path)."""
 
     def __init__(self, params, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=1e-1):
         super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay))

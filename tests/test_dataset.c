@@ -3,7 +3,7 @@
  * Uses the real SmolLM2 tokenizer (models/SmolLM2-135M-Instruct.Q4_1.gguf,
  * `make model`) and small JSONL files written into a mkdtemp directory.
  * Expected strings are the ones SmolLM2's chat template and axolotl's Alpaca
- * prompter produce (shared/reference/formats.md §6; axolotl prompters.py).
+ * prompter produce (docs/formats.md §6; axolotl prompters.py).
  */
 #include <setjmp.h>
 #include <stdarg.h>

@@ -2,7 +2,7 @@
  * (behind `qlora-export`, trainer/export_main.c).
  *
  *   GGUF LoRA (llama.cpp / Ollama): convert_lora_to_gguf.py's layout
- *     (../shared/reference/formats.md §3): general.type "adapter",
+ *     (docs/formats.md §3): general.type "adapter",
  *     adapter.type "lora", adapter.lora.alpha, general.architecture of the
  *     base; blk.N.<name>.weight.lora_a ne {in, r} (= PEFT A [r, in]) and
  *     .lora_b ne {r, out} (= PEFT B [out, r]), F32, with the rows of B for

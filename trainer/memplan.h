@@ -1,6 +1,6 @@
 /* trainer/memplan.h — the memory planner: predicted peak resident memory of a
  * training run, printed before training and compared with the measured peak
- * after it (DESIGN.md "Known traps": users cannot predict memory).
+ * after it (docs/design.md "Known traps": users cannot predict memory).
  *
  * The prediction mirrors what the engine allocates: the frozen base (NF4
  * linears at ≈0.52 bytes/param, bf16 embeddings / LM head, fp32 norms), the

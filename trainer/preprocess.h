@@ -3,7 +3,7 @@
  * Tokenizes, masks and packs the datasets of a config exactly as qlora-train
  * does (dataset_build with the config's seed), prints the data statistics,
  * and shows the first rows in the order the first epoch visits them, with the
- * label mask made visible (DESIGN.md "Known traps": chat-template / EOS
+ * label mask made visible (docs/design.md "Known traps": chat-template / EOS
  * mismatches). Like axolotl's `preprocess --debug`. Only the tokenizer of the
  * base model is loaded, not its weights.
  */
