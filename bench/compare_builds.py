@@ -4,8 +4,8 @@
   1. identity: the same short training run (real model, real data, fixed threads) with each build's
      qlora-train; every train/eval loss and grad-norm in metrics.jsonl and the adapter bytes must be
      identical (timings are left out of the comparison).
-  2. speed: qlora-bench of both builds, interleaved old/new/old/new... on the same shapes, so machine
-     drift hits both alike; prints each run's tokens/s, the medians and new/old.
+  2. speed: qlora-bench of both builds, interleaved in ABBA order (old/new, new/old, ...) on the same
+     shapes, so a drift of the machine hits both alike; prints each run's tokens/s, the medians and new/old.
 
 usage: python3 bench/compare_builds.py OLD_ROOT NEW_ROOT [--reps 3] [--steps 3] [--skip-identity] [--skip-bench]
 OLD_ROOT and NEW_ROOT are checkouts with bin/ built (e.g. a `git worktree` of the previous commit).
@@ -57,7 +57,9 @@ def bench(old, new, reps, shapes):
     res = {}
     for shape in shapes:
         for i in range(reps):
-            for name, root in (("old", old), ("new", new)):
+            # ABBA: old/new, then new/old, so a drift of the machine over time hits both builds alike
+            pair = (("old", old), ("new", new))
+            for name, root in (pair if i % 2 == 0 else pair[::-1]):
                 cmd = [os.path.join(root, "bin", "qlora-bench")] + shape.split()
                 p = subprocess.run(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
                 if p.returncode != 0:
@@ -85,6 +87,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--skip-identity", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--checkpointing", choices=["off", "on", "both"], default="both")
     a = ap.parse_args()
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     print(f"[compare] cpu: {os.cpu_count()} x {cpu}; load {open('/proc/loadavg').read().split()[0]}")
@@ -93,8 +96,8 @@ def main():
         with tempfile.TemporaryDirectory(prefix="qlora-compare-") as tmp:
             bad = identity(a.old, a.new, a.steps, tmp)
     if not a.skip_bench:
-        shapes = ["--shape smollm2-135m --seq 512 --batch 4 --lora-r 16 --checkpointing off --steps 3 --warmup 1",
-                  "--shape smollm2-135m --seq 512 --batch 4 --lora-r 16 --checkpointing on --steps 3 --warmup 1"]
+        shapes = [f"--shape smollm2-135m --seq 512 --batch 4 --lora-r 16 --checkpointing {c} --steps 3 --warmup 1"
+                  for c in ("off", "on") if a.checkpointing in (c, "both")]
         bench(a.old, a.new, a.reps, shapes)
     sys.exit(1 if bad else 0)
 
