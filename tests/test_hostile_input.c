@@ -91,6 +91,8 @@ static void make_earlier_outputs(const char *out) {
     write_text(p, "an adapter from an earlier run");
     snprintf(p, sizeof p, "%s/config.resolved.yaml", out);
     write_text(p, "lora_r: 8\n");
+    snprintf(p, sizeof p, "%s/.qlora-train.lock", out); /* every run takes the lock file; it holds no data */
+    write_text(p, "");
 }
 
 static int setup(void **st) {
