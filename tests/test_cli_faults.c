@@ -18,11 +18,10 @@
 #include <unistd.h>
 
 #include <cmocka.h>
-#include <dirent.h>
 
-#include "core/hash.h"
 #include "format/gguf.h"
 #include "format/safetensors.h"
+#include "tests/dir_snapshot.h"
 #include "tests/subproc.h"
 #include "trainer/checkpoint.h"
 
@@ -54,46 +53,9 @@ static unsigned char *read_bytes(const char *path, size_t max, size_t *n) {
     return buf;
 }
 
-/* A listing of every file under dir with its size and XXH64, sorted by the
- * directory order made stable (names sorted). */
-static int cmp_names(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
-
-static void snapshot_rec(const char *dir, char *out, size_t n) {
-    DIR *d = opendir(dir);
-    if (!d) {
-        snprintf(out + strlen(out), n - strlen(out), "%s: (missing)\n", dir);
-        return;
-    }
-    char *names[256];
-    int k = 0;
-    struct dirent *de;
-    while ((de = readdir(d)) && k < 256)
-        if (strcmp(de->d_name, ".") && strcmp(de->d_name, "..")) names[k++] = strdup(de->d_name);
-    closedir(d);
-    qsort(names, (size_t)k, sizeof *names, cmp_names);
-    for (int i = 0; i < k; i++) {
-        char p[1024];
-        snprintf(p, sizeof p, "%s/%s", dir, names[i]);
-        struct stat sb;
-        if (lstat(p, &sb) == 0 && S_ISDIR(sb.st_mode)) {
-            snprintf(out + strlen(out), n - strlen(out), "%s/\n", p);
-            snapshot_rec(p, out, n);
-        } else {
-            size_t len = 0;
-            unsigned char *b = read_bytes(p, 1 << 20, &len);
-            snprintf(out + strlen(out), n - strlen(out), "%s %zu %016llx\n", p, len,
-                     (unsigned long long)xxh64(b, len, 0));
-            free(b);
-        }
-        free(names[i]);
-    }
-}
-
 static char *snapshot(const char *dir) {
-    size_t n = 1 << 16;
-    char *s = calloc(n, 1);
+    char *s = dir_snapshot(dir);
     assert_non_null(s);
-    snapshot_rec(dir, s, n);
     return s;
 }
 

@@ -19,9 +19,8 @@
 #include <unistd.h>
 
 #include <cmocka.h>
-#include <dirent.h>
 
-#include "core/hash.h"
+#include "tests/dir_snapshot.h"
 #include "tests/subproc.h"
 
 #define MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,45 +38,9 @@ static void write_bytes(const char *path, const void *p, size_t n) {
 
 static void write_text(const char *path, const char *s) { write_bytes(path, s, strlen(s)); }
 
-/* A sorted listing of every file under dir with its size and XXH64. */
-static int cmp_names(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
-
-static void snapshot_rec(const char *dir, char *out, size_t n) {
-    DIR *d = opendir(dir);
-    if (!d) {
-        snprintf(out + strlen(out), n - strlen(out), "%s: (missing)\n", dir);
-        return;
-    }
-    char *names[256];
-    int k = 0;
-    struct dirent *de;
-    while ((de = readdir(d)) && k < 256)
-        if (strcmp(de->d_name, ".") && strcmp(de->d_name, "..")) names[k++] = strdup(de->d_name);
-    closedir(d);
-    qsort(names, (size_t)k, sizeof *names, cmp_names);
-    for (int i = 0; i < k; i++) {
-        char p[1024];
-        snprintf(p, sizeof p, "%s/%s", dir, names[i]);
-        struct stat sb;
-        if (lstat(p, &sb) == 0 && S_ISDIR(sb.st_mode)) {
-            snprintf(out + strlen(out), n - strlen(out), "%s/\n", p);
-            snapshot_rec(p, out, n);
-        } else {
-            FILE *f = fopen(p, "rb");
-            unsigned char buf[1 << 16];
-            size_t len = f ? fread(buf, 1, sizeof buf, f) : 0;
-            if (f) fclose(f);
-            snprintf(out + strlen(out), n - strlen(out), "%s %lld %016llx\n", p, (long long)sb.st_size,
-                     (unsigned long long)xxh64(buf, len, 0));
-        }
-        free(names[i]);
-    }
-}
-
 static char *snapshot(const char *dir) {
-    char *s = calloc(1 << 16, 1);
+    char *s = dir_snapshot(dir);
     assert_non_null(s);
-    snapshot_rec(dir, s, 1 << 16);
     return s;
 }
 
