@@ -640,9 +640,11 @@ static void test_overrides(void **state) {
     assert_string_equal(c.datasets[0].path, "x.jsonl");
     assert_string_equal(c.datasets[1].type, "chat_template");
     assert_string_equal(c.datasets[1].field_messages, "conv");
-    /* empty value = back to the default */
-    assert_int_equal(train_config_apply_override(&c, "lora_r=", &e), 0);
-    assert_int_equal(c.lora_r, 8);
+    /* an empty value is refused (issue 17 item 9: it used to mean "the default"), naming the key */
+    assert_int_equal(train_config_apply_override(&c, "lora_r=", &e), -1);
+    assert_non_null(strstr(e.msg, "command line: lora_r: no value; expected a positive integer"));
+    assert_int_equal(c.lora_r, 16);
+    assert_int_equal(train_config_apply_override(&c, "lora_r=8", &e), 0);
     assert_int_equal(train_config_apply_override(&c, "use_rslora=true", &e), 0);
     assert_int_equal(c.use_rslora, 1);
 
@@ -681,6 +683,180 @@ static void test_overrides(void **state) {
     assert_int_equal(train_config_apply_override(&c, "flash_attention=false", &e), 0);
 
     assert_int_equal(train_config_validate(&c, &e), 0);
+    train_config_free(&c);
+}
+
+/* Issue 17 item 9: an empty value is refused naming the key, in a file (with
+ * its line) and on the command line; only the three keys whose null is a
+ * documented "none" keep it. */
+static void test_empty_values(void **state) {
+    const tmpdir *t = *state;
+    char buf[1024];
+    snprintf(buf, sizeof buf, "%slearning_rate:\nseed: 1\n", MINIMAL);
+    expect_load_error(t, "nv.yaml", buf,
+                      "nv.yaml: learning_rate: no value; expected a positive number (delete the line for the "
+                      "default, 0.0002) (line 6)");
+    snprintf(buf, sizeof buf, "%smax_steps: ~\n", MINIMAL);
+    expect_load_error(t, "nv.yaml", buf, "nv.yaml: max_steps: no value; expected a positive integer, or -1");
+    snprintf(buf, sizeof buf, "%ssample_packing: null\n", MINIMAL);
+    expect_load_error(t, "nv.yaml", buf, "sample_packing: no value; expected true or false (delete the line for "
+                                         "the default, false)");
+    snprintf(buf, sizeof buf, "%soptimizer:\n", MINIMAL);
+    expect_load_error(t, "nv.yaml", buf, "optimizer: no value; expected one of adamw, sophia");
+    snprintf(buf, sizeof buf, "%soutput_dir:\n", MINIMAL);
+    expect_load_error(t, "nv.yaml", buf, "output_dir: no value; expected a directory path (delete the line for the "
+                                         "default, \"./outputs/lora-out\")");
+    expect_load_error(t, "nv.yaml", "base_model:\n", "nv.yaml: base_model: no value; expected a path to a .gguf "
+                                                     "file or a Hugging Face model directory (the key is required) "
+                                                     "(line 1)");
+    expect_load_error(t, "nv.yaml", "datasets:\n", "datasets: no value; expected a list of {path, type} entries");
+    expect_load_error(t, "nv.yaml", "datasets:\n  - path: a.jsonl\n    type: completion\n    field:\n",
+                      "nv.yaml: datasets[0].field: no value; expected a JSON key (delete the line for the default, "
+                      "\"text\") (line 4)");
+    expect_load_error(t, "nv.yaml", "datasets:\n  - path:\n    type: completion\n",
+                      "datasets[0].path: no value; expected a path to a JSONL file (line 2)");
+
+    /* null keeps its documented meaning for these three */
+    snprintf(buf, sizeof buf, "%sresume_from_checkpoint:\ntest_datasets:\nlora_target_modules: ~\n", MINIMAL);
+    char path[256];
+    write_file(t, "nv_ok.yaml", buf, path, sizeof path);
+    train_config c;
+    qerr e = {{0}};
+    assert_int_equal(train_config_load(path, &c, &e), 0);
+    assert_null(c.resume_from_checkpoint);
+    assert_int_equal(c.n_test_datasets, 0);
+    assert_int_equal(c.n_lora_target_modules, 0);
+    assert_int_equal(train_config_validate(&c, &e), 0);
+
+    /* the command line: refused, the config unchanged */
+    assert_int_equal(train_config_apply_override(&c, "learning_rate=", &e), -1);
+    assert_string_equal(e.msg, "command line: learning_rate: no value; expected a positive number (leave the "
+                               "override out to keep the config file's value)");
+    assert_true(c.learning_rate == 2e-4f);
+    assert_int_equal(train_config_apply_override(&c, "max_steps= ", &e), -1);
+    assert_non_null(strstr(e.msg, "command line: max_steps: no value"));
+    assert_int_equal(c.max_steps, -1);
+    assert_int_equal(train_config_apply_override(&c, "base_model=", &e), -1);
+    assert_string_equal(c.base_model, "m.gguf");
+    assert_int_equal(train_config_apply_override(&c, "datasets=null", &e), -1);
+    assert_int_equal(c.n_datasets, 1);
+    assert_int_equal(train_config_apply_override(&c, "lora_target_modules=", &e), 0);
+    assert_int_equal(train_config_apply_override(&c, "flash_attention=", &e), 0); /* not-yet keys: empty = off */
+    assert_int_equal(c.n_overrides, 2);
+    train_config_free(&c);
+}
+
+/* Issue 17 items 13 and 14: what is not a YAML file, too large, too deep or
+ * too many anchors is refused before libyaml builds a document of it. */
+static void test_input_limits(void **state) {
+    const tmpdir *t = *state;
+    train_config c;
+    qerr e = {{0}};
+    assert_int_equal(train_config_load(t->dir, &c, &e), -1);
+    char want[512];
+    snprintf(want, sizeof want, "%s: is a directory, expected a YAML file", t->dir);
+    assert_string_equal(e.msg, want);
+    assert_int_equal(train_config_load("/dev/null", &c, &e), -1);
+    assert_string_equal(e.msg, "/dev/null: is a character device, expected a YAML file");
+
+    /* 1 MiB + 1 bytes of comment */
+    size_t big = TRAIN_CONFIG_MAX_BYTES + 1;
+    char *text = malloc(big + 1);
+    assert_non_null(text);
+    memset(text, ' ', big);
+    text[0] = '#';
+    text[big - 1] = '\n';
+    text[big] = 0;
+    expect_load_error(t, "big.yaml", text, "big.yaml: 1048577 bytes, more than the 1048576-byte (1 MiB) limit");
+    /* exactly 1 MiB loads */
+    text[big - 2] = '\n';
+    text[big - 1] = 0;
+    char path[256];
+    memcpy(text + big - 40, "\nlora_r: 4\n", 11);
+    write_file(t, "mib.yaml", text, path, sizeof path);
+    assert_int_equal(train_config_load(path, &c, &e), 0);
+    assert_int_equal(c.lora_r, 4);
+    train_config_free(&c);
+
+    /* 400 KB of "[": refused at depth 65 at once (libyaml alone took minutes) */
+    size_t deep = 400000;
+    memcpy(text, "lora_target_modules: ", 21);
+    memset(text + 21, '[', deep);
+    text[21 + deep] = 0;
+    expect_load_error(t, "deep.yaml", text,
+                      "deep.yaml: nested deeper than 64 levels, the limit of a config (line 1)");
+    /* block nesting counts the same */
+    size_t n = 0;
+    for (int d = 0; d < 70; d++) n += (size_t)snprintf(text + n, 256, "%*sk%d:\n", 2 * d, "", d);
+    snprintf(text + n, 256, "%*sv\n", 140, "");
+    expect_load_error(t, "deep2.yaml", text, "nested deeper than 64 levels");
+    /* 64 levels are fine as YAML (the schema then refuses the shape) */
+    memcpy(text, "lora_target_modules: ", 21);
+    memset(text + 21, '[', 63);
+    memset(text + 21 + 63, ']', 63);
+    text[21 + 126] = 0;
+    expect_load_error(t, "deep3.yaml", text, "lora_target_modules[0]: expected one of");
+    /* anchors and aliases */
+    n = (size_t)snprintf(text, 64, "x: [");
+    for (int i = 0; i < 300; i++) n += (size_t)snprintf(text + n, 64, "&a%d 1, ", i);
+    snprintf(text + n, 64, "]\n");
+    expect_load_error(t, "anch.yaml", text, "more than 256 anchors and aliases");
+
+    /* an override gets the same limits */
+    write_file(t, "ok.yaml", MINIMAL, path, sizeof path);
+    assert_int_equal(train_config_load(path, &c, &e), 0);
+    memcpy(text, "lora_target_modules=", 20);
+    memset(text + 20, '[', 100000);
+    text[20 + 100000] = 0;
+    assert_int_equal(train_config_apply_override(&c, text, &e), -1);
+    assert_string_equal(e.msg, "command line: lora_target_modules: nested deeper than 64 levels, the limit of a config");
+    assert_int_equal(c.n_overrides, 0);
+    train_config_free(&c);
+    free(text);
+}
+
+/* Issue 17 item 14: suggestions only for keys that are really close, and
+ * validation names the command line when an override set the value. */
+static void test_suggestions_and_sources(void **state) {
+    const tmpdir *t = *state;
+    expect_load_error(t, "s.yaml", "xy: 1\n", "s.yaml: unknown key \"xy\" (trainer/config.h lists the accepted keys)");
+    expect_load_error(t, "s.yaml", "lr: 1\n", "s.yaml: unknown key \"lr\" (trainer/config.h lists");
+    expect_load_error(t, "s.yaml", "qq: 1\n", "unknown key \"qq\" (trainer/config.h lists");
+    expect_load_error(t, "s.yaml", "foo: 1\n", "unknown key \"foo\" (trainer/config.h lists");
+    expect_load_error(t, "s.yaml", "seeed: 1\n", "did you mean \"seed\"?");
+    expect_load_error(t, "s.yaml", "epochs: 1\n", "did you mean \"num_epochs\"?");
+    expect_load_error(t, "s.yaml", "lora_rnak: 1\n", "did you mean \"lora_r\"?");
+
+    char path[256], buf[1024];
+    snprintf(buf, sizeof buf, "%swarmup_ratio: 0.1\n", MINIMAL);
+    write_file(t, "src.yaml", buf, path, sizeof path);
+    train_config c;
+    qerr e = {{0}};
+    assert_int_equal(train_config_load(path, &c, &e), 0);
+    assert_int_equal(train_config_apply_override(&c, "seed=3", &e), 0);
+    assert_int_equal(train_config_apply_override(&c, "warmup_steps=5", &e), 0);
+    assert_int_equal(train_config_validate(&c, &e), -1);
+    assert_string_equal(e.msg, "command line (warmup_steps=5): warmup_steps and warmup_ratio are both set; use one "
+                               "of them (warmup_ratio: line 6)");
+    char src[128];
+    int line = -1;
+    assert_string_equal(train_config_source(&c, "warmup_steps", &line, src, sizeof src),
+                        "command line (warmup_steps=5)");
+    assert_int_equal(line, 0);
+    assert_string_equal(train_config_source(&c, "warmup_ratio", &line, src, sizeof src), path);
+    assert_int_equal(line, 6);
+    assert_string_equal(train_config_source(&c, "lora_r", &line, src, sizeof src), path);
+    assert_int_equal(line, 0);
+    assert_int_equal(train_config_apply_override(&c, "warmup_steps=0", &e), 0);
+    assert_int_equal(train_config_validate(&c, &e), 0);
+    assert_int_equal(train_config_apply_override(&c, "lora_target_linear=false", &e), 0);
+    assert_int_equal(train_config_validate(&c, &e), -1);
+    assert_non_null(strstr(e.msg, "command line (lora_target_linear=false): lora_target_modules: no LoRA target"));
+    assert_int_equal(train_config_apply_override(&c, "lora_target_linear=true", &e), 0);
+    c.lora_r = 0; /* set from code: blamed on where lora_r came from (the default: the file) */
+    assert_int_equal(train_config_validate(&c, &e), -1);
+    snprintf(buf, sizeof buf, "%s: lora_r: expected a positive integer, got 0", path);
+    assert_string_equal(e.msg, buf);
     train_config_free(&c);
 }
 
@@ -741,6 +917,9 @@ int main(void) {
         cmocka_unit_test(test_checkpoint_keys),
         cmocka_unit_test(test_overrides),
         cmocka_unit_test(test_round_trip),
+        cmocka_unit_test(test_empty_values),
+        cmocka_unit_test(test_input_limits),
+        cmocka_unit_test(test_suggestions_and_sources),
     };
     return cmocka_run_group_tests(tests, group_setup, tmpdir_teardown);
 }

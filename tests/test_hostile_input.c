@@ -8,6 +8,7 @@
  *   - an output_dir holding an earlier run's outputs is byte-for-byte untouched.
  * One function per item of issue 17 (its number in the name). Needs the default model (make model). */
 #include <errno.h>
+#include <signal.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -222,12 +223,127 @@ static void test_08_model_metadata(void **st) {
     expect_train_refusal(ARGS(a), WANT("config.json", "rms_norm_eps"));
 }
 
+/* 9. An empty value trained with the default: `learning_rate=` at 2e-4, `max_steps=` a whole epoch,
+ * `learning_rate:` in the file the same. Refused naming the key and where it came from. */
+static void test_09_empty_value(void **st) {
+    (void)st;
+    expect_train_refusal(ARGS("learning_rate="), WANT("command line: learning_rate: no value", "positive number"));
+    expect_train_refusal(ARGS("max_steps="), WANT("command line: max_steps: no value"));
+    char p[400], cfg[2048];
+    snprintf(p, sizeof p, "%s/empty_lr.yaml", g_dir);
+    snprintf(cfg, sizeof cfg,
+             "base_model: " MODEL "\nlora_target_modules: [q_proj]\n"
+             "datasets:\n  - path: %s/train.jsonl\n    type: completion\n"
+             "learning_rate:\nsequence_len: 32\nmax_steps: 1\noutput_dir: %s\n",
+             g_dir, g_out);
+    write_text(p, cfg);
+    expect_refusal_of(subproc_trainer(), ARGS(p), WANT("empty_lr.yaml: learning_rate: no value", "(line 6)"));
+}
+
+/* 12. qlora-generate, -export, -preprocess read numbers with atoi: "12abc" was 12, "1e99" 1, "abc" 0,
+ * nan a temperature; 2147483647 new tokens overflowed n + max_new (UBSan) and 1e9 asked for a 128 GB
+ * KV cache; a prompt over the context ran for minutes. */
+static void test_12_tool_numbers(void **st) {
+    (void)st;
+    static const char *const gen_bad[][2] = {
+        {"--max-new-tokens", "12abc"}, {"--max-new-tokens", "1e99"}, {"--max-new-tokens", "2147483648"},
+        {"--max-new-tokens", "0"},     {"--seed", "abc"},            {"--seed", "-1"},
+        {"--temperature", "nan"},      {"--temperature", "inf"},     {"--top-p", "0"},
+        {"--top-k", "5x"},             {"--bf16", "2"},
+    };
+    for (size_t i = 0; i < sizeof gen_bad / sizeof gen_bad[0]; i++)
+        expect_refusal_of("bin/qlora-generate",
+                          ARGS("--base", MODEL, "--prompt", "hi", gen_bad[i][0], gen_bad[i][1]),
+                          WANT(gen_bad[i][0], gen_bad[i][1]));
+    expect_refusal_of("bin/qlora-generate", ARGS("--base", MODEL, "--ids", "1,2x,3"), WANT("--ids", "2x"));
+
+    /* 20,000 tokens of prompt against SmolLM2's 8192: refused before the model loads */
+    char p[400];
+    snprintf(p, sizeof p, "%s/long_prompt.txt", g_dir);
+    FILE *f = fopen(p, "w");
+    assert_non_null(f);
+    for (int i = 0; i < 20000; i++) fputs(" hello", f);
+    assert_int_equal(fclose(f), 0);
+    expect_refusal_of("bin/qlora-generate", ARGS("--base", MODEL, "--raw", "--prompt-file", p),
+                      WANT("the prompt is", "tokens, more than", "context length of 8192"));
+
+    /* 2147483647 new tokens: clamped to what the context holds, said on stderr, no overflow */
+    char *argv[] = {"bin/qlora-generate", "--base", MODEL, "--prompt", "hi", "--max-new-tokens", "2147483647", NULL};
+    subproc sp;
+    assert_int_equal(subproc_start(&sp, argv, NULL), 0);
+    for (int t = 0; t < HOSTILE_SECONDS * 10 && !subproc_poll(&sp, 100) && !strstr(sp.err, "clamped"); t++) {
+    }
+    if (!sp.done) kill(sp.pid, SIGKILL);
+    subproc_wait(&sp, HOSTILE_SECONDS);
+    print_message("%s", sp.err);
+    assert_non_null(strstr(sp.err, "[generate] --max-new-tokens 2147483647 clamped to"));
+    assert_non_null(strstr(sp.err, "context length 8192"));
+    assert_null(strstr(sp.err, "runtime error"));
+    subproc_free(&sp);
+
+    /* the other tools' numeric options */
+    expect_refusal_of("bin/qlora-preprocess", ARGS(g_cfg, "--show-samples", "-5"), WANT("--show-samples", "-5"));
+    expect_refusal_of("bin/qlora-preprocess", ARGS(g_cfg, "--show-samples", "3x"), WANT("--show-samples", "3x"));
+    expect_refusal_of("bin/qlora-export", ARGS(g_out, "--max-shard-size", "12abc"), WANT("--max-shard-size", "12abc"));
+    expect_refusal_of("bin/qlora-export", ARGS(g_out, "--load-in-4bit", "yes"), WANT("--load-in-4bit", "yes"));
+}
+
+/* 13. A 400 KB config of nested "[[[…" took more than 60 s inside libyaml; any size was read. */
+static void test_13_config_size_and_depth(void **st) {
+    (void)st;
+    char p[400];
+    snprintf(p, sizeof p, "%s/deep.yaml", g_dir);
+    size_t n = 400000;
+    char *text = malloc(n + 32);
+    assert_non_null(text);
+    memcpy(text, "lora_target_modules: ", 21);
+    memset(text + 21, '[', n);
+    text[21 + n] = 0;
+    write_text(p, text);
+    expect_refusal_of(subproc_trainer(), ARGS(p), WANT("deep.yaml", "nested deeper than 64 levels", "(line 1)"));
+    /* the same as an override */
+    memcpy(text, "lora_target_modules=", 20);
+    memset(text + 20, '[', 100000);
+    text[20 + 100000] = 0;
+    expect_train_refusal(ARGS(text), WANT("command line: lora_target_modules: nested deeper than 64 levels"));
+    free(text);
+    /* 2 MiB: a comment, then a valid config */
+    snprintf(p, sizeof p, "%s/big.yaml", g_dir);
+    FILE *f = fopen(p, "w");
+    assert_non_null(f);
+    for (int i = 0; i < 2 * 1024; i++) fprintf(f, "#%01022d\n", 0);
+    fprintf(f, "base_model: %s\ndatasets:\n  - path: %s/train.jsonl\n    type: completion\nlora_r: 2\n"
+               "lora_target_modules: [q_proj]\nsequence_len: 32\nmax_steps: 1\noutput_dir: %s\n",
+            MODEL, g_dir, g_out);
+    assert_int_equal(fclose(f), 0);
+    expect_refusal_of(subproc_trainer(), ARGS(p), WANT("big.yaml", "bytes, more than the 1048576-byte (1 MiB) limit"));
+}
+
+/* 14 (config). A directory as the config said "input error at byte 0"; a cross-key error set by an
+ * override blamed the config file; an unknown short key got "did you mean \"rl\"". */
+static void test_14_config_messages(void **st) {
+    (void)st;
+    char want[400];
+    snprintf(want, sizeof want, "%s: is a directory, expected a YAML file", g_dir);
+    expect_refusal_of(subproc_trainer(), ARGS(g_dir), WANT(want));
+    expect_train_refusal(ARGS("lora_target_modules=[]"),
+                         WANT("command line (lora_target_modules=[]): lora_target_modules: no LoRA target"));
+    expect_train_refusal(ARGS("warmup_ratio=0.1", "warmup_steps=3"),
+                         WANT("command line (warmup_steps=3)", "warmup_steps and warmup_ratio are both set"));
+    expect_train_refusal(ARGS("xy=1"), WANT("command line: unknown key \"xy\" (trainer/config.h lists"));
+    expect_train_refusal(ARGS("lr=1e-4"), WANT("command line: unknown key \"lr\" (trainer/config.h lists"));
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_01_hf_index_shard_outside),
         cmocka_unit_test(test_04_dataset_not_a_file),
         cmocka_unit_test(test_05_text_cut_or_dropped),
         cmocka_unit_test(test_08_model_metadata),
+        cmocka_unit_test(test_09_empty_value),
+        cmocka_unit_test(test_12_tool_numbers),
+        cmocka_unit_test(test_13_config_size_and_depth),
+        cmocka_unit_test(test_14_config_messages),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -14,6 +14,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <math.h>
 #include <stdarg.h>
@@ -21,6 +22,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "core/file.h"
 #include "model/llama_linear.h"
@@ -46,7 +50,8 @@ enum {
     F_HI_OPEN = 2u,       /* v < hi instead of v <= hi */
     F_ALSO_MINUS1 = 4u,   /* -1 is also accepted (max_steps) */
     F_WHOLE_IF_GE1 = 8u,  /* values >= 1 must be whole numbers (val_set_size) */
-    F_OPTIONAL = 16u,     /* K_STR: NULL (unset) is valid */
+    F_OPTIONAL = 16u,     /* null is the key's documented "none" (trainer/config.h); every other key
+                             refuses an empty value */
 };
 
 typedef struct value_alias {
@@ -130,10 +135,11 @@ static const key_spec KEYS[] = {
     {.name = "peft_use_rslora", .kind = K_BOOL, .off = OFF(use_rslora)},
     {.name = "use_rslora", .kind = K_BOOL, .off = OFF(use_rslora), .alias_of = "peft_use_rslora"},
     {.name = "lora_target_modules", .kind = K_MODULES, .off = OFF(lora_target_modules),
-     .off_n = OFF(n_lora_target_modules)},
+     .off_n = OFF(n_lora_target_modules), .flags = F_OPTIONAL},
     {.name = "lora_target_linear", .kind = K_BOOL, .off = OFF(lora_target_linear)},
     {.name = "datasets", .kind = K_DATASETS, .off = OFF(datasets), .off_n = OFF(n_datasets)},
-    {.name = "test_datasets", .kind = K_DATASETS, .off = OFF(test_datasets), .off_n = OFF(n_test_datasets)},
+    {.name = "test_datasets", .kind = K_DATASETS, .off = OFF(test_datasets), .off_n = OFF(n_test_datasets),
+     .flags = F_OPTIONAL},
     {.name = "val_set_size", .kind = K_DOUBLE, .off = OFF(val_set_size), .lo = 0, .hi = 2147483647.0,
      .flags = F_WHOLE_IF_GE1, .expect = "a fraction in [0, 1) or a whole number of examples >= 1"},
     {.name = "sequence_len", .kind = K_INT, .off = OFF(sequence_len), .lo = 2, .hi = INTMAX_D,
@@ -206,6 +212,7 @@ static const key_spec KEYS[] = {
     {.name = "skip_bad_lines", .kind = K_BOOL, .off = OFF(skip_bad_lines)},
 };
 #define N_KEYS ((int)(sizeof KEYS / sizeof KEYS[0]))
+_Static_assert(N_KEYS <= TRAIN_CONFIG_MAX_KEYS, "train_config.key_origin needs a slot per key");
 
 /* Accepted and ignored: they cannot change what this trainer computes. */
 typedef struct ignored_key {
@@ -433,19 +440,27 @@ typedef struct suggest {
     int dist;
 } suggest;
 
+/* Is cand a plausible meaning of the typo `word`, d edits away? A third of
+ * the shorter length in edits (so nothing for words or candidates of 1-2
+ * bytes: any two of those are two edits apart, and "did you mean \"rl\"" for
+ * every short key helped nobody), or, from 4 common bytes on, one being a
+ * prefix or suffix of the other ("lora_rank" -> "lora_r", "epochs" ->
+ * "num_epochs"). */
+static int suggest_close(const char *word, const char *cand, int d) {
+    size_t lw = strlen(word), lc = strlen(cand), m = lw < lc ? lw : lc;
+    if ((size_t)d <= m / 3) return 1;
+    if (m < 4) return 0;
+    size_t diff = lw > lc ? lw - lc : lc - lw;
+    if ((size_t)d > diff) return 0;
+    return !strncasecmp(word, cand, m) || !strncasecmp(word + lw - m, cand + lc - m, m);
+}
+
 static void suggest_try(suggest *s, const char *word, const char *cand) {
     int d = edit_distance(word, cand);
-    if (d < s->dist) {
+    if (d < s->dist && suggest_close(word, cand, d)) {
         s->dist = d;
         s->best = cand;
     }
-}
-
-/* The candidate if it is close enough to be a plausible typo, else NULL. */
-static const char *suggest_result(const suggest *s, const char *word) {
-    int lim = (int)strlen(word) / 3;
-    if (lim < 2) lim = 2;
-    return (s->best && s->dist <= lim) ? s->best : NULL;
 }
 
 /* Shortest decimal form that parses back to exactly v (as a float if
@@ -617,6 +632,7 @@ void train_config_free(train_config *c) {
     free(c->resume_from_checkpoint);
     free(c->config_path);
     free_str_list(c->warnings, c->n_warnings);
+    free_str_list(c->overrides, c->n_overrides);
     memset(c, 0, sizeof *c);
 }
 
@@ -630,6 +646,7 @@ typedef struct pctx {
     train_config *c;
     const train_config *def;  /* defaults, for null values */
     qerr *e;
+    int origin;               /* command line: the key_origin of what it sets (-1 - override index) */
 } pctx;
 
 static int perr(const pctx *p, const yaml_node_t *at, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -747,7 +764,7 @@ static int get_enum(const pctx *p, const char *what, const yaml_node_t *v, const
     suggest sg = {NULL, 1000};
     for (int j = 0; values[j]; j++) suggest_try(&sg, s, values[j]);
     for (int a = 0; aliases && aliases[a].from; a++) suggest_try(&sg, s, aliases[a].from);
-    const char *hint = suggest_result(&sg, s);
+    const char *hint = sg.best;
     describe(v, got, sizeof got);
     if (hint) return perr(p, v, "%s: expected one of %s, got %s; did you mean \"%s\"?", what, list, got, hint);
     return perr(p, v, "%s: expected one of %s, got %s", what, list, got);
@@ -782,9 +799,16 @@ static int parse_dataset(const pctx *p, const char *what, const yaml_node_t *m, 
                 goto out;
             }
             seen[ki] = 1;
-            if (is_null(v)) continue; /* default */
             char sub[160];
             snprintf(sub, sizeof sub, "%s.%s", what, name);
+            if (is_null(v)) { /* a value that went missing is not the default (trainer/config.h) */
+                static const char *const expect[N_DS_KEYS] = {
+                    "a path to a JSONL file", "one of completion, alpaca, chat_template",
+                    "a JSON key (delete the line for the default, \"text\")",
+                    "a JSON key (delete the line for the default, \"messages\")"};
+                perr(p, k, "%s: no value; expected %s", sub, expect[ki]);
+                goto out;
+            }
             if (ki == 1) {
                 const char *t;
                 if (get_enum(p, sub, v, V_DSTYPE, NULL, NULL, &t)) goto out;
@@ -812,7 +836,7 @@ static int parse_dataset(const pctx *p, const char *what, const yaml_node_t *m, 
         suggest sg = {NULL, 1000};
         for (int j = 0; j < N_DS_KEYS; j++) suggest_try(&sg, name, DS_KEYS[j]);
         for (int j = 0; j < N_DS_LATER; j++) suggest_try(&sg, name, DS_LATER[j].name);
-        const char *hint = suggest_result(&sg, name);
+        const char *hint = sg.best;
         if (hint)
             perr(p, k, "%s: unknown key \"%s\"; did you mean \"%s\"?", what, name, hint);
         else
@@ -901,6 +925,47 @@ static int parse_modules(const pctx *p, const char *key, const yaml_node_t *v, c
 fail:
     free_str_list(m, n);
     return -1;
+}
+
+/* An empty value (null) for a key that needs one: every key but the F_OPTIONAL
+ * ones, whose null is a documented "none" (trainer/config.h). A missing value
+ * must not quietly become the default: `learning_rate=` from an unset shell
+ * variable trained at 2e-4. at: the key's node (the empty value's own mark
+ * can be on the next line). */
+static int no_value(const pctx *p, const key_spec *k, const char *kname, const yaml_node_t *at) {
+    char expect[300], def[160] = "", list[256];
+    switch (k->kind) {
+    case K_BOOL: snprintf(expect, sizeof expect, "true or false"); break;
+    case K_BF16: snprintf(expect, sizeof expect, "true, false or auto"); break;
+    case K_ENUM:
+        join_values(list, sizeof list, k->values);
+        snprintf(expect, sizeof expect, "one of %s", list);
+        break;
+    case K_DATASETS: snprintf(expect, sizeof expect, "a list of {path, type} entries"); break;
+    case K_MODULES: snprintf(expect, sizeof expect, "a list of module names"); break;
+    default: snprintf(expect, sizeof expect, "%s", k->expect); break;
+    }
+    if (p->def) {
+        switch (k->kind) {
+        case K_STR:
+        case K_ENUM: {
+            const char *d = *CFIELD(p->def, k->off, char *);
+            if (d) snprintf(def, sizeof def, "\"%.100s\"", d);
+            break;
+        }
+        case K_BOOL:
+        case K_BF16: snprintf(def, sizeof def, "%s", *CFIELD(p->def, k->off, int) ? "true" : "false"); break;
+        case K_INT: snprintf(def, sizeof def, "%d", *CFIELD(p->def, k->off, int)); break;
+        case K_FLOAT: fmt_shortest(def, sizeof def, (double)*CFIELD(p->def, k->off, float), 1); break;
+        case K_DOUBLE: fmt_shortest(def, sizeof def, *CFIELD(p->def, k->off, double), 0); break;
+        default: break;
+        }
+    }
+    if (!p->lines)
+        return perr(p, at, "%s: no value; expected %s (leave the override out to keep the config file's value)",
+                    kname, expect);
+    if (def[0]) return perr(p, at, "%s: no value; expected %s (delete the line for the default, %s)", kname, expect, def);
+    return perr(p, at, "%s: no value; expected %s (the key is required)", kname, expect);
 }
 
 /* Apply one implemented key. Atomic: on failure p->c is unchanged. */
@@ -1007,11 +1072,11 @@ static const later_key *find_later(const char *name) {
 static int unknown_key(const pctx *p, const yaml_node_t *at, const char *name) {
     suggest sg = {NULL, 1000};
     for (int i = 0; i < N_KEYS; i++) suggest_try(&sg, name, KEYS[i].name);
-    const char *hint = suggest_result(&sg, name);
+    const char *hint = sg.best;
     if (!hint) {
         for (int i = 0; i < N_IGNORED; i++) suggest_try(&sg, name, IGNORED[i].name);
         for (int i = 0; i < N_LATER; i++) suggest_try(&sg, name, LATER[i].name);
-        hint = suggest_result(&sg, name);
+        hint = sg.best;
     }
     if (hint) return perr(p, at, "unknown key \"%s\"; did you mean \"%s\"?", name, hint);
     return perr(p, at, "unknown key \"%s\" (trainer/config.h lists the accepted keys)", name);
@@ -1043,7 +1108,10 @@ static int apply_pair(const pctx *p, const char *name, const yaml_node_t *knode,
             if (seen[idx]) return perr(p, knode, "key \"%s\" given twice", name);
             seen[idx] = k;
         }
-        return apply_key(p, k, name, v);
+        if (is_null(v) && !(k->flags & F_OPTIONAL)) return no_value(p, k, name, knode ? knode : v);
+        if (apply_key(p, k, name, v)) return -1;
+        p->c->key_origin[canon - KEYS] = p->lines && knode ? (int)knode->start_mark.line + 1 : p->origin;
+        return 0;
     }
     const ignored_key *ig = find_ignored(name);
     if (ig) {
@@ -1079,12 +1147,118 @@ static int yaml_error(qerr *e, const char *src, const yaml_parser_t *ps) {
 }
 
 /* ------------------------------------------------------------------------ */
+/* Input limits                                                               */
+
+/* The text of a config file: a regular file (a directory used to fail as "input error at byte 0", a
+ * FIFO without a writer blocked, /dev/zero never ended) of at most TRAIN_CONFIG_MAX_BYTES, with a NUL
+ * after the last byte. The open is O_NONBLOCK, so a FIFO cannot block it. */
+static unsigned char *config_read(const char *path, size_t *len, qerr *e) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        qerr_set(e, "cannot open config %s: %s", path, strerror(errno));
+        return NULL;
+    }
+    struct stat sb;
+    unsigned char *buf = NULL;
+    if (fstat(fd, &sb)) {
+        qerr_set(e, "cannot open config %s: %s", path, strerror(errno));
+        goto fail;
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        qerr_set(e, "%s: is %s, expected a YAML file", path,
+                 S_ISDIR(sb.st_mode)    ? "a directory"
+                 : S_ISFIFO(sb.st_mode) ? "a FIFO"
+                 : S_ISCHR(sb.st_mode)  ? "a character device"
+                 : S_ISBLK(sb.st_mode)  ? "a block device"
+                 : S_ISSOCK(sb.st_mode) ? "a socket"
+                                        : "not a regular file");
+        goto fail;
+    }
+    if (sb.st_size > (off_t)TRAIN_CONFIG_MAX_BYTES) {
+        qerr_set(e, "%s: %lld bytes, more than the %u-byte (1 MiB) limit of a config file", path,
+                 (long long)sb.st_size, TRAIN_CONFIG_MAX_BYTES);
+        goto fail;
+    }
+    size_t want = (size_t)sb.st_size, n = 0;
+    if (!(buf = malloc(want + 1))) {
+        qerr_set(e, "%s: out of memory", path);
+        goto fail;
+    }
+    while (n < want) { /* exactly st_size bytes: a file that grows meanwhile is not read on */
+        ssize_t got = read(fd, buf + n, want - n);
+        if (got < 0 && errno == EINTR) continue;
+        if (got < 0) {
+            qerr_set(e, "%s: read error: %s", path, strerror(errno));
+            goto fail;
+        }
+        if (got == 0) break;
+        n += (size_t)got;
+    }
+    close(fd);
+    buf[n] = 0;
+    *len = n;
+    return buf;
+fail:
+    free(buf);
+    close(fd);
+    return NULL;
+}
+
+/* Refuse YAML nested deeper than TRAIN_CONFIG_MAX_DEPTH or with more than TRAIN_CONFIG_MAX_ANCHORS
+ * anchors and aliases, before libyaml builds a document of it: its scanner walks one saved
+ * "simple key" per open flow collection for every token (quadratic in the depth: 400 KB of "[" took
+ * minutes), and its loader looks every anchor and alias up in a list (quadratic in their number).
+ * Events are pulled one at a time, so the scan stops within one line of the limit. A syntax error is
+ * left to the loader, which reports it with its position. what: the message prefix ("x.yaml", or
+ * "command line: key"); lines: append the line. */
+static int yaml_check_limits(qerr *e, const char *what, int lines, const unsigned char *text, size_t n) {
+    yaml_parser_t ps;
+    yaml_event_t ev;
+    if (!yaml_parser_initialize(&ps)) return qerr_set(e, "%s: out of memory", what);
+    yaml_parser_set_input_string(&ps, text, n);
+    int depth = 0, anchors = 0, rc = 0;
+    while (yaml_parser_parse(&ps, &ev)) {
+        yaml_event_type_t t = ev.type;
+        unsigned long line = (unsigned long)ev.start_mark.line + 1;
+        const unsigned char *anchor = t == YAML_ALIAS_EVENT            ? ev.data.alias.anchor
+                                      : t == YAML_SCALAR_EVENT         ? ev.data.scalar.anchor
+                                      : t == YAML_SEQUENCE_START_EVENT ? ev.data.sequence_start.anchor
+                                      : t == YAML_MAPPING_START_EVENT  ? ev.data.mapping_start.anchor
+                                                                       : NULL;
+        yaml_event_delete(&ev);
+        if (t == YAML_SEQUENCE_START_EVENT || t == YAML_MAPPING_START_EVENT) depth++;
+        if (t == YAML_SEQUENCE_END_EVENT || t == YAML_MAPPING_END_EVENT) depth--;
+        if (anchor) anchors++;
+        char at[48] = "";
+        if (lines) snprintf(at, sizeof at, " (line %lu)", line);
+        if (depth > TRAIN_CONFIG_MAX_DEPTH) {
+            rc = qerr_set(e, "%s: nested deeper than %d levels, the limit of a config%s", what,
+                          TRAIN_CONFIG_MAX_DEPTH, at);
+            break;
+        }
+        if (anchors > TRAIN_CONFIG_MAX_ANCHORS) {
+            rc = qerr_set(e, "%s: more than %d anchors and aliases (&name, *name), the limit of a config%s", what,
+                          TRAIN_CONFIG_MAX_ANCHORS, at);
+            break;
+        }
+        if (t == YAML_STREAM_END_EVENT) break;
+    }
+    yaml_parser_delete(&ps);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------ */
 /* Public: load / override                                                    */
 
 int train_config_load(const char *path, train_config *out, qerr *e) {
     memset(out, 0, sizeof *out);
-    FILE *f = fopen(path, "rb");
-    if (!f) return qerr_set(e, "cannot open config %s: %s", path, strerror(errno));
+    size_t len;
+    unsigned char *text = config_read(path, &len, e);
+    if (!text) return -1;
+    if (yaml_check_limits(e, path, 1, text, len)) {
+        free(text);
+        return -1;
+    }
     yaml_parser_t ps;
     yaml_document_t doc;
     train_config c, def;
@@ -1092,10 +1266,10 @@ int train_config_load(const char *path, train_config *out, qerr *e) {
     memset(&c, 0, sizeof c);
     memset(&def, 0, sizeof def);
     if (!yaml_parser_initialize(&ps)) {
-        fclose(f);
+        free(text);
         return qerr_set(e, "%s: out of memory", path);
     }
-    yaml_parser_set_input_file(&ps, f);
+    yaml_parser_set_input_string(&ps, text, len);
     if (!yaml_parser_load(&ps, &doc)) {
         yaml_error(e, path, &ps);
         goto done;
@@ -1129,7 +1303,7 @@ int train_config_load(const char *path, train_config *out, qerr *e) {
         qerr_set(e, "out of memory");
         goto done;
     }
-    pctx p = {path, 1, &doc, &c, &def, e};
+    pctx p = {path, 1, &doc, &c, &def, e, 0};
     const key_spec *seen[N_KEYS];
     memset(seen, 0, sizeof seen);
     for (yaml_node_pair_t *pr = root->data.mapping.pairs.start; pr < root->data.mapping.pairs.top; pr++) {
@@ -1152,7 +1326,7 @@ done:
     train_config_free(&def);
     if (have_doc) yaml_document_delete(&doc);
     yaml_parser_delete(&ps);
-    fclose(f);
+    free(text);
     return rc;
 }
 
@@ -1169,19 +1343,30 @@ int train_config_apply_override(train_config *c, const char *kv, qerr *e) {
     memcpy(key, kb, (size_t)(ke - kb));
     key[ke - kb] = 0;
 
-    pctx p = {src, 0, NULL, c, NULL, e};
+    pctx p = {src, 0, NULL, c, NULL, e, -1 - c->n_overrides};
     if (!find_key(key) && !find_ignored(key) && !find_later(key)) return unknown_key(&p, NULL, key);
 
     const char *val = eq + 1;
     while (isspace((unsigned char)*val)) val++;
     if (!*val) val = "~";
+    char what[160];
+    snprintf(what, sizeof what, "%s: %s", src, key);
+    if (yaml_check_limits(e, what, 0, (const unsigned char *)val, strlen(val))) return -1;
+    /* the slot for this override, so that once applied it is remembered without a failure */
+    char **ov = realloc(c->overrides, (size_t)(c->n_overrides + 1) * sizeof *ov);
+    if (!ov) return qerr_set(e, "out of memory");
+    c->overrides = ov;
+    if (!(ov[c->n_overrides] = dup_str(kv))) return qerr_set(e, "out of memory");
 
     yaml_parser_t ps;
     yaml_document_t doc;
     train_config def;
     int rc = -1;
     memset(&def, 0, sizeof def);
-    if (!yaml_parser_initialize(&ps)) return qerr_set(e, "out of memory");
+    if (!yaml_parser_initialize(&ps)) {
+        free(ov[c->n_overrides]);
+        return qerr_set(e, "out of memory");
+    }
     yaml_parser_set_input_string(&ps, (const unsigned char *)val, strlen(val));
     if (!yaml_parser_load(&ps, &doc)) {
         if (ps.error == YAML_MEMORY_ERROR)
@@ -1190,6 +1375,7 @@ int train_config_apply_override(train_config *c, const char *kv, qerr *e) {
             qerr_set(e, "%s: %s: cannot parse \"%s\" as a YAML value: %s at column %lu", src, key, val,
                      ps.problem ? ps.problem : "?", (unsigned long)ps.problem_mark.column + 1);
         yaml_parser_delete(&ps);
+        free(ov[c->n_overrides]);
         return -1;
     }
     yaml_node_t *root = yaml_document_get_root_node(&doc);
@@ -1205,6 +1391,10 @@ int train_config_apply_override(train_config *c, const char *kv, qerr *e) {
     p.def = &def;
     rc = apply_pair(&p, key, NULL, root, NULL);
 done:
+    if (rc == 0)
+        c->n_overrides++;
+    else
+        free(ov[c->n_overrides]);
     train_config_free(&def);
     yaml_document_delete(&doc);
     yaml_parser_delete(&ps);
@@ -1230,39 +1420,96 @@ static int check_datasets(const char *src, const char *key, const dataset_cfg *d
     return 0;
 }
 
+const char *train_config_source(const train_config *c, const char *key, int *line, char *buf, size_t n) {
+    const key_spec *k = find_key(key);
+    if (k && k->alias_of) k = find_key(k->alias_of);
+    int o = k ? c->key_origin[k - KEYS] : 0;
+    if (line) *line = o > 0 ? o : 0;
+    if (o < 0 && -1 - o < c->n_overrides) {
+        const char *ov = c->overrides[-1 - o];
+        if (strlen(ov) > 80)
+            snprintf(buf, n, "command line (%.77s...)", ov);
+        else
+            snprintf(buf, n, "command line (%s)", ov);
+    } else {
+        snprintf(buf, n, "%s", c->config_path ? c->config_path : "config");
+    }
+    return buf;
+}
+
+/* Where a key's value came from, as validate's messages show it: "<source>: key: ...<at>". */
+typedef struct where {
+    char src[128];
+    char at[32]; /* " (line N)" or "" */
+} where;
+
+static const where *where_of(const train_config *c, const char *key, where *w) {
+    int line;
+    train_config_source(c, key, &line, w->src, sizeof w->src);
+    w->at[0] = 0;
+    if (line > 0) snprintf(w->at, sizeof w->at, " (line %d)", line);
+    return w;
+}
+
+/* Two keys that cannot go together: the message names the later setting (an override beats the file,
+ * a later override an earlier one), and the file lines of both. */
+static int conflict(const train_config *c, qerr *e, const char *ka, const char *kb, const char *msg) {
+    int oa = c->key_origin[find_key(ka) - KEYS], ob = c->key_origin[find_key(kb) - KEYS];
+    const char *blame = ob < 0 && (oa >= 0 || ob < oa) ? kb : ka;
+    where w;
+    where_of(c, blame, &w);
+    char tail[96] = "";
+    const char *names[2] = {ka, kb};
+    int origins[2] = {oa, ob};
+    for (int i = 0; i < 2; i++) {
+        size_t l = strlen(tail);
+        if (origins[i] > 0)
+            snprintf(tail + l, sizeof tail - l, "%s%s: line %d", l ? ", " : " (", names[i], origins[i]);
+        else if (origins[i] < 0 && names[i] != blame)
+            snprintf(tail + l, sizeof tail - l, "%s%s: command line", l ? ", " : " (", names[i]);
+    }
+    if (tail[0]) strncat(tail, ")", sizeof tail - strlen(tail) - 1);
+    return qerr_set(e, "%s: %s%s", w.src, msg, tail);
+}
+
 int train_config_validate(const train_config *c, qerr *e) {
-    const char *src = c->config_path ? c->config_path : "config";
     char list[256], num[64];
+    where w;
     if (!c->base_model || !*c->base_model)
-        return qerr_set(e, "%s: missing required key \"base_model\" (a .gguf file or a Hugging Face model directory)", src);
-    if (c->n_datasets < 1)
-        return qerr_set(e, "%s: missing required key \"datasets\" (a list of {path, type} entries)", src);
+        return qerr_set(e, "%s: missing required key \"base_model\" (a .gguf file or a Hugging Face model directory)",
+                        where_of(c, "base_model", &w)->src);
+    if (c->n_datasets < 1) {
+        where_of(c, "datasets", &w);
+        return qerr_set(e, "%s: missing required key \"datasets\" (a list of {path, type} entries)%s", w.src, w.at);
+    }
     for (int i = 0; i < N_KEYS; i++) {
         const key_spec *k = &KEYS[i];
         if (k->alias_of) continue;
+        where_of(c, k->name, &w);
+        const char *src = w.src, *at = w.at;
         switch (k->kind) {
         case K_STR: {
             const char *s = *CFIELD(c, k->off, char *);
             if (!s && (k->flags & F_OPTIONAL)) break;
-            if (!s || !*s) return qerr_set(e, "%s: %s: expected %s", src, k->name, k->expect);
+            if (!s || !*s) return qerr_set(e, "%s: %s: expected %s%s", src, k->name, k->expect, at);
             break;
         }
         case K_ENUM: {
             const char *s = *CFIELD(c, k->off, char *);
             join_values(list, sizeof list, k->values);
             if (!s || enum_index(k->values, s) < 0)
-                return qerr_set(e, "%s: %s: expected one of %s, got \"%s\"", src, k->name, list, s ? s : "null");
+                return qerr_set(e, "%s: %s: expected one of %s, got \"%s\"%s", src, k->name, list, s ? s : "null", at);
             break;
         }
         case K_BOOL:
         case K_BF16: {
             int b = *CFIELD(c, k->off, int);
-            if (b != 0 && b != 1) return qerr_set(e, "%s: %s: expected true or false, got %d", src, k->name, b);
+            if (b != 0 && b != 1) return qerr_set(e, "%s: %s: expected true or false, got %d%s", src, k->name, b, at);
             break;
         }
         case K_INT: {
             int x = *CFIELD(c, k->off, int);
-            if (!range_ok(k, x)) return qerr_set(e, "%s: %s: expected %s, got %d", src, k->name, k->expect, x);
+            if (!range_ok(k, x)) return qerr_set(e, "%s: %s: expected %s, got %d%s", src, k->name, k->expect, x, at);
             break;
         }
         case K_FLOAT:
@@ -1270,7 +1517,7 @@ int train_config_validate(const train_config *c, qerr *e) {
             double x = k->kind == K_FLOAT ? (double)*CFIELD(c, k->off, float) : *CFIELD(c, k->off, double);
             if (!isfinite(x) || !range_ok(k, x)) {
                 fmt_shortest(num, sizeof num, x, k->kind == K_FLOAT);
-                return qerr_set(e, "%s: %s: expected %s, got %s", src, k->name, k->expect, num);
+                return qerr_set(e, "%s: %s: expected %s, got %s%s", src, k->name, k->expect, num, at);
             }
             break;
         }
@@ -1280,10 +1527,11 @@ int train_config_validate(const train_config *c, qerr *e) {
             join_values(list, sizeof list, module_values());
             for (int j = 0; j < n; j++) {
                 if (!m[j] || enum_index(module_values(), m[j]) < 0)
-                    return qerr_set(e, "%s: %s[%d]: expected one of %s, got \"%s\"", src, k->name, j, list,
-                                    m[j] ? m[j] : "null");
+                    return qerr_set(e, "%s: %s[%d]: expected one of %s, got \"%s\"%s", src, k->name, j, list,
+                                    m[j] ? m[j] : "null", at);
                 for (int q = 0; q < j; q++)
-                    if (!strcmp(m[q], m[j])) return qerr_set(e, "%s: %s: \"%s\" is listed twice", src, k->name, m[j]);
+                    if (!strcmp(m[q], m[j]))
+                        return qerr_set(e, "%s: %s: \"%s\" is listed twice%s", src, k->name, m[j], at);
             }
             break;
         }
@@ -1294,22 +1542,27 @@ int train_config_validate(const train_config *c, qerr *e) {
         }
     }
     if (!strcmp(c->adapter, "qlora") && !c->load_in_4bit)
-        return qerr_set(e,
-                        "%s: adapter: \"qlora\" requires load_in_4bit: true (use adapter: lora to keep the base in "
-                        "bf16)",
-                        src);
-    if (train_config_target_mask(c) == 0)
-        return qerr_set(e,
-                        "%s: lora_target_modules: no LoRA target; list some of %s, or set lora_target_linear: true",
-                        src, (join_values(list, sizeof list, module_values()), list));
+        return conflict(c, e, "adapter", "load_in_4bit",
+                        "adapter: \"qlora\" requires load_in_4bit: true (use adapter: lora to keep the base in bf16)");
+    if (train_config_target_mask(c) == 0) {
+        char msg[400];
+        join_values(list, sizeof list, module_values());
+        snprintf(msg, sizeof msg,
+                 "lora_target_modules: no LoRA target; list some of %s, or set lora_target_linear: true", list);
+        return conflict(c, e, "lora_target_modules", "lora_target_linear", msg);
+    }
     if (c->warmup_steps > 0 && c->warmup_ratio > 0)
-        return qerr_set(e, "%s: warmup_steps and warmup_ratio are both set; use one of them", src);
+        return conflict(c, e, "warmup_steps", "warmup_ratio",
+                        "warmup_steps and warmup_ratio are both set; use one of them");
     if (c->val_set_size > 0 && c->n_test_datasets > 0)
-        return qerr_set(e, "%s: val_set_size and test_datasets are both set; use one held-out source", src);
+        return conflict(c, e, "val_set_size", "test_datasets",
+                        "val_set_size and test_datasets are both set; use one held-out source");
     if (c->eval_steps > 0 && c->evals_per_epoch > 0)
-        return qerr_set(e, "%s: eval_steps and evals_per_epoch are both set; use one of them", src);
+        return conflict(c, e, "eval_steps", "evals_per_epoch",
+                        "eval_steps and evals_per_epoch are both set; use one of them");
     if (c->save_steps > 0 && c->saves_per_epoch > 0)
-        return qerr_set(e, "%s: save_steps and saves_per_epoch are both set; use one of them", src);
+        return conflict(c, e, "save_steps", "saves_per_epoch",
+                        "save_steps and saves_per_epoch are both set; use one of them");
     return 0;
 }
 

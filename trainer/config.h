@@ -21,7 +21,15 @@
  *  - Implemented keys: every field of train_config below (YAML key = field name,
  *    except `use_rslora`, whose axolotl key is `peft_use_rslora`; the PEFT
  *    spelling `use_rslora` is accepted as an alias).
- *    `null` (an empty value, as in axolotl's examples) means "use the default".
+ *    An empty value (`key:` in the file, `key=` on the command line, or `null`)
+ *    is refused naming the key, because a value that went missing (an unset
+ *    shell variable, a half-edited line) must not silently become the
+ *    default (`learning_rate=` used to train at 2e-4, `max_steps=` a whole
+ *    epoch). Three keys keep null as their documented "none":
+ *    resume_from_checkpoint (none = the newest checkpoint in output_dir),
+ *    test_datasets (none = no separate held-out set) and lora_target_modules
+ *    (none = no listed module; axolotl's examples leave it empty beside
+ *    lora_target_linear: true). Delete a line to get a key's default.
  *  - Accepted and ignored, with a warning in `warnings` when given a value
  *    (null/false/0/empty gives no warning), because they cannot change what
  *    this trainer computes:
@@ -81,6 +89,12 @@
  *  - Booleans: true/false, yes/no, on/off (YAML 1.1 as PyYAML), and 1/0.
  *  - Numbers may be quoted ("2e-4") and floats may omit the dot (2e-4), which
  *    PyYAML would read as a string but axolotl converts anyway.
+ *  - Input limits: a config file is a regular file of at most 1 MiB
+ *    (TRAIN_CONFIG_MAX_BYTES) whose collections nest at most 64 deep
+ *    (TRAIN_CONFIG_MAX_DEPTH), with at most 256 anchors and aliases
+ *    (TRAIN_CONFIG_MAX_ANCHORS); an override value has the same depth and
+ *    anchor limits. Checked before libyaml builds the document, whose scanner
+ *    is quadratic in the nesting depth ("[[[[…" of 400 KB took minutes).
  *  - Paths (base_model, dataset paths, output_dir) are kept verbatim, relative
  *    to the working directory as in axolotl. This module never touches them:
  *    the caller reports missing or unreadable files.
@@ -89,6 +103,11 @@
 #define QLORA_TRAINER_CONFIG_H
 
 #include "core/status.h"
+
+#define TRAIN_CONFIG_MAX_BYTES (1u << 20) /* a config file's size limit */
+#define TRAIN_CONFIG_MAX_DEPTH 64         /* nesting of collections */
+#define TRAIN_CONFIG_MAX_ANCHORS 256      /* anchors + aliases (libyaml resolves each in linear time) */
+#define TRAIN_CONFIG_MAX_KEYS 96          /* rows of the key table in trainer/config.c */
 
 typedef struct dataset_cfg {
     char *path;           /* JSONL file (required) */
@@ -164,6 +183,12 @@ typedef struct train_config {
     char **warnings;                  /* one-line notes for the caller to print ("[config] ..."
                                          is the caller's prefix); ignored keys, aliases */
     int n_warnings;
+    /* where each implemented key's value came from, for messages (train_config_source);
+       indexed by the key's row in trainer/config.c: > 0 a line of config_path, 0 the default,
+       < 0 the command-line override overrides[-1 - v] */
+    int key_origin[TRAIN_CONFIG_MAX_KEYS];
+    char **overrides;                 /* the key=value overrides applied, in order */
+    int n_overrides;
 } train_config;
 
 /* Fill *c with the defaults above (all strings heap-allocated; base_model and
@@ -175,7 +200,12 @@ int train_config_defaults(train_config *c);
  * is fully initialised, defaults first). Checks syntax, key names, value types
  * and per-key ranges; cross-key rules and required keys are left to
  * train_config_validate, because command-line overrides come in between.
- * Errors (one line): "<path>:<line>:<col>: YAML syntax error: ...",
+ * Errors (one line): "<path>: is a directory, expected a YAML file" (also a
+ * FIFO, a device, ...), "<path>: 2097152 bytes, more than the 1048576-byte (1 MiB) limit of a
+ * config file", "<path>: nested deeper than 64 levels, the limit of a config
+ * (line 1)", "<path>: learning_rate: no value; expected a positive number
+ * (delete the line for the default, 0.0002) (line 3)",
+ * "<path>:<line>:<col>: YAML syntax error: ...",
  * "<path>: unknown key \"lora_rank\"; did you mean \"lora_r\"? (line 7)",
  * "<path>: lora_r: expected a positive integer, got \"abc\" (line 7)",
  * "<path>: flash_attention: not supported yet (...)", "cannot open <path>: ...".
@@ -183,16 +213,26 @@ int train_config_defaults(train_config *c);
 int train_config_load(const char *path, train_config *out, qerr *e);
 
 /* Apply one command-line override "key=value"; value is parsed as a YAML
- * scalar or flow collection (an empty value means null = the default). The
- * same key rules as in a file apply; errors are prefixed "command line: ".
- * On failure *c is unchanged. */
+ * scalar or flow collection. The same key rules as in a file apply (an empty
+ * value is refused where the file refuses it); errors are prefixed
+ * "command line: ". The override is remembered for later messages about the
+ * key (train_config_source). On failure *c is unchanged. */
 int train_config_apply_override(train_config *c, const char *key_eq_value, qerr *e);
 
 /* Check required keys, every range, and the cross-key rules (qlora needs
  * load_in_4bit, at least one LoRA target, warmup_steps vs warmup_ratio,
  * val_set_size vs test_datasets, eval_steps vs evals_per_epoch, ...).
- * Messages name config_path (or "config") and the key. */
+ * Messages name where the value came from (train_config_source) and the key:
+ * "x.yaml: lora_r: expected ... (line 7)", "command line (warmup_steps=5):
+ * warmup_steps and warmup_ratio are both set; ... (warmup_ratio: line 9)". */
 int train_config_validate(const train_config *c, qerr *e);
+
+/* Where the value of `key` (an implemented key, any spelling) came from, for a
+ * message about it: "command line (key=value)" (the override, shortened to 80
+ * bytes) if an override set it, else config_path (or "config"). *line gets the
+ * line in config_path (0: an override or the default). Writes into buf (n
+ * bytes) and returns buf. */
+const char *train_config_source(const train_config *c, const char *key, int *line, char *buf, size_t n);
 
 /* Write the resolved config (every implemented key with its final value) as
  * YAML that train_config_load reads back to an identical struct (floats are

@@ -10,6 +10,7 @@
 
 #include "autograd/gemm.h"
 #include "core/clock.h"
+#include "core/parse.h"
 #include "model/adapter.h"
 #include "model/base.h"
 #include "trainer/config.h"
@@ -33,6 +34,10 @@ static void usage(FILE *f) {
             "  --load-in-4bit 0|1   how the run held the base (default: from config.resolved.yaml, else 1)\n"
             "  --max-shard-size N   merged safetensors shard size in MB (default 2048)\n");
 }
+
+/* --max-shard-size's bound in MB (1 TiB): any larger shard is one file anyway, and (size_t)MB << 20 stays
+ * far from overflow. */
+#define EXPORT_MAX_SHARD_MB (1L << 20)
 
 static char *join(const char *dir, const char *name) {
     size_t n = strlen(dir) + strlen(name) + 2;
@@ -65,14 +70,19 @@ int main(int argc, char **argv) {
                 fprintf(stderr, "qlora-export: --merge-base: expected \"trained\" or \"source\", got \"%s\"\n", v);
                 return 2;
             }
-        } else if (!strcmp(a, "--load-in-4bit") && has_val) {
-            load_in_4bit = atoi(argv[++i]) != 0;
-        } else if (!strcmp(a, "--max-shard-size") && has_val) {
-            shard_mb = atol(argv[++i]);
-            if (shard_mb <= 0) {
-                fprintf(stderr, "qlora-export: --max-shard-size must be a positive number of MB\n");
+        } else if ((!strcmp(a, "--load-in-4bit") || !strcmp(a, "--max-shard-size")) && has_val) {
+            /* strict (core/parse.h): "12abc", "1e99", "abc" are refused, not read as 12, 1, 0 */
+            int shard = !strcmp(a, "--max-shard-size");
+            int64_t v;
+            qerr pe;
+            if (parse_int_range(a, argv[++i], shard ? 1 : 0, shard ? EXPORT_MAX_SHARD_MB : 1, &v, &pe)) {
+                fprintf(stderr, "qlora-export: %s\n", pe.msg);
                 return 2;
             }
+            if (shard)
+                shard_mb = (long)v;
+            else
+                load_in_4bit = (int)v;
         } else if (a[0] == '-' || run) {
             fprintf(stderr, "qlora-export: unexpected argument \"%s\"\n", a);
             usage(stderr);

@@ -21,6 +21,7 @@
 #include "autograd/gemm.h"
 #include "core/clock.h"
 #include "core/file.h"
+#include "core/parse.h"
 #include "core/rng.h"
 #include "data/chat.h"
 #include "model/adapter.h"
@@ -39,8 +40,8 @@ static void usage(FILE *f) {
             "  --system TEXT         system message (default: the template's own default, if any)\n"
             "  --raw                 use the prompt text as it is (no chat template)\n"
             "  --ids 1,2,3           the prompt as token ids\n"
-            "  --max-new-tokens N    default 128\n"
-            "  --temperature T       default 0 = greedy\n"
+            "  --max-new-tokens N    default 128 (at most the model's context length less the prompt)\n"
+            "  --temperature T       default 0 = greedy, at most 100\n"
             "  --top-p P             default 1.0 (off)\n"
             "  --top-k K             default 0 (off)\n"
             "  --seed S              default 42\n"
@@ -52,6 +53,9 @@ static void usage(FILE *f) {
             "  --dump-logits FILE    no sampling: write the prompt's logits (safetensors: logits F32\n"
             "                        [T, vocab], input_ids I32 [T]), full forward as in evaluation\n");
 }
+
+/* --temperature's upper bound: at 100 the softmax is already all but uniform. */
+#define GEN_MAX_TEMPERATURE 100.0
 
 typedef struct gen_opts {
     int max_new;
@@ -225,6 +229,29 @@ done:
     return rc;
 }
 
+/* One numeric option's value: strict (core/parse.h), so "12abc", "1e99", "abc" and "nan" are refused. */
+static int opt_int(const char *opt, const char *s, int64_t lo, int64_t hi, int *out) {
+    qerr e;
+    int64_t v;
+    if (parse_int_range(opt, s, lo, hi, &v, &e)) {
+        fprintf(stderr, "qlora-generate: %s\n", e.msg);
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+static int opt_float(const char *opt, const char *s, double lo, double hi, int lo_open, float *out) {
+    qerr e;
+    double v;
+    if (parse_double_range(opt, s, lo, hi, lo_open, &v, &e)) {
+        fprintf(stderr, "qlora-generate: %s\n", e.msg);
+        return -1;
+    }
+    *out = (float)v;
+    return 0;
+}
+
 int main(int argc, char **argv) {
     const char *run = NULL, *prompt = NULL, *prompt_file = NULL, *system = NULL, *ids_arg = NULL, *base_path = NULL,
                *dump = NULL;
@@ -232,7 +259,7 @@ int main(int argc, char **argv) {
     gen_opts o = {.max_new = 128, .temperature = 0.0f, .top_p = 1.0f, .top_k = 0, .seed = 42};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        int hv = i + 1 < argc;
+        int hv = i + 1 < argc, bad = 0;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout);
             return 0;
@@ -244,13 +271,17 @@ int main(int argc, char **argv) {
         else if (OPT("--ids")) ids_arg = argv[++i];
         else if (OPT("--base")) base_path = argv[++i];
         else if (OPT("--dump-logits")) dump = argv[++i];
-        else if (OPT("--max-new-tokens")) o.max_new = atoi(argv[++i]);
-        else if (OPT("--temperature")) o.temperature = strtof(argv[++i], NULL);
-        else if (OPT("--top-p")) o.top_p = strtof(argv[++i], NULL);
-        else if (OPT("--top-k")) o.top_k = atoi(argv[++i]);
-        else if (OPT("--seed")) o.seed = strtoull(argv[++i], NULL, 10);
-        else if (OPT("--load-in-4bit")) load_in_4bit = atoi(argv[++i]) != 0;
-        else if (OPT("--bf16")) use_bf16 = atoi(argv[++i]) != 0;
+        /* clamped to the model's context length once the model is known */
+        else if (OPT("--max-new-tokens")) bad = opt_int(a, argv[++i], 1, INT32_MAX, &o.max_new);
+        else if (OPT("--temperature")) bad = opt_float(a, argv[++i], 0, GEN_MAX_TEMPERATURE, 0, &o.temperature);
+        else if (OPT("--top-p")) bad = opt_float(a, argv[++i], 0, 1, 1, &o.top_p);
+        else if (OPT("--top-k")) bad = opt_int(a, argv[++i], 0, INT32_MAX, &o.top_k);
+        else if (OPT("--seed")) {
+            qerr e;
+            if ((bad = parse_u64(a, argv[++i], &o.seed, &e))) fprintf(stderr, "qlora-generate: %s\n", e.msg);
+        }
+        else if (OPT("--load-in-4bit")) bad = opt_int(a, argv[++i], 0, 1, &load_in_4bit);
+        else if (OPT("--bf16")) bad = opt_int(a, argv[++i], 0, 1, &use_bf16);
         else if (!strcmp(a, "--raw")) raw = 1;
         else if (!strcmp(a, "--compare")) compare = 1;
         else if (!strcmp(a, "--no-adapter")) no_adapter = 1;
@@ -260,14 +291,11 @@ int main(int argc, char **argv) {
             return 2;
         } else run = a;
 #undef OPT
+        if (bad) return 2;
     }
     if (!!prompt + !!prompt_file + !!ids_arg != 1) {
         fprintf(stderr, "qlora-generate: give exactly one of --prompt, --prompt-file, --ids\n");
         usage(stderr);
-        return 2;
-    }
-    if (o.max_new < 1 || o.top_p <= 0.0f || o.top_p > 1.0f || o.temperature < 0.0f || o.top_k < 0) {
-        fprintf(stderr, "qlora-generate: need max-new-tokens >= 1, 0 < top-p <= 1, temperature >= 0, top-k >= 0\n");
         return 2;
     }
     if (!run) no_adapter = 1;
@@ -320,15 +348,22 @@ int main(int argc, char **argv) {
     if (base_model_open(base_path, &b, &e)) goto fail;
     if (base_model_tokenizer(b, &tok, &e)) goto fail;
     if (ids_arg) {
-        for (const char *p = ids_arg; *p;) {
-            char *end;
-            long v = strtol(p, &end, 10);
-            if (end == p || v < 0 || v >= tokenizer_n_vocab(tok)) {
-                qerr_set(&e, "--ids: \"%s\" is not a list of token ids < %d", ids_arg, tokenizer_n_vocab(tok));
+        /* comma-separated ids, each one strict (core/parse.h) */
+        for (const char *p = ids_arg;;) {
+            const char *comma = strchr(p, ',');
+            size_t len = comma ? (size_t)(comma - p) : strlen(p);
+            char item[32];
+            int64_t v;
+            snprintf(item, sizeof item, "%.*s", (int)(len < sizeof item ? len : sizeof item - 1), p);
+            if (len >= sizeof item ||
+                parse_int_range("--ids", item, 0, (int64_t)tokenizer_n_vocab(tok) - 1, &v, &e)) {
+                qerr_set(&e, "--ids: \"%.60s\" is not a comma-separated list of token ids < %d (at \"%.20s\")",
+                         ids_arg, tokenizer_n_vocab(tok), p);
                 goto fail;
             }
             if (tokenizer_ids_push(&ids, (int32_t)v, &e)) goto fail;
-            p = *end == ',' ? end + 1 : end;
+            if (!comma) break;
+            p = comma + 1;
         }
     } else {
         if (prompt_file && !(text = file_read_all(prompt_file, NULL, &e))) {
@@ -346,6 +381,24 @@ int main(int argc, char **argv) {
     if (ids.n == 0) {
         qerr_set(&e, "the prompt is empty");
         goto fail;
+    }
+    /* the KV cache and RoPE tables are sized by prompt + new tokens: never beyond the model's context */
+    int ctx_len = base_model_hparams(b)->context_length;
+    if (ids.n > (size_t)ctx_len) {
+        qerr_set(&e, "the prompt is %zu tokens, more than %s's context length of %d tokens", ids.n, base_path,
+                 ctx_len);
+        goto fail;
+    }
+    if (!dump && (int64_t)ids.n + o.max_new > ctx_len) {
+        int fit = ctx_len - (int)ids.n;
+        if (fit < 1) {
+            qerr_set(&e, "the prompt is %zu tokens, the whole of %s's context length: no room for a new token",
+                     ids.n, base_path);
+            goto fail;
+        }
+        fprintf(stderr, "[generate] --max-new-tokens %d clamped to %d (context length %d less the %zu-token prompt)\n",
+                o.max_new, fit, ctx_len, ids.n);
+        o.max_new = fit;
     }
     int max_pos = (int)ids.n + (dump ? 0 : o.max_new) + 1;
     if (base_model_load(b, load_in_4bit, dq, max_pos, &m, &e)) goto fail;

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "core/parse.h"
 #include "trainer/config.h"
 #include "trainer/preprocess.h"
 
@@ -38,7 +39,13 @@ int main(int argc, char **argv) {
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--show-samples") && i + 1 < argc) {
-            n = atoi(argv[++i]);
+            int64_t v;
+            if (parse_int_range(a, argv[++i], 0, INT32_MAX, &v, &e)) {
+                fprintf(stderr, "qlora-preprocess: %s\n", e.msg);
+                train_config_free(&c);
+                return 2;
+            }
+            n = (int)v;
         } else if (!strcmp(a, "--tokens")) {
             view = PREPROCESS_TOKENS;
         } else if (!strcmp(a, "--eval")) {
