@@ -43,17 +43,21 @@ char *file_read_all(const char *path, size_t *len, qerr *e) {
     return b;
 }
 
-char *file_read_regular(const char *path, size_t max_bytes, size_t *len, qerr *e) {
+int file_open_regular(const char *path, int64_t max_bytes, int64_t *size, qerr *e) {
     int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) {
-        qerr_set(e, "%s: cannot open: %s", path, strerror(errno));
-        return NULL;
+        int err = errno;
+        qerr_set(e, "%s: cannot open: %s", path, strerror(err));
+        errno = err;
+        return -1;
     }
     struct stat sb;
     if (fstat(fd, &sb)) {
-        qerr_set(e, "%s: cannot stat: %s", path, strerror(errno));
+        int err = errno;
+        qerr_set(e, "%s: cannot stat: %s", path, strerror(err));
         close(fd);
-        return NULL;
+        errno = err;
+        return -1;
     }
     if (!S_ISREG(sb.st_mode)) {
         qerr_set(e, "%s: not a regular file (%s)", path,
@@ -64,18 +68,34 @@ char *file_read_regular(const char *path, size_t max_bytes, size_t *len, qerr *e
                  : S_ISSOCK(sb.st_mode) ? "a socket"
                                         : "not a file");
         close(fd);
-        return NULL;
+        errno = EINVAL;
+        return -1;
     }
+    if (max_bytes > 0 && (int64_t)sb.st_size > max_bytes) {
+        qerr_set(e, "%s: %lld bytes, more than the %lld expected", path, (long long)sb.st_size,
+                 (long long)max_bytes);
+        close(fd);
+        errno = EFBIG;
+        return -1;
+    }
+    if (size) *size = (int64_t)sb.st_size;
+    return fd;
+}
+
+char *file_read_regular(const char *path, size_t max_bytes, size_t *len, qerr *e) {
+    int64_t st_size = 0;
+    int fd = file_open_regular(path, 0, &st_size, e);
+    if (fd < 0) return NULL;
     double cap = (double)max_bytes;
     if (max_bytes == 0) cap = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE) / 2;
-    if (cap > 0 && (double)sb.st_size > cap) {
+    if (cap > 0 && (double)st_size > cap) {
         qerr_set(e, "%s: %.2f GiB, more than the %.2f GiB limit (%s): split it into several files", path,
-                 (double)sb.st_size / 1073741824.0, cap / 1073741824.0,
+                 (double)st_size / 1073741824.0, cap / 1073741824.0,
                  max_bytes ? "for this kind of input" : "half of this machine's memory");
         close(fd);
         return NULL;
     }
-    size_t want = (size_t)sb.st_size, n = 0;
+    size_t want = (size_t)st_size, n = 0;
     char *buf = malloc(want + 1);
     if (!buf) {
         close(fd);

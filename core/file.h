@@ -8,6 +8,7 @@
 #define QLORA_CORE_FILE_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "core/status.h"
 
@@ -38,6 +39,18 @@ struct cJSON *file_read_json_object(const char *path, qerr *e);
  * a regular file (a FIFO|a directory|...)", "<path>: <size>, more than ...",
  * "<path>: read error: <strerror>", out of memory. */
 char *file_read_regular(const char *path, size_t max_bytes, size_t *len, qerr *e);
+
+/* file_open_regular: open `path` for reading only if it is a regular file of
+ * at most max_bytes bytes (0: any size), for inputs whose reader would block
+ * or never finish on anything else (checkpoint files: a FIFO blocks the open,
+ * /dev/zero never ends). The open is O_NONBLOCK (a FIFO without a writer
+ * cannot block it; it is then refused by type, like a device, a socket or a
+ * directory) before a byte is read. Returns the descriptor (O_RDONLY |
+ * O_NONBLOCK | O_CLOEXEC; the caller closes it) with the file's size in *size
+ * (may be NULL), or -1 with errno set and "<path>: cannot open: <strerror>",
+ * "<path>: not a regular file (a FIFO|a directory|...)" or "<path>: <n>
+ * bytes, more than the <max> expected". */
+int file_open_regular(const char *path, int64_t max_bytes, int64_t *size, qerr *e);
 
 /* file_write_fd_all: write `len` bytes at `data` to `fd`, retrying short
  * writes and EINTR. Returns 0, or -1 with errno set (EIO when write() made no

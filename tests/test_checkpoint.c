@@ -294,6 +294,73 @@ static void test_list_prune_clean(void **st) {
     fake_free(&f);
 }
 
+/* Checkpoint files that are not regular files (a state.h5 symlinked to /dev/zero, a FIFO) are refused before
+ * a byte is read, instead of hanging the resume (issue 17 item 4); an old checkpoint that cannot be deleted does
+ * not keep ckpt_prune from the others (item 14). */
+static void test_not_regular_and_undeletable(void **st) {
+    (void)st;
+    char out[128], ck[4200], p[4300], q[4400];
+    snprintf(out, sizeof out, "%s/irregular", g_dir);
+    mkdir(out, 0755);
+    fake f;
+    fake_init(&f, 1, 64);
+    qerr e;
+    for (int s = 1; s <= 3; s++) {
+        f.s.step = s;
+        assert_int_equal(ckpt_save(out, &f.s, NULL, NULL, NULL, 0, &e), 0);
+    }
+    snprintf(ck, sizeof ck, "%s/checkpoint-3", out);
+    snprintf(p, sizeof p, "%s/state.h5", ck);
+    snprintf(q, sizeof q, "%s/state.h5.real", ck);
+    assert_int_equal(rename(p, q), 0);
+    assert_int_equal(symlink("/dev/zero", p), 0);
+    assert_int_equal(ckpt_verify(ck, NULL, &e), -1);
+    assert_non_null(strstr(e.msg, "not a regular file (a character device)"));
+    ckpt_state r;
+    assert_int_equal(ckpt_read_state(p, &r, &e), -1);
+    assert_non_null(strstr(e.msg, "not a regular file"));
+    assert_int_equal(unlink(p), 0);
+    assert_int_equal(mkfifo(p, 0600), 0);
+    assert_int_equal(ckpt_verify(ck, NULL, &e), -1);
+    assert_non_null(strstr(e.msg, "not a regular file (a FIFO)"));
+    assert_int_equal(ckpt_read_state(p, &r, &e), -1);
+    assert_non_null(strstr(e.msg, "not a regular file (a FIFO)"));
+    assert_int_equal(unlink(p), 0);
+    assert_int_equal(rename(q, p), 0);
+    assert_int_equal(ckpt_verify(ck, NULL, &e), 0);
+    /* the marker as a FIFO */
+    snprintf(p, sizeof p, "%s/COMPLETE", ck);
+    snprintf(q, sizeof q, "%s/COMPLETE.real", ck);
+    assert_int_equal(rename(p, q), 0);
+    assert_int_equal(mkfifo(p, 0600), 0);
+    assert_int_equal(ckpt_verify(ck, NULL, &e), -1);
+    assert_non_null(strstr(e.msg, "COMPLETE: not a regular file (a FIFO)"));
+    assert_int_equal(unlink(p), 0);
+    assert_int_equal(rename(q, p), 0);
+
+    /* checkpoint-2's marker cannot be unlinked (a directory): prune still deletes checkpoint-1 and says why */
+    ckpt_entry *v;
+    int n, nd = 0;
+    snprintf(p, sizeof p, "%s/checkpoint-2/COMPLETE", out);
+    assert_int_equal(unlink(p), 0);
+    assert_int_equal(mkdir(p, 0755), 0);
+    snprintf(q, sizeof q, "%s/x", p);
+    FILE *x = fopen(q, "w");
+    assert_non_null(x);
+    fclose(x);
+    assert_int_equal(ckpt_list(out, &v, &n, &e), 0);
+    assert_int_equal(n, 3);
+    assert_true(v[0].complete && v[1].complete && v[2].complete); /* a marker exists in each */
+    free(v);
+    assert_int_equal(ckpt_prune(out, 1, &nd, &e), -1);
+    assert_non_null(strstr(e.msg, "checkpoint-2/COMPLETE"));
+    assert_int_equal(nd, 1);
+    snprintf(p, sizeof p, "%s/checkpoint-1", out);
+    assert_int_not_equal(access(p, F_OK), 0);
+    assert_int_equal(ckpt_verify(ck, NULL, &e), 0); /* the newest untouched */
+    fake_free(&f);
+}
+
 static void test_fingerprints(void **st) {
     (void)st;
     char p[128];
@@ -378,6 +445,7 @@ int main(void) {
         cmocka_unit_test(test_roundtrip),
         cmocka_unit_test(test_corruption_detected),
         cmocka_unit_test(test_list_prune_clean),
+        cmocka_unit_test(test_not_regular_and_undeletable),
         cmocka_unit_test(test_fingerprints),
         cmocka_unit_test(test_pre_xxhash_checkpoint),
     };

@@ -8,8 +8,9 @@
  *   - an output_dir holding an earlier run's outputs is byte-for-byte untouched.
  * One function per item of issue 17 (its number in the name). Needs the default model (make model). */
 #include <errno.h>
-#include <signal.h>
+#include <fcntl.h>
 #include <setjmp.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -17,12 +18,15 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cmocka.h>
 
 #include "tests/dir_snapshot.h"
 #include "tests/subproc.h"
+#include "trainer/checkpoint.h"
 
 #define MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 #define HOSTILE_MEM_MIB 4096 /* address space of one case: the trainer needs ~0.5 GiB here */
@@ -334,16 +338,320 @@ static void test_14_config_messages(void **st) {
     expect_train_refusal(ARGS("lr=1e-4"), WANT("command line: unknown key \"lr\" (trainer/config.h lists"));
 }
 
+/* ------------------------------------------------------------------------ */
+/* The run's items (trainer/run.c, run_state.c, checkpoint.c, memplan.c): helpers for the cases that are not
+ * refusals, which run qlora-train to a signal or to the end. */
+
+#define RUN_SECONDS 300 /* a run of these cases that has not ended by then is a hang */
+
+/* Start qlora-train g_cfg args... (env_extra as subproc_start). */
+static void run_start_cli(subproc *p, const char *const *args, const char *const *env) {
+    char *argv[40];
+    int n = 0;
+    argv[n++] = (char *)subproc_trainer();
+    argv[n++] = g_cfg;
+    for (int i = 0; args && args[i] && n < 39; i++) argv[n++] = (char *)args[i];
+    argv[n] = NULL;
+    assert_int_equal(subproc_start(p, argv, env), 0);
+}
+
+/* Read p's stderr until it holds `s`; 1 when it does, 0 when the process ended or timeout_s passed first. */
+static int run_wait_for(subproc *p, const char *s, int timeout_s) {
+    time_t t0 = time(NULL);
+    while (!strstr(p->err, s)) {
+        if (subproc_poll(p, 100) || time(NULL) - t0 > timeout_s) return strstr(p->err, s) != NULL;
+    }
+    return 1;
+}
+
+/* qlora-train g_cfg args... to its end; the exit code (128 + signal when killed), *err its stderr. */
+static int run_cli(const char *const *args, const char *const *env, char **err) {
+    subproc p;
+    run_start_cli(&p, args, env);
+    subproc_wait(&p, RUN_SECONDS);
+    int code = subproc_exit_code(&p);
+    *err = p.err;
+    p.err = NULL;
+    subproc_free(&p);
+    return code;
+}
+
+/* The step of the newest checkpoint in dir that verifies (marker, size, hash), or -1. */
+static int64_t newest_complete(const char *dir) {
+    ckpt_entry *v = NULL;
+    int n = 0;
+    qerr e;
+    assert_int_equal(ckpt_list(dir, &v, &n, &e), 0);
+    int64_t step = -1;
+    for (int i = 0; i < n && step < 0; i++)
+        if (ckpt_verify(v[i].path, NULL, &e) == 0) step = v[i].step;
+    free(v);
+    return step;
+}
+
+/* A checkpoint directory dir/checkpoint-<step> whose COMPLETE marker is well formed and claims a state.h5
+ * of `size` bytes (state.h5 itself is the caller's). */
+static void fake_checkpoint(const char *dir, int step, long long size, char *ck, size_t ck_n) {
+    char p[700], text[200];
+    mkdir(dir, 0755);
+    snprintf(ck, ck_n, "%s/checkpoint-%d", dir, step);
+    mkdir(ck, 0755);
+    snprintf(p, sizeof p, "%s/COMPLETE", ck);
+    snprintf(text, sizeof text, "qlora-checkpoint 1\nstep %d\nstate.h5 %lld 0123456789abcdef\n", step, size);
+    write_text(p, text);
+}
+
+/* 2. token ids are checked against the embedding: a GGUF whose token_embd.weight has 1000 rows while its
+ * tokenizer has 49152 tokens trained with NaN loss and exit 0 (ASan: out-of-bounds read in op_embedding). */
+static void test_02_vocab_beyond_embedding(void **st) {
+    (void)st;
+    FILE *f = fopen(MODEL, "rb");
+    assert_non_null(f);
+    assert_int_equal(fseek(f, 0, SEEK_END), 0);
+    long n = ftell(f);
+    rewind(f);
+    unsigned char *b = malloc((size_t)n);
+    assert_non_null(b);
+    assert_int_equal(fread(b, 1, (size_t)n, f), (size_t)n);
+    fclose(f);
+    /* the tensor info: u64 name length 17, "token_embd.weight", u32 n_dims 2, u64 ne0, u64 ne1 */
+    static const char name[] = "token_embd.weight";
+    unsigned char pat[8 + sizeof name - 1 + 4];
+    uint64_t len = sizeof name - 1;
+    uint32_t nd = 2;
+    memcpy(pat, &len, 8);
+    memcpy(pat + 8, name, sizeof name - 1);
+    memcpy(pat + 8 + sizeof name - 1, &nd, 4);
+    unsigned char *hit = NULL;
+    for (long i = 0; i + (long)sizeof pat + 16 <= n && !hit; i++)
+        if (!memcmp(b + i, pat, sizeof pat)) hit = b + i + sizeof pat;
+    assert_non_null(hit);
+    uint64_t ne1;
+    memcpy(&ne1, hit + 8, 8);
+    assert_int_equal(ne1, 49152);
+    ne1 = 1000;
+    memcpy(hit + 8, &ne1, 8);
+    char p[400], a[600];
+    snprintf(p, sizeof p, "%s/embd1000.gguf", g_dir);
+    write_bytes(p, b, (size_t)n);
+    free(b);
+    snprintf(a, sizeof a, "base_model=%s", p);
+    expect_train_refusal(ARGS(a), WANT("embd1000.gguf", "tokenizer has 49152 tokens", "token_embd.weight has 1000 rows"));
+    unlink(p);
+}
+
+/* 3. micro_batch_size=100000: the planner predicted 1,090,811 MiB and the run went on to abort() (exit 134); a
+ * resumed run had first rewritten config.resolved.yaml and metrics.jsonl. Now refused before output_dir changes,
+ * fresh or resumed, naming the key. */
+static void test_03_memory_beyond_machine(void **st) {
+    (void)st;
+    expect_train_refusal(ARGS("micro_batch_size=100000"),
+                         WANT("memory", "predicts a peak of", "micro_batch_size 100000", "memory_check: false"));
+    /* a resumed run: its output_dir byte-for-byte as it was */
+    char out[400], a[500], *err = NULL;
+    snprintf(out, sizeof out, "%s/out3", g_dir);
+    snprintf(a, sizeof a, "output_dir=%s", out);
+    int code = run_cli(ARGS(a, "save_steps=1", "max_steps=2", "val_set_size=1"), NULL, &err);
+    if (code) print_error("%s\n", err);
+    assert_int_equal(code, 0);
+    free(err);
+    char *before = snapshot(out);
+    expect_train_refusal(ARGS(a, "micro_batch_size=100000", "max_steps=3", "val_set_size=1"),
+                         WANT("micro_batch_size 100000", "MiB"));
+    char *after = snapshot(out);
+    assert_string_equal(before, after);
+    free(before);
+    free(after);
+}
+
+/* 4 (checkpoints). A state.h5 symlinked to /dev/zero, or a FIFO, hung the resume (the marker's hash read it to
+ * an end that never came). Checkpoint files must be regular files of the size the marker records. */
+static void test_04_checkpoint_not_a_file(void **st) {
+    (void)st;
+    char dir[400], ck[500], p[600], a[700];
+    snprintf(dir, sizeof dir, "%s/out4", g_dir);
+    fake_checkpoint(dir, 3, 4096, ck, sizeof ck);
+    snprintf(p, sizeof p, "%s/state.h5", ck);
+    assert_int_equal(symlink("/dev/zero", p), 0);
+    snprintf(a, sizeof a, "resume_from_checkpoint=%s", ck);
+    expect_train_refusal(ARGS(a), WANT("resume_from_checkpoint", "state.h5", "not a regular file", "character device"));
+    unlink(p);
+    assert_int_equal(mkfifo(p, 0600), 0);
+    expect_train_refusal(ARGS(a), WANT("resume_from_checkpoint", "state.h5", "not a regular file", "FIFO"));
+    /* the marker itself as a FIFO */
+    unlink(p);
+    write_text(p, "not hdf5");
+    snprintf(p, sizeof p, "%s/COMPLETE", ck);
+    unlink(p);
+    assert_int_equal(mkfifo(p, 0600), 0);
+    expect_train_refusal(ARGS(a), WANT("resume_from_checkpoint", "COMPLETE", "not a regular file", "FIFO"));
+}
+
+/* 6. Every checkpoint unusable: the run started over from step 0 without a word and overwrote the earlier
+ * run's outputs. A committed checkpoint (its COMPLETE marker exists) that cannot be loaded is now a refusal naming
+ * why and what to do; only saves interrupted before their marker are passed over, with a "starting over" line. */
+static void test_06_no_usable_checkpoint(void **st) {
+    (void)st;
+    char dir[400], ck[500], p[600], a[700];
+    snprintf(dir, sizeof dir, "%s/out6", g_dir);
+    make_earlier_outputs(dir);
+    snprintf(p, sizeof p, "%s/.qlora-train.lock", dir); /* as a run leaves it */
+    write_text(p, "");
+    fake_checkpoint(dir, 3, 4096, ck, sizeof ck);
+    snprintf(p, sizeof p, "%s/state.h5", ck);
+    write_text(p, "a state.h5 that is not the one the marker describes");
+    snprintf(p, sizeof p, "%s/checkpoint-5", dir); /* a newer save interrupted before its marker */
+    mkdir(p, 0755);
+    snprintf(p, sizeof p, "%s/checkpoint-5/state.h5", dir);
+    write_text(p, "half a checkpoint");
+    char *before = snapshot(dir);
+    snprintf(a, sizeof a, "output_dir=%s", dir);
+    expect_train_refusal(ARGS(a), WANT("out6", "none can be resumed", "checkpoint-3", "truncated or replaced",
+                                       "Delete its checkpoint-*"));
+    char *after = snapshot(dir);
+    assert_string_equal(before, after);
+    free(before);
+    free(after);
+    /* only an interrupted save: the run starts over, and says so */
+    snprintf(dir, sizeof dir, "%s/out6b", g_dir);
+    make_earlier_outputs(dir);
+    snprintf(p, sizeof p, "%s/checkpoint-5", dir);
+    mkdir(p, 0755);
+    snprintf(a, sizeof a, "output_dir=%s", dir);
+    char *err = NULL;
+    int code = run_cli(ARGS(a), NULL, &err);
+    if (code) print_error("%s\n", err);
+    assert_int_equal(code, 0);
+    assert_non_null(strstr(err, "[checkpoint] starting over from step 0"));
+    free(err);
+}
+
+/* 7. SIGHUP (a closed terminal) and a closed stdout/stderr (`| head`) killed the run and lost every step since
+ * the last checkpoint. SIGHUP now acts as SIGTERM (finish the step, save, exit 129); a closed output is a stop
+ * request (save, exit 141 = 128 + SIGPIPE, by exit(), not by the signal). */
+static void test_07_sighup_and_closed_output(void **st) {
+    (void)st;
+    char dir[400], a[500];
+    signal(SIGHUP, SIG_DFL); /* not inherited as ignored (nohup make test): the trainer keeps an ignored SIGHUP */
+    for (int mode = 0; mode < 2; mode++) {
+        snprintf(dir, sizeof dir, "%s/out7-%d", g_dir, mode);
+        snprintf(a, sizeof a, "output_dir=%s", dir);
+        subproc p;
+        run_start_cli(&p, ARGS(a, "max_steps=100000", "save_steps=100000"), NULL);
+        int seen = run_wait_for(&p, "[train] step 1/", RUN_SECONDS);
+        if (!seen) print_error("%s\n", p.err);
+        assert_true(seen);
+        if (mode == 0) {
+            kill(p.pid, SIGHUP);
+        } else {
+            close(p.err_fd); /* the reader of its stderr goes away */
+            p.err_fd = -1;
+        }
+        subproc_wait(&p, RUN_SECONDS);
+        if (!WIFEXITED(p.status)) print_error("%s: killed by signal %d\n", mode ? "closed stderr" : "SIGHUP",
+                                              WIFSIGNALED(p.status) ? WTERMSIG(p.status) : -1);
+        assert_true(WIFEXITED(p.status));
+        assert_int_equal(WEXITSTATUS(p.status), 128 + (mode == 0 ? SIGHUP : SIGPIPE));
+        if (mode == 0) assert_non_null(strstr(p.err, "[checkpoint] stopped by SIGHUP after step"));
+        subproc_free(&p);
+        int64_t step = newest_complete(dir);
+        assert_true(step >= 1);
+        /* the same command resumes from it */
+        char ms[64], *err = NULL;
+        snprintf(ms, sizeof ms, "max_steps=%lld", (long long)step + 1);
+        int code = run_cli(ARGS(a, ms, "save_steps=100000"), NULL, &err);
+        if (code) print_error("%s\n", err);
+        assert_int_equal(code, 0);
+        char want[128];
+        snprintf(want, sizeof want, "checkpoint-%lld: step %lld", (long long)step, (long long)step);
+        assert_non_null(strstr(err, want));
+        free(err);
+    }
+}
+
+/* 8 (the run). A run whose every step had a non-finite loss or gradient (a broken model; max_steps below
+ * max_nan_steps) ended "[done]" with exit 0. Now it fails with one line: nothing was trained. */
+static void test_08_every_step_skipped(void **st) {
+    (void)st;
+    char a[500];
+    snprintf(a, sizeof a, "output_dir=%s/out8", g_dir);
+    setenv("QLORA_TEST_NAN_STEPS", "1,2", 1); /* trainer/step.c's hook: these steps' gradients are NaN */
+    expect_train_refusal(ARGS(a, "max_steps=2"), WANT("no optimizer update was applied", "all 2 steps",
+                                                      "max_nan_steps 5"));
+    unsetenv("QLORA_TEST_NAN_STEPS");
+}
+
+/* 10. lora_r: 100000 failed with "out of memory allocating 5760000000 x 4 bytes", no key named; r above
+ * min(in, out) of a linear was never refused. */
+static void test_10_lora_r_beyond_rank(void **st) {
+    (void)st;
+    expect_train_refusal(ARGS("lora_r=100000"), WANT("lora_r: 100000", "q_proj", "[576, 576]", "lora_r <= 576"));
+    expect_train_refusal(ARGS("lora_r=193", "lora_target_modules=[q_proj, k_proj]"),
+                         WANT("lora_r: 193", "k_proj", "[192, 576]", "lora_r <= 192"));
+}
+
+/* 14 (the run). A second signal during a save waited for the save to end (SIGINT after SIGTERM); a failed
+ * deletion of an old checkpoint (save_total_limit) killed the run. */
+static void test_14_run_second_signal_and_rotation(void **st) {
+    (void)st;
+    char dir[400], a[500], *err = NULL;
+    snprintf(dir, sizeof dir, "%s/out14", g_dir);
+    snprintf(a, sizeof a, "output_dir=%s", dir);
+    int code = run_cli(ARGS(a, "max_steps=2", "save_steps=1"), NULL, &err);
+    if (code) print_error("%s\n", err);
+    assert_int_equal(code, 0);
+    free(err);
+    /* SIGTERM, then SIGINT while the checkpoint is being written (each stage of the save slowed to 3 s) */
+    subproc p;
+    const char *slow[] = {"QLORA_TEST_SAVE_DELAY_MS=3000", NULL};
+    run_start_cli(&p, ARGS(a, "max_steps=100000", "save_steps=100000"), slow);
+    assert_true(run_wait_for(&p, "[train] step 3/", RUN_SECONDS));
+    kill(p.pid, SIGTERM);
+    assert_true(run_wait_for(&p, "[checkpoint] saving step", RUN_SECONDS));
+    time_t t0 = time(NULL);
+    kill(p.pid, SIGINT);
+    subproc_wait(&p, RUN_SECONDS);
+    long waited = (long)(time(NULL) - t0);
+    print_message("second signal: %s %d after %ld s\n", WIFSIGNALED(p.status) ? "killed by" : "exit",
+                  WIFSIGNALED(p.status) ? WTERMSIG(p.status) : WEXITSTATUS(p.status), waited);
+    assert_true(WIFSIGNALED(p.status) && WTERMSIG(p.status) == SIGINT);
+    assert_true(waited < 3); /* at once: not after the slowed save */
+    subproc_free(&p);
+    assert_int_equal(newest_complete(dir), 2); /* the previous checkpoint, still valid */
+
+    /* an old checkpoint that cannot be deleted: a warning, the run goes on */
+    char p1[600], p2[700];
+    snprintf(p1, sizeof p1, "%s/checkpoint-1/COMPLETE", dir);
+    assert_int_equal(unlink(p1), 0);
+    assert_int_equal(mkdir(p1, 0755), 0); /* unlink(2) of it fails (EISDIR), also for root */
+    snprintf(p2, sizeof p2, "%s/x", p1);
+    write_text(p2, "x");
+    code = run_cli(ARGS(a, "max_steps=3", "save_steps=1", "save_total_limit=1"), NULL, &err);
+    if (code) print_error("%s\n", err);
+    assert_int_equal(code, 0);
+    assert_non_null(strstr(err, "warning: could not delete an older checkpoint beyond save_total_limit 1"));
+    free(err);
+    assert_int_equal(newest_complete(dir), 3);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_01_hf_index_shard_outside),
+        cmocka_unit_test(test_02_vocab_beyond_embedding),
+        cmocka_unit_test(test_03_memory_beyond_machine),
         cmocka_unit_test(test_04_dataset_not_a_file),
+        cmocka_unit_test(test_04_checkpoint_not_a_file),
         cmocka_unit_test(test_05_text_cut_or_dropped),
+        cmocka_unit_test(test_06_no_usable_checkpoint),
+        cmocka_unit_test(test_07_sighup_and_closed_output),
         cmocka_unit_test(test_08_model_metadata),
+        cmocka_unit_test(test_08_every_step_skipped),
         cmocka_unit_test(test_09_empty_value),
+        cmocka_unit_test(test_10_lora_r_beyond_rank),
         cmocka_unit_test(test_12_tool_numbers),
         cmocka_unit_test(test_13_config_size_and_depth),
         cmocka_unit_test(test_14_config_messages),
+        cmocka_unit_test(test_14_run_second_signal_and_rotation),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

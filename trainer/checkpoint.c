@@ -62,37 +62,44 @@ static int fsync_path(const char *path, int is_dir, qerr *e) {
     return 0;
 }
 
-/* XXH64 and size of a whole file. */
-static int hash_file(const char *path, int64_t *size, uint64_t *h, qerr *e) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return qerr_set(e, "cannot open %s: %s", path, strerror(errno));
+/* XXH64 of the `size` bytes of the open file fd (path names it in errors). */
+static int hash_fd(int fd, int64_t size, const char *path, uint64_t *h, qerr *e) {
     size_t cap = 1 << 20;
     unsigned char *buf = malloc(cap);
-    if (!buf) {
-        close(fd);
-        return qerr_set(e, "out of memory");
-    }
+    if (!buf) return qerr_set(e, "out of memory");
     xxh64_state st;
     xxh64_init(&st, 0);
     int64_t total = 0;
-    for (;;) {
-        ssize_t r = read(fd, buf, cap);
+    while (total < size) {
+        size_t want = size - total < (int64_t)cap ? (size_t)(size - total) : cap;
+        ssize_t r = read(fd, buf, want);
         if (r < 0 && errno == EINTR) continue;
         if (r < 0) {
             int err = errno;
             free(buf);
-            close(fd);
             return qerr_set(e, "cannot read %s: %s", path, strerror(err));
         }
-        if (r == 0) break;
+        if (r == 0) {
+            free(buf);
+            return qerr_set(e, "cannot read %s: it shrank while being read", path);
+        }
         xxh64_update(&st, buf, (size_t)r);
         total += r;
     }
     free(buf);
-    close(fd);
-    *size = total;
     *h = xxh64_digest(&st);
     return 0;
+}
+
+/* XXH64 and size of a whole file, which must be a regular file: the size is
+ * taken from fstat before a byte is read, so a FIFO or a device (a state.h5
+ * symlinked to /dev/zero) is refused instead of blocking or never ending. */
+static int hash_file(const char *path, int64_t *size, uint64_t *h, qerr *e) {
+    int fd = file_open_regular(path, 0, size, e);
+    if (fd < 0) return -1;
+    int rc = hash_fd(fd, *size, path, h, e);
+    close(fd);
+    return rc;
 }
 
 static int rm_cb(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
@@ -520,6 +527,10 @@ void ckpt_state_free(ckpt_state *s) {
 
 int ckpt_read_state(const char *path, ckpt_state *s, qerr *e) {
     memset(s, 0, sizeof *s);
+    /* HDF5 would block on a FIFO and read a device as if it were a file */
+    int fd = file_open_regular(path, 0, NULL, e);
+    if (fd < 0) return -1;
+    close(fd);
     h5_quiet();
     hid_t fapl = h5_fapl();
     hid_t f = H5Fopen(path, H5F_ACC_RDONLY, fapl);
@@ -762,16 +773,28 @@ fail_tmp:
     return -1;
 }
 
+/* The marker is a few lines; anything longer is not one. */
+#define CKPT_MARKER_MAX 4096
+
 int ckpt_verify(const char *dir, int64_t *step, qerr *e) {
-    char p[4400], buf[512];
+    char p[4400], buf[CKPT_MARKER_MAX + 1];
     struct stat sb;
     if (stat(dir, &sb)) return qerr_set(e, "%s: %s", dir, strerror(errno));
     if (!S_ISDIR(sb.st_mode)) return qerr_set(e, "%s: not a checkpoint directory", dir);
     snprintf(p, sizeof p, "%s/" CKPT_MARKER, dir);
-    FILE *f = fopen(p, "r");
-    if (!f) return qerr_set(e, "%s: incomplete checkpoint (no %s marker: the save was interrupted)", dir, CKPT_MARKER);
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
+    if (lstat(p, &sb) && errno == ENOENT)
+        return qerr_set(e, "%s: incomplete checkpoint (no %s marker: the save was interrupted)", dir, CKPT_MARKER);
+    int64_t mlen = 0;
+    int fd = file_open_regular(p, CKPT_MARKER_MAX, &mlen, e);
+    if (fd < 0) return -1;
+    ssize_t n = 0;
+    while (n < mlen) {
+        ssize_t got = read(fd, buf + n, (size_t)(mlen - n));
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) break;
+        n += got;
+    }
+    close(fd);
     buf[n] = 0;
     char fmt[32], fname[64];
     int ver = 0;
@@ -787,12 +810,18 @@ int ckpt_verify(const char *dir, int64_t *step, qerr *e) {
     uint64_t want = strtoull(hex, &end, 16);
     if (*end) return qerr_set(e, "%s: malformed %s marker", dir, CKPT_MARKER);
     snprintf(p, sizeof p, "%s/" CKPT_STATE_FILE, dir);
+    /* a regular file of the size the marker records, before a byte of it is read */
     int64_t got_size;
     uint64_t got;
-    if (hash_file(p, &got_size, &got, e)) return -1;
-    if (got_size != size)
+    if ((fd = file_open_regular(p, 0, &got_size, e)) < 0) return -1;
+    if (got_size != size) {
+        close(fd);
         return qerr_set(e, "%s: %s is %lld bytes, the marker says %lld (truncated or replaced)", dir, CKPT_STATE_FILE,
                         (long long)got_size, size);
+    }
+    int rc = hash_fd(fd, got_size, p, &got, e);
+    close(fd);
+    if (rc) return -1;
     if (got != want)
         return qerr_set(e, "%s: %s is corrupt (XXH64 %016" PRIx64 ", the marker says %s)", dir, CKPT_STATE_FILE, got,
                         hex);
@@ -813,6 +842,11 @@ int ckpt_load(const char *dir, ckpt_state *s, qerr *e) {
                         (long long)step);
     }
     return 0;
+}
+
+static int has_marker(const char *dir) {
+    char p[4608];
+    return path_join(p, sizeof p, dir, CKPT_MARKER) == 0 && access(p, F_OK) == 0;
 }
 
 static int cmp_entry_desc(const void *a, const void *b) {
@@ -845,6 +879,7 @@ int ckpt_list(const char *output_dir, ckpt_entry **out, int *n, qerr *e) {
         }
         v[cnt].step = st;
         memcpy(v[cnt].path, p, sizeof p);
+        v[cnt].complete = has_marker(p);
         cnt++;
     }
     closedir(d);
@@ -852,11 +887,6 @@ int ckpt_list(const char *output_dir, ckpt_entry **out, int *n, qerr *e) {
     *out = v;
     *n = cnt;
     return 0;
-}
-
-static int has_marker(const char *dir) {
-    char p[4608];
-    return path_join(p, sizeof p, dir, CKPT_MARKER) == 0 && access(p, F_OK) == 0;
 }
 
 /* Delete a checkpoint so that it never looks complete half-way. */
@@ -874,12 +904,17 @@ int ckpt_prune(const char *output_dir, int keep, int *n_deleted, qerr *e) {
     int n;
     if (ckpt_list(output_dir, &v, &n, e)) return -1;
     int complete = 0, rc = 0;
-    for (int i = 0; i < n && rc == 0; i++) {
-        int done = has_marker(v[i].path);
-        int del = done ? (keep > 0 && ++complete > keep) : complete > 0;
+    for (int i = 0; i < n; i++) {
+        int del = v[i].complete ? (keep > 0 && ++complete > keep) : complete > 0;
         if (!del) continue;
-        rc = delete_checkpoint(v[i].path, e);
-        if (rc == 0 && n_deleted) (*n_deleted)++;
+        /* one that cannot be deleted does not keep the older ones: the first error is reported */
+        qerr why;
+        if (delete_checkpoint(v[i].path, &why)) {
+            if (rc == 0 && e) *e = why;
+            rc = -1;
+        } else if (n_deleted) {
+            (*n_deleted)++;
+        }
     }
     free(v);
     return rc;

@@ -126,7 +126,10 @@ int ckpt_save(const char *output_dir, const ckpt_state *s, ckpt_extra_fn extra, 
               size_t out_n, qerr *e);
 
 /* Is `dir` a complete checkpoint? Checks COMPLETE and the size and XXH64 of
- * state.h5. Returns 0 and its step, or -1 with the reason. */
+ * state.h5. Both must be regular files (core/file.h file_open_regular: a FIFO
+ * or a device such as a symlink to /dev/zero is refused before it is read),
+ * and state.h5's size is compared with the marker's before its bytes are
+ * hashed. Returns 0 and its step, or -1 with the reason. */
 int ckpt_verify(const char *dir, int64_t *step, qerr *e);
 
 /* The directories named checkpoint-<digits> in output_dir, by step, newest
@@ -135,13 +138,16 @@ int ckpt_verify(const char *dir, int64_t *step, qerr *e);
 typedef struct ckpt_entry {
     int64_t step;
     char path[4096];
+    int complete; /* its COMPLETE marker exists: a save that committed (whether it still verifies or not) */
 } ckpt_entry;
 int ckpt_list(const char *output_dir, ckpt_entry **out, int *n, qerr *e);
 
 /* Keep the newest `keep` complete checkpoints (keep > 0) and delete older
  * ones (marker first, so a half-deleted checkpoint never looks complete);
  * also delete incomplete checkpoint directories older than the newest complete
- * one. `*n_deleted` counts the directories removed. */
+ * one. `*n_deleted` counts the directories removed. A directory that cannot
+ * be deleted does not stop the others: -1 then reports the first failure
+ * (nothing newer than `keep` is ever touched). */
 int ckpt_prune(const char *output_dir, int keep, int *n_deleted, qerr *e);
 
 /* Clean up after interrupted saves: delete checkpoint-*.tmp-* directories;

@@ -210,6 +210,7 @@ static const key_spec KEYS[] = {
     {.name = "max_nan_steps", .kind = K_INT, .off = OFF(max_nan_steps), .lo = 1, .hi = INTMAX_D,
      .expect = "a positive integer"},
     {.name = "skip_bad_lines", .kind = K_BOOL, .off = OFF(skip_bad_lines)},
+    {.name = "memory_check", .kind = K_BOOL, .off = OFF(memory_check)},
 };
 #define N_KEYS ((int)(sizeof KEYS / sizeof KEYS[0]))
 _Static_assert(N_KEYS <= TRAIN_CONFIG_MAX_KEYS, "train_config.key_origin needs a slot per key");
@@ -609,6 +610,7 @@ int train_config_defaults(train_config *c) {
     c->gradient_checkpointing = 1;
     c->auto_resume_from_checkpoints = 1;
     c->max_nan_steps = 5;
+    c->memory_check = 1;
     c->bnb_4bit_quant_type = dup_str("nf4");
     c->adapter = dup_str("qlora");
     c->lr_scheduler = dup_str("cosine");

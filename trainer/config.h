@@ -79,6 +79,7 @@
  *  - evals_per_epoch (axolotl): alternative to eval_steps; see
  *    train_config_eval_interval(). The two are mutually exclusive.
  *  - num_threads (ours): 0 = OMP_NUM_THREADS, else all cores.
+ *  - memory_check (ours): refuse a run whose predicted peak memory exceeds the machine's.
  *  - Checkpoints: save_steps / saves_per_epoch / save_total_limit /
  *    resume_from_checkpoint / auto_resume_from_checkpoints as axolotl and HF,
  *    except that resuming from the newest checkpoint in output_dir is the
@@ -179,6 +180,8 @@ typedef struct train_config {
                                          with NaN/Inf loss or gradients (each one is skipped) */
     int skip_bad_lines;               /* default 0: a malformed JSONL line is an error naming file
                                          and line; 1: skip it and count it */
+    int memory_check;                 /* default 1: refuse a run whose predicted peak memory
+                                         (trainer/memplan.h) exceeds the machine's; 0: run anyway */
     char *config_path;                /* file the config came from (for messages); NULL if none */
     char **warnings;                  /* one-line notes for the caller to print ("[config] ..."
                                          is the caller's prefix); ignored keys, aliases */

@@ -22,7 +22,9 @@
  */
 #include "trainer/memplan.h"
 
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 void memplan_predict(const memplan_input *in, memplan *out) {
     memset(out, 0, sizeof *out);
@@ -81,3 +83,49 @@ void memplan_print(FILE *f, const memplan *p) {
 }
 
 size_t memplan_arena_chunk(const memplan *p) { return (size_t)p->arena_chunk; }
+
+/* The limit in the cgroup v2 file memory.max of this process's cgroup
+ * (/proc/self/cgroup "0::<path>"), in bytes; 0 when there is none ("max", no
+ * cgroup v2). */
+static double cgroup_memory_max(void) {
+    FILE *f = fopen("/proc/self/cgroup", "r");
+    if (!f) return 0;
+    char line[1024], path[1200] = "";
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, "0::", 3)) {
+            line[strcspn(line, "\n")] = 0;
+            snprintf(path, sizeof path, "/sys/fs/cgroup%s/memory.max", strcmp(line + 3, "/") ? line + 3 : "");
+            break;
+        }
+    fclose(f);
+    if (!path[0] || !(f = fopen(path, "r"))) return 0;
+    char v[64] = "";
+    char *got = fgets(v, sizeof v, f);
+    fclose(f);
+    char *end;
+    double b = got ? strtod(v, &end) : 0;
+    return got && end != v && b > 0 ? b : 0; /* "max": no limit */
+}
+
+double memplan_machine_bytes(const char **what) {
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    double phys = pages > 0 && page > 0 ? (double)pages * (double)page : 0;
+    double cg = cgroup_memory_max();
+    if (cg > 0 && (phys <= 0 || cg < phys)) {
+        if (what) *what = "the cgroup's memory.max";
+        return cg;
+    }
+    if (what) *what = "physical memory (MemTotal)";
+    return phys;
+}
+
+double memplan_available_bytes(void) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    if (!f) return -1;
+    char line[256];
+    double kib = -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %lf kB", &kib) == 1) break;
+    fclose(f);
+    return kib >= 0 ? kib * 1024.0 : -1;
+}

@@ -53,4 +53,14 @@ void memplan_print(FILE *f, const memplan *p);
 /* The arena chunk size to initialise the activation context with. */
 size_t memplan_arena_chunk(const memplan *p);
 
+/* The memory a run can have on this machine, in bytes: physical memory
+ * (MemTotal), or the limit of this process's cgroup (cgroup v2 memory.max)
+ * when that is lower. *what (may be NULL) receives which one, in words
+ * ("physical memory (MemTotal)", "the cgroup's memory.max"). 0 when unknown. */
+double memplan_machine_bytes(const char **what);
+
+/* MemAvailable of /proc/meminfo (what can be given to a new process without
+ * swapping), in bytes; -1 when unknown. */
+double memplan_available_bytes(void);
+
 #endif

@@ -13,6 +13,7 @@
 #include <fcntl.h>
 #include <math.h>
 #include <omp.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,29 +29,81 @@
 /* ------------------------------------------------------------------------ */
 /* stop signals                                                               */
 
-/* SIGINT / SIGTERM: finish the step, save a checkpoint, stop. SA_RESETHAND
- * makes a second signal act as the default (immediate exit); the marker-last
- * protocol keeps the previous checkpoint loadable even then. */
+/* SIGINT, SIGTERM and SIGHUP (a closed terminal; unless SIGHUP was ignored
+ * when the run started, as nohup does) ask the run to stop: the step
+ * finishes, a checkpoint is saved, the run ends with 128 + signal. A second
+ * one of any of them (say Ctrl-C again while the checkpoint is being written)
+ * ends the process at once, by that signal's default action; the marker-last
+ * protocol (trainer/checkpoint.h) keeps the previous checkpoint loadable even
+ * then. SIGPIPE is ignored, so that a write to a pipe whose reader is gone
+ * (`qlora-train ... | head`) fails with EPIPE instead of killing the run;
+ * run_check_outputs turns such a closed output into a stop request, recorded
+ * as SIGPIPE (exit 141, the shell's code for a writer stopped by a closed
+ * pipe). */
 static volatile sig_atomic_t g_stop_signal = 0;
 
-static void on_stop_signal(int sig) { g_stop_signal = sig; }
+static const int stop_signals[RUN_N_STOP_SIGNALS] = {SIGINT, SIGTERM, SIGHUP};
+
+static void on_stop_signal(int sig) {
+    if (g_stop_signal) {
+        /* the second stop request: now, by the default action (sigaction and raise are async-signal-safe) */
+        struct sigaction dfl;
+        memset(&dfl, 0, sizeof dfl);
+        dfl.sa_handler = SIG_DFL;
+        sigemptyset(&dfl.sa_mask);
+        sigaction(sig, &dfl, NULL);
+        raise(sig); /* pending while this handler runs (sig is blocked in it); delivered on return */
+        return;
+    }
+    g_stop_signal = sig;
+}
 
 int run_stop_signal(void) { return (int)g_stop_signal; }
 
-static void stop_handlers_install(struct sigaction old[2]) {
+const char *run_stop_signal_name(int sig) {
+    switch (sig) {
+    case SIGINT: return "SIGINT";
+    case SIGTERM: return "SIGTERM";
+    case SIGHUP: return "SIGHUP";
+    case SIGPIPE: return "a closed output (stdout or stderr)";
+    default: return "a signal";
+    }
+}
+
+void run_check_outputs(void) {
+    if (g_stop_signal) return;
+    /* A pipe whose reader has exited polls POLLERR, a hung-up terminal or socket POLLHUP; a regular file or
+     * /dev/null never does, and a descriptor the caller closed (POLLNVAL) is not an output that went away. */
+    struct pollfd pf[2] = {{.fd = 1, .events = POLLOUT}, {.fd = 2, .events = POLLOUT}};
+    if (poll(pf, 2, 0) > 0 && ((pf[0].revents | pf[1].revents) & (POLLERR | POLLHUP))) g_stop_signal = SIGPIPE;
+}
+
+static void stop_handlers_install(struct sigaction old[RUN_N_STOP_SIGNALS + 1]) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_stop_signal;
     sigemptyset(&sa.sa_mask);
-    sa.sa_flags = SA_RESTART | SA_RESETHAND;
+    for (int i = 0; i < RUN_N_STOP_SIGNALS; i++) sigaddset(&sa.sa_mask, stop_signals[i]);
+    sa.sa_flags = SA_RESTART;
     g_stop_signal = 0;
-    sigaction(SIGINT, &sa, &old[0]);
-    sigaction(SIGTERM, &sa, &old[1]);
+    for (int i = 0; i < RUN_N_STOP_SIGNALS; i++) {
+        sigaction(stop_signals[i], NULL, &old[i]);
+        /* `nohup qlora-train ...`: an ignored SIGHUP stays ignored, the run outlives the terminal */
+        if (stop_signals[i] == SIGHUP && old[i].sa_handler == SIG_IGN) continue;
+        sigaction(stop_signals[i], &sa, NULL);
+    }
+    struct sigaction ign;
+    memset(&ign, 0, sizeof ign);
+    ign.sa_handler = SIG_IGN;
+    sigemptyset(&ign.sa_mask);
+    sigaction(SIGPIPE, &ign, &old[RUN_N_STOP_SIGNALS]);
 }
 
-static void stop_handlers_restore(const struct sigaction old[2]) {
-    sigaction(SIGINT, &old[0], NULL);
-    sigaction(SIGTERM, &old[1], NULL);
+static void stop_handlers_restore(const struct sigaction old[RUN_N_STOP_SIGNALS + 1]) {
+    for (int i = 0; i < RUN_N_STOP_SIGNALS; i++) sigaction(stop_signals[i], &old[i], NULL);
+    /* After a closed output SIGPIPE stays ignored: the caller's last lines to it then fail quietly instead of
+     * killing the process after the checkpoint was saved. */
+    if (g_stop_signal != SIGPIPE) sigaction(SIGPIPE, &old[RUN_N_STOP_SIGNALS], NULL);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -102,12 +155,15 @@ static int setup_resume_choice(run_ctx *r, qerr *e) {
         r->resuming = 1;
     } else {
         ckpt_entry *ents = NULL;
-        int n_ents = 0;
+        int n_ents = 0, n_committed = 0, n_interrupted = 0;
+        qerr newest_why = {{0}}; /* why the newest committed checkpoint cannot be used */
         if (ckpt_list(c->output_dir, &ents, &n_ents, e)) return qerr_prefix(e, "%s: output_dir", r->cfgname);
         for (int i = 0; i < n_ents && !r->resuming; i++) {
             qerr why;
             if (ckpt_load(ents[i].path, &r->ck, &why)) {
                 fprintf(stderr, "[checkpoint] skipping %s\n", why.msg);
+                if (ents[i].complete && !n_committed++) newest_why = why;
+                n_interrupted += !ents[i].complete;
                 continue;
             }
             if (!c->auto_resume_from_checkpoints) {
@@ -122,11 +178,51 @@ static int setup_resume_choice(run_ctx *r, qerr *e) {
             r->resuming = 1;
         }
         free(ents);
+        /* A save that committed (its COMPLETE marker exists) but cannot be loaded now is damage, not an
+         * interrupted save: starting over would overwrite that run's outputs. Only saves interrupted before
+         * their marker (the crash-safe protocol's leftovers) are passed over for a start from step 0. */
+        if (!r->resuming && n_committed)
+            return qerr_set(e,
+                            "%s: output_dir \"%s\" holds %d complete checkpoint(s) and none can be resumed; the "
+                            "newest: %s. Delete its checkpoint-* directories to start over, or choose another "
+                            "output_dir (or resume_from_checkpoint)",
+                            r->cfgname, c->output_dir, n_committed, newest_why.msg);
+        char mp[4200];
+        snprintf(mp, sizeof mp, "%s/metrics.jsonl", c->output_dir);
+        if (!r->resuming && (n_interrupted || access(mp, F_OK) == 0))
+            fprintf(stderr, "[checkpoint] starting over from step 0: output_dir %s holds no complete checkpoint "
+                            "(%d interrupted save(s) skipped); the outputs of the run before are overwritten\n",
+                    c->output_dir, n_interrupted);
     }
     if (r->resuming)
         fprintf(stderr, "[checkpoint] resuming from %s: step %lld, epoch %lld, row %lld of %lld\n", r->ck_dir,
                 (long long)r->ck.step, (long long)(r->ck.rows_consumed / r->ck.n_rows),
                 (long long)(r->ck.rows_consumed % r->ck.n_rows), (long long)r->ck.n_rows);
+    return 0;
+}
+
+/* lora_r against the targeted linears: the update B·A of a linear with `in`
+ * inputs and `out` outputs has rank at most min(in, out), so a larger r adds
+ * parameters (and memory) that cannot change what it can learn. */
+static int check_lora_rank(const run_ctx *r, const llama_hparams *hp, qerr *e) {
+    const train_config *c = r->c;
+    const unsigned mask = train_config_target_mask(c);
+    int worst = -1;
+    int64_t w_out = 0, w_in = 0;
+    for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+        if (!((mask >> k) & 1)) continue;
+        int64_t out, in;
+        llama_tensor_shape(hp, LLAMA_T_LINEAR, k, &out, &in);
+        if (worst < 0 || (out < in ? out : in) < (w_out < w_in ? w_out : w_in)) worst = k, w_out = out, w_in = in;
+    }
+    const int64_t max_r = w_out < w_in ? w_out : w_in;
+    if (worst >= 0 && c->lora_r > max_r)
+        return qerr_set(e,
+                        "%s: lora_r: %d exceeds the rank a LoRA update of %s can have: its weight is [%lld, %lld] "
+                        "(out, in) in the %d layers of %s; expected lora_r <= %lld, min(in, out) of every targeted "
+                        "linear",
+                        r->cfgname, c->lora_r, llama_linears[worst].peft, (long long)w_out, (long long)w_in,
+                        hp->n_layer, c->base_model, (long long)max_r);
     return 0;
 }
 
@@ -161,7 +257,17 @@ static int setup_base_model(run_ctx *r, qerr *e) {
     fprintf(stderr, "[model] fingerprint %016llx, tokenizer %016llx (%.1fs)\n", (unsigned long long)r->model_fp,
             (unsigned long long)r->tok_fp, clock_now_sec() - t0);
     if (tokenizer_load_gguf(r->gf, &r->tok, e)) return qerr_prefix(e, "%s: base_model %s", r->cfgname, c->base_model);
-    return 0;
+    /* Token ids index the embedding's rows (and the LM head's, which has as many): every id the tokenizer can
+     * produce needs one, or the embedding reads past its end. Padded vocabularies (more rows) are fine. */
+    const int n_tok = tokenizer_n_vocab(r->tok);
+    if (n_tok > hp0->vocab)
+        return qerr_set(e,
+                        "%s: base_model %s: the tokenizer has %d tokens but %s has %d rows: token ids %d..%d would "
+                        "index past the embedding; expected at least %d rows (a tokenizer of at most %d tokens)",
+                        r->cfgname, c->base_model, n_tok,
+                        base_model_kind(r->bm) == BASE_HF ? "model.embed_tokens.weight" : "token_embd.weight",
+                        hp0->vocab, hp0->vocab, n_tok - 1, n_tok, hp0->vocab);
+    return check_lora_rank(r, hp0, e);
 }
 
 /* XXH64 of the packed training rows: a changed dataset (or tokenizer,
@@ -293,6 +399,67 @@ static int check_resume_adapter(const run_ctx *r, qerr *e) {
     return 0;
 }
 
+/* The memory plan (trainer/memplan.c), once the frozen weights are loaded and
+ * before the adapters, their gradients and the optimizer state are allocated:
+ * a run whose predicted peak exceeds the machine's memory is refused here,
+ * with the numbers and the keys that drive them, before output_dir changes
+ * (unless memory_check: false). */
+static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr *e) {
+    const train_config *c = r->c;
+    const llama_model *m = &r->model;
+    int64_t lora_params = 0; /* what lora_set_init will allocate: r·(in + out) per adapted linear */
+    for (int l = 0; l < m->hp.n_layer; l++)
+        for (int k = 0; k < LLAMA_N_LINEAR; k++)
+            if (target[k]) lora_params += (int64_t)c->lora_r * (m->layers[l].lin[k].in + m->layers[l].lin[k].out);
+    struct stat model_st;
+    memplan_input mpi = {.hp = m->hp, .B = c->micro_batch_size, .T = c->sequence_len,
+                         .checkpointing = c->gradient_checkpointing, .bf16 = c->bf16, .lora_r = c->lora_r,
+                         .lora_dropout = c->lora_dropout, .lora_params = lora_params,
+                         .frozen_bytes = m->quantized_bytes,
+                         .extra_bytes = stat(c->base_model, &model_st) == 0 ? (int64_t)model_st.st_size : 0,
+                         .n_threads = r->n_threads};
+    memplan_predict(&mpi, &r->plan);
+    const memplan *p = &r->plan;
+    const double M = 1048576.0;
+    const char *what = NULL;
+    const double have = memplan_machine_bytes(&what);
+    if (have > 0 && p->total > have) {
+        if (!c->memory_check) {
+            fprintf(stderr, "[memory] memory_check: false: the predicted peak %.0f MiB exceeds this machine's %.0f "
+                            "MiB of %s; running anyway\n", p->total / M, have / M, what);
+            return 0;
+        }
+        /* the keys that drive the largest part */
+        char why[512];
+        const double ad = p->adapters + p->optimizer;
+        if (p->activations >= ad && p->activations >= p->base)
+            snprintf(why, sizeof why,
+                     "activations %.0f MiB for micro_batch_size %d x sequence_len %d%s: lower micro_batch_size "
+                     "(raise gradient_accumulation_steps to keep the batch) or sequence_len%s",
+                     p->activations / M, c->micro_batch_size, c->sequence_len,
+                     c->gradient_checkpointing ? " (with gradient_checkpointing)" : "",
+                     c->gradient_checkpointing ? "" : ", or set gradient_checkpointing: true");
+        else if (ad >= p->base)
+            snprintf(why, sizeof why,
+                     "LoRA adapters, gradients and optimizer state %.0f MiB for lora_r %d: lower lora_r or target "
+                     "fewer modules (lora_target_modules, lora_target_linear)",
+                     ad / M, c->lora_r);
+        else
+            snprintf(why, sizeof why, "the frozen base_model %.0f MiB: use a smaller base_model%s", p->base / M,
+                     c->load_in_4bit ? "" : " or load_in_4bit: true");
+        return qerr_set(e,
+                        "%s: memory: the planner predicts a peak of %.0f MiB, more than this machine's %.0f MiB of "
+                        "%s; most of it is %s (or set memory_check: false to run anyway)",
+                        r->cfgname, p->total / M, have / M, what, why);
+    }
+    const double avail = memplan_available_bytes();
+    if (avail >= 0 && p->total > avail)
+        fprintf(stderr, "[memory] note: the predicted peak %.0f MiB is more than the %.0f MiB available now "
+                        "(MemAvailable): the run may swap, or be killed if other processes keep their memory\n",
+                p->total / M, avail / M);
+    return 0;
+}
+
 /* The frozen weights (NF4 or bf16) and the LoRA adapters over them. */
 static int setup_model(run_ctx *r, qerr *e) {
     const train_config *c = r->c;
@@ -315,6 +482,7 @@ static int setup_model(run_ctx *r, qerr *e) {
     unsigned mask = train_config_target_mask(c);
     int target[LLAMA_N_LINEAR];
     for (int k = 0; k < LLAMA_N_LINEAR; k++) target[k] = (mask >> k) & 1;
+    if (setup_memory_plan(r, target, e)) return -1;
     lora_set *ls = &r->ls;
     if (lora_set_init(ls, m, c->lora_r, c->lora_alpha, c->lora_dropout, c->use_rslora, target, (uint64_t)c->seed, e))
         return -1;
@@ -340,16 +508,7 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
     r->save_every = train_config_save_interval(c, r->steps_per_epoch);
     if (lr_schedule_parse(c->lr_scheduler, &r->sk, e)) return -1;
 
-    /* memory prediction (trainer/memplan.c) */
-    struct stat model_st;
-    memplan_input mpi = {.hp = r->model.hp, .B = r->mbs, .T = c->sequence_len,
-                         .checkpointing = c->gradient_checkpointing, .bf16 = c->bf16, .lora_r = c->lora_r,
-                         .lora_dropout = c->lora_dropout, .lora_params = r->ls.n_params,
-                         .frozen_bytes = r->model.quantized_bytes,
-                         .extra_bytes = stat(c->base_model, &model_st) == 0 ? (int64_t)model_st.st_size : 0,
-                         .n_threads = r->n_threads};
-    memplan_predict(&mpi, &r->plan);
-    memplan_print(stderr, &r->plan);
+    memplan_print(stderr, &r->plan); /* predicted and checked in setup_model */
 
     if (ag_ctx_init(&r->ctx, memplan_arena_chunk(&r->plan), e)) return -1;
     r->ctx.bf16 = c->bf16;
@@ -473,9 +632,18 @@ int run_finish(run_ctx *r, qerr *e) {
         res->interrupted_step = (int)r->last_saved;
         snprintf(res->checkpoint, sizeof res->checkpoint, "%s", r->last_ckpt);
         fprintf(stderr, "[checkpoint] stopped by %s after step %lld; state saved in %s\n",
-                g_stop_signal == SIGINT ? "SIGINT" : "SIGTERM", (long long)r->last_saved, r->last_ckpt);
+                run_stop_signal_name(g_stop_signal), (long long)r->last_saved, r->last_ckpt);
         return 0;
     }
+    /* max_nan_steps stops a streak that long; a run shorter than that whose every step was skipped would
+     * otherwise end as if it had trained */
+    const int64_t applied = r->use_sophia ? r->sop.step : r->opt.step;
+    if (r->final_step > 0 && applied == 0)
+        return qerr_set(e,
+                        "no optimizer update was applied: all %d steps had a NaN/Inf loss or gradient and were "
+                        "skipped (max_nan_steps %d stops only that many in a row), so nothing was trained and no "
+                        "adapter was written; base_model %s or the data give non-finite values",
+                        r->final_step, c->max_nan_steps, c->base_model);
 
     /* held-out loss after training */
     if (r->eval_set.n_rows > 0) {

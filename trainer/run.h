@@ -28,6 +28,9 @@
 #include "trainer/metrics.h"
 #include "trainer/train.h"
 
+/* SIGINT, SIGTERM, SIGHUP: the signals that stop a run after a checkpoint (trainer/run.c). */
+#define RUN_N_STOP_SIGNALS 3
+
 /* The rows of one micro-batch, gathered contiguously: each (micro_batch_size * sequence_len) int32. */
 typedef struct batch_buf {
     int32_t *ids, *tgt, *pos, *sid;
@@ -102,9 +105,9 @@ typedef struct run_ctx {
     double t_train;            /* clock_now_sec() when this process started training */
     double tok_trained;        /* tokens trained by this process */
 
-    /* SIGINT / SIGTERM */
+    /* SIGINT / SIGTERM / SIGHUP handlers and SIGPIPE ignored (trainer/run.c): the dispositions they replaced */
     int handlers;
-    struct sigaction old_sa[2];
+    struct sigaction old_sa[RUN_N_STOP_SIGNALS + 1];
 } run_ctx;
 
 /* Set the run up, phase by phase: output_dir and its lock, the inputs exist,
@@ -117,8 +120,9 @@ int run_setup(run_ctx *r, const train_config *c, train_result *res, qerr *e);
 
 /* Before the first step: the held-out loss before training (or the one the
  * resumed checkpoint holds), the note when the checkpoint is past
- * total_steps, the stop-signal handlers, the training clock. e receives a
- * metrics line's write error (which does not stop the run). */
+ * total_steps, the stop-signal handlers (SIGINT, SIGTERM, SIGHUP; SIGPIPE
+ * ignored), the training clock. e receives a metrics line's write error
+ * (which does not stop the run). */
 void run_start(run_ctx *r, qerr *e);
 
 /* One optimizer step, number `step` (1-based): its rows_per_step rows from
@@ -160,11 +164,26 @@ int run_resume(run_ctx *r, const ckpt_state *ck, qerr *e);
 int run_write_adapter(const run_ctx *r, const char *dir, qerr *e);
 
 /* After the loop: the Sophia summary, the final checkpoint, the stop-signal
- * result, the held-out loss after training, the adapter and the loss curve. */
+ * result, the held-out loss after training, the adapter and the loss curve.
+ * A run in which no optimizer update was ever applied (every step had a
+ * non-finite loss or gradient and was skipped) fails with -1 instead: nothing
+ * was trained, so no adapter is written. */
 int run_finish(run_ctx *r, qerr *e);
 
-/* The signal that asked the run to stop (SIGINT / SIGTERM), or 0. */
+/* What asked the run to stop: SIGINT, SIGTERM or SIGHUP, SIGPIPE when stdout
+ * or stderr was closed (run_check_outputs), or 0. Set from run_start on. */
 int run_stop_signal(void);
+
+/* The stop request `sig` in words for log lines ("SIGHUP", "a closed output
+ * (stdout or stderr)"). */
+const char *run_stop_signal_name(int sig);
+
+/* A closed stdout or stderr (the reader of a pipe gone: `| head`, a dropped
+ * connection) is a stop request like SIGTERM: when poll reports either as
+ * gone, run_stop_signal() becomes SIGPIPE. Called after every step (a write
+ * to the closed pipe only fails with EPIPE: SIGPIPE is ignored from
+ * run_start on). */
+void run_check_outputs(void);
 
 /* Release everything the run holds (any state run_setup left it in). */
 void run_free(run_ctx *r);

@@ -68,9 +68,15 @@ int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
     if (rc) return qerr_prefix(e, "checkpoint at step %d", step);
     r->last_saved = step;
     int ndel = 0;
-    if (c->save_total_limit > 0 && ckpt_prune(c->output_dir, c->save_total_limit, &ndel, e)) return -1;
+    qerr why;
+    /* The new checkpoint is committed: an old one that cannot be deleted costs disk space, not the run. */
+    int prune_failed = c->save_total_limit > 0 && ckpt_prune(c->output_dir, c->save_total_limit, &ndel, &why);
     fprintf(stderr, "[checkpoint] saved %s (%.1fs)%s\n", r->last_ckpt, clock_now_sec() - ts,
             ndel ? "; older checkpoints beyond save_total_limit deleted" : "");
+    if (prune_failed)
+        fprintf(stderr, "[checkpoint] warning: could not delete an older checkpoint beyond save_total_limit %d (%s); "
+                        "training goes on, delete it by hand\n",
+                c->save_total_limit, why.msg);
     return 0;
 }
 
@@ -114,6 +120,8 @@ static void config_diff_keys(const char *a, const char *b, char *out, size_t n) 
             }
             int differs = pass == 0 ? (!qb || (size_t)(qe - qb) != (size_t)(end - p) || memcmp(qb, p, (size_t)(end - p)))
                                     : !qb;
+            /* keys that cannot change what is computed */
+            if (kl == strlen("memory_check") && !strncmp(p, "memory_check", kl)) differs = 0;
             if (differs && strlen(out) + kl + 3 < n) {
                 if (out[0]) strcat(out, ", ");
                 strncat(out, p, kl);

@@ -15,6 +15,7 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
     if (!rc) run_start(&r, e);
     for (int step = r.start_step + 1; !rc && step <= r.total_steps; step++) {
         if ((rc = train_step(&r, step, e))) break;
+        run_check_outputs(); /* a closed stdout / stderr stops the run as SIGTERM does */
         /* a stop signal saves first: the periodic evaluation would delay it (and a second signal kills) */
         if (r.eval_set.n_rows > 0 && r.eval_every > 0 && step % r.eval_every == 0 && step != r.total_steps &&
             !run_stop_signal())
