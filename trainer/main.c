@@ -1,8 +1,9 @@
 /* trainer/main.c — `qlora-train config.yaml [key=value ...]`.
  *
  * Exit status: 0 success, 1 the run failed (message on stderr), 2 bad usage
- * or an invalid config, 128 + signal (130 SIGINT, 143 SIGTERM) when a signal
- * stopped training after saving a checkpoint (re-running resumes). Every error
+ * or an invalid config, 128 + signal (130 SIGINT, 143 SIGTERM, 129 SIGHUP, 141
+ * when stdout or stderr was closed) when training stopped after saving a
+ * checkpoint (re-running resumes). Every error
  * is one line naming the file and field.
  */
 #include <signal.h>
@@ -12,6 +13,7 @@
 
 #include "autograd/gemm.h"
 #include "trainer/config.h"
+#include "trainer/run.h"
 #include "trainer/train.h"
 
 #define QLORA_VERSION "0.1.0"
@@ -22,7 +24,8 @@ static void usage(FILE *f) {
             "  Fine-tune a LoRA/QLoRA adapter on a GGUF Llama-family model (axolotl config keys).\n"
             "  key=value overrides a config key, e.g. max_steps=20 lora_r=16 'lora_target_modules=[q_proj,v_proj]'\n"
             "  Checkpoints go to output_dir/checkpoint-<step>/; re-running the same command resumes from the\n"
-            "  newest complete one. Ctrl-C (SIGINT) or SIGTERM finishes the step, saves a checkpoint and stops.\n"
+            "  newest complete one. Ctrl-C (SIGINT), SIGTERM, SIGHUP or a closed output finishes the step, saves a\n"
+            "  checkpoint and stops (exit 130, 143, 129, 141).\n"
             "  --help, --version\n");
 }
 
@@ -79,7 +82,7 @@ int main(int argc, char **argv) {
         fprintf(stderr,
                 "qlora-train: stopped by %s after step %d; checkpoint %s is complete. Resume with the same "
                 "command:\n  %s\n",
-                r.interrupted == SIGINT ? "SIGINT" : r.interrupted == SIGTERM ? "SIGTERM" : "a signal",
+                run_stop_signal_name(r.interrupted),
                 r.interrupted_step, r.checkpoint, cmd);
         train_config_free(&c);
         gemm_shutdown();

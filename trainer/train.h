@@ -17,7 +17,8 @@ typedef struct train_result {
     double wall_seconds;
     double peak_rss_mib;
     int64_t quantized_bytes, n_quantized_params;
-    int interrupted;          /* SIGINT/SIGTERM stopped the run after a checkpoint (else 0) */
+    int interrupted;          /* the stop request (SIGINT, SIGTERM, SIGHUP, or SIGPIPE for a closed output) that
+                               * ended the run after a checkpoint (else 0) */
     int interrupted_step;     /* the step that checkpoint holds */
     char checkpoint[4096];    /* its directory */
 } train_result;
@@ -30,8 +31,8 @@ typedef struct train_result {
  *
  * Checkpoints (trainer/checkpoint.h) go to output_dir/checkpoint-<step>/ every
  * train_config_save_interval() steps, after the last step and on
- * SIGINT/SIGTERM; the run resumes from the newest complete one (or
- * c->resume_from_checkpoint) bit-exactly. A SIGINT/SIGTERM during training
+ * SIGINT/SIGTERM/SIGHUP or a closed stdout/stderr; the run resumes from the newest complete one (or
+ * c->resume_from_checkpoint) bit-exactly. Such a stop request during training
  * finishes the step, saves, and returns 0 with res->interrupted = the signal.
  * Inputs are checked (output_dir writable and unlocked, files readable,
  * sequence_len within the model's context) before anything heavy is loaded,
