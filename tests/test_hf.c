@@ -556,7 +556,8 @@ static void test_merged_export(void **state) {
     assert_non_null(idx);
     cJSON *wm = cJSON_GetObjectItem(idx, "weight_map");
     assert_int_equal(cJSON_GetArraySize(wm), 1 + NL * 9 + 1);
-    const char *shard = cJSON_GetObjectItem(wm, "model.layers.1.self_attn.q_proj.weight")->valuestring;
+    char shard[40]; /* copied: the index tree is freed before the re-export checks below */
+    snprintf(shard, sizeof shard, "%s", cJSON_GetObjectItem(wm, "model.layers.1.self_attn.q_proj.weight")->valuestring);
     snprintf(p, sizeof p, "%s/%s", md, shard);
     safetensors_file *sf;
     assert_int_equal(safetensors_open(p, &sf, &e), 0);
@@ -613,6 +614,27 @@ static void test_merged_export(void **state) {
     assert_string_equal(cJSON_GetObjectItem(c, "eos_token")->valuestring, "<|im_end|>");
     assert_string_equal(cJSON_GetObjectItem(c, "chat_template")->valuestring, tokenizer_chat_template(tok));
     cJSON_Delete(c);
+
+    /* re-export into the same directory (issue 17 item 11): the weight files of the earlier export that are
+     * not part of the new one are gone — a single model.safetensors beside new shards would be what
+     * transformers loads */
+    char shard1[300], single[300];
+    snprintf(shard1, sizeof shard1, "%s/%s", md, shard);
+    snprintf(single, sizeof single, "%s/model.safetensors", md);
+    assert_int_equal(access(shard1, F_OK), 0);
+    rc = export_merged(b, &m, tok, &ls, &info, md, 0, &e); /* one file now */
+    if (rc) print_error("%s\n", e.msg);
+    assert_int_equal(rc, 0);
+    assert_int_equal(access(single, F_OK), 0);
+    assert_int_equal(access(shard1, F_OK), -1);
+    assert_int_equal(access(p, F_OK), 0); /* tokenizer_config.json stays */
+    snprintf(p, sizeof p, "%s/model.safetensors.index.json", md);
+    assert_int_equal(access(p, F_OK), -1);
+    rc = export_merged(b, &m, tok, &ls, &info, md, 40000, &e); /* sharded again */
+    if (rc) print_error("%s\n", e.msg);
+    assert_int_equal(rc, 0);
+    assert_int_equal(access(single, F_OK), -1);
+    assert_int_equal(access(p, F_OK), 0);
 
     tokenizer_free(tok);
     lora_set_free(&ls);

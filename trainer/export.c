@@ -11,6 +11,8 @@
 #include "trainer/export.h"
 
 #include <cjson/cJSON.h>
+#include <dirent.h>
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -313,6 +315,34 @@ static int merged_tensor(const base_model *b, const llama_model *m, const lora_s
     return 0;
 }
 
+/* After a merged export of n_shards files into dir: delete the weight files of an earlier export there
+ * that are not part of this one — "model.safetensors" when this export is sharded, and every
+ * "model-NNNNN-of-MMMMM.safetensors" whose MMMMM differs from n_shards (or any, when it is a single file).
+ * transformers loads model.safetensors before an index, so a stale single file beside new shards would
+ * be loaded instead of them. Runs only after every new file and the index are in place. */
+static int remove_stale_weights(const char *dir, int n_shards, qerr *e) {
+    DIR *d = opendir(dir);
+    if (!d) return qerr_set(e, "cannot list %s: %s", dir, strerror(errno));
+    struct dirent *de;
+    int rc = 0;
+    while ((de = readdir(d)) && !rc) {
+        unsigned a, b;
+        char tail[32];
+        int stale = 0;
+        if (!strcmp(de->d_name, "model.safetensors")) stale = n_shards > 1;
+        else if (sscanf(de->d_name, "model-%5u-of-%5u%31s", &a, &b, tail) == 3 && !strcmp(tail, ".safetensors") &&
+                 strlen(de->d_name) == strlen("model-00001-of-00001.safetensors"))
+            stale = n_shards == 1 || (int)b != n_shards;
+        if (!stale) continue;
+        char p[4096];
+        snprintf(p, sizeof p, "%s/%s", dir, de->d_name);
+        if (unlink(p) && errno != ENOENT) rc = qerr_set(e, "cannot remove the earlier export's %s: %s", p, strerror(errno));
+        else fprintf(stderr, "[export] removed %s of an earlier export (not part of this one)\n", p);
+    }
+    closedir(d);
+    return rc;
+}
+
 int export_merged(const base_model *b, const llama_model *m, const tokenizer *tok, const lora_set *ls,
                   const adapter_info *info, const char *dir, size_t max_shard_bytes, qerr *e) {
     const llama_hparams *hp = base_model_hparams(b);
@@ -411,6 +441,7 @@ int export_merged(const base_model *b, const llama_model *m, const tokenizer *to
         snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
         unlink(path); /* a stale index from an earlier sharded export would shadow model.safetensors */
     }
+    if (remove_stale_weights(dir, n_shards, e)) goto done;
     if (base_model_kind(b) == BASE_HF ? write_config_from_hf(b, dir, e) : write_config_from_hparams(b, tok, dir, e))
         goto done;
     if (write_generation_config(tok, dir, e)) goto done;
