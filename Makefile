@@ -103,7 +103,7 @@ ASAN_CFLAGS      = $(filter-out -Werror,$(CFLAGS)) $(ASAN_FLAGS)
 ASAN_LIB_OBJ    := $(LIB_SRC:%.c=build-asan/%.o)
 ASAN_HELPER_OBJ := $(TEST_HELPER_SRC:%.c=build-asan/%.o)
 ASAN_TEST_BIN   := $(foreach t,$(TEST_SRC:tests/%.c=%),$(if $(findstring e2e,$(t)),,build-asan/tests/$(t)))
-ASAN_ENV        := QLORA_TRAIN_BIN=build-asan/bin/qlora-train \
+ASAN_ENV        := QLORA_TRAIN_BIN=build-asan/bin/qlora-train QLORA_BIN_DIR=build-asan/bin \
                    ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:strict_string_checks=1:detect_stack_use_after_return=1 \
                    LSAN_OPTIONS=suppressions=$(CURDIR)/scripts/lsan.supp:print_suppressions=0 \
                    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
@@ -119,13 +119,19 @@ build-asan/bin/qlora-train: build-asan/trainer/main.o build-asan/libqlora.a
 	@mkdir -p $(dir $@)
 	$(CC) $(ASAN_CFLAGS) $^ -o $@ $(LDLIBS)
 
+# the side tools under the sanitizers too: the hostile-input probe runs them ($QLORA_BIN_DIR)
+ASAN_TOOL_BINS  := $(TOOL_BINS:bin/%=build-asan/bin/%)
+$(ASAN_TOOL_BINS): build-asan/bin/qlora-%: build-asan/trainer/%_main.o build-asan/libqlora.a
+	@mkdir -p $(dir $@)
+	$(CC) $(ASAN_CFLAGS) $^ -o $@ $(LDLIBS)
+
 build-asan/tests/%: tests/%.c build-asan/libqlora.a $(ASAN_HELPER_OBJ)
 	@mkdir -p $(dir $@)
 	$(CC) $(ASAN_CFLAGS) $< $(ASAN_HELPER_OBJ) build-asan/libqlora.a -o $@ $(LDLIBS) -lcmocka
 
 .SECONDARY: $(ASAN_HELPER_OBJ) $(FUZZ_LIB_OBJ)
 .PHONY: test-asan
-test-asan: $(ASAN_TEST_BIN) build-asan/bin/qlora-train $(DEFAULT_MODEL) $(DEFAULT_DATA)
+test-asan: $(ASAN_TEST_BIN) build-asan/bin/qlora-train $(ASAN_TOOL_BINS) $(DEFAULT_MODEL) $(DEFAULT_DATA)
 	@$(ASAN_ENV) scripts/run_tests.sh $(ASAN_TEST_BIN)
 
 # ---- fuzzing: libFuzzer targets (fuzz/) for the GGUF, safetensors, config and JSONL parsers,

@@ -19,6 +19,15 @@ const char *subproc_trainer(void) {
     return b && *b ? b : "bin/qlora-train";
 }
 
+const char *subproc_tool(const char *name) {
+    static char paths[4][512];
+    static int k;
+    char *p = paths[k++ % 4];
+    const char *dir = getenv("QLORA_BIN_DIR");
+    snprintf(p, sizeof paths[0], "%s/qlora-%s", dir && *dir ? dir : "bin", name);
+    return p;
+}
+
 int subproc_start(subproc *p, char *const argv[], const char *const *env_extra) {
     memset(p, 0, sizeof *p);
     int fds[2];

@@ -11,6 +11,11 @@
  * (make test-asan points it at the sanitizer build). */
 const char *subproc_trainer(void);
 
+/* A side tool ("generate", "export", "preprocess"): "$QLORA_BIN_DIR/qlora-<name>", else
+ * "bin/qlora-<name>" (make test-asan points QLORA_BIN_DIR at the sanitizer builds). The string is valid
+ * until four more calls. */
+const char *subproc_tool(const char *name);
+
 typedef struct subproc {
     pid_t pid;
     int err_fd;      /* read end of the child's stderr (non-blocking) */

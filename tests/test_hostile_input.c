@@ -256,10 +256,10 @@ static void test_12_tool_numbers(void **st) {
         {"--top-k", "5x"},             {"--bf16", "2"},
     };
     for (size_t i = 0; i < sizeof gen_bad / sizeof gen_bad[0]; i++)
-        expect_refusal_of("bin/qlora-generate",
+        expect_refusal_of(subproc_tool("generate"),
                           ARGS("--base", MODEL, "--prompt", "hi", gen_bad[i][0], gen_bad[i][1]),
                           WANT(gen_bad[i][0], gen_bad[i][1]));
-    expect_refusal_of("bin/qlora-generate", ARGS("--base", MODEL, "--ids", "1,2x,3"), WANT("--ids", "2x"));
+    expect_refusal_of(subproc_tool("generate"), ARGS("--base", MODEL, "--ids", "1,2x,3"), WANT("--ids", "2x"));
 
     /* 20,000 tokens of prompt against SmolLM2's 8192: refused before the model loads */
     char p[400];
@@ -268,11 +268,11 @@ static void test_12_tool_numbers(void **st) {
     assert_non_null(f);
     for (int i = 0; i < 20000; i++) fputs(" hello", f);
     assert_int_equal(fclose(f), 0);
-    expect_refusal_of("bin/qlora-generate", ARGS("--base", MODEL, "--raw", "--prompt-file", p),
+    expect_refusal_of(subproc_tool("generate"), ARGS("--base", MODEL, "--raw", "--prompt-file", p),
                       WANT("the prompt is", "tokens, more than", "context length of 8192"));
 
     /* 2147483647 new tokens: clamped to what the context holds, said on stderr, no overflow */
-    char *argv[] = {"bin/qlora-generate", "--base", MODEL, "--prompt", "hi", "--max-new-tokens", "2147483647", NULL};
+    char *argv[] = {(char *)subproc_tool("generate"), "--base", MODEL, "--prompt", "hi", "--max-new-tokens", "2147483647", NULL};
     subproc sp;
     assert_int_equal(subproc_start(&sp, argv, NULL), 0);
     for (int t = 0; t < HOSTILE_SECONDS * 10 && !subproc_poll(&sp, 100) && !strstr(sp.err, "clamped"); t++) {
@@ -286,10 +286,10 @@ static void test_12_tool_numbers(void **st) {
     subproc_free(&sp);
 
     /* the other tools' numeric options */
-    expect_refusal_of("bin/qlora-preprocess", ARGS(g_cfg, "--show-samples", "-5"), WANT("--show-samples", "-5"));
-    expect_refusal_of("bin/qlora-preprocess", ARGS(g_cfg, "--show-samples", "3x"), WANT("--show-samples", "3x"));
-    expect_refusal_of("bin/qlora-export", ARGS(g_out, "--max-shard-size", "12abc"), WANT("--max-shard-size", "12abc"));
-    expect_refusal_of("bin/qlora-export", ARGS(g_out, "--load-in-4bit", "yes"), WANT("--load-in-4bit", "yes"));
+    expect_refusal_of(subproc_tool("preprocess"), ARGS(g_cfg, "--show-samples", "-5"), WANT("--show-samples", "-5"));
+    expect_refusal_of(subproc_tool("preprocess"), ARGS(g_cfg, "--show-samples", "3x"), WANT("--show-samples", "3x"));
+    expect_refusal_of(subproc_tool("export"), ARGS(g_out, "--max-shard-size", "12abc"), WANT("--max-shard-size", "12abc"));
+    expect_refusal_of(subproc_tool("export"), ARGS(g_out, "--load-in-4bit", "yes"), WANT("--load-in-4bit", "yes"));
 }
 
 /* 13. A 400 KB config of nested "[[[…" took more than 60 s inside libyaml; any size was read. */

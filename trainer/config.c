@@ -1631,6 +1631,12 @@ int train_config_write_yaml(const train_config *c, const char *path, qerr *e) {
         case K_STR:
         case K_ENUM: {
             const char *s = *CFIELD(c, k->off, char *);
+            if (!s && !(k->flags & F_OPTIONAL)) {
+                /* never set (a required key of a config that has not been validated): null would be refused
+                 * on reading, and an absent key reads back as this same unset state */
+                fprintf(f, "# %s: not set\n", k->name);
+                break;
+            }
             fprintf(f, "%s: ", k->name);
             if (s)
                 put_yaml_str(f, s);
