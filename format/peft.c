@@ -179,6 +179,66 @@ static void sb_py_json(strbuf *b, const cJSON *x, int level) {
     }
 }
 
+/* A config value that must be empty (null, false, {}, [], or ok_str) for the
+ * adapter to be a plain LoRA A/B pair. */
+static int config_must_be_empty(const cJSON *cfg, const char *key, const char *ok_str, const char *path, qerr *e) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, key);
+    if (!v || cJSON_IsNull(v) || cJSON_IsFalse(v)) return 0;
+    if ((cJSON_IsObject(v) || cJSON_IsArray(v)) && cJSON_GetArraySize(v) == 0) return 0;
+    if (ok_str && cJSON_IsString(v) && !strcmp(v->valuestring, ok_str)) return 0;
+    return qerr_set(e, "%s: \"%s\" is set; adapters with %s are not supported", path, key, key);
+}
+
+int peft_adapter_base_model(const char *path, char *buf, size_t n) {
+    cJSON *cfg = file_read_json_object(path, NULL);
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, "base_model_name_or_path");
+    int rc = -1;
+    if (cJSON_IsString(v) && v->valuestring[0]) {
+        snprintf(buf, n, "%s", v->valuestring);
+        rc = 0;
+    }
+    cJSON_Delete(cfg);
+    return rc;
+}
+
+int peft_read_adapter_config(const char *path, peft_adapter_config *out, qerr *e) {
+    memset(out, 0, sizeof *out);
+    cJSON *cfg = file_read_json_object(path, e);
+    if (!cfg) return -1;
+    int rc = -1;
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, "peft_type");
+    if (!cJSON_IsString(v) || strcmp(v->valuestring, "LORA")) {
+        qerr_set(e, "%s: peft_type must be \"LORA\"", path);
+        goto done;
+    }
+    v = cJSON_GetObjectItemCaseSensitive(cfg, "r");
+    if (!cJSON_IsNumber(v) || v->valuedouble < 1 || v->valuedouble != floor(v->valuedouble) || v->valuedouble > 1e9) {
+        qerr_set(e, "%s: \"r\" must be a positive integer", path);
+        goto done;
+    }
+    out->r = (int)v->valuedouble;
+    v = cJSON_GetObjectItemCaseSensitive(cfg, "lora_alpha");
+    out->lora_alpha = cJSON_IsNumber(v) ? (float)v->valuedouble : 8.0f; /* PEFT's default */
+    v = cJSON_GetObjectItemCaseSensitive(cfg, "lora_dropout");
+    out->lora_dropout = cJSON_IsNumber(v) ? (float)v->valuedouble : 0.0f;
+    out->use_rslora = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(cfg, "use_rslora"));
+    v = cJSON_GetObjectItemCaseSensitive(cfg, "base_model_name_or_path");
+    if (cJSON_IsString(v))
+        snprintf(out->base_model_name_or_path, sizeof out->base_model_name_or_path, "%s", v->valuestring);
+    if (config_must_be_empty(cfg, "use_dora", NULL, path, e) || config_must_be_empty(cfg, "rank_pattern", NULL, path, e) ||
+        config_must_be_empty(cfg, "alpha_pattern", NULL, path, e) ||
+        config_must_be_empty(cfg, "modules_to_save", NULL, path, e) ||
+        config_must_be_empty(cfg, "fan_in_fan_out", NULL, path, e) ||
+        config_must_be_empty(cfg, "lora_bias", NULL, path, e) ||
+        config_must_be_empty(cfg, "layer_replication", NULL, path, e) ||
+        config_must_be_empty(cfg, "bias", "none", path, e))
+        goto done;
+    rc = 0;
+done:
+    cJSON_Delete(cfg);
+    return rc;
+}
+
 /* ------------------------------------------------------------------------ */
 
 int peft_write_adapter_config(const char *path, const peft_lora_config *c, qerr *e) {

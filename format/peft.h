@@ -40,6 +40,28 @@ typedef struct peft_lora_config {
  * Written to path.tmp then renamed. */
 int peft_write_adapter_config(const char *path, const peft_lora_config *c, qerr *e);
 
+/* What a trainer needs of a PEFT LoRA adapter_config.json (peft/tuners/lora/config.py). */
+typedef struct peft_adapter_config {
+    int r;                               /* rank, >= 1 */
+    float lora_alpha;                    /* PEFT's default 8 when absent */
+    float lora_dropout;                  /* 0 when absent */
+    int use_rslora;                      /* scaling alpha/sqrt(r) instead of alpha/r */
+    char base_model_name_or_path[1024];  /* "" when absent or null */
+} peft_adapter_config;
+
+/* Read `path` (an adapter_config.json) into *out. Refused, each with one line
+ * naming the file and the key: not a JSON object; peft_type other than "LORA";
+ * r not a positive integer; any option that changes the adapter's maths in a
+ * way a plain LoRA A/B pair cannot represent — use_dora, rank_pattern,
+ * alpha_pattern, modules_to_save, fan_in_fan_out, lora_bias,
+ * layer_replication set, or bias other than "none". Returns 0 or -1. */
+int peft_read_adapter_config(const char *path, peft_adapter_config *out, qerr *e);
+
+/* Only base_model_name_or_path of the adapter_config.json at `path` into buf
+ * (n bytes), without judging the rest: 0, or -1 when the file cannot be read
+ * or the key is absent, null or empty (no message). */
+int peft_adapter_base_model(const char *path, char *buf, size_t n);
+
 /* PEFT tensor name for layer `layer` (>= 0) of module `module` under HF
  * parent module `parent` (for Llama: model/llama_linear.h gives both), ab 'A'
  * or 'B' (either case): "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight".

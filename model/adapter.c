@@ -3,7 +3,6 @@
  * peft/utils/save_and_load.py (adapter name removed on save). */
 #include "model/adapter.h"
 
-#include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,16 +12,6 @@
 #include "core/file.h"
 #include "format/peft.h"
 #include "format/safetensors.h"
-
-/* A config value that must be empty (null, false, {}, [], "none") for qlora to
- * represent the adapter faithfully. */
-static int config_must_be_empty(const cJSON *cfg, const char *key, const char *ok_str, const char *path, qerr *e) {
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, key);
-    if (!v || cJSON_IsNull(v) || cJSON_IsFalse(v)) return 0;
-    if ((cJSON_IsObject(v) || cJSON_IsArray(v)) && cJSON_GetArraySize(v) == 0) return 0;
-    if (ok_str && cJSON_IsString(v) && !strcmp(v->valuestring, ok_str)) return 0;
-    return qerr_set(e, "%s: \"%s\" is set; adapters with %s are not supported", path, key, key);
-}
 
 /* A Llama LoRA tensor name (format/peft.h): layer, module (model/llama_linear.h) and
  * ab (0 = A, 1 = B); -1 unless the parent is the module's own (self_attn / mlp). */
@@ -70,48 +59,18 @@ int adapter_load_peft(const char *dir, const llama_hparams *hp, lora_set *ls, ad
     char path[4096], spath[4096];
     snprintf(path, sizeof path, "%s/adapter_config.json", dir);
     snprintf(spath, sizeof spath, "%s/adapter_model.safetensors", dir);
-    char *text = file_read_all(path, NULL, e);
-    if (!text) return qerr_prefix(e, "adapter");
-    cJSON *cfg = cJSON_Parse(text);
-    free(text);
-    if (!cfg || !cJSON_IsObject(cfg)) {
-        cJSON_Delete(cfg);
-        return qerr_set(e, "%s: not a JSON object", path);
-    }
+    peft_adapter_config pc;
+    if (peft_read_adapter_config(path, &pc, e)) return -1;
+    info->r = pc.r;
+    info->lora_alpha = pc.lora_alpha;
+    info->lora_dropout = pc.lora_dropout;
+    info->use_rslora = pc.use_rslora;
+    snprintf(info->base_model_name_or_path, sizeof info->base_model_name_or_path, "%s", pc.base_model_name_or_path);
     int rc = -1;
     safetensors_file *sf = NULL;
     llama_model skel;
     memset(&skel, 0, sizeof skel);
     float *buf = NULL;
-
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, "peft_type");
-    if (!cJSON_IsString(v) || strcmp(v->valuestring, "LORA")) {
-        qerr_set(e, "%s: peft_type must be \"LORA\"", path);
-        goto done;
-    }
-    v = cJSON_GetObjectItemCaseSensitive(cfg, "r");
-    if (!cJSON_IsNumber(v) || v->valuedouble < 1 || v->valuedouble != floor(v->valuedouble)) {
-        qerr_set(e, "%s: \"r\" must be a positive integer", path);
-        goto done;
-    }
-    info->r = (int)v->valuedouble;
-    v = cJSON_GetObjectItemCaseSensitive(cfg, "lora_alpha");
-    info->lora_alpha = cJSON_IsNumber(v) ? (float)v->valuedouble : 8.0f; /* PEFT's default */
-    v = cJSON_GetObjectItemCaseSensitive(cfg, "lora_dropout");
-    info->lora_dropout = cJSON_IsNumber(v) ? (float)v->valuedouble : 0.0f;
-    v = cJSON_GetObjectItemCaseSensitive(cfg, "use_rslora");
-    info->use_rslora = cJSON_IsTrue(v);
-    v = cJSON_GetObjectItemCaseSensitive(cfg, "base_model_name_or_path");
-    if (cJSON_IsString(v)) snprintf(info->base_model_name_or_path, sizeof info->base_model_name_or_path, "%s", v->valuestring);
-    if (config_must_be_empty(cfg, "use_dora", NULL, path, e) ||
-        config_must_be_empty(cfg, "rank_pattern", NULL, path, e) ||
-        config_must_be_empty(cfg, "alpha_pattern", NULL, path, e) ||
-        config_must_be_empty(cfg, "modules_to_save", NULL, path, e) ||
-        config_must_be_empty(cfg, "fan_in_fan_out", NULL, path, e) ||
-        config_must_be_empty(cfg, "lora_bias", NULL, path, e) ||
-        config_must_be_empty(cfg, "layer_replication", NULL, path, e) ||
-        config_must_be_empty(cfg, "bias", "none", path, e))
-        goto done;
 
     if (safetensors_open(spath, &sf, e)) goto done;
     int n = safetensors_count(sf);
@@ -159,7 +118,7 @@ int adapter_load_peft(const char *dir, const llama_hparams *hp, lora_set *ls, ad
     for (int i = 0; i < n; i++) {
         st_tensor t;
         safetensors_get(sf, i, &t);
-        int l, k, ab;
+        int l = 0, k = 0, ab = 0;
         parse_name(t.name, &l, &k, &ab);
         int idx = l * LLAMA_N_LINEAR + k;
         const lora_adapter *a = lora_set_get(ls, l, k);
@@ -197,20 +156,11 @@ done:
     free(buf);
     free(skel.layers);
     safetensors_close(sf);
-    cJSON_Delete(cfg);
     return rc;
 }
 
 int adapter_peek_base(const char *dir, char *buf, size_t n) {
     char path[4096];
     snprintf(path, sizeof path, "%s/adapter_config.json", dir);
-    cJSON *cfg = file_read_json_object(path, NULL);
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(cfg, "base_model_name_or_path");
-    int rc = -1;
-    if (cJSON_IsString(v) && v->valuestring[0]) {
-        snprintf(buf, n, "%s", v->valuestring);
-        rc = 0;
-    }
-    cJSON_Delete(cfg);
-    return rc;
+    return peft_adapter_base_model(path, buf, n);
 }

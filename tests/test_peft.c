@@ -146,11 +146,59 @@ static void test_write_errors(void **state) {
     assert_int_equal(access(path, F_OK), -1);
 }
 
+/* The reader is the writer's inverse for what a trainer needs, and refuses every option a plain LoRA A/B
+ * pair cannot represent, naming the key. */
+static void test_read_adapter_config(void **state) {
+    const tmpdir *td = *state;
+    char path[256];
+    snprintf(path, sizeof path, "%s/adapter_config.json", td->dir);
+    const char *targets[] = {"q_proj", "v_proj"};
+    peft_lora_config w = {.r = 4, .lora_alpha = 8, .lora_dropout = 0.05f, .use_rslora = 1, .target_modules = targets,
+                          .n_target_modules = 2, .base_model_name_or_path = "models/base.gguf"};
+    qerr e;
+    assert_int_equal(peft_write_adapter_config(path, &w, &e), 0);
+    peft_adapter_config r;
+    if (peft_read_adapter_config(path, &r, &e)) fail_msg("%s", e.msg);
+    assert_int_equal(r.r, 4);
+    assert_true(r.lora_alpha == 8.0f && r.lora_dropout == 0.05f && r.use_rslora == 1);
+    assert_string_equal(r.base_model_name_or_path, "models/base.gguf");
+    char base[64];
+    assert_int_equal(peft_adapter_base_model(path, base, sizeof base), 0);
+    assert_string_equal(base, "models/base.gguf");
+    static const char *const bad[][2] = {
+        {"{\"peft_type\": \"IA3\", \"r\": 4}", "peft_type"},
+        {"{\"peft_type\": \"LORA\", \"r\": 0}", "\"r\""},
+        {"{\"peft_type\": \"LORA\", \"r\": 2.5}", "\"r\""},
+        {"{\"peft_type\": \"LORA\", \"r\": 4, \"use_dora\": true}", "use_dora"},
+        {"{\"peft_type\": \"LORA\", \"r\": 4, \"rank_pattern\": {\"q_proj\": 8}}", "rank_pattern"},
+        {"{\"peft_type\": \"LORA\", \"r\": 4, \"modules_to_save\": [\"lm_head\"]}", "modules_to_save"},
+        {"{\"peft_type\": \"LORA\", \"r\": 4, \"bias\": \"all\"}", "bias"},
+        {"[1, 2]", "not a JSON object"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        FILE *f = fopen(path, "w");
+        assert_non_null(f);
+        fputs(bad[i][0], f);
+        fclose(f);
+        assert_int_equal(peft_read_adapter_config(path, &r, &e), -1);
+        if (!strstr(e.msg, bad[i][1]) || !strstr(e.msg, path)) fail_msg("%s: expected \"%s\": %s", bad[i][0], bad[i][1], e.msg);
+    }
+    /* defaults: lora_alpha 8 (PEFT's), dropout 0, no base */
+    FILE *f = fopen(path, "w");
+    fputs("{\"peft_type\": \"LORA\", \"r\": 2, \"bias\": \"none\", \"use_dora\": false, \"rank_pattern\": {}}", f);
+    fclose(f);
+    if (peft_read_adapter_config(path, &r, &e)) fail_msg("%s", e.msg);
+    assert_true(r.r == 2 && r.lora_alpha == 8.0f && r.lora_dropout == 0.0f && !r.use_rslora);
+    assert_string_equal(r.base_model_name_or_path, "");
+    assert_int_equal(peft_adapter_base_model(path, base, sizeof base), -1);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_write_in_arena_order),
         cmocka_unit_test(test_write_any_table_order),
         cmocka_unit_test(test_write_errors),
+        cmocka_unit_test(test_read_adapter_config),
     };
     return cmocka_run_group_tests(tests, group_setup, tmpdir_teardown);
 }
