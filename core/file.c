@@ -43,6 +43,15 @@ char *file_read_all(const char *path, size_t *len, qerr *e) {
     return b;
 }
 
+const char *file_kind_name(unsigned mode) {
+    return S_ISDIR(mode)    ? "a directory"
+           : S_ISFIFO(mode) ? "a FIFO"
+           : S_ISCHR(mode)  ? "a character device"
+           : S_ISBLK(mode)  ? "a block device"
+           : S_ISSOCK(mode) ? "a socket"
+                            : "not a regular file";
+}
+
 int file_open_regular(const char *path, int64_t max_bytes, int64_t *size, qerr *e) {
     int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) {
@@ -60,13 +69,7 @@ int file_open_regular(const char *path, int64_t max_bytes, int64_t *size, qerr *
         return -1;
     }
     if (!S_ISREG(sb.st_mode)) {
-        qerr_set(e, "%s: not a regular file (%s)", path,
-                 S_ISDIR(sb.st_mode)    ? "a directory"
-                 : S_ISFIFO(sb.st_mode) ? "a FIFO"
-                 : S_ISCHR(sb.st_mode)  ? "a character device"
-                 : S_ISBLK(sb.st_mode)  ? "a block device"
-                 : S_ISSOCK(sb.st_mode) ? "a socket"
-                                        : "not a file");
+        qerr_set(e, "%s: not a regular file (%s)", path, file_kind_name(sb.st_mode));
         close(fd);
         errno = EINVAL;
         return -1;

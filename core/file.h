@@ -40,6 +40,11 @@ struct cJSON *file_read_json_object(const char *path, qerr *e);
  * "<path>: read error: <strerror>", out of memory. */
 char *file_read_regular(const char *path, size_t max_bytes, size_t *len, qerr *e);
 
+/* file_kind_name: what a non-regular file is, in words for a message: "a
+ * directory", "a FIFO", "a character device", "a block device", "a socket",
+ * else "not a regular file". mode: a struct stat's st_mode. */
+const char *file_kind_name(unsigned mode);
+
 /* file_open_regular: open `path` for reading only if it is a regular file of
  * at most max_bytes bytes (0: any size), for inputs whose reader would block
  * or never finish on anything else (checkpoint files: a FIFO blocks the open,

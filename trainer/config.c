@@ -1167,13 +1167,7 @@ static unsigned char *config_read(const char *path, size_t *len, qerr *e) {
         goto fail;
     }
     if (!S_ISREG(sb.st_mode)) {
-        qerr_set(e, "%s: is %s, expected a YAML file", path,
-                 S_ISDIR(sb.st_mode)    ? "a directory"
-                 : S_ISFIFO(sb.st_mode) ? "a FIFO"
-                 : S_ISCHR(sb.st_mode)  ? "a character device"
-                 : S_ISBLK(sb.st_mode)  ? "a block device"
-                 : S_ISSOCK(sb.st_mode) ? "a socket"
-                                        : "not a regular file");
+        qerr_set(e, "%s: is %s, expected a YAML file", path, file_kind_name(sb.st_mode));
         goto fail;
     }
     if (sb.st_size > (off_t)TRAIN_CONFIG_MAX_BYTES) {
