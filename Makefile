@@ -25,6 +25,44 @@ LIB_SRC := $(filter-out trainer/main.c trainer/%_main.c,$(foreach m,$(MODULES),$
 LIB_OBJ := $(LIB_SRC:%.c=build/%.o)
 TEST_SRC := $(wildcard tests/test_*.c)
 TEST_BIN := $(TEST_SRC:tests/%.c=build/tests/%)
+
+# ---- the CUDA backend (autograd/backend_cuda.cu): built into the same binaries when nvcc is
+# found (PATH, then /usr/local/cuda/bin), or forced with CUDA=1 / left out with CUDA=0. Fat
+# binary: SASS for sm_80 (A100), sm_86 (RTX 30xx), sm_89 (RTX 40xx, L40), sm_90 (H100) and
+# compute_90 PTX for later cards. --fmad=false: no a·b+c contraction, so the per-element maths
+# rounds as the CPU's (autograd/backend_cuda_elem.h). The ASan and fuzz builds stay CPU-only.
+NVCC ?= $(or $(shell command -v nvcc 2>/dev/null),$(wildcard /usr/local/cuda/bin/nvcc))
+ifeq ($(origin CUDA),undefined)
+CUDA := $(if $(NVCC),1,0)
+endif
+CUDA_ARCHS ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_86,code=sm_86 \
+              -gencode arch=compute_89,code=sm_89 -gencode arch=compute_90,code=[sm_90,compute_90]
+NVCC_THREADS ?= 2
+ifeq ($(CUDA),1)
+ifeq ($(NVCC),)
+$(error CUDA=1 but no nvcc (PATH or /usr/local/cuda/bin); set NVCC=/path/to/nvcc)
+endif
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+NVCCFLAGS := -std=c++17 -O3 -g --fmad=false -I. -DQLORA_CUDA=1 -Xcompiler -Wall,-Wextra,-Wno-unused-parameter \
+             --threads $(NVCC_THREADS) -MMD -MP
+ifeq ($(WERROR),1)
+NVCCFLAGS += -Werror all-warnings -Xcompiler -Werror
+endif
+CU_SRC  := $(wildcard autograd/*.cu)
+CU_OBJ  := $(CU_SRC:%.cu=build/%.o)
+LIB_OBJ += $(CU_OBJ)
+CUDA_LIBS := -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcudart -lstdc++
+LDLIBS  += $(CUDA_LIBS)
+# the host test of the per-element device functions (tests/test_cuda_elem.cu: nvcc, run on the CPU)
+CU_TEST_SRC := $(wildcard tests/test_*.cu)
+CU_TEST_BIN := $(CU_TEST_SRC:tests/%.cu=build/tests/%)
+TEST_BIN += $(CU_TEST_BIN)
+build/autograd/backend.o: CFLAGS += -DQLORA_CUDA=1
+endif
+# backend.o depends on the choice (QLORA_CUDA): a stamp that changes with it
+build/cuda-$(CUDA).stamp:
+	@mkdir -p build && rm -f build/cuda-*.stamp && touch $@
+build/autograd/backend.o: build/cuda-$(CUDA).stamp
 TEST_HELPER_SRC := $(filter-out $(TEST_SRC),$(wildcard tests/*.c))
 TEST_HELPER_OBJ := $(TEST_HELPER_SRC:%.c=build/%.o)
 
@@ -39,14 +77,30 @@ all: features bin/qlora-train bin/qlora-bench $(TOOL_BINS)
 
 features:
 	@printf '[build] CPU engine (oneDNN, OpenMP) ✓\n'
-	@if command -v nvcc >/dev/null 2>&1; then printf '[build] CUDA backend: nvcc found, backend not written yet ✗\n'; else printf '[build] CUDA backend: nvcc not found ✗\n'; fi
+ifeq ($(CUDA),1)
+	@printf '[build] CUDA backend ✓ (%s; sm_80 sm_86 sm_89 sm_90 + PTX; cuBLASLt; compiled and host-tested, not yet run on a GPU)\n' '$(NVCC)'
+else
+	@printf '[build] CUDA backend ✗ (%s)\n' '$(if $(NVCC),CUDA=0 given,nvcc not found)'
+endif
 
 build/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
+build/%.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) $(CUDA_ARCHS) -c $< -o $@
+
+build/tests/%.cu.o: tests/%.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) $(CUDA_ARCHS) -c $< -o $@
+
+build/tests/%: build/tests/%.cu.o build/libqlora.a $(TEST_HELPER_OBJ)
+	$(CC) $(CFLAGS) $< $(TEST_HELPER_OBJ) build/libqlora.a -o $@ $(LDLIBS) -lcmocka
+
 build/libqlora.a: $(LIB_OBJ)
 	@mkdir -p $(dir $@)
+	@rm -f $@
 	ar rcs $@ $^
 
 bin/qlora-train: build/trainer/main.o build/libqlora.a
@@ -129,7 +183,7 @@ build-asan/tests/%: tests/%.c build-asan/libqlora.a $(ASAN_HELPER_OBJ)
 	@mkdir -p $(dir $@)
 	$(CC) $(ASAN_CFLAGS) $< $(ASAN_HELPER_OBJ) build-asan/libqlora.a -o $@ $(LDLIBS) -lcmocka
 
-.SECONDARY: $(ASAN_HELPER_OBJ) $(FUZZ_LIB_OBJ)
+.SECONDARY: $(ASAN_HELPER_OBJ) $(FUZZ_LIB_OBJ) $(TEST_HELPER_OBJ) $(CU_TEST_BIN:=.cu.o)
 .PHONY: test-asan
 test-asan: $(ASAN_TEST_BIN) build-asan/bin/qlora-train $(ASAN_TOOL_BINS) $(DEFAULT_MODEL) $(DEFAULT_DATA)
 	@$(ASAN_ENV) scripts/run_tests.sh $(ASAN_TEST_BIN)
@@ -162,7 +216,7 @@ clean:
 	rm -rf build bin build-asan build-fuzz
 
 -include $(ASAN_LIB_OBJ:.o=.d) $(ASAN_HELPER_OBJ:.o=.d) $(FUZZ_LIB_OBJ:.o=.d) build-asan/trainer/main.d
--include $(LIB_OBJ:.o=.d) $(TEST_HELPER_OBJ:.o=.d) build/trainer/main.d build/trainer/bench_main.d $(TOOL_BINS:bin/qlora-%=build/trainer/%_main.d)
+-include $(LIB_OBJ:.o=.d) $(TEST_HELPER_OBJ:.o=.d) $(CU_TEST_BIN:=.cu.d) build/trainer/main.d build/trainer/bench_main.d $(TOOL_BINS:bin/qlora-%=build/trainer/%_main.d)
 
 # ---- reference fixtures (issue 3) ------------------------------------------------------------
 # Regenerate tests/fixtures/ref_*.qref.gz from PyTorch / transformers / PEFT / bitsandbytes / HF

@@ -11,8 +11,27 @@ const ag_backend *ag_backend_find(const char *name) {
     if (!name) return NULL;
     if (!strcmp(name, "cpu")) return ag_backend_cpu_vector_ok() ? &ag_backend_cpu : NULL;
     if (!strcmp(name, "cpu-ref")) return &ag_backend_cpu_ref;
-    return NULL; /* "cuda": not built into this binary (a later issue adds it) */
+#ifdef QLORA_CUDA
+    if (!strcmp(name, "cuda")) return ag_backend_cuda_available() ? &ag_backend_cuda : NULL;
+#endif
+    return NULL; /* "cuda" in a binary built without the backend */
 }
+
+int ag_backend_cuda_built(void) {
+#ifdef QLORA_CUDA
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#ifndef QLORA_CUDA
+int ag_backend_cuda_device_name(char *buf, size_t n, double *mem_bytes) {
+    if (n) buf[0] = 0;
+    if (mem_bytes) *mem_bytes = 0;
+    return -1; /* the backend is not in this binary (autograd/backend_cuda.cu defines it otherwise) */
+}
+#endif
 
 const ag_backend *ag_backend_default(void) {
     static const ag_backend *chosen;

@@ -17,7 +17,10 @@
  *            `#else` paths of the row kernels, bitsandbytes-order NF4
  *            dequantization nf4_dequantize_rows_*_ref) and a plain scalar
  *            GEMM: the reference tests/test_backend_ops.c checks `cpu`
- *            against.
+ *            against;
+ *   cuda     one NVIDIA GPU (autograd/backend_cuda.cu): cuBLASLt GEMMs, own
+ *            kernels, device memory; built with `make CUDA=1` (or when nvcc
+ *            is found), available when a device is present.
  * QLORA_BACKEND=<name> in the environment selects the default backend
  * (ag_backend_default); unset, it is `cpu`.
  *
@@ -226,5 +229,22 @@ extern const ag_backend ag_backend_cpu;
 extern const ag_backend ag_backend_cpu_ref;
 /* 1 when the `cpu` table's vector path is compiled in and this processor runs it. */
 int ag_backend_cpu_vector_ok(void);
+
+/* The CUDA table (autograd/backend_cuda.cu), defined only in a build with the
+ * backend (`make CUDA=1`, or nvcc found: QLORA_CUDA is defined then). Its
+ * data memory is device memory; ag_backend_find("cuda") returns it only when
+ * ag_backend_cuda_available() says a device is present and the backend
+ * initialised (stream, cuBLASLt, pinned staging). */
+#ifdef QLORA_CUDA
+extern const ag_backend ag_backend_cuda;
+int ag_backend_cuda_available(void);
+#endif
+
+/* The CUDA device's name ("NVIDIA H100 80GB HBM3 (sm_90, 132 SMs)") into buf and its memory in
+ * bytes (mem_bytes may be NULL); -1 without a device or without the backend in this binary. */
+int ag_backend_cuda_device_name(char *buf, size_t n, double *mem_bytes);
+
+/* 1 when this binary has the CUDA backend compiled in (whether or not a device is present). */
+int ag_backend_cuda_built(void);
 
 #endif
