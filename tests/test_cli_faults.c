@@ -192,6 +192,14 @@ static void test_wrong_types_and_ranges(void **st) {
     expect_failure(g_cfg, ARGS("save_steps=5", "saves_per_epoch=2"), 2, WANT("save_steps", "saves_per_epoch"));
 }
 
+/* device: cuda is refused before anything is written (no backend in this binary, no device, or
+ * the trainer's host-memory data the kernels cannot read yet: trainer/run.c setup_device). */
+static void test_device(void **st) {
+    (void)st;
+    expect_failure(g_cfg, ARGS("device=cuda"), 1, WANT("config.yaml", "device: cuda"));
+    expect_failure(g_cfg, ARGS("device=gpu"), 2, WANT("device", "auto, cpu, cuda", "\"gpu\""));
+}
+
 static void test_unknown_keys(void **st) {
     (void)st;
     char p[512];
@@ -468,6 +476,7 @@ int main(void) {
         cmocka_unit_test(test_yaml_errors),
         cmocka_unit_test(test_wrong_types_and_ranges),
         cmocka_unit_test(test_unknown_keys),
+        cmocka_unit_test(test_device),
         cmocka_unit_test(test_missing_files),
         cmocka_unit_test(test_corrupt_gguf),
         cmocka_unit_test(test_bad_jsonl),

@@ -89,6 +89,7 @@ static const value_later L_SCHED[] = {
     {"cosine_with_min_lr", "not supported yet"}, {"warmup_stable_decay", "not supported yet"},
     {"one_cycle", "not supported yet"}, {"rex", "not supported yet"}, {NULL, NULL}};
 static const char *const V_OPTIM[] = {"adamw", "sophia", NULL};
+static const char *const V_DEVICE[] = {"auto", "cpu", "cuda", NULL};
 static const value_alias A_OPTIM[] = {
     {"adamw_torch", "adamw", NULL},
     {"adamw_torch_fused", "adamw", NULL},
@@ -195,6 +196,7 @@ static const key_spec KEYS[] = {
      .expect = "an integer >= 0 (0 = all)"},
     {.name = "train_on_inputs", .kind = K_BOOL, .off = OFF(train_on_inputs)},
     {.name = "bf16", .kind = K_BF16, .off = OFF(bf16)},
+    {.name = "device", .kind = K_ENUM, .off = OFF(device), .values = V_DEVICE},
     {.name = "gradient_checkpointing", .kind = K_BOOL, .off = OFF(gradient_checkpointing)},
     {.name = "num_threads", .kind = K_INT, .off = OFF(num_threads), .lo = 0, .hi = 65536,
      .expect = "an integer in [0, 65536] (0 = all cores)"},
@@ -615,8 +617,10 @@ int train_config_defaults(train_config *c) {
     c->adapter = dup_str("qlora");
     c->lr_scheduler = dup_str("cosine");
     c->optimizer = dup_str("adamw");
+    c->device = dup_str("auto");
     c->output_dir = dup_str("./outputs/lora-out");
-    if (!c->bnb_4bit_quant_type || !c->adapter || !c->lr_scheduler || !c->optimizer || !c->output_dir) return -1;
+    if (!c->bnb_4bit_quant_type || !c->adapter || !c->lr_scheduler || !c->optimizer || !c->device || !c->output_dir)
+        return -1;
     return 0;
 }
 
@@ -630,6 +634,7 @@ void train_config_free(train_config *c) {
     free_datasets(c->test_datasets, c->n_test_datasets);
     free(c->lr_scheduler);
     free(c->optimizer);
+    free(c->device);
     free(c->output_dir);
     free(c->resume_from_checkpoint);
     free(c->config_path);

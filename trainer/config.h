@@ -87,6 +87,10 @@
  *    skip_bad_lines are ours.
  *  - max_grad_norm 0 disables clipping (as HF).
  *  - bf16: true | false | auto (= true). fp16 is not supported.
+ *  - device: auto | cpu | cuda (qlora's own key). auto: cuda when the binary has the CUDA backend
+ *    and a device is present, else cpu; the choice is logged. The training step does not run on
+ *    the CUDA backend yet (trainer/run.c setup_device names what is missing): device: cuda is
+ *    refused with that line, auto with a device present logs it and runs on the CPU.
  *  - Booleans: true/false, yes/no, on/off (YAML 1.1 as PyYAML), and 1/0.
  *  - Numbers may be quoted ("2e-4") and floats may omit the dot (2e-4), which
  *    PyYAML would read as a string but axolotl converts anyway.
@@ -165,6 +169,9 @@ typedef struct train_config {
     int eval_max_tokens;              /* default 0 = evaluate all held-out tokens */
     int train_on_inputs;              /* default 0: prompt tokens are masked from the loss */
     int bf16;                         /* default 1 ("auto" = 1); 0 = fp32 compute */
+    char *device;                     /* "auto" (default) | "cpu" | "cuda": where the step runs; auto = cuda
+                                         when the binary has the backend and a device is present, else cpu
+                                         (trainer/run.c setup_device; README "GPU") */
     int gradient_checkpointing;       /* default 1 */
     int num_threads;                  /* default 0 = OMP_NUM_THREADS / all cores */
     /* checkpoints and faults (README "Checkpoints, resume and faults") */

@@ -111,6 +111,40 @@ static void stop_handlers_restore(const struct sigaction old[RUN_N_STOP_SIGNALS 
 
 /* output_dir first: it must be writable before anything heavy is loaded, and
  * one trainer at a time may use it. */
+/* device: (trainer/config.h). The CUDA backend implements every op of the table
+ * (autograd/backend_cuda.cu, tests/test_backend_ops.c), but the run keeps data that kernels read
+ * in host memory: the LoRA parameters and gradients (model/llama.c lora_set_init, qcalloc; read
+ * by the PEFT writer and the checkpoint code directly), the models' RMSNorm weights (fp32 host
+ * arrays passed as kernel data) and the packed batch's host-side arrays read through data
+ * pointers. Until those go through the backend's memory, a CUDA run would read host pointers on
+ * the device: device: cuda is refused, and auto runs on the CPU with one line saying why. */
+static const char *const DEVICE_MISSING =
+    "the trainer's LoRA parameters/gradients (model/llama.c lora_set_init) and the model's RMSNorm weights are "
+    "host memory the CUDA kernels cannot read yet";
+
+static int setup_device(run_ctx *r, qerr *e) {
+    const train_config *c = r->c;
+    char name[256] = "";
+    int built = ag_backend_cuda_built();
+    int present = built && ag_backend_find("cuda") != NULL;
+    if (present) ag_backend_cuda_device_name(name, sizeof name, NULL);
+    if (!strcmp(c->device, "cuda")) {
+        if (!built)
+            return qerr_set(e, "%s: device: cuda: this binary was built without the CUDA backend (build with make "
+                               "CUDA=1 where nvcc is installed); use device: cpu",
+                            r->cfgname);
+        if (!present) return qerr_set(e, "%s: device: cuda: no CUDA device is visible to this process", r->cfgname);
+        return qerr_set(e, "%s: device: cuda (%s): not supported yet: %s (README \"GPU\"); use device: cpu",
+                        r->cfgname, name, DEVICE_MISSING);
+    }
+    if (!strcmp(c->device, "cpu")) fprintf(stderr, "[device] cpu (device: cpu)\n");
+    else if (!built) fprintf(stderr, "[device] cpu (device: auto; this binary has no CUDA backend)\n");
+    else if (!present) fprintf(stderr, "[device] cpu (device: auto; CUDA backend built, no CUDA device)\n");
+    else fprintf(stderr, "[device] cpu (device: auto; CUDA device %s present, but %s)\n", name, DEVICE_MISSING);
+    (void)e;
+    return 0;
+}
+
 static int setup_output_dir(run_ctx *r, qerr *e) {
     const train_config *c = r->c;
     char path[4096];
@@ -581,7 +615,7 @@ int run_setup(run_ctx *r, const train_config *c, train_result *res, qerr *e) {
     snprintf(r->last_ckpt, sizeof r->last_ckpt, "(none)");
     if (c->num_threads > 0) omp_set_num_threads(c->num_threads);
     r->n_threads = omp_get_max_threads();
-    if (setup_output_dir(r, e) || setup_check_inputs(r, e) || setup_resume_choice(r, e) || setup_base_model(r, e) ||
+    if (setup_device(r, e) || setup_output_dir(r, e) || setup_check_inputs(r, e) || setup_resume_choice(r, e) || setup_base_model(r, e) ||
         setup_data(r, e) || setup_model(r, e) || setup_optimizer(r, e) || setup_outputs(r, e))
         return -1;
     return 0;
