@@ -13,7 +13,7 @@
  * therefore never overwritten before the kernels that read it have run.
  *
  * Host arguments. The table passes some small arrays as host memory (token
- * positions, ids, targets, the decay mask, sequence ids); they are copied to
+ * positions, targets, the decay mask, sequence ids); they are copied to
  * per-slot device buffers on the stream before the kernel. The frozen weights
  * (NF4 packed nibbles and scales, bf16/fp32 tables) and the RoPE tables are
  * host memory owned by the model: they are mirrored on the device the first
@@ -103,7 +103,7 @@ static void cuda_die(const char *what, const char *err, const char *file, int li
 /* ------------------------------------------------------------------ state */
 
 static constexpr size_t PIN_BYTES = 8 << 20, GEMM_WS_BYTES = 32 << 20;
-static constexpr int N_ARG_SLOTS = 6;
+static constexpr int N_ARG_SLOTS = 3;
 
 static struct {
     int tried, ok;
@@ -248,7 +248,7 @@ static void *dev_args(int slot, const void *host, size_t bytes) {
     return G.arg[slot];
 }
 
-enum { SLOT_POS = 0, SLOT_IDS = 1, SLOT_MASK = 2, SLOT_SEQ = 3, SLOT_TGT = 4, SLOT_MISC = 5 };
+enum { SLOT_POS = 0, SLOT_MASK = 1, SLOT_SEQ = 2 };
 
 /* ------------------------------------------------------------------ mirrors of host frozen data */
 
@@ -541,18 +541,29 @@ static void cu_dropout_bwd(const float *g, float *dx, int64_t n, float p, uint64
     KCHECK();
 }
 
-__global__ void k_embedding(dev_frozen w, const int32_t *ids, int64_t n, int64_t D, float *x) {
-    GRID_LOOP(t, n * D) {
-        int64_t i = t / D, j = t % D;
-        x[t] = frozen_elem(w, (int64_t)ids[i] * D + j);
-    }
-}
-
+/* The embedding table stays in host memory (for Llama-3-8B it is 1 GiB of bf16 the device does
+ * not need): the n rows are gathered on the host with the CPU's own conversions (bf16 -> fp32
+ * exact; NF4 through quant/nf4.c's reference dequantization) and uploaded, n·D·4 bytes per call. */
 static void cu_embedding(const frozen_weight *table, const int32_t *ids, int64_t n, float *x) {
     if (n <= 0) return;
-    const int32_t *dids = (const int32_t *)dev_args(SLOT_IDS, ids, (size_t)n * 4);
-    k_embedding<<<nblocks(n * table->in, 256), 256, 0, G.stream>>>(frozen_dev(table), dids, n, table->in, x);
-    KCHECK();
+    const int64_t D = table->in;
+    float *h = (float *)malloc((size_t)(n * D) * sizeof(float));
+    if (!h) {
+        fprintf(stderr, "[cuda] embedding: out of host memory for %lld rows\n", (long long)n);
+        abort();
+    }
+    for (int64_t i = 0; i < n; i++) {
+        float *row = h + i * D;
+        const int64_t id = ids[i];
+        if (table->kind == FROZEN_BF16)
+            for (int64_t j = 0; j < D; j++) row[j] = bf16_to_f32(table->w_bf16[id * D + j]);
+        else if (table->kind == FROZEN_NF4)
+            nf4_dequantize_rows_f32_ref(table->nf4, id, 1, row);
+        else
+            memcpy(row, table->w_f32 + id * D, (size_t)D * sizeof(float));
+    }
+    cu_copy_h2d(x, h, (size_t)(n * D) * sizeof(float));
+    free(h);
 }
 
 /* ------------------------------------------------------------------ block reductions (fixed order) */

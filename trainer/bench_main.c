@@ -1,7 +1,12 @@
 /* trainer/bench_main.c — `qlora-bench`: training-step throughput, MFU and memory.
  *
- *   qlora-bench --shape smollm2-135m|llama2-7b --seq N --batch N --lora-r N
+ *   qlora-bench --shape smollm2-135m|llama2-7b|llama3-8b --seq N --batch N --lora-r N
  *               --checkpointing on|off [--model PATH.gguf] [--steps N]
+ *               [--device cpu|cuda] [--plan-only]
+ *
+ * --plan-only prints the memory planner's prediction per component (trainer/memplan.c) for the
+ * shape and exits without building a model: with --device cuda, the device memory of the CUDA
+ * backend, on a machine with or without a GPU.
  *
  * Runs N training steps (forward, backward, clipping, AdamW; LoRA on all seven
  * linears, alpha = 2r, no dropout) of a Llama shape whose frozen linears are
@@ -47,8 +52,11 @@ static double cpu_sec(void) {
 
 static void usage(FILE *f) {
     fprintf(f,
-            "usage: qlora-bench --shape smollm2-135m|llama2-7b --seq N --batch N --lora-r N --checkpointing on|off\n"
-            "                   [--model PATH.gguf] [--steps N] [--warmup N] [--layers N] [--calib-seconds S]\n"
+            "usage: qlora-bench --shape smollm2-135m|llama2-7b|llama3-8b --seq N --batch N --lora-r N\n"
+            "                   --checkpointing on|off [--model PATH.gguf] [--steps N] [--warmup N] [--layers N]\n"
+            "                   [--calib-seconds S] [--device cpu|cuda] [--plan-only]\n"
+            "  --plan-only: print the predicted memory per component (device memory with --device cuda)\n"
+            "  and exit; no model is built and no GPU is needed.\n"
             "  Times N LoRA training steps (random NF4 base of the given shape, or a real GGUF model)\n"
             "  and prints tokens/s, GFLOP/s, MFU against a bf16 GEMM measured in the same run,\n"
             "  peak RSS (predicted and measured) and time per op class; last line is JSON.\n");
@@ -186,7 +194,7 @@ static double calibrate_gemm(const ag_backend *be, double seconds, int64_t M, in
 
 int main(int argc, char **argv) {
     const char *shape = "smollm2-135m", *model_path = NULL;
-    int T = 512, B = 4, r = 16, ckpt = 1, steps = 3, warmup = 1, layers = 0;
+    int T = 512, B = 4, r = 16, ckpt = 1, steps = 3, warmup = 1, layers = 0, plan_only = 0, dev_cuda = 0;
     double calib_s = 2.0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -194,6 +202,10 @@ int main(int argc, char **argv) {
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout);
             return 0;
+        }
+        if (!strcmp(a, "--plan-only")) {
+            plan_only = 1;
+            continue;
         }
         if (!v) {
             fprintf(stderr, "qlora-bench: %s needs a value\n", a);
@@ -209,6 +221,13 @@ int main(int argc, char **argv) {
             else if (!strcmp(v, "off")) ckpt = 0;
             else {
                 fprintf(stderr, "qlora-bench: --checkpointing: expected on or off, got \"%s\"\n", v);
+                return 2;
+            }
+        } else if (!strcmp(a, "--device")) {
+            if (!strcmp(v, "cpu")) dev_cuda = 0;
+            else if (!strcmp(v, "cuda")) dev_cuda = 1;
+            else {
+                fprintf(stderr, "qlora-bench: --device: expected cpu or cuda, got \"%s\"\n", v);
                 return 2;
             }
         } else if (!strcmp(a, "--model")) model_path = v;
@@ -237,11 +256,46 @@ int main(int argc, char **argv) {
         hp = (llama_hparams){.n_layer = 32, .d_model = 4096, .n_head = 32, .n_kv_head = 32, .head_dim = 128,
                              .d_ff = 11008, .vocab = 32000, .context_length = 4096, .rope_theta = 10000.0f,
                              .rms_eps = 1e-5f, .tied_embeddings = 0};
+    else if (!strcmp(shape, "llama3-8b")) /* meta-llama/Meta-Llama-3-8B config.json */
+        hp = (llama_hparams){.n_layer = 32, .d_model = 4096, .n_head = 32, .n_kv_head = 8, .head_dim = 128,
+                             .d_ff = 14336, .vocab = 128256, .context_length = 8192, .rope_theta = 500000.0f,
+                             .rms_eps = 1e-5f, .tied_embeddings = 0};
     else {
-        fprintf(stderr, "qlora-bench: --shape: expected smollm2-135m or llama2-7b, got \"%s\"\n", shape);
+        fprintf(stderr, "qlora-bench: --shape: expected smollm2-135m, llama2-7b or llama3-8b, got \"%s\"\n", shape);
         return 2;
     }
     if (layers > 0) hp.n_layer = layers;
+    if (plan_only) {
+        if (model_path) {
+            fprintf(stderr, "qlora-bench: --plan-only takes a --shape, not --model\n");
+            return 2;
+        }
+        int64_t frozen = 0, lora = 0;
+        for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+            int64_t out, in;
+            llama_tensor_shape(&hp, LLAMA_T_LINEAR, k, &out, &in);
+            frozen += memplan_nf4_bytes(out, in, NF4_DEFAULT_BLOCKSIZE);
+            lora += (int64_t)r * (in + out);
+        }
+        memplan_input pi = {.hp = hp, .B = B, .T = T, .checkpointing = ckpt, .bf16 = 1, .lora_r = r,
+                            .lora_params = lora * hp.n_layer, .frozen_bytes = frozen * hp.n_layer,
+                            .n_threads = omp_get_max_threads(), .device_cuda = dev_cuda};
+        memplan pl;
+        memplan_predict(&pi, &pl);
+        printf("qlora-bench plan: %s, %s memory, seq %d x batch %d, LoRA r %d on all 7 linears, AdamW, bf16, "
+               "checkpointing %s\n",
+               shape, dev_cuda ? "CUDA device" : "CPU (resident)", T, B, r, ckpt ? "on" : "off");
+        memplan_print_table(stdout, &pl);
+        printf("{\"shape\":\"%s\",\"device\":\"%s\",\"seq\":%d,\"batch\":%d,\"lora_r\":%d,\"checkpointing\":%s,"
+               "\"predicted_bytes\":%.0f}\n",
+               shape, dev_cuda ? "cuda" : "cpu", T, B, r, ckpt ? "true" : "false", pl.total);
+        return 0;
+    }
+    if (dev_cuda) {
+        fprintf(stderr, "qlora-bench: --device cuda: only with --plan-only for now: the bench's model and LoRA "
+                        "arrays are host memory the CUDA kernels cannot read yet (README \"GPU\")\n");
+        return 2;
+    }
     int n_threads = omp_get_max_threads();
     double rss_start = proc_peak_rss_mib();
 

@@ -19,12 +19,32 @@
  *  - plus the top of the graph (embedding output, final norm, dL/dh of the
  *    fused LM head + CE) and the CE chunk (128 rows of logits, fp32 + bf16).
  * Sizes are per micro-batch; gradient accumulation reuses the same arena.
+ *
+ * GPU (device_cuda): the device memory of the CUDA backend (autograd/backend_cuda.cu). The
+ * frozen base is mirrored on the device as stored (NF4 linears, the bf16 LM head its GEMM reads;
+ * an untied embedding table stays on the host, its rows gathered there), adapters, gradients and optimizer state
+ * and the arenas are device memory, with the same activation model (the ops are the same). What
+ * differs: attention needs no per-thread score blocks (flash-style kernels keep them in
+ * registers; only a (B, H, T) fp32 row statistic is added), and the runtime is the CUDA context
+ * with this fat binary's kernels (an estimate, CUDA_CONTEXT_BYTES, until `make test-gpu`
+ * measures it), the cuBLASLt workspace (32 MiB) and the small argument buffers; host-side
+ * extras (data, tokenizer) are not device memory.
  */
 #include "trainer/memplan.h"
 
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+/* Device memory of a CUDA context with cuBLASLt loaded and this binary's kernels: about 500 MiB
+ * on recent drivers and Hopper/Ada cards (lazy module loading on); an estimate until `make
+ * test-gpu` prints it measured (cudaMemGetInfo before and after the first kernel). */
+#define CUDA_CONTEXT_BYTES (512.0 * 1048576.0)
+
+int64_t memplan_nf4_bytes(int64_t rows, int64_t cols, int blocksize) {
+    int64_t n = rows * cols, nb = (n + blocksize - 1) / blocksize;
+    return (n + 1) / 2 + nb + ((nb + 255) / 256) * 4 + 4;
+}
 
 void memplan_predict(const memplan_input *in, memplan *out) {
     memset(out, 0, sizeof *out);
@@ -37,8 +57,9 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     double nl = r > 0 ? 7.0 : 0.0;     /* adapted linears per block (lora_target_linear) */
 
     /* frozen base: NF4 linears, bf16 embeddings (+ untied head), fp32 norms, RoPE table */
-    out->base = (double)in->frozen_bytes + V * D * 2.0 * (hp->tied_embeddings ? 1 : 2) + (2 * L + 1) * D * 4 +
-                T * hp->head_dim * 4.0;
+    /* on the GPU an untied embedding table stays on the host (the backend gathers its rows there) */
+    double tables = in->device_cuda && !hp->tied_embeddings ? 1 : (hp->tied_embeddings ? 1 : 2);
+    out->base = (double)in->frozen_bytes + V * D * 2.0 * tables + (2 * L + 1) * D * 4 + T * hp->head_dim * 4.0;
     out->adapters = 8.0 * (double)in->lora_params;  /* A, B and their gradients, fp32 */
     out->optimizer = 8.0 * (double)in->lora_params; /* AdamW m and v, fp32 */
 
@@ -49,7 +70,8 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     if (in->lora_dropout > 0) blk_ops += es * N * (3 * D + qd + 2 * D + F); /* dropout(x) per linear */
     double blk_stats = 8.0 * N + 8.0 * B * H * T + 4.0 * N;
     /* transients of one op: bf16 dy, attention scratch (per thread), dO */
-    double op_tmp = 2.0 * N * (F > qd + 2 * kd ? F : qd + 2 * kd) + 4.0 * N * r + nth * 128.0 * T * 12.0 + es * N * qd;
+    double attn_tmp = in->device_cuda ? 4.0 * B * H * T : nth * 128.0 * T * 12.0;
+    double op_tmp = 2.0 * N * (F > qd + 2 * kd ? F : qd + 2 * kd) + 4.0 * N * r + attn_tmp + es * N * qd;
     double top = 4.0 * N * D * 5.0 + 128.0 * V * (4.0 + es) + es * 128.0 * D;
     if (!in->checkpointing) {
         double keep_layer = 4.0 * N * D * 2.0 + blk_ops + blk_stats;
@@ -63,7 +85,10 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     double wmax = (F * D > qd * D ? F * D : qd * D) * es;
     out->scratch = wmax + 4.0 * N * D;
     /* process baseline: code and libraries, oneDNN JIT kernels and scratchpads, thread stacks */
-    out->runtime = 16.0 * 1048576.0 + nth * 2.0 * 1048576.0 + (double)in->extra_bytes;
+    if (in->device_cuda) /* CUDA context + kernels, cuBLASLt workspace, argument buffers */
+        out->runtime = CUDA_CONTEXT_BYTES + 32.0 * 1048576.0 + 4.0 * 1048576.0;
+    else
+        out->runtime = 16.0 * 1048576.0 + nth * 2.0 * 1048576.0 + (double)in->extra_bytes;
     out->total = out->base + out->adapters + out->optimizer + out->activations + out->scratch + out->runtime;
     /* arena chunks: big enough that a step needs few of them */
     double chunk = out->activations / 4;
@@ -80,6 +105,23 @@ void memplan_print(FILE *f, const memplan *p) {
             "scratch %.0f + runtime %.0f\n",
             p->total / M, p->base / M, p->adapters / M, p->optimizer / M, p->activations / M,
             p->checkpointing ? " (gradient checkpointing)" : "", p->scratch / M, p->runtime / M);
+}
+
+void memplan_print_table(FILE *f, const memplan *p) {
+    const double M = 1048576.0, G = 1073741824.0;
+    const struct {
+        const char *name;
+        double v;
+    } rows[] = {{"frozen base (NF4 linears, bf16 tables, norms)", p->base},
+                {"LoRA adapters + gradients (fp32)", p->adapters},
+                {"optimizer state (AdamW m, v fp32)", p->optimizer},
+                {p->checkpointing ? "activations (gradient checkpointing)" : "activations (no checkpointing)",
+                 p->activations},
+                {"scratch (dequantized weight, block copy)", p->scratch},
+                {"runtime", p->runtime}};
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
+        fprintf(f, "  %-56s %9.0f MiB %7.2f GiB\n", rows[i].name, rows[i].v / M, rows[i].v / G);
+    fprintf(f, "  %-56s %9.0f MiB %7.2f GiB\n", "total", p->total / M, p->total / G);
 }
 
 size_t memplan_arena_chunk(const memplan *p) { return (size_t)p->arena_chunk; }

@@ -30,6 +30,7 @@ typedef struct memplan_input {
     int64_t frozen_bytes;  /* bytes of the frozen linears as stored (NF4 or bf16) */
     int64_t extra_bytes;   /* anything else the caller holds for the run (data, tokenizer), or 0 */
     int n_threads;
+    int device_cuda;       /* 1: predict the device memory of the CUDA backend (memplan.c "GPU") */
 } memplan_input;
 
 /* Bytes per component; total = sum. */
@@ -46,6 +47,14 @@ typedef struct memplan {
 } memplan;
 
 void memplan_predict(const memplan_input *in, memplan *out);
+
+/* Bytes of an NF4 (double-quantized, bnb layout) weight of rows x cols with blocksize
+ * (quant/nf4.h nf4_nbytes without building it): packed nibbles, u8 block codes, fp32 nested
+ * absmax per 256 blocks, the offset. */
+int64_t memplan_nf4_bytes(int64_t rows, int64_t cols, int blocksize);
+
+/* The planner's table: one line per component (MiB and GiB), then the total. */
+void memplan_print_table(FILE *f, const memplan *p);
 
 /* One "[memory] predicted peak ..." line. */
 void memplan_print(FILE *f, const memplan *p);

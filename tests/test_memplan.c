@@ -1,0 +1,76 @@
+/* tests/test_memplan.c — the memory planner's GPU side (trainer/memplan.c, device_cuda):
+ * memplan_nf4_bytes against nf4_nbytes of real tensors, and the device plan's components
+ * against the sums they are defined as (what `qlora-bench --device cuda --plan-only` prints and
+ * the README's planner table shows). Measured-vs-predicted on a device is `make test-gpu`'s. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+#include <math.h>
+#include <string.h>
+
+#include "model/llama.h"
+#include "quant/nf4.h"
+#include "trainer/memplan.h"
+
+static void test_nf4_bytes(void **st) {
+    (void)st;
+    const int64_t shapes[][2] = {{37, 320}, {1, 33}, {129, 1031}, {4096, 4096}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        nf4_tensor t;
+        qerr e = {{0}};
+        assert_int_equal(nf4_alloc(&t, shapes[i][0], shapes[i][1], 64, 1, &e), 0);
+        assert_int_equal((int64_t)nf4_nbytes(&t), memplan_nf4_bytes(shapes[i][0], shapes[i][1], 64));
+        nf4_free(&t);
+    }
+    /* 4096 x 4096 NF4-64 double-quantized: 8 MiB of nibbles + 262144 codes + 1024 nested fp32 + offset */
+    assert_int_equal(memplan_nf4_bytes(4096, 4096, 64), 8388608 + 262144 + 4096 + 4);
+}
+
+static memplan plan(const llama_hparams *hp, int B, int ckpt, int cuda, int threads) {
+    int64_t frozen = 0, lora = 0;
+    for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+        int64_t out, in;
+        llama_tensor_shape(hp, LLAMA_T_LINEAR, k, &out, &in);
+        frozen += memplan_nf4_bytes(out, in, 64);
+        lora += 16 * (in + out);
+    }
+    memplan_input in = {.hp = *hp, .B = B, .T = 2048, .checkpointing = ckpt, .bf16 = 1, .lora_r = 16,
+                        .lora_params = lora * hp->n_layer, .frozen_bytes = frozen * hp->n_layer,
+                        .extra_bytes = 1 << 30, .n_threads = threads, .device_cuda = cuda};
+    memplan p;
+    memplan_predict(&in, &p);
+    return p;
+}
+
+static void test_device_plan(void **st) {
+    (void)st;
+    const llama_hparams l3 = {.n_layer = 32, .d_model = 4096, .n_head = 32, .n_kv_head = 8, .head_dim = 128,
+                              .d_ff = 14336, .vocab = 128256, .context_length = 8192, .rope_theta = 500000.0f,
+                              .rms_eps = 1e-5f, .tied_embeddings = 0};
+    memplan g = plan(&l3, 1, 1, 1, 16), c = plan(&l3, 1, 1, 0, 16);
+    /* the device holds the LM head but not the (untied) embedding: one V·D bf16 table less */
+    assert_true(fabs((c.base - g.base) - 128256.0 * 4096 * 2) < 1.0);
+    /* host extras (data, tokenizer: 1 GiB here) are not device memory; the CUDA runtime is */
+    assert_true(g.runtime < c.runtime && g.runtime > 512.0 * 1048576);
+    /* no per-thread attention score blocks on the device */
+    assert_true(g.activations < c.activations);
+    assert_true(g.adapters == c.adapters && g.optimizer == c.optimizer);
+    /* LoRA r 16 on all 7 linears of Llama-3-8B: 41.9M params, fp32 A/B + grads = 8 bytes each */
+    assert_true(fabs(g.adapters - 8.0 * 41943040) < 1.0);
+    double sum = g.base + g.adapters + g.optimizer + g.activations + g.scratch + g.runtime;
+    assert_true(fabs(sum - g.total) < 1.0);
+    /* more rows or no checkpointing need more memory */
+    memplan g4 = plan(&l3, 4, 1, 1, 16), g0 = plan(&l3, 1, 0, 1, 16);
+    assert_true(g4.activations > 3.0 * g.activations / 2 && g0.activations > g.activations);
+    /* the device plan does not depend on the host's thread count */
+    memplan g1 = plan(&l3, 1, 1, 1, 1);
+    assert_true(g1.total == g.total);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_nf4_bytes), cmocka_unit_test(test_device_plan)};
+    return cmocka_run_group_tests_name("memplan", tests, NULL, NULL);
+}
