@@ -1,5 +1,6 @@
 # qlora — one Makefile. `make` builds bin/qlora-train, `make test` builds and runs the tests,
 # `make setup` installs system packages, fetches the default model and prepares the default data,
+# `make test-gpu` runs every GPU check (CUDA build; fails with its reason without a device),
 # `make test-asan` runs the unit tests under ASan + UBSan, `make fuzz` runs the libFuzzer targets.
 #
 # Optional parts are detected and announced; the CPU engine always builds.
@@ -58,7 +59,15 @@ CU_TEST_SRC := $(wildcard tests/test_*.cu)
 CU_TEST_BIN := $(CU_TEST_SRC:tests/%.cu=build/tests/%)
 TEST_BIN += $(CU_TEST_BIN)
 build/autograd/backend.o: CFLAGS += -DQLORA_CUDA=1
+# the op-rate probe of `make test-gpu` (bench/gpu_ops.c)
+build/gpu_ops: bench/gpu_ops.c build/libqlora.a
+	$(CC) $(CFLAGS) $< build/libqlora.a -o $@ $(LDLIBS)
 endif
+
+# Every GPU check in one command (scripts/test_gpu.sh): builds with CUDA=1, exits 1 without a device.
+.PHONY: test-gpu
+test-gpu:
+	@scripts/test_gpu.sh
 # backend.o depends on the choice (QLORA_CUDA): a stamp that changes with it
 build/cuda-$(CUDA).stamp:
 	@mkdir -p build && rm -f build/cuda-*.stamp && touch $@

@@ -31,6 +31,11 @@ int ag_backend_cuda_device_name(char *buf, size_t n, double *mem_bytes) {
     if (mem_bytes) *mem_bytes = 0;
     return -1; /* the backend is not in this binary (autograd/backend_cuda.cu defines it otherwise) */
 }
+
+int ag_backend_cuda_mem_info(double *free_bytes, double *total_bytes) {
+    *free_bytes = *total_bytes = 0;
+    return -1;
+}
 #endif
 
 const ag_backend *ag_backend_default(void) {

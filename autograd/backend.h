@@ -244,6 +244,9 @@ int ag_backend_cuda_available(void);
  * bytes (mem_bytes may be NULL); -1 without a device or without the backend in this binary. */
 int ag_backend_cuda_device_name(char *buf, size_t n, double *mem_bytes);
 
+/* Free and total device memory in bytes (cudaMemGetInfo); -1 without a device or backend. */
+int ag_backend_cuda_mem_info(double *free_bytes, double *total_bytes);
+
 /* 1 when this binary has the CUDA backend compiled in (whether or not a device is present). */
 int ag_backend_cuda_built(void);
 

@@ -158,6 +158,15 @@ extern "C" int ag_backend_cuda_device_name(char *buf, size_t n, double *mem_byte
     return 0;
 }
 
+extern "C" int ag_backend_cuda_mem_info(double *free_bytes, double *total_bytes) {
+    if (!cuda_init()) return -1;
+    size_t f = 0, t = 0;
+    CU(cudaMemGetInfo(&f, &t));
+    *free_bytes = (double)f;
+    *total_bytes = (double)t;
+    return 0;
+}
+
 static inline int nblocks(int64_t n, int threads) {
     int64_t b = (n + threads - 1) / threads;
     return (int)(b < 1 ? 1 : (b > 65535 * 16 ? 65535 * 16 : b));
