@@ -86,6 +86,27 @@ if ! manpages_on_disk; then
 fi
 log "packages done in $(( $(date +%s) - start ))s"
 
+# Optional: the CUDA toolkit for the CUDA backend (QLORA_CUDA=1 scripts/setup.sh): nvcc, the CUDA
+# runtime and cuBLASLt headers/libraries from NVIDIA's Debian 12 repository (cuda-keyring), into
+# /usr/local/cuda-13.0. No driver: the build compiles and links without a GPU (`make` finds
+# /usr/local/cuda/bin/nvcc; README "GPU"). Skipped when nvcc is already there.
+if [ "${QLORA_CUDA:-0}" = 1 ]; then
+    if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
+        log "CUDA toolkit already installed ($(command -v nvcc || echo /usr/local/cuda/bin/nvcc))"
+    else
+        log "installing the CUDA 13.0 toolkit (nvcc, cudart, cuBLAS) from NVIDIA's Debian 12 repository"
+        export DEBIAN_FRONTEND=noninteractive
+        tmp="$(mktemp -d)"
+        (cd "$tmp" && "${SUDO[@]}" apt-get install -y -q --no-install-recommends wget &&
+            wget -q https://developer.download.nvidia.com/compute/cuda/repos/debian12/x86_64/cuda-keyring_1.1-1_all.deb &&
+            "${SUDO[@]}" dpkg -i cuda-keyring_1.1-1_all.deb) || die "could not add NVIDIA's CUDA repository"
+        rm -rf "$tmp"
+        "${SUDO[@]}" apt-get update -q
+        "${SUDO[@]}" apt-get install -y -q --no-install-recommends cuda-nvcc-13-0 cuda-cudart-dev-13-0 \
+            libcublas-dev-13-0 || die "could not install the CUDA toolkit packages"
+    fi
+fi
+
 # The model script runs every time (not through make) so an existing file is checksummed too.
 "$ROOT/scripts/fetch_model.sh"
 make -C "$ROOT" --no-print-directory dataset
