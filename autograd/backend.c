@@ -5,12 +5,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-const char *const ag_backend_names[] = {"cpu", "cpu-ref", "cuda", NULL};
+const char *const ag_backend_names[] = {"cpu", "cpu-ref", "cpu-fenced", "cuda", NULL};
 
 const ag_backend *ag_backend_find(const char *name) {
     if (!name) return NULL;
     if (!strcmp(name, "cpu")) return ag_backend_cpu_vector_ok() ? &ag_backend_cpu : NULL;
     if (!strcmp(name, "cpu-ref")) return &ag_backend_cpu_ref;
+    if (!strcmp(name, "cpu-fenced")) return &ag_backend_cpu_fenced;
 #ifdef QLORA_CUDA
     if (!strcmp(name, "cuda")) return ag_backend_cuda_available() ? &ag_backend_cuda : NULL;
 #endif
@@ -38,8 +39,11 @@ int ag_backend_cuda_mem_info(double *free_bytes, double *total_bytes) {
 }
 #endif
 
+static const ag_backend *chosen;
+
+void ag_backend_set_default(const ag_backend *be) { chosen = be; }
+
 const ag_backend *ag_backend_default(void) {
-    static const ag_backend *chosen;
     if (chosen) return chosen;
     const char *env = getenv("QLORA_BACKEND");
     const ag_backend *be = env && *env ? ag_backend_find(env) : NULL;

@@ -18,6 +18,8 @@
  *            dequantization nf4_dequantize_rows_*_ref) and a plain scalar
  *            GEMM: the reference tests/test_backend_ops.c checks `cpu`
  *            against;
+ *   cpu-fenced  `cpu` with data memory the host cannot read between table calls
+ *            (autograd/backend_fenced.c): checks code paths for device-memory rules;
  *   cuda     one NVIDIA GPU (autograd/backend_cuda.cu): cuBLASLt GEMMs, own
  *            kernels, device memory; built with `make CUDA=1` (or when nvcc
  *            is found), available when a device is present.
@@ -120,6 +122,9 @@ typedef struct ag_sophia_coef {
 
 typedef struct ag_backend {
     const char *name;
+    /* 1: data memory is ordinary host memory the host may read and write directly (the CPU
+     * tables); 0: it is not (cuda, cpu-fenced), and host data goes through copy_h2d/copy_d2h. */
+    int host_data;
 
     /* ---- memory ---- */
     /* bytes of data memory, 64-byte aligned; NULL when out of memory. */
@@ -224,9 +229,18 @@ extern const char *const ag_backend_names[];
  * optimizer state starts with it. */
 const ag_backend *ag_backend_default(void);
 
+/* Make be the process's backend (the trainer's `device:` key, trainer/run.c setup_device), before
+ * any context, adapter set or optimizer state is created on the old one. */
+void ag_backend_set_default(const ag_backend *be);
+
 /* The two CPU tables (autograd/backend_cpu.c, autograd/backend_cpu_ref.c). */
 extern const ag_backend ag_backend_cpu;
 extern const ag_backend ag_backend_cpu_ref;
+/* `cpu-fenced` (autograd/backend_fenced.c): the `cpu` kernels with data memory the host cannot
+ * touch outside the table (PROT_NONE between calls) and every "data" argument checked to be its
+ * memory: a CPU run that keeps a device backend's memory rules, or stops naming the code that
+ * does not. */
+extern const ag_backend ag_backend_cpu_fenced;
 /* 1 when the `cpu` table's vector path is compiled in and this processor runs it. */
 int ag_backend_cpu_vector_ok(void);
 

@@ -1355,6 +1355,7 @@ static int64_t cu_count_nonfinite(const float *x, int64_t n) {
 
 extern "C" const ag_backend ag_backend_cuda = {
     "cuda",
+    0, /* host_data */
     cu_alloc,
     cu_free,
     cu_copy_h2d,

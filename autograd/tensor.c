@@ -141,6 +141,13 @@ void *ag_alloc(ag_ctx *ctx, size_t bytes) { return arena_alloc(ctx, &ctx->arena,
 
 void *ag_alloc_keep(ag_ctx *ctx, size_t bytes) { return arena_alloc(ctx, &ctx->keep, bytes); }
 
+const void *ag_stage(ag_ctx *ctx, const void *host, size_t bytes) {
+    if (ctx->be->host_data) return host;
+    void *d = ag_alloc_keep(ctx, bytes);
+    ctx->be->copy_h2d(d, host, bytes);
+    return d;
+}
+
 void *ag_alloc_host(ag_ctx *ctx, size_t bytes) { return arena_alloc(ctx, &ctx->host, bytes); }
 
 void *ag_alloc_host_keep(ag_ctx *ctx, size_t bytes) { return arena_alloc(ctx, &ctx->host_keep, bytes); }

@@ -120,6 +120,11 @@ void ag_ctx_free(ag_ctx *ctx);
 void *ag_alloc(ag_ctx *ctx, size_t bytes);
 /* Data allocation that outlives the current segment (saved for backward). */
 void *ag_alloc_keep(ag_ctx *ctx, size_t bytes);
+/* Host memory (`bytes` at `host`) as the backend's data memory: `host` itself when the backend's
+ * data memory is host memory (be->host_data), else a copy in the keep arena made with copy_h2d
+ * (valid until the micro-batch's reset). For small constant arrays the model keeps on the host
+ * (RMSNorm weights) that a kernel reads as data. */
+const void *ag_stage(ag_ctx *ctx, const void *host, size_t bytes);
 /* Host arena allocation (headers, saved structs, host-side index arrays):
  * transient like ag_alloc, or kept like ag_alloc_keep. */
 void *ag_alloc_host(ag_ctx *ctx, size_t bytes);

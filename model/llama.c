@@ -479,7 +479,27 @@ void llama_free(llama_model *m) {
 
 int lora_set_init(lora_set *ls, const llama_model *m, int r, float alpha, float dropout, int use_rslora,
                   const int target[LLAMA_N_LINEAR], uint64_t seed, qerr *e) {
+    return lora_set_init_backend(ls, NULL, m, r, alpha, dropout, use_rslora, target, seed, e);
+}
+
+const float *lora_set_params_host(const lora_set *ls, const float *arr, qerr *e) {
+    if (!ls->be || ls->be->host_data) return arr;
+    float *h = qmalloc((size_t)(ls->n_params ? ls->n_params : 1) * sizeof(float), e);
+    if (!h) return NULL;
+    ls->be->sync();
+    ls->be->copy_d2h(h, arr, (size_t)ls->n_params * sizeof(float));
+    return h;
+}
+
+void lora_set_host_release(const lora_set *ls, const float *arr, const float *host) {
+    if (host && host != arr) free((void *)host);
+    (void)ls;
+}
+
+int lora_set_init_backend(lora_set *ls, const ag_backend *be, const llama_model *m, int r, float alpha,
+                          float dropout, int use_rslora, const int target[LLAMA_N_LINEAR], uint64_t seed, qerr *e) {
     memset(ls, 0, sizeof *ls);
+    ls->be = be;
     int nl = m->hp.n_layer;
     ls->r = r;
     ls->alpha = alpha;
@@ -505,21 +525,34 @@ int lora_set_init(lora_set *ls, const llama_model *m, int r, float alpha, float 
     }
     ls->layer_offset[nl] = total;
     ls->n_params = total;
-    ls->params = qcalloc((size_t)total, sizeof(float), e);
-    ls->grads = qcalloc((size_t)total, sizeof(float), e);
-    if (!ls->params || !ls->grads) return -1;
+    /* the initial values are computed in host memory (hp), then uploaded when the backend's is not */
+    float *hp = qcalloc((size_t)(total ? total : 1), sizeof(float), e);
+    if (!hp) return -1;
+    if (be) {
+        ls->params = be->alloc((size_t)total * sizeof(float));
+        ls->grads = be->alloc((size_t)total * sizeof(float));
+        if (!ls->params || !ls->grads) {
+            free(hp);
+            return qerr_set(e, "[lora] out of %s memory for %lld adapter parameters", be->name, (long long)total);
+        }
+        be->zero(ls->grads, (size_t)total * sizeof(float));
+    } else {
+        ls->params = hp;
+        ls->grads = qcalloc((size_t)(total ? total : 1), sizeof(float), e);
+        if (!ls->grads) return -1;
+    }
     for (int l = 0; l < nl; l++)
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
             int idx = l * LLAMA_N_LINEAR + k;
             int64_t off = ls->offset[idx];
             if (off < 0) continue;
             const frozen_weight *w = &m->layers[l].lin[k];
-            float *A = ls->params + off, *B = A + (int64_t)r * w->in;
+            float *A = ls->params + off, *B = A + (int64_t)r * w->in, *Ah = hp + off;
             float bound = 1.0f / sqrtf((float)w->in);
             uint64_t stream = (uint64_t)idx + 1;
             for (int64_t i = 0; i < (int64_t)r * w->in; i++)
-                A[i] = (2.0f * rng_uniform(seed, stream, (uint64_t)i) - 1.0f) * bound;
-            (void)B; /* B = 0 (calloc) */
+                Ah[i] = (2.0f * rng_uniform(seed, stream, (uint64_t)i) - 1.0f) * bound;
+            /* B = 0 (calloc) */
             tensor *tA = &ls->A[idx], *tB = &ls->B[idx];
             *tA = (tensor){.ndim = 2, .shape = {r, w->in}, .numel = (int64_t)r * w->in, .dtype = AG_F32,
                            .data = A, .grad = ls->grads + off, .requires_grad = 1};
@@ -528,10 +561,19 @@ int lora_set_init(lora_set *ls, const llama_model *m, int r, float alpha, float 
             ls->ad[idx] = (lora_adapter){.A = tA, .B = tB, .r = r, .scaling = ls->scaling,
                                          .dropout = dropout, .stream = 0x10000u + (uint64_t)idx};
         }
+    if (be) {
+        be->copy_h2d(ls->params, hp, (size_t)total * sizeof(float));
+        free(hp);
+    }
     return 0;
 }
 
 void lora_set_free(lora_set *ls) {
+    if (ls->be) {
+        ls->be->free(ls->params);
+        ls->be->free(ls->grads);
+        ls->params = ls->grads = NULL;
+    }
     free(ls->params);
     free(ls->grads);
     free(ls->offset);
@@ -550,9 +592,9 @@ const lora_adapter *lora_set_get(const lora_set *ls, int layer, int module) {
 
 /* ------------------------------------------------------------------ forward */
 
-/* A (n) fp32 vector (a norm weight) as a 1-D tensor. */
+/* A (n) fp32 host vector (a norm weight) as a 1-D tensor of the backend's memory (ag_stage). */
 static tensor *wrap_vector(ag_ctx *ctx, int64_t n, float *w) {
-    tensor *t = ag_wrap(ctx, AG_F32, 1, n, w, NULL);
+    tensor *t = ag_wrap(ctx, AG_F32, 1, n, (void *)ag_stage(ctx, w, (size_t)n * sizeof(float)), NULL);
     t->ndim = 1;
     t->shape[0] = n;
     return t;
@@ -652,7 +694,7 @@ void llama_logits_rows(ag_ctx *ctx, const llama_model *m, const tensor *h, int64
         bf16 *hb = ag_alloc(ctx, (size_t)(n * D) * sizeof(bf16));
         be->to_bf16(hd, hb, n * D);
         const void *wb = m->lm_head.w_bf16;
-        if (m->lm_head.kind != FROZEN_BF16) {
+        if (m->lm_head.kind != FROZEN_BF16 || !be->host_data) { /* the frozen table is host memory */
             bf16 *w2 = ag_alloc(ctx, (size_t)(V * D) * sizeof(bf16));
             be->frozen_rows_bf16(&m->lm_head, 0, V, w2);
             wb = w2;

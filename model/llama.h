@@ -238,6 +238,7 @@ typedef struct lora_set {
                                   * layer_offset[0] = 0, layer_offset[n_layer] = n_params */
     tensor *A, *B;               /* (n_layer * LLAMA_N_LINEAR) leaf tensors into params/grads */
     lora_adapter *ad;            /* (n_layer * LLAMA_N_LINEAR) */
+    const struct ag_backend *be; /* params/grads are this backend's data memory; NULL: host memory */
 } lora_set;
 
 /* Create adapters with PEFT's default init: A ~ kaiming_uniform(a=√5) =
@@ -245,6 +246,17 @@ typedef struct lora_set {
  * drawn from the counter-based RNG with `seed` (same values for any thread count). */
 int lora_set_init(lora_set *ls, const llama_model *m, int r, float alpha, float dropout, int use_rslora,
                   const int target[LLAMA_N_LINEAR], uint64_t seed, qerr *e);
+/* The same with params and grads in backend be's data memory (be->alloc; the initial values
+ * computed on the host and uploaded with copy_h2d): what a training context on be reads. Host
+ * code then reaches the values only through lora_set_params_host. be NULL = lora_set_init. */
+int lora_set_init_backend(lora_set *ls, const struct ag_backend *be, const llama_model *m, int r, float alpha,
+                          float dropout, int use_rslora, const int target[LLAMA_N_LINEAR], uint64_t seed, qerr *e);
+/* A host-readable view of an array of ls->n_params floats in ls's memory (params, grads, or an
+ * optimizer moment of the same backend): `arr` itself when that memory is host memory, else a
+ * malloc'd copy (copy_d2h) the caller frees with lora_set_host_release. NULL (e set) when out of
+ * memory. */
+const float *lora_set_params_host(const lora_set *ls, const float *arr, qerr *e);
+void lora_set_host_release(const lora_set *ls, const float *arr, const float *host);
 void lora_set_free(lora_set *ls);
 /* The adapter of (layer, module), or NULL if that module is not targeted. */
 const lora_adapter *lora_set_get(const lora_set *ls, int layer, int module);

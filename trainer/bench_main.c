@@ -292,10 +292,17 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (dev_cuda) {
-        fprintf(stderr, "qlora-bench: --device cuda: only with --plan-only for now: the bench's model and LoRA "
-                        "arrays are host memory the CUDA kernels cannot read yet (README \"GPU\")\n");
-        return 2;
+        const ag_backend *cuda = ag_backend_find("cuda");
+        if (!cuda) {
+            fprintf(stderr, "qlora-bench: --device cuda: %s\n",
+                    ag_backend_cuda_built() ? "no CUDA device is visible to this process"
+                                            : "this binary was built without the CUDA backend (make CUDA=1)");
+            return 2;
+        }
+        ag_backend_set_default(cuda);
     }
+    double dev_free0 = 0, dev_total = 0;
+    if (dev_cuda) ag_backend_cuda_mem_info(&dev_free0, &dev_total);
     int n_threads = omp_get_max_threads();
     double rss_start = proc_peak_rss_mib();
 
@@ -328,17 +335,24 @@ int main(int argc, char **argv) {
 
     int target[LLAMA_N_LINEAR] = {1, 1, 1, 1, 1, 1, 1};
     lora_set ls;
-    if (lora_set_init(&ls, &m, r, 2.0f * (float)r, 0.0f, 0, target, 42, &e)) {
+    if (lora_set_init_backend(&ls, ag_backend_default(), &m, r, 2.0f * (float)r, 0.0f, 0, target, 42, &e)) {
         fprintf(stderr, "qlora-bench: %s\n", e.msg);
         return 1;
     }
-    /* B != 0 so every gradient path carries real numbers */
+    /* B != 0 so every gradient path carries real numbers (on a device: a host copy, uploaded) */
+    float *lp = (float *)lora_set_params_host(&ls, ls.params, &e);
+    if (!lp) {
+        fprintf(stderr, "qlora-bench: %s\n", e.msg);
+        return 1;
+    }
     for (int64_t i = 0; i < ls.n_params; i++)
-        if (ls.params[i] == 0.0f) ls.params[i] = 1e-3f * (rng_uniform(9, 9, (uint64_t)i) - 0.5f);
+        if (lp[i] == 0.0f) lp[i] = 1e-3f * (rng_uniform(9, 9, (uint64_t)i) - 0.5f);
+    if (lp != ls.params) ls.be->copy_h2d(ls.params, lp, (size_t)ls.n_params * sizeof(float));
+    lora_set_host_release(&ls, ls.params, lp);
 
     memplan_input mi = {.hp = hp, .B = B, .T = T, .checkpointing = ckpt, .bf16 = 1, .lora_r = r,
                         .lora_params = ls.n_params, .frozen_bytes = m.quantized_bytes, .lora_dropout = 0.0f,
-                        .n_threads = n_threads};
+                        .n_threads = n_threads, .device_cuda = dev_cuda};
     memplan plan;
     memplan_predict(&mi, &plan);
     memplan_print(stderr, &plan);
@@ -421,16 +435,26 @@ int main(int argc, char **argv) {
            peak > 0 ? 100 * gemm_rate / peak : 0);
     printf("  peak RSS          %10.0f MiB measured, %.0f MiB predicted (%+.1f%%); arena peak %.0f MiB\n", rss,
            plan.total / 1048576.0, 100.0 * (plan.total / 1048576.0 - rss) / rss, ctx.arena.peak / 1048576.0);
-    printf("  time per op class (per step):\n");
+    double dev_used = 0;
+    if (dev_cuda) {
+        double fr = 0, tt = 0;
+        ag_backend_cuda_mem_info(&fr, &tt);
+        dev_used = (tt - fr) / 1048576.0; /* arena chunks are kept: the run's high-water mark, roughly */
+        printf("  device memory     %10.0f MiB in use after the steps (all processes), %.0f MiB predicted; %.0f MiB "
+               "before the model\n",
+               dev_used, plan.total / 1048576.0, (dev_total - dev_free0) / 1048576.0);
+    }
+    printf("  time per op class (per step; host-side timers, asynchronous on a GPU):\n");
     for (int c = 0; c < AG_PROF_N; c++)
         if (prof[c] > 0)
             printf("    %-10s %8.3f s  %5.1f%%\n", ag_prof_names[c], prof[c] / steps, 100 * prof[c] / prof_total);
     printf("{\"shape\":\"%s\",\"seq\":%d,\"batch\":%d,\"lora_r\":%d,\"checkpointing\":%s,\"threads\":%d,"
            "\"steps\":%d,\"tokens_per_s\":%.2f,\"s_per_step\":%.4f,\"cpu_s_per_step\":%.4f,\"model_gflop_per_token\":%.4f,"
            "\"achieved_gflops\":%.1f,\"peak_gflops\":%.1f,\"mfu\":%.4f,\"gemm_gflops\":%.1f,"
-           "\"peak_rss_mb\":%.1f,\"predicted_peak_mb\":%.1f,\"arena_peak_mb\":%.1f,\"loss\":%.5f",
+           "\"peak_rss_mb\":%.1f,\"predicted_peak_mb\":%.1f,\"arena_peak_mb\":%.1f,\"device_used_mb\":%.1f,"
+           "\"loss\":%.5f",
            shape, T, B, r, ckpt ? "true" : "false", n_threads, steps, tps, step_time, step_cpu, fpt / 1e9, achieved / 1e9,
-           peak / 1e9, mfu, gemm_rate / 1e9, rss, plan.total / 1048576.0, ctx.arena.peak / 1048576.0, loss);
+           peak / 1e9, mfu, gemm_rate / 1e9, rss, plan.total / 1048576.0, ctx.arena.peak / 1048576.0, dev_used, loss);
     printf(",\"op_seconds_per_step\":{");
     for (int c = 0; c < AG_PROF_N; c++) printf("%s\"%s\":%.4f", c ? "," : "", ag_prof_names[c], prof[c] / steps);
     printf("}}\n");

@@ -88,9 +88,8 @@
  *  - max_grad_norm 0 disables clipping (as HF).
  *  - bf16: true | false | auto (= true). fp16 is not supported.
  *  - device: auto | cpu | cuda (qlora's own key). auto: cuda when the binary has the CUDA backend
- *    and a device is present, else cpu; the choice is logged. The training step does not run on
- *    the CUDA backend yet (trainer/run.c setup_device names what is missing): device: cuda is
- *    refused with that line, auto with a device present logs it and runs on the CPU.
+ *    and a device is present, else cpu; the choice is logged (trainer/run.c setup_device); an
+ *    explicit QLORA_BACKEND wins over auto. device: cuda without the backend or a device is refused.
  *  - Booleans: true/false, yes/no, on/off (YAML 1.1 as PyYAML), and 1/0.
  *  - Numbers may be quoted ("2e-4") and floats may omit the dot (2e-4), which
  *    PyYAML would read as a string but axolotl converts anyway.

@@ -111,36 +111,46 @@ static void stop_handlers_restore(const struct sigaction old[RUN_N_STOP_SIGNALS 
 
 /* output_dir first: it must be writable before anything heavy is loaded, and
  * one trainer at a time may use it. */
-/* device: (trainer/config.h). The CUDA backend implements every op of the table
- * (autograd/backend_cuda.cu, tests/test_backend_ops.c), but the run keeps data that kernels read
- * in host memory: the LoRA parameters and gradients (model/llama.c lora_set_init, qcalloc; read
- * by the PEFT writer and the checkpoint code directly), the models' RMSNorm weights (fp32 host
- * arrays passed as kernel data) and the packed batch's host-side arrays read through data
- * pointers. Until those go through the backend's memory, a CUDA run would read host pointers on
- * the device: device: cuda is refused, and auto runs on the CPU with one line saying why. */
-static const char *const DEVICE_MISSING =
-    "the trainer's LoRA parameters/gradients (model/llama.c lora_set_init) and the model's RMSNorm weights are "
-    "host memory the CUDA kernels cannot read yet";
-
+/* device: (trainer/config.h). The run's memory goes through the backend (the adapters,
+ * lora_set_init_backend; the contexts and optimizer state; the RMSNorm weights, ag_stage; frozen
+ * weights as operands are copied by the backend; checkpoints and adapters are written from
+ * copy_d2h staging), which `QLORA_BACKEND=cpu-fenced` checks on the CPU: its data memory faults on
+ * any host access outside the table (autograd/backend_fenced.c; tests/test_cli_faults.c runs a
+ * training step on it). The CUDA backend has not run on a GPU yet: the line says so. */
 static int setup_device(run_ctx *r, qerr *e) {
     const train_config *c = r->c;
     char name[256] = "";
     int built = ag_backend_cuda_built();
-    int present = built && ag_backend_find("cuda") != NULL;
-    if (present) ag_backend_cuda_device_name(name, sizeof name, NULL);
+    const ag_backend *cuda = built ? ag_backend_find("cuda") : NULL;
+    if (cuda) ag_backend_cuda_device_name(name, sizeof name, NULL);
+    const char *env = getenv("QLORA_BACKEND");
+    static const char unvalidated[] =
+        "compiled and host-tested, not yet validated on a GPU: `make test-gpu` checks it; device: cpu runs the CPU "
+        "engine";
     if (!strcmp(c->device, "cuda")) {
         if (!built)
             return qerr_set(e, "%s: device: cuda: this binary was built without the CUDA backend (build with make "
                                "CUDA=1 where nvcc is installed); use device: cpu",
                             r->cfgname);
-        if (!present) return qerr_set(e, "%s: device: cuda: no CUDA device is visible to this process", r->cfgname);
-        return qerr_set(e, "%s: device: cuda (%s): not supported yet: %s (README \"GPU\"); use device: cpu",
-                        r->cfgname, name, DEVICE_MISSING);
+        if (!cuda) return qerr_set(e, "%s: device: cuda: no CUDA device is visible to this process", r->cfgname);
+        ag_backend_set_default(cuda);
+        fprintf(stderr, "[device] cuda: %s (device: cuda; the CUDA backend is %s)\n", name, unvalidated);
+        return 0;
     }
-    if (!strcmp(c->device, "cpu")) fprintf(stderr, "[device] cpu (device: cpu)\n");
+    if (!strcmp(c->device, "cpu")) {
+        if (ag_backend_default()->host_data == 0 && strcmp(ag_backend_default()->name, "cpu-fenced"))
+            ag_backend_set_default(ag_backend_find("cpu") ? ag_backend_find("cpu") : ag_backend_find("cpu-ref"));
+        fprintf(stderr, "[device] cpu (device: cpu; backend %s)\n", ag_backend_default()->name);
+        return 0;
+    }
+    if (env && *env) /* auto: an explicit QLORA_BACKEND wins */
+        fprintf(stderr, "[device] %s (device: auto; QLORA_BACKEND=%s)\n", ag_backend_default()->name, env);
     else if (!built) fprintf(stderr, "[device] cpu (device: auto; this binary has no CUDA backend)\n");
-    else if (!present) fprintf(stderr, "[device] cpu (device: auto; CUDA backend built, no CUDA device)\n");
-    else fprintf(stderr, "[device] cpu (device: auto; CUDA device %s present, but %s)\n", name, DEVICE_MISSING);
+    else if (!cuda) fprintf(stderr, "[device] cpu (device: auto; CUDA backend built, no CUDA device)\n");
+    else {
+        ag_backend_set_default(cuda);
+        fprintf(stderr, "[device] cuda: %s (device: auto; the CUDA backend is %s)\n", name, unvalidated);
+    }
     (void)e;
     return 0;
 }
@@ -518,7 +528,9 @@ static int setup_model(run_ctx *r, qerr *e) {
     for (int k = 0; k < LLAMA_N_LINEAR; k++) target[k] = (mask >> k) & 1;
     if (setup_memory_plan(r, target, e)) return -1;
     lora_set *ls = &r->ls;
-    if (lora_set_init(ls, m, c->lora_r, c->lora_alpha, c->lora_dropout, c->use_rslora, target, (uint64_t)c->seed, e))
+    /* the adapters live in the memory of the backend the training context will use (ag_ctx_init) */
+    if (lora_set_init_backend(ls, ag_backend_default(), m, c->lora_r, c->lora_alpha, c->lora_dropout, c->use_rslora,
+                              target, (uint64_t)c->seed, e))
         return -1;
     fprintf(stderr, "[lora] r %d, alpha %g, scaling %g%s, dropout %g; %lld trainable params (%.3f%% of %.1fM)\n",
             ls->r, ls->alpha, ls->scaling, c->use_rslora ? " (rsLoRA)" : "", ls->dropout, (long long)ls->n_params,

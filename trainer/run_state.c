@@ -22,7 +22,11 @@ int run_write_adapter(const run_ctx *r, const char *dir, qerr *e) {
     peft_lora_config pc = {.r = ls->r, .lora_alpha = ls->alpha, .lora_dropout = ls->dropout,
                            .use_rslora = ls->use_rslora, .target_modules = targets, .n_target_modules = nt,
                            .base_model_name_or_path = r->c->base_model};
-    return peft_write_adapter(dir, r->tensors, r->n_tensors, ls->params, &pc, e);
+    const float *params = lora_set_params_host(ls, ls->params, e); /* a host copy on a device backend */
+    if (!params) return -1;
+    int rc = peft_write_adapter(dir, r->tensors, r->n_tensors, params, &pc, e);
+    lora_set_host_release(ls, ls->params, params);
+    return rc;
 }
 
 /* ckpt_save's callback: the adapter and the config go into the checkpoint's
@@ -62,8 +66,19 @@ int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
         cs.hessian_interval = c->sophia_k, cs.hessian_updates = r->sop.hessian_updates;
     }
     snprintf(cs.base_model, sizeof cs.base_model, "%s", c->base_model);
+    /* the arrays are the backend's memory: host copies where that is not host memory */
+    const float *dev[4] = {cs.params, cs.exp_avg, cs.exp_avg_sq, cs.hessian}, *host[4] = {NULL, NULL, NULL, NULL};
+    for (int i = 0; i < 4; i++)
+        if (dev[i] && !(host[i] = lora_set_params_host(&r->ls, dev[i], e))) {
+            for (int j = 0; j < i; j++) lora_set_host_release(&r->ls, dev[j], host[j]);
+            free(lh);
+            return qerr_prefix(e, "checkpoint at step %d", step);
+        }
+    cs.params = (float *)host[0], cs.exp_avg = (float *)host[1], cs.exp_avg_sq = (float *)host[2];
+    cs.hessian = (float *)host[3];
     fprintf(stderr, "[checkpoint] saving step %d\n", step);
     int rc = ckpt_save(c->output_dir, &cs, save_extra, r, r->last_ckpt, sizeof r->last_ckpt, e);
+    for (int i = 0; i < 4; i++) lora_set_host_release(&r->ls, dev[i], host[i]);
     free(lh);
     if (rc) return qerr_prefix(e, "checkpoint at step %d", step);
     r->last_saved = step;

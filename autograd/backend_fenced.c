@@ -1,0 +1,471 @@
+/* autograd/backend_fenced.c — the `cpu-fenced` backend: the `cpu` kernels with data memory the
+ * host cannot read, so that a CPU run behaves like a device run with respect to memory.
+ *
+ * A device backend's data memory (autograd/backend.h "data") is not addressable by host code:
+ * every host read or write of it has to go through copy_d2h/copy_h2d, and every pointer a
+ * kernel gets as "data" has to be the backend's memory. A GPU is not needed to check that a
+ * code path keeps those rules: here each allocation is its own mmap region kept PROT_NONE
+ * except while one of this table's calls runs (it opens every region, calls the `cpu` entry,
+ * closes them). So
+ *   - host code that touches data memory outside the table faults; the SIGSEGV handler prints
+ *     the address, the allocation it falls in and a backtrace naming the code;
+ *   - a table call given a "data" pointer that is not this backend's memory (host memory passed
+ *     where a device pointer is expected) stops with "[cpu-fenced] <entry>: <arg> is not backend
+ *     memory" and a backtrace.
+ * QLORA_BACKEND=cpu-fenced selects it for a whole run (trainer/run.c setup_device uses it to
+ * show the trainer keeps the rules before `device: cuda` is allowed; tests/test_backend_ops.c
+ * runs every entry on it). Not for speed: two mprotect calls per region per table call.
+ */
+#include <execinfo.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "autograd/backend.h"
+
+typedef struct fence_region {
+    unsigned char *p;
+    size_t len; /* mapped bytes (a multiple of the page size) */
+    size_t bytes;
+} fence_region;
+
+enum { FENCE_MAX = 4096 };
+static fence_region g_reg[FENCE_MAX];
+static int g_n;
+static int g_open; /* nesting depth of table calls */
+static const ag_backend *g_inner;
+
+static void fence_trace(void) {
+    void *bt[48];
+    int n = backtrace(bt, 48);
+    backtrace_symbols_fd(bt, n, 2);
+}
+
+static void fence_segv(int sig, siginfo_t *si, void *uc) {
+    (void)uc;
+    const unsigned char *a = si->si_addr;
+    char msg[256];
+    int k = -1;
+    for (int i = 0; i < g_n; i++)
+        if (a >= g_reg[i].p && a < g_reg[i].p + g_reg[i].len) k = i;
+    int len = k >= 0 ? snprintf(msg, sizeof msg,
+                                "[cpu-fenced] host code touched backend data memory at %p (offset %zu of a "
+                                "%zu-byte allocation) outside the backend table:\n",
+                                (void *)a, (size_t)(a - g_reg[k].p), g_reg[k].bytes)
+                     : snprintf(msg, sizeof msg, "[cpu-fenced] segmentation fault at %p (not backend memory)\n",
+                                (void *)a);
+    if (len > 0 && write(2, msg, (size_t)len) < 0) _exit(139);
+    fence_trace();
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static const ag_backend *inner(void) {
+    if (!g_inner) {
+        g_inner = ag_backend_find("cpu");
+        if (!g_inner) g_inner = &ag_backend_cpu_ref;
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = fence_segv;
+        sa.sa_flags = SA_SIGINFO;
+        sigaction(SIGSEGV, &sa, NULL);
+    }
+    return g_inner;
+}
+
+static void protect_all(int prot) {
+    for (int i = 0; i < g_n; i++)
+        if (mprotect(g_reg[i].p, g_reg[i].len, prot)) {
+            perror("[cpu-fenced] mprotect");
+            abort();
+        }
+}
+
+static void fence_open(void) {
+    inner();
+    if (g_open++ == 0) protect_all(PROT_READ | PROT_WRITE);
+}
+
+static void fence_close(void) {
+    if (--g_open == 0) protect_all(PROT_NONE);
+}
+
+/* p must be backend memory (NULL allowed where the entry allows it: `opt`). */
+static void need(const char *entry, const char *arg, const void *p, int opt) {
+    if (!p) {
+        if (opt) return;
+        fprintf(stderr, "[cpu-fenced] %s: %s is NULL\n", entry, arg);
+        fence_trace();
+        abort();
+    }
+    const unsigned char *a = p;
+    for (int i = 0; i < g_n; i++)
+        if (a >= g_reg[i].p && a < g_reg[i].p + g_reg[i].len) return;
+    fprintf(stderr, "[cpu-fenced] %s: %s (%p) is not backend memory (a host pointer passed as data)\n", entry, arg, p);
+    fence_trace();
+    abort();
+}
+
+#define NEED(p) need(__func__ + 3, #p, (p), 0)
+#define OPT(p) need(__func__ + 3, #p, (p), 1)
+
+/* ------------------------------------------------------------------ memory */
+
+static void *fc_alloc(size_t bytes) {
+    inner();
+    if (g_n == FENCE_MAX) {
+        fprintf(stderr, "[cpu-fenced] more than %d live allocations\n", FENCE_MAX);
+        abort();
+    }
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE), len = ((bytes ? bytes : 1) + pg - 1) / pg * pg;
+    void *p = mmap(NULL, len, g_open ? PROT_READ | PROT_WRITE : PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+    g_reg[g_n++] = (fence_region){p, len, bytes};
+    return p;
+}
+
+static void fc_free(void *p) {
+    if (!p) return;
+    for (int i = 0; i < g_n; i++)
+        if (g_reg[i].p == p) {
+            munmap(g_reg[i].p, g_reg[i].len);
+            g_reg[i] = g_reg[--g_n];
+            return;
+        }
+    fprintf(stderr, "[cpu-fenced] free: %p is not a backend allocation\n", p);
+    fence_trace();
+    abort();
+}
+
+static void fc_copy_h2d(void *dst, const void *src, size_t bytes) {
+    NEED(dst);
+    fence_open();
+    inner()->copy_h2d(dst, src, bytes);
+    fence_close();
+}
+
+static void fc_copy_d2h(void *dst, const void *src, size_t bytes) {
+    NEED(src);
+    fence_open();
+    inner()->copy_d2h(dst, src, bytes);
+    fence_close();
+}
+
+static void fc_copy_d2d(void *dst, const void *src, size_t bytes) {
+    NEED(dst);
+    NEED(src);
+    fence_open();
+    inner()->copy_d2d(dst, src, bytes);
+    fence_close();
+}
+
+static void fc_zero(void *dst, size_t bytes) {
+    NEED(dst);
+    fence_open();
+    inner()->zero(dst, bytes);
+    fence_close();
+}
+
+static void fc_fill_f32(float *dst, int64_t n, float value) {
+    NEED(dst);
+    fence_open();
+    inner()->fill_f32(dst, n, value);
+    fence_close();
+}
+
+static void fc_sync(void) { inner()->sync(); }
+
+/* ------------------------------------------------------------------ kernels */
+
+static void fc_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const void *A, int64_t lda,
+                    const void *B, int64_t ldb, float beta, float *C, int64_t ldc, gemm_dtype dt) {
+    NEED(A);
+    NEED(B);
+    NEED(C);
+    fence_open();
+    inner()->gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, dt);
+    fence_close();
+}
+
+static void fc_frozen_rows_f32(const frozen_weight *w, int64_t row0, int64_t n, float *dst) {
+    NEED(dst);
+    fence_open();
+    inner()->frozen_rows_f32(w, row0, n, dst);
+    fence_close();
+}
+
+static void fc_frozen_rows_bf16(const frozen_weight *w, int64_t row0, int64_t n, bf16 *dst) {
+    NEED(dst);
+    fence_open();
+    inner()->frozen_rows_bf16(w, row0, n, dst);
+    fence_close();
+}
+
+static void fc_to_bf16(const float *src, bf16 *dst, int64_t n) {
+    NEED(src);
+    NEED(dst);
+    fence_open();
+    inner()->to_bf16(src, dst, n);
+    fence_close();
+}
+
+static void fc_dropout_fwd(const float *x, float *y, int64_t n, float p, uint64_t seed, uint64_t stream) {
+    NEED(x);
+    NEED(y);
+    fence_open();
+    inner()->dropout_fwd(x, y, n, p, seed, stream);
+    fence_close();
+}
+
+static void fc_dropout_bwd(const float *g, float *dx, int64_t n, float p, uint64_t seed, uint64_t stream) {
+    NEED(g);
+    NEED(dx);
+    fence_open();
+    inner()->dropout_bwd(g, dx, n, p, seed, stream);
+    fence_close();
+}
+
+static void fc_embedding(const frozen_weight *table, const int32_t *ids, int64_t n, float *x) {
+    NEED(x);
+    fence_open();
+    inner()->embedding(table, ids, n, x);
+    fence_close();
+}
+
+static void fc_rmsnorm_fwd(const float *x, const float *w, float *y, bf16 *yb, float *rstd, int64_t N, int64_t D,
+                           float eps) {
+    NEED(x);
+    NEED(w);
+    NEED(y);
+    OPT(yb);
+    NEED(rstd);
+    fence_open();
+    inner()->rmsnorm_fwd(x, w, y, yb, rstd, N, D, eps);
+    fence_close();
+}
+
+static void fc_rmsnorm_bwd(const float *x, const float *w, const float *rstd, const float *dy, float *dx, float *dw,
+                           int64_t N, int64_t D) {
+    NEED(x);
+    NEED(w);
+    NEED(rstd);
+    NEED(dy);
+    OPT(dx);
+    OPT(dw);
+    fence_open();
+    inner()->rmsnorm_bwd(x, w, rstd, dy, dx, dw, N, D);
+    fence_close();
+}
+
+static void fc_rope_fwd(const float *x, float *y, bf16 *yb, int64_t N, int nh, const rope_table *rt, const int32_t *pos) {
+    NEED(x);
+    NEED(y);
+    OPT(yb);
+    fence_open();
+    inner()->rope_fwd(x, y, yb, N, nh, rt, pos);
+    fence_close();
+}
+
+static void fc_rope_bwd(const float *dy, float *dx, int64_t N, int nh, const rope_table *rt, const int32_t *pos) {
+    NEED(dy);
+    NEED(dx);
+    fence_open();
+    inner()->rope_bwd(dy, dx, N, nh, rt, pos);
+    fence_close();
+}
+
+static void attn_need(const char *entry, const ag_attn *a) {
+    need(entry, "q", a->qb, 0);
+    need(entry, "k", a->kb, 0);
+    need(entry, "v", a->vb, 0);
+    need(entry, "rmax", a->rmax, 0);
+    need(entry, "rinv", a->rinv, 0);
+    need(entry, "seglo", a->seglo, 0);
+    need(entry, "seg_ok", a->seg_ok, 0);
+}
+
+static void fc_attention_fwd(struct ag_ctx *ctx, ag_attn *a, float *o, bf16 *ob) {
+    attn_need("attention_fwd", a);
+    NEED(o);
+    OPT(ob);
+    fence_open();
+    inner()->attention_fwd(ctx, a, o, ob);
+    fence_close();
+}
+
+static void fc_attention_bwd(struct ag_ctx *ctx, const ag_attn *a, const void *dob, float *dq, float *dk, float *dv) {
+    attn_need("attention_bwd", a);
+    NEED(dob);
+    OPT(dq);
+    OPT(dk);
+    OPT(dv);
+    fence_open();
+    inner()->attention_bwd(ctx, a, dob, dq, dk, dv);
+    fence_close();
+}
+
+static void fc_attention_cached(struct ag_ctx *ctx, const ag_attn_cached *a, float *out) {
+    need("attention_cached", "q", a->q, 0);
+    need("attention_cached", "k", a->k, 0);
+    need("attention_cached", "v", a->v, 0);
+    NEED(out);
+    fence_open();
+    inner()->attention_cached(ctx, a, out);
+    fence_close();
+}
+
+static void fc_swiglu_fwd(const float *g, const float *u, float *y, bf16 *yb, bf16 *gb, bf16 *ub, int64_t n) {
+    NEED(g);
+    NEED(u);
+    NEED(y);
+    OPT(yb);
+    OPT(gb);
+    OPT(ub);
+    fence_open();
+    inner()->swiglu_fwd(g, u, y, yb, gb, ub, n);
+    fence_close();
+}
+
+static void fc_swiglu_bwd(const void *g, const void *u, int isb, const float *dy, float *dg, float *du, int64_t n) {
+    NEED(g);
+    NEED(u);
+    NEED(dy);
+    OPT(dg);
+    OPT(du);
+    fence_open();
+    inner()->swiglu_bwd(g, u, isb, dy, dg, du, n);
+    fence_close();
+}
+
+static void fc_add(const float *a, const float *b, float *y, int64_t n) {
+    NEED(a);
+    NEED(b);
+    NEED(y);
+    fence_open();
+    inner()->add(a, b, y, n);
+    fence_close();
+}
+
+static void fc_add_bwd(const float *dy, float *da, float *db, int64_t n) {
+    NEED(dy);
+    OPT(da);
+    OPT(db);
+    fence_open();
+    inner()->add_bwd(dy, da, db, n);
+    fence_close();
+}
+
+static void fc_axpy(float *y, float alpha, const float *x, int64_t n) {
+    NEED(y);
+    NEED(x);
+    fence_open();
+    inner()->axpy(y, alpha, x, n);
+    fence_close();
+}
+
+static double fc_lm_head_ce(struct ag_ctx *ctx, const ag_ce_args *a, int64_t *count) {
+    need("lm_head_ce", "h", a->h, 0);
+    need("lm_head_ce", "w", a->w, 0);
+    need("lm_head_ce", "dh", a->dh, 1);
+    fence_open();
+    double r = inner()->lm_head_ce(ctx, a, count);
+    fence_close();
+    return r;
+}
+
+static void fc_adamw_update(float *p, const float *g, float *m, float *v, int64_t n, const uint8_t *mask,
+                            const ag_adamw_coef *c) {
+    NEED(p);
+    NEED(g);
+    NEED(m);
+    NEED(v);
+    fence_open();
+    inner()->adamw_update(p, g, m, v, n, mask, c);
+    fence_close();
+}
+
+static int64_t fc_sophia_update(float *p, const float *g, float *m, const float *h, int64_t n, const uint8_t *mask,
+                                const ag_sophia_coef *c) {
+    NEED(p);
+    NEED(g);
+    NEED(m);
+    NEED(h);
+    fence_open();
+    int64_t r = inner()->sophia_update(p, g, m, h, n, mask, c);
+    fence_close();
+    return r;
+}
+
+static void fc_sophia_hessian(float *h, const float *ghat, int64_t n, float b2, float omb2) {
+    NEED(h);
+    NEED(ghat);
+    fence_open();
+    inner()->sophia_hessian(h, ghat, n, b2, omb2);
+    fence_close();
+}
+
+static double fc_sum_squares(const float *x, int64_t n) {
+    NEED(x);
+    fence_open();
+    double r = inner()->sum_squares(x, n);
+    fence_close();
+    return r;
+}
+
+static void fc_scale(float *x, int64_t n, float s) {
+    NEED(x);
+    fence_open();
+    inner()->scale(x, n, s);
+    fence_close();
+}
+
+static int64_t fc_count_nonfinite(const float *x, int64_t n) {
+    NEED(x);
+    fence_open();
+    int64_t r = inner()->count_nonfinite(x, n);
+    fence_close();
+    return r;
+}
+
+const ag_backend ag_backend_cpu_fenced = {
+    .name = "cpu-fenced",
+    .host_data = 0,
+    .alloc = fc_alloc,
+    .free = fc_free,
+    .copy_h2d = fc_copy_h2d,
+    .copy_d2h = fc_copy_d2h,
+    .copy_d2d = fc_copy_d2d,
+    .zero = fc_zero,
+    .fill_f32 = fc_fill_f32,
+    .sync = fc_sync,
+    .gemm = fc_gemm,
+    .frozen_rows_f32 = fc_frozen_rows_f32,
+    .frozen_rows_bf16 = fc_frozen_rows_bf16,
+    .to_bf16 = fc_to_bf16,
+    .dropout_fwd = fc_dropout_fwd,
+    .dropout_bwd = fc_dropout_bwd,
+    .embedding = fc_embedding,
+    .rmsnorm_fwd = fc_rmsnorm_fwd,
+    .rmsnorm_bwd = fc_rmsnorm_bwd,
+    .rope_fwd = fc_rope_fwd,
+    .rope_bwd = fc_rope_bwd,
+    .attention_fwd = fc_attention_fwd,
+    .attention_bwd = fc_attention_bwd,
+    .attention_cached = fc_attention_cached,
+    .swiglu_fwd = fc_swiglu_fwd,
+    .swiglu_bwd = fc_swiglu_bwd,
+    .add = fc_add,
+    .add_bwd = fc_add_bwd,
+    .axpy = fc_axpy,
+    .lm_head_ce = fc_lm_head_ce,
+    .adamw_update = fc_adamw_update,
+    .sophia_update = fc_sophia_update,
+    .sophia_hessian = fc_sophia_hessian,
+    .sum_squares = fc_sum_squares,
+    .scale = fc_scale,
+    .count_nonfinite = fc_count_nonfinite,
+};
