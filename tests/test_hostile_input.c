@@ -634,6 +634,45 @@ static void test_14_run_second_signal_and_rotation(void **st) {
     assert_int_equal(newest_complete(dir), 3);
 }
 
+/* 14 (disk full). A checkpoint that does not fit said "HDF5 error at /lora/params". The output_dir is a
+ * 1 MiB tmpfs mounted in a private mount namespace (unshare -rm: also without root); the first save cannot
+ * fit, and the line must say the disk is full and name the file. Skipped where namespaces are not allowed. */
+static void test_14_disk_full_during_save(void **st) {
+    (void)st;
+    if (system("/usr/bin/unshare -rm true >/dev/null 2>&1") != 0) {
+        print_message("SKIPPED: unshare -rm (a private mount namespace for a small tmpfs) is not permitted here\n");
+        skip();
+    }
+    char dir[400], a[500];
+    snprintf(dir, sizeof dir, "%s/out14full", g_dir);
+    assert_int_equal(mkdir(dir, 0755), 0);
+    snprintf(a, sizeof a, "output_dir=%s", dir);
+    /* sh -c SCRIPT sh DIR TRAINER CONFIG OVERRIDES...: mount, then exec the trainer in the namespace */
+    char *argv[] = {(char *)"/usr/bin/unshare", (char *)"-rm", (char *)"/bin/sh", (char *)"-c",
+                    (char *)"d=$1; shift; mount -t tmpfs -o size=1m qlora-full \"$d\" || exit 77; exec \"$@\"",
+                    (char *)"sh", dir, (char *)subproc_trainer(), g_cfg, a, (char *)"max_steps=1",
+                    (char *)"save_steps=1", (char *)"lora_r=64", NULL}; /* state.h5 ≈ 13 MiB */
+    char *err = NULL;
+    int code = subproc_run(argv, NULL, HOSTILE_SECONDS, &err);
+    assert_non_null(err);
+    size_t len = strlen(err);
+    while (len && err[len - 1] == '\n') err[--len] = 0;
+    char *last = strrchr(err, '\n');
+    last = last ? last + 1 : err;
+    print_message("exit %d: %s\n", code, last);
+    if (code == 77) {
+        print_message("SKIPPED: mounting a tmpfs in the namespace failed\n");
+        free(err);
+        skip();
+    }
+    assert_true(code != 0 && code < 128);
+    assert_non_null(strstr(last, "qlora-train: "));
+    assert_non_null(strstr(last, "state.h5"));
+    assert_non_null(strstr(last, "no space left on device"));
+    assert_null(strstr(err, "AddressSanitizer"));
+    free(err);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_01_hf_index_shard_outside),
@@ -652,6 +691,7 @@ int main(void) {
         cmocka_unit_test(test_13_config_size_and_depth),
         cmocka_unit_test(test_14_config_messages),
         cmocka_unit_test(test_14_run_second_signal_and_rotation),
+        cmocka_unit_test(test_14_disk_full_during_save),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
