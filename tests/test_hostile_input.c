@@ -24,83 +24,41 @@
 
 #include <cmocka.h>
 
-#include "tests/dir_snapshot.h"
+#include "tests/cli_fixture.h"
 #include "tests/subproc.h"
 #include "trainer/checkpoint.h"
 
-#define MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+#define MODEL CLI_FIXTURE_MODEL
 #define HOSTILE_MEM_MIB 4096 /* address space of one case: the trainer needs ~0.5 GiB here */
 #define HOSTILE_SECONDS 120  /* a case that has not failed by then is a hang */
 
-static char g_dir[256], g_cfg[320], g_out[320];
-
-static void write_bytes(const char *path, const void *p, size_t n) {
-    FILE *f = fopen(path, "wb");
-    assert_non_null(f);
-    if (n) assert_int_equal(fwrite(p, 1, n, f), n);
-    assert_int_equal(fclose(f), 0);
-}
-
-static void write_text(const char *path, const char *s) { write_bytes(path, s, strlen(s)); }
-
-static char *snapshot(const char *dir) {
-    char *s = dir_snapshot(dir);
-    assert_non_null(s);
-    return s;
-}
-
-/* output_dir with an earlier run's outputs (content arbitrary: it must come out unchanged). */
-static void make_earlier_outputs(const char *out) {
-    char p[512];
-    mkdir(out, 0755);
-    snprintf(p, sizeof p, "%s/metrics.jsonl", out);
-    write_text(p, "{\"step\": 1, \"loss\": 2.5, \"lr\": 0.0002, \"grad_norm\": 1, \"tokens_per_sec\": 1, \"epoch\": 0.1}\n");
-    snprintf(p, sizeof p, "%s/adapter_model.safetensors", out);
-    write_text(p, "an adapter from an earlier run");
-    snprintf(p, sizeof p, "%s/config.resolved.yaml", out);
-    write_text(p, "lora_r: 8\n");
-    snprintf(p, sizeof p, "%s/.qlora-train.lock", out); /* every run takes the lock file; it holds no data */
-    write_text(p, "");
-}
+static cli_fixture g_fx; /* scratch directory, config, output_dir with an earlier run's outputs */
+#define g_dir g_fx.dir
+#define g_cfg g_fx.cfg
+#define g_out g_fx.out
 
 static int setup(void **st) {
     (void)st;
-    if (access(MODEL, R_OK)) {
-        fprintf(stderr, "%s missing: run `make model`\n", MODEL);
-        return -1;
-    }
-    snprintf(g_dir, sizeof g_dir, "/tmp/qlora-hostile-XXXXXX");
-    if (!mkdtemp(g_dir)) return -1;
-    char p[512];
-    snprintf(p, sizeof p, "%s/train.jsonl", g_dir);
-    write_text(p, "{\"text\": \"The open() system call opens the file specified by pathname.\"}\n"
-                  "{\"text\": \"If the specified file does not exist, it may optionally be created by open().\"}\n");
-    snprintf(g_out, sizeof g_out, "%s/out", g_dir);
-    make_earlier_outputs(g_out);
-    snprintf(g_cfg, sizeof g_cfg, "%s/config.yaml", g_dir);
-    char cfg[2048];
-    snprintf(cfg, sizeof cfg,
-             "base_model: " MODEL "\n"
-             "lora_r: 2\nlora_alpha: 4\nlora_target_modules: [q_proj]\n"
-             "datasets:\n  - path: %s/train.jsonl\n    type: completion\n"
-             "sequence_len: 32\nmicro_batch_size: 1\nmax_steps: 1\nnum_threads: 1\n"
-             "output_dir: %s\n",
-             g_dir, g_out);
-    write_text(g_cfg, cfg);
-    return 0;
+    return cli_fixture_init(
+        &g_fx, "/tmp/qlora-hostile-XXXXXX",
+        "{\"text\": \"The open() system call opens the file specified by pathname.\"}\n"
+        "{\"text\": \"If the specified file does not exist, it may optionally be created by open().\"}\n");
 }
 
 static int teardown(void **st) {
     (void)st;
-    char cmd[600];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
-    return system(cmd) == 0 ? 0 : -1;
+    return cli_fixture_free(&g_fx);
 }
+
+
+
+
+
 
 /* Run `tool args...` under the limits (sh: ulimit -v, then exec); check what the header promises.
  * tool: a path; its basename (e.g. "qlora-train") must start the last stderr line. want: NULL-terminated. */
 static void expect_refusal_of(const char *tool, const char *const *args, const char *const *want) {
-    char *before = snapshot(g_out);
+    char *before = cli_snapshot(g_out);
     char *argv[40];
     int n = 0;
     char script[128];
@@ -139,7 +97,7 @@ static void expect_refusal_of(const char *tool, const char *const *args, const c
     }
     assert_null(strstr(err, "AddressSanitizer"));
     assert_null(strstr(err, "runtime error"));
-    char *after = snapshot(g_out);
+    char *after = cli_snapshot(g_out);
     if (strcmp(before, after)) print_error("output_dir changed:\nbefore:\n%s\nafter:\n%s\n", before, after);
     assert_string_equal(before, after);
     free(before);
@@ -167,10 +125,10 @@ static void test_01_hf_index_shard_outside(void **st) {
     snprintf(hd, sizeof hd, "%s/hf_index", g_dir);
     mkdir(hd, 0755);
     snprintf(p, sizeof p, "%s/config.json", hd);
-    write_text(p, "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 96, \"num_hidden_layers\": 2, "
+    cli_write_text(p, "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 96, \"num_hidden_layers\": 2, "
                   "\"num_attention_heads\": 4, \"vocab_size\": 10}");
     snprintf(p, sizeof p, "%s/model.safetensors.index.json", hd);
-    write_text(p, "{\"metadata\": {}, \"weight_map\": {\"model.norm.weight\": \"../x\"}}");
+    cli_write_text(p, "{\"metadata\": {}, \"weight_map\": {\"model.norm.weight\": \"../x\"}}");
     snprintf(a, sizeof a, "base_model=%s", hd);
     expect_train_refusal(ARGS(a), WANT("weight_map[\"model.norm.weight\"]", "file name of a shard"));
 }
@@ -195,16 +153,16 @@ static void test_05_text_cut_or_dropped(void **st) {
     (void)st;
     char p[400], a[600];
     snprintf(p, sizeof p, "%s/nul_escape.jsonl", g_dir);
-    write_text(p, "{\"text\": \"abc\\u0000def\"}\n");
+    cli_write_text(p, "{\"text\": \"abc\\u0000def\"}\n");
     snprintf(a, sizeof a, "datasets=[{path: %s, type: completion}]", p);
     expect_train_refusal(ARGS(a), WANT("nul_escape.jsonl:1", "\\u0000"));
     snprintf(p, sizeof p, "%s/raw_nul.jsonl", g_dir);
     static const char raw[] = "{\"text\": \"abc\0def\"}\n";
-    write_bytes(p, raw, sizeof raw - 1);
+    cli_write_bytes(p, raw, sizeof raw - 1);
     snprintf(a, sizeof a, "datasets=[{path: %s, type: completion}]", p);
     expect_train_refusal(ARGS(a), WANT("raw_nul.jsonl:1", "NUL byte"));
     snprintf(p, sizeof p, "%s/latin1.jsonl", g_dir);
-    write_text(p, "{\"text\": \"caf\xe9 au lait\"}\n");
+    cli_write_text(p, "{\"text\": \"caf\xe9 au lait\"}\n");
     snprintf(a, sizeof a, "datasets=[{path: %s, type: completion}]", p);
     expect_train_refusal(ARGS(a), WANT("latin1.jsonl:1", "invalid UTF-8"));
 }
@@ -217,12 +175,12 @@ static void test_08_model_metadata(void **st) {
     snprintf(hd, sizeof hd, "%s/hf_theta", g_dir);
     mkdir(hd, 0755);
     snprintf(p, sizeof p, "%s/config.json", hd);
-    write_text(p, "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 96, \"num_hidden_layers\": 2, "
+    cli_write_text(p, "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 96, \"num_hidden_layers\": 2, "
                   "\"num_attention_heads\": 4, \"vocab_size\": 10, \"rope_theta\": \"abc\"}");
     snprintf(a, sizeof a, "base_model=%s", hd);
     expect_train_refusal(ARGS(a), WANT("config.json", "rope_theta", "expected a number"));
     snprintf(p, sizeof p, "%s/config.json", hd);
-    write_text(p, "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 96, \"num_hidden_layers\": 2, "
+    cli_write_text(p, "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 96, \"num_hidden_layers\": 2, "
                   "\"num_attention_heads\": 4, \"vocab_size\": 10, \"rms_norm_eps\": -1}");
     expect_train_refusal(ARGS(a), WANT("config.json", "rms_norm_eps"));
 }
@@ -240,7 +198,7 @@ static void test_09_empty_value(void **st) {
              "datasets:\n  - path: %s/train.jsonl\n    type: completion\n"
              "learning_rate:\nsequence_len: 32\nmax_steps: 1\noutput_dir: %s\n",
              g_dir, g_out);
-    write_text(p, cfg);
+    cli_write_text(p, cfg);
     expect_refusal_of(subproc_trainer(), ARGS(p), WANT("empty_lr.yaml: learning_rate: no value", "(line 6)"));
 }
 
@@ -303,7 +261,7 @@ static void test_13_config_size_and_depth(void **st) {
     memcpy(text, "lora_target_modules: ", 21);
     memset(text + 21, '[', n);
     text[21 + n] = 0;
-    write_text(p, text);
+    cli_write_text(p, text);
     expect_refusal_of(subproc_trainer(), ARGS(p), WANT("deep.yaml", "nested deeper than 64 levels", "(line 1)"));
     /* the same as an override */
     memcpy(text, "lora_target_modules=", 20);
@@ -398,7 +356,7 @@ static void fake_checkpoint(const char *dir, int step, long long size, char *ck,
     mkdir(ck, 0755);
     snprintf(p, sizeof p, "%s/COMPLETE", ck);
     snprintf(text, sizeof text, "qlora-checkpoint 1\nstep %d\nstate.h5 %lld 0123456789abcdef\n", step, size);
-    write_text(p, text);
+    cli_write_text(p, text);
 }
 
 /* 2. token ids are checked against the embedding: a GGUF whose token_embd.weight has 1000 rows while its
@@ -433,7 +391,7 @@ static void test_02_vocab_beyond_embedding(void **st) {
     memcpy(hit + 8, &ne1, 8);
     char p[400], a[600];
     snprintf(p, sizeof p, "%s/embd1000.gguf", g_dir);
-    write_bytes(p, b, (size_t)n);
+    cli_write_bytes(p, b, (size_t)n);
     free(b);
     snprintf(a, sizeof a, "base_model=%s", p);
     expect_train_refusal(ARGS(a), WANT("embd1000.gguf", "tokenizer has 49152 tokens", "token_embd.weight has 1000 rows"));
@@ -455,10 +413,10 @@ static void test_03_memory_beyond_machine(void **st) {
     if (code) print_error("%s\n", err);
     assert_int_equal(code, 0);
     free(err);
-    char *before = snapshot(out);
+    char *before = cli_snapshot(out);
     expect_train_refusal(ARGS(a, "micro_batch_size=100000", "max_steps=3", "val_set_size=1"),
                          WANT("micro_batch_size 100000", "MiB"));
-    char *after = snapshot(out);
+    char *after = cli_snapshot(out);
     assert_string_equal(before, after);
     free(before);
     free(after);
@@ -480,7 +438,7 @@ static void test_04_checkpoint_not_a_file(void **st) {
     expect_train_refusal(ARGS(a), WANT("resume_from_checkpoint", "state.h5", "not a regular file", "FIFO"));
     /* the marker itself as a FIFO */
     unlink(p);
-    write_text(p, "not hdf5");
+    cli_write_text(p, "not hdf5");
     snprintf(p, sizeof p, "%s/COMPLETE", ck);
     unlink(p);
     assert_int_equal(mkfifo(p, 0600), 0);
@@ -494,27 +452,27 @@ static void test_06_no_usable_checkpoint(void **st) {
     (void)st;
     char dir[400], ck[500], p[600], a[700];
     snprintf(dir, sizeof dir, "%s/out6", g_dir);
-    make_earlier_outputs(dir);
+    cli_fixture_earlier_outputs(dir);
     snprintf(p, sizeof p, "%s/.qlora-train.lock", dir); /* as a run leaves it */
-    write_text(p, "");
+    cli_write_text(p, "");
     fake_checkpoint(dir, 3, 4096, ck, sizeof ck);
     snprintf(p, sizeof p, "%s/state.h5", ck);
-    write_text(p, "a state.h5 that is not the one the marker describes");
+    cli_write_text(p, "a state.h5 that is not the one the marker describes");
     snprintf(p, sizeof p, "%s/checkpoint-5", dir); /* a newer save interrupted before its marker */
     mkdir(p, 0755);
     snprintf(p, sizeof p, "%s/checkpoint-5/state.h5", dir);
-    write_text(p, "half a checkpoint");
-    char *before = snapshot(dir);
+    cli_write_text(p, "half a checkpoint");
+    char *before = cli_snapshot(dir);
     snprintf(a, sizeof a, "output_dir=%s", dir);
     expect_train_refusal(ARGS(a), WANT("out6", "none can be resumed", "checkpoint-3", "truncated or replaced",
                                        "Delete its checkpoint-*"));
-    char *after = snapshot(dir);
+    char *after = cli_snapshot(dir);
     assert_string_equal(before, after);
     free(before);
     free(after);
     /* only an interrupted save: the run starts over, and says so */
     snprintf(dir, sizeof dir, "%s/out6b", g_dir);
-    make_earlier_outputs(dir);
+    cli_fixture_earlier_outputs(dir);
     snprintf(p, sizeof p, "%s/checkpoint-5", dir);
     mkdir(p, 0755);
     snprintf(a, sizeof a, "output_dir=%s", dir);
@@ -625,7 +583,7 @@ static void test_14_run_second_signal_and_rotation(void **st) {
     assert_int_equal(unlink(p1), 0);
     assert_int_equal(mkdir(p1, 0755), 0); /* unlink(2) of it fails (EISDIR), also for root */
     snprintf(p2, sizeof p2, "%s/x", p1);
-    write_text(p2, "x");
+    cli_write_text(p2, "x");
     code = run_cli(ARGS(a, "max_steps=3", "save_steps=1", "save_total_limit=1"), NULL, &err);
     if (code) print_error("%s\n", err);
     assert_int_equal(code, 0);
