@@ -14,6 +14,7 @@
 #include <cmocka.h>
 
 #include "tests/dir_snapshot.h"
+#include "tests/subproc.h"
 
 void cli_write_bytes(const char *path, const void *p, size_t n) {
     FILE *f = fopen(path, "wb");
@@ -81,4 +82,41 @@ int cli_fixture_free(cli_fixture *fx) {
     char cmd[600];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", fx->dir);
     return system(cmd) == 0 ? 0 : -1;
+}
+
+char *cli_last_line(char *err) {
+    size_t len = strlen(err);
+    while (len && err[len - 1] == '\n') err[--len] = 0;
+    char *last = strrchr(err, '\n');
+    return last ? last + 1 : err;
+}
+
+void cli_expect_failure(char *const argv[], int timeout_s, int want_code, const char *tool,
+                        const char *const *want, const char *keep_dir) {
+    char *before = cli_snapshot(keep_dir);
+    char *err = NULL;
+    int code = subproc_run(argv, NULL, timeout_s, &err);
+    assert_non_null(err);
+    const char *last = cli_last_line(err);
+    print_message("exit %d: %s\n", code, last);
+    int code_ok = want_code >= 0 ? code == want_code : code != 0 && code < 128;
+    if (!code_ok) print_error("stderr:\n%s\n", err);
+    if (want_code >= 0) assert_int_equal(code, want_code);
+    assert_true(code_ok);
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "%s: ", tool);
+    if (strncmp(last, prefix, strlen(prefix))) print_error("last line does not start with \"%s\": %s\n", prefix, last);
+    assert_true(!strncmp(last, prefix, strlen(prefix)));
+    for (int i = 0; want && want[i]; i++) {
+        if (!strstr(last, want[i])) print_error("missing \"%s\" in: %s\n", want[i], last);
+        assert_non_null(strstr(last, want[i]));
+    }
+    assert_null(strstr(err, "AddressSanitizer"));
+    assert_null(strstr(err, "runtime error"));
+    char *after = cli_snapshot(keep_dir);
+    if (strcmp(before, after)) print_error("output_dir changed:\nbefore:\n%s\nafter:\n%s\n", before, after);
+    assert_string_equal(before, after);
+    free(before);
+    free(after);
+    free(err);
 }

@@ -32,6 +32,17 @@ void cli_fixture_earlier_outputs(const char *out);
 void cli_write_bytes(const char *path, const void *p, size_t n);
 void cli_write_text(const char *path, const char *s);
 
+/* The last non-empty line of a process's stderr (trailing newlines are cut off `err` in place). */
+char *cli_last_line(char *err);
+
+/* Run argv (NULL-terminated, argv[0] a path) under a time limit of timeout_s (then SIGKILL), and check
+ * what every refusal must be: the exit code want_code (or, when want_code < 0, any non-zero code below
+ * 128: not a signal, so no crash, abort or kill by a limit); the last stderr line starts with
+ * "<tool>: " and holds every string of `want` (NULL-terminated); no sanitizer report; and `keep_dir`
+ * byte-for-byte as it was (dir_snapshot). cmocka assertions on failure, with the stderr printed. */
+void cli_expect_failure(char *const argv[], int timeout_s, int want_code, const char *tool,
+                        const char *const *want, const char *keep_dir);
+
 /* dir_snapshot with an assertion that it succeeded; the caller frees the string. */
 char *cli_snapshot(const char *dir);
 

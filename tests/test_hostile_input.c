@@ -58,7 +58,6 @@ static int teardown(void **st) {
 /* Run `tool args...` under the limits (sh: ulimit -v, then exec); check what the header promises.
  * tool: a path; its basename (e.g. "qlora-train") must start the last stderr line. want: NULL-terminated. */
 static void expect_refusal_of(const char *tool, const char *const *args, const char *const *want) {
-    char *before = cli_snapshot(g_out);
     char *argv[40];
     int n = 0;
     char script[128];
@@ -74,35 +73,8 @@ static void expect_refusal_of(const char *tool, const char *const *args, const c
     argv[n++] = (char *)tool;
     for (int i = 0; args && args[i] && n < 39; i++) argv[n++] = (char *)args[i];
     argv[n] = NULL;
-    char *err = NULL;
-    int code = subproc_run(argv, NULL, HOSTILE_SECONDS, &err);
-    assert_non_null(err);
-    size_t len = strlen(err);
-    while (len && err[len - 1] == '\n') err[--len] = 0;
-    char *last = strrchr(err, '\n');
-    last = last ? last + 1 : err;
-    print_message("exit %d: %s\n", code, last);
-    if (code == 0 || code >= 128) print_error("stderr:\n%s\n", err);
-    assert_true(code != 0);
-    assert_true(code < 128); /* not killed by a signal: no crash, no abort, no limit hit */
     const char *base = strrchr(tool, '/');
-    base = base ? base + 1 : tool;
-    char prefix[64];
-    snprintf(prefix, sizeof prefix, "%s: ", base);
-    if (strncmp(last, prefix, strlen(prefix))) print_error("last line does not start with \"%s\": %s\n", prefix, last);
-    assert_true(!strncmp(last, prefix, strlen(prefix)));
-    for (int i = 0; want && want[i]; i++) {
-        if (!strstr(last, want[i])) print_error("missing \"%s\" in: %s\n", want[i], last);
-        assert_non_null(strstr(last, want[i]));
-    }
-    assert_null(strstr(err, "AddressSanitizer"));
-    assert_null(strstr(err, "runtime error"));
-    char *after = cli_snapshot(g_out);
-    if (strcmp(before, after)) print_error("output_dir changed:\nbefore:\n%s\nafter:\n%s\n", before, after);
-    assert_string_equal(before, after);
-    free(before);
-    free(after);
-    free(err);
+    cli_expect_failure(argv, HOSTILE_SECONDS, -1, base ? base + 1 : tool, want, g_out);
 }
 
 /* qlora-train g_cfg args... */
@@ -613,10 +585,7 @@ static void test_14_disk_full_during_save(void **st) {
     char *err = NULL;
     int code = subproc_run(argv, NULL, HOSTILE_SECONDS, &err);
     assert_non_null(err);
-    size_t len = strlen(err);
-    while (len && err[len - 1] == '\n') err[--len] = 0;
-    char *last = strrchr(err, '\n');
-    last = last ? last + 1 : err;
+    const char *last = cli_last_line(err);
     print_message("exit %d: %s\n", code, last);
     if (code == 77) {
         print_message("SKIPPED: mounting a tmpfs in the namespace failed\n");
