@@ -1292,6 +1292,60 @@ static int64_t cu_sophia_update(float *p, const float *g, float *m, const float 
     return (int64_t)w;
 }
 
+/* bitsandbytes' 8-bit AdamW and its 32-bit update (optim/adamw8bit.c): run by the CPU backend's
+ * kernels on host copies (copy_d2h, the `cpu` entry, copy_h2d), so the states are the CPU's bit for
+ * bit. No device kernel yet: an 8-bit AdamW step costs a round trip of the parameters, gradients
+ * and codes over PCIe (README "GPU"). */
+static void *host_copy(const void *dev, size_t bytes) {
+    void *h = malloc(bytes ? bytes : 1);
+    if (!h) {
+        fprintf(stderr, "[cuda] out of host memory staging %zu bytes\n", bytes);
+        abort();
+    }
+    cu_copy_d2h(h, dev, bytes);
+    return h;
+}
+
+static const ag_backend *cpu_table(void) {
+    const ag_backend *b = ag_backend_find("cpu");
+    return b ? b : &ag_backend_cpu_ref;
+}
+
+static void cu_adamw8bit_update(float *p, const float *g, uint8_t *q1, uint8_t *q2, float *absmax1, float *absmax2,
+                                const float *qmap1, const float *qmap2, const uint8_t *lut1, const uint8_t *lut2,
+                                int64_t n, int blocksize, const ag_adamw8bit_coef *c) {
+    if (n <= 0) return;
+    size_t nb = (size_t)((n + blocksize - 1) / blocksize) * sizeof(float), nf = (size_t)n * sizeof(float);
+    float *hp = (float *)host_copy(p, nf), *hg = (float *)host_copy(g, nf);
+    uint8_t *h1 = (uint8_t *)host_copy(q1, (size_t)n), *h2 = (uint8_t *)host_copy(q2, (size_t)n);
+    float *ha1 = (float *)host_copy(absmax1, nb), *ha2 = (float *)host_copy(absmax2, nb);
+    float *hm1 = (float *)host_copy(qmap1, 256 * sizeof(float)), *hm2 = (float *)host_copy(qmap2, 256 * sizeof(float));
+    uint8_t *hl1 = (uint8_t *)host_copy(lut1, 65536), *hl2 = (uint8_t *)host_copy(lut2, 65536);
+    cpu_table()->adamw8bit_update(hp, hg, h1, h2, ha1, ha2, hm1, hm2, hl1, hl2, n, blocksize, c);
+    cu_copy_h2d(p, hp, nf);
+    cu_copy_h2d(q1, h1, (size_t)n);
+    cu_copy_h2d(q2, h2, (size_t)n);
+    cu_copy_h2d(absmax1, ha1, nb);
+    cu_copy_h2d(absmax2, ha2, nb);
+    void *all[] = {hp, hg, h1, h2, ha1, ha2, hm1, hm2, hl1, hl2};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free(all[i]);
+}
+
+static void cu_adamw_bnb32_update(float *p, const float *g, float *m, float *v, int64_t n, const ag_adamw8bit_coef *c) {
+    if (n <= 0) return;
+    size_t nf = (size_t)n * sizeof(float);
+    float *hp = (float *)host_copy(p, nf), *hg = (float *)host_copy(g, nf);
+    float *hm = (float *)host_copy(m, nf), *hv = (float *)host_copy(v, nf);
+    cpu_table()->adamw_bnb32_update(hp, hg, hm, hv, n, c);
+    cu_copy_h2d(p, hp, nf);
+    cu_copy_h2d(m, hm, nf);
+    cu_copy_h2d(v, hv, nf);
+    free(hp);
+    free(hg);
+    free(hm);
+    free(hv);
+}
+
 __global__ void k_sophia_hessian(float *h, const float *g, int64_t n, float b2, float omb2) {
     GRID_LOOP(i, n) h[i] = qe_sophia_hessian(h[i], g[i], b2, omb2);
 }
@@ -1386,6 +1440,8 @@ extern "C" const ag_backend ag_backend_cuda = {
     cu_lm_head_ce,
     cu_adamw_update,
     cu_sophia_update,
+    cu_adamw8bit_update,
+    cu_adamw_bnb32_update,
     cu_sophia_hessian,
     cu_sum_squares,
     cu_scale,

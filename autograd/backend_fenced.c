@@ -400,6 +400,34 @@ static int64_t fc_sophia_update(float *p, const float *g, float *m, const float 
     return r;
 }
 
+static void fc_adamw8bit_update(float *p, const float *g, uint8_t *q1, uint8_t *q2, float *absmax1, float *absmax2,
+                                const float *qmap1, const float *qmap2, const uint8_t *lut1, const uint8_t *lut2,
+                                int64_t n, int blocksize, const ag_adamw8bit_coef *c) {
+    NEED(p);
+    NEED(g);
+    NEED(q1);
+    NEED(q2);
+    NEED(absmax1);
+    NEED(absmax2);
+    NEED(qmap1);
+    NEED(qmap2);
+    NEED(lut1);
+    NEED(lut2);
+    fence_open();
+    inner()->adamw8bit_update(p, g, q1, q2, absmax1, absmax2, qmap1, qmap2, lut1, lut2, n, blocksize, c);
+    fence_close();
+}
+
+static void fc_adamw_bnb32_update(float *p, const float *g, float *m, float *v, int64_t n, const ag_adamw8bit_coef *c) {
+    NEED(p);
+    NEED(g);
+    NEED(m);
+    NEED(v);
+    fence_open();
+    inner()->adamw_bnb32_update(p, g, m, v, n, c);
+    fence_close();
+}
+
 static void fc_sophia_hessian(float *h, const float *ghat, int64_t n, float b2, float omb2) {
     NEED(h);
     NEED(ghat);
@@ -464,6 +492,8 @@ const ag_backend ag_backend_cpu_fenced = {
     .lm_head_ce = fc_lm_head_ce,
     .adamw_update = fc_adamw_update,
     .sophia_update = fc_sophia_update,
+    .adamw8bit_update = fc_adamw8bit_update,
+    .adamw_bnb32_update = fc_adamw_bnb32_update,
     .sophia_hessian = fc_sophia_hessian,
     .sum_squares = fc_sum_squares,
     .scale = fc_scale,

@@ -64,21 +64,42 @@ int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
         cs.opt_step = r->sop.step, cs.exp_avg = r->sop.m, cs.exp_avg_sq = NULL, cs.hessian = r->sop.h;
         cs.beta1 = c->sophia_beta1, cs.beta2 = c->sophia_beta2, cs.rho = c->sophia_rho;
         cs.hessian_interval = c->sophia_k, cs.hessian_updates = r->sop.hessian_updates;
+    } else if (r->use_adamw8bit) {
+        snprintf(cs.optimizer, sizeof cs.optimizer, "adamw_8bit");
+        cs.opt_step = r->opt8.step, cs.exp_avg = r->opt8.m32, cs.exp_avg_sq = r->opt8.v32;
+        cs.state1 = r->opt8.state1, cs.state2 = r->opt8.state2, cs.absmax1 = r->opt8.absmax1;
+        cs.absmax2 = r->opt8.absmax2, cs.n_blocks = r->opt8.n_blocks, cs.n32 = r->opt8.n32;
     }
     snprintf(cs.base_model, sizeof cs.base_model, "%s", c->base_model);
     /* the arrays are the backend's memory: host copies where that is not host memory */
-    const float *dev[4] = {cs.params, cs.exp_avg, cs.exp_avg_sq, cs.hessian}, *host[4] = {NULL, NULL, NULL, NULL};
-    for (int i = 0; i < 4; i++)
-        if (dev[i] && !(host[i] = lora_set_params_host(&r->ls, dev[i], e))) {
-            for (int j = 0; j < i; j++) lora_set_host_release(&r->ls, dev[j], host[j]);
-            free(lh);
-            return qerr_prefix(e, "checkpoint at step %d", step);
+    const ag_backend *be = r->ctx.be;
+    const size_t nf = (size_t)r->ls.n_params * sizeof(float);
+    const size_t mom = r->use_adamw8bit ? (size_t)cs.n32 * sizeof(float) : nf;
+    void **slot[8] = {(void **)&cs.params, (void **)&cs.exp_avg, (void **)&cs.exp_avg_sq, (void **)&cs.hessian,
+                      (void **)&cs.state1, (void **)&cs.state2, (void **)&cs.absmax1, (void **)&cs.absmax2};
+    const size_t bytes[8] = {nf, mom, mom, nf, (size_t)r->ls.n_params, (size_t)r->ls.n_params,
+                             (size_t)cs.n_blocks * sizeof(float), (size_t)cs.n_blocks * sizeof(float)};
+    void *staged[8] = {NULL};
+    int stage_failed = 0;
+    if (!be->host_data) {
+        be->sync();
+        for (int i = 0; i < 8; i++) {
+            if (!*slot[i]) continue;
+            if (!(staged[i] = malloc(bytes[i] ? bytes[i] : 1))) {
+                stage_failed = 1;
+                break;
+            }
+            be->copy_d2h(staged[i], *slot[i], bytes[i]);
+            *slot[i] = staged[i];
         }
-    cs.params = (float *)host[0], cs.exp_avg = (float *)host[1], cs.exp_avg_sq = (float *)host[2];
-    cs.hessian = (float *)host[3];
-    fprintf(stderr, "[checkpoint] saving step %d\n", step);
-    int rc = ckpt_save(c->output_dir, &cs, save_extra, r, r->last_ckpt, sizeof r->last_ckpt, e);
-    for (int i = 0; i < 4; i++) lora_set_host_release(&r->ls, dev[i], host[i]);
+    }
+    int rc = -1;
+    if (stage_failed) qerr_set(e, "out of memory staging the optimizer state for the checkpoint");
+    else {
+        fprintf(stderr, "[checkpoint] saving step %d\n", step);
+        rc = ckpt_save(c->output_dir, &cs, save_extra, r, r->last_ckpt, sizeof r->last_ckpt, e);
+    }
+    for (int i = 0; i < 8; i++) free(staged[i]);
     free(lh);
     if (rc) return qerr_prefix(e, "checkpoint at step %d", step);
     r->last_saved = step;
@@ -151,7 +172,20 @@ int run_resume(run_ctx *r, const ckpt_state *ck, qerr *e) {
     const size_t n = (size_t)r->ls.n_params * sizeof(float);
     const ag_backend *be = r->ctx.be; /* parameters and optimizer state are the backend's memory */
     be->copy_h2d(r->ls.params, ck->params, n);
-    if (r->use_sophia) {
+    if (r->use_adamw8bit) {
+        adamw8bit_state *o = &r->opt8;
+        if (ck->n_blocks != o->n_blocks || ck->n32 != o->n32)
+            return qerr_set(e, "%s: the 8-bit optimizer state has %lld blocks and %lld fp32 elements, this adapter "
+                               "needs %lld and %lld", r->ck_dir, (long long)ck->n_blocks, (long long)ck->n32,
+                            (long long)o->n_blocks, (long long)o->n32);
+        be->copy_h2d(o->state1, ck->state1, (size_t)r->ls.n_params);
+        be->copy_h2d(o->state2, ck->state2, (size_t)r->ls.n_params);
+        be->copy_h2d(o->absmax1, ck->absmax1, (size_t)o->n_blocks * sizeof(float));
+        be->copy_h2d(o->absmax2, ck->absmax2, (size_t)o->n_blocks * sizeof(float));
+        be->copy_h2d(o->m32, ck->exp_avg, (size_t)o->n32 * sizeof(float));
+        be->copy_h2d(o->v32, ck->exp_avg_sq, (size_t)o->n32 * sizeof(float));
+        o->step = ck->opt_step;
+    } else if (r->use_sophia) {
         be->copy_h2d(r->sop.m, ck->exp_avg, n);
         be->copy_h2d(r->sop.h, ck->hessian, n);
         r->sop.step = ck->opt_step;
