@@ -159,6 +159,10 @@ typedef struct ag_backend {
      * dequantization (quant/nf4.h), bit for bit; bf16 -> fp32 exact; fp32 -> bf16 round to nearest even. */
     void (*frozen_rows_f32)(const frozen_weight *w, int64_t row0, int64_t n, float *dst);
     void (*frozen_rows_bf16)(const frozen_weight *w, int64_t row0, int64_t n, bf16 *dst);
+    /* The stored array of a FROZEN_BF16 or FROZEN_F32 weight as this backend's data memory, for GEMMs to
+     * read in place (the CPU: the host array itself; a device: its copy, uploaded once); NULL for
+     * FROZEN_NF4 (dequantize with frozen_rows_*). Valid while the weight's host array lives. */
+    const void *(*frozen_data)(const frozen_weight *w);
     /* dst (n) bf16 = f32_to_bf16(src (n) fp32): round to nearest even, quiet NaN (core/bf16.h). */
     void (*to_bf16)(const float *src, bf16 *dst, int64_t n);
     /* Inverted dropout (LoRA's lora_dropout): element i is kept when

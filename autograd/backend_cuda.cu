@@ -530,6 +530,12 @@ static void cu_frozen_rows_bf16(const frozen_weight *w, int64_t row0, int64_t n,
     KCHECK();
 }
 
+static const void *cu_frozen_data(const frozen_weight *w) {
+    if (w->kind == FROZEN_BF16) return mirror_of(w->w_bf16, (size_t)(w->out * w->in) * 2);
+    if (w->kind == FROZEN_F32) return mirror_of(w->w_f32, (size_t)(w->out * w->in) * 4);
+    return NULL;
+}
+
 __global__ void k_dropout_fwd(const float *x, float *y, int64_t n, float p, float inv, uint64_t seed, uint64_t stream) {
     GRID_LOOP(i, n) y[i] = qe_dropout_keep(seed, stream, i, p) ? x[i] * inv : 0.0f;
 }
@@ -1421,6 +1427,7 @@ extern "C" const ag_backend ag_backend_cuda = {
     cu_gemm,
     cu_frozen_rows_f32,
     cu_frozen_rows_bf16,
+    cu_frozen_data,
     cu_to_bf16,
     cu_dropout_fwd,
     cu_dropout_bwd,

@@ -205,6 +205,30 @@ static void fc_frozen_rows_bf16(const frozen_weight *w, int64_t row0, int64_t n,
     fence_close();
 }
 
+/* A fenced copy of the weight's host array, made once per array (the host array must not change,
+ * as for a device's copy). */
+static const void *fc_frozen_data(const frozen_weight *w) {
+    static struct {
+        const void *host;
+        void *copy;
+    } cache[256];
+    static int n;
+    const void *h = inner()->frozen_data(w);
+    if (!h) return NULL;
+    for (int i = 0; i < n; i++)
+        if (cache[i].host == h) return cache[i].copy;
+    size_t bytes = (size_t)(w->out * w->in) * (w->kind == FROZEN_BF16 ? sizeof(bf16) : sizeof(float));
+    void *d = fc_alloc(bytes);
+    if (!d || n == 256) {
+        fprintf(stderr, "[cpu-fenced] frozen_data: cannot keep a copy of %zu bytes\n", bytes);
+        abort();
+    }
+    fc_copy_h2d(d, h, bytes);
+    cache[n].host = h;
+    cache[n++].copy = d;
+    return d;
+}
+
 static void fc_to_bf16(const float *src, bf16 *dst, int64_t n) {
     NEED(src);
     NEED(dst);
@@ -473,6 +497,7 @@ const ag_backend ag_backend_cpu_fenced = {
     .gemm = fc_gemm,
     .frozen_rows_f32 = fc_frozen_rows_f32,
     .frozen_rows_bf16 = fc_frozen_rows_bf16,
+    .frozen_data = fc_frozen_data,
     .to_bf16 = fc_to_bf16,
     .dropout_fwd = fc_dropout_fwd,
     .dropout_bwd = fc_dropout_bwd,

@@ -72,13 +72,13 @@ static void *scratch_grow(const ag_backend *be, void **buf, size_t *size, size_t
  * (bf16 weights are used in place when the GEMM is bf16). */
 static const void *frozen_operand(ag_ctx *ctx, const frozen_weight *w) {
     int64_t n = w->out * w->in;
-    if (ctx->bf16) { /* a frozen weight is host memory: in place only where data memory is host memory */
-        if (w->kind == FROZEN_BF16 && ctx->be->host_data) return w->w_bf16;
+    if (ctx->bf16) { /* a stored bf16 weight is read in place (the backend's copy of it on a device) */
+        if (w->kind == FROZEN_BF16) return ctx->be->frozen_data(w);
         bf16 *dst = scratch_grow(ctx->be, &ctx->wscratch, &ctx->wscratch_size, (size_t)n * sizeof(bf16));
         ctx->be->frozen_rows_bf16(w, 0, w->out, dst);
         return dst;
     }
-    if (w->kind == FROZEN_F32 && ctx->be->host_data) return w->w_f32;
+    if (w->kind == FROZEN_F32) return ctx->be->frozen_data(w);
     float *dst = scratch_grow(ctx->be, &ctx->wscratch, &ctx->wscratch_size, (size_t)n * sizeof(float));
     ctx->be->frozen_rows_f32(w, 0, w->out, dst);
     return dst;

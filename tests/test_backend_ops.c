@@ -301,6 +301,15 @@ static void case_frozen_rows(const ag_backend *be, const ag_backend *ref) {
             bes[w]->free(df);
             bes[w]->free(db);
         }
+        /* frozen_data: the stored bf16/fp32 array as backend memory, NULL for NF4 */
+        const void *fd = be->frozen_data(&fs.w[k]);
+        if (k == 0) assert_null(fd);
+        else {
+            size_t wb = (size_t)(41 * cols) * (k == 1 ? sizeof(bf16) : sizeof(float));
+            void *back = to_host(be, fd, wb);
+            assert_bits("frozen_data", back, k == 1 ? (const void *)fs.wb : (const void *)fs.wf, wb);
+            free(back);
+        }
         assert_bits("frozen_rows_f32", f[0], f[1], (size_t)(n * cols) * sizeof(float));
         assert_bits("frozen_rows_bf16", b[0], b[1], (size_t)(n * cols) * sizeof(bf16));
         free(f[0]);
@@ -1045,7 +1054,7 @@ static const struct {
 static void test_every_entry_covered(void **state) {
     (void)state;
     const char *covered[] = {"alloc", "free", "copy_h2d", "copy_d2h", "copy_d2d", "zero", "fill_f32", "sync",
-                             "gemm", "frozen_rows_f32", "frozen_rows_bf16", "to_bf16", "dropout_fwd", "dropout_bwd",
+                             "gemm", "frozen_rows_f32", "frozen_rows_bf16", "frozen_data", "to_bf16", "dropout_fwd", "dropout_bwd",
                              "embedding", "rmsnorm_fwd", "rmsnorm_bwd", "rope_fwd", "rope_bwd", "attention_fwd",
                              "attention_bwd", "attention_cached", "swiglu_fwd", "swiglu_bwd", "add", "add_bwd",
                              "axpy", "lm_head_ce", "adamw_update", "adamw8bit_update", "adamw_bnb32_update",
