@@ -40,7 +40,7 @@
  * order). Sampled labels are the CPU's function of the logits
  * (qe_sample_row, one thread per row in vocabulary order).
  *
- * GEMM: cuBLASLt, bf16 (or fp32) operands, fp32 accumulation and output
+ * GEMM: cuBLASLt (dlopen'd at initialisation), bf16 (or fp32) operands, fp32 accumulation and output
  * (CUBLAS_COMPUTE_32F: no TF32), one plan (descriptors + heuristic algorithm)
  * cached per shape, a fixed 32 MiB workspace.
  *
@@ -67,6 +67,7 @@ extern "C" {
 
 #include <cublasLt.h>
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -121,6 +122,47 @@ static struct {
 
 __constant__ float c_nf4_code[16];
 
+/* cuBLASLt is loaded with dlopen when the backend initialises, not linked: mapping and relocating
+ * libcublasLt costs about 150 MiB of resident memory at process start (measured with VmHWM on this
+ * machine), which every CPU run of a CUDA build would pay. */
+static struct {
+    decltype(&cublasLtCreate) Create;
+    decltype(&cublasLtMatmul) Matmul;
+    decltype(&cublasLtMatmulAlgoGetHeuristic) MatmulAlgoGetHeuristic;
+    decltype(&cublasLtMatmulDescCreate) MatmulDescCreate;
+    decltype(&cublasLtMatmulDescSetAttribute) MatmulDescSetAttribute;
+    decltype(&cublasLtMatmulPreferenceCreate) MatmulPreferenceCreate;
+    decltype(&cublasLtMatmulPreferenceDestroy) MatmulPreferenceDestroy;
+    decltype(&cublasLtMatmulPreferenceSetAttribute) MatmulPreferenceSetAttribute;
+    decltype(&cublasLtMatrixLayoutCreate) MatrixLayoutCreate;
+} LTF;
+
+static int load_cublaslt(void) {
+    const char *names[] = {"libcublasLt.so.13", "libcublasLt.so.12", "libcublasLt.so"};
+    void *h = NULL;
+    for (size_t i = 0; i < sizeof names / sizeof names[0] && !h; i++) h = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+        fprintf(stderr, "[cuda] cannot load cuBLASLt (libcublasLt.so.13): %s\n", dlerror());
+        return 0;
+    }
+#define LT_SYM(field, sym)                                                        \
+    if (!(*(void **)&LTF.field = dlsym(h, #sym))) {                                \
+        fprintf(stderr, "[cuda] cuBLASLt has no %s\n", #sym);                      \
+        return 0;                                                                 \
+    }
+    LT_SYM(Create, cublasLtCreate)
+    LT_SYM(Matmul, cublasLtMatmul)
+    LT_SYM(MatmulAlgoGetHeuristic, cublasLtMatmulAlgoGetHeuristic)
+    LT_SYM(MatmulDescCreate, cublasLtMatmulDescCreate)
+    LT_SYM(MatmulDescSetAttribute, cublasLtMatmulDescSetAttribute)
+    LT_SYM(MatmulPreferenceCreate, cublasLtMatmulPreferenceCreate)
+    LT_SYM(MatmulPreferenceDestroy, cublasLtMatmulPreferenceDestroy)
+    LT_SYM(MatmulPreferenceSetAttribute, cublasLtMatmulPreferenceSetAttribute)
+    LT_SYM(MatrixLayoutCreate, cublasLtMatrixLayoutCreate)
+#undef LT_SYM
+    return 1;
+}
+
 /* 1 when a device is present and the backend initialised (once per process). */
 static int cuda_init(void) {
     if (G.tried) return G.ok;
@@ -130,8 +172,9 @@ static int cuda_init(void) {
         cudaGetLastError(); /* clear the sticky "no device" error */
         return 0;
     }
+    if (!load_cublaslt()) return 0;
     CU(cudaStreamCreateWithFlags(&G.stream, cudaStreamNonBlocking));
-    LT(cublasLtCreate(&G.lt));
+    LT(LTF.Create(&G.lt));
     CU(cudaMalloc(&G.ws, GEMM_WS_BYTES));
     for (int i = 0; i < 2; i++) {
         CU(cudaMallocHost((void **)&G.pin[i], PIN_BYTES));
@@ -405,33 +448,33 @@ static gemm_plan *gemm_plan_get(const gemm_plan_key *k) {
          * stored transposed (N,K) it reads as (K,N) and is transposed back. */
         p->key = *k;
         cudaDataType_t ab = k->dt == GEMM_BF16 ? CUDA_R_16BF : CUDA_R_32F;
-        LT(cublasLtMatmulDescCreate(&p->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+        LT(LTF.MatmulDescCreate(&p->op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
         cublasOperation_t opa = k->tb ? CUBLAS_OP_T : CUBLAS_OP_N, opb = k->ta ? CUBLAS_OP_T : CUBLAS_OP_N;
-        LT(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa));
-        LT(cublasLtMatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb));
+        LT(LTF.MatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof opa));
+        LT(LTF.MatmulDescSetAttribute(p->op, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof opb));
         /* cuBLASLt "A" = our B: column-major rows x cols before its op */
         uint64_t ar = k->tb ? (uint64_t)k->K : (uint64_t)k->N, ac = k->tb ? (uint64_t)k->N : (uint64_t)k->K;
         uint64_t br = k->ta ? (uint64_t)k->M : (uint64_t)k->K, bc = k->ta ? (uint64_t)k->K : (uint64_t)k->M;
-        LT(cublasLtMatrixLayoutCreate(&p->la, ab, ar, ac, k->ldb));
-        LT(cublasLtMatrixLayoutCreate(&p->lb, ab, br, bc, k->lda));
-        LT(cublasLtMatrixLayoutCreate(&p->lc, CUDA_R_32F, (uint64_t)k->N, (uint64_t)k->M, k->ldc));
+        LT(LTF.MatrixLayoutCreate(&p->la, ab, ar, ac, k->ldb));
+        LT(LTF.MatrixLayoutCreate(&p->lb, ab, br, bc, k->lda));
+        LT(LTF.MatrixLayoutCreate(&p->lc, CUDA_R_32F, (uint64_t)k->N, (uint64_t)k->M, k->ldc));
         cublasLtMatmulPreference_t pref;
-        LT(cublasLtMatmulPreferenceCreate(&pref));
+        LT(LTF.MatmulPreferenceCreate(&pref));
         uint64_t ws = GEMM_WS_BYTES;
-        LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+        LT(LTF.MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
         /* cuBLASLt's "A" is our B */
-        LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &k->align_b,
+        LT(LTF.MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &k->align_b,
                                                 sizeof k->align_b));
-        LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &k->align_a,
+        LT(LTF.MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &k->align_a,
                                                 sizeof k->align_a));
-        LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &k->align_c,
+        LT(LTF.MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &k->align_c,
                                                 sizeof k->align_c));
-        LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &k->align_c,
+        LT(LTF.MatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &k->align_c,
                                                 sizeof k->align_c));
         cublasLtMatmulHeuristicResult_t res;
         int got = 0;
-        LT(cublasLtMatmulAlgoGetHeuristic(G.lt, p->op, p->la, p->lb, p->lc, p->lc, pref, 1, &res, &got));
-        cublasLtMatmulPreferenceDestroy(pref);
+        LT(LTF.MatmulAlgoGetHeuristic(G.lt, p->op, p->la, p->lb, p->lc, p->lc, pref, 1, &res, &got));
+        LTF.MatmulPreferenceDestroy(pref);
         if (got < 1) {
             fprintf(stderr, "[cuda] cuBLASLt has no algorithm for a %s GEMM %lldx%lldx%lld (ta %d tb %d)\n",
                     k->dt == GEMM_BF16 ? "bf16" : "fp32", (long long)k->M, (long long)k->N, (long long)k->K, k->ta,
@@ -485,7 +528,7 @@ static void cu_gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, f
     k.align_b = ptr_align(B);
     k.align_c = ptr_align(C);
     gemm_plan *p = gemm_plan_get(&k);
-    LT(cublasLtMatmul(G.lt, p->op, &alpha, B, p->la, A, p->lb, &beta, C, p->lc, C, p->lc, &p->algo, G.ws,
+    LT(LTF.Matmul(G.lt, p->op, &alpha, B, p->la, A, p->lb, &beta, C, p->lc, C, p->lc, &p->algo, G.ws,
                       GEMM_WS_BYTES, G.stream));
 }
 

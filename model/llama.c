@@ -693,7 +693,8 @@ void llama_logits_rows(ag_ctx *ctx, const llama_model *m, const tensor *h, int64
     if (ctx->bf16) {
         bf16 *hb = ag_alloc(ctx, (size_t)(n * D) * sizeof(bf16));
         be->to_bf16(hd, hb, n * D);
-        const void *wb = be->frozen_data(&m->lm_head); /* the backend's copy of a bf16 head, else NULL */
+        /* a bf16 head is read in place (the backend's copy of it); others are converted */
+        const void *wb = m->lm_head.kind == FROZEN_BF16 ? be->frozen_data(&m->lm_head) : NULL;
         if (!wb) {
             bf16 *w2 = ag_alloc(ctx, (size_t)(V * D) * sizeof(bf16));
             be->frozen_rows_bf16(&m->lm_head, 0, V, w2);
