@@ -18,7 +18,7 @@ CFLAGS  += $(HDF5_CFLAGS)
 CAIRO_CFLAGS := $(shell pkg-config --cflags cairo 2>/dev/null || echo -I/usr/include/cairo)
 CAIRO_LIBS   := $(shell pkg-config --libs cairo 2>/dev/null || echo -lcairo)
 CFLAGS  += $(CAIRO_CFLAGS)
-LDLIBS  += -ldnnl -lyaml -lcjson -lpcre2-8 -lxxhash $(CAIRO_LIBS) $(HDF5_LIBS) -lz -lm -fopenmp
+LDLIBS  += -ldnnl -lyaml -lcjson -lpcre2-8 -lutf8proc -lxxhash $(CAIRO_LIBS) $(HDF5_LIBS) -lz -lm -fopenmp
 
 MODULES := core quant format data autograd optim model trainer
 LIB_SRC := $(filter-out trainer/main.c trainer/%_main.c,$(foreach m,$(MODULES),$(wildcard $(m)/*.c)))
@@ -151,7 +151,7 @@ build-fuzz/%.o: %.c
 	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link -MMD -MP -c $< -o $@
 
 build-fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz_common.h $(FUZZ_LIB_OBJ)
-	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer $< $(FUZZ_LIB_OBJ) -o $@ -lyaml -lcjson -lpcre2-8 -lxxhash -lm
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer $< $(FUZZ_LIB_OBJ) -o $@ -lyaml -lcjson -lpcre2-8 -lutf8proc -lxxhash -lm
 
 .PHONY: fuzz fuzz-build
 fuzz-build: $(FUZZ_BIN)

@@ -22,6 +22,7 @@
 #include "core/clock.h"
 #include "core/file.h"
 #include "data/tokenizer.h"
+#include "data/tokenizer_json.h"
 
 #define MODEL_PATH "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 #define FIXTURE_PATH "tests/fixtures/tokenizer_cases.json"
@@ -320,10 +321,30 @@ static void test_errors(void **state) {
     tokenizer *t = NULL;
     qerr e = {{0}};
 
-    assert_int_equal(load_tiny(write_tiny_gguf(dir, "spm.gguf", "llama", "default"), &t, &e), -1);
-    assert_null(t);
-    assert_non_null(strstr(e.msg, "tokenizer.ggml.model"));
-    assert_non_null(strstr(e.msg, "\"llama\""));
+    /* tokenizer types that are not implemented: refused by name */
+    static const char *const models[] = {"bert", "t5", "rwkv", "gemma4", "plamo2"};
+    for (int i = 0; i < 5; i++) {
+        char name[32], want[40];
+        snprintf(name, sizeof name, "m%d.gguf", i);
+        assert_int_equal(load_tiny(write_tiny_gguf(dir, name, models[i], "default"), &t, &e), -1);
+        assert_null(t);
+        snprintf(want, sizeof want, "\"%s\"", models[i]);
+        assert_non_null(strstr(e.msg, "tokenizer.ggml.model"));
+        assert_non_null(strstr(e.msg, want));
+    }
+    /* SentencePiece has no pre-tokenizer: any other pre is refused */
+    assert_int_equal(load_tiny(write_tiny_gguf(dir, "spmpre.gguf", "llama", "qwen2"), &t, &e), -1);
+    assert_non_null(strstr(e.msg, "tokenizer.ggml.pre"));
+    assert_non_null(strstr(e.msg, "\"qwen2\""));
+    /* pre-tokenizers llama.cpp knows and qlora does not */
+    static const char *const pres[] = {"tekken", "deepseek-llm", "gpt-4o", "qwen35", "chatglm-bpe"};
+    for (int i = 0; i < 5; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "p%d.gguf", i);
+        assert_int_equal(load_tiny(write_tiny_gguf(dir, name, "gpt2", pres[i]), &t, &e), -1);
+        assert_non_null(strstr(e.msg, "tokenizer.ggml.pre"));
+        assert_non_null(strstr(e.msg, pres[i]));
+    }
 
     assert_int_equal(load_tiny(write_tiny_gguf(dir, "nomodel.gguf", NULL, "default"), &t, &e), -1);
     assert_non_null(strstr(e.msg, "tokenizer.ggml.model"));
@@ -335,6 +356,77 @@ static void test_errors(void **state) {
     char cmd[600];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     assert_int_equal(system(cmd), 0);
+}
+
+/* tokenizer.json components that are not implemented: each refused with one line naming it. */
+static void test_json_refusals(void **state) {
+    (void)state;
+    static const char *const base_spm = "\"model\":{\"type\":\"BPE\",\"vocab\":{\"<unk>\":0,\"a\":1,\"b\":2,\"ab\":3},"
+                                        "\"merges\":[\"a b\"],\"byte_fallback\":true,\"fuse_unk\":true%s}";
+    static const char *const base_bl = "\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0,\"b\":1,\"ab\":2},"
+                                       "\"merges\":[\"a b\"]%s}";
+    static const char *const bl_pre = "{\"type\":\"ByteLevel\",\"add_prefix_space\":false,\"use_regex\":true}";
+    static const char *const legacy = "{\"type\":\"Sequence\",\"normalizers\":[{\"type\":\"Prepend\",\"prepend\":"
+                                      "\"\\u2581\"},{\"type\":\"Replace\",\"pattern\":{\"String\":\" \"},"
+                                      "\"content\":\"\\u2581\"}]}";
+    struct {
+        int spm;
+        const char *model_extra, *normalizer, *pre, *added, *want;
+    } cases[] = {
+        {0, "", "null", "null", "[]", "pre_tokenizer null"},
+        {0, "", "{\"type\":\"NFKC\"}", bl_pre, "[]", "normalizer NFKC"},
+        {0, "", "{\"type\":\"Lowercase\"}", bl_pre, "[]", "normalizer Lowercase"},
+        {0, "", "null", "{\"type\":\"Whitespace\"}", "[]", "pre_tokenizer Whitespace"},
+        {0, "", "null", "{\"type\":\"BertPreTokenizer\"}", "[]", "pre_tokenizer BertPreTokenizer"},
+        {0, ",\"dropout\":0.1", "null", bl_pre, "[]", "model.dropout"},
+        {0, ",\"continuing_subword_prefix\":\"##\"", "null", bl_pre, "[]", "model.continuing_subword_prefix"},
+        {0, "", "null", bl_pre, "[{\"id\":2,\"content\":\"ab\",\"rstrip\":true,\"special\":true}]", "rstrip"},
+        {0, "", "null", bl_pre, "[{\"id\":2,\"content\":\"ab\",\"lstrip\":true,\"special\":true}]", "lstrip"},
+        {0, "", "null", bl_pre, "[{\"id\":2,\"content\":\"ab\",\"single_word\":true}]", "single_word"},
+        {1, "", "{\"type\":\"NFKC\"}", "null", "[]", "normalizer NFKC"},
+        {1, "", "null", "{\"type\":\"Metaspace\",\"replacement\":\"\\u2581\",\"prepend_scheme\":\"first\","
+                        "\"split\":true}", "[]", "pre_tokenizer Metaspace"},
+        {1, "", legacy, "{\"type\":\"Metaspace\",\"replacement\":\"\\u2581\",\"split\":false}", "[]",
+         "normalizer Sequence with pre_tokenizer Metaspace"},
+        {1, "", "null", "null", "[]", "normalizer null with pre_tokenizer null"},
+        {1, ",\"ignore_merges\":true", legacy, "null", "[]", "ignore_merges"},
+        {1, ",\"fuse_unk\":false", legacy, "null", "[]", "fuse_unk"},
+    };
+    char dir[] = "/tmp/qlora_tokjson_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char path[256];
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char model[512], doc[2048];
+        snprintf(model, sizeof model, cases[i].spm ? base_spm : base_bl, cases[i].model_extra);
+        if (cases[i].spm && strstr(cases[i].model_extra, "fuse_unk")) { /* the case overrides fuse_unk */
+            char *p = strstr(model, ",\"fuse_unk\":true");
+            memmove(p, p + 16, strlen(p + 16) + 1);
+        }
+        snprintf(doc, sizeof doc, "{%s,\"normalizer\":%s,\"pre_tokenizer\":%s,\"added_tokens\":%s}", model,
+                 cases[i].normalizer, cases[i].pre, cases[i].added);
+        FILE *fp = fopen(path, "w");
+        assert_non_null(fp);
+        fputs(doc, fp);
+        fclose(fp);
+        tokenizer *t = NULL;
+        qerr e = {{0}};
+        int rc = tokenizer_load_hf(path, NULL, &t, &e);
+        if (rc != -1 || !strstr(e.msg, cases[i].want))
+            fail_msg("case %zu: rc %d, message \"%s\", expected it to name \"%s\"", i, rc, e.msg, cases[i].want);
+        assert_null(t);
+        assert_null(strchr(e.msg, '\n'));
+    }
+    /* a model that is not BPE: named */
+    FILE *fp = fopen(path, "w");
+    fputs("{\"model\":{\"type\":\"Unigram\",\"vocab\":[[\"a\",0.0]]},\"normalizer\":null,\"pre_tokenizer\":null}", fp);
+    fclose(fp);
+    tokenizer *t = NULL;
+    qerr e = {{0}};
+    assert_int_equal(tokenizer_load_hf(path, NULL, &t, &e), -1);
+    assert_non_null(strstr(e.msg, "Unigram"));
+    unlink(path);
+    rmdir(dir);
 }
 
 /* BPE mechanics on the synthetic vocabulary: rank order, leftmost ties,
@@ -408,7 +500,7 @@ static void test_real_throughput(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_errors), cmocka_unit_test(test_json_refusals),
         cmocka_unit_test(test_synthetic_bpe),
         cmocka_unit_test(test_real_metadata),
         cmocka_unit_test(test_real_fixture_cases),
