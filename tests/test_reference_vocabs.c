@@ -138,6 +138,10 @@ static void check_shape(const char *shape) {
     }
     double t_load = clock_now_sec() - t0;
     gguf_close(g);
+    /* BOS: Llama 2 and Phi-3 add it (tokenizer.ggml.add_bos_token), Qwen2 does not */
+    if (!strcmp(shape, "qwen2")) assert_int_equal(tokenizer_add_bos(t), 0);
+    if (!strcmp(shape, "llama-spm") || !strcmp(shape, "phi-3")) assert_int_equal(tokenizer_add_bos(t), 1);
+    assert_int_equal(tokenizer_is_spm(t), !!strstr(shape, "spm") || !strncmp(shape, "phi-3", 5));
 
     /* corpus: hashes */
     const ref_array *corpus_a = ref_find(&rc, "corpus");
