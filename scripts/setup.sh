@@ -4,7 +4,9 @@
 # 1. Installs the Debian packages below (apt-get update once, then install --no-install-recommends),
 #    with sudo when not root. Skips apt entirely when every package is already installed.
 # 2. Fetches the default model (scripts/fetch_model.sh: idempotent, verifies the sha256).
-# 3. Prepares the default dataset (make dataset -> scripts/prepare_manpages.sh, only if missing).
+# 3. Fetches the real tokenizer vocabularies and chat templates of the tokenizer tests
+#    (scripts/fetch_vocab.sh: idempotent, sha256-checked, into models/vocab/).
+# 4. Prepares the default dataset (make dataset -> scripts/prepare_manpages.sh, only if missing).
 #
 # Idempotent; on a prepared machine it takes about a second.
 set -euo pipefail
