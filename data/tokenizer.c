@@ -35,6 +35,10 @@ typedef enum tok_pre {
 
 /* Where SentencePiece BPE puts its "\xe2\x96\x81" (U+2581) prefix on a segment
  * of text between added tokens (see tokenizer.h). */
+/* Added-token flags of tokenizer.json (HF AddedToken lstrip / rstrip): the token
+ * absorbs the white space on its left / right. */
+enum { TOK_LSTRIP = 1, TOK_RSTRIP = 2 };
+
 typedef enum tok_prepend {
     TOK_PREPEND_NEVER = 0,
     TOK_PREPEND_LEGACY, /* every non-empty segment (HF Prepend normalizer, llama.cpp, sentencepiece) */
@@ -74,6 +78,7 @@ struct tokenizer {
     int32_t *sp_ids;           /* added tokens split out before BPE, longest first */
     int n_sp;
     uint8_t sp_first[256];     /* 1 if some added token starts with this byte */
+    uint8_t *strip;            /* (n_vocab) TOK_LSTRIP | TOK_RSTRIP per added token, or NULL */
 
     int32_t *dm_left, *dm_right; /* spm without stored merges: the derived merges in rank order */
     int64_t n_dm;
@@ -574,6 +579,31 @@ int tokenizer_load_gguf(const gguf_file *f, tokenizer **out, qerr *e) {
         }
     }
     qsort_r(t->sp_ids, (size_t)t->n_sp, sizeof *t->sp_ids, tok_sp_cmp_len_desc, t);
+    static const char *const strip_keys[2] = {"tokenizer.qlora.lstrip", "tokenizer.qlora.rstrip"};
+    for (int k = 0; k < 2; k++) {
+        if (!gguf_has_key(f, strip_keys[k])) continue;
+        gguf_vtype et;
+        uint64_t cnt;
+        const void *data;
+        if (gguf_get_arr_info(f, strip_keys[k], &et, &cnt, e) || gguf_get_arr_data(f, strip_keys[k], &data, e)) goto fail;
+        if (et != GGUF_VTYPE_INT32) {
+            qerr_set(e, "tokenizer: %s must be an int32 array of token ids", strip_keys[k]);
+            goto fail;
+        }
+        if (!t->strip && !(t->strip = calloc((size_t)t->n_vocab, 1))) {
+            qerr_set(e, "out of memory");
+            goto fail;
+        }
+        for (uint64_t i = 0; i < cnt; i++) {
+            int32_t id;
+            memcpy(&id, (const uint8_t *)data + 4 * i, 4);
+            if (id < 0 || id >= t->n_vocab) {
+                qerr_set(e, "tokenizer: %s[%llu] = %d is outside the vocabulary", strip_keys[k], (unsigned long long)i, id);
+                goto fail;
+            }
+            t->strip[id] |= (uint8_t)(k == 0 ? TOK_LSTRIP : TOK_RSTRIP);
+        }
+    }
 
     if (gguf_has_key(f, "tokenizer.chat_template")) {
         if (gguf_get_str(f, "tokenizer.chat_template", &s, &n, e)) goto fail;
@@ -605,6 +635,7 @@ void tokenizer_free(tokenizer *t) {
     pcre2_code_free(t->re_digit);
     pcre2_code_free(t->re_main);
     free(t->sp_ids);
+    free(t->strip);
     free(t->dm_left);
     free(t->dm_right);
     free(t->chat_template);
@@ -1070,6 +1101,22 @@ out:
     return rc;
 }
 
+/* Bytes of the UTF-8 character at s[0..n) (1 for an invalid byte). */
+static size_t tok_char_len(const char *s, size_t n) {
+    utf8proc_int32_t cp;
+    utf8proc_ssize_t r = utf8proc_iterate((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)n, &cp);
+    return r > 0 ? (size_t)r : 1;
+}
+
+/* s[0..n) is one character with Unicode's White_Space property (Rust char::is_whitespace, which HF's
+ * lstrip / rstrip use). */
+static int tok_rust_space(const char *s, size_t n) {
+    utf8proc_int32_t c;
+    if (utf8proc_iterate((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)n, &c) != (utf8proc_ssize_t)n) return 0;
+    return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+           (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
 /* The added token starting at s[0..n), longest first, or -1. */
 static int32_t tok_match_added(const tokenizer *t, const char *s, size_t n, int parse_special) {
     for (int k = 0; k < t->n_sp; k++) {
@@ -1093,11 +1140,26 @@ static int tok_encode_impl(const tokenizer *t, const char *text, size_t len, int
         if (t->sp_first[(uint8_t)text[i]]) {
             int32_t id = tok_match_added(t, text + i, len - i, parse_special);
             if (id >= 0) {
-                if (i > pos && (rc = tok_encode_plain(t, &w, text + pos, i - pos, base + (int64_t)pos, out,
-                                                      with_offsets, e)))
+                size_t start = i, stop = i + t->tok_len[id];
+                uint8_t fl = t->strip ? t->strip[id] : 0;
+                if (fl & TOK_LSTRIP) /* HF find_matches: back over white space, not before the previous match */
+                    while (start > pos) {
+                        size_t k = start - 1;
+                        while (k > pos && ((uint8_t)text[k] & 0xC0) == 0x80) k--;
+                        if (!tok_rust_space(text + k, start - k)) break;
+                        start = k;
+                    }
+                if (fl & TOK_RSTRIP)
+                    while (stop < len) {
+                        size_t l = tok_char_len(text + stop, len - stop);
+                        if (!tok_rust_space(text + stop, l)) break;
+                        stop += l;
+                    }
+                if (start > pos && (rc = tok_encode_plain(t, &w, text + pos, start - pos, base + (int64_t)pos, out,
+                                                          with_offsets, e)))
                     goto done;
-                if ((rc = tok_emit(out, id, base + (int64_t)i, with_offsets, e))) goto done;
-                i += t->tok_len[id];
+                if ((rc = tok_emit(out, id, base + (int64_t)start, with_offsets, e))) goto done;
+                i = stop;
                 pos = i;
                 continue;
             }
@@ -1217,4 +1279,8 @@ int64_t tokenizer_derived_merges(const tokenizer *t, const int32_t **left, const
     *left = t->dm_left;
     *right = t->dm_right;
     return t->n_dm;
+}
+
+int tokenizer_token_strip(const tokenizer *t, int32_t id) {
+    return t->strip && id >= 0 && id < t->n_vocab ? t->strip[id] : 0;
 }

@@ -143,6 +143,10 @@ int tokenizer_token_type_of(const tokenizer *t, int32_t id);
 const char *tokenizer_chat_template(const tokenizer *t);
 /* `tokenizer.ggml.pre` as read (e.g. "smollm"). */
 const char *tokenizer_pre_name(const tokenizer *t);
+/* White space an added token absorbs (HF AddedToken, from tokenizer.json via
+ * `tokenizer.qlora.lstrip` / `rstrip`): bit 1 = on its left, bit 2 = on its
+ * right; 0 for other tokens. */
+int tokenizer_token_strip(const tokenizer *t, int32_t id);
 /* 1 for SentencePiece BPE (`tokenizer.ggml.model` "llama"), 0 for byte-level BPE. */
 int tokenizer_is_spm(const tokenizer *t);
 /* SentencePiece BPE that puts U+2581 in front of a segment (add_space_prefix). */

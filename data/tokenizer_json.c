@@ -266,8 +266,9 @@ int tokenizer_json_write_from_gguf(const gguf_file *f, const char *path, qerr *e
             cJSON_AddNumberToObject(a, "id", (double)i);
             cJSON_AddStringToObject(a, "content", tok);
             cJSON_AddFalseToObject(a, "single_word");
-            cJSON_AddFalseToObject(a, "lstrip");
-            cJSON_AddFalseToObject(a, "rstrip");
+            int strip = tokenizer_token_strip(tk, (int32_t)i);
+            cJSON_AddBoolToObject(a, "lstrip", strip & 1);
+            cJSON_AddBoolToObject(a, "rstrip", (strip & 2) != 0);
             cJSON_AddBoolToObject(a, "normalized", ty != TOKENIZER_TOKEN_CONTROL);
             cJSON_AddBoolToObject(a, "special", ty == TOKENIZER_TOKEN_CONTROL);
             cJSON_AddItemToArray(added, a);
@@ -564,11 +565,10 @@ int tokenizer_hf_to_gguf(const char *json_path, const char *config_path, gguf_fi
             qerr_set(e, "%s: added_tokens entry without id/content", json_path);
             goto done;
         }
-        for (const char *const *k = (const char *const[]){"lstrip", "rstrip", "single_word", NULL}; *k; k++)
-            if (flag(it, *k, 0)) {
-                qerr_set(e, "%s: added token \"%s\" has %s = true; not supported", json_path, ct->valuestring, *k);
-                goto done;
-            }
+        if (flag(it, "single_word", 0)) {
+            qerr_set(e, "%s: added token \"%s\" has single_word = true; not supported", json_path, ct->valuestring);
+            goto done;
+        }
         if ((int64_t)id->valuedouble + 1 > nv) nv = (int64_t)id->valuedouble + 1;
     }
     toks = calloc((size_t)nv, sizeof *toks);
@@ -636,6 +636,21 @@ int tokenizer_hf_to_gguf(const char *json_path, const char *config_path, gguf_fi
         if (scheme) gguf_writer_add_str(w, "tokenizer.qlora.prepend_scheme", scheme);
     }
     if (nfc) gguf_writer_add_bool(w, "tokenizer.qlora.nfc", 1);
+    /* added tokens that absorb white space (HF AddedToken lstrip / rstrip, e.g. Phi-3's) */
+    for (int sk = 0; sk < 2; sk++) {
+        int32_t *v = malloc((size_t)cJSON_GetArraySize(added) * sizeof *v + 1);
+        if (!v) {
+            qerr_set(e, "out of memory");
+            goto done_holes;
+        }
+        uint64_t c = 0;
+        cJSON_ArrayForEach(it, added) {
+            if (flag(it, sk == 0 ? "lstrip" : "rstrip", 0))
+                v[c++] = (int32_t)cJSON_GetObjectItemCaseSensitive(it, "id")->valuedouble;
+        }
+        if (c) gguf_writer_add_arr_i32(w, sk == 0 ? "tokenizer.qlora.lstrip" : "tokenizer.qlora.rstrip", v, c);
+        free(v);
+    }
     gguf_writer_add_arr_str(w, "tokenizer.ggml.tokens", (const char *const *)toks, NULL, (uint64_t)nv);
     gguf_writer_add_arr_i32(w, "tokenizer.ggml.token_type", types, (uint64_t)nv);
     gguf_writer_add_arr_str(w, "tokenizer.ggml.merges", (const char *const *)merges, NULL, (uint64_t)nm);

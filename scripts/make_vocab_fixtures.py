@@ -28,6 +28,8 @@ the Rust `tokenizers` library:
                 pre-tokenizer JSON, stored here, put in place), so this shape tests tokenizer_json.c.
   phi-3         transformers' GGUF loader (phi3_tokenizer: the legacy normalizer).
   phi-3-json    the same, loaded by qlora from a tokenizer.json as llama-spm-ms.
+  phi-3-strip   phi-3-json with the added tokens of id >= 32001 rstrip (as Phi-3's own tokenizer.json)
+                and <|endoftext|> lstrip; qlora gets HF's added_tokens JSON as well.
   qwen2         transformers' Qwen2Tokenizer(vocab, merges) (NFC normalizer, Split(Qwen2 regex) +
                 ByteLevel) with the control tokens as special tokens: Qwen2's tokenizer.json shape.
                 (transformers' GGUF loader builds Qwen2 without the NFC normalizer; its tokenizer.json
@@ -90,11 +92,14 @@ EDGE_CASES = [
     ("o\u0308\u0301 a\u0328\u0301 \u1e0b\u0323", 1),
     ("x\u0301\u0301\u0301 \u0301leading combining", 1),
     ("int main(void) {\n    printf(\"%d\\n\", 42);\n}\n", 1),
+    # added tokens that absorb white space (phi-3-strip: lstrip on <|endoftext|>, rstrip on <|user|> etc.)
+    ("Hello  \n\t<|endoftext|>  after <|end|> \n\n <|user|>\u3000x<|assistant|>", 1),
+    ("  <|endoftext|>", 1),
     ("I'm SURE they'LL say it's fine", 1),
 ]
 
-SHAPES = ["llama-spm", "llama-spm-ms", "phi-3", "phi-3-json", "qwen2", "llama-bpe"]
-FILE_OF = {"llama-spm": "llama-spm", "llama-spm-ms": "llama-spm", "phi-3": "phi-3", "phi-3-json": "phi-3",
+SHAPES = ["llama-spm", "llama-spm-ms", "phi-3", "phi-3-json", "phi-3-strip", "qwen2", "llama-bpe"]
+FILE_OF = {"llama-spm": "llama-spm", "llama-spm-ms": "llama-spm", "phi-3": "phi-3", "phi-3-json": "phi-3", "phi-3-strip": "phi-3",
            "qwen2": "qwen2", "llama-bpe": "llama-bpe"}
 
 
@@ -139,8 +144,18 @@ from transformers.integrations.gguf import gguf_tokenizer_mapping as gm  # noqa:
 def build(shape):
     from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
     arch, d, cfg = gguf_dict(FILE_OF[shape])
-    if shape in ("llama-spm", "llama-spm-ms", "phi-3", "phi-3-json"):
+    if shape in ("llama-spm", "llama-spm-ms", "phi-3", "phi-3-json", "phi-3-strip"):
         backend, _ = gm.convert_gguf_tokenizer(arch, d)
+        if shape == "phi-3-strip":
+            # Phi-3's own tokenizer.json marks its chat tokens rstrip; lstrip on <|endoftext|> exercises the
+            # other direction. Built by editing HF's serialization, read back by tokenizers.
+            j = json.loads(backend.to_str())
+            for a in j["added_tokens"]:
+                if a["id"] >= 32001:
+                    a["rstrip"] = True
+                if a["content"] == "<|endoftext|>":
+                    a["lstrip"] = True
+            backend = Tokenizer.from_str(json.dumps(j))
         if shape == "llama-spm":
             backend.normalizer = normalizers.Sequence(
                 [normalizers.Prepend(prepend="\u2581"), normalizers.Replace(pattern=" ", content="\u2581")])
@@ -207,6 +222,7 @@ def main():
         j = json.loads(tok.to_str())
         arrays[f"{shape}/normalizer"] = json.dumps(j["normalizer"])
         arrays[f"{shape}/pre_tokenizer"] = json.dumps(j["pre_tokenizer"])
+        arrays[f"{shape}/added_tokens"] = json.dumps(j["added_tokens"])
         arrays[f"{shape}/model_flags"] = json.dumps({k: j["model"].get(k) for k in
                                                     ("byte_fallback", "fuse_unk", "ignore_merges", "unk_token")})
         merges = j["model"]["merges"]

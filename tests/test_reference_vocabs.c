@@ -11,12 +11,13 @@
  * missing from the vocabulary, NFD input). Tolerance: none.
  *
  * Shapes: "llama-spm", "phi-3", "qwen2", "llama-bpe" load the GGUF
- * (tokenizer_load_gguf). "llama-spm-ms" and "phi-3-json" go through
+ * (tokenizer_load_gguf). "llama-spm-ms", "phi-3-json", "phi-3-strip" go through
  * tokenizer.json: qlora writes it from the GGUF (tokenizer_json_write_from_gguf,
  * whose merges must hash equal to HF's), the normalizer and pre-tokenizer are
  * replaced by HF's JSON from the fixture (Metaspace prepend_scheme "first" for
- * llama-spm-ms; the legacy Prepend+Replace for phi-3-json), and
- * tokenizer_load_hf reads it back.
+ * llama-spm-ms; the legacy Prepend+Replace for phi-3-json; for phi-3-strip
+ * also HF's added tokens with lstrip / rstrip flags), and tokenizer_load_hf
+ * reads it back.
  *
  * Needs models/vocab/ (scripts/fetch_vocab.sh, run by scripts/setup.sh); prints
  * "SKIPPED: ..." and skips when it is absent.
@@ -89,6 +90,12 @@ static tokenizer *load_via_json(const char *shape, const gguf_file *g, const ref
     char *pre = ref_str(rf, key);
     cJSON_ReplaceItemInObjectCaseSensitive(root, "normalizer", cJSON_Parse(norm));
     cJSON_ReplaceItemInObjectCaseSensitive(root, "pre_tokenizer", cJSON_Parse(pre));
+    if (!strcmp(shape, "phi-3-strip")) { /* HF's added tokens with their lstrip / rstrip flags */
+        snprintf(key, sizeof key, "%s/added_tokens", shape);
+        char *added = ref_str(rf, key);
+        cJSON_ReplaceItemInObjectCaseSensitive(root, "added_tokens", cJSON_Parse(added));
+        free(added);
+    }
     /* merges: "a b" joined by "\n", hashed as the fixture script does */
     const cJSON *m, *merges = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(root, "model"), "merges");
     size_t cap = 1 << 20, n = 0;
@@ -131,7 +138,7 @@ static void check_shape(const char *shape) {
     if (gguf_open(p, &g, &e)) fail_msg("%s", e.msg);
     tokenizer *t = NULL;
     double t0 = clock_now_sec();
-    if (!strcmp(shape, "llama-spm-ms") || !strcmp(shape, "phi-3-json")) {
+    if (!strcmp(shape, "llama-spm-ms") || !strcmp(shape, "phi-3-json") || !strcmp(shape, "phi-3-strip")) {
         t = load_via_json(shape, g, &rf);
     } else if (tokenizer_load_gguf(g, &t, &e)) {
         fail_msg("%s: %s", shape, e.msg);
@@ -220,13 +227,14 @@ static void test_llama_spm(void **s) { (void)s; check_shape("llama-spm"); }
 static void test_llama_spm_metaspace_json(void **s) { (void)s; check_shape("llama-spm-ms"); }
 static void test_phi3(void **s) { (void)s; check_shape("phi-3"); }
 static void test_phi3_json(void **s) { (void)s; check_shape("phi-3-json"); }
+static void test_phi3_strip_json(void **s) { (void)s; check_shape("phi-3-strip"); }
 static void test_qwen2(void **s) { (void)s; check_shape("qwen2"); }
 static void test_llama_bpe(void **s) { (void)s; check_shape("llama-bpe"); }
 
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_llama_spm), cmocka_unit_test(test_llama_spm_metaspace_json),
-        cmocka_unit_test(test_phi3),      cmocka_unit_test(test_phi3_json),
+        cmocka_unit_test(test_phi3),      cmocka_unit_test(test_phi3_json), cmocka_unit_test(test_phi3_strip_json),
         cmocka_unit_test(test_qwen2),     cmocka_unit_test(test_llama_bpe),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

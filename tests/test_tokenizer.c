@@ -380,8 +380,6 @@ static void test_json_refusals(void **state) {
         {0, "", "null", "{\"type\":\"BertPreTokenizer\"}", "[]", "pre_tokenizer BertPreTokenizer"},
         {0, ",\"dropout\":0.1", "null", bl_pre, "[]", "model.dropout"},
         {0, ",\"continuing_subword_prefix\":\"##\"", "null", bl_pre, "[]", "model.continuing_subword_prefix"},
-        {0, "", "null", bl_pre, "[{\"id\":2,\"content\":\"ab\",\"rstrip\":true,\"special\":true}]", "rstrip"},
-        {0, "", "null", bl_pre, "[{\"id\":2,\"content\":\"ab\",\"lstrip\":true,\"special\":true}]", "lstrip"},
         {0, "", "null", bl_pre, "[{\"id\":2,\"content\":\"ab\",\"single_word\":true}]", "single_word"},
         {1, "", "{\"type\":\"NFKC\"}", "null", "[]", "normalizer NFKC"},
         {1, "", "null", "{\"type\":\"Metaspace\",\"replacement\":\"\\u2581\",\"prepend_scheme\":\"first\","
