@@ -9,8 +9,9 @@
  * Sequence[Prepend(U+2581), Replace(" ", U+2581)] without pre-tokenizer, and
  * no normalizer with Metaspace(U+2581, prepend_scheme, split false). Any other
  * model type, normalizer, pre-tokenizer, BPE option (dropout, subword
- * prefixes, ignore_merges with byte_fallback) or added-token flag (lstrip,
- * rstrip, single_word) is refused with one line naming it.
+ * prefixes, ignore_merges with byte_fallback) or the added-token flag
+ * single_word is refused with one line naming it; lstrip / rstrip are honoured
+ * (tokenizer.qlora.lstrip / rstrip: int32 arrays of token ids).
  *
  * The pre-tokenizers map to llama.cpp's `tokenizer.ggml.pre` names, which is
  * what data/tokenizer.c implements:
