@@ -401,6 +401,11 @@ static int tok_derive_merges(const gguf_file *f, tokenizer *t, qerr *e) {
         const char *s = tok_text(t, id);
         uint32_t len = t->tok_len[id];
         if (tok_vocab_lookup(t, s, len) != id) continue; /* a duplicate text: the first id stands for it */
+        if (len > 1024) { /* each split hashes both halves: quadratic in the length */
+            free(m);
+            return qerr_set(e, "tokenizer: tokenizer.ggml.tokens[%d] is %u bytes; SentencePiece tokens longer than 1024 "
+                               "bytes are not supported (real vocabularies stay under 100)", id, len);
+        }
         float score;
         memcpy(&score, (const uint8_t *)data + 4 * (size_t)id, 4);
         int32_t lchars = 0, total = tok_utf8_chars(s, len);
