@@ -23,6 +23,7 @@
 #include "core/file.h"
 #include "data/tokenizer.h"
 #include "data/tokenizer_json.h"
+#include "format/gguf_write.h"
 
 #define MODEL_PATH "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 #define FIXTURE_PATH "tests/fixtures/tokenizer_cases.json"
@@ -427,6 +428,103 @@ static void test_json_refusals(void **state) {
     rmdir(dir);
 }
 
+/* SentencePiece BPE mechanics on a tiny vocabulary (always runs; the real
+ * vocabularies are in test_reference_vocabs): merges derived from scores,
+ * the U+2581 prefix in each prepend scheme, byte fallback, <unk> split out. */
+#define SP "\xe2\x96\x81"
+static tokenizer *tiny_spm(const char *dir, const char *scheme, qerr *e) {
+    enum { NB = 256 };
+    static const char *const words[] = {SP, "a", "b", "c", SP "a", "ab", SP "ab", "bc", SP SP};
+    static const float wscore[] = {-1, -2, -3, -4, -6, -5, -7, -8, -9};
+    int nw = 9, nv = 3 + NB + nw;
+    char **toks = calloc((size_t)nv, sizeof *toks);
+    int32_t *types = calloc((size_t)nv, sizeof *types);
+    float *scores = calloc((size_t)nv, sizeof *scores);
+    toks[0] = strdup("<unk>"), types[0] = 2;
+    toks[1] = strdup("<s>"), types[1] = 3;
+    toks[2] = strdup("</s>"), types[2] = 3;
+    for (int b = 0; b < NB; b++) {
+        toks[3 + b] = malloc(8);
+        snprintf(toks[3 + b], 8, "<0x%02X>", b);
+        types[3 + b] = 6;
+    }
+    for (int i = 0; i < nw; i++) {
+        toks[3 + NB + i] = strdup(words[i]);
+        types[3 + NB + i] = 1;
+        scores[3 + NB + i] = wscore[i];
+    }
+    gguf_writer *w;
+    assert_int_equal(gguf_writer_init(&w, e), 0);
+    gguf_writer_add_str(w, "tokenizer.ggml.model", "llama");
+    gguf_writer_add_str(w, "tokenizer.ggml.pre", "default");
+    gguf_writer_add_arr_str(w, "tokenizer.ggml.tokens", (const char *const *)toks, NULL, (uint64_t)nv);
+    gguf_writer_add_arr_i32(w, "tokenizer.ggml.token_type", types, (uint64_t)nv);
+    gguf_writer_add_arr_f32(w, "tokenizer.ggml.scores", scores, (uint64_t)nv);
+    gguf_writer_add_u32(w, "tokenizer.ggml.unknown_token_id", 0);
+    gguf_writer_add_u32(w, "tokenizer.ggml.bos_token_id", 1);
+    gguf_writer_add_u32(w, "tokenizer.ggml.eos_token_id", 2);
+    if (scheme) gguf_writer_add_str(w, "tokenizer.qlora.prepend_scheme", scheme);
+    char path[512];
+    snprintf(path, sizeof path, "%s/spm_%s.gguf", dir, scheme ? scheme : "legacy");
+    assert_int_equal(gguf_writer_write(w, path, e), 0);
+    gguf_writer_free(w);
+    for (int i = 0; i < nv; i++) free(toks[i]);
+    free(toks);
+    free(types);
+    free(scores);
+    tokenizer *t = NULL;
+    if (load_tiny(path, &t, e)) fail_msg("%s", e->msg);
+    return t;
+}
+
+static void expect_ids(const tokenizer *t, const char *text, int parse_special, const char *want) {
+    tokenizer_ids v = {0};
+    qerr e = {{0}};
+    assert_int_equal(tokenizer_encode(t, text, strlen(text), parse_special, &v, &e), 0);
+    char got[512];
+    size_t n = 0;
+    got[0] = 0;
+    for (size_t i = 0; i < v.n; i++) n += (size_t)snprintf(got + n, sizeof got - n, "%s%s", i ? " " : "",
+                                                           tokenizer_token_text(t, v.ids[i]));
+    if (strcmp(got, want)) fail_msg("\"%s\": got [%s], expected [%s]", text, got, want);
+    tokenizer_ids_free(&v);
+}
+
+static void test_synthetic_spm(void **state) {
+    (void)state;
+    char dir[] = "/tmp/qlora_spm_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    qerr e = {{0}};
+    tokenizer *t = tiny_spm(dir, NULL, &e);
+    assert_int_equal(tokenizer_is_spm(t), 1);
+    /* "ab" (score -5) merges before SP+"a" (-6): SP ab -> SPab */
+    expect_ids(t, "ab", 1, SP "ab");
+    /* "abc": ab (-5) before bc (-8); SP+ab (-7) next; c stays */
+    expect_ids(t, "abc", 1, SP "ab c");
+    /* bytes missing from the vocabulary fall back to <0xNN> */
+    expect_ids(t, "x\xc3\xa9", 1, SP " <0x78> <0xC3> <0xA9>");
+    /* legacy: the prefix on every segment, also after a special token and before a leading space */
+    /* SP SP a: SP+a (-6) before SP+SP (-9) */
+    expect_ids(t, "<s>ab</s> a", 1, "<s> " SP "ab </s> " SP " " SP "a");
+    expect_ids(t, " ab", 1, SP " " SP "ab");
+    expect_ids(t, "<s>ab", 0, SP " <0x3C> <0x73> <0x3E> ab");
+    expect_ids(t, "<unk>", 1, "<unk>");
+    tokenizer_free(t);
+    /* Metaspace "first": only at the start of the text, and not when it starts with a space */
+    t = tiny_spm(dir, "first", &e);
+    expect_ids(t, "<s>ab</s> a", 1, "<s> ab </s> " SP "a");
+    expect_ids(t, " ab", 1, SP "ab");
+    expect_ids(t, "ab", 1, SP "ab");
+    tokenizer_free(t);
+    /* Metaspace "always": every segment not starting with a space */
+    t = tiny_spm(dir, "always", &e);
+    expect_ids(t, "<s>ab</s> a", 1, "<s> " SP "ab </s> " SP "a");
+    tokenizer_free(t);
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
 /* BPE mechanics on the synthetic vocabulary: rank order, leftmost ties,
  * control tokens with and without parse_special, a missing pre key. */
 static void test_synthetic_bpe(void **state) {
@@ -498,7 +596,7 @@ static void test_real_throughput(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_errors), cmocka_unit_test(test_json_refusals),
+        cmocka_unit_test(test_errors), cmocka_unit_test(test_json_refusals), cmocka_unit_test(test_synthetic_spm),
         cmocka_unit_test(test_synthetic_bpe),
         cmocka_unit_test(test_real_metadata),
         cmocka_unit_test(test_real_fixture_cases),
