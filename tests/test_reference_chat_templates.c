@@ -29,8 +29,11 @@
 #include <cjson/cJSON.h>
 #include <cmocka.h>
 
+#include "core/file.h"
 #include "core/strbuf.h"
 #include "data/chat.h"
+#include "data/dataset.h"
+#include "data/tokenizer_json.h"
 #include "data/tokenizer.h"
 #include "format/gguf.h"
 #include "tests/ref_fixture.h"
@@ -184,7 +187,135 @@ static void test_templates_equal_transformers(void **state) {
     ref_close(&rf);
 }
 
+
+/* The dataset path (type chat_template, train_on_inputs false) for every template: an HF tokenizer
+ * directory (qlora's tokenizer.json of the vocabulary + a tokenizer_config.json carrying the template),
+ * the non-rejected conversations as JSONL; the ids must be transformers', the labels exactly the tokens
+ * of the assistant turns through their end-of-turn token; a rejected conversation names file and line. */
+static void test_dataset_path(void **state) {
+    (void)state;
+    if (access("models/vocab/ggml-vocab-llama-spm.gguf", R_OK) != 0) {
+        printf("SKIPPED: models/vocab is missing (run scripts/fetch_vocab.sh)\n");
+        skip();
+    }
+    ref_file rf;
+    ref_open_or_fail(FIXTURE, &rf);
+    char *names_s = ref_str(&rf, "names"), *convs_s = ref_str(&rf, "conversations");
+    cJSON *names = cJSON_Parse(names_s), *convs = cJSON_Parse(convs_s);
+    int nconv = cJSON_GetArraySize(convs);
+    char dir[] = "/tmp/qlora_chat_ds_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char tj[256], tc[256], jl[256];
+    snprintf(tj, sizeof tj, "%s/tokenizer.json", dir);
+    snprintf(tc, sizeof tc, "%s/tokenizer_config.json", dir);
+    snprintf(jl, sizeof jl, "%s/data.jsonl", dir);
+    for (int ti = 0; ti < cJSON_GetArraySize(names); ti++) {
+        const char *name = cJSON_GetArrayItem(names, ti)->valuestring;
+        char key[64], gp[256];
+        snprintf(key, sizeof key, "t%d/source", ti);
+        char *src = ref_str(&rf, key);
+        snprintf(key, sizeof key, "t%d/shape", ti);
+        char *shape = ref_str(&rf, key);
+        snprintf(key, sizeof key, "t%d/ids_off", ti);
+        const int64_t *io = ref_i64(&rf, key, 2 * nconv + 1);
+        snprintf(key, sizeof key, "t%d/ids", ti);
+        const int32_t *ids = ref_i32(&rf, key, io[2 * nconv]);
+        snprintf(key, sizeof key, "t%d/error", ti);
+        const uint8_t *err = ref_u8(&rf, key, 2 * nconv);
+        snprintf(gp, sizeof gp, "models/vocab/ggml-vocab-%s.gguf", shape);
+        qerr e = {{0}};
+        gguf_file *g;
+        tokenizer *gt;
+        if (gguf_open(gp, &g, &e) || tokenizer_load_gguf(g, &gt, &e)) fail_msg("%s", e.msg);
+        if (tokenizer_json_write_from_gguf(g, tj, &e)) fail_msg("%s", e.msg);
+        gguf_close(g);
+        cJSON *cfg = cJSON_CreateObject();
+        cJSON_AddStringToObject(cfg, "chat_template", src);
+        if (tokenizer_bos_id(gt) >= 0) cJSON_AddStringToObject(cfg, "bos_token", tokenizer_token_text(gt, tokenizer_bos_id(gt)));
+        cJSON_AddStringToObject(cfg, "eos_token", tokenizer_token_text(gt, tokenizer_eos_id(gt)));
+        char *ct = cJSON_PrintUnformatted(cfg);
+        if (file_write_atomic(tc, ct, strlen(ct), &e)) fail_msg("%s", e.msg);
+        free(ct);
+        cJSON_Delete(cfg);
+        tokenizer *t;
+        if (tokenizer_load_hf(tj, tc, &t, &e)) fail_msg("%s: %s", name, e.msg);
+        FILE *fp = fopen(jl, "w");
+        int kept[32], nk = 0, first_rejected = -1;
+        for (int c = 0; c < nconv; c++) {
+            if (err[2 * c]) {
+                if (first_rejected < 0) first_rejected = c;
+                continue;
+            }
+            cJSON *rec = cJSON_CreateObject();
+            cJSON_AddItemToObject(rec, "messages", cJSON_Duplicate(cJSON_GetArrayItem(convs, c), 1));
+            char *line = cJSON_PrintUnformatted(rec);
+            fprintf(fp, "%s\n", line);
+            free(line);
+            cJSON_Delete(rec);
+            kept[nk++] = c;
+        }
+        fclose(fp);
+        dataset_spec sp = {.path = jl, .type = "chat_template"};
+        dataset_examples docs = {0};
+        if (dataset_read_jsonl(t, &sp, 0, &docs, &e)) fail_msg("%s: %s", name, e.msg);
+        assert_int_equal(docs.n, nk);
+        int32_t eot = tokenizer_find_token(t, !strncmp(name, "Qwen", 4)     ? "<|im_end|>"
+                                              : !strncmp(name, "Llama 3", 7) ? "<|eot_id|>"
+                                              : !strncmp(name, "Phi", 3)     ? "<|end|>"
+                                                                            : "</s>");
+        assert_true(eot >= 0);
+        for (int k = 0; k < nk; k++) {
+            int c = kept[k], r = 2 * c;
+            const dataset_example *ex = &docs.v[k];
+            if ((int64_t)ex->n != io[r + 1] - io[r] || memcmp(ex->ids, ids + io[r], (size_t)ex->n * sizeof(int32_t)))
+                fail_msg("%s: conversation %d: dataset ids differ from apply_chat_template's", name, c);
+            /* labels: runs of trained tokens, one per assistant message, each ending with the end-of-turn id */
+            int n_asst = 0, runs = 0;
+            cJSON *m;
+            cJSON_ArrayForEach(m, cJSON_GetArrayItem(convs, c)) n_asst += !strcmp(cJSON_GetObjectItem(m, "role")->valuestring, "assistant");
+            for (int32_t j = 0; j < ex->n; j++) {
+                if (ex->mask[j] && (j + 1 == ex->n || !ex->mask[j + 1])) {
+                    runs++;
+                    if (ex->ids[j] != eot) fail_msg("%s: conversation %d: a trained run ends at id %d, not %d", name, c, ex->ids[j], eot);
+                }
+                if (ex->ids[j] == eot && j > 0 && ex->mask[j] && !ex->mask[j - 1] && n_asst == 0)
+                    fail_msg("%s: conversation %d: trained tokens without an assistant turn", name, c);
+            }
+            assert_int_equal(runs, n_asst);
+        }
+        dataset_examples_free(&docs);
+        if (first_rejected >= 0) { /* the template's own refusal, as a bad line naming file and line */
+            fp = fopen(jl, "w");
+            cJSON *rec = cJSON_CreateObject();
+            cJSON_AddItemToObject(rec, "messages", cJSON_Duplicate(cJSON_GetArrayItem(convs, first_rejected), 1));
+            char *line = cJSON_PrintUnformatted(rec);
+            fprintf(fp, "%s\n", line);
+            free(line);
+            cJSON_Delete(rec);
+            fclose(fp);
+            assert_int_equal(dataset_read_jsonl(t, &sp, 0, &docs, &e), -1);
+            assert_non_null(strstr(e.msg, "data.jsonl:1"));
+            assert_non_null(strstr(e.msg, name));
+        }
+        print_message("[chat] %-18s dataset path: %d conversations, ids and labels as expected\n", name, nk);
+        tokenizer_free(t);
+        tokenizer_free(gt);
+        free(src);
+        free(shape);
+    }
+    unlink(tj);
+    unlink(tc);
+    unlink(jl);
+    rmdir(dir);
+    cJSON_Delete(names);
+    cJSON_Delete(convs);
+    free(names_s);
+    free(convs_s);
+    ref_close(&rf);
+}
+
 int main(void) {
-    const struct CMUnitTest tests[] = {cmocka_unit_test(test_templates_equal_transformers)};
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_templates_equal_transformers),
+                                       cmocka_unit_test(test_dataset_path)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
