@@ -491,6 +491,18 @@ int tokenizer_load_gguf(const gguf_file *f, tokenizer **out, qerr *e) {
             goto fail;
         }
         t->pre = TOK_PRE_NONE;
+        /* sentencepiece normalization rules qlora does not apply: refused, not ignored */
+        int rew = 0;
+        if (gguf_has_key(f, "tokenizer.ggml.precompiled_charsmap")) {
+            qerr_set(e, "tokenizer: tokenizer.ggml.precompiled_charsmap is set (a SentencePiece normalizer such as "
+                        "nmt_nfkc); not supported");
+            goto fail;
+        }
+        if (gguf_has_key(f, "tokenizer.ggml.remove_extra_whitespaces") &&
+            (tok_get_flag(f, "tokenizer.ggml.remove_extra_whitespaces", &rew, e) || rew)) {
+            if (rew) qerr_set(e, "tokenizer: tokenizer.ggml.remove_extra_whitespaces = true is not supported");
+            goto fail;
+        }
     } else if (!strcmp(t->pre_name, "smollm") || !strcmp(t->pre_name, "starcoder") || !strcmp(t->pre_name, "refact")) {
         t->pre = TOK_PRE_DIGITS_GPT2;
     } else if (!strcmp(t->pre_name, "gpt2") || !strcmp(t->pre_name, "default") ||
