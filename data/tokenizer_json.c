@@ -269,7 +269,9 @@ int tokenizer_json_write_from_gguf(const gguf_file *f, const char *path, qerr *e
             int strip = tokenizer_token_strip(tk, (int32_t)i);
             cJSON_AddBoolToObject(a, "lstrip", strip & 1);
             cJSON_AddBoolToObject(a, "rstrip", (strip & 2) != 0);
-            cJSON_AddBoolToObject(a, "normalized", ty != TOKENIZER_TOKEN_CONTROL);
+            /* matched on the raw text, before any normalizer (qlora's and llama.cpp's semantics; transformers'
+             * GGUF loader adds user-defined tokens with normalized=False too) */
+            cJSON_AddFalseToObject(a, "normalized");
             cJSON_AddBoolToObject(a, "special", ty == TOKENIZER_TOKEN_CONTROL);
             cJSON_AddItemToArray(added, a);
         }
@@ -567,6 +569,13 @@ int tokenizer_hf_to_gguf(const char *json_path, const char *config_path, gguf_fi
         }
         if (flag(it, "single_word", 0)) {
             qerr_set(e, "%s: added token \"%s\" has single_word = true; not supported", json_path, ct->valuestring);
+            goto done;
+        }
+        /* HF matches a normalized added token after the normalizer ran, so with the legacy Prepend normalizer
+         * the text after it gets no U+2581 prefix; qlora splits every added token first: refuse that case */
+        if (spm && !scheme && asp && flag(it, "normalized", !flag(it, "special", 0))) {
+            qerr_set(e, "%s: added token \"%s\" has normalized = true with the Prepend normalizer; not supported",
+                     json_path, ct->valuestring);
             goto done;
         }
         if ((int64_t)id->valuedouble + 1 > nv) nv = (int64_t)id->valuedouble + 1;

@@ -390,6 +390,9 @@ static void test_json_refusals(void **state) {
         {1, "", "null", "null", "[]", "normalizer null with pre_tokenizer null"},
         {1, ",\"ignore_merges\":true", legacy, "null", "[]", "ignore_merges"},
         {1, ",\"fuse_unk\":false", legacy, "null", "[]", "fuse_unk"},
+        {1, "", legacy, "null", "[{\"id\":3,\"content\":\"ab\",\"special\":false}]", "normalized = true"},
+        {1, "", legacy, "null", "[{\"id\":3,\"content\":\"ab\",\"normalized\":true,\"special\":true}]",
+         "normalized = true"},
     };
     char dir[] = "/tmp/qlora_tokjson_XXXXXX";
     assert_non_null(mkdtemp(dir));
