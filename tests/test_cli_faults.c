@@ -101,7 +101,7 @@ static int setup(void **st) {
     snprintf(g_cfg, sizeof g_cfg, "%s/config.yaml", g_dir);
     char cfg[2048];
     snprintf(cfg, sizeof cfg,
-             "base_model: " MODEL "\n"
+             "base_model: " MODEL "\nadapter: qlora\n"
              "lora_r: 2\nlora_alpha: 4\nlora_target_modules: [q_proj]\n"
              "datasets:\n  - path: %s/train.jsonl\n    type: completion\n"
              "sequence_len: 32\nmicro_batch_size: 1\nmax_steps: 1\nnum_threads: 1\n"
@@ -179,8 +179,8 @@ static void test_wrong_types_and_ranges(void **st) {
     (void)st;
     char p[512];
     snprintf(p, sizeof p, "%s/types.yaml", g_dir);
-    write_text(p, "base_model: " MODEL "\nlora_r: abc\n");
-    expect_failure(p, NULL, 2, WANT("types.yaml", "lora_r", "expected a positive integer", "\"abc\"", "line 2"));
+    write_text(p, "base_model: " MODEL "\nadapter: qlora\nlora_r: abc\n");
+    expect_failure(p, NULL, 2, WANT("types.yaml", "lora_r", "expected a positive integer", "\"abc\"", "line 3"));
     expect_failure(g_cfg, ARGS("lora_dropout=1.5"), 2, WANT("lora_dropout", "[0, 1)", "1.5"));
     expect_failure(g_cfg, ARGS("learning_rate=-1"), 2, WANT("learning_rate", "positive"));
     expect_failure(g_cfg, ARGS("sequence_len=1"), 2, WANT("sequence_len", ">= 2"));
@@ -196,7 +196,7 @@ static void test_unknown_keys(void **st) {
     (void)st;
     char p[512];
     snprintf(p, sizeof p, "%s/unknown.yaml", g_dir);
-    write_text(p, "base_model: " MODEL "\nlora_rank: 8\n");
+    write_text(p, "base_model: " MODEL "\nadapter: qlora\nlora_rank: 8\n");
     expect_failure(p, NULL, 2, WANT("unknown.yaml", "unknown key \"lora_rank\"", "did you mean \"lora_r\""));
     expect_failure(g_cfg, ARGS("save_step=10"), 2, WANT("command line", "unknown key \"save_step\"", "save_steps"));
 }
@@ -463,6 +463,45 @@ static void test_skip_bad_lines_trains(void **st) {
     free(err);
 }
 
+/* An axolotl config with several refused keys: one run lists each with its line (the missing adapter
+ * first), then the count, exit 2; qlora-preprocess prints the same [config] lines as qlora-train. */
+static void test_axolotl_refusals_and_config_lines(void **st) {
+    (void)st;
+    char p[512];
+    snprintf(p, sizeof p, "%s/axo.yaml", g_dir);
+    write_text(p, "base_model: " MODEL "\nload_in_8bit: true\noptimizer: adamw_8bit\nfsdp: [full_shard]\n");
+    char *argv[] = {(char *)subproc_trainer(), p, NULL};
+    char *err = NULL;
+    int code = subproc_run(argv, NULL, 120, &err);
+    print_message("exit %d:\n%s", code, err);
+    assert_int_equal(code, 2);
+    const char *want[] = {"axo.yaml: no \"adapter:\"", "load_in_8bit: refused", "(line 2)", "optimizer: \"adamw_8bit\"",
+                          "(line 3)", "fsdp: refused", "(line 4)", "axo.yaml: 4 refused keys"};
+    const char *at = err;
+    for (size_t i = 0; i < sizeof want / sizeof *want; i++) { /* in this order */
+        const char *q = strstr(at, want[i]);
+        if (!q) fail_msg("missing \"%s\" (in order) in:\n%s", want[i], err);
+        at = q;
+    }
+    free(err);
+    /* the [config] lines: the same from both tools */
+    snprintf(p, sizeof p, "%s/axo_ok.yaml", g_dir);
+    char cfg[1024];
+    snprintf(cfg, sizeof cfg,
+             "base_model: " MODEL "\nadapter: qlora\nlora_target_linear: true\nattn_implementation: flash_attention_2\n"
+             "tf32: true\ndatasets:\n  - path: %s/train.jsonl\n    type: completion\nsequence_len: 32\nmax_steps: 1\n"
+             "output_dir: %s/axo_out\n",
+             g_dir, g_dir);
+    write_text(p, cfg);
+    char *pre[] = {(char *)subproc_tool("preprocess"), p, "--show-samples", "0", NULL};
+    code = subproc_run(pre, NULL, 120, &err);
+    assert_int_equal(code, 0);
+    assert_non_null(strstr(err, "[config] "));
+    assert_non_null(strstr(err, "ignoring \"attn_implementation\" (qlora's attention is exact"));
+    assert_non_null(strstr(err, "ignoring \"tf32\""));
+    free(err);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_yaml_errors),
@@ -477,6 +516,7 @@ int main(void) {
         cmocka_unit_test(test_bad_checkpoints),
         cmocka_unit_test(test_corrupt_safetensors),
         cmocka_unit_test(test_skip_bad_lines_trains),
+        cmocka_unit_test(test_axolotl_refusals_and_config_lines),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
