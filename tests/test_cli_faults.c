@@ -502,6 +502,37 @@ static void test_axolotl_refusals_and_config_lines(void **st) {
     free(err);
 }
 
+/* loss_watchdog_*: a loss above the threshold for patience steps stops the run with a checkpoint and
+ * exit 1; special_tokens that are not the model's own are refused when the model is loaded. */
+static void test_loss_watchdog_and_special_tokens(void **st) {
+    (void)st;
+    char od[600], a1[700], ck[700];
+    snprintf(od, sizeof od, "%s/watchdog", g_dir);
+    snprintf(a1, sizeof a1, "output_dir=%s", od);
+    char *argv[] = {(char *)subproc_trainer(), g_cfg, a1, "max_steps=4", "loss_watchdog_threshold=0.001",
+                    "loss_watchdog_patience=2", "save_steps=100", NULL};
+    char *err = NULL;
+    int code = subproc_run(argv, NULL, 300, &err);
+    print_message("exit %d:\n%s", code, err);
+    assert_int_equal(code, 1);
+    assert_non_null(strstr(err, "above loss_watchdog_threshold 0.001 for 2 steps in a row"));
+    assert_non_null(strstr(err, "stopped with a checkpoint in"));
+    snprintf(ck, sizeof ck, "%s/checkpoint-2", od);
+    assert_int_equal(access(ck, F_OK), 0); /* saved at the stop, not at save_steps */
+    snprintf(ck, sizeof ck, "%s/checkpoint-3", od);
+    assert_int_equal(access(ck, F_OK), -1);
+    free(err);
+    /* special_tokens: the model's own eos is accepted, another is refused naming both */
+    char *pre_ok[] = {(char *)subproc_tool("preprocess"), g_cfg, "special_tokens={eos_token: \"<|im_end|>\"}",
+                      "--show-samples", "0", NULL};
+    assert_int_equal(subproc_run(pre_ok, NULL, 120, &err), 0);
+    free(err);
+    char *pre_bad[] = {(char *)subproc_tool("preprocess"), g_cfg, "special_tokens={eos_token: \"</s>\"}", NULL};
+    assert_int_equal(subproc_run(pre_bad, NULL, 120, &err), 1);
+    assert_non_null(strstr(err, "special_tokens.eos_token: \"</s>\" is not this model's eos token (\"<|im_end|>\")"));
+    free(err);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_yaml_errors),
@@ -517,6 +548,7 @@ int main(void) {
         cmocka_unit_test(test_corrupt_safetensors),
         cmocka_unit_test(test_skip_bad_lines_trains),
         cmocka_unit_test(test_axolotl_refusals_and_config_lines),
+        cmocka_unit_test(test_loss_watchdog_and_special_tokens),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

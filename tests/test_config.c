@@ -183,6 +183,17 @@ static void assert_datasets_equal(const dataset_cfg *a, int na, const dataset_cf
         assert_string_equal(a[i].type, b[i].type);
         assert_string_equal(a[i].field, b[i].field);
         assert_string_equal(a[i].field_messages, b[i].field_messages);
+        assert_string_equal(a[i].message_field_role, b[i].message_field_role);
+        assert_string_equal(a[i].message_field_content, b[i].message_field_content);
+        assert_string_equal(a[i].train_on_eos, b[i].train_on_eos);
+        assert_string_equal(a[i].split, b[i].split);
+        assert_int_equal(a[i].drop_system_message, b[i].drop_system_message);
+        assert_int_equal(a[i].n_roles_to_train, b[i].n_roles_to_train);
+        for (int j = 0; j < a[i].n_roles_to_train; j++) assert_string_equal(a[i].roles_to_train[j], b[i].roles_to_train[j]);
+        assert_true((a[i].data_files == NULL) == (b[i].data_files == NULL));
+        if (a[i].data_files) assert_string_equal(a[i].data_files, b[i].data_files);
+        assert_true((a[i].chat_template == NULL) == (b[i].chat_template == NULL));
+        if (a[i].chat_template) assert_string_equal(a[i].chat_template, b[i].chat_template);
     }
 }
 
@@ -192,6 +203,15 @@ static void assert_configs_equal(const train_config *a, const train_config *b) {
     assert_int_equal(a->bnb_4bit_use_double_quant, b->bnb_4bit_use_double_quant);
     assert_string_equal(a->bnb_4bit_quant_type, b->bnb_4bit_quant_type);
     assert_string_equal(a->adapter, b->adapter);
+    assert_int_equal(a->data_seed, b->data_seed);
+    assert_true(a->loss_watchdog_threshold == b->loss_watchdog_threshold);
+    assert_int_equal(a->loss_watchdog_patience, b->loss_watchdog_patience);
+    assert_string_equal(a->chat_template, b->chat_template);
+    const char *sa[3] = {a->special_bos, a->special_eos, a->special_unk}, *sb[3] = {b->special_bos, b->special_eos, b->special_unk};
+    for (int i = 0; i < 3; i++) {
+        assert_true((sa[i] == NULL) == (sb[i] == NULL));
+        if (sa[i]) assert_string_equal(sa[i], sb[i]);
+    }
     assert_int_equal(a->lora_r, b->lora_r);
     assert_memory_equal(&a->lora_alpha, &b->lora_alpha, sizeof(float));
     assert_memory_equal(&a->lora_dropout, &b->lora_dropout, sizeof(float));
@@ -901,6 +921,30 @@ static void test_round_trip(void **state) {
     }
     assert_configs_equal(&a, &b);
     assert_int_equal(b.n_warnings, 0);
+    train_config_free(&b);
+
+    /* axolotl's keys round-trip too */
+    train_config_free(&a);
+    write_file(t, "rt3.yaml",
+               "base_model: m.gguf\nadapter: lora\nlora_target_linear: true\ndata_seed: 7\n"
+               "loss_watchdog_threshold: 5.0\nloss_watchdog_patience: 2\nchat_template: chatml\n"
+               "special_tokens:\n  eos_token: \"<|im_end|>\"\n  pad_token: \"<|im_end|>\"\n"
+               "gradient_checkpointing: offload\n"
+               "datasets:\n  - path: d\n    type: chat_template\n    field_messages: conversations\n"
+               "    message_property_mappings:\n      role: from\n      content: value\n"
+               "    roles_to_train: [gpt, human]\n    train_on_eos: all\n    drop_system_message: true\n"
+               "    split: train[:20%]\n    data_files: a.jsonl\n    ds_type: json\n    chat_template: chatml\n",
+               path, sizeof path);
+    assert_int_equal(train_config_load(path, &a, &e), 0);
+    assert_int_equal(a.data_seed, 7);
+    assert_int_equal(a.gradient_checkpointing, 1);
+    assert_string_equal(a.datasets[0].message_field_role, "from");
+    assert_string_equal(a.datasets[0].split, "train[:20%]");
+    assert_int_equal(a.datasets[0].n_roles_to_train, 2);
+    assert_string_equal(a.special_eos, "<|im_end|>");
+    assert_int_equal(train_config_write_yaml(&a, out, &e), 0);
+    assert_int_equal(train_config_load(out, &b, &e), 0);
+    assert_configs_equal(&a, &b);
     train_config_free(&b);
 
     /* defaults + required keys also round-trip (empty lists, -1, null-ish values) */
