@@ -428,7 +428,7 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
     /* optimizer */
     if (!bad && (g = H5Gcreate2(f, "optimizer", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT)) < 0)
         bad = 1, what = "/optimizer";
-    const int sophia = !strcmp(s->optimizer, "sophia"), q8 = !strcmp(s->optimizer, "adamw_8bit");
+    const int sophia = !strcmp(s->optimizer, "sophia");
     W(h5_put(g, "exp_avg", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->exp_avg, s->n_params, 0, 1), "/optimizer/exp_avg");
     if (sophia)
         W(h5_put(g, "hessian", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->hessian, s->n_params, 0, 1),
@@ -436,13 +436,7 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
     else
         W(h5_put(g, "exp_avg_sq", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->exp_avg_sq, s->n_params, 0, 1),
           "/optimizer/exp_avg_sq");
-    if (q8) {
-        W(h5_put(g, "state1", H5T_STD_U8LE, H5T_NATIVE_UINT8, s->state1, s->n_params, 0, 1), "/optimizer/state1");
-        W(h5_put(g, "state2", H5T_STD_U8LE, H5T_NATIVE_UINT8, s->state2, s->n_params, 0, 1), "/optimizer/state2");
-        W(h5_put(g, "absmax1", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->absmax1, s->n_blocks, 0, 1), "/optimizer/absmax1");
-        W(h5_put(g, "absmax2", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->absmax2, s->n_blocks, 0, 1), "/optimizer/absmax2");
-    }
-    W(h5_attr_str(g, "name", sophia ? "sophia" : q8 ? "adamw_8bit" : "adamw"), "/optimizer name");
+    W(h5_attr_str(g, "name", sophia ? "sophia" : "adamw"), "/optimizer name");
     W(h5_attr_i64(g, "step", s->opt_step), "/optimizer step");
     W(h5_attr_f64(g, "beta1", s->beta1), "/optimizer beta1");
     W(h5_attr_f64(g, "beta2", s->beta2), "/optimizer beta2");
@@ -525,10 +519,6 @@ void ckpt_state_free(ckpt_state *s) {
     free(s->exp_avg);
     free(s->exp_avg_sq);
     free(s->hessian);
-    free(s->state1);
-    free(s->state2);
-    free(s->absmax1);
-    free(s->absmax2);
     free(s->tensors);
     free(s->config_yaml);
     free(s->log_history);
@@ -624,27 +614,8 @@ int ckpt_read_state(const char *path, ckpt_state *s, qerr *e) {
 
     GROUP("optimizer");
     R(h5_get_attr_str(g, "name", s->optimizer, sizeof s->optimizer), "/optimizer name");
-    if (!what && strcmp(s->optimizer, "adamw") && strcmp(s->optimizer, "sophia") && strcmp(s->optimizer, "adamw_8bit"))
-        what = "/optimizer name (none of \"adamw\", \"sophia\", \"adamw_8bit\")";
-    if (!what && !strcmp(s->optimizer, "adamw_8bit")) {
-        s->n_blocks = h5_len(g, "absmax1");
-        if (s->n_blocks < 0 || s->n_blocks > s->n_params || h5_len(g, "absmax2") != s->n_blocks) {
-            what = "/optimizer/absmax1 (length)";
-        } else {
-            size_t n = (size_t)s->n_params, nb = (size_t)(s->n_blocks ? s->n_blocks : 1);
-            s->state1 = malloc(n);
-            s->state2 = malloc(n);
-            s->absmax1 = malloc(nb * sizeof(float));
-            s->absmax2 = malloc(nb * sizeof(float));
-            if (!s->state1 || !s->state2 || !s->absmax1 || !s->absmax2) what = "(out of memory)";
-        }
-        R(h5_get(g, "state1", H5T_NATIVE_UINT8, s->state1, s->n_params, 0), "/optimizer/state1");
-        R(h5_get(g, "state2", H5T_NATIVE_UINT8, s->state2, s->n_params, 0), "/optimizer/state2");
-        if (s->n_blocks > 0) {
-            R(h5_get(g, "absmax1", H5T_NATIVE_FLOAT, s->absmax1, s->n_blocks, 0), "/optimizer/absmax1");
-            R(h5_get(g, "absmax2", H5T_NATIVE_FLOAT, s->absmax2, s->n_blocks, 0), "/optimizer/absmax2");
-        }
-    }
+    if (!what && strcmp(s->optimizer, "adamw") && strcmp(s->optimizer, "sophia"))
+        what = "/optimizer name (neither \"adamw\" nor \"sophia\")";
     if (!what && !strcmp(s->optimizer, "sophia")) {
         /* m in exp_avg, h in hessian: the n_params buffer allocated above as exp_avg_sq */
         s->hessian = s->exp_avg_sq;

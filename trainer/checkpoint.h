@@ -26,11 +26,7 @@
  *   /optimizer/exp_avg      float32 (n_params): AdamW first moment / Sophia momentum m (torch's name)
  *   /optimizer/exp_avg_sq   float32 (n_params): AdamW second moment (adamw only)
  *   /optimizer/hessian      float32 (n_params): Sophia's Hessian EMA h (sophia only; the official name)
- *   /optimizer/state1, state2   uint8 (n_params): adamw_8bit: m and v as dynamic-map indices (bnb's
- *                           state1/state2; tensors under 4096 elements: unused, their fp32 m and v are
- *                           exp_avg / exp_avg_sq, which hold the dequantized values elsewhere)
- *   /optimizer/absmax1, absmax2 float32 (n_blocks): adamw_8bit: each block's absmax (optim/adamw8bit.h)
- *     attrs name="adamw" | "sophia" | "adamw_8bit", step (completed updates), beta1, beta2, weight_decay;
+ *     attrs name="adamw" | "sophia", step (completed updates), beta1, beta2, weight_decay;
  *     adamw: eps; sophia: rho, hessian_interval (k), hessian_updates
  *   /scheduler              attrs name, base_lr, warmup_steps, total_steps, last_step, last_lr
  *   /rng                    attrs seed, scheme (counter-based: see below)
@@ -82,7 +78,7 @@ typedef struct ckpt_state {
     double base_lr, last_lr;
     int64_t warmup_steps;
     /* optimizer */
-    char optimizer[16];    /* "adamw" ("" on write = "adamw") | "sophia" | "adamw_8bit" */
+    char optimizer[16];    /* "adamw" ("" on write = "adamw") | "sophia" */
     int64_t opt_step;      /* optimizer updates applied (skipped NaN steps do not count) */
     double beta1, beta2, eps, weight_decay;
     double rho;                              /* sophia */
@@ -99,9 +95,6 @@ typedef struct ckpt_state {
     int64_t n_params;
     float *params, *exp_avg, *exp_avg_sq; /* (n_params) each; exp_avg_sq NULL for sophia */
     float *hessian;                       /* (n_params) sophia's h, else NULL */
-    uint8_t *state1, *state2;             /* adamw_8bit: (n_params) map indices of m, v; else NULL */
-    float *absmax1, *absmax2;             /* adamw_8bit: (n_blocks) */
-    int64_t n_blocks;
     int n_tensors;
     ckpt_tensor *tensors;                 /* (n_tensors) */
     char *config_yaml;                    /* NUL-terminated */

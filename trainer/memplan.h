@@ -29,8 +29,6 @@ typedef struct memplan_input {
     int64_t lora_params;   /* fp32 adapter elements (A and B of every adapted linear) */
     int64_t frozen_bytes;  /* bytes of the frozen linears as stored (NF4 or bf16) */
     int64_t extra_bytes;   /* anything else the caller holds for the run (data, tokenizer), or 0 */
-    int64_t optimizer_bytes; /* the optimizer state, or 0 = AdamW's fp32 m and v (8 bytes per element;
-                                Sophia's m and h alike); adamw_8bit: adamw8_state_bytes */
     int n_threads;
 } memplan_input;
 
@@ -38,7 +36,7 @@ typedef struct memplan_input {
 typedef struct memplan {
     double base;        /* frozen linears + embeddings/LM head + norms + RoPE table */
     double adapters;    /* LoRA A/B and their gradients */
-    double optimizer;   /* AdamW m, v (fp32, or 8-bit: optimizer_bytes) */
+    double optimizer;   /* AdamW m, v */
     double activations; /* activation arena high-water mark */
     double scratch;     /* weight dequant buffer, operand scratch */
     double runtime;     /* process baseline: code, libraries, oneDNN JIT, thread stacks, caller extras */

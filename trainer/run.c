@@ -401,18 +401,6 @@ static int check_resume_adapter(const run_ctx *r, qerr *e) {
  * a run whose predicted peak exceeds the machine's memory is refused here,
  * with the numbers and the keys that drive them, before output_dir changes
  * (unless memory_check: false). */
-/* The 8-bit AdamW state of the adapters lora_set_init will make: A (r, in) and B (out, r) per adapted linear. */
-static int64_t adamw8_bytes_planned(const llama_model *m, const train_config *c, const int target[LLAMA_N_LINEAR]) {
-    int64_t bytes = 0;
-    for (int l = 0; l < m->hp.n_layer; l++)
-        for (int k = 0; k < LLAMA_N_LINEAR; k++)
-            if (target[k]) {
-                int64_t seg[2] = {(int64_t)c->lora_r * m->layers[l].lin[k].in, (int64_t)c->lora_r * m->layers[l].lin[k].out};
-                bytes += adamw8_state_bytes(seg, 2, ADAMW8_MIN_8BIT_SIZE);
-            }
-    return bytes;
-}
-
 static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr *e) {
     const train_config *c = r->c;
     const llama_model *m = &r->model;
@@ -424,7 +412,6 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
     memplan_input mpi = {.hp = m->hp, .B = c->micro_batch_size, .T = c->sequence_len,
                          .checkpointing = c->gradient_checkpointing, .bf16 = c->bf16, .lora_r = c->lora_r,
                          .lora_dropout = c->lora_dropout, .lora_params = lora_params,
-                         .optimizer_bytes = !strcmp(c->optimizer, "adamw_8bit") ? adamw8_bytes_planned(m, c, target) : 0,
                          .frozen_bytes = m->quantized_bytes,
                          .extra_bytes = stat(c->base_model, &model_st) == 0 ? (int64_t)model_st.st_size : 0,
                          .n_threads = r->n_threads};
@@ -522,28 +509,13 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
 
     if (ag_ctx_init(&r->ctx, memplan_arena_chunk(&r->plan), e)) return -1;
     r->ctx.bf16 = c->bf16;
-    if (r->use_8bit && strncmp(r->ctx.be->name, "cpu", 3))
-        return qerr_set(e, "%s: optimizer: adamw_8bit runs on the CPU engine only (the backend is %s); use adamw",
-                        r->cfgname, r->ctx.be->name);
-    if (r->resuming && strcmp(r->ck.optimizer, c->optimizer))
+    if (r->resuming && (strcmp(r->ck.optimizer, "sophia") == 0) != r->use_sophia)
         return qerr_set(e, "%s: optimizer: %s holds %s state but this config says %s; resume with the optimizer it "
                            "was made with, or choose another output_dir",
                         r->cfgname, r->ck_dir, r->ck.optimizer, c->optimizer);
-    if (r->use_8bit) { /* host memory: the CPU engine's (checked in setup) */
-        int64_t *seg = malloc((size_t)(r->n_tensors ? r->n_tensors : 1) * sizeof *seg);
-        if (!seg) return qerr_set(e, "out of memory");
-        for (int i = 0; i < r->n_tensors; i++) seg[i] = r->tensors[i].rows * r->tensors[i].cols;
-        int rc8 = adamw8_state_init(&r->opt8, seg, r->n_tensors, ADAMW8_MIN_8BIT_SIZE, e);
-        free(seg);
-        if (rc8) return -1;
-        fprintf(stderr, "[optim] adamw_8bit: bitsandbytes' blockwise 8-bit states (blocks of %d; %lld of %lld "
-                        "elements in tensors under %d elements keep fp32 states); %.1f MiB of state\n",
-                ADAMW8_BLOCK, (long long)r->opt8.n_small, (long long)r->opt8.n, ADAMW8_MIN_8BIT_SIZE,
-                (double)(2 * r->opt8.n + 8 * r->opt8.n_blocks + 8 * r->opt8.n_small) / 1048576.0);
-    } else if (r->use_sophia ? sophia_state_init_backend(&r->sop, r->ctx.be, r->ls.n_params, e)
-                             : adamw_state_init_backend(&r->opt, r->ctx.be, r->ls.n_params, e)) {
+    if (r->use_sophia ? sophia_state_init_backend(&r->sop, r->ctx.be, r->ls.n_params, e)
+                      : adamw_state_init_backend(&r->opt, r->ctx.be, r->ls.n_params, e))
         return -1;
-    }
     r->soc = (sophia_config){.lr = c->learning_rate, .beta1 = c->sophia_beta1, .beta2 = c->sophia_beta2,
                              .rho = c->sophia_rho, .weight_decay = c->weight_decay, .k = c->sophia_k};
     if (r->use_sophia)
@@ -597,7 +569,6 @@ int run_setup(run_ctx *r, const train_config *c, train_result *res, qerr *e) {
     r->cfgname = c->config_path ? c->config_path : "config";
     r->lock_fd = -1;
     r->use_sophia = !strcmp(c->optimizer, "sophia");
-    r->use_8bit = !strcmp(c->optimizer, "adamw_8bit");
     /* the state of a run that starts from step 0 (run_resume replaces it) */
     r->last_saved = -1;
     r->eval_loss_start = NAN;
@@ -663,7 +634,7 @@ int run_finish(run_ctx *r, qerr *e) {
     }
     /* max_nan_steps stops a streak that long; a run shorter than that whose every step was skipped would
      * otherwise end as if it had trained */
-    const int64_t applied = r->use_sophia ? r->sop.step : r->use_8bit ? r->opt8.step : r->opt.step;
+    const int64_t applied = r->use_sophia ? r->sop.step : r->opt.step;
     if (r->final_step > 0 && applied == 0)
         return qerr_set(e,
                         "no optimizer update was applied: all %d steps had a NaN/Inf loss or gradient and were "
@@ -713,7 +684,6 @@ void run_free(run_ctx *r) {
     free(r->bb.pos);
     free(r->bb.sid);
     adamw_state_free(&r->opt);
-    adamw8_state_free(&r->opt8);
     sophia_state_free(&r->sop);
     ag_ctx_free(&r->ctx);
     lora_set_free(&r->ls);

@@ -20,7 +20,6 @@
 #include "model/base.h"
 #include "model/llama.h"
 #include "optim/adamw.h"
-#include "optim/adamw8bit.h"
 #include "optim/schedule.h"
 #include "optim/sophia.h"
 #include "trainer/checkpoint.h"
@@ -73,8 +72,6 @@ typedef struct run_ctx {
     /* engine and optimizer */
     ag_ctx ctx;
     int use_sophia;
-    int use_8bit;          /* optimizer: adamw_8bit (optim/adamw8bit.h, state in opt8) */
-    adamw8_state opt8;
     adamw_state opt;
     adamw_config ac;
     sophia_state sop;

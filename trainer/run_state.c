@@ -61,28 +61,9 @@ int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
         cs.beta1 = c->sophia_beta1, cs.beta2 = c->sophia_beta2, cs.rho = c->sophia_rho;
         cs.hessian_interval = c->sophia_k, cs.hessian_updates = r->sop.hessian_updates;
     }
-    float *m8 = NULL, *v8 = NULL;
-    if (r->use_8bit) { /* the codes and absmax; exp_avg / exp_avg_sq: dequantized (fp32 where kept so) */
-        const adamw8_state *o = &r->opt8;
-        m8 = malloc((size_t)(o->n ? o->n : 1) * sizeof *m8);
-        v8 = malloc((size_t)(o->n ? o->n : 1) * sizeof *v8);
-        if (!m8 || !v8) {
-            free(m8);
-            free(v8);
-            free(lh);
-            return qerr_set(e, "checkpoint at step %d: out of memory", step);
-        }
-        adamw8_dequantize(o, m8, v8);
-        snprintf(cs.optimizer, sizeof cs.optimizer, "adamw_8bit");
-        cs.opt_step = o->step, cs.exp_avg = m8, cs.exp_avg_sq = v8;
-        cs.state1 = o->q1, cs.state2 = o->q2, cs.absmax1 = o->absmax1, cs.absmax2 = o->absmax2;
-        cs.n_blocks = o->n_blocks;
-    }
     snprintf(cs.base_model, sizeof cs.base_model, "%s", c->base_model);
     fprintf(stderr, "[checkpoint] saving step %d\n", step);
     int rc = ckpt_save(c->output_dir, &cs, save_extra, r, r->last_ckpt, sizeof r->last_ckpt, e);
-    free(m8);
-    free(v8);
     free(lh);
     if (rc) return qerr_prefix(e, "checkpoint at step %d", step);
     r->last_saved = step;
@@ -160,23 +141,6 @@ int run_resume(run_ctx *r, const ckpt_state *ck, qerr *e) {
         be->copy_h2d(r->sop.h, ck->hessian, n);
         r->sop.step = ck->opt_step;
         r->sop.hessian_updates = ck->hessian_updates;
-    } else if (r->use_8bit) {
-        adamw8_state *o = &r->opt8;
-        if (ck->n_blocks != o->n_blocks || !ck->state1 || !ck->state2)
-            return qerr_set(e, "%s: %s: its 8-bit optimizer state has %lld blocks, this run's adapters %lld; resume "
-                               "with the config it was made with, or choose another output_dir",
-                            r->cfgname, r->ck_dir, (long long)ck->n_blocks, (long long)o->n_blocks);
-        memcpy(o->q1, ck->state1, (size_t)o->n);
-        memcpy(o->q2, ck->state2, (size_t)o->n);
-        memcpy(o->absmax1, ck->absmax1, (size_t)o->n_blocks * sizeof(float));
-        memcpy(o->absmax2, ck->absmax2, (size_t)o->n_blocks * sizeof(float));
-        for (int si = 0; si < o->n_seg; si++) /* the fp32 states of the small tensors */
-            if (!o->seg[si].q8) {
-                memcpy(o->m32 + o->seg[si].small0, ck->exp_avg + o->seg[si].off, (size_t)o->seg[si].n * sizeof(float));
-                memcpy(o->v32 + o->seg[si].small0, ck->exp_avg_sq + o->seg[si].off,
-                       (size_t)o->seg[si].n * sizeof(float));
-            }
-        o->step = ck->opt_step;
     } else {
         be->copy_h2d(r->opt.m, ck->exp_avg, n);
         be->copy_h2d(r->opt.v, ck->exp_avg_sq, n);
