@@ -164,7 +164,7 @@ static void test_all_refusals_at_once(void **state) {
     FILE *f = fdopen(fd, "w");
     fputs("base_model: m.gguf\n"                   /* 1 */
           "load_in_8bit: true\n"                   /* 2 */
-          "optimizer: adamw_bnb_8bit\n"            /* 3 */
+          "optimizer: adamw_torch_4bit\n"          /* 3 */
           "datasets:\n"                            /* 4 */
           "  - path: a.jsonl\n"                    /* 5 */
           "    type: chat_template\n"              /* 6 */
@@ -185,7 +185,7 @@ static void test_all_refusals_at_once(void **state) {
     assert_non_null(strstr(r.lines[0], "no \"adapter:\""));
     assert_non_null(strstr(r.lines[1], "load_in_8bit: refused"));
     assert_non_null(strstr(r.lines[1], "(line 2)"));
-    assert_non_null(strstr(r.lines[2], "8-bit AdamW"));
+    assert_non_null(strstr(r.lines[2], "4-bit AdamW"));
     assert_non_null(strstr(r.lines[3], "datasets[0].conversation: refused"));
     assert_non_null(strstr(r.lines[4], "fp16: refused"));
     assert_non_null(strstr(r.lines[5], "did you mean \"lora_r\""));
