@@ -775,6 +775,7 @@ static void test_sharegpt_mapping(void **state) {
     qerr e = {{0}};
     assert_int_equal(dataset_read_jsonl(fx->tok, &bad, 1, &dc, &e), -1);
     assert_non_null(strstr(e.msg, "role \"bot\" is not in axolotl's role map"));
+    dataset_examples_free(&dc);
     dataset_examples_free(&da);
 }
 
@@ -838,6 +839,8 @@ static void test_split_slice(void **state) {
     dataset_examples d = {0};
     assert_int_equal(dataset_read_jsonl(fx->tok, &sp, 0, &d, &e), -1);
     assert_non_null(strstr(e.msg, "selects no record of the 10"));
+    assert_int_equal(d.n, 0); /* the file's records are taken back */
+    dataset_examples_free(&d);
 }
 
 int main(void) {
