@@ -66,7 +66,7 @@ int comm_single(comm **out, qerr *e) {
     comm *c = qcalloc(1, sizeof *c, e);
     if (!c) return -1;
     *c = (comm){.ops = &single_ops, .rank = 0, .world_size = 1, .local_rank = 0, .local_world_size = 1,
-                .timeout_sec = COMM_DEFAULT_TIMEOUT_SEC};
+                .timeout_sec = COMM_DEFAULT_TIMEOUT_SEC, .err_fd = 2};
     *out = c;
     return 0;
 }

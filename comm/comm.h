@@ -85,6 +85,8 @@ struct comm {
     int local_rank;         /* rank among the ranks of this machine (shared memory) */
     int local_world_size;   /* ranks on this machine */
     double timeout_sec;     /* how long one collective may take (ddp_timeout); default 1800 */
+    int err_fd;             /* where this rank speaks when it fails: 2, or the saved stderr of a rank whose
+                             * ordinary output the program silenced (only rank 0 logs) */
     void *impl;             /* the implementation's state */
 };
 

@@ -180,7 +180,7 @@ int comm_mpi_init(comm **out, qerr *e) {
         m->we_initialized = 1;
     }
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
-    *c = (comm){.ops = &mpi_ops, .timeout_sec = COMM_DEFAULT_TIMEOUT_SEC, .impl = m};
+    *c = (comm){.ops = &mpi_ops, .timeout_sec = COMM_DEFAULT_TIMEOUT_SEC, .err_fd = 2, .impl = m};
     MPI_Comm_rank(MPI_COMM_WORLD, &c->rank);
     MPI_Comm_size(MPI_COMM_WORLD, &c->world_size);
     MPI_Comm shm;

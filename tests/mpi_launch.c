@@ -42,9 +42,16 @@ int mpi_launch_run(int np, char *const *prog_argv, const char *const *env_extra,
         *err = strdup(e.msg);
         return -1;
     }
+    int rc = mpi_launch_argv(argv, env_extra, timeout_s, err);
+    free(argv);
+    return rc;
+}
+
+int mpi_launch_argv(char **argv, const char *const *env_extra, int timeout_s, char **err) {
     char path[4096];
+    char *saved = argv[0];
     if (find_mpirun(path, sizeof path)) argv[0] = path; /* subproc_run execs without a PATH search */
     int rc = subproc_run(argv, env_extra, timeout_s, err);
-    free(argv);
+    argv[0] = saved;
     return rc;
 }

@@ -15,4 +15,8 @@ int mpi_launch_available(char *why, size_t n);
  * 137). Returns the exit code; *err (malloc'd) gets stderr. */
 int mpi_launch_run(int np, char *const *prog_argv, const char *const *env_extra, int timeout_s, char **err);
 
+/* Runs the mpirun command line argv (argv[0] "mpirun", looked up on PATH)
+ * as mpi_launch_run does. */
+int mpi_launch_argv(char **argv, const char *const *env_extra, int timeout_s, char **err);
+
 #endif

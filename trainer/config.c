@@ -211,6 +211,10 @@ static const key_spec KEYS[] = {
      .expect = "a positive integer"},
     {.name = "skip_bad_lines", .kind = K_BOOL, .off = OFF(skip_bad_lines)},
     {.name = "memory_check", .kind = K_BOOL, .off = OFF(memory_check)},
+    /* ---- several processes (trainer/train.h train_run_comm) ---- */
+    {.name = "ddp_timeout", .kind = K_INT, .off = OFF(ddp_timeout), .lo = 1, .hi = INTMAX_D,
+     .expect = "a positive number of seconds"},
+    /* ---- end of several processes ---- */
 };
 #define N_KEYS ((int)(sizeof KEYS / sizeof KEYS[0]))
 _Static_assert(N_KEYS <= TRAIN_CONFIG_MAX_KEYS, "train_config.key_origin needs a slot per key");
@@ -268,7 +272,6 @@ static const later_key LATER[] = {
     {"sequence_parallel_degree", NULL, NULL},
     {"context_parallel_size", NULL, NULL},
     {"tensor_parallel_size", NULL, NULL},
-    {"ddp_timeout", NULL, NULL},
     {"ddp_bucket_cap_mb", NULL, NULL},
     {"ddp_broadcast_buffers", NULL, NULL},
     {"wandb_project", NULL, "metrics go to <output_dir>/metrics.jsonl"},
@@ -611,6 +614,7 @@ int train_config_defaults(train_config *c) {
     c->auto_resume_from_checkpoints = 1;
     c->max_nan_steps = 5;
     c->memory_check = 1;
+    c->ddp_timeout = 1800; /* several processes */
     c->bnb_4bit_quant_type = dup_str("nf4");
     c->adapter = dup_str("qlora");
     c->lr_scheduler = dup_str("cosine");

@@ -182,6 +182,10 @@ typedef struct train_config {
                                          and line; 1: skip it and count it */
     int memory_check;                 /* default 1: refuse a run whose predicted peak memory
                                          (trainer/memplan.h) exceeds the machine's; 0: run anyway */
+    /* ---- several processes (README "Several processes"; trainer/train.h train_run_comm) ---- */
+    int ddp_timeout;                  /* default 1800 (HF TrainingArguments): seconds one collective may
+                                         take before the job is aborted */
+    /* ---- end of several processes ---- */
     char *config_path;                /* file the config came from (for messages); NULL if none */
     char **warnings;                  /* one-line notes for the caller to print ("[config] ..."
                                          is the caller's prefix); ignored keys, aliases */

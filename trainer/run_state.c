@@ -38,6 +38,11 @@ static int save_extra(const char *dir, void *arg, qerr *e) {
 int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
     const train_config *c = r->c;
     double ts = clock_now_sec();
+    if (r->rank) { /* data parallel: every rank holds the same state; rank 0 writes it */
+        r->last_saved = step;
+        snprintf(r->last_ckpt, sizeof r->last_ckpt, "%s/checkpoint-%d", c->output_dir, step);
+        return 0;
+    }
     size_t lh_len = 0;
     char mp[4200];
     snprintf(mp, sizeof mp, "%s/metrics.jsonl", c->output_dir);
@@ -122,6 +127,7 @@ static void config_diff_keys(const char *a, const char *b, char *out, size_t n) 
                                     : !qb;
             /* keys that cannot change what is computed */
             if (kl == strlen("memory_check") && !strncmp(p, "memory_check", kl)) differs = 0;
+            if (kl == strlen("ddp_timeout") && !strncmp(p, "ddp_timeout", kl)) differs = 0;
             if (differs && strlen(out) + kl + 3 < n) {
                 if (out[0]) strcat(out, ", ");
                 strncat(out, p, kl);
@@ -157,6 +163,12 @@ int run_resume(run_ctx *r, const ckpt_state *ck, qerr *e) {
     r->train_sec = ck->train_seconds; /* train_seconds continues across resumes */
     r->last_saved = ck->step;
     snprintf(r->last_ckpt, sizeof r->last_ckpt, "%s", r->ck_dir);
+    if (r->rank) return 0; /* rank 0 speaks and writes */
+    if (ck->rows_per_step != r->rows_per_step)
+        fprintf(stderr, "[checkpoint] note: %s was trained with a global batch of %lld rows per step, this run takes "
+                        "%lld (micro_batch_size x gradient_accumulation_steps x world_size); the data position is "
+                        "global, so it continues where that run stopped\n",
+                r->ck_dir, (long long)ck->rows_per_step, (long long)r->rows_per_step);
 
     char diff[512];
     config_diff_keys(ck->config_yaml, r->config_yaml, diff, sizeof diff);
