@@ -55,7 +55,7 @@ static int skip_without_mpi(void) {
 /* Tiny model, ~60 short documents, the config of case 1. */
 static int setup(void **st) {
     if (tmpdir_setup(st, "qlora-ranks-")) return -1;
-    snprintf(g_dir, sizeof g_dir, "%s", *(char **)st);
+    snprintf(g_dir, sizeof g_dir, "%s", ((const tmpdir *)*st)->dir);
     char p[256];
     snprintf(p, sizeof p, "%s/tiny.gguf", g_dir);
     if (tiny_model_write(p, 11)) return -1;

@@ -185,6 +185,11 @@ typedef struct train_config {
     /* ---- several processes (README "Several processes"; trainer/train.h train_run_comm) ---- */
     int ddp_timeout;                  /* default 1800 (HF TrainingArguments): seconds one collective may
                                          take before the job is aborted */
+    int fsdp_no_shard;                /* default 0; 1: fsdp / fsdp_config asked for NO_SHARD (data
+                                         parallel, the only strategy implemented; every other one is
+                                         refused at load) */
+    char *deepspeed;                  /* default NULL; a DeepSpeed JSON whose zero_optimization.stage is 0
+                                         (stages 1-3 are refused at load) */
     /* ---- end of several processes ---- */
     char *config_path;                /* file the config came from (for messages); NULL if none */
     char **warnings;                  /* one-line notes for the caller to print ("[config] ..."
