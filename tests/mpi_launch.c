@@ -55,3 +55,17 @@ int mpi_launch_argv(char **argv, const char *const *env_extra, int timeout_s, ch
     argv[0] = saved;
     return rc;
 }
+
+int mpi_launch_start(subproc *p, int np, char *const *prog_argv, const char *const *env_extra) {
+    char **argv;
+    qerr e;
+    if (comm_mpirun_argv(np, prog_argv, &argv, &e)) {
+        fprintf(stderr, "%s\n", e.msg);
+        return -1;
+    }
+    char path[4096];
+    if (find_mpirun(path, sizeof path)) argv[0] = path;
+    int rc = subproc_start(p, argv, env_extra);
+    free(argv);
+    return rc;
+}

@@ -5,6 +5,8 @@
 
 #include <stddef.h>
 
+#include "tests/subproc.h"
+
 /* 1 when this build has MPI and `mpirun` is on PATH; else 0 with the reason
  * in why (n bytes) for the test's "SKIPPED: <why>" line. */
 int mpi_launch_available(char *why, size_t n);
@@ -14,6 +16,10 @@ int mpi_launch_available(char *why, size_t n);
  * ranks inherit) to completion, at most timeout_s seconds (then SIGKILL, exit
  * 137). Returns the exit code; *err (malloc'd) gets stderr. */
 int mpi_launch_run(int np, char *const *prog_argv, const char *const *env_extra, int timeout_s, char **err);
+
+/* Starts `mpirun -np <np> <flags> prog_argv...` as mpi_launch_run does,
+ * without waiting (tests/subproc.h). Returns 0, or -1 (message on stderr). */
+int mpi_launch_start(subproc *p, int np, char *const *prog_argv, const char *const *env_extra);
 
 /* Runs the mpirun command line argv (argv[0] "mpirun", looked up on PATH)
  * as mpi_launch_run does. */

@@ -13,7 +13,9 @@
  *    batch order.) One voice: one "[train] step 1/" line, the "[ranks]" line
  *    with the global batch, "world 2" in the progress lines.
  * 2. The same on SmolLM2-135M, 3 steps (tests/e2e_run.h's data and config).
- * 3. Faults: rank 1 killed at step 3 → the job ends non-zero within 60 s and
+ * 3. SIGTERM to mpirun mid-step: every rank stops after the same step, rank 0
+ *    saves, the same command resumes to the uninterrupted run's adapter.
+ * 4. Faults: rank 1 killed at step 3 → the job ends non-zero within 60 s and
  *    mpirun names rank 1; rank 1 hung at step 3 with ddp_timeout 3 → rank 0's
  *    collective times out and the job ends non-zero, the line naming rank 0,
  *    the collective and ddp_timeout; ranks started with different configs
@@ -27,7 +29,9 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
@@ -172,6 +176,45 @@ static void test_tiny_bit_identical(void **st) {
     assert_same_run(a, c, STEPS);
 }
 
+/* SIGTERM to mpirun (Open MPI forwards it to every rank) while rank 0 pauses
+ * in step 5: the ranks agree on the stop, finish the step, rank 0 saves
+ * checkpoint-5; re-running the same command resumes on both ranks and ends at
+ * the uninterrupted world-2 run's adapter, bit for bit. (Runs after
+ * test_tiny_bit_identical, whose w2-acc1 it compares with.) */
+static void test_sigterm_and_resume(void **st) {
+    if (skip_without_mpi()) skip();
+    char out[256], od[300], ck[320], ref[256];
+    snprintf(out, sizeof out, "%s/sigterm", g_dir);
+    snprintf(od, sizeof od, "output_dir=%s", out);
+    snprintf(ref, sizeof ref, "%s/w2-acc1", g_dir);
+    char *prog[] = {(char *)subproc_trainer(), g_cfg, od, "gradient_accumulation_steps=1", NULL};
+    const char *const env[] = {"OMP_NUM_THREADS=1", "QLORA_TEST_RANK_FAULT=0:5:pause", NULL};
+    subproc p;
+    assert_int_equal(mpi_launch_start(&p, 2, prog, env), 0);
+    double t0 = clock_now_sec();
+    while (!subproc_poll(&p, 100) && !strstr(p.err ? p.err : "", "[train] step 4/") && clock_now_sec() - t0 < 120) {
+    }
+    assert_non_null(strstr(p.err ? p.err : "", "[train] step 4/"));
+    kill(p.pid, SIGTERM);
+    subproc_wait(&p, 60);
+    assert_int_not_equal(subproc_exit_code(&p), 0); /* Open MPI's mpirun exits 1 after forwarding a signal */
+    subproc_free(&p);
+    snprintf(ck, sizeof ck, "%s/checkpoint-5/COMPLETE", out);
+    assert_int_equal(access(ck, F_OK), 0);
+    snprintf(ck, sizeof ck, "%s/checkpoint-6", out);
+    assert_int_not_equal(access(ck, F_OK), 0); /* stopped after step 5 */
+    char *err = NULL;
+    int rc = run_ranks(2, g_cfg, out, (const char *const[]){"gradient_accumulation_steps=1", NULL}, NULL, &err);
+    if (rc || !strstr(err, "resuming from")) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    assert_non_null(strstr(err, "[checkpoint] resuming from"));
+    free(err);
+    char pa[512], pb[512];
+    snprintf(pa, sizeof pa, "%s/adapter_model.safetensors", ref);
+    snprintf(pb, sizeof pb, "%s/adapter_model.safetensors", out);
+    e2e_assert_same_file(pa, pb);
+}
+
 static void test_smollm2_bit_identical(void **st) {
     if (skip_without_mpi()) skip();
     char dir[64], cfg[128], a[256], b[256];
@@ -266,6 +309,7 @@ static void test_ranks_disagree(void **st) {
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tiny_bit_identical),
+        cmocka_unit_test(test_sigterm_and_resume),
         cmocka_unit_test(test_dead_rank),
         cmocka_unit_test(test_hung_rank_times_out),
         cmocka_unit_test(test_ranks_disagree),

@@ -178,9 +178,10 @@ static int test_nan_step(int step) {
     return 0;
 }
 
-/* QLORA_TEST_RANK_FAULT="R:S:kill" or "R:S:hang": rank R kills itself
- * (SIGKILL) or stops answering (sleeps for an hour) at the start of step S —
- * the test hook for a dead or hung rank (tests/test_ranks_e2e.c). */
+/* QLORA_TEST_RANK_FAULT="R:S:kill", "R:S:hang" or "R:S:pause": rank R kills
+ * itself (SIGKILL), stops answering (sleeps for an hour) or pauses for 5 s at
+ * the start of step S — the test hook for a dead or hung rank, and a window
+ * for a signal to arrive mid-step (tests/test_ranks_e2e.c). */
 static void test_rank_fault(const run_ctx *r, int step) {
     const char *s = getenv("QLORA_TEST_RANK_FAULT");
     int rank, at;
@@ -188,6 +189,7 @@ static void test_rank_fault(const run_ctx *r, int step) {
     if (!s || sscanf(s, "%d:%d:%7s", &rank, &at, how) != 3 || rank != r->rank || at != step) return;
     if (!strcmp(how, "kill")) raise(SIGKILL);
     if (!strcmp(how, "hang")) sleep(3600);
+    if (!strcmp(how, "pause")) sleep(5);
 }
 
 static void fmt_duration(double s, char *buf, size_t n) {
