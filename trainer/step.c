@@ -20,10 +20,12 @@
  * added to the sum explicitly — also in one process — and the ranks' sums are
  * all-reduced once per step before the norm. World 2 × accumulation 1 thus
  * computes g0 + g1 exactly as world 1 × accumulation 2 does (a two-term fp32
- * sum has one result whatever its order). (With accumulation > 1 this sum
- * rounds once per micro-batch, where backward's β = 1 GEMMs used to add into
- * the running gradient inside the GEMM: the last bits of such runs changed
- * when this came in; accumulation 1 is unchanged.)
+ * sum has one result whatever its order). (With accumulation > 1 the sum
+ * now rounds once per micro-batch outside the GEMM, where backward's β = 1
+ * GEMMs used to add into the running gradient; this may change the last bits
+ * of such runs. Measured with oneDNN on the default config, accumulation 2,
+ * 3 steps: metrics and adapter identical to before; accumulation 1 is
+ * unchanged by construction.)
  */
 #include <math.h>
 #include <signal.h>
