@@ -13,6 +13,9 @@
  *    batch order.) One voice: one "[train] step 1/" line, the "[ranks]" line
  *    with the global batch, "world 2" in the progress lines.
  * 2. The same on SmolLM2-135M, 3 steps (tests/e2e_run.h's data and config).
+ *    Also: Open MPI over TCP (loopback) instead of shared memory; resuming a
+ *    world-2 checkpoint with one process and a one-process checkpoint with
+ *    two ranks; SophiaG (Hessian every 2 steps) — each the same bits.
  * 3. SIGTERM to mpirun mid-step: every rank stops after the same step, rank 0
  *    saves, the same command resumes to the uninterrupted run's adapter.
  * 4. Faults: rank 1 killed at step 3 → the job ends non-zero within 60 s and
@@ -129,10 +132,14 @@ static void assert_same_run(const char *a, const char *b, int final_step) {
     assert_int_equal(sa.n_params, sb.n_params);
     assert_int_equal(sa.opt_step, sb.opt_step);
     assert_int_equal(sa.rows_consumed, sb.rows_consumed);
+    assert_string_equal(sa.optimizer, sb.optimizer);
+    assert_int_equal(sa.hessian_updates, sb.hessian_updates);
     const size_t n = (size_t)sa.n_params * sizeof(float);
     assert_memory_equal(sa.params, sb.params, n);
     assert_memory_equal(sa.exp_avg, sb.exp_avg, n);
-    assert_memory_equal(sa.exp_avg_sq, sb.exp_avg_sq, n);
+    assert_true(!sa.exp_avg_sq == !sb.exp_avg_sq && !sa.hessian == !sb.hessian);
+    if (sa.exp_avg_sq) assert_memory_equal(sa.exp_avg_sq, sb.exp_avg_sq, n);
+    if (sa.hessian) assert_memory_equal(sa.hessian, sb.hessian, n);
     ckpt_state_free(&sa);
     ckpt_state_free(&sb);
 }
@@ -213,6 +220,66 @@ static void test_sigterm_and_resume(void **st) {
     snprintf(pa, sizeof pa, "%s/adapter_model.safetensors", ref);
     snprintf(pb, sizeof pb, "%s/adapter_model.safetensors", out);
     e2e_assert_same_file(pa, pb);
+}
+
+/* Open MPI over TCP (loopback) instead of shared memory: the same bits. */
+static void test_tcp_transport(void **st) {
+    if (skip_without_mpi()) skip();
+    char a[256], b[256], *err = NULL;
+    snprintf(a, sizeof a, "%s/w1-acc2", g_dir);
+    snprintf(b, sizeof b, "%s/w2-tcp", g_dir);
+    const char *const env[] = {"OMP_NUM_THREADS=1", "OMPI_MCA_btl=tcp,self", "OMPI_MCA_btl_tcp_if_include=lo", NULL};
+    int rc = run_ranks(2, g_cfg, b, (const char *const[]){"gradient_accumulation_steps=1", NULL}, env, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    assert_same_run(a, b, STEPS);
+}
+
+/* Resume at another world size: checkpoint-6 of the world-2 run continued by
+ * one process (accumulation 2), and checkpoint-6 of the one-process run
+ * continued by two ranks; the data position is global and the state whole,
+ * so both end at the uninterrupted runs' bits. */
+static void test_resume_other_world_size(void **st) {
+    if (skip_without_mpi()) skip();
+    static const char *const from[2] = {"w2-acc1", "w1-acc2"}, *const to[2] = {"w2-to-w1", "w1-to-w2"};
+    for (int k = 0; k < 2; k++) {
+        char src[256], dst[256], cmd[800], ref[256], *err = NULL;
+        snprintf(src, sizeof src, "%s/%s/checkpoint-6", g_dir, from[k]);
+        snprintf(dst, sizeof dst, "%s/%s", g_dir, to[k]);
+        snprintf(ref, sizeof ref, "%s/w1-acc2", g_dir);
+        snprintf(cmd, sizeof cmd, "mkdir -p '%s' && cp -r '%s' '%s/'", dst, src, dst);
+        assert_int_equal(system(cmd), 0);
+        int rc = k == 0 ? e2e_run_trainer(g_cfg, dst, NULL, THREADS1, &err)
+                        : run_ranks(2, g_cfg, dst, (const char *const[]){"gradient_accumulation_steps=1", NULL},
+                                    NULL, &err);
+        if (rc || !strstr(err, "resuming from")) fprintf(stderr, "%s", err);
+        assert_int_equal(rc, 0);
+        assert_non_null(strstr(err, "[checkpoint] resuming from"));
+        free(err);
+        assert_same_run(ref, dst, STEPS);
+    }
+}
+
+/* SophiaG (Hessian estimate every 2 steps: sampled labels keyed by the global micro-batch, a second
+ * all-reduce): world 2 x accumulation 1 against world 1 x accumulation 2. */
+static void test_sophia_bit_identical(void **st) {
+    if (skip_without_mpi()) skip();
+    char a[256], b[256], *err = NULL;
+    snprintf(a, sizeof a, "%s/sophia-w1", g_dir);
+    snprintf(b, sizeof b, "%s/sophia-w2", g_dir);
+    int rc = e2e_run_trainer(g_cfg, a, (const char *const[]){"optimizer=sophia", "sophia_k=2", NULL}, THREADS1,
+                             &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    rc = run_ranks(2, g_cfg, b,
+                   (const char *const[]){"optimizer=sophia", "sophia_k=2", "gradient_accumulation_steps=1", NULL},
+                   NULL, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    assert_same_run(a, b, STEPS);
 }
 
 static void test_smollm2_bit_identical(void **st) {
@@ -310,6 +377,9 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tiny_bit_identical),
         cmocka_unit_test(test_sigterm_and_resume),
+        cmocka_unit_test(test_tcp_transport),
+        cmocka_unit_test(test_resume_other_world_size),
+        cmocka_unit_test(test_sophia_bit_identical),
         cmocka_unit_test(test_dead_rank),
         cmocka_unit_test(test_hung_rank_times_out),
         cmocka_unit_test(test_ranks_disagree),
