@@ -64,7 +64,9 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     out->scratch = wmax + 4.0 * N * D;
     /* process baseline: code and libraries, oneDNN JIT kernels and scratchpads, thread stacks */
     out->runtime = 16.0 * 1048576.0 + nth * 2.0 * 1048576.0 + (double)in->extra_bytes;
-    out->total = out->base + out->adapters + out->optimizer + out->activations + out->scratch + out->runtime;
+    out->data = (double)in->data_bytes;
+    out->total =
+        out->base + out->adapters + out->optimizer + out->activations + out->scratch + out->runtime + out->data;
     /* arena chunks: big enough that a step needs few of them */
     double chunk = out->activations / 4;
     if (chunk < 64.0 * 1048576.0) chunk = 64.0 * 1048576.0;
@@ -77,9 +79,9 @@ void memplan_print(FILE *f, const memplan *p) {
     const double M = 1048576.0;
     fprintf(f,
             "[memory] predicted peak %.0f MiB = base %.0f + adapters %.1f + optimizer %.1f + activations %.0f%s + "
-            "scratch %.0f + runtime %.0f\n",
+            "scratch %.0f + runtime %.0f + data %.0f\n",
             p->total / M, p->base / M, p->adapters / M, p->optimizer / M, p->activations / M,
-            p->checkpointing ? " (gradient checkpointing)" : "", p->scratch / M, p->runtime / M);
+            p->checkpointing ? " (gradient checkpointing)" : "", p->scratch / M, p->runtime / M, p->data / M);
 }
 
 size_t memplan_arena_chunk(const memplan *p) { return (size_t)p->arena_chunk; }

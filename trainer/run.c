@@ -494,6 +494,11 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
                          .lora_dropout = c->lora_dropout, .lora_params = lora_params,
                          .frozen_bytes = m->quantized_bytes,
                          .extra_bytes = stat(c->base_model, &model_st) == 0 ? (int64_t)model_st.st_size : 0,
+                         /* four int32 arrays per position (ids, targets, positions, sequence ids), an int64
+                          * permutation entry per training row */
+                         .data_bytes = 16 * (r->train_set.n_rows * r->train_set.seq_len +
+                                             r->eval_set.n_rows * r->eval_set.seq_len) +
+                                       8 * r->train_set.n_rows,
                          .n_threads = r->n_threads};
     memplan_predict(&mpi, &r->plan);
     const memplan *p = &r->plan;
@@ -509,7 +514,12 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
         /* the keys that drive the largest part */
         char why[512];
         const double ad = p->adapters + p->optimizer;
-        if (p->activations >= ad && p->activations >= p->base)
+        if (p->data >= ad && p->data >= p->base && p->data >= p->activations)
+            snprintf(why, sizeof why,
+                     "the dataset's packed rows %.0f MiB (%lld training and %lld held-out rows of sequence_len %d): "
+                     "train on a smaller dataset or on parts of it",
+                     p->data / M, (long long)r->train_set.n_rows, (long long)r->eval_set.n_rows, c->sequence_len);
+        else if (p->activations >= ad && p->activations >= p->base)
             snprintf(why, sizeof why,
                      "activations %.0f MiB for micro_batch_size %d x sequence_len %d%s: lower micro_batch_size "
                      "(raise gradient_accumulation_steps to keep the batch) or sequence_len%s",
