@@ -505,10 +505,15 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
     const double M = 1048576.0;
     const char *what = NULL;
     const double have = memplan_machine_bytes(&what);
-    if (have > 0 && p->total > have) {
+    /* ranks on this machine each hold a whole replica (data parallel) */
+    const int nloc = r->comm->local_world_size > 1 ? r->comm->local_world_size : 1;
+    const double need = p->total * nloc;
+    char ranks_note[96] = "";
+    if (nloc > 1) snprintf(ranks_note, sizeof ranks_note, " (%d ranks on this machine x %.0f MiB)", nloc, p->total / M);
+    if (have > 0 && need > have) {
         if (!c->memory_check) {
-            fprintf(stderr, "[memory] memory_check: false: the predicted peak %.0f MiB exceeds this machine's %.0f "
-                            "MiB of %s; running anyway\n", p->total / M, have / M, what);
+            fprintf(stderr, "[memory] memory_check: false: the predicted peak %.0f MiB%s exceeds this machine's %.0f "
+                            "MiB of %s; running anyway\n", need / M, ranks_note, have / M, what);
             return 0;
         }
         /* the keys that drive the largest part */
@@ -535,15 +540,15 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
             snprintf(why, sizeof why, "the frozen base_model %.0f MiB: use a smaller base_model%s", p->base / M,
                      c->load_in_4bit ? "" : " or load_in_4bit: true");
         return qerr_set(e,
-                        "%s: memory: the planner predicts a peak of %.0f MiB, more than this machine's %.0f MiB of "
+                        "%s: memory: the planner predicts a peak of %.0f MiB%s, more than this machine's %.0f MiB of "
                         "%s; most of it is %s (or set memory_check: false to run anyway)",
-                        r->cfgname, p->total / M, have / M, what, why);
+                        r->cfgname, need / M, ranks_note, have / M, what, why);
     }
     const double avail = memplan_available_bytes();
-    if (avail >= 0 && p->total > avail)
-        fprintf(stderr, "[memory] note: the predicted peak %.0f MiB is more than the %.0f MiB available now "
+    if (avail >= 0 && need > avail)
+        fprintf(stderr, "[memory] note: the predicted peak %.0f MiB%s is more than the %.0f MiB available now "
                         "(MemAvailable): the run may swap, or be killed if other processes keep their memory\n",
-                p->total / M, avail / M);
+                need / M, ranks_note, avail / M);
     return 0;
 }
 
@@ -596,7 +601,9 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
     if (lr_schedule_parse(c->lr_scheduler, &r->sk, e)) return -1;
     if (r->world > 1)
         fprintf(stderr, "[ranks] %d ranks (%s, data parallel, NO_SHARD): global batch = micro_batch_size %d x "
-                        "gradient_accumulation_steps %d x world_size %d = %lld rows of %d tokens; ddp_timeout %gs\n",
+                        "gradient_accumulation_steps %d x world_size %d = %lld rows of %d tokens; nothing sharded "
+                        "(each rank holds the base, the adapters and the optimizer state: the [memory] line is per "
+                        "rank); ddp_timeout %gs\n",
                 r->world, r->comm->ops->name, r->mbs, r->gas, r->world, (long long)r->rows_per_step,
                 c->sequence_len, r->comm->timeout_sec);
 
