@@ -73,22 +73,24 @@ static void test_strategies_refused(void **st) {
     const tmpdir *t = *st;
     char ds[256], text[512];
     expect_refused(t, "fsdp: [full_shard, auto_wrap]\n", "fsdp: FULL_SHARD is not implemented yet");
-    expect_refused(t, "fsdp: shard_grad_op auto_wrap\n", "fsdp: SHARD_GRAD_OP is not implemented yet");
     expect_refused(t, "fsdp: [hybrid_shard]\n", "HYBRID_SHARD is not implemented yet");
     expect_refused(t, "fsdp: [no_shard, offload]\n", "parameter offload (offload) is not implemented yet");
     expect_refused(t, "fsdp: [zero_shard]\n", "fsdp: unknown option \"zero_shard\"");
     expect_refused(t, "fsdp_version: 3\n", "fsdp_version: expected 1 or 2");
     expect_refused(t, "fsdp_config:\n  fsdp_sharding_strategy: FULL_SHARD\n",
                    "fsdp_config.fsdp_sharding_strategy: FULL_SHARD is not implemented yet");
-    expect_refused(t, "fsdp_config:\n  fsdp_sharding_strategy: 2\n", "SHARD_GRAD_OP is not implemented yet");
-    expect_refused(t, "fsdp_config:\n  fsdp_version: 2\n  reshard_after_forward: false\n",
-                   "SHARD_GRAD_OP (reshard_after_forward: false) is not implemented yet");
+    expect_refused(t, "fsdp_config:\n  fsdp_sharding_strategy: 4\n", "HYBRID_SHARD is not implemented yet");
+    expect_refused(t, "fsdp_config:\n  fsdp_version: 2\n  reshard_after_forward: true\n",
+                   "FULL_SHARD (reshard_after_forward: true) is not implemented yet");
+    expect_refused(t, "fsdp: [no_shard]\nfsdp_config:\n  fsdp_sharding_strategy: SHARD_GRAD_OP\n",
+                   "both NO_SHARD and SHARD_GRAD_OP");
+    expect_refused(t, "fsdp: [shard_grad_op]\noptimizer: sophia\n", "sophia with SHARD_GRAD_OP is not implemented yet");
     expect_refused(t, "fsdp_config:\n  fsdp_offload_params: true\n", "parameter offload is not implemented yet");
     expect_refused(t, "fsdp_config:\n  fsdp_state_dict_type: SHARDED_STATE_DICT\n",
                    "only FULL_STATE_DICT is implemented");
     expect_refused(t, "fsdp_config:\n  fsdp_shard_everything: true\n", "fsdp_config.fsdp_shard_everything: unknown key");
     expect_refused(t, "fsdp_config: NO_SHARD\n", "fsdp_config: expected a mapping");
-    for (int stage = 1; stage <= 3; stage++) {
+    for (int stage = 1; stage <= 3; stage += 2) {
         snprintf(ds, sizeof ds, "%s/z%d.json", t->dir, stage);
         snprintf(text, sizeof text, "{\"zero_optimization\": {\"stage\": %d}}", stage);
         write_text(ds, text);
@@ -151,7 +153,28 @@ static void test_no_shard_accepted_and_resolved(void **st) {
     assert_string_equal(back.deepspeed, ds);
     train_config_free(&back);
     train_config_free(&c);
+    /* SHARD_GRAD_OP from each spelling, and back from the resolved config */
+    static const char *const sgo[] = {"fsdp: shard_grad_op auto_wrap\n",
+                                      "fsdp_config:\n  fsdp_sharding_strategy: 2\n",
+                                      "fsdp_config:\n  fsdp_version: 2\n  reshard_after_forward: false\n"};
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(load_with(t, sgo[i], &c, &e), 0);
+        assert_int_equal(c.fsdp_shard_grad_op, 1);
+        assert_int_equal(train_config_write_yaml(&c, out, &e), 0);
+        assert_int_equal(train_config_load(out, &back, &e), 0);
+        assert_int_equal(back.fsdp_shard_grad_op, 1);
+        train_config_free(&back);
+        train_config_free(&c);
+    }
+    snprintf(ds, sizeof ds, "%s/z2ok.json", t->dir);
+    write_text(ds, "{\"zero_optimization\": {\"stage\": 2}}");
+    snprintf(text, sizeof text, "deepspeed: %s\n", ds);
+    assert_int_equal(load_with(t, text, &c, &e), 0);
+    assert_int_equal(c.fsdp_shard_grad_op, 2);
+    train_config_free(&c);
     /* both is one too many */
+    snprintf(text, sizeof text, "deepspeed: %s\nfsdp: [shard_grad_op]\n", ds);
+    expect_refused(t, text, "fsdp / fsdp_config and deepspeed are both set");
     snprintf(text, sizeof text, "deepspeed: %s\nfsdp: [no_shard]\n", ds);
     expect_refused(t, text, "fsdp / fsdp_config and deepspeed are both set");
 }

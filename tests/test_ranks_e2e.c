@@ -12,7 +12,11 @@
  *    whatever the order; evaluation sums are reduced per batch and added in
  *    batch order.) One voice: one "[train] step 1/" line, the "[ranks]" line
  *    with the global batch, "world 2" in the progress lines.
- * 2. The same on SmolLM2-135M, 3 steps (tests/e2e_run.h's data and config).
+ *    SHARD_GRAD_OP (fsdp: [shard_grad_op]) on 2 ranks: the same bits, also
+ *    resumed from a one-process checkpoint; on 3 ranks (a padded shard)
+ *    within the world-3 tolerance.
+ * 2. The same on SmolLM2-135M, 3 steps (tests/e2e_run.h's data and config),
+ *    NO_SHARD and SHARD_GRAD_OP.
  *    Also: Open MPI over TCP (loopback) instead of shared memory; resuming a
  *    world-2 checkpoint with one process and a one-process checkpoint with
  *    two ranks; SophiaG (Hessian every 2 steps) — each the same bits.
@@ -226,6 +230,32 @@ static void test_sigterm_and_resume(void **st) {
     e2e_assert_same_file(pa, pb);
 }
 
+/* SHARD_GRAD_OP (fsdp: [shard_grad_op]): gradients reduce-scattered, AdamW
+ * on each rank's half, parameters all-gathered: the same bits as world 1 x
+ * accumulation 2, the whole optimizer state gathered into the checkpoint;
+ * and resumed from a one-process checkpoint (each rank takes its shard). */
+static void test_shard_grad_op(void **st) {
+    if (skip_without_mpi()) skip();
+    char a[256], b[256], c[256], cmd[1024], *err = NULL;
+    snprintf(a, sizeof a, "%s/w1-acc2", g_dir);
+    snprintf(b, sizeof b, "%s/w2-sgo", g_dir);
+    snprintf(c, sizeof c, "%s/w1-to-w2-sgo", g_dir);
+    const char *const sgo[] = {"gradient_accumulation_steps=1", "fsdp=[shard_grad_op]", NULL};
+    int rc = run_ranks(2, g_cfg, b, sgo, NULL, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    assert_non_null(strstr(err, "[ranks] 2 ranks (mpi, SHARD_GRAD_OP)"));
+    free(err);
+    assert_same_run(a, b, STEPS);
+    snprintf(cmd, sizeof cmd, "mkdir -p '%s' && cp -r '%s/checkpoint-6' '%s/'", c, a, c);
+    assert_int_equal(system(cmd), 0);
+    rc = run_ranks(2, g_cfg, c, sgo, NULL, &err);
+    if (rc || !strstr(err, "resuming from")) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    assert_same_run(a, c, STEPS);
+}
+
 /* Open MPI over TCP (loopback) instead of shared memory: the same bits. */
 static void test_tcp_transport(void **st) {
     if (skip_without_mpi()) skip();
@@ -297,11 +327,14 @@ static void test_sophia_bit_identical(void **st) {
  * relative 1e-4 and the final parameters within ||dp||_2 <= 1e-3 ||p||_2 (about
  * 100x the estimate; an element whose gradient is ~0 may flip its update's
  * sign, which the L2 bound absorbs). */
+static void world3_compare(const char *a, const char *b);
+
 static void test_world3_close(void **st) {
     if (skip_without_mpi()) skip();
-    char a[256], b[256], *err = NULL;
+    char a[256], b[256], c[256], *err = NULL;
     snprintf(a, sizeof a, "%s/w1-acc3", g_dir);
     snprintf(b, sizeof b, "%s/w3-acc1", g_dir);
+    snprintf(c, sizeof c, "%s/w3-sgo", g_dir);
     int rc = e2e_run_trainer(g_cfg, a, (const char *const[]){"gradient_accumulation_steps=3", NULL}, THREADS1, &err);
     if (rc) fprintf(stderr, "%s", err);
     assert_int_equal(rc, 0);
@@ -310,6 +343,17 @@ static void test_world3_close(void **st) {
     if (rc) fprintf(stderr, "%s", err);
     assert_int_equal(rc, 0);
     free(err);
+    world3_compare(a, b);
+    /* SHARD_GRAD_OP over 3 ranks: 8192 parameters in shards of 2731, the last one padded */
+    rc = run_ranks(3, g_cfg, c, (const char *const[]){"gradient_accumulation_steps=1", "fsdp=[shard_grad_op]", NULL},
+                   NULL, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    world3_compare(a, c);
+}
+
+static void world3_compare(const char *a, const char *b) {
     static const char *const keep[] = {"step", "loss", "eval_loss", NULL};
     char *ma = e2e_metrics_canonical(a, keep, NULL), *mb = e2e_metrics_canonical(b, keep, NULL);
     char *sa, *sb, *la = strtok_r(ma, "\n", &sa), *lb = strtok_r(mb, "\n", &sb);
@@ -374,6 +418,14 @@ static void test_smollm2_bit_identical(void **st) {
     assert_int_equal(rc, 0);
     free(err);
     assert_same_run(a, b, 3);
+    /* SHARD_GRAD_OP on the real model: each rank updates half of the adapters */
+    char c[256];
+    snprintf(c, sizeof c, "%s/w2-sgo", dir);
+    rc = run_ranks(2, cfg, c, (const char *const[]){"micro_batch_size=1", "fsdp=[shard_grad_op]", NULL}, NULL, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    assert_same_run(a, c, 3);
     tmpdir_remove(dir);
 }
 
@@ -450,6 +502,7 @@ int main(void) {
         cmocka_unit_test(test_tcp_transport),
         cmocka_unit_test(test_resume_other_world_size),
         cmocka_unit_test(test_sophia_bit_identical),
+        cmocka_unit_test(test_shard_grad_op),
         cmocka_unit_test(test_world3_close),
         cmocka_unit_test(test_dead_rank),
         cmocka_unit_test(test_hung_rank_times_out),

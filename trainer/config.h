@@ -188,8 +188,11 @@ typedef struct train_config {
     int fsdp_no_shard;                /* default 0; 1: fsdp / fsdp_config asked for NO_SHARD (data
                                          parallel, the only strategy implemented; every other one is
                                          refused at load) */
+    int fsdp_shard_grad_op;           /* default 0; 1: fsdp / fsdp_config asked for SHARD_GRAD_OP (gradients
+                                         reduce-scattered, optimizer state and update on each rank's
+                                         shard); 2: the same from DeepSpeed zero_optimization.stage 2 */
     char *deepspeed;                  /* default NULL; a DeepSpeed JSON whose zero_optimization.stage is 0
-                                         (stages 1-3 are refused at load) */
+                                         or 2 (stages 1 and 3 are refused at load) */
     /* ---- end of several processes ---- */
     char *config_path;                /* file the config came from (for messages); NULL if none */
     char **warnings;                  /* one-line notes for the caller to print ("[config] ..."

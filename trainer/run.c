@@ -600,12 +600,19 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
     r->save_every = train_config_save_interval(c, r->steps_per_epoch);
     if (lr_schedule_parse(c->lr_scheduler, &r->sk, e)) return -1;
     if (r->world > 1)
-        fprintf(stderr, "[ranks] %d ranks (%s, data parallel, NO_SHARD): global batch = micro_batch_size %d x "
-                        "gradient_accumulation_steps %d x world_size %d = %lld rows of %d tokens; nothing sharded "
-                        "(each rank holds the base, the adapters and the optimizer state: the [memory] line is per "
-                        "rank); ddp_timeout %gs\n",
-                r->world, r->comm->ops->name, r->mbs, r->gas, r->world, (long long)r->rows_per_step,
-                c->sequence_len, r->comm->timeout_sec);
+        fprintf(stderr, "[ranks] %d ranks (%s, %s): global batch = micro_batch_size %d x "
+                        "gradient_accumulation_steps %d x world_size %d = %lld rows of %d tokens; %s; ddp_timeout "
+                        "%gs\n",
+                r->world, r->comm->ops->name,
+                c->fsdp_shard_grad_op ? "SHARD_GRAD_OP" : "data parallel, NO_SHARD", r->mbs, r->gas, r->world,
+                (long long)r->rows_per_step, c->sequence_len,
+                c->fsdp_shard_grad_op
+                    ? "gradients reduce-scattered, AdamW state and update on each rank's 1/world_size of the "
+                      "adapters, parameters all-gathered after the update (the [memory] line is per rank, before "
+                      "that saving)"
+                    : "nothing sharded (each rank holds the base, the adapters and the optimizer state: the "
+                      "[memory] line is per rank)",
+                r->comm->timeout_sec);
 
     memplan_print(stderr, &r->plan); /* predicted and checked in setup_model */
 
@@ -615,9 +622,20 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
         return qerr_set(e, "%s: optimizer: %s holds %s state but this config says %s; resume with the optimizer it "
                            "was made with, or choose another output_dir",
                         r->cfgname, r->ck_dir, r->ck.optimizer, c->optimizer);
+    /* SHARD_GRAD_OP: this rank's part of the flat arrays (the optimizer state covers only it) */
+    r->sgo = c->fsdp_shard_grad_op != 0;
+    r->shard_len = (r->ls.n_params + r->world - 1) / r->world;
+    r->shard_lo = r->sgo ? (int64_t)r->rank * r->shard_len : 0;
+    r->shard_hi = r->sgo ? r->shard_lo + r->shard_len : r->ls.n_params;
+    if (r->shard_hi > r->ls.n_params) r->shard_hi = r->ls.n_params;
+    if (r->shard_lo > r->shard_hi) r->shard_lo = r->shard_hi;
+    const int64_t n_opt = r->shard_hi - r->shard_lo;
+    if (r->sgo && !(r->shard_buf = r->ctx.be->alloc((size_t)(r->shard_len * r->world) * sizeof(float))))
+        return qerr_set(e, "out of memory (SHARD_GRAD_OP buffer)");
     if (r->use_sophia ? sophia_state_init_backend(&r->sop, r->ctx.be, r->ls.n_params, e)
-                      : adamw_state_init_backend(&r->opt, r->ctx.be, r->ls.n_params, e))
+                      : adamw_state_init_backend(&r->opt, r->ctx.be, n_opt > 0 ? n_opt : 1, e))
         return -1;
+    if (r->sgo) r->opt.n = n_opt;
     r->soc = (sophia_config){.lr = c->learning_rate, .beta1 = c->sophia_beta1, .beta2 = c->sophia_beta2,
                              .rho = c->sophia_rho, .weight_decay = c->weight_decay, .k = c->sophia_k};
     if (r->use_sophia)
@@ -799,6 +817,7 @@ void run_free(run_ctx *r) {
     free(r->bb.pos);
     free(r->bb.sid);
     if (r->grad_acc) r->ctx.be->free(r->grad_acc);
+    if (r->shard_buf) r->ctx.be->free(r->shard_buf);
     adamw_state_free(&r->opt);
     sophia_state_free(&r->sop);
     ag_ctx_free(&r->ctx);

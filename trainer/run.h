@@ -81,6 +81,11 @@ typedef struct run_ctx {
     ag_ctx ctx;
     int use_sophia;
     float *grad_acc;       /* (ls.n_params) when gas > 1: the sum of the micro-batches' gradients (backend memory) */
+    /* SHARD_GRAD_OP (c->fsdp_shard_grad_op): rank r owns [shard_lo, shard_hi) of the flat arrays, at most
+     * shard_len = ceil(n_params / world) elements; its optimizer state covers only that range */
+    int sgo;
+    int64_t shard_lo, shard_hi, shard_len;
+    float *shard_buf;      /* (shard_len * world) the gradient reduce-scattered into, then the parameters gathered */
     adamw_state opt;
     adamw_config ac;
     sophia_state sop;

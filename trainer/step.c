@@ -112,8 +112,43 @@ static void step_gradients(run_ctx *r, int step, int sampled, float scale, doubl
     if (r->gas > 1) be->copy_d2d(r->ls.grads, r->grad_acc, gbytes);
     qerr ce;
     be->sync();
-    if (r->world > 1 && comm_all_reduce_sum(r->comm, r->ls.grads, (size_t)r->ls.n_params, COMM_F32, &ce))
+    if (r->sgo) { /* SHARD_GRAD_OP: this rank's shard of the summed gradient lands in its part of shard_buf */
+        const size_t pad = (size_t)(r->shard_len * r->world - r->ls.n_params);
+        be->copy_d2d(r->shard_buf, r->ls.grads, gbytes);
+        if (pad) be->zero(r->shard_buf + r->ls.n_params, pad * sizeof(float));
+        if (comm_reduce_scatter_sum(r->comm, r->shard_buf, r->shard_buf + (size_t)r->rank * r->shard_len,
+                                    (size_t)r->shard_len, COMM_F32, &ce))
+            run_comm_fail(r, &ce);
+    } else if (r->world > 1 && comm_all_reduce_sum(r->comm, r->ls.grads, (size_t)r->ls.n_params, COMM_F32, &ce))
         run_comm_fail(r, &ce);
+}
+
+/* SHARD_GRAD_OP: the global norm of the sharded gradient g (this rank's
+ * n_own elements): the ranks' fp64 sums of squares added, then sqrt, as
+ * clip_grad_norm_backend takes it of the whole gradient; clips g. (The fp64
+ * sum is associated by shard instead of by the backend's chunks; the two
+ * differ by ~1e-16 relative, which the float norm rounds away unless it
+ * falls on a rounding boundary.) */
+static float sgo_clip(run_ctx *r, float *g, int64_t n_own) {
+    double ss = n_own > 0 ? r->ctx.be->sum_squares(g, n_own) : 0.0;
+    qerr ce;
+    if (r->world > 1 && comm_all_reduce_sum(r->comm, &ss, 1, COMM_F64, &ce)) run_comm_fail(r, &ce);
+    const float total = (float)sqrt(ss);
+    clip_grad_by_norm_backend(r->ctx.be, g, n_own, total, r->c->max_grad_norm);
+    return total;
+}
+
+/* SHARD_GRAD_OP: every rank's updated shard of the parameters to every rank. */
+static void sgo_gather_params(run_ctx *r) {
+    const ag_backend *be = r->ctx.be;
+    const int64_t n_own = r->shard_hi - r->shard_lo;
+    float *mine = r->shard_buf + (size_t)r->rank * r->shard_len;
+    if (n_own > 0) be->copy_d2d(mine, r->ls.params + r->shard_lo, (size_t)n_own * sizeof(float));
+    if (r->shard_len > n_own) be->zero(mine + n_own, (size_t)(r->shard_len - n_own) * sizeof(float));
+    qerr ce;
+    be->sync();
+    if (comm_all_gather(r->comm, mine, r->shard_buf, (size_t)r->shard_len, COMM_F32, &ce)) run_comm_fail(r, &ce);
+    be->copy_d2d(r->ls.params, r->shard_buf, (size_t)r->ls.n_params * sizeof(float));
 }
 
 /* The step's loss sum and target tokens from every rank, added in rank order
@@ -260,11 +295,15 @@ int train_step(run_ctx *r, int step, qerr *e) {
     int64_t step_tok = 0;
     step_gradients(r, step, 0, scale, &step_loss, &step_tok);
     step_agree(r, &step_loss, &step_tok);
-    if (test_nan_step(step)) r->ctx.be->fill_f32(r->ls.grads, 1, NAN);
+    /* the gradient the optimizer sees: all of it, or (SHARD_GRAD_OP) this rank's shard */
+    float *g = r->sgo ? r->shard_buf + (size_t)r->rank * r->shard_len : r->ls.grads;
+    const int64_t n_g = r->sgo ? r->shard_hi - r->shard_lo : r->ls.n_params;
+    if (test_nan_step(step) && n_g > 0) r->ctx.be->fill_f32(g, 1, NAN);
     step_stats s = {.loss = step_tok ? step_loss / (double)step_tok : NAN,
                     .lr = schedule_lr(r->sk, step - 1, r->total_steps, r->warmup, c->learning_rate),
                     .win_rate = NAN, .hess_sec = NAN, .hess_gnorm = NAN};
-    s.gnorm = clip_grad_norm_backend(r->ctx.be, r->ls.grads, r->ls.n_params, c->max_grad_norm);
+    s.gnorm = r->sgo ? sgo_clip(r, g, n_g) : clip_grad_norm_backend(r->ctx.be, r->ls.grads, r->ls.n_params,
+                                                                   c->max_grad_norm);
     s.finite = isfinite(s.loss) && isfinite(s.gnorm);
     if (s.finite && r->use_sophia) {
         const double bs = c->sophia_bs > 0 ? (double)c->sophia_bs : (double)step_targets;
@@ -280,7 +319,8 @@ int train_step(run_ctx *r, int step, qerr *e) {
                 fprintf(stderr, "[sophia] step %d: the Hessian-estimate gradient is NaN/Inf; h left unchanged\n", step);
         }
     } else if (s.finite) {
-        adamw_step(&r->opt, &r->ac, s.lr, r->ls.params, r->ls.grads, NULL);
+        adamw_step(&r->opt, &r->ac, s.lr, r->ls.params + r->shard_lo, g, NULL);
+        if (r->sgo) sgo_gather_params(r);
         r->nan_streak = 0;
     } else {
         /* As torch's GradScaler does with inf/NaN gradients: no update,
