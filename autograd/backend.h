@@ -214,8 +214,7 @@ typedef struct ag_backend {
      * p (n) fp32 in place from g (n) fp32; the moments are codes q1, q2 (n) u8 into qmap1 (signed) and
      * qmap2 (unsigned) (256 fp32 each) scaled by absmax1, absmax2 (ceil(n / blocksize) fp32) per block:
      * dequantized, updated and quantized again through the maps' lookup tables lut1, lut2
-     * (BW8_LUT_SIZE bytes each, quant/blockwise8.h). blocksize <= 4096. NULL in a backend that does
-     * not have it (the optimizer is then refused there). */
+     * (BW8_LUT_SIZE bytes each, quant/blockwise8.h). blocksize <= 4096. */
     void (*adamw8bit_update)(float *p, const float *g, uint8_t *q1, uint8_t *q2, float *absmax1, float *absmax2,
                              const float *qmap1, const float *qmap2, const uint8_t *lut1, const uint8_t *lut2,
                              int64_t n, int blocksize, const ag_adamw8bit_coef *c);

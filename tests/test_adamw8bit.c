@@ -14,7 +14,8 @@
  *    denominator moves a parameter near zero by many of its own ulps, ~1e-10 in absolute terms) and
  *    a code at most one step away (a moment next to a bin edge of the 65536-bin quantizer).
  *  - memory: the state takes about a quarter of fp32 AdamW's 8 bytes per parameter.
- *  - checkpoint: the state round-trips through state.h5 bit for bit.
+ *  - checkpoint: the state round-trips through state.h5, and steps after a restore continue bit for
+ *    bit as the uninterrupted run.
  */
 #include <math.h>
 #include <setjmp.h>
@@ -24,11 +25,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include <cmocka.h>
 
 #include "optim/adamw8bit.h"
 #include "tests/ref_fixture.h"
+#include "trainer/checkpoint.h"
 
 #define FIXTURE "tests/fixtures/adamw8bit_ref.qref.gz"
 
@@ -172,11 +175,93 @@ static void test_state_is_a_quarter(void **st) {
     assert_true(ratio > 0.25 && ratio < 0.30);
 }
 
+/* A state saved after 3 steps and read back continues exactly as the uninterrupted one: steps 4..6
+ * from the restored state give the same parameters and states bit for bit. */
+static void test_checkpoint_resume_is_exact(void **st) {
+    (void)st;
+    enum { NT = 3 };
+    const int64_t rows[NT] = {16, 576, 8}, cols[NT] = {576, 16, 64}; /* 9216, 9216 (8-bit), 512 (fp32) */
+    int64_t off[NT], num[NT], n = 0;
+    ckpt_tensor t[NT];
+    for (int k = 0; k < NT; k++) {
+        off[k] = n;
+        num[k] = rows[k] * cols[k];
+        n += num[k];
+        t[k] = (ckpt_tensor){.offset = off[k], .rows = rows[k], .cols = cols[k]};
+        snprintf(t[k].name, sizeof t[k].name, "base_model.model.model.layers.0.mlp.t%d.weight", k);
+    }
+    float *p = malloc((size_t)n * 4), *g = malloc((size_t)n * 4), *q = malloc((size_t)n * 4);
+    assert_non_null(p);
+    assert_non_null(g);
+    assert_non_null(q);
+    for (int64_t i = 0; i < n; i++) p[i] = 0.01f * (float)((i * 7919) % 201 - 100) / 100.0f;
+    const adamw_config c = {.lr = 1e-3, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 0.01};
+    adamw8bit_state a, b;
+    qerr e;
+    assert_int_equal(adamw8bit_state_init(&a, ag_backend_default(), n, off, num, NT, &e), 0);
+    for (int step = 1; step <= 6; step++) {
+        for (int64_t i = 0; i < n; i++) g[i] = 1e-3f * (float)(((i + 31 * step) * 2654435761u) % 2001 - 1000) / 1000.0f;
+        adamw8bit_step(&a, &c, 1e-3 / step, p, g);
+        if (step != 3) continue;
+        /* save after step 3 */
+        char yaml[] = "optimizer: adamw_8bit\n", hist[] = "";
+        ckpt_state s = {.step = 3, .total_steps = 6, .n_rows = 10, .rows_per_step = 1, .opt_step = a.step,
+                        .beta1 = c.beta1, .beta2 = c.beta2, .eps = c.eps, .weight_decay = c.weight_decay,
+                        .last_eval_step = -1, .eval_loss_start = NAN, .last_eval_loss = NAN, .n_params = n,
+                        .params = p, .exp_avg = a.m32, .exp_avg_sq = a.v32, .state1 = a.state1, .state2 = a.state2,
+                        .absmax1 = a.absmax1, .absmax2 = a.absmax2, .n_blocks = a.n_blocks, .n32 = a.n32,
+                        .n_tensors = NT, .tensors = t, .config_yaml = yaml, .log_history = hist};
+        snprintf(s.optimizer, sizeof s.optimizer, "adamw_8bit");
+        snprintf(s.lr_scheduler, sizeof s.lr_scheduler, "cosine");
+        char path[] = "/tmp/qlora-adamw8bit-ckpt-XXXXXX";
+        int fd = mkstemp(path);
+        assert_true(fd >= 0);
+        close(fd);
+        assert_int_equal(ckpt_write_state(path, &s, &e), 0);
+        ckpt_state r;
+        int rc = ckpt_read_state(path, &r, &e);
+        if (rc) print_error("%s\n", e.msg);
+        assert_int_equal(rc, 0);
+        unlink(path);
+        assert_string_equal(r.optimizer, "adamw_8bit");
+        assert_int_equal(r.opt_step, 3);
+        assert_int_equal(r.n_blocks, a.n_blocks);
+        assert_int_equal(r.n32, a.n32);
+        assert_true(r.eps == 1e-8);
+        assert_int_equal(adamw8bit_state_init(&b, ag_backend_default(), n, off, num, NT, &e), 0);
+        memcpy(q, r.params, (size_t)n * 4);
+        memcpy(b.state1, r.state1, (size_t)n);
+        memcpy(b.state2, r.state2, (size_t)n);
+        memcpy(b.absmax1, r.absmax1, (size_t)b.n_blocks * 4);
+        memcpy(b.absmax2, r.absmax2, (size_t)b.n_blocks * 4);
+        memcpy(b.m32, r.exp_avg, (size_t)b.n32 * 4);
+        memcpy(b.v32, r.exp_avg_sq, (size_t)b.n32 * 4);
+        b.step = r.opt_step;
+        ckpt_state_free(&r);
+    }
+    /* the resumed copy: steps 4..6 again from the restored state */
+    for (int step = 4; step <= 6; step++) {
+        for (int64_t i = 0; i < n; i++) g[i] = 1e-3f * (float)(((i + 31 * step) * 2654435761u) % 2001 - 1000) / 1000.0f;
+        adamw8bit_step(&b, &c, 1e-3 / step, q, g);
+    }
+    assert_memory_equal(p, q, (size_t)n * 4);
+    assert_memory_equal(a.state1, b.state1, (size_t)n);
+    assert_memory_equal(a.state2, b.state2, (size_t)n);
+    assert_memory_equal(a.absmax1, b.absmax1, (size_t)a.n_blocks * 4);
+    assert_memory_equal(a.m32, b.m32, (size_t)a.n32 * 4);
+    adamw8bit_state_free(&a);
+    adamw8bit_state_free(&b);
+    free(p);
+    free(g);
+    free(q);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_maps),
         cmocka_unit_test(test_ten_steps_against_bitsandbytes),
         cmocka_unit_test(test_state_is_a_quarter),
+        cmocka_unit_test(test_checkpoint_resume_is_exact),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -85,6 +85,8 @@ static void test_strategies_refused(void **st) {
     expect_refused(t, "fsdp: [no_shard]\nfsdp_config:\n  fsdp_sharding_strategy: SHARD_GRAD_OP\n",
                    "both NO_SHARD and SHARD_GRAD_OP");
     expect_refused(t, "fsdp: [shard_grad_op]\noptimizer: sophia\n", "sophia with SHARD_GRAD_OP is not implemented yet");
+    expect_refused(t, "fsdp: [shard_grad_op]\noptimizer: adamw_8bit\n",
+                   "adamw_8bit with SHARD_GRAD_OP is not implemented yet");
     expect_refused(t, "fsdp_config:\n  fsdp_offload_params: true\n", "parameter offload is not implemented yet");
     expect_refused(t, "fsdp_config:\n  fsdp_state_dict_type: SHARDED_STATE_DICT\n",
                    "only FULL_STATE_DICT is implemented");

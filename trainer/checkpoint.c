@@ -28,6 +28,7 @@
 
 #include "core/file.h"
 #include "core/hash.h"
+#include "optim/adamw8bit.h"
 
 #define CKPT_FORMAT_NAME "qlora-checkpoint"
 #define CKPT_CHUNK_ELEMS ((hsize_t)1 << 18) /* 1 MiB of fp32 per chunk */
@@ -466,14 +467,29 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
     if (!bad && (g = H5Gcreate2(f, "optimizer", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT)) < 0)
         bad = h5_failed(cause), what = "/optimizer";
     const int sophia = !strcmp(s->optimizer, "sophia");
-    W(h5_put(g, "exp_avg", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->exp_avg, s->n_params, 0, 1), "/optimizer/exp_avg");
-    if (sophia)
-        W(h5_put(g, "hessian", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->hessian, s->n_params, 0, 1),
-          "/optimizer/hessian");
-    else
-        W(h5_put(g, "exp_avg_sq", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->exp_avg_sq, s->n_params, 0, 1),
+    const int q8 = !strcmp(s->optimizer, "adamw_8bit");
+    if (q8) {
+        /* bitsandbytes' states: codes of every element, one absmax per block of the 8-bit tensors, the
+         * fp32 moments of the tensors below min_8bit_size (optim/adamw8bit.h) */
+        W(h5_put(g, "state1", H5T_STD_U8LE, H5T_NATIVE_UCHAR, s->state1, s->n_params, 0, 1), "/optimizer/state1");
+        W(h5_put(g, "state2", H5T_STD_U8LE, H5T_NATIVE_UCHAR, s->state2, s->n_params, 0, 1), "/optimizer/state2");
+        W(h5_put(g, "absmax1", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->absmax1, s->n_blocks, 0, 1), "/optimizer/absmax1");
+        W(h5_put(g, "absmax2", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->absmax2, s->n_blocks, 0, 1), "/optimizer/absmax2");
+        W(h5_put(g, "exp_avg", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->exp_avg, s->n32, 0, 1), "/optimizer/exp_avg");
+        W(h5_put(g, "exp_avg_sq", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->exp_avg_sq, s->n32, 0, 1),
           "/optimizer/exp_avg_sq");
-    W(h5_attr_str(g, "name", sophia ? "sophia" : "adamw"), "/optimizer name");
+        W(h5_attr_i64(g, "blocksize", ADAMW8BIT_BLOCKSIZE), "/optimizer blocksize");
+        W(h5_attr_i64(g, "min_8bit_size", ADAMW8BIT_MIN_8BIT_SIZE), "/optimizer min_8bit_size");
+    } else {
+        W(h5_put(g, "exp_avg", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->exp_avg, s->n_params, 0, 1), "/optimizer/exp_avg");
+        if (sophia)
+            W(h5_put(g, "hessian", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->hessian, s->n_params, 0, 1),
+              "/optimizer/hessian");
+        else
+            W(h5_put(g, "exp_avg_sq", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->exp_avg_sq, s->n_params, 0, 1),
+              "/optimizer/exp_avg_sq");
+    }
+    W(h5_attr_str(g, "name", sophia ? "sophia" : q8 ? "adamw_8bit" : "adamw"), "/optimizer name");
     W(h5_attr_i64(g, "step", s->opt_step), "/optimizer step");
     W(h5_attr_f64(g, "beta1", s->beta1), "/optimizer beta1");
     W(h5_attr_f64(g, "beta2", s->beta2), "/optimizer beta2");
@@ -556,6 +572,10 @@ void ckpt_state_free(ckpt_state *s) {
     free(s->exp_avg);
     free(s->exp_avg_sq);
     free(s->hessian);
+    free(s->state1);
+    free(s->state2);
+    free(s->absmax1);
+    free(s->absmax2);
     free(s->tensors);
     free(s->config_yaml);
     free(s->log_history);
@@ -651,8 +671,8 @@ int ckpt_read_state(const char *path, ckpt_state *s, qerr *e) {
 
     GROUP("optimizer");
     R(h5_get_attr_str(g, "name", s->optimizer, sizeof s->optimizer), "/optimizer name");
-    if (!what && strcmp(s->optimizer, "adamw") && strcmp(s->optimizer, "sophia"))
-        what = "/optimizer name (neither \"adamw\" nor \"sophia\")";
+    if (!what && strcmp(s->optimizer, "adamw") && strcmp(s->optimizer, "sophia") && strcmp(s->optimizer, "adamw_8bit"))
+        what = "/optimizer name (neither \"adamw\", \"sophia\" nor \"adamw_8bit\")";
     if (!what && !strcmp(s->optimizer, "sophia")) {
         /* m in exp_avg, h in hessian: the n_params buffer allocated above as exp_avg_sq */
         s->hessian = s->exp_avg_sq;
@@ -661,11 +681,39 @@ int ckpt_read_state(const char *path, ckpt_state *s, qerr *e) {
         R(h5_get_attr(g, "rho", H5T_NATIVE_DOUBLE, &s->rho), "/optimizer rho");
         R(h5_get_attr(g, "hessian_interval", H5T_NATIVE_INT64, &s->hessian_interval), "/optimizer hessian_interval");
         R(h5_get_attr(g, "hessian_updates", H5T_NATIVE_INT64, &s->hessian_updates), "/optimizer hessian_updates");
+        R(h5_get(g, "exp_avg", H5T_NATIVE_FLOAT, s->exp_avg, s->n_params, 0), "/optimizer/exp_avg");
+    } else if (!what && !strcmp(s->optimizer, "adamw_8bit")) {
+        /* the state's layout follows from the tensor table (optim/adamw8bit.h), under the recorded
+         * blocksize and min_8bit_size, which must be the ones this build uses */
+        int64_t bs = 0, min8 = 0;
+        R(h5_get_attr(g, "blocksize", H5T_NATIVE_INT64, &bs), "/optimizer blocksize");
+        R(h5_get_attr(g, "min_8bit_size", H5T_NATIVE_INT64, &min8), "/optimizer min_8bit_size");
+        if (!what && (bs != ADAMW8BIT_BLOCKSIZE || min8 != ADAMW8BIT_MIN_8BIT_SIZE))
+            what = "/optimizer blocksize, min_8bit_size (not bitsandbytes' 256 and 4096)";
+        for (int i = 0; !what && i < s->n_tensors; i++) {
+            const int64_t numel = s->tensors[i].rows * s->tensors[i].cols;
+            if (numel >= ADAMW8BIT_MIN_8BIT_SIZE) s->n_blocks += (numel + ADAMW8BIT_BLOCKSIZE - 1) / ADAMW8BIT_BLOCKSIZE;
+            else s->n32 += numel;
+        }
+        if (!what) {
+            s->state1 = malloc((size_t)s->n_params);
+            s->state2 = malloc((size_t)s->n_params);
+            s->absmax1 = malloc((size_t)(s->n_blocks + 1) * sizeof(float));
+            s->absmax2 = malloc((size_t)(s->n_blocks + 1) * sizeof(float));
+            if (!s->state1 || !s->state2 || !s->absmax1 || !s->absmax2) what = "(out of memory)";
+        }
+        R(h5_get(g, "state1", H5T_NATIVE_UCHAR, s->state1, s->n_params, 0), "/optimizer/state1");
+        R(h5_get(g, "state2", H5T_NATIVE_UCHAR, s->state2, s->n_params, 0), "/optimizer/state2");
+        R(h5_get(g, "absmax1", H5T_NATIVE_FLOAT, s->absmax1, s->n_blocks, 0), "/optimizer/absmax1");
+        R(h5_get(g, "absmax2", H5T_NATIVE_FLOAT, s->absmax2, s->n_blocks, 0), "/optimizer/absmax2");
+        R(h5_get(g, "exp_avg", H5T_NATIVE_FLOAT, s->exp_avg, s->n32, 0), "/optimizer/exp_avg");
+        R(h5_get(g, "exp_avg_sq", H5T_NATIVE_FLOAT, s->exp_avg_sq, s->n32, 0), "/optimizer/exp_avg_sq");
+        R(h5_get_attr(g, "eps", H5T_NATIVE_DOUBLE, &s->eps), "/optimizer eps");
     } else {
         R(h5_get(g, "exp_avg_sq", H5T_NATIVE_FLOAT, s->exp_avg_sq, s->n_params, 0), "/optimizer/exp_avg_sq");
         R(h5_get_attr(g, "eps", H5T_NATIVE_DOUBLE, &s->eps), "/optimizer eps");
+        R(h5_get(g, "exp_avg", H5T_NATIVE_FLOAT, s->exp_avg, s->n_params, 0), "/optimizer/exp_avg");
     }
-    R(h5_get(g, "exp_avg", H5T_NATIVE_FLOAT, s->exp_avg, s->n_params, 0), "/optimizer/exp_avg");
     R(h5_get_attr(g, "step", H5T_NATIVE_INT64, &s->opt_step), "/optimizer step");
     R(h5_get_attr(g, "beta1", H5T_NATIVE_DOUBLE, &s->beta1), "/optimizer beta1");
     R(h5_get_attr(g, "beta2", H5T_NATIVE_DOUBLE, &s->beta2), "/optimizer beta2");

@@ -40,7 +40,8 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     out->base = (double)in->frozen_bytes + V * D * 2.0 * (hp->tied_embeddings ? 1 : 2) + (2 * L + 1) * D * 4 +
                 T * hp->head_dim * 4.0;
     out->adapters = 8.0 * (double)in->lora_params;  /* A, B and their gradients, fp32 */
-    out->optimizer = 8.0 * (double)in->lora_params; /* AdamW m and v, fp32 */
+    out->optimizer = in->optimizer_bytes > 0 ? (double)in->optimizer_bytes
+                                             : 8.0 * (double)in->lora_params; /* AdamW m and v, fp32 */
 
     /* one block's fp32 outputs (the same sizes again as their gradients in backward) */
     double blk_f32 = 4.0 * N * (D + (qd + 2 * kd) + (qd + kd) + qd + 4 * D + 3 * F + nl * r);

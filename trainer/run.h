@@ -21,6 +21,7 @@
 #include "model/base.h"
 #include "model/llama.h"
 #include "optim/adamw.h"
+#include "optim/adamw8bit.h"
 #include "optim/schedule.h"
 #include "optim/sophia.h"
 #include "trainer/checkpoint.h"
@@ -86,7 +87,9 @@ typedef struct run_ctx {
     int sgo;
     int64_t shard_lo, shard_hi, shard_len;
     float *shard_buf;      /* (shard_len * world) the gradient reduce-scattered into, then the parameters gathered */
+    int use_adamw8bit; /* optimizer: adamw_8bit (bitsandbytes' AdamW8bit, opt8; r->ac holds its betas) */
     adamw_state opt;
+    adamw8bit_state opt8;
     adamw_config ac;
     sophia_state sop;
     sophia_config soc;
