@@ -783,10 +783,11 @@ int run_finish(run_ctx *r, qerr *e) {
                 r->train_sec - r->train_sec_at_start);
     res->steps = r->steps_run;
     res->train_tokens_per_sec = r->steps_run ? r->tok_trained / (clock_now_sec() - r->t_train) : 0.0;
-    const int stop = run_stop(r);
-    if (!stop && r->last_saved != r->final_step && r->start_step < r->total_steps &&
+    if (!run_stop(r) && r->last_saved != r->final_step && r->start_step < r->total_steps &&
         run_checkpoint_save(r, r->final_step, e))
         return -1;
+    /* read again: a stop request during that last save also ends the run here (as before several ranks) */
+    const int stop = run_stop(r);
     if (stop) {
         res->interrupted = stop;
         res->interrupted_step = (int)r->last_saved;
