@@ -26,7 +26,7 @@ ifneq ($(strip $(MPI_LIBS)),)
 CFLAGS  += $(MPI_CFLAGS) -DQLORA_HAVE_MPI
 LDLIBS  += $(MPI_LIBS)
 endif
-LDLIBS  += -ldnnl -lyaml -lcjson -lpcre2-8 -lxxhash $(CAIRO_LIBS) $(HDF5_LIBS) -lz -lm -fopenmp
+LDLIBS  += -ldnnl -lyaml -lcjson -lpcre2-8 -lutf8proc -lxxhash $(CAIRO_LIBS) $(HDF5_LIBS) -lz -lm -fopenmp
 
 MODULES := core comm quant format data autograd optim model trainer
 LIB_SRC := $(filter-out trainer/main.c trainer/%_main.c,$(foreach m,$(MODULES),$(wildcard $(m)/*.c)))
@@ -149,8 +149,8 @@ FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := gguf safetensors config jsonl hf
 FUZZ_LIB_SRC := core/status.c core/file.c core/hash.c core/strbuf.c quant/ggml_quants.c format/gguf.c format/safetensors.c \
-                model/llama_linear.c trainer/config.c data/tokenizer.c data/jsonl.c data/dataset.c data/pack.c \
-                model/hf.c data/tokenizer_json.c quant/nf4.c \
+                model/llama_linear.c trainer/config.c trainer/config_axolotl.c data/tokenizer.c data/chat.c data/jsonl.c data/dataset.c data/pack.c \
+                model/hf.c data/tokenizer_json.c quant/nf4.c quant/blockwise8.c \
                 format/gguf_write.c model/llama.c core/clock.c $(wildcard autograd/*.c)
 FUZZ_FLAGS   := -std=c11 -D_GNU_SOURCE -g -O1 -I. -fno-omit-frame-pointer -fsanitize=address,undefined \
                 -fno-sanitize-recover=undefined -Wall -Wno-unknown-pragmas -Wno-unused-parameter
@@ -162,7 +162,7 @@ build-fuzz/%.o: %.c
 	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link -MMD -MP -c $< -o $@
 
 build-fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz_common.h $(FUZZ_LIB_OBJ)
-	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer $< $(FUZZ_LIB_OBJ) -o $@ -lyaml -lcjson -lpcre2-8 -lxxhash -ldnnl -lgomp -lm
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer $< $(FUZZ_LIB_OBJ) -o $@ -lyaml -lcjson -lpcre2-8 -lutf8proc -lxxhash -ldnnl -lgomp -lm
 
 .PHONY: fuzz fuzz-build
 fuzz-build: $(FUZZ_BIN)

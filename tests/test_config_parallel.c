@@ -17,7 +17,7 @@
 #include "tests/tmpdir.h"
 #include "trainer/config.h"
 
-static const char *BASE = "base_model: m.gguf\n"
+static const char *BASE = "base_model: m.gguf\nadapter: qlora\n"
                           "lora_target_linear: true\n"
                           "datasets:\n  - path: d.jsonl\n    type: completion\n";
 

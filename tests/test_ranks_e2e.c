@@ -89,7 +89,7 @@ static int setup(void **st) {
     f = fopen(g_cfg, "w");
     if (!f) return -1;
     fprintf(f,
-            "base_model: %s/tiny.gguf\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.1\nlora_target_linear: true\n"
+            "base_model: %s/tiny.gguf\nadapter: qlora\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.1\nlora_target_linear: true\n"
             "datasets:\n  - path: %s/train.jsonl\n    type: completion\nval_set_size: 6\nsequence_len: 32\n"
             "sample_packing: true\nmicro_batch_size: 1\ngradient_accumulation_steps: 2\nmax_steps: %d\n"
             "learning_rate: 1e-2\nwarmup_steps: 2\nlr_scheduler: cosine\nweight_decay: 0.01\neval_steps: 3\n"

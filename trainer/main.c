@@ -146,7 +146,17 @@ int main(int argc, char **argv) {
         if (devnull >= 0) close(devnull);
     }
     train_config c;
-    if (train_config_load(argv[1], &c, &e)) return fail(cm, 2, "%s", e.msg);
+    train_config_refusals refused;
+    if (train_config_load_all(argv[1], &c, &refused, &e)) {
+        /* every refused key of the file, each on its line, then how many */
+        for (int i = 0; refused.n > 1 && i < refused.n; i++) {
+            if (cm->rank) dprintf(cm->err_fd, "qlora-train: rank %d: %s\n", cm->rank, refused.lines[i]);
+            else fprintf(stderr, "qlora-train: %s\n", refused.lines[i]);
+        }
+        train_config_refusals_free(&refused);
+        return fail(cm, 2, "%s", e.msg);
+    }
+    train_config_refusals_free(&refused);
     for (int i = 2; i < argc; i++) {
         if (train_config_apply_override(&c, argv[i], &e)) {
             train_config_free(&c);
