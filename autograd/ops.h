@@ -36,8 +36,17 @@ typedef struct lora_adapter {
     uint64_t stream; /* RNG stream id of this module (layer, module) for dropout masks */
 } lora_adapter;
 
-/* Fill t (host memory) for max_pos positions of head_dim; errors: out of memory. */
+/* Fill t (host memory) for max_pos positions of head_dim with the default
+ * frequencies 1/theta^(2i/head_dim); errors: out of memory. */
 int rope_table_init(rope_table *t, int max_pos, int head_dim, float theta, qerr *e);
+/* The same from given per-pair inverse frequencies inv_freq (head_dim/2, fp32,
+ * radians per position): what RoPE scaling (linear, llama3, GGUF rope_freqs)
+ * produces (model/llama.h llama_rope_inv_freq). angle = pos * inv_freq[i] in
+ * fp32, as HF's rotary embedding. Errors: out of memory (t left empty). */
+int rope_table_init_freqs(rope_table *t, int max_pos, int head_dim, const float *inv_freq, qerr *e);
+/* HF's default inverse frequencies: inv_freq[i] = 1 / theta^(2i/head_dim), fp32
+ * (modeling_rope_utils.py _compute_default_rope_parameters); (head_dim/2). */
+void rope_default_inv_freq(int head_dim, float theta, float *inv_freq);
 void rope_table_free(rope_table *t);
 
 /* Rows [row0, row0+n) of w into dst (n × in) fp32 or bf16: the default

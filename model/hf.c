@@ -57,6 +57,45 @@ static int cfg_int(const cJSON *c, const char *key, int def, int *out, const cha
     return 0;
 }
 
+/* rope_scaling (transformers 4) or rope_parameters (5): modeling_rope_utils.py ROPE_INIT_FUNCTIONS. "default",
+ * "linear" (factor) and "llama3" (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+ * are implemented; every other type changes the frequencies (dynamic, yarn, longrope) or more, and is refused. */
+static int parse_rope_scaling(const cJSON *rs, llama_hparams *hp, const char *path, qerr *e) {
+    const cJSON *ty = cJSON_GetObjectItemCaseSensitive(rs, "rope_type");
+    if (!ty) ty = cJSON_GetObjectItemCaseSensitive(rs, "type");
+    if (!ty) return 0; /* rope_parameters with rope_theta only */
+    if (!cJSON_IsString(ty)) return qerr_set(e, "%s: rope_scaling.rope_type: expected a string", path);
+    llama_rope_scaling *sc = &hp->rope_scaling;
+    if (!strcmp(ty->valuestring, "default")) return 0;
+    int llama3 = !strcmp(ty->valuestring, "llama3");
+    if (!llama3 && strcmp(ty->valuestring, "linear"))
+        return qerr_set(e, "%s: rope_scaling: rope_type \"%s\" is not implemented (default, linear and llama3 are); "
+                           "refusing rather than training with different RoPE frequencies", path, ty->valuestring);
+    static const char *const keys[] = {"factor", "low_freq_factor", "high_freq_factor",
+                                       "original_max_position_embeddings"};
+    double v[4];
+    for (int i = 0; i < (llama3 ? 4 : 1); i++) {
+        const cJSON *it = cJSON_GetObjectItemCaseSensitive(rs, keys[i]);
+        if (!cJSON_IsNumber(it))
+            return qerr_set(e, "%s: rope_scaling.%s: expected a number for rope_type \"%s\"", path, keys[i],
+                            ty->valuestring);
+        v[i] = it->valuedouble;
+    }
+    const cJSON *af = cJSON_GetObjectItemCaseSensitive(rs, "attention_factor");
+    if (af && !(cJSON_IsNumber(af) && af->valuedouble == 1.0) && !cJSON_IsNull(af))
+        return qerr_set(e, "%s: rope_scaling.attention_factor: only 1 is implemented", path);
+    sc->type = llama3 ? LLAMA_ROPE_LLAMA3 : LLAMA_ROPE_LINEAR;
+    sc->factor = (float)v[0];
+    if (llama3) {
+        sc->low_freq_factor = (float)v[1];
+        sc->high_freq_factor = (float)v[2];
+        if (!(v[3] >= 1 && v[3] <= 1e9 && v[3] == floor(v[3])))
+            return qerr_set(e, "%s: rope_scaling.original_max_position_embeddings: expected a positive integer", path);
+        sc->original_context = (int)v[3];
+    }
+    return 0;
+}
+
 static int parse_config(hf_model *h, qerr *e) {
     char path[4096];
     snprintf(path, sizeof path, "%s/config.json", h->dir);
@@ -125,13 +164,16 @@ static int parse_config(hf_model *h, qerr *e) {
         goto done;
     }
     if (rt) hp->rope_theta = (float)rt->valuedouble;
-    if (cJSON_IsObject(rs)) {
-        const cJSON *ty = cJSON_GetObjectItemCaseSensitive(rs, "rope_type");
-        if (!ty) ty = cJSON_GetObjectItemCaseSensitive(rs, "type");
-        if (cJSON_IsString(ty) && strcmp(ty->valuestring, "default")) {
-            qerr_set(e, "%s: rope scaling \"%s\" is not supported (only the default RoPE)", path, ty->valuestring);
-            goto done;
-        }
+    if (rs && !cJSON_IsNull(rs) && !cJSON_IsObject(rs)) {
+        qerr_set(e, "%s: rope_scaling: expected an object or null", path);
+        goto done;
+    }
+    if (cJSON_IsObject(rs) && parse_rope_scaling(rs, hp, path, e)) goto done;
+    const cJSON *prf = cJSON_GetObjectItemCaseSensitive(c, "partial_rotary_factor");
+    if (!prf && cJSON_IsObject(rpar)) prf = cJSON_GetObjectItemCaseSensitive(rpar, "partial_rotary_factor");
+    if (prf && !(cJSON_IsNumber(prf) && prf->valuedouble == 1.0)) {
+        qerr_set(e, "%s: partial_rotary_factor: only 1 (RoPE on the whole head) is implemented", path);
+        goto done;
     }
     if (hp->n_layer <= 0 || hp->n_kv_head <= 0 || hp->n_head % hp->n_kv_head || hp->head_dim <= 0 ||
         hp->head_dim % 2 || hp->d_ff <= 0 || hp->vocab <= 0) {
@@ -622,7 +664,7 @@ int hf_model_load(const hf_model *h, int load_in_4bit, int double_quant, int max
         m->double_quant = m->layers[0].nf4[0].double_quant;
     }
     m->n_params += m->n_quantized_params;
-    if (rope_table_init(&m->rope, max_pos, hp->head_dim, hp->rope_theta, e)) goto fail;
+    if (llama_rope_init(&m->rope, hp, max_pos, e)) goto fail;
     return 0;
 fail:
     llama_free(m);

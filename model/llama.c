@@ -33,6 +33,45 @@ void llama_tensor_shape(const llama_hparams *hp, llama_role role, int module, in
 
 static int llama_gguf_refuse_unimplemented(const gguf_file *f, const llama_hparams *hp, qerr *e);
 
+/* RoPE scaling of a GGUF (llama.cpp llama-model.cpp): freq_scale = 1 / rope.scaling.factor (or the older
+ * rope.scale_linear), 0 meaning 1, for type none or linear alike; rope_freqs.weight divides each pair's
+ * frequency (ggml_rope_ext's freq_factors). */
+static int llama_gguf_rope_scaling(const gguf_file *f, llama_hparams *hp, qerr *e) {
+    llama_rope_scaling *rs = &hp->rope_scaling;
+    rs->type = LLAMA_ROPE_DEFAULT;
+    rs->factor = 1.0f;
+    static const char *const factor_keys[] = {"llama.rope.scaling.factor", "llama.rope.scale_linear"};
+    for (int i = 0; i < 2; i++) {
+        if (!gguf_has_key(f, factor_keys[i])) continue;
+        float factor;
+        if (gguf_get_f32(f, factor_keys[i], &factor, e)) return -1;
+        if (!isfinite(factor) || factor < 0.0f)
+            return qerr_set(e, "%s: expected a finite RoPE scaling factor >= 0, got %g", factor_keys[i],
+                            (double)factor);
+        if (factor != 0.0f && factor != 1.0f) {
+            rs->type = LLAMA_ROPE_LINEAR;
+            rs->factor = factor;
+        }
+        break;
+    }
+    const gguf_tensor *t = gguf_find_tensor(f, "rope_freqs.weight");
+    if (!t) return 0;
+    int half = hp->head_dim / 2;
+    if (t->n_dims != 1 || (int64_t)t->ne[0] != half || t->type != GGML_TYPE_F32)
+        return qerr_set(e, "tensor rope_freqs.weight: expected F32 of %d elements (head_dim / 2), got type %u with "
+                           "%llu elements", half, (unsigned)t->type, (unsigned long long)t->nelements);
+    if (half > LLAMA_ROPE_MAX_PAIRS)
+        return qerr_set(e, "tensor rope_freqs.weight: head_dim %d exceeds the %d pairs supported", hp->head_dim,
+                        LLAMA_ROPE_MAX_PAIRS);
+    if (gguf_tensor_to_f32(t, rs->freq_factors, e)) return qerr_prefix(e, "tensor rope_freqs.weight");
+    for (int i = 0; i < half; i++)
+        if (!isfinite(rs->freq_factors[i]) || rs->freq_factors[i] <= 0.0f)
+            return qerr_set(e, "tensor rope_freqs.weight: element %d: expected a finite factor > 0, got %g", i,
+                            (double)rs->freq_factors[i]);
+    rs->type = LLAMA_ROPE_FREQ_FACTORS;
+    return 0;
+}
+
 int llama_hparams_from_gguf(const gguf_file *f, llama_hparams *hp, qerr *e) {
     memset(hp, 0, sizeof *hp);
     const char *arch;
@@ -82,8 +121,8 @@ int llama_hparams_from_gguf(const gguf_file *f, llama_hparams *hp, qerr *e) {
     if ((int64_t)emb->ne[0] != hp->d_model)
         return qerr_set(e, "token_embd.weight: expected ne0 = %d, got %llu", hp->d_model,
                         (unsigned long long)emb->ne[0]);
-    if (llama_hparams_check(hp, "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon", e)) return -1;
-    return llama_gguf_refuse_unimplemented(f, hp, e);
+    if (llama_gguf_refuse_unimplemented(f, hp, e) || llama_gguf_rope_scaling(f, hp, e)) return -1;
+    return llama_hparams_check(hp, "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon", e);
 }
 
 int llama_hparams_check(const llama_hparams *hp, const char *theta_key, const char *eps_key, qerr *e) {
@@ -94,6 +133,18 @@ int llama_hparams_check(const llama_hparams *hp, const char *theta_key, const ch
     /* rms_eps: added to mean(x^2) under the square root; <= 0 or NaN divides by zero or poisons every row */
     if (!isfinite(hp->rms_eps) || hp->rms_eps <= 0.0f || hp->rms_eps >= 1.0f)
         return qerr_set(e, "%s: expected a finite RMSNorm epsilon in (0, 1), got %g", eps_key, (double)hp->rms_eps);
+    const llama_rope_scaling *rs = &hp->rope_scaling;
+    if (rs->type != LLAMA_ROPE_DEFAULT && (!isfinite(rs->factor) || rs->factor <= 0.0f))
+        return qerr_set(e, "RoPE scaling factor: expected a finite number > 0, got %g", (double)rs->factor);
+    if (rs->type == LLAMA_ROPE_LLAMA3 &&
+        (!isfinite(rs->low_freq_factor) || !isfinite(rs->high_freq_factor) || rs->low_freq_factor <= 0.0f ||
+         rs->high_freq_factor <= rs->low_freq_factor || rs->original_context <= 0))
+        return qerr_set(e, "llama3 RoPE scaling: expected 0 < low_freq_factor < high_freq_factor and "
+                           "original_max_position_embeddings > 0, got %g, %g, %d", (double)rs->low_freq_factor,
+                        (double)rs->high_freq_factor, rs->original_context);
+    if (rs->type != LLAMA_ROPE_DEFAULT && hp->head_dim / 2 > LLAMA_ROPE_MAX_PAIRS)
+        return qerr_set(e, "RoPE scaling: head_dim %d exceeds the %d pairs supported", hp->head_dim,
+                        LLAMA_ROPE_MAX_PAIRS);
     if (hp->context_length <= 0)
         return qerr_set(e, "context length: expected a positive number of positions, got %d", hp->context_length);
     return 0;
@@ -103,23 +154,20 @@ int llama_hparams_check(const llama_hparams *hp, const char *theta_key, const ch
  * not implement: refused by name, so a model is never trained as a different
  * one (docs/formats.md §3). */
 static int llama_gguf_refuse_unimplemented(const gguf_file *f, const llama_hparams *hp, qerr *e) {
-    if (gguf_find_tensor(f, "rope_freqs.weight"))
-        return qerr_set(e, "tensor rope_freqs.weight: per-pair RoPE frequency factors (llama3 RoPE scaling, Llama "
-                           "3.1/3.2) are not implemented; refusing rather than training with the default RoPE");
     const char *type = NULL;
     size_t tl = 0;
     if (gguf_has_key(f, "llama.rope.scaling.type")) {
         if (gguf_get_str(f, "llama.rope.scaling.type", &type, &tl, e)) return -1;
-        if (!(tl == 4 && !memcmp(type, "none", 4)))
-            return qerr_set(e, "llama.rope.scaling.type: \"%.*s\" RoPE scaling is not implemented (only none)",
-                            (int)tl, type);
+        if (!(tl == 4 && !memcmp(type, "none", 4)) && !(tl == 6 && !memcmp(type, "linear", 6)))
+            return qerr_set(e, "llama.rope.scaling.type: \"%.*s\" RoPE scaling is not implemented (none, linear, "
+                               "and llama3 as the rope_freqs.weight tensor are)", (int)tl, type);
     }
-    if (gguf_has_key(f, "llama.rope.scaling.factor")) {
-        float factor;
-        if (gguf_get_f32(f, "llama.rope.scaling.factor", &factor, e)) return -1;
-        if (factor != 0.0f && factor != 1.0f)
-            return qerr_set(e, "llama.rope.scaling.factor: %g: RoPE scaling is not implemented (only factor 1)",
-                            (double)factor);
+    if (gguf_has_key(f, "llama.rope.scaling.attn_factor")) {
+        float af;
+        if (gguf_get_f32(f, "llama.rope.scaling.attn_factor", &af, e)) return -1;
+        if (af != 1.0f)
+            return qerr_set(e, "llama.rope.scaling.attn_factor: %g: a RoPE attention factor other than 1 is not "
+                               "implemented", (double)af);
     }
     static const char *const refused[] = {"llama.attn_logit_softcapping", "llama.final_logit_softcapping",
                                           "llama.attention.sliding_window", "llama.rope.dimension_sections"};
@@ -167,6 +215,99 @@ void llama_unpermute_rows(float *w, int n_head, int head_dim, int64_t in) {
                 memcpy(blk + (size_t)(j * half + i) * in, tmp + (size_t)(2 * i + j) * in, (size_t)in * sizeof(float));
     }
     free(tmp);
+}
+
+/* ------------------------------------------------------------------ RoPE frequencies */
+
+void llama_rope_inv_freq(const llama_hparams *hp, float *inv_freq) {
+    const llama_rope_scaling *rs = &hp->rope_scaling;
+    int half = hp->head_dim / 2;
+    rope_default_inv_freq(hp->head_dim, hp->rope_theta, inv_freq);
+    switch (rs->type) {
+    case LLAMA_ROPE_DEFAULT: return;
+    case LLAMA_ROPE_LINEAR:
+        for (int i = 0; i < half; i++) inv_freq[i] /= rs->factor;
+        return;
+    case LLAMA_ROPE_FREQ_FACTORS:
+        for (int i = 0; i < half; i++) inv_freq[i] = inv_freq[i] / rs->freq_factors[i] / rs->factor;
+        return;
+    case LLAMA_ROPE_LLAMA3: {
+        /* modeling_rope_utils.py _compute_llama3_parameters: fp32 tensors against Python scalars (which torch
+         * rounds to fp32); the wavelength bounds are Python floats compared in fp32 */
+        float L = (float)rs->original_context, lo = rs->low_freq_factor, hi = rs->high_freq_factor;
+        float lo_wavelen = (float)((double)rs->original_context / lo), hi_wavelen = (float)((double)rs->original_context / hi);
+        float span = (float)((double)hi - (double)lo), two_pi = (float)(2.0 * M_PI);
+        for (int i = 0; i < half; i++) {
+            float inv = inv_freq[i], wavelen = two_pi / inv;
+            float llama = wavelen > lo_wavelen ? inv / rs->factor : inv;
+            if (!(wavelen < hi_wavelen) && !(wavelen > lo_wavelen)) {
+                float smooth = (L / wavelen - lo) / span;
+                llama = (1.0f - smooth) * llama / rs->factor + smooth * llama;
+            }
+            inv_freq[i] = llama;
+        }
+        return;
+    }
+    }
+}
+
+int llama_rope_init(rope_table *t, const llama_hparams *hp, int max_pos, qerr *e) {
+    float inv_freq[LLAMA_ROPE_MAX_PAIRS];
+    if (hp->head_dim / 2 > LLAMA_ROPE_MAX_PAIRS || hp->head_dim <= 0)
+        return qerr_set(e, "RoPE: head_dim %d out of range (2 .. %d)", hp->head_dim, 2 * LLAMA_ROPE_MAX_PAIRS);
+    llama_rope_inv_freq(hp, inv_freq);
+    return rope_table_init_freqs(t, max_pos, hp->head_dim, inv_freq, e);
+}
+
+/* convert_hf_to_gguf.py LlamaModel.generate_extra_tensors: the factor of one pair of wavelength wavelen */
+static double llama3_factor(double wavelen, double factor, double lo, double hi, double L) {
+    if (wavelen < L / hi) return 1.0;
+    if (wavelen > L / lo) return factor;
+    double smooth = (L / wavelen - lo) / (hi - lo);
+    return 1.0 / ((1.0 - smooth) / factor + smooth);
+}
+
+int llama_rope_llama3_of_factors(const llama_hparams *hp, llama_rope_scaling *out, qerr *e) {
+    const llama_rope_scaling *rs = &hp->rope_scaling;
+    int half = hp->head_dim / 2;
+    float inv[LLAMA_ROPE_MAX_PAIRS];
+    if (rs->type != LLAMA_ROPE_FREQ_FACTORS || rs->factor != 1.0f)
+        return qerr_set(e, "RoPE: not a rope_freqs (llama3) model");
+    rope_default_inv_freq(hp->head_dim, hp->rope_theta, inv);
+    double factor = 1.0;
+    for (int i = 0; i < half; i++) factor = fmax(factor, rs->freq_factors[i]);
+    /* smoothed pairs: 1/f_i = (1 - s)/factor + s, s = L/(hi - lo) · (1/wavelen) - lo/(hi - lo): a line in 1/wavelen */
+    double sx = 0, sy = 0, sxx = 0, sxy = 0;
+    int n = 0;
+    for (int i = 0; i < half; i++) {
+        double f = rs->freq_factors[i];
+        if (f <= 1.0 + 1e-6 || f >= factor * (1.0 - 1e-6)) continue;
+        double s = (1.0 / f - 1.0 / factor) / (1.0 - 1.0 / factor), x = (double)inv[i] / (2.0 * M_PI);
+        sx += x, sy += s, sxx += x * x, sxy += x * s, n++;
+    }
+    if (n < 2 || factor <= 1.0)
+        return qerr_set(e, "tensor rope_freqs.weight: %d pair(s) in the smoothed band, too few to recover llama3 "
+                           "rope_scaling parameters", n);
+    double a = (n * sxy - sx * sy) / (n * sxx - sx * sx), b = (sy - a * sx) / n;
+    /* low_freq_factor 1: b = -1/(hi - 1), a = L/(hi - 1) */
+    double hi = 1.0 - 1.0 / b, L = round(-a / b);
+    if (!(b < 0) || !(hi > 1.0) || !(L >= 1.0) || L > 1e9)
+        return qerr_set(e, "tensor rope_freqs.weight: the factors are not those of llama3 RoPE scaling");
+    hi = round(hi * 1e4) / 1e4; /* high_freq_factor is a round number in every config */
+    for (int i = 0; i < half; i++) {
+        double want = llama3_factor(2.0 * M_PI / (double)inv[i], factor, 1.0, hi, L), got = rs->freq_factors[i];
+        if (fabs(want - got) > 1e-5 * want)
+            return qerr_set(e, "tensor rope_freqs.weight: pair %d: factor %.7g, but the llama3 parameters fitted to "
+                               "the file (factor %g, low 1, high %g, original %g) give %.7g: not llama3 scaling",
+                            i, got, factor, hi, L, want);
+    }
+    memset(out, 0, sizeof *out);
+    out->type = LLAMA_ROPE_LLAMA3;
+    out->factor = (float)factor;
+    out->low_freq_factor = 1.0f;
+    out->high_freq_factor = (float)hi;
+    out->original_context = (int)L;
+    return 0;
 }
 
 static int load_matrix_f32(const gguf_file *f, const char *name, int64_t rows, int64_t cols, float *dst, qerr *e) {
@@ -447,7 +588,7 @@ int llama_load_gguf(const gguf_file *f, int load_in_4bit, int double_quant, int 
     }
     free(tmp);
     m->n_params += m->n_quantized_params;
-    if (rope_table_init(&m->rope, max_pos, (int)hd, hp->rope_theta, e)) return -1;
+    if (llama_rope_init(&m->rope, hp, max_pos, e)) return -1;
     return 0;
 fail:
     free(tmp);

@@ -944,7 +944,7 @@ static void test_real_model(void **state) {
 /* A minimal llama GGUF: the hyper-parameter keys, token_embd and one block's
  * attn_norm, plus one extra key or tensor chosen by `what`; returns
  * llama_hparams_from_gguf's result with its message in e. */
-static int hparams_of_variant(const char *what, qerr *e) {
+static int hparams_of_variant_hp(const char *what, llama_hparams *hp, qerr *e) {
     static float emb[16 * 8], norm[8], freqs[4];
     for (int i = 0; i < 16 * 8; i++) emb[i] = 0.01f * (float)i;
     for (int i = 0; i < 8; i++) norm[i] = 1.0f;
@@ -962,6 +962,9 @@ static int hparams_of_variant(const char *what, qerr *e) {
     if (!strcmp(what, "scaling_type")) gguf_writer_add_str(w, "llama.rope.scaling.type", "yarn");
     if (!strcmp(what, "scaling_none")) gguf_writer_add_str(w, "llama.rope.scaling.type", "none");
     if (!strcmp(what, "scaling_factor")) gguf_writer_add_f32(w, "llama.rope.scaling.factor", 8.0f);
+    if (!strcmp(what, "scaling_linear")) gguf_writer_add_str(w, "llama.rope.scaling.type", "linear");
+    if (!strcmp(what, "scaling_linear")) gguf_writer_add_f32(w, "llama.rope.scaling.factor", 4.0f);
+    if (!strcmp(what, "attn_factor")) gguf_writer_add_f32(w, "llama.rope.scaling.attn_factor", 1.5f);
     if (!strcmp(what, "softcap")) gguf_writer_add_f32(w, "llama.final_logit_softcapping", 30.0f);
     if (!strcmp(what, "window")) gguf_writer_add_u32(w, "llama.attention.sliding_window", 4096);
     if (!strcmp(what, "rotary")) gguf_writer_add_u32(w, "llama.rope.dimension_count", 4);
@@ -969,6 +972,9 @@ static int hparams_of_variant(const char *what, qerr *e) {
     gguf_writer_add_tensor(w, "token_embd.weight", GGML_TYPE_F32, 2, ne_emb, emb, sizeof emb);
     gguf_writer_add_tensor(w, "blk.0.attn_norm.weight", GGML_TYPE_F32, 1, ne_norm, norm, sizeof norm);
     if (!strcmp(what, "rope_freqs")) gguf_writer_add_tensor(w, "rope_freqs.weight", GGML_TYPE_F32, 1, ne_f, freqs, sizeof freqs);
+    uint64_t ne_f3[1] = {3};
+    if (!strcmp(what, "rope_freqs_len"))
+        gguf_writer_add_tensor(w, "rope_freqs.weight", GGML_TYPE_F32, 1, ne_f3, freqs, 3 * sizeof(float));
     if (!strcmp(what, "extra_block"))
         gguf_writer_add_tensor(w, "blk.1.attn_norm.weight", GGML_TYPE_F32, 1, ne_norm, norm, sizeof norm);
     if (!strcmp(what, "bias")) gguf_writer_add_tensor(w, "blk.0.attn_q.bias", GGML_TYPE_F32, 1, ne_norm, norm, sizeof norm);
@@ -979,10 +985,14 @@ static int hparams_of_variant(const char *what, qerr *e) {
     gguf_writer_free(w);
     gguf_file *f = NULL;
     assert_int_equal(gguf_open(tmp_path, &f, e), 0);
-    llama_hparams hp;
-    int rc = llama_hparams_from_gguf(f, &hp, e);
+    int rc = llama_hparams_from_gguf(f, hp, e);
     gguf_close(f);
     return rc;
+}
+
+static int hparams_of_variant(const char *what, qerr *e) {
+    llama_hparams hp;
+    return hparams_of_variant_hp(what, &hp, e);
 }
 
 static void test_model_metadata_refused(void **state) {
@@ -990,10 +1000,25 @@ static void test_model_metadata_refused(void **state) {
     qerr e = {{0}};
     if (hparams_of_variant("plain", &e)) fail_msg("the plain variant must load: %s", e.msg);
     if (hparams_of_variant("scaling_none", &e)) fail_msg("rope scaling none must load: %s", e.msg);
+    /* RoPE scaling that is implemented: read into hp.rope_scaling, never dropped (a Llama 3.1/3.2 GGUF's
+     * rope_freqs must not train with the default RoPE; tests/test_reference_family.c checks the maths) */
+    llama_hparams hp;
+    if (hparams_of_variant_hp("rope_freqs", &hp, &e)) fail_msg("rope_freqs must load: %s", e.msg);
+    assert_int_equal(hp.rope_scaling.type, LLAMA_ROPE_FREQ_FACTORS);
+    for (int i = 0; i < 4; i++) assert_true(hp.rope_scaling.freq_factors[i] == 1.0f + (float)i);
+    if (hparams_of_variant_hp("scaling_factor", &hp, &e)) fail_msg("a linear factor must load: %s", e.msg);
+    assert_int_equal(hp.rope_scaling.type, LLAMA_ROPE_LINEAR);
+    assert_true(hp.rope_scaling.factor == 8.0f);
+    if (hparams_of_variant_hp("scaling_linear", &hp, &e)) fail_msg("linear scaling must load: %s", e.msg);
+    assert_int_equal(hp.rope_scaling.type, LLAMA_ROPE_LINEAR);
+    assert_true(hp.rope_scaling.factor == 4.0f);
+    float inv[4];
+    llama_rope_inv_freq(&hp, inv);
+    assert_true(inv[0] == 0.25f); /* 1/theta^0 / factor */
     static const struct { const char *what, *want; } cases[] = {
-        {"rope_freqs", "rope_freqs.weight"},            /* Llama 3.1/3.2: must not train with the default RoPE */
-        {"scaling_type", "llama.rope.scaling.type"},
-        {"scaling_factor", "llama.rope.scaling.factor"},
+        {"rope_freqs_len", "rope_freqs.weight"},        /* not head_dim/2 factors */
+        {"scaling_type", "llama.rope.scaling.type"},    /* yarn */
+        {"attn_factor", "llama.rope.scaling.attn_factor"},
         {"softcap", "llama.final_logit_softcapping"},
         {"window", "llama.attention.sliding_window"},
         {"rotary", "llama.rope.dimension_count"},

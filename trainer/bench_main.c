@@ -77,7 +77,7 @@ static int random_nf4(nf4_tensor *t, int64_t rows, int64_t cols, uint64_t stream
 static int random_model(llama_model *m, const llama_hparams *hp, int max_pos, qerr *e) {
     memset(m, 0, sizeof *m);
     m->hp = *hp;
-    int64_t D = hp->d_model, V = hp->vocab, hd = hp->head_dim;
+    int64_t D = hp->d_model, V = hp->vocab;
     m->load_in_4bit = 1;
     m->double_quant = 1;
     m->tok_embd = qmalloc((size_t)(V * D) * sizeof(bf16), e);
@@ -119,7 +119,7 @@ static int random_model(llama_model *m, const llama_hparams *hp, int max_pos, qe
         }
     }
     m->n_params += D + m->n_quantized_params;
-    return rope_table_init(&m->rope, max_pos, (int)hd, hp->rope_theta, e);
+    return llama_rope_init(&m->rope, hp, max_pos, e);
 }
 
 /* ------------------------------------------------------------------ FLOPs */

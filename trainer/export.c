@@ -155,6 +155,29 @@ static int write_generation_config(const tokenizer *tok, const char *dir, qerr *
     return rc;
 }
 
+/* "rope_scaling" as transformers writes it for the model's RoPE (modeling_rope_utils.py): null, linear, or
+ * llama3 (recovered from a GGUF's rope_freqs.weight, llama_rope_llama3_of_factors). Errors: rope_freqs that no
+ * rope_scaling of transformers reproduces (a merged model must compute what was trained). */
+static int add_rope_scaling(cJSON *c, const llama_hparams *hp, qerr *e) {
+    llama_rope_scaling rs = hp->rope_scaling;
+    if (rs.type == LLAMA_ROPE_DEFAULT) {
+        cJSON_AddNullToObject(c, "rope_scaling");
+        return 0;
+    }
+    if (rs.type == LLAMA_ROPE_FREQ_FACTORS && llama_rope_llama3_of_factors(hp, &rs, e))
+        return qerr_prefix(e, "merged config.json: rope_scaling");
+    cJSON *o = cJSON_CreateObject();
+    add_raw_float(o, "factor", rs.factor);
+    if (rs.type == LLAMA_ROPE_LLAMA3) {
+        add_raw_float(o, "high_freq_factor", rs.high_freq_factor);
+        add_raw_float(o, "low_freq_factor", rs.low_freq_factor);
+        cJSON_AddNumberToObject(o, "original_max_position_embeddings", rs.original_context);
+    }
+    cJSON_AddStringToObject(o, "rope_type", rs.type == LLAMA_ROPE_LLAMA3 ? "llama3" : "linear");
+    cJSON_AddItemToObject(c, "rope_scaling", o);
+    return 0;
+}
+
 /* config.json for a GGUF base: every Llama hyper-parameter transformers reads. */
 static int write_config_from_hparams(const base_model *b, const tokenizer *tok, const char *dir, qerr *e) {
     const llama_hparams *hp = base_model_hparams(b);
@@ -178,7 +201,10 @@ static int write_config_from_hparams(const base_model *b, const tokenizer *tok, 
     add_id_or_null(c, "pad_token_id", tokenizer_pad_id(tok));
     cJSON_AddNumberToObject(c, "pretraining_tp", 1);
     add_raw_float(c, "rms_norm_eps", hp->rms_eps);
-    cJSON_AddNullToObject(c, "rope_scaling");
+    if (add_rope_scaling(c, hp, e)) {
+        cJSON_Delete(c);
+        return -1;
+    }
     add_raw_float(c, "rope_theta", hp->rope_theta);
     cJSON_AddBoolToObject(c, "tie_word_embeddings", hp->tied_embeddings);
     cJSON_AddStringToObject(c, "torch_dtype", "bfloat16");
