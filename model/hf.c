@@ -110,13 +110,17 @@ static int parse_config(hf_model *h, qerr *e) {
                  cJSON_IsString(mt) ? mt->valuestring : "?");
         goto done;
     }
+    /* sliding window: Mistral's sliding_window (null: none); Qwen2's only with use_sliding_window */
     const cJSON *sw = cJSON_GetObjectItemCaseSensitive(c, "sliding_window");
-    if (sw && cJSON_IsNumber(sw) && sw->valuedouble > 0 && sw->valuedouble < 1e9) {
-        /* Mistral v0.1's 4096-token window: identical to full attention for shorter rows */
-        const cJSON *mp = cJSON_GetObjectItemCaseSensitive(c, "max_position_embeddings");
-        if (cJSON_IsNumber(mp) && sw->valuedouble < mp->valuedouble)
-            fprintf(stderr, "[model] %s: sliding_window %d is not implemented: rows must stay within %d tokens\n",
-                    path, (int)sw->valuedouble, (int)sw->valuedouble);
+    const cJSON *usw = cJSON_GetObjectItemCaseSensitive(c, "use_sliding_window");
+    int sw_applies = !strcmp(mt->valuestring, "mistral") || cJSON_IsTrue(usw);
+    if (sw && !cJSON_IsNull(sw) && sw_applies) {
+        if (!cJSON_IsNumber(sw) || sw->valuedouble < 1 || sw->valuedouble > 1e9 ||
+            sw->valuedouble != floor(sw->valuedouble)) {
+            qerr_set(e, "%s: sliding_window: expected a positive integer or null", path);
+            goto done;
+        }
+        hp->sliding_window = (int)sw->valuedouble;
     }
     const cJSON *act = cJSON_GetObjectItemCaseSensitive(c, "hidden_act");
     if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu"))) {

@@ -122,6 +122,11 @@ int llama_hparams_from_gguf(const gguf_file *f, llama_hparams *hp, qerr *e) {
         return qerr_set(e, "token_embd.weight: expected ne0 = %d, got %llu", hp->d_model,
                         (unsigned long long)emb->ne[0]);
     if (llama_gguf_refuse_unimplemented(f, hp, e) || llama_gguf_rope_scaling(f, hp, e)) return -1;
+    if (gguf_has_key(f, "llama.attention.sliding_window")) {
+        if (gguf_get_u32(f, "llama.attention.sliding_window", &v, e)) return -1;
+        if (v > 1000000000u) return qerr_set(e, "llama.attention.sliding_window: %u is out of range", v);
+        hp->sliding_window = (int)v; /* 0: none (llama.cpp writes 0 for "no window") */
+    }
     return llama_hparams_check(hp, "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon", e);
 }
 
@@ -170,7 +175,7 @@ static int llama_gguf_refuse_unimplemented(const gguf_file *f, const llama_hpara
                                "implemented", (double)af);
     }
     static const char *const refused[] = {"llama.attn_logit_softcapping", "llama.final_logit_softcapping",
-                                          "llama.attention.sliding_window", "llama.rope.dimension_sections"};
+                                          "llama.rope.dimension_sections"};
     for (size_t i = 0; i < sizeof refused / sizeof *refused; i++)
         if (gguf_has_key(f, refused[i]))
             return qerr_set(e, "%s: not implemented for the llama architecture here; refusing rather than training "

@@ -47,6 +47,11 @@ typedef struct llama_hparams {
     float rope_theta, rms_eps;
     int tied_embeddings;
     llama_rope_scaling rope_scaling;
+    /* Sliding-window attention (Mistral v0.1's 4096; HF sliding_window, GGUF <arch>.attention.sliding_window),
+     * 0 = none. Not implemented as a mask: for rows of at most sliding_window tokens it is the plain causal
+     * mask (HF masks key j for query i when i - j >= sliding_window), so longer sequences are refused
+     * (trainer/run.c sequence_len, qlora-generate's context). */
+    int sliding_window;
 } llama_hparams;
 
 /* llama_rope_inv_freq: the RoPE inverse frequencies (head_dim/2, fp32, radians

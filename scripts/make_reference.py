@@ -879,6 +879,12 @@ FAMILIES = {
     "llama3": dict(TINY, hf_class="LlamaForCausalLM", tied=False,
                    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=8.0,
                                      original_max_position_embeddings=128)),
+    # Mistral: the Llama block under model_type "mistral"; its sliding_window (4096, as v0.1) is longer than
+    # every row here, where it equals full attention
+    "mistral": dict(TINY, hf_class="MistralForCausalLM", tied=False, sliding_window=4096),
+    # Qwen2 / Qwen2.5: q/k/v biases (drawn at 0.5 so they matter), tied embeddings as the small Qwen2.5s,
+    # theta 1e6 as Qwen2.5 (the default RoPE); GGUF arch qwen2: no Q/K permutation
+    "qwen2": dict(TINY, hf_class="Qwen2ForCausalLM", tied=True, theta=1000000.0),
 }
 
 
@@ -945,6 +951,8 @@ def make_family(name, args):
               head_dim=c["head_dim"], rms_norm_eps=c["eps"], max_position_embeddings=256,
               tie_word_embeddings=c["tied"], attention_dropout=0.0, bos_token_id=1, eos_token_id=2)
     rp = dict(rope_type="default", rope_theta=c["theta"])
+    if c.get("sliding_window"):
+        kw["sliding_window"] = c["sliding_window"]
     if c.get("rope_scaling"):
         rp = dict(c["rope_scaling"], rope_theta=c["theta"])
     kw["rope_parameters"] = rp
@@ -965,6 +973,9 @@ def make_family(name, args):
             for mod, lin in LINEARS:
                 w = getattr(getattr(layer, mod), lin).weight
                 w.copy_(bf(torch.randn(w.shape, generator=g) * (0.8 / w.shape[1] ** 0.5)))
+                b = getattr(getattr(layer, mod), lin).bias
+                if b is not None:
+                    b.copy_(bf(0.5 * torch.randn(b.shape, generator=g)))
             layer.input_layernorm.weight.copy_(bf(1 + 0.2 * torch.randn(c["d"], generator=g)))
             layer.post_attention_layernorm.weight.copy_(bf(1 + 0.2 * torch.randn(c["d"], generator=g)))
         model.model.norm.weight.copy_(bf(1 + 0.2 * torch.randn(c["d"], generator=g)))

@@ -1012,7 +1012,10 @@ static void test_model_metadata_refused(void **state) {
     if (hparams_of_variant_hp("scaling_linear", &hp, &e)) fail_msg("linear scaling must load: %s", e.msg);
     assert_int_equal(hp.rope_scaling.type, LLAMA_ROPE_LINEAR);
     assert_true(hp.rope_scaling.factor == 4.0f);
+    if (hparams_of_variant_hp("window", &hp, &e)) fail_msg("a sliding window must load: %s", e.msg);
+    assert_int_equal(hp.sliding_window, 4096); /* bounds sequence_len (trainer/run.c) */
     float inv[4];
+    if (hparams_of_variant_hp("scaling_linear", &hp, &e)) fail_msg("linear scaling must load: %s", e.msg);
     llama_rope_inv_freq(&hp, inv);
     assert_true(inv[0] == 0.25f); /* 1/theta^0 / factor */
     static const struct { const char *what, *want; } cases[] = {
@@ -1020,7 +1023,6 @@ static void test_model_metadata_refused(void **state) {
         {"scaling_type", "llama.rope.scaling.type"},    /* yarn */
         {"attn_factor", "llama.rope.scaling.attn_factor"},
         {"softcap", "llama.final_logit_softcapping"},
-        {"window", "llama.attention.sliding_window"},
         {"rotary", "llama.rope.dimension_count"},
         {"extra_block", "blk.1.attn_norm.weight"},      /* more layers than block_count */
         {"bias", "blk.0.attn_q.bias"},

@@ -22,6 +22,8 @@
  *           RoPE frequencies of both forms against transformers' inv_freq, and
  *           a control: the same GGUF with the default RoPE (what qlora did
  *           before rope_freqs was read) must miss the reference logits by far.
+ *   mistral MistralConfig (model_type "mistral", sliding_window 4096: longer
+ *           than the rows, so full attention; the window is read).
  */
 #include <math.h>
 #include <setjmp.h>
@@ -245,7 +247,7 @@ static void test_logits_both_forms(void **state) {
 static void test_default_rope_is_wrong(void **state) {
     (void)state;
     family *f = &g_f;
-    if (f->m_gguf.hp.rope_scaling.type == LLAMA_ROPE_DEFAULT) skip();
+    assert_int_not_equal(f->m_gguf.hp.rope_scaling.type, LLAMA_ROPE_DEFAULT);
     int64_t n = (int64_t)f->b.B * f->b.T * f->m_hf.hp.vocab;
     const float *ref = ref_f32(&f->rf, "logits", n);
     float *got = malloc((size_t)n * sizeof(float));
@@ -320,11 +322,26 @@ static void test_adamw_10_steps(void **state) {
     memcpy(f->ls.params, f->p0, (size_t)np * sizeof(float));
 }
 
+/* Mistral's sliding_window is read (and bounds sequence_len, trainer/run.c); 4096 is longer than the rows. */
+static void test_sliding_window_read(void **state) {
+    (void)state;
+    assert_int_equal(g_f.m_hf.hp.sliding_window, 4096);
+}
+
 int main(int argc, char **argv) {
-    static const char *const all[] = {"llama3"};
-    const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_rope_frequencies),  cmocka_unit_test(test_logits_both_forms),
+    static const char *const all[] = {"llama3", "mistral"};
+    const struct CMUnitTest common[] = {
+        cmocka_unit_test(test_rope_frequencies), cmocka_unit_test(test_logits_both_forms),
+        cmocka_unit_test(test_loss_grads),       cmocka_unit_test(test_adamw_10_steps),
+    };
+    const struct CMUnitTest scaled[] = {
+        cmocka_unit_test(test_rope_frequencies), cmocka_unit_test(test_logits_both_forms),
         cmocka_unit_test(test_default_rope_is_wrong), cmocka_unit_test(test_loss_grads),
+        cmocka_unit_test(test_adamw_10_steps),
+    };
+    const struct CMUnitTest windowed[] = {
+        cmocka_unit_test(test_sliding_window_read), cmocka_unit_test(test_rope_frequencies),
+        cmocka_unit_test(test_logits_both_forms),   cmocka_unit_test(test_loss_grads),
         cmocka_unit_test(test_adamw_10_steps),
     };
     int fails = 0;
@@ -332,7 +349,9 @@ int main(int argc, char **argv) {
     for (int i = 0; i < n; i++) {
         g_name = argc > 1 ? argv[i + 1] : all[i];
         fprintf(stderr, "[ref] family %s\n", g_name);
-        fails += cmocka_run_group_tests_name(g_name, tests, setup, teardown);
+        if (!strcmp(g_name, "llama3")) fails += cmocka_run_group_tests_name(g_name, scaled, setup, teardown);
+        else if (!strcmp(g_name, "mistral")) fails += cmocka_run_group_tests_name(g_name, windowed, setup, teardown);
+        else fails += cmocka_run_group_tests_name(g_name, common, setup, teardown);
     }
     return fails != 0;
 }
