@@ -265,6 +265,11 @@ tensor *op_linear(ag_ctx *ctx, tensor *x, const frozen_weight *w, const lora_ada
     gemm_dtype dt = gdt(ctx);
     const void *wb = frozen_operand(ctx, w);
     be->gemm(0, 1, N, out, in, 1.0f, xb, in, wb, in, 0.0f, y->data, out, dt); /* y = x Wᵀ */
+    if (w->bias) { /* y += ones(N, 1) · b(1, out): the bias through the table's GEMM, no per-row loop */
+        float *ones = ag_alloc(ctx, (size_t)N * sizeof(float));
+        be->fill_f32(ones, N, 1.0f);
+        be->gemm(0, 0, N, out, 1, 1.0f, ones, 1, w->bias, out, 1.0f, y->data, out, GEMM_F32);
+    }
     if (lora) {
         int64_t r = lora->r;
         const void *Ab = operand(ctx, lora->A->data, r * in);

@@ -61,7 +61,9 @@ tensor *op_embedding(ag_ctx *ctx, const frozen_weight *table, const int32_t *ids
 /* y = x / sqrt(mean(x²) + eps) * w ; x (N, D) fp32, w (D) fp32 tensor (frozen or trainable). */
 tensor *op_rmsnorm(ag_ctx *ctx, tensor *x, tensor *w, float eps);
 
-/* y (N, out) = x W^T + scaling · dropout(x) A^T B^T ; x (N, in) fp32.
+/* y (N, out) = x W^T (+ w->bias) + scaling · dropout(x) A^T B^T ; x (N, in) fp32.
+ * The bias is frozen (no gradient); it is added with the backend's GEMM as the
+ * rank-1 product ones(N, 1) · bias(1, out) in fp32 (one rounding: y + b).
  * lora may be NULL (frozen linear: only dx flows back). */
 tensor *op_linear(ag_ctx *ctx, tensor *x, const frozen_weight *w, const lora_adapter *lora);
 

@@ -105,10 +105,35 @@ static int parse_config(hf_model *h, qerr *e) {
     llama_hparams *hp = &h->hp;
     memset(hp, 0, sizeof *hp);
     const cJSON *mt = cJSON_GetObjectItemCaseSensitive(c, "model_type");
-    if (!cJSON_IsString(mt) || (strcmp(mt->valuestring, "llama") && strcmp(mt->valuestring, "mistral"))) {
-        qerr_set(e, "%s: model_type \"%s\" is not supported (Llama family: \"llama\", \"mistral\")", path,
+    if (!cJSON_IsString(mt) || (strcmp(mt->valuestring, "llama") && strcmp(mt->valuestring, "mistral") &&
+                                strcmp(mt->valuestring, "qwen2"))) {
+        qerr_set(e, "%s: model_type \"%s\" is not supported (\"llama\", \"mistral\", \"qwen2\")", path,
                  cJSON_IsString(mt) ? mt->valuestring : "?");
         goto done;
+    }
+    if (!strcmp(mt->valuestring, "qwen2")) { /* modeling_qwen2.py: q/k/v_proj bias=True, o_proj and the MLP none */
+        hp->arch = LLAMA_ARCH_QWEN2;
+        hp->qkv_bias = 1;
+    }
+    const cJSON *lt = cJSON_GetObjectItemCaseSensitive(c, "layer_types");
+    for (int i = 0; cJSON_IsArray(lt) && i < cJSON_GetArraySize(lt); i++) {
+        const cJSON *t = cJSON_GetArrayItem(lt, i);
+        if (!cJSON_IsString(t) || (strcmp(t->valuestring, "full_attention") &&
+                                   strcmp(t->valuestring, "sliding_attention"))) {
+            qerr_set(e, "%s: layer_types[%d]: \"%s\" attention is not implemented (full_attention, and "
+                        "sliding_attention up to its window, are)", path, i, cJSON_IsString(t) ? t->valuestring : "?");
+            goto done;
+        }
+    }
+    /* keys of other architectures' configs that change the maths when present in one of these */
+    static const char *const foreign[] = {"attn_logit_softcapping", "final_logit_softcapping", "qk_layernorm",
+                                          "use_qk_norm", "query_pre_attn_scalar"};
+    for (size_t i = 0; i < sizeof foreign / sizeof *foreign; i++) {
+        const cJSON *it = cJSON_GetObjectItemCaseSensitive(c, foreign[i]);
+        if (it && !cJSON_IsNull(it) && !cJSON_IsFalse(it)) {
+            qerr_set(e, "%s: %s: not implemented (refusing rather than training a different model)", path, foreign[i]);
+            goto done;
+        }
     }
     /* sliding window: Mistral's sliding_window (null: none); Qwen2's only with use_sliding_window */
     const cJSON *sw = cJSON_GetObjectItemCaseSensitive(c, "sliding_window");
@@ -369,6 +394,8 @@ static void role_name(llama_role role, int layer, int module, char *name, size_t
     case LLAMA_T_FFN_NORM: snprintf(name, n, "model.layers.%d.post_attention_layernorm.weight", layer); return;
     case LLAMA_T_LINEAR: snprintf(name, n, "model.layers.%d.%s.%s.weight", layer, llama_linears[module].parent,
                                       llama_linears[module].peft); return;
+    case LLAMA_T_BIAS: snprintf(name, n, "model.layers.%d.%s.%s.bias", layer, llama_linears[module].parent,
+                                    llama_linears[module].peft); return;
     }
     name[0] = 0;
 }
@@ -659,6 +686,15 @@ int hf_model_load(const hf_model *h, int load_in_4bit, int double_quant, int max
                 goto fail;
             }
             m->n_quantized_params += rows * cols;
+            if (hp->qkv_bias && k <= LLAMA_V) { /* Qwen2: frozen fp32 bias, beside the blob as the norms */
+                if (!(L->bias[k] = qmalloc((size_t)rows * sizeof(float), e)) ||
+                    hf_model_tensor_f32(h, LLAMA_T_BIAS, l, k, L->bias[k], e)) {
+                    free(tmp);
+                    goto fail;
+                }
+                L->lin[k].bias = L->bias[k];
+                m->n_params += rows;
+            }
         }
         llama_layer_seal(L);
         m->quantized_bytes += (int64_t)lo.nbytes;

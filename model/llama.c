@@ -20,11 +20,12 @@ void llama_tensor_shape(const llama_hparams *hp, llama_role role, int module, in
     case LLAMA_T_OUT_NORM:
     case LLAMA_T_ATTN_NORM:
     case LLAMA_T_FFN_NORM: *rows = D; *cols = 1; return;
-    case LLAMA_T_LINEAR: {
+    case LLAMA_T_LINEAR:
+    case LLAMA_T_BIAS: {
         const int64_t outs[LLAMA_N_LINEAR] = {qd, kd, kd, D, F, F, D};
         const int64_t ins[LLAMA_N_LINEAR] = {D, D, D, qd, D, D, F};
         *rows = outs[module];
-        *cols = ins[module];
+        *cols = role == LLAMA_T_BIAS ? 1 : ins[module];
         return;
     }
     }
@@ -33,6 +34,18 @@ void llama_tensor_shape(const llama_hparams *hp, llama_role role, int module, in
 
 static int llama_gguf_refuse_unimplemented(const gguf_file *f, const llama_hparams *hp, qerr *e);
 
+/* "<arch>.<suffix>": a GGUF key of hp's architecture (llama.cpp's LLM_KV names: "llama.block_count",
+ * "qwen2.block_count", ...). A small ring of buffers, so that one expression may hold several keys. */
+static const char *K(const llama_hparams *hp, const char *suffix) {
+    static _Thread_local char ring[8][96];
+    static _Thread_local unsigned next;
+    char *b = ring[next++ % 8];
+    snprintf(b, sizeof ring[0], "%s.%s", llama_arch_name(hp->arch), suffix);
+    return b;
+}
+
+const char *llama_arch_name(llama_arch arch) { return arch == LLAMA_ARCH_QWEN2 ? "qwen2" : "llama"; }
+
 /* RoPE scaling of a GGUF (llama.cpp llama-model.cpp): freq_scale = 1 / rope.scaling.factor (or the older
  * rope.scale_linear), 0 meaning 1, for type none or linear alike; rope_freqs.weight divides each pair's
  * frequency (ggml_rope_ext's freq_factors). */
@@ -40,13 +53,13 @@ static int llama_gguf_rope_scaling(const gguf_file *f, llama_hparams *hp, qerr *
     llama_rope_scaling *rs = &hp->rope_scaling;
     rs->type = LLAMA_ROPE_DEFAULT;
     rs->factor = 1.0f;
-    static const char *const factor_keys[] = {"llama.rope.scaling.factor", "llama.rope.scale_linear"};
+    static const char *const factor_keys[] = {"rope.scaling.factor", "rope.scale_linear"};
     for (int i = 0; i < 2; i++) {
-        if (!gguf_has_key(f, factor_keys[i])) continue;
+        if (!gguf_has_key(f, K(hp, factor_keys[i]))) continue;
         float factor;
-        if (gguf_get_f32(f, factor_keys[i], &factor, e)) return -1;
+        if (gguf_get_f32(f, K(hp, factor_keys[i]), &factor, e)) return -1;
         if (!isfinite(factor) || factor < 0.0f)
-            return qerr_set(e, "%s: expected a finite RoPE scaling factor >= 0, got %g", factor_keys[i],
+            return qerr_set(e, "%s: expected a finite RoPE scaling factor >= 0, got %g", K(hp, factor_keys[i]),
                             (double)factor);
         if (factor != 0.0f && factor != 1.0f) {
             rs->type = LLAMA_ROPE_LINEAR;
@@ -77,38 +90,45 @@ int llama_hparams_from_gguf(const gguf_file *f, llama_hparams *hp, qerr *e) {
     const char *arch;
     size_t alen;
     if (gguf_get_str(f, "general.architecture", &arch, &alen, e)) return -1;
-    if (!(alen == 5 && memcmp(arch, "llama", 5) == 0))
-        return qerr_set(e, "general.architecture: expected \"llama\", got \"%.*s\"", (int)alen, arch);
+    if (alen == 5 && !memcmp(arch, "llama", 5)) {
+        hp->arch = LLAMA_ARCH_LLAMA;
+    } else if (alen == 5 && !memcmp(arch, "qwen2", 5)) {
+        hp->arch = LLAMA_ARCH_QWEN2;
+        hp->qkv_bias = 1;
+    } else {
+        return qerr_set(e, "general.architecture: \"%.*s\" is not supported (llama: Llama 1-3, Mistral, SmolLM; "
+                           "qwen2: Qwen2 / Qwen2.5)", (int)alen, arch);
+    }
     uint32_t v;
-    if (gguf_get_u32(f, "llama.block_count", &v, e)) return -1;
+    if (gguf_get_u32(f, K(hp, "block_count"), &v, e)) return -1;
     hp->n_layer = (int)v;
-    if (gguf_get_u32(f, "llama.embedding_length", &v, e)) return -1;
+    if (gguf_get_u32(f, K(hp, "embedding_length"), &v, e)) return -1;
     hp->d_model = (int)v;
-    if (gguf_get_u32(f, "llama.attention.head_count", &v, e)) return -1;
+    if (gguf_get_u32(f, K(hp, "attention.head_count"), &v, e)) return -1;
     hp->n_head = (int)v;
     hp->n_kv_head = hp->n_head;
-    if (gguf_has_key(f, "llama.attention.head_count_kv")) {
-        if (gguf_get_u32(f, "llama.attention.head_count_kv", &v, e)) return -1;
+    if (gguf_has_key(f, K(hp, "attention.head_count_kv"))) {
+        if (gguf_get_u32(f, K(hp, "attention.head_count_kv"), &v, e)) return -1;
         hp->n_kv_head = (int)v;
     }
-    if (gguf_get_u32(f, "llama.feed_forward_length", &v, e)) return -1;
+    if (gguf_get_u32(f, K(hp, "feed_forward_length"), &v, e)) return -1;
     hp->d_ff = (int)v;
     hp->context_length = 2048;
-    if (gguf_has_key(f, "llama.context_length")) {
-        if (gguf_get_u32(f, "llama.context_length", &v, e)) return -1;
+    if (gguf_has_key(f, K(hp, "context_length"))) {
+        if (gguf_get_u32(f, K(hp, "context_length"), &v, e)) return -1;
         hp->context_length = (int)v;
     }
     hp->head_dim = hp->n_head ? hp->d_model / hp->n_head : 0;
-    if (gguf_has_key(f, "llama.attention.key_length")) {
-        if (gguf_get_u32(f, "llama.attention.key_length", &v, e)) return -1;
+    if (gguf_has_key(f, K(hp, "attention.key_length"))) {
+        if (gguf_get_u32(f, K(hp, "attention.key_length"), &v, e)) return -1;
         hp->head_dim = (int)v;
     }
     hp->rope_theta = 10000.0f;
-    if (gguf_has_key(f, "llama.rope.freq_base") && gguf_get_f32(f, "llama.rope.freq_base", &hp->rope_theta, e))
+    if (gguf_has_key(f, K(hp, "rope.freq_base")) && gguf_get_f32(f, K(hp, "rope.freq_base"), &hp->rope_theta, e))
         return -1;
     hp->rms_eps = 1e-5f;
-    if (gguf_has_key(f, "llama.attention.layer_norm_rms_epsilon") &&
-        gguf_get_f32(f, "llama.attention.layer_norm_rms_epsilon", &hp->rms_eps, e))
+    if (gguf_has_key(f, K(hp, "attention.layer_norm_rms_epsilon")) &&
+        gguf_get_f32(f, K(hp, "attention.layer_norm_rms_epsilon"), &hp->rms_eps, e))
         return -1;
     const gguf_tensor *emb = gguf_find_tensor(f, "token_embd.weight");
     if (!emb) return qerr_set(e, "tensor token_embd.weight missing");
@@ -122,12 +142,12 @@ int llama_hparams_from_gguf(const gguf_file *f, llama_hparams *hp, qerr *e) {
         return qerr_set(e, "token_embd.weight: expected ne0 = %d, got %llu", hp->d_model,
                         (unsigned long long)emb->ne[0]);
     if (llama_gguf_refuse_unimplemented(f, hp, e) || llama_gguf_rope_scaling(f, hp, e)) return -1;
-    if (gguf_has_key(f, "llama.attention.sliding_window")) {
-        if (gguf_get_u32(f, "llama.attention.sliding_window", &v, e)) return -1;
-        if (v > 1000000000u) return qerr_set(e, "llama.attention.sliding_window: %u is out of range", v);
+    if (gguf_has_key(f, K(hp, "attention.sliding_window"))) {
+        if (gguf_get_u32(f, K(hp, "attention.sliding_window"), &v, e)) return -1;
+        if (v > 1000000000u) return qerr_set(e, "%s: %u is out of range", K(hp, "attention.sliding_window"), v);
         hp->sliding_window = (int)v; /* 0: none (llama.cpp writes 0 for "no window") */
     }
-    return llama_hparams_check(hp, "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon", e);
+    return llama_hparams_check(hp, K(hp, "rope.freq_base"), K(hp, "attention.layer_norm_rms_epsilon"), e);
 }
 
 int llama_hparams_check(const llama_hparams *hp, const char *theta_key, const char *eps_key, qerr *e) {
@@ -161,31 +181,31 @@ int llama_hparams_check(const llama_hparams *hp, const char *theta_key, const ch
 static int llama_gguf_refuse_unimplemented(const gguf_file *f, const llama_hparams *hp, qerr *e) {
     const char *type = NULL;
     size_t tl = 0;
-    if (gguf_has_key(f, "llama.rope.scaling.type")) {
-        if (gguf_get_str(f, "llama.rope.scaling.type", &type, &tl, e)) return -1;
+    if (gguf_has_key(f, K(hp, "rope.scaling.type"))) {
+        if (gguf_get_str(f, K(hp, "rope.scaling.type"), &type, &tl, e)) return -1;
         if (!(tl == 4 && !memcmp(type, "none", 4)) && !(tl == 6 && !memcmp(type, "linear", 6)))
-            return qerr_set(e, "llama.rope.scaling.type: \"%.*s\" RoPE scaling is not implemented (none, linear, "
-                               "and llama3 as the rope_freqs.weight tensor are)", (int)tl, type);
+            return qerr_set(e, "%s: \"%.*s\" RoPE scaling is not implemented (none, linear, and llama3 as the "
+                               "rope_freqs.weight tensor are)", K(hp, "rope.scaling.type"), (int)tl, type);
     }
-    if (gguf_has_key(f, "llama.rope.scaling.attn_factor")) {
+    if (gguf_has_key(f, K(hp, "rope.scaling.attn_factor"))) {
         float af;
-        if (gguf_get_f32(f, "llama.rope.scaling.attn_factor", &af, e)) return -1;
+        if (gguf_get_f32(f, K(hp, "rope.scaling.attn_factor"), &af, e)) return -1;
         if (af != 1.0f)
-            return qerr_set(e, "llama.rope.scaling.attn_factor: %g: a RoPE attention factor other than 1 is not "
-                               "implemented", (double)af);
+            return qerr_set(e, "%s: %g: a RoPE attention factor other than 1 is not implemented",
+                            K(hp, "rope.scaling.attn_factor"), (double)af);
     }
-    static const char *const refused[] = {"llama.attn_logit_softcapping", "llama.final_logit_softcapping",
-                                          "llama.rope.dimension_sections"};
+    static const char *const refused[] = {"attn_logit_softcapping", "final_logit_softcapping",
+                                          "rope.dimension_sections", "attention.sliding_window_pattern"};
     for (size_t i = 0; i < sizeof refused / sizeof *refused; i++)
-        if (gguf_has_key(f, refused[i]))
-            return qerr_set(e, "%s: not implemented for the llama architecture here; refusing rather than training "
-                               "a different model", refused[i]);
-    if (gguf_has_key(f, "llama.rope.dimension_count")) {
+        if (gguf_has_key(f, K(hp, refused[i])))
+            return qerr_set(e, "%s: not implemented for the %s architecture here; refusing rather than training "
+                               "a different model", K(hp, refused[i]), llama_arch_name(hp->arch));
+    if (gguf_has_key(f, K(hp, "rope.dimension_count"))) {
         uint32_t n;
-        if (gguf_get_u32(f, "llama.rope.dimension_count", &n, e)) return -1;
+        if (gguf_get_u32(f, K(hp, "rope.dimension_count"), &n, e)) return -1;
         if ((int)n != hp->head_dim)
-            return qerr_set(e, "llama.rope.dimension_count: %u, but head_dim is %d: partial rotary embeddings are not "
-                               "implemented", n, hp->head_dim);
+            return qerr_set(e, "%s: %u, but head_dim is %d: partial rotary embeddings are not implemented",
+                            K(hp, "rope.dimension_count"), n, hp->head_dim);
     }
     /* every blk.N tensor must belong to one of the block_count layers: fewer layers than the file holds would train
      * a truncated model without a word */
@@ -196,12 +216,16 @@ static int llama_gguf_refuse_unimplemented(const gguf_file *f, const llama_hpara
         if (strncmp(t->name, "blk.", 4)) continue;
         blk = strtol(t->name + 4, &end, 10);
         if (end != t->name + 4 && *end == '.' && blk >= hp->n_layer)
-            return qerr_set(e, "tensor %s: block %ld, but llama.block_count is %d (the file holds more layers than "
-                               "its metadata declares)", t->name, blk, hp->n_layer);
-        if (!strcmp(end, ".attn_q.bias") || !strcmp(end, ".attn_k.bias") || !strcmp(end, ".attn_v.bias") ||
-            !strcmp(end, ".attn_output.bias") || !strcmp(end, ".ffn_up.bias") || !strcmp(end, ".ffn_down.bias") ||
+            return qerr_set(e, "tensor %s: block %ld, but %s is %d (the file holds more layers than its metadata "
+                               "declares)", t->name, blk, K(hp, "block_count"), hp->n_layer);
+        int qkv_bias = !strcmp(end, ".attn_q.bias") || !strcmp(end, ".attn_k.bias") || !strcmp(end, ".attn_v.bias");
+        if (qkv_bias && !hp->qkv_bias)
+            return qerr_set(e, "tensor %s: linear biases are not implemented for the %s architecture (Qwen2's q/k/v "
+                               "biases are, under general.architecture \"qwen2\")", t->name, llama_arch_name(hp->arch));
+        if (!strcmp(end, ".attn_output.bias") || !strcmp(end, ".ffn_up.bias") || !strcmp(end, ".ffn_down.bias") ||
             !strcmp(end, ".ffn_gate.bias"))
-            return qerr_set(e, "tensor %s: linear biases are not implemented (Llama without biases only)", t->name);
+            return qerr_set(e, "tensor %s: a bias on this linear is not implemented (only Qwen2's q/k/v biases are)",
+                            t->name);
         if (!strcmp(end, ".attn_q_norm.weight") || !strcmp(end, ".attn_k_norm.weight"))
             return qerr_set(e, "tensor %s: QK-norm is not implemented", t->name);
     }
@@ -579,8 +603,15 @@ int llama_load_gguf(const gguf_file *f, int load_in_4bit, int double_quant, int 
             const int64_t rows = lo.rows[k], cols = lo.cols[k];
             snprintf(name, sizeof name, "blk.%d.%s.weight", l, llama_linears[k].gguf);
             if (load_matrix_f32(f, name, rows, cols, tmp, e)) goto fail;
-            if (k == LLAMA_Q) llama_unpermute_rows(tmp, hp->n_head, (int)hd, cols);
-            if (k == LLAMA_K) llama_unpermute_rows(tmp, hp->n_kv_head, (int)hd, cols);
+            /* llama's converter permutes Q/K for ggml's interleaved RoPE; qwen2's (NEOX RoPE) does not */
+            if (k == LLAMA_Q && hp->arch == LLAMA_ARCH_LLAMA) llama_unpermute_rows(tmp, hp->n_head, (int)hd, cols);
+            if (k == LLAMA_K && hp->arch == LLAMA_ARCH_LLAMA) llama_unpermute_rows(tmp, hp->n_kv_head, (int)hd, cols);
+            if (hp->qkv_bias && k <= LLAMA_V) {
+                snprintf(name, sizeof name, "blk.%d.%s.bias", l, llama_linears[k].gguf);
+                if (load_vector_f32(f, name, rows, &L->bias[k], e)) goto fail;
+                L->lin[k].bias = L->bias[k];
+                m->n_params += rows;
+            }
             if (load_in_4bit) {
                 if (nf4_quantize_into(tmp, &L->nf4[k], e)) goto fail;
             } else {
@@ -607,6 +638,7 @@ void llama_free(llama_model *m) {
             free(L->attn_norm);
             free(L->ffn_norm);
             for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+                free(L->bias[k]);
                 nf4_free(&L->nf4[k]); /* a view into the blob: forgotten; owned (no blob): freed */
                 if (!L->blob) free(L->w_bf16[k]);
             }

@@ -42,7 +42,19 @@ typedef struct llama_rope_scaling {
     float freq_factors[LLAMA_ROPE_MAX_PAIRS];  /* FREQ_FACTORS: (head_dim/2), finite, > 0 */
 } llama_rope_scaling;
 
+/* Architectures: the Llama block, and what differs from it. */
+typedef enum llama_arch {
+    LLAMA_ARCH_LLAMA = 0, /* Llama 1-3, Mistral, SmolLM (GGUF "llama"; HF "llama", "mistral") */
+    LLAMA_ARCH_QWEN2,     /* Qwen2 / Qwen2.5 (GGUF "qwen2", HF "qwen2"): q/k/v biases; GGUF Q/K rows in HF order
+                           * (llama.cpp's NEOX RoPE is HF's rotate_half: the converter does not permute) */
+} llama_arch;
+
+/* The GGUF general.architecture of arch ("llama", "qwen2"), also its key prefix. */
+const char *llama_arch_name(llama_arch arch);
+
 typedef struct llama_hparams {
+    llama_arch arch;
+    int qkv_bias;            /* 1: q_proj, k_proj, v_proj carry a frozen bias (Qwen2) */
     int n_layer, d_model, n_head, n_kv_head, head_dim, d_ff, vocab, context_length;
     float rope_theta, rms_eps;
     int tied_embeddings;
@@ -86,10 +98,12 @@ typedef enum llama_role {
     LLAMA_T_ATTN_NORM, /* (D) layers.N.input_layernorm / blk.N.attn_norm */
     LLAMA_T_FFN_NORM,  /* (D) layers.N.post_attention_layernorm / blk.N.ffn_norm */
     LLAMA_T_LINEAR,    /* layers.N.{self_attn,mlp}.<module> (out, in) */
+    LLAMA_T_BIAS,      /* (out) layers.N.self_attn.{q,k,v}_proj.bias / blk.N.attn_{q,k,v}.bias (hp->qkv_bias) */
 } llama_role;
 
-/* Shape (rows, cols) of a role's tensor (cols = 1 for norms: rows = D); module
- * indexes the LLAMA_Q..LLAMA_DOWN enum for LLAMA_T_LINEAR. */
+/* Shape (rows, cols) of a role's tensor (cols = 1 for norms and biases: rows =
+ * D or out); module indexes the LLAMA_Q..LLAMA_DOWN enum for LLAMA_T_LINEAR
+ * and LLAMA_T_BIAS. */
 void llama_tensor_shape(const llama_hparams *hp, llama_role role, int module, int64_t *rows, int64_t *cols);
 
 /* ---- The frozen linears of one layer in one allocation (the layer blob) ----
@@ -173,6 +187,8 @@ typedef struct llama_byte_range {
 
 typedef struct llama_layer {
     float *attn_norm, *ffn_norm;        /* (D) fp32 */
+    float *bias[LLAMA_N_LINEAR];        /* (out) fp32 frozen bias of q/k/v (hp.qkv_bias), else NULL; lin[k].bias
+                                         * points here (not part of the blob, as the norms) */
     frozen_weight lin[LLAMA_N_LINEAR];  /* q (H*hd, D), k/v (KVH*hd, D), o (D, H*hd), gate/up (F, D), down (D, F) */
     nf4_tensor nf4[LLAMA_N_LINEAR];     /* when quantized: views into blob (or, in a layer built by hand
                                          * without a blob, tensors owning their buffers) */

@@ -24,6 +24,9 @@
  *           before rope_freqs was read) must miss the reference logits by far.
  *   mistral MistralConfig (model_type "mistral", sliding_window 4096: longer
  *           than the rows, so full attention; the window is read).
+ *   qwen2   Qwen2Config (q/k/v biases drawn at 0.5, tied embeddings, theta
+ *           1e6); GGUF arch qwen2, whose Q/K rows are not permuted. Also: the
+ *           model without its biases must miss the reference by far.
  */
 #include <math.h>
 #include <setjmp.h>
@@ -322,6 +325,29 @@ static void test_adamw_10_steps(void **state) {
     memcpy(f->ls.params, f->p0, (size_t)np * sizeof(float));
 }
 
+/* Qwen2's q/k/v biases are loaded from both forms and change the logits well beyond the tolerance: the
+ * model without them (what a loader that dropped them would train) misses the reference by far. */
+static void test_biases_matter(void **state) {
+    (void)state;
+    family *f = &g_f;
+    assert_true(f->m_hf.hp.qkv_bias && f->m_gguf.hp.qkv_bias);
+    int64_t n = (int64_t)f->b.B * f->b.T * f->m_hf.hp.vocab;
+    const float *ref = ref_f32(&f->rf, "logits", n);
+    float *got = malloc((size_t)n * sizeof(float));
+    for (int l = 0; l < f->m_gguf.hp.n_layer; l++)
+        for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+            assert_true((f->m_gguf.layers[l].bias[k] != NULL) == (k <= LLAMA_V));
+            f->m_gguf.layers[l].lin[k].bias = NULL;
+        }
+    logits_of(&f->m_gguf, &f->ls, &f->b, got);
+    for (int l = 0; l < f->m_gguf.hp.n_layer; l++)
+        for (int k = 0; k <= LLAMA_V; k++) f->m_gguf.layers[l].lin[k].bias = f->m_gguf.layers[l].bias[k];
+    double err = ref_max_abs_diff(ref, got, n) / ref_max_abs(ref, n);
+    print_message("[ref] %s without its q/k/v biases: logits relative error %.3e (must exceed 1e-2)\n", f->name, err);
+    assert_true(err > 1e-2);
+    free(got);
+}
+
 /* Mistral's sliding_window is read (and bounds sequence_len, trainer/run.c); 4096 is longer than the rows. */
 static void test_sliding_window_read(void **state) {
     (void)state;
@@ -329,7 +355,7 @@ static void test_sliding_window_read(void **state) {
 }
 
 int main(int argc, char **argv) {
-    static const char *const all[] = {"llama3", "mistral"};
+    static const char *const all[] = {"llama3", "mistral", "qwen2"};
     const struct CMUnitTest common[] = {
         cmocka_unit_test(test_rope_frequencies), cmocka_unit_test(test_logits_both_forms),
         cmocka_unit_test(test_loss_grads),       cmocka_unit_test(test_adamw_10_steps),
@@ -344,6 +370,11 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_logits_both_forms),   cmocka_unit_test(test_loss_grads),
         cmocka_unit_test(test_adamw_10_steps),
     };
+    const struct CMUnitTest biased[] = {
+        cmocka_unit_test(test_rope_frequencies), cmocka_unit_test(test_logits_both_forms),
+        cmocka_unit_test(test_biases_matter),    cmocka_unit_test(test_loss_grads),
+        cmocka_unit_test(test_adamw_10_steps),
+    };
     int fails = 0;
     int n = argc > 1 ? argc - 1 : (int)(sizeof all / sizeof *all);
     for (int i = 0; i < n; i++) {
@@ -351,6 +382,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "[ref] family %s\n", g_name);
         if (!strcmp(g_name, "llama3")) fails += cmocka_run_group_tests_name(g_name, scaled, setup, teardown);
         else if (!strcmp(g_name, "mistral")) fails += cmocka_run_group_tests_name(g_name, windowed, setup, teardown);
+        else if (!strcmp(g_name, "qwen2")) fails += cmocka_run_group_tests_name(g_name, biased, setup, teardown);
         else fails += cmocka_run_group_tests_name(g_name, common, setup, teardown);
     }
     return fails != 0;
