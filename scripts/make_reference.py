@@ -889,13 +889,14 @@ FAMILIES = {
 
 
 def tiny_tokenizer(vocab_size):
-    """A GPT-2-style byte-level BPE over the tiny vocabulary (the first vocab_size - 2 characters of GPT-2's
-    byte alphabet, no merges, two special tokens): an HF directory needs a tokenizer.json; the model tests
-    never tokenize with it."""
+    """A GPT-2-style byte-level BPE over the tiny vocabulary (the first vocab_size - 6 characters of GPT-2's
+    byte alphabet, four merges, two special tokens): an HF directory and a GGUF need a tokenizer; the model
+    tests never tokenize with it."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    chars = list(bytes_to_unicode().values())[:vocab_size - 2]
-    vocab = {ch: i for i, ch in enumerate(chars)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False, byte_fallback=False))
+    merges = [("t", "h"), ("h", "e"), ("i", "n"), ("e", "r")]
+    chars = list(bytes_to_unicode().values())[:vocab_size - 2 - len(merges)]
+    vocab = {ch: i for i, ch in enumerate(chars + [a + b for a, b in merges])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken("<|bos|>", special=True, normalized=False),
@@ -905,9 +906,10 @@ def tiny_tokenizer(vocab_size):
 
 
 def gguf_convert(llama_cpp, hf_dir, out_path):
-    """Run llama.cpp's converter on hf_dir (bf16 output, as `convert_hf_to_gguf.py --outtype bf16`). The
-    tiny models have no real tokenizer: set_vocab writes only tokenizer.ggml.model "none"; the model tensors,
-    Q/K permutation, rope_freqs and every hyper-parameter key are the converter's own."""
+    """Run llama.cpp's converter on hf_dir (bf16 output, as `convert_hf_to_gguf.py --outtype bf16`). Only the
+    pre-tokenizer name is given ("gpt2": the converter identifies pre-tokenizers by hashing the encoding of a
+    test text, and the tiny tokenizer's hash is not registered); the vocabulary, the model tensors, the Q/K
+    permutation, rope_freqs and every hyper-parameter key are the converter's own."""
     import importlib
     from pathlib import Path
     sys.path.insert(0, llama_cpp)
@@ -919,13 +921,16 @@ def gguf_convert(llama_cpp, hf_dir, out_path):
     hparams = conv.ModelBase.load_hparams(Path(hf_dir), False)
     cls = conv.get_model_class(hparams["architectures"][0])
 
-    class NoVocab(cls):
+    class TinyVocab(cls):
         model_arch = cls.model_arch
 
-        def set_vocab(self):
-            self.gguf_writer.add_tokenizer_model("none")
+        def get_vocab_base_pre(self, tokenizer):
+            return "gpt2"  # the tiny tokenizer is GPT-2's ByteLevel pre-tokenizer; no hash of it is registered
 
-    m = NoVocab(Path(hf_dir), gguf.LlamaFileType.MOSTLY_BF16, Path(out_path))
+        def set_vocab(self):
+            self._set_vocab_gpt2()
+
+    m = TinyVocab(Path(hf_dir), gguf.LlamaFileType.MOSTLY_BF16, Path(out_path))
     m.write()
     sys.path.remove(llama_cpp)
     sys.path.remove(os.path.join(llama_cpp, "gguf-py"))
@@ -949,7 +954,8 @@ def make_family(name, args):
     kw = dict(vocab_size=c["vocab"], hidden_size=c["d"], intermediate_size=c["ff"],
               num_hidden_layers=c["layers"], num_attention_heads=c["heads"], num_key_value_heads=c["kv_heads"],
               head_dim=c["head_dim"], rms_norm_eps=c["eps"], max_position_embeddings=256,
-              tie_word_embeddings=c["tied"], attention_dropout=0.0, bos_token_id=1, eos_token_id=2)
+              tie_word_embeddings=c["tied"], attention_dropout=0.0, bos_token_id=c["vocab"] - 2,
+              eos_token_id=c["vocab"] - 1)
     rp = dict(rope_type="default", rope_theta=c["theta"])
     if c.get("sliding_window"):
         kw["sliding_window"] = c["sliding_window"]
@@ -985,8 +991,13 @@ def make_family(name, args):
         import copy
         copy.deepcopy(model).to(torch.bfloat16).save_pretrained(hf_dir)  # a copy: .to() would round inv_freq too
         tiny_tokenizer(c["vocab"]).save(os.path.join(hf_dir, "tokenizer.json"))
-        with open(os.path.join(hf_dir, "tokenizer.json"), "rb") as f:
-            o["hf.tokenizer_json"] = f.read()
+        with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:  # the generic class: no family's
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>",  # own special tokens
+                       "eos_token": "<|eos|>", "unk_token": "<|eos|>", "pad_token": "<|eos|>",
+                       "add_bos_token": False}, f)
+        for fn, key in [("tokenizer.json", "hf.tokenizer_json"), ("tokenizer_config.json", "hf.tokenizer_config_json")]:
+            with open(os.path.join(hf_dir, fn), "rb") as f:
+                o[key] = f.read()
         with open(os.path.join(hf_dir, "config.json"), "rb") as f:
             o["hf.config_json"] = f.read()
         with open(os.path.join(hf_dir, "model.safetensors"), "rb") as f:

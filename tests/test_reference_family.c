@@ -41,6 +41,7 @@
 
 #include "autograd/gemm.h"
 #include "core/file.h"
+#include "model/base.h"
 #include "model/hf.h"
 #include "model/llama.h"
 #include "optim/adamw.h"
@@ -48,6 +49,7 @@
 #include "tests/ref_fixture.h"
 #include "tests/ref_metrics.h"
 #include "tests/tmpdir.h"
+#include "trainer/export.h"
 
 #define MAX_POS 64
 
@@ -94,6 +96,7 @@ static int setup(void **state) {
     if (file_mkdir_p(path, &e)) fail_msg("%s", e.msg);
     write_blob(f, "hf/config.json", "hf.config_json");
     write_blob(f, "hf/tokenizer.json", "hf.tokenizer_json");
+    write_blob(f, "hf/tokenizer_config.json", "hf.tokenizer_config_json");
     write_blob(f, "hf/model.safetensors", "hf.safetensors");
     write_blob(f, "model.gguf", "gguf");
     if (hf_model_open(path, &f->hf, &e) || hf_model_load(f->hf, 0, 0, MAX_POS, &f->m_hf, &e))
@@ -348,6 +351,68 @@ static void test_biases_matter(void **state) {
     free(got);
 }
 
+/* The exports from the GGUF form, with the reference's adapter: the merged HF directory (its config.json
+ * must state the architecture, the RoPE scaling and the window; its weights W + s·BA rounded once to bf16, the
+ * biases kept) computes the adapted model's logits within bf16 rounding of the merged weights; the GGUF LoRA
+ * names the architecture and keeps HF row order where the architecture's converter does (qwen2). */
+static void test_exports(void **state) {
+    (void)state;
+    family *f = &g_f;
+    char path[4096], mdir[4096];
+    qerr e = {{0}};
+    base_model *b = NULL, *mb = NULL;
+    tokenizer *tok = NULL;
+    snprintf(path, sizeof path, "%s/model.gguf", f->dir);
+    if (base_model_open(path, &b, &e) || tokenizer_load_gguf(base_model_gguf(b), &tok, &e)) fail_msg("%s", e.msg);
+    memcpy(f->ls.params, f->p0, (size_t)f->ls.n_params * sizeof(float));
+    snprintf(mdir, sizeof mdir, "%s/merged", f->dir);
+    if (export_merged(b, &f->m_gguf, tok, &f->ls, NULL, mdir, 0, &e)) fail_msg("merged export: %s", e.msg);
+    llama_model mm;
+    if (base_model_open(mdir, &mb, &e) || base_model_load(mb, 0, 0, MAX_POS, &mm, &e))
+        fail_msg("the merged export does not load: %s", e.msg);
+    const llama_hparams *a = &f->m_hf.hp, *h = &mm.hp;
+    assert_int_equal(h->arch, a->arch);
+    assert_int_equal(h->qkv_bias, a->qkv_bias);
+    /* llama.cpp's converter drops Mistral's sliding_window (llama arch): the GGUF form, and so its merged
+     * export, has none; qlora-train bounds sequence_len only by what the file says */
+    assert_int_equal(h->sliding_window, f->m_gguf.hp.sliding_window);
+    assert_int_equal(h->rope_scaling.type, a->rope_scaling.type);
+    assert_true(h->rope_scaling.type != LLAMA_ROPE_LLAMA3 ||
+                (h->rope_scaling.factor == a->rope_scaling.factor &&
+                 h->rope_scaling.high_freq_factor == a->rope_scaling.high_freq_factor &&
+                 h->rope_scaling.original_context == a->rope_scaling.original_context));
+    int64_t n = (int64_t)f->b.B * f->b.T * f->m_hf.hp.vocab;
+    const float *ref = ref_f32(&f->rf, "logits", n);
+    float *got = malloc((size_t)n * sizeof(float));
+    logits_of(&mm, NULL, &f->b, got);
+    double err = ref_max_abs_diff(ref, got, n) / ref_max_abs(ref, n);
+    print_message("[ref] %s merged export (bf16 weights) logits vs the adapted reference: relative %.3e (tol 2e-2, "
+                  "bf16 rounding of W + s·BA)\n", f->name, err);
+    assert_true(err <= 2e-2);
+    /* GGUF LoRA */
+    snprintf(path, sizeof path, "%s/adapter.gguf", f->dir);
+    if (export_gguf_lora(b, &f->ls, NULL, path, &e)) fail_msg("GGUF LoRA: %s", e.msg);
+    gguf_file *g;
+    const char *arch;
+    size_t al;
+    if (gguf_open(path, &g, &e) || gguf_get_str(g, "general.architecture", &arch, &al, &e)) fail_msg("%s", e.msg);
+    assert_true(al == strlen(llama_arch_name(a->arch)) && !memcmp(arch, llama_arch_name(a->arch), al));
+    const gguf_tensor *qb = gguf_find_tensor(g, "blk.0.attn_q.weight.lora_b");
+    assert_non_null(qb);
+    const lora_adapter *ad = lora_set_get(&f->ls, 0, LLAMA_Q);
+    float *qbf = malloc((size_t)qb->nelements * sizeof(float));
+    assert_int_equal(gguf_tensor_to_f32(qb, qbf, &e), 0);
+    int same = !memcmp(qbf, ad->B->data, (size_t)qb->nelements * sizeof(float));
+    assert_int_equal(same, a->arch == LLAMA_ARCH_QWEN2); /* llama: rows permuted as the converter permutes W_q */
+    free(qbf);
+    gguf_close(g);
+    free(got);
+    llama_free(&mm);
+    base_model_close(mb);
+    tokenizer_free(tok);
+    base_model_close(b);
+}
+
 /* Mistral's sliding_window is read (and bounds sequence_len, trainer/run.c); 4096 is longer than the rows. */
 static void test_sliding_window_read(void **state) {
     (void)state;
@@ -363,17 +428,17 @@ int main(int argc, char **argv) {
     const struct CMUnitTest scaled[] = {
         cmocka_unit_test(test_rope_frequencies), cmocka_unit_test(test_logits_both_forms),
         cmocka_unit_test(test_default_rope_is_wrong), cmocka_unit_test(test_loss_grads),
-        cmocka_unit_test(test_adamw_10_steps),
+        cmocka_unit_test(test_adamw_10_steps),   cmocka_unit_test(test_exports),
     };
     const struct CMUnitTest windowed[] = {
         cmocka_unit_test(test_sliding_window_read), cmocka_unit_test(test_rope_frequencies),
         cmocka_unit_test(test_logits_both_forms),   cmocka_unit_test(test_loss_grads),
-        cmocka_unit_test(test_adamw_10_steps),
+        cmocka_unit_test(test_adamw_10_steps),   cmocka_unit_test(test_exports),
     };
     const struct CMUnitTest biased[] = {
         cmocka_unit_test(test_rope_frequencies), cmocka_unit_test(test_logits_both_forms),
         cmocka_unit_test(test_biases_matter),    cmocka_unit_test(test_loss_grads),
-        cmocka_unit_test(test_adamw_10_steps),
+        cmocka_unit_test(test_adamw_10_steps),   cmocka_unit_test(test_exports),
     };
     int fails = 0;
     int n = argc > 1 ? argc - 1 : (int)(sizeof all / sizeof *all);
