@@ -1005,6 +1005,12 @@ static void test_hf_errors(void **state) {
          "\"high_freq_factor\": 1, \"original_max_position_embeddings\": 8192}", "low_freq_factor < high_freq_factor"},
         {"\"rope_scaling\": 3", "rope_scaling: expected an object or null"},
         {"\"partial_rotary_factor\": 0.5", "partial_rotary_factor"},
+        {"\"final_logit_softcapping\": 30.0", "final_logit_softcapping: not implemented"},
+        {"\"attn_logit_softcapping\": 50.0", "attn_logit_softcapping: not implemented"},
+        {"\"use_qk_norm\": true", "use_qk_norm: not implemented"},
+        {"\"layer_types\": [\"full_attention\", \"chunked_attention\"]", "layer_types[1]: \"chunked_attention\""},
+        {"\"attention_bias\": true", "attention_bias"},
+        {"\"head_dim\": 15", "inconsistent"}, /* RoPE rotates pairs */
     };
     for (size_t i = 0; i < sizeof bad_values / sizeof *bad_values; i++) {
         f = fopen(p, "w");
