@@ -194,6 +194,12 @@ static int llama_gguf_refuse_unimplemented(const gguf_file *f, const llama_hpara
             return qerr_set(e, "%s: %g: a RoPE attention factor other than 1 is not implemented",
                             K(hp, "rope.scaling.attn_factor"), (double)af);
     }
+    if (gguf_has_key(f, K(hp, "expert_count"))) { /* Mixtral is general.architecture llama with expert tensors */
+        uint32_t n;
+        if (gguf_get_u32(f, K(hp, "expert_count"), &n, e)) return -1;
+        if (n > 0)
+            return qerr_set(e, "%s: %u: mixture-of-experts layers are not implemented", K(hp, "expert_count"), n);
+    }
     static const char *const refused[] = {"attn_logit_softcapping", "final_logit_softcapping",
                                           "rope.dimension_sections", "attention.sliding_window_pattern"};
     for (size_t i = 0; i < sizeof refused / sizeof *refused; i++)

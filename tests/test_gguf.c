@@ -951,8 +951,9 @@ static int hparams_of_variant_hp(const char *what, llama_hparams *hp, qerr *e) {
     for (int i = 0; i < 4; i++) freqs[i] = 1.0f + (float)i;
     gguf_writer *w;
     assert_int_equal(gguf_writer_init(&w, e), 0);
-    gguf_writer_add_str(w, "general.architecture", "llama");
+    gguf_writer_add_str(w, "general.architecture", !strcmp(what, "phi3") ? "phi3" : "llama");
     gguf_writer_add_u32(w, "llama.block_count", 1);
+    if (!strcmp(what, "experts")) gguf_writer_add_u32(w, "llama.expert_count", 8);
     gguf_writer_add_u32(w, "llama.embedding_length", 8);
     gguf_writer_add_u32(w, "llama.attention.head_count", 1);
     gguf_writer_add_u32(w, "llama.feed_forward_length", 16);
@@ -1023,6 +1024,8 @@ static void test_model_metadata_refused(void **state) {
         {"scaling_type", "llama.rope.scaling.type"},    /* yarn */
         {"attn_factor", "llama.rope.scaling.attn_factor"},
         {"softcap", "llama.final_logit_softcapping"},
+        {"experts", "llama.expert_count"},              /* Mixtral */
+        {"phi3", "general.architecture"},               /* an architecture not implemented: named */
         {"rotary", "llama.rope.dimension_count"},
         {"extra_block", "blk.1.attn_norm.weight"},      /* more layers than block_count */
         {"bias", "blk.0.attn_q.bias"},
