@@ -15,6 +15,10 @@
  * 10 AdamW steps: losses ≤ 1e-4 relative + 1e-6, pre-clip norms ≤ 1e-4
  * relative, final adapter ||Δ|| ≤ 1e-3·||p_ref − p_0||.
  *
+ * Every family also: KV-cached generation (prefill + single tokens) of the
+ * GGUF form against the reference logits (fp32, same tolerance), and the
+ * exports of the GGUF form (merged HF directory, GGUF LoRA).
+ *
  * Families:
  *   llama3  LlamaConfig with rope_scaling llama3 (factor 8, low 1, high 8,
  *           original_max_position_embeddings 128, head_dim 16, theta 500):
@@ -43,6 +47,7 @@
 #include "core/file.h"
 #include "model/base.h"
 #include "model/hf.h"
+#include "model/llama_infer.h"
 #include "model/llama.h"
 #include "optim/adamw.h"
 #include "optim/clip.h"
@@ -351,6 +356,43 @@ static void test_biases_matter(void **state) {
     free(got);
 }
 
+/* Generation (model/llama_infer.c, qlora-generate): row 0 of the batch (positions 0..T-1) through the KV cache
+ * of the GGUF form with the adapter, a prefill of T-4 tokens then one token at a time, against the
+ * reference's logits of those positions: the same RoPE table (scaling included) and biases as training. */
+static void test_generation_cached(void **state) {
+    (void)state;
+    family *f = &g_f;
+    int T = f->b.T, V = f->m_gguf.hp.vocab;
+    const float *ref = ref_f32(&f->rf, "logits", (int64_t)f->b.B * T * V); /* row 0 first */
+    const int32_t *pos = f->b.position_ids;
+    for (int t = 0; t < T; t++) assert_int_equal(pos[t], t);
+    memcpy(f->ls.params, f->p0, (size_t)f->ls.n_params * sizeof(float));
+    float *got = malloc((size_t)T * V * sizeof(float));
+    qerr e = {{0}};
+    llama_kv_cache c;
+    assert_int_equal(llama_kv_init(&c, &f->m_gguf, T, &e), 0);
+    int done = 0;
+    while (done < T) {
+        int n = done == 0 ? T - 4 : 1;
+        ag_ctx ctx;
+        assert_int_equal(ag_ctx_init(&ctx, 16 << 20, &e), 0);
+        ctx.bf16 = 0;
+        ctx.training = 0;
+        ctx.recording = 0;
+        tensor *h = llama_forward_cached(&ctx, &f->m_gguf, &f->ls, &c, f->b.input_ids + done, n);
+        assert_non_null(h);
+        llama_logits_rows(&ctx, &f->m_gguf, h, 0, n, got + (size_t)done * V);
+        ag_ctx_free(&ctx);
+        done += n;
+    }
+    llama_kv_free(&c);
+    double scale = ref_max_abs(ref, (int64_t)T * V), err = ref_max_abs_diff(ref, got, (int64_t)T * V);
+    print_message("[ref] %s KV-cached generation (GGUF form, prefill %d + 4 single steps) vs reference logits: "
+                  "relative %.3e (tol 1e-4)\n", f->name, T - 4, err / scale);
+    assert_true(err <= 1e-4 * scale);
+    free(got);
+}
+
 /* The exports from the GGUF form, with the reference's adapter: the merged HF directory (its config.json
  * must state the architecture, the RoPE scaling and the window; its weights W + s·BA rounded once to bf16, the
  * biases kept) computes the adapted model's logits within bf16 rounding of the merged weights; the GGUF LoRA
@@ -429,16 +471,19 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_rope_frequencies), cmocka_unit_test(test_logits_both_forms),
         cmocka_unit_test(test_default_rope_is_wrong), cmocka_unit_test(test_loss_grads),
         cmocka_unit_test(test_adamw_10_steps),   cmocka_unit_test(test_exports),
+        cmocka_unit_test(test_generation_cached),
     };
     const struct CMUnitTest windowed[] = {
         cmocka_unit_test(test_sliding_window_read), cmocka_unit_test(test_rope_frequencies),
         cmocka_unit_test(test_logits_both_forms),   cmocka_unit_test(test_loss_grads),
         cmocka_unit_test(test_adamw_10_steps),   cmocka_unit_test(test_exports),
+        cmocka_unit_test(test_generation_cached),
     };
     const struct CMUnitTest biased[] = {
         cmocka_unit_test(test_rope_frequencies), cmocka_unit_test(test_logits_both_forms),
         cmocka_unit_test(test_biases_matter),    cmocka_unit_test(test_loss_grads),
         cmocka_unit_test(test_adamw_10_steps),   cmocka_unit_test(test_exports),
+        cmocka_unit_test(test_generation_cached),
     };
     int fails = 0;
     int n = argc > 1 ? argc - 1 : (int)(sizeof all / sizeof *all);
