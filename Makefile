@@ -134,13 +134,15 @@ build-asan/tests/%: tests/%.c build-asan/libqlora.a $(ASAN_HELPER_OBJ)
 test-asan: $(ASAN_TEST_BIN) build-asan/bin/qlora-train $(ASAN_TOOL_BINS) $(DEFAULT_MODEL) $(DEFAULT_DATA)
 	@$(ASAN_ENV) scripts/run_tests.sh $(ASAN_TEST_BIN)
 
-# ---- fuzzing: libFuzzer targets (fuzz/) for the GGUF, safetensors, config and JSONL parsers,
+# ---- fuzzing: libFuzzer targets (fuzz/) for the GGUF, safetensors, config and JSONL parsers and the HF-directory loader,
 # built with clang + ASan + UBSan into build-fuzz/. `make fuzz` runs each for FUZZ_SECONDS.
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := gguf safetensors config jsonl
+FUZZ_TARGETS := gguf safetensors config jsonl hf
 FUZZ_LIB_SRC := core/status.c core/file.c core/hash.c core/strbuf.c quant/ggml_quants.c format/gguf.c format/safetensors.c \
-                model/llama_linear.c trainer/config.c data/tokenizer.c data/jsonl.c data/dataset.c data/pack.c
+                model/llama_linear.c trainer/config.c data/tokenizer.c data/jsonl.c data/dataset.c data/pack.c \
+                model/hf.c data/tokenizer_json.c quant/nf4.c quant/blockwise8.c \
+                format/gguf_write.c model/llama.c core/clock.c $(wildcard autograd/*.c)
 FUZZ_FLAGS   := -std=c11 -D_GNU_SOURCE -g -O1 -I. -fno-omit-frame-pointer -fsanitize=address,undefined \
                 -fno-sanitize-recover=undefined -Wall -Wno-unknown-pragmas -Wno-unused-parameter
 FUZZ_LIB_OBJ := $(FUZZ_LIB_SRC:%.c=build-fuzz/%.o)
@@ -151,7 +153,7 @@ build-fuzz/%.o: %.c
 	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link -MMD -MP -c $< -o $@
 
 build-fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz_common.h $(FUZZ_LIB_OBJ)
-	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer $< $(FUZZ_LIB_OBJ) -o $@ -lyaml -lcjson -lpcre2-8 -lxxhash -lm
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer $< $(FUZZ_LIB_OBJ) -o $@ -lyaml -lcjson -lpcre2-8 -lxxhash -ldnnl -lgomp -lm
 
 .PHONY: fuzz fuzz-build
 fuzz-build: $(FUZZ_BIN)

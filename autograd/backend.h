@@ -116,6 +116,19 @@ typedef struct ag_sophia_coef {
     float decay_f, beta1_f, one_minus_beta1_f, rho_bs_f, eps_f, neg_lr_f;
 } ag_sophia_coef;
 
+/* bitsandbytes' 8-bit AdamW per-element constants (optim/adamw8bit.c): fp32 casts of the Python
+ * scalars bitsandbytes' CPU update passes to torch. */
+typedef struct ag_adamw8bit_coef {
+    int decay;                 /* weight_decay > 0 */
+    float decay_f;             /* 1 - lr*wd */
+    float beta1_f, one_minus_beta1_f, beta2_f, one_minus_beta2_f;
+    float correction2_f;       /* 8-bit: sqrt(1 - beta2^t) */
+    float eps_f;               /* 8-bit: eps */
+    float step8_f;             /* 8-bit: -lr / (1 - beta1^t) */
+    float eps_c2_f;            /* 32-bit: eps * sqrt(1 - beta2^t) */
+    float step32_f;            /* 32-bit: -lr * sqrt(1 - beta2^t) / (1 - beta1^t) */
+} ag_adamw8bit_coef;
+
 typedef struct ag_backend {
     const char *name;
 
@@ -198,6 +211,16 @@ typedef struct ag_backend {
      * Returns the number of elements with |m| < ρ·bs·h (win-rate numerator). */
     int64_t (*sophia_update)(float *p, const float *g, float *m, const float *h, int64_t n, const uint8_t *mask,
                              const ag_sophia_coef *c);
+    /* bitsandbytes' blockwise 8-bit AdamW on one parameter tensor (optim/adamw8bit.c has the sequence):
+     * p (n) fp32 in place from g (n) fp32; the moments are codes q1, q2 (n) u8 into qmap1 (signed) and
+     * qmap2 (unsigned) (256 fp32 each) scaled by absmax1, absmax2 (ceil(n / blocksize) fp32) per block:
+     * dequantized, updated and quantized again through the maps' lookup tables lut1, lut2
+     * (BW8_LUT_SIZE bytes each, quant/blockwise8.h). blocksize <= 4096. */
+    void (*adamw8bit_update)(float *p, const float *g, uint8_t *q1, uint8_t *q2, float *absmax1, float *absmax2,
+                             const float *qmap1, const float *qmap2, const uint8_t *lut1, const uint8_t *lut2,
+                             int64_t n, int blocksize, const ag_adamw8bit_coef *c);
+    /* bitsandbytes' 32-bit AdamW (the update it uses for tensors below min_8bit_size): p, m, v (n) fp32. */
+    void (*adamw_bnb32_update)(float *p, const float *g, float *m, float *v, int64_t n, const ag_adamw8bit_coef *c);
     /* h = fma((1−β2)·ĝ, ĝ, h·β2), (n) fp32 (Sophia's Hessian EMA). */
     void (*sophia_hessian)(float *h, const float *ghat, int64_t n, float beta2_f, float one_minus_beta2_f);
     /* Σ x² of x (n) fp32 in double, over a chunking that depends on n only (optim/clip.c):

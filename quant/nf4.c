@@ -18,7 +18,7 @@
  *         qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=256)
  *     where quantize_blockwise on CPU is the native cquantize_blockwise_cpu_fp32
  *     (multiplication by fl(1/group absmax), then a 65536-bin lookup table,
- *     see q8_build_lut below) with the unmodified create_dynamic_map()
+ *     see quant/blockwise8.h) with the unmodified create_dynamic_map()
  *     (state2.code[0] = -0.99296875).
  *   - dequantize_4bit: native cdequantize_blockwise_cpu_nf4_* (the default
  *     backend for an odd last dimension, same arithmetic)
@@ -67,6 +67,8 @@
  * must stay separate are also written as separate statements.
  */
 #include "quant/nf4.h"
+
+#include "quant/blockwise8.h"
 
 #include <float.h>
 #include <math.h>
@@ -212,90 +214,11 @@ static float torch_mean_f32(const float *x, int64_t n) {
 
 /* ------------------------------------------------------------ dynamic map */
 
-void nf4_dynamic_map(float out[256]) {
-    /* create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8):
-     * non_sign_bits = 7, additional_items = 2^(7-7) - 1 = 0; for i in 0..6:
-     * boundaries = torch.linspace(0.1, 1, 2^i + 1)  (fp32)
-     * means = (boundaries[:-1] + boundaries[1:]) / 2.0
-     * data += 10^(i-6) * means, and -(10^(i-6)) * means; then 0 and 1.0; sorted. */
-    float data[256];
-    int n = 0;
-    for (int i = 0; i < 7; i++) {
-        const int steps = (1 << i) + 1;
-        const float start = 0.1f, end = 1.0f;
-        const float step = (end - start) / (float)(steps - 1);
-        const int halfway = steps / 2;
-        float b[65];
-        /* RangeFactoriesKernel.cpp linspace_kernel; see the file comment on FMA. */
-        for (int j = 0; j < steps; j++)
-            b[j] = j < halfway ? fmaf(step, (float)j, start) : fmaf(-step, (float)(steps - j - 1), end);
-        const float scale = (float)pow(10.0, (double)(i - 6));
-        for (int j = 0; j < steps - 1; j++) {
-            float m = b[j] + b[j + 1];
-            m = m / 2.0f;
-            const float v = scale * m;
-            data[n++] = v;
-            data[n++] = -v;
-        }
-    }
-    data[n++] = 0.0f;
-    data[n++] = 1.0f;
-    for (int i = 1; i < 256; i++) { /* insertion sort, ascending */
-        float v = data[i];
-        int j = i - 1;
-        while (j >= 0 && data[j] > v) {
-            data[j + 1] = data[j];
-            j--;
-        }
-        data[j + 1] = v;
-    }
-    memcpy(out, data, sizeof data);
-}
+void nf4_dynamic_map(float out[256]) { bw8_dynamic_map(1, out); }
 
 void nf4_dynamic_map_cpu(float out[256]) {
     nf4_dynamic_map(out);
     out[0] = -1.0f;
-}
-
-/* bitsandbytes' CPU 8-bit blockwise quantizer (native
- * cquantize_blockwise_cpu_fp32, csrc/cpu_ops.cpp quantize_cpu_impl and its
- * AVX2 block kernel) does not search the code: it maps the normalized value
- * to one of 65536 evenly spaced bins and looks the code index up in a table
- * built once per code map:
- *     mid[k]  = 0.5f * (code[k] + code[k+1])                      (fp32)
- *     val(i)  = -1.0f + (2.0f * i) / 65535                       (fp32)
- *     lut[i]  = number of mid[k] < val(i)
- *     index(x) = lut[(int)(((clamp(x * fl(1/absmax), -1, 1) + 1) * 0.5f) * 65535 + 0.5f)]
- * (each operation a separate fp32 rounding, as the AVX2 kernel's intrinsics
- * are). So a value near a midpoint goes to the code its BIN lands on, not
- * always the nearest code; tests/test_reference_nf4.c checks this against the
- * library bit for bit. */
-#define NF4_Q8_LUT_SIZE 65536
-
-static void q8_build_lut(const float code[256], uint8_t *lut) {
-    float mid[255];
-    for (int k = 0; k < 255; k++) {
-        const float sum = code[k] + code[k + 1];
-        mid[k] = 0.5f * sum;
-    }
-    int k = 0;
-    for (int i = 0; i < NF4_Q8_LUT_SIZE; i++) {
-        const float frac = (2.0f * (float)i) / (float)(NF4_Q8_LUT_SIZE - 1);
-        const float val = -1.0f + frac;
-        while (k < 255 && mid[k] < val) k++;
-        lut[i] = (uint8_t)k;
-    }
-}
-
-static inline uint8_t q8_index(const uint8_t *lut, float x, float inv_absmax) {
-    float v = x * inv_absmax;
-    v = v > -1.0f ? v : -1.0f; /* _mm256_max_ps then _mm256_min_ps: a NaN becomes -1 */
-    v = v < 1.0f ? v : 1.0f;
-    float t = v + 1.0f;
-    t = t * 0.5f;
-    t = t * (float)(NF4_Q8_LUT_SIZE - 1);
-    t = t + 0.5f;
-    return lut[(int)t];
 }
 
 /* ------------------------------------------------------------- quantization */
@@ -430,9 +353,9 @@ static void nf4_quant_block(const float *x, int64_t len, int partial, const floa
  * nested_absmax, offset; nested_code already set by nf4_alloc). Returns -1 on
  * out of memory (the 64 KiB bin table). */
 static int nf4_double_quant(nf4_tensor *t, const float *absmax, qerr *e) {
-    uint8_t *lut = qmalloc(NF4_Q8_LUT_SIZE, e);
+    uint8_t *lut = qmalloc(BW8_LUT_SIZE, e);
     if (!lut) return -1;
-    q8_build_lut(t->nested_code, lut);
+    bw8_build_lut(t->nested_code, lut);
     const int64_t nb = t->nblocks;
     const int64_t ngroups = (nb + NF4_NESTED_BLOCKSIZE - 1) / NF4_NESTED_BLOCKSIZE;
     const float offset = torch_mean_f32(absmax, nb);
@@ -452,7 +375,7 @@ static int nf4_double_quant(nf4_tensor *t, const float *absmax, qerr *e) {
         for (int64_t j = 0; j < len; j++) {
             /* all deviations 0 (e.g. a single group of equal scales): bnb
              * writes index 0; code[0] * 0 + offset recovers the exact scale. */
-            t->absmax_q[b0 + j] = amax == 0.0f ? 0 : q8_index(lut, dev[j], inv);
+            t->absmax_q[b0 + j] = amax == 0.0f ? 0 : bw8_index(lut, dev[j], inv);
         }
     }
     free(lut);

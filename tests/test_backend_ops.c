@@ -14,7 +14,7 @@
  *     memory calls, NF4/bf16/fp32 rows, fp32 -> bf16 (ties, NaN, Inf,
  *     subnormals), dropout masks, embedding, RMSNorm, RoPE, SwiGLU (the
  *     AVX-512 exp is exp_poly lane by lane), add/axpy, the cached attention,
- *     AdamW, Sophia, the sum of squares, scaling, the non-finite count, and
+ *     AdamW, bitsandbytes' 8-bit and 32-bit AdamW, Sophia, the sum of squares, scaling, the non-finite count, and
  *     the sampled labels of the LM-head cross-entropy (on inputs whose GEMM is
  *     exact, see test_lm_head_ce_sampled);
  *   - a bounded normalised mean squared error NMSE = Σ(x − ref)² / Σ ref²
@@ -39,6 +39,7 @@
 #include "autograd/tensor.h"
 #include "core/bf16.h"
 #include "core/rng.h"
+#include "quant/blockwise8.h"
 #include "quant/nf4.h"
 
 /* fp32 GEMM, fp32 accumulation against double accumulation: each of the K ≤
@@ -877,6 +878,61 @@ static void case_sophia(const ag_backend *be, const ag_backend *ref) {
     free(mask);
 }
 
+/* bitsandbytes' 8-bit AdamW and its 32-bit update (optim/adamw8bit.c): bit for bit (same scalar sequence,
+ * the same quantizer table); 70001 elements in blocks of 256, the last one partial, one all-zero block. */
+static void case_adamw8bit(const ag_backend *be, const ag_backend *ref) {
+    const int64_t n = 70001, nb = (n + 255) / 256;
+    float *p = host_rand(n, 150, 0.05f), *g = host_rand(n, 151, 0.01f), *m = host_rand(n, 152, 0.001f);
+    float *v = host_rand(n, 153, 1e-5f);
+    for (int64_t i = 0; i < n; i++) v[i] = fabsf(v[i]);
+    for (int64_t i = 256; i < 512; i++) g[i] = 0.0f; /* block 1: zero gradient, zero moments */
+    uint8_t *q1 = malloc((size_t)n), *q2 = malloc((size_t)n), *lut1 = malloc(BW8_LUT_SIZE), *lut2 = malloc(BW8_LUT_SIZE);
+    float *a1 = malloc((size_t)nb * 4), *a2 = malloc((size_t)nb * 4), map1[256], map2[256];
+    bw8_dynamic_map(1, map1);
+    bw8_dynamic_map(0, map2);
+    bw8_build_lut(map1, lut1);
+    bw8_build_lut(map2, lut2);
+    for (int64_t b = 0; b < nb; b++) { /* a state that dequantizes to m, v */
+        const int64_t i0 = b * 256, len = n - i0 < 256 ? n - i0 : 256;
+        if (b == 1) memset(m + i0, 0, 256 * 4), memset(v + i0, 0, 256 * 4);
+        bw8_quantize_block(m + i0, len, lut1, q1 + i0, &a1[b]);
+        bw8_quantize_block(v + i0, len, lut2, q2 + i0, &a2[b]);
+    }
+    const ag_adamw8bit_coef co = {.decay = 1, .decay_f = 0.99999f, .beta1_f = 0.9f, .one_minus_beta1_f = 0.1f,
+                                  .beta2_f = 0.999f, .one_minus_beta2_f = 0.001f, .correction2_f = 0.0447f,
+                                  .eps_f = 1e-8f, .step8_f = -5.2e-3f, .eps_c2_f = 4.47e-10f, .step32_f = -2.3e-4f};
+    void *out[2][7];
+    const ag_backend *bes[2] = {be, ref};
+    for (int w = 0; w < 2; w++) {
+        const ag_backend *b = bes[w];
+        float *dp = to_dev(b, p, (size_t)n * 4), *dg = to_dev(b, g, (size_t)n * 4);
+        uint8_t *dq1 = to_dev(b, q1, (size_t)n), *dq2 = to_dev(b, q2, (size_t)n);
+        float *da1 = to_dev(b, a1, (size_t)nb * 4), *da2 = to_dev(b, a2, (size_t)nb * 4);
+        float *dm1 = to_dev(b, map1, sizeof map1), *dm2 = to_dev(b, map2, sizeof map2);
+        uint8_t *dl1 = to_dev(b, lut1, BW8_LUT_SIZE), *dl2 = to_dev(b, lut2, BW8_LUT_SIZE);
+        b->adamw8bit_update(dp, dg, dq1, dq2, da1, da2, dm1, dm2, dl1, dl2, n, 256, &co);
+        float *dp32 = to_dev(b, p, (size_t)n * 4), *dm = to_dev(b, m, (size_t)n * 4), *dv = to_dev(b, v, (size_t)n * 4);
+        b->adamw_bnb32_update(dp32, dg, dm, dv, n, &co);
+        out[w][0] = to_host(b, dp, (size_t)n * 4);
+        out[w][1] = to_host(b, dq1, (size_t)n);
+        out[w][2] = to_host(b, dq2, (size_t)n);
+        out[w][3] = to_host(b, da1, (size_t)nb * 4);
+        out[w][4] = to_host(b, dp32, (size_t)n * 4);
+        out[w][5] = to_host(b, dm, (size_t)n * 4);
+        out[w][6] = to_host(b, dv, (size_t)n * 4);
+        void *fr[] = {dp, dg, dq1, dq2, da1, da2, dm1, dm2, dl1, dl2, dp32, dm, dv};
+        for (size_t k = 0; k < sizeof fr / sizeof fr[0]; k++) b->free(fr[k]);
+    }
+    const size_t bytes[7] = {(size_t)n * 4, (size_t)n, (size_t)n, (size_t)nb * 4, (size_t)n * 4, (size_t)n * 4,
+                             (size_t)n * 4};
+    for (int k = 0; k < 7; k++) {
+        assert_bits(k < 4 ? "adamw8bit_update" : "adamw_bnb32_update", out[0][k], out[1][k], bytes[k]);
+        free(out[0][k]);
+        free(out[1][k]);
+    }
+    free(p), free(g), free(m), free(v), free(q1), free(q2), free(lut1), free(lut2), free(a1), free(a2);
+}
+
 static void case_sumsq_scale_nonfinite(const ag_backend *be, const ag_backend *ref) {
     const int64_t sizes[] = {0, 1, 7, 8191, 100003, 3000001};
     for (size_t s = 0; s < sizeof sizes / sizeof sizes[0]; s++) {
@@ -933,6 +989,7 @@ static const struct {
     {"attention_cached", case_attention_cached},
     {"lm_head_ce", case_lm_head_ce},
     {"adamw", case_adamw},
+    {"adamw8bit", case_adamw8bit},
     {"sophia", case_sophia},
     {"sumsq_scale_nonfinite", case_sumsq_scale_nonfinite},
 };
@@ -944,7 +1001,8 @@ static void test_every_entry_covered(void **state) {
                              "gemm", "frozen_rows_f32", "frozen_rows_bf16", "to_bf16", "dropout_fwd", "dropout_bwd",
                              "embedding", "rmsnorm_fwd", "rmsnorm_bwd", "rope_fwd", "rope_bwd", "attention_fwd",
                              "attention_bwd", "attention_cached", "swiglu_fwd", "swiglu_bwd", "add", "add_bwd",
-                             "axpy", "lm_head_ce", "adamw_update", "sophia_update", "sophia_hessian", "sum_squares",
+                             "axpy", "lm_head_ce", "adamw_update", "adamw8bit_update", "adamw_bnb32_update",
+                             "sophia_update", "sophia_hessian", "sum_squares",
                              "scale", "count_nonfinite"};
     /* the table is `name` plus one function pointer per entry */
     size_t n_entries = (sizeof(ag_backend) - offsetof(ag_backend, alloc)) / sizeof(void (*)(void));

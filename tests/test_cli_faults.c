@@ -22,27 +22,30 @@
 #include "format/gguf.h"
 #include "format/safetensors.h"
 #include "core/file.h"
-#include "tests/dir_snapshot.h"
+#include "tests/cli_fixture.h"
 #include "tests/ref_fixture.h"
 #include "tests/subproc.h"
 #include "trainer/checkpoint.h"
 
-#define MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+#define MODEL CLI_FIXTURE_MODEL
 
-static char g_dir[256]; /* scratch directory of this test run */
+static cli_fixture g_fx; /* scratch directory, config, output_dir with an earlier run's outputs */
+#define g_dir g_fx.dir
+#define g_cfg g_fx.cfg
+#define g_out g_fx.out
 
-static void write_text(const char *path, const char *s) {
-    FILE *f = fopen(path, "wb");
-    assert_non_null(f);
-    fputs(s, f);
-    fclose(f);
+static int setup(void **st) {
+    (void)st;
+    return cli_fixture_init(
+        &g_fx, "/tmp/qlora-faults-XXXXXX",
+        "{\"text\": \"The open() system call opens the file specified by pathname.\"}\n"
+        "{\"text\": \"If the specified file does not exist, it may optionally be created by open().\"}\n"
+        "{\"text\": \"The return value of open() is a file descriptor, a small, nonnegative integer.\"}\n");
 }
 
-static void write_bytes(const char *path, const void *p, size_t n) {
-    FILE *f = fopen(path, "wb");
-    assert_non_null(f);
-    assert_int_equal(fwrite(p, 1, n, f), n);
-    fclose(f);
+static int teardown(void **st) {
+    (void)st;
+    return cli_fixture_free(&g_fx);
 }
 
 static unsigned char *read_bytes(const char *path, size_t max, size_t *n) {
@@ -55,107 +58,17 @@ static unsigned char *read_bytes(const char *path, size_t max, size_t *n) {
     return buf;
 }
 
-static char *snapshot(const char *dir) {
-    char *s = dir_snapshot(dir);
-    assert_non_null(s);
-    return s;
-}
-
-/* output_dir holding the outputs of an earlier run (content is arbitrary: it
- * must come out unchanged). */
-static void make_earlier_outputs(const char *out) {
-    char p[512];
-    mkdir(out, 0755);
-    snprintf(p, sizeof p, "%s/metrics.jsonl", out);
-    write_text(p, "{\"step\": 1, \"loss\": 2.5, \"lr\": 0.0002, \"grad_norm\": 1, \"tokens_per_sec\": 1, \"epoch\": 0.1}\n");
-    snprintf(p, sizeof p, "%s/adapter_model.safetensors", out);
-    write_text(p, "an adapter from an earlier run");
-    snprintf(p, sizeof p, "%s/adapter_config.json", out);
-    write_text(p, "{\"r\": 8}");
-    snprintf(p, sizeof p, "%s/config.resolved.yaml", out);
-    write_text(p, "lora_r: 8\n");
-    snprintf(p, sizeof p, "%s/.qlora-train.lock", out);
-    write_text(p, "");
-    snprintf(p, sizeof p, "%s/checkpoint-5", out);
-    mkdir(p, 0755);
-    snprintf(p, sizeof p, "%s/checkpoint-5/state.h5", out);
-    write_text(p, "half a checkpoint (no COMPLETE marker)");
-}
-
-static char g_cfg[300], g_out[300];
-
-static int setup(void **st) {
-    (void)st;
-    if (access(MODEL, R_OK)) {
-        fprintf(stderr, "%s missing: run `make model`\n", MODEL);
-        return -1;
-    }
-    snprintf(g_dir, sizeof g_dir, "/tmp/qlora-faults-XXXXXX");
-    if (!mkdtemp(g_dir)) return -1;
-    char p[512];
-    snprintf(p, sizeof p, "%s/train.jsonl", g_dir);
-    write_text(p,
-               "{\"text\": \"The open() system call opens the file specified by pathname.\"}\n"
-               "{\"text\": \"If the specified file does not exist, it may optionally be created by open().\"}\n"
-               "{\"text\": \"The return value of open() is a file descriptor, a small, nonnegative integer.\"}\n");
-    snprintf(g_out, sizeof g_out, "%s/out", g_dir);
-    make_earlier_outputs(g_out);
-    snprintf(g_cfg, sizeof g_cfg, "%s/config.yaml", g_dir);
-    char cfg[2048];
-    snprintf(cfg, sizeof cfg,
-             "base_model: " MODEL "\n"
-             "lora_r: 2\nlora_alpha: 4\nlora_target_modules: [q_proj]\n"
-             "datasets:\n  - path: %s/train.jsonl\n    type: completion\n"
-             "sequence_len: 32\nmicro_batch_size: 1\nmax_steps: 1\nnum_threads: 1\n"
-             "output_dir: %s\n",
-             g_dir, g_out);
-    write_text(g_cfg, cfg);
-    return 0;
-}
-
-static int teardown(void **st) {
-    (void)st;
-    char cmd[600];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
-    return system(cmd) == 0 ? 0 : -1;
-}
-
 /* Run `qlora-train cfg args...`; check the exit code, that the last stderr
  * line is one "qlora-train: ..." line holding every `want` substring, and that
  * g_out is unchanged. `want` is NULL-terminated. */
 static void expect_failure(const char *cfg, const char *const *args, int want_code, const char *const *want) {
-    char *before = snapshot(g_out);
     char *argv[32];
     int n = 0;
     argv[n++] = (char *)subproc_trainer();
     argv[n++] = (char *)cfg;
-    for (int i = 0; args && args[i]; i++) argv[n++] = (char *)args[i];
+    for (int i = 0; args && args[i] && n < 31; i++) argv[n++] = (char *)args[i];
     argv[n] = NULL;
-    char *err = NULL;
-    int code = subproc_run(argv, NULL, 120, &err);
-    assert_non_null(err);
-    /* the message: the last non-empty line */
-    size_t len = strlen(err);
-    while (len && err[len - 1] == '\n') err[--len] = 0;
-    char *last = strrchr(err, '\n');
-    last = last ? last + 1 : err;
-    print_message("exit %d: %s\n", code, last);
-    if (code != want_code) print_error("stderr:\n%s\n", err);
-    assert_int_equal(code, want_code);
-    assert_true(!strncmp(last, "qlora-train: ", 13));
-    for (int i = 0; want[i]; i++) {
-        if (!strstr(last, want[i])) print_error("missing \"%s\" in: %s\n", want[i], last);
-        assert_non_null(strstr(last, want[i]));
-    }
-    /* no crash report, no sanitizer report */
-    assert_null(strstr(err, "AddressSanitizer"));
-    assert_null(strstr(err, "runtime error"));
-    char *after = snapshot(g_out);
-    if (strcmp(before, after)) print_error("output_dir changed:\nbefore:\n%s\nafter:\n%s\n", before, after);
-    assert_string_equal(before, after);
-    free(before);
-    free(after);
-    free(err);
+    cli_expect_failure(argv, 120, want_code, "qlora-train", want, g_out);
 }
 
 #define ARGS(...) ((const char *const[]){__VA_ARGS__, NULL})
@@ -165,13 +78,13 @@ static void test_yaml_errors(void **st) {
     (void)st;
     char p[512];
     snprintf(p, sizeof p, "%s/syntax.yaml", g_dir);
-    write_text(p, "base_model: x.gguf\nlora_target_modules: [q_proj,\ndatasets: []\n");
+    cli_write_text(p, "base_model: x.gguf\nlora_target_modules: [q_proj,\ndatasets: []\n");
     expect_failure(p, NULL, 2, WANT("syntax.yaml:", "YAML syntax error"));
     snprintf(p, sizeof p, "%s/notamapping.yaml", g_dir);
-    write_text(p, "- just\n- a list\n");
+    cli_write_text(p, "- just\n- a list\n");
     expect_failure(p, NULL, 2, WANT("notamapping.yaml", "expected a mapping"));
     snprintf(p, sizeof p, "%s/empty.yaml", g_dir);
-    write_text(p, "");
+    cli_write_text(p, "");
     expect_failure(p, NULL, 2, WANT("empty.yaml", "empty"));
     snprintf(p, sizeof p, "%s/missing.yaml", g_dir);
     expect_failure(p, NULL, 2, WANT("missing.yaml", "No such file"));
@@ -181,7 +94,7 @@ static void test_wrong_types_and_ranges(void **st) {
     (void)st;
     char p[512];
     snprintf(p, sizeof p, "%s/types.yaml", g_dir);
-    write_text(p, "base_model: " MODEL "\nlora_r: abc\n");
+    cli_write_text(p, "base_model: " MODEL "\nlora_r: abc\n");
     expect_failure(p, NULL, 2, WANT("types.yaml", "lora_r", "expected a positive integer", "\"abc\"", "line 2"));
     expect_failure(g_cfg, ARGS("lora_dropout=1.5"), 2, WANT("lora_dropout", "[0, 1)", "1.5"));
     expect_failure(g_cfg, ARGS("learning_rate=-1"), 2, WANT("learning_rate", "positive"));
@@ -198,7 +111,7 @@ static void test_unknown_keys(void **st) {
     (void)st;
     char p[512];
     snprintf(p, sizeof p, "%s/unknown.yaml", g_dir);
-    write_text(p, "base_model: " MODEL "\nlora_rank: 8\n");
+    cli_write_text(p, "base_model: " MODEL "\nlora_rank: 8\n");
     expect_failure(p, NULL, 2, WANT("unknown.yaml", "unknown key \"lora_rank\"", "did you mean \"lora_r\""));
     expect_failure(g_cfg, ARGS("save_step=10"), 2, WANT("command line", "unknown key \"save_step\"", "save_steps"));
 }
@@ -224,18 +137,18 @@ static void test_corrupt_gguf(void **st) {
     char p[512], a[600];
     /* truncated: tensor data (and most tensor infos) past the end of the file */
     snprintf(p, sizeof p, "%s/truncated.gguf", g_dir);
-    write_bytes(p, b, 2u << 20);
+    cli_write_bytes(p, b, 2u << 20);
     snprintf(a, sizeof a, "base_model=%s", p);
     expect_failure(g_cfg, ARGS(a), 1, WANT("base_model", "truncated.gguf", "truncated or corrupt"));
     /* header only */
-    write_bytes(p, b, 20);
+    cli_write_bytes(p, b, 20);
     expect_failure(g_cfg, ARGS(a), 1, WANT("truncated.gguf", "too small for a GGUF header"));
     /* wrong magic */
     unsigned char save[8];
     memcpy(save, b, 8);
     memcpy(b, "GGUX", 4);
     snprintf(p, sizeof p, "%s/magic.gguf", g_dir);
-    write_bytes(p, b, 1u << 20);
+    cli_write_bytes(p, b, 1u << 20);
     snprintf(a, sizeof a, "base_model=%s", p);
     expect_failure(g_cfg, ARGS(a), 1, WANT("magic.gguf", "not a GGUF file"));
     memcpy(b, save, 8);
@@ -243,7 +156,7 @@ static void test_corrupt_gguf(void **st) {
     uint64_t huge = (uint64_t)1 << 19;
     memcpy(b + 8, &huge, 8);
     snprintf(p, sizeof p, "%s/count.gguf", g_dir);
-    write_bytes(p, b, 1u << 20);
+    cli_write_bytes(p, b, 1u << 20);
     snprintf(a, sizeof a, "base_model=%s", p);
     expect_failure(g_cfg, ARGS(a), 1, WANT("count.gguf", "truncated or corrupt"));
     /* a string length that overflows (u64 max) in the first KV */
@@ -253,7 +166,7 @@ static void test_corrupt_gguf(void **st) {
     uint64_t big = UINT64_MAX;
     memcpy(b + 24, &big, 8);
     snprintf(p, sizeof p, "%s/strlen.gguf", g_dir);
-    write_bytes(p, b, 1u << 20);
+    cli_write_bytes(p, b, 1u << 20);
     snprintf(a, sizeof a, "base_model=%s", p);
     expect_failure(g_cfg, ARGS(a), 1, WANT("strlen.gguf", "truncated or corrupt"));
     free(b);
@@ -263,20 +176,20 @@ static void test_bad_jsonl(void **st) {
     (void)st;
     char p[512], a[700];
     snprintf(p, sizeof p, "%s/bad.jsonl", g_dir);
-    write_text(p, "{\"text\": \"fine line\"}\n{\"text\": \"cut off\n{\"text\": \"fine again\"}\n");
+    cli_write_text(p, "{\"text\": \"fine line\"}\n{\"text\": \"cut off\n{\"text\": \"fine again\"}\n");
     snprintf(a, sizeof a, "datasets=[{path: %s, type: completion}]", p);
     expect_failure(g_cfg, ARGS(a), 1, WANT("bad.jsonl:2", "invalid JSON", "skip_bad_lines"));
     snprintf(p, sizeof p, "%s/field.jsonl", g_dir);
-    write_text(p, "{\"txt\": \"wrong field name\"}\n");
+    cli_write_text(p, "{\"txt\": \"wrong field name\"}\n");
     snprintf(a, sizeof a, "datasets=[{path: %s, type: completion}]", p);
     expect_failure(g_cfg, ARGS(a), 1, WANT("field.jsonl:1", "field \"text\" missing or not a string"));
     snprintf(p, sizeof p, "%s/array.jsonl", g_dir);
-    write_text(p, "[1, 2, 3]\n");
+    cli_write_text(p, "[1, 2, 3]\n");
     snprintf(a, sizeof a, "datasets=[{path: %s, type: alpaca}]", p);
     expect_failure(g_cfg, ARGS(a), 1, WANT("array.jsonl:1", "expected a JSON object, got an array"));
     /* skipping cannot make an all-bad file valid */
     snprintf(p, sizeof p, "%s/allbad.jsonl", g_dir);
-    write_text(p, "not json\n{\"nope\": 1}\n");
+    cli_write_text(p, "not json\n{\"nope\": 1}\n");
     snprintf(a, sizeof a, "datasets=[{path: %s, type: completion}]", p);
     expect_failure(g_cfg, ARGS(a, "skip_bad_lines=true"), 1, WANT("allbad.jsonl", "no valid records", "2"));
 }
@@ -285,7 +198,7 @@ static void test_empty_dataset(void **st) {
     (void)st;
     char p[512], a[700];
     snprintf(p, sizeof p, "%s/empty.jsonl", g_dir);
-    write_text(p, "\n  \n");
+    cli_write_text(p, "\n  \n");
     snprintf(a, sizeof a, "datasets=[{path: %s, type: completion}]", p);
     expect_failure(g_cfg, ARGS(a), 1, WANT("datasets", "empty.jsonl", "no records"));
     expect_failure(g_cfg, ARGS("val_set_size=3"), 1, WANT("val_set_size", "at least one must remain"));
@@ -321,7 +234,7 @@ static void test_sequence_len_beyond_sliding_window(void **st) {
     assert_non_null(w);
     memcpy(w, "\"sliding_window\":   16", strlen("\"sliding_window\": 4096"));
     snprintf(p, sizeof p, "%s/config.json", dir);
-    write_text(p, cfg);
+    cli_write_text(p, cfg);
     free(cfg);
     ref_close(&rf);
     snprintf(a, sizeof a, "base_model=%s", dir);
@@ -332,7 +245,7 @@ static void test_output_dir_unwritable(void **st) {
     (void)st;
     char p[512], a[600];
     snprintf(p, sizeof p, "%s/a-file", g_dir);
-    write_text(p, "a file where a directory should be");
+    cli_write_text(p, "a file where a directory should be");
     snprintf(a, sizeof a, "output_dir=%s", p);
     expect_failure(g_cfg, ARGS(a), 1, WANT("output_dir", "a-file"));
     snprintf(a, sizeof a, "output_dir=%s/sub", p);
@@ -397,9 +310,9 @@ static void test_bad_checkpoints(void **st) {
     size_t n;
     unsigned char *b = read_bytes(p, 1 << 20, &n);
     b[n / 2] ^= 0x40;
-    write_bytes(p, b, n);
+    cli_write_bytes(p, b, n);
     expect_failure(g_cfg, ARGS(a), 1, WANT("resume_from_checkpoint", "state.h5 is corrupt"));
-    write_bytes(p, b, n / 2);
+    cli_write_bytes(p, b, n / 2);
     expect_failure(g_cfg, ARGS(a), 1, WANT("resume_from_checkpoint", "truncated or replaced"));
     free(b);
     /* an incomplete one (no marker) */
@@ -464,7 +377,7 @@ static void test_corrupt_safetensors(void **st) {
         }
         }
         snprintf(p, sizeof p, "%s/bad%zu.safetensors", g_dir, i);
-        write_bytes(p, b, m);
+        cli_write_bytes(p, b, m);
         int rc = safetensors_open(p, &sf, &e);
         print_message("%s: %s\n", cases[i].what, rc ? e.msg : "(opened!)");
         assert_int_equal(rc, -1);
@@ -479,7 +392,7 @@ static void test_skip_bad_lines_trains(void **st) {
     (void)st;
     char p[512], a[700], o[600];
     snprintf(p, sizeof p, "%s/mixed.jsonl", g_dir);
-    write_text(p,
+    cli_write_text(p,
                "{\"text\": \"The read() system call reads up to count bytes from a file descriptor.\"}\n"
                "{\"text\": broken}\n"
                "{\"text\": \"On success, the number of bytes read is returned.\"}\n"

@@ -24,83 +24,40 @@
 
 #include <cmocka.h>
 
-#include "tests/dir_snapshot.h"
+#include "tests/cli_fixture.h"
 #include "tests/subproc.h"
 #include "trainer/checkpoint.h"
 
-#define MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+#define MODEL CLI_FIXTURE_MODEL
 #define HOSTILE_MEM_MIB 4096 /* address space of one case: the trainer needs ~0.5 GiB here */
 #define HOSTILE_SECONDS 120  /* a case that has not failed by then is a hang */
 
-static char g_dir[256], g_cfg[320], g_out[320];
-
-static void write_bytes(const char *path, const void *p, size_t n) {
-    FILE *f = fopen(path, "wb");
-    assert_non_null(f);
-    if (n) assert_int_equal(fwrite(p, 1, n, f), n);
-    assert_int_equal(fclose(f), 0);
-}
-
-static void write_text(const char *path, const char *s) { write_bytes(path, s, strlen(s)); }
-
-static char *snapshot(const char *dir) {
-    char *s = dir_snapshot(dir);
-    assert_non_null(s);
-    return s;
-}
-
-/* output_dir with an earlier run's outputs (content arbitrary: it must come out unchanged). */
-static void make_earlier_outputs(const char *out) {
-    char p[512];
-    mkdir(out, 0755);
-    snprintf(p, sizeof p, "%s/metrics.jsonl", out);
-    write_text(p, "{\"step\": 1, \"loss\": 2.5, \"lr\": 0.0002, \"grad_norm\": 1, \"tokens_per_sec\": 1, \"epoch\": 0.1}\n");
-    snprintf(p, sizeof p, "%s/adapter_model.safetensors", out);
-    write_text(p, "an adapter from an earlier run");
-    snprintf(p, sizeof p, "%s/config.resolved.yaml", out);
-    write_text(p, "lora_r: 8\n");
-    snprintf(p, sizeof p, "%s/.qlora-train.lock", out); /* every run takes the lock file; it holds no data */
-    write_text(p, "");
-}
+static cli_fixture g_fx; /* scratch directory, config, output_dir with an earlier run's outputs */
+#define g_dir g_fx.dir
+#define g_cfg g_fx.cfg
+#define g_out g_fx.out
 
 static int setup(void **st) {
     (void)st;
-    if (access(MODEL, R_OK)) {
-        fprintf(stderr, "%s missing: run `make model`\n", MODEL);
-        return -1;
-    }
-    snprintf(g_dir, sizeof g_dir, "/tmp/qlora-hostile-XXXXXX");
-    if (!mkdtemp(g_dir)) return -1;
-    char p[512];
-    snprintf(p, sizeof p, "%s/train.jsonl", g_dir);
-    write_text(p, "{\"text\": \"The open() system call opens the file specified by pathname.\"}\n"
-                  "{\"text\": \"If the specified file does not exist, it may optionally be created by open().\"}\n");
-    snprintf(g_out, sizeof g_out, "%s/out", g_dir);
-    make_earlier_outputs(g_out);
-    snprintf(g_cfg, sizeof g_cfg, "%s/config.yaml", g_dir);
-    char cfg[2048];
-    snprintf(cfg, sizeof cfg,
-             "base_model: " MODEL "\n"
-             "lora_r: 2\nlora_alpha: 4\nlora_target_modules: [q_proj]\n"
-             "datasets:\n  - path: %s/train.jsonl\n    type: completion\n"
-             "sequence_len: 32\nmicro_batch_size: 1\nmax_steps: 1\nnum_threads: 1\n"
-             "output_dir: %s\n",
-             g_dir, g_out);
-    write_text(g_cfg, cfg);
-    return 0;
+    return cli_fixture_init(
+        &g_fx, "/tmp/qlora-hostile-XXXXXX",
+        "{\"text\": \"The open() system call opens the file specified by pathname.\"}\n"
+        "{\"text\": \"If the specified file does not exist, it may optionally be created by open().\"}\n");
 }
 
 static int teardown(void **st) {
     (void)st;
-    char cmd[600];
-    snprintf(cmd, sizeof cmd, "rm -rf %s", g_dir);
-    return system(cmd) == 0 ? 0 : -1;
+    return cli_fixture_free(&g_fx);
 }
+
+
+
+
+
 
 /* Run `tool args...` under the limits (sh: ulimit -v, then exec); check what the header promises.
  * tool: a path; its basename (e.g. "qlora-train") must start the last stderr line. want: NULL-terminated. */
 static void expect_refusal_of(const char *tool, const char *const *args, const char *const *want) {
-    char *before = snapshot(g_out);
     char *argv[40];
     int n = 0;
     char script[128];
@@ -116,35 +73,8 @@ static void expect_refusal_of(const char *tool, const char *const *args, const c
     argv[n++] = (char *)tool;
     for (int i = 0; args && args[i] && n < 39; i++) argv[n++] = (char *)args[i];
     argv[n] = NULL;
-    char *err = NULL;
-    int code = subproc_run(argv, NULL, HOSTILE_SECONDS, &err);
-    assert_non_null(err);
-    size_t len = strlen(err);
-    while (len && err[len - 1] == '\n') err[--len] = 0;
-    char *last = strrchr(err, '\n');
-    last = last ? last + 1 : err;
-    print_message("exit %d: %s\n", code, last);
-    if (code == 0 || code >= 128) print_error("stderr:\n%s\n", err);
-    assert_true(code != 0);
-    assert_true(code < 128); /* not killed by a signal: no crash, no abort, no limit hit */
     const char *base = strrchr(tool, '/');
-    base = base ? base + 1 : tool;
-    char prefix[64];
-    snprintf(prefix, sizeof prefix, "%s: ", base);
-    if (strncmp(last, prefix, strlen(prefix))) print_error("last line does not start with \"%s\": %s\n", prefix, last);
-    assert_true(!strncmp(last, prefix, strlen(prefix)));
-    for (int i = 0; want && want[i]; i++) {
-        if (!strstr(last, want[i])) print_error("missing \"%s\" in: %s\n", want[i], last);
-        assert_non_null(strstr(last, want[i]));
-    }
-    assert_null(strstr(err, "AddressSanitizer"));
-    assert_null(strstr(err, "runtime error"));
-    char *after = snapshot(g_out);
-    if (strcmp(before, after)) print_error("output_dir changed:\nbefore:\n%s\nafter:\n%s\n", before, after);
-    assert_string_equal(before, after);
-    free(before);
-    free(after);
-    free(err);
+    cli_expect_failure(argv, HOSTILE_SECONDS, -1, base ? base + 1 : tool, want, g_out);
 }
 
 /* qlora-train g_cfg args... */
@@ -167,10 +97,10 @@ static void test_01_hf_index_shard_outside(void **st) {
     snprintf(hd, sizeof hd, "%s/hf_index", g_dir);
     mkdir(hd, 0755);
     snprintf(p, sizeof p, "%s/config.json", hd);
-    write_text(p, "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 96, \"num_hidden_layers\": 2, "
+    cli_write_text(p, "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 96, \"num_hidden_layers\": 2, "
                   "\"num_attention_heads\": 4, \"vocab_size\": 10}");
     snprintf(p, sizeof p, "%s/model.safetensors.index.json", hd);
-    write_text(p, "{\"metadata\": {}, \"weight_map\": {\"model.norm.weight\": \"../x\"}}");
+    cli_write_text(p, "{\"metadata\": {}, \"weight_map\": {\"model.norm.weight\": \"../x\"}}");
     snprintf(a, sizeof a, "base_model=%s", hd);
     expect_train_refusal(ARGS(a), WANT("weight_map[\"model.norm.weight\"]", "file name of a shard"));
 }
@@ -195,16 +125,16 @@ static void test_05_text_cut_or_dropped(void **st) {
     (void)st;
     char p[400], a[600];
     snprintf(p, sizeof p, "%s/nul_escape.jsonl", g_dir);
-    write_text(p, "{\"text\": \"abc\\u0000def\"}\n");
+    cli_write_text(p, "{\"text\": \"abc\\u0000def\"}\n");
     snprintf(a, sizeof a, "datasets=[{path: %s, type: completion}]", p);
     expect_train_refusal(ARGS(a), WANT("nul_escape.jsonl:1", "\\u0000"));
     snprintf(p, sizeof p, "%s/raw_nul.jsonl", g_dir);
     static const char raw[] = "{\"text\": \"abc\0def\"}\n";
-    write_bytes(p, raw, sizeof raw - 1);
+    cli_write_bytes(p, raw, sizeof raw - 1);
     snprintf(a, sizeof a, "datasets=[{path: %s, type: completion}]", p);
     expect_train_refusal(ARGS(a), WANT("raw_nul.jsonl:1", "NUL byte"));
     snprintf(p, sizeof p, "%s/latin1.jsonl", g_dir);
-    write_text(p, "{\"text\": \"caf\xe9 au lait\"}\n");
+    cli_write_text(p, "{\"text\": \"caf\xe9 au lait\"}\n");
     snprintf(a, sizeof a, "datasets=[{path: %s, type: completion}]", p);
     expect_train_refusal(ARGS(a), WANT("latin1.jsonl:1", "invalid UTF-8"));
 }
@@ -217,12 +147,12 @@ static void test_08_model_metadata(void **st) {
     snprintf(hd, sizeof hd, "%s/hf_theta", g_dir);
     mkdir(hd, 0755);
     snprintf(p, sizeof p, "%s/config.json", hd);
-    write_text(p, "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 96, \"num_hidden_layers\": 2, "
+    cli_write_text(p, "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 96, \"num_hidden_layers\": 2, "
                   "\"num_attention_heads\": 4, \"vocab_size\": 10, \"rope_theta\": \"abc\"}");
     snprintf(a, sizeof a, "base_model=%s", hd);
     expect_train_refusal(ARGS(a), WANT("config.json", "rope_theta", "expected a number"));
     snprintf(p, sizeof p, "%s/config.json", hd);
-    write_text(p, "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 96, \"num_hidden_layers\": 2, "
+    cli_write_text(p, "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 96, \"num_hidden_layers\": 2, "
                   "\"num_attention_heads\": 4, \"vocab_size\": 10, \"rms_norm_eps\": -1}");
     expect_train_refusal(ARGS(a), WANT("config.json", "rms_norm_eps"));
 }
@@ -240,7 +170,7 @@ static void test_09_empty_value(void **st) {
              "datasets:\n  - path: %s/train.jsonl\n    type: completion\n"
              "learning_rate:\nsequence_len: 32\nmax_steps: 1\noutput_dir: %s\n",
              g_dir, g_out);
-    write_text(p, cfg);
+    cli_write_text(p, cfg);
     expect_refusal_of(subproc_trainer(), ARGS(p), WANT("empty_lr.yaml: learning_rate: no value", "(line 6)"));
 }
 
@@ -303,7 +233,7 @@ static void test_13_config_size_and_depth(void **st) {
     memcpy(text, "lora_target_modules: ", 21);
     memset(text + 21, '[', n);
     text[21 + n] = 0;
-    write_text(p, text);
+    cli_write_text(p, text);
     expect_refusal_of(subproc_trainer(), ARGS(p), WANT("deep.yaml", "nested deeper than 64 levels", "(line 1)"));
     /* the same as an override */
     memcpy(text, "lora_target_modules=", 20);
@@ -398,7 +328,7 @@ static void fake_checkpoint(const char *dir, int step, long long size, char *ck,
     mkdir(ck, 0755);
     snprintf(p, sizeof p, "%s/COMPLETE", ck);
     snprintf(text, sizeof text, "qlora-checkpoint 1\nstep %d\nstate.h5 %lld 0123456789abcdef\n", step, size);
-    write_text(p, text);
+    cli_write_text(p, text);
 }
 
 /* 2. token ids are checked against the embedding: a GGUF whose token_embd.weight has 1000 rows while its
@@ -433,7 +363,7 @@ static void test_02_vocab_beyond_embedding(void **st) {
     memcpy(hit + 8, &ne1, 8);
     char p[400], a[600];
     snprintf(p, sizeof p, "%s/embd1000.gguf", g_dir);
-    write_bytes(p, b, (size_t)n);
+    cli_write_bytes(p, b, (size_t)n);
     free(b);
     snprintf(a, sizeof a, "base_model=%s", p);
     expect_train_refusal(ARGS(a), WANT("embd1000.gguf", "tokenizer has 49152 tokens", "token_embd.weight has 1000 rows"));
@@ -455,10 +385,10 @@ static void test_03_memory_beyond_machine(void **st) {
     if (code) print_error("%s\n", err);
     assert_int_equal(code, 0);
     free(err);
-    char *before = snapshot(out);
+    char *before = cli_snapshot(out);
     expect_train_refusal(ARGS(a, "micro_batch_size=100000", "max_steps=3", "val_set_size=1"),
                          WANT("micro_batch_size 100000", "MiB"));
-    char *after = snapshot(out);
+    char *after = cli_snapshot(out);
     assert_string_equal(before, after);
     free(before);
     free(after);
@@ -480,7 +410,7 @@ static void test_04_checkpoint_not_a_file(void **st) {
     expect_train_refusal(ARGS(a), WANT("resume_from_checkpoint", "state.h5", "not a regular file", "FIFO"));
     /* the marker itself as a FIFO */
     unlink(p);
-    write_text(p, "not hdf5");
+    cli_write_text(p, "not hdf5");
     snprintf(p, sizeof p, "%s/COMPLETE", ck);
     unlink(p);
     assert_int_equal(mkfifo(p, 0600), 0);
@@ -494,27 +424,27 @@ static void test_06_no_usable_checkpoint(void **st) {
     (void)st;
     char dir[400], ck[500], p[600], a[700];
     snprintf(dir, sizeof dir, "%s/out6", g_dir);
-    make_earlier_outputs(dir);
+    cli_fixture_earlier_outputs(dir);
     snprintf(p, sizeof p, "%s/.qlora-train.lock", dir); /* as a run leaves it */
-    write_text(p, "");
+    cli_write_text(p, "");
     fake_checkpoint(dir, 3, 4096, ck, sizeof ck);
     snprintf(p, sizeof p, "%s/state.h5", ck);
-    write_text(p, "a state.h5 that is not the one the marker describes");
+    cli_write_text(p, "a state.h5 that is not the one the marker describes");
     snprintf(p, sizeof p, "%s/checkpoint-5", dir); /* a newer save interrupted before its marker */
     mkdir(p, 0755);
     snprintf(p, sizeof p, "%s/checkpoint-5/state.h5", dir);
-    write_text(p, "half a checkpoint");
-    char *before = snapshot(dir);
+    cli_write_text(p, "half a checkpoint");
+    char *before = cli_snapshot(dir);
     snprintf(a, sizeof a, "output_dir=%s", dir);
     expect_train_refusal(ARGS(a), WANT("out6", "none can be resumed", "checkpoint-3", "truncated or replaced",
                                        "Delete its checkpoint-*"));
-    char *after = snapshot(dir);
+    char *after = cli_snapshot(dir);
     assert_string_equal(before, after);
     free(before);
     free(after);
     /* only an interrupted save: the run starts over, and says so */
     snprintf(dir, sizeof dir, "%s/out6b", g_dir);
-    make_earlier_outputs(dir);
+    cli_fixture_earlier_outputs(dir);
     snprintf(p, sizeof p, "%s/checkpoint-5", dir);
     mkdir(p, 0755);
     snprintf(a, sizeof a, "output_dir=%s", dir);
@@ -625,13 +555,98 @@ static void test_14_run_second_signal_and_rotation(void **st) {
     assert_int_equal(unlink(p1), 0);
     assert_int_equal(mkdir(p1, 0755), 0); /* unlink(2) of it fails (EISDIR), also for root */
     snprintf(p2, sizeof p2, "%s/x", p1);
-    write_text(p2, "x");
+    cli_write_text(p2, "x");
     code = run_cli(ARGS(a, "max_steps=3", "save_steps=1", "save_total_limit=1"), NULL, &err);
     if (code) print_error("%s\n", err);
     assert_int_equal(code, 0);
     assert_non_null(strstr(err, "warning: could not delete an older checkpoint beyond save_total_limit 1"));
     free(err);
     assert_int_equal(newest_complete(dir), 3);
+}
+
+/* 14 (disk full). A checkpoint that does not fit said "HDF5 error at /lora/params". The output_dir is a
+ * 1 MiB tmpfs mounted in a private mount namespace (unshare -rm: also without root); the first save cannot
+ * fit, and the line must say the disk is full and name the file. Skipped where namespaces are not allowed. */
+static void test_14_disk_full_during_save(void **st) {
+    (void)st;
+    if (system("/usr/bin/unshare -rm true >/dev/null 2>&1") != 0) {
+        print_message("SKIPPED: unshare -rm (a private mount namespace for a small tmpfs) is not permitted here\n");
+        skip();
+    }
+    char dir[400], a[500];
+    snprintf(dir, sizeof dir, "%s/out14full", g_dir);
+    assert_int_equal(mkdir(dir, 0755), 0);
+    snprintf(a, sizeof a, "output_dir=%s", dir);
+    /* sh -c SCRIPT sh DIR TRAINER CONFIG OVERRIDES...: mount, then exec the trainer in the namespace */
+    char *argv[] = {(char *)"/usr/bin/unshare", (char *)"-rm", (char *)"/bin/sh", (char *)"-c",
+                    (char *)"d=$1; shift; mount -t tmpfs -o size=1m qlora-full \"$d\" || exit 77; exec \"$@\"",
+                    (char *)"sh", dir, (char *)subproc_trainer(), g_cfg, a, (char *)"max_steps=1",
+                    (char *)"save_steps=1", (char *)"lora_r=64", NULL}; /* state.h5 ≈ 13 MiB */
+    char *err = NULL;
+    int code = subproc_run(argv, NULL, HOSTILE_SECONDS, &err);
+    assert_non_null(err);
+    const char *last = cli_last_line(err);
+    print_message("exit %d: %s\n", code, last);
+    if (code == 77) {
+        print_message("SKIPPED: mounting a tmpfs in the namespace failed\n");
+        free(err);
+        skip();
+    }
+    assert_true(code != 0 && code < 128);
+    assert_non_null(strstr(last, "qlora-train: "));
+    assert_non_null(strstr(last, "state.h5"));
+    assert_non_null(strstr(last, "no space left on device"));
+    assert_null(strstr(err, "AddressSanitizer"));
+    free(err);
+}
+
+/* 14 (the planner and the data). The planner left the dataset out: 1,472 MiB measured against 271 MiB
+ * predicted on a large dataset. The tokenized rows are now a component of the plan ("data"). Here the data
+ * is ~6 M tokens of real man-page text (the training file five times): without the component the
+ * prediction was ~40 % under the measured peak; the bound below (20 %) is the planner's usual accuracy
+ * (README: within 15 % on the default run). Under ASan the RSS is the sanitizer's, so only the component
+ * is checked there. */
+static void test_14_planner_counts_the_data(void **st) {
+    (void)st;
+    const char *src = "datasets/manpages/train.jsonl";
+    FILE *in = fopen(src, "rb");
+    if (!in) {
+        print_message("SKIPPED: %s missing (make dataset)\n", src);
+        skip();
+    }
+    char path[400], a[500], d[600];
+    snprintf(path, sizeof path, "%s/big.jsonl", g_dir);
+    FILE *out = fopen(path, "wb");
+    assert_non_null(out);
+    static char buf[1 << 16];
+    for (int k = 0; k < 5; k++) {
+        rewind(in);
+        size_t n;
+        while ((n = fread(buf, 1, sizeof buf, in)) > 0) assert_int_equal(fwrite(buf, 1, n, out), n);
+    }
+    fclose(in);
+    assert_int_equal(fclose(out), 0);
+    snprintf(a, sizeof a, "output_dir=%s/out14data", g_dir);
+    snprintf(d, sizeof d, "datasets=[{path: %s, type: completion}]", path);
+    char *err = NULL;
+    int code = run_cli(ARGS(a, d, "sequence_len=64", "max_steps=1", "save_steps=100"), NULL, &err);
+    if (code) print_error("%s\n", err);
+    assert_int_equal(code, 0);
+    const char *plan = strstr(err, "[memory] predicted peak");
+    assert_non_null(plan);
+    const char *dp = strstr(plan, "+ data ");
+    assert_non_null(dp);
+    int data_mib = atoi(dp + strlen("+ data "));
+    print_message("data component %d MiB\n", data_mib);
+    assert_true(data_mib >= 80); /* 16 bytes per position of ~6 M tokens */
+    const char *pk = strstr(err, "[memory] peak RSS ");
+    assert_non_null(pk);
+    int measured = 0, predicted = 0;
+    assert_int_equal(sscanf(pk, "[memory] peak RSS %d MiB (predicted %d MiB", &measured, &predicted), 2);
+    print_message("peak RSS %d MiB, predicted %d MiB\n", measured, predicted);
+    if (!getenv("ASAN_OPTIONS")) assert_true(abs(predicted - measured) <= measured / 5);
+    free(err);
+    unlink(path);
 }
 
 int main(void) {
@@ -652,6 +667,8 @@ int main(void) {
         cmocka_unit_test(test_13_config_size_and_depth),
         cmocka_unit_test(test_14_config_messages),
         cmocka_unit_test(test_14_run_second_signal_and_rotation),
+        cmocka_unit_test(test_14_disk_full_during_save),
+        cmocka_unit_test(test_14_planner_counts_the_data),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

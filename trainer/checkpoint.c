@@ -22,11 +22,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "core/file.h"
 #include "core/hash.h"
+#include "optim/adamw8bit.h"
 
 #define CKPT_FORMAT_NAME "qlora-checkpoint"
 #define CKPT_CHUNK_ELEMS ((hsize_t)1 << 18) /* 1 MiB of fp32 per chunk */
@@ -153,6 +155,41 @@ static int64_t parse_ckpt_name(const char *name, const char **suffix) {
 /* HDF5 helpers                                                               */
 
 static void h5_quiet(void) { H5Eset_auto2(H5E_DEFAULT, NULL, NULL); }
+
+/* H5Ewalk2 callback: keep the operating system's words from the innermost entry that has them.
+ * HDF5's POSIX driver (H5FDsec2.c) describes a failed read/write/truncate as "... errno = 28,
+ * error message = 'No space left on device', ..."; the text between the quotes is strerror(errno). */
+static herr_t h5_cause_cb(unsigned n, const H5E_error2_t *err, void *data) {
+    (void)n;
+    char *out = data;
+    const char *m = err && err->desc ? strstr(err->desc, "error message = '") : NULL;
+    if (!m || out[0]) return 0;
+    m += strlen("error message = '");
+    const char *q = strchr(m, '\'');
+    size_t len = q ? (size_t)(q - m) : strlen(m);
+    if (len > 127) len = 127;
+    memcpy(out, m, len);
+    out[len] = 0;
+    return 0;
+}
+
+/* Record why the HDF5 call that just failed failed: the OS error on the current error stack (read
+ * before the next HDF5 call clears it). Returns 1 so it can stand where `bad = 1` stood. */
+static int h5_failed(char cause[128]) {
+    if (!cause[0]) H5Ewalk2(H5E_DEFAULT, H5E_WALK_UPWARD, h5_cause_cb, cause);
+    return 1;
+}
+
+/* The error line of a failed HDF5 write: the OS error when HDF5 recorded one, else the free space
+ * of the file system when it is (nearly) exhausted, else only where it failed. */
+static int h5_write_error(const char *path, const char *what, const char *cause, qerr *e) {
+    if (cause[0]) return qerr_set(e, "cannot write %s (at %s): %s", path, what, cause);
+    struct statvfs fs;
+    if (statvfs(path, &fs) == 0 && (double)fs.f_bavail * (double)fs.f_frsize < 1024.0 * 1024.0)
+        return qerr_set(e, "cannot write %s (at %s): no space left on device (%.0f KiB free)", path, what,
+                        (double)fs.f_bavail * (double)fs.f_frsize / 1024.0);
+    return qerr_set(e, "cannot write %s: HDF5 error at %s", path, what);
+}
 
 static hid_t h5_fapl(void) {
     hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
@@ -383,10 +420,11 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
     const char *what = "attributes";
     hid_t g = -1;
     int bad = 0;
-#define W(expr, w)              \
-    do {                        \
-        if (!bad && (expr) < 0) \
-            bad = 1, what = (w); \
+    char cause[128] = "";
+#define W(expr, w)                                   \
+    do {                                             \
+        if (!bad && (expr) < 0)                      \
+            bad = h5_failed(cause), what = (w);      \
     } while (0)
     W(h5_attr_str(f, "format", CKPT_FORMAT_NAME), "/ format");
     W(h5_attr_i64(f, "format_version", CKPT_FORMAT_VERSION), "/ format_version");
@@ -395,7 +433,7 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
     W(h5_put_str(f, "config", s->config_yaml ? s->config_yaml : ""), "/config");
 
     /* adapter */
-    if (!bad && (g = H5Gcreate2(f, "lora", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT)) < 0) bad = 1, what = "/lora";
+    if (!bad && (g = H5Gcreate2(f, "lora", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT)) < 0) bad = h5_failed(cause), what = "/lora";
     W(h5_put(g, "params", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->params, s->n_params, 0, 1), "/lora/params");
     if (!bad) {
         int n = s->n_tensors;
@@ -403,7 +441,7 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
         int64_t *off = malloc((size_t)(n ? n : 1) * sizeof *off);
         int64_t *shape = malloc((size_t)(n ? n : 1) * 2 * sizeof *shape);
         if (!names || !off || !shape) {
-            bad = 1, what = "/lora (out of memory)";
+            bad = h5_failed(cause), what = "/lora (out of memory)";
         } else {
             for (int i = 0; i < n; i++) {
                 snprintf(names + (size_t)i * CKPT_NAME_MAX, CKPT_NAME_MAX, "%s", s->tensors[i].name);
@@ -427,16 +465,31 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
 
     /* optimizer */
     if (!bad && (g = H5Gcreate2(f, "optimizer", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT)) < 0)
-        bad = 1, what = "/optimizer";
+        bad = h5_failed(cause), what = "/optimizer";
     const int sophia = !strcmp(s->optimizer, "sophia");
-    W(h5_put(g, "exp_avg", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->exp_avg, s->n_params, 0, 1), "/optimizer/exp_avg");
-    if (sophia)
-        W(h5_put(g, "hessian", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->hessian, s->n_params, 0, 1),
-          "/optimizer/hessian");
-    else
-        W(h5_put(g, "exp_avg_sq", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->exp_avg_sq, s->n_params, 0, 1),
+    const int q8 = !strcmp(s->optimizer, "adamw_8bit");
+    if (q8) {
+        /* bitsandbytes' states: codes of every element, one absmax per block of the 8-bit tensors, the
+         * fp32 moments of the tensors below min_8bit_size (optim/adamw8bit.h) */
+        W(h5_put(g, "state1", H5T_STD_U8LE, H5T_NATIVE_UCHAR, s->state1, s->n_params, 0, 1), "/optimizer/state1");
+        W(h5_put(g, "state2", H5T_STD_U8LE, H5T_NATIVE_UCHAR, s->state2, s->n_params, 0, 1), "/optimizer/state2");
+        W(h5_put(g, "absmax1", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->absmax1, s->n_blocks, 0, 1), "/optimizer/absmax1");
+        W(h5_put(g, "absmax2", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->absmax2, s->n_blocks, 0, 1), "/optimizer/absmax2");
+        W(h5_put(g, "exp_avg", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->exp_avg, s->n32, 0, 1), "/optimizer/exp_avg");
+        W(h5_put(g, "exp_avg_sq", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->exp_avg_sq, s->n32, 0, 1),
           "/optimizer/exp_avg_sq");
-    W(h5_attr_str(g, "name", sophia ? "sophia" : "adamw"), "/optimizer name");
+        W(h5_attr_i64(g, "blocksize", ADAMW8BIT_BLOCKSIZE), "/optimizer blocksize");
+        W(h5_attr_i64(g, "min_8bit_size", ADAMW8BIT_MIN_8BIT_SIZE), "/optimizer min_8bit_size");
+    } else {
+        W(h5_put(g, "exp_avg", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->exp_avg, s->n_params, 0, 1), "/optimizer/exp_avg");
+        if (sophia)
+            W(h5_put(g, "hessian", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->hessian, s->n_params, 0, 1),
+              "/optimizer/hessian");
+        else
+            W(h5_put(g, "exp_avg_sq", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->exp_avg_sq, s->n_params, 0, 1),
+              "/optimizer/exp_avg_sq");
+    }
+    W(h5_attr_str(g, "name", sophia ? "sophia" : q8 ? "adamw_8bit" : "adamw"), "/optimizer name");
     W(h5_attr_i64(g, "step", s->opt_step), "/optimizer step");
     W(h5_attr_f64(g, "beta1", s->beta1), "/optimizer beta1");
     W(h5_attr_f64(g, "beta2", s->beta2), "/optimizer beta2");
@@ -451,7 +504,7 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
 
     /* scheduler */
     if (!bad && (g = H5Gcreate2(f, "scheduler", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT)) < 0)
-        bad = 1, what = "/scheduler";
+        bad = h5_failed(cause), what = "/scheduler";
     W(h5_attr_str(g, "name", s->lr_scheduler), "/scheduler name");
     W(h5_attr_f64(g, "base_lr", s->base_lr), "/scheduler base_lr");
     W(h5_attr_i64(g, "warmup_steps", s->warmup_steps), "/scheduler warmup_steps");
@@ -461,7 +514,7 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
     if (g >= 0) H5Gclose(g), g = -1;
 
     /* randomness */
-    if (!bad && (g = H5Gcreate2(f, "rng", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT)) < 0) bad = 1, what = "/rng";
+    if (!bad && (g = H5Gcreate2(f, "rng", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT)) < 0) bad = h5_failed(cause), what = "/rng";
     W(h5_attr_i64(g, "seed", (int64_t)s->seed), "/rng seed");
     W(h5_attr_str(g, "scheme",
                   "counter-based splitmix64 (core/rng.h): dropout seed = rng_u64(seed, 0xd509, step*4096 + "
@@ -470,7 +523,7 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
     if (g >= 0) H5Gclose(g), g = -1;
 
     /* data position */
-    if (!bad && (g = H5Gcreate2(f, "data", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT)) < 0) bad = 1, what = "/data";
+    if (!bad && (g = H5Gcreate2(f, "data", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT)) < 0) bad = h5_failed(cause), what = "/data";
     int64_t nr = s->n_rows > 0 ? s->n_rows : 1;
     W(h5_attr_i64(g, "epoch", s->rows_consumed / nr), "/data epoch");
     W(h5_attr_i64(g, "index", s->rows_consumed % nr), "/data index");
@@ -483,7 +536,7 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
 
     /* fingerprints */
     if (!bad && (g = H5Gcreate2(f, "fingerprint", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT)) < 0)
-        bad = 1, what = "/fingerprint";
+        bad = h5_failed(cause), what = "/fingerprint";
     W(h5_attr_str(g, "base_model", s->base_model), "/fingerprint base_model");
     W(h5_attr_hex(g, "model_xxh64", s->model_fingerprint), "/fingerprint model_xxh64");
     W(h5_attr_hex(g, "tokenizer_xxh64", s->tokenizer_fingerprint), "/fingerprint tokenizer_xxh64");
@@ -496,7 +549,7 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
 
     /* trainer */
     if (!bad && (g = H5Gcreate2(f, "trainer_state", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT)) < 0)
-        bad = 1, what = "/trainer_state";
+        bad = h5_failed(cause), what = "/trainer_state";
     W(h5_attr_i64(g, "nan_streak", s->nan_streak), "/trainer_state nan_streak");
     W(h5_attr_i64(g, "nan_skipped", s->nan_skipped), "/trainer_state nan_skipped");
     W(h5_attr_f64(g, "eval_loss_start", s->eval_loss_start), "/trainer_state eval_loss_start");
@@ -508,8 +561,8 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
     W(h5_put(f, "log_history", H5T_STD_U8LE, H5T_NATIVE_UCHAR, s->log_history, s->log_history_len, 0, 1),
       "/log_history");
 #undef W
-    if (H5Fclose(f) < 0 && !bad) bad = 1, what = "(closing the file)";
-    if (bad) return qerr_set(e, "cannot write %s: HDF5 error at %s", path, what);
+    if (H5Fclose(f) < 0 && !bad) bad = h5_failed(cause), what = "(closing the file)";
+    if (bad) return h5_write_error(path, what, cause, e);
     return fsync_path(path, 0, e);
 }
 
@@ -519,6 +572,10 @@ void ckpt_state_free(ckpt_state *s) {
     free(s->exp_avg);
     free(s->exp_avg_sq);
     free(s->hessian);
+    free(s->state1);
+    free(s->state2);
+    free(s->absmax1);
+    free(s->absmax2);
     free(s->tensors);
     free(s->config_yaml);
     free(s->log_history);
@@ -614,8 +671,8 @@ int ckpt_read_state(const char *path, ckpt_state *s, qerr *e) {
 
     GROUP("optimizer");
     R(h5_get_attr_str(g, "name", s->optimizer, sizeof s->optimizer), "/optimizer name");
-    if (!what && strcmp(s->optimizer, "adamw") && strcmp(s->optimizer, "sophia"))
-        what = "/optimizer name (neither \"adamw\" nor \"sophia\")";
+    if (!what && strcmp(s->optimizer, "adamw") && strcmp(s->optimizer, "sophia") && strcmp(s->optimizer, "adamw_8bit"))
+        what = "/optimizer name (neither \"adamw\", \"sophia\" nor \"adamw_8bit\")";
     if (!what && !strcmp(s->optimizer, "sophia")) {
         /* m in exp_avg, h in hessian: the n_params buffer allocated above as exp_avg_sq */
         s->hessian = s->exp_avg_sq;
@@ -624,11 +681,39 @@ int ckpt_read_state(const char *path, ckpt_state *s, qerr *e) {
         R(h5_get_attr(g, "rho", H5T_NATIVE_DOUBLE, &s->rho), "/optimizer rho");
         R(h5_get_attr(g, "hessian_interval", H5T_NATIVE_INT64, &s->hessian_interval), "/optimizer hessian_interval");
         R(h5_get_attr(g, "hessian_updates", H5T_NATIVE_INT64, &s->hessian_updates), "/optimizer hessian_updates");
+        R(h5_get(g, "exp_avg", H5T_NATIVE_FLOAT, s->exp_avg, s->n_params, 0), "/optimizer/exp_avg");
+    } else if (!what && !strcmp(s->optimizer, "adamw_8bit")) {
+        /* the state's layout follows from the tensor table (optim/adamw8bit.h), under the recorded
+         * blocksize and min_8bit_size, which must be the ones this build uses */
+        int64_t bs = 0, min8 = 0;
+        R(h5_get_attr(g, "blocksize", H5T_NATIVE_INT64, &bs), "/optimizer blocksize");
+        R(h5_get_attr(g, "min_8bit_size", H5T_NATIVE_INT64, &min8), "/optimizer min_8bit_size");
+        if (!what && (bs != ADAMW8BIT_BLOCKSIZE || min8 != ADAMW8BIT_MIN_8BIT_SIZE))
+            what = "/optimizer blocksize, min_8bit_size (not bitsandbytes' 256 and 4096)";
+        for (int i = 0; !what && i < s->n_tensors; i++) {
+            const int64_t numel = s->tensors[i].rows * s->tensors[i].cols;
+            if (numel >= ADAMW8BIT_MIN_8BIT_SIZE) s->n_blocks += (numel + ADAMW8BIT_BLOCKSIZE - 1) / ADAMW8BIT_BLOCKSIZE;
+            else s->n32 += numel;
+        }
+        if (!what) {
+            s->state1 = malloc((size_t)s->n_params);
+            s->state2 = malloc((size_t)s->n_params);
+            s->absmax1 = malloc((size_t)(s->n_blocks + 1) * sizeof(float));
+            s->absmax2 = malloc((size_t)(s->n_blocks + 1) * sizeof(float));
+            if (!s->state1 || !s->state2 || !s->absmax1 || !s->absmax2) what = "(out of memory)";
+        }
+        R(h5_get(g, "state1", H5T_NATIVE_UCHAR, s->state1, s->n_params, 0), "/optimizer/state1");
+        R(h5_get(g, "state2", H5T_NATIVE_UCHAR, s->state2, s->n_params, 0), "/optimizer/state2");
+        R(h5_get(g, "absmax1", H5T_NATIVE_FLOAT, s->absmax1, s->n_blocks, 0), "/optimizer/absmax1");
+        R(h5_get(g, "absmax2", H5T_NATIVE_FLOAT, s->absmax2, s->n_blocks, 0), "/optimizer/absmax2");
+        R(h5_get(g, "exp_avg", H5T_NATIVE_FLOAT, s->exp_avg, s->n32, 0), "/optimizer/exp_avg");
+        R(h5_get(g, "exp_avg_sq", H5T_NATIVE_FLOAT, s->exp_avg_sq, s->n32, 0), "/optimizer/exp_avg_sq");
+        R(h5_get_attr(g, "eps", H5T_NATIVE_DOUBLE, &s->eps), "/optimizer eps");
     } else {
         R(h5_get(g, "exp_avg_sq", H5T_NATIVE_FLOAT, s->exp_avg_sq, s->n_params, 0), "/optimizer/exp_avg_sq");
         R(h5_get_attr(g, "eps", H5T_NATIVE_DOUBLE, &s->eps), "/optimizer eps");
+        R(h5_get(g, "exp_avg", H5T_NATIVE_FLOAT, s->exp_avg, s->n_params, 0), "/optimizer/exp_avg");
     }
-    R(h5_get(g, "exp_avg", H5T_NATIVE_FLOAT, s->exp_avg, s->n_params, 0), "/optimizer/exp_avg");
     R(h5_get_attr(g, "step", H5T_NATIVE_INT64, &s->opt_step), "/optimizer step");
     R(h5_get_attr(g, "beta1", H5T_NATIVE_DOUBLE, &s->beta1), "/optimizer beta1");
     R(h5_get_attr(g, "beta2", H5T_NATIVE_DOUBLE, &s->beta2), "/optimizer beta2");

@@ -26,8 +26,13 @@
  *   /optimizer/exp_avg      float32 (n_params): AdamW first moment / Sophia momentum m (torch's name)
  *   /optimizer/exp_avg_sq   float32 (n_params): AdamW second moment (adamw only)
  *   /optimizer/hessian      float32 (n_params): Sophia's Hessian EMA h (sophia only; the official name)
- *     attrs name="adamw" | "sophia", step (completed updates), beta1, beta2, weight_decay;
- *     adamw: eps; sophia: rho, hessian_interval (k), hessian_updates
+ *   adamw_8bit instead (bitsandbytes' AdamW8bit state, optim/adamw8bit.h):
+ *   /optimizer/state1, state2    uint8 (n_params): codes of m and v (0 over the fp32 tensors)
+ *   /optimizer/absmax1, absmax2  float32 (n_blocks): one per block of 256 of each 8-bit tensor
+ *   /optimizer/exp_avg, exp_avg_sq float32 (n32): m and v of the tensors below min_8bit_size, in order
+ *     attrs name="adamw" | "sophia" | "adamw_8bit", step (completed updates), beta1, beta2,
+ *     weight_decay; adamw, adamw_8bit: eps; adamw_8bit: blocksize, min_8bit_size; sophia: rho,
+ *     hessian_interval (k), hessian_updates
  *   /scheduler              attrs name, base_lr, warmup_steps, total_steps, last_step, last_lr
  *   /rng                    attrs seed, scheme (counter-based: see below)
  *   /data                   attrs epoch, index (into the epoch permutation), rows_consumed,
@@ -78,7 +83,7 @@ typedef struct ckpt_state {
     double base_lr, last_lr;
     int64_t warmup_steps;
     /* optimizer */
-    char optimizer[16];    /* "adamw" ("" on write = "adamw") | "sophia" */
+    char optimizer[16];    /* "adamw" ("" on write = "adamw") | "sophia" | "adamw_8bit" */
     int64_t opt_step;      /* optimizer updates applied (skipped NaN steps do not count) */
     double beta1, beta2, eps, weight_decay;
     double rho;                              /* sophia */
@@ -95,6 +100,10 @@ typedef struct ckpt_state {
     int64_t n_params;
     float *params, *exp_avg, *exp_avg_sq; /* (n_params) each; exp_avg_sq NULL for sophia */
     float *hessian;                       /* (n_params) sophia's h, else NULL */
+    /* adamw_8bit: exp_avg, exp_avg_sq hold n32 elements (the fp32 tensors' moments) and these the rest */
+    uint8_t *state1, *state2;             /* (n_params) codes */
+    float *absmax1, *absmax2;             /* (n_blocks) */
+    int64_t n_blocks, n32;
     int n_tensors;
     ckpt_tensor *tensors;                 /* (n_tensors) */
     char *config_yaml;                    /* NUL-terminated */

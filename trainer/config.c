@@ -88,17 +88,20 @@ static const value_later L_SCHED[] = {
     {"inverse_sqrt", "not supported yet"}, {"reduce_lr_on_plateau", "not supported yet"},
     {"cosine_with_min_lr", "not supported yet"}, {"warmup_stable_decay", "not supported yet"},
     {"one_cycle", "not supported yet"}, {"rex", "not supported yet"}, {NULL, NULL}};
-static const char *const V_OPTIM[] = {"adamw", "sophia", NULL};
+static const char *const V_OPTIM[] = {"adamw", "sophia", "adamw_8bit", NULL};
 static const value_alias A_OPTIM[] = {
     {"adamw_torch", "adamw", NULL},
     {"adamw_torch_fused", "adamw", NULL},
     {"paged_adamw_32bit", "adamw",
      "optimizer: \"paged_adamw_32bit\" runs as \"adamw\" (paging is a CUDA memory feature; the update is the same)"},
     {"sophiag", "sophia", NULL},
+    {"adamw_bnb_8bit", "adamw_8bit", NULL},
+    {"paged_adamw_8bit", "adamw_8bit",
+     "optimizer: \"paged_adamw_8bit\" runs as \"adamw_8bit\" (bitsandbytes' 8-bit AdamW; paging is a CUDA memory "
+     "feature, the update is the same)"},
     {NULL, NULL, NULL}};
 static const value_later L_OPTIM[] = {
-    {"adamw_bnb_8bit", "not supported yet"}, {"adamw_8bit", "not supported yet"},
-    {"paged_adamw_8bit", "not supported yet"}, {"adamw_torch_8bit", "not supported yet"},
+    {"adamw_torch_8bit", "not supported yet"},
     {"adafactor", "not supported yet"}, {"sgd", "not supported yet"}, {"adagrad", "not supported yet"},
     {"lion_8bit", "not supported yet"}, {"lion_32bit", "not supported yet"},
     {"paged_lion_8bit", "not supported yet"}, {"paged_lion_32bit", "not supported yet"},

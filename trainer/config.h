@@ -62,8 +62,10 @@
  *  - optimizer: "adamw" | "sophia"; the aliases adamw_torch, adamw_torch_fused
  *    (axolotl's default) and paged_adamw_32bit resolve to "adamw" (paging is a
  *    CUDA memory feature, the update is identical; a warning says so for the
- *    paged one); "sophiag" resolves to "sophia". 8-bit and other optimizers are
- *    "not supported yet". The field always holds the resolved name.
+ *    paged one); "sophiag" resolves to "sophia"; "adamw_8bit" is bitsandbytes'
+ *    8-bit AdamW (optim/adamw8bit.h), with the aliases adamw_bnb_8bit and
+ *    paged_adamw_8bit (HF Trainer's names for the same bnb optimizer). Other
+ *    optimizers are "not supported yet". The field always holds the resolved name.
  *  - Sophia (SophiaG, optim/sophia.h; ours, named after the official code):
  *    sophia_beta1 / sophia_beta2 (0.965 / 0.99), sophia_rho (0.04), sophia_k
  *    (10: Hessian update after every k-th step), sophia_bs (0 = the number of
@@ -150,7 +152,7 @@ typedef struct train_config {
     float warmup_ratio;               /* default 0, in [0,1); exclusive with warmup_steps > 0 */
     float weight_decay;               /* default 0.0 (decoupled, AdamW) */
     float max_grad_norm;              /* default 1.0; 0 = no clipping */
-    char *optimizer;                  /* "adamw" | "sophia" (resolved; see aliases above) */
+    char *optimizer;                  /* "adamw" | "sophia" | "adamw_8bit" (resolved; see aliases above) */
     float adam_beta1, adam_beta2, adam_epsilon; /* 0.9, 0.999, 1e-8 */
     float sophia_beta1, sophia_beta2; /* 0.965, 0.99: momentum, Hessian EMA (optimizer: sophia) */
     float sophia_rho;                 /* 0.04: clipping scale rho, > 0 */

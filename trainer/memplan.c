@@ -40,7 +40,8 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     out->base = (double)in->frozen_bytes + V * D * 2.0 * (hp->tied_embeddings ? 1 : 2) + (2 * L + 1) * D * 4 +
                 T * hp->head_dim * 4.0;
     out->adapters = 8.0 * (double)in->lora_params;  /* A, B and their gradients, fp32 */
-    out->optimizer = 8.0 * (double)in->lora_params; /* AdamW m and v, fp32 */
+    out->optimizer = in->optimizer_bytes > 0 ? (double)in->optimizer_bytes
+                                             : 8.0 * (double)in->lora_params; /* AdamW m and v, fp32 */
 
     /* one block's fp32 outputs (the same sizes again as their gradients in backward) */
     double blk_f32 = 4.0 * N * (D + (qd + 2 * kd) + (qd + kd) + qd + 4 * D + 3 * F + nl * r);
@@ -64,7 +65,9 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     out->scratch = wmax + 4.0 * N * D;
     /* process baseline: code and libraries, oneDNN JIT kernels and scratchpads, thread stacks */
     out->runtime = 16.0 * 1048576.0 + nth * 2.0 * 1048576.0 + (double)in->extra_bytes;
-    out->total = out->base + out->adapters + out->optimizer + out->activations + out->scratch + out->runtime;
+    out->data = (double)in->data_bytes;
+    out->total =
+        out->base + out->adapters + out->optimizer + out->activations + out->scratch + out->runtime + out->data;
     /* arena chunks: big enough that a step needs few of them */
     double chunk = out->activations / 4;
     if (chunk < 64.0 * 1048576.0) chunk = 64.0 * 1048576.0;
@@ -77,9 +80,9 @@ void memplan_print(FILE *f, const memplan *p) {
     const double M = 1048576.0;
     fprintf(f,
             "[memory] predicted peak %.0f MiB = base %.0f + adapters %.1f + optimizer %.1f + activations %.0f%s + "
-            "scratch %.0f + runtime %.0f\n",
+            "scratch %.0f + runtime %.0f + data %.0f\n",
             p->total / M, p->base / M, p->adapters / M, p->optimizer / M, p->activations / M,
-            p->checkpointing ? " (gradient checkpointing)" : "", p->scratch / M, p->runtime / M);
+            p->checkpointing ? " (gradient checkpointing)" : "", p->scratch / M, p->runtime / M, p->data / M);
 }
 
 size_t memplan_arena_chunk(const memplan *p) { return (size_t)p->arena_chunk; }

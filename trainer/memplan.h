@@ -27,8 +27,12 @@ typedef struct memplan_input {
     int lora_r;
     float lora_dropout;    /* > 0: dropout(x) kept for backward */
     int64_t lora_params;   /* fp32 adapter elements (A and B of every adapted linear) */
+    int64_t optimizer_bytes; /* the optimizer state when it is not fp32 AdamW's 8 bytes per adapter element
+                                (optimizer: adamw_8bit, adamw8bit_state_bytes), or 0 */
     int64_t frozen_bytes;  /* bytes of the frozen linears as stored (NF4 or bf16) */
-    int64_t extra_bytes;   /* anything else the caller holds for the run (data, tokenizer), or 0 */
+    int64_t extra_bytes;   /* anything else the caller holds for the run (the mapped model file), or 0 */
+    int64_t data_bytes;    /* the tokenized rows held for the whole run: packed train and held-out sets and
+                              the epoch permutation (bytes), or 0 */
     int n_threads;
 } memplan_input;
 
@@ -40,6 +44,7 @@ typedef struct memplan {
     double activations; /* activation arena high-water mark */
     double scratch;     /* weight dequant buffer, operand scratch */
     double runtime;     /* process baseline: code, libraries, oneDNN JIT, thread stacks, caller extras */
+    double data;        /* the dataset's packed rows (data_bytes) */
     double total;
     double arena_chunk; /* suggested arena chunk size (bytes) */
     int checkpointing;

@@ -413,15 +413,29 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
     const train_config *c = r->c;
     const llama_model *m = &r->model;
     int64_t lora_params = 0; /* what lora_set_init will allocate: r·(in + out) per adapted linear */
+    int64_t *numel = malloc(((size_t)m->hp.n_layer * LLAMA_N_LINEAR * 2 + 1) * sizeof *numel);
+    if (!numel) return qerr_set(e, "out of memory");
+    int nt = 0;
     for (int l = 0; l < m->hp.n_layer; l++)
         for (int k = 0; k < LLAMA_N_LINEAR; k++)
-            if (target[k]) lora_params += (int64_t)c->lora_r * (m->layers[l].lin[k].in + m->layers[l].lin[k].out);
+            if (target[k]) {
+                lora_params += (int64_t)c->lora_r * (m->layers[l].lin[k].in + m->layers[l].lin[k].out);
+                numel[nt++] = (int64_t)c->lora_r * m->layers[l].lin[k].in;  /* lora_A (r, in) */
+                numel[nt++] = (int64_t)m->layers[l].lin[k].out * c->lora_r; /* lora_B (out, r) */
+            }
+    const int64_t opt_bytes = r->use_adamw8bit ? adamw8bit_state_bytes(numel, nt) : 0;
+    free(numel);
     struct stat model_st;
     memplan_input mpi = {.hp = m->hp, .B = c->micro_batch_size, .T = c->sequence_len,
                          .checkpointing = c->gradient_checkpointing, .bf16 = c->bf16, .lora_r = c->lora_r,
-                         .lora_dropout = c->lora_dropout, .lora_params = lora_params,
+                         .lora_dropout = c->lora_dropout, .lora_params = lora_params, .optimizer_bytes = opt_bytes,
                          .frozen_bytes = m->quantized_bytes,
                          .extra_bytes = stat(c->base_model, &model_st) == 0 ? (int64_t)model_st.st_size : 0,
+                         /* four int32 arrays per position (ids, targets, positions, sequence ids), an int64
+                          * permutation entry per training row */
+                         .data_bytes = 16 * (r->train_set.n_rows * r->train_set.seq_len +
+                                             r->eval_set.n_rows * r->eval_set.seq_len) +
+                                       8 * r->train_set.n_rows,
                          .n_threads = r->n_threads};
     memplan_predict(&mpi, &r->plan);
     const memplan *p = &r->plan;
@@ -437,7 +451,12 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
         /* the keys that drive the largest part */
         char why[512];
         const double ad = p->adapters + p->optimizer;
-        if (p->activations >= ad && p->activations >= p->base)
+        if (p->data >= ad && p->data >= p->base && p->data >= p->activations)
+            snprintf(why, sizeof why,
+                     "the dataset's packed rows %.0f MiB (%lld training and %lld held-out rows of sequence_len %d): "
+                     "train on a smaller dataset or on parts of it",
+                     p->data / M, (long long)r->train_set.n_rows, (long long)r->eval_set.n_rows, c->sequence_len);
+        else if (p->activations >= ad && p->activations >= p->base)
             snprintf(why, sizeof why,
                      "activations %.0f MiB for micro_batch_size %d x sequence_len %d%s: lower micro_batch_size "
                      "(raise gradient_accumulation_steps to keep the batch) or sequence_len%s",
@@ -517,13 +536,34 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
 
     if (ag_ctx_init(&r->ctx, memplan_arena_chunk(&r->plan), e)) return -1;
     r->ctx.bf16 = c->bf16;
-    if (r->resuming && (strcmp(r->ck.optimizer, "sophia") == 0) != r->use_sophia)
+    if (r->resuming && strcmp(r->ck.optimizer, c->optimizer))
         return qerr_set(e, "%s: optimizer: %s holds %s state but this config says %s; resume with the optimizer it "
                            "was made with, or choose another output_dir",
                         r->cfgname, r->ck_dir, r->ck.optimizer, c->optimizer);
-    if (r->use_sophia ? sophia_state_init_backend(&r->sop, r->ctx.be, r->ls.n_params, e)
-                      : adamw_state_init_backend(&r->opt, r->ctx.be, r->ls.n_params, e))
+    if (r->use_adamw8bit) {
+        int64_t *off = malloc(((size_t)r->n_tensors + 1) * sizeof *off);
+        int64_t *num = malloc(((size_t)r->n_tensors + 1) * sizeof *num);
+        int rc = off && num ? 0 : qerr_set(e, "out of memory");
+        for (int i = 0; !rc && i < r->n_tensors; i++) {
+            off[i] = r->tensors[i].offset;
+            num[i] = r->tensors[i].rows * r->tensors[i].cols;
+        }
+        if (!rc) rc = adamw8bit_state_init(&r->opt8, r->ctx.be, r->ls.n_params, off, num, r->n_tensors, e);
+        if (!rc) {
+            int n8 = 0;
+            for (int i = 0; i < r->n_tensors; i++) n8 += r->opt8.tensors[i].eight_bit;
+            fprintf(stderr, "[optim] adamw_8bit (bitsandbytes' AdamW8bit): 8-bit blockwise moments (blocksize %d) for "
+                            "%d of %d tensors (>= %d elements), fp32 for the rest; state %.1f MiB (fp32 AdamW: %.1f "
+                            "MiB)\n", ADAMW8BIT_BLOCKSIZE, n8, r->n_tensors, ADAMW8BIT_MIN_8BIT_SIZE,
+                    adamw8bit_state_bytes(num, r->n_tensors) / 1048576.0, 8.0 * (double)r->ls.n_params / 1048576.0);
+        }
+        free(off);
+        free(num);
+        if (rc) return -1;
+    } else if (r->use_sophia ? sophia_state_init_backend(&r->sop, r->ctx.be, r->ls.n_params, e)
+                             : adamw_state_init_backend(&r->opt, r->ctx.be, r->ls.n_params, e)) {
         return -1;
+    }
     r->soc = (sophia_config){.lr = c->learning_rate, .beta1 = c->sophia_beta1, .beta2 = c->sophia_beta2,
                              .rho = c->sophia_rho, .weight_decay = c->weight_decay, .k = c->sophia_k};
     if (r->use_sophia)
@@ -577,6 +617,7 @@ int run_setup(run_ctx *r, const train_config *c, train_result *res, qerr *e) {
     r->cfgname = c->config_path ? c->config_path : "config";
     r->lock_fd = -1;
     r->use_sophia = !strcmp(c->optimizer, "sophia");
+    r->use_adamw8bit = !strcmp(c->optimizer, "adamw_8bit");
     /* the state of a run that starts from step 0 (run_resume replaces it) */
     r->last_saved = -1;
     r->eval_loss_start = NAN;
@@ -642,7 +683,7 @@ int run_finish(run_ctx *r, qerr *e) {
     }
     /* max_nan_steps stops a streak that long; a run shorter than that whose every step was skipped would
      * otherwise end as if it had trained */
-    const int64_t applied = r->use_sophia ? r->sop.step : r->opt.step;
+    const int64_t applied = r->use_sophia ? r->sop.step : r->use_adamw8bit ? r->opt8.step : r->opt.step;
     if (r->final_step > 0 && applied == 0)
         return qerr_set(e,
                         "no optimizer update was applied: all %d steps had a NaN/Inf loss or gradient and were "
@@ -692,6 +733,7 @@ void run_free(run_ctx *r) {
     free(r->bb.pos);
     free(r->bb.sid);
     adamw_state_free(&r->opt);
+    adamw8bit_state_free(&r->opt8);
     sophia_state_free(&r->sop);
     ag_ctx_free(&r->ctx);
     lora_set_free(&r->ls);

@@ -20,6 +20,7 @@
 #include "model/base.h"
 #include "model/llama.h"
 #include "optim/adamw.h"
+#include "optim/adamw8bit.h"
 #include "optim/schedule.h"
 #include "optim/sophia.h"
 #include "trainer/checkpoint.h"
@@ -72,7 +73,9 @@ typedef struct run_ctx {
     /* engine and optimizer */
     ag_ctx ctx;
     int use_sophia;
+    int use_adamw8bit; /* optimizer: adamw_8bit (bitsandbytes' AdamW8bit, opt8; r->ac holds its betas) */
     adamw_state opt;
+    adamw8bit_state opt8;
     adamw_config ac;
     sophia_state sop;
     sophia_config soc;

@@ -60,6 +60,11 @@ int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
         cs.opt_step = r->sop.step, cs.exp_avg = r->sop.m, cs.exp_avg_sq = NULL, cs.hessian = r->sop.h;
         cs.beta1 = c->sophia_beta1, cs.beta2 = c->sophia_beta2, cs.rho = c->sophia_rho;
         cs.hessian_interval = c->sophia_k, cs.hessian_updates = r->sop.hessian_updates;
+    } else if (r->use_adamw8bit) {
+        snprintf(cs.optimizer, sizeof cs.optimizer, "adamw_8bit");
+        cs.opt_step = r->opt8.step, cs.exp_avg = r->opt8.m32, cs.exp_avg_sq = r->opt8.v32;
+        cs.state1 = r->opt8.state1, cs.state2 = r->opt8.state2, cs.absmax1 = r->opt8.absmax1;
+        cs.absmax2 = r->opt8.absmax2, cs.n_blocks = r->opt8.n_blocks, cs.n32 = r->opt8.n32;
     }
     snprintf(cs.base_model, sizeof cs.base_model, "%s", c->base_model);
     fprintf(stderr, "[checkpoint] saving step %d\n", step);
@@ -136,7 +141,20 @@ int run_resume(run_ctx *r, const ckpt_state *ck, qerr *e) {
     const size_t n = (size_t)r->ls.n_params * sizeof(float);
     const ag_backend *be = r->ctx.be; /* parameters and optimizer state are the backend's memory */
     be->copy_h2d(r->ls.params, ck->params, n);
-    if (r->use_sophia) {
+    if (r->use_adamw8bit) {
+        adamw8bit_state *o = &r->opt8;
+        if (ck->n_blocks != o->n_blocks || ck->n32 != o->n32)
+            return qerr_set(e, "%s: the 8-bit optimizer state has %lld blocks and %lld fp32 elements, this adapter "
+                               "needs %lld and %lld", r->ck_dir, (long long)ck->n_blocks, (long long)ck->n32,
+                            (long long)o->n_blocks, (long long)o->n32);
+        be->copy_h2d(o->state1, ck->state1, (size_t)r->ls.n_params);
+        be->copy_h2d(o->state2, ck->state2, (size_t)r->ls.n_params);
+        be->copy_h2d(o->absmax1, ck->absmax1, (size_t)o->n_blocks * sizeof(float));
+        be->copy_h2d(o->absmax2, ck->absmax2, (size_t)o->n_blocks * sizeof(float));
+        be->copy_h2d(o->m32, ck->exp_avg, (size_t)o->n32 * sizeof(float));
+        be->copy_h2d(o->v32, ck->exp_avg_sq, (size_t)o->n32 * sizeof(float));
+        o->step = ck->opt_step;
+    } else if (r->use_sophia) {
         be->copy_h2d(r->sop.m, ck->exp_avg, n);
         be->copy_h2d(r->sop.h, ck->hessian, n);
         r->sop.step = ck->opt_step;

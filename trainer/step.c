@@ -202,6 +202,9 @@ int train_step(run_ctx *r, int step, qerr *e) {
             if (!isfinite(s.hess_gnorm))
                 fprintf(stderr, "[sophia] step %d: the Hessian-estimate gradient is NaN/Inf; h left unchanged\n", step);
         }
+    } else if (s.finite && r->use_adamw8bit) {
+        adamw8bit_step(&r->opt8, &r->ac, s.lr, r->ls.params, r->ls.grads);
+        r->nan_streak = 0;
     } else if (s.finite) {
         adamw_step(&r->opt, &r->ac, s.lr, r->ls.params, r->ls.grads, NULL);
         r->nan_streak = 0;
