@@ -447,7 +447,7 @@ static void test_errors_per_key(void **state) {
     expect_load_error(t, "x.yaml", "lr_scheduler: cosin\n",
                       "lr_scheduler: expected one of cosine, linear, constant, got \"cosin\"; did you mean \"cosine\"?");
     expect_load_error(t, "x.yaml", "optimizer: adafactor\n",
-                      "x.yaml: optimizer: \"adafactor\" is not supported yet (accepted: adamw, sophia)");
+                      "x.yaml: optimizer: \"adafactor\" is not supported yet (accepted: adamw, sophia, adamw_8bit)");
     expect_load_error(t, "x.yaml", "sophia_rho: 0\n", "sophia_rho: expected a positive number, got \"0\"");
     expect_load_error(t, "x.yaml", "sophia_k: 0\n", "sophia_k: expected a positive integer");
     expect_load_error(t, "x.yaml", "sophia_beta2: 1\n", "sophia_beta2: expected a number in [0, 1)");
