@@ -451,7 +451,7 @@ static void test_errors_per_key(void **state) {
     expect_load_error(t, "x.yaml", "sophia_rho: 0\n", "sophia_rho: expected a positive number, got \"0\"");
     expect_load_error(t, "x.yaml", "sophia_k: 0\n", "sophia_k: expected a positive integer");
     expect_load_error(t, "x.yaml", "sophia_beta2: 1\n", "sophia_beta2: expected a number in [0, 1)");
-    expect_load_error(t, "x.yaml", "optimizer: adamw_bnb_8bit\n", "optimizer: \"adamw_bnb_8bit\" is not supported yet");
+    expect_load_error(t, "x.yaml", "optimizer: adamw_torch_8bit\n", "optimizer: \"adamw_torch_8bit\" is not supported yet");
     expect_load_error(t, "x.yaml", "bnb_4bit_quant_type: fp4\n", "bnb_4bit_quant_type: \"fp4\" is not supported yet");
     expect_load_error(t, "x.yaml", "adapter: ia3\n", "adapter: expected one of qlora, lora, got \"ia3\"");
     expect_load_error(t, "x.yaml", "lora_target_modules: [q_proj, lm_head]\n",
