@@ -870,7 +870,10 @@ def make_tiny(args):
 # the llama-cpp-python 0.3.36 sdist (`pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`,
 # then unpack): --llama-cpp points at its vendor/llama.cpp. The GGUF forms of the family fixtures are
 # written by it, not by us.
-LLAMA_CPP_DEFAULT = "/tmp/rope-lcp/llama_cpp_python-0.3.36/vendor/llama.cpp"
+#   sha256 of llama_cpp_python-0.3.36.tar.gz: 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+#   pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d build/lcp &&
+#   tar xzf build/lcp/llama_cpp_python-0.3.36.tar.gz -C build/lcp
+LLAMA_CPP_DEFAULT = os.path.join(ROOT, "build", "lcp", "llama_cpp_python-0.3.36", "vendor", "llama.cpp")
 
 # Tiny random models per family. llama3: rope_scaling llama3 with original_max_position_embeddings 128,
 # low 1, high 8 and head_dim 16 at theta 500: pair wavelengths 6.3, 13.6 (< 16: unchanged), 29.6, 64.5
@@ -912,6 +915,9 @@ def gguf_convert(llama_cpp, hf_dir, out_path):
     permutation, rope_freqs and every hyper-parameter key are the converter's own."""
     import importlib
     from pathlib import Path
+    if not os.path.isdir(os.path.join(llama_cpp, "conversion")):
+        sys.exit(f"{llama_cpp}: llama.cpp's converter not found; unpack the llama-cpp-python 0.3.36 sdist "
+                 "(see LLAMA_CPP_DEFAULT in this script) or pass --llama-cpp DIR")
     sys.path.insert(0, llama_cpp)
     sys.path.insert(0, os.path.join(llama_cpp, "gguf-py"))
     for m in [k for k in sys.modules if k == "gguf" or k.startswith("gguf.")]:
@@ -1187,8 +1193,8 @@ def make_real(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default="nf4,tokenizer,chat,tiny,real",
-                    help="comma-separated subset of nf4,tokenizer,chat,tiny,real")
+    ap.add_argument("--only", default="nf4,tokenizer,chat,tiny,real," + ",".join(FAMILIES),
+                    help="comma-separated subset of nf4,tokenizer,chat,tiny,real," + ",".join(FAMILIES))
     ap.add_argument("--new-corpus", action="store_true", help="rebuild the tokenizer corpus from this machine")
     ap.add_argument("--llama-cpp", default=LLAMA_CPP_DEFAULT,
                     help="vendor/llama.cpp of the unpacked llama-cpp-python 0.3.36 sdist (its converter)")
