@@ -18,7 +18,7 @@ CFLAGS  += $(HDF5_CFLAGS)
 CAIRO_CFLAGS := $(shell pkg-config --cflags cairo 2>/dev/null || echo -I/usr/include/cairo)
 CAIRO_LIBS   := $(shell pkg-config --libs cairo 2>/dev/null || echo -lcairo)
 CFLAGS  += $(CAIRO_CFLAGS)
-LDLIBS  += -ldnnl -lyaml -lcjson -lpcre2-8 -lxxhash $(CAIRO_LIBS) $(HDF5_LIBS) -lz -lm -fopenmp
+LDLIBS  += -ldnnl -lyaml -lcjson -lpcre2-8 -lutf8proc -lxxhash $(CAIRO_LIBS) $(HDF5_LIBS) -lz -lm -fopenmp
 
 MODULES := core quant format data autograd optim model trainer
 LIB_SRC := $(filter-out trainer/main.c trainer/%_main.c,$(foreach m,$(MODULES),$(wildcard $(m)/*.c)))
@@ -140,7 +140,7 @@ FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := gguf safetensors config jsonl hf
 FUZZ_LIB_SRC := core/status.c core/file.c core/hash.c core/strbuf.c quant/ggml_quants.c format/gguf.c format/safetensors.c \
-                model/llama_linear.c trainer/config.c data/tokenizer.c data/jsonl.c data/dataset.c data/pack.c \
+                model/llama_linear.c trainer/config.c data/tokenizer.c data/chat.c data/jsonl.c data/dataset.c data/pack.c \
                 model/hf.c data/tokenizer_json.c quant/nf4.c quant/blockwise8.c \
                 format/gguf_write.c model/llama.c core/clock.c $(wildcard autograd/*.c)
 FUZZ_FLAGS   := -std=c11 -D_GNU_SOURCE -g -O1 -I. -fno-omit-frame-pointer -fsanitize=address,undefined \
@@ -153,7 +153,7 @@ build-fuzz/%.o: %.c
 	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link -MMD -MP -c $< -o $@
 
 build-fuzz/fuzz_%: fuzz/fuzz_%.c fuzz/fuzz_common.h $(FUZZ_LIB_OBJ)
-	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer $< $(FUZZ_LIB_OBJ) -o $@ -lyaml -lcjson -lpcre2-8 -lxxhash -ldnnl -lgomp -lm
+	$(FUZZ_CC) $(FUZZ_FLAGS) -fsanitize=fuzzer $< $(FUZZ_LIB_OBJ) -o $@ -lyaml -lcjson -lpcre2-8 -lutf8proc -lxxhash -ldnnl -lgomp -lm
 
 .PHONY: fuzz fuzz-build
 fuzz-build: $(FUZZ_BIN)

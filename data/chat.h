@@ -1,20 +1,91 @@
-/* data/chat.h — what inference needs from the chat template: the prompt of
- * one user turn and the tokens that end the assistant's turn.
+/* data/chat.h — chat templates: the model's Jinja chat template, rendered
+ * exactly as transformers' apply_chat_template renders it, for
+ * `chat_template` datasets, qlora-generate and merged exports.
  *
- * Templates are recognised, not executed (no Jinja engine), like the
- * trainer's chat_template datasets (data/dataset.h): ChatML
- * ("<|im_start|>role\ncontent<|im_end|>\n", with the template's default
- * system turn) and Llama 3 ("<|start_header_id|>role<|end_header_id|>\n\n
- * content<|eot_id|>", bos first). Other templates are reported as not
- * supported.
+ * Templates are recognised, not interpreted: the template's source (leading
+ * and trailing white space stripped) is hashed (XXH64) and looked up in a
+ * table of known templates, each rendered by C code written from its Jinja
+ * source. A template that is not in the table is refused with its hash and
+ * first characters — never approximated (a ChatML-looking template that
+ * differs in one character may render differently). Known templates:
+ *
+ *   SmolLM2      ChatML, default system turn "You are a helpful AI assistant
+ *                named SmolLM, trained by Hugging Face"
+ *   Qwen2        ChatML, default system turn "You are a helpful assistant"
+ *                (the template in Qwen2's GGUF)
+ *   Qwen2.5      ChatML, default system turn "You are Qwen, created by
+ *                Alibaba Cloud. You are a helpful assistant."; a later system
+ *                message is a turn of its own (Qwen2.5-7B-Instruct, no tools)
+ *   Llama 3.1    <|begin_of_text|>, a system header with "Cutting Knowledge
+ *                Date: December 2023\nToday Date: 26 Jul 2024\n\n" and the
+ *                system message (trimmed), turns
+ *                <|start_header_id|>role<|end_header_id|>\n\n content|trim
+ *                <|eot_id|> (Llama-3.1-8B-Instruct, no tools)
+ *   Llama 2      <s>[INST] <<SYS>>\n system \n<</SYS>>\n\n user [/INST]
+ *                assistant </s> (Llama-2-chat; strip() on contents; roles
+ *                must alternate user/assistant)
+ *   Mistral v3   <s>[INST]user[/INST]assistant</s>; the system message goes
+ *                before the last user turn, and only when the conversation
+ *                ends with that user turn (Mistral-Nemo-Instruct-2407; roles
+ *                must alternate)
+ *   Phi-3        <s><|user|>\n user <|end|>\n<|assistant|>\n assistant
+ *                <|end|>\n (Phi-3-mini's GGUF; system messages are dropped)
+ *   Phi-3.5      <|system|>\n..<|end|>\n <|user|>\n..<|end|>\n
+ *                <|assistant|>\n..<|end|>\n, then <|assistant|>\n or eos
+ *                (Phi-3.5-mini-instruct)
+ *
+ * Roles: system, user and assistant; any other role ("tool", ...) is refused
+ * by name, as are conversations a template itself rejects (raise_exception).
+ * Trained spans (train_on_inputs: false): each assistant message's content
+ * through the template's end-of-turn token (<|im_end|>, <|eot_id|>, </s>,
+ * <|end|>), not the text after it.
+ * Reference: tests/test_reference_chat_templates.c compares strings and ids
+ * with apply_chat_template over the real Jinja files.
  */
 #ifndef QLORA_DATA_CHAT_H
 #define QLORA_DATA_CHAT_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "core/status.h"
+#include "core/strbuf.h"
 #include "data/tokenizer.h"
+
+typedef struct chat_template chat_template; /* one entry of the table of known templates (static) */
+
+typedef struct chat_message {
+    const char *role, *content; /* NUL-terminated UTF-8 */
+} chat_message;
+
+/* Byte spans [v[2i], v[2i+1]) of a rendered text that are trained on.
+ * Zero-initialise; free(v). */
+typedef struct chat_spans {
+    size_t *v;
+    size_t n, cap; /* n spans (2n numbers) */
+} chat_spans;
+
+/* chat_template_find: the known template whose source is `source`.
+ * Errors: NULL source, a template not in the table (the message names its
+ * XXH64 and first characters, and the known ones). */
+int chat_template_find(const char *source, const chat_template **out, qerr *e);
+/* The template of the tokenizer (`tokenizer.chat_template`). */
+int chat_template_of(const tokenizer *t, const chat_template **out, qerr *e);
+/* Its name, e.g. "Llama 3.1". */
+const char *chat_template_name(const chat_template *ct);
+/* XXH64 of a template source after stripping leading/trailing white space. */
+uint64_t chat_template_hash(const char *source);
+
+/* chat_render: append the rendering of msgs[0..n) to `out` exactly as
+ * apply_chat_template(msgs, tokenize=False, add_generation_prompt) renders
+ * the template, with bos_token / eos_token the texts of the tokenizer's bos
+ * and eos. When `spans` is not NULL, the trained spans (offsets into `out`)
+ * are appended. Errors (nothing appended to spans; `out` may hold a partial
+ * rendering): a role the template does not render, a conversation the
+ * template rejects, bos/eos missing when the template uses them, out of
+ * memory. */
+int chat_render(const chat_template *ct, const tokenizer *t, const chat_message *msgs, int n,
+                int add_generation_prompt, strbuf *out, chat_spans *spans, qerr *e);
 
 /* Stop tokens for generation: eos, then the end-of-turn token of the
  * template (<|im_end|>, <|eot_id|>, <|end|>, <end_of_turn>, <|endoftext|>)
@@ -23,8 +94,9 @@
 int chat_stop_ids(const tokenizer *t, int32_t *out, int max);
 
 /* The prompt text for one user message with the generation prompt appended
- * (add_generation_prompt=True). system: NULL = the template's default system
- * turn (if any). Malloc'd in *out. Errors: no template, unsupported template. */
+ * (add_generation_prompt=True), rendered by chat_render with the messages
+ * [system (if not NULL), user]. Malloc'd in *out. Errors: no template, a
+ * template not known, those of chat_render. */
 int chat_render_prompt(const tokenizer *t, const char *system, const char *user, char **out, qerr *e);
 
 #endif

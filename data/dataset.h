@@ -134,12 +134,6 @@ typedef struct dataset_stats {
 int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train_on_inputs,
                        dataset_examples *docs, qerr *e);
 
-/* dataset_chatml_default_system: the default system turn a ChatML template
- * inserts when the conversation has none — the template's string literal
- * "<|im_start|>system\n...<|im_end|>\n" (Jinja escapes decoded) — as a
- * malloc'd string in *out, or *out = NULL if the template has none.
- * Errors: the template is NULL or lacks "<|im_start|>"/"<|im_end|>". */
-int dataset_chatml_default_system(const char *chat_template, char **out, qerr *e);
 
 /* dataset_split_docs: choose held-out documents. val_set_size in (0, 1) is a
  * fraction (ceil(val_set_size * n) documents), >= 1 an absolute count (must

@@ -2,9 +2,9 @@
  *
  * Prompt formats follow axolotl: `completion` (prompt_strategies/completion.py),
  * `alpaca` (prompters.py AlpacaPrompter, the "### Instruction:" format) and
- * `chat_template` (prompt_strategies/chat_template.py) restricted to ChatML
- * templates, rendered here in C as SmolLM2's template does
- * (docs/formats.md §6) instead of through a Jinja engine.
+ * `chat_template` (prompt_strategies/chat_template.py) through the model's
+ * own chat template as data/chat.h renders it (known templates only,
+ * recognised by hash; the others refused), instead of a Jinja engine.
  *
  * Masking works on the rendered text: each format records the byte spans it
  * trains on, the text is tokenized once with byte offsets, and a token is a
@@ -22,9 +22,8 @@
 
 #include "core/file.h"
 #include "core/strbuf.h"
+#include "data/chat.h"
 
-#define DS_IM_START "<|im_start|>"
-#define DS_IM_END "<|im_end|>"
 
 static const char ALPACA_PROMPT_INPUT[] =
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -137,63 +136,6 @@ static int ds_examples_push(dataset_examples *v, const dataset_example *ex, qerr
 }
 
 /* ------------------------------------------------------------------------ */
-/* ChatML                                                                    */
-
-int dataset_chatml_default_system(const char *tmpl, char **out, qerr *e) {
-    *out = NULL;
-    if (!tmpl) return qerr_set(e, "the model has no tokenizer.chat_template");
-    if (!strstr(tmpl, DS_IM_START) || !strstr(tmpl, DS_IM_END))
-        return qerr_set(e,
-                        "tokenizer.chat_template is not ChatML (no \"" DS_IM_START "\" / \"" DS_IM_END
-                        "\"); only ChatML templates are supported");
-    static const char key[] = DS_IM_START "system";
-    for (const char *p = strstr(tmpl, key); p; p = strstr(p + 1, key)) {
-        if (p == tmpl || (p[-1] != '\'' && p[-1] != '"')) continue; /* not the start of a string literal */
-        char quote = p[-1];
-        size_t cap = strlen(p) + 1, n = 0;
-        char *s = malloc(cap);
-        if (!s) return qerr_set(e, "out of memory");
-        const char *q = p;
-        int closed = 0;
-        while (*q) {
-            if (*q == quote) {
-                closed = 1;
-                break;
-            }
-            if (*q == '\\' && q[1]) {
-                q++;
-                switch (*q) {
-                case 'n': s[n++] = '\n'; break;
-                case 't': s[n++] = '\t'; break;
-                case 'r': s[n++] = '\r'; break;
-                default: s[n++] = *q; break; /* \\ \' \" */
-                }
-                q++;
-                continue;
-            }
-            s[n++] = *q++;
-        }
-        s[n] = 0;
-        /* A whole turn: "<|im_start|>system\n" body "<|im_end|>" ["\n"]. */
-        size_t le = strlen(DS_IM_END), lk = strlen(key);
-        int whole = closed && n > lk + le && s[lk] == '\n' &&
-                    ((n >= le + 1 && s[n - 1] == '\n' && memcmp(s + n - 1 - le, DS_IM_END, le) == 0) ||
-                     memcmp(s + n - le, DS_IM_END, le) == 0);
-        if (!whole) {
-            free(s);
-            continue;
-        }
-        if (s[n - 1] != '\n') {
-            s[n++] = '\n'; /* cap >= strlen(p) + 1 > n: the closing quote is still ahead */
-            s[n] = 0;
-        }
-        *out = s;
-        return 0;
-    }
-    return 0;
-}
-
-/* ------------------------------------------------------------------------ */
 /* record formats                                                            */
 
 static const char *ds_get_str(const cJSON *obj, const char *name) {
@@ -233,29 +175,42 @@ static int ds_render_alpaca(const cJSON *obj, const char *path, long line, ds_re
     return ds_add_span(r, start, r->text.n, e);
 }
 
-static int ds_render_chat(const cJSON *obj, const char *field, const char *default_system, const char *path,
-                          long line, ds_render *r, qerr *e) {
+/* A conversation through the model's chat template (data/chat.h): the text
+ * apply_chat_template renders, trained on each assistant turn through its
+ * end-of-turn token. */
+static int ds_render_chat(const cJSON *obj, const char *field, const chat_template *ct, const tokenizer *tok,
+                          const char *path, long line, ds_render *r, qerr *e) {
     const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(obj, field);
     if (!cJSON_IsArray(msgs)) return ds_bad(e, "%s:%ld: field \"%s\" missing or not an array", path, line, field);
     int n = cJSON_GetArraySize(msgs);
     if (n == 0) return ds_bad(e, "%s:%ld: field \"%s\" is an empty list", path, line, field);
+    chat_message *m = malloc((size_t)n * sizeof *m);
+    if (!m) return qerr_set(e, "out of memory");
     int i = 0;
-    const cJSON *m;
-    cJSON_ArrayForEach(m, msgs) {
-        const char *role = cJSON_IsObject(m) ? ds_get_str(m, "role") : NULL;
-        const char *content = cJSON_IsObject(m) ? ds_get_str(m, "content") : NULL;
-        if (!role) return ds_bad(e, "%s:%ld: %s[%d]: field \"role\" missing or not a string", path, line, field, i);
-        if (!content)
-            return ds_bad(e, "%s:%ld: %s[%d]: field \"content\" missing or not a string", path, line, field, i);
-        if (i == 0 && strcmp(role, "system") != 0 && default_system && ds_puts(r, default_system, e)) return -1;
-        if (ds_puts(r, DS_IM_START, e) || ds_puts(r, role, e) || ds_puts(r, "\n", e)) return -1;
-        size_t start = r->text.n;
-        if (ds_puts(r, content, e) || ds_puts(r, DS_IM_END, e)) return -1;
-        if (!strcmp(role, "assistant") && ds_add_span(r, start, r->text.n, e)) return -1;
-        if (ds_puts(r, "\n", e)) return -1;
-        i++;
+    const cJSON *it;
+    cJSON_ArrayForEach(it, msgs) {
+        const char *role = cJSON_IsObject(it) ? ds_get_str(it, "role") : NULL;
+        const char *content = cJSON_IsObject(it) ? ds_get_str(it, "content") : NULL;
+        if (!role || !content) {
+            free(m);
+            return ds_bad(e, "%s:%ld: %s[%d]: field \"%s\" missing or not a string", path, line, field, i,
+                          !role ? "role" : "content");
+        }
+        m[i++] = (chat_message){role, content};
     }
-    return 0;
+    chat_spans sp = {0};
+    int rc = chat_render(ct, tok, m, n, 0, &r->text, &sp, e);
+    free(m);
+    if (rc) {
+        free(sp.v);
+        if (r->text.oom) return -1;
+        char msg[sizeof e->msg];
+        snprintf(msg, sizeof msg, "%s", e->msg);
+        return ds_bad(e, "%s:%ld: %s", path, line, msg);
+    }
+    for (size_t k = 0; k < sp.n && !rc; k++) rc = ds_add_span(r, sp.v[2 * k], sp.v[2 * k + 1], e);
+    free(sp.v);
+    return rc;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -341,23 +296,12 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
     const char *field = spec->field ? spec->field : "text";
     const char *field_messages = spec->field_messages ? spec->field_messages : "messages";
 
-    char *default_system = NULL;
-    if (type == DS_CHAT) {
-        if (dataset_chatml_default_system(tokenizer_chat_template(tok), &default_system, e))
-            return qerr_prefix(e, "%s: type chat_template", path);
-        if (tokenizer_find_token(tok, DS_IM_START) < 0 || tokenizer_find_token(tok, DS_IM_END) < 0) {
-            free(default_system);
-            return qerr_set(e, "%s: type chat_template: the vocabulary has no " DS_IM_START " / " DS_IM_END " token",
-                            path);
-        }
-    }
+    const chat_template *ct = NULL;
+    if (type == DS_CHAT && chat_template_of(tok, &ct, e)) return qerr_prefix(e, "%s: type chat_template", path);
 
     size_t len = 0;
     char *buf = file_read_regular(path, 0, &len, e);
-    if (!buf) {
-        free(default_system);
-        return -1;
-    }
+    if (!buf) return -1;
     int64_t n0 = docs->n;
     ds_render r = {0};
     int rc = 0;
@@ -402,7 +346,7 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
             else if (type == DS_ALPACA)
                 rc = ds_render_alpaca(obj, path, line, &r, e);
             else
-                rc = ds_render_chat(obj, field_messages, default_system, path, line, &r, e);
+                rc = ds_render_chat(obj, field_messages, ct, tok, path, line, &r, e);
             dataset_example ex;
             int add_bos = type != DS_CHAT && tokenizer_add_bos(tok) && tokenizer_bos_id(tok) >= 0;
             int add_eos = type != DS_CHAT;
@@ -451,6 +395,5 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
     free(r.text.p);
     free(r.span);
     free(buf);
-    free(default_system);
     return rc;
 }

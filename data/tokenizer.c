@@ -21,13 +21,30 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <utf8proc.h>
+
 #include "core/rng.h"
 
 typedef enum tok_pre {
     TOK_PRE_GPT2 = 0,   /* GPT-2 regex */
     TOK_PRE_DIGITS_GPT2, /* \p{N} isolated, then GPT-2 regex (smollm, starcoder, refact) */
     TOK_PRE_LLAMA3,     /* Llama 3 regex, ignore_merges */
+    TOK_PRE_QWEN2,      /* Qwen2 regex (\p{N} one by one), NFC */
+    TOK_PRE_NONE,       /* SentencePiece BPE: no pre-tokenizer, one word per segment */
 } tok_pre;
+
+/* Where SentencePiece BPE puts its "\xe2\x96\x81" (U+2581) prefix on a segment
+ * of text between added tokens (see tokenizer.h). */
+/* Added-token flags of tokenizer.json (HF AddedToken lstrip / rstrip): the token
+ * absorbs the white space on its left / right. */
+enum { TOK_LSTRIP = 1, TOK_RSTRIP = 2 };
+
+typedef enum tok_prepend {
+    TOK_PREPEND_NEVER = 0,
+    TOK_PREPEND_LEGACY, /* every non-empty segment (HF Prepend normalizer, llama.cpp, sentencepiece) */
+    TOK_PREPEND_ALWAYS, /* every segment not already starting with U+2581 (HF Metaspace "always") */
+    TOK_PREPEND_FIRST,  /* only the segment at offset 0 of the text, same condition (Metaspace "first") */
+} tok_prepend;
 
 struct tokenizer {
     int32_t n_vocab;
@@ -50,6 +67,10 @@ struct tokenizer {
     int16_t cp_byte[512];      /* inverse: code point -> byte, -1 if none */
 
     tok_pre pre;
+    int spm;                   /* tokenizer.ggml.model "llama": SentencePiece BPE with byte fallback */
+    tok_prepend prepend;       /* spm only */
+    int32_t space_id;          /* spm: id of U+2581 (the escaped space), -1 if absent */
+    int nfc;                   /* NFC-normalize each segment first (qwen2) */
     int ignore_merges;
     pcre2_code *re_digit;      /* \p{N} (TOK_PRE_DIGITS_GPT2 only) */
     pcre2_code *re_main;
@@ -57,6 +78,10 @@ struct tokenizer {
     int32_t *sp_ids;           /* added tokens split out before BPE, longest first */
     int n_sp;
     uint8_t sp_first[256];     /* 1 if some added token starts with this byte */
+    uint8_t *strip;            /* (n_vocab) TOK_LSTRIP | TOK_RSTRIP per added token, or NULL */
+
+    int32_t *dm_left, *dm_right; /* spm without stored merges: the derived merges in rank order */
+    int64_t n_dm;
 
     int32_t bos, eos, pad, unk;
     int add_bos, add_eos;
@@ -82,6 +107,9 @@ static const char RE_GPT2[] =
     "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?" RE_OTHER "+|" RE_WS "+(?!" RE_NWS ")|" RE_WS "+";
 static const char RE_LLAMA3[] =
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
+    "| ?" RE_OTHER "+[\\r\\n]*|" RE_WS "*[\\r\\n]+|" RE_WS "+(?!" RE_NWS ")|" RE_WS "+";
+static const char RE_QWEN2[] =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}"
     "| ?" RE_OTHER "+[\\r\\n]*|" RE_WS "*[\\r\\n]+|" RE_WS "+(?!" RE_NWS ")|" RE_WS "+";
 static const char RE_DIGIT[] = "\\p{N}";
 
@@ -320,6 +348,115 @@ static int tok_load_merges(const gguf_file *f, tokenizer *t, qerr *e) {
     return 0;
 }
 
+/* One merge recovered from a SentencePiece vocabulary: left + right = res. */
+typedef struct tok_spm_merge {
+    float score;        /* score of res */
+    int32_t lchars, rchars; /* code points of left / right */
+    int32_t res, left, right;
+} tok_spm_merge;
+
+static int tok_spm_merge_cmp(const void *pa, const void *pb) {
+    const tok_spm_merge *a = pa, *b = pb;
+    if (a->score != b->score) return a->score > b->score ? -1 : 1;
+    if (a->lchars != b->lchars) return a->lchars > b->lchars ? -1 : 1;
+    if (a->rchars != b->rchars) return a->rchars > b->rchars ? -1 : 1;
+    if (a->res != b->res) return a->res < b->res ? -1 : 1;
+    if (a->left != b->left) return a->left < b->left ? -1 : 1;
+    return a->right < b->right ? -1 : a->right > b->right;
+}
+
+static int32_t tok_utf8_chars(const char *s, size_t n) {
+    int32_t c = 0;
+    for (size_t i = 0; i < n; i++) c += ((uint8_t)s[i] & 0xC0) != 0x80;
+    return c;
+}
+
+/* SentencePiece BPE stores scores, not merges. The merges are recovered as
+ * transformers does for every sentencepiece vocabulary
+ * (tokenization_utils_base.py generate_merges, used by its GGUF loader and
+ * by convert_slow_tokenizer's SentencePieceExtractor): every split of a
+ * token's text at a code-point boundary into two tokens of the vocabulary is
+ * a merge; merges are ranked by the merged token's score (higher first),
+ * then by the code points of the left part (more first), of the right part,
+ * then by vocabulary order. This is also the order in which sentencepiece
+ * and llama.cpp's llm_tokenizer_spm apply them (highest score first). */
+static int tok_derive_merges(const gguf_file *f, tokenizer *t, qerr *e) {
+    gguf_vtype et;
+    uint64_t count;
+    const void *data;
+    if (!gguf_has_key(f, "tokenizer.ggml.scores"))
+        return qerr_set(e, "tokenizer: tokenizer.ggml.scores is missing (required for a SentencePiece vocabulary "
+                           "without tokenizer.ggml.merges)");
+    if (gguf_get_arr_info(f, "tokenizer.ggml.scores", &et, &count, e)) return -1;
+    if (et != GGUF_VTYPE_FLOAT32)
+        return qerr_set(e, "tokenizer: tokenizer.ggml.scores must be a float32 array (element type %d)", (int)et);
+    if (count != (uint64_t)t->n_vocab)
+        return qerr_set(e, "tokenizer: tokenizer.ggml.scores has %llu entries, tokens has %d", (unsigned long long)count,
+                        t->n_vocab);
+    if (gguf_get_arr_data(f, "tokenizer.ggml.scores", &data, e)) return -1;
+    size_t cap = 1024, n = 0;
+    tok_spm_merge *m = qmalloc(cap * sizeof *m, e);
+    if (!m) return -1;
+    for (int32_t id = 0; id < t->n_vocab; id++) {
+        const char *s = tok_text(t, id);
+        uint32_t len = t->tok_len[id];
+        if (tok_vocab_lookup(t, s, len) != id) continue; /* a duplicate text: the first id stands for it */
+        if (len > 1024) { /* each split hashes both halves: quadratic in the length */
+            free(m);
+            return qerr_set(e, "tokenizer: tokenizer.ggml.tokens[%d] is %u bytes; SentencePiece tokens longer than 1024 "
+                               "bytes are not supported (real vocabularies stay under 100)", id, len);
+        }
+        float score;
+        memcpy(&score, (const uint8_t *)data + 4 * (size_t)id, 4);
+        int32_t lchars = 0, total = tok_utf8_chars(s, len);
+        for (uint32_t k = 1; k < len; k++) {
+            if (((uint8_t)s[k - 1] & 0xC0) != 0x80) lchars++;
+            if (((uint8_t)s[k] & 0xC0) == 0x80) continue; /* not a code-point boundary */
+            int32_t l = tok_vocab_lookup(t, s, k), r = tok_vocab_lookup(t, s + k, len - k);
+            if (l < 0 || r < 0) continue;
+            if (n == cap) {
+                cap *= 2;
+                tok_spm_merge *nm = realloc(m, cap * sizeof *nm);
+                if (!nm) {
+                    free(m);
+                    return qerr_set(e, "out of memory deriving merges");
+                }
+                m = nm;
+            }
+            m[n++] = (tok_spm_merge){score, lchars, total - lchars, id, l, r};
+        }
+    }
+    qsort(m, n, sizeof *m, tok_spm_merge_cmp);
+    t->mmask = tok_pow2_at_least(2 * n + 2) - 1;
+    t->mkey = qmalloc((t->mmask + 1) * sizeof *t->mkey, e);
+    t->mrank = qmalloc((t->mmask + 1) * sizeof *t->mrank, e);
+    t->mres = qmalloc((t->mmask + 1) * sizeof *t->mres, e);
+    if (!t->mkey || !t->mrank || !t->mres) {
+        free(m);
+        return -1;
+    }
+    memset(t->mkey, 0xff, (t->mmask + 1) * sizeof *t->mkey);
+    t->dm_left = qmalloc((n ? n : 1) * sizeof *t->dm_left, e);
+    t->dm_right = qmalloc((n ? n : 1) * sizeof *t->dm_right, e);
+    if (!t->dm_left || !t->dm_right) {
+        free(m);
+        return -1;
+    }
+    t->n_dm = (int64_t)n;
+    for (size_t r = 0; r < n; r++) {
+        t->dm_left[r] = m[r].left;
+        t->dm_right[r] = m[r].right;
+        uint64_t key = ((uint64_t)(uint32_t)m[r].left << 32) | (uint32_t)m[r].right;
+        uint64_t slot = tok_merge_slot(t, key);
+        if (t->mkey[slot] == key) continue;
+        t->mkey[slot] = key;
+        t->mrank[slot] = (int32_t)r;
+        t->mres[slot] = m[r].res;
+    }
+    free(m);
+    return 0;
+}
+
 int tokenizer_load_gguf(const gguf_file *f, tokenizer **out, qerr *e) {
     *out = NULL;
     const char *s;
@@ -327,14 +464,18 @@ int tokenizer_load_gguf(const gguf_file *f, tokenizer **out, qerr *e) {
     if (!gguf_has_key(f, "tokenizer.ggml.model"))
         return qerr_set(e, "tokenizer: the GGUF has no tokenizer.ggml.model (no tokenizer stored)");
     if (gguf_get_str(f, "tokenizer.ggml.model", &s, &n, e)) return -1;
-    if (n != 4 || memcmp(s, "gpt2", 4) != 0)
+    int spm = n == 5 && !memcmp(s, "llama", 5);
+    if (!spm && (n != 4 || memcmp(s, "gpt2", 4) != 0))
         return qerr_set(e,
-                        "tokenizer: tokenizer.ggml.model is \"%.*s\"; only \"gpt2\" (byte-level BPE) is supported",
+                        "tokenizer: tokenizer.ggml.model is \"%.*s\"; supported: \"gpt2\" (byte-level BPE) and "
+                        "\"llama\" (SentencePiece BPE with byte fallback)",
                         (int)(n > 64 ? 64 : n), s);
 
     tokenizer *t = calloc(1, sizeof *t);
     if (!t) return qerr_set(e, "out of memory");
     tok_init_byte_alphabet(t);
+    t->spm = spm;
+    t->space_id = -1;
 
     const char *pre = "default";
     size_t npre = strlen(pre);
@@ -342,7 +483,27 @@ int tokenizer_load_gguf(const gguf_file *f, tokenizer **out, qerr *e) {
         if (gguf_get_str(f, "tokenizer.ggml.pre", &pre, &npre, e)) goto fail;
     }
     snprintf(t->pre_name, sizeof t->pre_name, "%.*s", (int)npre, pre);
-    if (!strcmp(t->pre_name, "smollm") || !strcmp(t->pre_name, "starcoder") || !strcmp(t->pre_name, "refact")) {
+    if (spm) {
+        /* convert_hf_to_gguf.py writes "default" for every sentencepiece vocabulary */
+        if (strcmp(t->pre_name, "default") != 0) {
+            qerr_set(e, "tokenizer: tokenizer.ggml.pre = \"%s\" with tokenizer.ggml.model \"llama\" is not supported "
+                        "(expected \"default\": SentencePiece has no pre-tokenizer)", t->pre_name);
+            goto fail;
+        }
+        t->pre = TOK_PRE_NONE;
+        /* sentencepiece normalization rules qlora does not apply: refused, not ignored */
+        int rew = 0;
+        if (gguf_has_key(f, "tokenizer.ggml.precompiled_charsmap")) {
+            qerr_set(e, "tokenizer: tokenizer.ggml.precompiled_charsmap is set (a SentencePiece normalizer such as "
+                        "nmt_nfkc); not supported");
+            goto fail;
+        }
+        if (gguf_has_key(f, "tokenizer.ggml.remove_extra_whitespaces") &&
+            (tok_get_flag(f, "tokenizer.ggml.remove_extra_whitespaces", &rew, e) || rew)) {
+            if (rew) qerr_set(e, "tokenizer: tokenizer.ggml.remove_extra_whitespaces = true is not supported");
+            goto fail;
+        }
+    } else if (!strcmp(t->pre_name, "smollm") || !strcmp(t->pre_name, "starcoder") || !strcmp(t->pre_name, "refact")) {
         t->pre = TOK_PRE_DIGITS_GPT2;
     } else if (!strcmp(t->pre_name, "gpt2") || !strcmp(t->pre_name, "default") ||
                !strcmp(t->pre_name, "gpt-2")) {
@@ -351,18 +512,51 @@ int tokenizer_load_gguf(const gguf_file *f, tokenizer **out, qerr *e) {
                !strcmp(t->pre_name, "llama-v3")) {
         t->pre = TOK_PRE_LLAMA3;
         t->ignore_merges = 1;
+    } else if (!strcmp(t->pre_name, "qwen2")) {
+        /* Qwen2's tokenizer.json: NFC normalizer, Split(regex) + ByteLevel, ignore_merges false */
+        t->pre = TOK_PRE_QWEN2;
+        t->nfc = 1;
     } else {
         qerr_set(e,
                  "tokenizer: tokenizer.ggml.pre = \"%s\" is not supported (supported: smollm, starcoder, refact, "
-                 "gpt2, default, llama-bpe, llama3)",
+                 "gpt2, default, llama-bpe, llama3, qwen2)",
                  t->pre_name);
         goto fail;
     }
-    if (tok_compile(t->pre == TOK_PRE_LLAMA3 ? RE_LLAMA3 : RE_GPT2, &t->re_main, e)) goto fail;
-    if (t->pre == TOK_PRE_DIGITS_GPT2 && tok_compile(RE_DIGIT, &t->re_digit, e)) goto fail;
+    if (gguf_has_key(f, "tokenizer.qlora.nfc")) { /* written by tokenizer_json for an NFC normalizer */
+        if (tok_get_flag(f, "tokenizer.qlora.nfc", &t->nfc, e)) goto fail;
+    }
+    if (!spm) {
+        const char *re = t->pre == TOK_PRE_LLAMA3 ? RE_LLAMA3 : t->pre == TOK_PRE_QWEN2 ? RE_QWEN2 : RE_GPT2;
+        if (tok_compile(re, &t->re_main, e)) goto fail;
+        if (t->pre == TOK_PRE_DIGITS_GPT2 && tok_compile(RE_DIGIT, &t->re_digit, e)) goto fail;
+    }
 
     if (tok_load_vocab(f, t, e)) goto fail;
-    if (tok_load_merges(f, t, e)) goto fail;
+    if (spm && !gguf_has_key(f, "tokenizer.ggml.merges")) {
+        if (tok_derive_merges(f, t, e)) goto fail;
+    } else if (tok_load_merges(f, t, e)) {
+        goto fail;
+    }
+    if (spm) {
+        int asp = 1; /* llama.cpp's default for a sentencepiece vocabulary */
+        if (gguf_has_key(f, "tokenizer.ggml.add_space_prefix") &&
+            gguf_get_bool(f, "tokenizer.ggml.add_space_prefix", &asp, e))
+            goto fail;
+        t->prepend = asp ? TOK_PREPEND_LEGACY : TOK_PREPEND_NEVER;
+        if (asp && gguf_has_key(f, "tokenizer.qlora.prepend_scheme")) {
+            if (gguf_get_str(f, "tokenizer.qlora.prepend_scheme", &s, &n, e)) goto fail;
+            if (n == 6 && !memcmp(s, "legacy", 6)) t->prepend = TOK_PREPEND_LEGACY;
+            else if (n == 6 && !memcmp(s, "always", 6)) t->prepend = TOK_PREPEND_ALWAYS;
+            else if (n == 5 && !memcmp(s, "first", 5)) t->prepend = TOK_PREPEND_FIRST;
+            else {
+                qerr_set(e, "tokenizer: tokenizer.qlora.prepend_scheme = \"%.*s\" (expected legacy, always or first)",
+                         (int)(n > 64 ? 64 : n), s);
+                goto fail;
+            }
+        }
+        t->space_id = tok_vocab_lookup(t, "\xe2\x96\x81", 3);
+    }
 
     if (tok_get_special_id(f, "tokenizer.ggml.bos_token_id", t->n_vocab, &t->bos, e) ||
         tok_get_special_id(f, "tokenizer.ggml.eos_token_id", t->n_vocab, &t->eos, e) ||
@@ -376,7 +570,15 @@ int tokenizer_load_gguf(const gguf_file *f, tokenizer **out, qerr *e) {
     /* A byte the vocabulary cannot spell is dropped, as HF's BPE does with
      * unk_token = null (SmolLM2's tokenizer.json); SmolLM2 lacks 21 of them,
      * e.g. 0x04 and 0xF5..0xFF. */
-    for (int b = 0; b < 256; b++) t->byte_tok[b] = tok_vocab_lookup(t, t->byte_utf8[b], t->byte_utf8_len[b]);
+    for (int b = 0; b < 256; b++) {
+        if (spm) { /* byte fallback: <0xNN>, as sentencepiece and HF's BPE(byte_fallback) spell it */
+            char hex[8];
+            snprintf(hex, sizeof hex, "<0x%02X>", b);
+            t->byte_tok[b] = tok_vocab_lookup(t, hex, 6);
+        } else {
+            t->byte_tok[b] = tok_vocab_lookup(t, t->byte_utf8[b], t->byte_utf8_len[b]);
+        }
+    }
 
     /* Added tokens split out before pre-tokenization. */
     t->sp_ids = malloc((size_t)t->n_vocab * sizeof *t->sp_ids);
@@ -386,12 +588,39 @@ int tokenizer_load_gguf(const gguf_file *f, tokenizer **out, qerr *e) {
     }
     for (int32_t id = 0; id < t->n_vocab; id++) {
         int ty = t->tok_type[id];
-        if ((ty == TOKENIZER_TOKEN_CONTROL || ty == TOKENIZER_TOKEN_USER_DEFINED) && t->tok_len[id] > 0) {
+        /* sentencepiece's unknown piece (<unk>) is a special added token in HF's Llama tokenizers */
+        int special = ty == TOKENIZER_TOKEN_CONTROL || (spm && ty == TOKENIZER_TOKEN_UNKNOWN);
+        if ((special || ty == TOKENIZER_TOKEN_USER_DEFINED) && t->tok_len[id] > 0) {
             t->sp_ids[t->n_sp++] = id;
             t->sp_first[(uint8_t)tok_text(t, id)[0]] = 1;
         }
     }
     qsort_r(t->sp_ids, (size_t)t->n_sp, sizeof *t->sp_ids, tok_sp_cmp_len_desc, t);
+    static const char *const strip_keys[2] = {"tokenizer.qlora.lstrip", "tokenizer.qlora.rstrip"};
+    for (int k = 0; k < 2; k++) {
+        if (!gguf_has_key(f, strip_keys[k])) continue;
+        gguf_vtype et;
+        uint64_t cnt;
+        const void *data;
+        if (gguf_get_arr_info(f, strip_keys[k], &et, &cnt, e) || gguf_get_arr_data(f, strip_keys[k], &data, e)) goto fail;
+        if (et != GGUF_VTYPE_INT32) {
+            qerr_set(e, "tokenizer: %s must be an int32 array of token ids", strip_keys[k]);
+            goto fail;
+        }
+        if (!t->strip && !(t->strip = calloc((size_t)t->n_vocab, 1))) {
+            qerr_set(e, "out of memory");
+            goto fail;
+        }
+        for (uint64_t i = 0; i < cnt; i++) {
+            int32_t id;
+            memcpy(&id, (const uint8_t *)data + 4 * i, 4);
+            if (id < 0 || id >= t->n_vocab) {
+                qerr_set(e, "tokenizer: %s[%llu] = %d is outside the vocabulary", strip_keys[k], (unsigned long long)i, id);
+                goto fail;
+            }
+            t->strip[id] |= (uint8_t)(k == 0 ? TOK_LSTRIP : TOK_RSTRIP);
+        }
+    }
 
     if (gguf_has_key(f, "tokenizer.chat_template")) {
         if (gguf_get_str(f, "tokenizer.chat_template", &s, &n, e)) goto fail;
@@ -423,6 +652,9 @@ void tokenizer_free(tokenizer *t) {
     pcre2_code_free(t->re_digit);
     pcre2_code_free(t->re_main);
     free(t->sp_ids);
+    free(t->strip);
+    free(t->dm_left);
+    free(t->dm_right);
     free(t->chat_template);
     free(t);
 }
@@ -470,6 +702,7 @@ typedef struct tok_sym {
     int32_t id;
     int32_t prev, next; /* -1 at the ends */
     int32_t nbytes;     /* bytes of the original text covered */
+    int32_t dead;       /* merged into its left neighbour */
 } tok_sym;
 
 typedef struct tok_cand {
@@ -537,6 +770,94 @@ static int tok_emit(tokenizer_ids *out, int32_t id, int64_t off, int with_offset
     return 0;
 }
 
+static int tok_merge_emit(const tokenizer *t, tok_work *w, int32_t nsym, int64_t off, tokenizer_ids *out,
+                          int with_offsets, qerr *e);
+
+static int tok_work_reserve(tok_work *w, size_t nsym, qerr *e) {
+    if (w->sym_cap < nsym) {
+        size_t cap = nsym + 64;
+        tok_sym *ns = realloc(w->sym, cap * sizeof *ns);
+        if (!ns) return qerr_set(e, "out of memory in BPE");
+        w->sym = ns;
+        w->sym_cap = cap;
+    }
+    /* Each merge adds at most 2 candidates; nsym-1 initial ones. */
+    if (w->heap_cap < 3 * nsym) {
+        size_t cap = 3 * nsym + 64;
+        tok_cand *nh = realloc(w->heap, cap * sizeof *nh);
+        if (!nh) return qerr_set(e, "out of memory in BPE");
+        w->heap = nh;
+        w->heap_cap = cap;
+    }
+    return 0;
+}
+
+static void tok_sym_push(tok_work *w, int32_t *nsym, int32_t id, int32_t nbytes) {
+    tok_sym *y = &w->sym[*nsym];
+    y->id = id;
+    y->prev = *nsym - 1;
+    y->next = -1;
+    y->nbytes = nbytes;
+    y->dead = 0;
+    if (*nsym > 0) w->sym[*nsym - 1].next = *nsym;
+    (*nsym)++;
+}
+
+/* SentencePiece BPE on one segment s[0..n) (text between added tokens):
+ * the segment is one word (no pre-tokenizer); spaces are escaped as U+2581,
+ * `prefix` puts one U+2581 in front (covering no text bytes). Initial
+ * symbols are code points; one missing from the vocabulary becomes its
+ * UTF-8 bytes as <0xNN> tokens (byte fallback; HF BPE `byte_fallback`), or
+ * <unk> when a byte token is missing too (consecutive ones fused, HF
+ * `fuse_unk`). Bytes that are not valid UTF-8 are treated as one-byte code
+ * points (they have no vocabulary entry, so they fall back to bytes). */
+static int tok_spm_word(const tokenizer *t, tok_work *w, const char *s, size_t n, int prefix, int64_t off,
+                        tokenizer_ids *out, int with_offsets, qerr *e) {
+    if (tok_work_reserve(w, 4 * n + 1, e)) return -1;
+    int32_t nsym = 0;
+    int last_unk = 0;
+    if (prefix) {
+        if (t->space_id >= 0) tok_sym_push(w, &nsym, t->space_id, 0);
+        else {
+            for (int k = 0; k < 3; k++) tok_sym_push(w, &nsym, t->byte_tok[(uint8_t)"\xe2\x96\x81"[k]], 0);
+        }
+    }
+    size_t i = 0;
+    while (i < n) {
+        size_t l = 1;
+        uint8_t c = (uint8_t)s[i];
+        if (c >= 0xC0) {
+            utf8proc_int32_t cp;
+            utf8proc_ssize_t r = utf8proc_iterate((const utf8proc_uint8_t *)s + i, (utf8proc_ssize_t)(n - i), &cp);
+            if (r > 0) l = (size_t)r;
+        }
+        int32_t id = c == ' ' ? t->space_id : tok_vocab_lookup(t, s + i, l);
+        if (id >= 0) {
+            tok_sym_push(w, &nsym, id, (int32_t)l);
+            last_unk = 0;
+        } else {
+            const char *bs = c == ' ' ? "\xe2\x96\x81" : s + i;
+            size_t bl = c == ' ' ? 3 : l;
+            int all = 1;
+            for (size_t k = 0; k < bl; k++) all &= t->byte_tok[(uint8_t)bs[k]] >= 0;
+            if (all) {
+                for (size_t k = 0; k < bl; k++) tok_sym_push(w, &nsym, t->byte_tok[(uint8_t)bs[k]], k < l ? 1 : 0);
+                last_unk = 0;
+            } else if (t->unk >= 0) {
+                if (last_unk) w->sym[nsym - 1].nbytes += (int32_t)l;
+                else tok_sym_push(w, &nsym, t->unk, (int32_t)l);
+                last_unk = 1;
+            } else if (nsym > 0) {
+                w->sym[nsym - 1].nbytes += (int32_t)l; /* dropped, as HF without unk_token */
+            } else {
+                off += (int64_t)l;
+            }
+        }
+        i += l;
+    }
+    return tok_merge_emit(t, w, nsym, off, out, with_offsets, e);
+}
+
 /* BPE-encode bytes w[0..n) (one pre-token) and append the ids; `off` is the
  * absolute offset of w[0] for the offsets list. */
 static int tok_bpe_word(const tokenizer *t, tok_work *w, const char *s, size_t n, int64_t off,
@@ -592,27 +913,37 @@ static int tok_bpe_word(const tokenizer *t, tok_work *w, const char *s, size_t n
         w->sym[nsym].next = -1;
         if (nsym > 0) w->sym[nsym - 1].next = nsym;
         w->sym[nsym].nbytes = 1;
+        w->sym[nsym].dead = 0;
         nsym++;
     }
+    return tok_merge_emit(t, w, nsym, off + lead, out, with_offsets, e);
+}
+
+/* Merge w->sym[0..nsym) (linked in order) lowest rank first, as HF's
+ * Word::merge_all, and append the resulting ids; the first symbol starts at
+ * text offset `off`, each covers nbytes of the text. */
+static int tok_merge_emit(const tokenizer *t, tok_work *w, int32_t nsym, int64_t off, tokenizer_ids *out,
+                          int with_offsets, qerr *e) {
     if (nsym == 0) return 0;
     w->heap_n = 0;
     for (int32_t i = 0; i + 1 < nsym; i++) tok_try_pair(t, w, i);
     while (w->heap_n > 0) {
         tok_cand c = tok_heap_pop(w);
         tok_sym *a = &w->sym[c.pos];
-        if (a->nbytes == 0 || a->id != c.left || a->next < 0) continue; /* stale */
+        if (a->dead || a->id != c.left || a->next < 0) continue; /* stale */
         tok_sym *b = &w->sym[a->next];
         if (b->id != c.right) continue;
         uint64_t key = ((uint64_t)(uint32_t)c.left << 32) | (uint32_t)c.right;
         a->id = t->mres[tok_merge_slot(t, key)];
         a->nbytes += b->nbytes;
         b->nbytes = 0;
+        b->dead = 1;
         a->next = b->next;
         if (b->next >= 0) w->sym[b->next].prev = c.pos;
         if (a->prev >= 0) tok_try_pair(t, w, a->prev);
         tok_try_pair(t, w, c.pos);
     }
-    int64_t o = off + lead;
+    int64_t o = off;
     for (int32_t i = 0; i >= 0; i = w->sym[i].next) {
         if (tok_emit(out, w->sym[i].id, o, with_offsets, e)) return -1;
         o += w->sym[i].nbytes;
@@ -648,9 +979,31 @@ static int tok_split_main(const tokenizer *t, tok_work *w, const char *s, size_t
     return 0;
 }
 
+static int tok_encode_nfc(const tokenizer *t, tok_work *w, const char *s, size_t n, int64_t off,
+                          tokenizer_ids *out, int with_offsets, qerr *e);
+static int tok_encode_normalized(const tokenizer *t, tok_work *w, const char *s, size_t n, int64_t off,
+                                 tokenizer_ids *out, int with_offsets, qerr *e);
+
 /* One stretch of text without added tokens. */
 static int tok_encode_plain(const tokenizer *t, tok_work *w, const char *s, size_t n, int64_t off,
                             tokenizer_ids *out, int with_offsets, qerr *e) {
+    if (t->nfc) return tok_encode_nfc(t, w, s, n, off, out, with_offsets, e);
+    return tok_encode_normalized(t, w, s, n, off, out, with_offsets, e);
+}
+
+static int tok_encode_normalized(const tokenizer *t, tok_work *w, const char *s, size_t n, int64_t off,
+                                 tokenizer_ids *out, int with_offsets, qerr *e) {
+    if (t->spm) {
+        int prefix = 0;
+        int starts_escaped = n > 0 && (s[0] == ' ' || (n >= 3 && !memcmp(s, "\xe2\x96\x81", 3)));
+        switch (t->prepend) {
+        case TOK_PREPEND_NEVER: break;
+        case TOK_PREPEND_LEGACY: prefix = n > 0; break;
+        case TOK_PREPEND_ALWAYS: prefix = !starts_escaped; break;
+        case TOK_PREPEND_FIRST: prefix = !starts_escaped && off == 0; break;
+        }
+        return tok_spm_word(t, w, s, n, prefix, off, out, with_offsets, e);
+    }
     if (t->pre != TOK_PRE_DIGITS_GPT2) return tok_split_main(t, w, s, n, off, out, with_offsets, e);
     /* HF Digits(individual_digits=True): each \p{N} character isolated. */
     size_t pos = 0;
@@ -673,11 +1026,119 @@ static int tok_encode_plain(const tokenizer *t, tok_work *w, const char *s, size
     return 0;
 }
 
+/* NFC (Unicode normalization form C, utf8proc) of one segment before
+ * pre-tokenization, as HF's NFC normalizer. Each extended grapheme cluster
+ * is normalized on its own (canonical composition and reordering never cross
+ * a cluster boundary), which also gives the offsets: a token starting inside
+ * a cluster that NFC changed gets the cluster's start plus its position in
+ * the normalized cluster, clamped to the cluster. Text that is already NFC
+ * (the common case, checked first) is encoded as it is. */
+static int tok_encode_nfc(const tokenizer *t, tok_work *w, const char *s, size_t n, int64_t off,
+                          tokenizer_ids *out, int with_offsets, qerr *e) {
+    size_t i = 0;
+    while (i < n && (uint8_t)s[i] < 0x80) i++;
+    if (i == n) return tok_encode_normalized(t, w, s, n, off, out, with_offsets, e);
+    utf8proc_uint8_t *whole = NULL;
+    utf8proc_ssize_t wl = utf8proc_map((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)n, &whole,
+                                       UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+    if (wl < 0 || ((size_t)wl == n && !memcmp(whole, s, n))) {
+        /* already NFC, or not valid UTF-8 (HF never sees that: its input is a str) */
+        free(whole);
+        return tok_encode_normalized(t, w, s, n, off, out, with_offsets, e);
+    }
+    free(whole);
+    /* cluster by cluster: normalized text and (normalized start, original start, original length) per cluster */
+    size_t cap = 2 * n + 16, k = 0, nc = 0, ccap = 64;
+    char *norm = malloc(cap);
+    int64_t(*cl)[4] = malloc(ccap * sizeof *cl);
+    if (!norm || !cl) {
+        free(norm);
+        free(cl);
+        return qerr_set(e, "out of memory normalizing text");
+    }
+    int rc = 0;
+    utf8proc_int32_t state = 0, prev = -1;
+    size_t start = 0;
+    for (size_t p = 0; p <= n;) {
+        utf8proc_int32_t cp = -1;
+        utf8proc_ssize_t l = 0;
+        if (p < n) {
+            l = utf8proc_iterate((const utf8proc_uint8_t *)s + p, (utf8proc_ssize_t)(n - p), &cp);
+            if (l <= 0) { l = 1; cp = 0xFFFD; } /* unreachable: the whole text mapped */
+        }
+        int brk = p == n || (prev >= 0 && utf8proc_grapheme_break_stateful(prev, cp, &state));
+        if (brk && p > start) {
+            utf8proc_uint8_t *c = NULL;
+            utf8proc_ssize_t cn = utf8proc_map((const utf8proc_uint8_t *)s + start, (utf8proc_ssize_t)(p - start), &c,
+                                               UTF8PROC_STABLE | UTF8PROC_COMPOSE);
+            if (cn < 0) {
+                rc = qerr_set(e, "tokenizer: NFC failed: %s", utf8proc_errmsg(cn));
+                goto out;
+            }
+            if (k + (size_t)cn > cap) {
+                cap = 2 * (k + (size_t)cn);
+                char *nn = realloc(norm, cap);
+                if (!nn) { free(c); rc = qerr_set(e, "out of memory normalizing text"); goto out; }
+                norm = nn;
+            }
+            if (nc == ccap) {
+                ccap *= 2;
+                int64_t(*ncl)[4] = realloc(cl, ccap * sizeof *cl);
+                if (!ncl) { free(c); rc = qerr_set(e, "out of memory normalizing text"); goto out; }
+                cl = ncl;
+            }
+            memcpy(norm + k, c, (size_t)cn);
+            cl[nc][0] = (int64_t)k;
+            cl[nc][1] = (int64_t)start;
+            cl[nc][2] = (int64_t)(p - start);
+            cl[nc][3] = (size_t)cn != p - start || memcmp(c, s + start, (size_t)cn); /* changed */
+            nc++;
+            k += (size_t)cn;
+            free(c);
+            start = p;
+        }
+        if (p == n) break;
+        prev = cp;
+        p += (size_t)l;
+    }
+    size_t first = out->n;
+    rc = tok_encode_normalized(t, w, norm, k, 0, out, with_offsets, e);
+    if (rc || !with_offsets) goto out;
+    size_t c = 0;
+    for (size_t j = first; j < out->n; j++) {
+        int64_t q = out->offsets[j];
+        while (c + 1 < nc && cl[c + 1][0] <= q) c++;
+        int64_t rel = q - cl[c][0];
+        if (cl[c][3] && rel >= cl[c][2]) rel = cl[c][2] - 1;
+        out->offsets[j] = off + cl[c][1] + rel;
+    }
+out:
+    free(norm);
+    free(cl);
+    return rc;
+}
+
+/* Bytes of the UTF-8 character at s[0..n) (1 for an invalid byte). */
+static size_t tok_char_len(const char *s, size_t n) {
+    utf8proc_int32_t cp;
+    utf8proc_ssize_t r = utf8proc_iterate((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)n, &cp);
+    return r > 0 ? (size_t)r : 1;
+}
+
+/* s[0..n) is one character with Unicode's White_Space property (Rust char::is_whitespace, which HF's
+ * lstrip / rstrip use). */
+static int tok_rust_space(const char *s, size_t n) {
+    utf8proc_int32_t c;
+    if (utf8proc_iterate((const utf8proc_uint8_t *)s, (utf8proc_ssize_t)n, &c) != (utf8proc_ssize_t)n) return 0;
+    return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+           (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+}
+
 /* The added token starting at s[0..n), longest first, or -1. */
 static int32_t tok_match_added(const tokenizer *t, const char *s, size_t n, int parse_special) {
     for (int k = 0; k < t->n_sp; k++) {
         int32_t id = t->sp_ids[k];
-        if (!parse_special && t->tok_type[id] == TOKENIZER_TOKEN_CONTROL) continue;
+        if (!parse_special && t->tok_type[id] != TOKENIZER_TOKEN_USER_DEFINED) continue;
         uint32_t l = t->tok_len[id];
         if (l <= n && memcmp(s, tok_text(t, id), l) == 0) return id;
     }
@@ -696,11 +1157,26 @@ static int tok_encode_impl(const tokenizer *t, const char *text, size_t len, int
         if (t->sp_first[(uint8_t)text[i]]) {
             int32_t id = tok_match_added(t, text + i, len - i, parse_special);
             if (id >= 0) {
-                if (i > pos && (rc = tok_encode_plain(t, &w, text + pos, i - pos, base + (int64_t)pos, out,
-                                                      with_offsets, e)))
+                size_t start = i, stop = i + t->tok_len[id];
+                uint8_t fl = t->strip ? t->strip[id] : 0;
+                if (fl & TOK_LSTRIP) /* HF find_matches: back over white space, not before the previous match */
+                    while (start > pos) {
+                        size_t k = start - 1;
+                        while (k > pos && ((uint8_t)text[k] & 0xC0) == 0x80) k--;
+                        if (!tok_rust_space(text + k, start - k)) break;
+                        start = k;
+                    }
+                if (fl & TOK_RSTRIP)
+                    while (stop < len) {
+                        size_t l = tok_char_len(text + stop, len - stop);
+                        if (!tok_rust_space(text + stop, l)) break;
+                        stop += l;
+                    }
+                if (start > pos && (rc = tok_encode_plain(t, &w, text + pos, start - pos, base + (int64_t)pos, out,
+                                                          with_offsets, e)))
                     goto done;
-                if ((rc = tok_emit(out, id, base + (int64_t)i, with_offsets, e))) goto done;
-                i += t->tok_len[id];
+                if ((rc = tok_emit(out, id, base + (int64_t)start, with_offsets, e))) goto done;
+                i = stop;
                 pos = i;
                 continue;
             }
@@ -750,6 +1226,22 @@ int tokenizer_decode(const tokenizer *t, const int32_t *ids, size_t n, char **te
             k += l;
             continue;
         }
+        if (t->spm) { /* HF decoders Replace(U+2581, " ") + ByteFallback (the leading space is kept) */
+            unsigned v;
+            if (ty == TOKENIZER_TOKEN_BYTE && l == 6 && sscanf((const char *)s, "<0x%2X>", &v) == 1) {
+                buf[k++] = (char)v;
+                continue;
+            }
+            for (uint32_t j = 0; j < l;) {
+                if (j + 3 <= l && !memcmp(s + j, "\xe2\x96\x81", 3)) {
+                    buf[k++] = ' ';
+                    j += 3;
+                } else {
+                    buf[k++] = (char)s[j++];
+                }
+            }
+            continue;
+        }
         for (uint32_t j = 0; j < l;) {
             /* Byte-alphabet code points are < 0x200: one or two UTF-8 bytes. */
             int cp = -1, w = 1;
@@ -794,4 +1286,18 @@ const char *tokenizer_token_text(const tokenizer *t, int32_t id) {
 
 int tokenizer_token_type_of(const tokenizer *t, int32_t id) {
     return id >= 0 && id < t->n_vocab ? t->tok_type[id] : -1;
+}
+
+int tokenizer_is_spm(const tokenizer *t) { return t->spm; }
+
+int tokenizer_add_space_prefix(const tokenizer *t) { return t->spm && t->prepend != TOK_PREPEND_NEVER; }
+
+int64_t tokenizer_derived_merges(const tokenizer *t, const int32_t **left, const int32_t **right) {
+    *left = t->dm_left;
+    *right = t->dm_right;
+    return t->n_dm;
+}
+
+int tokenizer_token_strip(const tokenizer *t, int32_t id) {
+    return t->strip && id >= 0 && id < t->n_vocab ? t->strip[id] : 0;
 }

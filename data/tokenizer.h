@@ -1,14 +1,18 @@
-/* data/tokenizer.h — GPT-2 style byte-level BPE tokenizer built from GGUF metadata.
+/* data/tokenizer.h — BPE tokenizers built from GGUF metadata: GPT-2 style
+ * byte-level BPE (`tokenizer.ggml.model` "gpt2") and SentencePiece BPE with
+ * byte fallback ("llama": Llama 2, Mistral, Phi-3).
  *
- * The vocabulary, merges, token types and special ids come from the GGUF keys
- * `tokenizer.ggml.*` (llama.cpp's names, gguf-py/gguf/constants.py). The
- * behaviour reproduces Hugging Face `tokenizers` (the oracle; llama.cpp's
- * llama-vocab.cpp emulates the same):
+ * The vocabulary, merges (or scores), token types and special ids come from
+ * the GGUF keys `tokenizer.ggml.*` (llama.cpp's names,
+ * gguf-py/gguf/constants.py). The behaviour reproduces Hugging Face
+ * `tokenizers` (the oracle; tests/test_reference_vocabs.c on the real
+ * Llama 2, Phi-3, Qwen2 and Llama 3 vocabularies):
  *
  *   1. added tokens are split out of the text first (leftmost, then longest):
- *      user-defined tokens (type 4) always, control tokens (type 3) only when
- *      `parse_special` is set (HF: `encode_special_tokens=False`);
- *   2. pre-tokenization by `tokenizer.ggml.pre`:
+ *      user-defined tokens (type 4) always, control tokens (type 3; and for
+ *      SentencePiece the unknown token) only when `parse_special` is set (HF:
+ *      `encode_special_tokens=False`);
+ *   2. byte-level BPE: normalization and pre-tokenization by `tokenizer.ggml.pre`:
  *        "smollm", "starcoder", "refact": every \p{N} character on its own
  *            (HF Digits(individual_digits=True)), then the GPT-2 regex on each
  *            stretch between them (HF ByteLevel(add_prefix_space=False));
@@ -16,10 +20,23 @@
  *            's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
  *        "llama-bpe", "llama3", "llama-v3": the Llama 3 regex, and a word
  *            that is itself in the vocabulary is taken whole (ignore_merges);
+ *        "qwen2": NFC (utf8proc) of each segment, then Qwen2's regex (the
+ *            Llama 3 one with \p{N} one by one), as Qwen2's tokenizer.json;
  *      the regexes run in PCRE2 (UTF + UCP), never on hand-written tables;
- *   3. each pre-token's bytes are spelled with GPT-2's bytes_to_unicode
+ *      each pre-token's bytes are spelled with GPT-2's bytes_to_unicode
  *      alphabet and merged by BPE, lowest merge rank first (ties: leftmost),
- *      as HF's `Word::merge_all`.
+ *      as HF's `Word::merge_all`;
+ *   3. SentencePiece BPE: no pre-tokenizer; each segment between added tokens
+ *      is one word whose spaces become U+2581 and which gets a U+2581 prefix
+ *      (`tokenizer.ggml.add_space_prefix`, default true) — on every segment,
+ *      as llama.cpp, sentencepiece and HF's legacy Prepend normalizer do, or
+ *      per `tokenizer.qlora.prepend_scheme` ("always"/"first": HF Metaspace,
+ *      only where the segment does not already start with a space, and for
+ *      "first" only at offset 0 of the text), set by tokenizer_json for a
+ *      Metaspace tokenizer.json; symbols are code points, one missing from
+ *      the vocabulary falls back to its bytes as <0xNN> tokens; merges are
+ *      `tokenizer.ggml.merges` when present, else derived from the scores as
+ *      transformers derives them (see tokenizer.c tok_derive_merges).
  *
  * A `tokenizer` is immutable after loading: encode/decode may be called from
  * several threads at once.
@@ -59,9 +76,10 @@ typedef struct tokenizer_ids {
 /* tokenizer_load_gguf: build a tokenizer from an open GGUF file. Everything
  * needed is copied, so `f` may be closed afterwards.
  * Errors (-1, message names the key): `tokenizer.ggml.model` missing or not
- * "gpt2" (e.g. "llama" = SentencePiece is not supported), unknown
- * `tokenizer.ggml.pre`, missing/ill-typed tokens, merges or token types, a
- * special token id outside the vocabulary. */
+ * "gpt2"/"llama" (e.g. "bert", "t5" are refused by name), unknown
+ * `tokenizer.ggml.pre` (or any but "default" with "llama"), missing/ill-typed
+ * tokens, merges, scores or token types, a special token id outside the
+ * vocabulary. */
 int tokenizer_load_gguf(const gguf_file *f, tokenizer **out, qerr *e);
 void tokenizer_free(tokenizer *t);
 
@@ -125,5 +143,18 @@ int tokenizer_token_type_of(const tokenizer *t, int32_t id);
 const char *tokenizer_chat_template(const tokenizer *t);
 /* `tokenizer.ggml.pre` as read (e.g. "smollm"). */
 const char *tokenizer_pre_name(const tokenizer *t);
+/* White space an added token absorbs (HF AddedToken, from tokenizer.json via
+ * `tokenizer.qlora.lstrip` / `rstrip`): bit 1 = on its left, bit 2 = on its
+ * right; 0 for other tokens. */
+int tokenizer_token_strip(const tokenizer *t, int32_t id);
+/* 1 for SentencePiece BPE (`tokenizer.ggml.model` "llama"), 0 for byte-level BPE. */
+int tokenizer_is_spm(const tokenizer *t);
+/* SentencePiece BPE that puts U+2581 in front of a segment (add_space_prefix). */
+int tokenizer_add_space_prefix(const tokenizer *t);
+/* The merges a SentencePiece vocabulary without `tokenizer.ggml.merges` was
+ * given (derived from its scores, rank order: left[i] + right[i] is merge i);
+ * returns their number, 0 (NULL arrays) when the file stored merges or the
+ * vocabulary is byte-level. The arrays belong to t. */
+int64_t tokenizer_derived_merges(const tokenizer *t, const int32_t **left, const int32_t **right);
 
 #endif

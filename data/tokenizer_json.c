@@ -24,7 +24,12 @@ static const char LLAMA3_REGEX[] =
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
     "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
-typedef enum pre_kind { PRE_GPT2, PRE_SMOLLM, PRE_LLAMA3 } pre_kind;
+/* Qwen2's, as transformers' Qwen2Tokenizer (PRETOKENIZE_REGEX) and Qwen2's tokenizer.json spell it. */
+static const char QWEN2_REGEX[] =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+
+typedef enum pre_kind { PRE_GPT2, PRE_SMOLLM, PRE_LLAMA3, PRE_QWEN2 } pre_kind;
 
 static int pre_from_name(const char *s, size_t n, pre_kind *out) {
     char name[64];
@@ -32,6 +37,7 @@ static int pre_from_name(const char *s, size_t n, pre_kind *out) {
     if (!strcmp(name, "smollm") || !strcmp(name, "starcoder") || !strcmp(name, "refact")) *out = PRE_SMOLLM;
     else if (!strcmp(name, "gpt2") || !strcmp(name, "default") || !strcmp(name, "gpt-2")) *out = PRE_GPT2;
     else if (!strcmp(name, "llama-bpe") || !strcmp(name, "llama3") || !strcmp(name, "llama-v3")) *out = PRE_LLAMA3;
+    else if (!strcmp(name, "qwen2")) *out = PRE_QWEN2;
     else return -1;
     return 0;
 }
@@ -59,7 +65,7 @@ static cJSON *pre_tokenizer_json(pre_kind k) {
     } else {
         cJSON *s = cJSON_CreateObject(), *pat = cJSON_CreateObject();
         cJSON_AddStringToObject(s, "type", "Split");
-        cJSON_AddStringToObject(pat, "Regex", LLAMA3_REGEX);
+        cJSON_AddStringToObject(pat, "Regex", k == PRE_QWEN2 ? QWEN2_REGEX : LLAMA3_REGEX);
         cJSON_AddItemToObject(s, "pattern", pat);
         cJSON_AddStringToObject(s, "behavior", "Isolated");
         cJSON_AddFalseToObject(s, "invert");
@@ -142,20 +148,74 @@ static char *dupn(const char *s, size_t n) {
     return d;
 }
 
+static cJSON *typed(const char *type) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "type", type);
+    return o;
+}
+
+static cJSON *replace_obj(const char *from, const char *to) {
+    cJSON *o = typed("Replace"), *pat = cJSON_CreateObject();
+    cJSON_AddStringToObject(pat, "String", from);
+    cJSON_AddItemToObject(o, "pattern", pat);
+    cJSON_AddStringToObject(o, "content", to);
+    return o;
+}
+
+#define SPM_SPACE "\xe2\x96\x81" /* U+2581, sentencepiece's escaped space */
+
+/* Llama 2's tokenizer.json normalizer: Sequence[Prepend(U+2581), Replace(" ", U+2581)]. */
+static cJSON *spm_normalizer(int add_space_prefix) {
+    cJSON *seq = typed("Sequence"), *arr = cJSON_CreateArray();
+    if (add_space_prefix) {
+        cJSON *p = typed("Prepend");
+        cJSON_AddStringToObject(p, "prepend", SPM_SPACE);
+        cJSON_AddItemToArray(arr, p);
+    }
+    cJSON_AddItemToArray(arr, replace_obj(" ", SPM_SPACE));
+    cJSON_AddItemToObject(seq, "normalizers", arr);
+    return seq;
+}
+
+/* Llama 2's decoder: Sequence[Replace(U+2581, " "), ByteFallback, Fuse, Strip(" ", 1, 0)]. */
+static cJSON *spm_decoder(int add_space_prefix) {
+    cJSON *seq = typed("Sequence"), *arr = cJSON_CreateArray();
+    cJSON_AddItemToArray(arr, replace_obj(SPM_SPACE, " "));
+    cJSON_AddItemToArray(arr, typed("ByteFallback"));
+    cJSON_AddItemToArray(arr, typed("Fuse"));
+    if (add_space_prefix) {
+        cJSON *st = typed("Strip");
+        cJSON_AddStringToObject(st, "content", " ");
+        cJSON_AddNumberToObject(st, "start", 1);
+        cJSON_AddNumberToObject(st, "stop", 0);
+        cJSON_AddItemToArray(arr, st);
+    }
+    cJSON_AddItemToObject(seq, "decoders", arr);
+    return seq;
+}
+
 int tokenizer_json_write_from_gguf(const gguf_file *f, const char *path, qerr *e) {
     const char *s;
     size_t n;
     if (gguf_get_str(f, "tokenizer.ggml.model", &s, &n, e)) return -1;
-    if (n != 4 || memcmp(s, "gpt2", 4))
-        return qerr_set(e, "tokenizer.json: tokenizer.ggml.model \"%.*s\" is not byte-level BPE (\"gpt2\"); not supported",
+    int spm = n == 5 && !memcmp(s, "llama", 5);
+    if (!spm && (n != 4 || memcmp(s, "gpt2", 4)))
+        return qerr_set(e, "tokenizer.json: tokenizer.ggml.model \"%.*s\" is neither byte-level BPE (\"gpt2\") nor "
+                           "SentencePiece BPE (\"llama\"); not supported",
                         (int)(n > 64 ? 64 : n), s);
     pre_kind pk = PRE_GPT2;
-    if (gguf_has_key(f, "tokenizer.ggml.pre")) {
+    if (!spm && gguf_has_key(f, "tokenizer.ggml.pre")) {
         if (gguf_get_str(f, "tokenizer.ggml.pre", &s, &n, e)) return -1;
         if (pre_from_name(s, n, &pk))
             return qerr_set(e, "tokenizer.json: tokenizer.ggml.pre \"%.*s\" has no tokenizer.json equivalent here",
                             (int)(n > 64 ? 64 : n), s);
     }
+    /* the tokenizer itself: it validates the metadata and, for SentencePiece, derives the merges */
+    tokenizer *tk = NULL;
+    if (tokenizer_load_gguf(f, &tk, e)) return -1;
+    int asp = tokenizer_add_space_prefix(tk);
+    const int32_t *dml, *dmr;
+    int64_t ndm = tokenizer_derived_merges(tk, &dml, &dmr);
     gguf_vtype et;
     uint64_t nv, nm = 0;
     if (gguf_get_arr_info(f, "tokenizer.ggml.tokens", &et, &nv, e)) return -1;
@@ -176,8 +236,11 @@ int tokenizer_json_write_from_gguf(const gguf_file *f, const char *path, qerr *e
     cJSON_AddNullToObject(root, "truncation");
     cJSON_AddNullToObject(root, "padding");
     cJSON_AddItemToObject(root, "added_tokens", added);
-    cJSON_AddNullToObject(root, "normalizer");
-    cJSON_AddItemToObject(root, "pre_tokenizer", pre_tokenizer_json(pk));
+    if (spm) cJSON_AddItemToObject(root, "normalizer", spm_normalizer(asp));
+    else if (pk == PRE_QWEN2) cJSON_AddItemToObject(root, "normalizer", typed("NFC"));
+    else cJSON_AddNullToObject(root, "normalizer");
+    if (spm) cJSON_AddNullToObject(root, "pre_tokenizer");
+    else cJSON_AddItemToObject(root, "pre_tokenizer", pre_tokenizer_json(pk));
     int rc = -1;
     char *bos_text = NULL;
     str_set seen = {0};
@@ -197,14 +260,18 @@ int tokenizer_json_write_from_gguf(const gguf_file *f, const char *path, qerr *e
         }
         int32_t ty = 1;
         if (types) memcpy(&ty, (const uint8_t *)types + 4 * i, 4);
+        if (spm && ty == TOKENIZER_TOKEN_UNKNOWN) ty = TOKENIZER_TOKEN_CONTROL; /* <unk>: special, as in Llama 2's */
         if (ty == TOKENIZER_TOKEN_CONTROL || ty == TOKENIZER_TOKEN_USER_DEFINED) {
             cJSON *a = cJSON_CreateObject();
             cJSON_AddNumberToObject(a, "id", (double)i);
             cJSON_AddStringToObject(a, "content", tok);
             cJSON_AddFalseToObject(a, "single_word");
-            cJSON_AddFalseToObject(a, "lstrip");
-            cJSON_AddFalseToObject(a, "rstrip");
-            cJSON_AddBoolToObject(a, "normalized", ty != TOKENIZER_TOKEN_CONTROL);
+            int strip = tokenizer_token_strip(tk, (int32_t)i);
+            cJSON_AddBoolToObject(a, "lstrip", strip & 1);
+            cJSON_AddBoolToObject(a, "rstrip", (strip & 2) != 0);
+            /* matched on the raw text, before any normalizer (qlora's and llama.cpp's semantics; transformers'
+             * GGUF loader adds user-defined tokens with normalized=False too) */
+            cJSON_AddFalseToObject(a, "normalized");
             cJSON_AddBoolToObject(a, "special", ty == TOKENIZER_TOKEN_CONTROL);
             cJSON_AddItemToArray(added, a);
         }
@@ -219,20 +286,28 @@ int tokenizer_json_write_from_gguf(const gguf_file *f, const char *path, qerr *e
     }
     if (add_bos && bos_text) cJSON_AddItemToObject(root, "post_processor", bos_template(bos_text, (int32_t)bos_id));
     else cJSON_AddNullToObject(root, "post_processor");
-    cJSON_AddItemToObject(root, "decoder", byte_level(1, 1, 1));
+    cJSON_AddItemToObject(root, "decoder", spm ? spm_decoder(asp) : byte_level(1, 1, 1));
     cJSON_AddItemToObject(root, "model", model);
     model = NULL;
     cJSON *mo = cJSON_GetObjectItemCaseSensitive(root, "model");
     cJSON_AddStringToObject(mo, "type", "BPE");
     cJSON_AddNullToObject(mo, "dropout");
-    cJSON_AddNullToObject(mo, "unk_token");
+    int32_t unk = tokenizer_unk_id(tk);
+    if (spm && unk >= 0) cJSON_AddStringToObject(mo, "unk_token", tokenizer_token_text(tk, unk));
+    else cJSON_AddNullToObject(mo, "unk_token");
     cJSON_AddNullToObject(mo, "continuing_subword_prefix");
     cJSON_AddNullToObject(mo, "end_of_word_suffix");
-    cJSON_AddFalseToObject(mo, "fuse_unk");
-    cJSON_AddFalseToObject(mo, "byte_fallback");
+    cJSON_AddBoolToObject(mo, "fuse_unk", spm);
+    cJSON_AddBoolToObject(mo, "byte_fallback", spm);
     cJSON_AddBoolToObject(mo, "ignore_merges", pk == PRE_LLAMA3);
     cJSON_AddItemToObject(mo, "vocab", vocab);
     vocab = NULL;
+    for (int64_t i = 0; i < ndm; i++) { /* SentencePiece: the merges its scores imply */
+        cJSON *pair = cJSON_CreateArray();
+        cJSON_AddItemToArray(pair, cJSON_CreateString(tokenizer_token_text(tk, dml[i])));
+        cJSON_AddItemToArray(pair, cJSON_CreateString(tokenizer_token_text(tk, dmr[i])));
+        cJSON_AddItemToArray(merges, pair);
+    }
     for (uint64_t i = 0; i < nm; i++) {
         if (gguf_get_arr_str(f, "tokenizer.ggml.merges", i, &s, &n, e)) goto done;
         char *m = dupn(s, n);
@@ -253,6 +328,7 @@ int tokenizer_json_write_from_gguf(const gguf_file *f, const char *path, qerr *e
     rc = file_write_atomic(path, text, strlen(text), e);
     free(text);
 done:
+    tokenizer_free(tk);
     free(bos_text);
     if (seen.slot)
         for (uint64_t i = 0; i <= seen.mask; i++) free(seen.slot[i]);
@@ -265,6 +341,8 @@ done:
 }
 
 /* ------------------------------------------------------------------ loading */
+
+static const char *json_type_name(const cJSON *o);
 
 static int is_type(const cJSON *o, const char *type) {
     const cJSON *t = cJSON_GetObjectItemCaseSensitive(o, "type");
@@ -290,11 +368,68 @@ static const char *detect_pre(const cJSON *pre) {
         const cJSON *pat = cJSON_GetObjectItemCaseSensitive(a, "pattern");
         const cJSON *re = cJSON_GetObjectItemCaseSensitive(pat, "Regex");
         const cJSON *beh = cJSON_GetObjectItemCaseSensitive(a, "behavior");
-        if (cJSON_IsString(re) && !strcmp(re->valuestring, LLAMA3_REGEX) && cJSON_IsString(beh) &&
-            !strcmp(beh->valuestring, "Isolated") && !flag(a, "invert", 0))
-            return "llama-bpe";
+        int iso = cJSON_IsString(beh) && !strcmp(beh->valuestring, "Isolated") && !flag(a, "invert", 0);
+        if (iso && cJSON_IsString(re) && !strcmp(re->valuestring, LLAMA3_REGEX)) return "llama-bpe";
+        if (iso && cJSON_IsString(re) && !strcmp(re->valuestring, QWEN2_REGEX)) return "qwen2";
     }
     return NULL;
+}
+
+/* A tokenizer.json component's "type" for messages ("null" when absent). */
+static const char *json_type_name(const cJSON *o) {
+    if (!o || cJSON_IsNull(o)) return "null";
+    const cJSON *t = cJSON_GetObjectItemCaseSensitive(o, "type");
+    return cJSON_IsString(t) ? t->valuestring : "(no type)";
+}
+
+static int is_replace(const cJSON *o, const char *from, const char *to) {
+    const cJSON *pat = cJSON_GetObjectItemCaseSensitive(o, "pattern");
+    const cJSON *str = cJSON_GetObjectItemCaseSensitive(pat, "String");
+    const cJSON *ct = cJSON_GetObjectItemCaseSensitive(o, "content");
+    return is_type(o, "Replace") && cJSON_IsString(str) && !strcmp(str->valuestring, from) && cJSON_IsString(ct) &&
+           !strcmp(ct->valuestring, to);
+}
+
+/* The two SentencePiece layouts of tokenizer.json (tokenizers normalizers/prepend.rs, replace.rs,
+ * pre_tokenizers/metaspace.rs):
+ *   legacy: normalizer Sequence[Prepend(U+2581)?, Replace(" ", U+2581)], no pre-tokenizer: every segment
+ *           between added tokens gets the prefix (*scheme NULL = "legacy");
+ *   Metaspace(replacement U+2581, split false, prepend_scheme always|first|never), no normalizer: the
+ *           prefix only where the segment does not start with a space, and for "first" only at the start
+ *           of the text. Older files say add_prefix_space instead of prepend_scheme (= "always").
+ * Returns -1 for anything else. */
+static int spm_shape(const cJSON *norm, const cJSON *pre, int *asp, const char **scheme) {
+    *asp = 0;
+    *scheme = NULL;
+    if (norm && !cJSON_IsNull(norm)) {
+        if (pre && !cJSON_IsNull(pre)) return -1;
+        if (!is_type(norm, "Sequence")) return -1;
+        const cJSON *arr = cJSON_GetObjectItemCaseSensitive(norm, "normalizers");
+        int k = cJSON_GetArraySize(arr);
+        if (k == 2) {
+            const cJSON *p = cJSON_GetArrayItem(arr, 0);
+            const cJSON *pp = cJSON_GetObjectItemCaseSensitive(p, "prepend");
+            if (!is_type(p, "Prepend") || !cJSON_IsString(pp) || strcmp(pp->valuestring, SPM_SPACE)) return -1;
+            *asp = 1;
+        } else if (k != 1) {
+            return -1;
+        }
+        return is_replace(cJSON_GetArrayItem(arr, k - 1), " ", SPM_SPACE) ? 0 : -1;
+    }
+    if (!is_type(pre, "Metaspace")) return -1;
+    const cJSON *rep = cJSON_GetObjectItemCaseSensitive(pre, "replacement");
+    if (!cJSON_IsString(rep) || strcmp(rep->valuestring, SPM_SPACE) || flag(pre, "split", 1)) return -1;
+    const cJSON *ps = cJSON_GetObjectItemCaseSensitive(pre, "prepend_scheme");
+    if (cJSON_IsString(ps)) {
+        if (!strcmp(ps->valuestring, "first")) *scheme = "first";
+        else if (!strcmp(ps->valuestring, "always")) *scheme = "always";
+        else if (strcmp(ps->valuestring, "never")) return -1;
+        *asp = *scheme != NULL;
+    } else {
+        *asp = flag(pre, "add_prefix_space", 1);
+        *scheme = *asp ? "always" : NULL;
+    }
+    return 0;
 }
 
 /* tokenizer_config.json special token: a string or an AddedToken dict. */
@@ -355,29 +490,64 @@ int tokenizer_hf_to_gguf(const char *json_path, const char *config_path, gguf_fi
     const cJSON *vocab = cJSON_GetObjectItemCaseSensitive(model, "vocab");
     const cJSON *mj = cJSON_GetObjectItemCaseSensitive(model, "merges");
     if (!cJSON_IsObject(model) || !is_type(model, "BPE") || !cJSON_IsObject(vocab) || !cJSON_IsArray(mj)) {
-        qerr_set(e, "%s: model is not BPE with vocab and merges (WordPiece / Unigram tokenizers are not supported)",
-                 json_path);
+        qerr_set(e, "%s: model.type is %s; only BPE with vocab and merges is supported (WordPiece, Unigram and "
+                    "WordLevel are not)",
+                 json_path, json_type_name(model));
         goto done;
     }
-    if (flag(model, "byte_fallback", 0)) {
-        qerr_set(e, "%s: BPE with byte_fallback (SentencePiece-style, Llama 2 / Mistral) is not supported yet; "
-                    "byte-level BPE (GPT-2, SmolLM, Llama 3) is", json_path);
-        goto done;
-    }
+    int spm = flag(model, "byte_fallback", 0);
+    const char *pre = NULL, *scheme = NULL;
+    int nfc = 0, asp = 0;
     const cJSON *norm = cJSON_GetObjectItemCaseSensitive(tj, "normalizer");
-    if (norm && !cJSON_IsNull(norm)) {
-        qerr_set(e, "%s: a normalizer is set; only byte-level BPE without normalizer is supported", json_path);
-        goto done;
+    const cJSON *prej = cJSON_GetObjectItemCaseSensitive(tj, "pre_tokenizer");
+    if (spm) {
+        /* SentencePiece-style BPE: Llama 2 / Mistral v0.1 / Phi-3 (legacy normalizer) or transformers 5 /
+         * Mistral v0.3 (Metaspace pre-tokenizer) */
+        pre = "default";
+        if (flag(model, "ignore_merges", 0)) {
+            qerr_set(e, "%s: model.ignore_merges = true with byte_fallback is not supported", json_path);
+            goto done;
+        }
+        if (!flag(model, "fuse_unk", 0)) {
+            qerr_set(e, "%s: model.fuse_unk = false with byte_fallback is not supported (SentencePiece fuses)",
+                     json_path);
+            goto done;
+        }
+        if (spm_shape(norm, prej, &asp, &scheme)) {
+            qerr_set(e, "%s: normalizer %s with pre_tokenizer %s is not supported for byte_fallback BPE (supported: "
+                        "Sequence[Prepend(U+2581), Replace(\" \", U+2581)] with no pre_tokenizer, or no normalizer with "
+                        "Metaspace(U+2581, split false)",
+                     json_path, json_type_name(norm), json_type_name(prej));
+            goto done;
+        }
+    } else {
+        if (norm && !cJSON_IsNull(norm)) {
+            if (!is_type(norm, "NFC")) {
+                qerr_set(e, "%s: normalizer %s is not supported for byte-level BPE (supported: none, NFC)", json_path,
+                         json_type_name(norm));
+                goto done;
+            }
+            nfc = 1;
+        }
+        pre = detect_pre(prej);
+        if (!pre) {
+            qerr_set(e, "%s: pre_tokenizer %s not supported (supported: ByteLevel; Digits+ByteLevel as SmolLM; "
+                        "Split(Llama 3 regex)+ByteLevel as Llama 3; Split(Qwen2 regex)+ByteLevel as Qwen2)",
+                     json_path, json_type_name(prej));
+            goto done;
+        }
+        if (flag(model, "ignore_merges", 0) != !strcmp(pre, "llama-bpe")) {
+            qerr_set(e, "%s: model.ignore_merges does not match the pre-tokenizer (%s)", json_path, pre);
+            goto done;
+        }
     }
-    const char *pre = detect_pre(cJSON_GetObjectItemCaseSensitive(tj, "pre_tokenizer"));
-    if (!pre) {
-        qerr_set(e, "%s: pre_tokenizer not supported (supported: ByteLevel; Digits+ByteLevel as SmolLM; "
-                    "Split(Llama 3 regex)+ByteLevel as Llama 3)", json_path);
-        goto done;
-    }
-    if (flag(model, "ignore_merges", 0) != !strcmp(pre, "llama-bpe")) {
-        qerr_set(e, "%s: model.ignore_merges does not match the pre-tokenizer (%s)", json_path, pre);
-        goto done;
+    for (const char *const *k = (const char *const[]){"dropout", "continuing_subword_prefix", "end_of_word_suffix", NULL};
+         *k; k++) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(model, *k);
+        if (v && !cJSON_IsNull(v) && !(cJSON_IsString(v) && !v->valuestring[0])) {
+            qerr_set(e, "%s: model.%s is set; not supported", json_path, *k);
+            goto done;
+        }
     }
 
     /* vocabulary: model.vocab plus added_tokens (which may extend it) */
@@ -395,6 +565,17 @@ int tokenizer_hf_to_gguf(const char *json_path, const char *config_path, gguf_fi
         const cJSON *ct = cJSON_GetObjectItemCaseSensitive(it, "content");
         if (!cJSON_IsNumber(id) || id->valuedouble < 0 || id->valuedouble > 1e8 || !cJSON_IsString(ct)) {
             qerr_set(e, "%s: added_tokens entry without id/content", json_path);
+            goto done;
+        }
+        if (flag(it, "single_word", 0)) {
+            qerr_set(e, "%s: added token \"%s\" has single_word = true; not supported", json_path, ct->valuestring);
+            goto done;
+        }
+        /* HF matches a normalized added token after the normalizer ran, so with the legacy Prepend normalizer
+         * the text after it gets no U+2581 prefix; qlora splits every added token first: refuse that case */
+        if (spm && !scheme && asp && flag(it, "normalized", !flag(it, "special", 0))) {
+            qerr_set(e, "%s: added token \"%s\" has normalized = true with the Prepend normalizer; not supported",
+                     json_path, ct->valuestring);
             goto done;
         }
         if ((int64_t)id->valuedouble + 1 > nv) nv = (int64_t)id->valuedouble + 1;
@@ -457,8 +638,28 @@ int tokenizer_hf_to_gguf(const char *json_path, const char *config_path, gguf_fi
     }
 
     if (gguf_writer_init(&w, e)) goto done_holes;
-    gguf_writer_add_str(w, "tokenizer.ggml.model", "gpt2");
+    gguf_writer_add_str(w, "tokenizer.ggml.model", spm ? "llama" : "gpt2");
     gguf_writer_add_str(w, "tokenizer.ggml.pre", pre);
+    if (spm) {
+        gguf_writer_add_bool(w, "tokenizer.ggml.add_space_prefix", asp);
+        if (scheme) gguf_writer_add_str(w, "tokenizer.qlora.prepend_scheme", scheme);
+    }
+    if (nfc) gguf_writer_add_bool(w, "tokenizer.qlora.nfc", 1);
+    /* added tokens that absorb white space (HF AddedToken lstrip / rstrip, e.g. Phi-3's) */
+    for (int sk = 0; sk < 2; sk++) {
+        int32_t *v = malloc((size_t)cJSON_GetArraySize(added) * sizeof *v + 1);
+        if (!v) {
+            qerr_set(e, "out of memory");
+            goto done_holes;
+        }
+        uint64_t c = 0;
+        cJSON_ArrayForEach(it, added) {
+            if (flag(it, sk == 0 ? "lstrip" : "rstrip", 0))
+                v[c++] = (int32_t)cJSON_GetObjectItemCaseSensitive(it, "id")->valuedouble;
+        }
+        if (c) gguf_writer_add_arr_i32(w, sk == 0 ? "tokenizer.qlora.lstrip" : "tokenizer.qlora.rstrip", v, c);
+        free(v);
+    }
     gguf_writer_add_arr_str(w, "tokenizer.ggml.tokens", (const char *const *)toks, NULL, (uint64_t)nv);
     gguf_writer_add_arr_i32(w, "tokenizer.ggml.token_type", types, (uint64_t)nv);
     gguf_writer_add_arr_str(w, "tokenizer.ggml.merges", (const char *const *)merges, NULL, (uint64_t)nm);

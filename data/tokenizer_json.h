@@ -3,9 +3,15 @@
  * tokenizer.json is the `tokenizers` library's serialization
  * (tokenizers/src/tokenizer/serialization.rs): added_tokens, normalizer,
  * pre_tokenizer, post_processor, decoder and model ({"type": "BPE", vocab,
- * merges, ...}). Only byte-level BPE is handled (GPT-2, SmolLM, Llama 3,
- * Qwen-style vocabularies); SentencePiece-style BPE with byte fallback
- * (Llama 2, Mistral) is refused with a clear message.
+ * merges, ...}). Byte-level BPE (GPT-2, SmolLM, Llama 3, Qwen2 with its NFC
+ * normalizer) and SentencePiece-style BPE with byte_fallback (Llama 2,
+ * Mistral, Phi-3) in both layouts: the legacy normalizer
+ * Sequence[Prepend(U+2581), Replace(" ", U+2581)] without pre-tokenizer, and
+ * no normalizer with Metaspace(U+2581, prepend_scheme, split false). Any other
+ * model type, normalizer, pre-tokenizer, BPE option (dropout, subword
+ * prefixes, ignore_merges with byte_fallback) or the added-token flag
+ * single_word is refused with one line naming it; lstrip / rstrip are honoured
+ * (tokenizer.qlora.lstrip / rstrip: int32 arrays of token ids).
  *
  * The pre-tokenizers map to llama.cpp's `tokenizer.ggml.pre` names, which is
  * what data/tokenizer.c implements:
@@ -13,6 +19,9 @@
  *   ByteLevel(use_regex)                                      <-> "gpt2"
  *   Sequence[Split(Llama 3 regex, Isolated), ByteLevel(no regex)] <-> "llama-bpe"
  *     (with model.ignore_merges = true)
+ *   Sequence[Split(Qwen2 regex, Isolated), ByteLevel(no regex)] <-> "qwen2"
+ *     (normalizer NFC)
+ *   SentencePiece BPE (byte_fallback) <-> tokenizer.ggml.model "llama", pre "default"
  * (convert_hf_to_gguf.py identifies them by hashing encodings; here the
  * structure is compared directly.)
  */
@@ -28,7 +37,10 @@
  * added tokens and user-defined (type 4) ones as non-special added tokens, the
  * pre-tokenizer of tokenizer.ggml.pre as above, a ByteLevel decoder, and a
  * TemplateProcessing post-processor that prepends bos when
- * tokenizer.ggml.add_bos_token is set. Errors: model not "gpt2", unknown pre. */
+ * tokenizer.ggml.add_bos_token is set. For "llama" (SentencePiece) Llama 2's
+ * layout: byte_fallback, fuse_unk, the legacy normalizer, its decoder, and the
+ * merges derived from the scores when the file has none. Errors: model not
+ * "gpt2"/"llama", unknown pre. */
 int tokenizer_json_write_from_gguf(const gguf_file *f, const char *path, qerr *e);
 
 /* Load a tokenizer from an HF directory's tokenizer.json (vocab, merges,

@@ -151,6 +151,13 @@ void gguf_writer_add_arr_i32(gguf_writer *w, const char *key, const int32_t *v, 
     gw_put(w, v, (size_t)n * 4);
 }
 
+void gguf_writer_add_arr_f32(gguf_writer *w, const char *key, const float *v, uint64_t n) {
+    gw_key(w, key, GGUF_VTYPE_ARRAY);
+    gw_u32(w, GGUF_VTYPE_FLOAT32);
+    gw_u64(w, n);
+    gw_put(w, v, (size_t)n * 4);
+}
+
 void gguf_writer_add_tensor(gguf_writer *w, const char *name, uint32_t tensor_type, int n_dims, const uint64_t *ne,
                             const void *data, size_t nbytes) {
     if (w->failed) return;

@@ -39,6 +39,7 @@ void gguf_writer_add_strn(gguf_writer *w, const char *key, const char *v, size_t
 /* Array KVs: n strings (lens may be NULL: NUL-terminated), or n int32. */
 void gguf_writer_add_arr_str(gguf_writer *w, const char *key, const char *const *v, const size_t *lens, uint64_t n);
 void gguf_writer_add_arr_i32(gguf_writer *w, const char *key, const int32_t *v, uint64_t n);
+void gguf_writer_add_arr_f32(gguf_writer *w, const char *key, const float *v, uint64_t n);
 
 /* A tensor: name (< 64 bytes), n_dims 1..4, ne in ggml order (ne[0] fastest:
  * a PyTorch [out, in] matrix is ne = {in, out}), ggml type, nbytes =

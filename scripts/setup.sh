@@ -4,7 +4,9 @@
 # 1. Installs the Debian packages below (apt-get update once, then install --no-install-recommends),
 #    with sudo when not root. Skips apt entirely when every package is already installed.
 # 2. Fetches the default model (scripts/fetch_model.sh: idempotent, verifies the sha256).
-# 3. Prepares the default dataset (make dataset -> scripts/prepare_manpages.sh, only if missing).
+# 3. Fetches the real tokenizer vocabularies and chat templates of the tokenizer tests
+#    (scripts/fetch_vocab.sh: idempotent, sha256-checked, into models/vocab/).
+# 4. Prepares the default dataset (make dataset -> scripts/prepare_manpages.sh, only if missing).
 #
 # Idempotent; on a prepared machine it takes about a second.
 set -euo pipefail
@@ -19,6 +21,7 @@ PACKAGES=(
     libyaml-dev       # config.yaml
     libcjson-dev      # JSONL data, metrics, adapter_config.json, safetensors headers
     libpcre2-dev      # the tokenizer's pre-tokenizer regex (\p{N}, \p{L})
+    libutf8proc-dev   # the tokenizer's NFC normalization (Qwen2) and UTF-8 code points (SentencePiece)
     libcmocka-dev     # unit tests
     libhdf5-dev       # checkpoints
     hdf5-tools        # h5dump: read a checkpoint's state.h5 (the resume test checks it is readable)
@@ -88,5 +91,7 @@ log "packages done in $(( $(date +%s) - start ))s"
 
 # The model script runs every time (not through make) so an existing file is checksummed too.
 "$ROOT/scripts/fetch_model.sh"
+# Real vocabularies and chat templates for the tokenizer/template tests (idempotent, sha256-checked).
+"$ROOT/scripts/fetch_vocab.sh"
 make -C "$ROOT" --no-print-directory dataset
 log "done in $(( $(date +%s) - start ))s"

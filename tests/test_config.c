@@ -452,6 +452,23 @@ static void test_errors_per_key(void **state) {
     expect_load_error(t, "x.yaml", "sophia_k: 0\n", "sophia_k: expected a positive integer");
     expect_load_error(t, "x.yaml", "sophia_beta2: 1\n", "sophia_beta2: expected a number in [0, 1)");
     expect_load_error(t, "x.yaml", "optimizer: adamw_torch_8bit\n", "optimizer: \"adamw_torch_8bit\" is not supported yet");
+    /* HF Trainer's names of bitsandbytes' 8-bit AdamW resolve to adamw_8bit (the paged one with a note) */
+    static const char *const names8[] = {"adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"};
+    for (int i = 0; i < 3; i++) {
+        char y[128], path[256];
+        snprintf(y, sizeof y, "base_model: m.gguf\ndatasets:\n  - path: d.jsonl\n    type: completion\noptimizer: %s\n",
+                 names8[i]);
+        write_file(t, "o8.yaml", y, path, sizeof path);
+        train_config c;
+        qerr e = {{0}};
+        if (train_config_load(path, &c, &e)) {
+            print_error("%s\n", e.msg);
+            fail();
+        }
+        assert_string_equal(c.optimizer, "adamw_8bit");
+        assert_int_equal(c.n_warnings, i == 2 ? 1 : 0);
+        train_config_free(&c);
+    }
     expect_load_error(t, "x.yaml", "bnb_4bit_quant_type: fp4\n", "bnb_4bit_quant_type: \"fp4\" is not supported yet");
     expect_load_error(t, "x.yaml", "adapter: ia3\n", "adapter: expected one of qlora, lora, got \"ia3\"");
     expect_load_error(t, "x.yaml", "lora_target_modules: [q_proj, lm_head]\n",

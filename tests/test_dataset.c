@@ -221,30 +221,6 @@ static void test_alpaca_train_on_inputs(void **state) { check_alpaca(need_model(
 
 /* ---- chat_template ------------------------------------------------------- */
 
-static void test_chatml_default_system(void **state) {
-    fixture *fx = need_model(state);
-    char *sys = NULL;
-    qerr e = {{0}};
-    assert_int_equal(dataset_chatml_default_system(tokenizer_chat_template(fx->tok), &sys, &e), 0);
-    assert_non_null(sys);
-    assert_string_equal(sys, SMOL_SYSTEM);
-    free(sys);
-    /* Jinja escapes in the literal are decoded */
-    const char *esc = "{% if x %}{{ '<|im_start|>system\\nYou are \\'X\\'<|im_end|>\\n' }}{% endif %}"
-                      "{{'<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n'}}";
-    assert_int_equal(dataset_chatml_default_system(esc, &sys, &e), 0);
-    assert_string_equal(sys, "<|im_start|>system\nYou are 'X'<|im_end|>\n");
-    free(sys);
-    /* ChatML without a default system turn */
-    assert_int_equal(dataset_chatml_default_system("{{'<|im_start|>' + r + '\\n' + c + '<|im_end|>\\n'}}", &sys, &e),
-                     0);
-    assert_null(sys);
-    /* not ChatML */
-    assert_int_equal(dataset_chatml_default_system("{{ bos_token }}[INST] {{ m }} [/INST]", &sys, &e), -1);
-    assert_non_null(strstr(e.msg, "not ChatML"));
-    assert_int_equal(dataset_chatml_default_system(NULL, &sys, &e), -1);
-}
-
 static void test_chat_template(void **state) {
     fixture *fx = need_model(state);
     const char *jsonl =
@@ -695,7 +671,6 @@ int main(void) {
         cmocka_unit_test(test_completion_chunking),
         cmocka_unit_test(test_alpaca_masked),
         cmocka_unit_test(test_alpaca_train_on_inputs),
-        cmocka_unit_test(test_chatml_default_system),
         cmocka_unit_test(test_chat_template),
         cmocka_unit_test(test_packing_invariants),
         cmocka_unit_test(test_determinism),

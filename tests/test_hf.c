@@ -77,11 +77,12 @@ static void byte_sym(int b, char *out) {
     }
 }
 
+/* Qwen2's template (as its GGUF stores it: real newlines in the literals), one of data/chat.h's known ones */
 static const char CHATML[] =
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
-    "You are a tiny test model<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + "
-    "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>"
-    "assistant\\n' }}{% endif %}";
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful assistant<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>"
+    "assistant\n' }}{% endif %}";
 
 #define VOCAB 262
 /* The tiny model: random F32 weights, a byte-level vocabulary (3 specials,
@@ -651,8 +652,8 @@ static void test_chat_prompt_and_stop(void **state) {
     qerr e;
     assert_int_equal(base_model_tokenizer(b, &tok, &e), 0);
     char *s;
-    assert_int_equal(chat_render_prompt(tok, NULL, "hi", &s, &e), 0);
-    assert_string_equal(s, "<|im_start|>system\nYou are a tiny test model<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+    if (chat_render_prompt(tok, NULL, "hi", &s, &e)) fail_msg("%s", e.msg);
+    assert_string_equal(s, "<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
                            "<|im_start|>assistant\n");
     free(s);
     assert_int_equal(chat_render_prompt(tok, "S", "hi", &s, &e), 0);

@@ -22,6 +22,8 @@
 #include "core/clock.h"
 #include "core/file.h"
 #include "data/tokenizer.h"
+#include "data/tokenizer_json.h"
+#include "format/gguf_write.h"
 
 #define MODEL_PATH "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 #define FIXTURE_PATH "tests/fixtures/tokenizer_cases.json"
@@ -320,10 +322,30 @@ static void test_errors(void **state) {
     tokenizer *t = NULL;
     qerr e = {{0}};
 
-    assert_int_equal(load_tiny(write_tiny_gguf(dir, "spm.gguf", "llama", "default"), &t, &e), -1);
-    assert_null(t);
-    assert_non_null(strstr(e.msg, "tokenizer.ggml.model"));
-    assert_non_null(strstr(e.msg, "\"llama\""));
+    /* tokenizer types that are not implemented: refused by name */
+    static const char *const models[] = {"bert", "t5", "rwkv", "gemma4", "plamo2"};
+    for (int i = 0; i < 5; i++) {
+        char name[32], want[40];
+        snprintf(name, sizeof name, "m%d.gguf", i);
+        assert_int_equal(load_tiny(write_tiny_gguf(dir, name, models[i], "default"), &t, &e), -1);
+        assert_null(t);
+        snprintf(want, sizeof want, "\"%s\"", models[i]);
+        assert_non_null(strstr(e.msg, "tokenizer.ggml.model"));
+        assert_non_null(strstr(e.msg, want));
+    }
+    /* SentencePiece has no pre-tokenizer: any other pre is refused */
+    assert_int_equal(load_tiny(write_tiny_gguf(dir, "spmpre.gguf", "llama", "qwen2"), &t, &e), -1);
+    assert_non_null(strstr(e.msg, "tokenizer.ggml.pre"));
+    assert_non_null(strstr(e.msg, "\"qwen2\""));
+    /* pre-tokenizers llama.cpp knows and qlora does not */
+    static const char *const pres[] = {"tekken", "deepseek-llm", "gpt-4o", "qwen35", "chatglm-bpe"};
+    for (int i = 0; i < 5; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "p%d.gguf", i);
+        assert_int_equal(load_tiny(write_tiny_gguf(dir, name, "gpt2", pres[i]), &t, &e), -1);
+        assert_non_null(strstr(e.msg, "tokenizer.ggml.pre"));
+        assert_non_null(strstr(e.msg, pres[i]));
+    }
 
     assert_int_equal(load_tiny(write_tiny_gguf(dir, "nomodel.gguf", NULL, "default"), &t, &e), -1);
     assert_non_null(strstr(e.msg, "tokenizer.ggml.model"));
@@ -332,6 +354,187 @@ static void test_errors(void **state) {
     assert_non_null(strstr(e.msg, "tokenizer.ggml.pre"));
     assert_non_null(strstr(e.msg, "qwen-unknown"));
 
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
+/* tokenizer.json components that are not implemented: each refused with one line naming it. */
+static void test_json_refusals(void **state) {
+    (void)state;
+    static const char *const base_spm = "\"model\":{\"type\":\"BPE\",\"vocab\":{\"<unk>\":0,\"a\":1,\"b\":2,\"ab\":3},"
+                                        "\"merges\":[\"a b\"],\"byte_fallback\":true,\"fuse_unk\":true%s}";
+    static const char *const base_bl = "\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0,\"b\":1,\"ab\":2},"
+                                       "\"merges\":[\"a b\"]%s}";
+    static const char *const bl_pre = "{\"type\":\"ByteLevel\",\"add_prefix_space\":false,\"use_regex\":true}";
+    static const char *const legacy = "{\"type\":\"Sequence\",\"normalizers\":[{\"type\":\"Prepend\",\"prepend\":"
+                                      "\"\\u2581\"},{\"type\":\"Replace\",\"pattern\":{\"String\":\" \"},"
+                                      "\"content\":\"\\u2581\"}]}";
+    struct {
+        int spm;
+        const char *model_extra, *normalizer, *pre, *added, *want;
+    } cases[] = {
+        {0, "", "null", "null", "[]", "pre_tokenizer null"},
+        {0, "", "{\"type\":\"NFKC\"}", bl_pre, "[]", "normalizer NFKC"},
+        {0, "", "{\"type\":\"Lowercase\"}", bl_pre, "[]", "normalizer Lowercase"},
+        {0, "", "null", "{\"type\":\"Whitespace\"}", "[]", "pre_tokenizer Whitespace"},
+        {0, "", "null", "{\"type\":\"BertPreTokenizer\"}", "[]", "pre_tokenizer BertPreTokenizer"},
+        {0, ",\"dropout\":0.1", "null", bl_pre, "[]", "model.dropout"},
+        {0, ",\"continuing_subword_prefix\":\"##\"", "null", bl_pre, "[]", "model.continuing_subword_prefix"},
+        {0, "", "null", bl_pre, "[{\"id\":2,\"content\":\"ab\",\"single_word\":true}]", "single_word"},
+        {1, "", "{\"type\":\"NFKC\"}", "null", "[]", "normalizer NFKC"},
+        {1, "", "null", "{\"type\":\"Metaspace\",\"replacement\":\"\\u2581\",\"prepend_scheme\":\"first\","
+                        "\"split\":true}", "[]", "pre_tokenizer Metaspace"},
+        {1, "", legacy, "{\"type\":\"Metaspace\",\"replacement\":\"\\u2581\",\"split\":false}", "[]",
+         "normalizer Sequence with pre_tokenizer Metaspace"},
+        {1, "", "null", "null", "[]", "normalizer null with pre_tokenizer null"},
+        {1, ",\"ignore_merges\":true", legacy, "null", "[]", "ignore_merges"},
+        {1, ",\"fuse_unk\":false", legacy, "null", "[]", "fuse_unk"},
+        {1, "", legacy, "null", "[{\"id\":3,\"content\":\"ab\",\"special\":false}]", "normalized = true"},
+        {1, "", legacy, "null", "[{\"id\":3,\"content\":\"ab\",\"normalized\":true,\"special\":true}]",
+         "normalized = true"},
+    };
+    char dir[] = "/tmp/qlora_tokjson_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char path[256];
+    snprintf(path, sizeof path, "%s/tokenizer.json", dir);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char model[512], doc[2048];
+        snprintf(model, sizeof model, cases[i].spm ? base_spm : base_bl, cases[i].model_extra);
+        if (cases[i].spm && strstr(cases[i].model_extra, "fuse_unk")) { /* the case overrides fuse_unk */
+            char *p = strstr(model, ",\"fuse_unk\":true");
+            memmove(p, p + 16, strlen(p + 16) + 1);
+        }
+        snprintf(doc, sizeof doc, "{%s,\"normalizer\":%s,\"pre_tokenizer\":%s,\"added_tokens\":%s}", model,
+                 cases[i].normalizer, cases[i].pre, cases[i].added);
+        FILE *fp = fopen(path, "w");
+        assert_non_null(fp);
+        fputs(doc, fp);
+        fclose(fp);
+        tokenizer *t = NULL;
+        qerr e = {{0}};
+        int rc = tokenizer_load_hf(path, NULL, &t, &e);
+        if (rc != -1 || !strstr(e.msg, cases[i].want))
+            fail_msg("case %zu: rc %d, message \"%s\", expected it to name \"%s\"", i, rc, e.msg, cases[i].want);
+        assert_null(t);
+        assert_null(strchr(e.msg, '\n'));
+    }
+    /* a model that is not BPE: named */
+    FILE *fp = fopen(path, "w");
+    fputs("{\"model\":{\"type\":\"Unigram\",\"vocab\":[[\"a\",0.0]]},\"normalizer\":null,\"pre_tokenizer\":null}", fp);
+    fclose(fp);
+    tokenizer *t = NULL;
+    qerr e = {{0}};
+    assert_int_equal(tokenizer_load_hf(path, NULL, &t, &e), -1);
+    assert_non_null(strstr(e.msg, "Unigram"));
+    unlink(path);
+    rmdir(dir);
+}
+
+/* SentencePiece BPE mechanics on a tiny vocabulary (always runs; the real
+ * vocabularies are in test_reference_vocabs): merges derived from scores,
+ * the U+2581 prefix in each prepend scheme, byte fallback, <unk> split out. */
+#define SP "\xe2\x96\x81"
+static tokenizer *tiny_spm(const char *dir, const char *scheme, qerr *e) {
+    enum { NB = 256 };
+    static const char *const words[] = {SP, "a", "b", "c", SP "a", "ab", SP "ab", "bc", SP SP};
+    static const float wscore[] = {-1, -2, -3, -4, -6, -5, -7, -8, -9};
+    int nw = 9, nv = 3 + NB + nw;
+    char **toks = calloc((size_t)nv, sizeof *toks);
+    int32_t *types = calloc((size_t)nv, sizeof *types);
+    float *scores = calloc((size_t)nv, sizeof *scores);
+    toks[0] = strdup("<unk>"), types[0] = 2;
+    toks[1] = strdup("<s>"), types[1] = 3;
+    toks[2] = strdup("</s>"), types[2] = 3;
+    for (int b = 0; b < NB; b++) {
+        toks[3 + b] = malloc(8);
+        snprintf(toks[3 + b], 8, "<0x%02X>", b);
+        types[3 + b] = 6;
+    }
+    for (int i = 0; i < nw; i++) {
+        toks[3 + NB + i] = strdup(words[i]);
+        types[3 + NB + i] = 1;
+        scores[3 + NB + i] = wscore[i];
+    }
+    gguf_writer *w;
+    assert_int_equal(gguf_writer_init(&w, e), 0);
+    gguf_writer_add_str(w, "tokenizer.ggml.model", "llama");
+    gguf_writer_add_str(w, "tokenizer.ggml.pre", "default");
+    gguf_writer_add_arr_str(w, "tokenizer.ggml.tokens", (const char *const *)toks, NULL, (uint64_t)nv);
+    gguf_writer_add_arr_i32(w, "tokenizer.ggml.token_type", types, (uint64_t)nv);
+    gguf_writer_add_arr_f32(w, "tokenizer.ggml.scores", scores, (uint64_t)nv);
+    gguf_writer_add_u32(w, "tokenizer.ggml.unknown_token_id", 0);
+    gguf_writer_add_u32(w, "tokenizer.ggml.bos_token_id", 1);
+    gguf_writer_add_u32(w, "tokenizer.ggml.eos_token_id", 2);
+    if (scheme && !strcmp(scheme, "charsmap")) gguf_writer_add_arr_i32(w, "tokenizer.ggml.precompiled_charsmap", types, 4);
+    else if (scheme && !strcmp(scheme, "rew")) gguf_writer_add_bool(w, "tokenizer.ggml.remove_extra_whitespaces", 1);
+    else if (scheme) gguf_writer_add_str(w, "tokenizer.qlora.prepend_scheme", scheme);
+    char path[512];
+    snprintf(path, sizeof path, "%s/spm_%s.gguf", dir, scheme ? scheme : "legacy");
+    assert_int_equal(gguf_writer_write(w, path, e), 0);
+    gguf_writer_free(w);
+    for (int i = 0; i < nv; i++) free(toks[i]);
+    free(toks);
+    free(types);
+    free(scores);
+    tokenizer *t = NULL;
+    if (load_tiny(path, &t, e)) return NULL;
+    return t;
+}
+
+static void expect_ids(const tokenizer *t, const char *text, int parse_special, const char *want) {
+    tokenizer_ids v = {0};
+    qerr e = {{0}};
+    assert_int_equal(tokenizer_encode(t, text, strlen(text), parse_special, &v, &e), 0);
+    char got[512];
+    size_t n = 0;
+    got[0] = 0;
+    for (size_t i = 0; i < v.n; i++) n += (size_t)snprintf(got + n, sizeof got - n, "%s%s", i ? " " : "",
+                                                           tokenizer_token_text(t, v.ids[i]));
+    if (strcmp(got, want)) fail_msg("\"%s\": got [%s], expected [%s]", text, got, want);
+    tokenizer_ids_free(&v);
+}
+
+static void test_synthetic_spm(void **state) {
+    (void)state;
+    char dir[] = "/tmp/qlora_spm_XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    qerr e = {{0}};
+    /* SentencePiece normalization rules that are not implemented: refused by name */
+    assert_null(tiny_spm(dir, "charsmap", &e));
+    assert_non_null(strstr(e.msg, "tokenizer.ggml.precompiled_charsmap"));
+    assert_null(tiny_spm(dir, "rew", &e));
+    assert_non_null(strstr(e.msg, "tokenizer.ggml.remove_extra_whitespaces"));
+    assert_null(tiny_spm(dir, "bogus", &e));
+    assert_non_null(strstr(e.msg, "tokenizer.qlora.prepend_scheme"));
+    tokenizer *t = tiny_spm(dir, NULL, &e);
+    if (!t) fail_msg("%s", e.msg);
+    assert_int_equal(tokenizer_is_spm(t), 1);
+    /* "ab" (score -5) merges before SP+"a" (-6): SP ab -> SPab */
+    expect_ids(t, "ab", 1, SP "ab");
+    /* "abc": ab (-5) before bc (-8); SP+ab (-7) next; c stays */
+    expect_ids(t, "abc", 1, SP "ab c");
+    /* bytes missing from the vocabulary fall back to <0xNN> */
+    expect_ids(t, "x\xc3\xa9", 1, SP " <0x78> <0xC3> <0xA9>");
+    /* legacy: the prefix on every segment, also after a special token and before a leading space */
+    /* SP SP a: SP+a (-6) before SP+SP (-9) */
+    expect_ids(t, "<s>ab</s> a", 1, "<s> " SP "ab </s> " SP " " SP "a");
+    expect_ids(t, " ab", 1, SP " " SP "ab");
+    expect_ids(t, "<s>ab", 0, SP " <0x3C> <0x73> <0x3E> ab");
+    expect_ids(t, "<unk>", 1, "<unk>");
+    tokenizer_free(t);
+    /* Metaspace "first": only at the start of the text, and not when it starts with a space */
+    t = tiny_spm(dir, "first", &e);
+    assert_non_null(t);
+    expect_ids(t, "<s>ab</s> a", 1, "<s> ab </s> " SP "a");
+    expect_ids(t, " ab", 1, SP "ab");
+    expect_ids(t, "ab", 1, SP "ab");
+    tokenizer_free(t);
+    /* Metaspace "always": every segment not starting with a space */
+    t = tiny_spm(dir, "always", &e);
+    assert_non_null(t);
+    expect_ids(t, "<s>ab</s> a", 1, "<s> " SP "ab </s> " SP "a");
+    tokenizer_free(t);
     char cmd[600];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     assert_int_equal(system(cmd), 0);
@@ -408,7 +611,7 @@ static void test_real_throughput(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_errors), cmocka_unit_test(test_json_refusals), cmocka_unit_test(test_synthetic_spm),
         cmocka_unit_test(test_synthetic_bpe),
         cmocka_unit_test(test_real_metadata),
         cmocka_unit_test(test_real_fixture_cases),
