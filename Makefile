@@ -140,7 +140,7 @@ FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := gguf safetensors config jsonl hf
 FUZZ_LIB_SRC := core/status.c core/file.c core/hash.c core/strbuf.c quant/ggml_quants.c format/gguf.c format/safetensors.c \
-                model/llama_linear.c trainer/config.c data/tokenizer.c data/chat.c data/jsonl.c data/dataset.c data/pack.c \
+                model/llama_linear.c trainer/config.c trainer/config_axolotl.c data/tokenizer.c data/chat.c data/jsonl.c data/dataset.c data/pack.c \
                 model/hf.c data/tokenizer_json.c quant/nf4.c quant/blockwise8.c \
                 format/gguf_write.c model/llama.c core/clock.c $(wildcard autograd/*.c)
 FUZZ_FLAGS   := -std=c11 -D_GNU_SOURCE -g -O1 -I. -fno-omit-frame-pointer -fsanitize=address,undefined \

@@ -36,6 +36,16 @@
  *                    are trained on (the end-of-turn token must be learned,
  *                    docs/design.md "Known traps"); headers, system and user turns
  *                    are masked. No bos is added: the template owns it.
+ *                    axolotl's mapping applies first: each message's role and
+ *                    content come from message_field_role / _content (ShareGPT
+ *                    data: from / value), roles map human→user, gpt→assistant
+ *                    (user, assistant, system, tool as they are; any other role is
+ *                    an error naming it), drop_system_message drops a leading
+ *                    system message; the content of roles_to_train (default
+ *                    assistant) is trained on, and <|im_end|> per train_on_eos.
+ *   "input_output"   `segments`: [{text, label}], template-free: each text is
+ *                    tokenized on its own (no bos/eos added; axolotl
+ *                    input_output.py) and its tokens are labels iff label.
  *   Texts are tokenized with parse_special = 1 (HF's default: a literal
  *   "<|im_end|>" in a text is the special token). A token is trained on if
  *   any of its bytes lies in a trained span of the rendered text.
@@ -64,6 +74,19 @@ typedef struct dataset_skip_log {
     char first[512]; /* the error of the first one: "file.jsonl:17: invalid JSON ..." */
 } dataset_skip_log;
 
+/* A slice of a file's records, from axolotl's `split:` (HF datasets' split syntax on the one split
+ * "train" a local JSON lines file has): "train" (all), "train[A:B]", "train[:N]", "train[N:]",
+ * "train[:N%]", "train[A%:B%]". A percent bound is round(pct * n / 100) with ties to even (HF's
+ * ReadInstruction, rounding "closest"); a negative bound counts from the end. */
+typedef struct dataset_slice {
+    int has_lo, has_hi;   /* 0: open end */
+    double lo, hi;        /* records, or percent when *_pct */
+    int lo_pct, hi_pct;
+} dataset_slice;
+
+/* Parse a split string into *sl. Error: "expected train, train[A:B], train[:N%] ..., got \"x\"". */
+int dataset_parse_split(const char *s, dataset_slice *sl, qerr *e);
+
 /* One entry of `datasets:` / `test_datasets:` in the config (axolotl keys).
  * Filled by the config parser; strings are owned by whoever fills it. */
 typedef struct dataset_spec {
@@ -75,6 +98,20 @@ typedef struct dataset_spec {
                              ill-typed field) is an error naming file and line; 1: it is
                              skipped and counted in *skipped */
     dataset_skip_log *skipped; /* NULL or where skipped lines are counted (caller-owned) */
+    /* axolotl's chat_template keys (NULL / 0 = axolotl's defaults) */
+    const char *message_field_role;    /* a message's role key; NULL = "role" */
+    const char *message_field_content; /* a message's content key; NULL = "content" */
+    char *const *roles_to_train;       /* roles (after the role map) whose content is trained on;
+                                          NULL = {"assistant"} */
+    int n_roles_to_train;
+    const char *train_on_eos;          /* which <|im_end|> are labels: "turn" (NULL: those ending a
+                                          trained turn), "all", "last" (the last turn's), "none" */
+    int drop_system_message;           /* drop a leading system message */
+    int force_chatml;                  /* 0: the model's ChatML template; 1: ChatML without a default
+                                          system turn (chat_template: chatml), whatever the model's
+                                          template; 2: 1 only for a model without a template
+                                          (tokenizer_default_fallback_chatml) */
+    const char *split;                 /* NULL or "train": every record; else a slice (dataset_slice) */
 } dataset_spec;
 
 /* One tokenized document or example. */

@@ -15,6 +15,7 @@
 #include "data/dataset.h"
 
 #include <cjson/cJSON.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,6 +25,9 @@
 #include "core/strbuf.h"
 #include "data/chat.h"
 
+/* axolotl's ChatML (chat_template: chatml) */
+#define DS_IM_START "<|im_start|>"
+#define DS_IM_END "<|im_end|>"
 
 static const char ALPACA_PROMPT_INPUT[] =
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -34,7 +38,7 @@ static const char ALPACA_PROMPT_NO_INPUT[] =
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n%s\n\n### Response:\n";
 
-typedef enum ds_type { DS_COMPLETION, DS_ALPACA, DS_CHAT } ds_type;
+typedef enum ds_type { DS_COMPLETION, DS_ALPACA, DS_CHAT, DS_IO } ds_type;
 
 /* A record that is malformed (invalid JSON, wrong shape, missing field), as
  * opposed to a failure of the machine (out of memory): only these may be
@@ -175,42 +179,209 @@ static int ds_render_alpaca(const cJSON *obj, const char *path, long line, ds_re
     return ds_add_span(r, start, r->text.n, e);
 }
 
-/* A conversation through the model's chat template (data/chat.h): the text
- * apply_chat_template renders, trained on each assistant turn through its
- * end-of-turn token. */
-static int ds_render_chat(const cJSON *obj, const char *field, const chat_template *ct, const tokenizer *tok,
-                          const char *path, long line, ds_render *r, qerr *e) {
+/* axolotl's default role map (prompt_strategies/chat_template.py ChatTemplatePrompter.roles):
+ * the role a message's role value renders as, or NULL for a role outside it. */
+static const char *ds_map_role(const char *r) {
+    static const char *const map[][2] = {{"human", "user"}, {"user", "user"},     {"gpt", "assistant"},
+                                         {"assistant", "assistant"}, {"system", "system"}, {"tool", "tool"}};
+    for (size_t i = 0; i < sizeof map / sizeof map[0]; i++)
+        if (!strcmp(map[i][0], r)) return map[i][1];
+    return NULL;
+}
+
+/* Is (mapped) role one of spec->roles_to_train (each mapped too; default assistant)? */
+static int ds_role_trained(const dataset_spec *spec, const char *role) {
+    if (!spec->roles_to_train) return !strcmp(role, "assistant");
+    for (int i = 0; i < spec->n_roles_to_train; i++) {
+        const char *t = ds_map_role(spec->roles_to_train[i]);
+        if (!strcmp(t ? t : spec->roles_to_train[i], role)) return 1;
+    }
+    return 0;
+}
+
+/* Are roles_to_train and train_on_eos the defaults (assistant turns, through their end of turn)? */
+static int ds_chat_defaults(const dataset_spec *spec) {
+    if (spec->train_on_eos && strcmp(spec->train_on_eos, "turn")) return 0;
+    if (!spec->roles_to_train) return 1;
+    for (int i = 0; i < spec->n_roles_to_train; i++) {
+        const char *t = ds_map_role(spec->roles_to_train[i]);
+        if (strcmp(t ? t : spec->roles_to_train[i], "assistant")) return 0;
+    }
+    return spec->n_roles_to_train > 0;
+}
+
+/* A conversation. Messages are read through message_property_mappings (role/content field names)
+ * and axolotl's role map, a leading system message dropped under drop_system_message. With ct (the
+ * model's own template, data/chat.h) the text is what apply_chat_template renders, trained on each
+ * assistant turn through its end-of-turn token; roles_to_train and train_on_eos other than those
+ * defaults need per-role spans the template renderers do not give, and are refused there. Without
+ * ct (chat_template: chatml, or tokenizer_default_fallback_chatml on a model without a template)
+ * axolotl's ChatML is rendered here with every roles_to_train / train_on_eos choice. */
+static int ds_render_chat(const cJSON *obj, const dataset_spec *spec, const char *field, const chat_template *ct,
+                          const tokenizer *tok, const char *path, long line, ds_render *r, qerr *e) {
+    const char *frole = spec->message_field_role ? spec->message_field_role : "role";
+    const char *fcontent = spec->message_field_content ? spec->message_field_content : "content";
+    const char *eos = spec->train_on_eos ? spec->train_on_eos : "turn";
     const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(obj, field);
     if (!cJSON_IsArray(msgs)) return ds_bad(e, "%s:%ld: field \"%s\" missing or not an array", path, line, field);
     int n = cJSON_GetArraySize(msgs);
     if (n == 0) return ds_bad(e, "%s:%ld: field \"%s\" is an empty list", path, line, field);
+    if (ct && !ds_chat_defaults(spec))
+        return qerr_set(e, "%s: roles_to_train / train_on_eos other than [assistant] / turn are implemented with "
+                           "chat_template: chatml only (the %s template gives assistant spans)", path,
+                        chat_template_name(ct));
     chat_message *m = malloc((size_t)n * sizeof *m);
     if (!m) return qerr_set(e, "out of memory");
-    int i = 0;
+    int i = 0, kept = 0;
     const cJSON *it;
     cJSON_ArrayForEach(it, msgs) {
-        const char *role = cJSON_IsObject(it) ? ds_get_str(it, "role") : NULL;
-        const char *content = cJSON_IsObject(it) ? ds_get_str(it, "content") : NULL;
-        if (!role || !content) {
+        const char *raw = cJSON_IsObject(it) ? ds_get_str(it, frole) : NULL;
+        const char *content = cJSON_IsObject(it) ? ds_get_str(it, fcontent) : NULL;
+        const char *role = raw ? ds_map_role(raw) : NULL;
+        if (!raw || !content || !role) {
             free(m);
-            return ds_bad(e, "%s:%ld: %s[%d]: field \"%s\" missing or not a string", path, line, field, i,
-                          !role ? "role" : "content");
+            if (!raw) return ds_bad(e, "%s:%ld: %s[%d]: field \"%s\" missing or not a string", path, line, field, i, frole);
+            if (!content)
+                return ds_bad(e, "%s:%ld: %s[%d]: field \"%s\" missing or not a string", path, line, field, i, fcontent);
+            return ds_bad(e, "%s:%ld: %s[%d]: role \"%.60s\" is not in axolotl's role map (human, user -> user; gpt, "
+                             "assistant -> assistant; system; tool)", path, line, field, i, raw);
         }
-        m[i++] = (chat_message){role, content};
+        i++;
+        if (kept == 0 && spec->drop_system_message && !strcmp(role, "system")) continue;
+        m[kept++] = (chat_message){role, content};
     }
-    chat_spans sp = {0};
-    int rc = chat_render(ct, tok, m, n, 0, &r->text, &sp, e);
-    free(m);
-    if (rc) {
+    if (kept == 0) {
+        free(m);
+        return ds_bad(e, "%s:%ld: field \"%s\": no message left after drop_system_message", path, line, field);
+    }
+    int rc = 0;
+    if (ct) {
+        chat_spans sp = {0};
+        rc = chat_render(ct, tok, m, kept, 0, &r->text, &sp, e);
+        free(m);
+        if (rc) {
+            free(sp.v);
+            if (r->text.oom) return -1;
+            char msg[sizeof e->msg];
+            snprintf(msg, sizeof msg, "%s", e->msg);
+            return ds_bad(e, "%s:%ld: %s", path, line, msg);
+        }
+        for (size_t k = 0; k < sp.n && !rc; k++) rc = ds_add_span(r, sp.v[2 * k], sp.v[2 * k + 1], e);
         free(sp.v);
-        if (r->text.oom) return -1;
-        char msg[sizeof e->msg];
-        snprintf(msg, sizeof msg, "%s", e->msg);
-        return ds_bad(e, "%s:%ld: %s", path, line, msg);
+        return rc;
     }
-    for (size_t k = 0; k < sp.n && !rc; k++) rc = ds_add_span(r, sp.v[2 * k], sp.v[2 * k + 1], e);
-    free(sp.v);
+    for (int j = 0; j < kept && !rc; j++) {
+        if (ds_puts(r, DS_IM_START, e) || ds_puts(r, m[j].role, e) || ds_puts(r, "\n", e)) {
+            rc = -1;
+            break;
+        }
+        size_t start = r->text.n;
+        size_t mid;
+        if (ds_puts(r, m[j].content, e) || ((mid = r->text.n), ds_puts(r, DS_IM_END, e))) {
+            rc = -1;
+            break;
+        }
+        int trained = ds_role_trained(spec, m[j].role);
+        int eot = !strcmp(eos, "all") || (!strcmp(eos, "turn") && trained) || (!strcmp(eos, "last") && j == kept - 1);
+        if (trained && mid > start && ds_add_span(r, start, mid, e)) rc = -1;
+        else if (eot && ds_add_span(r, mid, r->text.n, e)) rc = -1;
+        else if (ds_puts(r, "\n", e)) rc = -1;
+    }
+    free(m);
     return rc;
+}
+
+/* input_output (axolotl input_output.py): each segment's text tokenized on its own, without special
+ * tokens added, and appended; its tokens are labels iff the segment's label (or train_all). */
+static int ds_input_output(const tokenizer *tok, const cJSON *obj, int train_all, const char *path, long line,
+                           dataset_example *ex, qerr *e) {
+    const cJSON *segs = cJSON_GetObjectItemCaseSensitive(obj, "segments");
+    if (!cJSON_IsArray(segs)) return ds_bad(e, "%s:%ld: field \"segments\" missing or not an array", path, line);
+    memset(ex, 0, sizeof *ex);
+    size_t n = 0, cap = 0;
+    int i = 0;
+    const cJSON *sg;
+    cJSON_ArrayForEach(sg, segs) {
+        const cJSON *lab = cJSON_IsObject(sg) ? cJSON_GetObjectItemCaseSensitive(sg, "label") : NULL;
+        const char *text = cJSON_IsObject(sg) ? ds_get_str(sg, "text") : NULL;
+        int rc = 0;
+        if (!text) rc = ds_bad(e, "%s:%ld: segments[%d]: field \"text\" missing or not a string", path, line, i);
+        else if (!cJSON_IsBool(lab)) rc = ds_bad(e, "%s:%ld: segments[%d]: field \"label\" missing or not true/false", path, line, i);
+        tokenizer_ids v = {0};
+        if (!rc && tokenizer_encode_offsets(tok, text, strlen(text), 1, 0, &v, e)) rc = -1;
+        if (!rc && n + v.n > INT32_MAX) rc = qerr_set(e, "%s:%ld: example too long", path, line);
+        if (!rc && n + v.n > cap) {
+            size_t nc = (n + v.n) * 2 + 16;
+            int32_t *ni = realloc(ex->ids, nc * sizeof *ni);
+            if (ni) ex->ids = ni;
+            uint8_t *nm = ni ? realloc(ex->mask, nc) : NULL;
+            if (nm) ex->mask = nm;
+            if (!ni || !nm) rc = qerr_set(e, "out of memory (example of %zu tokens)", nc);
+            else cap = nc;
+        }
+        if (!rc) {
+            for (size_t j = 0; j < v.n; j++) {
+                ex->ids[n + j] = v.ids[j];
+                ex->mask[n + j] = (uint8_t)(train_all || cJSON_IsTrue(lab));
+            }
+            n += v.n;
+        }
+        tokenizer_ids_free(&v);
+        if (rc) {
+            free(ex->ids);
+            free(ex->mask);
+            memset(ex, 0, sizeof *ex);
+            return rc;
+        }
+        i++;
+    }
+    if (n == 0) {
+        free(ex->ids);
+        free(ex->mask);
+        memset(ex, 0, sizeof *ex);
+        return ds_bad(e, "%s:%ld: field \"segments\" has no text", path, line);
+    }
+    ex->n = (int32_t)n;
+    ex->chunkable = 0;
+    return 0;
+}
+
+int dataset_parse_split(const char *s, dataset_slice *sl, qerr *e) {
+    memset(sl, 0, sizeof *sl);
+    if (!strcmp(s, "train")) return 0;
+    const char *q = s;
+    if (strncmp(q, "train[", 6)) goto bad;
+    q += 6;
+    for (int side = 0; side < 2; side++) {
+        char *end;
+        double v = strtod(q, &end);
+        int has = end != q;
+        if (has && (v != (double)(long long)v || !isfinite(v))) goto bad;
+        q = end;
+        int pct = 0;
+        if (has && *q == '%') pct = 1, q++;
+        if (side == 0) {
+            sl->has_lo = has, sl->lo = v, sl->lo_pct = pct;
+            if (*q++ != ':') goto bad;
+        } else {
+            sl->has_hi = has, sl->hi = v, sl->hi_pct = pct;
+            if (*q++ != ']' || *q) goto bad;
+        }
+        if (pct && (v < -100 || v > 100)) goto bad;
+    }
+    return 0;
+bad:
+    return qerr_set(e, "expected train or a slice of it (train[A:B], train[:N], train[:N%%], train[A%%:B%%]), got \"%.80s\"",
+                    s);
+}
+
+/* A bound of a slice over n records, as an index in [0, n]. */
+static int64_t ds_slice_bound(double v, int pct, int64_t n) {
+    double x = pct ? nearbyint(v * (double)n / 100.0) : v; /* ties to even, as Python's round */
+    if (x < 0) x += (double)n;
+    if (x < 0) x = 0;
+    if (x > (double)n) x = (double)n;
+    return (int64_t)x;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -290,14 +461,25 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
         type = DS_ALPACA;
     else if (!strcmp(spec->type, "chat_template"))
         type = DS_CHAT;
+    else if (!strcmp(spec->type, "input_output"))
+        type = DS_IO;
     else
-        return qerr_set(e, "%s: unknown dataset type \"%s\" (expected completion, alpaca or chat_template)", path,
+        return qerr_set(e, "%s: unknown dataset type \"%s\" (expected completion, alpaca, chat_template or input_output)", path,
                         spec->type);
     const char *field = spec->field ? spec->field : "text";
     const char *field_messages = spec->field_messages ? spec->field_messages : "messages";
 
     const chat_template *ct = NULL;
-    if (type == DS_CHAT && chat_template_of(tok, &ct, e)) return qerr_prefix(e, "%s: type chat_template", path);
+    dataset_slice slice;
+    if (spec->split && dataset_parse_split(spec->split, &slice, e)) return qerr_prefix(e, "%s: split", path);
+    if (!spec->split) memset(&slice, 0, sizeof slice);
+    /* chat_template: chatml (force_chatml 1), or tokenizer_default_fallback_chatml (2) on a model without one:
+     * axolotl's ChatML; otherwise the model's own template, rendered exactly (data/chat.h) or refused */
+    int chatml = spec->force_chatml == 1 || (spec->force_chatml == 2 && !tokenizer_chat_template(tok));
+    if (type == DS_CHAT && !chatml && chat_template_of(tok, &ct, e)) return qerr_prefix(e, "%s: type chat_template", path);
+    if (type == DS_CHAT && chatml &&
+        (tokenizer_find_token(tok, DS_IM_START) < 0 || tokenizer_find_token(tok, DS_IM_END) < 0))
+        return qerr_set(e, "%s: type chat_template: the vocabulary has no " DS_IM_START " / " DS_IM_END " token", path);
 
     size_t len = 0;
     char *buf = file_read_regular(path, 0, &len, e);
@@ -345,9 +527,20 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
                 rc = ds_render_completion(obj, field, path, line, &r, e);
             else if (type == DS_ALPACA)
                 rc = ds_render_alpaca(obj, path, line, &r, e);
-            else
-                rc = ds_render_chat(obj, field_messages, ct, tok, path, line, &r, e);
+            else if (type == DS_CHAT)
+                rc = ds_render_chat(obj, spec, field_messages, ct, tok, path, line, &r, e);
             dataset_example ex;
+            if (type == DS_IO) {
+                rc = ds_input_output(tok, obj, train_on_inputs, path, line, &ex, e);
+                if (rc == 0) {
+                    ex.doc = docs->n;
+                    if ((rc = ds_examples_push(docs, &ex, e))) {
+                        free(ex.ids);
+                        free(ex.mask);
+                    }
+                }
+                goto record_done;
+            }
             int add_bos = type != DS_CHAT && tokenizer_add_bos(tok) && tokenizer_bos_id(tok) >= 0;
             int add_eos = type != DS_CHAT;
             if (rc == 0 && add_eos && tokenizer_eos_id(tok) < 0)
@@ -365,6 +558,7 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
                 if (rc) qerr_prefix(e, "%s:%ld", path, line);
             }
         }
+    record_done:
         cJSON_Delete(obj);
         if (rc == DS_BAD && spec->skip_bad_lines) {
             n_skipped++;
@@ -382,6 +576,23 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
                           (long long)n_skipped);
         else
             rc = qerr_set(e, "%s: no records (the file is empty or has only blank lines)", path);
+    }
+    if (rc == 0 && (slice.has_lo || slice.has_hi)) { /* split: keep the slice of this file's records */
+        int64_t n = docs->n - n0;
+        int64_t lo = slice.has_lo ? ds_slice_bound(slice.lo, slice.lo_pct, n) : 0;
+        int64_t hi = slice.has_hi ? ds_slice_bound(slice.hi, slice.hi_pct, n) : n;
+        if (hi <= lo) {
+            rc = qerr_set(e, "%s: split \"%s\" selects no record of the %lld", path, spec->split, (long long)n);
+        } else {
+            for (int64_t i = 0; i < n; i++) {
+                if (i >= lo && i < hi) continue;
+                free(docs->v[n0 + i].ids);
+                free(docs->v[n0 + i].mask);
+            }
+            memmove(docs->v + n0, docs->v + n0 + lo, (size_t)(hi - lo) * sizeof *docs->v);
+            docs->n = n0 + (hi - lo);
+            for (int64_t i = n0; i < docs->n; i++) docs->v[i].doc = i;
+        }
     }
     if (rc) {
         rc = -1;

@@ -68,7 +68,7 @@ int cli_fixture_init(cli_fixture *fx, const char *tmpl, const char *docs) {
     snprintf(fx->cfg, sizeof fx->cfg, "%s/config.yaml", fx->dir);
     char cfg[2048];
     snprintf(cfg, sizeof cfg,
-             "base_model: " CLI_FIXTURE_MODEL "\n"
+             "base_model: " CLI_FIXTURE_MODEL "\nadapter: qlora\n"
              "lora_r: 2\nlora_alpha: 4\nlora_target_modules: [q_proj]\n"
              "datasets:\n  - path: %s/train.jsonl\n    type: completion\n"
              "sequence_len: 32\nmicro_batch_size: 1\nmax_steps: 1\nnum_threads: 1\n"

@@ -53,7 +53,7 @@ int e2e_setup(char *dir, size_t dn, char *cfg, size_t cn, const char *prefix, in
     out = fopen(cfg, "w");
     if (!out) return -1;
     fprintf(out,
-            "base_model: " E2E_MODEL "\n"
+            "base_model: " E2E_MODEL "\nadapter: qlora\n"
             "lora_r: 4\nlora_alpha: 8\nlora_dropout: 0.1\nlora_target_modules: [q_proj, v_proj]\n"
             "datasets:\n  - path: %s/train.jsonl\n    type: completion\n"
             "val_set_size: 1\nsequence_len: 64\nmicro_batch_size: 2\ngradient_accumulation_steps: 1\n"

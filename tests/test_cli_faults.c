@@ -94,8 +94,8 @@ static void test_wrong_types_and_ranges(void **st) {
     (void)st;
     char p[512];
     snprintf(p, sizeof p, "%s/types.yaml", g_dir);
-    cli_write_text(p, "base_model: " MODEL "\nlora_r: abc\n");
-    expect_failure(p, NULL, 2, WANT("types.yaml", "lora_r", "expected a positive integer", "\"abc\"", "line 2"));
+    cli_write_text(p, "base_model: " MODEL "\nadapter: qlora\nlora_r: abc\n");
+    expect_failure(p, NULL, 2, WANT("types.yaml", "lora_r", "expected a positive integer", "\"abc\"", "line 3"));
     expect_failure(g_cfg, ARGS("lora_dropout=1.5"), 2, WANT("lora_dropout", "[0, 1)", "1.5"));
     expect_failure(g_cfg, ARGS("learning_rate=-1"), 2, WANT("learning_rate", "positive"));
     expect_failure(g_cfg, ARGS("sequence_len=1"), 2, WANT("sequence_len", ">= 2"));
@@ -111,7 +111,7 @@ static void test_unknown_keys(void **st) {
     (void)st;
     char p[512];
     snprintf(p, sizeof p, "%s/unknown.yaml", g_dir);
-    cli_write_text(p, "base_model: " MODEL "\nlora_rank: 8\n");
+    cli_write_text(p, "base_model: " MODEL "\nadapter: qlora\nlora_rank: 8\n");
     expect_failure(p, NULL, 2, WANT("unknown.yaml", "unknown key \"lora_rank\"", "did you mean \"lora_r\""));
     expect_failure(g_cfg, ARGS("save_step=10"), 2, WANT("command line", "unknown key \"save_step\"", "save_steps"));
 }
@@ -409,6 +409,76 @@ static void test_skip_bad_lines_trains(void **st) {
     free(err);
 }
 
+/* An axolotl config with several refused keys: one run lists each with its line (the missing adapter
+ * first), then the count, exit 2; qlora-preprocess prints the same [config] lines as qlora-train. */
+static void test_axolotl_refusals_and_config_lines(void **st) {
+    (void)st;
+    char p[512];
+    snprintf(p, sizeof p, "%s/axo.yaml", g_dir);
+    cli_write_text(p, "base_model: " MODEL "\nload_in_8bit: true\noptimizer: adafactor\nfsdp: [full_shard]\n");
+    char *argv[] = {(char *)subproc_trainer(), p, NULL};
+    char *err = NULL;
+    int code = subproc_run(argv, NULL, 120, &err);
+    print_message("exit %d:\n%s", code, err);
+    assert_int_equal(code, 2);
+    const char *want[] = {"axo.yaml: no \"adapter:\"", "load_in_8bit: refused", "(line 2)", "optimizer: \"adafactor\"",
+                          "(line 3)", "fsdp: refused", "(line 4)", "axo.yaml: 4 refused keys"};
+    const char *at = err;
+    for (size_t i = 0; i < sizeof want / sizeof *want; i++) { /* in this order */
+        const char *q = strstr(at, want[i]);
+        if (!q) fail_msg("missing \"%s\" (in order) in:\n%s", want[i], err);
+        at = q;
+    }
+    free(err);
+    /* the [config] lines: the same from both tools */
+    snprintf(p, sizeof p, "%s/axo_ok.yaml", g_dir);
+    char cfg[1024];
+    snprintf(cfg, sizeof cfg,
+             "base_model: " MODEL "\nadapter: qlora\nlora_target_linear: true\nattn_implementation: flash_attention_2\n"
+             "tf32: true\ndatasets:\n  - path: %s/train.jsonl\n    type: completion\nsequence_len: 32\nmax_steps: 1\n"
+             "output_dir: %s/axo_out\n",
+             g_dir, g_dir);
+    cli_write_text(p, cfg);
+    char *pre[] = {(char *)subproc_tool("preprocess"), p, "--show-samples", "0", NULL};
+    code = subproc_run(pre, NULL, 120, &err);
+    assert_int_equal(code, 0);
+    assert_non_null(strstr(err, "[config] "));
+    assert_non_null(strstr(err, "ignoring \"attn_implementation\" (qlora's attention is exact"));
+    assert_non_null(strstr(err, "ignoring \"tf32\""));
+    free(err);
+}
+
+/* loss_watchdog_*: a loss above the threshold for patience steps stops the run with a checkpoint and
+ * exit 1; special_tokens that are not the model's own are refused when the model is loaded. */
+static void test_loss_watchdog_and_special_tokens(void **st) {
+    (void)st;
+    char od[600], a1[700], ck[700];
+    snprintf(od, sizeof od, "%s/watchdog", g_dir);
+    snprintf(a1, sizeof a1, "output_dir=%s", od);
+    char *argv[] = {(char *)subproc_trainer(), g_cfg, a1, "max_steps=4", "loss_watchdog_threshold=0.001",
+                    "loss_watchdog_patience=2", "save_steps=100", NULL};
+    char *err = NULL;
+    int code = subproc_run(argv, NULL, 300, &err);
+    print_message("exit %d:\n%s", code, err);
+    assert_int_equal(code, 1);
+    assert_non_null(strstr(err, "above loss_watchdog_threshold 0.001 for 2 steps in a row"));
+    assert_non_null(strstr(err, "stopped with a checkpoint in"));
+    snprintf(ck, sizeof ck, "%s/checkpoint-2", od);
+    assert_int_equal(access(ck, F_OK), 0); /* saved at the stop, not at save_steps */
+    snprintf(ck, sizeof ck, "%s/checkpoint-3", od);
+    assert_int_equal(access(ck, F_OK), -1);
+    free(err);
+    /* special_tokens: the model's own eos is accepted, another is refused naming both */
+    char *pre_ok[] = {(char *)subproc_tool("preprocess"), g_cfg, "special_tokens={eos_token: \"<|im_end|>\"}",
+                      "--show-samples", "0", NULL};
+    assert_int_equal(subproc_run(pre_ok, NULL, 120, &err), 0);
+    free(err);
+    char *pre_bad[] = {(char *)subproc_tool("preprocess"), g_cfg, "special_tokens={eos_token: \"</s>\"}", NULL};
+    assert_int_equal(subproc_run(pre_bad, NULL, 120, &err), 1);
+    assert_non_null(strstr(err, "special_tokens.eos_token: \"</s>\" is not this model's eos token (\"<|im_end|>\")"));
+    free(err);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_yaml_errors),
@@ -424,6 +494,8 @@ int main(void) {
         cmocka_unit_test(test_bad_checkpoints),
         cmocka_unit_test(test_corrupt_safetensors),
         cmocka_unit_test(test_skip_bad_lines_trains),
+        cmocka_unit_test(test_axolotl_refusals_and_config_lines),
+        cmocka_unit_test(test_loss_watchdog_and_special_tokens),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

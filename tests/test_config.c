@@ -60,6 +60,7 @@ static void expect_validate_error(const tmpdir *t, const char *name, const char 
 }
 
 static const char *MINIMAL = "base_model: m.gguf\n"
+                             "adapter: qlora\n"
                              "datasets:\n"
                              "  - path: train.jsonl\n"
                              "    type: completion\n"
@@ -182,6 +183,17 @@ static void assert_datasets_equal(const dataset_cfg *a, int na, const dataset_cf
         assert_string_equal(a[i].type, b[i].type);
         assert_string_equal(a[i].field, b[i].field);
         assert_string_equal(a[i].field_messages, b[i].field_messages);
+        assert_string_equal(a[i].message_field_role, b[i].message_field_role);
+        assert_string_equal(a[i].message_field_content, b[i].message_field_content);
+        assert_string_equal(a[i].train_on_eos, b[i].train_on_eos);
+        assert_string_equal(a[i].split, b[i].split);
+        assert_int_equal(a[i].drop_system_message, b[i].drop_system_message);
+        assert_int_equal(a[i].n_roles_to_train, b[i].n_roles_to_train);
+        for (int j = 0; j < a[i].n_roles_to_train; j++) assert_string_equal(a[i].roles_to_train[j], b[i].roles_to_train[j]);
+        assert_true((a[i].data_files == NULL) == (b[i].data_files == NULL));
+        if (a[i].data_files) assert_string_equal(a[i].data_files, b[i].data_files);
+        assert_true((a[i].chat_template == NULL) == (b[i].chat_template == NULL));
+        if (a[i].chat_template) assert_string_equal(a[i].chat_template, b[i].chat_template);
     }
 }
 
@@ -191,6 +203,15 @@ static void assert_configs_equal(const train_config *a, const train_config *b) {
     assert_int_equal(a->bnb_4bit_use_double_quant, b->bnb_4bit_use_double_quant);
     assert_string_equal(a->bnb_4bit_quant_type, b->bnb_4bit_quant_type);
     assert_string_equal(a->adapter, b->adapter);
+    assert_int_equal(a->data_seed, b->data_seed);
+    assert_true(a->loss_watchdog_threshold == b->loss_watchdog_threshold);
+    assert_int_equal(a->loss_watchdog_patience, b->loss_watchdog_patience);
+    assert_string_equal(a->chat_template, b->chat_template);
+    const char *sa[3] = {a->special_bos, a->special_eos, a->special_unk}, *sb[3] = {b->special_bos, b->special_eos, b->special_unk};
+    for (int i = 0; i < 3; i++) {
+        assert_true((sa[i] == NULL) == (sb[i] == NULL));
+        if (sa[i]) assert_string_equal(sa[i], sb[i]);
+    }
     assert_int_equal(a->lora_r, b->lora_r);
     assert_memory_equal(&a->lora_alpha, &b->lora_alpha, sizeof(float));
     assert_memory_equal(&a->lora_dropout, &b->lora_dropout, sizeof(float));
@@ -424,7 +445,7 @@ static void test_errors_per_key(void **state) {
                       "x.yaml: unknown key \"lora_rank\"; did you mean \"lora_r\"? (line 3)");
     expect_load_error(t, "x.yaml", "learning_rat: 1e-4\n", "unknown key \"learning_rat\"; did you mean \"learning_rate\"?");
     expect_load_error(t, "x.yaml", "micro_batchsize: 2\n", "did you mean \"micro_batch_size\"?");
-    expect_load_error(t, "x.yaml", "zzzzzz_qqqq: 1\n", "unknown key \"zzzzzz_qqqq\" (trainer/config.h");
+    expect_load_error(t, "x.yaml", "zzzzzz_qqqq: 1\n", "unknown key \"zzzzzz_qqqq\" (not a key of axolotl");
     /* list vs scalar */
     expect_load_error(t, "x.yaml", "lora_r: [1, 2]\n", "lora_r: expected a positive integer, got a list");
     expect_load_error(t, "x.yaml", "lora_target_modules: q_proj\n",
@@ -451,7 +472,9 @@ static void test_errors_per_key(void **state) {
     expect_load_error(t, "x.yaml", "sophia_rho: 0\n", "sophia_rho: expected a positive number, got \"0\"");
     expect_load_error(t, "x.yaml", "sophia_k: 0\n", "sophia_k: expected a positive integer");
     expect_load_error(t, "x.yaml", "sophia_beta2: 1\n", "sophia_beta2: expected a number in [0, 1)");
-    expect_load_error(t, "x.yaml", "optimizer: adamw_torch_8bit\n", "optimizer: \"adamw_torch_8bit\" is not supported yet");
+    expect_load_error(t, "x.yaml", "optimizer: adamw_torch_8bit\n",
+                      "optimizer: \"adamw_torch_8bit\" is torchao's 8-bit AdamW, not implemented here; optimizer: "
+                      "adamw_8bit is bitsandbytes' (blockwise 8-bit states)");
     /* HF Trainer's names of bitsandbytes' 8-bit AdamW resolve to adamw_8bit (the paged one with a note) */
     static const char *const names8[] = {"adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"};
     for (int i = 0; i < 3; i++) {
@@ -475,27 +498,31 @@ static void test_errors_per_key(void **state) {
                       "lora_target_modules[1]: expected one of q_proj, k_proj");
     expect_load_error(t, "x.yaml", "lora_target_modules: [q_proj, q_proj]\n",
                       "lora_target_modules: \"q_proj\" is listed twice");
-    /* not supported yet */
-    expect_load_error(t, "x.yaml", "flash_attention: true\n",
-                      "x.yaml: flash_attention: not supported yet (delete the line, or leave it empty) (line 1)");
-    expect_load_error(t, "x.yaml", "deepspeed: deepspeed_configs/zero2.json\n", "deepspeed: not supported yet");
-    expect_load_error(t, "x.yaml", "load_in_8bit: true\n", "load_in_8bit: not supported yet");
-    expect_load_error(t, "x.yaml", "wandb_project: myproj\n", "wandb_project: not supported yet");
-    expect_load_error(t, "x.yaml", "fp16: true\n", "fp16: not supported yet");
-    expect_load_error(t, "x.yaml", "chat_template: chatml\n",
-                      "chat_template: not supported yet; the only accepted value is tokenizer_default");
-    expect_load_error(t, "x.yaml", "special_tokens:\n  eos_token: \"</s>\"\n", "special_tokens: not supported yet");
+    /* refused with the reason (trainer/config_axolotl.c); a file without adapter: has that line first */
+    expect_load_error(t, "x.yaml", "deepspeed: deepspeed_configs/zero2.json\n",
+                      "deepspeed: refused: a setting of several processes");
+    expect_load_error(t, "x.yaml", "load_in_8bit: true\n",
+                      "x.yaml: load_in_8bit: refused: an int8 (LLM.int8) frozen base is not implemented; use "
+                      "load_in_4bit: true (NF4, adapter: qlora) or load_in_4bit: false (bf16); delete the line, or "
+                      "leave it empty (line 1)");
+    expect_load_error(t, "x.yaml", "fp16: true\n", "fp16: refused: compute is bf16");
+    expect_load_error(t, "x.yaml", "chat_template: llama3\n",
+                      "chat_template: \"llama3\" is a template qlora does not render for training data yet");
+    expect_load_error(t, "x.yaml", "special_tokens:\n  additional_special_tokens: [\"<x>\"]\n",
+                      "special_tokens.additional_special_tokens: refused");
+    expect_load_error(t, "x.yaml", "eot_tokens: [\"<end_of_turn>\"]\n", "eot_tokens: refused");
+    expect_load_error(t, "x.yaml", "plugins: [my.Plugin]\n", "plugins: refused: \"my.Plugin\"");
     /* dataset entries */
     expect_load_error(t, "x.yaml", "datasets:\n  - path: a.jsonl\n    type: completion\n    feild: body\n",
                       "x.yaml: datasets[0]: unknown key \"feild\"; did you mean \"field\"? (line 4)");
     expect_load_error(t, "x.yaml", "datasets:\n  - path: a.jsonl\n", "datasets[0]: missing required key \"type\"");
     expect_load_error(t, "x.yaml", "datasets:\n  - type: completion\n", "datasets[0]: missing required key \"path\"");
     expect_load_error(t, "x.yaml", "test_datasets:\n  - path: a.jsonl\n    type: sharegpt\n",
-                      "test_datasets[0].type: expected one of completion, alpaca, chat_template, got \"sharegpt\"");
-    expect_load_error(t, "x.yaml", "datasets:\n  - path: a.jsonl\n    type: completion\n    split: train\n",
-                      "datasets[0].split: not supported yet");
+                      "test_datasets[0].type: expected one of completion, alpaca, chat_template, input_output, got \"sharegpt\"");
+    expect_load_error(t, "x.yaml", "datasets:\n  - path: a.jsonl\n    type: completion\n    split: test[:5]\n",
+                      "datasets[0].split: expected train or a slice of it");
     expect_load_error(t, "x.yaml", "datasets:\n  - path: a.jsonl\n    type: completion\n    ds_type: parquet\n",
-                      "datasets[0].ds_type: not supported yet; the only accepted value is json");
+                      "datasets[0].ds_type: refused: json only");
     /* structure */
     expect_load_error(t, "x.yaml", "lora_r: 8\nlora_r: 16\n", "key \"lora_r\" given twice (line 2)");
     expect_load_error(t, "x.yaml", "use_rslora: true\npeft_use_rslora: true\n",
@@ -539,12 +566,16 @@ static void test_validate_rules(void **state) {
     expect_validate_error(t, "v.yaml", buf, "val_set_size and test_datasets are both set");
     snprintf(buf, sizeof buf, "%seval_steps: 10\nevals_per_epoch: 2\n", MINIMAL);
     expect_validate_error(t, "v.yaml", buf, "eval_steps and evals_per_epoch are both set");
-    expect_validate_error(t, "v.yaml", "base_model: m.gguf\ndatasets: [{path: a.jsonl, type: completion}]\n",
+    expect_validate_error(t, "v.yaml", "base_model: m.gguf\nadapter: lora\ndatasets: [{path: a.jsonl, type: completion}]\n",
                           "lora_target_modules: no LoRA target; list some of q_proj");
+    /* axolotl without adapter: is a full fine-tune: refused for that, also when the rest is fine */
+    expect_validate_error(t, "v.yaml", "base_model: m.gguf\nlora_target_linear: true\ndatasets: [{path: a.jsonl, type: completion}]\n",
+                          "v.yaml: no \"adapter:\": axolotl then trains every weight of the model (a full fine-tune)");
 
     /* lora + bf16 base is valid; values set from code are range-checked too */
     char path[256];
-    snprintf(buf, sizeof buf, "%sadapter: lora\nload_in_4bit: false\nval_set_size: 100\n", MINIMAL);
+    snprintf(buf, sizeof buf, "base_model: m.gguf\nadapter: lora\ndatasets: [{path: t.jsonl, type: completion}]\n"
+                              "lora_target_linear: true\nload_in_4bit: false\nval_set_size: 100\n");
     write_file(t, "ok.yaml", buf, path, sizeof path);
     train_config c;
     qerr e = {{0}};
@@ -623,7 +654,7 @@ static void test_checkpoint_keys(void **state) {
     snprintf(buf, sizeof buf, "%sresume_from_checkpoint: [a, b]\n", MINIMAL);
     expect_load_error(t, "ck3.yaml", buf, "resume_from_checkpoint: expected a string, got a list");
     snprintf(buf, sizeof buf, "%ssave_strategy: epoch\n", MINIMAL);
-    expect_load_error(t, "ck3.yaml", buf, "save_strategy: not supported yet");
+    expect_load_error(t, "ck3.yaml", buf, "save_strategy: refused: use save_steps or saves_per_epoch");
 }
 
 static void test_overrides(void **state) {
@@ -682,8 +713,9 @@ static void test_overrides(void **state) {
     assert_int_equal(train_config_apply_override(&c, "lora_r", &e), -1);
     assert_string_equal(e.msg, "command line: expected key=value, got \"lora_r\"");
     assert_int_equal(train_config_apply_override(&c, "=8", &e), -1);
-    assert_int_equal(train_config_apply_override(&c, "flash_attention=true", &e), -1);
-    assert_non_null(strstr(e.msg, "command line: flash_attention: not supported yet"));
+    assert_int_equal(train_config_apply_override(&c, "flash_attention=true", &e), 0); /* exact attention: accepted */
+    assert_int_equal(train_config_apply_override(&c, "fp16=true", &e), -1);
+    assert_non_null(strstr(e.msg, "command line: fp16: refused: compute is bf16"));
     assert_int_equal(train_config_apply_override(&c, "optimizer=sgd", &e), -1);
     assert_non_null(strstr(e.msg, "optimizer: \"sgd\" is not supported yet"));
     /* Sophia: the official defaults, then overrides; "sophiag" is an alias */
@@ -712,7 +744,7 @@ static void test_empty_values(void **state) {
     snprintf(buf, sizeof buf, "%slearning_rate:\nseed: 1\n", MINIMAL);
     expect_load_error(t, "nv.yaml", buf,
                       "nv.yaml: learning_rate: no value; expected a positive number (delete the line for the "
-                      "default, 0.0002) (line 6)");
+                      "default, 0.0002) (line 7)");
     snprintf(buf, sizeof buf, "%smax_steps: ~\n", MINIMAL);
     expect_load_error(t, "nv.yaml", buf, "nv.yaml: max_steps: no value; expected a positive integer, or -1");
     snprintf(buf, sizeof buf, "%ssample_packing: null\n", MINIMAL);
@@ -836,10 +868,10 @@ static void test_input_limits(void **state) {
  * validation names the command line when an override set the value. */
 static void test_suggestions_and_sources(void **state) {
     const tmpdir *t = *state;
-    expect_load_error(t, "s.yaml", "xy: 1\n", "s.yaml: unknown key \"xy\" (trainer/config.h lists the accepted keys)");
-    expect_load_error(t, "s.yaml", "lr: 1\n", "s.yaml: unknown key \"lr\" (trainer/config.h lists");
-    expect_load_error(t, "s.yaml", "qq: 1\n", "unknown key \"qq\" (trainer/config.h lists");
-    expect_load_error(t, "s.yaml", "foo: 1\n", "unknown key \"foo\" (trainer/config.h lists");
+    expect_load_error(t, "s.yaml", "xy: 1\n", "s.yaml: unknown key \"xy\" (not a key of axolotl");
+    expect_load_error(t, "s.yaml", "lr: 1\n", "s.yaml: unknown key \"lr\" (not a key of axolotl's config schema");
+    expect_load_error(t, "s.yaml", "qq: 1\n", "unknown key \"qq\" (not a key of axolotl's config schema");
+    expect_load_error(t, "s.yaml", "foo: 1\n", "unknown key \"foo\" (not a key of axolotl's config schema");
     expect_load_error(t, "s.yaml", "seeed: 1\n", "did you mean \"seed\"?");
     expect_load_error(t, "s.yaml", "epochs: 1\n", "did you mean \"num_epochs\"?");
     expect_load_error(t, "s.yaml", "lora_rnak: 1\n", "did you mean \"lora_r\"?");
@@ -854,14 +886,14 @@ static void test_suggestions_and_sources(void **state) {
     assert_int_equal(train_config_apply_override(&c, "warmup_steps=5", &e), 0);
     assert_int_equal(train_config_validate(&c, &e), -1);
     assert_string_equal(e.msg, "command line (warmup_steps=5): warmup_steps and warmup_ratio are both set; use one "
-                               "of them (warmup_ratio: line 6)");
+                               "of them (warmup_ratio: line 7)");
     char src[128];
     int line = -1;
     assert_string_equal(train_config_source(&c, "warmup_steps", &line, src, sizeof src),
                         "command line (warmup_steps=5)");
     assert_int_equal(line, 0);
     assert_string_equal(train_config_source(&c, "warmup_ratio", &line, src, sizeof src), path);
-    assert_int_equal(line, 6);
+    assert_int_equal(line, 7);
     assert_string_equal(train_config_source(&c, "lora_r", &line, src, sizeof src), path);
     assert_int_equal(line, 0);
     assert_int_equal(train_config_apply_override(&c, "warmup_steps=0", &e), 0);
@@ -906,6 +938,30 @@ static void test_round_trip(void **state) {
     }
     assert_configs_equal(&a, &b);
     assert_int_equal(b.n_warnings, 0);
+    train_config_free(&b);
+
+    /* axolotl's keys round-trip too */
+    train_config_free(&a);
+    write_file(t, "rt3.yaml",
+               "base_model: m.gguf\nadapter: lora\nlora_target_linear: true\ndata_seed: 7\n"
+               "loss_watchdog_threshold: 5.0\nloss_watchdog_patience: 2\nchat_template: chatml\n"
+               "special_tokens:\n  eos_token: \"<|im_end|>\"\n  pad_token: \"<|im_end|>\"\n"
+               "gradient_checkpointing: offload\n"
+               "datasets:\n  - path: d\n    type: chat_template\n    field_messages: conversations\n"
+               "    message_property_mappings:\n      role: from\n      content: value\n"
+               "    roles_to_train: [gpt, human]\n    train_on_eos: all\n    drop_system_message: true\n"
+               "    split: train[:20%]\n    data_files: a.jsonl\n    ds_type: json\n    chat_template: chatml\n",
+               path, sizeof path);
+    assert_int_equal(train_config_load(path, &a, &e), 0);
+    assert_int_equal(a.data_seed, 7);
+    assert_int_equal(a.gradient_checkpointing, 1);
+    assert_string_equal(a.datasets[0].message_field_role, "from");
+    assert_string_equal(a.datasets[0].split, "train[:20%]");
+    assert_int_equal(a.datasets[0].n_roles_to_train, 2);
+    assert_string_equal(a.special_eos, "<|im_end|>");
+    assert_int_equal(train_config_write_yaml(&a, out, &e), 0);
+    assert_int_equal(train_config_load(out, &b, &e), 0);
+    assert_configs_equal(&a, &b);
     train_config_free(&b);
 
     /* defaults + required keys also round-trip (empty lists, -1, null-ish values) */

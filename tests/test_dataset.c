@@ -121,7 +121,7 @@ static void test_completion_chunking(void **state) {
     for (int i = 0; i < 40; i++) strcat(text, "The quick brown fox jumps over the lazy dog. ");
     char line[4200];
     snprintf(line, sizeof line, "{\"text\": \"%s\"}\n\n{\"text\": \"short one\"}\n", text);
-    dataset_spec spec = {write_jsonl(fx, "c.jsonl", line), "completion", NULL, NULL, 0, NULL};
+    dataset_spec spec = {write_jsonl(fx, "c.jsonl", line), "completion", NULL, NULL, 0, NULL, .split = NULL};
     dataset_examples docs = {0};
     read_ok(fx, &spec, 0, &docs);
     assert_int_equal(docs.n, 2);
@@ -180,7 +180,7 @@ static void check_alpaca(fixture *fx, int train_on_inputs) {
         "### Input:\n2 and 3\n\n### Response:\n";
     const char *outs[2] = {"Red is a primary color.", "The sum is 5."};
     const char *prompts[2] = {prompt0, prompt1};
-    dataset_spec spec = {write_jsonl(fx, "a.jsonl", jsonl), "alpaca", NULL, NULL, 0, NULL};
+    dataset_spec spec = {write_jsonl(fx, "a.jsonl", jsonl), "alpaca", NULL, NULL, 0, NULL, .split = NULL};
     dataset_examples docs = {0};
     read_ok(fx, &spec, train_on_inputs, &docs);
     assert_int_equal(docs.n, 2);
@@ -229,7 +229,7 @@ static void test_chat_template(void **state) {
         "\"content\": \"2+2 = 4.\"}]}\n"
         "{\"messages\": [{\"role\": \"system\", \"content\": \"Be terse.\"}, {\"role\": \"user\", \"content\": "
         "\"Ping\"}, {\"role\": \"assistant\", \"content\": \"\\n  Pong\"}]}\n";
-    dataset_spec spec = {write_jsonl(fx, "chat.jsonl", jsonl), "chat_template", NULL, NULL, 0, NULL};
+    dataset_spec spec = {write_jsonl(fx, "chat.jsonl", jsonl), "chat_template", NULL, NULL, 0, NULL, .split = NULL};
     dataset_examples docs = {0};
     read_ok(fx, &spec, 0, &docs);
     assert_int_equal(docs.n, 2);
@@ -437,7 +437,7 @@ static char *make_docs_jsonl(int n_docs) {
 static void test_determinism(void **state) {
     fixture *fx = need_model(state);
     char *jsonl = make_docs_jsonl(40);
-    dataset_spec spec = {write_jsonl(fx, "d.jsonl", jsonl), "completion", NULL, NULL, 0, NULL};
+    dataset_spec spec = {write_jsonl(fx, "d.jsonl", jsonl), "completion", NULL, NULL, 0, NULL, .split = NULL};
     free(jsonl);
     packed_set a, b, c, ea, eb, ec;
     dataset_stats sa, sb, sc;
@@ -486,7 +486,7 @@ static void test_determinism(void **state) {
 static void test_split_no_leak(void **state) {
     fixture *fx = need_model(state);
     char *jsonl = make_docs_jsonl(20);
-    dataset_spec spec = {write_jsonl(fx, "s.jsonl", jsonl), "completion", NULL, NULL, 0, NULL};
+    dataset_spec spec = {write_jsonl(fx, "s.jsonl", jsonl), "completion", NULL, NULL, 0, NULL, .split = NULL};
     free(jsonl);
     dataset_examples docs = {0}, tr = {0}, ev = {0};
     read_ok(fx, &spec, 0, &docs);
@@ -527,7 +527,7 @@ static void test_split_no_leak(void **state) {
 
     /* test_datasets: the held-out set is that file; val_set_size must be 0 */
     dataset_spec test = {write_jsonl(fx, "t.jsonl", "{\"text\": \"held out one\"}\n{\"text\": \"held out two\"}\n"),
-                         "completion", NULL, NULL, 0, NULL};
+                         "completion", NULL, NULL, 0, NULL, .split = NULL};
     packed_set a, b;
     dataset_stats st;
     assert_int_equal(dataset_build(fx->tok, &spec, 1, &test, 1, 0.1, 32, 1, 0, 1, &a, &b, &st, &e), -1);
@@ -552,7 +552,7 @@ static void test_split_no_leak(void **state) {
 static void expect_read_error(fixture *fx, const char *name, const char *type, const char *content,
                               const char *want1, const char *want2) {
     char *path = write_jsonl(fx, name, content);
-    dataset_spec spec = {path, (char *)type, NULL, NULL, 0, NULL};
+    dataset_spec spec = {path, (char *)type, NULL, NULL, 0, NULL, .split = NULL};
     dataset_examples docs = {0};
     qerr e = {{0}};
     assert_int_equal(dataset_read_jsonl(fx->tok, &spec, 0, &docs, &e), -1);
@@ -583,13 +583,13 @@ static void test_errors(void **state) {
     expect_read_error(fx, "chat2.jsonl", "chat_template", "{\"conversations\": []}\n",
                       "chat2.jsonl:1: field \"messages\" missing or not an array", NULL);
     /* a missing file */
-    dataset_spec spec = {"/nonexistent/x.jsonl", "completion", NULL, NULL, 0, NULL};
+    dataset_spec spec = {"/nonexistent/x.jsonl", "completion", NULL, NULL, 0, NULL, .split = NULL};
     dataset_examples docs = {0};
     qerr e = {{0}};
     assert_int_equal(dataset_read_jsonl(fx->tok, &spec, 0, &docs, &e), -1);
     assert_non_null(strstr(e.msg, "/nonexistent/x.jsonl: cannot open"));
     /* dataset_build passes errors through and leaves nothing allocated */
-    dataset_spec bad = {write_jsonl(fx, "bad2.jsonl", "{\"text\": \"ok\"}\nnot json\n"), "completion", NULL, NULL, 0, NULL};
+    dataset_spec bad = {write_jsonl(fx, "bad2.jsonl", "{\"text\": \"ok\"}\nnot json\n"), "completion", NULL, NULL, 0, NULL, .split = NULL};
     packed_set a, b;
     assert_int_equal(dataset_build(fx->tok, &bad, 1, NULL, 0, 0.0, 32, 1, 0, 1, &a, &b, NULL, &e), -1);
     assert_non_null(strstr(e.msg, "bad2.jsonl:2:"));
@@ -605,7 +605,7 @@ static void test_errors(void **state) {
     assert_non_null(strstr(skipped.first, "bad2.jsonl:2: invalid JSON"));
     dataset_examples_free(&docs);
     /* custom field names */
-    dataset_spec custom = {write_jsonl(fx, "f.jsonl", "{\"body\": \"custom field\"}\n"), "completion", "body", NULL, 0, NULL};
+    dataset_spec custom = {write_jsonl(fx, "f.jsonl", "{\"body\": \"custom field\"}\n"), "completion", "body", NULL, 0, NULL, .split = NULL};
     assert_int_equal(dataset_read_jsonl(fx->tok, &custom, 0, &docs, &e), 0);
     assert_int_equal(docs.n, 1);
     dataset_examples_free(&docs);
@@ -626,7 +626,7 @@ static void test_hostile_files_and_text(void **state) {
     char *paths[] = {fifo, (char *)"/dev/zero", (char *)"/dev/urandom", fx->dir};
     const char *kinds[] = {"a FIFO", "a character device", "a character device", "a directory"};
     for (int i = 0; i < 4; i++) {
-        dataset_spec spec = {paths[i], "completion", NULL, NULL, 0, NULL};
+        dataset_spec spec = {paths[i], "completion", NULL, NULL, 0, NULL, .split = NULL};
         assert_int_equal(dataset_read_jsonl(fx->tok, &spec, 0, &docs, &e), -1);
         assert_non_null(strstr(e.msg, paths[i]));
         if (!strstr(e.msg, kinds[i])) fail_msg("%s: expected \"%s\" in: %s", paths[i], kinds[i], e.msg);
@@ -640,14 +640,14 @@ static void test_hostile_files_and_text(void **state) {
     static const char raw[] = "{\"text\": \"ok\"}\n{\"text\": \"abc\0def\"}\n";
     assert_int_equal(fwrite(raw, 1, sizeof raw - 1, fp), sizeof raw - 1);
     fclose(fp);
-    dataset_spec nul = {p, "completion", NULL, NULL, 0, NULL};
+    dataset_spec nul = {p, "completion", NULL, NULL, 0, NULL, .split = NULL};
     assert_int_equal(dataset_read_jsonl(fx->tok, &nul, 0, &docs, &e), -1);
     assert_non_null(strstr(e.msg, "nul.jsonl:2: a NUL byte at column 14"));
     expect_read_error(fx, "esc.jsonl", "completion", "{\"text\": \"abc\\u0000def\"}\n", "esc.jsonl:1:",
                       "\\u0000 at column 14");
     /* an escaped backslash before u0000 is text, not a NUL */
     dataset_spec ok = {write_jsonl(fx, "bs.jsonl", "{\"text\": \"C:\\\\u0000 is a path\"}\n"), "completion", NULL,
-                       NULL, 0, NULL};
+                       NULL, 0, NULL, .split = NULL};
     if (dataset_read_jsonl(fx->tok, &ok, 0, &docs, &e)) fail_msg("%s", e.msg);
     assert_int_equal(docs.n, 1);
     dataset_examples_free(&docs);
@@ -661,9 +661,180 @@ static void test_hostile_files_and_text(void **state) {
                       NULL);
     /* valid 4-byte UTF-8 passes */
     dataset_spec emoji = {write_jsonl(fx, "emoji.jsonl", "{\"text\": \"ok \xf0\x9f\x98\x80\"}\n"), "completion", NULL,
-                          NULL, 0, NULL};
+                          NULL, 0, NULL, .split = NULL};
     if (dataset_read_jsonl(fx->tok, &emoji, 0, &docs, &e)) fail_msg("%s", e.msg);
     dataset_examples_free(&docs);
+}
+
+/* ---- axolotl's chat_template keys, input_output, split ---------------------- */
+
+static void same_docs(const dataset_examples *a, const dataset_examples *b) {
+    assert_int_equal(a->n, b->n);
+    for (int64_t i = 0; i < a->n; i++) {
+        assert_int_equal(a->v[i].n, b->v[i].n);
+        assert_memory_equal(a->v[i].ids, b->v[i].ids, (size_t)a->v[i].n * sizeof(int32_t));
+        assert_memory_equal(a->v[i].mask, b->v[i].mask, (size_t)a->v[i].n);
+    }
+}
+
+/* ShareGPT data (from/value, human/gpt) through message_property_mappings and axolotl's default role
+ * map gives the ids and labels of the same conversation written with role/content. */
+static void test_sharegpt_mapping(void **state) {
+    fixture *fx = need_model(state);
+    const char *openai =
+        "{\"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, {\"role\": \"user\", \"content\": \"Hi\"}, "
+        "{\"role\": \"assistant\", \"content\": \"Hello.\"}, {\"role\": \"user\", \"content\": \"2+2?\"}, "
+        "{\"role\": \"assistant\", \"content\": \"4\"}]}\n";
+    const char *sharegpt =
+        "{\"conversations\": [{\"from\": \"system\", \"value\": \"Be brief.\"}, {\"from\": \"human\", \"value\": \"Hi\"}, "
+        "{\"from\": \"gpt\", \"value\": \"Hello.\"}, {\"from\": \"human\", \"value\": \"2+2?\"}, "
+        "{\"from\": \"gpt\", \"value\": \"4\"}]}\n";
+    dataset_spec a = {.path = write_jsonl(fx, "oa.jsonl", openai), .type = "chat_template"};
+    dataset_spec b = {.path = write_jsonl(fx, "sg.jsonl", sharegpt), .type = "chat_template",
+                      .field_messages = "conversations", .message_field_role = "from",
+                      .message_field_content = "value"};
+    dataset_examples da = {0}, db = {0};
+    read_ok(fx, &a, 0, &da);
+    read_ok(fx, &b, 0, &db);
+    same_docs(&da, &db);
+    char *t = decode_trained(fx->tok, &db.v[0]);
+    assert_string_equal(t, "Hello.<|im_end|>4<|im_end|>");
+    free(t);
+    char *r = decode(fx->tok, db.v[0].ids, (size_t)db.v[0].n);
+    assert_non_null(strstr(r, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>"));
+    free(r);
+    dataset_examples_free(&db);
+
+    /* drop_system_message with the model's own template: the message goes, the template's default system
+     * turn takes its place (SmolLM2's template renders one when the conversation has none) */
+    b.drop_system_message = 1;
+    read_ok(fx, &b, 0, &db);
+    r = decode(fx->tok, db.v[0].ids, (size_t)db.v[0].n);
+    assert_null(strstr(r, "Be brief."));
+    assert_non_null(strstr(r, SMOL_SYSTEM));
+    free(r);
+    dataset_examples_free(&db);
+    b.drop_system_message = 0;
+
+    /* roles_to_train, train_on_eos: per-turn spans, implemented for axolotl's ChatML (chat_template: chatml);
+     * with the model's template (assistant spans only) they are refused by name */
+    char *const roles[2] = {"human", "gpt"};
+    b.roles_to_train = roles;
+    b.n_roles_to_train = 2;
+    b.train_on_eos = "last";
+    qerr e0 = {{0}};
+    assert_int_equal(dataset_read_jsonl(fx->tok, &b, 0, &db, &e0), -1);
+    assert_non_null(strstr(e0.msg, "roles_to_train / train_on_eos"));
+    assert_non_null(strstr(e0.msg, "chat_template: chatml"));
+    dataset_examples_free(&db);
+    b.force_chatml = 1;
+    read_ok(fx, &b, 0, &db);
+    t = decode_trained(fx->tok, &db.v[0]);
+    assert_string_equal(t, "HiHello.2+2?4<|im_end|>");
+    free(t);
+    dataset_examples_free(&db);
+    b.roles_to_train = NULL;
+    b.train_on_eos = "none";
+    read_ok(fx, &b, 0, &db);
+    t = decode_trained(fx->tok, &db.v[0]);
+    assert_string_equal(t, "Hello.4");
+    free(t);
+    dataset_examples_free(&db);
+    b.train_on_eos = "all";
+    b.drop_system_message = 1;
+    read_ok(fx, &b, 0, &db);
+    t = decode_trained(fx->tok, &db.v[0]);
+    assert_string_equal(t, "<|im_end|>Hello.<|im_end|><|im_end|>4<|im_end|>");
+    free(t);
+    r = decode(fx->tok, db.v[0].ids, (size_t)db.v[0].n);
+    assert_null(strstr(r, "Be brief."));
+    assert_null(strstr(r, SMOL_SYSTEM)); /* axolotl's ChatML has no default system turn */
+    free(r);
+    dataset_examples_free(&db);
+    /* chat_template: chatml renders without the model template's default system turn */
+    a.force_chatml = 1;
+    const char *nosys = "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}\n";
+    a.path = write_jsonl(fx, "ns.jsonl", nosys);
+    dataset_examples dc = {0};
+    read_ok(fx, &a, 0, &dc);
+    r = decode(fx->tok, dc.v[0].ids, (size_t)dc.v[0].n);
+    assert_string_equal(r, "<|im_start|>user\nHi<|im_end|>\n");
+    free(r);
+    dataset_examples_free(&dc);
+
+    /* a role outside the map is named, not rendered verbatim */
+    dataset_spec bad = {.path = write_jsonl(fx, "bad.jsonl", "{\"conversations\": [{\"from\": \"bot\", \"value\": \"x\"}]}\n"),
+                        .type = "chat_template", .field_messages = "conversations", .message_field_role = "from",
+                        .message_field_content = "value"};
+    qerr e = {{0}};
+    assert_int_equal(dataset_read_jsonl(fx->tok, &bad, 1, &dc, &e), -1);
+    assert_non_null(strstr(e.msg, "role \"bot\" is not in axolotl's role map"));
+    dataset_examples_free(&dc);
+    dataset_examples_free(&da);
+}
+
+/* input_output: segments tokenized one by one (axolotl input_output.py), labels per segment. */
+static void test_input_output(void **state) {
+    fixture *fx = need_model(state);
+    const char *io = "{\"segments\": [{\"label\": true, \"text\": \"Hello\\n\"}, {\"label\": false, \"text\": \"good bye \"}, "
+                     "{\"label\": true, \"text\": \"fare well<|im_end|>\"}]}\n";
+    dataset_spec sp = {.path = write_jsonl(fx, "io.jsonl", io), .type = "input_output"};
+    dataset_examples d = {0};
+    read_ok(fx, &sp, 0, &d);
+    assert_int_equal(d.n, 1);
+    int32_t n1 = count_tokens(fx->tok, "Hello\n"), n2 = count_tokens(fx->tok, "good bye "),
+            n3 = count_tokens(fx->tok, "fare well<|im_end|>");
+    assert_int_equal(d.v[0].n, n1 + n2 + n3);
+    for (int32_t i = 0; i < d.v[0].n; i++) assert_int_equal(d.v[0].mask[i], i < n1 || i >= n1 + n2);
+    char *t = decode_trained(fx->tok, &d.v[0]);
+    assert_string_equal(t, "Hello\nfare well<|im_end|>");
+    free(t);
+    dataset_examples_free(&d);
+    read_ok(fx, &sp, 1, &d); /* train_on_inputs: every segment */
+    for (int32_t i = 0; i < d.v[0].n; i++) assert_int_equal(d.v[0].mask[i], 1);
+    dataset_examples_free(&d);
+    qerr e = {{0}};
+    dataset_spec bad = {.path = write_jsonl(fx, "iob.jsonl", "{\"segments\": [{\"text\": \"x\"}]}\n"), .type = "input_output"};
+    assert_int_equal(dataset_read_jsonl(fx->tok, &bad, 0, &d, &e), -1);
+    assert_non_null(strstr(e.msg, "segments[0]: field \"label\" missing"));
+}
+
+/* split: HF's slice syntax over the file's records (percent bounds rounded to nearest, ties to even). */
+static void test_split_slice(void **state) {
+    fixture *fx = need_model(state);
+    char text[2048] = "";
+    for (int i = 0; i < 10; i++) {
+        char l[64];
+        snprintf(l, sizeof l, "{\"text\": \"record %d\"}\n", i);
+        strcat(text, l);
+    }
+    char *p = write_jsonl(fx, "ten.jsonl", text);
+    static const struct { const char *split; int first, n; } cases[] = {
+        {"train", 0, 10}, {"train[:20%]", 0, 2}, {"train[2:5]", 2, 3}, {"train[-3:]", 7, 3},
+        {"train[:25%]", 0, 2} /* 2.5 -> 2 (ties to even) */, {"train[50%:]", 5, 5}};
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        dataset_spec sp = {.path = p, .type = "completion", .split = cases[c].split};
+        dataset_examples d = {0};
+        read_ok(fx, &sp, 0, &d);
+        assert_int_equal(d.n, cases[c].n);
+        char want[32];
+        snprintf(want, sizeof want, "record %d", cases[c].first);
+        char *r = decode(fx->tok, d.v[0].ids, (size_t)d.v[0].n);
+        assert_non_null(strstr(r, want));
+        free(r);
+        assert_int_equal(d.v[d.n - 1].doc, d.n - 1);
+        dataset_examples_free(&d);
+    }
+    dataset_slice sl;
+    qerr e = {{0}};
+    assert_int_equal(dataset_parse_split("validation", &sl, &e), -1);
+    assert_int_equal(dataset_parse_split("train[:5", &sl, &e), -1);
+    dataset_spec sp = {.path = p, .type = "completion", .split = "train[5:5]"};
+    dataset_examples d = {0};
+    assert_int_equal(dataset_read_jsonl(fx->tok, &sp, 0, &d, &e), -1);
+    assert_non_null(strstr(e.msg, "selects no record of the 10"));
+    assert_int_equal(d.n, 0); /* the file's records are taken back */
+    dataset_examples_free(&d);
 }
 
 int main(void) {
@@ -672,6 +843,9 @@ int main(void) {
         cmocka_unit_test(test_alpaca_masked),
         cmocka_unit_test(test_alpaca_train_on_inputs),
         cmocka_unit_test(test_chat_template),
+        cmocka_unit_test(test_sharegpt_mapping),
+        cmocka_unit_test(test_input_output),
+        cmocka_unit_test(test_split_slice),
         cmocka_unit_test(test_packing_invariants),
         cmocka_unit_test(test_determinism),
         cmocka_unit_test(test_split_no_leak),

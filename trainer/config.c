@@ -9,6 +9,7 @@
  * axolotl has and we do not.
  */
 #include "trainer/config.h"
+#include "trainer/config_axolotl.h"
 
 #include <yaml.h>
 
@@ -27,6 +28,7 @@
 #include <unistd.h>
 
 #include "core/file.h"
+#include "data/dataset.h"
 #include "model/llama_linear.h"
 
 
@@ -101,7 +103,8 @@ static const value_alias A_OPTIM[] = {
      "feature, the update is the same)"},
     {NULL, NULL, NULL}};
 static const value_later L_OPTIM[] = {
-    {"adamw_torch_8bit", "not supported yet"},
+    {"adamw_torch_8bit", "torchao's 8-bit AdamW, not implemented here; optimizer: adamw_8bit is bitsandbytes' (blockwise 8-bit states)"},
+    {"adamw_torch_4bit", "torchao's 4-bit AdamW, not implemented here; optimizer: adamw_8bit is bitsandbytes' (blockwise 8-bit states)"},
     {"adafactor", "not supported yet"}, {"sgd", "not supported yet"}, {"adagrad", "not supported yet"},
     {"lion_8bit", "not supported yet"}, {"lion_32bit", "not supported yet"},
     {"paged_lion_8bit", "not supported yet"}, {"paged_lion_32bit", "not supported yet"},
@@ -110,7 +113,22 @@ static const value_later L_OPTIM[] = {
     {"muon", "not supported yet"}, {"schedule_free_adamw", "not supported yet"},
     {"optimi_adamw", "not supported yet"}, {"ao_adamw_8bit", "not supported yet"},
     {NULL, NULL}};
-static const char *const V_DSTYPE[] = {"completion", "alpaca", "chat_template", NULL};
+static const char *const V_DSTYPE[] = {"completion", "alpaca", "chat_template", "input_output", NULL};
+/* chat_template (axolotl's ChatTemplate names): the ones qlora renders training data with
+ * (data/dataset.h); the other names are refused by name. */
+static const char *const V_CHAT[] = {"tokenizer_default", "chatml", "tokenizer_default_fallback_chatml", NULL};
+#define CHAT_LATER "a template qlora does not render for training data yet (it renders ChatML: tokenizer_default with a ChatML model, or chatml)"
+static const value_later L_CHAT[] = {
+    {"alpaca", CHAT_LATER}, {"mistral_v1", CHAT_LATER}, {"mistral_v2v3", CHAT_LATER}, {"mistral_v3_tekken", CHAT_LATER},
+    {"mistral_v7_tekken", CHAT_LATER}, {"gemma", CHAT_LATER}, {"cohere", CHAT_LATER}, {"llama3", CHAT_LATER},
+    {"llama3_2_vision", CHAT_LATER}, {"llama4", CHAT_LATER}, {"phi_3", CHAT_LATER}, {"phi_35", CHAT_LATER},
+    {"deepseek_v2", CHAT_LATER}, {"deepseek_v3", CHAT_LATER}, {"jamba", CHAT_LATER}, {"jinja", CHAT_LATER},
+    {"qwen_25", CHAT_LATER}, {"qwen3", CHAT_LATER}, {"falcon_h1", CHAT_LATER}, {"tokenizer_default_fallback_alpaca", CHAT_LATER},
+    {"tokenizer_default_fallback_llama3", CHAT_LATER}, {"tokenizer_default_fallback_mistral", CHAT_LATER},
+    {"exaone", CHAT_LATER}, {"metharme", CHAT_LATER}, {"pixtral", CHAT_LATER}, {"llava", CHAT_LATER},
+    {"qwen2_vl", CHAT_LATER}, {"gemma3", CHAT_LATER}, {"gemma3n", CHAT_LATER}, {"command_a", CHAT_LATER},
+    {"command_a_tool_use", CHAT_LATER}, {"command_a_rag", CHAT_LATER}, {"aya", CHAT_LATER}, {NULL, NULL}};
+static const char *const V_EOS[] = {"turn", "all", "last", "none", NULL};
 
 /* The values lora_target_modules accepts: the PEFT names of model/llama_linear.h,
  * NULL-terminated (the shape the enum helpers below take). */
@@ -193,7 +211,7 @@ static const key_spec KEYS[] = {
     {.name = "eval_steps", .kind = K_INT, .off = OFF(eval_steps), .lo = 0, .hi = INTMAX_D,
      .expect = "an integer >= 0 (0 = only at start and end)"},
     {.name = "evals_per_epoch", .kind = K_INT, .off = OFF(evals_per_epoch), .lo = 0, .hi = INTMAX_D,
-     .expect = "an integer >= 0"},
+     .flags = F_OPTIONAL, .expect = "an integer >= 0"},
     {.name = "eval_max_tokens", .kind = K_INT, .off = OFF(eval_max_tokens), .lo = 0, .hi = INTMAX_D,
      .expect = "an integer >= 0 (0 = all)"},
     {.name = "train_on_inputs", .kind = K_BOOL, .off = OFF(train_on_inputs)},
@@ -204,7 +222,7 @@ static const key_spec KEYS[] = {
     {.name = "save_steps", .kind = K_INT, .off = OFF(save_steps), .lo = 0, .hi = INTMAX_D,
      .expect = "an integer >= 0 (0 = unset: saves_per_epoch, else every 500 steps)"},
     {.name = "saves_per_epoch", .kind = K_INT, .off = OFF(saves_per_epoch), .lo = 0, .hi = INTMAX_D,
-     .expect = "an integer >= 0"},
+     .flags = F_OPTIONAL, .expect = "an integer >= 0"},
     {.name = "save_total_limit", .kind = K_INT, .off = OFF(save_total_limit), .lo = 0, .hi = INTMAX_D,
      .expect = "an integer >= 0 (0 = keep every checkpoint)"},
     {.name = "resume_from_checkpoint", .kind = K_STR, .off = OFF(resume_from_checkpoint), .flags = F_OPTIONAL,
@@ -214,190 +232,23 @@ static const key_spec KEYS[] = {
      .expect = "a positive integer"},
     {.name = "skip_bad_lines", .kind = K_BOOL, .off = OFF(skip_bad_lines)},
     {.name = "memory_check", .kind = K_BOOL, .off = OFF(memory_check)},
+    /* axolotl keys (trainer/config_axolotl.c decides the rest) */
+    {.name = "data_seed", .kind = K_INT, .off = OFF(data_seed), .lo = 0, .hi = INTMAX_D, .flags = F_ALSO_MINUS1,
+     .expect = "an integer >= 0 (-1 = seed)"},
+    {.name = "loss_watchdog_threshold", .kind = K_FLOAT, .off = OFF(loss_watchdog_threshold), .lo = 0,
+     .hi = HUGE_VAL, .expect = "a number >= 0 (0 = off)"},
+    {.name = "loss_watchdog_patience", .kind = K_INT, .off = OFF(loss_watchdog_patience), .lo = 1, .hi = INTMAX_D,
+     .expect = "a positive integer"},
+    {.name = "chat_template", .kind = K_ENUM, .off = OFF(chat_template), .values = V_CHAT, .later = L_CHAT,
+     .flags = F_OPTIONAL},
 };
 #define N_KEYS ((int)(sizeof KEYS / sizeof KEYS[0]))
 _Static_assert(N_KEYS <= TRAIN_CONFIG_MAX_KEYS, "train_config.key_origin needs a slot per key");
 
-/* Accepted and ignored: they cannot change what this trainer computes. */
-typedef struct ignored_key {
-    const char *name, *reason;
-} ignored_key;
-
-static const ignored_key IGNORED[] = {
-    {"strict", "axolotl's schema strictness; unknown keys are always errors here"},
-    {"base_model_config", "the architecture is read from the base_model file"},
-    {"model_type", "the architecture is read from the base_model file"},
-    {"tokenizer_type", "the tokenizer is read from the base_model file"},
-    {"tokenizer_use_fast", "the tokenizer is read from the base_model file"},
-    {"tokenizer_legacy", "the tokenizer is read from the base_model file"},
-    {"is_llama_derived_model", "the architecture is read from the base_model file"},
-    {"trust_remote_code", "no Python code is ever run"},
-    {"hf_use_auth_token", "models and data are local files; nothing is downloaded"},
-    {"dataset_prepared_path", "datasets are tokenized in memory at start-up; nothing is cached"},
-    {"dataset_processes", "pre-processing runs in this process; there are no worker processes"},
-    {"gradient_checkpointing_kwargs", "PyTorch-specific (use_reentrant); recomputation here is exact"},
-    {"pad_to_sequence_len", "padded positions are masked, so padding never changes the loss"},
-    {"local_rank", "set by PyTorch launchers"},
-    {"dataloader_num_workers", "PyTorch DataLoader setting"},
-    {"dataloader_pin_memory", "PyTorch DataLoader setting"},
-    {"dataloader_prefetch_factor", "PyTorch DataLoader setting"},
-};
-#define N_IGNORED ((int)(sizeof IGNORED / sizeof IGNORED[0]))
-
-/* Known to axolotl, not done here yet: fine when null/false/empty (axolotl's
- * examples list many of them empty), an error otherwise. `allowed` is one
- * extra harmless value. */
-typedef struct later_key {
-    const char *name, *allowed, *hint;
-} later_key;
-
-static const later_key LATER[] = {
-    {"load_in_8bit", NULL, "the frozen base is NF4 (load_in_4bit: true) or bf16"},
-    {"gptq", NULL, NULL},
-    {"fp16", NULL, "compute is bf16 (bf16: true) or fp32 (bf16: false)"},
-    {"tf32", NULL, "TF32 is a CUDA matmul mode"},
-    {"flash_attention", NULL, NULL},
-    {"sdp_attention", NULL, NULL},
-    {"xformers_attention", NULL, NULL},
-    {"flex_attention", NULL, NULL},
-    {"s2_attention", NULL, NULL},
-    {"attn_implementation", NULL, NULL},
-    {"eval_sample_packing", NULL, NULL},
-    {"group_by_length", NULL, NULL},
-    {"deepspeed", NULL, NULL},
-    {"fsdp", NULL, NULL},
-    {"fsdp_config", NULL, NULL},
-    {"fsdp_version", NULL, NULL},
-    {"sequence_parallel_degree", NULL, NULL},
-    {"context_parallel_size", NULL, NULL},
-    {"tensor_parallel_size", NULL, NULL},
-    {"ddp_timeout", NULL, NULL},
-    {"ddp_bucket_cap_mb", NULL, NULL},
-    {"ddp_broadcast_buffers", NULL, NULL},
-    {"wandb_project", NULL, "metrics go to <output_dir>/metrics.jsonl"},
-    {"wandb_entity", NULL, NULL},
-    {"wandb_watch", NULL, NULL},
-    {"wandb_name", NULL, NULL},
-    {"wandb_run_id", NULL, NULL},
-    {"wandb_log_model", NULL, NULL},
-    {"wandb_mode", NULL, NULL},
-    {"use_wandb", NULL, NULL},
-    {"mlflow_tracking_uri", NULL, NULL},
-    {"mlflow_experiment_name", NULL, NULL},
-    {"use_tensorboard", NULL, NULL},
-    {"hub_model_id", NULL, NULL},
-    {"hub_strategy", NULL, NULL},
-    {"push_dataset_to_hub", NULL, NULL},
-    {"lora_model_dir", NULL, NULL},
-    {"save_strategy", NULL, NULL},
-    {"save_first_step", NULL, NULL},
-    {"save_safetensors", "true", NULL},
-    {"early_stopping_patience", NULL, NULL},
-    {"loss_watchdog_threshold", NULL, NULL},
-    {"loss_watchdog_patience", NULL, NULL},
-    {"eval_strategy", NULL, "use eval_steps or evals_per_epoch"},
-    {"evaluation_strategy", NULL, "use eval_steps or evals_per_epoch"},
-    {"eval_table_size", NULL, NULL},
-    {"eval_max_new_tokens", NULL, NULL},
-    {"eval_batch_size", NULL, NULL},
-    {"eval_causal_lm_metrics", NULL, NULL},
-    {"do_causal_lm_eval", NULL, NULL},
-    {"lora_fan_in_fan_out", NULL, NULL},
-    {"lora_modules_to_save", NULL, NULL},
-    {"lora_target_parameters", NULL, NULL},
-    {"peft_use_dora", NULL, NULL},
-    {"peft_layers_to_transform", NULL, NULL},
-    {"peft_layers_pattern", NULL, NULL},
-    {"peft_init_lora_weights", "true", NULL},
-    {"peft_layer_replication", NULL, NULL},
-    {"peft", NULL, NULL},
-    {"loraplus_lr_ratio", NULL, NULL},
-    {"loraplus_lr_embedding", NULL, NULL},
-    {"relora", NULL, NULL},
-    {"merge_lora", NULL, NULL},
-    {"bnb_config_kwargs", NULL, NULL},
-    {"qlora_sharded_model_loading", NULL, NULL},
-    {"lora_on_cpu", NULL, NULL},
-    {"gpu_memory_limit", NULL, NULL},
-    {"max_memory", NULL, NULL},
-    {"special_tokens", NULL, "bos/eos/unk come from the base_model file"},
-    {"tokens", NULL, NULL},
-    {"added_tokens_overrides", NULL, NULL},
-    {"chat_template", "tokenizer_default", "the base_model file's own template is always used"},
-    {"chat_template_jinja", NULL, NULL},
-    {"default_system_message", NULL, NULL},
-    {"tokenizer_config", NULL, "the tokenizer is read from the base_model file"},
-    {"neftune_noise_alpha", NULL, NULL},
-    {"noisy_embedding_alpha", NULL, NULL},
-    {"lr_scheduler_kwargs", NULL, NULL},
-    {"cosine_min_lr_ratio", NULL, NULL},
-    {"cosine_constant_lr_ratio", NULL, NULL},
-    {"lr_quadratic_warmup", NULL, NULL},
-    {"lr_div_factor", NULL, NULL},
-    {"lr_groups", NULL, NULL},
-    {"embedding_lr", NULL, NULL},
-    {"embedding_lr_scale", NULL, NULL},
-    {"optim_args", NULL, NULL},
-    {"optim_target_modules", NULL, NULL},
-    {"adam_beta3", NULL, NULL},
-    {"adam_epsilon2", NULL, NULL},
-    {"batch_size", NULL, "use micro_batch_size and gradient_accumulation_steps"},
-    {"auto_find_batch_size", NULL, NULL},
-    {"torch_compile", NULL, NULL},
-    {"unfrozen_parameters", NULL, NULL},
-    {"plugins", NULL, NULL},
-    {"rl", NULL, NULL},
-    {"pretraining_dataset", NULL, NULL},
-    {"debug", NULL, NULL},
-    {"liger_rms_norm", NULL, NULL},
-    {"liger_glu_activation", NULL, NULL},
-    {"liger_cross_entropy", NULL, NULL},
-    {"liger_fused_linear_cross_entropy", NULL, NULL},
-    {"lora_mlp_kernel", NULL, NULL},
-    {"lora_qkv_kernel", NULL, NULL},
-    {"lora_o_kernel", NULL, NULL},
-    {"unsloth_lora_mlp", NULL, NULL},
-    {"unsloth_lora_qkv", NULL, NULL},
-    {"unsloth_lora_o", NULL, NULL},
-};
-#define N_LATER ((int)(sizeof LATER / sizeof LATER[0]))
-
-/* Keys inside one datasets / test_datasets entry. */
+/* Keys inside one datasets / test_datasets entry that this file parses; every other key of an entry
+ * is decided by trainer/config_axolotl.c (axolotl_dataset_key). */
 static const char *const DS_KEYS[] = {"path", "type", "field", "field_messages"};
 #define N_DS_KEYS 4
-static const later_key DS_LATER[] = {
-    {"ds_type", "json", "dataset files are JSON lines"},
-    {"split", NULL, NULL},
-    {"data_files", NULL, NULL},
-    {"name", NULL, NULL},
-    {"revision", NULL, NULL},
-    {"shards", NULL, NULL},
-    {"shards_idx", NULL, NULL},
-    {"preprocess_shards", NULL, NULL},
-    {"chat_template", "tokenizer_default", "the base_model file's own template is always used"},
-    {"chat_template_jinja", NULL, NULL},
-    {"roles_to_train", NULL, NULL},
-    {"train_on_eos", NULL, NULL},
-    {"roles", NULL, NULL},
-    {"message_property_mappings", NULL, NULL},
-    {"message_field_role", NULL, NULL},
-    {"message_field_content", NULL, NULL},
-    {"message_field_training", NULL, NULL},
-    {"message_field_training_detail", NULL, NULL},
-    {"field_system", NULL, NULL},
-    {"field_instruction", NULL, NULL},
-    {"field_input", NULL, NULL},
-    {"field_output", NULL, NULL},
-    {"field_human", NULL, NULL},
-    {"field_model", NULL, NULL},
-    {"field_tools", NULL, NULL},
-    {"field_thinking", NULL, NULL},
-    {"conversation", NULL, NULL},
-    {"drop_system_message", NULL, NULL},
-    {"input_transform", NULL, NULL},
-    {"trust_remote_code", NULL, NULL},
-};
-#define N_DS_LATER ((int)(sizeof DS_LATER / sizeof DS_LATER[0]))
 
 /* ------------------------------------------------------------------------ */
 /* Small helpers                                                              */
@@ -547,14 +398,27 @@ static void free_str_list(char **v, int n) {
     free(v);
 }
 
+static void free_datasets(dataset_cfg *d, int n);
+static void free_dataset_fields(dataset_cfg *d) { free_datasets(d, -1); }
+
+/* n >= 0: the n entries and the array; n == -1: the fields of the one entry *d only. */
 static void free_datasets(dataset_cfg *d, int n) {
+    int all = n >= 0;
+    if (n < 0) n = 1;
     for (int i = 0; i < n; i++) {
         free(d[i].path);
         free(d[i].type);
         free(d[i].field);
         free(d[i].field_messages);
+        free(d[i].message_field_role);
+        free(d[i].message_field_content);
+        free_str_list(d[i].roles_to_train, d[i].n_roles_to_train);
+        free(d[i].train_on_eos);
+        free(d[i].split);
+        free(d[i].data_files);
+        free(d[i].chat_template);
     }
-    free(d);
+    if (all) free(d);
 }
 
 static const key_spec *find_key(const char *name) {
@@ -614,12 +478,17 @@ int train_config_defaults(train_config *c) {
     c->auto_resume_from_checkpoints = 1;
     c->max_nan_steps = 5;
     c->memory_check = 1;
+    c->data_seed = -1;
+    c->loss_watchdog_patience = 3;
+    c->chat_template = dup_str("tokenizer_default");
     c->bnb_4bit_quant_type = dup_str("nf4");
     c->adapter = dup_str("qlora");
     c->lr_scheduler = dup_str("cosine");
     c->optimizer = dup_str("adamw");
     c->output_dir = dup_str("./outputs/lora-out");
-    if (!c->bnb_4bit_quant_type || !c->adapter || !c->lr_scheduler || !c->optimizer || !c->output_dir) return -1;
+    if (!c->bnb_4bit_quant_type || !c->adapter || !c->lr_scheduler || !c->optimizer || !c->output_dir ||
+        !c->chat_template)
+        return -1;
     return 0;
 }
 
@@ -635,6 +504,10 @@ void train_config_free(train_config *c) {
     free(c->optimizer);
     free(c->output_dir);
     free(c->resume_from_checkpoint);
+    free(c->chat_template);
+    free(c->special_bos);
+    free(c->special_eos);
+    free(c->special_unk);
     free(c->config_path);
     free_str_list(c->warnings, c->n_warnings);
     free_str_list(c->overrides, c->n_overrides);
@@ -652,7 +525,26 @@ typedef struct pctx {
     const train_config *def;  /* defaults, for null values */
     qerr *e;
     int origin;               /* command line: the key_origin of what it sets (-1 - override index) */
+    train_config_refusals *rl; /* a file: every refusal is recorded here and reading goes on; NULL: stop */
 } pctx;
+
+/* Record the refusal now in p->e (a file's reading goes on to list them all). Returns -1. */
+static int record(const pctx *p) {
+    if (!p->rl) return -1;
+    char **v = realloc(p->rl->lines, (size_t)(p->rl->n + 1) * sizeof *v);
+    if (!v) return -1;
+    p->rl->lines = v;
+    if ((v[p->rl->n] = strdup(p->e->msg))) p->rl->n++;
+    return -1;
+}
+
+void train_config_refusals_free(train_config_refusals *r) {
+    if (!r) return;
+    for (int i = 0; i < r->n; i++) free(r->lines[i]);
+    free(r->lines);
+    r->lines = NULL;
+    r->n = 0;
+}
 
 static int perr(const pctx *p, const yaml_node_t *at, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 static int perr(const pctx *p, const yaml_node_t *at, const char *fmt, ...) {
@@ -714,7 +606,7 @@ static void describe(const yaml_node_t *n, char *buf, size_t len) {
     }
 }
 
-/* Value of a harmless-when-unset key: accepted iff unset or == allowed. */
+/* Value of a key refused when set (AX_REFUSE, AX_MULTI): accepted iff unset or == allowed. */
 static int later_ok(const yaml_node_t *v, const char *allowed) {
     if (is_unset(v)) return 1;
     if (!allowed || v->type != YAML_SCALAR_NODE) return 0;
@@ -723,12 +615,23 @@ static int later_ok(const yaml_node_t *v, const char *allowed) {
     return !strcmp(sval(v), allowed);
 }
 
-static int later_err(const pctx *p, const yaml_node_t *at, const char *prefix, const later_key *lk) {
+static int later_err(const pctx *p, const yaml_node_t *at, const char *prefix, const ax_key *ak) {
     char extra[256] = "";
-    if (lk->allowed)
-        snprintf(extra, sizeof extra, "; the only accepted value is %s", lk->allowed);
-    return perr(p, at, "%s%s: not supported yet%s%s%s (delete the line, or leave it empty)", prefix, lk->name,
-                extra, lk->hint ? "; " : "", lk->hint ? lk->hint : "");
+    if (ak->allowed) snprintf(extra, sizeof extra, " (the only accepted value is %s)", ak->allowed);
+    return perr(p, at, "%s%s: refused: %s%s; delete the line, or leave it empty", prefix, ak->name,
+                ak->decision == AX_MULTI ? AX_MULTI_WHY : ak->why, extra);
+}
+
+/* An axolotl key decided by trainer/config_axolotl.c that this file has no code for: accepted with a
+ * [config] line (AX_SAFE), or refused unless unset (AX_REFUSE, AX_MULTI). prefix: "" or "datasets[0]." */
+static int apply_decided(const pctx *p, const ax_key *ak, const char *prefix, const yaml_node_t *knode,
+                         const yaml_node_t *v) {
+    if (ak->decision == AX_SAFE) {
+        if (is_unset(v)) return 0;
+        return add_warning(p->c, p->e, "%s: ignoring \"%s%s\" (%s)", p->src, prefix, ak->name, ak->why);
+    }
+    if (later_ok(v, ak->allowed)) return 0;
+    return later_err(p, knode ? knode : v, prefix, ak);
 }
 
 /* Parse a scalar string for K_STR / dataset strings into a fresh copy. */
@@ -777,7 +680,154 @@ static int get_enum(const pctx *p, const char *what, const yaml_node_t *v, const
 
 static yaml_node_t *node_at(yaml_document_t *doc, int id) { return yaml_document_get_node(doc, id); }
 
-/* One datasets entry (a mapping) into *d (fully owned on success). */
+/* A list of non-empty strings (null = none) into a fresh array. */
+static int parse_str_list(const pctx *p, const char *what, const yaml_node_t *v, char ***out, int *n_out) {
+    char got[96];
+    *out = NULL;
+    *n_out = 0;
+    if (is_null(v)) return 0;
+    if (v->type != YAML_SEQUENCE_NODE) {
+        describe(v, got, sizeof got);
+        return perr(p, v, "%s: expected a list of strings, got %s", what, got);
+    }
+    int n = (int)(v->data.sequence.items.top - v->data.sequence.items.start);
+    char **m = calloc((size_t)(n ? n : 1), sizeof *m);
+    if (!m) return qerr_set(p->e, "out of memory");
+    for (int i = 0; i < n; i++) {
+        char sub[160];
+        snprintf(sub, sizeof sub, "%s[%d]", what, i);
+        if (get_string(p, sub, node_at(p->doc, v->data.sequence.items.start[i]), &m[i])) {
+            free_str_list(m, i);
+            return -1;
+        }
+    }
+    *out = m;
+    *n_out = n;
+    return 0;
+}
+
+/* The string value of an optional dataset key (null: keep *out); replaces *out. */
+static int ds_opt_string(const pctx *p, const char *what, const yaml_node_t *v, char **out) {
+    if (is_null(v)) return 0;
+    char *s;
+    if (get_string(p, what, v, &s)) return -1;
+    free(*out);
+    *out = s;
+    return 0;
+}
+
+/* One key of a datasets entry beyond path/type/field/field_messages (axolotl's; see
+ * trainer/config_axolotl.c). Returns 0, or -1 with p->e set. */
+static int ds_axolotl_key(const pctx *p, const char *what, const char *name, const yaml_node_t *k,
+                          const yaml_node_t *v, dataset_cfg *d, int *eos_seen) {
+    char sub[160], got[96];
+    snprintf(sub, sizeof sub, "%s.%s", what, name);
+    if (!strcmp(name, "message_property_mappings")) {
+        if (is_null(v)) return 0;
+        if (v->type != YAML_MAPPING_NODE) {
+            describe(v, got, sizeof got);
+            return perr(p, v, "%s: expected a mapping {role: <key>, content: <key>}, got %s", sub, got);
+        }
+        for (yaml_node_pair_t *pr = v->data.mapping.pairs.start; pr < v->data.mapping.pairs.top; pr++) {
+            yaml_node_t *mk = node_at(p->doc, pr->key), *mv = node_at(p->doc, pr->value);
+            const char *mname = mk->type == YAML_SCALAR_NODE ? sval(mk) : "";
+            char sub2[200];
+            snprintf(sub2, sizeof sub2, "%s.%s", sub, mname);
+            if (!strcmp(mname, "role")) {
+                if (ds_opt_string(p, sub2, mv, &d->message_field_role)) return -1;
+            } else if (!strcmp(mname, "content")) {
+                if (ds_opt_string(p, sub2, mv, &d->message_field_content)) return -1;
+            } else {
+                return perr(p, mk, "%s: refused: only role and content are mapped here (a template qlora renders "
+                                   "uses no other message property)", sub2);
+            }
+        }
+        return 0;
+    }
+    if (!strcmp(name, "message_field_role")) return ds_opt_string(p, sub, v, &d->message_field_role);
+    if (!strcmp(name, "message_field_content")) return ds_opt_string(p, sub, v, &d->message_field_content);
+    if (!strcmp(name, "roles_to_train")) {
+        if (is_null(v)) return 0; /* axolotl's docs write it empty for the default */
+        char **m;
+        int n;
+        if (parse_str_list(p, sub, v, &m, &n)) return -1;
+        free_str_list(d->roles_to_train, d->n_roles_to_train);
+        d->roles_to_train = m;
+        d->n_roles_to_train = n;
+        return 0;
+    }
+    if (!strcmp(name, "train_on_eos") || !strcmp(name, "train_on_eot")) {
+        if (is_null(v)) return 0;
+        const char *t;
+        if (get_enum(p, sub, v, V_EOS, NULL, NULL, &t)) return -1;
+        if (*eos_seen && strcmp(d->train_on_eos, t))
+            return perr(p, k, "%s: \"%s\" differs from the other of train_on_eos / train_on_eot; ChatML's "
+                              "end-of-turn token is its eos, so they are one setting here", sub, t);
+        *eos_seen = 1;
+        free(d->train_on_eos);
+        if (!(d->train_on_eos = dup_str(t))) return qerr_set(p->e, "out of memory");
+        return 0;
+    }
+    if (!strcmp(name, "drop_system_message")) {
+        int b = 0;
+        if (!is_null(v) && (v->type != YAML_SCALAR_NODE || parse_bool_str(sval(v), &b))) {
+            describe(v, got, sizeof got);
+            return perr(p, v, "%s: expected true or false, got %s", sub, got);
+        }
+        d->drop_system_message = b;
+        return 0;
+    }
+    if (!strcmp(name, "split")) {
+        if (is_null(v)) return 0;
+        char *s;
+        if (get_string(p, sub, v, &s)) return -1;
+        dataset_slice sl;
+        qerr e2;
+        if (dataset_parse_split(s, &sl, &e2)) {
+            free(s);
+            return perr(p, v, "%s: %s", sub, e2.msg);
+        }
+        free(d->split);
+        d->split = s;
+        return 0;
+    }
+    if (!strcmp(name, "data_files")) {
+        if (v->type == YAML_SEQUENCE_NODE && v->data.sequence.items.top - v->data.sequence.items.start == 1)
+            v = node_at(p->doc, v->data.sequence.items.start[0]);
+        if (v->type == YAML_SEQUENCE_NODE)
+            return perr(p, v, "%s: refused: one file per datasets entry (give each file its own entry)", sub);
+        return ds_opt_string(p, sub, v, &d->data_files);
+    }
+    if (!strcmp(name, "chat_template")) {
+        if (is_null(v)) return 0;
+        const char *t;
+        if (get_enum(p, sub, v, V_CHAT, NULL, L_CHAT, &t)) return -1;
+        free(d->chat_template);
+        if (!(d->chat_template = dup_str(t))) return qerr_set(p->e, "out of memory");
+        return 0;
+    }
+    const ax_key *ak = axolotl_dataset_key(name);
+    if (ak && ak->decision != AX_IMPL) {
+        char pre[160];
+        snprintf(pre, sizeof pre, "%s.", what);
+        return apply_decided(p, ak, pre, k, v);
+    }
+    if (ak && !strcmp(name, "ds_type")) {
+        char pre[160];
+        snprintf(pre, sizeof pre, "%s.", what);
+        return later_ok(v, ak->allowed) ? 0 : later_err(p, v, pre, ak);
+    }
+    suggest sg = {NULL, 1000};
+    int na;
+    const ax_key *all = axolotl_dataset_keys(&na);
+    for (int j = 0; j < na; j++) suggest_try(&sg, name, all[j].name);
+    if (sg.best) return perr(p, k, "%s: unknown key \"%s\"; did you mean \"%s\"?", what, name, sg.best);
+    return perr(p, k, "%s: unknown key \"%s\" (README \"Coming from axolotl\" lists a datasets entry's keys)", what,
+                name);
+}
+
+/* One datasets entry (a mapping) into *d (fully owned on success). Every refused key of the entry is
+ * recorded (p->rl) before it fails. */
 static int parse_dataset(const pctx *p, const char *what, const yaml_node_t *m, dataset_cfg *d) {
     char got[96];
     memset(d, 0, sizeof *d);
@@ -787,7 +837,7 @@ static int parse_dataset(const pctx *p, const char *what, const yaml_node_t *m, 
     }
     char *vals[N_DS_KEYS] = {NULL, NULL, NULL, NULL};
     int seen[N_DS_KEYS] = {0, 0, 0, 0};
-    int rc = -1;
+    int failed = 0, recorded = 0, eos_seen = 0;
     for (yaml_node_pair_t *pr = m->data.mapping.pairs.start; pr < m->data.mapping.pairs.top; pr++) {
         yaml_node_t *k = node_at(p->doc, pr->key), *v = node_at(p->doc, pr->value);
         if (k->type != YAML_SCALAR_NODE) {
@@ -798,66 +848,59 @@ static int parse_dataset(const pctx *p, const char *what, const yaml_node_t *m, 
         int ki = -1;
         for (int j = 0; j < N_DS_KEYS; j++)
             if (!strcmp(DS_KEYS[j], name)) ki = j;
-        if (ki >= 0) {
-            if (seen[ki]) {
-                perr(p, k, "%s: key \"%s\" given twice", what, name);
-                goto out;
-            }
-            seen[ki] = 1;
-            char sub[160];
-            snprintf(sub, sizeof sub, "%s.%s", what, name);
-            if (is_null(v)) { /* a value that went missing is not the default (trainer/config.h) */
-                static const char *const expect[N_DS_KEYS] = {
-                    "a path to a JSONL file", "one of completion, alpaca, chat_template",
-                    "a JSON key (delete the line for the default, \"text\")",
-                    "a JSON key (delete the line for the default, \"messages\")"};
-                perr(p, k, "%s: no value; expected %s", sub, expect[ki]);
-                goto out;
-            }
-            if (ki == 1) {
-                const char *t;
-                if (get_enum(p, sub, v, V_DSTYPE, NULL, NULL, &t)) goto out;
-                if (!(vals[ki] = dup_str(t))) {
-                    qerr_set(p->e, "out of memory");
-                    goto out;
-                }
-            } else if (get_string(p, sub, v, &vals[ki])) {
-                goto out;
+        if (ki < 0) {
+            if (ds_axolotl_key(p, what, name, k, v, d, &eos_seen)) {
+                failed = 1;
+                recorded += !!p->rl;
+                record(p);
             }
             continue;
         }
-        const later_key *lk = NULL;
-        for (int j = 0; j < N_DS_LATER; j++)
-            if (!strcmp(DS_LATER[j].name, name)) lk = &DS_LATER[j];
-        if (lk) {
-            if (!later_ok(v, lk->allowed)) {
-                char pre[160];
-                snprintf(pre, sizeof pre, "%s.", what);
-                later_err(p, v, pre, lk);
-                goto out;
-            }
-            continue;
+        if (seen[ki]) {
+            perr(p, k, "%s: key \"%s\" given twice", what, name);
+            goto out;
         }
-        suggest sg = {NULL, 1000};
-        for (int j = 0; j < N_DS_KEYS; j++) suggest_try(&sg, name, DS_KEYS[j]);
-        for (int j = 0; j < N_DS_LATER; j++) suggest_try(&sg, name, DS_LATER[j].name);
-        const char *hint = sg.best;
-        if (hint)
-            perr(p, k, "%s: unknown key \"%s\"; did you mean \"%s\"?", what, name, hint);
-        else
-            perr(p, k, "%s: unknown key \"%s\" (accepted: path, type, field, field_messages)", what, name);
-        goto out;
+        seen[ki] = 1;
+        char sub[160];
+        snprintf(sub, sizeof sub, "%s.%s", what, name);
+        if (is_null(v)) { /* a value that went missing is not the default (trainer/config.h) */
+            static const char *const expect[N_DS_KEYS] = {
+                "a path to a JSONL file", "one of completion, alpaca, chat_template, input_output",
+                "a JSON key (delete the line for the default, \"text\")",
+                "a JSON key (delete the line for the default, \"messages\")"};
+            perr(p, k, "%s: no value; expected %s", sub, expect[ki]);
+            goto out;
+        }
+        if (ki == 1) {
+            const char *t;
+            if (get_enum(p, sub, v, V_DSTYPE, NULL, NULL, &t)) goto out;
+            if (!(vals[ki] = dup_str(t))) goto oom;
+        } else if (get_string(p, sub, v, &vals[ki])) {
+            goto out;
+        }
     }
+    if (failed) goto out_recorded;
     if (!vals[0]) {
         perr(p, m, "%s: missing required key \"path\"", what);
         goto out;
     }
     if (!vals[1]) {
-        perr(p, m, "%s: missing required key \"type\" (one of completion, alpaca, chat_template)", what);
+        perr(p, m, "%s: missing required key \"type\" (one of completion, alpaca, chat_template, input_output)",
+             what);
         goto out;
     }
     if (!vals[2] && !(vals[2] = dup_str("text"))) goto oom;
     if (!vals[3] && !(vals[3] = dup_str("messages"))) goto oom;
+    if (!d->message_field_role && !(d->message_field_role = dup_str("role"))) goto oom;
+    if (!d->message_field_content && !(d->message_field_content = dup_str("content"))) goto oom;
+    if (!d->train_on_eos && !(d->train_on_eos = dup_str("turn"))) goto oom;
+    if (!d->split && !(d->split = dup_str("train"))) goto oom;
+    if (!d->roles_to_train) {
+        if (!(d->roles_to_train = calloc(1, sizeof *d->roles_to_train)) ||
+            !(d->roles_to_train[0] = dup_str("assistant")))
+            goto oom;
+        d->n_roles_to_train = 1;
+    }
     d->path = vals[0];
     d->type = vals[1];
     d->field = vals[2];
@@ -866,8 +909,13 @@ static int parse_dataset(const pctx *p, const char *what, const yaml_node_t *m, 
 oom:
     qerr_set(p->e, "out of memory");
 out:
+    record(p);
+out_recorded:
     for (int j = 0; j < N_DS_KEYS; j++) free(vals[j]);
-    return rc;
+    free_dataset_fields(d); /* the axolotl fields filled so far (the four above are not in d yet) */
+    memset(d, 0, sizeof *d);
+    (void)recorded;
+    return -1;
 }
 
 static int parse_datasets(const pctx *p, const char *key, const yaml_node_t *v, dataset_cfg **out, int *n_out) {
@@ -882,13 +930,18 @@ static int parse_datasets(const pctx *p, const char *key, const yaml_node_t *v, 
     int n = (int)(v->data.sequence.items.top - v->data.sequence.items.start);
     dataset_cfg *d = calloc((size_t)(n ? n : 1), sizeof *d);
     if (!d) return qerr_set(p->e, "out of memory");
+    int failed = 0;
     for (int i = 0; i < n; i++) {
         char what[64];
         snprintf(what, sizeof what, "%s[%d]", key, i);
         if (parse_dataset(p, what, node_at(p->doc, v->data.sequence.items.start[i]), &d[i])) {
-            free_datasets(d, i);
-            return -1;
+            failed = 1; /* recorded; the other entries are still read, to list their refusals too */
+            if (!p->rl) break;
         }
+    }
+    if (failed) {
+        free_datasets(d, n);
+        return -1;
     }
     *out = d;
     *n_out = n;
@@ -1060,42 +1113,113 @@ static int apply_key(const pctx *p, const key_spec *k, const char *kname, const 
     return qerr_set(p->e, "internal error: unhandled key kind");
 }
 
-static const ignored_key *find_ignored(const char *name) {
-    for (int i = 0; i < N_IGNORED; i++)
-        if (!strcmp(IGNORED[i].name, name)) return &IGNORED[i];
-    return NULL;
-}
-
-static const later_key *find_later(const char *name) {
-    for (int i = 0; i < N_LATER; i++)
-        if (!strcmp(LATER[i].name, name)) return &LATER[i];
-    return NULL;
-}
-
-/* Suggestions prefer implemented keys: "lora_rank" is closer to the ignored
- * "local_rank" (2 edits) than to "lora_r" (3), but means the latter. */
+/* Suggestions prefer implemented keys: "lora_rank" is closer to "local_rank" (2 edits) than to
+ * "lora_r" (3), but means the latter. Only keys close to the typo are suggested (suggest_close). */
 static int unknown_key(const pctx *p, const yaml_node_t *at, const char *name) {
     suggest sg = {NULL, 1000};
     for (int i = 0; i < N_KEYS; i++) suggest_try(&sg, name, KEYS[i].name);
     const char *hint = sg.best;
     if (!hint) {
-        for (int i = 0; i < N_IGNORED; i++) suggest_try(&sg, name, IGNORED[i].name);
-        for (int i = 0; i < N_LATER; i++) suggest_try(&sg, name, LATER[i].name);
+        int n;
+        const ax_key *all = axolotl_keys(&n);
+        for (int i = 0; i < n; i++) suggest_try(&sg, name, all[i].name);
         hint = sg.best;
     }
     if (hint) return perr(p, at, "unknown key \"%s\"; did you mean \"%s\"?", name, hint);
-    return perr(p, at, "unknown key \"%s\" (trainer/config.h lists the accepted keys)", name);
+    return perr(p, at, "unknown key \"%s\" (not a key of axolotl's config schema; README \"Coming from axolotl\" "
+                       "lists every key)", name);
 }
 
-/* `special_tokens` holding only pad_token is harmless: padded positions are
- * masked out of attention and loss, so the pad id never matters. */
-static int special_tokens_pad_only(const pctx *p, const yaml_node_t *v) {
-    if (v->type != YAML_MAPPING_NODE) return 0;
-    for (yaml_node_pair_t *pr = v->data.mapping.pairs.start; pr < v->data.mapping.pairs.top; pr++) {
-        yaml_node_t *k = node_at(p->doc, pr->key);
-        if (k->type != YAML_SCALAR_NODE || strcmp(sval(k), "pad_token")) return 0;
+/* ------------------------------------------------------------------------ */
+/* axolotl keys whose values this file checks (trainer/config_axolotl.c: AX_IMPL rows without a KEYS row) */
+
+/* special_tokens: pad_token is harmless (padded positions are masked out of attention and loss);
+ * bos/eos/unk are kept for train_config_check_special_tokens (equal to the model's own: accepted);
+ * any other token would be added to the vocabulary. */
+static int ax_special_tokens(const pctx *p, const yaml_node_t *knode, const yaml_node_t *v) {
+    char got[96];
+    if (is_unset(v)) return 0;
+    if (v->type != YAML_MAPPING_NODE) {
+        describe(v, got, sizeof got);
+        return perr(p, knode, "special_tokens: expected a mapping {bos_token, eos_token, unk_token, pad_token}, got %s",
+                    got);
     }
-    return 1;
+    char *tok[3] = {NULL, NULL, NULL};
+    static const char *const names[3] = {"bos_token", "eos_token", "unk_token"};
+    int pad = 0;
+    for (yaml_node_pair_t *pr = v->data.mapping.pairs.start; pr < v->data.mapping.pairs.top; pr++) {
+        yaml_node_t *k = node_at(p->doc, pr->key), *tv = node_at(p->doc, pr->value);
+        const char *n = k->type == YAML_SCALAR_NODE ? sval(k) : "";
+        char sub[96];
+        snprintf(sub, sizeof sub, "special_tokens.%s", n);
+        int j = -1;
+        for (int i = 0; i < 3; i++)
+            if (!strcmp(n, names[i])) j = i;
+        if (!strcmp(n, "pad_token")) {
+            pad = 1;
+            continue;
+        }
+        if (j < 0 || tok[j]) {
+            for (int i = 0; i < 3; i++) free(tok[i]);
+            return perr(p, k, "%s: refused: a special token other than the model's own bos/eos/unk/pad would change "
+                              "the vocabulary (the base is frozen here)", sub);
+        }
+        if (is_null(tv)) continue;
+        if (get_string(p, sub, tv, &tok[j])) {
+            for (int i = 0; i < 3; i++) free(tok[i]);
+            return -1;
+        }
+    }
+    char **dst[3] = {&p->c->special_bos, &p->c->special_eos, &p->c->special_unk};
+    for (int i = 0; i < 3; i++) {
+        if (!tok[i]) continue;
+        free(*dst[i]);
+        *dst[i] = tok[i];
+    }
+    if (pad && add_warning(p->c, p->e,
+                           "%s: ignoring \"special_tokens.pad_token\" (padded positions are masked, so the pad token "
+                           "never matters)", p->src))
+        return -1;
+    return 0;
+}
+
+/* eot_tokens: the tokens that end a turn. qlora's training data is ChatML, whose end-of-turn token
+ * <|im_end|> is the one trained on; that list is accepted, any other is refused by name. */
+static int ax_eot_tokens(const pctx *p, const yaml_node_t *knode, const yaml_node_t *v) {
+    if (is_unset(v)) return 0;
+    char **m;
+    int n;
+    if (parse_str_list(p, "eot_tokens", v, &m, &n)) return -1;
+    int ok = 1;
+    const char *bad = NULL;
+    for (int i = 0; i < n; i++)
+        if (strcmp(m[i], "<|im_end|>")) ok = 0, bad = bad ? bad : m[i];
+    int rc = 0;
+    if (!ok)
+        rc = perr(p, knode, "eot_tokens: refused: \"%.60s\" is not the end-of-turn token of a template qlora renders "
+                            "training data with (ChatML's <|im_end|>)", bad);
+    free_str_list(m, n);
+    return rc;
+}
+
+/* plugins: the liger and cut_cross_entropy plugins only swap in fused kernels for the same loss; any
+ * other plugin is Python code that may change training, refused by name. */
+static int ax_plugins(const pctx *p, const yaml_node_t *knode, const yaml_node_t *v) {
+    if (is_unset(v)) return 0;
+    char **m;
+    int n;
+    if (parse_str_list(p, "plugins", v, &m, &n)) return -1;
+    int rc = 0;
+    for (int i = 0; i < n && !rc; i++) {
+        if (strstr(m[i], "integrations.liger.") || strstr(m[i], "integrations.cut_cross_entropy."))
+            rc = add_warning(p->c, p->e, "%s: ignoring plugin \"%s\" (a speed-only kernel for the same loss; qlora's "
+                                         "own kernels compute it)", p->src, m[i]);
+        else
+            rc = perr(p, knode, "plugins: refused: \"%.100s\" is axolotl plugin code that may change training; qlora "
+                                "accepts only the speed-only liger and cut_cross_entropy plugins", m[i]);
+    }
+    free_str_list(m, n);
+    return rc;
 }
 
 /* One top-level key: value. `seen` (N_KEYS entries, indexed by the canonical
@@ -1114,22 +1238,24 @@ static int apply_pair(const pctx *p, const char *name, const yaml_node_t *knode,
             seen[idx] = k;
         }
         if (is_null(v) && !(k->flags & F_OPTIONAL)) return no_value(p, k, name, knode ? knode : v);
-        if (apply_key(p, k, name, v)) return -1;
+        if (!strcmp(name, "gradient_checkpointing") && v->type == YAML_SCALAR_NODE && !strcmp(sval(v), "offload")) {
+            /* axolotl: checkpointed activations kept in CPU memory; here every tensor is in host memory already */
+            p->c->gradient_checkpointing = 1;
+            if (add_warning(p->c, p->e, "%s: gradient_checkpointing: \"offload\" runs as true (recompute each block; "
+                                        "the saved activations are in host memory already)", p->src))
+                return -1;
+        } else if (apply_key(p, k, name, v)) {
+            return -1;
+        }
         p->c->key_origin[canon - KEYS] = p->lines && knode ? (int)knode->start_mark.line + 1 : p->origin;
         return 0;
     }
-    const ignored_key *ig = find_ignored(name);
-    if (ig) {
-        if (!is_unset(v)) return add_warning(p->c, p->e, "%s: ignoring \"%s\" (%s)", p->src, name, ig->reason);
-        return 0;
-    }
-    if (!strcmp(name, "special_tokens") && special_tokens_pad_only(p, v))
-        return add_warning(p->c, p->e,
-                           "%s: ignoring \"special_tokens.pad_token\" (padded positions are masked, so the pad "
-                           "token never matters)",
-                           p->src);
-    const later_key *lk = find_later(name);
-    if (lk) return later_ok(v, lk->allowed) ? 0 : later_err(p, knode ? knode : v, "", lk);
+    const yaml_node_t *at = knode ? knode : v;
+    if (!strcmp(name, "special_tokens")) return ax_special_tokens(p, at, v);
+    if (!strcmp(name, "eot_tokens")) return ax_eot_tokens(p, at, v);
+    if (!strcmp(name, "plugins")) return ax_plugins(p, at, v);
+    const ax_key *ak = axolotl_key(name);
+    if (ak && ak->decision != AX_IMPL) return apply_decided(p, ak, "", at, v);
     return unknown_key(p, knode, name);
 }
 
@@ -1249,8 +1375,33 @@ static int yaml_check_limits(qerr *e, const char *what, int lines, const unsigne
 /* ------------------------------------------------------------------------ */
 /* Public: load / override                                                    */
 
+/* The refusal of a config without `adapter:` (src: where the config came from). */
+#define FULL_FT_WHY_FMT "%s: no \"adapter:\": axolotl then trains every weight of the model (a full fine-tune), " \
+                        "which qlora does not do; it trains LoRA adapters: add adapter: qlora (NF4 base) or adapter: lora"
+static const char *full_ft_why(char *buf, size_t n, const char *src) {
+    snprintf(buf, n, FULL_FT_WHY_FMT, src);
+    return buf;
+}
+#define FULL_FT_WHY(src) full_ft_why((char[640]){0}, 640, (src))
+
 int train_config_load(const char *path, train_config *out, qerr *e) {
+    train_config_refusals r;
+    int rc = train_config_load_all(path, out, &r, e);
+    if (rc && r.n > 1) { /* the lines, as many as fit */
+        size_t l = 0;
+        e->msg[0] = 0;
+        for (int i = 0; i < r.n && l + 2 < sizeof e->msg; i++) {
+            snprintf(e->msg + l, sizeof e->msg - l, "%s%s", i ? "\n" : "", r.lines[i]);
+            l = strlen(e->msg);
+        }
+    }
+    train_config_refusals_free(&r);
+    return rc;
+}
+
+int train_config_load_all(const char *path, train_config *out, train_config_refusals *rl, qerr *e) {
     memset(out, 0, sizeof *out);
+    memset(rl, 0, sizeof *rl);
     size_t len;
     unsigned char *text = config_read(path, &len, e);
     if (!text) return -1;
@@ -1302,16 +1453,37 @@ int train_config_load(const char *path, train_config *out, qerr *e) {
         qerr_set(e, "out of memory");
         goto done;
     }
-    pctx p = {path, 1, &doc, &c, &def, e, 0};
+    pctx p = {path, 1, &doc, &c, &def, e, 0, rl};
     const key_spec *seen[N_KEYS];
     memset(seen, 0, sizeof seen);
+    /* axolotl without `adapter:` trains every weight (a full fine-tune): that reason comes first */
+    int has_adapter = 0;
+    for (yaml_node_pair_t *pr = root->data.mapping.pairs.start; pr < root->data.mapping.pairs.top; pr++) {
+        yaml_node_t *k = node_at(&doc, pr->key);
+        if (k->type == YAML_SCALAR_NODE && !strcmp(sval(k), "adapter")) has_adapter = 1;
+    }
     for (yaml_node_pair_t *pr = root->data.mapping.pairs.start; pr < root->data.mapping.pairs.top; pr++) {
         yaml_node_t *k = node_at(&doc, pr->key), *v = node_at(&doc, pr->value);
         if (k->type != YAML_SCALAR_NODE) {
             perr(&p, k, "top-level keys must be plain strings");
             goto done;
         }
-        if (apply_pair(&p, sval(k), k, v, seen)) goto done;
+        int before = rl->n;
+        if (apply_pair(&p, sval(k), k, v, seen) && rl->n == before) record(&p);
+    }
+    if (rl->n > 0) {
+        if (!has_adapter) {
+            qerr_set(e, "%s", FULL_FT_WHY(path));
+            record(&p);
+            char *first = rl->lines[rl->n - 1];
+            memmove(rl->lines + 1, rl->lines, (size_t)(rl->n - 1) * sizeof *rl->lines);
+            rl->lines[0] = first;
+        }
+        if (rl->n == 1)
+            qerr_set(e, "%s", rl->lines[0]);
+        else
+            qerr_set(e, "%s: %d refused keys (each listed above); nothing was run", path, rl->n);
+        goto done;
     }
     if (!(c.config_path = dup_str(path))) {
         qerr_set(e, "out of memory");
@@ -1342,8 +1514,8 @@ int train_config_apply_override(train_config *c, const char *kv, qerr *e) {
     memcpy(key, kb, (size_t)(ke - kb));
     key[ke - kb] = 0;
 
-    pctx p = {src, 0, NULL, c, NULL, e, -1 - c->n_overrides};
-    if (!find_key(key) && !find_ignored(key) && !find_later(key)) return unknown_key(&p, NULL, key);
+    pctx p = {src, 0, NULL, c, NULL, e, -1 - c->n_overrides, NULL};
+    if (!find_key(key) && !axolotl_key(key)) return unknown_key(&p, NULL, key);
 
     const char *val = eq + 1;
     while (isspace((unsigned char)*val)) val++;
@@ -1481,6 +1653,8 @@ int train_config_validate(const train_config *c, qerr *e) {
         where_of(c, "datasets", &w);
         return qerr_set(e, "%s: missing required key \"datasets\" (a list of {path, type} entries)%s", w.src, w.at);
     }
+    if (c->key_origin[find_key("adapter") - KEYS] == 0)
+        return qerr_set(e, "%s", FULL_FT_WHY(c->config_path ? c->config_path : "config"));
     for (int i = 0; i < N_KEYS; i++) {
         const key_spec *k = &KEYS[i];
         if (k->alias_of) continue;
@@ -1605,6 +1779,26 @@ static void put_datasets(FILE *f, const char *key, const dataset_cfg *d, int n) 
                 fputs("null", f);
             fputc('\n', f);
         }
+        /* axolotl's keys of an entry (null: the default; written only when set) */
+        const char *xn[6] = {"message_field_role", "message_field_content", "train_on_eos", "split", "data_files",
+                             "chat_template"};
+        const char *xv[6] = {d[i].message_field_role, d[i].message_field_content, d[i].train_on_eos, d[i].split,
+                             d[i].data_files, d[i].chat_template};
+        for (int j = 0; j < 6; j++) {
+            if (!xv[j]) continue;
+            fprintf(f, "    %s: ", xn[j]);
+            put_yaml_str(f, xv[j]);
+            fputc('\n', f);
+        }
+        if (d[i].roles_to_train) {
+            fputs("    roles_to_train: [", f);
+            for (int j = 0; j < d[i].n_roles_to_train; j++) {
+                if (j) fputs(", ", f);
+                put_yaml_str(f, d[i].roles_to_train[j]);
+            }
+            fputs("]\n", f);
+        }
+        fprintf(f, "    drop_system_message: %s\n", d[i].drop_system_message ? "true" : "false");
     }
 }
 
@@ -1673,6 +1867,17 @@ int train_config_write_yaml(const train_config *c, const char *path, qerr *e) {
             break;
         }
     }
+    if (c->special_bos || c->special_eos || c->special_unk) { /* checked against the model at start-up */
+        fputs("special_tokens:\n", f);
+        const char *sv[3] = {c->special_bos, c->special_eos, c->special_unk};
+        static const char *const sn[3] = {"bos_token", "eos_token", "unk_token"};
+        for (int j = 0; j < 3; j++) {
+            if (!sv[j]) continue;
+            fprintf(f, "  %s: ", sn[j]);
+            put_yaml_str(f, sv[j]);
+            fputc('\n', f);
+        }
+    }
     int bad = ferror(f);
     if (fclose(f)) bad = 1;
     int rc = bad ? qerr_set(e, "out of memory writing %s", path) : file_write_atomic(path, text, text_len, e);
@@ -1715,5 +1920,72 @@ int train_config_save_interval(const train_config *c, int steps_per_epoch) {
 int train_config_warmup_steps(const train_config *c, int total_steps) {
     if (c->warmup_steps > 0) return c->warmup_steps;
     if (c->warmup_ratio > 0 && total_steps > 0) return (int)ceil((double)c->warmup_ratio * (double)total_steps);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Public: axolotl keys at run time                                           */
+
+unsigned long long train_config_data_seed(const train_config *c) {
+    return (unsigned long long)(c->data_seed >= 0 ? c->data_seed : c->seed);
+}
+
+int train_config_dataset_specs(const train_config *c, int test, dataset_spec **out, int *n_out, qerr *e) {
+    const dataset_cfg *d = test ? c->test_datasets : c->datasets;
+    int n = test ? c->n_test_datasets : c->n_datasets;
+    dataset_spec *s = calloc((size_t)n + 1, sizeof *s);
+    if (!s) return qerr_set(e, "out of memory");
+    for (int i = 0; i < n; i++) {
+        char *file;
+        struct stat sb;
+        if (d[i].data_files && !stat(d[i].path, &sb) && S_ISDIR(sb.st_mode)) {
+            size_t l = strlen(d[i].path) + strlen(d[i].data_files) + 2;
+            if ((file = malloc(l))) snprintf(file, l, "%s/%s", d[i].path, d[i].data_files);
+        } else {
+            file = dup_str(d[i].data_files ? d[i].data_files : d[i].path);
+        }
+        if (!file) {
+            train_config_dataset_specs_free(s, i);
+            return qerr_set(e, "out of memory");
+        }
+        const char *ct = d[i].chat_template ? d[i].chat_template : c->chat_template;
+        s[i] = (dataset_spec){.path = file, .type = d[i].type, .field = d[i].field,
+                              .field_messages = d[i].field_messages, .skip_bad_lines = c->skip_bad_lines,
+                              .message_field_role = d[i].message_field_role,
+                              .message_field_content = d[i].message_field_content,
+                              .roles_to_train = d[i].roles_to_train, .n_roles_to_train = d[i].n_roles_to_train,
+                              .train_on_eos = d[i].train_on_eos, .drop_system_message = d[i].drop_system_message,
+                              .force_chatml = !ct                                          ? 0
+                                              : !strcmp(ct, "chatml")                      ? 1
+                                              : !strcmp(ct, "tokenizer_default_fallback_chatml") ? 2
+                                                                                           : 0,
+                              .split = d[i].split};
+    }
+    *out = s;
+    *n_out = n;
+    return 0;
+}
+
+void train_config_dataset_specs_free(dataset_spec *s, int n) {
+    if (!s) return;
+    for (int i = 0; i < n; i++) free(s[i].path);
+    free(s);
+}
+
+int train_config_check_special_tokens(const train_config *c, int bos, int eos, int unk,
+                                      const char *(*text)(const void *ctx, int id), const void *ctx, qerr *e) {
+    const char *given[3] = {c->special_bos, c->special_eos, c->special_unk};
+    const int ids[3] = {bos, eos, unk};
+    static const char *const names[3] = {"bos_token", "eos_token", "unk_token"};
+    for (int i = 0; i < 3; i++) {
+        if (!given[i]) continue;
+        const char *own = ids[i] >= 0 ? text(ctx, ids[i]) : NULL;
+        if (!own || strcmp(own, given[i]))
+            return qerr_set(e, "%s: special_tokens.%s: \"%.60s\" is not this model's %.3s token (%s%.60s%s); axolotl "
+                               "would add or replace a token, which changes the vocabulary of a frozen base: delete the "
+                               "line (the model's own is used)",
+                            c->config_path ? c->config_path : "config", names[i], given[i], names[i],
+                            own ? "\"" : "", own ? own : "none", own ? "\"" : "");
+    }
     return 0;
 }

@@ -30,26 +30,20 @@
  *    test_datasets (none = no separate held-out set) and lora_target_modules
  *    (none = no listed module; axolotl's examples leave it empty beside
  *    lora_target_linear: true). Delete a line to get a key's default.
- *  - Accepted and ignored, with a warning in `warnings` when given a value
- *    (null/false/0/empty gives no warning), because they cannot change what
- *    this trainer computes:
- *      strict                      axolotl's schema strictness; unknown keys are always errors here
- *      base_model_config, model_type, tokenizer_type, is_llama_derived_model
- *                                  architecture and tokenizer are read from the base_model file
- *      trust_remote_code           no Python code is ever run
- *      dataset_prepared_path       datasets are tokenized in memory at start-up, nothing is cached
- *      gradient_checkpointing_kwargs  PyTorch-specific (use_reentrant); recomputation here is exact
- *      pad_to_sequence_len         padded positions are masked, so padding never changes the loss
- *      local_rank, dataloader_num_workers, dataloader_pin_memory, dataloader_prefetch_factor
- *                                  PyTorch launcher / DataLoader knobs
- *  - Known but not supported yet (flash_attention, deepspeed, fsdp, load_in_8bit,
- *    fp16, wandb_*, save_strategy, ...): accepted only
- *    when null/false/0/empty — "off" by axolotl's own truthiness tests, and how
- *    axolotl's example files list them; any other value is an error "not
- *    supported yet". A few accept one
- *    harmless value: `chat_template: tokenizer_default` (we always use the
- *    model's template), `save_safetensors: true`, `peft_init_lora_weights: true`,
- *    `special_tokens` holding only `pad_token` (padding is masked out).
+ *  - Every other key of axolotl's schema has its decision in trainer/config_axolotl.c
+ *    (README "Coming from axolotl"): accepted with a warning in `warnings` when given a
+ *    value (null/false/0/empty gives none) because it cannot change what this trainer
+ *    computes (strict, model_type, attention kernels, logging, ...); or accepted only
+ *    when null/false/0/empty ("off" by axolotl's own truthiness tests, and how axolotl's
+ *    example files list them) and otherwise refused with its reason. Values checked
+ *    here: chat_template (tokenizer_default, chatml, tokenizer_default_fallback_chatml;
+ *    other names refused by name), special_tokens (pad_token ignored; bos/eos/unk must be
+ *    the model's own: train_config_check_special_tokens), eot_tokens ([<|im_end|>]),
+ *    plugins (the liger and cut_cross_entropy plugins only), gradient_checkpointing:
+ *    offload (= true here).
+ *  - A file is read whole: every refused key is listed with its line
+ *    (train_config_load_all); a file without `adapter:` (axolotl's full fine-tune) is
+ *    refused for that first, and validate refuses a config whose adapter was never set.
  *  - Anything else is an error `unknown key "x"; did you mean "y"?`.
  *
  * Decisions (differences from axolotl noted):
@@ -65,7 +59,7 @@
  *    paged one); "sophiag" resolves to "sophia"; "adamw_8bit" is bitsandbytes'
  *    8-bit AdamW (optim/adamw8bit.h), with the aliases adamw_bnb_8bit and
  *    paged_adamw_8bit (HF Trainer's names for the same bnb optimizer). Other
- *    optimizers are "not supported yet". The field always holds the resolved name.
+ *    optimizers are refused with the reason. The field always holds the resolved name.
  *  - Sophia (SophiaG, optim/sophia.h; ours, named after the official code):
  *    sophia_beta1 / sophia_beta2 (0.965 / 0.99), sophia_rho (0.04), sophia_k
  *    (10: Hessian update after every k-th step), sophia_bs (0 = the number of
@@ -117,6 +111,16 @@ typedef struct dataset_cfg {
     char *type;           /* "completion" | "alpaca" | "chat_template" (required) */
     char *field;          /* completion: JSON key holding the text; default "text" */
     char *field_messages; /* chat_template: JSON key holding the message list; default "messages" */
+    /* axolotl's dataset keys beyond those (README "Coming from axolotl"; data/dataset.h) */
+    char *message_field_role;    /* chat_template: a message's role key (message_property_mappings.role); "role" */
+    char *message_field_content; /* chat_template: a message's content key; default "content" */
+    char **roles_to_train;       /* chat_template: roles whose content is trained on; default [assistant] */
+    int n_roles_to_train;
+    char *train_on_eos;          /* chat_template: "turn" (default) | "all" | "last" | "none" */
+    int drop_system_message;     /* chat_template: drop a leading system message; default 0 */
+    char *split;                 /* "train" (default: every record) or a slice: train[:N], train[:N%], train[A:B] */
+    char *data_files;            /* NULL, or the file to read (joined to path when path is a directory) */
+    char *chat_template;         /* NULL = the top-level chat_template; else one of its values */
 } dataset_cfg;
 
 /* Every char* is heap-owned (or NULL) and released by train_config_free. */
@@ -184,6 +188,15 @@ typedef struct train_config {
                                          and line; 1: skip it and count it */
     int memory_check;                 /* default 1: refuse a run whose predicted peak memory
                                          (trainer/memplan.h) exceeds the machine's; 0: run anyway */
+    /* axolotl keys (README "Coming from axolotl", trainer/config_axolotl.h) */
+    int data_seed;                    /* default -1 = seed: the data order and held-out split */
+    float loss_watchdog_threshold;    /* default 0 = off; > 0: stop (with a checkpoint) when the
+                                         training loss stays above it for loss_watchdog_patience steps */
+    int loss_watchdog_patience;       /* default 3 (axolotl): optimizer steps in a row */
+    char *chat_template;              /* "tokenizer_default" (default) | "chatml" |
+                                         "tokenizer_default_fallback_chatml" */
+    char *special_bos, *special_eos, *special_unk; /* special_tokens: must equal the model's own
+                                         (train_config_check_special_tokens); NULL = not given */
     char *config_path;                /* file the config came from (for messages); NULL if none */
     char **warnings;                  /* one-line notes for the caller to print ("[config] ..."
                                          is the caller's prefix); ignored keys, aliases */
@@ -195,6 +208,15 @@ typedef struct train_config {
     char **overrides;                 /* the key=value overrides applied, in order */
     int n_overrides;
 } train_config;
+
+/* Every key refused by train_config_load_all: one line each ("x.yaml: key: why (line N)"). */
+typedef struct train_config_refusals {
+    char **lines;
+    int n;
+} train_config_refusals;
+
+/* Release the lines of *r and zero it. */
+void train_config_refusals_free(train_config_refusals *r);
 
 /* Fill *c with the defaults above (all strings heap-allocated; base_model and
  * datasets empty). Does not free previous contents. Returns 0, or -1 if out of
@@ -213,9 +235,37 @@ int train_config_defaults(train_config *c);
  * "<path>:<line>:<col>: YAML syntax error: ...",
  * "<path>: unknown key \"lora_rank\"; did you mean \"lora_r\"? (line 7)",
  * "<path>: lora_r: expected a positive integer, got \"abc\" (line 7)",
- * "<path>: flash_attention: not supported yet (...)", "cannot open <path>: ...".
+ * "<path>: fp16: refused: <why>; delete the line, or leave it empty (line 9)", "cannot open <path>: ...".
  * On failure *out holds nothing that needs freeing (it is zeroed). */
 int train_config_load(const char *path, train_config *out, qerr *e);
+
+/* train_config_load, but a file with refused keys is reported whole: every refused key (and every
+ * refused key of a datasets entry) gets its line in r->lines, in file order, except that a file
+ * without `adapter:` (axolotl's full fine-tune) has that reason first; e then says how many
+ * ("x.yaml: 3 refused keys (each listed above)"), or holds the one line when there is one. Errors
+ * that end the reading (YAML syntax, limits, not a mapping) come alone, in e, as from
+ * train_config_load. r is filled (or zeroed) in every case; free it with train_config_refusals_free. */
+int train_config_load_all(const char *path, train_config *out, train_config_refusals *r, qerr *e);
+
+/* The model's own special tokens against `special_tokens` of the config: each of bos_token,
+ * eos_token, unk_token that the config gives must be the text of the model's id (axolotl would add
+ * or replace a token, which changes the vocabulary). bos/eos/unk: the model's ids (-1 = none), text:
+ * returns the text of an id (NULL if none). Error: "special_tokens.eos_token: "</s>" is not this
+ * model's eos token ("<|im_end|>"); delete it (the model's own is used)". */
+int train_config_check_special_tokens(const train_config *c, int bos, int eos, int unk,
+                                      const char *(*text)(const void *ctx, int id), const void *ctx, qerr *e);
+
+/* The seed of the data order and held-out split: data_seed if >= 0, else seed. */
+unsigned long long train_config_data_seed(const train_config *c);
+
+/* The data/dataset.h specs of datasets (test = 0) or test_datasets (test = 1): every field of each
+ * entry, with the file resolved (data_files, joined to path when path is a directory), the
+ * top-level chat_template where the entry has none, skip_bad_lines. *out gets a malloc'd array of
+ * *n specs (at least one slot) whose path strings are malloc'd; free with
+ * train_config_dataset_specs_free. Error: out of memory. */
+struct dataset_spec;
+int train_config_dataset_specs(const train_config *c, int test, struct dataset_spec **out, int *n, qerr *e);
+void train_config_dataset_specs_free(struct dataset_spec *s, int n);
 
 /* Apply one command-line override "key=value"; value is parsed as a YAML
  * scalar or flow collection. The same key rules as in a file apply (an empty

@@ -44,10 +44,15 @@ int main(int argc, char **argv) {
     }
     qerr e = {{0}};
     train_config c;
-    if (train_config_load(argv[1], &c, &e)) {
+    train_config_refusals refused;
+    if (train_config_load_all(argv[1], &c, &refused, &e)) {
+        /* every refused key of the file, each on its line, then how many */
+        for (int i = 0; refused.n > 1 && i < refused.n; i++) fprintf(stderr, "qlora-train: %s\n", refused.lines[i]);
         fprintf(stderr, "qlora-train: %s\n", e.msg);
+        train_config_refusals_free(&refused);
         return 2;
     }
+    train_config_refusals_free(&refused);
     for (int i = 2; i < argc; i++) {
         if (train_config_apply_override(&c, argv[i], &e)) {
             fprintf(stderr, "qlora-train: %s\n", e.msg);

@@ -56,6 +56,8 @@ static int show_tokens(const tokenizer *tok, const packed_set *ps, int64_t row, 
     return 0;
 }
 
+static const char *tok_text(const void *ctx, int id) { return tokenizer_token_text((const tokenizer *)ctx, id); }
+
 int preprocess_show(const train_config *c, int n_rows, int eval, preprocess_view view, int color, FILE *out,
                     qerr *e) {
     const char *cfgname = c->config_path ? c->config_path : "config";
@@ -69,21 +71,22 @@ int preprocess_show(const train_config *c, int n_rows, int eval, preprocess_view
     dataset_spec *specs = calloc((size_t)c->n_datasets + 1, sizeof *specs);
     dataset_spec *tspecs = calloc((size_t)c->n_test_datasets + 1, sizeof *tspecs);
     int64_t *perm = NULL;
+    int ns = 0, nts = 0;
     if (!specs || !tspecs) {
         qerr_set(e, "out of memory");
         goto done;
     }
     if (base_model_tokenizer(b, &tok, e)) goto done;
-    for (int i = 0; i < c->n_datasets; i++)
-        specs[i] = (dataset_spec){.path = c->datasets[i].path, .type = c->datasets[i].type,
-                                  .field = c->datasets[i].field, .field_messages = c->datasets[i].field_messages};
-    for (int i = 0; i < c->n_test_datasets; i++)
-        tspecs[i] = (dataset_spec){.path = c->test_datasets[i].path, .type = c->test_datasets[i].type,
-                                   .field = c->test_datasets[i].field,
-                                   .field_messages = c->test_datasets[i].field_messages};
+    free(specs);
+    free(tspecs);
+    specs = tspecs = NULL;
+    if (train_config_dataset_specs(c, 0, &specs, &ns, e) || train_config_dataset_specs(c, 1, &tspecs, &nts, e))
+        goto done;
+    if (train_config_check_special_tokens(c, tokenizer_bos_id(tok), tokenizer_eos_id(tok), tokenizer_unk_id(tok), tok_text, tok, e))
+        goto done;
     dataset_stats st;
-    if (dataset_build(tok, specs, c->n_datasets, tspecs, c->n_test_datasets, c->val_set_size, c->sequence_len,
-                      c->sample_packing, c->train_on_inputs, (uint64_t)c->seed, &train_set, &eval_set, &st, e)) {
+    if (dataset_build(tok, specs, ns, tspecs, nts, c->val_set_size, c->sequence_len,
+                      c->sample_packing, c->train_on_inputs, train_config_data_seed(c), &train_set, &eval_set, &st, e)) {
         qerr_prefix(e, "%s: datasets", cfgname);
         goto done;
     }
@@ -109,7 +112,7 @@ int preprocess_show(const train_config *c, int n_rows, int eval, preprocess_view
         if (eval)
             for (int64_t i = 0; i < ps->n_rows; i++) perm[i] = i;
         else
-            dataset_epoch_order((uint64_t)c->seed, 0, ps->n_rows, perm);
+            dataset_epoch_order(train_config_data_seed(c), 0, ps->n_rows, perm);
         fprintf(out, "[data] first %d %s rows in %s order; %s\n", n_rows, nm[eval],
                 eval ? "evaluation" : "epoch-1 training",
                 view == PREPROCESS_TOKENS ? "each token as text(id, label), label -100 = not trained on"
@@ -129,8 +132,8 @@ int preprocess_show(const train_config *c, int n_rows, int eval, preprocess_view
     rc = 0;
 done:
     free(perm);
-    free(specs);
-    free(tspecs);
+    train_config_dataset_specs_free(specs, ns);
+    train_config_dataset_specs_free(tspecs, nts);
     packed_set_free(&train_set);
     packed_set_free(&eval_set);
     tokenizer_free(tok);

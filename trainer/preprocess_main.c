@@ -32,10 +32,15 @@ int main(int argc, char **argv) {
     preprocess_view view = PREPROCESS_TEXT;
     qerr e = {{0}};
     train_config c;
-    if (train_config_load(argv[1], &c, &e)) {
+    train_config_refusals refused;
+    if (train_config_load_all(argv[1], &c, &refused, &e)) {
+        /* every refused key of the file, each on its line, then how many */
+        for (int i = 0; refused.n > 1 && i < refused.n; i++) fprintf(stderr, "qlora-preprocess: %s\n", refused.lines[i]);
         fprintf(stderr, "qlora-preprocess: %s\n", e.msg);
+        train_config_refusals_free(&refused);
         return 2;
     }
+    train_config_refusals_free(&refused);
     for (int i = 2; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--show-samples") && i + 1 < argc) {
@@ -68,6 +73,8 @@ int main(int argc, char **argv) {
         train_config_free(&c);
         return 2;
     }
+    /* the same [config] lines as qlora-train */
+    for (int i = 0; i < c.n_warnings; i++) fprintf(stderr, "[config] %s\n", c.warnings[i]);
     int rc = preprocess_show(&c, n, eval, view, color, stdout, &e);
     if (rc) fprintf(stderr, "qlora-preprocess: %s\n", e.msg);
     train_config_free(&c);

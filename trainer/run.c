@@ -292,32 +292,29 @@ static uint64_t packed_fingerprint(const packed_set *ps) {
 
 /* Tokenize and pack datasets and test_datasets; fingerprint the training
  * rows (checked against a resumed checkpoint). */
+static const char *tok_text(const void *ctx, int id) { return tokenizer_token_text((const tokenizer *)ctx, id); }
+
 static int setup_data(run_ctx *r, qerr *e) {
     const train_config *c = r->c;
-    dataset_spec *specs = calloc((size_t)c->n_datasets + 1, sizeof *specs);
-    dataset_spec *tspecs = calloc((size_t)c->n_test_datasets + 1, sizeof *tspecs);
-    if (!specs || !tspecs) {
-        free(specs);
-        free(tspecs);
-        return qerr_set(e, "out of memory");
+    if (train_config_check_special_tokens(c, tokenizer_bos_id(r->tok), tokenizer_eos_id(r->tok),
+                                          tokenizer_unk_id(r->tok), tok_text, r->tok, e))
+        return -1;
+    dataset_spec *specs = NULL, *tspecs = NULL;
+    int ns = 0, nts = 0;
+    if (train_config_dataset_specs(c, 0, &specs, &ns, e) || train_config_dataset_specs(c, 1, &tspecs, &nts, e)) {
+        train_config_dataset_specs_free(specs, ns);
+        return -1;
     }
     dataset_skip_log skipped = {0}, tskipped = {0};
-    for (int i = 0; i < c->n_datasets; i++)
-        specs[i] = (dataset_spec){.path = c->datasets[i].path, .type = c->datasets[i].type,
-                                  .field = c->datasets[i].field, .field_messages = c->datasets[i].field_messages,
-                                  .skip_bad_lines = c->skip_bad_lines, .skipped = &skipped};
-    for (int i = 0; i < c->n_test_datasets; i++)
-        tspecs[i] = (dataset_spec){.path = c->test_datasets[i].path, .type = c->test_datasets[i].type,
-                                   .field = c->test_datasets[i].field,
-                                   .field_messages = c->test_datasets[i].field_messages,
-                                   .skip_bad_lines = c->skip_bad_lines, .skipped = &tskipped};
+    for (int i = 0; i < ns; i++) specs[i].skipped = &skipped;
+    for (int i = 0; i < nts; i++) tspecs[i].skipped = &tskipped;
     double t0 = clock_now_sec();
     dataset_stats st;
-    int rc = dataset_build(r->tok, specs, c->n_datasets, tspecs, c->n_test_datasets, c->val_set_size,
-                           c->sequence_len, c->sample_packing, c->train_on_inputs, (uint64_t)c->seed, &r->train_set,
+    int rc = dataset_build(r->tok, specs, ns, tspecs, nts, c->val_set_size,
+                           c->sequence_len, c->sample_packing, c->train_on_inputs, train_config_data_seed(c), &r->train_set,
                            &r->eval_set, &st, e);
-    free(specs);
-    free(tspecs);
+    train_config_dataset_specs_free(specs, ns);
+    train_config_dataset_specs_free(tspecs, nts);
     if (rc) {
         qerr_prefix(e, "%s: datasets", r->cfgname);
         static const char *const line_errors[] = {"invalid JSON", "expected a JSON object", "unexpected text after",

@@ -94,6 +94,7 @@ typedef struct run_ctx {
     int start_step, final_step, steps_run;
     int64_t cursor;                 /* training rows consumed since step 0, over all epochs */
     int64_t nan_streak, nan_skipped;
+    int watchdog_streak, watchdog_stop; /* loss_watchdog_*: steps in a row above the threshold; the stop step */
     int64_t last_saved;             /* step of the newest checkpoint; -1 when none */
     double last_lr;
     double eval_loss_start, last_eval; /* NAN when none */

@@ -45,7 +45,7 @@ static int64_t step_rows(run_ctx *r) {
         int ep = (int)(r->cursor / ps->n_rows);
         if (ep != r->epoch) {
             r->epoch = ep;
-            dataset_epoch_order((uint64_t)r->c->seed, r->epoch, ps->n_rows, r->perm);
+            dataset_epoch_order(train_config_data_seed(r->c), r->epoch, ps->n_rows, r->perm);
         }
         r->rows[i] = r->perm[r->cursor % ps->n_rows];
         r->cursor++;
@@ -161,6 +161,17 @@ static int step_report(run_ctx *r, int step, const step_stats *s, qerr *e) {
                             "(max_nan_steps %d); stopping. Training diverged: lower learning_rate (%g) or "
                             "max_grad_norm, then resume from the newest checkpoint (%s) or start over",
                             step, (long long)r->nan_streak, c->max_nan_steps, c->learning_rate, r->last_ckpt);
+    } else if (c->loss_watchdog_threshold > 0 &&
+               (r->watchdog_streak = s->loss > c->loss_watchdog_threshold ? r->watchdog_streak + 1 : 0) >=
+                   c->loss_watchdog_patience) {
+        /* axolotl's LossWatchDogCallback: the run stops; train_run saves a checkpoint first */
+        r->watchdog_stop = step;
+        fprintf(stderr, "[train] step %d/%d | loss %.4f above loss_watchdog_threshold %g for %d steps in a row "
+                        "(loss_watchdog_patience): stopping\n",
+                step, r->total_steps, s->loss, c->loss_watchdog_threshold, r->watchdog_streak);
+    }
+    if (!s->finite || r->watchdog_stop) {
+        /* reported above */
     } else if (step % (c->logging_steps > 0 ? c->logging_steps : 1) == 0 || step == r->total_steps) {
         char eta[32];
         fmt_duration(elapsed / r->steps_run * (r->total_steps - step), eta, sizeof eta);

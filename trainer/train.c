@@ -20,9 +20,15 @@ int train_run(const train_config *c, train_result *res, qerr *e) {
         if (r.eval_set.n_rows > 0 && r.eval_every > 0 && step % r.eval_every == 0 && step != r.total_steps &&
             !run_stop_signal())
             run_eval(&r, step, e);
-        if (step == r.total_steps || step % r.save_every == 0 || run_stop_signal())
+        if (step == r.total_steps || step % r.save_every == 0 || run_stop_signal() || r.watchdog_stop)
             rc = run_checkpoint_save(&r, step, e);
         if (run_stop_signal()) break;
+        if (!rc && r.watchdog_stop) {
+            rc = qerr_set(e, "step %d: the training loss stayed above loss_watchdog_threshold %g for %d steps "
+                             "(loss_watchdog_patience); stopped with a checkpoint in %s", step,
+                          (double)c->loss_watchdog_threshold, c->loss_watchdog_patience, r.last_ckpt);
+            break;
+        }
     }
     if (!rc) rc = run_finish(&r, e);
     run_free(&r);
