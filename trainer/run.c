@@ -282,6 +282,11 @@ static int setup_base_model(run_ctx *r, qerr *e) {
                         "%s: sequence_len: %d exceeds the model's context length %d (llama.context_length in %s); "
                         "expected at most %d",
                         r->cfgname, c->sequence_len, hp0->context_length, c->base_model, hp0->context_length);
+    if (hp0->sliding_window > 0 && c->sequence_len > hp0->sliding_window)
+        return qerr_set(e,
+                        "%s: sequence_len: %d exceeds the sliding_window of %d tokens of %s: sliding-window attention "
+                        "is not implemented (identical to full attention only up to the window); expected at most %d",
+                        r->cfgname, c->sequence_len, hp0->sliding_window, c->base_model, hp0->sliding_window);
     fprintf(stderr, "[model] fingerprint %016llx, tokenizer %016llx (%.1fs)\n", (unsigned long long)r->model_fp,
             (unsigned long long)r->tok_fp, clock_now_sec() - t0);
     if (tokenizer_load_gguf(r->gf, &r->tok, e)) return qerr_prefix(e, "%s: base_model %s", r->cfgname, c->base_model);
