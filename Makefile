@@ -19,9 +19,17 @@ CFLAGS  += $(HDF5_CFLAGS)
 CAIRO_CFLAGS := $(shell pkg-config --cflags cairo 2>/dev/null || echo -I/usr/include/cairo)
 CAIRO_LIBS   := $(shell pkg-config --libs cairo 2>/dev/null || echo -lcairo)
 CFLAGS  += $(CAIRO_CFLAGS)
+# MPI (several processes, comm/comm_mpi.c): Open MPI from Debian (libopenmpi-dev) through pkg-config.
+# Without it the build goes on, and a run under an MPI launcher is refused with one line.
+MPI_CFLAGS := $(shell pkg-config --cflags ompi-c 2>/dev/null)
+MPI_LIBS   := $(shell pkg-config --libs ompi-c 2>/dev/null)
+ifneq ($(strip $(MPI_LIBS)),)
+CFLAGS  += $(MPI_CFLAGS) -DQLORA_HAVE_MPI
+LDLIBS  += $(MPI_LIBS)
+endif
 LDLIBS  += -ldnnl -lyaml -lcjson -lpcre2-8 -lutf8proc -lxxhash $(CAIRO_LIBS) $(HDF5_LIBS) -lz -lm -fopenmp
 
-MODULES := core quant format data autograd optim model trainer
+MODULES := core comm quant format data autograd optim model trainer
 LIB_SRC := $(filter-out trainer/main.c trainer/%_main.c,$(foreach m,$(MODULES),$(wildcard $(m)/*.c)))
 LIB_OBJ := $(LIB_SRC:%.c=build/%.o)
 TEST_SRC := $(wildcard tests/test_*.c)
@@ -88,6 +96,7 @@ all: features bin/qlora-train bin/qlora-bench $(TOOL_BINS)
 
 features:
 	@printf '[build] CPU engine (oneDNN, OpenMP) ✓\n'
+	@if [ -n "$(strip $(MPI_LIBS))" ]; then printf '[build] MPI (several processes: mpirun, --nproc) ✓\n'; else printf '[build] MPI: pkg-config ompi-c not found (apt-get install libopenmpi-dev) ✗\n'; fi
 ifeq ($(CUDA),1)
 	@printf '[build] CUDA backend ✓ (%s; sm_80 sm_86 sm_89 sm_90 + PTX; cuBLASLt; compiled and host-tested, not yet run on a GPU)\n' '$(NVCC)'
 else

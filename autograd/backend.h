@@ -48,6 +48,7 @@ typedef enum frozen_kind { FROZEN_NF4 = 0, FROZEN_BF16 = 1, FROZEN_F32 = 2 } fro
 typedef struct frozen_weight {
     int64_t out, in;
     frozen_kind kind;
+    const float *bias;     /* (out) fp32 added to every row of x Wᵀ (frozen: Qwen2's q/k/v), or NULL */
     const nf4_tensor *nf4; /* FROZEN_NF4 */
     const bf16 *w_bf16;    /* FROZEN_BF16: (out, in) */
     const float *w_f32;    /* FROZEN_F32: (out, in) */

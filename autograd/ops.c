@@ -94,27 +94,45 @@ void frozen_rows_bf16(const frozen_weight *w, int64_t row0, int64_t n, bf16 *dst
 
 /* ------------------------------------------------------------------ rope table */
 
-int rope_table_init(rope_table *t, int max_pos, int head_dim, float theta, qerr *e) {
+int rope_table_init_freqs(rope_table *t, int max_pos, int head_dim, const float *inv_freq, qerr *e) {
     int half = head_dim / 2;
     t->max_pos = max_pos;
     t->head_dim = head_dim;
     t->cos = qmalloc((size_t)max_pos * half * sizeof(float), e);
     t->sin = qmalloc((size_t)max_pos * half * sizeof(float), e);
-    if (!t->cos || !t->sin) return -1;
-    for (int i = 0; i < half; i++) {
-        /* HF: inv_freq = 1.0 / (base ** (arange(0, dim, 2).float() / dim)), all fp32 */
-        float expo = (float)(2 * i) / (float)head_dim;
-        float inv_freq = 1.0f / powf(theta, expo);
+    if (!t->cos || !t->sin) {
+        rope_table_free(t);
+        return -1;
+    }
+    for (int i = 0; i < half; i++)
         for (int p = 0; p < max_pos; p++) {
-            float ang = (float)p * inv_freq;
+            /* HF: freqs = inv_freq @ position_ids in fp32, then cos/sin */
+            float ang = (float)p * inv_freq[i];
             t->cos[(size_t)p * half + i] = cosf(ang);
             t->sin[(size_t)p * half + i] = sinf(ang);
         }
-    }
     return 0;
 }
 
+void rope_default_inv_freq(int head_dim, float theta, float *inv_freq) {
+    for (int i = 0; i < head_dim / 2; i++) {
+        /* HF: inv_freq = 1.0 / (base ** (arange(0, dim, 2).float() / dim)), all fp32 */
+        float expo = (float)(2 * i) / (float)head_dim;
+        inv_freq[i] = 1.0f / powf(theta, expo);
+    }
+}
+
+int rope_table_init(rope_table *t, int max_pos, int head_dim, float theta, qerr *e) {
+    float *inv_freq = qmalloc((size_t)(head_dim / 2 + 1) * sizeof(float), e);
+    if (!inv_freq) return -1;
+    rope_default_inv_freq(head_dim, theta, inv_freq);
+    int rc = rope_table_init_freqs(t, max_pos, head_dim, inv_freq, e);
+    free(inv_freq);
+    return rc;
+}
+
 void rope_table_free(rope_table *t) {
+    if (!t) return;
     free(t->cos);
     free(t->sin);
     t->cos = t->sin = NULL;
@@ -247,6 +265,11 @@ tensor *op_linear(ag_ctx *ctx, tensor *x, const frozen_weight *w, const lora_ada
     gemm_dtype dt = gdt(ctx);
     const void *wb = frozen_operand(ctx, w);
     be->gemm(0, 1, N, out, in, 1.0f, xb, in, wb, in, 0.0f, y->data, out, dt); /* y = x Wᵀ */
+    if (w->bias) { /* y += ones(N, 1) · b(1, out): the bias through the table's GEMM, no per-row loop */
+        float *ones = ag_alloc(ctx, (size_t)N * sizeof(float));
+        be->fill_f32(ones, N, 1.0f);
+        be->gemm(0, 0, N, out, 1, 1.0f, ones, 1, w->bias, out, 1.0f, y->data, out, GEMM_F32);
+    }
     if (lora) {
         int64_t r = lora->r;
         const void *Ab = operand(ctx, lora->A->data, r * in);

@@ -36,8 +36,17 @@ typedef struct lora_adapter {
     uint64_t stream; /* RNG stream id of this module (layer, module) for dropout masks */
 } lora_adapter;
 
-/* Fill t (host memory) for max_pos positions of head_dim; errors: out of memory. */
+/* Fill t (host memory) for max_pos positions of head_dim with the default
+ * frequencies 1/theta^(2i/head_dim); errors: out of memory. */
 int rope_table_init(rope_table *t, int max_pos, int head_dim, float theta, qerr *e);
+/* The same from given per-pair inverse frequencies inv_freq (head_dim/2, fp32,
+ * radians per position): what RoPE scaling (linear, llama3, GGUF rope_freqs)
+ * produces (model/llama.h llama_rope_inv_freq). angle = pos * inv_freq[i] in
+ * fp32, as HF's rotary embedding. Errors: out of memory (t left empty). */
+int rope_table_init_freqs(rope_table *t, int max_pos, int head_dim, const float *inv_freq, qerr *e);
+/* HF's default inverse frequencies: inv_freq[i] = 1 / theta^(2i/head_dim), fp32
+ * (modeling_rope_utils.py _compute_default_rope_parameters); (head_dim/2). */
+void rope_default_inv_freq(int head_dim, float theta, float *inv_freq);
 void rope_table_free(rope_table *t);
 
 /* Rows [row0, row0+n) of w into dst (n × in) fp32 or bf16: the default
@@ -52,7 +61,9 @@ tensor *op_embedding(ag_ctx *ctx, const frozen_weight *table, const int32_t *ids
 /* y = x / sqrt(mean(x²) + eps) * w ; x (N, D) fp32, w (D) fp32 tensor (frozen or trainable). */
 tensor *op_rmsnorm(ag_ctx *ctx, tensor *x, tensor *w, float eps);
 
-/* y (N, out) = x W^T + scaling · dropout(x) A^T B^T ; x (N, in) fp32.
+/* y (N, out) = x W^T (+ w->bias) + scaling · dropout(x) A^T B^T ; x (N, in) fp32.
+ * The bias is frozen (no gradient); it is added with the backend's GEMM as the
+ * rank-1 product ones(N, 1) · bias(1, out) in fp32 (one rounding: y + b).
  * lora may be NULL (frozen linear: only dx flows back). */
 tensor *op_linear(ag_ctx *ctx, tensor *x, const frozen_weight *w, const lora_adapter *lora);
 

@@ -84,6 +84,10 @@ static int gguf_name_of(const llama_hparams *hp, llama_role role, int layer, int
         if (module < 0 || module >= LLAMA_N_LINEAR) return -1;
         snprintf(name, n, "blk.%d.%s.weight", layer, llama_linears[module].gguf);
         return 0;
+    case LLAMA_T_BIAS:
+        if (module < 0 || module > LLAMA_V || !hp->qkv_bias) return -1;
+        snprintf(name, n, "blk.%d.%s.bias", layer, llama_linears[module].gguf);
+        return 0;
     }
     return -1;
 }
@@ -106,7 +110,8 @@ int base_model_tensor_f32(const base_model *b, llama_role role, int layer, int m
         return qerr_set(e, "%s: tensor %s: expected %lld x %lld elements", b->path, name, (long long)rows,
                         (long long)cols);
     if (gguf_tensor_to_f32(t, dst, e)) return qerr_prefix(e, "%s: tensor %s", b->path, name);
-    if (role == LLAMA_T_LINEAR && module == LLAMA_Q) llama_unpermute_rows(dst, b->hp.n_head, b->hp.head_dim, cols);
-    if (role == LLAMA_T_LINEAR && module == LLAMA_K) llama_unpermute_rows(dst, b->hp.n_kv_head, b->hp.head_dim, cols);
+    int permuted = role == LLAMA_T_LINEAR && b->hp.arch == LLAMA_ARCH_LLAMA; /* qwen2's GGUF keeps HF order */
+    if (permuted && module == LLAMA_Q) llama_unpermute_rows(dst, b->hp.n_head, b->hp.head_dim, cols);
+    if (permuted && module == LLAMA_K) llama_unpermute_rows(dst, b->hp.n_kv_head, b->hp.head_dim, cols);
     return 0;
 }

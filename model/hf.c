@@ -57,6 +57,45 @@ static int cfg_int(const cJSON *c, const char *key, int def, int *out, const cha
     return 0;
 }
 
+/* rope_scaling (transformers 4) or rope_parameters (5): modeling_rope_utils.py ROPE_INIT_FUNCTIONS. "default",
+ * "linear" (factor) and "llama3" (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+ * are implemented; every other type changes the frequencies (dynamic, yarn, longrope) or more, and is refused. */
+static int parse_rope_scaling(const cJSON *rs, llama_hparams *hp, const char *path, qerr *e) {
+    const cJSON *ty = cJSON_GetObjectItemCaseSensitive(rs, "rope_type");
+    if (!ty) ty = cJSON_GetObjectItemCaseSensitive(rs, "type");
+    if (!ty) return 0; /* rope_parameters with rope_theta only */
+    if (!cJSON_IsString(ty)) return qerr_set(e, "%s: rope_scaling.rope_type: expected a string", path);
+    llama_rope_scaling *sc = &hp->rope_scaling;
+    if (!strcmp(ty->valuestring, "default")) return 0;
+    int llama3 = !strcmp(ty->valuestring, "llama3");
+    if (!llama3 && strcmp(ty->valuestring, "linear"))
+        return qerr_set(e, "%s: rope_scaling: rope_type \"%s\" is not implemented (default, linear and llama3 are); "
+                           "refusing rather than training with different RoPE frequencies", path, ty->valuestring);
+    static const char *const keys[] = {"factor", "low_freq_factor", "high_freq_factor",
+                                       "original_max_position_embeddings"};
+    double v[4];
+    for (int i = 0; i < (llama3 ? 4 : 1); i++) {
+        const cJSON *it = cJSON_GetObjectItemCaseSensitive(rs, keys[i]);
+        if (!cJSON_IsNumber(it))
+            return qerr_set(e, "%s: rope_scaling.%s: expected a number for rope_type \"%s\"", path, keys[i],
+                            ty->valuestring);
+        v[i] = it->valuedouble;
+    }
+    const cJSON *af = cJSON_GetObjectItemCaseSensitive(rs, "attention_factor");
+    if (af && !(cJSON_IsNumber(af) && af->valuedouble == 1.0) && !cJSON_IsNull(af))
+        return qerr_set(e, "%s: rope_scaling.attention_factor: only 1 is implemented", path);
+    sc->type = llama3 ? LLAMA_ROPE_LLAMA3 : LLAMA_ROPE_LINEAR;
+    sc->factor = (float)v[0];
+    if (llama3) {
+        sc->low_freq_factor = (float)v[1];
+        sc->high_freq_factor = (float)v[2];
+        if (!(v[3] >= 1 && v[3] <= 1e9 && v[3] == floor(v[3])))
+            return qerr_set(e, "%s: rope_scaling.original_max_position_embeddings: expected a positive integer", path);
+        sc->original_context = (int)v[3];
+    }
+    return 0;
+}
+
 static int parse_config(hf_model *h, qerr *e) {
     char path[4096];
     snprintf(path, sizeof path, "%s/config.json", h->dir);
@@ -66,18 +105,47 @@ static int parse_config(hf_model *h, qerr *e) {
     llama_hparams *hp = &h->hp;
     memset(hp, 0, sizeof *hp);
     const cJSON *mt = cJSON_GetObjectItemCaseSensitive(c, "model_type");
-    if (!cJSON_IsString(mt) || (strcmp(mt->valuestring, "llama") && strcmp(mt->valuestring, "mistral"))) {
-        qerr_set(e, "%s: model_type \"%s\" is not supported (Llama family: \"llama\", \"mistral\")", path,
+    if (!cJSON_IsString(mt) || (strcmp(mt->valuestring, "llama") && strcmp(mt->valuestring, "mistral") &&
+                                strcmp(mt->valuestring, "qwen2"))) {
+        qerr_set(e, "%s: model_type \"%s\" is not supported (\"llama\", \"mistral\", \"qwen2\")", path,
                  cJSON_IsString(mt) ? mt->valuestring : "?");
         goto done;
     }
+    if (!strcmp(mt->valuestring, "qwen2")) { /* modeling_qwen2.py: q/k/v_proj bias=True, o_proj and the MLP none */
+        hp->arch = LLAMA_ARCH_QWEN2;
+        hp->qkv_bias = 1;
+    }
+    const cJSON *lt = cJSON_GetObjectItemCaseSensitive(c, "layer_types");
+    for (int i = 0; cJSON_IsArray(lt) && i < cJSON_GetArraySize(lt); i++) {
+        const cJSON *t = cJSON_GetArrayItem(lt, i);
+        if (!cJSON_IsString(t) || (strcmp(t->valuestring, "full_attention") &&
+                                   strcmp(t->valuestring, "sliding_attention"))) {
+            qerr_set(e, "%s: layer_types[%d]: \"%s\" attention is not implemented (full_attention, and "
+                        "sliding_attention up to its window, are)", path, i, cJSON_IsString(t) ? t->valuestring : "?");
+            goto done;
+        }
+    }
+    /* keys of other architectures' configs that change the maths when present in one of these */
+    static const char *const foreign[] = {"attn_logit_softcapping", "final_logit_softcapping", "qk_layernorm",
+                                          "use_qk_norm", "query_pre_attn_scalar"};
+    for (size_t i = 0; i < sizeof foreign / sizeof *foreign; i++) {
+        const cJSON *it = cJSON_GetObjectItemCaseSensitive(c, foreign[i]);
+        if (it && !cJSON_IsNull(it) && !cJSON_IsFalse(it)) {
+            qerr_set(e, "%s: %s: not implemented (refusing rather than training a different model)", path, foreign[i]);
+            goto done;
+        }
+    }
+    /* sliding window: Mistral's sliding_window (null: none); Qwen2's only with use_sliding_window */
     const cJSON *sw = cJSON_GetObjectItemCaseSensitive(c, "sliding_window");
-    if (sw && cJSON_IsNumber(sw) && sw->valuedouble > 0 && sw->valuedouble < 1e9) {
-        /* Mistral v0.1's 4096-token window: identical to full attention for shorter rows */
-        const cJSON *mp = cJSON_GetObjectItemCaseSensitive(c, "max_position_embeddings");
-        if (cJSON_IsNumber(mp) && sw->valuedouble < mp->valuedouble)
-            fprintf(stderr, "[model] %s: sliding_window %d is not implemented: rows must stay within %d tokens\n",
-                    path, (int)sw->valuedouble, (int)sw->valuedouble);
+    const cJSON *usw = cJSON_GetObjectItemCaseSensitive(c, "use_sliding_window");
+    int sw_applies = !strcmp(mt->valuestring, "mistral") || cJSON_IsTrue(usw);
+    if (sw && !cJSON_IsNull(sw) && sw_applies) {
+        if (!cJSON_IsNumber(sw) || sw->valuedouble < 1 || sw->valuedouble > 1e9 ||
+            sw->valuedouble != floor(sw->valuedouble)) {
+            qerr_set(e, "%s: sliding_window: expected a positive integer or null", path);
+            goto done;
+        }
+        hp->sliding_window = (int)sw->valuedouble;
     }
     const cJSON *act = cJSON_GetObjectItemCaseSensitive(c, "hidden_act");
     if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu"))) {
@@ -125,13 +193,16 @@ static int parse_config(hf_model *h, qerr *e) {
         goto done;
     }
     if (rt) hp->rope_theta = (float)rt->valuedouble;
-    if (cJSON_IsObject(rs)) {
-        const cJSON *ty = cJSON_GetObjectItemCaseSensitive(rs, "rope_type");
-        if (!ty) ty = cJSON_GetObjectItemCaseSensitive(rs, "type");
-        if (cJSON_IsString(ty) && strcmp(ty->valuestring, "default")) {
-            qerr_set(e, "%s: rope scaling \"%s\" is not supported (only the default RoPE)", path, ty->valuestring);
-            goto done;
-        }
+    if (rs && !cJSON_IsNull(rs) && !cJSON_IsObject(rs)) {
+        qerr_set(e, "%s: rope_scaling: expected an object or null", path);
+        goto done;
+    }
+    if (cJSON_IsObject(rs) && parse_rope_scaling(rs, hp, path, e)) goto done;
+    const cJSON *prf = cJSON_GetObjectItemCaseSensitive(c, "partial_rotary_factor");
+    if (!prf && cJSON_IsObject(rpar)) prf = cJSON_GetObjectItemCaseSensitive(rpar, "partial_rotary_factor");
+    if (prf && !(cJSON_IsNumber(prf) && prf->valuedouble == 1.0)) {
+        qerr_set(e, "%s: partial_rotary_factor: only 1 (RoPE on the whole head) is implemented", path);
+        goto done;
     }
     if (hp->n_layer <= 0 || hp->n_kv_head <= 0 || hp->n_head % hp->n_kv_head || hp->head_dim <= 0 ||
         hp->head_dim % 2 || hp->d_ff <= 0 || hp->vocab <= 0) {
@@ -323,6 +394,8 @@ static void role_name(llama_role role, int layer, int module, char *name, size_t
     case LLAMA_T_FFN_NORM: snprintf(name, n, "model.layers.%d.post_attention_layernorm.weight", layer); return;
     case LLAMA_T_LINEAR: snprintf(name, n, "model.layers.%d.%s.%s.weight", layer, llama_linears[module].parent,
                                       llama_linears[module].peft); return;
+    case LLAMA_T_BIAS: snprintf(name, n, "model.layers.%d.%s.%s.bias", layer, llama_linears[module].parent,
+                                    llama_linears[module].peft); return;
     }
     name[0] = 0;
 }
@@ -613,6 +686,15 @@ int hf_model_load(const hf_model *h, int load_in_4bit, int double_quant, int max
                 goto fail;
             }
             m->n_quantized_params += rows * cols;
+            if (hp->qkv_bias && k <= LLAMA_V) { /* Qwen2: frozen fp32 bias, beside the blob as the norms */
+                if (!(L->bias[k] = qmalloc((size_t)rows * sizeof(float), e)) ||
+                    hf_model_tensor_f32(h, LLAMA_T_BIAS, l, k, L->bias[k], e)) {
+                    free(tmp);
+                    goto fail;
+                }
+                L->lin[k].bias = L->bias[k];
+                m->n_params += rows;
+            }
         }
         llama_layer_seal(L);
         m->quantized_bytes += (int64_t)lo.nbytes;
@@ -622,7 +704,7 @@ int hf_model_load(const hf_model *h, int load_in_4bit, int double_quant, int max
         m->double_quant = m->layers[0].nf4[0].double_quant;
     }
     m->n_params += m->n_quantized_params;
-    if (rope_table_init(&m->rope, max_pos, hp->head_dim, hp->rope_theta, e)) goto fail;
+    if (llama_rope_init(&m->rope, hp, max_pos, e)) goto fail;
     return 0;
 fail:
     llama_free(m);

@@ -20,11 +20,12 @@ void llama_tensor_shape(const llama_hparams *hp, llama_role role, int module, in
     case LLAMA_T_OUT_NORM:
     case LLAMA_T_ATTN_NORM:
     case LLAMA_T_FFN_NORM: *rows = D; *cols = 1; return;
-    case LLAMA_T_LINEAR: {
+    case LLAMA_T_LINEAR:
+    case LLAMA_T_BIAS: {
         const int64_t outs[LLAMA_N_LINEAR] = {qd, kd, kd, D, F, F, D};
         const int64_t ins[LLAMA_N_LINEAR] = {D, D, D, qd, D, D, F};
         *rows = outs[module];
-        *cols = ins[module];
+        *cols = role == LLAMA_T_BIAS ? 1 : ins[module];
         return;
     }
     }
@@ -33,43 +34,101 @@ void llama_tensor_shape(const llama_hparams *hp, llama_role role, int module, in
 
 static int llama_gguf_refuse_unimplemented(const gguf_file *f, const llama_hparams *hp, qerr *e);
 
+/* "<arch>.<suffix>": a GGUF key of hp's architecture (llama.cpp's LLM_KV names: "llama.block_count",
+ * "qwen2.block_count", ...). A small ring of buffers, so that one expression may hold several keys. */
+static const char *K(const llama_hparams *hp, const char *suffix) {
+    static _Thread_local char ring[8][96];
+    static _Thread_local unsigned next;
+    char *b = ring[next++ % 8];
+    snprintf(b, sizeof ring[0], "%s.%s", llama_arch_name(hp->arch), suffix);
+    return b;
+}
+
+const char *llama_arch_name(llama_arch arch) { return arch == LLAMA_ARCH_QWEN2 ? "qwen2" : "llama"; }
+
+/* RoPE scaling of a GGUF (llama.cpp llama-model.cpp): freq_scale = 1 / rope.scaling.factor (or the older
+ * rope.scale_linear), 0 meaning 1, for type none or linear alike; rope_freqs.weight divides each pair's
+ * frequency (ggml_rope_ext's freq_factors). */
+static int llama_gguf_rope_scaling(const gguf_file *f, llama_hparams *hp, qerr *e) {
+    llama_rope_scaling *rs = &hp->rope_scaling;
+    rs->type = LLAMA_ROPE_DEFAULT;
+    rs->factor = 1.0f;
+    static const char *const factor_keys[] = {"rope.scaling.factor", "rope.scale_linear"};
+    for (int i = 0; i < 2; i++) {
+        if (!gguf_has_key(f, K(hp, factor_keys[i]))) continue;
+        float factor;
+        if (gguf_get_f32(f, K(hp, factor_keys[i]), &factor, e)) return -1;
+        if (!isfinite(factor) || factor < 0.0f)
+            return qerr_set(e, "%s: expected a finite RoPE scaling factor >= 0, got %g", K(hp, factor_keys[i]),
+                            (double)factor);
+        if (factor != 0.0f && factor != 1.0f) {
+            rs->type = LLAMA_ROPE_LINEAR;
+            rs->factor = factor;
+        }
+        break;
+    }
+    const gguf_tensor *t = gguf_find_tensor(f, "rope_freqs.weight");
+    if (!t) return 0;
+    int half = hp->head_dim / 2;
+    if (t->n_dims != 1 || (int64_t)t->ne[0] != half || t->type != GGML_TYPE_F32)
+        return qerr_set(e, "tensor rope_freqs.weight: expected F32 of %d elements (head_dim / 2), got type %u with "
+                           "%llu elements", half, (unsigned)t->type, (unsigned long long)t->nelements);
+    if (half > LLAMA_ROPE_MAX_PAIRS)
+        return qerr_set(e, "tensor rope_freqs.weight: head_dim %d exceeds the %d pairs supported", hp->head_dim,
+                        LLAMA_ROPE_MAX_PAIRS);
+    if (gguf_tensor_to_f32(t, rs->freq_factors, e)) return qerr_prefix(e, "tensor rope_freqs.weight");
+    for (int i = 0; i < half; i++)
+        if (!isfinite(rs->freq_factors[i]) || rs->freq_factors[i] <= 0.0f)
+            return qerr_set(e, "tensor rope_freqs.weight: element %d: expected a finite factor > 0, got %g", i,
+                            (double)rs->freq_factors[i]);
+    rs->type = LLAMA_ROPE_FREQ_FACTORS;
+    return 0;
+}
+
 int llama_hparams_from_gguf(const gguf_file *f, llama_hparams *hp, qerr *e) {
     memset(hp, 0, sizeof *hp);
     const char *arch;
     size_t alen;
     if (gguf_get_str(f, "general.architecture", &arch, &alen, e)) return -1;
-    if (!(alen == 5 && memcmp(arch, "llama", 5) == 0))
-        return qerr_set(e, "general.architecture: expected \"llama\", got \"%.*s\"", (int)alen, arch);
+    if (alen == 5 && !memcmp(arch, "llama", 5)) {
+        hp->arch = LLAMA_ARCH_LLAMA;
+    } else if (alen == 5 && !memcmp(arch, "qwen2", 5)) {
+        hp->arch = LLAMA_ARCH_QWEN2;
+        hp->qkv_bias = 1;
+    } else {
+        return qerr_set(e, "general.architecture: \"%.*s\" is not supported (llama: Llama 1-3, Mistral, SmolLM; "
+                           "qwen2: Qwen2 / Qwen2.5)", (int)alen, arch);
+    }
     uint32_t v;
-    if (gguf_get_u32(f, "llama.block_count", &v, e)) return -1;
+    if (gguf_get_u32(f, K(hp, "block_count"), &v, e)) return -1;
     hp->n_layer = (int)v;
-    if (gguf_get_u32(f, "llama.embedding_length", &v, e)) return -1;
+    if (gguf_get_u32(f, K(hp, "embedding_length"), &v, e)) return -1;
     hp->d_model = (int)v;
-    if (gguf_get_u32(f, "llama.attention.head_count", &v, e)) return -1;
+    if (gguf_get_u32(f, K(hp, "attention.head_count"), &v, e)) return -1;
     hp->n_head = (int)v;
     hp->n_kv_head = hp->n_head;
-    if (gguf_has_key(f, "llama.attention.head_count_kv")) {
-        if (gguf_get_u32(f, "llama.attention.head_count_kv", &v, e)) return -1;
+    if (gguf_has_key(f, K(hp, "attention.head_count_kv"))) {
+        if (gguf_get_u32(f, K(hp, "attention.head_count_kv"), &v, e)) return -1;
         hp->n_kv_head = (int)v;
     }
-    if (gguf_get_u32(f, "llama.feed_forward_length", &v, e)) return -1;
+    if (gguf_get_u32(f, K(hp, "feed_forward_length"), &v, e)) return -1;
     hp->d_ff = (int)v;
     hp->context_length = 2048;
-    if (gguf_has_key(f, "llama.context_length")) {
-        if (gguf_get_u32(f, "llama.context_length", &v, e)) return -1;
+    if (gguf_has_key(f, K(hp, "context_length"))) {
+        if (gguf_get_u32(f, K(hp, "context_length"), &v, e)) return -1;
         hp->context_length = (int)v;
     }
     hp->head_dim = hp->n_head ? hp->d_model / hp->n_head : 0;
-    if (gguf_has_key(f, "llama.attention.key_length")) {
-        if (gguf_get_u32(f, "llama.attention.key_length", &v, e)) return -1;
+    if (gguf_has_key(f, K(hp, "attention.key_length"))) {
+        if (gguf_get_u32(f, K(hp, "attention.key_length"), &v, e)) return -1;
         hp->head_dim = (int)v;
     }
     hp->rope_theta = 10000.0f;
-    if (gguf_has_key(f, "llama.rope.freq_base") && gguf_get_f32(f, "llama.rope.freq_base", &hp->rope_theta, e))
+    if (gguf_has_key(f, K(hp, "rope.freq_base")) && gguf_get_f32(f, K(hp, "rope.freq_base"), &hp->rope_theta, e))
         return -1;
     hp->rms_eps = 1e-5f;
-    if (gguf_has_key(f, "llama.attention.layer_norm_rms_epsilon") &&
-        gguf_get_f32(f, "llama.attention.layer_norm_rms_epsilon", &hp->rms_eps, e))
+    if (gguf_has_key(f, K(hp, "attention.layer_norm_rms_epsilon")) &&
+        gguf_get_f32(f, K(hp, "attention.layer_norm_rms_epsilon"), &hp->rms_eps, e))
         return -1;
     const gguf_tensor *emb = gguf_find_tensor(f, "token_embd.weight");
     if (!emb) return qerr_set(e, "tensor token_embd.weight missing");
@@ -82,8 +141,13 @@ int llama_hparams_from_gguf(const gguf_file *f, llama_hparams *hp, qerr *e) {
     if ((int64_t)emb->ne[0] != hp->d_model)
         return qerr_set(e, "token_embd.weight: expected ne0 = %d, got %llu", hp->d_model,
                         (unsigned long long)emb->ne[0]);
-    if (llama_hparams_check(hp, "llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon", e)) return -1;
-    return llama_gguf_refuse_unimplemented(f, hp, e);
+    if (llama_gguf_refuse_unimplemented(f, hp, e) || llama_gguf_rope_scaling(f, hp, e)) return -1;
+    if (gguf_has_key(f, K(hp, "attention.sliding_window"))) {
+        if (gguf_get_u32(f, K(hp, "attention.sliding_window"), &v, e)) return -1;
+        if (v > 1000000000u) return qerr_set(e, "%s: %u is out of range", K(hp, "attention.sliding_window"), v);
+        hp->sliding_window = (int)v; /* 0: none (llama.cpp writes 0 for "no window") */
+    }
+    return llama_hparams_check(hp, K(hp, "rope.freq_base"), K(hp, "attention.layer_norm_rms_epsilon"), e);
 }
 
 int llama_hparams_check(const llama_hparams *hp, const char *theta_key, const char *eps_key, qerr *e) {
@@ -94,6 +158,18 @@ int llama_hparams_check(const llama_hparams *hp, const char *theta_key, const ch
     /* rms_eps: added to mean(x^2) under the square root; <= 0 or NaN divides by zero or poisons every row */
     if (!isfinite(hp->rms_eps) || hp->rms_eps <= 0.0f || hp->rms_eps >= 1.0f)
         return qerr_set(e, "%s: expected a finite RMSNorm epsilon in (0, 1), got %g", eps_key, (double)hp->rms_eps);
+    const llama_rope_scaling *rs = &hp->rope_scaling;
+    if (rs->type != LLAMA_ROPE_DEFAULT && (!isfinite(rs->factor) || rs->factor <= 0.0f))
+        return qerr_set(e, "RoPE scaling factor: expected a finite number > 0, got %g", (double)rs->factor);
+    if (rs->type == LLAMA_ROPE_LLAMA3 &&
+        (!isfinite(rs->low_freq_factor) || !isfinite(rs->high_freq_factor) || rs->low_freq_factor <= 0.0f ||
+         rs->high_freq_factor <= rs->low_freq_factor || rs->original_context <= 0))
+        return qerr_set(e, "llama3 RoPE scaling: expected 0 < low_freq_factor < high_freq_factor and "
+                           "original_max_position_embeddings > 0, got %g, %g, %d", (double)rs->low_freq_factor,
+                        (double)rs->high_freq_factor, rs->original_context);
+    if (rs->type != LLAMA_ROPE_DEFAULT && hp->head_dim / 2 > LLAMA_ROPE_MAX_PAIRS)
+        return qerr_set(e, "RoPE scaling: head_dim %d exceeds the %d pairs supported", hp->head_dim,
+                        LLAMA_ROPE_MAX_PAIRS);
     if (hp->context_length <= 0)
         return qerr_set(e, "context length: expected a positive number of positions, got %d", hp->context_length);
     return 0;
@@ -103,36 +179,39 @@ int llama_hparams_check(const llama_hparams *hp, const char *theta_key, const ch
  * not implement: refused by name, so a model is never trained as a different
  * one (docs/formats.md §3). */
 static int llama_gguf_refuse_unimplemented(const gguf_file *f, const llama_hparams *hp, qerr *e) {
-    if (gguf_find_tensor(f, "rope_freqs.weight"))
-        return qerr_set(e, "tensor rope_freqs.weight: per-pair RoPE frequency factors (llama3 RoPE scaling, Llama "
-                           "3.1/3.2) are not implemented; refusing rather than training with the default RoPE");
     const char *type = NULL;
     size_t tl = 0;
-    if (gguf_has_key(f, "llama.rope.scaling.type")) {
-        if (gguf_get_str(f, "llama.rope.scaling.type", &type, &tl, e)) return -1;
-        if (!(tl == 4 && !memcmp(type, "none", 4)))
-            return qerr_set(e, "llama.rope.scaling.type: \"%.*s\" RoPE scaling is not implemented (only none)",
-                            (int)tl, type);
+    if (gguf_has_key(f, K(hp, "rope.scaling.type"))) {
+        if (gguf_get_str(f, K(hp, "rope.scaling.type"), &type, &tl, e)) return -1;
+        if (!(tl == 4 && !memcmp(type, "none", 4)) && !(tl == 6 && !memcmp(type, "linear", 6)))
+            return qerr_set(e, "%s: \"%.*s\" RoPE scaling is not implemented (none, linear, and llama3 as the "
+                               "rope_freqs.weight tensor are)", K(hp, "rope.scaling.type"), (int)tl, type);
     }
-    if (gguf_has_key(f, "llama.rope.scaling.factor")) {
-        float factor;
-        if (gguf_get_f32(f, "llama.rope.scaling.factor", &factor, e)) return -1;
-        if (factor != 0.0f && factor != 1.0f)
-            return qerr_set(e, "llama.rope.scaling.factor: %g: RoPE scaling is not implemented (only factor 1)",
-                            (double)factor);
+    if (gguf_has_key(f, K(hp, "rope.scaling.attn_factor"))) {
+        float af;
+        if (gguf_get_f32(f, K(hp, "rope.scaling.attn_factor"), &af, e)) return -1;
+        if (af != 1.0f)
+            return qerr_set(e, "%s: %g: a RoPE attention factor other than 1 is not implemented",
+                            K(hp, "rope.scaling.attn_factor"), (double)af);
     }
-    static const char *const refused[] = {"llama.attn_logit_softcapping", "llama.final_logit_softcapping",
-                                          "llama.attention.sliding_window", "llama.rope.dimension_sections"};
-    for (size_t i = 0; i < sizeof refused / sizeof *refused; i++)
-        if (gguf_has_key(f, refused[i]))
-            return qerr_set(e, "%s: not implemented for the llama architecture here; refusing rather than training "
-                               "a different model", refused[i]);
-    if (gguf_has_key(f, "llama.rope.dimension_count")) {
+    if (gguf_has_key(f, K(hp, "expert_count"))) { /* Mixtral is general.architecture llama with expert tensors */
         uint32_t n;
-        if (gguf_get_u32(f, "llama.rope.dimension_count", &n, e)) return -1;
+        if (gguf_get_u32(f, K(hp, "expert_count"), &n, e)) return -1;
+        if (n > 0)
+            return qerr_set(e, "%s: %u: mixture-of-experts layers are not implemented", K(hp, "expert_count"), n);
+    }
+    static const char *const refused[] = {"attn_logit_softcapping", "final_logit_softcapping",
+                                          "rope.dimension_sections", "attention.sliding_window_pattern"};
+    for (size_t i = 0; i < sizeof refused / sizeof *refused; i++)
+        if (gguf_has_key(f, K(hp, refused[i])))
+            return qerr_set(e, "%s: not implemented for the %s architecture here; refusing rather than training "
+                               "a different model", K(hp, refused[i]), llama_arch_name(hp->arch));
+    if (gguf_has_key(f, K(hp, "rope.dimension_count"))) {
+        uint32_t n;
+        if (gguf_get_u32(f, K(hp, "rope.dimension_count"), &n, e)) return -1;
         if ((int)n != hp->head_dim)
-            return qerr_set(e, "llama.rope.dimension_count: %u, but head_dim is %d: partial rotary embeddings are not "
-                               "implemented", n, hp->head_dim);
+            return qerr_set(e, "%s: %u, but head_dim is %d: partial rotary embeddings are not implemented",
+                            K(hp, "rope.dimension_count"), n, hp->head_dim);
     }
     /* every blk.N tensor must belong to one of the block_count layers: fewer layers than the file holds would train
      * a truncated model without a word */
@@ -143,12 +222,16 @@ static int llama_gguf_refuse_unimplemented(const gguf_file *f, const llama_hpara
         if (strncmp(t->name, "blk.", 4)) continue;
         blk = strtol(t->name + 4, &end, 10);
         if (end != t->name + 4 && *end == '.' && blk >= hp->n_layer)
-            return qerr_set(e, "tensor %s: block %ld, but llama.block_count is %d (the file holds more layers than "
-                               "its metadata declares)", t->name, blk, hp->n_layer);
-        if (!strcmp(end, ".attn_q.bias") || !strcmp(end, ".attn_k.bias") || !strcmp(end, ".attn_v.bias") ||
-            !strcmp(end, ".attn_output.bias") || !strcmp(end, ".ffn_up.bias") || !strcmp(end, ".ffn_down.bias") ||
+            return qerr_set(e, "tensor %s: block %ld, but %s is %d (the file holds more layers than its metadata "
+                               "declares)", t->name, blk, K(hp, "block_count"), hp->n_layer);
+        int qkv_bias = !strcmp(end, ".attn_q.bias") || !strcmp(end, ".attn_k.bias") || !strcmp(end, ".attn_v.bias");
+        if (qkv_bias && !hp->qkv_bias)
+            return qerr_set(e, "tensor %s: linear biases are not implemented for the %s architecture (Qwen2's q/k/v "
+                               "biases are, under general.architecture \"qwen2\")", t->name, llama_arch_name(hp->arch));
+        if (!strcmp(end, ".attn_output.bias") || !strcmp(end, ".ffn_up.bias") || !strcmp(end, ".ffn_down.bias") ||
             !strcmp(end, ".ffn_gate.bias"))
-            return qerr_set(e, "tensor %s: linear biases are not implemented (Llama without biases only)", t->name);
+            return qerr_set(e, "tensor %s: a bias on this linear is not implemented (only Qwen2's q/k/v biases are)",
+                            t->name);
         if (!strcmp(end, ".attn_q_norm.weight") || !strcmp(end, ".attn_k_norm.weight"))
             return qerr_set(e, "tensor %s: QK-norm is not implemented", t->name);
     }
@@ -167,6 +250,99 @@ void llama_unpermute_rows(float *w, int n_head, int head_dim, int64_t in) {
                 memcpy(blk + (size_t)(j * half + i) * in, tmp + (size_t)(2 * i + j) * in, (size_t)in * sizeof(float));
     }
     free(tmp);
+}
+
+/* ------------------------------------------------------------------ RoPE frequencies */
+
+void llama_rope_inv_freq(const llama_hparams *hp, float *inv_freq) {
+    const llama_rope_scaling *rs = &hp->rope_scaling;
+    int half = hp->head_dim / 2;
+    rope_default_inv_freq(hp->head_dim, hp->rope_theta, inv_freq);
+    switch (rs->type) {
+    case LLAMA_ROPE_DEFAULT: return;
+    case LLAMA_ROPE_LINEAR:
+        for (int i = 0; i < half; i++) inv_freq[i] /= rs->factor;
+        return;
+    case LLAMA_ROPE_FREQ_FACTORS:
+        for (int i = 0; i < half; i++) inv_freq[i] = inv_freq[i] / rs->freq_factors[i] / rs->factor;
+        return;
+    case LLAMA_ROPE_LLAMA3: {
+        /* modeling_rope_utils.py _compute_llama3_parameters: fp32 tensors against Python scalars (which torch
+         * rounds to fp32); the wavelength bounds are Python floats compared in fp32 */
+        float L = (float)rs->original_context, lo = rs->low_freq_factor, hi = rs->high_freq_factor;
+        float lo_wavelen = (float)((double)rs->original_context / lo), hi_wavelen = (float)((double)rs->original_context / hi);
+        float span = (float)((double)hi - (double)lo), two_pi = (float)(2.0 * M_PI);
+        for (int i = 0; i < half; i++) {
+            float inv = inv_freq[i], wavelen = two_pi / inv;
+            float llama = wavelen > lo_wavelen ? inv / rs->factor : inv;
+            if (!(wavelen < hi_wavelen) && !(wavelen > lo_wavelen)) {
+                float smooth = (L / wavelen - lo) / span;
+                llama = (1.0f - smooth) * llama / rs->factor + smooth * llama;
+            }
+            inv_freq[i] = llama;
+        }
+        return;
+    }
+    }
+}
+
+int llama_rope_init(rope_table *t, const llama_hparams *hp, int max_pos, qerr *e) {
+    float inv_freq[LLAMA_ROPE_MAX_PAIRS];
+    if (hp->head_dim / 2 > LLAMA_ROPE_MAX_PAIRS || hp->head_dim <= 0)
+        return qerr_set(e, "RoPE: head_dim %d out of range (2 .. %d)", hp->head_dim, 2 * LLAMA_ROPE_MAX_PAIRS);
+    llama_rope_inv_freq(hp, inv_freq);
+    return rope_table_init_freqs(t, max_pos, hp->head_dim, inv_freq, e);
+}
+
+/* convert_hf_to_gguf.py LlamaModel.generate_extra_tensors: the factor of one pair of wavelength wavelen */
+static double llama3_factor(double wavelen, double factor, double lo, double hi, double L) {
+    if (wavelen < L / hi) return 1.0;
+    if (wavelen > L / lo) return factor;
+    double smooth = (L / wavelen - lo) / (hi - lo);
+    return 1.0 / ((1.0 - smooth) / factor + smooth);
+}
+
+int llama_rope_llama3_of_factors(const llama_hparams *hp, llama_rope_scaling *out, qerr *e) {
+    const llama_rope_scaling *rs = &hp->rope_scaling;
+    int half = hp->head_dim / 2;
+    float inv[LLAMA_ROPE_MAX_PAIRS];
+    if (rs->type != LLAMA_ROPE_FREQ_FACTORS || rs->factor != 1.0f)
+        return qerr_set(e, "RoPE: not a rope_freqs (llama3) model");
+    rope_default_inv_freq(hp->head_dim, hp->rope_theta, inv);
+    double factor = 1.0;
+    for (int i = 0; i < half; i++) factor = fmax(factor, rs->freq_factors[i]);
+    /* smoothed pairs: 1/f_i = (1 - s)/factor + s, s = L/(hi - lo) · (1/wavelen) - lo/(hi - lo): a line in 1/wavelen */
+    double sx = 0, sy = 0, sxx = 0, sxy = 0;
+    int n = 0;
+    for (int i = 0; i < half; i++) {
+        double f = rs->freq_factors[i];
+        if (f <= 1.0 + 1e-6 || f >= factor * (1.0 - 1e-6)) continue;
+        double s = (1.0 / f - 1.0 / factor) / (1.0 - 1.0 / factor), x = (double)inv[i] / (2.0 * M_PI);
+        sx += x, sy += s, sxx += x * x, sxy += x * s, n++;
+    }
+    if (n < 2 || factor <= 1.0)
+        return qerr_set(e, "tensor rope_freqs.weight: %d pair(s) in the smoothed band, too few to recover llama3 "
+                           "rope_scaling parameters", n);
+    double a = (n * sxy - sx * sy) / (n * sxx - sx * sx), b = (sy - a * sx) / n;
+    /* low_freq_factor 1: b = -1/(hi - 1), a = L/(hi - 1) */
+    double hi = 1.0 - 1.0 / b, L = round(-a / b);
+    if (!(b < 0) || !(hi > 1.0) || !(L >= 1.0) || L > 1e9)
+        return qerr_set(e, "tensor rope_freqs.weight: the factors are not those of llama3 RoPE scaling");
+    hi = round(hi * 1e4) / 1e4; /* high_freq_factor is a round number in every config */
+    for (int i = 0; i < half; i++) {
+        double want = llama3_factor(2.0 * M_PI / (double)inv[i], factor, 1.0, hi, L), got = rs->freq_factors[i];
+        if (fabs(want - got) > 1e-5 * want)
+            return qerr_set(e, "tensor rope_freqs.weight: pair %d: factor %.7g, but the llama3 parameters fitted to "
+                               "the file (factor %g, low 1, high %g, original %g) give %.7g: not llama3 scaling",
+                            i, got, factor, hi, L, want);
+    }
+    memset(out, 0, sizeof *out);
+    out->type = LLAMA_ROPE_LLAMA3;
+    out->factor = (float)factor;
+    out->low_freq_factor = 1.0f;
+    out->high_freq_factor = (float)hi;
+    out->original_context = (int)L;
+    return 0;
 }
 
 static int load_matrix_f32(const gguf_file *f, const char *name, int64_t rows, int64_t cols, float *dst, qerr *e) {
@@ -433,8 +609,15 @@ int llama_load_gguf(const gguf_file *f, int load_in_4bit, int double_quant, int 
             const int64_t rows = lo.rows[k], cols = lo.cols[k];
             snprintf(name, sizeof name, "blk.%d.%s.weight", l, llama_linears[k].gguf);
             if (load_matrix_f32(f, name, rows, cols, tmp, e)) goto fail;
-            if (k == LLAMA_Q) llama_unpermute_rows(tmp, hp->n_head, (int)hd, cols);
-            if (k == LLAMA_K) llama_unpermute_rows(tmp, hp->n_kv_head, (int)hd, cols);
+            /* llama's converter permutes Q/K for ggml's interleaved RoPE; qwen2's (NEOX RoPE) does not */
+            if (k == LLAMA_Q && hp->arch == LLAMA_ARCH_LLAMA) llama_unpermute_rows(tmp, hp->n_head, (int)hd, cols);
+            if (k == LLAMA_K && hp->arch == LLAMA_ARCH_LLAMA) llama_unpermute_rows(tmp, hp->n_kv_head, (int)hd, cols);
+            if (hp->qkv_bias && k <= LLAMA_V) {
+                snprintf(name, sizeof name, "blk.%d.%s.bias", l, llama_linears[k].gguf);
+                if (load_vector_f32(f, name, rows, &L->bias[k], e)) goto fail;
+                L->lin[k].bias = L->bias[k];
+                m->n_params += rows;
+            }
             if (load_in_4bit) {
                 if (nf4_quantize_into(tmp, &L->nf4[k], e)) goto fail;
             } else {
@@ -447,7 +630,7 @@ int llama_load_gguf(const gguf_file *f, int load_in_4bit, int double_quant, int 
     }
     free(tmp);
     m->n_params += m->n_quantized_params;
-    if (rope_table_init(&m->rope, max_pos, (int)hd, hp->rope_theta, e)) return -1;
+    if (llama_rope_init(&m->rope, hp, max_pos, e)) return -1;
     return 0;
 fail:
     free(tmp);
@@ -461,6 +644,7 @@ void llama_free(llama_model *m) {
             free(L->attn_norm);
             free(L->ffn_norm);
             for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+                free(L->bias[k]);
                 nf4_free(&L->nf4[k]); /* a view into the blob: forgotten; owned (no blob): freed */
                 if (!L->blob) free(L->w_bf16[k]);
             }

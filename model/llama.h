@@ -20,11 +20,74 @@
 #include "model/llama_linear.h" /* LLAMA_Q .. LLAMA_DOWN, their names and the order contract */
 
 
+/* RoPE frequency scaling (HF modeling_rope_utils.py ROPE_INIT_FUNCTIONS; llama.cpp's
+ * rope_freqs / freq_scale). Each maps the default inverse frequencies
+ * inv_freq[i] = 1/theta^(2i/head_dim) of the head_dim/2 rotated pairs to new ones
+ * (llama_rope_inv_freq); attention itself is unchanged (attention_factor 1). */
+#define LLAMA_ROPE_MAX_PAIRS 256 /* head_dim <= 512 */
+typedef enum llama_rope_type {
+    LLAMA_ROPE_DEFAULT = 0,  /* no scaling */
+    LLAMA_ROPE_LINEAR,       /* inv_freq / factor (HF "linear"; GGUF rope.scaling.type "linear") */
+    LLAMA_ROPE_LLAMA3,       /* HF "llama3" (_compute_llama3_parameters): Llama 3.1 / 3.2 */
+    LLAMA_ROPE_FREQ_FACTORS, /* GGUF rope_freqs.weight: inv_freq / freq_factors[i] / factor (llama.cpp
+                              * ggml_rope_ext's freq_factors and freq_scale = 1/factor); the converter's
+                              * form of llama3 scaling */
+} llama_rope_type;
+
+typedef struct llama_rope_scaling {
+    llama_rope_type type;
+    float factor;                              /* LINEAR, LLAMA3, FREQ_FACTORS (1 = none) */
+    float low_freq_factor, high_freq_factor;   /* LLAMA3 */
+    int original_context;                      /* LLAMA3: original_max_position_embeddings */
+    float freq_factors[LLAMA_ROPE_MAX_PAIRS];  /* FREQ_FACTORS: (head_dim/2), finite, > 0 */
+} llama_rope_scaling;
+
+/* Architectures: the Llama block, and what differs from it. */
+typedef enum llama_arch {
+    LLAMA_ARCH_LLAMA = 0, /* Llama 1-3, Mistral, SmolLM (GGUF "llama"; HF "llama", "mistral") */
+    LLAMA_ARCH_QWEN2,     /* Qwen2 / Qwen2.5 (GGUF "qwen2", HF "qwen2"): q/k/v biases; GGUF Q/K rows in HF order
+                           * (llama.cpp's NEOX RoPE is HF's rotate_half: the converter does not permute) */
+} llama_arch;
+
+/* The GGUF general.architecture of arch ("llama", "qwen2"), also its key prefix. */
+const char *llama_arch_name(llama_arch arch);
+
 typedef struct llama_hparams {
+    llama_arch arch;
+    int qkv_bias;            /* 1: q_proj, k_proj, v_proj carry a frozen bias (Qwen2) */
     int n_layer, d_model, n_head, n_kv_head, head_dim, d_ff, vocab, context_length;
     float rope_theta, rms_eps;
     int tied_embeddings;
+    llama_rope_scaling rope_scaling;
+    /* Sliding-window attention (Mistral v0.1's 4096; HF sliding_window, GGUF <arch>.attention.sliding_window),
+     * 0 = none. Not implemented as a mask: for rows of at most sliding_window tokens it is the plain causal
+     * mask (HF masks key j for query i when i - j >= sliding_window), so longer sequences are refused
+     * (trainer/run.c sequence_len, qlora-generate's context). */
+    int sliding_window;
 } llama_hparams;
+
+/* llama_rope_inv_freq: the RoPE inverse frequencies (head_dim/2, fp32, radians
+ * per position) of hp: the default 1/theta^(2i/d) (autograd/ops.h
+ * rope_default_inv_freq) scaled as hp->rope_scaling says. LLAMA3 follows
+ * transformers' _compute_llama3_parameters operation for operation in fp32:
+ * wavelen = 2π/inv_freq; wavelen > original/low_freq_factor: inv_freq/factor;
+ * wavelen < original/high_freq_factor: unchanged; between: (1-s)·inv/factor +
+ * s·inv with s = (original/wavelen - low)/(high - low). */
+void llama_rope_inv_freq(const llama_hparams *hp, float *inv_freq);
+
+/* llama_rope_init: the model's RoPE cos/sin table for max_pos positions from
+ * llama_rope_inv_freq (every loader and test builds its table here).
+ * Errors (-1): out of memory. */
+int llama_rope_init(rope_table *t, const llama_hparams *hp, int max_pos, qerr *e);
+
+/* llama_rope_llama3_of_factors: the llama3 parameters (HF rope_scaling) that
+ * reproduce hp's FREQ_FACTORS (a GGUF's rope_freqs, as convert_hf_to_gguf.py
+ * computes them from llama3 parameters), for a merged model's config.json.
+ * low_freq_factor is taken as 1 (Llama 3.1/3.2) and the rest solved from the
+ * smoothed pairs; the result is accepted only when it reproduces every
+ * factor to 1e-5 relative. Errors (-1): the factors are not llama3's (or too
+ * few pairs lie in the smoothed band to determine them). */
+int llama_rope_llama3_of_factors(const llama_hparams *hp, llama_rope_scaling *out, qerr *e);
 
 /* The roles of the base model's tensors (model/base.h base_model_tensor_f32,
  * model/hf.c), with their shapes from the hyper-parameters. */
@@ -35,10 +98,12 @@ typedef enum llama_role {
     LLAMA_T_ATTN_NORM, /* (D) layers.N.input_layernorm / blk.N.attn_norm */
     LLAMA_T_FFN_NORM,  /* (D) layers.N.post_attention_layernorm / blk.N.ffn_norm */
     LLAMA_T_LINEAR,    /* layers.N.{self_attn,mlp}.<module> (out, in) */
+    LLAMA_T_BIAS,      /* (out) layers.N.self_attn.{q,k,v}_proj.bias / blk.N.attn_{q,k,v}.bias (hp->qkv_bias) */
 } llama_role;
 
-/* Shape (rows, cols) of a role's tensor (cols = 1 for norms: rows = D); module
- * indexes the LLAMA_Q..LLAMA_DOWN enum for LLAMA_T_LINEAR. */
+/* Shape (rows, cols) of a role's tensor (cols = 1 for norms and biases: rows =
+ * D or out); module indexes the LLAMA_Q..LLAMA_DOWN enum for LLAMA_T_LINEAR
+ * and LLAMA_T_BIAS. */
 void llama_tensor_shape(const llama_hparams *hp, llama_role role, int module, int64_t *rows, int64_t *cols);
 
 /* ---- The frozen linears of one layer in one allocation (the layer blob) ----
@@ -122,6 +187,8 @@ typedef struct llama_byte_range {
 
 typedef struct llama_layer {
     float *attn_norm, *ffn_norm;        /* (D) fp32 */
+    float *bias[LLAMA_N_LINEAR];        /* (out) fp32 frozen bias of q/k/v (hp.qkv_bias), else NULL; lin[k].bias
+                                         * points here (not part of the blob, as the norms) */
     frozen_weight lin[LLAMA_N_LINEAR];  /* q (H*hd, D), k/v (KVH*hd, D), o (D, H*hd), gate/up (F, D), down (D, F) */
     nf4_tensor nf4[LLAMA_N_LINEAR];     /* when quantized: views into blob (or, in a layer built by hand
                                          * without a blob, tensors owning their buffers) */
@@ -186,9 +253,14 @@ typedef struct llama_model {
 } llama_model;
 
 /* Read hyper-parameters from GGUF metadata (`llama.*` keys), checked with
+ * llama_hparams_check. RoPE scaling: the tensor rope_freqs.weight (F32,
+ * head_dim/2 factors: llama3 scaling as convert_hf_to_gguf.py writes it) and
+ * llama.rope.scaling.factor (or the older llama.rope.scale_linear; linear
+ * interpolation, applied whatever the type, as llama.cpp does) go into
+ * hp->rope_scaling. Also
  * llama_hparams_check. Keys and tensors that change the maths and are not
- * implemented are refused by name: rope_freqs.weight (llama3 scaling),
- * llama.rope.scaling.* other than none/1, logit soft-capping, a sliding
+ * implemented are refused by name: llama.rope.scaling.type other than
+ * none/linear (yarn, longrope, ...), an attention factor other than 1, logit soft-capping, a sliding
  * window, partial rotary dimensions, linear biases, QK-norm, and blk.N
  * tensors beyond llama.block_count. Errors (-1): one line naming the key or
  * tensor. */

@@ -18,12 +18,16 @@ double grad_norm_l2_backend(const ag_backend *be, const float *grad, int64_t n) 
     return sqrt(be->sum_squares(grad, n));
 }
 
-float clip_grad_norm_backend(const ag_backend *be, float *grad, int64_t n, float max_norm) {
-    const float total = (float)grad_norm_l2_backend(be, grad, n);
-    if (!(max_norm > 0.0f) || !isfinite(total)) return total;
+void clip_grad_by_norm_backend(const ag_backend *be, float *grad, int64_t n, float total, float max_norm) {
+    if (!(max_norm > 0.0f) || !isfinite(total)) return;
     const float denom = total + 1e-6f;
     const float coef = max_norm / denom;
     if (coef < 1.0f) be->scale(grad, n, coef);
+}
+
+float clip_grad_norm_backend(const ag_backend *be, float *grad, int64_t n, float max_norm) {
+    const float total = (float)grad_norm_l2_backend(be, grad, n);
+    clip_grad_by_norm_backend(be, grad, n, total, max_norm);
     return total;
 }
 

@@ -31,4 +31,10 @@ float clip_grad_norm(float *grad, int64_t n, float max_norm);
 /* The same on backend be (grad is be's memory); clip_grad_norm uses the default backend. */
 float clip_grad_norm_backend(const ag_backend *be, float *grad, int64_t n, float max_norm);
 
+/* The clipping of clip_grad_norm_backend for a total norm computed elsewhere
+ * (a sharded gradient: the ranks' sums of squares added, then sqrt): grad (n)
+ * fp32 scaled by max_norm / (total + 1e-6) when that is < 1; nothing when
+ * max_norm <= 0 or total is not finite. */
+void clip_grad_by_norm_backend(const ag_backend *be, float *grad, int64_t n, float total, float max_norm);
+
 #endif

@@ -864,6 +864,216 @@ def make_tiny(args):
     write_qref(os.path.join(FIX, "ref_tiny.qref.gz"), o)
 
 
+# ----------------------------------------------------------------------------- model families
+
+# llama.cpp's own converter (convert_hf_to_gguf.py and its conversion/ package and gguf-py) as shipped in
+# the llama-cpp-python 0.3.36 sdist (`pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`,
+# then unpack): --llama-cpp points at its vendor/llama.cpp. The GGUF forms of the family fixtures are
+# written by it, not by us.
+#   sha256 of llama_cpp_python-0.3.36.tar.gz: 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+#   pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d build/lcp &&
+#   tar xzf build/lcp/llama_cpp_python-0.3.36.tar.gz -C build/lcp
+LLAMA_CPP_DEFAULT = os.path.join(ROOT, "build", "lcp", "llama_cpp_python-0.3.36", "vendor", "llama.cpp")
+
+# Tiny random models per family. llama3: rope_scaling llama3 with original_max_position_embeddings 128,
+# low 1, high 8 and head_dim 16 at theta 500: pair wavelengths 6.3, 13.6 (< 16: unchanged), 29.6, 64.5
+# (smoothed), 140 .. 1431 (> 128: divided by 8): all three regimes in rows of 16 tokens. Untied head.
+FAMILIES = {
+    "llama3": dict(TINY, hf_class="LlamaForCausalLM", tied=False,
+                   rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=8.0,
+                                     original_max_position_embeddings=128)),
+    # Mistral: the Llama block under model_type "mistral"; its sliding_window (4096, as v0.1) is longer than
+    # every row here, where it equals full attention
+    "mistral": dict(TINY, hf_class="MistralForCausalLM", tied=False, sliding_window=4096),
+    # Qwen2 / Qwen2.5: q/k/v biases (drawn at 0.5 so they matter), tied embeddings as the small Qwen2.5s,
+    # theta 1e6 as Qwen2.5 (the default RoPE); GGUF arch qwen2: no Q/K permutation
+    "qwen2": dict(TINY, hf_class="Qwen2ForCausalLM", tied=True, theta=1000000.0),
+}
+
+
+def tiny_tokenizer(vocab_size):
+    """A GPT-2-style byte-level BPE over the tiny vocabulary (the first vocab_size - 6 characters of GPT-2's
+    byte alphabet, four merges, two special tokens): an HF directory and a GGUF need a tokenizer; the model
+    tests never tokenize with it."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    merges = [("t", "h"), ("h", "e"), ("i", "n"), ("e", "r")]
+    chars = list(bytes_to_unicode().values())[:vocab_size - 2 - len(merges)]
+    vocab = {ch: i for i, ch in enumerate(chars + [a + b for a, b in merges])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken("<|bos|>", special=True, normalized=False),
+                            AddedToken("<|eos|>", special=True, normalized=False)])
+    assert tok.get_vocab_size() == vocab_size
+    return tok
+
+
+def gguf_convert(llama_cpp, hf_dir, out_path):
+    """Run llama.cpp's converter on hf_dir (bf16 output, as `convert_hf_to_gguf.py --outtype bf16`). Only the
+    pre-tokenizer name is given ("gpt2": the converter identifies pre-tokenizers by hashing the encoding of a
+    test text, and the tiny tokenizer's hash is not registered); the vocabulary, the model tensors, the Q/K
+    permutation, rope_freqs and every hyper-parameter key are the converter's own."""
+    import importlib
+    from pathlib import Path
+    if not os.path.isdir(os.path.join(llama_cpp, "conversion")):
+        sys.exit(f"{llama_cpp}: llama.cpp's converter not found; unpack the llama-cpp-python 0.3.36 sdist "
+                 "(see LLAMA_CPP_DEFAULT in this script) or pass --llama-cpp DIR")
+    sys.path.insert(0, llama_cpp)
+    sys.path.insert(0, os.path.join(llama_cpp, "gguf-py"))
+    for m in [k for k in sys.modules if k == "gguf" or k.startswith("gguf.")]:
+        del sys.modules[m]
+    gguf = importlib.import_module("gguf")
+    conv = importlib.import_module("conversion")
+    hparams = conv.ModelBase.load_hparams(Path(hf_dir), False)
+    cls = conv.get_model_class(hparams["architectures"][0])
+
+    class TinyVocab(cls):
+        model_arch = cls.model_arch
+
+        def get_vocab_base_pre(self, tokenizer):
+            return "gpt2"  # the tiny tokenizer is GPT-2's ByteLevel pre-tokenizer; no hash of it is registered
+
+        def set_vocab(self):
+            self._set_vocab_gpt2()
+
+    m = TinyVocab(Path(hf_dir), gguf.LlamaFileType.MOSTLY_BF16, Path(out_path))
+    m.write()
+    sys.path.remove(llama_cpp)
+    sys.path.remove(os.path.join(llama_cpp, "gguf-py"))
+    import hashlib
+    with open(os.path.join(llama_cpp, "conversion", "base.py"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def make_family(name, args):
+    """ref_<name>.qref.gz: as ref_tiny (logits, loss, every LoRA gradient, 10 AdamW steps, fp32), for a tiny
+    model of one family, plus the model itself as transformers saves it (config.json, model.safetensors in
+    bf16) and as llama.cpp's converter writes it (GGUF, bf16). The weights are drawn and then rounded to bf16,
+    so the bf16 files hold exactly the weights of the fp32 reference computation."""
+    import tempfile
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    c = FAMILIES[name]
+    kw = dict(vocab_size=c["vocab"], hidden_size=c["d"], intermediate_size=c["ff"],
+              num_hidden_layers=c["layers"], num_attention_heads=c["heads"], num_key_value_heads=c["kv_heads"],
+              head_dim=c["head_dim"], rms_norm_eps=c["eps"], max_position_embeddings=256,
+              tie_word_embeddings=c["tied"], attention_dropout=0.0, bos_token_id=c["vocab"] - 2,
+              eos_token_id=c["vocab"] - 1)
+    rp = dict(rope_type="default", rope_theta=c["theta"])
+    if c.get("sliding_window"):
+        kw["sliding_window"] = c["sliding_window"]
+    if c.get("rope_scaling"):
+        rp = dict(c["rope_scaling"], rope_theta=c["theta"])
+    kw["rope_parameters"] = rp
+    cfg_cls = getattr(transformers, c["hf_class"].replace("ForCausalLM", "Config"))
+    cfg = cfg_cls(**kw)
+    cfg._attn_implementation = "eager"
+    model = getattr(transformers, c["hf_class"])(cfg).float()
+    g = torch.Generator().manual_seed(1)
+
+    def bf(t):
+        return t.to(torch.bfloat16).float()
+
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(bf(torch.randn(c["vocab"], c["d"], generator=g) * 0.2))
+        if not c["tied"]:
+            model.lm_head.weight.copy_(bf(torch.randn(c["vocab"], c["d"], generator=g) * 0.2))
+        for layer in model.model.layers:
+            for mod, lin in LINEARS:
+                w = getattr(getattr(layer, mod), lin).weight
+                w.copy_(bf(torch.randn(w.shape, generator=g) * (0.8 / w.shape[1] ** 0.5)))
+                b = getattr(getattr(layer, mod), lin).bias
+                if b is not None:
+                    b.copy_(bf(0.5 * torch.randn(b.shape, generator=g)))
+            layer.input_layernorm.weight.copy_(bf(1 + 0.2 * torch.randn(c["d"], generator=g)))
+            layer.post_attention_layernorm.weight.copy_(bf(1 + 0.2 * torch.randn(c["d"], generator=g)))
+        model.model.norm.weight.copy_(bf(1 + 0.2 * torch.randn(c["d"], generator=g)))
+    o = {"versions": versions(), "config": json.dumps({k: v for k, v in c.items()})}
+    with tempfile.TemporaryDirectory() as td:
+        hf_dir = os.path.join(td, "hf")
+        import copy
+        copy.deepcopy(model).to(torch.bfloat16).save_pretrained(hf_dir)  # a copy: .to() would round inv_freq too
+        tiny_tokenizer(c["vocab"]).save(os.path.join(hf_dir, "tokenizer.json"))
+        with open(os.path.join(hf_dir, "tokenizer_config.json"), "w") as f:  # the generic class: no family's
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>",  # own special tokens
+                       "eos_token": "<|eos|>", "unk_token": "<|eos|>", "pad_token": "<|eos|>",
+                       "add_bos_token": False}, f)
+        for fn, key in [("tokenizer.json", "hf.tokenizer_json"), ("tokenizer_config.json", "hf.tokenizer_config_json")]:
+            with open(os.path.join(hf_dir, fn), "rb") as f:
+                o[key] = f.read()
+        with open(os.path.join(hf_dir, "config.json"), "rb") as f:
+            o["hf.config_json"] = f.read()
+        with open(os.path.join(hf_dir, "model.safetensors"), "rb") as f:
+            o["hf.safetensors"] = f.read()
+        gpath = os.path.join(td, "model.gguf")
+        o["gguf.converter_sha256"] = gguf_convert(args.llama_cpp, hf_dir, gpath)
+        with open(gpath, "rb") as f:
+            o["gguf"] = f.read()
+    rot = model.model.rotary_emb
+    o["rope.inv_freq"] = rot.inv_freq.detach().float().numpy()
+
+    lcfg = LoraConfig(r=c["r"], lora_alpha=c["alpha"], lora_dropout=0.0, bias="none",
+                      target_modules=[n for _, n in LINEARS], init_lora_weights=True)
+    pm = get_peft_model(model, lcfg)
+    lora = []
+    for l, layer in enumerate(pm.base_model.model.model.layers):
+        for mod, lin_name in LINEARS:
+            lin = getattr(getattr(layer, mod), lin_name)
+            A, Bm = lin.lora_A["default"].weight, lin.lora_B["default"].weight
+            with torch.no_grad():
+                Bm.copy_(torch.randn(Bm.shape, generator=g) * 0.1)
+            lora += [(f"l{l}.{lin_name}.A", A), (f"l{l}.{lin_name}.B", Bm)]
+    params = [p for _, p in lora]
+    assert sum(p.numel() for p in pm.parameters() if p.requires_grad) == sum(p.numel() for p in params)
+    p0 = torch.cat([p.detach().reshape(-1) for p in params]).clone()
+    B, T = c["B"], c["T"]
+    ids = torch.randint(0, c["vocab"], (B, T), generator=g)
+    labels = ids.clone()
+    labels[0, :5] = -100
+    labels[1, torch.tensor([3, 8, 9])] = -100
+    pos = torch.stack([torch.arange(T), torch.arange(T) + 5])
+    n_tok = int((labels[:, 1:] != -100).sum())
+
+    def fwd():
+        return pm(input_ids=ids, position_ids=pos, labels=labels)
+
+    pm.train()
+    out = fwd()
+    out.loss.backward()
+    g_ref = torch.cat([p.grad.detach().reshape(-1).float() for p in params])
+    logits, loss = out.logits.detach().float(), float(out.loss.detach())
+    opt = torch.optim.AdamW(params, lr=c["lr"], betas=c["betas"], eps=c["adam_eps"], weight_decay=c["wd"],
+                            foreach=False)
+    losses, norms = [], []
+    for step in range(c["steps"]):
+        opt.zero_grad(set_to_none=True)
+        ob = fwd()
+        ob.loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, c["max_norm"])))
+        losses.append(float(ob.loss.detach()))
+        opt.step()
+    with torch.no_grad():
+        losses.append(float(fwd().loss))
+    print(f"[ref] {name}: loss {loss:.6f} over {n_tok} tokens, |grad| {float(g_ref.norm()):.4f}, AdamW losses "
+          f"{['%.4f' % x for x in losses]}")
+    o["n_tokens"] = n_tok
+    o["lora_params"] = p0.numpy().astype(np.float32)
+    o["lora_names"] = ",".join(n for n, _ in lora)
+    o["input_ids"] = ids.numpy().astype(np.int32)
+    o["labels"] = labels.numpy().astype(np.int32)
+    o["position_ids"] = pos.numpy().astype(np.int32)
+    o["logits"] = logits.numpy()
+    o["loss"] = loss
+    o["grads"] = g_ref.numpy()
+    o["adamw.losses"] = np.array(losses, dtype=np.float64)
+    o["adamw.grad_norms"] = np.array(norms, dtype=np.float64)
+    o["adamw.final_params"] = torch.cat([p.detach().reshape(-1) for p in params]).numpy().astype(np.float32)
+    write_qref(os.path.join(FIX, f"ref_{name}.qref.gz"), o)
+
+
 # ----------------------------------------------------------------------------- SmolLM2-135M from the GGUF
 
 REAL_TEXTS = [
@@ -983,15 +1193,20 @@ def make_real(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default="nf4,tokenizer,chat,tiny,real",
-                    help="comma-separated subset of nf4,tokenizer,chat,tiny,real")
+    ap.add_argument("--only", default="nf4,tokenizer,chat,tiny,real," + ",".join(FAMILIES),
+                    help="comma-separated subset of nf4,tokenizer,chat,tiny,real," + ",".join(FAMILIES))
     ap.add_argument("--new-corpus", action="store_true", help="rebuild the tokenizer corpus from this machine")
+    ap.add_argument("--llama-cpp", default=LLAMA_CPP_DEFAULT,
+                    help="vendor/llama.cpp of the unpacked llama-cpp-python 0.3.36 sdist (its converter)")
     args = ap.parse_args()
     os.makedirs(FIX, exist_ok=True)
     todo = args.only.split(",")
     steps = {"nf4": "make_nf4", "tokenizer": "make_tokenizer", "chat": "make_chat", "tiny": "make_tiny",
              "real": "make_real"}
     for k in todo:
+        if k in FAMILIES:
+            make_family(k, args)
+            continue
         if k not in steps:
             sys.exit(f"unknown part {k!r}")
         globals()[steps[k]](args)

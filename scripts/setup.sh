@@ -29,6 +29,8 @@ PACKAGES=(
     libclang-rt-14-dev # clang's fuzzer / ASan / UBSan runtimes (not pulled in without recommends)
     zlib1g-dev        # zlib
     libxxhash-dev     # XXH64 (data fingerprints, checkpoint COMPLETE markers)
+    libopenmpi-dev    # MPI headers and library: several processes (comm/comm_mpi.c; pkg-config ompi-c)
+    openmpi-bin       # mpirun: `qlora-train --nproc N`, `mpirun -np N qlora-train`, the multi-rank tests
     libcairo2-dev     # the loss-curve plot (PNG and SVG, real fonts)
     fonts-dejavu-core # the plot's font
     python3           # scripts (fetch, dataset); not needed at run time

@@ -21,7 +21,9 @@
 
 #include "format/gguf.h"
 #include "format/safetensors.h"
+#include "core/file.h"
 #include "tests/cli_fixture.h"
+#include "tests/ref_fixture.h"
 #include "tests/subproc.h"
 #include "trainer/checkpoint.h"
 
@@ -216,6 +218,37 @@ static void test_sequence_len_beyond_context(void **st) {
                    WANT("sequence_len", "9000", "context length 8192", "llama.context_length"));
 }
 
+/* Mistral v0.1's sliding window: full attention equals it only within the window, so a longer sequence_len is
+ * refused by name (the tiny Mistral of tests/fixtures/ref_mistral.qref.gz, its window cut to 16 tokens). */
+static void test_sequence_len_beyond_sliding_window(void **st) {
+    (void)st;
+    ref_file rf;
+    ref_open_or_fail("tests/fixtures/ref_mistral.qref.gz", &rf);
+    char dir[512], p[600], a[700];
+    qerr e = {{0}};
+    snprintf(dir, sizeof dir, "%s/mistral_hf", g_dir);
+    assert_int_equal(file_mkdir_p(dir, &e), 0);
+    static const char *const files[][2] = {{"model.safetensors", "hf.safetensors"},
+                                           {"tokenizer.json", "hf.tokenizer_json"},
+                                           {"tokenizer_config.json", "hf.tokenizer_config_json"}};
+    for (int i = 0; i < 3; i++) {
+        const ref_array *arr = ref_find(&rf, files[i][1]);
+        assert_non_null(arr);
+        snprintf(p, sizeof p, "%s/%s", dir, files[i][0]);
+        assert_int_equal(file_write_atomic(p, arr->data, (size_t)arr->numel, &e), 0);
+    }
+    char *cfg = ref_str(&rf, "hf.config_json");
+    char *w = strstr(cfg, "\"sliding_window\": 4096");
+    assert_non_null(w);
+    memcpy(w, "\"sliding_window\":   16", strlen("\"sliding_window\": 4096"));
+    snprintf(p, sizeof p, "%s/config.json", dir);
+    cli_write_text(p, cfg);
+    free(cfg);
+    ref_close(&rf);
+    snprintf(a, sizeof a, "base_model=%s", dir);
+    expect_failure(g_cfg, ARGS(a, "sequence_len=32"), 1, WANT("sequence_len", "32", "sliding_window of 16"));
+}
+
 static void test_output_dir_unwritable(void **st) {
     (void)st;
     char p[512], a[600];
@@ -397,7 +430,8 @@ static void test_axolotl_refusals_and_config_lines(void **st) {
     print_message("exit %d:\n%s", code, err);
     assert_int_equal(code, 2);
     const char *want[] = {"axo.yaml: no \"adapter:\"", "load_in_8bit: refused", "(line 2)", "optimizer: \"adafactor\"",
-                          "(line 3)", "fsdp: refused", "(line 4)", "axo.yaml: 4 refused keys"};
+                          "(line 3)", "fsdp: FULL_SHARD is not implemented yet", "(line 4)",
+                          "axo.yaml: 4 refused keys"};
     const char *at = err;
     for (size_t i = 0; i < sizeof want / sizeof *want; i++) { /* in this order */
         const char *q = strstr(at, want[i]);
@@ -465,6 +499,7 @@ int main(void) {
         cmocka_unit_test(test_bad_jsonl),
         cmocka_unit_test(test_empty_dataset),
         cmocka_unit_test(test_sequence_len_beyond_context),
+        cmocka_unit_test(test_sequence_len_beyond_sliding_window),
         cmocka_unit_test(test_output_dir_unwritable),
         cmocka_unit_test(test_bad_checkpoints),
         cmocka_unit_test(test_corrupt_safetensors),

@@ -499,8 +499,9 @@ static void test_errors_per_key(void **state) {
     expect_load_error(t, "x.yaml", "lora_target_modules: [q_proj, q_proj]\n",
                       "lora_target_modules: \"q_proj\" is listed twice");
     /* refused with the reason (trainer/config_axolotl.c); a file without adapter: has that line first */
+    /* deepspeed is read now (its ZeRO stages: tests/test_config_parallel.c); a missing file is named */
     expect_load_error(t, "x.yaml", "deepspeed: deepspeed_configs/zero2.json\n",
-                      "deepspeed: refused: a setting of several processes");
+                      "deepspeed: deepspeed_configs/zero2.json: cannot open");
     expect_load_error(t, "x.yaml", "load_in_8bit: true\n",
                       "x.yaml: load_in_8bit: refused: an int8 (LLM.int8) frozen base is not implemented; use "
                       "load_in_4bit: true (NF4, adapter: qlora) or load_in_4bit: false (bf16); delete the line, or "

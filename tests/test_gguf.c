@@ -944,34 +944,54 @@ static void test_real_model(void **state) {
 /* A minimal llama GGUF: the hyper-parameter keys, token_embd and one block's
  * attn_norm, plus one extra key or tensor chosen by `what`; returns
  * llama_hparams_from_gguf's result with its message in e. */
-static int hparams_of_variant(const char *what, qerr *e) {
+/* "<arch>.<suffix>" for the variants' keys (a ring of buffers: several per expression). */
+static const char *vkey(const char *arch, const char *suffix) {
+    static char ring[8][96];
+    static unsigned next;
+    char *b = ring[next++ % 8];
+    snprintf(b, sizeof ring[0], "%s.%s", arch, suffix);
+    return b;
+}
+
+static int hparams_of_variant_hp(const char *what, llama_hparams *hp, qerr *e) {
+    const char *arch = !strcmp(what, "phi3") ? "phi3" : !strncmp(what, "qwen2", 5) ? "qwen2" : "llama";
     static float emb[16 * 8], norm[8], freqs[4];
     for (int i = 0; i < 16 * 8; i++) emb[i] = 0.01f * (float)i;
     for (int i = 0; i < 8; i++) norm[i] = 1.0f;
     for (int i = 0; i < 4; i++) freqs[i] = 1.0f + (float)i;
     gguf_writer *w;
     assert_int_equal(gguf_writer_init(&w, e), 0);
-    gguf_writer_add_str(w, "general.architecture", "llama");
-    gguf_writer_add_u32(w, "llama.block_count", 1);
-    gguf_writer_add_u32(w, "llama.embedding_length", 8);
-    gguf_writer_add_u32(w, "llama.attention.head_count", 1);
-    gguf_writer_add_u32(w, "llama.feed_forward_length", 16);
-    gguf_writer_add_f32(w, "llama.rope.freq_base", strcmp(what, "theta0") ? 10000.0f : 0.0f);
-    gguf_writer_add_f32(w, "llama.attention.layer_norm_rms_epsilon",
+    gguf_writer_add_str(w, "general.architecture", arch);
+    gguf_writer_add_u32(w, vkey(arch, "block_count"), 1);
+    if (!strcmp(what, "experts")) gguf_writer_add_u32(w, vkey(arch, "expert_count"), 8);
+    gguf_writer_add_u32(w, vkey(arch, "embedding_length"), 8);
+    gguf_writer_add_u32(w, vkey(arch, "attention.head_count"), 1);
+    gguf_writer_add_u32(w, vkey(arch, "feed_forward_length"), 16);
+    gguf_writer_add_f32(w, vkey(arch, "rope.freq_base"), strcmp(what, "theta0") ? 10000.0f : 0.0f);
+    gguf_writer_add_f32(w, vkey(arch, "attention.layer_norm_rms_epsilon"),
                         !strcmp(what, "epsnan") ? NAN : !strcmp(what, "epsneg") ? -1.0f : 1e-5f);
-    if (!strcmp(what, "scaling_type")) gguf_writer_add_str(w, "llama.rope.scaling.type", "yarn");
-    if (!strcmp(what, "scaling_none")) gguf_writer_add_str(w, "llama.rope.scaling.type", "none");
-    if (!strcmp(what, "scaling_factor")) gguf_writer_add_f32(w, "llama.rope.scaling.factor", 8.0f);
-    if (!strcmp(what, "softcap")) gguf_writer_add_f32(w, "llama.final_logit_softcapping", 30.0f);
-    if (!strcmp(what, "window")) gguf_writer_add_u32(w, "llama.attention.sliding_window", 4096);
-    if (!strcmp(what, "rotary")) gguf_writer_add_u32(w, "llama.rope.dimension_count", 4);
+    if (!strcmp(what, "scaling_type")) gguf_writer_add_str(w, vkey(arch, "rope.scaling.type"), "yarn");
+    if (!strcmp(what, "scaling_none")) gguf_writer_add_str(w, vkey(arch, "rope.scaling.type"), "none");
+    if (!strcmp(what, "scaling_factor")) gguf_writer_add_f32(w, vkey(arch, "rope.scaling.factor"), 8.0f);
+    if (!strcmp(what, "scaling_linear")) gguf_writer_add_str(w, vkey(arch, "rope.scaling.type"), "linear");
+    if (!strcmp(what, "scaling_linear")) gguf_writer_add_f32(w, vkey(arch, "rope.scaling.factor"), 4.0f);
+    if (!strcmp(what, "attn_factor")) gguf_writer_add_f32(w, vkey(arch, "rope.scaling.attn_factor"), 1.5f);
+    if (!strcmp(what, "softcap")) gguf_writer_add_f32(w, vkey(arch, "final_logit_softcapping"), 30.0f);
+    if (!strcmp(what, "window")) gguf_writer_add_u32(w, vkey(arch, "attention.sliding_window"), 4096);
+    if (!strcmp(what, "rotary")) gguf_writer_add_u32(w, vkey(arch, "rope.dimension_count"), 4);
     uint64_t ne_emb[2] = {8, 16}, ne_norm[1] = {8}, ne_f[1] = {4};
     gguf_writer_add_tensor(w, "token_embd.weight", GGML_TYPE_F32, 2, ne_emb, emb, sizeof emb);
     gguf_writer_add_tensor(w, "blk.0.attn_norm.weight", GGML_TYPE_F32, 1, ne_norm, norm, sizeof norm);
     if (!strcmp(what, "rope_freqs")) gguf_writer_add_tensor(w, "rope_freqs.weight", GGML_TYPE_F32, 1, ne_f, freqs, sizeof freqs);
+    uint64_t ne_f3[1] = {3};
+    if (!strcmp(what, "rope_freqs_len"))
+        gguf_writer_add_tensor(w, "rope_freqs.weight", GGML_TYPE_F32, 1, ne_f3, freqs, 3 * sizeof(float));
     if (!strcmp(what, "extra_block"))
         gguf_writer_add_tensor(w, "blk.1.attn_norm.weight", GGML_TYPE_F32, 1, ne_norm, norm, sizeof norm);
-    if (!strcmp(what, "bias")) gguf_writer_add_tensor(w, "blk.0.attn_q.bias", GGML_TYPE_F32, 1, ne_norm, norm, sizeof norm);
+    if (!strcmp(what, "bias") || !strcmp(what, "qwen2"))
+        gguf_writer_add_tensor(w, "blk.0.attn_q.bias", GGML_TYPE_F32, 1, ne_norm, norm, sizeof norm);
+    if (!strcmp(what, "qwen2_obias"))
+        gguf_writer_add_tensor(w, "blk.0.attn_output.bias", GGML_TYPE_F32, 1, ne_norm, norm, sizeof norm);
     if (!strcmp(what, "qknorm"))
         gguf_writer_add_tensor(w, "blk.0.attn_q_norm.weight", GGML_TYPE_F32, 1, ne_norm, norm, sizeof norm);
     tmp_init();
@@ -979,10 +999,14 @@ static int hparams_of_variant(const char *what, qerr *e) {
     gguf_writer_free(w);
     gguf_file *f = NULL;
     assert_int_equal(gguf_open(tmp_path, &f, e), 0);
-    llama_hparams hp;
-    int rc = llama_hparams_from_gguf(f, &hp, e);
+    int rc = llama_hparams_from_gguf(f, hp, e);
     gguf_close(f);
     return rc;
+}
+
+static int hparams_of_variant(const char *what, qerr *e) {
+    llama_hparams hp;
+    return hparams_of_variant_hp(what, &hp, e);
 }
 
 static void test_model_metadata_refused(void **state) {
@@ -990,12 +1014,36 @@ static void test_model_metadata_refused(void **state) {
     qerr e = {{0}};
     if (hparams_of_variant("plain", &e)) fail_msg("the plain variant must load: %s", e.msg);
     if (hparams_of_variant("scaling_none", &e)) fail_msg("rope scaling none must load: %s", e.msg);
+    /* RoPE scaling that is implemented: read into hp.rope_scaling, never dropped (a Llama 3.1/3.2 GGUF's
+     * rope_freqs must not train with the default RoPE; tests/test_reference_family.c checks the maths) */
+    llama_hparams hp;
+    if (hparams_of_variant_hp("rope_freqs", &hp, &e)) fail_msg("rope_freqs must load: %s", e.msg);
+    assert_int_equal(hp.rope_scaling.type, LLAMA_ROPE_FREQ_FACTORS);
+    for (int i = 0; i < 4; i++) assert_true(hp.rope_scaling.freq_factors[i] == 1.0f + (float)i);
+    if (hparams_of_variant_hp("scaling_factor", &hp, &e)) fail_msg("a linear factor must load: %s", e.msg);
+    assert_int_equal(hp.rope_scaling.type, LLAMA_ROPE_LINEAR);
+    assert_true(hp.rope_scaling.factor == 8.0f);
+    if (hparams_of_variant_hp("scaling_linear", &hp, &e)) fail_msg("linear scaling must load: %s", e.msg);
+    assert_int_equal(hp.rope_scaling.type, LLAMA_ROPE_LINEAR);
+    assert_true(hp.rope_scaling.factor == 4.0f);
+    /* qwen2: the same keys under qwen2.*, q/k/v biases allowed */
+    if (hparams_of_variant_hp("qwen2", &hp, &e)) fail_msg("a qwen2 file must load: %s", e.msg);
+    assert_int_equal(hp.arch, LLAMA_ARCH_QWEN2);
+    assert_int_equal(hp.qkv_bias, 1);
+    if (hparams_of_variant_hp("window", &hp, &e)) fail_msg("a sliding window must load: %s", e.msg);
+    assert_int_equal(hp.sliding_window, 4096); /* bounds sequence_len (trainer/run.c) */
+    float inv[4];
+    if (hparams_of_variant_hp("scaling_linear", &hp, &e)) fail_msg("linear scaling must load: %s", e.msg);
+    llama_rope_inv_freq(&hp, inv);
+    assert_true(inv[0] == 0.25f); /* 1/theta^0 / factor */
     static const struct { const char *what, *want; } cases[] = {
-        {"rope_freqs", "rope_freqs.weight"},            /* Llama 3.1/3.2: must not train with the default RoPE */
-        {"scaling_type", "llama.rope.scaling.type"},
-        {"scaling_factor", "llama.rope.scaling.factor"},
+        {"rope_freqs_len", "rope_freqs.weight"},        /* not head_dim/2 factors */
+        {"scaling_type", "llama.rope.scaling.type"},    /* yarn */
+        {"attn_factor", "llama.rope.scaling.attn_factor"},
         {"softcap", "llama.final_logit_softcapping"},
-        {"window", "llama.attention.sliding_window"},
+        {"experts", "llama.expert_count"},              /* Mixtral */
+        {"phi3", "general.architecture"},               /* an architecture not implemented: named */
+        {"qwen2_obias", "blk.0.attn_output.bias"},      /* qwen2 has q/k/v biases only */
         {"rotary", "llama.rope.dimension_count"},
         {"extra_block", "blk.1.attn_norm.weight"},      /* more layers than block_count */
         {"bias", "blk.0.attn_q.bias"},

@@ -977,12 +977,41 @@ static void test_hf_errors(void **state) {
     fclose(f);
     assert_int_equal(base_model_open(hd, &b, &e), -1); /* no weights */
     assert_non_null(strstr(e.msg, "model.safetensors"));
+    /* llama3 and linear scaling are read (as far as the weights, which are missing here) */
+    static const char *const scalings[] = {
+        "\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0, \"low_freq_factor\": 1.0, "
+        "\"high_freq_factor\": 4.0, \"original_max_position_embeddings\": 8192}",
+        "\"rope_scaling\": {\"type\": \"linear\", \"factor\": 2.0}"};
+    for (int i = 0; i < 2; i++) {
+        f = fopen(p, "w");
+        fprintf(f, "{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 96, "
+                   "\"num_hidden_layers\": 2, \"num_attention_heads\": 4, \"vocab_size\": 10, %s}", scalings[i]);
+        fclose(f);
+        assert_int_equal(base_model_open(hd, &b, &e), -1);
+        if (!strstr(e.msg, "model.safetensors")) fail_msg("%s: %s", scalings[i], e.msg);
+    }
     /* hostile values (issue 17 item 8): a rope_theta that is not a number was silently 10000 */
     static const char *const bad_values[][2] = {
         {"\"rope_theta\": \"abc\"", "rope_theta: expected a number"},
         {"\"rope_theta\": 0", "rope_theta: expected a finite RoPE base > 1"},
         {"\"rms_norm_eps\": \"x\"", "rms_norm_eps: expected a number"},
         {"\"rms_norm_eps\": -1", "rms_norm_eps: expected a finite RMSNorm epsilon"},
+        /* RoPE that is not implemented: refused by type or key, never trained with the default frequencies */
+        {"\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4}", "rope_type \"yarn\" is not implemented"},
+        {"\"rope_scaling\": {\"type\": \"dynamic\", \"factor\": 2}", "rope_type \"dynamic\" is not implemented"},
+        {"\"rope_parameters\": {\"rope_type\": \"longrope\", \"rope_theta\": 10000.0}",
+         "rope_type \"longrope\" is not implemented"},
+        {"\"rope_scaling\": {\"rope_type\": \"linear\"}", "rope_scaling.factor: expected a number"},
+        {"\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8, \"low_freq_factor\": 4, "
+         "\"high_freq_factor\": 1, \"original_max_position_embeddings\": 8192}", "low_freq_factor < high_freq_factor"},
+        {"\"rope_scaling\": 3", "rope_scaling: expected an object or null"},
+        {"\"partial_rotary_factor\": 0.5", "partial_rotary_factor"},
+        {"\"final_logit_softcapping\": 30.0", "final_logit_softcapping: not implemented"},
+        {"\"attn_logit_softcapping\": 50.0", "attn_logit_softcapping: not implemented"},
+        {"\"use_qk_norm\": true", "use_qk_norm: not implemented"},
+        {"\"layer_types\": [\"full_attention\", \"chunked_attention\"]", "layer_types[1]: \"chunked_attention\""},
+        {"\"attention_bias\": true", "attention_bias"},
+        {"\"head_dim\": 15", "inconsistent"}, /* RoPE rotates pairs */
     };
     for (size_t i = 0; i < sizeof bad_values / sizeof *bad_values; i++) {
         f = fopen(p, "w");

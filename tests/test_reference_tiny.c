@@ -73,6 +73,7 @@
 #include "optim/adamw.h"
 #include "optim/clip.h"
 #include "tests/ref_fixture.h"
+#include "tests/ref_metrics.h"
 
 #define TINY_FIXTURE "tests/fixtures/ref_tiny.qref.gz"
 
@@ -151,7 +152,7 @@ static int setup(void **state) {
         }
     }
     qerr e = {{0}};
-    if (rope_table_init(&t->m.rope, 64, hp->head_dim, hp->rope_theta, &e)) fail_msg("%s", e.msg);
+    if (llama_rope_init(&t->m.rope, hp, 64, &e)) fail_msg("%s", e.msg);
     int target[LLAMA_N_LINEAR] = {1, 1, 1, 1, 1, 1, 1};
     if (lora_set_init(&t->ls, &t->m, r, alpha, 0.0f, 0, target, 1, &e)) fail_msg("%s", e.msg);
     assert_true(fabsf(t->ls.scaling - 2.0f) == 0.0f);
@@ -238,37 +239,13 @@ static double qlora_loss_grads(tiny *t, int use_bf16, int ck) {
 
 /* ---- metrics ---- */
 
-static double max_abs(const float *a, int64_t n) {
-    double m = 0;
-    for (int64_t i = 0; i < n; i++) m = fmax(m, fabs((double)a[i]));
-    return m;
-}
-
-static double max_abs_diff(const float *a, const float *b, int64_t n) {
-    double m = 0;
-    for (int64_t i = 0; i < n; i++) m = fmax(m, fabs((double)a[i] - (double)b[i]));
-    return m;
-}
-
-static double l2(const float *a, int64_t n) {
-    double s = 0;
-    for (int64_t i = 0; i < n; i++) s += (double)a[i] * a[i];
-    return sqrt(s);
-}
-
-static double l2_diff(const float *a, const float *b, int64_t n) {
-    double s = 0;
-    for (int64_t i = 0; i < n; i++) s += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-    return sqrt(s);
-}
-
 /* Worst over the LoRA tensors of max|Δ| / max|ref| (rel_l2 = 0) or ||Δ|| / ||ref|| (rel_l2 = 1). */
 static double worst_tensor_err(const tiny *t, const float *ref, const float *got, int rel_l2, int *worst_idx) {
     double w = 0;
     for (int i = 0; i < t->n_tensors; i++) {
         const float *a = ref + t->t_off[i], *b = got + t->t_off[i];
         int64_t n = t->t_len[i];
-        double err = rel_l2 ? l2_diff(a, b, n) / l2(a, n) : max_abs_diff(a, b, n) / max_abs(a, n);
+        double err = rel_l2 ? ref_l2_diff(a, b, n) / ref_l2(a, n) : ref_max_abs_diff(a, b, n) / ref_max_abs(a, n);
         if (err > w) {
             w = err;
             if (worst_idx) *worst_idx = i;
@@ -286,7 +263,7 @@ static void test_fp32_logits(void **state) {
     const float *ref = ref_f32(&t->rf, "logits", n);
     float *got = malloc((size_t)n * sizeof(float));
     qlora_logits(t, 0, got);
-    double scale = max_abs(ref, n), err = max_abs_diff(ref, got, n);
+    double scale = ref_max_abs(ref, n), err = ref_max_abs_diff(ref, got, n);
     print_message("[ref] tiny fp32 logits: max|Δ| %.3e, max|logit| %.3f, relative %.3e (tol 1e-4)\n", err, scale,
                   err / scale);
     assert_true(err <= 1e-4 * scale);
@@ -308,10 +285,10 @@ static void test_fp32_loss_grads_checkpointing(void **state) {
         print_message("[ref] tiny fp32 checkpointing %s: loss %.7f vs HF %.7f (|Δ| %.2e, tol %.2e); worst grad "
                       "tensor %s max|Δ|/max|g| %.3e (tol 1e-4); ||g|| %.4f vs %.4f\n",
                       ck ? "on " : "off", loss[ck], lref, fabs(loss[ck] - lref), 1e-5 * lref, t->names[wi], gerr,
-                      l2(t->ls.grads, np), l2(gref, np));
+                      ref_l2(t->ls.grads, np), ref_l2(gref, np));
         assert_true(fabs(loss[ck] - lref) <= 1e-5 * lref);
         assert_true(gerr <= 1e-4);
-        for (int i = 0; i < t->n_tensors; i++) assert_true(max_abs(t->ls.grads + t->t_off[i], t->t_len[i]) > 0);
+        for (int i = 0; i < t->n_tensors; i++) assert_true(ref_max_abs(t->ls.grads + t->t_off[i], t->t_len[i]) > 0);
         if (ck == 0) {
             memcpy(g0, t->ls.grads, (size_t)np * sizeof(float));
         } else {
@@ -366,7 +343,7 @@ static void test_fp32_adamw_10_steps(void **state) {
     /* final adapter */
     float *delta_ref = malloc((size_t)np * sizeof(float));
     for (int64_t i = 0; i < np; i++) delta_ref[i] = pref[i] - t->p0[i];
-    double num = l2_diff(pref, t->ls.params, np), den = l2(delta_ref, np);
+    double num = ref_l2_diff(pref, t->ls.params, np), den = ref_l2(delta_ref, np);
     int64_t worst_i = 0;
     double worst_e = 0;
     for (int64_t i = 0; i < np; i++) {
@@ -397,8 +374,8 @@ static void test_bf16_within_bf16_error(void **state) {
     double loss_ref = ref_scalar(&t->rf, "loss"), loss_torch_bf = ref_scalar(&t->rf, "bf16.loss");
     float *got = malloc((size_t)n * sizeof(float));
     qlora_logits(t, 1, got);
-    double scale = max_abs(lref, n);
-    double e_q = max_abs_diff(lref, got, n) / scale, e_t = max_abs_diff(lref, lbf, n) / scale;
+    double scale = ref_max_abs(lref, n);
+    double e_q = ref_max_abs_diff(lref, got, n) / scale, e_t = ref_max_abs_diff(lref, lbf, n) / scale;
     print_message("[ref] tiny bf16 logits: max|Δ|/max|logit| qlora %.3e, torch autocast %.3e (tol 5e-2 and "
                   "3x torch + 1e-3)\n", e_q, e_t);
     assert_true(e_q <= 5e-2);

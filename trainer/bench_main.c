@@ -1,6 +1,6 @@
 /* trainer/bench_main.c — `qlora-bench`: training-step throughput, MFU and memory.
  *
- *   qlora-bench --shape smollm2-135m|llama2-7b|llama3-8b --seq N --batch N --lora-r N
+ *   qlora-bench --shape smollm2-135m|llama2-7b|llama3-8b|mistral-7b|qwen2.5-7b --seq N --batch N --lora-r N
  *               --checkpointing on|off [--model PATH.gguf] [--steps N]
  *               [--device cpu|cuda] [--plan-only]
  *
@@ -50,11 +50,42 @@ static double cpu_sec(void) {
            1e-6 * (double)ru.ru_stime.tv_usec;
 }
 
+/* ------------------------------------------------------------------ shapes */
+
+/* The model shapes (their config.json hyper-parameters), one table. RoPE scaling and biases are part of the
+ * shape: they run in the timed steps as in the real model. */
+typedef struct bench_shape {
+    const char *name;
+    llama_hparams hp;
+} bench_shape;
+
+#define BENCH_SHAPE_NAMES "smollm2-135m, llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b"
+static const bench_shape bench_shapes[] = {
+    {"smollm2-135m", {.n_layer = 30, .d_model = 576, .n_head = 9, .n_kv_head = 3, .head_dim = 64, .d_ff = 1536,
+                      .vocab = 49152, .context_length = 8192, .rope_theta = 100000.0f, .rms_eps = 1e-5f,
+                      .tied_embeddings = 1}},
+    {"llama2-7b", {.n_layer = 32, .d_model = 4096, .n_head = 32, .n_kv_head = 32, .head_dim = 128, .d_ff = 11008,
+                   .vocab = 32000, .context_length = 4096, .rope_theta = 10000.0f, .rms_eps = 1e-5f}},
+    /* meta-llama/Llama-3.1-8B */
+    {"llama3-8b", {.n_layer = 32, .d_model = 4096, .n_head = 32, .n_kv_head = 8, .head_dim = 128, .d_ff = 14336,
+                   .vocab = 128256, .context_length = 131072, .rope_theta = 500000.0f, .rms_eps = 1e-5f,
+                   .rope_scaling = {.type = LLAMA_ROPE_LLAMA3, .factor = 8.0f, .low_freq_factor = 1.0f,
+                                    .high_freq_factor = 4.0f, .original_context = 8192}}},
+    /* mistralai/Mistral-7B-v0.3 (no sliding window) */
+    {"mistral-7b", {.n_layer = 32, .d_model = 4096, .n_head = 32, .n_kv_head = 8, .head_dim = 128, .d_ff = 14336,
+                    .vocab = 32768, .context_length = 32768, .rope_theta = 1000000.0f, .rms_eps = 1e-5f}},
+    /* Qwen/Qwen2.5-7B */
+    {"qwen2.5-7b", {.arch = LLAMA_ARCH_QWEN2, .qkv_bias = 1, .n_layer = 28, .d_model = 3584, .n_head = 28,
+                    .n_kv_head = 4, .head_dim = 128, .d_ff = 18944, .vocab = 152064, .context_length = 32768,
+                    .rope_theta = 1000000.0f, .rms_eps = 1e-6f}},
+};
+
 static void usage(FILE *f) {
     fprintf(f,
-            "usage: qlora-bench --shape smollm2-135m|llama2-7b|llama3-8b --seq N --batch N --lora-r N\n"
-            "                   --checkpointing on|off [--model PATH.gguf] [--steps N] [--warmup N] [--layers N]\n"
-            "                   [--calib-seconds S] [--device cpu|cuda] [--plan-only]\n"
+            "usage: qlora-bench --shape NAME --seq N --batch N --lora-r N --checkpointing on|off\n"
+            "                   [--model PATH.gguf] [--steps N] [--warmup N] [--layers N] [--calib-seconds S]\n"
+            "                   [--device cpu|cuda] [--plan-only]\n"
+            "  NAME: " BENCH_SHAPE_NAMES "\n"
             "  --plan-only: print the predicted memory per component (device memory with --device cuda)\n"
             "  and exit; no model is built and no GPU is needed.\n"
             "  Times N LoRA training steps (random NF4 base of the given shape, or a real GGUF model)\n"
@@ -85,7 +116,7 @@ static int random_nf4(nf4_tensor *t, int64_t rows, int64_t cols, uint64_t stream
 static int random_model(llama_model *m, const llama_hparams *hp, int max_pos, qerr *e) {
     memset(m, 0, sizeof *m);
     m->hp = *hp;
-    int64_t D = hp->d_model, V = hp->vocab, hd = hp->head_dim;
+    int64_t D = hp->d_model, V = hp->vocab;
     m->load_in_4bit = 1;
     m->double_quant = 1;
     m->tok_embd = qmalloc((size_t)(V * D) * sizeof(bf16), e);
@@ -122,12 +153,17 @@ static int random_model(llama_model *m, const llama_hparams *hp, int max_pos, qe
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
             if (random_nf4(&L->nf4[k], outs[k], ins[k], (uint64_t)(l * LLAMA_N_LINEAR + k), e)) return -1;
             L->lin[k] = (frozen_weight){.out = outs[k], .in = ins[k], .kind = FROZEN_NF4, .nf4 = &L->nf4[k]};
+            if (hp->qkv_bias && k <= LLAMA_V) { /* Qwen2: the frozen q/k/v bias */
+                if (!(L->bias[k] = qcalloc((size_t)outs[k], sizeof(float), e))) return -1;
+                L->lin[k].bias = L->bias[k];
+                m->n_params += outs[k];
+            }
             m->quantized_bytes += (int64_t)nf4_nbytes(&L->nf4[k]);
             m->n_quantized_params += outs[k] * ins[k];
         }
     }
     m->n_params += D + m->n_quantized_params;
-    return rope_table_init(&m->rope, max_pos, (int)hd, hp->rope_theta, e);
+    return llama_rope_init(&m->rope, hp, max_pos, e);
 }
 
 /* ------------------------------------------------------------------ FLOPs */
@@ -248,22 +284,14 @@ int main(int argc, char **argv) {
     }
     qerr e = {{0}};
     llama_hparams hp;
-    if (!strcmp(shape, "smollm2-135m"))
-        hp = (llama_hparams){.n_layer = 30, .d_model = 576, .n_head = 9, .n_kv_head = 3, .head_dim = 64,
-                             .d_ff = 1536, .vocab = 49152, .context_length = 8192, .rope_theta = 100000.0f,
-                             .rms_eps = 1e-5f, .tied_embeddings = 1};
-    else if (!strcmp(shape, "llama2-7b"))
-        hp = (llama_hparams){.n_layer = 32, .d_model = 4096, .n_head = 32, .n_kv_head = 32, .head_dim = 128,
-                             .d_ff = 11008, .vocab = 32000, .context_length = 4096, .rope_theta = 10000.0f,
-                             .rms_eps = 1e-5f, .tied_embeddings = 0};
-    else if (!strcmp(shape, "llama3-8b")) /* meta-llama/Meta-Llama-3-8B config.json */
-        hp = (llama_hparams){.n_layer = 32, .d_model = 4096, .n_head = 32, .n_kv_head = 8, .head_dim = 128,
-                             .d_ff = 14336, .vocab = 128256, .context_length = 8192, .rope_theta = 500000.0f,
-                             .rms_eps = 1e-5f, .tied_embeddings = 0};
-    else {
-        fprintf(stderr, "qlora-bench: --shape: expected smollm2-135m, llama2-7b or llama3-8b, got \"%s\"\n", shape);
+    const bench_shape *bs = NULL;
+    for (size_t i = 0; i < sizeof bench_shapes / sizeof *bench_shapes; i++)
+        if (!strcmp(shape, bench_shapes[i].name)) bs = &bench_shapes[i];
+    if (!bs) {
+        fprintf(stderr, "qlora-bench: --shape: expected one of %s, got \"%s\"\n", BENCH_SHAPE_NAMES, shape);
         return 2;
     }
+    hp = bs->hp;
     if (layers > 0) hp.n_layer = layers;
     if (plan_only) {
         if (model_path) {

@@ -27,6 +27,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cjson/cJSON.h>
+
 #include "core/file.h"
 #include "data/dataset.h"
 #include "model/llama_linear.h"
@@ -234,6 +236,10 @@ static const key_spec KEYS[] = {
      .expect = "a positive integer"},
     {.name = "skip_bad_lines", .kind = K_BOOL, .off = OFF(skip_bad_lines)},
     {.name = "memory_check", .kind = K_BOOL, .off = OFF(memory_check)},
+    /* ---- several processes (trainer/train.h train_run_comm) ---- */
+    {.name = "ddp_timeout", .kind = K_INT, .off = OFF(ddp_timeout), .lo = 1, .hi = INTMAX_D,
+     .expect = "a positive number of seconds"},
+    /* ---- end of several processes ---- */
     /* axolotl keys (trainer/config_axolotl.c decides the rest) */
     {.name = "data_seed", .kind = K_INT, .off = OFF(data_seed), .lo = 0, .hi = INTMAX_D, .flags = F_ALSO_MINUS1,
      .expect = "an integer >= 0 (-1 = seed)"},
@@ -480,6 +486,7 @@ int train_config_defaults(train_config *c) {
     c->auto_resume_from_checkpoints = 1;
     c->max_nan_steps = 5;
     c->memory_check = 1;
+    c->ddp_timeout = 1800; /* several processes */
     c->data_seed = -1;
     c->loss_watchdog_patience = 3;
     c->chat_template = dup_str("tokenizer_default");
@@ -498,6 +505,7 @@ int train_config_defaults(train_config *c) {
 void train_config_free(train_config *c) {
     if (!c) return;
     free(c->base_model);
+    free(c->deepspeed); /* several processes */
     free(c->bnb_4bit_quant_type);
     free(c->adapter);
     free_str_list(c->lora_target_modules, c->n_lora_target_modules);
@@ -1226,6 +1234,239 @@ static int ax_plugins(const pctx *p, const yaml_node_t *knode, const yaml_node_t
     return rc;
 }
 
+/* ---- several processes: fsdp, fsdp_version, fsdp_config, deepspeed ----------------------------------------
+ * axolotl's / HF's keys for the distributed strategy. Implemented: data parallel (DDP, FSDP's NO_SHARD, ZeRO
+ * stage 0): every rank holds the whole model (trainer/train.h train_run_comm). Every other strategy is refused
+ * with one line naming it; settings that do not change the maths (wrapping policy, prefetching, ...) are
+ * accepted. This block is owned by the "several processes" work (README "Several processes"). */
+
+static void put_yaml_str(FILE *f, const char *s);
+
+static int parallel_key(const char *name) {
+    return !strcmp(name, "fsdp") || !strcmp(name, "fsdp_version") || !strcmp(name, "fsdp_config") ||
+           !strcmp(name, "deepspeed");
+}
+
+static int strategy_refused(const pctx *p, const yaml_node_t *at, const char *what, const char *strategy) {
+    return perr(p, at,
+                "%s: %s is not implemented yet; implemented: data parallel (NO_SHARD: fsdp_sharding_strategy "
+                "NO_SHARD, fsdp: [no_shard], or DeepSpeed zero_optimization.stage 0; what runs when none of fsdp / "
+                "fsdp_config / deepspeed is set) and SHARD_GRAD_OP (ZeRO stage 2)",
+                what, strategy);
+}
+
+/* fsdp: a list (or a space-separated string) of HF's FSDPOption values. */
+static int parallel_fsdp_option(const pctx *p, const yaml_node_t *at, const char *o) {
+    static const char *const names[][2] = {{"full_shard", "FULL_SHARD"}, {"hybrid_shard", "HYBRID_SHARD"},
+                                           {"hybrid_shard_zero2", "HYBRID_SHARD_ZERO2"},
+                                           {"offload", "parameter offload (offload)"}};
+    if (!strcmp(o, "no_shard")) return p->c->fsdp_no_shard = 1, 0;
+    if (!strcmp(o, "shard_grad_op")) return p->c->fsdp_shard_grad_op = 1, 0;
+    if (!strcmp(o, "auto_wrap")) return 0; /* qlora's unit is the decoder layer whatever the wrapping */
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++)
+        if (!strcmp(o, names[i][0])) return strategy_refused(p, at, "fsdp", names[i][1]);
+    return perr(p, at, "fsdp: unknown option \"%s\"; expected no_shard or shard_grad_op (full_shard, hybrid_shard, "
+                       "offload are not implemented yet) and optionally auto_wrap", o);
+}
+
+static int parallel_bool(const pctx *p, const char *what, const yaml_node_t *v, int *out) {
+    char got[96];
+    if (v->type == YAML_SCALAR_NODE && parse_bool_str(sval(v), out) == 0) return 0;
+    describe(v, got, sizeof got);
+    return perr(p, v, "%s: expected true or false, got %s", what, got);
+}
+
+static int parallel_fsdp_config(const pctx *p, const yaml_node_t *v) {
+    char got[96], what[128];
+    if (v->type != YAML_MAPPING_NODE) {
+        describe(v, got, sizeof got);
+        return perr(p, v, "fsdp_config: expected a mapping (fsdp_sharding_strategy: NO_SHARD, ...), got %s", got);
+    }
+    /* what does not change the maths: accepted, whatever the value */
+    static const char *const harmless[] = {"auto_wrap_policy", "transformer_layer_cls_to_wrap", "use_orig_params",
+                                           "sync_module_states", "backward_prefetch", "forward_prefetch",
+                                           "limit_all_gathers", "activation_checkpointing", "min_num_params"};
+    for (yaml_node_pair_t *pr = v->data.mapping.pairs.start; pr < v->data.mapping.pairs.top; pr++) {
+        const yaml_node_t *kn = node_at(p->doc, pr->key), *vn = node_at(p->doc, pr->value);
+        if (kn->type != YAML_SCALAR_NODE) return perr(p, kn, "fsdp_config: expected string keys");
+        const char *full = sval(kn), *k = strncmp(full, "fsdp_", 5) ? full : full + 5;
+        snprintf(what, sizeof what, "fsdp_config.%s", full);
+        int b = 0;
+        if (!strcmp(k, "version")) {
+            if (vn->type != YAML_SCALAR_NODE || (strcmp(sval(vn), "1") && strcmp(sval(vn), "2"))) {
+                describe(vn, got, sizeof got);
+                return perr(p, vn, "%s: expected 1 or 2, got %s", what, got);
+            }
+        } else if (!strcmp(k, "sharding_strategy")) {
+            /* the names of torch's ShardingStrategy, or its values 1..5 as HF accepts them */
+            static const char *const ss[][2] = {{"FULL_SHARD", "1"}, {"SHARD_GRAD_OP", "2"}, {"NO_SHARD", "3"},
+                                                {"HYBRID_SHARD", "4"}, {"HYBRID_SHARD_ZERO2", "5"}};
+            const char *s = vn->type == YAML_SCALAR_NODE ? sval(vn) : "";
+            int hit = -1;
+            for (int i = 0; i < 5; i++)
+                if (!strcasecmp(s, ss[i][0]) || !strcmp(s, ss[i][1]) ||
+                    (!strncasecmp(s, "ShardingStrategy.", 17) && !strcasecmp(s + 17, ss[i][0])))
+                    hit = i;
+            if (hit < 0) {
+                describe(vn, got, sizeof got);
+                return perr(p, vn, "%s: expected NO_SHARD or SHARD_GRAD_OP (or FULL_SHARD, HYBRID_SHARD, not "
+                                   "implemented yet), got %s", what, got);
+            }
+            if (hit == 1) p->c->fsdp_shard_grad_op = 1;
+            else if (hit == 2) p->c->fsdp_no_shard = 1;
+            else return strategy_refused(p, vn, what, ss[hit][0]);
+        } else if (!strcmp(k, "reshard_after_forward")) {
+            if (parallel_bool(p, what, vn, &b)) return -1;
+            if (b) return strategy_refused(p, vn, what, "FULL_SHARD (reshard_after_forward: true)");
+            p->c->fsdp_shard_grad_op = 1; /* FSDP2: parameters stay gathered after forward = SHARD_GRAD_OP */
+        } else if (!strcmp(k, "state_dict_type")) {
+            const char *s = vn->type == YAML_SCALAR_NODE ? sval(vn) : "";
+            if (!strcasecmp(s, "FULL_STATE_DICT") || !strcasecmp(s, "StateDictType.FULL_STATE_DICT")) continue;
+            describe(vn, got, sizeof got);
+            return perr(p, vn, "%s: only FULL_STATE_DICT is implemented (checkpoints hold the whole adapter and "
+                               "optimizer state, written by rank 0), got %s", what, got);
+        } else if (!strcmp(k, "cpu_ram_efficient_loading")) {
+            if (parallel_bool(p, what, vn, &b)) return -1;
+            if (b && add_warning(p->c, p->e, "%s: %s: every rank loads the base model itself (the memory of one "
+                                             "base per rank; the result is the same)", p->src, what))
+                return -1;
+        } else if (!strcmp(k, "offload_params")) {
+            if (parallel_bool(p, what, vn, &b)) return -1;
+            if (b) return strategy_refused(p, vn, what, "parameter offload");
+        } else {
+            int ok = 0;
+            for (size_t i = 0; i < sizeof harmless / sizeof *harmless; i++) ok |= !strcmp(k, harmless[i]);
+            if (!ok)
+                return perr(p, kn, "%s: unknown key; expected fsdp_version, fsdp_sharding_strategy, "
+                                   "fsdp_state_dict_type, fsdp_cpu_ram_efficient_loading, fsdp_offload_params, "
+                                   "reshard_after_forward or a wrapping/prefetch setting", what);
+        }
+    }
+    return 0;
+}
+
+/* A DeepSpeed JSON: ZeRO stage 0 is data parallel; values the config already sets must be "auto". */
+static int parallel_deepspeed(const pctx *p, const yaml_node_t *v) {
+    char *path = NULL;
+    if (get_string(p, "deepspeed", v, &path)) return -1;
+    qerr je;
+    cJSON *j = file_read_json_object(path, &je);
+    if (!j) {
+        free(path);
+        return perr(p, v, "deepspeed: %s", je.msg);
+    }
+    int rc = 0;
+    static const char *const from_config[] = {"train_batch_size", "train_micro_batch_size_per_gpu",
+                                              "gradient_accumulation_steps", "gradient_clipping"};
+    static const char *const harmless[] = {"steps_per_print", "wall_clock_breakdown", "zero_allow_untested_optimizer",
+                                           "flops_profiler", "tensorboard", "comms_logger", "bf16", "fp16",
+                                           "zero_force_ds_cpu_optimizer", "communication_data_type"};
+    for (const cJSON *it = j->child; it && !rc; it = it->next) {
+        const char *k = it->string;
+        int known = 0;
+        for (size_t i = 0; i < sizeof from_config / sizeof *from_config; i++)
+            if (!strcmp(k, from_config[i])) {
+                known = 1;
+                if (!cJSON_IsString(it) || strcmp(it->valuestring, "auto"))
+                    rc = perr(p, v, "deepspeed: %s: %s: expected \"auto\" (the config's micro_batch_size, "
+                                    "gradient_accumulation_steps and max_grad_norm decide it)", path, k);
+            }
+        for (size_t i = 0; i < sizeof harmless / sizeof *harmless; i++) known |= !strcmp(k, harmless[i]);
+        if (!strcmp(k, "fp16") && cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(it, "enabled")))
+            rc = perr(p, v, "deepspeed: %s: fp16.enabled: fp16 compute is not supported (bf16 or fp32)", path);
+        if (!strcmp(k, "zero_optimization")) {
+            known = 1;
+            const cJSON *st = cJSON_GetObjectItemCaseSensitive(it, "stage");
+            int stage = st && cJSON_IsNumber(st) ? st->valueint : 0;
+            if (st && !cJSON_IsNumber(st))
+                rc = perr(p, v, "deepspeed: %s: zero_optimization.stage: expected 0, 1, 2 or 3", path);
+            else if (stage == 2)
+                p->c->fsdp_shard_grad_op = 2;
+            else if (stage != 0) {
+                char what[64];
+                snprintf(what, sizeof what, "ZeRO stage %d", stage);
+                static const char *const meaning[] = {"", "ZeRO stage 1 (optimizer state sharded)",
+                                                      "ZeRO stage 2 (SHARD_GRAD_OP)", "ZeRO stage 3 (FULL_SHARD)"};
+                char where[600];
+                snprintf(where, sizeof where, "deepspeed: %s: zero_optimization.stage", path);
+                rc = strategy_refused(p, v, where, stage >= 1 && stage <= 3 ? meaning[stage] : what);
+            }
+            for (const char *off_key = "offload_optimizer"; off_key && !rc;
+                 off_key = strcmp(off_key, "offload_optimizer") ? NULL : "offload_param") {
+                const cJSON *o = cJSON_GetObjectItemCaseSensitive(it, off_key);
+                const cJSON *dev = o ? cJSON_GetObjectItemCaseSensitive(o, "device") : NULL;
+                if (o && !(cJSON_IsString(dev) && !strcmp(dev->valuestring, "none")))
+                    rc = perr(p, v, "deepspeed: %s: zero_optimization.%s: offloading is not implemented yet", path,
+                              off_key);
+            }
+        }
+        if (!known && !rc)
+            rc = perr(p, v, "deepspeed: %s: \"%s\": not supported (accepted: zero_optimization with stage 0, "
+                            "\"auto\" batch sizes and clipping, bf16, logging settings)", path, k);
+    }
+    cJSON_Delete(j);
+    if (rc) {
+        free(path);
+        return -1;
+    }
+    free(p->c->deepspeed);
+    p->c->deepspeed = path;
+    return 0;
+}
+
+static int apply_parallel(const pctx *p, const char *name, const yaml_node_t *knode, const yaml_node_t *v) {
+    if (is_unset(v)) return 0;
+    if (!strcmp(name, "fsdp")) {
+        if (v->type == YAML_SEQUENCE_NODE) {
+            for (yaml_node_item_t *it = v->data.sequence.items.start; it < v->data.sequence.items.top; it++) {
+                const yaml_node_t *o = node_at(p->doc, *it);
+                if (o->type != YAML_SCALAR_NODE) return perr(p, o, "fsdp: expected a list of option names");
+                if (parallel_fsdp_option(p, o, sval(o))) return -1;
+            }
+            return 0;
+        }
+        if (v->type != YAML_SCALAR_NODE) return perr(p, v, "fsdp: expected a list of option names");
+        char buf[256];
+        snprintf(buf, sizeof buf, "%s", sval(v));
+        for (char *sp, *t = strtok_r(buf, " ,", &sp); t; t = strtok_r(NULL, " ,", &sp))
+            if (parallel_fsdp_option(p, v, t)) return -1;
+        return 0;
+    }
+    if (!strcmp(name, "fsdp_version")) {
+        if (v->type != YAML_SCALAR_NODE || (strcmp(sval(v), "1") && strcmp(sval(v), "2")))
+            return perr(p, v, "fsdp_version: expected 1 or 2");
+        return 0;
+    }
+    if (!strcmp(name, "fsdp_config")) return parallel_fsdp_config(p, v);
+    return parallel_deepspeed(p, v);
+}
+
+/* The resolved keys for config.resolved.yaml (read back to the same struct). */
+static void parallel_write_yaml(FILE *f, const train_config *c) {
+    if (c->deepspeed) { /* the strategy is read from it again */
+        fputs("deepspeed: ", f);
+        put_yaml_str(f, c->deepspeed);
+        fputc('\n', f);
+    } else if (c->fsdp_shard_grad_op) {
+        fputs("fsdp_config:\n  fsdp_sharding_strategy: SHARD_GRAD_OP\n", f);
+    } else if (c->fsdp_no_shard) {
+        fputs("fsdp_config:\n  fsdp_sharding_strategy: NO_SHARD\n", f);
+    }
+}
+
+static int parallel_validate(const train_config *c, qerr *e) {
+    const char *src = c->config_path ? c->config_path : "config";
+    if ((c->fsdp_no_shard || c->fsdp_shard_grad_op == 1) && c->deepspeed)
+        return qerr_set(e, "%s: fsdp / fsdp_config and deepspeed are both set; choose one", src);
+    if (c->fsdp_no_shard && c->fsdp_shard_grad_op)
+        return qerr_set(e, "%s: fsdp / fsdp_config ask for both NO_SHARD and SHARD_GRAD_OP; choose one", src);
+    if (c->fsdp_shard_grad_op && (!strcmp(c->optimizer, "sophia") || !strcmp(c->optimizer, "adamw_8bit")))
+        return qerr_set(e, "%s: optimizer: %s with SHARD_GRAD_OP is not implemented yet (it runs with data "
+                           "parallel, NO_SHARD)", src, c->optimizer);
+    return 0;
+}
+/* ---- end of several processes ------------------------------------------------------------------------------ */
+
 /* One top-level key: value. `seen` (N_KEYS entries, indexed by the canonical
  * key) detects duplicates in a file, also across the two spellings of a key. */
 static int apply_pair(const pctx *p, const char *name, const yaml_node_t *knode, const yaml_node_t *v,
@@ -1258,6 +1499,7 @@ static int apply_pair(const pctx *p, const char *name, const yaml_node_t *knode,
     if (!strcmp(name, "special_tokens")) return ax_special_tokens(p, at, v);
     if (!strcmp(name, "eot_tokens")) return ax_eot_tokens(p, at, v);
     if (!strcmp(name, "plugins")) return ax_plugins(p, at, v);
+    if (parallel_key(name)) return apply_parallel(p, name, knode, v); /* several processes */
     const ax_key *ak = axolotl_key(name);
     if (ak && ak->decision != AX_IMPL) return apply_decided(p, ak, "", at, v);
     return unknown_key(p, knode, name);
@@ -1740,7 +1982,7 @@ int train_config_validate(const train_config *c, qerr *e) {
     if (c->save_steps > 0 && c->saves_per_epoch > 0)
         return conflict(c, e, "save_steps", "saves_per_epoch",
                         "save_steps and saves_per_epoch are both set; use one of them");
-    return 0;
+    return parallel_validate(c, e); /* several processes */
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1871,6 +2113,7 @@ int train_config_write_yaml(const train_config *c, const char *path, qerr *e) {
             break;
         }
     }
+    parallel_write_yaml(f, c); /* several processes */
     if (c->special_bos || c->special_eos || c->special_unk) { /* checked against the model at start-up */
         fputs("special_tokens:\n", f);
         const char *sv[3] = {c->special_bos, c->special_eos, c->special_unk};

@@ -203,6 +203,18 @@ typedef struct train_config {
                                          "tokenizer_default_fallback_chatml" */
     char *special_bos, *special_eos, *special_unk; /* special_tokens: must equal the model's own
                                          (train_config_check_special_tokens); NULL = not given */
+    /* ---- several processes (README "Several processes"; trainer/train.h train_run_comm) ---- */
+    int ddp_timeout;                  /* default 1800 (HF TrainingArguments): seconds one collective may
+                                         take before the job is aborted */
+    int fsdp_no_shard;                /* default 0; 1: fsdp / fsdp_config asked for NO_SHARD (data
+                                         parallel, the only strategy implemented; every other one is
+                                         refused at load) */
+    int fsdp_shard_grad_op;           /* default 0; 1: fsdp / fsdp_config asked for SHARD_GRAD_OP (gradients
+                                         reduce-scattered, optimizer state and update on each rank's
+                                         shard); 2: the same from DeepSpeed zero_optimization.stage 2 */
+    char *deepspeed;                  /* default NULL; a DeepSpeed JSON whose zero_optimization.stage is 0
+                                         or 2 (stages 1 and 3 are refused at load) */
+    /* ---- end of several processes ---- */
     char *config_path;                /* file the config came from (for messages); NULL if none */
     char **warnings;                  /* one-line notes for the caller to print ("[config] ..."
                                          is the caller's prefix); ignored keys, aliases */

@@ -46,6 +46,6 @@ const ax_key *axolotl_dataset_keys(int *n);
 const char *axolotl_decision_name(ax_decision d);
 
 /* The reason every AX_MULTI key is refused with (until README "Several processes" implements it). */
-#define AX_MULTI_WHY "a setting of several processes (see README \"Several processes\"); qlora-train is one process"
+#define AX_MULTI_WHY "a setting of several processes that is not implemented (see README \"Several processes\")"
 
 #endif

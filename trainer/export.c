@@ -45,7 +45,7 @@ int export_gguf_lora(const base_model *b, const lora_set *ls, const adapter_info
     if (gguf_writer_init(&w, e)) return -1;
     /* llama.cpp: scale = alpha / r (b->ne[0]); rsLoRA wants alpha / sqrt(r) */
     float alpha = ls->use_rslora ? ls->alpha * sqrtf((float)ls->r) : ls->alpha;
-    gguf_writer_add_str(w, "general.architecture", "llama");
+    gguf_writer_add_str(w, "general.architecture", llama_arch_name(hp->arch));
     gguf_writer_add_str(w, "general.type", "adapter");
     gguf_writer_add_str(w, "general.name", "qlora adapter");
     if (info && info->base_model_name_or_path[0])
@@ -69,7 +69,7 @@ int export_gguf_lora(const base_model *b, const lora_set *ls, const adapter_info
             if (!a || (info && info->present && !info->present[l * LLAMA_N_LINEAR + k])) continue;
             int64_t r = a->r, in = a->A->shape[1], out = a->B->shape[0];
             const float *B = a->B->data;
-            if (k == LLAMA_Q || k == LLAMA_K) {
+            if ((k == LLAMA_Q || k == LLAMA_K) && hp->arch == LLAMA_ARCH_LLAMA) { /* qwen2: HF row order */
                 float *pb = malloc((size_t)(out * r) * sizeof(float));
                 if (!pb) {
                     qerr_set(e, "out of memory");
@@ -155,12 +155,37 @@ static int write_generation_config(const tokenizer *tok, const char *dir, qerr *
     return rc;
 }
 
+/* "rope_scaling" as transformers writes it for the model's RoPE (modeling_rope_utils.py): null, linear, or
+ * llama3 (recovered from a GGUF's rope_freqs.weight, llama_rope_llama3_of_factors). Errors: rope_freqs that no
+ * rope_scaling of transformers reproduces (a merged model must compute what was trained). */
+static int add_rope_scaling(cJSON *c, const llama_hparams *hp, qerr *e) {
+    llama_rope_scaling rs = hp->rope_scaling;
+    if (rs.type == LLAMA_ROPE_DEFAULT) {
+        cJSON_AddNullToObject(c, "rope_scaling");
+        return 0;
+    }
+    if (rs.type == LLAMA_ROPE_FREQ_FACTORS && llama_rope_llama3_of_factors(hp, &rs, e))
+        return qerr_prefix(e, "merged config.json: rope_scaling");
+    cJSON *o = cJSON_CreateObject();
+    add_raw_float(o, "factor", rs.factor);
+    if (rs.type == LLAMA_ROPE_LLAMA3) {
+        add_raw_float(o, "high_freq_factor", rs.high_freq_factor);
+        add_raw_float(o, "low_freq_factor", rs.low_freq_factor);
+        cJSON_AddNumberToObject(o, "original_max_position_embeddings", rs.original_context);
+    }
+    cJSON_AddStringToObject(o, "rope_type", rs.type == LLAMA_ROPE_LLAMA3 ? "llama3" : "linear");
+    cJSON_AddItemToObject(c, "rope_scaling", o);
+    return 0;
+}
+
 /* config.json for a GGUF base: every Llama hyper-parameter transformers reads. */
 static int write_config_from_hparams(const base_model *b, const tokenizer *tok, const char *dir, qerr *e) {
     const llama_hparams *hp = base_model_hparams(b);
     cJSON *c = cJSON_CreateObject();
-    cJSON_AddItemToObject(c, "architectures", cJSON_CreateStringArray((const char *[]){"LlamaForCausalLM"}, 1));
-    cJSON_AddFalseToObject(c, "attention_bias");
+    int qwen2 = hp->arch == LLAMA_ARCH_QWEN2;
+    cJSON_AddItemToObject(c, "architectures",
+                          cJSON_CreateStringArray((const char *[]){qwen2 ? "Qwen2ForCausalLM" : "LlamaForCausalLM"}, 1));
+    if (!qwen2) cJSON_AddFalseToObject(c, "attention_bias"); /* Qwen2's q/k/v biases are implied by its model_type */
     cJSON_AddRawToObject(c, "attention_dropout", "0.0");
     add_id_or_null(c, "bos_token_id", tokenizer_bos_id(tok));
     add_id_or_null(c, "eos_token_id", tokenizer_eos_id(tok));
@@ -170,15 +195,20 @@ static int write_config_from_hparams(const base_model *b, const tokenizer *tok, 
     cJSON_AddRawToObject(c, "initializer_range", "0.02");
     cJSON_AddNumberToObject(c, "intermediate_size", hp->d_ff);
     cJSON_AddNumberToObject(c, "max_position_embeddings", hp->context_length);
-    cJSON_AddFalseToObject(c, "mlp_bias");
-    cJSON_AddStringToObject(c, "model_type", "llama");
+    if (!qwen2) cJSON_AddFalseToObject(c, "mlp_bias");
+    cJSON_AddStringToObject(c, "model_type", qwen2 ? "qwen2" : "llama");
     cJSON_AddNumberToObject(c, "num_attention_heads", hp->n_head);
     cJSON_AddNumberToObject(c, "num_hidden_layers", hp->n_layer);
     cJSON_AddNumberToObject(c, "num_key_value_heads", hp->n_kv_head);
     add_id_or_null(c, "pad_token_id", tokenizer_pad_id(tok));
-    cJSON_AddNumberToObject(c, "pretraining_tp", 1);
+    if (!qwen2) cJSON_AddNumberToObject(c, "pretraining_tp", 1);
+    if (hp->sliding_window > 0) cJSON_AddNumberToObject(c, "sliding_window", hp->sliding_window);
+    if (hp->sliding_window > 0 && qwen2) cJSON_AddTrueToObject(c, "use_sliding_window");
     add_raw_float(c, "rms_norm_eps", hp->rms_eps);
-    cJSON_AddNullToObject(c, "rope_scaling");
+    if (add_rope_scaling(c, hp, e)) {
+        cJSON_Delete(c);
+        return -1;
+    }
     add_raw_float(c, "rope_theta", hp->rope_theta);
     cJSON_AddBoolToObject(c, "tie_word_embeddings", hp->tied_embeddings);
     cJSON_AddStringToObject(c, "torch_dtype", "bfloat16");
@@ -350,7 +380,7 @@ int export_merged(const base_model *b, const llama_model *m, const tokenizer *to
     if (file_mkdir_p(dir, e)) return -1;
 
     /* tensors in transformers' state_dict order */
-    int n = 1 + hp->n_layer * (2 + LLAMA_N_LINEAR) + 1 + (hp->tied_embeddings ? 0 : 1);
+    int n = 1 + hp->n_layer * (2 + LLAMA_N_LINEAR + (hp->qkv_bias ? 3 : 0)) + 1 + (hp->tied_embeddings ? 0 : 1);
     merged_entry *ent = calloc((size_t)n, sizeof *ent);
     if (!ent) return qerr_set(e, "out of memory");
     int k = 0;
@@ -361,6 +391,12 @@ int export_merged(const base_model *b, const llama_model *m, const tokenizer *to
             snprintf(ent[k].name, sizeof ent[k].name, "model.layers.%d.%s.%s.weight", l, llama_linears[j].parent,
                      llama_linears[j].peft);
             k++;
+            if (hp->qkv_bias && j <= LLAMA_V) { /* the frozen bias, unchanged by the merge */
+                ent[k] = (merged_entry){.role = LLAMA_T_BIAS, .layer = l, .module = j};
+                snprintf(ent[k].name, sizeof ent[k].name, "model.layers.%d.%s.%s.bias", l, llama_linears[j].parent,
+                         llama_linears[j].peft);
+                k++;
+            }
         }
         ent[k] = (merged_entry){.role = LLAMA_T_ATTN_NORM, .layer = l};
         snprintf(ent[k++].name, sizeof ent[0].name, "model.layers.%d.input_layernorm.weight", l);

@@ -384,6 +384,13 @@ int main(int argc, char **argv) {
     }
     /* the KV cache and RoPE tables are sized by prompt + new tokens: never beyond the model's context */
     int ctx_len = base_model_hparams(b)->context_length;
+    int window = base_model_hparams(b)->sliding_window;
+    if (window > 0 && window < ctx_len) {
+        /* beyond the window a sliding-window KV cache would be needed (not implemented): full attention there
+         * would be another model */
+        fprintf(stderr, "[generate] context bounded by the model's sliding_window of %d tokens\n", window);
+        ctx_len = window;
+    }
     if (ids.n > (size_t)ctx_len) {
         qerr_set(&e, "the prompt is %zu tokens, more than %s's context length of %d tokens", ids.n, base_path,
                  ctx_len);

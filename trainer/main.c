@@ -1,4 +1,12 @@
-/* trainer/main.c — `qlora-train config.yaml [key=value ...]`.
+/* trainer/main.c — `qlora-train [--nproc N] config.yaml [key=value ...]`.
+ *
+ * Several processes (README "Several processes"): under an MPI launcher
+ * (`mpirun -np N qlora-train ...`, `srun --mpi=pmix ...`) every process is a
+ * rank (comm/comm.h); `--nproc N` starts N local ranks itself by exec'ing
+ * mpirun with comm_mpirun_argv's flags. Rank 0 logs; the other ranks' stdout
+ * and stderr go to /dev/null and they speak (on their saved stderr, prefixed
+ * with their rank) only when they fail, which ends the whole job
+ * (comm_abort).
  *
  * Exit status: 0 success, 1 the run failed (message on stderr), 2 bad usage
  * or an invalid config, 128 + signal (130 SIGINT, 143 SIGTERM, 129 SIGHUP, 141
@@ -6,12 +14,17 @@
  * checkpoint (re-running resumes). Every error
  * is one line naming the file and field.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "autograd/gemm.h"
+#include "comm/comm.h"
 #include "trainer/config.h"
 #include "trainer/run.h"
 #include "trainer/train.h"
@@ -20,16 +33,90 @@
 
 static void usage(FILE *f) {
     fprintf(f,
-            "usage: qlora-train CONFIG.yaml [key=value ...]\n"
+            "usage: qlora-train [--nproc N] CONFIG.yaml [key=value ...]\n"
             "  Fine-tune a LoRA/QLoRA adapter on a GGUF Llama-family model (axolotl config keys).\n"
             "  key=value overrides a config key, e.g. max_steps=20 lora_r=16 'lora_target_modules=[q_proj,v_proj]'\n"
             "  Checkpoints go to output_dir/checkpoint-<step>/; re-running the same command resumes from the\n"
             "  newest complete one. Ctrl-C (SIGINT), SIGTERM, SIGHUP or a closed output finishes the step, saves a\n"
             "  checkpoint and stops (exit 130, 143, 129, 141).\n"
+            "  --nproc N: train on N local processes (data parallel over MPI: runs mpirun -np N ...); or launch\n"
+            "  with mpirun -np N qlora-train ... / srun --mpi=pmix qlora-train ... yourself.\n"
             "  --help, --version\n");
 }
 
+/* `--nproc N ...`: exec mpirun with N ranks of this program and the rest of the arguments. Returns only on
+ * failure (exit status 2). */
+static int launch_nproc(int argc, char **argv) {
+    const char *nv = argv[1][7] == '=' ? argv[1] + 8 : (argc > 2 ? argv[2] : "");
+    const int skip = argv[1][7] == '=' ? 1 : 2;
+    char *end;
+    errno = 0;
+    long n = strtol(nv, &end, 10);
+    if (!*nv || *end || errno || n < 1 || n > 4096) {
+        fprintf(stderr, "qlora-train: --nproc: expected a number of processes in [1, 4096], got \"%s\"\n", nv);
+        return 2;
+    }
+    const char *var = comm_launcher_env();
+    if (var) {
+        fprintf(stderr, "qlora-train: --nproc %ld: this process was already started by an MPI launcher (%s is "
+                        "set); use either the launcher or --nproc\n", n, var);
+        return 2;
+    }
+    if (!comm_have_mpi()) {
+        fprintf(stderr, "qlora-train: --nproc %ld: this qlora-train was built without MPI (install libopenmpi-dev "
+                        "and openmpi-bin, then rebuild: make)\n", n);
+        return 2;
+    }
+    /* the ranks run this very binary */
+    static char self[4096];
+    ssize_t len = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (len <= 0) snprintf(self, sizeof self, "%s", argv[0]);
+    else self[len] = 0;
+    char **prog = calloc((size_t)argc + 1, sizeof *prog);
+    if (!prog) return 2;
+    int k = 0;
+    prog[k++] = self;
+    for (int i = 1 + skip; i < argc; i++) prog[k++] = argv[i];
+    prog[k] = NULL;
+    char **mv;
+    qerr e;
+    if (comm_mpirun_argv((int)n, prog, &mv, &e)) {
+        fprintf(stderr, "qlora-train: %s\n", e.msg);
+        return 2;
+    }
+    /* N ranks share the cores: unless told otherwise, each gets its share of OpenMP threads */
+    if (!getenv("OMP_NUM_THREADS")) {
+        long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+        char t[32];
+        snprintf(t, sizeof t, "%ld", ncpu > n ? ncpu / n : 1);
+        setenv("OMP_NUM_THREADS", t, 1);
+    }
+    fflush(NULL);
+    execvp(mv[0], mv);
+    fprintf(stderr, "qlora-train: --nproc %ld: cannot run %s: %s (install openmpi-bin, or start the ranks with your "
+                    "MPI's launcher: mpirun -np %ld qlora-train ...)\n", n, mv[0], strerror(errno), n);
+    return 2;
+}
+
+/* A failure of this rank: one line ("rank R: " on ranks other than 0, on the stderr saved before it was silenced),
+ * then with several ranks the whole job ends (comm_abort), else the exit status. */
+static int fail(comm *cm, int code, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int fail(comm *cm, int code, const char *fmt, ...) {
+    char msg[1200];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (cm && cm->rank) dprintf(cm->err_fd, "qlora-train: rank %d: %s\n", cm->rank, msg);
+    else fprintf(stderr, "qlora-train: %s\n", msg);
+    if (cm && cm->world_size > 1) comm_abort(cm, code);
+    gemm_shutdown();
+    comm_free(cm);
+    return code;
+}
+
 int main(int argc, char **argv) {
+    if (argc >= 2 && (!strcmp(argv[1], "--nproc") || !strncmp(argv[1], "--nproc=", 8))) return launch_nproc(argc, argv);
     if (argc >= 2 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) {
         usage(stdout);
         return 0;
@@ -43,37 +130,51 @@ int main(int argc, char **argv) {
         return 2;
     }
     qerr e = {{0}};
+    comm *cm = NULL;
+    if (comm_init(&cm, &e)) {
+        fprintf(stderr, "qlora-train: %s\n", e.msg);
+        return 2;
+    }
+    if (cm->rank) { /* one voice: rank 0 logs; this rank's output is kept for its own failure */
+        int saved = fcntl(2, F_DUPFD_CLOEXEC, 3), devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
+        if (saved >= 0 && devnull >= 0) {
+            fflush(NULL);
+            cm->err_fd = saved;
+            dup2(devnull, 1);
+            dup2(devnull, 2);
+        }
+        if (devnull >= 0) close(devnull);
+    }
     train_config c;
     train_config_refusals refused;
     if (train_config_load_all(argv[1], &c, &refused, &e)) {
         /* every refused key of the file, each on its line, then how many */
-        for (int i = 0; refused.n > 1 && i < refused.n; i++) fprintf(stderr, "qlora-train: %s\n", refused.lines[i]);
-        fprintf(stderr, "qlora-train: %s\n", e.msg);
+        for (int i = 0; refused.n > 1 && i < refused.n; i++) {
+            if (cm->rank) dprintf(cm->err_fd, "qlora-train: rank %d: %s\n", cm->rank, refused.lines[i]);
+            else fprintf(stderr, "qlora-train: %s\n", refused.lines[i]);
+        }
         train_config_refusals_free(&refused);
-        return 2;
+        return fail(cm, 2, "%s", e.msg);
     }
     train_config_refusals_free(&refused);
     for (int i = 2; i < argc; i++) {
         if (train_config_apply_override(&c, argv[i], &e)) {
-            fprintf(stderr, "qlora-train: %s\n", e.msg);
             train_config_free(&c);
-            return 2;
+            return fail(cm, 2, "%s", e.msg);
         }
     }
     if (train_config_validate(&c, &e)) {
-        fprintf(stderr, "qlora-train: %s\n", e.msg);
         train_config_free(&c);
-        return 2;
+        return fail(cm, 2, "%s", e.msg);
     }
     for (int i = 0; i < c.n_warnings; i++) fprintf(stderr, "[config] %s\n", c.warnings[i]);
+    cm->timeout_sec = c.ddp_timeout;
 
     train_result r;
-    int rc = train_run(&c, &r, &e);
+    int rc = train_run_comm(&c, cm, &r, &e);
     if (rc) {
-        fprintf(stderr, "qlora-train: %s\n", e.msg);
         train_config_free(&c);
-        gemm_shutdown();
-        return 1;
+        return fail(cm, 1, "%s", e.msg);
     }
     if (r.interrupted) {
         /* 128 + signal, the shell's convention for "stopped by that signal":
@@ -91,6 +192,7 @@ int main(int argc, char **argv) {
                 r.interrupted_step, r.checkpoint, cmd);
         train_config_free(&c);
         gemm_shutdown();
+        comm_free(cm);
         return 128 + r.interrupted;
     }
     if (r.eval_loss_start > 0)
@@ -100,5 +202,6 @@ int main(int argc, char **argv) {
             r.train_tokens_per_sec, r.wall_seconds, r.peak_rss_mib, c.output_dir);
     train_config_free(&c);
     gemm_shutdown();
+    comm_free(cm);
     return 0;
 }

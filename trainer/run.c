@@ -60,6 +60,13 @@ static void on_stop_signal(int sig) {
 
 int run_stop_signal(void) { return (int)g_stop_signal; }
 
+int run_stop(const run_ctx *r) { return r->world > 1 ? r->stop_agreed : (int)g_stop_signal; }
+
+void run_comm_fail(const run_ctx *r, const qerr *e) {
+    dprintf(r->comm->err_fd, "qlora-train: %s\n", e->msg);
+    comm_abort(r->comm, 1);
+}
+
 const char *run_stop_signal_name(int sig) {
     switch (sig) {
     case SIGINT: return "SIGINT";
@@ -158,6 +165,7 @@ static int setup_device(run_ctx *r, qerr *e) {
 static int setup_output_dir(run_ctx *r, qerr *e) {
     const train_config *c = r->c;
     char path[4096];
+    if (r->rank) return 0; /* rank 0 alone writes output_dir */
     if (file_mkdir_p(c->output_dir, e)) return qerr_prefix(e, "%s: output_dir", r->cfgname);
     snprintf(path, sizeof path, "%s/.qlora-train.lock", c->output_dir);
     r->lock_fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
@@ -190,7 +198,27 @@ static int setup_check_inputs(run_ctx *r, qerr *e) {
 
 /* The checkpoint to resume from: resume_from_checkpoint, else the newest
  * complete one in output_dir (when auto_resume_from_checkpoints). */
+static int setup_resume_choice_rank0(run_ctx *r, qerr *e);
+
+/* With several ranks rank 0 chooses (it holds output_dir's lock and has
+ * removed unfinished saves) and sends the choice; the others load that
+ * checkpoint (output_dir must be on a filesystem every rank sees). */
 static int setup_resume_choice(run_ctx *r, qerr *e) {
+    if (r->world == 1) return setup_resume_choice_rank0(r, e);
+    if (!r->rank && setup_resume_choice_rank0(r, e)) return -1;
+    int64_t resuming = r->resuming;
+    qerr ce;
+    if (comm_broadcast(r->comm, &resuming, 1, COMM_I64, 0, &ce) ||
+        comm_broadcast(r->comm, r->ck_dir, sizeof r->ck_dir, COMM_U8, 0, &ce))
+        run_comm_fail(r, &ce);
+    if (!r->rank || !resuming) return 0;
+    r->ck_dir[sizeof r->ck_dir - 1] = 0;
+    if (ckpt_load(r->ck_dir, &r->ck, e)) return qerr_prefix(e, "rank %d: %s", r->rank, r->cfgname);
+    r->resuming = 1;
+    return 0;
+}
+
+static int setup_resume_choice_rank0(run_ctx *r, qerr *e) {
     const train_config *c = r->c;
     if (c->resume_from_checkpoint) {
         if (ckpt_load(c->resume_from_checkpoint, &r->ck, e))
@@ -298,6 +326,11 @@ static int setup_base_model(run_ctx *r, qerr *e) {
                         "%s: sequence_len: %d exceeds the model's context length %d (llama.context_length in %s); "
                         "expected at most %d",
                         r->cfgname, c->sequence_len, hp0->context_length, c->base_model, hp0->context_length);
+    if (hp0->sliding_window > 0 && c->sequence_len > hp0->sliding_window)
+        return qerr_set(e,
+                        "%s: sequence_len: %d exceeds the sliding_window of %d tokens of %s: sliding-window attention "
+                        "is not implemented (identical to full attention only up to the window); expected at most %d",
+                        r->cfgname, c->sequence_len, hp0->sliding_window, c->base_model, hp0->sliding_window);
     fprintf(stderr, "[model] fingerprint %016llx, tokenizer %016llx (%.1fs)\n", (unsigned long long)r->model_fp,
             (unsigned long long)r->tok_fp, clock_now_sec() - t0);
     if (tokenizer_load_gguf(r->gf, &r->tok, e)) return qerr_prefix(e, "%s: base_model %s", r->cfgname, c->base_model);
@@ -390,6 +423,55 @@ static int setup_data(run_ctx *r, qerr *e) {
     return 0;
 }
 
+/* XXH64 of what decides the maths besides the model and the data: the config
+ * file's bytes and the command-line overrides. */
+static uint64_t config_fingerprint(const train_config *c) {
+    xxh64_state st;
+    xxh64_init(&st, 0);
+    size_t n = 0;
+    qerr ignore;
+    char *text = c->config_path ? file_read_all(c->config_path, &n, &ignore) : NULL;
+    if (text) xxh64_update(&st, text, n);
+    free(text);
+    for (int i = 0; i < c->n_overrides; i++) xxh64_update(&st, c->overrides[i], strlen(c->overrides[i]) + 1);
+    return xxh64_digest(&st);
+}
+
+/* Several ranks must run the same job: the config, the base model, its
+ * tokenizer and the packed training rows are fingerprinted on every rank and
+ * compared with rank 0's. On a difference rank 0 fails with one line naming
+ * the first rank and what differs; the others wait for the abort that
+ * follows. */
+static int setup_agree(run_ctx *r, qerr *e) {
+    if (r->world == 1) return 0;
+    enum { N_FP = 4 };
+    static const char *const what[N_FP] = {"config (file and overrides)", "base_model", "tokenizer",
+                                           "training data (datasets, sequence_len, packing, seed)"};
+    const uint64_t mine[N_FP] = {config_fingerprint(r->c), r->model_fp, r->tok_fp, r->data_fp};
+    uint64_t *all = malloc((size_t)r->world * N_FP * sizeof *all);
+    if (!all) return qerr_set(e, "out of memory");
+    qerr ce;
+    if (comm_all_gather(r->comm, mine, all, N_FP, COMM_I64, &ce)) run_comm_fail(r, &ce);
+    for (int k = 1; k < r->world; k++)
+        for (int i = 0; i < N_FP; i++)
+            if (all[k * N_FP + i] != all[i]) {
+                if (r->rank) {
+                    free(all);
+                    comm_barrier(r->comm, &ce); /* rank 0 fails and aborts the job */
+                    return qerr_set(e, "rank %d: the ranks disagree (rank 0 reports it)", r->rank);
+                }
+                qerr_set(e,
+                         "%s: rank %d of %d has another %s than rank 0 (fingerprint %016llx, rank 0 %016llx): "
+                         "every rank must run the same config on the same files",
+                         r->cfgname, k, r->world, what[i], (unsigned long long)all[k * N_FP + i],
+                         (unsigned long long)all[i]);
+                free(all);
+                return -1;
+            }
+    free(all);
+    return 0;
+}
+
 /* The adapter's tensors in arena order, with their PEFT names: the one table
  * behind the adapter files and the checkpoints. *out malloc'd. */
 static int adapter_table(const lora_set *ls, peft_tensor **out, int *n_out, qerr *e) {
@@ -478,10 +560,15 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
     const double M = 1048576.0;
     const char *what = NULL;
     const double have = memplan_machine_bytes(&what);
-    if (have > 0 && p->total > have) {
+    /* ranks on this machine each hold a whole replica (data parallel) */
+    const int nloc = r->comm->local_world_size > 1 ? r->comm->local_world_size : 1;
+    const double need = p->total * nloc;
+    char ranks_note[96] = "";
+    if (nloc > 1) snprintf(ranks_note, sizeof ranks_note, " (%d ranks on this machine x %.0f MiB)", nloc, p->total / M);
+    if (have > 0 && need > have) {
         if (!c->memory_check) {
-            fprintf(stderr, "[memory] memory_check: false: the predicted peak %.0f MiB exceeds this machine's %.0f "
-                            "MiB of %s; running anyway\n", p->total / M, have / M, what);
+            fprintf(stderr, "[memory] memory_check: false: the predicted peak %.0f MiB%s exceeds this machine's %.0f "
+                            "MiB of %s; running anyway\n", need / M, ranks_note, have / M, what);
             return 0;
         }
         /* the keys that drive the largest part */
@@ -508,15 +595,15 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
             snprintf(why, sizeof why, "the frozen base_model %.0f MiB: use a smaller base_model%s", p->base / M,
                      c->load_in_4bit ? "" : " or load_in_4bit: true");
         return qerr_set(e,
-                        "%s: memory: the planner predicts a peak of %.0f MiB, more than this machine's %.0f MiB of "
+                        "%s: memory: the planner predicts a peak of %.0f MiB%s, more than this machine's %.0f MiB of "
                         "%s; most of it is %s (or set memory_check: false to run anyway)",
-                        r->cfgname, p->total / M, have / M, what, why);
+                        r->cfgname, need / M, ranks_note, have / M, what, why);
     }
     const double avail = memplan_available_bytes();
-    if (avail >= 0 && p->total > avail)
-        fprintf(stderr, "[memory] note: the predicted peak %.0f MiB is more than the %.0f MiB available now "
+    if (avail >= 0 && need > avail)
+        fprintf(stderr, "[memory] note: the predicted peak %.0f MiB%s is more than the %.0f MiB available now "
                         "(MemAvailable): the run may swap, or be killed if other processes keep their memory\n",
-                p->total / M, avail / M);
+                need / M, ranks_note, avail / M);
     return 0;
 }
 
@@ -562,13 +649,27 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
     const train_config *c = r->c;
     r->mbs = c->micro_batch_size;
     r->gas = c->gradient_accumulation_steps;
-    r->rows_per_step = (int64_t)r->mbs * r->gas;
+    r->rows_per_step = (int64_t)r->mbs * r->gas * r->world;
     r->steps_per_epoch = (int)((r->train_set.n_rows + r->rows_per_step - 1) / r->rows_per_step);
     r->total_steps = c->max_steps > 0 ? c->max_steps : r->steps_per_epoch * c->num_epochs;
     r->warmup = train_config_warmup_steps(c, r->total_steps);
     r->eval_every = train_config_eval_interval(c, r->steps_per_epoch);
     r->save_every = train_config_save_interval(c, r->steps_per_epoch);
     if (lr_schedule_parse(c->lr_scheduler, &r->sk, e)) return -1;
+    if (r->world > 1)
+        fprintf(stderr, "[ranks] %d ranks (%s, %s): global batch = micro_batch_size %d x "
+                        "gradient_accumulation_steps %d x world_size %d = %lld rows of %d tokens; %s; ddp_timeout "
+                        "%gs\n",
+                r->world, r->comm->ops->name,
+                c->fsdp_shard_grad_op ? "SHARD_GRAD_OP" : "data parallel, NO_SHARD", r->mbs, r->gas, r->world,
+                (long long)r->rows_per_step, c->sequence_len,
+                c->fsdp_shard_grad_op
+                    ? "gradients reduce-scattered, AdamW state and update on each rank's 1/world_size of the "
+                      "adapters, parameters all-gathered after the update (the [memory] line is per rank, before "
+                      "that saving)"
+                    : "nothing sharded (each rank holds the base, the adapters and the optimizer state: the "
+                      "[memory] line is per rank)",
+                r->comm->timeout_sec);
 
     memplan_print(stderr, &r->plan); /* predicted and checked in setup_model */
 
@@ -578,6 +679,16 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
         return qerr_set(e, "%s: optimizer: %s holds %s state but this config says %s; resume with the optimizer it "
                            "was made with, or choose another output_dir",
                         r->cfgname, r->ck_dir, r->ck.optimizer, c->optimizer);
+    /* SHARD_GRAD_OP: this rank's part of the flat arrays (the optimizer state covers only it) */
+    r->sgo = c->fsdp_shard_grad_op != 0;
+    r->shard_len = (r->ls.n_params + r->world - 1) / r->world;
+    r->shard_lo = r->sgo ? (int64_t)r->rank * r->shard_len : 0;
+    r->shard_hi = r->sgo ? r->shard_lo + r->shard_len : r->ls.n_params;
+    if (r->shard_hi > r->ls.n_params) r->shard_hi = r->ls.n_params;
+    if (r->shard_lo > r->shard_hi) r->shard_lo = r->shard_hi;
+    const int64_t n_opt = r->shard_hi - r->shard_lo;
+    if (r->sgo && !(r->shard_buf = r->ctx.be->alloc((size_t)(r->shard_len * r->world) * sizeof(float))))
+        return qerr_set(e, "out of memory (SHARD_GRAD_OP buffer)");
     if (r->use_adamw8bit) {
         int64_t *off = malloc(((size_t)r->n_tensors + 1) * sizeof *off);
         int64_t *num = malloc(((size_t)r->n_tensors + 1) * sizeof *num);
@@ -599,9 +710,10 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
         free(num);
         if (rc) return -1;
     } else if (r->use_sophia ? sophia_state_init_backend(&r->sop, r->ctx.be, r->ls.n_params, e)
-                             : adamw_state_init_backend(&r->opt, r->ctx.be, r->ls.n_params, e)) {
+                             : adamw_state_init_backend(&r->opt, r->ctx.be, n_opt > 0 ? n_opt : 1, e)) {
         return -1;
     }
+    if (r->sgo) r->opt.n = n_opt;
     r->soc = (sophia_config){.lr = c->learning_rate, .beta1 = c->sophia_beta1, .beta2 = c->sophia_beta2,
                              .rho = c->sophia_rho, .weight_decay = c->weight_decay, .k = c->sophia_k};
     if (r->use_sophia)
@@ -619,6 +731,9 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
     r->rows = malloc((size_t)r->rows_per_step * sizeof(int64_t));
     if (!r->bb.ids || !r->bb.tgt || !r->bb.pos || !r->bb.sid || !r->perm || !r->rows)
         return qerr_set(e, "out of memory");
+    /* gradient accumulation adds whole micro-batch gradients (trainer/step.c) */
+    if (r->gas > 1 && !(r->grad_acc = r->ctx.be->alloc((size_t)r->ls.n_params * sizeof(float))))
+        return qerr_set(e, "out of memory (gradient accumulation buffer, %lld floats)", (long long)r->ls.n_params);
     return 0;
 }
 
@@ -627,6 +742,11 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
 static int setup_outputs(run_ctx *r, qerr *e) {
     const train_config *c = r->c;
     char path[4096];
+    if (r->rank) { /* the other ranks restore the state and write nothing */
+        int rc = r->resuming ? run_resume(r, &r->ck, e) : 0;
+        ckpt_state_free(&r->ck);
+        return rc;
+    }
     snprintf(path, sizeof path, "%s/config.resolved.yaml", c->output_dir);
     if (train_config_write_yaml(c, path, e)) return -1;
     size_t cy_len = 0;
@@ -646,10 +766,13 @@ static int setup_outputs(run_ctx *r, qerr *e) {
     return 0;
 }
 
-int run_setup(run_ctx *r, const train_config *c, train_result *res, qerr *e) {
+int run_setup(run_ctx *r, const train_config *c, comm *cm, train_result *res, qerr *e) {
     memset(r, 0, sizeof *r);
     memset(res, 0, sizeof *res);
     r->c = c;
+    r->comm = cm;
+    r->rank = cm->rank;
+    r->world = cm->world_size;
     r->res = res;
     r->t_start = clock_now_sec();
     r->cfgname = c->config_path ? c->config_path : "config";
@@ -665,8 +788,9 @@ int run_setup(run_ctx *r, const train_config *c, train_result *res, qerr *e) {
     snprintf(r->last_ckpt, sizeof r->last_ckpt, "(none)");
     if (c->num_threads > 0) omp_set_num_threads(c->num_threads);
     r->n_threads = omp_get_max_threads();
-    if (setup_device(r, e) || setup_output_dir(r, e) || setup_check_inputs(r, e) || setup_resume_choice(r, e) || setup_base_model(r, e) ||
-        setup_data(r, e) || setup_model(r, e) || setup_optimizer(r, e) || setup_outputs(r, e))
+    if (setup_device(r, e) || setup_output_dir(r, e) || setup_check_inputs(r, e) || setup_resume_choice(r, e) ||
+        setup_base_model(r, e) || setup_data(r, e) || setup_agree(r, e) || setup_model(r, e) || setup_optimizer(r, e) ||
+        setup_outputs(r, e))
         return -1;
     return 0;
 }
@@ -708,15 +832,17 @@ int run_finish(run_ctx *r, qerr *e) {
                 r->train_sec - r->train_sec_at_start);
     res->steps = r->steps_run;
     res->train_tokens_per_sec = r->steps_run ? r->tok_trained / (clock_now_sec() - r->t_train) : 0.0;
-    if (!g_stop_signal && r->last_saved != r->final_step && r->start_step < r->total_steps &&
+    if (!run_stop(r) && r->last_saved != r->final_step && r->start_step < r->total_steps &&
         run_checkpoint_save(r, r->final_step, e))
         return -1;
-    if (g_stop_signal) {
-        res->interrupted = (int)g_stop_signal;
+    /* read again: a stop request during that last save also ends the run here (as before several ranks) */
+    const int stop = run_stop(r);
+    if (stop) {
+        res->interrupted = stop;
         res->interrupted_step = (int)r->last_saved;
         snprintf(res->checkpoint, sizeof res->checkpoint, "%s", r->last_ckpt);
         fprintf(stderr, "[checkpoint] stopped by %s after step %lld; state saved in %s\n",
-                run_stop_signal_name(g_stop_signal), (long long)r->last_saved, r->last_ckpt);
+                run_stop_signal_name(stop), (long long)r->last_saved, r->last_ckpt);
         return 0;
     }
     /* max_nan_steps stops a streak that long; a run shorter than that whose every step was skipped would
@@ -738,6 +864,7 @@ int run_finish(run_ctx *r, qerr *e) {
     if (r->nan_skipped)
         fprintf(stderr, "[train] %lld step(s) had NaN/Inf loss or gradients and were skipped\n",
                 (long long)r->nan_skipped);
+    if (r->rank) return 0; /* rank 0 writes the outputs */
     metrics_writer *mw = r->mw;
     r->mw = NULL;
     if (metrics_close(mw, e)) return -1;
@@ -770,6 +897,8 @@ void run_free(run_ctx *r) {
     free(r->bb.tgt);
     free(r->bb.pos);
     free(r->bb.sid);
+    if (r->grad_acc) r->ctx.be->free(r->grad_acc);
+    if (r->shard_buf) r->ctx.be->free(r->shard_buf);
     adamw_state_free(&r->opt);
     adamw8bit_state_free(&r->opt8);
     sophia_state_free(&r->sop);

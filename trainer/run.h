@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include "autograd/tensor.h"
+#include "comm/comm.h"
 #include "core/status.h"
 #include "data/dataset.h"
 #include "data/tokenizer.h"
@@ -45,6 +46,13 @@ typedef struct run_ctx {
     int n_threads;
     int lock_fd;          /* output_dir/.qlora-train.lock, held with flock; -1 when not open */
 
+    /* the ranks (comm/comm.h): rank 0 alone writes output_dir (lock, checkpoints, metrics, adapter, plot)
+     * and logs; every rank computes */
+    comm *comm;
+    int rank, world;       /* comm->rank, comm->world_size */
+    int stop_agreed;       /* world > 1: the stop request every rank saw at the latest step (run_stop) */
+    double rss_max_mib;    /* the largest RSS over ranks at the latest step */
+
     /* the checkpoint resumed from (released by run_resume) */
     int resuming;
     ckpt_state ck;
@@ -65,7 +73,7 @@ typedef struct run_ctx {
 
     /* schedule */
     int mbs, gas;          /* micro_batch_size, gradient_accumulation_steps */
-    int64_t rows_per_step; /* mbs * gas */
+    int64_t rows_per_step; /* mbs * gas * world: the global batch in rows */
     int steps_per_epoch, total_steps, warmup, eval_every, save_every;
     lr_schedule_kind sk;
     memplan plan;
@@ -73,6 +81,12 @@ typedef struct run_ctx {
     /* engine and optimizer */
     ag_ctx ctx;
     int use_sophia;
+    float *grad_acc;       /* (ls.n_params) when gas > 1: the sum of the micro-batches' gradients (backend memory) */
+    /* SHARD_GRAD_OP (c->fsdp_shard_grad_op): rank r owns [shard_lo, shard_hi) of the flat arrays, at most
+     * shard_len = ceil(n_params / world) elements; its optimizer state covers only that range */
+    int sgo;
+    int64_t shard_lo, shard_hi, shard_len;
+    float *shard_buf;      /* (shard_len * world) the gradient reduce-scattered into, then the parameters gathered */
     int use_adamw8bit; /* optimizer: adamw_8bit (bitsandbytes' AdamW8bit, opt8; r->ac holds its betas) */
     adamw_state opt;
     adamw8bit_state opt8;
@@ -114,13 +128,24 @@ typedef struct run_ctx {
     struct sigaction old_sa[RUN_N_STOP_SIGNALS + 1];
 } run_ctx;
 
+/* The stop request the run acts on: with several ranks the one all ranks
+ * agreed on at the latest step (a signal seen by any rank, the first in rank
+ * order), so that every rank saves and stops after the same step; alone,
+ * run_stop_signal(). */
+int run_stop(const run_ctx *r);
+
+/* A collective failed (e: the communicator's message naming this rank): the
+ * message on this rank's error output, then the whole job ends with exit
+ * status 1 (comm_abort). Does not return. */
+void run_comm_fail(const run_ctx *r, const qerr *e) __attribute__((noreturn));
+
 /* Set the run up, phase by phase: output_dir and its lock, the inputs exist,
  * the checkpoint to resume from, the base model's file and tokenizer, the
  * data, the model's weights and adapters, the schedule and optimizer, and
  * (once every input has loaded) the outputs, restoring a resumed checkpoint
  * with run_resume. Returns 0, or -1 with the one-line message; either way
  * release with run_free. */
-int run_setup(run_ctx *r, const train_config *c, train_result *res, qerr *e);
+int run_setup(run_ctx *r, const train_config *c, comm *cm, train_result *res, qerr *e);
 
 /* Before the first step: the held-out loss before training (or the one the
  * resumed checkpoint holds), the note when the checkpoint is past

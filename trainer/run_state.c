@@ -39,14 +39,45 @@ static int save_extra(const char *dir, void *arg, qerr *e) {
     return file_write_atomic(p, r->config_yaml, strlen(r->config_yaml), e);
 }
 
+/* SHARD_GRAD_OP: a whole optimizer moment from every rank's shard (collective). malloc'd host array of
+ * shard_len * world floats; the first n_params are the moment. */
+static float *sgo_gather_moment(run_ctx *r, const float *own) {
+    const ag_backend *be = r->ctx.be;
+    const int64_t n_own = r->shard_hi - r->shard_lo;
+    float *all = calloc((size_t)(r->shard_len * r->world), sizeof(float));
+    qerr ce;
+    if (!all) {
+        qerr_set(&ce, "rank %d: out of memory gathering the optimizer state for a checkpoint", r->rank);
+        run_comm_fail(r, &ce);
+    }
+    float *mine = all + (size_t)r->rank * r->shard_len;
+    if (n_own > 0) be->copy_d2h(mine, own, (size_t)n_own * sizeof(float));
+    if (comm_all_gather(r->comm, mine, all, (size_t)r->shard_len, COMM_F32, &ce)) run_comm_fail(r, &ce);
+    return all;
+}
+
 int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
     const train_config *c = r->c;
     double ts = clock_now_sec();
+    /* SHARD_GRAD_OP: every rank sends its shard of the moments; rank 0 writes the whole state */
+    float *full_m = r->sgo ? sgo_gather_moment(r, r->opt.m) : NULL;
+    float *full_v = r->sgo ? sgo_gather_moment(r, r->opt.v) : NULL;
+    if (r->rank) { /* data parallel: every rank holds the same state; rank 0 writes it */
+        free(full_m);
+        free(full_v);
+        r->last_saved = step;
+        snprintf(r->last_ckpt, sizeof r->last_ckpt, "%s/checkpoint-%d", c->output_dir, step);
+        return 0;
+    }
     size_t lh_len = 0;
     char mp[4200];
     snprintf(mp, sizeof mp, "%s/metrics.jsonl", c->output_dir);
     char *lh = file_read_all(mp, &lh_len, e);
-    if (!lh) return -1;
+    if (!lh) {
+        free(full_m);
+        free(full_v);
+        return -1;
+    }
     ckpt_state cs = {
         .step = step, .total_steps = r->total_steps, .rows_consumed = r->cursor, .n_rows = r->train_set.n_rows,
         .rows_per_step = r->rows_per_step, .shuffle_seed = (uint64_t)c->seed, .data_fingerprint = r->data_fp,
@@ -55,7 +86,8 @@ int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
         .weight_decay = c->weight_decay, .nan_streak = r->nan_streak, .nan_skipped = r->nan_skipped,
         .eval_loss_start = r->eval_loss_start, .last_eval_loss = r->last_eval, .last_eval_step = r->last_eval_step,
         .train_seconds = r->train_sec, .model_fingerprint = r->model_fp, .tokenizer_fingerprint = r->tok_fp,
-        .n_params = r->ls.n_params, .params = r->ls.params, .exp_avg = r->opt.m, .exp_avg_sq = r->opt.v,
+        .n_params = r->ls.n_params, .params = r->ls.params, .exp_avg = full_m ? full_m : r->opt.m,
+        .exp_avg_sq = full_v ? full_v : r->opt.v,
         .n_tensors = r->n_tensors, .tensors = r->tensors, .config_yaml = r->config_yaml, .log_history = lh,
         .log_history_len = (int64_t)lh_len};
     snprintf(cs.lr_scheduler, sizeof cs.lr_scheduler, "%s", lr_schedule_name(r->sk));
@@ -101,6 +133,8 @@ int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
     }
     for (int i = 0; i < 8; i++) free(staged[i]);
     free(lh);
+    free(full_m);
+    free(full_v);
     if (rc) return qerr_prefix(e, "checkpoint at step %d", step);
     r->last_saved = step;
     int ndel = 0;
@@ -158,6 +192,7 @@ static void config_diff_keys(const char *a, const char *b, char *out, size_t n) 
                                     : !qb;
             /* keys that cannot change what is computed */
             if (kl == strlen("memory_check") && !strncmp(p, "memory_check", kl)) differs = 0;
+            if (kl == strlen("ddp_timeout") && !strncmp(p, "ddp_timeout", kl)) differs = 0;
             if (differs && strlen(out) + kl + 3 < n) {
                 if (out[0]) strcat(out, ", ");
                 strncat(out, p, kl);
@@ -191,8 +226,10 @@ int run_resume(run_ctx *r, const ckpt_state *ck, qerr *e) {
         r->sop.step = ck->opt_step;
         r->sop.hessian_updates = ck->hessian_updates;
     } else {
-        be->copy_h2d(r->opt.m, ck->exp_avg, n);
-        be->copy_h2d(r->opt.v, ck->exp_avg_sq, n);
+        /* this rank's shard (SHARD_GRAD_OP), else all of it */
+        const size_t own = (size_t)r->opt.n * sizeof(float);
+        be->copy_h2d(r->opt.m, ck->exp_avg + r->shard_lo, own);
+        be->copy_h2d(r->opt.v, ck->exp_avg_sq + r->shard_lo, own);
         r->opt.step = ck->opt_step;
     }
     r->start_step = (int)ck->step;
@@ -206,6 +243,12 @@ int run_resume(run_ctx *r, const ckpt_state *ck, qerr *e) {
     r->train_sec = ck->train_seconds; /* train_seconds continues across resumes */
     r->last_saved = ck->step;
     snprintf(r->last_ckpt, sizeof r->last_ckpt, "%s", r->ck_dir);
+    if (r->rank) return 0; /* rank 0 speaks and writes */
+    if (ck->rows_per_step != r->rows_per_step)
+        fprintf(stderr, "[checkpoint] note: %s was trained with a global batch of %lld rows per step, this run takes "
+                        "%lld (micro_batch_size x gradient_accumulation_steps x world_size); the data position is "
+                        "global, so it continues where that run stopped\n",
+                r->ck_dir, (long long)ck->rows_per_step, (long long)r->rows_per_step);
 
     char diff[512];
     config_diff_keys(ck->config_yaml, r->config_yaml, diff, sizeof diff);

@@ -11,11 +11,28 @@
  * (sophia_hessian_pass below). During training the adapter's gradients and
  * parameters are touched only here: step_gradients zeroes and fills
  * ls.grads, train_step and sophia_hessian_pass clip and apply them.
+ *
+ * Several ranks (data parallel, train_run_comm in train.h): the step's rows
+ * are the next mbs · gas · world_size of the one global order; rank r takes
+ * the global micro-batches r·gas … r·gas + gas − 1, with dropout masks and
+ * sampled labels keyed by (step, global micro-batch), never by rank. Every
+ * micro-batch's gradient is computed into a zeroed buffer (β = 0) and then
+ * added to the sum explicitly — also in one process — and the ranks' sums are
+ * all-reduced once per step before the norm. World 2 × accumulation 1 thus
+ * computes g0 + g1 exactly as world 1 × accumulation 2 does (a two-term fp32
+ * sum has one result whatever its order). (With accumulation > 1 the sum
+ * now rounds once per micro-batch outside the GEMM, where backward's β = 1
+ * GEMMs used to add into the running gradient; this may change the last bits
+ * of such runs. Measured with oneDNN on the default config, accumulation 2,
+ * 3 steps: metrics and adapter identical to before; accumulation 1 is
+ * unchanged by construction.)
  */
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "core/clock.h"
 #include "core/rng.h"
@@ -65,12 +82,15 @@ static int64_t step_rows(run_ctx *r) {
  * a pure function of (seed, step, micro-batch). */
 static void step_gradients(run_ctx *r, int step, int sampled, float scale, double *loss_sum, int64_t *n_tokens) {
     const train_config *c = r->c;
-    r->ctx.be->zero(r->ls.grads, (size_t)r->ls.n_params * sizeof(float));
+    const ag_backend *be = r->ctx.be;
+    const size_t gbytes = (size_t)r->ls.n_params * sizeof(float);
     r->ctx.training = 1;
     for (int mb = 0; mb < r->gas; mb++) {
+        const int gmb = r->rank * r->gas + mb; /* the global micro-batch */
+        be->zero(r->ls.grads, gbytes); /* this micro-batch's gradient alone */
         llama_batch b;
-        run_batch_fill(&r->train_set, r->rows + (size_t)mb * r->mbs, r->mbs, &r->bb, &b);
-        const uint64_t ctr = (uint64_t)step * 4096u + (uint64_t)mb;
+        run_batch_fill(&r->train_set, r->rows + (size_t)gmb * r->mbs, r->mbs, &r->bb, &b);
+        const uint64_t ctr = (uint64_t)step * 4096u + (uint64_t)gmb;
         r->ctx.seed = rng_u64((uint64_t)c->seed, sampled ? 0x5e55u : 0xd509u, ctr);
         ag_mark mk = ag_arena_mark(&r->ctx);
         double lsum = 0.0;
@@ -84,7 +104,80 @@ static void step_gradients(run_ctx *r, int step, int sampled, float scale, doubl
         ag_arena_reset(&r->ctx, mk);
         if (loss_sum) *loss_sum += lsum;
         if (n_tokens) *n_tokens += nt;
+        if (r->gas > 1) {
+            if (mb == 0) be->copy_d2d(r->grad_acc, r->ls.grads, gbytes);
+            else be->add(r->grad_acc, r->ls.grads, r->grad_acc, r->ls.n_params);
+        }
     }
+    if (r->gas > 1) be->copy_d2d(r->ls.grads, r->grad_acc, gbytes);
+    qerr ce;
+    be->sync();
+    if (r->sgo) { /* SHARD_GRAD_OP: this rank's shard of the summed gradient lands in its part of shard_buf */
+        const size_t pad = (size_t)(r->shard_len * r->world - r->ls.n_params);
+        be->copy_d2d(r->shard_buf, r->ls.grads, gbytes);
+        if (pad) be->zero(r->shard_buf + r->ls.n_params, pad * sizeof(float));
+        if (comm_reduce_scatter_sum(r->comm, r->shard_buf, r->shard_buf + (size_t)r->rank * r->shard_len,
+                                    (size_t)r->shard_len, COMM_F32, &ce))
+            run_comm_fail(r, &ce);
+    } else if (r->world > 1 && comm_all_reduce_sum(r->comm, r->ls.grads, (size_t)r->ls.n_params, COMM_F32, &ce))
+        run_comm_fail(r, &ce);
+}
+
+/* SHARD_GRAD_OP: the global norm of the sharded gradient g (this rank's
+ * n_own elements): the ranks' fp64 sums of squares added, then sqrt, as
+ * clip_grad_norm_backend takes it of the whole gradient; clips g. (The fp64
+ * sum is associated by shard instead of by the backend's chunks; the two
+ * differ by ~1e-16 relative, which the float norm rounds away unless it
+ * falls on a rounding boundary.) */
+static float sgo_clip(run_ctx *r, float *g, int64_t n_own) {
+    double ss = n_own > 0 ? r->ctx.be->sum_squares(g, n_own) : 0.0;
+    qerr ce;
+    if (r->world > 1 && comm_all_reduce_sum(r->comm, &ss, 1, COMM_F64, &ce)) run_comm_fail(r, &ce);
+    const float total = (float)sqrt(ss);
+    clip_grad_by_norm_backend(r->ctx.be, g, n_own, total, r->c->max_grad_norm);
+    return total;
+}
+
+/* SHARD_GRAD_OP: every rank's updated shard of the parameters to every rank. */
+static void sgo_gather_params(run_ctx *r) {
+    const ag_backend *be = r->ctx.be;
+    const int64_t n_own = r->shard_hi - r->shard_lo;
+    float *mine = r->shard_buf + (size_t)r->rank * r->shard_len;
+    if (n_own > 0) be->copy_d2d(mine, r->ls.params + r->shard_lo, (size_t)n_own * sizeof(float));
+    if (r->shard_len > n_own) be->zero(mine + n_own, (size_t)(r->shard_len - n_own) * sizeof(float));
+    qerr ce;
+    be->sync();
+    if (comm_all_gather(r->comm, mine, r->shard_buf, (size_t)r->shard_len, COMM_F32, &ce)) run_comm_fail(r, &ce);
+    be->copy_d2d(r->ls.params, r->shard_buf, (size_t)r->ls.n_params * sizeof(float));
+}
+
+/* The step's loss sum and target tokens from every rank, added in rank order
+ * (the order of the global micro-batches, as one process adds them), the
+ * largest RSS, and the first stop request in rank order (run_stop): one
+ * all_gather of four f64 per rank. */
+static void step_agree(run_ctx *r, double *loss_sum, int64_t *n_tokens) {
+    r->rss_max_mib = proc_rss_mib();
+    if (r->world == 1) return;
+    double mine[4] = {*loss_sum, (double)*n_tokens, r->rss_max_mib, (double)run_stop_signal()};
+    double *all = malloc((size_t)r->world * 4 * sizeof *all);
+    qerr ce;
+    if (!all) {
+        qerr_set(&ce, "rank %d: out of memory", r->rank);
+        run_comm_fail(r, &ce);
+    }
+    if (comm_all_gather(r->comm, mine, all, 4, COMM_F64, &ce)) run_comm_fail(r, &ce);
+    double ls = 0.0;
+    int64_t nt = 0;
+    r->stop_agreed = 0;
+    for (int k = 0; k < r->world; k++) {
+        ls += all[4 * k];
+        nt += (int64_t)all[4 * k + 1];
+        if (all[4 * k + 2] > r->rss_max_mib) r->rss_max_mib = all[4 * k + 2];
+        if (!r->stop_agreed) r->stop_agreed = (int)all[4 * k + 3];
+    }
+    free(all);
+    *loss_sum = ls;
+    *n_tokens = nt;
 }
 
 /* Sophia's Gauss-Newton-Bartlett Hessian estimate (optim/sophia.h), run after
@@ -122,6 +215,20 @@ static int test_nan_step(int step) {
     return 0;
 }
 
+/* QLORA_TEST_RANK_FAULT="R:S:kill", "R:S:hang" or "R:S:pause": rank R kills
+ * itself (SIGKILL), stops answering (sleeps for an hour) or pauses for 5 s at
+ * the start of step S — the test hook for a dead or hung rank, and a window
+ * for a signal to arrive mid-step (tests/test_ranks_e2e.c). */
+static void test_rank_fault(const run_ctx *r, int step) {
+    const char *s = getenv("QLORA_TEST_RANK_FAULT");
+    int rank, at;
+    char how[8];
+    if (!s || sscanf(s, "%d:%d:%7s", &rank, &at, how) != 3 || rank != r->rank || at != step) return;
+    if (!strcmp(how, "kill")) raise(SIGKILL);
+    if (!strcmp(how, "hang")) sleep(3600);
+    if (!strcmp(how, "pause")) sleep(5);
+}
+
 static void fmt_duration(double s, char *buf, size_t n) {
     if (s < 0 || !isfinite(s)) s = 0;
     long t = (long)(s + 0.5);
@@ -143,7 +250,7 @@ static int step_report(run_ctx *r, int step, const step_stats *s, qerr *e) {
     const train_config *c = r->c;
     double elapsed = clock_now_sec() - r->t_train;
     double tps = r->tok_trained / elapsed;
-    {
+    if (r->mw) {
         /* train_seconds: optimizer-step time so far (no evaluation / checkpoint time), for wall-clock comparisons */
         metrics_field xf[4] = {{"train_seconds", r->train_sec}, {"sophia_win_rate", s->win_rate},
                                {"sophia_hessian_seconds", s->hess_sec}, {"sophia_hessian_grad_norm", s->hess_gnorm}};
@@ -179,9 +286,12 @@ static int step_report(run_ctx *r, int step, const step_stats *s, qerr *e) {
         if (r->use_sophia)
             snprintf(opt_note, sizeof opt_note, isfinite(s->hess_sec) ? " | win %.3f | hessian %.2fs" : " | win %.3f",
                      s->win_rate, s->hess_sec);
+        char world_note[48] = "";
+        if (r->world > 1) snprintf(world_note, sizeof world_note, " | world %d", r->world);
         fprintf(stderr, "[train] step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f%s | %.0f tok/s | %.2fs/step | "
-                        "ETA %s | RSS %.0f MiB\n",
-                step, r->total_steps, s->loss, s->lr, s->gnorm, opt_note, tps, s->dt, eta, proc_rss_mib());
+                        "ETA %s%s | RSS %.0f MiB%s\n",
+                step, r->total_steps, s->loss, s->lr, s->gnorm, opt_note, tps, s->dt, eta, world_note,
+                r->rss_max_mib, r->world > 1 ? " (largest rank)" : "");
     }
     return 0;
 }
@@ -189,16 +299,22 @@ static int step_report(run_ctx *r, int step, const step_stats *s, qerr *e) {
 int train_step(run_ctx *r, int step, qerr *e) {
     const train_config *c = r->c;
     double ts0 = clock_now_sec();
+    test_rank_fault(r, step);
     const int64_t step_targets = step_rows(r);
     const float scale = step_targets > 0 ? 1.0f / (float)step_targets : 0.0f;
     double step_loss = 0.0;
     int64_t step_tok = 0;
     step_gradients(r, step, 0, scale, &step_loss, &step_tok);
-    if (test_nan_step(step)) r->ctx.be->fill_f32(r->ls.grads, 1, NAN);
+    step_agree(r, &step_loss, &step_tok);
+    /* the gradient the optimizer sees: all of it, or (SHARD_GRAD_OP) this rank's shard */
+    float *g = r->sgo ? r->shard_buf + (size_t)r->rank * r->shard_len : r->ls.grads;
+    const int64_t n_g = r->sgo ? r->shard_hi - r->shard_lo : r->ls.n_params;
+    if (test_nan_step(step) && n_g > 0) r->ctx.be->fill_f32(g, 1, NAN);
     step_stats s = {.loss = step_tok ? step_loss / (double)step_tok : NAN,
                     .lr = schedule_lr(r->sk, step - 1, r->total_steps, r->warmup, c->learning_rate),
                     .win_rate = NAN, .hess_sec = NAN, .hess_gnorm = NAN};
-    s.gnorm = clip_grad_norm_backend(r->ctx.be, r->ls.grads, r->ls.n_params, c->max_grad_norm);
+    s.gnorm = r->sgo ? sgo_clip(r, g, n_g) : clip_grad_norm_backend(r->ctx.be, r->ls.grads, r->ls.n_params,
+                                                                   c->max_grad_norm);
     s.finite = isfinite(s.loss) && isfinite(s.gnorm);
     if (s.finite && r->use_sophia) {
         const double bs = c->sophia_bs > 0 ? (double)c->sophia_bs : (double)step_targets;
@@ -217,7 +333,8 @@ int train_step(run_ctx *r, int step, qerr *e) {
         adamw8bit_step(&r->opt8, &r->ac, s.lr, r->ls.params, r->ls.grads);
         r->nan_streak = 0;
     } else if (s.finite) {
-        adamw_step(&r->opt, &r->ac, s.lr, r->ls.params, r->ls.grads, NULL);
+        adamw_step(&r->opt, &r->ac, s.lr, r->ls.params + r->shard_lo, g, NULL);
+        if (r->sgo) sgo_gather_params(r);
         r->nan_streak = 0;
     } else {
         /* As torch's GradScaler does with inf/NaN gradients: no update,

@@ -4,6 +4,7 @@
 
 #include <stdint.h>
 
+#include "comm/comm.h"
 #include "core/status.h"
 #include "trainer/config.h"
 
@@ -38,5 +39,19 @@ typedef struct train_result {
  * sequence_len within the model's context) before anything heavy is loaded,
  * and nothing in output_dir changes until every input has loaded. */
 int train_run(const train_config *c, train_result *res, qerr *e);
+
+/* train_run as one rank of a job (comm/comm.h; train_run is this with a
+ * single-process communicator). Data parallel (DDP, NO_SHARD): every rank
+ * holds the whole model and adapters; the global batch is micro_batch_size ×
+ * gradient_accumulation_steps × world_size rows taken from the one global
+ * data order, rank r computing the micro-batches r·gas … r·gas + gas − 1 of
+ * each step; each micro-batch's gradient is computed alone (β = 0) and added,
+ * the ranks' sums all-reduced once per step, the loss normalised by the
+ * step's global target-token count; evaluation batches are split over the
+ * ranks and the per-batch sums reduced and added in batch order. World 2 ×
+ * accumulation 1 thus equals world 1 × accumulation 2 bit for bit. Rank 0
+ * alone writes output_dir and logs. A failed collective ends the job
+ * (comm_abort). */
+int train_run_comm(const train_config *c, comm *cm, train_result *res, qerr *e);
 
 #endif

@@ -30,6 +30,9 @@ Checks (tolerances are on logits, in nats; the base logits span about 30):
   5. hf_dir    transformers save_pretrained of the GGUF-loaded model (fp32 safetensors) as base_model:
                qlora-train's losses equal the GGUF run's (|diff| <= 1e-6: the NF4 weights are the
                same); peak RSS of loading (info).
+  7. family    the tiny llama3 / mistral / qwen2 models of tests/fixtures/ref_<family>.qref.gz: qlora
+               trains on the GGUF form, PEFT loads the adapter on the HF form (check_families; alone:
+               --only families).
   6. bnb4      transformers + bitsandbytes quantize that directory (nf4, double quant) and save it;
                qlora adopts the checkpoint as stored and its logits equal those of qlora quantizing
                the fp32 directory itself (exactly: the NF4 bytes are bnb's); bnb's own
@@ -165,10 +168,11 @@ def train_adapter(bin_dir, model, work):
 
 # ---------------------------------------------------------------- qlora side
 
-def qlora_logits(bin_dir, work, tag, adapter, model, prompt, nf4, bf16):
+def qlora_logits(bin_dir, work, tag, adapter, model, prompt, nf4, bf16, raw=False):
     path = os.path.join(work, f"q_{tag}.safetensors")
     cmd = [os.path.join(bin_dir, "qlora-generate")]
     cmd += [adapter] if adapter else ["--no-adapter"]
+    cmd += ["--raw"] if raw else []
     cmd += ["--base", model, "--prompt", prompt, "--load-in-4bit", str(int(nf4)), "--bf16", str(int(bf16)),
             "--dump-logits", path]
     run(cmd, stdout=subprocess.DEVNULL)
@@ -234,12 +238,85 @@ def hf_logits(model, ids):
     return out.logits[0].float().numpy()
 
 
+# ---------------------------------------------------------------- 7. the tiny model families
+
+FAMILIES = ["llama3", "mistral", "qwen2"]
+FAMILY_TEXT = "thequickbrownfoxjumpsoverthelazydog.THEQUICKBROWNFOX!0123456789(interin)"  # in the tiny vocabulary
+
+
+def check_families(bin_dir, work):
+    """Each tiny family of tests/fixtures/ref_<family>.qref.gz (llama3 RoPE scaling, Mistral, Qwen2 biases):
+    qlora-train (bf16 base, 3 steps) on the GGUF form written by llama.cpp's converter; then
+      family:<f>:peft     transformers loads the HF form (the same weights), PEFT loads qlora's adapter:
+                          logits vs qlora-generate --dump-logits (fp32) on the HF form, max |diff| <= 2e-3;
+      family:<f>:gguf_hf  qlora's logits of the GGUF form vs the HF form (same weights): <= 1e-4;
+      family:<f>:merged   qlora-export --merged of the GGUF form, loaded by transformers: its config
+                          (architecture, rope_parameters) equals the HF form's (a Mistral GGUF is arch llama:
+                          LlamaForCausalLM), logits vs PEFT's within one
+                          bf16 rounding of the merged weights (<= 5e-2)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from make_reference import read_qref
+    data = os.path.join(work, "family_data.jsonl")
+    with open(data, "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"text": FAMILY_TEXT[i % 7:] + FAMILY_TEXT[:i % 7]}) + "\n")
+    for fam in FAMILIES:
+        d = os.path.join(work, f"family_{fam}")
+        hf = os.path.join(d, "hf")
+        os.makedirs(hf, exist_ok=True)
+        r = read_qref(os.path.join("tests", "fixtures", f"ref_{fam}.qref.gz"))
+        for name, key in [("config.json", "hf.config_json"), ("model.safetensors", "hf.safetensors"),
+                          ("tokenizer.json", "hf.tokenizer_json"), ("tokenizer_config.json", "hf.tokenizer_config_json")]:
+            with open(os.path.join(hf, name), "wb") as f:
+                f.write(r[key].tobytes())
+        gg = os.path.join(d, "model.gguf")
+        with open(gg, "wb") as f:
+            f.write(r["gguf"].tobytes())
+        out = os.path.join(d, "run")
+        cfg = os.path.join(d, "train.yaml")
+        with open(cfg, "w") as f:
+            f.write(f"base_model: {gg}\nadapter: lora\nload_in_4bit: false\nlora_r: 4\nlora_alpha: 8\n"
+                    "lora_dropout: 0.0\nlora_target_linear: true\n"
+                    f"datasets:\n  - path: {data}\n    type: completion\n"
+                    "sequence_len: 32\nsample_packing: true\nmicro_batch_size: 2\nmax_steps: 3\n"
+                    "learning_rate: 5e-2\nwarmup_steps: 0\nlr_scheduler: constant\nval_set_size: 0\n"
+                    f"output_dir: {out}\n")
+        run([os.path.join(bin_dir, "qlora-train"), cfg])
+        q_hf, ids = qlora_logits(bin_dir, d, "hf", out, hf, FAMILY_TEXT[:20], nf4=False, bf16=False, raw=True)
+        q_gg, ids2 = qlora_logits(bin_dir, d, "gguf", out, gg, FAMILY_TEXT[:20], nf4=False, bf16=False, raw=True)
+        assert np.array_equal(ids, ids2)
+        ids = [int(x) for x in ids]
+        compare(f"family:{fam}:gguf_hf", q_hf, q_gg, 1e-4)
+        base = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+        pm = PeftModel.from_pretrained(base, out)
+        pm.eval()
+        p_logits = hf_logits(pm, ids)
+        with pm.disable_adapter():
+            effect = float(np.abs(p_logits - hf_logits(pm, ids)).max())
+        compare(f"family:{fam}:peft", p_logits, q_hf, 2e-3, {"adapter_effect": float(f"{effect:.3g}")})
+        merged = os.path.join(d, "merged")
+        run([os.path.join(bin_dir, "qlora-export"), out, "--base", gg, "--merged", merged, "--load-in-4bit", "0"])
+        mm = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+        # a Mistral GGUF is general.architecture llama (the converter keeps no window): LlamaForCausalLM is
+        # the same model over rows within the window
+        want = "LlamaForCausalLM" if fam == "mistral" else type(base).__name__
+        same_cfg = type(mm).__name__ == want and mm.config.rope_parameters == base.config.rope_parameters
+        diff = np.abs(hf_logits(mm, ids) - p_logits)
+        check(f"family:{fam}:merged", same_cfg and diff.max() <= 5e-2,
+              {"class": type(mm).__name__, "rope_parameters": mm.config.rope_parameters,
+               "max_abs": float(f"{diff.max():.3g}"), "atol": 5e-2})
+
+
 def main():
     global DIMS
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
     ap.add_argument("--model", required=True)
     ap.add_argument("--work", required=True)
+    ap.add_argument("--only", default="", help="run only this check group (families)")
     args = ap.parse_args()
     work = os.path.abspath(args.work)
     os.makedirs(work, exist_ok=True)
@@ -247,6 +324,9 @@ def main():
     bin_dir = os.path.abspath(args.bin)
     DIMS = model_dims(model)
     t_all = time.time()
+    if args.only == "families":
+        check_families(bin_dir, work)
+        return finish(work, t_all)
 
     # adapters
     synth = os.path.join(work, "synth")
@@ -421,6 +501,11 @@ def main():
            "bounds": "top1 >= 0.95, mean_abs <= 0.25"})
     del qm
 
+    check_families(bin_dir, work)
+    return finish(work, t_all)
+
+
+def finish(work, t_all):
     RESULTS["_seconds"] = round(time.time() - t_all, 1)
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump(RESULTS, f, indent=2)

@@ -1,0 +1,177 @@
+/* comm/comm.c — choosing the communicator, the single-process one, and the
+ * checked entry points over comm_ops (see comm.h).
+ */
+#include "comm/comm.h"
+
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+size_t comm_dtype_size(comm_dtype t) {
+    switch (t) {
+    case COMM_F32: return 4;
+    case COMM_BF16: return 2;
+    case COMM_U8: return 1;
+    case COMM_F64: return 8;
+    case COMM_I64: return 8;
+    }
+    return 0;
+}
+
+const char *comm_dtype_name(comm_dtype t) {
+    switch (t) {
+    case COMM_F32: return "f32";
+    case COMM_BF16: return "bf16";
+    case COMM_U8: return "u8";
+    case COMM_F64: return "f64";
+    case COMM_I64: return "i64";
+    }
+    return "?";
+}
+
+/* ------------------------------------------------------------------------ */
+/* single process                                                             */
+
+static int single_all_reduce(comm *c, void *buf, size_t count, comm_dtype t, qerr *e) { return 0; }
+
+static int single_reduce_scatter(comm *c, const void *send, void *recv, size_t recvcount, comm_dtype t, qerr *e) {
+    if (send != recv) memmove(recv, send, recvcount * comm_dtype_size(t));
+    return 0;
+}
+
+static int single_all_gather(comm *c, const void *send, void *recv, size_t sendcount, comm_dtype t, qerr *e) {
+    if (send != recv) memmove(recv, send, sendcount * comm_dtype_size(t));
+    return 0;
+}
+
+static int single_broadcast(comm *c, void *buf, size_t count, comm_dtype t, int root, qerr *e) { return 0; }
+
+static int single_barrier(comm *c, qerr *e) { return 0; }
+
+static void single_abort(comm *c, int code) {
+    fflush(NULL);
+    _Exit(code);
+}
+
+static void single_finalize(comm *c) {}
+
+static const comm_ops single_ops = {.name = "single", .memory = "host", .all_reduce_sum = single_all_reduce,
+                                    .reduce_scatter_sum = single_reduce_scatter, .all_gather = single_all_gather,
+                                    .broadcast = single_broadcast, .barrier = single_barrier,
+                                    .abort = single_abort, .finalize = single_finalize};
+
+int comm_single(comm **out, qerr *e) {
+    comm *c = qcalloc(1, sizeof *c, e);
+    if (!c) return -1;
+    *c = (comm){.ops = &single_ops, .rank = 0, .world_size = 1, .local_rank = 0, .local_world_size = 1,
+                .timeout_sec = COMM_DEFAULT_TIMEOUT_SEC, .err_fd = 2};
+    *out = c;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* choosing                                                                   */
+
+const char *comm_launcher_env(void) {
+    /* Open MPI's mpirun (ORTE) and prterun/srun --mpi=pmix (PMIx); MPICH's hydra and srun --mpi=pmi2 (PMI) */
+    static const char *const vars[] = {"OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE"};
+    for (size_t i = 0; i < sizeof vars / sizeof *vars; i++)
+        if (getenv(vars[i])) return vars[i];
+    return NULL;
+}
+
+int comm_init(comm **out, qerr *e) {
+    *out = NULL;
+    const char *var = comm_launcher_env();
+    if (var) {
+        if (!comm_have_mpi())
+            return qerr_set(e,
+                            "started by an MPI launcher (%s=%s) but this qlora-train was built without MPI "
+                            "(install libopenmpi-dev and rebuild: make)",
+                            var, getenv(var));
+        return comm_mpi_init(out, e);
+    }
+    const char *nt = getenv("SLURM_NTASKS"), *step = getenv("SLURM_STEP_ID");
+    if (nt && step && atoi(nt) > 1)
+        return qerr_set(e,
+                        "srun started %s tasks but no MPI plugin (no PMIX_RANK or PMI_RANK in the environment): "
+                        "each task would train alone on the same data; launch with `srun --mpi=pmix ...` (see "
+                        "`srun --mpi=list`)",
+                        nt);
+    return comm_single(out, e);
+}
+
+/* ------------------------------------------------------------------------ */
+/* checked entry points                                                       */
+
+static int count_ok(const comm *c, size_t count, const char *what, qerr *e) {
+    if (count > (size_t)INT_MAX)
+        return qerr_set(e, "rank %d: %s of %zu elements: more than the %d a single %s collective takes", c->rank,
+                        what, count, INT_MAX, c->ops->name);
+    return 0;
+}
+
+int comm_all_reduce_sum(comm *c, void *buf, size_t count, comm_dtype t, qerr *e) {
+    if (count_ok(c, count, "all_reduce", e)) return -1;
+    return count ? c->ops->all_reduce_sum(c, buf, count, t, e) : 0;
+}
+
+int comm_reduce_scatter_sum(comm *c, const void *send, void *recv, size_t recvcount, comm_dtype t, qerr *e) {
+    if (count_ok(c, recvcount * (size_t)c->world_size, "reduce_scatter", e)) return -1;
+    return recvcount ? c->ops->reduce_scatter_sum(c, send, recv, recvcount, t, e) : 0;
+}
+
+int comm_all_gather(comm *c, const void *send, void *recv, size_t sendcount, comm_dtype t, qerr *e) {
+    if (count_ok(c, sendcount * (size_t)c->world_size, "all_gather", e)) return -1;
+    return sendcount ? c->ops->all_gather(c, send, recv, sendcount, t, e) : 0;
+}
+
+int comm_broadcast(comm *c, void *buf, size_t count, comm_dtype t, int root, qerr *e) {
+    if (root < 0 || root >= c->world_size)
+        return qerr_set(e, "rank %d: broadcast from root %d: expected a rank in [0, %d)", c->rank, root,
+                        c->world_size);
+    if (count_ok(c, count, "broadcast", e)) return -1;
+    return count ? c->ops->broadcast(c, buf, count, t, root, e) : 0;
+}
+
+int comm_barrier(comm *c, qerr *e) { return c->ops->barrier(c, e); }
+
+void comm_abort(comm *c, int code) {
+    c->ops->abort(c, code > 0 ? code : 1);
+    _Exit(code > 0 ? code : 1); /* an implementation's abort does not return; this keeps the promise if it did */
+}
+
+void comm_free(comm *c) {
+    if (!c) return;
+    c->ops->finalize(c);
+    free(c);
+}
+
+int comm_mpirun_argv(int nproc, char *const *prog_argv, char ***out, qerr *e) {
+    *out = NULL;
+    if (nproc < 1) return qerr_set(e, "--nproc: expected a positive number of ranks, got %d", nproc);
+    size_t n_prog = 0;
+    while (prog_argv[n_prog]) n_prog++;
+    /* the array and, after it, the rank count as text */
+    const size_t n_max = 10 + n_prog + 1;
+    char **v = qmalloc(n_max * sizeof *v + 16, e);
+    if (!v) return -1;
+    char *num = (char *)(v + n_max);
+    snprintf(num, 16, "%d", nproc);
+    size_t i = 0;
+    v[i++] = "mpirun";
+    v[i++] = "-np";
+    v[i++] = num;
+    v[i++] = "--bind-to";
+    v[i++] = "none";
+    v[i++] = "--use-hwthread-cpus";
+    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
+    if (ncpu > 0 && nproc > ncpu) v[i++] = "--oversubscribe";
+    if (geteuid() == 0) v[i++] = "--allow-run-as-root";
+    for (size_t k = 0; k < n_prog; k++) v[i++] = prog_argv[k];
+    v[i] = NULL;
+    *out = v;
+    return 0;
+}

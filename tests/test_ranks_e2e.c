@@ -1,0 +1,513 @@
+/* tests/test_ranks_e2e.c — training on several processes (data parallel over
+ * MPI; trainer/train.h train_run_comm), bin/qlora-train run under mpirun.
+ *
+ * 1. Bit identity on a tiny random model (tests/tiny_model.h), 12 steps with
+ *    LoRA dropout, evaluation every 3 steps over 6 held-out rows: world 1 ×
+ *    accumulation 2 (one process) against world 2 × accumulation 1 (mpirun
+ *    -np 2) and against `qlora-train --nproc 2`: every train and eval line of
+ *    metrics.jsonl (loss, lr, grad_norm, epoch, eval_loss, eval_tokens),
+ *    the adapter's bytes, and the final checkpoint's parameters and AdamW
+ *    moments, bit for bit. (Why they can be equal: each micro-batch's
+ *    gradient is computed alone and added; with two terms a + b has one result
+ *    whatever the order; evaluation sums are reduced per batch and added in
+ *    batch order.) One voice: one "[train] step 1/" line, the "[ranks]" line
+ *    with the global batch, "world 2" in the progress lines.
+ *    SHARD_GRAD_OP (fsdp: [shard_grad_op]) on 2 ranks: the same bits, also
+ *    resumed from a one-process checkpoint; on 3 ranks (a padded shard)
+ *    within the world-3 tolerance.
+ * 2. The same on SmolLM2-135M, 3 steps (tests/e2e_run.h's data and config),
+ *    NO_SHARD and SHARD_GRAD_OP.
+ *    Also: Open MPI over TCP (loopback) instead of shared memory; resuming a
+ *    world-2 checkpoint with one process and a one-process checkpoint with
+ *    two ranks; SophiaG (Hessian every 2 steps) — each the same bits.
+ *    World 3 (oversubscribed) against world 1 x accumulation 3: within the
+ *    tolerance written at test_world3_close, with its reasoning.
+ * 3. SIGTERM to mpirun mid-step: every rank stops after the same step, rank 0
+ *    saves, the same command resumes to the uninterrupted run's adapter.
+ * 4. Faults: rank 1 killed at step 3 → the job ends non-zero within 60 s and
+ *    mpirun names rank 1; rank 1 hung at step 3 with ddp_timeout 3 → rank 0's
+ *    collective times out and the job ends non-zero, the line naming rank 0,
+ *    the collective and ddp_timeout; ranks started with different configs
+ *    (an MPMD launch, seed differs on rank 1) → refused with one line naming
+ *    rank 1 and the config.
+ * Without MPI or mpirun every case prints "SKIPPED: <why>" and is skipped.
+ */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <signal.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cjson/cJSON.h>
+#include <cmocka.h>
+
+#include "comm/comm.h"
+#include "core/clock.h"
+#include "tests/e2e_run.h"
+#include "tests/mpi_launch.h"
+#include "tests/subproc.h"
+#include "tests/tiny_model.h"
+#include "tests/tmpdir.h"
+#include "trainer/checkpoint.h"
+
+#define STEPS 12
+
+static char g_dir[64], g_cfg[128];
+static const char *const THREADS1[] = {"OMP_NUM_THREADS=1", NULL};
+
+static int skip_without_mpi(void) {
+    char why[256];
+    if (mpi_launch_available(why, sizeof why)) return 0;
+    printf("SKIPPED: %s\n", why);
+    return 1;
+}
+
+/* Tiny model, ~60 short documents, the config of case 1. */
+static int setup(void **st) {
+    if (tmpdir_setup(st, "qlora-ranks-")) return -1;
+    snprintf(g_dir, sizeof g_dir, "%s", ((const tmpdir *)*st)->dir);
+    char p[256];
+    snprintf(p, sizeof p, "%s/tiny.gguf", g_dir);
+    if (tiny_model_write(p, 11)) return -1;
+    snprintf(p, sizeof p, "%s/train.jsonl", g_dir);
+    FILE *f = fopen(p, "w");
+    if (!f) return -1;
+    static const char *const words[] = {"hello", "shell", "help", "yellow", "cell", "the", "of", "and", "hell",
+                                        "tell", "well", "spell", "ls -l", "man page", "open(2)", "read"};
+    for (int d = 0; d < 60; d++) {
+        fprintf(f, "{\"text\": \"");
+        for (int w = 0; w < 4 + d % 7; w++) fprintf(f, "%s%s", w ? " " : "", words[(d * 7 + w * 3) % 16]);
+        fprintf(f, ".\"}\n");
+    }
+    fclose(f);
+    snprintf(g_cfg, sizeof g_cfg, "%s/config.yaml", g_dir);
+    f = fopen(g_cfg, "w");
+    if (!f) return -1;
+    fprintf(f,
+            "base_model: %s/tiny.gguf\nadapter: qlora\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.1\nlora_target_linear: true\n"
+            "datasets:\n  - path: %s/train.jsonl\n    type: completion\nval_set_size: 6\nsequence_len: 32\n"
+            "sample_packing: true\nmicro_batch_size: 1\ngradient_accumulation_steps: 2\nmax_steps: %d\n"
+            "learning_rate: 1e-2\nwarmup_steps: 2\nlr_scheduler: cosine\nweight_decay: 0.01\neval_steps: 3\n"
+            "save_steps: 6\nseed: 5\nnum_threads: 1\n",
+            g_dir, g_dir, STEPS);
+    fclose(f);
+    return 0;
+}
+
+static int teardown(void **st) { return tmpdir_teardown(st); }
+
+/* `mpirun -np np trainer cfg output_dir=out extra...`; exit code, stderr into *err. */
+static int run_ranks(int np, const char *cfg, const char *out, const char *const *extra, const char *const *env,
+                     char **err) {
+    char od[300];
+    snprintf(od, sizeof od, "output_dir=%s", out);
+    char *prog[16];
+    int n = 0;
+    prog[n++] = (char *)subproc_trainer();
+    prog[n++] = (char *)cfg;
+    prog[n++] = od;
+    for (int i = 0; extra && extra[i] && n < 15; i++) prog[n++] = (char *)extra[i];
+    prog[n] = NULL;
+    return mpi_launch_run(np, prog, env ? env : THREADS1, 600, err);
+}
+
+static const char *const KEEP[] = {"step", "loss", "lr", "grad_norm", "epoch", "eval_loss", "eval_ppl",
+                                   "eval_tokens", NULL};
+
+/* a and b (output dirs) hold the same metrics, adapter and final state, bit for bit. */
+static void assert_same_run(const char *a, const char *b, int final_step) {
+    char *ma = e2e_metrics_canonical(a, KEEP, NULL), *mb = e2e_metrics_canonical(b, KEEP, NULL);
+    if (strcmp(ma, mb)) fprintf(stderr, "metrics differ:\n--- %s\n%s--- %s\n%s", a, ma, b, mb);
+    assert_string_equal(ma, mb);
+    assert_non_null(strstr(ma, "eval_loss"));
+    free(ma);
+    free(mb);
+    char pa[512], pb[512];
+    snprintf(pa, sizeof pa, "%s/adapter_model.safetensors", a);
+    snprintf(pb, sizeof pb, "%s/adapter_model.safetensors", b);
+    e2e_assert_same_file(pa, pb);
+    snprintf(pa, sizeof pa, "%s/checkpoint-%d", a, final_step);
+    snprintf(pb, sizeof pb, "%s/checkpoint-%d", b, final_step);
+    ckpt_state sa, sb;
+    qerr e;
+    assert_int_equal(ckpt_load(pa, &sa, &e), 0);
+    assert_int_equal(ckpt_load(pb, &sb, &e), 0);
+    assert_int_equal(sa.n_params, sb.n_params);
+    assert_int_equal(sa.opt_step, sb.opt_step);
+    assert_int_equal(sa.rows_consumed, sb.rows_consumed);
+    assert_string_equal(sa.optimizer, sb.optimizer);
+    assert_int_equal(sa.hessian_updates, sb.hessian_updates);
+    const size_t n = (size_t)sa.n_params * sizeof(float);
+    assert_memory_equal(sa.params, sb.params, n);
+    assert_memory_equal(sa.exp_avg, sb.exp_avg, n);
+    assert_true(!sa.exp_avg_sq == !sb.exp_avg_sq && !sa.hessian == !sb.hessian);
+    if (sa.exp_avg_sq) assert_memory_equal(sa.exp_avg_sq, sb.exp_avg_sq, n);
+    if (sa.hessian) assert_memory_equal(sa.hessian, sb.hessian, n);
+    ckpt_state_free(&sa);
+    ckpt_state_free(&sb);
+}
+
+static int count_of(const char *s, const char *needle) {
+    int n = 0;
+    for (const char *p = s; (p = strstr(p, needle)); p++) n++;
+    return n;
+}
+
+static void test_tiny_bit_identical(void **st) {
+    if (skip_without_mpi()) skip();
+    char a[256], b[256], c[256], od[300];
+    snprintf(a, sizeof a, "%s/w1-acc2", g_dir);
+    snprintf(b, sizeof b, "%s/w2-acc1", g_dir);
+    snprintf(c, sizeof c, "%s/nproc2", g_dir);
+    char *err = NULL;
+    int rc = e2e_run_trainer(g_cfg, a, NULL, THREADS1, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    const char *const acc1[] = {"gradient_accumulation_steps=1", NULL};
+    rc = run_ranks(2, g_cfg, b, acc1, NULL, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    /* one voice: rank 0's lines only */
+    assert_int_equal(count_of(err, "[train] step 1/"), 1);
+    assert_int_equal(count_of(err, "[model] fingerprint"), 1);
+    assert_non_null(strstr(err, "[ranks] 2 ranks (mpi, data parallel, NO_SHARD): global batch = micro_batch_size 1 "
+                                "x gradient_accumulation_steps 1 x world_size 2 = 2 rows"));
+    assert_non_null(strstr(err, "| world 2 |"));
+    free(err);
+    assert_same_run(a, b, STEPS);
+    /* the launcher of qlora-train itself */
+    snprintf(od, sizeof od, "output_dir=%s", c);
+    char *argv[] = {(char *)subproc_trainer(), "--nproc", "2", g_cfg, od, "gradient_accumulation_steps=1", NULL};
+    rc = subproc_run(argv, THREADS1, 600, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    assert_same_run(a, c, STEPS);
+}
+
+/* SIGTERM to mpirun (Open MPI forwards it to every rank) while rank 0 pauses
+ * in step 5: the ranks agree on the stop, finish the step, rank 0 saves
+ * checkpoint-5; re-running the same command resumes on both ranks and ends at
+ * the uninterrupted world-2 run's adapter, bit for bit. (Runs after
+ * test_tiny_bit_identical, whose w2-acc1 it compares with.) */
+static void test_sigterm_and_resume(void **st) {
+    if (skip_without_mpi()) skip();
+    char out[256], od[300], ck[320], ref[256];
+    snprintf(out, sizeof out, "%s/sigterm", g_dir);
+    snprintf(od, sizeof od, "output_dir=%s", out);
+    snprintf(ref, sizeof ref, "%s/w2-acc1", g_dir);
+    char *prog[] = {(char *)subproc_trainer(), g_cfg, od, "gradient_accumulation_steps=1", NULL};
+    const char *const env[] = {"OMP_NUM_THREADS=1", "QLORA_TEST_RANK_FAULT=0:5:pause", NULL};
+    subproc p;
+    assert_int_equal(mpi_launch_start(&p, 2, prog, env), 0);
+    double t0 = clock_now_sec();
+    while (!subproc_poll(&p, 100) && !strstr(p.err ? p.err : "", "[train] step 4/") && clock_now_sec() - t0 < 120) {
+    }
+    assert_non_null(strstr(p.err ? p.err : "", "[train] step 4/"));
+    kill(p.pid, SIGTERM);
+    subproc_wait(&p, 60);
+    assert_int_not_equal(subproc_exit_code(&p), 0); /* Open MPI's mpirun exits 1 after forwarding a signal */
+    subproc_free(&p);
+    snprintf(ck, sizeof ck, "%s/checkpoint-5/COMPLETE", out);
+    assert_int_equal(access(ck, F_OK), 0);
+    snprintf(ck, sizeof ck, "%s/checkpoint-6", out);
+    assert_int_not_equal(access(ck, F_OK), 0); /* stopped after step 5 */
+    char *err = NULL;
+    int rc = run_ranks(2, g_cfg, out, (const char *const[]){"gradient_accumulation_steps=1", NULL}, NULL, &err);
+    if (rc || !strstr(err, "resuming from")) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    assert_non_null(strstr(err, "[checkpoint] resuming from"));
+    free(err);
+    char pa[512], pb[512];
+    snprintf(pa, sizeof pa, "%s/adapter_model.safetensors", ref);
+    snprintf(pb, sizeof pb, "%s/adapter_model.safetensors", out);
+    e2e_assert_same_file(pa, pb);
+}
+
+/* SHARD_GRAD_OP (fsdp: [shard_grad_op]): gradients reduce-scattered, AdamW
+ * on each rank's half, parameters all-gathered: the same bits as world 1 x
+ * accumulation 2, the whole optimizer state gathered into the checkpoint;
+ * and resumed from a one-process checkpoint (each rank takes its shard). */
+static void test_shard_grad_op(void **st) {
+    if (skip_without_mpi()) skip();
+    char a[256], b[256], c[256], cmd[1024], *err = NULL;
+    snprintf(a, sizeof a, "%s/w1-acc2", g_dir);
+    snprintf(b, sizeof b, "%s/w2-sgo", g_dir);
+    snprintf(c, sizeof c, "%s/w1-to-w2-sgo", g_dir);
+    const char *const sgo[] = {"gradient_accumulation_steps=1", "fsdp=[shard_grad_op]", NULL};
+    int rc = run_ranks(2, g_cfg, b, sgo, NULL, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    assert_non_null(strstr(err, "[ranks] 2 ranks (mpi, SHARD_GRAD_OP)"));
+    free(err);
+    assert_same_run(a, b, STEPS);
+    snprintf(cmd, sizeof cmd, "mkdir -p '%s' && cp -r '%s/checkpoint-6' '%s/'", c, a, c);
+    assert_int_equal(system(cmd), 0);
+    rc = run_ranks(2, g_cfg, c, sgo, NULL, &err);
+    if (rc || !strstr(err, "resuming from")) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    assert_same_run(a, c, STEPS);
+}
+
+/* Open MPI over TCP (loopback) instead of shared memory: the same bits. */
+static void test_tcp_transport(void **st) {
+    if (skip_without_mpi()) skip();
+    char a[256], b[256], *err = NULL;
+    snprintf(a, sizeof a, "%s/w1-acc2", g_dir);
+    snprintf(b, sizeof b, "%s/w2-tcp", g_dir);
+    const char *const env[] = {"OMP_NUM_THREADS=1", "OMPI_MCA_btl=tcp,self", "OMPI_MCA_btl_tcp_if_include=lo", NULL};
+    int rc = run_ranks(2, g_cfg, b, (const char *const[]){"gradient_accumulation_steps=1", NULL}, env, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    assert_same_run(a, b, STEPS);
+}
+
+/* Resume at another world size: checkpoint-6 of the world-2 run continued by
+ * one process (accumulation 2), and checkpoint-6 of the one-process run
+ * continued by two ranks; the data position is global and the state whole,
+ * so both end at the uninterrupted runs' bits. */
+static void test_resume_other_world_size(void **st) {
+    if (skip_without_mpi()) skip();
+    static const char *const from[2] = {"w2-acc1", "w1-acc2"}, *const to[2] = {"w2-to-w1", "w1-to-w2"};
+    for (int k = 0; k < 2; k++) {
+        char src[256], dst[256], cmd[800], ref[256], *err = NULL;
+        snprintf(src, sizeof src, "%s/%s/checkpoint-6", g_dir, from[k]);
+        snprintf(dst, sizeof dst, "%s/%s", g_dir, to[k]);
+        snprintf(ref, sizeof ref, "%s/w1-acc2", g_dir);
+        snprintf(cmd, sizeof cmd, "mkdir -p '%s' && cp -r '%s' '%s/'", dst, src, dst);
+        assert_int_equal(system(cmd), 0);
+        int rc = k == 0 ? e2e_run_trainer(g_cfg, dst, NULL, THREADS1, &err)
+                        : run_ranks(2, g_cfg, dst, (const char *const[]){"gradient_accumulation_steps=1", NULL},
+                                    NULL, &err);
+        if (rc || !strstr(err, "resuming from")) fprintf(stderr, "%s", err);
+        assert_int_equal(rc, 0);
+        assert_non_null(strstr(err, "[checkpoint] resuming from"));
+        free(err);
+        assert_same_run(ref, dst, STEPS);
+    }
+}
+
+/* SophiaG (Hessian estimate every 2 steps: sampled labels keyed by the global micro-batch, a second
+ * all-reduce): world 2 x accumulation 1 against world 1 x accumulation 2. */
+static void test_sophia_bit_identical(void **st) {
+    if (skip_without_mpi()) skip();
+    char a[256], b[256], *err = NULL;
+    snprintf(a, sizeof a, "%s/sophia-w1", g_dir);
+    snprintf(b, sizeof b, "%s/sophia-w2", g_dir);
+    int rc = e2e_run_trainer(g_cfg, a, (const char *const[]){"optimizer=sophia", "sophia_k=2", NULL}, THREADS1,
+                             &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    rc = run_ranks(2, g_cfg, b,
+                   (const char *const[]){"optimizer=sophia", "sophia_k=2", "gradient_accumulation_steps=1", NULL},
+                   NULL, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    assert_same_run(a, b, STEPS);
+}
+
+/* World 3 (oversubscribed on this 2-core machine) against world 1 x
+ * accumulation 3: the same global batch, but three fp32 gradients associate
+ * as MPI's algorithm chooses (recursive doubling pairs them (g0 + g2) + g1,
+ * one process adds (g0 + g1) + g2), so an element may differ by one rounding,
+ * |dg| <= 2^-24 (|g0| + |g1| + |g2|). Tolerances, fixed before the first
+ * run: the first step's loss is computed before any update and must be equal;
+ * AdamW's update lr * m/(sqrt(v) + eps) changes by about the same relative
+ * 1e-7 per step, so after 12 steps every train and eval loss within a
+ * relative 1e-4 and the final parameters within ||dp||_2 <= 1e-3 ||p||_2 (about
+ * 100x the estimate; an element whose gradient is ~0 may flip its update's
+ * sign, which the L2 bound absorbs). */
+static void world3_compare(const char *a, const char *b);
+
+static void test_world3_close(void **st) {
+    if (skip_without_mpi()) skip();
+    char a[256], b[256], c[256], *err = NULL;
+    snprintf(a, sizeof a, "%s/w1-acc3", g_dir);
+    snprintf(b, sizeof b, "%s/w3-acc1", g_dir);
+    snprintf(c, sizeof c, "%s/w3-sgo", g_dir);
+    int rc = e2e_run_trainer(g_cfg, a, (const char *const[]){"gradient_accumulation_steps=3", NULL}, THREADS1, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    rc = run_ranks(3, g_cfg, b, (const char *const[]){"gradient_accumulation_steps=1", NULL}, NULL, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    world3_compare(a, b);
+    /* SHARD_GRAD_OP over 3 ranks: 8192 parameters in shards of 2731, the last one padded */
+    rc = run_ranks(3, g_cfg, c, (const char *const[]){"gradient_accumulation_steps=1", "fsdp=[shard_grad_op]", NULL},
+                   NULL, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    world3_compare(a, c);
+}
+
+static void world3_compare(const char *a, const char *b) {
+    static const char *const keep[] = {"step", "loss", "eval_loss", NULL};
+    char *ma = e2e_metrics_canonical(a, keep, NULL), *mb = e2e_metrics_canonical(b, keep, NULL);
+    char *sa, *sb, *la = strtok_r(ma, "\n", &sa), *lb = strtok_r(mb, "\n", &sb);
+    int lines = 0;
+    for (; la && lb; la = strtok_r(NULL, "\n", &sa), lb = strtok_r(NULL, "\n", &sb), lines++) {
+        cJSON *ja = cJSON_Parse(la), *jb = cJSON_Parse(lb);
+        assert_non_null(ja);
+        assert_non_null(jb);
+        assert_int_equal(cJSON_GetObjectItem(ja, "step")->valueint, cJSON_GetObjectItem(jb, "step")->valueint);
+        const char *key = cJSON_GetObjectItem(ja, "loss") ? "loss" : "eval_loss";
+        const double x = cJSON_GetObjectItem(ja, key)->valuedouble, y = cJSON_GetObjectItem(jb, key)->valuedouble;
+        const int step = cJSON_GetObjectItem(ja, "step")->valueint;
+        if (step <= 1) assert_true(x == y);
+        if (!(fabs(x - y) <= 1e-4 * fabs(x))) fail_msg("step %d %s: %.9g vs %.9g", step, key, x, y);
+        cJSON_Delete(ja);
+        cJSON_Delete(jb);
+    }
+    assert_null(la);
+    assert_null(lb);
+    assert_true(lines >= STEPS + 2);
+    free(ma);
+    free(mb);
+    char pa[320], pb[320];
+    snprintf(pa, sizeof pa, "%s/checkpoint-%d", a, STEPS);
+    snprintf(pb, sizeof pb, "%s/checkpoint-%d", b, STEPS);
+    ckpt_state ca, cb;
+    qerr e;
+    assert_int_equal(ckpt_load(pa, &ca, &e), 0);
+    assert_int_equal(ckpt_load(pb, &cb, &e), 0);
+    assert_int_equal(ca.n_params, cb.n_params);
+    double d2 = 0, p2 = 0;
+    for (int64_t i = 0; i < ca.n_params; i++) {
+        const double d = (double)ca.params[i] - cb.params[i];
+        d2 += d * d;
+        p2 += (double)ca.params[i] * ca.params[i];
+    }
+    print_message("world 3 vs world 1 x acc 3: ||dp|| / ||p|| = %.3g\n", sqrt(d2 / p2));
+    assert_true(sqrt(d2) <= 1e-3 * sqrt(p2));
+    ckpt_state_free(&ca);
+    ckpt_state_free(&cb);
+}
+
+static void test_smollm2_bit_identical(void **st) {
+    if (skip_without_mpi()) skip();
+    char dir[64], cfg[128], a[256], b[256];
+    if (e2e_setup(dir, sizeof dir, cfg, sizeof cfg, "qlora-ranks-smol-", 0,
+                  "max_steps: 3\nlearning_rate: 2e-3\nseed: 3\nsave_steps: 3\n")) {
+        printf("SKIPPED: the real model or data is missing (make model dataset)\n");
+        skip();
+    }
+    snprintf(a, sizeof a, "%s/w1-acc2", dir);
+    snprintf(b, sizeof b, "%s/w2-acc1", dir);
+    const char *const w1[] = {"micro_batch_size=1", "gradient_accumulation_steps=2", NULL};
+    const char *const w2[] = {"micro_batch_size=1", NULL};
+    char *err = NULL;
+    int rc = e2e_run_trainer(cfg, a, w1, THREADS1, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    rc = run_ranks(2, cfg, b, w2, NULL, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    assert_same_run(a, b, 3);
+    /* SHARD_GRAD_OP on the real model: each rank updates half of the adapters */
+    char c[256];
+    snprintf(c, sizeof c, "%s/w2-sgo", dir);
+    rc = run_ranks(2, cfg, c, (const char *const[]){"micro_batch_size=1", "fsdp=[shard_grad_op]", NULL}, NULL, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    assert_same_run(a, c, 3);
+    tmpdir_remove(dir);
+}
+
+static void test_dead_rank(void **st) {
+    if (skip_without_mpi()) skip();
+    char out[256], *err = NULL;
+    snprintf(out, sizeof out, "%s/dead", g_dir);
+    const char *const env[] = {"OMP_NUM_THREADS=1", "QLORA_TEST_RANK_FAULT=1:3:kill", NULL};
+    const char *const acc1[] = {"gradient_accumulation_steps=1", NULL};
+    double t0 = clock_now_sec();
+    int rc = run_ranks(2, g_cfg, out, acc1, env, &err);
+    double dt = clock_now_sec() - t0;
+    if (rc == 0 || !strstr(err, "rank 1")) fprintf(stderr, "exit %d after %.1fs:\n%s", rc, dt, err);
+    assert_int_not_equal(rc, 0);
+    assert_non_null(strstr(err, "rank 1")); /* mpirun: "process rank 1 with PID ... exited on signal 9 (Killed)" */
+    assert_true(dt < 60.0);
+    free(err);
+}
+
+static void test_hung_rank_times_out(void **st) {
+    if (skip_without_mpi()) skip();
+    char out[256], *err = NULL;
+    snprintf(out, sizeof out, "%s/hung", g_dir);
+    const char *const env[] = {"OMP_NUM_THREADS=1", "QLORA_TEST_RANK_FAULT=1:3:hang", NULL};
+    const char *const extra[] = {"gradient_accumulation_steps=1", "ddp_timeout=3", NULL};
+    double t0 = clock_now_sec();
+    int rc = run_ranks(2, g_cfg, out, extra, env, &err);
+    double dt = clock_now_sec() - t0;
+    const char *want = "qlora-train: rank 0 of 2: all_reduce of";
+    if (rc == 0 || !strstr(err, want)) fprintf(stderr, "exit %d after %.1fs:\n%s", rc, dt, err);
+    assert_int_not_equal(rc, 0);
+    assert_non_null(strstr(err, want));
+    assert_non_null(strstr(err, "did not complete within ddp_timeout 3 s"));
+    assert_true(dt < 60.0);
+    free(err);
+}
+
+static void test_ranks_disagree(void **st) {
+    if (skip_without_mpi()) skip();
+    char out[256], od[300], *err = NULL;
+    snprintf(out, sizeof out, "%s/disagree", g_dir);
+    snprintf(od, sizeof od, "output_dir=%s", out);
+    /* an MPMD launch: rank 0 and rank 1 get different command lines */
+    char *prog[] = {(char *)subproc_trainer(), g_cfg, od, NULL};
+    char **mv;
+    qerr e;
+    assert_int_equal(comm_mpirun_argv(1, prog, &mv, &e), 0);
+    char *argv[32];
+    int n = 0;
+    for (; mv[n]; n++) argv[n] = mv[n];
+    assert_string_equal(argv[n - 3], prog[0]);
+    { /* append ": -np 1 trainer cfg od seed=6" */
+        argv[n++] = ":";
+        argv[n++] = "-np";
+        argv[n++] = "1";
+        argv[n++] = prog[0];
+        argv[n++] = g_cfg;
+        argv[n++] = od;
+        argv[n++] = "seed=6";
+    }
+    argv[n] = NULL;
+    int rc = mpi_launch_argv(argv, THREADS1, 600, &err);
+    free(mv);
+    if (rc == 0 || !strstr(err, "rank 1 of 2 has another config")) fprintf(stderr, "exit %d:\n%s", rc, err);
+    assert_int_not_equal(rc, 0);
+    assert_non_null(strstr(err, "rank 1 of 2 has another config (file and overrides) than rank 0"));
+    free(err);
+}
+
+int main(void) {
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_tiny_bit_identical),
+        cmocka_unit_test(test_sigterm_and_resume),
+        cmocka_unit_test(test_tcp_transport),
+        cmocka_unit_test(test_resume_other_world_size),
+        cmocka_unit_test(test_sophia_bit_identical),
+        cmocka_unit_test(test_shard_grad_op),
+        cmocka_unit_test(test_world3_close),
+        cmocka_unit_test(test_dead_rank),
+        cmocka_unit_test(test_hung_rank_times_out),
+        cmocka_unit_test(test_ranks_disagree),
+        cmocka_unit_test(test_smollm2_bit_identical),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
