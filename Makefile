@@ -5,6 +5,8 @@
 #
 # Optional parts are detected and announced; the CPU engine always builds.
 
+.DEFAULT_GOAL := all
+
 CC      ?= gcc
 OPT     ?= -O3 -march=native
 CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) -g -fopenmp -Wall -Wextra -Wshadow -Wno-unused-parameter -I. -MMD -MP

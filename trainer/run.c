@@ -871,6 +871,16 @@ int run_finish(run_ctx *r, qerr *e) {
 
     /* outputs */
     if (run_write_adapter(r, c->output_dir, e)) return -1;
+    /* save_total_limit also when this run saved nothing: a run killed between committing its last checkpoint
+     * and rotating the old ones left one too many, and its re-run resumes at the end without saving */
+    int ndel = 0;
+    qerr why;
+    if (c->save_total_limit > 0 && ckpt_prune(c->output_dir, c->save_total_limit, &ndel, &why))
+        fprintf(stderr, "[checkpoint] warning: could not delete an older checkpoint beyond save_total_limit %d (%s); "
+                        "delete it by hand\n", c->save_total_limit, why.msg);
+    else if (ndel)
+        fprintf(stderr, "[checkpoint] deleted %d older checkpoint%s beyond save_total_limit %d\n", ndel,
+                ndel == 1 ? "" : "s", c->save_total_limit);
     char mpath[4096];
     snprintf(mpath, sizeof mpath, "%s/metrics.jsonl", c->output_dir);
     if (plot_run_loss_curves(mpath, c->output_dir, e)) return -1;
