@@ -46,6 +46,21 @@ static int single_all_gather(comm *c, const void *send, void *recv, size_t sendc
     return 0;
 }
 
+/* single: the gather is done when it starts; the request only marks that */
+struct comm_request {
+    int done;
+};
+static comm_request single_done = {1};
+
+static int single_all_gather_start(comm *c, const void *send, void *recv, size_t sendcount, comm_dtype t,
+                                   comm_request **req, qerr *e) {
+    if (single_all_gather(c, send, recv, sendcount, t, e)) return -1;
+    *req = &single_done;
+    return 0;
+}
+
+static int single_wait(comm *c, comm_request *req, qerr *e) { return 0; }
+
 static int single_broadcast(comm *c, void *buf, size_t count, comm_dtype t, int root, qerr *e) { return 0; }
 
 static int single_barrier(comm *c, qerr *e) { return 0; }
@@ -59,6 +74,7 @@ static void single_finalize(comm *c) {}
 
 static const comm_ops single_ops = {.name = "single", .memory = "host", .all_reduce_sum = single_all_reduce,
                                     .reduce_scatter_sum = single_reduce_scatter, .all_gather = single_all_gather,
+                                    .all_gather_start = single_all_gather_start, .wait = single_wait,
                                     .broadcast = single_broadcast, .barrier = single_barrier,
                                     .abort = single_abort, .finalize = single_finalize};
 
@@ -126,6 +142,26 @@ int comm_reduce_scatter_sum(comm *c, const void *send, void *recv, size_t recvco
 int comm_all_gather(comm *c, const void *send, void *recv, size_t sendcount, comm_dtype t, qerr *e) {
     if (count_ok(c, sendcount * (size_t)c->world_size, "all_gather", e)) return -1;
     return sendcount ? c->ops->all_gather(c, send, recv, sendcount, t, e) : 0;
+}
+
+/* A zero-count gather: nothing to move on any rank; comm_wait knows it by this address. */
+static char empty_request;
+
+int comm_all_gather_start(comm *c, const void *send, void *recv, size_t sendcount, comm_dtype t, comm_request **req,
+                          qerr *e) {
+    *req = NULL;
+    if (count_ok(c, sendcount * (size_t)c->world_size, "all_gather", e)) return -1;
+    if (!sendcount) {
+        *req = (comm_request *)(void *)&empty_request;
+        return 0;
+    }
+    return c->ops->all_gather_start(c, send, recv, sendcount, t, req, e);
+}
+
+int comm_wait(comm *c, comm_request *req, qerr *e) {
+    if (!req) return qerr_set(e, "rank %d: wait on no request", c->rank);
+    if ((void *)req == (void *)&empty_request) return 0;
+    return c->ops->wait(c, req, e);
 }
 
 int comm_broadcast(comm *c, void *buf, size_t count, comm_dtype t, int root, qerr *e) {

@@ -54,6 +54,10 @@ const char *comm_dtype_name(comm_dtype t);
 
 typedef struct comm comm;
 
+/* An all-gather in flight (comm_all_gather_start .. comm_wait): opaque, owned
+ * by the implementation, freed by comm_wait. */
+typedef struct comm_request comm_request;
+
 /* The collectives of one implementation. Each returns 0, or -1 with e set
  * (the communicator is then unusable: comm_abort). */
 typedef struct comm_ops {
@@ -68,6 +72,14 @@ typedef struct comm_ops {
     /* recv[r·sendcount .. (r+1)·sendcount) ← rank r's send[0..sendcount), on
      * every rank. In place when send == recv + rank·sendcount. */
     int (*all_gather)(comm *c, const void *send, void *recv, size_t sendcount, comm_dtype t, qerr *e);
+    /* all_gather started, not waited for: *req receives the request; send and
+     * recv must stay valid and untouched until wait. Completes at once in the
+     * single implementation (*req then says so). */
+    int (*all_gather_start)(comm *c, const void *send, void *recv, size_t sendcount, comm_dtype t,
+                            comm_request **req, qerr *e);
+    /* Completes req within timeout_sec (from the call to wait) or fails as the
+     * other collectives do; frees req in both cases. */
+    int (*wait)(comm *c, comm_request *req, qerr *e);
     /* buf[0..count) ← root's buf[0..count), on every rank. */
     int (*broadcast)(comm *c, void *buf, size_t count, comm_dtype t, int root, qerr *e);
     /* Returns when every rank has called it. */
@@ -120,6 +132,19 @@ int comm_reduce_scatter_sum(comm *c, const void *send, void *recv, size_t recvco
 int comm_all_gather(comm *c, const void *send, void *recv, size_t sendcount, comm_dtype t, qerr *e);
 int comm_broadcast(comm *c, void *buf, size_t count, comm_dtype t, int root, qerr *e);
 int comm_barrier(comm *c, qerr *e);
+
+/* comm_all_gather_start / comm_wait: all_gather (same semantics, in-place
+ * form included) split in two, so that computation runs while the bytes
+ * travel (FULL_SHARD prefetches the next layer's frozen base with it,
+ * model/llama_fsdp.c). *req is set (possibly to a request that is already
+ * complete, e.g. for sendcount 0 or the single implementation) and must be
+ * passed to comm_wait exactly once; send and recv stay valid and unmodified by
+ * the caller until then. Every rank starts its gathers in the same order.
+ * Errors: as comm_all_gather (-1, e set; *req NULL after a failed start; the
+ * communicator is unusable after a failed wait: comm_abort). */
+int comm_all_gather_start(comm *c, const void *send, void *recv, size_t sendcount, comm_dtype t, comm_request **req,
+                          qerr *e);
+int comm_wait(comm *c, comm_request *req, qerr *e);
 
 /* End the whole job with exit status code (>= 1). Does not return. */
 void comm_abort(comm *c, int code) __attribute__((noreturn));

@@ -1,6 +1,8 @@
 /* model/base.c — GGUF file or HF directory behind one interface (see base.h). */
 #include "model/base.h"
 
+#include "comm/comm.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -71,6 +73,12 @@ int base_model_tokenizer(const base_model *b, tokenizer **out, qerr *e) {
 int base_model_load(const base_model *b, int load_in_4bit, int double_quant, int max_pos, llama_model *m, qerr *e) {
     if (b->kind == BASE_HF) return hf_model_load(b->hf, load_in_4bit, double_quant, max_pos, m, e);
     return llama_load_gguf(b->gguf, load_in_4bit, double_quant, max_pos, m, e);
+}
+
+int base_model_load_sharded(const base_model *b, int load_in_4bit, int double_quant, int max_pos, comm *c,
+                            llama_model *m, qerr *e) {
+    if (b->kind == BASE_HF) return hf_model_load_sharded(b->hf, load_in_4bit, double_quant, max_pos, c, m, e);
+    return llama_load_gguf_sharded(b->gguf, load_in_4bit, double_quant, max_pos, c, m, e);
 }
 
 static int gguf_name_of(const llama_hparams *hp, llama_role role, int layer, int module, char *name, size_t n) {

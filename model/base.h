@@ -51,6 +51,11 @@ int base_model_tokenizer(const base_model *b, tokenizer **out, qerr *e);
 /* Load the frozen model for training / inference, as llama_load_gguf does
  * (linears NF4 with load_in_4bit, else bf16; one tensor dequantized at a time). */
 int base_model_load(const base_model *b, int load_in_4bit, int double_quant, int max_pos, llama_model *m, qerr *e);
+/* The same with the frozen linears sharded over c's ranks (FULL_SHARD,
+ * model/llama_fsdp.h): llama_load_gguf_sharded / hf_model_load_sharded.
+ * c NULL: base_model_load. */
+int base_model_load_sharded(const base_model *b, int load_in_4bit, int double_quant, int max_pos, struct comm *c,
+                            llama_model *m, qerr *e);
 
 /* One tensor as fp32 in HF layout and row order (GGUF Q/K rows un-permuted),
  * dst sized from the hyper-parameters (see llama_role). layer/module are

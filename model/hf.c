@@ -14,6 +14,7 @@
  * converted model plus one tensor.
  */
 #include "model/hf.h"
+#include "model/llama_fsdp.h"
 
 #include <cjson/cJSON.h>
 #include <math.h>
@@ -593,8 +594,44 @@ static int load_norm(const hf_model *h, llama_role role, int layer, float **out,
     return hf_model_tensor_f32(h, role, layer, 0, *out, e);
 }
 
+/* FULL_SHARD loading: rows [row0, row0 + nrows) of a plain (bf16 / f16 / f32) linear (llama_rows_fn). */
+static int hf_rows(void *arg, int l, int k, int64_t row0, int64_t nrows, float *dst, qerr *e) {
+    const hf_model *h = arg;
+    char name[128];
+    role_name(LLAMA_T_LINEAR, l, k, name, sizeof name);
+    int64_t rows, cols;
+    llama_tensor_shape(&h->hp, LLAMA_T_LINEAR, k, &rows, &cols);
+    st_tensor t;
+    if (find(h, name, &t)) return qerr_set(e, "%s: tensor %s missing", h->dir, name);
+    int64_t have = 1;
+    for (int d = 0; d < t.n_dims; d++) have *= t.shape[d];
+    const size_t es = safetensors_dtype_size(t.dtype);
+    if (have != rows * cols || !es) {
+        release(&t);
+        return qerr_set(e, "%s: tensor %s: expected %lld x %lld elements of BF16, F16 or F32", h->dir, name,
+                        (long long)rows, (long long)cols);
+    }
+    st_tensor part = t;
+    part.data = (const uint8_t *)t.data + (size_t)(row0 * cols) * es;
+    part.nbytes = (size_t)(nrows * cols) * es;
+    part.n_dims = 1;
+    part.shape[0] = nrows * cols;
+    int rc = plain_to_f32(h, &part, nrows * cols, dst, e);
+    release(&t);
+    return rc;
+}
+
 int hf_model_load(const hf_model *h, int load_in_4bit, int double_quant, int max_pos, llama_model *m, qerr *e) {
+    return hf_model_load_sharded(h, load_in_4bit, double_quant, max_pos, NULL, m, e);
+}
+
+int hf_model_load_sharded(const hf_model *h, int load_in_4bit, int double_quant, int max_pos, comm *cm,
+                          llama_model *m, qerr *e) {
     memset(m, 0, sizeof *m);
+    const int adopt0 = h->bnb4 && load_in_4bit;
+    if (cm && adopt0)
+        return qerr_set(e, "%s: FULL_SHARD of a bitsandbytes 4-bit checkpoint is not implemented (its NF4 bytes are "
+                           "adopted whole); use SHARD_GRAD_OP or NO_SHARD, or a bf16/f16/f32 checkpoint", h->dir);
     m->hp = h->hp;
     const llama_hparams *hp = &m->hp;
     int64_t D = hp->d_model, V = hp->vocab;
@@ -618,6 +655,20 @@ int hf_model_load(const hf_model *h, int load_in_4bit, int double_quant, int max
         int64_t r, c;
         llama_tensor_shape(hp, LLAMA_T_LINEAR, k, &r, &c);
         if (r * c > max_el) max_el = r * c;
+    }
+    llama_fsdp *fs = NULL;
+    if (cm) { /* FULL_SHARD: this rank's ranges only, never a whole linear */
+        llama_layer_layout lo0;
+        if (llama_layer_layout_init(&lo0, hp, load_in_4bit ? FROZEN_NF4 : FROZEN_BF16, NF4_DEFAULT_BLOCKSIZE,
+                                    double_quant, e))
+            goto fail;
+        if (!(fs = qcalloc(1, sizeof *fs, e))) goto fail;
+        if (llama_fsdp_init(fs, cm, &lo0, hp->n_layer, e)) {
+            free(fs);
+            goto fail;
+        }
+        m->fsdp = fs; /* freed with the model */
+        max_el = 1;
     }
     float *tmp = qmalloc((size_t)max_el * sizeof(float), e);
     if (!tmp) goto fail;
@@ -653,6 +704,24 @@ int hf_model_load(const hf_model *h, int load_in_4bit, int double_quant, int max
         }
         llama_layer_layout lo;
         if (!rc) rc = llama_layer_layout_init(&lo, hp, load_in_4bit ? FROZEN_NF4 : FROZEN_BF16, bs, dq, e);
+        if (!rc && fs) {
+            rc = llama_fsdp_load_layer(fs, l, hf_rows, (void *)h, e);
+            for (int k = 0; !rc && k < LLAMA_N_LINEAR; k++) {
+                m->n_quantized_params += lo.rows[k] * lo.cols[k];
+                if (hp->qkv_bias && k <= LLAMA_V) {
+                    if (!(L->bias[k] = qmalloc((size_t)lo.rows[k] * sizeof(float), e)) ||
+                        hf_model_tensor_f32(h, LLAMA_T_BIAS, l, k, L->bias[k], e))
+                        rc = -1;
+                    m->n_params += lo.rows[k];
+                }
+            }
+            if (rc) {
+                free(tmp);
+                goto fail;
+            }
+            m->quantized_bytes += (int64_t)lo.nbytes;
+            continue;
+        }
         if (!rc) rc = llama_layer_alloc(L, &lo, e);
         if (rc) {
             free(tmp);
@@ -704,6 +773,16 @@ int hf_model_load(const hf_model *h, int load_in_4bit, int double_quant, int max
         m->double_quant = m->layers[0].nf4[0].double_quant;
     }
     m->n_params += m->n_quantized_params;
+    if (fs) {
+        m->fsdp = NULL;
+        if (llama_fsdp_attach(fs, m, e)) {
+            llama_fsdp_free(fs);
+            free(fs);
+            goto fail;
+        }
+        for (int l = 0; l < hp->n_layer; l++)
+            for (int k = 0; k <= LLAMA_V; k++) m->layers[l].lin[k].bias = m->layers[l].bias[k];
+    }
     if (llama_rope_init(&m->rope, hp, max_pos, e)) goto fail;
     return 0;
 fail:

@@ -38,6 +38,12 @@ const gguf_file *hf_model_tokenizer_gguf(const hf_model *h);
  * they are when load_in_4bit (their blocksize / double quant win over the
  * arguments), and dequantized to bf16 otherwise. */
 int hf_model_load(const hf_model *h, int load_in_4bit, int double_quant, int max_pos, llama_model *m, qerr *e);
+/* hf_model_load_sharded: hf_model_load, and with c (FULL_SHARD) the frozen
+ * linears sharded over c's ranks as llama_load_gguf_sharded does (each rank
+ * converts and quantizes only its rows). A bitsandbytes 4-bit checkpoint
+ * (adopted whole) is refused with c. c NULL: hf_model_load. */
+int hf_model_load_sharded(const hf_model *h, int load_in_4bit, int double_quant, int max_pos, struct comm *c,
+                          llama_model *m, qerr *e);
 
 /* One tensor as fp32 (HF layout), see base_model_tensor_f32; role is a llama_role. */
 int hf_model_tensor_f32(const hf_model *h, int role, int layer, int module, float *dst, qerr *e);

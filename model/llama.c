@@ -10,6 +10,7 @@
 #include "autograd/ce_sampled.h"
 #include "autograd/gemm.h"
 #include "core/rng.h"
+#include "model/llama_fsdp.h"
 
 void llama_tensor_shape(const llama_hparams *hp, llama_role role, int module, int64_t *rows, int64_t *cols) {
     int64_t D = hp->d_model, F = hp->d_ff, qd = (int64_t)hp->n_head * hp->head_dim,
@@ -464,6 +465,15 @@ int llama_layer_alloc(llama_layer *L, const llama_layer_layout *lo, qerr *e) {
         return qerr_set(e, "out of memory (a %zu-byte layer)", lo->nbytes);
     }
     memset(blob, 0, cap);
+    if (llama_layer_views(L, lo, blob, e)) {
+        free(blob);
+        return -1;
+    }
+    return 0;
+}
+
+int llama_layer_views(llama_layer *L, const llama_layer_layout *lo, uint8_t *blob, qerr *e) {
+    L->blob = NULL;
     for (int k = 0; k < LLAMA_N_LINEAR; k++) {
         uint8_t *data;
         void *scales;
@@ -474,9 +484,8 @@ int llama_layer_alloc(llama_layer *L, const llama_layer_layout *lo, qerr *e) {
         if (lo->kind == FROZEN_NF4) {
             if (nf4_view(&L->nf4[k], lo->rows[k], lo->cols[k], lo->blocksize, lo->double_quant, data, scales,
                          nested, e)) {
-                memset(L->nf4, 0, sizeof L->nf4); /* no view into the freed blob survives */
+                memset(L->nf4, 0, sizeof L->nf4); /* no view into the blob survives */
                 memset(L->lin, 0, sizeof L->lin);
-                free(blob);
                 return -1;
             }
             w->nf4 = &L->nf4[k];
@@ -565,7 +574,50 @@ int llama_layer_range_bytes(const llama_layer_layout *lo, int64_t x0, int64_t x1
     return 0;
 }
 
+/* FULL_SHARD loading: rows of a GGUF linear in HF order (llama_rows_fn). Q and K of
+ * the llama architecture are read in whole heads and un-permuted. */
+typedef struct gguf_rows_arg {
+    const gguf_file *f;
+    const llama_hparams *hp;
+} gguf_rows_arg;
+
+static int gguf_rows(void *argp, int l, int k, int64_t row0, int64_t nrows, float *dst, qerr *e) {
+    const gguf_rows_arg *a = argp;
+    const llama_hparams *hp = a->hp;
+    char name[96];
+    snprintf(name, sizeof name, "blk.%d.%s.weight", l, llama_linears[k].gguf);
+    const gguf_tensor *t = gguf_find_tensor(a->f, name);
+    int64_t rows, cols;
+    llama_tensor_shape(hp, LLAMA_T_LINEAR, k, &rows, &cols);
+    if (!t) return qerr_set(e, "tensor %s missing", name);
+    if ((int64_t)t->ne[0] != cols || (int64_t)(t->nelements / t->ne[0]) != rows)
+        return qerr_set(e, "tensor %s: expected shape [%lld, %lld] (HF order), got ne = {%llu, %llu}", name,
+                        (long long)rows, (long long)cols, (unsigned long long)t->ne[0],
+                        (unsigned long long)t->ne[1]);
+    const int permuted = (k == LLAMA_Q || k == LLAMA_K) && hp->arch == LLAMA_ARCH_LLAMA;
+    if (!permuted) {
+        if (gguf_tensor_rows_to_f32(t, (uint64_t)row0, (uint64_t)nrows, dst, e)) return qerr_prefix(e, "tensor %s", name);
+        return 0;
+    }
+    const int64_t hd = hp->head_dim, h0 = row0 / hd, h1 = (row0 + nrows + hd - 1) / hd;
+    float *tmp = qmalloc((size_t)((h1 - h0) * hd * cols) * sizeof(float), e);
+    if (!tmp) return -1;
+    if (gguf_tensor_rows_to_f32(t, (uint64_t)(h0 * hd), (uint64_t)((h1 - h0) * hd), tmp, e)) {
+        free(tmp);
+        return qerr_prefix(e, "tensor %s", name);
+    }
+    llama_unpermute_rows(tmp, (int)(h1 - h0), (int)hd, cols);
+    memcpy(dst, tmp + (row0 - h0 * hd) * cols, (size_t)(nrows * cols) * sizeof(float));
+    free(tmp);
+    return 0;
+}
+
 int llama_load_gguf(const gguf_file *f, int load_in_4bit, int double_quant, int max_pos, llama_model *m, qerr *e) {
+    return llama_load_gguf_sharded(f, load_in_4bit, double_quant, max_pos, NULL, m, e);
+}
+
+int llama_load_gguf_sharded(const gguf_file *f, int load_in_4bit, int double_quant, int max_pos, comm *c,
+                            llama_model *m, qerr *e) {
     memset(m, 0, sizeof *m);
     if (llama_hparams_from_gguf(f, &m->hp, e)) return -1;
     const llama_hparams *hp = &m->hp;
@@ -594,7 +646,18 @@ int llama_load_gguf(const gguf_file *f, int load_in_4bit, int double_quant, int 
         return -1;
     int64_t max_el = 0;
     for (int k = 0; k < LLAMA_N_LINEAR; k++) max_el = lo.rows[k] * lo.cols[k] > max_el ? lo.rows[k] * lo.cols[k] : max_el;
-    float *tmp = qmalloc((size_t)max_el * sizeof(float), e);
+    llama_fsdp *fs = NULL;
+    if (c) { /* FULL_SHARD: this rank's ranges only, never a whole linear */
+        if (!(fs = qcalloc(1, sizeof *fs, e))) return -1;
+        if (llama_fsdp_init(fs, c, &lo, hp->n_layer, e)) {
+            free(fs);
+            return -1;
+        }
+        m->fsdp = fs; /* freed with the model */
+        max_el = 0;
+    }
+    gguf_rows_arg ra = {.f = f, .hp = hp};
+    float *tmp = qmalloc((size_t)(max_el ? max_el : 1) * sizeof(float), e);
     if (!tmp) return -1;
     char name[96];
     for (int l = 0; l < hp->n_layer; l++) {
@@ -604,6 +667,19 @@ int llama_load_gguf(const gguf_file *f, int load_in_4bit, int double_quant, int 
         snprintf(name, sizeof name, "blk.%d.ffn_norm.weight", l);
         if (load_vector_f32(f, name, D, &L->ffn_norm, e)) goto fail;
         m->n_params += 2 * D;
+        if (fs) {
+            if (llama_fsdp_load_layer(fs, l, gguf_rows, &ra, e)) goto fail;
+            for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+                m->n_quantized_params += lo.rows[k] * lo.cols[k];
+                if (hp->qkv_bias && k <= LLAMA_V) {
+                    snprintf(name, sizeof name, "blk.%d.%s.bias", l, llama_linears[k].gguf);
+                    if (load_vector_f32(f, name, lo.rows[k], &L->bias[k], e)) goto fail;
+                    m->n_params += lo.rows[k];
+                }
+            }
+            m->quantized_bytes += (int64_t)lo.nbytes;
+            continue;
+        }
         if (llama_layer_alloc(L, &lo, e)) goto fail;
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
             const int64_t rows = lo.rows[k], cols = lo.cols[k];
@@ -630,6 +706,16 @@ int llama_load_gguf(const gguf_file *f, int load_in_4bit, int double_quant, int 
     }
     free(tmp);
     m->n_params += m->n_quantized_params;
+    if (fs) {
+        m->fsdp = NULL;
+        if (llama_fsdp_attach(fs, m, e)) {
+            llama_fsdp_free(fs);
+            free(fs);
+            return -1;
+        }
+        for (int l = 0; l < hp->n_layer; l++)
+            for (int k = 0; k <= LLAMA_V; k++) m->layers[l].lin[k].bias = m->layers[l].bias[k];
+    }
     if (llama_rope_init(&m->rope, hp, max_pos, e)) return -1;
     return 0;
 fail:
@@ -638,6 +724,11 @@ fail:
 }
 
 void llama_free(llama_model *m) {
+    if (m->fsdp) { /* the layers' blobs are its scratches */
+        llama_fsdp_free(m->fsdp);
+        free(m->fsdp);
+        m->fsdp = NULL;
+    }
     if (m->layers) {
         for (int l = 0; l < m->hp.n_layer; l++) {
             llama_layer *L = &m->layers[l];
@@ -831,6 +922,33 @@ static tensor *llama_block(ag_ctx *ctx, void *argp, tensor *x) {
     return llama_layer_forward(ctx, a->m, a->ls, a->layer, x, a->b->position_ids, batch_attention, a);
 }
 
+/* FULL_SHARD in backward: a node recorded after block l runs just before the
+ * block's backward (and its recompute under checkpointing): it gathers layer
+ * l, or waits for its prefetch, binds it, and starts gathering l − 1. It hangs
+ * off a dummy tensor with a gradient so that backward always visits it. */
+typedef struct fsdp_mark_saved {
+    llama_fsdp *f;
+    int layer;
+} fsdp_mark_saved;
+
+static void fsdp_mark_backward(ag_ctx *ctx, const ag_node *n) {
+    const fsdp_mark_saved *s = n->saved;
+    llama_fsdp_acquire(s->f, s->layer);
+    llama_fsdp_prefetch(s->f, s->layer - 1);
+}
+
+static void fsdp_mark(ag_ctx *ctx, llama_fsdp *f, int l) {
+    fsdp_mark_saved *s = ag_alloc_host_keep(ctx, sizeof *s);
+    tensor *dummy = ag_alloc_host_keep(ctx, sizeof *dummy);
+    memset(dummy, 0, sizeof *dummy);
+    dummy->ndim = 1;
+    dummy->shape[0] = 1;
+    dummy->numel = 1;
+    dummy->grad = ag_alloc_keep(ctx, sizeof(float));
+    *s = (fsdp_mark_saved){.f = f, .layer = l};
+    ag_record(ctx, fsdp_mark_backward, dummy, NULL, NULL, NULL, NULL)->saved = s;
+}
+
 /* embed → blocks → final RMSNorm: the hidden states (B*T, D) the LM head reads,
  * recorded on the tape when ctx->recording. */
 static tensor *llama_forward_trunk(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const llama_batch *b,
@@ -841,9 +959,14 @@ static tensor *llama_forward_trunk(ag_ctx *ctx, const llama_model *m, const lora
     block_arg *args = ag_alloc_host(ctx, (size_t)hp->n_layer * sizeof *args);
     for (int l = 0; l < hp->n_layer; l++) {
         args[l] = (block_arg){.m = m, .ls = ls, .b = b, .layer = l};
+        if (m->fsdp) { /* FULL_SHARD: layer l whole in a scratch, l + 1 on its way */
+            llama_fsdp_acquire(m->fsdp, l);
+            llama_fsdp_prefetch(m->fsdp, l + 1);
+        }
         if (!ctx->recording) x = ag_run_discard(ctx, llama_block, &args[l], x);
         else if (checkpointing) x = ag_checkpoint(ctx, llama_block, &args[l], x);
         else x = ag_segment(ctx, llama_block, &args[l], x); /* releases the block's intermediates */
+        if (m->fsdp && ctx->recording) fsdp_mark(ctx, m->fsdp, l);
     }
     return llama_output_norm(ctx, m, x);
 }

@@ -19,6 +19,9 @@
 #include "format/gguf.h"
 #include "model/llama_linear.h" /* LLAMA_Q .. LLAMA_DOWN, their names and the order contract */
 
+struct comm;        /* comm/comm.h */
+struct llama_fsdp;  /* model/llama_fsdp.h */
+
 
 /* RoPE frequency scaling (HF modeling_rope_utils.py ROPE_INIT_FUNCTIONS; llama.cpp's
  * rope_freqs / freq_scale). Each maps the default inverse frequencies
@@ -215,6 +218,12 @@ int llama_layer_layout_init(llama_layer_layout *lo, const llama_hparams *hp, fro
  * geometry nf4_view refuses. */
 int llama_layer_alloc(llama_layer *L, const llama_layer_layout *lo, qerr *e);
 
+/* llama_layer_views: as llama_layer_alloc, with the caller's blob (laid out
+ * as *lo, not owned by L: L->blob is set to it; a sharded layer's views are
+ * bound to a gather scratch this way, model/llama_fsdp.c). Errors (-1): a
+ * geometry nf4_view refuses. */
+int llama_layer_views(llama_layer *L, const llama_layer_layout *lo, uint8_t *blob, qerr *e);
+
 /* llama_layer_seal: copy the double-quant offset of every NF4 view into the
  * blob's OFFSETS section (the blob's own copy, which shards carry). Call once
  * the linears are filled. No-op without double quantization. */
@@ -250,6 +259,8 @@ typedef struct llama_model {
     int64_t quantized_bytes;     /* bytes holding them: the layers' blobs (layout.nbytes) */
     int64_t n_params;            /* all base parameters */
     rope_table rope;
+    struct llama_fsdp *fsdp;     /* FULL_SHARD: the layers' linears are sharded over the ranks and gathered
+                                  * per layer (model/llama_fsdp.h); NULL: every layer owns its blob */
 } llama_model;
 
 /* Read hyper-parameters from GGUF metadata (`llama.*` keys), checked with
@@ -280,6 +291,13 @@ int llama_hparams_check(const llama_hparams *hp, const char *theta_key, const ch
  * max_pos bounds the RoPE table (≥ sequence_len). */
 int llama_load_gguf(const gguf_file *f, int load_in_4bit, int double_quant, int max_pos,
                     llama_model *m, qerr *e);
+/* llama_load_gguf_sharded: llama_load_gguf, and with c (FULL_SHARD) the frozen
+ * linears sharded over c's ranks (model/llama_fsdp.h): this rank reads,
+ * dequantizes and quantizes only its ranges of each layer; embeddings, the LM
+ * head, norms and biases are replicated. m->fsdp owns the shards. c NULL:
+ * llama_load_gguf. Collective only in that every rank must call it. */
+int llama_load_gguf_sharded(const gguf_file *f, int load_in_4bit, int double_quant, int max_pos, struct comm *c,
+                            llama_model *m, qerr *e);
 /* llama_free: release everything the model holds (each layer's blob, or the
  * nf4 tensors that own their buffers in a layer built without one) and zero *m. */
 void llama_free(llama_model *m);

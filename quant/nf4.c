@@ -434,6 +434,78 @@ static int nf4_quantize_impl(const void *src, int src_bf16, nf4_tensor *t, qerr 
     return 0;
 }
 
+void nf4_absmax_blocks(const float *w, int64_t n, int blocksize, float *absmax) {
+    float thr[15];
+    nf4_thresholds(thr);
+    const int64_t bs = blocksize, nb = (n + bs - 1) / bs;
+#pragma omp parallel for schedule(static) if (nb >= 16)
+    for (int64_t b = 0; b < nb; b++) {
+        uint8_t scratch[NF4_MAX_BLOCKSIZE / 2 + 1];
+        const int64_t i0 = b * bs, len = n - i0 < bs ? n - i0 : bs;
+        nf4_quant_block(w + i0, len, len < bs, thr, scratch, &absmax[b]);
+    }
+}
+
+int nf4_quantize_range(const float *w, int64_t x0, int64_t x1, const nf4_tensor *t, const float *absmax_all,
+                       uint8_t *packed, void *scales, float *nested, float *offset, qerr *e) {
+    const int64_t bs = t->blocksize, n = t->n, nb = t->nblocks;
+    if (x0 < 0 || x0 > x1 || x0 % bs || x1 % bs || x1 > nb * bs || (t->double_quant && !absmax_all))
+        return qerr_set(e, "nf4: range [%lld, %lld) of a %lld-element tensor: expected block boundaries%s",
+                        (long long)x0, (long long)x1, (long long)n, t->double_quant ? " and every block's absmax" : "");
+    if (x0 == x1) return 0;
+    const int64_t b0 = x0 / bs, b1 = x1 / bs;
+    float thr[15];
+    nf4_thresholds(thr);
+    float *am = t->double_quant ? qmalloc((size_t)(b1 - b0) * sizeof(float), e) : (float *)scales;
+    if (!am) return -1;
+#pragma omp parallel for schedule(static) if (b1 - b0 >= 16)
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t i0 = b * bs, len = n - i0 < bs ? n - i0 : bs;
+        nf4_quant_block(w + (i0 - x0), len, len < bs, thr, packed + (i0 - x0) / 2, &am[b - b0]);
+    }
+    for (int64_t b = b0; b < b1; b++) {
+        if (am[b - b0] == am[b - b0]) continue;
+        int64_t bad = b * bs;
+        for (int64_t i = b * bs; i < (b + 1) * bs && i < n; i++)
+            if (!(fabsf(w[i - x0]) <= FLT_MAX)) {
+                bad = i;
+                break;
+            }
+        if (t->double_quant) free(am);
+        return qerr_set(e, "nf4: weight (%lld, %lld) has a non-finite value at row %lld, col %lld", (long long)t->rows,
+                        (long long)t->cols, (long long)(bad / t->cols), (long long)(bad % t->cols));
+    }
+    if (!t->double_quant) return 0;
+    free(am);
+    uint8_t *lut = qmalloc(BW8_LUT_SIZE, e);
+    if (!lut) return -1;
+    bw8_build_lut(t->nested_code, lut);
+    /* as nf4_double_quant, over the groups the range touches, from every block's absmax */
+    const float off = torch_mean_f32(absmax_all, nb);
+    *offset = off;
+    const int64_t g0 = b0 / NF4_NESTED_BLOCKSIZE, g1 = (b1 - 1) / NF4_NESTED_BLOCKSIZE + 1;
+    uint8_t *codes = scales;
+    for (int64_t g = g0; g < g1; g++) {
+        const int64_t gb0 = g * NF4_NESTED_BLOCKSIZE;
+        const int64_t len = nb - gb0 < NF4_NESTED_BLOCKSIZE ? nb - gb0 : NF4_NESTED_BLOCKSIZE;
+        float dev[NF4_NESTED_BLOCKSIZE];
+        float amax = -FLT_MAX;
+        for (int64_t j = 0; j < len; j++) {
+            dev[j] = absmax_all[gb0 + j] - off;
+            amax = fmaxf(amax, fabsf(dev[j]));
+        }
+        nested[g - g0] = amax;
+        const float inv = amax == 0.0f ? 0.0f : 1.0f / amax;
+        for (int64_t j = 0; j < len; j++) {
+            const int64_t b = gb0 + j;
+            if (b < b0 || b >= b1) continue;
+            codes[b - b0] = amax == 0.0f ? 0 : bw8_index(lut, dev[j], inv);
+        }
+    }
+    free(lut);
+    return 0;
+}
+
 int nf4_quantize_into(const float *w, nf4_tensor *t, qerr *e) { return nf4_quantize_impl(w, 0, t, e); }
 
 int nf4_quantize_bf16_into(const uint16_t *w, nf4_tensor *t, qerr *e) { return nf4_quantize_impl(w, 1, t, e); }

@@ -122,6 +122,33 @@ int nf4_view(nf4_tensor *t, int64_t rows, int64_t cols, int blocksize, int doubl
 int nf4_quantize_into(const float *w, nf4_tensor *t, qerr *e);
 int nf4_quantize_bf16_into(const uint16_t *w, nf4_tensor *t, qerr *e);
 
+/* nf4_absmax_blocks: the fp32 absmax of each of the ceil(n / blocksize)
+ * blocks of w (n elements, row-major), as nf4_quantize computes it before
+ * double quantization (the last partial block clamped to bnb's minimum; NaN
+ * for a block holding a non-finite value). For a range quantizer that needs
+ * the whole tensor's double-quant offset (nf4_quantize_range) while holding
+ * only a few rows at a time: callers stream w in pieces of whole blocks,
+ * passing each piece's n. Errors: none. */
+void nf4_absmax_blocks(const float *w, int64_t n, int blocksize, float *absmax);
+
+/* nf4_quantize_range: the bytes nf4_quantize_into writes for elements
+ * [x0, x1) of t's tensor (x0, x1 multiples of t->blocksize, x1 <= nblocks *
+ * blocksize), from w = elements x0 .. min(x1, n) - 1 only — what a FULL_SHARD
+ * rank quantizes of a linear it holds a part of (model/llama_fsdp.c):
+ *   packed   (x1 - x0) / 2 bytes: the nibbles of elements x0 .. x1 - 1;
+ *   scales   the blocks x0/bs .. x1/bs - 1: u8 codes (double_quant) or f32 absmax;
+ *   nested   double_quant: the nested absmax of groups g0 = x0/bs/256 ..
+ *            (x1/bs - 1)/256 (a group cut by x0 or x1 is written whole);
+ *   offset   double_quant: the tensor's offset (mean absmax).
+ * Double quantization needs every block's absmax of the tensor: absmax_all
+ * (nblocks f32 from nf4_absmax_blocks over the whole tensor); NULL without
+ * double_quant. t gives geometry, blocksize, double_quant and nested_code
+ * (its buffers are not touched). Byte for byte what nf4_quantize_into puts
+ * at those places (tests/test_nf4.c). Errors (-1): a bad range, a
+ * non-finite weight (row and column named), out of memory. */
+int nf4_quantize_range(const float *w, int64_t x0, int64_t x1, const nf4_tensor *t, const float *absmax_all,
+                       uint8_t *packed, void *scales, float *nested, float *offset, qerr *e);
+
 /* nf4_free: release the buffers (unless t is a view) and zero *t. Safe on a
  * zeroed or freed tensor. */
 void nf4_free(nf4_tensor *t);

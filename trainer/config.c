@@ -1251,21 +1251,22 @@ static int strategy_refused(const pctx *p, const yaml_node_t *at, const char *wh
     return perr(p, at,
                 "%s: %s is not implemented yet; implemented: data parallel (NO_SHARD: fsdp_sharding_strategy "
                 "NO_SHARD, fsdp: [no_shard], or DeepSpeed zero_optimization.stage 0; what runs when none of fsdp / "
-                "fsdp_config / deepspeed is set) and SHARD_GRAD_OP (ZeRO stage 2)",
+                "fsdp_config / deepspeed is set), SHARD_GRAD_OP (ZeRO stage 2) and FULL_SHARD (ZeRO stage 3)",
                 what, strategy);
 }
 
 /* fsdp: a list (or a space-separated string) of HF's FSDPOption values. */
 static int parallel_fsdp_option(const pctx *p, const yaml_node_t *at, const char *o) {
-    static const char *const names[][2] = {{"full_shard", "FULL_SHARD"}, {"hybrid_shard", "HYBRID_SHARD"},
+    static const char *const names[][2] = {{"hybrid_shard", "HYBRID_SHARD"},
                                            {"hybrid_shard_zero2", "HYBRID_SHARD_ZERO2"},
                                            {"offload", "parameter offload (offload)"}};
     if (!strcmp(o, "no_shard")) return p->c->fsdp_no_shard = 1, 0;
     if (!strcmp(o, "shard_grad_op")) return p->c->fsdp_shard_grad_op = 1, 0;
+    if (!strcmp(o, "full_shard")) return p->c->fsdp_full_shard = 1, 0;
     if (!strcmp(o, "auto_wrap")) return 0; /* qlora's unit is the decoder layer whatever the wrapping */
     for (size_t i = 0; i < sizeof names / sizeof *names; i++)
         if (!strcmp(o, names[i][0])) return strategy_refused(p, at, "fsdp", names[i][1]);
-    return perr(p, at, "fsdp: unknown option \"%s\"; expected no_shard or shard_grad_op (full_shard, hybrid_shard, "
+    return perr(p, at, "fsdp: unknown option \"%s\"; expected no_shard, shard_grad_op or full_shard (hybrid_shard, "
                        "offload are not implemented yet) and optionally auto_wrap", o);
 }
 
@@ -1309,16 +1310,19 @@ static int parallel_fsdp_config(const pctx *p, const yaml_node_t *v) {
                     hit = i;
             if (hit < 0) {
                 describe(vn, got, sizeof got);
-                return perr(p, vn, "%s: expected NO_SHARD or SHARD_GRAD_OP (or FULL_SHARD, HYBRID_SHARD, not "
+                return perr(p, vn, "%s: expected NO_SHARD, SHARD_GRAD_OP or FULL_SHARD (or HYBRID_SHARD, not "
                                    "implemented yet), got %s", what, got);
             }
-            if (hit == 1) p->c->fsdp_shard_grad_op = 1;
+            if (hit == 0) p->c->fsdp_full_shard = 1;
+            else if (hit == 1) p->c->fsdp_shard_grad_op = 1;
             else if (hit == 2) p->c->fsdp_no_shard = 1;
             else return strategy_refused(p, vn, what, ss[hit][0]);
         } else if (!strcmp(k, "reshard_after_forward")) {
             if (parallel_bool(p, what, vn, &b)) return -1;
-            if (b) return strategy_refused(p, vn, what, "FULL_SHARD (reshard_after_forward: true)");
-            p->c->fsdp_shard_grad_op = 1; /* FSDP2: parameters stay gathered after forward = SHARD_GRAD_OP */
+            /* FSDP2: parameters freed after forward and gathered again for backward = FULL_SHARD; kept
+             * gathered = SHARD_GRAD_OP */
+            if (b) p->c->fsdp_full_shard = 1;
+            else p->c->fsdp_shard_grad_op = 1;
         } else if (!strcmp(k, "state_dict_type")) {
             const char *s = vn->type == YAML_SCALAR_NODE ? sval(vn) : "";
             if (!strcasecmp(s, "FULL_STATE_DICT") || !strcasecmp(s, "StateDictType.FULL_STATE_DICT")) continue;
@@ -1382,6 +1386,8 @@ static int parallel_deepspeed(const pctx *p, const yaml_node_t *v) {
                 rc = perr(p, v, "deepspeed: %s: zero_optimization.stage: expected 0, 1, 2 or 3", path);
             else if (stage == 2)
                 p->c->fsdp_shard_grad_op = 2;
+            else if (stage == 3)
+                p->c->fsdp_full_shard = 2;
             else if (stage != 0) {
                 char what[64];
                 snprintf(what, sizeof what, "ZeRO stage %d", stage);
@@ -1447,6 +1453,8 @@ static void parallel_write_yaml(FILE *f, const train_config *c) {
         fputs("deepspeed: ", f);
         put_yaml_str(f, c->deepspeed);
         fputc('\n', f);
+    } else if (c->fsdp_full_shard) {
+        fputs("fsdp_config:\n  fsdp_sharding_strategy: FULL_SHARD\n", f);
     } else if (c->fsdp_shard_grad_op) {
         fputs("fsdp_config:\n  fsdp_sharding_strategy: SHARD_GRAD_OP\n", f);
     } else if (c->fsdp_no_shard) {
@@ -1456,13 +1464,15 @@ static void parallel_write_yaml(FILE *f, const train_config *c) {
 
 static int parallel_validate(const train_config *c, qerr *e) {
     const char *src = c->config_path ? c->config_path : "config";
-    if ((c->fsdp_no_shard || c->fsdp_shard_grad_op == 1) && c->deepspeed)
+    if ((c->fsdp_no_shard || c->fsdp_shard_grad_op == 1 || c->fsdp_full_shard == 1) && c->deepspeed)
         return qerr_set(e, "%s: fsdp / fsdp_config and deepspeed are both set; choose one", src);
-    if (c->fsdp_no_shard && c->fsdp_shard_grad_op)
-        return qerr_set(e, "%s: fsdp / fsdp_config ask for both NO_SHARD and SHARD_GRAD_OP; choose one", src);
-    if (c->fsdp_shard_grad_op && (!strcmp(c->optimizer, "sophia") || !strcmp(c->optimizer, "adamw_8bit")))
-        return qerr_set(e, "%s: optimizer: %s with SHARD_GRAD_OP is not implemented yet (it runs with data "
-                           "parallel, NO_SHARD)", src, c->optimizer);
+    if ((c->fsdp_no_shard != 0) + (c->fsdp_shard_grad_op != 0) + (c->fsdp_full_shard != 0) > 1)
+        return qerr_set(e, "%s: fsdp / fsdp_config ask for more than one of NO_SHARD, SHARD_GRAD_OP and FULL_SHARD "
+                           "(fsdp options, fsdp_sharding_strategy, reshard_after_forward); choose one", src);
+    if ((c->fsdp_shard_grad_op || c->fsdp_full_shard) &&
+        (!strcmp(c->optimizer, "sophia") || !strcmp(c->optimizer, "adamw_8bit")))
+        return qerr_set(e, "%s: optimizer: %s with %s is not implemented yet (it runs with data parallel, NO_SHARD)",
+                        src, c->optimizer, c->fsdp_full_shard ? "FULL_SHARD" : "SHARD_GRAD_OP");
     return 0;
 }
 /* ---- end of several processes ------------------------------------------------------------------------------ */

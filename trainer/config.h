@@ -212,8 +212,12 @@ typedef struct train_config {
     int fsdp_shard_grad_op;           /* default 0; 1: fsdp / fsdp_config asked for SHARD_GRAD_OP (gradients
                                          reduce-scattered, optimizer state and update on each rank's
                                          shard); 2: the same from DeepSpeed zero_optimization.stage 2 */
-    char *deepspeed;                  /* default NULL; a DeepSpeed JSON whose zero_optimization.stage is 0
-                                         or 2 (stages 1 and 3 are refused at load) */
+    int fsdp_full_shard;              /* default 0; 1: fsdp / fsdp_config asked for FULL_SHARD (as
+                                         SHARD_GRAD_OP, and the frozen base sharded over the ranks and
+                                         gathered per layer, model/llama_fsdp.h); 2: the same from
+                                         DeepSpeed zero_optimization.stage 3 */
+    char *deepspeed;                  /* default NULL; a DeepSpeed JSON whose zero_optimization.stage is 0,
+                                         2 or 3 (stage 1 is refused at load) */
     /* ---- end of several processes ---- */
     char *config_path;                /* file the config came from (for messages); NULL if none */
     char **warnings;                  /* one-line notes for the caller to print ("[config] ..."

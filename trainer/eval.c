@@ -8,6 +8,7 @@
 #include <stdlib.h>
 
 #include "core/clock.h"
+#include "model/llama_fsdp.h"
 #include "trainer/run.h"
 
 /* The batches one process evaluates: all, or up to the one whose targets
@@ -60,6 +61,12 @@ double run_eval_loss(run_ctx *r) {
         ag_arena_reset(ctx, mk);
         slot[2 * b] = ls_sum;
         slot[2 * b + 1] = (double)nt;
+    }
+    if (r->model.fsdp) {
+        /* FULL_SHARD: every forward gathers every layer, collectively; a rank with fewer batches than rank 0
+         * makes the same gathers without computing, so that all ranks run the same sequence */
+        const int64_t mine = n_b > r->rank ? (n_b - r->rank + r->world - 1) / r->world : 0;
+        for (int64_t i = mine; i < (n_b + r->world - 1) / r->world; i++) llama_fsdp_idle_forward(r->model.fsdp);
     }
     qerr ce;
     if (r->world > 1 && comm_all_reduce_sum(r->comm, slot, (size_t)n_b * 2, COMM_F64, &ce)) run_comm_fail(r, &ce);

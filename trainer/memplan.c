@@ -59,10 +59,19 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     /* frozen base: NF4 linears, bf16 embeddings (+ untied head), fp32 norms, RoPE table */
     /* on the GPU an untied embedding table stays on the host (the backend gathers its rows there) */
     double tables = in->device_cuda && !hp->tied_embeddings ? 1 : (hp->tied_embeddings ? 1 : 2);
-    out->base = (double)in->frozen_bytes + V * D * 2.0 * tables + (2 * L + 1) * D * 4 + T * hp->head_dim * 4.0;
+    /* FULL_SHARD: this rank's shards of the linears; the tables and norms stay replicated */
+    const double frozen = in->frozen_shard_bytes > 0 ? (double)in->frozen_shard_bytes : (double)in->frozen_bytes;
+    out->base = frozen + V * D * 2.0 * tables + (2 * L + 1) * D * 4 + T * hp->head_dim * 4.0;
     out->adapters = 8.0 * (double)in->lora_params;  /* A, B and their gradients, fp32 */
     out->optimizer = in->optimizer_bytes > 0 ? (double)in->optimizer_bytes
                                              : 8.0 * (double)in->lora_params; /* AdamW m and v, fp32 */
+    if (in->shard_optimizer && in->world > 1) {
+        /* SHARD_GRAD_OP / FULL_SHARD: m and v of ⌈n/W⌉ elements; the reduce-scatter buffer W·⌈n/W⌉ fp32 */
+        const double shard = (double)((in->lora_params + in->world - 1) / in->world);
+        out->optimizer = 8.0 * shard;
+        out->adapters += 4.0 * shard * in->world;
+    }
+    out->gather = (double)in->gather_bytes;
 
     /* one block's fp32 outputs (the same sizes again as their gradients in backward) */
     double blk_f32 = 4.0 * N * (D + (qd + 2 * kd) + (qd + kd) + qd + 4 * D + 3 * F + nl * r);
@@ -91,8 +100,8 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     else
         out->runtime = 16.0 * 1048576.0 + nth * 2.0 * 1048576.0 + (double)in->extra_bytes;
     out->data = in->device_cuda ? 0.0 : (double)in->data_bytes; /* the packed rows stay on the host */
-    out->total =
-        out->base + out->adapters + out->optimizer + out->activations + out->scratch + out->runtime + out->data;
+    out->total = out->base + out->adapters + out->optimizer + out->activations + out->scratch + out->runtime +
+                 out->data + out->gather;
     /* arena chunks: big enough that a step needs few of them */
     double chunk = out->activations / 4;
     if (chunk < 64.0 * 1048576.0) chunk = 64.0 * 1048576.0;
@@ -108,6 +117,9 @@ void memplan_print(FILE *f, const memplan *p) {
             "scratch %.0f + runtime %.0f + data %.0f\n",
             p->total / M, p->base / M, p->adapters / M, p->optimizer / M, p->activations / M,
             p->checkpointing ? " (gradient checkpointing)" : "", p->scratch / M, p->runtime / M, p->data / M);
+    if (p->gather > 0)
+        fprintf(f, "[memory] (per rank; FULL_SHARD: base holds this rank's shards of the frozen linears, + gather "
+                   "scratch %.0f MiB included in the peak)\n", p->gather / M);
 }
 
 void memplan_print_table(FILE *f, const memplan *p) {
@@ -121,9 +133,11 @@ void memplan_print_table(FILE *f, const memplan *p) {
                 {p->checkpointing ? "activations (gradient checkpointing)" : "activations (no checkpointing)",
                  p->activations},
                 {"scratch (dequantized weight, block copy)", p->scratch},
-                {"runtime", p->runtime}};
+                {"runtime", p->runtime},
+                {"FULL_SHARD gather scratch (2 layers + receive buffer)", p->gather}};
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
-        fprintf(f, "  %-56s %9.0f MiB %7.2f GiB\n", rows[i].name, rows[i].v / M, rows[i].v / G);
+        if (rows[i].v > 0 || i + 1 < sizeof rows / sizeof rows[0]) /* the gather row only under FULL_SHARD */
+            fprintf(f, "  %-56s %9.0f MiB %7.2f GiB\n", rows[i].name, rows[i].v / M, rows[i].v / G);
     fprintf(f, "  %-56s %9.0f MiB %7.2f GiB\n", "total", p->total / M, p->total / G);
 }
 

@@ -35,6 +35,13 @@ typedef struct memplan_input {
                               the epoch permutation (bytes), or 0 */
     int n_threads;
     int device_cuda;       /* 1: predict the device memory of the CUDA backend (memplan.c "GPU") */
+    /* several processes (README "Several processes"): the prediction is per rank */
+    int world;             /* ranks (0 or 1: one process) */
+    int shard_optimizer;   /* SHARD_GRAD_OP or FULL_SHARD: the optimizer state covers 1/world of the adapters
+                              (⌈n/world⌉ elements), plus the fp32 reduce-scatter buffer of world·⌈n/world⌉ */
+    int64_t frozen_shard_bytes;  /* FULL_SHARD: this rank's shards of the frozen linears (replaces
+                                    frozen_bytes in base), or 0 */
+    int64_t gather_bytes;  /* FULL_SHARD: the gather scratch (two layer blobs and the receive buffer), or 0 */
 } memplan_input;
 
 /* Bytes per component; total = sum. */
@@ -46,6 +53,7 @@ typedef struct memplan {
     double scratch;     /* weight dequant buffer, operand scratch */
     double runtime;     /* process baseline: code, libraries, oneDNN JIT, thread stacks, caller extras */
     double data;        /* the dataset's packed rows (data_bytes) */
+    double gather;      /* FULL_SHARD: layer gather scratch (gather_bytes) */
     double total;
     double arena_chunk; /* suggested arena chunk size (bytes) */
     int checkpointing;

@@ -9,6 +9,8 @@
  */
 #include "trainer/run.h"
 
+#include "model/llama_fsdp.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -554,7 +556,11 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
                          .data_bytes = 16 * (r->train_set.n_rows * r->train_set.seq_len +
                                              r->eval_set.n_rows * r->eval_set.seq_len) +
                                        8 * r->train_set.n_rows,
-                         .n_threads = r->n_threads};
+                         .n_threads = r->n_threads,
+                         .world = r->world,
+                         .shard_optimizer = c->fsdp_shard_grad_op || c->fsdp_full_shard,
+                         .frozen_shard_bytes = m->fsdp ? (int64_t)llama_fsdp_resident_bytes(m->fsdp) : 0,
+                         .gather_bytes = m->fsdp ? (int64_t)llama_fsdp_scratch_bytes(m->fsdp) : 0};
     memplan_predict(&mpi, &r->plan);
     const memplan *p = &r->plan;
     const double M = 1048576.0;
@@ -607,12 +613,44 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
     return 0;
 }
 
+/* FULL_SHARD: every rank's resident bytes of the frozen linears (a collective),
+ * printed by rank 0: each is about 1/world of the whole. */
+static int setup_fsdp_report(run_ctx *r, qerr *e) {
+    const llama_fsdp *f = r->model.fsdp;
+    int64_t mine = (int64_t)llama_fsdp_resident_bytes(f);
+    int64_t *all = calloc((size_t)r->world, sizeof *all);
+    if (!all) return qerr_set(e, "out of memory");
+    if (comm_all_gather(r->comm, &mine, all, 1, COMM_I64, e)) {
+        free(all);
+        run_comm_fail(r, e);
+    }
+    const double whole = (double)r->model.quantized_bytes;
+    char buf[512];
+    int n = 0;
+    for (int k = 0; k < r->world && n < (int)sizeof buf - 32; k++)
+        n += snprintf(buf + n, sizeof buf - (size_t)n, "%s%lld (%.3f)", k ? ", " : "", (long long)all[k],
+                      (double)all[k] / whole);
+    fprintf(stderr, "[fsdp] frozen linears sharded: bytes held per rank %s of %lld unsharded; %.0f MiB gather "
+                    "scratch per rank (2 layers of %zu bytes + receive buffer); embeddings, LM head, norms "
+                    "replicated\n",
+            buf, (long long)r->model.quantized_bytes, llama_fsdp_scratch_bytes(f) / 1048576.0, f->lo.nbytes);
+    free(all);
+    return 0;
+}
+
 /* The frozen weights (NF4 or bf16) and the LoRA adapters over them. */
 static int setup_model(run_ctx *r, qerr *e) {
     const train_config *c = r->c;
     double t0 = clock_now_sec();
-    if (base_model_load(r->bm, c->load_in_4bit, c->bnb_4bit_use_double_quant, c->sequence_len, &r->model, e))
+    if (c->fsdp_full_shard && !ag_backend_default()->host_data)
+        return qerr_set(e, "%s: FULL_SHARD on the %s backend is not implemented (the device mirrors the frozen base "
+                           "once; the sharded base is gathered into host scratches); use device: cpu, or "
+                           "SHARD_GRAD_OP / NO_SHARD",
+                        r->cfgname, ag_backend_default()->name);
+    if (base_model_load_sharded(r->bm, c->load_in_4bit, c->bnb_4bit_use_double_quant, c->sequence_len,
+                                c->fsdp_full_shard ? r->comm : NULL, &r->model, e))
         return qerr_prefix(e, "%s: base_model %s", r->cfgname, c->base_model);
+    if (r->model.fsdp && setup_fsdp_report(r, e)) return -1;
     const llama_model *m = &r->model;
     const llama_hparams *hp = &m->hp;
     fprintf(stderr, "[model] %s: llama, %d layers, d_model %d, heads %d/%d (head_dim %d), ffn %d, vocab %d, %s embeddings; %.1fs\n",
@@ -656,20 +694,26 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
     r->eval_every = train_config_eval_interval(c, r->steps_per_epoch);
     r->save_every = train_config_save_interval(c, r->steps_per_epoch);
     if (lr_schedule_parse(c->lr_scheduler, &r->sk, e)) return -1;
-    if (r->world > 1)
-        fprintf(stderr, "[ranks] %d ranks (%s, %s): global batch = micro_batch_size %d x "
-                        "gradient_accumulation_steps %d x world_size %d = %lld rows of %d tokens; %s; ddp_timeout "
-                        "%gs\n",
-                r->world, r->comm->ops->name,
-                c->fsdp_shard_grad_op ? "SHARD_GRAD_OP" : "data parallel, NO_SHARD", r->mbs, r->gas, r->world,
-                (long long)r->rows_per_step, c->sequence_len,
-                c->fsdp_shard_grad_op
-                    ? "gradients reduce-scattered, AdamW state and update on each rank's 1/world_size of the "
-                      "adapters, parameters all-gathered after the update (the [memory] line is per rank, before "
-                      "that saving)"
-                    : "nothing sharded (each rank holds the base, the adapters and the optimizer state: the "
-                      "[memory] line is per rank)",
-                r->comm->timeout_sec);
+    /* the resolved plan: strategy, what is sharded, the global batch, the per-rank memory */
+    if (r->world > 1 || c->fsdp_full_shard || c->fsdp_shard_grad_op || c->fsdp_no_shard)
+        fprintf(stderr, "[ranks] %d rank%s (%s, %s): global batch = micro_batch_size %d x "
+                        "gradient_accumulation_steps %d x world_size %d = %lld rows of %d tokens; %s; per-rank "
+                        "memory predicted %.0f MiB (the [memory] line); ddp_timeout %gs\n",
+                r->world, r->world > 1 ? "s" : "", r->comm->ops->name,
+                c->fsdp_full_shard      ? "FULL_SHARD"
+                : c->fsdp_shard_grad_op ? "SHARD_GRAD_OP"
+                                        : "data parallel, NO_SHARD",
+                r->mbs, r->gas, r->world, (long long)r->rows_per_step, c->sequence_len,
+                c->fsdp_full_shard
+                    ? "sharded: the frozen linears (each rank loads and keeps 1/world_size of every layer, gathered "
+                      "per layer before its forward, recompute and backward, the next layer's gather overlapped), "
+                      "the gradients (reduce-scattered), the AdamW state and update (1/world_size of the adapters, "
+                      "parameters all-gathered after it); replicated: embeddings, LM head, norms, adapters"
+                : c->fsdp_shard_grad_op
+                    ? "sharded: the gradients (reduce-scattered), the AdamW state and update (1/world_size of the "
+                      "adapters, parameters all-gathered after it); replicated: the base and the adapters"
+                    : "nothing sharded (each rank holds the base, the adapters and the optimizer state)",
+                r->plan.total / 1048576.0, r->comm->timeout_sec);
 
     memplan_print(stderr, &r->plan); /* predicted and checked in setup_model */
 
@@ -680,7 +724,7 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
                            "was made with, or choose another output_dir",
                         r->cfgname, r->ck_dir, r->ck.optimizer, c->optimizer);
     /* SHARD_GRAD_OP: this rank's part of the flat arrays (the optimizer state covers only it) */
-    r->sgo = c->fsdp_shard_grad_op != 0;
+    r->sgo = c->fsdp_shard_grad_op != 0 || c->fsdp_full_shard != 0; /* FULL_SHARD: the same for the adapters */
     r->shard_len = (r->ls.n_params + r->world - 1) / r->world;
     r->shard_lo = r->sgo ? (int64_t)r->rank * r->shard_len : 0;
     r->shard_hi = r->sgo ? r->shard_lo + r->shard_len : r->ls.n_params;

@@ -1,0 +1,274 @@
+/* model/llama_fsdp.c — FULL_SHARD of the frozen base (see llama_fsdp.h). */
+#include "model/llama_fsdp.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "core/bf16.h"
+
+static size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+void llama_fsdp_range(const llama_fsdp *f, int r, int64_t *x0, int64_t *x1) {
+    const int64_t bs = f->lo.blocksize, nb = f->lo.elem[LLAMA_N_LINEAR] / bs;
+    int64_t b0 = (int64_t)r * f->blocks_per_rank, b1 = b0 + f->blocks_per_rank;
+    if (b0 > nb) b0 = nb;
+    if (b1 > nb) b1 = nb;
+    *x0 = b0 * bs;
+    *x1 = b1 * bs;
+}
+
+/* The byte ranges of rank r's shard; in the shard each section's bytes start
+ * at at[s], a multiple of LLAMA_BLOB_ALIGN (so the fp32 sections stay
+ * aligned). Returns the shard's size. */
+static size_t rank_ranges_at(const llama_fsdp *f, int r, llama_byte_range out[LLAMA_BLOB_N_SECTIONS],
+                             size_t at[LLAMA_BLOB_N_SECTIONS]) {
+    int64_t x0, x1;
+    llama_fsdp_range(f, r, &x0, &x1);
+    qerr e;
+    if (llama_layer_range_bytes(&f->lo, x0, x1, out, &e)) abort(); /* block boundaries by construction */
+    size_t n = 0;
+    for (int s = 0; s < LLAMA_BLOB_N_SECTIONS; s++) {
+        n = align_up(n, LLAMA_BLOB_ALIGN);
+        at[s] = n;
+        n += out[s].len;
+    }
+    return n;
+}
+
+static size_t rank_ranges(const llama_fsdp *f, int r, llama_byte_range out[LLAMA_BLOB_N_SECTIONS]) {
+    size_t at[LLAMA_BLOB_N_SECTIONS];
+    return rank_ranges_at(f, r, out, at);
+}
+
+int llama_fsdp_init(llama_fsdp *f, comm *c, const llama_layer_layout *lo, int n_layer, qerr *e) {
+    memset(f, 0, sizeof *f);
+    f->c = c;
+    f->lo = *lo;
+    f->n_layer = n_layer;
+    const int64_t nb = lo->elem[LLAMA_N_LINEAR] / lo->blocksize;
+    f->blocks_per_rank = (nb + c->world_size - 1) / c->world_size;
+    llama_byte_range rg[LLAMA_BLOB_N_SECTIONS];
+    for (int r = 0; r < c->world_size; r++) {
+        size_t n = rank_ranges(f, r, rg);
+        if (n > f->shard_cap) f->shard_cap = n;
+        if (r == c->rank) f->own_bytes = n;
+    }
+    f->slot_layer[0] = f->slot_layer[1] = -1;
+    f->req_layer = -1;
+    const size_t cap = align_up(f->shard_cap ? f->shard_cap : 1, LLAMA_BLOB_ALIGN);
+    const size_t blob = align_up(lo->nbytes ? lo->nbytes : 1, LLAMA_BLOB_ALIGN);
+    f->shard = calloc((size_t)n_layer, sizeof *f->shard);
+    f->recv = aligned_alloc(LLAMA_BLOB_ALIGN, cap * (size_t)c->world_size);
+    f->slot[0] = aligned_alloc(LLAMA_BLOB_ALIGN, blob);
+    f->slot[1] = aligned_alloc(LLAMA_BLOB_ALIGN, blob);
+    int ok = f->shard && f->recv && f->slot[0] && f->slot[1];
+    for (int l = 0; ok && l < n_layer; l++) ok = (f->shard[l] = aligned_alloc(LLAMA_BLOB_ALIGN, cap)) != NULL;
+    if (!ok) {
+        llama_fsdp_free(f);
+        return qerr_set(e, "out of memory (FULL_SHARD: %d layer shards of %zu bytes and two %zu-byte scratches)",
+                        n_layer, f->shard_cap, lo->nbytes);
+    }
+    for (int l = 0; l < n_layer; l++) memset(f->shard[l], 0, cap);
+    memset(f->slot[0], 0, blob);
+    memset(f->slot[1], 0, blob);
+    return 0;
+}
+
+/* Where blob byte `off` of section s lies in this rank's shard of layer l (off within the rank's range). */
+static uint8_t *shard_at(const llama_fsdp *f, int l, const llama_byte_range rg[LLAMA_BLOB_N_SECTIONS],
+                         const size_t at[LLAMA_BLOB_N_SECTIONS], int s, size_t off) {
+    return f->shard[l] + at[s] + (off - rg[s].off);
+}
+
+/* Elements per streamed piece of a linear (whole rows, whole blocks). */
+static int64_t piece_rows(int64_t cols, int bs) {
+    int64_t q = 1; /* rows whose elements make whole blocks */
+    while ((q * cols) % bs) q++;
+    int64_t r = (1 << 20) / cols / q * q;
+    return r > q ? r : q;
+}
+
+int llama_fsdp_load_layer(llama_fsdp *f, int l, llama_rows_fn rows, void *arg, qerr *e) {
+    const llama_layer_layout *lo = &f->lo;
+    llama_byte_range rg[LLAMA_BLOB_N_SECTIONS];
+    size_t at[LLAMA_BLOB_N_SECTIONS];
+    rank_ranges_at(f, f->c->rank, rg, at);
+    int64_t x0, x1;
+    llama_fsdp_range(f, f->c->rank, &x0, &x1);
+    for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+        const int64_t a = x0 > lo->elem[k] ? x0 : lo->elem[k], b = x1 < lo->elem[k + 1] ? x1 : lo->elem[k + 1];
+        if (a >= b) continue;
+        const int64_t R = lo->rows[k], C = lo->cols[k], n = R * C, bs = lo->blocksize;
+        const int64_t i0 = a - lo->elem[k], i1 = b - lo->elem[k]; /* the linear's own elements */
+        const int64_t iend = i1 < n ? i1 : n;
+        float *absmax = NULL;
+        nf4_tensor geom;
+        memset(&geom, 0, sizeof geom);
+        if (lo->kind == FROZEN_NF4) {
+            /* geometry and nested_code only: the buffers are never touched */
+            static float dummy[16];
+            if (nf4_view(&geom, R, C, lo->blocksize, lo->double_quant, (uint8_t *)dummy, dummy, dummy, e))
+                return -1;
+        }
+        if (lo->kind == FROZEN_NF4 && lo->double_quant) {
+            /* every block's absmax of the linear: the offset is their mean, a cut group needs all of its blocks */
+            const int64_t pr = piece_rows(C, lo->blocksize);
+            absmax = malloc((size_t)geom.nblocks * sizeof(float));
+            float *piece = malloc((size_t)(pr * C) * sizeof(float));
+            int rc = absmax && piece ? 0 : qerr_set(e, "out of memory (FULL_SHARD load)");
+            for (int64_t r0 = 0; !rc && r0 < R; r0 += pr) {
+                const int64_t nr = R - r0 < pr ? R - r0 : pr;
+                rc = rows(arg, l, k, r0, nr, piece, e);
+                if (!rc) nf4_absmax_blocks(piece, nr * C, lo->blocksize, absmax + r0 * C / bs);
+            }
+            free(piece);
+            if (rc) {
+                free(absmax);
+                return -1;
+            }
+        }
+        /* the own rows (the range may start and end inside a row) */
+        const int64_t r0 = i0 / C, r1 = (iend + C - 1) / C;
+        float *w = malloc((size_t)((r1 - r0) * C) * sizeof(float));
+        if (!w) {
+            free(absmax);
+            return qerr_set(e, "out of memory (FULL_SHARD load)");
+        }
+        int rc = rows(arg, l, k, r0, r1 - r0, w, e);
+        const float *wr = w + (i0 - r0 * C);
+        if (!rc && lo->kind == FROZEN_BF16) {
+            bf16 *dst = (bf16 *)(void *)shard_at(f, l, rg, at, LLAMA_BLOB_DATA, lo->off[LLAMA_BLOB_DATA] + (size_t)a * 2);
+            for (int64_t i = 0; i < iend - i0; i++) dst[i] = f32_to_bf16(wr[i]);
+        } else if (!rc) {
+            const size_t ss = lo->double_quant ? 1 : sizeof(float);
+            uint8_t *packed = shard_at(f, l, rg, at, LLAMA_BLOB_DATA, lo->off[LLAMA_BLOB_DATA] + (size_t)(a / 2));
+            uint8_t *scales = shard_at(f, l, rg, at, LLAMA_BLOB_SCALES, lo->off[LLAMA_BLOB_SCALES] + (size_t)(a / bs) * ss);
+            float nested_tmp[1], off = 0;
+            float *nested = nested_tmp;
+            float *ofs = &off;
+            if (lo->double_quant) {
+                const int64_t g = lo->group[k] + i0 / bs / NF4_NESTED_BLOCKSIZE;
+                nested = (float *)(void *)shard_at(f, l, rg, at, LLAMA_BLOB_NESTED,
+                                                   lo->off[LLAMA_BLOB_NESTED] + (size_t)g * sizeof(float));
+                ofs = (float *)(void *)shard_at(f, l, rg, at, LLAMA_BLOB_OFFSETS,
+                                                lo->off[LLAMA_BLOB_OFFSETS] + (size_t)k * sizeof(float));
+            }
+            rc = nf4_quantize_range(wr, i0, i1, &geom, absmax, packed, scales, nested, ofs, e);
+        }
+        free(w);
+        free(absmax);
+        if (rc) return qerr_prefix(e, "layer %d, %s", l, llama_linears[k].peft);
+    }
+    return 0;
+}
+
+int llama_fsdp_attach(llama_fsdp *f, llama_model *m, qerr *e) {
+    f->m = m;
+    for (int l = 0; l < f->n_layer; l++) {
+        llama_layer *L = &m->layers[l];
+        if (llama_layer_views(L, &f->lo, f->slot[0], e)) return qerr_prefix(e, "layer %d", l);
+        L->blob = NULL; /* owned by f: bound only while acquired */
+    }
+    m->fsdp = f;
+    return 0;
+}
+
+static void fsdp_fail(const llama_fsdp *f, const qerr *e) {
+    dprintf(f->c->err_fd, "qlora-train: FULL_SHARD gather of the frozen base: %s\n", e->msg);
+    comm_abort(f->c, 1);
+}
+
+/* Every rank's ranges from the receive buffer into dst. */
+static void unpack(const llama_fsdp *f, uint8_t *dst) {
+    const size_t cap = align_up(f->shard_cap ? f->shard_cap : 1, LLAMA_BLOB_ALIGN);
+    for (int r = 0; r < f->c->world_size; r++) {
+        llama_byte_range rg[LLAMA_BLOB_N_SECTIONS];
+        size_t at[LLAMA_BLOB_N_SECTIONS];
+        rank_ranges_at(f, r, rg, at);
+        const uint8_t *src = f->recv + (size_t)r * cap;
+        for (int s = 0; s < LLAMA_BLOB_N_SECTIONS; s++)
+            if (rg[s].len) memcpy(dst + rg[s].off, src + at[s], rg[s].len);
+    }
+}
+
+static int start(llama_fsdp *f, int l, qerr *e) {
+    const size_t cap = align_up(f->shard_cap ? f->shard_cap : 1, LLAMA_BLOB_ALIGN);
+    f->n_gathers++;
+    f->req_layer = l;
+    return comm_all_gather_start(f->c, f->shard[l], f->recv, cap, COMM_U8, &f->req, e);
+}
+
+/* Complete the gather in flight into its scratch. */
+static int finish(llama_fsdp *f, qerr *e) {
+    comm_request *rq = f->req;
+    f->req = NULL;
+    if (comm_wait(f->c, rq, e)) return -1;
+    unpack(f, f->slot[f->req_slot]);
+    f->slot_layer[f->req_slot] = f->req_layer;
+    f->req_layer = -1;
+    return 0;
+}
+
+int llama_fsdp_gather_into(llama_fsdp *f, int l, uint8_t *dst, qerr *e) {
+    if (f->req && finish(f, e)) return -1;
+    comm_request *rq;
+    const size_t cap = align_up(f->shard_cap ? f->shard_cap : 1, LLAMA_BLOB_ALIGN);
+    if (comm_all_gather_start(f->c, f->shard[l], f->recv, cap, COMM_U8, &rq, e) || comm_wait(f->c, rq, e)) return -1;
+    memset(dst, 0, f->lo.nbytes);
+    unpack(f, dst);
+    return 0;
+}
+
+void llama_fsdp_prefetch(llama_fsdp *f, int l) {
+    qerr e;
+    if (l < 0 || l >= f->n_layer || f->slot_layer[0] == l || f->slot_layer[1] == l || f->req_layer == l) return;
+    if (f->req && finish(f, &e)) fsdp_fail(f, &e);
+    f->req_slot = 1 - f->cur;
+    f->slot_layer[f->req_slot] = -1; /* its bytes are replaced when the gather completes */
+    if (start(f, l, &e)) fsdp_fail(f, &e);
+}
+
+void llama_fsdp_acquire(llama_fsdp *f, int l) {
+    qerr e;
+    if (f->slot_layer[f->cur] != l && f->slot_layer[1 - f->cur] != l) {
+        if (f->req_layer != l) llama_fsdp_prefetch(f, l);
+        if (finish(f, &e)) fsdp_fail(f, &e);
+    }
+    f->cur = f->slot_layer[0] == l ? 0 : 1;
+    llama_layer_bind(&f->m->layers[l], f->slot[f->cur]);
+    f->m->layers[l].blob = NULL; /* not owned */
+}
+
+void llama_fsdp_idle_forward(llama_fsdp *f) {
+    for (int l = 0; l < f->n_layer; l++) {
+        llama_fsdp_acquire(f, l);
+        llama_fsdp_prefetch(f, l + 1);
+    }
+}
+
+size_t llama_fsdp_resident_bytes(const llama_fsdp *f) {
+    return (size_t)f->n_layer * align_up(f->shard_cap ? f->shard_cap : 1, LLAMA_BLOB_ALIGN);
+}
+
+size_t llama_fsdp_scratch_bytes(const llama_fsdp *f) {
+    return 2 * align_up(f->lo.nbytes ? f->lo.nbytes : 1, LLAMA_BLOB_ALIGN) +
+           (size_t)(f->c ? f->c->world_size : 1) * align_up(f->shard_cap ? f->shard_cap : 1, LLAMA_BLOB_ALIGN);
+}
+
+void llama_fsdp_free(llama_fsdp *f) {
+    if (f->req) {
+        qerr e;
+        if (comm_wait(f->c, f->req, &e)) fsdp_fail(f, &e);
+        f->req = NULL;
+    }
+    if (f->m)
+        for (int l = 0; l < f->n_layer; l++) f->m->layers[l].blob = NULL;
+    for (int l = 0; f->shard && l < f->n_layer; l++) free(f->shard[l]);
+    free(f->shard);
+    free(f->slot[0]);
+    free(f->slot[1]);
+    free(f->recv);
+    memset(f, 0, sizeof *f);
+}

@@ -1,0 +1,113 @@
+/* model/llama_fsdp.h — FULL_SHARD: the frozen base sharded over the ranks,
+ * each layer gathered just before it is used (docs/design.md "Several
+ * processes").
+ *
+ * Every layer has the same blob layout (model/llama.h llama_layer_layout).
+ * Its element space [0, elem[7]) is cut on NF4 block boundaries into world
+ * ranges of ⌈nblocks / world⌉ blocks each (the last ones shorter or empty):
+ * rank r keeps the bytes llama_layer_range_bytes gives for its range — packed
+ * nibbles, absmax codes (or fp32 absmax), the nested absmax of the groups it
+ * touches and the offsets of the linears it touches — concatenated in section
+ * order into its shard (shard_cap bytes, zero-padded to the largest rank's
+ * size so that every rank sends the same count). Ranks load and quantize only
+ * their own ranges (llama_fsdp_load_layer): no rank ever holds a whole layer
+ * outside the two gather scratches, nor the whole base.
+ *
+ * Gathering: comm_all_gather_start of the shard (raw bytes, COMM_U8) into a
+ * receive buffer (world × shard_cap), comm_wait, then every rank's ranges
+ * copied to their places in a layer scratch (the bytes two ranks both hold —
+ * a nested group or an offset cut by a range edge — are identical copies),
+ * and the layer's views bound to it (llama_layer_bind). Two scratches: the
+ * layer in use and the next one, whose gather runs while the current one
+ * computes; at most one gather in flight. The forward pass
+ * (model/llama.c llama_forward_trunk) acquires layer l and prefetches l + 1;
+ * in backward, tape markers acquire l before its recompute and backward and
+ * prefetch l − 1. Every rank runs the same sequence of gathers.
+ *
+ * A failed or timed-out gather ends the job (comm_abort after one line on the
+ * communicator's err_fd), as the trainer does for its own collectives.
+ */
+#ifndef QLORA_MODEL_LLAMA_FSDP_H
+#define QLORA_MODEL_LLAMA_FSDP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "comm/comm.h"
+#include "core/status.h"
+#include "model/llama.h"
+
+typedef struct llama_fsdp {
+    comm *c;                   /* not owned */
+    llama_model *m;            /* the model whose layers' views are bound to the scratches */
+    llama_layer_layout lo;     /* every layer's */
+    int n_layer;
+    int64_t blocks_per_rank;   /* ⌈nblocks / world⌉ */
+    size_t shard_cap;          /* bytes each rank sends per layer (the largest rank's ranges) */
+    size_t own_bytes;          /* bytes of this rank's ranges per layer (<= shard_cap) */
+    uint8_t **shard;           /* (n_layer) this rank's shard of each layer, shard_cap bytes */
+    uint8_t *slot[2];          /* layer scratches, lo.nbytes each, zeroed once (alignment gaps stay 0) */
+    int slot_layer[2];         /* the layer each scratch holds, or -1 */
+    int cur;                   /* the scratch of the layer acquired last */
+    uint8_t *recv;             /* world × shard_cap */
+    comm_request *req;         /* the gather in flight, or NULL */
+    int req_layer, req_slot;
+    int64_t n_gathers;         /* gathers started (statistics) */
+} llama_fsdp;
+
+/* Rows [row0, row0 + nrows) of linear k (LLAMA_Q .. LLAMA_DOWN) of layer l as
+ * fp32, HF layout and row order, into dst (nrows × cols). 0 or -1 with e. */
+typedef int (*llama_rows_fn)(void *arg, int layer, int k, int64_t row0, int64_t nrows, float *dst, qerr *e);
+
+/* llama_fsdp_init: shards for n_layer layers laid out as *lo over c's ranks,
+ * the two scratches and the receive buffer. The shards are zeroed; fill them
+ * with llama_fsdp_load_layer. f->m is set by llama_fsdp_attach.
+ * Errors (-1): out of memory. */
+int llama_fsdp_init(llama_fsdp *f, comm *c, const llama_layer_layout *lo, int n_layer, qerr *e);
+
+/* Rank r's element range [*x0, *x1) of every layer (block boundaries). */
+void llama_fsdp_range(const llama_fsdp *f, int r, int64_t *x0, int64_t *x1);
+
+/* llama_fsdp_load_layer: fill this rank's shard of layer l from rows(arg, ...):
+ * for each linear its range touches, NF4 (nf4_quantize_range; with double
+ * quantization every block's absmax of the linear is computed first from its
+ * rows streamed in pieces of at most ~1 M elements, then the own rows are
+ * read and quantized) or bf16. The same bytes as quantizing the whole layer
+ * (tests/test_fsdp.c). Errors (-1): those of rows, a non-finite weight, out
+ * of memory. */
+int llama_fsdp_load_layer(llama_fsdp *f, int l, llama_rows_fn rows, void *arg, qerr *e);
+
+/* llama_fsdp_attach: make m's layers sharded by f: each layer's views
+ * (nf4 / bf16 / lin) laid out as f->lo and bound to a scratch, owning no blob;
+ * m->fsdp = f (llama_free then frees f too). Errors (-1): a geometry the
+ * views refuse. */
+int llama_fsdp_attach(llama_fsdp *f, llama_model *m, qerr *e);
+
+/* Layer l's whole blob in a scratch and its views bound to it: at once when a
+ * scratch holds it, else waiting for its prefetch, else gathering it now. */
+void llama_fsdp_acquire(llama_fsdp *f, int l);
+
+/* Start gathering layer l (0 <= l < n_layer; others are ignored) into the
+ * scratch not in use, unless a scratch holds it or it is in flight. */
+void llama_fsdp_prefetch(llama_fsdp *f, int l);
+
+/* The gathers of one forward pass without computing (acquire l, prefetch
+ * l + 1, for every layer): what a rank with no batch of its own does while
+ * the others evaluate one, so that every rank runs the same sequence of
+ * gathers (trainer/eval.c). */
+void llama_fsdp_idle_forward(llama_fsdp *f);
+
+/* Gather layer l into dst (lo.nbytes) synchronously (exports, tests);
+ * collective. 0 or -1 with e. */
+int llama_fsdp_gather_into(llama_fsdp *f, int l, uint8_t *dst, qerr *e);
+
+/* This rank's resident bytes of the frozen linears (n_layer × shard_cap) and
+ * the gather scratch (2 layers + the receive buffer). */
+size_t llama_fsdp_resident_bytes(const llama_fsdp *f);
+size_t llama_fsdp_scratch_bytes(const llama_fsdp *f);
+
+/* Wait for a gather in flight (so no request outlives the buffers) and free
+ * everything (safe on a zeroed struct). Unbinds the model's layers. */
+void llama_fsdp_free(llama_fsdp *f);
+
+#endif
