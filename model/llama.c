@@ -724,6 +724,7 @@ fail:
 }
 
 void llama_free(llama_model *m) {
+    const int sharded = m->fsdp != NULL;
     if (m->fsdp) { /* the layers' blobs are its scratches */
         llama_fsdp_free(m->fsdp);
         free(m->fsdp);
@@ -737,7 +738,7 @@ void llama_free(llama_model *m) {
             for (int k = 0; k < LLAMA_N_LINEAR; k++) {
                 free(L->bias[k]);
                 nf4_free(&L->nf4[k]); /* a view into the blob: forgotten; owned (no blob): freed */
-                if (!L->blob) free(L->w_bf16[k]);
+                if (!L->blob && !sharded) free(L->w_bf16[k]); /* owned only in a layer built by hand */
             }
             free(L->blob);
         }

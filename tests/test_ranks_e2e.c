@@ -15,8 +15,12 @@
  *    SHARD_GRAD_OP (fsdp: [shard_grad_op]) on 2 ranks: the same bits, also
  *    resumed from a one-process checkpoint; on 3 ranks (a padded shard)
  *    within the world-3 tolerance.
+ *    FULL_SHARD (the frozen base sharded, each layer gathered before use) on
+ *    2 ranks: the same bits with gradient checkpointing on and off, each rank
+ *    holding half of the frozen linears, also resumed from a one-process
+ *    checkpoint; on 3 ranks (uneven shards) within the world-3 tolerance.
  * 2. The same on SmolLM2-135M, 3 steps (tests/e2e_run.h's data and config),
- *    NO_SHARD and SHARD_GRAD_OP.
+ *    NO_SHARD, SHARD_GRAD_OP and FULL_SHARD.
  *    Also: Open MPI over TCP (loopback) instead of shared memory; resuming a
  *    world-2 checkpoint with one process and a one-process checkpoint with
  *    two ranks; SophiaG (Hessian every 2 steps) — each the same bits.
@@ -256,6 +260,78 @@ static void test_shard_grad_op(void **st) {
     assert_same_run(a, c, STEPS);
 }
 
+/* The "[fsdp] ... bytes held per rank a (x), b (y), ... of N unsharded" line: every rank holds about
+ * 1/np of the frozen linears (its ranges' bytes, each section padded to 64 bytes in the shard: a few
+ * hundred bytes a layer above an even share, 2 % of the tiny model's 19 KB layers) and together at least
+ * all of them. */
+static void assert_shard_bytes(const char *err, int np) {
+    const char *p = strstr(err, "bytes held per rank ");
+    assert_non_null(p);
+    p += strlen("bytes held per rank ");
+    long long held[8], total = 0;
+    for (int k = 0; k < np; k++) {
+        double frac;
+        assert_int_equal(sscanf(p, "%lld (%lf)", &held[k], &frac), 2);
+        p = strchr(p, ')') + 1;
+        if (*p == ',') p += 2;
+    }
+    assert_int_equal(sscanf(p, " of %lld unsharded", &total), 1);
+    long long sum = 0;
+    for (int k = 0; k < np; k++) {
+        print_message("rank %d of %d holds %lld of %lld bytes of the frozen linears (%.3f)\n", k, np, held[k], total,
+                      (double)held[k] / (double)total);
+        assert_true((double)held[k] <= 1.02 * (double)total / np + 1024);
+        sum += held[k];
+    }
+    assert_true(sum >= total);
+}
+
+/* FULL_SHARD (fsdp: [full_shard]): the frozen base sharded over the ranks and gathered per layer, the
+ * adapters as SHARD_GRAD_OP: world 2 x accumulation 1 is world 1 x accumulation 2 bit for bit, with
+ * gradient checkpointing (the default: gathered before the forward and before each recompute) and
+ * without (gathered before the forward and before the backward); each rank holds half of the frozen
+ * linears; resumed from a one-process checkpoint (FULL_STATE_DICT), the same bits. */
+static void test_full_shard(void **st) {
+    if (skip_without_mpi()) skip();
+    char a[256], a0[256], b[256], b0[256], c[256], cmd[1024], *err = NULL;
+    snprintf(a, sizeof a, "%s/w1-acc2", g_dir);
+    snprintf(a0, sizeof a0, "%s/w1-acc2-nockpt", g_dir);
+    snprintf(b, sizeof b, "%s/w2-fs", g_dir);
+    snprintf(b0, sizeof b0, "%s/w2-fs-nockpt", g_dir);
+    snprintf(c, sizeof c, "%s/w1-to-w2-fs", g_dir);
+    const char *const fs[] = {"gradient_accumulation_steps=1", "fsdp_config={fsdp_sharding_strategy: FULL_SHARD}",
+                              NULL};
+    int rc = run_ranks(2, g_cfg, b, fs, NULL, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    assert_non_null(strstr(err, "[ranks] 2 ranks (mpi, FULL_SHARD)"));
+    assert_non_null(strstr(err, "per-rank memory predicted"));
+    assert_shard_bytes(err, 2);
+    free(err);
+    assert_same_run(a, b, STEPS);
+    /* without checkpointing */
+    rc = e2e_run_trainer(g_cfg, a0, (const char *const[]){"gradient_checkpointing=false", NULL}, THREADS1, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    rc = run_ranks(2, g_cfg, b0,
+                   (const char *const[]){"gradient_accumulation_steps=1", "fsdp=[full_shard]",
+                                         "gradient_checkpointing=false", NULL},
+                   NULL, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    assert_same_run(a0, b0, STEPS);
+    /* resumed from one process's checkpoint */
+    snprintf(cmd, sizeof cmd, "mkdir -p '%s' && cp -r '%s/checkpoint-6' '%s/'", c, a, c);
+    assert_int_equal(system(cmd), 0);
+    rc = run_ranks(2, g_cfg, c, fs, NULL, &err);
+    if (rc || !strstr(err, "resuming from")) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    assert_same_run(a, c, STEPS);
+}
+
 /* Open MPI over TCP (loopback) instead of shared memory: the same bits. */
 static void test_tcp_transport(void **st) {
     if (skip_without_mpi()) skip();
@@ -351,6 +427,17 @@ static void test_world3_close(void **st) {
     assert_int_equal(rc, 0);
     free(err);
     world3_compare(a, c);
+    /* FULL_SHARD over 3 ranks: uneven shards of each layer (a padded last one), the held-out batches split
+     * 3 ways (a rank without a batch makes the gathers of one) */
+    char d[256];
+    snprintf(d, sizeof d, "%s/w3-fs", g_dir);
+    rc = run_ranks(3, g_cfg, d, (const char *const[]){"gradient_accumulation_steps=1", "fsdp=[full_shard]", NULL},
+                   NULL, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    assert_shard_bytes(err, 3);
+    free(err);
+    world3_compare(a, d);
 }
 
 static void world3_compare(const char *a, const char *b) {
@@ -426,6 +513,15 @@ static void test_smollm2_bit_identical(void **st) {
     assert_int_equal(rc, 0);
     free(err);
     assert_same_run(a, c, 3);
+    /* FULL_SHARD on the real model: each rank loads, quantizes and keeps half of every layer */
+    char d[256];
+    snprintf(d, sizeof d, "%s/w2-fs", dir);
+    rc = run_ranks(2, cfg, d, (const char *const[]){"micro_batch_size=1", "fsdp=[full_shard]", NULL}, NULL, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    assert_shard_bytes(err, 2);
+    free(err);
+    assert_same_run(a, d, 3);
     tmpdir_remove(dir);
 }
 
@@ -503,6 +599,7 @@ int main(void) {
         cmocka_unit_test(test_resume_other_world_size),
         cmocka_unit_test(test_sophia_bit_identical),
         cmocka_unit_test(test_shard_grad_op),
+        cmocka_unit_test(test_full_shard),
         cmocka_unit_test(test_world3_close),
         cmocka_unit_test(test_dead_rank),
         cmocka_unit_test(test_hung_rank_times_out),
