@@ -2,8 +2,16 @@
  *
  *   qlora-bench --shape smollm2-135m|llama2-7b|llama3-8b|mistral-7b|qwen2.5-7b --seq N --batch N --lora-r N
  *               --checkpointing on|off [--model PATH.gguf] [--steps N]
- *               [--device cpu|cuda] [--plan-only]
+ *               [--device cpu|cuda] [--plan-only] [--strategy no_shard|shard_grad_op|full_shard]
  *
+ * Under an MPI launcher (`mpirun -np N qlora-bench ...`) every rank runs the
+ * steps on its own random batch, with --strategy: no_shard (gradients
+ * all-reduced), shard_grad_op (reduce-scattered, AdamW on each rank's 1/N,
+ * parameters all-gathered) or full_shard (as shard_grad_op, and the random
+ * NF4 base generated shard by shard — each rank only its ranges of every
+ * layer, model/llama_fsdp.h — and gathered per layer in forward and
+ * backward). Rank 0 prints; peak RSS is the largest over the ranks, and the
+ * planner's prediction is per rank.
  * --plan-only prints the memory planner's prediction per component (trainer/memplan.c) for the
  * shape and exits without building a model: with --device cuda, the device memory of the CUDA
  * backend, on a machine with or without a GPU.
@@ -38,7 +46,9 @@
 #include "core/clock.h"
 #include "core/rng.h"
 #include "format/gguf.h"
+#include "comm/comm.h"
 #include "model/llama.h"
+#include "model/llama_fsdp.h"
 #include "optim/adamw.h"
 #include "optim/clip.h"
 #include "trainer/memplan.h"
@@ -84,7 +94,9 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: qlora-bench --shape NAME --seq N --batch N --lora-r N --checkpointing on|off\n"
             "                   [--model PATH.gguf] [--steps N] [--warmup N] [--layers N] [--calib-seconds S]\n"
-            "                   [--device cpu|cuda] [--plan-only]\n"
+            "                   [--device cpu|cuda] [--plan-only] [--strategy no_shard|shard_grad_op|full_shard]\n"
+            "  Under mpirun (mpirun -np N qlora-bench ...) the ranks train together with --strategy\n"
+            "  (full_shard: the frozen base sharded over the ranks, gathered per layer).\n"
             "  NAME: " BENCH_SHAPE_NAMES "\n"
             "  --plan-only: print the predicted memory per component (device memory with --device cuda)\n"
             "  and exit; no model is built and no GPU is needed.\n"
@@ -113,7 +125,49 @@ static int random_nf4(nf4_tensor *t, int64_t rows, int64_t cols, uint64_t stream
     return 0;
 }
 
-static int random_model(llama_model *m, const llama_hparams *hp, int max_pos, qerr *e) {
+/* FULL_SHARD: this rank's ranges of every layer's blob, random as random_nf4's statistics (uniform
+ * nibbles and codes, nested absmax 0.01, offset 0.04) from a counter-based draw keyed by the byte's place
+ * in the layer, so bytes two ranks both hold (a cut nested group or offset) are the same; then the
+ * layers' views are attached to the gather scratches. No rank holds a whole layer outside them. */
+static int random_sharded_linears(llama_model *m, comm *c, qerr *e) {
+    llama_layer_layout lo;
+    if (llama_layer_layout_init(&lo, &m->hp, FROZEN_NF4, 64, 1, e)) return -1;
+    llama_fsdp *f = qcalloc(1, sizeof *f, e);
+    if (!f || llama_fsdp_init(f, c, &lo, m->hp.n_layer, e)) {
+        free(f);
+        return -1;
+    }
+    int64_t x0, x1;
+    llama_fsdp_range(f, c->rank, &x0, &x1);
+    llama_byte_range rg[LLAMA_BLOB_N_SECTIONS];
+    if (llama_layer_range_bytes(&lo, x0, x1, rg, e)) return -1;
+    for (int l = 0; l < m->hp.n_layer; l++) {
+        uint8_t *dst = f->shard[l];
+        size_t at = 0;
+        for (int sec = 0; sec < LLAMA_BLOB_N_SECTIONS; sec++) {
+            at = (at + LLAMA_BLOB_ALIGN - 1) / LLAMA_BLOB_ALIGN * LLAMA_BLOB_ALIGN; /* the shard's section layout */
+            if (sec == LLAMA_BLOB_NESTED || sec == LLAMA_BLOB_OFFSETS) {
+                const float v = sec == LLAMA_BLOB_NESTED ? 0.01f : 0.04f;
+                for (size_t i = 0; i < rg[sec].len; i += 4) memcpy(dst + at + i, &v, 4);
+            } else {
+#pragma omp parallel for schedule(static)
+                for (int64_t i = 0; i < (int64_t)rg[sec].len; i++)
+                    dst[at + (size_t)i] = (uint8_t)rng_u64(17 + (uint64_t)sec, (uint64_t)l, rg[sec].off + (size_t)i);
+            }
+            at += rg[sec].len;
+        }
+        m->quantized_bytes += (int64_t)lo.nbytes;
+        for (int k = 0; k < LLAMA_N_LINEAR; k++) m->n_quantized_params += lo.rows[k] * lo.cols[k];
+    }
+    if (llama_fsdp_attach(f, m, e)) {
+        llama_fsdp_free(f);
+        free(f);
+        return -1;
+    }
+    return 0;
+}
+
+static int random_model(llama_model *m, const llama_hparams *hp, int max_pos, comm *shard_over, qerr *e) {
     memset(m, 0, sizeof *m);
     m->hp = *hp;
     int64_t D = hp->d_model, V = hp->vocab;
@@ -151,6 +205,13 @@ static int random_model(llama_model *m, const llama_hparams *hp, int max_pos, qe
         for (int64_t i = 0; i < D; i++) L->attn_norm[i] = L->ffn_norm[i] = 1.0f;
         m->n_params += 2 * D;
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+            if (shard_over) { /* the linears come from random_sharded_linears; the q/k/v biases here */
+                if (hp->qkv_bias && k <= LLAMA_V) {
+                    if (!(L->bias[k] = qcalloc((size_t)outs[k], sizeof(float), e))) return -1;
+                    m->n_params += outs[k];
+                }
+                continue;
+            }
             if (random_nf4(&L->nf4[k], outs[k], ins[k], (uint64_t)(l * LLAMA_N_LINEAR + k), e)) return -1;
             L->lin[k] = (frozen_weight){.out = outs[k], .in = ins[k], .kind = FROZEN_NF4, .nf4 = &L->nf4[k]};
             if (hp->qkv_bias && k <= LLAMA_V) { /* Qwen2: the frozen q/k/v bias */
@@ -161,6 +222,11 @@ static int random_model(llama_model *m, const llama_hparams *hp, int max_pos, qe
             m->quantized_bytes += (int64_t)nf4_nbytes(&L->nf4[k]);
             m->n_quantized_params += outs[k] * ins[k];
         }
+    }
+    if (shard_over) {
+        if (random_sharded_linears(m, shard_over, e)) return -1;
+        for (int l = 0; l < hp->n_layer; l++)
+            for (int k = 0; k <= LLAMA_V; k++) m->layers[l].lin[k].bias = m->layers[l].bias[k];
     }
     m->n_params += D + m->n_quantized_params;
     return llama_rope_init(&m->rope, hp, max_pos, e);
@@ -232,6 +298,7 @@ int main(int argc, char **argv) {
     const char *shape = "smollm2-135m", *model_path = NULL;
     int T = 512, B = 4, r = 16, ckpt = 1, steps = 3, warmup = 1, layers = 0, plan_only = 0, dev_cuda = 0;
     double calib_s = 2.0;
+    int strategy = 0; /* 0 no_shard, 1 shard_grad_op, 2 full_shard */
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -271,6 +338,16 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--warmup")) warmup = atoi(v);
         else if (!strcmp(a, "--layers")) layers = atoi(v);
         else if (!strcmp(a, "--calib-seconds")) calib_s = atof(v);
+        else if (!strcmp(a, "--strategy")) {
+            if (!strcmp(v, "no_shard")) strategy = 0;
+            else if (!strcmp(v, "shard_grad_op")) strategy = 1;
+            else if (!strcmp(v, "full_shard")) strategy = 2;
+            else {
+                fprintf(stderr, "qlora-bench: --strategy: expected no_shard, shard_grad_op or full_shard, got \"%s\"\n",
+                        v);
+                return 2;
+            }
+        }
         else {
             fprintf(stderr, "qlora-bench: unknown option %s\n", a);
             usage(stderr);
@@ -329,6 +406,20 @@ int main(int argc, char **argv) {
         }
         ag_backend_set_default(cuda);
     }
+    comm *cm = NULL;
+    if (comm_init(&cm, &e)) {
+        fprintf(stderr, "qlora-bench: %s\n", e.msg);
+        return 1;
+    }
+    const int W = cm->world_size, rank = cm->rank;
+    if (rank != 0) { /* rank 0 speaks; the others only when they fail */
+        cm->err_fd = dup(2);
+        if (!freopen("/dev/null", "w", stdout) || !freopen("/dev/null", "w", stderr)) return 1;
+    }
+    if (strategy == 2 && (dev_cuda || model_path)) {
+        fprintf(stderr, "qlora-bench: --strategy full_shard: the random CPU model only (no --model, no --device cuda)\n");
+        return 2;
+    }
     double dev_free0 = 0, dev_total = 0;
     if (dev_cuda) ag_backend_cuda_mem_info(&dev_free0, &dev_total);
     int n_threads = omp_get_max_threads();
@@ -352,7 +443,7 @@ int main(int argc, char **argv) {
         gf = NULL;
         hp = m.hp;
         shape = model_path;
-    } else if (random_model(&m, &hp, T, &e)) {
+    } else if (random_model(&m, &hp, T, strategy == 2 ? cm : NULL, &e)) {
         fprintf(stderr, "qlora-bench: %s\n", e.msg);
         return 1;
     }
@@ -380,14 +471,28 @@ int main(int argc, char **argv) {
 
     memplan_input mi = {.hp = hp, .B = B, .T = T, .checkpointing = ckpt, .bf16 = 1, .lora_r = r,
                         .lora_params = ls.n_params, .frozen_bytes = m.quantized_bytes, .lora_dropout = 0.0f,
-                        .n_threads = n_threads, .device_cuda = dev_cuda};
+                        .n_threads = n_threads, .device_cuda = dev_cuda, .world = W, .shard_optimizer = strategy >= 1,
+                        .frozen_shard_bytes = m.fsdp ? (int64_t)llama_fsdp_resident_bytes(m.fsdp) : 0,
+                        .gather_bytes = m.fsdp ? (int64_t)llama_fsdp_scratch_bytes(m.fsdp) : 0};
     memplan plan;
     memplan_predict(&mi, &plan);
     memplan_print(stderr, &plan);
 
+    /* SHARD_GRAD_OP / FULL_SHARD: rank r owns [r·len, (r+1)·len) of the flat arrays (the trainer's layout) */
+    const int64_t shard_len = (ls.n_params + W - 1) / W;
+    const int64_t sh_lo = strategy >= 1 ? (rank * shard_len < ls.n_params ? rank * shard_len : ls.n_params) : 0;
+    const int64_t sh_hi = strategy >= 1 ? (sh_lo + shard_len < ls.n_params ? sh_lo + shard_len : ls.n_params)
+                                        : ls.n_params;
+    float *shard_buf = strategy >= 1 ? calloc((size_t)(shard_len * W), sizeof(float)) : NULL;
+    if (strategy >= 1 && (!shard_buf || dev_cuda)) {
+        fprintf(stderr, "qlora-bench: --strategy %s: %s\n", strategy == 1 ? "shard_grad_op" : "full_shard",
+                dev_cuda ? "CPU only" : "out of memory");
+        return 1;
+    }
     ag_ctx ctx;
     adamw_state opt;
-    if (ag_ctx_init(&ctx, memplan_arena_chunk(&plan), &e) || adamw_state_init_backend(&opt, ctx.be, ls.n_params, &e)) {
+    if (ag_ctx_init(&ctx, memplan_arena_chunk(&plan), &e) ||
+        adamw_state_init_backend(&opt, ctx.be, sh_hi - sh_lo > 0 ? sh_hi - sh_lo : 1, &e)) {
         fprintf(stderr, "qlora-bench: %s\n", e.msg);
         return 1;
     }
@@ -401,16 +506,18 @@ int main(int argc, char **argv) {
         fprintf(stderr, "qlora-bench: out of memory\n");
         return 1;
     }
-    for (int64_t i = 0; i < N; i++) {
-        ids[i] = (int32_t)(rng_u64(3, 1, (uint64_t)i) % (uint64_t)hp.vocab);
-        tgt[i] = (int32_t)(rng_u64(3, 2, (uint64_t)i) % (uint64_t)hp.vocab);
+    for (int64_t i = 0; i < N; i++) { /* each rank its own rows */
+        ids[i] = (int32_t)(rng_u64(3, 1 + 2 * (uint64_t)rank, (uint64_t)i) % (uint64_t)hp.vocab);
+        tgt[i] = (int32_t)(rng_u64(3, 2 + 2 * (uint64_t)rank, (uint64_t)i) % (uint64_t)hp.vocab);
         pos[i] = (int32_t)(i % T);
     }
     llama_batch b = {.B = B, .T = T, .input_ids = ids, .targets = tgt, .position_ids = pos, .seq_ids = NULL};
 
+    static const char *const strategy_name[] = {"NO_SHARD", "SHARD_GRAD_OP", "FULL_SHARD"};
     fprintf(stderr, "[bench] %d warm-up + %d timed steps: seq %d x batch %d, LoRA r %d on all linears, AdamW, "
-                    "checkpointing %s, %d threads\n",
-            warmup, steps, T, B, r, ckpt ? "on" : "off", n_threads);
+                    "checkpointing %s, %d threads; %d rank%s (%s, %s)\n",
+            warmup, steps, T, B, r, ckpt ? "on" : "off", n_threads, W, W > 1 ? "s" : "", cm->ops->name,
+            strategy_name[strategy]);
     double step_time = 0, loss = 0, step_cpu = 0;
     for (int s = 0; s < warmup + steps; s++) {
         if (s == warmup) ag_prof_reset();
@@ -420,12 +527,33 @@ int main(int argc, char **argv) {
         ag_mark mk = ag_arena_mark(&ctx);
         double lsum = 0;
         int64_t nt = 0;
-        tensor *L = llama_forward_loss(&ctx, &m, &ls, &b, 1.0f / (float)N, ckpt, &lsum, &nt);
+        tensor *L = llama_forward_loss(&ctx, &m, &ls, &b, 1.0f / (float)(N * W), ckpt, &lsum, &nt);
         ag_backward(&ctx, L);
         ag_arena_reset(&ctx, mk);
         int pc = ag_prof_push(AG_PROF_OPTIM);
-        float gn = clip_grad_norm_backend(ctx.be, ls.grads, ls.n_params, 1.0f);
-        adamw_step(&opt, &ac, 1e-4, ls.params, ls.grads, NULL);
+        float gn;
+        if (strategy == 0) {
+            if (W > 1 && comm_all_reduce_sum(cm, ls.grads, (size_t)ls.n_params, COMM_F32, &e)) goto comm_failed;
+            gn = clip_grad_norm_backend(ctx.be, ls.grads, ls.n_params, 1.0f);
+            adamw_step(&opt, &ac, 1e-4, ls.params, ls.grads, NULL);
+        } else { /* reduce-scatter, the norm over the shards, AdamW on the own shard, all-gather */
+            memcpy(shard_buf, ls.grads, (size_t)ls.n_params * sizeof(float));
+            memset(shard_buf + ls.n_params, 0, (size_t)(shard_len * W - ls.n_params) * sizeof(float));
+            float *g = shard_buf + (size_t)rank * shard_len;
+            if (comm_reduce_scatter_sum(cm, shard_buf, g, (size_t)shard_len, COMM_F32, &e)) goto comm_failed;
+            double ss = 0;
+            for (int64_t i = 0; i < sh_hi - sh_lo; i++) ss += (double)g[i] * g[i];
+            if (comm_all_reduce_sum(cm, &ss, 1, COMM_F64, &e)) goto comm_failed;
+            gn = (float)sqrt(ss);
+            if (gn > 1.0f)
+                for (int64_t i = 0; i < sh_hi - sh_lo; i++) g[i] *= 1.0f / gn;
+            opt.n = sh_hi - sh_lo;
+            adamw_step(&opt, &ac, 1e-4, ls.params + sh_lo, g, NULL);
+            memcpy(shard_buf + (size_t)rank * shard_len, ls.params + sh_lo, (size_t)(sh_hi - sh_lo) * sizeof(float));
+            if (comm_all_gather(cm, shard_buf + (size_t)rank * shard_len, shard_buf, (size_t)shard_len, COMM_F32, &e))
+                goto comm_failed;
+            memcpy(ls.params, shard_buf, (size_t)ls.n_params * sizeof(float));
+        }
         ag_prof_pop(pc);
         double dt = clock_now_sec() - ts;
         loss = lsum / (double)(nt ? nt : 1);
@@ -446,12 +574,23 @@ int main(int argc, char **argv) {
     double achieved = fpt * tps;
     double mfu = peak > 0 ? achieved / peak : 0;
     double rss = proc_peak_rss_mib();
+    if (W > 1) { /* the largest over the ranks, and each */
+        double *all = calloc((size_t)W, sizeof *all);
+        if (!all || comm_all_gather(cm, &rss, all, 1, COMM_F64, &e)) goto comm_failed;
+        for (int k = 0; k < W; k++) {
+            fprintf(stderr, "[bench] rank %d peak RSS %.0f MiB\n", k, all[k]);
+            if (all[k] > rss) rss = all[k];
+        }
+        free(all);
+    }
     double prof_total = 0;
     for (int c = 0; c < AG_PROF_N; c++) prof_total += prof[c];
     double gemm_rate = prof[AG_PROF_GEMM] > 0 ? gemm_flops / prof[AG_PROF_GEMM] : 0;
 
-    printf("qlora-bench: %s, seq %d x batch %d, LoRA r %d (all linears), AdamW, checkpointing %s, %d threads\n", shape,
-           T, B, r, ckpt ? "on" : "off", n_threads);
+    printf("qlora-bench: %s, seq %d x batch %d, LoRA r %d (all linears), AdamW, checkpointing %s, %d threads%s%s\n",
+           shape, T, B, r, ckpt ? "on" : "off", n_threads, W > 1 || strategy ? ", " : "",
+           W > 1 || strategy ? strategy_name[strategy] : "");
+    if (W > 1) printf("  ranks             %10d   (tokens/s below: one rank's; peak RSS: the largest rank's)\n", W);
     printf("  tokens/s          %10.1f   (%.3f s/step, mean of %d steps)\n", tps, step_time, steps);
     printf("  CPU time          %10.3f s/step (%.2f of %d threads busy; wall/CPU shows machine contention)\n",
            step_cpu, step_cpu / step_time, n_threads);
@@ -480,9 +619,10 @@ int main(int argc, char **argv) {
            "\"steps\":%d,\"tokens_per_s\":%.2f,\"s_per_step\":%.4f,\"cpu_s_per_step\":%.4f,\"model_gflop_per_token\":%.4f,"
            "\"achieved_gflops\":%.1f,\"peak_gflops\":%.1f,\"mfu\":%.4f,\"gemm_gflops\":%.1f,"
            "\"peak_rss_mb\":%.1f,\"predicted_peak_mb\":%.1f,\"arena_peak_mb\":%.1f,\"device_used_mb\":%.1f,"
-           "\"loss\":%.5f",
+           "\"loss\":%.5f,\"world_size\":%d,\"strategy\":\"%s\"",
            shape, T, B, r, ckpt ? "true" : "false", n_threads, steps, tps, step_time, step_cpu, fpt / 1e9, achieved / 1e9,
-           peak / 1e9, mfu, gemm_rate / 1e9, rss, plan.total / 1048576.0, ctx.arena.peak / 1048576.0, dev_used, loss);
+           peak / 1e9, mfu, gemm_rate / 1e9, rss, plan.total / 1048576.0, ctx.arena.peak / 1048576.0, dev_used, loss, W,
+           strategy_name[strategy]);
     printf(",\"op_seconds_per_step\":{");
     for (int c = 0; c < AG_PROF_N; c++) printf("%s\"%s\":%.4f", c ? "," : "", ag_prof_names[c], prof[c] / steps);
     printf("}}\n");
@@ -495,6 +635,11 @@ int main(int argc, char **argv) {
     ag_ctx_free(&ctx);
     lora_set_free(&ls);
     llama_free(&m);
+    free(shard_buf);
     gemm_shutdown();
+    comm_free(cm);
     return 0;
+comm_failed:
+    dprintf(cm->err_fd, "qlora-bench: rank %d: %s\n", rank, e.msg);
+    comm_abort(cm, 1);
 }
