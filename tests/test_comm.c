@@ -8,7 +8,8 @@
  * Under mpirun (this binary re-run as its own ranks, QLORA_COMM_TEST=<mode>):
  *   collectives  2 and 3 ranks (3 oversubscribed on 2 cores): every collective
  *                on f32, bf16, u8, f64, i64 against the values computed here
- *                by hand, in place and out of place; f32 sums of two ranks
+ *                by hand, in place and out of place (all_gather also started
+ *                and waited for later, comm_all_gather_start / comm_wait); f32 sums of two ranks
  *                bitwise a + b;
  *   hang         rank 1 sleeps; rank 0's all_reduce must fail within its
  *                timeout (2 s) naming itself and the collective, and the job
@@ -113,6 +114,24 @@ static int rank_collectives(comm *c) {
     CHECK(!comm_all_gather(c, g + (size_t)R * 4, g, 4, COMM_F32, &e), "%s", e.msg);
     for (int r = 0; r < W; r++)
         for (int i = 0; i < 4; i++) CHECK(g[r * 4 + i] == (float)(r * 100 + i), "in-place all_gather");
+    /* all_gather started and waited for later (FULL_SHARD's prefetch): two in a row, u8, computation
+     * (a barrier) between start and wait; then a zero-count one */
+    uint8_t ua[7], ub[3], *ga = malloc(7 * (size_t)W), *gb = malloc(3 * (size_t)W);
+    for (int i = 0; i < 7; i++) ua[i] = (uint8_t)(R * 7 + i);
+    for (int i = 0; i < 3; i++) ub[i] = (uint8_t)(200 + R * 3 + i);
+    comm_request *qa = NULL, *qb = NULL;
+    CHECK(!comm_all_gather_start(c, ua, ga, 7, COMM_U8, &qa, &e), "%s", e.msg);
+    CHECK(!comm_wait(c, qa, &e), "%s", e.msg);
+    CHECK(!comm_all_gather_start(c, ub, gb, 3, COMM_U8, &qb, &e), "%s", e.msg);
+    CHECK(!comm_barrier(c, &e), "%s", e.msg);
+    CHECK(!comm_wait(c, qb, &e), "%s", e.msg);
+    for (int r = 0; r < W; r++) {
+        for (int i = 0; i < 7; i++) CHECK(ga[r * 7 + i] == (uint8_t)(r * 7 + i), "all_gather_start u8");
+        for (int i = 0; i < 3; i++) CHECK(gb[r * 3 + i] == (uint8_t)(200 + r * 3 + i), "all_gather_start u8 (2)");
+    }
+    CHECK(!comm_all_gather_start(c, ua, ga, 0, COMM_U8, &qa, &e) && !comm_wait(c, qa, &e), "empty gather");
+    free(ga);
+    free(gb);
     /* broadcast u8 from the last rank; barrier */
     char msg[32];
     snprintf(msg, sizeof msg, "from rank %d", R);
