@@ -6,6 +6,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "autograd/ce_sampled.h"
 #include "autograd/gemm.h"
@@ -581,6 +583,16 @@ typedef struct gguf_rows_arg {
     const llama_hparams *hp;
 } gguf_rows_arg;
 
+/* Give a tensor's mapped pages back (MADV_DONTNEED on a read-only file mapping: touched again, they are
+ * re-read from the page cache), so that a FULL_SHARD rank that streamed a linear through does not keep it
+ * resident: mapped pages count in the rank's RSS. */
+static void release_pages(const gguf_tensor *t) {
+    if (!t || !t->nbytes) return;
+    const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE), a = (uintptr_t)t->data, b = a + t->nbytes;
+    const uintptr_t a0 = (a + pg - 1) & ~(pg - 1), b0 = b & ~(pg - 1);
+    if (b0 > a0) madvise((void *)a0, b0 - a0, MADV_DONTNEED);
+}
+
 static int gguf_rows(void *argp, int l, int k, int64_t row0, int64_t nrows, float *dst, qerr *e) {
     const gguf_rows_arg *a = argp;
     const llama_hparams *hp = a->hp;
@@ -596,8 +608,9 @@ static int gguf_rows(void *argp, int l, int k, int64_t row0, int64_t nrows, floa
                         (unsigned long long)t->ne[1]);
     const int permuted = (k == LLAMA_Q || k == LLAMA_K) && hp->arch == LLAMA_ARCH_LLAMA;
     if (!permuted) {
-        if (gguf_tensor_rows_to_f32(t, (uint64_t)row0, (uint64_t)nrows, dst, e)) return qerr_prefix(e, "tensor %s", name);
-        return 0;
+        int rc = gguf_tensor_rows_to_f32(t, (uint64_t)row0, (uint64_t)nrows, dst, e);
+        release_pages(t);
+        return rc ? qerr_prefix(e, "tensor %s", name) : 0;
     }
     const int64_t hd = hp->head_dim, h0 = row0 / hd, h1 = (row0 + nrows + hd - 1) / hd;
     float *tmp = qmalloc((size_t)((h1 - h0) * hd * cols) * sizeof(float), e);
@@ -606,6 +619,7 @@ static int gguf_rows(void *argp, int l, int k, int64_t row0, int64_t nrows, floa
         free(tmp);
         return qerr_prefix(e, "tensor %s", name);
     }
+    release_pages(t);
     llama_unpermute_rows(tmp, (int)(h1 - h0), (int)hd, cols);
     memcpy(dst, tmp + (row0 - h0 * hd) * cols, (size_t)(nrows * cols) * sizeof(float));
     free(tmp);
@@ -707,6 +721,8 @@ int llama_load_gguf_sharded(const gguf_file *f, int load_in_4bit, int double_qua
     free(tmp);
     m->n_params += m->n_quantized_params;
     if (fs) {
+        /* nothing of the file stays resident: the tables and norms were copied, the linears sharded */
+        for (uint64_t i = 0; i < gguf_n_tensors(f); i++) release_pages(gguf_tensor_at(f, i));
         m->fsdp = NULL;
         if (llama_fsdp_attach(fs, m, e)) {
             llama_fsdp_free(fs);

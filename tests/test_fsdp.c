@@ -9,7 +9,8 @@
  *    rank r of W (W = 1, 2, 3, 4, 7; a communicator faked in this file, whose
  *    gather copies the W ranks' shards) holds ~1/W of each layer, and the
  *    gathered layers are llama_load_gguf's blobs byte for byte — NF4 with and
- *    without double quantization and bf16.
+ *    without double quantization and bf16; the same from the model written as
+ *    an HF directory (bf16 safetensors: each rank converts only its rows).
  * 3. comm_single's comm_all_gather_start completes at once; comm_wait on it
  *    returns 0 (the MPI form is tested over ranks in tests/test_comm.c and
  *    through the trainer in tests/test_ranks_e2e.c).
@@ -26,11 +27,13 @@
 
 #include "comm/comm.h"
 #include "format/gguf.h"
+#include "model/base.h"
 #include "model/llama.h"
 #include "model/llama_fsdp.h"
 #include "quant/nf4.h"
 #include "tests/tiny_model.h"
 #include "tests/tmpdir.h"
+#include "trainer/export.h"
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
 static uint64_t rng_next(void) {
@@ -129,18 +132,18 @@ static const comm_ops fake_ops = {.name = "fake", .memory = "host", .all_gather_
                                   .wait = fake_wait};
 
 static void check_sharded_load(const char *path, int W, int load_in_4bit, int dq) {
-    gguf_file *f;
+    base_model *f;
     qerr e;
-    assert_int_equal(gguf_open(path, &f, &e), 0);
+    assert_int_equal(base_model_open(path, &f, &e), 0);
     llama_model ref;
-    assert_int_equal(llama_load_gguf(f, load_in_4bit, dq, 64, &ref, &e), 0);
+    assert_int_equal(base_model_load(f, load_in_4bit, dq, 64, &ref, &e), 0);
     comm cs[MAX_W];
     llama_model ms[MAX_W];
     g_world = W;
     for (int r = 0; r < W; r++) {
         cs[r] = (comm){.ops = &fake_ops, .rank = r, .world_size = W, .local_world_size = W, .timeout_sec = 10,
                        .err_fd = 2};
-        if (llama_load_gguf_sharded(f, load_in_4bit, dq, 64, &cs[r], &ms[r], &e)) fail_msg("%s", e.msg);
+        if (base_model_load_sharded(f, load_in_4bit, dq, 64, &cs[r], &ms[r], &e)) fail_msg("%s", e.msg);
         assert_non_null(ms[r].fsdp);
         g_ranks[r] = ms[r].fsdp;
     }
@@ -177,7 +180,7 @@ static void check_sharded_load(const char *path, int W, int load_in_4bit, int dq
     free(blob);
     for (int r = 0; r < W; r++) llama_free(&ms[r]);
     llama_free(&ref);
-    gguf_close(f);
+    base_model_close(f);
 }
 
 static void test_sharded_load(void **st) {
@@ -185,11 +188,24 @@ static void test_sharded_load(void **st) {
     char path[256];
     snprintf(path, sizeof path, "%s/tiny.gguf", t->dir);
     assert_int_equal(tiny_model_write(path, 7), 0);
+    /* the same model as an HF directory (bf16 safetensors, written by the merged export) */
+    char hf[256];
+    snprintf(hf, sizeof hf, "%s/tiny-hf", t->dir);
+    base_model *g;
+    tokenizer *tok;
+    qerr e;
+    assert_int_equal(base_model_open(path, &g, &e), 0);
+    assert_int_equal(base_model_tokenizer(g, &tok, &e), 0);
+    assert_int_equal(export_merged(g, NULL, tok, NULL, NULL, hf, 0, &e), 0);
+    tokenizer_free(tok);
+    base_model_close(g);
     static const int worlds[] = {1, 2, 3, 4, 7};
     for (size_t i = 0; i < sizeof worlds / sizeof *worlds; i++) {
         check_sharded_load(path, worlds[i], 1, 1);
         check_sharded_load(path, worlds[i], 1, 0);
         check_sharded_load(path, worlds[i], 0, 0);
+        check_sharded_load(hf, worlds[i], 1, 1);
+        check_sharded_load(hf, worlds[i], 0, 0);
     }
 }
 

@@ -550,7 +550,9 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
                          .checkpointing = c->gradient_checkpointing, .bf16 = c->bf16, .lora_r = c->lora_r,
                          .lora_dropout = c->lora_dropout, .lora_params = lora_params, .optimizer_bytes = opt_bytes,
                          .frozen_bytes = m->quantized_bytes,
-                         .extra_bytes = stat(c->base_model, &model_st) == 0 ? (int64_t)model_st.st_size : 0,
+                         /* the mapped model file; FULL_SHARD gives its pages back after loading */
+                         .extra_bytes = !m->fsdp && stat(c->base_model, &model_st) == 0 ? (int64_t)model_st.st_size
+                                                                                       : 0,
                          /* four int32 arrays per position (ids, targets, positions, sequence ids), an int64
                           * permutation entry per training row */
                          .data_bytes = 16 * (r->train_set.n_rows * r->train_set.seq_len +
