@@ -55,24 +55,22 @@ int llama_fsdp_init(llama_fsdp *f, comm *c, const llama_layer_layout *lo, int n_
         if (n > f->shard_cap) f->shard_cap = n;
         if (r == c->rank) f->own_bytes = n;
     }
-    f->slot_layer[0] = f->slot_layer[1] = -1;
+    f->slot_layer = -1;
     f->req_layer = -1;
     const size_t cap = align_up(f->shard_cap ? f->shard_cap : 1, LLAMA_BLOB_ALIGN);
     const size_t blob = align_up(lo->nbytes ? lo->nbytes : 1, LLAMA_BLOB_ALIGN);
     f->shard = calloc((size_t)n_layer, sizeof *f->shard);
     f->recv = aligned_alloc(LLAMA_BLOB_ALIGN, cap * (size_t)c->world_size);
-    f->slot[0] = aligned_alloc(LLAMA_BLOB_ALIGN, blob);
-    f->slot[1] = aligned_alloc(LLAMA_BLOB_ALIGN, blob);
-    int ok = f->shard && f->recv && f->slot[0] && f->slot[1];
+    f->slot = aligned_alloc(LLAMA_BLOB_ALIGN, blob);
+    int ok = f->shard && f->recv && f->slot;
     for (int l = 0; ok && l < n_layer; l++) ok = (f->shard[l] = aligned_alloc(LLAMA_BLOB_ALIGN, cap)) != NULL;
     if (!ok) {
         llama_fsdp_free(f);
-        return qerr_set(e, "out of memory (FULL_SHARD: %d layer shards of %zu bytes and two %zu-byte scratches)",
+        return qerr_set(e, "out of memory (FULL_SHARD: %d layer shards of %zu bytes and a %zu-byte layer scratch)",
                         n_layer, f->shard_cap, lo->nbytes);
     }
     for (int l = 0; l < n_layer; l++) memset(f->shard[l], 0, cap);
-    memset(f->slot[0], 0, blob);
-    memset(f->slot[1], 0, blob);
+    memset(f->slot, 0, blob);
     return 0;
 }
 
@@ -168,7 +166,7 @@ int llama_fsdp_attach(llama_fsdp *f, llama_model *m, qerr *e) {
     f->m = m;
     for (int l = 0; l < f->n_layer; l++) {
         llama_layer *L = &m->layers[l];
-        if (llama_layer_views(L, &f->lo, f->slot[0], e)) return qerr_prefix(e, "layer %d", l);
+        if (llama_layer_views(L, &f->lo, f->slot, e)) return qerr_prefix(e, "layer %d", l);
         L->blob = NULL; /* owned by f: bound only while acquired */
     }
     m->fsdp = f;
@@ -200,19 +198,22 @@ static int start(llama_fsdp *f, int l, qerr *e) {
     return comm_all_gather_start(f->c, f->shard[l], f->recv, cap, COMM_U8, &f->req, e);
 }
 
-/* Complete the gather in flight into its scratch. */
-static int finish(llama_fsdp *f, qerr *e) {
+/* Complete the gather in flight; into the scratch when `use` (the layer in the scratch is done), else
+ * only completed (every rank waits for every gather it started, in the same order). */
+static int finish(llama_fsdp *f, int use, qerr *e) {
     comm_request *rq = f->req;
     f->req = NULL;
     if (comm_wait(f->c, rq, e)) return -1;
-    unpack(f, f->slot[f->req_slot]);
-    f->slot_layer[f->req_slot] = f->req_layer;
+    if (use) {
+        unpack(f, f->slot);
+        f->slot_layer = f->req_layer;
+    }
     f->req_layer = -1;
     return 0;
 }
 
 int llama_fsdp_gather_into(llama_fsdp *f, int l, uint8_t *dst, qerr *e) {
-    if (f->req && finish(f, e)) return -1;
+    if (f->req && finish(f, 0, e)) return -1;
     comm_request *rq;
     const size_t cap = align_up(f->shard_cap ? f->shard_cap : 1, LLAMA_BLOB_ALIGN);
     if (comm_all_gather_start(f->c, f->shard[l], f->recv, cap, COMM_U8, &rq, e) || comm_wait(f->c, rq, e)) return -1;
@@ -223,21 +224,20 @@ int llama_fsdp_gather_into(llama_fsdp *f, int l, uint8_t *dst, qerr *e) {
 
 void llama_fsdp_prefetch(llama_fsdp *f, int l) {
     qerr e;
-    if (l < 0 || l >= f->n_layer || f->slot_layer[0] == l || f->slot_layer[1] == l || f->req_layer == l) return;
-    if (f->req && finish(f, &e)) fsdp_fail(f, &e);
-    f->req_slot = 1 - f->cur;
-    f->slot_layer[f->req_slot] = -1; /* its bytes are replaced when the gather completes */
+    if (l < 0 || l >= f->n_layer || f->slot_layer == l || f->req_layer == l) return;
+    /* another layer in flight (not in the trainer's order of calls): completed, its bytes dropped — the
+     * scratch may be in use */
+    if (f->req && finish(f, 0, &e)) fsdp_fail(f, &e);
     if (start(f, l, &e)) fsdp_fail(f, &e);
 }
 
 void llama_fsdp_acquire(llama_fsdp *f, int l) {
     qerr e;
-    if (f->slot_layer[f->cur] != l && f->slot_layer[1 - f->cur] != l) {
+    if (f->slot_layer != l) {
         if (f->req_layer != l) llama_fsdp_prefetch(f, l);
-        if (finish(f, &e)) fsdp_fail(f, &e);
+        if (finish(f, 1, &e)) fsdp_fail(f, &e);
     }
-    f->cur = f->slot_layer[0] == l ? 0 : 1;
-    llama_layer_bind(&f->m->layers[l], f->slot[f->cur]);
+    llama_layer_bind(&f->m->layers[l], f->slot);
     f->m->layers[l].blob = NULL; /* not owned */
 }
 
@@ -253,7 +253,7 @@ size_t llama_fsdp_resident_bytes(const llama_fsdp *f) {
 }
 
 size_t llama_fsdp_scratch_bytes(const llama_fsdp *f) {
-    return 2 * align_up(f->lo.nbytes ? f->lo.nbytes : 1, LLAMA_BLOB_ALIGN) +
+    return align_up(f->lo.nbytes ? f->lo.nbytes : 1, LLAMA_BLOB_ALIGN) +
            (size_t)(f->c ? f->c->world_size : 1) * align_up(f->shard_cap ? f->shard_cap : 1, LLAMA_BLOB_ALIGN);
 }
 
@@ -267,8 +267,7 @@ void llama_fsdp_free(llama_fsdp *f) {
         for (int l = 0; l < f->n_layer; l++) f->m->layers[l].blob = NULL;
     for (int l = 0; f->shard && l < f->n_layer; l++) free(f->shard[l]);
     free(f->shard);
-    free(f->slot[0]);
-    free(f->slot[1]);
+    free(f->slot);
     free(f->recv);
     memset(f, 0, sizeof *f);
 }

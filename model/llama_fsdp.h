@@ -15,11 +15,13 @@
  *
  * Gathering: comm_all_gather_start of the shard (raw bytes, COMM_U8) into a
  * receive buffer (world × shard_cap), comm_wait, then every rank's ranges
- * copied to their places in a layer scratch (the bytes two ranks both hold —
- * a nested group or an offset cut by a range edge — are identical copies),
- * and the layer's views bound to it (llama_layer_bind). Two scratches: the
- * layer in use and the next one, whose gather runs while the current one
- * computes; at most one gather in flight. The forward pass
+ * copied to their places in the layer scratch (the bytes two ranks both hold
+ * — a nested group or an offset cut by a range edge — are identical copies),
+ * and the layer's views bound to it (llama_layer_bind). Two layers in
+ * flight, no more: the one in use, whole in the scratch, and the next one,
+ * whose shards arrive in the receive buffer while the current one computes
+ * and are copied into the scratch when it is acquired (the current one is
+ * then done). At most one gather in flight. The forward pass
  * (model/llama.c llama_forward_trunk) acquires layer l and prefetches l + 1;
  * in backward, tape markers acquire l before its recompute and backward and
  * prefetch l − 1. Every rank runs the same sequence of gathers.
@@ -46,12 +48,11 @@ typedef struct llama_fsdp {
     size_t shard_cap;          /* bytes each rank sends per layer (the largest rank's ranges) */
     size_t own_bytes;          /* bytes of this rank's ranges per layer (<= shard_cap) */
     uint8_t **shard;           /* (n_layer) this rank's shard of each layer, shard_cap bytes */
-    uint8_t *slot[2];          /* layer scratches, lo.nbytes each, zeroed once (alignment gaps stay 0) */
-    int slot_layer[2];         /* the layer each scratch holds, or -1 */
-    int cur;                   /* the scratch of the layer acquired last */
-    uint8_t *recv;             /* world × shard_cap */
-    comm_request *req;         /* the gather in flight, or NULL */
-    int req_layer, req_slot;
+    uint8_t *slot;             /* the layer scratch: lo.nbytes, zeroed once (alignment gaps stay 0) */
+    int slot_layer;            /* the layer it holds, or -1 */
+    uint8_t *recv;             /* world × shard_cap: the next layer's shards as they arrive */
+    comm_request *req;         /* the gather in flight (into recv), or NULL */
+    int req_layer;
     int64_t n_gathers;         /* gathers started (statistics) */
 } llama_fsdp;
 
@@ -60,7 +61,7 @@ typedef struct llama_fsdp {
 typedef int (*llama_rows_fn)(void *arg, int layer, int k, int64_t row0, int64_t nrows, float *dst, qerr *e);
 
 /* llama_fsdp_init: shards for n_layer layers laid out as *lo over c's ranks,
- * the two scratches and the receive buffer. The shards are zeroed; fill them
+ * the layer scratch and the receive buffer. The shards are zeroed; fill them
  * with llama_fsdp_load_layer. f->m is set by llama_fsdp_attach.
  * Errors (-1): out of memory. */
 int llama_fsdp_init(llama_fsdp *f, comm *c, const llama_layer_layout *lo, int n_layer, qerr *e);
@@ -83,12 +84,12 @@ int llama_fsdp_load_layer(llama_fsdp *f, int l, llama_rows_fn rows, void *arg, q
  * views refuse. */
 int llama_fsdp_attach(llama_fsdp *f, llama_model *m, qerr *e);
 
-/* Layer l's whole blob in a scratch and its views bound to it: at once when a
- * scratch holds it, else waiting for its prefetch, else gathering it now. */
+/* Layer l's whole blob in the scratch and its views bound to it: at once when
+ * the scratch holds it, else waiting for its prefetch, else gathering it now. */
 void llama_fsdp_acquire(llama_fsdp *f, int l);
 
 /* Start gathering layer l (0 <= l < n_layer; others are ignored) into the
- * scratch not in use, unless a scratch holds it or it is in flight. */
+ * receive buffer, unless the scratch holds it or it is in flight. */
 void llama_fsdp_prefetch(llama_fsdp *f, int l);
 
 /* The gathers of one forward pass without computing (acquire l, prefetch
@@ -102,7 +103,7 @@ void llama_fsdp_idle_forward(llama_fsdp *f);
 int llama_fsdp_gather_into(llama_fsdp *f, int l, uint8_t *dst, qerr *e);
 
 /* This rank's resident bytes of the frozen linears (n_layer × shard_cap) and
- * the gather scratch (2 layers + the receive buffer). */
+ * the gather scratch (the layer scratch + the receive buffer). */
 size_t llama_fsdp_resident_bytes(const llama_fsdp *f);
 size_t llama_fsdp_scratch_bytes(const llama_fsdp *f);
 

@@ -18,7 +18,7 @@
  *    FULL_SHARD (the frozen base sharded, each layer gathered before use) on
  *    2 ranks: the same bits with gradient checkpointing on and off, each rank
  *    holding half of the frozen linears, also resumed from a one-process
- *    checkpoint; on 3 ranks (uneven shards) within the world-3 tolerance.
+ *    checkpoint and its checkpoint resumed by one process; on 3 ranks (uneven shards) within the world-3 tolerance.
  * 2. The same on SmolLM2-135M, 3 steps (tests/e2e_run.h's data and config),
  *    NO_SHARD, SHARD_GRAD_OP and FULL_SHARD.
  *    Also: Open MPI over TCP (loopback) instead of shared memory; resuming a
@@ -330,6 +330,16 @@ static void test_full_shard(void **st) {
     assert_int_equal(rc, 0);
     free(err);
     assert_same_run(a, c, STEPS);
+    /* and a FULL_SHARD checkpoint continued by one process (accumulation 2, no strategy) */
+    char d[256];
+    snprintf(d, sizeof d, "%s/w2-fs-to-w1", g_dir);
+    snprintf(cmd, sizeof cmd, "mkdir -p '%s' && cp -r '%s/checkpoint-6' '%s/'", d, b, d);
+    assert_int_equal(system(cmd), 0);
+    rc = e2e_run_trainer(g_cfg, d, NULL, THREADS1, &err);
+    if (rc || !strstr(err, "resuming from")) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+    assert_same_run(a, d, STEPS);
 }
 
 /* Open MPI over TCP (loopback) instead of shared memory: the same bits. */

@@ -134,7 +134,7 @@ void memplan_print_table(FILE *f, const memplan *p) {
                  p->activations},
                 {"scratch (dequantized weight, block copy)", p->scratch},
                 {"runtime", p->runtime},
-                {"FULL_SHARD gather scratch (2 layers + receive buffer)", p->gather}};
+                {"FULL_SHARD gather scratch (a layer + receive buffer)", p->gather}};
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
         if (rows[i].v > 0 || i + 1 < sizeof rows / sizeof rows[0]) /* the gather row only under FULL_SHARD */
             fprintf(f, "  %-56s %9.0f MiB %7.2f GiB\n", rows[i].name, rows[i].v / M, rows[i].v / G);

@@ -41,7 +41,7 @@ typedef struct memplan_input {
                               (⌈n/world⌉ elements), plus the fp32 reduce-scatter buffer of world·⌈n/world⌉ */
     int64_t frozen_shard_bytes;  /* FULL_SHARD: this rank's shards of the frozen linears (replaces
                                     frozen_bytes in base), or 0 */
-    int64_t gather_bytes;  /* FULL_SHARD: the gather scratch (two layer blobs and the receive buffer), or 0 */
+    int64_t gather_bytes;  /* FULL_SHARD: the gather scratch (one layer blob and the receive buffer, which holds the next layer), or 0 */
 } memplan_input;
 
 /* Bytes per component; total = sum. */

@@ -633,7 +633,7 @@ static int setup_fsdp_report(run_ctx *r, qerr *e) {
         n += snprintf(buf + n, sizeof buf - (size_t)n, "%s%lld (%.3f)", k ? ", " : "", (long long)all[k],
                       (double)all[k] / whole);
     fprintf(stderr, "[fsdp] frozen linears sharded: bytes held per rank %s of %lld unsharded; %.0f MiB gather "
-                    "scratch per rank (2 layers of %zu bytes + receive buffer); embeddings, LM head, norms "
+                    "scratch per rank (a layer of %zu bytes + the receive buffer of the next); embeddings, LM head, norms "
                     "replicated\n",
             buf, (long long)r->model.quantized_bytes, llama_fsdp_scratch_bytes(f) / 1048576.0, f->lo.nbytes);
     free(all);
