@@ -423,14 +423,14 @@ static void test_axolotl_refusals_and_config_lines(void **st) {
     (void)st;
     char p[512];
     snprintf(p, sizeof p, "%s/axo.yaml", g_dir);
-    cli_write_text(p, "base_model: " MODEL "\nload_in_8bit: true\noptimizer: adafactor\nfsdp: [full_shard]\n");
+    cli_write_text(p, "base_model: " MODEL "\nload_in_8bit: true\noptimizer: adafactor\nfsdp: [hybrid_shard]\n");
     char *argv[] = {(char *)subproc_trainer(), p, NULL};
     char *err = NULL;
     int code = subproc_run(argv, NULL, 120, &err);
     print_message("exit %d:\n%s", code, err);
     assert_int_equal(code, 2);
     const char *want[] = {"axo.yaml: no \"adapter:\"", "load_in_8bit: refused", "(line 2)", "optimizer: \"adafactor\"",
-                          "(line 3)", "fsdp: FULL_SHARD is not implemented yet", "(line 4)",
+                          "(line 3)", "fsdp: HYBRID_SHARD is not implemented yet", "(line 4)",
                           "axo.yaml: 4 refused keys"};
     const char *at = err;
     for (size_t i = 0; i < sizeof want / sizeof *want; i++) { /* in this order */
