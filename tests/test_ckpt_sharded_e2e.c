@@ -21,6 +21,7 @@
  *  5. qlora-export --consolidate: the sharded checkpoint as one state.h5 with the same arrays, which
  *     one process resumes to the same bits; an existing OUT is refused.
  *  6. A corrupted or missing shard file: resume_from_checkpoint is refused with one line naming it.
+ *  Also SophiaG (NO_SHARD + SHARDED_STATE_DICT): m and h sharded, the same bits, resumed 2 -> 1.
  * Without MPI or mpirun every case prints "SKIPPED: <why>" and is skipped.
  */
 #include <math.h>
@@ -351,6 +352,45 @@ static void test_resume_2to3_3to2(void **st) {
     world3_close(r, y);
 }
 
+/* SophiaG under NO_SHARD with SHARDED_STATE_DICT: m and h in the shard files; world 2 x acc 1 =
+ * world 1 x acc 2, and the world-2 run's sharded checkpoint-6 continued by one process. */
+static void test_sophia_sharded(void **st) {
+    if (skip_without_mpi()) skip();
+    char a[256], b[256], x[256], ck[320], *err = NULL;
+    snprintf(a, sizeof a, "%s/sophia-w1", g_dir);
+    snprintf(b, sizeof b, "%s/sophia-w2", g_dir);
+    snprintf(x, sizeof x, "%s/sophia-2to1", g_dir);
+    const char *const sophia[] = {"optimizer=sophia", "sophia_k=2", NULL};
+    must(e2e_run_trainer(g_cfg, a, sophia, THREADS1, &err), err);
+    must(run_ranks(2, b,
+                   (const char *const[]){"optimizer=sophia", "sophia_k=2", "gradient_accumulation_steps=1",
+                                         "fsdp_config={fsdp_state_dict_type: SHARDED_STATE_DICT}", NULL},
+                   NULL, &err),
+         err);
+    snprintf(ck, sizeof ck, "%s/checkpoint-%d", b, STEPS);
+    assert_sharded_layout(ck, 2);
+    ckpt_state sa, sb;
+    qerr e;
+    snprintf(ck, sizeof ck, "%s/checkpoint-%d", a, STEPS);
+    assert_int_equal(ckpt_load(ck, &sa, &e), 0);
+    snprintf(ck, sizeof ck, "%s/checkpoint-%d", b, STEPS);
+    assert_int_equal(ckpt_load(ck, &sb, &e), 0);
+    assert_string_equal(sb.optimizer, "sophia");
+    assert_int_equal(sa.hessian_updates, sb.hessian_updates);
+    assert_true(sa.hessian && sb.hessian && !sb.exp_avg_sq);
+    assert_memory_equal(sa.params, sb.params, (size_t)sa.n_params * sizeof(float));
+    assert_memory_equal(sa.exp_avg, sb.exp_avg, (size_t)sa.n_params * sizeof(float));
+    assert_memory_equal(sa.hessian, sb.hessian, (size_t)sa.n_params * sizeof(float));
+    ckpt_state_free(&sa);
+    ckpt_state_free(&sb);
+    copy_ckpt(b, 6, x);
+    must(e2e_run_trainer(g_cfg, x, sophia, THREADS1, &err), err);
+    char pa[320], pb[320];
+    path_of(pa, sizeof pa, a, "adapter_model.safetensors");
+    path_of(pb, sizeof pb, x, "adapter_model.safetensors");
+    e2e_assert_same_file(pa, pb);
+}
+
 /* 5. consolidate */
 static void test_consolidate(void **st) {
     if (skip_without_mpi()) skip();
@@ -412,7 +452,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_layout_and_bits),       cmocka_unit_test(test_resume_2to1_1to2),
         cmocka_unit_test(test_kill_each_stage),       cmocka_unit_test(test_resume_2to3_3to2),
-        cmocka_unit_test(test_consolidate),           cmocka_unit_test(test_bad_shard_refused),
+        cmocka_unit_test(test_sophia_sharded),        cmocka_unit_test(test_consolidate),
+        cmocka_unit_test(test_bad_shard_refused),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
