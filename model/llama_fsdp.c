@@ -122,6 +122,11 @@ int llama_fsdp_load_layer(llama_fsdp *f, int l, llama_rows_fn rows, void *arg, q
                 if (!rc) nf4_absmax_blocks(piece, nr * C, lo->blocksize, absmax + r0 * C / bs);
             }
             free(piece);
+            /* a non-finite weight anywhere in the linear: every rank refuses it (not only its holder) */
+            for (int64_t b0 = 0; !rc && b0 < geom.nblocks; b0++)
+                if (absmax[b0] != absmax[b0])
+                    rc = qerr_set(e, "layer %d, %s: a non-finite weight in rows %lld..%lld", l, llama_linears[k].peft,
+                                  (long long)(b0 * bs / C), (long long)(((b0 + 1) * bs - 1) / C));
             if (rc) {
                 free(absmax);
                 return -1;
