@@ -219,6 +219,9 @@ int comm_torchrun_init(comm **out, const comm_torchrun *t, qerr *e);
  * nccl.h; libnccl.so.2 itself is loaded with dlopen when a run needs it). */
 int comm_have_nccl(void);
 
+/* The CUDA devices this process sees (cudaGetDeviceCount); 0 without a device or in a build without CUDA. */
+int comm_cuda_device_count(void);
+
 /* Several ranks on CUDA: makes this rank's GPU current (cudaSetDevice) before
  * anything else touches CUDA in the process — device local_rank when this
  * machine shows at least local_world_size devices, device 0 when it shows

@@ -51,6 +51,15 @@
 #if defined(QLORA_CUDA)
 #include <cuda_runtime_api.h>
 
+int comm_cuda_device_count(void) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return n;
+}
+
 int comm_cuda_select_device(comm *c, qerr *e) {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess || n < 1) {
@@ -73,6 +82,7 @@ int comm_cuda_select_device(comm *c, qerr *e) {
     return 0;
 }
 #else
+int comm_cuda_device_count(void) { return 0; }
 int comm_cuda_select_device(comm *c, qerr *e) { return 0; }
 #endif
 
