@@ -294,7 +294,6 @@ static int run_coll(comm *c, const char *what, issue_fn issue, const void *send,
         if (same) r = (void *)s; /* in place stays in place */
         else if (!recv_dev) r = (char *)m->stage + sb;
     }
-    if (same && send_dev != recv_dev) return qerr_set(e, "rank %d: %s: internal: one buffer, two kinds", c->rank, what);
     if (nccl_settle(c, issue(c, s, r, count, t, root), what, count, t, deadline, e)) return -1;
     cudaError_t ce = cudaEventRecord(m->ev, m->stream);
     if (ce != cudaSuccess) return nccl_fail(c, what, count, t, cudaGetErrorString(ce), e);
