@@ -157,7 +157,7 @@ else
         port=$(( 29500 + RANDOM % 2000 ))
         if command -v torchrun >/dev/null 2>&1; then
             how="torchrun"
-            timeout 600 torchrun --nproc-per-node 2 --master-addr 127.0.0.1 --master-port "$port" --no-python \
+            timeout 600 torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port "$port" --no_python \
                 bin/qlora-train "${common[@]}" gradient_accumulation_steps=1 output_dir="$t2/w2t" \
                 >"$t2/w2t.log" 2>&1 || { ok=0; tail -5 "$t2/w2t.log"; }
         else
@@ -176,7 +176,7 @@ else
 import json, sys
 keep = ("step", "loss", "lr", "grad_norm", "epoch", "eval_loss", "eval_tokens")
 def lines(d):
-    return [{k: j[k] for k in keep if k in j} for j in map(json.loads, open(d + "/metrics.jsonl"))]
+    return [{k: j[k] for k in keep if k in j} for j in (json.loads(l) for l in open(d + "/metrics.jsonl") if l.strip())]
 def adapter(d):
     return open(d + "/adapter_model.safetensors", "rb").read()
 a = lines(sys.argv[1]); bad = []
