@@ -3,8 +3,8 @@
  * A communicator (`comm`) is a rank's view of the job: its rank, the world
  * size, its rank among the processes of its own machine (local_rank), and a
  * table of collectives (`comm_ops`) in the manner of the backend table
- * (autograd/backend.h): callers never name an implementation. Three exist or
- * are planned:
+ * (autograd/backend.h): callers never name an implementation. Three carry
+ * data (and a fourth, torchrun, only knows the ranks):
  *
  *   single  one process, no launcher, no MPI initialised (comm_single);
  *   mpi     Open MPI (or any MPI-3 library) for CPU ranks: comm/comm_mpi.c,
@@ -20,7 +20,10 @@
  *           unique id travels over that one — MPI under mpirun/srun, or the
  *           TCP rendezvous (comm_tcp_rendezvous) under torchrun, whose
  *           communicator ("torchrun", comm_init) carries no data itself.
- *           `memory` says where an implementation's buffers live.
+ *           `memory` says where an implementation's buffers live: nccl takes
+ *           device memory as it is (the caller has synchronised the stream
+ *           that wrote it; results are complete on return) and stages host
+ *           memory through a device buffer.
  *
  * Semantics (those of NCCL, so that the nccl implementation is a
  * translation): counts are elements, not bytes; every call is collective (all
