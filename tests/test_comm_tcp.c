@@ -18,7 +18,12 @@
  *                communicator, whose collectives refuse (no CPU transport);
  *   cli          qlora-train under torchrun's environment with device: cpu →
  *                refused with one line (CPU ranks need MPI), exit 1, the
- *                output_dir untouched.
+ *                output_dir untouched;
+ *   torchrun     when a real torchrun is on PATH: 3 workers of this binary
+ *                (QLORA_TCP_TEST=rank) read torchrun's environment and
+ *                exchange the id — past torchrun's own TCPStore, which holds
+ *                MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE=True); else
+ *                "SKIPPED: torchrun not on PATH".
  */
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -270,10 +275,72 @@ static void test_cli_torchrun_cpu(void **st) {
     cli_fixture_free(&fx);
 }
 
-int main(void) {
+/* A worker under a real torchrun: its environment, then the rendezvous. */
+static int torchrun_worker(void) {
+    comm_torchrun t;
+    qerr e = {{0}};
+    int rc = comm_torchrun_env(&t, &e);
+    if (rc != 1) {
+        fprintf(stderr, "worker: comm_torchrun_env: %d %s\n", rc, e.msg);
+        return 1;
+    }
+    unsigned char id[ID_LEN], want[ID_LEN];
+    make_id(want);
+    if (t.rank == 0) memcpy(id, want, ID_LEN);
+    else memset(id, 0, ID_LEN);
+    if (comm_tcp_rendezvous(t.master_addr, t.rdzv_port, t.rank, t.world_size, id, ID_LEN, 60.0, &e)) {
+        fprintf(stderr, "worker: %s\n", e.msg);
+        return 1;
+    }
+    if (memcmp(id, want, ID_LEN)) {
+        fprintf(stderr, "worker %d: wrong id\n", t.rank);
+        return 1;
+    }
+    fprintf(stderr, "worker %d of %d: id received (rendezvous port %d, MASTER_PORT %d)\n", t.rank, t.world_size,
+            t.rdzv_port, t.master_port);
+    return 0;
+}
+
+static const char *g_self;
+
+static void test_real_torchrun(void **st) {
+    char path[4096] = "";
+    const char *p = getenv("PATH");
+    for (const char *q = p ? p : ""; *q;) {
+        const char *end = strchr(q, ':');
+        size_t len = end ? (size_t)(end - q) : strlen(q);
+        snprintf(path, sizeof path, "%.*s/torchrun", (int)len, q);
+        if (len && access(path, X_OK) == 0) break;
+        path[0] = 0;
+        q += len + (end ? 1 : 0);
+    }
+    if (!path[0]) {
+        printf("SKIPPED: torchrun not on PATH (pip install torch)\n");
+        skip();
+    }
+    char port[32], self[4096];
+    snprintf(port, sizeof port, "--master_port=%d", free_port());
+    assert_non_null(realpath(g_self, self));
+    char *argv[] = {path, "--nproc_per_node=3", "--master_addr=127.0.0.1", port, "--no_python", self, NULL};
+    const char *const env[] = {"QLORA_TCP_TEST=rank", NULL};
+    char *err = NULL;
+    int rc = subproc_run(argv, env, 120, &err);
+    if (rc || !strstr(err, "worker 2 of 3: id received")) fprintf(stderr, "exit %d:\n%s", rc, err);
+    assert_int_equal(rc, 0);
+    for (int r = 0; r < 3; r++) {
+        char w[64];
+        snprintf(w, sizeof w, "worker %d of 3: id received", r);
+        assert_non_null(strstr(err, w));
+    }
+    free(err);
+}
+
+int main(int argc, char **argv) {
+    if (getenv("QLORA_TCP_TEST")) return torchrun_worker();
+    g_self = argv[0];
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_exchange),   cmocka_unit_test(test_timeout),          cmocka_unit_test(test_disagree),
-        cmocka_unit_test(test_environment), cmocka_unit_test(test_cli_torchrun_cpu),
+        cmocka_unit_test(test_environment), cmocka_unit_test(test_cli_torchrun_cpu), cmocka_unit_test(test_real_torchrun),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
