@@ -94,6 +94,7 @@ static int ns_make(char *why, size_t n) {
         {g_ip, "-n", g_ns[1], "link", "set", vb, "up", NULL},
         {g_ip, "-n", g_ns[0], "link", "set", "lo", "up", NULL},
         {g_ip, "-n", g_ns[1], "link", "set", "lo", "up", NULL},
+        {g_ip, "netns", "exec", g_ns[1], "unshare", "--uts", "true", NULL}, /* a hostname of its own */
     };
     g_have_ns = 1;
     for (size_t i = 0; i < sizeof cmds / sizeof *cmds; i++)
