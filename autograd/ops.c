@@ -470,7 +470,9 @@ tensor *op_lm_head_ce_pick(ag_ctx *ctx, tensor *h, const frozen_weight *w, const
                     .targets = targets, .mode = mode, .seed = seed, .scale = scale, .dh = dh,
                     .labels = labels, .bf16 = ctx->bf16};
     int64_t count = 0;
+    ag_prof_lm_head(1);
     double total = ctx->be->lm_head_ce(ctx, &a, &count);
+    ag_prof_lm_head(0);
     ag_arena_reset(ctx, m);
     float lossv = (float)(total * scale);
     ctx->be->copy_h2d(loss->data, &lossv, sizeof lossv);

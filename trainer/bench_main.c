@@ -460,7 +460,8 @@ int main(int argc, char **argv) {
     double rss = proc_peak_rss_mib();
     double prof_total = 0;
     for (int c = 0; c < AG_PROF_N; c++) prof_total += prof[c];
-    double gemm_rate = prof[AG_PROF_GEMM] > 0 ? gemm_flops / prof[AG_PROF_GEMM] : 0;
+    double gemm_s = prof[AG_PROF_GEMM] + prof[AG_PROF_LM_HEAD_GEMM]; /* gemm_flops counts both */
+    double gemm_rate = gemm_s > 0 ? gemm_flops / gemm_s : 0;
 
     printf("qlora-bench: %s, seq %d x batch %d, LoRA r %d (all linears), AdamW, checkpointing %s, %d threads\n", shape,
            T, B, r, ckpt_name[ckpt], n_threads);
