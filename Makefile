@@ -159,9 +159,10 @@ bench: bin/qlora-bench
 
 # the cost curve: qlora-bench over sequence length, LoRA rank, shape and checkpointing mode ->
 # docs/cost_curve.png + docs/cost_curve.md (bench/cost_curve.py; QUICK=1: a subset in minutes;
-# QLORA_PEER_PYTHON=python-with-torch adds ../shared/bench/torch_lora_ref.py beside it)
+# CURVE_PYTHON: a python with matplotlib; QLORA_PEER_PYTHON=python-with-torch adds ../shared/bench/torch_lora_ref.py beside it)
+CURVE_PYTHON ?= python3
 bench-curve: bin/qlora-bench
-	python3 bench/cost_curve.py $(if $(QUICK),--quick)
+	$(CURVE_PYTHON) bench/cost_curve.py $(if $(QUICK),--quick)
 
 # The include graph against the layer order of docs/design.md (no include up, no cycle).
 check-layers:

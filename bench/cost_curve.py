@@ -3,12 +3,13 @@
 checkpointing mode, measured with bin/qlora-bench, plotted and tabulated.
 
 usage: python3 bench/cost_curve.py [--quick] [--out-dir docs] [--json build/bench/cost_curve.json]
-                                   [--peer-python PY] [--load-limit X]
+                                   [--peer-python PY] [--load-limit X] [--from-json FILE]
 
 Grid (full): shapes smollm2-135m (all 30 layers), smollm2-1.7b (first 6 of 24 layers), llama3-8b
 (first 2 of 32 layers); checkpointing off / selective / on (full); sequence length 256 ... 8192 at
 LoRA r 16, and LoRA r 8 ... 128 at sequence 512; batch 1. --quick: a subset that runs in minutes
-(every shape cut to 1-2 layers, 3 sequence lengths and 2 ranks on the SmolLM2-135M shape).
+(SmolLM2-135M at full depth: sequence 256 and 1024, r 8 / 16 / 64; SmolLM2-1.7B cut to 2 layers and
+Llama-3-8B to 1, at sequence 256; one step each).
 
 Nothing is extrapolated: where a shape runs fewer layers than it has, the table says how many ran;
 tokens/s and RSS are those of what ran, the planner's prediction is given for what ran (the check
@@ -41,11 +42,11 @@ def grid(quick):
     """(shape, layers, seq, r, steps, warmup) points; every mode is run at each."""
     pts = []
     if quick:
-        for T in (256, 1024, 4096):
-            pts.append(("smollm2-135m", 2, T, 16, 1, 0))
+        for T in (256, 1024):
+            pts.append(("smollm2-135m", 30, T, 16, 1, 0))
         for r in (8, 64):
-            pts.append(("smollm2-135m", 2, 256, r, 1, 0))
-        pts.append(("smollm2-1.7b", 1, 256, 16, 1, 0))
+            pts.append(("smollm2-135m", 30, 256, r, 1, 0))
+        pts.append(("smollm2-1.7b", 2, 256, 16, 1, 0))
         pts.append(("llama3-8b", 1, 256, 16, 1, 0))
         return pts
     layers = {"smollm2-135m": 30, "smollm2-1.7b": 6, "llama3-8b": 2}
@@ -110,6 +111,10 @@ def fit_line(xs, ys):
     return a, b, r2
 
 
+def rsq(fr, n):
+    return "2 points: the line through them, no test of linearity" if n == 2 else f"R² {fr[2]:.4f} over {n} points"
+
+
 def timed(res, limit):
     return max(res["load"]) <= res["threads"] + limit
 
@@ -127,6 +132,7 @@ def main():
     ap.add_argument("--json", default=os.path.join(ROOT, "build", "bench", "cost_curve.json"))
     ap.add_argument("--peer-python", default=os.environ.get("QLORA_PEER_PYTHON", ""))
     ap.add_argument("--load-limit", type=float, default=1.0)
+    ap.add_argument("--from-json", default="", help="re-render docs from an earlier run's JSON (runs nothing)")
     a = ap.parse_args()
     if not os.access(BENCH, os.X_OK):
         raise SystemExit("[curve] bin/qlora-bench is missing: run make first")
@@ -139,7 +145,12 @@ def main():
 
     t_start = time.time()
     results = []
-    for (shape, L, T, r, steps, warm) in grid(a.quick):
+    if a.from_json:  # re-render the table and figure of an earlier run, nothing is run
+        with open(a.from_json) as f:
+            d = json.load(f)
+        a.quick = d["quick"]
+        t_start -= d.get("minutes", 0) * 60
+    for (shape, L, T, r, steps, warm) in ([] if a.from_json else grid(a.quick)):
         for mode in MODES:
             cmd = bench_cmd(shape, L, T, r, mode, steps, warm)
             l0 = load1()
@@ -156,7 +167,9 @@ def main():
                   f"(predicted {res['predicted_peak_mb']:.0f}), {res['tokens_per_s']:.1f} tok/s, "
                   f"load {res['load'][0]:.1f}/{res['load'][1]:.1f}, {res['wall_s']:.0f}s", flush=True)
     peers = []
-    if a.peer_python:
+    if a.from_json:
+        results, peers = d["points"], d["peers"]
+    elif a.peer_python:
         pts = sorted({(L, T) for (s, L, T, r, _, _) in grid(a.quick) if s == "smollm2-135m" and r == 16})
         for (L, T) in pts:
             p = peer_point(a.peer_python, L, T)
@@ -165,9 +178,12 @@ def main():
                 peers.append(p)
                 print(f"[curve] peer torch_lora_ref L{L} seq {T}: RSS {p['peak_rss_mb']:.0f} MiB, "
                       f"{p['tokens_per_s']:.0f} tok/s", flush=True)
-    os.makedirs(os.path.dirname(a.json), exist_ok=True)
-    with open(a.json, "w") as f:
-        json.dump({"quick": a.quick, "points": results, "peers": peers}, f, indent=1)
+    if not a.from_json:
+        os.makedirs(os.path.dirname(a.json), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump({"quick": a.quick, "points": results, "peers": peers,
+                       "minutes": (time.time() - t_start) / 60,
+                       "date": time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, f, indent=1)
 
     # ---- growth laws (least squares on what ran) ----
     laws = []
@@ -175,6 +191,10 @@ def main():
     for shape in shapes:
         for mode in MODES:
             pts = [r for r in results if r["shape"] == shape and r["checkpointing_mode"] == mode and r["lora_r"] == 16]
+            # one depth per law: the depth most points of this shape ran at
+            Ls = [p["layers"] for p in pts]
+            if Ls:
+                pts = [p for p in pts if p["layers"] == max(set(Ls), key=Ls.count)]
             pts = sorted({r["seq"]: r for r in pts}.values(), key=lambda r: r["seq"])
             if len(pts) >= 2:
                 fr = fit_line([p["seq"] for p in pts], [p["arena_peak_mb"] for p in pts])
@@ -182,11 +202,14 @@ def main():
                        for p in pts]
                 if fr:
                     laws.append(f"| {shape} ({pts[0]['layers']} layers) | {mode} | activation arena = "
-                                f"{fr[0]:.0f} MiB + {1024 * fr[1]:.1f} MiB per 1k tokens (R² {fr[2]:.4f}, "
+                                f"{fr[0]:.0f} MiB + {1024 * fr[1]:.1f} MiB per 1k tokens ({rsq(fr, len(pts))}, "
                                 f"seq {pts[0]['seq']}–{pts[-1]['seq']}) | attention's share of op time "
                                 f"{100 * att[0]:.0f} % → {100 * att[-1]:.0f} %"
                                 f"{' (loaded machine: shares indicative only)' if not all(timed(p, a.load_limit) for p in pts) else ''} |")
             rp = [r for r in results if r["shape"] == shape and r["checkpointing_mode"] == mode]
+            if rp:
+                Ls = [p["layers"] for p in rp]
+                rp = [p for p in rp if p["layers"] == max(set(Ls), key=Ls.count)]
             seqs = {r["seq"] for r in rp}
             for T in sorted(seqs):
                 rr = sorted({r["lora_r"]: r for r in rp if r["seq"] == T}.values(), key=lambda r: r["lora_r"])
@@ -194,7 +217,7 @@ def main():
                     fr = fit_line([p["lora_r"] for p in rr], [p["peak_rss_mb"] for p in rr])
                     if fr:
                         laws.append(f"| {shape} ({rr[0]['layers']} layers) | {mode} | peak RSS = {fr[0]:.0f} MiB + "
-                                    f"{fr[1]:.2f} MiB per unit of r at seq {T} (R² {fr[2]:.4f}, r "
+                                    f"{fr[1]:.2f} MiB per unit of r at seq {T} ({rsq(fr, len(rr))}, r "
                                     f"{rr[0]['lora_r']}–{rr[-1]['lora_r']}) | |")
 
     # ---- table ----
@@ -202,7 +225,7 @@ def main():
     title = "QUICK subset" if a.quick else "full curve"
     md.append(f"# Cost curve ({title})\n")
     md.append(f"Generated by `{'QUICK=1 ' if a.quick else ''}make bench-curve` (bench/cost_curve.py) on "
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
+              f"{d['date'] if a.from_json else time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
               f"{len(results)} qlora-bench runs in {(time.time() - t_start) / 60:.1f} min. Batch 1, LoRA on all 7 "
               f"linears (alpha 2r, no dropout), AdamW, bf16 GEMMs; random NF4 base of the shape.\n")
     md.append("Columns: **layers** = how many of the shape's layers ran (`--layers`; tokens/s, RSS and the planner "

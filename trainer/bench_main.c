@@ -488,7 +488,7 @@ int main(int argc, char **argv) {
     printf("  time per op class (per step; host-side timers, asynchronous on a GPU):\n");
     for (int c = 0; c < AG_PROF_N; c++)
         if (prof[c] > 0)
-            printf("    %-10s %8.3f s  %5.1f%%\n", ag_prof_names[c], prof[c] / steps, 100 * prof[c] / prof_total);
+            printf("    %-12s %8.3f s  %5.1f%%\n", ag_prof_names[c], prof[c] / steps, 100 * prof[c] / prof_total);
     printf("{\"shape\":\"%s\",\"seq\":%d,\"batch\":%d,\"lora_r\":%d,\"layers\":%d,\"checkpointing\":%s,"
            "\"checkpointing_mode\":\"%s\",\"threads\":%d,"
            "\"steps\":%d,\"tokens_per_s\":%.2f,\"s_per_step\":%.4f,\"cpu_s_per_step\":%.4f,\"model_gflop_per_token\":%.4f,"

@@ -11,6 +11,9 @@
  *  - with checkpointing only each block's fp32 input stays, and one block at
  *    a time is recomputed in backward (its fp32 outputs, bf16 memos and
  *    gradients together);
+ *  - with selective recomputation (checkpointing 2) each block keeps what its
+ *    attention half saved (as without checkpointing) plus the residual and
+ *    the block output in fp32, and one MLP half at a time is recomputed;
  *  - the gradient at a block boundary is handed over from block to block
  *    (autograd/tensor.c), so it costs one buffer, not one per layer;
  * The two fractions of a block's fp32 outputs that are live at the peak (0.5
