@@ -72,7 +72,7 @@ static void test_device_plan(void **st) {
 
 /* Selective recomputation (mode 2): between none and full, and each layer adds what the attention
  * half saves — bf16 normed input, q, k, v, attention output, LoRA u of 4 linears (r 16), two fp32
- * boundaries, row statistics — measured per layer with qlora-bench (docs/cost_curve.md). */
+ * boundaries, row statistics — as measured per layer with qlora-bench (README "Checkpointing modes"). */
 static void test_selective_plan(void **st) {
     (void)st;
     llama_hparams l3 = {.n_layer = 32, .d_model = 4096, .n_head = 32, .n_kv_head = 8, .head_dim = 128,
