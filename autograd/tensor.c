@@ -453,7 +453,10 @@ static void ckpt_backward(ag_ctx *ctx, const ag_node *n) {
     ctx->be->copy_d2d(x2->data, x->data, (size_t)x->numel * dtype_size(x->dtype));
     x2->requires_grad = x->requires_grad;
     ag_prof_pop(pc);
+    int rc = ctx->recomputing;
+    ctx->recomputing = 1;
     tensor *y2 = s->fn(ctx, s->arg, x2);
+    ctx->recomputing = rc;
     if (y2->requires_grad) {
         float *g2 = ag_grad(ctx, y2);
         ctx->be->copy_d2d(g2, y->grad, (size_t)y->numel * sizeof(float));

@@ -98,6 +98,7 @@ typedef struct ag_ctx {
     int bf16;      /* 1: GEMM operands rounded to bf16 (fp32 accumulate); 0: fp32 GEMMs */
     int training;  /* 1: dropout active */
     int saving;    /* 1 inside a segment: ops copy what backward needs into the keep arena */
+    int recomputing; /* 1 while a checkpoint's block runs again in backward (its output value is not read) */
     uint64_t seed;  /* dropout stream seed for the current micro-batch */
     /* reusable scratch (backend memory) for dequantized frozen weights and block outputs */
     void *wscratch;

@@ -801,7 +801,10 @@ static tensor *layer_attention_half(ag_ctx *ctx, const llama_model *m, const lor
     return op_add(ctx, x, o);
 }
 
-static tensor *layer_mlp_half(ag_ctx *ctx, const llama_model *m, const lora_set *ls, int l, tensor *x) {
+/* out_unread: the half runs again in backward and its output's value is not read (selective
+ * mode's recompute): the down projection records its node without computing its output. */
+static tensor *layer_mlp_half(ag_ctx *ctx, const llama_model *m, const lora_set *ls, int l, tensor *x,
+                              int out_unread) {
     const llama_hparams *hp = &m->hp;
     const llama_layer *L = &m->layers[l];
     tensor *fn = wrap_vector(ctx, hp->d_model, L->ffn_norm);
@@ -809,14 +812,16 @@ static tensor *layer_mlp_half(ag_ctx *ctx, const llama_model *m, const lora_set 
     tensor *g = op_linear(ctx, h2, &L->lin[LLAMA_GATE], lora_set_get(ls, l, LLAMA_GATE));
     tensor *u = op_linear(ctx, h2, &L->lin[LLAMA_UP], lora_set_get(ls, l, LLAMA_UP));
     tensor *mm = op_swiglu(ctx, g, u);
-    tensor *d = op_linear(ctx, mm, &L->lin[LLAMA_DOWN], lora_set_get(ls, l, LLAMA_DOWN));
+    const lora_adapter *ld = lora_set_get(ls, l, LLAMA_DOWN);
+    tensor *d = out_unread ? op_linear_unread_output(ctx, mm, &L->lin[LLAMA_DOWN], ld)
+                           : op_linear(ctx, mm, &L->lin[LLAMA_DOWN], ld);
     return op_add(ctx, x, d);
 }
 
 tensor *llama_layer_forward(ag_ctx *ctx, const llama_model *m, const lora_set *ls, int l, tensor *x,
                             const int32_t *pos, llama_attention_fn attention, const void *arg) {
     x = layer_attention_half(ctx, m, ls, l, x, pos, attention, arg);
-    return layer_mlp_half(ctx, m, ls, l, x);
+    return layer_mlp_half(ctx, m, ls, l, x, 0);
 }
 
 tensor *llama_output_norm(ag_ctx *ctx, const llama_model *m, tensor *x) {
@@ -849,7 +854,7 @@ static tensor *llama_block_attention(ag_ctx *ctx, void *argp, tensor *x) {
 
 static tensor *llama_block_mlp(ag_ctx *ctx, void *argp, tensor *x) {
     const block_arg *a = argp;
-    return layer_mlp_half(ctx, a->m, a->ls, a->layer, x);
+    return layer_mlp_half(ctx, a->m, a->ls, a->layer, x, ctx->recomputing);
 }
 
 /* embed → blocks → final RMSNorm: the hidden states (B*T, D) the LM head reads,
