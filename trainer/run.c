@@ -608,8 +608,12 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
                      "activations %.0f MiB for micro_batch_size %d x sequence_len %d%s: lower micro_batch_size "
                      "(raise gradient_accumulation_steps to keep the batch) or sequence_len%s",
                      p->activations / M, c->micro_batch_size, c->sequence_len,
-                     c->gradient_checkpointing ? " (with gradient_checkpointing)" : "",
-                     c->gradient_checkpointing ? "" : ", or set gradient_checkpointing: true");
+                     c->gradient_checkpointing == 2 ? " (with gradient_checkpointing: selective)"
+                     : c->gradient_checkpointing    ? " (with gradient_checkpointing)"
+                                                    : "",
+                     c->gradient_checkpointing == 2 ? ", or set gradient_checkpointing: true"
+                     : c->gradient_checkpointing    ? ""
+                                                    : ", or set gradient_checkpointing: selective or true");
         else if (ad >= p->base)
             snprintf(why, sizeof why,
                      "LoRA adapters, gradients and optimizer state %.0f MiB for lora_r %d: lower lora_r or target "
