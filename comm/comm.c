@@ -88,6 +88,55 @@ int comm_single(comm **out, qerr *e) {
 }
 
 /* ------------------------------------------------------------------------ */
+/* torchrun: rank, world and local rank, no data (until comm_nccl_upgrade)   */
+
+static int torchrun_refuse(comm *c, const char *what, qerr *e) {
+    return qerr_set(e,
+                    "rank %d: %s: a torchrun launch carries data only over NCCL (device: cuda); CPU ranks "
+                    "communicate over MPI: launch them with mpirun -np %d qlora-train ... or qlora-train --nproc %d",
+                    c->rank, what, c->world_size, c->world_size);
+}
+static int torchrun_all_reduce(comm *c, void *buf, size_t count, comm_dtype t, qerr *e) {
+    return torchrun_refuse(c, "all_reduce", e);
+}
+static int torchrun_reduce_scatter(comm *c, const void *send, void *recv, size_t n, comm_dtype t, qerr *e) {
+    return torchrun_refuse(c, "reduce_scatter", e);
+}
+static int torchrun_all_gather(comm *c, const void *send, void *recv, size_t n, comm_dtype t, qerr *e) {
+    return torchrun_refuse(c, "all_gather", e);
+}
+static int torchrun_all_gather_start(comm *c, const void *send, void *recv, size_t n, comm_dtype t,
+                                     comm_request **req, qerr *e) {
+    *req = NULL;
+    return torchrun_refuse(c, "all_gather", e);
+}
+static int torchrun_wait(comm *c, comm_request *req, qerr *e) { return torchrun_refuse(c, "wait", e); }
+static int torchrun_broadcast(comm *c, void *buf, size_t count, comm_dtype t, int root, qerr *e) {
+    return torchrun_refuse(c, "broadcast", e);
+}
+static int torchrun_barrier(comm *c, qerr *e) { return torchrun_refuse(c, "barrier", e); }
+
+static const comm_ops torchrun_ops = {.name = "torchrun", .memory = "device", .all_reduce_sum = torchrun_all_reduce,
+                                      .reduce_scatter_sum = torchrun_reduce_scatter,
+                                      .all_gather = torchrun_all_gather,
+                                      .all_gather_start = torchrun_all_gather_start, .wait = torchrun_wait,
+                                      .broadcast = torchrun_broadcast, .barrier = torchrun_barrier,
+                                      .abort = single_abort, /* torchrun's agent ends the other workers */
+                                      .finalize = single_finalize};
+
+int comm_torchrun_init(comm **out, const comm_torchrun *t, qerr *e) {
+    comm *c = qcalloc(1, sizeof *c + sizeof *t, e);
+    if (!c) return -1;
+    comm_torchrun *keep = (comm_torchrun *)(c + 1); /* the rendezvous address, for comm_nccl_upgrade */
+    *keep = *t;
+    *c = (comm){.ops = &torchrun_ops, .rank = t->rank, .world_size = t->world_size, .local_rank = t->local_rank,
+                .local_world_size = t->local_world_size, .timeout_sec = COMM_DEFAULT_TIMEOUT_SEC, .err_fd = 2,
+                .impl = keep};
+    *out = c;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
 /* choosing                                                                   */
 
 const char *comm_launcher_env(void) {
@@ -109,6 +158,10 @@ int comm_init(comm **out, qerr *e) {
                             var, getenv(var));
         return comm_mpi_init(out, e);
     }
+    comm_torchrun tr;
+    int t = comm_torchrun_env(&tr, e);
+    if (t < 0) return -1;
+    if (t > 0 && tr.world_size > 1) return comm_torchrun_init(out, &tr, e);
     const char *nt = getenv("SLURM_NTASKS"), *step = getenv("SLURM_STEP_ID");
     if (nt && step && atoi(nt) > 1)
         return qerr_set(e,
