@@ -72,6 +72,8 @@
 typedef struct dataset_skip_log {
     int64_t n_lines; /* lines skipped so far */
     char first[512]; /* the error of the first one: "file.jsonl:17: invalid JSON ..." */
+    char note[512];  /* "" or a note the caller prints once (eot_tokens: axolotl's default leaves the
+                        template's end-of-turn token untrained) */
 } dataset_skip_log;
 
 /* A slice of a file's records, from axolotl's `split:` (HF datasets' split syntax on the one split
@@ -104,13 +106,19 @@ typedef struct dataset_spec {
     char *const *roles_to_train;       /* roles (after the role map) whose content is trained on;
                                           NULL = {"assistant"} */
     int n_roles_to_train;
-    const char *train_on_eos;          /* which <|im_end|> are labels: "turn" (NULL: those ending a
-                                          trained turn), "all", "last" (the last turn's), "none" */
+    const char *train_on_eos;          /* which end-of-turn tokens are labels (axolotl's train_on_eos /
+                                          train_on_eot, one setting here): "turn" (NULL: those after a
+                                          trained turn), "all", "last" (that of the last trained turn),
+                                          "none" */
+    char *const *eot_tokens;           /* axolotl's eot_tokens; NULL = its default [eos_token]. Each must
+                                          be the template's end-of-turn token or eos */
+    int n_eot_tokens;
     int drop_system_message;           /* drop a leading system message */
-    int force_chatml;                  /* 0: the model's ChatML template; 1: ChatML without a default
-                                          system turn (chat_template: chatml), whatever the model's
-                                          template; 2: 1 only for a model without a template
-                                          (tokenizer_default_fallback_chatml) */
+    const char *chat_template;         /* axolotl's chat_template choice: NULL / "tokenizer_default" (the
+                                          model's), "tokenizer_default_fallback_<name>", "jinja", or a
+                                          template name (data/chat.h chat_template_named) */
+    const char *chat_template_jinja;   /* chat_template: jinja: the template text, or a file holding it;
+                                          it must be a template qlora renders (recognised by hash) */
     const char *split;                 /* NULL or "train": every record; else a slice (dataset_slice) */
 } dataset_spec;
 

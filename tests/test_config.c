@@ -507,11 +507,11 @@ static void test_errors_per_key(void **state) {
                       "load_in_4bit: true (NF4, adapter: qlora) or load_in_4bit: false (bf16); delete the line, or "
                       "leave it empty (line 1)");
     expect_load_error(t, "x.yaml", "fp16: true\n", "fp16: refused: compute is bf16");
-    expect_load_error(t, "x.yaml", "chat_template: llama3\n",
-                      "chat_template: \"llama3\" is a template qlora does not render for training data yet");
+    expect_load_error(t, "x.yaml", "chat_template: gemma\n",
+                      "chat_template: \"gemma\" is the template of a model family qlora does not run");
+    expect_load_error(t, "x.yaml", "chat_template: llama3_2_vision\n", "the day's date");
     expect_load_error(t, "x.yaml", "special_tokens:\n  additional_special_tokens: [\"<x>\"]\n",
                       "special_tokens.additional_special_tokens: refused");
-    expect_load_error(t, "x.yaml", "eot_tokens: [\"<end_of_turn>\"]\n", "eot_tokens: refused");
     expect_load_error(t, "x.yaml", "plugins: [my.Plugin]\n", "plugins: refused: \"my.Plugin\"");
     /* dataset entries */
     expect_load_error(t, "x.yaml", "datasets:\n  - path: a.jsonl\n    type: completion\n    feild: body\n",

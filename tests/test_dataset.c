@@ -275,10 +275,13 @@ static void test_chat_template(void **state) {
     assert_null(strstr(t1, "assistant"));
     free(t1);
 
-    /* train_on_inputs: everything */
+    /* train_on_inputs: every message's content and end-of-turn token, as axolotl (not the template's
+     * headers, nor the default system turn the template adds) */
     dataset_examples all = {0};
     read_ok(fx, &spec, 1, &all);
-    for (int32_t i = 0; i < all.v[0].n; i++) assert_int_equal(all.v[0].mask[i], 1);
+    char *ta = decode_trained(fx->tok, &all.v[0]);
+    assert_string_equal(ta, "Hi!<|im_end|>Hello! How can I help?<|im_end|>What is 2+2?<|im_end|>2+2 = 4.<|im_end|>");
+    free(ta);
     dataset_examples_free(&all);
 
     /* the label-mask view */
@@ -716,18 +719,19 @@ static void test_sharegpt_mapping(void **state) {
     dataset_examples_free(&db);
     b.drop_system_message = 0;
 
-    /* roles_to_train, train_on_eos: per-turn spans, implemented for axolotl's ChatML (chat_template: chatml);
-     * with the model's template (assistant spans only) they are refused by name */
+    /* roles_to_train, train_on_eos: axolotl's per-turn labels, with the model's template and with
+     * axolotl's ChatML (chat_template: chatml); tests/test_reference_axolotl_chat.c checks them against
+     * axolotl's own code */
     char *const roles[2] = {"human", "gpt"};
     b.roles_to_train = roles;
     b.n_roles_to_train = 2;
     b.train_on_eos = "last";
-    qerr e0 = {{0}};
-    assert_int_equal(dataset_read_jsonl(fx->tok, &b, 0, &db, &e0), -1);
-    assert_non_null(strstr(e0.msg, "roles_to_train / train_on_eos"));
-    assert_non_null(strstr(e0.msg, "chat_template: chatml"));
+    read_ok(fx, &b, 0, &db);
+    t = decode_trained(fx->tok, &db.v[0]);
+    assert_string_equal(t, "HiHello.2+2?4<|im_end|>");
+    free(t);
     dataset_examples_free(&db);
-    b.force_chatml = 1;
+    b.chat_template = "chatml";
     read_ok(fx, &b, 0, &db);
     t = decode_trained(fx->tok, &db.v[0]);
     assert_string_equal(t, "HiHello.2+2?4<|im_end|>");
@@ -752,7 +756,7 @@ static void test_sharegpt_mapping(void **state) {
     free(r);
     dataset_examples_free(&db);
     /* chat_template: chatml renders without the model template's default system turn */
-    a.force_chatml = 1;
+    a.chat_template = "chatml";
     const char *nosys = "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}\n";
     a.path = write_jsonl(fx, "ns.jsonl", nosys);
     dataset_examples dc = {0};
