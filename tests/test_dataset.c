@@ -777,6 +777,74 @@ static void test_sharegpt_mapping(void **state) {
     dataset_examples_free(&da);
 }
 
+/* axolotl's chat_template choices and eot_tokens: named templates, jinja texts recognised by hash (an
+ * unknown one refused), eot_tokens other than the template's end-of-turn token or eos refused, the note
+ * when axolotl's default [eos_token] leaves the template's end-of-turn token untrained, and the Mistral
+ * system turn whose labels depend on the model's name refused. */
+static void test_chat_template_choices(void **state) {
+    fixture *fx = need_model(state);
+    const char *conv =
+        "{\"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, {\"role\": \"user\", \"content\": \"Hi\"}, "
+        "{\"role\": \"assistant\", \"content\": \"Hello.\"}]}\n";
+    dataset_spec sp = {.path = write_jsonl(fx, "cc.jsonl", conv), .type = "chat_template"};
+    dataset_examples d = {0};
+    qerr e = {{0}};
+    /* jinja: the model's own text is recognised; a text qlora does not render is refused, not approximated */
+    sp.chat_template = "jinja";
+    sp.chat_template_jinja = tokenizer_chat_template(fx->tok);
+    read_ok(fx, &sp, 0, &d);
+    dataset_examples_free(&d);
+    sp.chat_template_jinja = "{% for m in messages %}{{ m.content }}{% endfor %}";
+    assert_int_equal(dataset_read_jsonl(fx->tok, &sp, 0, &d, &e), -1);
+    assert_non_null(strstr(e.msg, "chat_template_jinja"));
+    assert_non_null(strstr(e.msg, "not approximated"));
+    sp.chat_template_jinja = NULL;
+    assert_int_equal(dataset_read_jsonl(fx->tok, &sp, 0, &d, &e), -1);
+    assert_non_null(strstr(e.msg, "needs chat_template_jinja"));
+    /* a name refused with its reason */
+    sp.chat_template = "llama3_2_vision";
+    assert_int_equal(dataset_read_jsonl(fx->tok, &sp, 0, &d, &e), -1);
+    assert_non_null(strstr(e.msg, "date"));
+    /* eot_tokens: the template's end-of-turn token (or eos) only */
+    sp.chat_template = "llama3";
+    char *const wrong[1] = {"<|im_start|>"}, *const right[1] = {"<|eot_id|>"};
+    sp.eot_tokens = wrong;
+    sp.n_eot_tokens = 1;
+    assert_int_equal(dataset_read_jsonl(fx->tok, &sp, 0, &d, &e), -1);
+    assert_non_null(strstr(e.msg, "eot_tokens: \"<|im_start|>\" is neither"));
+    sp.eot_tokens = right; /* not in SmolLM2's vocabulary */
+    assert_int_equal(dataset_read_jsonl(fx->tok, &sp, 0, &d, &e), -1);
+    assert_non_null(strstr(e.msg, "not one token of the vocabulary"));
+    sp.eot_tokens = NULL;
+    sp.n_eot_tokens = 0;
+    /* phi_35 ends turns with <|end|>, SmolLM2's eos is <|im_end|>: as in axolotl nothing ends a turn, and the
+     * note says so */
+    dataset_skip_log log = {0};
+    sp.skipped = &log;
+    sp.chat_template = "phi_35";
+    read_ok(fx, &sp, 0, &d);
+    assert_non_null(strstr(log.note, "eot_tokens is not set"));
+    char *t = decode_trained(fx->tok, &d.v[0]);
+    assert_string_equal(t, "Hello.<"); /* ".<" is one token of this vocabulary (no <|end|>): it overlaps the content */
+    free(t);
+    dataset_examples_free(&d);
+    sp.skipped = NULL;
+    /* mistral_v1 renders the system message inside the first user turn; training it is refused */
+    sp.chat_template = "mistral_v1";
+    char *const sys[1] = {"system"};
+    sp.roles_to_train = sys;
+    sp.n_roles_to_train = 1;
+    assert_int_equal(dataset_read_jsonl(fx->tok, &sp, 0, &d, &e), -1);
+    assert_non_null(strstr(e.msg, "inside a user turn"));
+    sp.roles_to_train = NULL;
+    sp.n_roles_to_train = 0;
+    read_ok(fx, &sp, 0, &d);
+    char *r = decode(fx->tok, d.v[0].ids, (size_t)d.v[0].n);
+    assert_non_null(strstr(r, " [INST] Be brief.\n\nHi [/INST] Hello."));
+    free(r);
+    dataset_examples_free(&d);
+}
+
 /* input_output: segments tokenized one by one (axolotl input_output.py), labels per segment. */
 static void test_input_output(void **state) {
     fixture *fx = need_model(state);
@@ -848,6 +916,7 @@ int main(void) {
         cmocka_unit_test(test_alpaca_train_on_inputs),
         cmocka_unit_test(test_chat_template),
         cmocka_unit_test(test_sharegpt_mapping),
+        cmocka_unit_test(test_chat_template_choices),
         cmocka_unit_test(test_input_output),
         cmocka_unit_test(test_split_slice),
         cmocka_unit_test(test_packing_invariants),
