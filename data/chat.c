@@ -224,24 +224,19 @@ static const char *special_text(const tokenizer *t, int32_t id, const char *what
     return s;
 }
 
-/* The renderer's output: the text, the trained spans of chat_render and each message's content span. */
+/* The renderer's output: the text and the trained spans of chat_render. */
 typedef struct rctx {
     strbuf *b;
     chat_spans *sp;
-    chat_turn *turns; /* NULL or one per message */
     qerr *e;
 } rctx;
 
-/* Append message i's content (Python strip() applied when `strip`) and record its span. */
-static size_t put_content(rctx *r, int i, const char *s, int strip) {
+/* Append a message's content (Python strip() applied when `strip`); returns where it starts. */
+static size_t put_content(rctx *r, const char *s, int strip) {
     size_t x = 0, y = strlen(s);
     if (strip) py_strip(s, &x, &y);
     size_t a = r->b->n;
     strbuf_put(r->b, s + x, y - x);
-    if (r->turns && y > x) {
-        r->turns[i].a = a;
-        r->turns[i].b = r->b->n;
-    }
     return a;
 }
 
@@ -253,7 +248,7 @@ static int chatml_turn(rctx *r, const chat_message *msgs, int i) {
     strbuf_puts(r->b, "<|im_start|>");
     strbuf_puts(r->b, msgs[i].role);
     strbuf_puts(r->b, "\n");
-    size_t a = put_content(r, i, msgs[i].content, 0);
+    size_t a = put_content(r, msgs[i].content, 0);
     strbuf_puts(r->b, "<|im_end|>");
     if (role_is(&msgs[i], "assistant") && trained(r, a)) return -1;
     strbuf_puts(r->b, "\n");
@@ -283,11 +278,11 @@ static int check_no_later_system(const chat_template *ct, const chat_message *lo
 
 static int render_llama2(const chat_template *ct, const tokenizer *t, const chat_message *msgs, int n, rctx *r) {
     const chat_message *loop = msgs;
-    int nl = n, off = 0;
+    int nl = n;
     const char *system = NULL, *bos, *eos;
     if (n > 0 && role_is(&msgs[0], "system")) {
         system = msgs[0].content;
-        loop++, nl--, off = 1;
+        loop++, nl--;
     }
     if (check_alternation(ct, loop, nl, r->e)) return -1;
     if (!(bos = special_text(t, tokenizer_bos_id(t), "bos_token", ct, r->e)) ||
@@ -297,15 +292,11 @@ static int render_llama2(const chat_template *ct, const tokenizer *t, const chat
     int rc = 0;
     for (int i = 0; i < nl && !rc; i++) {
         strbuf_clear(&content);
-        size_t sys_a = 0, sys_b = 0;
         if (i == 0 && system) {
             strbuf_puts(&content, "<<SYS>>\n");
-            sys_a = content.n;
             strbuf_puts(&content, system);
-            sys_b = content.n;
             strbuf_puts(&content, "\n<</SYS>>\n\n");
         }
-        size_t msg_a = content.n;
         strbuf_puts(&content, loop[i].content);
         if (content.oom) break;
         if (role_is(&loop[i], "system")) continue; /* passes the alternation check at an odd index; rendered as nothing */
@@ -319,16 +310,6 @@ static int render_llama2(const chat_template *ct, const tokenizer *t, const chat
         }
         size_t base = r->b->n; /* content.p[x] lands here */
         strbuf_put(r->b, content.p + x, y - x);
-        /* the spans of the system message and of this message inside the stripped content */
-        size_t pa[2] = {sys_a, msg_a}, pb[2] = {sys_b, content.n};
-        int idx[2] = {0, i + off};
-        for (int k = (i == 0 && system) ? 0 : 1; k < 2 && r->turns; k++) {
-            size_t a = pa[k] > x ? pa[k] : x, b = pb[k] < y ? pb[k] : y;
-            if (b > a) {
-                r->turns[idx[k]].a = base + a - x;
-                r->turns[idx[k]].b = base + b - x;
-            }
-        }
         if (role_is(&loop[i], "user")) {
             strbuf_puts(r->b, " [/INST]");
         } else { /* assistant (alternation checked) */
@@ -363,14 +344,14 @@ static int render_mistral(const chat_template *ct, const tokenizer *t, const cha
             strbuf_puts(r->b, v1 ? " [INST] " : v2 ? "[INST] " : "[INST]");
             /* v1: {%- if loop.first and system_message is defined %}; v2v3 / v3: loop.last */
             if (system && (v1 ? i == 0 : i == nl - 1)) {
-                put_content(r, 0, system, 0);
+                put_content(r, system, 0);
                 strbuf_puts(r->b, "\n\n");
             }
-            put_content(r, i + off, loop[i].content, 0);
+            put_content(r, loop[i].content, 0);
             strbuf_puts(r->b, v1 ? " [/INST]" : "[/INST]");
         } else {
             if (v1 || v2) strbuf_puts(r->b, " ");
-            size_t a = put_content(r, i + off, loop[i].content, v2);
+            size_t a = put_content(r, loop[i].content, v2);
             strbuf_puts(r->b, eos);
             rc = trained(r, a);
         }
@@ -378,13 +359,11 @@ static int render_mistral(const chat_template *ct, const tokenizer *t, const cha
     return rc; /* the templates ignore add_generation_prompt */
 }
 
-int chat_render_turns(const chat_template *ct, const tokenizer *t, const chat_message *msgs, int n,
-                      int add_generation_prompt, strbuf *b, chat_spans *sp, chat_turn *turns, qerr *e) {
+int chat_render(const chat_template *ct, const tokenizer *t, const chat_message *msgs, int n,
+                int add_generation_prompt, strbuf *b, chat_spans *sp, qerr *e) {
     if (check_roles(ct, msgs, n, e)) return -1;
     size_t sp0 = sp ? sp->n : 0;
-    if (turns)
-        for (int i = 0; i < n; i++) turns[i] = (chat_turn){0, 0};
-    rctx r = {b, sp, turns, e};
+    rctx r = {b, sp, e};
     const char *bos = NULL, *eos = NULL;
     int rc = 0;
     switch (ct->kind) {
@@ -403,7 +382,7 @@ int chat_render_turns(const chat_template *ct, const tokenizer *t, const chat_me
         /* {%- if messages[0]['role'] == 'system' %} the system turn {%- else %} the default one */
         strbuf_puts(b, "<|im_start|>system\n");
         if (n > 0 && role_is(&msgs[0], "system"))
-            put_content(&r, 0, msgs[0].content, 0);
+            put_content(&r, msgs[0].content, 0);
         else
             strbuf_puts(b, ct->system);
         strbuf_puts(b, "<|im_end|>\n");
@@ -419,7 +398,7 @@ int chat_render_turns(const chat_template *ct, const tokenizer *t, const chat_me
         strbuf_puts(b, "Cutting Knowledge Date: December 2023\n");
         strbuf_puts(b, "Today Date: 26 Jul 2024\n\n");
         if (n > 0 && role_is(&msgs[0], "system")) {
-            put_content(&r, 0, msgs[0].content, 1);
+            put_content(&r, msgs[0].content, 1);
             first = 1;
         }
         strbuf_puts(b, "<|eot_id|>");
@@ -427,7 +406,7 @@ int chat_render_turns(const chat_template *ct, const tokenizer *t, const chat_me
             strbuf_puts(b, "<|start_header_id|>");
             strbuf_puts(b, msgs[i].role);
             strbuf_puts(b, "<|end_header_id|>\n\n");
-            size_t a = put_content(&r, i, msgs[i].content, 1);
+            size_t a = put_content(&r, msgs[i].content, 1);
             strbuf_puts(b, "<|eot_id|>");
             if (role_is(&msgs[i], "assistant")) rc = trained(&r, a);
         }
@@ -441,7 +420,7 @@ int chat_render_turns(const chat_template *ct, const tokenizer *t, const chat_me
             strbuf_puts(b, "<|start_header_id|>");
             strbuf_puts(b, msgs[i].role);
             strbuf_puts(b, "<|end_header_id|>\n\n");
-            size_t a = put_content(&r, i, msgs[i].content, 1);
+            size_t a = put_content(&r, msgs[i].content, 1);
             strbuf_puts(b, "<|eot_id|>");
             if (role_is(&msgs[i], "assistant")) rc = trained(&r, a);
         }
@@ -462,16 +441,16 @@ int chat_render_turns(const chat_template *ct, const tokenizer *t, const chat_me
         for (int i = 0; i < n && !rc; i++) {
             if (role_is(&msgs[i], "user")) {
                 strbuf_puts(b, "<|user|>\n");
-                put_content(&r, i, msgs[i].content, 0);
+                put_content(&r, msgs[i].content, 0);
                 strbuf_puts(b, "<|end|>\n<|assistant|>\n");
             } else if (role_is(&msgs[i], "assistant")) {
-                size_t a = put_content(&r, i, msgs[i].content, 0);
+                size_t a = put_content(&r, msgs[i].content, 0);
                 strbuf_puts(b, "<|end|>");
                 rc = trained(&r, a);
                 strbuf_puts(b, "\n");
             } else if (ct->kind == CHAT_AXO_PHI3) { /* system; Phi-3's own template renders nothing for it */
                 strbuf_puts(b, "<|system|>\n");
-                put_content(&r, i, msgs[i].content, 0);
+                put_content(&r, msgs[i].content, 0);
                 strbuf_puts(b, "<|end|>\n");
             }
         }
@@ -482,7 +461,7 @@ int chat_render_turns(const chat_template *ct, const tokenizer *t, const chat_me
             const chat_message *m = &msgs[i];
             if (role_is(m, "system") && !m->content[0]) continue; /* {% if ... and message['content'] %} */
             strbuf_puts(b, role_is(m, "system") ? "<|system|>\n" : role_is(m, "user") ? "<|user|>\n" : "<|assistant|>\n");
-            size_t a = put_content(&r, i, m->content, 0);
+            size_t a = put_content(&r, m->content, 0);
             strbuf_puts(b, "<|end|>");
             if (role_is(m, "assistant")) rc = trained(&r, a);
             strbuf_puts(b, "\n");
@@ -498,11 +477,6 @@ int chat_render_turns(const chat_template *ct, const tokenizer *t, const chat_me
     if (!rc && b->oom) rc = qerr_set(e, "out of memory rendering a conversation");
     if (rc && sp) sp->n = sp0;
     return rc;
-}
-
-int chat_render(const chat_template *ct, const tokenizer *t, const chat_message *msgs, int n,
-                int add_generation_prompt, strbuf *b, chat_spans *sp, qerr *e) {
-    return chat_render_turns(ct, t, msgs, n, add_generation_prompt, b, sp, NULL, e);
 }
 
 /* ------------------------------------------------------------------------ */

@@ -103,13 +103,6 @@ int chat_template_system_in_user_turn(const chat_template *ct);
  * that is eos and the tokenizer has none. */
 const char *chat_template_eot(const chat_template *ct, const tokenizer *t);
 
-/* Where message i's content landed in a rendering: bytes [a, b) of the output
- * (after the template's strip/trim); a == b when the template did not render
- * it or it is empty. */
-typedef struct chat_turn {
-    size_t a, b;
-} chat_turn;
-
 /* chat_render: append the rendering of msgs[0..n) to `out` exactly as
  * apply_chat_template(msgs, tokenize=False, add_generation_prompt) renders
  * the template, with bos_token / eos_token the texts of the tokenizer's bos
@@ -120,13 +113,6 @@ typedef struct chat_turn {
  * memory. */
 int chat_render(const chat_template *ct, const tokenizer *t, const chat_message *msgs, int n,
                 int add_generation_prompt, strbuf *out, chat_spans *spans, qerr *e);
-
-/* chat_render_turns: chat_render, and turns[0..n) (when not NULL) get each
- * message's content span (axolotl's turn boundaries: what its
- * ChatTemplateStrategy.find_turn finds by rendering a placeholder in place of
- * the content). */
-int chat_render_turns(const chat_template *ct, const tokenizer *t, const chat_message *msgs, int n,
-                      int add_generation_prompt, strbuf *out, chat_spans *spans, chat_turn *turns, qerr *e);
 
 /* Stop tokens for generation: eos, then the end-of-turn token of the
  * template (<|im_end|>, <|eot_id|>, <|end|>, <end_of_turn>, <|endoftext|>)

@@ -70,7 +70,7 @@ typedef struct ds_render {
     ds_turn *turn; /* chat: one per message */
     size_t n_turn, turn_cap;
     int chat;                /* 1: label by turns */
-    const char *eos_opt;     /* chat: train_on_eos (= train_on_eot) */
+    const char *opt[2];      /* chat: train_on_eot, train_on_eos */
     int32_t eot_ids[8];      /* chat: axolotl's eot_tokens as ids */
     int n_eot;
 } ds_render;
@@ -88,12 +88,15 @@ static void ds_chat_labels(const ds_render *r, const int32_t *ids, const int64_t
                            int32_t eos_id, uint8_t *mask) {
     memset(mask, 0, n);
     if (n == 0) return;
-    const char *opt = r->eos_opt ? r->eos_opt : "turn";
-    int all = !strcmp(opt, "all"), turn = !strcmp(opt, "turn"), last = !strcmp(opt, "last");
+    int all[2], turn[2], last[2];
+    for (int k = 0; k < 2; k++) {
+        const char *o = r->opt[k] ? r->opt[k] : "turn";
+        all[k] = !strcmp(o, "all"), turn[k] = !strcmp(o, "turn"), last[k] = !strcmp(o, "last");
+    }
     long last_idx[2] = {-1, -1};
     for (size_t t = 0; t < r->n_turn; t++) {
         int should = train_all || r->turn[t].train;
-        if (!should && !all) continue;
+        if (!should && !all[0] && !all[1]) continue;
         long s = -1, e = -1;
         if (r->turn[t].b > r->turn[t].a) {
             size_t i = 0;
@@ -119,11 +122,11 @@ static void ds_chat_labels(const ds_render *r, const int32_t *ids, const int64_t
             }
             if (idx == -1 || labs(idx - e) > 3) continue;
             last_idx[k] = idx;
-            if (all || (turn && should)) mask[idx] = 1;
+            if (all[k] || (turn[k] && should)) mask[idx] = 1;
         }
     }
     for (int k = 0; k < 2; k++)
-        if (last && last_idx[k] != -1) mask[last_idx[k]] = 1;
+        if (last[k] && last_idx[k] != -1) mask[last_idx[k]] = 1;
 }
 
 static int ds_puts(ds_render *r, const char *s, qerr *e) {
@@ -288,14 +291,30 @@ static int ds_render_chat(const cJSON *obj, const dataset_spec *spec, const char
     if (!cJSON_IsArray(msgs)) return ds_bad(e, "%s:%ld: field \"%s\" missing or not an array", path, line, field);
     int n = cJSON_GetArraySize(msgs);
     if (n == 0) return ds_bad(e, "%s:%ld: field \"%s\" is an empty list", path, line, field);
-    chat_message *m = malloc((size_t)n * sizeof *m);
-    chat_turn *turns = malloc((size_t)n * sizeof *turns);
+    chat_message *m = malloc((size_t)(n + 1) * sizeof *m);
+    ds_turn *turns = malloc((size_t)(n + 1) * sizeof *turns);
     if (!m || !turns) {
         free(m);
         free(turns);
         return qerr_set(e, "out of memory");
     }
     int i = 0, kept = 0;
+    /* axolotl's field_system ("system"): a record's top-level "system" becomes the first message when the
+     * conversation does not start with one (ChatTemplateStrategy.get_conversation_thread) */
+    const cJSON *first = cJSON_GetArrayItem(msgs, 0), *sys = cJSON_GetObjectItemCaseSensitive(obj, "system");
+    const char *first_raw = cJSON_IsObject(first) ? ds_get_str(first, frole) : NULL;
+    const char *first_role = first_raw ? ds_map_role(first_raw) : NULL;
+    if (sys && !cJSON_IsNull(sys) && !(first_role && !strcmp(first_role, "system"))) {
+        if (!cJSON_IsString(sys)) {
+            free(m);
+            free(turns);
+            return ds_bad(e, "%s:%ld: field \"system\" (axolotl's field_system) is not a string", path, line);
+        }
+        if (!spec->drop_system_message) m[kept++] = (chat_message){"system", sys->valuestring};
+        else i = -1; /* marks the leading system message as dropped */
+    }
+    int dropped = i < 0;
+    i = 0;
     const cJSON *it;
     cJSON_ArrayForEach(it, msgs) {
         const char *raw = cJSON_IsObject(it) ? ds_get_str(it, frole) : NULL;
@@ -311,7 +330,10 @@ static int ds_render_chat(const cJSON *obj, const dataset_spec *spec, const char
                              "assistant -> assistant; system; tool)", path, line, field, i, raw);
         }
         i++;
-        if (kept == 0 && spec->drop_system_message && !strcmp(role, "system")) continue;
+        if (kept == 0 && !dropped && spec->drop_system_message && !strcmp(role, "system")) {
+            dropped = 1;
+            continue;
+        }
         m[kept++] = (chat_message){role, content};
     }
     int rc = 0;
@@ -354,7 +376,7 @@ static int ds_render_chat(const cJSON *obj, const dataset_spec *spec, const char
             if (nf - suf > hi) hi = nf - suf;
         }
         m[j].content = keep;
-        turns[j] = hi > lo ? (chat_turn){base + lo, base + hi} : (chat_turn){0, 0};
+        turns[j] = hi > lo ? (ds_turn){base + lo, base + hi, 0} : (ds_turn){0, 0, 0};
     }
     free(d.p);
     for (int j = 0; j < kept && !rc; j++) rc = ds_turn_add(r, turns[j].a, turns[j].b, ds_role_trained(spec, m[j].role), e);
@@ -388,8 +410,8 @@ static int ds_chat_template(const tokenizer *tok, const dataset_spec *spec, cons
     return chat_template_find(j, ct, e) ? qerr_prefix(e, "chat_template_jinja") : 0;
 }
 
-/* eot_tokens as ids (axolotl's default: [eos_token]); each must be the template's end-of-turn token or
- * eos, one token of the vocabulary. *note gets the line axolotl warns with when the default leaves the
+/* eot_tokens as ids (axolotl's default: [eos_token]); given, it must be [the template's end-of-turn
+ * token], one token of the vocabulary. *note gets the line axolotl warns with when the default leaves the
  * template's end-of-turn token untrained. */
 static int ds_eot_ids(const tokenizer *tok, const dataset_spec *spec, const chat_template *ct, ds_render *r,
                       char *note, size_t note_len, qerr *e) {
@@ -406,16 +428,19 @@ static int ds_eot_ids(const tokenizer *tok, const dataset_spec *spec, const chat
                      "train it", eos_text, chat_template_name(ct), eot, eot);
         return 0;
     }
-    for (int i = 0; i < spec->n_eot_tokens; i++) {
-        const char *t = spec->eot_tokens[i];
-        if (!(eot && !strcmp(t, eot)) && !(eos_text && !strcmp(t, eos_text)))
-            return qerr_set(e, "eot_tokens: \"%.60s\" is neither the end-of-turn token of the %s template (\"%s\") "
-                               "nor eos; refused (axolotl would drop it if the template does not contain it, or "
-                               "train it wherever it follows a turn)", t, chat_template_name(ct), eot ? eot : "eos");
-        int32_t id = tokenizer_find_token(tok, t);
-        if (id < 0) return qerr_set(e, "eot_tokens: \"%.60s\" is not one token of the vocabulary", t);
-        if (r->n_eot < (int)(sizeof r->eot_ids / sizeof r->eot_ids[0])) r->eot_ids[r->n_eot++] = id;
-    }
+    /* [the template's end-of-turn token] only: axolotl keeps a listed token only when the template's text
+     * contains it (a [eos_token] list excepted) and refuses eos listed with train_on_eot != train_on_eos;
+     * with this one list neither depends on the text (the token is literal in every template whose
+     * end-of-turn token is not eos) */
+    const char *t = spec->n_eot_tokens > 0 ? spec->eot_tokens[0] : "";
+    if (spec->n_eot_tokens != 1 || !eot || strcmp(t, eot))
+        return qerr_set(e, "eot_tokens: refused: only [\"%s\"], the end-of-turn token of the %s template, is "
+                           "implemented (got %d token(s), the first \"%.60s\"; axolotl keeps or drops others "
+                           "depending on the template's text)", eot ? eot : "eos", chat_template_name(ct),
+                        spec->n_eot_tokens, t);
+    int32_t id = tokenizer_find_token(tok, t);
+    if (id < 0) return qerr_set(e, "eot_tokens: \"%.60s\" is not one token of the vocabulary", t);
+    r->eot_ids[r->n_eot++] = id;
     return 0;
 }
 
@@ -608,7 +633,8 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
             ds_eot_ids(tok, spec, ct, &r, note, note ? sizeof spec->skipped->note : 0, e))
             return qerr_prefix(e, "%s: type chat_template", path);
         r.chat = 1;
-        r.eos_opt = spec->train_on_eos;
+        r.opt[1] = spec->train_on_eos;
+        r.opt[0] = spec->train_on_eot ? spec->train_on_eot : spec->train_on_eos;
     }
 
     size_t len = 0;

@@ -20,7 +20,8 @@ Two oracles, neither written here:
   2. Labels: axolotl's ChatTemplateStrategy (src/axolotl/prompt_strategies/chat_template.py, imported from
      the sdist; the modules it imports but never uses on this path -- datasets, colorama, addict -- are
      stubbed) tokenizing each conversation under every SETTING (roles_to_train, train_on_eos, eot_tokens,
-     train_on_inputs): input_ids and labels, for axolotl's named templates and for the models' own
+     train_on_inputs, drop_system_message) of each record: input_ids and labels, for axolotl's named
+     templates and for the models' own
      templates qlora renders (the Jinja files of scripts/make_chat_fixtures.py).
 """
 import importlib.abc
@@ -93,16 +94,30 @@ CONVERSATIONS = mc.CONVERSATIONS + [
     [(U, "q1"), (A, "  a1  "), (U, "q2"), (A, "a2\n")],
 ]
 
-# (roles_to_train, train_on_eos, eot_tokens ("T": the template's end-of-turn token), train_on_inputs)
+# records for the labels: every conversation as {"messages": [...]}, and axolotl's field_system ("system": a
+# record's top-level system prompt becomes the first message when the conversation has none)
+RECORDS = [{"messages": [{"role": r, "content": c} for r, c in conv]} for conv in CONVERSATIONS] + [
+    {"system": "From the record's system field.", "messages": [{"role": U, "content": "Hi"}, {"role": A, "content": "Hello."}]},
+    {"system": "Ignored: the conversation has its own.", "messages": [{"role": S, "content": "Own system."},
+                                                                        {"role": U, "content": "Hi"}, {"role": A, "content": "Hello."}]},
+    {"messages": [{"role": S, "content": "First."}, {"role": S, "content": "Second."}, {"role": U, "content": "Hi"},
+                  {"role": A, "content": "Hello."}]},
+]
+
+# (roles_to_train, train_on_eos, train_on_eot (None: as train_on_eos), eot_tokens ("T": [the template's
+#  end-of-turn token]), train_on_inputs, drop_system_message)
 SETTINGS = [
-    (["assistant"], "turn", None, False),
-    (["assistant"], "turn", "T", False),
-    (["user", "assistant"], "all", "T", False),
-    (["assistant"], "last", "T", False),
-    (["assistant"], "none", "T", False),
-    (["user"], "turn", "T", False),
-    (["assistant"], "turn", "T", True),
-    (["human", "gpt"], "last", None, False),
+    (["assistant"], "turn", None, None, False, False),
+    (["assistant"], "turn", None, "T", False, False),
+    (["user", "assistant"], "all", None, "T", False, False),
+    (["assistant"], "last", None, "T", False, False),
+    (["assistant"], "none", None, "T", False, False),
+    (["user"], "turn", None, "T", False, False),
+    (["assistant"], "turn", None, "T", True, False),
+    (["human", "gpt"], "last", None, None, False, False),
+    (["assistant"], "all", "none", "T", False, False),
+    (["assistant"], "none", "last", "T", False, True),
+    (["assistant"], "turn", "all", None, False, True),
 ]
 
 TERMINATOR = {"chatml": "<|im_end|>", "qwen_25": "<|im_end|>", "llama3": "<|eot_id|>",
@@ -143,21 +158,20 @@ def render_all(hft, tok, src, name):
 
 def masks_all(hft, src, name, ct):
     out = []
-    for si, (roles, eos_opt, eot, tin) in enumerate(SETTINGS):
+    for si, (roles, eos_opt, eot_opt, eot, tin, drop) in enumerate(SETTINGS):
         eot_tokens = None if eot is None else [TERMINATOR.get(name, hft.eos_token)]
-        for ci, conv in enumerate(CONVERSATIONS):
-            msgs = [{"role": r, "content": c} for r, c in conv]
-            prompter = ct.ChatTemplatePrompter(hft, chat_template=src, max_length=4096)
+        for ri, rec in enumerate(RECORDS):
+            prompter = ct.ChatTemplatePrompter(hft, chat_template=src, max_length=4096, drop_system_message=drop)
             try:
                 st = ct.ChatTemplateStrategy(prompter, tokenizer=hft, train_on_inputs=tin, sequence_len=4096,
-                                             roles_to_train=roles, train_on_eos=eos_opt, train_on_eot=None,
+                                             roles_to_train=roles, train_on_eos=eos_opt, train_on_eot=eot_opt,
                                              eot_tokens=eot_tokens)
-                res = st.tokenize_prompt({"messages": msgs})
-                out.append({"setting": si, "conv": ci, "ids": list(res["input_ids"]), "labels": list(res["labels"])})
+                res = st.tokenize_prompt(json.loads(json.dumps(rec)))
+                out.append({"setting": si, "rec": ri, "ids": list(res["input_ids"]), "labels": list(res["labels"])})
             except Exception as ex:
-                if "TemplateError" not in type(ex).__name__:
+                if "TemplateError" not in type(ex).__name__ and "Conflict" not in str(ex):
                     raise
-                out.append({"setting": si, "conv": ci, "error": str(ex)})
+                out.append({"setting": si, "rec": ri, "error": str(ex)})
     return out
 
 
@@ -168,12 +182,12 @@ def main():
     logging.disable(logging.WARNING)
     import axolotl.prompt_strategies.chat_template as ct
 
-    settings = [{"roles_to_train": r, "train_on_eos": e, "eot_tokens": t, "train_on_inputs": i}
-                for r, e, t, i in SETTINGS]
+    settings = [{"roles_to_train": r, "train_on_eos": e, "train_on_eot": o, "eot_tokens": t, "train_on_inputs": i,
+                 "drop_system_message": d} for r, e, o, t, i, d in SETTINGS]
     arrays = {"versions": versions(), "axolotl": "0.19.0 (sdist sha256 136d623f04c909c5149d7f5dbd4a0e215014ab4c3617cce9d64010b5b8ca609d)",
               "conversations": json.dumps([[{"role": r, "content": c} for r, c in conv] for conv in CONVERSATIONS],
                                           ensure_ascii=False),
-              "settings": json.dumps(settings)}
+              "records": json.dumps(RECORDS, ensure_ascii=False), "settings": json.dumps(settings)}
     cases = [(n, "axolotl", lambda n=n: mc.read(os.path.join(TDIR, n + ".jinja")), shape) for n, shape in NAMED]
     cases += [(n, "model", f, shape) for n, f, shape in mc.TEMPLATES]
     names = []

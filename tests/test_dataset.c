@@ -811,7 +811,7 @@ static void test_chat_template_choices(void **state) {
     sp.eot_tokens = wrong;
     sp.n_eot_tokens = 1;
     assert_int_equal(dataset_read_jsonl(fx->tok, &sp, 0, &d, &e), -1);
-    assert_non_null(strstr(e.msg, "eot_tokens: \"<|im_start|>\" is neither"));
+    assert_non_null(strstr(e.msg, "eot_tokens: refused: only [\"<|eot_id|>\"]"));
     sp.eot_tokens = right; /* not in SmolLM2's vocabulary */
     assert_int_equal(dataset_read_jsonl(fx->tok, &sp, 0, &d, &e), -1);
     assert_non_null(strstr(e.msg, "not one token of the vocabulary"));

@@ -433,6 +433,7 @@ static void free_datasets(dataset_cfg *d, int n) {
         free(d[i].message_field_content);
         free_str_list(d[i].roles_to_train, d[i].n_roles_to_train);
         free(d[i].train_on_eos);
+        free(d[i].train_on_eot);
         free(d[i].split);
         free(d[i].data_files);
         free(d[i].chat_template);
@@ -786,12 +787,10 @@ static int ds_axolotl_key(const pctx *p, const char *what, const char *name, con
         if (is_null(v)) return 0;
         const char *t;
         if (get_enum(p, sub, v, V_EOS, NULL, NULL, &t)) return -1;
-        if (*eos_seen && strcmp(d->train_on_eos, t))
-            return perr(p, k, "%s: \"%s\" differs from the other of train_on_eos / train_on_eot; ChatML's "
-                              "end-of-turn token is its eos, so they are one setting here", sub, t);
-        *eos_seen = 1;
-        free(d->train_on_eos);
-        if (!(d->train_on_eos = dup_str(t))) return qerr_set(p->e, "out of memory");
+        char **dst = !strcmp(name, "train_on_eos") ? &d->train_on_eos : &d->train_on_eot;
+        (void)eos_seen;
+        free(*dst);
+        if (!(*dst = dup_str(t))) return qerr_set(p->e, "out of memory");
         return 0;
     }
     if (!strcmp(name, "drop_system_message")) {
@@ -2035,11 +2034,11 @@ static void put_datasets(FILE *f, const char *key, const dataset_cfg *d, int n) 
             fputc('\n', f);
         }
         /* axolotl's keys of an entry (null: the default; written only when set) */
-        const char *xn[7] = {"message_field_role", "message_field_content", "train_on_eos", "split", "data_files",
-                             "chat_template", "chat_template_jinja"};
-        const char *xv[7] = {d[i].message_field_role, d[i].message_field_content, d[i].train_on_eos, d[i].split,
-                             d[i].data_files, d[i].chat_template, d[i].chat_template_jinja};
-        for (int j = 0; j < 7; j++) {
+        const char *xn[8] = {"message_field_role", "message_field_content", "train_on_eos", "train_on_eot", "split",
+                             "data_files", "chat_template", "chat_template_jinja"};
+        const char *xv[8] = {d[i].message_field_role, d[i].message_field_content, d[i].train_on_eos, d[i].train_on_eot,
+                             d[i].split, d[i].data_files, d[i].chat_template, d[i].chat_template_jinja};
+        for (int j = 0; j < 8; j++) {
             if (!xv[j]) continue;
             fprintf(f, "    %s: ", xn[j]);
             put_yaml_str(f, xv[j]);
@@ -2218,7 +2217,8 @@ int train_config_dataset_specs(const train_config *c, int test, dataset_spec **o
                               .message_field_role = d[i].message_field_role,
                               .message_field_content = d[i].message_field_content,
                               .roles_to_train = d[i].roles_to_train, .n_roles_to_train = d[i].n_roles_to_train,
-                              .train_on_eos = d[i].train_on_eos, .drop_system_message = d[i].drop_system_message,
+                              .train_on_eos = d[i].train_on_eos, .train_on_eot = d[i].train_on_eot,
+                              .drop_system_message = d[i].drop_system_message,
                               .chat_template = ct,
                               .chat_template_jinja = d[i].chat_template ? d[i].chat_template_jinja
                                                                         : c->chat_template_jinja,

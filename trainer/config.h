@@ -121,6 +121,7 @@ typedef struct dataset_cfg {
     char **roles_to_train;       /* chat_template: roles whose content is trained on; default [assistant] */
     int n_roles_to_train;
     char *train_on_eos;          /* chat_template: "turn" (default) | "all" | "last" | "none" */
+    char *train_on_eot;          /* chat_template: the same values for eot_tokens; NULL = as train_on_eos */
     int drop_system_message;     /* chat_template: drop a leading system message; default 0 */
     char *split;                 /* "train" (default: every record) or a slice: train[:N], train[:N%], train[A:B] */
     char *data_files;            /* NULL, or the file to read (joined to path when path is a directory) */
