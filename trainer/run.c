@@ -422,6 +422,8 @@ static int setup_data(run_ctx *r, qerr *e) {
             }
         return -1;
     }
+    if (skipped.note[0]) fprintf(stderr, "[data] datasets: %s\n", skipped.note);
+    if (tskipped.note[0]) fprintf(stderr, "[data] test_datasets: %s\n", tskipped.note);
     if (skipped.n_lines)
         fprintf(stderr, "[data] skipped %lld malformed line(s) of datasets (skip_bad_lines); the first: %s\n",
                 (long long)skipped.n_lines, skipped.first);
