@@ -68,6 +68,7 @@ extern "C" {
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 #include <dlfcn.h>
+#include <float.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1360,58 +1361,92 @@ static int64_t cu_sophia_update(float *p, const float *g, float *m, const float 
     return (int64_t)w;
 }
 
-/* bitsandbytes' 8-bit AdamW and its 32-bit update (optim/adamw8bit.c): run by the CPU backend's
- * kernels on host copies (copy_d2h, the `cpu` entry, copy_h2d), so the states are the CPU's bit for
- * bit. No device kernel yet: an 8-bit AdamW step costs a round trip of the parameters, gradients
- * and codes over PCIe (README "GPU"). */
-static void *host_copy(const void *dev, size_t bytes) {
-    void *h = malloc(bytes ? bytes : 1);
-    if (!h) {
-        fprintf(stderr, "[cuda] out of host memory staging %zu bytes\n", bytes);
-        abort();
+/* bitsandbytes' 8-bit blockwise AdamW and its 32-bit update (optim/adamw8bit.c; the CPU sequence is
+ * backend_cpu_optim.inc's). One thread block per quantization block (blocksize <= 4096, checked by
+ * optim/adamw8bit.c): each thread dequantizes, updates and keeps its elements' new moments in shared
+ * memory; the block's absmax is a max (order-free, so the CPU's value exactly); then the moments are
+ * quantized with the same 65536-bin tables (device copies made by the optimizer). The square root is
+ * IEEE's (backend_cuda_elem.h says why): moments, absmax and codes are the CPU's bit for bit, a parameter
+ * may differ where the CPU's torch-style root is one ulp off (tests/test_cuda_elem.cu bounds it). */
+#define BW8_MAX_BLOCK 4096
+#define BW8_THREADS 256
+
+__global__ void __launch_bounds__(BW8_THREADS)
+k_adamw8bit(float *p, const float *g, uint8_t *q1, uint8_t *q2, float *absmax1, float *absmax2, const float *qmap1,
+            const float *qmap2, const uint8_t *lut1, const uint8_t *lut2, int64_t n, int blocksize, qe_adamw8bit_c c) {
+    __shared__ float ms[BW8_MAX_BLOCK], vs[BW8_MAX_BLOCK];
+    __shared__ float r1[BW8_THREADS], r2[BW8_THREADS];
+    const int64_t b = blockIdx.x, i0 = b * (int64_t)blocksize;
+    const int len = (int)(n - i0 < blocksize ? n - i0 : blocksize);
+    const float s1 = absmax1[b], s2 = absmax2[b];
+    float a1 = -FLT_MAX, a2 = -FLT_MAX; /* bw8_quantize_block's start */
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        const int64_t i = i0 + j;
+        float m = qmap1[q1[i]] * s1, v = qmap2[q2[i]] * s2;
+        qe_bnb_moments(g[i], &m, &v, &c);
+        p[i] = qe_adamw8bit_param(p[i], m, sqrtf(v), &c);
+        ms[j] = m;
+        vs[j] = v;
+        a1 = fmaxf(a1, fabsf(m));
+        a2 = fmaxf(a2, fabsf(v));
     }
-    cu_copy_d2h(h, dev, bytes);
-    return h;
+    r1[threadIdx.x] = a1;
+    r2[threadIdx.x] = a2;
+    __syncthreads();
+    for (int h = BW8_THREADS / 2; h > 0; h >>= 1) {
+        if ((int)threadIdx.x < h) {
+            r1[threadIdx.x] = fmaxf(r1[threadIdx.x], r1[threadIdx.x + h]);
+            r2[threadIdx.x] = fmaxf(r2[threadIdx.x], r2[threadIdx.x + h]);
+        }
+        __syncthreads();
+    }
+    const float amax1 = r1[0], amax2 = r2[0];
+    const float inv1 = 1.0f / amax1, inv2 = 1.0f / amax2;
+    for (int j = threadIdx.x; j < len; j += blockDim.x) {
+        q1[i0 + j] = amax1 == 0.0f ? (uint8_t)0 : qe_bw8_index(lut1, ms[j], inv1);
+        q2[i0 + j] = amax2 == 0.0f ? (uint8_t)0 : qe_bw8_index(lut2, vs[j], inv2);
+    }
+    if (threadIdx.x == 0) {
+        absmax1[b] = amax1;
+        absmax2[b] = amax2;
+    }
 }
 
-static const ag_backend *cpu_table(void) {
-    const ag_backend *b = ag_backend_find("cpu");
-    return b ? b : &ag_backend_cpu_ref;
+static qe_adamw8bit_c qe_of(const ag_adamw8bit_coef *co) {
+    qe_adamw8bit_c c = {co->decay,        co->decay_f,       co->beta1_f, co->one_minus_beta1_f, co->beta2_f,
+                        co->one_minus_beta2_f, co->correction2_f, co->eps_f,   co->step8_f,          co->eps_c2_f,
+                        co->step32_f};
+    return c;
 }
 
 static void cu_adamw8bit_update(float *p, const float *g, uint8_t *q1, uint8_t *q2, float *absmax1, float *absmax2,
                                 const float *qmap1, const float *qmap2, const uint8_t *lut1, const uint8_t *lut2,
-                                int64_t n, int blocksize, const ag_adamw8bit_coef *c) {
+                                int64_t n, int blocksize, const ag_adamw8bit_coef *co) {
     if (n <= 0) return;
-    size_t nb = (size_t)((n + blocksize - 1) / blocksize) * sizeof(float), nf = (size_t)n * sizeof(float);
-    float *hp = (float *)host_copy(p, nf), *hg = (float *)host_copy(g, nf);
-    uint8_t *h1 = (uint8_t *)host_copy(q1, (size_t)n), *h2 = (uint8_t *)host_copy(q2, (size_t)n);
-    float *ha1 = (float *)host_copy(absmax1, nb), *ha2 = (float *)host_copy(absmax2, nb);
-    float *hm1 = (float *)host_copy(qmap1, 256 * sizeof(float)), *hm2 = (float *)host_copy(qmap2, 256 * sizeof(float));
-    uint8_t *hl1 = (uint8_t *)host_copy(lut1, 65536), *hl2 = (uint8_t *)host_copy(lut2, 65536);
-    cpu_table()->adamw8bit_update(hp, hg, h1, h2, ha1, ha2, hm1, hm2, hl1, hl2, n, blocksize, c);
-    cu_copy_h2d(p, hp, nf);
-    cu_copy_h2d(q1, h1, (size_t)n);
-    cu_copy_h2d(q2, h2, (size_t)n);
-    cu_copy_h2d(absmax1, ha1, nb);
-    cu_copy_h2d(absmax2, ha2, nb);
-    void *all[] = {hp, hg, h1, h2, ha1, ha2, hm1, hm2, hl1, hl2};
-    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free(all[i]);
+    if (blocksize <= 0 || blocksize > BW8_MAX_BLOCK) {
+        fprintf(stderr, "[cuda] adamw8bit_update: blocksize %d outside 1..%d\n", blocksize, BW8_MAX_BLOCK);
+        abort();
+    }
+    const int64_t nb = (n + blocksize - 1) / blocksize;
+    k_adamw8bit<<<(unsigned)nb, BW8_THREADS, 0, G.stream>>>(p, g, q1, q2, absmax1, absmax2, qmap1, qmap2, lut1, lut2,
+                                                              n, blocksize, qe_of(co));
+    KCHECK();
 }
 
-static void cu_adamw_bnb32_update(float *p, const float *g, float *m, float *v, int64_t n, const ag_adamw8bit_coef *c) {
+__global__ void k_adamw_bnb32(float *p, const float *g, float *m, float *v, int64_t n, qe_adamw8bit_c c) {
+    GRID_LOOP(i, n) {
+        float mi = m[i], vi = v[i];
+        qe_bnb_moments(g[i], &mi, &vi, &c);
+        p[i] = qe_adamw_bnb32_param(p[i], mi, sqrtf(vi), &c);
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+static void cu_adamw_bnb32_update(float *p, const float *g, float *m, float *v, int64_t n, const ag_adamw8bit_coef *co) {
     if (n <= 0) return;
-    size_t nf = (size_t)n * sizeof(float);
-    float *hp = (float *)host_copy(p, nf), *hg = (float *)host_copy(g, nf);
-    float *hm = (float *)host_copy(m, nf), *hv = (float *)host_copy(v, nf);
-    cpu_table()->adamw_bnb32_update(hp, hg, hm, hv, n, c);
-    cu_copy_h2d(p, hp, nf);
-    cu_copy_h2d(m, hm, nf);
-    cu_copy_h2d(v, hv, nf);
-    free(hp);
-    free(hg);
-    free(hm);
-    free(hv);
+    k_adamw_bnb32<<<nblocks(n, 256), 256, 0, G.stream>>>(p, g, m, v, n, qe_of(co));
+    KCHECK();
 }
 
 __global__ void k_sophia_hessian(float *h, const float *g, int64_t n, float b2, float omb2) {

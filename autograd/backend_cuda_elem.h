@@ -174,6 +174,53 @@ QE void qe_adamw(float *pp, float g, float *mp, float *vp, int masked_in, const 
     *pp = p;
 }
 
+/* ---- bitsandbytes' 8-bit blockwise AdamW and its 32-bit update (backend_cpu_optim.inc
+ * cpu_adamw8bit_update / cpu_adamw_bnb32_update, bitsandbytes' CPU sequence) ----
+ * The CPU takes torch.sqrt as torch 2.15's AVX-512 kernel does (rsqrt14 refined by one Newton step:
+ * one ulp from the IEEE root for ~0.7 % of inputs); a GPU has no rsqrt14, so the root is an argument:
+ * the kernels pass IEEE sqrtf (what bitsandbytes' own CUDA kernels take), the host test both roots.
+ * The moments do not depend on the root, so moments, absmax and codes are the CPU's bit for bit. */
+typedef struct qe_adamw8bit_c {
+    int decay;
+    float decay_f, beta1_f, one_minus_beta1_f, beta2_f, one_minus_beta2_f, correction2_f, eps_f, step8_f, eps_c2_f,
+        step32_f;
+} qe_adamw8bit_c;
+
+/* m.mul_(b1).add_(g, alpha=1-b1) and v.mul_(b2).addcmul_(g, g, value=1-b2): one FMA each. */
+QE void qe_bnb_moments(float g, float *mp, float *vp, const qe_adamw8bit_c *c) {
+    *mp = fmaf(g, c->one_minus_beta1_f, *mp * c->beta1_f);
+    *vp = fmaf(c->one_minus_beta2_f * g, g, *vp * c->beta2_f);
+}
+
+/* 8-bit: denom = sqrt(v)/c2 + eps; p.mul_(1-lr*wd); p.addcdiv_(m, denom, value=-lr/c1). */
+QE float qe_adamw8bit_param(float p, float m, float sqrt_v, const qe_adamw8bit_c *c) {
+    float denom = sqrt_v / c->correction2_f;
+    denom = denom + c->eps_f;
+    if (c->decay) p = p * c->decay_f;
+    const float u = (c->step8_f * m) / denom;
+    return p + u;
+}
+
+/* 32-bit: p.mul_(1-lr*wd); p.add_(m / (sqrt(v) + eps*c2), alpha=-lr*c2/c1) (one FMA). */
+QE float qe_adamw_bnb32_param(float p, float m, float sqrt_v, const qe_adamw8bit_c *c) {
+    if (c->decay) p = p * c->decay_f;
+    const float u = m / (sqrt_v + c->eps_c2_f);
+    return fmaf(u, c->step32_f, p);
+}
+
+/* quant/blockwise8.h bw8_index: the code index of x in a block of reciprocal absmax inv (65536-bin
+ * table `lut`, BW8_LUT_SIZE entries); NaN clamps to -1 as there. */
+QE uint8_t qe_bw8_index(const uint8_t *lut, float x, float inv_absmax) {
+    float v = x * inv_absmax;
+    v = v > -1.0f ? v : -1.0f;
+    v = v < 1.0f ? v : 1.0f;
+    float t = v + 1.0f;
+    t = t * 0.5f;
+    t = t * 65535.0f;
+    t = t + 0.5f;
+    return lut[(int)t];
+}
+
 /* ---- SophiaG element (backend_cpu_optim.inc cpu_sophia_update); returns |m| < ρ·bs·h ---- */
 typedef struct qe_sophia_c {
     float decay_f, beta1_f, one_minus_beta1_f, rho_bs_f, eps_f, neg_lr_f;

@@ -881,21 +881,7 @@ static int tok_bpe_word(const tokenizer *t, tok_work *w, const char *s, size_t n
         int32_t id = tok_vocab_lookup(t, w->spell, k);
         if (id >= 0) return tok_emit(out, id, off, with_offsets, e);
     }
-    if (w->sym_cap < n) {
-        size_t cap = n + 64;
-        tok_sym *ns = realloc(w->sym, cap * sizeof *ns);
-        if (!ns) return qerr_set(e, "out of memory in BPE");
-        w->sym = ns;
-        w->sym_cap = cap;
-    }
-    /* Each merge adds at most 2 candidates; n-1 initial ones. */
-    if (w->heap_cap < 3 * n) {
-        size_t cap = 3 * n + 64;
-        tok_cand *nh = realloc(w->heap, cap * sizeof *nh);
-        if (!nh) return qerr_set(e, "out of memory in BPE");
-        w->heap = nh;
-        w->heap_cap = cap;
-    }
+    if (tok_work_reserve(w, n, e)) return -1;
     /* Initial symbols: one per byte; bytes without a token are dropped
      * before merging (HF Word::from), their bytes counted into the previous
      * symbol's span so offsets stay in text order. */

@@ -968,8 +968,26 @@ static void case_sophia(const ag_backend *be, const ag_backend *ref) {
     free(mask);
 }
 
+/* A parameter vector after a bitsandbytes-style update on `cuda`: the device takes the IEEE square root
+ * where the CPU takes torch's AVX-512 root (one ulp apart for ~0.7 % of inputs, backend_cuda_elem.h), so an
+ * element may differ by the step that one ulp of the root makes: ≤ 4 ulp of the parameter here (the step is
+ * ~1e-4 of the parameter, its relative change 1.2e-7), in at most 2 % of the elements. */
+static void assert_root_ulp_close(const char *what, const float *x, const float *ref, int64_t n) {
+    int64_t diff = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (memcmp(&x[i], &ref[i], 4) == 0) continue;
+        diff++;
+        const float tol = 4.0f * (nextafterf(fabsf(ref[i]), INFINITY) - fabsf(ref[i]));
+        if (!(fabsf(x[i] - ref[i]) <= tol))
+            fail_msg("%s at %lld: %.9g vs %.9g (more than 4 ulp)", what, (long long)i, (double)x[i], (double)ref[i]);
+    }
+    if (diff * 50 > n) fail_msg("%s: %lld of %lld elements differ (> 2 %%)", what, (long long)diff, (long long)n);
+}
+
 /* bitsandbytes' 8-bit AdamW and its 32-bit update (optim/adamw8bit.c): bit for bit (same scalar sequence,
- * the same quantizer table); 70001 elements in blocks of 256, the last one partial, one all-zero block. */
+ * the same quantizer table) — on `cuda` the parameters within the root's ulp (assert_root_ulp_close), the
+ * moments, absmax and codes bit for bit; 70001 elements in blocks of 256, the last one partial, one
+ * all-zero block. */
 static void case_adamw8bit(const ag_backend *be, const ag_backend *ref) {
     const int64_t n = 70001, nb = (n + 255) / 256;
     float *p = host_rand(n, 150, 0.05f), *g = host_rand(n, 151, 0.01f), *m = host_rand(n, 152, 0.001f);
@@ -1016,7 +1034,11 @@ static void case_adamw8bit(const ag_backend *be, const ag_backend *ref) {
     const size_t bytes[7] = {(size_t)n * 4, (size_t)n, (size_t)n, (size_t)nb * 4, (size_t)n * 4, (size_t)n * 4,
                              (size_t)n * 4};
     for (int k = 0; k < 7; k++) {
-        assert_bits(k < 4 ? "adamw8bit_update" : "adamw_bnb32_update", out[0][k], out[1][k], bytes[k]);
+        const char *what = k < 4 ? "adamw8bit_update" : "adamw_bnb32_update";
+        if ((k == 0 || k == 4) && strcmp(be->name, "cuda") == 0)
+            assert_root_ulp_close(what, out[0][k], out[1][k], n);
+        else
+            assert_bits(what, out[0][k], out[1][k], bytes[k]);
         free(out[0][k]);
         free(out[1][k]);
     }
