@@ -439,7 +439,6 @@ int llama_layer_layout_init(llama_layer_layout *lo, const llama_hparams *hp, fro
     for (int k = 0; k < LLAMA_N_LINEAR; k++) {
         llama_tensor_shape(hp, LLAMA_T_LINEAR, k, &lo->rows[k], &lo->cols[k]);
         if (!llama_linear_present(hp, k)) { /* Phi-3's k, v, up: no elements, no blocks, no groups */
-            if (nf4_check_geometry(1, 64, blocksize, e)) return qerr_prefix(e, "layer layout");
             lo->elem[k + 1] = lo->elem[k];
             lo->group[k + 1] = lo->group[k];
             continue;
@@ -604,7 +603,12 @@ int llama_layer_range_bytes(const llama_layer_layout *lo, int64_t x0, int64_t x1
         const int64_t g0 = layer_group_of(lo, x0), g1 = layer_group_of(lo, x1 - 1) + 1;
         out[LLAMA_BLOB_NESTED] = (llama_byte_range){lo->off[LLAMA_BLOB_NESTED] + (size_t)g0 * sizeof(float),
                                                     (size_t)(g1 - g0) * sizeof(float)};
-        const int k0 = layer_linear_of(lo, x0), k1 = layer_linear_of(lo, x1 - 1) + 1;
+        const int k0 = layer_linear_of(lo, x0);
+        int k1 = layer_linear_of(lo, x1 - 1) + 1;
+        /* a range ending at a linear's edge also carries the empty slots right after it (Phi-3's k, v after its
+         * fused qkv, up after gate_up), so that the OFFSETS ranges of cuts still tile the section */
+        if (x1 == lo->elem[k1])
+            while (k1 < LLAMA_N_LINEAR && lo->elem[k1 + 1] == lo->elem[k1]) k1++;
         out[LLAMA_BLOB_OFFSETS] = (llama_byte_range){lo->off[LLAMA_BLOB_OFFSETS] + (size_t)k0 * sizeof(float),
                                                      (size_t)(k1 - k0) * sizeof(float)};
     }

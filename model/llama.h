@@ -161,7 +161,8 @@ void llama_tensor_shape(const llama_hparams *hp, llama_role role, int module, in
  *   DATA     [x0/2, x1/2) (bf16: [2*x0, 2*x1)) from off[DATA]
  *   SCALES   [s*x0/bs, s*x1/bs) from off[SCALES]
  *   NESTED   the groups holding blocks x0/bs .. x1/bs - 1, 4 bytes each
- *   OFFSETS  the linears holding elements x0 .. x1 - 1, 4 bytes each
+ *   OFFSETS  the linears holding elements x0 .. x1 - 1, 4 bytes each (and, when x1
+ *            ends a linear, the empty slots right after it: Phi-3's k, v, up)
  * For cuts 0 = c_0 < c_1 < ... < c_W = elem[7] at multiples of blocksize, the
  * DATA and SCALES ranges of the W shards are disjoint and tile their
  * sections: split anywhere on a 64-element boundary. NESTED ranges are
