@@ -18,6 +18,7 @@
 
 #include <cmocka.h>
 
+#include "comm/comm.h"
 #include "core/hash.h"
 #include "format/gguf.h"
 #include "trainer/checkpoint.h"
@@ -439,10 +440,81 @@ static void test_pre_xxhash_checkpoint(void **st) {
     ckpt_state_free(&s);
 }
 
+
+/* The sharded layout in one process (comm_single: world 1, one shard file): the layout, a full load
+ * equal to what was saved, loads of one rank's interval at world 3 (resharding on load: rank 1 of 3
+ * of 300001 elements is [100001, 200002)), consolidation into state.h5, and a missing shard file
+ * refused naming it. (Several ranks: tests/test_ckpt_sharded_e2e.c.) */
+static void test_sharded_single_rank(void **st) {
+    (void)st;
+    char out[128], dir[4096], p[4400], cons[256];
+    snprintf(out, sizeof out, "%s/sharded", g_dir);
+    mkdir(out, 0755);
+    fake f;
+    const int64_t n = 300001;
+    fake_init(&f, 7, n);
+    comm *cm;
+    qerr e;
+    assert_int_equal(comm_single(&cm, &e), 0);
+    int rc = ckpt_save_sharded(cm, out, &f.s, extra_writes_file, "adapter_model.safetensors", dir, sizeof dir, &e);
+    if (rc) print_error("%s\n", e.msg);
+    assert_int_equal(rc, 0);
+    static const char *const files[] = {CKPT_RUN_STATE_FILE, CKPT_INDEX_FILE, "shard-00000-of-00001.h5", CKPT_MARKER,
+                                        "adapter_model.safetensors"};
+    for (size_t i = 0; i < sizeof files / sizeof *files; i++) {
+        snprintf(p, sizeof p, "%s/%s", dir, files[i]);
+        assert_int_equal(access(p, F_OK), 0);
+    }
+    snprintf(p, sizeof p, "%s/" CKPT_STATE_FILE, dir);
+    assert_int_not_equal(access(p, F_OK), 0);
+    ckpt_state r;
+    assert_int_equal(ckpt_load(dir, &r, &e), 0);
+    assert_int_equal(r.step, 7);
+    assert_int_equal(r.n_params, n);
+    assert_int_equal(r.sharded, 1);
+    assert_true(r.opt_lo == 0 && r.opt_hi == n);
+    assert_memory_equal(r.params, f.p, (size_t)n * sizeof(float));
+    assert_memory_equal(r.exp_avg, f.m, (size_t)n * sizeof(float));
+    assert_memory_equal(r.exp_avg_sq, f.v, (size_t)n * sizeof(float));
+    assert_string_equal(r.log_history, f.s.log_history);
+    assert_int_equal(r.n_tensors, 2);
+    ckpt_state_free(&r);
+    for (int rank = 0; rank < 3; rank++) {
+        int64_t lo, hi;
+        ckpt_shard_interval(n, 3, rank, &lo, &hi);
+        assert_int_equal(ckpt_load_part(dir, 3, rank, &r, &e), 0);
+        assert_true(r.opt_lo == lo && r.opt_hi == hi && hi - lo == (rank < 2 ? 100001 : 99999));
+        assert_memory_equal(r.params, f.p, (size_t)n * sizeof(float));
+        assert_memory_equal(r.exp_avg, f.m + lo, (size_t)(hi - lo) * sizeof(float));
+        assert_memory_equal(r.exp_avg_sq, f.v + lo, (size_t)(hi - lo) * sizeof(float));
+        ckpt_state_free(&r);
+    }
+    /* consolidate: one state.h5 with the same arrays; an existing destination is refused */
+    snprintf(cons, sizeof cons, "%s/whole", g_dir);
+    assert_int_equal(ckpt_consolidate(dir, cons, &e), 0);
+    snprintf(p, sizeof p, "%s/" CKPT_STATE_FILE, cons);
+    assert_int_equal(access(p, F_OK), 0);
+    assert_int_equal(ckpt_load(cons, &r, &e), 0);
+    assert_int_equal(r.sharded, 0);
+    assert_memory_equal(r.exp_avg_sq, f.v, (size_t)n * sizeof(float));
+    ckpt_state_free(&r);
+    assert_int_equal(ckpt_consolidate(dir, cons, &e), -1);
+    assert_non_null(strstr(e.msg, "already exists"));
+    /* a missing shard: refused, naming it */
+    snprintf(p, sizeof p, "%s/shard-00000-of-00001.h5", dir);
+    assert_int_equal(unlink(p), 0);
+    assert_int_equal(ckpt_load(dir, &r, &e), -1);
+    assert_non_null(strstr(e.msg, "shard-00000-of-00001.h5"));
+    assert_null(strchr(e.msg, '\n'));
+    comm_free(cm);
+    fake_free(&f);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_xxh64_vectors),
         cmocka_unit_test(test_roundtrip),
+        cmocka_unit_test(test_sharded_single_rank),
         cmocka_unit_test(test_corruption_detected),
         cmocka_unit_test(test_list_prune_clean),
         cmocka_unit_test(test_not_regular_and_undeletable),

@@ -15,6 +15,7 @@
 #include <cmocka.h>
 
 #include "tests/tmpdir.h"
+#include "core/file.h"
 #include "trainer/config.h"
 
 static const char *BASE = "base_model: m.gguf\nadapter: qlora\n"
@@ -88,8 +89,10 @@ static void test_strategies_refused(void **st) {
     expect_refused(t, "fsdp: [shard_grad_op]\noptimizer: adamw_8bit\n",
                    "adamw_8bit with SHARD_GRAD_OP is not implemented yet");
     expect_refused(t, "fsdp_config:\n  fsdp_offload_params: true\n", "parameter offload is not implemented yet");
-    expect_refused(t, "fsdp_config:\n  fsdp_state_dict_type: SHARDED_STATE_DICT\n",
-                   "only FULL_STATE_DICT is implemented");
+    expect_refused(t, "fsdp_config:\n  fsdp_state_dict_type: LOCAL_STATE_DICT\n",
+                   "expected FULL_STATE_DICT (one state file written by rank 0) or SHARDED_STATE_DICT");
+    expect_refused(t, "fsdp_config:\n  fsdp_state_dict_type: SHARDED_STATE_DICT\noptimizer: adamw_8bit\n",
+                   "SHARDED_STATE_DICT with optimizer adamw_8bit is not implemented yet");
     expect_refused(t, "fsdp_config:\n  fsdp_shard_everything: true\n", "fsdp_config.fsdp_shard_everything: unknown key");
     expect_refused(t, "fsdp_config: NO_SHARD\n", "fsdp_config: expected a mapping");
     for (int stage = 1; stage <= 3; stage += 2) {
@@ -165,6 +168,33 @@ static void test_no_shard_accepted_and_resolved(void **st) {
         assert_int_equal(train_config_write_yaml(&c, out, &e), 0);
         assert_int_equal(train_config_load(out, &back, &e), 0);
         assert_int_equal(back.fsdp_shard_grad_op, 1);
+        train_config_free(&back);
+        train_config_free(&c);
+    }
+    /* fsdp_state_dict_type: the strategy's default (sharded for SHARD_GRAD_OP only), each spelling,
+     * and back from the resolved config; a config without it resolves without it */
+    static const struct {
+        const char *yaml;
+        int type, sharded;
+    } sd[] = {{"fsdp: [shard_grad_op]\n", 0, 1},
+              {"fsdp: [no_shard]\n", 0, 0},
+              {"fsdp: [shard_grad_op]\nfsdp_config:\n  fsdp_state_dict_type: FULL_STATE_DICT\n", 1, 0},
+              {"fsdp_config:\n  fsdp_sharding_strategy: NO_SHARD\n  state_dict_type: StateDictType.SHARDED_STATE_DICT\n",
+               2, 1},
+              {"fsdp_config:\n  fsdp_state_dict_type: sharded_state_dict\n", 2, 1}};
+    for (size_t i = 0; i < sizeof sd / sizeof *sd; i++) {
+        assert_int_equal(load_with(t, sd[i].yaml, &c, &e), 0);
+        assert_int_equal(c.fsdp_state_dict_type, sd[i].type);
+        assert_int_equal(train_config_sharded_state_dict(&c), sd[i].sharded);
+        assert_int_equal(train_config_write_yaml(&c, out, &e), 0);
+        assert_int_equal(train_config_load(out, &back, &e), 0);
+        assert_int_equal(back.fsdp_state_dict_type, sd[i].type);
+        assert_int_equal(train_config_sharded_state_dict(&back), sd[i].sharded);
+        size_t len = 0;
+        char *y = file_read_all(out, &len, &e);
+        assert_non_null(y);
+        assert_true((strstr(y, "fsdp_state_dict_type") != NULL) == (sd[i].type != 0));
+        free(y);
         train_config_free(&back);
         train_config_free(&c);
     }

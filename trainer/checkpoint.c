@@ -9,6 +9,7 @@
  */
 #include "trainer/checkpoint.h"
 
+#include <cjson/cJSON.h>
 #include <hdf5.h>
 
 #include <dirent.h>
@@ -38,6 +39,10 @@
 /* ------------------------------------------------------------------------ */
 /* small file-system helpers                                                  */
 
+/* The rank and step of the save in progress, for QLORA_TEST_CRASH_RANK / _STEP (test hooks only). */
+static int g_test_rank = -1;
+static int64_t g_test_step = -1;
+
 void ckpt_test_point(const char *stage) {
     const char *d = getenv("QLORA_TEST_SAVE_DELAY_MS");
     if (d && *d) {
@@ -49,7 +54,11 @@ void ckpt_test_point(const char *stage) {
         }
     }
     const char *c = getenv("QLORA_TEST_CRASH_AT");
-    if (c && !strcmp(c, stage)) raise(SIGKILL);
+    if (!c || strcmp(c, stage)) return;
+    const char *cr = getenv("QLORA_TEST_CRASH_RANK"), *cs = getenv("QLORA_TEST_CRASH_STEP");
+    if (cr && *cr && strtol(cr, NULL, 10) != (g_test_rank < 0 ? 0 : g_test_rank)) return;
+    if (cs && *cs && strtoll(cs, NULL, 10) != g_test_step) return;
+    raise(SIGKILL);
 }
 
 static int fsync_path(const char *path, int is_dir, qerr *e) {
@@ -430,11 +439,17 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
     W(h5_attr_i64(f, "format_version", CKPT_FORMAT_VERSION), "/ format_version");
     W(h5_attr_i64(f, "step", s->step), "/ step");
     W(h5_attr_str(f, "created_by", "qlora-train"), "/ created_by");
+    /* the run_state.h5 of a sharded checkpoint: the arrays are in the shard files (ckpt_save_sharded) */
+    const int arrays = !s->sharded;
+    if (!arrays) W(h5_attr_str(f, "layout", "sharded"), "/ layout");
     W(h5_put_str(f, "config", s->config_yaml ? s->config_yaml : ""), "/config");
 
     /* adapter */
     if (!bad && (g = H5Gcreate2(f, "lora", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT)) < 0) bad = h5_failed(cause), what = "/lora";
-    W(h5_put(g, "params", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->params, s->n_params, 0, 1), "/lora/params");
+    if (arrays)
+        W(h5_put(g, "params", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, s->params, s->n_params, 0, 1), "/lora/params");
+    else
+        W(h5_attr_i64(g, "n_params", s->n_params), "/lora n_params");
     if (!bad) {
         int n = s->n_tensors;
         char *names = calloc((size_t)(n ? n : 1), CKPT_NAME_MAX);
@@ -468,7 +483,9 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
         bad = h5_failed(cause), what = "/optimizer";
     const int sophia = !strcmp(s->optimizer, "sophia");
     const int q8 = !strcmp(s->optimizer, "adamw_8bit");
-    if (q8) {
+    if (!arrays) {
+        /* the moments are in the shard files */
+    } else if (q8) {
         /* bitsandbytes' states: codes of every element, one absmax per block of the 8-bit tensors, the
          * fp32 moments of the tensors below min_8bit_size (optim/adamw8bit.h) */
         W(h5_put(g, "state1", H5T_STD_U8LE, H5T_NATIVE_UCHAR, s->state1, s->n_params, 0, 1), "/optimizer/state1");
@@ -620,10 +637,18 @@ int ckpt_read_state(const char *path, ckpt_state *s, qerr *e) {
     } while (0)
     R(h5_get_attr(f, "step", H5T_NATIVE_INT64, &s->step), "/ step");
     if (!what && !(s->config_yaml = h5_get_str(f, "config"))) what = "/config";
+    /* a sharded checkpoint's run_state.h5: the scalars and the tensor table; the arrays are read from
+     * the shard files (ckpt_load_part) */
+    char layout[32] = "";
+    const int arrays = h5_get_attr_str(f, "layout", layout, sizeof layout) != 0;
+    if (!arrays && strcmp(layout, "sharded")) what = "/ layout (expected \"sharded\" or none)";
+    s->sharded = !arrays;
 
     GROUP("lora");
     if (!what) {
-        s->n_params = h5_len(g, "params");
+        s->n_params = -1;
+        if (arrays) s->n_params = h5_len(g, "params");
+        else if (h5_get_attr(g, "n_params", H5T_NATIVE_INT64, &s->n_params)) s->n_params = -1;
         int64_t nt = h5_len(g, "tensor_offsets");
         if (s->n_params <= 0 || s->n_params > ((int64_t)1 << 40)) what = "/lora/params";
         else if (nt <= 0 || nt > CKPT_MAX_TENSORS) what = "/lora/tensor_offsets";
@@ -631,16 +656,18 @@ int ckpt_read_state(const char *path, ckpt_state *s, qerr *e) {
     }
     if (!what) {
         size_t n = (size_t)s->n_params, nt = (size_t)s->n_tensors;
-        s->params = malloc(n * sizeof(float));
-        s->exp_avg = malloc(n * sizeof(float));
-        s->exp_avg_sq = malloc(n * sizeof(float));
+        if (arrays) {
+            s->params = malloc(n * sizeof(float));
+            s->exp_avg = malloc(n * sizeof(float));
+            s->exp_avg_sq = malloc(n * sizeof(float));
+        }
         s->tensors = calloc(nt, sizeof *s->tensors);
         char *names = calloc(nt, CKPT_NAME_MAX);
         int64_t *off = malloc(nt * sizeof *off), *shape = malloc(nt * 2 * sizeof *shape);
-        if (!s->params || !s->exp_avg || !s->exp_avg_sq || !s->tensors || !names || !off || !shape) {
+        if ((arrays && (!s->params || !s->exp_avg || !s->exp_avg_sq)) || !s->tensors || !names || !off || !shape) {
             what = "(out of memory)";
         } else {
-            R(h5_get(g, "params", H5T_NATIVE_FLOAT, s->params, s->n_params, 0), "/lora/params");
+            if (arrays) R(h5_get(g, "params", H5T_NATIVE_FLOAT, s->params, s->n_params, 0), "/lora/params");
             hid_t t = h5_str_type(CKPT_NAME_MAX - 1);
             R(t, "/lora/tensor_names");
             if (!what) R(h5_get(g, "tensor_names", t, names, s->n_tensors, 0), "/lora/tensor_names");
@@ -673,7 +700,17 @@ int ckpt_read_state(const char *path, ckpt_state *s, qerr *e) {
     R(h5_get_attr_str(g, "name", s->optimizer, sizeof s->optimizer), "/optimizer name");
     if (!what && strcmp(s->optimizer, "adamw") && strcmp(s->optimizer, "sophia") && strcmp(s->optimizer, "adamw_8bit"))
         what = "/optimizer name (neither \"adamw\", \"sophia\" nor \"adamw_8bit\")";
-    if (!what && !strcmp(s->optimizer, "sophia")) {
+    if (!what && !arrays) {
+        /* the moments are in the shard files; the scalars are read below */
+        if (!strcmp(s->optimizer, "adamw_8bit")) what = "/optimizer name (adamw_8bit is never sharded)";
+        if (!strcmp(s->optimizer, "sophia")) {
+            R(h5_get_attr(g, "rho", H5T_NATIVE_DOUBLE, &s->rho), "/optimizer rho");
+            R(h5_get_attr(g, "hessian_interval", H5T_NATIVE_INT64, &s->hessian_interval), "/optimizer hessian_interval");
+            R(h5_get_attr(g, "hessian_updates", H5T_NATIVE_INT64, &s->hessian_updates), "/optimizer hessian_updates");
+        } else {
+            R(h5_get_attr(g, "eps", H5T_NATIVE_DOUBLE, &s->eps), "/optimizer eps");
+        }
+    } else if (!what && !strcmp(s->optimizer, "sophia")) {
         /* m in exp_avg, h in hessian: the n_params buffer allocated above as exp_avg_sq */
         s->hessian = s->exp_avg_sq;
         s->exp_avg_sq = NULL;
@@ -776,18 +813,39 @@ int ckpt_read_state(const char *path, ckpt_state *s, qerr *e) {
         ckpt_state_free(s);
         return qerr_set(e, "%s: missing or malformed %s", path, what);
     }
+    s->opt_lo = 0;
+    s->opt_hi = arrays ? s->n_params : 0;
     return 0;
 }
 
 /* ------------------------------------------------------------------------ */
 /* directory protocol                                                         */
 
-static int write_marker(const char *dir, int64_t step, int64_t size, uint64_t h, qerr *e) {
-    char fin[4200], text[256];
+/* One file of a checkpoint as COMPLETE records it. */
+typedef struct ckpt_file {
+    char name[64];
+    int64_t size;
+    uint64_t h;
+} ckpt_file;
+
+/* The most files a marker lists: run_state.h5, index.json and one shard per rank. */
+#define CKPT_MAX_FILES 4098
+
+/* COMPLETE: "qlora-checkpoint 1\nstep N\n" then one "name size xxh64" line per file. A single-file
+ * checkpoint lists state.h5 alone (the marker of format_version 1 since its first day). */
+static int write_marker(const char *dir, int64_t step, const ckpt_file *files, int n_files, qerr *e) {
+    char fin[4200];
     snprintf(fin, sizeof fin, "%s/" CKPT_MARKER, dir);
-    int n = snprintf(text, sizeof text, "%s %d\nstep %lld\n%s %lld %016" PRIx64 "\n", CKPT_FORMAT_NAME,
-                     CKPT_FORMAT_VERSION, (long long)step, CKPT_STATE_FILE, (long long)size, h);
-    if (file_write_atomic(fin, text, (size_t)n, e)) return -1;
+    size_t cap = 64 + (size_t)n_files * 128, len = 0;
+    char *text = malloc(cap);
+    if (!text) return qerr_set(e, "out of memory");
+    len += (size_t)snprintf(text, cap, "%s %d\nstep %lld\n", CKPT_FORMAT_NAME, CKPT_FORMAT_VERSION, (long long)step);
+    for (int i = 0; i < n_files; i++)
+        len += (size_t)snprintf(text + len, cap - len, "%s %lld %016" PRIx64 "\n", files[i].name,
+                                (long long)files[i].size, files[i].h);
+    int rc = file_write_atomic(fin, text, len, e);
+    free(text);
+    if (rc) return -1;
     return fsync_path(dir, 1, e); /* the marker's rename is the commit: its failure to sync is an error */
 }
 
@@ -808,62 +866,95 @@ static int fsync_dir_files(const char *dir, qerr *e) {
     return rc ? -1 : fsync_path(dir, 1, e);
 }
 
-int ckpt_save(const char *output_dir, const ckpt_state *s, ckpt_extra_fn extra, void *arg, char *out_dir,
-              size_t out_n, qerr *e) {
-    char fin[4096], tmp[4200], old[4200], p[4400];
-    if ((size_t)snprintf(fin, sizeof fin, "%s/checkpoint-%lld", output_dir, (long long)s->step) >= sizeof fin)
-        return qerr_set(e, "output_dir: path too long");
-    snprintf(tmp, sizeof tmp, "%s.tmp-%d", fin, (int)getpid());
-    snprintf(old, sizeof old, "%s.old-%d", fin, (int)getpid());
-    if (ckpt_remove_tree(tmp, e)) return -1;
-    if (mkdir(tmp, 0755)) return qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
-    ckpt_test_point("begin");
-    snprintf(p, sizeof p, "%s/" CKPT_STATE_FILE, tmp);
-    int64_t size = 0;
-    uint64_t h = 0;
-    if (ckpt_write_state(p, s, e) || hash_file(p, &size, &h, e)) goto fail_tmp;
-    ckpt_test_point("extra");
-    if (extra && extra(tmp, arg, e)) goto fail_tmp;
-    if (fsync_dir_files(tmp, e)) goto fail_tmp;
+/* The end of a save, once every file is in tmp and synced: move an existing fin aside, rename tmp
+ * to fin, sync output_dir, write COMPLETE (the commit), drop what was moved aside. On failure fin is
+ * removed and what was moved aside put back (tmp is the caller's to remove when the rename failed:
+ * -1 with *renamed 0). */
+static int commit_dir(const char *output_dir, const char *fin, const char *tmp, const char *old, int64_t step,
+                      const ckpt_file *files, int n_files, int *renamed, qerr *e) {
+    *renamed = 0;
     ckpt_test_point("rename");
     int moved = 0;
     if (access(fin, F_OK) == 0) {
         /* Same step saved before (an incomplete leftover, or a run resumed from
          * an older checkpoint): keep it aside until the new one is complete. */
-        if (ckpt_remove_tree(old, e)) goto fail_tmp;
-        if (rename(fin, old)) {
-            qerr_set(e, "cannot move %s aside: %s", fin, strerror(errno));
-            goto fail_tmp;
-        }
+        if (ckpt_remove_tree(old, e)) return -1;
+        if (rename(fin, old)) return qerr_set(e, "cannot move %s aside: %s", fin, strerror(errno));
         moved = 1;
     }
     if (rename(tmp, fin)) {
         qerr_set(e, "cannot rename %s to %s: %s", tmp, fin, strerror(errno));
         if (moved) rename(old, fin);
-        goto fail_tmp;
+        return -1;
     }
+    *renamed = 1;
     if (fsync_path(output_dir, 1, e)) goto fail_fin;
     ckpt_test_point("marker");
-    if (write_marker(fin, s->step, size, h, e)) goto fail_fin;
+    if (write_marker(fin, step, files, n_files, e)) goto fail_fin;
     ckpt_test_point("committed");
     if (moved) ckpt_remove_tree(old, NULL);
-    if (out_dir) snprintf(out_dir, out_n, "%s", fin);
     return 0;
 fail_fin:
     ckpt_remove_tree(fin, NULL);
     if (moved) rename(old, fin);
     return -1;
+}
+
+/* fin = output_dir/checkpoint-<step>, tmp = fin.tmp-<pid>, old = fin.old-<pid>. */
+static int save_paths(const char *output_dir, int64_t step, int pid, char fin[4096], char tmp[4200], char old[4200],
+                      qerr *e) {
+    if ((size_t)snprintf(fin, 4096, "%s/checkpoint-%lld", output_dir, (long long)step) >= 4096)
+        return qerr_set(e, "output_dir: path too long");
+    snprintf(tmp, 4200, "%s.tmp-%d", fin, pid);
+    snprintf(old, 4200, "%s.old-%d", fin, pid);
+    return 0;
+}
+
+int ckpt_save(const char *output_dir, const ckpt_state *s, ckpt_extra_fn extra, void *arg, char *out_dir,
+              size_t out_n, qerr *e) {
+    char fin[4096], tmp[4200], old[4200], p[4400];
+    if (save_paths(output_dir, s->step, (int)getpid(), fin, tmp, old, e)) return -1;
+    g_test_step = s->step;
+    if (ckpt_remove_tree(tmp, e)) return -1;
+    if (mkdir(tmp, 0755)) return qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
+    ckpt_test_point("begin");
+    snprintf(p, sizeof p, "%s/" CKPT_STATE_FILE, tmp);
+    ckpt_file f = {CKPT_STATE_FILE, 0, 0};
+    int renamed = 0;
+    if (ckpt_write_state(p, s, e) || hash_file(p, &f.size, &f.h, e)) goto fail_tmp;
+    ckpt_test_point("extra");
+    if (extra && extra(tmp, arg, e)) goto fail_tmp;
+    if (fsync_dir_files(tmp, e)) goto fail_tmp;
+    if (commit_dir(output_dir, fin, tmp, old, s->step, &f, 1, &renamed, e)) goto fail;
+    if (out_dir) snprintf(out_dir, out_n, "%s", fin);
+    return 0;
+fail:
+    if (renamed) return -1;
 fail_tmp:
     ckpt_remove_tree(tmp, NULL);
     return -1;
 }
 
-/* The marker is a few lines; anything longer is not one. */
-#define CKPT_MARKER_MAX 4096
+/* The marker is a few lines per file; anything longer is not one. */
+#define CKPT_MARKER_MAX (64 + CKPT_MAX_FILES * 128)
 
-int ckpt_verify(const char *dir, int64_t *step, qerr *e) {
-    char p[4400], buf[CKPT_MARKER_MAX + 1];
+/* A file name a marker or an index may name: plain, inside the checkpoint directory. */
+static int plain_name(const char *n) {
+    if (!n[0] || n[0] == '.') return 0;
+    for (const char *c = n; *c; c++)
+        if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') || *c == '.' ||
+              *c == '_' || *c == '-'))
+            return 0;
+    return 1;
+}
+
+/* Parse and check dir's COMPLETE: every file it lists is a regular file of the recorded size and
+ * XXH64. *files (malloc'd, may be NULL) receives the list. */
+static int verify_marker(const char *dir, int64_t *step, ckpt_file **files, int *n_files, qerr *e) {
+    char p[4400];
     struct stat sb;
+    if (files) *files = NULL;
+    if (n_files) *n_files = 0;
     if (stat(dir, &sb)) return qerr_set(e, "%s: %s", dir, strerror(errno));
     if (!S_ISDIR(sb.st_mode)) return qerr_set(e, "%s: not a checkpoint directory", dir);
     snprintf(p, sizeof p, "%s/" CKPT_MARKER, dir);
@@ -872,6 +963,11 @@ int ckpt_verify(const char *dir, int64_t *step, qerr *e) {
     int64_t mlen = 0;
     int fd = file_open_regular(p, CKPT_MARKER_MAX, &mlen, e);
     if (fd < 0) return -1;
+    char *buf = malloc((size_t)mlen + 1);
+    if (!buf) {
+        close(fd);
+        return qerr_set(e, "out of memory");
+    }
     ssize_t n = 0;
     while (n < mlen) {
         ssize_t got = read(fd, buf + n, (size_t)(mlen - n));
@@ -881,53 +977,543 @@ int ckpt_verify(const char *dir, int64_t *step, qerr *e) {
     }
     close(fd);
     buf[n] = 0;
-    char fmt[32], fname[64];
-    int ver = 0;
-    long long st = -1, size = -1;
-    char hex[32];
-    if (sscanf(buf, "%31s %d step %lld %63s %lld %31s", fmt, &ver, &st, fname, &size, hex) != 6 ||
-        strcmp(fmt, CKPT_FORMAT_NAME) || strcmp(fname, CKPT_STATE_FILE) || st < 0 || size < 0)
-        return qerr_set(e, "%s: malformed %s marker", dir, CKPT_MARKER);
-    if (ver != CKPT_FORMAT_VERSION)
-        return qerr_set(e, "%s: checkpoint format_version %d, but this qlora-train reads version %d", dir, ver,
-                        CKPT_FORMAT_VERSION);
-    char *end;
-    uint64_t want = strtoull(hex, &end, 16);
-    if (*end) return qerr_set(e, "%s: malformed %s marker", dir, CKPT_MARKER);
-    snprintf(p, sizeof p, "%s/" CKPT_STATE_FILE, dir);
-    /* a regular file of the size the marker records, before a byte of it is read */
-    int64_t got_size;
-    uint64_t got;
-    if ((fd = file_open_regular(p, 0, &got_size, e)) < 0) return -1;
-    if (got_size != size) {
-        close(fd);
-        return qerr_set(e, "%s: %s is %lld bytes, the marker says %lld (truncated or replaced)", dir, CKPT_STATE_FILE,
-                        (long long)got_size, size);
+    char fmt[32];
+    int ver = 0, used = 0;
+    long long st = -1;
+    ckpt_file *v = NULL;
+    int cnt = 0, rc = -1, single = 0, sharded = 0;
+    if (sscanf(buf, "%31s %d step %lld%n", fmt, &ver, &st, &used) != 3 || strcmp(fmt, CKPT_FORMAT_NAME) || st < 0) {
+        qerr_set(e, "%s: malformed %s marker", dir, CKPT_MARKER);
+        goto out;
     }
-    int rc = hash_fd(fd, got_size, p, &got, e);
-    close(fd);
-    if (rc) return -1;
-    if (got != want)
-        return qerr_set(e, "%s: %s is corrupt (XXH64 %016" PRIx64 ", the marker says %s)", dir, CKPT_STATE_FILE, got,
-                        hex);
+    if (ver != CKPT_FORMAT_VERSION) {
+        qerr_set(e, "%s: checkpoint format_version %d, but this qlora-train reads version %d", dir, ver,
+                 CKPT_FORMAT_VERSION);
+        goto out;
+    }
+    if (!(v = calloc(CKPT_MAX_FILES, sizeof *v))) {
+        qerr_set(e, "out of memory");
+        goto out;
+    }
+    for (const char *q = buf + used;;) {
+        char fname[64], hex[32];
+        long long size = -1;
+        int k = 0;
+        while (*q == ' ' || *q == '\n' || *q == '\t' || *q == '\r') q++;
+        if (!*q) break;
+        if (cnt == CKPT_MAX_FILES || sscanf(q, "%63s %lld %31s%n", fname, &size, hex, &k) != 3 || size < 0 ||
+            !plain_name(fname) || strlen(hex) != 16) {
+            qerr_set(e, "%s: malformed %s marker", dir, CKPT_MARKER);
+            goto out;
+        }
+        char *end;
+        v[cnt].h = strtoull(hex, &end, 16);
+        if (*end) {
+            qerr_set(e, "%s: malformed %s marker", dir, CKPT_MARKER);
+            goto out;
+        }
+        snprintf(v[cnt].name, sizeof v[cnt].name, "%s", fname);
+        v[cnt].size = size;
+        single += !strcmp(fname, CKPT_STATE_FILE);
+        sharded += !strcmp(fname, CKPT_RUN_STATE_FILE) + !strcmp(fname, CKPT_INDEX_FILE);
+        cnt++;
+        q += k;
+    }
+    if (!(single == 1 && cnt == 1) && !(single == 0 && sharded == 2 && cnt >= 3)) {
+        qerr_set(e, "%s: malformed %s marker (it lists neither %s alone nor %s, %s and shard files)", dir, CKPT_MARKER,
+                 CKPT_STATE_FILE, CKPT_RUN_STATE_FILE, CKPT_INDEX_FILE);
+        goto out;
+    }
+    for (int i = 0; i < cnt; i++) {
+        /* a regular file of the size the marker records, before a byte of it is read */
+        int64_t got_size;
+        uint64_t got;
+        snprintf(p, sizeof p, "%s/%s", dir, v[i].name);
+        if ((fd = file_open_regular(p, 0, &got_size, e)) < 0) goto out;
+        if (got_size != v[i].size) {
+            close(fd);
+            qerr_set(e, "%s: %s is %lld bytes, the marker says %lld (truncated or replaced)", dir, v[i].name,
+                     (long long)got_size, (long long)v[i].size);
+            goto out;
+        }
+        int hr = hash_fd(fd, got_size, p, &got, e);
+        close(fd);
+        if (hr) goto out;
+        if (got != v[i].h) {
+            qerr_set(e, "%s: %s is corrupt (XXH64 %016" PRIx64 ", the marker says %016" PRIx64 ")", dir, v[i].name,
+                     got, v[i].h);
+            goto out;
+        }
+    }
     if (step) *step = st;
+    rc = 0;
+out:
+    free(buf);
+    if (rc == 0 && files) {
+        *files = v;
+        *n_files = cnt;
+    } else {
+        free(v);
+    }
+    return rc;
+}
+
+int ckpt_verify(const char *dir, int64_t *step, qerr *e) { return verify_marker(dir, step, NULL, NULL, e); }
+
+int ckpt_load(const char *dir, ckpt_state *s, qerr *e) { return ckpt_load_part(dir, 0, 0, s, e); }
+
+/* ------------------------------------------------------------------------ */
+/* the sharded layout                                                         */
+
+void ckpt_shard_interval(int64_t n, int world, int rank, int64_t *lo, int64_t *hi) {
+    const int64_t len = world > 0 ? (n + world - 1) / world : n;
+    int64_t a = (int64_t)rank * len, b = a + len;
+    if (b > n) b = n;
+    if (a > b) a = b;
+    *lo = a;
+    *hi = b;
+}
+
+/* The flat arrays of a sharded checkpoint for an optimizer: "lora/params" first, then the moments. */
+static int sharded_arrays(const char *optimizer, const char *names[3]) {
+    names[0] = "lora/params";
+    names[1] = "optimizer/exp_avg";
+    names[2] = !strcmp(optimizer, "sophia") ? "optimizer/hessian" : "optimizer/exp_avg_sq";
+    return 3;
+}
+
+static void shard_file_name(char *buf, size_t n, int rank, int world) {
+    snprintf(buf, n, "shard-%05d-of-%05d.h5", rank, world);
+}
+
+/* This rank's shard file: [lo, hi) of params and of the moments. */
+static int write_shard_file(const char *path, const ckpt_state *s, int rank, int world, int64_t lo, int64_t hi,
+                            qerr *e) {
+    h5_quiet();
+    hid_t fapl = h5_fapl();
+    hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+    if (fapl >= 0) H5Pclose(fapl);
+    if (f < 0) return qerr_set(e, "cannot create %s (HDF5)", path);
+    const char *names[3];
+    sharded_arrays(s->optimizer, names);
+    const int64_t olo = s->opt_hi > 0 ? s->opt_lo : 0;
+    const float *data[3] = {s->params + lo, s->exp_avg + (lo - olo),
+                            (!strcmp(s->optimizer, "sophia") ? s->hessian : s->exp_avg_sq) + (lo - olo)};
+    const char *what = "attributes";
+    int bad = 0;
+    char cause[128] = "";
+    hid_t g = -1;
+#define W(expr, w)                              \
+    do {                                        \
+        if (!bad && (expr) < 0)                 \
+            bad = h5_failed(cause), what = (w); \
+    } while (0)
+    W(h5_attr_str(f, "format", CKPT_SHARD_FORMAT), "/ format");
+    W(h5_attr_i64(f, "format_version", CKPT_FORMAT_VERSION), "/ format_version");
+    W(h5_attr_i64(f, "step", s->step), "/ step");
+    W(h5_attr_i64(f, "rank", rank), "/ rank");
+    W(h5_attr_i64(f, "world_size", world), "/ world_size");
+    W(h5_attr_i64(f, "n_params", s->n_params), "/ n_params");
+    W(h5_attr_i64(f, "offset", lo), "/ offset");
+    W(h5_attr_i64(f, "length", hi - lo), "/ length");
+    for (int i = 0; i < 3; i++) {
+        const char *slash = strchr(names[i], '/');
+        char grp[32];
+        snprintf(grp, sizeof grp, "%.*s", (int)(slash - names[i]), names[i]);
+        if (i < 2) {
+            if (g >= 0) H5Gclose(g), g = -1;
+            if (!bad && (g = H5Gcreate2(f, grp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT)) < 0)
+                bad = h5_failed(cause), what = names[i];
+        }
+        W(h5_put(g, slash + 1, H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, data[i], hi - lo, 0, 1), names[i]);
+        if (i == 0) ckpt_test_point("shard_mid");
+    }
+    if (g >= 0) H5Gclose(g);
+#undef W
+    if (H5Fclose(f) < 0 && !bad) bad = h5_failed(cause), what = "(closing the file)";
+    if (bad) return h5_write_error(path, what, cause, e);
+    return fsync_path(path, 0, e);
+}
+
+/* index.json: each array -> its pieces {file, offset, length} in order. */
+static char *index_json(const ckpt_state *s, int world) {
+    cJSON *j = cJSON_CreateObject(), *t = NULL, *files = NULL;
+    if (!j) return NULL;
+    cJSON_AddStringToObject(j, "format", CKPT_INDEX_FORMAT);
+    cJSON_AddNumberToObject(j, "format_version", CKPT_FORMAT_VERSION);
+    cJSON_AddNumberToObject(j, "step", (double)s->step);
+    cJSON_AddNumberToObject(j, "world_size", world);
+    cJSON_AddNumberToObject(j, "n_params", (double)s->n_params);
+    cJSON_AddStringToObject(j, "run_state", CKPT_RUN_STATE_FILE);
+    files = cJSON_AddArrayToObject(j, "files");
+    t = cJSON_AddObjectToObject(j, "tensors");
+    const char *names[3];
+    const int na = sharded_arrays(s->optimizer, names);
+    for (int r = 0; files && r < world; r++) {
+        char fn[64];
+        shard_file_name(fn, sizeof fn, r, world);
+        cJSON_AddItemToArray(files, cJSON_CreateString(fn));
+    }
+    for (int a = 0; t && a < na; a++) {
+        cJSON *list = cJSON_AddArrayToObject(t, names[a]);
+        for (int r = 0; list && r < world; r++) {
+            int64_t lo, hi;
+            ckpt_shard_interval(s->n_params, world, r, &lo, &hi);
+            char fn[64];
+            shard_file_name(fn, sizeof fn, r, world);
+            cJSON *piece = cJSON_CreateObject();
+            if (!piece) break;
+            cJSON_AddStringToObject(piece, "file", fn);
+            cJSON_AddNumberToObject(piece, "offset", (double)lo);
+            cJSON_AddNumberToObject(piece, "length", (double)(hi - lo));
+            cJSON_AddItemToArray(list, piece);
+        }
+    }
+    char *out = cJSON_Print(j);
+    cJSON_Delete(j);
+    return out;
+}
+
+int ckpt_save_sharded(comm *cm, const char *output_dir, const ckpt_state *s, ckpt_extra_fn extra, void *arg,
+                      char *out_dir, size_t out_n, qerr *e) {
+    const int rank = cm->rank, world = cm->world_size;
+    char fin[4096], tmp[4200], old[4200], p[4400];
+    g_test_rank = rank;
+    g_test_step = s->step;
+    qerr mine = {{0}}; /* this rank's failure */
+    int64_t ok = 1;
+    int64_t pid = (int64_t)getpid();
+    if (comm_broadcast(cm, &pid, 1, COMM_I64, 0, e)) return -2;
+    if (save_paths(output_dir, s->step, (int)pid, fin, tmp, old, &mine)) ok = 0;
+    if (rank == 0 && ok) {
+        if (ckpt_remove_tree(tmp, &mine)) ok = 0;
+        else if (mkdir(tmp, 0755)) ok = 0, qerr_set(&mine, "cannot create %s: %s", tmp, strerror(errno));
+    }
+    if (comm_broadcast(cm, &ok, 1, COMM_I64, 0, e)) return -2;
+    if (!ok) {
+        if (rank == 0) *e = mine;
+        else qerr_set(e, "rank 0 could not create the checkpoint directory for step %lld", (long long)s->step);
+        return -1;
+    }
+    ckpt_test_point("shard_begin");
+    int64_t lo, hi;
+    ckpt_shard_interval(s->n_params, world, rank, &lo, &hi);
+    const int64_t olo = s->opt_hi > 0 ? s->opt_lo : 0, ohi = s->opt_hi > 0 ? s->opt_hi : s->n_params;
+    char fn[64];
+    shard_file_name(fn, sizeof fn, rank, world);
+    snprintf(p, sizeof p, "%s/%s", tmp, fn);
+    int64_t info[3] = {1, 0, 0}; /* ok, size, XXH64 of this rank's shard file */
+    uint64_t h = 0;
+    if (lo < olo || hi > ohi) {
+        info[0] = 0;
+        qerr_set(&mine, "rank %d holds the optimizer state [%lld, %lld), its shard is [%lld, %lld)", rank,
+                 (long long)olo, (long long)ohi, (long long)lo, (long long)hi);
+    } else if (write_shard_file(p, s, rank, world, lo, hi, &mine) || hash_file(p, &info[1], &h, &mine)) {
+        info[0] = 0;
+    }
+    memcpy(&info[2], &h, sizeof h);
+    ckpt_test_point("shard_synced");
+    int64_t *all = calloc((size_t)world * 3, sizeof *all);
+    if (!all) {
+        qerr_set(e, "rank %d: out of memory", rank);
+        return -2;
+    }
+    /* the barrier: every shard file is written and synced (or its rank failed) */
+    if (comm_all_gather(cm, info, all, 3, COMM_I64, e)) {
+        free(all);
+        return -2;
+    }
+    ckpt_test_point("barrier");
+    int64_t rc = 0;
+    int bad_rank = -1;
+    for (int r = 0; r < world && bad_rank < 0; r++)
+        if (!all[3 * r]) bad_rank = r;
+    if (rank == 0) {
+        ckpt_file *files = calloc((size_t)world + 2, sizeof *files);
+        char *idx = NULL;
+        int renamed = 0;
+        if (!files) {
+            rc = -1, qerr_set(&mine, "out of memory");
+        } else if (bad_rank >= 0) {
+            rc = -1;
+            if (bad_rank) qerr_set(&mine, "rank %d could not write its shard file (its message is on its output)", bad_rank);
+        } else {
+            snprintf(files[0].name, sizeof files[0].name, CKPT_RUN_STATE_FILE);
+            snprintf(files[1].name, sizeof files[1].name, CKPT_INDEX_FILE);
+            for (int r = 0; r < world; r++) {
+                shard_file_name(files[2 + r].name, sizeof files[2 + r].name, r, world);
+                files[2 + r].size = all[3 * r + 1];
+                memcpy(&files[2 + r].h, &all[3 * r + 2], sizeof files[2 + r].h);
+            }
+            ckpt_state rs = *s;
+            rs.sharded = 1;
+            snprintf(p, sizeof p, "%s/" CKPT_RUN_STATE_FILE, tmp);
+            if (ckpt_write_state(p, &rs, &mine) || hash_file(p, &files[0].size, &files[0].h, &mine)) rc = -1;
+            snprintf(p, sizeof p, "%s/" CKPT_INDEX_FILE, tmp);
+            if (!rc && !(idx = index_json(s, world))) rc = -1, qerr_set(&mine, "out of memory (%s)", CKPT_INDEX_FILE);
+            if (!rc && (file_write_atomic(p, idx, strlen(idx), &mine) || hash_file(p, &files[1].size, &files[1].h, &mine)))
+                rc = -1;
+            ckpt_test_point("extra");
+            if (!rc && extra && extra(tmp, arg, &mine)) rc = -1;
+            if (!rc && fsync_dir_files(tmp, &mine)) rc = -1;
+            if (!rc && commit_dir(output_dir, fin, tmp, old, s->step, files, world + 2, &renamed, &mine)) rc = -1;
+        }
+        if (rc && !renamed) ckpt_remove_tree(tmp, NULL);
+        free(idx);
+        free(files);
+    }
+    free(all);
+    /* every rank learns whether the checkpoint committed */
+    if (comm_broadcast(cm, &rc, 1, COMM_I64, 0, e)) return -2;
+    if (rc) {
+        if (rank == 0 || !info[0]) *e = mine;
+        else if (bad_rank >= 0) qerr_set(e, "rank %d could not write its shard file", bad_rank);
+        else qerr_set(e, "rank 0 could not commit checkpoint-%lld (its message is on its output)", (long long)s->step);
+        return -1;
+    }
+    if (out_dir) snprintf(out_dir, out_n, "%s", fin);
     return 0;
 }
 
-int ckpt_load(const char *dir, ckpt_state *s, qerr *e) {
-    memset(s, 0, sizeof *s);
-    int64_t step;
-    if (ckpt_verify(dir, &step, e)) return -1;
+/* A parsed index.json: per array, the pieces. */
+typedef struct shard_piece {
+    char file[64];
+    int64_t offset, length;
+} shard_piece;
+
+/* Read and check index.json; pieces[a] (malloc'd) tile [0, n_params) of array a, in order, each in a
+ * file the marker lists (so verified). */
+static int read_index(const char *dir, const ckpt_state *s, int64_t step, const ckpt_file *files, int n_files,
+                      shard_piece *pieces[3], int n_pieces[3], int *world, qerr *e) {
     char p[4400];
-    if (path_join(p, sizeof p, dir, CKPT_STATE_FILE)) return qerr_set(e, "%s: path too long", dir);
-    if (ckpt_read_state(p, s, e)) return -1;
-    if (s->step != step) {
-        ckpt_state_free(s);
-        return qerr_set(e, "%s: %s says step %lld, the marker %lld", dir, CKPT_STATE_FILE, (long long)s->step,
-                        (long long)step);
+    snprintf(p, sizeof p, "%s/" CKPT_INDEX_FILE, dir);
+    qerr je;
+    cJSON *j = file_read_json_object(p, &je);
+    if (!j) return qerr_set(e, "%s", je.msg);
+    const char *names[3];
+    const int na = sharded_arrays(s->optimizer, names);
+    const cJSON *fmt = cJSON_GetObjectItemCaseSensitive(j, "format"), *ver = cJSON_GetObjectItemCaseSensitive(j, "format_version"),
+                *st = cJSON_GetObjectItemCaseSensitive(j, "step"), *np = cJSON_GetObjectItemCaseSensitive(j, "n_params"),
+                *ws = cJSON_GetObjectItemCaseSensitive(j, "world_size"), *t = cJSON_GetObjectItemCaseSensitive(j, "tensors");
+    const char *bad = NULL;
+    if (!cJSON_IsString(fmt) || strcmp(fmt->valuestring, CKPT_INDEX_FORMAT)) bad = "format";
+    else if (!cJSON_IsNumber(ver) || ver->valuedouble != CKPT_FORMAT_VERSION) bad = "format_version";
+    else if (!cJSON_IsNumber(st) || st->valuedouble != (double)step) bad = "step (not the marker's)";
+    else if (!cJSON_IsNumber(np) || np->valuedouble != (double)s->n_params) bad = "n_params (not run_state.h5's)";
+    else if (!cJSON_IsNumber(ws) || ws->valuedouble < 1 || ws->valuedouble > CKPT_MAX_FILES - 2) bad = "world_size";
+    else if (!cJSON_IsObject(t)) bad = "tensors";
+    for (int a = 0; a < 3; a++) pieces[a] = NULL, n_pieces[a] = 0;
+    for (int a = 0; !bad && a < na; a++) {
+        const cJSON *list = cJSON_GetObjectItemCaseSensitive(t, names[a]);
+        int n = cJSON_IsArray(list) ? cJSON_GetArraySize(list) : 0;
+        if (n <= 0 || n > CKPT_MAX_FILES || !(pieces[a] = calloc((size_t)n, sizeof *pieces[a]))) {
+            bad = names[a];
+            break;
+        }
+        int64_t next = 0;
+        const cJSON *it;
+        int k = 0;
+        cJSON_ArrayForEach(it, list) {
+            const cJSON *fi = cJSON_GetObjectItemCaseSensitive(it, "file"), *of = cJSON_GetObjectItemCaseSensitive(it, "offset"),
+                        *ln = cJSON_GetObjectItemCaseSensitive(it, "length");
+            int listed = 0;
+            for (int i = 0; cJSON_IsString(fi) && i < n_files; i++) listed |= !strcmp(files[i].name, fi->valuestring);
+            if (!listed || !cJSON_IsNumber(of) || !cJSON_IsNumber(ln) || of->valuedouble != (double)next ||
+                ln->valuedouble < 0 || ln->valuedouble > (double)(s->n_params - next)) {
+                bad = names[a];
+                break;
+            }
+            snprintf(pieces[a][k].file, sizeof pieces[a][k].file, "%s", fi->valuestring);
+            pieces[a][k].offset = next;
+            pieces[a][k].length = (int64_t)ln->valuedouble;
+            next += pieces[a][k].length;
+            k++;
+        }
+        if (!bad && next != s->n_params) bad = names[a];
+        n_pieces[a] = k;
+    }
+    if (!bad) *world = (int)ws->valuedouble;
+    cJSON_Delete(j);
+    if (bad) {
+        for (int a = 0; a < 3; a++) free(pieces[a]), pieces[a] = NULL;
+        return qerr_set(e, "%s: missing or malformed %s (the pieces must be files the marker lists and tile "
+                           "[0, n_params) in order)", p, bad);
     }
     return 0;
 }
+
+/* dst[0 .. hi-lo) <- elements [lo, hi) of array `name`, from the pieces that hold them. */
+static int read_array_range(const char *dir, const char *name, const shard_piece *pc, int n_pc, int64_t step,
+                            int64_t n_params, int64_t lo, int64_t hi, float *dst, qerr *e) {
+    for (int k = 0; k < n_pc; k++) {
+        const int64_t a = pc[k].offset > lo ? pc[k].offset : lo;
+        const int64_t b = pc[k].offset + pc[k].length < hi ? pc[k].offset + pc[k].length : hi;
+        if (a >= b) continue;
+        char p[4400];
+        snprintf(p, sizeof p, "%s/%s", dir, pc[k].file);
+        h5_quiet();
+        hid_t fapl = h5_fapl();
+        hid_t f = H5Fopen(p, H5F_ACC_RDONLY, fapl);
+        if (fapl >= 0) H5Pclose(fapl);
+        if (f < 0) return qerr_set(e, "%s: not a readable HDF5 file", p);
+        char fmt[64];
+        int64_t ver = 0, fstep = -1, fn = -1, foff = -1, flen = -1;
+        const char *what = NULL;
+        if (h5_get_attr_str(f, "format", fmt, sizeof fmt) || strcmp(fmt, CKPT_SHARD_FORMAT)) what = "format";
+        else if (h5_get_attr(f, "format_version", H5T_NATIVE_INT64, &ver) || ver != CKPT_FORMAT_VERSION) what = "format_version";
+        else if (h5_get_attr(f, "step", H5T_NATIVE_INT64, &fstep) || fstep != step) what = "step";
+        else if (h5_get_attr(f, "n_params", H5T_NATIVE_INT64, &fn) || fn != n_params) what = "n_params";
+        else if (h5_get_attr(f, "offset", H5T_NATIVE_INT64, &foff) || h5_get_attr(f, "length", H5T_NATIVE_INT64, &flen) ||
+                 foff != pc[k].offset || flen != pc[k].length)
+            what = "offset, length (not the index's)";
+        hid_t ds = -1, fs = -1, ms = -1;
+        if (!what && (H5Lexists(f, name, H5P_DEFAULT) <= 0 || (ds = H5Dopen2(f, name, H5P_DEFAULT)) < 0)) what = name;
+        if (!what) {
+            int rk;
+            hsize_t dims[2];
+            if (h5_shape(ds, &rk, dims) || rk != 1 || dims[0] != (hsize_t)flen) what = name;
+        }
+        if (!what) {
+            hsize_t start = (hsize_t)(a - pc[k].offset), count = (hsize_t)(b - a);
+            fs = H5Dget_space(ds);
+            ms = H5Screate_simple(1, &count, NULL);
+            if (fs < 0 || ms < 0 || H5Sselect_hyperslab(fs, H5S_SELECT_SET, &start, NULL, &count, NULL) < 0 ||
+                H5Dread(ds, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, dst + (a - lo)) < 0)
+                what = name;
+        }
+        if (ms >= 0) H5Sclose(ms);
+        if (fs >= 0) H5Sclose(fs);
+        if (ds >= 0) H5Dclose(ds);
+        H5Fclose(f);
+        if (what) return qerr_set(e, "%s: missing or malformed %s", p, what);
+    }
+    return 0;
+}
+
+int ckpt_load_part(const char *dir, int world, int rank, ckpt_state *s, qerr *e) {
+    memset(s, 0, sizeof *s);
+    int64_t step;
+    ckpt_file *files = NULL;
+    int n_files = 0;
+    if (verify_marker(dir, &step, &files, &n_files, e)) return -1;
+    const int sharded = strcmp(files[0].name, CKPT_STATE_FILE) != 0;
+    char p[4400];
+    if (path_join(p, sizeof p, dir, sharded ? CKPT_RUN_STATE_FILE : CKPT_STATE_FILE)) {
+        free(files);
+        return qerr_set(e, "%s: path too long", dir);
+    }
+    if (ckpt_read_state(p, s, e)) {
+        free(files);
+        return -1;
+    }
+    if (s->step != step) {
+        ckpt_state_free(s);
+        free(files);
+        return qerr_set(e, "%s: %s says step %lld, the marker %lld", dir, sharded ? CKPT_RUN_STATE_FILE : CKPT_STATE_FILE,
+                        (long long)s->step, (long long)step);
+    }
+    if (s->sharded != sharded) {
+        ckpt_state_free(s);
+        free(files);
+        return qerr_set(e, "%s: %s: missing or malformed / layout", dir, sharded ? CKPT_RUN_STATE_FILE : CKPT_STATE_FILE);
+    }
+    if (!sharded) {
+        free(files);
+        return 0;
+    }
+    shard_piece *pieces[3];
+    int n_pieces[3], saved_world = 0;
+    int rc = read_index(dir, s, step, files, n_files, pieces, n_pieces, &saved_world, e);
+    free(files);
+    if (rc) {
+        ckpt_state_free(s);
+        return -1;
+    }
+    int64_t lo = 0, hi = s->n_params;
+    if (world > 0) ckpt_shard_interval(s->n_params, world, rank, &lo, &hi);
+    const char *names[3];
+    sharded_arrays(s->optimizer, names);
+    const int sophia = !strcmp(s->optimizer, "sophia");
+    s->params = malloc((size_t)s->n_params * sizeof(float));
+    s->exp_avg = malloc((size_t)(hi - lo + 1) * sizeof(float));
+    float *second = malloc((size_t)(hi - lo + 1) * sizeof(float));
+    if (sophia) s->hessian = second;
+    else s->exp_avg_sq = second;
+    if (!s->params || !s->exp_avg || !second) rc = qerr_set(e, "out of memory reading %s", dir);
+    if (!rc) rc = read_array_range(dir, names[0], pieces[0], n_pieces[0], step, s->n_params, 0, s->n_params, s->params, e);
+    if (!rc) rc = read_array_range(dir, names[1], pieces[1], n_pieces[1], step, s->n_params, lo, hi, s->exp_avg, e);
+    if (!rc) rc = read_array_range(dir, names[2], pieces[2], n_pieces[2], step, s->n_params, lo, hi, second, e);
+    for (int a = 0; a < 3; a++) free(pieces[a]);
+    if (rc) {
+        ckpt_state_free(s);
+        return -1;
+    }
+    s->opt_lo = lo;
+    s->opt_hi = hi;
+    s->sharded = saved_world;
+    return 0;
+}
+
+/* ckpt_consolidate's extra files: the adapter and the config, copied from the source checkpoint. */
+static int copy_extra(const char *dir, void *arg, qerr *e) {
+    static const char *const names[] = {"adapter_model.safetensors", "adapter_config.json", "config.resolved.yaml"};
+    const char *src = arg;
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        char a[4400], b[4400];
+        snprintf(a, sizeof a, "%s/%s", src, names[i]);
+        snprintf(b, sizeof b, "%s/%s", dir, names[i]);
+        if (access(a, F_OK)) continue;
+        size_t len = 0;
+        char *buf = file_read_all(a, &len, e);
+        if (!buf) return -1;
+        int rc = file_write_atomic(b, buf, len, e);
+        free(buf);
+        if (rc) return -1;
+    }
+    return 0;
+}
+
+int ckpt_consolidate(const char *src, const char *dst, qerr *e) {
+    if (access(dst, F_OK) == 0) return qerr_set(e, "%s: already exists; give a new directory", dst);
+    ckpt_state s;
+    if (ckpt_load(src, &s, e)) return -1;
+    s.sharded = 0;
+    char tmp[4200], parent[4096];
+    snprintf(tmp, sizeof tmp, "%s.tmp-%d", dst, (int)getpid());
+    snprintf(parent, sizeof parent, "%s", dst);
+    char *slash = strrchr(parent, '/');
+    if (slash == parent) slash[1] = 0;
+    else if (slash) *slash = 0;
+    else snprintf(parent, sizeof parent, ".");
+    int rc = -1;
+    ckpt_file f = {CKPT_STATE_FILE, 0, 0};
+    char p[4400];
+    snprintf(p, sizeof p, "%s/" CKPT_STATE_FILE, tmp);
+    if (ckpt_remove_tree(tmp, e)) goto out;
+    if (mkdir(tmp, 0755)) {
+        qerr_set(e, "cannot create %s: %s", tmp, strerror(errno));
+        goto out;
+    }
+    if (ckpt_write_state(p, &s, e) || hash_file(p, &f.size, &f.h, e) || copy_extra(tmp, (void *)src, e) ||
+        fsync_dir_files(tmp, e))
+        goto out_tmp;
+    if (rename(tmp, dst)) {
+        qerr_set(e, "cannot rename %s to %s: %s", tmp, dst, strerror(errno));
+        goto out_tmp;
+    }
+    if (fsync_path(parent, 1, e) || write_marker(dst, s.step, &f, 1, e)) {
+        ckpt_remove_tree(dst, NULL);
+        goto out;
+    }
+    rc = 0;
+    goto out;
+out_tmp:
+    ckpt_remove_tree(tmp, NULL);
+out:
+    ckpt_state_free(&s);
+    return rc;
+}
+
 
 static int has_marker(const char *dir) {
     char p[4608];

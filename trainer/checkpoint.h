@@ -41,8 +41,10 @@
  *   /trainer_state          attrs nan_streak, nan_skipped, eval_loss_start, last_eval_loss,
  *                           last_eval_step, train_seconds
  *   /log_history            uint8 (n): metrics.jsonl as it was at this step (restored on resume)
- * Adapters and optimizer state are saved whole, so the format does not depend on
- * how many workers wrote it. Randomness is counter-based (core/rng.h): dropout
+ * In this single-file layout (FULL_STATE_DICT, the default of one process and of
+ * NO_SHARD) adapters and optimizer state are saved whole, so the format does not
+ * depend on how many workers wrote it; the sharded layout (ckpt_save_sharded)
+ * resumes at any world size too, by reading intervals. Randomness is counter-based (core/rng.h): dropout
  * masks are a pure function of (seed, step, micro-batch) and the data order of
  * (seed, epoch), so seed + step + rows_consumed are the whole RNG state.
  */
@@ -52,6 +54,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "comm/comm.h"
 #include "core/status.h"
 #include "format/gguf.h"
 #include "format/peft.h"
@@ -59,6 +62,10 @@
 #define CKPT_FORMAT_VERSION 1
 #define CKPT_STATE_FILE "state.h5"
 #define CKPT_MARKER "COMPLETE"
+#define CKPT_RUN_STATE_FILE "run_state.h5"   /* sharded layout: the scalar run state, written once */
+#define CKPT_INDEX_FILE "index.json"         /* sharded layout: global array -> (file, offset, length) */
+#define CKPT_SHARD_FORMAT "qlora-checkpoint-shard"
+#define CKPT_INDEX_FORMAT "qlora-sharded-checkpoint"
 #define CKPT_NAME_MAX PEFT_NAME_MAX
 
 /* One tensor inside the flat adapter arena: {name (PEFT), offset, rows, cols},
@@ -104,6 +111,14 @@ typedef struct ckpt_state {
     uint8_t *state1, *state2;             /* (n_params) codes */
     float *absmax1, *absmax2;             /* (n_blocks) */
     int64_t n_blocks, n32;
+    /* The optimizer arrays (exp_avg, exp_avg_sq, hessian; not the 8-bit ones) hold elements
+     * [opt_lo, opt_hi) of the flat arrays: on read 0, n_params unless ckpt_load_part asked for one
+     * rank's interval; on write by ckpt_save_sharded the interval this rank holds (opt_hi 0 = all). */
+    int64_t opt_lo, opt_hi;
+    /* write: 1 = ckpt_write_state writes the run state alone (no /lora/params, no optimizer arrays:
+     * the run_state.h5 of a sharded checkpoint). read: the world size that wrote the sharded
+     * checkpoint it came from (0: a single-file checkpoint). */
+    int sharded;
     int n_tensors;
     ckpt_tensor *tensors;                 /* (n_tensors) */
     char *config_yaml;                    /* NUL-terminated */
@@ -123,6 +138,19 @@ void ckpt_state_free(ckpt_state *s);
 /* ckpt_verify(dir) then ckpt_read_state(dir/state.h5). */
 int ckpt_load(const char *dir, ckpt_state *s, qerr *e);
 
+/* The interval [*lo, *hi) of a flat array of n elements that rank `rank` of `world` holds in the
+ * sharded layouts (SHARD_GRAD_OP's optimizer state, a sharded checkpoint's shard files): shards of
+ * ceil(n / world) elements in rank order, the last ones shorter or empty. The one source of this
+ * rule (trainer/run.c takes it too). */
+void ckpt_shard_interval(int64_t n, int world, int rank, int64_t *lo, int64_t *hi);
+
+/* As ckpt_load, for a sharded checkpoint (or a single-file one) resumed by rank `rank` of `world`
+ * ranks that holds only its interval (ckpt_shard_interval) of the optimizer state: the optimizer
+ * arrays then hold [s->opt_lo, s->opt_hi) = that interval, read from whichever shard files hold it
+ * (resharding on load, as torch.distributed.checkpoint does). world 0: the whole arrays. The
+ * parameters are always read whole (every rank holds them). */
+int ckpt_load_part(const char *dir, int world, int rank, ckpt_state *s, qerr *e);
+
 /* Called by ckpt_save with the temporary directory, to add files (the PEFT
  * adapter, the config) before the checkpoint is committed. */
 typedef int (*ckpt_extra_fn)(const char *dir, void *arg, qerr *e);
@@ -134,8 +162,36 @@ typedef int (*ckpt_extra_fn)(const char *dir, void *arg, qerr *e);
 int ckpt_save(const char *output_dir, const ckpt_state *s, ckpt_extra_fn extra, void *arg, char *out_dir,
               size_t out_n, qerr *e);
 
+/* The sharded layout (fsdp_state_dict_type: SHARDED_STATE_DICT; collective, every rank of cm calls it
+ * with its own s). checkpoint-<step>/ then holds
+ *   shard-RRRRR-of-WWWWW.h5    one per rank: its interval [lo, hi) = ckpt_shard_interval(n_params, world,
+ *                              rank) of /lora/params and of the optimizer's flat arrays (/optimizer/exp_avg,
+ *                              exp_avg_sq | hessian), attrs format="qlora-checkpoint-shard", format_version,
+ *                              step, rank, world_size, n_params, offset (= lo), length (= hi - lo)
+ *   run_state.h5               the state.h5 layout without the arrays (root attr layout="sharded",
+ *                              /lora attr n_params): step, data position, RNG, scheduler, optimizer
+ *                              scalars, the tensor table, config, log_history — written once, by rank 0
+ *   index.json                 each global array ("lora/params", "optimizer/exp_avg", ...) -> the list of
+ *                              {file, offset, length} that tile it, in order (docs/formats.md)
+ *   adapter files, config.resolved.yaml, COMPLETE (every file above with its size and XXH64)
+ * Commit: rank 0 makes checkpoint-<step>.tmp-<pid>/; every rank writes and fsyncs its shard file
+ * there; the ranks exchange (ok, size, XXH64) — the barrier; rank 0 writes run_state.h5, index.json,
+ * the extra files, fsyncs, renames the directory into place and writes COMPLETE last, as ckpt_save.
+ * s->params holds all n_params parameters (replicated), the optimizer arrays [s->opt_lo, s->opt_hi)
+ * (which must contain this rank's interval); rank 0's s also the scalar state. 0 on every rank when
+ * the checkpoint committed; -1 with e when it did not (a failing rank names itself, the others name
+ * it); -2 when a collective failed (e: the communicator's message; the caller ends the job). */
+int ckpt_save_sharded(comm *cm, const char *output_dir, const ckpt_state *s, ckpt_extra_fn extra, void *arg,
+                      char *out_dir, size_t out_n, qerr *e);
+
+/* Consolidate a checkpoint (sharded or not) into a single-file checkpoint at dst (a new directory:
+ * state.h5 with the whole arrays, the adapter files and config.resolved.yaml copied, COMPLETE),
+ * resumable by one process (resume_from_checkpoint: dst) and exportable (qlora-export dst).
+ * Crash-safe as ckpt_save (dst.tmp-<pid>, fsync, rename, COMPLETE last); dst must not exist. */
+int ckpt_consolidate(const char *src, const char *dst, qerr *e);
+
 /* Is `dir` a complete checkpoint? Checks COMPLETE and the size and XXH64 of
- * state.h5. Both must be regular files (core/file.h file_open_regular: a FIFO
+ * every file it lists (state.h5; or run_state.h5, index.json and every shard file). Both must be regular files (core/file.h file_open_regular: a FIFO
  * or a device such as a symlink to /dev/zero is refused before it is read),
  * and state.h5's size is compared with the marker's before its bytes are
  * hashed. Returns 0 and its step, or -1 with the reason. */
@@ -188,7 +244,13 @@ int ckpt_remove_tree(const char *path, qerr *e);
  *                                 (state.h5 half written), "extra" (before the
  *                                 adapter files), "rename" (before the directory
  *                                 rename), "marker" (renamed, before COMPLETE),
- *                                 "committed" (COMPLETE written, before cleanup). */
+ *                                 "committed" (COMPLETE written, before cleanup).
+ *                                 Sharded saves (ckpt_save_sharded) also: "shard_begin" (before
+ *                                 the rank's shard file), "shard_mid" (its file half written),
+ *                                 "shard_synced" (fsynced, before the barrier), "barrier" (after
+ *                                 it, before COMPLETE); "state" is then rank 0's run_state.h5;
+ *   QLORA_TEST_CRASH_RANK=R      only rank R crashes (sharded saves; default: any rank);
+ *   QLORA_TEST_CRASH_STEP=N      only the save of step N crashes (default: any). */
 void ckpt_test_point(const char *stage);
 
 #endif

@@ -1327,11 +1327,17 @@ static int parallel_fsdp_config(const pctx *p, const yaml_node_t *v) {
             if (b) return strategy_refused(p, vn, what, "FULL_SHARD (reshard_after_forward: true)");
             p->c->fsdp_shard_grad_op = 1; /* FSDP2: parameters stay gathered after forward = SHARD_GRAD_OP */
         } else if (!strcmp(k, "state_dict_type")) {
+            /* torch's StateDictType names as accelerate / axolotl write them */
             const char *s = vn->type == YAML_SCALAR_NODE ? sval(vn) : "";
-            if (!strcasecmp(s, "FULL_STATE_DICT") || !strcasecmp(s, "StateDictType.FULL_STATE_DICT")) continue;
-            describe(vn, got, sizeof got);
-            return perr(p, vn, "%s: only FULL_STATE_DICT is implemented (checkpoints hold the whole adapter and "
-                               "optimizer state, written by rank 0), got %s", what, got);
+            if (!strncasecmp(s, "StateDictType.", 14)) s += 14;
+            if (!strcasecmp(s, "FULL_STATE_DICT")) p->c->fsdp_state_dict_type = 1;
+            else if (!strcasecmp(s, "SHARDED_STATE_DICT")) p->c->fsdp_state_dict_type = 2;
+            else {
+                describe(vn, got, sizeof got);
+                return perr(p, vn, "%s: expected FULL_STATE_DICT (one state file written by rank 0) or "
+                                   "SHARDED_STATE_DICT (one shard file per rank; LOCAL_STATE_DICT is not "
+                                   "implemented), got %s", what, got);
+            }
         } else if (!strcmp(k, "cpu_ram_efficient_loading")) {
             if (parallel_bool(p, what, vn, &b)) return -1;
             if (b && add_warning(p->c, p->e, "%s: %s: every rank loads the base model itself (the memory of one "
@@ -1459,6 +1465,14 @@ static void parallel_write_yaml(FILE *f, const train_config *c) {
     } else if (c->fsdp_no_shard) {
         fputs("fsdp_config:\n  fsdp_sharding_strategy: NO_SHARD\n", f);
     }
+    if (c->fsdp_state_dict_type) /* only when given: a config without it resolves as before */
+        fprintf(f, "%s  fsdp_state_dict_type: %s\n",
+                c->deepspeed || !(c->fsdp_shard_grad_op || c->fsdp_no_shard) ? "fsdp_config:\n" : "",
+                c->fsdp_state_dict_type == 2 ? "SHARDED_STATE_DICT" : "FULL_STATE_DICT");
+}
+
+int train_config_sharded_state_dict(const train_config *c) {
+    return c->fsdp_state_dict_type ? c->fsdp_state_dict_type == 2 : c->fsdp_shard_grad_op != 0;
 }
 
 static int parallel_validate(const train_config *c, qerr *e) {
@@ -1467,6 +1481,9 @@ static int parallel_validate(const train_config *c, qerr *e) {
         return qerr_set(e, "%s: fsdp / fsdp_config and deepspeed are both set; choose one", src);
     if (c->fsdp_no_shard && c->fsdp_shard_grad_op)
         return qerr_set(e, "%s: fsdp / fsdp_config ask for both NO_SHARD and SHARD_GRAD_OP; choose one", src);
+    if (c->fsdp_state_dict_type == 2 && !strcmp(c->optimizer, "adamw_8bit"))
+        return qerr_set(e, "%s: fsdp_state_dict_type: SHARDED_STATE_DICT with optimizer adamw_8bit is not "
+                           "implemented yet (its checkpoints are FULL_STATE_DICT)", src);
     if (c->fsdp_shard_grad_op && (!strcmp(c->optimizer, "sophia") || !strcmp(c->optimizer, "adamw_8bit")))
         return qerr_set(e, "%s: optimizer: %s with SHARD_GRAD_OP is not implemented yet (it runs with data "
                            "parallel, NO_SHARD)", src, c->optimizer);

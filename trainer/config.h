@@ -212,6 +212,11 @@ typedef struct train_config {
     int fsdp_shard_grad_op;           /* default 0; 1: fsdp / fsdp_config asked for SHARD_GRAD_OP (gradients
                                          reduce-scattered, optimizer state and update on each rank's
                                          shard); 2: the same from DeepSpeed zero_optimization.stage 2 */
+    int fsdp_state_dict_type;         /* fsdp_config.fsdp_state_dict_type: 0 not given = the strategy's
+                                         default (SHARDED_STATE_DICT for SHARD_GRAD_OP, else
+                                         FULL_STATE_DICT: train_config_sharded_state_dict); 1
+                                         FULL_STATE_DICT (one state.h5 written by rank 0); 2
+                                         SHARDED_STATE_DICT (one shard file per rank) */
     char *deepspeed;                  /* default NULL; a DeepSpeed JSON whose zero_optimization.stage is 0
                                          or 2 (stages 1 and 3 are refused at load) */
     /* ---- end of several processes ---- */
@@ -319,6 +324,12 @@ void train_config_free(train_config *c);
  * contract this is) gets a LoRA adapter: the union of lora_target_modules and,
  * if lora_target_linear, all seven. */
 unsigned train_config_target_mask(const train_config *c);
+
+/* Whether checkpoints use the sharded layout (trainer/checkpoint.h ckpt_save_sharded): an explicit
+ * fsdp_state_dict_type, else SHARDED_STATE_DICT for the sharded strategies (SHARD_GRAD_OP; each rank
+ * holds only its interval of the optimizer state, so each writes it, as accelerate's FSDP2 default)
+ * and FULL_STATE_DICT otherwise (one process, NO_SHARD: one state.h5, as before). */
+int train_config_sharded_state_dict(const train_config *c);
 
 /* Evaluation interval in optimizer steps: eval_steps if > 0; else, if
  * evals_per_epoch > 0, max(1, steps_per_epoch / evals_per_epoch) (axolotl);

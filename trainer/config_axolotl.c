@@ -324,7 +324,7 @@ static const ax_key TOP[] = {
     {"deepspeed", AX_IMPL, NULL, "zero_optimization.stage 0 (data parallel) or 2 (SHARD_GRAD_OP); stages 1 and 3, offloading, its own optimizer refused (README \"Several processes\")"},
     {"deepcompile", AX_MULTI, NULL, NULL},
     {"fsdp", AX_IMPL, NULL, "no_shard or shard_grad_op (with auto_wrap); full_shard, hybrid_shard, offload refused (README \"Several processes\")"},
-    {"fsdp_config", AX_IMPL, NULL, "fsdp_sharding_strategy NO_SHARD or SHARD_GRAD_OP, FULL_STATE_DICT; others refused (README \"Several processes\")"},
+    {"fsdp_config", AX_IMPL, NULL, "fsdp_sharding_strategy NO_SHARD or SHARD_GRAD_OP, fsdp_state_dict_type FULL_STATE_DICT or SHARDED_STATE_DICT; others refused (README \"Several processes\")"},
     {"fsdp_version", AX_IMPL, NULL, "1 or 2"},
     {"fp32_norms", AX_REFUSE, NULL, "norm precision overrides are not implemented (RMSNorm is computed in fp32 here already)"},
     {"fp32_norm_classes", AX_REFUSE, NULL, "norm precision overrides are not implemented (RMSNorm is computed in fp32 here already)"},

@@ -13,12 +13,16 @@
 #include "core/parse.h"
 #include "model/adapter.h"
 #include "model/base.h"
+#include "trainer/checkpoint.h"
 #include "trainer/config.h"
 #include "trainer/export.h"
 
 static void usage(FILE *f) {
     fprintf(f,
             "usage: qlora-export RUN_DIR [--gguf FILE] [--merged DIR] [options]\n"
+            "       qlora-export --consolidate CHECKPOINT OUT   (a sharded checkpoint as one state.h5 in the new\n"
+            "                       checkpoint directory OUT: resumable by one process with\n"
+            "                       resume_from_checkpoint: OUT, exportable with qlora-export OUT)\n"
             "       qlora-export --base MODEL --merged DIR [--merge-base source]   (the base alone, as an HF directory)\n"
             "  RUN_DIR holds adapter_config.json + adapter_model.safetensors (a qlora-train output_dir,\n"
             "  or any PEFT LoRA adapter of a Llama-family model).\n"
@@ -47,6 +51,21 @@ static char *join(const char *dir, const char *name) {
 }
 
 int main(int argc, char **argv) {
+    if (argc >= 2 && !strcmp(argv[1], "--consolidate")) {
+        if (argc != 4) {
+            fprintf(stderr, "qlora-export: --consolidate takes CHECKPOINT OUT (two directories)\n");
+            return 2;
+        }
+        qerr ce;
+        double t0 = clock_now_sec();
+        if (ckpt_consolidate(argv[2], argv[3], &ce)) {
+            fprintf(stderr, "qlora-export: %s\n", ce.msg);
+            return 1;
+        }
+        fprintf(stderr, "[export] consolidated %s into %s (one state.h5, %.1fs)\n", argv[2], argv[3],
+                clock_now_sec() - t0);
+        return 0;
+    }
     const char *run = NULL, *gguf_out = NULL, *merged_out = NULL, *base_path = NULL;
     int merge_source = 0, load_in_4bit = -1;
     long shard_mb = 2048;

@@ -200,6 +200,12 @@ static int setup_check_inputs(run_ctx *r, qerr *e) {
  * complete one in output_dir (when auto_resume_from_checkpoints). */
 static int setup_resume_choice_rank0(run_ctx *r, qerr *e);
 
+/* Load checkpoint dir for this rank: under SHARD_GRAD_OP only its interval of the optimizer state
+ * (read from whichever shard files hold it when the checkpoint is sharded), else all of it. */
+static int resume_load(const run_ctx *r, const char *dir, ckpt_state *ck, qerr *e) {
+    return ckpt_load_part(dir, r->c->fsdp_shard_grad_op ? r->world : 0, r->rank, ck, e);
+}
+
 /* With several ranks rank 0 chooses (it holds output_dir's lock and has
  * removed unfinished saves) and sends the choice; the others load that
  * checkpoint (output_dir must be on a filesystem every rank sees). */
@@ -213,7 +219,7 @@ static int setup_resume_choice(run_ctx *r, qerr *e) {
         run_comm_fail(r, &ce);
     if (!r->rank || !resuming) return 0;
     r->ck_dir[sizeof r->ck_dir - 1] = 0;
-    if (ckpt_load(r->ck_dir, &r->ck, e)) return qerr_prefix(e, "rank %d: %s", r->rank, r->cfgname);
+    if (resume_load(r, r->ck_dir, &r->ck, e)) return qerr_prefix(e, "rank %d: %s", r->rank, r->cfgname);
     r->resuming = 1;
     return 0;
 }
@@ -221,7 +227,7 @@ static int setup_resume_choice(run_ctx *r, qerr *e) {
 static int setup_resume_choice_rank0(run_ctx *r, qerr *e) {
     const train_config *c = r->c;
     if (c->resume_from_checkpoint) {
-        if (ckpt_load(c->resume_from_checkpoint, &r->ck, e))
+        if (resume_load(r, c->resume_from_checkpoint, &r->ck, e))
             return qerr_prefix(e, "%s: resume_from_checkpoint", r->cfgname);
         snprintf(r->ck_dir, sizeof r->ck_dir, "%s", c->resume_from_checkpoint);
         r->resuming = 1;
@@ -232,7 +238,7 @@ static int setup_resume_choice_rank0(run_ctx *r, qerr *e) {
         if (ckpt_list(c->output_dir, &ents, &n_ents, e)) return qerr_prefix(e, "%s: output_dir", r->cfgname);
         for (int i = 0; i < n_ents && !r->resuming; i++) {
             qerr why;
-            if (ckpt_load(ents[i].path, &r->ck, &why)) {
+            if (resume_load(r, ents[i].path, &r->ck, &why)) {
                 fprintf(stderr, "[checkpoint] skipping %s\n", why.msg);
                 if (ents[i].complete && !n_committed++) newest_why = why;
                 n_interrupted += !ents[i].complete;
@@ -709,10 +715,8 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
     /* SHARD_GRAD_OP: this rank's part of the flat arrays (the optimizer state covers only it) */
     r->sgo = c->fsdp_shard_grad_op != 0;
     r->shard_len = (r->ls.n_params + r->world - 1) / r->world;
-    r->shard_lo = r->sgo ? (int64_t)r->rank * r->shard_len : 0;
-    r->shard_hi = r->sgo ? r->shard_lo + r->shard_len : r->ls.n_params;
-    if (r->shard_hi > r->ls.n_params) r->shard_hi = r->ls.n_params;
-    if (r->shard_lo > r->shard_hi) r->shard_lo = r->shard_hi;
+    r->shard_lo = 0, r->shard_hi = r->ls.n_params;
+    if (r->sgo) ckpt_shard_interval(r->ls.n_params, r->world, r->rank, &r->shard_lo, &r->shard_hi);
     const int64_t n_opt = r->shard_hi - r->shard_lo;
     if (r->sgo && !(r->shard_buf = r->ctx.be->alloc((size_t)(r->shard_len * r->world) * sizeof(float))))
         return qerr_set(e, "out of memory (SHARD_GRAD_OP buffer)");

@@ -56,9 +56,83 @@ static float *sgo_gather_moment(run_ctx *r, const float *own) {
     return all;
 }
 
+/* SHARDED_STATE_DICT: every rank writes its interval of the parameters and of the optimizer state
+ * (trainer/checkpoint.h ckpt_save_sharded); rank 0 also the run state. Collective. */
+static int checkpoint_save_sharded(run_ctx *r, int step, char *lh, size_t lh_len, int failed, qerr *e) {
+    const train_config *c = r->c;
+    const ag_backend *be = r->ctx.be;
+    ckpt_state cs = {
+        .step = step, .total_steps = r->total_steps, .rows_consumed = r->cursor, .n_rows = r->train_set.n_rows,
+        .rows_per_step = r->rows_per_step, .shuffle_seed = (uint64_t)c->seed, .data_fingerprint = r->data_fp,
+        .seed = (uint64_t)c->seed, .base_lr = c->learning_rate, .last_lr = r->last_lr, .warmup_steps = r->warmup,
+        .opt_step = r->opt.step, .beta1 = c->adam_beta1, .beta2 = c->adam_beta2, .eps = c->adam_epsilon,
+        .weight_decay = c->weight_decay, .nan_streak = r->nan_streak, .nan_skipped = r->nan_skipped,
+        .eval_loss_start = r->eval_loss_start, .last_eval_loss = r->last_eval, .last_eval_step = r->last_eval_step,
+        .train_seconds = r->train_sec, .model_fingerprint = r->model_fp, .tokenizer_fingerprint = r->tok_fp,
+        .n_params = r->ls.n_params, .params = r->ls.params, .exp_avg = r->opt.m, .exp_avg_sq = r->opt.v,
+        .opt_lo = r->shard_lo, .opt_hi = r->shard_hi,
+        .n_tensors = r->n_tensors, .tensors = r->tensors, .config_yaml = r->config_yaml, .log_history = lh,
+        .log_history_len = (int64_t)lh_len};
+    snprintf(cs.lr_scheduler, sizeof cs.lr_scheduler, "%s", lr_schedule_name(r->sk));
+    snprintf(cs.optimizer, sizeof cs.optimizer, "adamw");
+    if (r->use_sophia) { /* NO_SHARD only (SHARD_GRAD_OP with Sophia is refused): the whole arrays */
+        snprintf(cs.optimizer, sizeof cs.optimizer, "sophia");
+        cs.opt_step = r->sop.step, cs.exp_avg = r->sop.m, cs.exp_avg_sq = NULL, cs.hessian = r->sop.h;
+        cs.beta1 = c->sophia_beta1, cs.beta2 = c->sophia_beta2, cs.rho = c->sophia_rho;
+        cs.hessian_interval = c->sophia_k, cs.hessian_updates = r->sop.hessian_updates;
+        cs.opt_lo = 0, cs.opt_hi = r->ls.n_params;
+    }
+    snprintf(cs.base_model, sizeof cs.base_model, "%s", c->base_model);
+    /* host copies where the backend's memory is not host memory */
+    const size_t np = (size_t)r->ls.n_params * sizeof(float), no = (size_t)(cs.opt_hi - cs.opt_lo) * sizeof(float);
+    float *staged[3] = {NULL, NULL, NULL};
+    float **slot[3] = {(float **)&cs.params, (float **)&cs.exp_avg, r->use_sophia ? (float **)&cs.hessian : (float **)&cs.exp_avg_sq};
+    const size_t bytes[3] = {np, no, no};
+    int rc = 0;
+    if (!be->host_data) {
+        be->sync();
+        for (int i = 0; i < 3 && !rc; i++) {
+            if (!(staged[i] = malloc(bytes[i] ? bytes[i] : 1))) {
+                rc = qerr_set(e, "rank %d: out of memory staging the optimizer state for the checkpoint", r->rank);
+                break;
+            }
+            be->copy_d2h(staged[i], *slot[i], bytes[i]);
+            *slot[i] = staged[i];
+        }
+    }
+    if (!r->rank) fprintf(stderr, "[checkpoint] saving step %d (sharded: %d shard files)\n", step, r->world);
+    /* every rank enters the collective save, also one whose staging failed (it reports it there) */
+    if (rc || failed) /* an interval that cannot hold the shard: the save fails on every rank, naming this one */
+        cs.opt_lo = cs.opt_hi = r->ls.n_params + 1;
+    qerr se;
+    int src = ckpt_save_sharded(r->comm, c->output_dir, &cs, r->rank ? NULL : save_extra, r, r->last_ckpt,
+                                sizeof r->last_ckpt, &se);
+    for (int i = 0; i < 3; i++) free(staged[i]);
+    if (src == -2) run_comm_fail(r, &se);
+    if (src && !rc && !failed) *e = se;
+    return src || rc || failed ? -1 : 0;
+}
+
 int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
     const train_config *c = r->c;
     double ts = clock_now_sec();
+    if (train_config_sharded_state_dict(c)) {
+        size_t lh_len = 0;
+        char *lh = NULL;
+        if (!r->rank) {
+            char mp[4200];
+            snprintf(mp, sizeof mp, "%s/metrics.jsonl", c->output_dir);
+            lh = file_read_all(mp, &lh_len, e);
+        }
+        /* a rank 0 that cannot read metrics.jsonl still enters the collective save, which then fails */
+        const int failed = !r->rank && !lh;
+        int rc = checkpoint_save_sharded(r, step, lh, lh_len, failed, e);
+        free(lh);
+        if (rc) return qerr_prefix(e, "checkpoint at step %d", step);
+        r->last_saved = step;
+        if (r->rank) return 0;
+        goto prune;
+    }
     /* SHARD_GRAD_OP: every rank sends its shard of the moments; rank 0 writes the whole state */
     float *full_m = r->sgo ? sgo_gather_moment(r, r->opt.m) : NULL;
     float *full_v = r->sgo ? sgo_gather_moment(r, r->opt.v) : NULL;
@@ -137,6 +211,7 @@ int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
     free(full_v);
     if (rc) return qerr_prefix(e, "checkpoint at step %d", step);
     r->last_saved = step;
+prune:;
     int ndel = 0;
     qerr why;
     /* The new checkpoint is committed: an old one that cannot be deleted costs disk space, not the run. */
@@ -226,10 +301,14 @@ int run_resume(run_ctx *r, const ckpt_state *ck, qerr *e) {
         r->sop.step = ck->opt_step;
         r->sop.hessian_updates = ck->hessian_updates;
     } else {
-        /* this rank's shard (SHARD_GRAD_OP), else all of it */
+        /* this rank's shard (SHARD_GRAD_OP), else all of it, from the interval the checkpoint was read for */
         const size_t own = (size_t)r->opt.n * sizeof(float);
-        be->copy_h2d(r->opt.m, ck->exp_avg + r->shard_lo, own);
-        be->copy_h2d(r->opt.v, ck->exp_avg_sq + r->shard_lo, own);
+        if (r->shard_lo < ck->opt_lo || r->shard_lo + r->opt.n > ck->opt_hi)
+            return qerr_set(e, "rank %d: %s was read for the optimizer interval [%lld, %lld), this rank holds "
+                               "[%lld, %lld)", r->rank, r->ck_dir, (long long)ck->opt_lo, (long long)ck->opt_hi,
+                            (long long)r->shard_lo, (long long)(r->shard_lo + r->opt.n));
+        be->copy_h2d(r->opt.m, ck->exp_avg + (r->shard_lo - ck->opt_lo), own);
+        be->copy_h2d(r->opt.v, ck->exp_avg_sq + (r->shard_lo - ck->opt_lo), own);
         r->opt.step = ck->opt_step;
     }
     r->start_step = (int)ck->step;
