@@ -86,7 +86,7 @@ static int gguf_name_of(const llama_hparams *hp, llama_role role, int layer, int
         return 0;
     case LLAMA_T_BIAS:
         if (module < 0 || module > LLAMA_V || !hp->qkv_bias) return -1;
-        snprintf(name, n, "blk.%d.%s.bias", layer, llama_linears[module].gguf);
+        snprintf(name, n, "blk.%d.%s.bias", layer, llama_hparams_linears(hp)[module].gguf);
         return 0;
     }
     return -1;

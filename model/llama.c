@@ -445,7 +445,7 @@ int llama_layer_layout_init(llama_layer_layout *lo, const llama_hparams *hp, fro
         }
         /* nf4_check_geometry also vets the bf16 padding unit: the same power of two */
         if (nf4_check_geometry(lo->rows[k], lo->cols[k], blocksize, e))
-            return qerr_prefix(e, "layer layout, %s", llama_linears[k].peft);
+            return qerr_prefix(e, "layer layout, %s", llama_hparams_linears(hp)[k].peft);
         const int64_t nb = (lo->rows[k] * lo->cols[k] + bs - 1) / bs;
         lo->elem[k + 1] = lo->elem[k] + nb * bs;
         lo->group[k + 1] = lo->group[k] + (double_quant && kind == FROZEN_NF4
