@@ -71,6 +71,13 @@ CU_TEST_SRC := $(wildcard tests/test_*.cu)
 CU_TEST_BIN := $(CU_TEST_SRC:tests/%.cu=build/tests/%)
 TEST_BIN += $(CU_TEST_BIN)
 build/autograd/backend.o: CFLAGS += -DQLORA_CUDA=1
+# NCCL (comm/comm_nccl.c, several GPUs): its header from the toolkit, NCCL_HOME, or the system (NVIDIA's
+# libnccl-dev); the library itself is dlopen'd (libnccl.so.2) only by a run on several GPUs.
+NCCL_HOME ?= $(firstword $(foreach d,$(CUDA_HOME) /usr/local /usr,$(if $(wildcard $(d)/include/nccl.h),$(d))))
+build/comm/comm_nccl.o: CFLAGS += -DQLORA_CUDA=1 -I$(CUDA_HOME)/include
+ifneq ($(NCCL_HOME),)
+build/comm/comm_nccl.o: CFLAGS += -DQLORA_HAVE_NCCL $(if $(filter /usr,$(NCCL_HOME)),,-I$(NCCL_HOME)/include)
+endif
 # the op-rate probe of `make test-gpu` (bench/gpu_ops.c)
 build/gpu_ops: bench/gpu_ops.c build/libqlora.a
 	$(CC) $(CFLAGS) $< build/libqlora.a -o $@ $(LDLIBS)
@@ -83,7 +90,7 @@ test-gpu:
 # backend.o depends on the choice (QLORA_CUDA): a stamp that changes with it
 build/cuda-$(CUDA).stamp:
 	@mkdir -p build && rm -f build/cuda-*.stamp && touch $@
-build/autograd/backend.o: build/cuda-$(CUDA).stamp
+build/autograd/backend.o build/comm/comm_nccl.o: build/cuda-$(CUDA).stamp
 TEST_HELPER_SRC := $(filter-out $(TEST_SRC),$(wildcard tests/*.c))
 TEST_HELPER_OBJ := $(TEST_HELPER_SRC:%.c=build/%.o)
 
@@ -93,7 +100,7 @@ DEFAULT_DATA  := datasets/manpages/train.jsonl datasets/manpages/heldout.jsonl
 # Tools around the trainer (trainer/<name>_main.c -> bin/qlora-<name>).
 TOOL_BINS := bin/qlora-export bin/qlora-generate bin/qlora-plot bin/qlora-preprocess
 
-.PHONY: all test test-unit test-interop setup model dataset clean features bench check-layers
+.PHONY: all test test-unit test-interop setup model dataset clean features bench bench-curve check-layers
 all: features bin/qlora-train bin/qlora-bench $(TOOL_BINS)
 
 features:
@@ -101,6 +108,7 @@ features:
 	@if [ -n "$(strip $(MPI_LIBS))" ]; then printf '[build] MPI (several processes: mpirun, --nproc) ✓\n'; else printf '[build] MPI: pkg-config ompi-c not found (apt-get install libopenmpi-dev) ✗\n'; fi
 ifeq ($(CUDA),1)
 	@printf '[build] CUDA backend ✓ (%s; sm_80 sm_86 sm_89 sm_90 + PTX; cuBLASLt; compiled and host-tested, not yet run on a GPU)\n' '$(NVCC)'
+	@if [ -n "$(NCCL_HOME)" ]; then printf '[build] NCCL (several GPUs; nccl.h in %s/include, libnccl.so.2 loaded at run time; compiled, not yet run on a GPU) ✓\n' '$(NCCL_HOME)'; else printf '[build] NCCL: no nccl.h (CUDA_HOME, /usr/local, /usr; set NCCL_HOME): several GPUs refused ✗\n'; fi
 else
 	@printf '[build] CUDA backend ✗ (%s)\n' '$(if $(NVCC),CUDA=0 given,nvcc not found)'
 endif
@@ -156,6 +164,13 @@ setup:
 # (bench/run_peers.sh makes the peers' venv from bench/requirements.txt; ~30 min on 2 cores).
 bench: bin/qlora-bench
 	bench/run_peers.sh
+
+# the cost curve: qlora-bench over sequence length, LoRA rank, shape and checkpointing mode ->
+# docs/cost_curve.png + docs/cost_curve.md (bench/cost_curve.py; QUICK=1: a subset in minutes;
+# CURVE_PYTHON: a python with matplotlib; QLORA_PEER_PYTHON=python-with-torch adds ../shared/bench/torch_lora_ref.py beside it)
+CURVE_PYTHON ?= python3
+bench-curve: bin/qlora-bench
+	$(CURVE_PYTHON) bench/cost_curve.py $(if $(QUICK),--quick)
 
 # The include graph against the layer order of docs/design.md (no include up, no cycle).
 check-layers:

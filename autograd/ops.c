@@ -242,7 +242,9 @@ static void linear_backward(ag_ctx *ctx, const ag_node *n) {
     ag_arena_reset(ctx, m);
 }
 
-tensor *op_linear(ag_ctx *ctx, tensor *x, const frozen_weight *w, const lora_adapter *lora) {
+/* op_linear, or with out == 0 its recorded node and saved operands without the output's value
+ * (op_linear_unread_output). */
+static tensor *linear_impl(ag_ctx *ctx, tensor *x, const frozen_weight *w, const lora_adapter *lora, int out_value) {
     const ag_backend *be = ctx->be;
     int64_t N = x->shape[0], in = w->in, out = w->out;
     tensor *y = ag_tensor2(ctx, AG_F32, N, out);
@@ -263,9 +265,13 @@ tensor *op_linear(ag_ctx *ctx, tensor *x, const frozen_weight *w, const lora_ada
     }
     ag_mark m = ag_arena_mark(ctx);
     gemm_dtype dt = gdt(ctx);
-    const void *wb = frozen_operand(ctx, w);
-    be->gemm(0, 1, N, out, in, 1.0f, xb, in, wb, in, 0.0f, y->data, out, dt); /* y = x Wᵀ */
-    if (w->bias) { /* y += ones(N, 1) · b(1, out): the bias through the table's GEMM, no per-row loop */
+    if (!out_value) {
+        be->zero(y->data, (size_t)(N * out) * sizeof(float));
+    } else {
+        const void *wb = frozen_operand(ctx, w);
+        be->gemm(0, 1, N, out, in, 1.0f, xb, in, wb, in, 0.0f, y->data, out, dt); /* y = x Wᵀ */
+    }
+    if (w->bias && out_value) { /* y += ones(N, 1) · b(1, out): the bias through the table's GEMM, no per-row loop */
         float *ones = ag_alloc(ctx, (size_t)N * sizeof(float));
         be->fill_f32(ones, N, 1.0f);
         be->gemm(0, 0, N, out, 1, 1.0f, ones, 1, w->bias, out, 1.0f, y->data, out, GEMM_F32);
@@ -277,8 +283,10 @@ tensor *op_linear(ag_ctx *ctx, tensor *x, const frozen_weight *w, const lora_ada
         ag_arena_reset(ctx, m);
         ub = operand_of(ctx, ut);
         m = ag_arena_mark(ctx);
-        const void *Bb = operand(ctx, lora->B->data, out * r);
-        be->gemm(0, 1, N, out, r, lora->scaling, ub, r, Bb, r, 1.0f, y->data, out, dt); /* y += s u Bᵀ */
+        if (out_value) {
+            const void *Bb = operand(ctx, lora->B->data, out * r);
+            be->gemm(0, 1, N, out, r, lora->scaling, ub, r, Bb, r, 1.0f, y->data, out, dt); /* y += s u Bᵀ */
+        }
     }
     ag_arena_reset(ctx, m);
     if (grad) {
@@ -294,6 +302,14 @@ tensor *op_linear(ag_ctx *ctx, tensor *x, const frozen_weight *w, const lora_ada
         nd->saved = s;
     }
     return y;
+}
+
+tensor *op_linear(ag_ctx *ctx, tensor *x, const frozen_weight *w, const lora_adapter *lora) {
+    return linear_impl(ctx, x, w, lora, 1);
+}
+
+tensor *op_linear_unread_output(ag_ctx *ctx, tensor *x, const frozen_weight *w, const lora_adapter *lora) {
+    return linear_impl(ctx, x, w, lora, 0);
 }
 
 /* ------------------------------------------------------------------ rope */
@@ -504,7 +520,9 @@ tensor *op_lm_head_ce_pick(ag_ctx *ctx, tensor *h, const frozen_weight *w, const
                     .targets = targets, .mode = mode, .seed = seed, .scale = scale, .dh = dh,
                     .labels = labels, .bf16 = ctx->bf16};
     int64_t count = 0;
+    ag_prof_lm_head(1);
     double total = ctx->be->lm_head_ce(ctx, &a, &count);
+    ag_prof_lm_head(0);
     ag_arena_reset(ctx, m);
     float lossv = (float)(total * scale);
     ctx->be->copy_h2d(loss->data, &lossv, sizeof lossv);

@@ -67,6 +67,12 @@ tensor *op_rmsnorm(ag_ctx *ctx, tensor *x, tensor *w, float eps);
  * lora may be NULL (frozen linear: only dx flows back). */
 tensor *op_linear(ag_ctx *ctx, tensor *x, const frozen_weight *w, const lora_adapter *lora);
 
+/* op_linear for a recomputation in backward whose output values nothing reads (the last linear
+ * of a checkpointed piece: only its gradient flows): the same node, the same saved operands (the
+ * input's bf16 copy, dropout(x), LoRA's u = xAᵀ), hence the same gradients, but y = x Wᵀ and the
+ * LoRA term are not computed: y is zero-filled. Used by the selective mode (model/llama.c). */
+tensor *op_linear_unread_output(ag_ctx *ctx, tensor *x, const frozen_weight *w, const lora_adapter *lora);
+
 /* Rotary embedding on x (N, n_heads*head_dim), rotate_half convention, with
  * per-token positions pos (N). */
 tensor *op_rope(ag_ctx *ctx, tensor *x, int n_heads, const rope_table *rt, const int32_t *pos);

@@ -6,23 +6,27 @@
 #include "core/clock.h"
 
 const char *const ag_prof_names[AG_PROF_N] = {"other", "gemm",  "dequant", "convert", "attention", "norm",
-                                              "rope",  "eltwise", "ce",    "embed",   "ckpt_copy", "optimizer"};
+                                              "rope",  "eltwise", "ce",    "embed",   "ckpt_copy", "optimizer",
+                                              "lm_head_gemm"};
 
 static double g_acc[AG_PROF_N];
 static double g_last;
 static int g_cur;
 static double g_gemm_flops;
+static int g_lm_head;
 
 int ag_prof_push(int c) {
     double t = clock_now_sec();
     if (g_last > 0) g_acc[g_cur] += t - g_last;
     g_last = t;
     int prev = g_cur;
-    g_cur = c;
+    g_cur = c == AG_PROF_GEMM && g_lm_head ? AG_PROF_LM_HEAD_GEMM : c;
     return prev;
 }
 
 void ag_prof_pop(int prev) { (void)ag_prof_push(prev); }
+
+void ag_prof_lm_head(int on) { g_lm_head = on; }
 
 void ag_prof_add_gemm_flops(double flops) { g_gemm_flops += flops; }
 

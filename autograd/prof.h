@@ -24,6 +24,8 @@ typedef enum ag_prof_class {
     AG_PROF_EMBED,     /* token embedding gather */
     AG_PROF_CKPT,      /* checkpointing copies (block outputs, recompute setup) */
     AG_PROF_OPTIM,     /* clipping + AdamW */
+    AG_PROF_LM_HEAD_GEMM, /* the GEMMs of the fused LM head + cross-entropy (logits, dh): GEMM time
+                             charged here instead of AG_PROF_GEMM inside ag_prof_lm_head(1) */
     AG_PROF_N
 } ag_prof_class;
 
@@ -32,6 +34,9 @@ extern const char *const ag_prof_names[AG_PROF_N];
 /* Switch to class c; returns the class to restore with ag_prof_pop. */
 int ag_prof_push(int c);
 void ag_prof_pop(int prev);
+/* on = 1 while the LM head + cross-entropy runs (op_lm_head_ce_pick): GEMM time then goes to
+ * AG_PROF_LM_HEAD_GEMM, so the profile shows the head apart from the blocks' GEMMs. */
+void ag_prof_lm_head(int on);
 /* Count 2·M·N·K FLOPs executed by the GEMM entry point. */
 void ag_prof_add_gemm_flops(double flops);
 

@@ -320,14 +320,16 @@ static tensor *block_output(ag_ctx *ctx, tensor *y, ag_mark m, int to_keep) {
     return out;
 }
 
-tensor *ag_run_discard(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x) {
+static tensor *run_discard(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x, int to_keep) {
     int rec = ctx->recording;
     ag_mark m = ag_arena_mark(ctx);
     ctx->recording = 0;
     tensor *y = fn(ctx, arg, x);
     ctx->recording = rec;
-    return block_output(ctx, y, m, 0);
+    return block_output(ctx, y, m, to_keep);
 }
+
+tensor *ag_run_discard(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x) { return run_discard(ctx, fn, arg, x, 0); }
 
 /* ---- segments (no recompute, intermediates released) ----
  *
@@ -451,7 +453,10 @@ static void ckpt_backward(ag_ctx *ctx, const ag_node *n) {
     ctx->be->copy_d2d(x2->data, x->data, (size_t)x->numel * dtype_size(x->dtype));
     x2->requires_grad = x->requires_grad;
     ag_prof_pop(pc);
+    int rc = ctx->recomputing;
+    ctx->recomputing = 1;
     tensor *y2 = s->fn(ctx, s->arg, x2);
+    ctx->recomputing = rc;
     if (y2->requires_grad) {
         float *g2 = ag_grad(ctx, y2);
         ctx->be->copy_d2d(g2, y->grad, (size_t)y->numel * sizeof(float));
@@ -478,8 +483,8 @@ static void ckpt_backward(ag_ctx *ctx, const ag_node *n) {
     ag_arena_reset(ctx, m);
 }
 
-tensor *ag_checkpoint(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x) {
-    tensor *out = ag_run_discard(ctx, fn, arg, x);
+static tensor *checkpoint(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x, int to_keep) {
+    tensor *out = run_discard(ctx, fn, arg, x, to_keep && ctx->recording);
     if (!ctx->recording) return out;
     /* The block depends on trainable parameters even if x does not. */
     ag_node *n = ag_record(ctx, ckpt_backward, out, x, NULL, NULL, NULL);
@@ -491,3 +496,7 @@ tensor *ag_checkpoint(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x) {
     n->saved = s;
     return out;
 }
+
+tensor *ag_checkpoint(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x) { return checkpoint(ctx, fn, arg, x, 0); }
+
+tensor *ag_checkpoint_kept(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x) { return checkpoint(ctx, fn, arg, x, 1); }

@@ -98,6 +98,7 @@ typedef struct ag_ctx {
     int bf16;      /* 1: GEMM operands rounded to bf16 (fp32 accumulate); 0: fp32 GEMMs */
     int training;  /* 1: dropout active */
     int saving;    /* 1 inside a segment: ops copy what backward needs into the keep arena */
+    int recomputing; /* 1 while a checkpoint's block runs again in backward (its output value is not read) */
     uint64_t seed;  /* dropout stream seed for the current micro-batch */
     /* reusable scratch (backend memory) for dequantized frozen weights and block outputs */
     void *wscratch;
@@ -170,6 +171,12 @@ void ag_backward(ag_ctx *ctx, tensor *loss);
  * its inputs (dropout uses counter-based RNG, so it is). */
 typedef tensor *(*ag_block_fn)(ag_ctx *ctx, void *arg, tensor *x);
 tensor *ag_checkpoint(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x);
+/* ag_checkpoint whose output lives in the keep arena and is marked kept, as a
+ * segment's output is: for a checkpointed piece followed by a segment (the
+ * selective mode of model/llama.c), whose first op saves its input for
+ * backward and then finds it kept instead of copying it again. Same values and
+ * gradients as ag_checkpoint. */
+tensor *ag_checkpoint_kept(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x);
 
 /* Run fn(arg, x) without recording and keep only its output (a new arena
  * tensor); the block's intermediates are released. Inference uses this per

@@ -46,6 +46,21 @@ static int single_all_gather(comm *c, const void *send, void *recv, size_t sendc
     return 0;
 }
 
+/* single: the gather is done when it starts; the request only marks that */
+struct comm_request {
+    int done;
+};
+static comm_request single_done = {1};
+
+static int single_all_gather_start(comm *c, const void *send, void *recv, size_t sendcount, comm_dtype t,
+                                   comm_request **req, qerr *e) {
+    if (single_all_gather(c, send, recv, sendcount, t, e)) return -1;
+    *req = &single_done;
+    return 0;
+}
+
+static int single_wait(comm *c, comm_request *req, qerr *e) { return 0; }
+
 static int single_broadcast(comm *c, void *buf, size_t count, comm_dtype t, int root, qerr *e) { return 0; }
 
 static int single_barrier(comm *c, qerr *e) { return 0; }
@@ -59,6 +74,7 @@ static void single_finalize(comm *c) {}
 
 static const comm_ops single_ops = {.name = "single", .memory = "host", .all_reduce_sum = single_all_reduce,
                                     .reduce_scatter_sum = single_reduce_scatter, .all_gather = single_all_gather,
+                                    .all_gather_start = single_all_gather_start, .wait = single_wait,
                                     .broadcast = single_broadcast, .barrier = single_barrier,
                                     .abort = single_abort, .finalize = single_finalize};
 
@@ -67,6 +83,55 @@ int comm_single(comm **out, qerr *e) {
     if (!c) return -1;
     *c = (comm){.ops = &single_ops, .rank = 0, .world_size = 1, .local_rank = 0, .local_world_size = 1,
                 .timeout_sec = COMM_DEFAULT_TIMEOUT_SEC, .err_fd = 2};
+    *out = c;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* torchrun: rank, world and local rank, no data (until comm_nccl_upgrade)   */
+
+static int torchrun_refuse(comm *c, const char *what, qerr *e) {
+    return qerr_set(e,
+                    "rank %d: %s: a torchrun launch carries data only over NCCL (device: cuda); CPU ranks "
+                    "communicate over MPI: launch them with mpirun -np %d qlora-train ... or qlora-train --nproc %d",
+                    c->rank, what, c->world_size, c->world_size);
+}
+static int torchrun_all_reduce(comm *c, void *buf, size_t count, comm_dtype t, qerr *e) {
+    return torchrun_refuse(c, "all_reduce", e);
+}
+static int torchrun_reduce_scatter(comm *c, const void *send, void *recv, size_t n, comm_dtype t, qerr *e) {
+    return torchrun_refuse(c, "reduce_scatter", e);
+}
+static int torchrun_all_gather(comm *c, const void *send, void *recv, size_t n, comm_dtype t, qerr *e) {
+    return torchrun_refuse(c, "all_gather", e);
+}
+static int torchrun_all_gather_start(comm *c, const void *send, void *recv, size_t n, comm_dtype t,
+                                     comm_request **req, qerr *e) {
+    *req = NULL;
+    return torchrun_refuse(c, "all_gather", e);
+}
+static int torchrun_wait(comm *c, comm_request *req, qerr *e) { return torchrun_refuse(c, "wait", e); }
+static int torchrun_broadcast(comm *c, void *buf, size_t count, comm_dtype t, int root, qerr *e) {
+    return torchrun_refuse(c, "broadcast", e);
+}
+static int torchrun_barrier(comm *c, qerr *e) { return torchrun_refuse(c, "barrier", e); }
+
+static const comm_ops torchrun_ops = {.name = "torchrun", .memory = "device", .all_reduce_sum = torchrun_all_reduce,
+                                      .reduce_scatter_sum = torchrun_reduce_scatter,
+                                      .all_gather = torchrun_all_gather,
+                                      .all_gather_start = torchrun_all_gather_start, .wait = torchrun_wait,
+                                      .broadcast = torchrun_broadcast, .barrier = torchrun_barrier,
+                                      .abort = single_abort, /* torchrun's agent ends the other workers */
+                                      .finalize = single_finalize};
+
+int comm_torchrun_init(comm **out, const comm_torchrun *t, qerr *e) {
+    comm *c = qcalloc(1, sizeof *c + sizeof *t, e);
+    if (!c) return -1;
+    comm_torchrun *keep = (comm_torchrun *)(c + 1); /* the rendezvous address, for comm_nccl_upgrade */
+    *keep = *t;
+    *c = (comm){.ops = &torchrun_ops, .rank = t->rank, .world_size = t->world_size, .local_rank = t->local_rank,
+                .local_world_size = t->local_world_size, .timeout_sec = COMM_DEFAULT_TIMEOUT_SEC, .err_fd = 2,
+                .impl = keep};
     *out = c;
     return 0;
 }
@@ -93,6 +158,10 @@ int comm_init(comm **out, qerr *e) {
                             var, getenv(var));
         return comm_mpi_init(out, e);
     }
+    comm_torchrun tr;
+    int t = comm_torchrun_env(&tr, e);
+    if (t < 0) return -1;
+    if (t > 0 && tr.world_size > 1) return comm_torchrun_init(out, &tr, e);
     const char *nt = getenv("SLURM_NTASKS"), *step = getenv("SLURM_STEP_ID");
     if (nt && step && atoi(nt) > 1)
         return qerr_set(e,
@@ -126,6 +195,26 @@ int comm_reduce_scatter_sum(comm *c, const void *send, void *recv, size_t recvco
 int comm_all_gather(comm *c, const void *send, void *recv, size_t sendcount, comm_dtype t, qerr *e) {
     if (count_ok(c, sendcount * (size_t)c->world_size, "all_gather", e)) return -1;
     return sendcount ? c->ops->all_gather(c, send, recv, sendcount, t, e) : 0;
+}
+
+/* A zero-count gather: nothing to move on any rank; comm_wait knows it by this address. */
+static char empty_request;
+
+int comm_all_gather_start(comm *c, const void *send, void *recv, size_t sendcount, comm_dtype t, comm_request **req,
+                          qerr *e) {
+    *req = NULL;
+    if (count_ok(c, sendcount * (size_t)c->world_size, "all_gather", e)) return -1;
+    if (!sendcount) {
+        *req = (comm_request *)(void *)&empty_request;
+        return 0;
+    }
+    return c->ops->all_gather_start(c, send, recv, sendcount, t, req, e);
+}
+
+int comm_wait(comm *c, comm_request *req, qerr *e) {
+    if (!req) return qerr_set(e, "rank %d: wait on no request", c->rank);
+    if ((void *)req == (void *)&empty_request) return 0;
+    return c->ops->wait(c, req, e);
 }
 
 int comm_broadcast(comm *c, void *buf, size_t count, comm_dtype t, int root, qerr *e) {

@@ -120,6 +120,37 @@ static int mpi_all_gather(comm *c, const void *send, void *recv, size_t sendcoun
     return mpi_wait(c, &req, "all_gather", sendcount, t, e);
 }
 
+struct comm_request {
+    MPI_Request req;
+    size_t count;
+    comm_dtype t;
+};
+
+static int mpi_all_gather_start(comm *c, const void *send, void *recv, size_t sendcount, comm_dtype t,
+                                comm_request **out, qerr *e) {
+    const mpi_impl *m = c->impl;
+    const size_t es = comm_dtype_size(t);
+    const int in_place = (const char *)send == (const char *)recv + (size_t)c->rank * sendcount * es;
+    comm_request *r = malloc(sizeof *r);
+    if (!r) return qerr_set(e, "rank %d: all_gather: out of memory", c->rank);
+    r->count = sendcount;
+    r->t = t;
+    int rc = MPI_Iallgather(in_place ? MPI_IN_PLACE : send, (int)sendcount, mpi_type(m, t), recv, (int)sendcount,
+                            mpi_type(m, t), MPI_COMM_WORLD, &r->req);
+    if (rc != MPI_SUCCESS) {
+        free(r);
+        return mpi_fail(c, rc, "all_gather", e);
+    }
+    *out = r;
+    return 0;
+}
+
+static int mpi_request_wait(comm *c, comm_request *r, qerr *e) {
+    int rc = mpi_wait(c, &r->req, "all_gather", r->count, r->t, e);
+    free(r);
+    return rc;
+}
+
 static int mpi_broadcast(comm *c, void *buf, size_t count, comm_dtype t, int root, qerr *e) {
     const mpi_impl *m = c->impl;
     MPI_Request req;
@@ -156,6 +187,7 @@ static void mpi_finalize(comm *c) {
 
 static const comm_ops mpi_ops = {.name = "mpi", .memory = "host", .all_reduce_sum = mpi_all_reduce,
                                  .reduce_scatter_sum = mpi_reduce_scatter, .all_gather = mpi_all_gather,
+                                 .all_gather_start = mpi_all_gather_start, .wait = mpi_request_wait,
                                  .broadcast = mpi_broadcast, .barrier = mpi_barrier, .abort = mpi_abort,
                                  .finalize = mpi_finalize};
 

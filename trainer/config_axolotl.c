@@ -190,7 +190,7 @@ static const ax_key TOP[] = {
     {"qat", AX_REFUSE, NULL, "a quantization scheme other than NF4 (load_in_4bit) is not implemented"},
     {"quantization", AX_REFUSE, NULL, "a quantization scheme other than NF4 (load_in_4bit) is not implemented"},
     {"reward_model", AX_REFUSE, NULL, "preference / reward / RL training; qlora trains supervised (SFT) LoRA adapters only"},
-    {"dynamic_checkpoint", AX_REFUSE, NULL, "not implemented (gradient_checkpointing recomputes every block)"},
+    {"dynamic_checkpoint", AX_REFUSE, NULL, "not implemented (gradient_checkpointing: true recomputes every block, selective the MLP half of each)"},
     {"process_reward_model", AX_REFUSE, NULL, "preference / reward / RL training; qlora trains supervised (SFT) LoRA adapters only"},
     {"center_rewards_coefficient", AX_REFUSE, NULL, "preference / reward / RL training; qlora trains supervised (SFT) LoRA adapters only"},
     {"num_labels", AX_REFUSE, NULL, "preference / reward / RL training; qlora trains supervised (SFT) LoRA adapters only"},

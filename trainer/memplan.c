@@ -11,6 +11,9 @@
  *  - with checkpointing only each block's fp32 input stays, and one block at
  *    a time is recomputed in backward (its fp32 outputs, bf16 memos and
  *    gradients together);
+ *  - with selective recomputation (checkpointing 2) each block keeps what its
+ *    attention half saved (as without checkpointing) plus the residual and
+ *    the block output in fp32, and one MLP half at a time is recomputed;
  *  - the gradient at a block boundary is handed over from block to block
  *    (autograd/tensor.c), so it costs one buffer, not one per layer;
  * The two fractions of a block's fp32 outputs that are live at the peak (0.5
@@ -40,6 +43,12 @@
  * on recent drivers and Hopper/Ada cards (lazy module loading on); an estimate until `make
  * test-gpu` prints it measured (cudaMemGetInfo before and after the first kernel). */
 #define CUDA_CONTEXT_BYTES (512.0 * 1048576.0)
+
+/* The fraction of a recomputed MLP half's fp32 outputs live at the peak with selective
+ * recomputation, measured as the two fractions above: qlora-bench's arena peak on the SmolLM2-135M
+ * shape (seq 512 x 4) at 2 and 6 layers gives 1.42; the Llama-3-8B shape (seq 512 x 1, 2 and 4
+ * layers) is then over-predicted by 15 MiB of 397 (4 %), as no checkpointing's is by 21 MiB. */
+#define SEL_LIVE 1.4
 
 int64_t memplan_nf4_bytes(int64_t rows, int64_t cols, int blocksize) {
     int64_t n = rows * cols, nb = (n + blocksize - 1) / blocksize;
@@ -83,6 +92,20 @@ void memplan_predict(const memplan_input *in, memplan *out) {
         double keep_layer = 4.0 * N * D * 2.0 + blk_ops + blk_stats;
         /* + the live part of one block's fp32 outputs (or gradients) */
         out->activations = L * keep_layer + 0.5 * blk_f32 + op_tmp + top;
+    } else if (in->checkpointing == 2) {
+        /* selective (model/llama.h LLAMA_CKPT_SELECTIVE): per layer the attention half's saved
+         * operands (normed input, q/k/v, attention output as bf16; LoRA u of q, k, v, o), its row
+         * statistics, and two fp32 boundaries (the residual after attention, the block output) */
+        double na = r > 0 ? 4.0 : 0.0, nm = r > 0 ? 3.0 : 0.0;
+        double attn_ops = es * N * (D + (qd + 2 * kd) + qd + na * r);
+        if (in->lora_dropout > 0) attn_ops += es * N * (3 * D + qd);
+        double keep_layer = 4.0 * N * D * 2.0 + attn_ops + 8.0 * N + 8.0 * B * H * T;
+        /* + one recomputed MLP half: its fp32 outputs (norm, gate, up, SwiGLU, down, residual, LoRA u)
+         * and most of their gradients, its bf16 memos */
+        double mlp_f32 = 4.0 * N * (3 * D + 3 * F + nm * r);
+        double mlp_ops = es * N * (D + 3 * F + nm * r);
+        if (in->lora_dropout > 0) mlp_ops += es * N * (2 * D + F);
+        out->activations = L * keep_layer + SEL_LIVE * mlp_f32 + mlp_ops + 4.0 * N + op_tmp + top;
     } else {
         /* + one recomputed block: its outputs, most of their gradients, its bf16 memos */
         out->activations = L * 4.0 * N * D + 1.7 * blk_f32 + blk_ops + blk_stats + op_tmp + top;
@@ -112,7 +135,7 @@ void memplan_print(FILE *f, const memplan *p) {
             "[memory] predicted peak %.0f MiB = base %.0f + adapters %.1f + optimizer %.1f + activations %.0f%s + "
             "scratch %.0f + runtime %.0f + data %.0f\n",
             p->total / M, p->base / M, p->adapters / M, p->optimizer / M, p->activations / M,
-            p->checkpointing ? " (gradient checkpointing)" : "", p->scratch / M, p->runtime / M, p->data / M);
+            p->checkpointing == 2 ? " (selective recomputation)" : p->checkpointing ? " (gradient checkpointing)" : "", p->scratch / M, p->runtime / M, p->data / M);
 }
 
 void memplan_print_table(FILE *f, const memplan *p) {
@@ -123,7 +146,9 @@ void memplan_print_table(FILE *f, const memplan *p) {
     } rows[] = {{"frozen base (NF4 linears, bf16 tables, norms)", p->base},
                 {"LoRA adapters + gradients (fp32)", p->adapters},
                 {"optimizer state (AdamW m, v fp32)", p->optimizer},
-                {p->checkpointing ? "activations (gradient checkpointing)" : "activations (no checkpointing)",
+                {p->checkpointing == 2 ? "activations (selective recomputation)"
+                 : p->checkpointing    ? "activations (gradient checkpointing)"
+                                       : "activations (no checkpointing)",
                  p->activations},
                 {"scratch (dequantized weight, block copy)", p->scratch},
                 {"runtime", p->runtime}};

@@ -22,7 +22,7 @@
 typedef struct memplan_input {
     llama_hparams hp;
     int B, T;              /* micro-batch rows × tokens per row */
-    int checkpointing;     /* per-block recompute in backward */
+    int checkpointing;     /* 0 none, 1 every block recomputed, 2 selective (model/llama.h LLAMA_CKPT_*) */
     int bf16;              /* bf16 GEMM operands (ctx->bf16) */
     int lora_r;
     float lora_dropout;    /* > 0: dropout(x) kept for backward */

@@ -124,7 +124,7 @@ static void stop_handlers_restore(const struct sigaction old[RUN_N_STOP_SIGNALS 
  * copy_d2h staging), which `QLORA_BACKEND=cpu-fenced` checks on the CPU: its data memory faults on
  * any host access outside the table (autograd/backend_fenced.c; tests/test_cli_faults.c runs a
  * training step on it). The CUDA backend has not run on a GPU yet: the line says so. */
-static int setup_device(run_ctx *r, qerr *e) {
+static int setup_device_choose(run_ctx *r, qerr *e) {
     const train_config *c = r->c;
     char name[256] = "";
     int built = ag_backend_cuda_built();
@@ -159,6 +159,24 @@ static int setup_device(run_ctx *r, qerr *e) {
         fprintf(stderr, "[device] cuda: %s (device: auto; the CUDA backend is %s)\n", name, unvalidated);
     }
     (void)e;
+    return 0;
+}
+
+/* With several ranks the device decides the communicator: CUDA ranks move to NCCL (the communicator the process
+ * started with — MPI, or torchrun's — carries only NCCL's unique id; comm_nccl_upgrade), CPU ranks stay on MPI.
+ * Each rank's GPU (local_rank) is made current before anything touches CUDA. A torchrun launch has no CPU
+ * transport: refused. */
+static int setup_device(run_ctx *r, qerr *e) {
+    if (r->world > 1 && strcmp(r->c->device, "cpu") && comm_cuda_select_device(r->comm, e)) return -1;
+    if (setup_device_choose(r, e)) return -1;
+    if (r->world == 1) return 0;
+    if (!strcmp(ag_backend_default()->name, "cuda")) return comm_nccl_upgrade(r->comm, e);
+    if (!strcmp(r->comm->ops->name, "torchrun"))
+        return qerr_set(e,
+                        "%s: device: %s: %d ranks started by torchrun train on CUDA only (NCCL); CPU ranks "
+                        "communicate over MPI: launch them with mpirun -np %d qlora-train ... or qlora-train --nproc "
+                        "%d ...",
+                        r->cfgname, r->c->device, r->world, r->world, r->world);
     return 0;
 }
 
@@ -618,8 +636,12 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
                      "activations %.0f MiB for micro_batch_size %d x sequence_len %d%s: lower micro_batch_size "
                      "(raise gradient_accumulation_steps to keep the batch) or sequence_len%s",
                      p->activations / M, c->micro_batch_size, c->sequence_len,
-                     c->gradient_checkpointing ? " (with gradient_checkpointing)" : "",
-                     c->gradient_checkpointing ? "" : ", or set gradient_checkpointing: true");
+                     c->gradient_checkpointing == 2 ? " (with gradient_checkpointing: selective)"
+                     : c->gradient_checkpointing    ? " (with gradient_checkpointing)"
+                                                    : "",
+                     c->gradient_checkpointing == 2 ? ", or set gradient_checkpointing: true"
+                     : c->gradient_checkpointing    ? ""
+                                                    : ", or set gradient_checkpointing: selective or true");
         else if (ad >= p->base)
             snprintf(why, sizeof why,
                      "LoRA adapters, gradients and optimizer state %.0f MiB for lora_r %d: lower lora_r or target "
