@@ -454,7 +454,7 @@ static void test_errors_per_key(void **state) {
     expect_load_error(t, "x.yaml", "lora_r: [1, 2]\n", "lora_r: expected a positive integer, got a list");
     expect_load_error(t, "x.yaml", "lora_target_modules: q_proj\n",
                       "lora_target_modules: expected a list of module names (q_proj, k_proj, v_proj, o_proj, "
-                      "gate_proj, up_proj, down_proj), got \"q_proj\"");
+                      "gate_proj, up_proj, down_proj, qkv_proj, gate_up_proj), got \"q_proj\"");
     expect_load_error(t, "x.yaml", "base_model: [a, b]\n", "base_model: expected a string, got a list");
     expect_load_error(t, "x.yaml", "datasets: train.jsonl\n", "datasets: expected a list of {path, type} entries");
     expect_load_error(t, "x.yaml", "datasets: [train.jsonl]\n",

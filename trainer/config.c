@@ -142,11 +142,18 @@ static const value_later L_CHAT[] = {
     {"aya", CHAT_FAMILY}, {NULL, NULL}};
 static const char *const V_EOS[] = {"turn", "all", "last", "none", NULL};
 
-/* The values lora_target_modules accepts: the PEFT names of model/llama_linear.h,
- * NULL-terminated (the shape the enum helpers below take). */
+/* The values lora_target_modules accepts: the PEFT names of model/llama_linear.h (Llama's seven, then
+ * Phi-3's fused qkv_proj and gate_up_proj), NULL-terminated (the shape the enum helpers below take). Which
+ * of them the base model has is checked once it is loaded (trainer/run.c). */
 static const char *const *module_values(void) {
-    static const char *v[LLAMA_N_LINEAR + 1];
-    for (int k = 0; k < LLAMA_N_LINEAR; k++) v[k] = llama_linears[k].peft;
+    static const char *v[LLAMA_N_LINEAR + 3];
+    int n = 0;
+    for (int k = 0; k < LLAMA_N_LINEAR; k++) v[n++] = llama_linears[k].peft;
+    for (int k = 0; k < LLAMA_N_LINEAR; k++)
+        if (llama_linears_phi3[k].peft && llama_linear_from_peft(llama_linears_phi3[k].peft,
+                                                                 strlen(llama_linears_phi3[k].peft)) < 0)
+            v[n++] = llama_linears_phi3[k].peft;
+    v[n] = NULL;
     return v;
 }
 
@@ -2235,7 +2242,7 @@ unsigned train_config_target_mask(const train_config *c) {
     if (c->lora_target_linear) m = (1u << LLAMA_N_LINEAR) - 1u;
     for (int i = 0; i < c->n_lora_target_modules; i++) {
         const char *name = c->lora_target_modules[i];
-        int k = name ? llama_linear_from_peft(name, strlen(name)) : -1;
+        int k = name ? llama_linear_slot_of_any(name, strlen(name)) : -1; /* qkv_proj: slot q, gate_up_proj: gate */
         if (k >= 0) m |= 1u << k;
     }
     return m;

@@ -18,7 +18,7 @@ int run_write_adapter(const run_ctx *r, const char *dir, qerr *e) {
     const char *targets[LLAMA_N_LINEAR];
     int nt = 0;
     for (int k = 0; k < LLAMA_N_LINEAR; k++)
-        if (ls->target[k]) targets[nt++] = llama_linears[k].peft;
+        if (ls->target[k]) targets[nt++] = llama_hparams_linears(&r->model.hp)[k].peft;
     peft_lora_config pc = {.r = ls->r, .lora_alpha = ls->alpha, .lora_dropout = ls->dropout,
                            .use_rslora = ls->use_rslora, .target_modules = targets, .n_target_modules = nt,
                            .base_model_name_or_path = r->c->base_model};
