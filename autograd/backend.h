@@ -208,6 +208,11 @@ typedef struct ag_backend {
     void (*add_bwd)(const float *dy, float *da, float *db, int64_t n);
     /* y += alpha · x, fp32 (n). */
     void (*axpy)(float *y, float alpha, const float *x, int64_t n);
+    /* column block of a row-major matrix: dst[i*ldd + j] = src[i*lds + j] (accumulate 0) or += it (1), for
+     * i < rows, j < cols (data fp32; ldd, lds >= cols; dst and src do not overlap). A fused linear's output
+     * split into q/k/v or gate/up (ops.h op_cols) and its gradient gathered back. */
+    void (*copy_cols)(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols,
+                      int accumulate);
     /* Chunked LM head + cross-entropy (128 rows of logits at a time), logits h Wᵀ, softmax
      * with exp_poly in fp32, lse = max + log Σ. For each row not skipped: loss += lse −
      * logit[target] (double); with dh, dlogits = scale·(softmax − onehot) and dh = dlogits W.

@@ -1154,6 +1154,25 @@ static void cu_add_bwd(const float *dy, float *da, float *db, int64_t n) {
     KCHECK();
 }
 
+__global__ void k_add_cols(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t cols, int64_t n) {
+    GRID_LOOP(i, n) {
+        int64_t r = i / cols, c = i % cols;
+        dst[r * ldd + c] += src[r * lds + c];
+    }
+}
+
+static void cu_copy_cols(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols,
+                         int accumulate) {
+    if (rows <= 0 || cols <= 0) return;
+    if (!accumulate) {
+        CU(cudaMemcpy2DAsync(dst, (size_t)ldd * sizeof(float), src, (size_t)lds * sizeof(float),
+                             (size_t)cols * sizeof(float), (size_t)rows, cudaMemcpyDeviceToDevice, G.stream));
+        return;
+    }
+    k_add_cols<<<nblocks(rows * cols, 256), 256, 0, G.stream>>>(dst, ldd, src, lds, cols, rows * cols);
+    KCHECK();
+}
+
 static void cu_axpy(float *y, float alpha, const float *x, int64_t n) {
     if (n <= 0) return;
     k_axpy<<<nblocks(n, 256), 256, 0, G.stream>>>(y, alpha, x, n);
@@ -1522,6 +1541,7 @@ extern "C" const ag_backend ag_backend_cuda = {
     cu_add,
     cu_add_bwd,
     cu_axpy,
+    cu_copy_cols,
     cu_lm_head_ce,
     cu_adamw_update,
     cu_sophia_update,

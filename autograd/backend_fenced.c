@@ -391,6 +391,15 @@ static void fc_axpy(float *y, float alpha, const float *x, int64_t n) {
     fence_close();
 }
 
+static void fc_copy_cols(float *dst, int64_t ldd, const float *src, int64_t lds, int64_t rows, int64_t cols,
+                         int accumulate) {
+    NEED(dst);
+    NEED(src);
+    fence_open();
+    inner()->copy_cols(dst, ldd, src, lds, rows, cols, accumulate);
+    fence_close();
+}
+
 static double fc_lm_head_ce(struct ag_ctx *ctx, const ag_ce_args *a, int64_t *count) {
     need("lm_head_ce", "h", a->h, 0);
     need("lm_head_ce", "w", a->w, 0);
@@ -514,6 +523,7 @@ const ag_backend ag_backend_cpu_fenced = {
     .add = fc_add,
     .add_bwd = fc_add_bwd,
     .axpy = fc_axpy,
+    .copy_cols = fc_copy_cols,
     .lm_head_ce = fc_lm_head_ce,
     .adamw_update = fc_adamw_update,
     .sophia_update = fc_sophia_update,

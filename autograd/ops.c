@@ -437,6 +437,40 @@ tensor *op_swiglu(ag_ctx *ctx, tensor *g, tensor *u) {
     return y;
 }
 
+typedef struct cols_saved {
+    int64_t c0;
+} cols_saved;
+
+static void cols_backward(ag_ctx *ctx, const ag_node *n) {
+    int pc = ag_prof_push(AG_PROF_ELTWISE);
+    tensor *x = n->in[0], *y = n->out;
+    const cols_saved *s = n->saved;
+    float *dx = ag_grad(ctx, x);
+    ctx->be->copy_cols(dx + s->c0, x->shape[1], y->grad, y->shape[1], y->shape[0], y->shape[1], 1);
+    ag_prof_pop(pc);
+}
+
+tensor *op_cols(ag_ctx *ctx, tensor *x, int64_t c0, int64_t c) {
+    int pc = ag_prof_push(AG_PROF_ELTWISE);
+    const int64_t N = x->shape[0], C = x->shape[1];
+    if (x->ndim != 2 || c0 < 0 || c <= 0 || c0 + c > C) {
+        fprintf(stderr, "[autograd] op_cols: columns [%lld, %lld) of a (%lld, %lld) tensor\n", (long long)c0,
+                (long long)(c0 + c), (long long)N, (long long)C);
+        abort();
+    }
+    int64_t shape[2] = {N, c};
+    tensor *y = ag_tensor(ctx, AG_F32, 2, shape);
+    ctx->be->copy_cols(y->data, c, (const float *)x->data + c0, C, N, c, 0);
+    if (ag_needs_grad(ctx, x, NULL, NULL)) {
+        ag_node *nd = ag_record(ctx, cols_backward, y, x, NULL, NULL, NULL);
+        cols_saved *s = alloc_saved_host(ctx, sizeof *s);
+        s->c0 = c0;
+        nd->saved = s;
+    }
+    ag_prof_pop(pc);
+    return y;
+}
+
 static void add_backward(ag_ctx *ctx, const ag_node *n) {
     int pc = ag_prof_push(AG_PROF_ELTWISE);
     tensor *a = n->in[0], *b = n->in[1], *y = n->out;

@@ -89,6 +89,12 @@ tensor *op_attention(ag_ctx *ctx, tensor *q, tensor *k, tensor *v, int B, int T,
 /* SwiGLU: y = silu(g) * u, elementwise; g, u (N, F). */
 tensor *op_swiglu(ag_ctx *ctx, tensor *g, tensor *u);
 
+/* y (N, c) = x[:, c0 : c0 + c] for x (N, C) fp32, 0 <= c0, c0 + c <= C: one part
+ * of a fused linear's output (Phi-3's qkv_proj into q, k, v and gate_up_proj
+ * into gate, up; modeling_phi3.py slices and chunk). Backward adds dy into
+ * those columns of dx (backend copy_cols). */
+tensor *op_cols(ag_ctx *ctx, tensor *x, int64_t c0, int64_t c);
+
 /* y = a + b, same shapes. */
 tensor *op_add(ag_ctx *ctx, tensor *a, tensor *b);
 

@@ -172,7 +172,7 @@ void comm_free(comm *c);
  * default when N <= 2); slots are hardware threads, --oversubscribe when N
  * exceeds the online CPUs; --allow-run-as-root when running as root (Open
  * MPI refuses root otherwise; containers and CI run as root). The one source
- * of these flags: `qlora-train --nproc N` execs it and the tests run it.
+ * of these flags: `qlora-train --nproc N` runs it as its child and the tests run it.
  * *out: malloc'd array of pointers into static or argv strings, plus the
  * numbers formatted into it (free the array with free). 0, or -1 with e. */
 int comm_mpirun_argv(int nproc, char *const *prog_argv, char ***out, qerr *e);

@@ -23,6 +23,12 @@ typedef enum chat_kind {
     CHAT_MISTRAL_V3, /* Mistral Nemo / v3 */
     CHAT_PHI3,       /* Phi-3 mini (GGUF) */
     CHAT_PHI35,      /* Phi-3.5 mini */
+    /* axolotl's own templates (src/axolotl/utils/chat_templates/templates/<name>.jinja, 0.19.0) */
+    CHAT_AXO_LLAMA3,     /* llama3: bos once, headers, content|trim, <|eot_id|>; no system header */
+    CHAT_AXO_MISTRAL_V1, /* mistral_v1: " [INST] " .. " [/INST]", " " content eos; system before the first user */
+    CHAT_AXO_MISTRAL_V2V3, /* mistral_v2v3: "[INST] " .. "[/INST]", " " content|trim eos; system before the last user */
+    CHAT_AXO_PHI3,       /* phi_3: bos, <|system|> rendered, user turns end with <|assistant|>\n */
+    CHAT_AXO_PHI35,      /* phi_35: Phi-3.5 without the final eos */
 } chat_kind;
 
 struct chat_template {
@@ -30,17 +36,26 @@ struct chat_template {
     const char *name;
     chat_kind kind;
     const char *system; /* default system message, if the template has one */
+    const char *axolotl; /* axolotl's name for this text (chat_template: <name>), or NULL */
 };
 
 static const chat_template KNOWN[] = {
-    {0x406244e5f006a13aull, "SmolLM2", CHAT_CHATML, "You are a helpful AI assistant named SmolLM, trained by Hugging Face"},
-    {0x999a8f7ad39e713dull, "Qwen2", CHAT_CHATML, "You are a helpful assistant"},
-    {0x14f39dfcc63bcdcbull, "Qwen2.5", CHAT_QWEN25, "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."},
-    {0xc0e2a829a7f6e18aull, "Llama 3.1", CHAT_LLAMA31, NULL},
-    {0x9bc3084ee9b2cf55ull, "Llama 2", CHAT_LLAMA2, NULL},
-    {0xea6074b922d3f96dull, "Mistral v3 (Nemo)", CHAT_MISTRAL_V3, NULL},
-    {0x26b23770dd3f6de9ull, "Phi-3", CHAT_PHI3, NULL},
-    {0x36a72d821e8ac96full, "Phi-3.5", CHAT_PHI35, NULL},
+    {0x406244e5f006a13aull, "SmolLM2", CHAT_CHATML, "You are a helpful AI assistant named SmolLM, trained by Hugging Face", NULL},
+    {0x999a8f7ad39e713dull, "Qwen2", CHAT_CHATML, "You are a helpful assistant", NULL},
+    {0x14f39dfcc63bcdcbull, "Qwen2.5", CHAT_QWEN25, "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", "qwen_25"},
+    {0xc0e2a829a7f6e18aull, "Llama 3.1", CHAT_LLAMA31, NULL, NULL},
+    {0x9bc3084ee9b2cf55ull, "Llama 2", CHAT_LLAMA2, NULL, NULL},
+    {0xea6074b922d3f96dull, "Mistral v3 (Nemo)", CHAT_MISTRAL_V3, NULL, NULL},
+    {0x26b23770dd3f6de9ull, "Phi-3", CHAT_PHI3, NULL, NULL},
+    {0x36a72d821e8ac96full, "Phi-3.5", CHAT_PHI35, NULL, NULL},
+    /* axolotl 0.19.0's templates (tests/test_reference_axolotl_chat.c) */
+    {0xb885985d8b9a5a01ull, "axolotl chatml", CHAT_CHATML, NULL, "chatml"},
+    {0x7ffb9eb98a911ae6ull, "axolotl llama3", CHAT_AXO_LLAMA3, NULL, "llama3"},
+    {0x2eac381236faee93ull, "axolotl mistral_v1", CHAT_AXO_MISTRAL_V1, NULL, "mistral_v1"},
+    {0x7ef8efd1ba56fc70ull, "axolotl mistral_v2v3", CHAT_AXO_MISTRAL_V2V3, NULL, "mistral_v2v3"},
+    {0x925240bde6082d37ull, "axolotl mistral_v3_tekken", CHAT_MISTRAL_V3, NULL, "mistral_v3_tekken"},
+    {0x7a1ff230c05aacf4ull, "axolotl phi_3", CHAT_AXO_PHI3, NULL, "phi_3"},
+    {0x23dbb0a81bf1a077ull, "axolotl phi_35", CHAT_AXO_PHI35, NULL, "phi_35"},
 };
 #define N_KNOWN (sizeof KNOWN / sizeof KNOWN[0])
 
@@ -89,12 +104,6 @@ static void py_strip(const char *s, size_t *a, size_t *b) {
     *b = end;
 }
 
-static void put_stripped(strbuf *b, const char *s) {
-    size_t x, y;
-    py_strip(s, &x, &y);
-    strbuf_put(b, s + x, y - x);
-}
-
 static int span_add(chat_spans *sp, size_t a, size_t b, qerr *e) {
     if (!sp) return 0;
     if (sp->n == sp->cap) {
@@ -132,7 +141,8 @@ int chat_template_find(const char *source, const chat_template **out, qerr *e) {
     return qerr_set(e,
                     "chat template not supported: XXH64 %016" PRIx64 " (\"%s...\") is none of the templates qlora "
                     "renders exactly (SmolLM2, Qwen2, Qwen2.5, Llama 3.1, Llama 2, Mistral v3 (Nemo), Phi-3, "
-                    "Phi-3.5); it is not approximated",
+                    "Phi-3.5, and axolotl's chatml, qwen_25, llama3, mistral_v1, mistral_v2v3, mistral_v3_tekken, "
+                    "phi_3, phi_35); it is not approximated",
                     h, head);
 }
 
@@ -144,17 +154,62 @@ const char *chat_template_name(const chat_template *ct) { return ct->name; }
 
 /* ------------------------------------------------------------------------ */
 
+/* axolotl's named templates that qlora does not render, each with the reason (chat_template_named). */
+static const struct {
+    const char *name, *why;
+} AXO_REFUSED[] = {
+    {"llama3_2_vision", "its system header carries the day's date (strftime_now: \"Today Date: 07 Dec 2026\" "
+                        "today), so the same data renders differently from day to day; use llama3, or the "
+                        "model's own template (tokenizer_default: Llama 3.1's fixed \"26 Jul 2024\")"},
+    {"alpaca", "not rendered here; use type: alpaca for instruction / input / output records"},
+};
+
+int chat_template_named(const char *name, const chat_template **out, qerr *e) {
+    *out = NULL;
+    for (size_t i = 0; i < N_KNOWN; i++)
+        if (KNOWN[i].axolotl && !strcmp(KNOWN[i].axolotl, name)) {
+            *out = &KNOWN[i];
+            return 0;
+        }
+    for (size_t i = 0; i < sizeof AXO_REFUSED / sizeof AXO_REFUSED[0]; i++)
+        if (!strcmp(AXO_REFUSED[i].name, name))
+            return qerr_set(e, "chat_template: \"%s\": refused: %s", name, AXO_REFUSED[i].why);
+    return qerr_set(e, "chat_template: \"%s\" is not one of axolotl's templates qlora renders exactly (chatml, "
+                       "qwen_25, llama3, mistral_v1, mistral_v2v3, mistral_v3_tekken, phi_3, phi_35; their model "
+                       "families are the ones qlora runs)", name);
+}
+
+const char *chat_template_axolotl_name(const chat_template *ct) { return ct->axolotl; }
+
+int chat_template_system_in_user_turn(const chat_template *ct) {
+    return ct->kind == CHAT_MISTRAL_V3 || ct->kind == CHAT_AXO_MISTRAL_V1 || ct->kind == CHAT_AXO_MISTRAL_V2V3;
+}
+
+const char *chat_template_eot(const chat_template *ct, const tokenizer *t) {
+    switch (ct->kind) {
+    case CHAT_CHATML:
+    case CHAT_QWEN25: return "<|im_end|>";
+    case CHAT_LLAMA31:
+    case CHAT_AXO_LLAMA3: return "<|eot_id|>";
+    case CHAT_PHI3:
+    case CHAT_AXO_PHI3:
+    case CHAT_PHI35:
+    case CHAT_AXO_PHI35: return "<|end|>";
+    default: return tokenizer_eos_id(t) >= 0 ? tokenizer_token_text(t, tokenizer_eos_id(t)) : NULL;
+    }
+}
+
 static int role_is(const chat_message *m, const char *r) { return !strcmp(m->role, r); }
 
-/* The roles a template renders as chat_render does: SmolLM2's and Qwen2's
- * ChatML, and Llama 3.1, print any role name (Llama 3.1 renders "tool" and
- * "ipython" differently: refused); the others know system, user and
- * assistant only. */
+/* The roles a template renders as chat_render does: ChatML (the models' and axolotl's) and the llama3
+ * templates print any role name (Llama 3.1 renders "tool" and "ipython" differently: refused); the
+ * others know system, user and assistant only (axolotl's phi_3 / phi_35 would drop other roles
+ * silently: refused here). */
 static int check_roles(const chat_template *ct, const chat_message *msgs, int n, qerr *e) {
     for (int i = 0; i < n; i++) {
         const chat_message *m = &msgs[i];
         int ok = role_is(m, "system") || role_is(m, "user") || role_is(m, "assistant");
-        if (ct->kind == CHAT_CHATML) ok = 1;
+        if (ct->kind == CHAT_CHATML || ct->kind == CHAT_AXO_LLAMA3) ok = 1;
         if (ct->kind == CHAT_LLAMA31) ok = !role_is(m, "tool") && !role_is(m, "ipython");
         if (!ok)
             return qerr_set(e, "message %d: role \"%s\" is not supported with the %s chat template", i, m->role,
@@ -169,16 +224,34 @@ static const char *special_text(const tokenizer *t, int32_t id, const char *what
     return s;
 }
 
+/* The renderer's output: the text and the trained spans of chat_render. */
+typedef struct rctx {
+    strbuf *b;
+    chat_spans *sp;
+    qerr *e;
+} rctx;
+
+/* Append a message's content (Python strip() applied when `strip`); returns where it starts. */
+static size_t put_content(rctx *r, const char *s, int strip) {
+    size_t x = 0, y = strlen(s);
+    if (strip) py_strip(s, &x, &y);
+    size_t a = r->b->n;
+    strbuf_put(r->b, s + x, y - x);
+    return a;
+}
+
+/* An assistant turn's trained span (chat_render): from its content through the end-of-turn text. */
+static int trained(rctx *r, size_t a) { return span_add(r->sp, a, r->b->n, r->e); }
+
 /* "<|im_start|>" role "\n" content "<|im_end|>" "\n", trained: content + <|im_end|> for the assistant. */
-static int chatml_turn(strbuf *b, const chat_message *m, chat_spans *sp, qerr *e) {
-    strbuf_puts(b, "<|im_start|>");
-    strbuf_puts(b, m->role);
-    strbuf_puts(b, "\n");
-    size_t a = b->n;
-    strbuf_puts(b, m->content);
-    strbuf_puts(b, "<|im_end|>");
-    if (role_is(m, "assistant") && span_add(sp, a, b->n, e)) return -1;
-    strbuf_puts(b, "\n");
+static int chatml_turn(rctx *r, const chat_message *msgs, int i) {
+    strbuf_puts(r->b, "<|im_start|>");
+    strbuf_puts(r->b, msgs[i].role);
+    strbuf_puts(r->b, "\n");
+    size_t a = put_content(r, msgs[i].content, 0);
+    strbuf_puts(r->b, "<|im_end|>");
+    if (role_is(&msgs[i], "assistant") && trained(r, a)) return -1;
+    strbuf_puts(r->b, "\n");
     return 0;
 }
 
@@ -193,31 +266,128 @@ static int check_alternation(const chat_template *ct, const chat_message *loop, 
     return 0;
 }
 
+/* Mistral templates: no system message after the first. */
+static int check_no_later_system(const chat_template *ct, const chat_message *loop, int nl, int off, qerr *e) {
+    for (int i = 0; i < nl; i++)
+        if (role_is(&loop[i], "system"))
+            return qerr_set(e, "the %s chat template rejects this conversation: only user and assistant roles, "
+                               "with an optional first system message (message %d is \"system\")",
+                            ct->name, i + off);
+    return 0;
+}
+
+static int render_llama2(const chat_template *ct, const tokenizer *t, const chat_message *msgs, int n, rctx *r) {
+    const chat_message *loop = msgs;
+    int nl = n;
+    const char *system = NULL, *bos, *eos;
+    if (n > 0 && role_is(&msgs[0], "system")) {
+        system = msgs[0].content;
+        loop++, nl--;
+    }
+    if (check_alternation(ct, loop, nl, r->e)) return -1;
+    if (!(bos = special_text(t, tokenizer_bos_id(t), "bos_token", ct, r->e)) ||
+        !(eos = special_text(t, tokenizer_eos_id(t), "eos_token", ct, r->e)))
+        return -1;
+    strbuf content = {0};
+    int rc = 0;
+    for (int i = 0; i < nl && !rc; i++) {
+        strbuf_clear(&content);
+        if (i == 0 && system) {
+            strbuf_puts(&content, "<<SYS>>\n");
+            strbuf_puts(&content, system);
+            strbuf_puts(&content, "\n<</SYS>>\n\n");
+        }
+        strbuf_puts(&content, loop[i].content);
+        if (content.oom) break;
+        if (role_is(&loop[i], "system")) continue; /* passes the alternation check at an odd index; rendered as nothing */
+        size_t x, y;
+        py_strip(content.p, &x, &y);
+        if (role_is(&loop[i], "user")) {
+            strbuf_puts(r->b, bos);
+            strbuf_puts(r->b, "[INST] ");
+        } else {
+            strbuf_puts(r->b, " ");
+        }
+        size_t base = r->b->n; /* content.p[x] lands here */
+        strbuf_put(r->b, content.p + x, y - x);
+        if (role_is(&loop[i], "user")) {
+            strbuf_puts(r->b, " [/INST]");
+        } else { /* assistant (alternation checked) */
+            strbuf_puts(r->b, " ");
+            strbuf_puts(r->b, eos);
+            rc = trained(r, base);
+        }
+    }
+    if (content.oom) rc = qerr_set(r->e, "out of memory");
+    free(content.p);
+    return rc;
+}
+
+/* Mistral: v3 (Nemo, axolotl's mistral_v3_tekken), axolotl's mistral_v2v3 and mistral_v1. */
+static int render_mistral(const chat_template *ct, const tokenizer *t, const chat_message *msgs, int n, rctx *r) {
+    const chat_message *loop = msgs;
+    int nl = n, off = 0;
+    const char *system = NULL, *bos, *eos;
+    if (n > 0 && role_is(&msgs[0], "system")) {
+        system = msgs[0].content;
+        loop++, nl--, off = 1;
+    }
+    if (check_no_later_system(ct, loop, nl, off, r->e) || check_alternation(ct, loop, nl, r->e)) return -1;
+    if (!(bos = special_text(t, tokenizer_bos_id(t), "bos_token", ct, r->e)) ||
+        !(eos = special_text(t, tokenizer_eos_id(t), "eos_token", ct, r->e)))
+        return -1;
+    int v1 = ct->kind == CHAT_AXO_MISTRAL_V1, v2 = ct->kind == CHAT_AXO_MISTRAL_V2V3;
+    strbuf_puts(r->b, bos);
+    int rc = 0;
+    for (int i = 0; i < nl && !rc; i++) {
+        if (role_is(&loop[i], "user")) {
+            strbuf_puts(r->b, v1 ? " [INST] " : v2 ? "[INST] " : "[INST]");
+            /* v1: {%- if loop.first and system_message is defined %}; v2v3 / v3: loop.last */
+            if (system && (v1 ? i == 0 : i == nl - 1)) {
+                put_content(r, system, 0);
+                strbuf_puts(r->b, "\n\n");
+            }
+            put_content(r, loop[i].content, 0);
+            strbuf_puts(r->b, v1 ? " [/INST]" : "[/INST]");
+        } else {
+            if (v1 || v2) strbuf_puts(r->b, " ");
+            size_t a = put_content(r, loop[i].content, v2);
+            strbuf_puts(r->b, eos);
+            rc = trained(r, a);
+        }
+    }
+    return rc; /* the templates ignore add_generation_prompt */
+}
+
 int chat_render(const chat_template *ct, const tokenizer *t, const chat_message *msgs, int n,
                 int add_generation_prompt, strbuf *b, chat_spans *sp, qerr *e) {
     if (check_roles(ct, msgs, n, e)) return -1;
     size_t sp0 = sp ? sp->n : 0;
+    rctx r = {b, sp, e};
     const char *bos = NULL, *eos = NULL;
     int rc = 0;
     switch (ct->kind) {
     case CHAT_CHATML:
         for (int i = 0; i < n && !rc; i++) {
-            if (i == 0 && !role_is(&msgs[0], "system")) {
+            if (i == 0 && !role_is(&msgs[0], "system") && ct->system) {
                 strbuf_puts(b, "<|im_start|>system\n");
                 strbuf_puts(b, ct->system);
                 strbuf_puts(b, "<|im_end|>\n");
             }
-            rc = chatml_turn(b, &msgs[i], sp, e);
+            rc = chatml_turn(&r, msgs, i);
         }
         if (add_generation_prompt) strbuf_puts(b, "<|im_start|>assistant\n");
         break;
     case CHAT_QWEN25:
         /* {%- if messages[0]['role'] == 'system' %} the system turn {%- else %} the default one */
         strbuf_puts(b, "<|im_start|>system\n");
-        strbuf_puts(b, n > 0 && role_is(&msgs[0], "system") ? msgs[0].content : ct->system);
+        if (n > 0 && role_is(&msgs[0], "system"))
+            put_content(&r, msgs[0].content, 0);
+        else
+            strbuf_puts(b, ct->system);
         strbuf_puts(b, "<|im_end|>\n");
         for (int i = 0; i < n && !rc; i++)
-            if (!(i == 0 && role_is(&msgs[i], "system"))) rc = chatml_turn(b, &msgs[i], sp, e);
+            if (!(i == 0 && role_is(&msgs[i], "system"))) rc = chatml_turn(&r, msgs, i);
         if (add_generation_prompt) strbuf_puts(b, "<|im_start|>assistant\n");
         break;
     case CHAT_LLAMA31: {
@@ -228,7 +398,7 @@ int chat_render(const chat_template *ct, const tokenizer *t, const chat_message 
         strbuf_puts(b, "Cutting Knowledge Date: December 2023\n");
         strbuf_puts(b, "Today Date: 26 Jul 2024\n\n");
         if (n > 0 && role_is(&msgs[0], "system")) {
-            put_stripped(b, msgs[0].content);
+            put_content(&r, msgs[0].content, 1);
             first = 1;
         }
         strbuf_puts(b, "<|eot_id|>");
@@ -236,124 +406,69 @@ int chat_render(const chat_template *ct, const tokenizer *t, const chat_message 
             strbuf_puts(b, "<|start_header_id|>");
             strbuf_puts(b, msgs[i].role);
             strbuf_puts(b, "<|end_header_id|>\n\n");
-            size_t a = b->n;
-            put_stripped(b, msgs[i].content);
+            size_t a = put_content(&r, msgs[i].content, 1);
             strbuf_puts(b, "<|eot_id|>");
-            if (role_is(&msgs[i], "assistant")) rc = span_add(sp, a, b->n, e);
+            if (role_is(&msgs[i], "assistant")) rc = trained(&r, a);
         }
         if (add_generation_prompt) strbuf_puts(b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
         break;
     }
-    case CHAT_LLAMA2: {
-        const chat_message *loop = msgs;
-        int nl = n;
-        const char *system = NULL;
-        if (n > 0 && role_is(&msgs[0], "system")) {
-            system = msgs[0].content;
-            loop++;
-            nl--;
+    case CHAT_AXO_LLAMA3:
+        if (n > 0 && !(bos = special_text(t, tokenizer_bos_id(t), "bos_token", ct, e))) return -1;
+        for (int i = 0; i < n && !rc; i++) {
+            if (i == 0) strbuf_puts(b, bos); /* {% if loop.index0 == 0 %}{% set content = bos_token + content %} */
+            strbuf_puts(b, "<|start_header_id|>");
+            strbuf_puts(b, msgs[i].role);
+            strbuf_puts(b, "<|end_header_id|>\n\n");
+            size_t a = put_content(&r, msgs[i].content, 1);
+            strbuf_puts(b, "<|eot_id|>");
+            if (role_is(&msgs[i], "assistant")) rc = trained(&r, a);
         }
-        if (check_alternation(ct, loop, nl, e)) return -1;
-        if (!(bos = special_text(t, tokenizer_bos_id(t), "bos_token", ct, e)) ||
-            !(eos = special_text(t, tokenizer_eos_id(t), "eos_token", ct, e)))
-            return -1;
-        strbuf content = {0};
-        for (int i = 0; i < nl && !rc; i++) {
-            strbuf_clear(&content);
-            if (i == 0 && system) {
-                strbuf_puts(&content, "<<SYS>>\n");
-                strbuf_puts(&content, system);
-                strbuf_puts(&content, "\n<</SYS>>\n\n");
-            }
-            strbuf_puts(&content, loop[i].content);
-            if (content.oom) break;
-            if (role_is(&loop[i], "system")) continue; /* passes the alternation check at an odd index; rendered as nothing */
-            if (role_is(&loop[i], "user")) {
-                strbuf_puts(b, bos);
-                strbuf_puts(b, "[INST] ");
-                put_stripped(b, content.p);
-                strbuf_puts(b, " [/INST]");
-            } else { /* assistant (alternation checked) */
-                strbuf_puts(b, " ");
-                size_t a = b->n;
-                put_stripped(b, content.p);
-                strbuf_puts(b, " ");
-                strbuf_puts(b, eos);
-                rc = span_add(sp, a, b->n, e);
-            }
-        }
-        if (content.oom) rc = qerr_set(e, "out of memory");
-        free(content.p);
+        if (add_generation_prompt) strbuf_puts(b, "<|start_header_id|>assistant<|end_header_id|>\n\n");
         break;
-    }
-    case CHAT_MISTRAL_V3: {
-        const chat_message *loop = msgs;
-        int nl = n;
-        const char *system = NULL;
-        if (n > 0 && role_is(&msgs[0], "system")) {
-            system = msgs[0].content;
-            loop++;
-            nl--;
-        }
-        for (int i = 0; i < nl; i++)
-            if (role_is(&loop[i], "system"))
-                return qerr_set(e, "the %s chat template rejects this conversation: only user and assistant roles, "
-                                   "with an optional first system message (message %d is \"system\")",
-                                ct->name, i + (system != NULL));
-        if (check_alternation(ct, loop, nl, e)) return -1;
-        if (!(bos = special_text(t, tokenizer_bos_id(t), "bos_token", ct, e)) ||
-            !(eos = special_text(t, tokenizer_eos_id(t), "eos_token", ct, e)))
-            return -1;
-        strbuf_puts(b, bos);
-        for (int i = 0; i < nl && !rc; i++) {
-            if (role_is(&loop[i], "user")) {
-                strbuf_puts(b, "[INST]");
-                if (i == nl - 1 && system) { /* {%- if loop.last and system_message is defined %} */
-                    strbuf_puts(b, system);
-                    strbuf_puts(b, "\n\n");
-                }
-                strbuf_puts(b, loop[i].content);
-                strbuf_puts(b, "[/INST]");
-            } else {
-                size_t a = b->n;
-                strbuf_puts(b, loop[i].content);
-                strbuf_puts(b, eos);
-                rc = span_add(sp, a, b->n, e);
-            }
-        }
-        break; /* the template ignores add_generation_prompt */
-    }
+    case CHAT_LLAMA2:
+        rc = render_llama2(ct, t, msgs, n, &r);
+        break;
+    case CHAT_MISTRAL_V3:
+    case CHAT_AXO_MISTRAL_V1:
+    case CHAT_AXO_MISTRAL_V2V3:
+        rc = render_mistral(ct, t, msgs, n, &r);
+        break;
     case CHAT_PHI3:
+    case CHAT_AXO_PHI3:
         if (!(bos = special_text(t, tokenizer_bos_id(t), "bos_token", ct, e))) return -1;
         strbuf_puts(b, bos);
         for (int i = 0; i < n && !rc; i++) {
             if (role_is(&msgs[i], "user")) {
                 strbuf_puts(b, "<|user|>\n");
-                strbuf_puts(b, msgs[i].content);
+                put_content(&r, msgs[i].content, 0);
                 strbuf_puts(b, "<|end|>\n<|assistant|>\n");
             } else if (role_is(&msgs[i], "assistant")) {
-                size_t a = b->n;
-                strbuf_puts(b, msgs[i].content);
+                size_t a = put_content(&r, msgs[i].content, 0);
                 strbuf_puts(b, "<|end|>");
-                rc = span_add(sp, a, b->n, e);
+                rc = trained(&r, a);
                 strbuf_puts(b, "\n");
-            } /* system: the template renders nothing */
+            } else if (ct->kind == CHAT_AXO_PHI3) { /* system; Phi-3's own template renders nothing for it */
+                strbuf_puts(b, "<|system|>\n");
+                put_content(&r, msgs[i].content, 0);
+                strbuf_puts(b, "<|end|>\n");
+            }
         }
         break; /* no add_generation_prompt: every user turn ends with <|assistant|>\n */
     case CHAT_PHI35:
+    case CHAT_AXO_PHI35:
         for (int i = 0; i < n && !rc; i++) {
             const chat_message *m = &msgs[i];
             if (role_is(m, "system") && !m->content[0]) continue; /* {% if ... and message['content'] %} */
             strbuf_puts(b, role_is(m, "system") ? "<|system|>\n" : role_is(m, "user") ? "<|user|>\n" : "<|assistant|>\n");
-            size_t a = b->n;
-            strbuf_puts(b, m->content);
+            size_t a = put_content(&r, m->content, 0);
             strbuf_puts(b, "<|end|>");
-            if (role_is(m, "assistant")) rc = span_add(sp, a, b->n, e);
+            if (role_is(m, "assistant")) rc = trained(&r, a);
             strbuf_puts(b, "\n");
         }
         if (add_generation_prompt) {
             strbuf_puts(b, "<|assistant|>\n");
-        } else {
+        } else if (ct->kind == CHAT_PHI35) {
             if (!(eos = special_text(t, tokenizer_eos_id(t), "eos_token", ct, e))) return -1;
             strbuf_puts(b, eos);
         }

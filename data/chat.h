@@ -34,6 +34,16 @@
  *                <|assistant|>\n..<|end|>\n, then <|assistant|>\n or eos
  *                (Phi-3.5-mini-instruct)
  *
+ * axolotl's own templates (chat_template: <name>, the .jinja files of
+ * axolotl 0.19.0's src/axolotl/utils/chat_templates/templates), recognised
+ * by the same hashes: chatml (ChatML without a default system turn), qwen_25
+ * (the Qwen2.5 text itself), llama3 (bos once, no system header, content|trim,
+ * any role), mistral_v1 (" [INST] ", system before the first user turn,
+ * " " content eos), mistral_v2v3 ("[INST] ", system before the last user
+ * turn, " " content|trim eos), mistral_v3_tekken (renders as Mistral v3),
+ * phi_3 (Phi-3 with <|system|> turns), phi_35 (Phi-3.5 without the final
+ * eos). llama3_2_vision is refused (its header carries the day's date).
+ *
  * Roles: system, user and assistant; any other role ("tool", ...) is refused
  * by name, as are conversations a template itself rejects (raise_exception).
  * Trained spans (train_on_inputs: false): each assistant message's content
@@ -75,6 +85,23 @@ int chat_template_of(const tokenizer *t, const chat_template **out, qerr *e);
 const char *chat_template_name(const chat_template *ct);
 /* XXH64 of a template source after stripping leading/trailing white space. */
 uint64_t chat_template_hash(const char *source);
+
+/* chat_template_named: axolotl's template of that name (chat_template: <name>).
+ * Errors: a name refused with its reason (llama3_2_vision: the day's date;
+ * alpaca), any other name (the message lists the accepted ones). */
+int chat_template_named(const char *name, const chat_template **out, qerr *e);
+/* axolotl's name for the template's text ("qwen_25", "llama3", ...), or NULL. */
+const char *chat_template_axolotl_name(const chat_template *ct);
+/* 1 for the Mistral templates, which render the system message inside a user
+ * turn: axolotl's ChatTemplateStrategy.find_turn skips a leading system turn
+ * there when the model's name contains "mistral", so its labels depend on the
+ * name (data/jsonl.c refuses what that would change). */
+int chat_template_system_in_user_turn(const chat_template *ct);
+
+/* The text of the token that ends a turn in this template: <|im_end|>,
+ * <|eot_id|>, <|end|>, or the tokenizer's eos (Llama 2, Mistral); NULL when
+ * that is eos and the tokenizer has none. */
+const char *chat_template_eot(const chat_template *ct, const tokenizer *t);
 
 /* chat_render: append the rendering of msgs[0..n) to `out` exactly as
  * apply_chat_template(msgs, tokenize=False, add_generation_prompt) renders

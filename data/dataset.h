@@ -27,22 +27,24 @@
  *                    AlpacaPrompter): [bos] prompt output eos. With
  *                    train_on_inputs = 0 only output + eos are trained on.
  *   "chat_template"  `field_messages` (default "messages"): a list of
- *                    {role, content}, rendered with the model's ChatML
- *                    template (`tokenizer.chat_template`), without a Jinja
- *                    engine: if the first message is not "system", the
- *                    template's default system turn is inserted; each turn is
- *                    "<|im_start|>{role}\n{content}<|im_end|>\n". With
- *                    train_on_inputs = 0 only assistant content + <|im_end|>
- *                    are trained on (the end-of-turn token must be learned,
- *                    docs/design.md "Known traps"); headers, system and user turns
- *                    are masked. No bos is added: the template owns it.
- *                    axolotl's mapping applies first: each message's role and
- *                    content come from message_field_role / _content (ShareGPT
- *                    data: from / value), roles map human→user, gpt→assistant
- *                    (user, assistant, system, tool as they are; any other role is
- *                    an error naming it), drop_system_message drops a leading
- *                    system message; the content of roles_to_train (default
- *                    assistant) is trained on, and <|im_end|> per train_on_eos.
+ *                    messages, read through axolotl's mapping (message_field_role
+ *                    / _content: ShareGPT's from / value; roles human→user,
+ *                    gpt→assistant, user, assistant, system, tool as they are, any
+ *                    other an error naming it; a record's top-level "system"
+ *                    string becomes the first message when there is none;
+ *                    drop_system_message drops the first message if it is
+ *                    system), rendered by the template `chat_template` selects
+ *                    (the model's, one of axolotl's, or a recognised
+ *                    chat_template_jinja text: data/chat.h) exactly as
+ *                    apply_chat_template renders it; no bos is added (the
+ *                    template owns it). Labels follow axolotl's
+ *                    ChatTemplateStrategy (prompt_strategies/chat_template.py,
+ *                    0.19.0; data/jsonl.c ds_chat_labels): each message is a
+ *                    turn located by re-rendering with placeholder contents; a
+ *                    turn whose role is in roles_to_train (all turns when
+ *                    train_on_inputs) has its content's tokens trained; the
+ *                    eot_tokens (default [eos]) and eos tokens at most 3 tokens
+ *                    after a turn are trained per train_on_eot / train_on_eos.
  *   "input_output"   `segments`: [{text, label}], template-free: each text is
  *                    tokenized on its own (no bos/eos added; axolotl
  *                    input_output.py) and its tokens are labels iff label.
@@ -72,6 +74,8 @@
 typedef struct dataset_skip_log {
     int64_t n_lines; /* lines skipped so far */
     char first[512]; /* the error of the first one: "file.jsonl:17: invalid JSON ..." */
+    char note[512];  /* "" or a note the caller prints once (eot_tokens: axolotl's default leaves the
+                        template's end-of-turn token untrained) */
 } dataset_skip_log;
 
 /* A slice of a file's records, from axolotl's `split:` (HF datasets' split syntax on the one split
@@ -104,13 +108,19 @@ typedef struct dataset_spec {
     char *const *roles_to_train;       /* roles (after the role map) whose content is trained on;
                                           NULL = {"assistant"} */
     int n_roles_to_train;
-    const char *train_on_eos;          /* which <|im_end|> are labels: "turn" (NULL: those ending a
-                                          trained turn), "all", "last" (the last turn's), "none" */
+    const char *train_on_eos;          /* which eos tokens after a turn are labels (axolotl's
+                                          train_on_eos): "turn" (NULL: after a trained turn), "all",
+                                          "last" (the last one found), "none" */
+    const char *train_on_eot;          /* the same for eot_tokens; NULL = as train_on_eos */
+    char *const *eot_tokens;           /* axolotl's eot_tokens; NULL = its default [eos_token]. Each must
+                                          be the template's end-of-turn token or eos */
+    int n_eot_tokens;
     int drop_system_message;           /* drop a leading system message */
-    int force_chatml;                  /* 0: the model's ChatML template; 1: ChatML without a default
-                                          system turn (chat_template: chatml), whatever the model's
-                                          template; 2: 1 only for a model without a template
-                                          (tokenizer_default_fallback_chatml) */
+    const char *chat_template;         /* axolotl's chat_template choice: NULL / "tokenizer_default" (the
+                                          model's), "tokenizer_default_fallback_<name>", "jinja", or a
+                                          template name (data/chat.h chat_template_named) */
+    const char *chat_template_jinja;   /* chat_template: jinja: the template text, or a file holding it;
+                                          it must be a template qlora renders (recognised by hash) */
     const char *split;                 /* NULL or "train": every record; else a slice (dataset_slice) */
 } dataset_spec;
 

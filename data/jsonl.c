@@ -16,18 +16,16 @@
 
 #include <cjson/cJSON.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "core/file.h"
 #include "core/strbuf.h"
 #include "data/chat.h"
-
-/* axolotl's ChatML (chat_template: chatml) */
-#define DS_IM_START "<|im_start|>"
-#define DS_IM_END "<|im_end|>"
 
 static const char ALPACA_PROMPT_INPUT[] =
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -56,12 +54,80 @@ static int ds_bad(qerr *e, const char *fmt, ...) {
     return DS_BAD;
 }
 
-/* Growable rendered text plus the byte spans that are trained on. */
+/* One message of a conversation: its content's bytes in the text (a == b: not rendered / empty) and
+ * whether it is trained (roles_to_train, or train_on_inputs). */
+typedef struct ds_turn {
+    size_t a, b;
+    int train;
+} ds_turn;
+
+/* Growable rendered text plus the byte spans that are trained on; conversations give turns instead,
+ * labelled by axolotl's rule (ds_chat_labels). */
 typedef struct ds_render {
     strbuf text;   /* the rendered example */
     int64_t *span; /* (n_span, 2) [start, end) */
     size_t n_span, span_cap;
+    ds_turn *turn; /* chat: one per message */
+    size_t n_turn, turn_cap;
+    int chat;                /* 1: label by turns */
+    const char *opt[2];      /* chat: train_on_eot, train_on_eos */
+    int32_t eot_ids[8];      /* chat: axolotl's eot_tokens as ids */
+    int n_eot;
 } ds_render;
+
+/* axolotl's ChatTemplateStrategy._tokenize_single_prompt (prompt_strategies/chat_template.py, 0.19.0) on
+ * a rendering tokenized into ids[0..n) with byte offsets off[] (token i is [off[i], end[i])):
+ *   for each turn that is trained (or every turn under train_on_eos: all): its tokens are those that
+ *   overlap its content (find_turn, by a placeholder diff; -1 when the content was not rendered); a
+ *   trained turn's tokens are labels; then the first end-of-turn token (eot_tokens) and the first eos
+ *   at or after the turn's end, each when at most 3 tokens away, are labels under "all", under "turn"
+ *   for a trained turn, and under "last" only the last one found. find_first_*_token starts at
+ *   index -1 for a turn not found (Python's range(-1, n): the last token first, where a match reads as
+ *   "not found"), reproduced here. */
+static void ds_chat_labels(const ds_render *r, const int32_t *ids, const int64_t *off, size_t n, int train_all,
+                           int32_t eos_id, uint8_t *mask) {
+    memset(mask, 0, n);
+    if (n == 0) return;
+    int all[2], turn[2], last[2];
+    for (int k = 0; k < 2; k++) {
+        const char *o = r->opt[k] ? r->opt[k] : "turn";
+        all[k] = !strcmp(o, "all"), turn[k] = !strcmp(o, "turn"), last[k] = !strcmp(o, "last");
+    }
+    long last_idx[2] = {-1, -1};
+    for (size_t t = 0; t < r->n_turn; t++) {
+        int should = train_all || r->turn[t].train;
+        if (!should && !all[0] && !all[1]) continue;
+        long s = -1, e = -1;
+        if (r->turn[t].b > r->turn[t].a) {
+            size_t i = 0;
+            while (i < n && (i + 1 < n ? off[i + 1] : (int64_t)r->text.n) <= (int64_t)r->turn[t].a) i++;
+            size_t j = i;
+            while (j < n && off[j] < (int64_t)r->turn[t].b) j++;
+            if (i < n && j > i) s = (long)i, e = (long)j;
+        }
+        if (should && s >= 0)
+            for (long i = s; i < e; i++) mask[i] = 1;
+        for (int k = 0; k < 2; k++) { /* 0: EOT (eot_tokens), 1: EOS */
+            long idx = -1;
+            for (long i = e; i < (long)n; i++) {
+                int32_t id = ids[i < 0 ? (long)n + i : i];
+                int hit = 0;
+                if (k == 1) hit = id == eos_id;
+                else
+                    for (int q = 0; q < r->n_eot && !hit; q++) hit = id == r->eot_ids[q];
+                if (hit) {
+                    idx = i;
+                    break;
+                }
+            }
+            if (idx == -1 || labs(idx - e) > 3) continue;
+            last_idx[k] = idx;
+            if (all[k] || (turn[k] && should)) mask[idx] = 1;
+        }
+    }
+    for (int k = 0; k < 2; k++)
+        if (last[k] && last_idx[k] != -1) mask[last_idx[k]] = 1;
+}
 
 static int ds_puts(ds_render *r, const char *s, qerr *e) {
     strbuf_puts(&r->text, s);
@@ -110,12 +176,14 @@ static int ds_render_to_example(const tokenizer *tok, const ds_render *r, int tr
         ex->ids[k] = tokenizer_bos_id(tok);
         ex->mask[k++] = 0;
     }
+    if (r->chat) ds_chat_labels(r, v.ids, v.offsets, v.n, train_all, tokenizer_eos_id(tok), ex->mask + k);
     for (size_t i = 0; i < v.n; i++) {
         int64_t s = v.offsets[i], end = i + 1 < v.n ? v.offsets[i + 1] : (int64_t)r->text.n;
         while (sp < r->n_span && r->span[2 * sp + 1] <= s) sp++;
         int trained = train_all || (sp < r->n_span && r->span[2 * sp] < end);
         ex->ids[k] = v.ids[i];
-        ex->mask[k++] = (uint8_t)trained;
+        if (r->chat) k++;
+        else ex->mask[k++] = (uint8_t)trained;
     }
     if (add_eos) {
         ex->ids[k] = tokenizer_eos_id(tok);
@@ -199,40 +267,54 @@ static int ds_role_trained(const dataset_spec *spec, const char *role) {
     return 0;
 }
 
-/* Are roles_to_train and train_on_eos the defaults (assistant turns, through their end of turn)? */
-static int ds_chat_defaults(const dataset_spec *spec) {
-    if (spec->train_on_eos && strcmp(spec->train_on_eos, "turn")) return 0;
-    if (!spec->roles_to_train) return 1;
-    for (int i = 0; i < spec->n_roles_to_train; i++) {
-        const char *t = ds_map_role(spec->roles_to_train[i]);
-        if (strcmp(t ? t : spec->roles_to_train[i], "assistant")) return 0;
+static int ds_turn_add(ds_render *r, size_t a, size_t b, int train, qerr *e) {
+    if (r->n_turn == r->turn_cap) {
+        size_t cap = r->turn_cap ? 2 * r->turn_cap : 16;
+        ds_turn *nt = realloc(r->turn, cap * sizeof *nt);
+        if (!nt) return qerr_set(e, "out of memory rendering an example");
+        r->turn = nt;
+        r->turn_cap = cap;
     }
-    return spec->n_roles_to_train > 0;
+    r->turn[r->n_turn++] = (ds_turn){a, b, train};
+    return 0;
 }
 
 /* A conversation. Messages are read through message_property_mappings (role/content field names)
- * and axolotl's role map, a leading system message dropped under drop_system_message. With ct (the
- * model's own template, data/chat.h) the text is what apply_chat_template renders, trained on each
- * assistant turn through its end-of-turn token; roles_to_train and train_on_eos other than those
- * defaults need per-role spans the template renderers do not give, and are refused there. Without
- * ct (chat_template: chatml, or tokenizer_default_fallback_chatml on a model without a template)
- * axolotl's ChatML is rendered here with every roles_to_train / train_on_eos choice. */
+ * and axolotl's role map, a leading system message dropped under drop_system_message, rendered by ct
+ * exactly as apply_chat_template renders it (data/chat.h); each message becomes a turn (its content's
+ * bytes, trained when its role is in roles_to_train) labelled by ds_chat_labels. */
 static int ds_render_chat(const cJSON *obj, const dataset_spec *spec, const char *field, const chat_template *ct,
-                          const tokenizer *tok, const char *path, long line, ds_render *r, qerr *e) {
+                          const tokenizer *tok, int train_all, const char *path, long line, ds_render *r, qerr *e) {
     const char *frole = spec->message_field_role ? spec->message_field_role : "role";
     const char *fcontent = spec->message_field_content ? spec->message_field_content : "content";
-    const char *eos = spec->train_on_eos ? spec->train_on_eos : "turn";
     const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(obj, field);
     if (!cJSON_IsArray(msgs)) return ds_bad(e, "%s:%ld: field \"%s\" missing or not an array", path, line, field);
     int n = cJSON_GetArraySize(msgs);
     if (n == 0) return ds_bad(e, "%s:%ld: field \"%s\" is an empty list", path, line, field);
-    if (ct && !ds_chat_defaults(spec))
-        return qerr_set(e, "%s: roles_to_train / train_on_eos other than [assistant] / turn are implemented with "
-                           "chat_template: chatml only (the %s template gives assistant spans)", path,
-                        chat_template_name(ct));
-    chat_message *m = malloc((size_t)n * sizeof *m);
-    if (!m) return qerr_set(e, "out of memory");
+    chat_message *m = malloc((size_t)(n + 1) * sizeof *m);
+    ds_turn *turns = malloc((size_t)(n + 1) * sizeof *turns);
+    if (!m || !turns) {
+        free(m);
+        free(turns);
+        return qerr_set(e, "out of memory");
+    }
     int i = 0, kept = 0;
+    /* axolotl's field_system ("system"): a record's top-level "system" becomes the first message when the
+     * conversation does not start with one (ChatTemplateStrategy.get_conversation_thread) */
+    const cJSON *first = cJSON_GetArrayItem(msgs, 0), *sys = cJSON_GetObjectItemCaseSensitive(obj, "system");
+    const char *first_raw = cJSON_IsObject(first) ? ds_get_str(first, frole) : NULL;
+    const char *first_role = first_raw ? ds_map_role(first_raw) : NULL;
+    if (sys && !cJSON_IsNull(sys) && !(first_role && !strcmp(first_role, "system"))) {
+        if (!cJSON_IsString(sys)) {
+            free(m);
+            free(turns);
+            return ds_bad(e, "%s:%ld: field \"system\" (axolotl's field_system) is not a string", path, line);
+        }
+        if (!spec->drop_system_message) m[kept++] = (chat_message){"system", sys->valuestring};
+        else i = -1; /* marks the leading system message as dropped */
+    }
+    int dropped = i < 0;
+    i = 0;
     const cJSON *it;
     cJSON_ArrayForEach(it, msgs) {
         const char *raw = cJSON_IsObject(it) ? ds_get_str(it, frole) : NULL;
@@ -240,6 +322,7 @@ static int ds_render_chat(const cJSON *obj, const dataset_spec *spec, const char
         const char *role = raw ? ds_map_role(raw) : NULL;
         if (!raw || !content || !role) {
             free(m);
+            free(turns);
             if (!raw) return ds_bad(e, "%s:%ld: %s[%d]: field \"%s\" missing or not a string", path, line, field, i, frole);
             if (!content)
                 return ds_bad(e, "%s:%ld: %s[%d]: field \"%s\" missing or not a string", path, line, field, i, fcontent);
@@ -247,48 +330,118 @@ static int ds_render_chat(const cJSON *obj, const dataset_spec *spec, const char
                              "assistant -> assistant; system; tool)", path, line, field, i, raw);
         }
         i++;
-        if (kept == 0 && spec->drop_system_message && !strcmp(role, "system")) continue;
+        if (kept == 0 && !dropped && spec->drop_system_message && !strcmp(role, "system")) {
+            dropped = 1;
+            continue;
+        }
         m[kept++] = (chat_message){role, content};
     }
-    if (kept == 0) {
-        free(m);
-        return ds_bad(e, "%s:%ld: field \"%s\": no message left after drop_system_message", path, line, field);
-    }
     int rc = 0;
-    if (ct) {
-        chat_spans sp = {0};
-        rc = chat_render(ct, tok, m, kept, 0, &r->text, &sp, e);
-        free(m);
-        if (rc) {
-            free(sp.v);
-            if (r->text.oom) return -1;
+    if (kept == 0)
+        rc = ds_bad(e, "%s:%ld: field \"%s\": no message left after drop_system_message", path, line, field);
+    else if (!strcmp(m[0].role, "system") && chat_template_system_in_user_turn(ct) &&
+             (ds_role_trained(spec, "system") || train_all || (spec->train_on_eos && !strcmp(spec->train_on_eos, "all"))))
+        rc = ds_bad(e, "%s:%ld: the %s chat template renders the system message inside a user turn, where axolotl "
+                       "finds it or not depending on the model's name (it skips it when the name contains "
+                       "\"mistral\"), and roles_to_train / train_on_inputs / train_on_eos: all would use that turn; "
+                       "refused (drop_system_message: true, or train on assistant turns)", path, line,
+                    chat_template_name(ct));
+    size_t base = r->text.n;
+    if (!rc) {
+        rc = chat_render(ct, tok, m, kept, 0, &r->text, NULL, e);
+        if (rc && !r->text.oom) {
             char msg[sizeof e->msg];
             snprintf(msg, sizeof msg, "%s", e->msg);
-            return ds_bad(e, "%s:%ld: %s", path, line, msg);
+            rc = ds_bad(e, "%s:%ld: %s", path, line, msg);
         }
-        for (size_t k = 0; k < sp.n && !rc; k++) rc = ds_add_span(r, sp.v[2 * k], sp.v[2 * k + 1], e);
-        free(sp.v);
-        return rc;
     }
+    /* axolotl's find_turn: render the conversation again with the turn's content replaced by each of two
+     * placeholders and take the widest byte span where the renderings differ (_diff_char_span) */
+    static const char *const sentinel[2] = {"[[dummy_message]]", "zzdummymessagezz"};
+    strbuf d = {0};
     for (int j = 0; j < kept && !rc; j++) {
-        if (ds_puts(r, DS_IM_START, e) || ds_puts(r, m[j].role, e) || ds_puts(r, "\n", e)) {
-            rc = -1;
-            break;
+        const char *keep = m[j].content;
+        size_t lo = SIZE_MAX, hi = 0;
+        for (int k = 0; k < 2 && !rc; k++) {
+            m[j].content = sentinel[k];
+            strbuf_clear(&d);
+            rc = chat_render(ct, tok, m, kept, 0, &d, NULL, e);
+            if (!rc && d.oom) rc = qerr_set(e, "out of memory");
+            if (rc) break;
+            const char *full = r->text.p + base;
+            size_t nf = r->text.n - base, lim = nf < d.n ? nf : d.n, st = 0, suf = 0;
+            while (st < lim && full[st] == d.p[st]) st++;
+            while (suf < lim - st && full[nf - 1 - suf] == d.p[d.n - 1 - suf]) suf++;
+            if (st < lo) lo = st;
+            if (nf - suf > hi) hi = nf - suf;
         }
-        size_t start = r->text.n;
-        size_t mid;
-        if (ds_puts(r, m[j].content, e) || ((mid = r->text.n), ds_puts(r, DS_IM_END, e))) {
-            rc = -1;
-            break;
-        }
-        int trained = ds_role_trained(spec, m[j].role);
-        int eot = !strcmp(eos, "all") || (!strcmp(eos, "turn") && trained) || (!strcmp(eos, "last") && j == kept - 1);
-        if (trained && mid > start && ds_add_span(r, start, mid, e)) rc = -1;
-        else if (eot && ds_add_span(r, mid, r->text.n, e)) rc = -1;
-        else if (ds_puts(r, "\n", e)) rc = -1;
+        m[j].content = keep;
+        turns[j] = hi > lo ? (ds_turn){base + lo, base + hi, 0} : (ds_turn){0, 0, 0};
     }
+    free(d.p);
+    for (int j = 0; j < kept && !rc; j++) rc = ds_turn_add(r, turns[j].a, turns[j].b, ds_role_trained(spec, m[j].role), e);
     free(m);
+    free(turns);
     return rc;
+}
+
+/* The template a chat_template dataset renders with: axolotl's get_chat_template
+ * (utils/chat_templates/base.py) over the templates qlora renders. */
+static int ds_chat_template(const tokenizer *tok, const dataset_spec *spec, const chat_template **ct, qerr *e) {
+    const char *c = spec->chat_template ? spec->chat_template : "tokenizer_default";
+    static const char fb[] = "tokenizer_default_fallback_";
+    if (!strcmp(c, "tokenizer_default")) return chat_template_of(tok, ct, e);
+    if (!strncmp(c, fb, sizeof fb - 1)) {
+        if (tokenizer_chat_template(tok)) return chat_template_of(tok, ct, e);
+        return chat_template_named(c + sizeof fb - 1, ct, e);
+    }
+    if (strcmp(c, "jinja")) return chat_template_named(c, ct, e);
+    const char *j = spec->chat_template_jinja;
+    if (!j) return qerr_set(e, "chat_template: jinja needs chat_template_jinja (the template text or a file)");
+    struct stat sb;
+    if (!stat(j, &sb) && S_ISREG(sb.st_mode)) { /* axolotl: a path to an existing file is read */
+        size_t len;
+        char *text = file_read_regular(j, 0, &len, e);
+        if (!text) return -1;
+        int rc = chat_template_find(text, ct, e);
+        free(text);
+        return rc ? qerr_prefix(e, "chat_template_jinja (%s)", j) : 0;
+    }
+    return chat_template_find(j, ct, e) ? qerr_prefix(e, "chat_template_jinja") : 0;
+}
+
+/* eot_tokens as ids (axolotl's default: [eos_token]); given, it must be [the template's end-of-turn
+ * token], one token of the vocabulary. *note gets the line axolotl warns with when the default leaves the
+ * template's end-of-turn token untrained. */
+static int ds_eot_ids(const tokenizer *tok, const dataset_spec *spec, const chat_template *ct, ds_render *r,
+                      char *note, size_t note_len, qerr *e) {
+    const char *eot = chat_template_eot(ct, tok);
+    int32_t eos = tokenizer_eos_id(tok);
+    const char *eos_text = eos >= 0 ? tokenizer_token_text(tok, eos) : NULL;
+    r->n_eot = 0;
+    if (!spec->eot_tokens) {
+        if (eos >= 0) r->eot_ids[r->n_eot++] = eos;
+        if (note && eot && eos_text && strcmp(eot, eos_text))
+            snprintf(note, note_len,
+                     "eot_tokens is not set, so axolotl's default [eos_token] = [\"%s\"] applies: the %s template "
+                     "ends turns with \"%s\", which is not trained (as in axolotl); set eot_tokens: [\"%s\"] to "
+                     "train it", eos_text, chat_template_name(ct), eot, eot);
+        return 0;
+    }
+    /* [the template's end-of-turn token] only: axolotl keeps a listed token only when the template's text
+     * contains it (a [eos_token] list excepted) and refuses eos listed with train_on_eot != train_on_eos;
+     * with this one list neither depends on the text (the token is literal in every template whose
+     * end-of-turn token is not eos) */
+    const char *t = spec->n_eot_tokens > 0 ? spec->eot_tokens[0] : "";
+    if (spec->n_eot_tokens != 1 || !eot || strcmp(t, eot))
+        return qerr_set(e, "eot_tokens: refused: only [\"%s\"], the end-of-turn token of the %s template, is "
+                           "implemented (got %d token(s), the first \"%.60s\"; axolotl keeps or drops others "
+                           "depending on the template's text)", eot ? eot : "eos", chat_template_name(ct),
+                        spec->n_eot_tokens, t);
+    int32_t id = tokenizer_find_token(tok, t);
+    if (id < 0) return qerr_set(e, "eot_tokens: \"%.60s\" is not one token of the vocabulary", t);
+    r->eot_ids[r->n_eot++] = id;
+    return 0;
 }
 
 /* input_output (axolotl input_output.py): each segment's text tokenized on its own, without special
@@ -473,19 +626,21 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
     dataset_slice slice;
     if (spec->split && dataset_parse_split(spec->split, &slice, e)) return qerr_prefix(e, "%s: split", path);
     if (!spec->split) memset(&slice, 0, sizeof slice);
-    /* chat_template: chatml (force_chatml 1), or tokenizer_default_fallback_chatml (2) on a model without one:
-     * axolotl's ChatML; otherwise the model's own template, rendered exactly (data/chat.h) or refused */
-    int chatml = spec->force_chatml == 1 || (spec->force_chatml == 2 && !tokenizer_chat_template(tok));
-    if (type == DS_CHAT && !chatml && chat_template_of(tok, &ct, e)) return qerr_prefix(e, "%s: type chat_template", path);
-    if (type == DS_CHAT && chatml &&
-        (tokenizer_find_token(tok, DS_IM_START) < 0 || tokenizer_find_token(tok, DS_IM_END) < 0))
-        return qerr_set(e, "%s: type chat_template: the vocabulary has no " DS_IM_START " / " DS_IM_END " token", path);
+    ds_render r = {0};
+    if (type == DS_CHAT) {
+        char *note = spec->skipped && !spec->skipped->note[0] ? spec->skipped->note : NULL;
+        if (ds_chat_template(tok, spec, &ct, e) ||
+            ds_eot_ids(tok, spec, ct, &r, note, note ? sizeof spec->skipped->note : 0, e))
+            return qerr_prefix(e, "%s: type chat_template", path);
+        r.chat = 1;
+        r.opt[1] = spec->train_on_eos;
+        r.opt[0] = spec->train_on_eot ? spec->train_on_eot : spec->train_on_eos;
+    }
 
     size_t len = 0;
     char *buf = file_read_regular(path, 0, &len, e);
     if (!buf) return -1;
     int64_t n0 = docs->n;
-    ds_render r = {0};
     int rc = 0;
     long line = 0;
     int64_t n_skipped = 0;
@@ -523,12 +678,13 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
         } else {
             strbuf_clear(&r.text);
             r.n_span = 0;
+            r.n_turn = 0;
             if (type == DS_COMPLETION)
                 rc = ds_render_completion(obj, field, path, line, &r, e);
             else if (type == DS_ALPACA)
                 rc = ds_render_alpaca(obj, path, line, &r, e);
             else if (type == DS_CHAT)
-                rc = ds_render_chat(obj, spec, field_messages, ct, tok, path, line, &r, e);
+                rc = ds_render_chat(obj, spec, field_messages, ct, tok, train_on_inputs, path, line, &r, e);
             dataset_example ex;
             if (type == DS_IO) {
                 rc = ds_input_output(tok, obj, train_on_inputs, path, line, &ex, e);
@@ -605,6 +761,7 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
     }
     free(r.text.p);
     free(r.span);
+    free(r.turn);
     free(buf);
     return rc;
 }

@@ -15,12 +15,12 @@
 
 /* A Llama LoRA tensor name (format/peft.h): layer, module (model/llama_linear.h) and
  * ab (0 = A, 1 = B); -1 unless the parent is the module's own (self_attn / mlp). */
-static int parse_name(const char *name, int *layer, int *module, int *ab) {
+static int parse_name(const llama_hparams *hp, const char *name, int *layer, int *module, int *ab) {
     peft_name_parts n;
     if (peft_tensor_name_parse(name, &n)) return -1;
-    int k = llama_linear_from_peft(n.module, n.module_len);
-    if (k < 0 || strlen(llama_linears[k].parent) != n.parent_len ||
-        memcmp(llama_linears[k].parent, n.parent, n.parent_len))
+    const llama_linear_name *lin = llama_hparams_linears(hp);
+    int k = llama_linear_from_peft_in(lin, n.module, n.module_len);
+    if (k < 0 || strlen(lin[k].parent) != n.parent_len || memcmp(lin[k].parent, n.parent, n.parent_len))
         return -1;
     *layer = n.layer;
     *module = k;
@@ -79,11 +79,14 @@ int adapter_load_peft(const char *dir, const llama_hparams *hp, lora_set *ls, ad
         st_tensor t;
         safetensors_get(sf, i, &t);
         int l, k, ab;
-        if (parse_name(t.name, &l, &k, &ab)) {
+        if (parse_name(hp, t.name, &l, &k, &ab)) {
             if (strstr(t.name, "lora_magnitude_vector")) qerr_set(e, "%s: %s: DoRA adapters are not supported", spath, t.name);
             else if (strstr(t.name, "lora_embedding")) qerr_set(e, "%s: %s: embedding adapters are not supported", spath, t.name);
-            else qerr_set(e, "%s: tensor %s is not a LoRA A/B of a Llama linear (q/k/v/o/gate/up/down_proj); "
-                             "modules_to_save and other extras are not supported", spath, t.name);
+            else qerr_set(e, "%s: tensor %s is not a LoRA A/B of a linear of this %s model (%s); "
+                             "modules_to_save and other extras are not supported", spath, t.name,
+                          llama_arch_name(hp->arch),
+                          hp->arch == LLAMA_ARCH_PHI3 ? "qkv_proj, o_proj, gate_up_proj, down_proj"
+                                                      : "q/k/v/o/gate/up/down_proj");
             goto done;
         }
         if (l >= hp->n_layer) {
@@ -119,7 +122,7 @@ int adapter_load_peft(const char *dir, const llama_hparams *hp, lora_set *ls, ad
         st_tensor t;
         safetensors_get(sf, i, &t);
         int l = 0, k = 0, ab = 0;
-        parse_name(t.name, &l, &k, &ab);
+        parse_name(hp, t.name, &l, &k, &ab);
         int idx = l * LLAMA_N_LINEAR + k;
         const lora_adapter *a = lora_set_get(ls, l, k);
         const tensor *dst = ab ? a->B : a->A;
@@ -139,7 +142,7 @@ int adapter_load_peft(const char *dir, const llama_hparams *hp, lora_set *ls, ad
     for (int idx = 0; idx < hp->n_layer * LLAMA_N_LINEAR; idx++) {
         if (seen[idx] == 1 || seen[idx] == 2) {
             qerr_set(e, "%s: layer %d %s has lora_%c but not lora_%c", spath, idx / LLAMA_N_LINEAR,
-                     llama_linears[idx % LLAMA_N_LINEAR].peft, seen[idx] == 1 ? 'A' : 'B', seen[idx] == 1 ? 'B' : 'A');
+                     llama_hparams_linears(hp)[idx % LLAMA_N_LINEAR].peft, seen[idx] == 1 ? 'A' : 'B', seen[idx] == 1 ? 'B' : 'A');
             free(seen);
             goto done;
         }

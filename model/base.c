@@ -89,12 +89,12 @@ static int gguf_name_of(const llama_hparams *hp, llama_role role, int layer, int
     case LLAMA_T_ATTN_NORM: snprintf(name, n, "blk.%d.attn_norm.weight", layer); return 0;
     case LLAMA_T_FFN_NORM: snprintf(name, n, "blk.%d.ffn_norm.weight", layer); return 0;
     case LLAMA_T_LINEAR:
-        if (module < 0 || module >= LLAMA_N_LINEAR) return -1;
-        snprintf(name, n, "blk.%d.%s.weight", layer, llama_linears[module].gguf);
+        if (!llama_linear_present(hp, module)) return -1;
+        snprintf(name, n, "blk.%d.%s.weight", layer, llama_hparams_linears(hp)[module].gguf);
         return 0;
     case LLAMA_T_BIAS:
         if (module < 0 || module > LLAMA_V || !hp->qkv_bias) return -1;
-        snprintf(name, n, "blk.%d.%s.bias", layer, llama_linears[module].gguf);
+        snprintf(name, n, "blk.%d.%s.bias", layer, llama_hparams_linears(hp)[module].gguf);
         return 0;
     }
     return -1;

@@ -107,10 +107,23 @@ static int parse_config(hf_model *h, qerr *e) {
     memset(hp, 0, sizeof *hp);
     const cJSON *mt = cJSON_GetObjectItemCaseSensitive(c, "model_type");
     if (!cJSON_IsString(mt) || (strcmp(mt->valuestring, "llama") && strcmp(mt->valuestring, "mistral") &&
-                                strcmp(mt->valuestring, "qwen2"))) {
-        qerr_set(e, "%s: model_type \"%s\" is not supported (\"llama\", \"mistral\", \"qwen2\")", path,
+                                strcmp(mt->valuestring, "qwen2") && strcmp(mt->valuestring, "phi3"))) {
+        qerr_set(e, "%s: model_type \"%s\" is not supported (\"llama\", \"mistral\", \"qwen2\", \"phi3\")", path,
                  cJSON_IsString(mt) ? mt->valuestring : "?");
         goto done;
+    }
+    const int phi3 = !strcmp(mt->valuestring, "phi3");
+    if (phi3) hp->arch = LLAMA_ARCH_PHI3; /* modeling_phi3.py: fused qkv_proj and gate_up_proj, no biases */
+    /* dropout inside the network (Phi-3's residual and embedding dropout; attention dropout of any of these
+     * configs): transformers applies it in training, qlora implements LoRA dropout only */
+    static const char *const dropouts[] = {"attention_dropout", "resid_pdrop", "embd_pdrop"};
+    for (size_t i = 0; i < sizeof dropouts / sizeof *dropouts; i++) {
+        const cJSON *it = cJSON_GetObjectItemCaseSensitive(c, dropouts[i]);
+        if (it && !cJSON_IsNull(it) && !(cJSON_IsNumber(it) && it->valuedouble == 0.0)) {
+            qerr_set(e, "%s: %s: only 0 is implemented (dropout inside the network changes the training maths; "
+                        "qlora has LoRA dropout only)", path, dropouts[i]);
+            goto done;
+        }
     }
     if (!strcmp(mt->valuestring, "qwen2")) { /* modeling_qwen2.py: q/k/v_proj bias=True, o_proj and the MLP none */
         hp->arch = LLAMA_ARCH_QWEN2;
@@ -139,7 +152,7 @@ static int parse_config(hf_model *h, qerr *e) {
     /* sliding window: Mistral's sliding_window (null: none); Qwen2's only with use_sliding_window */
     const cJSON *sw = cJSON_GetObjectItemCaseSensitive(c, "sliding_window");
     const cJSON *usw = cJSON_GetObjectItemCaseSensitive(c, "use_sliding_window");
-    int sw_applies = !strcmp(mt->valuestring, "mistral") || cJSON_IsTrue(usw);
+    int sw_applies = !strcmp(mt->valuestring, "mistral") || phi3 || cJSON_IsTrue(usw);
     if (sw && !cJSON_IsNull(sw) && sw_applies) {
         if (!cJSON_IsNumber(sw) || sw->valuedouble < 1 || sw->valuedouble > 1e9 ||
             sw->valuedouble != floor(sw->valuedouble)) {
@@ -199,6 +212,11 @@ static int parse_config(hf_model *h, qerr *e) {
         goto done;
     }
     if (cJSON_IsObject(rs) && parse_rope_scaling(rs, hp, path, e)) goto done;
+    if (phi3 && hp->rope_scaling.type != LLAMA_ROPE_DEFAULT) { /* Phi3Config accepts default and longrope only */
+        qerr_set(e, "%s: rope_scaling: a phi3 model with RoPE scaling other than \"default\" is not implemented "
+                    "(longrope / su / yarn: Phi-3 128k)", path);
+        goto done;
+    }
     const cJSON *prf = cJSON_GetObjectItemCaseSensitive(c, "partial_rotary_factor");
     if (!prf && cJSON_IsObject(rpar)) prf = cJSON_GetObjectItemCaseSensitive(rpar, "partial_rotary_factor");
     if (prf && !(cJSON_IsNumber(prf) && prf->valuedouble == 1.0)) {
@@ -386,17 +404,22 @@ const gguf_file *hf_model_tokenizer_gguf(const hf_model *h) { return h->tok_gguf
 
 /* ------------------------------------------------------------------ tensors */
 
-static void role_name(llama_role role, int layer, int module, char *name, size_t n) {
+static void role_name(const llama_hparams *hp, llama_role role, int layer, int module, char *name, size_t n) {
+    const llama_linear_name *lin = llama_hparams_linears(hp);
     switch (role) {
     case LLAMA_T_EMBED: snprintf(name, n, "model.embed_tokens.weight"); return;
     case LLAMA_T_LM_HEAD: snprintf(name, n, "lm_head.weight"); return;
     case LLAMA_T_OUT_NORM: snprintf(name, n, "model.norm.weight"); return;
     case LLAMA_T_ATTN_NORM: snprintf(name, n, "model.layers.%d.input_layernorm.weight", layer); return;
     case LLAMA_T_FFN_NORM: snprintf(name, n, "model.layers.%d.post_attention_layernorm.weight", layer); return;
-    case LLAMA_T_LINEAR: snprintf(name, n, "model.layers.%d.%s.%s.weight", layer, llama_linears[module].parent,
-                                      llama_linears[module].peft); return;
-    case LLAMA_T_BIAS: snprintf(name, n, "model.layers.%d.%s.%s.bias", layer, llama_linears[module].parent,
-                                    llama_linears[module].peft); return;
+    case LLAMA_T_LINEAR:
+        if (!lin[module].peft) break;
+        snprintf(name, n, "model.layers.%d.%s.%s.weight", layer, lin[module].parent, lin[module].peft);
+        return;
+    case LLAMA_T_BIAS:
+        if (!lin[module].peft) break;
+        snprintf(name, n, "model.layers.%d.%s.%s.bias", layer, lin[module].parent, lin[module].peft);
+        return;
     }
     name[0] = 0;
 }
@@ -535,7 +558,10 @@ static int load_bnb4(const hf_model *h, const char *wname, int64_t rows, int64_t
 int hf_model_tensor_f32(const hf_model *h, int role, int layer, int module, float *dst, qerr *e) {
     char name[128];
     if (role == LLAMA_T_LM_HEAD && h->hp.tied_embeddings) role = LLAMA_T_EMBED;
-    role_name((llama_role)role, layer, module, name, sizeof name);
+    if ((role == LLAMA_T_LINEAR || role == LLAMA_T_BIAS) && !llama_linear_present(&h->hp, module))
+        return qerr_set(e, "%s: the %s architecture has no linear in slot %d (fused)", h->dir,
+                        llama_arch_name(h->hp.arch), module);
+    role_name(&h->hp, (llama_role)role, layer, module, name, sizeof name);
     int64_t rows, cols;
     llama_tensor_shape(&h->hp, (llama_role)role, module, &rows, &cols);
     if (role == LLAMA_T_LINEAR && h->bnb4) {
@@ -556,7 +582,7 @@ int hf_model_tensor_f32(const hf_model *h, int role, int layer, int module, floa
 
 static int load_bf16(const hf_model *h, llama_role role, bf16 **out, qerr *e) {
     char name[128];
-    role_name(role, 0, 0, name, sizeof name);
+    role_name(&h->hp, role, 0, 0, name, sizeof name);
     int64_t rows, cols;
     llama_tensor_shape(&h->hp, role, 0, &rows, &cols);
     st_tensor t;
@@ -598,7 +624,7 @@ static int load_norm(const hf_model *h, llama_role role, int layer, float **out,
 static int hf_rows(void *arg, int l, int k, int64_t row0, int64_t nrows, float *dst, qerr *e) {
     const hf_model *h = arg;
     char name[128];
-    role_name(LLAMA_T_LINEAR, l, k, name, sizeof name);
+    role_name(&h->hp, LLAMA_T_LINEAR, l, k, name, sizeof name);
     int64_t rows, cols;
     llama_tensor_shape(&h->hp, LLAMA_T_LINEAR, k, &rows, &cols);
     st_tensor t;
@@ -629,6 +655,9 @@ int hf_model_load_sharded(const hf_model *h, int load_in_4bit, int double_quant,
                           llama_model *m, qerr *e) {
     memset(m, 0, sizeof *m);
     const int adopt0 = h->bnb4 && load_in_4bit;
+    if (cm && h->hp.arch == LLAMA_ARCH_PHI3)
+        return qerr_set(e, "%s: FULL_SHARD of a Phi-3 base (fused qkv_proj / gate_up_proj) is not implemented yet; "
+                           "use SHARD_GRAD_OP or NO_SHARD", h->dir);
     if (cm && adopt0)
         return qerr_set(e, "%s: FULL_SHARD of a bitsandbytes 4-bit checkpoint is not implemented (its NF4 bytes are "
                            "adopted whole); use SHARD_GRAD_OP or NO_SHARD, or a bf16/f16/f32 checkpoint", h->dir);
@@ -687,13 +716,16 @@ int hf_model_load_sharded(const hf_model *h, int load_in_4bit, int double_quant,
         int bs = NF4_DEFAULT_BLOCKSIZE, dq = double_quant;
         float offsets[LLAMA_N_LINEAR] = {0};
         int rc = 0;
+        int first = 1;
         for (int k = 0; adopt && k < LLAMA_N_LINEAR && !rc; k++) {
             int64_t rows, cols;
             int kbs, kdq;
+            if (!llama_linear_present(hp, k)) continue;
             llama_tensor_shape(hp, LLAMA_T_LINEAR, k, &rows, &cols);
-            role_name(LLAMA_T_LINEAR, l, k, name, sizeof name);
+            role_name(hp, LLAMA_T_LINEAR, l, k, name, sizeof name);
             rc = bnb4_state(h, name, rows, cols, &kbs, &kdq, &offsets[k], e);
-            if (!rc && k == 0) {
+            if (!rc && first) {
+                first = 0;
                 bs = kbs;
                 dq = kdq;
             } else if (!rc && (kbs != bs || kdq != dq)) {
@@ -730,7 +762,8 @@ int hf_model_load_sharded(const hf_model *h, int load_in_4bit, int double_quant,
         }
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
             const int64_t rows = lo.rows[k], cols = lo.cols[k];
-            role_name(LLAMA_T_LINEAR, l, k, name, sizeof name);
+            if (!llama_linear_present(hp, k)) continue; /* a slot a fused linear took over (Phi-3) */
+            role_name(hp, LLAMA_T_LINEAR, l, k, name, sizeof name);
             if (adopt) {
                 rc = bnb4_fill(h, name, offsets[k], &L->nf4[k], e);
             } else if (load_in_4bit) {

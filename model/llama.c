@@ -25,7 +25,12 @@ void llama_tensor_shape(const llama_hparams *hp, llama_role role, int module, in
     case LLAMA_T_FFN_NORM: *rows = D; *cols = 1; return;
     case LLAMA_T_LINEAR:
     case LLAMA_T_BIAS: {
-        const int64_t outs[LLAMA_N_LINEAR] = {qd, kd, kd, D, F, F, D};
+        if (!llama_linear_present(hp, module)) {
+            *rows = *cols = 0;
+            return;
+        }
+        const int fused = hp->arch == LLAMA_ARCH_PHI3; /* qkv_proj in slot Q, gate_up_proj in slot GATE */
+        const int64_t outs[LLAMA_N_LINEAR] = {fused ? qd + 2 * kd : qd, kd, kd, D, fused ? 2 * F : F, F, D};
         const int64_t ins[LLAMA_N_LINEAR] = {D, D, D, qd, D, D, F};
         *rows = outs[module];
         *cols = role == LLAMA_T_BIAS ? 1 : ins[module];
@@ -47,7 +52,17 @@ static const char *K(const llama_hparams *hp, const char *suffix) {
     return b;
 }
 
-const char *llama_arch_name(llama_arch arch) { return arch == LLAMA_ARCH_QWEN2 ? "qwen2" : "llama"; }
+const char *llama_arch_name(llama_arch arch) {
+    return arch == LLAMA_ARCH_QWEN2 ? "qwen2" : arch == LLAMA_ARCH_PHI3 ? "phi3" : "llama";
+}
+
+const llama_linear_name *llama_hparams_linears(const llama_hparams *hp) {
+    return hp->arch == LLAMA_ARCH_PHI3 ? llama_linears_phi3 : llama_linears;
+}
+
+int llama_linear_present(const llama_hparams *hp, int k) {
+    return k >= 0 && k < LLAMA_N_LINEAR && llama_hparams_linears(hp)[k].peft != NULL;
+}
 
 /* RoPE scaling of a GGUF (llama.cpp llama-model.cpp): freq_scale = 1 / rope.scaling.factor (or the older
  * rope.scale_linear), 0 meaning 1, for type none or linear alike; rope_freqs.weight divides each pair's
@@ -98,9 +113,11 @@ int llama_hparams_from_gguf(const gguf_file *f, llama_hparams *hp, qerr *e) {
     } else if (alen == 5 && !memcmp(arch, "qwen2", 5)) {
         hp->arch = LLAMA_ARCH_QWEN2;
         hp->qkv_bias = 1;
+    } else if (alen == 4 && !memcmp(arch, "phi3", 4)) {
+        hp->arch = LLAMA_ARCH_PHI3;
     } else {
         return qerr_set(e, "general.architecture: \"%.*s\" is not supported (llama: Llama 1-3, Mistral, SmolLM; "
-                           "qwen2: Qwen2 / Qwen2.5)", (int)alen, arch);
+                           "qwen2: Qwen2 / Qwen2.5; phi3: Phi-3 mini)", (int)alen, arch);
     }
     uint32_t v;
     if (gguf_get_u32(f, K(hp, "block_count"), &v, e)) return -1;
@@ -237,7 +254,24 @@ static int llama_gguf_refuse_unimplemented(const gguf_file *f, const llama_hpara
                             t->name);
         if (!strcmp(end, ".attn_q_norm.weight") || !strcmp(end, ".attn_k_norm.weight"))
             return qerr_set(e, "tensor %s: QK-norm is not implemented", t->name);
+        if (!strcmp(end, ".attn_qkv.bias"))
+            return qerr_set(e, "tensor %s: a bias on the fused qkv linear is not implemented", t->name);
+        /* a fused linear in a file of an architecture whose loader reads separate ones, or the reverse: the
+         * unread tensor would be a silently dropped part of the model */
+        int fused_t = !strcmp(end, ".attn_qkv.weight");
+        int split_t = !strcmp(end, ".attn_q.weight") || !strcmp(end, ".attn_k.weight") ||
+                      !strcmp(end, ".attn_v.weight") || !strcmp(end, ".ffn_gate.weight");
+        if ((fused_t && hp->arch != LLAMA_ARCH_PHI3) || (split_t && hp->arch == LLAMA_ARCH_PHI3))
+            return qerr_set(e, "tensor %s: %s linears are not how the %s architecture is read here (phi3: fused "
+                               "attn_qkv and ffn_up holding gate and up; the others: attn_q/k/v, ffn_gate, ffn_up)",
+                            t->name, fused_t ? "fused" : "separate", llama_arch_name(hp->arch));
     }
+    /* Phi-3 128k (longrope / su): per-pair frequency factors that llama.cpp switches between by context */
+    static const char *const longrope[] = {"rope_factors_long.weight", "rope_factors_short.weight"};
+    for (int i = 0; i < 2; i++)
+        if (gguf_find_tensor(f, longrope[i]))
+            return qerr_set(e, "tensor %s: longrope (Phi-3 128k) RoPE scaling is not implemented; refusing rather "
+                               "than training with different RoPE frequencies", longrope[i]);
     return 0;
 }
 
@@ -407,9 +441,14 @@ int llama_layer_layout_init(llama_layer_layout *lo, const llama_hparams *hp, fro
     int64_t nblocks = 0;
     for (int k = 0; k < LLAMA_N_LINEAR; k++) {
         llama_tensor_shape(hp, LLAMA_T_LINEAR, k, &lo->rows[k], &lo->cols[k]);
+        if (!llama_linear_present(hp, k)) { /* Phi-3's k, v, up: no elements, no blocks, no groups */
+            lo->elem[k + 1] = lo->elem[k];
+            lo->group[k + 1] = lo->group[k];
+            continue;
+        }
         /* nf4_check_geometry also vets the bf16 padding unit: the same power of two */
         if (nf4_check_geometry(lo->rows[k], lo->cols[k], blocksize, e))
-            return qerr_prefix(e, "layer layout, %s", llama_linears[k].peft);
+            return qerr_prefix(e, "layer layout, %s", llama_hparams_linears(hp)[k].peft);
         const int64_t nb = (lo->rows[k] * lo->cols[k] + bs - 1) / bs;
         lo->elem[k + 1] = lo->elem[k] + nb * bs;
         lo->group[k + 1] = lo->group[k] + (double_quant && kind == FROZEN_NF4
@@ -483,6 +522,11 @@ int llama_layer_views(llama_layer *L, const llama_layer_layout *lo, uint8_t *blo
         layer_linear_ptrs(lo, blob, k, &data, &scales, &nested);
         frozen_weight *w = &L->lin[k];
         *w = (frozen_weight){.out = lo->rows[k], .in = lo->cols[k], .kind = lo->kind};
+        if (lo->rows[k] == 0) { /* an absent slot (Phi-3's k, v, up): out = 0, no storage */
+            memset(&L->nf4[k], 0, sizeof L->nf4[k]);
+            L->w_bf16[k] = NULL;
+            continue;
+        }
         if (lo->kind == FROZEN_NF4) {
             if (nf4_view(&L->nf4[k], lo->rows[k], lo->cols[k], lo->blocksize, lo->double_quant, data, scales,
                          nested, e)) {
@@ -515,6 +559,7 @@ void llama_layer_bind(llama_layer *L, uint8_t *blob) {
         void *scales;
         float *nested;
         layer_linear_ptrs(lo, blob, k, &data, &scales, &nested);
+        if (lo->rows[k] == 0) continue; /* an absent slot */
         if (lo->kind == FROZEN_NF4) {
             nf4_tensor *t = &L->nf4[k];
             t->packed = data;
@@ -569,7 +614,12 @@ int llama_layer_range_bytes(const llama_layer_layout *lo, int64_t x0, int64_t x1
         const int64_t g0 = layer_group_of(lo, x0), g1 = layer_group_of(lo, x1 - 1) + 1;
         out[LLAMA_BLOB_NESTED] = (llama_byte_range){lo->off[LLAMA_BLOB_NESTED] + (size_t)g0 * sizeof(float),
                                                     (size_t)(g1 - g0) * sizeof(float)};
-        const int k0 = layer_linear_of(lo, x0), k1 = layer_linear_of(lo, x1 - 1) + 1;
+        const int k0 = layer_linear_of(lo, x0);
+        int k1 = layer_linear_of(lo, x1 - 1) + 1;
+        /* a range ending at a linear's edge also carries the empty slots right after it (Phi-3's k, v after its
+         * fused qkv, up after gate_up), so that the OFFSETS ranges of cuts still tile the section */
+        if (x1 == lo->elem[k1])
+            while (k1 < LLAMA_N_LINEAR && lo->elem[k1 + 1] == lo->elem[k1]) k1++;
         out[LLAMA_BLOB_OFFSETS] = (llama_byte_range){lo->off[LLAMA_BLOB_OFFSETS] + (size_t)k0 * sizeof(float),
                                                      (size_t)(k1 - k0) * sizeof(float)};
     }
@@ -634,6 +684,9 @@ int llama_load_gguf_sharded(const gguf_file *f, int load_in_4bit, int double_qua
                             llama_model *m, qerr *e) {
     memset(m, 0, sizeof *m);
     if (llama_hparams_from_gguf(f, &m->hp, e)) return -1;
+    if (c && m->hp.arch == LLAMA_ARCH_PHI3)
+        return qerr_set(e, "FULL_SHARD of a Phi-3 base (fused qkv_proj / gate_up_proj) is not implemented yet; use "
+                           "SHARD_GRAD_OP or NO_SHARD");
     const llama_hparams *hp = &m->hp;
     int64_t D = hp->d_model, V = hp->vocab, hd = hp->head_dim;
     m->load_in_4bit = load_in_4bit;
@@ -697,13 +750,14 @@ int llama_load_gguf_sharded(const gguf_file *f, int load_in_4bit, int double_qua
         if (llama_layer_alloc(L, &lo, e)) goto fail;
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
             const int64_t rows = lo.rows[k], cols = lo.cols[k];
-            snprintf(name, sizeof name, "blk.%d.%s.weight", l, llama_linears[k].gguf);
+            if (!llama_linear_present(hp, k)) continue; /* a slot a fused linear took over */
+            snprintf(name, sizeof name, "blk.%d.%s.weight", l, llama_hparams_linears(hp)[k].gguf);
             if (load_matrix_f32(f, name, rows, cols, tmp, e)) goto fail;
             /* llama's converter permutes Q/K for ggml's interleaved RoPE; qwen2's (NEOX RoPE) does not */
             if (k == LLAMA_Q && hp->arch == LLAMA_ARCH_LLAMA) llama_unpermute_rows(tmp, hp->n_head, (int)hd, cols);
             if (k == LLAMA_K && hp->arch == LLAMA_ARCH_LLAMA) llama_unpermute_rows(tmp, hp->n_kv_head, (int)hd, cols);
             if (hp->qkv_bias && k <= LLAMA_V) {
-                snprintf(name, sizeof name, "blk.%d.%s.bias", l, llama_linears[k].gguf);
+                snprintf(name, sizeof name, "blk.%d.%s.bias", l, llama_hparams_linears(hp)[k].gguf);
                 if (load_vector_f32(f, name, rows, &L->bias[k], e)) goto fail;
                 L->lin[k].bias = L->bias[k];
                 m->n_params += rows;
@@ -799,7 +853,7 @@ int lora_set_init_backend(lora_set *ls, const ag_backend *be, const llama_model 
     ls->use_rslora = use_rslora;
     ls->scaling = use_rslora ? alpha / sqrtf((float)r) : alpha / (float)r;
     ls->n_layer = nl;
-    memcpy(ls->target, target, sizeof ls->target);
+    for (int k = 0; k < LLAMA_N_LINEAR; k++) ls->target[k] = target[k] && llama_linear_present(&m->hp, k);
     int64_t total = 0;
     ls->offset = qmalloc((size_t)nl * LLAMA_N_LINEAR * sizeof(int64_t), e);
     ls->A = qcalloc((size_t)nl * LLAMA_N_LINEAR, sizeof(tensor), e);
@@ -811,8 +865,9 @@ int lora_set_init_backend(lora_set *ls, const ag_backend *be, const llama_model 
         ls->layer_offset[l] = total;
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
             const frozen_weight *w = &m->layers[l].lin[k];
-            ls->offset[l * LLAMA_N_LINEAR + k] = target[k] ? total : -1;
-            if (target[k]) total += (int64_t)r * w->in + w->out * (int64_t)r;
+            const int on = target[k] && w->out > 0; /* never on a slot a fused linear took over */
+            ls->offset[l * LLAMA_N_LINEAR + k] = on ? total : -1;
+            if (on) total += (int64_t)r * w->in + w->out * (int64_t)r;
         }
     }
     ls->layer_offset[nl] = total;
@@ -899,9 +954,20 @@ static tensor *layer_attention_half(ag_ctx *ctx, const llama_model *m, const lor
     const llama_layer *L = &m->layers[l];
     tensor *an = wrap_vector(ctx, hp->d_model, L->attn_norm);
     tensor *h = op_rmsnorm(ctx, x, an, hp->rms_eps);
-    tensor *q = op_linear(ctx, h, &L->lin[LLAMA_Q], lora_set_get(ls, l, LLAMA_Q));
-    tensor *k = op_linear(ctx, h, &L->lin[LLAMA_K], lora_set_get(ls, l, LLAMA_K));
-    tensor *v = op_linear(ctx, h, &L->lin[LLAMA_V], lora_set_get(ls, l, LLAMA_V));
+    tensor *q, *k, *v;
+    if (hp->arch == LLAMA_ARCH_PHI3) {
+        /* modeling_phi3.py Phi3Attention: qkv = qkv_proj(h); q, k, v = its first H*hd, next KVH*hd, last KVH*hd
+         * columns (one linear, one adapter; the three are column views copied out) */
+        const int64_t qd = (int64_t)hp->n_head * hp->head_dim, kd = (int64_t)hp->n_kv_head * hp->head_dim;
+        tensor *qkv = op_linear(ctx, h, &L->lin[LLAMA_Q], lora_set_get(ls, l, LLAMA_Q));
+        q = op_cols(ctx, qkv, 0, qd);
+        k = op_cols(ctx, qkv, qd, kd);
+        v = op_cols(ctx, qkv, qd + kd, kd);
+    } else {
+        q = op_linear(ctx, h, &L->lin[LLAMA_Q], lora_set_get(ls, l, LLAMA_Q));
+        k = op_linear(ctx, h, &L->lin[LLAMA_K], lora_set_get(ls, l, LLAMA_K));
+        v = op_linear(ctx, h, &L->lin[LLAMA_V], lora_set_get(ls, l, LLAMA_V));
+    }
     q = op_rope(ctx, q, hp->n_head, &m->rope, pos);
     k = op_rope(ctx, k, hp->n_kv_head, &m->rope, pos);
     tensor *att = attention(ctx, arg, q, k, v);
@@ -917,8 +983,15 @@ static tensor *layer_mlp_half(ag_ctx *ctx, const llama_model *m, const lora_set 
     const llama_layer *L = &m->layers[l];
     tensor *fn = wrap_vector(ctx, hp->d_model, L->ffn_norm);
     tensor *h2 = op_rmsnorm(ctx, x, fn, hp->rms_eps);
-    tensor *g = op_linear(ctx, h2, &L->lin[LLAMA_GATE], lora_set_get(ls, l, LLAMA_GATE));
-    tensor *u = op_linear(ctx, h2, &L->lin[LLAMA_UP], lora_set_get(ls, l, LLAMA_UP));
+    tensor *g, *u;
+    if (hp->arch == LLAMA_ARCH_PHI3) { /* Phi3MLP: gate, up = gate_up_proj(h2).chunk(2, dim=-1) */
+        tensor *gu = op_linear(ctx, h2, &L->lin[LLAMA_GATE], lora_set_get(ls, l, LLAMA_GATE));
+        g = op_cols(ctx, gu, 0, hp->d_ff);
+        u = op_cols(ctx, gu, hp->d_ff, hp->d_ff);
+    } else {
+        g = op_linear(ctx, h2, &L->lin[LLAMA_GATE], lora_set_get(ls, l, LLAMA_GATE));
+        u = op_linear(ctx, h2, &L->lin[LLAMA_UP], lora_set_get(ls, l, LLAMA_UP));
+    }
     tensor *mm = op_swiglu(ctx, g, u);
     const lora_adapter *ld = lora_set_get(ls, l, LLAMA_DOWN);
     tensor *d = out_unread ? op_linear_unread_output(ctx, mm, &L->lin[LLAMA_DOWN], ld)

@@ -50,9 +50,11 @@ typedef enum llama_arch {
     LLAMA_ARCH_LLAMA = 0, /* Llama 1-3, Mistral, SmolLM (GGUF "llama"; HF "llama", "mistral") */
     LLAMA_ARCH_QWEN2,     /* Qwen2 / Qwen2.5 (GGUF "qwen2", HF "qwen2"): q/k/v biases; GGUF Q/K rows in HF order
                            * (llama.cpp's NEOX RoPE is HF's rotate_half: the converter does not permute) */
+    LLAMA_ARCH_PHI3,      /* Phi-3 mini (GGUF "phi3", HF "phi3", modeling_phi3.py): the Llama block with fused
+                           * qkv_proj and gate_up_proj (llama_linears_phi3); NEOX RoPE, so no Q/K permutation */
 } llama_arch;
 
-/* The GGUF general.architecture of arch ("llama", "qwen2"), also its key prefix. */
+/* The GGUF general.architecture of arch ("llama", "qwen2", "phi3"), also its key prefix. */
 const char *llama_arch_name(llama_arch arch);
 
 typedef struct llama_hparams {
@@ -68,6 +70,14 @@ typedef struct llama_hparams {
      * (trainer/run.c sequence_len, qlora-generate's context). */
     int sliding_window;
 } llama_hparams;
+
+/* The linear-module name table of hp's architecture: llama_linears_phi3 for
+ * Phi-3, llama_linears otherwise (model/llama_linear.h). */
+const llama_linear_name *llama_hparams_linears(const llama_hparams *hp);
+
+/* 1 when slot k (LLAMA_Q .. LLAMA_DOWN) holds a linear in hp's architecture
+ * (0: a slot a fused linear took over: Phi-3's k, v and up). */
+int llama_linear_present(const llama_hparams *hp, int k);
 
 /* llama_rope_inv_freq: the RoPE inverse frequencies (head_dim/2, fp32, radians
  * per position) of hp: the default 1/theta^(2i/d) (autograd/ops.h
@@ -106,7 +116,8 @@ typedef enum llama_role {
 
 /* Shape (rows, cols) of a role's tensor (cols = 1 for norms and biases: rows =
  * D or out); module indexes the LLAMA_Q..LLAMA_DOWN enum for LLAMA_T_LINEAR
- * and LLAMA_T_BIAS. */
+ * and LLAMA_T_BIAS. Phi-3: LLAMA_Q is qkv_proj (H*hd + 2*KVH*hd, D), LLAMA_GATE
+ * gate_up_proj (2F, D), and the absent slots K, V, UP are (0, 0). */
 void llama_tensor_shape(const llama_hparams *hp, llama_role role, int module, int64_t *rows, int64_t *cols);
 
 /* ---- The frozen linears of one layer in one allocation (the layer blob) ----
@@ -153,7 +164,8 @@ void llama_tensor_shape(const llama_hparams *hp, llama_role role, int module, in
  *   DATA     [x0/2, x1/2) (bf16: [2*x0, 2*x1)) from off[DATA]
  *   SCALES   [s*x0/bs, s*x1/bs) from off[SCALES]
  *   NESTED   the groups holding blocks x0/bs .. x1/bs - 1, 4 bytes each
- *   OFFSETS  the linears holding elements x0 .. x1 - 1, 4 bytes each
+ *   OFFSETS  the linears holding elements x0 .. x1 - 1, 4 bytes each (and, when x1
+ *            ends a linear, the empty slots right after it: Phi-3's k, v, up)
  * For cuts 0 = c_0 < c_1 < ... < c_W = elem[7] at multiples of blocksize, the
  * DATA and SCALES ranges of the W shards are disjoint and tile their
  * sections: split anywhere on a 64-element boundary. NESTED ranges are

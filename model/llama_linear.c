@@ -13,8 +13,25 @@ const llama_linear_name llama_linears[LLAMA_N_LINEAR] = {
     [LLAMA_DOWN] = {"down_proj", "mlp", "ffn_down"},
 };
 
-int llama_linear_from_peft(const char *name, size_t n) {
+const llama_linear_name llama_linears_phi3[LLAMA_N_LINEAR] = {
+    [LLAMA_Q] = {"qkv_proj", "self_attn", "attn_qkv"},
+    [LLAMA_K] = {NULL, NULL, NULL},
+    [LLAMA_V] = {NULL, NULL, NULL},
+    [LLAMA_O] = {"o_proj", "self_attn", "attn_output"},
+    [LLAMA_GATE] = {"gate_up_proj", "mlp", "ffn_up"},
+    [LLAMA_UP] = {NULL, NULL, NULL},
+    [LLAMA_DOWN] = {"down_proj", "mlp", "ffn_down"},
+};
+
+int llama_linear_from_peft_in(const llama_linear_name *t, const char *name, size_t n) {
     for (int k = 0; k < LLAMA_N_LINEAR; k++)
-        if (strlen(llama_linears[k].peft) == n && !memcmp(llama_linears[k].peft, name, n)) return k;
+        if (t[k].peft && strlen(t[k].peft) == n && !memcmp(t[k].peft, name, n)) return k;
     return -1;
+}
+
+int llama_linear_from_peft(const char *name, size_t n) { return llama_linear_from_peft_in(llama_linears, name, n); }
+
+int llama_linear_slot_of_any(const char *name, size_t n) {
+    int k = llama_linear_from_peft_in(llama_linears, name, n);
+    return k >= 0 ? k : llama_linear_from_peft_in(llama_linears_phi3, name, n);
 }

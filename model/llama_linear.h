@@ -40,8 +40,24 @@ typedef struct llama_linear_name {
  *   down_proj mlp ffn_down */
 extern const llama_linear_name llama_linears[LLAMA_N_LINEAR];
 
+/* Phi-3 (HF Phi3ForCausalLM, GGUF arch "phi3") fuses linears: the slots keep
+ * their numbers (and so the order contract above), but slot LLAMA_Q holds the
+ * fused qkv_proj (rows q, then k, then v; GGUF attn_qkv) and slot LLAMA_GATE
+ * the fused gate_up_proj (rows gate, then up; GGUF ffn_up, which llama.cpp's
+ * ggml_swiglu splits the same way); slots LLAMA_K, LLAMA_V and LLAMA_UP are
+ * absent (all three names NULL, no weight, no adapter). The tables of the
+ * other architectures are llama_linears. */
+extern const llama_linear_name llama_linears_phi3[LLAMA_N_LINEAR];
+
 /* The module whose PEFT name is the n bytes at `name` (not necessarily
  * NUL-terminated), or -1 when none is. */
 int llama_linear_from_peft(const char *name, size_t n);
+
+/* The same in the table t (llama_linears or llama_linears_phi3); absent slots never match. */
+int llama_linear_from_peft_in(const llama_linear_name *t, const char *name, size_t n);
+
+/* The slot a PEFT name occupies in either table (q_proj: LLAMA_Q, qkv_proj: LLAMA_Q,
+ * gate_up_proj: LLAMA_GATE, ...), or -1: what a config may name before the model is known. */
+int llama_linear_slot_of_any(const char *name, size_t n);
 
 #endif

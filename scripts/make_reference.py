@@ -888,6 +888,13 @@ FAMILIES = {
     # Qwen2 / Qwen2.5: q/k/v biases (drawn at 0.5 so they matter), tied embeddings as the small Qwen2.5s,
     # theta 1e6 as Qwen2.5 (the default RoPE); GGUF arch qwen2: no Q/K permutation
     "qwen2": dict(TINY, hf_class="Qwen2ForCausalLM", tied=True, theta=1000000.0),
+    # Phi-3 mini: fused qkv_proj (rows q, k, v) and gate_up_proj (rows gate, up): one LoRA pair each, as PEFT
+    # puts it on the fused module; untied; sliding_window 2047 as Phi-3-mini-4k (longer than every row here,
+    # so full attention); pad/eos ids inside the tiny vocabulary (Phi3Config's defaults are 32000); head_dim
+    # is hidden_size / heads (Phi3Config has no head_dim); GGUF arch phi3: fused attn_qkv, ffn_up = gate|up
+    "phi3": dict(TINY, hf_class="Phi3ForCausalLM", tied=False, theta=10000.0, sliding_window=2047,
+                 linears=[("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"),
+                          ("mlp", "down_proj")]),  # qlora's slots LLAMA_Q, LLAMA_O, LLAMA_GATE, LLAMA_DOWN
 }
 
 
@@ -957,11 +964,17 @@ def make_family(name, args):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     c = FAMILIES[name]
+    linears = c.get("linears", LINEARS)
     kw = dict(vocab_size=c["vocab"], hidden_size=c["d"], intermediate_size=c["ff"],
               num_hidden_layers=c["layers"], num_attention_heads=c["heads"], num_key_value_heads=c["kv_heads"],
               head_dim=c["head_dim"], rms_norm_eps=c["eps"], max_position_embeddings=256,
               tie_word_embeddings=c["tied"], attention_dropout=0.0, bos_token_id=c["vocab"] - 2,
               eos_token_id=c["vocab"] - 1)
+    if c["hf_class"] == "Phi3ForCausalLM":
+        assert c["head_dim"] * c["heads"] == c["d"]
+        del kw["head_dim"]
+        kw.update(pad_token_id=c["vocab"] - 1, original_max_position_embeddings=256, resid_pdrop=0.0,
+                  embd_pdrop=0.0)
     rp = dict(rope_type="default", rope_theta=c["theta"])
     if c.get("sliding_window"):
         kw["sliding_window"] = c["sliding_window"]
@@ -982,7 +995,7 @@ def make_family(name, args):
         if not c["tied"]:
             model.lm_head.weight.copy_(bf(torch.randn(c["vocab"], c["d"], generator=g) * 0.2))
         for layer in model.model.layers:
-            for mod, lin in LINEARS:
+            for mod, lin in linears:
                 w = getattr(getattr(layer, mod), lin).weight
                 w.copy_(bf(torch.randn(w.shape, generator=g) * (0.8 / w.shape[1] ** 0.5)))
                 b = getattr(getattr(layer, mod), lin).bias
@@ -1016,11 +1029,11 @@ def make_family(name, args):
     o["rope.inv_freq"] = rot.inv_freq.detach().float().numpy()
 
     lcfg = LoraConfig(r=c["r"], lora_alpha=c["alpha"], lora_dropout=0.0, bias="none",
-                      target_modules=[n for _, n in LINEARS], init_lora_weights=True)
+                      target_modules=[n for _, n in linears], init_lora_weights=True)
     pm = get_peft_model(model, lcfg)
     lora = []
     for l, layer in enumerate(pm.base_model.model.model.layers):
-        for mod, lin_name in LINEARS:
+        for mod, lin_name in linears:
             lin = getattr(getattr(layer, mod), lin_name)
             A, Bm = lin.lora_A["default"].weight, lin.lora_B["default"].weight
             with torch.no_grad():

@@ -569,6 +569,40 @@ static void case_swiglu(const ag_backend *be, const ag_backend *ref) {
     free(ub16);
 }
 
+/* copy_cols: a column block out of a wider matrix and accumulated back into another */
+static void case_copy_cols(const ag_backend *be, const ag_backend *ref) {
+    const int64_t rows = 37, C = 1000, c0 = 613, c = 259;
+    float *x = host_rand(rows * C, 93, 1.0f), *g = host_rand(rows * C, 94, 1.0f);
+    const ag_backend *bes[2] = {be, ref};
+    float *y[2], *dx[2];
+    for (int w = 0; w < 2; w++) {
+        const ag_backend *b = bes[w];
+        float *dX = to_dev(b, x, (size_t)(rows * C) * 4), *dG = to_dev(b, g, (size_t)(rows * C) * 4);
+        float *dY = b->alloc((size_t)(rows * c) * 4);
+        b->copy_cols(dY, c, dX + c0, C, rows, c, 0);
+        y[w] = to_host(b, dY, (size_t)(rows * c) * 4);
+        b->copy_cols(dG + c0, C, dY, c, rows, c, 1); /* g[:, c0:c0+c] += y */
+        dx[w] = to_host(b, dG, (size_t)(rows * C) * 4);
+        b->free(dX);
+        b->free(dG);
+        b->free(dY);
+    }
+    assert_bits("copy_cols", y[0], y[1], (size_t)(rows * c) * 4);
+    assert_bits("copy_cols accumulate", dx[0], dx[1], (size_t)(rows * C) * 4);
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < C; j++) {
+            if (j < c) assert_true(y[1][i * c + j] == x[i * C + c0 + j]);
+            float want = j >= c0 && j < c0 + c ? g[i * C + j] + x[i * C + j] : g[i * C + j];
+            assert_true(dx[1][i * C + j] == want);
+        }
+    for (int w = 0; w < 2; w++) {
+        free(y[w]);
+        free(dx[w]);
+    }
+    free(x);
+    free(g);
+}
+
 static void case_add_axpy(const ag_backend *be, const ag_backend *ref) {
     const int64_t n = 50003;
     float *a = host_rand(n, 90, 1.0f), *bb = host_rand(n, 91, 1.0f), *dy = host_rand(n, 92, 1.0f);
@@ -1063,6 +1097,7 @@ static const struct {
     {"rope", case_rope},
     {"swiglu", case_swiglu},
     {"add_axpy", case_add_axpy},
+    {"copy_cols", case_copy_cols},
     {"attention", case_attention},
     {"attention_cached", case_attention_cached},
     {"lm_head_ce", case_lm_head_ce},
@@ -1079,7 +1114,7 @@ static void test_every_entry_covered(void **state) {
                              "gemm", "frozen_rows_f32", "frozen_rows_bf16", "frozen_data", "to_bf16", "dropout_fwd", "dropout_bwd",
                              "embedding", "rmsnorm_fwd", "rmsnorm_bwd", "rope_fwd", "rope_bwd", "attention_fwd",
                              "attention_bwd", "attention_cached", "swiglu_fwd", "swiglu_bwd", "add", "add_bwd",
-                             "axpy", "lm_head_ce", "adamw_update", "adamw8bit_update", "adamw_bnb32_update",
+                             "axpy", "copy_cols", "lm_head_ce", "adamw_update", "adamw8bit_update", "adamw_bnb32_update",
                              "sophia_update", "sophia_hessian", "sum_squares",
                              "scale", "count_nonfinite"};
     /* the table is `name` plus one function pointer per entry */

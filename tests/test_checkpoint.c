@@ -87,7 +87,7 @@ static void fake_init(fake *f, int64_t step, int64_t n) {
     f->s = (ckpt_state){.step = step, .total_steps = 100, .rows_consumed = step * 4, .n_rows = 37, .rows_per_step = 4,
                         .shuffle_seed = 42, .data_fingerprint = 0x1234567890abcdefull, .seed = 42, .base_lr = 2e-4,
                         .last_lr = 1.5e-4, .warmup_steps = 5, .opt_step = step - 1, .beta1 = 0.9, .beta2 = 0.999,
-                        .eps = 1e-8, .weight_decay = 0.01, .nan_streak = 1, .nan_skipped = 1,
+                        .eps = 1e-8, .weight_decay = 0.01, .nan_streak = 1, .nan_skipped = 1, .loss_watchdog_streak = 3,
                         .eval_loss_start = 2.5, .last_eval_loss = NAN, .last_eval_step = -1,
                         .model_fingerprint = 0xfedcba9876543210ull, .tokenizer_fingerprint = 7, .n_params = n,
                         .params = f->p, .exp_avg = f->m, .exp_avg_sq = f->v, .n_tensors = 2, .tensors = f->t,
@@ -154,6 +154,7 @@ static void test_roundtrip(void **st) {
     assert_string_equal(r.lr_scheduler, "cosine");
     assert_string_equal(r.base_model, "models/x.gguf");
     assert_int_equal(r.nan_streak, 1);
+    assert_int_equal(r.loss_watchdog_streak, 3);
     assert_true(r.eval_loss_start == 2.5 && isnan(r.last_eval_loss));
     assert_int_equal(r.last_eval_step, -1);
     assert_string_equal(r.config_yaml, "lora_r: 8\nseed: 42\n");
@@ -427,6 +428,7 @@ static void test_pre_xxhash_checkpoint(void **st) {
     assert_non_null(strstr(s.config_yaml, "lora_r: 1\n"));
     assert_true(s.model_fingerprint == 0x920196a6e641e6d3ull);
     assert_true(s.tokenizer_fingerprint == 0x1d25318e1cb00e84ull);
+    assert_int_equal(s.loss_watchdog_streak, 0); /* written before the attribute existed */
     /* the same fingerprints computed now (sampled model hash, tokenizer keys) */
     uint64_t fp = 0;
     rc = ckpt_fingerprint_model(PRE_XXHASH_MODEL, &fp, &e);

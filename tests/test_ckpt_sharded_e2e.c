@@ -22,10 +22,13 @@
  *     one process resumes to the same bits; an existing OUT is refused.
  *  6. A corrupted or missing shard file: resume_from_checkpoint is refused with one line naming it.
  *  Also SophiaG (NO_SHARD + SHARDED_STATE_DICT): m and h sharded, the same bits, resumed 2 -> 1.
- * Without MPI or mpirun every case prints "SKIPPED: <why>" and is skipped.
+ *  7. The loss watchdog's streak (trainer_state loss_watchdog_streak) survives a SIGTERM and resume: the
+ *     resumed run stops at the uninterrupted run's step with the same state (one process, then 2 ranks).
+ * Without MPI or mpirun every case prints "SKIPPED: <why>" and is skipped (7's one-process half runs).
  */
 #include <math.h>
 #include <setjmp.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -448,12 +451,109 @@ static void test_bad_shard_refused(void **st) {
     }
 }
 
+/* loss_watchdog_* across a resume (trainer_state loss_watchdog_streak): threshold 0.001 (the loss stays
+ * above it), patience 4, save_steps 2. The uninterrupted run stops at step 4 with checkpoint-4; the same run
+ * stopped by SIGTERM after step 3 (checkpoint-3, streak 3) and re-run must stop at step 4 too, with the same
+ * metrics and checkpoint-4 (a streak restarted at 0 ran on to step 7). One process (state.h5), then two
+ * SHARD_GRAD_OP ranks (run_state.h5 of the sharded layout). */
+static const char *const WATCHDOG[] = {"loss_watchdog_threshold=0.001", "loss_watchdog_patience=4", "save_steps=2",
+                                       NULL};
+
+/* The watchdog run into out on np ranks (2: SHARD_GRAD_OP); stop3: rank 0 pauses at the start of step 3 and
+ * the trainer (np 1) or mpirun (np 2) gets SIGTERM then. Exit code; stderr into *err. */
+static int watchdog_run(int np, const char *out, int stop3, char **err) {
+    char od[300];
+    snprintf(od, sizeof od, "output_dir=%s", out);
+    char *prog[16];
+    int n = 0;
+    prog[n++] = (char *)subproc_trainer();
+    prog[n++] = g_cfg;
+    prog[n++] = od;
+    for (int i = 0; WATCHDOG[i]; i++) prog[n++] = (char *)WATCHDOG[i];
+    for (int i = 0; np > 1 && SGO2[i]; i++) prog[n++] = (char *)SGO2[i];
+    prog[n] = NULL;
+    const char *const env[] = {"OMP_NUM_THREADS=1", stop3 ? "QLORA_TEST_RANK_FAULT=0:3:pause" : NULL, NULL};
+    subproc p;
+    assert_int_equal(np > 1 ? mpi_launch_start(&p, np, prog, env) : subproc_start(&p, prog, env), 0);
+    double t0 = clock_now_sec();
+    if (stop3) {
+        /* after checkpoint-2 is saved, inside rank 0's 5 s pause at the start of step 3 */
+        while (!subproc_poll(&p, 100) && !strstr(p.err ? p.err : "", "/checkpoint-2 (") && clock_now_sec() - t0 < 120) {
+        }
+        assert_non_null(strstr(p.err ? p.err : "", "/checkpoint-2 ("));
+        subproc_poll(&p, 1000);
+        kill(p.pid, SIGTERM);
+    }
+    subproc_wait(&p, 300);
+    int rc = subproc_exit_code(&p);
+    *err = strdup(p.err ? p.err : "");
+    subproc_free(&p);
+    return rc;
+}
+
+static int64_t watchdog_streak_of(const char *run, int step) {
+    char ck[320];
+    snprintf(ck, sizeof ck, "%s/checkpoint-%d", run, step);
+    ckpt_state s;
+    qerr e;
+    if (ckpt_load(ck, &s, &e)) fail_msg("%s", e.msg);
+    int64_t v = s.loss_watchdog_streak;
+    ckpt_state_free(&s);
+    return v;
+}
+
+static void watchdog_case(int np) {
+    char ref[256], out[256], pa[320], pb[320], *err = NULL;
+    snprintf(ref, sizeof ref, "%s/watchdog-w%d", g_dir, np);
+    snprintf(out, sizeof out, "%s/watchdog-w%d-resumed", g_dir, np);
+    int rc = watchdog_run(np, ref, 0, &err);
+    if (rc != 1) fprintf(stderr, "exit %d:\n%s", rc, err);
+    assert_int_equal(rc, 1);
+    assert_non_null(strstr(err, "step 4: the training loss stayed above loss_watchdog_threshold"));
+    free(err);
+    assert_true(exists(ref, "checkpoint-4") && !exists(ref, "checkpoint-5"));
+    rc = watchdog_run(np, out, 1, &err);
+    if (rc != 143 && np == 1) fprintf(stderr, "exit %d:\n%s", rc, err);
+    if (np == 1) assert_int_equal(rc, 143);
+    else assert_int_not_equal(rc, 0);
+    free(err);
+    assert_true(exists(out, "checkpoint-3/" CKPT_MARKER) && !exists(out, "checkpoint-4"));
+    snprintf(pa, sizeof pa, "%s/checkpoint-3", out);
+    if (np > 1) assert_sharded_layout(pa, 2);
+    else assert_true(exists(pa, CKPT_STATE_FILE));
+    rc = watchdog_run(np, out, 0, &err);
+    if (rc != 1 || !strstr(err, "[checkpoint] resuming from")) fprintf(stderr, "exit %d:\n%s", rc, err);
+    assert_int_equal(rc, 1);
+    assert_non_null(strstr(err, "[checkpoint] resuming from"));
+    assert_non_null(strstr(err, "step 4: the training loss stayed above loss_watchdog_threshold"));
+    free(err);
+    assert_true(exists(out, "checkpoint-4") && !exists(out, "checkpoint-5"));
+    char *ma = e2e_metrics_canonical(ref, KEEP, NULL), *mb = e2e_metrics_canonical(out, KEEP, NULL);
+    if (strcmp(ma, mb)) fprintf(stderr, "metrics differ:\n--- %s\n%s--- %s\n%s", ref, ma, out, mb);
+    assert_string_equal(ma, mb);
+    free(ma);
+    free(mb);
+    snprintf(pa, sizeof pa, "%s/checkpoint-4", ref);
+    snprintf(pb, sizeof pb, "%s/checkpoint-4", out);
+    assert_same_state(pa, pb);
+    assert_int_equal(watchdog_streak_of(ref, 4), 4);
+    assert_int_equal(watchdog_streak_of(out, 4), 4);
+    assert_int_equal(watchdog_streak_of(out, 3), 3);
+}
+
+static void test_watchdog_streak_resumes(void **st) {
+    (void)st;
+    watchdog_case(1);
+    if (skip_without_mpi()) skip();
+    watchdog_case(2);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_layout_and_bits),       cmocka_unit_test(test_resume_2to1_1to2),
         cmocka_unit_test(test_kill_each_stage),       cmocka_unit_test(test_resume_2to3_3to2),
         cmocka_unit_test(test_sophia_sharded),        cmocka_unit_test(test_consolidate),
-        cmocka_unit_test(test_bad_shard_refused),
+        cmocka_unit_test(test_bad_shard_refused),     cmocka_unit_test(test_watchdog_streak_resumes),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -22,6 +22,7 @@
 #include "format/gguf.h"
 #include "format/safetensors.h"
 #include "core/file.h"
+#include "core/strbuf.h"
 #include "tests/cli_fixture.h"
 #include "tests/ref_fixture.h"
 #include "tests/subproc.h"
@@ -247,6 +248,68 @@ static void test_sequence_len_beyond_sliding_window(void **st) {
     ref_close(&rf);
     snprintf(a, sizeof a, "base_model=%s", dir);
     expect_failure(g_cfg, ARGS(a, "sequence_len=32"), 1, WANT("sequence_len", "32", "sliding_window of 16"));
+}
+
+/* The tiny Phi-3 of tests/fixtures/ref_phi3.qref.gz as an HF directory under g_dir/<sub>, its config.json with
+ * `from` replaced by `to` (both NULL: as saved). */
+static void write_phi3(const char *sub, const char *from, const char *to, char *dir, size_t dn) {
+    ref_file rf;
+    ref_open_or_fail("tests/fixtures/ref_phi3.qref.gz", &rf);
+    char p[700];
+    qerr e = {{0}};
+    snprintf(dir, dn, "%s/%s", g_dir, sub);
+    assert_int_equal(file_mkdir_p(dir, &e), 0);
+    static const char *const files[][2] = {{"model.safetensors", "hf.safetensors"},
+                                           {"tokenizer.json", "hf.tokenizer_json"},
+                                           {"tokenizer_config.json", "hf.tokenizer_config_json"}};
+    for (int i = 0; i < 3; i++) {
+        const ref_array *arr = ref_find(&rf, files[i][1]);
+        assert_non_null(arr);
+        snprintf(p, sizeof p, "%s/%s", dir, files[i][0]);
+        assert_int_equal(file_write_atomic(p, arr->data, (size_t)arr->numel, &e), 0);
+    }
+    char *cfg = ref_str(&rf, "hf.config_json");
+    strbuf b = {0};
+    const char *w = from ? strstr(cfg, from) : NULL;
+    if (from) assert_non_null(w);
+    if (w) {
+        strbuf_put(&b, cfg, (size_t)(w - cfg));
+        strbuf_puts(&b, to);
+        strbuf_puts(&b, w + strlen(from));
+    } else {
+        strbuf_puts(&b, cfg);
+    }
+    snprintf(p, sizeof p, "%s/config.json", dir);
+    cli_write_text(p, b.p);
+    free(b.p);
+    free(cfg);
+    ref_close(&rf);
+}
+
+/* Phi-3 (fused qkv_proj / gate_up_proj): LoRA targets are its own module names, and what its config holds that
+ * changes the maths and is not implemented is refused by name: longrope, dropout inside the network, partial
+ * rotary embeddings, and a sequence_len beyond its sliding_window (2047 as Phi-3-mini-4k; cut to 16 here). */
+static void test_phi3_refusals(void **st) {
+    (void)st;
+    char dir[512], a[700];
+    write_phi3("phi3_hf", NULL, NULL, dir, sizeof dir);
+    snprintf(a, sizeof a, "base_model=%s", dir);
+    expect_failure(g_cfg, ARGS(a, "lora_target_linear=false", "lora_target_modules=[q_proj, v_proj]"), 1,
+                   WANT("lora_target_modules", "\"q_proj\"", "phi3", "qkv_proj, o_proj, gate_up_proj, down_proj"));
+    write_phi3("phi3_window", "\"sliding_window\": 2047", "\"sliding_window\": 16", dir, sizeof dir);
+    snprintf(a, sizeof a, "base_model=%s", dir); /* the window cut to 16 tokens: the tiny model has 256 positions */
+    expect_failure(g_cfg, ARGS(a, "sequence_len=32"), 1, WANT("sequence_len", "32", "sliding_window of 16"));
+    write_phi3("phi3_longrope", "\"rope_type\": \"default\"",
+               "\"rope_type\": \"longrope\", \"short_factor\": [1,1,1,1,1,1,1,1], "
+               "\"long_factor\": [2,2,2,2,2,2,2,2]", dir, sizeof dir);
+    snprintf(a, sizeof a, "base_model=%s", dir);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("config.json", "rope_type \"longrope\"", "not implemented"));
+    write_phi3("phi3_dropout", "\"resid_pdrop\": 0.0", "\"resid_pdrop\": 0.1", dir, sizeof dir);
+    snprintf(a, sizeof a, "base_model=%s", dir);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("config.json", "resid_pdrop", "only 0"));
+    write_phi3("phi3_partial", "\"partial_rotary_factor\": 1.0", "\"partial_rotary_factor\": 0.5", dir, sizeof dir);
+    snprintf(a, sizeof a, "base_model=%s", dir);
+    expect_failure(g_cfg, ARGS(a), 1, WANT("config.json", "partial_rotary_factor"));
 }
 
 static void test_output_dir_unwritable(void **st) {
@@ -500,6 +563,7 @@ int main(void) {
         cmocka_unit_test(test_empty_dataset),
         cmocka_unit_test(test_sequence_len_beyond_context),
         cmocka_unit_test(test_sequence_len_beyond_sliding_window),
+        cmocka_unit_test(test_phi3_refusals),
         cmocka_unit_test(test_output_dir_unwritable),
         cmocka_unit_test(test_bad_checkpoints),
         cmocka_unit_test(test_corrupt_safetensors),

@@ -194,6 +194,10 @@ static void assert_datasets_equal(const dataset_cfg *a, int na, const dataset_cf
         if (a[i].data_files) assert_string_equal(a[i].data_files, b[i].data_files);
         assert_true((a[i].chat_template == NULL) == (b[i].chat_template == NULL));
         if (a[i].chat_template) assert_string_equal(a[i].chat_template, b[i].chat_template);
+        assert_true((a[i].train_on_eot == NULL) == (b[i].train_on_eot == NULL));
+        if (a[i].train_on_eot) assert_string_equal(a[i].train_on_eot, b[i].train_on_eot);
+        assert_true((a[i].chat_template_jinja == NULL) == (b[i].chat_template_jinja == NULL));
+        if (a[i].chat_template_jinja) assert_string_equal(a[i].chat_template_jinja, b[i].chat_template_jinja);
     }
 }
 
@@ -450,7 +454,7 @@ static void test_errors_per_key(void **state) {
     expect_load_error(t, "x.yaml", "lora_r: [1, 2]\n", "lora_r: expected a positive integer, got a list");
     expect_load_error(t, "x.yaml", "lora_target_modules: q_proj\n",
                       "lora_target_modules: expected a list of module names (q_proj, k_proj, v_proj, o_proj, "
-                      "gate_proj, up_proj, down_proj), got \"q_proj\"");
+                      "gate_proj, up_proj, down_proj, qkv_proj, gate_up_proj), got \"q_proj\"");
     expect_load_error(t, "x.yaml", "base_model: [a, b]\n", "base_model: expected a string, got a list");
     expect_load_error(t, "x.yaml", "datasets: train.jsonl\n", "datasets: expected a list of {path, type} entries");
     expect_load_error(t, "x.yaml", "datasets: [train.jsonl]\n",
@@ -507,11 +511,11 @@ static void test_errors_per_key(void **state) {
                       "load_in_4bit: true (NF4, adapter: qlora) or load_in_4bit: false (bf16); delete the line, or "
                       "leave it empty (line 1)");
     expect_load_error(t, "x.yaml", "fp16: true\n", "fp16: refused: compute is bf16");
-    expect_load_error(t, "x.yaml", "chat_template: llama3\n",
-                      "chat_template: \"llama3\" is a template qlora does not render for training data yet");
+    expect_load_error(t, "x.yaml", "chat_template: gemma\n",
+                      "chat_template: \"gemma\" is the template of a model family qlora does not run");
+    expect_load_error(t, "x.yaml", "chat_template: llama3_2_vision\n", "the day's date");
     expect_load_error(t, "x.yaml", "special_tokens:\n  additional_special_tokens: [\"<x>\"]\n",
                       "special_tokens.additional_special_tokens: refused");
-    expect_load_error(t, "x.yaml", "eot_tokens: [\"<end_of_turn>\"]\n", "eot_tokens: refused");
     expect_load_error(t, "x.yaml", "plugins: [my.Plugin]\n", "plugins: refused: \"my.Plugin\"");
     /* dataset entries */
     expect_load_error(t, "x.yaml", "datasets:\n  - path: a.jsonl\n    type: completion\n    feild: body\n",
@@ -950,8 +954,11 @@ static void test_round_trip(void **state) {
                "gradient_checkpointing: offload\n"
                "datasets:\n  - path: d\n    type: chat_template\n    field_messages: conversations\n"
                "    message_property_mappings:\n      role: from\n      content: value\n"
-               "    roles_to_train: [gpt, human]\n    train_on_eos: all\n    drop_system_message: true\n"
-               "    split: train[:20%]\n    data_files: a.jsonl\n    ds_type: json\n    chat_template: chatml\n",
+               "    roles_to_train: [gpt, human]\n    train_on_eos: all\n    train_on_eot: last\n"
+               "    drop_system_message: true\n"
+               "    split: train[:20%]\n    data_files: a.jsonl\n    ds_type: json\n    chat_template: jinja\n"
+               "    chat_template_jinja: \"{{ x }}\\n\"\n"
+               "eot_tokens: [\"<|im_end|>\"]\nchat_template_jinja: t.jinja\n",
                path, sizeof path);
     assert_int_equal(train_config_load(path, &a, &e), 0);
     assert_int_equal(a.data_seed, 7);
@@ -960,9 +967,15 @@ static void test_round_trip(void **state) {
     assert_string_equal(a.datasets[0].split, "train[:20%]");
     assert_int_equal(a.datasets[0].n_roles_to_train, 2);
     assert_string_equal(a.special_eos, "<|im_end|>");
+    assert_string_equal(a.datasets[0].train_on_eot, "last");
+    assert_string_equal(a.datasets[0].chat_template_jinja, "{{ x }}\n");
+    assert_int_equal(a.n_eot_tokens, 1);
     assert_int_equal(train_config_write_yaml(&a, out, &e), 0);
     assert_int_equal(train_config_load(out, &b, &e), 0);
     assert_configs_equal(&a, &b);
+    assert_int_equal(b.n_eot_tokens, 1);
+    assert_string_equal(b.eot_tokens[0], "<|im_end|>");
+    assert_string_equal(b.chat_template_jinja, "t.jinja");
     train_config_free(&b);
 
     /* defaults + required keys also round-trip (empty lists, -1, null-ish values) */

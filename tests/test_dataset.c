@@ -275,10 +275,13 @@ static void test_chat_template(void **state) {
     assert_null(strstr(t1, "assistant"));
     free(t1);
 
-    /* train_on_inputs: everything */
+    /* train_on_inputs: every message's content and end-of-turn token, as axolotl (not the template's
+     * headers, nor the default system turn the template adds) */
     dataset_examples all = {0};
     read_ok(fx, &spec, 1, &all);
-    for (int32_t i = 0; i < all.v[0].n; i++) assert_int_equal(all.v[0].mask[i], 1);
+    char *ta = decode_trained(fx->tok, &all.v[0]);
+    assert_string_equal(ta, "Hi!<|im_end|>Hello! How can I help?<|im_end|>What is 2+2?<|im_end|>2+2 = 4.<|im_end|>");
+    free(ta);
     dataset_examples_free(&all);
 
     /* the label-mask view */
@@ -716,18 +719,19 @@ static void test_sharegpt_mapping(void **state) {
     dataset_examples_free(&db);
     b.drop_system_message = 0;
 
-    /* roles_to_train, train_on_eos: per-turn spans, implemented for axolotl's ChatML (chat_template: chatml);
-     * with the model's template (assistant spans only) they are refused by name */
+    /* roles_to_train, train_on_eos: axolotl's per-turn labels, with the model's template and with
+     * axolotl's ChatML (chat_template: chatml); tests/test_reference_axolotl_chat.c checks them against
+     * axolotl's own code */
     char *const roles[2] = {"human", "gpt"};
     b.roles_to_train = roles;
     b.n_roles_to_train = 2;
     b.train_on_eos = "last";
-    qerr e0 = {{0}};
-    assert_int_equal(dataset_read_jsonl(fx->tok, &b, 0, &db, &e0), -1);
-    assert_non_null(strstr(e0.msg, "roles_to_train / train_on_eos"));
-    assert_non_null(strstr(e0.msg, "chat_template: chatml"));
+    read_ok(fx, &b, 0, &db);
+    t = decode_trained(fx->tok, &db.v[0]);
+    assert_string_equal(t, "HiHello.2+2?4<|im_end|>");
+    free(t);
     dataset_examples_free(&db);
-    b.force_chatml = 1;
+    b.chat_template = "chatml";
     read_ok(fx, &b, 0, &db);
     t = decode_trained(fx->tok, &db.v[0]);
     assert_string_equal(t, "HiHello.2+2?4<|im_end|>");
@@ -752,7 +756,7 @@ static void test_sharegpt_mapping(void **state) {
     free(r);
     dataset_examples_free(&db);
     /* chat_template: chatml renders without the model template's default system turn */
-    a.force_chatml = 1;
+    a.chat_template = "chatml";
     const char *nosys = "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}\n";
     a.path = write_jsonl(fx, "ns.jsonl", nosys);
     dataset_examples dc = {0};
@@ -771,6 +775,74 @@ static void test_sharegpt_mapping(void **state) {
     assert_non_null(strstr(e.msg, "role \"bot\" is not in axolotl's role map"));
     dataset_examples_free(&dc);
     dataset_examples_free(&da);
+}
+
+/* axolotl's chat_template choices and eot_tokens: named templates, jinja texts recognised by hash (an
+ * unknown one refused), eot_tokens other than the template's end-of-turn token or eos refused, the note
+ * when axolotl's default [eos_token] leaves the template's end-of-turn token untrained, and the Mistral
+ * system turn whose labels depend on the model's name refused. */
+static void test_chat_template_choices(void **state) {
+    fixture *fx = need_model(state);
+    const char *conv =
+        "{\"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, {\"role\": \"user\", \"content\": \"Hi\"}, "
+        "{\"role\": \"assistant\", \"content\": \"Hello.\"}]}\n";
+    dataset_spec sp = {.path = write_jsonl(fx, "cc.jsonl", conv), .type = "chat_template"};
+    dataset_examples d = {0};
+    qerr e = {{0}};
+    /* jinja: the model's own text is recognised; a text qlora does not render is refused, not approximated */
+    sp.chat_template = "jinja";
+    sp.chat_template_jinja = tokenizer_chat_template(fx->tok);
+    read_ok(fx, &sp, 0, &d);
+    dataset_examples_free(&d);
+    sp.chat_template_jinja = "{% for m in messages %}{{ m.content }}{% endfor %}";
+    assert_int_equal(dataset_read_jsonl(fx->tok, &sp, 0, &d, &e), -1);
+    assert_non_null(strstr(e.msg, "chat_template_jinja"));
+    assert_non_null(strstr(e.msg, "not approximated"));
+    sp.chat_template_jinja = NULL;
+    assert_int_equal(dataset_read_jsonl(fx->tok, &sp, 0, &d, &e), -1);
+    assert_non_null(strstr(e.msg, "needs chat_template_jinja"));
+    /* a name refused with its reason */
+    sp.chat_template = "llama3_2_vision";
+    assert_int_equal(dataset_read_jsonl(fx->tok, &sp, 0, &d, &e), -1);
+    assert_non_null(strstr(e.msg, "date"));
+    /* eot_tokens: the template's end-of-turn token (or eos) only */
+    sp.chat_template = "llama3";
+    char *const wrong[1] = {"<|im_start|>"}, *const right[1] = {"<|eot_id|>"};
+    sp.eot_tokens = wrong;
+    sp.n_eot_tokens = 1;
+    assert_int_equal(dataset_read_jsonl(fx->tok, &sp, 0, &d, &e), -1);
+    assert_non_null(strstr(e.msg, "eot_tokens: refused: only [\"<|eot_id|>\"]"));
+    sp.eot_tokens = right; /* not in SmolLM2's vocabulary */
+    assert_int_equal(dataset_read_jsonl(fx->tok, &sp, 0, &d, &e), -1);
+    assert_non_null(strstr(e.msg, "not one token of the vocabulary"));
+    sp.eot_tokens = NULL;
+    sp.n_eot_tokens = 0;
+    /* phi_35 ends turns with <|end|>, SmolLM2's eos is <|im_end|>: as in axolotl nothing ends a turn, and the
+     * note says so */
+    dataset_skip_log log = {0};
+    sp.skipped = &log;
+    sp.chat_template = "phi_35";
+    read_ok(fx, &sp, 0, &d);
+    assert_non_null(strstr(log.note, "eot_tokens is not set"));
+    char *t = decode_trained(fx->tok, &d.v[0]);
+    assert_string_equal(t, "Hello.<"); /* ".<" is one token of this vocabulary (no <|end|>): it overlaps the content */
+    free(t);
+    dataset_examples_free(&d);
+    sp.skipped = NULL;
+    /* mistral_v1 renders the system message inside the first user turn; training it is refused */
+    sp.chat_template = "mistral_v1";
+    char *const sys[1] = {"system"};
+    sp.roles_to_train = sys;
+    sp.n_roles_to_train = 1;
+    assert_int_equal(dataset_read_jsonl(fx->tok, &sp, 0, &d, &e), -1);
+    assert_non_null(strstr(e.msg, "inside a user turn"));
+    sp.roles_to_train = NULL;
+    sp.n_roles_to_train = 0;
+    read_ok(fx, &sp, 0, &d);
+    char *r = decode(fx->tok, d.v[0].ids, (size_t)d.v[0].n);
+    assert_non_null(strstr(r, " [INST] Be brief.\n\nHi [/INST] Hello."));
+    free(r);
+    dataset_examples_free(&d);
 }
 
 /* input_output: segments tokenized one by one (axolotl input_output.py), labels per segment. */
@@ -844,6 +916,7 @@ int main(void) {
         cmocka_unit_test(test_alpaca_train_on_inputs),
         cmocka_unit_test(test_chat_template),
         cmocka_unit_test(test_sharegpt_mapping),
+        cmocka_unit_test(test_chat_template_choices),
         cmocka_unit_test(test_input_output),
         cmocka_unit_test(test_split_slice),
         cmocka_unit_test(test_packing_invariants),

@@ -954,7 +954,8 @@ static const char *vkey(const char *arch, const char *suffix) {
 }
 
 static int hparams_of_variant_hp(const char *what, llama_hparams *hp, qerr *e) {
-    const char *arch = !strcmp(what, "phi3") ? "phi3" : !strncmp(what, "qwen2", 5) ? "qwen2" : "llama";
+    const char *arch = !strncmp(what, "phi3", 4) ? "phi3" : !strcmp(what, "gemma2") ? "gemma2"
+                       : !strncmp(what, "qwen2", 5) ? "qwen2" : "llama";
     static float emb[16 * 8], norm[8], freqs[4];
     for (int i = 0; i < 16 * 8; i++) emb[i] = 0.01f * (float)i;
     for (int i = 0; i < 8; i++) norm[i] = 1.0f;
@@ -994,6 +995,13 @@ static int hparams_of_variant_hp(const char *what, llama_hparams *hp, qerr *e) {
         gguf_writer_add_tensor(w, "blk.0.attn_output.bias", GGML_TYPE_F32, 1, ne_norm, norm, sizeof norm);
     if (!strcmp(what, "qknorm"))
         gguf_writer_add_tensor(w, "blk.0.attn_q_norm.weight", GGML_TYPE_F32, 1, ne_norm, norm, sizeof norm);
+    /* Phi-3 128k's longrope factors; a separate linear in a phi3 file; a fused one in a llama file */
+    if (!strcmp(what, "phi3_longrope"))
+        gguf_writer_add_tensor(w, "rope_factors_long.weight", GGML_TYPE_F32, 1, ne_f, freqs, sizeof freqs);
+    if (!strcmp(what, "phi3_split"))
+        gguf_writer_add_tensor(w, "blk.0.attn_q.weight", GGML_TYPE_F32, 1, ne_norm, norm, sizeof norm);
+    if (!strcmp(what, "fused_on_llama"))
+        gguf_writer_add_tensor(w, "blk.0.attn_qkv.weight", GGML_TYPE_F32, 1, ne_norm, norm, sizeof norm);
     tmp_init();
     assert_int_equal(gguf_writer_write(w, tmp_path, e), 0);
     gguf_writer_free(w);
@@ -1030,6 +1038,9 @@ static void test_model_metadata_refused(void **state) {
     if (hparams_of_variant_hp("qwen2", &hp, &e)) fail_msg("a qwen2 file must load: %s", e.msg);
     assert_int_equal(hp.arch, LLAMA_ARCH_QWEN2);
     assert_int_equal(hp.qkv_bias, 1);
+    if (hparams_of_variant_hp("phi3", &hp, &e)) fail_msg("a phi3 file must load: %s", e.msg);
+    assert_int_equal(hp.arch, LLAMA_ARCH_PHI3);
+    assert_int_equal(hp.qkv_bias, 0);
     if (hparams_of_variant_hp("window", &hp, &e)) fail_msg("a sliding window must load: %s", e.msg);
     assert_int_equal(hp.sliding_window, 4096); /* bounds sequence_len (trainer/run.c) */
     float inv[4];
@@ -1042,7 +1053,10 @@ static void test_model_metadata_refused(void **state) {
         {"attn_factor", "llama.rope.scaling.attn_factor"},
         {"softcap", "llama.final_logit_softcapping"},
         {"experts", "llama.expert_count"},              /* Mixtral */
-        {"phi3", "general.architecture"},               /* an architecture not implemented: named */
+        {"gemma2", "general.architecture"},             /* an architecture not implemented: named */
+        {"phi3_longrope", "rope_factors_long.weight"},  /* longrope (Phi-3 128k) */
+        {"phi3_split", "blk.0.attn_q.weight"},          /* phi3 is read fused (attn_qkv) */
+        {"fused_on_llama", "blk.0.attn_qkv.weight"},    /* llama is read separate */
         {"qwen2_obias", "blk.0.attn_output.bias"},      /* qwen2 has q/k/v biases only */
         {"rotary", "llama.rope.dimension_count"},
         {"extra_block", "blk.1.attn_norm.weight"},      /* more layers than block_count */

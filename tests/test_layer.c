@@ -114,6 +114,7 @@ static float **fill_layer(llama_layer *L) {
     float **w = calloc(LLAMA_N_LINEAR, sizeof *w);
     for (int k = 0; k < LLAMA_N_LINEAR; k++) {
         const int64_t n = L->layout.rows[k] * L->layout.cols[k];
+        if (n == 0) continue; /* a slot a fused linear took over (Phi-3) */
         w[k] = malloc((size_t)n * sizeof(float));
         const float scale = 0.01f * (float)(k + 1) * (k == LLAMA_UP ? 1e4f : 1.0f);
         for (int64_t i = 0; i < n; i++) w[k][i] = rng_normal() * scale;
@@ -132,6 +133,11 @@ static float **fill_layer(llama_layer *L) {
 static void dequant_layer(const llama_layer *L, float **f, uint16_t **b) {
     for (int k = 0; k < LLAMA_N_LINEAR; k++) {
         const frozen_weight *w = &L->lin[k];
+        if (w->out == 0) { /* absent (Phi-3's k, v, up) */
+            f[k] = NULL;
+            b[k] = NULL;
+            continue;
+        }
         f[k] = malloc((size_t)(w->out * w->in) * sizeof(float));
         b[k] = malloc((size_t)(w->out * w->in) * sizeof(uint16_t));
         frozen_rows_f32(w, 0, w->out, f[k]);
@@ -142,6 +148,7 @@ static void dequant_layer(const llama_layer *L, float **f, uint16_t **b) {
 static int dequant_equal(float **f0, uint16_t **b0, float **f1, uint16_t **b1, const llama_layer *L) {
     for (int k = 0; k < LLAMA_N_LINEAR; k++) {
         const size_t n = (size_t)(L->lin[k].out * L->lin[k].in);
+        if (n == 0) continue;
         if (memcmp(f0[k], f1[k], n * sizeof(float)) || memcmp(b0[k], b1[k], n * sizeof(uint16_t))) return 0;
     }
     return 1;
@@ -259,6 +266,7 @@ static void check_shards(llama_layer *L, int W, int on_groups) {
         for (int k = 0; k < LLAMA_N_LINEAR; k++) G.nf4[k].offset = -1.0f;
     llama_layer_bind(&G, fresh);
     for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+        if (lo->rows[k] == 0) continue; /* absent: nothing bound */
         if (lo->kind == FROZEN_NF4) {
             assert_true(G.lin[k].nf4 == &G.nf4[k]);
             assert_memory_equal(&G.nf4[k].offset, &L->nf4[k].offset, sizeof(float));
@@ -379,6 +387,52 @@ static void test_shards_rebuild_layer(void **state) {
     }
 }
 
+/* Phi-3's layer: fused qkv_proj in slot q and gate_up_proj in slot gate, slots k, v and up absent (no elements,
+ * no nested groups, no storage, no adapter); the blob still splits anywhere and rebuilds bit for bit. */
+static void test_phi3_layer(void **state) {
+    (void)state;
+    qerr e = {{0}};
+    llama_hparams hp = hparams(1, OD, OH, OKV, OHD, OF);
+    hp.arch = LLAMA_ARCH_PHI3;
+    for (int kind = 0; kind < 3; kind++) {
+        const int dq = kind == 0;
+        llama_layer_layout lo;
+        assert_int_equal(llama_layer_layout_init(&lo, &hp, kind == 2 ? FROZEN_BF16 : FROZEN_NF4, 64, dq, &e), 0);
+        assert_int_equal(lo.rows[LLAMA_Q], (OH + 2 * OKV) * OHD);
+        assert_int_equal(lo.rows[LLAMA_GATE], 2 * OF);
+        int64_t n = 0;
+        for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+            const int absent = k == LLAMA_K || k == LLAMA_V || k == LLAMA_UP;
+            assert_int_equal(llama_linear_present(&hp, k), !absent);
+            if (absent) assert_int_equal(lo.elem[k + 1], lo.elem[k]), assert_int_equal(lo.group[k + 1], lo.group[k]);
+            n += (lo.rows[k] * lo.cols[k] + 63) / 64 * 64;
+        }
+        assert_int_equal(lo.elem[LLAMA_N_LINEAR], n);
+        llama_layer L;
+        memset(&L, 0, sizeof L);
+        assert_int_equal(llama_layer_alloc(&L, &lo, &e), 0);
+        assert_int_equal(L.lin[LLAMA_K].out, 0);
+        float **w = fill_layer(&L);
+        static const int worlds[] = {1, 2, 3, 7, 16};
+        for (size_t wi = 0; wi < sizeof worlds / sizeof worlds[0]; wi++)
+            for (int rep = 0; rep < 3; rep++) check_shards(&L, worlds[wi], rep == 2);
+        /* LoRA: one pair per present slot, none on the absent ones even when asked for */
+        llama_model m;
+        memset(&m, 0, sizeof m);
+        m.hp = hp;
+        m.layers = calloc(1, sizeof *m.layers);
+        m.layers[0] = L;
+        lora_set ls;
+        const int all[LLAMA_N_LINEAR] = {1, 1, 1, 1, 1, 1, 1};
+        assert_int_equal(lora_set_init(&ls, &m, 4, 8.0f, 0.0f, 0, all, 1, &e), 0);
+        for (int k = 0; k < LLAMA_N_LINEAR; k++) assert_int_equal(lora_set_get(&ls, 0, k) != NULL, llama_linear_present(&hp, k));
+        assert_int_equal(ls.n_params, 4 * ((OD + (OH + 2 * OKV) * OHD) + (OH * OHD + OD) + (OD + 2 * OF) + (OF + OD)));
+        lora_set_free(&ls);
+        free_arrays((void **)w);
+        llama_free(&m);
+    }
+}
+
 /* lora_set: layer l's parameters are [layer_offset[l], layer_offset[l+1]),
  * the per-module offsets inside it in module order, A then B. */
 static void test_lora_layer_offsets(void **state) {
@@ -432,6 +486,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_layout_real_shapes),
         cmocka_unit_test(test_shards_rebuild_layer),
+        cmocka_unit_test(test_phi3_layer),
         cmocka_unit_test(test_lora_layer_offsets),
     };
     return cmocka_run_group_tests_name("layer", tests, NULL, NULL);

@@ -26,8 +26,10 @@
  *    two ranks; SophiaG (Hessian every 2 steps) — each the same bits.
  *    World 3 (oversubscribed) against world 1 x accumulation 3: within the
  *    tolerance written at test_world3_close, with its reasoning.
- * 3. SIGTERM to mpirun mid-step: every rank stops after the same step, rank 0
- *    saves, the same command resumes to the uninterrupted run's adapter.
+ * 3. SIGTERM to `qlora-train --nproc 2` mid-step: every rank stops after the
+ *    same step, rank 0 saves, the launcher exits 143 (SIGINT: 130), the same
+ *    command resumes to the uninterrupted run's adapter; a plain mpirun stops
+ *    the same way (exit 1); a rank dying during the stop is never 130/143.
  * 4. Faults: rank 1 killed at step 3 → the job ends non-zero within 60 s and
  *    mpirun names rank 1; rank 1 hung at step 3 with ddp_timeout 3 → rank 0's
  *    collective times out and the job ends non-zero, the line naming rank 0,
@@ -195,43 +197,69 @@ static void test_tiny_bit_identical(void **st) {
     assert_same_run(a, c, STEPS);
 }
 
-/* SIGTERM to mpirun (Open MPI forwards it to every rank) while rank 0 pauses
- * in step 5: the ranks agree on the stop, finish the step, rank 0 saves
- * checkpoint-5; re-running the same command resumes on both ranks and ends at
- * the uninterrupted world-2 run's adapter, bit for bit. (Runs after
- * test_tiny_bit_identical, whose w2-acc1 it compares with.) */
-static void test_sigterm_and_resume(void **st) {
-    if (skip_without_mpi()) skip();
-    char out[256], od[300], ck[320], ref[256];
-    snprintf(out, sizeof out, "%s/sigterm", g_dir);
+/* Start the job into out, rank 0 pausing 5 s at the start of step 5 (plus fault, a second
+ * QLORA_TEST_RANK_FAULT, when given), and send sig to the launcher — `qlora-train --nproc 2` (nproc) or
+ * a plain mpirun — once step 4 is logged. The exit code. */
+static int signal_job(const char *out, int nproc, int sig, const char *fault) {
+    char od[300];
     snprintf(od, sizeof od, "output_dir=%s", out);
-    snprintf(ref, sizeof ref, "%s/w2-acc1", g_dir);
     char *prog[] = {(char *)subproc_trainer(), g_cfg, od, "gradient_accumulation_steps=1", NULL};
-    const char *const env[] = {"OMP_NUM_THREADS=1", "QLORA_TEST_RANK_FAULT=0:5:pause", NULL};
+    char *launcher[] = {(char *)subproc_trainer(), "--nproc", "2", g_cfg, od, "gradient_accumulation_steps=1", NULL};
+    const char *const env[] = {"OMP_NUM_THREADS=1", fault ? fault : "QLORA_TEST_RANK_FAULT=0:5:pause", NULL};
     subproc p;
-    assert_int_equal(mpi_launch_start(&p, 2, prog, env), 0);
+    assert_int_equal(nproc ? subproc_start(&p, launcher, env) : mpi_launch_start(&p, 2, prog, env), 0);
     double t0 = clock_now_sec();
     while (!subproc_poll(&p, 100) && !strstr(p.err ? p.err : "", "[train] step 4/") && clock_now_sec() - t0 < 120) {
     }
     assert_non_null(strstr(p.err ? p.err : "", "[train] step 4/"));
-    kill(p.pid, SIGTERM);
+    kill(p.pid, sig);
     subproc_wait(&p, 60);
-    assert_int_not_equal(subproc_exit_code(&p), 0); /* Open MPI's mpirun exits 1 after forwarding a signal */
+    const int rc = subproc_exit_code(&p);
+    if (!fault && !strstr(p.err ? p.err : "", "[checkpoint] stopped by")) fprintf(stderr, "exit %d:\n%s", rc, p.err);
     subproc_free(&p);
-    snprintf(ck, sizeof ck, "%s/checkpoint-5/COMPLETE", out);
-    assert_int_equal(access(ck, F_OK), 0);
-    snprintf(ck, sizeof ck, "%s/checkpoint-6", out);
-    assert_int_not_equal(access(ck, F_OK), 0); /* stopped after step 5 */
-    char *err = NULL;
-    int rc = run_ranks(2, g_cfg, out, (const char *const[]){"gradient_accumulation_steps=1", NULL}, NULL, &err);
-    if (rc || !strstr(err, "resuming from")) fprintf(stderr, "%s", err);
-    assert_int_equal(rc, 0);
-    assert_non_null(strstr(err, "[checkpoint] resuming from"));
-    free(err);
-    char pa[512], pb[512];
-    snprintf(pa, sizeof pa, "%s/adapter_model.safetensors", ref);
-    snprintf(pb, sizeof pb, "%s/adapter_model.safetensors", out);
-    e2e_assert_same_file(pa, pb);
+    return rc;
+}
+
+/* SIGTERM to `qlora-train --nproc 2` (its launcher passes it to mpirun, Open MPI forwards it to every rank)
+ * while rank 0 pauses in step 5: the ranks agree on the stop, finish the step, rank 0 saves checkpoint-5, every
+ * rank reports the clean stop and the launcher exits 143; re-running resumes on both ranks and ends at the
+ * uninterrupted world-2 run's adapter, bit for bit. SIGINT the same with 130. SIGTERM to a plain mpirun stops
+ * the same way, but Open MPI's mpirun exits 1. A rank that dies while the launcher stops the job: non-zero,
+ * never 130/143. (Runs after test_tiny_bit_identical, whose w2-acc1 it compares with.) */
+static void test_sigterm_and_resume(void **st) {
+    if (skip_without_mpi()) skip();
+    static const struct {
+        const char *name;
+        int nproc, sig, want; /* want: the exit code; -1 any non-zero */
+    } cases[] = {{"sigterm", 1, SIGTERM, 143}, {"sigint", 1, SIGINT, 130}, {"sigterm-mpirun", 0, SIGTERM, -1}};
+    char out[256], ck[320], ref[256], pa[512], pb[512];
+    snprintf(ref, sizeof ref, "%s/w2-acc1", g_dir);
+    for (int i = 0; i < 3; i++) {
+        snprintf(out, sizeof out, "%s/%s", g_dir, cases[i].name);
+        const int rc = signal_job(out, cases[i].nproc, cases[i].sig, NULL);
+        print_message("%s: exit %d\n", cases[i].name, rc);
+        if (cases[i].want >= 0) assert_int_equal(rc, cases[i].want);
+        else assert_int_not_equal(rc, 0); /* Open MPI's mpirun exits 1 after forwarding a signal */
+        snprintf(ck, sizeof ck, "%s/checkpoint-5/COMPLETE", out);
+        assert_int_equal(access(ck, F_OK), 0);
+        snprintf(ck, sizeof ck, "%s/checkpoint-6", out);
+        assert_int_not_equal(access(ck, F_OK), 0); /* stopped after step 5 */
+        if (i) continue;
+        char *err = NULL;
+        int rr = run_ranks(2, g_cfg, out, (const char *const[]){"gradient_accumulation_steps=1", NULL}, NULL, &err);
+        if (rr || !strstr(err, "resuming from")) fprintf(stderr, "%s", err);
+        assert_int_equal(rr, 0);
+        assert_non_null(strstr(err, "[checkpoint] resuming from"));
+        free(err);
+        snprintf(pa, sizeof pa, "%s/adapter_model.safetensors", ref);
+        snprintf(pb, sizeof pb, "%s/adapter_model.safetensors", out);
+        e2e_assert_same_file(pa, pb);
+    }
+    /* rank 1 dies at the start of step 5 while the launcher passes SIGTERM on: a failure, not a clean stop */
+    snprintf(out, sizeof out, "%s/sigterm-dead", g_dir);
+    const int rc = signal_job(out, 1, SIGTERM, "QLORA_TEST_RANK_FAULT=1:5:kill");
+    print_message("sigterm-dead: exit %d\n", rc);
+    assert_true(rc != 0 && rc != 130 && rc != 143);
 }
 
 /* SHARD_GRAD_OP (fsdp: [shard_grad_op]): gradients reduce-scattered, AdamW

@@ -31,6 +31,12 @@
  *   qwen2   Qwen2Config (q/k/v biases drawn at 0.5, tied embeddings, theta
  *           1e6); GGUF arch qwen2, whose Q/K rows are not permuted. Also: the
  *           model without its biases must miss the reference by far.
+ *   phi3    Phi3Config (model_type "phi3": fused qkv_proj and gate_up_proj,
+ *           one LoRA pair on each as PEFT puts it; untied; sliding_window 2047
+ *           as Phi-3-mini-4k; theta 1e4); GGUF arch phi3 (attn_qkv, ffn_up
+ *           holding gate then up, no Q/K permutation). Also: the fused weights
+ *           of both forms are the same bits, and the model read as if the
+ *           halves of gate_up_proj were (up, gate) misses the reference by far.
  */
 #include <math.h>
 #include <setjmp.h>
@@ -120,6 +126,10 @@ static int setup(void **state) {
     for (int l = 0; l < hp->n_layer; l++)
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
             int64_t out, in, off = f->ls.offset[l * LLAMA_N_LINEAR + k];
+            if (!llama_linear_present(hp, k)) { /* Phi-3: k, v, up are inside the fused qkv_proj, gate_up_proj */
+                assert_true(off < 0);
+                continue;
+            }
             llama_tensor_shape(hp, LLAMA_T_LINEAR, k, &out, &in);
             assert_true(f->n_tensors + 2 <= LLAMA_N_LINEAR * 8);
             f->t_off[f->n_tensors] = off, f->t_len[f->n_tensors++] = r * in;
@@ -283,10 +293,11 @@ static void test_loss_grads(void **state) {
     memcpy(f->ls.params, f->p0, (size_t)np * sizeof(float));
     const float *gref = ref_f32(&f->rf, "grads", np);
     double lref = ref_scalar(&f->rf, "loss");
-    for (int ck = 0; ck < 2; ck++) {
+    for (int ck = LLAMA_CKPT_OFF; ck <= LLAMA_CKPT_SELECTIVE; ck++) { /* off, full, selective recomputation */
         double loss = loss_grads(f, ck), gerr = worst_tensor_err(f, gref, f->ls.grads);
         print_message("[ref] %s fp32 checkpointing %s: loss %.7f vs HF %.7f (tol %.1e); worst grad tensor "
-                      "max|Δ|/max|g| %.3e (tol 1e-4)\n", f->name, ck ? "on " : "off", loss, lref, 1e-5 * lref, gerr);
+                      "max|Δ|/max|g| %.3e (tol 1e-4)\n", f->name, ck == 2 ? "selective" : ck ? "on " : "off", loss,
+                      lref, 1e-5 * lref, gerr);
         assert_true(fabs(loss - lref) <= 1e-5 * lref);
         assert_true(gerr <= 1e-4);
         for (int i = 0; i < f->n_tensors; i++) assert_true(ref_max_abs(f->ls.grads + f->t_off[i], f->t_len[i]) > 0);
@@ -439,13 +450,23 @@ static void test_exports(void **state) {
     size_t al;
     if (gguf_open(path, &g, &e) || gguf_get_str(g, "general.architecture", &arch, &al, &e)) fail_msg("%s", e.msg);
     assert_true(al == strlen(llama_arch_name(a->arch)) && !memcmp(arch, llama_arch_name(a->arch), al));
-    const gguf_tensor *qb = gguf_find_tensor(g, "blk.0.attn_q.weight.lora_b");
+    char qname[64];
+    snprintf(qname, sizeof qname, "blk.0.%s.weight.lora_b", llama_hparams_linears(a)[LLAMA_Q].gguf);
+    const gguf_tensor *qb = gguf_find_tensor(g, qname); /* attn_q, or Phi-3's fused attn_qkv */
     assert_non_null(qb);
     const lora_adapter *ad = lora_set_get(&f->ls, 0, LLAMA_Q);
     float *qbf = malloc((size_t)qb->nelements * sizeof(float));
     assert_int_equal(gguf_tensor_to_f32(qb, qbf, &e), 0);
     int same = !memcmp(qbf, ad->B->data, (size_t)qb->nelements * sizeof(float));
-    assert_int_equal(same, a->arch == LLAMA_ARCH_QWEN2); /* llama: rows permuted as the converter permutes W_q */
+    assert_int_equal(same, a->arch != LLAMA_ARCH_LLAMA); /* llama: rows permuted as the converter permutes W_q */
+    if (a->arch == LLAMA_ARCH_PHI3) { /* llama.cpp's phi3 names: no attn_q/k/v, ffn_gate; fused attn_qkv, ffn_up */
+        assert_null(gguf_find_tensor(g, "blk.0.attn_q.weight.lora_a"));
+        assert_null(gguf_find_tensor(g, "blk.0.ffn_gate.weight.lora_a"));
+        const gguf_tensor *ub = gguf_find_tensor(g, "blk.1.ffn_up.weight.lora_b");
+        assert_non_null(ub);
+        assert_int_equal(ub->ne[1], 2 * a->d_ff); /* gate and up rows */
+        assert_int_equal(qb->ne[1], (a->n_head + 2 * a->n_kv_head) * a->head_dim);
+    }
     free(qbf);
     gguf_close(g);
     free(got);
@@ -455,14 +476,66 @@ static void test_exports(void **state) {
     base_model_close(b);
 }
 
-/* Mistral's sliding_window is read (and bounds sequence_len, trainer/run.c); 4096 is longer than the rows. */
+/* Mistral's and Phi-3's sliding_window is read (and bounds sequence_len, trainer/run.c); 4096 and 2047 are
+ * longer than the rows. Phi-3's GGUF keeps it (phi3.attention.sliding_window). */
 static void test_sliding_window_read(void **state) {
     (void)state;
-    assert_int_equal(g_f.m_hf.hp.sliding_window, 4096);
+    int want = g_f.m_hf.hp.arch == LLAMA_ARCH_PHI3 ? 2047 : 4096;
+    assert_int_equal(g_f.m_hf.hp.sliding_window, want);
+    if (g_f.m_hf.hp.arch == LLAMA_ARCH_PHI3) assert_int_equal(g_f.m_gguf.hp.sliding_window, want);
+}
+
+/* Phi-3's fused linears: both forms hold the same bits in slots q (qkv_proj / attn_qkv, rows q, k, v) and gate
+ * (gate_up_proj / ffn_up, rows gate, up), the slots they took over hold nothing, and a control: the model with
+ * the two halves of every gate_up_proj swapped (up read as gate) misses the reference logits by far, so the
+ * logits test does tell the order apart. */
+static void test_phi3_fused(void **state) {
+    (void)state;
+    family *f = &g_f;
+    const llama_hparams *hp = &f->m_hf.hp;
+    assert_int_equal(hp->arch, LLAMA_ARCH_PHI3);
+    assert_int_equal(f->m_gguf.hp.arch, LLAMA_ARCH_PHI3);
+    for (int l = 0; l < hp->n_layer; l++)
+        for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+            const frozen_weight *a = &f->m_hf.layers[l].lin[k], *b = &f->m_gguf.layers[l].lin[k];
+            assert_int_equal(a->out, b->out);
+            assert_int_equal(a->in, b->in);
+            if (!llama_linear_present(hp, k)) {
+                assert_int_equal(a->out, 0);
+                continue;
+            }
+            assert_memory_equal(a->w_bf16, b->w_bf16, (size_t)(a->out * a->in) * sizeof(bf16));
+        }
+    assert_int_equal(f->m_hf.layers[0].lin[LLAMA_Q].out, (hp->n_head + 2 * hp->n_kv_head) * hp->head_dim);
+    assert_int_equal(f->m_hf.layers[0].lin[LLAMA_GATE].out, 2 * hp->d_ff);
+    int64_t n = (int64_t)f->b.B * f->b.T * hp->vocab, half = (int64_t)hp->d_ff * hp->d_model;
+    const float *ref = ref_f32(&f->rf, "logits", n);
+    float *got = malloc((size_t)n * sizeof(float));
+    bf16 *tmp = malloc((size_t)half * sizeof(bf16));
+    for (int l = 0; l < hp->n_layer; l++) { /* swap the gate and up rows of the GGUF form, in place */
+        bf16 *w = f->m_gguf.layers[l].w_bf16[LLAMA_GATE];
+        memcpy(tmp, w, (size_t)half * sizeof(bf16));
+        memmove(w, w + half, (size_t)half * sizeof(bf16));
+        memcpy(w + half, tmp, (size_t)half * sizeof(bf16));
+    }
+    memcpy(f->ls.params, f->p0, (size_t)f->ls.n_params * sizeof(float)); /* the reference's adapter */
+    logits_of(&f->m_gguf, &f->ls, &f->b, got);
+    for (int l = 0; l < hp->n_layer; l++) { /* and back */
+        bf16 *w = f->m_gguf.layers[l].w_bf16[LLAMA_GATE];
+        memcpy(tmp, w, (size_t)half * sizeof(bf16));
+        memmove(w, w + half, (size_t)half * sizeof(bf16));
+        memcpy(w + half, tmp, (size_t)half * sizeof(bf16));
+    }
+    double err = ref_max_abs_diff(ref, got, n) / ref_max_abs(ref, n);
+    print_message("[ref] %s with gate_up_proj read as (up, gate): logits relative error %.3e (must exceed 1e-2)\n",
+                  f->name, err);
+    assert_true(err > 1e-2);
+    free(tmp);
+    free(got);
 }
 
 int main(int argc, char **argv) {
-    static const char *const all[] = {"llama3", "mistral", "qwen2"};
+    static const char *const all[] = {"llama3", "mistral", "qwen2", "phi3"};
     const struct CMUnitTest common[] = {
         cmocka_unit_test(test_rope_frequencies), cmocka_unit_test(test_logits_both_forms),
         cmocka_unit_test(test_loss_grads),       cmocka_unit_test(test_adamw_10_steps),
@@ -485,6 +558,12 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_adamw_10_steps),   cmocka_unit_test(test_exports),
         cmocka_unit_test(test_generation_cached),
     };
+    const struct CMUnitTest fused[] = {
+        cmocka_unit_test(test_sliding_window_read), cmocka_unit_test(test_phi3_fused),
+        cmocka_unit_test(test_rope_frequencies),   cmocka_unit_test(test_logits_both_forms),
+        cmocka_unit_test(test_loss_grads),         cmocka_unit_test(test_adamw_10_steps),
+        cmocka_unit_test(test_exports),            cmocka_unit_test(test_generation_cached),
+    };
     int fails = 0;
     int n = argc > 1 ? argc - 1 : (int)(sizeof all / sizeof *all);
     for (int i = 0; i < n; i++) {
@@ -493,6 +572,7 @@ int main(int argc, char **argv) {
         if (!strcmp(g_name, "llama3")) fails += cmocka_run_group_tests_name(g_name, scaled, setup, teardown);
         else if (!strcmp(g_name, "mistral")) fails += cmocka_run_group_tests_name(g_name, windowed, setup, teardown);
         else if (!strcmp(g_name, "qwen2")) fails += cmocka_run_group_tests_name(g_name, biased, setup, teardown);
+        else if (!strcmp(g_name, "phi3")) fails += cmocka_run_group_tests_name(g_name, fused, setup, teardown);
         else fails += cmocka_run_group_tests_name(g_name, common, setup, teardown);
     }
     return fails != 0;

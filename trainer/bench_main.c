@@ -1,7 +1,7 @@
 /* trainer/bench_main.c — `qlora-bench`: training-step throughput, MFU and memory.
  *
- *   qlora-bench --shape smollm2-135m|smollm2-1.7b|llama2-7b|llama3-8b|mistral-7b|qwen2.5-7b --seq N --batch N
- *               --lora-r N --checkpointing on|off|selective [--model PATH.gguf] [--steps N]
+ *   qlora-bench --shape smollm2-135m|smollm2-1.7b|llama2-7b|llama3-8b|mistral-7b|qwen2.5-7b|phi3-mini --seq N
+ *               --batch N --lora-r N --checkpointing on|off|selective [--model PATH.gguf] [--steps N]
  *               [--device cpu|cuda] [--plan-only] [--strategy no_shard|shard_grad_op|full_shard]
  *
  * Under an MPI launcher (`mpirun -np N qlora-bench ...`) every rank runs the
@@ -71,7 +71,7 @@ typedef struct bench_shape {
     llama_hparams hp;
 } bench_shape;
 
-#define BENCH_SHAPE_NAMES "smollm2-135m, smollm2-1.7b, llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b"
+#define BENCH_SHAPE_NAMES "smollm2-135m, smollm2-1.7b, llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b, phi3-mini"
 static const bench_shape bench_shapes[] = {
     {"smollm2-135m", {.n_layer = 30, .d_model = 576, .n_head = 9, .n_kv_head = 3, .head_dim = 64, .d_ff = 1536,
                       .vocab = 49152, .context_length = 8192, .rope_theta = 100000.0f, .rms_eps = 1e-5f,
@@ -94,6 +94,10 @@ static const bench_shape bench_shapes[] = {
     {"qwen2.5-7b", {.arch = LLAMA_ARCH_QWEN2, .qkv_bias = 1, .n_layer = 28, .d_model = 3584, .n_head = 28,
                     .n_kv_head = 4, .head_dim = 128, .d_ff = 18944, .vocab = 152064, .context_length = 32768,
                     .rope_theta = 1000000.0f, .rms_eps = 1e-6f}},
+    /* microsoft/Phi-3-mini-4k-instruct: fused qkv_proj (9216, 3072) and gate_up_proj (16384, 3072) */
+    {"phi3-mini", {.arch = LLAMA_ARCH_PHI3, .n_layer = 32, .d_model = 3072, .n_head = 32, .n_kv_head = 32,
+                   .head_dim = 96, .d_ff = 8192, .vocab = 32064, .context_length = 4096, .rope_theta = 10000.0f,
+                   .rms_eps = 1e-5f, .sliding_window = 2047}},
 };
 
 static void usage(FILE *f) {
@@ -214,6 +218,7 @@ static int random_model(llama_model *m, const llama_hparams *hp, int max_pos, co
         for (int64_t i = 0; i < D; i++) L->attn_norm[i] = L->ffn_norm[i] = 1.0f;
         m->n_params += 2 * D;
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+            if (outs[k] == 0) continue; /* a slot a fused linear took over (Phi-3) */
             if (shard_over) { /* the linears come from random_sharded_linears; the q/k/v biases here */
                 if (hp->qkv_bias && k <= LLAMA_V) {
                     if (!(L->bias[k] = qcalloc((size_t)outs[k], sizeof(float), e))) return -1;
@@ -380,6 +385,11 @@ int main(int argc, char **argv) {
     }
     hp = bs->hp;
     if (layers > 0) hp.n_layer = layers;
+    if (hp.sliding_window > 0 && T > hp.sliding_window) { /* as trainer/run.c refuses it */
+        fprintf(stderr, "qlora-bench: --seq %d exceeds the sliding window of %d tokens of %s (sliding-window attention "
+                        "is not implemented)\n", T, hp.sliding_window, shape);
+        return 2;
+    }
     if (plan_only) {
         if (model_path) {
             fprintf(stderr, "qlora-bench: --plan-only takes a --shape, not --model\n");
@@ -389,6 +399,7 @@ int main(int argc, char **argv) {
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
             int64_t out, in;
             llama_tensor_shape(&hp, LLAMA_T_LINEAR, k, &out, &in);
+            if (out == 0) continue; /* fused away (Phi-3) */
             frozen += memplan_nf4_bytes(out, in, NF4_DEFAULT_BLOCKSIZE);
             lora += (int64_t)r * (in + out);
         }
@@ -397,7 +408,7 @@ int main(int argc, char **argv) {
                             .n_threads = omp_get_max_threads(), .device_cuda = dev_cuda};
         memplan pl;
         memplan_predict(&pi, &pl);
-        printf("qlora-bench plan: %s, %s memory, seq %d x batch %d, LoRA r %d on all 7 linears, AdamW, bf16, "
+        printf("qlora-bench plan: %s, %s memory, seq %d x batch %d, LoRA r %d on all linears, AdamW, bf16, "
                "checkpointing %s\n",
                shape, dev_cuda ? "CUDA device" : "CPU (resident)", T, B, r, ckpt_name[ckpt]);
         memplan_print_table(stdout, &pl);
@@ -427,6 +438,10 @@ int main(int argc, char **argv) {
     if (rank != 0) { /* rank 0 speaks; the others only when they fail */
         cm->err_fd = dup(2);
         if (!freopen("/dev/null", "w", stdout) || !freopen("/dev/null", "w", stderr)) return 1;
+    }
+    if (strategy == 2 && hp.arch == LLAMA_ARCH_PHI3) {
+        fprintf(stderr, "qlora-bench: --strategy full_shard: Phi-3's fused linears are not sharded yet\n");
+        return 2;
     }
     if (strategy == 2 && (dev_cuda || model_path)) {
         fprintf(stderr, "qlora-bench: --strategy full_shard: the random CPU model only (no --model, no --device cuda)\n");

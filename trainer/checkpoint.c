@@ -573,6 +573,7 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
     W(h5_attr_f64(g, "last_eval_loss", s->last_eval_loss), "/trainer_state last_eval_loss");
     W(h5_attr_i64(g, "last_eval_step", s->last_eval_step), "/trainer_state last_eval_step");
     W(h5_attr_f64(g, "train_seconds", s->train_seconds), "/trainer_state train_seconds");
+    W(h5_attr_i64(g, "loss_watchdog_streak", s->loss_watchdog_streak), "/trainer_state loss_watchdog_streak");
     if (g >= 0) H5Gclose(g), g = -1;
 
     W(h5_put(f, "log_history", H5T_STD_U8LE, H5T_NATIVE_UCHAR, s->log_history, s->log_history_len, 0, 1),
@@ -788,6 +789,11 @@ int ckpt_read_state(const char *path, ckpt_state *s, qerr *e) {
     R(h5_get_attr(g, "last_eval_loss", H5T_NATIVE_DOUBLE, &s->last_eval_loss), "/trainer_state last_eval_loss");
     R(h5_get_attr(g, "last_eval_step", H5T_NATIVE_INT64, &s->last_eval_step), "/trainer_state last_eval_step");
     R(h5_get_attr(g, "train_seconds", H5T_NATIVE_DOUBLE, &s->train_seconds), "/trainer_state train_seconds");
+    /* added later: a checkpoint written before it has none and resumes with the streak at 0 */
+    s->loss_watchdog_streak = 0;
+    if (g >= 0 && H5Aexists(g, "loss_watchdog_streak") > 0)
+        R(h5_get_attr(g, "loss_watchdog_streak", H5T_NATIVE_INT64, &s->loss_watchdog_streak),
+          "/trainer_state loss_watchdog_streak");
     if (g >= 0) H5Gclose(g), g = -1;
 
     if (!what) {

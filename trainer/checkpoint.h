@@ -39,7 +39,8 @@
  *                           n_rows, rows_per_step, shuffle_seed, fingerprint (XXH64 hex)
  *   /fingerprint            attrs base_model (path), model_xxh64, tokenizer_xxh64, method
  *   /trainer_state          attrs nan_streak, nan_skipped, eval_loss_start, last_eval_loss,
- *                           last_eval_step, train_seconds
+ *                           last_eval_step, train_seconds, loss_watchdog_streak (absent in
+ *                           checkpoints written before it: read as 0)
  *   /log_history            uint8 (n): metrics.jsonl as it was at this step (restored on resume)
  * In this single-file layout (FULL_STATE_DICT, the default of one process and of
  * NO_SHARD) adapters and optimizer state are saved whole, so the format does not
@@ -100,6 +101,7 @@ typedef struct ckpt_state {
     double eval_loss_start, last_eval_loss; /* NAN when none */
     int64_t last_eval_step;                 /* -1 when none */
     double train_seconds;                   /* optimizer-step time so far (metrics' train_seconds) */
+    int64_t loss_watchdog_streak;           /* optimizer steps in a row above loss_watchdog_threshold */
     /* what it was trained on */
     uint64_t model_fingerprint, tokenizer_fingerprint;
     char base_model[1024];

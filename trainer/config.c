@@ -117,27 +117,43 @@ static const value_later L_OPTIM[] = {
     {"optimi_adamw", "not supported yet"}, {"ao_adamw_8bit", "not supported yet"},
     {NULL, NULL}};
 static const char *const V_DSTYPE[] = {"completion", "alpaca", "chat_template", "input_output", NULL};
-/* chat_template (axolotl's ChatTemplate names): the ones qlora renders training data with
- * (data/dataset.h); the other names are refused by name. */
-static const char *const V_CHAT[] = {"tokenizer_default", "chatml", "tokenizer_default_fallback_chatml", NULL};
-#define CHAT_LATER "a template qlora does not render for training data yet (it renders ChatML: tokenizer_default with a ChatML model, or chatml)"
+/* chat_template (axolotl's ChatTemplate names): the model's own template (tokenizer_default), or one of
+ * axolotl's templates qlora renders exactly (data/chat.h chat_template_named, checked against axolotl's
+ * Jinja by tests/test_reference_axolotl_chat.c), or jinja with chat_template_jinja a text qlora
+ * recognises; the other names are refused by name with the reason. */
+static const char *const V_CHAT[] = {"tokenizer_default", "chatml", "qwen_25", "llama3", "mistral_v1", "mistral_v2v3",
+                                     "mistral_v3_tekken", "phi_3", "phi_35", "jinja",
+                                     "tokenizer_default_fallback_chatml", "tokenizer_default_fallback_llama3", NULL};
+#define CHAT_FAMILY "the template of a model family qlora does not run (it runs Llama, Mistral, Qwen2 and Phi-3 architectures)"
+#define CHAT_FORMAT "a template qlora does not render (no Jinja engine: templates are rendered by C code checked against axolotl's)"
 static const value_later L_CHAT[] = {
-    {"alpaca", CHAT_LATER}, {"mistral_v1", CHAT_LATER}, {"mistral_v2v3", CHAT_LATER}, {"mistral_v3_tekken", CHAT_LATER},
-    {"mistral_v7_tekken", CHAT_LATER}, {"gemma", CHAT_LATER}, {"cohere", CHAT_LATER}, {"llama3", CHAT_LATER},
-    {"llama3_2_vision", CHAT_LATER}, {"llama4", CHAT_LATER}, {"phi_3", CHAT_LATER}, {"phi_35", CHAT_LATER},
-    {"deepseek_v2", CHAT_LATER}, {"deepseek_v3", CHAT_LATER}, {"jamba", CHAT_LATER}, {"jinja", CHAT_LATER},
-    {"qwen_25", CHAT_LATER}, {"qwen3", CHAT_LATER}, {"falcon_h1", CHAT_LATER}, {"tokenizer_default_fallback_alpaca", CHAT_LATER},
-    {"tokenizer_default_fallback_llama3", CHAT_LATER}, {"tokenizer_default_fallback_mistral", CHAT_LATER},
-    {"exaone", CHAT_LATER}, {"metharme", CHAT_LATER}, {"pixtral", CHAT_LATER}, {"llava", CHAT_LATER},
-    {"qwen2_vl", CHAT_LATER}, {"gemma3", CHAT_LATER}, {"gemma3n", CHAT_LATER}, {"command_a", CHAT_LATER},
-    {"command_a_tool_use", CHAT_LATER}, {"command_a_rag", CHAT_LATER}, {"aya", CHAT_LATER}, {NULL, NULL}};
+    {"alpaca", "not rendered here; use type: alpaca for instruction / input / output records"},
+    {"llama3_2_vision", "its system header carries the day's date (strftime_now), so the same data renders differently "
+                        "from day to day; use llama3, or tokenizer_default with Llama 3.1 (its fixed \"26 Jul 2024\")"},
+    {"tokenizer_default_fallback_alpaca", "the alpaca template is not rendered here; use type: alpaca"},
+    {"tokenizer_default_fallback_mistral", "axolotl has no template named \"mistral\" (its fallback fails there "
+                                           "too); use tokenizer_default_fallback_chatml or one of mistral_v1, "
+                                           "mistral_v2v3, mistral_v3_tekken"},
+    {"mistral_v7_tekken", CHAT_FORMAT}, {"gemma", CHAT_FAMILY}, {"cohere", CHAT_FAMILY}, {"llama4", CHAT_FAMILY},
+    {"deepseek_v2", CHAT_FAMILY}, {"deepseek_v3", CHAT_FAMILY}, {"jamba", CHAT_FAMILY}, {"qwen3", CHAT_FAMILY},
+    {"falcon_h1", CHAT_FAMILY}, {"exaone", CHAT_FAMILY}, {"metharme", CHAT_FORMAT}, {"pixtral", CHAT_FAMILY},
+    {"llava", CHAT_FAMILY}, {"qwen2_vl", CHAT_FAMILY}, {"gemma3", CHAT_FAMILY}, {"gemma3n", CHAT_FAMILY},
+    {"command_a", CHAT_FAMILY}, {"command_a_tool_use", CHAT_FAMILY}, {"command_a_rag", CHAT_FAMILY},
+    {"aya", CHAT_FAMILY}, {NULL, NULL}};
 static const char *const V_EOS[] = {"turn", "all", "last", "none", NULL};
 
-/* The values lora_target_modules accepts: the PEFT names of model/llama_linear.h,
- * NULL-terminated (the shape the enum helpers below take). */
+/* The values lora_target_modules accepts: the PEFT names of model/llama_linear.h (Llama's seven, then
+ * Phi-3's fused qkv_proj and gate_up_proj), NULL-terminated (the shape the enum helpers below take). Which
+ * of them the base model has is checked once it is loaded (trainer/run.c). */
 static const char *const *module_values(void) {
-    static const char *v[LLAMA_N_LINEAR + 1];
-    for (int k = 0; k < LLAMA_N_LINEAR; k++) v[k] = llama_linears[k].peft;
+    static const char *v[LLAMA_N_LINEAR + 3];
+    int n = 0;
+    for (int k = 0; k < LLAMA_N_LINEAR; k++) v[n++] = llama_linears[k].peft;
+    for (int k = 0; k < LLAMA_N_LINEAR; k++)
+        if (llama_linears_phi3[k].peft && llama_linear_from_peft(llama_linears_phi3[k].peft,
+                                                                 strlen(llama_linears_phi3[k].peft)) < 0)
+            v[n++] = llama_linears_phi3[k].peft;
+    v[n] = NULL;
     return v;
 }
 
@@ -252,6 +268,8 @@ static const key_spec KEYS[] = {
      .expect = "a positive integer"},
     {.name = "chat_template", .kind = K_ENUM, .off = OFF(chat_template), .values = V_CHAT, .later = L_CHAT,
      .flags = F_OPTIONAL},
+    {.name = "chat_template_jinja", .kind = K_STR, .off = OFF(chat_template_jinja), .flags = F_OPTIONAL,
+     .expect = "a chat template text or a file holding it (one qlora renders: data/chat.h)"},
 };
 #define N_KEYS ((int)(sizeof KEYS / sizeof KEYS[0]))
 _Static_assert(N_KEYS <= TRAIN_CONFIG_MAX_KEYS, "train_config.key_origin needs a slot per key");
@@ -425,9 +443,11 @@ static void free_datasets(dataset_cfg *d, int n) {
         free(d[i].message_field_content);
         free_str_list(d[i].roles_to_train, d[i].n_roles_to_train);
         free(d[i].train_on_eos);
+        free(d[i].train_on_eot);
         free(d[i].split);
         free(d[i].data_files);
         free(d[i].chat_template);
+        free(d[i].chat_template_jinja);
     }
     if (all) free(d);
 }
@@ -520,6 +540,8 @@ void train_config_free(train_config *c) {
     free(c->output_dir);
     free(c->resume_from_checkpoint);
     free(c->chat_template);
+    free(c->chat_template_jinja);
+    free_str_list(c->eot_tokens, c->n_eot_tokens);
     free(c->special_bos);
     free(c->special_eos);
     free(c->special_unk);
@@ -775,12 +797,10 @@ static int ds_axolotl_key(const pctx *p, const char *what, const char *name, con
         if (is_null(v)) return 0;
         const char *t;
         if (get_enum(p, sub, v, V_EOS, NULL, NULL, &t)) return -1;
-        if (*eos_seen && strcmp(d->train_on_eos, t))
-            return perr(p, k, "%s: \"%s\" differs from the other of train_on_eos / train_on_eot; ChatML's "
-                              "end-of-turn token is its eos, so they are one setting here", sub, t);
-        *eos_seen = 1;
-        free(d->train_on_eos);
-        if (!(d->train_on_eos = dup_str(t))) return qerr_set(p->e, "out of memory");
+        char **dst = !strcmp(name, "train_on_eos") ? &d->train_on_eos : &d->train_on_eot;
+        (void)eos_seen;
+        free(*dst);
+        if (!(*dst = dup_str(t))) return qerr_set(p->e, "out of memory");
         return 0;
     }
     if (!strcmp(name, "drop_system_message")) {
@@ -813,6 +833,7 @@ static int ds_axolotl_key(const pctx *p, const char *what, const char *name, con
             return perr(p, v, "%s: refused: one file per datasets entry (give each file its own entry)", sub);
         return ds_opt_string(p, sub, v, &d->data_files);
     }
+    if (!strcmp(name, "chat_template_jinja")) return ds_opt_string(p, sub, v, &d->chat_template_jinja);
     if (!strcmp(name, "chat_template")) {
         if (is_null(v)) return 0;
         const char *t;
@@ -1201,23 +1222,17 @@ static int ax_special_tokens(const pctx *p, const yaml_node_t *knode, const yaml
     return 0;
 }
 
-/* eot_tokens: the tokens that end a turn. qlora's training data is ChatML, whose end-of-turn token
- * <|im_end|> is the one trained on; that list is accepted, any other is refused by name. */
+/* eot_tokens: the tokens that end a turn (axolotl's default: [eos_token]); checked against the template
+ * when the data is read (data/dataset.h: the template's end-of-turn token or eos). */
 static int ax_eot_tokens(const pctx *p, const yaml_node_t *knode, const yaml_node_t *v) {
     if (is_unset(v)) return 0;
     char **m;
     int n;
     if (parse_str_list(p, "eot_tokens", v, &m, &n)) return -1;
-    int ok = 1;
-    const char *bad = NULL;
-    for (int i = 0; i < n; i++)
-        if (strcmp(m[i], "<|im_end|>")) ok = 0, bad = bad ? bad : m[i];
-    int rc = 0;
-    if (!ok)
-        rc = perr(p, knode, "eot_tokens: refused: \"%.60s\" is not the end-of-turn token of a template qlora renders "
-                            "training data with (ChatML's <|im_end|>)", bad);
-    free_str_list(m, n);
-    return rc;
+    free_str_list(p->c->eot_tokens, p->c->n_eot_tokens);
+    p->c->eot_tokens = m;
+    p->c->n_eot_tokens = n;
+    return 0;
 }
 
 /* plugins: the liger and cut_cross_entropy plugins only swap in fused kernels for the same loss; any
@@ -2112,11 +2127,11 @@ static void put_datasets(FILE *f, const char *key, const dataset_cfg *d, int n) 
             fputc('\n', f);
         }
         /* axolotl's keys of an entry (null: the default; written only when set) */
-        const char *xn[6] = {"message_field_role", "message_field_content", "train_on_eos", "split", "data_files",
-                             "chat_template"};
-        const char *xv[6] = {d[i].message_field_role, d[i].message_field_content, d[i].train_on_eos, d[i].split,
-                             d[i].data_files, d[i].chat_template};
-        for (int j = 0; j < 6; j++) {
+        const char *xn[8] = {"message_field_role", "message_field_content", "train_on_eos", "train_on_eot", "split",
+                             "data_files", "chat_template", "chat_template_jinja"};
+        const char *xv[8] = {d[i].message_field_role, d[i].message_field_content, d[i].train_on_eos, d[i].train_on_eot,
+                             d[i].split, d[i].data_files, d[i].chat_template, d[i].chat_template_jinja};
+        for (int j = 0; j < 8; j++) {
             if (!xv[j]) continue;
             fprintf(f, "    %s: ", xn[j]);
             put_yaml_str(f, xv[j]);
@@ -2215,6 +2230,14 @@ int train_config_write_yaml(const train_config *c, const char *path, qerr *e) {
             fputc('\n', f);
         }
     }
+    if (c->eot_tokens) {
+        fputs("eot_tokens: [", f);
+        for (int j = 0; j < c->n_eot_tokens; j++) {
+            if (j) fputs(", ", f);
+            put_yaml_str(f, c->eot_tokens[j]);
+        }
+        fputs("]\n", f);
+    }
     int bad = ferror(f);
     if (fclose(f)) bad = 1;
     int rc = bad ? qerr_set(e, "out of memory writing %s", path) : file_write_atomic(path, text, text_len, e);
@@ -2230,7 +2253,7 @@ unsigned train_config_target_mask(const train_config *c) {
     if (c->lora_target_linear) m = (1u << LLAMA_N_LINEAR) - 1u;
     for (int i = 0; i < c->n_lora_target_modules; i++) {
         const char *name = c->lora_target_modules[i];
-        int k = name ? llama_linear_from_peft(name, strlen(name)) : -1;
+        int k = name ? llama_linear_slot_of_any(name, strlen(name)) : -1; /* qkv_proj: slot q, gate_up_proj: gate */
         if (k >= 0) m |= 1u << k;
     }
     return m;
@@ -2291,11 +2314,12 @@ int train_config_dataset_specs(const train_config *c, int test, dataset_spec **o
                               .message_field_role = d[i].message_field_role,
                               .message_field_content = d[i].message_field_content,
                               .roles_to_train = d[i].roles_to_train, .n_roles_to_train = d[i].n_roles_to_train,
-                              .train_on_eos = d[i].train_on_eos, .drop_system_message = d[i].drop_system_message,
-                              .force_chatml = !ct                                          ? 0
-                                              : !strcmp(ct, "chatml")                      ? 1
-                                              : !strcmp(ct, "tokenizer_default_fallback_chatml") ? 2
-                                                                                           : 0,
+                              .train_on_eos = d[i].train_on_eos, .train_on_eot = d[i].train_on_eot,
+                              .drop_system_message = d[i].drop_system_message,
+                              .chat_template = ct,
+                              .chat_template_jinja = d[i].chat_template ? d[i].chat_template_jinja
+                                                                        : c->chat_template_jinja,
+                              .eot_tokens = c->eot_tokens, .n_eot_tokens = c->n_eot_tokens,
                               .split = d[i].split};
     }
     *out = s;

@@ -36,9 +36,10 @@
  *    computes (strict, model_type, attention kernels, logging, ...); or accepted only
  *    when null/false/0/empty ("off" by axolotl's own truthiness tests, and how axolotl's
  *    example files list them) and otherwise refused with its reason. Values checked
- *    here: chat_template (tokenizer_default, chatml, tokenizer_default_fallback_chatml;
- *    other names refused by name), special_tokens (pad_token ignored; bos/eos/unk must be
- *    the model's own: train_config_check_special_tokens), eot_tokens ([<|im_end|>]),
+ *    here: chat_template (tokenizer_default, axolotl's templates qlora renders exactly,
+ *    jinja; other names refused by name with the reason), special_tokens (pad_token ignored;
+ *    bos/eos/unk must be the model's own: train_config_check_special_tokens), eot_tokens
+ *    (checked against the template when the data is read),
  *    plugins (the liger and cut_cross_entropy plugins only), gradient_checkpointing:
  *    offload (= true here).
  *  - A file is read whole: every refused key is listed with its line
@@ -120,10 +121,12 @@ typedef struct dataset_cfg {
     char **roles_to_train;       /* chat_template: roles whose content is trained on; default [assistant] */
     int n_roles_to_train;
     char *train_on_eos;          /* chat_template: "turn" (default) | "all" | "last" | "none" */
+    char *train_on_eot;          /* chat_template: the same values for eot_tokens; NULL = as train_on_eos */
     int drop_system_message;     /* chat_template: drop a leading system message; default 0 */
     char *split;                 /* "train" (default: every record) or a slice: train[:N], train[:N%], train[A:B] */
     char *data_files;            /* NULL, or the file to read (joined to path when path is a directory) */
     char *chat_template;         /* NULL = the top-level chat_template; else one of its values */
+    char *chat_template_jinja;   /* with chat_template: jinja; NULL = none */
 } dataset_cfg;
 
 /* Every char* is heap-owned (or NULL) and released by train_config_free. */
@@ -199,8 +202,12 @@ typedef struct train_config {
     float loss_watchdog_threshold;    /* default 0 = off; > 0: stop (with a checkpoint) when the
                                          training loss stays above it for loss_watchdog_patience steps */
     int loss_watchdog_patience;       /* default 3 (axolotl): optimizer steps in a row */
-    char *chat_template;              /* "tokenizer_default" (default) | "chatml" |
-                                         "tokenizer_default_fallback_chatml" */
+    char *chat_template;              /* "tokenizer_default" (default), one of axolotl's template names
+                                         qlora renders (chatml, qwen_25, llama3, mistral_v1, ...; data/chat.h),
+                                         "jinja", or tokenizer_default_fallback_{chatml,llama3} */
+    char *chat_template_jinja;        /* chat_template: jinja: a template text (or file) qlora recognises */
+    char **eot_tokens;                /* axolotl's eot_tokens; NULL = its default [eos_token] */
+    int n_eot_tokens;
     char *special_bos, *special_eos, *special_unk; /* special_tokens: must equal the model's own
                                          (train_config_check_special_tokens); NULL = not given */
     /* ---- several processes (README "Several processes"; trainer/train.h train_run_comm) ---- */

@@ -80,9 +80,9 @@ int export_gguf_lora(const base_model *b, const lora_set *ls, const adapter_info
                 B = pb;
             }
             uint64_t ne_a[2] = {(uint64_t)in, (uint64_t)r}, ne_b[2] = {(uint64_t)r, (uint64_t)out};
-            snprintf(name, sizeof name, "blk.%d.%s.weight.lora_a", l, llama_linears[k].gguf);
+            snprintf(name, sizeof name, "blk.%d.%s.weight.lora_a", l, llama_hparams_linears(hp)[k].gguf);
             gguf_writer_add_tensor(w, name, GGML_TYPE_F32, 2, ne_a, a->A->data, (size_t)(in * r) * sizeof(float));
-            snprintf(name, sizeof name, "blk.%d.%s.weight.lora_b", l, llama_linears[k].gguf);
+            snprintf(name, sizeof name, "blk.%d.%s.weight.lora_b", l, llama_hparams_linears(hp)[k].gguf);
             gguf_writer_add_tensor(w, name, GGML_TYPE_F32, 2, ne_b, B, (size_t)(out * r) * sizeof(float));
             n_written++;
         }
@@ -182,10 +182,12 @@ static int add_rope_scaling(cJSON *c, const llama_hparams *hp, qerr *e) {
 static int write_config_from_hparams(const base_model *b, const tokenizer *tok, const char *dir, qerr *e) {
     const llama_hparams *hp = base_model_hparams(b);
     cJSON *c = cJSON_CreateObject();
-    int qwen2 = hp->arch == LLAMA_ARCH_QWEN2;
+    int qwen2 = hp->arch == LLAMA_ARCH_QWEN2, phi3 = hp->arch == LLAMA_ARCH_PHI3;
     cJSON_AddItemToObject(c, "architectures",
-                          cJSON_CreateStringArray((const char *[]){qwen2 ? "Qwen2ForCausalLM" : "LlamaForCausalLM"}, 1));
-    if (!qwen2) cJSON_AddFalseToObject(c, "attention_bias"); /* Qwen2's q/k/v biases are implied by its model_type */
+                          cJSON_CreateStringArray((const char *[]){qwen2  ? "Qwen2ForCausalLM"
+                                                                   : phi3 ? "Phi3ForCausalLM"
+                                                                          : "LlamaForCausalLM"}, 1));
+    if (!qwen2 && !phi3) cJSON_AddFalseToObject(c, "attention_bias"); /* Qwen2's q/k/v biases are implied by its model_type */
     cJSON_AddRawToObject(c, "attention_dropout", "0.0");
     add_id_or_null(c, "bos_token_id", tokenizer_bos_id(tok));
     add_id_or_null(c, "eos_token_id", tokenizer_eos_id(tok));
@@ -195,14 +197,20 @@ static int write_config_from_hparams(const base_model *b, const tokenizer *tok, 
     cJSON_AddRawToObject(c, "initializer_range", "0.02");
     cJSON_AddNumberToObject(c, "intermediate_size", hp->d_ff);
     cJSON_AddNumberToObject(c, "max_position_embeddings", hp->context_length);
-    if (!qwen2) cJSON_AddFalseToObject(c, "mlp_bias");
-    cJSON_AddStringToObject(c, "model_type", qwen2 ? "qwen2" : "llama");
+    if (!qwen2 && !phi3) cJSON_AddFalseToObject(c, "mlp_bias");
+    cJSON_AddStringToObject(c, "model_type", llama_arch_name(hp->arch));
     cJSON_AddNumberToObject(c, "num_attention_heads", hp->n_head);
     cJSON_AddNumberToObject(c, "num_hidden_layers", hp->n_layer);
     cJSON_AddNumberToObject(c, "num_key_value_heads", hp->n_kv_head);
     add_id_or_null(c, "pad_token_id", tokenizer_pad_id(tok));
-    if (!qwen2) cJSON_AddNumberToObject(c, "pretraining_tp", 1);
+    if (!qwen2 && !phi3) cJSON_AddNumberToObject(c, "pretraining_tp", 1);
+    if (phi3) { /* Phi3Config: no dropout; original_max_position_embeddings matters only to longrope (refused) */
+        cJSON_AddNumberToObject(c, "original_max_position_embeddings", hp->context_length);
+        cJSON_AddRawToObject(c, "resid_pdrop", "0.0");
+        cJSON_AddRawToObject(c, "embd_pdrop", "0.0");
+    }
     if (hp->sliding_window > 0) cJSON_AddNumberToObject(c, "sliding_window", hp->sliding_window);
+    else if (phi3) cJSON_AddNullToObject(c, "sliding_window"); /* Phi3Config: null = no window */
     if (hp->sliding_window > 0 && qwen2) cJSON_AddTrueToObject(c, "use_sliding_window");
     add_raw_float(c, "rms_norm_eps", hp->rms_eps);
     if (add_rope_scaling(c, hp, e)) {
@@ -381,20 +389,21 @@ int export_merged(const base_model *b, const llama_model *m, const tokenizer *to
 
     /* tensors in transformers' state_dict order */
     int n = 1 + hp->n_layer * (2 + LLAMA_N_LINEAR + (hp->qkv_bias ? 3 : 0)) + 1 + (hp->tied_embeddings ? 0 : 1);
+    const llama_linear_name *lin = llama_hparams_linears(hp); /* Phi-3: the fused qkv_proj and gate_up_proj */
     merged_entry *ent = calloc((size_t)n, sizeof *ent);
     if (!ent) return qerr_set(e, "out of memory");
     int k = 0;
     ent[k++] = (merged_entry){.name = "model.embed_tokens.weight", .role = LLAMA_T_EMBED};
     for (int l = 0; l < hp->n_layer; l++) {
         for (int j = 0; j < LLAMA_N_LINEAR; j++) {
+            if (!lin[j].peft) continue;
             ent[k] = (merged_entry){.role = LLAMA_T_LINEAR, .layer = l, .module = j};
-            snprintf(ent[k].name, sizeof ent[k].name, "model.layers.%d.%s.%s.weight", l, llama_linears[j].parent,
-                     llama_linears[j].peft);
+            snprintf(ent[k].name, sizeof ent[k].name, "model.layers.%d.%s.%s.weight", l, lin[j].parent, lin[j].peft);
             k++;
             if (hp->qkv_bias && j <= LLAMA_V) { /* the frozen bias, unchanged by the merge */
                 ent[k] = (merged_entry){.role = LLAMA_T_BIAS, .layer = l, .module = j};
-                snprintf(ent[k].name, sizeof ent[k].name, "model.layers.%d.%s.%s.bias", l, llama_linears[j].parent,
-                         llama_linears[j].peft);
+                snprintf(ent[k].name, sizeof ent[k].name, "model.layers.%d.%s.%s.bias", l, lin[j].parent,
+                         lin[j].peft);
                 k++;
             }
         }
@@ -405,6 +414,7 @@ int export_merged(const base_model *b, const llama_model *m, const tokenizer *to
     }
     ent[k++] = (merged_entry){.name = "model.norm.weight", .role = LLAMA_T_OUT_NORM};
     if (!hp->tied_embeddings) ent[k++] = (merged_entry){.name = "lm_head.weight", .role = LLAMA_T_LM_HEAD};
+    n = k; /* fewer when linears are fused */
     int64_t max_el = 0;
     for (int i = 0; i < n; i++) {
         llama_tensor_shape(hp, ent[i].role, ent[i].module, &ent[i].rows, &ent[i].cols);

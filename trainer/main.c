@@ -2,8 +2,10 @@
  *
  * Several processes (README "Several processes"): under an MPI launcher
  * (`mpirun -np N qlora-train ...`, `srun --mpi=pmix ...`) every process is a
- * rank (comm/comm.h); `--nproc N` starts N local ranks itself by exec'ing
- * mpirun with comm_mpirun_argv's flags. Rank 0 logs; the other ranks' stdout
+ * rank (comm/comm.h); `--nproc N` starts N local ranks itself: it runs
+ * mpirun with comm_mpirun_argv's flags as its child, forwards SIGINT, SIGTERM
+ * and SIGHUP to it and exits with the ranks' outcome (launch_nproc). Rank 0
+ * logs; the other ranks' stdout
  * and stderr go to /dev/null and they speak (on their saved stderr, prefixed
  * with their rank) only when they fail, which ends the whole job
  * (comm_abort).
@@ -11,7 +13,8 @@
  * Exit status: 0 success, 1 the run failed (message on stderr), 2 bad usage
  * or an invalid config, 128 + signal (130 SIGINT, 143 SIGTERM, 129 SIGHUP, 141
  * when stdout or stderr was closed) when training stopped after saving a
- * checkpoint (re-running resumes). Every error
+ * checkpoint (re-running resumes) — also from the `--nproc` launcher when every
+ * rank stopped so (a plain mpirun exits 1 then). Every error
  * is one line naming the file and field.
  */
 #include <errno.h>
@@ -21,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "autograd/gemm.h"
@@ -39,13 +43,56 @@ static void usage(FILE *f) {
             "  Checkpoints go to output_dir/checkpoint-<step>/; re-running the same command resumes from the\n"
             "  newest complete one. Ctrl-C (SIGINT), SIGTERM, SIGHUP or a closed output finishes the step, saves a\n"
             "  checkpoint and stops (exit 130, 143, 129, 141).\n"
-            "  --nproc N: train on N local processes (data parallel over MPI: runs mpirun -np N ...); or launch\n"
-            "  with mpirun -np N qlora-train ... / srun --mpi=pmix qlora-train ... yourself.\n"
+            "  --nproc N: train on N local processes (data parallel over MPI: runs mpirun -np N ...; a stop\n"
+            "  signal to it is passed on and gives the same exit codes); or launch with mpirun -np N\n"
+            "  qlora-train ... / srun --mpi=pmix qlora-train ... yourself (Open MPI's mpirun then exits 1\n"
+            "  after a stop signal).\n"
             "  --help, --version\n");
 }
 
-/* `--nproc N ...`: exec mpirun with N ranks of this program and the rest of the arguments. Returns only on
- * failure (exit status 2). */
+/* --nproc's launcher and its ranks: the ranks of a `--nproc` job that stopped on a signal after saving
+ * (train_result.interrupted: the ranks agreed on the stop, rank 0's checkpoint is complete) each append one
+ * line "RANK WORLD SIGNAL STEP" to the file named by this variable, before MPI_Finalize; the launcher created
+ * it empty and reads it once mpirun has exited. mpirun's own exit status cannot tell that stop from a failure:
+ * Open MPI 4's mpirun exits 1 after passing a signal on (measured: Debian 12's 4.1), as after a failed rank.
+ * Open MPI turns a SIGINT into SIGTERM for the ranks, so the ranks report 15 after a Ctrl-C; the launcher
+ * exits with the signal it received itself. */
+#define NPROC_STOP_ENV "QLORA_NPROC_STOP_FILE"
+
+static volatile sig_atomic_t g_child, g_signal;
+
+/* SIGINT/SIGTERM/SIGHUP to the launcher: remember the first and pass it on to mpirun, which forwards it to the
+ * ranks. Not when the kernel sent it (the terminal's Ctrl-C goes to the whole foreground process group, mpirun
+ * included): a second copy would make Open MPI's mpirun end the ranks at once. */
+static void launcher_on_signal(int sig, siginfo_t *si, void *uc) {
+    (void)uc;
+    if (!g_signal) g_signal = sig;
+    if (g_child > 0 && (!si || si->si_code == SI_USER || si->si_code == SI_QUEUE)) kill((pid_t)g_child, sig);
+}
+
+/* The stop file: 1 when all `world` ranks wrote the same signal and step (their stop was clean), with *sig. */
+static int read_stop_file(const char *path, int world, int *sig) {
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    unsigned char seen[4096] = {0};
+    int n = 0, ok = 1, first_sig = 0, first_step = -1, r, w, sg, st;
+    while (fscanf(f, "%d %d %d %d", &r, &w, &sg, &st) == 4) {
+        if (r < 0 || r >= world || w != world || seen[r] || sg <= 0 || sg >= 64 || (n && (sg != first_sig ||
+                                                                                         st != first_step)))
+            ok = 0;
+        else seen[r] = 1, first_sig = sg, first_step = st;
+        n++;
+    }
+    fclose(f);
+    if (!ok || n != world) return 0;
+    *sig = first_sig;
+    return 1;
+}
+
+/* `--nproc N ...`: run mpirun with N ranks of this program and the rest of the arguments as a child, forward
+ * stop signals to it, and return the exit status: 128 + signal when every rank stopped cleanly after saving
+ * (the signal the launcher received, else the one the ranks stopped on), mpirun's status otherwise — 1 in
+ * place of any status in 128..191, which would read as a clean stop — and 2 when mpirun cannot be started. */
 static int launch_nproc(int argc, char **argv) {
     const char *nv = argv[1][7] == '=' ? argv[1] + 8 : (argc > 2 ? argv[2] : "");
     const int skip = argv[1][7] == '=' ? 1 : 2;
@@ -82,6 +129,7 @@ static int launch_nproc(int argc, char **argv) {
     qerr e;
     if (comm_mpirun_argv((int)n, prog, &mv, &e)) {
         fprintf(stderr, "qlora-train: %s\n", e.msg);
+        free(prog);
         return 2;
     }
     /* N ranks share the cores: unless told otherwise, each gets its share of OpenMP threads */
@@ -91,11 +139,99 @@ static int launch_nproc(int argc, char **argv) {
         snprintf(t, sizeof t, "%ld", ncpu > n ? ncpu / n : 1);
         setenv("OMP_NUM_THREADS", t, 1);
     }
+    /* where the ranks report a clean stop (local ranks inherit mpirun's environment) */
+    const char *tmp = getenv("TMPDIR");
+    char stop_file[4200];
+    snprintf(stop_file, sizeof stop_file, "%s/qlora-nproc-stop-XXXXXX", tmp && *tmp ? tmp : "/tmp");
+    int sfd = mkstemp(stop_file);
+    if (sfd < 0) {
+        fprintf(stderr, "qlora-train: --nproc %ld: cannot create %s: %s (set TMPDIR to a writable directory)\n", n,
+                stop_file, strerror(errno));
+        free(mv), free(prog);
+        return 2;
+    }
+    close(sfd);
+    setenv(NPROC_STOP_ENV, stop_file, 1);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = launcher_on_signal;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    static const int fwd[] = {SIGINT, SIGTERM, SIGHUP};
+    sigset_t block, old_mask;
+    sigemptyset(&block);
+    struct sigaction old_sa[3];
+    for (int i = 0; i < 3; i++) {
+        sigaction(fwd[i], NULL, &old_sa[i]);
+        /* a signal this process ignores (nohup, `&` in a script) stays ignored, also by mpirun */
+        if (old_sa[i].sa_handler != SIG_IGN) sigaction(fwd[i], &sa, NULL), sigaddset(&block, fwd[i]);
+    }
+    /* held until g_child is set: a signal that arrives while mpirun starts is passed on then */
+    sigprocmask(SIG_BLOCK, &block, &old_mask);
     fflush(NULL);
-    execvp(mv[0], mv);
-    fprintf(stderr, "qlora-train: --nproc %ld: cannot run %s: %s (install openmpi-bin, or start the ranks with your "
-                    "MPI's launcher: mpirun -np %ld qlora-train ...)\n", n, mv[0], strerror(errno), n);
-    return 2;
+    /* a pipe closed on exec tells the parent whether exec failed (errno in it) */
+    int ep[2];
+    if (pipe2(ep, O_CLOEXEC)) {
+        fprintf(stderr, "qlora-train: --nproc %ld: pipe: %s\n", n, strerror(errno));
+        sigprocmask(SIG_SETMASK, &old_mask, NULL);
+        unlink(stop_file), free(mv), free(prog);
+        return 2;
+    }
+    pid_t child = fork();
+    if (child == 0) {
+        close(ep[0]);
+        for (int i = 0; i < 3; i++) sigaction(fwd[i], &old_sa[i], NULL);
+        sigprocmask(SIG_SETMASK, &old_mask, NULL); /* the mask would survive exec */
+        execvp(mv[0], mv);
+        int err = errno;
+        if (write(ep[1], &err, sizeof err) < 0) _exit(127);
+        _exit(127);
+    }
+    close(ep[1]);
+    g_child = child > 0 ? child : 0;
+    sigprocmask(SIG_SETMASK, &old_mask, NULL);
+    if (child < 0) {
+        fprintf(stderr, "qlora-train: --nproc %ld: fork: %s\n", n, strerror(errno));
+        close(ep[0]), unlink(stop_file), free(mv), free(prog);
+        return 2;
+    }
+    int exec_err = 0;
+    ssize_t got;
+    while ((got = read(ep[0], &exec_err, sizeof exec_err)) < 0 && errno == EINTR) {
+    }
+    close(ep[0]);
+    int status = 0;
+    while (waitpid(child, &status, 0) < 0 && errno == EINTR) {
+    }
+    g_child = 0;
+    int rc, stop_sig = 0;
+    if (got == (ssize_t)sizeof exec_err) {
+        fprintf(stderr, "qlora-train: --nproc %ld: cannot run %s: %s (install openmpi-bin, or start the ranks with "
+                        "your MPI's launcher: mpirun -np %ld qlora-train ...)\n", n, mv[0], strerror(exec_err), n);
+        rc = 2;
+    } else if (read_stop_file(stop_file, (int)n, &stop_sig)) {
+        rc = 128 + (g_signal ? g_signal : stop_sig);
+    } else if (WIFEXITED(status)) {
+        rc = WEXITSTATUS(status);
+        if (rc >= 128 && rc < 192) rc = 1; /* not a clean stop: never read as one */
+    } else {
+        fprintf(stderr, "qlora-train: --nproc %ld: %s ended by signal %d\n", n, mv[0], WTERMSIG(status));
+        rc = 1;
+    }
+    unlink(stop_file);
+    free(mv);
+    free(prog);
+    return rc;
+}
+
+/* A rank of a --nproc job that stopped cleanly: one line in the launcher's stop file (read_stop_file). */
+static void report_stop_to_launcher(int rank, int world, int sig, int step) {
+    const char *path = getenv(NPROC_STOP_ENV);
+    if (!path || !*path || world < 2) return;
+    int fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC);
+    if (fd < 0) return;
+    dprintf(fd, "%d %d %d %d\n", rank, world, sig, step);
+    close(fd);
 }
 
 /* A failure of this rank: one line ("rank R: " on ranks other than 0, on the stderr saved before it was silenced),
@@ -192,6 +328,8 @@ int main(int argc, char **argv) {
                 r.interrupted_step, r.checkpoint, cmd);
         train_config_free(&c);
         gemm_shutdown();
+        /* before MPI_Finalize: once mpirun has passed a signal on, Open MPI may end the ranks in it */
+        report_stop_to_launcher(cm->rank, cm->world_size, r.interrupted, r.interrupted_step);
         comm_free(cm);
         return 128 + r.interrupted;
     }

@@ -63,7 +63,11 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     double qd = (double)hp->n_head * hp->head_dim, kd = (double)hp->n_kv_head * hp->head_dim;
     double nth = in->n_threads > 0 ? in->n_threads : 1;
     double es = in->bf16 ? 2.0 : 4.0; /* GEMM operand element size */
-    double nl = r > 0 ? 7.0 : 0.0;     /* adapted linears per block (lora_target_linear) */
+    /* Phi-3: 4 linears, two of them fused (qkv_proj, gate_up_proj), whose outputs exist once whole and once as
+     * the q/k/v and gate/up parts (autograd op_cols) */
+    const int fused = hp->arch == LLAMA_ARCH_PHI3;
+    double nl = r > 0 ? (fused ? 4.0 : 7.0) : 0.0; /* adapted linears per block (lora_target_linear) */
+    double fused_out = fused ? (qd + 2 * kd) + 2 * F : 0.0;
 
     /* frozen base: NF4 linears, bf16 embeddings (+ untied head), fp32 norms, RoPE table */
     /* on the GPU an untied embedding table stays on the host (the backend gathers its rows there) */
@@ -83,14 +87,15 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     out->gather = (double)in->gather_bytes;
 
     /* one block's fp32 outputs (the same sizes again as their gradients in backward) */
-    double blk_f32 = 4.0 * N * (D + (qd + 2 * kd) + (qd + kd) + qd + 4 * D + 3 * F + nl * r);
+    double blk_f32 = 4.0 * N * (D + (qd + 2 * kd) + (qd + kd) + qd + 4 * D + 3 * F + nl * r + fused_out);
     /* GEMM operand copies kept for backward */
     double blk_ops = es * N * (2 * D + (qd + 2 * kd) + qd + 3 * F + nl * r);
     if (in->lora_dropout > 0) blk_ops += es * N * (3 * D + qd + 2 * D + F); /* dropout(x) per linear */
     double blk_stats = 8.0 * N + 8.0 * B * H * T + 4.0 * N;
     /* transients of one op: bf16 dy, attention scratch (per thread), dO */
     double attn_tmp = in->device_cuda ? 4.0 * B * H * T : nth * 128.0 * T * 12.0;
-    double op_tmp = 2.0 * N * (F > qd + 2 * kd ? F : qd + 2 * kd) + 4.0 * N * r + attn_tmp + es * N * qd;
+    double widest = fused ? (2 * F > qd + 2 * kd ? 2 * F : qd + 2 * kd) : (F > qd + 2 * kd ? F : qd + 2 * kd);
+    double op_tmp = 2.0 * N * widest + 4.0 * N * r + attn_tmp + es * N * qd;
     double top = 4.0 * N * D * 5.0 + 128.0 * V * (4.0 + es) + es * 128.0 * D;
     if (!in->checkpointing) {
         double keep_layer = 4.0 * N * D * 2.0 + blk_ops + blk_stats;
@@ -115,7 +120,7 @@ void memplan_predict(const memplan_input *in, memplan *out) {
         out->activations = L * 4.0 * N * D + 1.7 * blk_f32 + blk_ops + blk_stats + op_tmp + top;
     }
     /* dequantized weight of the largest linear, block-output copy buffer */
-    double wmax = (F * D > qd * D ? F * D : qd * D) * es;
+    double wmax = (fused ? widest * D : (F * D > qd * D ? F * D : qd * D)) * es;
     out->scratch = wmax + 4.0 * N * D;
     /* process baseline: code and libraries, oneDNN JIT kernels and scratchpads, thread stacks */
     if (in->device_cuda) /* CUDA context + kernels, cuBLASLt workspace, argument buffers */

@@ -84,12 +84,15 @@ int preprocess_show(const train_config *c, int n_rows, int eval, preprocess_view
         goto done;
     if (train_config_check_special_tokens(c, tokenizer_bos_id(tok), tokenizer_eos_id(tok), tokenizer_unk_id(tok), tok_text, tok, e))
         goto done;
+    dataset_skip_log notes = {0};
+    for (int i = 0; i < ns; i++) specs[i].skipped = &notes;
     dataset_stats st;
     if (dataset_build(tok, specs, ns, tspecs, nts, c->val_set_size, c->sequence_len,
                       c->sample_packing, c->train_on_inputs, train_config_data_seed(c), &train_set, &eval_set, &st, e)) {
         qerr_prefix(e, "%s: datasets", cfgname);
         goto done;
     }
+    if (notes.note[0]) fprintf(out, "[data] datasets: %s\n", notes.note);
     const dataset_split_stats *ss[2] = {&st.train, &st.eval};
     static const char *const nm[2] = {"train", "held-out"};
     for (int s = 0; s < 2; s++)

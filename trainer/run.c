@@ -299,16 +299,42 @@ static int setup_resume_choice_rank0(run_ctx *r, qerr *e) {
     return 0;
 }
 
+/* The linears LoRA targets, by slot, from lora_target_linear (every linear the
+ * model has) and lora_target_modules, whose names must be the model's own
+ * (HF's module names: Phi-3 has qkv_proj and gate_up_proj, not q/k/v_proj and
+ * gate/up_proj; the others the reverse). */
+static int resolve_targets(const run_ctx *r, const llama_hparams *hp, int target[LLAMA_N_LINEAR], qerr *e) {
+    const train_config *c = r->c;
+    const llama_linear_name *lin = llama_hparams_linears(hp);
+    for (int k = 0; k < LLAMA_N_LINEAR; k++) target[k] = c->lora_target_linear && lin[k].peft != NULL;
+    for (int i = 0; i < c->n_lora_target_modules; i++) {
+        const char *name = c->lora_target_modules[i];
+        int k = name ? llama_linear_from_peft_in(lin, name, strlen(name)) : -1;
+        if (k >= 0) {
+            target[k] = 1;
+            continue;
+        }
+        char have[160] = "";
+        for (int j = 0; j < LLAMA_N_LINEAR; j++)
+            if (lin[j].peft)
+                snprintf(have + strlen(have), sizeof have - strlen(have), "%s%s", have[0] ? ", " : "", lin[j].peft);
+        return qerr_set(e, "%s: lora_target_modules: \"%s\" is not a linear of %s (a %s model; its linears: %s%s)",
+                        r->cfgname, name ? name : "?", c->base_model, llama_arch_name(hp->arch), have,
+                        hp->arch == LLAMA_ARCH_PHI3 ? "; Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj"
+                                                    : "");
+    }
+    return 0;
+}
+
 /* lora_r against the targeted linears: the update B·A of a linear with `in`
  * inputs and `out` outputs has rank at most min(in, out), so a larger r adds
  * parameters (and memory) that cannot change what it can learn. */
-static int check_lora_rank(const run_ctx *r, const llama_hparams *hp, qerr *e) {
+static int check_lora_rank(const run_ctx *r, const llama_hparams *hp, const int target[LLAMA_N_LINEAR], qerr *e) {
     const train_config *c = r->c;
-    const unsigned mask = train_config_target_mask(c);
     int worst = -1;
     int64_t w_out = 0, w_in = 0;
     for (int k = 0; k < LLAMA_N_LINEAR; k++) {
-        if (!((mask >> k) & 1)) continue;
+        if (!target[k]) continue;
         int64_t out, in;
         llama_tensor_shape(hp, LLAMA_T_LINEAR, k, &out, &in);
         if (worst < 0 || (out < in ? out : in) < (w_out < w_in ? w_out : w_in)) worst = k, w_out = out, w_in = in;
@@ -319,7 +345,7 @@ static int check_lora_rank(const run_ctx *r, const llama_hparams *hp, qerr *e) {
                         "%s: lora_r: %d exceeds the rank a LoRA update of %s can have: its weight is [%lld, %lld] "
                         "(out, in) in the %d layers of %s; expected lora_r <= %lld, min(in, out) of every targeted "
                         "linear",
-                        r->cfgname, c->lora_r, llama_linears[worst].peft, (long long)w_out, (long long)w_in,
+                        r->cfgname, c->lora_r, llama_hparams_linears(hp)[worst].peft, (long long)w_out, (long long)w_in,
                         hp->n_layer, c->base_model, (long long)max_r);
     return 0;
 }
@@ -370,7 +396,8 @@ static int setup_base_model(run_ctx *r, qerr *e) {
                         r->cfgname, c->base_model, n_tok,
                         base_model_kind(r->bm) == BASE_HF ? "model.embed_tokens.weight" : "token_embd.weight",
                         hp0->vocab, hp0->vocab, n_tok - 1, n_tok, hp0->vocab);
-    return check_lora_rank(r, hp0, e);
+    int target[LLAMA_N_LINEAR];
+    return resolve_targets(r, hp0, target, e) || check_lora_rank(r, hp0, target, e) ? -1 : 0;
 }
 
 /* XXH64 of the packed training rows: a changed dataset (or tokenizer,
@@ -424,6 +451,8 @@ static int setup_data(run_ctx *r, qerr *e) {
             }
         return -1;
     }
+    if (skipped.note[0]) fprintf(stderr, "[data] datasets: %s\n", skipped.note);
+    if (tskipped.note[0]) fprintf(stderr, "[data] test_datasets: %s\n", tskipped.note);
     if (skipped.n_lines)
         fprintf(stderr, "[data] skipped %lld malformed line(s) of datasets (skip_bad_lines); the first: %s\n",
                 (long long)skipped.n_lines, skipped.first);
@@ -500,7 +529,8 @@ static int setup_agree(run_ctx *r, qerr *e) {
 
 /* The adapter's tensors in arena order, with their PEFT names: the one table
  * behind the adapter files and the checkpoints. *out malloc'd. */
-static int adapter_table(const lora_set *ls, peft_tensor **out, int *n_out, qerr *e) {
+static int adapter_table(const lora_set *ls, const llama_hparams *hp, peft_tensor **out, int *n_out, qerr *e) {
+    const llama_linear_name *lin = llama_hparams_linears(hp);
     int n = 0;
     for (int l = 0; l < ls->n_layer; l++)
         for (int k = 0; k < LLAMA_N_LINEAR; k++) n += lora_set_get(ls, l, k) ? 2 : 0;
@@ -513,7 +543,7 @@ static int adapter_table(const lora_set *ls, peft_tensor **out, int *n_out, qerr
             if (!a) continue;
             for (int ab = 0; ab < 2; ab++) {
                 const tensor *x = ab ? a->B : a->A;
-                peft_tensor_name(t[i].name, sizeof t[i].name, l, llama_linears[k].parent, llama_linears[k].peft,
+                peft_tensor_name(t[i].name, sizeof t[i].name, l, lin[k].parent, lin[k].peft,
                                  ab ? 'B' : 'A');
                 t[i].offset = (int64_t)((const float *)x->data - ls->params);
                 t[i].rows = x->shape[0];
@@ -683,8 +713,8 @@ static int setup_model(run_ctx *r, qerr *e) {
     if (r->model.fsdp && setup_fsdp_report(r, e)) return -1;
     const llama_model *m = &r->model;
     const llama_hparams *hp = &m->hp;
-    fprintf(stderr, "[model] %s: llama, %d layers, d_model %d, heads %d/%d (head_dim %d), ffn %d, vocab %d, %s embeddings; %.1fs\n",
-            c->base_model, hp->n_layer, hp->d_model, hp->n_head, hp->n_kv_head, hp->head_dim, hp->d_ff, hp->vocab,
+    fprintf(stderr, "[model] %s: %s, %d layers, d_model %d, heads %d/%d (head_dim %d), ffn %d, vocab %d, %s embeddings; %.1fs\n",
+            c->base_model, llama_arch_name(hp->arch), hp->n_layer, hp->d_model, hp->n_head, hp->n_kv_head, hp->head_dim, hp->d_ff, hp->vocab,
             hp->tied_embeddings ? "tied" : "untied", clock_now_sec() - t0);
     fprintf(stderr, "[model] frozen linears: %.1fM params held %s in %.1f MiB = %.4f bytes/param; embeddings bf16 %.1f MiB\n",
             m->n_quantized_params / 1e6,
@@ -694,9 +724,8 @@ static int setup_model(run_ctx *r, qerr *e) {
     r->res->quantized_bytes = m->quantized_bytes;
     r->res->n_quantized_params = m->n_quantized_params;
 
-    unsigned mask = train_config_target_mask(c);
     int target[LLAMA_N_LINEAR];
-    for (int k = 0; k < LLAMA_N_LINEAR; k++) target[k] = (mask >> k) & 1;
+    if (resolve_targets(r, hp, target, e)) return -1;
     if (setup_memory_plan(r, target, e)) return -1;
     lora_set *ls = &r->ls;
     /* the adapters live in the memory of the backend the training context will use (ag_ctx_init) */
@@ -706,7 +735,7 @@ static int setup_model(run_ctx *r, qerr *e) {
     fprintf(stderr, "[lora] r %d, alpha %g, scaling %g%s, dropout %g; %lld trainable params (%.3f%% of %.1fM)\n",
             ls->r, ls->alpha, ls->scaling, c->use_rslora ? " (rsLoRA)" : "", ls->dropout, (long long)ls->n_params,
             100.0 * ls->n_params / (double)(m->n_params + ls->n_params), m->n_params / 1e6);
-    if (adapter_table(ls, &r->tensors, &r->n_tensors, e)) return -1;
+    if (adapter_table(ls, hp, &r->tensors, &r->n_tensors, e)) return -1;
     if (r->resuming && check_resume_adapter(r, e)) return -1;
     return 0;
 }

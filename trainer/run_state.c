@@ -18,7 +18,7 @@ int run_write_adapter(const run_ctx *r, const char *dir, qerr *e) {
     const char *targets[LLAMA_N_LINEAR];
     int nt = 0;
     for (int k = 0; k < LLAMA_N_LINEAR; k++)
-        if (ls->target[k]) targets[nt++] = llama_linears[k].peft;
+        if (ls->target[k]) targets[nt++] = llama_hparams_linears(&r->model.hp)[k].peft;
     peft_lora_config pc = {.r = ls->r, .lora_alpha = ls->alpha, .lora_dropout = ls->dropout,
                            .use_rslora = ls->use_rslora, .target_modules = targets, .n_target_modules = nt,
                            .base_model_name_or_path = r->c->base_model};
@@ -68,7 +68,7 @@ static int checkpoint_save_sharded(run_ctx *r, int step, char *lh, size_t lh_len
         .opt_step = r->opt.step, .beta1 = c->adam_beta1, .beta2 = c->adam_beta2, .eps = c->adam_epsilon,
         .weight_decay = c->weight_decay, .nan_streak = r->nan_streak, .nan_skipped = r->nan_skipped,
         .eval_loss_start = r->eval_loss_start, .last_eval_loss = r->last_eval, .last_eval_step = r->last_eval_step,
-        .train_seconds = r->train_sec, .model_fingerprint = r->model_fp, .tokenizer_fingerprint = r->tok_fp,
+        .train_seconds = r->train_sec, .loss_watchdog_streak = r->watchdog_streak, .model_fingerprint = r->model_fp, .tokenizer_fingerprint = r->tok_fp,
         .n_params = r->ls.n_params, .params = r->ls.params, .exp_avg = r->opt.m, .exp_avg_sq = r->opt.v,
         .opt_lo = r->shard_lo, .opt_hi = r->shard_hi,
         .n_tensors = r->n_tensors, .tensors = r->tensors, .config_yaml = r->config_yaml, .log_history = lh,
@@ -159,7 +159,7 @@ int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
         .opt_step = r->opt.step, .beta1 = c->adam_beta1, .beta2 = c->adam_beta2, .eps = c->adam_epsilon,
         .weight_decay = c->weight_decay, .nan_streak = r->nan_streak, .nan_skipped = r->nan_skipped,
         .eval_loss_start = r->eval_loss_start, .last_eval_loss = r->last_eval, .last_eval_step = r->last_eval_step,
-        .train_seconds = r->train_sec, .model_fingerprint = r->model_fp, .tokenizer_fingerprint = r->tok_fp,
+        .train_seconds = r->train_sec, .loss_watchdog_streak = r->watchdog_streak, .model_fingerprint = r->model_fp, .tokenizer_fingerprint = r->tok_fp,
         .n_params = r->ls.n_params, .params = r->ls.params, .exp_avg = full_m ? full_m : r->opt.m,
         .exp_avg_sq = full_v ? full_v : r->opt.v,
         .n_tensors = r->n_tensors, .tensors = r->tensors, .config_yaml = r->config_yaml, .log_history = lh,
@@ -316,6 +316,7 @@ int run_resume(run_ctx *r, const ckpt_state *ck, qerr *e) {
     r->last_lr = ck->last_lr;
     r->nan_streak = ck->nan_streak;
     r->nan_skipped = ck->nan_skipped;
+    r->watchdog_streak = (int)ck->loss_watchdog_streak;
     r->eval_loss_start = ck->eval_loss_start;
     r->last_eval = ck->last_eval_loss;
     r->last_eval_step = (int)ck->last_eval_step;

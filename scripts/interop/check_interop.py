@@ -30,7 +30,7 @@ Checks (tolerances are on logits, in nats; the base logits span about 30):
   5. hf_dir    transformers save_pretrained of the GGUF-loaded model (fp32 safetensors) as base_model:
                qlora-train's losses equal the GGUF run's (|diff| <= 1e-6: the NF4 weights are the
                same); peak RSS of loading (info).
-  7. family    the tiny llama3 / mistral / qwen2 models of tests/fixtures/ref_<family>.qref.gz: qlora
+  7. family    the tiny llama3 / mistral / qwen2 / phi3 models of tests/fixtures/ref_<family>.qref.gz: qlora
                trains on the GGUF form, PEFT loads the adapter on the HF form (check_families; alone:
                --only families).
   6. bnb4      transformers + bitsandbytes quantize that directory (nf4, double quant) and save it;
@@ -240,12 +240,42 @@ def hf_logits(model, ids):
 
 # ---------------------------------------------------------------- 7. the tiny model families
 
-FAMILIES = ["llama3", "mistral", "qwen2"]
+FAMILIES = ["llama3", "mistral", "qwen2", "phi3"]
 FAMILY_TEXT = "thequickbrownfoxjumpsoverthelazydog.THEQUICKBROWNFOX!0123456789(interin)"  # in the tiny vocabulary
 
 
+def check_family_gguf_lora(fam, path, adapter_dir, base_gguf):
+    """family:<f>:gguf_lora: the GGUF LoRA names llama.cpp's tensors of the family's architecture (Phi-3: fused
+    attn_qkv and ffn_up = gate|up, one pair each), each lora_a/lora_b equal to PEFT's A/B (Q/K rows permuted
+    as the converter permutes W_q/W_k for arch llama only), every adapted base tensor present in the base."""
+    from gguf import GGUFReader
+    r, base = GGUFReader(path), GGUFReader(base_gguf)
+    arch = base.fields["general.architecture"].contents()
+    heads = {k: base.fields[f"{arch}.attention.{k}"].contents() for k in ("head_count", "head_count_kv")}
+    st = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down",
+             "qkv_proj": "attn_qkv", "gate_up_proj": "ffn_up"}
+    gg, base_names = {t.name: t for t in r.tensors}, {t.name for t in base.tensors}
+    bad = []
+    for key, a in st.items():
+        parts = key.split(".")
+        layer, mod, ab = int(parts[4]), parts[6], parts[7]
+        gname = f"blk.{layer}.{names[mod]}.weight"
+        t = gg.get(f"{gname}.lora_{'a' if ab == 'lora_A' else 'b'}")
+        want = a
+        if ab == "lora_B" and mod in ("q_proj", "k_proj") and arch == "llama":
+            want = permute_hf_to_gguf(a, heads["head_count" if mod == "q_proj" else "head_count_kv"])
+        if t is None or gname not in base_names or not np.array_equal(np.asarray(t.data), want):
+            bad.append(gname)
+    ok = r.fields["general.architecture"].contents() == arch and len(gg) == len(st) and not bad
+    check(f"family:{fam}:gguf_lora", ok, {"arch": arch, "tensors": len(gg), "modules": sorted({k.split(".")[6] for k in st}),
+                                          "problems": bad[:3]})
+
+
 def check_families(bin_dir, work):
-    """Each tiny family of tests/fixtures/ref_<family>.qref.gz (llama3 RoPE scaling, Mistral, Qwen2 biases):
+    """Each tiny family of tests/fixtures/ref_<family>.qref.gz (llama3 RoPE scaling, Mistral, Qwen2 biases,
+    Phi-3's fused qkv_proj / gate_up_proj, whose adapter PEFT puts on the fused modules):
     qlora-train (bf16 base, 3 steps) on the GGUF form written by llama.cpp's converter; then
       family:<f>:peft     transformers loads the HF form (the same weights), PEFT loads qlora's adapter:
                           logits vs qlora-generate --dump-logits (fp32) on the HF form, max |diff| <= 2e-3;
@@ -287,6 +317,7 @@ def check_families(bin_dir, work):
         run([os.path.join(bin_dir, "qlora-train"), cfg])
         q_hf, ids = qlora_logits(bin_dir, d, "hf", out, hf, FAMILY_TEXT[:20], nf4=False, bf16=False, raw=True)
         q_gg, ids2 = qlora_logits(bin_dir, d, "gguf", out, gg, FAMILY_TEXT[:20], nf4=False, bf16=False, raw=True)
+        qlora_logits(bin_dir, d, "base", None, gg, FAMILY_TEXT[:20], nf4=False, bf16=False, raw=True)  # llama.cpp's
         assert np.array_equal(ids, ids2)
         ids = [int(x) for x in ids]
         compare(f"family:{fam}:gguf_hf", q_hf, q_gg, 1e-4)
@@ -298,7 +329,9 @@ def check_families(bin_dir, work):
             effect = float(np.abs(p_logits - hf_logits(pm, ids)).max())
         compare(f"family:{fam}:peft", p_logits, q_hf, 2e-3, {"adapter_effect": float(f"{effect:.3g}")})
         merged = os.path.join(d, "merged")
-        run([os.path.join(bin_dir, "qlora-export"), out, "--base", gg, "--merged", merged, "--load-in-4bit", "0"])
+        run([os.path.join(bin_dir, "qlora-export"), out, "--base", gg, "--merged", merged, "--load-in-4bit", "0",
+             "--gguf", os.path.join(d, "adapter.gguf")])
+        check_family_gguf_lora(fam, os.path.join(d, "adapter.gguf"), out, gg)
         mm = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
         # a Mistral GGUF is general.architecture llama (the converter keeps no window): LlamaForCausalLM is
         # the same model over rows within the window
