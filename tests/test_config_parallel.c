@@ -2,7 +2,7 @@
  * (trainer/config.c's "several processes" block): ddp_timeout; fsdp,
  * fsdp_version, fsdp_config and deepspeed, where data parallel (NO_SHARD,
  * ZeRO stage 0), SHARD_GRAD_OP (ZeRO 2) and FULL_SHARD (ZeRO 3) are accepted
- * and every other strategy (HYBRID_SHARD, ZeRO 1, offload) is refused with
+ * and every other strategy (HYBRID_SHARD, ZeRO 1, DeepSpeed offloading) is refused with
  * one line naming it; the resolved config reads back to the same values.
  */
 #include <setjmp.h>
@@ -75,7 +75,6 @@ static void test_strategies_refused(void **st) {
     const tmpdir *t = *st;
     char ds[256], text[512];
     expect_refused(t, "fsdp: [hybrid_shard]\n", "HYBRID_SHARD is not implemented yet");
-    expect_refused(t, "fsdp: [no_shard, offload]\n", "parameter offload (offload) is not implemented yet");
     expect_refused(t, "fsdp: [zero_shard]\n", "fsdp: unknown option \"zero_shard\"");
     expect_refused(t, "fsdp_version: 3\n", "fsdp_version: expected 1 or 2");
     expect_refused(t, "fsdp_config:\n  fsdp_sharding_strategy: 4\n", "HYBRID_SHARD is not implemented yet");
@@ -88,11 +87,9 @@ static void test_strategies_refused(void **st) {
     expect_refused(t, "fsdp: [full_shard]\nfsdp_config:\n  reshard_after_forward: false\n",
                    "more than one of NO_SHARD, SHARD_GRAD_OP and FULL_SHARD");
     expect_refused(t, "fsdp: [full_shard]\noptimizer: sophia\n", "sophia with FULL_SHARD is not implemented yet");
-    expect_refused(t, "fsdp: [full_shard, offload]\n", "parameter offload (offload) is not implemented yet");
     expect_refused(t, "fsdp: [shard_grad_op]\noptimizer: sophia\n", "sophia with SHARD_GRAD_OP is not implemented yet");
     expect_refused(t, "fsdp: [shard_grad_op]\noptimizer: adamw_8bit\n",
                    "adamw_8bit with SHARD_GRAD_OP is not implemented yet");
-    expect_refused(t, "fsdp_config:\n  fsdp_offload_params: true\n", "parameter offload is not implemented yet");
     expect_refused(t, "fsdp_config:\n  fsdp_state_dict_type: LOCAL_STATE_DICT\n",
                    "expected FULL_STATE_DICT (one state file written by rank 0) or SHARDED_STATE_DICT");
     expect_refused(t, "fsdp_config:\n  fsdp_state_dict_type: SHARDED_STATE_DICT\noptimizer: adamw_8bit\n",
@@ -240,6 +237,41 @@ static void test_no_shard_accepted_and_resolved(void **st) {
     expect_refused(t, text, "fsdp / fsdp_config and deepspeed are both set");
 }
 
+/* FSDP's parameter offload (fsdp_offload_params: true, fsdp: [..., offload]): on CPU ranks everything is in host
+ * memory already, so it is accepted with a [config] line, kept through the resolved config (device cuda refuses it
+ * at start, trainer/run.c); false leaves it off. */
+static void test_offload_params_on_cpu(void **st) {
+    const tmpdir *t = *st;
+    static const char *const spellings[] = {
+        "fsdp: [full_shard, auto_wrap, offload]\n",
+        "fsdp: [full_shard]\nfsdp_config:\n  fsdp_offload_params: true\n  fsdp_state_dict_type: FULL_STATE_DICT\n",
+        "fsdp_config:\n  offload_params: true\n  fsdp_state_dict_type: SHARDED_STATE_DICT\n",
+        "fsdp_config:\n  fsdp_offload_params: true\n"};
+    char out[256];
+    snprintf(out, sizeof out, "%s/resolved_offload.yaml", t->dir);
+    for (size_t i = 0; i < sizeof spellings / sizeof *spellings; i++) {
+        train_config c, back;
+        qerr e;
+        assert_int_equal(load_with(t, spellings[i], &c, &e), 0);
+        assert_int_equal(c.fsdp_offload_params, 1);
+        int warned = 0;
+        for (int w = 0; w < c.n_warnings; w++) warned |= strstr(c.warnings[w], "in host memory already") != NULL;
+        assert_true(warned);
+        assert_int_equal(train_config_write_yaml(&c, out, &e), 0);
+        if (train_config_load(out, &back, &e)) fail_msg("%s: %s", spellings[i], e.msg);
+        assert_int_equal(back.fsdp_offload_params, 1);
+        assert_int_equal(back.fsdp_full_shard != 0, c.fsdp_full_shard != 0);
+        assert_int_equal(back.fsdp_state_dict_type, c.fsdp_state_dict_type);
+        train_config_free(&back);
+        train_config_free(&c);
+    }
+    train_config c;
+    qerr e;
+    assert_int_equal(load_with(t, "fsdp_config:\n  fsdp_offload_params: false\n", &c, &e), 0);
+    assert_int_equal(c.fsdp_offload_params, 0);
+    train_config_free(&c);
+}
+
 static int group_setup(void **state) { return tmpdir_setup(state, "qlora_test_config_parallel"); }
 
 int main(void) {
@@ -247,6 +279,7 @@ int main(void) {
         cmocka_unit_test(test_ddp_timeout),
         cmocka_unit_test(test_strategies_refused),
         cmocka_unit_test(test_no_shard_accepted_and_resolved),
+        cmocka_unit_test(test_offload_params_on_cpu),
     };
     return cmocka_run_group_tests(tests, group_setup, tmpdir_teardown);
 }

@@ -1276,19 +1276,31 @@ static int strategy_refused(const pctx *p, const yaml_node_t *at, const char *wh
                 what, strategy);
 }
 
+/* fsdp: offload / fsdp_offload_params: true — FSDP's CPUOffload(offload_params=True): parameters, gradients
+ * and optimizer state live in host memory. CPU ranks keep everything there already, so the result and the
+ * memory are the same: accepted with one [config] line; on device cuda it is refused (setup_device). */
+static int offload_params_accepted(const pctx *p, const char *what) {
+    p->c->fsdp_offload_params = 1;
+    return add_warning(p->c, p->e, "%s: %s: parameters, gradients and optimizer state are in host memory already "
+                                   "on CPU ranks (the same result and memory); refused with device: cuda",
+                       p->src, what)
+               ? -1
+               : 0;
+}
+
 /* fsdp: a list (or a space-separated string) of HF's FSDPOption values. */
 static int parallel_fsdp_option(const pctx *p, const yaml_node_t *at, const char *o) {
     static const char *const names[][2] = {{"hybrid_shard", "HYBRID_SHARD"},
-                                           {"hybrid_shard_zero2", "HYBRID_SHARD_ZERO2"},
-                                           {"offload", "parameter offload (offload)"}};
+                                           {"hybrid_shard_zero2", "HYBRID_SHARD_ZERO2"}};
     if (!strcmp(o, "no_shard")) return p->c->fsdp_no_shard = 1, 0;
     if (!strcmp(o, "shard_grad_op")) return p->c->fsdp_shard_grad_op = 1, 0;
     if (!strcmp(o, "full_shard")) return p->c->fsdp_full_shard = 1, 0;
     if (!strcmp(o, "auto_wrap")) return 0; /* qlora's unit is the decoder layer whatever the wrapping */
+    if (!strcmp(o, "offload")) return offload_params_accepted(p, "fsdp: offload");
     for (size_t i = 0; i < sizeof names / sizeof *names; i++)
         if (!strcmp(o, names[i][0])) return strategy_refused(p, at, "fsdp", names[i][1]);
-    return perr(p, at, "fsdp: unknown option \"%s\"; expected no_shard, shard_grad_op or full_shard (hybrid_shard, "
-                       "offload are not implemented yet) and optionally auto_wrap", o);
+    return perr(p, at, "fsdp: unknown option \"%s\"; expected no_shard, shard_grad_op or full_shard (hybrid_shard "
+                       "is not implemented yet) and optionally auto_wrap and offload", o);
 }
 
 static int parallel_bool(const pctx *p, const char *what, const yaml_node_t *v, int *out) {
@@ -1363,7 +1375,7 @@ static int parallel_fsdp_config(const pctx *p, const yaml_node_t *v) {
                 return -1;
         } else if (!strcmp(k, "offload_params")) {
             if (parallel_bool(p, what, vn, &b)) return -1;
-            if (b) return strategy_refused(p, vn, what, "parameter offload");
+            if (b && offload_params_accepted(p, what)) return -1;
         } else {
             int ok = 0;
             for (size_t i = 0; i < sizeof harmless / sizeof *harmless; i++) ok |= !strcmp(k, harmless[i]);
@@ -1487,11 +1499,12 @@ static void parallel_write_yaml(FILE *f, const train_config *c) {
     } else if (c->fsdp_no_shard) {
         fputs("fsdp_config:\n  fsdp_sharding_strategy: NO_SHARD\n", f);
     }
-    if (c->fsdp_state_dict_type) /* only when given: a config without it resolves as before */
-        fprintf(f, "%s  fsdp_state_dict_type: %s\n",
-                c->deepspeed || !(c->fsdp_shard_grad_op || c->fsdp_no_shard || c->fsdp_full_shard) ? "fsdp_config:\n"
-                                                                                                    : "",
-                c->fsdp_state_dict_type == 2 ? "SHARDED_STATE_DICT" : "FULL_STATE_DICT");
+    /* only when given: a config without them resolves as before; one fsdp_config mapping holds them */
+    const int open_map = c->deepspeed || !(c->fsdp_shard_grad_op || c->fsdp_no_shard || c->fsdp_full_shard);
+    if (open_map && (c->fsdp_offload_params || c->fsdp_state_dict_type)) fputs("fsdp_config:\n", f);
+    if (c->fsdp_offload_params) fputs("  fsdp_offload_params: true\n", f);
+    if (c->fsdp_state_dict_type)
+        fprintf(f, "  fsdp_state_dict_type: %s\n", c->fsdp_state_dict_type == 2 ? "SHARDED_STATE_DICT" : "FULL_STATE_DICT");
 }
 
 int train_config_sharded_state_dict(const train_config *c) {

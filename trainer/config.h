@@ -228,6 +228,10 @@ typedef struct train_config {
                                          FULL_STATE_DICT: train_config_sharded_state_dict); 1
                                          FULL_STATE_DICT (one state.h5 written by rank 0); 2
                                          SHARDED_STATE_DICT (one shard file per rank) */
+    int fsdp_offload_params;          /* default 0; 1: fsdp_config.fsdp_offload_params: true or fsdp: [..., offload]:
+                                         parameters, gradients and optimizer state in host memory — where CPU
+                                         ranks keep them anyway (accepted with a [config] line); refused on
+                                         device cuda (trainer/run.c setup_device) until implemented */
     char *deepspeed;                  /* default NULL; a DeepSpeed JSON whose zero_optimization.stage is 0,
                                          2 or 3 (stage 1 is refused at load) */
     /* ---- end of several processes ---- */

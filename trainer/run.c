@@ -171,6 +171,12 @@ static int setup_device_choose(run_ctx *r, qerr *e) {
 static int setup_device(run_ctx *r, qerr *e) {
     if (r->world > 1 && strcmp(r->c->device, "cpu") && comm_cuda_select_device(r->comm, e)) return -1;
     if (setup_device_choose(r, e)) return -1;
+    if (r->c->fsdp_offload_params && !strcmp(ag_backend_default()->name, "cuda"))
+        return qerr_set(e,
+                        "%s: fsdp_offload_params (fsdp: offload): keeping the parameters in host memory is not "
+                        "implemented for device cuda; remove it, or train on CPU ranks (device: cpu), where "
+                        "everything is in host memory already",
+                        r->cfgname);
     if (r->world == 1) return 0;
     if (!strcmp(ag_backend_default()->name, "cuda")) return comm_nccl_upgrade(r->comm, e);
     if (!strcmp(r->comm->ops->name, "torchrun"))
