@@ -619,6 +619,7 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
                                              r->eval_set.n_rows * r->eval_set.seq_len) +
                                        8 * r->train_set.n_rows,
                          .n_threads = r->n_threads,
+                         .grad_accumulation = c->gradient_accumulation_steps,
                          .world = r->world,
                          .shard_optimizer = c->fsdp_shard_grad_op || c->fsdp_full_shard,
                          .frozen_shard_bytes = m->fsdp ? (int64_t)llama_fsdp_resident_bytes(m->fsdp) : 0,
