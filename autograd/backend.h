@@ -105,6 +105,9 @@ typedef struct ag_ce_args {
     uint64_t seed;          /* AG_CE_SAMPLED */
     float scale;            /* gradient scale (the loss itself is returned unscaled) */
     float *dh;              /* (N, D) fp32 data, zeroed by the caller, or NULL: no gradient */
+    float *dw;              /* (V, D) fp32 data or NULL: dw += dlogitsᵀ h (a trainable head, PEFT's
+                             * modules_to_save lm_head), one GEMM per chunk in chunk order, with the
+                             * same operands (bf16 when bf16) as dh = dlogits W; needs dh */
     int32_t *labels;        /* (N) host or NULL: the targets used, -100 at skipped rows */
     int bf16;
 } ag_ce_args;
@@ -247,6 +250,12 @@ typedef struct ag_backend {
     void (*scale)(float *x, int64_t n, float s);
     /* Number of NaN or ±Inf elements of x (n) fp32. */
     int64_t (*count_nonfinite)(const float *x, int64_t n);
+    /* Backward of a trainable embedding (PEFT modules_to_save embed_tokens): dtable (V, D) fp32 +=
+     * dx (n, D) fp32 scattered to rows ids[0..n) (host). Deterministic: the rows of each column are
+     * added in token order (columns split over threads, no atomics). NULL on a backend without it
+     * (cuda: the config refuses lora_modules_to_save there). Last in the table so positional tables
+     * (backend_cuda.cu) stay valid. */
+    void (*embedding_bwd)(const float *dx, const int32_t *ids, int64_t n, int64_t D, float *dtable);
 } ag_backend;
 
 /* The backend named `name` ("cpu", "cpu-ref", ...), or NULL when it is not

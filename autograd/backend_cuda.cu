@@ -1262,6 +1262,11 @@ __global__ void k_ce_total(const double *loss_rows, const int32_t *labels, int64
 }
 
 static double cu_lm_head_ce(struct ag_ctx *ctx, const ag_ce_args *a, int64_t *n_count) {
+    if (a->dw) { /* the config refuses lora_modules_to_save on cuda; never drop the gradient silently */
+        fprintf(stderr, "[cuda] lm_head_ce: the gradient of a trainable LM head (lora_modules_to_save) is not "
+                        "implemented on cuda\n");
+        abort();
+    }
     const int64_t N = a->N, D = a->D, V = a->V;
     ag_mark mk = ag_arena_mark(ctx);
     gemm_dtype dt = a->bf16 ? GEMM_BF16 : GEMM_F32;

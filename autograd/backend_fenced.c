@@ -253,6 +253,14 @@ static void fc_dropout_bwd(const float *g, float *dx, int64_t n, float p, uint64
     fence_close();
 }
 
+static void fc_embedding_bwd(const float *dx, const int32_t *ids, int64_t n, int64_t D, float *dtable) {
+    NEED(dx);
+    NEED(dtable);
+    fence_open();
+    inner()->embedding_bwd(dx, ids, n, D, dtable);
+    fence_close();
+}
+
 static void fc_embedding(const frozen_weight *table, const int32_t *ids, int64_t n, float *x) {
     NEED(x);
     fence_open();
@@ -404,6 +412,7 @@ static double fc_lm_head_ce(struct ag_ctx *ctx, const ag_ce_args *a, int64_t *co
     need("lm_head_ce", "h", a->h, 0);
     need("lm_head_ce", "w", a->w, 0);
     need("lm_head_ce", "dh", a->dh, 1);
+    if (a->dw) need("lm_head_ce", "dw", a->dw, 0);
     fence_open();
     double r = inner()->lm_head_ce(ctx, a, count);
     fence_close();
@@ -533,4 +542,5 @@ const ag_backend ag_backend_cpu_fenced = {
     .sum_squares = fc_sum_squares,
     .scale = fc_scale,
     .count_nonfinite = fc_count_nonfinite,
+    .embedding_bwd = fc_embedding_bwd,
 };

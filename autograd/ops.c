@@ -148,6 +148,37 @@ tensor *op_embedding(ag_ctx *ctx, const frozen_weight *table, const int32_t *ids
     return x;
 }
 
+typedef struct emb_saved {
+    int32_t *ids; /* (n) host copy */
+    int64_t n;
+} emb_saved;
+
+static void embedding_train_backward(ag_ctx *ctx, const ag_node *n) {
+    int pc = ag_prof_push(AG_PROF_EMBED);
+    tensor *table = n->in[0], *x = n->out;
+    const emb_saved *s = n->saved;
+    ctx->be->embedding_bwd(x->grad, s->ids, s->n, table->shape[1], ag_grad(ctx, table));
+    ag_prof_pop(pc);
+}
+
+tensor *op_embedding_train(ag_ctx *ctx, tensor *table, const int32_t *ids, int64_t n) {
+    int pc = ag_prof_push(AG_PROF_EMBED);
+    const frozen_weight view = {.out = table->shape[0], .in = table->shape[1], .kind = FROZEN_F32,
+                                .w_f32 = table->data};
+    tensor *x = ag_tensor2(ctx, AG_F32, n, view.in);
+    ctx->be->embedding(&view, ids, n, x->data);
+    if (ag_needs_grad(ctx, table, NULL, NULL)) {
+        ag_node *nd = ag_record(ctx, embedding_train_backward, x, table, NULL, NULL, NULL);
+        emb_saved *s = alloc_saved_host(ctx, sizeof *s);
+        s->ids = alloc_saved_host(ctx, (size_t)(n > 0 ? n : 1) * sizeof(int32_t));
+        memcpy(s->ids, ids, (size_t)n * sizeof(int32_t));
+        s->n = n;
+        nd->saved = s;
+    }
+    ag_prof_pop(pc);
+    return x;
+}
+
 /* ------------------------------------------------------------------ rmsnorm */
 
 typedef struct rms_saved {
@@ -492,7 +523,8 @@ tensor *op_add(ag_ctx *ctx, tensor *a, tensor *b) {
 /* ------------------------------------------------------------------ LM head + CE */
 
 typedef struct ce_saved {
-    float *dh; /* (N, D) d loss / d h */
+    float *dh;  /* (N, D) d loss / d h */
+    int head_w; /* the trainable head's gradient was added in the forward pass (seed 1 assumed) */
 } ce_saved;
 
 static void ce_backward(ag_ctx *ctx, const ag_node *n) {
@@ -501,24 +533,29 @@ static void ce_backward(ag_ctx *ctx, const ag_node *n) {
     const ce_saved *s = n->saved;
     float g;
     ctx->be->copy_d2h(&g, y->grad, sizeof g);
-    float *dh = ag_grad(ctx, h);
-    ctx->be->axpy(dh, g, s->dh, h->numel);
+    if (s->head_w && g != 1.0f) { /* the head's gradient is already in, for a seed of 1 */
+        fprintf(stderr, "[autograd] lm_head_ce: a trainable LM head needs the loss to be the root of backward "
+                        "(seed 1, ag_backward); got %g\n", (double)g);
+        abort();
+    }
+    if (h->requires_grad) ctx->be->axpy(ag_grad(ctx, h), g, s->dh, h->numel);
     ag_prof_pop(pc);
 }
 
-tensor *op_lm_head_ce_pick(ag_ctx *ctx, tensor *h, const frozen_weight *w, const int32_t *targets,
-                           ag_ce_mode mode, uint64_t seed, float scale, int32_t *labels,
-                           double *loss_sum, int64_t *n_tokens) {
+tensor *op_lm_head_ce_train(ag_ctx *ctx, tensor *h, const frozen_weight *w, tensor *w_train, const int32_t *targets,
+                            ag_ce_mode mode, uint64_t seed, float scale, int32_t *labels, double *loss_sum,
+                            int64_t *n_tokens) {
     int64_t N = h->shape[0], D = h->shape[1];
     int64_t one = 1;
     tensor *loss = ag_tensor(ctx, AG_F32, 1, &one);
-    int grad = ag_needs_grad(ctx, h, NULL, NULL);
+    int grad = ag_needs_grad(ctx, h, w_train, NULL);
+    int head_grad = grad && w_train && w_train->requires_grad;
     float *dh = grad ? alloc_saved(ctx, (size_t)(N * D) * sizeof(float)) : NULL;
     if (dh) ctx->be->zero(dh, (size_t)(N * D) * sizeof(float));
     ag_mark m = ag_arena_mark(ctx);
     ag_ce_args a = {.h = h->data, .w = frozen_operand(ctx, w), .N = N, .D = D, .V = w->out,
                     .targets = targets, .mode = mode, .seed = seed, .scale = scale, .dh = dh,
-                    .labels = labels, .bf16 = ctx->bf16};
+                    .dw = head_grad ? ag_grad(ctx, w_train) : NULL, .labels = labels, .bf16 = ctx->bf16};
     int64_t count = 0;
     ag_prof_lm_head(1);
     double total = ctx->be->lm_head_ce(ctx, &a, &count);
@@ -529,12 +566,19 @@ tensor *op_lm_head_ce_pick(ag_ctx *ctx, tensor *h, const frozen_weight *w, const
     if (loss_sum) *loss_sum = total;
     if (n_tokens) *n_tokens = count;
     if (grad) {
-        ag_node *nd = ag_record(ctx, ce_backward, loss, h, NULL, NULL, NULL);
+        ag_node *nd = ag_record(ctx, ce_backward, loss, h, w_train, NULL, NULL);
         ce_saved *s = alloc_saved_host(ctx, sizeof *s);
         s->dh = dh;
+        s->head_w = head_grad;
         nd->saved = s;
     }
     return loss;
+}
+
+tensor *op_lm_head_ce_pick(ag_ctx *ctx, tensor *h, const frozen_weight *w, const int32_t *targets,
+                           ag_ce_mode mode, uint64_t seed, float scale, int32_t *labels,
+                           double *loss_sum, int64_t *n_tokens) {
+    return op_lm_head_ce_train(ctx, h, w, NULL, targets, mode, seed, scale, labels, loss_sum, n_tokens);
 }
 
 tensor *op_lm_head_ce(ag_ctx *ctx, tensor *h, const frozen_weight *w, const int32_t *targets,

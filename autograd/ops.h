@@ -58,6 +58,11 @@ void frozen_rows_bf16(const frozen_weight *w, int64_t row0, int64_t n, bf16 *dst
 /* x[N, D] = table[ids[n], :] (table is the frozen embedding (V, D)); no grad. */
 tensor *op_embedding(ag_ctx *ctx, const frozen_weight *table, const int32_t *ids, int64_t n);
 
+/* x[N, D] = table[ids[n], :] for a trainable fp32 table (V, D) (PEFT's modules_to_save copy of
+ * embed_tokens: looked up in fp32, as torch's nn.Embedding on an fp32 weight). Backward:
+ * dtable[ids[n], :] += dx[n, :], by the backend's embedding_bwd (deterministic scatter-add). */
+tensor *op_embedding_train(ag_ctx *ctx, tensor *table, const int32_t *ids, int64_t n);
+
 /* y = x / sqrt(mean(x²) + eps) * w ; x (N, D) fp32, w (D) fp32 tensor (frozen or trainable). */
 tensor *op_rmsnorm(ag_ctx *ctx, tensor *x, tensor *w, float eps);
 
@@ -121,5 +126,14 @@ tensor *op_lm_head_ce(ag_ctx *ctx, tensor *h, const frozen_weight *w, const int3
 tensor *op_lm_head_ce_pick(ag_ctx *ctx, tensor *h, const frozen_weight *w, const int32_t *targets,
                            ag_ce_mode mode, uint64_t seed, float scale, int32_t *labels,
                            double *loss_sum, int64_t *n_tokens);
+
+/* op_lm_head_ce_pick with a trainable head (PEFT's modules_to_save lm_head): w is the GEMM view
+ * of w_train's fp32 data (FROZEN_F32, rounded to bf16 operands when ctx->bf16, as the LoRA
+ * path), and w_train (V, D) fp32 receives dW = Σ_chunks dlogitsᵀ h in the same chunked pass, in
+ * forward (the logits are never kept): the loss must be the root of backward (ag_backward, seed
+ * 1), which ce_backward checks (abort otherwise). w_train NULL = op_lm_head_ce_pick. */
+tensor *op_lm_head_ce_train(ag_ctx *ctx, tensor *h, const frozen_weight *w, tensor *w_train, const int32_t *targets,
+                            ag_ce_mode mode, uint64_t seed, float scale, int32_t *labels, double *loss_sum,
+                            int64_t *n_tokens);
 
 #endif

@@ -227,16 +227,37 @@ int peft_read_adapter_config(const char *path, peft_adapter_config *out, qerr *e
         snprintf(out->base_model_name_or_path, sizeof out->base_model_name_or_path, "%s", v->valuestring);
     if (config_must_be_empty(cfg, "use_dora", NULL, path, e) || config_must_be_empty(cfg, "rank_pattern", NULL, path, e) ||
         config_must_be_empty(cfg, "alpha_pattern", NULL, path, e) ||
-        config_must_be_empty(cfg, "modules_to_save", NULL, path, e) ||
         config_must_be_empty(cfg, "fan_in_fan_out", NULL, path, e) ||
         config_must_be_empty(cfg, "lora_bias", NULL, path, e) ||
         config_must_be_empty(cfg, "layer_replication", NULL, path, e) ||
         config_must_be_empty(cfg, "bias", "none", path, e))
         goto done;
+    v = cJSON_GetObjectItemCaseSensitive(cfg, "modules_to_save");
+    if (v && !cJSON_IsNull(v)) {
+        if (!cJSON_IsArray(v)) {
+            qerr_set(e, "%s: \"modules_to_save\": expected a list of module names or null", path);
+            goto done;
+        }
+        const cJSON *it;
+        cJSON_ArrayForEach(it, v) {
+            if (cJSON_IsString(it) && !strcmp(it->valuestring, "embed_tokens")) out->save_embed = 1;
+            else if (cJSON_IsString(it) && !strcmp(it->valuestring, "lm_head")) out->save_lm_head = 1;
+            else {
+                qerr_set(e, "%s: \"modules_to_save\": %s%s%s is not supported (embed_tokens and lm_head are)", path,
+                         cJSON_IsString(it) ? "\"" : "", cJSON_IsString(it) ? it->valuestring : "an entry that is not a string",
+                         cJSON_IsString(it) ? "\"" : "");
+                goto done;
+            }
+        }
+    }
     rc = 0;
 done:
     cJSON_Delete(cfg);
     return rc;
+}
+
+const char *peft_saved_module_name(int lm_head) {
+    return lm_head ? "base_model.model.lm_head.weight" : "base_model.model.model.embed_tokens.weight";
 }
 
 /* ------------------------------------------------------------------------ */
@@ -290,7 +311,17 @@ int peft_write_adapter_config(const char *path, const peft_lora_config *c, qerr 
     cJSON_AddRawToObject(o, "lora_dropout", dropout);
     cJSON_AddNullToObject(o, "megatron_config");
     cJSON_AddStringToObject(o, "megatron_core", "megatron.core");
-    cJSON_AddNullToObject(o, "modules_to_save");
+    if (c->n_modules_to_save > 0) {
+        cJSON *ms = cJSON_AddArrayToObject(o, "modules_to_save");
+        for (int i = 0; ms && i < c->n_modules_to_save; i++)
+            cJSON_AddItemToArray(ms, cJSON_CreateString(c->modules_to_save[i]));
+        if (!ms || cJSON_GetArraySize(ms) != c->n_modules_to_save) {
+            cJSON_Delete(o);
+            return qerr_set(e, "out of memory writing %s", path);
+        }
+    } else {
+        cJSON_AddNullToObject(o, "modules_to_save");
+    }
     cJSON_AddStringToObject(o, "peft_type", "LORA");
     cJSON_AddRawToObject(o, "r", r);
     cJSON_AddItemToObject(o, "rank_pattern", cJSON_CreateObject());

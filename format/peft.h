@@ -27,6 +27,8 @@ typedef struct peft_lora_config {
     const char **target_modules;         /* e.g. {"q_proj", "v_proj"}; written in this order */
     int n_target_modules;                /* >= 1 */
     const char *base_model_name_or_path; /* NULL -> null */
+    const char **modules_to_save;        /* e.g. {"embed_tokens", "lm_head"}, written in this order; */
+    int n_modules_to_save;               /* 0 -> null (their tensors: peft_saved_module_name) */
 } peft_lora_config;
 
 /* Write adapter_config.json byte-for-byte as PEFT's save_pretrained would
@@ -47,6 +49,7 @@ typedef struct peft_adapter_config {
     float lora_dropout;                  /* 0 when absent */
     int use_rslora;                      /* scaling alpha/sqrt(r) instead of alpha/r */
     char base_model_name_or_path[1024];  /* "" when absent or null */
+    int save_embed, save_lm_head;        /* modules_to_save lists "embed_tokens" / "lm_head" */
 } peft_adapter_config;
 
 /* Read `path` (an adapter_config.json) into *out. Refused, each with one line
@@ -56,6 +59,14 @@ typedef struct peft_adapter_config {
  * alpha_pattern, modules_to_save, fan_in_fan_out, lora_bias,
  * layer_replication set, or bias other than "none". Returns 0 or -1. */
 int peft_read_adapter_config(const char *path, peft_adapter_config *out, qerr *e);
+/* (modules_to_save: a list of "embed_tokens" and/or "lm_head", the Llama modules qlora trains as
+ * full copies, is accepted into save_embed / save_lm_head; any other entry is refused by name.) */
+
+/* The safetensors key PEFT 0.21's get_peft_model_state_dict gives a modules_to_save copy of a
+ * Llama-family CausalLM (the wrapper's "modules_to_save.default." removed):
+ * "base_model.model.model.embed_tokens.weight" (lm_head 0) or "base_model.model.lm_head.weight"
+ * (lm_head 1). */
+const char *peft_saved_module_name(int lm_head);
 
 /* Only base_model_name_or_path of the adapter_config.json at `path` into buf
  * (n bytes), without judging the rest: 0, or -1 when the file cannot be read

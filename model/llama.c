@@ -844,6 +844,20 @@ void lora_set_host_release(const lora_set *ls, const float *arr, const float *ho
 
 int lora_set_init_backend(lora_set *ls, const ag_backend *be, const llama_model *m, int r, float alpha,
                           float dropout, int use_rslora, const int target[LLAMA_N_LINEAR], uint64_t seed, qerr *e) {
+    return lora_set_init_saved(ls, be, m, r, alpha, dropout, use_rslora, target, NULL, seed, e);
+}
+
+const frozen_weight *lora_set_embed(const lora_set *ls, const llama_model *m) {
+    return ls && ls->save[LORA_SAVE_EMBED] ? &ls->save_w[LORA_SAVE_EMBED] : &m->embed;
+}
+
+const frozen_weight *lora_set_lm_head(const lora_set *ls, const llama_model *m) {
+    return ls && ls->save[LORA_SAVE_LM_HEAD] ? &ls->save_w[LORA_SAVE_LM_HEAD] : &m->lm_head;
+}
+
+int lora_set_init_saved(lora_set *ls, const ag_backend *be, const llama_model *m, int r, float alpha,
+                        float dropout, int use_rslora, const int target[LLAMA_N_LINEAR],
+                        const int save[LORA_N_SAVE], uint64_t seed, qerr *e) {
     memset(ls, 0, sizeof *ls);
     ls->be = be;
     int nl = m->hp.n_layer;
@@ -871,6 +885,12 @@ int lora_set_init_backend(lora_set *ls, const ag_backend *be, const llama_model 
         }
     }
     ls->layer_offset[nl] = total;
+    const int64_t V = m->hp.vocab, D = m->hp.d_model;
+    for (int k = 0; k < LORA_N_SAVE; k++) {
+        ls->save[k] = save && save[k];
+        ls->save_offset[k] = ls->save[k] ? total : -1;
+        if (ls->save[k]) total += V * D;
+    }
     ls->n_params = total;
     /* the initial values are computed in host memory (hp), then uploaded when the backend's is not */
     float *hp = qcalloc((size_t)(total ? total : 1), sizeof(float), e);
@@ -908,6 +928,14 @@ int lora_set_init_backend(lora_set *ls, const ag_backend *be, const llama_model 
             ls->ad[idx] = (lora_adapter){.A = tA, .B = tB, .r = r, .scaling = ls->scaling,
                                          .dropout = dropout, .stream = 0x10000u + (uint64_t)idx};
         }
+    for (int k = 0; k < LORA_N_SAVE; k++) {
+        if (!ls->save[k]) continue;
+        const int64_t off = ls->save_offset[k];
+        frozen_rows_f32(k == LORA_SAVE_EMBED ? &m->embed : &m->lm_head, 0, V, hp + off);
+        ls->save_t[k] = (tensor){.ndim = 2, .shape = {V, D}, .numel = V * D, .dtype = AG_F32,
+                                 .data = ls->params + off, .grad = ls->grads + off, .requires_grad = 1};
+        ls->save_w[k] = (frozen_weight){.out = V, .in = D, .kind = FROZEN_F32, .w_f32 = ls->params + off};
+    }
     if (be) {
         be->copy_h2d(ls->params, hp, (size_t)total * sizeof(float));
         free(hp);
@@ -1071,7 +1099,9 @@ static tensor *llama_forward_trunk(ag_ctx *ctx, const llama_model *m, const lora
                                    int checkpointing) {
     const llama_hparams *hp = &m->hp;
     int64_t N = (int64_t)b->B * b->T;
-    tensor *x = op_embedding(ctx, &m->embed, b->input_ids, N);
+    tensor *x = ls && ls->save[LORA_SAVE_EMBED]
+                    ? op_embedding_train(ctx, (tensor *)&ls->save_t[LORA_SAVE_EMBED], b->input_ids, N)
+                    : op_embedding(ctx, &m->embed, b->input_ids, N);
     block_arg *args = ag_alloc_host(ctx, (size_t)hp->n_layer * sizeof *args);
     for (int l = 0; l < hp->n_layer; l++) {
         args[l] = (block_arg){.m = m, .ls = ls, .b = b, .layer = l};
@@ -1099,6 +1129,9 @@ static tensor *llama_forward_trunk(ag_ctx *ctx, const llama_model *m, const lora
 tensor *llama_forward_loss(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const llama_batch *b,
                            float scale, int checkpointing, double *loss_sum, int64_t *n_tokens) {
     tensor *h = llama_forward_trunk(ctx, m, ls, b, checkpointing);
+    if (ls && ls->save[LORA_SAVE_LM_HEAD])
+        return op_lm_head_ce_train(ctx, h, &ls->save_w[LORA_SAVE_LM_HEAD], (tensor *)&ls->save_t[LORA_SAVE_LM_HEAD],
+                                   b->targets, AG_CE_TARGETS, 0, scale, NULL, loss_sum, n_tokens);
     return op_lm_head_ce(ctx, h, &m->lm_head, b->targets, scale, loss_sum, n_tokens);
 }
 
@@ -1106,6 +1139,9 @@ tensor *llama_forward_sampled_loss(ag_ctx *ctx, const llama_model *m, const lora
                                    float scale, int checkpointing, uint64_t sample_seed, int32_t *labels,
                                    double *loss_sum, int64_t *n_tokens) {
     tensor *h = llama_forward_trunk(ctx, m, ls, b, checkpointing);
+    if (ls && ls->save[LORA_SAVE_LM_HEAD])
+        return op_lm_head_ce_train(ctx, h, &ls->save_w[LORA_SAVE_LM_HEAD], (tensor *)&ls->save_t[LORA_SAVE_LM_HEAD],
+                                   b->targets, AG_CE_SAMPLED, sample_seed, scale, labels, loss_sum, n_tokens);
     return op_lm_head_ce_sampled(ctx, h, &m->lm_head, b->targets, sample_seed, scale, labels, loss_sum, n_tokens);
 }
 
@@ -1118,6 +1154,12 @@ tensor *llama_forward_hidden(ag_ctx *ctx, const llama_model *m, const lora_set *
 }
 
 void llama_logits_rows(ag_ctx *ctx, const llama_model *m, const tensor *h, int64_t row0, int64_t n, float *out) {
+    llama_logits_rows_ls(ctx, m, NULL, h, row0, n, out);
+}
+
+void llama_logits_rows_ls(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const tensor *h, int64_t row0,
+                          int64_t n, float *out) {
+    const frozen_weight *head = lora_set_lm_head(ls, m);
     int64_t D = m->hp.d_model, V = m->hp.vocab;
     const float *hd = (const float *)h->data + row0 * D;
     const ag_backend *be = ctx->be;
@@ -1126,16 +1168,16 @@ void llama_logits_rows(ag_ctx *ctx, const llama_model *m, const tensor *h, int64
         bf16 *hb = ag_alloc(ctx, (size_t)(n * D) * sizeof(bf16));
         be->to_bf16(hd, hb, n * D);
         /* a bf16 head is read in place (the backend's copy of it); others are converted */
-        const void *wb = m->lm_head.kind == FROZEN_BF16 ? be->frozen_data(&m->lm_head) : NULL;
+        const void *wb = head->kind == FROZEN_BF16 ? be->frozen_data(head) : NULL;
         if (!wb) {
             bf16 *w2 = ag_alloc(ctx, (size_t)(V * D) * sizeof(bf16));
-            be->frozen_rows_bf16(&m->lm_head, 0, V, w2);
+            be->frozen_rows_bf16(head, 0, V, w2);
             wb = w2;
         }
         be->gemm(0, 1, n, V, D, 1.0f, hb, D, wb, D, 0.0f, out, V, GEMM_BF16);
     } else {
         float *wf = ag_alloc(ctx, (size_t)(V * D) * sizeof(float));
-        be->frozen_rows_f32(&m->lm_head, 0, V, wf);
+        be->frozen_rows_f32(head, 0, V, wf);
         be->gemm(0, 1, n, V, D, 1.0f, hd, D, wf, D, 0.0f, out, V, GEMM_F32);
     }
     ag_arena_reset(ctx, mk);

@@ -326,6 +326,10 @@ void llama_unpermute_rows(float *w, int n_head, int head_dim, int64_t in);
  * order). Layer l's parameters are the contiguous bucket
  * [layer_offset[l], layer_offset[l+1]) of every one of these arrays: the unit
  * a gradient reduction or an optimizer shard works on per layer. */
+/* PEFT's modules_to_save for a Llama: trainable full copies of the input embedding and/or the LM
+ * head (peft/utils/other.py ModulesToSaveWrapper), in the flat arrays after the layers. */
+enum { LORA_SAVE_EMBED = 0, LORA_SAVE_LM_HEAD = 1, LORA_N_SAVE = 2 };
+
 typedef struct lora_set {
     int r;
     float alpha, dropout, scaling;
@@ -337,7 +341,13 @@ typedef struct lora_set {
     float *grads;                /* same layout */
     int64_t *offset;             /* (n_layer * LLAMA_N_LINEAR) start of A in params, or -1 */
     int64_t *layer_offset;       /* (n_layer + 1) layer l = [layer_offset[l], layer_offset[l+1]);
-                                  * layer_offset[0] = 0, layer_offset[n_layer] = n_params */
+                                  * layer_offset[0] = 0, layer_offset[n_layer] = n_params when no module is
+                                  * saved, else the start of the saved copies */
+    int save[LORA_N_SAVE];       /* modules_to_save: 1 = embed_tokens / lm_head is a trainable copy */
+    int64_t save_offset[LORA_N_SAVE]; /* start of the copy (V, D) row-major in params/grads, or -1;
+                                  * embed_tokens first, then lm_head, after every layer */
+    tensor save_t[LORA_N_SAVE];  /* (V, D) fp32 leaves into params/grads */
+    frozen_weight save_w[LORA_N_SAVE]; /* FROZEN_F32 views of the copies (the GEMM/lookup operand) */
     tensor *A, *B;               /* (n_layer * LLAMA_N_LINEAR) leaf tensors into params/grads */
     lora_adapter *ad;            /* (n_layer * LLAMA_N_LINEAR) */
     const struct ag_backend *be; /* params/grads are this backend's data memory; NULL: host memory */
@@ -353,6 +363,18 @@ int lora_set_init(lora_set *ls, const llama_model *m, int r, float alpha, float 
  * code then reaches the values only through lora_set_params_host. be NULL = lora_set_init. */
 int lora_set_init_backend(lora_set *ls, const struct ag_backend *be, const llama_model *m, int r, float alpha,
                           float dropout, int use_rslora, const int target[LLAMA_N_LINEAR], uint64_t seed, qerr *e);
+/* lora_set_init_backend, and for each save[k] set (NULL = none) a trainable full copy of the
+ * model's embedding (LORA_SAVE_EMBED) / LM head (LORA_SAVE_LM_HEAD), fp32, initialised to the
+ * base's bf16 values exactly (PEFT deep-copies the module; prepare_model_for_kbit_training has
+ * cast it to fp32). A tied model gets two independent copies when both are saved (PEFT 0.21's
+ * default ensure_weight_tying=False: modules_to_tie is not set, each wrapper copies its module).
+ * Errors: out of memory. */
+int lora_set_init_saved(lora_set *ls, const struct ag_backend *be, const llama_model *m, int r, float alpha,
+                        float dropout, int use_rslora, const int target[LLAMA_N_LINEAR],
+                        const int save[LORA_N_SAVE], uint64_t seed, qerr *e);
+/* The embedding / LM head the forward pass reads: ls's trainable copy when it has one, else the model's. */
+const frozen_weight *lora_set_embed(const lora_set *ls, const llama_model *m);
+const frozen_weight *lora_set_lm_head(const lora_set *ls, const llama_model *m);
 /* A host-readable view of an array of ls->n_params floats in ls's memory (params, grads, or an
  * optimizer moment of the same backend): `arr` itself when that memory is host memory, else a
  * malloc'd copy (copy_d2h) the caller frees with lora_set_host_release. NULL (e set) when out of
@@ -423,5 +445,8 @@ tensor *llama_forward_hidden(ag_ctx *ctx, const llama_model *m, const lora_set *
  * (bf16 operands when ctx->bf16). For inference, tests and generation; the
  * training loss never materialises all logits. */
 void llama_logits_rows(ag_ctx *ctx, const llama_model *m, const tensor *h, int64_t row0, int64_t n, float *out);
+/* The same with the LM head of ls (its modules_to_save copy when it has one; ls may be NULL). */
+void llama_logits_rows_ls(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const tensor *h, int64_t row0,
+                          int64_t n, float *out);
 
 #endif

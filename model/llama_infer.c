@@ -75,7 +75,7 @@ tensor *llama_forward_cached(ag_ctx *ctx, const llama_model *m, const lora_set *
     ctx->training = 0;
     int32_t *pos = ag_alloc_host(ctx, (size_t)n * sizeof(int32_t));
     for (int i = 0; i < n; i++) pos[i] = c->n + i;
-    tensor *x = op_embedding(ctx, &m->embed, ids, n);
+    tensor *x = op_embedding(ctx, lora_set_embed(ls, m), ids, n);
     for (int l = 0; l < hp->n_layer; l++) {
         infer_arg a = {.m = m, .ls = ls, .c = c, .pos = pos, .layer = l, .n = n};
         x = ag_run_discard(ctx, infer_block, &a, x);

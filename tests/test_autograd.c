@@ -17,6 +17,9 @@
 
 #include <cmocka.h>
 
+#include <omp.h>
+
+#include "autograd/backend.h"
 #include "autograd/gemm.h"
 #include "autograd/ops.h"
 #include "autograd/tensor.h"
@@ -445,11 +448,117 @@ static void test_cross_entropy(void **st) {
     free(tg);
 }
 
+typedef struct emb_arg {
+    const int32_t *ids;
+    int64_t n;
+} emb_arg;
+
+static tensor *build_embed_train(ag_ctx *ctx, tensor **in, void *argp) {
+    emb_arg *a = argp;
+    return op_embedding_train(ctx, in[0], a->ids, a->n);
+}
+
+/* op_embedding_train: finite differences (repeated ids accumulate), and the scatter-add the same
+ * bits for 1 and 2 threads (columns split, tokens in order). */
+static void test_embedding_train(void **st) {
+    (void)st;
+    uint64_t s = 11;
+    int64_t V = 40, D = 130, n = 300; /* D not a multiple of the 64-column blocks */
+    float *W = malloc(V * D * 4);
+    fill(W, V * D, 1.0f, &s);
+    int32_t *ids = malloc(n * 4);
+    for (int64_t i = 0; i < n; i++) ids[i] = (int32_t)(rng_u64(3, 3, (uint64_t)i) % (uint64_t)(V - 3)); /* 3 unused rows */
+    emb_arg a = {.ids = ids, .n = n};
+    gc_case c = {.n_in = 1, .in = {W}, .in_rows = {V}, .in_cols = {D}, .in_grad = {1}, .build = build_embed_train,
+                 .arg = &a};
+    double err = gradcheck(&c, 1e-2f, 80);
+    print_message("embedding_train worst rel err %.2e\n", err);
+    assert_true(err < 1e-3);
+    /* determinism across thread counts, and exactly the sequential sums */
+    float *dx = malloc(n * D * 4), *g1 = calloc(V * D, 4), *g2 = calloc(V * D, 4), *gr = calloc(V * D, 4);
+    fill(dx, n * D, 1.0f, &s);
+    const ag_backend *be = ag_backend_default();
+    int nth = omp_get_max_threads();
+    omp_set_num_threads(1);
+    be->embedding_bwd(dx, ids, n, D, g1);
+    omp_set_num_threads(2);
+    be->embedding_bwd(dx, ids, n, D, g2);
+    omp_set_num_threads(nth);
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < D; j++) gr[ids[i] * D + j] += dx[i * D + j];
+    assert_memory_equal(g1, g2, V * D * 4);
+    assert_memory_equal(g1, gr, V * D * 4);
+    for (int64_t j = 0; j < D; j++) assert_true(g1[(V - 1) * D + j] == 0.0f);
+    free(dx), free(g1), free(g2), free(gr), free(W), free(ids);
+}
+
+/* op_lm_head_ce_train: the trainable head's gradient (accumulated in the chunked pass) and h's, by
+ * finite differences of the loss (fp32 GEMMs), over more rows than one chunk; bf16 GEMMs: dW
+ * against the fp32 one within bf16 operand rounding. */
+static void test_lm_head_train(void **st) {
+    (void)st;
+    uint64_t s = 21;
+    int64_t N = 300, D = 24, V = 70;
+    float *h = malloc(N * D * 4), *W = malloc(V * D * 4), *dW = calloc(V * D, 4), *dWb = calloc(V * D, 4);
+    float *dh = calloc(N * D, 4);
+    int32_t *tg = malloc(N * 4);
+    fill(h, N * D, 1.0f, &s);
+    fill(W, V * D, 1.0f, &s);
+    for (int64_t i = 0; i < N; i++) tg[i] = (i % 7 == 3) ? -100 : (int32_t)(rng_u64(1, 2, (uint64_t)i) % V);
+    const float scale = 1.0f / 200;
+    qerr e;
+    for (int bf = 0; bf < 2; bf++) {
+        ag_ctx ctx;
+        assert_int_equal(ag_ctx_init(&ctx, 4 << 20, &e), 0);
+        ctx.bf16 = bf;
+        ctx.recording = 1;
+        tensor *th = ag_wrap(&ctx, AG_F32, N, D, h, bf ? NULL : dh);
+        if (bf) th->requires_grad = 1;
+        tensor *tw = ag_wrap(&ctx, AG_F32, V, D, W, bf ? dWb : dW);
+        frozen_weight view = {.out = V, .in = D, .kind = FROZEN_F32, .w_f32 = W};
+        tensor *L = op_lm_head_ce_train(&ctx, th, &view, tw, tg, AG_CE_TARGETS, 0, scale, NULL, NULL, NULL);
+        ag_backward(&ctx, L);
+        ag_ctx_free(&ctx);
+    }
+    double worst = 0, gmax = 1e-12;
+    for (int64_t j = 0; j < V * D; j++) gmax = fmax(gmax, fabs(dW[j]));
+    for (int k = 0; k < 60; k++) {
+        int which = k & 1; /* W, h */
+        float *x = which ? h : W;
+        int64_t j = (int64_t)(rng_u64(6, 6, (uint64_t)k) % (uint64_t)(which ? N * D : V * D));
+        float orig = x[j];
+        double Lpm[2];
+        for (int sg = 0; sg < 2; sg++) {
+            x[j] = orig + (sg ? -1e-2f : 1e-2f);
+            ag_ctx ctx;
+            assert_int_equal(ag_ctx_init(&ctx, 4 << 20, &e), 0);
+            ctx.bf16 = 0;
+            ctx.recording = 0;
+            tensor *th = ag_wrap(&ctx, AG_F32, N, D, h, NULL);
+            frozen_weight view = {.out = V, .in = D, .kind = FROZEN_F32, .w_f32 = W};
+            double lsum;
+            op_lm_head_ce(&ctx, th, &view, tg, 1.0f, &lsum, NULL);
+            Lpm[sg] = lsum * scale;
+            ag_ctx_free(&ctx);
+        }
+        x[j] = orig;
+        double num = (Lpm[0] - Lpm[1]) / 2e-2, ana = which ? dh[j] : dW[j];
+        double err = fabs(num - ana) / (gmax + fabs(num));
+        if (err > worst) worst = err;
+    }
+    print_message("lm_head_train worst rel err %.2e\n", worst);
+    assert_true(worst < 2e-3);
+    double num2 = 0, den2 = 0;
+    for (int64_t j = 0; j < V * D; j++) num2 += (dWb[j] - dW[j]) * (double)(dWb[j] - dW[j]), den2 += (double)dW[j] * dW[j];
+    print_message("lm_head_train bf16 operands: |dW_bf16 - dW_fp32| / |dW| = %.2e\n", sqrt(num2 / den2));
+    assert_true(sqrt(num2 / den2) < 2e-2);
+    free(h), free(W), free(dW), free(dWb), free(dh), free(tg);
+}
+
 /* A tiny random Llama, forward+backward with and without checkpointing: the
  * LoRA gradients must be identical (the peft/transformers "silently zero
  * grads under checkpointing" trap), and non-zero. */
-static void test_checkpointing_matches(void **st) {
-    (void)st;
+static void checkpointing_case(int save_both) {
     /* build a tiny model by hand */
     llama_model m;
     memset(&m, 0, sizeof m);
@@ -486,8 +595,16 @@ static void test_checkpointing_matches(void **st) {
     assert_int_equal(rope_table_init(&m.rope, 64, 16, 10000.0f, &e), 0);
     int target[7] = {1, 1, 1, 1, 1, 1, 1};
     lora_set ls;
-    assert_int_equal(lora_set_init(&ls, &m, 4, 8.0f, 0.1f, 0, target, 3, &e), 0);
+    /* save_both: PEFT modules_to_save [embed_tokens, lm_head] on this tied model: two independent
+     * trainable copies after the layers' adapters */
+    const int save[LORA_N_SAVE] = {save_both, save_both};
+    assert_int_equal(lora_set_init_saved(&ls, NULL, &m, 4, 8.0f, 0.1f, 0, target, save, 3, &e), 0);
     for (int64_t i = 0; i < ls.n_params; i++) ls.params[i] += 0.05f * frand(&s); /* B != 0 */
+    if (save_both) {
+        assert_int_equal(ls.save_offset[LORA_SAVE_EMBED], ls.layer_offset[2]);
+        assert_int_equal(ls.save_offset[LORA_SAVE_LM_HEAD], ls.layer_offset[2] + V * D);
+        assert_int_equal(ls.n_params, ls.layer_offset[2] + 2 * V * D);
+    }
 
     int B = 2, T = 16;
     int32_t ids[32], tg[32], pos[32], sid[32];
@@ -559,8 +676,12 @@ static void test_checkpointing_matches(void **st) {
     free(g1);
 
     /* finite differences through the whole model for a few LoRA params (fp32 GEMMs) */
-    for (int k = 0; k < 8; k++) {
-        int64_t j = (int64_t)(rng_u64(8, 8, (uint64_t)k) % (uint64_t)ls.n_params);
+    for (int k = 0; k < (save_both ? 16 : 8); k++) {
+        int64_t j = (int64_t)(rng_u64(8, 8, (uint64_t)k) % (uint64_t)ls.layer_offset[2]);
+        if (save_both && k >= 8 && k < 12) /* the embedding copy: rows the batch looks up */
+            j = ls.save_offset[LORA_SAVE_EMBED] + (int64_t)ids[(k * 5) % 32] * D + (int64_t)((k * 13) % D);
+        else if (save_both && k >= 12) /* the LM head copy */
+            j = ls.save_offset[LORA_SAVE_LM_HEAD] + (int64_t)(rng_u64(8, 9, (uint64_t)k) % (uint64_t)(V * D));
         float orig = ls.params[j];
         double Lpm[2];
         for (int sg = 0; sg < 2; sg++) {
@@ -597,6 +718,19 @@ static void test_checkpointing_matches(void **st) {
     rope_table_free(&m.rope);
 }
 
+static void test_checkpointing_matches(void **st) {
+    (void)st;
+    checkpointing_case(0);
+}
+
+/* lora_modules_to_save: the same model with trainable embedding and LM head copies: the three
+ * checkpointing modes bit-identical, repeatable, and finite differences through the whole model
+ * for LoRA, embedding-copy and head-copy elements. */
+static void test_modules_to_save_model(void **st) {
+    (void)st;
+    checkpointing_case(1);
+}
+
 /* B = 0 at init: the adapter leaves the base model's loss exactly unchanged. */
 static void test_unpermute(void **st) {
     (void)st;
@@ -617,6 +751,8 @@ int main(void) {
         cmocka_unit_test(test_attention_long),
         cmocka_unit_test(test_swiglu_add),       cmocka_unit_test(test_cross_entropy),
         cmocka_unit_test(test_checkpointing_matches), cmocka_unit_test(test_unpermute),
+        cmocka_unit_test(test_embedding_train),  cmocka_unit_test(test_lm_head_train),
+        cmocka_unit_test(test_modules_to_save_model),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     gemm_shutdown();

@@ -172,7 +172,7 @@ static void write_adapter_dir(const char *dir, adapter *a) {
         print_error("%s\n", e.msg);
         fail();
     }
-    peft_lora_config c = {RANK, 8.0f, 0.05f, 0, (const char **)MODS, N_MOD, "HuggingFaceTB/SmolLM2-135M-Instruct"};
+    peft_lora_config c = {RANK, 8.0f, 0.05f, 0, (const char **)MODS, N_MOD, "HuggingFaceTB/SmolLM2-135M-Instruct", NULL, 0};
     snprintf(p, sizeof p, "%s/adapter_config.json", dir);
     if (peft_write_adapter_config(p, &c, &e)) {
         print_error("%s\n", e.msg);
@@ -286,7 +286,7 @@ static void test_adapter_config_text(void **state) {
     qerr e = {{0}};
     snprintf(path, sizeof path, "%s/cfg.json", t->dir);
     const char *tm[2] = {"q_proj", "v_proj"};
-    peft_lora_config c = {8, 16.0f, 0.05f, 0, tm, 2, "HuggingFaceTB/SmolLM2-135M-Instruct"};
+    peft_lora_config c = {8, 16.0f, 0.05f, 0, tm, 2, "HuggingFaceTB/SmolLM2-135M-Instruct", NULL, 0};
     assert_int_equal(peft_write_adapter_config(path, &c, &e), 0);
     /* exactly Python's json.dumps(asdict(cfg), indent=2, sort_keys=True) */
     const char *want =

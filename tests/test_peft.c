@@ -171,7 +171,8 @@ static void test_read_adapter_config(void **state) {
         {"{\"peft_type\": \"LORA\", \"r\": 2.5}", "\"r\""},
         {"{\"peft_type\": \"LORA\", \"r\": 4, \"use_dora\": true}", "use_dora"},
         {"{\"peft_type\": \"LORA\", \"r\": 4, \"rank_pattern\": {\"q_proj\": 8}}", "rank_pattern"},
-        {"{\"peft_type\": \"LORA\", \"r\": 4, \"modules_to_save\": [\"lm_head\"]}", "modules_to_save"},
+        {"{\"peft_type\": \"LORA\", \"r\": 4, \"modules_to_save\": [\"score\"]}", "modules_to_save"},
+        {"{\"peft_type\": \"LORA\", \"r\": 4, \"modules_to_save\": \"lm_head\"}", "modules_to_save"},
         {"{\"peft_type\": \"LORA\", \"r\": 4, \"bias\": \"all\"}", "bias"},
         {"[1, 2]", "not a JSON object"},
     };
@@ -182,6 +183,15 @@ static void test_read_adapter_config(void **state) {
         fclose(f);
         assert_int_equal(peft_read_adapter_config(path, &r, &e), -1);
         if (!strstr(e.msg, bad[i][1]) || !strstr(e.msg, path)) fail_msg("%s: expected \"%s\": %s", bad[i][0], bad[i][1], e.msg);
+    }
+    /* modules_to_save: embed_tokens and lm_head are read (trainable full copies) */
+    {
+        FILE *fm = fopen(path, "w");
+        fputs("{\"peft_type\": \"LORA\", \"r\": 4, \"modules_to_save\": [\"lm_head\", \"embed_tokens\"]}", fm);
+        fclose(fm);
+        if (peft_read_adapter_config(path, &r, &e)) fail_msg("%s", e.msg);
+        assert_int_equal(r.save_embed, 1);
+        assert_int_equal(r.save_lm_head, 1);
     }
     /* defaults: lora_alpha 8 (PEFT's), dropout 0, no base */
     FILE *f = fopen(path, "w");

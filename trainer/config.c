@@ -140,6 +140,9 @@ static const value_later L_CHAT[] = {
     {"llava", CHAT_FAMILY}, {"qwen2_vl", CHAT_FAMILY}, {"gemma3", CHAT_FAMILY}, {"gemma3n", CHAT_FAMILY},
     {"command_a", CHAT_FAMILY}, {"command_a_tool_use", CHAT_FAMILY}, {"command_a_rag", CHAT_FAMILY},
     {"aya", CHAT_FAMILY}, {NULL, NULL}};
+/* lora_modules_to_save: the Llama modules PEFT's modules_to_save can copy that qlora trains (the
+ * embedding and the LM head; README "lora_modules_to_save"). */
+static const char *const V_MODULES_TO_SAVE[] = {"embed_tokens", "lm_head", NULL};
 static const char *const V_EOS[] = {"turn", "all", "last", "none", NULL};
 
 /* The values lora_target_modules accepts: the PEFT names of model/llama_linear.h (Llama's seven, then
@@ -177,6 +180,8 @@ static const key_spec KEYS[] = {
     {.name = "lora_target_modules", .kind = K_MODULES, .off = OFF(lora_target_modules),
      .off_n = OFF(n_lora_target_modules), .flags = F_OPTIONAL},
     {.name = "lora_target_linear", .kind = K_BOOL, .off = OFF(lora_target_linear)},
+    {.name = "lora_modules_to_save", .kind = K_MODULES, .off = OFF(lora_modules_to_save),
+     .off_n = OFF(n_lora_modules_to_save), .values = V_MODULES_TO_SAVE, .flags = F_OPTIONAL},
     {.name = "datasets", .kind = K_DATASETS, .off = OFF(datasets), .off_n = OFF(n_datasets)},
     {.name = "test_datasets", .kind = K_DATASETS, .off = OFF(test_datasets), .off_n = OFF(n_test_datasets),
      .flags = F_OPTIONAL},
@@ -532,6 +537,7 @@ void train_config_free(train_config *c) {
     free(c->bnb_4bit_quant_type);
     free(c->adapter);
     free_str_list(c->lora_target_modules, c->n_lora_target_modules);
+    free_str_list(c->lora_modules_to_save, c->n_lora_modules_to_save);
     free_datasets(c->datasets, c->n_datasets);
     free_datasets(c->test_datasets, c->n_test_datasets);
     free(c->lr_scheduler);
@@ -984,9 +990,10 @@ static int parse_datasets(const pctx *p, const char *key, const yaml_node_t *v, 
     return 0;
 }
 
-static int parse_modules(const pctx *p, const char *key, const yaml_node_t *v, char ***out, int *n_out) {
+static int parse_modules(const pctx *p, const char *key, const char *const *vals, const yaml_node_t *v, char ***out,
+                         int *n_out) {
     char got[96], list[160];
-    join_values(list, sizeof list, module_values());
+    join_values(list, sizeof list, vals);
     *out = NULL;
     *n_out = 0;
     if (is_null(v)) return 0;
@@ -1002,7 +1009,7 @@ static int parse_modules(const pctx *p, const char *key, const yaml_node_t *v, c
         char what[64];
         snprintf(what, sizeof what, "%s[%d]", key, i);
         const char *name;
-        if (get_enum(p, what, it, module_values(), NULL, NULL, &name)) goto fail;
+        if (get_enum(p, what, it, vals, NULL, NULL, &name)) goto fail;
         for (int j = 0; j < i; j++)
             if (!strcmp(m[j], name)) {
                 perr(p, it, "%s: \"%s\" is listed twice", key, name);
@@ -1133,7 +1140,7 @@ static int apply_key(const pctx *p, const key_spec *k, const char *kname, const 
     case K_MODULES: {
         char **m;
         int n;
-        if (parse_modules(p, kname, v, &m, &n)) return -1;
+        if (parse_modules(p, kname, k->values ? k->values : module_values(), v, &m, &n)) return -1;
         free_str_list(*FIELD(c, k->off, char **), *FIELD(c, k->off_n, int));
         *FIELD(c, k->off, char **) = m;
         *FIELD(c, k->off_n, int) = n;
@@ -2057,9 +2064,10 @@ int train_config_validate(const train_config *c, qerr *e) {
         case K_MODULES: {
             char *const *m = *CFIELD(c, k->off, strv_t);
             int n = *CFIELD(c, k->off_n, int);
-            join_values(list, sizeof list, module_values());
+            const char *const *vals = k->values ? k->values : module_values();
+            join_values(list, sizeof list, vals);
             for (int j = 0; j < n; j++) {
-                if (!m[j] || enum_index(module_values(), m[j]) < 0)
+                if (!m[j] || enum_index(vals, m[j]) < 0)
                     return qerr_set(e, "%s: %s[%d]: expected one of %s, got \"%s\"%s", src, k->name, j, list,
                                     m[j] ? m[j] : "null", at);
                 for (int q = 0; q < j; q++)
@@ -2270,6 +2278,15 @@ unsigned train_config_target_mask(const train_config *c) {
         if (k >= 0) m |= 1u << k;
     }
     return m;
+}
+
+void train_config_modules_to_save(const train_config *c, int save[2]) {
+    save[0] = save[1] = 0;
+    for (int i = 0; i < c->n_lora_modules_to_save; i++) {
+        const char *name = c->lora_modules_to_save[i];
+        if (name && !strcmp(name, "embed_tokens")) save[0] = 1;
+        if (name && !strcmp(name, "lm_head")) save[1] = 1;
+    }
 }
 
 int train_config_eval_interval(const train_config *c, int steps_per_epoch) {

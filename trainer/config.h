@@ -144,6 +144,8 @@ typedef struct train_config {
     char **lora_target_modules;       /* PEFT names of model/llama_linear.h, no duplicates */
     int n_lora_target_modules;
     int lora_target_linear;           /* default 0; 1 adds all 7 linears to the list */
+    char **lora_modules_to_save;      /* PEFT modules_to_save: "embed_tokens", "lm_head" (trainable copies) */
+    int n_lora_modules_to_save;
     dataset_cfg *datasets;            /* required, >= 1 */
     int n_datasets;
     dataset_cfg *test_datasets;       /* optional held-out set (excludes val_set_size > 0) */
@@ -339,6 +341,10 @@ void train_config_free(train_config *c);
  * contract this is) gets a LoRA adapter: the union of lora_target_modules and,
  * if lora_target_linear, all seven. */
 unsigned train_config_target_mask(const train_config *c);
+
+/* save[0] (embed_tokens) and save[1] (lm_head): 1 when lora_modules_to_save lists it (the
+ * LORA_SAVE_EMBED / LORA_SAVE_LM_HEAD order of model/llama.h). */
+void train_config_modules_to_save(const train_config *c, int save[2]);
 
 /* Whether checkpoints use the sharded layout (trainer/checkpoint.h ckpt_save_sharded): an explicit
  * fsdp_state_dict_type, else SHARDED_STATE_DICT for the sharded strategies (SHARD_GRAD_OP and

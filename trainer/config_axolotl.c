@@ -41,7 +41,7 @@ static const ax_key TOP[] = {
     {"lora_target_modules", AX_IMPL, NULL, NULL},
     {"lora_target_parameters", AX_REFUSE, NULL, "a PEFT variant qlora does not train (plain LoRA on the 7 Llama linears only)"},
     {"lora_target_linear", AX_IMPL, NULL, NULL},
-    {"lora_modules_to_save", AX_REFUSE, NULL, "a PEFT variant qlora does not train (plain LoRA on the 7 Llama linears only)"},
+    {"lora_modules_to_save", AX_IMPL, NULL, NULL},
     {"lora_rank_pattern", AX_REFUSE, NULL, "a PEFT variant qlora does not train (plain LoRA on the 7 Llama linears only)"},
     {"lora_alpha_pattern", AX_REFUSE, NULL, "a PEFT variant qlora does not train (plain LoRA on the 7 Llama linears only)"},
     {"lora_dropout", AX_IMPL, NULL, NULL},

@@ -152,7 +152,7 @@ static int generate(ag_ctx *ctx, const llama_model *m, const lora_set *ls, const
             qerr_set(e, "KV cache full");
             goto done;
         }
-        llama_logits_rows(ctx, m, h, n_next - 1, 1, logits);
+        llama_logits_rows_ls(ctx, m, ls, h, n_next - 1, 1, logits);
         ag_arena_reset(ctx, mk);
         if (step == 0) t_prefill = clock_now_sec() - t0;
         int32_t id = sample(logits, V, o, (uint64_t)step, work);
@@ -213,7 +213,7 @@ static int dump_logits(ag_ctx *ctx, const llama_model *m, const lora_set *ls, co
     int tr = ctx->training;
     ctx->training = 0;
     tensor *h = llama_forward_hidden(ctx, m, ls, &b);
-    llama_logits_rows(ctx, m, h, 0, n, logits);
+    llama_logits_rows_ls(ctx, m, ls, h, 0, n, logits);
     ctx->training = tr;
     ag_arena_reset(ctx, mk);
     st_tensor ts[2] = {

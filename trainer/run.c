@@ -333,6 +333,41 @@ static int resolve_targets(const run_ctx *r, const llama_hparams *hp, int target
     return 0;
 }
 
+/* lora_modules_to_save (PEFT modules_to_save: trainable full copies of embed_tokens / lm_head, in
+ * the flat adapter arrays): what follows from that design runs (AdamW, Sophia, adamw_8bit for
+ * lm_head, NO_SHARD, checkpoints); what does not is refused here, before output_dir changes. The
+ * tied-embedding decision is PEFT 0.21's default and is said in one [config] line. */
+static int check_modules_to_save(const run_ctx *r, const llama_hparams *hp, qerr *e) {
+    const train_config *c = r->c;
+    int save[LORA_N_SAVE];
+    train_config_modules_to_save(c, save);
+    if (!save[LORA_SAVE_EMBED] && !save[LORA_SAVE_LM_HEAD]) return 0;
+    if (!ag_backend_default()->embedding_bwd || !ag_backend_default()->host_data)
+        return qerr_set(e, "%s: lora_modules_to_save on the %s backend is not implemented (the copies' gradients are "
+                           "CPU kernels); use device: cpu", r->cfgname, ag_backend_default()->name);
+    if (c->fsdp_shard_grad_op || c->fsdp_full_shard)
+        return qerr_set(e, "%s: lora_modules_to_save with %s is not implemented (the full copies are not sharded); "
+                           "use NO_SHARD (data parallel) or one process",
+                        r->cfgname, c->fsdp_full_shard ? "FULL_SHARD" : "SHARD_GRAD_OP");
+    if (save[LORA_SAVE_EMBED] && r->use_adamw8bit)
+        return qerr_set(e, "%s: lora_modules_to_save: embed_tokens with optimizer %s is not implemented: HF's Trainer "
+                           "keeps an nn.Embedding's bitsandbytes states in 32 bits (register_module_override "
+                           "optim_bits 32), which qlora's adamw_8bit does not do; use adamw_torch, or save only lm_head",
+                        r->cfgname, c->optimizer);
+    fprintf(stderr, "[config] lora_modules_to_save: %s%s%s trained as full fp32 copies (PEFT modules_to_save; "
+                    "%.1fM parameters each, bf16 GEMM operands)\n",
+            save[LORA_SAVE_EMBED] ? "embed_tokens" : "", save[0] && save[1] ? " and " : "",
+            save[LORA_SAVE_LM_HEAD] ? "lm_head" : "", (double)hp->vocab * hp->d_model / 1e6);
+    if (hp->tied_embeddings)
+        fprintf(stderr, "[config] lora_modules_to_save on tied embeddings: as PEFT 0.21 by default "
+                        "(ensure_weight_tying: false) the copies are independent: %s; the adapter and a merged "
+                        "export hold embed_tokens and lm_head untied\n",
+                save[0] && save[1] ? "embed_tokens and lm_head each train their own copy"
+                : save[0]          ? "embed_tokens trains a copy, lm_head stays the frozen base table"
+                                   : "lm_head trains a copy, embed_tokens stays the frozen base table");
+    return 0;
+}
+
 /* lora_r against the targeted linears: the update B·A of a linear with `in`
  * inputs and `out` outputs has rank at most min(in, out), so a larger r adds
  * parameters (and memory) that cannot change what it can learn. */
@@ -541,6 +576,7 @@ static int adapter_table(const lora_set *ls, const llama_hparams *hp, peft_tenso
     int n = 0;
     for (int l = 0; l < ls->n_layer; l++)
         for (int k = 0; k < LLAMA_N_LINEAR; k++) n += lora_set_get(ls, l, k) ? 2 : 0;
+    for (int k = 0; k < LORA_N_SAVE; k++) n += ls->save[k];
     peft_tensor *t = calloc((size_t)(n ? n : 1), sizeof *t);
     if (!t) return qerr_set(e, "out of memory");
     int i = 0;
@@ -557,6 +593,14 @@ static int adapter_table(const lora_set *ls, const llama_hparams *hp, peft_tenso
                 t[i].cols = x->shape[1];
                 i++;
             }
+        }
+    for (int k = 0; k < LORA_N_SAVE; k++) /* modules_to_save, after the layers as in the arena */
+        if (ls->save[k]) {
+            snprintf(t[i].name, sizeof t[i].name, "%s", peft_saved_module_name(k == LORA_SAVE_LM_HEAD));
+            t[i].offset = ls->save_offset[k];
+            t[i].rows = hp->vocab;
+            t[i].cols = hp->d_model;
+            i++;
         }
     *out = t;
     *n_out = n;
@@ -594,7 +638,7 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
     const train_config *c = r->c;
     const llama_model *m = &r->model;
     int64_t lora_params = 0; /* what lora_set_init will allocate: r·(in + out) per adapted linear */
-    int64_t *numel = malloc(((size_t)m->hp.n_layer * LLAMA_N_LINEAR * 2 + 1) * sizeof *numel);
+    int64_t *numel = malloc(((size_t)m->hp.n_layer * LLAMA_N_LINEAR * 2 + 1 + LORA_N_SAVE) * sizeof *numel);
     if (!numel) return qerr_set(e, "out of memory");
     int nt = 0;
     for (int l = 0; l < m->hp.n_layer; l++)
@@ -604,6 +648,13 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
                 numel[nt++] = (int64_t)c->lora_r * m->layers[l].lin[k].in;  /* lora_A (r, in) */
                 numel[nt++] = (int64_t)m->layers[l].lin[k].out * c->lora_r; /* lora_B (out, r) */
             }
+    int save[LORA_N_SAVE];
+    train_config_modules_to_save(c, save);
+    for (int k = 0; k < LORA_N_SAVE; k++) /* modules_to_save: a (V, D) fp32 copy each, in the same arrays */
+        if (save[k]) {
+            lora_params += (int64_t)m->hp.vocab * m->hp.d_model;
+            numel[nt++] = (int64_t)m->hp.vocab * m->hp.d_model;
+        }
     const int64_t opt_bytes = r->use_adamw8bit ? adamw8bit_state_bytes(numel, nt) : 0;
     free(numel);
     struct stat model_st;
@@ -612,8 +663,12 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
                          .lora_dropout = c->lora_dropout, .lora_params = lora_params, .optimizer_bytes = opt_bytes,
                          .frozen_bytes = m->quantized_bytes,
                          /* the mapped model file; FULL_SHARD gives its pages back after loading */
-                         .extra_bytes = !m->fsdp && stat(c->base_model, &model_st) == 0 ? (int64_t)model_st.st_size
-                                                                                       : 0,
+                         .extra_bytes = (!m->fsdp && stat(c->base_model, &model_st) == 0 ? (int64_t)model_st.st_size
+                                                                                        : 0) +
+                                        /* a trainable LM head: its GEMM operand (bf16, or an fp32 copy) */
+                                        (save[LORA_SAVE_LM_HEAD] ? (int64_t)m->hp.vocab * m->hp.d_model *
+                                                                       (c->bf16 ? 2 : 4)
+                                                                 : 0),
                          /* four int32 arrays per position (ids, targets, positions, sequence ids), an int64
                           * permutation entry per training row */
                          .data_bytes = 16 * (r->train_set.n_rows * r->train_set.seq_len +
@@ -734,11 +789,14 @@ static int setup_model(run_ctx *r, qerr *e) {
 
     int target[LLAMA_N_LINEAR];
     if (resolve_targets(r, hp, target, e)) return -1;
+    if (check_modules_to_save(r, hp, e)) return -1;
     if (setup_memory_plan(r, target, e)) return -1;
     lora_set *ls = &r->ls;
     /* the adapters live in the memory of the backend the training context will use (ag_ctx_init) */
-    if (lora_set_init_backend(ls, ag_backend_default(), m, c->lora_r, c->lora_alpha, c->lora_dropout, c->use_rslora,
-                              target, (uint64_t)c->seed, e))
+    int save[LORA_N_SAVE];
+    train_config_modules_to_save(c, save);
+    if (lora_set_init_saved(ls, ag_backend_default(), m, c->lora_r, c->lora_alpha, c->lora_dropout, c->use_rslora,
+                            target, save, (uint64_t)c->seed, e))
         return -1;
     fprintf(stderr, "[lora] r %d, alpha %g, scaling %g%s, dropout %g; %lld trainable params (%.3f%% of %.1fM)\n",
             ls->r, ls->alpha, ls->scaling, c->use_rslora ? " (rsLoRA)" : "", ls->dropout, (long long)ls->n_params,

@@ -21,7 +21,9 @@ int run_write_adapter(const run_ctx *r, const char *dir, qerr *e) {
         if (ls->target[k]) targets[nt++] = llama_hparams_linears(&r->model.hp)[k].peft;
     peft_lora_config pc = {.r = ls->r, .lora_alpha = ls->alpha, .lora_dropout = ls->dropout,
                            .use_rslora = ls->use_rslora, .target_modules = targets, .n_target_modules = nt,
-                           .base_model_name_or_path = r->c->base_model};
+                           .base_model_name_or_path = r->c->base_model,
+                           .modules_to_save = (const char **)r->c->lora_modules_to_save,
+                           .n_modules_to_save = r->c->n_lora_modules_to_save};
     const float *params = lora_set_params_host(ls, ls->params, e); /* a host copy on a device backend */
     if (!params) return -1;
     int rc = peft_write_adapter(dir, r->tensors, r->n_tensors, params, &pc, e);
