@@ -734,7 +734,11 @@ TINY = dict(vocab=96, d=64, ff=128, layers=2, heads=4, kv_heads=2, head_dim=16, 
             steps=10)
 
 
-def make_tiny(args):
+def make_tiny(args, mts=False):
+    """The tiny Llama case; mts: the same with PEFT modules_to_save=["embed_tokens", "lm_head"] on the tied
+    model (ensure_weight_tying left at its default False: two independent trainable copies), whose gradients
+    and AdamW updates follow the LoRA ones in the flat order (qlora's lora_set: the copies after the layers),
+    written to ref_tiny_mts.qref.gz."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -767,8 +771,17 @@ def make_tiny(args):
             base[f"l{l}.{name}"] = getattr(getattr(layer, mod), name).weight.detach().clone()
 
     lcfg = LoraConfig(r=c["r"], lora_alpha=c["alpha"], lora_dropout=0.0, bias="none",
-                      target_modules=[n for _, n in LINEARS], init_lora_weights=True)
-    pm = get_peft_model(model, lcfg)
+                      target_modules=[n for _, n in LINEARS], init_lora_weights=True,
+                      modules_to_save=["embed_tokens", "lm_head"] if mts else None)
+    if mts:
+        import warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pm = get_peft_model(model, lcfg)
+        tie_warn = [str(w.message) for w in caught if "ensure_weight_tying" in str(w.message)]
+        print(f"[ref] tiny_mts: PEFT's tied-embedding warning: {tie_warn[0][:120] if tie_warn else '(none)'}")
+    else:
+        pm = get_peft_model(model, lcfg)
     lora = []  # (name, param) in qlora's flat order: per layer, per module: A then B
     for l, layer in enumerate(pm.base_model.model.model.layers):
         for mod, name in LINEARS:
@@ -778,6 +791,16 @@ def make_tiny(args):
                 Bm.copy_(torch.randn(Bm.shape, generator=g) * 0.1)
             assert lin.scaling["default"] == c["alpha"] / c["r"]
             lora += [(f"l{l}.{name}.A", A), (f"l{l}.{name}.B", Bm)]
+    if mts:  # the copies, after every layer's adapters (qlora's flat order)
+        emb_copy = pm.base_model.model.model.embed_tokens.modules_to_save["default"].weight
+        head_copy = pm.base_model.model.lm_head.modules_to_save["default"].weight
+        assert emb_copy.data_ptr() != head_copy.data_ptr(), "copies tied"
+        assert emb_copy.dtype == torch.float32 and torch.equal(emb_copy, base["embed"])
+        lora += [("embed_tokens", emb_copy), ("lm_head", head_copy)]
+        from peft import get_peft_model_state_dict
+        keys = sorted(k for k in get_peft_model_state_dict(pm) if "lora_" not in k)
+        print(f"[ref] tiny_mts: saved module keys {keys}")
+        assert keys == ["base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"], keys
     params = [p for _, p in lora]
     n_trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
     assert n_trainable == sum(p.numel() for p in params), "unexpected trainable parameters"
@@ -815,7 +838,7 @@ def make_tiny(args):
     g_ck = grads()
     pm.base_model.model.gradient_checkpointing_disable()
     ck_diff = float((g_ck - g_ref).abs().max() / g_ref.abs().max())
-    print(f"[ref] tiny: loss {loss:.6f} over {n_tok} tokens, |grad| {float(g_ref.norm()):.4f}, "
+    print(f"[ref] tiny{'_mts' if mts else ''}: loss {loss:.6f} over {n_tok} tokens, |grad| {float(g_ref.norm()):.4f}, "
           f"HF checkpointing vs not: max rel diff {ck_diff:.2e}")
     assert ck_diff < 1e-5 and float(g_ck.abs().max()) > 0
     # bf16 yardstick: torch.autocast(bfloat16) on the same model and batch
@@ -861,7 +884,7 @@ def make_tiny(args):
     o["adamw.losses"] = np.array(losses, dtype=np.float64)
     o["adamw.grad_norms"] = np.array(norms, dtype=np.float64)
     o["adamw.final_params"] = p_final.numpy().astype(np.float32)
-    write_qref(os.path.join(FIX, "ref_tiny.qref.gz"), o)
+    write_qref(os.path.join(FIX, "ref_tiny_mts.qref.gz" if mts else "ref_tiny.qref.gz"), o)
 
 
 # ----------------------------------------------------------------------------- model families
@@ -1206,8 +1229,8 @@ def make_real(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default="nf4,tokenizer,chat,tiny,real," + ",".join(FAMILIES),
-                    help="comma-separated subset of nf4,tokenizer,chat,tiny,real," + ",".join(FAMILIES))
+    ap.add_argument("--only", default="nf4,tokenizer,chat,tiny,tiny_mts,real," + ",".join(FAMILIES),
+                    help="comma-separated subset of nf4,tokenizer,chat,tiny,tiny_mts,real," + ",".join(FAMILIES))
     ap.add_argument("--new-corpus", action="store_true", help="rebuild the tokenizer corpus from this machine")
     ap.add_argument("--llama-cpp", default=LLAMA_CPP_DEFAULT,
                     help="vendor/llama.cpp of the unpacked llama-cpp-python 0.3.36 sdist (its converter)")
@@ -1219,6 +1242,9 @@ def main():
     for k in todo:
         if k in FAMILIES:
             make_family(k, args)
+            continue
+        if k == "tiny_mts":
+            make_tiny(args, mts=True)
             continue
         if k not in steps:
             sys.exit(f"unknown part {k!r}")

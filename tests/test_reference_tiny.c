@@ -76,6 +76,10 @@
 #include "tests/ref_metrics.h"
 
 #define TINY_FIXTURE "tests/fixtures/ref_tiny.qref.gz"
+/* the same model and batch with PEFT modules_to_save = [embed_tokens, lm_head] (make_tiny mts=True):
+ * two independent fp32 copies of the tied table, trained with the adapters; same tolerances, the
+ * copies being two more tensors of the table */
+#define TINY_MTS_FIXTURE "tests/fixtures/ref_tiny_mts.qref.gz"
 
 typedef struct tiny {
     ref_file rf;
@@ -94,6 +98,7 @@ typedef struct tiny {
 } tiny;
 
 static tiny g_t;
+static int g_mts; /* the group under way: 0 plain LoRA, 1 modules_to_save */
 
 static double jnum(const cJSON *o, const char *k) {
     const cJSON *it = cJSON_GetObjectItemCaseSensitive(o, k);
@@ -105,7 +110,7 @@ static int setup(void **state) {
     (void)state;
     tiny *t = &g_t;
     memset(t, 0, sizeof *t);
-    ref_open_or_fail(TINY_FIXTURE, &t->rf);
+    ref_open_or_fail(g_mts ? TINY_MTS_FIXTURE : TINY_FIXTURE, &t->rf);
     char *cfg_s = ref_str(&t->rf, "config");
     cJSON *cfg = cJSON_Parse(cfg_s);
     assert_non_null(cfg);
@@ -154,13 +159,17 @@ static int setup(void **state) {
     qerr e = {{0}};
     if (llama_rope_init(&t->m.rope, hp, 64, &e)) fail_msg("%s", e.msg);
     int target[LLAMA_N_LINEAR] = {1, 1, 1, 1, 1, 1, 1};
-    if (lora_set_init(&t->ls, &t->m, r, alpha, 0.0f, 0, target, 1, &e)) fail_msg("%s", e.msg);
+    const int save[LORA_N_SAVE] = {g_mts, g_mts};
+    if (lora_set_init_saved(&t->ls, NULL, &t->m, r, alpha, 0.0f, 0, target, save, 1, &e)) fail_msg("%s", e.msg);
+    if (g_mts) /* the copies start as the base table, as PEFT's deep copies */
+        for (int k = 0; k < LORA_N_SAVE; k++)
+            assert_memory_equal(t->ls.params + t->ls.save_offset[k], emb, (size_t)(V * D) * sizeof(float));
     assert_true(fabsf(t->ls.scaling - 2.0f) == 0.0f);
     t->p0 = ref_f32(&t->rf, "lora_params", t->ls.n_params);
     memcpy(t->ls.params, t->p0, (size_t)t->ls.n_params * sizeof(float));
     /* flat tensor table: per layer, per module, A then B (PEFT lora_A (r, in), lora_B (out, r)) */
     char *names = ref_str(&t->rf, "lora_names");
-    char *save = NULL, *nm = strtok_r(names, ",", &save);
+    char *save_p = NULL, *nm = strtok_r(names, ",", &save_p);
     for (int l = 0; l < hp->n_layer; l++)
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
             int64_t off = t->ls.offset[l * LLAMA_N_LINEAR + k];
@@ -170,9 +179,18 @@ static int setup(void **state) {
                 t->t_off[t->n_tensors] = ab ? off + (int64_t)r * ins[k] : off;
                 t->t_len[t->n_tensors] = ab ? outs[k] * r : (int64_t)r * ins[k];
                 t->n_tensors++;
-                nm = strtok_r(NULL, ",", &save);
+                nm = strtok_r(NULL, ",", &save_p);
             }
         }
+    for (int k = 0; g_mts && k < LORA_N_SAVE; k++) {
+        assert_non_null(nm);
+        assert_string_equal(nm, k == LORA_SAVE_EMBED ? "embed_tokens" : "lm_head");
+        snprintf(t->names[t->n_tensors], sizeof t->names[0], "%s", nm);
+        t->t_off[t->n_tensors] = t->ls.save_offset[k];
+        t->t_len[t->n_tensors] = V * D;
+        t->n_tensors++;
+        nm = strtok_r(NULL, ",", &save_p);
+    }
     assert_null(nm);
     free(names);
 
@@ -215,7 +233,7 @@ static void qlora_logits(tiny *t, int use_bf16, float *out) {
     ctx.bf16 = use_bf16;
     ctx.training = 0;
     tensor *h = llama_forward_hidden(&ctx, &t->m, &t->ls, &t->b);
-    llama_logits_rows(&ctx, &t->m, h, 0, (int64_t)t->b.B * t->b.T, out);
+    llama_logits_rows_ls(&ctx, &t->m, &t->ls, h, 0, (int64_t)t->b.B * t->b.T, out);
     ag_ctx_free(&ctx);
 }
 
@@ -404,5 +422,8 @@ int main(void) {
         cmocka_unit_test(test_fp32_adamw_10_steps),
         cmocka_unit_test(test_bf16_within_bf16_error),
     };
-    return cmocka_run_group_tests(tests, setup, teardown);
+    int rc = cmocka_run_group_tests_name("tiny", tests, setup, teardown);
+    g_mts = 1;
+    rc += cmocka_run_group_tests_name("tiny_modules_to_save", tests, setup, teardown);
+    return rc;
 }
