@@ -75,10 +75,27 @@ int adapter_load_peft(const char *dir, const llama_hparams *hp, lora_set *ls, ad
     if (safetensors_open(spath, &sf, e)) goto done;
     int n = safetensors_count(sf);
     int target[LLAMA_N_LINEAR] = {0};
+    int saved_seen[LORA_N_SAVE] = {0};
     for (int i = 0; i < n; i++) {
         st_tensor t;
         safetensors_get(sf, i, &t);
         int l, k, ab;
+        if (!strcmp(t.name, peft_saved_module_name(0)) || !strcmp(t.name, peft_saved_module_name(1))) {
+            const int head = !strcmp(t.name, peft_saved_module_name(1));
+            if (!(head ? pc.save_lm_head : pc.save_embed)) {
+                qerr_set(e, "%s: tensor %s, but %s/adapter_config.json's modules_to_save does not list %s", spath,
+                         t.name, dir, head ? "lm_head" : "embed_tokens");
+                goto done;
+            }
+            if (t.n_dims != 2 || t.shape[0] != hp->vocab || t.shape[1] != hp->d_model) {
+                qerr_set(e, "%s: tensor %s: shape [%lld, %lld], expected [%d, %d] (vocab, d_model of the base)", spath,
+                         t.name, (long long)t.shape[0], (long long)(t.n_dims > 1 ? t.shape[1] : 0), hp->vocab,
+                         hp->d_model);
+                goto done;
+            }
+            saved_seen[head] = 1;
+            continue;
+        }
         if (parse_name(hp, t.name, &l, &k, &ab)) {
             if (strstr(t.name, "lora_magnitude_vector")) qerr_set(e, "%s: %s: DoRA adapters are not supported", spath, t.name);
             else if (strstr(t.name, "lora_embedding")) qerr_set(e, "%s: %s: embedding adapters are not supported", spath, t.name);
@@ -99,6 +116,12 @@ int adapter_load_peft(const char *dir, const llama_hparams *hp, lora_set *ls, ad
         qerr_set(e, "%s: no tensors", spath);
         goto done;
     }
+    if (pc.save_embed != saved_seen[LORA_SAVE_EMBED] || pc.save_lm_head != saved_seen[LORA_SAVE_LM_HEAD]) {
+        qerr_set(e, "%s: adapter_config.json's modules_to_save lists %s, but the file has no tensor %s", spath,
+                 pc.save_embed != saved_seen[LORA_SAVE_EMBED] ? "embed_tokens" : "lm_head",
+                 peft_saved_module_name(pc.save_embed == saved_seen[LORA_SAVE_EMBED]));
+        goto done;
+    }
 
     /* a skeleton model (dims only) is all lora_set_init needs */
     skel.hp = *hp;
@@ -111,7 +134,11 @@ int adapter_load_peft(const char *dir, const llama_hparams *hp, lora_set *ls, ad
             skel.layers[l].lin[k].out = rows;
             skel.layers[l].lin[k].in = cols;
         }
-    if (lora_set_init(ls, &skel, info->r, info->lora_alpha, info->lora_dropout, info->use_rslora, target, 0, e))
+    /* the copies' tables are not in the skeleton (w_f32 NULL): lora_set_init_saved leaves them zero, the
+     * file's values follow */
+    skel.embed = skel.lm_head = (frozen_weight){.out = hp->vocab, .in = hp->d_model, .kind = FROZEN_F32};
+    if (lora_set_init_saved(ls, NULL, &skel, info->r, info->lora_alpha, info->lora_dropout, info->use_rslora, target,
+                            saved_seen, 0, e))
         goto done;
     memset(ls->params, 0, (size_t)ls->n_params * sizeof(float));
     info->present = qcalloc((size_t)hp->n_layer * LLAMA_N_LINEAR, 1, e);
@@ -122,6 +149,14 @@ int adapter_load_peft(const char *dir, const llama_hparams *hp, lora_set *ls, ad
         st_tensor t;
         safetensors_get(sf, i, &t);
         int l = 0, k = 0, ab = 0;
+        if (!strcmp(t.name, peft_saved_module_name(0)) || !strcmp(t.name, peft_saved_module_name(1))) {
+            const int kk = !strcmp(t.name, peft_saved_module_name(1)) ? LORA_SAVE_LM_HEAD : LORA_SAVE_EMBED;
+            if (to_f32(&t, ls->save_t[kk].data, spath, e)) {
+                free(seen);
+                goto done;
+            }
+            continue;
+        }
         parse_name(hp, t.name, &l, &k, &ab);
         int idx = l * LLAMA_N_LINEAR + k;
         const lora_adapter *a = lora_set_get(ls, l, k);

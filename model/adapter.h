@@ -7,7 +7,9 @@
  * q/k in HF order). Adapters written by PEFT itself load too; what qlora
  * cannot represent is refused with a clear message instead of being
  * silently dropped: DoRA, rank_pattern / alpha_pattern, bias other than
- * "none", fan_in_fan_out, modules_to_save, embedding or lm_head adapters.
+ * "none", fan_in_fan_out, embedding or lm_head LoRA adapters. modules_to_save
+ * [embed_tokens and/or lm_head] load as the lora_set's full copies
+ * (base_model.model.model.embed_tokens.weight / base_model.model.lm_head.weight).
  * Layers without tensors (layers_to_transform) get A = B = 0 and are marked
  * absent, so exports skip them.
  */

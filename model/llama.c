@@ -931,7 +931,8 @@ int lora_set_init_saved(lora_set *ls, const ag_backend *be, const llama_model *m
     for (int k = 0; k < LORA_N_SAVE; k++) {
         if (!ls->save[k]) continue;
         const int64_t off = ls->save_offset[k];
-        frozen_rows_f32(k == LORA_SAVE_EMBED ? &m->embed : &m->lm_head, 0, V, hp + off);
+        const frozen_weight *src = k == LORA_SAVE_EMBED ? &m->embed : &m->lm_head;
+        if (src->kind != FROZEN_F32 || src->w_f32) frozen_rows_f32(src, 0, V, hp + off); /* else: zeros */
         ls->save_t[k] = (tensor){.ndim = 2, .shape = {V, D}, .numel = V * D, .dtype = AG_F32,
                                  .data = ls->params + off, .grad = ls->grads + off, .requires_grad = 1};
         ls->save_w[k] = (frozen_weight){.out = V, .in = D, .kind = FROZEN_F32, .w_f32 = ls->params + off};

@@ -368,7 +368,8 @@ int lora_set_init_backend(lora_set *ls, const struct ag_backend *be, const llama
  * base's bf16 values exactly (PEFT deep-copies the module; prepare_model_for_kbit_training has
  * cast it to fp32). A tied model gets two independent copies when both are saved (PEFT 0.21's
  * default ensure_weight_tying=False: modules_to_tie is not set, each wrapper copies its module).
- * Errors: out of memory. */
+ * A model whose table is FROZEN_F32 with w_f32 NULL (a dims-only skeleton, model/adapter.c) leaves
+ * that copy zero. Errors: out of memory. */
 int lora_set_init_saved(lora_set *ls, const struct ag_backend *be, const llama_model *m, int r, float alpha,
                         float dropout, int use_rslora, const int target[LLAMA_N_LINEAR],
                         const int save[LORA_N_SAVE], uint64_t seed, qerr *e);

@@ -41,6 +41,13 @@ void export_permute_rows_to_gguf(const float *src, float *dst, int n_head, int h
 
 int export_gguf_lora(const base_model *b, const lora_set *ls, const adapter_info *info, const char *path, qerr *e) {
     const llama_hparams *hp = base_model_hparams(b);
+    if (ls->save[LORA_SAVE_EMBED] || ls->save[LORA_SAVE_LM_HEAD])
+        return qerr_set(e, "%s: the adapter trains %s (modules_to_save); a GGUF LoRA adapter cannot carry it "
+                           "(llama.cpp's LoRA loader reads only .lora_a/.lora_b pairs of base tensors); export the "
+                           "merged model (--merged) and convert that with convert_hf_to_gguf.py", path,
+                        ls->save[LORA_SAVE_EMBED] && ls->save[LORA_SAVE_LM_HEAD] ? "embed_tokens and lm_head"
+                        : ls->save[LORA_SAVE_EMBED]                              ? "embed_tokens"
+                                                                                 : "lm_head");
     gguf_writer *w;
     if (gguf_writer_init(&w, e)) return -1;
     /* llama.cpp: scale = alpha / r (b->ne[0]); rsLoRA wants alpha / sqrt(r) */
@@ -179,7 +186,7 @@ static int add_rope_scaling(cJSON *c, const llama_hparams *hp, qerr *e) {
 }
 
 /* config.json for a GGUF base: every Llama hyper-parameter transformers reads. */
-static int write_config_from_hparams(const base_model *b, const tokenizer *tok, const char *dir, qerr *e) {
+static int write_config_from_hparams(const base_model *b, const tokenizer *tok, const char *dir, int untie, qerr *e) {
     const llama_hparams *hp = base_model_hparams(b);
     cJSON *c = cJSON_CreateObject();
     int qwen2 = hp->arch == LLAMA_ARCH_QWEN2, phi3 = hp->arch == LLAMA_ARCH_PHI3;
@@ -218,7 +225,7 @@ static int write_config_from_hparams(const base_model *b, const tokenizer *tok, 
         return -1;
     }
     add_raw_float(c, "rope_theta", hp->rope_theta);
-    cJSON_AddBoolToObject(c, "tie_word_embeddings", hp->tied_embeddings);
+    cJSON_AddBoolToObject(c, "tie_word_embeddings", hp->tied_embeddings && !untie);
     cJSON_AddStringToObject(c, "torch_dtype", "bfloat16");
     cJSON_AddTrueToObject(c, "use_cache");
     cJSON_AddNumberToObject(c, "vocab_size", hp->vocab);
@@ -227,8 +234,9 @@ static int write_config_from_hparams(const base_model *b, const tokenizer *tok, 
     return rc;
 }
 
-/* config.json for an HF base: the original, minus quantization_config, bf16. */
-static int write_config_from_hf(const base_model *b, const char *dir, qerr *e) {
+/* config.json for an HF base: the original, minus quantization_config, bf16 (untie: with
+ * tie_word_embeddings false, the tables being written apart). */
+static int write_config_from_hf(const base_model *b, const char *dir, int untie, qerr *e) {
     char path[4096];
     snprintf(path, sizeof path, "%s/config.json", base_model_path(b));
     cJSON *c = file_read_json_object(path, e);
@@ -237,6 +245,10 @@ static int write_config_from_hf(const base_model *b, const char *dir, qerr *e) {
     cJSON_DeleteItemFromObjectCaseSensitive(c, "torch_dtype");
     cJSON_DeleteItemFromObjectCaseSensitive(c, "dtype");
     cJSON_AddStringToObject(c, "torch_dtype", "bfloat16");
+    if (untie) {
+        cJSON_DeleteItemFromObjectCaseSensitive(c, "tie_word_embeddings");
+        cJSON_AddFalseToObject(c, "tie_word_embeddings");
+    }
     int rc = write_json(dir, "config.json", c, e);
     cJSON_Delete(c);
     return rc;
@@ -335,7 +347,16 @@ static void add_lora_delta(float *W, const float *A, const float *B, int64_t row
 
 static int merged_tensor(const base_model *b, const llama_model *m, const lora_set *ls, const adapter_info *info,
                          const merged_entry *me, float *tmp, bf16 *dst, qerr *e) {
-    if (me->role == LLAMA_T_LINEAR && m) {
+    const int saved = ls && ((me->role == LLAMA_T_EMBED && ls->save[LORA_SAVE_EMBED]) ||
+                             (me->role == LLAMA_T_LM_HEAD && ls->save[LORA_SAVE_LM_HEAD]));
+    if (saved) { /* modules_to_save: the trained copy replaces the table */
+        const int k = me->role == LLAMA_T_EMBED ? LORA_SAVE_EMBED : LORA_SAVE_LM_HEAD;
+        if (me->rows != ls->save_t[k].shape[0] || me->cols != ls->save_t[k].shape[1])
+            return qerr_set(e, "%s: the adapter's %s copy is [%lld, %lld], the base's [%lld, %lld]", me->name,
+                            k == LORA_SAVE_EMBED ? "embed_tokens" : "lm_head", (long long)ls->save_t[k].shape[0],
+                            (long long)ls->save_t[k].shape[1], (long long)me->rows, (long long)me->cols);
+        memcpy(tmp, ls->save_t[k].data, (size_t)(me->rows * me->cols) * sizeof(float));
+    } else if (me->role == LLAMA_T_LINEAR && m) {
         frozen_rows_f32(&m->layers[me->layer].lin[me->module], 0, me->rows, tmp);
     } else if (base_model_tensor_f32(b, me->role, me->layer, me->module, tmp, e)) {
         return -1;
@@ -387,8 +408,12 @@ int export_merged(const base_model *b, const llama_model *m, const tokenizer *to
     if (max_shard_bytes == 0) max_shard_bytes = (size_t)2 << 30;
     if (file_mkdir_p(dir, e)) return -1;
 
+    /* a tied base with a trained embed_tokens or lm_head copy (modules_to_save, PEFT's default
+     * ensure_weight_tying false) is written untied: both tables, tie_word_embeddings false */
+    const int untie = hp->tied_embeddings && ls && (ls->save[LORA_SAVE_EMBED] || ls->save[LORA_SAVE_LM_HEAD]);
+    const int tied = hp->tied_embeddings && !untie;
     /* tensors in transformers' state_dict order */
-    int n = 1 + hp->n_layer * (2 + LLAMA_N_LINEAR + (hp->qkv_bias ? 3 : 0)) + 1 + (hp->tied_embeddings ? 0 : 1);
+    int n = 1 + hp->n_layer * (2 + LLAMA_N_LINEAR + (hp->qkv_bias ? 3 : 0)) + 1 + (tied ? 0 : 1);
     const llama_linear_name *lin = llama_hparams_linears(hp); /* Phi-3: the fused qkv_proj and gate_up_proj */
     merged_entry *ent = calloc((size_t)n, sizeof *ent);
     if (!ent) return qerr_set(e, "out of memory");
@@ -413,7 +438,7 @@ int export_merged(const base_model *b, const llama_model *m, const tokenizer *to
         snprintf(ent[k++].name, sizeof ent[0].name, "model.layers.%d.post_attention_layernorm.weight", l);
     }
     ent[k++] = (merged_entry){.name = "model.norm.weight", .role = LLAMA_T_OUT_NORM};
-    if (!hp->tied_embeddings) ent[k++] = (merged_entry){.name = "lm_head.weight", .role = LLAMA_T_LM_HEAD};
+    if (!tied) ent[k++] = (merged_entry){.name = "lm_head.weight", .role = LLAMA_T_LM_HEAD};
     n = k; /* fewer when linears are fused */
     int64_t max_el = 0;
     for (int i = 0; i < n; i++) {
@@ -488,7 +513,8 @@ int export_merged(const base_model *b, const llama_model *m, const tokenizer *to
         unlink(path); /* a stale index from an earlier sharded export would shadow model.safetensors */
     }
     if (remove_stale_weights(dir, n_shards, e)) goto done;
-    if (base_model_kind(b) == BASE_HF ? write_config_from_hf(b, dir, e) : write_config_from_hparams(b, tok, dir, e))
+    if (base_model_kind(b) == BASE_HF ? write_config_from_hf(b, dir, untie, e)
+                                      : write_config_from_hparams(b, tok, dir, untie, e))
         goto done;
     if (write_generation_config(tok, dir, e)) goto done;
     if (export_tokenizer_files(b, tok, dir, e)) goto done;

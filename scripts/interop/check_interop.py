@@ -343,13 +343,80 @@ def check_families(bin_dir, work):
                "max_abs": float(f"{diff.max():.3g}"), "atol": 5e-2})
 
 
+def check_modules_to_save(bin_dir, work):
+    """lora_modules_to_save on the tiny tied Qwen2 family model (tests/fixtures/ref_qwen2.qref.gz; tied as
+    SmolLM2): qlora-train (bf16 base, 3 steps, lr 5e-2 so the copies move) with [embed_tokens, lm_head] and
+    with [embed_tokens] alone; then
+      mts:<case>:peft    transformers loads the HF form, PEFT loads qlora's adapter (modules_to_save copies
+                         included; PEFT's default keeps a lone embed_tokens copy apart from the tied, frozen
+                         lm_head): logits vs qlora-generate --dump-logits (fp32), max |diff| <= 2e-3;
+      mts:<case>:merged  qlora-export --merged, loaded by transformers: tie_word_embeddings false, logits vs
+                         PEFT's within one bf16 rounding of the merged weights (<= 5e-2);
+      mts:<case>:gguf    qlora-export --gguf refuses (non-zero exit, a message naming modules_to_save)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from make_reference import read_qref
+    data = os.path.join(work, "mts_data.jsonl")
+    with open(data, "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"text": FAMILY_TEXT[i % 7:] + FAMILY_TEXT[:i % 7]}) + "\n")
+    r = read_qref(os.path.join("tests", "fixtures", "ref_qwen2.qref.gz"))
+    for case, mods in [("both", "[embed_tokens, lm_head]"), ("embed", "[embed_tokens]")]:
+        d = os.path.join(work, f"mts_{case}")
+        hf = os.path.join(d, "hf")
+        os.makedirs(hf, exist_ok=True)
+        for name, key in [("config.json", "hf.config_json"), ("model.safetensors", "hf.safetensors"),
+                          ("tokenizer.json", "hf.tokenizer_json"), ("tokenizer_config.json", "hf.tokenizer_config_json")]:
+            with open(os.path.join(hf, name), "wb") as f:
+                f.write(r[key].tobytes())
+        gg = os.path.join(d, "model.gguf")
+        with open(gg, "wb") as f:
+            f.write(r["gguf"].tobytes())
+        out = os.path.join(d, "run")
+        cfg = os.path.join(d, "train.yaml")
+        with open(cfg, "w") as f:
+            f.write(f"base_model: {gg}\nadapter: lora\nload_in_4bit: false\nlora_r: 4\nlora_alpha: 8\n"
+                    f"lora_dropout: 0.0\nlora_target_linear: true\nlora_modules_to_save: {mods}\n"
+                    f"datasets:\n  - path: {data}\n    type: completion\n"
+                    "sequence_len: 32\nsample_packing: true\nmicro_batch_size: 2\nmax_steps: 3\n"
+                    "learning_rate: 5e-2\nwarmup_steps: 0\nlr_scheduler: constant\nval_set_size: 0\n"
+                    f"output_dir: {out}\n")
+        run([os.path.join(bin_dir, "qlora-train"), cfg])
+        q_hf, ids = qlora_logits(bin_dir, d, "hf", out, hf, FAMILY_TEXT[:20], nf4=False, bf16=False, raw=True)
+        ids = [int(x) for x in ids]
+        base = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
+        pm = PeftModel.from_pretrained(base, out)
+        pm.eval()
+        p_logits = hf_logits(pm, ids)
+        with pm.disable_adapter():
+            effect = float(np.abs(p_logits - hf_logits(pm, ids)).max())
+        emb = pm.base_model.model.model.embed_tokens
+        moved = float((emb.modules_to_save["default"].weight - emb.original_module.weight).abs().max())
+        compare(f"mts:{case}:peft", p_logits, q_hf, 2e-3,
+                {"adapter_effect": float(f"{effect:.3g}"), "embed_copy_moved": float(f"{moved:.3g}")})
+        merged = os.path.join(d, "merged")
+        run([os.path.join(bin_dir, "qlora-export"), out, "--base", gg, "--merged", merged, "--load-in-4bit", "0"])
+        mm = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+        diff = np.abs(hf_logits(mm, ids) - p_logits)
+        check(f"mts:{case}:merged", (not mm.config.tie_word_embeddings) and diff.max() <= 5e-2,
+              {"tie_word_embeddings": mm.config.tie_word_embeddings, "max_abs": float(f"{diff.max():.3g}"),
+               "atol": 5e-2})
+        g = subprocess.run([os.path.join(bin_dir, "qlora-export"), out, "--base", gg, "--gguf",
+                            os.path.join(d, "adapter.gguf")], capture_output=True, text=True)
+        check(f"mts:{case}:gguf", g.returncode != 0 and "modules_to_save" in g.stderr
+              and not os.path.exists(os.path.join(d, "adapter.gguf")),
+              {"rc": g.returncode, "stderr": g.stderr.strip()[-200:]})
+
+
 def main():
     global DIMS
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
     ap.add_argument("--model", required=True)
     ap.add_argument("--work", required=True)
-    ap.add_argument("--only", default="", help="run only this check group (families)")
+    ap.add_argument("--only", default="", help="run only this check group (families, modules_to_save)")
     args = ap.parse_args()
     work = os.path.abspath(args.work)
     os.makedirs(work, exist_ok=True)
@@ -359,6 +426,9 @@ def main():
     t_all = time.time()
     if args.only == "families":
         check_families(bin_dir, work)
+        return finish(work, t_all)
+    if args.only == "modules_to_save":
+        check_modules_to_save(bin_dir, work)
         return finish(work, t_all)
 
     # adapters
@@ -535,6 +605,7 @@ def main():
     del qm
 
     check_families(bin_dir, work)
+    check_modules_to_save(bin_dir, work)
     return finish(work, t_all)
 
 
