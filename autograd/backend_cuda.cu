@@ -1556,4 +1556,5 @@ extern "C" const ag_backend ag_backend_cuda = {
     cu_sum_squares,
     cu_scale,
     cu_count_nonfinite,
+    NULL, /* embedding_bwd: lora_modules_to_save is refused on cuda (trainer/run.c) */
 };
