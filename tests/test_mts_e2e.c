@@ -8,6 +8,8 @@
  *    ends with the same adapter bytes, the same metrics and the same optimizer state (copies included).
  * 3. Refusals, one line each, nothing written: SHARD_GRAD_OP, embed_tokens with adamw_8bit, a module
  *    name other than embed_tokens / lm_head.
+ * 4. What follows from one parameter set: Sophia and adamw_8bit (lm_head) train the copies; two
+ *    processes (NO_SHARD, mpirun) x 1 micro-batch give the adapter bytes of one x 2.
  */
 #include <math.h>
 #include <setjmp.h>
@@ -23,8 +25,11 @@
 #include <cmocka.h>
 
 #include "core/file.h"
+#include "core/bf16.h"
+#include "format/gguf.h"
 #include "format/safetensors.h"
 #include "tests/e2e_run.h"
+#include "tests/mpi_launch.h"
 #include "tests/tiny_model.h"
 #include "tests/tmpdir.h"
 #include "trainer/checkpoint.h"
@@ -158,10 +163,79 @@ static void test_refusals(void **st) {
             "lora_modules_to_save[1]: expected one of embed_tokens, lm_head");
 }
 
+/* max |Δ| of the lm_head copy of dir's adapter from the tied base table (token_embd.weight of the tiny
+ * GGUF, as qlora holds it: bf16) */
+static double head_moved(const char *dir) {
+    char g[128];
+    snprintf(g, sizeof g, "%s/tiny.gguf", g_dir);
+    gguf_file *gf;
+    qerr ge;
+    if (gguf_open(g, &gf, &ge)) fail_msg("%s", ge.msg);
+    const gguf_tensor *te = gguf_find_tensor(gf, "token_embd.weight");
+    assert_non_null(te);
+    int64_t nb = 1;
+    for (uint32_t d = 0; d < te->n_dims; d++) nb *= (int64_t)te->ne[d];
+    float *base = malloc((size_t)nb * sizeof(float));
+    if (gguf_tensor_to_f32(te, base, &ge)) fail_msg("%s", ge.msg);
+    gguf_close(gf);
+    char p[256];
+    snprintf(p, sizeof p, "%s/adapter_model.safetensors", dir);
+    safetensors_file *sf;
+    qerr e;
+    if (safetensors_open(p, &sf, &e)) fail_msg("%s", e.msg);
+    const float *head = NULL;
+    int64_t n = 0;
+    for (int i = 0; i < safetensors_count(sf); i++) {
+        st_tensor t;
+        safetensors_get(sf, i, &t);
+        if (!strcmp(t.name, "base_model.model.lm_head.weight")) head = t.data, n = t.shape[0] * t.shape[1];
+    }
+    assert_non_null(head);
+    assert_int_equal(n, nb);
+    double s = 0;
+    for (int64_t i = 0; i < n; i++) {
+        assert_true(isfinite(head[i]));
+        s = fmax(s, fabs((double)head[i] - bf16_to_f32(f32_to_bf16(base[i]))));
+    }
+    safetensors_close(sf);
+    free(base);
+    return s;
+}
+
+static void test_optimizers_and_ranks(void **st) {
+    (void)st;
+    const char *const *cases[] = {(const char *const[]){"optimizer=sophia", "lora_modules_to_save=[lm_head]", NULL},
+                                  (const char *const[]){"optimizer=adamw_8bit", "lora_modules_to_save=[lm_head]", NULL}};
+    for (int i = 0; i < 2; i++) {
+        char out[128];
+        snprintf(out, sizeof out, "%s/opt%d", g_dir, i);
+        char *err = NULL;
+        int rc = e2e_run_trainer(g_cfg, out, cases[i], THREADS1, &err);
+        must(rc, err);
+        double s = head_moved(out);
+        print_message("%s: lm_head copy moved from the base table by max|Δ| %.4g\n", cases[i][0], s);
+        assert_true(s > 1e-3);
+    }
+    if (mpi_launch_skip()) skip();
+    char one[128], two[128], p[256], q[256];
+    snprintf(one, sizeof one, "%s/world1", g_dir);
+    snprintf(two, sizeof two, "%s/world2", g_dir);
+    char *err = NULL;
+    int rc = e2e_run_trainer(g_cfg, one, NULL, THREADS1, &err);
+    must(rc, err);
+    err = NULL;
+    rc = mpi_launch_trainer(2, g_cfg, two, (const char *const[]){"gradient_accumulation_steps=1", NULL}, NULL, &err);
+    must(rc, err);
+    snprintf(p, sizeof p, "%s/adapter_model.safetensors", one);
+    snprintf(q, sizeof q, "%s/adapter_model.safetensors", two);
+    e2e_assert_same_file(p, q);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_train_and_resume),
         cmocka_unit_test(test_refusals),
+        cmocka_unit_test(test_optimizers_and_ranks),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
