@@ -613,7 +613,7 @@ static int check_resume_adapter(const run_ctx *r, qerr *e) {
     if (ck->n_tensors != r->n_tensors || ck->n_params != r->ls.n_params)
         return qerr_set(e,
                         "%s: %s holds a LoRA adapter of %d tensors / %lld parameters, but this config gives %d / "
-                        "%lld (lora_r, lora_target_modules or lora_target_linear changed); resume with the config "
+                        "%lld (lora_r, lora_target_modules, lora_target_linear or lora_modules_to_save changed); resume with the config "
                         "it was made with, or choose another output_dir",
                         r->cfgname, r->ck_dir, ck->n_tensors, (long long)ck->n_params, r->n_tensors,
                         (long long)r->ls.n_params);
