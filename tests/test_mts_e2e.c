@@ -10,6 +10,8 @@
  *    name other than embed_tokens / lm_head.
  * 4. What follows from one parameter set: Sophia and adamw_8bit (lm_head) train the copies; two
  *    processes (NO_SHARD, mpirun) x 1 micro-batch give the adapter bytes of one x 2.
+ * 5. SmolLM2-135M (tied, vocab 49152), kept short (2 steps of 2 x 64 tokens): both copies train, the
+ *    held-out loss is finite, the plan's prediction and the peak RSS are printed.
  */
 #include <math.h>
 #include <setjmp.h>
@@ -231,11 +233,55 @@ static void test_optimizers_and_ranks(void **st) {
     e2e_assert_same_file(p, q);
 }
 
+static void test_smollm2(void **st) {
+    (void)st;
+    char dir[64], cfg[128], out[128];
+    if (e2e_setup(dir, sizeof dir, cfg, sizeof cfg, "qlora-mts-real-", 0,
+                  "lora_modules_to_save: [embed_tokens, lm_head]\nmax_steps: 2\nlearning_rate: 1e-3\n"))
+        fail_msg("e2e_setup failed (model or data missing?)");
+    snprintf(out, sizeof out, "%s/out", dir);
+    char *err = NULL;
+    int rc = e2e_run_trainer(cfg, out, NULL, THREADS1, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    const char *mem = strstr(err, "[memory] peak RSS");
+    assert_non_null(mem);
+    const char *nl = strchr(mem, '\n');
+    print_message("SmolLM2-135M with both copies: %.*s\n", (int)(nl ? nl - mem : 80), mem);
+    assert_non_null(strstr(err, "[config] lora_modules_to_save on tied embeddings"));
+    free(err);
+    char *m = e2e_metrics_canonical(out, (const char *const[]){"step", "loss", "eval_loss", NULL}, NULL);
+    print_message("%s", m);
+    assert_null(strstr(m, "nan"));
+    assert_non_null(strstr(m, "\"step\":2,\"loss\""));
+    free(m);
+    char p[256];
+    snprintf(p, sizeof p, "%s/adapter_model.safetensors", out);
+    safetensors_file *sf;
+    qerr e;
+    if (safetensors_open(p, &sf, &e)) fail_msg("%s", e.msg);
+    int found = 0;
+    for (int i = 0; i < safetensors_count(sf); i++) {
+        st_tensor t;
+        safetensors_get(sf, i, &t);
+        if (!strcmp(t.name, "base_model.model.model.embed_tokens.weight") ||
+            !strcmp(t.name, "base_model.model.lm_head.weight")) {
+            assert_int_equal(t.shape[0], 49152);
+            assert_int_equal(t.shape[1], 576);
+            found++;
+        }
+    }
+    safetensors_close(sf);
+    assert_int_equal(found, 2);
+    assert_int_equal(tmpdir_remove(dir), 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_train_and_resume),
         cmocka_unit_test(test_refusals),
         cmocka_unit_test(test_optimizers_and_ranks),
+        cmocka_unit_test(test_smollm2),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -103,7 +103,7 @@ static int setup(void **state) {
     snprintf(f->dir, sizeof f->dir, "/tmp/qlora_family_XXXXXX");
     if (!mkdtemp(f->dir)) fail_msg("mkdtemp");
     qerr e = {{0}};
-    snprintf(path, sizeof path, "%s/hf", f->dir);
+    snprintf(path, sizeof path, "%.63s/hf", f->dir);
     if (file_mkdir_p(path, &e)) fail_msg("%s", e.msg);
     write_blob(f, "hf/config.json", "hf.config_json");
     write_blob(f, "hf/tokenizer.json", "hf.tokenizer_json");
@@ -112,7 +112,7 @@ static int setup(void **state) {
     write_blob(f, "model.gguf", "gguf");
     if (hf_model_open(path, &f->hf, &e) || hf_model_load(f->hf, 0, 0, MAX_POS, &f->m_hf, &e))
         fail_msg("%s: HF form: %s", f->name, e.msg);
-    snprintf(path, sizeof path, "%s/model.gguf", f->dir);
+    snprintf(path, sizeof path, "%.63s/model.gguf", f->dir);
     if (gguf_open(path, &f->gf, &e) || llama_load_gguf(f->gf, 0, 0, MAX_POS, &f->m_gguf, &e))
         fail_msg("%s: GGUF form: %s", f->name, e.msg);
 
@@ -415,10 +415,10 @@ static void test_exports(void **state) {
     qerr e = {{0}};
     base_model *b = NULL, *mb = NULL;
     tokenizer *tok = NULL;
-    snprintf(path, sizeof path, "%s/model.gguf", f->dir);
+    snprintf(path, sizeof path, "%.63s/model.gguf", f->dir);
     if (base_model_open(path, &b, &e) || tokenizer_load_gguf(base_model_gguf(b), &tok, &e)) fail_msg("%s", e.msg);
     memcpy(f->ls.params, f->p0, (size_t)f->ls.n_params * sizeof(float));
-    snprintf(mdir, sizeof mdir, "%s/merged", f->dir);
+    snprintf(mdir, sizeof mdir, "%.63s/merged", f->dir);
     if (export_merged(b, &f->m_gguf, tok, &f->ls, NULL, mdir, 0, &e)) fail_msg("merged export: %s", e.msg);
     llama_model mm;
     if (base_model_open(mdir, &mb, &e) || base_model_load(mb, 0, 0, MAX_POS, &mm, &e))
@@ -443,7 +443,7 @@ static void test_exports(void **state) {
                   "bf16 rounding of W + s·BA)\n", f->name, err);
     assert_true(err <= 2e-2);
     /* GGUF LoRA */
-    snprintf(path, sizeof path, "%s/adapter.gguf", f->dir);
+    snprintf(path, sizeof path, "%.63s/adapter.gguf", f->dir);
     if (export_gguf_lora(b, &f->ls, NULL, path, &e)) fail_msg("GGUF LoRA: %s", e.msg);
     gguf_file *g;
     const char *arch;
