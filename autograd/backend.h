@@ -252,9 +252,8 @@ typedef struct ag_backend {
     int64_t (*count_nonfinite)(const float *x, int64_t n);
     /* Backward of a trainable embedding (PEFT modules_to_save embed_tokens): dtable (V, D) fp32 +=
      * dx (n, D) fp32 scattered to rows ids[0..n) (host). Deterministic: the rows of each column are
-     * added in token order (columns split over threads, no atomics). NULL on a backend without it
-     * (cuda: the config refuses lora_modules_to_save there). Last in the table so positional tables
-     * (backend_cuda.cu) stay valid. */
+     * added in token order (columns split over threads / one CUDA thread per column, no atomics).
+     * Last in the table so positional tables (backend_cuda.cu) stay valid. */
     void (*embedding_bwd)(const float *dx, const int32_t *ids, int64_t n, int64_t D, float *dtable);
 } ag_backend;
 

@@ -625,6 +625,27 @@ static void cu_embedding(const frozen_weight *table, const int32_t *ids, int64_t
     free(h);
 }
 
+/* dtable[ids[i], j] += dx[i, j]: one thread per column, the tokens in order (the CPU's sums, no
+ * atomics). ids (host) are uploaded per call. */
+__global__ void k_embedding_bwd(const float *dx, const int32_t *ids, int64_t n, int64_t D, float *dt) {
+    const int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= D) return;
+    for (int64_t i = 0; i < n; i++) dt[(int64_t)ids[i] * D + j] += dx[i * D + j];
+}
+
+static void cu_embedding_bwd(const float *dx, const int32_t *ids, int64_t n, int64_t D, float *dtable) {
+    if (n <= 0 || D <= 0) return;
+    int32_t *d_ids = (int32_t *)cu_alloc((size_t)n * sizeof(int32_t));
+    if (!d_ids) {
+        fprintf(stderr, "[cuda] embedding_bwd: out of device memory for %lld ids\n", (long long)n);
+        abort();
+    }
+    cu_copy_h2d(d_ids, ids, (size_t)n * sizeof(int32_t));
+    k_embedding_bwd<<<nblocks(D, 128), 128, 0, G.stream>>>(dx, d_ids, n, D, dtable);
+    KCHECK();
+    cu_free(d_ids);
+}
+
 /* ------------------------------------------------------------------ block reductions (fixed order) */
 
 enum { RED_T = 256 };
@@ -1556,5 +1577,6 @@ extern "C" const ag_backend ag_backend_cuda = {
     cu_sum_squares,
     cu_scale,
     cu_count_nonfinite,
-    NULL, /* embedding_bwd: lora_modules_to_save is refused on cuda (trainer/run.c) */
+    cu_embedding_bwd, /* compiled and checked against the CPU (test_backend_ops); lora_modules_to_save
+                       * itself is refused on cuda (trainer/run.c: the LM head's gradient is CPU-only) */
 };

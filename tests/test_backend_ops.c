@@ -378,6 +378,32 @@ static void case_dropout(const ag_backend *be, const ag_backend *ref) {
     free(dx0);
 }
 
+/* embedding_bwd: the scatter-add of a trainable table's gradient, repeated ids and an unused row, into
+ * a non-zero table; bit for bit (the same additions in the same order: tokens in order per column). */
+static void case_embedding_bwd(const ag_backend *be, const ag_backend *ref) {
+    const int64_t V = 31, D = 200, n = 70;
+    int32_t ids[70];
+    for (int64_t i = 0; i < n; i++) ids[i] = (int32_t)((i * 7 + 3) % (V - 1)); /* row V-1 unused */
+    float *dx = malloc((size_t)(n * D) * 4), *t0 = malloc((size_t)(V * D) * 4);
+    for (int64_t i = 0; i < n * D; i++) dx[i] = 2.0f * rng_uniform(71, 1, (uint64_t)i) - 1.0f;
+    for (int64_t i = 0; i < V * D; i++) t0[i] = 2.0f * rng_uniform(71, 2, (uint64_t)i) - 1.0f;
+    float *got[2];
+    const ag_backend *bes[2] = {be, ref};
+    for (int w = 0; w < 2; w++) {
+        float *ddx = to_dev(bes[w], dx, (size_t)(n * D) * 4), *dt = to_dev(bes[w], t0, (size_t)(V * D) * 4);
+        bes[w]->embedding_bwd(ddx, ids, n, D, dt);
+        got[w] = to_host(bes[w], dt, (size_t)(V * D) * 4);
+        bes[w]->free(ddx);
+        bes[w]->free(dt);
+    }
+    assert_bits("embedding_bwd", got[0], got[1], (size_t)(V * D) * 4);
+    assert_memory_equal(got[0] + (V - 1) * D, t0 + (V - 1) * D, (size_t)D * 4);
+    free(got[0]);
+    free(got[1]);
+    free(dx);
+    free(t0);
+}
+
 static void case_embedding(const ag_backend *be, const ag_backend *ref) {
     frozen_set fs;
     frozen_set_init(&fs, 97, 192, 50);
@@ -1093,6 +1119,7 @@ static const struct {
     {"to_bf16", case_to_bf16},
     {"dropout", case_dropout},
     {"embedding", case_embedding},
+    {"embedding_bwd", case_embedding_bwd},
     {"rmsnorm", case_rmsnorm},
     {"rope", case_rope},
     {"swiglu", case_swiglu},
@@ -1116,7 +1143,7 @@ static void test_every_entry_covered(void **state) {
                              "attention_bwd", "attention_cached", "swiglu_fwd", "swiglu_bwd", "add", "add_bwd",
                              "axpy", "copy_cols", "lm_head_ce", "adamw_update", "adamw8bit_update", "adamw_bnb32_update",
                              "sophia_update", "sophia_hessian", "sum_squares",
-                             "scale", "count_nonfinite"};
+                             "scale", "count_nonfinite", "embedding_bwd"};
     /* the table is `name` plus one function pointer per entry */
     size_t n_entries = (sizeof(ag_backend) - offsetof(ag_backend, alloc)) / sizeof(void (*)(void));
     assert_int_equal(n_entries, sizeof covered / sizeof covered[0]);
