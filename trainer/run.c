@@ -344,7 +344,7 @@ static int check_modules_to_save(const run_ctx *r, const llama_hparams *hp, qerr
     if (!save[LORA_SAVE_EMBED] && !save[LORA_SAVE_LM_HEAD]) return 0;
     if (!ag_backend_default()->embedding_bwd || !ag_backend_default()->host_data)
         return qerr_set(e, "%s: lora_modules_to_save on the %s backend is not implemented (the trainable "
-                           "LM head's is a CPU kernel); use device: cpu", r->cfgname, ag_backend_default()->name);
+                           "LM head's gradient is a CPU kernel); use device: cpu", r->cfgname, ag_backend_default()->name);
     if (c->fsdp_shard_grad_op || c->fsdp_full_shard)
         return qerr_set(e, "%s: lora_modules_to_save with %s is not implemented (the full copies are not sharded); "
                            "use NO_SHARD (data parallel) or one process",
