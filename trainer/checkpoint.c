@@ -821,6 +821,9 @@ int ckpt_read_state(const char *path, ckpt_state *s, qerr *e) {
     }
     s->opt_lo = 0;
     s->opt_hi = arrays ? s->n_params : 0;
+    s->blk_lo = s->n32_lo = 0;
+    s->blk_hi = arrays ? s->n_blocks : 0;
+    s->n32_hi = arrays ? s->n32 : 0;
     return 0;
 }
 
@@ -1078,6 +1081,16 @@ void ckpt_shard_interval(int64_t n, int world, int rank, int64_t *lo, int64_t *h
     if (a > b) a = b;
     *lo = a;
     *hi = b;
+}
+
+void ckpt_shard_cuts(int64_t n, int world, int block_aligned, const int64_t *offset, const int64_t *numel,
+                    int n_tensors, int64_t *cuts) {
+    for (int k = 0; k <= world; k++) {
+        int64_t lo, hi;
+        ckpt_shard_interval(n, world, k < world ? k : world - 1, &lo, &hi);
+        cuts[k] = k < world ? lo : hi;
+        if (block_aligned) cuts[k] = adamw8bit_shard_cut(offset, numel, n_tensors, cuts[k]);
+    }
 }
 
 /* The flat arrays of a sharded checkpoint for an optimizer: "lora/params" first, then the moments. */

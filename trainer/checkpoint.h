@@ -112,7 +112,11 @@ typedef struct ckpt_state {
     /* adamw_8bit: exp_avg, exp_avg_sq hold n32 elements (the fp32 tensors' moments) and these the rest */
     uint8_t *state1, *state2;             /* (n_params) codes */
     float *absmax1, *absmax2;             /* (n_blocks) */
-    int64_t n_blocks, n32;
+    int64_t n_blocks, n32;                /* of the whole arena */
+    /* adamw_8bit's arrays hold: state1, state2 the codes of [opt_lo, opt_hi); absmax1, absmax2 the blocks
+     * [blk_lo, blk_hi); exp_avg, exp_avg_sq the fp32-moment elements [n32_lo, n32_hi) (all of them: 0,
+     * n_blocks, 0, n32 — always so in the single-file layout) */
+    int64_t blk_lo, blk_hi, n32_lo, n32_hi;
     /* The optimizer arrays (exp_avg, exp_avg_sq, hessian; not the 8-bit ones) hold elements
      * [opt_lo, opt_hi) of the flat arrays: on read 0, n_params unless ckpt_load_part asked for one
      * rank's interval; on write by ckpt_save_sharded the interval this rank holds (opt_hi 0 = all). */
@@ -145,6 +149,15 @@ int ckpt_load(const char *dir, ckpt_state *s, qerr *e);
  * ceil(n / world) elements in rank order, the last ones shorter or empty. The one source of this
  * rule (trainer/run.c takes it too). */
 void ckpt_shard_interval(int64_t n, int world, int rank, int64_t *lo, int64_t *hi);
+
+/* The shard boundaries of world ranks over a flat arena of n elements: cuts (world + 1), rank k holds
+ * [cuts[k], cuts[k + 1]). block_aligned 0: ckpt_shard_interval's. block_aligned 1 (optimizer adamw_8bit):
+ * each of those boundaries moved up onto bitsandbytes' quantization block grid
+ * (optim/adamw8bit.h adamw8bit_shard_cut over the tensors offset[i], numel[i], arena order), so every
+ * rank's 256-element blocks are exactly blocks of one process's state; a shard is then at most 255
+ * elements longer than ceil(n / world), and may be empty. */
+void ckpt_shard_cuts(int64_t n, int world, int block_aligned, const int64_t *offset, const int64_t *numel,
+                     int n_tensors, int64_t *cuts);
 
 /* As ckpt_load, for a sharded checkpoint (or a single-file one) resumed by rank `rank` of `world`
  * ranks that holds only its interval (ckpt_shard_interval) of the optimizer state: the optimizer

@@ -772,10 +772,10 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
                 c->fsdp_full_shard
                     ? "sharded: the frozen linears (each rank loads and keeps 1/world_size of every layer, gathered "
                       "per layer before its forward, recompute and backward, the next layer's gather overlapped), "
-                      "the gradients (reduce-scattered), the AdamW state and update (1/world_size of the adapters, "
+                      "the gradients (reduce-scattered), the optimizer state and update (1/world_size of the adapters, "
                       "parameters all-gathered after it); replicated: embeddings, LM head, norms, adapters"
                 : c->fsdp_shard_grad_op
-                    ? "sharded: the gradients (reduce-scattered), the AdamW state and update (1/world_size of the "
+                    ? "sharded: the gradients (reduce-scattered), the optimizer state and update (1/world_size of the "
                       "adapters, parameters all-gathered after it); replicated: the base and the adapters"
                     : "nothing sharded (each rank holds the base, the adapters and the optimizer state)",
                 r->plan.total / 1048576.0, r->comm->timeout_sec);
@@ -792,33 +792,62 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
     r->sgo = c->fsdp_shard_grad_op != 0 || c->fsdp_full_shard != 0; /* FULL_SHARD: the same for the adapters */
     r->shard_len = (r->ls.n_params + r->world - 1) / r->world;
     r->shard_lo = 0, r->shard_hi = r->ls.n_params;
-    if (r->sgo) ckpt_shard_interval(r->ls.n_params, r->world, r->rank, &r->shard_lo, &r->shard_hi);
-    const int64_t n_opt = r->shard_hi - r->shard_lo;
-    if (r->sgo && !(r->shard_buf = r->ctx.be->alloc((size_t)(r->shard_len * r->world) * sizeof(float))))
-        return qerr_set(e, "out of memory (SHARD_GRAD_OP buffer)");
-    if (r->use_adamw8bit) {
-        int64_t *off = malloc(((size_t)r->n_tensors + 1) * sizeof *off);
-        int64_t *num = malloc(((size_t)r->n_tensors + 1) * sizeof *num);
-        int rc = off && num ? 0 : qerr_set(e, "out of memory");
-        for (int i = 0; !rc && i < r->n_tensors; i++) {
-            off[i] = r->tensors[i].offset;
-            num[i] = r->tensors[i].rows * r->tensors[i].cols;
+    /* the tensors of the arena (adamw_8bit's per-tensor state and block grid) */
+    int64_t *off = malloc(((size_t)r->n_tensors + 1) * sizeof *off);
+    int64_t *num = malloc(((size_t)r->n_tensors + 1) * sizeof *num);
+    if (!off || !num) {
+        free(off);
+        free(num);
+        return qerr_set(e, "out of memory");
+    }
+    for (int i = 0; i < r->n_tensors; i++) {
+        off[i] = r->tensors[i].offset;
+        num[i] = r->tensors[i].rows * r->tensors[i].cols;
+    }
+    if (r->sgo) {
+        if (!(r->shard_cuts = malloc(((size_t)r->world + 1) * sizeof *r->shard_cuts))) {
+            free(off);
+            free(num);
+            return qerr_set(e, "out of memory");
         }
-        if (!rc) rc = adamw8bit_state_init(&r->opt8, r->ctx.be, r->ls.n_params, off, num, r->n_tensors, e);
+        ckpt_shard_cuts(r->ls.n_params, r->world, r->use_adamw8bit, off, num, r->n_tensors, r->shard_cuts);
+        r->shard_len = 0;
+        for (int k = 0; k < r->world; k++)
+            if (r->shard_cuts[k + 1] - r->shard_cuts[k] > r->shard_len) r->shard_len = r->shard_cuts[k + 1] - r->shard_cuts[k];
+        if (r->shard_len < 1) r->shard_len = 1;
+        r->shard_lo = r->shard_cuts[r->rank], r->shard_hi = r->shard_cuts[r->rank + 1];
+    }
+    const int64_t n_opt = r->shard_hi - r->shard_lo;
+    if (r->sgo && !(r->shard_buf = r->ctx.be->alloc((size_t)(r->shard_len * r->world) * sizeof(float)))) {
+        free(off);
+        free(num);
+        return qerr_set(e, "out of memory (SHARD_GRAD_OP buffer)");
+    }
+    if (r->use_adamw8bit) {
+        int rc = r->sgo ? adamw8bit_state_init_range(&r->opt8, r->ctx.be, r->shard_lo, r->shard_hi, off, num,
+                                                     r->n_tensors, e)
+                        : adamw8bit_state_init(&r->opt8, r->ctx.be, r->ls.n_params, off, num, r->n_tensors, e);
         if (!rc) {
             int n8 = 0;
-            for (int i = 0; i < r->n_tensors; i++) n8 += r->opt8.tensors[i].eight_bit;
+            for (int i = 0; i < r->n_tensors; i++) n8 += num[i] >= ADAMW8BIT_MIN_8BIT_SIZE;
             fprintf(stderr, "[optim] adamw_8bit (bitsandbytes' AdamW8bit): 8-bit blockwise moments (blocksize %d) for "
                             "%d of %d tensors (>= %d elements), fp32 for the rest; state %.1f MiB (fp32 AdamW: %.1f "
-                            "MiB)\n", ADAMW8BIT_BLOCKSIZE, n8, r->n_tensors, ADAMW8BIT_MIN_8BIT_SIZE,
-                    adamw8bit_state_bytes(num, r->n_tensors) / 1048576.0, 8.0 * (double)r->ls.n_params / 1048576.0);
+                            "MiB)%s\n", ADAMW8BIT_BLOCKSIZE, n8, r->n_tensors, ADAMW8BIT_MIN_8BIT_SIZE,
+                    adamw8bit_state_bytes_range(off, num, r->n_tensors, r->shard_lo, r->shard_hi) / 1048576.0,
+                    8.0 * (double)n_opt / 1048576.0, r->sgo ? " per rank (its shard, on the block grid)" : "");
         }
         free(off);
         free(num);
         if (rc) return -1;
-    } else if (r->use_sophia ? sophia_state_init_backend(&r->sop, r->ctx.be, r->ls.n_params, e)
-                             : adamw_state_init_backend(&r->opt, r->ctx.be, n_opt > 0 ? n_opt : 1, e)) {
-        return -1;
+    } else {
+        free(off);
+        free(num);
+        /* SHARD_GRAD_OP / FULL_SHARD: the state of this rank's interval only */
+        const int64_t n_state = r->sgo ? (n_opt > 0 ? n_opt : 1) : r->ls.n_params;
+        if (r->use_sophia ? sophia_state_init_backend(&r->sop, r->ctx.be, n_state, e)
+                          : adamw_state_init_backend(&r->opt, r->ctx.be, n_opt > 0 ? n_opt : 1, e))
+            return -1;
+        if (r->sgo && r->use_sophia) r->sop.n = n_opt;
     }
     if (r->sgo) r->opt.n = n_opt;
     r->soc = (sophia_config){.lr = c->learning_rate, .beta1 = c->sophia_beta1, .beta2 = c->sophia_beta2,
@@ -1016,6 +1045,7 @@ void run_free(run_ctx *r) {
     free(r->bb.sid);
     if (r->grad_acc) r->ctx.be->free(r->grad_acc);
     if (r->shard_buf) r->ctx.be->free(r->shard_buf);
+    free(r->shard_cuts);
     adamw_state_free(&r->opt);
     adamw8bit_state_free(&r->opt8);
     sophia_state_free(&r->sop);

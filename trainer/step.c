@@ -74,6 +74,19 @@ static int64_t step_rows(run_ctx *r) {
     return n_targets;
 }
 
+/* SHARD_GRAD_OP: the flat array src (n_params, backend memory) into shard_buf as the collectives lay it
+ * out: rank k's interval [shard_cuts[k], shard_cuts[k + 1]) at k * shard_len, the rest of each slot
+ * zero. (With ckpt_shard_interval's cuts, rank k's interval starts at k * shard_len: one copy.) */
+static void sgo_pack(run_ctx *r, const float *src) {
+    const ag_backend *be = r->ctx.be;
+    for (int k = 0; k < r->world; k++) {
+        const int64_t lo = r->shard_cuts[k], len = r->shard_cuts[k + 1] - lo;
+        float *slot = r->shard_buf + (size_t)k * r->shard_len;
+        if (len > 0) be->copy_d2d(slot, src + lo, (size_t)len * sizeof(float));
+        if (r->shard_len > len) be->zero(slot + len, (size_t)(r->shard_len - len) * sizeof(float));
+    }
+}
+
 /* Forward and backward over the step's micro-batches, gradients accumulated
  * into ls.grads (zeroed first): the loss is scale · Σ CE over target tokens,
  * with the data's targets, or (sampled) with labels drawn from the model's
@@ -113,9 +126,7 @@ static void step_gradients(run_ctx *r, int step, int sampled, float scale, doubl
     qerr ce;
     be->sync();
     if (r->sgo) { /* SHARD_GRAD_OP: this rank's shard of the summed gradient lands in its part of shard_buf */
-        const size_t pad = (size_t)(r->shard_len * r->world - r->ls.n_params);
-        be->copy_d2d(r->shard_buf, r->ls.grads, gbytes);
-        if (pad) be->zero(r->shard_buf + r->ls.n_params, pad * sizeof(float));
+        sgo_pack(r, r->ls.grads);
         if (comm_reduce_scatter_sum(r->comm, r->shard_buf, r->shard_buf + (size_t)r->rank * r->shard_len,
                                     (size_t)r->shard_len, COMM_F32, &ce))
             run_comm_fail(r, &ce);
@@ -148,7 +159,18 @@ static void sgo_gather_params(run_ctx *r) {
     qerr ce;
     be->sync();
     if (comm_all_gather(r->comm, mine, r->shard_buf, (size_t)r->shard_len, COMM_F32, &ce)) run_comm_fail(r, &ce);
-    be->copy_d2d(r->ls.params, r->shard_buf, (size_t)r->ls.n_params * sizeof(float));
+    for (int k = 0; k < r->world; k++) {
+        const int64_t lo = r->shard_cuts[k], len = r->shard_cuts[k + 1] - lo;
+        if (len > 0) be->copy_d2d(r->ls.params + lo, r->shard_buf + (size_t)k * r->shard_len, (size_t)len * sizeof(float));
+    }
+}
+
+/* SHARD_GRAD_OP: a count over each rank's shard summed over the ranks (exact: integers in f64). */
+static int64_t sgo_sum_count(run_ctx *r, int64_t n) {
+    double v = (double)n;
+    qerr ce;
+    if (r->world > 1 && comm_all_reduce_sum(r->comm, &v, 1, COMM_F64, &ce)) run_comm_fail(r, &ce);
+    return (int64_t)v;
 }
 
 /* The step's loss sum and target tokens from every rank, added in rank order
@@ -194,8 +216,11 @@ static void step_agree(run_ctx *r, double *loss_sum, int64_t *n_tokens) {
 static float sophia_hessian_pass(run_ctx *r, int step, int64_t step_targets) {
     const float scale = step_targets > 0 ? 1.0f / (float)step_targets : 0.0f;
     step_gradients(r, step, 1, scale, NULL, NULL);
-    const float gn = clip_grad_norm_backend(r->ctx.be, r->ls.grads, r->ls.n_params, r->c->max_grad_norm);
-    if (isfinite(gn)) sophia_update_hessian(&r->sop, &r->soc, r->ls.grads);
+    /* SHARD_GRAD_OP / FULL_SHARD: ĝ was reduce-scattered like the loss gradient; h is this rank's shard */
+    float *gh = r->sgo ? r->shard_buf + (size_t)r->rank * r->shard_len : r->ls.grads;
+    const float gn = r->sgo ? sgo_clip(r, gh, r->shard_hi - r->shard_lo)
+                            : clip_grad_norm_backend(r->ctx.be, r->ls.grads, r->ls.n_params, r->c->max_grad_norm);
+    if (isfinite(gn)) sophia_update_hessian(&r->sop, &r->soc, gh);
     return gn;
 }
 
@@ -318,8 +343,13 @@ int train_step(run_ctx *r, int step, qerr *e) {
     s.finite = isfinite(s.loss) && isfinite(s.gnorm);
     if (s.finite && r->use_sophia) {
         const double bs = c->sophia_bs > 0 ? (double)c->sophia_bs : (double)step_targets;
-        s.win_rate = (double)sophia_step(&r->sop, &r->soc, s.lr, bs, r->ls.params, r->ls.grads, NULL) /
-                     (double)r->ls.n_params;
+        /* SHARD_GRAD_OP / FULL_SHARD: the update of this rank's shard (g), then every shard to every rank */
+        int64_t unclipped = sophia_step(&r->sop, &r->soc, s.lr, bs, r->ls.params + r->shard_lo, g, NULL);
+        if (r->sgo) {
+            unclipped = sgo_sum_count(r, unclipped);
+            sgo_gather_params(r);
+        }
+        s.win_rate = (double)unclipped / (double)r->ls.n_params;
         r->nan_streak = 0;
         if (sophia_hessian_due(&r->soc, step)) {
             double th = clock_now_sec();
@@ -330,7 +360,8 @@ int train_step(run_ctx *r, int step, qerr *e) {
                 fprintf(stderr, "[sophia] step %d: the Hessian-estimate gradient is NaN/Inf; h left unchanged\n", step);
         }
     } else if (s.finite && r->use_adamw8bit) {
-        adamw8bit_step(&r->opt8, &r->ac, s.lr, r->ls.params, r->ls.grads);
+        adamw8bit_step(&r->opt8, &r->ac, s.lr, r->ls.params + r->shard_lo, g); /* the shard's blocks only */
+        if (r->sgo) sgo_gather_params(r);
         r->nan_streak = 0;
     } else if (s.finite) {
         adamw_step(&r->opt, &r->ac, s.lr, r->ls.params + r->shard_lo, g, NULL);
