@@ -491,7 +491,7 @@ static void test_sharded_optimizers(void **st) {
     for (int k = 0; k < 2; k++) {
         snprintf(b, sizeof b, "%s/adamw8bit-w2-%d", g_dir, k);
         int rc = run_ranks(2, g_cfg, b,
-                           (const char *const[]){a8[0], a8[1], a8[2], "gradient_accumulation_steps=1", "fsdp_config={fsdp_state_dict_type: FULL_STATE_DICT}",
+                           (const char *const[]){a8[0], a8[1], a8[2], "gradient_accumulation_steps=1",
                                                  strategies[k][0], NULL},
                            NULL, &err);
         if (rc) fprintf(stderr, "%s", err);

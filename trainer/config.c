@@ -1518,9 +1518,6 @@ static int parallel_validate(const train_config *c, qerr *e) {
     if ((c->fsdp_no_shard != 0) + (c->fsdp_shard_grad_op != 0) + (c->fsdp_full_shard != 0) > 1)
         return qerr_set(e, "%s: fsdp / fsdp_config ask for more than one of NO_SHARD, SHARD_GRAD_OP and FULL_SHARD "
                            "(fsdp options, fsdp_sharding_strategy, reshard_after_forward); choose one", src);
-    if (train_config_sharded_state_dict(c) && !strcmp(c->optimizer, "adamw_8bit"))
-        return qerr_set(e, "%s: fsdp_state_dict_type: SHARDED_STATE_DICT with optimizer adamw_8bit is not "
-                           "implemented yet (its checkpoints are FULL_STATE_DICT)", src);
     return 0;
 }
 /* ---- end of several processes ------------------------------------------------------------------------------ */

@@ -107,17 +107,37 @@ static int checkpoint_save_sharded(run_ctx *r, int step, char *lh, size_t lh_len
         cs.beta1 = c->sophia_beta1, cs.beta2 = c->sophia_beta2, cs.rho = c->sophia_rho;
         cs.hessian_interval = c->sophia_k, cs.hessian_updates = r->sop.hessian_updates;
         if (!r->sgo) cs.opt_lo = 0, cs.opt_hi = r->ls.n_params;
+    } else if (r->use_adamw8bit) { /* this rank's part (on the block grid), or all of it */
+        const adamw8bit_state *o = &r->opt8;
+        snprintf(cs.optimizer, sizeof cs.optimizer, "adamw_8bit");
+        cs.opt_step = o->step, cs.exp_avg = o->m32, cs.exp_avg_sq = o->v32;
+        cs.state1 = o->state1, cs.state2 = o->state2, cs.absmax1 = o->absmax1, cs.absmax2 = o->absmax2;
+        cs.n_blocks = o->n_blocks_all, cs.n32 = o->n32_all;
+        cs.opt_lo = o->lo, cs.opt_hi = o->lo + o->n;
+        cs.blk_lo = o->block_lo, cs.blk_hi = o->block_lo + o->n_blocks;
+        cs.n32_lo = o->n32_lo, cs.n32_hi = o->n32_lo + o->n32;
     }
     snprintf(cs.base_model, sizeof cs.base_model, "%s", c->base_model);
     /* host copies where the backend's memory is not host memory */
     const size_t np = (size_t)r->ls.n_params * sizeof(float), no = (size_t)(cs.opt_hi - cs.opt_lo) * sizeof(float);
-    float *staged[3] = {NULL, NULL, NULL};
-    float **slot[3] = {(float **)&cs.params, (float **)&cs.exp_avg, r->use_sophia ? (float **)&cs.hessian : (float **)&cs.exp_avg_sq};
-    const size_t bytes[3] = {np, no, no};
+    enum { NS = 7 };
+    void *staged[NS] = {NULL};
+    void **slot[NS] = {(void **)&cs.params, (void **)&cs.exp_avg,
+                       r->use_sophia ? (void **)&cs.hessian : (void **)&cs.exp_avg_sq, NULL, NULL, NULL, NULL};
+    size_t bytes[NS] = {np, no, no, 0, 0, 0, 0};
+    if (r->use_adamw8bit) {
+        const adamw8bit_state *o = &r->opt8;
+        slot[3] = (void **)&cs.state1, slot[4] = (void **)&cs.state2;
+        slot[5] = (void **)&cs.absmax1, slot[6] = (void **)&cs.absmax2;
+        bytes[1] = bytes[2] = (size_t)o->n32 * sizeof(float);
+        bytes[3] = bytes[4] = (size_t)o->n;
+        bytes[5] = bytes[6] = (size_t)o->n_blocks * sizeof(float);
+    }
     int rc = 0;
     if (!be->host_data) {
         be->sync();
-        for (int i = 0; i < 3 && !rc; i++) {
+        for (int i = 0; i < NS && !rc; i++) {
+            if (!slot[i]) continue;
             if (!(staged[i] = malloc(bytes[i] ? bytes[i] : 1))) {
                 rc = qerr_set(e, "rank %d: out of memory staging the optimizer state for the checkpoint", r->rank);
                 break;
@@ -133,7 +153,7 @@ static int checkpoint_save_sharded(run_ctx *r, int step, char *lh, size_t lh_len
     qerr se;
     int src = ckpt_save_sharded(r->comm, c->output_dir, &cs, r->rank ? NULL : save_extra, r, r->last_ckpt,
                                 sizeof r->last_ckpt, &se);
-    for (int i = 0; i < 3; i++) free(staged[i]);
+    for (int i = 0; i < NS; i++) free(staged[i]);
     if (src == -2) run_comm_fail(r, &se);
     if (src && !rc && !failed) *e = se;
     return src || rc || failed ? -1 : 0;
@@ -330,10 +350,10 @@ int run_resume(run_ctx *r, const ckpt_state *ck, qerr *e) {
     be->copy_h2d(r->ls.params, ck->params, n);
     if (r->use_adamw8bit) {
         adamw8bit_state *o = &r->opt8;
-        if (ck->n_blocks != o->n_blocks || ck->n32 != o->n32)
+        if (ck->n_blocks != o->n_blocks_all || ck->n32 != o->n32_all)
             return qerr_set(e, "%s: the 8-bit optimizer state has %lld blocks and %lld fp32 elements, this adapter "
                                "needs %lld and %lld", r->ck_dir, (long long)ck->n_blocks, (long long)ck->n32,
-                            (long long)o->n_blocks, (long long)o->n32);
+                            (long long)o->n_blocks_all, (long long)o->n32_all);
         /* this rank's part (SHARD_GRAD_OP / FULL_SHARD: its shard on the block grid), else all of it, from
          * the intervals the checkpoint was read for */
         if (o->lo < ck->opt_lo || o->lo + o->n > ck->opt_hi || o->block_lo < ck->blk_lo ||
