@@ -498,6 +498,10 @@ static void test_sharded_optimizers(void **st) {
         assert_int_equal(rc, 0);
         assert_non_null(strstr(err, "8-bit blockwise moments (blocksize 256) for 6 of 28 tensors"));
         assert_non_null(strstr(err, "per rank (its shard, on the block grid)"));
+        /* the planner's per-rank optimizer state is the state this rank allocated (both printed in MiB, .1f) */
+        const char *pm = strstr(err, "+ optimizer "), *po = strstr(err, "fp32 for the rest; state ");
+        assert_true(pm && po);
+        assert_true(fabs(atof(pm + strlen("+ optimizer ")) - atof(po + strlen("fp32 for the rest; state "))) < 0.05);
         free(err);
         assert_same_run(a, b, STEPS);
     }

@@ -603,7 +603,23 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
                 numel[nt++] = (int64_t)c->lora_r * m->layers[l].lin[k].in;  /* lora_A (r, in) */
                 numel[nt++] = (int64_t)m->layers[l].lin[k].out * c->lora_r; /* lora_B (out, r) */
             }
-    const int64_t opt_bytes = r->use_adamw8bit ? adamw8bit_state_bytes(numel, nt) : 0;
+    int64_t opt_bytes = r->use_adamw8bit ? adamw8bit_state_bytes(numel, nt) : 0;
+    if (r->use_adamw8bit && (c->fsdp_shard_grad_op || c->fsdp_full_shard) && r->world > 1) {
+        /* this rank's part: its shard of the arena (A then B of each adapted linear, layer by layer) on the
+         * block grid, as setup_optimizer cuts it */
+        int64_t *off = malloc(((size_t)nt + 1) * sizeof *off), *cuts = malloc(((size_t)r->world + 1) * sizeof *cuts);
+        if (!off || !cuts) {
+            free(off);
+            free(cuts);
+            free(numel);
+            return qerr_set(e, "out of memory");
+        }
+        for (int i = 0, at = 0; i < nt; at += (int)numel[i], i++) off[i] = at;
+        ckpt_shard_cuts(lora_params, r->world, 1, off, numel, nt, cuts);
+        opt_bytes = adamw8bit_state_bytes_range(off, numel, nt, cuts[r->rank], cuts[r->rank + 1]);
+        free(off);
+        free(cuts);
+    }
     free(numel);
     struct stat model_st;
     memplan_input mpi = {.hp = m->hp, .B = c->micro_batch_size, .T = c->sequence_len,
