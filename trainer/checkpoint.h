@@ -160,8 +160,9 @@ void ckpt_shard_cuts(int64_t n, int world, int block_aligned, const int64_t *off
                      int n_tensors, int64_t *cuts);
 
 /* As ckpt_load, for a sharded checkpoint (or a single-file one) resumed by rank `rank` of `world`
- * ranks that holds only its interval (ckpt_shard_interval) of the optimizer state: the optimizer
- * arrays then hold [s->opt_lo, s->opt_hi) = that interval, read from whichever shard files hold it
+ * ranks that holds only its interval (ckpt_shard_interval; adamw_8bit: ckpt_shard_cuts on the block
+ * grid) of the optimizer state: the optimizer arrays then hold [s->opt_lo, s->opt_hi) = that interval
+ * (adamw_8bit also blk_lo.., n32_lo.. of its blocks and fp32 moments), read from whichever shard files hold it
  * (resharding on load, as torch.distributed.checkpoint does). world 0: the whole arrays. The
  * parameters are always read whole (every rank holds them). */
 int ckpt_load_part(const char *dir, int world, int rank, ckpt_state *s, qerr *e);
@@ -182,7 +183,11 @@ int ckpt_save(const char *output_dir, const ckpt_state *s, ckpt_extra_fn extra, 
  *   shard-RRRRR-of-WWWWW.h5    one per rank: its interval [lo, hi) = ckpt_shard_interval(n_params, world,
  *                              rank) of /lora/params and of the optimizer's flat arrays (/optimizer/exp_avg,
  *                              exp_avg_sq | hessian), attrs format="qlora-checkpoint-shard", format_version,
- *                              step, rank, world_size, n_params, offset (= lo), length (= hi - lo)
+ *                              step, rank, world_size, n_params, offset (= lo), length (= hi - lo);
+ *                              adamw_8bit: [lo, hi) on the block grid (ckpt_shard_cuts with the tensor
+ *                              table), /optimizer/state1, state2 (uint8, [lo, hi)), absmax1, absmax2 (the
+ *                              blocks [blk_lo, blk_hi) it holds) and exp_avg, exp_avg_sq (the fp32-moment
+ *                              elements [n32_lo, n32_hi)), the last four with a dataset attr offset
  *   run_state.h5               the state.h5 layout without the arrays (root attr layout="sharded",
  *                              /lora attr n_params): step, data position, RNG, scheduler, optimizer
  *                              scalars, the tensor table, config, log_history — written once, by rank 0
@@ -193,7 +198,8 @@ int ckpt_save(const char *output_dir, const ckpt_state *s, ckpt_extra_fn extra, 
  * there; the ranks exchange (ok, size, XXH64) — the barrier; rank 0 writes run_state.h5, index.json,
  * the extra files, fsyncs, renames the directory into place and writes COMPLETE last, as ckpt_save.
  * s->params holds all n_params parameters (replicated), the optimizer arrays [s->opt_lo, s->opt_hi)
- * (which must contain this rank's interval); rank 0's s also the scalar state. 0 on every rank when
+ * (which must contain this rank's interval; adamw_8bit's also [blk_lo, blk_hi), [n32_lo, n32_hi) with
+ * n_blocks, n32 the whole arena's); rank 0's s also the scalar state. 0 on every rank when
  * the checkpoint committed; -1 with e when it did not (a failing rank names itself, the others name
  * it); -2 when a collective failed (e: the communicator's message; the caller ends the job). */
 int ckpt_save_sharded(comm *cm, const char *output_dir, const ckpt_state *s, ckpt_extra_fn extra, void *arg,

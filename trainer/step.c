@@ -26,6 +26,13 @@
  * of such runs. Measured with oneDNN on the default config, accumulation 2,
  * 3 steps: metrics and adapter identical to before; accumulation 1 is
  * unchanged by construction.)
+ *
+ * SHARD_GRAD_OP / FULL_SHARD (r->sgo): the sum is reduce-scattered instead, rank r's interval
+ * [shard_cuts[r], shard_cuts[r + 1]) landing in its slot of shard_buf; the optimizer (AdamW, SophiaG
+ * or 8-bit AdamW) updates that interval with the state of that interval only, and the parameters are
+ * all-gathered. Sophia's Hessian-estimate gradient is reduce-scattered the same way and h updated on
+ * the shard; adamw_8bit's intervals lie on bitsandbytes' block grid (trainer/checkpoint.h
+ * ckpt_shard_cuts), so every rank quantizes exactly the blocks one process does.
  */
 #include <math.h>
 #include <signal.h>
