@@ -88,7 +88,7 @@ int preprocess_show(const train_config *c, int n_rows, int eval, preprocess_view
     for (int i = 0; i < ns; i++) specs[i].skipped = &notes;
     dataset_stats st;
     if (dataset_build(tok, specs, ns, tspecs, nts, c->val_set_size, c->sequence_len,
-                      c->sample_packing, c->train_on_inputs, train_config_data_seed(c), &train_set, &eval_set, &st, e)) {
+                      train_config_pack_mode(c), c->train_on_inputs, train_config_data_seed(c), &train_set, &eval_set, &st, e)) {
         qerr_prefix(e, "%s: datasets", cfgname);
         goto done;
     }
@@ -115,7 +115,7 @@ int preprocess_show(const train_config *c, int n_rows, int eval, preprocess_view
         if (eval)
             for (int64_t i = 0; i < ps->n_rows; i++) perm[i] = i;
         else
-            dataset_epoch_order(train_config_data_seed(c), 0, ps->n_rows, perm);
+            dataset_rows_order(ps, train_config_data_seed(c), 0, perm);
         fprintf(out, "[data] first %d %s rows in %s order; %s\n", n_rows, nm[eval],
                 eval ? "evaluation" : "epoch-1 training",
                 view == PREPROCESS_TOKENS ? "each token as text(id, label), label -100 = not trained on"

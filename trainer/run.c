@@ -442,7 +442,7 @@ static int setup_data(run_ctx *r, qerr *e) {
     double t0 = clock_now_sec();
     dataset_stats st;
     int rc = dataset_build(r->tok, specs, ns, tspecs, nts, c->val_set_size,
-                           c->sequence_len, c->sample_packing, c->train_on_inputs, train_config_data_seed(c), &r->train_set,
+                           c->sequence_len, train_config_pack_mode(c), c->train_on_inputs, train_config_data_seed(c), &r->train_set,
                            &r->eval_set, &st, e);
     train_config_dataset_specs_free(specs, ns);
     train_config_dataset_specs_free(tspecs, nts);

@@ -62,7 +62,7 @@ static int64_t step_rows(run_ctx *r) {
         int ep = (int)(r->cursor / ps->n_rows);
         if (ep != r->epoch) {
             r->epoch = ep;
-            dataset_epoch_order(train_config_data_seed(r->c), r->epoch, ps->n_rows, r->perm);
+            dataset_rows_order(ps, train_config_data_seed(r->c), r->epoch, r->perm);
         }
         r->rows[i] = r->perm[r->cursor % ps->n_rows];
         r->cursor++;
