@@ -305,6 +305,64 @@ static void test_selective_checkpointing(void **state) {
     }
 }
 
+/* pretraining_dataset: axolotl's rules (max_steps required, val_set_size refused, only the first entry
+ * read) and what qlora adds (sample_packing required, streaming only with it), each refused in one line. */
+static void test_pretraining_dataset_config(void **state) {
+    (void)state;
+    static const char *const base = "base_model: m.gguf\nadapter: qlora\nlora_target_linear: true\n";
+    static const struct {
+        const char *extra;
+        int load_ok, valid;
+        const char *needle;
+    } cases[] = {
+        {"pretraining_dataset:\n  - path: c4.jsonl\n    name: en\n    type: pretrain\nmax_steps: 10\n"
+         "sample_packing: true\nstreaming: true\nstreaming_multipack_buffer_size: 100\n", 1, 1,
+         "ignoring \"pretraining_dataset.name\""},
+        {"pretraining_dataset: c4.jsonl\nmax_steps: 10\nsample_packing: true\n", 1, 1, NULL},
+        {"pretraining_dataset:\n  - path: c4.jsonl\nsample_packing: true\n", 1, 0, "max_steps must be set"},
+        {"pretraining_dataset:\n  - path: c4.jsonl\nmax_steps: 3\nsample_packing: true\nval_set_size: 0.1\n", 1, 0,
+         "val_set_size is not supported"},
+        {"pretraining_dataset:\n  - path: c4.jsonl\nmax_steps: 3\n", 1, 0, "without sample_packing"},
+        {"pretraining_dataset:\n  - path: c4.jsonl\nmax_steps: 3\nsample_packing: true\n"
+         "datasets:\n  - path: a.jsonl\n    type: completion\n", 1, 0, "pretraining_dataset and datasets are both set"},
+        {"pretraining_dataset:\n  - path: c4.jsonl\nmax_steps: 3\nsample_packing: true\npretrain_multipack_attn: false\n",
+         1, 0, "pretrain_multipack_attn: false"},
+        {"datasets:\n  - path: a.jsonl\n    type: completion\nstreaming: true\n", 1, 0,
+         "streaming: true without pretraining_dataset"},
+        {"pretraining_dataset:\n  - path: a.jsonl\n  - path: b.jsonl\n", 0, 0, "axolotl reads only the first"},
+        {"pretraining_dataset:\n  - path: a.jsonl\n    split: train[:10%]\n", 0, 0, "pretraining_dataset.split"},
+        {"pretraining_dataset:\n  - path: a.jsonl\n    type: completion\n", 0, 0,
+         "pretraining_dataset.type: expected pretrain"},
+        {"pretraining_dataset:\n  - text_column: body\n", 0, 0, "missing \"path\""},
+        {"pretraining_dataset:\n  - path: a.jsonl\n    columns: [x]\n", 0, 0, "pretraining_dataset.columns: unknown key"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char path[] = "/tmp/qlora_axo_XXXXXX.yaml", text[1024];
+        snprintf(text, sizeof text, "%s%s", base, cases[i].extra);
+        write_yaml(path, text);
+        train_config c;
+        train_config_refusals r;
+        qerr e = {{0}};
+        int rc = train_config_load_all(path, &c, &r, &e);
+        if (rc == 0) {
+            int v = train_config_validate(&c, &e);
+            print_message("case %zu: loads, validate %d %s\n", i, v, v ? e.msg : "");
+            assert_true(cases[i].load_ok);
+            assert_int_equal(v == 0, cases[i].valid);
+            if (cases[i].needle && cases[i].valid) assert_true(has_warning(&c, cases[i].needle));
+            if (cases[i].needle && !cases[i].valid) assert_non_null(strstr(e.msg, cases[i].needle));
+            if (cases[i].valid) assert_non_null(c.pretraining_path);
+            train_config_free(&c);
+        } else {
+            print_message("case %zu: %s\n", i, e.msg);
+            assert_false(cases[i].load_ok);
+            assert_non_null(strstr(e.msg, cases[i].needle));
+            train_config_refusals_free(&r);
+        }
+        remove(path);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_every_schema_key_decided),
@@ -313,6 +371,7 @@ int main(void) {
         cmocka_unit_test(test_all_refusals_at_once),
         cmocka_unit_test(test_unknown_keys),
         cmocka_unit_test(test_selective_checkpointing),
+        cmocka_unit_test(test_pretraining_dataset_config),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -187,6 +187,10 @@ static const key_spec KEYS[] = {
     {.name = "sample_packing", .kind = K_BOOL, .off = OFF(sample_packing)},
     {.name = "sample_packing_sequentially", .kind = K_BOOL, .off = OFF(sample_packing_sequentially)},
     {.name = "curriculum_sampling", .kind = K_BOOL, .off = OFF(curriculum_sampling)},
+    {.name = "streaming", .kind = K_BOOL, .off = OFF(streaming)},
+    {.name = "streaming_multipack_buffer_size", .kind = K_INT, .off = OFF(streaming_multipack_buffer_size), .lo = 1,
+     .hi = INTMAX_D, .expect = "a positive integer (records packed together)"},
+    {.name = "pretrain_multipack_attn", .kind = K_BOOL, .off = OFF(pretrain_multipack_attn)},
     {.name = "micro_batch_size", .kind = K_INT, .off = OFF(micro_batch_size), .lo = 1, .hi = INTMAX_D,
      .expect = "a positive integer"},
     {.name = "gradient_accumulation_steps", .kind = K_INT, .off = OFF(gradient_accumulation_steps), .lo = 1,
@@ -487,6 +491,8 @@ int train_config_defaults(train_config *c) {
     c->val_set_size = 0.0;
     c->sequence_len = 512;
     c->sample_packing = 0;
+    c->streaming_multipack_buffer_size = 10000;
+    c->pretrain_multipack_attn = 1;
     c->micro_batch_size = 1;
     c->gradient_accumulation_steps = 1;
     c->num_epochs = 1;
@@ -543,6 +549,8 @@ void train_config_free(train_config *c) {
     free(c->resume_from_checkpoint);
     free(c->chat_template);
     free(c->chat_template_jinja);
+    free(c->pretraining_path);
+    free(c->pretraining_text_column);
     free_str_list(c->eot_tokens, c->n_eot_tokens);
     free(c->special_bos);
     free(c->special_eos);
@@ -1282,6 +1290,97 @@ static int ax_plugins(const pctx *p, const yaml_node_t *knode, const yaml_node_t
 
 static void put_yaml_str(FILE *f, const char *s);
 
+/* pretraining_dataset (axolotl 0.19.0: a list of PretrainingDataset / SFTDataset entries, or a path;
+ * utils/data/sft.py _extract_pretraining_config reads only the first): path (a local JSON lines file, or a
+ * directory with data_files), text_column, type (pretrain), split (train), skip, data_files; name (a Hub
+ * dataset's configuration) and trust_remote_code mean nothing for a local file and get a [config] line.
+ * The stream itself is data/stream.h. */
+static int ax_pretraining_dataset(const pctx *p, const yaml_node_t *knode, const yaml_node_t *v) {
+    train_config *c = p->c;
+    char got[96];
+    free(c->pretraining_path);
+    free(c->pretraining_text_column);
+    c->pretraining_path = c->pretraining_text_column = NULL;
+    c->pretraining_skip = 0;
+    if (is_unset(v)) return 0;
+    const yaml_node_t *m = v;
+    if (v->type == YAML_SEQUENCE_NODE) {
+        int n = (int)(v->data.sequence.items.top - v->data.sequence.items.start);
+        if (n > 1)
+            return perr(p, knode, "pretraining_dataset: %d entries: axolotl reads only the first "
+                                  "(_extract_pretraining_config); give one", n);
+        m = node_at(p->doc, *v->data.sequence.items.start);
+    }
+    if (m->type == YAML_SCALAR_NODE) { /* a path alone */
+        if (!*sval(m)) return perr(p, knode, "pretraining_dataset: expected a path or a {path: ...} entry");
+        if (!(c->pretraining_path = dup_str(sval(m)))) return qerr_set(p->e, "out of memory");
+        return 0;
+    }
+    if (m->type != YAML_MAPPING_NODE) {
+        describe(m, got, sizeof got);
+        return perr(p, knode, "pretraining_dataset: expected a list of one {path, text_column, ...} entry, got %s", got);
+    }
+    char *path = NULL, *files = NULL;
+    int rc = 0;
+    for (yaml_node_pair_t *pr = m->data.mapping.pairs.start; !rc && pr < m->data.mapping.pairs.top; pr++) {
+        yaml_node_t *kn = node_at(p->doc, pr->key), *vn = node_at(p->doc, pr->value);
+        const char *k = kn->type == YAML_SCALAR_NODE ? sval(kn) : "";
+        char what[96];
+        snprintf(what, sizeof what, "pretraining_dataset.%s", k);
+        if (!strcmp(k, "path")) {
+            rc = get_string(p, what, vn, &path);
+        } else if (!strcmp(k, "data_files")) {
+            if (!is_null(vn)) rc = get_string(p, what, vn, &files);
+        } else if (!strcmp(k, "text_column")) {
+            if (!is_null(vn)) rc = get_string(p, what, vn, &c->pretraining_text_column);
+        } else if (!strcmp(k, "type")) {
+            if (!is_null(vn) && (vn->type != YAML_SCALAR_NODE || strcmp(sval(vn), "pretrain"))) {
+                describe(vn, got, sizeof got);
+                rc = perr(p, kn, "pretraining_dataset.type: expected pretrain (axolotl's PretrainTokenizationStrategy), "
+                                 "got %s", got);
+            }
+        } else if (!strcmp(k, "split")) {
+            if (!is_null(vn) && (vn->type != YAML_SCALAR_NODE || strcmp(sval(vn), "train"))) {
+                describe(vn, got, sizeof got);
+                rc = perr(p, kn, "pretraining_dataset.split: expected train (a local JSON lines file has that one "
+                                 "split; a streamed split cannot be sliced), got %s", got);
+            }
+        } else if (!strcmp(k, "skip")) {
+            long long x = 0;
+            if (!is_null(vn) && (vn->type != YAML_SCALAR_NODE || parse_int_str(sval(vn), &x) || x < 0)) {
+                describe(vn, got, sizeof got);
+                rc = perr(p, kn, "pretraining_dataset.skip: expected a number of records >= 0, got %s", got);
+            }
+            c->pretraining_skip = x;
+        } else if (!strcmp(k, "name") || !strcmp(k, "trust_remote_code")) {
+            if (!is_unset(vn))
+                rc = add_warning(c, p->e, "%s: ignoring \"pretraining_dataset.%s\" (%s)", p->src, k,
+                                 !strcmp(k, "name") ? "a Hugging Face dataset's configuration name; the data here is "
+                                                      "a local file"
+                                                    : "no Python code is ever run");
+        } else {
+            rc = perr(p, kn, "pretraining_dataset.%s: unknown key (expected path, text_column, type, split, skip, "
+                             "data_files, name)", k);
+        }
+    }
+    if (!rc && !path) rc = perr(p, knode, "pretraining_dataset: missing \"path\" (a JSON lines file)");
+    if (!rc) {
+        struct stat sb;
+        if (files && !stat(path, &sb) && S_ISDIR(sb.st_mode)) {
+            size_t n = strlen(path) + strlen(files) + 2;
+            if (!(c->pretraining_path = malloc(n))) rc = qerr_set(p->e, "out of memory");
+            else snprintf(c->pretraining_path, n, "%s/%s", path, files);
+        } else {
+            c->pretraining_path = files ? files : path;
+            if (files) files = NULL;
+            else path = NULL;
+        }
+    }
+    free(path);
+    free(files);
+    return rc;
+}
+
 /* selective_checkpointing (axolotl 0.19.0's eager SAC, monkeypatch/selective_checkpointing.py):
  * within each checkpointed block, the attention op's outputs are saved in forward and everything
  * else is recomputed in backward. `true` = {save: [attention]}. qlora's gradient_checkpointing:
@@ -1705,6 +1804,7 @@ static int apply_pair(const pctx *p, const char *name, const yaml_node_t *knode,
     if (!strcmp(name, "eot_tokens")) return ax_eot_tokens(p, at, v);
     if (!strcmp(name, "plugins")) return ax_plugins(p, at, v);
     if (!strcmp(name, "selective_checkpointing")) return ax_selective_checkpointing(p, at, v);
+    if (!strcmp(name, "pretraining_dataset")) return ax_pretraining_dataset(p, at, v);
     if (parallel_key(name)) return apply_parallel(p, name, knode, v); /* several processes */
     const ax_key *ak = axolotl_key(name);
     if (ak && ak->decision != AX_IMPL) return apply_decided(p, ak, "", at, v);
@@ -2115,9 +2215,32 @@ int train_config_validate(const train_config *c, qerr *e) {
     if (!c->base_model || !*c->base_model)
         return qerr_set(e, "%s: missing required key \"base_model\" (a .gguf file or a Hugging Face model directory)",
                         where_of(c, "base_model", &w)->src);
-    if (c->n_datasets < 1) {
+    if (c->pretraining_path) { /* axolotl's rules for a streamed pretraining_dataset (schemas/validation.py) */
+        const char *src = c->config_path ? c->config_path : "config";
+        if (c->n_datasets > 0)
+            return qerr_set(e, "%s: pretraining_dataset and datasets are both set: axolotl then reads only "
+                               "pretraining_dataset; give one", src);
+        if (c->max_steps <= 0)
+            return qerr_set(e, "%s: pretraining_dataset: max_steps must be set (axolotl: \"Trainer can't infer length "
+                               "and schedule optimizer/learning rate without it\")", src);
+        if (c->val_set_size != 0.0)
+            return qerr_set(e, "%s: pretraining_dataset: val_set_size is not supported (axolotl's rule); give the "
+                               "held-out data as test_datasets", src);
+        if (!c->sample_packing)
+            return qerr_set(e, "%s: pretraining_dataset without sample_packing (axolotl's encode_streaming: rows of "
+                               "one truncated text, or concatenated with pad tokens between texts) is not implemented; "
+                               "set sample_packing: true", src);
+        if (!c->pretrain_multipack_attn)
+            return qerr_set(e, "%s: pretrain_multipack_attn: false (attention across the packed windows of a row) is "
+                               "not implemented; attention here stays inside each window", src);
+    } else if (c->streaming) {
+        return qerr_set(e, "%s: streaming: true without pretraining_dataset (streamed datasets: entries) is not "
+                           "implemented: datasets entries are read whole; delete the line",
+                        c->config_path ? c->config_path : "config");
+    } else if (c->n_datasets < 1) {
         where_of(c, "datasets", &w);
-        return qerr_set(e, "%s: missing required key \"datasets\" (a list of {path, type} entries)%s", w.src, w.at);
+        return qerr_set(e, "%s: missing required key \"datasets\" (a list of {path, type} entries, or "
+                           "pretraining_dataset)%s", w.src, w.at);
     }
     if (c->key_origin[find_key("adapter") - KEYS] == 0)
         return qerr_set(e, "%s", FULL_FT_WHY(c->config_path ? c->config_path : "config"));
@@ -2339,6 +2462,13 @@ int train_config_write_yaml(const train_config *c, const char *path, qerr *e) {
         }
     }
     parallel_write_yaml(f, c); /* several processes */
+    if (c->pretraining_path) {
+        fputs("pretraining_dataset:\n  - path: ", f);
+        put_yaml_str(f, c->pretraining_path);
+        fputs("\n    text_column: ", f);
+        put_yaml_str(f, c->pretraining_text_column ? c->pretraining_text_column : "text");
+        fprintf(f, "\n    skip: %lld\n", c->pretraining_skip);
+    }
     if (c->special_bos || c->special_eos || c->special_unk) { /* checked against the model at start-up */
         fputs("special_tokens:\n", f);
         const char *sv[3] = {c->special_bos, c->special_eos, c->special_unk};

@@ -153,6 +153,13 @@ typedef struct train_config {
     int sample_packing;               /* default 0 (axolotl's default) */
     int sample_packing_sequentially;  /* default 0; 1: next-fit packing in order (axolotl's) */
     int curriculum_sampling;          /* default 0; 1: no shuffle, rows in file order every epoch */
+    char *pretraining_path;           /* axolotl's pretraining_dataset[0]: the JSON lines file (path, joined
+                                         with data_files when path is a directory); NULL = none */
+    char *pretraining_text_column;    /* its text_column; NULL = "text" */
+    long long pretraining_skip;       /* its skip: records dropped at the start of every pass */
+    int streaming;                    /* axolotl's streaming: true (implied by pretraining_dataset) */
+    int streaming_multipack_buffer_size; /* default 10000: records packed together (pretraining_dataset) */
+    int pretrain_multipack_attn;      /* default 1: attention stays inside each packed window */
     int micro_batch_size;             /* default 1 (sequences per forward) */
     int gradient_accumulation_steps;  /* default 1 */
     int num_epochs;                   /* default 1 */
