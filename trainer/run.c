@@ -212,6 +212,9 @@ static int setup_check_inputs(run_ctx *r, qerr *e) {
     const train_config *c = r->c;
     if (access(c->base_model, R_OK))
         return qerr_set(e, "%s: base_model: cannot read \"%s\": %s", r->cfgname, c->base_model, strerror(errno));
+    if (c->pretraining_path && access(c->pretraining_path, R_OK))
+        return qerr_set(e, "%s: pretraining_dataset.path: cannot read \"%s\": %s", r->cfgname, c->pretraining_path,
+                        strerror(errno));
     for (int pass = 0; pass < 2; pass++) {
         const dataset_cfg *d = pass ? c->test_datasets : c->datasets;
         int nd = pass ? c->n_test_datasets : c->n_datasets;
@@ -299,7 +302,10 @@ static int setup_resume_choice_rank0(run_ctx *r, qerr *e) {
                             "(%d interrupted save(s) skipped); the outputs of the run before are overwritten\n",
                     c->output_dir, n_interrupted);
     }
-    if (r->resuming)
+    if (r->resuming && c->pretraining_path)
+        fprintf(stderr, "[checkpoint] resuming from %s: step %lld, streamed row %lld\n", r->ck_dir,
+                (long long)r->ck.step, (long long)r->ck.rows_consumed);
+    else if (r->resuming)
         fprintf(stderr, "[checkpoint] resuming from %s: step %lld, epoch %lld, row %lld of %lld\n", r->ck_dir,
                 (long long)r->ck.step, (long long)(r->ck.rows_consumed / r->ck.n_rows),
                 (long long)(r->ck.rows_consumed % r->ck.n_rows), (long long)r->ck.n_rows);
@@ -426,8 +432,79 @@ static uint64_t packed_fingerprint(const packed_set *ps) {
  * rows (checked against a resumed checkpoint). */
 static const char *tok_text(const void *ctx, int id) { return tokenizer_token_text((const tokenizer *)ctx, id); }
 
+/* pretraining_dataset (data/stream.h): the training rows are streamed step by step; test_datasets,
+ * if any, are the held-out set (axolotl refuses val_set_size here). On resume the stream is read again
+ * up to the checkpoint's rows_consumed, and the fingerprint of those rows must be the one saved. */
+static int setup_stream(run_ctx *r, qerr *e) {
+    const train_config *c = r->c;
+    dataset_spec *tspecs = NULL;
+    int nts = 0;
+    if (train_config_dataset_specs(c, 1, &tspecs, &nts, e)) return -1;
+    double t0 = clock_now_sec();
+    if (nts > 0) {
+        dataset_stats st;
+        packed_set none;
+        int rc = dataset_build(r->tok, tspecs, nts, NULL, 0, 0.0, c->sequence_len,
+                               train_config_pack_mode(c) | DATASET_PACK_IN_ORDER, c->train_on_inputs,
+                               train_config_data_seed(c), &r->eval_set, &none, &st, e);
+        packed_set_free(&none);
+        if (rc) {
+            train_config_dataset_specs_free(tspecs, nts);
+            return qerr_prefix(e, "%s: test_datasets", r->cfgname);
+        }
+    }
+    train_config_dataset_specs_free(tspecs, nts);
+    pretrain_spec sp = {c->pretraining_path, c->pretraining_text_column, c->pretraining_skip};
+    if (pretrain_stream_open(r->tok, &sp, c->sequence_len, c->streaming_multipack_buffer_size, 200,
+                             train_config_data_seed(c), &r->stream, e))
+        return qerr_prefix(e, "%s", r->cfgname);
+    const int64_t rows_per_step = (int64_t)c->micro_batch_size * c->gradient_accumulation_steps * r->world;
+    r->train_set.n_rows = rows_per_step; /* the step's rows; allocated by the first pretrain_stream_next */
+    r->train_set.seq_len = c->sequence_len;
+    int W = c->sequence_len - 1, S = 256 < (W - 1) / 2 ? 256 : (W - 1) / 2;
+    fprintf(stderr, "[data] train: streamed from %s (pretraining_dataset%s): windows of up to %d tokens (stride "
+                    "%d, eos), packed first-fit per %d records into rows of %d, at most 200 windows a row; "
+                    "held-out: %lld rows (test_datasets); %.1fs\n",
+            c->pretraining_path, c->pretraining_skip ? ", skip" : "", c->sequence_len, S,
+            c->streaming_multipack_buffer_size, c->sequence_len, (long long)r->eval_set.n_rows,
+            clock_now_sec() - t0);
+    if (r->resuming) {
+        packed_set tmp = {0};
+        int64_t left = r->ck.rows_consumed;
+        double t1 = clock_now_sec();
+        while (left > 0) {
+            int64_t n = left < rows_per_step ? left : rows_per_step;
+            if (n != tmp.n_rows && tmp.input_ids) packed_set_free(&tmp);
+            if (pretrain_stream_next(r->stream, n, &tmp, e)) {
+                packed_set_free(&tmp);
+                return qerr_prefix(e, "%s: resuming", r->cfgname);
+            }
+            left -= n;
+        }
+        packed_set_free(&tmp);
+        if (pretrain_stream_fingerprint(r->stream) != r->ck.data_fingerprint)
+            return qerr_set(e, "%s: pretraining_dataset: the %lld rows %s was trained on are not what the stream gives "
+                               "now (fingerprint %016llx, now %016llx: the file, sequence_len, "
+                               "streaming_multipack_buffer_size, skip or seed changed); resume with the same data, or "
+                               "choose another output_dir",
+                            r->cfgname, (long long)r->ck.rows_consumed, r->ck_dir,
+                            (unsigned long long)r->ck.data_fingerprint,
+                            (unsigned long long)pretrain_stream_fingerprint(r->stream));
+        fprintf(stderr, "[data] resumed the stream at row %lld (pass %d; read again and checked in %.1fs)\n",
+                (long long)r->ck.rows_consumed, pretrain_stream_epoch(r->stream), clock_now_sec() - t1);
+    }
+    r->data_fp = pretrain_stream_fingerprint(r->stream);
+    return 0;
+}
+
 static int setup_data(run_ctx *r, qerr *e) {
     const train_config *c = r->c;
+    if (c->pretraining_path) {
+        if (train_config_check_special_tokens(c, tokenizer_bos_id(r->tok), tokenizer_eos_id(r->tok),
+                                              tokenizer_unk_id(r->tok), tok_text, r->tok, e))
+            return -1;
+        return setup_stream(r, e);
+    }
     if (train_config_check_special_tokens(c, tokenizer_bos_id(r->tok), tokenizer_eos_id(r->tok),
                                           tokenizer_unk_id(r->tok), tok_text, r->tok, e))
         return -1;
@@ -443,7 +520,7 @@ static int setup_data(run_ctx *r, qerr *e) {
     double t0 = clock_now_sec();
     dataset_stats st;
     int rc = dataset_build(r->tok, specs, ns, tspecs, nts, c->val_set_size,
-                           c->sequence_len, c->sample_packing, c->train_on_inputs, train_config_data_seed(c), &r->train_set,
+                           c->sequence_len, train_config_pack_mode(c), c->train_on_inputs, train_config_data_seed(c), &r->train_set,
                            &r->eval_set, &st, e);
     train_config_dataset_specs_free(specs, ns);
     train_config_dataset_specs_free(tspecs, nts);
@@ -772,6 +849,8 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
     r->gas = c->gradient_accumulation_steps;
     r->rows_per_step = (int64_t)r->mbs * r->gas * r->world;
     r->steps_per_epoch = (int)((r->train_set.n_rows + r->rows_per_step - 1) / r->rows_per_step);
+    if (r->stream) /* axolotl: saves/evals_per_epoch are fractions of max_steps / num_epochs (no length) */
+        r->steps_per_epoch = c->max_steps / c->num_epochs > 0 ? c->max_steps / c->num_epochs : 1;
     r->total_steps = c->max_steps > 0 ? c->max_steps : r->steps_per_epoch * c->num_epochs;
     r->warmup = train_config_warmup_steps(c, r->total_steps);
     r->eval_every = train_config_eval_interval(c, r->steps_per_epoch);
@@ -1072,6 +1151,7 @@ void run_free(run_ctx *r) {
     llama_free(&r->model);
     packed_set_free(&r->train_set);
     packed_set_free(&r->eval_set);
+    pretrain_stream_close(r->stream);
     tokenizer_free(r->tok);
     base_model_close(r->bm);
     if (r->lock_fd >= 0) close(r->lock_fd);

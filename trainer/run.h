@@ -16,6 +16,7 @@
 #include "comm/comm.h"
 #include "core/status.h"
 #include "data/dataset.h"
+#include "data/stream.h"
 #include "data/tokenizer.h"
 #include "format/peft.h"
 #include "model/base.h"
@@ -69,7 +70,8 @@ typedef struct run_ctx {
     uint64_t model_fp, tok_fp, data_fp;
 
     /* data */
-    packed_set train_set, eval_set;
+    packed_set train_set, eval_set; /* with pretraining_dataset, train_set holds the current step's rows */
+    pretrain_stream *stream;        /* pretraining_dataset (data/stream.h), or NULL */
 
     /* schedule */
     int mbs, gas;          /* micro_batch_size, gradient_accumulation_steps */

@@ -62,14 +62,22 @@ void run_batch_fill(const packed_set *ps, const int64_t *rows, int nb, batch_buf
 /* The step's rows_per_step rows into r->rows: the next ones of the global
  * order (epoch by epoch, each epoch's permutation from dataset_epoch_order);
  * advances r->cursor. Returns their target tokens. */
-static int64_t step_rows(run_ctx *r) {
+static int64_t step_rows(run_ctx *r, qerr *e) {
     const packed_set *ps = &r->train_set;
     int64_t n_targets = 0;
+    if (r->stream) { /* pretraining_dataset: the stream's next rows are the step's */
+        if (pretrain_stream_next(r->stream, r->rows_per_step, &r->train_set, e)) return -1;
+        for (int64_t i = 0; i < r->rows_per_step; i++) r->rows[i] = i;
+        r->cursor += r->rows_per_step;
+        r->epoch = pretrain_stream_epoch(r->stream);
+        r->data_fp = pretrain_stream_fingerprint(r->stream);
+        return r->train_set.n_target_tokens;
+    }
     for (int64_t i = 0; i < r->rows_per_step; i++) {
         int ep = (int)(r->cursor / ps->n_rows);
         if (ep != r->epoch) {
             r->epoch = ep;
-            dataset_epoch_order(train_config_data_seed(r->c), r->epoch, ps->n_rows, r->perm);
+            dataset_rows_order(ps, train_config_data_seed(r->c), r->epoch, r->perm);
         }
         r->rows[i] = r->perm[r->cursor % ps->n_rows];
         r->cursor++;
@@ -288,7 +296,9 @@ static int step_report(run_ctx *r, int step, const step_stats *s, qerr *e) {
                                {"sophia_hessian_seconds", s->hess_sec}, {"sophia_hessian_grad_norm", s->hess_gnorm}};
         int nxf = r->use_sophia ? (isfinite(s->hess_sec) ? 4 : 2) : 1;
         metrics_log_train_fields(r->mw, step, s->loss, s->lr, s->gnorm, tps,
-                                 (double)r->cursor / (double)r->train_set.n_rows, xf, nxf, e);
+                                 r->stream ? (double)step / (double)r->steps_per_epoch
+                                           : (double)r->cursor / (double)r->train_set.n_rows,
+                                 xf, nxf, e);
     }
     if (!s->finite) {
         fprintf(stderr, "[train] step %d/%d | loss %.4f | grad_norm %.3f | non-finite: update skipped (%lld in a "
@@ -332,7 +342,8 @@ int train_step(run_ctx *r, int step, qerr *e) {
     const train_config *c = r->c;
     double ts0 = clock_now_sec();
     test_rank_fault(r, step);
-    const int64_t step_targets = step_rows(r);
+    const int64_t step_targets = step_rows(r, e);
+    if (step_targets < 0) return -1;
     const float scale = step_targets > 0 ? 1.0f / (float)step_targets : 0.0f;
     double step_loss = 0.0;
     int64_t step_tok = 0;
