@@ -895,6 +895,13 @@ FAMILIES = {
     "phi3": dict(TINY, hf_class="Phi3ForCausalLM", tied=False, theta=10000.0, sliding_window=2047,
                  linears=[("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"),
                           ("mlp", "down_proj")]),  # qlora's slots LLAMA_Q, LLAMA_O, LLAMA_GATE, LLAMA_DOWN
+    # Gemma 3 text (Gemma3TextConfig, Gemma3ForCausalLM): 6 layers so that the default pattern (5 sliding, then
+    # 1 full) has both kinds; sliding_window 4, far shorter than the rows of 16, so the window mask decides;
+    # RoPE bases 1e6 (full) and 10000 (sliding, what llama.cpp assumes when the GGUF has no freq_base_swa);
+    # query_pre_attn_scalar = head_dim (the 1/sqrt(head_dim) of every size but 27B); tied; QK-norm and the four
+    # block norms drawn as k/64 so that both w and the converter's bf16 1 + w are exact in bf16
+    "gemma3": dict(TINY, hf_class="Gemma3ForCausalLM", cfg_class="Gemma3TextConfig", tied=True, theta=1000000.0,
+                   layers=6, sliding_window=4, theta_local=10000.0),
 }
 
 
@@ -980,8 +987,13 @@ def make_family(name, args):
         kw["sliding_window"] = c["sliding_window"]
     if c.get("rope_scaling"):
         rp = dict(c["rope_scaling"], rope_theta=c["theta"])
+    if c["hf_class"] == "Gemma3ForCausalLM":
+        rp = {"full_attention": dict(rope_type="default", rope_theta=c["theta"]),
+              "sliding_attention": dict(rope_type="default", rope_theta=c["theta_local"])}
+        kw.update(query_pre_attn_scalar=c["head_dim"], final_logit_softcapping=None, attn_logit_softcapping=None,
+                  hidden_activation="gelu_pytorch_tanh", pad_token_id=c["vocab"] - 1)
     kw["rope_parameters"] = rp
-    cfg_cls = getattr(transformers, c["hf_class"].replace("ForCausalLM", "Config"))
+    cfg_cls = getattr(transformers, c.get("cfg_class") or c["hf_class"].replace("ForCausalLM", "Config"))
     cfg = cfg_cls(**kw)
     cfg._attn_implementation = "eager"
     model = getattr(transformers, c["hf_class"])(cfg).float()
@@ -1001,9 +1013,19 @@ def make_family(name, args):
                 b = getattr(getattr(layer, mod), lin).bias
                 if b is not None:
                     b.copy_(bf(0.5 * torch.randn(b.shape, generator=g)))
+            if c["hf_class"] == "Gemma3ForCausalLM":  # Gemma3RMSNorm: x·(1 + w), w near 0, w and 1 + w exact in bf16
+                for nm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                           "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
+                    w = layer.get_submodule(nm).weight
+                    w.copy_(torch.clamp(torch.round(0.2 * torch.randn(w.shape, generator=g) * 64), -32, 32) / 64)
+                continue
             layer.input_layernorm.weight.copy_(bf(1 + 0.2 * torch.randn(c["d"], generator=g)))
             layer.post_attention_layernorm.weight.copy_(bf(1 + 0.2 * torch.randn(c["d"], generator=g)))
-        model.model.norm.weight.copy_(bf(1 + 0.2 * torch.randn(c["d"], generator=g)))
+        if c["hf_class"] == "Gemma3ForCausalLM":
+            model.model.norm.weight.copy_(torch.clamp(torch.round(0.2 * torch.randn(c["d"], generator=g) * 64), -32,
+                                                      32) / 64)
+        else:
+            model.model.norm.weight.copy_(bf(1 + 0.2 * torch.randn(c["d"], generator=g)))
     o = {"versions": versions(), "config": json.dumps({k: v for k, v in c.items()})}
     with tempfile.TemporaryDirectory() as td:
         hf_dir = os.path.join(td, "hf")
@@ -1026,7 +1048,11 @@ def make_family(name, args):
         with open(gpath, "rb") as f:
             o["gguf"] = f.read()
     rot = model.model.rotary_emb
-    o["rope.inv_freq"] = rot.inv_freq.detach().float().numpy()
+    if hasattr(rot, "inv_freq"):
+        o["rope.inv_freq"] = rot.inv_freq.detach().float().numpy()
+    else:  # Gemma 3: one table per layer type (full_attention first: rope_theta; then the sliding layers')
+        o["rope.inv_freq"] = getattr(rot, "full_attention_inv_freq").detach().float().numpy()
+        o["rope.inv_freq_local"] = getattr(rot, "sliding_attention_inv_freq").detach().float().numpy()
 
     lcfg = LoraConfig(r=c["r"], lora_alpha=c["alpha"], lora_dropout=0.0, bias="none",
                       target_modules=[n for _, n in linears], init_lora_weights=True)
