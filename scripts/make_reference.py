@@ -1113,6 +1113,71 @@ def make_family(name, args):
     write_qref(os.path.join(FIX, f"ref_{name}.qref.gz"), o)
 
 
+# ----------------------------------------------------------------------------- Gemma 3 270M from its GGUF
+
+# The real Gemma 3 270M (scripts/fetch_gemma3.sh) in llama.cpp (llama-cpp-python 0.3.36): its shipped K-quant
+# kernels stop with SIGILL on this machine's CPU, so llama.cpp runs the file dequantized to F32 with the matrices
+# rounded to bf16 (what qlora holds with load_in_4bit: false; scripts/interop/check_llama_cpp.py
+# write_exact_base) and an F32 KV cache: then both compute in fp32 up to summation order. The ids are
+# llama.cpp's tokenization (BOS, special tokens parsed), also checked against qlora's tokenizer. The long text
+# (> 512 tokens) passes Gemma 3's sliding window on the local layers.
+GEMMA3_MODEL = os.path.join(ROOT, "models", "gemma-3-270m-q4_k_m.gguf")
+GEMMA3_TOPK = 16
+GEMMA3_SUBSET = 256
+
+
+def gemma3_texts():
+    chat = ("<start_of_turn>user\nWhat does the ls command do? Answer in one sentence.<end_of_turn>\n"
+            "<start_of_turn>model\nIt lists the files in a directory.<end_of_turn>\n<start_of_turn>user\nAnd cp?"
+            "<end_of_turn>\n<start_of_turn>model\n")
+    rows = [json.loads(l) for l in open(os.path.join(ROOT, "datasets", "manpages", "heldout.jsonl"))]
+    long = ""
+    for r in rows:
+        long += r["text"] + "\n\n"
+        if len(long) > 3000:
+            break
+    return [REAL_TEXTS[0], chat, "  Leading spaces,\ttabs, émigré façade — ✓ 日本語のテキスト\n\n\nend", long]
+
+
+def make_gemma3_real(args):
+    import tempfile
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "interop"))
+    from check_llama_cpp import write_exact_base
+    from llama_cpp import Llama
+    texts = gemma3_texts()
+    tmp = tempfile.mkdtemp(prefix="qlora_g3_")
+    exact = os.path.join(tmp, "exact.gguf")
+    write_exact_base(GEMMA3_MODEL, exact)
+    llm = Llama(model_path=exact, n_ctx=1024, logits_all=True, verbose=False, n_threads=os.cpu_count() or 1,
+                seed=0, type_k=0, type_v=0)
+    V = llm.n_vocab()
+    g = np.random.default_rng(7)
+    subset = np.sort(g.choice(V, GEMMA3_SUBSET, replace=False)).astype(np.int32)
+    out = {"versions": versions(), "texts": json.dumps(texts), "subset": subset, "topk": GEMMA3_TOPK,
+           "model_sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"}
+    for i, t in enumerate(texts):
+        ids = llm.tokenize(t.encode(), add_bos=True, special=True)
+        if i == len(texts) - 1:
+            ids = ids[:600]
+            assert len(ids) == 600
+        llm.reset()
+        llm.eval(ids)
+        lg = np.array(llm.scores[:len(ids)], dtype=np.float64)
+        lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+        top = np.argsort(-lg, axis=-1, kind="stable")[:, :GEMMA3_TOPK]
+        out[f"t{i}.ids"] = np.array(ids, dtype=np.int32)
+        out[f"t{i}.lse"] = lse
+        out[f"t{i}.top_ids"] = top.astype(np.int32)
+        out[f"t{i}.top_vals"] = np.take_along_axis(lg, top, -1).astype(np.float32)
+        out[f"t{i}.subset_logits"] = lg[:, subset].astype(np.float32)
+        print(f"[ref] gemma3 real text {i}: {len(ids)} tokens, max|logit| {np.abs(lg).max():.3f}, top1 "
+              f"{top[:6, 0].tolist()}")
+    llm.close()
+    os.remove(exact)
+    os.rmdir(tmp)
+    write_qref(os.path.join(FIX, "ref_gemma3_real.qref.gz"), out)
+
+
 # ----------------------------------------------------------------------------- SmolLM2-135M from the GGUF
 
 REAL_TEXTS = [
@@ -1232,8 +1297,8 @@ def make_real(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default="nf4,tokenizer,chat,tiny,real," + ",".join(FAMILIES),
-                    help="comma-separated subset of nf4,tokenizer,chat,tiny,real," + ",".join(FAMILIES))
+    ap.add_argument("--only", default="nf4,tokenizer,chat,tiny,real,gemma3_real," + ",".join(FAMILIES),
+                    help="comma-separated subset of nf4,tokenizer,chat,tiny,real,gemma3_real," + ",".join(FAMILIES))
     ap.add_argument("--new-corpus", action="store_true", help="rebuild the tokenizer corpus from this machine")
     ap.add_argument("--llama-cpp", default=LLAMA_CPP_DEFAULT,
                     help="vendor/llama.cpp of the unpacked llama-cpp-python 0.3.36 sdist (its converter)")
@@ -1241,7 +1306,7 @@ def main():
     os.makedirs(FIX, exist_ok=True)
     todo = args.only.split(",")
     steps = {"nf4": "make_nf4", "tokenizer": "make_tokenizer", "chat": "make_chat", "tiny": "make_tiny",
-             "real": "make_real"}
+             "real": "make_real", "gemma3_real": "make_gemma3_real"}
     for k in todo:
         if k in FAMILIES:
             make_family(k, args)
