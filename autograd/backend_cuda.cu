@@ -995,16 +995,20 @@ static int seg_lo_host(const int32_t *sid, int T, int32_t *lo) {
     return ok;
 }
 
-static void attn_check(int hd) {
+static void attn_check(int hd, int window) {
     if (hd > ATT_HD_MAX || hd < 1 || ATT_TILE_FLOATS / hd < 1) {
         fprintf(stderr, "[cuda] attention: head_dim %d is over the kernels' %d\n", hd, ATT_HD_MAX);
+        abort();
+    }
+    if (window) { /* trainer/run.c refuses a sliding-window model (gemma3) on device cuda before this */
+        fprintf(stderr, "[cuda] attention: a sliding window (%d) is not implemented in the CUDA kernels\n", window);
         abort();
     }
 }
 
 static void cu_attention_fwd(struct ag_ctx *ctx, ag_attn *a, float *o, bf16 *ob) {
     int B = a->B, T = a->T, hd = a->hd;
-    attn_check(hd);
+    attn_check(hd, a->window);
     int32_t *lo = (int32_t *)malloc((size_t)B * T * sizeof(int32_t));
     unsigned char *ok = (unsigned char *)malloc((size_t)B);
     if (!lo || !ok) {
@@ -1040,7 +1044,7 @@ static void cu_attention_fwd(struct ag_ctx *ctx, ag_attn *a, float *o, bf16 *ob)
 
 static void cu_attention_bwd(struct ag_ctx *ctx, const ag_attn *a, const void *dob, float *dq, float *dk, float *dv) {
     int B = a->B, T = a->T, hd = a->hd;
-    attn_check(hd);
+    attn_check(hd, a->window);
     ag_mark mk = ag_arena_mark(ctx);
     float *arow = (float *)ag_alloc(ctx, (size_t)B * a->H * T * sizeof(float));
     const int32_t *seq = (const int32_t *)dev_args(SLOT_SEQ, a->seq_ids, (size_t)B * T * 4);
@@ -1106,6 +1110,7 @@ __global__ void k_attn_cached(const float *q, const float *K, const float *V, co
 }
 
 static void cu_attention_cached(struct ag_ctx *ctx, const ag_attn_cached *a, float *out) {
+    attn_check(a->hd, a->window);
     int total = a->pos[a->n - 1] + 1;
     ag_mark mk = ag_arena_mark(ctx);
     float *s = (float *)ag_alloc(ctx, (size_t)a->n * a->H * total * sizeof(float));
@@ -1150,6 +1155,41 @@ __global__ void k_swiglu_bwd(const void *g, const void *u, int isb, const float 
 static void cu_swiglu_bwd(const void *g, const void *u, int is_bf16, const float *dy, float *dg, float *du, int64_t n) {
     if (n <= 0) return;
     k_swiglu_bwd<<<nblocks(n, 256), 256, 0, G.stream>>>(g, u, is_bf16, dy, dg, du, n);
+    KCHECK();
+}
+
+/* GeGLU with the tanh GELU: the formulas of backend.h's geglu entries (qe_geglu_* in backend_cuda_elem.h) */
+__global__ void k_geglu_fwd(const float *g, const float *u, float *y, uint16_t *yb, uint16_t *gb, uint16_t *ub,
+                            int64_t n) {
+    GRID_LOOP(i, n) {
+        float v = qe_gelu_tanh(g[i]) * u[i];
+        y[i] = v;
+        if (yb) yb[i] = qe_f32_to_bf16(v);
+        if (gb) gb[i] = qe_f32_to_bf16(g[i]);
+        if (ub) ub[i] = qe_f32_to_bf16(u[i]);
+    }
+}
+
+static void cu_geglu_fwd(const float *g, const float *u, float *y, bf16 *yb, bf16 *gb, bf16 *ub, int64_t n) {
+    if (n <= 0) return;
+    k_geglu_fwd<<<nblocks(n, 256), 256, 0, G.stream>>>(g, u, y, yb, gb, ub, n);
+    KCHECK();
+}
+
+__global__ void k_geglu_bwd(const void *g, const void *u, int isb, const float *dy, float *dg, float *du, int64_t n) {
+    GRID_LOOP(i, n) {
+        float gv = isb ? qe_bf16_to_f32(((const uint16_t *)g)[i]) : ((const float *)g)[i];
+        float uv = isb ? qe_bf16_to_f32(((const uint16_t *)u)[i]) : ((const float *)u)[i];
+        float a, b;
+        qe_geglu_bwd(gv, uv, dy[i], &a, &b);
+        if (du) du[i] += b;
+        if (dg) dg[i] += a;
+    }
+}
+
+static void cu_geglu_bwd(const void *g, const void *u, int is_bf16, const float *dy, float *dg, float *du, int64_t n) {
+    if (n <= 0) return;
+    k_geglu_bwd<<<nblocks(n, 256), 256, 0, G.stream>>>(g, u, is_bf16, dy, dg, du, n);
     KCHECK();
 }
 
@@ -1564,6 +1604,8 @@ extern "C" const ag_backend ag_backend_cuda = {
     cu_attention_cached,
     cu_swiglu_fwd,
     cu_swiglu_bwd,
+    cu_geglu_fwd,
+    cu_geglu_bwd,
     cu_add,
     cu_add_bwd,
     cu_axpy,

@@ -147,6 +147,21 @@ QE void qe_swiglu_bwd(float g, float u, float dy, float *dg_inc, float *du_inc) 
     *dg_inc = dy * u * (sg + g * sg * (1.0f - sg));
 }
 
+/* GeGLU's tanh GELU (torch's gelu(approximate="tanh") formulas; backend_cpu_nn.inc cpu_geglu_*) */
+QE float qe_gelu_tanh(float x) {
+    float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (1.0f + tanhf(inner));
+}
+
+QE void qe_geglu_bwd(float x, float u, float dy, float *dg_inc, float *du_inc) {
+    float x_sq = x * x, x_cube = x_sq * x;
+    float t = tanhf(0.7978845608028654f * (x + 0.044715f * x_cube));
+    float left = 0.5f * x, right = 1.0f + t;
+    float dgelu = 0.5f * right + left * (1.0f - t * t) * 0.7978845608028654f * (1.0f + 3.0f * 0.044715f * x_sq);
+    *du_inc = dy * (left * right);
+    *dg_inc = dy * u * dgelu;
+}
+
 /* ---- AdamW element (backend_cpu_optim.inc cpu_adamw_update, torch's sequence) ---- */
 typedef struct qe_adamw_c {
     int decay, lerp_small;

@@ -373,6 +373,29 @@ static void fc_swiglu_bwd(const void *g, const void *u, int isb, const float *dy
     fence_close();
 }
 
+static void fc_geglu_fwd(const float *g, const float *u, float *y, bf16 *yb, bf16 *gb, bf16 *ub, int64_t n) {
+    NEED(g);
+    NEED(u);
+    NEED(y);
+    OPT(yb);
+    OPT(gb);
+    OPT(ub);
+    fence_open();
+    inner()->geglu_fwd(g, u, y, yb, gb, ub, n);
+    fence_close();
+}
+
+static void fc_geglu_bwd(const void *g, const void *u, int isb, const float *dy, float *dg, float *du, int64_t n) {
+    NEED(g);
+    NEED(u);
+    NEED(dy);
+    OPT(dg);
+    OPT(du);
+    fence_open();
+    inner()->geglu_bwd(g, u, isb, dy, dg, du, n);
+    fence_close();
+}
+
 static void fc_add(const float *a, const float *b, float *y, int64_t n) {
     NEED(a);
     NEED(b);
@@ -529,6 +552,8 @@ const ag_backend ag_backend_cpu_fenced = {
     .attention_cached = fc_attention_cached,
     .swiglu_fwd = fc_swiglu_fwd,
     .swiglu_bwd = fc_swiglu_bwd,
+    .geglu_fwd = fc_geglu_fwd,
+    .geglu_bwd = fc_geglu_bwd,
     .add = fc_add,
     .add_bwd = fc_add_bwd,
     .axpy = fc_axpy,

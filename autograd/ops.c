@@ -399,12 +399,18 @@ static void attn_backward(ag_ctx *ctx, const ag_node *n) {
 
 tensor *op_attention(ag_ctx *ctx, tensor *q, tensor *k, tensor *v, int B, int T, int H, int KVH,
                      const int32_t *seq_ids) {
+    return op_attention_window(ctx, q, k, v, B, T, H, KVH, seq_ids, 0);
+}
+
+tensor *op_attention_window(ag_ctx *ctx, tensor *q, tensor *k, tensor *v, int B, int T, int H, int KVH,
+                            const int32_t *seq_ids, int window) {
     int64_t hd = q->shape[1] / H, qs = (int64_t)H * hd;
     tensor *o = ag_tensor2(ctx, AG_F32, (int64_t)B * T, qs);
     bf16 *ob = memo_bf16_alloc(ctx, o); /* the output projection reads o as bf16 */
     int grad = ag_needs_grad(ctx, q, k, v);
     ag_attn a0 = {.qb = operand_of(ctx, q), .kb = operand_of(ctx, k), .vb = operand_of(ctx, v),
-                  .seq_ids = seq_ids, .B = B, .T = T, .H = H, .KVH = KVH, .hd = (int)hd, .bf16 = ctx->bf16};
+                  .seq_ids = seq_ids, .B = B, .T = T, .H = H, .KVH = KVH, .hd = (int)hd, .bf16 = ctx->bf16,
+                  .window = window > 0 ? window : 0};
     size_t nstat = (size_t)B * H * T * sizeof(float);
     float *rmax = grad ? alloc_saved(ctx, nstat) : NULL, *rinv = grad ? alloc_saved(ctx, nstat) : NULL;
     a0.seglo = alloc_saved(ctx, (size_t)B * T * sizeof(int32_t));
@@ -464,6 +470,59 @@ tensor *op_swiglu(ag_ctx *ctx, tensor *g, tensor *u) {
         s->u = ctx->bf16 ? ag_bf16_of(ctx, u, 1) : ag_keep(ctx, u);
         nd->saved = s;
     }
+    ag_prof_pop(pc);
+    return y;
+}
+
+/* GeGLU: op_swiglu's node with the backend's geglu entries (the saved operands are the same). */
+static void geglu_backward(ag_ctx *ctx, const ag_node *n) {
+    int pc = ag_prof_push(AG_PROF_ELTWISE);
+    tensor *g = n->in[0], *u = n->in[1], *y = n->out;
+    const swiglu_saved *s = n->saved;
+    float *dg = g->requires_grad ? ag_grad(ctx, g) : NULL;
+    float *du = u->requires_grad ? ag_grad(ctx, u) : NULL;
+    ctx->be->geglu_bwd(s->g, s->u, s->bf16, y->grad, dg, du, g->numel);
+    ag_prof_pop(pc);
+}
+
+tensor *op_geglu(ag_ctx *ctx, tensor *g, tensor *u) {
+    int pc = ag_prof_push(AG_PROF_ELTWISE);
+    tensor *y = ag_tensor(ctx, AG_F32, g->ndim, g->shape);
+    int grad = ag_needs_grad(ctx, g, u, NULL);
+    bf16 *yb = memo_bf16_alloc(ctx, y);
+    bf16 *gb = grad && ctx->bf16 && !g->kept_bf16 ? memo_bf16_alloc(ctx, g) : NULL;
+    bf16 *ubf = grad && ctx->bf16 && !u->kept_bf16 ? memo_bf16_alloc(ctx, u) : NULL;
+    ctx->be->geglu_fwd(g->data, u->data, y->data, yb, gb, ubf, g->numel);
+    if (grad) {
+        ag_node *nd = ag_record(ctx, geglu_backward, y, g, u, NULL, NULL);
+        swiglu_saved *s = alloc_saved_host(ctx, sizeof *s);
+        s->bf16 = ctx->bf16;
+        s->g = ctx->bf16 ? ag_bf16_of(ctx, g, 1) : ag_keep(ctx, g);
+        s->u = ctx->bf16 ? ag_bf16_of(ctx, u, 1) : ag_keep(ctx, u);
+        nd->saved = s;
+    }
+    ag_prof_pop(pc);
+    return y;
+}
+
+/* reshape: a copy of x's elements under another 2-D shape; backward adds dy back (copy_cols as one row). */
+static void reshape_backward(ag_ctx *ctx, const ag_node *n) {
+    int pc = ag_prof_push(AG_PROF_ELTWISE);
+    tensor *x = n->in[0], *y = n->out;
+    ctx->be->copy_cols(ag_grad(ctx, x), x->numel, y->grad, y->numel, 1, y->numel, 1);
+    ag_prof_pop(pc);
+}
+
+tensor *op_reshape(ag_ctx *ctx, tensor *x, int64_t rows, int64_t cols) {
+    int pc = ag_prof_push(AG_PROF_ELTWISE);
+    if (rows <= 0 || cols <= 0 || rows * cols != x->numel) {
+        fprintf(stderr, "[autograd] op_reshape: (%lld, %lld) for a tensor of %lld elements\n", (long long)rows,
+                (long long)cols, (long long)x->numel);
+        abort();
+    }
+    tensor *y = ag_tensor2(ctx, AG_F32, rows, cols);
+    ctx->be->copy_cols(y->data, y->numel, x->data, x->numel, 1, x->numel, 0);
+    if (ag_needs_grad(ctx, x, NULL, NULL)) ag_record(ctx, reshape_backward, y, x, NULL, NULL, NULL);
     ag_prof_pop(pc);
     return y;
 }

@@ -90,9 +90,21 @@ tensor *op_rope(ag_ctx *ctx, tensor *x, int n_heads, const rope_table *rt, const
  * probabilities (backend attention_bwd). */
 tensor *op_attention(ag_ctx *ctx, tensor *q, tensor *k, tensor *v, int B, int T, int H, int KVH,
                      const int32_t *seq_ids);
+/* op_attention with a sliding window (Gemma's local layers; HF's sliding mask, llama.cpp's
+ * LLAMA_SWA_TYPE_STANDARD): token i also needs i - j < window; window 0 = none (op_attention). */
+tensor *op_attention_window(ag_ctx *ctx, tensor *q, tensor *k, tensor *v, int B, int T, int H, int KVH,
+                            const int32_t *seq_ids, int window);
 
 /* SwiGLU: y = silu(g) * u, elementwise; g, u (N, F). */
 tensor *op_swiglu(ag_ctx *ctx, tensor *g, tensor *u);
+
+/* GeGLU with the tanh GELU (Gemma's gelu_pytorch_tanh): y = gelu_tanh(g) * u, elementwise; g, u (N, F).
+ * Formulas: autograd/backend.h geglu_fwd / geglu_bwd (torch's gelu(approximate="tanh")). */
+tensor *op_geglu(ag_ctx *ctx, tensor *g, tensor *u);
+
+/* y (rows, cols) = x's elements in the same (row-major) order under another shape, fp32, rows·cols =
+ * x->numel (a copy; backward adds dy into dx). Gemma's QK-norm normalises q (N, H·hd) as (N·H, hd). */
+tensor *op_reshape(ag_ctx *ctx, tensor *x, int64_t rows, int64_t cols);
 
 /* y (N, c) = x[:, c0 : c0 + c] for x (N, C) fp32, 0 <= c0, c0 + c <= C: one part
  * of a fused linear's output (Phi-3's qkv_proj into q, k, v and gate_up_proj

@@ -75,8 +75,10 @@ struct tokenizer {
     pcre2_code *re_digit;      /* \p{N} (TOK_PRE_DIGITS_GPT2 only) */
     pcre2_code *re_main;
 
-    int32_t *sp_ids;           /* added tokens split out before BPE, longest first */
+    int32_t *sp_ids;           /* added tokens split out before BPE, by first byte, then longest first */
     int n_sp;
+    int sp_start[257];         /* tokens starting with byte b: sp_ids[sp_start[b] .. sp_start[b + 1]) (Gemma's
+                                * thousands of added tokens are not all scanned at every space) */
     uint8_t sp_first[256];     /* 1 if some added token starts with this byte */
     uint8_t *strip;            /* (n_vocab) TOK_LSTRIP | TOK_RSTRIP per added token, or NULL */
 
@@ -210,6 +212,8 @@ static int tok_get_flag(const gguf_file *f, const char *key, int *out, qerr *e) 
 static int tok_sp_cmp_len_desc(const void *a, const void *b, void *ctx) {
     const tokenizer *t = ctx;
     int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    uint8_t fx = (uint8_t)tok_text(t, x)[0], fy = (uint8_t)tok_text(t, y)[0];
+    if (fx != fy) return fx < fy ? -1 : 1;
     if (t->tok_len[x] != t->tok_len[y]) return t->tok_len[x] > t->tok_len[y] ? -1 : 1;
     return x < y ? -1 : x > y;
 }
@@ -596,6 +600,10 @@ int tokenizer_load_gguf(const gguf_file *f, tokenizer **out, qerr *e) {
         }
     }
     qsort_r(t->sp_ids, (size_t)t->n_sp, sizeof *t->sp_ids, tok_sp_cmp_len_desc, t);
+    for (int b = 0, k = 0; b <= 256; b++) {
+        while (b < 256 && k < t->n_sp && (uint8_t)tok_text(t, t->sp_ids[k])[0] < b) k++;
+        t->sp_start[b] = b < 256 ? k : t->n_sp;
+    }
     static const char *const strip_keys[2] = {"tokenizer.qlora.lstrip", "tokenizer.qlora.rstrip"};
     for (int k = 0; k < 2; k++) {
         if (!gguf_has_key(f, strip_keys[k])) continue;
@@ -1122,7 +1130,8 @@ static int tok_rust_space(const char *s, size_t n) {
 
 /* The added token starting at s[0..n), longest first, or -1. */
 static int32_t tok_match_added(const tokenizer *t, const char *s, size_t n, int parse_special) {
-    for (int k = 0; k < t->n_sp; k++) {
+    const uint8_t b = (uint8_t)s[0];
+    for (int k = t->sp_start[b]; k < t->sp_start[b + 1]; k++) {
         int32_t id = t->sp_ids[k];
         if (!parse_special && t->tok_type[id] != TOKENIZER_TOKEN_USER_DEFINED) continue;
         uint32_t l = t->tok_len[id];

@@ -665,7 +665,7 @@ const gguf_tensor *gguf_find_tensor(const gguf_file *f, const char *name) {
 int gguf_tensor_rows_to_f32(const gguf_tensor *t, uint64_t row0, uint64_t nrows, float *dst, qerr *e) {
     if (!t) return qerr_set(e, "gguf_tensor_rows_to_f32: no tensor");
     if (!ggml_type_can_dequantize(t->type))
-        return qerr_set(e, "tensor '%s': type %s (%u) cannot be dequantized (supported: F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q4_K Q6_K)",
+        return qerr_set(e, "tensor '%s': type %s (%u) cannot be dequantized (supported: F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q4_K Q5_K Q6_K)",
                         t->name, ggml_type_name(t->type), t->type);
     uint32_t blck, tsize;
     ggml_type_info(t->type, &blck, &tsize);

@@ -53,7 +53,26 @@ static const char *K(const llama_hparams *hp, const char *suffix) {
 }
 
 const char *llama_arch_name(llama_arch arch) {
-    return arch == LLAMA_ARCH_QWEN2 ? "qwen2" : arch == LLAMA_ARCH_PHI3 ? "phi3" : "llama";
+    return arch == LLAMA_ARCH_QWEN2 ? "qwen2" : arch == LLAMA_ARCH_PHI3 ? "phi3" : arch == LLAMA_ARCH_GEMMA3 ? "gemma3"
+                                                                                                            : "llama";
+}
+
+int llama_layer_window(const llama_hparams *hp, int l) {
+    if (hp->sliding_window <= 0 || !hp->window_mask) return 0;
+    if (hp->swa_pattern > 0 && l % hp->swa_pattern >= hp->swa_pattern - 1) return 0; /* a global layer */
+    return hp->sliding_window;
+}
+
+/* The Gemma 3 block's switches (llama.cpp src/models/gemma3.cpp, transformers Gemma3DecoderLayer) and the
+ * defaults llama.cpp takes for keys a GGUF may omit: window pattern 6, local RoPE base 10000. */
+static void llama_hparams_gemma3(llama_hparams *hp) {
+    hp->qk_norm = 1;
+    hp->post_norms = 1;
+    hp->act_geglu = 1;
+    hp->embed_scale = sqrtf((float)hp->d_model);
+    hp->swa_pattern = 6;
+    hp->rope_theta_local = 10000.0f;
+    hp->window_mask = 1;
 }
 
 const llama_linear_name *llama_hparams_linears(const llama_hparams *hp) {
@@ -115,9 +134,11 @@ int llama_hparams_from_gguf(const gguf_file *f, llama_hparams *hp, qerr *e) {
         hp->qkv_bias = 1;
     } else if (alen == 4 && !memcmp(arch, "phi3", 4)) {
         hp->arch = LLAMA_ARCH_PHI3;
+    } else if (alen == 6 && !memcmp(arch, "gemma3", 6)) {
+        hp->arch = LLAMA_ARCH_GEMMA3;
     } else {
         return qerr_set(e, "general.architecture: \"%.*s\" is not supported (llama: Llama 1-3, Mistral, SmolLM; "
-                           "qwen2: Qwen2 / Qwen2.5; phi3: Phi-3 mini)", (int)alen, arch);
+                           "qwen2: Qwen2 / Qwen2.5; phi3: Phi-3 mini; gemma3: Gemma 3 text)", (int)alen, arch);
     }
     uint32_t v;
     if (gguf_get_u32(f, K(hp, "block_count"), &v, e)) return -1;
@@ -161,7 +182,28 @@ int llama_hparams_from_gguf(const gguf_file *f, llama_hparams *hp, qerr *e) {
     if ((int64_t)emb->ne[0] != hp->d_model)
         return qerr_set(e, "token_embd.weight: expected ne0 = %d, got %llu", hp->d_model,
                         (unsigned long long)emb->ne[0]);
+    if (hp->arch == LLAMA_ARCH_GEMMA3) {
+        llama_hparams_gemma3(hp);
+        if (hp->n_layer == 62) /* llama.cpp gemma3.cpp: 27B scales queries by 1/√(d_model/n_head), not 1/√head_dim */
+            return qerr_set(e, "%s: 62 (Gemma 3 27B): its attention scale 1/sqrt(d_model / n_head) is not implemented "
+                               "(qlora scales by 1/sqrt(head_dim))", K(hp, "block_count"));
+        if (gguf_has_key(f, K(hp, "attention.sliding_window_pattern"))) {
+            if (gguf_get_u32(f, K(hp, "attention.sliding_window_pattern"), &v, e))
+                return qerr_prefix(e, "%s (only the integer form is implemented)",
+                                   K(hp, "attention.sliding_window_pattern"));
+            hp->swa_pattern = (int)v;
+        }
+        if (gguf_has_key(f, K(hp, "rope.freq_base_swa")) &&
+            gguf_get_f32(f, K(hp, "rope.freq_base_swa"), &hp->rope_theta_local, e))
+            return -1;
+        if (!isfinite(hp->rope_theta_local) || hp->rope_theta_local <= 1.0f)
+            return qerr_set(e, "%s: expected a finite RoPE base > 1, got %g", K(hp, "rope.freq_base_swa"),
+                            (double)hp->rope_theta_local);
+    }
     if (llama_gguf_refuse_unimplemented(f, hp, e) || llama_gguf_rope_scaling(f, hp, e)) return -1;
+    if (hp->arch == LLAMA_ARCH_GEMMA3 && hp->rope_scaling.type != LLAMA_ROPE_DEFAULT)
+        return qerr_set(e, "%s: RoPE scaling of a gemma3 model (Gemma 3 4B+ scale only their global layers) is not "
+                           "implemented", K(hp, "rope.scaling.factor"));
     if (gguf_has_key(f, K(hp, "attention.sliding_window"))) {
         if (gguf_get_u32(f, K(hp, "attention.sliding_window"), &v, e)) return -1;
         if (v > 1000000000u) return qerr_set(e, "%s: %u is out of range", K(hp, "attention.sliding_window"), v);
@@ -223,7 +265,8 @@ static int llama_gguf_refuse_unimplemented(const gguf_file *f, const llama_hpara
     static const char *const refused[] = {"attn_logit_softcapping", "final_logit_softcapping",
                                           "rope.dimension_sections", "attention.sliding_window_pattern"};
     for (size_t i = 0; i < sizeof refused / sizeof *refused; i++)
-        if (gguf_has_key(f, K(hp, refused[i])))
+        if (gguf_has_key(f, K(hp, refused[i])) &&
+            !(hp->arch == LLAMA_ARCH_GEMMA3 && !strcmp(refused[i], "attention.sliding_window_pattern")))
             return qerr_set(e, "%s: not implemented for the %s architecture here; refusing rather than training "
                                "a different model", K(hp, refused[i]), llama_arch_name(hp->arch));
     if (gguf_has_key(f, K(hp, "rope.dimension_count"))) {
@@ -252,8 +295,12 @@ static int llama_gguf_refuse_unimplemented(const gguf_file *f, const llama_hpara
             !strcmp(end, ".ffn_gate.bias"))
             return qerr_set(e, "tensor %s: a bias on this linear is not implemented (only Qwen2's q/k/v biases are)",
                             t->name);
-        if (!strcmp(end, ".attn_q_norm.weight") || !strcmp(end, ".attn_k_norm.weight"))
-            return qerr_set(e, "tensor %s: QK-norm is not implemented", t->name);
+        if ((!strcmp(end, ".attn_q_norm.weight") || !strcmp(end, ".attn_k_norm.weight")) && !hp->qk_norm)
+            return qerr_set(e, "tensor %s: QK-norm is not implemented for the %s architecture (gemma3's is)", t->name,
+                            llama_arch_name(hp->arch));
+        if ((!strcmp(end, ".post_attention_norm.weight") || !strcmp(end, ".post_ffw_norm.weight")) && !hp->post_norms)
+            return qerr_set(e, "tensor %s: post-attention / post-feed-forward norms are not implemented for the %s "
+                               "architecture (gemma3's are)", t->name, llama_arch_name(hp->arch));
         if (!strcmp(end, ".attn_qkv.bias"))
             return qerr_set(e, "tensor %s: a bias on the fused qkv linear is not implemented", t->name);
         /* a fused linear in a file of an architecture whose loader reads separate ones, or the reverse: the
@@ -321,6 +368,12 @@ void llama_rope_inv_freq(const llama_hparams *hp, float *inv_freq) {
         return;
     }
     }
+}
+
+int llama_rope_local_init(rope_table *t, const llama_hparams *hp, int max_pos, qerr *e) {
+    memset(t, 0, sizeof *t);
+    if (hp->rope_theta_local <= 0.0f || hp->rope_theta_local == hp->rope_theta) return 0;
+    return rope_table_init(t, max_pos, hp->head_dim, hp->rope_theta_local, e);
 }
 
 int llama_rope_init(rope_table *t, const llama_hparams *hp, int max_pos, qerr *e) {
@@ -687,6 +740,8 @@ int llama_load_gguf_sharded(const gguf_file *f, int load_in_4bit, int double_qua
     if (c && m->hp.arch == LLAMA_ARCH_PHI3)
         return qerr_set(e, "FULL_SHARD of a Phi-3 base (fused qkv_proj / gate_up_proj) is not implemented yet; use "
                            "SHARD_GRAD_OP or NO_SHARD");
+    if (c && m->hp.arch == LLAMA_ARCH_GEMMA3)
+        return qerr_set(e, "FULL_SHARD of a gemma3 base is not implemented yet; use SHARD_GRAD_OP or NO_SHARD");
     const llama_hparams *hp = &m->hp;
     int64_t D = hp->d_model, V = hp->vocab, hd = hp->head_dim;
     m->load_in_4bit = load_in_4bit;
@@ -734,6 +789,20 @@ int llama_load_gguf_sharded(const gguf_file *f, int load_in_4bit, int double_qua
         snprintf(name, sizeof name, "blk.%d.ffn_norm.weight", l);
         if (load_vector_f32(f, name, D, &L->ffn_norm, e)) goto fail;
         m->n_params += 2 * D;
+        if (hp->qk_norm) {
+            snprintf(name, sizeof name, "blk.%d.attn_q_norm.weight", l);
+            if (load_vector_f32(f, name, hd, &L->q_norm, e)) goto fail;
+            snprintf(name, sizeof name, "blk.%d.attn_k_norm.weight", l);
+            if (load_vector_f32(f, name, hd, &L->k_norm, e)) goto fail;
+            m->n_params += 2 * hd;
+        }
+        if (hp->post_norms) {
+            snprintf(name, sizeof name, "blk.%d.post_attention_norm.weight", l);
+            if (load_vector_f32(f, name, D, &L->post_attn_norm, e)) goto fail;
+            snprintf(name, sizeof name, "blk.%d.post_ffw_norm.weight", l);
+            if (load_vector_f32(f, name, D, &L->post_ffn_norm, e)) goto fail;
+            m->n_params += 2 * D;
+        }
         if (fs) {
             if (llama_fsdp_load_layer(fs, l, gguf_rows, &ra, e)) goto fail;
             for (int k = 0; k < LLAMA_N_LINEAR; k++) {
@@ -786,7 +855,7 @@ int llama_load_gguf_sharded(const gguf_file *f, int load_in_4bit, int double_qua
         for (int l = 0; l < hp->n_layer; l++)
             for (int k = 0; k <= LLAMA_V; k++) m->layers[l].lin[k].bias = m->layers[l].bias[k];
     }
-    if (llama_rope_init(&m->rope, hp, max_pos, e)) return -1;
+    if (llama_rope_init(&m->rope, hp, max_pos, e) || llama_rope_local_init(&m->rope_local, hp, max_pos, e)) return -1;
     return 0;
 fail:
     free(tmp);
@@ -805,6 +874,10 @@ void llama_free(llama_model *m) {
             llama_layer *L = &m->layers[l];
             free(L->attn_norm);
             free(L->ffn_norm);
+            free(L->q_norm);
+            free(L->k_norm);
+            free(L->post_attn_norm);
+            free(L->post_ffn_norm);
             for (int k = 0; k < LLAMA_N_LINEAR; k++) {
                 free(L->bias[k]);
                 nf4_free(&L->nf4[k]); /* a view into the blob: forgotten; owned (no blob): freed */
@@ -818,6 +891,7 @@ void llama_free(llama_model *m) {
     free(m->tok_embd);
     free(m->out_norm);
     rope_table_free(&m->rope);
+    rope_table_free(&m->rope_local);
     memset(m, 0, sizeof *m);
 }
 
@@ -859,6 +933,9 @@ int lora_set_init_saved(lora_set *ls, const ag_backend *be, const llama_model *m
                         float dropout, int use_rslora, const int target[LLAMA_N_LINEAR],
                         const int save[LORA_N_SAVE], uint64_t seed, qerr *e) {
     memset(ls, 0, sizeof *ls);
+    if (save && save[LORA_SAVE_EMBED] && m->hp.embed_scale != 0.0f)
+        return qerr_set(e, "lora_modules_to_save: embed_tokens of a model that scales its embedding (gemma3: "
+                           "x sqrt(d)) is not implemented; train lm_head only, or no saved module");
     ls->be = be;
     int nl = m->hp.n_layer;
     ls->r = r;
@@ -976,6 +1053,16 @@ static tensor *wrap_vector(ag_ctx *ctx, int64_t n, float *w) {
     return t;
 }
 
+const rope_table *llama_layer_rope(const llama_model *m, int l) {
+    return llama_layer_window(&m->hp, l) > 0 && m->rope_local.cos ? &m->rope_local : &m->rope;
+}
+
+tensor *llama_embed(ag_ctx *ctx, const llama_model *m, const int32_t *ids, int64_t n) {
+    tensor *x = op_embedding(ctx, &m->embed, ids, n);
+    if (m->hp.embed_scale != 0.0f) ctx->be->scale(x->data, x->numel, m->hp.embed_scale); /* no gradient flows here */
+    return x;
+}
+
 /* The two halves of a block: x -> x + attention(norm(x)) and h -> h + MLP(norm(h)). */
 static tensor *layer_attention_half(ag_ctx *ctx, const llama_model *m, const lora_set *ls, int l, tensor *x,
                                     const int32_t *pos, llama_attention_fn attention, const void *arg) {
@@ -997,10 +1084,19 @@ static tensor *layer_attention_half(ag_ctx *ctx, const llama_model *m, const lor
         k = op_linear(ctx, h, &L->lin[LLAMA_K], lora_set_get(ls, l, LLAMA_K));
         v = op_linear(ctx, h, &L->lin[LLAMA_V], lora_set_get(ls, l, LLAMA_V));
     }
-    q = op_rope(ctx, q, hp->n_head, &m->rope, pos);
-    k = op_rope(ctx, k, hp->n_kv_head, &m->rope, pos);
+    if (hp->qk_norm) { /* Gemma3Attention: q_norm / k_norm over each head's head_dim, before RoPE */
+        const int64_t N = q->shape[0], hd = hp->head_dim;
+        q = op_reshape(ctx, op_rmsnorm(ctx, op_reshape(ctx, q, N * hp->n_head, hd), wrap_vector(ctx, hd, L->q_norm),
+                                       hp->rms_eps), N, hd * hp->n_head);
+        k = op_reshape(ctx, op_rmsnorm(ctx, op_reshape(ctx, k, N * hp->n_kv_head, hd), wrap_vector(ctx, hd, L->k_norm),
+                                       hp->rms_eps), N, hd * hp->n_kv_head);
+    }
+    const rope_table *rt = llama_layer_rope(m, l);
+    q = op_rope(ctx, q, hp->n_head, rt, pos);
+    k = op_rope(ctx, k, hp->n_kv_head, rt, pos);
     tensor *att = attention(ctx, arg, q, k, v);
     tensor *o = op_linear(ctx, att, &L->lin[LLAMA_O], lora_set_get(ls, l, LLAMA_O));
+    if (hp->post_norms) o = op_rmsnorm(ctx, o, wrap_vector(ctx, hp->d_model, L->post_attn_norm), hp->rms_eps);
     return op_add(ctx, x, o);
 }
 
@@ -1021,10 +1117,12 @@ static tensor *layer_mlp_half(ag_ctx *ctx, const llama_model *m, const lora_set 
         g = op_linear(ctx, h2, &L->lin[LLAMA_GATE], lora_set_get(ls, l, LLAMA_GATE));
         u = op_linear(ctx, h2, &L->lin[LLAMA_UP], lora_set_get(ls, l, LLAMA_UP));
     }
-    tensor *mm = op_swiglu(ctx, g, u);
+    tensor *mm = hp->act_geglu ? op_geglu(ctx, g, u) : op_swiglu(ctx, g, u);
     const lora_adapter *ld = lora_set_get(ls, l, LLAMA_DOWN);
-    tensor *d = out_unread ? op_linear_unread_output(ctx, mm, &L->lin[LLAMA_DOWN], ld)
-                           : op_linear(ctx, mm, &L->lin[LLAMA_DOWN], ld);
+    /* a post-feed-forward norm reads the down projection's output: it must be computed */
+    tensor *d = out_unread && !hp->post_norms ? op_linear_unread_output(ctx, mm, &L->lin[LLAMA_DOWN], ld)
+                                              : op_linear(ctx, mm, &L->lin[LLAMA_DOWN], ld);
+    if (hp->post_norms) d = op_rmsnorm(ctx, d, wrap_vector(ctx, hp->d_model, L->post_ffn_norm), hp->rms_eps);
     return op_add(ctx, x, d);
 }
 
@@ -1049,7 +1147,8 @@ typedef struct block_arg {
 static tensor *batch_attention(ag_ctx *ctx, const void *argp, tensor *q, tensor *k, tensor *v) {
     const block_arg *a = argp;
     const llama_hparams *hp = &a->m->hp;
-    return op_attention(ctx, q, k, v, a->b->B, a->b->T, hp->n_head, hp->n_kv_head, a->b->seq_ids);
+    return op_attention_window(ctx, q, k, v, a->b->B, a->b->T, hp->n_head, hp->n_kv_head, a->b->seq_ids,
+                               llama_layer_window(hp, a->layer));
 }
 
 static tensor *llama_block(ag_ctx *ctx, void *argp, tensor *x) {
@@ -1100,9 +1199,10 @@ static tensor *llama_forward_trunk(ag_ctx *ctx, const llama_model *m, const lora
                                    int checkpointing) {
     const llama_hparams *hp = &m->hp;
     int64_t N = (int64_t)b->B * b->T;
+    /* a trained embedding copy (lora_modules_to_save) is never scaled: lora_set_init_saved refuses it for gemma3 */
     tensor *x = ls && ls->save[LORA_SAVE_EMBED]
                     ? op_embedding_train(ctx, (tensor *)&ls->save_t[LORA_SAVE_EMBED], b->input_ids, N)
-                    : op_embedding(ctx, &m->embed, b->input_ids, N);
+                    : llama_embed(ctx, m, b->input_ids, N);
     block_arg *args = ag_alloc_host(ctx, (size_t)hp->n_layer * sizeof *args);
     for (int l = 0; l < hp->n_layer; l++) {
         args[l] = (block_arg){.m = m, .ls = ls, .b = b, .layer = l};

@@ -52,6 +52,12 @@ typedef enum llama_arch {
                            * (llama.cpp's NEOX RoPE is HF's rotate_half: the converter does not permute) */
     LLAMA_ARCH_PHI3,      /* Phi-3 mini (GGUF "phi3", HF "phi3", modeling_phi3.py): the Llama block with fused
                            * qkv_proj and gate_up_proj (llama_linears_phi3); NEOX RoPE, so no Q/K permutation */
+    LLAMA_ARCH_GEMMA3,    /* Gemma 3 text (GGUF "gemma3"; transformers modeling_gemma3.py Gemma3DecoderLayer, llama.cpp
+                           * src/models/gemma3.cpp): embeddings × √d, QK-norm (RMSNorm over each head), sandwich norms
+                           * (post-attention, pre- and post-feed-forward), GeGLU with the tanh GELU, sliding-window
+                           * layers with their own RoPE base, tied head; NEOX RoPE, no Q/K permutation. The GGUF
+                           * converter adds Gemma's +1 to every norm weight (conversion/gemma.py norm_shift), so the
+                           * norms are plain RMSNorms of the stored weights */
 } llama_arch;
 
 /* The GGUF general.architecture of arch ("llama", "qwen2", "phi3"), also its key prefix. */
@@ -69,7 +75,22 @@ typedef struct llama_hparams {
      * mask (HF masks key j for query i when i - j >= sliding_window), so longer sequences are refused
      * (trainer/run.c sequence_len, qlora-generate's context). */
     int sliding_window;
+    /* Gemma 3 (LLAMA_ARCH_GEMMA3; all 0 for the other architectures): */
+    int qk_norm;             /* q and k RMS-normalised per head (weights (head_dim)) before RoPE */
+    int post_norms;          /* RMSNorm on the attention output and on the MLP output before each residual add */
+    int act_geglu;           /* MLP activation gelu_pytorch_tanh(gate) · up instead of silu(gate) · up */
+    float embed_scale;       /* 0: none; else the embedding rows are multiplied by it (Gemma: √d_model in fp32,
+                              * as llama.cpp's ggml_scale; transformers rounds it to the weights' dtype) */
+    int swa_pattern;         /* sliding_window > 0: layer l is a sliding (local) layer when l % swa_pattern <
+                              * swa_pattern - 1 (llama.cpp set_swa_pattern; HF layer_types); 0: every layer */
+    float rope_theta_local;  /* RoPE base of the sliding layers (Gemma 3: 10000; HF rope_local_base_freq, GGUF
+                              * <arch>.rope.freq_base_swa); 0: rope_theta */
+    int window_mask;         /* 1: sliding_window is applied as a mask in attention (Gemma 3); 0: it is not, and
+                              * rows longer than it are refused (Mistral, Phi-3) */
 } llama_hparams;
+
+/* The sliding window of layer l (0: full causal attention). */
+int llama_layer_window(const llama_hparams *hp, int l);
 
 /* The linear-module name table of hp's architecture: llama_linears_phi3 for
  * Phi-3, llama_linears otherwise (model/llama_linear.h). */
@@ -92,6 +113,10 @@ void llama_rope_inv_freq(const llama_hparams *hp, float *inv_freq);
  * llama_rope_inv_freq (every loader and test builds its table here).
  * Errors (-1): out of memory. */
 int llama_rope_init(rope_table *t, const llama_hparams *hp, int max_pos, qerr *e);
+/* llama_rope_local_init: the sliding layers' table (default frequencies at hp->rope_theta_local) when that
+ * base is set and differs from rope_theta; else t is left empty (cos NULL: the layers use the global table).
+ * Errors (-1): out of memory. */
+int llama_rope_local_init(rope_table *t, const llama_hparams *hp, int max_pos, qerr *e);
 
 /* llama_rope_llama3_of_factors: the llama3 parameters (HF rope_scaling) that
  * reproduce hp's FREQ_FACTORS (a GGUF's rope_freqs, as convert_hf_to_gguf.py
@@ -202,6 +227,8 @@ typedef struct llama_byte_range {
 
 typedef struct llama_layer {
     float *attn_norm, *ffn_norm;        /* (D) fp32 */
+    float *q_norm, *k_norm;             /* (head_dim) fp32 (hp.qk_norm), else NULL */
+    float *post_attn_norm, *post_ffn_norm; /* (D) fp32 (hp.post_norms), else NULL */
     float *bias[LLAMA_N_LINEAR];        /* (out) fp32 frozen bias of q/k/v (hp.qkv_bias), else NULL; lin[k].bias
                                          * points here (not part of the blob, as the norms) */
     frozen_weight lin[LLAMA_N_LINEAR];  /* q (H*hd, D), k/v (KVH*hd, D), o (D, H*hd), gate/up (F, D), down (D, F) */
@@ -271,6 +298,7 @@ typedef struct llama_model {
     int64_t quantized_bytes;     /* bytes holding them: the layers' blobs (layout.nbytes) */
     int64_t n_params;            /* all base parameters */
     rope_table rope;
+    rope_table rope_local;       /* the sliding layers' table when hp.rope_theta_local is set (Gemma 3); else empty */
     struct llama_fsdp *fsdp;     /* FULL_SHARD: the layers' linears are sharded over the ranks and gathered
                                   * per layer (model/llama_fsdp.h); NULL: every layer owns its blob */
 } llama_model;
@@ -433,6 +461,13 @@ typedef tensor *(*llama_attention_fn)(ag_ctx *ctx, const void *arg, tensor *q, t
  * adapter from ls (NULL: base model only). Returns the new x (N, D). */
 tensor *llama_layer_forward(ag_ctx *ctx, const llama_model *m, const lora_set *ls, int layer, tensor *x,
                             const int32_t *pos, llama_attention_fn attention, const void *arg);
+
+/* The RoPE table of layer l: the local one for a sliding layer when the model has one, else m->rope. */
+const rope_table *llama_layer_rope(const llama_model *m, int l);
+
+/* The input embeddings of ids (n): rows of the frozen table (op_embedding), times hp.embed_scale when set
+ * (Gemma: √d_model, fp32). (n, D) fp32, no gradient. */
+tensor *llama_embed(ag_ctx *ctx, const llama_model *m, const int32_t *ids, int64_t n);
 
 /* The output RMSNorm (model.norm) on x (N, D): the hidden states the LM head reads. */
 tensor *llama_output_norm(ag_ctx *ctx, const llama_model *m, tensor *x);

@@ -56,7 +56,8 @@ static tensor *cached_attention_op(ag_ctx *ctx, const void *argp, tensor *q, ten
     /* q (n, H*hd) of the new tokens; K/V of this layer hold positions 0 .. pos[n-1] */
     const size_t layer0 = (size_t)a->layer * a->c->max_pos * kvd;
     ag_attn_cached ac = {.q = q->data, .k = a->c->k + layer0, .v = a->c->v + layer0, .pos = a->pos, .kv_dim = kvd,
-                         .n = a->n, .H = hp->n_head, .KVH = hp->n_kv_head, .hd = hp->head_dim, .bf16 = ctx->bf16};
+                         .n = a->n, .H = hp->n_head, .KVH = hp->n_kv_head, .hd = hp->head_dim, .bf16 = ctx->bf16,
+                         .window = llama_layer_window(hp, a->layer)};
     ctx->be->attention_cached(ctx, &ac, att->data);
     return att;
 }
@@ -75,7 +76,8 @@ tensor *llama_forward_cached(ag_ctx *ctx, const llama_model *m, const lora_set *
     ctx->training = 0;
     int32_t *pos = ag_alloc_host(ctx, (size_t)n * sizeof(int32_t));
     for (int i = 0; i < n; i++) pos[i] = c->n + i;
-    tensor *x = op_embedding(ctx, lora_set_embed(ls, m), ids, n);
+    tensor *x = ls && ls->save[LORA_SAVE_EMBED] ? op_embedding(ctx, lora_set_embed(ls, m), ids, n)
+                                                : llama_embed(ctx, m, ids, n);
     for (int l = 0; l < hp->n_layer; l++) {
         infer_arg a = {.m = m, .ls = ls, .c = c, .pos = pos, .layer = l, .n = n};
         x = ag_run_discard(ctx, infer_block, &a, x);

@@ -70,6 +70,7 @@ int ggml_type_can_dequantize(uint32_t type) {
     switch (type) {
     case GGML_TYPE_F32: case GGML_TYPE_F16: case GGML_TYPE_BF16: case GGML_TYPE_Q8_0:
     case GGML_TYPE_Q4_0: case GGML_TYPE_Q4_1: case GGML_TYPE_Q4_K: case GGML_TYPE_Q6_K:
+    case GGML_TYPE_Q5_0: case GGML_TYPE_Q5_1: case GGML_TYPE_Q5_K:
         return 1;
     default:
         return 0;
@@ -143,6 +144,41 @@ void ggml_dequantize_row_q4_1(const void *src, float *dst, int64_t k) {
     }
 }
 
+/* block_q5_0: f16 d; u8 qh[4] (the fifth bits, little-endian u32: bit j of element j, bit j+16 of element
+ * j+16); u8 qs[16] (low nibbles as Q4_0). x = d·(q − 16). */
+void ggml_dequantize_row_q5_0(const void *src, float *dst, int64_t k) {
+    assert(k % 32 == 0);
+    const uint8_t *b = src;
+    for (int64_t i = 0; i < k / 32; i++, b += 22, dst += 32) {
+        const float d = ld_f16(b);
+        const uint32_t qh = (uint32_t)b[2] | (uint32_t)b[3] << 8 | (uint32_t)b[4] << 16 | (uint32_t)b[5] << 24;
+        const uint8_t *qs = b + 6;
+        for (int j = 0; j < 16; j++) {
+            const int x0 = (int)((qs[j] & 0x0F) | (((qh >> j) << 4) & 0x10)) - 16;
+            const int x1 = (int)((qs[j] >> 4) | ((qh >> (j + 12)) & 0x10)) - 16;
+            dst[j] = (float)x0 * d;
+            dst[j + 16] = (float)x1 * d;
+        }
+    }
+}
+
+/* block_q5_1: f16 d; f16 m; u8 qh[4]; u8 qs[16]; bits as Q5_0. x = d·q + m. */
+void ggml_dequantize_row_q5_1(const void *src, float *dst, int64_t k) {
+    assert(k % 32 == 0);
+    const uint8_t *b = src;
+    for (int64_t i = 0; i < k / 32; i++, b += 24, dst += 32) {
+        const float d = ld_f16(b), m = ld_f16(b + 2);
+        const uint32_t qh = (uint32_t)b[4] | (uint32_t)b[5] << 8 | (uint32_t)b[6] << 16 | (uint32_t)b[7] << 24;
+        const uint8_t *qs = b + 8;
+        for (int j = 0; j < 16; j++) {
+            const int x0 = (int)((qs[j] & 0x0F) | (((qh >> j) << 4) & 0x10));
+            const int x1 = (int)((qs[j] >> 4) | ((qh >> (j + 12)) & 0x10));
+            dst[j] = (float)x0 * d + m;
+            dst[j + 16] = (float)x1 * d + m;
+        }
+    }
+}
+
 /* ggml-quants.c get_scale_min_k4: 8 six-bit (scale, min) pairs packed in 12
  * bytes. j<4: low 6 bits of s[j] / s[j+4]; j>=4: low / high nibble of s[j+4]
  * with the top two bits taken from s[j-4] / s[j]. */
@@ -173,6 +209,27 @@ void ggml_dequantize_row_q4_k(const void *src, float *dst, int64_t k) {
             const float d2 = d * (float)sc, m2 = dmin * (float)mn;
             for (int l = 0; l < 32; l++) *dst++ = d1 * (float)(q[l] & 0x0F) - m1;
             for (int l = 0; l < 32; l++) *dst++ = d2 * (float)(q[l] >> 4) - m2;
+        }
+    }
+}
+
+/* block_q5_K: f16 d; f16 dmin; u8 scales[12] (as Q4_K); u8 qh[32]; u8 qs[128]. Chunk c (64 elements) reads
+ * qs[32c .. 32c+31] as Q4_K and adds 16 from bit 2c (sub-block 2c) or 2c+1 (sub-block 2c+1) of qh[l]. */
+void ggml_dequantize_row_q5_k(const void *src, float *dst, int64_t k) {
+    assert(k % GGML_QK_K == 0);
+    const uint8_t *b = src;
+    for (int64_t i = 0; i < k / GGML_QK_K; i++, b += 176) {
+        const float d = ld_f16(b), dmin = ld_f16(b + 2);
+        const uint8_t *scales = b + 4, *qh = b + 16, *q = b + 48;
+        uint8_t u1 = 1, u2 = 2;
+        for (int c = 0; c < 4; c++, q += 32, u1 = (uint8_t)(u1 << 2), u2 = (uint8_t)(u2 << 2)) {
+            uint8_t sc, mn;
+            q4k_scale_min(2 * c, scales, &sc, &mn);
+            const float d1 = d * (float)sc, m1 = dmin * (float)mn;
+            q4k_scale_min(2 * c + 1, scales, &sc, &mn);
+            const float d2 = d * (float)sc, m2 = dmin * (float)mn;
+            for (int l = 0; l < 32; l++) *dst++ = d1 * (float)((q[l] & 0x0F) + (qh[l] & u1 ? 16 : 0)) - m1;
+            for (int l = 0; l < 32; l++) *dst++ = d2 * (float)((q[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - m2;
         }
     }
 }
@@ -218,6 +275,9 @@ int ggml_dequantize_row(uint32_t type, const void *src, float *dst, int64_t k) {
     case GGML_TYPE_Q4_1: ggml_dequantize_row_q4_1(src, dst, k); break;
     case GGML_TYPE_Q4_K: ggml_dequantize_row_q4_k(src, dst, k); break;
     case GGML_TYPE_Q6_K: ggml_dequantize_row_q6_k(src, dst, k); break;
+    case GGML_TYPE_Q5_0: ggml_dequantize_row_q5_0(src, dst, k); break;
+    case GGML_TYPE_Q5_1: ggml_dequantize_row_q5_1(src, dst, k); break;
+    case GGML_TYPE_Q5_K: ggml_dequantize_row_q5_k(src, dst, k); break;
     default: return -1;
     }
     return 0;

@@ -17,7 +17,7 @@
  * hold other types: ggml_type_info knows the size of every current ggml type. */
 typedef enum ggml_type {
     GGML_TYPE_F32 = 0, GGML_TYPE_F16 = 1, GGML_TYPE_Q4_0 = 2, GGML_TYPE_Q4_1 = 3,
-    GGML_TYPE_Q8_0 = 8, GGML_TYPE_Q4_K = 12, GGML_TYPE_Q6_K = 14, GGML_TYPE_BF16 = 30,
+    GGML_TYPE_Q5_0 = 6, GGML_TYPE_Q5_1 = 7, GGML_TYPE_Q8_0 = 8, GGML_TYPE_Q4_K = 12, GGML_TYPE_Q5_K = 13, GGML_TYPE_Q6_K = 14, GGML_TYPE_BF16 = 30,
 } ggml_type;
 
 /* Elements per block of the K-quants (QK_K in ggml-common.h). */
@@ -47,7 +47,10 @@ int ggml_dequantize_row(uint32_t type, const void *src, float *dst, int64_t k);
  *   Q8_0 (34 B / 32): x = d·q,                q int8
  *   Q4_0 (18 B / 32): x = (q − 8)·d,          q nibble; low nibbles are elements 0..15, high 16..31
  *   Q4_1 (20 B / 32): x = d·q + m,            same nibble order
+ *   Q5_0 (22 B / 32): x = d·(q − 16),        q 5-bit: nibble as Q4_0, fifth bit j of the u32 qh
+ *   Q5_1 (24 B / 32): x = d·q + m,            q as Q5_0
  *   Q4_K (144 B / 256): x = (d·sc)·q − dmin·mn, 8 sub-blocks of 32 with 6-bit sc/mn
+ *   Q5_K (176 B / 256): as Q4_K with q 5-bit (fifth bits in qh[32], bit 2c/2c+1 for chunk c)
  *   Q6_K (210 B / 256): x = (d·sc)·(q − 32),  q 6-bit from ql/qh, sc int8 per 16
  * Products are evaluated in fp32 in exactly this order (no FMA), which is what
  * gguf-py's numpy dequantizers compute; results match it bit for bit. */
@@ -59,6 +62,9 @@ void ggml_dequantize_row_q4_0(const void *src, float *dst, int64_t k);
 void ggml_dequantize_row_q4_1(const void *src, float *dst, int64_t k);
 void ggml_dequantize_row_q4_k(const void *src, float *dst, int64_t k);
 void ggml_dequantize_row_q6_k(const void *src, float *dst, int64_t k);
+void ggml_dequantize_row_q5_0(const void *src, float *dst, int64_t k);
+void ggml_dequantize_row_q5_1(const void *src, float *dst, int64_t k);
+void ggml_dequantize_row_q5_k(const void *src, float *dst, int64_t k);
 
 /* Reference quantisers (ggml-quants.c quantize_row_*_ref; identical bytes to
  * gguf-py quants.quantize). src: k fp32 (k a multiple of 32, finite values);

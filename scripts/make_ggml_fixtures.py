@@ -14,7 +14,8 @@ Outputs:
                                         +/- magnitude ties, f16-subnormal and
                                         near-f16-max scales)
     f32 f16 bf16 q8_0 q4_0 q4_1   `src` through gguf.quants.quantize(src, TYPE)
-    q4_k q6_k            [512 x 3]  random block bytes with finite f16 scales:
+    q5_0 q5_1            `src` through gguf.quants.quantize (written after q6_k)
+    q4_k q6_k q5_k       [512 x 3]  random block bytes with finite f16 scales:
                                     gguf 0.19 has no K-quant quantizer, and random
                                     bytes exercise every bit of the layouts
     <name>.expected      F32        gguf.quants.dequantize(<name>) (the oracle)
@@ -67,7 +68,7 @@ def random_kquant(rng: np.random.Generator, qtype, rows: int, ne0: int) -> np.nd
     bs, ts = gguf.GGML_QUANT_SIZES[qtype]
     nb = rows * ne0 // bs
     raw = rng.integers(0, 256, size=(nb, ts), dtype=np.uint8)
-    if qtype == T.Q4_K:
+    if qtype in (T.Q4_K, T.Q5_K):
         fields = [0, 2]          # d, dmin
     else:
         fields = [ts - 2]        # Q6_K: d is the last field
@@ -111,6 +112,10 @@ def make_types(path: str) -> None:
         add(w, name, quantize(src, qtype), qtype)
     add(w, "q4_k", random_kquant(rng, T.Q4_K, 3, 512), T.Q4_K)
     add(w, "q6_k", random_kquant(rng, T.Q6_K, 3, 512), T.Q6_K)
+    # added for Gemma 3 270M's Q4_K_M file (Q5_0 linears), after the others so their bytes stay as they were
+    add(w, "q5_0", quantize(src, T.Q5_0), T.Q5_0)
+    add(w, "q5_1", quantize(src, T.Q5_1), T.Q5_1)
+    add(w, "q5_k", random_kquant(rng, T.Q5_K, 3, 512), T.Q5_K)
     write(w)
 
 

@@ -918,6 +918,13 @@ FAMILIES = {
     "phi3": dict(TINY, hf_class="Phi3ForCausalLM", tied=False, theta=10000.0, sliding_window=2047,
                  linears=[("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"),
                           ("mlp", "down_proj")]),  # qlora's slots LLAMA_Q, LLAMA_O, LLAMA_GATE, LLAMA_DOWN
+    # Gemma 3 text (Gemma3TextConfig, Gemma3ForCausalLM): 6 layers so that the default pattern (5 sliding, then
+    # 1 full) has both kinds; sliding_window 4, far shorter than the rows of 16, so the window mask decides;
+    # RoPE bases 1e6 (full) and 10000 (sliding, what llama.cpp assumes when the GGUF has no freq_base_swa);
+    # query_pre_attn_scalar = head_dim (the 1/sqrt(head_dim) of every size but 27B); tied; QK-norm and the four
+    # block norms drawn as k/64 so that both w and the converter's bf16 1 + w are exact in bf16
+    "gemma3": dict(TINY, hf_class="Gemma3ForCausalLM", cfg_class="Gemma3TextConfig", tied=True, theta=1000000.0,
+                   layers=6, sliding_window=4, theta_local=10000.0),
 }
 
 
@@ -1003,8 +1010,13 @@ def make_family(name, args):
         kw["sliding_window"] = c["sliding_window"]
     if c.get("rope_scaling"):
         rp = dict(c["rope_scaling"], rope_theta=c["theta"])
+    if c["hf_class"] == "Gemma3ForCausalLM":
+        rp = {"full_attention": dict(rope_type="default", rope_theta=c["theta"]),
+              "sliding_attention": dict(rope_type="default", rope_theta=c["theta_local"])}
+        kw.update(query_pre_attn_scalar=c["head_dim"], final_logit_softcapping=None, attn_logit_softcapping=None,
+                  hidden_activation="gelu_pytorch_tanh", pad_token_id=c["vocab"] - 1)
     kw["rope_parameters"] = rp
-    cfg_cls = getattr(transformers, c["hf_class"].replace("ForCausalLM", "Config"))
+    cfg_cls = getattr(transformers, c.get("cfg_class") or c["hf_class"].replace("ForCausalLM", "Config"))
     cfg = cfg_cls(**kw)
     cfg._attn_implementation = "eager"
     model = getattr(transformers, c["hf_class"])(cfg).float()
@@ -1024,9 +1036,19 @@ def make_family(name, args):
                 b = getattr(getattr(layer, mod), lin).bias
                 if b is not None:
                     b.copy_(bf(0.5 * torch.randn(b.shape, generator=g)))
+            if c["hf_class"] == "Gemma3ForCausalLM":  # Gemma3RMSNorm: x·(1 + w), w near 0, w and 1 + w exact in bf16
+                for nm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                           "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm"):
+                    w = layer.get_submodule(nm).weight
+                    w.copy_(torch.clamp(torch.round(0.2 * torch.randn(w.shape, generator=g) * 64), -32, 32) / 64)
+                continue
             layer.input_layernorm.weight.copy_(bf(1 + 0.2 * torch.randn(c["d"], generator=g)))
             layer.post_attention_layernorm.weight.copy_(bf(1 + 0.2 * torch.randn(c["d"], generator=g)))
-        model.model.norm.weight.copy_(bf(1 + 0.2 * torch.randn(c["d"], generator=g)))
+        if c["hf_class"] == "Gemma3ForCausalLM":
+            model.model.norm.weight.copy_(torch.clamp(torch.round(0.2 * torch.randn(c["d"], generator=g) * 64), -32,
+                                                      32) / 64)
+        else:
+            model.model.norm.weight.copy_(bf(1 + 0.2 * torch.randn(c["d"], generator=g)))
     o = {"versions": versions(), "config": json.dumps({k: v for k, v in c.items()})}
     with tempfile.TemporaryDirectory() as td:
         hf_dir = os.path.join(td, "hf")
@@ -1049,7 +1071,11 @@ def make_family(name, args):
         with open(gpath, "rb") as f:
             o["gguf"] = f.read()
     rot = model.model.rotary_emb
-    o["rope.inv_freq"] = rot.inv_freq.detach().float().numpy()
+    if hasattr(rot, "inv_freq"):
+        o["rope.inv_freq"] = rot.inv_freq.detach().float().numpy()
+    else:  # Gemma 3: one table per layer type (full_attention first: rope_theta; then the sliding layers')
+        o["rope.inv_freq"] = getattr(rot, "full_attention_inv_freq").detach().float().numpy()
+        o["rope.inv_freq_local"] = getattr(rot, "sliding_attention_inv_freq").detach().float().numpy()
 
     lcfg = LoraConfig(r=c["r"], lora_alpha=c["alpha"], lora_dropout=0.0, bias="none",
                       target_modules=[n for _, n in linears], init_lora_weights=True)
@@ -1108,6 +1134,71 @@ def make_family(name, args):
     o["adamw.grad_norms"] = np.array(norms, dtype=np.float64)
     o["adamw.final_params"] = torch.cat([p.detach().reshape(-1) for p in params]).numpy().astype(np.float32)
     write_qref(os.path.join(FIX, f"ref_{name}.qref.gz"), o)
+
+
+# ----------------------------------------------------------------------------- Gemma 3 270M from its GGUF
+
+# The real Gemma 3 270M (scripts/fetch_gemma3.sh) in llama.cpp (llama-cpp-python 0.3.36): its shipped K-quant
+# kernels stop with SIGILL on this machine's CPU, so llama.cpp runs the file dequantized to F32 with the matrices
+# rounded to bf16 (what qlora holds with load_in_4bit: false; scripts/interop/check_llama_cpp.py
+# write_exact_base) and an F32 KV cache: then both compute in fp32 up to summation order. The ids are
+# llama.cpp's tokenization (BOS, special tokens parsed), also checked against qlora's tokenizer. The long text
+# (> 512 tokens) passes Gemma 3's sliding window on the local layers.
+GEMMA3_MODEL = os.path.join(ROOT, "models", "gemma-3-270m-q4_k_m.gguf")
+GEMMA3_TOPK = 16
+GEMMA3_SUBSET = 256
+
+
+def gemma3_texts():
+    chat = ("<start_of_turn>user\nWhat does the ls command do? Answer in one sentence.<end_of_turn>\n"
+            "<start_of_turn>model\nIt lists the files in a directory.<end_of_turn>\n<start_of_turn>user\nAnd cp?"
+            "<end_of_turn>\n<start_of_turn>model\n")
+    rows = [json.loads(l) for l in open(os.path.join(ROOT, "datasets", "manpages", "heldout.jsonl"))]
+    long = ""
+    for r in rows:
+        long += r["text"] + "\n\n"
+        if len(long) > 3000:
+            break
+    return [REAL_TEXTS[0], chat, "  Leading spaces,\ttabs, émigré façade — ✓ 日本語のテキスト\n\n\nend", long]
+
+
+def make_gemma3_real(args):
+    import tempfile
+    sys.path.insert(0, os.path.join(ROOT, "scripts", "interop"))
+    from check_llama_cpp import write_exact_base
+    from llama_cpp import Llama
+    texts = gemma3_texts()
+    tmp = tempfile.mkdtemp(prefix="qlora_g3_")
+    exact = os.path.join(tmp, "exact.gguf")
+    write_exact_base(GEMMA3_MODEL, exact)
+    llm = Llama(model_path=exact, n_ctx=1024, logits_all=True, verbose=False, n_threads=os.cpu_count() or 1,
+                seed=0, type_k=0, type_v=0)
+    V = llm.n_vocab()
+    g = np.random.default_rng(7)
+    subset = np.sort(g.choice(V, GEMMA3_SUBSET, replace=False)).astype(np.int32)
+    out = {"versions": versions(), "texts": json.dumps(texts), "subset": subset, "topk": GEMMA3_TOPK,
+           "model_sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"}
+    for i, t in enumerate(texts):
+        ids = llm.tokenize(t.encode(), add_bos=True, special=True)
+        if i == len(texts) - 1:
+            ids = ids[:600]
+            assert len(ids) == 600
+        llm.reset()
+        llm.eval(ids)
+        lg = np.array(llm.scores[:len(ids)], dtype=np.float64)
+        lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+        top = np.argsort(-lg, axis=-1, kind="stable")[:, :GEMMA3_TOPK]
+        out[f"t{i}.ids"] = np.array(ids, dtype=np.int32)
+        out[f"t{i}.lse"] = lse
+        out[f"t{i}.top_ids"] = top.astype(np.int32)
+        out[f"t{i}.top_vals"] = np.take_along_axis(lg, top, -1).astype(np.float32)
+        out[f"t{i}.subset_logits"] = lg[:, subset].astype(np.float32)
+        print(f"[ref] gemma3 real text {i}: {len(ids)} tokens, max|logit| {np.abs(lg).max():.3f}, top1 "
+              f"{top[:6, 0].tolist()}")
+    llm.close()
+    os.remove(exact)
+    os.rmdir(tmp)
+    write_qref(os.path.join(FIX, "ref_gemma3_real.qref.gz"), out)
 
 
 # ----------------------------------------------------------------------------- SmolLM2-135M from the GGUF
@@ -1229,8 +1320,8 @@ def make_real(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", default="nf4,tokenizer,chat,tiny,tiny_mts,real," + ",".join(FAMILIES),
-                    help="comma-separated subset of nf4,tokenizer,chat,tiny,tiny_mts,real," + ",".join(FAMILIES))
+    ap.add_argument("--only", default="nf4,tokenizer,chat,tiny,tiny_mts,real,gemma3_real," + ",".join(FAMILIES),
+                    help="comma-separated subset of nf4,tokenizer,chat,tiny,tiny_mts,real,gemma3_real," + ",".join(FAMILIES))
     ap.add_argument("--new-corpus", action="store_true", help="rebuild the tokenizer corpus from this machine")
     ap.add_argument("--llama-cpp", default=LLAMA_CPP_DEFAULT,
                     help="vendor/llama.cpp of the unpacked llama-cpp-python 0.3.36 sdist (its converter)")
@@ -1238,7 +1329,7 @@ def main():
     os.makedirs(FIX, exist_ok=True)
     todo = args.only.split(",")
     steps = {"nf4": "make_nf4", "tokenizer": "make_tokenizer", "chat": "make_chat", "tiny": "make_tiny",
-             "real": "make_real"}
+             "real": "make_real", "gemma3_real": "make_gemma3_real"}
     for k in todo:
         if k in FAMILIES:
             make_family(k, args)

@@ -595,6 +595,76 @@ static void case_swiglu(const ag_backend *be, const ag_backend *ref) {
     free(ub16);
 }
 
+/* GeGLU (tanh GELU): as swiglu; a CUDA table is held to NMSE (its tanhf is not glibc's). */
+static void case_geglu(const ag_backend *be, const ag_backend *ref) {
+    const int64_t n = 3 * 4096 + 1013; /* chunks of 4096, then a tail that is not a multiple of 16 */
+    float *g = host_rand(n, 80, 6.0f), *u = host_rand(n, 81, 2.0f), *dy = host_rand(n, 82, 1.0f);
+    float *dg0 = host_rand(n, 83, 0.1f), *du0 = host_rand(n, 84, 0.1f);
+    g[17] = 100.0f; /* tanh saturates */
+    g[18] = -100.0f;
+    g[19] = 0.0f;
+    bf16 *gb16 = malloc((size_t)n * 2), *ub16 = malloc((size_t)n * 2);
+    for (int64_t i = 0; i < n; i++) {
+        gb16[i] = f32_to_bf16(g[i]);
+        ub16[i] = f32_to_bf16(u[i]);
+    }
+    const ag_backend *bes[2] = {be, ref};
+    float *y[2], *dg[2][2], *du[2][2];
+    bf16 *yb[2], *gb[2], *ub[2];
+    for (int w = 0; w < 2; w++) {
+        const ag_backend *b = bes[w];
+        float *dG = to_dev(b, g, (size_t)n * 4), *dU = to_dev(b, u, (size_t)n * 4), *dY = b->alloc((size_t)n * 4);
+        bf16 *dYb = b->alloc((size_t)n * 2), *dGb = b->alloc((size_t)n * 2), *dUb = b->alloc((size_t)n * 2);
+        b->geglu_fwd(dG, dU, dY, dYb, dGb, dUb, n);
+        y[w] = to_host(b, dY, (size_t)n * 4);
+        yb[w] = to_host(b, dYb, (size_t)n * 2);
+        gb[w] = to_host(b, dGb, (size_t)n * 2);
+        ub[w] = to_host(b, dUb, (size_t)n * 2);
+        float *dDY = to_dev(b, dy, (size_t)n * 4);
+        for (int isb = 0; isb < 2; isb++) { /* saved inputs fp32, then bf16 */
+            const void *sg = isb ? (const void *)to_dev(b, gb16, (size_t)n * 2) : (const void *)dG;
+            const void *su = isb ? (const void *)to_dev(b, ub16, (size_t)n * 2) : (const void *)dU;
+            float *dDG = to_dev(b, dg0, (size_t)n * 4), *dDU = to_dev(b, du0, (size_t)n * 4);
+            b->geglu_bwd(sg, su, isb, dDY, dDG, dDU, n);
+            dg[w][isb] = to_host(b, dDG, (size_t)n * 4);
+            du[w][isb] = to_host(b, dDU, (size_t)n * 4);
+            if (isb) {
+                b->free((void *)sg);
+                b->free((void *)su);
+            }
+            b->free(dDG);
+            b->free(dDU);
+        }
+        void *ptrs[] = {dG, dU, dY, dYb, dGb, dUb, dDY};
+        for (size_t i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++) b->free(ptrs[i]);
+    }
+    assert_bits_or_nmse(be, "geglu y", y[0], y[1], n, 1e-12);
+    if (!is_cuda(be)) assert_bits("geglu y bf16", yb[0], yb[1], (size_t)n * 2);
+    assert_bits("geglu g bf16", gb[0], gb[1], (size_t)n * 2);
+    assert_bits("geglu u bf16", ub[0], ub[1], (size_t)n * 2);
+    for (int isb = 0; isb < 2; isb++) {
+        assert_bits_or_nmse(be, "geglu dg", dg[0][isb], dg[1][isb], n, 1e-12);
+        assert_bits_or_nmse(be, "geglu du", du[0][isb], du[1][isb], n, 1e-12);
+    }
+    for (int w = 0; w < 2; w++) {
+        free(y[w]);
+        free(yb[w]);
+        free(gb[w]);
+        free(ub[w]);
+        for (int isb = 0; isb < 2; isb++) {
+            free(dg[w][isb]);
+            free(du[w][isb]);
+        }
+    }
+    free(g);
+    free(u);
+    free(dy);
+    free(dg0);
+    free(du0);
+    free(gb16);
+    free(ub16);
+}
+
 /* copy_cols: a column block out of a wider matrix and accumulated back into another */
 static void case_copy_cols(const ag_backend *be, const ag_backend *ref) {
     const int64_t rows = 37, C = 1000, c0 = 613, c = 259;
@@ -1123,6 +1193,7 @@ static const struct {
     {"rmsnorm", case_rmsnorm},
     {"rope", case_rope},
     {"swiglu", case_swiglu},
+    {"geglu", case_geglu},
     {"add_axpy", case_add_axpy},
     {"copy_cols", case_copy_cols},
     {"attention", case_attention},
@@ -1140,7 +1211,7 @@ static void test_every_entry_covered(void **state) {
     const char *covered[] = {"alloc", "free", "copy_h2d", "copy_d2h", "copy_d2d", "zero", "fill_f32", "sync",
                              "gemm", "frozen_rows_f32", "frozen_rows_bf16", "frozen_data", "to_bf16", "dropout_fwd", "dropout_bwd",
                              "embedding", "rmsnorm_fwd", "rmsnorm_bwd", "rope_fwd", "rope_bwd", "attention_fwd",
-                             "attention_bwd", "attention_cached", "swiglu_fwd", "swiglu_bwd", "add", "add_bwd",
+                             "attention_bwd", "attention_cached", "swiglu_fwd", "swiglu_bwd", "geglu_fwd", "geglu_bwd", "add", "add_bwd",
                              "axpy", "copy_cols", "lm_head_ce", "adamw_update", "adamw8bit_update", "adamw_bnb32_update",
                              "sophia_update", "sophia_hessian", "sum_squares",
                              "scale", "count_nonfinite", "embedding_bwd"};

@@ -6,7 +6,7 @@
  *    truncation at every byte offset, tensors past EOF, unknown types, bad
  *    alignment, duplicates, overflowing dims, ... and random byte flips never
  *    crash or yield pointers outside the file.
- * 3. Dequantization of F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q4_K Q6_K is bit-exact
+ * 3. Dequantization of F32 F16 BF16 Q8_0 Q4_0 Q4_1 Q5_0 Q5_1 Q4_K Q5_K Q6_K is bit-exact
  *    against gguf-py (tests/fixtures/ggml_types.gguf, written by
  *    scripts/make_ggml_fixtures.py), and our Q8_0/Q4_0/Q4_1 reference quantizers
  *    produce the same bytes as gguf.quants.quantize.
@@ -122,8 +122,8 @@ static void sample_tensors(tspec t[N_SAMPLE_T], uint64_t last_ne0) {
         put_u16(&t[2].data, f32_to_f16(0.5f * (float)(blk + 1)));
         for (int j = 0; j < 32; j++) put_u8(&t[2].data, (uint8_t)(int8_t)(j - 16));
     }
-    t[3] = (tspec){"d", 6 /* Q5_0 */, 1, {32, 1, 1, 1}, {0}};
-    for (int i = 0; i < 22; i++) put_u8(&t[3].data, (uint8_t)i);
+    t[3] = (tspec){"d", 20 /* IQ4_NL: a type not dequantized */, 1, {32, 1, 1, 1}, {0}};
+    for (int i = 0; i < 18; i++) put_u8(&t[3].data, (uint8_t)i);
     t[4] = (tspec){"e", GGML_TYPE_Q4_K, 4, {256, 1, 1, 2}, {0}};
     for (int i = 0; i < 288; i++) put_u8(&t[4].data, (uint8_t)(i * 37 + 11));
     t[5] = (tspec){"f", GGML_TYPE_F32, 1, {last_ne0, 1, 1, 1}, {0}};
@@ -458,7 +458,7 @@ static void test_sample_roundtrip(void **state) {
     assert_int_equal(gguf_tensor_rows_to_f32(gguf_find_tensor(f, "c"), UINT64_MAX, 2, out, &e), -1);
     assert_int_equal(gguf_tensor_rows_to_f32(gguf_find_tensor(f, "c"), 2, 0, out, &e), 0); /* empty range */
     assert_int_equal(gguf_tensor_rows_to_f32(gguf_find_tensor(f, "d"), 0, 1, out, &e), -1);
-    assert_non_null(strstr(e.msg, "Q5_0"));
+    assert_non_null(strstr(e.msg, "IQ4_NL"));
     assert_int_equal(gguf_tensor_rows_to_f32(NULL, 0, 1, out, &e), -1);
 
     free_tensors(t);
@@ -756,6 +756,7 @@ static void test_dequant_vs_gguf_py(void **state) {
     static const struct { const char *name; uint32_t type; } cases[] = {
         {"f32", GGML_TYPE_F32},   {"f16", GGML_TYPE_F16},   {"bf16", GGML_TYPE_BF16}, {"q8_0", GGML_TYPE_Q8_0},
         {"q4_0", GGML_TYPE_Q4_0}, {"q4_1", GGML_TYPE_Q4_1}, {"q4_k", GGML_TYPE_Q4_K}, {"q6_k", GGML_TYPE_Q6_K},
+        {"q5_0", GGML_TYPE_Q5_0}, {"q5_1", GGML_TYPE_Q5_1}, {"q5_k", GGML_TYPE_Q5_K},
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         char ename[64];
@@ -840,7 +841,7 @@ static void test_quants_api(void **state) {
     float dst[64];
     uint8_t src[68] = {0};
     assert_int_equal(ggml_dequantize_row(GGML_TYPE_Q8_0, src, dst, 33), -1);
-    assert_int_equal(ggml_dequantize_row(6, src, dst, 32), -1);
+    assert_int_equal(ggml_dequantize_row(20, src, dst, 32), -1);
     assert_int_equal(ggml_dequantize_row(GGML_TYPE_Q8_0, src, dst, 64), 0);
     for (int i = 0; i < 64; i++) assert_true(dst[i] == 0.0f);
     /* Q8_0 ties round away from zero (roundf), as ggml and numpy's np_roundf. */

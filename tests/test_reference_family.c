@@ -67,7 +67,6 @@
 typedef struct family {
     const char *name;
     ref_file rf;
-    char dir[64];
     hf_model *hf;
     gguf_file *gf;
     llama_model m_hf, m_gguf;
@@ -77,7 +76,9 @@ typedef struct family {
     llama_batch b;
     int64_t n_tok;
     int n_tensors;
-    int64_t t_off[LLAMA_N_LINEAR * 8], t_len[LLAMA_N_LINEAR * 8];
+    int64_t t_off[LLAMA_N_LINEAR * 16], t_len[LLAMA_N_LINEAR * 16];
+    int gguf_only;           /* gemma3: no HF form (refused); m_hf is a second load of the GGUF */
+    char dir[64];            /* last: the compiler bounds its string by what follows it */
 } family;
 
 static family g_f;
@@ -110,10 +111,18 @@ static int setup(void **state) {
     write_blob(f, "hf/tokenizer_config.json", "hf.tokenizer_config_json");
     write_blob(f, "hf/model.safetensors", "hf.safetensors");
     write_blob(f, "model.gguf", "gguf");
-    if (hf_model_open(path, &f->hf, &e) || hf_model_load(f->hf, 0, 0, MAX_POS, &f->m_hf, &e))
+    f->gguf_only = !strcmp(f->name, "gemma3");
+    if (f->gguf_only) { /* HF gemma3 directories are refused (model_type); the GGUF form is the model here */
+        if (hf_model_open(path, &f->hf, &e) == 0) fail_msg("%s: the HF form was not refused", f->name);
+        print_message("[ref] %s: HF form refused as it should be: %s\n", f->name, e.msg);
+        f->hf = NULL;
+    } else if (hf_model_open(path, &f->hf, &e) || hf_model_load(f->hf, 0, 0, MAX_POS, &f->m_hf, &e)) {
         fail_msg("%s: HF form: %s", f->name, e.msg);
+    }
     snprintf(path, sizeof path, "%.63s/model.gguf", f->dir);
     if (gguf_open(path, &f->gf, &e) || llama_load_gguf(f->gf, 0, 0, MAX_POS, &f->m_gguf, &e))
+        fail_msg("%s: GGUF form: %s", f->name, e.msg);
+    if (f->gguf_only && llama_load_gguf(f->gf, 0, 0, MAX_POS, &f->m_hf, &e)) /* the LoRA set's model */
         fail_msg("%s: GGUF form: %s", f->name, e.msg);
 
     /* the LoRA set in qlora's flat order: per layer, per module, A (r, in) then B (out, r) */
@@ -131,7 +140,7 @@ static int setup(void **state) {
                 continue;
             }
             llama_tensor_shape(hp, LLAMA_T_LINEAR, k, &out, &in);
-            assert_true(f->n_tensors + 2 <= LLAMA_N_LINEAR * 8);
+            assert_true(f->n_tensors + 2 <= LLAMA_N_LINEAR * 16);
             f->t_off[f->n_tensors] = off, f->t_len[f->n_tensors++] = r * in;
             f->t_off[f->n_tensors] = off + r * in, f->t_len[f->n_tensors++] = out * r;
         }
@@ -251,7 +260,7 @@ static void test_logits_both_forms(void **state) {
     double scale = ref_max_abs(ref, n);
     const llama_model *ms[2] = {&f->m_hf, &f->m_gguf};
     const char *forms[2] = {"HF directory", "GGUF (llama.cpp converter)"};
-    for (int i = 0; i < 2; i++) {
+    for (int i = f->gguf_only; i < 2; i++) {
         /* the reference's adapter sits on the HF form's LoRA set; both forms have the same shapes */
         logits_of(ms[i], &f->ls, &f->b, got);
         double err = ref_max_abs_diff(ref, got, n);
@@ -534,8 +543,76 @@ static void test_phi3_fused(void **state) {
     free(got);
 }
 
+/* Gemma 3: what the GGUF says (window 4, pattern 6: layers 0-4 sliding, 5 full; RoPE bases 1e6 and 10000 against
+ * transformers' two tables), and controls: the model without the window mask (every layer full attention), or
+ * with SwiGLU in place of the tanh GeGLU, must miss the reference by far. */
+static void test_gemma3(void **state) {
+    (void)state;
+    family *f = &g_f;
+    const llama_hparams *hp = &f->m_gguf.hp;
+    assert_int_equal(hp->arch, LLAMA_ARCH_GEMMA3);
+    assert_int_equal(hp->sliding_window, 4);
+    for (int l = 0; l < hp->n_layer; l++) assert_int_equal(llama_layer_window(hp, l), l == 5 ? 0 : 4);
+    int half = hp->head_dim / 2;
+    const float *ref_g = ref_f32(&f->rf, "rope.inv_freq", half), *ref_l = ref_f32(&f->rf, "rope.inv_freq_local", half);
+    float g[LLAMA_ROPE_MAX_PAIRS], lo[LLAMA_ROPE_MAX_PAIRS];
+    llama_rope_inv_freq(hp, g);
+    rope_default_inv_freq(hp->head_dim, hp->rope_theta_local, lo);
+    double wg = 0, wl = 0;
+    for (int i = 0; i < half; i++) {
+        wg = fmax(wg, fabs((double)g[i] - ref_g[i]) / ref_g[i]);
+        wl = fmax(wl, fabs((double)lo[i] - ref_l[i]) / ref_l[i]);
+    }
+    print_message("[ref] gemma3 inv_freq vs transformers: full layers %.2e, sliding layers %.2e (tol 1e-6)\n", wg, wl);
+    assert_true(wg <= 1e-6 && wl <= 1e-6);
+    assert_non_null(f->m_gguf.rope_local.cos);
+    assert_true(llama_layer_rope(&f->m_gguf, 0) == &f->m_gguf.rope_local);
+    assert_true(llama_layer_rope(&f->m_gguf, 5) == &f->m_gguf.rope);
+    int64_t n = (int64_t)f->b.B * f->b.T * hp->vocab;
+    const float *ref = ref_f32(&f->rf, "logits", n);
+    float *got = malloc((size_t)n * sizeof(float));
+    memcpy(f->ls.params, f->p0, (size_t)f->ls.n_params * sizeof(float));
+    for (int c = 0; c < 2; c++) {
+        llama_model m = f->m_gguf;
+        if (c == 0) m.hp.sliding_window = 1 << 30; /* full attention; the local layers keep their RoPE base */
+        else m.hp.act_geglu = 0;          /* silu instead of the tanh GELU */
+        logits_of(&m, &f->ls, &f->b, got);
+        double err = ref_max_abs_diff(ref, got, n) / ref_max_abs(ref, n);
+        print_message("[ref] gemma3 %s: logits relative error %.3e (must exceed 1e-2)\n",
+                      c == 0 ? "without the sliding-window mask" : "with SwiGLU instead of GeGLU", err);
+        assert_true(err > 1e-2);
+    }
+    free(got);
+    /* exports: the GGUF LoRA (llama.cpp's gemma3 names, HF row order: no Q/K permutation); merged refused */
+    char path[4096];
+    qerr e = {{0}};
+    base_model *b = NULL;
+    tokenizer *tok = NULL;
+    snprintf(path, sizeof path, "%s/model.gguf", f->dir);
+    if (base_model_open(path, &b, &e) || tokenizer_load_gguf(base_model_gguf(b), &tok, &e)) fail_msg("%s", e.msg);
+    snprintf(path, sizeof path, "%s/merged", f->dir);
+    assert_int_equal(export_merged(b, &f->m_gguf, tok, &f->ls, NULL, path, 0, &e), -1);
+    assert_non_null(strstr(e.msg, "gemma3"));
+    snprintf(path, sizeof path, "%s/adapter.gguf", f->dir);
+    if (export_gguf_lora(b, &f->ls, NULL, path, &e)) fail_msg("GGUF LoRA: %s", e.msg);
+    gguf_file *gg;
+    const char *arch;
+    size_t al;
+    if (gguf_open(path, &gg, &e) || gguf_get_str(gg, "general.architecture", &arch, &al, &e)) fail_msg("%s", e.msg);
+    assert_true(al == 6 && !memcmp(arch, "gemma3", 6));
+    const gguf_tensor *qb = gguf_find_tensor(gg, "blk.0.attn_q.weight.lora_b");
+    assert_non_null(qb);
+    float *qbf = malloc((size_t)qb->nelements * sizeof(float));
+    assert_int_equal(gguf_tensor_to_f32(qb, qbf, &e), 0);
+    assert_memory_equal(qbf, lora_set_get(&f->ls, 0, LLAMA_Q)->B->data, (size_t)qb->nelements * sizeof(float));
+    free(qbf);
+    gguf_close(gg);
+    tokenizer_free(tok);
+    base_model_close(b);
+}
+
 int main(int argc, char **argv) {
-    static const char *const all[] = {"llama3", "mistral", "qwen2", "phi3"};
+    static const char *const all[] = {"llama3", "mistral", "qwen2", "phi3", "gemma3"};
     const struct CMUnitTest common[] = {
         cmocka_unit_test(test_rope_frequencies), cmocka_unit_test(test_logits_both_forms),
         cmocka_unit_test(test_loss_grads),       cmocka_unit_test(test_adamw_10_steps),
@@ -564,6 +641,11 @@ int main(int argc, char **argv) {
         cmocka_unit_test(test_loss_grads),         cmocka_unit_test(test_adamw_10_steps),
         cmocka_unit_test(test_exports),            cmocka_unit_test(test_generation_cached),
     };
+    const struct CMUnitTest gemma[] = {
+        cmocka_unit_test(test_gemma3),     cmocka_unit_test(test_logits_both_forms),
+        cmocka_unit_test(test_loss_grads), cmocka_unit_test(test_adamw_10_steps),
+        cmocka_unit_test(test_generation_cached),
+    };
     int fails = 0;
     int n = argc > 1 ? argc - 1 : (int)(sizeof all / sizeof *all);
     for (int i = 0; i < n; i++) {
@@ -573,6 +655,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(g_name, "mistral")) fails += cmocka_run_group_tests_name(g_name, windowed, setup, teardown);
         else if (!strcmp(g_name, "qwen2")) fails += cmocka_run_group_tests_name(g_name, biased, setup, teardown);
         else if (!strcmp(g_name, "phi3")) fails += cmocka_run_group_tests_name(g_name, fused, setup, teardown);
+        else if (!strcmp(g_name, "gemma3")) fails += cmocka_run_group_tests_name(g_name, gemma, setup, teardown);
         else fails += cmocka_run_group_tests_name(g_name, common, setup, teardown);
     }
     return fails != 0;

@@ -385,7 +385,7 @@ int main(int argc, char **argv) {
     }
     hp = bs->hp;
     if (layers > 0) hp.n_layer = layers;
-    if (hp.sliding_window > 0 && T > hp.sliding_window) { /* as trainer/run.c refuses it */
+    if (hp.sliding_window > 0 && !hp.window_mask && T > hp.sliding_window) { /* as trainer/run.c refuses it */
         fprintf(stderr, "qlora-bench: --seq %d exceeds the sliding window of %d tokens of %s (sliding-window attention "
                         "is not implemented)\n", T, hp.sliding_window, shape);
         return 2;

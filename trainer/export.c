@@ -445,6 +445,10 @@ static int remove_stale_weights(const char *dir, int n_shards, qerr *e) {
 int export_merged(const base_model *b, const llama_model *m, const tokenizer *tok, const lora_set *ls,
                   const adapter_info *info, const char *dir, size_t max_shard_bytes, qerr *e) {
     const llama_hparams *hp = base_model_hparams(b);
+    if (hp->arch == LLAMA_ARCH_GEMMA3) /* before anything is written */
+        return qerr_set(e, "%s: a merged export of a gemma3 base is not implemented (Gemma3ForCausalLM's config, its "
+                           "QK and sandwich norms, and the norms' stored w rather than the GGUF's 1 + w); the PEFT "
+                           "adapter and the GGUF LoRA are exported", dir);
     if (max_shard_bytes == 0) max_shard_bytes = (size_t)2 << 30;
     if (file_mkdir_p(dir, e)) return -1;
 

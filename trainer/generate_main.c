@@ -384,7 +384,8 @@ int main(int argc, char **argv) {
     }
     /* the KV cache and RoPE tables are sized by prompt + new tokens: never beyond the model's context */
     int ctx_len = base_model_hparams(b)->context_length;
-    int window = base_model_hparams(b)->sliding_window;
+    int window = base_model_hparams(b)->window_mask ? 0 : base_model_hparams(b)->sliding_window; /* a masked window
+                                                                                                  * needs no bound */
     if (window > 0 && window < ctx_len) {
         /* beyond the window a sliding-window KV cache would be needed (not implemented): full attention there
          * would be another model */

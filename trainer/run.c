@@ -426,7 +426,11 @@ static int setup_base_model(run_ctx *r, qerr *e) {
                         "%s: sequence_len: %d exceeds the model's context length %d (llama.context_length in %s); "
                         "expected at most %d",
                         r->cfgname, c->sequence_len, hp0->context_length, c->base_model, hp0->context_length);
-    if (hp0->sliding_window > 0 && c->sequence_len > hp0->sliding_window)
+    if (hp0->arch == LLAMA_ARCH_GEMMA3 && strcmp(ag_backend_default()->name, "cuda") == 0)
+        return qerr_set(e, "%s: base_model %s: a gemma3 model on device cuda is not implemented (the CUDA attention "
+                           "kernels have no sliding window; head_dim %d); use device: cpu", r->cfgname, c->base_model,
+                        hp0->head_dim);
+    if (hp0->sliding_window > 0 && !hp0->window_mask && c->sequence_len > hp0->sliding_window)
         return qerr_set(e,
                         "%s: sequence_len: %d exceeds the sliding_window of %d tokens of %s: sliding-window attention "
                         "is not implemented (identical to full attention only up to the window); expected at most %d",
