@@ -180,7 +180,7 @@ typedef struct train_config {
     char *device;                     /* "auto" (default) | "cpu" | "cuda": where the step runs; auto = cuda
                                          when the binary has the backend and a device is present, else cpu
                                          (trainer/run.c setup_device; README "GPU") */
-    int gradient_checkpointing;       /* default 1; 0 off, 1 full, 2 selective (LLAMA_CKPT_*, model/llama.h) */
+    int gradient_checkpointing;       /* default 1; 0 off, 1 full, 2 selective, 3 offload (LLAMA_CKPT_*, model/llama.h) */
     int num_threads;                  /* default 0 = OMP_NUM_THREADS / all cores */
     /* checkpoints and faults (README "Checkpoints, resume and faults") */
     int save_steps;                   /* default 0 = unset; > 0: checkpoint every N optimizer steps

@@ -171,6 +171,17 @@ static int setup_device_choose(run_ctx *r, qerr *e) {
 static int setup_device(run_ctx *r, qerr *e) {
     if (r->world > 1 && strcmp(r->c->device, "cpu") && comm_cuda_select_device(r->comm, e)) return -1;
     if (setup_device_choose(r, e)) return -1;
+    if (r->c->gradient_checkpointing == LLAMA_CKPT_OFFLOAD && r->rank == 0) {
+        const ag_backend *be = ag_backend_default();
+        if (be->host_data)
+            fprintf(stderr, "[config] gradient_checkpointing: offload: the %s backend keeps every activation in host "
+                            "memory already, nothing to offload: runs as true (each block recomputed; the same "
+                            "numbers)\n", be->name);
+        else
+            fprintf(stderr, "[config] gradient_checkpointing: offload: each block recomputed, its input kept in "
+                            "pinned host memory (backend %s; copied out after its forward and back ahead of its "
+                            "recompute on a copy stream; the same numbers)\n", be->name);
+    }
     if (r->c->fsdp_offload_params && !strcmp(ag_backend_default()->name, "cuda"))
         return qerr_set(e,
                         "%s: fsdp_offload_params (fsdp: offload): keeping the parameters in host memory is not "
