@@ -2,7 +2,7 @@
  * on the `cpu-fenced` backend, whose data memory the host cannot read and whose offload copies run
  * at the latest moment a device's copy stream may (autograd/backend_fenced.c): no GPU needed.
  *
- *  - A tiny random Llama (10 layers), two micro-batches of forward + backward accumulated (as the
+ *  - A tiny random Llama (8 layers), two micro-batches of forward + backward accumulated (as the
  *    trainer's gradient accumulation does, the arena reset in between, so the host buffers and slots
  *    are reused): the loss and every LoRA gradient with offload are bit-identical to checkpointing on
  *    (LLAMA_CKPT_FULL) on the same backend and on the plain `cpu` backend. A copy read before its
@@ -15,7 +15,7 @@
  *    chunk at a time, so the measured figure moves in chunk steps); and counted in bytes used (the
  *    data arenas' peak plus the slots or the block-output buffer beside them), exactly.
  *  - The host side holds the L - 1 offloaded inputs, the planner's host figure, exactly.
- *  - On `cpu` (host data) offload is checkpointing on: nothing is offloaded.
+ *  - On `cpu` (host data) the planner predicts offload as checkpointing on.
  */
 #include <math.h>
 #include <setjmp.h>
@@ -35,7 +35,7 @@
 #include "model/llama.h"
 #include "trainer/memplan.h"
 
-enum { L_LAYERS = 10, D = 128, F = 256, V = 101, B = 4, T = 128 };
+enum { L_LAYERS = 8, D = 128, F = 256, V = 101, B = 4, T = 128 };
 #define CHUNK ((size_t)1 << 20) /* the arena's minimum chunk */
 
 static float frand(uint64_t *s) {
@@ -229,11 +229,8 @@ static void test_offload_fenced(void **st) {
     assert_true(po.host_offload == (double)off.info.host_bytes);
     assert_true(pf.host_offload == 0);
 
-    /* on the CPU (host data) offload is checkpointing on: the same numbers, nothing offloaded */
-    run_out cpu_off;
-    run(&t, cpu, LLAMA_CKPT_OFFLOAD, &cpu_off);
-    assert_memory_equal(cpu_off.grads, ref.grads, (size_t)np * sizeof(float));
-    assert_int_equal(cpu_off.info.n_d2h, 0);
+    /* on the CPU (host data) offload is checkpointing on (ag_checkpoint itself; the trainer's run of it is
+     * tests/test_e2e_checkpointing.c): the planner predicts the same */
     memplan_input pc = pi;
     pc.device_cuda = 0;
     memplan pco, pcf;
@@ -245,7 +242,6 @@ static void test_offload_fenced(void **st) {
     free(ref.grads);
     free(full.grads);
     free(off.grads);
-    free(cpu_off.grads);
     tiny_free(&t);
 }
 

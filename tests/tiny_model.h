@@ -11,5 +11,8 @@
 
 /* Write the model to path. Returns 0, or -1 with the reason on stderr. */
 int tiny_model_write(const char *path, uint64_t seed);
+/* The same with n_layer blocks (1 to 16; 2 is tiny_model_write's file, byte for byte): tests whose
+ * code path differs per block (offloaded checkpointing). */
+int tiny_model_write_layers(const char *path, uint64_t seed, int n_layer);
 
 #endif

@@ -1008,6 +1008,13 @@ int run_finish(run_ctx *r, qerr *e) {
             res->peak_rss_mib, r->plan.total / 1048576.0,
             100.0 * (r->plan.total / 1048576.0 - res->peak_rss_mib) / res->peak_rss_mib,
             r->ctx.arena.peak / 1048576.0);
+    ag_offload_info oi;
+    ag_offload_get_info(&r->ctx, &oi);
+    if (oi.n_d2h > 0)
+        fprintf(stderr, "[memory] gradient_checkpointing: offload: %lld block inputs to host memory (%.1f MiB), %lld "
+                        "back ahead of their recompute; %.1f MiB pinned host, %.1f MiB device slots\n",
+                (long long)oi.n_d2h, (double)oi.offloaded_bytes / 1048576.0, (long long)oi.n_h2d,
+                (double)oi.host_bytes / 1048576.0, (double)oi.slot_bytes / 1048576.0);
     return 0;
 }
 
