@@ -120,8 +120,10 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     } else {
         /* every block's fp32 input (L of them); offloaded on a device (checkpointing 3,
          * autograd/tensor.h ag_checkpoint_offload): two slots the block outputs take in turn and the
-         * last output moved into the arena, the other L - 1 inputs in pinned host memory */
-        double inputs = offload ? 3.0 * 4.0 * N * D : L * 4.0 * N * D;
+         * last output moved into the arena, the other L - 1 inputs in pinned host memory; the block
+         * being recomputed reads its input from its slot instead of a copy (one of blk_f32's D
+         * terms), so 3 - 1 */
+        double inputs = offload ? 2.0 * 4.0 * N * D : L * 4.0 * N * D;
         if (offload) out->host_offload = (L - 1) * 4.0 * N * D;
         /* + one recomputed block: its outputs, most of their gradients, its bf16 memos */
         out->activations = inputs + 1.7 * blk_f32 + blk_ops + blk_stats + op_tmp + top;
