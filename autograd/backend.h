@@ -264,6 +264,24 @@ typedef struct ag_backend {
      * added in token order (columns split over threads / one CUDA thread per column, no atomics).
      * Last in the table so positional tables (backend_cuda.cu) stay valid. */
     void (*embedding_bwd)(const float *dx, const int32_t *ids, int64_t n, int64_t D, float *dtable);
+
+    /* ---- host offload (gradient_checkpointing: offload, autograd/tensor.h ag_checkpoint_offload) ---- */
+    /* bytes of page-locked host memory (cuda: cudaHostAlloc, so a copy stream's DMA can run while the compute
+     * stream works; the CPU tables: ordinary aligned host memory), 64-byte aligned; NULL when out of memory.
+     * Host memory, but the host reads or writes it only after offload_wait of every copy touching it. */
+    void *(*host_alloc)(size_t bytes);
+    void (*host_free)(void *p); /* NULL is a no-op; waits for the copies touching p first */
+    /* Start copying `bytes` from src to dst asynchronously: to_host 1: src data, dst host_alloc memory; 0: src
+     * host_alloc memory, dst data. The copy begins after every call made before it (cuda: the compute stream's
+     * work, then the copy on a second stream in issue order, so two copies of the same host buffer happen in
+     * the order they were started) and may be under way until offload_wait(ticket); until then src must not
+     * be written and dst not read. Returns the copy's ticket (> 0). cpu/cpu-ref copy at once; cpu-fenced
+     * copies at the wait (the latest moment a device may) and fills an h2d destination with NaN meanwhile, so
+     * a caller that breaks the rule gets other numbers. */
+    uint64_t (*offload_start)(void *dst, const void *src, size_t bytes, int to_host);
+    /* Every call after this one runs after the copy of `ticket` (and of every ticket before it) completed
+     * (cuda: the compute stream waits for the copy stream's event; the host does not block). */
+    void (*offload_wait)(uint64_t ticket);
 } ag_backend;
 
 /* The backend named `name` ("cpu", "cpu-ref", ...), or NULL when it is not
@@ -291,6 +309,10 @@ extern const ag_backend ag_backend_cpu_ref;
  * memory: a CPU run that keeps a device backend's memory rules, or stops naming the code that
  * does not. */
 extern const ag_backend ag_backend_cpu_fenced;
+/* cpu-fenced's data memory: bytes allocated now (*live) and the high-water mark since the last reset
+ * (*peak); reset 1 sets the mark to the live bytes. Either pointer may be NULL. The device memory a run on a
+ * device backend would hold (its arenas, scratch, adapters), measured without a device. */
+void ag_backend_fenced_mem(size_t *live, size_t *peak, int reset);
 /* 1 when the `cpu` table's vector path is compiled in and this processor runs it. */
 int ag_backend_cpu_vector_ok(void);
 

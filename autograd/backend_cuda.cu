@@ -119,6 +119,12 @@ static struct {
     size_t arg_size[N_ARG_SLOTS];
     double *dscratch; /* 1024 doubles: reduction results */
     unsigned long long *ucount;
+    /* host offload (gradient_checkpointing: offload): a copy stream, the compute stream's position
+     * recorded before each copy, and a ring of events marking the copies' ends (ticket t: ev[t % N]) */
+    cudaStream_t copy;
+    cudaEvent_t copy_after;
+    cudaEvent_t copy_done[64];
+    uint64_t copy_ticket;
 } G;
 
 __constant__ float c_nf4_code[16];
@@ -182,6 +188,9 @@ static int cuda_init(void) {
         CU(cudaEventCreateWithFlags(&G.pin_ev[i], cudaEventDisableTiming));
         CU(cudaEventRecord(G.pin_ev[i], G.stream));
     }
+    CU(cudaStreamCreateWithFlags(&G.copy, cudaStreamNonBlocking));
+    CU(cudaEventCreateWithFlags(&G.copy_after, cudaEventDisableTiming));
+    for (int i = 0; i < 64; i++) CU(cudaEventCreateWithFlags(&G.copy_done[i], cudaEventDisableTiming));
     CU(cudaMalloc((void **)&G.dscratch, 1024 * sizeof(double)));
     CU(cudaMalloc((void **)&G.ucount, sizeof(unsigned long long)));
     CU(cudaMemcpyToSymbol(c_nf4_code, nf4_code, sizeof(float) * 16));
@@ -285,7 +294,47 @@ static void cu_fill_f32(float *dst, int64_t n, float value) {
     KCHECK();
 }
 
-static void cu_sync(void) { CU(cudaStreamSynchronize(G.stream)); }
+static void cu_sync(void) {
+    CU(cudaStreamSynchronize(G.stream));
+    if (G.copy_ticket) CU(cudaStreamSynchronize(G.copy)); /* and every offload copy started before */
+}
+
+/* ---- host offload (backend.h host_alloc .. offload_wait) ----
+ * A copy starts on G.copy after the compute stream's work so far (an event recorded on G.stream that
+ * G.copy waits for), so it reads a source the kernels before it wrote and writes a destination they
+ * finished reading; the copies run in start order on the one copy stream. Its end is an event of a
+ * ring of 64: waiting for ticket t waits for the event's latest record, which is t's copy or a later
+ * one on the same stream, so it is never early. offload_wait makes the compute stream wait; the host
+ * goes on. cudaMemcpyAsync overlaps compute only for page-locked host memory: host_alloc's. */
+static void *cu_host_alloc(size_t bytes) {
+    void *p = NULL;
+    if (cudaHostAlloc(&p, bytes ? bytes : 1, cudaHostAllocDefault) != cudaSuccess) {
+        cudaGetLastError();
+        return NULL;
+    }
+    return p;
+}
+
+static void cu_host_free(void *p) {
+    if (!p) return;
+    CU(cudaStreamSynchronize(G.copy)); /* the copies that may still use p */
+    CU(cudaFreeHost(p));
+}
+
+static uint64_t cu_offload_start(void *dst, const void *src, size_t bytes, int to_host) {
+    CU(cudaEventRecord(G.copy_after, G.stream));
+    CU(cudaStreamWaitEvent(G.copy, G.copy_after, 0));
+    if (bytes)
+        CU(cudaMemcpyAsync(dst, src, bytes, to_host ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice, G.copy));
+    uint64_t t = ++G.copy_ticket;
+    CU(cudaEventRecord(G.copy_done[t % 64], G.copy));
+    return t;
+}
+
+static void cu_offload_wait(uint64_t ticket) {
+    if (ticket == 0 || ticket > G.copy_ticket) return;
+    CU(cudaStreamWaitEvent(G.stream, G.copy_done[ticket % 64], 0));
+}
 
 /* A host array as device memory in slot `slot` (valid until the next upload to that slot;
  * stream order keeps the kernels that read it before that). */
@@ -1621,4 +1670,8 @@ extern "C" const ag_backend ag_backend_cuda = {
     cu_count_nonfinite,
     cu_embedding_bwd, /* compiled and checked against the CPU (test_backend_ops); lora_modules_to_save
                        * itself is refused on cuda (trainer/run.c: the LM head's gradient is CPU-only) */
+    cu_host_alloc,
+    cu_host_free,
+    cu_offload_start,
+    cu_offload_wait,
 };

@@ -38,6 +38,7 @@ static fence_region g_reg[FENCE_MAX];
 static int g_n;
 static int g_open; /* nesting depth of table calls */
 static const ag_backend *g_inner;
+static size_t g_live, g_peak; /* bytes of data memory allocated now, and the high-water mark */
 
 static void fence_trace(void) {
     void *bt[48];
@@ -115,6 +116,8 @@ static void need(const char *entry, const char *arg, const void *p, int opt) {
 
 /* ------------------------------------------------------------------ memory */
 
+static void offload_flush(uint64_t upto);
+
 static void *fc_alloc(size_t bytes) {
     inner();
     if (g_n == FENCE_MAX) {
@@ -125,14 +128,18 @@ static void *fc_alloc(size_t bytes) {
     void *p = mmap(NULL, len, g_open ? PROT_READ | PROT_WRITE : PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return NULL;
     g_reg[g_n++] = (fence_region){p, len, bytes};
+    g_live += bytes;
+    if (g_live > g_peak) g_peak = g_live;
     return p;
 }
 
 static void fc_free(void *p) {
     if (!p) return;
+    offload_flush(UINT64_MAX); /* as cudaFree, which waits for the device's work */
     for (int i = 0; i < g_n; i++)
         if (g_reg[i].p == p) {
             munmap(g_reg[i].p, g_reg[i].len);
+            g_live -= g_reg[i].bytes;
             g_reg[i] = g_reg[--g_n];
             return;
         }
@@ -177,7 +184,16 @@ static void fc_fill_f32(float *dst, int64_t n, float value) {
     fence_close();
 }
 
-static void fc_sync(void) { inner()->sync(); }
+static void fc_sync(void) {
+    offload_flush(UINT64_MAX); /* every copy started before it has finished */
+    inner()->sync();
+}
+
+void ag_backend_fenced_mem(size_t *live, size_t *peak, int reset) {
+    if (reset) g_peak = g_live;
+    if (live) *live = g_live;
+    if (peak) *peak = g_peak;
+}
 
 /* ------------------------------------------------------------------ kernels */
 
@@ -524,6 +540,99 @@ static int64_t fc_count_nonfinite(const float *x, int64_t n) {
     return r;
 }
 
+/* ------------------------------------------------------------------ host offload
+ *
+ * A device's copy stream may run a started copy at any moment until its wait; the fence runs it at
+ * the latest one (offload_wait, sync, host_free), in start order, as a single copy stream would. A
+ * caller that writes a d2h source or reads an h2d destination before the wait therefore sees other
+ * data (the h2d destination holds NaN until then), and a run that is bit-identical to one without
+ * offload shows it waits where it has to. The host side must come from host_alloc (pinned memory on
+ * a device: a pageable buffer would make the copy synchronous there). */
+
+enum { FENCE_HOST_MAX = 4096, FENCE_COPIES_MAX = 4096 };
+typedef struct fence_host {
+    void *p;
+    size_t bytes;
+} fence_host;
+static fence_host g_host[FENCE_HOST_MAX];
+static int g_n_host;
+typedef struct fence_copy {
+    void *dst;
+    const void *src;
+    size_t bytes;
+    int to_host;
+    uint64_t ticket;
+} fence_copy;
+static fence_copy g_copy[FENCE_COPIES_MAX];
+static int g_n_copy;
+static uint64_t g_ticket;
+
+static void *fc_host_alloc(size_t bytes) {
+    if (g_n_host == FENCE_HOST_MAX) {
+        fprintf(stderr, "[cpu-fenced] more than %d live host_alloc buffers\n", FENCE_HOST_MAX);
+        abort();
+    }
+    void *p = aligned_alloc(64, bytes ? (bytes + 63) & ~(size_t)63 : 64);
+    if (p) g_host[g_n_host++] = (fence_host){p, bytes};
+    return p;
+}
+
+/* [p, p + bytes) lies in one host_alloc buffer. */
+static int is_host_alloc(const void *p, size_t bytes) {
+    const unsigned char *a = p;
+    for (int i = 0; i < g_n_host; i++) {
+        const unsigned char *b = g_host[i].p;
+        if (a >= b && a + bytes <= b + g_host[i].bytes) return 1;
+    }
+    return 0;
+}
+
+static void offload_flush(uint64_t upto) {
+    int k = 0;
+    while (k < g_n_copy && g_copy[k].ticket <= upto) k++;
+    if (!k) return;
+    fence_open();
+    for (int i = 0; i < k; i++) memcpy(g_copy[i].dst, g_copy[i].src, g_copy[i].bytes);
+    fence_close();
+    memmove(g_copy, g_copy + k, (size_t)(g_n_copy - k) * sizeof g_copy[0]);
+    g_n_copy -= k;
+}
+
+static void fc_host_free(void *p) {
+    if (!p) return;
+    offload_flush(UINT64_MAX);
+    for (int i = 0; i < g_n_host; i++)
+        if (g_host[i].p == p) {
+            free(p);
+            g_host[i] = g_host[--g_n_host];
+            return;
+        }
+    fprintf(stderr, "[cpu-fenced] host_free: %p is not a host_alloc buffer\n", p);
+    fence_trace();
+    abort();
+}
+
+static uint64_t fc_offload_start(void *dst, const void *src, size_t bytes, int to_host) {
+    const void *dev = to_host ? src : dst, *host = to_host ? dst : src;
+    need("offload_start", to_host ? "src" : "dst", dev, 0);
+    if (!is_host_alloc(host, bytes)) {
+        fprintf(stderr, "[cpu-fenced] offload_start: %s (%p, %zu bytes) is not host_alloc memory\n",
+                to_host ? "dst" : "src", host, bytes);
+        fence_trace();
+        abort();
+    }
+    if (g_n_copy == FENCE_COPIES_MAX) offload_flush(g_copy[0].ticket);
+    if (!to_host) { /* the destination is garbage until the wait */
+        fence_open();
+        memset(dst, 0xff, bytes); /* all-ones: NaN in fp32 and bf16 */
+        fence_close();
+    }
+    g_copy[g_n_copy++] = (fence_copy){dst, src, bytes, to_host, ++g_ticket};
+    return g_ticket;
+}
+
+static void fc_offload_wait(uint64_t ticket) { offload_flush(ticket); }
+
 const ag_backend ag_backend_cpu_fenced = {
     .name = "cpu-fenced",
     .host_data = 0,
@@ -568,4 +677,8 @@ const ag_backend ag_backend_cpu_fenced = {
     .scale = fc_scale,
     .count_nonfinite = fc_count_nonfinite,
     .embedding_bwd = fc_embedding_bwd,
+    .host_alloc = fc_host_alloc,
+    .host_free = fc_host_free,
+    .offload_start = fc_offload_start,
+    .offload_wait = fc_offload_wait,
 };

@@ -87,7 +87,9 @@ static void *arena_alloc(ag_ctx *ctx, ag_arena *a, size_t bytes) {
     a->in_use += need;
     size_t total = ctx->arena.in_use + ctx->keep.in_use + ctx->host.in_use + ctx->host_keep.in_use;
     if (total > ctx->arena.peak) ctx->arena.peak = total;
-    if (a->in_use > a->peak) a->peak = a->in_use;
+    size_t data = ctx->arena.in_use + ctx->keep.in_use;
+    if (data > ctx->keep.peak) ctx->keep.peak = data;
+    if (a != &ctx->arena && a != &ctx->keep && a->in_use > a->peak) a->peak = a->in_use;
     return p;
 }
 
@@ -102,6 +104,10 @@ static void arena_reset(ag_arena *a, ag_arena_pos p) {
     a->head->used = p.used;
     a->in_use = p.in_use;
 }
+
+typedef struct ag_offload ag_offload;
+static void offload_free(ag_ctx *ctx);
+static void offload_on_reset(ag_ctx *ctx, size_t host_keep_in_use);
 
 int ag_ctx_init(ag_ctx *ctx, size_t chunk_bytes, qerr *e) {
     return ag_ctx_init_backend(ctx, ag_backend_default(), chunk_bytes, e);
@@ -134,6 +140,7 @@ void ag_ctx_free(ag_ctx *ctx) {
         ctx->be->free(ctx->wscratch);
         ctx->be->free(ctx->ascratch);
     }
+    offload_free(ctx);
     memset(ctx, 0, sizeof *ctx);
 }
 
@@ -162,6 +169,7 @@ void ag_arena_reset(ag_ctx *ctx, ag_mark m) {
     arena_reset(&ctx->keep, m.keep);
     arena_reset(&ctx->host, m.host);
     arena_reset(&ctx->host_keep, m.host_keep);
+    if (ctx->off) offload_on_reset(ctx, m.host_keep.in_use);
 }
 
 /* Release the transient arenas to m, keeping both keep arenas as they are. */
@@ -430,7 +438,11 @@ typedef struct ckpt_saved {
     void *arg;
     uint64_t seed;
     int training;
+    int off_idx; /* ag_checkpoint_offload: the input's entry in ctx->off->ent, or -1 (input in place) */
 } ckpt_saved;
+
+static const void *offload_fetch(ag_ctx *ctx, int idx, tensor *x);
+static void offload_prefetch(ag_ctx *ctx, int idx);
 
 static void ckpt_backward(ag_ctx *ctx, const ag_node *n) {
     const ckpt_saved *s = n->saved;
@@ -449,9 +461,25 @@ static void ckpt_backward(ag_ctx *ctx, const ag_node *n) {
     ctx->seed = s->seed;
 
     int pc = ag_prof_push(AG_PROF_CKPT);
-    tensor *x2 = ag_tensor(ctx, x->dtype, x->ndim, x->shape);
-    ctx->be->copy_d2d(x2->data, x->data, (size_t)x->numel * dtype_size(x->dtype));
+    tensor *x2;
+    if (s->off_idx >= 0) {
+        /* an offloaded input: recomputed straight from its slot (copied back from host memory if it is
+         * not there any more), which nothing overwrites before this block's backward is done (the
+         * prefetch below takes the other slot); no copy in the arena */
+        x2 = ag_alloc_host_keep(ctx, sizeof *x2);
+        memset(x2, 0, sizeof *x2);
+        x2->ndim = x->ndim;
+        memcpy(x2->shape, x->shape, sizeof x2->shape);
+        x2->numel = x->numel;
+        x2->dtype = x->dtype;
+        x2->data = (void *)offload_fetch(ctx, s->off_idx, x);
+    } else {
+        x2 = ag_tensor(ctx, x->dtype, x->ndim, x->shape);
+        ctx->be->copy_d2d(x2->data, x->data, (size_t)x->numel * dtype_size(x->dtype));
+    }
     x2->requires_grad = x->requires_grad;
+    /* the block before this one: its input on its way back while this block is recomputed */
+    if (s->off_idx > 0) offload_prefetch(ctx, s->off_idx - 1);
     ag_prof_pop(pc);
     int rc = ctx->recomputing;
     ctx->recomputing = 1;
@@ -493,6 +521,7 @@ static tensor *checkpoint(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x, int
     s->arg = arg;
     s->seed = ctx->seed;
     s->training = ctx->training;
+    s->off_idx = -1;
     n->saved = s;
     return out;
 }
@@ -500,3 +529,225 @@ static tensor *checkpoint(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x, int
 tensor *ag_checkpoint(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x) { return checkpoint(ctx, fn, arg, x, 0); }
 
 tensor *ag_checkpoint_kept(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x) { return checkpoint(ctx, fn, arg, x, 1); }
+
+/* ---- offloaded checkpointing (tensor.h ag_checkpoint_offload) ---- */
+
+typedef struct off_ent {
+    tensor *t;    /* the offloaded block input (header in host_keep) */
+    void *host;   /* its host copy (host_alloc), kept for the next micro-batch's entry at this index */
+    size_t cap;   /* bytes of host */
+    size_t pos;   /* host_keep in_use when it was pushed (t's header lies below) */
+} off_ent;
+
+struct ag_offload {
+    void *slot[2];
+    size_t slot_bytes;    /* bytes of each slot */
+    tensor *owner[2];     /* the tensor whose data the slot holds, or NULL */
+    size_t owner_pos[2];  /* host_keep in_use with owner's header below it */
+    uint64_t ticket[2];   /* the last copy started on the slot (0: none) */
+    off_ent *ent;         /* this chain's offloaded inputs in forward order: [0, n) */
+    int n, cap;           /* cap: entries allocated (host buffers of [n, cap) wait for reuse) */
+    size_t host_bytes;
+    int64_t n_d2h, n_h2d, offloaded_bytes;
+};
+
+static ag_offload *offload_get(ag_ctx *ctx) {
+    if (!ctx->off) {
+        ctx->off = calloc(1, sizeof *ctx->off);
+        if (!ctx->off) {
+            fprintf(stderr, "[autograd] out of memory (offload state)\n");
+            abort();
+        }
+    }
+    return ctx->off;
+}
+
+static void offload_free(ag_ctx *ctx) {
+    ag_offload *o = ctx->off;
+    if (!o) return;
+    if (ctx->be) {
+        ctx->be->sync();
+        for (int i = 0; i < 2; i++) ctx->be->free(o->slot[i]);
+        for (int i = 0; i < o->cap; i++) ctx->be->host_free(o->ent[i].host);
+    }
+    free(o->ent);
+    free(o);
+    ctx->off = NULL;
+}
+
+/* A reset of the host_keep arena to in_use releases the headers above it: entries pushed after it
+ * and slot owners allocated after it are forgotten (their tensors are gone). */
+static void offload_on_reset(ag_ctx *ctx, size_t in_use) {
+    ag_offload *o = ctx->off;
+    while (o->n > 0 && o->ent[o->n - 1].pos > in_use) o->ent[--o->n].t = NULL;
+    for (int i = 0; i < 2; i++)
+        if (o->owner[i] && o->owner_pos[i] > in_use) o->owner[i] = NULL;
+}
+
+static int slot_of(const ag_offload *o, const tensor *x) {
+    for (int i = 0; i < 2; i++)
+        if (o->owner[i] == x && x->data == o->slot[i] && x->data) return i;
+    return -1;
+}
+
+/* Slot k is about to be overwritten: its owner loses its data (a later read of it is a NULL
+ * pointer, never stale numbers; an offloaded owner is fetched back from host memory). */
+static void slot_evict(ag_offload *o, int k) {
+    if (o->owner[k] && o->owner[k]->data == o->slot[k]) o->owner[k]->data = NULL;
+    o->owner[k] = NULL;
+}
+
+/* Both slots hold at least `bytes`. Growing them waits for every copy and evicts both. */
+static void slot_reserve(ag_ctx *ctx, ag_offload *o, size_t bytes) {
+    if (o->slot_bytes >= bytes) return;
+    ctx->be->sync();
+    for (int i = 0; i < 2; i++) {
+        slot_evict(o, i);
+        ctx->be->free(o->slot[i]);
+        o->slot[i] = ctx->be->alloc(bytes);
+        if (!o->slot[i]) {
+            fprintf(stderr, "[autograd] out of memory: an offload slot of %zu bytes\n", bytes);
+            abort();
+        }
+        o->ticket[i] = 0;
+    }
+    o->slot_bytes = bytes;
+}
+
+/* A new entry for x with a host buffer of `bytes`. */
+static int offload_push(ag_ctx *ctx, ag_offload *o, tensor *x, size_t bytes) {
+    if (o->n == o->cap) {
+        int nc = o->cap ? 2 * o->cap : 64;
+        off_ent *ne = realloc(o->ent, (size_t)nc * sizeof *ne);
+        if (!ne) {
+            fprintf(stderr, "[autograd] out of memory (offload entries)\n");
+            abort();
+        }
+        memset(ne + o->cap, 0, (size_t)(nc - o->cap) * sizeof *ne);
+        o->ent = ne;
+        o->cap = nc;
+    }
+    off_ent *e = &o->ent[o->n];
+    if (e->cap < bytes) {
+        ctx->be->host_free(e->host); /* waits for the copies that used it */
+        o->host_bytes -= e->cap;
+        e->host = ctx->be->host_alloc(bytes);
+        if (!e->host) {
+            fprintf(stderr, "[autograd] out of host memory: offloading a block input of %zu bytes (%zu held)\n", bytes,
+                    o->host_bytes);
+            abort();
+        }
+        e->cap = bytes;
+        o->host_bytes += bytes;
+    }
+    e->t = x;
+    e->pos = ctx->host_keep.in_use;
+    return o->n++;
+}
+
+tensor *ag_checkpoint_offload(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x) {
+    if (ctx->be->host_data || !ctx->recording) return ag_checkpoint(ctx, fn, arg, x);
+    const ag_backend *be = ctx->be;
+    ag_offload *o = offload_get(ctx);
+    int pc = ag_prof_push(AG_PROF_CKPT);
+    size_t xb = (size_t)x->numel * dtype_size(x->dtype);
+    int k = slot_of(o, x), idx = -1;
+    if (k >= 0) { /* the previous block's output: to host memory while this block runs */
+        idx = offload_push(ctx, o, x, xb);
+        o->ticket[k] = be->offload_start(o->ent[idx].host, o->slot[k], xb, 1);
+        o->n_d2h++;
+        o->offloaded_bytes += (int64_t)xb;
+    }
+    ag_prof_pop(pc);
+    int j = k >= 0 ? 1 - k : 0;
+    ag_mark m = ag_arena_mark(ctx);
+    ctx->recording = 0;
+    tensor *y = fn(ctx, arg, x);
+    ctx->recording = 1;
+    pc = ag_prof_push(AG_PROF_CKPT);
+    size_t yb = (size_t)y->numel * dtype_size(y->dtype);
+    if (o->slot_bytes < yb) { /* first use (or a wider output): new slots, after every copy is done */
+        slot_reserve(ctx, o, yb);
+        j = 0;
+    }
+    if (o->ticket[j]) be->offload_wait(o->ticket[j]); /* the copy reading slot j (two blocks back) is done */
+    slot_evict(o, j);
+    be->copy_d2d(o->slot[j], y->data, yb);
+    tensor yshape = *y;
+    ag_arena_reset(ctx, m);
+    tensor *out = ag_alloc_host_keep(ctx, sizeof *out);
+    memset(out, 0, sizeof *out);
+    out->ndim = yshape.ndim;
+    memcpy(out->shape, yshape.shape, sizeof out->shape);
+    out->numel = yshape.numel;
+    out->dtype = yshape.dtype;
+    out->data = o->slot[j];
+    o->owner[j] = out;
+    o->owner_pos[j] = ctx->host_keep.in_use;
+    ag_prof_pop(pc);
+    ag_node *n = ag_record(ctx, ckpt_backward, out, x, NULL, NULL, NULL);
+    ckpt_saved *s = ag_alloc_host(ctx, sizeof *s);
+    s->fn = fn;
+    s->arg = arg;
+    s->seed = ctx->seed;
+    s->training = ctx->training;
+    s->off_idx = idx;
+    n->saved = s;
+    return out;
+}
+
+tensor *ag_offload_settle(ag_ctx *ctx, tensor *x) {
+    ag_offload *o = ctx->off;
+    int k = o ? slot_of(o, x) : -1;
+    if (k < 0) return x;
+    size_t bytes = (size_t)x->numel * dtype_size(x->dtype);
+    void *d = ag_alloc(ctx, bytes);
+    ctx->be->copy_d2d(d, o->slot[k], bytes);
+    x->data = d;
+    o->owner[k] = NULL;
+    return x;
+}
+
+/* The data of entry idx (tensor x) on the device: its slot, after the copy that put it there. */
+static const void *offload_fetch(ag_ctx *ctx, int idx, tensor *x) {
+    ag_offload *o = ctx->off;
+    if (!o || idx >= o->n || o->ent[idx].t != x) {
+        fprintf(stderr, "[autograd] an offloaded block input is gone (the arena was reset between the forward "
+                        "pass and its backward)\n");
+        abort();
+    }
+    int k = slot_of(o, x);
+    if (k < 0) { /* not prefetched (the first block of a backward pass after another chain): fetch now */
+        offload_prefetch(ctx, idx);
+        k = slot_of(o, x);
+    }
+    if (o->ticket[k]) ctx->be->offload_wait(o->ticket[k]);
+    return o->slot[k];
+}
+
+/* Start copying entry idx's host copy into a slot, unless it is in one already. The slot taken is the
+ * one not holding the entry after it (whose block is being recomputed now). */
+static void offload_prefetch(ag_ctx *ctx, int idx) {
+    ag_offload *o = ctx->off;
+    off_ent *e = &o->ent[idx];
+    if (!e->t || slot_of(o, e->t) >= 0) return;
+    int k = idx + 1 < o->n && o->ent[idx + 1].t && slot_of(o, o->ent[idx + 1].t) == 0 ? 1 : 0;
+    size_t bytes = (size_t)e->t->numel * dtype_size(e->t->dtype);
+    slot_evict(o, k);
+    o->ticket[k] = ctx->be->offload_start(o->slot[k], e->host, bytes, 0);
+    o->n_h2d++;
+    o->owner[k] = e->t;
+    o->owner_pos[k] = e->pos;
+    e->t->data = o->slot[k];
+}
+
+void ag_offload_get_info(const ag_ctx *ctx, ag_offload_info *info) {
+    memset(info, 0, sizeof *info);
+    const ag_offload *o = ctx->off;
+    if (!o) return;
+    info->slot_bytes = 2 * o->slot_bytes;
+    info->host_bytes = o->host_bytes;
+    info->n_d2h = o->n_d2h;
+    info->n_h2d = o->n_h2d;
+    info->offloaded_bytes = o->offloaded_bytes;
+}

@@ -58,7 +58,8 @@ typedef struct ag_arena_chunk {
 typedef struct ag_arena {
     ag_arena_chunk *head;
     size_t chunk_size;
-    size_t in_use, peak; /* bytes; ctx->arena.peak is the high-water mark of all four arenas together */
+    size_t in_use, peak; /* bytes; ctx->arena.peak is the high-water mark of all four arenas together, and
+                          * ctx->keep.peak that of the two data arenas (arena + keep) together */
     size_t reserved;     /* bytes of chunks held (touched or not) */
     const struct ag_backend *be; /* chunks from be->alloc (data); NULL: host memory */
 } ag_arena;
@@ -105,6 +106,7 @@ typedef struct ag_ctx {
     size_t wscratch_size;
     void *ascratch;
     size_t ascratch_size;
+    struct ag_offload *off; /* ag_checkpoint_offload's state (slots, host copies), created on first use */
 } ag_ctx;
 
 /* Initialise a context on the process's default backend (ag_backend_default)
@@ -177,6 +179,36 @@ tensor *ag_checkpoint(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x);
  * backward and then finds it kept instead of copying it again. Same values and
  * gradients as ag_checkpoint. */
 tensor *ag_checkpoint_kept(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x);
+
+/* Offloaded checkpointing (gradient_checkpointing: offload; Unsloth's "offloaded gradient
+ * checkpointing", Han & Han 2024; PyTorch's save_on_cpu): ag_checkpoint whose block input goes to host
+ * memory instead of staying in the activation arena. On a backend whose data memory is the host's
+ * (be->host_data) there is nothing to offload: it is ag_checkpoint. Otherwise:
+ *  - a chain of blocks, x_{l+1} = ag_checkpoint_offload(ctx, fn, arg_l, x_l), keeps its block outputs in
+ *    two device slots (not in the arena) used in turn: when block l starts, its input x_l (in a slot)
+ *    starts copying to a host_alloc buffer on the backend's copy stream (be->offload_start), overlapping
+ *    block l's forward; block l's output goes into the other slot once that slot's previous copy is done
+ *    (be->offload_wait). The first block's input (not in a slot) stays where it is.
+ *  - in backward, block l's input is taken from its slot when it is still there (the last block's), else
+ *    copied back from host memory; block l's backward starts the copy of block l−1's input into the
+ *    other slot (prefetch), so it overlaps block l's recompute and backward.
+ * The values are copied bit for bit, so gradients are those of ag_checkpoint. Device memory: the L
+ * block inputs of ag_checkpoint become two slots (and no block-output copy buffer, ascratch); host
+ * memory: one buffer per offloaded input, kept for the next micro-batch. The chain's last output must
+ * be passed to ag_offload_settle before anything else reads it (it moves it into the arena). */
+tensor *ag_checkpoint_offload(ag_ctx *ctx, ag_block_fn fn, void *arg, tensor *x);
+/* x itself; when x is a chain's output still in a slot, its data moves to the main arena first (one
+ * copy), so later chains and prefetches cannot overwrite it. Any other x is returned as it is. */
+tensor *ag_offload_settle(ag_ctx *ctx, tensor *x);
+
+/* What offloaded checkpointing holds and did (all 0 when it was never used on ctx). */
+typedef struct ag_offload_info {
+    size_t slot_bytes;       /* device memory of the two slots together */
+    size_t host_bytes;       /* host_alloc memory held for offloaded inputs */
+    int64_t n_d2h, n_h2d;    /* copies to host and back started so far */
+    int64_t offloaded_bytes; /* bytes copied to host so far */
+} ag_offload_info;
+void ag_offload_get_info(const ag_ctx *ctx, ag_offload_info *info);
 
 /* Run fn(arg, x) without recording and keep only its output (a new arena
  * tensor); the block's intermediates are released. Inference uses this per

@@ -1217,6 +1217,8 @@ static tensor *llama_forward_trunk(ag_ctx *ctx, const llama_model *m, const lora
              * recomputed from its kept input: see llama.h and docs/design.md */
             x = ag_segment(ctx, llama_block_attention, &args[l], x);
             x = ag_checkpoint_kept(ctx, llama_block_mlp, &args[l], x);
+        } else if (checkpointing == LLAMA_CKPT_OFFLOAD) {
+            x = ag_checkpoint_offload(ctx, llama_block, &args[l], x); /* input to host memory on a device */
         } else if (checkpointing) {
             x = ag_checkpoint(ctx, llama_block, &args[l], x);
         } else {
@@ -1224,6 +1226,7 @@ static tensor *llama_forward_trunk(ag_ctx *ctx, const llama_model *m, const lora
         }
         if (m->fsdp && ctx->recording) fsdp_mark(ctx, m->fsdp, l); /* before both halves' backward */
     }
+    if (checkpointing == LLAMA_CKPT_OFFLOAD) x = ag_offload_settle(ctx, x); /* the last output out of its slot */
     return llama_output_norm(ctx, m, x);
 }
 

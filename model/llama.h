@@ -429,9 +429,13 @@ typedef struct llama_batch {
  *                        segment and the MLP half (norm, gate, up, SwiGLU, down, residual) is
  *                        checkpointed from the kept residual: backward recomputes the norm and
  *                        the gate and up GEMMs, never the attention.
- * The three give the same gradients (recomputation is deterministic: same kernels, same
- * dropout counters); tests/test_autograd.c checks it bit for bit. */
-enum { LLAMA_CKPT_OFF = 0, LLAMA_CKPT_FULL = 1, LLAMA_CKPT_SELECTIVE = 2 };
+ *  LLAMA_CKPT_OFFLOAD    LLAMA_CKPT_FULL with each block's input in host memory on a device
+ *                        backend (ag_checkpoint_offload, autograd/tensor.h; axolotl's
+ *                        gradient_checkpointing: offload); on a CPU backend LLAMA_CKPT_FULL.
+ * The four give the same gradients (recomputation is deterministic: same kernels, same
+ * dropout counters; offloading copies bits); tests/test_autograd.c and tests/test_offload.c
+ * check it bit for bit. */
+enum { LLAMA_CKPT_OFF = 0, LLAMA_CKPT_FULL = 1, LLAMA_CKPT_SELECTIVE = 2, LLAMA_CKPT_OFFLOAD = 3 };
 
 /* Forward pass to the summed cross-entropy, recorded on ctx's tape when
  * ctx->recording. loss = scale · Σ CE over target tokens. checkpointing: one of

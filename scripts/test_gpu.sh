@@ -15,9 +15,11 @@
 #    only fp32 summation orders differ — oneDNN vs cuBLASLt, the attention and softmax sums — which
 #    moves a loss by ~1e-5 relative per step; AdamW's first steps are ~lr·sign(g), so a gradient
 #    that differs in its last bits moves parameters by far less than lr: NMSE ≲ 1e-6);
+#    then gradient_checkpointing true vs offload on the device (SmolLM2, 5 steps): every logged
+#    number but the timings, and the adapter's bytes, identical (offloading copies bits);
 # 6. a measured step of Llama-3-8B QLoRA at seq 2048 (random NF4 base of that shape, qlora-bench
 #    --device cuda): tokens/s, MFU against the card's peak by 6·N FLOPs, device memory measured
-#    against the planner's prediction;
+#    against the planner's prediction; the same with --checkpointing offload (goal: <= 8 GiB);
 # 7. several GPUs through NCCL (comm/comm_nccl.c), with 2 or more GPUs (else the rows say
 #    "SKIPPED: needs 2 GPUs" and do not fail the run): tests/test_comm_nccl.c — every collective on
 #    device and host buffers against sums computed on the host, over mpirun (the id over MPI) and
@@ -113,6 +115,35 @@ else
     row "step parity (SmolLM2, 5 steps, cpu vs cuda)" FAIL "default model/data missing: make model dataset"
 fi
 
+# gradient_checkpointing: offload on the device: the same run with true and offload (same GPU, same
+# kernels; offloading copies bits), so every logged number but the timings and the adapter's bytes match
+if [ -f "$model" ] && [ -f datasets/manpages/train.jsonl ]; then
+    t3=$(mktemp -d)
+    ok=1
+    for ck in true offload; do
+        timeout 600 bin/qlora-train configs/smollm2-135m-manpages.yaml device=cuda sequence_len=64 max_steps=5 \
+            eval_max_tokens=256 gradient_checkpointing=$ck output_dir="$t3/$ck" >"$t3/$ck.log" 2>&1 ||
+            { ok=0; tail -5 "$t3/$ck.log"; }
+    done
+    if [ "$ok" = 1 ]; then
+        same=$(python3 - "$t3/true" "$t3/offload" <<'PY'
+import json, sys
+drop = ("tokens_per_sec", "train_seconds", "step_seconds", "time")
+def lines(d):
+    return [{k: v for k, v in json.loads(l).items() if k not in drop} for l in open(d + "/metrics.jsonl") if l.strip()]
+a, b = lines(sys.argv[1]), lines(sys.argv[2])
+same_ad = open(sys.argv[1] + "/adapter_model.safetensors", "rb").read() == open(sys.argv[2] + "/adapter_model.safetensors", "rb").read()
+print(("PASS %d metrics lines, adapter bytes identical" % len(a)) if a and a == b and same_ad
+      else "FAIL " + ("metrics differ; " if a != b else "") + ("adapter bytes differ" if not same_ad else ""))
+PY
+)
+        row "offload parity (SmolLM2, 5 steps, true vs offload)" "${same%% *}" "${same#* }"
+        grep -h '^\[config\] gradient_checkpointing: offload' "$t3/offload.log" | head -1 | sed 's/^/  /'
+    else
+        row "offload parity (SmolLM2, 5 steps, true vs offload)" FAIL "a run failed (logs in $t3)"
+    fi
+fi
+
 # a measured 8B step
 bench=$(timeout 900 bin/qlora-bench --device cuda --shape llama3-8b --seq 2048 --batch 1 --lora-r 16 \
         --checkpointing on --steps 3 --warmup 1 2>/tmp/qlora-test-gpu-bench.err | tail -1)
@@ -124,6 +155,16 @@ if grep -q tokens_per_s <<<"$bench"; then
     row "memory: 8B step, measured vs predicted" INFO "$used MiB in use vs $pred MiB predicted"
 else
     row "8B QLoRA step (seq 2048, r 16, ckpt on)" FAIL "qlora-bench failed: $(tail -2 /tmp/qlora-test-gpu-bench.err)"
+fi
+# the same step with the block inputs offloaded (goal: <= 8 GiB of device memory)
+bench=$(timeout 900 bin/qlora-bench --device cuda --shape llama3-8b --seq 2048 --batch 1 --lora-r 16 \
+        --checkpointing offload --steps 3 --warmup 1 2>/tmp/qlora-test-gpu-bench-off.err | tail -1)
+if grep -q tokens_per_s <<<"$bench"; then
+    read -r tps used pred <<<"$(python3 -c 'import json,sys; j=json.loads(sys.argv[1]); print(j["tokens_per_s"], j["device_used_mb"], j["predicted_peak_mb"])' "$bench")"
+    row "8B QLoRA step (seq 2048, r 16, ckpt offload)" INFO "$tps tok/s"
+    row "memory: 8B offload step, measured vs predicted" INFO "$used MiB in use vs $pred MiB predicted (goal <= 8192)"
+else
+    row "8B QLoRA step (seq 2048, r 16, ckpt offload)" FAIL "qlora-bench failed: $(tail -2 /tmp/qlora-test-gpu-bench-off.err)"
 fi
 
 # several GPUs: NCCL

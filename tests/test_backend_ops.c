@@ -1179,6 +1179,43 @@ static void case_sumsq_scale_nonfinite(const ag_backend *be, const ag_backend *r
 
 /* ------------------------------------------------------------------ driver */
 
+/* ------------------------------------------------------------------ host offload */
+
+/* host_alloc, offload_start both ways, offload_wait, host_free: bits round-trip. The d2h and the h2d
+ * of the same host buffer are started back to back: they run in start order (the copy stream), so the
+ * h2d reads what the d2h wrote without a wait in between; a kernel after the h2d's wait reads its
+ * result; a d2h started after a kernel copies what the kernel wrote. */
+static void case_offload(const ag_backend *be, const ag_backend *ref) {
+    (void)ref;
+    const int64_t n = 70001;
+    const size_t bytes = (size_t)n * sizeof(float);
+    float *h = host_rand(n, 21, 2.0f);
+    float *d = to_dev(be, h, bytes), *d2 = be->alloc(bytes);
+    assert_non_null(d2);
+    float *pin = be->host_alloc(bytes);
+    assert_non_null(pin);
+    uint64_t t1 = be->offload_start(pin, d, bytes, 1);
+    uint64_t t2 = be->offload_start(d2, pin, bytes, 0);
+    assert_true(t1 > 0 && t2 > 0);
+    be->offload_wait(t2);
+    be->scale(d2, n, 2.0f); /* runs after the copy into d2 */
+    be->offload_wait(t1);
+    be->fill_f32(d, n, 0.0f); /* the d2h source, written only after its wait */
+    float *back = to_host(be, d2, bytes);
+    for (int64_t i = 0; i < n; i++) h[i] *= 2.0f;
+    assert_bits("d2h, h2d, scale", back, h, bytes);
+    free(back);
+    uint64_t t3 = be->offload_start(pin, d2, bytes, 1); /* after the scale */
+    be->offload_wait(t3);
+    be->sync();
+    assert_bits("d2h after a kernel", pin, h, bytes);
+    be->host_free(pin);
+    be->host_free(NULL);
+    be->free(d);
+    be->free(d2);
+    free(h);
+}
+
 static const struct {
     const char *name;
     case_fn fn;
@@ -1203,6 +1240,7 @@ static const struct {
     {"adamw8bit", case_adamw8bit},
     {"sophia", case_sophia},
     {"sumsq_scale_nonfinite", case_sumsq_scale_nonfinite},
+    {"offload", case_offload},
 };
 
 /* Every table entry is named by some case (a new entry must add one). */
@@ -1214,7 +1252,7 @@ static void test_every_entry_covered(void **state) {
                              "attention_bwd", "attention_cached", "swiglu_fwd", "swiglu_bwd", "geglu_fwd", "geglu_bwd", "add", "add_bwd",
                              "axpy", "copy_cols", "lm_head_ce", "adamw_update", "adamw8bit_update", "adamw_bnb32_update",
                              "sophia_update", "sophia_hessian", "sum_squares",
-                             "scale", "count_nonfinite", "embedding_bwd"};
+                             "scale", "count_nonfinite", "embedding_bwd", "host_alloc", "host_free", "offload_start", "offload_wait"};
     /* the table is `name` plus one function pointer per entry */
     size_t n_entries = (sizeof(ag_backend) - offsetof(ag_backend, alloc)) / sizeof(void (*)(void));
     assert_int_equal(n_entries, sizeof covered / sizeof covered[0]);

@@ -983,7 +983,7 @@ static void test_round_trip(void **state) {
                path, sizeof path);
     assert_int_equal(train_config_load(path, &a, &e), 0);
     assert_int_equal(a.data_seed, 7);
-    assert_int_equal(a.gradient_checkpointing, 1);
+    assert_int_equal(a.gradient_checkpointing, 3); /* LLAMA_CKPT_OFFLOAD */
     assert_string_equal(a.datasets[0].message_field_role, "from");
     assert_string_equal(a.datasets[0].split, "train[:20%]");
     assert_int_equal(a.datasets[0].n_roles_to_train, 2);
@@ -1025,6 +1025,7 @@ static void test_checkpointing_modes(void **state) {
         {"gradient_checkpointing: false\n", 0},
         {"gradient_checkpointing: true\n", 1},
         {"gradient_checkpointing: selective\n", 2},
+        {"gradient_checkpointing: offload\n", 3},
         {"activation_checkpoint:\n  mode: selective\n  selective_ac_option: op\n", 2},
         {"activation_checkpoint: {mode: full}\n", 1},
         {"activation_checkpoint: {mode: none}\n", 0},

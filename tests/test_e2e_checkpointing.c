@@ -1,5 +1,5 @@
-/* tests/test_e2e_checkpointing.c — the three checkpointing modes on the real model: the same
- * config trained 2 steps with gradient_checkpointing false, selective and true (LoRA on all
+/* tests/test_e2e_checkpointing.c — the checkpointing modes on the real model: the same
+ * config trained 2 steps with gradient_checkpointing false, selective, true and offload (LoRA on all
  * 7 linears; e2e_setup's lora_dropout 0.1, so recomputation must regenerate the dropout masks) gives the
  * same metrics.jsonl (timings aside) and a byte-identical adapter. Recomputation runs the same
  * kernels on the same inputs (model/llama.h LLAMA_CKPT_*), so nothing may differ; the [memory]
@@ -36,11 +36,14 @@ static int teardown(void **st) {
 
 static void test_modes_agree(void **st) {
     (void)st;
-    static const char *const modes[] = {"false", "selective", "true"};
-    static const char *const memline[] = {"activations", "(selective recomputation)", "(gradient checkpointing)"};
+    /* offload: on the CPU backend nothing is offloaded, one [config] line says so (autograd/tensor.h
+     * ag_checkpoint_offload; tests/test_offload.c proves the device path on cpu-fenced) */
+    static const char *const modes[] = {"false", "selective", "true", "offload"};
+    static const char *const memline[] = {"activations", "(selective recomputation)", "(gradient checkpointing)",
+                                          "(gradient checkpointing)"};
     static const char *const timings[] = {"tokens_per_sec", "train_seconds", NULL};
     char *ref = NULL, refdir[128];
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 4; i++) {
         char out[128], arg[64], *err = NULL;
         snprintf(out, sizeof out, "%s/%s", g_dir, modes[i]);
         snprintf(arg, sizeof arg, "gradient_checkpointing=%s", modes[i]);
@@ -51,6 +54,14 @@ static void test_modes_agree(void **st) {
         const char *mem = strstr(err, "[memory] predicted peak");
         assert_non_null(mem);
         assert_non_null(strstr(mem, memline[i]));
+        const char *note = strstr(err, "[config] gradient_checkpointing: offload: the cpu backend keeps every "
+                                       "activation in host memory already");
+        if (i == 3) {
+            assert_non_null(note);
+            assert_null(strstr(note + 1, "[config] gradient_checkpointing: offload")); /* one line */
+        } else {
+            assert_null(note);
+        }
         free(err);
         char *m = e2e_metrics_canonical(out, NULL, timings);
         assert_non_null(strstr(m, "\"loss\""));

@@ -11,6 +11,7 @@
 #include "format/gguf_write.h"
 
 #define TM_NL 2
+#define TM_NL_MAX 16
 #define TM_DM 64
 #define TM_NH 4
 #define TM_NKV 2
@@ -61,15 +62,21 @@ void tiny_vocab_add(struct gguf_writer *w, const char *pre, const char *special0
     gguf_writer_add_arr_str(w, "tokenizer.ggml.merges", merges, NULL, 3);
 }
 
-int tiny_model_write(const char *path, uint64_t seed) {
+int tiny_model_write(const char *path, uint64_t seed) { return tiny_model_write_layers(path, seed, TM_NL); }
+
+int tiny_model_write_layers(const char *path, uint64_t seed, int n_layer) {
     gguf_writer *w;
     qerr e;
+    if (n_layer < 1 || n_layer > TM_NL_MAX) {
+        fprintf(stderr, "tiny_model_write: %d layers (1 to %d)\n", n_layer, TM_NL_MAX);
+        return -1;
+    }
     if (gguf_writer_init(&w, &e)) {
         fprintf(stderr, "tiny_model_write: %s\n", e.msg);
         return -1;
     }
     gguf_writer_add_str(w, "general.architecture", "llama");
-    gguf_writer_add_u32(w, "llama.block_count", TM_NL);
+    gguf_writer_add_u32(w, "llama.block_count", (uint32_t)n_layer);
     gguf_writer_add_u32(w, "llama.context_length", 256);
     gguf_writer_add_u32(w, "llama.embedding_length", TM_DM);
     gguf_writer_add_u32(w, "llama.feed_forward_length", TM_FF);
@@ -83,7 +90,7 @@ int tiny_model_write(const char *path, uint64_t seed) {
     gguf_writer_add_u32(w, "tokenizer.ggml.padding_token_id", 2);
     gguf_writer_add_bool(w, "tokenizer.ggml.add_bos_token", 0);
 
-    float *keep[4 + 9 * TM_NL];
+    float *keep[4 + 9 * TM_NL_MAX];
     int nk = 0, bad = 0;
     char name[64];
     /* one tensor: rows x cols uniform in [-scale, scale) (norm weights around 1) */
@@ -103,7 +110,7 @@ int tiny_model_write(const char *path, uint64_t seed) {
     } while (0)
     ADD("token_embd.weight", TM_VOCAB, TM_DM, 1.0f, 0.0f);
     ADD("output_norm.weight", 1, TM_DM, 0.1f, 1.0f);
-    for (int l = 0; l < TM_NL && !bad; l++) {
+    for (int l = 0; l < n_layer && !bad; l++) {
         snprintf(name, sizeof name, "blk.%d.attn_norm.weight", l);
         ADD(name, 1, TM_DM, 0.1f, 1.0f);
         snprintf(name, sizeof name, "blk.%d.ffn_norm.weight", l);

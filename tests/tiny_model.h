@@ -23,6 +23,9 @@ void tiny_vocab_add(struct gguf_writer *w, const char *pre, const char *special0
 
 /* Write the model to path. Returns 0, or -1 with the reason on stderr. */
 int tiny_model_write(const char *path, uint64_t seed);
+/* The same with n_layer blocks (1 to 16; 2 is tiny_model_write's file, byte for byte): tests whose
+ * code path differs per block (offloaded checkpointing). */
+int tiny_model_write_layers(const char *path, uint64_t seed, int n_layer);
 
 /* A completion corpus for the multi-process end-to-end tests: `docs` JSON lines {"text": ...}, document d
  * made of 4 + d % span words, word w being the ((d·mul + 3w) mod nwords)-th of a fixed list of 16 short

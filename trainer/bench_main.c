@@ -53,7 +53,7 @@
 #include "optim/clip.h"
 #include "trainer/memplan.h"
 
-static const char *const ckpt_name[] = {"off", "on", "selective"};
+static const char *const ckpt_name[] = {"off", "on", "selective", "offload"};
 
 static double cpu_sec(void) {
     struct rusage ru;
@@ -102,14 +102,15 @@ static const bench_shape bench_shapes[] = {
 
 static void usage(FILE *f) {
     fprintf(f,
-            "usage: qlora-bench --shape NAME --seq N --batch N --lora-r N --checkpointing on|off|selective\n"
+            "usage: qlora-bench --shape NAME --seq N --batch N --lora-r N --checkpointing on|off|selective|offload\n"
             "                   [--model PATH.gguf] [--steps N] [--warmup N] [--layers N] [--calib-seconds S]\n"
             "                   [--device cpu|cuda] [--plan-only] [--strategy no_shard|shard_grad_op|full_shard]\n"
             "  Under mpirun (mpirun -np N qlora-bench ...) the ranks train together with --strategy\n"
             "  (full_shard: the frozen base sharded over the ranks, gathered per layer).\n"
             "  NAME: " BENCH_SHAPE_NAMES "\n"
             "  --checkpointing: on (= full: every block recomputed), off, selective (the MLP half\n"
-            "  recomputed, the attention half kept; model/llama.h LLAMA_CKPT_SELECTIVE)\n"
+            "  recomputed, the attention half kept; model/llama.h LLAMA_CKPT_SELECTIVE), offload (on, with\n"
+            "  each block's input in pinned host memory on a device; on the CPU the same as on)\n"
             "  --layers N: only the first N layers of the shape (the table says so where it is used)\n"
             "  --plan-only: print the predicted memory per component (device memory with --device cuda)\n"
             "  and exit; no model is built and no GPU is needed.\n"
@@ -337,8 +338,9 @@ int main(int argc, char **argv) {
             if (!strcmp(v, "on") || !strcmp(v, "full")) ckpt = LLAMA_CKPT_FULL;
             else if (!strcmp(v, "off")) ckpt = LLAMA_CKPT_OFF;
             else if (!strcmp(v, "selective")) ckpt = LLAMA_CKPT_SELECTIVE;
+            else if (!strcmp(v, "offload")) ckpt = LLAMA_CKPT_OFFLOAD;
             else {
-                fprintf(stderr, "qlora-bench: --checkpointing: expected on, off or selective, got \"%s\"\n", v);
+                fprintf(stderr, "qlora-bench: --checkpointing: expected on, off, selective or offload, got \"%s\"\n", v);
                 return 2;
             }
         } else if (!strcmp(a, "--device")) {
@@ -414,9 +416,9 @@ int main(int argc, char **argv) {
         memplan_print_table(stdout, &pl);
         printf("{\"shape\":\"%s\",\"device\":\"%s\",\"seq\":%d,\"batch\":%d,\"lora_r\":%d,\"layers\":%d,"
                "\"checkpointing\":%s,\"checkpointing_mode\":\"%s\",\"predicted_bytes\":%.0f,"
-               "\"predicted_activation_bytes\":%.0f}\n",
+               "\"predicted_activation_bytes\":%.0f,\"predicted_host_offload_bytes\":%.0f}\n",
                shape, dev_cuda ? "cuda" : "cpu", T, B, r, hp.n_layer, ckpt ? "true" : "false", ckpt_name[ckpt],
-               pl.total, pl.activations);
+               pl.total, pl.activations, pl.host_offload);
         return 0;
     }
     if (dev_cuda) {

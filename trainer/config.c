@@ -1788,11 +1788,9 @@ static int apply_pair(const pctx *p, const char *name, const yaml_node_t *knode,
                    !strcmp(sval(v), "selective")) {
             p->c->gradient_checkpointing = 2; /* LLAMA_CKPT_SELECTIVE (model/llama.h) */
         } else if (!strcmp(name, "gradient_checkpointing") && v->type == YAML_SCALAR_NODE && !strcmp(sval(v), "offload")) {
-            /* axolotl: checkpointed activations kept in CPU memory; here every tensor is in host memory already */
-            p->c->gradient_checkpointing = 1;
-            if (add_warning(p->c, p->e, "%s: gradient_checkpointing: \"offload\" runs as true (recompute each block; "
-                                        "the saved activations are in host memory already)", p->src))
-                return -1;
+            /* axolotl's (Unsloth's offloaded checkpointing): every block recomputed, its input kept in host
+             * memory on a device (LLAMA_CKPT_OFFLOAD); trainer/run.c says what it does on the chosen backend */
+            p->c->gradient_checkpointing = 3;
         } else if (apply_key(p, k, name, v)) {
             return -1;
         }
@@ -2266,7 +2264,7 @@ int train_config_validate(const train_config *c, qerr *e) {
         case K_BOOL:
         case K_BF16: {
             int b = *CFIELD(c, k->off, int);
-            if (k->off == OFF(gradient_checkpointing) && b == 2) break; /* selective */
+            if (k->off == OFF(gradient_checkpointing) && (b == 2 || b == 3)) break; /* selective, offload */
             if (b != 0 && b != 1) return qerr_set(e, "%s: %s: expected true or false, got %d%s", src, k->name, b, at);
             break;
         }
@@ -2431,6 +2429,10 @@ int train_config_write_yaml(const train_config *c, const char *path, qerr *e) {
         case K_BF16:
             if (k->off == OFF(gradient_checkpointing) && *CFIELD(c, k->off, int) == 2) {
                 fprintf(f, "%s: selective\n", k->name);
+                break;
+            }
+            if (k->off == OFF(gradient_checkpointing) && *CFIELD(c, k->off, int) == 3) {
+                fprintf(f, "%s: offload\n", k->name);
                 break;
             }
             fprintf(f, "%s: %s\n", k->name, *CFIELD(c, k->off, int) ? "true" : "false");

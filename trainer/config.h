@@ -191,7 +191,7 @@ typedef struct train_config {
     char *device;                     /* "auto" (default) | "cpu" | "cuda": where the step runs; auto = cuda
                                          when the binary has the backend and a device is present, else cpu
                                          (trainer/run.c setup_device; README "GPU") */
-    int gradient_checkpointing;       /* default 1; 0 off, 1 full, 2 selective (LLAMA_CKPT_*, model/llama.h) */
+    int gradient_checkpointing;       /* default 1; 0 off, 1 full, 2 selective, 3 offload (LLAMA_CKPT_*, model/llama.h) */
     int selective_checkpointing;      /* axolotl's SAC (save: [attention]) was asked for: it runs as
                                          gradient_checkpointing 2 and requires gradient_checkpointing */
     int num_threads;                  /* default 0 = OMP_NUM_THREADS / all cores */

@@ -63,6 +63,8 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     double qd = (double)hp->n_head * hp->head_dim, kd = (double)hp->n_kv_head * hp->head_dim;
     double nth = in->n_threads > 0 ? in->n_threads : 1;
     double es = in->bf16 ? 2.0 : 4.0; /* GEMM operand element size */
+    /* gradient_checkpointing: offload moves block inputs only off a device; on the CPU it is checkpointing on */
+    const int offload = in->checkpointing == 3 && in->device_cuda;
     /* Phi-3: 4 linears, two of them fused (qkv_proj, gate_up_proj), whose outputs exist once whole and once as
      * the q/k/v and gate/up parts (autograd op_cols) */
     const int fused = hp->arch == LLAMA_ARCH_PHI3;
@@ -118,12 +120,20 @@ void memplan_predict(const memplan_input *in, memplan *out) {
         if (in->lora_dropout > 0) mlp_ops += es * N * (2 * D + F);
         out->activations = L * keep_layer + SEL_LIVE * mlp_f32 + mlp_ops + 4.0 * N + op_tmp + top;
     } else {
+        /* every block's fp32 input (L of them); offloaded on a device (checkpointing 3,
+         * autograd/tensor.h ag_checkpoint_offload): two slots the block outputs take in turn and the
+         * last output moved into the arena, the other L - 1 inputs in pinned host memory; the block
+         * being recomputed reads its input from its slot instead of a copy (one of blk_f32's D
+         * terms), so 3 - 1 */
+        double inputs = offload ? 2.0 * 4.0 * N * D : L * 4.0 * N * D;
+        if (offload) out->host_offload = (L - 1) * 4.0 * N * D;
         /* + one recomputed block: its outputs, most of their gradients, its bf16 memos */
-        out->activations = L * 4.0 * N * D + 1.7 * blk_f32 + blk_ops + blk_stats + op_tmp + top;
+        out->activations = inputs + 1.7 * blk_f32 + blk_ops + blk_stats + op_tmp + top;
     }
-    /* dequantized weight of the largest linear, block-output copy buffer */
+    /* dequantized weight of the largest linear, block-output copy buffer (not used when offloading:
+     * the outputs go straight into their slot) */
     double wmax = (fused ? widest * D : (F * D > qd * D ? F * D : qd * D)) * es;
-    out->scratch = wmax + 4.0 * N * D;
+    out->scratch = wmax + (offload ? 0.0 : 4.0 * N * D);
     /* process baseline: code and libraries, oneDNN JIT kernels and scratchpads, thread stacks */
     if (in->device_cuda) /* CUDA context + kernels, cuBLASLt workspace, argument buffers */
         out->runtime = CUDA_CONTEXT_BYTES + 32.0 * 1048576.0 + 4.0 * 1048576.0;
@@ -146,7 +156,10 @@ void memplan_print(FILE *f, const memplan *p) {
             "[memory] predicted peak %.0f MiB = base %.0f + adapters %.1f + optimizer %.1f + activations %.0f%s + "
             "scratch %.0f + runtime %.0f + data %.0f\n",
             p->total / M, p->base / M, p->adapters / M, p->optimizer / M, p->activations / M,
-            p->checkpointing == 2 ? " (selective recomputation)" : p->checkpointing ? " (gradient checkpointing)" : "", p->scratch / M, p->runtime / M, p->data / M);
+            p->checkpointing == 2 ? " (selective recomputation)" : p->checkpointing == 3 && p->host_offload > 0 ? " (gradient checkpointing, inputs offloaded)" : p->checkpointing ? " (gradient checkpointing)" : "", p->scratch / M, p->runtime / M, p->data / M);
+    if (p->host_offload > 0)
+        fprintf(f, "[memory] gradient_checkpointing: offload: + %.0f MiB of pinned host memory for the block inputs "
+                   "(not device memory)\n", p->host_offload / M);
     if (p->gather > 0)
         fprintf(f, "[memory] (per rank; FULL_SHARD: base holds this rank's shards of the frozen linears, + gather "
                    "scratch %.0f MiB included in the peak)\n", p->gather / M);
@@ -160,9 +173,10 @@ void memplan_print_table(FILE *f, const memplan *p) {
     } rows[] = {{"frozen base (NF4 linears, bf16 tables, norms)", p->base},
                 {"LoRA adapters + gradients (fp32)", p->adapters},
                 {"optimizer state (AdamW m, v fp32)", p->optimizer},
-                {p->checkpointing == 2 ? "activations (selective recomputation)"
-                 : p->checkpointing    ? "activations (gradient checkpointing)"
-                                       : "activations (no checkpointing)",
+                {p->checkpointing == 2                       ? "activations (selective recomputation)"
+                 : p->checkpointing == 3 && p->host_offload > 0 ? "activations (checkpointing, inputs offloaded)"
+                 : p->checkpointing                           ? "activations (gradient checkpointing)"
+                                                              : "activations (no checkpointing)",
                  p->activations},
                 {"scratch (dequantized weight, block copy)", p->scratch},
                 {"runtime", p->runtime},
@@ -171,6 +185,9 @@ void memplan_print_table(FILE *f, const memplan *p) {
         if (rows[i].v > 0 || i + 1 < sizeof rows / sizeof rows[0]) /* the gather row only under FULL_SHARD */
             fprintf(f, "  %-56s %9.0f MiB %7.2f GiB\n", rows[i].name, rows[i].v / M, rows[i].v / G);
     fprintf(f, "  %-56s %9.0f MiB %7.2f GiB\n", "total", p->total / M, p->total / G);
+    if (p->host_offload > 0)
+        fprintf(f, "  %-56s %9.0f MiB %7.2f GiB\n", "(host, pinned: offloaded block inputs; not in the total)",
+                p->host_offload / M, p->host_offload / G);
 }
 
 size_t memplan_arena_chunk(const memplan *p) { return (size_t)p->arena_chunk; }

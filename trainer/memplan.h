@@ -22,7 +22,8 @@
 typedef struct memplan_input {
     llama_hparams hp;
     int B, T;              /* micro-batch rows × tokens per row */
-    int checkpointing;     /* 0 none, 1 every block recomputed, 2 selective (model/llama.h LLAMA_CKPT_*) */
+    int checkpointing;     /* 0 none, 1 every block recomputed, 2 selective, 3 recomputed with the inputs offloaded
+                              to host memory (device only; on the CPU as 1) (model/llama.h LLAMA_CKPT_*) */
     int bf16;              /* bf16 GEMM operands (ctx->bf16) */
     int lora_r;
     float lora_dropout;    /* > 0: dropout(x) kept for backward */
@@ -58,6 +59,8 @@ typedef struct memplan {
     double data;        /* the dataset's packed rows (data_bytes) */
     double gather;      /* FULL_SHARD: layer gather scratch (gather_bytes) */
     double total;
+    double host_offload; /* checkpointing 3 on a device: pinned host memory of the offloaded block inputs
+                            (not in total, which is device memory) */
     double arena_chunk; /* suggested arena chunk size (bytes) */
     int checkpointing;
 } memplan;

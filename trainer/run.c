@@ -172,6 +172,17 @@ static int setup_device_choose(run_ctx *r, qerr *e) {
 static int setup_device(run_ctx *r, qerr *e) {
     if (r->world > 1 && strcmp(r->c->device, "cpu") && comm_cuda_select_device(r->comm, e)) return -1;
     if (setup_device_choose(r, e)) return -1;
+    if (r->c->gradient_checkpointing == LLAMA_CKPT_OFFLOAD && r->rank == 0) {
+        const ag_backend *be = ag_backend_default();
+        if (be->host_data)
+            fprintf(stderr, "[config] gradient_checkpointing: offload: the %s backend keeps every activation in host "
+                            "memory already, nothing to offload: runs as true (each block recomputed; the same "
+                            "numbers)\n", be->name);
+        else
+            fprintf(stderr, "[config] gradient_checkpointing: offload: each block recomputed, its input kept in "
+                            "pinned host memory (backend %s; copied out after its forward and back ahead of its "
+                            "recompute on a copy stream; the same numbers)\n", be->name);
+    }
     if (r->c->fsdp_offload_params && !strcmp(ag_backend_default()->name, "cuda"))
         return qerr_set(e,
                         "%s: fsdp_offload_params (fsdp: offload): keeping the parameters in host memory is not "
@@ -1185,6 +1196,13 @@ int run_finish(run_ctx *r, qerr *e) {
             res->peak_rss_mib, r->plan.total / 1048576.0,
             100.0 * (r->plan.total / 1048576.0 - res->peak_rss_mib) / res->peak_rss_mib,
             r->ctx.arena.peak / 1048576.0);
+    ag_offload_info oi;
+    ag_offload_get_info(&r->ctx, &oi);
+    if (oi.n_d2h > 0)
+        fprintf(stderr, "[memory] gradient_checkpointing: offload: %lld block inputs to host memory (%.1f MiB), %lld "
+                        "back ahead of their recompute; %.1f MiB pinned host, %.1f MiB device slots\n",
+                (long long)oi.n_d2h, (double)oi.offloaded_bytes / 1048576.0, (long long)oi.n_h2d,
+                (double)oi.host_bytes / 1048576.0, (double)oi.slot_bytes / 1048576.0);
     return 0;
 }
 
