@@ -336,7 +336,11 @@ static void add_lora_delta(float *W, const float *A, const float *B, int64_t row
 static int merged_tensor(const base_model *b, const llama_model *m, const lora_set *ls, const adapter_info *info,
                          const merged_entry *me, float *tmp, bf16 *dst, qerr *e) {
     if (me->role == LLAMA_T_LINEAR && m) {
-        frozen_rows_f32(&m->layers[me->layer].lin[me->module], 0, me->rows, tmp);
+        const frozen_weight *fw = &m->layers[me->layer].lin[me->module];
+        if (fw->kind == FROZEN_INT8) /* as PEFT's merge dequantizes an 8-bit base (dequantize_bnb_weight) */
+            int8_dequantize_f32(fw->cb, fw->scb, fw->out, fw->in, tmp);
+        else
+            frozen_rows_f32(fw, 0, me->rows, tmp);
     } else if (base_model_tensor_f32(b, me->role, me->layer, me->module, tmp, e)) {
         return -1;
     }
