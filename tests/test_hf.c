@@ -592,6 +592,41 @@ static void test_merged_export(void **state) {
     assert_int_equal(access(single, F_OK), -1);
     assert_int_equal(access(p, F_OK), 0);
 
+    /* load_in_8bit: the merge adds the delta to the int8 base dequantized as PEFT's merge does it
+     * (bitsandbytes int8_vectorwise_dequant: (CB * SCB) / 127, quant/int8.h) */
+    {
+        llama_model m8;
+        assert_int_equal(base_model_load(b, LLAMA_BASE_INT8, 1, 32, &m8, &e), 0);
+        char md8[256], p8[300];
+        path_in(md8, sizeof md8, "merged8");
+        rc = export_merged(b, &m8, tok, &ls, &info, md8, 0, &e);
+        if (rc) print_error("%s\n", e.msg);
+        assert_int_equal(rc, 0);
+        snprintf(p8, sizeof p8, "%s/model.safetensors", md8);
+        safetensors_file *sf8;
+        assert_int_equal(safetensors_open(p8, &sf8, &e), 0);
+        st_tensor t8;
+        assert_int_equal(safetensors_find(sf8, "model.layers.1.self_attn.q_proj.weight", &t8, &e), 0);
+        const frozen_weight *fw = &m8.layers[1].lin[LLAMA_Q];
+        float *W8 = malloc(sizeof(float) * NH * HD * DM);
+        int8_dequantize_f32(fw->cb, fw->scb, fw->out, fw->in, W8);
+        const lora_adapter *a8 = lora_set_get(&ls, 1, LLAMA_Q);
+        const float *A8 = a8->A->data, *B8 = a8->B->data;
+        int off8 = 0;
+        for (int o = 0; o < NH * HD; o++)
+            for (int i = 0; i < DM; i++) {
+                double acc = 0;
+                for (int j = 0; j < 4; j++) acc += (double)B8[o * 4 + j] * A8[j * DM + i];
+                uint16_t got;
+                memcpy(&got, (const uint8_t *)t8.data + 2 * (o * DM + i), 2);
+                off8 += abs((int)got - (int)f32_to_bf16((float)(W8[o * DM + i] + acc * a8->scaling))) > 1;
+            }
+        assert_int_equal(off8, 0);
+        free(W8);
+        safetensors_close(sf8);
+        llama_free(&m8);
+    }
+
     tokenizer_free(tok);
     lora_set_free(&ls);
     adapter_info_free(&info);
