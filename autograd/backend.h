@@ -38,13 +38,15 @@
 
 #include "autograd/gemm.h"
 #include "core/bf16.h"
+#include "quant/int8.h"
 #include "quant/nf4.h"
 
 struct ag_ctx;
 
-typedef enum frozen_kind { FROZEN_NF4 = 0, FROZEN_BF16 = 1, FROZEN_F32 = 2 } frozen_kind;
+typedef enum frozen_kind { FROZEN_NF4 = 0, FROZEN_BF16 = 1, FROZEN_F32 = 2, FROZEN_INT8 = 3 } frozen_kind;
 
-/* A frozen [out, in] weight (nn.Linear layout), stored NF4, bf16 or fp32. */
+/* A frozen [out, in] weight (nn.Linear layout), stored NF4, bf16, fp32 or
+ * int8 (bitsandbytes Int8Params: CB codes + SCB row absmax, quant/int8.h). */
 typedef struct frozen_weight {
     int64_t out, in;
     frozen_kind kind;
@@ -52,6 +54,8 @@ typedef struct frozen_weight {
     const nf4_tensor *nf4; /* FROZEN_NF4 */
     const bf16 *w_bf16;    /* FROZEN_BF16: (out, in) */
     const float *w_f32;    /* FROZEN_F32: (out, in) */
+    const int8_t *cb;      /* FROZEN_INT8: (out, in) codes */
+    const float *scb;      /* FROZEN_INT8: (out) row absmax; row r = cb[r, :] * (scb[r] / 127) */
 } frozen_weight;
 
 /* RoPE cos/sin table: (max_pos, head_dim/2) fp32 each, computed as HF does

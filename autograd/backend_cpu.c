@@ -7,6 +7,8 @@
 #define CPU_GEMM gemm
 #define CPU_NF4_ROWS_F32 nf4_dequantize_rows_f32
 #define CPU_NF4_ROWS_BF16 nf4_dequantize_rows_bf16
+#define CPU_INT8_ROWS_F32 int8_dequantize_rows_f32
+#define CPU_INT8_ROWS_BF16 int8_dequantize_rows_bf16
 #define CPU_TABLE ag_backend_cpu
 #define CPU_NAME "cpu"
 #include "autograd/backend_cpu_kernels.inc"

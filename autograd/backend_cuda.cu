@@ -421,6 +421,8 @@ typedef struct dev_frozen {
     int double_quant, blocksize;
     const uint16_t *w_bf16;
     const float *w_f32;
+    const int8_t *cb; /* FROZEN_INT8 */
+    const float *scb;
 } dev_frozen;
 
 static dev_frozen frozen_dev(const frozen_weight *w) {
@@ -444,6 +446,9 @@ static dev_frozen frozen_dev(const frozen_weight *w) {
         }
     } else if (w->kind == FROZEN_BF16) {
         d.w_bf16 = (const uint16_t *)mirror_of(w->w_bf16, (size_t)(w->out * w->in) * 2);
+    } else if (w->kind == FROZEN_INT8) { /* codes and row absmax uploaded once, as stored (1 byte/param) */
+        d.cb = (const int8_t *)mirror_of(w->cb, (size_t)(w->out * w->in));
+        d.scb = (const float *)mirror_of(w->scb, (size_t)w->out * 4);
     } else {
         d.w_f32 = (const float *)mirror_of(w->w_f32, (size_t)(w->out * w->in) * 4);
     }
@@ -458,6 +463,7 @@ __device__ __forceinline__ float frozen_elem(const dev_frozen &w, int64_t e) {
         return qe_nf4_value(c_nf4_code, w.packed, e, a);
     }
     if (w.kind == FROZEN_BF16) return qe_bf16_to_f32(w.w_bf16[e]);
+    if (w.kind == FROZEN_INT8) return qe_int8_value(w.cb, w.scb, e, w.in);
     return w.w_f32[e];
 }
 

@@ -116,6 +116,14 @@ QE float qe_nf4_value(const float *code16, const uint8_t *packed, int64_t i, flo
     return code16[q] * absmax;
 }
 
+/* ---- int8 (quant/int8.c int8_dequantize_rows_*_ref: bitsandbytes MatMul8bitFp) ---- */
+
+/* Element i of the flattened (., cols) weight: (float)cb[i] · (scb[row] · (float)(1/127)). */
+QE float qe_int8_value(const int8_t *cb, const float *scb, int64_t i, int64_t cols) {
+    const float rs = scb[i / cols] * 7.874015718698502e-3f;
+    return (float)cb[i] * rs;
+}
+
 /* ---- RMSNorm (backend_cpu_nn.inc cpu_rmsnorm_fwd/bwd) ---- */
 
 /* rstd from the row's sum of squares (double) */

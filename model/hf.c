@@ -238,6 +238,13 @@ static int parse_config(hf_model *h, qerr *e) {
         const cJSON *qm = cJSON_GetObjectItemCaseSensitive(q, "quant_method");
         const cJSON *l4 = cJSON_GetObjectItemCaseSensitive(q, "load_in_4bit");
         const cJSON *qt = cJSON_GetObjectItemCaseSensitive(q, "bnb_4bit_quant_type");
+        const cJSON *l8 = cJSON_GetObjectItemCaseSensitive(q, "load_in_8bit");
+        if (cJSON_IsString(qm) && !strcmp(qm->valuestring, "bitsandbytes") && cJSON_IsTrue(l8)) {
+            qerr_set(e, "%s: quantization_config: a bitsandbytes load_in_8bit checkpoint (int8 weight + SCB) is not "
+                        "read; give the bf16/f16/f32 checkpoint it was made from: load_in_8bit: true quantizes it on "
+                        "load exactly as bitsandbytes does", path);
+            goto done;
+        }
         if (!cJSON_IsString(qm) || strcmp(qm->valuestring, "bitsandbytes") || !cJSON_IsTrue(l4)) {
             qerr_set(e, "%s: quantization_config: only bitsandbytes load_in_4bit checkpoints are supported", path);
             goto done;
@@ -654,7 +661,13 @@ int hf_model_load(const hf_model *h, int load_in_4bit, int double_quant, int max
 int hf_model_load_sharded(const hf_model *h, int load_in_4bit, int double_quant, int max_pos, comm *cm,
                           llama_model *m, qerr *e) {
     memset(m, 0, sizeof *m);
-    const int adopt0 = h->bnb4 && load_in_4bit;
+    const int adopt0 = h->bnb4 && load_in_4bit == LLAMA_BASE_NF4;
+    if (h->bnb4 && load_in_4bit == LLAMA_BASE_INT8)
+        return qerr_set(e, "%s: load_in_8bit with a bitsandbytes 4-bit checkpoint: its linears are NF4 already; use "
+                           "load_in_4bit: true, or the bf16/f16/f32 checkpoint", h->dir);
+    if (cm && load_in_4bit == LLAMA_BASE_INT8)
+        return qerr_set(e, "FULL_SHARD of an int8 base (load_in_8bit) is not implemented; use load_in_4bit (NF4), "
+                           "or SHARD_GRAD_OP / NO_SHARD");
     if (cm && h->hp.arch == LLAMA_ARCH_PHI3)
         return qerr_set(e, "%s: FULL_SHARD of a Phi-3 base (fused qkv_proj / gate_up_proj) is not implemented yet; "
                            "use SHARD_GRAD_OP or NO_SHARD", h->dir);
@@ -664,7 +677,8 @@ int hf_model_load_sharded(const hf_model *h, int load_in_4bit, int double_quant,
     m->hp = h->hp;
     const llama_hparams *hp = &m->hp;
     int64_t D = hp->d_model, V = hp->vocab;
-    m->load_in_4bit = load_in_4bit;
+    m->load_in_4bit = load_in_4bit == LLAMA_BASE_NF4;
+    m->load_in_8bit = load_in_4bit == LLAMA_BASE_INT8;
     m->double_quant = double_quant;
     if (load_bf16(h, LLAMA_T_EMBED, &m->tok_embd, e)) goto fail;
     m->n_params += V * D;
@@ -688,7 +702,7 @@ int hf_model_load_sharded(const hf_model *h, int load_in_4bit, int double_quant,
     llama_fsdp *fs = NULL;
     if (cm) { /* FULL_SHARD: this rank's ranges only, never a whole linear */
         llama_layer_layout lo0;
-        if (llama_layer_layout_init(&lo0, hp, load_in_4bit ? FROZEN_NF4 : FROZEN_BF16, NF4_DEFAULT_BLOCKSIZE,
+        if (llama_layer_layout_init(&lo0, hp, llama_base_kind(load_in_4bit), NF4_DEFAULT_BLOCKSIZE,
                                     double_quant, e))
             goto fail;
         if (!(fs = qcalloc(1, sizeof *fs, e))) goto fail;
@@ -702,7 +716,7 @@ int hf_model_load_sharded(const hf_model *h, int load_in_4bit, int double_quant,
     float *tmp = qmalloc((size_t)max_el * sizeof(float), e);
     if (!tmp) goto fail;
     char name[128];
-    const int adopt = h->bnb4 && load_in_4bit; /* bnb nf4 bytes adopted as stored: no re-quantization */
+    const int adopt = adopt0; /* bnb nf4 bytes adopted as stored: no re-quantization */
     for (int l = 0; l < hp->n_layer; l++) {
         llama_layer *L = &m->layers[l];
         if (load_norm(h, LLAMA_T_ATTN_NORM, l, &L->attn_norm, e) || load_norm(h, LLAMA_T_FFN_NORM, l, &L->ffn_norm, e)) {
@@ -735,7 +749,7 @@ int hf_model_load_sharded(const hf_model *h, int load_in_4bit, int double_quant,
             }
         }
         llama_layer_layout lo;
-        if (!rc) rc = llama_layer_layout_init(&lo, hp, load_in_4bit ? FROZEN_NF4 : FROZEN_BF16, bs, dq, e);
+        if (!rc) rc = llama_layer_layout_init(&lo, hp, llama_base_kind(load_in_4bit), bs, dq, e);
         if (!rc && fs) {
             rc = llama_fsdp_load_layer(fs, l, hf_rows, (void *)h, e);
             for (int k = 0; !rc && k < LLAMA_N_LINEAR; k++) {
@@ -766,6 +780,9 @@ int hf_model_load_sharded(const hf_model *h, int load_in_4bit, int double_quant,
             role_name(hp, LLAMA_T_LINEAR, l, k, name, sizeof name);
             if (adopt) {
                 rc = bnb4_fill(h, name, offsets[k], &L->nf4[k], e);
+            } else if (load_in_4bit == LLAMA_BASE_INT8) { /* bf16/f16/f32 -> f32 (exact) -> bnb's fp16 -> int8 */
+                rc = hf_model_tensor_f32(h, LLAMA_T_LINEAR, l, k, tmp, e) ||
+                     int8_quantize_rows(tmp, rows, cols, (int8_t *)L->lin[k].cb, (float *)L->lin[k].scb, e);
             } else if (load_in_4bit) {
                 st_tensor t;
                 if (find(h, name, &t)) {

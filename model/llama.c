@@ -488,8 +488,8 @@ static size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 int llama_layer_layout_init(llama_layer_layout *lo, const llama_hparams *hp, frozen_kind kind, int blocksize,
                             int double_quant, qerr *e) {
     memset(lo, 0, sizeof *lo);
-    if (kind != FROZEN_NF4 && kind != FROZEN_BF16)
-        return qerr_set(e, "layer layout: linears are stored NF4 or bf16, not kind %d", (int)kind);
+    if (kind != FROZEN_NF4 && kind != FROZEN_BF16 && kind != FROZEN_INT8)
+        return qerr_set(e, "layer layout: linears are stored NF4, bf16 or int8, not kind %d", (int)kind);
     const int64_t bs = blocksize;
     int64_t nblocks = 0;
     for (int k = 0; k < LLAMA_N_LINEAR; k++) {
@@ -497,8 +497,10 @@ int llama_layer_layout_init(llama_layer_layout *lo, const llama_hparams *hp, fro
         if (!llama_linear_present(hp, k)) { /* Phi-3's k, v, up: no elements, no blocks, no groups */
             lo->elem[k + 1] = lo->elem[k];
             lo->group[k + 1] = lo->group[k];
+            lo->row[k + 1] = lo->row[k];
             continue;
         }
+        lo->row[k + 1] = lo->row[k] + lo->rows[k];
         /* nf4_check_geometry also vets the bf16 padding unit: the same power of two */
         if (nf4_check_geometry(lo->rows[k], lo->cols[k], blocksize, e))
             return qerr_prefix(e, "layer layout, %s", llama_hparams_linears(hp)[k].peft);
@@ -516,6 +518,14 @@ int llama_layer_layout_init(llama_layer_layout *lo, const llama_hparams *hp, fro
     if (kind == FROZEN_BF16) {
         lo->len[LLAMA_BLOB_DATA] = (size_t)n * sizeof(bf16);
         lo->nbytes = lo->len[LLAMA_BLOB_DATA];
+        return 0;
+    }
+    if (kind == FROZEN_INT8) { /* CB codes, then each linear's SCB */
+        lo->len[LLAMA_BLOB_DATA] = (size_t)n;
+        lo->off[LLAMA_BLOB_SCALES] = align_up(lo->len[LLAMA_BLOB_DATA], LLAMA_BLOB_ALIGN);
+        lo->len[LLAMA_BLOB_SCALES] = (size_t)lo->row[LLAMA_N_LINEAR] * sizeof(float);
+        lo->nbytes = lo->off[LLAMA_BLOB_SCALES] + lo->len[LLAMA_BLOB_SCALES];
+        lo->off[LLAMA_BLOB_NESTED] = lo->off[LLAMA_BLOB_OFFSETS] = lo->nbytes;
         return 0;
     }
     lo->len[LLAMA_BLOB_DATA] = (size_t)(n / 2);
@@ -541,6 +551,12 @@ static void layer_linear_ptrs(const llama_layer_layout *lo, uint8_t *blob, int k
     if (lo->kind == FROZEN_BF16) {
         *data = blob + lo->off[LLAMA_BLOB_DATA] + (size_t)lo->elem[k] * sizeof(bf16);
         *scales = NULL;
+        *nested = NULL;
+        return;
+    }
+    if (lo->kind == FROZEN_INT8) {
+        *data = blob + lo->off[LLAMA_BLOB_DATA] + (size_t)lo->elem[k];
+        *scales = blob + lo->off[LLAMA_BLOB_SCALES] + (size_t)lo->row[k] * sizeof(float);
         *nested = NULL;
         return;
     }
@@ -588,6 +604,11 @@ int llama_layer_views(llama_layer *L, const llama_layer_layout *lo, uint8_t *blo
                 return -1;
             }
             w->nf4 = &L->nf4[k];
+        } else if (lo->kind == FROZEN_INT8) {
+            memset(&L->nf4[k], 0, sizeof L->nf4[k]);
+            L->w_bf16[k] = NULL;
+            w->cb = (const int8_t *)data;
+            w->scb = scales;
         } else {
             L->w_bf16[k] = (bf16 *)data;
             w->w_bf16 = L->w_bf16[k];
@@ -625,6 +646,9 @@ void llama_layer_bind(llama_layer *L, uint8_t *blob) {
             }
             t->is_view = 1;
             L->lin[k].nf4 = t;
+        } else if (lo->kind == FROZEN_INT8) {
+            L->lin[k].cb = (const int8_t *)data;
+            L->lin[k].scb = scales;
         } else {
             L->w_bf16[k] = (bf16 *)data;
             L->lin[k].w_bf16 = L->w_bf16[k];
@@ -652,6 +676,9 @@ int llama_layer_range_bytes(const llama_layer_layout *lo, int64_t x0, int64_t x1
     if (x0 < 0 || x0 > x1 || x1 > n || x0 % bs || x1 % bs)
         return qerr_set(e, "layer range [%lld, %lld): expected block boundaries (multiples of %lld) within [0, %lld]",
                         (long long)x0, (long long)x1, (long long)bs, (long long)n);
+    if (lo->kind == FROZEN_INT8)
+        return qerr_set(e, "FULL_SHARD of an int8 base (load_in_8bit) is not implemented; use load_in_4bit (NF4), "
+                           "or SHARD_GRAD_OP / NO_SHARD");
     for (int s = 0; s < LLAMA_BLOB_N_SECTIONS; s++) out[s] = (llama_byte_range){.off = lo->off[s], .len = 0};
     if (x0 == x1) return 0;
     if (lo->kind == FROZEN_BF16) {
@@ -744,8 +771,12 @@ int llama_load_gguf_sharded(const gguf_file *f, int load_in_4bit, int double_qua
         return qerr_set(e, "FULL_SHARD of a gemma3 base is not implemented yet; use SHARD_GRAD_OP or NO_SHARD");
     const llama_hparams *hp = &m->hp;
     int64_t D = hp->d_model, V = hp->vocab, hd = hp->head_dim;
-    m->load_in_4bit = load_in_4bit;
+    m->load_in_4bit = load_in_4bit == LLAMA_BASE_NF4;
+    m->load_in_8bit = load_in_4bit == LLAMA_BASE_INT8;
     m->double_quant = double_quant;
+    if (c && m->load_in_8bit)
+        return qerr_set(e, "FULL_SHARD of an int8 base (load_in_8bit) is not implemented; use load_in_4bit (NF4), "
+                           "or SHARD_GRAD_OP / NO_SHARD");
 
     if (load_bf16_matrix(f, "token_embd.weight", V, D, &m->tok_embd, e)) return -1;
     m->n_params += V * D;
@@ -763,8 +794,7 @@ int llama_load_gguf_sharded(const gguf_file *f, int load_in_4bit, int double_qua
     m->layers = qcalloc((size_t)hp->n_layer, sizeof *m->layers, e);
     if (!m->layers) return -1;
     llama_layer_layout lo;
-    if (llama_layer_layout_init(&lo, hp, load_in_4bit ? FROZEN_NF4 : FROZEN_BF16, NF4_DEFAULT_BLOCKSIZE,
-                                double_quant, e))
+    if (llama_layer_layout_init(&lo, hp, llama_base_kind(load_in_4bit), NF4_DEFAULT_BLOCKSIZE, double_quant, e))
         return -1;
     int64_t max_el = 0;
     for (int k = 0; k < LLAMA_N_LINEAR; k++) max_el = lo.rows[k] * lo.cols[k] > max_el ? lo.rows[k] * lo.cols[k] : max_el;
@@ -831,7 +861,12 @@ int llama_load_gguf_sharded(const gguf_file *f, int load_in_4bit, int double_qua
                 L->lin[k].bias = L->bias[k];
                 m->n_params += rows;
             }
-            if (load_in_4bit) {
+            if (m->load_in_8bit) {
+                if (int8_quantize_rows(tmp, rows, cols, (int8_t *)L->lin[k].cb, (float *)L->lin[k].scb, e)) {
+                    qerr_prefix(e, "%s", name);
+                    goto fail;
+                }
+            } else if (load_in_4bit) {
                 if (nf4_quantize_into(tmp, &L->nf4[k], e)) goto fail;
             } else {
                 for (int64_t i = 0; i < rows * cols; i++) L->w_bf16[k][i] = f32_to_bf16(tmp[i]);

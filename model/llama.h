@@ -179,6 +179,12 @@ void llama_tensor_shape(const llama_hparams *hp, llama_role role, int module, in
  * nested_quant_map for an adopted bnb-4bit one); they are part of the views,
  * the same on every rank.
  * bf16 blob (load_in_4bit: false): DATA only, element x at off[DATA] + 2x.
+ * int8 blob (load_in_8bit: true; bitsandbytes Int8Params, quant/int8.h): DATA
+ *            the int8 codes CB, element x at off[DATA] + x; SCALES each
+ *            linear's fp32 SCB (one per row), linear k's row r at
+ *            off[SCALES] + 4 * (row[k] + r). No NESTED, no OFFSETS. Not split
+ *            (llama_layer_range_bytes refuses it: FULL_SHARD of an int8 base is
+ *            not implemented).
  * The blob's size is the payload nf4_nbytes counts (or 2 bytes per element)
  * plus the zero gaps that align SCALES and NESTED and pad partial blocks:
  * none for SmolLM2-135M or Llama-2-7B (their sections are multiples of 64 B).
@@ -209,12 +215,13 @@ typedef enum llama_blob_section {
 } llama_blob_section;
 
 typedef struct llama_layer_layout {
-    frozen_kind kind;                   /* FROZEN_NF4 or FROZEN_BF16 */
+    frozen_kind kind;                   /* FROZEN_NF4, FROZEN_BF16 or FROZEN_INT8 */
     int blocksize;                      /* elements per NF4 block (64); for bf16 only the element-space padding */
     int double_quant;                   /* NF4: absmax as u8 codes + nested absmax + offset */
     int64_t rows[LLAMA_N_LINEAR], cols[LLAMA_N_LINEAR]; /* each linear's [out, in] */
     int64_t elem[LLAMA_N_LINEAR + 1];   /* layer element space (above); elem[7] = padded total */
     int64_t group[LLAMA_N_LINEAR + 1];  /* nested-absmax groups of the linears before k (double_quant) */
+    int64_t row[LLAMA_N_LINEAR + 1];    /* rows of the linears before k (FROZEN_INT8: SCB index) */
     size_t off[LLAMA_BLOB_N_SECTIONS];  /* byte offset of each section in the blob */
     size_t len[LLAMA_BLOB_N_SECTIONS];  /* byte length of each section (0: absent) */
     size_t nbytes;                      /* blob size: the end of its last section */
@@ -242,9 +249,9 @@ typedef struct llama_layer {
 
 /* llama_layer_layout_init: the blob layout (above) of one layer of a model
  * with hyper-parameters hp, its linears stored as kind (FROZEN_NF4 with
- * blocksize, a power of two in [32, 4096], and double_quant; or FROZEN_BF16,
- * whose element space is padded to blocksize too).
- * Errors (-1): a kind other than those two, a bad blocksize or shape. */
+ * blocksize, a power of two in [32, 4096], and double_quant; or FROZEN_BF16
+ * or FROZEN_INT8, whose element space is padded to blocksize too).
+ * Errors (-1): a kind other than those three, a bad blocksize or shape. */
 int llama_layer_layout_init(llama_layer_layout *lo, const llama_hparams *hp, frozen_kind kind, int blocksize,
                             int double_quant, qerr *e);
 
@@ -294,6 +301,7 @@ typedef struct llama_model {
     float *out_norm;         /* (D) fp32 */
     llama_layer *layers;     /* n_layer */
     int load_in_4bit, double_quant;
+    int load_in_8bit;            /* 1: the frozen linears are bitsandbytes int8 (FROZEN_INT8) */
     int64_t n_quantized_params;  /* elements of the frozen linears */
     int64_t quantized_bytes;     /* bytes holding them: the layers' blobs (layout.nbytes) */
     int64_t n_params;            /* all base parameters */
@@ -324,9 +332,20 @@ int llama_hparams_from_gguf(const gguf_file *f, llama_hparams *hp, qerr *e);
  * "<key>: expected ..., got <value>". */
 int llama_hparams_check(const llama_hparams *hp, const char *theta_key, const char *eps_key, qerr *e);
 
+/* How the frozen linears are held: the `load_in_4bit` argument of the loaders
+ * (llama_load_gguf, hf_model_load, base_model_load) takes one of these; 0 and
+ * 1 keep their old meaning (bf16, NF4). */
+enum { LLAMA_BASE_BF16 = 0, LLAMA_BASE_NF4 = 1, LLAMA_BASE_INT8 = 2 };
+
+/* The frozen_kind of a LLAMA_BASE_* value. */
+static inline frozen_kind llama_base_kind(int base) {
+    return base == LLAMA_BASE_INT8 ? FROZEN_INT8 : base ? FROZEN_NF4 : FROZEN_BF16;
+}
+
 /* Load the base model from an open GGUF: dequantize each tensor from its GGUF
- * type, un-permute Q/K rows, and store the linears as NF4 (load_in_4bit,
- * blocksize 64) or bf16, each layer's in one blob (llama_layer_layout). One
+ * type, un-permute Q/K rows, and store the linears as NF4 (load_in_4bit ==
+ * LLAMA_BASE_NF4, blocksize 64), int8 (LLAMA_BASE_INT8: bitsandbytes
+ * Int8Params, quant/int8.h) or bf16, each layer's in one blob (llama_layer_layout). One
  * layer is dequantized at a time; the fp32 copy never exists whole.
  * max_pos bounds the RoPE table (≥ sequence_len). */
 int llama_load_gguf(const gguf_file *f, int load_in_4bit, int double_quant, int max_pos,

@@ -486,13 +486,13 @@ static void test_axolotl_refusals_and_config_lines(void **st) {
     (void)st;
     char p[512];
     snprintf(p, sizeof p, "%s/axo.yaml", g_dir);
-    cli_write_text(p, "base_model: " MODEL "\nload_in_8bit: true\noptimizer: adafactor\nfsdp: [hybrid_shard]\n");
+    cli_write_text(p, "base_model: " MODEL "\nneftune_noise_alpha: 5\noptimizer: adafactor\nfsdp: [hybrid_shard]\n");
     char *argv[] = {(char *)subproc_trainer(), p, NULL};
     char *err = NULL;
     int code = subproc_run(argv, NULL, 120, &err);
     print_message("exit %d:\n%s", code, err);
     assert_int_equal(code, 2);
-    const char *want[] = {"axo.yaml: no \"adapter:\"", "load_in_8bit: refused", "(line 2)", "optimizer: \"adafactor\"",
+    const char *want[] = {"axo.yaml: no \"adapter:\"", "neftune_noise_alpha: refused", "(line 2)", "optimizer: \"adafactor\"",
                           "(line 3)", "fsdp: HYBRID_SHARD is not implemented yet", "(line 4)",
                           "axo.yaml: 4 refused keys"};
     const char *at = err;
@@ -517,6 +517,21 @@ static void test_axolotl_refusals_and_config_lines(void **st) {
     assert_non_null(strstr(err, "[config] "));
     assert_non_null(strstr(err, "ignoring \"attn_implementation\" (qlora's attention is exact"));
     assert_non_null(strstr(err, "ignoring \"tf32\""));
+    free(err);
+    /* load_in_8bit: one [config] line says what it means here, and what of LLM.int8 is not applied */
+    snprintf(p, sizeof p, "%s/axo_i8.yaml", g_dir);
+    snprintf(cfg, sizeof cfg,
+             "base_model: " MODEL "\nadapter: lora\nload_in_8bit: true\nlora_target_linear: true\n"
+             "datasets:\n  - path: %s/train.jsonl\n    type: completion\nsequence_len: 32\nmax_steps: 1\n"
+             "output_dir: %s/axo_out\n",
+             g_dir, g_dir);
+    cli_write_text(p, cfg);
+    pre[1] = p;
+    code = subproc_run(pre, NULL, 120, &err);
+    assert_int_equal(code, 0);
+    assert_non_null(strstr(err, "[config] load_in_8bit: true: the frozen linears are stored as bitsandbytes' "
+                                "Int8Params"));
+    assert_non_null(strstr(err, "(llm_int8_threshold 6.0) are not applied"));
     free(err);
 }
 

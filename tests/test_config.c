@@ -527,10 +527,6 @@ static void test_errors_per_key(void **state) {
     /* deepspeed is read now (its ZeRO stages: tests/test_config_parallel.c); a missing file is named */
     expect_load_error(t, "x.yaml", "deepspeed: deepspeed_configs/zero2.json\n",
                       "deepspeed: deepspeed_configs/zero2.json: cannot open");
-    expect_load_error(t, "x.yaml", "load_in_8bit: true\n",
-                      "x.yaml: load_in_8bit: refused: an int8 (LLM.int8) frozen base is not implemented; use "
-                      "load_in_4bit: true (NF4, adapter: qlora) or load_in_4bit: false (bf16); delete the line, or "
-                      "leave it empty (line 1)");
     expect_load_error(t, "x.yaml", "fp16: true\n", "fp16: refused: fp16 in axolotl loads the base in float16");
     expect_load_error(t, "x.yaml", "chat_template: gemma\n",
                       "chat_template: \"gemma\" is the template of a model family qlora does not run");
@@ -586,6 +582,38 @@ static void test_validate_rules(void **state) {
     char buf[1024];
     snprintf(buf, sizeof buf, "%sload_in_4bit: false\n", MINIMAL);
     expect_validate_error(t, "v.yaml", buf, "v.yaml: adapter: \"qlora\" requires load_in_4bit: true");
+    /* load_in_8bit (issue 16 item 4): both formats at once, or with adapter: qlora, are refused in one line */
+    snprintf(buf, sizeof buf, "%sload_in_4bit: true\nload_in_8bit: true\n", MINIMAL);
+    expect_validate_error(t, "v.yaml", buf,
+                          "v.yaml: load_in_4bit and load_in_8bit are both true; choose one frozen-base format (NF4 "
+                          "or int8) (load_in_4bit: line ");
+    snprintf(buf, sizeof buf, "%sload_in_8bit: true\n", MINIMAL);
+    expect_validate_error(t, "v.yaml", buf,
+                          "v.yaml: adapter: \"qlora\" is LoRA over an NF4 base; with load_in_8bit: true use adapter: "
+                          "lora");
+    {
+        /* with adapter: lora it loads: load_in_4bit (not given) follows as false, and one [config] line says
+         * what load_in_8bit means here */
+        char path[256];
+        snprintf(buf, sizeof buf, "base_model: m.gguf\nadapter: lora\nload_in_8bit: true\nlora_target_linear: true\n"
+                                  "datasets: [{path: a.jsonl, type: completion}]\n");
+        write_file(t, "i8.yaml", buf, path, sizeof path);
+        train_config c;
+        qerr e = {{0}};
+        assert_int_equal(train_config_load(path, &c, &e), 0);
+        assert_int_equal(train_config_validate(&c, &e), 0);
+        assert_int_equal(c.load_in_8bit, 1);
+        assert_int_equal(c.load_in_4bit, 0);
+        int said = 0;
+        for (int i = 0; i < c.n_warnings; i++)
+            said += strstr(c.warnings[i], "load_in_8bit: true") && strstr(c.warnings[i], "not applied") &&
+                    strstr(c.warnings[i], "llm_int8_threshold");
+        assert_int_equal(said, 1);
+        /* a command-line load_in_8bit=false gives the default NF4 back */
+        assert_int_equal(train_config_apply_override(&c, "load_in_8bit=false", &e), 0);
+        assert_int_equal(c.load_in_4bit, 1);
+        train_config_free(&c);
+    }
     snprintf(buf, sizeof buf, "%swarmup_steps: 10\nwarmup_ratio: 0.1\n", MINIMAL);
     expect_validate_error(t, "v.yaml", buf, "warmup_steps and warmup_ratio are both set");
     snprintf(buf, sizeof buf, "%sval_set_size: 0.1\ntest_datasets: [{path: t.jsonl, type: completion}]\n", MINIMAL);

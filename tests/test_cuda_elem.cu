@@ -136,6 +136,45 @@ static void test_nf4_decode(void **state) {
     nf4_check(1, 128);
 }
 
+/* ---- int8 decode (bitsandbytes Int8Params, quant/int8.h) ---- */
+
+static void test_int8_decode(void **state) {
+    (void)state;
+    const int64_t rows = 37, cols = 300; /* cols not a multiple of 16: the AVX-512 tail too */
+    float *w = rnd(rows * cols, 21, 0.2f);
+    for (int64_t j = 0; j < cols; j++) w[3 * cols + j] = 0.0f; /* a zero row */
+    int8_t *cb = (int8_t *)malloc((size_t)(rows * cols));
+    float *scb = (float *)malloc((size_t)rows * 4);
+    qerr e;
+    memset(&e, 0, sizeof e);
+    assert_int_equal(int8_quantize_rows(w, rows, cols, cb, scb, &e), 0);
+    frozen_weight fw;
+    memset(&fw, 0, sizeof fw);
+    fw.out = rows;
+    fw.in = cols;
+    fw.kind = FROZEN_INT8;
+    fw.cb = cb;
+    fw.scb = scb;
+    const int64_t row0 = 2, nr = 31, ne = nr * cols;
+    float *f = (float *)malloc((size_t)ne * 4);
+    uint16_t *b = (uint16_t *)malloc((size_t)ne * 2);
+    for (int pass = 0; pass < 2; pass++) { /* cpu-ref, then cpu (AVX-512) */
+        const ag_backend *be = pass ? &ag_backend_cpu : ref();
+        be->frozen_rows_f32(&fw, row0, nr, f);
+        be->frozen_rows_bf16(&fw, row0, nr, b);
+        for (int64_t i = 0; i < ne; i++) {
+            float v = qe_int8_value(cb, scb, row0 * cols + i, cols);
+            ASSERT_SAME(v, f[i], "int8 decode fp32", i);
+            assert_int_equal(qe_f32_to_bf16(v), b[i]);
+        }
+    }
+    free(w);
+    free(cb);
+    free(scb);
+    free(f);
+    free(b);
+}
+
 /* ---- dropout mask bit ---- */
 
 static void test_dropout_bit(void **state) {
@@ -537,7 +576,7 @@ static void test_adamw8bit_elems(void **state) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_bf16_exp_rng), cmocka_unit_test(test_nf4_decode), cmocka_unit_test(test_dropout_bit),
+        cmocka_unit_test(test_bf16_exp_rng), cmocka_unit_test(test_nf4_decode), cmocka_unit_test(test_int8_decode), cmocka_unit_test(test_dropout_bit),
         cmocka_unit_test(test_rmsnorm_row),  cmocka_unit_test(test_rope_pair),  cmocka_unit_test(test_swiglu),
         cmocka_unit_test(test_optim_elems), cmocka_unit_test(test_adamw8bit_elems),  cmocka_unit_test(test_sumsq),      cmocka_unit_test(test_ce_rows),
     };

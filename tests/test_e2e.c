@@ -123,6 +123,19 @@ static void test_base_model_and_identity(void **st) {
     assert_true(m.layers[0].lin[0].kind == FROZEN_BF16);
     assert_true(fabs(bf - base) < 0.35);
     llama_free(&m);
+
+    /* load_in_8bit: the base as bitsandbytes' Int8Params (codes + fp32 row absmax: 1 + 4/in bytes per
+     * parameter), dequantized per layer to bf16. Row-wise 8-bit steps are far finer than the Q4_1 grid the
+     * GGUF already holds, so the int8 base must stay close to the bf16 one: 0.05 nats bounds a broken path
+     * (a wrong row scale costs several), not the rounding. */
+    assert_int_equal(llama_load_gguf(gf, LLAMA_BASE_INT8, 0, 128, &m, &e), 0);
+    assert_true(m.layers[0].lin[0].kind == FROZEN_INT8 && m.load_in_8bit && !m.load_in_4bit);
+    const double bpp8 = (double)m.quantized_bytes / (double)m.n_quantized_params;
+    double i8 = model_loss(&ctx, &m, NULL, &ps, 4);
+    print_message("int8 base: %.4f (bf16 base %.4f), %.4f bytes/param\n", i8, bf, bpp8);
+    assert_true(bpp8 > 1.0 && bpp8 < 1.01);
+    assert_true(fabs(i8 - bf) < 0.05);
+    llama_free(&m);
     ag_ctx_free(&ctx);
     packed_set_free(&ps);
     tokenizer_free(tok);
@@ -217,10 +230,61 @@ static void test_train_few_steps(void **st) {
     train_config_free(&c);
 }
 
+/* load_in_8bit: true with adapter: lora through train_run: three short steps on the real model, the
+ * memory it predicted and used. */
+static void test_train_int8_few_steps(void **st) {
+    (void)st;
+    if (!have_inputs()) fail();
+    char dir[] = "/tmp/qlora-e2e-i8-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char cfgpath[256], out[320];
+    snprintf(cfgpath, sizeof cfgpath, "%s/config.yaml", dir);
+    snprintf(out, sizeof out, "%s/out", dir);
+    FILE *f = fopen(cfgpath, "w");
+    assert_non_null(f);
+    fprintf(f,
+            "base_model: " MODEL "\n"
+            "adapter: lora\nload_in_8bit: true\nlora_r: 8\nlora_alpha: 16\nlora_dropout: 0.0\n"
+            "lora_target_linear: true\n"
+            "datasets:\n  - path: " HELDOUT "\n    type: completion\n"
+            "sequence_len: 64\nmicro_batch_size: 1\nmax_steps: 3\nlearning_rate: 1e-3\n"
+            "logging_steps: 1\noutput_dir: %s\n",
+            out);
+    fclose(f);
+    train_config c;
+    qerr e;
+    assert_int_equal(train_config_load(cfgpath, &c, &e), 0);
+    assert_int_equal(train_config_validate(&c, &e), 0);
+    assert_int_equal(c.load_in_4bit, 0);
+    train_result r;
+    int rc = train_run(&c, &r, &e);
+    if (rc) print_error("%s\n", e.msg);
+    assert_int_equal(rc, 0);
+    assert_int_equal(r.steps, 3);
+    char p[512];
+    snprintf(p, sizeof p, "%s/metrics.jsonl", out);
+    metrics_series ms;
+    assert_int_equal(metrics_read(p, &ms, &e), 0);
+    assert_int_equal(ms.n_train, 3);
+    for (int i = 0; i < 3; i++) {
+        print_message("int8 base, step %d: loss %.4f\n", i + 1, ms.train_loss[i]);
+        assert_true(isfinite(ms.train_loss[i]) && ms.train_loss[i] > 0.5 && ms.train_loss[i] < 6.0);
+    }
+    metrics_series_free(&ms);
+    print_message("int8 base: frozen linears %.1f MiB (%lld params), peak RSS %.0f MiB\n",
+                  r.quantized_bytes / 1048576.0, (long long)r.n_quantized_params, r.peak_rss_mib);
+    assert_true(r.quantized_bytes >= r.n_quantized_params && r.quantized_bytes < r.n_quantized_params * 101 / 100);
+    train_config_free(&c);
+    char cmd[400];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    assert_int_equal(system(cmd), 0);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_base_model_and_identity),
         cmocka_unit_test(test_train_few_steps),
+        cmocka_unit_test(test_train_int8_few_steps),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     gemm_shutdown();

@@ -593,6 +593,41 @@ static void test_merged_export(void **state) {
     assert_int_equal(access(single, F_OK), -1);
     assert_int_equal(access(p, F_OK), 0);
 
+    /* load_in_8bit: the merge adds the delta to the int8 base dequantized as PEFT's merge does it
+     * (bitsandbytes int8_vectorwise_dequant: (CB * SCB) / 127, quant/int8.h) */
+    {
+        llama_model m8;
+        assert_int_equal(base_model_load(b, LLAMA_BASE_INT8, 1, 32, &m8, &e), 0);
+        char md8[256], p8[300];
+        path_in(md8, sizeof md8, "merged8");
+        rc = export_merged(b, &m8, tok, &ls, &info, md8, 0, &e);
+        if (rc) print_error("%s\n", e.msg);
+        assert_int_equal(rc, 0);
+        snprintf(p8, sizeof p8, "%s/model.safetensors", md8);
+        safetensors_file *sf8;
+        assert_int_equal(safetensors_open(p8, &sf8, &e), 0);
+        st_tensor t8;
+        assert_int_equal(safetensors_find(sf8, "model.layers.1.self_attn.q_proj.weight", &t8, &e), 0);
+        const frozen_weight *fw = &m8.layers[1].lin[LLAMA_Q];
+        float *W8 = malloc(sizeof(float) * NH * HD * DM);
+        int8_dequantize_f32(fw->cb, fw->scb, fw->out, fw->in, W8);
+        const lora_adapter *a8 = lora_set_get(&ls, 1, LLAMA_Q);
+        const float *A8 = a8->A->data, *B8 = a8->B->data;
+        int off8 = 0;
+        for (int o = 0; o < NH * HD; o++)
+            for (int i = 0; i < DM; i++) {
+                double acc = 0;
+                for (int j = 0; j < 4; j++) acc += (double)B8[o * 4 + j] * A8[j * DM + i];
+                uint16_t got;
+                memcpy(&got, (const uint8_t *)t8.data + 2 * (o * DM + i), 2);
+                off8 += abs((int)got - (int)f32_to_bf16((float)(W8[o * DM + i] + acc * a8->scaling))) > 1;
+            }
+        assert_int_equal(off8, 0);
+        free(W8);
+        safetensors_close(sf8);
+        llama_free(&m8);
+    }
+
     tokenizer_free(tok);
     lora_set_free(&ls);
     adapter_info_free(&info);
@@ -780,6 +815,34 @@ static void test_hf_dir_roundtrip(void **state) {
     print_message("HF directory vs GGUF (bf16 norms): max |d logit| %.3g\n", max_abs_diff(lg, lh, 12 * VOCAB));
     assert_true(max_abs_diff(lg, lh, 12 * VOCAB) < 0.05);
     llama_free(&mh);
+
+    /* load_in_8bit from the HF directory (bf16 safetensors): the loader's int8 blob holds exactly what
+     * int8_quantize_rows (bitsandbytes' Int8Params, tests/test_reference_int8.c) gives for the bf16
+     * weights, in HF row order; its logits stay close to the bf16 base's */
+    llama_model m8;
+    assert_int_equal(base_model_load(h, LLAMA_BASE_INT8, 1, 32, &m8, &e), 0);
+    assert_true(m8.load_in_8bit && !m8.load_in_4bit);
+    int64_t bad8 = 0;
+    for (int l = 0; l < NL; l++)
+        for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+            const frozen_weight *w = &m8.layers[l].lin[k];
+            assert_int_equal(w->kind, FROZEN_INT8);
+            const int64_t rows = w->out, cols = w->in;
+            float *tmp = malloc((size_t)(rows * cols) * sizeof(float)), *scb = malloc((size_t)rows * sizeof(float));
+            int8_t *cb = malloc((size_t)(rows * cols));
+            for (int64_t i = 0; i < rows * cols; i++) tmp[i] = bf16_to_f32(mg.layers[l].w_bf16[k][i]);
+            assert_int_equal(int8_quantize_rows(tmp, rows, cols, cb, scb, &e), 0);
+            bad8 += memcmp(cb, w->cb, (size_t)(rows * cols)) != 0;
+            bad8 += memcmp(scb, w->scb, (size_t)rows * sizeof(float)) != 0;
+            free(tmp);
+            free(scb);
+            free(cb);
+        }
+    assert_int_equal(bad8, 0);
+    logits_of(&m8, NULL, 0, ids, 12, lh);
+    print_message("HF directory as int8 vs GGUF bf16: max |d logit| %.3g\n", max_abs_diff(lg, lh, 12 * VOCAB));
+    assert_true(max_abs_diff(lg, lh, 12 * VOCAB) < 0.1);
+    llama_free(&m8);
 
     /* a merged model used as a base reproduces base + adapter (up to one bf16 rounding of W) */
     int target[LLAMA_N_LINEAR] = {1, 1, 1, 1, 1, 1, 1};
@@ -1005,6 +1068,16 @@ static void test_hf_errors(void **state) {
     fclose(f);
     assert_int_equal(base_model_open(hd, &b, &e), -1); /* no weights */
     assert_non_null(strstr(e.msg, "model.safetensors"));
+    /* a bitsandbytes 8-bit checkpoint (int8 weight + SCB) is refused by name, with the alternative */
+    f = fopen(p, "w");
+    fputs("{\"model_type\": \"llama\", \"hidden_size\": 64, \"intermediate_size\": 96, \"num_hidden_layers\": 2, "
+          "\"num_attention_heads\": 4, \"vocab_size\": 10, \"quantization_config\": {\"quant_method\": "
+          "\"bitsandbytes\", \"load_in_8bit\": true, \"load_in_4bit\": false}}",
+          f);
+    fclose(f);
+    assert_int_equal(base_model_open(hd, &b, &e), -1);
+    print_message("%s\n", e.msg);
+    assert_non_null(strstr(e.msg, "a bitsandbytes load_in_8bit checkpoint (int8 weight + SCB) is not read"));
     /* llama3 and linear scaling are read (as far as the weights, which are missing here) */
     static const char *const scalings[] = {
         "\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0, \"low_freq_factor\": 1.0, "

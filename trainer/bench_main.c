@@ -3,7 +3,10 @@
  *   qlora-bench --shape smollm2-135m|smollm2-1.7b|llama2-7b|llama3-8b|mistral-7b|qwen2.5-7b|phi3-mini --seq N
  *               --batch N --lora-r N --checkpointing on|off|selective [--model PATH.gguf] [--steps N]
  *               [--device cpu|cuda] [--plan-only] [--strategy no_shard|shard_grad_op|full_shard]
+ *               [--base nf4|int8]
  *
+ * --base int8: the frozen linears as bitsandbytes' Int8Params (load_in_8bit: true;
+ * quant/int8.h), random codes and row scales of the same weight statistics.
  * Under an MPI launcher (`mpirun -np N qlora-bench ...`) every rank runs the
  * steps on its own random batch, with --strategy: no_shard (gradients
  * all-reduced), shard_grad_op (reduce-scattered, AdamW on each rank's 1/N,
@@ -105,6 +108,8 @@ static void usage(FILE *f) {
             "usage: qlora-bench --shape NAME --seq N --batch N --lora-r N --checkpointing on|off|selective|offload\n"
             "                   [--model PATH.gguf] [--steps N] [--warmup N] [--layers N] [--calib-seconds S]\n"
             "                   [--device cpu|cuda] [--plan-only] [--strategy no_shard|shard_grad_op|full_shard]\n"
+            "                   [--base nf4|int8]\n"
+            "  --base: the frozen linears as NF4 (load_in_4bit, default) or bitsandbytes int8 (load_in_8bit)\n"
             "  Under mpirun (mpirun -np N qlora-bench ...) the ranks train together with --strategy\n"
             "  (full_shard: the frozen base sharded over the ranks, gathered per layer).\n"
             "  NAME: " BENCH_SHAPE_NAMES "\n"
@@ -181,11 +186,33 @@ static int random_sharded_linears(llama_model *m, comm *c, qerr *e) {
     return 0;
 }
 
+/* --base int8: the frozen linears as bitsandbytes Int8Params (load_in_8bit). */
+static int g_base_int8;
+
+/* A layer's seven linears as random int8 in one blob laid out as the loader lays it out: uniform codes in
+ * [-127, 127] (std ≈ 73.6) and row absmax 0.035, so weights have std ≈ 0.02 as random_nf4's. */
+static int random_int8_layer(llama_layer *L, const llama_hparams *hp, int l, qerr *e) {
+    llama_layer_layout lo;
+    if (llama_layer_layout_init(&lo, hp, FROZEN_INT8, 64, 0, e) || llama_layer_alloc(L, &lo, e)) return -1;
+    for (int k = 0; k < LLAMA_N_LINEAR; k++) {
+        if (lo.rows[k] == 0) continue;
+        int8_t *cb = (int8_t *)L->lin[k].cb;
+        float *scb = (float *)L->lin[k].scb;
+        const int64_t n = lo.rows[k] * lo.cols[k];
+        const uint64_t stream = (uint64_t)(l * LLAMA_N_LINEAR + k);
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < n; i++) cb[i] = (int8_t)((int)(rng_u64(20, stream, (uint64_t)i) % 255) - 127);
+        for (int64_t r = 0; r < lo.rows[k]; r++) scb[r] = 0.035f;
+    }
+    return 0;
+}
+
 static int random_model(llama_model *m, const llama_hparams *hp, int max_pos, comm *shard_over, qerr *e) {
     memset(m, 0, sizeof *m);
     m->hp = *hp;
     int64_t D = hp->d_model, V = hp->vocab;
-    m->load_in_4bit = 1;
+    m->load_in_4bit = !g_base_int8;
+    m->load_in_8bit = g_base_int8;
     m->double_quant = 1;
     m->tok_embd = qmalloc((size_t)(V * D) * sizeof(bf16), e);
     if (!m->tok_embd) return -1;
@@ -218,6 +245,7 @@ static int random_model(llama_model *m, const llama_hparams *hp, int max_pos, co
         if (!L->attn_norm || !L->ffn_norm) return -1;
         for (int64_t i = 0; i < D; i++) L->attn_norm[i] = L->ffn_norm[i] = 1.0f;
         m->n_params += 2 * D;
+        if (g_base_int8 && random_int8_layer(L, hp, l, e)) return -1;
         for (int k = 0; k < LLAMA_N_LINEAR; k++) {
             if (outs[k] == 0) continue; /* a slot a fused linear took over (Phi-3) */
             if (shard_over) { /* the linears come from random_sharded_linears; the q/k/v biases here */
@@ -227,14 +255,18 @@ static int random_model(llama_model *m, const llama_hparams *hp, int max_pos, co
                 }
                 continue;
             }
-            if (random_nf4(&L->nf4[k], outs[k], ins[k], (uint64_t)(l * LLAMA_N_LINEAR + k), e)) return -1;
-            L->lin[k] = (frozen_weight){.out = outs[k], .in = ins[k], .kind = FROZEN_NF4, .nf4 = &L->nf4[k]};
+            if (g_base_int8) {
+                /* L->lin[k] points into the layer's int8 blob already */
+            } else {
+                if (random_nf4(&L->nf4[k], outs[k], ins[k], (uint64_t)(l * LLAMA_N_LINEAR + k), e)) return -1;
+                L->lin[k] = (frozen_weight){.out = outs[k], .in = ins[k], .kind = FROZEN_NF4, .nf4 = &L->nf4[k]};
+            }
             if (hp->qkv_bias && k <= LLAMA_V) { /* Qwen2: the frozen q/k/v bias */
                 if (!(L->bias[k] = qcalloc((size_t)outs[k], sizeof(float), e))) return -1;
                 L->lin[k].bias = L->bias[k];
                 m->n_params += outs[k];
             }
-            m->quantized_bytes += (int64_t)nf4_nbytes(&L->nf4[k]);
+            m->quantized_bytes += g_base_int8 ? int8_nbytes(outs[k], ins[k]) : (int64_t)nf4_nbytes(&L->nf4[k]);
             m->n_quantized_params += outs[k] * ins[k];
         }
     }
@@ -355,7 +387,14 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--warmup")) warmup = atoi(v);
         else if (!strcmp(a, "--layers")) layers = atoi(v);
         else if (!strcmp(a, "--calib-seconds")) calib_s = atof(v);
-        else if (!strcmp(a, "--strategy")) {
+        else if (!strcmp(a, "--base")) {
+            if (!strcmp(v, "nf4")) g_base_int8 = 0;
+            else if (!strcmp(v, "int8")) g_base_int8 = 1;
+            else {
+                fprintf(stderr, "qlora-bench: --base: expected nf4 or int8, got \"%s\"\n", v);
+                return 2;
+            }
+        } else if (!strcmp(a, "--strategy")) {
             if (!strcmp(v, "no_shard")) strategy = 0;
             else if (!strcmp(v, "shard_grad_op")) strategy = 1;
             else if (!strcmp(v, "full_shard")) strategy = 2;
@@ -402,7 +441,7 @@ int main(int argc, char **argv) {
             int64_t out, in;
             llama_tensor_shape(&hp, LLAMA_T_LINEAR, k, &out, &in);
             if (out == 0) continue; /* fused away (Phi-3) */
-            frozen += memplan_nf4_bytes(out, in, NF4_DEFAULT_BLOCKSIZE);
+            frozen += g_base_int8 ? memplan_int8_bytes(out, in) : memplan_nf4_bytes(out, in, NF4_DEFAULT_BLOCKSIZE);
             lora += (int64_t)r * (in + out);
         }
         memplan_input pi = {.hp = hp, .B = B, .T = T, .checkpointing = ckpt, .bf16 = 1, .lora_r = r,
@@ -445,6 +484,10 @@ int main(int argc, char **argv) {
         fprintf(stderr, "qlora-bench: --strategy full_shard: Phi-3's fused linears are not sharded yet\n");
         return 2;
     }
+    if (strategy == 2 && g_base_int8) {
+        fprintf(stderr, "qlora-bench: --strategy full_shard: FULL_SHARD of an int8 base is not implemented\n");
+        return 2;
+    }
     if (strategy == 2 && (dev_cuda || model_path)) {
         fprintf(stderr, "qlora-bench: --strategy full_shard: the random CPU model only (no --model, no --device cuda)\n");
         return 2;
@@ -464,7 +507,7 @@ int main(int argc, char **argv) {
     gguf_file *gf = NULL;
     double t0 = clock_now_sec();
     if (model_path) {
-        if (gguf_open(model_path, &gf, &e) || llama_load_gguf(gf, 1, 1, T, &m, &e)) {
+        if (gguf_open(model_path, &gf, &e) || llama_load_gguf(gf, g_base_int8 ? LLAMA_BASE_INT8 : LLAMA_BASE_NF4, 1, T, &m, &e)) {
             fprintf(stderr, "qlora-bench: --model %s: %s\n", model_path, e.msg);
             return 1;
         }
@@ -476,10 +519,10 @@ int main(int argc, char **argv) {
         fprintf(stderr, "qlora-bench: %s\n", e.msg);
         return 1;
     }
-    fprintf(stderr, "[bench] model %s: %d layers, d %d, heads %d/%d, ff %d, vocab %d; %.1fM frozen linear params as NF4 "
+    fprintf(stderr, "[bench] model %s: %d layers, d %d, heads %d/%d, ff %d, vocab %d; %.1fM frozen linear params as %s "
                     "(%.1f MiB); %.1fs\n",
             shape, hp.n_layer, hp.d_model, hp.n_head, hp.n_kv_head, hp.d_ff, hp.vocab, m.n_quantized_params / 1e6,
-            m.quantized_bytes / 1048576.0, clock_now_sec() - t0);
+            g_base_int8 ? "int8" : "NF4", m.quantized_bytes / 1048576.0, clock_now_sec() - t0);
 
     int target[LLAMA_N_LINEAR] = {1, 1, 1, 1, 1, 1, 1};
     lora_set ls;
@@ -650,10 +693,10 @@ int main(int argc, char **argv) {
            "\"steps\":%d,\"tokens_per_s\":%.2f,\"s_per_step\":%.4f,\"cpu_s_per_step\":%.4f,\"model_gflop_per_token\":%.4f,"
            "\"achieved_gflops\":%.1f,\"peak_gflops\":%.1f,\"mfu\":%.4f,\"gemm_gflops\":%.1f,"
            "\"peak_rss_mb\":%.1f,\"predicted_peak_mb\":%.1f,\"arena_peak_mb\":%.1f,\"device_used_mb\":%.1f,"
-           "\"predicted_activations_mb\":%.1f,\"loss\":%.5f,\"world_size\":%d,\"strategy\":\"%s\"",
+           "\"predicted_activations_mb\":%.1f,\"loss\":%.5f,\"world_size\":%d,\"strategy\":\"%s\",\"base\":\"%s\"",
            shape, T, B, r, hp.n_layer, ckpt ? "true" : "false", ckpt_name[ckpt], n_threads, steps, tps, step_time, step_cpu, fpt / 1e9, achieved / 1e9,
            peak / 1e9, mfu, gemm_rate / 1e9, rss, plan.total / 1048576.0, ctx.arena.peak / 1048576.0, dev_used,
-           plan.activations / 1048576.0, loss, W, strategy_name[strategy]);
+           plan.activations / 1048576.0, loss, W, strategy_name[strategy], g_base_int8 ? "int8" : "nf4");
     printf(",\"op_seconds_per_step\":{");
     for (int c = 0; c < AG_PROF_N; c++) printf("%s\"%s\":%.4f", c ? "," : "", ag_prof_names[c], prof[c] / steps);
     printf("}}\n");

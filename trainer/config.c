@@ -167,6 +167,7 @@ static const char *const *module_values(void) {
 static const key_spec KEYS[] = {
     {.name = "base_model", .kind = K_STR, .off = OFF(base_model), .expect = "a path to a .gguf file or a Hugging Face model directory"},
     {.name = "load_in_4bit", .kind = K_BOOL, .off = OFF(load_in_4bit)},
+    {.name = "load_in_8bit", .kind = K_BOOL, .off = OFF(load_in_8bit)},
     {.name = "bnb_4bit_use_double_quant", .kind = K_BOOL, .off = OFF(bnb_4bit_use_double_quant)},
     {.name = "bnb_4bit_quant_type", .kind = K_ENUM, .off = OFF(bnb_4bit_quant_type), .values = V_QUANT, .later = L_QUANT},
     {.name = "adapter", .kind = K_ENUM, .off = OFF(adapter), .values = V_ADAPTER},
@@ -431,6 +432,24 @@ static int add_warning(train_config *c, qerr *e, const char *fmt, ...) {
     if (!(w[c->n_warnings] = dup_str(buf))) return qerr_set(e, "out of memory");
     c->n_warnings++;
     return 0;
+}
+
+/* load_in_8bit (issue 16 item 4): the base held as bitsandbytes' int8 (quant/int8.h). When it is set and
+ * load_in_4bit was not given anywhere, load_in_4bit follows it (qlora's default NF4 gives way, as axolotl's
+ * false default would); both given true is refused in train_config_validate. Adds the one [config] line
+ * that says what load_in_8bit means here (once). */
+static const key_spec *find_key(const char *name);
+static int load_in_8bit_resolve(train_config *c, qerr *e) {
+    const key_spec *k4 = find_key("load_in_4bit");
+    if (c->key_origin[k4 - KEYS] == 0) c->load_in_4bit = !c->load_in_8bit;
+    if (!c->load_in_8bit) return 0;
+    for (int i = 0; i < c->n_warnings; i++)
+        if (!strncmp(c->warnings[i], "load_in_8bit: ", 14)) return 0;
+    return add_warning(c, e,
+                       "load_in_8bit: true: the frozen linears are stored as bitsandbytes' Int8Params (int8 codes + "
+                       "fp32 row absmax, 1 byte/param) and dequantized per layer to bf16; the matmul is bf16 with fp32 "
+                       "accumulation. LLM.int8's int8 activation quantization and its outlier threshold "
+                       "(llm_int8_threshold 6.0) are not applied");
 }
 
 static void free_str_list(char **v, int n) {
@@ -2047,6 +2066,7 @@ int train_config_load_all(const char *path, train_config *out, train_config_refu
             qerr_set(e, "%s: %d refused keys (each listed above); nothing was run", path, rl->n);
         goto done;
     }
+    if (load_in_8bit_resolve(&c, e)) goto done;
     if (!(c.config_path = dup_str(path))) {
         qerr_set(e, "out of memory");
         goto done;
@@ -2125,6 +2145,7 @@ int train_config_apply_override(train_config *c, const char *kv, qerr *e) {
     rc = apply_pair(&p, key, NULL, root, NULL);
     if (rc == 0 && (!strcmp(key, "selective_checkpointing") || !strcmp(key, "gradient_checkpointing")))
         rc = sac_resolve(&p, NULL);
+    if (!rc) rc = load_in_8bit_resolve(c, e);
 done:
     if (rc == 0)
         c->n_overrides++;
@@ -2303,6 +2324,12 @@ int train_config_validate(const train_config *c, qerr *e) {
             break;
         }
     }
+    if (c->load_in_8bit && c->load_in_4bit)
+        return conflict(c, e, "load_in_4bit", "load_in_8bit",
+                        "load_in_4bit and load_in_8bit are both true; choose one frozen-base format (NF4 or int8)");
+    if (!strcmp(c->adapter, "qlora") && c->load_in_8bit)
+        return conflict(c, e, "adapter", "load_in_8bit",
+                        "adapter: \"qlora\" is LoRA over an NF4 base; with load_in_8bit: true use adapter: lora");
     if (!strcmp(c->adapter, "qlora") && !c->load_in_4bit)
         return conflict(c, e, "adapter", "load_in_4bit",
                         "adapter: \"qlora\" requires load_in_4bit: true (use adapter: lora to keep the base in bf16)");

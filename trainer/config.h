@@ -54,6 +54,9 @@
  *    `adapter: lora` + `load_in_4bit: true` is the same computation as qlora;
  *    `adapter: qlora` requires load_in_4bit (as axolotl); `adapter: lora` +
  *    `load_in_4bit: false` keeps the frozen base in bf16.
+ *  - load_in_8bit: true (with adapter: lora) holds the frozen base as
+ *    bitsandbytes' Int8Params (quant/int8.h) and dequantizes it per layer;
+ *    load_in_4bit then defaults to false; both true is refused.
  *  - optimizer: "adamw" | "sophia"; the aliases adamw_torch, adamw_torch_fused
  *    (axolotl's default) and paged_adamw_32bit resolve to "adamw" (paging is a
  *    CUDA memory feature, the update is identical; a warning says so for the
@@ -133,6 +136,8 @@ typedef struct dataset_cfg {
 typedef struct train_config {
     char *base_model;                 /* path to the .gguf (required) */
     int load_in_4bit;                 /* default 1: frozen base held as NF4 */
+    int load_in_8bit;                 /* default 0; 1: frozen base held as bitsandbytes int8 (then
+                                       * load_in_4bit follows as 0 unless given; both true is refused) */
     int bnb_4bit_use_double_quant;    /* default 1 */
     char *bnb_4bit_quant_type;        /* only "nf4" */
     char *adapter;                    /* "qlora" (default) | "lora"; see the header comment */

@@ -31,7 +31,7 @@ static const ax_key TOP[] = {
     {"hub_strategy", AX_SAFE, NULL, "models and data are local files; nothing is downloaded or uploaded"},
     {"hub_revision", AX_SAFE, NULL, "models and data are local files; nothing is downloaded or uploaded"},
     {"save_safetensors", AX_SAFE, NULL, "output file layout: qlora writes safetensors adapters and its own checkpoints"},
-    {"load_in_8bit", AX_REFUSE, NULL, "an int8 (LLM.int8) frozen base is not implemented; use load_in_4bit: true (NF4, adapter: qlora) or load_in_4bit: false (bf16)"},
+    {"load_in_8bit", AX_IMPL, NULL, "with adapter: lora: the frozen base stored as bitsandbytes' Int8Params (int8 + row absmax), dequantized per layer, bf16 matmul with fp32 accumulation; LLM.int8's activation quantization and outlier threshold not applied (a [config] line says so)"},
     {"load_in_4bit", AX_IMPL, NULL, NULL},
     {"adapter", AX_IMPL, NULL, NULL},
     {"lora_model_dir", AX_REFUSE, NULL, "continuing from an existing adapter is not implemented (resume_from_checkpoint continues a qlora run)"},

@@ -397,7 +397,11 @@ static int merged_tensor(const base_model *b, const llama_model *m, const lora_s
                             (long long)ls->save_t[k].shape[1], (long long)me->rows, (long long)me->cols);
         memcpy(tmp, ls->save_t[k].data, (size_t)(me->rows * me->cols) * sizeof(float));
     } else if (me->role == LLAMA_T_LINEAR && m) {
-        frozen_rows_f32(&m->layers[me->layer].lin[me->module], 0, me->rows, tmp);
+        const frozen_weight *fw = &m->layers[me->layer].lin[me->module];
+        if (fw->kind == FROZEN_INT8) /* as PEFT's merge dequantizes an 8-bit base (dequantize_bnb_weight) */
+            int8_dequantize_f32(fw->cb, fw->scb, fw->out, fw->in, tmp);
+        else
+            frozen_rows_f32(fw, 0, me->rows, tmp);
     } else if (base_model_tensor_f32(b, me->role, me->layer, me->module, tmp, e)) {
         return -1;
     }

@@ -35,7 +35,8 @@ static void usage(FILE *f) {
             "  --merge-base trained merge into the base exactly as trained against (NF4 dequantized\n"
             "                       when the run used load_in_4bit) [default]\n"
             "  --merge-base source  merge into the checkpoint's own weights\n"
-            "  --load-in-4bit 0|1   how the run held the base (default: from config.resolved.yaml, else 1)\n"
+            "  --load-in-4bit 0|1   how the run held the base (default: from config.resolved.yaml, where\n"
+            "                       load_in_8bit: true means the int8 base; else 1)\n"
             "  --max-shard-size N   merged safetensors shard size in MB (default 2048)\n");
 }
 
@@ -132,7 +133,7 @@ int main(int argc, char **argv) {
         }
         have_cfg = 1;
         if (!base_path) base_path = c.base_model;
-        if (load_in_4bit < 0) load_in_4bit = c.load_in_4bit;
+        if (load_in_4bit < 0) load_in_4bit = c.load_in_8bit ? LLAMA_BASE_INT8 : c.load_in_4bit;
         dq = c.bnb_4bit_use_double_quant;
     }
     if (load_in_4bit < 0) load_in_4bit = 1;
@@ -207,6 +208,9 @@ int main(int argc, char **argv) {
         }
         fprintf(stderr, "[export] merged model: %s (bf16; W + scaling*B*A in fp32 with W = %s)\n", merged_out,
                 merge_source ? "the checkpoint's own weights"
+                : load_in_4bit == LLAMA_BASE_INT8
+                    ? "the int8 base dequantized as PEFT merges it (bitsandbytes int8_vectorwise_dequant), as trained "
+                      "(--merge-base source for the original weights)"
                 : load_in_4bit ? "the NF4 base dequantized, as trained (--merge-base source for the original weights)"
                                : "the bf16 base, as trained");
     }

@@ -317,7 +317,7 @@ int main(int argc, char **argv) {
             }
             have_cfg = 1;
             if (!base_path) base_path = c.base_model;
-            if (load_in_4bit < 0) load_in_4bit = c.load_in_4bit;
+            if (load_in_4bit < 0) load_in_4bit = c.load_in_8bit ? LLAMA_BASE_INT8 : c.load_in_4bit;
             if (use_bf16 < 0) use_bf16 = c.bf16;
             dq = c.bnb_4bit_use_double_quant;
         }
@@ -414,7 +414,8 @@ int main(int argc, char **argv) {
     if (!no_adapter && adapter_load_peft(run, &m.hp, &ls, &info, &e)) goto fail;
     if (ag_ctx_init(&ctx, (size_t)64 << 20, &e)) goto fail;
     ctx.bf16 = use_bf16;
-    fprintf(stderr, "[generate] base %s (%s, %s GEMMs)%s%s\n", base_path, load_in_4bit ? "NF4" : "bf16",
+    fprintf(stderr, "[generate] base %s (%s, %s GEMMs)%s%s\n", base_path,
+            load_in_4bit == LLAMA_BASE_INT8 ? "int8" : load_in_4bit ? "NF4" : "bf16",
             use_bf16 ? "bf16" : "fp32", no_adapter ? "" : " + adapter ", no_adapter ? "" : run);
 
     if (dump) {

@@ -55,6 +55,8 @@ int64_t memplan_nf4_bytes(int64_t rows, int64_t cols, int blocksize) {
     return (n + 1) / 2 + nb + ((nb + 255) / 256) * 4 + 4;
 }
 
+int64_t memplan_int8_bytes(int64_t rows, int64_t cols) { return rows * cols + 4 * rows; }
+
 void memplan_predict(const memplan_input *in, memplan *out) {
     memset(out, 0, sizeof *out);
     const llama_hparams *hp = &in->hp;

@@ -31,7 +31,7 @@ typedef struct memplan_input {
     int64_t optimizer_bytes; /* the optimizer state when it is not fp32 AdamW's 8 bytes per adapter element
                                 (optimizer: adamw_8bit, adamw8bit_state_bytes; with shard_optimizer this
                                 rank's part, adamw8bit_state_bytes_range), or 0 (Sophia's m, h: 8 bytes too) */
-    int64_t frozen_bytes;  /* bytes of the frozen linears as stored (NF4 or bf16) */
+    int64_t frozen_bytes;  /* bytes of the frozen linears as stored (NF4, int8 or bf16) */
     int64_t extra_bytes;   /* anything else the caller holds for the run (the mapped model file), or 0 */
     int64_t data_bytes;    /* the tokenized rows held for the whole run: packed train and held-out sets and
                               the epoch permutation (bytes), or 0 */
@@ -71,6 +71,9 @@ void memplan_predict(const memplan_input *in, memplan *out);
  * (quant/nf4.h nf4_nbytes without building it): packed nibbles, u8 block codes, fp32 nested
  * absmax per 256 blocks, the offset. */
 int64_t memplan_nf4_bytes(int64_t rows, int64_t cols, int blocksize);
+/* Bytes of a bitsandbytes int8 (rows, cols) weight (load_in_8bit, quant/int8.h): rows*cols int8 codes
+ * + rows fp32 SCB. */
+int64_t memplan_int8_bytes(int64_t rows, int64_t cols);
 
 /* The planner's table: one line per component (MiB and GiB), then the total. */
 void memplan_print_table(FILE *f, const memplan *p);

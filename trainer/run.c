@@ -830,7 +830,8 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
                      ad / M, c->lora_r);
         else
             snprintf(why, sizeof why, "the frozen base_model %.0f MiB: use a smaller base_model%s", p->base / M,
-                     c->load_in_4bit ? "" : " or load_in_4bit: true");
+                     c->load_in_4bit ? "" : c->load_in_8bit ? " or load_in_4bit: true (NF4, half the bytes of int8)"
+                                                            : " or load_in_4bit: true");
         return qerr_set(e,
                         "%s: memory: the planner predicts a peak of %.0f MiB%s, more than this machine's %.0f MiB of "
                         "%s; most of it is %s (or set memory_check: false to run anyway)",
@@ -878,7 +879,12 @@ static int setup_model(run_ctx *r, qerr *e) {
                            "once; the sharded base is gathered into host scratches); use device: cpu, or "
                            "SHARD_GRAD_OP / NO_SHARD",
                         r->cfgname, ag_backend_default()->name);
-    if (base_model_load_sharded(r->bm, c->load_in_4bit, c->bnb_4bit_use_double_quant, c->sequence_len,
+    if (c->load_in_8bit && c->fsdp_full_shard)
+        return qerr_set(e, "%s: FULL_SHARD of an int8 base (load_in_8bit) is not implemented; use load_in_4bit (NF4), "
+                           "or SHARD_GRAD_OP / NO_SHARD",
+                        r->cfgname);
+    if (base_model_load_sharded(r->bm, c->load_in_8bit ? LLAMA_BASE_INT8 : c->load_in_4bit,
+                                c->bnb_4bit_use_double_quant, c->sequence_len,
                                 c->fsdp_full_shard ? r->comm : NULL, &r->model, e))
         return qerr_prefix(e, "%s: base_model %s", r->cfgname, c->base_model);
     if (r->model.fsdp && setup_fsdp_report(r, e)) return -1;
@@ -889,7 +895,8 @@ static int setup_model(run_ctx *r, qerr *e) {
             hp->tied_embeddings ? "tied" : "untied", clock_now_sec() - t0);
     fprintf(stderr, "[model] frozen linears: %.1fM params held %s in %.1f MiB = %.4f bytes/param; embeddings bf16 %.1f MiB\n",
             m->n_quantized_params / 1e6,
-            c->load_in_4bit ? (c->bnb_4bit_use_double_quant ? "as NF4 (blocksize 64, double-quant)" : "as NF4 (blocksize 64)") : "as bf16",
+            c->load_in_8bit  ? "as int8 (bitsandbytes Int8Params: codes + fp32 row absmax)"
+            : c->load_in_4bit ? (c->bnb_4bit_use_double_quant ? "as NF4 (blocksize 64, double-quant)" : "as NF4 (blocksize 64)") : "as bf16",
             m->quantized_bytes / 1048576.0, (double)m->quantized_bytes / (double)m->n_quantized_params,
             (double)hp->vocab * hp->d_model * 2 * (hp->tied_embeddings ? 1 : 2) / 1048576.0);
     r->res->quantized_bytes = m->quantized_bytes;
