@@ -4,8 +4,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
+#include "autograd/backend.h"
 #include "core/bf16.h"
 
 static size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
@@ -275,4 +277,155 @@ void llama_fsdp_free(llama_fsdp *f) {
     free(f->slot);
     free(f->recv);
     memset(f, 0, sizeof *f);
+}
+
+/* ------------------------------------------------------------------ gradient buckets */
+
+void llama_release_zero(void *p, size_t n) {
+    const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t a = (uintptr_t)p, b = a + n;
+    const uintptr_t a0 = (a + pg - 1) / pg * pg, b0 = b / pg * pg;
+    if (b0 <= a0) {
+        memset(p, 0, n);
+        return;
+    }
+    memset(p, 0, a0 - a);
+    memset((void *)b0, 0, b - b0);
+    if (madvise((void *)a0, b0 - a0, MADV_DONTNEED)) memset((void *)a0, 0, b0 - a0); /* cannot: zero it */
+}
+
+int llama_grad_buckets_init(llama_grad_buckets *g, comm *c, const lora_set *ls, const struct ag_backend *be,
+                            int reduce_scatter, int release, qerr *e) {
+    memset(g, 0, sizeof *g);
+    g->c = c;
+    g->ls = ls;
+    g->be = be;
+    g->reduce_scatter = reduce_scatter;
+    g->release = release && reduce_scatter;
+    g->n_layer = ls->n_layer;
+    g->shard_len = (ls->n_params + c->world_size - 1) / c->world_size;
+    g->req = calloc((size_t)g->n_layer + 1, sizeof *g->req);
+    g->state = calloc((size_t)g->n_layer + 1, 1);
+    g->order = calloc((size_t)g->n_layer + 1, sizeof *g->order);
+    g->counts = calloc((size_t)c->world_size, sizeof *g->counts);
+    if (!g->req || !g->state || !g->order || !g->counts) {
+        llama_grad_buckets_free(g);
+        return qerr_set(e, "out of memory (gradient buckets of %d layers)", ls->n_layer);
+    }
+    return 0;
+}
+
+void llama_grad_buckets_arm(llama_grad_buckets *g, float *acc) {
+    g->armed = 1;
+    g->acc = acc;
+    g->n_order = g->n_waited = 0;
+    memset(g->state, 0, (size_t)g->n_layer);
+}
+
+static void buckets_fail(const llama_grad_buckets *g, const qerr *e) {
+    dprintf(g->c->err_fd, "qlora-train: gradient bucket reduction: %s\n", e->msg);
+    comm_abort(g->c, 1);
+}
+
+/* This rank's shard [lo, hi) of the flat arena. */
+static void own_shard(const llama_grad_buckets *g, int r, int64_t *lo, int64_t *hi) {
+    const int64_t n = g->ls->n_params;
+    int64_t a = (int64_t)r * g->shard_len, b = a + g->shard_len;
+    if (b > n) b = n;
+    if (a > b) a = b;
+    *lo = a;
+    *hi = b;
+}
+
+/* Wait for the oldest bucket in flight; with release, give back its pages outside the own shard. */
+static int wait_oldest(llama_grad_buckets *g, qerr *e) {
+    const int l = g->order[g->n_waited++];
+    comm_request *rq = g->req[l];
+    g->req[l] = NULL;
+    if (comm_wait(g->c, rq, e)) return -1;
+    g->state[l] = 2;
+    if (g->release) {
+        const int64_t a = g->ls->layer_offset[l], b = g->ls->layer_offset[l + 1];
+        int64_t lo, hi;
+        own_shard(g, g->c->rank, &lo, &hi);
+        float *gr = g->ls->grads;
+        /* whole pages only: a page shared with the own shard or another bucket keeps its bytes */
+        const uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+        const int64_t cut[2][2] = {{a, b < lo ? b : lo}, {a > hi ? a : hi, b}};
+        for (int k = 0; k < 2; k++) {
+            if (cut[k][1] <= cut[k][0]) continue;
+            const uintptr_t x = (uintptr_t)(gr + cut[k][0]), y = (uintptr_t)(gr + cut[k][1]);
+            const uintptr_t x0 = (x + pg - 1) / pg * pg, y0 = y / pg * pg;
+            if (y0 > x0) madvise((void *)x0, y0 - x0, MADV_DONTNEED);
+        }
+    }
+    return 0;
+}
+
+static int start_bucket(llama_grad_buckets *g, int l, qerr *e) {
+    const lora_set *ls = g->ls;
+    const int64_t a = ls->layer_offset[l], b = ls->layer_offset[l + 1];
+    float *buf = ls->grads + a;
+    if (g->acc && b > a) g->be->add(g->acc + a, buf, buf, b - a); /* the trainer's acc + grads, per bucket */
+    g->be->sync();
+    int rc;
+    if (!g->reduce_scatter) {
+        rc = comm_all_reduce_start(g->c, buf, (size_t)(b - a), COMM_F32, &g->req[l], e);
+    } else {
+        for (int r = 0; r < g->c->world_size; r++) {
+            int64_t lo, hi;
+            own_shard(g, r, &lo, &hi);
+            const int64_t x = a > lo ? a : lo, y = b < hi ? b : hi;
+            g->counts[r] = y > x ? (size_t)(y - x) : 0;
+        }
+        rc = comm_reduce_scatter_start(g->c, buf, g->counts, COMM_F32, &g->req[l], e);
+    }
+    if (rc) return -1;
+    g->state[l] = 1;
+    g->order[g->n_order++] = l;
+    g->n_buckets++;
+    return 0;
+}
+
+void llama_grad_buckets_layer_done(llama_grad_buckets *g, int l) {
+    qerr e;
+    if (!g->armed || l < 0 || l >= g->n_layer || g->state[l]) return;
+    /* at most two in flight: the one started two layers ago completes first (its pages go back) */
+    while (g->n_order - g->n_waited >= 2)
+        if (wait_oldest(g, &e)) buckets_fail(g, &e);
+    if (start_bucket(g, l, &e)) buckets_fail(g, &e);
+}
+
+int llama_grad_buckets_finish(llama_grad_buckets *g, qerr *e) {
+    if (!g->armed) return 0;
+    for (int l = g->n_layer - 1; l >= 0; l--) {
+        if (g->state[l]) continue;
+        while (g->n_order - g->n_waited >= 2)
+            if (wait_oldest(g, e)) return -1;
+        if (start_bucket(g, l, e)) return -1;
+    }
+    while (g->n_waited < g->n_order)
+        if (wait_oldest(g, e)) return -1;
+    g->armed = 0;
+    g->acc = NULL;
+    return 0;
+}
+
+void llama_grad_buckets_zero(llama_grad_buckets *g) {
+    const size_t bytes = (size_t)g->ls->n_params * sizeof(float);
+    if (g->release) llama_release_zero(g->ls->grads, bytes);
+    else g->be->zero(g->ls->grads, bytes);
+}
+
+void llama_grad_buckets_free(llama_grad_buckets *g) {
+    if (g->req && g->c) {
+        qerr e;
+        while (g->n_waited < g->n_order)
+            if (wait_oldest(g, &e)) buckets_fail(g, &e);
+    }
+    free(g->req);
+    free(g->state);
+    free(g->order);
+    free(g->counts);
+    memset(g, 0, sizeof *g);
 }

@@ -111,4 +111,85 @@ size_t llama_fsdp_scratch_bytes(const llama_fsdp *f);
  * everything (safe on a zeroed struct). Unbinds the model's layers. */
 void llama_fsdp_free(llama_fsdp *f);
 
+/* ---- per-layer gradient buckets (NO_SHARD, SHARD_GRAD_OP, FULL_SHARD) ----
+ *
+ * Layer l's adapter gradients are the contiguous bucket [layer_offset[l],
+ * layer_offset[l+1]) of ls->grads (model/llama.h lora_set). When a model has
+ * buckets (m->grad_buckets) and they are armed, a tape node recorded before
+ * each block (model/llama.c) runs as soon as the block's backward is done and
+ * starts the bucket's reduction without waiting for it: comm_all_reduce_start
+ * (NO_SHARD, every rank gets the whole sum) or comm_reduce_scatter_start onto
+ * the ranks' contiguous shards of the flat arena (SHARD_GRAD_OP, FULL_SHARD:
+ * rank r gets the part of the bucket inside [r·len, min((r+1)·len, n)),
+ * len = ⌈n/world⌉, in place at its own index in ls->grads — the interval
+ * trainer/checkpoint.c ckpt_shard_interval gives). So the next layers'
+ * backward computes while a bucket travels. At most two buckets are in
+ * flight: starting layer l's waits for the one started two layers earlier.
+ * llama_grad_buckets_finish starts any bucket no backward reached and waits
+ * for all (before the optimizer). Every rank starts the same buckets in the
+ * same order (collectives match by order).
+ *
+ * Bit-identity: with accumulation the armed micro-batch is the last one and
+ * acc holds the earlier ones' sum; the bucket is first acc + grads, the same
+ * addition (same operands, same order) the trainer does for the whole arena
+ * without buckets. With two ranks each summed element is one a + b.
+ *
+ * release (FULL_SHARD, host memory): once a reduce-scattered bucket is
+ * complete, the whole pages of it outside this rank's shard are given back to
+ * the system (madvise MADV_DONTNEED: they read as zeros when touched again), and
+ * llama_grad_buckets_zero zeroes the arena the same way, so that a rank holds
+ * the gradient of its own shard and of the buckets in flight, not the whole
+ * fp32 gradient.
+ *
+ * Failures (a collective that fails or times out) end the job: one line on
+ * the communicator's err_fd, then comm_abort. */
+typedef struct llama_grad_buckets {
+    comm *c;                     /* not owned */
+    const lora_set *ls;          /* not owned: ls->grads is reduced in place */
+    const struct ag_backend *be; /* the memory of ls->grads (sync before a collective, add) */
+    int reduce_scatter;          /* 0: all-reduce (NO_SHARD); 1: reduce-scatter onto the shards */
+    int release;                 /* 1: pages outside the own shard given back once reduced (host memory only) */
+    int n_layer;
+    int64_t shard_len;           /* ⌈n_params / world⌉ */
+    int armed;                   /* the next backward reduces (llama_grad_buckets_arm) */
+    float *acc;                  /* armed with accumulation: the earlier micro-batches' sum, added first */
+    comm_request **req;          /* (n_layer) the bucket in flight, or NULL */
+    unsigned char *state;        /* (n_layer) 0 not started, 1 in flight, 2 done */
+    int *order;                  /* (n_layer) the layers in the order their buckets started */
+    int n_order, n_waited;       /* order[0 .. n_waited) complete */
+    size_t *counts;              /* (world) scratch of reduce_scatter_start */
+    int64_t n_buckets;           /* buckets started (statistics) */
+} llama_grad_buckets;
+
+/* Buckets over ls's layers, reduced over c (world > 1). reduce_scatter and
+ * release as in the struct. Errors (-1): out of memory. */
+int llama_grad_buckets_init(llama_grad_buckets *g, comm *c, const lora_set *ls, const struct ag_backend *be,
+                            int reduce_scatter, int release, qerr *e);
+
+/* The next backward pass reduces each layer's bucket as it completes. acc:
+ * NULL, or (gradient accumulation, the last micro-batch) the sum of the
+ * earlier micro-batches' gradients (n_params, be's memory), added first. */
+void llama_grad_buckets_arm(llama_grad_buckets *g, float *acc);
+
+/* The tape hook: layer l's backward is done (does nothing unless armed). */
+void llama_grad_buckets_layer_done(llama_grad_buckets *g, int l);
+
+/* Start every bucket not started yet (highest layer first, as backward
+ * would), wait for all, disarm. ls->grads then holds the sum over the ranks
+ * (all-reduce), or on [lo, hi) this rank's shard of it (reduce-scatter; the
+ * rest is undefined). Collective. 0 or -1 with e. */
+int llama_grad_buckets_finish(llama_grad_buckets *g, qerr *e);
+
+/* ls->grads ← 0: be->zero, or with release the pages given back (a partial
+ * page at either end zeroed). */
+void llama_grad_buckets_zero(llama_grad_buckets *g);
+
+/* Wait for buckets in flight and free (safe on a zeroed struct). */
+void llama_grad_buckets_free(llama_grad_buckets *g);
+
+/* Zero bytes [p, p + n) of host memory, giving its whole pages back to the
+ * system (madvise MADV_DONTNEED on private anonymous memory: they read as
+ * zeros when touched again) and memset the partial pages at either end. */
+void llama_release_zero(void *p, size_t n);
+
 #endif

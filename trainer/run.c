@@ -794,8 +794,13 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
     r->shard_lo = 0, r->shard_hi = r->ls.n_params;
     if (r->sgo) ckpt_shard_interval(r->ls.n_params, r->world, r->rank, &r->shard_lo, &r->shard_hi);
     const int64_t n_opt = r->shard_hi - r->shard_lo;
-    if (r->sgo && !(r->shard_buf = r->ctx.be->alloc((size_t)(r->shard_len * r->world) * sizeof(float))))
-        return qerr_set(e, "out of memory (SHARD_GRAD_OP buffer)");
+    /* several ranks: each layer's gradient reduced as soon as its backward is done (trainer/step.c) */
+    if (r->world > 1) {
+        if (llama_grad_buckets_init(&r->buckets, r->comm, &r->ls, r->ctx.be, r->sgo,
+                                    c->fsdp_full_shard && r->ctx.be->host_data, e))
+            return -1;
+        r->model.grad_buckets = &r->buckets;
+    }
     if (r->use_adamw8bit) {
         int64_t *off = malloc(((size_t)r->n_tensors + 1) * sizeof *off);
         int64_t *num = malloc(((size_t)r->n_tensors + 1) * sizeof *num);
@@ -1015,7 +1020,10 @@ void run_free(run_ctx *r) {
     free(r->bb.pos);
     free(r->bb.sid);
     if (r->grad_acc) r->ctx.be->free(r->grad_acc);
-    if (r->shard_buf) r->ctx.be->free(r->shard_buf);
+    if (r->model.grad_buckets) {
+        llama_grad_buckets_free(&r->buckets);
+        r->model.grad_buckets = NULL;
+    }
     adamw_state_free(&r->opt);
     adamw8bit_state_free(&r->opt8);
     sophia_state_free(&r->sop);
