@@ -1,6 +1,7 @@
 /* model/llama_fsdp.c — FULL_SHARD of the frozen base (see llama_fsdp.h). */
 #include "model/llama_fsdp.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -169,7 +170,129 @@ int llama_fsdp_load_layer(llama_fsdp *f, int l, llama_rows_fn rows, void *arg, q
     return 0;
 }
 
+static void fsdp_fail(const llama_fsdp *f, const qerr *e);
+static int finish(llama_fsdp *f, int use, qerr *e);
+
+/* Rank q's rows [lo, hi) of a table. */
+static void table_range(const llama_fsdp *f, int q, int64_t *lo, int64_t *hi) {
+    int64_t a = (int64_t)q * f->tab_rows, b = a + f->tab_rows;
+    if (b > f->tab_V) b = f->tab_V;
+    if (a > b) a = b;
+    *lo = a;
+    *hi = b;
+}
+
+static void table_rows(void *arg, int64_t r0, int64_t n, bf16 *dst) {
+    const struct llama_fsdp_table *t = arg;
+    const llama_fsdp *f = t->f;
+    const int64_t D = f->tab_D;
+    qerr e;
+    for (int q = 0; q < f->c->world_size; q++) {
+        int64_t lo, hi;
+        table_range(f, q, &lo, &hi);
+        const int64_t x = r0 > lo ? r0 : lo, y = r0 + n < hi ? r0 + n : hi;
+        if (y <= x) continue;
+        bf16 *d = dst + (x - r0) * D;
+        if (q == f->c->rank) memcpy(d, t->rows + (x - lo) * D, (size_t)((y - x) * D) * sizeof(bf16));
+        if (comm_broadcast(f->c, d, (size_t)((y - x) * D) * sizeof(bf16), COMM_U8, q, &e)) fsdp_fail(f, &e);
+    }
+}
+
+/* The whole table into the gather scratch: every rank's rows broadcast from it. The layer the scratch held is
+ * gone (the next acquire gathers it again); a gather in flight is completed first. */
+static const bf16 *table_gather_all(void *arg) {
+    const struct llama_fsdp_table *t = arg;
+    llama_fsdp *f = t->f;
+    qerr e;
+    if (f->req && finish(f, 0, &e)) fsdp_fail(f, &e);
+    f->slot_layer = -1;
+    f->slot_dirty = 1;
+    bf16 *dst = (bf16 *)(void *)f->slot;
+    for (int q = 0; q < f->c->world_size; q++) {
+        int64_t lo, hi;
+        table_range(f, q, &lo, &hi);
+        if (hi <= lo) continue;
+        bf16 *d = dst + lo * f->tab_D;
+        if (q == f->c->rank) memcpy(d, t->rows, (size_t)((hi - lo) * f->tab_D) * sizeof(bf16));
+        if (comm_broadcast(f->c, d, (size_t)((hi - lo) * f->tab_D) * sizeof(bf16), COMM_U8, q, &e)) fsdp_fail(f, &e);
+    }
+    return dst;
+}
+
+/* Rows per chunk of the embedding's gather: ~2 MiB of bf16 rows, at least 16. */
+static int64_t embed_chunk_rows(int64_t D, int64_t V) {
+    int64_t p = ((int64_t)2 << 20) / (2 * (D > 0 ? D : 1));
+    if (p < 16) p = 16;
+    return p < V ? p : V;
+}
+
+/* This rank's rows of a whole table (V × D bf16) into a new buffer. */
+static bf16 *table_shard(const llama_fsdp *f, const bf16 *whole, qerr *e) {
+    int64_t lo, hi;
+    table_range(f, f->c->rank, &lo, &hi);
+    bf16 *s = calloc((size_t)(f->tab_rows > 0 ? f->tab_rows : 1) * (size_t)f->tab_D, sizeof(bf16));
+    if (!s) {
+        qerr_set(e, "out of memory (FULL_SHARD: %lld table rows)", (long long)f->tab_rows);
+        return NULL;
+    }
+    if (hi > lo) memcpy(s, whole + lo * f->tab_D, (size_t)((hi - lo) * f->tab_D) * sizeof(bf16));
+    return s;
+}
+
+/* Whether sharding the tables pays: the bytes it frees (the whole tables less this rank's rows) exceed what it
+ * adds (the gather scratch grown to hold the whole head, the embedding's chunk). QLORA_FSDP_SHARD_TABLES=1 or 0
+ * forces it (tests: the tiny model's tables are smaller than what the rule weighs them against). */
+static int tables_pay(const llama_fsdp *f, int tied, int64_t V, int64_t D) {
+    const char *force = getenv("QLORA_FSDP_SHARD_TABLES");
+    if (force && (!strcmp(force, "1") || !strcmp(force, "0"))) return force[0] == '1';
+    const double W = f->c->world_size, row = 2.0 * (double)D, whole = (double)V * row;
+    const double freed = whole * (tied ? 1 : 2) - ceil((double)V / W) * row * (tied ? 1 : 2);
+    const double have = (double)llama_fsdp_scratch_bytes(f);
+    const double added = (whole > have ? whole - have : 0) + (double)embed_chunk_rows(D, V) * row;
+    return freed > added;
+}
+
+static int shard_tables(llama_fsdp *f, llama_model *m, qerr *e) {
+    if (f->c->world_size < 2 || !m->tok_embd || m->embed.kind != FROZEN_BF16 || m->lm_head.kind != FROZEN_BF16)
+        return 0;
+    const int tied = m->lm_head_w == m->tok_embd;
+    if (!tables_pay(f, tied, m->embed.out, m->embed.in)) return 0;
+    f->tab_V = m->embed.out;
+    f->tab_D = m->embed.in;
+    f->tab_rows = (f->tab_V + f->c->world_size - 1) / f->c->world_size;
+    /* one gather scratch for a layer (slot, then the receive buffer) or the whole head */
+    const size_t blob = align_up(f->lo.nbytes ? f->lo.nbytes : 1, LLAMA_BLOB_ALIGN);
+    const size_t cap = align_up(f->shard_cap ? f->shard_cap : 1, LLAMA_BLOB_ALIGN);
+    const size_t head = align_up((size_t)(f->tab_V * f->tab_D) * sizeof(bf16), LLAMA_BLOB_ALIGN);
+    const size_t need = blob + cap * (size_t)f->c->world_size > head ? blob + cap * (size_t)f->c->world_size : head;
+    uint8_t *scratch = aligned_alloc(LLAMA_BLOB_ALIGN, need);
+    if (!scratch) return qerr_set(e, "out of memory (FULL_SHARD: a %zu-byte gather scratch)", need);
+    free(f->slot);
+    free(f->recv);
+    f->scratch = scratch;
+    f->scratch_bytes = need;
+    f->slot = scratch;
+    f->recv = scratch + blob;
+    memset(f->slot, 0, blob);
+    if (!(f->tab_embd = table_shard(f, m->tok_embd, e))) return -1;
+    if (!tied && !(f->tab_head = table_shard(f, m->lm_head_w, e))) return -1;
+    f->ta_embd = (struct llama_fsdp_table){.f = f, .rows = f->tab_embd};
+    f->ta_head = (struct llama_fsdp_table){.f = f, .rows = tied ? f->tab_embd : f->tab_head};
+    f->sh_embd = (frozen_shards){.arg = &f->ta_embd, .chunk_rows = embed_chunk_rows(f->tab_D, f->tab_V),
+                                 .rows = table_rows, .gather_all = table_gather_all};
+    f->sh_head = f->sh_embd;
+    f->sh_head.arg = &f->ta_head;
+    if (!tied) free(m->lm_head_w);
+    free(m->tok_embd);
+    m->tok_embd = m->lm_head_w = NULL;
+    m->embed.w_bf16 = m->lm_head.w_bf16 = NULL;
+    m->embed.shards = &f->sh_embd;
+    m->lm_head.shards = &f->sh_head;
+    return 0;
+}
+
 int llama_fsdp_attach(llama_fsdp *f, llama_model *m, qerr *e) {
+    if (shard_tables(f, m, e)) return -1;
     f->m = m;
     for (int l = 0; l < f->n_layer; l++) {
         llama_layer *L = &m->layers[l];
@@ -212,6 +335,10 @@ static int finish(llama_fsdp *f, int use, qerr *e) {
     f->req = NULL;
     if (comm_wait(f->c, rq, e)) return -1;
     if (use) {
+        if (f->slot_dirty) { /* the whole head was here: the alignment gaps must read 0 again */
+            memset(f->slot, 0, align_up(f->lo.nbytes ? f->lo.nbytes : 1, LLAMA_BLOB_ALIGN));
+            f->slot_dirty = 0;
+        }
         unpack(f, f->slot);
         f->slot_layer = f->req_layer;
     }
@@ -249,10 +376,32 @@ void llama_fsdp_acquire(llama_fsdp *f, int l) {
 }
 
 void llama_fsdp_idle_forward(llama_fsdp *f) {
+    bf16 *tmp = NULL;
+    if (f->tab_embd) { /* the embedding's chunks (op_embedding) */
+        tmp = malloc(llama_fsdp_table_chunk_bytes(f));
+        if (!tmp) {
+            qerr e;
+            qerr_set(&e, "rank %d: out of memory", f->c->rank);
+            fsdp_fail(f, &e);
+        }
+        for (int64_t r0 = 0; r0 < f->tab_V; r0 += f->sh_embd.chunk_rows)
+            table_rows(&f->ta_embd, r0, f->tab_V - r0 < f->sh_embd.chunk_rows ? f->tab_V - r0 : f->sh_embd.chunk_rows,
+                       tmp);
+    }
     for (int l = 0; l < f->n_layer; l++) {
         llama_fsdp_acquire(f, l);
         llama_fsdp_prefetch(f, l + 1);
     }
+    if (f->tab_embd) table_gather_all(&f->ta_head); /* the LM head's */
+    free(tmp);
+}
+
+size_t llama_fsdp_table_bytes(const llama_fsdp *f) {
+    return (size_t)f->tab_rows * (size_t)f->tab_D * sizeof(bf16) * (f->tab_head ? 2 : f->tab_embd ? 1 : 0);
+}
+
+size_t llama_fsdp_table_chunk_bytes(const llama_fsdp *f) {
+    return f->tab_embd ? (size_t)(f->sh_embd.chunk_rows * f->tab_D) * sizeof(bf16) : 0;
 }
 
 size_t llama_fsdp_resident_bytes(const llama_fsdp *f) {
@@ -260,6 +409,7 @@ size_t llama_fsdp_resident_bytes(const llama_fsdp *f) {
 }
 
 size_t llama_fsdp_scratch_bytes(const llama_fsdp *f) {
+    if (f->scratch) return f->scratch_bytes;
     return align_up(f->lo.nbytes ? f->lo.nbytes : 1, LLAMA_BLOB_ALIGN) +
            (size_t)(f->c ? f->c->world_size : 1) * align_up(f->shard_cap ? f->shard_cap : 1, LLAMA_BLOB_ALIGN);
 }
@@ -272,10 +422,19 @@ void llama_fsdp_free(llama_fsdp *f) {
     }
     if (f->m)
         for (int l = 0; l < f->n_layer; l++) f->m->layers[l].blob = NULL;
+    if (f->m && f->tab_embd) {
+        f->m->embed.shards = f->m->lm_head.shards = NULL;
+    }
+    free(f->tab_embd);
+    free(f->tab_head);
     for (int l = 0; f->shard && l < f->n_layer; l++) free(f->shard[l]);
     free(f->shard);
-    free(f->slot);
-    free(f->recv);
+    if (f->scratch) {
+        free(f->scratch);
+    } else {
+        free(f->slot);
+        free(f->recv);
+    }
     memset(f, 0, sizeof *f);
 }
 

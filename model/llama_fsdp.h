@@ -51,9 +51,22 @@ typedef struct llama_fsdp {
     uint8_t *slot;             /* the layer scratch: lo.nbytes, zeroed once (alignment gaps stay 0) */
     int slot_layer;            /* the layer it holds, or -1 */
     uint8_t *recv;             /* world × shard_cap: the next layer's shards as they arrive */
+    uint8_t *scratch;          /* with sharded tables: one buffer holding slot then recv, or the whole LM head while
+                                * the head + CE runs (table_gather_all; the layer is gathered again after) */
+    size_t scratch_bytes;
+    int slot_dirty;            /* the head overwrote slot: zeroed before the next layer lands there */
     comm_request *req;         /* the gather in flight (into recv), or NULL */
     int req_layer;
     int64_t n_gathers;         /* gathers started (statistics) */
+    /* the embedding and LM head tables (world > 1, llama_fsdp_attach): rank r keeps rows
+     * [r·tab_rows, min((r+1)·tab_rows, V)) of each, gathered chunk by chunk when used (frozen_shards) */
+    int64_t tab_V, tab_D, tab_rows;
+    bf16 *tab_embd, *tab_head; /* this rank's rows (tab_rows × D); tab_head NULL when tied */
+    struct llama_fsdp_table {
+        struct llama_fsdp *f;
+        const bf16 *rows;
+    } ta_embd, ta_head;
+    frozen_shards sh_embd, sh_head;
 } llama_fsdp;
 
 /* Rows [row0, row0 + nrows) of linear k (LLAMA_Q .. LLAMA_DOWN) of layer l as
@@ -80,8 +93,18 @@ int llama_fsdp_load_layer(llama_fsdp *f, int l, llama_rows_fn rows, void *arg, q
 
 /* llama_fsdp_attach: make m's layers sharded by f: each layer's views
  * (nf4 / bf16 / lin) laid out as f->lo and bound to a scratch, owning no blob;
- * m->fsdp = f (llama_free then frees f too). Errors (-1): a geometry the
- * views refuse. */
+ * m->fsdp = f (llama_free then frees f too). With several ranks the
+ * embedding and LM head tables (bf16, loaded whole) are sharded too, as
+ * FSDP shards every frozen flat parameter: this rank keeps its rows
+ * [r·⌈V/world⌉, …) of each (one shard when tied), the whole tables are freed
+ * and m->embed / m->lm_head gather them when used (frozen_shards: each piece
+ * broadcast from the rank that holds it): the embedding in chunks of ~2 MiB
+ * of rows, each token's row picked as it passes; the head whole into the
+ * gather scratch (grown to hold it; the layer it held is gathered again), so
+ * the LM head + CE runs on the same bytes as with the whole table — only
+ * when this frees more than it adds (the scratch's growth), or as
+ * QLORA_FSDP_SHARD_TABLES=1/0 forces. Errors (-1): a geometry the views
+ * refuse, out of memory. */
 int llama_fsdp_attach(llama_fsdp *f, llama_model *m, qerr *e);
 
 /* Layer l's whole blob in the scratch and its views bound to it: at once when
@@ -92,10 +115,11 @@ void llama_fsdp_acquire(llama_fsdp *f, int l);
  * receive buffer, unless the scratch holds it or it is in flight. */
 void llama_fsdp_prefetch(llama_fsdp *f, int l);
 
-/* The gathers of one forward pass without computing (acquire l, prefetch
- * l + 1, for every layer): what a rank with no batch of its own does while
- * the others evaluate one, so that every rank runs the same sequence of
- * gathers (trainer/eval.c). */
+/* The gathers of one forward pass without computing (the embedding's chunks,
+ * acquire l and prefetch l + 1 for every layer, the LM head's chunks for no
+ * token chunk of its own, agreed with the others): what a rank with no batch
+ * of its own does while the others evaluate one without a gradient, so that
+ * every rank runs the same sequence of gathers (trainer/eval.c). */
 void llama_fsdp_idle_forward(llama_fsdp *f);
 
 /* Gather layer l into dst (lo.nbytes) synchronously (exports, tests);
@@ -106,6 +130,11 @@ int llama_fsdp_gather_into(llama_fsdp *f, int l, uint8_t *dst, qerr *e);
  * the gather scratch (the layer scratch + the receive buffer). */
 size_t llama_fsdp_resident_bytes(const llama_fsdp *f);
 size_t llama_fsdp_scratch_bytes(const llama_fsdp *f);
+
+/* This rank's rows of the embedding and LM head tables (0 when they are not
+ * sharded), and the largest chunk a gather of them holds at once (bytes). */
+size_t llama_fsdp_table_bytes(const llama_fsdp *f);
+size_t llama_fsdp_table_chunk_bytes(const llama_fsdp *f);
 
 /* Wait for a gather in flight (so no request outlives the buffers) and free
  * everything (safe on a zeroed struct). Unbinds the model's layers. */

@@ -596,13 +596,17 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
     int64_t *numel = malloc(((size_t)m->hp.n_layer * LLAMA_N_LINEAR * 2 + 1) * sizeof *numel);
     if (!numel) return qerr_set(e, "out of memory");
     int nt = 0;
-    for (int l = 0; l < m->hp.n_layer; l++)
+    int64_t max_layer = 0; /* the largest layer's adapter elements: one gradient bucket */
+    for (int l = 0; l < m->hp.n_layer; l++) {
+        const int64_t before = lora_params;
         for (int k = 0; k < LLAMA_N_LINEAR; k++)
             if (target[k]) {
                 lora_params += (int64_t)c->lora_r * (m->layers[l].lin[k].in + m->layers[l].lin[k].out);
                 numel[nt++] = (int64_t)c->lora_r * m->layers[l].lin[k].in;  /* lora_A (r, in) */
                 numel[nt++] = (int64_t)m->layers[l].lin[k].out * c->lora_r; /* lora_B (out, r) */
             }
+        if (lora_params - before > max_layer) max_layer = lora_params - before;
+    }
     const int64_t opt_bytes = r->use_adamw8bit ? adamw8bit_state_bytes(numel, nt) : 0;
     free(numel);
     struct stat model_st;
@@ -621,8 +625,13 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
                          .n_threads = r->n_threads,
                          .world = r->world,
                          .shard_optimizer = c->fsdp_shard_grad_op || c->fsdp_full_shard,
+                         .shard_grads = c->fsdp_full_shard && r->world > 1 && ag_backend_default()->host_data,
+                         .max_layer_params = max_layer,
                          .frozen_shard_bytes = m->fsdp ? (int64_t)llama_fsdp_resident_bytes(m->fsdp) : 0,
-                         .gather_bytes = m->fsdp ? (int64_t)llama_fsdp_scratch_bytes(m->fsdp) : 0};
+                         .table_shard_bytes = m->fsdp ? (int64_t)llama_fsdp_table_bytes(m->fsdp) : 0,
+                         .gather_bytes = m->fsdp ? (int64_t)(llama_fsdp_scratch_bytes(m->fsdp) +
+                                                             llama_fsdp_table_chunk_bytes(m->fsdp))
+                                                 : 0};
     memplan_predict(&mpi, &r->plan);
     const memplan *p = &r->plan;
     const double M = 1048576.0;
@@ -696,10 +705,16 @@ static int setup_fsdp_report(run_ctx *r, qerr *e) {
     for (int k = 0; k < r->world && n < (int)sizeof buf - 32; k++)
         n += snprintf(buf + n, sizeof buf - (size_t)n, "%s%lld (%.3f)", k ? ", " : "", (long long)all[k],
                       (double)all[k] / whole);
+    char tables[200];
+    if (f->tab_embd)
+        snprintf(tables, sizeof tables, "embedding and LM head sharded too (%.1f MiB of rows on this rank, the head "
+                 "gathered whole into the scratch when used); norms replicated", llama_fsdp_table_bytes(f) / 1048576.0);
+    else
+        snprintf(tables, sizeof tables, "embeddings, LM head, norms replicated (sharding the tables would free less "
+                 "than the scratch would grow)");
     fprintf(stderr, "[fsdp] frozen linears sharded: bytes held per rank %s of %lld unsharded; %.0f MiB gather "
-                    "scratch per rank (a layer of %zu bytes + the receive buffer of the next); embeddings, LM head, norms "
-                    "replicated\n",
-            buf, (long long)r->model.quantized_bytes, llama_fsdp_scratch_bytes(f) / 1048576.0, f->lo.nbytes);
+                    "scratch per rank (a layer of %zu bytes + the receive buffer of the next); %s\n",
+            buf, (long long)r->model.quantized_bytes, llama_fsdp_scratch_bytes(f) / 1048576.0, f->lo.nbytes, tables);
     free(all);
     return 0;
 }
