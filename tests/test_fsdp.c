@@ -237,7 +237,7 @@ static void test_grad_buckets_single(void **st) {
     assert_int_equal(comm_single(&c, &e), 0);
     enum { N = 12000 };
     int64_t off[4] = {0, 5000, 5000, N};
-    float *g = aligned_alloc(4096, N * sizeof(float)), *acc = malloc(N * sizeof(float)),
+    float *g = aligned_alloc(4096, (N * sizeof(float) + 4095) / 4096 * 4096), *acc = malloc(N * sizeof(float)),
           *want = malloc(N * sizeof(float));
     lora_set ls;
     memset(&ls, 0, sizeof ls);
