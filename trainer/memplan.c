@@ -82,6 +82,7 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     const double table_bytes = in->table_shard_bytes > 0 ? (double)in->table_shard_bytes : V * D * 2.0 * tables;
     out->base = frozen + table_bytes + (2 * L + 1) * D * 4 + T * hp->head_dim * 4.0;
     out->adapters = 8.0 * (double)in->lora_params;  /* A, B and their gradients, fp32 */
+    if (in->grad_accumulation > 1) out->adapters += 4.0 * (double)in->lora_params; /* the accumulation buffer */
     out->optimizer = in->optimizer_bytes > 0 ? (double)in->optimizer_bytes
                                              : 8.0 * (double)in->lora_params; /* AdamW m and v, fp32 */
     if (in->shard_optimizer && in->world > 1) {
@@ -92,7 +93,7 @@ void memplan_predict(const memplan_input *in, memplan *out) {
         if (in->shard_grads) {
             double g = shard + 2.0 * (double)in->max_layer_params;
             if (g > (double)in->lora_params) g = (double)in->lora_params;
-            out->adapters = 4.0 * (double)in->lora_params + 4.0 * g;
+            out->adapters -= 4.0 * ((double)in->lora_params - g); /* the gradient: only g of n resident */
         }
     }
     out->gather = (double)in->gather_bytes;
