@@ -454,13 +454,14 @@ void llama_release_zero(void *p, size_t n) {
 }
 
 int llama_grad_buckets_init(llama_grad_buckets *g, comm *c, const lora_set *ls, const struct ag_backend *be,
-                            int reduce_scatter, int release, qerr *e) {
+                            const int64_t *cuts, int release, qerr *e) {
     memset(g, 0, sizeof *g);
     g->c = c;
     g->ls = ls;
     g->be = be;
-    g->reduce_scatter = reduce_scatter;
-    g->release = release && reduce_scatter;
+    g->reduce_scatter = cuts != NULL;
+    g->cuts = cuts;
+    g->release = release && cuts != NULL;
     g->n_layer = ls->n_layer;
     g->shard_len = (ls->n_params + c->world_size - 1) / c->world_size;
     g->req = calloc((size_t)g->n_layer + 1, sizeof *g->req);
@@ -488,12 +489,8 @@ static void buckets_fail(const llama_grad_buckets *g, const qerr *e) {
 
 /* This rank's shard [lo, hi) of the flat arena. */
 static void own_shard(const llama_grad_buckets *g, int r, int64_t *lo, int64_t *hi) {
-    const int64_t n = g->ls->n_params;
-    int64_t a = (int64_t)r * g->shard_len, b = a + g->shard_len;
-    if (b > n) b = n;
-    if (a > b) a = b;
-    *lo = a;
-    *hi = b;
+    *lo = g->cuts[r];
+    *hi = g->cuts[r + 1];
 }
 
 /* Wait for the oldest bucket in flight; with release, give back its pages outside the own shard. */

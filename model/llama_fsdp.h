@@ -149,9 +149,8 @@ void llama_fsdp_free(llama_fsdp *f);
  * starts the bucket's reduction without waiting for it: comm_all_reduce_start
  * (NO_SHARD, every rank gets the whole sum) or comm_reduce_scatter_start onto
  * the ranks' contiguous shards of the flat arena (SHARD_GRAD_OP, FULL_SHARD:
- * rank r gets the part of the bucket inside [r·len, min((r+1)·len, n)),
- * len = ⌈n/world⌉, in place at its own index in ls->grads — the interval
- * trainer/checkpoint.c ckpt_shard_interval gives). So the next layers'
+ * rank r gets the part of the bucket inside [cuts[r], cuts[r + 1]), in place
+ * at its own index in ls->grads — trainer/checkpoint.c ckpt_shard_cuts). So the next layers'
  * backward computes while a bucket travels. At most two buckets are in
  * flight: starting layer l's waits for the one started two layers earlier.
  * llama_grad_buckets_finish starts any bucket no backward reached and waits
@@ -177,6 +176,7 @@ typedef struct llama_grad_buckets {
     const lora_set *ls;          /* not owned: ls->grads is reduced in place */
     const struct ag_backend *be; /* the memory of ls->grads (sync before a collective, add) */
     int reduce_scatter;          /* 0: all-reduce (NO_SHARD); 1: reduce-scatter onto the shards */
+    const int64_t *cuts;         /* reduce_scatter: (world + 1) rank r owns [cuts[r], cuts[r + 1]) (not owned) */
     int release;                 /* 1: pages outside the own shard given back once reduced (host memory only) */
     int n_layer;
     int64_t shard_len;           /* ⌈n_params / world⌉ */
@@ -190,10 +190,13 @@ typedef struct llama_grad_buckets {
     int64_t n_buckets;           /* buckets started (statistics) */
 } llama_grad_buckets;
 
-/* Buckets over ls's layers, reduced over c (world > 1). reduce_scatter and
- * release as in the struct. Errors (-1): out of memory. */
+/* Buckets over ls's layers, reduced over c (world > 1): all-reduced when
+ * cuts is NULL, else reduce-scattered onto the contiguous shards
+ * [cuts[r], cuts[r + 1]) (world + 1 entries, cuts[0] = 0, cuts[world] =
+ * n_params, kept by the caller: trainer/run.h shard_cuts). release as in the
+ * struct. Errors (-1): out of memory. */
 int llama_grad_buckets_init(llama_grad_buckets *g, comm *c, const lora_set *ls, const struct ag_backend *be,
-                            int reduce_scatter, int release, qerr *e);
+                            const int64_t *cuts, int release, qerr *e);
 
 /* The next backward pass reduces each layer's bucket as it completes. acc:
  * NULL, or (gradient accumulation, the last micro-batch) the sum of the

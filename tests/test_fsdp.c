@@ -247,7 +247,8 @@ static void test_grad_buckets_single(void **st) {
     ls.layer_offset = off;
     for (int rs = 0; rs < 2; rs++) {
         llama_grad_buckets b;
-        assert_int_equal(llama_grad_buckets_init(&b, c, &ls, ag_backend_default(), rs, rs, &e), 0);
+        const int64_t cuts[2] = {0, N};
+        assert_int_equal(llama_grad_buckets_init(&b, c, &ls, ag_backend_default(), rs ? cuts : NULL, rs, &e), 0);
         for (int i = 0; i < N; i++) {
             g[i] = 0.25f * (float)(i % 97) - 3.0f;
             acc[i] = 1e-3f * (float)(i % 13) + 0.1f;

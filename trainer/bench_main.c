@@ -525,8 +525,15 @@ int main(int argc, char **argv) {
     /* several ranks: each layer's gradient reduced as its backward completes (the trainer's buckets) */
     llama_grad_buckets gbk;
     memset(&gbk, 0, sizeof gbk);
+    int64_t *bench_cuts = calloc((size_t)W + 1, sizeof *bench_cuts); /* rank r's [r·len, (r+1)·len) */
+    if (!bench_cuts) {
+        fprintf(stderr, "qlora-bench: out of memory\n");
+        return 1;
+    }
     if (W > 1) {
-        if (llama_grad_buckets_init(&gbk, cm, &ls, ag_backend_default(), strategy >= 1, strategy == 2, &e)) {
+        for (int q = 0; q <= W; q++) bench_cuts[q] = q * shard_len < ls.n_params ? q * shard_len : ls.n_params;
+        if (llama_grad_buckets_init(&gbk, cm, &ls, ag_backend_default(), strategy >= 1 ? bench_cuts : NULL,
+                                    strategy == 2, &e)) {
             fprintf(stderr, "qlora-bench: %s\n", e.msg);
             return 1;
         }
@@ -685,6 +692,7 @@ int main(int argc, char **argv) {
         llama_grad_buckets_free(&gbk);
         m.grad_buckets = NULL;
     }
+    free(bench_cuts);
     lora_set_free(&ls);
     llama_free(&m);
     gemm_shutdown();

@@ -29,6 +29,13 @@
  * of such runs. Measured with oneDNN on the default config, accumulation 2,
  * 3 steps: metrics and adapter identical to before; accumulation 1 is
  * unchanged by construction.)
+ *
+ * SHARD_GRAD_OP / FULL_SHARD (r->sgo): the sum is reduce-scattered instead (per layer bucket, in
+ * place), rank r's interval [shard_cuts[r], shard_cuts[r + 1]) of ls.grads holding its part; the
+ * optimizer (AdamW, SophiaG or 8-bit AdamW) updates that interval with the state of that interval
+ * only, and each rank's interval of the parameters is broadcast from it. Sophia's Hessian-estimate gradient is reduce-scattered the same way and h updated on
+ * the shard; adamw_8bit's intervals lie on bitsandbytes' block grid (trainer/checkpoint.h
+ * ckpt_shard_cuts), so every rank quantizes exactly the blocks one process does.
  */
 #include <math.h>
 #include <signal.h>
@@ -59,14 +66,22 @@ void run_batch_fill(const packed_set *ps, const int64_t *rows, int nb, batch_buf
 /* The step's rows_per_step rows into r->rows: the next ones of the global
  * order (epoch by epoch, each epoch's permutation from dataset_epoch_order);
  * advances r->cursor. Returns their target tokens. */
-static int64_t step_rows(run_ctx *r) {
+static int64_t step_rows(run_ctx *r, qerr *e) {
     const packed_set *ps = &r->train_set;
     int64_t n_targets = 0;
+    if (r->stream) { /* pretraining_dataset: the stream's next rows are the step's */
+        if (pretrain_stream_next(r->stream, r->rows_per_step, &r->train_set, e)) return -1;
+        for (int64_t i = 0; i < r->rows_per_step; i++) r->rows[i] = i;
+        r->cursor += r->rows_per_step;
+        r->epoch = pretrain_stream_epoch(r->stream);
+        r->data_fp = pretrain_stream_fingerprint(r->stream);
+        return r->train_set.n_target_tokens;
+    }
     for (int64_t i = 0; i < r->rows_per_step; i++) {
         int ep = (int)(r->cursor / ps->n_rows);
         if (ep != r->epoch) {
             r->epoch = ep;
-            dataset_epoch_order(train_config_data_seed(r->c), r->epoch, ps->n_rows, r->perm);
+            dataset_rows_order(ps, train_config_data_seed(r->c), r->epoch, r->perm);
         }
         r->rows[i] = r->perm[r->cursor % ps->n_rows];
         r->cursor++;
@@ -146,11 +161,18 @@ static void sgo_gather_params(run_ctx *r) {
     qerr ce;
     r->ctx.be->sync();
     for (int q = 0; q < r->world; q++) {
-        int64_t lo, hi;
-        ckpt_shard_interval(r->ls.n_params, r->world, q, &lo, &hi);
+        const int64_t lo = r->shard_cuts[q], hi = r->shard_cuts[q + 1];
         if (hi > lo && comm_broadcast(r->comm, r->ls.params + lo, (size_t)(hi - lo), COMM_F32, q, &ce))
             run_comm_fail(r, &ce);
     }
+}
+
+/* SHARD_GRAD_OP: a count over each rank's shard summed over the ranks (exact: integers in f64). */
+static int64_t sgo_sum_count(run_ctx *r, int64_t n) {
+    double v = (double)n;
+    qerr ce;
+    if (r->world > 1 && comm_all_reduce_sum(r->comm, &v, 1, COMM_F64, &ce)) run_comm_fail(r, &ce);
+    return (int64_t)v;
 }
 
 /* The step's loss sum and target tokens from every rank, added in rank order
@@ -196,8 +218,11 @@ static void step_agree(run_ctx *r, double *loss_sum, int64_t *n_tokens) {
 static float sophia_hessian_pass(run_ctx *r, int step, int64_t step_targets) {
     const float scale = step_targets > 0 ? 1.0f / (float)step_targets : 0.0f;
     step_gradients(r, step, 1, scale, NULL, NULL);
-    const float gn = clip_grad_norm_backend(r->ctx.be, r->ls.grads, r->ls.n_params, r->c->max_grad_norm);
-    if (isfinite(gn)) sophia_update_hessian(&r->sop, &r->soc, r->ls.grads);
+    /* SHARD_GRAD_OP / FULL_SHARD: ĝ was reduce-scattered like the loss gradient; h is this rank's shard */
+    float *gh = r->sgo ? r->ls.grads + r->shard_lo : r->ls.grads;
+    const float gn = r->sgo ? sgo_clip(r, gh, r->shard_hi - r->shard_lo)
+                            : clip_grad_norm_backend(r->ctx.be, r->ls.grads, r->ls.n_params, r->c->max_grad_norm);
+    if (isfinite(gn)) sophia_update_hessian(&r->sop, &r->soc, gh);
     return gn;
 }
 
@@ -258,7 +283,9 @@ static int step_report(run_ctx *r, int step, const step_stats *s, qerr *e) {
                                {"sophia_hessian_seconds", s->hess_sec}, {"sophia_hessian_grad_norm", s->hess_gnorm}};
         int nxf = r->use_sophia ? (isfinite(s->hess_sec) ? 4 : 2) : 1;
         metrics_log_train_fields(r->mw, step, s->loss, s->lr, s->gnorm, tps,
-                                 (double)r->cursor / (double)r->train_set.n_rows, xf, nxf, e);
+                                 r->stream ? (double)step / (double)r->steps_per_epoch
+                                           : (double)r->cursor / (double)r->train_set.n_rows,
+                                 xf, nxf, e);
     }
     if (!s->finite) {
         fprintf(stderr, "[train] step %d/%d | loss %.4f | grad_norm %.3f | non-finite: update skipped (%lld in a "
@@ -302,7 +329,8 @@ int train_step(run_ctx *r, int step, qerr *e) {
     const train_config *c = r->c;
     double ts0 = clock_now_sec();
     test_rank_fault(r, step);
-    const int64_t step_targets = step_rows(r);
+    const int64_t step_targets = step_rows(r, e);
+    if (step_targets < 0) return -1;
     const float scale = step_targets > 0 ? 1.0f / (float)step_targets : 0.0f;
     double step_loss = 0.0;
     int64_t step_tok = 0;
@@ -320,8 +348,13 @@ int train_step(run_ctx *r, int step, qerr *e) {
     s.finite = isfinite(s.loss) && isfinite(s.gnorm);
     if (s.finite && r->use_sophia) {
         const double bs = c->sophia_bs > 0 ? (double)c->sophia_bs : (double)step_targets;
-        s.win_rate = (double)sophia_step(&r->sop, &r->soc, s.lr, bs, r->ls.params, r->ls.grads, NULL) /
-                     (double)r->ls.n_params;
+        /* SHARD_GRAD_OP / FULL_SHARD: the update of this rank's shard (g), then every shard to every rank */
+        int64_t unclipped = sophia_step(&r->sop, &r->soc, s.lr, bs, r->ls.params + r->shard_lo, g, NULL);
+        if (r->sgo) {
+            unclipped = sgo_sum_count(r, unclipped);
+            sgo_gather_params(r);
+        }
+        s.win_rate = (double)unclipped / (double)r->ls.n_params;
         r->nan_streak = 0;
         if (sophia_hessian_due(&r->soc, step)) {
             double th = clock_now_sec();
@@ -332,7 +365,8 @@ int train_step(run_ctx *r, int step, qerr *e) {
                 fprintf(stderr, "[sophia] step %d: the Hessian-estimate gradient is NaN/Inf; h left unchanged\n", step);
         }
     } else if (s.finite && r->use_adamw8bit) {
-        adamw8bit_step(&r->opt8, &r->ac, s.lr, r->ls.params, r->ls.grads);
+        adamw8bit_step(&r->opt8, &r->ac, s.lr, r->ls.params + r->shard_lo, g); /* the shard's blocks only */
+        if (r->sgo) sgo_gather_params(r);
         r->nan_streak = 0;
     } else if (s.finite) {
         adamw_step(&r->opt, &r->ac, s.lr, r->ls.params + r->shard_lo, g, NULL);
