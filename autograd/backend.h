@@ -45,6 +45,23 @@ struct ag_ctx;
 
 typedef enum frozen_kind { FROZEN_NF4 = 0, FROZEN_BF16 = 1, FROZEN_F32 = 2, FROZEN_INT8 = 3 } frozen_kind;
 
+/* A frozen bf16 table (out, in) whose rows are sharded over the ranks of a
+ * job (FULL_SHARD's embedding and LM head, model/llama_fsdp.h): no rank holds
+ * it whole; it is gathered when used. Every call is collective: every rank
+ * makes the same calls in the same order (op_embedding: one rows() per chunk
+ * of chunk_rows rows, whatever the ids; the LM head + CE: one gather_all()
+ * per call, whatever the rows). Both only copy bytes, so the GEMMs and the
+ * embedding see the same operands as with the whole table: the results are
+ * the same to the bit. */
+typedef struct frozen_shards {
+    void *arg;
+    int64_t chunk_rows;
+    /* rows [r0, r0 + n) of the table into dst (n, in) bf16 row-major, on every rank */
+    void (*rows)(void *arg, int64_t r0, int64_t n, bf16 *dst);
+    /* the whole table (out, in) in a scratch of the owner, valid until the owner's next gather of any kind */
+    const bf16 *(*gather_all)(void *arg);
+} frozen_shards;
+
 /* A frozen [out, in] weight (nn.Linear layout), stored NF4, bf16, fp32 or
  * int8 (bitsandbytes Int8Params: CB codes + SCB row absmax, quant/int8.h). */
 typedef struct frozen_weight {
@@ -56,6 +73,8 @@ typedef struct frozen_weight {
     const float *w_f32;    /* FROZEN_F32: (out, in) */
     const int8_t *cb;      /* FROZEN_INT8: (out, in) codes */
     const float *scb;      /* FROZEN_INT8: (out) row absmax; row r = cb[r, :] * (scb[r] / 127) */
+    const frozen_shards *shards; /* FROZEN_BF16 sharded over the ranks (w_bf16 NULL): the embedding and LM head
+                                  * ops gather it (op_embedding, op_lm_head_ce; CPU backend), nothing else reads it */
 } frozen_weight;
 
 /* RoPE cos/sin table: (max_pos, head_dim/2) fp32 each, computed as HF does
@@ -117,6 +136,7 @@ typedef struct ag_ce_args {
                              * same operands (bf16 when bf16) as dh = dlogits W; needs dh */
     int32_t *labels;        /* (N) host or NULL: the targets used, -100 at skipped rows */
     int bf16;
+    const frozen_shards *w_shards; /* w NULL: the head sharded over the ranks, gathered whole when used (CPU) */
 } ag_ce_args;
 
 /* AdamW per-element constants, computed by optim/adamw.c from the doubles

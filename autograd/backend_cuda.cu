@@ -1384,6 +1384,10 @@ static double cu_lm_head_ce(struct ag_ctx *ctx, const ag_ce_args *a, int64_t *n_
         abort();
     }
     const int64_t N = a->N, D = a->D, V = a->V;
+    if (a->w_shards) { /* FULL_SHARD's sharded head is a CPU-rank feature (device: cuda is refused at set-up) */
+        fprintf(stderr, "[cuda] lm_head_ce: a head sharded over the ranks (FULL_SHARD) is not implemented on the device\n");
+        abort();
+    }
     ag_mark mk = ag_arena_mark(ctx);
     gemm_dtype dt = a->bf16 ? GEMM_BF16 : GEMM_F32;
     float *logits = (float *)ag_alloc(ctx, (size_t)CE_CHUNK * V * sizeof(float));

@@ -449,7 +449,7 @@ static void fc_copy_cols(float *dst, int64_t ldd, const float *src, int64_t lds,
 
 static double fc_lm_head_ce(struct ag_ctx *ctx, const ag_ce_args *a, int64_t *count) {
     need("lm_head_ce", "h", a->h, 0);
-    need("lm_head_ce", "w", a->w, 0);
+    need("lm_head_ce", "w", a->w, a->w_shards != NULL); /* a sharded head is gathered into its owner's scratch */
     need("lm_head_ce", "dh", a->dh, 1);
     if (a->dw) need("lm_head_ce", "dw", a->dw, 0);
     fence_open();

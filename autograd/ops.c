@@ -143,7 +143,23 @@ void rope_table_free(rope_table *t) {
 tensor *op_embedding(ag_ctx *ctx, const frozen_weight *table, const int32_t *ids, int64_t n) {
     int pc = ag_prof_push(AG_PROF_EMBED);
     tensor *x = ag_tensor2(ctx, AG_F32, n, table->in);
-    ctx->be->embedding(table, ids, n, x->data);
+    if (table->shards) { /* FULL_SHARD: the table's rows gathered chunk by chunk, each token's row picked */
+        const frozen_shards *sh = table->shards;
+        const int64_t D = table->in, C = sh->chunk_rows;
+        ag_mark m = ag_arena_mark(ctx);
+        bf16 *rows = ag_alloc(ctx, (size_t)(C * D) * sizeof(bf16));
+        float *xd = x->data;
+        for (int64_t r0 = 0; r0 < table->out; r0 += C) {
+            const int64_t nr = table->out - r0 < C ? table->out - r0 : C;
+            sh->rows(sh->arg, r0, nr, rows);
+            for (int64_t i = 0; i < n; i++)
+                if (ids[i] >= r0 && ids[i] < r0 + nr)
+                    for (int64_t j = 0; j < D; j++) xd[i * D + j] = bf16_to_f32(rows[(ids[i] - r0) * D + j]);
+        }
+        ag_arena_reset(ctx, m);
+    } else {
+        ctx->be->embedding(table, ids, n, x->data);
+    }
     ag_prof_pop(pc);
     return x;
 }
@@ -612,9 +628,10 @@ tensor *op_lm_head_ce_train(ag_ctx *ctx, tensor *h, const frozen_weight *w, tens
     float *dh = grad ? alloc_saved(ctx, (size_t)(N * D) * sizeof(float)) : NULL;
     if (dh) ctx->be->zero(dh, (size_t)(N * D) * sizeof(float));
     ag_mark m = ag_arena_mark(ctx);
-    ag_ce_args a = {.h = h->data, .w = frozen_operand(ctx, w), .N = N, .D = D, .V = w->out,
+    ag_ce_args a = {.h = h->data, .w = w->shards ? NULL : frozen_operand(ctx, w), .N = N, .D = D, .V = w->out,
                     .targets = targets, .mode = mode, .seed = seed, .scale = scale, .dh = dh,
-                    .dw = head_grad ? ag_grad(ctx, w_train) : NULL, .labels = labels, .bf16 = ctx->bf16};
+                    .dw = head_grad ? ag_grad(ctx, w_train) : NULL, .labels = labels, .bf16 = ctx->bf16,
+                    .w_shards = w->shards};
     int64_t count = 0;
     ag_prof_lm_head(1);
     double total = ctx->be->lm_head_ce(ctx, &a, &count);

@@ -61,6 +61,17 @@ static int single_all_gather_start(comm *c, const void *send, void *recv, size_t
 
 static int single_wait(comm *c, comm_request *req, qerr *e) { return 0; }
 
+static int single_all_reduce_start(comm *c, void *buf, size_t count, comm_dtype t, comm_request **req, qerr *e) {
+    *req = &single_done;
+    return 0;
+}
+
+static int single_reduce_scatter_start(comm *c, void *buf, const size_t *counts, comm_dtype t, comm_request **req,
+                                       qerr *e) {
+    *req = &single_done; /* the one segment is the sum already */
+    return 0;
+}
+
 static int single_broadcast(comm *c, void *buf, size_t count, comm_dtype t, int root, qerr *e) { return 0; }
 
 static int single_barrier(comm *c, qerr *e) { return 0; }
@@ -75,6 +86,8 @@ static void single_finalize(comm *c) {}
 static const comm_ops single_ops = {.name = "single", .memory = "host", .all_reduce_sum = single_all_reduce,
                                     .reduce_scatter_sum = single_reduce_scatter, .all_gather = single_all_gather,
                                     .all_gather_start = single_all_gather_start, .wait = single_wait,
+                                    .all_reduce_start = single_all_reduce_start,
+                                    .reduce_scatter_start = single_reduce_scatter_start,
                                     .broadcast = single_broadcast, .barrier = single_barrier,
                                     .abort = single_abort, .finalize = single_finalize};
 
@@ -110,6 +123,15 @@ static int torchrun_all_gather_start(comm *c, const void *send, void *recv, size
     *req = NULL;
     return torchrun_refuse(c, "all_gather", e);
 }
+static int torchrun_all_reduce_start(comm *c, void *buf, size_t n, comm_dtype t, comm_request **req, qerr *e) {
+    *req = NULL;
+    return torchrun_refuse(c, "all_reduce", e);
+}
+static int torchrun_reduce_scatter_start(comm *c, void *buf, const size_t *counts, comm_dtype t, comm_request **req,
+                                         qerr *e) {
+    *req = NULL;
+    return torchrun_refuse(c, "reduce_scatter", e);
+}
 static int torchrun_wait(comm *c, comm_request *req, qerr *e) { return torchrun_refuse(c, "wait", e); }
 static int torchrun_broadcast(comm *c, void *buf, size_t count, comm_dtype t, int root, qerr *e) {
     return torchrun_refuse(c, "broadcast", e);
@@ -120,6 +142,8 @@ static const comm_ops torchrun_ops = {.name = "torchrun", .memory = "device", .a
                                       .reduce_scatter_sum = torchrun_reduce_scatter,
                                       .all_gather = torchrun_all_gather,
                                       .all_gather_start = torchrun_all_gather_start, .wait = torchrun_wait,
+                                      .all_reduce_start = torchrun_all_reduce_start,
+                                      .reduce_scatter_start = torchrun_reduce_scatter_start,
                                       .broadcast = torchrun_broadcast, .barrier = torchrun_barrier,
                                       .abort = single_abort, /* torchrun's agent ends the other workers */
                                       .finalize = single_finalize};
@@ -209,6 +233,28 @@ int comm_all_gather_start(comm *c, const void *send, void *recv, size_t sendcoun
         return 0;
     }
     return c->ops->all_gather_start(c, send, recv, sendcount, t, req, e);
+}
+
+int comm_all_reduce_start(comm *c, void *buf, size_t count, comm_dtype t, comm_request **req, qerr *e) {
+    *req = NULL;
+    if (count_ok(c, count, "all_reduce", e)) return -1;
+    if (!count) {
+        *req = (comm_request *)(void *)&empty_request;
+        return 0;
+    }
+    return c->ops->all_reduce_start(c, buf, count, t, req, e);
+}
+
+int comm_reduce_scatter_start(comm *c, void *buf, const size_t *counts, comm_dtype t, comm_request **req, qerr *e) {
+    *req = NULL;
+    size_t total = 0;
+    for (int r = 0; r < c->world_size; r++) total += counts[r];
+    if (count_ok(c, total, "reduce_scatter", e)) return -1;
+    if (!total) {
+        *req = (comm_request *)(void *)&empty_request;
+        return 0;
+    }
+    return c->ops->reduce_scatter_start(c, buf, counts, t, req, e);
 }
 
 int comm_wait(comm *c, comm_request *req, qerr *e) {

@@ -86,6 +86,16 @@ typedef struct comm_ops {
      * single implementation (*req then says so). */
     int (*all_gather_start)(comm *c, const void *send, void *recv, size_t sendcount, comm_dtype t,
                             comm_request **req, qerr *e);
+    /* all_reduce_sum started, not waited for (in place on buf[0..count)), as
+     * all_gather_start: buf stays untouched by the caller until wait. */
+    int (*all_reduce_start)(comm *c, void *buf, size_t count, comm_dtype t, comm_request **req, qerr *e);
+    /* The uneven reduce-scatter, in place, started: buf holds Σ counts[r]
+     * elements, rank r's segment at displ_r = Σ_{q<r} counts[q]; after wait,
+     * buf[displ_rank .. displ_rank + counts[rank]) holds the sum over ranks of
+     * that segment and the rest of buf is undefined. counts (world_size
+     * entries) may be freed after the call returns. */
+    int (*reduce_scatter_start)(comm *c, void *buf, const size_t *counts, comm_dtype t, comm_request **req,
+                                qerr *e);
     /* Completes req within timeout_sec (from the call to wait) or fails as the
      * other collectives do; frees req in both cases. */
     int (*wait)(comm *c, comm_request *req, qerr *e);
@@ -158,6 +168,26 @@ int comm_barrier(comm *c, qerr *e);
 int comm_all_gather_start(comm *c, const void *send, void *recv, size_t sendcount, comm_dtype t, comm_request **req,
                           qerr *e);
 int comm_wait(comm *c, comm_request *req, qerr *e);
+
+/* comm_all_reduce_start: comm_all_reduce_sum (in place on buf[0..count))
+ * started, completed by comm_wait, as comm_all_gather_start. The per-layer
+ * gradient buckets of NO_SHARD (model/llama.h llama_grad_buckets) start one
+ * as soon as a layer's backward is done. With two ranks each element is one
+ * a + b, the same as the blocking form's. Errors: as comm_all_reduce_sum. */
+int comm_all_reduce_start(comm *c, void *buf, size_t count, comm_dtype t, comm_request **req, qerr *e);
+
+/* comm_reduce_scatter_start: an uneven reduce-scatter (MPI_Reduce_scatter's
+ * recvcounts) in place, started, completed by comm_wait: buf holds
+ * Σ counts[r] elements (counts: world_size entries), rank r's segment
+ * starting at Σ_{q<r} counts[q]; once waited for, this rank's segment holds
+ * the sum over the ranks of that segment (the other segments' contents are
+ * undefined). SHARD_GRAD_OP and FULL_SHARD reduce each layer's gradient
+ * bucket so: the part of the bucket inside rank r's contiguous shard of the
+ * flat adapter arena is rank r's segment. MPI: MPI_Ireduce_scatter with
+ * MPI_IN_PLACE (the result moved into place by wait); NCCL: one ncclReduce
+ * per segment (root r) in a group; single: nothing to do. Errors: as
+ * comm_reduce_scatter_sum. */
+int comm_reduce_scatter_start(comm *c, void *buf, const size_t *counts, comm_dtype t, comm_request **req, qerr *e);
 
 /* End the whole job with exit status code (>= 1). Does not return. */
 void comm_abort(comm *c, int code) __attribute__((noreturn));

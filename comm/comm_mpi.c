@@ -1,7 +1,8 @@
 /* comm/comm_mpi.c — the MPI communicator (see comm.h), for CPU ranks.
  *
  * Every collective is MPI-3's non-blocking form (MPI_Iallreduce,
- * MPI_Ireduce_scatter_block, MPI_Iallgather, MPI_Ibcast, MPI_Ibarrier)
+ * MPI_Ireduce_scatter_block, MPI_Ireduce_scatter, MPI_Iallgather, MPI_Ibcast,
+ * MPI_Ibarrier)
  * completed by polling MPI_Test against a deadline of timeout_sec: a peer that
  * hangs turns into an error naming this rank and the collective, and the
  * caller aborts the job (MPI cannot cancel a collective). The poll spins
@@ -124,6 +125,11 @@ struct comm_request {
     MPI_Request req;
     size_t count;
     comm_dtype t;
+    const char *what;
+    int *recvcounts;          /* reduce_scatter_start: MPI's counts, valid until completion */
+    void *move_dst;           /* reduce_scatter_start: the result lands at the buffer's start and is moved here */
+    const void *move_src;
+    size_t move_bytes;
 };
 
 static int mpi_all_gather_start(comm *c, const void *send, void *recv, size_t sendcount, comm_dtype t,
@@ -131,10 +137,11 @@ static int mpi_all_gather_start(comm *c, const void *send, void *recv, size_t se
     const mpi_impl *m = c->impl;
     const size_t es = comm_dtype_size(t);
     const int in_place = (const char *)send == (const char *)recv + (size_t)c->rank * sendcount * es;
-    comm_request *r = malloc(sizeof *r);
+    comm_request *r = calloc(1, sizeof *r);
     if (!r) return qerr_set(e, "rank %d: all_gather: out of memory", c->rank);
     r->count = sendcount;
     r->t = t;
+    r->what = "all_gather";
     int rc = MPI_Iallgather(in_place ? MPI_IN_PLACE : send, (int)sendcount, mpi_type(m, t), recv, (int)sendcount,
                             mpi_type(m, t), MPI_COMM_WORLD, &r->req);
     if (rc != MPI_SUCCESS) {
@@ -145,8 +152,55 @@ static int mpi_all_gather_start(comm *c, const void *send, void *recv, size_t se
     return 0;
 }
 
+static int mpi_all_reduce_start(comm *c, void *buf, size_t count, comm_dtype t, comm_request **out, qerr *e) {
+    const mpi_impl *m = c->impl;
+    comm_request *r = calloc(1, sizeof *r);
+    if (!r) return qerr_set(e, "rank %d: all_reduce: out of memory", c->rank);
+    r->count = count;
+    r->t = t;
+    r->what = "all_reduce";
+    int rc = MPI_Iallreduce(MPI_IN_PLACE, buf, (int)count, mpi_type(m, t), mpi_sum(m, t), MPI_COMM_WORLD, &r->req);
+    if (rc != MPI_SUCCESS) {
+        free(r);
+        return mpi_fail(c, rc, "all_reduce", e);
+    }
+    *out = r;
+    return 0;
+}
+
+static int mpi_reduce_scatter_start(comm *c, void *buf, const size_t *counts, comm_dtype t, comm_request **out,
+                                    qerr *e) {
+    const mpi_impl *m = c->impl;
+    const size_t es = comm_dtype_size(t);
+    comm_request *r = calloc(1, sizeof *r);
+    int *rc_counts = malloc((size_t)c->world_size * sizeof *rc_counts);
+    if (!r || !rc_counts) {
+        free(r);
+        free(rc_counts);
+        return qerr_set(e, "rank %d: reduce_scatter: out of memory", c->rank);
+    }
+    size_t displ = 0;
+    for (int q = 0; q < c->world_size; q++) {
+        rc_counts[q] = (int)counts[q];
+        if (q < c->rank) displ += counts[q];
+    }
+    *r = (comm_request){.count = counts[c->rank], .t = t, .what = "reduce_scatter", .recvcounts = rc_counts,
+                        .move_dst = (char *)buf + displ * es, .move_src = buf, .move_bytes = counts[c->rank] * es};
+    /* MPI's in-place form takes the whole input in recvbuf and leaves this rank's sum at its start */
+    int rc = MPI_Ireduce_scatter(MPI_IN_PLACE, buf, rc_counts, mpi_type(m, t), mpi_sum(m, t), MPI_COMM_WORLD, &r->req);
+    if (rc != MPI_SUCCESS) {
+        free(rc_counts);
+        free(r);
+        return mpi_fail(c, rc, "reduce_scatter", e);
+    }
+    *out = r;
+    return 0;
+}
+
 static int mpi_request_wait(comm *c, comm_request *r, qerr *e) {
-    int rc = mpi_wait(c, &r->req, "all_gather", r->count, r->t, e);
+    int rc = mpi_wait(c, &r->req, r->what, r->count, r->t, e);
+    if (!rc && r->move_bytes && r->move_dst != r->move_src) memmove(r->move_dst, r->move_src, r->move_bytes);
+    free(r->recvcounts);
     free(r);
     return rc;
 }
@@ -188,6 +242,8 @@ static void mpi_finalize(comm *c) {
 static const comm_ops mpi_ops = {.name = "mpi", .memory = "host", .all_reduce_sum = mpi_all_reduce,
                                  .reduce_scatter_sum = mpi_reduce_scatter, .all_gather = mpi_all_gather,
                                  .all_gather_start = mpi_all_gather_start, .wait = mpi_request_wait,
+                                 .all_reduce_start = mpi_all_reduce_start,
+                                 .reduce_scatter_start = mpi_reduce_scatter_start,
                                  .broadcast = mpi_broadcast, .barrier = mpi_barrier, .abort = mpi_abort,
                                  .finalize = mpi_finalize};
 

@@ -111,6 +111,9 @@ static struct {
     __typeof__(&ncclReduceScatter) ReduceScatter;
     __typeof__(&ncclAllGather) AllGather;
     __typeof__(&ncclBroadcast) Broadcast;
+    __typeof__(&ncclReduce) Reduce;
+    __typeof__(&ncclGroupStart) GroupStart;
+    __typeof__(&ncclGroupEnd) GroupEnd;
 } NF;
 
 /* non-blocking communicators, ncclCommGetAsyncError and ncclCommFinalize: NCCL 2.14 */
@@ -145,6 +148,9 @@ static int load_nccl(void) {
     NSYM(ReduceScatter, ncclReduceScatter)
     NSYM(AllGather, ncclAllGather)
     NSYM(Broadcast, ncclBroadcast)
+    NSYM(Reduce, ncclReduce)
+    NSYM(GroupStart, ncclGroupStart)
+    NSYM(GroupEnd, ncclGroupEnd)
 #undef NSYM
     if (NF.GetVersion(&NF.version) != ncclSuccess || NF.version < NCCL_MIN_VERSION) {
         snprintf(NF.why, sizeof NF.why, "NCCL %d is older than 2.14 (non-blocking communicators)", NF.version);
@@ -167,9 +173,10 @@ typedef struct nccl_impl {
 } nccl_impl;
 
 struct comm_request {
-    cudaEvent_t ev; /* NULL: complete already (a host-staged gather) */
+    cudaEvent_t ev; /* NULL: complete already (a host-staged collective) */
     size_t count;
     comm_dtype t;
+    const char *what;
 };
 
 static ncclDataType_t nccl_type(comm_dtype t) {
@@ -376,6 +383,7 @@ static int nccl_all_gather_start(comm *c, const void *send, void *recv, size_t s
     if (!q) return qerr_set(e, "rank %d: all_gather: out of memory", c->rank);
     q->count = sendcount;
     q->t = t;
+    q->what = "all_gather";
     if (!is_device(send) || !is_device(recv)) { /* host buffers: done now, through the staging */
         if (nccl_all_gather(c, send, recv, sendcount, t, e)) {
             free(q);
@@ -405,10 +413,108 @@ static int nccl_all_gather_start(comm *c, const void *send, void *recv, size_t s
     return 0;
 }
 
+static ncclResult_t issue_reduce(comm *c, const void *s, void *r, size_t n, comm_dtype t, int root) {
+    nccl_impl *m = c->impl;
+    return NF.Reduce(s, r, n, nccl_type(t), ncclSum, root, m->nc, m->stream);
+}
+
+/* A request for a device-buffer collective issued by `issue_group` on the stream: settled, then an event recorded
+ * after it; wait polls the event. */
+typedef ncclResult_t (*issue_group_fn)(comm *c, void *buf, const size_t *counts, size_t count, comm_dtype t);
+
+static int start_on_stream(comm *c, const char *what, issue_group_fn issue, void *buf, const size_t *counts,
+                           size_t count, comm_dtype t, comm_request **out, qerr *e) {
+    nccl_impl *m = c->impl;
+    comm_request *q = calloc(1, sizeof *q);
+    if (!q) return qerr_set(e, "rank %d: %s: out of memory", c->rank, what);
+    q->count = count;
+    q->t = t;
+    q->what = what;
+    if (m->dead) {
+        free(q);
+        return qerr_set(e, "rank %d: %s: the NCCL communicator was aborted", c->rank, what);
+    }
+    const double deadline = clock_now_sec() + c->timeout_sec;
+    cudaError_t ce = cudaEventCreateWithFlags(&q->ev, cudaEventDisableTiming);
+    if (ce != cudaSuccess) {
+        free(q);
+        return nccl_fail(c, what, count, t, cudaGetErrorString(ce), e);
+    }
+    if (nccl_settle(c, issue(c, buf, counts, count, t), what, count, t, deadline, e) ||
+        (ce = cudaEventRecord(q->ev, m->stream)) != cudaSuccess) {
+        int rc = ce != cudaSuccess ? nccl_fail(c, what, count, t, cudaGetErrorString(ce), e) : -1;
+        cudaEventDestroy(q->ev);
+        free(q);
+        return rc;
+    }
+    *out = q;
+    return 0;
+}
+
+static ncclResult_t issue_all_reduce_group(comm *c, void *buf, const size_t *counts, size_t count, comm_dtype t) {
+    return issue_all_reduce(c, buf, buf, count, t, 0);
+}
+
+/* one ncclReduce per rank's segment (root r, in place), fused in a group */
+static ncclResult_t issue_reduce_scatter_group(comm *c, void *buf, const size_t *counts, size_t count,
+                                               comm_dtype t) {
+    const size_t es = comm_dtype_size(t);
+    ncclResult_t rc = NF.GroupStart(), rc2;
+    if (rc != ncclSuccess) return rc;
+    size_t displ = 0;
+    for (int r = 0; r < c->world_size && rc == ncclSuccess; r++) {
+        char *seg = (char *)buf + displ * es;
+        if (counts[r]) rc = issue_reduce(c, seg, seg, counts[r], t, r);
+        displ += counts[r];
+    }
+    rc2 = NF.GroupEnd();
+    return rc != ncclSuccess ? rc : rc2;
+}
+
+static int nccl_all_reduce_start(comm *c, void *buf, size_t count, comm_dtype t, comm_request **out, qerr *e) {
+    *out = NULL;
+    if (is_device(buf)) return start_on_stream(c, "all_reduce", issue_all_reduce_group, buf, NULL, count, t, out, e);
+    comm_request *q = calloc(1, sizeof *q); /* host buffer: done now, through the staging */
+    if (!q) return qerr_set(e, "rank %d: all_reduce: out of memory", c->rank);
+    *q = (comm_request){.count = count, .t = t, .what = "all_reduce"};
+    if (nccl_all_reduce(c, buf, count, t, e)) {
+        free(q);
+        return -1;
+    }
+    *out = q;
+    return 0;
+}
+
+static int nccl_reduce_scatter_start(comm *c, void *buf, const size_t *counts, comm_dtype t, comm_request **out,
+                                     qerr *e) {
+    *out = NULL;
+    const size_t es = comm_dtype_size(t);
+    if (is_device(buf))
+        return start_on_stream(c, "reduce_scatter", issue_reduce_scatter_group, buf, counts, counts[c->rank], t, out,
+                               e);
+    comm_request *q = calloc(1, sizeof *q); /* host buffer: segment by segment now, through the staging */
+    if (!q) return qerr_set(e, "rank %d: reduce_scatter: out of memory", c->rank);
+    *q = (comm_request){.count = counts[c->rank], .t = t, .what = "reduce_scatter"};
+    size_t displ = 0;
+    for (int r = 0; r < c->world_size; r++) {
+        char *seg = (char *)buf + displ * es;
+        /* the staged result comes back on every rank; only root r's is the sum (the others' segments are
+         * undefined by the contract) */
+        if (counts[r] && run_coll(c, "reduce_scatter", issue_reduce, seg, counts[r] * es, seg, counts[r] * es,
+                                  counts[r], t, r, e)) {
+            free(q);
+            return -1;
+        }
+        displ += counts[r];
+    }
+    *out = q;
+    return 0;
+}
+
 static int nccl_request_wait(comm *c, comm_request *q, qerr *e) {
     int rc = 0;
     if (q->ev) {
-        rc = nccl_wait_event(c, q->ev, "all_gather", q->count, q->t, clock_now_sec() + c->timeout_sec, e);
+        rc = nccl_wait_event(c, q->ev, q->what, q->count, q->t, clock_now_sec() + c->timeout_sec, e);
         cudaEventDestroy(q->ev);
     }
     free(q);
@@ -459,6 +565,8 @@ static void nccl_finalize(comm *c) {
 static const comm_ops nccl_ops = {.name = "nccl", .memory = "device", .all_reduce_sum = nccl_all_reduce,
                                   .reduce_scatter_sum = nccl_reduce_scatter, .all_gather = nccl_all_gather,
                                   .all_gather_start = nccl_all_gather_start, .wait = nccl_request_wait,
+                                  .all_reduce_start = nccl_all_reduce_start,
+                                  .reduce_scatter_start = nccl_reduce_scatter_start,
                                   .broadcast = nccl_broadcast, .barrier = nccl_barrier, .abort = nccl_abort,
                                   .finalize = nccl_finalize};
 

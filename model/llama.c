@@ -1218,6 +1218,32 @@ static void fsdp_mark(ag_ctx *ctx, llama_fsdp *f, int l) {
     ag_record(ctx, fsdp_mark_backward, dummy, NULL, NULL, NULL, NULL)->saved = s;
 }
 
+/* Per-layer gradient buckets in backward: a node recorded before block l
+ * runs just after the block's backward (recompute included), when every
+ * gradient of layer l's adapters is final: it starts the bucket's reduction
+ * (llama_grad_buckets_layer_done). */
+typedef struct bucket_mark_saved {
+    llama_grad_buckets *g;
+    int layer;
+} bucket_mark_saved;
+
+static void bucket_mark_backward(ag_ctx *ctx, const ag_node *n) {
+    const bucket_mark_saved *s = n->saved;
+    llama_grad_buckets_layer_done(s->g, s->layer);
+}
+
+static void bucket_mark(ag_ctx *ctx, llama_grad_buckets *g, int l) {
+    bucket_mark_saved *s = ag_alloc_host_keep(ctx, sizeof *s);
+    tensor *dummy = ag_alloc_host_keep(ctx, sizeof *dummy);
+    memset(dummy, 0, sizeof *dummy);
+    dummy->ndim = 1;
+    dummy->shape[0] = 1;
+    dummy->numel = 1;
+    dummy->grad = ag_alloc_keep(ctx, sizeof(float));
+    *s = (bucket_mark_saved){.g = g, .layer = l};
+    ag_record(ctx, bucket_mark_backward, dummy, NULL, NULL, NULL, NULL)->saved = s;
+}
+
 static tensor *llama_block_attention(ag_ctx *ctx, void *argp, tensor *x) {
     const block_arg *a = argp;
     return layer_attention_half(ctx, a->m, a->ls, a->layer, x, a->b->position_ids, batch_attention, a);
@@ -1245,6 +1271,7 @@ static tensor *llama_forward_trunk(ag_ctx *ctx, const llama_model *m, const lora
             llama_fsdp_acquire(m->fsdp, l);
             llama_fsdp_prefetch(m->fsdp, l + 1);
         }
+        if (m->grad_buckets && ctx->recording) bucket_mark(ctx, m->grad_buckets, l); /* after the block's backward */
         if (!ctx->recording) {
             x = ag_run_discard(ctx, llama_block, &args[l], x);
         } else if (checkpointing == LLAMA_CKPT_SELECTIVE) {

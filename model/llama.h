@@ -309,6 +309,8 @@ typedef struct llama_model {
     rope_table rope_local;       /* the sliding layers' table when hp.rope_theta_local is set (Gemma 3); else empty */
     struct llama_fsdp *fsdp;     /* FULL_SHARD: the layers' linears are sharded over the ranks and gathered
                                   * per layer (model/llama_fsdp.h); NULL: every layer owns its blob */
+    struct llama_grad_buckets *grad_buckets; /* several ranks: per-layer gradient buckets, each reduced as soon as
+                                  * its layer's backward is done (model/llama_fsdp.h); NULL: none */
 } llama_model;
 
 /* Read hyper-parameters from GGUF metadata (`llama.*` keys), checked with

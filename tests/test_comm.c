@@ -132,6 +132,56 @@ static int rank_collectives(comm *c) {
     CHECK(!comm_all_gather_start(c, ua, ga, 0, COMM_U8, &qa, &e) && !comm_wait(c, qa, &e), "empty gather");
     free(ga);
     free(gb);
+    /* all_reduce started (a gradient bucket of NO_SHARD): two in flight, waited in order, the same bits as the
+     * blocking form's */
+    {
+        const size_t na = 333, nb = 57;
+        float *ba = malloc(na * sizeof *ba), *bb = malloc(nb * sizeof *bb), *ref = malloc(na * sizeof *ref);
+        for (size_t i = 0; i < na; i++) ba[i] = ref[i] = val_f32(R, i + 5);
+        for (size_t i = 0; i < nb; i++) bb[i] = val_f32(R, i + 900);
+        comm_request *ra = NULL, *rb = NULL;
+        CHECK(!comm_all_reduce_start(c, ba, na, COMM_F32, &ra, &e), "%s", e.msg);
+        CHECK(!comm_all_reduce_start(c, bb, nb, COMM_F32, &rb, &e), "%s", e.msg);
+        CHECK(!comm_wait(c, ra, &e), "%s", e.msg);
+        CHECK(!comm_wait(c, rb, &e), "%s", e.msg);
+        CHECK(!comm_all_reduce_sum(c, ref, na, COMM_F32, &e), "%s", e.msg);
+        CHECK(memcmp(ba, ref, na * 4) == 0, "all_reduce_start differs from all_reduce_sum");
+        for (size_t i = 0; i < nb; i++) {
+            float want = val_f32(0, i + 900);
+            for (int r = 1; r < W; r++) want += val_f32(r, i + 900);
+            CHECK(W > 2 || memcmp(&bb[i], &want, 4) == 0, "all_reduce_start [%zu]", i);
+            CHECK(fabsf(bb[i] - want) <= 1e-6f * fabsf(want), "all_reduce_start [%zu] %g vs %g", i, bb[i], want);
+        }
+        CHECK(!comm_all_reduce_start(c, ba, 0, COMM_F32, &ra, &e) && !comm_wait(c, ra, &e), "empty all_reduce");
+        free(ba);
+        free(bb);
+        free(ref);
+    }
+    /* the uneven in-place reduce_scatter started (a gradient bucket of SHARD_GRAD_OP / FULL_SHARD): rank r's
+     * segment of 3r + 1 elements (the last rank's empty), at its own place in the buffer */
+    {
+        size_t *cnt = malloc((size_t)W * sizeof *cnt), tot = 0, mine_at = 0;
+        for (int r = 0; r < W; r++) {
+            cnt[r] = r == W - 1 ? 0 : (size_t)(3 * r + 1);
+            if (r < R) mine_at += cnt[r];
+            tot += cnt[r];
+        }
+        float *b = malloc((tot + 1) * sizeof *b);
+        for (size_t i = 0; i < tot; i++) b[i] = val_f32(R, i + 77);
+        comm_request *rq = NULL;
+        CHECK(!comm_reduce_scatter_start(c, b, cnt, COMM_F32, &rq, &e), "%s", e.msg);
+        free(cnt); /* the counts may go once the call returned */
+        CHECK(!comm_barrier(c, &e), "%s", e.msg);
+        CHECK(!comm_wait(c, rq, &e), "%s", e.msg);
+        for (size_t i = 0; i < (R == W - 1 ? 0 : (size_t)(3 * R + 1)); i++) {
+            float want = val_f32(0, mine_at + i + 77);
+            for (int r = 1; r < W; r++) want += val_f32(r, mine_at + i + 77);
+            CHECK(W > 2 || memcmp(&b[mine_at + i], &want, 4) == 0, "reduce_scatter_start [%zu]", i);
+            CHECK(fabsf(b[mine_at + i] - want) <= 1e-6f * fabsf(want), "reduce_scatter_start [%zu] %g vs %g", i,
+                  b[mine_at + i], want);
+        }
+        free(b);
+    }
     /* broadcast u8 from the last rank; barrier */
     char msg[32];
     snprintf(msg, sizeof msg, "from rank %d", R);
@@ -211,6 +261,13 @@ static void test_single(void **st) {
     assert_int_equal(comm_broadcast(c, u, 4, COMM_U8, 1, &e), -1);
     assert_non_null(strstr(e.msg, "root 1"));
     assert_int_equal(comm_barrier(c, &e), 0);
+    comm_request *rq = NULL;
+    size_t cnt[1] = {3};
+    assert_int_equal(comm_all_reduce_start(c, f, 3, COMM_F32, &rq, &e), 0);
+    assert_int_equal(comm_wait(c, rq, &e), 0);
+    assert_int_equal(comm_reduce_scatter_start(c, f, cnt, COMM_F32, &rq, &e), 0);
+    assert_int_equal(comm_wait(c, rq, &e), 0);
+    assert_true(f[0] == 1.5f && f[1] == -2.0f && f[2] == 3.25f);
     assert_int_equal((int)comm_dtype_size(COMM_BF16), 2);
     assert_string_equal(comm_dtype_name(COMM_I64), "i64");
     comm_free(c);

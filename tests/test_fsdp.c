@@ -26,6 +26,7 @@
 
 #include <cmocka.h>
 
+#include "autograd/backend.h"
 #include "comm/comm.h"
 #include "format/gguf.h"
 #include "model/base.h"
@@ -227,6 +228,58 @@ static void test_single_gather_start(void **st) {
     comm_free(c);
 }
 
+/* Per-layer gradient buckets on one process (model/llama_fsdp.h): every bucket reduced (a sum over one rank is
+ * itself), an empty layer, the one no backward reached started by finish, the accumulation buffer added per
+ * bucket exactly as the whole-arena path adds it, and the FULL_SHARD zeroing that gives pages back. */
+static void test_grad_buckets_single(void **st) {
+    comm *c;
+    qerr e;
+    assert_int_equal(comm_single(&c, &e), 0);
+    enum { N = 12000 };
+    int64_t off[4] = {0, 5000, 5000, N};
+    float *g = aligned_alloc(4096, (N * sizeof(float) + 4095) / 4096 * 4096), *acc = malloc(N * sizeof(float)),
+          *want = malloc(N * sizeof(float));
+    lora_set ls;
+    memset(&ls, 0, sizeof ls);
+    ls.n_layer = 3;
+    ls.n_params = N;
+    ls.grads = g;
+    ls.layer_offset = off;
+    for (int rs = 0; rs < 2; rs++) {
+        llama_grad_buckets b;
+        const int64_t cuts[2] = {0, N};
+        assert_int_equal(llama_grad_buckets_init(&b, c, &ls, ag_backend_default(), rs ? cuts : NULL, rs, &e), 0);
+        for (int i = 0; i < N; i++) {
+            g[i] = 0.25f * (float)(i % 97) - 3.0f;
+            acc[i] = 1e-3f * (float)(i % 13) + 0.1f;
+            want[i] = acc[i] + g[i];
+        }
+        llama_grad_buckets_layer_done(&b, 2); /* not armed: nothing */
+        assert_int_equal((int)b.n_buckets, 0);
+        llama_grad_buckets_arm(&b, acc);
+        llama_grad_buckets_layer_done(&b, 2);
+        llama_grad_buckets_layer_done(&b, 1);
+        /* layer 0 never reached by backward: finish starts it */
+        assert_int_equal(llama_grad_buckets_finish(&b, &e), 0);
+        assert_int_equal((int)b.n_buckets, 3);
+        assert_memory_equal(g, want, N * sizeof(float));
+        llama_grad_buckets_zero(&b);
+        for (int i = 0; i < N; i++) assert_true(g[i] == 0.0f);
+        llama_grad_buckets_free(&b);
+    }
+    /* release-zero of an unaligned range: whole pages given back, the edges set, the bytes around untouched */
+    unsigned char *p = aligned_alloc(4096, 5 * 4096);
+    memset(p, 0xab, 5 * 4096);
+    llama_release_zero(p + 100, 3 * 4096 + 7);
+    for (int i = 0; i < 5 * 4096; i++)
+        assert_int_equal(p[i], i >= 100 && i < 100 + 3 * 4096 + 7 ? 0 : 0xab);
+    free(p);
+    free(g);
+    free(acc);
+    free(want);
+    comm_free(c);
+}
+
 static int group_setup(void **state) { return tmpdir_setup(state, "qlora_test_fsdp"); }
 
 int main(void) {
@@ -234,6 +287,7 @@ int main(void) {
         cmocka_unit_test(test_range_quant),
         cmocka_unit_test(test_sharded_load),
         cmocka_unit_test(test_single_gather_start),
+        cmocka_unit_test(test_grad_buckets_single),
     };
     return cmocka_run_group_tests(tests, group_setup, tmpdir_teardown);
 }

@@ -88,6 +88,30 @@ static void test_selective_plan(void **st) {
     assert_true(fabs((sel.activations - sel31.activations) - per_layer) < 1.0);
 }
 
+/* Several ranks: SHARD_GRAD_OP reduces in place (the adapters and their whole gradient, no buffer);
+ * FULL_SHARD's released gradient pages leave the shard and two buckets; sharded tables replace the whole
+ * embedding and head in base. */
+static void test_ranks_plan(void **st) {
+    (void)st;
+    llama_hparams l2 = {.n_layer = 32, .d_model = 4096, .n_head = 32, .n_kv_head = 32, .head_dim = 128,
+                        .d_ff = 11008, .vocab = 32000, .context_length = 4096, .rope_theta = 10000.0f,
+                        .rms_eps = 1e-5f, .tied_embeddings = 0};
+    const int64_t n = 19988480, layer = n / 32;
+    memplan_input in = {.hp = l2, .B = 1, .T = 64, .checkpointing = 1, .bf16 = 1, .lora_r = 8, .lora_params = n,
+                        .frozen_bytes = 1000, .n_threads = 1, .world = 2, .shard_optimizer = 1,
+                        .max_layer_params = layer};
+    memplan sgo, fs, tab;
+    memplan_predict(&in, &sgo);
+    assert_true(sgo.adapters == 8.0 * (double)n);
+    assert_true(sgo.optimizer == 8.0 * (double)(n / 2));
+    in.shard_grads = 1;
+    memplan_predict(&in, &fs);
+    assert_true(fs.adapters == 4.0 * (double)n + 4.0 * (double)(n / 2 + 2 * layer));
+    in.table_shard_bytes = 16000LL * 4096 * 2 * 2;
+    memplan_predict(&in, &tab);
+    assert_true(fabs((fs.base - tab.base) - 16000.0 * 4096 * 2 * 2) < 1.0);
+}
+
 /* SHARD_GRAD_OP / FULL_SHARD: the optimizer state per rank is 1/world of the adapters' — AdamW's and
  * Sophia's 8 bytes per element of ceil(n / world), adamw_8bit's the caller's figure for its shard on
  * the block grid (adamw8bit_state_bytes_range, trainer/run.c). */
@@ -134,6 +158,6 @@ static void test_accumulation_buffer(void **st) {
 int main(void) {
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_nf4_bytes), cmocka_unit_test(test_device_plan),
                                        cmocka_unit_test(test_selective_plan), cmocka_unit_test(test_accumulation_buffer),
-                                       cmocka_unit_test(test_sharded_optimizer_plan)};
+                                       cmocka_unit_test(test_ranks_plan), cmocka_unit_test(test_sharded_optimizer_plan)};
     return cmocka_run_group_tests_name("memplan", tests, NULL, NULL);
 }

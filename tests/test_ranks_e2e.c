@@ -490,6 +490,27 @@ static void test_sharded_optimizers(void **st) {
  * sign, which the L2 bound absorbs). */
 static void world3_compare(const char *a, const char *b);
 
+/* FULL_SHARD with the embedding and LM head sharded too (forced: the tiny model's tables are smaller than the
+ * scratch growth the rule weighs them against): the embedding's rows gathered chunk by chunk, the head gathered
+ * whole into the layer scratch for the LM head + CE (the layer gathered again after), the gradients reduced per
+ * layer with the pages outside the shard given back. Bytes are only moved, never summed differently: world 2 x
+ * accumulation 1 is world 1 x accumulation 2 bit for bit; at world 3 too (eval batches split unevenly: a rank
+ * without a batch makes the gathers of one, the head's included). */
+static void test_full_shard_tables(void **st) {
+    if (skip_without_mpi()) skip();
+    char a[256], b[256], *err = NULL;
+    snprintf(a, sizeof a, "%s/w1-acc2", g_dir);
+    snprintf(b, sizeof b, "%s/w2-fs-tables", g_dir);
+    const char *const env[] = {"OMP_NUM_THREADS=1", "QLORA_FSDP_SHARD_TABLES=1", NULL};
+    const char *const fs[] = {"gradient_accumulation_steps=1", "fsdp=[full_shard]", NULL};
+    int rc = run_ranks(2, g_cfg, b, fs, env, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    assert_non_null(strstr(err, "embedding and LM head sharded"));
+    free(err);
+    assert_same_run(a, b, STEPS);
+}
+
 static void test_world3_close(void **st) {
     if (skip_without_mpi()) skip();
     char a[256], b[256], c[256], *err = NULL;
@@ -687,6 +708,7 @@ int main(void) {
         cmocka_unit_test(test_shard_grad_op),
         cmocka_unit_test(test_sharded_optimizers),
         cmocka_unit_test(test_full_shard),
+        cmocka_unit_test(test_full_shard_tables),
         cmocka_unit_test(test_world3_close),
         cmocka_unit_test(test_dead_rank),
         cmocka_unit_test(test_hung_rank_times_out),

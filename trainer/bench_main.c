@@ -541,11 +541,19 @@ int main(int argc, char **argv) {
     if (lp != ls.params) ls.be->copy_h2d(ls.params, lp, (size_t)ls.n_params * sizeof(float));
     lora_set_host_release(&ls, ls.params, lp);
 
+    int64_t max_layer = 0; /* the largest layer's adapter elements: one gradient bucket */
+    for (int l = 0; l < ls.n_layer; l++)
+        if (ls.layer_offset[l + 1] - ls.layer_offset[l] > max_layer) max_layer = ls.layer_offset[l + 1] - ls.layer_offset[l];
     memplan_input mi = {.hp = hp, .B = B, .T = T, .checkpointing = ckpt, .bf16 = 1, .lora_r = r,
                         .lora_params = ls.n_params, .frozen_bytes = m.quantized_bytes, .lora_dropout = 0.0f,
                         .n_threads = n_threads, .device_cuda = dev_cuda, .world = W, .shard_optimizer = strategy >= 1,
+                        .shard_grads = strategy == 2 && W > 1,
+                        .max_layer_params = max_layer,
                         .frozen_shard_bytes = m.fsdp ? (int64_t)llama_fsdp_resident_bytes(m.fsdp) : 0,
-                        .gather_bytes = m.fsdp ? (int64_t)llama_fsdp_scratch_bytes(m.fsdp) : 0};
+                        .table_shard_bytes = m.fsdp ? (int64_t)llama_fsdp_table_bytes(m.fsdp) : 0,
+                        .gather_bytes = m.fsdp ? (int64_t)(llama_fsdp_scratch_bytes(m.fsdp) +
+                                                           llama_fsdp_table_chunk_bytes(m.fsdp))
+                                               : 0};
     memplan plan;
     memplan_predict(&mi, &plan);
     memplan_print(stderr, &plan);
@@ -555,11 +563,26 @@ int main(int argc, char **argv) {
     const int64_t sh_lo = strategy >= 1 ? (rank * shard_len < ls.n_params ? rank * shard_len : ls.n_params) : 0;
     const int64_t sh_hi = strategy >= 1 ? (sh_lo + shard_len < ls.n_params ? sh_lo + shard_len : ls.n_params)
                                         : ls.n_params;
-    float *shard_buf = strategy >= 1 ? calloc((size_t)(shard_len * W), sizeof(float)) : NULL;
-    if (strategy >= 1 && (!shard_buf || dev_cuda)) {
-        fprintf(stderr, "qlora-bench: --strategy %s: %s\n", strategy == 1 ? "shard_grad_op" : "full_shard",
-                dev_cuda ? "CPU only" : "out of memory");
+    if (strategy >= 1 && dev_cuda) {
+        fprintf(stderr, "qlora-bench: --strategy %s: CPU only\n", strategy == 1 ? "shard_grad_op" : "full_shard");
         return 1;
+    }
+    /* several ranks: each layer's gradient reduced as its backward completes (the trainer's buckets) */
+    llama_grad_buckets gbk;
+    memset(&gbk, 0, sizeof gbk);
+    int64_t *bench_cuts = calloc((size_t)W + 1, sizeof *bench_cuts); /* rank r's [r·len, (r+1)·len) */
+    if (!bench_cuts) {
+        fprintf(stderr, "qlora-bench: out of memory\n");
+        return 1;
+    }
+    if (W > 1) {
+        for (int q = 0; q <= W; q++) bench_cuts[q] = q * shard_len < ls.n_params ? q * shard_len : ls.n_params;
+        if (llama_grad_buckets_init(&gbk, cm, &ls, ag_backend_default(), strategy >= 1 ? bench_cuts : NULL,
+                                    strategy == 2, &e)) {
+            fprintf(stderr, "qlora-bench: %s\n", e.msg);
+            return 1;
+        }
+        m.grad_buckets = &gbk;
     }
     ag_ctx ctx;
     adamw_state opt;
@@ -594,7 +617,11 @@ int main(int argc, char **argv) {
     for (int s = 0; s < warmup + steps; s++) {
         if (s == warmup) ag_prof_reset();
         double ts = clock_now_sec(), cs = cpu_sec();
-        ctx.be->zero(ls.grads, (size_t)ls.n_params * sizeof(float));
+        if (m.grad_buckets) {
+            llama_grad_buckets_zero(&gbk);
+            llama_grad_buckets_arm(&gbk, NULL);
+        } else
+            ctx.be->zero(ls.grads, (size_t)ls.n_params * sizeof(float));
         ctx.seed = rng_u64(42, 0xd509u, (uint64_t)s);
         ag_mark mk = ag_arena_mark(&ctx);
         double lsum = 0;
@@ -602,17 +629,14 @@ int main(int argc, char **argv) {
         tensor *L = llama_forward_loss(&ctx, &m, &ls, &b, 1.0f / (float)(N * W), ckpt, &lsum, &nt);
         ag_backward(&ctx, L);
         ag_arena_reset(&ctx, mk);
+        if (m.grad_buckets && llama_grad_buckets_finish(&gbk, &e)) goto comm_failed;
         int pc = ag_prof_push(AG_PROF_OPTIM);
         float gn;
         if (strategy == 0) {
-            if (W > 1 && comm_all_reduce_sum(cm, ls.grads, (size_t)ls.n_params, COMM_F32, &e)) goto comm_failed;
             gn = clip_grad_norm_backend(ctx.be, ls.grads, ls.n_params, 1.0f);
             adamw_step(&opt, &ac, 1e-4, ls.params, ls.grads, NULL);
-        } else { /* reduce-scatter, the norm over the shards, AdamW on the own shard, all-gather */
-            memcpy(shard_buf, ls.grads, (size_t)ls.n_params * sizeof(float));
-            memset(shard_buf + ls.n_params, 0, (size_t)(shard_len * W - ls.n_params) * sizeof(float));
-            float *g = shard_buf + (size_t)rank * shard_len;
-            if (comm_reduce_scatter_sum(cm, shard_buf, g, (size_t)shard_len, COMM_F32, &e)) goto comm_failed;
+        } else { /* the buckets reduce-scattered: the norm over the shards, AdamW on the own shard, broadcasts */
+            float *g = ls.grads + sh_lo;
             double ss = 0;
             for (int64_t i = 0; i < sh_hi - sh_lo; i++) ss += (double)g[i] * g[i];
             if (comm_all_reduce_sum(cm, &ss, 1, COMM_F64, &e)) goto comm_failed;
@@ -621,10 +645,12 @@ int main(int argc, char **argv) {
                 for (int64_t i = 0; i < sh_hi - sh_lo; i++) g[i] *= 1.0f / gn;
             opt.n = sh_hi - sh_lo;
             adamw_step(&opt, &ac, 1e-4, ls.params + sh_lo, g, NULL);
-            memcpy(shard_buf + (size_t)rank * shard_len, ls.params + sh_lo, (size_t)(sh_hi - sh_lo) * sizeof(float));
-            if (comm_all_gather(cm, shard_buf + (size_t)rank * shard_len, shard_buf, (size_t)shard_len, COMM_F32, &e))
-                goto comm_failed;
-            memcpy(ls.params, shard_buf, (size_t)ls.n_params * sizeof(float));
+            for (int q = 0; q < W; q++) { /* every rank's interval from its owner, in place */
+                const int64_t qlo = q * shard_len < ls.n_params ? q * shard_len : ls.n_params;
+                const int64_t qhi = qlo + shard_len < ls.n_params ? qlo + shard_len : ls.n_params;
+                if (qhi > qlo && comm_broadcast(cm, ls.params + qlo, (size_t)(qhi - qlo), COMM_F32, q, &e))
+                    goto comm_failed;
+            }
         }
         ag_prof_pop(pc);
         double dt = clock_now_sec() - ts;
@@ -707,9 +733,13 @@ int main(int argc, char **argv) {
     free(pos);
     adamw_state_free(&opt);
     ag_ctx_free(&ctx);
+    if (m.grad_buckets) {
+        llama_grad_buckets_free(&gbk);
+        m.grad_buckets = NULL;
+    }
+    free(bench_cuts);
     lora_set_free(&ls);
     llama_free(&m);
-    free(shard_buf);
     gemm_shutdown();
     comm_free(cm);
     return 0;

@@ -19,6 +19,11 @@
  * The two fractions of a block's fp32 outputs that are live at the peak (0.5
  * without, 1.7 with checkpointing) were measured with qlora-bench on the
  * SmolLM2-135M and Llama-2-7B shapes (arena peak at 2 and 6 layers).
+ * Several ranks: SHARD_GRAD_OP and FULL_SHARD reduce-scatter each layer's
+ * gradient in place (model/llama_fsdp.h llama_grad_buckets), FULL_SHARD then
+ * gives the pages outside the shard back (gradients: ⌈n/W⌉ + two buckets), and
+ * with its tables sharded holds its rows of the embedding and head, the
+ * gather scratch grown to the whole head (gather_bytes).
  *  - plus the top of the graph (embedding output, final norm, dL/dh of the
  *    fused LM head + CE) and the CE chunk (128 rows of logits, fp32 + bf16).
  * Sizes are per micro-batch; gradient accumulation reuses the same arena.
@@ -78,17 +83,23 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     double tables = in->device_cuda && !hp->tied_embeddings ? 1 : (hp->tied_embeddings ? 1 : 2);
     /* FULL_SHARD: this rank's shards of the linears; the tables and norms stay replicated */
     const double frozen = in->frozen_shard_bytes > 0 ? (double)in->frozen_shard_bytes : (double)in->frozen_bytes;
-    out->base = frozen + V * D * 2.0 * tables + (2 * L + 1) * D * 4 + T * hp->head_dim * 4.0;
+    const double table_bytes = in->table_shard_bytes > 0 ? (double)in->table_shard_bytes : V * D * 2.0 * tables;
+    out->base = frozen + table_bytes + (2 * L + 1) * D * 4 + T * hp->head_dim * 4.0;
     out->adapters = 8.0 * (double)in->lora_params;  /* A, B and their gradients, fp32 */
     if (in->grad_accumulation > 1) out->adapters += 4.0 * (double)in->lora_params; /* the accumulation buffer */
     out->optimizer = in->optimizer_bytes > 0 ? (double)in->optimizer_bytes
                                              : 8.0 * (double)in->lora_params; /* AdamW m and v, fp32 */
     if (in->shard_optimizer && in->world > 1) {
         /* SHARD_GRAD_OP / FULL_SHARD: AdamW's m and v (Sophia's m and h) of ⌈n/W⌉ elements, or the caller's
-         * per-rank figure (adamw_8bit: its shard on the block grid); the reduce-scatter buffer W·⌈n/W⌉ fp32 */
+         * per-rank figure (adamw_8bit: its shard on the block grid); the gradients reduce-scattered in place per
+         * layer (no buffer); FULL_SHARD keeps only the gradient of its shard and of two buckets in flight */
         const double shard = (double)((in->lora_params + in->world - 1) / in->world);
         out->optimizer = in->optimizer_bytes > 0 ? (double)in->optimizer_bytes : 8.0 * shard;
-        out->adapters += 4.0 * shard * in->world;
+        if (in->shard_grads) {
+            double g = shard + 2.0 * (double)in->max_layer_params;
+            if (g > (double)in->lora_params) g = (double)in->lora_params;
+            out->adapters -= 4.0 * ((double)in->lora_params - g); /* the gradient: only g of n resident */
+        }
     }
     out->gather = (double)in->gather_bytes;
 

@@ -42,10 +42,17 @@ typedef struct memplan_input {
     /* several processes (README "Several processes"): the prediction is per rank */
     int world;             /* ranks (0 or 1: one process) */
     int shard_optimizer;   /* SHARD_GRAD_OP or FULL_SHARD: the optimizer state covers 1/world of the adapters
-                              (⌈n/world⌉ elements), plus the fp32 reduce-scatter buffer of world·⌈n/world⌉ */
+                              (⌈n/world⌉ elements); the gradients are reduce-scattered in place per layer */
+    int shard_grads;       /* FULL_SHARD (host memory): the gradient pages outside this rank's shard are given back
+                              once reduced, so it holds ⌈n/world⌉ fp32 gradients and two layers' buckets */
+    int64_t max_layer_params; /* the largest layer's adapter elements (a gradient bucket), for shard_grads */
+    int64_t table_shard_bytes; /* FULL_SHARD with the tables sharded: this rank's rows of the embedding and LM head
+                                  (replaces the whole tables in base), or 0 */
     int64_t frozen_shard_bytes;  /* FULL_SHARD: this rank's shards of the frozen linears (replaces
                                     frozen_bytes in base), or 0 */
-    int64_t gather_bytes;  /* FULL_SHARD: the gather scratch (one layer blob and the receive buffer, which holds the next layer), or 0 */
+    int64_t gather_bytes;  /* FULL_SHARD: the gather scratch (one layer blob and the receive buffer, which holds the
+                              next layer, or the whole LM head when the tables are sharded; + the embedding's
+                              chunk), or 0 */
 } memplan_input;
 
 /* Bytes per component; total = sum. */

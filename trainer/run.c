@@ -733,13 +733,17 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
     int64_t *numel = malloc(((size_t)m->hp.n_layer * LLAMA_N_LINEAR * 2 + 1 + LORA_N_SAVE) * sizeof *numel);
     if (!numel) return qerr_set(e, "out of memory");
     int nt = 0;
-    for (int l = 0; l < m->hp.n_layer; l++)
+    int64_t max_layer = 0; /* the largest layer's adapter elements: one gradient bucket */
+    for (int l = 0; l < m->hp.n_layer; l++) {
+        const int64_t before = lora_params;
         for (int k = 0; k < LLAMA_N_LINEAR; k++)
             if (target[k]) {
                 lora_params += (int64_t)c->lora_r * (m->layers[l].lin[k].in + m->layers[l].lin[k].out);
                 numel[nt++] = (int64_t)c->lora_r * m->layers[l].lin[k].in;  /* lora_A (r, in) */
                 numel[nt++] = (int64_t)m->layers[l].lin[k].out * c->lora_r; /* lora_B (out, r) */
             }
+        if (lora_params - before > max_layer) max_layer = lora_params - before;
+    }
     int save[LORA_N_SAVE];
     train_config_modules_to_save(c, save);
     for (int k = 0; k < LORA_N_SAVE; k++) /* modules_to_save: a (V, D) fp32 copy each, in the same arrays */
@@ -786,8 +790,13 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
                          .grad_accumulation = c->gradient_accumulation_steps,
                          .world = r->world,
                          .shard_optimizer = c->fsdp_shard_grad_op || c->fsdp_full_shard,
+                         .shard_grads = c->fsdp_full_shard && r->world > 1 && ag_backend_default()->host_data,
+                         .max_layer_params = max_layer,
                          .frozen_shard_bytes = m->fsdp ? (int64_t)llama_fsdp_resident_bytes(m->fsdp) : 0,
-                         .gather_bytes = m->fsdp ? (int64_t)llama_fsdp_scratch_bytes(m->fsdp) : 0};
+                         .table_shard_bytes = m->fsdp ? (int64_t)llama_fsdp_table_bytes(m->fsdp) : 0,
+                         .gather_bytes = m->fsdp ? (int64_t)(llama_fsdp_scratch_bytes(m->fsdp) +
+                                                             llama_fsdp_table_chunk_bytes(m->fsdp))
+                                                 : 0};
     memplan_predict(&mpi, &r->plan);
     const memplan *p = &r->plan;
     const double M = 1048576.0;
@@ -862,10 +871,16 @@ static int setup_fsdp_report(run_ctx *r, qerr *e) {
     for (int k = 0; k < r->world && n < (int)sizeof buf - 32; k++)
         n += snprintf(buf + n, sizeof buf - (size_t)n, "%s%lld (%.3f)", k ? ", " : "", (long long)all[k],
                       (double)all[k] / whole);
+    char tables[200];
+    if (f->tab_embd)
+        snprintf(tables, sizeof tables, "embedding and LM head sharded too (%.1f MiB of rows on this rank, the head "
+                 "gathered whole into the scratch when used); norms replicated", llama_fsdp_table_bytes(f) / 1048576.0);
+    else
+        snprintf(tables, sizeof tables, "embeddings, LM head, norms replicated (sharding the tables would free less "
+                 "than the scratch would grow)");
     fprintf(stderr, "[fsdp] frozen linears sharded: bytes held per rank %s of %lld unsharded; %.0f MiB gather "
-                    "scratch per rank (a layer of %zu bytes + the receive buffer of the next); embeddings, LM head, norms "
-                    "replicated\n",
-            buf, (long long)r->model.quantized_bytes, llama_fsdp_scratch_bytes(f) / 1048576.0, f->lo.nbytes);
+                    "scratch per rank (a layer of %zu bytes + the receive buffer of the next); %s\n",
+            buf, (long long)r->model.quantized_bytes, llama_fsdp_scratch_bytes(f) / 1048576.0, f->lo.nbytes, tables);
     free(all);
     return 0;
 }
@@ -995,11 +1010,15 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
         r->shard_lo = r->shard_cuts[r->rank], r->shard_hi = r->shard_cuts[r->rank + 1];
     }
     const int64_t n_opt = r->shard_hi - r->shard_lo;
-    if (r->sgo && !(r->shard_buf = r->ctx.be->alloc((size_t)(r->shard_len * r->world) * sizeof(float)))) {
+    /* several ranks: each layer's gradient reduced as soon as its backward is done (trainer/step.c), onto
+     * [shard_cuts[k], shard_cuts[k + 1]) under SHARD_GRAD_OP / FULL_SHARD */
+    if (r->world > 1 && llama_grad_buckets_init(&r->buckets, r->comm, &r->ls, r->ctx.be, r->sgo ? r->shard_cuts : NULL,
+                                                c->fsdp_full_shard && r->ctx.be->host_data, e)) {
         free(off);
         free(num);
-        return qerr_set(e, "out of memory (SHARD_GRAD_OP buffer)");
+        return -1;
     }
+    if (r->world > 1) r->model.grad_buckets = &r->buckets;
     if (r->use_adamw8bit) {
         int rc = r->sgo ? adamw8bit_state_init_range(&r->opt8, r->ctx.be, r->shard_lo, r->shard_hi, off, num,
                                                      r->n_tensors, e)
@@ -1228,7 +1247,10 @@ void run_free(run_ctx *r) {
     free(r->bb.pos);
     free(r->bb.sid);
     if (r->grad_acc) r->ctx.be->free(r->grad_acc);
-    if (r->shard_buf) r->ctx.be->free(r->shard_buf);
+    if (r->model.grad_buckets) {
+        llama_grad_buckets_free(&r->buckets);
+        r->model.grad_buckets = NULL;
+    }
     free(r->shard_cuts);
     adamw_state_free(&r->opt);
     adamw8bit_state_free(&r->opt8);

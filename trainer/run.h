@@ -21,6 +21,7 @@
 #include "format/peft.h"
 #include "model/base.h"
 #include "model/llama.h"
+#include "model/llama_fsdp.h"
 #include "optim/adamw.h"
 #include "optim/adamw8bit.h"
 #include "optim/schedule.h"
@@ -88,11 +89,14 @@ typedef struct run_ctx {
      * shard_len = ceil(n_params / world) elements; its optimizer state covers only that range */
     int sgo;
     int64_t shard_lo, shard_hi, shard_len;
+    /* several ranks: the per-layer gradient buckets (model/llama_fsdp.h), reduced in backward as each layer
+     * completes — all-reduced (NO_SHARD) or reduce-scattered onto [shard_lo, shard_hi) of ls.grads (SHARD_GRAD_OP,
+     * FULL_SHARD; FULL_SHARD also gives the pages outside the shard back) */
+    llama_grad_buckets buckets;
     /* (world + 1) rank k owns [shard_cuts[k], shard_cuts[k + 1]): ckpt_shard_interval's, or for adamw_8bit
      * those moved onto its quantization block grid (adamw8bit_shard_cut); shard_len is the longest. NULL
      * unless sgo */
     int64_t *shard_cuts;
-    float *shard_buf;      /* (shard_len * world) the gradient reduce-scattered into, then the parameters gathered */
     int use_adamw8bit; /* optimizer: adamw_8bit (bitsandbytes' AdamW8bit, opt8; r->ac holds its betas) */
     adamw_state opt;
     adamw8bit_state opt8;

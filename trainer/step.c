@@ -18,7 +18,10 @@
  * sampled labels keyed by (step, global micro-batch), never by rank. Every
  * micro-batch's gradient is computed into a zeroed buffer (β = 0) and then
  * added to the sum explicitly — also in one process — and the ranks' sums are
- * all-reduced once per step before the norm. World 2 × accumulation 1 thus
+ * reduced before the norm, layer by layer as the last micro-batch's backward
+ * completes each layer (model/llama_fsdp.h llama_grad_buckets: all-reduced,
+ * or reduce-scattered onto the shards under SHARD_GRAD_OP / FULL_SHARD, the
+ * communication overlapping the rest of backward). World 2 × accumulation 1 thus
  * computes g0 + g1 exactly as world 1 × accumulation 2 does (a two-term fp32
  * sum has one result whatever its order). (With accumulation > 1 the sum
  * now rounds once per micro-batch outside the GEMM, where backward's β = 1
@@ -27,10 +30,10 @@
  * 3 steps: metrics and adapter identical to before; accumulation 1 is
  * unchanged by construction.)
  *
- * SHARD_GRAD_OP / FULL_SHARD (r->sgo): the sum is reduce-scattered instead, rank r's interval
- * [shard_cuts[r], shard_cuts[r + 1]) landing in its slot of shard_buf; the optimizer (AdamW, SophiaG
- * or 8-bit AdamW) updates that interval with the state of that interval only, and the parameters are
- * all-gathered. Sophia's Hessian-estimate gradient is reduce-scattered the same way and h updated on
+ * SHARD_GRAD_OP / FULL_SHARD (r->sgo): the sum is reduce-scattered instead (per layer bucket, in
+ * place), rank r's interval [shard_cuts[r], shard_cuts[r + 1]) of ls.grads holding its part; the
+ * optimizer (AdamW, SophiaG or 8-bit AdamW) updates that interval with the state of that interval
+ * only, and each rank's interval of the parameters is broadcast from it. Sophia's Hessian-estimate gradient is reduce-scattered the same way and h updated on
  * the shard; adamw_8bit's intervals lie on bitsandbytes' block grid (trainer/checkpoint.h
  * ckpt_shard_cuts), so every rank quantizes exactly the blocks one process does.
  */
@@ -44,6 +47,7 @@
 #include "core/clock.h"
 #include "core/rng.h"
 #include "optim/clip.h"
+#include "trainer/checkpoint.h"
 #include "trainer/run.h"
 
 void run_batch_fill(const packed_set *ps, const int64_t *rows, int nb, batch_buf *bb, llama_batch *b) {
@@ -89,19 +93,6 @@ static int64_t step_rows(run_ctx *r, qerr *e) {
     return n_targets;
 }
 
-/* SHARD_GRAD_OP: the flat array src (n_params, backend memory) into shard_buf as the collectives lay it
- * out: rank k's interval [shard_cuts[k], shard_cuts[k + 1]) at k * shard_len, the rest of each slot
- * zero. (With ckpt_shard_interval's cuts, rank k's interval starts at k * shard_len: one copy.) */
-static void sgo_pack(run_ctx *r, const float *src) {
-    const ag_backend *be = r->ctx.be;
-    for (int k = 0; k < r->world; k++) {
-        const int64_t lo = r->shard_cuts[k], len = r->shard_cuts[k + 1] - lo;
-        float *slot = r->shard_buf + (size_t)k * r->shard_len;
-        if (len > 0) be->copy_d2d(slot, src + lo, (size_t)len * sizeof(float));
-        if (r->shard_len > len) be->zero(slot + len, (size_t)(r->shard_len - len) * sizeof(float));
-    }
-}
-
 /* Forward and backward over the step's micro-batches, gradients accumulated
  * into ls.grads (zeroed first): the loss is scale · Σ CE over target tokens,
  * with the data's targets, or (sampled) with labels drawn from the model's
@@ -113,9 +104,12 @@ static void step_gradients(run_ctx *r, int step, int sampled, float scale, doubl
     const ag_backend *be = r->ctx.be;
     const size_t gbytes = (size_t)r->ls.n_params * sizeof(float);
     r->ctx.training = 1;
+    llama_grad_buckets *gb = r->model.grad_buckets; /* several ranks: reduced per layer in the last backward */
     for (int mb = 0; mb < r->gas; mb++) {
         const int gmb = r->rank * r->gas + mb; /* the global micro-batch */
-        be->zero(r->ls.grads, gbytes); /* this micro-batch's gradient alone */
+        if (gb) llama_grad_buckets_zero(gb); /* this micro-batch's gradient alone */
+        else be->zero(r->ls.grads, gbytes);
+        if (gb && mb == r->gas - 1) llama_grad_buckets_arm(gb, r->gas > 1 ? r->grad_acc : NULL);
         llama_batch b;
         run_batch_fill(&r->train_set, r->rows + (size_t)gmb * r->mbs, r->mbs, &r->bb, &b);
         const uint64_t ctr = (uint64_t)step * 4096u + (uint64_t)gmb;
@@ -132,21 +126,18 @@ static void step_gradients(run_ctx *r, int step, int sampled, float scale, doubl
         ag_arena_reset(&r->ctx, mk);
         if (loss_sum) *loss_sum += lsum;
         if (n_tokens) *n_tokens += nt;
+        if (gb && mb == r->gas - 1) break; /* the buckets added grad_acc, layer by layer */
         if (r->gas > 1) {
             if (mb == 0) be->copy_d2d(r->grad_acc, r->ls.grads, gbytes);
             else be->add(r->grad_acc, r->ls.grads, r->grad_acc, r->ls.n_params);
         }
     }
+    if (gb) { /* the buckets still in flight (and any no backward reached): ls.grads summed, or its shard */
+        qerr ce;
+        if (llama_grad_buckets_finish(gb, &ce)) run_comm_fail(r, &ce);
+        return;
+    }
     if (r->gas > 1) be->copy_d2d(r->ls.grads, r->grad_acc, gbytes);
-    qerr ce;
-    be->sync();
-    if (r->sgo) { /* SHARD_GRAD_OP: this rank's shard of the summed gradient lands in its part of shard_buf */
-        sgo_pack(r, r->ls.grads);
-        if (comm_reduce_scatter_sum(r->comm, r->shard_buf, r->shard_buf + (size_t)r->rank * r->shard_len,
-                                    (size_t)r->shard_len, COMM_F32, &ce))
-            run_comm_fail(r, &ce);
-    } else if (r->world > 1 && comm_all_reduce_sum(r->comm, r->ls.grads, (size_t)r->ls.n_params, COMM_F32, &ce))
-        run_comm_fail(r, &ce);
 }
 
 /* SHARD_GRAD_OP: the global norm of the sharded gradient g (this rank's
@@ -164,19 +155,15 @@ static float sgo_clip(run_ctx *r, float *g, int64_t n_own) {
     return total;
 }
 
-/* SHARD_GRAD_OP: every rank's updated shard of the parameters to every rank. */
+/* SHARD_GRAD_OP: every rank's updated shard of the parameters to every rank, in place: rank q's interval
+ * broadcast from q (the intervals are uneven at the end, and a broadcast needs no buffer). */
 static void sgo_gather_params(run_ctx *r) {
-    const ag_backend *be = r->ctx.be;
-    const int64_t n_own = r->shard_hi - r->shard_lo;
-    float *mine = r->shard_buf + (size_t)r->rank * r->shard_len;
-    if (n_own > 0) be->copy_d2d(mine, r->ls.params + r->shard_lo, (size_t)n_own * sizeof(float));
-    if (r->shard_len > n_own) be->zero(mine + n_own, (size_t)(r->shard_len - n_own) * sizeof(float));
     qerr ce;
-    be->sync();
-    if (comm_all_gather(r->comm, mine, r->shard_buf, (size_t)r->shard_len, COMM_F32, &ce)) run_comm_fail(r, &ce);
-    for (int k = 0; k < r->world; k++) {
-        const int64_t lo = r->shard_cuts[k], len = r->shard_cuts[k + 1] - lo;
-        if (len > 0) be->copy_d2d(r->ls.params + lo, r->shard_buf + (size_t)k * r->shard_len, (size_t)len * sizeof(float));
+    r->ctx.be->sync();
+    for (int q = 0; q < r->world; q++) {
+        const int64_t lo = r->shard_cuts[q], hi = r->shard_cuts[q + 1];
+        if (hi > lo && comm_broadcast(r->comm, r->ls.params + lo, (size_t)(hi - lo), COMM_F32, q, &ce))
+            run_comm_fail(r, &ce);
     }
 }
 
@@ -232,7 +219,7 @@ static float sophia_hessian_pass(run_ctx *r, int step, int64_t step_targets) {
     const float scale = step_targets > 0 ? 1.0f / (float)step_targets : 0.0f;
     step_gradients(r, step, 1, scale, NULL, NULL);
     /* SHARD_GRAD_OP / FULL_SHARD: ĝ was reduce-scattered like the loss gradient; h is this rank's shard */
-    float *gh = r->sgo ? r->shard_buf + (size_t)r->rank * r->shard_len : r->ls.grads;
+    float *gh = r->sgo ? r->ls.grads + r->shard_lo : r->ls.grads;
     const float gn = r->sgo ? sgo_clip(r, gh, r->shard_hi - r->shard_lo)
                             : clip_grad_norm_backend(r->ctx.be, r->ls.grads, r->ls.n_params, r->c->max_grad_norm);
     if (isfinite(gn)) sophia_update_hessian(&r->sop, &r->soc, gh);
@@ -350,7 +337,7 @@ int train_step(run_ctx *r, int step, qerr *e) {
     step_gradients(r, step, 0, scale, &step_loss, &step_tok);
     step_agree(r, &step_loss, &step_tok);
     /* the gradient the optimizer sees: all of it, or (SHARD_GRAD_OP) this rank's shard */
-    float *g = r->sgo ? r->shard_buf + (size_t)r->rank * r->shard_len : r->ls.grads;
+    float *g = r->sgo ? r->ls.grads + r->shard_lo : r->ls.grads;
     const int64_t n_g = r->sgo ? r->shard_hi - r->shard_lo : r->ls.n_params;
     if (test_nan_step(step) && n_g > 0) r->ctx.be->fill_f32(g, 1, NAN);
     step_stats s = {.loss = step_tok ? step_loss / (double)step_tok : NAN,
