@@ -746,7 +746,8 @@ static void attn_compare(const ag_backend *be, const ag_backend *ref, int B, int
 }
 
 static void case_attention(const ag_backend *be, const ag_backend *ref) {
-    /* T = 150: two query blocks of ATT_BQ = 128, the second a 22-row tail; GQA 6:2; hd 64 (SmolLM2) */
+    /* T = 150: two query blocks of ATT_BQ = 128 (of ATT_BQB = 96 on the bf16 path), the second a tail;
+     * GQA 6:2; hd 64 (SmolLM2) */
     enum { B = 2, T = 150 };
     attn_compare(be, ref, B, T, 6, 2, 64, NULL, 100);
     int32_t packed[B * T], scattered[B * T];
@@ -757,6 +758,17 @@ static void case_attention(const ag_backend *be, const ag_backend *ref) {
     }
     attn_compare(be, ref, B, T, 6, 2, 64, packed, 101);
     attn_compare(be, ref, B, T, 4, 4, 40, scattered, 102);
+    /* the register-tiled bf16 path (hd a multiple of 64): its general mask path, and T = 101
+     * (an odd last tile of query rows, a key tile cut by T) with hd 128 and runs not 64-aligned */
+    attn_compare(be, ref, B, T, 4, 2, 64, scattered, 103);
+    enum { T2 = 101 };
+    int32_t packed2[B * T2];
+    for (int i = 0; i < B * T2; i++) {
+        int t = i % T2;
+        packed2[i] = t < 70 ? 0 : (t < 77 ? 1 : 2);
+    }
+    attn_compare(be, ref, B, T2, 4, 1, 128, packed2, 104);
+    attn_compare(be, ref, 1, T2, 2, 2, 64, NULL, 105);
 }
 
 static void case_attention_cached(const ag_backend *be, const ag_backend *ref) {
