@@ -745,7 +745,23 @@ static void attn_compare(const ag_backend *be, const ag_backend *ref, int B, int
     }
 }
 
+static void case_attention_shapes(const ag_backend *be, const ag_backend *ref);
+
+/* The cpu backend's bf16 attention has two register-tiled kernels (autograd/backend_cpu_nn.inc):
+ * AMX tiles where the processor and Linux grant them, vdpbf16ps otherwise (QLORA_CPU_AMX=0
+ * forces it); both run here. */
 static void case_attention(const ag_backend *be, const ag_backend *ref) {
+    const char *was = getenv("QLORA_CPU_AMX");
+    char keep[16] = "";
+    if (was) snprintf(keep, sizeof keep, "%s", was);
+    case_attention_shapes(be, ref);
+    setenv("QLORA_CPU_AMX", "0", 1);
+    case_attention_shapes(be, ref);
+    if (was) setenv("QLORA_CPU_AMX", keep, 1);
+    else unsetenv("QLORA_CPU_AMX");
+}
+
+static void case_attention_shapes(const ag_backend *be, const ag_backend *ref) {
     /* T = 150: two query blocks of ATT_BQ = 128 (of ATT_BQB = 96 on the bf16 path), the second a tail;
      * GQA 6:2; hd 64 (SmolLM2) */
     enum { B = 2, T = 150 };
