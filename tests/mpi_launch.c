@@ -35,6 +35,28 @@ int mpi_launch_available(char *why, size_t n) {
     return 1;
 }
 
+int mpi_launch_skip(void) {
+    char why[256];
+    if (mpi_launch_available(why, sizeof why)) return 0;
+    printf("SKIPPED: %s\n", why);
+    return 1;
+}
+
+int mpi_launch_trainer(int np, const char *cfg, const char *out, const char *const *extra,
+                       const char *const *env_extra, char **err) {
+    static const char *const threads1[] = {"OMP_NUM_THREADS=1", NULL};
+    char od[600];
+    snprintf(od, sizeof od, "output_dir=%s", out);
+    char *prog[16];
+    int n = 0;
+    prog[n++] = (char *)subproc_trainer();
+    prog[n++] = (char *)cfg;
+    prog[n++] = od;
+    for (int i = 0; extra && extra[i] && n < 15; i++) prog[n++] = (char *)extra[i];
+    prog[n] = NULL;
+    return mpi_launch_run(np, prog, env_extra ? env_extra : threads1, 600, err);
+}
+
 int mpi_launch_run(int np, char *const *prog_argv, const char *const *env_extra, int timeout_s, char **err) {
     char **argv;
     qerr e;

@@ -11,6 +11,15 @@
  * in why (n bytes) for the test's "SKIPPED: <why>" line. */
 int mpi_launch_available(char *why, size_t n);
 
+/* For a test's first line: 0 when mpi_launch_available, else prints "SKIPPED: <why>" and returns 1. */
+int mpi_launch_skip(void);
+
+/* `mpirun -np <np> <trainer> cfg output_dir=out extra...` (the trainer of tests/subproc.h subproc_trainer;
+ * extra: NULL or NULL-terminated key=value overrides, at most 12) run as mpi_launch_run does, env_extra
+ * NULL meaning OMP_NUM_THREADS=1, at most 600 s. Returns the exit code; *err (malloc'd) gets stderr. */
+int mpi_launch_trainer(int np, const char *cfg, const char *out, const char *const *extra,
+                       const char *const *env_extra, char **err);
+
 /* Runs `mpirun -np <np> <flags> prog_argv...` (env_extra: NULL or
  * NULL-terminated "NAME=value" added to mpirun's environment, which local
  * ranks inherit) to completion, at most timeout_s seconds (then SIGKILL, exit

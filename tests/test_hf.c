@@ -34,6 +34,7 @@
 #include "model/llama_infer.h"
 #include "format/peft.h"
 #include "format/safetensors.h"
+#include "tests/tiny_model.h"
 #include "trainer/export.h"
 
 #define NL 2
@@ -52,29 +53,6 @@ static float *rand_f32(int64_t n, uint64_t seed, float scale) {
     assert_non_null(p);
     for (int64_t i = 0; i < n; i++) p[i] = (2.0f * rng_uniform(seed, 7, (uint64_t)i) - 1.0f) * scale;
     return p;
-}
-
-/* GPT-2 byte alphabet spelling of byte b. */
-static void byte_sym(int b, char *out) {
-    static int map[256];
-    static int init = 0;
-    if (!init) {
-        int n = 0;
-        for (int x = 0; x < 256; x++) {
-            int printable = (x >= '!' && x <= '~') || (x >= 0xA1 && x <= 0xAC) || (x >= 0xAE && x <= 0xFF);
-            map[x] = printable ? x : 256 + n++;
-        }
-        init = 1;
-    }
-    int cp = map[b];
-    if (cp < 0x80) {
-        out[0] = (char)cp;
-        out[1] = 0;
-    } else {
-        out[0] = (char)(0xC0 | (cp >> 6));
-        out[1] = (char)(0x80 | (cp & 0x3F));
-        out[2] = 0;
-    }
 }
 
 /* Qwen2's template (as its GGUF stores it: real newlines in the literals), one of data/chat.h's known ones */
@@ -100,30 +78,7 @@ static void write_tiny_gguf(const char *path) {
     gguf_writer_add_u32(w, "llama.attention.head_count_kv", NKV);
     gguf_writer_add_f32(w, "llama.rope.freq_base", 10000.0f);
     gguf_writer_add_f32(w, "llama.attention.layer_norm_rms_epsilon", 1e-5f);
-    gguf_writer_add_str(w, "tokenizer.ggml.model", "gpt2");
-    gguf_writer_add_str(w, "tokenizer.ggml.pre", "smollm");
-    static char toks[VOCAB][16];
-    const char *tp[VOCAB];
-    int32_t types[VOCAB];
-    strcpy(toks[0], "<|endoftext|>");
-    strcpy(toks[1], "<|im_start|>");
-    strcpy(toks[2], "<|im_end|>");
-    for (int i = 0; i < 3; i++) types[i] = 3;
-    for (int b = 0; b < 256; b++) {
-        byte_sym(b, toks[3 + b]);
-        types[3 + b] = 1;
-    }
-    strcpy(toks[259], "he");
-    strcpy(toks[260], "ll");
-    strcpy(toks[261], "hell");
-    for (int i = 259; i < VOCAB; i++) types[i] = 1;
-    static char special_buf[3][16];
-    for (int i = 0; i < VOCAB; i++) tp[i] = toks[i];
-    (void)special_buf;
-    gguf_writer_add_arr_str(w, "tokenizer.ggml.tokens", tp, NULL, VOCAB);
-    gguf_writer_add_arr_i32(w, "tokenizer.ggml.token_type", types, VOCAB);
-    const char *merges[3] = {"h e", "l l", "he ll"};
-    gguf_writer_add_arr_str(w, "tokenizer.ggml.merges", merges, NULL, 3);
+    tiny_vocab_add(w, "smollm", "<|endoftext|>", "<|im_start|>", "<|im_end|>");
     gguf_writer_add_u32(w, "tokenizer.ggml.bos_token_id", 1);
     gguf_writer_add_u32(w, "tokenizer.ggml.eos_token_id", 2);
     gguf_writer_add_u32(w, "tokenizer.ggml.padding_token_id", 2);
@@ -1051,28 +1006,7 @@ static void test_tokenizer_json_llama3_roundtrip(void **state) {
     gguf_writer *w;
     qerr e;
     assert_int_equal(gguf_writer_init(&w, &e), 0);
-    gguf_writer_add_str(w, "tokenizer.ggml.model", "gpt2");
-    gguf_writer_add_str(w, "tokenizer.ggml.pre", "llama-bpe");
-    static char toks[VOCAB][16];
-    const char *tp[VOCAB];
-    int32_t types[VOCAB];
-    strcpy(toks[0], "<|begin_of_text|>");
-    strcpy(toks[1], "<|eot_id|>");
-    strcpy(toks[2], "<|reserved_0|>");
-    for (int i = 0; i < 3; i++) types[i] = 3;
-    for (int b = 0; b < 256; b++) {
-        byte_sym(b, toks[3 + b]);
-        types[3 + b] = 1;
-    }
-    strcpy(toks[259], "he");
-    strcpy(toks[260], "ll");
-    strcpy(toks[261], "hell");
-    for (int i = 259; i < VOCAB; i++) types[i] = 1;
-    for (int i = 0; i < VOCAB; i++) tp[i] = toks[i];
-    gguf_writer_add_arr_str(w, "tokenizer.ggml.tokens", tp, NULL, VOCAB);
-    gguf_writer_add_arr_i32(w, "tokenizer.ggml.token_type", types, VOCAB);
-    const char *merges[3] = {"h e", "l l", "he ll"};
-    gguf_writer_add_arr_str(w, "tokenizer.ggml.merges", merges, NULL, 3);
+    tiny_vocab_add(w, "llama-bpe", "<|begin_of_text|>", "<|eot_id|>", "<|reserved_0|>");
     gguf_writer_add_u32(w, "tokenizer.ggml.bos_token_id", 0);
     gguf_writer_add_u32(w, "tokenizer.ggml.eos_token_id", 1);
     gguf_writer_add_bool(w, "tokenizer.ggml.add_bos_token", 1);

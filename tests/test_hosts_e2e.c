@@ -124,31 +124,13 @@ static int ns_make(char *why, size_t n) {
 static int setup(void **st) {
     if (tmpdir_setup(st, "qlora-hosts-")) return -1;
     snprintf(g_dir, sizeof g_dir, "%s", ((const tmpdir *)*st)->dir);
-    char p[256];
-    snprintf(p, sizeof p, "%s/tiny.gguf", g_dir);
-    if (tiny_model_write(p, 11)) return -1;
-    snprintf(p, sizeof p, "%s/train.jsonl", g_dir);
-    FILE *f = fopen(p, "w");
-    if (!f) return -1;
-    static const char *const words[] = {"hello", "shell", "help", "yellow", "cell", "the", "of", "and"};
-    for (int d = 0; d < 40; d++) {
-        fprintf(f, "{\"text\": \"");
-        for (int w = 0; w < 4 + d % 5; w++) fprintf(f, "%s%s", w ? " " : "", words[(d * 5 + w * 3) % 8]);
-        fprintf(f, ".\"}\n");
-    }
-    fclose(f);
-    snprintf(g_cfg, sizeof g_cfg, "%s/config.yaml", g_dir);
-    f = fopen(g_cfg, "w");
-    if (!f) return -1;
-    fprintf(f,
-            "base_model: %s/tiny.gguf\nadapter: qlora\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.1\n"
-            "lora_target_linear: true\ndatasets:\n  - path: %s/train.jsonl\n    type: completion\nval_set_size: 4\n"
-            "sequence_len: 32\nsample_packing: true\nmicro_batch_size: 1\ngradient_accumulation_steps: 2\n"
-            "max_steps: %d\nlearning_rate: 1e-2\nwarmup_steps: 1\nlr_scheduler: cosine\neval_steps: 3\n"
-            "save_steps: %d\nseed: 7\nnum_threads: 1\n",
-            g_dir, g_dir, STEPS, STEPS);
-    fclose(f);
-    return 0;
+    char tail[512];
+    snprintf(tail, sizeof tail,
+             "val_set_size: 4\nsequence_len: 32\nsample_packing: true\nmicro_batch_size: 1\n"
+             "gradient_accumulation_steps: 2\nmax_steps: %d\nlearning_rate: 1e-2\nwarmup_steps: 1\n"
+             "lr_scheduler: cosine\neval_steps: 3\nsave_steps: %d\nseed: 7\nnum_threads: 1\n",
+             STEPS, STEPS);
+    return tiny_world_write(g_dir, 11, 40, 8, 5, 5, tail, g_cfg, sizeof g_cfg);
 }
 
 static int teardown(void **st) {

@@ -88,8 +88,30 @@ static void test_selective_plan(void **st) {
     assert_true(fabs((sel.activations - sel31.activations) - per_layer) < 1.0);
 }
 
+/* gradient_accumulation_steps > 1: trainer/step.c sums the micro-batches' adapter gradients in an fp32
+ * buffer of its own (run.c grad_acc, on the host or the device): one float per adapter element more. */
+static void test_accumulation_buffer(void **st) {
+    (void)st;
+    const llama_hparams hp = {.n_layer = 30, .d_model = 576, .n_head = 9, .n_kv_head = 3, .head_dim = 64,
+                              .d_ff = 1536, .vocab = 49152, .context_length = 8192, .rope_theta = 100000.0f,
+                              .rms_eps = 1e-5f, .tied_embeddings = 1};
+    for (int cuda = 0; cuda < 2; cuda++) {
+        memplan_input in = {.hp = hp, .B = 2, .T = 512, .checkpointing = 1, .bf16 = 1, .lora_r = 16,
+                            .lora_params = 4884480, .frozen_bytes = 54770040, .n_threads = 2, .device_cuda = cuda};
+        memplan one, two, four;
+        in.grad_accumulation = 1;
+        memplan_predict(&in, &one);
+        in.grad_accumulation = 2;
+        memplan_predict(&in, &two);
+        in.grad_accumulation = 4;
+        memplan_predict(&in, &four);
+        assert_true(two.adapters - one.adapters == 4.0 * 4884480);
+        assert_true(four.adapters == two.adapters && four.total == two.total);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_nf4_bytes), cmocka_unit_test(test_device_plan),
-                                       cmocka_unit_test(test_selective_plan)};
+                                       cmocka_unit_test(test_selective_plan), cmocka_unit_test(test_accumulation_buffer)};
     return cmocka_run_group_tests_name("memplan", tests, NULL, NULL);
 }

@@ -66,43 +66,19 @@
 static char g_dir[64], g_cfg[128];
 static const char *const THREADS1[] = {"OMP_NUM_THREADS=1", NULL};
 
-static int skip_without_mpi(void) {
-    char why[256];
-    if (mpi_launch_available(why, sizeof why)) return 0;
-    printf("SKIPPED: %s\n", why);
-    return 1;
-}
+static int skip_without_mpi(void) { return mpi_launch_skip(); }
 
 /* Tiny model, ~60 short documents, the config of case 1. */
 static int setup(void **st) {
     if (tmpdir_setup(st, "qlora-ranks-")) return -1;
     snprintf(g_dir, sizeof g_dir, "%s", ((const tmpdir *)*st)->dir);
-    char p[256];
-    snprintf(p, sizeof p, "%s/tiny.gguf", g_dir);
-    if (tiny_model_write(p, 11)) return -1;
-    snprintf(p, sizeof p, "%s/train.jsonl", g_dir);
-    FILE *f = fopen(p, "w");
-    if (!f) return -1;
-    static const char *const words[] = {"hello", "shell", "help", "yellow", "cell", "the", "of", "and", "hell",
-                                        "tell", "well", "spell", "ls -l", "man page", "open(2)", "read"};
-    for (int d = 0; d < 60; d++) {
-        fprintf(f, "{\"text\": \"");
-        for (int w = 0; w < 4 + d % 7; w++) fprintf(f, "%s%s", w ? " " : "", words[(d * 7 + w * 3) % 16]);
-        fprintf(f, ".\"}\n");
-    }
-    fclose(f);
-    snprintf(g_cfg, sizeof g_cfg, "%s/config.yaml", g_dir);
-    f = fopen(g_cfg, "w");
-    if (!f) return -1;
-    fprintf(f,
-            "base_model: %s/tiny.gguf\nadapter: qlora\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.1\nlora_target_linear: true\n"
-            "datasets:\n  - path: %s/train.jsonl\n    type: completion\nval_set_size: 6\nsequence_len: 32\n"
-            "sample_packing: true\nmicro_batch_size: 1\ngradient_accumulation_steps: 2\nmax_steps: %d\n"
-            "learning_rate: 1e-2\nwarmup_steps: 2\nlr_scheduler: cosine\nweight_decay: 0.01\neval_steps: 3\n"
-            "save_steps: 6\nseed: 5\nnum_threads: 1\n",
-            g_dir, g_dir, STEPS);
-    fclose(f);
-    return 0;
+    char tail[512];
+    snprintf(tail, sizeof tail,
+             "val_set_size: 6\nsequence_len: 32\nsample_packing: true\nmicro_batch_size: 1\ngradient_accumulation_steps: 2\n"
+             "max_steps: %d\nlearning_rate: 1e-2\nwarmup_steps: 2\nlr_scheduler: cosine\nweight_decay: 0.01\neval_steps: 3\n"
+             "save_steps: 6\nseed: 5\nnum_threads: 1\n",
+             STEPS);
+    return tiny_world_write(g_dir, 11, 60, 16, 7, 7, tail, g_cfg, sizeof g_cfg);
 }
 
 static int teardown(void **st) { return tmpdir_teardown(st); }
@@ -110,16 +86,7 @@ static int teardown(void **st) { return tmpdir_teardown(st); }
 /* `mpirun -np np trainer cfg output_dir=out extra...`; exit code, stderr into *err. */
 static int run_ranks(int np, const char *cfg, const char *out, const char *const *extra, const char *const *env,
                      char **err) {
-    char od[300];
-    snprintf(od, sizeof od, "output_dir=%s", out);
-    char *prog[16];
-    int n = 0;
-    prog[n++] = (char *)subproc_trainer();
-    prog[n++] = (char *)cfg;
-    prog[n++] = od;
-    for (int i = 0; extra && extra[i] && n < 15; i++) prog[n++] = (char *)extra[i];
-    prog[n] = NULL;
-    return mpi_launch_run(np, prog, env ? env : THREADS1, 600, err);
+    return mpi_launch_trainer(np, cfg, out, extra, env, err);
 }
 
 static const char *const KEEP[] = {"step", "loss", "lr", "grad_norm", "epoch", "eval_loss", "eval_ppl",
@@ -216,6 +183,9 @@ static int signal_job(const char *out, int nproc, int sig, const char *fault) {
     subproc_wait(&p, 60);
     const int rc = subproc_exit_code(&p);
     if (!fault && !strstr(p.err ? p.err : "", "[checkpoint] stopped by")) fprintf(stderr, "exit %d:\n%s", rc, p.err);
+    if (!fault) /* the resume hint: the command typed, --nproc 2 included */
+        assert_non_null(strstr(p.err ? p.err : "",
+                               nproc ? " --nproc 2 " : "Resume with the same command under the same launcher"));
     subproc_free(&p);
     return rc;
 }

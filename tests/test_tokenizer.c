@@ -24,6 +24,7 @@
 #include "data/tokenizer.h"
 #include "data/tokenizer_json.h"
 #include "format/gguf_write.h"
+#include "tests/tiny_model.h"
 
 #define MODEL_PATH "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 #define FIXTURE_PATH "tests/fixtures/tokenizer_cases.json"
@@ -242,24 +243,6 @@ static void gb_kv_arr_i32(gbuf *b, const char *key, const int32_t *vals, size_t 
     gb_put(b, vals, 4 * n);
 }
 
-/* The byte alphabet spelling of byte b (GPT-2 bytes_to_unicode) as UTF-8. */
-static void byte_spelling(int b, char out[3]) {
-    int n = 0, cp = -1;
-    for (int x = 0; x < 256; x++) {
-        int printable = (x >= '!' && x <= '~') || (x >= 0xA1 && x <= 0xAC) || (x >= 0xAE && x <= 0xFF);
-        int c = printable ? x : 256 + n++;
-        if (x == b) cp = c;
-    }
-    if (cp < 0x80) {
-        out[0] = (char)cp;
-        out[1] = 0;
-    } else {
-        out[0] = (char)(0xC0 | (cp >> 6));
-        out[1] = (char)(0x80 | (cp & 0x3F));
-        out[2] = 0;
-    }
-}
-
 /* Writes a GGUF with a synthetic vocabulary: <eos>, <ctl>, the 256 byte
  * tokens, then merges  "a b" -> ab, "b c" -> bc, "ab c" -> abc, "Ġ a" -> Ġa.
  * `model`/`pre` NULL omit the key. Returns the path (static buffer). */
@@ -275,7 +258,7 @@ static const char *write_tiny_gguf(const char *dir, const char *name, const char
     types[nt++] = 3;
     for (int b = 0; b < 256; b++) {
         char s[3];
-        byte_spelling(b, s);
+        tiny_byte_sym(b, s);
         toks[nt] = strdup(s);
         types[nt++] = 1;
     }

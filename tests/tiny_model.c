@@ -18,8 +18,7 @@
 #define TM_FF 128
 #define TM_VOCAB 262
 
-/* GPT-2's byte alphabet: byte b as the UTF-8 of its stand-in code point. */
-static void byte_sym(int b, char *out) {
+void tiny_byte_sym(int b, char out[3]) {
     int n = 0, cp = -1;
     for (int x = 0; x < 256; x++) {
         int printable = (x >= '!' && x <= '~') || (x >= 0xA1 && x <= 0xAC) || (x >= 0xAE && x <= 0xFF);
@@ -34,6 +33,32 @@ static void byte_sym(int b, char *out) {
         out[1] = (char)(0x80 | (cp & 0x3F));
         out[2] = 0;
     }
+}
+
+void tiny_vocab_add(struct gguf_writer *w, const char *pre, const char *special0, const char *special1,
+                    const char *special2) {
+    static char toks[TM_VOCAB][16];
+    const char *tp[TM_VOCAB];
+    int32_t types[TM_VOCAB];
+    gguf_writer_add_str(w, "tokenizer.ggml.model", "gpt2");
+    gguf_writer_add_str(w, "tokenizer.ggml.pre", pre);
+    snprintf(toks[0], sizeof toks[0], "%s", special0);
+    snprintf(toks[1], sizeof toks[1], "%s", special1);
+    snprintf(toks[2], sizeof toks[2], "%s", special2);
+    for (int i = 0; i < 3; i++) types[i] = 3;
+    for (int b = 0; b < 256; b++) {
+        tiny_byte_sym(b, toks[3 + b]);
+        types[3 + b] = 1;
+    }
+    strcpy(toks[259], "he");
+    strcpy(toks[260], "ll");
+    strcpy(toks[261], "hell");
+    for (int i = 259; i < TM_VOCAB; i++) types[i] = 1;
+    for (int i = 0; i < TM_VOCAB; i++) tp[i] = toks[i];
+    gguf_writer_add_arr_str(w, "tokenizer.ggml.tokens", tp, NULL, TM_VOCAB);
+    gguf_writer_add_arr_i32(w, "tokenizer.ggml.token_type", types, TM_VOCAB);
+    const char *merges[3] = {"h e", "l l", "he ll"};
+    gguf_writer_add_arr_str(w, "tokenizer.ggml.merges", merges, NULL, 3);
 }
 
 int tiny_model_write(const char *path, uint64_t seed) {
@@ -52,28 +77,7 @@ int tiny_model_write(const char *path, uint64_t seed) {
     gguf_writer_add_u32(w, "llama.attention.head_count_kv", TM_NKV);
     gguf_writer_add_f32(w, "llama.rope.freq_base", 10000.0f);
     gguf_writer_add_f32(w, "llama.attention.layer_norm_rms_epsilon", 1e-5f);
-    gguf_writer_add_str(w, "tokenizer.ggml.model", "gpt2");
-    gguf_writer_add_str(w, "tokenizer.ggml.pre", "smollm");
-    static char toks[TM_VOCAB][16];
-    const char *tp[TM_VOCAB];
-    int32_t types[TM_VOCAB];
-    strcpy(toks[0], "<|endoftext|>");
-    strcpy(toks[1], "<|im_start|>");
-    strcpy(toks[2], "<|im_end|>");
-    for (int i = 0; i < 3; i++) types[i] = 3;
-    for (int b = 0; b < 256; b++) {
-        byte_sym(b, toks[3 + b]);
-        types[3 + b] = 1;
-    }
-    strcpy(toks[259], "he");
-    strcpy(toks[260], "ll");
-    strcpy(toks[261], "hell");
-    for (int i = 259; i < TM_VOCAB; i++) types[i] = 1;
-    for (int i = 0; i < TM_VOCAB; i++) tp[i] = toks[i];
-    gguf_writer_add_arr_str(w, "tokenizer.ggml.tokens", tp, NULL, TM_VOCAB);
-    gguf_writer_add_arr_i32(w, "tokenizer.ggml.token_type", types, TM_VOCAB);
-    const char *merges[3] = {"h e", "l l", "he ll"};
-    gguf_writer_add_arr_str(w, "tokenizer.ggml.merges", merges, NULL, 3);
+    tiny_vocab_add(w, "smollm", "<|endoftext|>", "<|im_start|>", "<|im_end|>");
     gguf_writer_add_u32(w, "tokenizer.ggml.bos_token_id", 1);
     gguf_writer_add_u32(w, "tokenizer.ggml.eos_token_id", 2);
     gguf_writer_add_u32(w, "tokenizer.ggml.padding_token_id", 2);
@@ -125,4 +129,44 @@ int tiny_model_write(const char *path, uint64_t seed) {
     gguf_writer_free(w);
     for (int i = 0; i < nk; i++) free(keep[i]);
     return rc;
+}
+
+int tiny_corpus_write(const char *path, int docs, int nwords, int mul, int span) {
+    static const char *const words[] = {"hello", "shell", "help", "yellow", "cell", "the", "of", "and", "hell",
+                                        "tell", "well", "spell", "ls -l", "man page", "open(2)", "read"};
+    if (nwords < 1 || nwords > 16 || span < 1) {
+        fprintf(stderr, "tiny_corpus_write: nwords %d (1..16), span %d (>= 1)\n", nwords, span);
+        return -1;
+    }
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        fprintf(stderr, "tiny_corpus_write: cannot create %s\n", path);
+        return -1;
+    }
+    for (int d = 0; d < docs; d++) {
+        fprintf(f, "{\"text\": \"");
+        for (int w = 0; w < 4 + d % span; w++) fprintf(f, "%s%s", w ? " " : "", words[(d * mul + w * 3) % nwords]);
+        fprintf(f, ".\"}\n");
+    }
+    return fclose(f) ? -1 : 0;
+}
+
+int tiny_world_write(const char *dir, uint64_t seed, int docs, int nwords, int mul, int span, const char *config_tail,
+                     char *cfg, size_t cfg_n) {
+    char p[512];
+    snprintf(p, sizeof p, "%s/tiny.gguf", dir);
+    if (tiny_model_write(p, seed)) return -1;
+    snprintf(p, sizeof p, "%s/train.jsonl", dir);
+    if (tiny_corpus_write(p, docs, nwords, mul, span)) return -1;
+    snprintf(cfg, cfg_n, "%s/config.yaml", dir);
+    FILE *f = fopen(cfg, "w");
+    if (!f) {
+        fprintf(stderr, "tiny_world_write: cannot create %s\n", cfg);
+        return -1;
+    }
+    fprintf(f,
+            "base_model: %s/tiny.gguf\nadapter: qlora\nlora_r: 4\nlora_alpha: 8\nlora_dropout: 0.1\n"
+            "lora_target_linear: true\ndatasets:\n  - path: %s/train.jsonl\n    type: completion\n%s",
+            dir, dir, config_tail);
+    return fclose(f) ? -1 : 0;
 }

@@ -315,17 +315,25 @@ int main(int argc, char **argv) {
     if (r.interrupted) {
         /* 128 + signal, the shell's convention for "stopped by that signal":
          * the run did not finish, and scripts must not mistake it for done. */
+        /* the command the user typed: a rank of `--nproc N` was started by mpirun without --nproc
+         * (launch_nproc passes QLORA_NPROC_STOP_FILE), so it is put back */
         char cmd[2048] = "";
+        const char *sf = getenv(NPROC_STOP_ENV);
+        int by_nproc = sf && *sf;
         for (int i = 0; i < argc; i++) {
             size_t l = strlen(cmd);
             int quote = strpbrk(argv[i], " \t'\"[]{}$*?;&|<>()") != NULL;
             snprintf(cmd + l, sizeof cmd - l, i ? (quote ? " '%s'" : " %s") : (quote ? "'%s'" : "%s"), argv[i]);
+            if (i == 0 && by_nproc) {
+                l = strlen(cmd);
+                snprintf(cmd + l, sizeof cmd - l, " --nproc %d", cm->world_size);
+            }
         }
         fprintf(stderr,
                 "qlora-train: stopped by %s after step %d; checkpoint %s is complete. Resume with the same "
-                "command:\n  %s\n",
-                run_stop_signal_name(r.interrupted),
-                r.interrupted_step, r.checkpoint, cmd);
+                "command%s:\n  %s\n",
+                run_stop_signal_name(r.interrupted), r.interrupted_step, r.checkpoint,
+                cm->world_size > 1 && !by_nproc ? " under the same launcher (mpirun, srun or torchrun)" : "", cmd);
         train_config_free(&c);
         gemm_shutdown();
         /* before MPI_Finalize: once mpirun has passed a signal on, Open MPI may end the ranks in it */

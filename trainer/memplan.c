@@ -76,6 +76,7 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     const double frozen = in->frozen_shard_bytes > 0 ? (double)in->frozen_shard_bytes : (double)in->frozen_bytes;
     out->base = frozen + V * D * 2.0 * tables + (2 * L + 1) * D * 4 + T * hp->head_dim * 4.0;
     out->adapters = 8.0 * (double)in->lora_params;  /* A, B and their gradients, fp32 */
+    if (in->grad_accumulation > 1) out->adapters += 4.0 * (double)in->lora_params; /* the accumulation buffer */
     out->optimizer = in->optimizer_bytes > 0 ? (double)in->optimizer_bytes
                                              : 8.0 * (double)in->lora_params; /* AdamW m and v, fp32 */
     if (in->shard_optimizer && in->world > 1) {

@@ -34,6 +34,8 @@ typedef struct memplan_input {
     int64_t data_bytes;    /* the tokenized rows held for the whole run: packed train and held-out sets and
                               the epoch permutation (bytes), or 0 */
     int n_threads;
+    int grad_accumulation; /* gradient_accumulation_steps: > 1 adds the fp32 buffer the micro-batches' adapter
+                              gradients are summed in (trainer/step.c grad_acc), one element per lora_params */
     int device_cuda;       /* 1: predict the device memory of the CUDA backend (memplan.c "GPU") */
     /* several processes (README "Several processes"): the prediction is per rank */
     int world;             /* ranks (0 or 1: one process) */

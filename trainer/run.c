@@ -128,6 +128,13 @@ static void stop_handlers_restore(const struct sigaction old[RUN_N_STOP_SIGNALS 
  * training step on it). The CUDA backend has not run on a GPU yet: the line says so. */
 static int setup_device_choose(run_ctx *r, qerr *e) {
     const train_config *c = r->c;
+    /* device: cpu first: nothing probes CUDA then (a CUDA build's CPU ranks never touch a GPU) */
+    if (!strcmp(c->device, "cpu")) {
+        if (ag_backend_default()->host_data == 0 && strcmp(ag_backend_default()->name, "cpu-fenced"))
+            ag_backend_set_default(ag_backend_find("cpu") ? ag_backend_find("cpu") : ag_backend_find("cpu-ref"));
+        fprintf(stderr, "[device] cpu (device: cpu; backend %s)\n", ag_backend_default()->name);
+        return 0;
+    }
     char name[256] = "";
     int built = ag_backend_cuda_built();
     const ag_backend *cuda = built ? ag_backend_find("cuda") : NULL;
@@ -144,12 +151,6 @@ static int setup_device_choose(run_ctx *r, qerr *e) {
         if (!cuda) return qerr_set(e, "%s: device: cuda: no CUDA device is visible to this process", r->cfgname);
         ag_backend_set_default(cuda);
         fprintf(stderr, "[device] cuda: %s (device: cuda; the CUDA backend is %s)\n", name, unvalidated);
-        return 0;
-    }
-    if (!strcmp(c->device, "cpu")) {
-        if (ag_backend_default()->host_data == 0 && strcmp(ag_backend_default()->name, "cpu-fenced"))
-            ag_backend_set_default(ag_backend_find("cpu") ? ag_backend_find("cpu") : ag_backend_find("cpu-ref"));
-        fprintf(stderr, "[device] cpu (device: cpu; backend %s)\n", ag_backend_default()->name);
         return 0;
     }
     if (env && *env) /* auto: an explicit QLORA_BACKEND wins */
@@ -619,6 +620,7 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
                                              r->eval_set.n_rows * r->eval_set.seq_len) +
                                        8 * r->train_set.n_rows,
                          .n_threads = r->n_threads,
+                         .grad_accumulation = c->gradient_accumulation_steps,
                          .world = r->world,
                          .shard_optimizer = c->fsdp_shard_grad_op || c->fsdp_full_shard,
                          .frozen_shard_bytes = m->fsdp ? (int64_t)llama_fsdp_resident_bytes(m->fsdp) : 0,
