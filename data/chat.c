@@ -181,6 +181,20 @@ int chat_template_named(const char *name, const chat_template **out, qerr *e) {
 
 const char *chat_template_axolotl_name(const chat_template *ct) { return ct->axolotl; }
 
+/* The texts of axolotl's named templates (scripts/axolotl_chat_jinja.py), for exports only. */
+static const struct {
+    const char *name, *text;
+} AXO_JINJA[] = {
+#include "data/chat_axolotl_jinja.inc"
+};
+
+const char *chat_template_axolotl_source(const chat_template *ct) {
+    if (!ct->axolotl) return NULL;
+    for (size_t i = 0; i < sizeof AXO_JINJA / sizeof AXO_JINJA[0]; i++)
+        if (!strcmp(AXO_JINJA[i].name, ct->axolotl)) return AXO_JINJA[i].text;
+    return NULL;
+}
+
 int chat_template_system_in_user_turn(const chat_template *ct) {
     return ct->kind == CHAT_MISTRAL_V3 || ct->kind == CHAT_AXO_MISTRAL_V1 || ct->kind == CHAT_AXO_MISTRAL_V2V3;
 }

@@ -92,6 +92,10 @@ uint64_t chat_template_hash(const char *source);
 int chat_template_named(const char *name, const chat_template **out, qerr *e);
 /* axolotl's name for the template's text ("qwen_25", "llama3", ...), or NULL. */
 const char *chat_template_axolotl_name(const chat_template *ct);
+/* The Jinja text of axolotl 0.19.0's template of that name, byte for byte as axolotl reads
+ * templates/<name>.jinja (data/chat_axolotl_jinja.inc), for writing into an exported tokenizer as
+ * axolotl saves it; NULL when the template is not one of axolotl's named ones. */
+const char *chat_template_axolotl_source(const chat_template *ct);
 /* 1 for the Mistral templates, which render the system message inside a user
  * turn: axolotl's ChatTemplateStrategy.find_turn skips a leading system turn
  * there when the model's name contains "mistral", so its labels depend on the

@@ -87,6 +87,13 @@ int dataset_build(const tokenizer *tok, const dataset_spec *train, int n_train, 
         goto done;
     }
     if (dataset_split_docs(docs.n, n_test > 0 ? 0.0 : val_set_size, seed, is_eval, e)) goto done;
+    if (sample_packing & DATASET_PACK_IN_ORDER) {
+        /* curriculum_sampling: axolotl merges without shuffling and splits with
+         * train_test_split(shuffle=False): the held-out set is the last documents */
+        int64_t n_val = 0;
+        for (int64_t i = 0; i < docs.n; i++) n_val += is_eval[i];
+        for (int64_t i = 0; i < docs.n; i++) is_eval[i] = i >= docs.n - n_val;
+    }
     for (int64_t i = 0; i < docs.n; i++) is_train[i] = !is_eval[i];
 
     if (dataset_fit(&docs, is_train, sequence_len, &ex_train, &stats->train, e)) goto done;
@@ -103,9 +110,12 @@ int dataset_build(const tokenizer *tok, const dataset_spec *train, int n_train, 
     /* The raw documents are no longer needed: release them before packing. */
     dataset_examples_free(&docs);
     dataset_examples_free(&tdocs);
-    if (dataset_pack(&ex_train, sequence_len, sample_packing, pad, 1, seed, train_out, &stats->train, e)) goto done;
+    if (dataset_pack(&ex_train, sequence_len, sample_packing, pad, !(sample_packing & DATASET_PACK_IN_ORDER), seed,
+                     train_out, &stats->train, e))
+        goto done;
     if (ex_eval.n > 0 &&
-        dataset_pack(&ex_eval, sequence_len, sample_packing, pad, 0, seed, eval_out, &stats->eval, e))
+        dataset_pack(&ex_eval, sequence_len, sample_packing | DATASET_PACK_IN_ORDER, pad, 0, seed, eval_out,
+                     &stats->eval, e))
         goto done;
     rc = 0;
 done:

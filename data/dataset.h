@@ -59,7 +59,14 @@
  * sample_packing = 1: examples, in an order shuffled from the seed, go to the
  * first row with room (first-fit, O(log rows) per example via a max-segment
  * tree); an example is never split across rows. sample_packing = 0: one
- * example per row. Unused positions are padding: input pad_id, target -100,
+ * example per row. Two of axolotl's keys change this (bits of the
+ * `sample_packing` argument, DATASET_PACK_*): sample_packing_sequentially
+ * packs next-fit (axolotl's allocate_sequentially: an example that does not
+ * fit the current row closes it and opens the next, so the order is kept);
+ * curriculum_sampling keeps the file order (axolotl's SequentialSampler and
+ * its unshuffled merge): no shuffle before packing, rows visited in order in
+ * every epoch, and the held-out split is the last documents (HF
+ * train_test_split with shuffle=False, as axolotl calls it). Unused positions are padding: input pad_id, target -100,
  * position 0, seq_id -1. Attention must not cross seq_ids.
  */
 #ifndef QLORA_DATA_DATASET_H
@@ -149,6 +156,7 @@ typedef struct packed_set {
     int32_t *position_ids; /* restart at 0 for each packed example; 0 on padding */
     int32_t *seq_ids;      /* index of the example within its row (0, 1, ...); -1 on padding */
     int64_t n_target_tokens; /* positions with targets != -100 */
+    int in_order;            /* 1: rows are visited in order every epoch (curriculum_sampling) */
 } packed_set;
 
 /* What happened to one split, for the trainer's `[data]` lines. */
@@ -197,6 +205,12 @@ int dataset_split_docs(int64_t n_docs, double val_set_size, uint64_t seed, uint8
 int dataset_fit(const dataset_examples *docs, const uint8_t *select, int sequence_len, dataset_examples *out,
                 dataset_split_stats *st, qerr *e);
 
+/* Bits of dataset_pack's / dataset_build's `sample_packing` argument (0 and 1
+ * keep their plain meaning: one example per row, first-fit packing). */
+#define DATASET_PACK 1            /* axolotl sample_packing: several examples per row */
+#define DATASET_PACK_SEQUENTIAL 2 /* sample_packing_sequentially: next-fit in order (with DATASET_PACK) */
+#define DATASET_PACK_IN_ORDER 4   /* curriculum_sampling: no shuffle, rows in order, held-out = last documents */
+
 /* dataset_pack: pack `ex` (each n <= seq_len) into rows as described at the
  * top. shuffle = 1 permutes the example order from `seed` first. Fills
  * *out (caller frees with packed_set_free) and st->n_examples, n_tokens,
@@ -210,7 +224,9 @@ int dataset_pack(const dataset_examples *ex, int seq_len, int sample_packing, in
  * test specs if n_test > 0 (val_set_size must then be 0), else
  * dataset_split_docs(val_set_size). Fits and packs both (train shuffled from
  * seed; eval in document order). eval_out gets n_rows = 0 when there is no
- * held-out set. sequence_len >= 2. On error nothing is left allocated. */
+ * held-out set. sequence_len >= 2. sample_packing: 0/1 or DATASET_PACK_* bits
+ * (with DATASET_PACK_IN_ORDER the held-out documents are the last ones and
+ * train is not shuffled). On error nothing is left allocated. */
 int dataset_build(const tokenizer *tok, const dataset_spec *train, int n_train, const dataset_spec *test,
                   int n_test, double val_set_size, int sequence_len, int sample_packing, int train_on_inputs,
                   uint64_t seed, packed_set *train_out, packed_set *eval_out, dataset_stats *stats, qerr *e);
@@ -218,6 +234,11 @@ int dataset_build(const tokenizer *tok, const dataset_spec *train, int n_train, 
 /* dataset_epoch_order: perm (n_rows) = a permutation of 0..n_rows-1 that
  * depends only on (seed, epoch): the order rows are visited in that epoch. */
 void dataset_epoch_order(uint64_t seed, int epoch, int64_t n_rows, int64_t *perm);
+
+/* dataset_rows_order: the order the rows of `ps` are visited in epoch `epoch`
+ * (perm has ps->n_rows entries): 0, 1, ... when ps->in_order
+ * (curriculum_sampling), else dataset_epoch_order(seed, epoch). */
+void dataset_rows_order(const packed_set *ps, uint64_t seed, int epoch, int64_t *perm);
 
 /* dataset_row_describe: a human-readable view of one packed row for "show
  * the label mask" (docs/design.md "Known traps"): each example's text, with the

@@ -6,6 +6,9 @@
  * a seeded shuffled order: a max-segment tree over the rows' free space finds
  * the leftmost row with room in O(log rows), so packing a million examples
  * stays fast. Row order is reshuffled every epoch by dataset_epoch_order.
+ * axolotl's sample_packing_sequentially packs next-fit instead, and its
+ * curriculum_sampling keeps the order (no shuffle, rows in order): see
+ * data/dataset.h.
  * Random choices come from core/rng.h (counter-based), so they depend only on
  * the seed.
  */
@@ -55,6 +58,13 @@ static void pack_permute(uint64_t seed, uint64_t stream, int64_t n, int64_t *per
 
 void dataset_epoch_order(uint64_t seed, int epoch, int64_t n_rows, int64_t *perm) {
     pack_permute(seed, PACK_STREAM_EPOCH + (uint64_t)(uint32_t)epoch, n_rows, perm);
+}
+
+void dataset_rows_order(const packed_set *ps, uint64_t seed, int epoch, int64_t *perm) {
+    if (ps->in_order)
+        for (int64_t i = 0; i < ps->n_rows; i++) perm[i] = i;
+    else
+        dataset_epoch_order(seed, epoch, ps->n_rows, perm);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -133,6 +143,7 @@ int dataset_pack(const dataset_examples *ex, int seq_len, int sample_packing, in
                  uint64_t seed, packed_set *out, dataset_split_stats *st, qerr *e) {
     memset(out, 0, sizeof *out);
     out->seq_len = seq_len;
+    out->in_order = (sample_packing & DATASET_PACK_IN_ORDER) != 0;
     if (seq_len < 2) return qerr_set(e, "sequence_len = %d: must be at least 2", seq_len);
     int64_t n = ex->n;
     for (int64_t i = 0; i < n; i++)
@@ -156,7 +167,21 @@ int dataset_pack(const dataset_examples *ex, int seq_len, int sample_packing, in
         for (int64_t i = 0; i < n; i++) order[i] = i;
 
     int64_t n_rows = 0;
-    if (sample_packing) {
+    if ((sample_packing & DATASET_PACK) && (sample_packing & DATASET_PACK_SEQUENTIAL)) {
+        /* Next-fit in order (axolotl's allocate_sequentially): an example that
+         * does not fit the current row's free space opens the next row. */
+        int32_t used = seq_len;
+        for (int64_t k = 0; k < n; k++) {
+            int32_t need = ex->v[order[k]].n;
+            if (used + need > seq_len) {
+                n_rows++;
+                used = 0;
+            }
+            row_of[order[k]] = n_rows - 1;
+            off_of[order[k]] = used;
+            used += need;
+        }
+    } else if (sample_packing & DATASET_PACK) {
         /* Max-segment tree over the free space of rows 0..P-1 (n rows always
          * suffice); descend to the leftmost leaf with enough room. */
         int64_t P = 1;

@@ -56,36 +56,111 @@ static void *zalloc(const ag_backend *be, size_t bytes) {
     return p;
 }
 
+static int init_part(adamw8bit_state *s, const ag_backend *be, int64_t lo, int64_t hi, const int64_t *offset,
+                     const int64_t *numel, int n_tensors, int ranged, qerr *e);
+
+int64_t adamw8bit_shard_cut(const int64_t *offset, const int64_t *numel, int n_tensors, int64_t x) {
+    for (int i = 0; i < n_tensors; i++) {
+        if (numel[i] < ADAMW8BIT_MIN_8BIT_SIZE || x <= offset[i] || x >= offset[i] + numel[i]) continue;
+        const int64_t r = (x - offset[i]) % ADAMW8BIT_BLOCKSIZE;
+        if (!r) return x;
+        const int64_t y = x + ADAMW8BIT_BLOCKSIZE - r;
+        return y < offset[i] + numel[i] ? y : offset[i] + numel[i];
+    }
+    return x;
+}
+
+/* Elements of tensor (off, num) before x, clamped to [0, num]. */
+static int64_t before(int64_t off, int64_t num, int64_t x) {
+    const int64_t k = x - off;
+    return k < 0 ? 0 : k > num ? num : k;
+}
+
+void adamw8bit_range_index(const int64_t *offset, const int64_t *numel, int n_tensors, int64_t lo, int64_t hi,
+                           int64_t *block_lo, int64_t *block_hi, int64_t *n32_lo, int64_t *n32_hi) {
+    int64_t b0 = 0, b1 = 0, c0 = 0, c1 = 0;
+    for (int i = 0; i < n_tensors; i++) {
+        if (numel[i] >= ADAMW8BIT_MIN_8BIT_SIZE) {
+            b0 += blocks_of(before(offset[i], numel[i], lo));
+            b1 += blocks_of(before(offset[i], numel[i], hi));
+        } else {
+            c0 += before(offset[i], numel[i], lo);
+            c1 += before(offset[i], numel[i], hi);
+        }
+    }
+    *block_lo = b0, *block_hi = b1, *n32_lo = c0, *n32_hi = c1;
+}
+
+int64_t adamw8bit_state_bytes_range(const int64_t *offset, const int64_t *numel, int n_tensors, int64_t lo,
+                                    int64_t hi) {
+    int64_t b0, b1, c0, c1;
+    adamw8bit_range_index(offset, numel, n_tensors, lo, hi, &b0, &b1, &c0, &c1);
+    return 2 * (hi - lo) + 8 * (b1 - b0) + 8 * (c1 - c0) + 2 * (256 * 4 + BW8_LUT_SIZE);
+}
+
 int adamw8bit_state_init(adamw8bit_state *s, const ag_backend *be, int64_t n, const int64_t *offset,
                          const int64_t *numel, int n_tensors, qerr *e) {
     memset(s, 0, sizeof *s);
+    if (n < 0 || n_tensors < 0) return qerr_set(e, "adamw_8bit: negative parameter or tensor count");
+    for (int i = 0; i < n_tensors; i++)
+        if (offset[i] < 0 || numel[i] < 0 || offset[i] > n - numel[i])
+            return qerr_set(e, "adamw_8bit: tensor %d [%lld, +%lld) lies outside the %lld parameters", i,
+                            (long long)offset[i], (long long)numel[i], (long long)n);
+    return init_part(s, be, 0, n, offset, numel, n_tensors, 0, e);
+}
+
+int adamw8bit_state_init_range(adamw8bit_state *s, const ag_backend *be, int64_t lo, int64_t hi,
+                               const int64_t *offset, const int64_t *numel, int n_tensors, qerr *e) {
+    memset(s, 0, sizeof *s);
+    if (lo < 0 || hi < lo || n_tensors < 0) return qerr_set(e, "adamw_8bit: bad range [%lld, %lld)", (long long)lo, (long long)hi);
+    for (int i = 0; i < n_tensors; i++)
+        if (offset[i] < 0 || numel[i] < 0 || (i && offset[i] < offset[i - 1] + numel[i - 1]))
+            return qerr_set(e, "adamw_8bit: tensor %d [%lld, +%lld) is not after the one before it (arena order "
+                               "expected)", i, (long long)offset[i], (long long)numel[i]);
+    if (adamw8bit_shard_cut(offset, numel, n_tensors, lo) != lo || adamw8bit_shard_cut(offset, numel, n_tensors, hi) != hi)
+        return qerr_set(e, "adamw_8bit: the range [%lld, %lld) splits a quantization block of %d elements",
+                        (long long)lo, (long long)hi, ADAMW8BIT_BLOCKSIZE);
+    return init_part(s, be, lo, hi, offset, numel, n_tensors, 1, e);
+}
+
+/* The state of the elements [lo, hi) (ranged: only the pieces of the tensors that intersect it, offsets
+ * relative to lo; else every tensor as given). Arguments checked by the callers. */
+static int init_part(adamw8bit_state *s, const ag_backend *be, int64_t lo, int64_t hi, const int64_t *offset,
+                     const int64_t *numel, int n_tensors, int ranged, qerr *e) {
+    const int64_t n = hi - lo;
     if (!be->adamw8bit_update || !be->adamw_bnb32_update)
         return qerr_set(e, "optimizer adamw_8bit: the %s backend has no 8-bit AdamW kernel", be->name);
-    if (n < 0 || n_tensors < 0) return qerr_set(e, "adamw_8bit: negative parameter or tensor count");
     s->be = be;
     s->n = n;
-    s->n_tensors = n_tensors;
+    s->lo = lo;
+    if (ranged) {
+        int64_t b1, c1;
+        adamw8bit_range_index(offset, numel, n_tensors, lo, hi, &s->block_lo, &b1, &s->n32_lo, &c1);
+    }
+    for (int i = 0; i < n_tensors; i++) {
+        if (numel[i] >= ADAMW8BIT_MIN_8BIT_SIZE) s->n_blocks_all += blocks_of(numel[i]);
+        else s->n32_all += numel[i];
+    }
     s->tensors = calloc((size_t)n_tensors + 1, sizeof *s->tensors);
     if (!s->tensors) {
         adamw8bit_state_free(s);
         return qerr_set(e, "adamw_8bit: out of memory");
     }
     for (int i = 0; i < n_tensors; i++) {
-        adamw8bit_tensor *t = &s->tensors[i];
-        if (offset[i] < 0 || numel[i] < 0 || offset[i] > n - numel[i]) {
-            adamw8bit_state_free(s);
-            return qerr_set(e, "adamw_8bit: tensor %d [%lld, +%lld) lies outside the %lld parameters", i,
-                            (long long)offset[i], (long long)numel[i], (long long)n);
-        }
-        t->offset = offset[i];
-        t->numel = numel[i];
+        /* the piece [a, b) of tensor i inside [lo, hi) (all of it when not ranged) */
+        const int64_t a = ranged && offset[i] < lo ? lo : offset[i];
+        const int64_t b = ranged && offset[i] + numel[i] > hi ? hi : offset[i] + numel[i];
+        if (ranged && a >= b) continue;
+        adamw8bit_tensor *t = &s->tensors[s->n_tensors++];
+        t->offset = a - lo;
+        t->numel = b - a;
         t->eight_bit = numel[i] >= ADAMW8BIT_MIN_8BIT_SIZE;
         if (t->eight_bit) {
             t->block0 = s->n_blocks;
-            s->n_blocks += blocks_of(numel[i]);
+            s->n_blocks += blocks_of(t->numel);
         } else {
             t->off32 = s->n32;
-            s->n32 += numel[i];
+            s->n32 += t->numel;
         }
     }
     bw8_dynamic_map(1, s->qmap1);

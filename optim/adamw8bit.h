@@ -40,8 +40,13 @@ typedef struct adamw8bit_tensor {
 typedef struct adamw8bit_state {
     const ag_backend *be; /* where every array below lives and the update runs */
     int64_t n, step;      /* parameters; completed updates (bnb's state["step"]) */
+    /* The state covers elements [lo, lo + n) of the flat arena (0 unless adamw8bit_state_init_range: one
+     * rank's shard under SHARD_GRAD_OP / FULL_SHARD); its blocks are [block_lo, block_lo + n_blocks) of the
+     * whole arena's block list and its fp32 moments [n32_lo, n32_lo + n32) of the whole arena's. */
+    int64_t lo, block_lo, n32_lo;
+    int64_t n_blocks_all, n32_all; /* the whole arena's blocks and fp32-moment elements (= n_blocks, n32 unranged) */
     int n_tensors;
-    adamw8bit_tensor *tensors; /* host */
+    adamw8bit_tensor *tensors; /* host; offsets relative to lo (the pieces of the arena's tensors in [lo, lo + n)) */
     uint8_t *state1, *state2;  /* (n) codes of m and v (bnb's state1/state2); 0 over 32-bit tensors */
     int64_t n_blocks;
     float *absmax1, *absmax2;  /* (n_blocks) */
@@ -68,9 +73,35 @@ int64_t adamw8bit_state_bytes(const int64_t *numel, int n_tensors);
 int adamw8bit_state_init(adamw8bit_state *s, const ag_backend *be, int64_t n, const int64_t *offset,
                          const int64_t *numel, int n_tensors, qerr *e);
 
+/* Sharding (SHARD_GRAD_OP / FULL_SHARD, trainer/run.c): the smallest x' >= x at which a shard of the arena
+ * may begin or end so that every rank's quantization blocks are exactly blocks of one process's state —
+ * x itself unless x lies inside an 8-bit tensor (numel >= min_8bit_size) off its 256-element block grid
+ * (bitsandbytes quantizes each parameter tensor in blocks of 256 from its first element), then the next
+ * block start or the tensor's end. Tensors as adamw8bit_state_init's (arena order). */
+int64_t adamw8bit_shard_cut(const int64_t *offset, const int64_t *numel, int n_tensors, int64_t x);
+
+/* The blocks [*block_lo, *block_hi) of the whole arena's block list and the fp32-moment elements
+ * [*n32_lo, *n32_hi) that the elements [lo, hi) hold (lo, hi: shard cuts). */
+void adamw8bit_range_index(const int64_t *offset, const int64_t *numel, int n_tensors, int64_t lo, int64_t hi,
+                           int64_t *block_lo, int64_t *block_hi, int64_t *n32_lo, int64_t *n32_hi);
+
+/* adamw8bit_state_bytes for the part [lo, hi) of the arena (one rank's shard): 2 bytes per element,
+ * 8 per block of its 8-bit pieces, 8 per element of its fp32 pieces, the maps and tables. */
+int64_t adamw8bit_state_bytes_range(const int64_t *offset, const int64_t *numel, int n_tensors, int64_t lo,
+                                    int64_t hi);
+
+/* As adamw8bit_state_init for the part [lo, hi) of the arena only (one rank's shard): s->n = hi - lo,
+ * s->lo = lo, the pieces of the tensors that intersect it (each keeps its whole tensor's 8-bit choice
+ * and block grid), so adamw8bit_step(s, ..., param + lo, grad_shard) updates these elements exactly as
+ * the whole state would. Tensors must be in arena order (increasing offsets). Errors (-1, *e): lo or
+ * hi not a shard cut (adamw8bit_shard_cut), tensors out of order, and adamw8bit_state_init's. */
+int adamw8bit_state_init_range(adamw8bit_state *s, const ag_backend *be, int64_t lo, int64_t hi,
+                               const int64_t *offset, const int64_t *numel, int n_tensors, qerr *e);
+
 void adamw8bit_state_free(adamw8bit_state *s);
 
-/* One update of param (n) fp32 from grad (n) fp32 (both be's memory) at learning rate lr, with
+/* One update of param (n) fp32 from grad (n) fp32 (both be's memory; with a ranged state the elements
+ * [s->lo, s->lo + n) of the arena: pass param + s->lo) at learning rate lr, with
  * c's betas, eps and weight_decay (decay applied to every element, as bitsandbytes does in one
  * parameter group). Increments s->step first (t = step after), bias corrections in double:
  *   8-bit tensors:  per block dequantize, m = fma(g, 1-b1, m*b1), v = v*b2 + ((1-b2)*g)*g,

@@ -16,6 +16,11 @@
  *  - memory: the state takes about a quarter of fp32 AdamW's 8 bytes per parameter.
  *  - checkpoint: the state round-trips through state.h5, and steps after a restore continue bit for
  *    bit as the uninterrupted run.
+ *  - shards (SHARD_GRAD_OP / FULL_SHARD): the arena cut into 2, 3 and 7 ranks' shards on the block
+ *    grid (ckpt_shard_cuts: ckpt_shard_interval's boundaries moved by adamw8bit_shard_cut, here falling
+ *    inside 8-bit tensors off the grid), each shard's ranged state stepped alone: parameters, codes,
+ *    absmax and fp32 moments equal the whole state's bit for bit, its blocks are the whole state's
+ *    [block_lo, +n_blocks); a range that splits a block is refused.
  */
 #include <math.h>
 #include <setjmp.h>
@@ -30,6 +35,7 @@
 #include <cmocka.h>
 
 #include "optim/adamw8bit.h"
+#include "quant/blockwise8.h"
 #include "tests/ref_fixture.h"
 #include "trainer/checkpoint.h"
 
@@ -256,12 +262,82 @@ static void test_checkpoint_resume_is_exact(void **st) {
     free(q);
 }
 
+static void test_shards_on_the_block_grid(void **st) {
+    (void)st;
+    enum { NT = 4 };
+    const int64_t rows[NT] = {16, 576, 8, 40}, cols[NT] = {576, 16, 64, 130}; /* 8-bit, 8-bit, fp32, 8-bit (5200) */
+    int64_t off[NT], num[NT], n = 0;
+    for (int k = 0; k < NT; k++) off[k] = n, num[k] = rows[k] * cols[k], n += num[k];
+    float *p = malloc((size_t)n * 4), *g = malloc((size_t)n * 4), *q = malloc((size_t)n * 4);
+    assert_non_null(p);
+    assert_non_null(g);
+    assert_non_null(q);
+    const adamw_config c = {.lr = 1e-3, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8, .weight_decay = 0.01};
+    adamw8bit_state whole, part[7];
+    qerr e;
+    /* a range that splits a block is refused */
+    assert_int_equal(adamw8bit_state_init_range(&part[0], ag_backend_default(), 100, n, off, num, NT, &e), -1);
+    assert_non_null(strstr(e.msg, "splits a quantization block of 256"));
+    static const int worlds[3] = {2, 3, 7};
+    for (int w = 0; w < 3; w++) {
+        const int W = worlds[w];
+        int64_t cuts[8], off_grid = 0;
+        for (int64_t i = 0; i < n; i++) p[i] = q[i] = 0.01f * (float)((i * 7919) % 201 - 100) / 100.0f;
+        assert_int_equal(adamw8bit_state_init(&whole, ag_backend_default(), n, off, num, NT, &e), 0);
+        ckpt_shard_cuts(n, W, 1, off, num, NT, cuts);
+        for (int k = 1; k < W; k++) {
+            int64_t lo, hi;
+            ckpt_shard_interval(n, W, k, &lo, &hi);
+            off_grid += cuts[k] != lo; /* the plain boundary lay inside a block */
+            assert_true(cuts[k] >= lo && cuts[k] - lo < 256);
+        }
+        assert_true(off_grid > 0);
+        assert_int_equal(cuts[0], 0);
+        assert_int_equal(cuts[W], n);
+        for (int k = 0; k < W; k++)
+            assert_int_equal(adamw8bit_state_init_range(&part[k], ag_backend_default(), cuts[k], cuts[k + 1], off, num,
+                                                        NT, &e), 0);
+        for (int step = 1; step <= 4; step++) {
+            for (int64_t i = 0; i < n; i++)
+                g[i] = 1e-3f * (float)(((i + 31 * step + 7 * W) * 2654435761u) % 2001 - 1000) / 1000.0f;
+            adamw8bit_step(&whole, &c, 1e-3 / step, p, g);
+            for (int k = 0; k < W; k++) adamw8bit_step(&part[k], &c, 1e-3 / step, q + cuts[k], g + cuts[k]);
+        }
+        assert_memory_equal(p, q, (size_t)n * 4);
+        int64_t blocks = 0, n32 = 0;
+        for (int k = 0; k < W; k++) {
+            const adamw8bit_state *s = &part[k];
+            assert_int_equal(s->block_lo, blocks);
+            assert_int_equal(s->n32_lo, n32);
+            assert_memory_equal(s->state1, whole.state1 + cuts[k], (size_t)s->n);
+            assert_memory_equal(s->state2, whole.state2 + cuts[k], (size_t)s->n);
+            assert_memory_equal(s->absmax1, whole.absmax1 + s->block_lo, (size_t)s->n_blocks * 4);
+            assert_memory_equal(s->absmax2, whole.absmax2 + s->block_lo, (size_t)s->n_blocks * 4);
+            assert_memory_equal(s->m32, whole.m32 + s->n32_lo, (size_t)s->n32 * 4);
+            assert_memory_equal(s->v32, whole.v32 + s->n32_lo, (size_t)s->n32 * 4);
+            assert_int_equal(adamw8bit_state_bytes_range(off, num, NT, cuts[k], cuts[k + 1]) -
+                                 2 * (256 * 4 + BW8_LUT_SIZE),
+                             2 * s->n + 8 * s->n_blocks + 8 * s->n32);
+            blocks += s->n_blocks;
+            n32 += s->n32;
+            adamw8bit_state_free(&part[k]);
+        }
+        assert_int_equal(blocks, whole.n_blocks);
+        assert_int_equal(n32, whole.n32);
+        adamw8bit_state_free(&whole);
+    }
+    free(p);
+    free(g);
+    free(q);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_maps),
         cmocka_unit_test(test_ten_steps_against_bitsandbytes),
         cmocka_unit_test(test_state_is_a_quarter),
         cmocka_unit_test(test_checkpoint_resume_is_exact),
+        cmocka_unit_test(test_shards_on_the_block_grid),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

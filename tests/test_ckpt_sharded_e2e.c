@@ -22,6 +22,9 @@
  *     one process resumes to the same bits; an existing OUT is refused.
  *  6. A corrupted or missing shard file: resume_from_checkpoint is refused with one line naming it.
  *  Also SophiaG (NO_SHARD + SHARDED_STATE_DICT): m and h sharded, the same bits, resumed 2 -> 1.
+ *  8. SophiaG and 8-bit AdamW with their state sharded (SHARD_GRAD_OP / FULL_SHARD): world 2 writes
+ *     shard files; 2 -> 1, 1 -> 2 bit for bit; adamw_8bit also 2 -> 3 (absmax read back by block) within
+ *     the world-3 tolerance, and its consolidated checkpoint equal to one process's.
  *  7. The loss watchdog's streak (trainer_state loss_watchdog_streak) survives a SIGTERM and resume: the
  *     resumed run stops at the uninterrupted run's step with the same state (one process, then 2 ranks).
  * Without MPI or mpirun every case prints "SKIPPED: <why>" and is skipped (7's one-process half runs).
@@ -42,6 +45,7 @@
 #include <cmocka.h>
 
 #include "core/clock.h"
+#include "core/file.h"
 #include "tests/e2e_run.h"
 #include "tests/mpi_launch.h"
 #include "tests/subproc.h"
@@ -104,10 +108,24 @@ static void assert_same_state(const char *pa, const char *pb) {
     assert_int_equal(sa.opt_step, sb.opt_step);
     assert_int_equal(sa.rows_consumed, sb.rows_consumed);
     assert_true(sa.opt_lo == 0 && sa.opt_hi == sa.n_params && sb.opt_lo == 0 && sb.opt_hi == sb.n_params);
+    assert_string_equal(sa.optimizer, sb.optimizer);
     const size_t n = (size_t)sa.n_params * sizeof(float);
     assert_memory_equal(sa.params, sb.params, n);
-    assert_memory_equal(sa.exp_avg, sb.exp_avg, n);
-    assert_memory_equal(sa.exp_avg_sq, sb.exp_avg_sq, n);
+    if (!strcmp(sa.optimizer, "adamw_8bit")) { /* codes, absmax per block, the fp32 moments of the small tensors */
+        assert_true(sa.n_blocks > 0 && sa.n_blocks == sb.n_blocks && sa.n32 == sb.n32);
+        assert_true(sa.blk_lo == 0 && sa.blk_hi == sa.n_blocks && sb.n32_lo == 0 && sb.n32_hi == sb.n32);
+        assert_memory_equal(sa.state1, sb.state1, (size_t)sa.n_params);
+        assert_memory_equal(sa.state2, sb.state2, (size_t)sa.n_params);
+        assert_memory_equal(sa.absmax1, sb.absmax1, (size_t)sa.n_blocks * sizeof(float));
+        assert_memory_equal(sa.absmax2, sb.absmax2, (size_t)sa.n_blocks * sizeof(float));
+        assert_memory_equal(sa.exp_avg, sb.exp_avg, (size_t)sa.n32 * sizeof(float));
+        assert_memory_equal(sa.exp_avg_sq, sb.exp_avg_sq, (size_t)sa.n32 * sizeof(float));
+    } else {
+        assert_memory_equal(sa.exp_avg, sb.exp_avg, n);
+        assert_true(!sa.hessian == !sb.hessian && !sa.exp_avg_sq == !sb.exp_avg_sq);
+        if (sa.hessian) assert_memory_equal(sa.hessian, sb.hessian, n);
+        if (sa.exp_avg_sq) assert_memory_equal(sa.exp_avg_sq, sb.exp_avg_sq, n);
+    }
     ckpt_state_free(&sa);
     ckpt_state_free(&sb);
 }
@@ -361,6 +379,82 @@ static void test_sophia_sharded(void **st) {
     e2e_assert_same_file(pa, pb);
 }
 
+/* 8. The optimizer state sharded with the update (SHARD_GRAD_OP / FULL_SHARD) for SophiaG (m, h) and
+ * bitsandbytes' 8-bit AdamW (lora_r 32 on q, gate, up, down: codes state1/state2 by element,
+ * absmax1/absmax2 by block, the fp32 moments of the 2048-element tensors; each rank's interval on the
+ * 256-element block grid):
+ * world 2 writes one shard file per rank; 2 -> 1 and 1 -> 2 end with world 1 x acc 2's bits; for
+ * adamw_8bit also 2 -> 3 (three shards cut off the plain n/3 boundaries, read back by block) within the
+ * world-3 tolerance, and --consolidate gives world 1's checkpoint-6 bit for bit. */
+static void test_sharded_optimizers(void **st) {
+    if (skip_without_mpi()) skip();
+    static const char *const opt[2][7] = {
+        {"sophia", "optimizer=sophia", "sophia_k=2", "lora_r=4", "lora_alpha=8", "lora_dropout=0.1", "fsdp=[shard_grad_op]"},
+        {"adamw8bit", "optimizer=adamw_8bit", "lora_r=32", "lora_target_linear=false",
+         "lora_target_modules=[q_proj,gate_proj,up_proj,down_proj]", "lora_alpha=64", "fsdp=[full_shard]"}};
+    for (int o = 0; o < 2; o++) {
+        char a[256], b[256], x[256], y[256], ck[320], ck2[320], *err = NULL;
+        snprintf(a, sizeof a, "%s/%s-opt-w1", g_dir, opt[o][0]);
+        snprintf(b, sizeof b, "%s/%s-opt-w2", g_dir, opt[o][0]);
+        snprintf(x, sizeof x, "%s/%s-opt-2to1", g_dir, opt[o][0]);
+        snprintf(y, sizeof y, "%s/%s-opt-1to2", g_dir, opt[o][0]);
+        const char *const one[] = {opt[o][1], opt[o][2], opt[o][3], opt[o][4], opt[o][5], NULL};
+        const char *const two[] = {opt[o][1], opt[o][2], opt[o][3], opt[o][4], opt[o][5], opt[o][6],
+                                   "gradient_accumulation_steps=1", NULL};
+        must(e2e_run_trainer(g_cfg, a, one, THREADS1, &err), err);
+        must(run_ranks(2, b, two, NULL, &err), err);
+        snprintf(ck, sizeof ck, "%s/checkpoint-%d", b, STEPS);
+        assert_sharded_layout(ck, 2);
+        assert_same_run(a, b);
+        copy_ckpt(b, 6, x);
+        must(e2e_run_trainer(g_cfg, x, one, THREADS1, &err), err);
+        assert_same_run(a, x);
+        copy_ckpt(a, 6, y);
+        must(run_ranks(2, y, two, NULL, &err), err);
+        assert_same_run(a, y);
+        if (o == 0) continue;
+        /* consolidated: world 1's checkpoint-6 */
+        snprintf(ck, sizeof ck, "%s/checkpoint-6", b);
+        snprintf(ck2, sizeof ck2, "%s/%s-consolidated-6", g_dir, opt[o][0]);
+        char *argv[] = {(char *)subproc_tool("export"), "--consolidate", ck, ck2, NULL};
+        must(subproc_run(argv, THREADS1, 60, &err), err);
+        assert_true(exists(ck2, CKPT_STATE_FILE));
+        snprintf(ck, sizeof ck, "%s/checkpoint-6", a);
+        assert_same_state(ck, ck2);
+        /* 2 -> 3 at a global batch of 6 rows */
+        char r[256], z[256];
+        snprintf(r, sizeof r, "%s/%s-opt-w2-acc3", g_dir, opt[o][0]);
+        snprintf(z, sizeof z, "%s/%s-opt-2to3", g_dir, opt[o][0]);
+        must(run_ranks(2, r, (const char *const[]){opt[o][1], opt[o][2], opt[o][3], opt[o][4], opt[o][5], opt[o][6],
+                                                   "gradient_accumulation_steps=3", NULL},
+                       NULL, &err),
+             err);
+        copy_ckpt(r, 6, z);
+        must(run_ranks(3, z, (const char *const[]){opt[o][1], opt[o][2], opt[o][3], opt[o][4], opt[o][5], opt[o][6],
+                                                   "gradient_accumulation_steps=2", NULL},
+                       NULL, &err),
+             err);
+        snprintf(ck, sizeof ck, "%s/checkpoint-%d", z, STEPS);
+        assert_sharded_layout(ck, 3);
+        /* 45056 parameters (22528 a layer: q 2048 + 2048, gate 2048 + 4096, up 2048 + 4096, down 4096 +
+         * 2048, lora_A then lora_B, the 4096-element ones 8-bit): the plain cuts 15019 and 30038 fall
+         * inside up_proj.lora_B of layer 0 (from 12288) and gate_proj.lora_B of layer 1 (from 22528 +
+         * 6144), 171 and 86 elements past a block start: on the grid they are 15104 and 30208 */
+        char ip[400];
+        snprintf(ip, sizeof ip, "%s/%s", ck, CKPT_INDEX_FILE);
+        char *idx = file_read_all(ip, NULL, NULL);
+        assert_non_null(idx);
+        cJSON *j = cJSON_Parse(idx), *pc = cJSON_GetObjectItem(cJSON_GetObjectItem(j, "tensors"), "lora/params");
+        assert_int_equal(cJSON_GetArraySize(pc), 3);
+        assert_int_equal((int64_t)cJSON_GetObjectItem(cJSON_GetArrayItem(pc, 1), "offset")->valuedouble, 15104);
+        assert_int_equal((int64_t)cJSON_GetObjectItem(cJSON_GetArrayItem(pc, 2), "offset")->valuedouble, 30208);
+        assert_non_null(cJSON_GetObjectItem(cJSON_GetObjectItem(j, "tensors"), "optimizer/absmax1"));
+        cJSON_Delete(j);
+        free(idx);
+        world3_close(r, z);
+    }
+}
+
 /* 5. consolidate */
 static void test_consolidate(void **st) {
     if (skip_without_mpi()) skip();
@@ -516,11 +610,13 @@ static void test_watchdog_streak_resumes(void **st) {
 }
 
 int main(void) {
+    if (getenv("QLORA_TEST_FILTER")) cmocka_set_test_filter(getenv("QLORA_TEST_FILTER")); /* e.g. "test_sharded*" */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_layout_and_bits),       cmocka_unit_test(test_resume_2to1_1to2),
         cmocka_unit_test(test_kill_each_stage),       cmocka_unit_test(test_resume_2to3_3to2),
         cmocka_unit_test(test_sophia_sharded),        cmocka_unit_test(test_consolidate),
         cmocka_unit_test(test_bad_shard_refused),     cmocka_unit_test(test_watchdog_streak_resumes),
+        cmocka_unit_test(test_sharded_optimizers),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -71,6 +71,23 @@ static void test_ddp_timeout(void **st) {
     train_config_free(&c);
 }
 
+/* Sophia and 8-bit AdamW run with their state sharded (SHARD_GRAD_OP, FULL_SHARD; README "Several processes"). */
+static void test_sharded_optimizers_accepted(void **st) {
+    const tmpdir *t = *st;
+    static const char *const extra[] = {"fsdp: [full_shard]\noptimizer: sophia\n",
+                                        "fsdp: [shard_grad_op]\noptimizer: sophia\n",
+                                        "fsdp: [shard_grad_op]\noptimizer: adamw_8bit\n",
+                                        "fsdp: [full_shard]\noptimizer: adamw_8bit\n",
+                                        "fsdp_config:\n  fsdp_state_dict_type: SHARDED_STATE_DICT\noptimizer: adamw_8bit\n"};
+    for (size_t i = 0; i < sizeof extra / sizeof *extra; i++) {
+        train_config c;
+        qerr e;
+        if (load_with(t, extra[i], &c, &e)) fail_msg("refused: %s: %s", extra[i], e.msg);
+        assert_true(train_config_sharded_state_dict(&c));
+        train_config_free(&c);
+    }
+}
+
 static void test_strategies_refused(void **st) {
     const tmpdir *t = *st;
     char ds[256], text[512];
@@ -86,14 +103,8 @@ static void test_strategies_refused(void **st) {
                    "more than one of NO_SHARD, SHARD_GRAD_OP and FULL_SHARD");
     expect_refused(t, "fsdp: [full_shard]\nfsdp_config:\n  reshard_after_forward: false\n",
                    "more than one of NO_SHARD, SHARD_GRAD_OP and FULL_SHARD");
-    expect_refused(t, "fsdp: [full_shard]\noptimizer: sophia\n", "sophia with FULL_SHARD is not implemented yet");
-    expect_refused(t, "fsdp: [shard_grad_op]\noptimizer: sophia\n", "sophia with SHARD_GRAD_OP is not implemented yet");
-    expect_refused(t, "fsdp: [shard_grad_op]\noptimizer: adamw_8bit\n",
-                   "adamw_8bit with SHARD_GRAD_OP is not implemented yet");
     expect_refused(t, "fsdp_config:\n  fsdp_state_dict_type: LOCAL_STATE_DICT\n",
                    "expected FULL_STATE_DICT (one state file written by rank 0) or SHARDED_STATE_DICT");
-    expect_refused(t, "fsdp_config:\n  fsdp_state_dict_type: SHARDED_STATE_DICT\noptimizer: adamw_8bit\n",
-                   "SHARDED_STATE_DICT with optimizer adamw_8bit is not implemented yet");
     expect_refused(t, "fsdp_config:\n  fsdp_shard_everything: true\n", "fsdp_config.fsdp_shard_everything: unknown key");
     expect_refused(t, "fsdp_config: NO_SHARD\n", "fsdp_config: expected a mapping");
     for (int stage = 1; stage <= 1; stage++) {
@@ -277,6 +288,7 @@ static int group_setup(void **state) { return tmpdir_setup(state, "qlora_test_co
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_ddp_timeout),
+        cmocka_unit_test(test_sharded_optimizers_accepted),
         cmocka_unit_test(test_strategies_refused),
         cmocka_unit_test(test_no_shard_accepted_and_resolved),
         cmocka_unit_test(test_offload_params_on_cpu),

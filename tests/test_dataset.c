@@ -437,6 +437,129 @@ static char *make_docs_jsonl(int n_docs) {
     return s;
 }
 
+/* Rows of `ps` as lists of example indices (example k holds id k + 100), into rows[r][j] (-1 ends). */
+static void rows_of(const packed_set *ps, int rows[][16], int max_rows) {
+    assert_true(ps->n_rows <= max_rows);
+    int L = ps->seq_len;
+    for (int64_t r = 0; r < ps->n_rows; r++) {
+        int j = 0;
+        for (int t = 0; t < L; t++)
+            if (ps->seq_ids[r * L + t] >= 0 && (t == 0 || ps->seq_ids[r * L + t] != ps->seq_ids[r * L + t - 1]))
+                rows[r][j++] = ps->input_ids[r * L + t] - 100;
+        rows[r][j] = -1;
+    }
+}
+
+/* axolotl's sample_packing_sequentially (allocate_sequentially in utils/samplers/multipack.py, 0.19.0)
+ * with curriculum_sampling (SequentialSampler): next-fit in file order, and rows visited in order every
+ * epoch. The expected rows below are axolotl's algorithm worked by hand on lengths 5 3 4 2 6 1 7 1 1 8
+ * with capacity 8, and, for the same lengths, first-fit in order (pack_group without shuffle). */
+static void test_packing_sequential(void **state) {
+    (void)state;
+    static const int len[] = {5, 3, 4, 2, 6, 1, 7, 1, 1, 8};
+    enum { N = 10, L = 8 };
+    dataset_examples ex = {0};
+    ex.v = calloc(N, sizeof *ex.v);
+    ex.n = ex.cap = N;
+    for (int k = 0; k < N; k++) {
+        ex.v[k].n = len[k];
+        ex.v[k].ids = malloc((size_t)len[k] * sizeof(int32_t));
+        ex.v[k].mask = malloc((size_t)len[k]);
+        for (int i = 0; i < len[k]; i++) {
+            ex.v[k].ids[i] = k + 100;
+            ex.v[k].mask[i] = 1;
+        }
+    }
+    static const int next_fit[][6] = {{0, 1, -1}, {2, 3, -1}, {4, 5, -1}, {6, 7, -1}, {8, -1}, {9, -1}};
+    static const int first_fit[][6] = {{0, 1, -1}, {2, 3, 5, 7, -1}, {4, 8, -1}, {6, -1}, {9, -1}};
+    int rows[N][16];
+    qerr e = {{0}};
+    packed_set ps;
+    const int seq_mode = DATASET_PACK | DATASET_PACK_SEQUENTIAL | DATASET_PACK_IN_ORDER;
+    assert_int_equal(dataset_pack(&ex, L, seq_mode, 7, 0, 42, &ps, NULL, &e), 0);
+    check_packing_invariants(&ps, 7);
+    assert_int_equal(ps.n_rows, 6);
+    assert_int_equal(ps.in_order, 1);
+    rows_of(&ps, rows, N);
+    for (int r = 0; r < 6; r++)
+        for (int j = 0; j == 0 || next_fit[r][j - 1] >= 0; j++) assert_int_equal(rows[r][j], next_fit[r][j]);
+    int64_t perm[N];
+    for (int ep = 0; ep < 3; ep++) {
+        dataset_rows_order(&ps, 42, ep, perm);
+        for (int64_t r = 0; r < ps.n_rows; r++) assert_int_equal(perm[r], r);
+    }
+    packed_set_free(&ps);
+    /* curriculum_sampling without sequential packing: first-fit in file order */
+    assert_int_equal(dataset_pack(&ex, L, DATASET_PACK | DATASET_PACK_IN_ORDER, 7, 0, 42, &ps, NULL, &e), 0);
+    assert_int_equal(ps.n_rows, 5);
+    rows_of(&ps, rows, N);
+    for (int r = 0; r < 5; r++)
+        for (int j = 0; j == 0 || first_fit[r][j - 1] >= 0; j++) assert_int_equal(rows[r][j], first_fit[r][j]);
+    packed_set_free(&ps);
+    /* sequential packing of the shuffled order: each row holds consecutive entries of the permutation */
+    assert_int_equal(dataset_pack(&ex, L, DATASET_PACK | DATASET_PACK_SEQUENTIAL, 7, 1, 42, &ps, NULL, &e), 0);
+    check_packing_invariants(&ps, 7);
+    assert_int_equal(ps.in_order, 0);
+    rows_of(&ps, rows, N);
+    int seen = 0, prev_free = -1;
+    for (int64_t r = 0; r < ps.n_rows; r++) {
+        int used = 0;
+        for (int j = 0; rows[r][j] >= 0; j++) used += len[rows[r][j]], seen++;
+        /* next-fit: the first example of a row did not fit the previous row's free space */
+        if (r > 0) assert_true(len[rows[r][0]] > prev_free);
+        prev_free = L - used;
+    }
+    assert_int_equal(seen, N);
+    dataset_rows_order(&ps, 42, 0, perm);
+    int moved = 0;
+    for (int64_t r = 0; r < ps.n_rows; r++) moved += perm[r] != r;
+    assert_true(moved > 0); /* without curriculum_sampling rows are shuffled per epoch */
+    packed_set_free(&ps);
+    dataset_examples_free(&ex);
+}
+
+/* curriculum_sampling through dataset_build: the held-out documents are the last ones (axolotl's
+ * train_test_split(shuffle=False) of the unshuffled data) and train rows keep the file order. */
+static void test_curriculum_build(void **state) {
+    fixture *fx = need_model(state);
+    char *jsonl = make_docs_jsonl(40);
+    dataset_spec spec = {write_jsonl(fx, "c.jsonl", jsonl), "completion", NULL, NULL, 0, NULL, .split = NULL};
+    free(jsonl);
+    packed_set tr, ev;
+    dataset_stats st;
+    qerr e = {{0}};
+    assert_int_equal(dataset_build(fx->tok, &spec, 1, NULL, 0, 0.1, 32,
+                                   DATASET_PACK | DATASET_PACK_SEQUENTIAL | DATASET_PACK_IN_ORDER, 0, 1234, &tr, &ev,
+                                   &st, &e),
+                     0);
+    assert_int_equal(st.eval.n_docs, 4);
+    assert_int_equal(tr.in_order, 1);
+    char *first = decode(fx->tok, tr.input_ids, 32);
+    assert_non_null(strstr(first, "Document 0."));
+    char *evt = decode(fx->tok, ev.input_ids, (size_t)ev.n_rows * 32);
+    for (int d = 36; d < 40; d++) {
+        char want[32];
+        snprintf(want, sizeof want, "Document %d.", d);
+        assert_non_null(strstr(evt, want));
+    }
+    assert_null(strstr(evt, "Document 35."));
+    /* document order is kept across rows: "Document d." appears in train rows in increasing d */
+    char *all = decode(fx->tok, tr.input_ids, (size_t)tr.n_rows * 32);
+    const char *at = all;
+    for (int d = 0; d < 36; d++) {
+        char want[32];
+        snprintf(want, sizeof want, "Document %d.", d);
+        const char *f = strstr(at, want);
+        assert_non_null(f);
+        at = f;
+    }
+    free(first);
+    free(evt);
+    free(all);
+    packed_set_free(&tr);
+    packed_set_free(&ev);
+}
+
 static void test_determinism(void **state) {
     fixture *fx = need_model(state);
     char *jsonl = make_docs_jsonl(40);
@@ -920,6 +1043,8 @@ int main(void) {
         cmocka_unit_test(test_input_output),
         cmocka_unit_test(test_split_slice),
         cmocka_unit_test(test_packing_invariants),
+        cmocka_unit_test(test_packing_sequential),
+        cmocka_unit_test(test_curriculum_build),
         cmocka_unit_test(test_determinism),
         cmocka_unit_test(test_split_no_leak),
         cmocka_unit_test(test_errors),

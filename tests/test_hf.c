@@ -23,6 +23,7 @@
 
 #include "autograd/gemm.h"
 #include "core/bf16.h"
+#include "core/file.h"
 #include "core/pyrepr.h"
 #include "core/rng.h"
 #include "data/chat.h"
@@ -642,6 +643,78 @@ static double max_abs_diff(const float *a, const float *b, int64_t n) {
 
 /* The tiny GGUF as an HF directory (bf16 safetensors, config, tokenizer files),
  * then loaded back: same tokenizer, same bf16 weights, same logits. */
+/* qlora-export --merged writes the chat template the run trained with (chat_template: <name> or
+ * chat_template_jinja), as axolotl saves the tokenizer with tokenizer.chat_template set to it:
+ * axolotl's template text byte for byte (each hashes to its entry of data/chat.c's table, the
+ * hashes tests/test_reference_axolotl_chat.c checks against axolotl's files), in chat_template.jinja
+ * (transformers 5's layout), and a reload of the directory sees it. */
+static void test_export_run_chat_template(void **state) {
+    (void)state;
+    base_model *g;
+    llama_model mg;
+    load_tiny(&g, &mg, 0, 32);
+    tokenizer *tg;
+    qerr e;
+    assert_int_equal(base_model_tokenizer(g, &tg, &e), 0);
+    assert_non_null(tokenizer_chat_template(tg));
+    static const char *const names[] = {"chatml", "qwen_25", "llama3", "mistral_v1", "mistral_v2v3",
+                                        "mistral_v3_tekken", "phi_3", "phi_35"};
+    char *text = NULL;
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        const chat_template *want, *got;
+        assert_int_equal(chat_template_named(names[i], &want, &e), 0);
+        assert_int_equal(export_run_chat_template(names[i], NULL, tg, &text, &e), 0);
+        assert_non_null(text);
+        assert_int_equal(chat_template_find(text, &got, &e), 0);
+        assert_ptr_equal(got, want);
+        free(text);
+    }
+    /* the model's own: nothing to write */
+    assert_int_equal(export_run_chat_template("tokenizer_default", NULL, tg, &text, &e), 0);
+    assert_null(text);
+    assert_int_equal(export_run_chat_template(NULL, NULL, tg, &text, &e), 0);
+    assert_null(text);
+    assert_int_equal(export_run_chat_template("tokenizer_default_fallback_llama3", NULL, tg, &text, &e), 0);
+    assert_null(text); /* the tiny model has a template */
+    /* jinja: the text itself, or a file */
+    assert_int_equal(export_run_chat_template("jinja", tokenizer_chat_template(tg), tg, &text, &e), 0);
+    assert_string_equal(text, tokenizer_chat_template(tg));
+    free(text);
+    assert_int_equal(export_run_chat_template("jinja", "{{ messages }}", tg, &text, &e), -1);
+    assert_null(text);
+    assert_int_equal(export_run_chat_template("gemma3", NULL, tg, &text, &e), -1);
+
+    char hd[256];
+    path_in(hd, sizeof hd, "hf_ct");
+    assert_int_equal(export_merged(g, NULL, tg, NULL, NULL, hd, 0, &e), 0);
+    assert_int_equal(export_run_chat_template("llama3", NULL, tg, &text, &e), 0);
+    assert_int_equal(export_write_chat_template(hd, text, &e), 0);
+    char p[300];
+    snprintf(p, sizeof p, "%s/tokenizer_config.json", hd);
+    cJSON *c = file_read_json_object(p, &e);
+    assert_non_null(c);
+    assert_null(cJSON_GetObjectItem(c, "chat_template"));
+    cJSON_Delete(c);
+    snprintf(p, sizeof p, "%s/chat_template.jinja", hd);
+    size_t n;
+    char *back = file_read_all(p, &n, &e);
+    assert_non_null(back);
+    assert_int_equal(n, strlen(text));
+    assert_memory_equal(back, text, n);
+    free(back);
+    base_model *h;
+    assert_int_equal(base_model_open(hd, &h, &e), 0);
+    tokenizer *th;
+    assert_int_equal(base_model_tokenizer(h, &th, &e), 0);
+    assert_string_equal(tokenizer_chat_template(th), text);
+    free(text);
+    tokenizer_free(th);
+    base_model_close(h);
+    tokenizer_free(tg);
+    llama_free(&mg);
+    base_model_close(g);
+}
+
 static void test_hf_dir_roundtrip(void **state) {
     (void)state;
     base_model *g;
@@ -1046,7 +1119,7 @@ int main(void) {
         cmocka_unit_test(test_adapter_load_and_gguf_lora),
         cmocka_unit_test(test_merged_export),
         cmocka_unit_test(test_chat_prompt_and_stop),
-        cmocka_unit_test(test_hf_dir_roundtrip),
+        cmocka_unit_test(test_hf_dir_roundtrip), cmocka_unit_test(test_export_run_chat_template),
         cmocka_unit_test(test_bnb4_checkpoint_adopted),
         cmocka_unit_test(test_hf_errors),
         cmocka_unit_test(test_tokenizer_json_llama3_roundtrip),

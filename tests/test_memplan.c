@@ -88,6 +88,27 @@ static void test_selective_plan(void **st) {
     assert_true(fabs((sel.activations - sel31.activations) - per_layer) < 1.0);
 }
 
+/* SHARD_GRAD_OP / FULL_SHARD: the optimizer state per rank is 1/world of the adapters' — AdamW's and
+ * Sophia's 8 bytes per element of ceil(n / world), adamw_8bit's the caller's figure for its shard on
+ * the block grid (adamw8bit_state_bytes_range, trainer/run.c). */
+static void test_sharded_optimizer_plan(void **st) {
+    (void)st;
+    const llama_hparams sm = {.n_layer = 30, .d_model = 576, .n_head = 9, .n_kv_head = 3, .head_dim = 64,
+                              .d_ff = 1536, .vocab = 49152, .context_length = 8192, .rope_theta = 100000.0f,
+                              .rms_eps = 1e-5f, .tied_embeddings = 1};
+    memplan_input in = {.hp = sm, .B = 1, .T = 256, .checkpointing = 1, .bf16 = 1, .lora_r = 8,
+                        .lora_params = 1000001, .n_threads = 1, .world = 2, .shard_optimizer = 1};
+    memplan p;
+    memplan_predict(&in, &p);
+    assert_true(p.optimizer == 8.0 * 500001);
+    in.optimizer_bytes = 123456; /* adamw_8bit: this rank's part */
+    memplan_predict(&in, &p);
+    assert_true(p.optimizer == 123456.0);
+    in.world = 1, in.shard_optimizer = 0, in.optimizer_bytes = 0;
+    memplan_predict(&in, &p);
+    assert_true(p.optimizer == 8.0 * 1000001);
+}
+
 /* gradient_accumulation_steps > 1: trainer/step.c sums the micro-batches' adapter gradients in an fp32
  * buffer of its own (run.c grad_acc, on the host or the device): one float per adapter element more. */
 static void test_accumulation_buffer(void **st) {
@@ -112,6 +133,7 @@ static void test_accumulation_buffer(void **st) {
 
 int main(void) {
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_nf4_bytes), cmocka_unit_test(test_device_plan),
-                                       cmocka_unit_test(test_selective_plan), cmocka_unit_test(test_accumulation_buffer)};
+                                       cmocka_unit_test(test_selective_plan), cmocka_unit_test(test_accumulation_buffer),
+                                       cmocka_unit_test(test_sharded_optimizer_plan)};
     return cmocka_run_group_tests_name("memplan", tests, NULL, NULL);
 }

@@ -117,6 +117,19 @@ static void assert_same_run(const char *a, const char *b, int final_step) {
     assert_int_equal(sa.hessian_updates, sb.hessian_updates);
     const size_t n = (size_t)sa.n_params * sizeof(float);
     assert_memory_equal(sa.params, sb.params, n);
+    if (!strcmp(sa.optimizer, "adamw_8bit")) { /* codes, absmax per block, the fp32 moments of the small tensors */
+        assert_int_equal(sa.n_blocks, sb.n_blocks);
+        assert_int_equal(sa.n32, sb.n32);
+        assert_memory_equal(sa.state1, sb.state1, (size_t)sa.n_params);
+        assert_memory_equal(sa.state2, sb.state2, (size_t)sa.n_params);
+        assert_memory_equal(sa.absmax1, sb.absmax1, (size_t)sa.n_blocks * sizeof(float));
+        assert_memory_equal(sa.absmax2, sb.absmax2, (size_t)sa.n_blocks * sizeof(float));
+        assert_memory_equal(sa.exp_avg, sb.exp_avg, (size_t)sa.n32 * sizeof(float));
+        assert_memory_equal(sa.exp_avg_sq, sb.exp_avg_sq, (size_t)sa.n32 * sizeof(float));
+        ckpt_state_free(&sa);
+        ckpt_state_free(&sb);
+        return;
+    }
     assert_memory_equal(sa.exp_avg, sb.exp_avg, n);
     assert_true(!sa.exp_avg_sq == !sb.exp_avg_sq && !sa.hessian == !sb.hessian);
     if (sa.exp_avg_sq) assert_memory_equal(sa.exp_avg_sq, sb.exp_avg_sq, n);
@@ -402,6 +415,68 @@ static void test_sophia_bit_identical(void **st) {
     assert_same_run(a, b, STEPS);
 }
 
+/* Run the trainer in one process into out unless out already holds a finished run (another case made it). */
+static void run_one_process_once(const char *out, const char *const *extra) {
+    char p[512], *err = NULL;
+    snprintf(p, sizeof p, "%s/adapter_model.safetensors", out);
+    if (!access(p, F_OK)) return;
+    int rc = e2e_run_trainer(g_cfg, out, extra, THREADS1, &err);
+    if (rc) fprintf(stderr, "%s", err);
+    assert_int_equal(rc, 0);
+    free(err);
+}
+
+/* The optimizer state and update on each rank's shard, for SophiaG and bitsandbytes' 8-bit AdamW:
+ * SHARD_GRAD_OP and FULL_SHARD on 2 ranks x accumulation 1 against 1 process x accumulation 2, every
+ * train and eval loss, the adapter bytes and the final optimizer state (Sophia's m and h; the 8-bit
+ * codes, absmax and the fp32 moments) bit for bit. Sophia: the Hessian-estimate gradient is
+ * reduce-scattered like the loss gradient and h updated on the shard. adamw_8bit with lora_r 32 keeps 8-bit
+ * moments for the 4096-element tensors (gate/up lora_B, down lora_A) and fp32 ones for the rest; the
+ * shards are cut on the 256-element block grid (here the halves meet at the layer boundary; off-grid cuts:
+ * tests/test_adamw8bit.c and test_ckpt_sharded_e2e's world 3). */
+static void test_sharded_optimizers(void **st) {
+    if (skip_without_mpi()) skip();
+    static const char *const strategies[2][2] = {{"fsdp=[shard_grad_op]", "SHARD_GRAD_OP"},
+                                                 {"fsdp=[full_shard]", "FULL_SHARD"}};
+    char a[256], b[256], line[128], *err = NULL;
+    snprintf(a, sizeof a, "%s/sophia-w1", g_dir);
+    run_one_process_once(a, (const char *const[]){"optimizer=sophia", "sophia_k=2", NULL});
+    for (int k = 0; k < 2; k++) {
+        snprintf(b, sizeof b, "%s/sophia-w2-%d", g_dir, k);
+        int rc = run_ranks(2, g_cfg, b,
+                           (const char *const[]){"optimizer=sophia", "sophia_k=2", "gradient_accumulation_steps=1",
+                                                 strategies[k][0], NULL},
+                           NULL, &err);
+        if (rc) fprintf(stderr, "%s", err);
+        assert_int_equal(rc, 0);
+        snprintf(line, sizeof line, "[ranks] 2 ranks (mpi, %s)", strategies[k][1]);
+        assert_non_null(strstr(err, line));
+        assert_non_null(strstr(err, "the optimizer state and update (1/world_size"));
+        free(err);
+        assert_same_run(a, b, STEPS);
+    }
+    snprintf(a, sizeof a, "%s/adamw8bit-w1", g_dir);
+    const char *const a8[] = {"optimizer=adamw_8bit", "lora_r=32", "lora_alpha=64", NULL};
+    run_one_process_once(a, a8);
+    for (int k = 0; k < 2; k++) {
+        snprintf(b, sizeof b, "%s/adamw8bit-w2-%d", g_dir, k);
+        int rc = run_ranks(2, g_cfg, b,
+                           (const char *const[]){a8[0], a8[1], a8[2], "gradient_accumulation_steps=1",
+                                                 strategies[k][0], NULL},
+                           NULL, &err);
+        if (rc) fprintf(stderr, "%s", err);
+        assert_int_equal(rc, 0);
+        assert_non_null(strstr(err, "8-bit blockwise moments (blocksize 256) for 6 of 28 tensors"));
+        assert_non_null(strstr(err, "per rank (its shard, on the block grid)"));
+        /* the planner's per-rank optimizer state is the state this rank allocated (both printed in MiB, .1f) */
+        const char *pm = strstr(err, "+ optimizer "), *po = strstr(err, "fp32 for the rest; state ");
+        assert_true(pm && po);
+        assert_true(fabs(atof(pm + strlen("+ optimizer ")) - atof(po + strlen("fp32 for the rest; state "))) < 0.05);
+        free(err);
+        assert_same_run(a, b, STEPS);
+    }
+}
+
 /* World 3 (oversubscribed on this 2-core machine) against world 1 x
  * accumulation 3: the same global batch, but three fp32 gradients associate
  * as MPI's algorithm chooses (recursive doubling pairs them (g0 + g2) + g1,
@@ -602,6 +677,7 @@ static void test_ranks_disagree(void **st) {
 }
 
 int main(void) {
+    if (getenv("QLORA_TEST_FILTER")) cmocka_set_test_filter(getenv("QLORA_TEST_FILTER")); /* e.g. "test_sharded*" */
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tiny_bit_identical),
         cmocka_unit_test(test_sigterm_and_resume),
@@ -609,6 +685,7 @@ int main(void) {
         cmocka_unit_test(test_resume_other_world_size),
         cmocka_unit_test(test_sophia_bit_identical),
         cmocka_unit_test(test_shard_grad_op),
+        cmocka_unit_test(test_sharded_optimizers),
         cmocka_unit_test(test_full_shard),
         cmocka_unit_test(test_world3_close),
         cmocka_unit_test(test_dead_rank),

@@ -484,7 +484,11 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
     const int sophia = !strcmp(s->optimizer, "sophia");
     const int q8 = !strcmp(s->optimizer, "adamw_8bit");
     if (!arrays) {
-        /* the moments are in the shard files */
+        /* the moments are in the shard files; adamw_8bit's layout parameters stay here */
+        if (q8) {
+            W(h5_attr_i64(g, "blocksize", ADAMW8BIT_BLOCKSIZE), "/optimizer blocksize");
+            W(h5_attr_i64(g, "min_8bit_size", ADAMW8BIT_MIN_8BIT_SIZE), "/optimizer min_8bit_size");
+        }
     } else if (q8) {
         /* bitsandbytes' states: codes of every element, one absmax per block of the 8-bit tensors, the
          * fp32 moments of the tensors below min_8bit_size (optim/adamw8bit.h) */
@@ -703,7 +707,18 @@ int ckpt_read_state(const char *path, ckpt_state *s, qerr *e) {
         what = "/optimizer name (neither \"adamw\", \"sophia\" nor \"adamw_8bit\")";
     if (!what && !arrays) {
         /* the moments are in the shard files; the scalars are read below */
-        if (!strcmp(s->optimizer, "adamw_8bit")) what = "/optimizer name (adamw_8bit is never sharded)";
+        if (!strcmp(s->optimizer, "adamw_8bit")) {
+            int64_t bs = 0, min8 = 0;
+            R(h5_get_attr(g, "blocksize", H5T_NATIVE_INT64, &bs), "/optimizer blocksize");
+            R(h5_get_attr(g, "min_8bit_size", H5T_NATIVE_INT64, &min8), "/optimizer min_8bit_size");
+            if (!what && (bs != ADAMW8BIT_BLOCKSIZE || min8 != ADAMW8BIT_MIN_8BIT_SIZE))
+                what = "/optimizer blocksize, min_8bit_size (not bitsandbytes' 256 and 4096)";
+            for (int i = 0; !what && i < s->n_tensors; i++) {
+                const int64_t numel = s->tensors[i].rows * s->tensors[i].cols;
+                if (numel >= ADAMW8BIT_MIN_8BIT_SIZE) s->n_blocks += (numel + ADAMW8BIT_BLOCKSIZE - 1) / ADAMW8BIT_BLOCKSIZE;
+                else s->n32 += numel;
+            }
+        }
         if (!strcmp(s->optimizer, "sophia")) {
             R(h5_get_attr(g, "rho", H5T_NATIVE_DOUBLE, &s->rho), "/optimizer rho");
             R(h5_get_attr(g, "hessian_interval", H5T_NATIVE_INT64, &s->hessian_interval), "/optimizer hessian_interval");
@@ -821,6 +836,9 @@ int ckpt_read_state(const char *path, ckpt_state *s, qerr *e) {
     }
     s->opt_lo = 0;
     s->opt_hi = arrays ? s->n_params : 0;
+    s->blk_lo = s->n32_lo = 0;
+    s->blk_hi = arrays ? s->n_blocks : 0;
+    s->n32_hi = arrays ? s->n32 : 0;
     return 0;
 }
 
@@ -1080,31 +1098,110 @@ void ckpt_shard_interval(int64_t n, int world, int rank, int64_t *lo, int64_t *h
     *hi = b;
 }
 
-/* The flat arrays of a sharded checkpoint for an optimizer: "lora/params" first, then the moments. */
-static int sharded_arrays(const char *optimizer, const char *names[3]) {
-    names[0] = "lora/params";
-    names[1] = "optimizer/exp_avg";
-    names[2] = !strcmp(optimizer, "sophia") ? "optimizer/hessian" : "optimizer/exp_avg_sq";
+void ckpt_shard_cuts(int64_t n, int world, int block_aligned, const int64_t *offset, const int64_t *numel,
+                    int n_tensors, int64_t *cuts) {
+    for (int k = 0; k <= world; k++) {
+        int64_t lo, hi;
+        ckpt_shard_interval(n, world, k < world ? k : world - 1, &lo, &hi);
+        cuts[k] = k < world ? lo : hi;
+        if (block_aligned) cuts[k] = adamw8bit_shard_cut(offset, numel, n_tensors, cuts[k]);
+    }
+}
+
+/* The flat arrays of a sharded checkpoint for an optimizer, in order: "lora/params" first, then the
+ * optimizer's. Each is indexed in one of three coordinates: the arena's elements (lora/params, the fp32
+ * moments of AdamW and Sophia, adamw_8bit's codes state1/state2), adamw_8bit's blocks (absmax1/absmax2)
+ * or its fp32-moment elements (exp_avg/exp_avg_sq of the tensors below min_8bit_size). */
+#define CKPT_MAX_ARRAYS 7
+enum { COORD_ELEM, COORD_BLOCK, COORD_N32 };
+typedef struct shard_array {
+    const char *name;
+    int coord;
+    int u8; /* uint8 codes, else float32 */
+} shard_array;
+
+static int sharded_arrays(const char *optimizer, shard_array a[CKPT_MAX_ARRAYS]) {
+    a[0] = (shard_array){"lora/params", COORD_ELEM, 0};
+    if (!strcmp(optimizer, "adamw_8bit")) {
+        a[1] = (shard_array){"optimizer/state1", COORD_ELEM, 1};
+        a[2] = (shard_array){"optimizer/state2", COORD_ELEM, 1};
+        a[3] = (shard_array){"optimizer/absmax1", COORD_BLOCK, 0};
+        a[4] = (shard_array){"optimizer/absmax2", COORD_BLOCK, 0};
+        a[5] = (shard_array){"optimizer/exp_avg", COORD_N32, 0};
+        a[6] = (shard_array){"optimizer/exp_avg_sq", COORD_N32, 0};
+        return 7;
+    }
+    a[1] = (shard_array){"optimizer/exp_avg", COORD_ELEM, 0};
+    a[2] = (shard_array){!strcmp(optimizer, "sophia") ? "optimizer/hessian" : "optimizer/exp_avg_sq", COORD_ELEM, 0};
     return 3;
+}
+
+/* Rank `rank` of `world`'s intervals in the three coordinates (iv[coord] = {lo, hi}): elements
+ * ckpt_shard_cuts' (on the block grid for adamw_8bit, from s's tensor table), and adamw_8bit's blocks
+ * and fp32-moment elements those elements hold. world 0: everything. */
+static void shard_intervals(const ckpt_state *s, int world, int rank, int64_t iv[3][2]) {
+    const int q8 = !strcmp(s->optimizer, "adamw_8bit");
+    iv[COORD_ELEM][0] = 0, iv[COORD_ELEM][1] = s->n_params;
+    iv[COORD_BLOCK][0] = 0, iv[COORD_BLOCK][1] = q8 ? s->n_blocks : 0;
+    iv[COORD_N32][0] = 0, iv[COORD_N32][1] = q8 ? s->n32 : 0;
+    if (world <= 0) return;
+    if (!q8) {
+        ckpt_shard_interval(s->n_params, world, rank, &iv[COORD_ELEM][0], &iv[COORD_ELEM][1]);
+        return;
+    }
+    int64_t *off = malloc(((size_t)s->n_tensors + 1) * sizeof *off), *num = malloc(((size_t)s->n_tensors + 1) * sizeof *num);
+    int64_t *cuts = malloc(((size_t)world + 1) * sizeof *cuts);
+    if (!off || !num || !cuts) { /* an empty interval: the caller's size checks then fail */
+        iv[COORD_ELEM][0] = iv[COORD_ELEM][1] = s->n_params + 1;
+    } else {
+        for (int i = 0; i < s->n_tensors; i++) off[i] = s->tensors[i].offset, num[i] = s->tensors[i].rows * s->tensors[i].cols;
+        ckpt_shard_cuts(s->n_params, world, 1, off, num, s->n_tensors, cuts);
+        iv[COORD_ELEM][0] = cuts[rank], iv[COORD_ELEM][1] = cuts[rank + 1];
+        adamw8bit_range_index(off, num, s->n_tensors, cuts[rank], cuts[rank + 1], &iv[COORD_BLOCK][0],
+                              &iv[COORD_BLOCK][1], &iv[COORD_N32][0], &iv[COORD_N32][1]);
+    }
+    free(off);
+    free(num);
+    free(cuts);
+}
+
+/* The caller's array for shard_array k and the first index it holds (ckpt_state's intervals). */
+static const void *state_array(const ckpt_state *s, int k, int64_t *first) {
+    const int q8 = !strcmp(s->optimizer, "adamw_8bit");
+    const int64_t olo = s->opt_hi > 0 ? s->opt_lo : 0;
+    *first = 0;
+    if (k == 0) return s->params;
+    if (q8) {
+        switch (k) {
+        case 1: *first = olo; return s->state1;
+        case 2: *first = olo; return s->state2;
+        case 3: *first = s->blk_lo; return s->absmax1;
+        case 4: *first = s->blk_lo; return s->absmax2;
+        case 5: *first = s->n32_lo; return s->exp_avg;
+        default: *first = s->n32_lo; return s->exp_avg_sq;
+        }
+    }
+    *first = olo;
+    if (k == 1) return s->exp_avg;
+    return !strcmp(s->optimizer, "sophia") ? s->hessian : s->exp_avg_sq;
 }
 
 static void shard_file_name(char *buf, size_t n, int rank, int world) {
     snprintf(buf, n, "shard-%05d-of-%05d.h5", rank, world);
 }
 
-/* This rank's shard file: [lo, hi) of params and of the moments. */
-static int write_shard_file(const char *path, const ckpt_state *s, int rank, int world, int64_t lo, int64_t hi,
+/* This rank's shard file: its intervals iv of every array (datasets in other coordinates than the
+ * elements carry their own "offset" attribute). */
+static int write_shard_file(const char *path, const ckpt_state *s, int rank, int world, int64_t iv[3][2],
                             qerr *e) {
     h5_quiet();
     hid_t fapl = h5_fapl();
     hid_t f = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
     if (fapl >= 0) H5Pclose(fapl);
     if (f < 0) return qerr_set(e, "cannot create %s (HDF5)", path);
-    const char *names[3];
-    sharded_arrays(s->optimizer, names);
-    const int64_t olo = s->opt_hi > 0 ? s->opt_lo : 0;
-    const float *data[3] = {s->params + lo, s->exp_avg + (lo - olo),
-                            (!strcmp(s->optimizer, "sophia") ? s->hessian : s->exp_avg_sq) + (lo - olo)};
+    shard_array arr[CKPT_MAX_ARRAYS];
+    const int na = sharded_arrays(s->optimizer, arr);
+    const int64_t lo = iv[COORD_ELEM][0], hi = iv[COORD_ELEM][1];
     const char *what = "attributes";
     int bad = 0;
     char cause[128] = "";
@@ -1122,16 +1219,28 @@ static int write_shard_file(const char *path, const ckpt_state *s, int rank, int
     W(h5_attr_i64(f, "n_params", s->n_params), "/ n_params");
     W(h5_attr_i64(f, "offset", lo), "/ offset");
     W(h5_attr_i64(f, "length", hi - lo), "/ length");
-    for (int i = 0; i < 3; i++) {
-        const char *slash = strchr(names[i], '/');
+    for (int i = 0; i < na; i++) {
+        const char *slash = strchr(arr[i].name, '/');
         char grp[32];
-        snprintf(grp, sizeof grp, "%.*s", (int)(slash - names[i]), names[i]);
+        snprintf(grp, sizeof grp, "%.*s", (int)(slash - arr[i].name), arr[i].name);
         if (i < 2) {
             if (g >= 0) H5Gclose(g), g = -1;
             if (!bad && (g = H5Gcreate2(f, grp, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT)) < 0)
-                bad = h5_failed(cause), what = names[i];
+                bad = h5_failed(cause), what = arr[i].name;
         }
-        W(h5_put(g, slash + 1, H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, data[i], hi - lo, 0, 1), names[i]);
+        int64_t first;
+        const unsigned char *base = state_array(s, i, &first);
+        const int64_t a0 = iv[arr[i].coord][0], n = iv[arr[i].coord][1] - a0;
+        const size_t esz = arr[i].u8 ? 1 : sizeof(float);
+        const void *data = base ? base + (size_t)(a0 - first) * esz : NULL;
+        W(h5_put(g, slash + 1, arr[i].u8 ? H5T_STD_U8LE : H5T_IEEE_F32LE, arr[i].u8 ? H5T_NATIVE_UCHAR : H5T_NATIVE_FLOAT,
+                 data, n, 0, 1),
+          arr[i].name);
+        if (arr[i].coord != COORD_ELEM && !bad) {
+            hid_t ds = H5Dopen2(g, slash + 1, H5P_DEFAULT);
+            if (ds < 0 || h5_attr_i64(ds, "offset", a0) < 0) bad = h5_failed(cause), what = arr[i].name;
+            if (ds >= 0) H5Dclose(ds);
+        }
         if (i == 0) ckpt_test_point("shard_mid");
     }
     if (g >= 0) H5Gclose(g);
@@ -1153,25 +1262,29 @@ static char *index_json(const ckpt_state *s, int world) {
     cJSON_AddStringToObject(j, "run_state", CKPT_RUN_STATE_FILE);
     files = cJSON_AddArrayToObject(j, "files");
     t = cJSON_AddObjectToObject(j, "tensors");
-    const char *names[3];
-    const int na = sharded_arrays(s->optimizer, names);
+    shard_array arr[CKPT_MAX_ARRAYS];
+    const int na = sharded_arrays(s->optimizer, arr);
+    if (!strcmp(s->optimizer, "adamw_8bit")) { /* the lengths of the other coordinates */
+        cJSON_AddNumberToObject(j, "n_blocks", (double)s->n_blocks);
+        cJSON_AddNumberToObject(j, "n32", (double)s->n32);
+    }
     for (int r = 0; files && r < world; r++) {
         char fn[64];
         shard_file_name(fn, sizeof fn, r, world);
         cJSON_AddItemToArray(files, cJSON_CreateString(fn));
     }
     for (int a = 0; t && a < na; a++) {
-        cJSON *list = cJSON_AddArrayToObject(t, names[a]);
+        cJSON *list = cJSON_AddArrayToObject(t, arr[a].name);
         for (int r = 0; list && r < world; r++) {
-            int64_t lo, hi;
-            ckpt_shard_interval(s->n_params, world, r, &lo, &hi);
+            int64_t iv[3][2];
+            shard_intervals(s, world, r, iv);
             char fn[64];
             shard_file_name(fn, sizeof fn, r, world);
             cJSON *piece = cJSON_CreateObject();
             if (!piece) break;
             cJSON_AddStringToObject(piece, "file", fn);
-            cJSON_AddNumberToObject(piece, "offset", (double)lo);
-            cJSON_AddNumberToObject(piece, "length", (double)(hi - lo));
+            cJSON_AddNumberToObject(piece, "offset", (double)iv[arr[a].coord][0]);
+            cJSON_AddNumberToObject(piece, "length", (double)(iv[arr[a].coord][1] - iv[arr[a].coord][0]));
             cJSON_AddItemToArray(list, piece);
         }
     }
@@ -1202,9 +1315,11 @@ int ckpt_save_sharded(comm *cm, const char *output_dir, const ckpt_state *s, ckp
         return -1;
     }
     ckpt_test_point("shard_begin");
-    int64_t lo, hi;
-    ckpt_shard_interval(s->n_params, world, rank, &lo, &hi);
+    int64_t iv[3][2];
+    shard_intervals(s, world, rank, iv);
+    const int64_t lo = iv[COORD_ELEM][0], hi = iv[COORD_ELEM][1];
     const int64_t olo = s->opt_hi > 0 ? s->opt_lo : 0, ohi = s->opt_hi > 0 ? s->opt_hi : s->n_params;
+    const int q8 = !strcmp(s->optimizer, "adamw_8bit");
     char fn[64];
     shard_file_name(fn, sizeof fn, rank, world);
     snprintf(p, sizeof p, "%s/%s", tmp, fn);
@@ -1214,7 +1329,14 @@ int ckpt_save_sharded(comm *cm, const char *output_dir, const ckpt_state *s, ckp
         info[0] = 0;
         qerr_set(&mine, "rank %d holds the optimizer state [%lld, %lld), its shard is [%lld, %lld)", rank,
                  (long long)olo, (long long)ohi, (long long)lo, (long long)hi);
-    } else if (write_shard_file(p, s, rank, world, lo, hi, &mine) || hash_file(p, &info[1], &h, &mine)) {
+    } else if (q8 && (iv[COORD_BLOCK][0] < s->blk_lo || iv[COORD_BLOCK][1] > s->blk_hi ||
+                      iv[COORD_N32][0] < s->n32_lo || iv[COORD_N32][1] > s->n32_hi)) {
+        info[0] = 0;
+        qerr_set(&mine, "rank %d holds the 8-bit blocks [%lld, %lld) and fp32 moments [%lld, %lld), its shard has "
+                        "[%lld, %lld) and [%lld, %lld)", rank, (long long)s->blk_lo, (long long)s->blk_hi,
+                 (long long)s->n32_lo, (long long)s->n32_hi, (long long)iv[COORD_BLOCK][0],
+                 (long long)iv[COORD_BLOCK][1], (long long)iv[COORD_N32][0], (long long)iv[COORD_N32][1]);
+    } else if (write_shard_file(p, s, rank, world, iv, &mine) || hash_file(p, &info[1], &h, &mine)) {
         info[0] = 0;
     }
     memcpy(&info[2], &h, sizeof h);
@@ -1287,17 +1409,18 @@ typedef struct shard_piece {
     int64_t offset, length;
 } shard_piece;
 
-/* Read and check index.json; pieces[a] (malloc'd) tile [0, n_params) of array a, in order, each in a
- * file the marker lists (so verified). */
+/* Read and check index.json; pieces[a] (malloc'd) tile array a (sharded_arrays: [0, n_params), or
+ * adamw_8bit's [0, n_blocks) and [0, n32)), in order, each in a file the marker lists (so verified). */
 static int read_index(const char *dir, const ckpt_state *s, int64_t step, const ckpt_file *files, int n_files,
-                      shard_piece *pieces[3], int n_pieces[3], int *world, qerr *e) {
+                      shard_piece *pieces[CKPT_MAX_ARRAYS], int n_pieces[CKPT_MAX_ARRAYS], int *world, qerr *e) {
     char p[4400];
     snprintf(p, sizeof p, "%s/" CKPT_INDEX_FILE, dir);
     qerr je;
     cJSON *j = file_read_json_object(p, &je);
     if (!j) return qerr_set(e, "%s", je.msg);
-    const char *names[3];
-    const int na = sharded_arrays(s->optimizer, names);
+    shard_array arr[CKPT_MAX_ARRAYS];
+    const int na = sharded_arrays(s->optimizer, arr);
+    const int64_t coord_len[3] = {s->n_params, s->n_blocks, s->n32};
     const cJSON *fmt = cJSON_GetObjectItemCaseSensitive(j, "format"), *ver = cJSON_GetObjectItemCaseSensitive(j, "format_version"),
                 *st = cJSON_GetObjectItemCaseSensitive(j, "step"), *np = cJSON_GetObjectItemCaseSensitive(j, "n_params"),
                 *ws = cJSON_GetObjectItemCaseSensitive(j, "world_size"), *t = cJSON_GetObjectItemCaseSensitive(j, "tensors");
@@ -1308,12 +1431,13 @@ static int read_index(const char *dir, const ckpt_state *s, int64_t step, const 
     else if (!cJSON_IsNumber(np) || np->valuedouble != (double)s->n_params) bad = "n_params (not run_state.h5's)";
     else if (!cJSON_IsNumber(ws) || ws->valuedouble < 1 || ws->valuedouble > CKPT_MAX_FILES - 2) bad = "world_size";
     else if (!cJSON_IsObject(t)) bad = "tensors";
-    for (int a = 0; a < 3; a++) pieces[a] = NULL, n_pieces[a] = 0;
+    for (int a = 0; a < CKPT_MAX_ARRAYS; a++) pieces[a] = NULL, n_pieces[a] = 0;
     for (int a = 0; !bad && a < na; a++) {
-        const cJSON *list = cJSON_GetObjectItemCaseSensitive(t, names[a]);
+        const cJSON *list = cJSON_GetObjectItemCaseSensitive(t, arr[a].name);
+        const int64_t total = coord_len[arr[a].coord];
         int n = cJSON_IsArray(list) ? cJSON_GetArraySize(list) : 0;
         if (n <= 0 || n > CKPT_MAX_FILES || !(pieces[a] = calloc((size_t)n, sizeof *pieces[a]))) {
-            bad = names[a];
+            bad = arr[a].name;
             break;
         }
         int64_t next = 0;
@@ -1325,8 +1449,8 @@ static int read_index(const char *dir, const ckpt_state *s, int64_t step, const 
             int listed = 0;
             for (int i = 0; cJSON_IsString(fi) && i < n_files; i++) listed |= !strcmp(files[i].name, fi->valuestring);
             if (!listed || !cJSON_IsNumber(of) || !cJSON_IsNumber(ln) || of->valuedouble != (double)next ||
-                ln->valuedouble < 0 || ln->valuedouble > (double)(s->n_params - next)) {
-                bad = names[a];
+                ln->valuedouble < 0 || ln->valuedouble > (double)(total - next)) {
+                bad = arr[a].name;
                 break;
             }
             snprintf(pieces[a][k].file, sizeof pieces[a][k].file, "%s", fi->valuestring);
@@ -1335,22 +1459,24 @@ static int read_index(const char *dir, const ckpt_state *s, int64_t step, const 
             next += pieces[a][k].length;
             k++;
         }
-        if (!bad && next != s->n_params) bad = names[a];
+        if (!bad && next != total) bad = arr[a].name;
         n_pieces[a] = k;
     }
     if (!bad) *world = (int)ws->valuedouble;
     cJSON_Delete(j);
     if (bad) {
-        for (int a = 0; a < 3; a++) free(pieces[a]), pieces[a] = NULL;
+        for (int a = 0; a < CKPT_MAX_ARRAYS; a++) free(pieces[a]), pieces[a] = NULL;
         return qerr_set(e, "%s: missing or malformed %s (the pieces must be files the marker lists and tile "
-                           "[0, n_params) in order)", p, bad);
+                           "the array, [0, n_params) or adamw_8bit's blocks or fp32 moments, in order)", p, bad);
     }
     return 0;
 }
 
-/* dst[0 .. hi-lo) <- elements [lo, hi) of array `name`, from the pieces that hold them. */
-static int read_array_range(const char *dir, const char *name, const shard_piece *pc, int n_pc, int64_t step,
-                            int64_t n_params, int64_t lo, int64_t hi, float *dst, qerr *e) {
+/* dst[0 .. hi-lo) <- elements [lo, hi) of array ar (in its coordinates), from the pieces that hold them. */
+static int read_array_range(const char *dir, const shard_array *ar, const shard_piece *pc, int n_pc, int64_t step,
+                            int64_t n_params, int64_t lo, int64_t hi, void *dst, qerr *e) {
+    const char *name = ar->name;
+    const size_t esz = ar->u8 ? 1 : sizeof(float);
     for (int k = 0; k < n_pc; k++) {
         const int64_t a = pc[k].offset > lo ? pc[k].offset : lo;
         const int64_t b = pc[k].offset + pc[k].length < hi ? pc[k].offset + pc[k].length : hi;
@@ -1370,10 +1496,15 @@ static int read_array_range(const char *dir, const char *name, const shard_piece
         else if (h5_get_attr(f, "step", H5T_NATIVE_INT64, &fstep) || fstep != step) what = "step";
         else if (h5_get_attr(f, "n_params", H5T_NATIVE_INT64, &fn) || fn != n_params) what = "n_params";
         else if (h5_get_attr(f, "offset", H5T_NATIVE_INT64, &foff) || h5_get_attr(f, "length", H5T_NATIVE_INT64, &flen) ||
-                 foff != pc[k].offset || flen != pc[k].length)
+                 (ar->coord == COORD_ELEM && (foff != pc[k].offset || flen != pc[k].length)))
             what = "offset, length (not the index's)";
         hid_t ds = -1, fs = -1, ms = -1;
         if (!what && (H5Lexists(f, name, H5P_DEFAULT) <= 0 || (ds = H5Dopen2(f, name, H5P_DEFAULT)) < 0)) what = name;
+        int64_t doff = -1; /* blocks, fp32 moments: the dataset's own offset */
+        if (!what && ar->coord != COORD_ELEM) {
+            flen = pc[k].length;
+            if (h5_get_attr(ds, "offset", H5T_NATIVE_INT64, &doff) || doff != pc[k].offset) what = name;
+        }
         if (!what) {
             int rk;
             hsize_t dims[2];
@@ -1384,7 +1515,8 @@ static int read_array_range(const char *dir, const char *name, const shard_piece
             fs = H5Dget_space(ds);
             ms = H5Screate_simple(1, &count, NULL);
             if (fs < 0 || ms < 0 || H5Sselect_hyperslab(fs, H5S_SELECT_SET, &start, NULL, &count, NULL) < 0 ||
-                H5Dread(ds, H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT, dst + (a - lo)) < 0)
+                H5Dread(ds, ar->u8 ? H5T_NATIVE_UCHAR : H5T_NATIVE_FLOAT, ms, fs, H5P_DEFAULT,
+                        (unsigned char *)dst + (size_t)(a - lo) * esz) < 0)
                 what = name;
         }
         if (ms >= 0) H5Sclose(ms);
@@ -1427,35 +1559,47 @@ int ckpt_load_part(const char *dir, int world, int rank, ckpt_state *s, qerr *e)
         free(files);
         return 0;
     }
-    shard_piece *pieces[3];
-    int n_pieces[3], saved_world = 0;
+    shard_piece *pieces[CKPT_MAX_ARRAYS];
+    int n_pieces[CKPT_MAX_ARRAYS], saved_world = 0;
     int rc = read_index(dir, s, step, files, n_files, pieces, n_pieces, &saved_world, e);
     free(files);
     if (rc) {
         ckpt_state_free(s);
         return -1;
     }
-    int64_t lo = 0, hi = s->n_params;
-    if (world > 0) ckpt_shard_interval(s->n_params, world, rank, &lo, &hi);
-    const char *names[3];
-    sharded_arrays(s->optimizer, names);
-    const int sophia = !strcmp(s->optimizer, "sophia");
-    s->params = malloc((size_t)s->n_params * sizeof(float));
-    s->exp_avg = malloc((size_t)(hi - lo + 1) * sizeof(float));
-    float *second = malloc((size_t)(hi - lo + 1) * sizeof(float));
-    if (sophia) s->hessian = second;
-    else s->exp_avg_sq = second;
-    if (!s->params || !s->exp_avg || !second) rc = qerr_set(e, "out of memory reading %s", dir);
-    if (!rc) rc = read_array_range(dir, names[0], pieces[0], n_pieces[0], step, s->n_params, 0, s->n_params, s->params, e);
-    if (!rc) rc = read_array_range(dir, names[1], pieces[1], n_pieces[1], step, s->n_params, lo, hi, s->exp_avg, e);
-    if (!rc) rc = read_array_range(dir, names[2], pieces[2], n_pieces[2], step, s->n_params, lo, hi, second, e);
-    for (int a = 0; a < 3; a++) free(pieces[a]);
+    int64_t iv[3][2];
+    shard_intervals(s, world, rank, iv);
+    shard_array arr[CKPT_MAX_ARRAYS];
+    const int na = sharded_arrays(s->optimizer, arr);
+    const int q8 = !strcmp(s->optimizer, "adamw_8bit"), sophia = !strcmp(s->optimizer, "sophia");
+    void *buf[CKPT_MAX_ARRAYS] = {NULL};
+    for (int k = 0; k < na && !rc; k++) {
+        const int64_t len = k == 0 ? s->n_params : iv[arr[k].coord][1] - iv[arr[k].coord][0];
+        if (!(buf[k] = malloc((size_t)(len + 1) * (arr[k].u8 ? 1 : sizeof(float)))))
+            rc = qerr_set(e, "out of memory reading %s", dir);
+    }
+    s->params = buf[0];
+    if (q8) {
+        s->state1 = buf[1], s->state2 = buf[2], s->absmax1 = buf[3], s->absmax2 = buf[4];
+        s->exp_avg = buf[5], s->exp_avg_sq = buf[6];
+    } else {
+        s->exp_avg = buf[1];
+        if (sophia) s->hessian = buf[2];
+        else s->exp_avg_sq = buf[2];
+    }
+    for (int k = 0; k < na && !rc; k++) {
+        const int64_t lo = k == 0 ? 0 : iv[arr[k].coord][0], hi = k == 0 ? s->n_params : iv[arr[k].coord][1];
+        rc = read_array_range(dir, &arr[k], pieces[k], n_pieces[k], step, s->n_params, lo, hi, buf[k], e);
+    }
+    for (int a = 0; a < CKPT_MAX_ARRAYS; a++) free(pieces[a]);
     if (rc) {
         ckpt_state_free(s);
         return -1;
     }
-    s->opt_lo = lo;
-    s->opt_hi = hi;
+    s->opt_lo = iv[COORD_ELEM][0];
+    s->opt_hi = iv[COORD_ELEM][1];
+    s->blk_lo = iv[COORD_BLOCK][0], s->blk_hi = iv[COORD_BLOCK][1];
+    s->n32_lo = iv[COORD_N32][0], s->n32_hi = iv[COORD_N32][1];
     s->sharded = saved_world;
     return 0;
 }

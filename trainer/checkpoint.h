@@ -112,7 +112,11 @@ typedef struct ckpt_state {
     /* adamw_8bit: exp_avg, exp_avg_sq hold n32 elements (the fp32 tensors' moments) and these the rest */
     uint8_t *state1, *state2;             /* (n_params) codes */
     float *absmax1, *absmax2;             /* (n_blocks) */
-    int64_t n_blocks, n32;
+    int64_t n_blocks, n32;                /* of the whole arena */
+    /* adamw_8bit's arrays hold: state1, state2 the codes of [opt_lo, opt_hi); absmax1, absmax2 the blocks
+     * [blk_lo, blk_hi); exp_avg, exp_avg_sq the fp32-moment elements [n32_lo, n32_hi) (all of them: 0,
+     * n_blocks, 0, n32 — always so in the single-file layout) */
+    int64_t blk_lo, blk_hi, n32_lo, n32_hi;
     /* The optimizer arrays (exp_avg, exp_avg_sq, hessian; not the 8-bit ones) hold elements
      * [opt_lo, opt_hi) of the flat arrays: on read 0, n_params unless ckpt_load_part asked for one
      * rank's interval; on write by ckpt_save_sharded the interval this rank holds (opt_hi 0 = all). */
@@ -146,9 +150,19 @@ int ckpt_load(const char *dir, ckpt_state *s, qerr *e);
  * rule (trainer/run.c takes it too). */
 void ckpt_shard_interval(int64_t n, int world, int rank, int64_t *lo, int64_t *hi);
 
+/* The shard boundaries of world ranks over a flat arena of n elements: cuts (world + 1), rank k holds
+ * [cuts[k], cuts[k + 1]). block_aligned 0: ckpt_shard_interval's. block_aligned 1 (optimizer adamw_8bit):
+ * each of those boundaries moved up onto bitsandbytes' quantization block grid
+ * (optim/adamw8bit.h adamw8bit_shard_cut over the tensors offset[i], numel[i], arena order), so every
+ * rank's 256-element blocks are exactly blocks of one process's state; a shard is then at most 255
+ * elements longer than ceil(n / world), and may be empty. */
+void ckpt_shard_cuts(int64_t n, int world, int block_aligned, const int64_t *offset, const int64_t *numel,
+                     int n_tensors, int64_t *cuts);
+
 /* As ckpt_load, for a sharded checkpoint (or a single-file one) resumed by rank `rank` of `world`
- * ranks that holds only its interval (ckpt_shard_interval) of the optimizer state: the optimizer
- * arrays then hold [s->opt_lo, s->opt_hi) = that interval, read from whichever shard files hold it
+ * ranks that holds only its interval (ckpt_shard_interval; adamw_8bit: ckpt_shard_cuts on the block
+ * grid) of the optimizer state: the optimizer arrays then hold [s->opt_lo, s->opt_hi) = that interval
+ * (adamw_8bit also blk_lo.., n32_lo.. of its blocks and fp32 moments), read from whichever shard files hold it
  * (resharding on load, as torch.distributed.checkpoint does). world 0: the whole arrays. The
  * parameters are always read whole (every rank holds them). */
 int ckpt_load_part(const char *dir, int world, int rank, ckpt_state *s, qerr *e);
@@ -169,7 +183,11 @@ int ckpt_save(const char *output_dir, const ckpt_state *s, ckpt_extra_fn extra, 
  *   shard-RRRRR-of-WWWWW.h5    one per rank: its interval [lo, hi) = ckpt_shard_interval(n_params, world,
  *                              rank) of /lora/params and of the optimizer's flat arrays (/optimizer/exp_avg,
  *                              exp_avg_sq | hessian), attrs format="qlora-checkpoint-shard", format_version,
- *                              step, rank, world_size, n_params, offset (= lo), length (= hi - lo)
+ *                              step, rank, world_size, n_params, offset (= lo), length (= hi - lo);
+ *                              adamw_8bit: [lo, hi) on the block grid (ckpt_shard_cuts with the tensor
+ *                              table), /optimizer/state1, state2 (uint8, [lo, hi)), absmax1, absmax2 (the
+ *                              blocks [blk_lo, blk_hi) it holds) and exp_avg, exp_avg_sq (the fp32-moment
+ *                              elements [n32_lo, n32_hi)), the last four with a dataset attr offset
  *   run_state.h5               the state.h5 layout without the arrays (root attr layout="sharded",
  *                              /lora attr n_params): step, data position, RNG, scheduler, optimizer
  *                              scalars, the tensor table, config, log_history — written once, by rank 0
@@ -180,7 +198,8 @@ int ckpt_save(const char *output_dir, const ckpt_state *s, ckpt_extra_fn extra, 
  * there; the ranks exchange (ok, size, XXH64) — the barrier; rank 0 writes run_state.h5, index.json,
  * the extra files, fsyncs, renames the directory into place and writes COMPLETE last, as ckpt_save.
  * s->params holds all n_params parameters (replicated), the optimizer arrays [s->opt_lo, s->opt_hi)
- * (which must contain this rank's interval); rank 0's s also the scalar state. 0 on every rank when
+ * (which must contain this rank's interval; adamw_8bit's also [blk_lo, blk_hi), [n32_lo, n32_hi) with
+ * n_blocks, n32 the whole arena's); rank 0's s also the scalar state. 0 on every rank when
  * the checkpoint committed; -1 with e when it did not (a failing rank names itself, the others name
  * it); -2 when a collective failed (e: the communicator's message; the caller ends the job). */
 int ckpt_save_sharded(comm *cm, const char *output_dir, const ckpt_state *s, ckpt_extra_fn extra, void *arg,

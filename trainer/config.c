@@ -185,6 +185,12 @@ static const key_spec KEYS[] = {
     {.name = "sequence_len", .kind = K_INT, .off = OFF(sequence_len), .lo = 2, .hi = INTMAX_D,
      .expect = "an integer >= 2"},
     {.name = "sample_packing", .kind = K_BOOL, .off = OFF(sample_packing)},
+    {.name = "sample_packing_sequentially", .kind = K_BOOL, .off = OFF(sample_packing_sequentially)},
+    {.name = "curriculum_sampling", .kind = K_BOOL, .off = OFF(curriculum_sampling)},
+    {.name = "streaming", .kind = K_BOOL, .off = OFF(streaming)},
+    {.name = "streaming_multipack_buffer_size", .kind = K_INT, .off = OFF(streaming_multipack_buffer_size), .lo = 1,
+     .hi = INTMAX_D, .expect = "a positive integer (records packed together)"},
+    {.name = "pretrain_multipack_attn", .kind = K_BOOL, .off = OFF(pretrain_multipack_attn)},
     {.name = "micro_batch_size", .kind = K_INT, .off = OFF(micro_batch_size), .lo = 1, .hi = INTMAX_D,
      .expect = "a positive integer"},
     {.name = "gradient_accumulation_steps", .kind = K_INT, .off = OFF(gradient_accumulation_steps), .lo = 1,
@@ -485,6 +491,8 @@ int train_config_defaults(train_config *c) {
     c->val_set_size = 0.0;
     c->sequence_len = 512;
     c->sample_packing = 0;
+    c->streaming_multipack_buffer_size = 10000;
+    c->pretrain_multipack_attn = 1;
     c->micro_batch_size = 1;
     c->gradient_accumulation_steps = 1;
     c->num_epochs = 1;
@@ -541,6 +549,8 @@ void train_config_free(train_config *c) {
     free(c->resume_from_checkpoint);
     free(c->chat_template);
     free(c->chat_template_jinja);
+    free(c->pretraining_path);
+    free(c->pretraining_text_column);
     free_str_list(c->eot_tokens, c->n_eot_tokens);
     free(c->special_bos);
     free(c->special_eos);
@@ -753,6 +763,17 @@ static int ds_opt_string(const pctx *p, const char *what, const yaml_node_t *v, 
     return 0;
 }
 
+/* axolotl 0.19.0 drops a key its schema does not have (pydantic's default extra="ignore", no warning:
+ * AxolotlInputConfig's model_config sets only populate_by_name; SFTDataset likewise). In a file, a key
+ * far from every key qlora or axolotl knows is therefore accepted with one [config] line; a key close
+ * to one (a likely typo) stays refused with "did you mean". what: "" or "datasets[0]: ". */
+static int ignore_far_key(const pctx *p, const char *what, const char *name) {
+    return add_warning(p->c, p->e,
+                       "%s: %signoring \"%s\": not a key of axolotl 0.19.0's config schema (axolotl drops such a key "
+                       "without a word; pydantic extra=\"ignore\") nor close to one",
+                       p->src, what, name);
+}
+
 /* One key of a datasets entry beyond path/type/field/field_messages (axolotl's; see
  * trainer/config_axolotl.c). Returns 0, or -1 with p->e set. */
 static int ds_axolotl_key(const pctx *p, const char *what, const char *name, const yaml_node_t *k,
@@ -858,6 +879,11 @@ static int ds_axolotl_key(const pctx *p, const char *what, const char *name, con
     const ax_key *all = axolotl_dataset_keys(&na);
     for (int j = 0; j < na; j++) suggest_try(&sg, name, all[j].name);
     if (sg.best) return perr(p, k, "%s: unknown key \"%s\"; did you mean \"%s\"?", what, name, sg.best);
+    if (p->lines) {
+        char pre[180];
+        snprintf(pre, sizeof pre, "%s: ", what);
+        return ignore_far_key(p, pre, name);
+    }
     return perr(p, k, "%s: unknown key \"%s\" (README \"Coming from axolotl\" lists a datasets entry's keys)", what,
                 name);
 }
@@ -1165,6 +1191,7 @@ static int unknown_key(const pctx *p, const yaml_node_t *at, const char *name) {
         hint = sg.best;
     }
     if (hint) return perr(p, at, "unknown key \"%s\"; did you mean \"%s\"?", name, hint);
+    if (p->lines) return ignore_far_key(p, "", name);
     return perr(p, at, "unknown key \"%s\" (not a key of axolotl's config schema; README \"Coming from axolotl\" "
                        "lists every key)", name);
 }
@@ -1262,6 +1289,170 @@ static int ax_plugins(const pctx *p, const yaml_node_t *knode, const yaml_node_t
  * accepted. This block is owned by the "several processes" work (README "Several processes"). */
 
 static void put_yaml_str(FILE *f, const char *s);
+
+/* pretraining_dataset (axolotl 0.19.0: a list of PretrainingDataset / SFTDataset entries, or a path;
+ * utils/data/sft.py _extract_pretraining_config reads only the first): path (a local JSON lines file, or a
+ * directory with data_files), text_column, type (pretrain), split (train), skip, data_files; name (a Hub
+ * dataset's configuration) and trust_remote_code mean nothing for a local file and get a [config] line.
+ * The stream itself is data/stream.h. */
+static int ax_pretraining_dataset(const pctx *p, const yaml_node_t *knode, const yaml_node_t *v) {
+    train_config *c = p->c;
+    char got[96];
+    free(c->pretraining_path);
+    free(c->pretraining_text_column);
+    c->pretraining_path = c->pretraining_text_column = NULL;
+    c->pretraining_skip = 0;
+    if (is_unset(v)) return 0;
+    const yaml_node_t *m = v;
+    if (v->type == YAML_SEQUENCE_NODE) {
+        int n = (int)(v->data.sequence.items.top - v->data.sequence.items.start);
+        if (n > 1)
+            return perr(p, knode, "pretraining_dataset: %d entries: axolotl reads only the first "
+                                  "(_extract_pretraining_config); give one", n);
+        m = node_at(p->doc, *v->data.sequence.items.start);
+    }
+    if (m->type == YAML_SCALAR_NODE) { /* a path alone */
+        if (!*sval(m)) return perr(p, knode, "pretraining_dataset: expected a path or a {path: ...} entry");
+        if (!(c->pretraining_path = dup_str(sval(m)))) return qerr_set(p->e, "out of memory");
+        return 0;
+    }
+    if (m->type != YAML_MAPPING_NODE) {
+        describe(m, got, sizeof got);
+        return perr(p, knode, "pretraining_dataset: expected a list of one {path, text_column, ...} entry, got %s", got);
+    }
+    char *path = NULL, *files = NULL;
+    int rc = 0;
+    for (yaml_node_pair_t *pr = m->data.mapping.pairs.start; !rc && pr < m->data.mapping.pairs.top; pr++) {
+        yaml_node_t *kn = node_at(p->doc, pr->key), *vn = node_at(p->doc, pr->value);
+        const char *k = kn->type == YAML_SCALAR_NODE ? sval(kn) : "";
+        char what[96];
+        snprintf(what, sizeof what, "pretraining_dataset.%s", k);
+        if (!strcmp(k, "path")) {
+            rc = get_string(p, what, vn, &path);
+        } else if (!strcmp(k, "data_files")) {
+            if (!is_null(vn)) rc = get_string(p, what, vn, &files);
+        } else if (!strcmp(k, "text_column")) {
+            if (!is_null(vn)) rc = get_string(p, what, vn, &c->pretraining_text_column);
+        } else if (!strcmp(k, "type")) {
+            if (!is_null(vn) && (vn->type != YAML_SCALAR_NODE || strcmp(sval(vn), "pretrain"))) {
+                describe(vn, got, sizeof got);
+                rc = perr(p, kn, "pretraining_dataset.type: expected pretrain (axolotl's PretrainTokenizationStrategy), "
+                                 "got %s", got);
+            }
+        } else if (!strcmp(k, "split")) {
+            if (!is_null(vn) && (vn->type != YAML_SCALAR_NODE || strcmp(sval(vn), "train"))) {
+                describe(vn, got, sizeof got);
+                rc = perr(p, kn, "pretraining_dataset.split: expected train (a local JSON lines file has that one "
+                                 "split; a streamed split cannot be sliced), got %s", got);
+            }
+        } else if (!strcmp(k, "skip")) {
+            long long x = 0;
+            if (!is_null(vn) && (vn->type != YAML_SCALAR_NODE || parse_int_str(sval(vn), &x) || x < 0)) {
+                describe(vn, got, sizeof got);
+                rc = perr(p, kn, "pretraining_dataset.skip: expected a number of records >= 0, got %s", got);
+            }
+            c->pretraining_skip = x;
+        } else if (!strcmp(k, "name") || !strcmp(k, "trust_remote_code")) {
+            if (!is_unset(vn))
+                rc = add_warning(c, p->e, "%s: ignoring \"pretraining_dataset.%s\" (%s)", p->src, k,
+                                 !strcmp(k, "name") ? "a Hugging Face dataset's configuration name; the data here is "
+                                                      "a local file"
+                                                    : "no Python code is ever run");
+        } else {
+            rc = perr(p, kn, "pretraining_dataset.%s: unknown key (expected path, text_column, type, split, skip, "
+                             "data_files, name)", k);
+        }
+    }
+    if (!rc && !path) rc = perr(p, knode, "pretraining_dataset: missing \"path\" (a JSON lines file)");
+    if (!rc) {
+        struct stat sb;
+        if (files && !stat(path, &sb) && S_ISDIR(sb.st_mode)) {
+            size_t n = strlen(path) + strlen(files) + 2;
+            if (!(c->pretraining_path = malloc(n))) rc = qerr_set(p->e, "out of memory");
+            else snprintf(c->pretraining_path, n, "%s/%s", path, files);
+        } else {
+            c->pretraining_path = files ? files : path;
+            if (files) files = NULL;
+            else path = NULL;
+        }
+    }
+    free(path);
+    free(files);
+    return rc;
+}
+
+/* selective_checkpointing (axolotl 0.19.0's eager SAC, monkeypatch/selective_checkpointing.py):
+ * within each checkpointed block, the attention op's outputs are saved in forward and everything
+ * else is recomputed in backward. `true` = {save: [attention]}. qlora's gradient_checkpointing:
+ * selective keeps the attention half and recomputes the MLP half: the same intent (attention is never
+ * recomputed, the MLP always is; both exact, so the same gradients), so that is what it runs as. Other
+ * save entries (torch op names) and offload: true are refused by name. save_sliding_window and
+ * recompute_layer_types only choose which sliding-window layers' attention is saved (memory): qlora
+ * keeps attention in every layer. Sets c->selective_checkpointing; sac_resolve applies it. */
+static int ax_selective_checkpointing(const pctx *p, const yaml_node_t *knode, const yaml_node_t *v) {
+    char got[96];
+    int b;
+    if (is_unset(v)) {
+        p->c->selective_checkpointing = 0;
+        return 0;
+    }
+    if (v->type == YAML_SCALAR_NODE) {
+        if (parse_bool_str(sval(v), &b) == 0 && b) {
+            p->c->selective_checkpointing = 1;
+            return 0;
+        }
+        describe(v, got, sizeof got);
+        return perr(p, knode, "selective_checkpointing: expected true, false or a mapping {save: [attention]}, got %s",
+                    got);
+    }
+    if (v->type != YAML_MAPPING_NODE)
+        return perr(p, knode, "selective_checkpointing: expected true, false or a mapping {save: [attention]}, got a list");
+    for (yaml_node_pair_t *pr = v->data.mapping.pairs.start; pr < v->data.mapping.pairs.top; pr++) {
+        yaml_node_t *kn = node_at(p->doc, pr->key), *vn = node_at(p->doc, pr->value);
+        const char *k = kn->type == YAML_SCALAR_NODE ? sval(kn) : "";
+        if (!strcmp(k, "save")) {
+            if (is_null(vn)) continue; /* axolotl's default: [attention] */
+            if (vn->type != YAML_SEQUENCE_NODE || vn->data.sequence.items.top == vn->data.sequence.items.start)
+                return perr(p, kn, "selective_checkpointing.save: expected a list of op groups ([attention]), got %s",
+                            vn->type == YAML_SEQUENCE_NODE ? "an empty list" : "a single value");
+            for (yaml_node_item_t *it = vn->data.sequence.items.start; it < vn->data.sequence.items.top; it++) {
+                yaml_node_t *e = node_at(p->doc, *it);
+                if (e->type == YAML_SCALAR_NODE && !strcmp(sval(e), "attention")) continue;
+                describe(e, got, sizeof got);
+                return perr(p, e, "selective_checkpointing.save: %s: refused: saving ops other than attention is not "
+                                  "implemented (gradient_checkpointing: selective keeps the attention half and "
+                                  "recomputes the MLP half); use save: [attention]", got);
+            }
+        } else if (!strcmp(k, "offload")) {
+            if (is_unset(vn)) continue;
+            return perr(p, kn, "selective_checkpointing.offload: refused: the saved attention tensors in pinned host "
+                               "memory (side-stream copies) are not implemented; delete the line, or leave it empty");
+        } else if (!strcmp(k, "save_sliding_window") || !strcmp(k, "recompute_layer_types")) {
+            continue; /* which sliding-window layers' attention is saved: memory only */
+        } else {
+            return perr(p, kn, "selective_checkpointing.%s: unknown key (expected save, save_sliding_window, "
+                               "recompute_layer_types, offload)", k);
+        }
+    }
+    p->c->selective_checkpointing = 1;
+    return 0;
+}
+
+/* Apply c->selective_checkpointing once gradient_checkpointing is known (it may come later in the
+ * file): axolotl refuses SAC without gradient_checkpointing ("selective_checkpointing requires
+ * gradient_checkpointing"); with it, it runs as gradient_checkpointing: selective. */
+static int sac_resolve(const pctx *p, const yaml_node_t *at) {
+    train_config *c = p->c;
+    if (!c->selective_checkpointing || c->gradient_checkpointing == 2) return 0;
+    if (c->gradient_checkpointing == 0)
+        return perr(p, at, "selective_checkpointing: refused: it requires gradient_checkpointing (axolotl refuses it "
+                           "without); set gradient_checkpointing: true, or gradient_checkpointing: selective directly");
+    c->gradient_checkpointing = 2;
+    return add_warning(c, p->e,
+                       "%s: selective_checkpointing (save: [attention]) runs as gradient_checkpointing: selective: "
+                       "attention kept, the MLP recomputed (axolotl recomputes the attention projections too; the "
+                       "gradients are the same)", p->src);
+}
 
 static int parallel_key(const char *name) {
     return !strcmp(name, "fsdp") || !strcmp(name, "fsdp_version") || !strcmp(name, "fsdp_config") ||
@@ -1518,13 +1709,6 @@ static int parallel_validate(const train_config *c, qerr *e) {
     if ((c->fsdp_no_shard != 0) + (c->fsdp_shard_grad_op != 0) + (c->fsdp_full_shard != 0) > 1)
         return qerr_set(e, "%s: fsdp / fsdp_config ask for more than one of NO_SHARD, SHARD_GRAD_OP and FULL_SHARD "
                            "(fsdp options, fsdp_sharding_strategy, reshard_after_forward); choose one", src);
-    if ((c->fsdp_shard_grad_op || c->fsdp_full_shard) &&
-        (!strcmp(c->optimizer, "sophia") || !strcmp(c->optimizer, "adamw_8bit")))
-        return qerr_set(e, "%s: optimizer: %s with %s is not implemented yet (it runs with data parallel, NO_SHARD)",
-                        src, c->optimizer, c->fsdp_full_shard ? "FULL_SHARD" : "SHARD_GRAD_OP");
-    if (c->fsdp_state_dict_type == 2 && !strcmp(c->optimizer, "adamw_8bit"))
-        return qerr_set(e, "%s: fsdp_state_dict_type: SHARDED_STATE_DICT with optimizer adamw_8bit is not "
-                           "implemented yet (its checkpoints are FULL_STATE_DICT)", src);
     return 0;
 }
 /* ---- end of several processes ------------------------------------------------------------------------------ */
@@ -1612,6 +1796,8 @@ static int apply_pair(const pctx *p, const char *name, const yaml_node_t *knode,
     if (!strcmp(name, "special_tokens")) return ax_special_tokens(p, at, v);
     if (!strcmp(name, "eot_tokens")) return ax_eot_tokens(p, at, v);
     if (!strcmp(name, "plugins")) return ax_plugins(p, at, v);
+    if (!strcmp(name, "selective_checkpointing")) return ax_selective_checkpointing(p, at, v);
+    if (!strcmp(name, "pretraining_dataset")) return ax_pretraining_dataset(p, at, v);
     if (parallel_key(name)) return apply_parallel(p, name, knode, v); /* several processes */
     const ax_key *ak = axolotl_key(name);
     if (ak && ak->decision != AX_IMPL) return apply_decided(p, ak, "", at, v);
@@ -1830,6 +2016,18 @@ int train_config_load_all(const char *path, train_config *out, train_config_refu
         int before = rl->n;
         if (apply_pair(&p, sval(k), k, v, seen) && rl->n == before) record(&p);
     }
+    for (yaml_node_pair_t *pr = root->data.mapping.pairs.start; pr < root->data.mapping.pairs.top; pr++) {
+        yaml_node_t *k = node_at(&doc, pr->key);
+        if (k->type == YAML_SCALAR_NODE && !strcmp(sval(k), "selective_checkpointing") && sac_resolve(&p, k))
+            record(&p);
+    }
+    if (c.sample_packing_sequentially && c.sample_packing && !c.curriculum_sampling &&
+        add_warning(&c, e, "%s: sample_packing_sequentially packs next-fit in the seeded shuffled order (axolotl warns "
+                           "the same: \"did you want to also enable curriculum_sampling?\")", path))
+        goto done;
+    if (c.sample_packing_sequentially && !c.sample_packing &&
+        add_warning(&c, e, "%s: sample_packing_sequentially does nothing without sample_packing (as in axolotl)", path))
+        goto done;
     if (rl->n > 0) {
         if (!has_adapter) {
             qerr_set(e, "%s", FULL_FT_WHY(path));
@@ -1920,6 +2118,8 @@ int train_config_apply_override(train_config *c, const char *kv, qerr *e) {
     p.doc = &doc;
     p.def = &def;
     rc = apply_pair(&p, key, NULL, root, NULL);
+    if (rc == 0 && (!strcmp(key, "selective_checkpointing") || !strcmp(key, "gradient_checkpointing")))
+        rc = sac_resolve(&p, NULL);
 done:
     if (rc == 0)
         c->n_overrides++;
@@ -2008,9 +2208,32 @@ int train_config_validate(const train_config *c, qerr *e) {
     if (!c->base_model || !*c->base_model)
         return qerr_set(e, "%s: missing required key \"base_model\" (a .gguf file or a Hugging Face model directory)",
                         where_of(c, "base_model", &w)->src);
-    if (c->n_datasets < 1) {
+    if (c->pretraining_path) { /* axolotl's rules for a streamed pretraining_dataset (schemas/validation.py) */
+        const char *src = c->config_path ? c->config_path : "config";
+        if (c->n_datasets > 0)
+            return qerr_set(e, "%s: pretraining_dataset and datasets are both set: axolotl then reads only "
+                               "pretraining_dataset; give one", src);
+        if (c->max_steps <= 0)
+            return qerr_set(e, "%s: pretraining_dataset: max_steps must be set (axolotl: \"Trainer can't infer length "
+                               "and schedule optimizer/learning rate without it\")", src);
+        if (c->val_set_size != 0.0)
+            return qerr_set(e, "%s: pretraining_dataset: val_set_size is not supported (axolotl's rule); give the "
+                               "held-out data as test_datasets", src);
+        if (!c->sample_packing)
+            return qerr_set(e, "%s: pretraining_dataset without sample_packing (axolotl's encode_streaming: rows of "
+                               "one truncated text, or concatenated with pad tokens between texts) is not implemented; "
+                               "set sample_packing: true", src);
+        if (!c->pretrain_multipack_attn)
+            return qerr_set(e, "%s: pretrain_multipack_attn: false (attention across the packed windows of a row) is "
+                               "not implemented; attention here stays inside each window", src);
+    } else if (c->streaming) {
+        return qerr_set(e, "%s: streaming: true without pretraining_dataset (streamed datasets: entries) is not "
+                           "implemented: datasets entries are read whole; delete the line",
+                        c->config_path ? c->config_path : "config");
+    } else if (c->n_datasets < 1) {
         where_of(c, "datasets", &w);
-        return qerr_set(e, "%s: missing required key \"datasets\" (a list of {path, type} entries)%s", w.src, w.at);
+        return qerr_set(e, "%s: missing required key \"datasets\" (a list of {path, type} entries, or "
+                           "pretraining_dataset)%s", w.src, w.at);
     }
     if (c->key_origin[find_key("adapter") - KEYS] == 0)
         return qerr_set(e, "%s", FULL_FT_WHY(c->config_path ? c->config_path : "config"));
@@ -2232,6 +2455,13 @@ int train_config_write_yaml(const train_config *c, const char *path, qerr *e) {
         }
     }
     parallel_write_yaml(f, c); /* several processes */
+    if (c->pretraining_path) {
+        fputs("pretraining_dataset:\n  - path: ", f);
+        put_yaml_str(f, c->pretraining_path);
+        fputs("\n    text_column: ", f);
+        put_yaml_str(f, c->pretraining_text_column ? c->pretraining_text_column : "text");
+        fprintf(f, "\n    skip: %lld\n", c->pretraining_skip);
+    }
     if (c->special_bos || c->special_eos || c->special_unk) { /* checked against the model at start-up */
         fputs("special_tokens:\n", f);
         const char *sv[3] = {c->special_bos, c->special_eos, c->special_unk};
@@ -2301,6 +2531,13 @@ int train_config_warmup_steps(const train_config *c, int total_steps) {
 
 unsigned long long train_config_data_seed(const train_config *c) {
     return (unsigned long long)(c->data_seed >= 0 ? c->data_seed : c->seed);
+}
+
+int train_config_pack_mode(const train_config *c) {
+    int m = c->sample_packing ? DATASET_PACK : 0;
+    if (c->sample_packing && c->sample_packing_sequentially) m |= DATASET_PACK_SEQUENTIAL;
+    if (c->curriculum_sampling) m |= DATASET_PACK_IN_ORDER;
+    return m;
 }
 
 int train_config_dataset_specs(const train_config *c, int test, dataset_spec **out, int *n_out, qerr *e) {

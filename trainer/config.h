@@ -151,6 +151,15 @@ typedef struct train_config {
     double val_set_size;              /* fraction in [0,1) or whole count >= 1; default 0 */
     int sequence_len;                 /* default 512, >= 2 (tokens) */
     int sample_packing;               /* default 0 (axolotl's default) */
+    int sample_packing_sequentially;  /* default 0; 1: next-fit packing in order (axolotl's) */
+    int curriculum_sampling;          /* default 0; 1: no shuffle, rows in file order every epoch */
+    char *pretraining_path;           /* axolotl's pretraining_dataset[0]: the JSON lines file (path, joined
+                                         with data_files when path is a directory); NULL = none */
+    char *pretraining_text_column;    /* its text_column; NULL = "text" */
+    long long pretraining_skip;       /* its skip: records dropped at the start of every pass */
+    int streaming;                    /* axolotl's streaming: true (implied by pretraining_dataset) */
+    int streaming_multipack_buffer_size; /* default 10000: records packed together (pretraining_dataset) */
+    int pretrain_multipack_attn;      /* default 1: attention stays inside each packed window */
     int micro_batch_size;             /* default 1 (sequences per forward) */
     int gradient_accumulation_steps;  /* default 1 */
     int num_epochs;                   /* default 1 */
@@ -181,6 +190,8 @@ typedef struct train_config {
                                          when the binary has the backend and a device is present, else cpu
                                          (trainer/run.c setup_device; README "GPU") */
     int gradient_checkpointing;       /* default 1; 0 off, 1 full, 2 selective (LLAMA_CKPT_*, model/llama.h) */
+    int selective_checkpointing;      /* axolotl's SAC (save: [attention]) was asked for: it runs as
+                                         gradient_checkpointing 2 and requires gradient_checkpointing */
     int num_threads;                  /* default 0 = OMP_NUM_THREADS / all cores */
     /* checkpoints and faults (README "Checkpoints, resume and faults") */
     int save_steps;                   /* default 0 = unset; > 0: checkpoint every N optimizer steps
@@ -295,6 +306,10 @@ int train_config_check_special_tokens(const train_config *c, int bos, int eos, i
 
 /* The seed of the data order and held-out split: data_seed if >= 0, else seed. */
 unsigned long long train_config_data_seed(const train_config *c);
+
+/* dataset_build's `sample_packing` argument (data/dataset.h DATASET_PACK_* bits) from
+ * sample_packing, sample_packing_sequentially and curriculum_sampling. */
+int train_config_pack_mode(const train_config *c);
 
 /* The data/dataset.h specs of datasets (test = 0) or test_datasets (test = 1): every field of each
  * entry, with the file resolved (data_files, joined to path when path is a directory), the

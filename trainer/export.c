@@ -302,6 +302,46 @@ int export_tokenizer_files(const base_model *b, const tokenizer *tok, const char
     return rc;
 }
 
+int export_run_chat_template(const char *choice, const char *jinja, const tokenizer *tok, char **out, qerr *e) {
+    *out = NULL;
+    static const char fb[] = "tokenizer_default_fallback_";
+    if (!choice || !strcmp(choice, "tokenizer_default")) return 0;
+    if (!strncmp(choice, fb, sizeof fb - 1) && tokenizer_chat_template(tok)) return 0;
+    if (!strcmp(choice, "jinja")) {
+        if (!jinja) return qerr_set(e, "chat_template: jinja needs chat_template_jinja (the template text or a file)");
+        size_t len;
+        /* axolotl: a path to an existing file is read, anything else is the text */
+        char *text = access(jinja, R_OK) == 0 ? file_read_regular(jinja, 0, &len, e) : strdup(jinja);
+        if (!text) return access(jinja, R_OK) == 0 ? -1 : qerr_set(e, "out of memory");
+        const chat_template *ct;
+        if (chat_template_find(text, &ct, e)) { /* the run refused it too: never export what was not trained */
+            free(text);
+            return qerr_prefix(e, "chat_template_jinja");
+        }
+        *out = text;
+        return 0;
+    }
+    const chat_template *ct;
+    if (chat_template_named(!strncmp(choice, fb, sizeof fb - 1) ? choice + sizeof fb - 1 : choice, &ct, e)) return -1;
+    const char *src = chat_template_axolotl_source(ct);
+    if (!src) return qerr_set(e, "chat_template: \"%s\": internal error: no text for axolotl's template", choice);
+    if (!(*out = strdup(src))) return qerr_set(e, "out of memory");
+    return 0;
+}
+
+int export_write_chat_template(const char *dir, const char *text, qerr *e) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
+    cJSON *c = file_read_json_object(path, e);
+    if (!c) return -1;
+    cJSON_DeleteItemFromObjectCaseSensitive(c, "chat_template");
+    int rc = write_json(dir, "tokenizer_config.json", c, e);
+    cJSON_Delete(c);
+    if (rc) return -1;
+    snprintf(path, sizeof path, "%s/chat_template.jinja", dir);
+    return file_write_atomic(path, text, strlen(text), e); /* as transformers writes it: f.write(chat_template) */
+}
+
 /* ------------------------------------------------------------------ merged model */
 
 typedef struct merged_entry {

@@ -51,6 +51,21 @@ int export_merged(const base_model *b, const llama_model *m, const tokenizer *to
  * tokens, special_tokens_map.json). */
 int export_tokenizer_files(const base_model *b, const tokenizer *tok, const char *dir, qerr *e);
 
+/* export_run_chat_template: the chat template a run trained with, as axolotl sets
+ * tokenizer.chat_template before saving the tokenizer (loaders/tokenizer.py,
+ * utils/chat_templates/base.py get_chat_template): choice is the top-level chat_template,
+ * jinja its chat_template_jinja (a text, or a file that is read). *out = NULL when it is the
+ * model's own (tokenizer_default, or tokenizer_default_fallback_<name> with a model template);
+ * else a malloc'd text: axolotl's template <name> byte for byte, or the jinja text. Errors: a
+ * name or text qlora does not render (the run refused it too), an unreadable file. */
+int export_run_chat_template(const char *choice, const char *jinja, const tokenizer *tok, char **out, qerr *e);
+
+/* export_write_chat_template: make `text` the chat template of the HF directory `dir` the way
+ * transformers 5 saves a tokenizer (save_jinja_files, axolotl's default
+ * tokenizer_save_jinja_files: true): chat_template.jinja holds the text, tokenizer_config.json has
+ * no chat_template key. dir must hold tokenizer_config.json (export_tokenizer_files). */
+int export_write_chat_template(const char *dir, const char *text, qerr *e);
+
 /* HF -> GGUF row order for one (n_head*head_dim, cols) matrix: dst row
  * h·hd + 2i + j = src row h·hd + j·hd/2 + i (the converter's permute; the
  * inverse of llama_unpermute_rows). */

@@ -194,6 +194,17 @@ int main(int argc, char **argv) {
         }
         if (export_merged(b, have_model ? &m : NULL, tok, &ls, &info, merged_out, (size_t)shard_mb << 20, &e))
             goto fail;
+        if (have_cfg) { /* the template the run trained with, as axolotl saves the tokenizer with it */
+            char *tmpl = NULL;
+            if (export_run_chat_template(c.chat_template, c.chat_template_jinja, tok, &tmpl, &e)) goto fail;
+            if (tmpl) {
+                int trc = export_write_chat_template(merged_out, tmpl, &e);
+                free(tmpl);
+                if (trc) goto fail;
+                fprintf(stderr, "[export] chat template: the run's chat_template: %s%s (chat_template.jinja), not the "
+                                "model's own\n", c.chat_template, strcmp(c.chat_template, "jinja") ? "" : " text");
+            }
+        }
         fprintf(stderr, "[export] merged model: %s (bf16; W + scaling*B*A in fp32 with W = %s)\n", merged_out,
                 merge_source ? "the checkpoint's own weights"
                 : load_in_4bit ? "the NF4 base dequantized, as trained (--merge-base source for the original weights)"

@@ -80,9 +80,10 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     out->optimizer = in->optimizer_bytes > 0 ? (double)in->optimizer_bytes
                                              : 8.0 * (double)in->lora_params; /* AdamW m and v, fp32 */
     if (in->shard_optimizer && in->world > 1) {
-        /* SHARD_GRAD_OP / FULL_SHARD: m and v of ⌈n/W⌉ elements; the reduce-scatter buffer W·⌈n/W⌉ fp32 */
+        /* SHARD_GRAD_OP / FULL_SHARD: AdamW's m and v (Sophia's m and h) of ⌈n/W⌉ elements, or the caller's
+         * per-rank figure (adamw_8bit: its shard on the block grid); the reduce-scatter buffer W·⌈n/W⌉ fp32 */
         const double shard = (double)((in->lora_params + in->world - 1) / in->world);
-        out->optimizer = 8.0 * shard;
+        out->optimizer = in->optimizer_bytes > 0 ? (double)in->optimizer_bytes : 8.0 * shard;
         out->adapters += 4.0 * shard * in->world;
     }
     out->gather = (double)in->gather_bytes;

@@ -28,7 +28,8 @@ typedef struct memplan_input {
     float lora_dropout;    /* > 0: dropout(x) kept for backward */
     int64_t lora_params;   /* fp32 adapter elements (A and B of every adapted linear) */
     int64_t optimizer_bytes; /* the optimizer state when it is not fp32 AdamW's 8 bytes per adapter element
-                                (optimizer: adamw_8bit, adamw8bit_state_bytes), or 0 */
+                                (optimizer: adamw_8bit, adamw8bit_state_bytes; with shard_optimizer this
+                                rank's part, adamw8bit_state_bytes_range), or 0 (Sophia's m, h: 8 bytes too) */
     int64_t frozen_bytes;  /* bytes of the frozen linears as stored (NF4 or bf16) */
     int64_t extra_bytes;   /* anything else the caller holds for the run (the mapped model file), or 0 */
     int64_t data_bytes;    /* the tokenized rows held for the whole run: packed train and held-out sets and

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "data/dataset.h"
+#include "data/stream.h"
 #include "data/tokenizer.h"
 #include "model/base.h"
 
@@ -87,15 +88,44 @@ int preprocess_show(const train_config *c, int n_rows, int eval, preprocess_view
     dataset_skip_log notes = {0};
     for (int i = 0; i < ns; i++) specs[i].skipped = &notes;
     dataset_stats st;
-    if (dataset_build(tok, specs, ns, tspecs, nts, c->val_set_size, c->sequence_len,
-                      c->sample_packing, c->train_on_inputs, train_config_data_seed(c), &train_set, &eval_set, &st, e)) {
+    if (c->pretraining_path) {
+        /* pretraining_dataset: the first rows of the stream (data/stream.h), as qlora-train takes them;
+         * the held-out set is test_datasets */
+        dataset_stats tst;
+        memset(&st, 0, sizeof st);
+        memset(&tst, 0, sizeof tst);
+        if (nts > 0 && dataset_build(tok, tspecs, nts, NULL, 0, 0.0, c->sequence_len,
+                                     train_config_pack_mode(c) | DATASET_PACK_IN_ORDER, c->train_on_inputs,
+                                     train_config_data_seed(c), &eval_set, &train_set, &tst, e)) {
+            qerr_prefix(e, "%s: test_datasets", cfgname);
+            goto done;
+        }
+        st.eval = tst.train;
+        packed_set_free(&train_set);
+        pretrain_stream *ps_ = NULL;
+        pretrain_spec sp = {c->pretraining_path, c->pretraining_text_column, c->pretraining_skip};
+        int want = n_rows > 0 ? n_rows : 1;
+        if (pretrain_stream_open(tok, &sp, c->sequence_len, c->streaming_multipack_buffer_size, 200,
+                                 train_config_data_seed(c), &ps_, e) ||
+            pretrain_stream_next(ps_, want, &train_set, e)) {
+            pretrain_stream_close(ps_);
+            qerr_prefix(e, "%s", cfgname);
+            goto done;
+        }
+        pretrain_stream_close(ps_);
+        fprintf(out, "[data] train: streamed from %s (pretraining_dataset): the first %d rows; every filled position "
+                     "but a row's last is trained, a window's first token too (the window before predicts it, as in "
+                     "axolotl)\n", c->pretraining_path, want);
+    } else if (dataset_build(tok, specs, ns, tspecs, nts, c->val_set_size, c->sequence_len,
+                             train_config_pack_mode(c), c->train_on_inputs, train_config_data_seed(c), &train_set,
+                             &eval_set, &st, e)) {
         qerr_prefix(e, "%s: datasets", cfgname);
         goto done;
     }
     if (notes.note[0]) fprintf(out, "[data] datasets: %s\n", notes.note);
     const dataset_split_stats *ss[2] = {&st.train, &st.eval};
     static const char *const nm[2] = {"train", "held-out"};
-    for (int s = 0; s < 2; s++)
+    for (int s = c->pretraining_path ? 1 : 0; s < 2; s++)
         fprintf(out,
                 "[data] %s: %lld records -> %lld examples (%lld chunked, %lld truncated, %lld dropped: nothing to "
                 "learn) -> %lld rows of %d tokens; %lld tokens, %lld trained on (%.1f%%), %lld padding\n",
@@ -115,7 +145,7 @@ int preprocess_show(const train_config *c, int n_rows, int eval, preprocess_view
         if (eval)
             for (int64_t i = 0; i < ps->n_rows; i++) perm[i] = i;
         else
-            dataset_epoch_order(train_config_data_seed(c), 0, ps->n_rows, perm);
+            dataset_rows_order(ps, train_config_data_seed(c), 0, perm);
         fprintf(out, "[data] first %d %s rows in %s order; %s\n", n_rows, nm[eval],
                 eval ? "evaluation" : "epoch-1 training",
                 view == PREPROCESS_TOKENS ? "each token as text(id, label), label -100 = not trained on"

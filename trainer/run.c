@@ -212,6 +212,9 @@ static int setup_check_inputs(run_ctx *r, qerr *e) {
     const train_config *c = r->c;
     if (access(c->base_model, R_OK))
         return qerr_set(e, "%s: base_model: cannot read \"%s\": %s", r->cfgname, c->base_model, strerror(errno));
+    if (c->pretraining_path && access(c->pretraining_path, R_OK))
+        return qerr_set(e, "%s: pretraining_dataset.path: cannot read \"%s\": %s", r->cfgname, c->pretraining_path,
+                        strerror(errno));
     for (int pass = 0; pass < 2; pass++) {
         const dataset_cfg *d = pass ? c->test_datasets : c->datasets;
         int nd = pass ? c->n_test_datasets : c->n_datasets;
@@ -299,7 +302,10 @@ static int setup_resume_choice_rank0(run_ctx *r, qerr *e) {
                             "(%d interrupted save(s) skipped); the outputs of the run before are overwritten\n",
                     c->output_dir, n_interrupted);
     }
-    if (r->resuming)
+    if (r->resuming && c->pretraining_path)
+        fprintf(stderr, "[checkpoint] resuming from %s: step %lld, streamed row %lld\n", r->ck_dir,
+                (long long)r->ck.step, (long long)r->ck.rows_consumed);
+    else if (r->resuming)
         fprintf(stderr, "[checkpoint] resuming from %s: step %lld, epoch %lld, row %lld of %lld\n", r->ck_dir,
                 (long long)r->ck.step, (long long)(r->ck.rows_consumed / r->ck.n_rows),
                 (long long)(r->ck.rows_consumed % r->ck.n_rows), (long long)r->ck.n_rows);
@@ -426,8 +432,79 @@ static uint64_t packed_fingerprint(const packed_set *ps) {
  * rows (checked against a resumed checkpoint). */
 static const char *tok_text(const void *ctx, int id) { return tokenizer_token_text((const tokenizer *)ctx, id); }
 
+/* pretraining_dataset (data/stream.h): the training rows are streamed step by step; test_datasets,
+ * if any, are the held-out set (axolotl refuses val_set_size here). On resume the stream is read again
+ * up to the checkpoint's rows_consumed, and the fingerprint of those rows must be the one saved. */
+static int setup_stream(run_ctx *r, qerr *e) {
+    const train_config *c = r->c;
+    dataset_spec *tspecs = NULL;
+    int nts = 0;
+    if (train_config_dataset_specs(c, 1, &tspecs, &nts, e)) return -1;
+    double t0 = clock_now_sec();
+    if (nts > 0) {
+        dataset_stats st;
+        packed_set none;
+        int rc = dataset_build(r->tok, tspecs, nts, NULL, 0, 0.0, c->sequence_len,
+                               train_config_pack_mode(c) | DATASET_PACK_IN_ORDER, c->train_on_inputs,
+                               train_config_data_seed(c), &r->eval_set, &none, &st, e);
+        packed_set_free(&none);
+        if (rc) {
+            train_config_dataset_specs_free(tspecs, nts);
+            return qerr_prefix(e, "%s: test_datasets", r->cfgname);
+        }
+    }
+    train_config_dataset_specs_free(tspecs, nts);
+    pretrain_spec sp = {c->pretraining_path, c->pretraining_text_column, c->pretraining_skip};
+    if (pretrain_stream_open(r->tok, &sp, c->sequence_len, c->streaming_multipack_buffer_size, 200,
+                             train_config_data_seed(c), &r->stream, e))
+        return qerr_prefix(e, "%s", r->cfgname);
+    const int64_t rows_per_step = (int64_t)c->micro_batch_size * c->gradient_accumulation_steps * r->world;
+    r->train_set.n_rows = rows_per_step; /* the step's rows; allocated by the first pretrain_stream_next */
+    r->train_set.seq_len = c->sequence_len;
+    int W = c->sequence_len - 1, S = 256 < (W - 1) / 2 ? 256 : (W - 1) / 2;
+    fprintf(stderr, "[data] train: streamed from %s (pretraining_dataset%s): windows of up to %d tokens (stride "
+                    "%d, eos), packed first-fit per %d records into rows of %d, at most 200 windows a row; "
+                    "held-out: %lld rows (test_datasets); %.1fs\n",
+            c->pretraining_path, c->pretraining_skip ? ", skip" : "", c->sequence_len, S,
+            c->streaming_multipack_buffer_size, c->sequence_len, (long long)r->eval_set.n_rows,
+            clock_now_sec() - t0);
+    if (r->resuming) {
+        packed_set tmp = {0};
+        int64_t left = r->ck.rows_consumed;
+        double t1 = clock_now_sec();
+        while (left > 0) {
+            int64_t n = left < rows_per_step ? left : rows_per_step;
+            if (n != tmp.n_rows && tmp.input_ids) packed_set_free(&tmp);
+            if (pretrain_stream_next(r->stream, n, &tmp, e)) {
+                packed_set_free(&tmp);
+                return qerr_prefix(e, "%s: resuming", r->cfgname);
+            }
+            left -= n;
+        }
+        packed_set_free(&tmp);
+        if (pretrain_stream_fingerprint(r->stream) != r->ck.data_fingerprint)
+            return qerr_set(e, "%s: pretraining_dataset: the %lld rows %s was trained on are not what the stream gives "
+                               "now (fingerprint %016llx, now %016llx: the file, sequence_len, "
+                               "streaming_multipack_buffer_size, skip or seed changed); resume with the same data, or "
+                               "choose another output_dir",
+                            r->cfgname, (long long)r->ck.rows_consumed, r->ck_dir,
+                            (unsigned long long)r->ck.data_fingerprint,
+                            (unsigned long long)pretrain_stream_fingerprint(r->stream));
+        fprintf(stderr, "[data] resumed the stream at row %lld (pass %d; read again and checked in %.1fs)\n",
+                (long long)r->ck.rows_consumed, pretrain_stream_epoch(r->stream), clock_now_sec() - t1);
+    }
+    r->data_fp = pretrain_stream_fingerprint(r->stream);
+    return 0;
+}
+
 static int setup_data(run_ctx *r, qerr *e) {
     const train_config *c = r->c;
+    if (c->pretraining_path) {
+        if (train_config_check_special_tokens(c, tokenizer_bos_id(r->tok), tokenizer_eos_id(r->tok),
+                                              tokenizer_unk_id(r->tok), tok_text, r->tok, e))
+            return -1;
+        return setup_stream(r, e);
+    }
     if (train_config_check_special_tokens(c, tokenizer_bos_id(r->tok), tokenizer_eos_id(r->tok),
                                           tokenizer_unk_id(r->tok), tok_text, r->tok, e))
         return -1;
@@ -443,7 +520,7 @@ static int setup_data(run_ctx *r, qerr *e) {
     double t0 = clock_now_sec();
     dataset_stats st;
     int rc = dataset_build(r->tok, specs, ns, tspecs, nts, c->val_set_size,
-                           c->sequence_len, c->sample_packing, c->train_on_inputs, train_config_data_seed(c), &r->train_set,
+                           c->sequence_len, train_config_pack_mode(c), c->train_on_inputs, train_config_data_seed(c), &r->train_set,
                            &r->eval_set, &st, e);
     train_config_dataset_specs_free(specs, ns);
     train_config_dataset_specs_free(tspecs, nts);
@@ -604,7 +681,23 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
                 numel[nt++] = (int64_t)c->lora_r * m->layers[l].lin[k].in;  /* lora_A (r, in) */
                 numel[nt++] = (int64_t)m->layers[l].lin[k].out * c->lora_r; /* lora_B (out, r) */
             }
-    const int64_t opt_bytes = r->use_adamw8bit ? adamw8bit_state_bytes(numel, nt) : 0;
+    int64_t opt_bytes = r->use_adamw8bit ? adamw8bit_state_bytes(numel, nt) : 0;
+    if (r->use_adamw8bit && (c->fsdp_shard_grad_op || c->fsdp_full_shard) && r->world > 1) {
+        /* this rank's part: its shard of the arena (A then B of each adapted linear, layer by layer) on the
+         * block grid, as setup_optimizer cuts it */
+        int64_t *off = malloc(((size_t)nt + 1) * sizeof *off), *cuts = malloc(((size_t)r->world + 1) * sizeof *cuts);
+        if (!off || !cuts) {
+            free(off);
+            free(cuts);
+            free(numel);
+            return qerr_set(e, "out of memory");
+        }
+        for (int i = 0, at = 0; i < nt; at += (int)numel[i], i++) off[i] = at;
+        ckpt_shard_cuts(lora_params, r->world, 1, off, numel, nt, cuts);
+        opt_bytes = adamw8bit_state_bytes_range(off, numel, nt, cuts[r->rank], cuts[r->rank + 1]);
+        free(off);
+        free(cuts);
+    }
     free(numel);
     struct stat model_st;
     memplan_input mpi = {.hp = m->hp, .B = c->micro_batch_size, .T = c->sequence_len,
@@ -756,6 +849,8 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
     r->gas = c->gradient_accumulation_steps;
     r->rows_per_step = (int64_t)r->mbs * r->gas * r->world;
     r->steps_per_epoch = (int)((r->train_set.n_rows + r->rows_per_step - 1) / r->rows_per_step);
+    if (r->stream) /* axolotl: saves/evals_per_epoch are fractions of max_steps / num_epochs (no length) */
+        r->steps_per_epoch = c->max_steps / c->num_epochs > 0 ? c->max_steps / c->num_epochs : 1;
     r->total_steps = c->max_steps > 0 ? c->max_steps : r->steps_per_epoch * c->num_epochs;
     r->warmup = train_config_warmup_steps(c, r->total_steps);
     r->eval_every = train_config_eval_interval(c, r->steps_per_epoch);
@@ -774,10 +869,10 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
                 c->fsdp_full_shard
                     ? "sharded: the frozen linears (each rank loads and keeps 1/world_size of every layer, gathered "
                       "per layer before its forward, recompute and backward, the next layer's gather overlapped), "
-                      "the gradients (reduce-scattered), the AdamW state and update (1/world_size of the adapters, "
+                      "the gradients (reduce-scattered), the optimizer state and update (1/world_size of the adapters, "
                       "parameters all-gathered after it); replicated: embeddings, LM head, norms, adapters"
                 : c->fsdp_shard_grad_op
-                    ? "sharded: the gradients (reduce-scattered), the AdamW state and update (1/world_size of the "
+                    ? "sharded: the gradients (reduce-scattered), the optimizer state and update (1/world_size of the "
                       "adapters, parameters all-gathered after it); replicated: the base and the adapters"
                     : "nothing sharded (each rank holds the base, the adapters and the optimizer state)",
                 r->plan.total / 1048576.0, r->comm->timeout_sec);
@@ -794,33 +889,62 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
     r->sgo = c->fsdp_shard_grad_op != 0 || c->fsdp_full_shard != 0; /* FULL_SHARD: the same for the adapters */
     r->shard_len = (r->ls.n_params + r->world - 1) / r->world;
     r->shard_lo = 0, r->shard_hi = r->ls.n_params;
-    if (r->sgo) ckpt_shard_interval(r->ls.n_params, r->world, r->rank, &r->shard_lo, &r->shard_hi);
-    const int64_t n_opt = r->shard_hi - r->shard_lo;
-    if (r->sgo && !(r->shard_buf = r->ctx.be->alloc((size_t)(r->shard_len * r->world) * sizeof(float))))
-        return qerr_set(e, "out of memory (SHARD_GRAD_OP buffer)");
-    if (r->use_adamw8bit) {
-        int64_t *off = malloc(((size_t)r->n_tensors + 1) * sizeof *off);
-        int64_t *num = malloc(((size_t)r->n_tensors + 1) * sizeof *num);
-        int rc = off && num ? 0 : qerr_set(e, "out of memory");
-        for (int i = 0; !rc && i < r->n_tensors; i++) {
-            off[i] = r->tensors[i].offset;
-            num[i] = r->tensors[i].rows * r->tensors[i].cols;
+    /* the tensors of the arena (adamw_8bit's per-tensor state and block grid) */
+    int64_t *off = malloc(((size_t)r->n_tensors + 1) * sizeof *off);
+    int64_t *num = malloc(((size_t)r->n_tensors + 1) * sizeof *num);
+    if (!off || !num) {
+        free(off);
+        free(num);
+        return qerr_set(e, "out of memory");
+    }
+    for (int i = 0; i < r->n_tensors; i++) {
+        off[i] = r->tensors[i].offset;
+        num[i] = r->tensors[i].rows * r->tensors[i].cols;
+    }
+    if (r->sgo) {
+        if (!(r->shard_cuts = malloc(((size_t)r->world + 1) * sizeof *r->shard_cuts))) {
+            free(off);
+            free(num);
+            return qerr_set(e, "out of memory");
         }
-        if (!rc) rc = adamw8bit_state_init(&r->opt8, r->ctx.be, r->ls.n_params, off, num, r->n_tensors, e);
+        ckpt_shard_cuts(r->ls.n_params, r->world, r->use_adamw8bit, off, num, r->n_tensors, r->shard_cuts);
+        r->shard_len = 0;
+        for (int k = 0; k < r->world; k++)
+            if (r->shard_cuts[k + 1] - r->shard_cuts[k] > r->shard_len) r->shard_len = r->shard_cuts[k + 1] - r->shard_cuts[k];
+        if (r->shard_len < 1) r->shard_len = 1;
+        r->shard_lo = r->shard_cuts[r->rank], r->shard_hi = r->shard_cuts[r->rank + 1];
+    }
+    const int64_t n_opt = r->shard_hi - r->shard_lo;
+    if (r->sgo && !(r->shard_buf = r->ctx.be->alloc((size_t)(r->shard_len * r->world) * sizeof(float)))) {
+        free(off);
+        free(num);
+        return qerr_set(e, "out of memory (SHARD_GRAD_OP buffer)");
+    }
+    if (r->use_adamw8bit) {
+        int rc = r->sgo ? adamw8bit_state_init_range(&r->opt8, r->ctx.be, r->shard_lo, r->shard_hi, off, num,
+                                                     r->n_tensors, e)
+                        : adamw8bit_state_init(&r->opt8, r->ctx.be, r->ls.n_params, off, num, r->n_tensors, e);
         if (!rc) {
             int n8 = 0;
-            for (int i = 0; i < r->n_tensors; i++) n8 += r->opt8.tensors[i].eight_bit;
+            for (int i = 0; i < r->n_tensors; i++) n8 += num[i] >= ADAMW8BIT_MIN_8BIT_SIZE;
             fprintf(stderr, "[optim] adamw_8bit (bitsandbytes' AdamW8bit): 8-bit blockwise moments (blocksize %d) for "
                             "%d of %d tensors (>= %d elements), fp32 for the rest; state %.1f MiB (fp32 AdamW: %.1f "
-                            "MiB)\n", ADAMW8BIT_BLOCKSIZE, n8, r->n_tensors, ADAMW8BIT_MIN_8BIT_SIZE,
-                    adamw8bit_state_bytes(num, r->n_tensors) / 1048576.0, 8.0 * (double)r->ls.n_params / 1048576.0);
+                            "MiB)%s\n", ADAMW8BIT_BLOCKSIZE, n8, r->n_tensors, ADAMW8BIT_MIN_8BIT_SIZE,
+                    adamw8bit_state_bytes_range(off, num, r->n_tensors, r->shard_lo, r->shard_hi) / 1048576.0,
+                    8.0 * (double)n_opt / 1048576.0, r->sgo ? " per rank (its shard, on the block grid)" : "");
         }
         free(off);
         free(num);
         if (rc) return -1;
-    } else if (r->use_sophia ? sophia_state_init_backend(&r->sop, r->ctx.be, r->ls.n_params, e)
-                             : adamw_state_init_backend(&r->opt, r->ctx.be, n_opt > 0 ? n_opt : 1, e)) {
-        return -1;
+    } else {
+        free(off);
+        free(num);
+        /* SHARD_GRAD_OP / FULL_SHARD: the state of this rank's interval only */
+        const int64_t n_state = r->sgo ? (n_opt > 0 ? n_opt : 1) : r->ls.n_params;
+        if (r->use_sophia ? sophia_state_init_backend(&r->sop, r->ctx.be, n_state, e)
+                          : adamw_state_init_backend(&r->opt, r->ctx.be, n_opt > 0 ? n_opt : 1, e))
+            return -1;
+        if (r->sgo && r->use_sophia) r->sop.n = n_opt;
     }
     if (r->sgo) r->opt.n = n_opt;
     r->soc = (sophia_config){.lr = c->learning_rate, .beta1 = c->sophia_beta1, .beta2 = c->sophia_beta2,
@@ -1018,6 +1142,7 @@ void run_free(run_ctx *r) {
     free(r->bb.sid);
     if (r->grad_acc) r->ctx.be->free(r->grad_acc);
     if (r->shard_buf) r->ctx.be->free(r->shard_buf);
+    free(r->shard_cuts);
     adamw_state_free(&r->opt);
     adamw8bit_state_free(&r->opt8);
     sophia_state_free(&r->sop);
@@ -1026,6 +1151,7 @@ void run_free(run_ctx *r) {
     llama_free(&r->model);
     packed_set_free(&r->train_set);
     packed_set_free(&r->eval_set);
+    pretrain_stream_close(r->stream);
     tokenizer_free(r->tok);
     base_model_close(r->bm);
     if (r->lock_fd >= 0) close(r->lock_fd);

@@ -16,6 +16,7 @@
 #include "comm/comm.h"
 #include "core/status.h"
 #include "data/dataset.h"
+#include "data/stream.h"
 #include "data/tokenizer.h"
 #include "format/peft.h"
 #include "model/base.h"
@@ -69,7 +70,8 @@ typedef struct run_ctx {
     uint64_t model_fp, tok_fp, data_fp;
 
     /* data */
-    packed_set train_set, eval_set;
+    packed_set train_set, eval_set; /* with pretraining_dataset, train_set holds the current step's rows */
+    pretrain_stream *stream;        /* pretraining_dataset (data/stream.h), or NULL */
 
     /* schedule */
     int mbs, gas;          /* micro_batch_size, gradient_accumulation_steps */
@@ -86,6 +88,10 @@ typedef struct run_ctx {
      * shard_len = ceil(n_params / world) elements; its optimizer state covers only that range */
     int sgo;
     int64_t shard_lo, shard_hi, shard_len;
+    /* (world + 1) rank k owns [shard_cuts[k], shard_cuts[k + 1]): ckpt_shard_interval's, or for adamw_8bit
+     * those moved onto its quantization block grid (adamw8bit_shard_cut); shard_len is the longest. NULL
+     * unless sgo */
+    int64_t *shard_cuts;
     float *shard_buf;      /* (shard_len * world) the gradient reduce-scattered into, then the parameters gathered */
     int use_adamw8bit; /* optimizer: adamw_8bit (bitsandbytes' AdamW8bit, opt8; r->ac holds its betas) */
     adamw_state opt;

@@ -39,21 +39,47 @@ static int save_extra(const char *dir, void *arg, qerr *e) {
     return file_write_atomic(p, r->config_yaml, strlen(r->config_yaml), e);
 }
 
-/* SHARD_GRAD_OP: a whole optimizer moment from every rank's shard (collective). malloc'd host array of
- * shard_len * world floats; the first n_params are the moment. */
-static float *sgo_gather_moment(run_ctx *r, const float *own) {
+/* SHARD_GRAD_OP / FULL_SHARD: a whole array from every rank's part of it (collective): own holds count
+ * elements of esz bytes (backend memory), the ranks' parts follow each other in rank order. One
+ * all_gather of the counts, one of the parts padded to the longest. malloc'd host array of the total
+ * (+1 element) in *total. */
+static void *sgo_gather_var(run_ctx *r, const void *own, int64_t count, size_t esz, int64_t *total) {
     const ag_backend *be = r->ctx.be;
-    const int64_t n_own = r->shard_hi - r->shard_lo;
-    float *all = calloc((size_t)(r->shard_len * r->world), sizeof(float));
     qerr ce;
-    if (!all) {
+    int64_t *counts = calloc((size_t)r->world, sizeof *counts);
+    if (!counts) {
         qerr_set(&ce, "rank %d: out of memory gathering the optimizer state for a checkpoint", r->rank);
         run_comm_fail(r, &ce);
     }
-    float *mine = all + (size_t)r->rank * r->shard_len;
-    if (n_own > 0) be->copy_d2h(mine, own, (size_t)n_own * sizeof(float));
-    if (comm_all_gather(r->comm, mine, all, (size_t)r->shard_len, COMM_F32, &ce)) run_comm_fail(r, &ce);
-    return all;
+    if (comm_all_gather(r->comm, &count, counts, 1, COMM_I64, &ce)) run_comm_fail(r, &ce);
+    int64_t max = 1, sum = 0;
+    for (int k = 0; k < r->world; k++) {
+        if (counts[k] > max) max = counts[k];
+        sum += counts[k];
+    }
+    unsigned char *all = calloc((size_t)(max * r->world), esz), *out = malloc((size_t)(sum + 1) * esz);
+    if (!all || !out) {
+        qerr_set(&ce, "rank %d: out of memory gathering the optimizer state for a checkpoint", r->rank);
+        run_comm_fail(r, &ce);
+    }
+    unsigned char *mine = all + (size_t)r->rank * (size_t)max * esz;
+    if (count > 0) be->copy_d2h(mine, own, (size_t)count * esz);
+    if (comm_all_gather(r->comm, mine, all, (size_t)max * esz, COMM_U8, &ce)) run_comm_fail(r, &ce);
+    int64_t at = 0;
+    for (int k = 0; k < r->world; k++) {
+        memcpy(out + (size_t)at * esz, all + (size_t)k * (size_t)max * esz, (size_t)counts[k] * esz);
+        at += counts[k];
+    }
+    free(all);
+    free(counts);
+    *total = sum;
+    return out;
+}
+
+/* SHARD_GRAD_OP: a whole optimizer moment (fp32, n_params) from every rank's shard (collective). */
+static float *sgo_gather_moment(run_ctx *r, const float *own) {
+    int64_t total;
+    return sgo_gather_var(r, own, r->shard_hi - r->shard_lo, sizeof(float), &total);
 }
 
 /* SHARDED_STATE_DICT: every rank writes its interval of the parameters and of the optimizer state
@@ -75,23 +101,43 @@ static int checkpoint_save_sharded(run_ctx *r, int step, char *lh, size_t lh_len
         .log_history_len = (int64_t)lh_len};
     snprintf(cs.lr_scheduler, sizeof cs.lr_scheduler, "%s", lr_schedule_name(r->sk));
     snprintf(cs.optimizer, sizeof cs.optimizer, "adamw");
-    if (r->use_sophia) { /* NO_SHARD only (SHARD_GRAD_OP with Sophia is refused): the whole arrays */
+    if (r->use_sophia) { /* NO_SHARD: the whole arrays; SHARD_GRAD_OP / FULL_SHARD: this rank's shard */
         snprintf(cs.optimizer, sizeof cs.optimizer, "sophia");
         cs.opt_step = r->sop.step, cs.exp_avg = r->sop.m, cs.exp_avg_sq = NULL, cs.hessian = r->sop.h;
         cs.beta1 = c->sophia_beta1, cs.beta2 = c->sophia_beta2, cs.rho = c->sophia_rho;
         cs.hessian_interval = c->sophia_k, cs.hessian_updates = r->sop.hessian_updates;
-        cs.opt_lo = 0, cs.opt_hi = r->ls.n_params;
+        if (!r->sgo) cs.opt_lo = 0, cs.opt_hi = r->ls.n_params;
+    } else if (r->use_adamw8bit) { /* this rank's part (on the block grid), or all of it */
+        const adamw8bit_state *o = &r->opt8;
+        snprintf(cs.optimizer, sizeof cs.optimizer, "adamw_8bit");
+        cs.opt_step = o->step, cs.exp_avg = o->m32, cs.exp_avg_sq = o->v32;
+        cs.state1 = o->state1, cs.state2 = o->state2, cs.absmax1 = o->absmax1, cs.absmax2 = o->absmax2;
+        cs.n_blocks = o->n_blocks_all, cs.n32 = o->n32_all;
+        cs.opt_lo = o->lo, cs.opt_hi = o->lo + o->n;
+        cs.blk_lo = o->block_lo, cs.blk_hi = o->block_lo + o->n_blocks;
+        cs.n32_lo = o->n32_lo, cs.n32_hi = o->n32_lo + o->n32;
     }
     snprintf(cs.base_model, sizeof cs.base_model, "%s", c->base_model);
     /* host copies where the backend's memory is not host memory */
     const size_t np = (size_t)r->ls.n_params * sizeof(float), no = (size_t)(cs.opt_hi - cs.opt_lo) * sizeof(float);
-    float *staged[3] = {NULL, NULL, NULL};
-    float **slot[3] = {(float **)&cs.params, (float **)&cs.exp_avg, r->use_sophia ? (float **)&cs.hessian : (float **)&cs.exp_avg_sq};
-    const size_t bytes[3] = {np, no, no};
+    enum { NS = 7 };
+    void *staged[NS] = {NULL};
+    void **slot[NS] = {(void **)&cs.params, (void **)&cs.exp_avg,
+                       r->use_sophia ? (void **)&cs.hessian : (void **)&cs.exp_avg_sq, NULL, NULL, NULL, NULL};
+    size_t bytes[NS] = {np, no, no, 0, 0, 0, 0};
+    if (r->use_adamw8bit) {
+        const adamw8bit_state *o = &r->opt8;
+        slot[3] = (void **)&cs.state1, slot[4] = (void **)&cs.state2;
+        slot[5] = (void **)&cs.absmax1, slot[6] = (void **)&cs.absmax2;
+        bytes[1] = bytes[2] = (size_t)o->n32 * sizeof(float);
+        bytes[3] = bytes[4] = (size_t)o->n;
+        bytes[5] = bytes[6] = (size_t)o->n_blocks * sizeof(float);
+    }
     int rc = 0;
     if (!be->host_data) {
         be->sync();
-        for (int i = 0; i < 3 && !rc; i++) {
+        for (int i = 0; i < NS && !rc; i++) {
+            if (!slot[i]) continue;
             if (!(staged[i] = malloc(bytes[i] ? bytes[i] : 1))) {
                 rc = qerr_set(e, "rank %d: out of memory staging the optimizer state for the checkpoint", r->rank);
                 break;
@@ -107,7 +153,7 @@ static int checkpoint_save_sharded(run_ctx *r, int step, char *lh, size_t lh_len
     qerr se;
     int src = ckpt_save_sharded(r->comm, c->output_dir, &cs, r->rank ? NULL : save_extra, r, r->last_ckpt,
                                 sizeof r->last_ckpt, &se);
-    for (int i = 0; i < 3; i++) free(staged[i]);
+    for (int i = 0; i < NS; i++) free(staged[i]);
     if (src == -2) run_comm_fail(r, &se);
     if (src && !rc && !failed) *e = se;
     return src || rc || failed ? -1 : 0;
@@ -133,12 +179,28 @@ int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
         if (r->rank) return 0;
         goto prune;
     }
-    /* SHARD_GRAD_OP: every rank sends its shard of the moments; rank 0 writes the whole state */
-    float *full_m = r->sgo ? sgo_gather_moment(r, r->opt.m) : NULL;
-    float *full_v = r->sgo ? sgo_gather_moment(r, r->opt.v) : NULL;
+    /* SHARD_GRAD_OP / FULL_SHARD: every rank sends its part of the optimizer state; rank 0 writes it whole
+     * (full[]: AdamW m, v; Sophia m, h; adamw_8bit state1, state2, absmax1, absmax2, and the fp32 m, v) */
+    void *full[6] = {NULL};
+    if (r->sgo) {
+        int64_t t;
+        if (r->use_adamw8bit) {
+            const adamw8bit_state *o = &r->opt8;
+            full[0] = sgo_gather_var(r, o->state1, o->n, 1, &t);
+            full[1] = sgo_gather_var(r, o->state2, o->n, 1, &t);
+            full[2] = sgo_gather_var(r, o->absmax1, o->n_blocks, sizeof(float), &t);
+            full[3] = sgo_gather_var(r, o->absmax2, o->n_blocks, sizeof(float), &t);
+            full[4] = sgo_gather_var(r, o->m32, o->n32, sizeof(float), &t);
+            full[5] = sgo_gather_var(r, o->v32, o->n32, sizeof(float), &t);
+        } else {
+            full[0] = sgo_gather_moment(r, r->use_sophia ? r->sop.m : r->opt.m);
+            full[1] = sgo_gather_moment(r, r->use_sophia ? r->sop.h : r->opt.v);
+        }
+    }
+    float *full_m = r->sgo && !r->use_sophia && !r->use_adamw8bit ? full[0] : NULL;
+    float *full_v = r->sgo && !r->use_sophia && !r->use_adamw8bit ? full[1] : NULL;
     if (r->rank) { /* data parallel: every rank holds the same state; rank 0 writes it */
-        free(full_m);
-        free(full_v);
+        for (int i = 0; i < 6; i++) free(full[i]);
         r->last_saved = step;
         snprintf(r->last_ckpt, sizeof r->last_ckpt, "%s/checkpoint-%d", c->output_dir, step);
         return 0;
@@ -148,8 +210,7 @@ int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
     snprintf(mp, sizeof mp, "%s/metrics.jsonl", c->output_dir);
     char *lh = file_read_all(mp, &lh_len, e);
     if (!lh) {
-        free(full_m);
-        free(full_v);
+        for (int i = 0; i < 6; i++) free(full[i]);
         return -1;
     }
     ckpt_state cs = {
@@ -170,11 +231,15 @@ int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
         cs.opt_step = r->sop.step, cs.exp_avg = r->sop.m, cs.exp_avg_sq = NULL, cs.hessian = r->sop.h;
         cs.beta1 = c->sophia_beta1, cs.beta2 = c->sophia_beta2, cs.rho = c->sophia_rho;
         cs.hessian_interval = c->sophia_k, cs.hessian_updates = r->sop.hessian_updates;
+        if (r->sgo) cs.exp_avg = full[0], cs.hessian = full[1];
     } else if (r->use_adamw8bit) {
         snprintf(cs.optimizer, sizeof cs.optimizer, "adamw_8bit");
         cs.opt_step = r->opt8.step, cs.exp_avg = r->opt8.m32, cs.exp_avg_sq = r->opt8.v32;
         cs.state1 = r->opt8.state1, cs.state2 = r->opt8.state2, cs.absmax1 = r->opt8.absmax1;
-        cs.absmax2 = r->opt8.absmax2, cs.n_blocks = r->opt8.n_blocks, cs.n32 = r->opt8.n32;
+        cs.absmax2 = r->opt8.absmax2, cs.n_blocks = r->opt8.n_blocks_all, cs.n32 = r->opt8.n32_all;
+        if (r->sgo)
+            cs.state1 = full[0], cs.state2 = full[1], cs.absmax1 = full[2], cs.absmax2 = full[3],
+            cs.exp_avg = full[4], cs.exp_avg_sq = full[5];
     }
     snprintf(cs.base_model, sizeof cs.base_model, "%s", c->base_model);
     /* the arrays are the backend's memory: host copies where that is not host memory */
@@ -190,7 +255,9 @@ int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
     if (!be->host_data) {
         be->sync();
         for (int i = 0; i < 8; i++) {
-            if (!*slot[i]) continue;
+            int gathered = 0; /* already a host array */
+            for (int k = 0; k < 6; k++) gathered |= full[k] && *slot[i] == full[k];
+            if (!*slot[i] || gathered) continue;
             if (!(staged[i] = malloc(bytes[i] ? bytes[i] : 1))) {
                 stage_failed = 1;
                 break;
@@ -207,8 +274,7 @@ int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
     }
     for (int i = 0; i < 8; i++) free(staged[i]);
     free(lh);
-    free(full_m);
-    free(full_v);
+    for (int i = 0; i < 6; i++) free(full[i]);
     if (rc) return qerr_prefix(e, "checkpoint at step %d", step);
     r->last_saved = step;
 prune:;
@@ -284,20 +350,36 @@ int run_resume(run_ctx *r, const ckpt_state *ck, qerr *e) {
     be->copy_h2d(r->ls.params, ck->params, n);
     if (r->use_adamw8bit) {
         adamw8bit_state *o = &r->opt8;
-        if (ck->n_blocks != o->n_blocks || ck->n32 != o->n32)
+        if (ck->n_blocks != o->n_blocks_all || ck->n32 != o->n32_all)
             return qerr_set(e, "%s: the 8-bit optimizer state has %lld blocks and %lld fp32 elements, this adapter "
                                "needs %lld and %lld", r->ck_dir, (long long)ck->n_blocks, (long long)ck->n32,
-                            (long long)o->n_blocks, (long long)o->n32);
-        be->copy_h2d(o->state1, ck->state1, (size_t)r->ls.n_params);
-        be->copy_h2d(o->state2, ck->state2, (size_t)r->ls.n_params);
-        be->copy_h2d(o->absmax1, ck->absmax1, (size_t)o->n_blocks * sizeof(float));
-        be->copy_h2d(o->absmax2, ck->absmax2, (size_t)o->n_blocks * sizeof(float));
-        be->copy_h2d(o->m32, ck->exp_avg, (size_t)o->n32 * sizeof(float));
-        be->copy_h2d(o->v32, ck->exp_avg_sq, (size_t)o->n32 * sizeof(float));
+                            (long long)o->n_blocks_all, (long long)o->n32_all);
+        /* this rank's part (SHARD_GRAD_OP / FULL_SHARD: its shard on the block grid), else all of it, from
+         * the intervals the checkpoint was read for */
+        if (o->lo < ck->opt_lo || o->lo + o->n > ck->opt_hi || o->block_lo < ck->blk_lo ||
+            o->block_lo + o->n_blocks > ck->blk_hi || o->n32_lo < ck->n32_lo || o->n32_lo + o->n32 > ck->n32_hi)
+            return qerr_set(e, "rank %d: %s was read for the elements [%lld, %lld), blocks [%lld, %lld) and fp32 "
+                               "moments [%lld, %lld); this rank holds [%lld, %lld), [%lld, %lld), [%lld, %lld)",
+                            r->rank, r->ck_dir, (long long)ck->opt_lo, (long long)ck->opt_hi, (long long)ck->blk_lo,
+                            (long long)ck->blk_hi, (long long)ck->n32_lo, (long long)ck->n32_hi, (long long)o->lo,
+                            (long long)(o->lo + o->n), (long long)o->block_lo, (long long)(o->block_lo + o->n_blocks),
+                            (long long)o->n32_lo, (long long)(o->n32_lo + o->n32));
+        be->copy_h2d(o->state1, ck->state1 + (o->lo - ck->opt_lo), (size_t)o->n);
+        be->copy_h2d(o->state2, ck->state2 + (o->lo - ck->opt_lo), (size_t)o->n);
+        be->copy_h2d(o->absmax1, ck->absmax1 + (o->block_lo - ck->blk_lo), (size_t)o->n_blocks * sizeof(float));
+        be->copy_h2d(o->absmax2, ck->absmax2 + (o->block_lo - ck->blk_lo), (size_t)o->n_blocks * sizeof(float));
+        be->copy_h2d(o->m32, ck->exp_avg + (o->n32_lo - ck->n32_lo), (size_t)o->n32 * sizeof(float));
+        be->copy_h2d(o->v32, ck->exp_avg_sq + (o->n32_lo - ck->n32_lo), (size_t)o->n32 * sizeof(float));
         o->step = ck->opt_step;
     } else if (r->use_sophia) {
-        be->copy_h2d(r->sop.m, ck->exp_avg, n);
-        be->copy_h2d(r->sop.h, ck->hessian, n);
+        /* this rank's shard (SHARD_GRAD_OP / FULL_SHARD), else all of it */
+        const int64_t lo = r->sgo ? r->shard_lo : 0, len = r->sop.n;
+        if (lo < ck->opt_lo || lo + len > ck->opt_hi)
+            return qerr_set(e, "rank %d: %s was read for the optimizer interval [%lld, %lld), this rank holds "
+                               "[%lld, %lld)", r->rank, r->ck_dir, (long long)ck->opt_lo, (long long)ck->opt_hi,
+                            (long long)lo, (long long)(lo + len));
+        be->copy_h2d(r->sop.m, ck->exp_avg + (lo - ck->opt_lo), (size_t)len * sizeof(float));
+        be->copy_h2d(r->sop.h, ck->hessian + (lo - ck->opt_lo), (size_t)len * sizeof(float));
         r->sop.step = ck->opt_step;
         r->sop.hessian_updates = ck->hessian_updates;
     } else {

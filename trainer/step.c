@@ -26,6 +26,13 @@
  * of such runs. Measured with oneDNN on the default config, accumulation 2,
  * 3 steps: metrics and adapter identical to before; accumulation 1 is
  * unchanged by construction.)
+ *
+ * SHARD_GRAD_OP / FULL_SHARD (r->sgo): the sum is reduce-scattered instead, rank r's interval
+ * [shard_cuts[r], shard_cuts[r + 1]) landing in its slot of shard_buf; the optimizer (AdamW, SophiaG
+ * or 8-bit AdamW) updates that interval with the state of that interval only, and the parameters are
+ * all-gathered. Sophia's Hessian-estimate gradient is reduce-scattered the same way and h updated on
+ * the shard; adamw_8bit's intervals lie on bitsandbytes' block grid (trainer/checkpoint.h
+ * ckpt_shard_cuts), so every rank quantizes exactly the blocks one process does.
  */
 #include <math.h>
 #include <signal.h>
@@ -55,14 +62,22 @@ void run_batch_fill(const packed_set *ps, const int64_t *rows, int nb, batch_buf
 /* The step's rows_per_step rows into r->rows: the next ones of the global
  * order (epoch by epoch, each epoch's permutation from dataset_epoch_order);
  * advances r->cursor. Returns their target tokens. */
-static int64_t step_rows(run_ctx *r) {
+static int64_t step_rows(run_ctx *r, qerr *e) {
     const packed_set *ps = &r->train_set;
     int64_t n_targets = 0;
+    if (r->stream) { /* pretraining_dataset: the stream's next rows are the step's */
+        if (pretrain_stream_next(r->stream, r->rows_per_step, &r->train_set, e)) return -1;
+        for (int64_t i = 0; i < r->rows_per_step; i++) r->rows[i] = i;
+        r->cursor += r->rows_per_step;
+        r->epoch = pretrain_stream_epoch(r->stream);
+        r->data_fp = pretrain_stream_fingerprint(r->stream);
+        return r->train_set.n_target_tokens;
+    }
     for (int64_t i = 0; i < r->rows_per_step; i++) {
         int ep = (int)(r->cursor / ps->n_rows);
         if (ep != r->epoch) {
             r->epoch = ep;
-            dataset_epoch_order(train_config_data_seed(r->c), r->epoch, ps->n_rows, r->perm);
+            dataset_rows_order(ps, train_config_data_seed(r->c), r->epoch, r->perm);
         }
         r->rows[i] = r->perm[r->cursor % ps->n_rows];
         r->cursor++;
@@ -72,6 +87,19 @@ static int64_t step_rows(run_ctx *r) {
         for (int j = 0; j < ps->seq_len; j++) n_targets += t[j] != -100;
     }
     return n_targets;
+}
+
+/* SHARD_GRAD_OP: the flat array src (n_params, backend memory) into shard_buf as the collectives lay it
+ * out: rank k's interval [shard_cuts[k], shard_cuts[k + 1]) at k * shard_len, the rest of each slot
+ * zero. (With ckpt_shard_interval's cuts, rank k's interval starts at k * shard_len: one copy.) */
+static void sgo_pack(run_ctx *r, const float *src) {
+    const ag_backend *be = r->ctx.be;
+    for (int k = 0; k < r->world; k++) {
+        const int64_t lo = r->shard_cuts[k], len = r->shard_cuts[k + 1] - lo;
+        float *slot = r->shard_buf + (size_t)k * r->shard_len;
+        if (len > 0) be->copy_d2d(slot, src + lo, (size_t)len * sizeof(float));
+        if (r->shard_len > len) be->zero(slot + len, (size_t)(r->shard_len - len) * sizeof(float));
+    }
 }
 
 /* Forward and backward over the step's micro-batches, gradients accumulated
@@ -113,9 +141,7 @@ static void step_gradients(run_ctx *r, int step, int sampled, float scale, doubl
     qerr ce;
     be->sync();
     if (r->sgo) { /* SHARD_GRAD_OP: this rank's shard of the summed gradient lands in its part of shard_buf */
-        const size_t pad = (size_t)(r->shard_len * r->world - r->ls.n_params);
-        be->copy_d2d(r->shard_buf, r->ls.grads, gbytes);
-        if (pad) be->zero(r->shard_buf + r->ls.n_params, pad * sizeof(float));
+        sgo_pack(r, r->ls.grads);
         if (comm_reduce_scatter_sum(r->comm, r->shard_buf, r->shard_buf + (size_t)r->rank * r->shard_len,
                                     (size_t)r->shard_len, COMM_F32, &ce))
             run_comm_fail(r, &ce);
@@ -148,7 +174,18 @@ static void sgo_gather_params(run_ctx *r) {
     qerr ce;
     be->sync();
     if (comm_all_gather(r->comm, mine, r->shard_buf, (size_t)r->shard_len, COMM_F32, &ce)) run_comm_fail(r, &ce);
-    be->copy_d2d(r->ls.params, r->shard_buf, (size_t)r->ls.n_params * sizeof(float));
+    for (int k = 0; k < r->world; k++) {
+        const int64_t lo = r->shard_cuts[k], len = r->shard_cuts[k + 1] - lo;
+        if (len > 0) be->copy_d2d(r->ls.params + lo, r->shard_buf + (size_t)k * r->shard_len, (size_t)len * sizeof(float));
+    }
+}
+
+/* SHARD_GRAD_OP: a count over each rank's shard summed over the ranks (exact: integers in f64). */
+static int64_t sgo_sum_count(run_ctx *r, int64_t n) {
+    double v = (double)n;
+    qerr ce;
+    if (r->world > 1 && comm_all_reduce_sum(r->comm, &v, 1, COMM_F64, &ce)) run_comm_fail(r, &ce);
+    return (int64_t)v;
 }
 
 /* The step's loss sum and target tokens from every rank, added in rank order
@@ -194,8 +231,11 @@ static void step_agree(run_ctx *r, double *loss_sum, int64_t *n_tokens) {
 static float sophia_hessian_pass(run_ctx *r, int step, int64_t step_targets) {
     const float scale = step_targets > 0 ? 1.0f / (float)step_targets : 0.0f;
     step_gradients(r, step, 1, scale, NULL, NULL);
-    const float gn = clip_grad_norm_backend(r->ctx.be, r->ls.grads, r->ls.n_params, r->c->max_grad_norm);
-    if (isfinite(gn)) sophia_update_hessian(&r->sop, &r->soc, r->ls.grads);
+    /* SHARD_GRAD_OP / FULL_SHARD: ĝ was reduce-scattered like the loss gradient; h is this rank's shard */
+    float *gh = r->sgo ? r->shard_buf + (size_t)r->rank * r->shard_len : r->ls.grads;
+    const float gn = r->sgo ? sgo_clip(r, gh, r->shard_hi - r->shard_lo)
+                            : clip_grad_norm_backend(r->ctx.be, r->ls.grads, r->ls.n_params, r->c->max_grad_norm);
+    if (isfinite(gn)) sophia_update_hessian(&r->sop, &r->soc, gh);
     return gn;
 }
 
@@ -256,7 +296,9 @@ static int step_report(run_ctx *r, int step, const step_stats *s, qerr *e) {
                                {"sophia_hessian_seconds", s->hess_sec}, {"sophia_hessian_grad_norm", s->hess_gnorm}};
         int nxf = r->use_sophia ? (isfinite(s->hess_sec) ? 4 : 2) : 1;
         metrics_log_train_fields(r->mw, step, s->loss, s->lr, s->gnorm, tps,
-                                 (double)r->cursor / (double)r->train_set.n_rows, xf, nxf, e);
+                                 r->stream ? (double)step / (double)r->steps_per_epoch
+                                           : (double)r->cursor / (double)r->train_set.n_rows,
+                                 xf, nxf, e);
     }
     if (!s->finite) {
         fprintf(stderr, "[train] step %d/%d | loss %.4f | grad_norm %.3f | non-finite: update skipped (%lld in a "
@@ -300,7 +342,8 @@ int train_step(run_ctx *r, int step, qerr *e) {
     const train_config *c = r->c;
     double ts0 = clock_now_sec();
     test_rank_fault(r, step);
-    const int64_t step_targets = step_rows(r);
+    const int64_t step_targets = step_rows(r, e);
+    if (step_targets < 0) return -1;
     const float scale = step_targets > 0 ? 1.0f / (float)step_targets : 0.0f;
     double step_loss = 0.0;
     int64_t step_tok = 0;
@@ -318,8 +361,13 @@ int train_step(run_ctx *r, int step, qerr *e) {
     s.finite = isfinite(s.loss) && isfinite(s.gnorm);
     if (s.finite && r->use_sophia) {
         const double bs = c->sophia_bs > 0 ? (double)c->sophia_bs : (double)step_targets;
-        s.win_rate = (double)sophia_step(&r->sop, &r->soc, s.lr, bs, r->ls.params, r->ls.grads, NULL) /
-                     (double)r->ls.n_params;
+        /* SHARD_GRAD_OP / FULL_SHARD: the update of this rank's shard (g), then every shard to every rank */
+        int64_t unclipped = sophia_step(&r->sop, &r->soc, s.lr, bs, r->ls.params + r->shard_lo, g, NULL);
+        if (r->sgo) {
+            unclipped = sgo_sum_count(r, unclipped);
+            sgo_gather_params(r);
+        }
+        s.win_rate = (double)unclipped / (double)r->ls.n_params;
         r->nan_streak = 0;
         if (sophia_hessian_due(&r->soc, step)) {
             double th = clock_now_sec();
@@ -330,7 +378,8 @@ int train_step(run_ctx *r, int step, qerr *e) {
                 fprintf(stderr, "[sophia] step %d: the Hessian-estimate gradient is NaN/Inf; h left unchanged\n", step);
         }
     } else if (s.finite && r->use_adamw8bit) {
-        adamw8bit_step(&r->opt8, &r->ac, s.lr, r->ls.params, r->ls.grads);
+        adamw8bit_step(&r->opt8, &r->ac, s.lr, r->ls.params + r->shard_lo, g); /* the shard's blocks only */
+        if (r->sgo) sgo_gather_params(r);
         r->nan_streak = 0;
     } else if (s.finite) {
         adamw_step(&r->opt, &r->ac, s.lr, r->ls.params + r->shard_lo, g, NULL);
