@@ -83,6 +83,10 @@ build/gpu_ops: bench/gpu_ops.c build/libqlora.a
 	$(CC) $(CFLAGS) $< build/libqlora.a -o $@ $(LDLIBS)
 endif
 
+# within-process A/B of the CPU attention kernels, old GEMM calls vs the cpu backend (bench/attn_ab.c)
+build/attn_ab: bench/attn_ab.c build/libqlora.a
+	$(CC) $(CFLAGS) $< build/libqlora.a -o $@ $(LDLIBS)
+
 # Every GPU check in one command (scripts/test_gpu.sh): builds with CUDA=1, exits 1 without a device.
 .PHONY: test-gpu
 test-gpu:

@@ -17,7 +17,12 @@ int ag_backend_cpu_vector_ok(void) {
 #ifdef OPS_AVX512
     /* compiled for AVX-512: the processor must have it (a binary copied to an older machine) */
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+#ifdef __AVX512BF16__
+           /* attention's vdpbf16ps kernel (autograd/backend_cpu_nn.inc); AMX is asked for at run time */
+           && __builtin_cpu_supports("avx512bf16")
+#endif
+        ;
 #else
     return 1; /* no vector path compiled in: the table is the scalar code, which runs anywhere */
 #endif

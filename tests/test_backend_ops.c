@@ -747,7 +747,7 @@ typedef struct attn_out {
 } attn_out;
 
 static void attn_run(const ag_backend *b, int B, int T, int H, int KVH, int hd, int bf, const int32_t *seq_ids,
-                     uint64_t seed, attn_out *out) {
+                     int window, uint64_t seed, attn_out *out) {
     ag_ctx ctx;
     qerr e = {0};
     assert_int_equal(ag_ctx_init_backend(&ctx, b, 64u << 20, &e), 0);
@@ -777,7 +777,7 @@ static void attn_run(const ag_backend *b, int B, int T, int H, int KVH, int hd, 
     }
     ag_attn a = {.qb = to_dev(b, qo, (size_t)nq * es), .kb = to_dev(b, ko, (size_t)nk * es),
                  .vb = to_dev(b, vo, (size_t)nk * es), .seq_ids = seq_ids, .B = B, .T = T, .H = H, .KVH = KVH,
-                 .hd = hd, .bf16 = bf};
+                 .hd = hd, .bf16 = bf, .window = window};
     a.rmax = b->alloc((size_t)nst * 4);
     a.rinv = b->alloc((size_t)nst * 4);
     a.seglo = b->alloc((size_t)B * T * 4);
@@ -821,12 +821,12 @@ static void attn_out_free(attn_out *o) {
     free(o->rinv);
 }
 
-static void attn_compare(const ag_backend *be, const ag_backend *ref, int B, int T, int H, int KVH, int hd,
-                         const int32_t *seq_ids, uint64_t seed) {
+static void attn_compare_window(const ag_backend *be, const ag_backend *ref, int B, int T, int H, int KVH, int hd,
+                                const int32_t *seq_ids, int window, uint64_t seed) {
     for (int bf = 0; bf < 2; bf++) {
         attn_out x, r;
-        attn_run(be, B, T, H, KVH, hd, bf, seq_ids, seed, &x);
-        attn_run(ref, B, T, H, KVH, hd, bf, seq_ids, seed, &r);
+        attn_run(be, B, T, H, KVH, hd, bf, seq_ids, window, seed, &x);
+        attn_run(ref, B, T, H, KVH, hd, bf, seq_ids, window, seed, &r);
         const int64_t nq = (int64_t)B * T * H * hd, nk = (int64_t)B * T * KVH * hd, nst = (int64_t)B * H * T;
         double bound = bf ? (is_cuda(be) ? NMSE_CUDA_ATTN_BF16 : NMSE_SOFTMAX_BF16) : NMSE_SOFTMAX_F32;
         assert_nmse(bf ? "attention o (bf16)" : "attention o (f32)", x.o, r.o, nq, bound);
@@ -841,8 +841,30 @@ static void attn_compare(const ag_backend *be, const ag_backend *ref, int B, int
     }
 }
 
+static void attn_compare(const ag_backend *be, const ag_backend *ref, int B, int T, int H, int KVH, int hd,
+                         const int32_t *seq_ids, uint64_t seed) {
+    attn_compare_window(be, ref, B, T, H, KVH, hd, seq_ids, 0, seed);
+}
+
+static void case_attention_shapes(const ag_backend *be, const ag_backend *ref);
+
+/* The cpu backend's bf16 attention has two register-tiled kernels (autograd/backend_cpu_nn.inc):
+ * AMX tiles where the processor and Linux grant them, vdpbf16ps otherwise (QLORA_CPU_AMX=0
+ * forces it); both run here. */
 static void case_attention(const ag_backend *be, const ag_backend *ref) {
-    /* T = 150: two query blocks of ATT_BQ = 128, the second a 22-row tail; GQA 6:2; hd 64 (SmolLM2) */
+    const char *was = getenv("QLORA_CPU_AMX");
+    char keep[16] = "";
+    if (was) snprintf(keep, sizeof keep, "%s", was);
+    case_attention_shapes(be, ref);
+    setenv("QLORA_CPU_AMX", "0", 1);
+    case_attention_shapes(be, ref);
+    if (was) setenv("QLORA_CPU_AMX", keep, 1);
+    else unsetenv("QLORA_CPU_AMX");
+}
+
+static void case_attention_shapes(const ag_backend *be, const ag_backend *ref) {
+    /* T = 150: two query blocks of ATT_BQ = 128 (of ATT_BQB = 96 on the bf16 path), the second a tail;
+     * GQA 6:2; hd 64 (SmolLM2) */
     enum { B = 2, T = 150 };
     attn_compare(be, ref, B, T, 6, 2, 64, NULL, 100);
     int32_t packed[B * T], scattered[B * T];
@@ -853,6 +875,25 @@ static void case_attention(const ag_backend *be, const ag_backend *ref) {
     }
     attn_compare(be, ref, B, T, 6, 2, 64, packed, 101);
     attn_compare(be, ref, B, T, 4, 4, 40, scattered, 102);
+    /* the register-tiled bf16 path (hd a multiple of 64): its general mask path, and T = 101
+     * (an odd last tile of query rows, a key tile cut by T) with hd 128 and runs not 64-aligned */
+    attn_compare(be, ref, B, T, 4, 2, 64, scattered, 103);
+    enum { T2 = 101 };
+    int32_t packed2[B * T2];
+    for (int i = 0; i < B * T2; i++) {
+        int t = i % T2;
+        packed2[i] = t < 70 ? 0 : (t < 77 ? 1 : 2);
+    }
+    attn_compare(be, ref, B, T2, 4, 1, 128, packed2, 104);
+    attn_compare(be, ref, 1, T2, 2, 2, 64, NULL, 105);
+    /* a sliding window (Gemma 3's local layers, ag_attn.window): causal, packed and the general mask, on
+     * the tiled kernels (hd 64) and the GEMM path (hd 40); the device tables refuse a window (SKIPPED there) */
+    if (!is_cuda(be)) {
+        attn_compare_window(be, ref, B, T, 6, 2, 64, NULL, 40, 106);
+        attn_compare_window(be, ref, B, T, 6, 2, 64, packed, 33, 107);
+        attn_compare_window(be, ref, B, T, 4, 2, 64, scattered, 29, 108);
+        attn_compare_window(be, ref, B, T, 4, 4, 40, scattered, 29, 109);
+    }
 }
 
 static void case_attention_cached(const ag_backend *be, const ag_backend *ref) {
