@@ -479,7 +479,7 @@ void llama_grad_buckets_arm(llama_grad_buckets *g, float *acc) {
     g->armed = 1;
     g->acc = acc;
     g->n_order = g->n_waited = 0;
-    memset(g->state, 0, (size_t)g->n_layer);
+    memset(g->state, 0, (size_t)g->n_layer + 1);
 }
 
 static void buckets_fail(const llama_grad_buckets *g, const qerr *e) {
@@ -493,6 +493,13 @@ static void own_shard(const llama_grad_buckets *g, int r, int64_t *lo, int64_t *
     *hi = g->cuts[r + 1];
 }
 
+/* Bucket l's elements [*a, *b) of the flat arena: layer l's adapters for l < n_layer; bucket n_layer is the tail
+ * after the last layer, the lora_modules_to_save copies (model/llama.h save_offset), empty without them. */
+static void bucket_range(const llama_grad_buckets *g, int l, int64_t *a, int64_t *b) {
+    *a = g->ls->layer_offset[l];
+    *b = l < g->n_layer ? g->ls->layer_offset[l + 1] : g->ls->n_params;
+}
+
 /* Wait for the oldest bucket in flight; with release, give back its pages outside the own shard. */
 static int wait_oldest(llama_grad_buckets *g, qerr *e) {
     const int l = g->order[g->n_waited++];
@@ -501,7 +508,8 @@ static int wait_oldest(llama_grad_buckets *g, qerr *e) {
     if (comm_wait(g->c, rq, e)) return -1;
     g->state[l] = 2;
     if (g->release) {
-        const int64_t a = g->ls->layer_offset[l], b = g->ls->layer_offset[l + 1];
+        int64_t a, b;
+        bucket_range(g, l, &a, &b);
         int64_t lo, hi;
         own_shard(g, g->c->rank, &lo, &hi);
         float *gr = g->ls->grads;
@@ -520,7 +528,8 @@ static int wait_oldest(llama_grad_buckets *g, qerr *e) {
 
 static int start_bucket(llama_grad_buckets *g, int l, qerr *e) {
     const lora_set *ls = g->ls;
-    const int64_t a = ls->layer_offset[l], b = ls->layer_offset[l + 1];
+    int64_t a, b;
+    bucket_range(g, l, &a, &b);
     float *buf = ls->grads + a;
     if (g->acc && b > a) g->be->add(g->acc + a, buf, buf, b - a); /* the trainer's acc + grads, per bucket */
     g->be->sync();
@@ -559,6 +568,13 @@ int llama_grad_buckets_finish(llama_grad_buckets *g, qerr *e) {
         while (g->n_order - g->n_waited >= 2)
             if (wait_oldest(g, e)) return -1;
         if (start_bucket(g, l, e)) return -1;
+    }
+    /* the tail (lora_modules_to_save copies): the LM head's gradient is made in forward, the embedding's at the
+     * very end of backward, so it is reduced here, after every layer, in the same order on every rank */
+    if (g->ls->n_params > g->ls->layer_offset[g->n_layer] && !g->state[g->n_layer]) {
+        while (g->n_order - g->n_waited >= 2)
+            if (wait_oldest(g, e)) return -1;
+        if (start_bucket(g, g->n_layer, e)) return -1;
     }
     while (g->n_waited < g->n_order)
         if (wait_oldest(g, e)) return -1;
