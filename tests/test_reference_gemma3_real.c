@@ -28,6 +28,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <cjson/cJSON.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -89,51 +91,24 @@ static void test_tokenizer_ids(void **state) {
     need_model();
     const ref_array *ta = ref_find(&g_rf, "texts");
     assert_non_null(ta);
-    /* the texts are a JSON array of strings; the GGUF's tokenizer encodes each with BOS, as llama.cpp did */
-    char *json = strndup((const char *)ta->data, (size_t)ta->numel);
+    /* the texts are a JSON array of strings (json.dumps, cJSON reads it); the GGUF's tokenizer encodes each with
+     * BOS, as llama.cpp did */
+    char *json = malloc((size_t)ta->numel + 1);
+    assert_non_null(json);
+    memcpy(json, ta->data, (size_t)ta->numel);
+    json[ta->numel] = 0;
+    cJSON *texts = cJSON_Parse(json);
+    assert_non_null(texts);
+    assert_int_equal(cJSON_GetArraySize(texts), N_TEXTS);
     qerr e = {{0}};
     tokenizer *tok;
     if (tokenizer_load_gguf(g_gf, &tok, &e)) fail_msg("%s", e.msg);
     assert_true(tokenizer_add_bos(tok));
-    /* minimal JSON string-array reader (json.dumps of the texts): \n, \t, \", \\ and \uXXXX escapes (surrogate
-     * pairs joined), written back as UTF-8 */
-    const char *p = json;
     for (int i = 0; i < N_TEXTS; i++) {
-        p = strchr(p, '"');
-        assert_non_null(p);
-        p++;
-        char *s = malloc(strlen(p) + 1);
-        size_t n = 0;
-        while (*p != '"') {
-            if (*p == '\\' && p[1] == 'u') {
-                unsigned cp = (unsigned)strtoul((char[5]){p[2], p[3], p[4], p[5], 0}, NULL, 16);
-                p += 5;
-                if (cp >= 0xD800 && cp < 0xDC00 && p[1] == '\\' && p[2] == 'u') {
-                    unsigned lo = (unsigned)strtoul((char[5]){p[3], p[4], p[5], p[6], 0}, NULL, 16);
-                    cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-                    p += 6;
-                }
-                if (cp < 0x80) {
-                    s[n++] = (char)cp;
-                } else if (cp < 0x800) {
-                    s[n++] = (char)(0xC0 | cp >> 6), s[n++] = (char)(0x80 | (cp & 63));
-                } else if (cp < 0x10000) {
-                    s[n++] = (char)(0xE0 | cp >> 12), s[n++] = (char)(0x80 | ((cp >> 6) & 63));
-                    s[n++] = (char)(0x80 | (cp & 63));
-                } else {
-                    s[n++] = (char)(0xF0 | cp >> 18), s[n++] = (char)(0x80 | ((cp >> 12) & 63));
-                    s[n++] = (char)(0x80 | ((cp >> 6) & 63)), s[n++] = (char)(0x80 | (cp & 63));
-                }
-            } else if (*p == '\\') {
-                p++;
-                s[n++] = *p == 'n' ? '\n' : *p == 't' ? '\t' : *p;
-                assert_true(*p == 'n' || *p == 't' || *p == '"' || *p == '\\');
-            } else {
-                s[n++] = *p;
-            }
-            p++;
-        }
-        p++;
+        const cJSON *item = cJSON_GetArrayItem(texts, i);
+        assert_true(cJSON_IsString(item));
+        const char *s = item->valuestring;
+        const size_t n = strlen(s);
         tokenizer_ids ids = {0};
         if (tokenizer_encode(tok, s, n, 1, &ids, &e)) fail_msg("%s", e.msg);
         const ref_array *want = text_ids(i);
@@ -148,9 +123,9 @@ static void test_tokenizer_ids(void **state) {
         if (bad != nc) fail_msg("text %d: id %zu is %d, llama.cpp says %d", i, bad, ids.ids[bad - 1], w[bad]);
         if (i < N_TEXTS - 1) assert_int_equal(ids.n + 1, nw);
         tokenizer_ids_free(&ids);
-        free(s);
     }
     tokenizer_free(tok);
+    cJSON_Delete(texts);
     free(json);
 }
 
