@@ -23,17 +23,8 @@ FETCH_TAG=model
 . "$ROOT/scripts/lib_fetch.sh"
 DEST="${1:-$ROOT/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 
-if [ -e "$DEST" ]; then
-    if fetch_verify "$DEST" "$SHA256" "$SIZE"; then
-        fetch_log "$DEST present, size and sha256 ok"
-        exit 0
-    fi
-    fetch_log "$DEST exists but does not match; fetching it again"
-fi
-
-fetch_scratch
-TMP_DEST="$(fetch_tmp_name "$DEST")"
-FETCH_TMP_NAMES+=("$TMP_DEST")
+fetch_exit_if_present "$DEST" "$SHA256" "$SIZE"
+fetch_begin "$DEST"
 
 if [ -n "${QLORA_MODEL_FILE:-}" ]; then
     [ -f "$QLORA_MODEL_FILE" ] || fetch_die "QLORA_MODEL_FILE=$QLORA_MODEL_FILE is not a file"
@@ -59,4 +50,3 @@ PY
 fi
 
 fetch_install "$TMP_DEST" "$DEST" "$SHA256" "$SIZE"
-fetch_log "installed $DEST ($SIZE bytes, sha256 ok)"

@@ -31,6 +31,24 @@ fetch_verify() {
     return 0
 }
 
+# fetch_exit_if_present DEST SHA256 [SIZE]: the idempotent start. Exits the script with 0 if DEST is
+# already there and verified; says so and returns if it is there but does not match.
+fetch_exit_if_present() {
+    [ -e "$1" ] || return 0
+    if fetch_verify "$1" "$2" "${3:-}"; then
+        fetch_log "$1 present, size and sha256 ok"
+        exit 0
+    fi
+    fetch_log "$1 exists but does not match; fetching it again"
+}
+
+# fetch_begin DEST: fetch_scratch, then set TMP_DEST to a temp name beside DEST (removed on exit).
+fetch_begin() {
+    fetch_scratch
+    TMP_DEST="$(fetch_tmp_name "$1")"
+    FETCH_TMP_NAMES+=("$TMP_DEST")
+}
+
 # fetch_scratch: make the scratch folder FETCH_TMPDIR (removed on exit, with every temp name
 # fetch_tmp_name handed out). Call once, before any download.
 FETCH_TMP_NAMES=()
@@ -83,6 +101,7 @@ fetch_install() {
         fetch_die "$(basename "$dest"): the fetched file does not match the pinned size/sha256; refusing to install it"
     chmod 644 "$tmp"
     mv -f "$tmp" "$dest"
+    [ -z "$size" ] || fetch_log "installed $dest ($size bytes, sha256 ok)"
 }
 
 # fetch_install_copy SRC DEST SHA256 [SIZE]: the same for a file elsewhere (the scratch folder may be
