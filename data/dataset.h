@@ -247,6 +247,15 @@ void dataset_rows_order(const packed_set *ps, uint64_t seed, int epoch, int64_t 
  * padding count at the end. Malloc'd NUL-terminated string in *out. */
 int dataset_row_describe(const tokenizer *tok, const packed_set *set, int64_t row, char **out, qerr *e);
 
+/* Append *ex to v (v takes ownership of ex->ids / ex->mask), growing v->v by doubling.
+ * Error: out of memory (v unchanged, *ex still the caller's). */
+int dataset_examples_push(dataset_examples *v, const dataset_example *ex, qerr *e);
+
+/* Append a new example of n tokens: ids (n int32) and mask (n bytes) malloc'd and uninitialised,
+ * n set, chunkable and doc 0; the caller fills them. Returns the new slot (valid until the next
+ * push), or NULL with *e set when out of memory (v unchanged). */
+dataset_example *dataset_examples_push_new(dataset_examples *v, int32_t n, qerr *e);
+
 void dataset_examples_free(dataset_examples *v);
 void packed_set_free(packed_set *p);
 

@@ -195,18 +195,6 @@ static int ds_render_to_example(const tokenizer *tok, const ds_render *r, int tr
     return 0;
 }
 
-static int ds_examples_push(dataset_examples *v, const dataset_example *ex, qerr *e) {
-    if (v->n == v->cap) {
-        int64_t cap = v->cap ? 2 * v->cap : 256;
-        dataset_example *nv = realloc(v->v, (size_t)cap * sizeof *nv);
-        if (!nv) return qerr_set(e, "out of memory (%lld examples)", (long long)cap);
-        v->v = nv;
-        v->cap = cap;
-    }
-    v->v[v->n++] = *ex;
-    return 0;
-}
-
 /* ------------------------------------------------------------------------ */
 /* record formats                                                            */
 
@@ -690,7 +678,7 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
                 rc = ds_input_output(tok, obj, train_on_inputs, path, line, &ex, e);
                 if (rc == 0) {
                     ex.doc = docs->n;
-                    if ((rc = ds_examples_push(docs, &ex, e))) {
+                    if ((rc = dataset_examples_push(docs, &ex, e))) {
                         free(ex.ids);
                         free(ex.mask);
                     }
@@ -705,7 +693,7 @@ int dataset_read_jsonl(const tokenizer *tok, const dataset_spec *spec, int train
                 rc = ds_render_to_example(tok, &r, train_on_inputs, add_bos, add_eos, type == DS_COMPLETION, &ex, e);
                 if (rc == 0) {
                     ex.doc = docs->n;
-                    rc = ds_examples_push(docs, &ex, e);
+                    rc = dataset_examples_push(docs, &ex, e);
                     if (rc) {
                         free(ex.ids);
                         free(ex.mask);

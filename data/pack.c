@@ -35,6 +35,32 @@ void dataset_examples_free(dataset_examples *v) {
     memset(v, 0, sizeof *v);
 }
 
+int dataset_examples_push(dataset_examples *v, const dataset_example *ex, qerr *e) {
+    if (v->n == v->cap) {
+        int64_t cap = v->cap ? 2 * v->cap : 256;
+        dataset_example *nv = realloc(v->v, (size_t)cap * sizeof *nv);
+        if (!nv) return qerr_set(e, "out of memory (%lld examples)", (long long)cap);
+        v->v = nv;
+        v->cap = cap;
+    }
+    v->v[v->n++] = *ex;
+    return 0;
+}
+
+dataset_example *dataset_examples_push_new(dataset_examples *v, int32_t n, qerr *e) {
+    dataset_example ex = {0};
+    ex.ids = malloc((size_t)n * sizeof *ex.ids);
+    ex.mask = malloc((size_t)n);
+    if (!ex.ids || !ex.mask || dataset_examples_push(v, &ex, e)) {
+        if (!ex.ids || !ex.mask) qerr_set(e, "out of memory (example of %d tokens)", n);
+        free(ex.ids);
+        free(ex.mask);
+        return NULL;
+    }
+    v->v[v->n - 1].n = n;
+    return &v->v[v->n - 1];
+}
+
 void packed_set_free(packed_set *p) {
     if (!p) return;
     free(p->input_ids);
@@ -77,27 +103,12 @@ static int pack_has_target(const uint8_t *mask, int32_t n) {
 }
 
 static int pack_push_slice(dataset_examples *out, const dataset_example *d, int32_t start, int32_t n, qerr *e) {
-    if (out->n == out->cap) {
-        int64_t cap = out->cap ? 2 * out->cap : 256;
-        dataset_example *nv = realloc(out->v, (size_t)cap * sizeof *nv);
-        if (!nv) return qerr_set(e, "out of memory (%lld examples)", (long long)cap);
-        out->v = nv;
-        out->cap = cap;
-    }
-    dataset_example ex = {0};
-    ex.ids = malloc((size_t)n * sizeof *ex.ids);
-    ex.mask = malloc((size_t)n);
-    if (!ex.ids || !ex.mask) {
-        free(ex.ids);
-        free(ex.mask);
-        return qerr_set(e, "out of memory (example of %d tokens)", n);
-    }
-    memcpy(ex.ids, d->ids + start, (size_t)n * sizeof *ex.ids);
-    memcpy(ex.mask, d->mask + start, (size_t)n);
-    ex.n = n;
-    ex.chunkable = d->chunkable;
-    ex.doc = d->doc;
-    out->v[out->n++] = ex;
+    dataset_example *ex = dataset_examples_push_new(out, n, e);
+    if (!ex) return -1;
+    memcpy(ex->ids, d->ids + start, (size_t)n * sizeof *ex->ids);
+    memcpy(ex->mask, d->mask + start, (size_t)n);
+    ex->chunkable = d->chunkable;
+    ex->doc = d->doc;
     return 0;
 }
 

@@ -22,28 +22,13 @@ static int push_window(dataset_examples *out, const int32_t *pre, int npre, cons
                        const int32_t *post, int npost, qerr *e) {
     int n = npre + nb + npost;
     if (n < 2) return 0; /* filter_sequences_by_length: min_sequence_len 2 */
-    if (out->n == out->cap) {
-        int64_t cap = out->cap ? 2 * out->cap : 64;
-        dataset_example *nv = realloc(out->v, (size_t)cap * sizeof *nv);
-        if (!nv) return qerr_set(e, "out of memory (%lld windows)", (long long)cap);
-        out->v = nv;
-        out->cap = cap;
-    }
-    dataset_example x = {0};
-    x.ids = malloc((size_t)n * sizeof *x.ids);
-    x.mask = malloc((size_t)n);
-    if (!x.ids || !x.mask) {
-        free(x.ids);
-        free(x.mask);
-        return qerr_set(e, "out of memory (window of %d tokens)", n);
-    }
-    memcpy(x.ids, pre, (size_t)npre * sizeof *pre);
-    if (nb) memcpy(x.ids + npre, body, (size_t)nb * sizeof *body);
-    memcpy(x.ids + npre + nb, post, (size_t)npost * sizeof *post);
-    memset(x.mask, 1, (size_t)n);
-    x.n = n;
-    x.doc = out->n;
-    out->v[out->n++] = x;
+    dataset_example *x = dataset_examples_push_new(out, n, e);
+    if (!x) return -1;
+    memcpy(x->ids, pre, (size_t)npre * sizeof *pre);
+    if (nb) memcpy(x->ids + npre, body, (size_t)nb * sizeof *body);
+    memcpy(x->ids + npre + nb, post, (size_t)npost * sizeof *post);
+    memset(x->mask, 1, (size_t)n);
+    x->doc = out->n - 1;
     return 0;
 }
 
