@@ -3,6 +3,7 @@
 #include "model/llama.h"
 
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -446,6 +447,25 @@ static int load_matrix_f32(const gguf_file *f, const char *name, int64_t rows, i
     return 0;
 }
 
+/* A block's norm weights in a GGUF file (llama.cpp's tensor names, blk.N.<gguf>.weight): length D,
+ * or head_dim for the per-head q/k norms; where the fp32 vector goes in llama_layer; which models have
+ * it (Qwen3 / Gemma 3 qk-norm, Gemma's sandwich post-norms). */
+enum { LLAMA_NORM_ALWAYS, LLAMA_NORM_QK, LLAMA_NORM_POST };
+typedef struct llama_block_norm {
+    const char *gguf;
+    int per_head; /* 1: length head_dim, 0: n_embd */
+    int when;     /* LLAMA_NORM_*: hp->qk_norm / hp->post_norms */
+    size_t offset; /* offsetof(llama_layer, <float * field>) */
+} llama_block_norm;
+static const llama_block_norm llama_block_norms[] = {
+    {"attn_norm", 0, LLAMA_NORM_ALWAYS, offsetof(llama_layer, attn_norm)},
+    {"ffn_norm", 0, LLAMA_NORM_ALWAYS, offsetof(llama_layer, ffn_norm)},
+    {"attn_q_norm", 1, LLAMA_NORM_QK, offsetof(llama_layer, q_norm)},
+    {"attn_k_norm", 1, LLAMA_NORM_QK, offsetof(llama_layer, k_norm)},
+    {"post_attention_norm", 0, LLAMA_NORM_POST, offsetof(llama_layer, post_attn_norm)},
+    {"post_ffw_norm", 0, LLAMA_NORM_POST, offsetof(llama_layer, post_ffn_norm)},
+};
+
 static int load_vector_f32(const gguf_file *f, const char *name, int64_t n, float **out, qerr *e) {
     *out = qmalloc((size_t)n * sizeof(float), e);
     if (!*out) return -1;
@@ -814,24 +834,14 @@ int llama_load_gguf_sharded(const gguf_file *f, int load_in_4bit, int double_qua
     char name[96];
     for (int l = 0; l < hp->n_layer; l++) {
         llama_layer *L = &m->layers[l];
-        snprintf(name, sizeof name, "blk.%d.attn_norm.weight", l);
-        if (load_vector_f32(f, name, D, &L->attn_norm, e)) goto fail;
-        snprintf(name, sizeof name, "blk.%d.ffn_norm.weight", l);
-        if (load_vector_f32(f, name, D, &L->ffn_norm, e)) goto fail;
-        m->n_params += 2 * D;
-        if (hp->qk_norm) {
-            snprintf(name, sizeof name, "blk.%d.attn_q_norm.weight", l);
-            if (load_vector_f32(f, name, hd, &L->q_norm, e)) goto fail;
-            snprintf(name, sizeof name, "blk.%d.attn_k_norm.weight", l);
-            if (load_vector_f32(f, name, hd, &L->k_norm, e)) goto fail;
-            m->n_params += 2 * hd;
-        }
-        if (hp->post_norms) {
-            snprintf(name, sizeof name, "blk.%d.post_attention_norm.weight", l);
-            if (load_vector_f32(f, name, D, &L->post_attn_norm, e)) goto fail;
-            snprintf(name, sizeof name, "blk.%d.post_ffw_norm.weight", l);
-            if (load_vector_f32(f, name, D, &L->post_ffn_norm, e)) goto fail;
-            m->n_params += 2 * D;
+        for (size_t j = 0; j < sizeof llama_block_norms / sizeof *llama_block_norms; j++) {
+            const llama_block_norm *bn = &llama_block_norms[j];
+            if ((bn->when == LLAMA_NORM_QK && !hp->qk_norm) || (bn->when == LLAMA_NORM_POST && !hp->post_norms))
+                continue;
+            const int64_t len = bn->per_head ? hd : D;
+            snprintf(name, sizeof name, "blk.%d.%s.weight", l, bn->gguf);
+            if (load_vector_f32(f, name, len, (float **)((char *)L + bn->offset), e)) goto fail;
+            m->n_params += len;
         }
         if (fs) {
             if (llama_fsdp_load_layer(fs, l, gguf_rows, &ra, e)) goto fail;
