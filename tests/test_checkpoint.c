@@ -95,6 +95,7 @@ static void fake_init(fake *f, int64_t step, int64_t n) {
                         .log_history = "{\"step\": 1, \"loss\": 2}\n", .log_history_len = 24};
     snprintf(f->s.lr_scheduler, sizeof f->s.lr_scheduler, "cosine");
     snprintf(f->s.base_model, sizeof f->s.base_model, "models/x.gguf");
+    snprintf(f->s.base_format, sizeof f->s.base_format, "nf4 double_quant");
 }
 
 static void fake_free(fake *f) {
@@ -153,6 +154,7 @@ static void test_roundtrip(void **st) {
     assert_int_equal(r.warmup_steps, 5);
     assert_string_equal(r.lr_scheduler, "cosine");
     assert_string_equal(r.base_model, "models/x.gguf");
+    assert_string_equal(r.base_format, "nf4 double_quant");
     assert_int_equal(r.nan_streak, 1);
     assert_int_equal(r.loss_watchdog_streak, 3);
     assert_true(r.eval_loss_start == 2.5 && isnan(r.last_eval_loss));
@@ -429,6 +431,7 @@ static void test_pre_xxhash_checkpoint(void **st) {
     assert_true(s.model_fingerprint == 0x920196a6e641e6d3ull);
     assert_true(s.tokenizer_fingerprint == 0x1d25318e1cb00e84ull);
     assert_int_equal(s.loss_watchdog_streak, 0); /* written before the attribute existed */
+    assert_string_equal(s.base_format, "");      /* likewise: resume does not check it */
     /* the same fingerprints computed now (sampled model hash, tokenizer keys) */
     uint64_t fp = 0;
     rc = ckpt_fingerprint_model(PRE_XXHASH_MODEL, &fp, &e);

@@ -314,6 +314,18 @@ static void test_kill_and_resume(void **st) {
     mk = metrics_canonical(kdir);
     assert_string_equal(mr, mk);
     free(mk);
+
+    /* another base format than the checkpoint's (nf4 with double quant): refused in one line naming both,
+     * nothing written */
+    const char *other[] = {"bnb_4bit_use_double_quant=false", NULL};
+    assert_int_not_equal(run_trainer(kdir, other, NULL, &err), 0);
+    if (!strstr(err, "held as nf4 double_quant, this config holds it as nf4;")) print_error("%s\n", err);
+    assert_non_null(strstr(err, "held as nf4 double_quant, this config holds it as nf4;"));
+    free(err);
+    e2e_assert_same_file(a, b);
+    mk = metrics_canonical(kdir);
+    assert_string_equal(mr, mk);
+    free(mk);
     free(mr);
 }
 

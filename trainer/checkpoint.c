@@ -561,6 +561,7 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
     W(h5_attr_str(g, "base_model", s->base_model), "/fingerprint base_model");
     W(h5_attr_hex(g, "model_xxh64", s->model_fingerprint), "/fingerprint model_xxh64");
     W(h5_attr_hex(g, "tokenizer_xxh64", s->tokenizer_fingerprint), "/fingerprint tokenizer_xxh64");
+    W(h5_attr_str(g, "base_format", s->base_format), "/fingerprint base_format");
     W(h5_attr_str(g, "method",
                   "model_xxh64: XXH64 (seed 0) of the file size (u64 LE) then the bytes: all of them up to 256 MiB, "
                   "else the first 16 MiB, 64 KiB every 4 MiB and the last 64 KiB; tokenizer_xxh64: XXH64 of every "
@@ -796,6 +797,10 @@ int ckpt_read_state(const char *path, ckpt_state *s, qerr *e) {
     R(h5_get_attr_str(g, "base_model", s->base_model, sizeof s->base_model), "/fingerprint base_model");
     R(h5_get_attr_hex(g, "model_xxh64", &s->model_fingerprint), "/fingerprint model_xxh64");
     R(h5_get_attr_hex(g, "tokenizer_xxh64", &s->tokenizer_fingerprint), "/fingerprint tokenizer_xxh64");
+    /* added later: a checkpoint written before it has none, and its base format is not checked */
+    s->base_format[0] = 0;
+    if (g >= 0 && H5Aexists(g, "base_format") > 0)
+        R(h5_get_attr_str(g, "base_format", s->base_format, sizeof s->base_format), "/fingerprint base_format");
 
     GROUP("trainer_state");
     R(h5_get_attr(g, "nan_streak", H5T_NATIVE_INT64, &s->nan_streak), "/trainer_state nan_streak");

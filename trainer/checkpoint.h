@@ -37,7 +37,8 @@
  *   /rng                    attrs seed, scheme (counter-based: see below)
  *   /data                   attrs epoch, index (into the epoch permutation), rows_consumed,
  *                           n_rows, rows_per_step, shuffle_seed, fingerprint (XXH64 hex)
- *   /fingerprint            attrs base_model (path), model_xxh64, tokenizer_xxh64, method
+ *   /fingerprint            attrs base_model (path), model_xxh64, tokenizer_xxh64, method, base_format
+ *                           (absent in checkpoints written before it)
  *   /trainer_state          attrs nan_streak, nan_skipped, eval_loss_start, last_eval_loss,
  *                           last_eval_step, train_seconds, loss_watchdog_streak (absent in
  *                           checkpoints written before it: read as 0)
@@ -105,6 +106,8 @@ typedef struct ckpt_state {
     /* what it was trained on */
     uint64_t model_fingerprint, tokenizer_fingerprint;
     char base_model[1024];
+    char base_format[32]; /* how the frozen base was held (run_base_format: "nf4 double_quant", "nf4", "int8",
+                             "bf16"); "" in a checkpoint written before the field (not checked on resume) */
     /* payload */
     int64_t n_params;
     float *params, *exp_avg, *exp_avg_sq; /* (n_params) each; exp_avg_sq NULL for sophia */

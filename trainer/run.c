@@ -431,6 +431,12 @@ static int setup_base_model(run_ctx *r, qerr *e) {
                         "%016llx); resume with the same base_model, or choose another output_dir",
                         r->cfgname, r->ck_dir, ck->base_model[0] ? ck->base_model : "?",
                         (unsigned long long)ck->model_fingerprint, c->base_model, (unsigned long long)r->model_fp);
+    if (r->resuming && ck->base_format[0] && strcmp(ck->base_format, run_base_format(c)))
+        return qerr_set(e,
+                        "%s: load_in_4bit / load_in_8bit / bnb_4bit_use_double_quant: %s was trained on the base held "
+                        "as %s, this config holds it as %s; resume with the same base format, or choose another "
+                        "output_dir",
+                        r->cfgname, r->ck_dir, ck->base_format, run_base_format(c));
     const llama_hparams *hp0 = base_model_hparams(r->bm);
     if (hp0->context_length > 0 && c->sequence_len > hp0->context_length)
         return qerr_set(e,

@@ -197,6 +197,11 @@ int run_checkpoint_save(run_ctx *r, int step, qerr *e);
  * writes output_dir/metrics.jsonl). (trainer/run_state.c) */
 int run_resume(run_ctx *r, const ckpt_state *ck, qerr *e);
 
+/* How the config holds the frozen base, as saved in a checkpoint's /fingerprint base_format and checked on
+ * resume: "int8" (load_in_8bit), "nf4 double_quant" / "nf4" (load_in_4bit, bnb_4bit_use_double_quant),
+ * "bf16" (neither). A static string. */
+const char *run_base_format(const train_config *c);
+
 /* Write the run's adapter into dir (adapter_model.safetensors,
  * adapter_config.json; format/peft.h peft_write_adapter) from the one tensor
  * table r->tensors. (trainer/run_state.c) */

@@ -13,6 +13,12 @@
 #include "model/llama_linear.h"
 #include "trainer/run.h"
 
+const char *run_base_format(const train_config *c) {
+    if (c->load_in_8bit) return "int8";
+    if (c->load_in_4bit) return c->bnb_4bit_use_double_quant ? "nf4 double_quant" : "nf4";
+    return "bf16";
+}
+
 int run_write_adapter(const run_ctx *r, const char *dir, qerr *e) {
     const lora_set *ls = &r->ls;
     const char *targets[LLAMA_N_LINEAR];
@@ -120,6 +126,7 @@ static int checkpoint_save_sharded(run_ctx *r, int step, char *lh, size_t lh_len
         cs.n32_lo = o->n32_lo, cs.n32_hi = o->n32_lo + o->n32;
     }
     snprintf(cs.base_model, sizeof cs.base_model, "%s", c->base_model);
+    snprintf(cs.base_format, sizeof cs.base_format, "%s", run_base_format(c));
     /* host copies where the backend's memory is not host memory */
     const size_t np = (size_t)r->ls.n_params * sizeof(float), no = (size_t)(cs.opt_hi - cs.opt_lo) * sizeof(float);
     enum { NS = 7 };
@@ -244,6 +251,7 @@ int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
             cs.exp_avg = full[4], cs.exp_avg_sq = full[5];
     }
     snprintf(cs.base_model, sizeof cs.base_model, "%s", c->base_model);
+    snprintf(cs.base_format, sizeof cs.base_format, "%s", run_base_format(c));
     /* the arrays are the backend's memory: host copies where that is not host memory */
     const ag_backend *be = r->ctx.be;
     const size_t nf = (size_t)r->ls.n_params * sizeof(float);
