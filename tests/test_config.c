@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "tests/tmpdir.h"
+#include "model/llama.h"
 #include "trainer/config.h"
 
 static int group_setup(void **state) { return tmpdir_setup(state, "qlora_test_config"); }
@@ -609,9 +610,31 @@ static void test_validate_rules(void **state) {
             said += strstr(c.warnings[i], "load_in_8bit: true") && strstr(c.warnings[i], "not applied") &&
                     strstr(c.warnings[i], "llm_int8_threshold");
         assert_int_equal(said, 1);
+        /* qlora-export / qlora-generate's flags over this run's config: its int8, or what a flag says */
+        int base = -1;
+        static const int flags[][3] = {/* --load-in-4bit, --load-in-8bit, base */
+                                       {-1, -1, LLAMA_BASE_INT8}, {-1, 1, LLAMA_BASE_INT8}, {0, 1, LLAMA_BASE_INT8},
+                                       {-1, 0, LLAMA_BASE_NF4},   {1, -1, LLAMA_BASE_NF4},  {1, 0, LLAMA_BASE_NF4},
+                                       {0, -1, LLAMA_BASE_BF16},  {0, 0, LLAMA_BASE_BF16}};
+        for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++) {
+            assert_int_equal(train_config_base_choice(flags[i][0], flags[i][1], &c, &base, &e), 0);
+            assert_int_equal(base, flags[i][2]);
+        }
+        assert_int_equal(train_config_base_choice(1, 1, &c, &base, &e), -1);
+        assert_string_equal(e.msg, "--load-in-4bit 1 and --load-in-8bit 1: choose one frozen-base format (NF4 or int8)");
+        /* without a config: NF4 unless a flag says otherwise */
+        assert_int_equal(train_config_base_choice(-1, -1, NULL, &base, &e), 0);
+        assert_int_equal(base, LLAMA_BASE_NF4);
+        assert_int_equal(train_config_base_choice(-1, 1, NULL, &base, &e), 0);
+        assert_int_equal(base, LLAMA_BASE_INT8);
         /* a command-line load_in_8bit=false gives the default NF4 back */
         assert_int_equal(train_config_apply_override(&c, "load_in_8bit=false", &e), 0);
         assert_int_equal(c.load_in_4bit, 1);
+        /* and the flags over a config without load_in_8bit */
+        assert_int_equal(train_config_base_choice(-1, -1, &c, &base, &e), 0);
+        assert_int_equal(base, LLAMA_BASE_NF4);
+        assert_int_equal(train_config_base_choice(-1, 1, &c, &base, &e), 0);
+        assert_int_equal(base, LLAMA_BASE_INT8);
         train_config_free(&c);
     }
     snprintf(buf, sizeof buf, "%swarmup_steps: 10\nwarmup_ratio: 0.1\n", MINIMAL);

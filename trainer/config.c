@@ -10,6 +10,7 @@
  */
 #include "trainer/config.h"
 #include "trainer/config_axolotl.h"
+#include "model/llama.h"
 
 #include <yaml.h>
 
@@ -2644,5 +2645,16 @@ int train_config_check_special_tokens(const train_config *c, int bos, int eos, i
                             c->config_path ? c->config_path : "config", names[i], given[i], names[i],
                             own ? "\"" : "", own ? own : "none", own ? "\"" : "");
     }
+    return 0;
+}
+
+int train_config_base_choice(int flag_4bit, int flag_8bit, const train_config *c, int *base, qerr *e) {
+    if (flag_4bit == 1 && flag_8bit == 1)
+        return qerr_set(e, "--load-in-4bit 1 and --load-in-8bit 1: choose one frozen-base format (NF4 or int8)");
+    if (flag_8bit == 1) *base = LLAMA_BASE_INT8;
+    else if (flag_4bit >= 0) *base = flag_4bit ? LLAMA_BASE_NF4 : LLAMA_BASE_BF16;
+    else if (c && c->load_in_8bit) *base = flag_8bit == 0 ? LLAMA_BASE_NF4 : LLAMA_BASE_INT8; /* as load_in_8bit=false */
+    else if (c) *base = c->load_in_4bit ? LLAMA_BASE_NF4 : LLAMA_BASE_BF16;
+    else *base = LLAMA_BASE_NF4;
     return 0;
 }

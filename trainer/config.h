@@ -357,6 +357,13 @@ int train_config_write_yaml(const train_config *c, const char *path, qerr *e);
 /* Release everything owned by *c and zero it. Safe on a zeroed struct. */
 void train_config_free(train_config *c);
 
+/* How qlora-export / qlora-generate hold the frozen base: a LLAMA_BASE_* value (model/llama.h: 0 bf16,
+ * 1 NF4, 2 int8) in *base, from their flags --load-in-4bit / --load-in-8bit (0, 1, or -1 when not given)
+ * over the run's config c (NULL when there is none), as train_config does with the keys: --load-in-8bit 1
+ * is int8; a given --load-in-4bit is NF4 or bf16; else the config's choice (load_in_8bit: int8, or NF4 with
+ * --load-in-8bit 0 as the override load_in_8bit=false gives; else load_in_4bit), else NF4. Error: both flags 1 (one line naming both). */
+int train_config_base_choice(int flag_4bit, int flag_8bit, const train_config *c, int *base, qerr *e);
+
 /* Bit k set <=> module LLAMA_Q + k (model/llama_linear.h, whose order
  * contract this is) gets a LoRA adapter: the union of lora_target_modules and,
  * if lora_target_linear, all seven. */

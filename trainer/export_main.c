@@ -35,8 +35,10 @@ static void usage(FILE *f) {
             "  --merge-base trained merge into the base exactly as trained against (NF4 dequantized\n"
             "                       when the run used load_in_4bit) [default]\n"
             "  --merge-base source  merge into the checkpoint's own weights\n"
-            "  --load-in-4bit 0|1   how the run held the base (default: from config.resolved.yaml, where\n"
-            "                       load_in_8bit: true means the int8 base; else 1)\n"
+            "  --load-in-4bit 0|1   how the run held the base: NF4 or bf16 (default: from\n"
+            "                       config.resolved.yaml; else 1)\n"
+            "  --load-in-8bit 0|1   1: the run held the base as int8 (default: load_in_8bit from\n"
+            "                       config.resolved.yaml; else 0)\n"
             "  --max-shard-size N   merged safetensors shard size in MB (default 2048)\n");
 }
 
@@ -68,7 +70,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     const char *run = NULL, *gguf_out = NULL, *merged_out = NULL, *base_path = NULL;
-    int merge_source = 0, load_in_4bit = -1;
+    int merge_source = 0, load_in_4bit = -1, flag_4bit = -1, flag_8bit = -1;
     long shard_mb = 2048;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -90,7 +92,8 @@ int main(int argc, char **argv) {
                 fprintf(stderr, "qlora-export: --merge-base: expected \"trained\" or \"source\", got \"%s\"\n", v);
                 return 2;
             }
-        } else if ((!strcmp(a, "--load-in-4bit") || !strcmp(a, "--max-shard-size")) && has_val) {
+        } else if ((!strcmp(a, "--load-in-4bit") || !strcmp(a, "--load-in-8bit") || !strcmp(a, "--max-shard-size")) &&
+                   has_val) {
             /* strict (core/parse.h): "12abc", "1e99", "abc" are refused, not read as 12, 1, 0 */
             int shard = !strcmp(a, "--max-shard-size");
             int64_t v;
@@ -101,8 +104,10 @@ int main(int argc, char **argv) {
             }
             if (shard)
                 shard_mb = (long)v;
+            else if (!strcmp(a, "--load-in-8bit"))
+                flag_8bit = (int)v;
             else
-                load_in_4bit = (int)v;
+                flag_4bit = (int)v;
         } else if (a[0] == '-' || run) {
             fprintf(stderr, "qlora-export: unexpected argument \"%s\"\n", a);
             usage(stderr);
@@ -133,10 +138,13 @@ int main(int argc, char **argv) {
         }
         have_cfg = 1;
         if (!base_path) base_path = c.base_model;
-        if (load_in_4bit < 0) load_in_4bit = c.load_in_8bit ? LLAMA_BASE_INT8 : c.load_in_4bit;
         dq = c.bnb_4bit_use_double_quant;
     }
-    if (load_in_4bit < 0) load_in_4bit = 1;
+    if (train_config_base_choice(flag_4bit, flag_8bit, have_cfg ? &c : NULL, &load_in_4bit, &e)) {
+        fprintf(stderr, "qlora-export: %s\n", e.msg);
+        if (have_cfg) train_config_free(&c);
+        return 2;
+    }
 
     int rc = 1;
     base_model *b = NULL;

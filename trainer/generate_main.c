@@ -48,7 +48,8 @@ static void usage(FILE *f) {
             "  --compare             generate with the base model alone too, then with the adapter\n"
             "  --no-adapter          base model only\n"
             "  --base PATH           base model (default: base_model of RUN_DIR/config.resolved.yaml)\n"
-            "  --load-in-4bit 0|1    hold the base as NF4 (default: as the run did, else 1)\n"
+            "  --load-in-4bit 0|1    hold the base as NF4, or bf16 (default: as the run did, else 1)\n"
+            "  --load-in-8bit 0|1    1: hold the base as int8 (default: as the run did, else 0)\n"
             "  --bf16 0|1            bf16 GEMM operands (default: as the run did, else 1)\n"
             "  --dump-logits FILE    no sampling: write the prompt's logits (safetensors: logits F32\n"
             "                        [T, vocab], input_ids I32 [T]), full forward as in evaluation\n");
@@ -255,7 +256,7 @@ static int opt_float(const char *opt, const char *s, double lo, double hi, int l
 int main(int argc, char **argv) {
     const char *run = NULL, *prompt = NULL, *prompt_file = NULL, *system = NULL, *ids_arg = NULL, *base_path = NULL,
                *dump = NULL;
-    int raw = 0, compare = 0, no_adapter = 0, load_in_4bit = -1, use_bf16 = -1;
+    int raw = 0, compare = 0, no_adapter = 0, load_in_4bit = -1, flag_4bit = -1, flag_8bit = -1, use_bf16 = -1;
     gen_opts o = {.max_new = 128, .temperature = 0.0f, .top_p = 1.0f, .top_k = 0, .seed = 42};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -280,7 +281,8 @@ int main(int argc, char **argv) {
             qerr e;
             if ((bad = parse_u64(a, argv[++i], &o.seed, &e))) fprintf(stderr, "qlora-generate: %s\n", e.msg);
         }
-        else if (OPT("--load-in-4bit")) bad = opt_int(a, argv[++i], 0, 1, &load_in_4bit);
+        else if (OPT("--load-in-4bit")) bad = opt_int(a, argv[++i], 0, 1, &flag_4bit);
+        else if (OPT("--load-in-8bit")) bad = opt_int(a, argv[++i], 0, 1, &flag_8bit);
         else if (OPT("--bf16")) bad = opt_int(a, argv[++i], 0, 1, &use_bf16);
         else if (!strcmp(a, "--raw")) raw = 1;
         else if (!strcmp(a, "--compare")) compare = 1;
@@ -317,7 +319,6 @@ int main(int argc, char **argv) {
             }
             have_cfg = 1;
             if (!base_path) base_path = c.base_model;
-            if (load_in_4bit < 0) load_in_4bit = c.load_in_8bit ? LLAMA_BASE_INT8 : c.load_in_4bit;
             if (use_bf16 < 0) use_bf16 = c.bf16;
             dq = c.bnb_4bit_use_double_quant;
         }
@@ -327,7 +328,11 @@ int main(int argc, char **argv) {
         fprintf(stderr, "qlora-generate: no base model known for %s: give --base PATH\n", run);
         return 2;
     }
-    if (load_in_4bit < 0) load_in_4bit = 1;
+    if (train_config_base_choice(flag_4bit, flag_8bit, have_cfg ? &c : NULL, &load_in_4bit, &e)) {
+        fprintf(stderr, "qlora-generate: %s\n", e.msg);
+        if (have_cfg) train_config_free(&c);
+        return 2;
+    }
     if (use_bf16 < 0) use_bf16 = 1;
 
     int rc = 1;
