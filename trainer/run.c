@@ -37,8 +37,9 @@
  * one of any of them (say Ctrl-C again while the checkpoint is being written)
  * ends the process at once, by that signal's default action; the marker-last
  * protocol (trainer/checkpoint.h) keeps the previous checkpoint loadable even
- * then. SIGPIPE is ignored, so that a write to a pipe whose reader is gone
- * (`qlora-train ... | head`) fails with EPIPE instead of killing the run;
+ * then. The handlers are installed when the run's set-up starts (run_setup)
+ * and restored by run_free. SIGPIPE is ignored, so that a write to a pipe
+ * whose reader is gone (`qlora-train ... | head`) fails with EPIPE instead of killing the run;
  * run_check_outputs turns such a closed output into a stop request, recorded
  * as SIGPIPE (exit 141, the shell's code for a writer stopped by a closed
  * pipe). */
@@ -1126,6 +1127,11 @@ int run_setup(run_ctx *r, const train_config *c, comm *cm, train_result *res, qe
     snprintf(r->last_ckpt, sizeof r->last_ckpt, "(none)");
     if (c->num_threads > 0) omp_set_num_threads(c->num_threads);
     r->n_threads = omp_get_max_threads();
+    /* From the first line on: a SIGHUP or a closed output during the set-up (the model load, the starting
+     * evaluation) once ended the run silently by the default action, right after its [train] line. Now it
+     * is a stop request like any other: the first step runs, a checkpoint is saved, the run says so. */
+    stop_handlers_install(r->old_sa);
+    r->handlers = 1;
     if (setup_device(r, e) || setup_output_dir(r, e) || setup_check_inputs(r, e) || setup_resume_choice(r, e) ||
         setup_base_model(r, e) || setup_data(r, e) || setup_agree(r, e) || setup_model(r, e) || setup_optimizer(r, e) ||
         setup_outputs(r, e))
@@ -1154,8 +1160,6 @@ void run_start(run_ctx *r, qerr *e) {
                         "train\n", r->start_step, r->total_steps);
     r->final_step = r->start_step > r->total_steps ? r->start_step : r->total_steps;
     r->train_sec_at_start = r->train_sec;
-    stop_handlers_install(r->old_sa);
-    r->handlers = 1;
     r->t_train = clock_now_sec();
 }
 

@@ -149,7 +149,9 @@ int run_stop(const run_ctx *r);
  * status 1 (comm_abort). Does not return. */
 void run_comm_fail(const run_ctx *r, const qerr *e) __attribute__((noreturn));
 
-/* Set the run up, phase by phase: output_dir and its lock, the inputs exist,
+/* Set the run up, phase by phase (the stop-signal handlers first: SIGINT,
+ * SIGTERM, SIGHUP; SIGPIPE ignored; a stop requested during the set-up is
+ * honoured after the first step): output_dir and its lock, the inputs exist,
  * the checkpoint to resume from, the base model's file and tokenizer, the
  * data, the model's weights and adapters, the schedule and optimizer, and
  * (once every input has loaded) the outputs, restoring a resumed checkpoint
@@ -159,8 +161,7 @@ int run_setup(run_ctx *r, const train_config *c, comm *cm, train_result *res, qe
 
 /* Before the first step: the held-out loss before training (or the one the
  * resumed checkpoint holds), the note when the checkpoint is past
- * total_steps, the stop-signal handlers (SIGINT, SIGTERM, SIGHUP; SIGPIPE
- * ignored), the training clock. e receives a metrics line's write error
+ * total_steps, the training clock. e receives a metrics line's write error
  * (which does not stop the run). */
 void run_start(run_ctx *r, qerr *e);
 
