@@ -17,6 +17,7 @@
 #include <cjson/cJSON.h>
 
 #include "autograd/gemm.h"
+#include "core/file.h"
 #include "data/dataset.h"
 #include "data/tokenizer.h"
 #include "format/gguf.h"
@@ -25,6 +26,7 @@
 #include "trainer/config.h"
 #include "trainer/metrics.h"
 #include "trainer/train.h"
+#include "tests/subproc.h"
 
 #define MODEL "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 #define HELDOUT "datasets/manpages/heldout.jsonl"
@@ -275,6 +277,31 @@ static void test_train_int8_few_steps(void **st) {
                   r.quantized_bytes / 1048576.0, (long long)r.n_quantized_params, r.peak_rss_mib);
     assert_true(r.quantized_bytes >= r.n_quantized_params && r.quantized_bytes < r.n_quantized_params * 101 / 100);
     train_config_free(&c);
+
+    /* qlora-generate on the run: its int8 base by default (config.resolved.yaml); --load-in-8bit 0 gives NF4
+     * (other logits), --load-in-8bit 1 with --load-in-4bit 0 the int8 base again (the same logits, bit for bit) */
+    static const char *const flags[3][4] = {{NULL}, {"--load-in-8bit", "0", NULL}, {"--load-in-4bit", "0", "--load-in-8bit", "1"}};
+    static const char *const said[3] = {"(int8, ", "(NF4, ", "(int8, "};
+    char lg[3][400];
+    for (int k = 0; k < 3; k++) {
+        snprintf(lg[k], sizeof lg[k], "%s/logits%d.safetensors", dir, k);
+        char *argv[16] = {(char *)subproc_tool("generate"), out, "--ids", "1,2,3", "--dump-logits", lg[k]};
+        int n = 6;
+        for (int j = 0; j < 4 && flags[k][j]; j++) argv[n++] = (char *)flags[k][j];
+        argv[n] = NULL;
+        char *err = NULL;
+        int code = subproc_run(argv, NULL, 120, &err);
+        if (code || !strstr(err, said[k])) print_error("qlora-generate %d: exit %d\n%s\n", k, code, err);
+        assert_int_equal(code, 0);
+        assert_non_null(strstr(err, said[k]));
+        free(err);
+    }
+    size_t n0 = 0, n1 = 0, n2 = 0;
+    char *l0 = file_read_all(lg[0], &n0, NULL), *l1 = file_read_all(lg[1], &n1, NULL), *l2 = file_read_all(lg[2], &n2, NULL);
+    assert_true(l0 && l1 && l2 && n0 == n1 && n0 == n2);
+    assert_memory_not_equal(l0, l1, n0);
+    assert_memory_equal(l0, l2, n0);
+    free(l0), free(l1), free(l2);
     char cmd[400];
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     assert_int_equal(system(cmd), 0);
@@ -286,6 +313,7 @@ int main(void) {
         cmocka_unit_test(test_train_few_steps),
         cmocka_unit_test(test_train_int8_few_steps),
     };
+    if (getenv("QLORA_TEST_FILTER")) cmocka_set_test_filter(getenv("QLORA_TEST_FILTER")); /* e.g. "test_train_int8*" */
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     gemm_shutdown();
     return rc;

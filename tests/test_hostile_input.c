@@ -183,7 +183,7 @@ static void test_12_tool_numbers(void **st) {
         {"--max-new-tokens", "12abc"}, {"--max-new-tokens", "1e99"}, {"--max-new-tokens", "2147483648"},
         {"--max-new-tokens", "0"},     {"--seed", "abc"},            {"--seed", "-1"},
         {"--temperature", "nan"},      {"--temperature", "inf"},     {"--top-p", "0"},
-        {"--top-k", "5x"},             {"--bf16", "2"},
+        {"--top-k", "5x"},             {"--bf16", "2"},             {"--load-in-8bit", "2"},
     };
     for (size_t i = 0; i < sizeof gen_bad / sizeof gen_bad[0]; i++)
         expect_refusal_of(subproc_tool("generate"),
@@ -220,6 +220,13 @@ static void test_12_tool_numbers(void **st) {
     expect_refusal_of(subproc_tool("preprocess"), ARGS(g_cfg, "--show-samples", "3x"), WANT("--show-samples", "3x"));
     expect_refusal_of(subproc_tool("export"), ARGS(g_out, "--max-shard-size", "12abc"), WANT("--max-shard-size", "12abc"));
     expect_refusal_of(subproc_tool("export"), ARGS(g_out, "--load-in-4bit", "yes"), WANT("--load-in-4bit", "yes"));
+    expect_refusal_of(subproc_tool("export"), ARGS(g_out, "--load-in-8bit", "yes"), WANT("--load-in-8bit", "yes"));
+    /* both formats at once: one line naming both flags (qlora-generate and qlora-export alike) */
+    expect_refusal_of(subproc_tool("export"), ARGS(g_out, "--load-in-4bit", "1", "--load-in-8bit", "1"),
+                      WANT("--load-in-4bit 1 and --load-in-8bit 1", "choose one"));
+    expect_refusal_of(subproc_tool("generate"),
+                      ARGS("--base", MODEL, "--prompt", "hi", "--load-in-4bit", "1", "--load-in-8bit", "1"),
+                      WANT("--load-in-4bit 1 and --load-in-8bit 1", "choose one"));
 }
 
 /* 13. A 400 KB config of nested "[[[…" took more than 60 s inside libyaml; any size was read. */
