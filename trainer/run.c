@@ -242,10 +242,12 @@ static int setup_check_inputs(run_ctx *r, qerr *e) {
  * complete one in output_dir (when auto_resume_from_checkpoints). */
 static int setup_resume_choice_rank0(run_ctx *r, qerr *e);
 
-/* Load checkpoint dir for this rank: under SHARD_GRAD_OP only its interval of the optimizer state
- * (read from whichever shard files hold it when the checkpoint is sharded), else all of it. */
+/* Load checkpoint dir for this rank: under SHARD_GRAD_OP and FULL_SHARD (both shard the optimizer state
+ * on the same cuts, setup_optimizer) only its interval of the optimizer state (read from whichever shard
+ * files hold it when the checkpoint is sharded), else all of it. */
 static int resume_load(const run_ctx *r, const char *dir, ckpt_state *ck, qerr *e) {
-    return ckpt_load_part(dir, r->c->fsdp_shard_grad_op ? r->world : 0, r->rank, ck, e);
+    const int sharded_state = r->c->fsdp_shard_grad_op || r->c->fsdp_full_shard;
+    return ckpt_load_part(dir, sharded_state ? r->world : 0, r->rank, ck, e);
 }
 
 /* With several ranks rank 0 chooses (it holds output_dir's lock and has
