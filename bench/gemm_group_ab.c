@@ -2,7 +2,8 @@
  *
  * For the linears of a block that read the same input (q/k/v, gate/up), runs the products the
  * separate path makes (A: one oneDNN call per linear) and the grouped path's (B: one call over the
- * stacked weights / LoRA A matrices / output gradients), alternately, `reps` times, and prints per
+ * stacked weights / LoRA A matrices / output gradients), alternately (which runs first alternating
+ * too), `reps` times, and prints per
  * product class the median process CPU time (CLOCK_PROCESS_CPUTIME_ID, all threads) of A and B.
  * CPU time is the figure to read on a loaded machine (wall time moves with the other load).
  *
@@ -89,13 +90,14 @@ int main(int argc, char **argv) {
         for (int i = 0; i < k->n_sep; i++) run_prod(&k->sep[i], A, B, C); /* warm: create the primitives */
         run_prod(&k->grp, A, B, C);
         for (int rep = 0; rep < reps; rep++) {
-            double t0 = cpu_sec();
-            for (int i = 0; i < k->n_sep; i++) run_prod(&k->sep[i], A, B, C);
-            double t1 = cpu_sec();
-            run_prod(&k->grp, A, B, C);
-            double t2 = cpu_sec();
-            ta[rep] = t1 - t0;
-            tb[rep] = t2 - t1;
+            for (int o = 0; o < 2; o++) { /* the order alternates with rep: no first-call bias */
+                const int grouped = (o + rep) % 2;
+                double t0 = cpu_sec();
+                if (grouped) run_prod(&k->grp, A, B, C);
+                else
+                    for (int i = 0; i < k->n_sep; i++) run_prod(&k->sep[i], A, B, C);
+                (grouped ? tb : ta)[rep] = cpu_sec() - t0;
+            }
         }
         qsort(ta, (size_t)reps, sizeof(double), cmp_d);
         qsort(tb, (size_t)reps, sizeof(double), cmp_d);
