@@ -87,6 +87,10 @@ endif
 build/attn_ab: bench/attn_ab.c build/libqlora.a
 	$(CC) $(CFLAGS) $< build/libqlora.a -o $@ $(LDLIBS)
 
+# within-process A/B of the CPU elementwise kernels (norm, SwiGLU, residual add backward), old vs the cpu backend
+build/eltwise_ab: bench/eltwise_ab.c build/libqlora.a
+	$(CC) $(CFLAGS) $< build/libqlora.a -o $@ $(LDLIBS)
+
 # Every GPU check in one command (scripts/test_gpu.sh): builds with CUDA=1, exits 1 without a device.
 .PHONY: test-gpu
 test-gpu:

@@ -1152,7 +1152,7 @@ static tensor *layer_mlp_half(ag_ctx *ctx, const llama_model *m, const lora_set 
         g = op_linear(ctx, h2, &L->lin[LLAMA_GATE], lora_set_get(ls, l, LLAMA_GATE));
         u = op_linear(ctx, h2, &L->lin[LLAMA_UP], lora_set_get(ls, l, LLAMA_UP));
     }
-    tensor *mm = hp->act_geglu ? op_geglu(ctx, g, u) : op_swiglu(ctx, g, u);
+    tensor *mm = op_glu(ctx, g, u, hp->act_geglu ? AG_GLU_GELU_TANH : AG_GLU_SILU);
     const lora_adapter *ld = lora_set_get(ls, l, LLAMA_DOWN);
     /* a post-feed-forward norm reads the down projection's output: it must be computed */
     tensor *d = out_unread && !hp->post_norms ? op_linear_unread_output(ctx, mm, &L->lin[LLAMA_DOWN], ld)
