@@ -12,7 +12,7 @@
  *                                                          (SmolLM2-135M at seq 512 x batch 4)
  * Cases:
  *   rmsnorm_fwd  y, its bf16 copy and rstd (2·layers + 1 calls per step): old one row's double sum of
- *                squares as one dependent chain; new 8 rows' chains interleaved, y and bf16 in one pass
+ *                squares as one dependent chain; new 16 rows' chains in vector lanes, y and bf16 in one pass
  *   rmsnorm_bwd  dx (2·layers + 1 per step): the same for the row dot
  *   swiglu_fwd   y and the bf16 copies of y, g, u (layers per step): old a second pass over each
  *                4096-element chunk per copy; new the copies stored from registers
