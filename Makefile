@@ -87,6 +87,10 @@ endif
 build/attn_ab: bench/attn_ab.c build/libqlora.a
 	$(CC) $(CFLAGS) $< build/libqlora.a -o $@ $(LDLIBS)
 
+# within-process A/B of the CPU elementwise kernels (norm, SwiGLU, residual add backward), old vs the cpu backend
+build/eltwise_ab: bench/eltwise_ab.c build/libqlora.a
+	$(CC) $(CFLAGS) $< build/libqlora.a -o $@ $(LDLIBS)
+
 # within-process A/B of grouped GEMMs (q/k/v, gate/up, LoRA A) against one call per linear (bench/gemm_group_ab.c)
 build/gemm_group_ab: bench/gemm_group_ab.c build/libqlora.a
 	$(CC) $(CFLAGS) $< build/libqlora.a -o $@ $(LDLIBS)

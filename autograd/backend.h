@@ -231,14 +231,17 @@ typedef struct ag_backend {
      * copies of y, g, u or NULL. exp is autograd/exp_poly.h's. */
     void (*swiglu_fwd)(const float *g, const float *u, float *y, bf16 *yb, bf16 *gb, bf16 *ub, int64_t n);
     /* dg += dy·u·(σ + g σ (1−σ)), du += dy·g σ with σ = 1/(1+exp(−g)); g and u (n) bf16 when
-     * is_bf16 else fp32; dg or du may be NULL. */
-    void (*swiglu_bwd)(const void *g, const void *u, int is_bf16, const float *dy, float *dg, float *du, int64_t n);
+     * is_bf16 else fp32; dg or du may be NULL. write 1: dg and du are written (=) instead, their old
+     * contents never read (a gradient not started yet: no zero fill, no read of zeros). */
+    void (*swiglu_bwd)(const void *g, const void *u, int is_bf16, const float *dy, float *dg, float *du, int64_t n,
+                       int write);
     /* GeGLU with the tanh GELU (Shazeer 2020; Gemma's gelu_pytorch_tanh, torch's gelu(approximate="tanh")):
      * y = gelu(g)·u, gelu(g) = 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³))) (libm tanhf); arguments as swiglu_fwd.
      * bwd: dg += dy·u·gelu'(g) with torch's formula (0.5·(1+t) + 0.5·g·(1−t²)·√(2/π)·(1 + 3·0.044715·g²)),
-     * du += dy·gelu(g); arguments as swiglu_bwd. */
+     * du += dy·gelu(g); arguments (write included) as swiglu_bwd. */
     void (*geglu_fwd)(const float *g, const float *u, float *y, bf16 *yb, bf16 *gb, bf16 *ub, int64_t n);
-    void (*geglu_bwd)(const void *g, const void *u, int is_bf16, const float *dy, float *dg, float *du, int64_t n);
+    void (*geglu_bwd)(const void *g, const void *u, int is_bf16, const float *dy, float *dg, float *du, int64_t n,
+                      int write);
     /* y = a + b; and its backward da += dy, db += dy (either NULL). fp32 (n). */
     void (*add)(const float *a, const float *b, float *y, int64_t n);
     void (*add_bwd)(const float *dy, float *da, float *db, int64_t n);

@@ -1196,20 +1196,22 @@ static void cu_swiglu_fwd(const float *g, const float *u, float *y, bf16 *yb, bf
     KCHECK();
 }
 
-__global__ void k_swiglu_bwd(const void *g, const void *u, int isb, const float *dy, float *dg, float *du, int64_t n) {
+__global__ void k_swiglu_bwd(const void *g, const void *u, int isb, const float *dy, float *dg, float *du, int64_t n,
+                            int write) {
     GRID_LOOP(i, n) {
         float gv = isb ? qe_bf16_to_f32(((const uint16_t *)g)[i]) : ((const float *)g)[i];
         float uv = isb ? qe_bf16_to_f32(((const uint16_t *)u)[i]) : ((const float *)u)[i];
         float a, b;
         qe_swiglu_bwd(gv, uv, dy[i], &a, &b);
-        if (du) du[i] += b;
-        if (dg) dg[i] += a;
+        if (du) du[i] = write ? b : du[i] + b;
+        if (dg) dg[i] = write ? a : dg[i] + a;
     }
 }
 
-static void cu_swiglu_bwd(const void *g, const void *u, int is_bf16, const float *dy, float *dg, float *du, int64_t n) {
+static void cu_swiglu_bwd(const void *g, const void *u, int is_bf16, const float *dy, float *dg, float *du, int64_t n,
+                         int write) {
     if (n <= 0) return;
-    k_swiglu_bwd<<<nblocks(n, 256), 256, 0, G.stream>>>(g, u, is_bf16, dy, dg, du, n);
+    k_swiglu_bwd<<<nblocks(n, 256), 256, 0, G.stream>>>(g, u, is_bf16, dy, dg, du, n, write);
     KCHECK();
 }
 
@@ -1231,20 +1233,22 @@ static void cu_geglu_fwd(const float *g, const float *u, float *y, bf16 *yb, bf1
     KCHECK();
 }
 
-__global__ void k_geglu_bwd(const void *g, const void *u, int isb, const float *dy, float *dg, float *du, int64_t n) {
+__global__ void k_geglu_bwd(const void *g, const void *u, int isb, const float *dy, float *dg, float *du, int64_t n,
+                            int write) {
     GRID_LOOP(i, n) {
         float gv = isb ? qe_bf16_to_f32(((const uint16_t *)g)[i]) : ((const float *)g)[i];
         float uv = isb ? qe_bf16_to_f32(((const uint16_t *)u)[i]) : ((const float *)u)[i];
         float a, b;
         qe_geglu_bwd(gv, uv, dy[i], &a, &b);
-        if (du) du[i] += b;
-        if (dg) dg[i] += a;
+        if (du) du[i] = write ? b : du[i] + b;
+        if (dg) dg[i] = write ? a : dg[i] + a;
     }
 }
 
-static void cu_geglu_bwd(const void *g, const void *u, int is_bf16, const float *dy, float *dg, float *du, int64_t n) {
+static void cu_geglu_bwd(const void *g, const void *u, int is_bf16, const float *dy, float *dg, float *du, int64_t n,
+                         int write) {
     if (n <= 0) return;
-    k_geglu_bwd<<<nblocks(n, 256), 256, 0, G.stream>>>(g, u, is_bf16, dy, dg, du, n);
+    k_geglu_bwd<<<nblocks(n, 256), 256, 0, G.stream>>>(g, u, is_bf16, dy, dg, du, n, write);
     KCHECK();
 }
 

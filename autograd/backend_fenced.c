@@ -378,14 +378,15 @@ static void fc_swiglu_fwd(const float *g, const float *u, float *y, bf16 *yb, bf
     fence_close();
 }
 
-static void fc_swiglu_bwd(const void *g, const void *u, int isb, const float *dy, float *dg, float *du, int64_t n) {
+static void fc_swiglu_bwd(const void *g, const void *u, int isb, const float *dy, float *dg, float *du, int64_t n,
+                         int write) {
     NEED(g);
     NEED(u);
     NEED(dy);
     OPT(dg);
     OPT(du);
     fence_open();
-    inner()->swiglu_bwd(g, u, isb, dy, dg, du, n);
+    inner()->swiglu_bwd(g, u, isb, dy, dg, du, n, write);
     fence_close();
 }
 
@@ -401,14 +402,15 @@ static void fc_geglu_fwd(const float *g, const float *u, float *y, bf16 *yb, bf1
     fence_close();
 }
 
-static void fc_geglu_bwd(const void *g, const void *u, int isb, const float *dy, float *dg, float *du, int64_t n) {
+static void fc_geglu_bwd(const void *g, const void *u, int isb, const float *dy, float *dg, float *du, int64_t n,
+                         int write) {
     NEED(g);
     NEED(u);
     NEED(dy);
     OPT(dg);
     OPT(du);
     fence_open();
-    inner()->geglu_bwd(g, u, isb, dy, dg, du, n);
+    inner()->geglu_bwd(g, u, isb, dy, dg, du, n, write);
     fence_close();
 }
 

@@ -589,24 +589,34 @@ tensor *op_attention_window(ag_ctx *ctx, tensor *q, tensor *k, tensor *v, int B,
     return o;
 }
 
-/* ------------------------------------------------------------------ swiglu, add */
+/* ------------------------------------------------------------------ glu (swiglu, geglu), add */
 
-typedef struct swiglu_saved {
+typedef struct glu_saved {
     const void *g, *u; /* (N, F) inputs: bf16 in bf16 mode (activations saved as bf16), else fp32 */
     int bf16;
-} swiglu_saved;
+    ag_glu_act act;
+} glu_saved;
 
-static void swiglu_backward(ag_ctx *ctx, const ag_node *n) {
+static void glu_backward(ag_ctx *ctx, const ag_node *n) {
     int pc = ag_prof_push(AG_PROF_ELTWISE);
     tensor *g = n->in[0], *u = n->in[1], *y = n->out;
-    const swiglu_saved *s = n->saved;
-    float *dg = g->requires_grad ? ag_grad(ctx, g) : NULL;
-    float *du = u->requires_grad ? ag_grad(ctx, u) : NULL;
-    ctx->be->swiglu_bwd(s->g, s->u, s->bf16, y->grad, dg, du, g->numel);
+    const glu_saved *s = n->saved;
+    /* g and u are usually read by this op only (the gate and up projections' outputs): their gradients are
+     * then written, not zero-filled and added to; otherwise a fresh one is zeroed and both are added to */
+    int fg = 0, fu = 0;
+    float *dg = g->requires_grad ? ag_grad_fresh(ctx, g, &fg) : NULL;
+    float *du = u->requires_grad ? ag_grad_fresh(ctx, u, &fu) : NULL; /* after g's: g == u is not fresh twice */
+    int write = (!dg || fg) && (!du || fu);
+    if (!write) {
+        if (fg) ctx->be->zero(dg, (size_t)g->numel * sizeof(float));
+        if (fu) ctx->be->zero(du, (size_t)u->numel * sizeof(float));
+    }
+    (s->act == AG_GLU_GELU_TANH ? ctx->be->geglu_bwd : ctx->be->swiglu_bwd)(s->g, s->u, s->bf16, y->grad, dg, du,
+                                                                          g->numel, write);
     ag_prof_pop(pc);
 }
 
-tensor *op_swiglu(ag_ctx *ctx, tensor *g, tensor *u) {
+tensor *op_glu(ag_ctx *ctx, tensor *g, tensor *u, ag_glu_act act) {
     int pc = ag_prof_push(AG_PROF_ELTWISE);
     tensor *y = ag_tensor(ctx, AG_F32, g->ndim, g->shape);
     int grad = ag_needs_grad(ctx, g, u, NULL);
@@ -615,42 +625,13 @@ tensor *op_swiglu(ag_ctx *ctx, tensor *g, tensor *u) {
     bf16 *yb = memo_bf16_alloc(ctx, y);
     bf16 *gb = grad && ctx->bf16 && !g->kept_bf16 ? memo_bf16_alloc(ctx, g) : NULL;
     bf16 *ubf = grad && ctx->bf16 && !u->kept_bf16 ? memo_bf16_alloc(ctx, u) : NULL;
-    ctx->be->swiglu_fwd(g->data, u->data, y->data, yb, gb, ubf, g->numel);
+    (act == AG_GLU_GELU_TANH ? ctx->be->geglu_fwd : ctx->be->swiglu_fwd)(g->data, u->data, y->data, yb, gb, ubf,
+                                                                       g->numel);
     if (grad) {
-        ag_node *nd = ag_record(ctx, swiglu_backward, y, g, u, NULL, NULL);
-        swiglu_saved *s = alloc_saved_host(ctx, sizeof *s);
+        ag_node *nd = ag_record(ctx, glu_backward, y, g, u, NULL, NULL);
+        glu_saved *s = alloc_saved_host(ctx, sizeof *s);
         s->bf16 = ctx->bf16;
-        s->g = ctx->bf16 ? ag_bf16_of(ctx, g, 1) : ag_keep(ctx, g);
-        s->u = ctx->bf16 ? ag_bf16_of(ctx, u, 1) : ag_keep(ctx, u);
-        nd->saved = s;
-    }
-    ag_prof_pop(pc);
-    return y;
-}
-
-/* GeGLU: op_swiglu's node with the backend's geglu entries (the saved operands are the same). */
-static void geglu_backward(ag_ctx *ctx, const ag_node *n) {
-    int pc = ag_prof_push(AG_PROF_ELTWISE);
-    tensor *g = n->in[0], *u = n->in[1], *y = n->out;
-    const swiglu_saved *s = n->saved;
-    float *dg = g->requires_grad ? ag_grad(ctx, g) : NULL;
-    float *du = u->requires_grad ? ag_grad(ctx, u) : NULL;
-    ctx->be->geglu_bwd(s->g, s->u, s->bf16, y->grad, dg, du, g->numel);
-    ag_prof_pop(pc);
-}
-
-tensor *op_geglu(ag_ctx *ctx, tensor *g, tensor *u) {
-    int pc = ag_prof_push(AG_PROF_ELTWISE);
-    tensor *y = ag_tensor(ctx, AG_F32, g->ndim, g->shape);
-    int grad = ag_needs_grad(ctx, g, u, NULL);
-    bf16 *yb = memo_bf16_alloc(ctx, y);
-    bf16 *gb = grad && ctx->bf16 && !g->kept_bf16 ? memo_bf16_alloc(ctx, g) : NULL;
-    bf16 *ubf = grad && ctx->bf16 && !u->kept_bf16 ? memo_bf16_alloc(ctx, u) : NULL;
-    ctx->be->geglu_fwd(g->data, u->data, y->data, yb, gb, ubf, g->numel);
-    if (grad) {
-        ag_node *nd = ag_record(ctx, geglu_backward, y, g, u, NULL, NULL);
-        swiglu_saved *s = alloc_saved_host(ctx, sizeof *s);
-        s->bf16 = ctx->bf16;
+        s->act = act;
         s->g = ctx->bf16 ? ag_bf16_of(ctx, g, 1) : ag_keep(ctx, g);
         s->u = ctx->bf16 ? ag_bf16_of(ctx, u, 1) : ag_keep(ctx, u);
         nd->saved = s;
@@ -718,9 +699,15 @@ tensor *op_cols(ag_ctx *ctx, tensor *x, int64_t c0, int64_t c) {
 static void add_backward(ag_ctx *ctx, const ag_node *n) {
     int pc = ag_prof_push(AG_PROF_ELTWISE);
     tensor *a = n->in[0], *b = n->in[1], *y = n->out;
-    float *da = a->requires_grad ? ag_grad(ctx, a) : NULL;
-    float *db = b->requires_grad ? ag_grad(ctx, b) : NULL;
-    ctx->be->add_bwd(y->grad, da, db, y->numel);
+    const size_t bytes = (size_t)y->numel * sizeof(float);
+    /* a gradient not yet started is dy itself: copied, not zero-filled and added to (the residual stream's
+     * two branches usually both are) */
+    int fa = 0, fb = 0;
+    float *da = a->requires_grad ? ag_grad_fresh(ctx, a, &fa) : NULL;
+    if (fa) ctx->be->copy_d2d(da, y->grad, bytes);
+    float *db = b->requires_grad ? ag_grad_fresh(ctx, b, &fb) : NULL; /* after a's: a == b adds the second dy */
+    if (fb) ctx->be->copy_d2d(db, y->grad, bytes);
+    if ((da && !fa) || (db && !fb)) ctx->be->add_bwd(y->grad, fa ? NULL : da, fb ? NULL : db, y->numel);
     ag_prof_pop(pc);
 }
 

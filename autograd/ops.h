@@ -107,12 +107,17 @@ tensor *op_attention(ag_ctx *ctx, tensor *q, tensor *k, tensor *v, int B, int T,
 tensor *op_attention_window(ag_ctx *ctx, tensor *q, tensor *k, tensor *v, int B, int T, int H, int KVH,
                             const int32_t *seq_ids, int window);
 
-/* SwiGLU: y = silu(g) * u, elementwise; g, u (N, F). */
-tensor *op_swiglu(ag_ctx *ctx, tensor *g, tensor *u);
+/* The gated MLP's activation (op_glu). */
+typedef enum ag_glu_act {
+    AG_GLU_SILU = 0,      /* SwiGLU (Shazeer 2020, Llama): silu(g) = g·σ(g); backend swiglu_fwd / swiglu_bwd */
+    AG_GLU_GELU_TANH = 1  /* GeGLU with the tanh GELU (Gemma's gelu_pytorch_tanh, torch's gelu(approximate="tanh"));
+                           * backend geglu_fwd / geglu_bwd */
+} ag_glu_act;
 
-/* GeGLU with the tanh GELU (Gemma's gelu_pytorch_tanh): y = gelu_tanh(g) * u, elementwise; g, u (N, F).
- * Formulas: autograd/backend.h geglu_fwd / geglu_bwd (torch's gelu(approximate="tanh")). */
-tensor *op_geglu(ag_ctx *ctx, tensor *g, tensor *u);
+/* Gated linear unit y = act(g) * u, elementwise; g, u (N, F) fp32, y (N, F) fp32 with its bf16 copy memoised
+ * for the down projection in bf16 mode. Backward saves g and u (bf16 in bf16 mode). Formulas:
+ * autograd/backend.h swiglu_* / geglu_*. */
+tensor *op_glu(ag_ctx *ctx, tensor *g, tensor *u, ag_glu_act act);
 
 /* y (rows, cols) = x's elements in the same (row-major) order under another shape, fp32, rows·cols =
  * x->numel (a copy; backward adds dy into dx). Gemma's QK-norm normalises q (N, H·hd) as (N·H, hd). */

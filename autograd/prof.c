@@ -7,7 +7,7 @@
 
 const char *const ag_prof_names[AG_PROF_N] = {"other", "gemm",  "dequant", "convert", "attention", "norm",
                                               "rope",  "eltwise", "ce",    "embed",   "ckpt_copy", "optimizer",
-                                              "lm_head_gemm"};
+                                              "lm_head_gemm", "grad_zero"};
 
 static double g_acc[AG_PROF_N];
 static double g_last;

@@ -26,6 +26,7 @@ typedef enum ag_prof_class {
     AG_PROF_OPTIM,     /* clipping + AdamW */
     AG_PROF_LM_HEAD_GEMM, /* the GEMMs of the fused LM head + cross-entropy (logits, dh): GEMM time
                              charged here instead of AG_PROF_GEMM inside ag_prof_lm_head(1) */
+    AG_PROF_GRAD_ZERO,    /* zero-filling a gradient buffer when it is first asked for (ag_grad), whichever op asks */
     AG_PROF_N
 } ag_prof_class;
 

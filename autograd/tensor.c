@@ -248,8 +248,16 @@ tensor *ag_wrap(ag_ctx *ctx, ag_dtype dt, int64_t d0, int64_t d1, void *data, fl
 float *ag_grad(ag_ctx *ctx, tensor *t) {
     if (!t->grad) {
         t->grad = ag_alloc(ctx, (size_t)t->numel * sizeof(float));
+        int pc = ag_prof_push(AG_PROF_GRAD_ZERO);
         ctx->be->zero(t->grad, (size_t)t->numel * sizeof(float));
+        ag_prof_pop(pc);
     }
+    return t->grad;
+}
+
+float *ag_grad_fresh(ag_ctx *ctx, tensor *t, int *fresh) {
+    *fresh = !t->grad;
+    if (!t->grad) t->grad = ag_alloc(ctx, (size_t)t->numel * sizeof(float));
     return t->grad;
 }
 

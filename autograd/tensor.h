@@ -153,6 +153,11 @@ tensor *ag_wrap(ag_ctx *ctx, ag_dtype dt, int64_t d0, int64_t d1, void *data, fl
 
 /* Zeroed fp32 grad buffer for t (allocated in the arena on first use). */
 float *ag_grad(ag_ctx *ctx, tensor *t);
+/* ag_grad for an op whose backward can write the whole gradient at once: when t has no gradient buffer yet,
+ * one is allocated WITHOUT zeroing and *fresh is 1, and the caller must write every element of it (a copy, a
+ * GEMM with beta 0) instead of adding; otherwise *fresh is 0 and the buffer holds the gradient so far. Saves
+ * the zero fill and a read of the zeros: 0 + g = g, so the gradient is the same (a −0 term stays −0). */
+float *ag_grad_fresh(ag_ctx *ctx, tensor *t, int *fresh);
 
 /* Record a node (only when ctx->recording and some input requires grad). */
 ag_node *ag_record(ag_ctx *ctx, ag_backward_fn fn, tensor *out, tensor *a, tensor *b, tensor *c,

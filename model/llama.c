@@ -1168,7 +1168,7 @@ static tensor *layer_mlp_half(ag_ctx *ctx, const llama_model *m, const lora_set 
         op_linear_group(ctx, h2, 2, w, lo, y);
         g = y[0], u = y[1];
     }
-    tensor *mm = hp->act_geglu ? op_geglu(ctx, g, u) : op_swiglu(ctx, g, u);
+    tensor *mm = op_glu(ctx, g, u, hp->act_geglu ? AG_GLU_GELU_TANH : AG_GLU_SILU);
     const lora_adapter *ld = lora_set_get(ls, l, LLAMA_DOWN);
     /* a post-feed-forward norm reads the down projection's output: it must be computed */
     tensor *d = out_unread && !hp->post_norms ? op_linear_unread_output(ctx, mm, &L->lin[LLAMA_DOWN], ld)

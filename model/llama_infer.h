@@ -1,7 +1,7 @@
 /* model/llama_infer.h — incremental (KV-cached) inference for generation.
  *
  * The same ops as training and evaluation (op_embedding, op_rmsnorm,
- * op_linear with the LoRA adapter, op_rope, op_swiglu; model/llama.c's block)
+ * op_linear with the LoRA adapter, op_rope, op_glu; model/llama.c's block)
  * except attention, which attends from the new tokens to every cached
  * position instead of within one batch: new token at position p sees
  * positions 0..p. K (after RoPE) and V of every layer are kept in fp32; with

@@ -496,7 +496,7 @@ static void test_attention_long(void **st) {
 
 static tensor *build_swiglu(ag_ctx *ctx, tensor **in, void *arg) {
     (void)arg;
-    return op_swiglu(ctx, in[0], in[1]);
+    return op_glu(ctx, in[0], in[1], AG_GLU_SILU);
 }
 
 static tensor *build_add(ag_ctx *ctx, tensor **in, void *arg) {

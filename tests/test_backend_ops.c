@@ -526,38 +526,47 @@ static void case_rope(const ag_backend *be, const ag_backend *ref) {
     free(rt.sin);
 }
 
-static void case_swiglu(const ag_backend *be, const ag_backend *ref) {
+/* The gated MLP's activation kernels, silu (swiglu_*) or the tanh GELU (geglu_*: a CUDA table is held to
+ * NMSE there, its tanhf is not glibc's): forward with its three bf16 copies, backward from fp32 and from
+ * bf16 saved inputs, accumulating into existing gradients (modes 0, 1), and from bf16 writing gradients
+ * whose old contents (NaN here) must not be read (mode 2): dg0 + written == accumulated, bit for bit. */
+static void case_glu(const ag_backend *be, const ag_backend *ref, int gelu) {
+    const char *nm = gelu ? "geglu" : "swiglu";
     const int64_t n = 3 * 4096 + 1013; /* chunks of 4096, then a tail that is not a multiple of 16 */
     float *g = host_rand(n, 80, 6.0f), *u = host_rand(n, 81, 2.0f), *dy = host_rand(n, 82, 1.0f);
     float *dg0 = host_rand(n, 83, 0.1f), *du0 = host_rand(n, 84, 0.1f);
-    g[17] = 100.0f; /* exp_poly's clamps */
+    g[17] = 100.0f; /* exp_poly's clamps; tanh saturates */
     g[18] = -100.0f;
     g[19] = 0.0f;
     bf16 *gb16 = malloc((size_t)n * 2), *ub16 = malloc((size_t)n * 2);
+    float *nan0 = malloc((size_t)n * 4);
     for (int64_t i = 0; i < n; i++) {
         gb16[i] = f32_to_bf16(g[i]);
         ub16[i] = f32_to_bf16(u[i]);
+        nan0[i] = NAN;
     }
     const ag_backend *bes[2] = {be, ref};
-    float *y[2], *dg[2][2], *du[2][2];
+    enum { NMODE = 3 };
+    float *y[2], *dg[2][NMODE], *du[2][NMODE];
     bf16 *yb[2], *gb[2], *ub[2];
     for (int w = 0; w < 2; w++) {
         const ag_backend *b = bes[w];
         float *dG = to_dev(b, g, (size_t)n * 4), *dU = to_dev(b, u, (size_t)n * 4), *dY = b->alloc((size_t)n * 4);
         bf16 *dYb = b->alloc((size_t)n * 2), *dGb = b->alloc((size_t)n * 2), *dUb = b->alloc((size_t)n * 2);
-        b->swiglu_fwd(dG, dU, dY, dYb, dGb, dUb, n);
+        (gelu ? b->geglu_fwd : b->swiglu_fwd)(dG, dU, dY, dYb, dGb, dUb, n);
         y[w] = to_host(b, dY, (size_t)n * 4);
         yb[w] = to_host(b, dYb, (size_t)n * 2);
         gb[w] = to_host(b, dGb, (size_t)n * 2);
         ub[w] = to_host(b, dUb, (size_t)n * 2);
         float *dDY = to_dev(b, dy, (size_t)n * 4);
-        for (int isb = 0; isb < 2; isb++) { /* saved inputs fp32, then bf16 */
+        for (int mode = 0; mode < NMODE; mode++) { /* saved inputs fp32, then bf16; then bf16 written */
+            const int isb = mode > 0, wr = mode == 2;
             const void *sg = isb ? (const void *)to_dev(b, gb16, (size_t)n * 2) : (const void *)dG;
             const void *su = isb ? (const void *)to_dev(b, ub16, (size_t)n * 2) : (const void *)dU;
-            float *dDG = to_dev(b, dg0, (size_t)n * 4), *dDU = to_dev(b, du0, (size_t)n * 4);
-            b->swiglu_bwd(sg, su, isb, dDY, dDG, dDU, n);
-            dg[w][isb] = to_host(b, dDG, (size_t)n * 4);
-            du[w][isb] = to_host(b, dDU, (size_t)n * 4);
+            float *dDG = to_dev(b, wr ? nan0 : dg0, (size_t)n * 4), *dDU = to_dev(b, wr ? nan0 : du0, (size_t)n * 4);
+            (gelu ? b->geglu_bwd : b->swiglu_bwd)(sg, su, isb, dDY, dDG, dDU, n, wr);
+            dg[w][mode] = to_host(b, dDG, (size_t)n * 4);
+            du[w][mode] = to_host(b, dDU, (size_t)n * 4);
             if (isb) {
                 b->free((void *)sg);
                 b->free((void *)su);
@@ -568,22 +577,37 @@ static void case_swiglu(const ag_backend *be, const ag_backend *ref) {
         void *ptrs[] = {dG, dU, dY, dYb, dGb, dUb, dDY};
         for (size_t i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++) b->free(ptrs[i]);
     }
-    assert_bits("swiglu y", y[0], y[1], (size_t)n * 4);
-    assert_bits("swiglu y bf16", yb[0], yb[1], (size_t)n * 2);
-    assert_bits("swiglu g bf16", gb[0], gb[1], (size_t)n * 2);
-    assert_bits("swiglu u bf16", ub[0], ub[1], (size_t)n * 2);
-    for (int isb = 0; isb < 2; isb++) {
-        assert_bits("swiglu dg", dg[0][isb], dg[1][isb], (size_t)n * 4);
-        assert_bits("swiglu du", du[0][isb], du[1][isb], (size_t)n * 4);
+    char what[64];
+#define GLU_NAME(s) (snprintf(what, sizeof what, "%s %s", nm, s), what)
+    if (gelu) assert_bits_or_nmse(be, GLU_NAME("y"), y[0], y[1], n, 1e-12);
+    else assert_bits(GLU_NAME("y"), y[0], y[1], (size_t)n * 4);
+    if (!gelu || !is_cuda(be)) assert_bits(GLU_NAME("y bf16"), yb[0], yb[1], (size_t)n * 2);
+    assert_bits(GLU_NAME("g bf16"), gb[0], gb[1], (size_t)n * 2);
+    assert_bits(GLU_NAME("u bf16"), ub[0], ub[1], (size_t)n * 2);
+    for (int mode = 0; mode < NMODE; mode++) {
+        if (gelu) {
+            assert_bits_or_nmse(be, GLU_NAME("dg"), dg[0][mode], dg[1][mode], n, 1e-12);
+            assert_bits_or_nmse(be, GLU_NAME("du"), du[0][mode], du[1][mode], n, 1e-12);
+        } else {
+            assert_bits(GLU_NAME("dg"), dg[0][mode], dg[1][mode], (size_t)n * 4);
+            assert_bits(GLU_NAME("du"), du[0][mode], du[1][mode], (size_t)n * 4);
+        }
     }
+    for (int w = 0; w < 2; w++) /* written = the term accumulated in mode 1 */
+        for (int64_t i = 0; i < n; i++) {
+            const float ag = dg0[i] + dg[w][2][i], au = du0[i] + du[w][2][i];
+            if (memcmp(&ag, &dg[w][1][i], 4) || memcmp(&au, &du[w][1][i], 4))
+                fail_msg("%s write mode at %lld on %s", nm, (long long)i, bes[w]->name);
+        }
+#undef GLU_NAME
     for (int w = 0; w < 2; w++) {
         free(y[w]);
         free(yb[w]);
         free(gb[w]);
         free(ub[w]);
-        for (int isb = 0; isb < 2; isb++) {
-            free(dg[w][isb]);
-            free(du[w][isb]);
+        for (int mode = 0; mode < NMODE; mode++) {
+            free(dg[w][mode]);
+            free(du[w][mode]);
         }
     }
     free(g);
@@ -593,77 +617,11 @@ static void case_swiglu(const ag_backend *be, const ag_backend *ref) {
     free(du0);
     free(gb16);
     free(ub16);
+    free(nan0);
 }
 
-/* GeGLU (tanh GELU): as swiglu; a CUDA table is held to NMSE (its tanhf is not glibc's). */
-static void case_geglu(const ag_backend *be, const ag_backend *ref) {
-    const int64_t n = 3 * 4096 + 1013; /* chunks of 4096, then a tail that is not a multiple of 16 */
-    float *g = host_rand(n, 80, 6.0f), *u = host_rand(n, 81, 2.0f), *dy = host_rand(n, 82, 1.0f);
-    float *dg0 = host_rand(n, 83, 0.1f), *du0 = host_rand(n, 84, 0.1f);
-    g[17] = 100.0f; /* tanh saturates */
-    g[18] = -100.0f;
-    g[19] = 0.0f;
-    bf16 *gb16 = malloc((size_t)n * 2), *ub16 = malloc((size_t)n * 2);
-    for (int64_t i = 0; i < n; i++) {
-        gb16[i] = f32_to_bf16(g[i]);
-        ub16[i] = f32_to_bf16(u[i]);
-    }
-    const ag_backend *bes[2] = {be, ref};
-    float *y[2], *dg[2][2], *du[2][2];
-    bf16 *yb[2], *gb[2], *ub[2];
-    for (int w = 0; w < 2; w++) {
-        const ag_backend *b = bes[w];
-        float *dG = to_dev(b, g, (size_t)n * 4), *dU = to_dev(b, u, (size_t)n * 4), *dY = b->alloc((size_t)n * 4);
-        bf16 *dYb = b->alloc((size_t)n * 2), *dGb = b->alloc((size_t)n * 2), *dUb = b->alloc((size_t)n * 2);
-        b->geglu_fwd(dG, dU, dY, dYb, dGb, dUb, n);
-        y[w] = to_host(b, dY, (size_t)n * 4);
-        yb[w] = to_host(b, dYb, (size_t)n * 2);
-        gb[w] = to_host(b, dGb, (size_t)n * 2);
-        ub[w] = to_host(b, dUb, (size_t)n * 2);
-        float *dDY = to_dev(b, dy, (size_t)n * 4);
-        for (int isb = 0; isb < 2; isb++) { /* saved inputs fp32, then bf16 */
-            const void *sg = isb ? (const void *)to_dev(b, gb16, (size_t)n * 2) : (const void *)dG;
-            const void *su = isb ? (const void *)to_dev(b, ub16, (size_t)n * 2) : (const void *)dU;
-            float *dDG = to_dev(b, dg0, (size_t)n * 4), *dDU = to_dev(b, du0, (size_t)n * 4);
-            b->geglu_bwd(sg, su, isb, dDY, dDG, dDU, n);
-            dg[w][isb] = to_host(b, dDG, (size_t)n * 4);
-            du[w][isb] = to_host(b, dDU, (size_t)n * 4);
-            if (isb) {
-                b->free((void *)sg);
-                b->free((void *)su);
-            }
-            b->free(dDG);
-            b->free(dDU);
-        }
-        void *ptrs[] = {dG, dU, dY, dYb, dGb, dUb, dDY};
-        for (size_t i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++) b->free(ptrs[i]);
-    }
-    assert_bits_or_nmse(be, "geglu y", y[0], y[1], n, 1e-12);
-    if (!is_cuda(be)) assert_bits("geglu y bf16", yb[0], yb[1], (size_t)n * 2);
-    assert_bits("geglu g bf16", gb[0], gb[1], (size_t)n * 2);
-    assert_bits("geglu u bf16", ub[0], ub[1], (size_t)n * 2);
-    for (int isb = 0; isb < 2; isb++) {
-        assert_bits_or_nmse(be, "geglu dg", dg[0][isb], dg[1][isb], n, 1e-12);
-        assert_bits_or_nmse(be, "geglu du", du[0][isb], du[1][isb], n, 1e-12);
-    }
-    for (int w = 0; w < 2; w++) {
-        free(y[w]);
-        free(yb[w]);
-        free(gb[w]);
-        free(ub[w]);
-        for (int isb = 0; isb < 2; isb++) {
-            free(dg[w][isb]);
-            free(du[w][isb]);
-        }
-    }
-    free(g);
-    free(u);
-    free(dy);
-    free(dg0);
-    free(du0);
-    free(gb16);
-    free(ub16);
-}
+static void case_swiglu(const ag_backend *be, const ag_backend *ref) { case_glu(be, ref, 0); }
+static void case_geglu(const ag_backend *be, const ag_backend *ref) { case_glu(be, ref, 1); }
 
 /* copy_cols: a column block out of a wider matrix and accumulated back into another */
 static void case_copy_cols(const ag_backend *be, const ag_backend *ref) {
