@@ -40,6 +40,8 @@
  */
 #include "trainer/memplan.h"
 
+#include "autograd/backend.h"
+
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -110,7 +112,11 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     if (in->lora_dropout > 0) blk_ops += es * N * (3 * D + qd + 2 * D + F); /* dropout(x) per linear */
     double blk_stats = 8.0 * N + 8.0 * B * H * T + 4.0 * N;
     /* transients of one op: bf16 dy, attention scratch (per thread), dO */
-    double attn_tmp = in->device_cuda ? 4.0 * B * H * T : nth * 128.0 * T * 12.0;
+    /* on the CPU: the attention kernel's own per-thread packs and tiles (autograd/backend_cpu_nn.inc,
+     * ag_cpu_attention_scratch_bytes; it grows with head_dim: the former flat 128·T·12 bytes per thread was
+     * the GEMM path's and missed 14 MiB at head_dim 128, T 8192, 2 threads) */
+    double attn_tmp = in->device_cuda ? 4.0 * B * H * T
+                                      : (double)ag_cpu_attention_scratch_bytes(in->T, hp->head_dim, in->bf16, (int)nth);
     double widest = fused ? (2 * F > qd + 2 * kd ? 2 * F : qd + 2 * kd) : (F > qd + 2 * kd ? F : qd + 2 * kd);
     double op_tmp = 2.0 * N * widest + 4.0 * N * r + attn_tmp + es * N * qd;
     double top = 4.0 * N * D * 5.0 + 128.0 * V * (4.0 + es) + es * 128.0 * D;
