@@ -202,6 +202,8 @@ def main():
                     help="skip points the planner predicts above this (MiB; default 90 %% of MemAvailable)")
     ap.add_argument("--rate-gflops", type=float, default=300.0,
                     help="model GFLOP/s assumed for the duration estimate (the quiet 2-core machine ran ~375)")
+    ap.add_argument("--dry-run", action="store_true", help="print the points, the skipped ones and the expected "
+                                                            "duration, and stop")
     ap.add_argument("--select", action="append", default=[],
                     help="run only the grid points matching every KEY=VALUE of a comma list (keys shape, layers, seq, "
                          "r, ckpt); several --select: any of them (a subset on a busy machine)")
@@ -259,6 +261,10 @@ def main():
         for sk in skipped:
             print(f"[curve] skipped: {sk['shape']} L{sk['layers']} seq {sk['seq']} r {sk['lora_r']} "
                   f"{sk['checkpointing_mode']}: predicted {sk['predicted_peak_mb']:.0f} MiB > {limit:.0f} MiB", flush=True)
+        if a.dry_run:
+            for t in todo:
+                print(f"[curve] would run: {t[0]} L{t[1]} seq {t[2]} r {t[3]} {t[6]} (~{fmt_dur(t[7])})")
+            return
         done_est = 0.0
         for (shape, L, T, r, steps, warm, mode, sec) in todo:
             cmd = bench_cmd(shape, L, T, r, mode, steps, warm, calib)
