@@ -159,12 +159,12 @@ def rsq(fr, n):
 
 
 def timed(res, limit):
-    return max(res["load"]) <= res["threads"] + limit
+    return bool(res.get("load")) and max(res["load"]) <= res["threads"] + limit
 
 
 def fmt_time(res, key, limit, f):
     if not timed(res, limit):
-        return f"not measured (load {max(res['load']):.1f})"
+        return f"not measured (load {max(res['load']):.1f})" if res.get("load") else "not measured (load not recorded)"
     return f.format(res[key])
 
 
@@ -228,7 +228,7 @@ def main():
                 d = json.load(f)
             a.quick = a.quick or d["quick"]
             t_start -= d.get("minutes", 0) * 60
-            runs.append(run_desc(d["quick"], d.get("select", [])))
+            runs.append(d.get("desc") or run_desc(d["quick"], d.get("select", [])))
             results += d["points"]
             skipped += d.get("skipped", [])
             peers += d["peers"]
@@ -331,14 +331,14 @@ def main():
             if len(pts) >= 2:
                 span = f"seq {pts[0]['seq']}–{pts[-1]['seq']}, {rsq(None, len(pts)) if len(pts) == 2 else f'{len(pts)} points'}"
                 fr = fit_line([p["seq"] for p in pts], [p["arena_peak_mb"] for p in pts])
-                sl = loglog(pts, "peak_rss_mb")
+                sl, sa = loglog(pts, "peak_rss_mb"), loglog(pts, "arena_peak_mb")
                 att = [p["op_seconds_per_step"]["attention"] / max(1e-9, sum(p["op_seconds_per_step"].values()))
                        for p in pts]
                 tim = all(timed(p, a.load_limit) for p in pts)
                 tps = loglog(pts, "tokens_per_s") if tim else None
                 laws.append(f"| {shape} ({pts[0]['layers']}/{pts[0]['full_depth']} layers) | {mode} | peak RSS ∝ T^"
                             f"{sl[1]:.2f} ({pts[0]['peak_rss_mb']:.0f} → {pts[-1]['peak_rss_mb']:.0f} MiB); activation "
-                            f"arena = {fr[0]:.0f} MiB + {1024 * fr[1]:.1f} MiB per 1k tokens"
+                            f"arena ∝ T^{sa[1]:.2f}, = {fr[0]:.0f} MiB + {1024 * fr[1]:.1f} MiB per 1k tokens"
                             f"{f' (R² {fr[2]:.4f})' if len(pts) > 2 else ''}; {span} | attention's share of op time "
                             f"{100 * att[0]:.0f} % → {100 * att[-1]:.0f} %"
                             + (f"; tokens/s ∝ T^{tps[1]:.2f}" if tps else " (loaded machine: shares indicative only)")
