@@ -4,6 +4,7 @@ checkpointing mode, measured with bin/qlora-bench, plotted and tabulated.
 
 usage: python3 bench/cost_curve.py [--quick] [--out-dir DIR] [--json FILE] [--peer-python PY]
                                    [--load-limit X] [--max-mib M] [--rate-gflops G] [--from-json FILE]
+                                   [--select KEY=V,...] [--one-step] [--dry-run]
 
 Grid (full): shapes smollm2-135m (all 30 layers), smollm2-1.7b (first 6 of 24 layers), llama3-8b
 (first 2 of 32 layers); checkpointing off / selective / on (full); sequence length 256 ... 8192 at
@@ -45,7 +46,7 @@ PEER = os.path.join(ROOT, "..", "shared", "bench", "torch_lora_ref.py")
 MODES = ["off", "selective", "on"]
 FULL_DEPTH = {"smollm2-135m": 30, "smollm2-1.7b": 24, "llama3-8b": 32}
 # the peer's peak RSS before any of its points ran: 2109 MiB at seq 256 and 3572 MiB at seq 1024 (30 layers,
-# batch 1, torch 2.15; docs/bench/curve-LOADED-2026-12-07.md), the line through them
+# batch 1, torch 2.15; the QUICK run of 2026-12-07 01:40 UTC, docs/cost_curve.md of commit 4c3a7c4), the line through them
 PEER_MIB_0, PEER_MIB_PER_TOKEN = 1621.0, 1.905
 # model FLOPs a step runs per model FLOP (recomputation): selective recomputes the MLP half's forward, full every
 # block's forward (2 of the 4·P per token of a frozen base); for the duration estimate only
@@ -180,10 +181,17 @@ def selected(sel, shape, L, T, r, mode):
     return True
 
 
-def run_desc(quick, select):
-    if not select:
-        return f"`{'QUICK=1 ' if quick else ''}make bench-curve`"
-    return f"`python3 bench/cost_curve.py{' --quick' if quick else ''} " + " ".join(f"--select {x}" for x in select) + "`"
+def run_desc(quick, select, one_step=False, max_mib=0):
+    omp = os.environ.get("OMP_WAIT_POLICY", "")  # changes timings on a loaded machine, so it is recorded
+    return (f"`OMP_WAIT_POLICY={omp} " + run_desc_(quick, select, one_step, max_mib)[1:]) if omp else \
+        run_desc_(quick, select, one_step, max_mib)
+
+
+def run_desc_(quick, select, one_step, max_mib):
+    if not select and not one_step:
+        return f"`{'QUICK=1 ' if quick else ''}{f'MAX_MIB={max_mib:g} ' if max_mib else ''}make bench-curve`"
+    return (f"`python3 bench/cost_curve.py{' --quick' if quick else ''}{' --one-step' if one_step else ''}"
+            f"{f' --max-mib {max_mib:g}' if max_mib else ''} " + " ".join(f"--select {x}" for x in select) + "`")
 
 
 def fmt_dur(sec):
@@ -202,6 +210,10 @@ def main():
                     help="skip points the planner predicts above this (MiB; default 90 %% of MemAvailable)")
     ap.add_argument("--rate-gflops", type=float, default=300.0,
                     help="model GFLOP/s assumed for the duration estimate (the quiet 2-core machine ran ~375)")
+    ap.add_argument("--one-step", action="store_true",
+                    help="every point runs one step, no warmup (the peak RSS is reached in the first step: the "
+                         "optimizer state and the arena are allocated there; for a memory-only run on a loaded "
+                         "machine, whose timings are no result anyway)")
     ap.add_argument("--dry-run", action="store_true", help="print the points, the skipped ones and the expected "
                                                             "duration, and stop")
     ap.add_argument("--select", action="append", default=[],
@@ -235,11 +247,13 @@ def main():
             limit = d.get("max_mib", 0)
     else:
         limit = a.max_mib if a.max_mib > 0 else 0.9 * mem_available_mib()
-        runs.append(run_desc(a.quick, a.select))
+        runs.append(run_desc(a.quick, a.select, a.one_step, a.max_mib))
         calib = 0.5 if a.quick else None
         # plan every point first: what is skipped, and how long the rest should take
         todo, est = [], 0.0
         for (shape, L, T, r, steps, warm) in grid(a.quick):
+            if a.one_step:
+                steps, warm = 1, 0
             for mode in MODES:
                 if a.select and not any(selected(sel, shape, L, T, r, mode) for sel in a.select):
                     continue
@@ -254,7 +268,7 @@ def main():
                 sec = (steps + warm) * T * gft * RECOMPUTE[mode] / a.rate_gflops + (calib or 2.0) + 1.0 + mib / 1024.0
                 todo.append((shape, L, T, r, steps, warm, mode, sec))
                 est += sec
-        print(f"[curve] {'QUICK subset' if a.quick else 'full curve'}: {len(todo)} qlora-bench runs, "
+        print(f"[curve] {'QUICK subset' if a.quick else 'subset (--select)' if a.select else 'full curve'}: {len(todo)} qlora-bench runs, "
               f"{len(skipped)} skipped (predicted over {limit:.0f} MiB); expected duration ~{fmt_dur(est)} "
               f"(model FLOPs at {a.rate_gflops:g} GFLOP/s, recomputation included; a loaded machine takes longer)",
               flush=True)
@@ -302,7 +316,7 @@ def main():
                           f"(predicted {pred:.0f}), {p['tokens_per_s']:.0f} tok/s", flush=True)
         os.makedirs(os.path.dirname(a.json), exist_ok=True)
         with open(a.json, "w") as f:
-            json.dump({"quick": a.quick, "select": a.select, "points": results, "skipped": skipped, "peers": peers, "max_mib": limit,
+            json.dump({"quick": a.quick, "select": a.select, "desc": runs[0], "points": results, "skipped": skipped, "peers": peers, "max_mib": limit,
                        "minutes": (time.time() - t_start) / 60,
                        "date": time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, f, indent=1)
     measured_peers = [p for p in peers if not p.get("skipped")]
@@ -355,7 +369,8 @@ def main():
 
     # ---- table ----
     md = []
-    title = "QUICK subset" if a.quick else "full curve"
+    partial = a.quick or a.select or any("--select" in x for x in runs)
+    title = "QUICK subset" if a.quick and len(runs) == 1 else "subset of the grid" if partial else "full curve"
     md.append(f"# Cost curve ({title}{', LOADED machine: timings are not results' if loaded else ''})\n")
     md.append(f"Generated by {' + '.join(runs)} (bench/cost_curve.py) on {date}, "
               f"{os.cpu_count()} cores, {len(results)} qlora-bench runs in {(time.time() - t_start) / 60:.1f} min"
