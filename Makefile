@@ -183,11 +183,14 @@ bench: bin/qlora-bench
 	bench/run_peers.sh
 
 # the cost curve: qlora-bench over sequence length, LoRA rank, shape and checkpointing mode ->
-# docs/cost_curve.png + docs/cost_curve.md (bench/cost_curve.py; QUICK=1: a subset in minutes;
-# CURVE_PYTHON: a python with matplotlib; QLORA_PEER_PYTHON=python-with-torch adds ../shared/bench/torch_lora_ref.py beside it)
-CURVE_PYTHON ?= python3
+# docs/cost_curve.png + docs/cost_curve.md on a quiet machine, docs/bench/curve-LOADED-<date>.* on a loaded one
+# (bench/cost_curve.py; QUICK=1: a subset in minutes, into build/bench/; MAX_MIB=M: skip points the planner
+# predicts over M MiB (default 90 % of MemAvailable); CURVE_PYTHON: a python with matplotlib (default: the
+# first of python3, /usr/bin/python3 that has it); QLORA_PEER_PYTHON=python-with-torch adds
+# ../shared/bench/torch_lora_ref.py beside it)
+CURVE_PYTHON ?= $(or $(shell for p in python3 /usr/bin/python3; do $$p -c 'import matplotlib' 2>/dev/null && echo $$p && break; done),python3)
 bench-curve: bin/qlora-bench
-	$(CURVE_PYTHON) bench/cost_curve.py $(if $(QUICK),--quick)
+	$(CURVE_PYTHON) bench/cost_curve.py $(if $(QUICK),--quick) $(if $(MAX_MIB),--max-mib $(MAX_MIB))
 
 # The include graph against the layer order of docs/design.md (no include up, no cycle).
 check-layers:

@@ -455,9 +455,10 @@ int main(int argc, char **argv) {
         memplan_print_table(stdout, &pl);
         printf("{\"shape\":\"%s\",\"device\":\"%s\",\"seq\":%d,\"batch\":%d,\"lora_r\":%d,\"layers\":%d,"
                "\"checkpointing\":%s,\"checkpointing_mode\":\"%s\",\"predicted_bytes\":%.0f,"
-               "\"predicted_activation_bytes\":%.0f,\"predicted_host_offload_bytes\":%.0f}\n",
+               "\"predicted_activation_bytes\":%.0f,\"predicted_host_offload_bytes\":%.0f,"
+               "\"model_gflop_per_token\":%.4f}\n",
                shape, dev_cuda ? "cuda" : "cpu", T, B, r, hp.n_layer, ckpt ? "true" : "false", ckpt_name[ckpt],
-               pl.total, pl.activations, pl.host_offload);
+               pl.total, pl.activations, pl.host_offload, model_flops_per_token(&hp, T, r) / 1e9);
         return 0;
     }
     if (dev_cuda) {

@@ -40,6 +40,8 @@
  */
 #include "trainer/memplan.h"
 
+#include "autograd/backend.h"
+
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -109,8 +111,22 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     double blk_ops = es * N * (2 * D + (qd + 2 * kd) + qd + 3 * F + nl * r);
     if (in->lora_dropout > 0) blk_ops += es * N * (3 * D + qd + 2 * D + F); /* dropout(x) per linear */
     double blk_stats = 8.0 * N + 8.0 * B * H * T + 4.0 * N;
+    /* Gemma 3's extra RMSNorms (model/llama.c layer_attention_half / layer_mlp_half): each keeps its fp32
+     * input for backward (op_rmsnorm: ag_keep(x)) and a per-row rstd, and adds its fp32 output to the block's.
+     * QK-norm normalises q and k per head (inputs N·(qd + kd), rows N·(H + KVH)); the sandwich norms the
+     * attention output and the MLP output (N·D each). Without them the planner was 15 % under Gemma 3 270M
+     * without checkpointing (1618 MiB predicted, 1909 measured; the arena 233 MiB over the activations). */
+    const double qkn = hp->qk_norm ? 1.0 : 0.0, pn = hp->post_norms ? 1.0 : 0.0;
+    const double qk_keep = qkn * (4.0 * N * (qd + kd) + 4.0 * N * (H + hp->n_kv_head));
+    const double post_keep = pn * (4.0 * N * D + 4.0 * N); /* one of the two sandwich norms */
+    blk_f32 += 4.0 * N * (qkn * (qd + kd) + pn * 2.0 * D);
+    blk_stats += qk_keep + 2.0 * post_keep;
     /* transients of one op: bf16 dy, attention scratch (per thread), dO */
-    double attn_tmp = in->device_cuda ? 4.0 * B * H * T : nth * 128.0 * T * 12.0;
+    /* on the CPU: the attention kernel's own per-thread packs and tiles (autograd/backend_cpu_nn.inc,
+     * ag_cpu_attention_scratch_bytes; it grows with head_dim: the former flat 128·T·12 bytes per thread was
+     * the GEMM path's and missed 14 MiB at head_dim 128, T 8192, 2 threads) */
+    double attn_tmp = in->device_cuda ? 4.0 * B * H * T
+                                      : (double)ag_cpu_attention_scratch_bytes(in->T, hp->head_dim, in->bf16, (int)nth);
     double widest = fused ? (2 * F > qd + 2 * kd ? 2 * F : qd + 2 * kd) : (F > qd + 2 * kd ? F : qd + 2 * kd);
     double op_tmp = 2.0 * N * widest + 4.0 * N * r + attn_tmp + es * N * qd;
     double top = 4.0 * N * D * 5.0 + 128.0 * V * (4.0 + es) + es * 128.0 * D;
@@ -125,10 +141,10 @@ void memplan_predict(const memplan_input *in, memplan *out) {
         double na = r > 0 ? 4.0 : 0.0, nm = r > 0 ? 3.0 : 0.0;
         double attn_ops = es * N * (D + (qd + 2 * kd) + qd + na * r);
         if (in->lora_dropout > 0) attn_ops += es * N * (3 * D + qd);
-        double keep_layer = 4.0 * N * D * 2.0 + attn_ops + 8.0 * N + 8.0 * B * H * T;
+        double keep_layer = 4.0 * N * D * 2.0 + attn_ops + 8.0 * N + 8.0 * B * H * T + qk_keep + post_keep;
         /* + one recomputed MLP half: its fp32 outputs (norm, gate, up, SwiGLU, down, residual, LoRA u)
          * and most of their gradients, its bf16 memos */
-        double mlp_f32 = 4.0 * N * (3 * D + 3 * F + nm * r);
+        double mlp_f32 = 4.0 * N * (3 * D + 3 * F + nm * r) + 2.0 * post_keep; /* + the post-MLP norm's in/out */
         double mlp_ops = es * N * (D + 3 * F + nm * r);
         if (in->lora_dropout > 0) mlp_ops += es * N * (2 * D + F);
         out->activations = L * keep_layer + SEL_LIVE * mlp_f32 + mlp_ops + 4.0 * N + op_tmp + top;
