@@ -66,6 +66,7 @@ extern "C" {
 }
 
 #include <cublasLt.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 #include <float.h>
@@ -73,6 +74,7 @@ extern "C" {
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <mma.h>
 #include <xxhash.h>
 
 #include "autograd/backend_cuda_elem.h"
@@ -841,13 +843,15 @@ template <typename TOP> __device__ __forceinline__ float ldop(const TOP *p, int6
 template <> __device__ __forceinline__ float ldop<float>(const float *p, int64_t i) { return p[i]; }
 template <> __device__ __forceinline__ float ldop<uint16_t>(const uint16_t *p, int64_t i) { return qe_bf16_to_f32(p[i]); }
 
-/* may query row i see key row j (causal, packed-sequence segments) */
-__device__ __forceinline__ int att_allowed(const int32_t *sid, int i, int j) { return j <= i && (!sid || sid[j] == sid[i]); }
+/* may query row i see key row j (causal, packed-sequence segments, sliding window): qe_attn_allowed */
+__device__ __forceinline__ int att_allowed(const int32_t *sid, int i, int j, int window) {
+    return qe_attn_allowed(i, j, sid ? sid[i] : 0, sid ? sid[j] : 0, window);
+}
 
 /* Forward: block (query tile of ATT_ROWS, head h, batch b), one thread per query row. */
 template <typename TOP>
 __global__ void k_attn_fwd(const TOP *q, const TOP *k, const TOP *v, const int32_t *seq, float *rmax, float *rinv,
-                           float *o, uint16_t *ob, int T, int H, int KVH, int hd, float scale) {
+                           float *o, uint16_t *ob, int T, int H, int KVH, int hd, int window, float scale) {
     extern __shared__ float sm[];
     int bk = ATT_TILE_FLOATS / hd; /* keys per tile */
     float *Ks = sm, *Vs = sm + (size_t)bk * hd;
@@ -877,7 +881,7 @@ __global__ void k_attn_fwd(const TOP *q, const TOP *k, const TOP *v, const int32
         if (!live) continue;
         for (int jj = 0; jj < nk; jj++) {
             int j = j0 + jj;
-            if (!att_allowed(sid, i, j)) continue;
+            if (!att_allowed(sid, i, j, window)) continue;
             float dot = 0.0f;
             for (int d = 0; d < hd; d++) dot += qv[d] * Ks[jj * hd + d];
             float s = dot * scale;
@@ -910,7 +914,7 @@ __global__ void k_attn_fwd(const TOP *q, const TOP *k, const TOP *v, const int32
 template <typename TOP>
 __global__ void k_attn_bwd_q(const TOP *q, const TOP *k, const TOP *v, const TOP *dob, const int32_t *seq,
                              const float *rmax, const float *rinv, float *arow, float *dq, int T, int H, int KVH, int hd,
-                             float scale) {
+                             int window, float scale) {
     extern __shared__ float sm[];
     int bk = ATT_TILE_FLOATS / hd;
     float *Ks = sm, *Vs = sm + (size_t)bk * hd;
@@ -946,17 +950,17 @@ __global__ void k_attn_bwd_q(const TOP *q, const TOP *k, const TOP *v, const TOP
             if (!live) continue;
             for (int jj = 0; jj < nk; jj++) {
                 int j = j0 + jj;
-                if (!att_allowed(sid, i, j)) continue;
+                if (!att_allowed(sid, i, j, window)) continue;
                 float dot = 0.0f, dp = 0.0f;
                 for (int d = 0; d < hd; d++) {
                     dot += qv[d] * Ks[jj * hd + d];
                     dp += dov[d] * Vs[jj * hd + d];
                 }
-                float p = qe_exp_poly(dot * scale - mx) * inv;
+                float p = qe_attn_p(dot * scale, mx, inv);
                 if (pass == 0) {
-                    a += (double)p * dp;
+                    a += qe_attn_a_term(p, dp);
                 } else {
-                    float ds = p * (dp - af) * scale;
+                    float ds = qe_attn_ds(p, dp, af, scale);
                     for (int d = 0; d < hd; d++) acc[d] = acc[d] + ds * Ks[jj * hd + d];
                 }
             }
@@ -973,7 +977,7 @@ __global__ void k_attn_bwd_q(const TOP *q, const TOP *k, const TOP *v, const TOP
 template <typename TOP>
 __global__ void k_attn_bwd_kv(const TOP *q, const TOP *k, const TOP *v, const TOP *dob, const int32_t *seq,
                               const float *rmax, const float *rinv, const float *arow, float *dk, float *dv, int T, int H,
-                              int KVH, int hd, float scale) {
+                              int KVH, int hd, int window, float scale) {
     extern __shared__ float sm[];
     int bq = ATT_TILE_FLOATS / hd;
     float *Qs = sm, *Ds = sm + (size_t)bq * hd;
@@ -1012,14 +1016,14 @@ __global__ void k_attn_bwd_kv(const TOP *q, const TOP *k, const TOP *v, const TO
             if (!live) continue;
             for (int ii = 0; ii < nq; ii++) {
                 int i = i0 + ii;
-                if (!att_allowed(sid, i, j)) continue;
+                if (!att_allowed(sid, i, j, window)) continue;
                 float dot = 0.0f, dp = 0.0f;
                 for (int d = 0; d < hd; d++) {
                     dot += Qs[ii * hd + d] * kv[d];
                     dp += Ds[ii * hd + d] * vv[d];
                 }
-                float p = qe_exp_poly(dot * scale - stat[3 * ii]) * stat[3 * ii + 1];
-                float ds = p * (dp - stat[3 * ii + 2]) * scale;
+                float p = qe_attn_p(dot * scale, stat[3 * ii], stat[3 * ii + 1]);
+                float ds = qe_attn_ds(p, dp, stat[3 * ii + 2], scale);
                 for (int d = 0; d < hd; d++) {
                     adk[d] = adk[d] + ds * Qs[ii * hd + d];
                     adv[d] = adv[d] + p * Ds[ii * hd + d];
@@ -1034,75 +1038,423 @@ __global__ void k_attn_bwd_kv(const TOP *q, const TOP *k, const TOP *v, const TO
     }
 }
 
-/* The CPU's segment bookkeeping (backend_cpu_nn.inc attn_seg_lo), computed on the host from
- * the host seq_ids and uploaded: seglo and seg_ok are saved for backward like the CPU's. */
-static int seg_lo_host(const int32_t *sid, int T, int32_t *lo) {
-    int ok = 1;
-    for (int i = 0; i < T; i++) {
-        if (i > 0 && sid[i] == sid[i - 1]) {
-            lo[i] = lo[i - 1];
-            continue;
-        }
-        lo[i] = i;
-        for (int j = 0; j < i && ok; j++)
-            if (sid[j] == sid[i]) ok = 0;
-    }
-    return ok;
+/* ------------------------------------------------------------------ attention on tensor cores (flash) */
+
+/* bf16 WMMA (nvcuda::wmma, 16x16x16, fp32 accumulation) forms of the three attention kernels above,
+ * FlashAttention-2's blocking (Dao 2023): a block holds a tile of BQ query rows (forward, query-side
+ * backward) or BK key rows (key-side backward) with the operand tiles in shared memory. Scores
+ * S = scale·Q Kᵀ, O += P V, dP = dO Vᵀ, dQ += dS K, dV += Pᵀ dO and dK += dSᵀ Q run on tensor
+ * cores; the row arithmetic between them is the per-element functions of backend_cuda_elem.h
+ * (qe_flash_row_update, qe_attn_p, qe_attn_a_term, qe_attn_ds, the mask rule qe_attn_allowed with
+ * qe_attn_lo bounding the key tiles). P and dS are rounded to bf16 as the CPU rounds its GEMM
+ * operands. Every output element has one owner (one warp's accumulator tile) and every sum a fixed
+ * order: no atomics, a run repeats bit for bit on the same GPU. Tiles wholly above the causal
+ * diagonal, before the first key of a packed example or outside the sliding window are skipped.
+ * Selected for bf16 operands with head_dim a multiple of 16 (≤ 256); QLORA_CUDA_ATTN=simple keeps
+ * the one-thread-per-row kernels above (the second oracle of `make test-gpu`). */
+
+__host__ __device__ inline size_t fa_al(size_t x) { return (x + 127) & ~(size_t)127; }
+__host__ __device__ inline int fa_ldh(int n) { return n + 8; } /* bf16 row stride (16-byte multiple, WMMA ldm) */
+__host__ __device__ inline int fa_ldf(int n) { return n + 4; } /* fp32 row stride */
+
+/* Shared-memory layout, computed alike on the host (launch size) and in the kernels. Arrays that a
+ * kernel does not use have size 0. */
+struct fa_lay {
+    size_t q, d, k, v, s, dp, p, ds, acc, acc2, st, total;
+};
+
+__host__ __device__ inline fa_lay fa_layout(int kind, int BQ, int BK, int hd) {
+    /* kind 0: forward; 1: query-side backward; 2: key-side backward */
+    fa_lay L;
+    size_t t = 0, qh = (size_t)BQ * fa_ldh(hd) * 2, kh = (size_t)BK * fa_ldh(hd) * 2;
+    size_t sf = (size_t)BQ * fa_ldf(BK) * 4, ph = (size_t)BQ * fa_ldh(BK) * 2;
+    L.q = t; t = fa_al(t + qh);
+    L.d = t; t = fa_al(t + (kind ? qh : 0));
+    L.k = t; t = fa_al(t + kh);
+    L.v = t; t = fa_al(t + kh);
+    L.s = t; t = fa_al(t + sf);
+    L.dp = t; t = fa_al(t + (kind ? sf : 0));
+    L.p = t; t = fa_al(t + (kind != 1 ? ph : 0));
+    L.ds = t; t = fa_al(t + (kind ? ph : 0));
+    L.acc = t; t = fa_al(t + (size_t)(kind == 2 ? BK : BQ) * fa_ldf(hd) * 4);
+    L.acc2 = t; t = fa_al(t + (kind == 2 ? (size_t)BK * fa_ldf(hd) * 4 : 0));
+    L.st = t; t = fa_al(t + (size_t)3 * BQ * 4);
+    L.total = t;
+    return L;
 }
 
-static void attn_check(int hd, int window) {
+/* element (r, c) of a matrix stored row- or column-major with leading dimension ld */
+template <typename LAY> __device__ __forceinline__ size_t fa_off(int r, int c, int ld);
+template <> __device__ __forceinline__ size_t fa_off<nvcuda::wmma::row_major>(int r, int c, int ld) {
+    return (size_t)r * ld + c;
+}
+template <> __device__ __forceinline__ size_t fa_off<nvcuda::wmma::col_major>(int r, int c, int ld) {
+    return (size_t)c * ld + r;
+}
+
+/* C (M×N fp32, row-major, ldc) = or += A (M×K bf16) · B (K×N bf16) on tensor cores: the block's
+ * warps take C's 16×16 tiles in turn, each tile summed over K in order by its one warp. */
+template <typename LA, typename LB>
+__device__ void fa_mma(float *C, int ldc, const uint16_t *A, int lda, const uint16_t *B, int ldb, int M, int N, int K,
+                       int acc) {
+    using namespace nvcuda;
+    int warp = (int)(threadIdx.x >> 5), nw = (int)(blockDim.x >> 5), tn_n = N / 16;
+    for (int t = warp; t < (M / 16) * tn_n; t += nw) {
+        int tm = t / tn_n, tn = t % tn_n;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+        float *cp = C + (size_t)tm * 16 * ldc + (size_t)tn * 16;
+        if (acc) wmma::load_matrix_sync(c, cp, (unsigned)ldc, wmma::mem_row_major);
+        else wmma::fill_fragment(c, 0.0f);
+        for (int kk = 0; kk < K; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, LA> fa;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, LB> fb;
+            wmma::load_matrix_sync(fa, (const __nv_bfloat16 *)(A + fa_off<LA>(tm * 16, kk, lda)), (unsigned)lda);
+            wmma::load_matrix_sync(fb, (const __nv_bfloat16 *)(B + fa_off<LB>(kk, tn * 16, ldb)), (unsigned)ldb);
+            wmma::mma_sync(c, fa, fb, c);
+        }
+        wmma::store_matrix_sync(cp, c, (unsigned)ldc, wmma::mem_row_major);
+    }
+}
+
+/* dst[r][0..hd) = src[base + (r0 + r)·stride + 0..hd) for r < n (zeros past T), 8 bf16 per load */
+__device__ void fa_load(uint16_t *dst, int ld, const uint16_t *src, int64_t stride, int64_t base, int r0, int n, int T,
+                        int hd) {
+    int per = hd / 8;
+    for (int t = (int)threadIdx.x; t < n * per; t += (int)blockDim.x) {
+        int r = t / per, c = (t % per) * 8;
+        uint4 val = make_uint4(0u, 0u, 0u, 0u);
+        if (r0 + r < T) val = *(const uint4 *)(src + base + (int64_t)(r0 + r) * stride + c);
+        *(uint4 *)(dst + (size_t)r * ld + c) = val;
+    }
+}
+
+/* may query i see key j (both in [0, T)); sid NULL: one example */
+__device__ __forceinline__ int fa_allowed(const int32_t *sid, int i, int j, int T, int window) {
+    return i < T && j < T && qe_attn_allowed(i, j, sid ? sid[i] : 0, sid ? sid[j] : 0, window);
+}
+
+using fa_row = nvcuda::wmma::row_major;
+using fa_col = nvcuda::wmma::col_major;
+
+/* Forward: block (query tile of BQ rows, head h, batch row b), BQ/16 warps (2·BQ threads). */
+template <int BQ, int BK>
+__global__ void __launch_bounds__(2 * BQ) k_flash_fwd(const uint16_t *q, const uint16_t *k, const uint16_t *v,
+                                                      const int32_t *seq, const int32_t *seglo,
+                                                      const unsigned char *seg_ok, float *rmax, float *rinv, float *o,
+                                                      uint16_t *ob, int T, int H, int KVH, int hd, int window,
+                                                      float scale) {
+    extern __shared__ __align__(128) unsigned char fsm[];
+    const fa_lay L = fa_layout(0, BQ, BK, hd);
+    uint16_t *Qs = (uint16_t *)(fsm + L.q), *Ks = (uint16_t *)(fsm + L.k), *Vs = (uint16_t *)(fsm + L.v),
+             *Ps = (uint16_t *)(fsm + L.p);
+    float *Ss = (float *)(fsm + L.s), *Os = (float *)(fsm + L.acc), *Ms = (float *)(fsm + L.st), *Ls = Ms + BQ,
+          *Cs = Ms + 2 * BQ;
+    const int b = blockIdx.z, h = blockIdx.y, g = h / (H / KVH), i0 = blockIdx.x * BQ, iend = min(T, i0 + BQ);
+    const int ldh = fa_ldh(hd), ldo = fa_ldf(hd), lds = fa_ldf(BK), ldp = fa_ldh(BK), tid = (int)threadIdx.x;
+    const int64_t qs = (int64_t)H * hd, ks = (int64_t)KVH * hd;
+    const int32_t *sid = seq ? seq + (int64_t)b * T : NULL;
+    fa_load(Qs, ldh, q, qs, (int64_t)b * T * qs + (int64_t)h * hd, i0, BQ, T, hd);
+    for (int t = tid; t < BQ * ldo; t += (int)blockDim.x) Os[t] = 0.0f;
+    if (tid < BQ) {
+        Ms[tid] = -INFINITY;
+        Ls[tid] = 0.0f;
+    }
+    const int klo = qe_attn_lo(seg_ok[b], seglo[(int64_t)b * T + i0], window, i0); /* the tile's first key */
+    for (int j0 = (klo / BK) * BK; j0 < iend; j0 += BK) {
+        __syncthreads();
+        fa_load(Ks, ldh, k, ks, (int64_t)b * T * ks + (int64_t)g * hd, j0, BK, T, hd);
+        fa_load(Vs, ldh, v, ks, (int64_t)b * T * ks + (int64_t)g * hd, j0, BK, T, hd);
+        __syncthreads();
+        fa_mma<fa_row, fa_col>(Ss, lds, Qs, ldh, Ks, ldh, BQ, BK, hd, 0); /* S = Q Kᵀ */
+        __syncthreads();
+        if (tid < BQ) {
+            const int i = i0 + tid;
+            float *srow = Ss + (size_t)tid * lds;
+            for (int jj = 0; jj < BK; jj++)
+                srow[jj] = fa_allowed(sid, i, j0 + jj, T, window) ? srow[jj] * scale : -INFINITY;
+            float m = Ms[tid], l = Ls[tid];
+            Cs[tid] = qe_flash_row_update(srow, BK, &m, &l);
+            Ms[tid] = m;
+            Ls[tid] = l;
+            for (int jj = 0; jj < BK; jj++) Ps[(size_t)tid * ldp + jj] = qe_f32_to_bf16(srow[jj]);
+        }
+        __syncthreads();
+        for (int t = tid; t < BQ * hd; t += (int)blockDim.x) Os[(size_t)(t / hd) * ldo + t % hd] *= Cs[t / hd];
+        __syncthreads();
+        fa_mma<fa_row, fa_row>(Os, ldo, Ps, ldp, Vs, ldh, BQ, hd, BK, 1); /* O += P V */
+    }
+    __syncthreads();
+    if (tid < BQ) Cs[tid] = tid < iend - i0 ? 1.0f / Ls[tid] : 0.0f;
+    __syncthreads();
+    if (tid < iend - i0) {
+        int64_t st = ((int64_t)b * H + h) * T + i0 + tid;
+        rmax[st] = Ms[tid];
+        rinv[st] = Cs[tid];
+    }
+    for (int t = tid; t < (iend - i0) * hd; t += (int)blockDim.x) {
+        int r = t / hd, d = t % hd;
+        int64_t oo = ((int64_t)b * T + i0 + r) * qs + (int64_t)h * hd + d;
+        float val = Os[(size_t)r * ldo + d] * Cs[r];
+        o[oo] = val;
+        if (ob) ob[oo] = qe_f32_to_bf16(val);
+    }
+}
+
+/* Backward, query side: block (query tile, head, batch row). Pass 0 sums a_i = Σ_j p_ij dP_ij
+ * (double, key order), pass 1 forms dS and dQ += dS K; a_i is saved for the key side. */
+template <int BQ, int BK>
+__global__ void __launch_bounds__(2 * BQ) k_flash_bwd_q(const uint16_t *q, const uint16_t *k, const uint16_t *v,
+                                                        const uint16_t *dob, const int32_t *seq, const int32_t *seglo,
+                                                        const unsigned char *seg_ok, const float *rmax,
+                                                        const float *rinv, float *arow, float *dq, int T, int H,
+                                                        int KVH, int hd, int window, float scale) {
+    extern __shared__ __align__(128) unsigned char fsm[];
+    const fa_lay L = fa_layout(1, BQ, BK, hd);
+    uint16_t *Qs = (uint16_t *)(fsm + L.q), *Ds = (uint16_t *)(fsm + L.d), *Ks = (uint16_t *)(fsm + L.k),
+             *Vs = (uint16_t *)(fsm + L.v), *dSs = (uint16_t *)(fsm + L.ds);
+    float *Ss = (float *)(fsm + L.s), *dPs = (float *)(fsm + L.dp), *dQs = (float *)(fsm + L.acc),
+          *Ms = (float *)(fsm + L.st), *Is = Ms + BQ, *As = Ms + 2 * BQ;
+    const int b = blockIdx.z, h = blockIdx.y, g = h / (H / KVH), i0 = blockIdx.x * BQ, iend = min(T, i0 + BQ);
+    const int ldh = fa_ldh(hd), ldo = fa_ldf(hd), lds = fa_ldf(BK), ldp = fa_ldh(BK), tid = (int)threadIdx.x;
+    const int64_t qs = (int64_t)H * hd, ks = (int64_t)KVH * hd;
+    const int32_t *sid = seq ? seq + (int64_t)b * T : NULL;
+    fa_load(Qs, ldh, q, qs, (int64_t)b * T * qs + (int64_t)h * hd, i0, BQ, T, hd);
+    fa_load(Ds, ldh, dob, qs, (int64_t)b * T * qs + (int64_t)h * hd, i0, BQ, T, hd);
+    for (int t = tid; t < BQ * ldo; t += (int)blockDim.x) dQs[t] = 0.0f;
+    if (tid < BQ) {
+        int live = i0 + tid < T;
+        int64_t st = ((int64_t)b * H + h) * T + i0 + tid;
+        Ms[tid] = live ? rmax[st] : 0.0f;
+        Is[tid] = live ? rinv[st] : 0.0f;
+    }
+    const int klo = qe_attn_lo(seg_ok[b], seglo[(int64_t)b * T + i0], window, i0);
+    double a = 0.0;
+    for (int pass = 0; pass < 2; pass++) {
+        __syncthreads();
+        if (pass == 1 && tid < BQ) As[tid] = (float)a;
+        for (int j0 = (klo / BK) * BK; j0 < iend; j0 += BK) {
+            __syncthreads();
+            fa_load(Ks, ldh, k, ks, (int64_t)b * T * ks + (int64_t)g * hd, j0, BK, T, hd);
+            fa_load(Vs, ldh, v, ks, (int64_t)b * T * ks + (int64_t)g * hd, j0, BK, T, hd);
+            __syncthreads();
+            fa_mma<fa_row, fa_col>(Ss, lds, Qs, ldh, Ks, ldh, BQ, BK, hd, 0);  /* S = Q Kᵀ */
+            fa_mma<fa_row, fa_col>(dPs, lds, Ds, ldh, Vs, ldh, BQ, BK, hd, 0); /* dP = dO Vᵀ */
+            __syncthreads();
+            if (tid < BQ) {
+                const int i = i0 + tid;
+                const float *srow = Ss + (size_t)tid * lds, *drow = dPs + (size_t)tid * lds;
+                for (int jj = 0; jj < BK; jj++) {
+                    int al = fa_allowed(sid, i, j0 + jj, T, window);
+                    float p = al ? qe_attn_p(srow[jj] * scale, Ms[tid], Is[tid]) : 0.0f;
+                    if (pass == 0) {
+                        if (al) a += qe_attn_a_term(p, drow[jj]);
+                    } else {
+                        dSs[(size_t)tid * ldp + jj] = qe_f32_to_bf16(al ? qe_attn_ds(p, drow[jj], As[tid], scale) : 0.0f);
+                    }
+                }
+            }
+            if (pass == 1) {
+                __syncthreads();
+                fa_mma<fa_row, fa_row>(dQs, ldo, dSs, ldp, Ks, ldh, BQ, hd, BK, 1); /* dQ += dS K */
+            }
+        }
+    }
+    __syncthreads();
+    if (tid < iend - i0) arow[((int64_t)b * H + h) * T + i0 + tid] = As[tid];
+    if (dq)
+        for (int t = tid; t < (iend - i0) * hd; t += (int)blockDim.x) {
+            int r = t / hd, d = t % hd;
+            dq[((int64_t)b * T + i0 + r) * qs + (int64_t)h * hd + d] += dQs[(size_t)r * ldo + d];
+        }
+}
+
+/* Backward, key side: block (key tile of BK rows, kv group g, batch row b), over the group's heads
+ * and the query tiles that see the key tile, in order: dV += Pᵀ dO, dK += dSᵀ Q. */
+template <int BQ, int BK>
+__global__ void __launch_bounds__(2 * BQ) k_flash_bwd_kv(const uint16_t *q, const uint16_t *k, const uint16_t *v,
+                                                         const uint16_t *dob, const int32_t *seq,
+                                                         const int32_t *seglo, const unsigned char *seg_ok,
+                                                         const float *rmax, const float *rinv, const float *arow,
+                                                         float *dk, float *dv, int T, int H, int KVH, int hd,
+                                                         int window, float scale) {
+    extern __shared__ __align__(128) unsigned char fsm[];
+    const fa_lay L = fa_layout(2, BQ, BK, hd);
+    uint16_t *Qs = (uint16_t *)(fsm + L.q), *Ds = (uint16_t *)(fsm + L.d), *Ks = (uint16_t *)(fsm + L.k),
+             *Vs = (uint16_t *)(fsm + L.v), *Ps = (uint16_t *)(fsm + L.p), *dSs = (uint16_t *)(fsm + L.ds);
+    float *Ss = (float *)(fsm + L.s), *dPs = (float *)(fsm + L.dp), *dKs = (float *)(fsm + L.acc),
+          *dVs = (float *)(fsm + L.acc2), *Ms = (float *)(fsm + L.st), *Is = Ms + BQ, *As = Ms + 2 * BQ;
+    const int b = blockIdx.z, g = blockIdx.y, grp = H / KVH, j0 = blockIdx.x * BK, jend = min(T, j0 + BK);
+    const int ldh = fa_ldh(hd), ldo = fa_ldf(hd), lds = fa_ldf(BK), ldp = fa_ldh(BK), tid = (int)threadIdx.x;
+    const int64_t qs = (int64_t)H * hd, ks = (int64_t)KVH * hd;
+    const int32_t *sid = seq ? seq + (int64_t)b * T : NULL;
+    const int ok = seg_ok[b];
+    fa_load(Ks, ldh, k, ks, (int64_t)b * T * ks + (int64_t)g * hd, j0, BK, T, hd);
+    fa_load(Vs, ldh, v, ks, (int64_t)b * T * ks + (int64_t)g * hd, j0, BK, T, hd);
+    for (int t = tid; t < BK * ldo; t += (int)blockDim.x) {
+        dKs[t] = 0.0f;
+        dVs[t] = 0.0f;
+    }
+    for (int h = g * grp; h < (g + 1) * grp; h++) {
+        for (int i0 = (j0 / BQ) * BQ; i0 < T; i0 += BQ) {
+            /* the first query of the tile sees no key before its lower bound; later queries' bounds are no lower */
+            if (qe_attn_lo(ok, seglo[(int64_t)b * T + i0], window, i0) > jend - 1) break;
+            __syncthreads();
+            fa_load(Qs, ldh, q, qs, (int64_t)b * T * qs + (int64_t)h * hd, i0, BQ, T, hd);
+            fa_load(Ds, ldh, dob, qs, (int64_t)b * T * qs + (int64_t)h * hd, i0, BQ, T, hd);
+            if (tid < BQ) {
+                int live = i0 + tid < T;
+                int64_t st = ((int64_t)b * H + h) * T + i0 + tid;
+                Ms[tid] = live ? rmax[st] : 0.0f;
+                Is[tid] = live ? rinv[st] : 0.0f;
+                As[tid] = live ? arow[st] : 0.0f;
+            }
+            __syncthreads();
+            fa_mma<fa_row, fa_col>(Ss, lds, Qs, ldh, Ks, ldh, BQ, BK, hd, 0);  /* S = Q Kᵀ */
+            fa_mma<fa_row, fa_col>(dPs, lds, Ds, ldh, Vs, ldh, BQ, BK, hd, 0); /* dP = dO Vᵀ */
+            __syncthreads();
+            if (tid < BQ) {
+                const int i = i0 + tid;
+                const float *srow = Ss + (size_t)tid * lds, *drow = dPs + (size_t)tid * lds;
+                for (int jj = 0; jj < BK; jj++) {
+                    float p = 0.0f, ds = 0.0f;
+                    if (fa_allowed(sid, i, j0 + jj, T, window)) {
+                        p = qe_attn_p(srow[jj] * scale, Ms[tid], Is[tid]);
+                        ds = qe_attn_ds(p, drow[jj], As[tid], scale);
+                    }
+                    Ps[(size_t)tid * ldp + jj] = qe_f32_to_bf16(p);
+                    dSs[(size_t)tid * ldp + jj] = qe_f32_to_bf16(ds);
+                }
+            }
+            __syncthreads();
+            fa_mma<fa_col, fa_row>(dVs, ldo, Ps, ldp, Ds, ldh, BK, hd, BQ, 1);  /* dV += Pᵀ dO */
+            fa_mma<fa_col, fa_row>(dKs, ldo, dSs, ldp, Qs, ldh, BK, hd, BQ, 1); /* dK += dSᵀ Q */
+        }
+    }
+    __syncthreads();
+    for (int t = tid; t < (jend - j0) * hd; t += (int)blockDim.x) {
+        int r = t / hd, d = t % hd;
+        int64_t ko = ((int64_t)b * T + j0 + r) * ks + (int64_t)g * hd + d;
+        if (dk) dk[ko] += dKs[(size_t)r * ldo + d];
+        if (dv) dv[ko] += dVs[(size_t)r * ldo + d];
+    }
+}
+
+/* QLORA_CUDA_ATTN: unset or "flash" = the tensor-core kernels where they apply, "simple" = always
+ * the one-thread-per-row kernels. Read at each call (tests switch it). */
+static int attn_use_flash(const ag_attn *a, const void *dob) {
+    const char *e = getenv("QLORA_CUDA_ATTN");
+    if (e && *e && strcmp(e, "flash") && strcmp(e, "simple")) {
+        fprintf(stderr, "[cuda] QLORA_CUDA_ATTN=%s: expected flash or simple\n", e);
+        exit(2);
+    }
+    if (e && !strcmp(e, "simple")) return 0;
+    uintptr_t al = (uintptr_t)a->qb | (uintptr_t)a->kb | (uintptr_t)a->vb | (uintptr_t)dob;
+    return a->bf16 && a->hd % 16 == 0 && a->hd <= ATT_HD_MAX && (al & 15u) == 0;
+}
+
+static int fa_smem_optin(void) {
+    static int v = 0;
+    if (!v) {
+        int dev = 0;
+        CU(cudaGetDevice(&dev));
+        CU(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    }
+    return v;
+}
+
+/* Launch kind 0/1/2 with the largest tiles whose shared memory fits the device; 0 when none fits. */
+template <int BQ, int BK>
+static int fa_launch(int kind, const ag_attn *a, const void *dob, const int32_t *seq, float *arow, float *o,
+                     uint16_t *ob, float *dq, float *dk, float *dv) {
+    size_t shm = fa_layout(kind, BQ, BK, a->hd).total;
+    if (shm > (size_t)fa_smem_optin()) return 0;
+    const uint16_t *q = (const uint16_t *)a->qb, *k = (const uint16_t *)a->kb, *v = (const uint16_t *)a->vb,
+                   *d = (const uint16_t *)dob;
+    float scale = 1.0f / sqrtf((float)a->hd);
+    dim3 gq((unsigned)((a->T + BQ - 1) / BQ), (unsigned)a->H, (unsigned)a->B);
+    if (kind == 0) {
+        CU(cudaFuncSetAttribute(k_flash_fwd<BQ, BK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shm));
+        k_flash_fwd<BQ, BK><<<gq, 2 * BQ, shm, G.stream>>>(q, k, v, seq, a->seglo, a->seg_ok, a->rmax, a->rinv, o, ob,
+                                                            a->T, a->H, a->KVH, a->hd, a->window, scale);
+    } else if (kind == 1) {
+        CU(cudaFuncSetAttribute(k_flash_bwd_q<BQ, BK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shm));
+        k_flash_bwd_q<BQ, BK><<<gq, 2 * BQ, shm, G.stream>>>(q, k, v, d, seq, a->seglo, a->seg_ok, a->rmax, a->rinv,
+                                                              arow, dq, a->T, a->H, a->KVH, a->hd, a->window, scale);
+    } else {
+        dim3 gk((unsigned)((a->T + BK - 1) / BK), (unsigned)a->KVH, (unsigned)a->B);
+        CU(cudaFuncSetAttribute(k_flash_bwd_kv<BQ, BK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shm));
+        k_flash_bwd_kv<BQ, BK><<<gk, 2 * BQ, shm, G.stream>>>(q, k, v, d, seq, a->seglo, a->seg_ok, a->rmax, a->rinv,
+                                                               arow, dk, dv, a->T, a->H, a->KVH, a->hd, a->window,
+                                                               scale);
+    }
+    KCHECK();
+    return 1;
+}
+
+static int fa_run(int kind, const ag_attn *a, const void *dob, const int32_t *seq, float *arow, float *o, uint16_t *ob,
+                  float *dq, float *dk, float *dv) {
+    return fa_launch<64, 64>(kind, a, dob, seq, arow, o, ob, dq, dk, dv) ||
+           fa_launch<64, 32>(kind, a, dob, seq, arow, o, ob, dq, dk, dv) ||
+           fa_launch<32, 32>(kind, a, dob, seq, arow, o, ob, dq, dk, dv) ||
+           fa_launch<16, 16>(kind, a, dob, seq, arow, o, ob, dq, dk, dv);
+}
+
+static void attn_check(int hd) {
     if (hd > ATT_HD_MAX || hd < 1 || ATT_TILE_FLOATS / hd < 1) {
         fprintf(stderr, "[cuda] attention: head_dim %d is over the kernels' %d\n", hd, ATT_HD_MAX);
-        abort();
-    }
-    if (window) { /* trainer/run.c refuses a sliding-window model (gemma3) on device cuda before this */
-        fprintf(stderr, "[cuda] attention: a sliding window (%d) is not implemented in the CUDA kernels\n", window);
         abort();
     }
 }
 
 static void cu_attention_fwd(struct ag_ctx *ctx, ag_attn *a, float *o, bf16 *ob) {
     int B = a->B, T = a->T, hd = a->hd;
-    attn_check(hd, a->window);
+    attn_check(hd);
+    /* the CPU's segment bookkeeping (attn_seg_lo, attn_window_lo), on the host from the host seq ids,
+     * uploaded and saved for backward like the CPU's */
     int32_t *lo = (int32_t *)malloc((size_t)B * T * sizeof(int32_t));
     unsigned char *ok = (unsigned char *)malloc((size_t)B);
     if (!lo || !ok) {
         fprintf(stderr, "[cuda] attention: out of host memory\n");
         abort();
     }
-    for (int b = 0; b < B; b++) {
-        if (a->seq_ids) ok[b] = (unsigned char)seg_lo_host(a->seq_ids + (size_t)b * T, T, lo + (size_t)b * T);
-        else {
-            memset(lo + (size_t)b * T, 0, (size_t)T * sizeof(int32_t));
-            ok[b] = 1;
-        }
-    }
+    for (int b = 0; b < B; b++)
+        ok[b] = (unsigned char)qe_attn_seg_lo(a->seq_ids ? a->seq_ids + (size_t)b * T : NULL, T, a->window,
+                                              lo + (size_t)b * T);
     cu_copy_h2d(a->seglo, lo, (size_t)B * T * sizeof(int32_t));
     cu_copy_h2d(a->seg_ok, ok, (size_t)B);
     free(lo);
     free(ok);
     const int32_t *seq = (const int32_t *)dev_args(SLOT_SEQ, a->seq_ids, (size_t)B * T * 4);
+    if (attn_use_flash(a, NULL) && fa_run(0, a, NULL, seq, NULL, o, (uint16_t *)ob, NULL, NULL, NULL)) return;
     dim3 grid((unsigned)((T + ATT_ROWS - 1) / ATT_ROWS), (unsigned)a->H, (unsigned)B);
     size_t shm = 2 * (size_t)ATT_TILE_FLOATS * sizeof(float);
     float scale = 1.0f / sqrtf((float)hd);
     if (a->bf16)
         k_attn_fwd<uint16_t><<<grid, ATT_ROWS, shm, G.stream>>>((const uint16_t *)a->qb, (const uint16_t *)a->kb,
                                                                 (const uint16_t *)a->vb, seq, a->rmax, a->rinv, o, ob,
-                                                                T, a->H, a->KVH, hd, scale);
+                                                                T, a->H, a->KVH, hd, a->window, scale);
     else
         k_attn_fwd<float><<<grid, ATT_ROWS, shm, G.stream>>>((const float *)a->qb, (const float *)a->kb,
                                                              (const float *)a->vb, seq, a->rmax, a->rinv, o, ob, T,
-                                                             a->H, a->KVH, hd, scale);
+                                                             a->H, a->KVH, hd, a->window, scale);
     KCHECK();
     (void)ctx;
 }
 
 static void cu_attention_bwd(struct ag_ctx *ctx, const ag_attn *a, const void *dob, float *dq, float *dk, float *dv) {
-    int B = a->B, T = a->T, hd = a->hd;
-    attn_check(hd, a->window);
+    int B = a->B, T = a->T, hd = a->hd, w = a->window;
+    attn_check(hd);
     ag_mark mk = ag_arena_mark(ctx);
     float *arow = (float *)ag_alloc(ctx, (size_t)B * a->H * T * sizeof(float));
     const int32_t *seq = (const int32_t *)dev_args(SLOT_SEQ, a->seq_ids, (size_t)B * T * 4);
+    if (attn_use_flash(a, dob) && fa_run(1, a, dob, seq, arow, NULL, NULL, dq, NULL, NULL)) {
+        if ((dk || dv) && !fa_run(2, a, dob, seq, arow, NULL, NULL, NULL, dk, dv)) {
+            fprintf(stderr, "[cuda] attention: no tile size of the key-side kernel fits shared memory (head_dim %d)\n", hd);
+            abort();
+        }
+        ag_arena_reset(ctx, mk);
+        return;
+    }
     float scale = 1.0f / sqrtf((float)hd);
     dim3 gq((unsigned)((T + ATT_ROWS - 1) / ATT_ROWS), (unsigned)a->H, (unsigned)B);
     dim3 gk((unsigned)((T + ATT_ROWS - 1) / ATT_ROWS), (unsigned)a->KVH, (unsigned)B);
@@ -1112,20 +1464,20 @@ static void cu_attention_bwd(struct ag_ctx *ctx, const ag_attn *a, const void *d
         const uint16_t *q = (const uint16_t *)a->qb, *k = (const uint16_t *)a->kb, *v = (const uint16_t *)a->vb,
                        *d = (const uint16_t *)dob;
         k_attn_bwd_q<uint16_t><<<gq, ATT_ROWS, shq, G.stream>>>(q, k, v, d, seq, a->rmax, a->rinv, arow, dq, T, a->H,
-                                                                a->KVH, hd, scale);
+                                                                a->KVH, hd, w, scale);
         KCHECK();
         if (dk || dv)
             k_attn_bwd_kv<uint16_t><<<gk, ATT_ROWS, shk, G.stream>>>(q, k, v, d, seq, a->rmax, a->rinv, arow, dk, dv,
-                                                                     T, a->H, a->KVH, hd, scale);
+                                                                     T, a->H, a->KVH, hd, w, scale);
     } else {
         const float *q = (const float *)a->qb, *k = (const float *)a->kb, *v = (const float *)a->vb,
                     *d = (const float *)dob;
         k_attn_bwd_q<float><<<gq, ATT_ROWS, shq, G.stream>>>(q, k, v, d, seq, a->rmax, a->rinv, arow, dq, T, a->H,
-                                                             a->KVH, hd, scale);
+                                                             a->KVH, hd, w, scale);
         KCHECK();
         if (dk || dv)
             k_attn_bwd_kv<float><<<gk, ATT_ROWS, shk, G.stream>>>(q, k, v, d, seq, a->rmax, a->rinv, arow, dk, dv, T,
-                                                                  a->H, a->KVH, hd, scale);
+                                                                  a->H, a->KVH, hd, w, scale);
     }
     KCHECK();
     ag_arena_reset(ctx, mk);
@@ -1136,13 +1488,15 @@ static void cu_attention_bwd(struct ag_ctx *ctx, const ag_attn *a, const void *d
 __device__ __forceinline__ float round_op(float x, int bf) { return bf ? qe_bf16_to_f32(qe_f32_to_bf16(x)) : x; }
 
 __global__ void k_attn_cached(const float *q, const float *K, const float *V, const int32_t *pos, int64_t kvd, int n,
-                              int H, int hd, int grp, int bf, float scale, float *s_all, int total, float *out) {
+                              int H, int hd, int grp, int bf, int window, float scale, float *s_all, int total,
+                              float *out) {
     GRID_LOOP(t, (int64_t)n * H) {
         int i = (int)(t / H), h = (int)(t % H), p = pos[i], g = h / grp;
         float *s = s_all + t * total;
         const float *qh = q + (int64_t)i * H * hd + (int64_t)h * hd;
         float mx = -INFINITY;
-        for (int j = 0; j <= p; j++) {
+        int j0 = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0; /* backend_cpu_nn.inc, the same window */
+        for (int j = j0; j <= p; j++) {
             const float *kj = K + (int64_t)j * kvd + (int64_t)g * hd;
             float dot = 0.0f;
             for (int d = 0; d < hd; d++) dot += round_op(qh[d], bf) * round_op(kj[d], bf);
@@ -1150,7 +1504,7 @@ __global__ void k_attn_cached(const float *q, const float *K, const float *V, co
             if (s[j] > mx) mx = s[j];
         }
         float sum = 0.0f;
-        for (int j = 0; j <= p; j++) {
+        for (int j = j0; j <= p; j++) {
             s[j] = expf(s[j] - mx);
             sum += s[j];
         }
@@ -1158,20 +1512,20 @@ __global__ void k_attn_cached(const float *q, const float *K, const float *V, co
         float *o = out + (int64_t)i * H * hd + (int64_t)h * hd;
         for (int d = 0; d < hd; d++) {
             float acc = 0.0f;
-            for (int j = 0; j <= p; j++) acc += round_op(s[j] * inv, bf) * round_op(V[(int64_t)j * kvd + (int64_t)g * hd + d], bf);
+            for (int j = j0; j <= p; j++) acc += round_op(s[j] * inv, bf) * round_op(V[(int64_t)j * kvd + (int64_t)g * hd + d], bf);
             o[d] = acc;
         }
     }
 }
 
 static void cu_attention_cached(struct ag_ctx *ctx, const ag_attn_cached *a, float *out) {
-    attn_check(a->hd, a->window);
+    attn_check(a->hd);
     int total = a->pos[a->n - 1] + 1;
     ag_mark mk = ag_arena_mark(ctx);
     float *s = (float *)ag_alloc(ctx, (size_t)a->n * a->H * total * sizeof(float));
     const int32_t *dpos = (const int32_t *)dev_args(SLOT_POS, a->pos, (size_t)a->n * 4);
     k_attn_cached<<<nblocks((int64_t)a->n * a->H, 64), 64, 0, G.stream>>>(a->q, a->k, a->v, dpos, a->kv_dim, a->n, a->H,
-                                                                          a->hd, a->H / a->KVH, a->bf16,
+                                                                          a->hd, a->H / a->KVH, a->bf16, a->window,
                                                                           1.0f / sqrtf((float)a->hd), s, total, out);
     KCHECK();
     ag_arena_reset(ctx, mk);
