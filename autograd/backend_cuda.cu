@@ -50,15 +50,17 @@
  * masks, which describe right-padded rows, not several examples packed in one
  * row with document masking), does not expose the row max and 1/sum in the
  * CPU engine's form (it saves a log-sum-exp), and its backward uses atomics
- * for dQ in some engines (not reproducible run to run). Ours: one thread per
- * query row (forward, dQ) or key row (dK, dV), K/V (or Q/dO) tiles staged in
- * shared memory, online softmax in the forward (running max and sum,
- * rescaled), the row max and 1/sum saved, the probabilities recomputed in
- * backward from them (Dao et al. 2022); never (B, H, T, T) in memory; the same
- * masks as the CPU (causal, and token i sees j only with seq_ids[j] ==
- * seq_ids[i]). dK and dV are owned by key-row threads, so no atomics. These
- * kernels are correct first; they do not use tensor cores (the FLOP-heavy
- * path of a step is the cuBLASLt GEMMs of the linears).
+ * for dQ in some engines (not reproducible run to run). Ours, two forms of
+ * the same algorithm: (1) for bf16 operands with head_dim a multiple of 16,
+ * tiles of queries and keys on bf16 tensor cores (WMMA, "attention on tensor
+ * cores" below); (2) otherwise, or with QLORA_CUDA_ATTN=simple, one thread
+ * per query row (forward, dQ) or key row (dK, dV) on CUDA cores. Both: K/V (or
+ * Q/dO) tiles staged in shared memory, online softmax in the forward (running
+ * max and sum, rescaled), the row max and 1/sum saved, the probabilities
+ * recomputed in backward from them (Dao et al. 2022); never (B, H, T, T) in
+ * memory; the CPU's mask rule (causal, token i sees j only with seq_ids[j] ==
+ * seq_ids[i], and inside a sliding window). dK and dV have one owner per key
+ * row or key tile, so no atomics.
  */
 extern "C" {
 #include "autograd/backend.h"
