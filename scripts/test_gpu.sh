@@ -5,7 +5,8 @@
 # 2. without a CUDA device: says so and exits 1 (no GPU check can pass without one);
 # 3. op parity: tests/test_backend_ops.c, every table entry on `cuda` against the CPU reference
 #    (bit-exact where the file says so, bounded NMSE otherwise), and the host test of the
-#    per-element device functions (tests/test_cuda_elem.cu);
+#    per-element device functions (tests/test_cuda_elem.cu) and the flash kernels' host emulation
+#    (tests/test_cuda_flash_emu.cu);
 # 4. rates on this card (bench/gpu_ops.c): bf16 GEMM TFLOP/s and fraction of peak, NF4
 #    dequantization, attention, the CUDA runtime's device memory against the planner's estimate,
 #    and an estimate (from those pieces) of Llama-3-8B QLoRA tokens/s and MFU;
@@ -39,7 +40,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 
 printf '[test-gpu] building with CUDA=1 (-j%s)\n' "$JOBS"
-if ! make -j"$JOBS" CUDA=1 WERROR=1 all build/tests/test_backend_ops build/tests/test_cuda_elem build/tests/test_comm_nccl build/gpu_ops >/tmp/qlora-test-gpu-build.log 2>&1; then
+if ! make -j"$JOBS" CUDA=1 WERROR=1 all build/tests/test_backend_ops build/tests/test_cuda_elem build/tests/test_cuda_flash_emu build/tests/test_comm_nccl build/gpu_ops >/tmp/qlora-test-gpu-build.log 2>&1; then
     tail -20 /tmp/qlora-test-gpu-build.log
     printf '[test-gpu] FAILED: the CUDA build failed (log: /tmp/qlora-test-gpu-build.log)\n'
     exit 1
@@ -65,6 +66,8 @@ if [ "$nf" -eq 0 ] && [ "$ns" -eq 0 ] && [ "$np" -gt 0 ]; then row "op parity (t
 else row "op parity (test_backend_ops, cuda/*)" FAIL "$np passed, $nf failed, $ns skipped"; grep -B2 -A6 'FAILED\|ERROR' <<<"$ops" | head -60; fi
 if build/tests/test_cuda_elem >/dev/null 2>&1; then row "per-element functions on the host" PASS "test_cuda_elem"
 else row "per-element functions on the host" FAIL "test_cuda_elem"; fi
+if build/tests/test_cuda_flash_emu >/dev/null 2>&1; then row "flash kernels emulated on the host" PASS "test_cuda_flash_emu"
+else row "flash kernels emulated on the host" FAIL "test_cuda_flash_emu"; fi
 
 if [ "$rc" -ne 0 ]; then
     row "op rates (bench/gpu_ops)" FAIL "exit $rc"
