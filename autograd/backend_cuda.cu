@@ -50,15 +50,18 @@
  * masks, which describe right-padded rows, not several examples packed in one
  * row with document masking), does not expose the row max and 1/sum in the
  * CPU engine's form (it saves a log-sum-exp), and its backward uses atomics
- * for dQ in some engines (not reproducible run to run). Ours: one thread per
- * query row (forward, dQ) or key row (dK, dV), K/V (or Q/dO) tiles staged in
- * shared memory, online softmax in the forward (running max and sum,
- * rescaled), the row max and 1/sum saved, the probabilities recomputed in
- * backward from them (Dao et al. 2022); never (B, H, T, T) in memory; the same
- * masks as the CPU (causal, and token i sees j only with seq_ids[j] ==
- * seq_ids[i]). dK and dV are owned by key-row threads, so no atomics. These
- * kernels are correct first; they do not use tensor cores (the FLOP-heavy
- * path of a step is the cuBLASLt GEMMs of the linears).
+ * for dQ in some engines (not reproducible run to run). Ours, two forms of
+ * the same algorithm: (1) for bf16 operands with head_dim a multiple of 16,
+ * tiles of queries and keys on bf16 tensor cores (WMMA, in
+ * autograd/backend_cuda_flash.h, which tests/test_cuda_flash_emu.cu also runs
+ * on the CPU in an emulated launch); (2) otherwise, or with QLORA_CUDA_ATTN=simple, one thread
+ * per query row (forward, dQ) or key row (dK, dV) on CUDA cores. Both: K/V (or
+ * Q/dO) tiles staged in shared memory, online softmax in the forward (running
+ * max and sum, rescaled), the row max and 1/sum saved, the probabilities
+ * recomputed in backward from them (Dao et al. 2022); never (B, H, T, T) in
+ * memory; the CPU's mask rule (causal, token i sees j only with seq_ids[j] ==
+ * seq_ids[i], and inside a sliding window). dK and dV have one owner per key
+ * row or key tile, so no atomics.
  */
 extern "C" {
 #include "autograd/backend.h"
@@ -66,6 +69,7 @@ extern "C" {
 }
 
 #include <cublasLt.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 #include <float.h>
@@ -73,6 +77,7 @@ extern "C" {
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <mma.h>
 #include <xxhash.h>
 
 #include "autograd/backend_cuda_elem.h"
@@ -841,13 +846,15 @@ template <typename TOP> __device__ __forceinline__ float ldop(const TOP *p, int6
 template <> __device__ __forceinline__ float ldop<float>(const float *p, int64_t i) { return p[i]; }
 template <> __device__ __forceinline__ float ldop<uint16_t>(const uint16_t *p, int64_t i) { return qe_bf16_to_f32(p[i]); }
 
-/* may query row i see key row j (causal, packed-sequence segments) */
-__device__ __forceinline__ int att_allowed(const int32_t *sid, int i, int j) { return j <= i && (!sid || sid[j] == sid[i]); }
+/* may query row i see key row j (causal, packed-sequence segments, sliding window): qe_attn_allowed */
+__device__ __forceinline__ int att_allowed(const int32_t *sid, int i, int j, int window) {
+    return qe_attn_allowed(i, j, sid ? sid[i] : 0, sid ? sid[j] : 0, window);
+}
 
 /* Forward: block (query tile of ATT_ROWS, head h, batch b), one thread per query row. */
 template <typename TOP>
 __global__ void k_attn_fwd(const TOP *q, const TOP *k, const TOP *v, const int32_t *seq, float *rmax, float *rinv,
-                           float *o, uint16_t *ob, int T, int H, int KVH, int hd, float scale) {
+                           float *o, uint16_t *ob, int T, int H, int KVH, int hd, int window, float scale) {
     extern __shared__ float sm[];
     int bk = ATT_TILE_FLOATS / hd; /* keys per tile */
     float *Ks = sm, *Vs = sm + (size_t)bk * hd;
@@ -877,7 +884,7 @@ __global__ void k_attn_fwd(const TOP *q, const TOP *k, const TOP *v, const int32
         if (!live) continue;
         for (int jj = 0; jj < nk; jj++) {
             int j = j0 + jj;
-            if (!att_allowed(sid, i, j)) continue;
+            if (!att_allowed(sid, i, j, window)) continue;
             float dot = 0.0f;
             for (int d = 0; d < hd; d++) dot += qv[d] * Ks[jj * hd + d];
             float s = dot * scale;
@@ -910,7 +917,7 @@ __global__ void k_attn_fwd(const TOP *q, const TOP *k, const TOP *v, const int32
 template <typename TOP>
 __global__ void k_attn_bwd_q(const TOP *q, const TOP *k, const TOP *v, const TOP *dob, const int32_t *seq,
                              const float *rmax, const float *rinv, float *arow, float *dq, int T, int H, int KVH, int hd,
-                             float scale) {
+                             int window, float scale) {
     extern __shared__ float sm[];
     int bk = ATT_TILE_FLOATS / hd;
     float *Ks = sm, *Vs = sm + (size_t)bk * hd;
@@ -946,17 +953,17 @@ __global__ void k_attn_bwd_q(const TOP *q, const TOP *k, const TOP *v, const TOP
             if (!live) continue;
             for (int jj = 0; jj < nk; jj++) {
                 int j = j0 + jj;
-                if (!att_allowed(sid, i, j)) continue;
+                if (!att_allowed(sid, i, j, window)) continue;
                 float dot = 0.0f, dp = 0.0f;
                 for (int d = 0; d < hd; d++) {
                     dot += qv[d] * Ks[jj * hd + d];
                     dp += dov[d] * Vs[jj * hd + d];
                 }
-                float p = qe_exp_poly(dot * scale - mx) * inv;
+                float p = qe_attn_p(dot * scale, mx, inv);
                 if (pass == 0) {
-                    a += (double)p * dp;
+                    a += qe_attn_a_term(p, dp);
                 } else {
-                    float ds = p * (dp - af) * scale;
+                    float ds = qe_attn_ds(p, dp, af, scale);
                     for (int d = 0; d < hd; d++) acc[d] = acc[d] + ds * Ks[jj * hd + d];
                 }
             }
@@ -973,7 +980,7 @@ __global__ void k_attn_bwd_q(const TOP *q, const TOP *k, const TOP *v, const TOP
 template <typename TOP>
 __global__ void k_attn_bwd_kv(const TOP *q, const TOP *k, const TOP *v, const TOP *dob, const int32_t *seq,
                               const float *rmax, const float *rinv, const float *arow, float *dk, float *dv, int T, int H,
-                              int KVH, int hd, float scale) {
+                              int KVH, int hd, int window, float scale) {
     extern __shared__ float sm[];
     int bq = ATT_TILE_FLOATS / hd;
     float *Qs = sm, *Ds = sm + (size_t)bq * hd;
@@ -1012,14 +1019,14 @@ __global__ void k_attn_bwd_kv(const TOP *q, const TOP *k, const TOP *v, const TO
             if (!live) continue;
             for (int ii = 0; ii < nq; ii++) {
                 int i = i0 + ii;
-                if (!att_allowed(sid, i, j)) continue;
+                if (!att_allowed(sid, i, j, window)) continue;
                 float dot = 0.0f, dp = 0.0f;
                 for (int d = 0; d < hd; d++) {
                     dot += Qs[ii * hd + d] * kv[d];
                     dp += Ds[ii * hd + d] * vv[d];
                 }
-                float p = qe_exp_poly(dot * scale - stat[3 * ii]) * stat[3 * ii + 1];
-                float ds = p * (dp - stat[3 * ii + 2]) * scale;
+                float p = qe_attn_p(dot * scale, stat[3 * ii], stat[3 * ii + 1]);
+                float ds = qe_attn_ds(p, dp, stat[3 * ii + 2], scale);
                 for (int d = 0; d < hd; d++) {
                     adk[d] = adk[d] + ds * Qs[ii * hd + d];
                     adv[d] = adv[d] + p * Ds[ii * hd + d];
@@ -1034,75 +1041,124 @@ __global__ void k_attn_bwd_kv(const TOP *q, const TOP *k, const TOP *v, const TO
     }
 }
 
-/* The CPU's segment bookkeeping (backend_cpu_nn.inc attn_seg_lo), computed on the host from
- * the host seq_ids and uploaded: seglo and seg_ok are saved for backward like the CPU's. */
-static int seg_lo_host(const int32_t *sid, int T, int32_t *lo) {
-    int ok = 1;
-    for (int i = 0; i < T; i++) {
-        if (i > 0 && sid[i] == sid[i - 1]) {
-            lo[i] = lo[i - 1];
-            continue;
-        }
-        lo[i] = i;
-        for (int j = 0; j < i && ok; j++)
-            if (sid[j] == sid[i]) ok = 0;
+#include "autograd/backend_cuda_flash.h"
+
+/* QLORA_CUDA_ATTN: unset or "flash" = the tensor-core kernels where they apply, "simple" = always
+ * the one-thread-per-row kernels. Read at each call (tests switch it). */
+static int attn_use_flash(const ag_attn *a, const void *dob) {
+    const char *e = getenv("QLORA_CUDA_ATTN");
+    if (e && *e && strcmp(e, "flash") && strcmp(e, "simple")) {
+        fprintf(stderr, "[cuda] QLORA_CUDA_ATTN=%s: expected flash or simple\n", e);
+        exit(2);
     }
-    return ok;
+    if (e && !strcmp(e, "simple")) return 0;
+    uintptr_t al = (uintptr_t)a->qb | (uintptr_t)a->kb | (uintptr_t)a->vb | (uintptr_t)dob;
+    return a->bf16 && a->hd % 16 == 0 && a->hd <= ATT_HD_MAX && (al & 15u) == 0;
 }
 
-static void attn_check(int hd, int window) {
+static int fa_smem_optin(void) {
+    static int v = 0;
+    if (!v) {
+        int dev = 0;
+        CU(cudaGetDevice(&dev));
+        CU(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    }
+    return v;
+}
+
+/* Launch kind 0/1/2 with the largest tiles whose shared memory fits the device; 0 when none fits. */
+template <int BQ, int BK>
+static int fa_launch(int kind, const ag_attn *a, const void *dob, const int32_t *seq, float *arow, float *o,
+                     uint16_t *ob, float *dq, float *dk, float *dv) {
+    size_t shm = fa_layout(kind, BQ, BK, a->hd).total;
+    if (shm > (size_t)fa_smem_optin()) return 0;
+    const uint16_t *q = (const uint16_t *)a->qb, *k = (const uint16_t *)a->kb, *v = (const uint16_t *)a->vb,
+                   *d = (const uint16_t *)dob;
+    float scale = 1.0f / sqrtf((float)a->hd);
+    dim3 gq((unsigned)((a->T + BQ - 1) / BQ), (unsigned)a->H, (unsigned)a->B);
+    if (kind == 0) {
+        CU(cudaFuncSetAttribute(k_flash_fwd<BQ, BK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shm));
+        k_flash_fwd<BQ, BK><<<gq, 2 * BQ, shm, G.stream>>>(q, k, v, seq, a->seglo, a->seg_ok, a->rmax, a->rinv, o, ob,
+                                                            a->T, a->H, a->KVH, a->hd, a->window, scale);
+    } else if (kind == 1) {
+        CU(cudaFuncSetAttribute(k_flash_bwd_q<BQ, BK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shm));
+        k_flash_bwd_q<BQ, BK><<<gq, 2 * BQ, shm, G.stream>>>(q, k, v, d, seq, a->seglo, a->seg_ok, a->rmax, a->rinv,
+                                                              arow, dq, a->T, a->H, a->KVH, a->hd, a->window, scale);
+    } else {
+        dim3 gk((unsigned)((a->T + BK - 1) / BK), (unsigned)a->KVH, (unsigned)a->B);
+        CU(cudaFuncSetAttribute(k_flash_bwd_kv<BQ, BK>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shm));
+        k_flash_bwd_kv<BQ, BK><<<gk, 2 * BQ, shm, G.stream>>>(q, k, v, d, seq, a->seglo, a->seg_ok, a->rmax, a->rinv,
+                                                               arow, dk, dv, a->T, a->H, a->KVH, a->hd, a->window,
+                                                               scale);
+    }
+    KCHECK();
+    return 1;
+}
+
+static int fa_run(int kind, const ag_attn *a, const void *dob, const int32_t *seq, float *arow, float *o, uint16_t *ob,
+                  float *dq, float *dk, float *dv) {
+    return fa_launch<64, 64>(kind, a, dob, seq, arow, o, ob, dq, dk, dv) ||
+           fa_launch<64, 32>(kind, a, dob, seq, arow, o, ob, dq, dk, dv) ||
+           fa_launch<32, 32>(kind, a, dob, seq, arow, o, ob, dq, dk, dv) ||
+           fa_launch<16, 16>(kind, a, dob, seq, arow, o, ob, dq, dk, dv);
+}
+
+static void attn_check(int hd) {
     if (hd > ATT_HD_MAX || hd < 1 || ATT_TILE_FLOATS / hd < 1) {
         fprintf(stderr, "[cuda] attention: head_dim %d is over the kernels' %d\n", hd, ATT_HD_MAX);
-        abort();
-    }
-    if (window) { /* trainer/run.c refuses a sliding-window model (gemma3) on device cuda before this */
-        fprintf(stderr, "[cuda] attention: a sliding window (%d) is not implemented in the CUDA kernels\n", window);
         abort();
     }
 }
 
 static void cu_attention_fwd(struct ag_ctx *ctx, ag_attn *a, float *o, bf16 *ob) {
     int B = a->B, T = a->T, hd = a->hd;
-    attn_check(hd, a->window);
+    attn_check(hd);
+    /* the CPU's segment bookkeeping (attn_seg_lo, attn_window_lo), on the host from the host seq ids,
+     * uploaded and saved for backward like the CPU's */
     int32_t *lo = (int32_t *)malloc((size_t)B * T * sizeof(int32_t));
     unsigned char *ok = (unsigned char *)malloc((size_t)B);
     if (!lo || !ok) {
         fprintf(stderr, "[cuda] attention: out of host memory\n");
         abort();
     }
-    for (int b = 0; b < B; b++) {
-        if (a->seq_ids) ok[b] = (unsigned char)seg_lo_host(a->seq_ids + (size_t)b * T, T, lo + (size_t)b * T);
-        else {
-            memset(lo + (size_t)b * T, 0, (size_t)T * sizeof(int32_t));
-            ok[b] = 1;
-        }
-    }
+    for (int b = 0; b < B; b++)
+        ok[b] = (unsigned char)qe_attn_seg_lo(a->seq_ids ? a->seq_ids + (size_t)b * T : NULL, T, a->window,
+                                              lo + (size_t)b * T);
     cu_copy_h2d(a->seglo, lo, (size_t)B * T * sizeof(int32_t));
     cu_copy_h2d(a->seg_ok, ok, (size_t)B);
     free(lo);
     free(ok);
     const int32_t *seq = (const int32_t *)dev_args(SLOT_SEQ, a->seq_ids, (size_t)B * T * 4);
+    if (attn_use_flash(a, NULL) && fa_run(0, a, NULL, seq, NULL, o, (uint16_t *)ob, NULL, NULL, NULL)) return;
     dim3 grid((unsigned)((T + ATT_ROWS - 1) / ATT_ROWS), (unsigned)a->H, (unsigned)B);
     size_t shm = 2 * (size_t)ATT_TILE_FLOATS * sizeof(float);
     float scale = 1.0f / sqrtf((float)hd);
     if (a->bf16)
         k_attn_fwd<uint16_t><<<grid, ATT_ROWS, shm, G.stream>>>((const uint16_t *)a->qb, (const uint16_t *)a->kb,
                                                                 (const uint16_t *)a->vb, seq, a->rmax, a->rinv, o, ob,
-                                                                T, a->H, a->KVH, hd, scale);
+                                                                T, a->H, a->KVH, hd, a->window, scale);
     else
         k_attn_fwd<float><<<grid, ATT_ROWS, shm, G.stream>>>((const float *)a->qb, (const float *)a->kb,
                                                              (const float *)a->vb, seq, a->rmax, a->rinv, o, ob, T,
-                                                             a->H, a->KVH, hd, scale);
+                                                             a->H, a->KVH, hd, a->window, scale);
     KCHECK();
     (void)ctx;
 }
 
 static void cu_attention_bwd(struct ag_ctx *ctx, const ag_attn *a, const void *dob, float *dq, float *dk, float *dv) {
-    int B = a->B, T = a->T, hd = a->hd;
-    attn_check(hd, a->window);
+    int B = a->B, T = a->T, hd = a->hd, w = a->window;
+    attn_check(hd);
     ag_mark mk = ag_arena_mark(ctx);
     float *arow = (float *)ag_alloc(ctx, (size_t)B * a->H * T * sizeof(float));
     const int32_t *seq = (const int32_t *)dev_args(SLOT_SEQ, a->seq_ids, (size_t)B * T * 4);
+    if (attn_use_flash(a, dob) && fa_run(1, a, dob, seq, arow, NULL, NULL, dq, NULL, NULL)) {
+        if ((dk || dv) && !fa_run(2, a, dob, seq, arow, NULL, NULL, NULL, dk, dv)) {
+            fprintf(stderr, "[cuda] attention: no tile size of the key-side kernel fits shared memory (head_dim %d)\n", hd);
+            abort();
+        }
+        ag_arena_reset(ctx, mk);
+        return;
+    }
     float scale = 1.0f / sqrtf((float)hd);
     dim3 gq((unsigned)((T + ATT_ROWS - 1) / ATT_ROWS), (unsigned)a->H, (unsigned)B);
     dim3 gk((unsigned)((T + ATT_ROWS - 1) / ATT_ROWS), (unsigned)a->KVH, (unsigned)B);
@@ -1112,20 +1168,20 @@ static void cu_attention_bwd(struct ag_ctx *ctx, const ag_attn *a, const void *d
         const uint16_t *q = (const uint16_t *)a->qb, *k = (const uint16_t *)a->kb, *v = (const uint16_t *)a->vb,
                        *d = (const uint16_t *)dob;
         k_attn_bwd_q<uint16_t><<<gq, ATT_ROWS, shq, G.stream>>>(q, k, v, d, seq, a->rmax, a->rinv, arow, dq, T, a->H,
-                                                                a->KVH, hd, scale);
+                                                                a->KVH, hd, w, scale);
         KCHECK();
         if (dk || dv)
             k_attn_bwd_kv<uint16_t><<<gk, ATT_ROWS, shk, G.stream>>>(q, k, v, d, seq, a->rmax, a->rinv, arow, dk, dv,
-                                                                     T, a->H, a->KVH, hd, scale);
+                                                                     T, a->H, a->KVH, hd, w, scale);
     } else {
         const float *q = (const float *)a->qb, *k = (const float *)a->kb, *v = (const float *)a->vb,
                     *d = (const float *)dob;
         k_attn_bwd_q<float><<<gq, ATT_ROWS, shq, G.stream>>>(q, k, v, d, seq, a->rmax, a->rinv, arow, dq, T, a->H,
-                                                             a->KVH, hd, scale);
+                                                             a->KVH, hd, w, scale);
         KCHECK();
         if (dk || dv)
             k_attn_bwd_kv<float><<<gk, ATT_ROWS, shk, G.stream>>>(q, k, v, d, seq, a->rmax, a->rinv, arow, dk, dv, T,
-                                                                  a->H, a->KVH, hd, scale);
+                                                                  a->H, a->KVH, hd, w, scale);
     }
     KCHECK();
     ag_arena_reset(ctx, mk);
@@ -1136,13 +1192,15 @@ static void cu_attention_bwd(struct ag_ctx *ctx, const ag_attn *a, const void *d
 __device__ __forceinline__ float round_op(float x, int bf) { return bf ? qe_bf16_to_f32(qe_f32_to_bf16(x)) : x; }
 
 __global__ void k_attn_cached(const float *q, const float *K, const float *V, const int32_t *pos, int64_t kvd, int n,
-                              int H, int hd, int grp, int bf, float scale, float *s_all, int total, float *out) {
+                              int H, int hd, int grp, int bf, int window, float scale, float *s_all, int total,
+                              float *out) {
     GRID_LOOP(t, (int64_t)n * H) {
         int i = (int)(t / H), h = (int)(t % H), p = pos[i], g = h / grp;
         float *s = s_all + t * total;
         const float *qh = q + (int64_t)i * H * hd + (int64_t)h * hd;
         float mx = -INFINITY;
-        for (int j = 0; j <= p; j++) {
+        int j0 = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0; /* backend_cpu_nn.inc, the same window */
+        for (int j = j0; j <= p; j++) {
             const float *kj = K + (int64_t)j * kvd + (int64_t)g * hd;
             float dot = 0.0f;
             for (int d = 0; d < hd; d++) dot += round_op(qh[d], bf) * round_op(kj[d], bf);
@@ -1150,7 +1208,7 @@ __global__ void k_attn_cached(const float *q, const float *K, const float *V, co
             if (s[j] > mx) mx = s[j];
         }
         float sum = 0.0f;
-        for (int j = 0; j <= p; j++) {
+        for (int j = j0; j <= p; j++) {
             s[j] = expf(s[j] - mx);
             sum += s[j];
         }
@@ -1158,20 +1216,20 @@ __global__ void k_attn_cached(const float *q, const float *K, const float *V, co
         float *o = out + (int64_t)i * H * hd + (int64_t)h * hd;
         for (int d = 0; d < hd; d++) {
             float acc = 0.0f;
-            for (int j = 0; j <= p; j++) acc += round_op(s[j] * inv, bf) * round_op(V[(int64_t)j * kvd + (int64_t)g * hd + d], bf);
+            for (int j = j0; j <= p; j++) acc += round_op(s[j] * inv, bf) * round_op(V[(int64_t)j * kvd + (int64_t)g * hd + d], bf);
             o[d] = acc;
         }
     }
 }
 
 static void cu_attention_cached(struct ag_ctx *ctx, const ag_attn_cached *a, float *out) {
-    attn_check(a->hd, a->window);
+    attn_check(a->hd);
     int total = a->pos[a->n - 1] + 1;
     ag_mark mk = ag_arena_mark(ctx);
     float *s = (float *)ag_alloc(ctx, (size_t)a->n * a->H * total * sizeof(float));
     const int32_t *dpos = (const int32_t *)dev_args(SLOT_POS, a->pos, (size_t)a->n * 4);
     k_attn_cached<<<nblocks((int64_t)a->n * a->H, 64), 64, 0, G.stream>>>(a->q, a->k, a->v, dpos, a->kv_dim, a->n, a->H,
-                                                                          a->hd, a->H / a->KVH, a->bf16,
+                                                                          a->hd, a->H / a->KVH, a->bf16, a->window,
                                                                           1.0f / sqrtf((float)a->hd), s, total, out);
     KCHECK();
     ag_arena_reset(ctx, mk);

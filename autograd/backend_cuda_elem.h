@@ -347,4 +347,75 @@ QE double qe_sumsq_lane(const float *g, int64_t len, int l) {
 
 QE double qe_sumsq_combine(const double a[8]) { return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])); }
 
+/* ---- attention: the mask rule, the online softmax of the flash kernels, the backward's p and dS ----
+ * (backend_cpu_nn.inc attn_seg_lo / attn_window_lo / attn_range / attn_allowed, cpu_attention_bwd) */
+
+/* attn_seg_lo then attn_window_lo for one batch row of T seq ids (sid NULL: one example): lo[i] is
+ * the first key token i may see when the row's examples are contiguous runs; returns that flag
+ * (seg_ok). The window narrows [lo, i] to [max(lo, i − window + 1), i]. */
+QE int qe_attn_seg_lo(const int32_t *sid, int T, int window, int32_t *lo) {
+    int ok = 1;
+    for (int i = 0; i < T; i++) {
+        if (!sid) lo[i] = 0;
+        else if (i > 0 && sid[i] == sid[i - 1]) lo[i] = lo[i - 1];
+        else {
+            lo[i] = i;
+            for (int j = 0; j < i && ok; j++)
+                if (sid[j] == sid[i]) ok = 0;
+        }
+    }
+    if (window > 0)
+        for (int i = 0; i < T; i++)
+            if (lo[i] < i - window + 1) lo[i] = i - window + 1;
+    return ok;
+}
+
+/* attn_range's lower end: keys of query i lie in [lo, i]; every key there is allowed when seg_ok. */
+QE int qe_attn_lo(int seg_ok, int32_t seglo_i, int window, int i) {
+    if (seg_ok) return seglo_i;
+    return window > 0 && i - window + 1 > 0 ? i - window + 1 : 0;
+}
+
+/* attn_allowed: query i sees key j (causal, same example id, inside the window). sid_i, sid_j are
+ * the two tokens' seq ids (equal values when the row has none). */
+QE int qe_attn_allowed(int i, int j, int32_t sid_i, int32_t sid_j, int window) {
+    return j <= i && sid_j == sid_i && (!window || i - j < window);
+}
+
+/* One query row's step of the flash forward over a key tile (online softmax: Milakov & Gimelshein
+ * 2018, Dao et al. 2022). s[0..n): the tile's scores scale·q·k, −INFINITY where the mask forbids
+ * the key; *m, *l: the running max and sum (−INFINITY and 0 before the first tile). Overwrites s
+ * with p_j = exp_poly(s_j − m_new) (0 where masked), sets *l = *l·c + Σ_j p_j (j order, fp32) and
+ * *m = m_new, and returns c = exp_poly(m_old − m_new), the factor the row's output accumulator is
+ * rescaled by (0 before the first allowed key, 1 while the max stays). A row whose keys all fall
+ * in one tile gets the CPU's max and sum bit for bit (the general mask path's j-order loops). */
+QE float qe_flash_row_update(float *s, int n, float *m, float *l) {
+    float tmax = -INFINITY;
+    for (int j = 0; j < n; j++)
+        if (s[j] > tmax) tmax = s[j];
+    float mn = tmax > *m ? tmax : *m;
+    if (mn == -INFINITY) { /* nothing allowed so far */
+        for (int j = 0; j < n; j++) s[j] = 0.0f;
+        return 1.0f;
+    }
+    float c = *m == -INFINITY ? 0.0f : qe_exp_poly(*m - mn);
+    float sum = 0.0f;
+    for (int j = 0; j < n; j++) {
+        float p = s[j] == -INFINITY ? 0.0f : qe_exp_poly(s[j] - mn);
+        s[j] = p;
+        sum += p;
+    }
+    *l = *l * c + sum;
+    *m = mn;
+    return c;
+}
+
+/* The backward's probability again from the saved row statistics (rmax, rinv = 1/sum), as
+ * cpu_attention_bwd recomputes it: s = scale·q·k. */
+QE float qe_attn_p(float s, float rmax, float rinv) { return qe_exp_poly(s - rmax) * rinv; }
+/* one term of a_i = Σ_j p_ij·dP_ij (row_dot_f64: double products, summed in j order) */
+QE double qe_attn_a_term(float p, float dp) { return (double)p * (double)dp; }
+/* dS_ij = p_ij·(dP_ij − a_i)·scale (row_dsoftmax) */
+QE float qe_attn_ds(float p, float dp, float a, float scale) { return p * (dp - a) * scale; }
+
 #endif

@@ -5,18 +5,22 @@
 # 2. without a CUDA device: says so and exits 1 (no GPU check can pass without one);
 # 3. op parity: tests/test_backend_ops.c, every table entry on `cuda` against the CPU reference
 #    (bit-exact where the file says so, bounded NMSE otherwise), and the host test of the
-#    per-element device functions (tests/test_cuda_elem.cu);
+#    per-element device functions (tests/test_cuda_elem.cu) and the flash kernels' host emulation
+#    (tests/test_cuda_flash_emu.cu);
 # 4. rates on this card (bench/gpu_ops.c): bf16 GEMM TFLOP/s and fraction of peak, NF4
 #    dequantization, attention, the CUDA runtime's device memory against the planner's estimate,
 #    and an estimate (from those pieces) of Llama-3-8B QLoRA tokens/s and MFU;
 # 5. step parity: SmolLM2-135M (the default model), 5 AdamW steps at seq 64 with `device: cpu` and
-#    `device: cuda`, same data and seed: per-step training loss within a relative 2e-3 and the
+#    `device: cuda` (both attention kernels: the tensor-core flash kernels and QLORA_CUDA_ATTN=simple),
+#    same data and seed (and the trainer's [memory] lines: the device plan and the host side): per-step training loss within a relative 2e-3 and the
 #    final adapters within NMSE 1e-4 (bf16 GEMM operands are rounded identically by both engines;
 #    only fp32 summation orders differ — oneDNN vs cuBLASLt, the attention and softmax sums — which
 #    moves a loss by ~1e-5 relative per step; AdamW's first steps are ~lr·sign(g), so a gradient
 #    that differs in its last bits moves parameters by far less than lr: NMSE ≲ 1e-6);
 #    then gradient_checkpointing true vs offload on the device (SmolLM2, 5 steps): every logged
 #    number but the timings, and the adapter's bytes, identical (offloading copies bits);
+#    then tokens/s of each attention kernel (SmolLM2 shape, seq 2048), and Gemma 3 270M cpu vs cuda
+#    at sequence_len 640 (its sliding window of 512 in the kernels), losses within 2e-3 relative;
 # 6. a measured step of Llama-3-8B QLoRA at seq 2048 (random NF4 base of that shape, qlora-bench
 #    --device cuda): tokens/s, MFU against the card's peak by 6·N FLOPs, device memory measured
 #    against the planner's prediction; the same with --checkpointing offload (goal: <= 8 GiB);
@@ -36,7 +40,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 2)}
 
 printf '[test-gpu] building with CUDA=1 (-j%s)\n' "$JOBS"
-if ! make -j"$JOBS" CUDA=1 WERROR=1 all build/tests/test_backend_ops build/tests/test_cuda_elem build/tests/test_comm_nccl build/gpu_ops >/tmp/qlora-test-gpu-build.log 2>&1; then
+if ! make -j"$JOBS" CUDA=1 WERROR=1 all build/tests/test_backend_ops build/tests/test_cuda_elem build/tests/test_cuda_flash_emu build/tests/test_comm_nccl build/gpu_ops >/tmp/qlora-test-gpu-build.log 2>&1; then
     tail -20 /tmp/qlora-test-gpu-build.log
     printf '[test-gpu] FAILED: the CUDA build failed (log: /tmp/qlora-test-gpu-build.log)\n'
     exit 1
@@ -62,6 +66,8 @@ if [ "$nf" -eq 0 ] && [ "$ns" -eq 0 ] && [ "$np" -gt 0 ]; then row "op parity (t
 else row "op parity (test_backend_ops, cuda/*)" FAIL "$np passed, $nf failed, $ns skipped"; grep -B2 -A6 'FAILED\|ERROR' <<<"$ops" | head -60; fi
 if build/tests/test_cuda_elem >/dev/null 2>&1; then row "per-element functions on the host" PASS "test_cuda_elem"
 else row "per-element functions on the host" FAIL "test_cuda_elem"; fi
+if build/tests/test_cuda_flash_emu >/dev/null 2>&1; then row "flash kernels emulated on the host" PASS "test_cuda_flash_emu"
+else row "flash kernels emulated on the host" FAIL "test_cuda_flash_emu"; fi
 
 if [ "$rc" -ne 0 ]; then
     row "op rates (bench/gpu_ops)" FAIL "exit $rc"
@@ -81,12 +87,18 @@ model=models/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ -f "$model" ] && [ -f datasets/manpages/train.jsonl ]; then
     tmp=$(mktemp -d)
     ok=1
-    for dev in cpu cuda; do
-        timeout 600 bin/qlora-train configs/smollm2-135m-manpages.yaml device=$dev sequence_len=64 max_steps=5 \
+    for dev in cpu cuda cuda-simple; do
+        QLORA_CUDA_ATTN=$([ "$dev" = cuda-simple ] && echo simple || echo flash) \
+        timeout 600 bin/qlora-train configs/smollm2-135m-manpages.yaml device=${dev%-simple} sequence_len=64 max_steps=5 \
             eval_max_tokens=256 output_dir="$tmp/$dev" >"$tmp/$dev.log" 2>&1 || { ok=0; tail -5 "$tmp/$dev.log"; }
     done
-    if [ "$ok" = 1 ]; then
-        parity=$(python3 - "$tmp/cpu" "$tmp/cuda" <<'PY'
+    # the trainer's [memory] lines on the device: the device plan, then the host side
+    if grep -q '^\[memory\] device (cuda' "$tmp/cuda.log" && grep -q '^\[memory\] host: predicted' "$tmp/cuda.log"; then
+        row "trainer [memory]: device plan + host side" PASS "$(grep -h '^\[memory\] device: ' "$tmp/cuda.log" | head -1 | cut -c1-70)"
+    else row "trainer [memory]: device plan + host side" FAIL "no device/host [memory] lines in $tmp/cuda.log"; fi
+    for kern in cuda cuda-simple; do
+    [ "$ok" = 1 ] || break
+        parity=$(python3 - "$tmp/cpu" "$tmp/$kern" <<'PY'
 import json, struct, sys
 def losses(d):
     return [json.loads(l)["loss"] for l in open(d + "/metrics.jsonl") if '"loss"' in l]
@@ -107,10 +119,9 @@ nmse = num / den if den and ta.keys() == tb.keys() else float("inf")
 print("PASS" if rel <= 2e-3 and nmse <= 1e-4 else "FAIL", "losses max rel diff %.2e (%d steps), adapter NMSE %.2e" % (rel, len(a), nmse))
 PY
 )
-        row "step parity (SmolLM2, 5 steps, cpu vs cuda)" "${parity%% *}" "${parity#* }"
-    else
-        row "step parity (SmolLM2, 5 steps, cpu vs cuda)" FAIL "a run failed (logs in $tmp)"
-    fi
+        row "step parity (SmolLM2, 5 steps, cpu vs $kern)" "${parity%% *}" "${parity#* }"
+    done
+    [ "$ok" = 1 ] || row "step parity (SmolLM2, 5 steps, cpu vs cuda)" FAIL "a run failed (logs in $tmp)"
 else
     row "step parity (SmolLM2, 5 steps, cpu vs cuda)" FAIL "default model/data missing: make model dataset"
 fi
@@ -142,6 +153,45 @@ PY
     else
         row "offload parity (SmolLM2, 5 steps, true vs offload)" FAIL "a run failed (logs in $t3)"
     fi
+fi
+
+# the two attention kernels (QLORA_CUDA_ATTN): tokens/s of a SmolLM2-shape step at seq 2048, where
+# attention is a large part of the step (the op parity of both is in test_backend_ops above)
+for kern in flash simple; do
+    bench=$(QLORA_CUDA_ATTN=$kern timeout 300 bin/qlora-bench --device cuda --shape smollm2-135m --seq 2048 --batch 1 \
+            --lora-r 16 --checkpointing on --steps 3 --warmup 1 2>/tmp/qlora-test-gpu-attn-$kern.err | tail -1)
+    if grep -q tokens_per_s <<<"$bench"; then
+        row "attention $kern: SmolLM2 shape, seq 2048 step" INFO "$(python3 -c 'import json,sys; print("%.0f tok/s" % json.loads(sys.argv[1])["tokens_per_s"])' "$bench")"
+    else
+        row "attention $kern: SmolLM2 shape, seq 2048 step" FAIL "qlora-bench failed: $(tail -2 /tmp/qlora-test-gpu-attn-$kern.err)"
+    fi
+done
+
+# Gemma 3 270M on the device: sliding-window layers (window 512) at sequence_len 640, cpu vs cuda, 3 steps
+g3=models/gemma-3-270m-q4_k_m.gguf
+if [ -f "$g3" ] && [ -f datasets/manpages/train.jsonl ]; then
+    t4=$(mktemp -d)
+    ok=1
+    for dev in cpu cuda; do
+        timeout 600 bin/qlora-train configs/smollm2-135m-manpages.yaml base_model="$g3" device=$dev sequence_len=640 \
+            max_steps=3 eval_max_tokens=256 output_dir="$t4/$dev" >"$t4/$dev.log" 2>&1 || { ok=0; tail -5 "$t4/$dev.log"; }
+    done
+    if [ "$ok" = 1 ]; then
+        g=$(python3 - "$t4/cpu" "$t4/cuda" <<'PY'
+import json, sys
+def losses(d):
+    return [json.loads(l)["loss"] for l in open(d + "/metrics.jsonl") if '"loss"' in l]
+a, b = losses(sys.argv[1]), losses(sys.argv[2])
+rel = max(abs(x - y) / abs(x) for x, y in zip(a, b)) if a and len(a) == len(b) else float("inf")
+print("PASS" if rel <= 2e-3 else "FAIL", "losses max rel diff %.2e (%d steps)" % (rel, len(a)))
+PY
+)
+        row "Gemma 3 270M, seq 640 (window 512), cpu vs cuda" "${g%% *}" "${g#* }"
+    else
+        row "Gemma 3 270M, seq 640 (window 512), cpu vs cuda" FAIL "a run failed (logs in $t4)"
+    fi
+else
+    row "Gemma 3 270M, seq 640 (window 512), cpu vs cuda" SKIP "SKIPPED: $g3 missing (make gemma3-model)"
 fi
 
 # a measured 8B step

@@ -64,12 +64,16 @@
  *    ulp in rare rows: NMSE ≲ 2^-46 ≈ 1e-14; 1e-12 still fails on any wrong element (≥ 1/(N·D)
  *    of the signal ≈ 5e-5);
  *  - the KV-cached attention's expf (CUDA's, ≤ 2 ulp, against glibc's): the same argument;
- *  - attention in bf16 mode: the CPU rounds the probabilities P and dS to bf16 as GEMM operands,
- *    the flash-style kernels keep them in fp32 registers (never stored). Each term then differs
- *    by the bf16 rounding, a relative error uniform in ±2^-9 (variance 2^-18/3 ≈ 1.3e-6), and
- *    the errors of independent terms add like the terms themselves, so NMSE ≈ 1.3e-6 per
- *    rounded operand; dq and dk see two (P in dP's row sum, dS): ≲ 4e-6. 3e-5 leaves a factor
- *    of 7 and still fails a wrong row (≈ 1/rows ≈ 1e-3). */
+ *  - attention in bf16 mode, two kernels (QLORA_CUDA_ATTN): the one-thread-per-row kernels keep P
+ *    and dS in fp32 registers where the CPU rounds them to bf16 as GEMM operands; each term then
+ *    differs by the bf16 rounding, a relative error uniform in ±2^-9 (variance 2^-18/3 ≈ 1.3e-6),
+ *    and the errors of independent terms add like the terms themselves, so NMSE ≈ 1.3e-6 per
+ *    rounded operand; dq and dk see two (P in dP's row sum, dS): ≲ 4e-6. The tensor-core (flash)
+ *    kernels round P and dS to bf16 as the CPU does, but the forward's P is exp(s − running max)
+ *    before the division by the sum (the CPU rounds the normalised P), and the sums of S, dP, O
+ *    and the gradients run in the tensor cores' order: two roundings that differ but are
+ *    independent, NMSE ≲ 2·1.3e-6 per operand, ≲ 8e-6 for dq and dk. 3e-5 leaves a factor of
+ *    3.5 to 7 and still fails a wrong row (≈ 1/rows ≈ 1e-3) or one wrong tile of a row. */
 #define NMSE_CUDA_ROWSUM 1e-12
 #define NMSE_CUDA_ATTN_BF16 3e-5
 
@@ -794,6 +798,15 @@ static void attn_compare_window(const ag_backend *be, const ag_backend *ref, int
         assert_nmse("attention dk", x.dk, r.dk, nk, bound);
         assert_nmse("attention dv", x.dv, r.dv, nk, bound);
         for (int64_t i = 0; i < nq; i++) assert_int_equal(x.ob[i], f32_to_bf16(x.o[i])); /* ob is o's bf16 copy */
+        if (is_cuda(be)) { /* no atomics, sums in a fixed order: a second run repeats every bit */
+            attn_out y;
+            attn_run(be, B, T, H, KVH, hd, bf, seq_ids, window, seed, &y);
+            assert_memory_equal(y.o, x.o, (size_t)nq * 4);
+            assert_memory_equal(y.dq, x.dq, (size_t)nq * 4);
+            assert_memory_equal(y.dk, x.dk, (size_t)nk * 4);
+            assert_memory_equal(y.dv, x.dv, (size_t)nk * 4);
+            attn_out_free(&y);
+        }
         attn_out_free(&x);
         attn_out_free(&r);
     }
@@ -808,16 +821,20 @@ static void case_attention_shapes(const ag_backend *be, const ag_backend *ref);
 
 /* The cpu backend's bf16 attention has two register-tiled kernels (autograd/backend_cpu_nn.inc):
  * AMX tiles where the processor and Linux grant them, vdpbf16ps otherwise (QLORA_CPU_AMX=0
- * forces it); both run here. */
+ * forces it); the cuda backend has the tensor-core (flash) kernels for bf16 with head_dim a
+ * multiple of 16 and the one-thread-per-row kernels (QLORA_CUDA_ATTN=simple forces them, the
+ * second oracle). Both of a backend's kernels run here. */
 static void case_attention(const ag_backend *be, const ag_backend *ref) {
-    const char *was = getenv("QLORA_CPU_AMX");
+    const char *var = is_cuda(be) ? "QLORA_CUDA_ATTN" : "QLORA_CPU_AMX", *second = is_cuda(be) ? "simple" : "0";
+    const char *was = getenv(var);
     char keep[16] = "";
     if (was) snprintf(keep, sizeof keep, "%s", was);
+    if (is_cuda(be)) unsetenv(var);
     case_attention_shapes(be, ref);
-    setenv("QLORA_CPU_AMX", "0", 1);
+    setenv(var, second, 1);
     case_attention_shapes(be, ref);
-    if (was) setenv("QLORA_CPU_AMX", keep, 1);
-    else unsetenv("QLORA_CPU_AMX");
+    if (was) setenv(var, keep, 1);
+    else unsetenv(var);
 }
 
 static void case_attention_shapes(const ag_backend *be, const ag_backend *ref) {
@@ -845,13 +862,17 @@ static void case_attention_shapes(const ag_backend *be, const ag_backend *ref) {
     attn_compare(be, ref, B, T2, 4, 1, 128, packed2, 104);
     attn_compare(be, ref, 1, T2, 2, 2, 64, NULL, 105);
     /* a sliding window (Gemma 3's local layers, ag_attn.window): causal, packed and the general mask, on
-     * the tiled kernels (hd 64) and the GEMM path (hd 40); the device tables refuse a window (SKIPPED there) */
-    if (!is_cuda(be)) {
-        attn_compare_window(be, ref, B, T, 6, 2, 64, NULL, 40, 106);
-        attn_compare_window(be, ref, B, T, 6, 2, 64, packed, 33, 107);
-        attn_compare_window(be, ref, B, T, 4, 2, 64, scattered, 29, 108);
-        attn_compare_window(be, ref, B, T, 4, 4, 40, scattered, 29, 109);
-    }
+     * the tiled kernels (hd 64) and the GEMM path (hd 40); on cuda the flash kernels (hd 64, tiles
+     * outside the window skipped) and the simple ones (hd 40) */
+    attn_compare_window(be, ref, B, T, 6, 2, 64, NULL, 40, 106);
+    attn_compare_window(be, ref, B, T, 6, 2, 64, packed, 33, 107);
+    attn_compare_window(be, ref, B, T, 4, 2, 64, scattered, 29, 108);
+    attn_compare_window(be, ref, B, T, 4, 4, 40, scattered, 29, 109);
+    /* a window longer than a 64-key tile, T past two query tiles of 64, hd 256 (Gemma 3 270M's; the
+     * flash kernels' smallest tiles) and hd 16 */
+    enum { T3 = 200 };
+    attn_compare_window(be, ref, 1, T3, 4, 1, 256, NULL, 70, 110);
+    attn_compare_window(be, ref, 1, T3, 2, 2, 16, NULL, 0, 111);
 }
 
 static void case_attention_cached(const ag_backend *be, const ag_backend *ref) {
@@ -870,7 +891,7 @@ static void case_attention_cached(const ag_backend *be, const ag_backend *ref) {
             assert_int_equal(ag_ctx_init_backend(&ctx, b, 4u << 20, &e), 0);
             ag_attn_cached a = {.q = to_dev(b, q, (size_t)n * H * hd * 4), .k = to_dev(b, K, (size_t)(max_pos * kvd) * 4),
                                 .v = to_dev(b, V, (size_t)(max_pos * kvd) * 4), .pos = pos, .kv_dim = kvd, .n = n,
-                                .H = H, .KVH = KVH, .hd = hd, .bf16 = bf};
+                                .H = H, .KVH = KVH, .hd = hd, .bf16 = bf, .window = bf ? 0 : 9}; /* fp32: a window */
             float *o = b->alloc((size_t)n * H * hd * 4);
             b->attention_cached(&ctx, &a, o);
             out[w] = to_host(b, o, (size_t)n * H * hd * 4);

@@ -574,11 +574,121 @@ static void test_adamw8bit_elems(void **state) {
     for (size_t k = 0; k < sizeof fr / sizeof fr[0]; k++) free(fr[k]);
 }
 
+/* ---- attention: the mask rule, the flash kernels' online softmax, the backward's p, a and dS ----
+ * head_dim 1 in fp32 (scale 1): each score and each dP is one product, which cpu-ref's GEMM (double
+ * sum, one rounding) and a float product round alike, so the CPU's row statistics and gradients are
+ * recomputed here exactly from the element functions; T < 128 keeps every row in one CPU block. */
+static void test_attn_rows(void **state) {
+    (void)state;
+    enum { B = 2, T = 100 };
+    int32_t sid[B * T];
+    for (int t = 0; t < T; t++) {
+        sid[t] = (t / 5) % 3;                          /* ids that recur: the general mask */
+        sid[T + t] = t < 37 ? 0 : (t < 70 ? 1 : 2); /* contiguous examples: the packed rows */
+    }
+    const int windows[] = {0, 29};
+    int64_t tiled_off = 0, tiled_n = 0;
+    for (size_t wi = 0; wi < sizeof windows / sizeof windows[0]; wi++) {
+        const int window = windows[wi];
+        ag_ctx ctx;
+        qerr e;
+        memset(&e, 0, sizeof e);
+        assert_int_equal(ag_ctx_init_backend(&ctx, ref(), 8u << 20, &e), 0);
+        float *q = rnd(B * T, 90, 3.0f), *k = rnd(B * T, 91, 3.0f), *v = rnd(B * T, 92, 1.0f), *dout = rnd(B * T, 93, 1.0f);
+        ag_attn a;
+        memset(&a, 0, sizeof a);
+        a.qb = q;
+        a.kb = k;
+        a.vb = v;
+        a.seq_ids = sid;
+        a.B = B;
+        a.T = T;
+        a.H = 1;
+        a.KVH = 1;
+        a.hd = 1;
+        a.window = window;
+        a.rmax = (float *)malloc(B * T * 4);
+        a.rinv = (float *)malloc(B * T * 4);
+        a.seglo = (int32_t *)malloc(B * T * 4);
+        a.seg_ok = (unsigned char *)malloc(B);
+        float *o = (float *)malloc(B * T * 4), *dq = (float *)calloc(B * T, 4), *dk = (float *)calloc(B * T, 4),
+              *dv = (float *)calloc(B * T, 4);
+        ref()->attention_fwd(&ctx, &a, o, NULL);
+        ref()->attention_bwd(&ctx, &a, dout, dq, dk, dv);
+        double *dk2 = (double *)calloc(B * T, 8), *dv2 = (double *)calloc(B * T, 8);
+        for (int b = 0; b < B; b++) {
+            const int32_t *sb = sid + b * T;
+            int32_t lo[T];
+            /* the seg bookkeeping: the CPU's seglo (window applied) and seg_ok */
+            int ok = qe_attn_seg_lo(sb, T, window, lo);
+            assert_int_equal(ok, a.seg_ok[b]);
+            assert_int_equal(ok, b == 1);
+            for (int i = 0; i < T; i++) assert_int_equal(lo[i], a.seglo[b * T + i]);
+            for (int i = 0; i < T; i++) {
+                /* the range rule bounds the element rule, and equals it on packed rows */
+                int l = qe_attn_lo(ok, lo[i], window, i);
+                if (i > 0) assert_true(l >= qe_attn_lo(ok, lo[i - 1], window, i - 1)); /* no lower than the row before: tiles skip by their first row */
+                for (int j = 0; j < T; j++) {
+                    int al = qe_attn_allowed(i, j, sb[i], sb[j], window);
+                    if (al) assert_true(j >= l && j <= i);
+                    if (ok) assert_int_equal(al, j >= l && j <= i);
+                }
+                /* forward row statistics: one tile = the CPU's max and sum bit for bit */
+                float s[T], s2[T];
+                for (int j = 0; j < T; j++)
+                    s[j] = qe_attn_allowed(i, j, sb[i], sb[j], window) ? q[b * T + i] * k[b * T + j] : -INFINITY;
+                memcpy(s2, s, sizeof s);
+                float m = -INFINITY, sum = 0.0f;
+                float c = qe_flash_row_update(s, T, &m, &sum);
+                assert_true(c == 0.0f);
+                ASSERT_SAME(m, a.rmax[b * T + i], "attn row max", i);
+                ASSERT_SAME(1.0f / sum, a.rinv[b * T + i], "attn row 1/sum", i);
+                /* tiles of 16 keys (the online rescaling): the same max, the sum within a few roundings */
+                float m2 = -INFINITY, l2 = 0.0f;
+                for (int j0 = 0; j0 < T; j0 += 16) qe_flash_row_update(s2 + j0, T - j0 < 16 ? T - j0 : 16, &m2, &l2);
+                ASSERT_SAME(m2, m, "attn tiled row max", i);
+                float rel = fabsf(1.0f / l2 - a.rinv[b * T + i]) / a.rinv[b * T + i];
+                if (rel > 1e-6f) fail_msg("attn tiled 1/sum row %d: rel %g", i, (double)rel);
+                tiled_off += !same(1.0f / l2, a.rinv[b * T + i]);
+                tiled_n++;
+                /* backward: p again, a = Σ p dP (double), dS, then dq = dS k as cpu-ref's GEMM sums */
+                float p[T], dp[T], ds[T];
+                double arow = 0.0;
+                for (int j = 0; j < T; j++) {
+                    int al = qe_attn_allowed(i, j, sb[i], sb[j], window);
+                    p[j] = al ? qe_attn_p(q[b * T + i] * k[b * T + j], a.rmax[b * T + i], a.rinv[b * T + i]) : 0.0f;
+                    dp[j] = dout[b * T + i] * v[b * T + j];
+                    if (al) arow += qe_attn_a_term(p[j], dp[j]);
+                }
+                double dqi = 0.0;
+                for (int j = 0; j < T; j++) {
+                    int al = qe_attn_allowed(i, j, sb[i], sb[j], window);
+                    ds[j] = al ? qe_attn_ds(p[j], dp[j], (float)arow, 1.0f) : 0.0f;
+                    dqi += (double)ds[j] * (double)k[b * T + j];
+                    dk2[b * T + j] += (double)ds[j] * (double)q[b * T + i];
+                    dv2[b * T + j] += (double)p[j] * (double)dout[b * T + i];
+                }
+                ASSERT_SAME((float)dqi, dq[b * T + i], "attn dq", i);
+            }
+        }
+        for (int i = 0; i < B * T; i++) {
+            ASSERT_SAME((float)dk2[i], dk[i], "attn dk", i);
+            ASSERT_SAME((float)dv2[i], dv[i], "attn dv", i);
+        }
+        void *fr[] = {q, k, v, dout, a.rmax, a.rinv, a.seglo, a.seg_ok, o, dq, dk, dv, dk2, dv2};
+        for (size_t f = 0; f < sizeof fr / sizeof fr[0]; f++) free(fr[f]);
+        ag_ctx_free(&ctx);
+    }
+    printf("[cuda_elem] flash row update in 16-key tiles: %lld of %lld rows' 1/sum differ from one pass (within 1e-6)\n",
+           (long long)tiled_off, (long long)tiled_n);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_bf16_exp_rng), cmocka_unit_test(test_nf4_decode), cmocka_unit_test(test_int8_decode), cmocka_unit_test(test_dropout_bit),
         cmocka_unit_test(test_rmsnorm_row),  cmocka_unit_test(test_rope_pair),  cmocka_unit_test(test_swiglu),
         cmocka_unit_test(test_optim_elems), cmocka_unit_test(test_adamw8bit_elems),  cmocka_unit_test(test_sumsq),      cmocka_unit_test(test_ce_rows),
+        cmocka_unit_test(test_attn_rows),
     };
     return cmocka_run_group_tests_name("cuda_elem", tests, NULL, NULL);
 }

@@ -261,10 +261,37 @@ static void test_gemma3_norms_plan(void **st) {
     assert_true(normed.base == plain.base && normed.adapters == plain.adapters);
 }
 
+/* device: cuda's host side (memplan_predict_host_of_device, the trainer's "[memory] host:" line): the
+ * host plan's base, baseline and data, the two pinned staging buffers, offload's pinned block inputs;
+ * nothing of the adapters, optimizer or activations, which are the device plan's. */
+static void test_host_of_device(void **st) {
+    (void)st;
+    const llama_hparams sm = {.n_layer = 30, .d_model = 576, .n_head = 9, .n_kv_head = 3, .head_dim = 64,
+                              .d_ff = 1536, .vocab = 49152, .context_length = 8192, .rope_theta = 100000.0f,
+                              .rms_eps = 1e-5f, .tied_embeddings = 1};
+    memplan_input in = {.hp = sm, .B = 2, .T = 512, .checkpointing = 3, .bf16 = 1, .lora_r = 16,
+                        .lora_params = 4884480, .frozen_bytes = 54770040, .extra_bytes = 100 << 20,
+                        .data_bytes = 7 << 20, .n_threads = 2, .device_cuda = 1};
+    memplan host, dev, cpu, h2;
+    memplan_predict_host_of_device(&in, &host);
+    memplan_predict(&in, &dev);
+    in.device_cuda = 0;
+    memplan_predict(&in, &cpu);
+    memplan_predict_host_of_device(&in, &h2); /* device_cuda of the input does not matter */
+    assert_memory_equal(&host, &h2, sizeof host);
+    assert_true(host.base == cpu.base && host.data == cpu.data && host.data == 7 << 20);
+    assert_true(host.runtime == cpu.runtime + 16.0 * 1048576.0);
+    assert_true(host.adapters == 0 && host.optimizer == 0 && host.activations == 0 && host.scratch == 0);
+    assert_true(dev.host_offload > 0 && host.host_offload == dev.host_offload);
+    assert_true(host.total == host.base + host.runtime + host.data + host.host_offload);
+    assert_true(host.total < cpu.total); /* the activations and adapters moved to the device */
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {cmocka_unit_test(test_nf4_bytes), cmocka_unit_test(test_device_plan),
                                        cmocka_unit_test(test_selective_plan), cmocka_unit_test(test_accumulation_buffer),
                                        cmocka_unit_test(test_ranks_plan), cmocka_unit_test(test_sharded_optimizer_plan),
-                                       cmocka_unit_test(test_attention_scratch), cmocka_unit_test(test_gemma3_norms_plan)};
+                                       cmocka_unit_test(test_attention_scratch), cmocka_unit_test(test_gemma3_norms_plan),
+                                       cmocka_unit_test(test_host_of_device)};
     return cmocka_run_group_tests_name("memplan", tests, NULL, NULL);
 }

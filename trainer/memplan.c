@@ -179,6 +179,19 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     out->checkpointing = in->checkpointing;
 }
 
+void memplan_predict_host_of_device(const memplan_input *in, memplan *out) {
+    memplan_input h = *in, d = *in;
+    h.device_cuda = 0;
+    d.device_cuda = 1;
+    memplan dev;
+    memplan_predict(&d, &dev);
+    memplan_predict(&h, out);
+    out->adapters = out->optimizer = out->activations = out->scratch = out->gather = 0.0;
+    out->runtime += 2.0 * 8.0 * 1048576.0; /* backend_cuda.cu PIN_BYTES, two staging buffers */
+    out->host_offload = dev.host_offload;
+    out->total = out->base + out->runtime + out->data + out->host_offload;
+}
+
 void memplan_print(FILE *f, const memplan *p) {
     const double M = 1048576.0;
     fprintf(f,

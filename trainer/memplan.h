@@ -74,6 +74,14 @@ typedef struct memplan {
 
 void memplan_predict(const memplan_input *in, memplan *out);
 
+/* The host side of a run on a device (device: cuda), from the same input (device_cuda ignored): the frozen
+ * base as loaded (the device mirrors it from these host copies; an untied embedding table is gathered
+ * there), the process baseline with the mapped model file (runtime, as memplan_predict without a
+ * device, plus the backend's two 8 MiB pinned staging buffers), the dataset's rows (data) and, with
+ * gradient_checkpointing: offload, the pinned block inputs (host_offload, here in total). Adapters,
+ * gradients, optimizer state, activations and scratch are device memory: 0 here. */
+void memplan_predict_host_of_device(const memplan_input *in, memplan *out);
+
 /* Bytes of an NF4 (double-quantized, bnb layout) weight of rows x cols with blocksize
  * (quant/nf4.h nf4_nbytes without building it): packed nibbles, u8 block codes, fp32 nested
  * absmax per 256 blocks, the offset. */

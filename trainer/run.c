@@ -446,10 +446,6 @@ static int setup_base_model(run_ctx *r, qerr *e) {
                         "%s: sequence_len: %d exceeds the model's context length %d (llama.context_length in %s); "
                         "expected at most %d",
                         r->cfgname, c->sequence_len, hp0->context_length, c->base_model, hp0->context_length);
-    if (hp0->arch == LLAMA_ARCH_GEMMA3 && strcmp(ag_backend_default()->name, "cuda") == 0)
-        return qerr_set(e, "%s: base_model %s: a gemma3 model on device cuda is not implemented (the CUDA attention "
-                           "kernels have no sliding window; head_dim %d); use device: cpu", r->cfgname, c->base_model,
-                        hp0->head_dim);
     if (hp0->sliding_window > 0 && !hp0->window_mask && c->sequence_len > hp0->sliding_window)
         return qerr_set(e,
                         "%s: sequence_len: %d exceeds the sliding_window of %d tokens of %s: sliding-window attention "
@@ -730,6 +726,38 @@ static int check_resume_adapter(const run_ctx *r, qerr *e) {
     return 0;
 }
 
+/* The keys that drive the largest part of plan p, for a refusal: one phrase into why. */
+static void plan_why(const run_ctx *r, const memplan *p, char *why, size_t n) {
+    const train_config *c = r->c;
+    const double M = 1048576.0;
+    const double ad = p->adapters + p->optimizer;
+    if (p->data >= ad && p->data >= p->base && p->data >= p->activations)
+        snprintf(why, n,
+                 "the dataset's packed rows %.0f MiB (%lld training and %lld held-out rows of sequence_len %d): "
+                 "train on a smaller dataset or on parts of it",
+                 p->data / M, (long long)r->train_set.n_rows, (long long)r->eval_set.n_rows, c->sequence_len);
+    else if (p->activations >= ad && p->activations >= p->base)
+        snprintf(why, n,
+                 "activations %.0f MiB for micro_batch_size %d x sequence_len %d%s: lower micro_batch_size "
+                 "(raise gradient_accumulation_steps to keep the batch) or sequence_len%s",
+                 p->activations / M, c->micro_batch_size, c->sequence_len,
+                 c->gradient_checkpointing == 2 ? " (with gradient_checkpointing: selective)"
+                 : c->gradient_checkpointing    ? " (with gradient_checkpointing)"
+                                                : "",
+                 c->gradient_checkpointing == 2 ? ", or set gradient_checkpointing: true"
+                 : c->gradient_checkpointing    ? ""
+                                                : ", or set gradient_checkpointing: selective or true");
+    else if (ad >= p->base)
+        snprintf(why, n,
+                 "LoRA adapters, gradients and optimizer state %.0f MiB for lora_r %d: lower lora_r or target "
+                 "fewer modules (lora_target_modules, lora_target_linear)",
+                 ad / M, c->lora_r);
+    else
+        snprintf(why, n, "the frozen base_model %.0f MiB: use a smaller base_model%s", p->base / M,
+                 c->load_in_4bit ? "" : c->load_in_8bit ? " or load_in_4bit: true (NF4, half the bytes of int8)"
+                                                        : " or load_in_4bit: true");
+}
+
 /* The memory plan (trainer/memplan.c), once the frozen weights are loaded and
  * before the adapters, their gradients and the optimizer state are allocated:
  * a run whose predicted peak exceeds the machine's memory is refused here,
@@ -807,7 +835,26 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
                                                              llama_fsdp_table_chunk_bytes(m->fsdp))
                                                  : 0};
     memplan_predict(&mpi, &r->plan);
-    const memplan *p = &r->plan;
+    r->plan_on_device = !strcmp(ag_backend_default()->name, "cuda");
+    if (r->plan_on_device) { /* the device's plan (as qlora-bench --device cuda --plan-only), and the host side */
+        mpi.device_cuda = 1;
+        memplan_predict(&mpi, &r->plan);
+        memplan_predict_host_of_device(&mpi, &r->plan_host);
+        double dfree = 0, dtotal = 0;
+        if (ag_backend_cuda_mem_info(&dfree, &dtotal) == 0 && r->plan.total > dtotal) {
+            char why[512];
+            plan_why(r, &r->plan, why, sizeof why);
+            if (!c->memory_check)
+                fprintf(stderr, "[memory] memory_check: false: the predicted device peak %.0f MiB exceeds the "
+                                "device's %.0f MiB; running anyway\n", r->plan.total / 1048576.0, dtotal / 1048576.0);
+            else
+                return qerr_set(e,
+                                "%s: memory: the planner predicts a device peak of %.0f MiB, more than the CUDA "
+                                "device's %.0f MiB; most of it is %s (or set memory_check: false to run anyway)",
+                                r->cfgname, r->plan.total / 1048576.0, dtotal / 1048576.0, why);
+        }
+    }
+    const memplan *p = r->plan_on_device ? &r->plan_host : &r->plan;
     const double M = 1048576.0;
     const char *what = NULL;
     const double have = memplan_machine_bytes(&what);
@@ -822,34 +869,8 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
                             "MiB of %s; running anyway\n", need / M, ranks_note, have / M, what);
             return 0;
         }
-        /* the keys that drive the largest part */
         char why[512];
-        const double ad = p->adapters + p->optimizer;
-        if (p->data >= ad && p->data >= p->base && p->data >= p->activations)
-            snprintf(why, sizeof why,
-                     "the dataset's packed rows %.0f MiB (%lld training and %lld held-out rows of sequence_len %d): "
-                     "train on a smaller dataset or on parts of it",
-                     p->data / M, (long long)r->train_set.n_rows, (long long)r->eval_set.n_rows, c->sequence_len);
-        else if (p->activations >= ad && p->activations >= p->base)
-            snprintf(why, sizeof why,
-                     "activations %.0f MiB for micro_batch_size %d x sequence_len %d%s: lower micro_batch_size "
-                     "(raise gradient_accumulation_steps to keep the batch) or sequence_len%s",
-                     p->activations / M, c->micro_batch_size, c->sequence_len,
-                     c->gradient_checkpointing == 2 ? " (with gradient_checkpointing: selective)"
-                     : c->gradient_checkpointing    ? " (with gradient_checkpointing)"
-                                                    : "",
-                     c->gradient_checkpointing == 2 ? ", or set gradient_checkpointing: true"
-                     : c->gradient_checkpointing    ? ""
-                                                    : ", or set gradient_checkpointing: selective or true");
-        else if (ad >= p->base)
-            snprintf(why, sizeof why,
-                     "LoRA adapters, gradients and optimizer state %.0f MiB for lora_r %d: lower lora_r or target "
-                     "fewer modules (lora_target_modules, lora_target_linear)",
-                     ad / M, c->lora_r);
-        else
-            snprintf(why, sizeof why, "the frozen base_model %.0f MiB: use a smaller base_model%s", p->base / M,
-                     c->load_in_4bit ? "" : c->load_in_8bit ? " or load_in_4bit: true (NF4, half the bytes of int8)"
-                                                            : " or load_in_4bit: true");
+        plan_why(r, p, why, sizeof why);
         return qerr_set(e,
                         "%s: memory: the planner predicts a peak of %.0f MiB%s, more than this machine's %.0f MiB of "
                         "%s; most of it is %s (or set memory_check: false to run anyway)",
@@ -981,7 +1002,23 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
                     : "nothing sharded (each rank holds the base, the adapters and the optimizer state)",
                 r->plan.total / 1048576.0, r->comm->timeout_sec);
 
-    memplan_print(stderr, &r->plan); /* predicted and checked in setup_model */
+    if (r->plan_on_device) { /* device: cuda: the device's plan as qlora-bench --device cuda --plan-only prints it, then the host side */
+        char dname[256] = "?";
+        double dmem = 0;
+        ag_backend_cuda_device_name(dname, sizeof dname, &dmem);
+        fprintf(stderr, "[memory] device (cuda: %s, %.0f MiB): predicted peak %.0f MiB\n", dname, dmem / 1048576.0,
+                r->plan.total / 1048576.0);
+        memplan_print_table(stderr, &r->plan);
+        const memplan *h = &r->plan_host;
+        fprintf(stderr,
+                "[memory] host: predicted peak %.0f MiB = base %.0f (the frozen weights as loaded; the device mirrors "
+                "them) + runtime %.0f (with the mapped model file and pinned staging) + data %.0f\n",
+                h->total / 1048576.0, h->base / 1048576.0, h->runtime / 1048576.0, h->data / 1048576.0);
+        if (h->host_offload > 0)
+            fprintf(stderr, "[memory] host: + %.0f MiB pinned for gradient_checkpointing: offload's block inputs "
+                            "(in the host peak)\n", h->host_offload / 1048576.0);
+    } else
+        memplan_print(stderr, &r->plan); /* predicted and checked in setup_model */
 
     if (ag_ctx_init(&r->ctx, memplan_arena_chunk(&r->plan), e)) return -1;
     r->ctx.bf16 = c->bf16;
@@ -1230,10 +1267,15 @@ int run_finish(run_ctx *r, qerr *e) {
     if (plot_run_loss_curves(mpath, c->output_dir, e)) return -1;
     res->wall_seconds = clock_now_sec() - r->t_start;
     res->peak_rss_mib = proc_peak_rss_mib();
+    const memplan *hp = r->plan_on_device ? &r->plan_host : &r->plan;
     fprintf(stderr, "[memory] peak RSS %.0f MiB (predicted %.0f MiB, %+.1f%%); activation arena peak %.0f MiB\n",
-            res->peak_rss_mib, r->plan.total / 1048576.0,
-            100.0 * (r->plan.total / 1048576.0 - res->peak_rss_mib) / res->peak_rss_mib,
+            res->peak_rss_mib, hp->total / 1048576.0,
+            100.0 * (hp->total / 1048576.0 - res->peak_rss_mib) / res->peak_rss_mib,
             r->ctx.arena.peak / 1048576.0);
+    double dfree = 0, dtotal = 0;
+    if (r->plan_on_device && ag_backend_cuda_mem_info(&dfree, &dtotal) == 0)
+        fprintf(stderr, "[memory] device: %.0f MiB in use at the end (cudaMemGetInfo: total - free, every process on "
+                        "it; predicted peak %.0f MiB)\n", (dtotal - dfree) / 1048576.0, r->plan.total / 1048576.0);
     ag_offload_info oi;
     ag_offload_get_info(&r->ctx, &oi);
     if (oi.n_d2h > 0)

@@ -79,7 +79,9 @@ typedef struct run_ctx {
     int64_t rows_per_step; /* mbs * gas * world: the global batch in rows */
     int steps_per_epoch, total_steps, warmup, eval_every, save_every;
     lr_schedule_kind sk;
-    memplan plan;
+    memplan plan;          /* the memory plan of where the run computes: host memory, or on device: cuda the device's */
+    memplan plan_host;     /* device: cuda: the host side of the run (memplan_predict_host_of_device) */
+    int plan_on_device;    /* 1 when plan is a device plan (the default backend is cuda) */
 
     /* engine and optimizer */
     ag_ctx ctx;
