@@ -260,7 +260,7 @@ static const ax_key TOP[] = {
     {"activation_offloading", AX_SAFE, NULL, "what to recompute or offload; recomputation here is exact"},
     {"layer_offloading", AX_SAFE, NULL, "memory placement only; every value is computed the same"},
     {"freeze_mm_modules", AX_SAFE, NULL, "no multimodal modules here"},
-    {"unfrozen_parameters", AX_REFUSE, NULL, "training base weights is not implemented (LoRA adapters only)"},
+    {"unfrozen_parameters", AX_IMPL, NULL, "under an adapter axolotl matches the patterns against the PEFT model's names and trains only what they match (trainer/unfreeze.h): exactly the LoRA weights, accepted; nothing (axolotl's Gemma 3 examples: it would train nothing), accepted with a [config] line, LoRA trained; base weights or some adapters, refused naming them"},
     {"sequence_len", AX_IMPL, NULL, NULL},
     {"excess_length_strategy", AX_REFUSE, "truncate", "qlora truncates alpaca/chat examples at sequence_len and splits completion text into chunks"},
     {"eval_sequence_len", AX_REFUSE, NULL, "held-out rows use sequence_len, and no example is dropped for being short"},
