@@ -374,7 +374,7 @@ static const ax_key TOP[] = {
     {"max_memory", AX_SAFE, NULL, "memory placement only; every value is computed the same"},
     {"gpu_memory_limit", AX_SAFE, NULL, "memory placement only; every value is computed the same"},
     {"low_cpu_mem_usage", AX_SAFE, NULL, "memory placement only; every value is computed the same"},
-    {"chat_template", AX_IMPL, NULL, "tokenizer_default (the model file's template); axolotl's chatml, qwen_25, llama3, mistral_v1, mistral_v2v3, mistral_v3_tekken, phi_3, phi_35 (each rendered exactly: tests/test_reference_axolotl_chat.c); jinja; tokenizer_default_fallback_chatml / _llama3; other names refused by name with the reason"},
+    {"chat_template", AX_IMPL, NULL, "tokenizer_default (the model file's template); axolotl's chatml, qwen_25, llama3, mistral_v1, mistral_v2v3, mistral_v3_tekken, phi_3, phi_35, gemma3 (each rendered exactly: tests/test_reference_axolotl_chat.c); jinja; tokenizer_default_fallback_chatml / _llama3; other names refused by name with the reason"},
     {"chat_template_jinja", AX_IMPL, NULL, "with chat_template: jinja: a template text (or file) qlora recognises by hash (a model's or one of axolotl's above); any other text is refused, never approximated"},
     {"chat_template_kwargs", AX_REFUSE, NULL, "templates are recognised, not executed (no Jinja engine): see chat_template"},
     {"eot_tokens", AX_IMPL, NULL, "[the template's end-of-turn token] (axolotl's default: [eos_token]); any other list refused"},
