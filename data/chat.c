@@ -29,6 +29,7 @@ typedef enum chat_kind {
     CHAT_AXO_MISTRAL_V2V3, /* mistral_v2v3: "[INST] " .. "[/INST]", " " content|trim eos; system before the last user */
     CHAT_AXO_PHI3,       /* phi_3: bos, <|system|> rendered, user turns end with <|assistant|>\n */
     CHAT_AXO_PHI35,      /* phi_35: Phi-3.5 without the final eos */
+    CHAT_AXO_GEMMA3,     /* gemma3: bos, <start_of_turn>user|model, system folded into the first user turn */
 } chat_kind;
 
 struct chat_template {
@@ -56,6 +57,7 @@ static const chat_template KNOWN[] = {
     {0x925240bde6082d37ull, "axolotl mistral_v3_tekken", CHAT_MISTRAL_V3, NULL, "mistral_v3_tekken"},
     {0x7a1ff230c05aacf4ull, "axolotl phi_3", CHAT_AXO_PHI3, NULL, "phi_3"},
     {0x23dbb0a81bf1a077ull, "axolotl phi_35", CHAT_AXO_PHI35, NULL, "phi_35"},
+    {0x55bf04d289ba85d7ull, "axolotl gemma3", CHAT_AXO_GEMMA3, NULL, "gemma3"},
 };
 #define N_KNOWN (sizeof KNOWN / sizeof KNOWN[0])
 
@@ -142,7 +144,7 @@ int chat_template_find(const char *source, const chat_template **out, qerr *e) {
                     "chat template not supported: XXH64 %016" PRIx64 " (\"%s...\") is none of the templates qlora "
                     "renders exactly (SmolLM2, Qwen2, Qwen2.5, Llama 3.1, Llama 2, Mistral v3 (Nemo), Phi-3, "
                     "Phi-3.5, and axolotl's chatml, qwen_25, llama3, mistral_v1, mistral_v2v3, mistral_v3_tekken, "
-                    "phi_3, phi_35); it is not approximated",
+                    "phi_3, phi_35, gemma3); it is not approximated",
                     h, head);
 }
 
@@ -162,6 +164,8 @@ static const struct {
                         "today), so the same data renders differently from day to day; use llama3, or the "
                         "model's own template (tokenizer_default: Llama 3.1's fixed \"26 Jul 2024\")"},
     {"alpaca", "not rendered here; use type: alpaca for instruction / input / output records"},
+    {"gemma", "the template of Gemma 1 and Gemma 2, model families qlora does not run (it runs Gemma 3: "
+              "chat_template: gemma3 renders the same turns and folds a system message into the first user turn)"},
 };
 
 int chat_template_named(const char *name, const chat_template **out, qerr *e) {
@@ -175,8 +179,8 @@ int chat_template_named(const char *name, const chat_template **out, qerr *e) {
         if (!strcmp(AXO_REFUSED[i].name, name))
             return qerr_set(e, "chat_template: \"%s\": refused: %s", name, AXO_REFUSED[i].why);
     return qerr_set(e, "chat_template: \"%s\" is not one of axolotl's templates qlora renders exactly (chatml, "
-                       "qwen_25, llama3, mistral_v1, mistral_v2v3, mistral_v3_tekken, phi_3, phi_35; their model "
-                       "families are the ones qlora runs)", name);
+                       "qwen_25, llama3, mistral_v1, mistral_v2v3, mistral_v3_tekken, phi_3, phi_35, gemma3; their "
+                       "model families are the ones qlora runs)", name);
 }
 
 const char *chat_template_axolotl_name(const chat_template *ct) { return ct->axolotl; }
@@ -209,6 +213,7 @@ const char *chat_template_eot(const chat_template *ct, const tokenizer *t) {
     case CHAT_AXO_PHI3:
     case CHAT_PHI35:
     case CHAT_AXO_PHI35: return "<|end|>";
+    case CHAT_AXO_GEMMA3: return "<end_of_turn>";
     default: return tokenizer_eos_id(t) >= 0 ? tokenizer_token_text(t, tokenizer_eos_id(t)) : NULL;
     }
 }
@@ -373,6 +378,41 @@ static int render_mistral(const chat_template *ct, const tokenizer *t, const cha
     return rc; /* the templates ignore add_generation_prompt */
 }
 
+/* axolotl's gemma3 (templates/gemma3.jinja, Gemma 3's own template): {{ bos_token }}; a leading system
+ * message becomes first_user_prefix = content + "\n\n" (not trimmed) and leaves the loop; roles must
+ * alternate user/model from there (raise_exception); each turn is "<start_of_turn>" + (assistant ->
+ * "model", else the role) + "\n" + first_user_prefix on the first turn + content|trim + "<end_of_turn>\n";
+ * add_generation_prompt: "<start_of_turn>model\n". A system message at an odd position passes the
+ * alternation check and renders as a "system" turn, as the template does. */
+static int render_gemma3(const chat_template *ct, const tokenizer *t, const chat_message *msgs, int n,
+                         int add_generation_prompt, rctx *r) {
+    const chat_message *loop = msgs;
+    int nl = n;
+    const char *system = NULL, *bos;
+    if (n > 0 && role_is(&msgs[0], "system")) {
+        system = msgs[0].content;
+        loop++, nl--;
+    }
+    if (check_alternation(ct, loop, nl, r->e)) return -1;
+    if (!(bos = special_text(t, tokenizer_bos_id(t), "bos_token", ct, r->e))) return -1;
+    strbuf_puts(r->b, bos);
+    for (int i = 0; i < nl; i++) {
+        strbuf_puts(r->b, "<start_of_turn>");
+        strbuf_puts(r->b, role_is(&loop[i], "assistant") ? "model" : loop[i].role);
+        strbuf_puts(r->b, "\n");
+        if (i == 0 && system) {
+            put_content(r, system, 0);
+            strbuf_puts(r->b, "\n\n");
+        }
+        size_t a = put_content(r, loop[i].content, 1);
+        strbuf_puts(r->b, "<end_of_turn>");
+        if (role_is(&loop[i], "assistant") && trained(r, a)) return -1;
+        strbuf_puts(r->b, "\n");
+    }
+    if (add_generation_prompt) strbuf_puts(r->b, "<start_of_turn>model\n");
+    return 0;
+}
+
 int chat_render(const chat_template *ct, const tokenizer *t, const chat_message *msgs, int n,
                 int add_generation_prompt, strbuf *b, chat_spans *sp, qerr *e) {
     if (check_roles(ct, msgs, n, e)) return -1;
@@ -442,6 +482,9 @@ int chat_render(const chat_template *ct, const tokenizer *t, const chat_message 
         break;
     case CHAT_LLAMA2:
         rc = render_llama2(ct, t, msgs, n, &r);
+        break;
+    case CHAT_AXO_GEMMA3:
+        rc = render_gemma3(ct, t, msgs, n, add_generation_prompt, &r);
         break;
     case CHAT_MISTRAL_V3:
     case CHAT_AXO_MISTRAL_V1:

@@ -42,13 +42,16 @@
  * " " content eos), mistral_v2v3 ("[INST] ", system before the last user
  * turn, " " content|trim eos), mistral_v3_tekken (renders as Mistral v3),
  * phi_3 (Phi-3 with <|system|> turns), phi_35 (Phi-3.5 without the final
- * eos). llama3_2_vision is refused (its header carries the day's date).
+ * eos), gemma3 (Gemma 3's: bos, <start_of_turn>user / model turns with
+ * content|trim and <end_of_turn>\n, a system message folded into the first
+ * user turn, roles alternating). llama3_2_vision is refused (its header
+ * carries the day's date); gemma (Gemma 1 / 2, families qlora does not run).
  *
  * Roles: system, user and assistant; any other role ("tool", ...) is refused
  * by name, as are conversations a template itself rejects (raise_exception).
  * Trained spans (train_on_inputs: false): each assistant message's content
  * through the template's end-of-turn token (<|im_end|>, <|eot_id|>, </s>,
- * <|end|>), not the text after it.
+ * <|end|>, <end_of_turn>), not the text after it.
  * Reference: tests/test_reference_chat_templates.c compares strings and ids
  * with apply_chat_template over the real Jinja files.
  */
@@ -104,7 +107,7 @@ int chat_template_system_in_user_turn(const chat_template *ct);
 
 /* The text of the token that ends a turn in this template: <|im_end|>,
  * <|eot_id|>, <|end|>, or the tokenizer's eos (Llama 2, Mistral); NULL when
- * that is eos and the tokenizer has none. */
+ * that is eos and the tokenizer has none (<end_of_turn> for gemma3). */
 const char *chat_template_eot(const chat_template *ct, const tokenizer *t);
 
 /* chat_render: append the rendering of msgs[0..n) to `out` exactly as

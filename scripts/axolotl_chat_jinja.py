@@ -21,7 +21,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "data", "chat_axolotl_jinja.inc")
-NAMES = ["chatml", "qwen_25", "llama3", "mistral_v1", "mistral_v2v3", "mistral_v3_tekken", "phi_3", "phi_35"]
+NAMES = ["chatml", "qwen_25", "llama3", "mistral_v1", "mistral_v2v3", "mistral_v3_tekken", "phi_3", "phi_35",
+         "gemma3"]
 
 
 def c_string(text):

@@ -23,6 +23,12 @@ Two oracles, neither written here:
      train_on_inputs, drop_system_message) of each record: input_ids and labels, for axolotl's named
      templates and for the models' own
      templates qlora renders (the Jinja files of scripts/make_chat_fixtures.py).
+
+With --gemma3 it writes tests/fixtures/ref_axolotl_chat_gemma3.qref.gz instead: axolotl's gemma3 template
+with the real Gemma 3 tokenizer, read from models/gemma-3-270m-q4_k_m.gguf (make gemma3-model) by
+transformers' GGUF loader; every rendering's ids are also checked against llama.cpp's tokenizer
+(llama-cpp-python, vocab_only) on the same file. Kept apart so that the vocab-only fixture does not need
+the 240 MB model.
 """
 import importlib.abc
 import importlib.machinery
@@ -37,7 +43,10 @@ from make_reference import versions, write_qref  # noqa: E402
 import make_vocab_fixtures as mv  # noqa: E402
 import make_chat_fixtures as mc  # noqa: E402
 
-OUT = os.path.join(ROOT, "tests", "fixtures", "ref_axolotl_chat.qref.gz")
+GEMMA3 = "--gemma3" in sys.argv[1:]
+OUT = os.path.join(ROOT, "tests", "fixtures",
+                   "ref_axolotl_chat_gemma3.qref.gz" if GEMMA3 else "ref_axolotl_chat.qref.gz")
+GEMMA3_GGUF = os.path.join(ROOT, "models", "gemma-3-270m-q4_k_m.gguf")
 AXO = os.environ.get("AXOLOTL_SRC", "/tmp/axo_dl/axolotl-0.19.0")
 TDIR = os.path.join(AXO, "src", "axolotl", "utils", "chat_templates", "templates")
 
@@ -86,6 +95,8 @@ NAMED = [
     ("phi_3", "phi-3"),
     ("phi_35", "phi-3"),
 ]
+if GEMMA3:
+    NAMED = [("gemma3", "gemma3")]
 
 S, U, A = "system", "user", "assistant"
 CONVERSATIONS = mc.CONVERSATIONS + [
@@ -93,6 +104,12 @@ CONVERSATIONS = mc.CONVERSATIONS + [
      (A, "<|im_end|> is text here, \\n and \\\\ too")],
     [(U, "q1"), (A, "  a1  "), (U, "q2"), (A, "a2\n")],
 ]
+if GEMMA3:  # Gemma's turns: <start_of_turn>model, the system text folded into the first user turn
+    CONVERSATIONS += [
+        [(S, "  Padded system.  "), (U, "  padded user  "), (A, "<start_of_turn>model in the text<end_of_turn>")],
+        [(U, "q"), (S, "a system message where the assistant would be"), (U, "q2"), (A, "a2")],
+        [(S, "Only a system message.")],
+    ]
 
 # records for the labels: every conversation as {"messages": [...]}, and axolotl's field_system ("system": a
 # record's top-level system prompt becomes the first message when the conversation has none)
@@ -123,11 +140,26 @@ SETTINGS = [
 TERMINATOR = {"chatml": "<|im_end|>", "qwen_25": "<|im_end|>", "llama3": "<|eot_id|>",
               "llama3_2_vision": "<|eot_id|>", "phi_3": "<|end|>", "phi_35": "<|end|>",
               "Llama 3.1": "<|eot_id|>", "Qwen2.5": "<|im_end|>", "Qwen2": "<|im_end|>", "Phi-3.5": "<|end|>",
-              "Phi-3": "<|end|>"}  # the others end a turn with eos
+              "Phi-3": "<|end|>", "gemma3": "<end_of_turn>"}  # the others end a turn with eos
+
+
+_LLAMA = {}
+
+
+def llama_ids(text):
+    """llama.cpp's tokenization of a rendering (special tokens parsed, no bos added) on the Gemma 3 GGUF."""
+    if "m" not in _LLAMA:
+        from llama_cpp import Llama
+        _LLAMA["m"] = Llama(model_path=GEMMA3_GGUF, vocab_only=True, verbose=False)
+    return _LLAMA["m"].tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
 
 def hf_tokenizer(shape):
     from transformers import PreTrainedTokenizerFast
+    if shape == "gemma3":
+        from transformers import AutoTokenizer
+        hft = AutoTokenizer.from_pretrained(os.path.dirname(GEMMA3_GGUF), gguf_file=os.path.basename(GEMMA3_GGUF))
+        return hft, hft.backend_tokenizer
     tok, d = mv.build(shape)
     tokens = d["tokens"]
     bos = tokens[d["bos_token_id"]] if d.get("bos_token_id") is not None else None
@@ -148,6 +180,8 @@ def render_all(hft, tok, src, name):
                     t = t["input_ids"]
                 t = list(t)
                 assert t == tok.encode(s, add_special_tokens=False).ids, (name, msgs)
+                if GEMMA3:
+                    assert t == llama_ids(s), (name, msgs, "llama.cpp's ids differ")
                 out.append({"text": s, "ids": t})
             except Exception as ex:  # the template's raise_exception
                 if "TemplateError" not in type(ex).__name__:
@@ -169,7 +203,8 @@ def masks_all(hft, src, name, ct):
                 res = st.tokenize_prompt(json.loads(json.dumps(rec)))
                 out.append({"setting": si, "rec": ri, "ids": list(res["input_ids"]), "labels": list(res["labels"])})
             except Exception as ex:
-                if "TemplateError" not in type(ex).__name__ and "Conflict" not in str(ex):
+                if ("TemplateError" not in type(ex).__name__ and "Conflict" not in str(ex)
+                        and "empty conversation" not in str(ex)):
                     raise
                 out.append({"setting": si, "rec": ri, "error": str(ex)})
     return out
@@ -189,7 +224,8 @@ def main():
                                           ensure_ascii=False),
               "records": json.dumps(RECORDS, ensure_ascii=False), "settings": json.dumps(settings)}
     cases = [(n, "axolotl", lambda n=n: mc.read(os.path.join(TDIR, n + ".jinja")), shape) for n, shape in NAMED]
-    cases += [(n, "model", f, shape) for n, f, shape in mc.TEMPLATES]
+    if not GEMMA3:
+        cases += [(n, "model", f, shape) for n, f, shape in mc.TEMPLATES]
     names = []
     for i, (name, kind, src_fn, shape) in enumerate(cases):
         src = src_fn()

@@ -530,7 +530,8 @@ static void test_errors_per_key(void **state) {
                       "deepspeed: deepspeed_configs/zero2.json: cannot open");
     expect_load_error(t, "x.yaml", "fp16: true\n", "fp16: refused: fp16 in axolotl loads the base in float16");
     expect_load_error(t, "x.yaml", "chat_template: gemma\n",
-                      "chat_template: \"gemma\" is the template of a model family qlora does not run");
+                      "chat_template: \"gemma\" is the template of Gemma 1 and Gemma 2, model families qlora "
+                      "does not run");
     expect_load_error(t, "x.yaml", "chat_template: llama3_2_vision\n", "the day's date");
     expect_load_error(t, "x.yaml", "special_tokens:\n  additional_special_tokens: [\"<x>\"]\n",
                       "special_tokens.additional_special_tokens: refused");

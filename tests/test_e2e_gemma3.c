@@ -7,7 +7,9 @@
  * names), the merged export refused by name, and qlora-generate with the
  * adapter. Checked: exit codes, finite losses that fall over the 4 steps on
  * the 4 documents, every adapter tensor present and B no longer zero.
- * Without the model file the test prints "SKIPPED: <why>" and is skipped.
+ * Then axolotl's own Gemma 3 270M example config, unchanged but for its paths
+ * (test_axolotl_gemma3_example). Without the model file the tests print
+ * "SKIPPED: <why>" and are skipped.
  */
 #include <math.h>
 #include <setjmp.h>
@@ -140,7 +142,61 @@ static void test_gemma3_trains_and_exports(void **st) {
     free(err);
 }
 
+/* axolotl's own examples/gemma3/gemma-3-270m-qlora.yml (tests/fixtures/axolotl/), run with only base_model
+ * and the dataset path replaced (the real 270M GGUF; tests/fixtures/gemma3_chat.jsonl: 12 ShareGPT-style
+ * conversations in the example's format, from/value with system, human and gpt, two turns each), and a
+ * short run on the command line (max_steps=3 sequence_len=128): its chat_template: gemma3, eot_tokens,
+ * unfrozen_parameters, adamw_bnb_8bit, sample packing, warmup_ratio and cosine schedule as they are.
+ * The 12 conversations pack into exactly 4 rows = one step (micro_batch_size 1 x accumulation 4), so
+ * every step sees the same rows: step 1 runs at lr 0 (warmup_ratio 0.1 -> 1 warmup step), so step 2's
+ * loss equals step 1's, and step 3's is lower after one update. */
+static void test_axolotl_gemma3_example(void **st) {
+    (void)st;
+    if (!g_have) {
+        printf("SKIPPED: %s is not present (scripts/fetch_gemma3.sh fetches it)\n", GEMMA3_MODEL);
+        skip();
+    }
+    FILE *in = fopen("tests/fixtures/axolotl/gemma3__gemma-3-270m-qlora.yml", "r");
+    assert_non_null(in);
+    char cfg[128], line[512];
+    snprintf(cfg, sizeof cfg, "%s/gemma3_axolotl.yml", g_dir);
+    FILE *outf = fopen(cfg, "w");
+    assert_non_null(outf);
+    int replaced = 0;
+    while (fgets(line, sizeof line, in)) {
+        if (!strcmp(line, "base_model: google/gemma-3-270m-it\n")) {
+            fputs("base_model: " GEMMA3_MODEL "\n", outf);
+            replaced++;
+        } else if (!strcmp(line, "  - path: cgato/SlimOrcaDedupCleaned\n")) {
+            fputs("  - path: tests/fixtures/gemma3_chat.jsonl\n", outf);
+            replaced++;
+        } else {
+            fputs(line, outf);
+        }
+    }
+    fclose(in);
+    fclose(outf);
+    assert_int_equal(replaced, 2);
+    char out[128], *err = NULL;
+    snprintf(out, sizeof out, "%s/axolotl", g_dir);
+    const char *const extra[] = {"max_steps=3", "sequence_len=128", NULL};
+    int code = e2e_run_trainer(cfg, out, extra, NULL, &err);
+    if (code) print_error("%s\n", err);
+    assert_int_equal(code, 0);
+    assert_non_null(strstr(err, "unfrozen_parameters: under an adapter axolotl 0.19.0"));
+    assert_non_null(strstr(err, "4 rows of 128 tokens"));
+    free(err);
+    double loss[4];
+    assert_int_equal(metric_values(out, "loss", loss, 4), 3);
+    for (int i = 0; i < 3; i++) assert_true(isfinite(loss[i]) && loss[i] > 0);
+    print_message("axolotl's gemma-3-270m-qlora.yml, 3 steps on the same 4 rows: losses %.4f %.4f %.4f\n", loss[0],
+                  loss[1], loss[2]);
+    assert_true(fabs(loss[1] - loss[0]) < 1e-3 * loss[0]); /* lr 0 at step 1: no update */
+    assert_true(loss[2] < loss[1] - 0.01);
+}
+
 int main(void) {
-    const struct CMUnitTest tests[] = {cmocka_unit_test(test_gemma3_trains_and_exports)};
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_gemma3_trains_and_exports),
+                                       cmocka_unit_test(test_axolotl_gemma3_example)};
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -41,10 +41,14 @@
 #include "tests/ref_fixture.h"
 
 #define FIXTURE "tests/fixtures/ref_axolotl_chat.qref.gz"
+#define FIXTURE_GEMMA3 "tests/fixtures/ref_axolotl_chat_gemma3.qref.gz"
+#define GEMMA3_GGUF "models/gemma-3-270m-q4_k_m.gguf"
 
+/* The vocabulary of a fixture's shape: models/vocab's, or the real Gemma 3 270M's ("gemma3"). */
 static tokenizer *load_vocab(const char *shape) {
     char p[256];
-    snprintf(p, sizeof p, "models/vocab/ggml-vocab-%s.gguf", shape);
+    if (!strcmp(shape, "gemma3")) snprintf(p, sizeof p, GEMMA3_GGUF);
+    else snprintf(p, sizeof p, "models/vocab/ggml-vocab-%s.gguf", shape);
     gguf_file *g;
     tokenizer *t;
     qerr e = {{0}};
@@ -174,14 +178,10 @@ static void check_masks(const char *name, const char *kind, const char *src, con
     unlink(jl);
 }
 
-static void test_axolotl_templates_and_labels(void **state) {
-    (void)state;
-    if (access("models/vocab/ggml-vocab-llama-spm.gguf", R_OK) != 0) {
-        printf("SKIPPED: models/vocab is missing (run scripts/fetch_vocab.sh)\n");
-        skip();
-    }
+/* Every case of one fixture: rendering against apply_chat_template, labels against axolotl's. */
+static void check_fixture(const char *fixture) {
     ref_file rf;
-    ref_open_or_fail(FIXTURE, &rf);
+    ref_open_or_fail(fixture, &rf);
     char *cs_s = ref_str(&rf, "cases"), *cv_s = ref_str(&rf, "conversations"), *st_s = ref_str(&rf, "settings");
     char *rc_s = ref_str(&rf, "records");
     cJSON *cases = cJSON_Parse(cs_s), *convs = cJSON_Parse(cv_s), *settings = cJSON_Parse(st_s);
@@ -249,9 +249,32 @@ static void test_axolotl_templates_and_labels(void **state) {
     ref_close(&rf);
 }
 
+static void test_axolotl_templates_and_labels(void **state) {
+    (void)state;
+    if (access("models/vocab/ggml-vocab-llama-spm.gguf", R_OK) != 0) {
+        printf("SKIPPED: models/vocab is missing (run scripts/fetch_vocab.sh)\n");
+        skip();
+    }
+    check_fixture(FIXTURE);
+}
+
+/* axolotl's gemma3 with the real Gemma 3 tokenizer (tests/fixtures/ref_axolotl_chat_gemma3.qref.gz,
+ * scripts/make_axolotl_chat_fixtures.py --gemma3: transformers' apply_chat_template over the GGUF's
+ * vocabulary, ids also equal to llama.cpp's): system messages folded into the first user turn,
+ * multi-turn, alternation rejections, every label setting. */
+static void test_axolotl_gemma3(void **state) {
+    (void)state;
+    if (access(GEMMA3_GGUF, R_OK) != 0) {
+        printf("SKIPPED: " GEMMA3_GGUF " is missing (make gemma3-model)\n");
+        skip();
+    }
+    check_fixture(FIXTURE_GEMMA3);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_axolotl_templates_and_labels),
+        cmocka_unit_test(test_axolotl_gemma3),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

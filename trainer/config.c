@@ -11,6 +11,7 @@
 #include "trainer/config.h"
 #include "trainer/config_axolotl.h"
 #include "model/llama.h"
+#include "trainer/unfreeze.h"
 
 #include <yaml.h>
 
@@ -123,9 +124,9 @@ static const char *const V_DSTYPE[] = {"completion", "alpaca", "chat_template", 
  * Jinja by tests/test_reference_axolotl_chat.c), or jinja with chat_template_jinja a text qlora
  * recognises; the other names are refused by name with the reason. */
 static const char *const V_CHAT[] = {"tokenizer_default", "chatml", "qwen_25", "llama3", "mistral_v1", "mistral_v2v3",
-                                     "mistral_v3_tekken", "phi_3", "phi_35", "jinja",
+                                     "mistral_v3_tekken", "phi_3", "phi_35", "gemma3", "jinja",
                                      "tokenizer_default_fallback_chatml", "tokenizer_default_fallback_llama3", NULL};
-#define CHAT_FAMILY "the template of a model family qlora does not run (it runs Llama, Mistral, Qwen2 and Phi-3 architectures)"
+#define CHAT_FAMILY "the template of a model family qlora does not run (it runs Llama, Mistral, Qwen2, Phi-3 and Gemma 3 architectures)"
 #define CHAT_FORMAT "a template qlora does not render (no Jinja engine: templates are rendered by C code checked against axolotl's)"
 static const value_later L_CHAT[] = {
     {"alpaca", "not rendered here; use type: alpaca for instruction / input / output records"},
@@ -135,10 +136,10 @@ static const value_later L_CHAT[] = {
     {"tokenizer_default_fallback_mistral", "axolotl has no template named \"mistral\" (its fallback fails there "
                                            "too); use tokenizer_default_fallback_chatml or one of mistral_v1, "
                                            "mistral_v2v3, mistral_v3_tekken"},
-    {"mistral_v7_tekken", CHAT_FORMAT}, {"gemma", CHAT_FAMILY}, {"cohere", CHAT_FAMILY}, {"llama4", CHAT_FAMILY},
+    {"mistral_v7_tekken", CHAT_FORMAT}, {"gemma", "the template of Gemma 1 and Gemma 2, model families qlora does not run (it runs Gemma 3: chat_template: gemma3 renders the same turns and folds a system message into the first user turn)"}, {"cohere", CHAT_FAMILY}, {"llama4", CHAT_FAMILY},
     {"deepseek_v2", CHAT_FAMILY}, {"deepseek_v3", CHAT_FAMILY}, {"jamba", CHAT_FAMILY}, {"qwen3", CHAT_FAMILY},
     {"falcon_h1", CHAT_FAMILY}, {"exaone", CHAT_FAMILY}, {"metharme", CHAT_FORMAT}, {"pixtral", CHAT_FAMILY},
-    {"llava", CHAT_FAMILY}, {"qwen2_vl", CHAT_FAMILY}, {"gemma3", CHAT_FAMILY}, {"gemma3n", CHAT_FAMILY},
+    {"llava", CHAT_FAMILY}, {"qwen2_vl", CHAT_FAMILY}, {"gemma3n", CHAT_FAMILY},
     {"command_a", CHAT_FAMILY}, {"command_a_tool_use", CHAT_FAMILY}, {"command_a_rag", CHAT_FAMILY},
     {"aya", CHAT_FAMILY}, {NULL, NULL}};
 /* lora_modules_to_save: the Llama modules PEFT's modules_to_save can copy that qlora trains (the
@@ -578,6 +579,7 @@ void train_config_free(train_config *c) {
     free(c->pretraining_path);
     free(c->pretraining_text_column);
     free_str_list(c->eot_tokens, c->n_eot_tokens);
+    free_str_list(c->unfrozen_parameters, c->n_unfrozen_parameters);
     free(c->special_bos);
     free(c->special_eos);
     free(c->special_unk);
@@ -1289,6 +1291,27 @@ static int ax_eot_tokens(const pctx *p, const yaml_node_t *knode, const yaml_nod
     return 0;
 }
 
+/* unfrozen_parameters: axolotl's regex patterns, each compiled here as axolotl compiles it; which
+ * parameters they match, and so whether the run is accepted, is decided once the model is loaded
+ * (trainer/unfreeze.h, from trainer/run.c). */
+static int ax_unfrozen_parameters(const pctx *p, const yaml_node_t *knode, const yaml_node_t *v) {
+    if (is_unset(v)) return 0;
+    char **m;
+    int n;
+    if (parse_str_list(p, "unfrozen_parameters", v, &m, &n)) return -1;
+    for (int i = 0; i < n; i++) {
+        qerr pe = {{0}};
+        if (unfreeze_pattern_check(m[i], &pe)) {
+            free_str_list(m, n);
+            return perr(p, knode, "%s", pe.msg);
+        }
+    }
+    free_str_list(p->c->unfrozen_parameters, p->c->n_unfrozen_parameters);
+    p->c->unfrozen_parameters = m;
+    p->c->n_unfrozen_parameters = n;
+    return 0;
+}
+
 /* plugins: the liger and cut_cross_entropy plugins only swap in fused kernels for the same loss; any
  * other plugin is Python code that may change training, refused by name. */
 static int ax_plugins(const pctx *p, const yaml_node_t *knode, const yaml_node_t *v) {
@@ -1820,6 +1843,7 @@ static int apply_pair(const pctx *p, const char *name, const yaml_node_t *knode,
     const yaml_node_t *at = knode ? knode : v;
     if (!strcmp(name, "special_tokens")) return ax_special_tokens(p, at, v);
     if (!strcmp(name, "eot_tokens")) return ax_eot_tokens(p, at, v);
+    if (!strcmp(name, "unfrozen_parameters")) return ax_unfrozen_parameters(p, at, v);
     if (!strcmp(name, "plugins")) return ax_plugins(p, at, v);
     if (!strcmp(name, "selective_checkpointing")) return ax_selective_checkpointing(p, at, v);
     if (!strcmp(name, "pretraining_dataset")) return ax_pretraining_dataset(p, at, v);
@@ -2516,6 +2540,14 @@ int train_config_write_yaml(const train_config *c, const char *path, qerr *e) {
         for (int j = 0; j < c->n_eot_tokens; j++) {
             if (j) fputs(", ", f);
             put_yaml_str(f, c->eot_tokens[j]);
+        }
+        fputs("]\n", f);
+    }
+    if (c->unfrozen_parameters) {
+        fputs("unfrozen_parameters: [", f);
+        for (int j = 0; j < c->n_unfrozen_parameters; j++) {
+            if (j) fputs(", ", f);
+            put_yaml_str(f, c->unfrozen_parameters[j]);
         }
         fputs("]\n", f);
     }

@@ -226,6 +226,9 @@ typedef struct train_config {
     char *chat_template_jinja;        /* chat_template: jinja: a template text (or file) qlora recognises */
     char **eot_tokens;                /* axolotl's eot_tokens; NULL = its default [eos_token] */
     int n_eot_tokens;
+    char **unfrozen_parameters;       /* axolotl's regex patterns (trainer/unfreeze.h decides them once the
+                                         model is loaded); NULL = not given */
+    int n_unfrozen_parameters;
     char *special_bos, *special_eos, *special_unk; /* special_tokens: must equal the model's own
                                          (train_config_check_special_tokens); NULL = not given */
     /* ---- several processes (README "Several processes"; trainer/train.h train_run_comm) ---- */

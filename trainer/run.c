@@ -8,6 +8,7 @@
  * loaded. run_free releases whatever the phases reached.
  */
 #include "trainer/run.h"
+#include "trainer/unfreeze.h"
 
 #include "model/llama_fsdp.h"
 
@@ -950,6 +951,14 @@ static int setup_model(run_ctx *r, qerr *e) {
     int target[LLAMA_N_LINEAR];
     if (resolve_targets(r, hp, target, e)) return -1;
     if (check_modules_to_save(r, hp, e)) return -1;
+    if (c->n_unfrozen_parameters > 0) { /* axolotl's freeze_layers_except over the PEFT names (trainer/unfreeze.h) */
+        int save_u[LORA_N_SAVE];
+        char note[1024];
+        train_config_modules_to_save(c, save_u);
+        if (unfreeze_decide(c->unfrozen_parameters, c->n_unfrozen_parameters, hp, target, save_u, note, sizeof note, e))
+            return qerr_prefix(e, "%s", r->cfgname);
+        fprintf(stderr, "[config] %s\n", note);
+    }
     if (setup_memory_plan(r, target, e)) return -1;
     lora_set *ls = &r->ls;
     /* the adapters live in the memory of the backend the training context will use (ag_ctx_init) */
