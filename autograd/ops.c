@@ -19,8 +19,14 @@
 
 /* ------------------------------------------------------------------ helpers */
 
-/* An fp32 buffer as a GEMM operand: a bf16 copy in the arena when ctx->bf16. */
+/* An fp32 buffer as a GEMM operand: a bf16 copy in the arena when ctx->bf16, an fp16-rounded fp32 copy
+ * when ctx->fp16. */
 static const void *operand(ag_ctx *ctx, const float *src, int64_t n) {
+    if (!ctx->bf16 && ctx->fp16) {
+        float *r = ag_alloc(ctx, (size_t)n * sizeof(float));
+        ctx->be->round_f16(src, r, n);
+        return r;
+    }
     if (!ctx->bf16) return src;
     bf16 *b = ag_alloc(ctx, (size_t)n * sizeof(bf16));
     ctx->be->to_bf16(src, b, n);
@@ -32,6 +38,7 @@ static const void *operand(ag_ctx *ctx, const float *src, int64_t n) {
  * segment), or its fp32 data (kept) in fp32 mode. Call before any local mark. */
 static const void *operand_of(ag_ctx *ctx, tensor *t) {
     if (ctx->bf16) return ag_bf16_of(ctx, t, 1);
+    if (ctx->fp16) return ag_f16_of(ctx, t, 1);
     return ag_keep(ctx, t);
 }
 
@@ -78,9 +85,12 @@ static const void *frozen_operand(ag_ctx *ctx, const frozen_weight *w) {
         ctx->be->frozen_rows_bf16(w, 0, w->out, dst);
         return dst;
     }
-    if (w->kind == FROZEN_F32) return ctx->be->frozen_data(w);
+    if (w->kind == FROZEN_F32 && !ctx->fp16) return ctx->be->frozen_data(w);
     float *dst = scratch_grow(ctx->be, &ctx->wscratch, &ctx->wscratch_size, (size_t)n * sizeof(float));
     ctx->be->frozen_rows_f32(w, 0, w->out, dst);
+    /* fp16 mode: the weight as transformers / bitsandbytes hold it in float16 (a bf16 or fp32 value cast with
+     * round to nearest even; NF4 / int8 dequantized in fp32, then cast to the fp16 compute dtype) */
+    if (ctx->fp16) ctx->be->round_f16(dst, dst, n);
     return dst;
 }
 
@@ -426,7 +436,7 @@ tensor *op_attention_window(ag_ctx *ctx, tensor *q, tensor *k, tensor *v, int B,
     int grad = ag_needs_grad(ctx, q, k, v);
     ag_attn a0 = {.qb = operand_of(ctx, q), .kb = operand_of(ctx, k), .vb = operand_of(ctx, v),
                   .seq_ids = seq_ids, .B = B, .T = T, .H = H, .KVH = KVH, .hd = (int)hd, .bf16 = ctx->bf16,
-                  .window = window > 0 ? window : 0};
+                  .window = window > 0 ? window : 0, .fp16 = !ctx->bf16 && ctx->fp16};
     size_t nstat = (size_t)B * H * T * sizeof(float);
     float *rmax = grad ? alloc_saved(ctx, nstat) : NULL, *rinv = grad ? alloc_saved(ctx, nstat) : NULL;
     a0.seglo = alloc_saved(ctx, (size_t)B * T * sizeof(int32_t));
@@ -631,7 +641,7 @@ tensor *op_lm_head_ce_train(ag_ctx *ctx, tensor *h, const frozen_weight *w, tens
     ag_ce_args a = {.h = h->data, .w = w->shards ? NULL : frozen_operand(ctx, w), .N = N, .D = D, .V = w->out,
                     .targets = targets, .mode = mode, .seed = seed, .scale = scale, .dh = dh,
                     .dw = head_grad ? ag_grad(ctx, w_train) : NULL, .labels = labels, .bf16 = ctx->bf16,
-                    .w_shards = w->shards};
+                    .w_shards = w->shards, .fp16 = !ctx->bf16 && ctx->fp16};
     int64_t count = 0;
     ag_prof_lm_head(1);
     double total = ctx->be->lm_head_ce(ctx, &a, &count);

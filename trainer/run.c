@@ -172,6 +172,11 @@ static int setup_device_choose(run_ctx *r, qerr *e) {
 static int setup_device(run_ctx *r, qerr *e) {
     if (r->world > 1 && strcmp(r->c->device, "cpu") && comm_cuda_select_device(r->comm, e)) return -1;
     if (setup_device_choose(r, e)) return -1;
+    if (r->c->fp16 && !strcmp(ag_backend_default()->name, "cuda"))
+        return qerr_set(e,
+                        "%s: fp16: true on device cuda: the CUDA kernels take bf16 operands, fp16 is implemented on "
+                        "the CPU engine only; set device: cpu, or bf16: true (fp16: false) on the GPU",
+                        r->cfgname);
     if (r->c->gradient_checkpointing == LLAMA_CKPT_OFFLOAD && r->rank == 0) {
         const ag_backend *be = ag_backend_default();
         if (be->host_data)
@@ -771,7 +776,7 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
     free(numel);
     struct stat model_st;
     memplan_input mpi = {.hp = m->hp, .B = c->micro_batch_size, .T = c->sequence_len,
-                         .checkpointing = c->gradient_checkpointing, .bf16 = c->bf16, .lora_r = c->lora_r,
+                         .checkpointing = c->gradient_checkpointing, .bf16 = c->bf16 && !c->fp16, .lora_r = c->lora_r,
                          .lora_dropout = c->lora_dropout, .lora_params = lora_params, .optimizer_bytes = opt_bytes,
                          .frozen_bytes = m->quantized_bytes,
                          /* the mapped model file; FULL_SHARD gives its pages back after loading */
@@ -779,7 +784,7 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
                                                                                         : 0) +
                                         /* a trainable LM head: its GEMM operand (bf16, or an fp32 copy) */
                                         (save[LORA_SAVE_LM_HEAD] ? (int64_t)m->hp.vocab * m->hp.d_model *
-                                                                       (c->bf16 ? 2 : 4)
+                                                                       (c->bf16 && !c->fp16 ? 2 : 4)
                                                                  : 0),
                          /* four int32 arrays per position (ids, targets, positions, sequence ids), an int64
                           * permutation entry per training row */
@@ -975,7 +980,9 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
     memplan_print(stderr, &r->plan); /* predicted and checked in setup_model */
 
     if (ag_ctx_init(&r->ctx, memplan_arena_chunk(&r->plan), e)) return -1;
-    r->ctx.bf16 = c->bf16;
+    r->ctx.bf16 = c->bf16 && !c->fp16; /* fp16: true: fp32 GEMMs over fp16-rounded operands */
+    r->ctx.fp16 = c->fp16;
+    scaler_init(r);
     if (r->resuming && strcmp(r->ck.optimizer, c->optimizer))
         return qerr_set(e, "%s: optimizer: %s holds %s state but this config says %s; resume with the optimizer it "
                            "was made with, or choose another output_dir",
@@ -1093,7 +1100,8 @@ static int setup_outputs(run_ctx *r, qerr *e) {
     fprintf(stderr, "[train] %d steps (%d per epoch) x %d micro-batches x %d rows x %d tokens; lr %g %s, warmup %d; "
                     "%d threads; %s GEMMs; checkpoint every %d steps%s\n",
             r->total_steps, r->steps_per_epoch, r->gas, r->mbs, c->sequence_len, c->learning_rate, c->lr_scheduler,
-            r->warmup, r->n_threads, c->bf16 ? "bf16" : "fp32", r->save_every,
+            r->warmup, r->n_threads, c->fp16 ? "fp16-operand (fp32 accumulate, loss scaling)" : c->bf16 ? "bf16" : "fp32",
+            r->save_every,
             c->save_total_limit > 0 ? " (keeping the newest save_total_limit)" : "");
     return 0;
 }
