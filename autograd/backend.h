@@ -99,7 +99,9 @@ typedef struct ag_attn {
     int window;              /* sliding window (Gemma's local layers), 0 = none: token i also needs i - j < window
                               * (HF's sliding mask; llama.cpp is_masked_swa: masked when p1 - p0 >= n_swa) */
     int fp16;                /* with bf16 0: qb/kb/vb hold fp16 values (fp32), and P (and in backward dO's
-                              * operand, dS) are rounded to fp16 before their GEMMs, as bf16 mode rounds them */
+                              * operand, dS) are rounded to fp16 before their GEMMs, as bf16 mode rounds them;
+                              * backward's GEMM outputs dP, dq, dk, dv rounded to fp16 too (fp16 tensors under
+                              * torch's autocast: where a too-large loss scale overflows to inf) */
 } ag_attn;
 
 /* Attention of n new tokens against a KV cache (model/llama_infer.c): query
@@ -140,8 +142,9 @@ typedef struct ag_ce_args {
     int bf16;
     const frozen_shards *w_shards; /* w NULL: the head sharded over the ranks, gathered whole when used (CPU) */
     int fp16;               /* with bf16 0: w holds fp16 values (fp32); h's rows and the logits' gradient are rounded
-                             * to fp16 before their GEMMs (fp16 mode; the gradient scaled by `scale`, which carries the
-                             * loss scale, so an overflow becomes inf as in torch's fp16 autocast) */
+                             * to fp16 before their GEMMs, and dh after its GEMM (fp16 mode; the gradient scaled by
+                             * `scale`, which carries the loss scale, so an overflow becomes inf as in torch's fp16
+                             * autocast) */
 } ag_ce_args;
 
 /* AdamW per-element constants, computed by optim/adamw.c from the doubles

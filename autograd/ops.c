@@ -267,14 +267,25 @@ static void linear_backward(ag_ctx *ctx, const ag_node *n) {
     ag_mark m = ag_arena_mark(ctx);
     const void *dyb = operand(ctx, y->grad, N * out);
     gemm_dtype dt = gdt(ctx);
+    /* fp16 mode: every GEMM output of backward is an fp16 tensor under torch's autocast (each linear's grad
+     * input, each adapter's gradient), so it is rounded to fp16 before it is added: a loss scale too large
+     * for fp16 gives inf here, as there (GradScaler then skips the step) */
+    float *tmp = ctx->fp16 && dx ? ag_alloc(ctx, (size_t)(N * in) * sizeof(float)) : NULL;
     if (dx) {
         const void *wb = frozen_operand(ctx, w);
-        be->gemm(0, 0, N, in, out, 1.0f, dyb, out, wb, in, 1.0f, dx, in, dt); /* dx += dy W */
+        if (tmp) { /* dx += fp16(dy W) */
+            be->gemm(0, 0, N, in, out, 1.0f, dyb, out, wb, in, 0.0f, tmp, in, dt);
+            be->round_f16(tmp, tmp, N * in);
+            be->add(dx, tmp, dx, N * in);
+        } else {
+            be->gemm(0, 0, N, in, out, 1.0f, dyb, out, wb, in, 1.0f, dx, in, dt); /* dx += dy W */
+        }
     }
     if (lo) {
         int64_t r = lo->r;
         /* dB += s · dyᵀ u   (out, r) */
         if (dB) be->gemm(1, 0, out, r, N, lo->scaling, dyb, out, s->ub, r, 1.0f, dB, r, dt);
+        if (dB && ctx->fp16) be->round_f16(dB, dB, out * r); /* one use per micro-batch: dB was 0 */
         /* du = s · dy B   (N, r) */
         float *du = ag_alloc(ctx, (size_t)(N * r) * sizeof(float));
         const void *Bb = operand(ctx, lo->B->data, out * r);
@@ -282,15 +293,21 @@ static void linear_backward(ag_ctx *ctx, const ag_node *n) {
         const void *dub = operand(ctx, du, N * r);
         /* dA += duᵀ dropout(x)   (r, in) */
         if (dA) be->gemm(1, 0, r, in, N, 1.0f, dub, r, s->xdb, in, 1.0f, dA, in, dt);
+        if (dA && ctx->fp16) be->round_f16(dA, dA, r * in);
         if (dx) {
             /* d dropout(x) = du A ; dx += mask/(1-p) · that */
             const void *Ab = operand(ctx, lo->A->data, r * in);
             if (s->drop) {
                 float *dxd = ag_alloc(ctx, (size_t)(N * in) * sizeof(float));
                 be->gemm(0, 0, N, in, r, 1.0f, dub, r, Ab, in, 0.0f, dxd, in, dt);
+                if (ctx->fp16) be->round_f16(dxd, dxd, N * in);
                 int pc = ag_prof_push(AG_PROF_ELTWISE);
                 be->dropout_bwd(dxd, dx, N * in, lo->dropout, s->seed, lo->stream);
                 ag_prof_pop(pc);
+            } else if (tmp) { /* dx += fp16(du A) */
+                be->gemm(0, 0, N, in, r, 1.0f, dub, r, Ab, in, 0.0f, tmp, in, dt);
+                be->round_f16(tmp, tmp, N * in);
+                be->add(dx, tmp, dx, N * in);
             } else {
                 be->gemm(0, 0, N, in, r, 1.0f, dub, r, Ab, in, 1.0f, dx, in, dt);
             }

@@ -218,58 +218,26 @@ static void step_agree(run_ctx *r, double *loss_sum, int64_t *n_tokens) {
 static float sophia_hessian_pass(run_ctx *r, int step, int64_t step_targets) {
     const float scale = step_targets > 0 ? 1.0f / (float)step_targets : 0.0f;
     /* fp16: the sampled loss scaled by the step's loss scale and ĝ unscaled, as the loss gradient is */
-    step_gradients(r, step, 1, r->fp16 ? scale * (float)r->loss_scale : scale, NULL, NULL);
+    step_gradients(r, step, 1, r->fp16 ? scale * (float)r->scaler.scale : scale, NULL, NULL);
     /* SHARD_GRAD_OP / FULL_SHARD: ĝ was reduce-scattered like the loss gradient; h is this rank's shard */
     float *gh = r->sgo ? r->ls.grads + r->shard_lo : r->ls.grads;
-    if (r->fp16) scaler_unscale(r, gh, r->sgo ? r->shard_hi - r->shard_lo : r->ls.n_params);
+    if (r->fp16) grad_scaler_unscale(&r->scaler, r->ctx.be, gh, r->sgo ? r->shard_hi - r->shard_lo : r->ls.n_params);
     const float gn = r->sgo ? sgo_clip(r, gh, r->shard_hi - r->shard_lo)
                             : clip_grad_norm_backend(r->ctx.be, r->ls.grads, r->ls.n_params, r->c->max_grad_norm);
     if (isfinite(gn)) sophia_update_hessian(&r->sop, &r->soc, gh);
     return gn;
 }
 
-/* fp16: true — dynamic loss scaling, torch.amp.GradScaler's rules (torch/amp/grad_scaler.py, torch 2.15):
- * the loss (here: the gradient of the CE seed, scale · S) is multiplied by S before backward, so small
- * gradients survive the fp16 rounding of backward's GEMM operands; the gradients are multiplied by 1/S
- * (torch: inv_scale = float(1 / double(S))) before clipping; when any is inf/NaN the optimizer step is
- * skipped and S halves (backoff_factor 0.5) with the growth tracker reset, else the tracker counts the clean
- * step and S doubles (growth_factor 2) after growth_interval = 2000 of them. HF Trainer does not step the LR
- * scheduler after a skipped step (transformers/trainer.py: optimizer_step_was_skipped), so the schedule's
- * index is the number of optimizer steps taken (step − 1 − scaler_skipped). Several ranks: the decision
- * reads the global gradient norm, which every rank computes alike (NO_SHARD all-reduces the gradients;
- * the sharded strategies are refused with fp16 at load). */
-enum { SCALER_GROWTH_INTERVAL = 2000 };
-#define SCALER_INIT_SCALE 65536.0
-#define SCALER_GROWTH_FACTOR 2.0
-#define SCALER_BACKOFF_FACTOR 0.5
-
-void scaler_unscale(run_ctx *r, float *g, int64_t n) {
-    const float inv = (float)(1.0 / r->loss_scale);
-    if (n > 0) r->ctx.be->scale(g, n, inv);
-}
-
-/* GradScaler.update(): found_inf → S·backoff, tracker 0; else tracker + 1, at growth_interval S·growth and
- * tracker 0 (torch's _amp_update_scale_: the growth is skipped if it would make S non-finite). */
-static void scaler_update(run_ctx *r, int found_inf) {
-    if (found_inf) {
-        r->loss_scale = (double)(float)(r->loss_scale * SCALER_BACKOFF_FACTOR);
-        r->scaler_growth_tracker = 0;
-        return;
-    }
-    if (++r->scaler_growth_tracker == SCALER_GROWTH_INTERVAL) {
-        const float grown = (float)(r->loss_scale * SCALER_GROWTH_FACTOR);
-        if (isfinite(grown)) r->loss_scale = grown;
-        r->scaler_growth_tracker = 0;
-    }
-}
-
+/* fp16: true — dynamic loss scaling (optim/grad_scaler.h, torch.amp.GradScaler's rules): the CE seed's
+ * gradient is scale · S, the gradients are unscaled before clipping, an inf/NaN gradient skips the optimizer
+ * step and halves S. HF Trainer does not step the LR scheduler after a skipped step
+ * (transformers/trainer.py: optimizer_step_was_skipped), so the schedule's index is the number of optimizer
+ * steps taken (step − 1 − skipped). Several ranks: the decision reads the global gradient norm, which every
+ * rank computes alike (NO_SHARD all-reduces the gradients; the sharded strategies are refused with fp16). */
 void scaler_init(run_ctx *r) {
     r->fp16 = r->c->fp16;
-    r->loss_scale = SCALER_INIT_SCALE;
-    r->scaler_growth_tracker = 0;
-    r->scaler_skipped = 0;
     const char *init = getenv("QLORA_TEST_LOSS_SCALE"); /* test hook: torch's init_scale (e.g. 2^40: overflow) */
-    if (init && *init) r->loss_scale = strtod(init, NULL);
+    grad_scaler_init(&r->scaler, init && *init ? strtod(init, NULL) : 65536.0);
 }
 
 /* Steps listed in QLORA_TEST_NAN_STEPS ("3,4,5") get a NaN gradient: the test
@@ -332,7 +300,7 @@ static int step_report(run_ctx *r, int step, const step_stats *s, qerr *e) {
         int nxf = r->use_sophia ? (isfinite(s->hess_sec) ? 4 : 2) : 1;
         if (r->fp16) { /* the scale this step used, and the optimizer steps GradScaler has skipped so far */
             xf[nxf++] = (metrics_field){"loss_scale", s->loss_scale};
-            xf[nxf++] = (metrics_field){"fp16_skipped_steps", (double)r->scaler_skipped};
+            xf[nxf++] = (metrics_field){"fp16_skipped_steps", (double)r->scaler.skipped};
         }
         metrics_log_train_fields(r->mw, step, s->loss, s->lr, s->gnorm, tps,
                                  r->stream ? (double)step / (double)r->steps_per_epoch
@@ -342,7 +310,7 @@ static int step_report(run_ctx *r, int step, const step_stats *s, qerr *e) {
     if (s->overflow) {
         fprintf(stderr, "[train] step %d/%d | loss %.4f | fp16 gradient overflow at loss_scale %g: update skipped, "
                         "loss_scale now %g (%lld skipped so far)\n",
-                step, r->total_steps, s->loss, s->loss_scale, r->loss_scale, (long long)r->scaler_skipped);
+                step, r->total_steps, s->loss, s->loss_scale, r->scaler.scale, (long long)r->scaler.skipped);
     } else if (!s->finite) {
         fprintf(stderr, "[train] step %d/%d | loss %.4f | grad_norm %.3f | non-finite: update skipped (%lld in a "
                         "row; max_nan_steps %d)\n",
@@ -394,16 +362,16 @@ int train_step(run_ctx *r, int step, qerr *e) {
     const float scale = step_targets > 0 ? 1.0f / (float)step_targets : 0.0f;
     double step_loss = 0.0;
     int64_t step_tok = 0;
-    const double used_scale = r->loss_scale; /* fp16: this step's loss scale (before its update) */
+    const double used_scale = r->scaler.scale; /* fp16: this step's loss scale (before its update) */
     step_gradients(r, step, 0, r->fp16 ? scale * (float)used_scale : scale, &step_loss, &step_tok);
     step_agree(r, &step_loss, &step_tok);
     /* the gradient the optimizer sees: all of it, or (SHARD_GRAD_OP) this rank's shard */
     float *g = r->sgo ? r->ls.grads + r->shard_lo : r->ls.grads;
     const int64_t n_g = r->sgo ? r->shard_hi - r->shard_lo : r->ls.n_params;
     if (test_nan_step(step) && n_g > 0) r->ctx.be->fill_f32(g, 1, NAN);
-    if (r->fp16) scaler_unscale(r, g, n_g); /* GradScaler.unscale_, before clipping */
+    if (r->fp16) grad_scaler_unscale(&r->scaler, r->ctx.be, g, n_g); /* GradScaler.unscale_, before clipping */
     step_stats s = {.loss = step_tok ? step_loss / (double)step_tok : NAN,
-                    .lr = schedule_lr(r->sk, step - 1 - (int)r->scaler_skipped, r->total_steps, r->warmup,
+                    .lr = schedule_lr(r->sk, step - 1 - (int)r->scaler.skipped, r->total_steps, r->warmup,
                                       c->learning_rate),
                     .win_rate = NAN, .hess_sec = NAN, .hess_gnorm = NAN, .loss_scale = used_scale};
     s.gnorm = r->sgo ? sgo_clip(r, g, n_g) : clip_grad_norm_backend(r->ctx.be, r->ls.grads, r->ls.n_params,
@@ -413,7 +381,7 @@ int train_step(run_ctx *r, int step, qerr *e) {
         /* an inf/NaN gradient with a finite loss is a loss-scale overflow: skipped and backed off, not a
          * divergence (max_nan_steps counts a non-finite loss only) */
         s.overflow = isfinite(s.loss) && !isfinite(s.gnorm);
-        scaler_update(r, !isfinite(s.gnorm));
+        grad_scaler_update(&r->scaler, !isfinite(s.gnorm)); /* counts the skip in r->scaler.skipped */
     }
     if (s.finite && r->use_sophia) {
         const double bs = c->sophia_bs > 0 ? (double)c->sophia_bs : (double)step_targets;
@@ -442,14 +410,13 @@ int train_step(run_ctx *r, int step, qerr *e) {
         if (r->sgo) sgo_gather_params(r);
         r->nan_streak = 0;
     } else if (s.overflow) {
-        /* fp16: GradScaler skipped the optimizer step; the schedule waits, the data moves on */
-        r->scaler_skipped++;
+        /* fp16: GradScaler skipped the optimizer step (counted by grad_scaler_update); the schedule waits, the
+         * data moves on */
     } else {
         /* As torch's GradScaler does with inf/NaN gradients: no update,
          * no optimizer step; the schedule and the data move on. */
         r->nan_streak++;
         r->nan_skipped++;
-        if (r->fp16) r->scaler_skipped++;
     }
     r->last_lr = s.lr;
     r->steps_run++;
