@@ -1188,6 +1188,12 @@ int run_finish(run_ctx *r, qerr *e) {
     /* max_nan_steps stops a streak that long; a run shorter than that whose every step was skipped would
      * otherwise end as if it had trained */
     const int64_t applied = r->use_sophia ? r->sop.step : r->use_adamw8bit ? r->opt8.step : r->opt.step;
+    if (r->final_step > 0 && applied == 0 && r->fp16 && r->scaler.skipped > 0)
+        return qerr_set(e,
+                        "no optimizer update was applied: %lld of the %d steps overflowed fp16 (GradScaler skipped "
+                        "them, loss_scale now %g; any other had a NaN/Inf loss), so nothing was trained and no "
+                        "adapter was written; train more steps (the scale halves at each overflow) or use bf16",
+                        (long long)r->scaler.skipped, r->final_step, r->scaler.scale);
     if (r->final_step > 0 && applied == 0)
         return qerr_set(e,
                         "no optimizer update was applied: all %d steps had a NaN/Inf loss or gradient and were "
