@@ -87,6 +87,10 @@ endif
 build/attn_ab: bench/attn_ab.c build/libqlora.a
 	$(CC) $(CFLAGS) $< build/libqlora.a -o $@ $(LDLIBS)
 
+# within-process A/B of grouped GEMMs (q/k/v, gate/up, LoRA A) against one call per linear (bench/gemm_group_ab.c)
+build/gemm_group_ab: bench/gemm_group_ab.c build/libqlora.a
+	$(CC) $(CFLAGS) $< build/libqlora.a -o $@ $(LDLIBS)
+
 # Every GPU check in one command (scripts/test_gpu.sh): builds with CUDA=1, exits 1 without a device.
 .PHONY: test-gpu
 test-gpu:

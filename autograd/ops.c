@@ -386,6 +386,144 @@ tensor *op_linear_unread_output(ag_ctx *ctx, tensor *x, const frozen_weight *w, 
     return linear_impl(ctx, x, w, lora, 0);
 }
 
+/* ------------------------------------------------------------------ grouped linears */
+
+enum { LINEAR_GROUP_MAX = 4 };
+
+typedef struct linear_group_saved {
+    int n;
+    tensor *x;
+    const void *xb; /* x as GEMM operand (kept) */
+    const void *ub; /* u = x [A_0; …]ᵀ (N, n r) as GEMM operand (kept) */
+    tensor *y[LINEAR_GROUP_MAX];
+    const frozen_weight *w[LINEAR_GROUP_MAX];
+    const lora_adapter *lora[LINEAR_GROUP_MAX];
+} linear_group_saved;
+
+/* [A_0; …; A_{n-1}] (n r, in) as one GEMM operand in the arena (each A_i is (r, in) row-major). */
+static const void *lora_a_stack(ag_ctx *ctx, int n, const lora_adapter *const lora[]) {
+    const int64_t r = lora[0]->r, in = lora[0]->A->shape[1];
+    if (ctx->bf16) {
+        bf16 *dst = ag_alloc(ctx, (size_t)(n * r * in) * sizeof(bf16));
+        for (int i = 0; i < n; i++) ctx->be->to_bf16(lora[i]->A->data, dst + i * r * in, r * in);
+        return dst;
+    }
+    float *dst = ag_alloc(ctx, (size_t)(n * r * in) * sizeof(float));
+    for (int i = 0; i < n; i++)
+        ctx->be->copy_d2d(dst + i * r * in, lora[i]->A->data, (size_t)(r * in) * sizeof(float));
+    return dst;
+}
+
+static void linear_group_backward(ag_ctx *ctx, const ag_node *nd) {
+    const linear_group_saved *s = nd->saved;
+    const ag_backend *be = ctx->be;
+    const int n = s->n;
+    tensor *x = s->x;
+    const int64_t N = x->shape[0], in = s->w[0]->in, r = s->lora[0]->r, nr = n * r;
+    const size_t es = ctx->bf16 ? sizeof(bf16) : sizeof(float);
+    const gemm_dtype dt = gdt(ctx);
+    float *dx = x->requires_grad ? ag_grad(ctx, x) : NULL;
+    float *dA[LINEAR_GROUP_MAX], *dB[LINEAR_GROUP_MAX];
+    int any_dA = 0;
+    for (int i = 0; i < n; i++) {
+        dA[i] = s->lora[i]->A->requires_grad ? ag_grad(ctx, s->lora[i]->A) : NULL;
+        dB[i] = s->lora[i]->B->requires_grad ? ag_grad(ctx, s->lora[i]->B) : NULL;
+        any_dA |= dA[i] != NULL;
+    }
+    ag_mark m = ag_arena_mark(ctx);
+    float *du = ag_alloc(ctx, (size_t)(N * nr) * sizeof(float)); /* [du_0 … du_{n-1}] */
+    be->zero(du, (size_t)(N * nr) * sizeof(float));                /* a y[i] without gradient: du_i = 0 */
+    int any = 0;
+    for (int i = n - 1; i >= 0; i--) { /* the order the separate nodes ran in (the tape backwards) */
+        tensor *y = s->y[i];
+        if (!y->grad) continue;
+        any = 1;
+        const frozen_weight *w = s->w[i];
+        const lora_adapter *lo = s->lora[i];
+        const int64_t out = w->out;
+        ag_mark mi = ag_arena_mark(ctx);
+        const void *dyb = operand(ctx, y->grad, N * out);
+        if (dx) be->gemm(0, 0, N, in, out, 1.0f, dyb, out, frozen_operand(ctx, w), in, 1.0f, dx, in, dt);
+        const void *ui = (const char *)s->ub + (size_t)(i * r) * es;
+        if (dB[i]) be->gemm(1, 0, out, r, N, lo->scaling, dyb, out, ui, nr, 1.0f, dB[i], r, dt); /* dB += s dyᵀ u */
+        const void *Bb = operand(ctx, lo->B->data, out * r);
+        be->gemm(0, 0, N, r, out, lo->scaling, dyb, out, Bb, r, 0.0f, du + i * r, nr, dt); /* du_i = s dy B */
+        ag_arena_reset(ctx, mi);
+    }
+    if (any) {
+        const void *dub = operand(ctx, du, N * nr);
+        if (any_dA) { /* [dA_0; …] = duᵀ x, then each dA_i += its rows */
+            float *dAs = ag_alloc(ctx, (size_t)(nr * in) * sizeof(float));
+            be->gemm(1, 0, nr, in, N, 1.0f, dub, nr, s->xb, in, 0.0f, dAs, in, dt);
+            for (int i = 0; i < n; i++)
+                if (dA[i]) be->axpy(dA[i], 1.0f, dAs + i * r * in, r * in);
+        }
+        if (dx) be->gemm(0, 0, N, in, nr, 1.0f, dub, nr, lora_a_stack(ctx, n, s->lora), in, 1.0f, dx, in, dt);
+    }
+    ag_arena_reset(ctx, m);
+}
+
+void op_linear_group(ag_ctx *ctx, tensor *x, int n, const frozen_weight *const w[],
+                     const lora_adapter *const lora[], tensor *y[]) {
+    int grouped = n >= 2 && n <= LINEAR_GROUP_MAX;
+    for (int i = 0; grouped && i < n; i++)
+        grouped = lora[i] && lora[i]->r == lora[0]->r && !(lora[i]->dropout > 0.0f && ctx->training) &&
+                  w[i]->in == w[0]->in;
+    if (!grouped) {
+        for (int i = 0; i < n; i++) y[i] = op_linear(ctx, x, w[i], lora[i]);
+        return;
+    }
+    const ag_backend *be = ctx->be;
+    const int64_t N = x->shape[0], in = w[0]->in, r = lora[0]->r, nr = n * r;
+    const size_t es = ctx->bf16 ? sizeof(bf16) : sizeof(float);
+    const gemm_dtype dt = gdt(ctx);
+    int grad = ag_needs_grad(ctx, x, NULL, NULL);
+    for (int i = 0; i < n; i++) grad |= ag_needs_grad(ctx, lora[i]->A, lora[i]->B, NULL);
+    const void *xb = operand_of(ctx, x);
+    for (int i = 0; i < n; i++) y[i] = ag_tensor2(ctx, AG_F32, N, w[i]->out);
+    tensor *ut = ag_tensor2(ctx, AG_F32, N, nr);
+    ag_mark m = ag_arena_mark(ctx);
+    be->gemm(0, 1, N, nr, in, 1.0f, xb, in, lora_a_stack(ctx, n, lora), in, 0.0f, ut->data, nr, dt); /* u = x Aᵀ */
+    ag_arena_reset(ctx, m);
+    const void *ub = operand_of(ctx, ut);
+    for (int i = 0; i < n; i++) {
+        const int64_t out = w[i]->out;
+        m = ag_arena_mark(ctx);
+        be->gemm(0, 1, N, out, in, 1.0f, xb, in, frozen_operand(ctx, w[i]), in, 0.0f, y[i]->data, out, dt);
+        if (w[i]->bias) { /* as op_linear: y += ones(N, 1) · b(1, out) */
+            float *ones = ag_alloc(ctx, (size_t)N * sizeof(float));
+            be->fill_f32(ones, N, 1.0f);
+            be->gemm(0, 0, N, out, 1, 1.0f, ones, 1, w[i]->bias, out, 1.0f, y[i]->data, out, GEMM_F32);
+        }
+        const void *Bb = operand(ctx, lora[i]->B->data, out * r);
+        be->gemm(0, 1, N, out, r, lora[i]->scaling, (const char *)ub + (size_t)(i * r) * es, nr, Bb, r, 1.0f,
+                 y[i]->data, out, dt); /* y += s u_i Bᵀ */
+        ag_arena_reset(ctx, m);
+    }
+    if (!grad) return;
+    /* one node for the group, on a marker tensor with a gradient so backward always visits it */
+    tensor *mark = ag_alloc_host_keep(ctx, sizeof *mark);
+    memset(mark, 0, sizeof *mark);
+    mark->ndim = 1;
+    mark->shape[0] = 1;
+    mark->numel = 1;
+    mark->grad = ag_alloc_keep(ctx, sizeof(float));
+    ag_node *nd = ag_record(ctx, linear_group_backward, mark, x, NULL, NULL, NULL);
+    linear_group_saved *s = alloc_saved_host(ctx, sizeof *s);
+    memset(s, 0, sizeof *s);
+    s->n = n;
+    s->x = x;
+    s->xb = xb;
+    s->ub = ub;
+    for (int i = 0; i < n; i++) {
+        s->y[i] = y[i];
+        s->w[i] = w[i];
+        s->lora[i] = lora[i];
+        y[i]->requires_grad = 1;
+    }
+    nd->saved = s;
+}
+
 /* ------------------------------------------------------------------ rope */
 
 typedef struct rope_saved {

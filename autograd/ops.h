@@ -72,6 +72,18 @@ tensor *op_rmsnorm(ag_ctx *ctx, tensor *x, tensor *w, float eps);
  * lora may be NULL (frozen linear: only dx flows back). */
 tensor *op_linear(ag_ctx *ctx, tensor *x, const frozen_weight *w, const lora_adapter *lora);
 
+/* The n linears of a block that read the same input x (N, in) fp32 (q/k/v, gate/up): y[i] (N,
+ * w[i]->out) = op_linear(ctx, x, w[i], lora[i]), with the LoRA A products grouped: u = x·[A_0; …;
+ * A_{n-1}]ᵀ (N, n·r) is one GEMM, and in backward dA (n·r, in) = duᵀ·x and dx += du·[A_0; …] are one
+ * GEMM each over du = [du_0 … du_{n-1}] (N, n·r), instead of n skinny ones (oneDNN is least efficient
+ * at N or K = r; bench/gemm_group_ab.c). The base products x·W_iᵀ stay one per linear (grouping them
+ * measured no faster). One node for the group, run after every consumer of the y[i] in backward.
+ * Grouped only when every lora is present with the same r and no dropout is active in this context;
+ * otherwise it is n op_linear calls. The maths is op_linear's; the summation order of dx and dA
+ * changes (the LoRA part of dx is one K = n·r product added after the n base products). 1 <= n <= 4. */
+void op_linear_group(ag_ctx *ctx, tensor *x, int n, const frozen_weight *const w[],
+                     const lora_adapter *const lora[], tensor *y[]);
+
 /* op_linear for a recomputation in backward whose output values nothing reads (the last linear
  * of a checkpointed piece: only its gradient flows): the same node, the same saved operands (the
  * input's bf16 copy, dropout(x), LoRA's u = xAᵀ), hence the same gradients, but y = x Wᵀ and the

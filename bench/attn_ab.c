@@ -5,7 +5,8 @@
  * the `cpu` backend as built (the AVX512_BF16 register-tiled kernels where the compiler has them).
  * Both run forward + backward on the same bf16 inputs, alternately, `reps` times; printed are the
  * median and minimum of the process CPU time (CLOCK_PROCESS_CPUTIME_ID, all threads) and of the
- * wall time per call, and the largest relative difference of o, dq, dk, dv between A and B.
+ * wall time per call, the largest relative difference of o, dq, dk, dv between A and B, and a hash of
+ * B's outputs (two builds with equal hashes computed bit-identical results).
  * CPU time is the figure to read on a loaded machine (wall time moves with the other load).
  *
  *   build/attn_ab [B T H KVH hd reps]     default: 4 512 9 3 64 15 (SmolLM2-135M at seq 512 x 4)
@@ -15,6 +16,8 @@
 #define CPU_GEMM gemm
 #define CPU_NF4_ROWS_F32 nf4_dequantize_rows_f32
 #define CPU_NF4_ROWS_BF16 nf4_dequantize_rows_bf16
+#define CPU_INT8_ROWS_F32 int8_dequantize_rows_f32
+#define CPU_INT8_ROWS_BF16 int8_dequantize_rows_bf16
 #define CPU_TABLE attn_ab_gemm_backend
 #define CPU_NAME "cpu-attention-gemm"
 #define ATT_GEMM_ONLY 1
@@ -24,6 +27,7 @@
 
 #include "autograd/gemm.h"
 #include "core/clock.h"
+#include "quant/int8.h"
 #include "quant/nf4.h"
 
 static double cpu_sec(void) {
@@ -131,6 +135,13 @@ int main(int argc, char **argv) {
     printf("  max |new-old|/max|old|: o %.2e dq %.2e dk %.2e dv %.2e rinv %.2e\n", max_rel(r[1].o, r[0].o, nq),
            max_rel(r[1].dq, r[0].dq, nq), max_rel(r[1].dk, r[0].dk, nk), max_rel(r[1].dv, r[0].dv, nk),
            max_rel(r[1].rinv, r[0].rinv, nst));
+    /* the new kernel's outputs as one hash: equal hashes from two builds = bit-identical results */
+    uint64_t hsh = 1469598103934665603ull;
+    const void *outs[5] = {r[1].o, r[1].dq, r[1].dk, r[1].dv, r[1].rinv};
+    const int64_t nb[5] = {nq * 4, nq * 4, nk * 4, nk * 4, nst * 4};
+    for (int x = 0; x < 5; x++)
+        for (int64_t i = 0; i < nb[x]; i++) hsh = (hsh ^ ((const unsigned char *)outs[x])[i]) * 1099511628211ull;
+    printf("  new kernel's o, dq, dk, dv, rinv hash (FNV-1a): %016llx\n", (unsigned long long)hsh);
     ag_ctx_free(&ctx);
     return 0;
 }

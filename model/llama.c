@@ -1114,10 +1114,13 @@ static tensor *layer_attention_half(ag_ctx *ctx, const llama_model *m, const lor
         q = op_cols(ctx, qkv, 0, qd);
         k = op_cols(ctx, qkv, qd, kd);
         v = op_cols(ctx, qkv, qd + kd, kd);
-    } else {
-        q = op_linear(ctx, h, &L->lin[LLAMA_Q], lora_set_get(ls, l, LLAMA_Q));
-        k = op_linear(ctx, h, &L->lin[LLAMA_K], lora_set_get(ls, l, LLAMA_K));
-        v = op_linear(ctx, h, &L->lin[LLAMA_V], lora_set_get(ls, l, LLAMA_V));
+    } else { /* q, k, v read the same h: their LoRA A products run as one GEMM (op_linear_group) */
+        const frozen_weight *const w[3] = {&L->lin[LLAMA_Q], &L->lin[LLAMA_K], &L->lin[LLAMA_V]};
+        const lora_adapter *const lo[3] = {lora_set_get(ls, l, LLAMA_Q), lora_set_get(ls, l, LLAMA_K),
+                                           lora_set_get(ls, l, LLAMA_V)};
+        tensor *y[3];
+        op_linear_group(ctx, h, 3, w, lo, y);
+        q = y[0], k = y[1], v = y[2];
     }
     if (hp->qk_norm) { /* Gemma3Attention: q_norm / k_norm over each head's head_dim, before RoPE */
         const int64_t N = q->shape[0], hd = hp->head_dim;
@@ -1148,9 +1151,12 @@ static tensor *layer_mlp_half(ag_ctx *ctx, const llama_model *m, const lora_set 
         tensor *gu = op_linear(ctx, h2, &L->lin[LLAMA_GATE], lora_set_get(ls, l, LLAMA_GATE));
         g = op_cols(ctx, gu, 0, hp->d_ff);
         u = op_cols(ctx, gu, hp->d_ff, hp->d_ff);
-    } else {
-        g = op_linear(ctx, h2, &L->lin[LLAMA_GATE], lora_set_get(ls, l, LLAMA_GATE));
-        u = op_linear(ctx, h2, &L->lin[LLAMA_UP], lora_set_get(ls, l, LLAMA_UP));
+    } else { /* gate and up read the same h2 (op_linear_group, as q/k/v) */
+        const frozen_weight *const w[2] = {&L->lin[LLAMA_GATE], &L->lin[LLAMA_UP]};
+        const lora_adapter *const lo[2] = {lora_set_get(ls, l, LLAMA_GATE), lora_set_get(ls, l, LLAMA_UP)};
+        tensor *y[2];
+        op_linear_group(ctx, h2, 2, w, lo, y);
+        g = y[0], u = y[1];
     }
     tensor *mm = hp->act_geglu ? op_geglu(ctx, g, u) : op_swiglu(ctx, g, u);
     const lora_adapter *ld = lora_set_get(ls, l, LLAMA_DOWN);

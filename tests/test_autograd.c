@@ -216,6 +216,139 @@ static void test_linear_f32(void **st) { (void)st; run_linear_case(FROZEN_F32, 0
 static void test_linear_nf4(void **st) { (void)st; run_linear_case(FROZEN_NF4, 0.0f); }
 static void test_linear_dropout(void **st) { (void)st; run_linear_case(FROZEN_NF4, 0.25f); }
 
+/* op_linear_group (q/k/v-style grouped LoRA A products): finite differences through two linears of
+ * one input (x, A0, B0, A1 checked; B1 frozen), and equality with one op_linear per linear (three
+ * linears of different widths, NF4 and fp32 bases, fp32 and bf16 modes): values and every gradient. */
+typedef struct group_arg {
+    frozen_weight w[3];
+    float *B1;
+    int r;
+} group_arg;
+
+static tensor *build_group2(ag_ctx *ctx, tensor **in, void *argp) {
+    group_arg *a = argp;
+    lora_adapter *lo = ag_alloc(ctx, 2 * sizeof *lo);
+    tensor *B1 = ag_wrap(ctx, AG_F32, a->w[1].out, a->r, a->B1, NULL);
+    lo[0] = (lora_adapter){.A = in[1], .B = in[2], .r = a->r, .scaling = 2.0f, .stream = 3};
+    lo[1] = (lora_adapter){.A = in[3], .B = B1, .r = a->r, .scaling = 0.5f, .stream = 4};
+    const frozen_weight *const w[2] = {&a->w[0], &a->w[1]};
+    const lora_adapter *const l2[2] = {&lo[0], &lo[1]};
+    tensor *y[2];
+    op_linear_group(ctx, in[0], 2, w, l2, y);
+    return op_add(ctx, y[0], y[1]);
+}
+
+static void test_linear_group_gradcheck(void **st) {
+    (void)st;
+    uint64_t s = 11;
+    int64_t N = 5, in = 64, out = 24, r = 4;
+    float *x = malloc(N * in * 4), *W0 = malloc(out * in * 4), *W1 = malloc(out * in * 4);
+    float *A0 = malloc(r * in * 4), *B0 = malloc(out * r * 4), *A1 = malloc(r * in * 4), *B1 = malloc(out * r * 4);
+    fill(x, N * in, 1.0f, &s);
+    fill(W0, out * in, 0.2f, &s);
+    fill(W1, out * in, 0.2f, &s);
+    fill(A0, r * in, 0.3f, &s);
+    fill(B0, out * r, 0.3f, &s);
+    fill(A1, r * in, 0.3f, &s);
+    fill(B1, out * r, 0.3f, &s);
+    group_arg a = {.w = {{.out = out, .in = in, .kind = FROZEN_F32, .w_f32 = W0},
+                         {.out = out, .in = in, .kind = FROZEN_F32, .w_f32 = W1}},
+                   .B1 = B1, .r = (int)r};
+    gc_case c = {.n_in = 4, .in = {x, A0, B0, A1}, .in_rows = {N, r, out, r}, .in_cols = {in, in, r, in},
+                 .in_grad = {1, 1, 1, 1}, .build = build_group2, .arg = &a};
+    double err = gradcheck(&c, 1e-2f, 40);
+    print_message("linear group worst rel err %.2e\n", err);
+    assert_true(err < 1e-2);
+    free(x), free(W0), free(W1), free(A0), free(B0), free(A1), free(B1);
+}
+
+static double rel_diff(const float *a, const float *b, int64_t n) {
+    double num = 0, den = 1e-30;
+    for (int64_t i = 0; i < n; i++) {
+        num = fmax(num, fabs((double)a[i] - b[i]));
+        den = fmax(den, fabs((double)b[i]));
+    }
+    return num / den;
+}
+
+static void test_linear_group_equals_separate(void **st) {
+    (void)st;
+    enum { NL = 3 };
+    const int64_t N = 37, in = 128, r = 8, outs[NL] = {64, 16, 16};
+    uint64_t s = 21;
+    float *x = malloc(N * in * 4), *W[NL], *A[NL], *B[NL], *R[NL];
+    fill(x, N * in, 1.0f, &s);
+    nf4_tensor q;
+    qerr e;
+    frozen_weight fw[NL];
+    for (int i = 0; i < NL; i++) {
+        W[i] = malloc(outs[i] * in * 4), A[i] = malloc(r * in * 4), B[i] = malloc(outs[i] * r * 4);
+        R[i] = malloc(N * outs[i] * 4);
+        fill(W[i], outs[i] * in, 0.2f, &s);
+        fill(A[i], r * in, 0.3f, &s);
+        fill(B[i], outs[i] * r, 0.3f, &s);
+        fill(R[i], N * outs[i], 1.0f, &s);
+        fw[i] = (frozen_weight){.out = outs[i], .in = in, .kind = FROZEN_F32, .w_f32 = W[i]};
+    }
+    assert_int_equal(nf4_quantize(W[0], outs[0], in, 64, 1, &q, &e), 0);
+    fw[0].kind = FROZEN_NF4;
+    fw[0].nf4 = &q;
+    for (int bf = 0; bf <= 1; bf++) {
+        float *got[2][1 + 2 * NL], *val[2][NL];
+        for (int grouped = 0; grouped <= 1; grouped++) {
+            ag_ctx ctx;
+            assert_int_equal(ag_ctx_init(&ctx, 16 << 20, &e), 0);
+            ctx.bf16 = bf;
+            ctx.training = 1;
+            ctx.recording = 1;
+            float *gx = calloc(N * in, 4), *gA[NL], *gB[NL];
+            tensor *xt = ag_wrap(&ctx, AG_F32, N, in, x, NULL);
+            xt->requires_grad = 1;
+            lora_adapter lo[NL];
+            const lora_adapter *lp[NL];
+            const frozen_weight *wp[NL];
+            for (int i = 0; i < NL; i++) {
+                gA[i] = calloc(r * in, 4), gB[i] = calloc(outs[i] * r, 4);
+                lo[i] = (lora_adapter){.A = ag_wrap(&ctx, AG_F32, r, in, A[i], gA[i]),
+                                       .B = ag_wrap(&ctx, AG_F32, outs[i], r, B[i], gB[i]), .r = (int)r,
+                                       .scaling = 0.5f + (float)i, .stream = (uint64_t)i};
+                lo[i].A->requires_grad = lo[i].B->requires_grad = 1;
+                lp[i] = &lo[i];
+                wp[i] = &fw[i];
+            }
+            tensor *y[NL];
+            if (grouped) op_linear_group(&ctx, xt, NL, wp, lp, y);
+            else for (int i = 0; i < NL; i++) y[i] = op_linear(&ctx, xt, wp[i], lp[i]);
+            for (int i = 0; i < NL; i++) {
+                memcpy(ag_grad(&ctx, y[i]), R[i], (size_t)(N * outs[i]) * 4);
+                val[grouped][i] = malloc(N * outs[i] * 4);
+                memcpy(val[grouped][i], y[i]->data, (size_t)(N * outs[i]) * 4);
+            }
+            ag_backward_from(&ctx, 0);
+            memcpy(gx, xt->grad, (size_t)(N * in) * 4);
+            got[grouped][0] = gx;
+            for (int i = 0; i < NL; i++) got[grouped][1 + i] = gA[i], got[grouped][1 + NL + i] = gB[i];
+            ag_ctx_free(&ctx);
+        }
+        double worst = 0;
+        for (int i = 0; i < NL; i++) {
+            worst = fmax(worst, rel_diff(val[1][i], val[0][i], N * outs[i]));
+            worst = fmax(worst, rel_diff(got[1][1 + i], got[0][1 + i], r * in));
+            worst = fmax(worst, rel_diff(got[1][1 + NL + i], got[0][1 + NL + i], outs[i] * r));
+        }
+        worst = fmax(worst, rel_diff(got[1][0], got[0][0], N * in));
+        print_message("linear group vs separate (%s): worst rel diff %.2e\n", bf ? "bf16" : "fp32", worst);
+        assert_true(worst < 1e-5);
+        for (int g = 0; g < 2; g++) {
+            for (int i = 0; i < 1 + 2 * NL; i++) free(got[g][i]);
+            for (int i = 0; i < NL; i++) free(val[g][i]);
+        }
+    }
+    nf4_free(&q);
+    for (int i = 0; i < NL; i++) free(W[i]), free(A[i]), free(B[i]), free(R[i]);
+    free(x);
+}
+
 typedef struct rope_arg {
     rope_table rt;
     int32_t pos[8];
@@ -747,6 +880,7 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_rmsnorm),          cmocka_unit_test(test_linear_f32),
         cmocka_unit_test(test_linear_nf4),       cmocka_unit_test(test_linear_dropout),
+        cmocka_unit_test(test_linear_group_gradcheck), cmocka_unit_test(test_linear_group_equals_separate),
         cmocka_unit_test(test_rope),             cmocka_unit_test(test_attention),
         cmocka_unit_test(test_attention_long),
         cmocka_unit_test(test_swiglu_add),       cmocka_unit_test(test_cross_entropy),
