@@ -466,6 +466,9 @@ static void linear_group_backward(ag_ctx *ctx, const ag_node *nd) {
 void op_linear_group(ag_ctx *ctx, tensor *x, int n, const frozen_weight *const w[],
                      const lora_adapter *const lora[], tensor *y[]) {
     int grouped = n >= 2 && n <= LINEAR_GROUP_MAX;
+    /* fp16 mode: op_linear's backward rounds each GEMM output to fp16 as autocast does (the overflow GradScaler
+     * must see); the grouped products do not, so fp16 runs the projections one by one */
+    if (ctx->fp16 && !ctx->bf16) grouped = 0;
     for (int i = 0; grouped && i < n; i++)
         grouped = lora[i] && lora[i]->r == lora[0]->r && !(lora[i]->dropout > 0.0f && ctx->training) &&
                   w[i]->in == w[0]->in;
