@@ -12,7 +12,7 @@
  *    scheduler step after a skipped one), metrics.jsonl carries loss_scale and fp16_skipped_steps.
  * 3. The same run killed (SIGKILL, QLORA_TEST_CRASH_AT=committed) right after its step-2 checkpoint (two
  *    skips in its scaler state), then re-run without the init-scale hook: adapter byte-identical, metrics identical (timings aside), the checkpoint's loss_scale,
- *    scaler_growth_tracker and scaler_skipped equal the reference's.
+ *    scaler_growth_tracker and scaler_skipped equal the reference's. Resuming it with fp16 off is refused.
  *
  * Env: QLORA_TEST_THREADS (default 1).
  */
@@ -157,6 +157,13 @@ static void test_fp16_trains_skips_and_resumes_exactly(void **st) {
     assert_int_equal(s1.scaler_skipped, (int64_t)skipped[n - 1]);
     ckpt_state_free(&s1);
     ckpt_state_free(&s2);
+
+    /* resuming it with fp16 off is refused: its schedule does not count the skipped steps */
+    const char *more[] = {"max_steps=6", NULL};
+    code = e2e_run_trainer(g_cfg, ref, more, NULL, &err);
+    assert_int_not_equal(code, 0);
+    assert_non_null(strstr(err, "was made with fp16: true (GradScaler skipped 2 steps"));
+    free(err);
 }
 
 int main(void) {

@@ -987,6 +987,13 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
         return qerr_set(e, "%s: optimizer: %s holds %s state but this config says %s; resume with the optimizer it "
                            "was made with, or choose another output_dir",
                         r->cfgname, r->ck_dir, r->ck.optimizer, c->optimizer);
+    /* an fp16 run's LR schedule counts the optimizer steps taken (steps minus GradScaler's skips): without
+     * fp16 its skips would be forgotten and the schedule would jump */
+    if (r->resuming && !c->fp16 && r->ck.loss_scale > 0 && r->ck.scaler_skipped > 0)
+        return qerr_set(e, "%s: fp16: %s was made with fp16: true (GradScaler skipped %lld steps, which its LR "
+                           "schedule does not count) and this config has fp16 off; resume with fp16: true, or "
+                           "choose another output_dir",
+                        r->cfgname, r->ck_dir, (long long)r->ck.scaler_skipped);
     /* SHARD_GRAD_OP: this rank's part of the flat arrays (the optimizer state covers only it) */
     r->sgo = c->fsdp_shard_grad_op != 0 || c->fsdp_full_shard != 0; /* FULL_SHARD: the same for the adapters */
     r->shard_len = (r->ls.n_params + r->world - 1) / r->world;
