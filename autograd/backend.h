@@ -98,6 +98,10 @@ typedef struct ag_attn {
     int bf16;
     int window;              /* sliding window (Gemma's local layers), 0 = none: token i also needs i - j < window
                               * (HF's sliding mask; llama.cpp is_masked_swa: masked when p1 - p0 >= n_swa) */
+    int fp16;                /* with bf16 0: qb/kb/vb hold fp16 values (fp32), and P (and in backward dO's
+                              * operand, dS) are rounded to fp16 before their GEMMs, as bf16 mode rounds them;
+                              * backward's GEMM outputs dP, dq, dk, dv rounded to fp16 too (fp16 tensors under
+                              * torch's autocast: where a too-large loss scale overflows to inf) */
 } ag_attn;
 
 /* Attention of n new tokens against a KV cache (model/llama_infer.c): query
@@ -137,6 +141,10 @@ typedef struct ag_ce_args {
     int32_t *labels;        /* (N) host or NULL: the targets used, -100 at skipped rows */
     int bf16;
     const frozen_shards *w_shards; /* w NULL: the head sharded over the ranks, gathered whole when used (CPU) */
+    int fp16;               /* with bf16 0: w holds fp16 values (fp32); h's rows and the logits' gradient are rounded
+                             * to fp16 before their GEMMs, and dh after its GEMM (fp16 mode; the gradient scaled by
+                             * `scale`, which carries the loss scale, so an overflow becomes inf as in torch's fp16
+                             * autocast) */
 } ag_ce_args;
 
 /* AdamW per-element constants, computed by optim/adamw.c from the doubles
@@ -309,6 +317,12 @@ typedef struct ag_backend {
     /* Every call after this one runs after the copy of `ticket` (and of every ticket before it) completed
      * (cuda: the compute stream waits for the copy stream's event; the host does not block). */
     void (*offload_wait)(uint64_t ticket);
+
+    /* ---- fp16 mode (axolotl fp16: true; autograd/tensor.h ctx->fp16) ---- */
+    /* dst[i] = src[i] rounded to the nearest IEEE binary16 value (ties to even) and widened back to fp32
+     * (core/bf16.h f32_round_f16, bit for bit): overflow to ±inf, NaN kept, subnormals as binary16 has
+     * them. src == dst allowed. fp32 (n) data. Last in the table so positional tables stay valid. */
+    void (*round_f16)(const float *src, float *dst, int64_t n);
 } ag_backend;
 
 /* The backend named `name` ("cpu", "cpu-ref", ...), or NULL when it is not

@@ -70,6 +70,7 @@ extern "C" {
 
 #include <cublasLt.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <dlfcn.h>
 #include <float.h>
@@ -1685,6 +1686,17 @@ __global__ void k_nonfinite(const float *x, int64_t n, unsigned long long *cnt) 
     if (c) atomicAdd(cnt, c);
 }
 
+/* fp16 mode's operand rounding (backend.h round_f16): __float2half_rn, round to nearest even as the CPU's. */
+__global__ void k_round_f16(const float *s, float *d, int64_t n) {
+    GRID_LOOP(i, n) d[i] = __half2float(__float2half_rn(s[i]));
+}
+
+static void cu_round_f16(const float *src, float *dst, int64_t n) {
+    if (n <= 0) return;
+    k_round_f16<<<nblocks(n, 256), 256, 0, G.stream>>>(src, dst, n);
+    KCHECK();
+}
+
 static int64_t cu_count_nonfinite(const float *x, int64_t n) {
     if (n <= 0) return 0;
     CU(cudaMemsetAsync(G.ucount, 0, sizeof(unsigned long long), G.stream));
@@ -1746,4 +1758,5 @@ extern "C" const ag_backend ag_backend_cuda = {
     cu_host_free,
     cu_offload_start,
     cu_offload_wait,
+    cu_round_f16, /* compiled and checked against the CPU (test_backend_ops); fp16 itself is refused on cuda */
 };

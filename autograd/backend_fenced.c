@@ -542,6 +542,14 @@ static int64_t fc_count_nonfinite(const float *x, int64_t n) {
     return r;
 }
 
+static void fc_round_f16(const float *src, float *dst, int64_t n) {
+    NEED(src);
+    NEED(dst);
+    fence_open();
+    inner()->round_f16(src, dst, n);
+    fence_close();
+}
+
 /* ------------------------------------------------------------------ host offload
  *
  * A device's copy stream may run a started copy at any moment until its wait; the fence runs it at
@@ -683,4 +691,5 @@ const ag_backend ag_backend_cpu_fenced = {
     .host_free = fc_host_free,
     .offload_start = fc_offload_start,
     .offload_wait = fc_offload_wait,
+    .round_f16 = fc_round_f16,
 };

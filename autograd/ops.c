@@ -19,8 +19,14 @@
 
 /* ------------------------------------------------------------------ helpers */
 
-/* An fp32 buffer as a GEMM operand: a bf16 copy in the arena when ctx->bf16. */
+/* An fp32 buffer as a GEMM operand: a bf16 copy in the arena when ctx->bf16, an fp16-rounded fp32 copy
+ * when ctx->fp16. */
 static const void *operand(ag_ctx *ctx, const float *src, int64_t n) {
+    if (!ctx->bf16 && ctx->fp16) {
+        float *r = ag_alloc(ctx, (size_t)n * sizeof(float));
+        ctx->be->round_f16(src, r, n);
+        return r;
+    }
     if (!ctx->bf16) return src;
     bf16 *b = ag_alloc(ctx, (size_t)n * sizeof(bf16));
     ctx->be->to_bf16(src, b, n);
@@ -32,6 +38,7 @@ static const void *operand(ag_ctx *ctx, const float *src, int64_t n) {
  * segment), or its fp32 data (kept) in fp32 mode. Call before any local mark. */
 static const void *operand_of(ag_ctx *ctx, tensor *t) {
     if (ctx->bf16) return ag_bf16_of(ctx, t, 1);
+    if (ctx->fp16) return ag_f16_of(ctx, t, 1);
     return ag_keep(ctx, t);
 }
 
@@ -78,9 +85,12 @@ static const void *frozen_operand(ag_ctx *ctx, const frozen_weight *w) {
         ctx->be->frozen_rows_bf16(w, 0, w->out, dst);
         return dst;
     }
-    if (w->kind == FROZEN_F32) return ctx->be->frozen_data(w);
+    if (w->kind == FROZEN_F32 && !ctx->fp16) return ctx->be->frozen_data(w);
     float *dst = scratch_grow(ctx->be, &ctx->wscratch, &ctx->wscratch_size, (size_t)n * sizeof(float));
     ctx->be->frozen_rows_f32(w, 0, w->out, dst);
+    /* fp16 mode: the weight as transformers / bitsandbytes hold it in float16 (a bf16 or fp32 value cast with
+     * round to nearest even; NF4 / int8 dequantized in fp32, then cast to the fp16 compute dtype) */
+    if (ctx->fp16) ctx->be->round_f16(dst, dst, n);
     return dst;
 }
 
@@ -257,14 +267,25 @@ static void linear_backward(ag_ctx *ctx, const ag_node *n) {
     ag_mark m = ag_arena_mark(ctx);
     const void *dyb = operand(ctx, y->grad, N * out);
     gemm_dtype dt = gdt(ctx);
+    /* fp16 mode: every GEMM output of backward is an fp16 tensor under torch's autocast (each linear's grad
+     * input, each adapter's gradient), so it is rounded to fp16 before it is added: a loss scale too large
+     * for fp16 gives inf here, as there (GradScaler then skips the step) */
+    float *tmp = ctx->fp16 && dx ? ag_alloc(ctx, (size_t)(N * in) * sizeof(float)) : NULL;
     if (dx) {
         const void *wb = frozen_operand(ctx, w);
-        be->gemm(0, 0, N, in, out, 1.0f, dyb, out, wb, in, 1.0f, dx, in, dt); /* dx += dy W */
+        if (tmp) { /* dx += fp16(dy W) */
+            be->gemm(0, 0, N, in, out, 1.0f, dyb, out, wb, in, 0.0f, tmp, in, dt);
+            be->round_f16(tmp, tmp, N * in);
+            be->add(dx, tmp, dx, N * in);
+        } else {
+            be->gemm(0, 0, N, in, out, 1.0f, dyb, out, wb, in, 1.0f, dx, in, dt); /* dx += dy W */
+        }
     }
     if (lo) {
         int64_t r = lo->r;
         /* dB += s · dyᵀ u   (out, r) */
         if (dB) be->gemm(1, 0, out, r, N, lo->scaling, dyb, out, s->ub, r, 1.0f, dB, r, dt);
+        if (dB && ctx->fp16) be->round_f16(dB, dB, out * r); /* one use per micro-batch: dB was 0 */
         /* du = s · dy B   (N, r) */
         float *du = ag_alloc(ctx, (size_t)(N * r) * sizeof(float));
         const void *Bb = operand(ctx, lo->B->data, out * r);
@@ -272,15 +293,21 @@ static void linear_backward(ag_ctx *ctx, const ag_node *n) {
         const void *dub = operand(ctx, du, N * r);
         /* dA += duᵀ dropout(x)   (r, in) */
         if (dA) be->gemm(1, 0, r, in, N, 1.0f, dub, r, s->xdb, in, 1.0f, dA, in, dt);
+        if (dA && ctx->fp16) be->round_f16(dA, dA, r * in);
         if (dx) {
             /* d dropout(x) = du A ; dx += mask/(1-p) · that */
             const void *Ab = operand(ctx, lo->A->data, r * in);
             if (s->drop) {
                 float *dxd = ag_alloc(ctx, (size_t)(N * in) * sizeof(float));
                 be->gemm(0, 0, N, in, r, 1.0f, dub, r, Ab, in, 0.0f, dxd, in, dt);
+                if (ctx->fp16) be->round_f16(dxd, dxd, N * in);
                 int pc = ag_prof_push(AG_PROF_ELTWISE);
                 be->dropout_bwd(dxd, dx, N * in, lo->dropout, s->seed, lo->stream);
                 ag_prof_pop(pc);
+            } else if (tmp) { /* dx += fp16(du A) */
+                be->gemm(0, 0, N, in, r, 1.0f, dub, r, Ab, in, 0.0f, tmp, in, dt);
+                be->round_f16(tmp, tmp, N * in);
+                be->add(dx, tmp, dx, N * in);
             } else {
                 be->gemm(0, 0, N, in, r, 1.0f, dub, r, Ab, in, 1.0f, dx, in, dt);
             }
@@ -439,6 +466,9 @@ static void linear_group_backward(ag_ctx *ctx, const ag_node *nd) {
 void op_linear_group(ag_ctx *ctx, tensor *x, int n, const frozen_weight *const w[],
                      const lora_adapter *const lora[], tensor *y[]) {
     int grouped = n >= 2 && n <= LINEAR_GROUP_MAX;
+    /* fp16 mode: op_linear's backward rounds each GEMM output to fp16 as autocast does (the overflow GradScaler
+     * must see); the grouped products do not, so fp16 runs the projections one by one */
+    if (ctx->fp16 && !ctx->bf16) grouped = 0;
     for (int i = 0; grouped && i < n; i++)
         grouped = lora[i] && lora[i]->r == lora[0]->r && !(lora[i]->dropout > 0.0f && ctx->training) &&
                   w[i]->in == w[0]->in;
@@ -564,7 +594,7 @@ tensor *op_attention_window(ag_ctx *ctx, tensor *q, tensor *k, tensor *v, int B,
     int grad = ag_needs_grad(ctx, q, k, v);
     ag_attn a0 = {.qb = operand_of(ctx, q), .kb = operand_of(ctx, k), .vb = operand_of(ctx, v),
                   .seq_ids = seq_ids, .B = B, .T = T, .H = H, .KVH = KVH, .hd = (int)hd, .bf16 = ctx->bf16,
-                  .window = window > 0 ? window : 0};
+                  .window = window > 0 ? window : 0, .fp16 = !ctx->bf16 && ctx->fp16};
     size_t nstat = (size_t)B * H * T * sizeof(float);
     float *rmax = grad ? alloc_saved(ctx, nstat) : NULL, *rinv = grad ? alloc_saved(ctx, nstat) : NULL;
     a0.seglo = alloc_saved(ctx, (size_t)B * T * sizeof(int32_t));
@@ -756,7 +786,7 @@ tensor *op_lm_head_ce_train(ag_ctx *ctx, tensor *h, const frozen_weight *w, tens
     ag_ce_args a = {.h = h->data, .w = w->shards ? NULL : frozen_operand(ctx, w), .N = N, .D = D, .V = w->out,
                     .targets = targets, .mode = mode, .seed = seed, .scale = scale, .dh = dh,
                     .dw = head_grad ? ag_grad(ctx, w_train) : NULL, .labels = labels, .bf16 = ctx->bf16,
-                    .w_shards = w->shards};
+                    .w_shards = w->shards, .fp16 = !ctx->bf16 && ctx->fp16};
     int64_t count = 0;
     ag_prof_lm_head(1);
     double total = ctx->be->lm_head_ce(ctx, &a, &count);

@@ -78,7 +78,8 @@ tensor *op_linear(ag_ctx *ctx, tensor *x, const frozen_weight *w, const lora_ada
  * GEMM each over du = [du_0 … du_{n-1}] (N, n·r), instead of n skinny ones (oneDNN is least efficient
  * at N or K = r; bench/gemm_group_ab.c). The base products x·W_iᵀ stay one per linear (grouping them
  * measured no faster). One node for the group, run after every consumer of the y[i] in backward.
- * Grouped only when every lora is present with the same r and no dropout is active in this context;
+ * Grouped only when every lora is present with the same r, no dropout is active in this context and
+ * the context is not fp16 (op_linear rounds its backward GEMM outputs to fp16; the group does not);
  * otherwise it is n op_linear calls. The maths is op_linear's; the summation order of dx and dA
  * changes (the LoRA part of dx is one K = n·r product added after the n base products). 1 <= n <= 4. */
 void op_linear_group(ag_ctx *ctx, tensor *x, int n, const frozen_weight *const w[],

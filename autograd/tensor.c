@@ -209,6 +209,18 @@ const void *ag_bf16_of(ag_ctx *ctx, tensor *t, int keep) {
     return t->kept_bf16;
 }
 
+const float *ag_f16_of(ag_ctx *ctx, tensor *t, int keep) {
+    if (!t->kept_f16) {
+        int pc = ag_prof_push(AG_PROF_CONVERT);
+        size_t bytes = (size_t)t->numel * sizeof(float);
+        float *b = ctx->saving || keep ? ag_alloc_keep(ctx, bytes) : ag_alloc(ctx, bytes);
+        ctx->be->round_f16(t->data, b, t->numel);
+        t->kept_f16 = b;
+        ag_prof_pop(pc);
+    }
+    return t->kept_f16;
+}
+
 /* ------------------------------------------------------------------ tensors */
 
 tensor *ag_tensor(ag_ctx *ctx, ag_dtype dt, int ndim, const int64_t *shape) {

@@ -46,6 +46,7 @@ typedef struct tensor {
     int requires_grad; /* gradient wanted for this tensor (param, or depends on one) */
     void *kept;        /* copy of data (same dtype) that survives the segment, or NULL */
     void *kept_bf16;   /* bf16 copy of data (GEMM operand, saved for backward), or NULL */
+    float *kept_f16;   /* fp16 mode: data rounded to fp16, held as fp32 (the GEMM operand), or NULL */
 } tensor;
 
 /* ---- arena: chunked bump allocator with mark/reset ---- */
@@ -97,6 +98,9 @@ typedef struct ag_ctx {
     int64_t n_nodes, cap_nodes;
     int recording; /* 1: ops record backward nodes; 0: inference / checkpoint forward */
     int bf16;      /* 1: GEMM operands rounded to bf16 (fp32 accumulate); 0: fp32 GEMMs */
+    int fp16;      /* with bf16 0: fp32 GEMMs whose operands are rounded to fp16 values first (axolotl's
+                    * fp16: true; a product of two fp16 values is exact in fp32, so this is an fp16 GEMM with
+                    * fp32 accumulation; overflow becomes inf, which the trainer's GradScaler sees) */
     int training;  /* 1: dropout active */
     int saving;    /* 1 inside a segment: ops copy what backward needs into the keep arena */
     int recomputing; /* 1 while a checkpoint's block runs again in backward (its output value is not read) */
@@ -144,6 +148,10 @@ void *ag_keep(ag_ctx *ctx, tensor *t);
  * several ops share (q/k/v read the same normed input) and backward reuses.
  * Kept like ag_keep when `keep`, else in the main arena. */
 const void *ag_bf16_of(ag_ctx *ctx, tensor *t, int keep);
+
+/* fp16 mode's copy of an fp32 tensor t: its values rounded to fp16, held as fp32 (memoised in
+ * t->kept_f16), kept like ag_bf16_of. The GEMM operand of ctx->fp16, as ag_bf16_of is of ctx->bf16. */
+const float *ag_f16_of(ag_ctx *ctx, tensor *t, int keep);
 
 /* New tensor in the arena (data uninitialised, grad NULL). */
 tensor *ag_tensor(ag_ctx *ctx, ag_dtype dt, int ndim, const int64_t *shape);

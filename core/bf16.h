@@ -74,4 +74,9 @@ static inline uint16_t f32_to_f16(float f) {
     return (uint16_t)(sign | h);
 }
 
+/* x rounded to the nearest IEEE binary16 value (ties to even), as an fp32: what torch's
+ * x.to(torch.float16).float() gives; |x| >= 65520 becomes ±inf, NaN stays NaN. fp16 mode's GEMM operands
+ * (autograd/tensor.h ctx->fp16): a product of two such values is exact in fp32. */
+static inline float f32_round_f16(float x) { return f16_to_f32(f32_to_f16(x)); }
+
 #endif

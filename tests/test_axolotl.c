@@ -122,6 +122,8 @@ static void test_example_configs(void **state) {
         qerr e = {{0}};
         int rc = train_config_load_all(path, &c, &r, &e);
         if (rc == 0) {
+            /* OpenLLaMA's two examples say fp16: true (and bf16: false): they load in fp16 mode */
+            if (!strncmp(names[i], "openllama-3b__", 14)) assert_int_equal(c.fp16, 1);
             rc = train_config_validate(&c, &e);
             if (rc) {
                 r.lines = malloc(sizeof *r.lines);
@@ -154,7 +156,7 @@ static void test_example_configs(void **state) {
     }
     print_message("axolotl examples: %d of %d load as they are (%d LoRA/QLoRA, %d full fine-tune)\n", loaded, nn,
                   lora, nn - lora);
-    assert_true(loaded >= 28); /* 15 before load_in_8bit, lora_modules_to_save, sequential packing; 26 before gemma3 */
+    assert_true(loaded >= 30); /* 15 before load_in_8bit, lora_modules_to_save, sequential packing; 26 before gemma3 and fp16 */
 }
 
 /* One run lists every refused key; suggestions only for close keys. */
@@ -171,7 +173,7 @@ static void test_all_refusals_at_once(void **state) {
           "  - path: a.jsonl\n"                    /* 5 */
           "    type: chat_template\n"              /* 6 */
           "    conversation: chatml\n"             /* 7 */
-          "fp16: true\n"                           /* 8 */
+          "float16: true\n"                        /* 8 */
           "lora_rnk: 8\n"                          /* 9 */
           "xyz: 1\n"                               /* 10 */
           "attn_implementation: flash_attention_2\n" /* 11 */
@@ -189,7 +191,7 @@ static void test_all_refusals_at_once(void **state) {
     assert_non_null(strstr(r.lines[1], "(line 2)"));
     assert_non_null(strstr(r.lines[2], "4-bit AdamW"));
     assert_non_null(strstr(r.lines[3], "datasets[0].conversation: refused"));
-    assert_non_null(strstr(r.lines[4], "fp16: refused"));
+    assert_non_null(strstr(r.lines[4], "float16: refused"));
     assert_non_null(strstr(r.lines[5], "did you mean \"lora_r\""));
     assert_non_null(strstr(e.msg, "6 refused keys"));
     train_config_refusals_free(&r);
@@ -365,6 +367,46 @@ static void test_pretraining_dataset_config(void **state) {
     }
 }
 
+/* fp16: true with the other precision keys: bf16: true refused (as axolotl), auto / false / unset yield to
+ * it, an empty value is false (axolotl's None), the sharded strategies refused in one line. */
+static void test_fp16_config(void **state) {
+    (void)state;
+    static const char *const base = "base_model: m.gguf\nadapter: qlora\nload_in_4bit: true\nlora_target_linear: true\n"
+                                    "datasets:\n  - path: a.jsonl\n    type: completion\n";
+    static const struct {
+        const char *extra;
+        int valid, fp16, bf16;
+        const char *needle;
+    } cases[] = {
+        {"fp16: true\n", 1, 1, 1, NULL},
+        {"bf16: auto\nfp16: true\n", 1, 1, 1, NULL},
+        {"bf16: false\nfp16: true\n", 1, 1, 0, NULL},
+        {"fp16:\n", 1, 0, 1, NULL},
+        {"fp16: false\nbf16: true\n", 1, 0, 1, NULL},
+        {"bf16: true\nfp16: true\n", 0, 1, 1, "bf16: true and fp16: true are both set"},
+        {"fp16: true\nfsdp_config:\n  fsdp_sharding_strategy: FULL_SHARD\n", 0, 1, 1, "fp16: true with FULL_SHARD"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char path[] = "/tmp/qlora_axo_XXXXXX.yaml", text[1024];
+        snprintf(text, sizeof text, "%s%s", base, cases[i].extra);
+        write_yaml(path, text);
+        train_config c;
+        train_config_refusals r;
+        qerr e = {{0}};
+        int rc = train_config_load_all(path, &c, &r, &e);
+        if (rc) print_message("case %zu: %s\n", i, e.msg);
+        assert_int_equal(rc, 0);
+        int v = train_config_validate(&c, &e);
+        print_message("case %zu: fp16 %d bf16 %d, validate %d %s\n", i, c.fp16, c.bf16, v, v ? e.msg : "");
+        assert_int_equal(c.fp16, cases[i].fp16);
+        assert_int_equal(c.bf16, cases[i].bf16);
+        assert_int_equal(v == 0, cases[i].valid);
+        if (cases[i].needle) assert_non_null(strstr(e.msg, cases[i].needle));
+        train_config_free(&c);
+        remove(path);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_every_schema_key_decided),
@@ -374,6 +416,7 @@ int main(void) {
         cmocka_unit_test(test_unknown_keys),
         cmocka_unit_test(test_selective_checkpointing),
         cmocka_unit_test(test_pretraining_dataset_config),
+        cmocka_unit_test(test_fp16_config),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -347,6 +347,45 @@ static void case_to_bf16(const ag_backend *be, const ag_backend *ref) {
     free(x);
 }
 
+/* round_f16: fp16 mode's operand rounding, against core/bf16.h's scalar f32_round_f16 bit for bit: ties,
+ * the overflow edge (65519.99 stays finite, 65520 becomes inf), subnormals, inf and NaN; in place too. */
+static void case_round_f16(const ag_backend *be, const ag_backend *ref) {
+    const int64_t n = 70001;
+    float *x = host_rand(n, 31, 70000.0f);
+    const uint32_t specials[] = {0x7fc00000u, 0x7f800000u, 0xff800000u, 0x00000001u, 0x33000000u, 0x33000001u,
+                                 0x387fc000u, 0x38800000u, 0x3f801000u, 0x3f803000u, 0x477fefffu, 0x477ff000u,
+                                 0xc77ff000u, 0x80000000u, 0x3f800fffu, 0x47800000u};
+    for (size_t i = 0; i < sizeof specials / sizeof specials[0]; i++) memcpy(&x[i * 997 + 3], &specials[i], 4);
+    float *out[2];
+    const ag_backend *bes[2] = {be, ref};
+    for (int w = 0; w < 2; w++) {
+        float *dx = to_dev(bes[w], x, (size_t)n * sizeof(float));
+        float *dy = bes[w]->alloc((size_t)n * sizeof(float));
+        bes[w]->round_f16(dx, dy, n);
+        bes[w]->round_f16(dx, dx, n); /* in place: the same bits */
+        out[w] = to_host(bes[w], dy, (size_t)n * sizeof(float));
+        float *again = to_host(bes[w], dx, (size_t)n * sizeof(float));
+        assert_bits("round_f16 in place", again, out[w], (size_t)n * sizeof(float));
+        free(again);
+        bes[w]->free(dx);
+        bes[w]->free(dy);
+    }
+    assert_bits("round_f16", out[0], out[1], (size_t)n * sizeof(float));
+    for (int64_t i = 0; i < n; i++) {
+        float r = f32_round_f16(x[i]);
+        if (memcmp(&r, &out[1][i], 4) && !(isnan(r) && isnan(out[1][i])))
+            fail_msg("round_f16: element %lld (%a) gave %a, core/bf16.h %a", (long long)i, (double)x[i],
+                     (double)out[1][i], (double)r);
+    }
+    float edge[2];
+    memcpy(&edge[0], &specials[10], 4);
+    memcpy(&edge[1], &specials[11], 4);
+    assert_true(isfinite(f32_round_f16(edge[0])) && isinf(f32_round_f16(edge[1])));
+    free(out[0]);
+    free(out[1]);
+    free(x);
+}
+
 static void case_dropout(const ag_backend *be, const ag_backend *ref) {
     const int64_t n = 33 * 577;
     float *x = host_rand(n, 40, 1.0f), *g = host_rand(n, 41, 1.0f), *dx0 = host_rand(n, 42, 1.0f);
@@ -1244,6 +1283,7 @@ static const struct {
     {"gemm", case_gemm},
     {"frozen_rows", case_frozen_rows},
     {"to_bf16", case_to_bf16},
+    {"round_f16", case_round_f16},
     {"dropout", case_dropout},
     {"embedding", case_embedding},
     {"embedding_bwd", case_embedding_bwd},
@@ -1272,7 +1312,8 @@ static void test_every_entry_covered(void **state) {
                              "attention_bwd", "attention_cached", "swiglu_fwd", "swiglu_bwd", "geglu_fwd", "geglu_bwd", "add", "add_bwd",
                              "axpy", "copy_cols", "lm_head_ce", "adamw_update", "adamw8bit_update", "adamw_bnb32_update",
                              "sophia_update", "sophia_hessian", "sum_squares",
-                             "scale", "count_nonfinite", "embedding_bwd", "host_alloc", "host_free", "offload_start", "offload_wait"};
+                             "scale", "count_nonfinite", "embedding_bwd", "host_alloc", "host_free", "offload_start", "offload_wait",
+                             "round_f16"};
     /* the table is `name` plus one function pointer per entry */
     size_t n_entries = (sizeof(ag_backend) - offsetof(ag_backend, alloc)) / sizeof(void (*)(void));
     assert_int_equal(n_entries, sizeof covered / sizeof covered[0]);

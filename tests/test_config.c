@@ -528,7 +528,7 @@ static void test_errors_per_key(void **state) {
     /* deepspeed is read now (its ZeRO stages: tests/test_config_parallel.c); a missing file is named */
     expect_load_error(t, "x.yaml", "deepspeed: deepspeed_configs/zero2.json\n",
                       "deepspeed: deepspeed_configs/zero2.json: cannot open");
-    expect_load_error(t, "x.yaml", "fp16: true\n", "fp16: refused: fp16 in axolotl loads the base in float16");
+    expect_load_error(t, "x.yaml", "float16: true\n", "float16: refused: a float16 base");
     expect_load_error(t, "x.yaml", "chat_template: gemma\n",
                       "chat_template: \"gemma\" is the template of Gemma 1 and Gemma 2, model families qlora "
                       "does not run");
@@ -792,8 +792,12 @@ static void test_overrides(void **state) {
     assert_string_equal(e.msg, "command line: expected key=value, got \"lora_r\"");
     assert_int_equal(train_config_apply_override(&c, "=8", &e), -1);
     assert_int_equal(train_config_apply_override(&c, "flash_attention=true", &e), 0); /* exact attention: accepted */
-    assert_int_equal(train_config_apply_override(&c, "fp16=true", &e), -1);
-    assert_non_null(strstr(e.msg, "command line: fp16: refused: fp16 in axolotl loads the base in float16"));
+    assert_int_equal(train_config_apply_override(&c, "fp16=true", &e), 0); /* axolotl's fp16 (README "fp16") */
+    assert_int_equal(c.fp16, 1);
+    assert_int_equal(train_config_apply_override(&c, "fp16=false", &e), 0);
+    assert_int_equal(c.fp16, 0);
+    assert_int_equal(train_config_apply_override(&c, "float16=true", &e), -1);
+    assert_non_null(strstr(e.msg, "command line: float16: refused: a float16 base"));
     assert_int_equal(train_config_apply_override(&c, "optimizer=sgd", &e), -1);
     assert_non_null(strstr(e.msg, "optimizer: \"sgd\" is not supported yet"));
     /* Sophia: the official defaults, then overrides; "sophiag" is an alias */

@@ -72,6 +72,9 @@
 #include "model/llama.h"
 #include "optim/adamw.h"
 #include "optim/clip.h"
+#include "optim/grad_scaler.h"
+#include "core/bf16.h"
+#include "autograd/backend.h"
 #include "tests/ref_fixture.h"
 #include "tests/ref_metrics.h"
 
@@ -235,6 +238,26 @@ static void qlora_logits(tiny *t, int use_bf16, float *out) {
     tensor *h = llama_forward_hidden(&ctx, &t->m, &t->ls, &t->b);
     llama_logits_rows_ls(&ctx, &t->m, &t->ls, h, 0, (int64_t)t->b.B * t->b.T, out);
     ag_ctx_free(&ctx);
+}
+
+/* Loss (mean over target tokens, double) and LoRA grads into ls.grads; fp16 mode (ctx.fp16) when fp16, with
+ * the loss's gradient multiplied by loss_scale (GradScaler.scale(loss)), the gradients left scaled. */
+static double qlora_loss_grads_mode(tiny *t, int use_bf16, int fp16, float loss_scale, int ck) {
+    ag_ctx ctx;
+    qerr e = {{0}};
+    assert_int_equal(ag_ctx_init(&ctx, 16 << 20, &e), 0);
+    ctx.bf16 = use_bf16;
+    ctx.fp16 = fp16;
+    ctx.training = 1;
+    ctx.seed = 5;
+    memset(t->ls.grads, 0, (size_t)t->ls.n_params * sizeof(float));
+    double lsum = 0;
+    int64_t nt = 0;
+    tensor *L = llama_forward_loss(&ctx, &t->m, &t->ls, &t->b, 1.0f / (float)t->n_tok * loss_scale, ck, &lsum, &nt);
+    assert_int_equal(nt, t->n_tok);
+    ag_backward(&ctx, L);
+    ag_ctx_free(&ctx);
+    return lsum / (double)nt;
 }
 
 /* Loss (mean over target tokens, double) and LoRA grads into ls.grads. */
@@ -415,7 +438,190 @@ static void test_bf16_within_bf16_error(void **state) {
     free(got);
 }
 
+/* ---- fp16 (axolotl's fp16: true; fixture tests/fixtures/ref_fp16.qref.gz, scripts/make_fp16_reference.py) ----
+ *
+ * fp16 mode (ctx.bf16 = 0, ctx.fp16 = 1): every GEMM operand rounded to fp16 (u = 2^-11 ≈ 4.9e-4), fp32
+ * accumulation and fp32 activations; backward's GEMM outputs (each linear's grad input, the adapters'
+ * gradients, attention's dP/dq/dk/dv, the LM head's dh) rounded to fp16 as autocast makes them; the loss gradient multiplied by GradScaler's scale S and the
+ * gradients multiplied by 1/S afterwards (exact: S is a power of 2). The reference is the same model under
+ * torch.autocast("cpu", float16) + torch.amp.GradScaler, which also rounds the forward GEMM outputs to fp16
+ * (qlora keeps activations fp32). The two therefore differ by about one extra rounding per GEMM (~u) plus the different
+ * roundings that follow from it: about 20 GEMMs in series give ~sqrt(20)·2u ≈ 4.4e-3 relative to the typical
+ * activation. Tolerances (fixed before the first run, 2-5x that estimate):
+ *   logits: max|Δ| ≤ 1e-2 · max|logit|;  loss: |Δ| ≤ 2e-3 · loss;  grads: per tensor ||Δ||₂ ≤ 2e-2 · ||g||₂
+ * and, as in the bf16 test, each must be within 3× (+ 1e-3) of torch's own fp16 error against the fp32
+ * reference (ref_tiny's logits / loss / grads): qlora's fp16 no worse than PyTorch's.
+ * GradScaler (optim/grad_scaler.h, trainer/step.c's order: scale the loss, unscale, clip, skip on a non-finite
+ * norm): over 10 AdamW steps from init_scale 2^16 and over 20 steps from 2^24 with growth_interval 3 (7
+ * overflows backing off to 2^17, growth every 3 clean steps, one more overflow at 2^19), the scale used at
+ * each step and which steps were skipped must equal torch's exactly — an overflow is decided by whether
+ * S · (the largest gradient-path value) exceeds 65504, and the two sides' largest values differ by ~1e-2
+ * relative, far from the factor 2 between neighbouring scales. Losses |Δ| ≤ 5e-3 · loss + 1e-4, pre-clip norms
+ * ≤ 2e-2 relative, final adapter ||p − p_ref|| ≤ 5e-2 · ||p_ref − p_0|| (Adam normalizes each update, so
+ * the gradients' ~1e-2 relative differences become ~1e-2 relative update differences, adding over 10 steps). */
+#define FP16_FIXTURE "tests/fixtures/ref_fp16.qref.gz"
+
+static void fp16_logits(tiny *t, float *out) {
+    ag_ctx ctx;
+    qerr e = {{0}};
+    assert_int_equal(ag_ctx_init(&ctx, 16 << 20, &e), 0);
+    ctx.bf16 = 0;
+    ctx.fp16 = 1;
+    ctx.training = 0;
+    tensor *h = llama_forward_hidden(&ctx, &t->m, &t->ls, &t->b);
+    /* the LM head's operands as op_lm_head_ce's fp16 mode rounds them: h rows and the head, fp16 values */
+    int64_t N = (int64_t)t->b.B * t->b.T, D = t->m.hp.d_model, V = t->m.hp.vocab;
+    float *hr = malloc((size_t)(N * D) * sizeof(float)), *wr = malloc((size_t)(V * D) * sizeof(float));
+    for (int64_t i = 0; i < N * D; i++) hr[i] = f32_round_f16(((const float *)h->data)[i]);
+    for (int64_t i = 0; i < V * D; i++) wr[i] = f32_round_f16(t->m.lm_head.w_f32[i]);
+    gemm(0, 1, N, V, D, 1.0f, hr, D, wr, D, 0.0f, out, V, GEMM_F32);
+    free(hr);
+    free(wr);
+    ag_ctx_free(&ctx);
+}
+
+static void test_fp16_loss_grads(void **state) {
+    (void)state;
+    tiny *t = &g_t;
+    ref_file rf;
+    ref_open_or_fail(FP16_FIXTURE, &rf);
+    int64_t n = (int64_t)t->b.B * t->b.T * t->m.hp.vocab, np = t->ls.n_params;
+    memcpy(t->ls.params, t->p0, (size_t)np * sizeof(float));
+    const float *l32 = ref_f32(&t->rf, "logits", n), *l16 = ref_f32(&rf, "fp16.logits", n);
+    const float *g32 = ref_f32(&t->rf, "grads", np), *g16 = ref_f32(&rf, "fp16.grads", np);
+    double loss32 = ref_scalar(&t->rf, "loss"), loss16 = ref_scalar(&rf, "fp16.loss");
+    float S = (float)ref_scalar(&rf, "fp16.init_scale");
+    assert_true(S == 65536.0f);
+    float *got = malloc((size_t)n * sizeof(float));
+    fp16_logits(t, got);
+    double sc = ref_max_abs(l16, n);
+    double e_q = ref_max_abs_diff(l16, got, n) / sc, e_q32 = ref_max_abs_diff(l32, got, n) / sc,
+           e_t32 = ref_max_abs_diff(l32, l16, n) / sc;
+    print_message("[ref] tiny fp16 logits: max|Δ|/max|logit| vs torch fp16 %.3e (tol 1e-2); vs fp32: qlora %.3e, "
+                  "torch %.3e (tol 3x + 1e-3)\n", e_q, e_q32, e_t32);
+    assert_true(e_q <= 1e-2);
+    assert_true(e_q32 <= 3 * e_t32 + 1e-3);
+    for (int ck = 0; ck < 2; ck++) {
+        double loss = qlora_loss_grads_mode(t, 0, 1, S, ck);
+        for (int64_t i = 0; i < np; i++) t->ls.grads[i] *= 1.0f / S; /* unscale_ */
+        int wi = 0, wq = 0, wt = 0;
+        double ge = worst_tensor_err(t, g16, t->ls.grads, 1, &wi);
+        double ge_q32 = worst_tensor_err(t, g32, t->ls.grads, 1, &wq), ge_t32 = worst_tensor_err(t, g32, g16, 1, &wt);
+        double le = fabs(loss - loss16) / loss16, le_q32 = fabs(loss - loss32) / loss32,
+               le_t32 = fabs(loss16 - loss32) / loss32;
+        print_message("[ref] tiny fp16 (checkpointing %s): loss %.6f vs torch fp16 %.6f, rel %.3e (tol 2e-3); vs "
+                      "fp32 qlora %.3e torch %.3e; worst grad tensor ||Δ||/||g|| vs torch fp16 %.3e (%s, tol 2e-2); "
+                      "vs fp32 qlora %.3e (%s) torch %.3e (%s)\n",
+                      ck ? "on" : "off", loss, loss16, le, le_q32, le_t32, ge, t->names[wi], ge_q32, t->names[wq],
+                      ge_t32, t->names[wt]);
+        assert_true(le <= 2e-3);
+        assert_true(le_q32 <= 3 * le_t32 + 1e-3);
+        assert_true(ge <= 2e-2);
+        assert_true(ge_q32 <= 3 * ge_t32 + 1e-3);
+    }
+    free(got);
+    ref_close(&rf);
+}
+
+/* The trainer's step (trainer/step.c train_step) on the tiny model: scale, backward, unscale, clip, skip or
+ * AdamW, update the scale; against torch's GradScaler loop. */
+static void fp16_train_case(const char *prefix, double init_scale, int64_t growth_interval, int steps) {
+    tiny *t = &g_t;
+    ref_file rf;
+    ref_open_or_fail(FP16_FIXTURE, &rf);
+    int64_t np = t->ls.n_params;
+    char key[64];
+    snprintf(key, sizeof key, "%s.losses", prefix);
+    const double *lref = ref_f64(&rf, key, steps + 1);
+    snprintf(key, sizeof key, "%s.grad_norms", prefix);
+    const double *nref = ref_f64(&rf, key, steps);
+    snprintf(key, sizeof key, "%s.scales", prefix);
+    const double *sref = ref_f64(&rf, key, steps);
+    snprintf(key, sizeof key, "%s.skipped", prefix);
+    const int32_t *kref = ref_i32(&rf, key, steps);
+    snprintf(key, sizeof key, "%s.final_params", prefix);
+    const float *pref = ref_f32(&rf, key, np);
+    snprintf(key, sizeof key, "%s.final_scale", prefix);
+    double final_scale = ref_scalar(&rf, key);
+    adamw_config cfg = {.lr = t->lr, .beta1 = t->beta1, .beta2 = t->beta2, .eps = t->adam_eps, .weight_decay = t->wd};
+    adamw_state st;
+    qerr e = {{0}};
+    assert_int_equal(adamw_state_init(&st, np, &e), 0);
+    memcpy(t->ls.params, t->p0, (size_t)np * sizeof(float));
+    grad_scaler gs;
+    grad_scaler_init(&gs, init_scale);
+    gs.growth_interval = growth_interval;
+    double worst_l = 0, worst_n = 0;
+    int n_skipped = 0;
+    for (int s = 0; s <= steps; s++) {
+        double loss;
+        if (s < steps) {
+            const double used = gs.scale;
+            loss = qlora_loss_grads_mode(t, 0, 1, (float)used, 1);
+            grad_scaler_unscale(&gs, ag_backend_default(), t->ls.grads, np);
+            float norm = clip_grad_norm(t->ls.grads, np, (float)t->max_norm);
+            int skip = grad_scaler_update(&gs, !isfinite(norm));
+            if (!skip) adamw_step(&st, &cfg, t->lr, t->ls.params, t->ls.grads, NULL);
+            n_skipped += skip;
+            print_message("[ref] tiny %s step %2d: scale %g vs %g, skipped %d vs %d, loss %.6f vs %.6f, pre-clip norm "
+                          "%.5f vs %.5f\n", prefix, s + 1, used, sref[s], skip, kref[s], loss, lref[s], norm, nref[s]);
+            assert_true(used == sref[s]);
+            assert_int_equal(skip, kref[s]);
+            if (!skip) {
+                double nrel = fabs(norm - nref[s]) / nref[s];
+                worst_n = fmax(worst_n, nrel);
+                assert_true(nrel <= 2e-2);
+            }
+        } else {
+            ag_ctx ctx;
+            assert_int_equal(ag_ctx_init(&ctx, 16 << 20, &e), 0);
+            ctx.bf16 = 0;
+            ctx.fp16 = 1;
+            ctx.recording = 0;
+            double lsum;
+            llama_forward_loss(&ctx, &t->m, &t->ls, &t->b, 1.0f, 0, &lsum, NULL);
+            ag_ctx_free(&ctx);
+            loss = lsum / (double)t->n_tok;
+            print_message("[ref] tiny %s after %d steps: loss %.6f vs %.6f\n", prefix, steps, loss, lref[s]);
+        }
+        double d = fabs(loss - lref[s]);
+        worst_l = fmax(worst_l, d / lref[s]);
+        assert_true(d <= 5e-3 * lref[s] + 1e-4);
+    }
+    assert_true(gs.scale == final_scale);
+    float *delta_ref = malloc((size_t)np * sizeof(float));
+    for (int64_t i = 0; i < np; i++) delta_ref[i] = pref[i] - t->p0[i];
+    double num = ref_l2_diff(pref, t->ls.params, np), den = ref_l2(delta_ref, np);
+    print_message("[ref] tiny %s: %d of %d steps skipped as torch's, final scale %g; worst loss rel err %.3e (tol "
+                  "5e-3), worst norm rel err %.3e (tol 2e-2); final adapter ||Δ|| / ||p_ref - p_0|| = %.3e (tol "
+                  "5e-2)\n", prefix, n_skipped, steps, gs.scale, worst_l, worst_n, num / den);
+    assert_true(num <= 5e-2 * den);
+    free(delta_ref);
+    adamw_state_free(&st);
+    memcpy(t->ls.params, t->p0, (size_t)np * sizeof(float));
+    ref_close(&rf);
+}
+
+static void test_fp16_gradscaler_adamw(void **state) {
+    (void)state;
+    fp16_train_case("amp", 65536.0, 2000, g_t.steps);
+}
+
+static void test_fp16_gradscaler_overflow(void **state) {
+    (void)state;
+    ref_file rf;
+    ref_open_or_fail(FP16_FIXTURE, &rf);
+    int64_t gi = (int64_t)ref_scalar(&rf, "ovf.growth_interval"), steps = (int64_t)ref_scalar(&rf, "ovf.steps");
+    ref_close(&rf);
+    fp16_train_case("ovf", 16777216.0, gi, (int)steps);
+}
+
 int main(void) {
+    const struct CMUnitTest fp16_tests[] = {
+        cmocka_unit_test(test_fp16_loss_grads),
+        cmocka_unit_test(test_fp16_gradscaler_adamw),
+        cmocka_unit_test(test_fp16_gradscaler_overflow),
+    };
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_fp32_logits),
         cmocka_unit_test(test_fp32_loss_grads_checkpointing),
@@ -425,5 +631,7 @@ int main(void) {
     int rc = cmocka_run_group_tests_name("tiny", tests, setup, teardown);
     g_mts = 1;
     rc += cmocka_run_group_tests_name("tiny_modules_to_save", tests, setup, teardown);
+    g_mts = 0;
+    rc += cmocka_run_group_tests_name("tiny_fp16", fp16_tests, setup, teardown);
     return rc;
 }

@@ -579,6 +579,11 @@ int ckpt_write_state(const char *path, const ckpt_state *s, qerr *e) {
     W(h5_attr_i64(g, "last_eval_step", s->last_eval_step), "/trainer_state last_eval_step");
     W(h5_attr_f64(g, "train_seconds", s->train_seconds), "/trainer_state train_seconds");
     W(h5_attr_i64(g, "loss_watchdog_streak", s->loss_watchdog_streak), "/trainer_state loss_watchdog_streak");
+    if (s->loss_scale > 0) { /* fp16 only, so other runs' checkpoints stay as they were */
+        W(h5_attr_f64(g, "loss_scale", s->loss_scale), "/trainer_state loss_scale");
+        W(h5_attr_i64(g, "scaler_growth_tracker", s->scaler_growth_tracker), "/trainer_state scaler_growth_tracker");
+        W(h5_attr_i64(g, "scaler_skipped", s->scaler_skipped), "/trainer_state scaler_skipped");
+    }
     if (g >= 0) H5Gclose(g), g = -1;
 
     W(h5_put(f, "log_history", H5T_STD_U8LE, H5T_NATIVE_UCHAR, s->log_history, s->log_history_len, 0, 1),
@@ -810,6 +815,14 @@ int ckpt_read_state(const char *path, ckpt_state *s, qerr *e) {
     R(h5_get_attr(g, "last_eval_step", H5T_NATIVE_INT64, &s->last_eval_step), "/trainer_state last_eval_step");
     R(h5_get_attr(g, "train_seconds", H5T_NATIVE_DOUBLE, &s->train_seconds), "/trainer_state train_seconds");
     /* added later: a checkpoint written before it has none and resumes with the streak at 0 */
+    s->loss_scale = 0.0; /* fp16 state: absent in other runs' and older checkpoints */
+    s->scaler_growth_tracker = s->scaler_skipped = 0;
+    if (g >= 0 && H5Aexists(g, "loss_scale") > 0) {
+        R(h5_get_attr(g, "loss_scale", H5T_NATIVE_DOUBLE, &s->loss_scale), "/trainer_state loss_scale");
+        R(h5_get_attr(g, "scaler_growth_tracker", H5T_NATIVE_INT64, &s->scaler_growth_tracker),
+          "/trainer_state scaler_growth_tracker");
+        R(h5_get_attr(g, "scaler_skipped", H5T_NATIVE_INT64, &s->scaler_skipped), "/trainer_state scaler_skipped");
+    }
     s->loss_watchdog_streak = 0;
     if (g >= 0 && H5Aexists(g, "loss_watchdog_streak") > 0)
         R(h5_get_attr(g, "loss_watchdog_streak", H5T_NATIVE_INT64, &s->loss_watchdog_streak),

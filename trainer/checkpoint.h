@@ -41,7 +41,9 @@
  *                           (absent in checkpoints written before it)
  *   /trainer_state          attrs nan_streak, nan_skipped, eval_loss_start, last_eval_loss,
  *                           last_eval_step, train_seconds, loss_watchdog_streak (absent in
- *                           checkpoints written before it: read as 0)
+ *                           checkpoints written before it: read as 0); fp16 runs only: loss_scale,
+ *                           scaler_growth_tracker, scaler_skipped (GradScaler's state; absent: a
+ *                           fp16 resume starts from init_scale 2^16, as torch does without it)
  *   /log_history            uint8 (n): metrics.jsonl as it was at this step (restored on resume)
  * In this single-file layout (FULL_STATE_DICT, the default of one process and of
  * NO_SHARD) adapters and optimizer state are saved whole, so the format does not
@@ -99,6 +101,8 @@ typedef struct ckpt_state {
     int64_t hessian_interval, hessian_updates; /* sophia: k, Hessian EMA updates applied */
     /* trainer */
     int64_t nan_streak, nan_skipped;
+    double loss_scale;                       /* fp16: GradScaler's scale; 0 = none (not fp16, or written before) */
+    int64_t scaler_growth_tracker, scaler_skipped; /* fp16: clean steps since the scale changed; steps skipped */
     double eval_loss_start, last_eval_loss; /* NAN when none */
     int64_t last_eval_step;                 /* -1 when none */
     double train_seconds;                   /* optimizer-step time so far (metrics' train_seconds) */

@@ -249,6 +249,7 @@ static const key_spec KEYS[] = {
      .expect = "an integer >= 0 (0 = all)"},
     {.name = "train_on_inputs", .kind = K_BOOL, .off = OFF(train_on_inputs)},
     {.name = "bf16", .kind = K_BF16, .off = OFF(bf16)},
+    {.name = "fp16", .kind = K_BOOL, .off = OFF(fp16), .flags = F_OPTIONAL}, /* empty = false, as axolotl's None */
     {.name = "device", .kind = K_ENUM, .off = OFF(device), .values = V_DEVICE},
     {.name = "gradient_checkpointing", .kind = K_BOOL, .off = OFF(gradient_checkpointing)},
     /* torchtitan's [activation_checkpoint] table: {mode: none|full|selective, selective_ac_option: op} */
@@ -1149,6 +1150,7 @@ static int apply_key(const pctx *p, const key_spec *k, const char *kname, const 
                 /* ok */
             } else if (k->kind == K_BF16 && v->type == YAML_SCALAR_NODE && !strcmp(sval(v), "auto")) {
                 b = 1;
+                c->bf16_auto = 1; /* fp16: true may take the compute mode (train_config_validate) */
             } else {
                 return perr(p, v, "%s: expected %s, got %s", kname,
                             k->kind == K_BF16                        ? "true, false or auto"
@@ -1157,6 +1159,7 @@ static int apply_key(const pctx *p, const key_spec *k, const char *kname, const 
                             got);
             }
         }
+        if (k->kind == K_BF16 && !(v->type == YAML_SCALAR_NODE && !strcmp(sval(v), "auto"))) c->bf16_auto = 0;
         *FIELD(c, k->off, int) = b;
         return 0;
     }
@@ -2365,6 +2368,16 @@ int train_config_validate(const train_config *c, qerr *e) {
                  "lora_target_modules: no LoRA target; list some of %s, or set lora_target_linear: true", list);
         return conflict(c, e, "lora_target_modules", "lora_target_linear", msg);
     }
+    if (c->fp16 && c->bf16 && !c->bf16_auto && c->key_origin[find_key("bf16") - KEYS] != 0)
+        return conflict(c, e, "bf16", "fp16",
+                        "bf16: true and fp16: true are both set; choose one compute precision (axolotl refuses "
+                        "this too)");
+    if (c->fp16 && (c->fsdp_shard_grad_op || c->fsdp_full_shard))
+        return qerr_set(e,
+                        "%s: fp16: true with %s: the loss-scaling decision under a sharded strategy is not "
+                        "implemented; use NO_SHARD (data parallel, every rank decides alike) or bf16: true",
+                        c->config_path ? c->config_path : "config",
+                        c->fsdp_full_shard ? "FULL_SHARD" : "SHARD_GRAD_OP");
     if (c->warmup_steps > 0 && c->warmup_ratio > 0)
         return conflict(c, e, "warmup_steps", "warmup_ratio",
                         "warmup_steps and warmup_ratio are both set; use one of them");

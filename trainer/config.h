@@ -86,7 +86,8 @@
  *    default (auto_resume_from_checkpoints: true). max_nan_steps and
  *    skip_bad_lines are ours.
  *  - max_grad_norm 0 disables clipping (as HF).
- *  - bf16: true | false | auto (= true). fp16 is not supported.
+ *  - bf16: true | false | auto (= true). fp16: true (axolotl's) = fp16 GEMM operands with fp32
+ *    accumulation and a GradScaler (README "fp16"); with bf16: true refused, bf16: auto yields to it.
  *  - device: auto | cpu | cuda (qlora's own key). auto: cuda when the binary has the CUDA backend
  *    and a device is present, else cpu; the choice is logged (trainer/run.c setup_device); an
  *    explicit QLORA_BACKEND wins over auto. device: cuda without the backend or a device is refused.
@@ -193,6 +194,11 @@ typedef struct train_config {
     int eval_max_tokens;              /* default 0 = evaluate all held-out tokens */
     int train_on_inputs;              /* default 0: prompt tokens are masked from the loss */
     int bf16;                         /* default 1 ("auto" = 1); 0 = fp32 compute */
+    int bf16_auto;                    /* 1: bf16 was "auto" (or not given): fp16: true may take the mode */
+    int fp16;                         /* default 0; 1: axolotl's fp16: true — GEMM operands rounded to fp16
+                                         (fp32 accumulation, fp32 activations), frozen weights as float16, and
+                                         dynamic loss scaling (torch.amp.GradScaler's rules, trainer/step.c);
+                                         bf16: true with it is refused; bf16 auto/unset yields to it. CPU only */
     char *device;                     /* "auto" (default) | "cpu" | "cuda": where the step runs; auto = cuda
                                          when the binary has the backend and a device is present, else cpu
                                          (trainer/run.c setup_device; README "GPU") */

@@ -246,7 +246,7 @@ static const ax_key TOP[] = {
     {"torch_empty_cache_steps", AX_SAFE, NULL, "memory housekeeping"},
     {"gc_collect_steps", AX_SAFE, NULL, "memory housekeeping"},
     {"bf16", AX_IMPL, NULL, NULL},
-    {"fp16", AX_REFUSE, NULL, "fp16 in axolotl loads the base in float16 and, on a GPU, trains under fp16 autocast with a GradScaler (loss scaling); on CPU transformers 5.23 accepts it and accelerate 1.15 then uses neither (no autocast, no scaler: float16 weights as loaded); qlora implements neither: use bf16: true (bf16 compute, fp32 accumulation, no loss scaling needed) or bf16: false (fp32)"},
+    {"fp16", AX_IMPL, NULL, "fp16 compute as axolotl runs it on a GPU: GEMM operands (frozen weights as float16, activations, LoRA A/B, attention q/k/v/p, LM head) rounded to fp16 with fp32 accumulation, fp32 activations and LoRA weights, and torch.amp.GradScaler's dynamic loss scaling (init 2^16, x2 every 2000 clean steps, /2 and the step skipped on inf/NaN, the LR schedule held on a skipped step); with bf16: true refused (as axolotl); CPU only; README \"fp16\""},
     {"fp8", AX_REFUSE, NULL, "a quantization scheme other than NF4 (load_in_4bit) is not implemented"},
     {"fp8_config", AX_REFUSE, NULL, "a quantization scheme other than NF4 (load_in_4bit) is not implemented"},
     {"fp8_enable_fsdp_float8_all_gather", AX_REFUSE, NULL, "a quantization scheme other than NF4 (load_in_4bit) is not implemented"},

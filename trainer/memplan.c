@@ -162,6 +162,10 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     /* dequantized weight of the largest linear, block-output copy buffer (not used when offloading:
      * the outputs go straight into their slot) */
     double wmax = (fused ? widest * D : (F * D > qd * D ? F * D : qd * D)) * es;
+    /* fp32 and fp16 GEMMs (bf16: false, fp16: true): the LM head is a frozen operand too, its fp32 copy (fp16
+     * values in fp16 mode) in the same scratch (autograd/ops.c frozen_operand); bf16 reads the bf16 table in
+     * place, FULL_SHARD gathers it into its own scratch */
+    if (!in->bf16 && in->table_shard_bytes <= 0 && V * D * 4.0 > wmax) wmax = V * D * 4.0;
     out->scratch = wmax + (offload ? 0.0 : 4.0 * N * D);
     /* process baseline: code and libraries, oneDNN JIT kernels and scratchpads, thread stacks */
     if (in->device_cuda) /* CUDA context + kernels, cuBLASLt workspace, argument buffers */

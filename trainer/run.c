@@ -174,6 +174,11 @@ static int setup_device_choose(run_ctx *r, qerr *e) {
 static int setup_device(run_ctx *r, qerr *e) {
     if (r->world > 1 && strcmp(r->c->device, "cpu") && comm_cuda_select_device(r->comm, e)) return -1;
     if (setup_device_choose(r, e)) return -1;
+    if (r->c->fp16 && !strcmp(ag_backend_default()->name, "cuda"))
+        return qerr_set(e,
+                        "%s: fp16: true on device cuda: the CUDA kernels take bf16 operands, fp16 is implemented on "
+                        "the CPU engine only; set device: cpu, or bf16: true (fp16: false) on the GPU",
+                        r->cfgname);
     if (r->c->gradient_checkpointing == LLAMA_CKPT_OFFLOAD && r->rank == 0) {
         const ag_backend *be = ag_backend_default();
         if (be->host_data)
@@ -809,7 +814,7 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
     free(numel);
     struct stat model_st;
     memplan_input mpi = {.hp = m->hp, .B = c->micro_batch_size, .T = c->sequence_len,
-                         .checkpointing = c->gradient_checkpointing, .bf16 = c->bf16, .lora_r = c->lora_r,
+                         .checkpointing = c->gradient_checkpointing, .bf16 = c->bf16 && !c->fp16, .lora_r = c->lora_r,
                          .lora_dropout = c->lora_dropout, .lora_params = lora_params, .optimizer_bytes = opt_bytes,
                          .frozen_bytes = m->quantized_bytes,
                          /* the mapped model file; FULL_SHARD gives its pages back after loading */
@@ -817,7 +822,7 @@ static int setup_memory_plan(run_ctx *r, const int target[LLAMA_N_LINEAR], qerr 
                                                                                         : 0) +
                                         /* a trainable LM head: its GEMM operand (bf16, or an fp32 copy) */
                                         (save[LORA_SAVE_LM_HEAD] ? (int64_t)m->hp.vocab * m->hp.d_model *
-                                                                       (c->bf16 ? 2 : 4)
+                                                                       (c->bf16 && !c->fp16 ? 2 : 4)
                                                                  : 0),
                          /* four int32 arrays per position (ids, targets, positions, sequence ids), an int64
                           * permutation entry per training row */
@@ -1030,11 +1035,20 @@ static int setup_optimizer(run_ctx *r, qerr *e) {
         memplan_print(stderr, &r->plan); /* predicted and checked in setup_model */
 
     if (ag_ctx_init(&r->ctx, memplan_arena_chunk(&r->plan), e)) return -1;
-    r->ctx.bf16 = c->bf16;
+    r->ctx.bf16 = c->bf16 && !c->fp16; /* fp16: true: fp32 GEMMs over fp16-rounded operands */
+    r->ctx.fp16 = c->fp16;
+    scaler_init(r);
     if (r->resuming && strcmp(r->ck.optimizer, c->optimizer))
         return qerr_set(e, "%s: optimizer: %s holds %s state but this config says %s; resume with the optimizer it "
                            "was made with, or choose another output_dir",
                         r->cfgname, r->ck_dir, r->ck.optimizer, c->optimizer);
+    /* an fp16 run's LR schedule counts the optimizer steps taken (steps minus GradScaler's skips): without
+     * fp16 its skips would be forgotten and the schedule would jump */
+    if (r->resuming && !c->fp16 && r->ck.loss_scale > 0 && r->ck.scaler_skipped > 0)
+        return qerr_set(e, "%s: fp16: %s was made with fp16: true (GradScaler skipped %lld steps, which its LR "
+                           "schedule does not count) and this config has fp16 off; resume with fp16: true, or "
+                           "choose another output_dir",
+                        r->cfgname, r->ck_dir, (long long)r->ck.scaler_skipped);
     /* SHARD_GRAD_OP: this rank's part of the flat arrays (the optimizer state covers only it) */
     r->sgo = c->fsdp_shard_grad_op != 0 || c->fsdp_full_shard != 0; /* FULL_SHARD: the same for the adapters */
     r->shard_len = (r->ls.n_params + r->world - 1) / r->world;
@@ -1148,7 +1162,8 @@ static int setup_outputs(run_ctx *r, qerr *e) {
     fprintf(stderr, "[train] %d steps (%d per epoch) x %d micro-batches x %d rows x %d tokens; lr %g %s, warmup %d; "
                     "%d threads; %s GEMMs; checkpoint every %d steps%s\n",
             r->total_steps, r->steps_per_epoch, r->gas, r->mbs, c->sequence_len, c->learning_rate, c->lr_scheduler,
-            r->warmup, r->n_threads, c->bf16 ? "bf16" : "fp32", r->save_every,
+            r->warmup, r->n_threads, c->fp16 ? "fp16-operand (fp32 accumulate, loss scaling)" : c->bf16 ? "bf16" : "fp32",
+            r->save_every,
             c->save_total_limit > 0 ? " (keeping the newest save_total_limit)" : "");
     return 0;
 }
@@ -1238,6 +1253,12 @@ int run_finish(run_ctx *r, qerr *e) {
     /* max_nan_steps stops a streak that long; a run shorter than that whose every step was skipped would
      * otherwise end as if it had trained */
     const int64_t applied = r->use_sophia ? r->sop.step : r->use_adamw8bit ? r->opt8.step : r->opt.step;
+    if (r->final_step > 0 && applied == 0 && r->fp16 && r->scaler.skipped > 0)
+        return qerr_set(e,
+                        "no optimizer update was applied: %lld of the %d steps overflowed fp16 (GradScaler skipped "
+                        "them, loss_scale now %g; any other had a NaN/Inf loss), so nothing was trained and no "
+                        "adapter was written; train more steps (the scale halves at each overflow) or use bf16",
+                        (long long)r->scaler.skipped, r->final_step, r->scaler.scale);
     if (r->final_step > 0 && applied == 0)
         return qerr_set(e,
                         "no optimizer update was applied: all %d steps had a NaN/Inf loss or gradient and were "

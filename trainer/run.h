@@ -23,6 +23,7 @@
 #include "model/llama.h"
 #include "model/llama_fsdp.h"
 #include "optim/adamw.h"
+#include "optim/grad_scaler.h"
 #include "optim/adamw8bit.h"
 #include "optim/schedule.h"
 #include "optim/sophia.h"
@@ -120,6 +121,11 @@ typedef struct run_ctx {
     int start_step, final_step, steps_run;
     int64_t cursor;                 /* training rows consumed since step 0, over all epochs */
     int64_t nan_streak, nan_skipped;
+    /* fp16: true (trainer/step.c): torch.amp.GradScaler's state — the loss scale (2^16 at start), clean steps
+     * since the last change (growth tracker), and the optimizer steps it skipped (the LR schedule does not
+     * advance on them, as HF Trainer's optimizer_step_was_skipped) */
+    int fp16;
+    grad_scaler scaler; /* optim/grad_scaler.h */
     int watchdog_streak, watchdog_stop; /* loss_watchdog_*: steps in a row above the threshold; the stop step */
     int64_t last_saved;             /* step of the newest checkpoint; -1 when none */
     double last_lr;
@@ -175,6 +181,9 @@ void run_start(run_ctx *r, qerr *e);
  * the run), the metrics line and the [train] log line. Returns 0, or -1 when
  * the run must stop. (trainer/step.c) */
 int train_step(run_ctx *r, int step, qerr *e);
+/* fp16: true's GradScaler (trainer/step.c): sets r->fp16 from the config and the scale to torch's
+ * init_scale 2^16 (QLORA_TEST_LOSS_SCALE overrides it, a test hook), before any resume restores it. */
+void scaler_init(run_ctx *r);
 
 /* Evaluate the held-out set at `step` and log it ([eval] line, metrics.jsonl);
  * sets last_eval / last_eval_step. Returns the mean loss (nats per target

@@ -101,6 +101,8 @@ static int checkpoint_save_sharded(run_ctx *r, int step, char *lh, size_t lh_len
         .seed = (uint64_t)c->seed, .base_lr = c->learning_rate, .last_lr = r->last_lr, .warmup_steps = r->warmup,
         .opt_step = r->opt.step, .beta1 = c->adam_beta1, .beta2 = c->adam_beta2, .eps = c->adam_epsilon,
         .weight_decay = c->weight_decay, .nan_streak = r->nan_streak, .nan_skipped = r->nan_skipped,
+        .loss_scale = r->fp16 ? r->scaler.scale : 0.0, .scaler_growth_tracker = r->scaler.growth_tracker,
+        .scaler_skipped = r->scaler.skipped,
         .eval_loss_start = r->eval_loss_start, .last_eval_loss = r->last_eval, .last_eval_step = r->last_eval_step,
         .train_seconds = r->train_sec, .loss_watchdog_streak = r->watchdog_streak, .model_fingerprint = r->model_fp, .tokenizer_fingerprint = r->tok_fp,
         .n_params = r->ls.n_params, .params = r->ls.params, .exp_avg = r->opt.m, .exp_avg_sq = r->opt.v,
@@ -228,6 +230,8 @@ int run_checkpoint_save(run_ctx *r, int step, qerr *e) {
         .seed = (uint64_t)c->seed, .base_lr = c->learning_rate, .last_lr = r->last_lr, .warmup_steps = r->warmup,
         .opt_step = r->opt.step, .beta1 = c->adam_beta1, .beta2 = c->adam_beta2, .eps = c->adam_epsilon,
         .weight_decay = c->weight_decay, .nan_streak = r->nan_streak, .nan_skipped = r->nan_skipped,
+        .loss_scale = r->fp16 ? r->scaler.scale : 0.0, .scaler_growth_tracker = r->scaler.growth_tracker,
+        .scaler_skipped = r->scaler.skipped,
         .eval_loss_start = r->eval_loss_start, .last_eval_loss = r->last_eval, .last_eval_step = r->last_eval_step,
         .train_seconds = r->train_sec, .loss_watchdog_streak = r->watchdog_streak, .model_fingerprint = r->model_fp, .tokenizer_fingerprint = r->tok_fp,
         .n_params = r->ls.n_params, .params = r->ls.params, .exp_avg = full_m ? full_m : r->opt.m,
@@ -408,6 +412,11 @@ int run_resume(run_ctx *r, const ckpt_state *ck, qerr *e) {
     r->last_lr = ck->last_lr;
     r->nan_streak = ck->nan_streak;
     r->nan_skipped = ck->nan_skipped;
+    if (r->fp16 && ck->loss_scale > 0) { /* GradScaler's state; an fp16 checkpoint without it keeps init_scale */
+        r->scaler.scale = ck->loss_scale;
+        r->scaler.growth_tracker = ck->scaler_growth_tracker;
+        r->scaler.skipped = ck->scaler_skipped;
+    }
     r->watchdog_streak = (int)ck->loss_watchdog_streak;
     r->eval_loss_start = ck->eval_loss_start;
     r->last_eval = ck->last_eval_loss;

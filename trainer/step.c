@@ -217,13 +217,27 @@ static void step_agree(run_ctx *r, double *loss_sum, int64_t *n_tokens) {
  * over exactly the bs tokens the clipping threshold assumes.) */
 static float sophia_hessian_pass(run_ctx *r, int step, int64_t step_targets) {
     const float scale = step_targets > 0 ? 1.0f / (float)step_targets : 0.0f;
-    step_gradients(r, step, 1, scale, NULL, NULL);
+    /* fp16: the sampled loss scaled by the step's loss scale and ĝ unscaled, as the loss gradient is */
+    step_gradients(r, step, 1, r->fp16 ? scale * (float)r->scaler.scale : scale, NULL, NULL);
     /* SHARD_GRAD_OP / FULL_SHARD: ĝ was reduce-scattered like the loss gradient; h is this rank's shard */
     float *gh = r->sgo ? r->ls.grads + r->shard_lo : r->ls.grads;
+    if (r->fp16) grad_scaler_unscale(&r->scaler, r->ctx.be, gh, r->sgo ? r->shard_hi - r->shard_lo : r->ls.n_params);
     const float gn = r->sgo ? sgo_clip(r, gh, r->shard_hi - r->shard_lo)
                             : clip_grad_norm_backend(r->ctx.be, r->ls.grads, r->ls.n_params, r->c->max_grad_norm);
     if (isfinite(gn)) sophia_update_hessian(&r->sop, &r->soc, gh);
     return gn;
+}
+
+/* fp16: true — dynamic loss scaling (optim/grad_scaler.h, torch.amp.GradScaler's rules): the CE seed's
+ * gradient is scale · S, the gradients are unscaled before clipping, an inf/NaN gradient skips the optimizer
+ * step and halves S. HF Trainer does not step the LR scheduler after a skipped step
+ * (transformers/trainer.py: optimizer_step_was_skipped), so the schedule's index is the number of optimizer
+ * steps taken (step − 1 − skipped). Several ranks: the decision reads the global gradient norm, which every
+ * rank computes alike (NO_SHARD all-reduces the gradients; the sharded strategies are refused with fp16). */
+void scaler_init(run_ctx *r) {
+    r->fp16 = r->c->fp16;
+    const char *init = getenv("QLORA_TEST_LOSS_SCALE"); /* test hook: torch's init_scale (e.g. 2^40: overflow) */
+    grad_scaler_init(&r->scaler, init && *init ? strtod(init, NULL) : 65536.0);
 }
 
 /* Steps listed in QLORA_TEST_NAN_STEPS ("3,4,5") get a NaN gradient: the test
@@ -270,6 +284,8 @@ typedef struct step_stats {
     int finite;
     double win_rate, hess_sec, hess_gnorm; /* Sophia; NAN when not run */
     double dt;                             /* seconds of the step */
+    double loss_scale;                     /* fp16: the loss scale this step used */
+    int overflow;                          /* fp16: inf/NaN gradients with a finite loss: step skipped */
 } step_stats;
 
 /* The step's metrics.jsonl line and [train] line; the max_nan_steps stop. */
@@ -279,15 +295,23 @@ static int step_report(run_ctx *r, int step, const step_stats *s, qerr *e) {
     double tps = r->tok_trained / elapsed;
     if (r->mw) {
         /* train_seconds: optimizer-step time so far (no evaluation / checkpoint time), for wall-clock comparisons */
-        metrics_field xf[4] = {{"train_seconds", r->train_sec}, {"sophia_win_rate", s->win_rate},
+        metrics_field xf[6] = {{"train_seconds", r->train_sec}, {"sophia_win_rate", s->win_rate},
                                {"sophia_hessian_seconds", s->hess_sec}, {"sophia_hessian_grad_norm", s->hess_gnorm}};
         int nxf = r->use_sophia ? (isfinite(s->hess_sec) ? 4 : 2) : 1;
+        if (r->fp16) { /* the scale this step used, and the optimizer steps GradScaler has skipped so far */
+            xf[nxf++] = (metrics_field){"loss_scale", s->loss_scale};
+            xf[nxf++] = (metrics_field){"fp16_skipped_steps", (double)r->scaler.skipped};
+        }
         metrics_log_train_fields(r->mw, step, s->loss, s->lr, s->gnorm, tps,
                                  r->stream ? (double)step / (double)r->steps_per_epoch
                                            : (double)r->cursor / (double)r->train_set.n_rows,
                                  xf, nxf, e);
     }
-    if (!s->finite) {
+    if (s->overflow) {
+        fprintf(stderr, "[train] step %d/%d | loss %.4f | fp16 gradient overflow at loss_scale %g: update skipped, "
+                        "loss_scale now %g (%lld skipped so far)\n",
+                step, r->total_steps, s->loss, s->loss_scale, r->scaler.scale, (long long)r->scaler.skipped);
+    } else if (!s->finite) {
         fprintf(stderr, "[train] step %d/%d | loss %.4f | grad_norm %.3f | non-finite: update skipped (%lld in a "
                         "row; max_nan_steps %d)\n",
                 step, r->total_steps, s->loss, s->gnorm, (long long)r->nan_streak, c->max_nan_steps);
@@ -306,7 +330,7 @@ static int step_report(run_ctx *r, int step, const step_stats *s, qerr *e) {
                         "(loss_watchdog_patience): stopping\n",
                 step, r->total_steps, s->loss, c->loss_watchdog_threshold, r->watchdog_streak);
     }
-    if (!s->finite || r->watchdog_stop) {
+    if (!s->finite || s->overflow || r->watchdog_stop) {
         /* reported above */
     } else if (step % (c->logging_steps > 0 ? c->logging_steps : 1) == 0 || step == r->total_steps) {
         char eta[32];
@@ -317,6 +341,10 @@ static int step_report(run_ctx *r, int step, const step_stats *s, qerr *e) {
                      s->win_rate, s->hess_sec);
         char world_note[48] = "";
         if (r->world > 1) snprintf(world_note, sizeof world_note, " | world %d", r->world);
+        if (r->fp16) { /* appended to the optimizer note */
+            size_t l = strlen(opt_note);
+            snprintf(opt_note + l, sizeof opt_note - l, " | loss_scale %g", s->loss_scale);
+        }
         fprintf(stderr, "[train] step %d/%d | loss %.4f | lr %.3e | grad_norm %.3f%s | %.0f tok/s | %.2fs/step | "
                         "ETA %s%s | RSS %.0f MiB%s\n",
                 step, r->total_steps, s->loss, s->lr, s->gnorm, opt_note, tps, s->dt, eta, world_note,
@@ -334,18 +362,27 @@ int train_step(run_ctx *r, int step, qerr *e) {
     const float scale = step_targets > 0 ? 1.0f / (float)step_targets : 0.0f;
     double step_loss = 0.0;
     int64_t step_tok = 0;
-    step_gradients(r, step, 0, scale, &step_loss, &step_tok);
+    const double used_scale = r->scaler.scale; /* fp16: this step's loss scale (before its update) */
+    step_gradients(r, step, 0, r->fp16 ? scale * (float)used_scale : scale, &step_loss, &step_tok);
     step_agree(r, &step_loss, &step_tok);
     /* the gradient the optimizer sees: all of it, or (SHARD_GRAD_OP) this rank's shard */
     float *g = r->sgo ? r->ls.grads + r->shard_lo : r->ls.grads;
     const int64_t n_g = r->sgo ? r->shard_hi - r->shard_lo : r->ls.n_params;
     if (test_nan_step(step) && n_g > 0) r->ctx.be->fill_f32(g, 1, NAN);
+    if (r->fp16) grad_scaler_unscale(&r->scaler, r->ctx.be, g, n_g); /* GradScaler.unscale_, before clipping */
     step_stats s = {.loss = step_tok ? step_loss / (double)step_tok : NAN,
-                    .lr = schedule_lr(r->sk, step - 1, r->total_steps, r->warmup, c->learning_rate),
-                    .win_rate = NAN, .hess_sec = NAN, .hess_gnorm = NAN};
+                    .lr = schedule_lr(r->sk, step - 1 - (int)r->scaler.skipped, r->total_steps, r->warmup,
+                                      c->learning_rate),
+                    .win_rate = NAN, .hess_sec = NAN, .hess_gnorm = NAN, .loss_scale = used_scale};
     s.gnorm = r->sgo ? sgo_clip(r, g, n_g) : clip_grad_norm_backend(r->ctx.be, r->ls.grads, r->ls.n_params,
                                                                    c->max_grad_norm);
     s.finite = isfinite(s.loss) && isfinite(s.gnorm);
+    if (r->fp16) {
+        /* an inf/NaN gradient with a finite loss is a loss-scale overflow: skipped and backed off, not a
+         * divergence (max_nan_steps counts a non-finite loss only) */
+        s.overflow = isfinite(s.loss) && !isfinite(s.gnorm);
+        grad_scaler_update(&r->scaler, !isfinite(s.gnorm)); /* counts the skip in r->scaler.skipped */
+    }
     if (s.finite && r->use_sophia) {
         const double bs = c->sophia_bs > 0 ? (double)c->sophia_bs : (double)step_targets;
         /* SHARD_GRAD_OP / FULL_SHARD: the update of this rank's shard (g), then every shard to every rank */
@@ -372,6 +409,9 @@ int train_step(run_ctx *r, int step, qerr *e) {
         adamw_step(&r->opt, &r->ac, s.lr, r->ls.params + r->shard_lo, g, NULL);
         if (r->sgo) sgo_gather_params(r);
         r->nan_streak = 0;
+    } else if (s.overflow) {
+        /* fp16: GradScaler skipped the optimizer step (counted by grad_scaler_update); the schedule waits, the
+         * data moves on */
     } else {
         /* As torch's GradScaler does with inf/NaN gradients: no update,
          * no optimizer step; the schedule and the data move on. */
