@@ -469,6 +469,13 @@ void op_linear_group(ag_ctx *ctx, tensor *x, int n, const frozen_weight *const w
     /* fp16 mode: op_linear's backward rounds each GEMM output to fp16 as autocast does (the overflow GradScaler
      * must see); the grouped products do not, so fp16 runs the projections one by one */
     if (ctx->fp16 && !ctx->bf16) grouped = 0;
+    /* QLORA_LINEAR_GROUP=0: one op_linear per projection, for an end-to-end A/B in one binary (as QLORA_CPU_AMX=0) */
+    static int group_env = -1;
+    if (group_env < 0) {
+        const char *e = getenv("QLORA_LINEAR_GROUP");
+        group_env = !(e && strcmp(e, "0") == 0);
+    }
+    if (!group_env) grouped = 0;
     for (int i = 0; grouped && i < n; i++)
         grouped = lora[i] && lora[i]->r == lora[0]->r && !(lora[i]->dropout > 0.0f && ctx->training) &&
                   w[i]->in == w[0]->in;
