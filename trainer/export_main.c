@@ -134,6 +134,7 @@ int main(int argc, char **argv) {
     if (cfg_path && access(cfg_path, R_OK) == 0) {
         if (train_config_load(cfg_path, &c, &e)) {
             fprintf(stderr, "qlora-export: %s\n", e.msg);
+            free(cfg_path), free(def_gguf), free(def_merged);
             return 2;
         }
         have_cfg = 1;
@@ -143,6 +144,7 @@ int main(int argc, char **argv) {
     if (train_config_base_choice(flag_4bit, flag_8bit, have_cfg ? &c : NULL, &load_in_4bit, &e)) {
         fprintf(stderr, "qlora-export: %s\n", e.msg);
         if (have_cfg) train_config_free(&c);
+        free(cfg_path), free(def_gguf), free(def_merged);
         return 2;
     }
 
