@@ -35,7 +35,23 @@ typedef struct gemm_entry {
     dnnl_memory_t mA[GEMM_MAX_THREADS], mB[GEMM_MAX_THREADS], mC[GEMM_MAX_THREADS];
 } gemm_entry;
 
+/* Products with K at most this and B transposed go through a plain copy of B. */
+enum { GEMM_SHORT_K = 64 };
+
 static dnnl_engine_t g_engine;
+typedef struct gemm_buf { void *p; size_t n; } gemm_buf;
+static gemm_buf g_scratch_a[GEMM_MAX_THREADS], g_scratch_b[GEMM_MAX_THREADS];
+
+/* A per-thread packing buffer, grown to at least n bytes (aborts on OOM). */
+static void *gemm_scratch(gemm_buf *b, size_t n) {
+    if (b->n < n) {
+        free(b->p);
+        b->p = malloc(n);
+        if (!b->p) { fprintf(stderr, "[gemm] out of memory (%zu bytes)\n", n); abort(); }
+        b->n = n;
+    }
+    return b->p;
+}
 static dnnl_stream_t g_stream[GEMM_MAX_THREADS];
 static gemm_entry *g_table[GEMM_HASH]; /* open addressing on the key hash */
 static int g_n;
@@ -135,6 +151,40 @@ void gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha
         if (!nested) ag_prof_pop(pc);
         return;
     }
+    /* A transposed B with a short K (a LoRA B product: y += s·u·Bᵀ, K = r) sends
+     * oneDNN 2.6 to its gemm:jit path, which measured 5–6× slower than the brgemm
+     * (AMX / AVX512_BF16) path it takes for the same product with B plain
+     * (docs/design.md "GEMM layouts"). B is then only K·N elements: copy Bᵀ into a
+     * per-thread (K, N) buffer first. The sums are the same products in an
+     * implementation-defined order, as before. */
+    size_t es = dt == GEMM_BF16 ? 2 : 4;
+    int st_t = nested ? omp_get_thread_num() : 0;
+    if (st_t >= GEMM_MAX_THREADS) st_t = 0;
+    /* The same path also wants a dense A: a column slice of a wider u (the grouped
+     * LoRA A products' output, lda = 3r for q/k/v) goes to gemm:jit too. */
+    if (!trans_a && K <= GEMM_SHORT_K && lda != K) {
+        char *ad = gemm_scratch(&g_scratch_a[st_t], (size_t)(M * K) * es);
+        for (int64_t i = 0; i < M; i++) memcpy(ad + (size_t)(i * K) * es, (const char *)A + (size_t)(i * lda) * es, (size_t)K * es);
+        A = ad;
+        lda = K;
+    }
+    if (trans_b && K <= GEMM_SHORT_K) {
+        void *bt = gemm_scratch(&g_scratch_b[st_t], (size_t)(K * N) * es);
+        if (es == 2) {
+            const uint16_t *src = B;
+            uint16_t *dst = bt;
+            for (int64_t n = 0; n < N; n++)
+                for (int64_t kk = 0; kk < K; kk++) dst[kk * N + n] = src[n * ldb + kk];
+        } else {
+            const float *src = B;
+            float *dst = bt;
+            for (int64_t n = 0; n < N; n++)
+                for (int64_t kk = 0; kk < K; kk++) dst[kk * N + n] = src[n * ldb + kk];
+        }
+        B = bt;
+        ldb = N;
+        trans_b = 0;
+    }
     gemm_key k;
     memset(&k, 0, sizeof k);
     k.M = M; k.N = N; k.K = K;
@@ -175,6 +225,12 @@ void gemm_shutdown(void) {
     for (int t = 0; t < GEMM_MAX_THREADS; t++) {
         if (g_stream[t]) dnnl_stream_destroy(g_stream[t]);
         g_stream[t] = NULL;
+    }
+    for (int t = 0; t < GEMM_MAX_THREADS; t++) {
+        free(g_scratch_a[t].p);
+        free(g_scratch_b[t].p);
+        g_scratch_a[t] = (gemm_buf){0};
+        g_scratch_b[t] = (gemm_buf){0};
     }
     if (g_engine) dnnl_engine_destroy(g_engine);
     g_engine = NULL;
