@@ -31,8 +31,9 @@ enum { GEMM_MAX_THREADS = 256, GEMM_HASH = 4096 };
 typedef struct gemm_entry {
     gemm_key key;
     dnnl_primitive_t prim;
-    dnnl_memory_desc_t da, db, dc;
-    dnnl_memory_t mA[GEMM_MAX_THREADS], mB[GEMM_MAX_THREADS], mC[GEMM_MAX_THREADS];
+    dnnl_memory_desc_t da, db, dc, dsp;
+    size_t sp_bytes; /* the primitive's scratchpad (user mode), 0 when it needs none */
+    dnnl_memory_t mA[GEMM_MAX_THREADS], mB[GEMM_MAX_THREADS], mC[GEMM_MAX_THREADS], mS[GEMM_MAX_THREADS];
 } gemm_entry;
 
 /* Products with K at most this and B transposed go through a plain copy of B. */
@@ -40,13 +41,13 @@ enum { GEMM_SHORT_K = 64 };
 
 static dnnl_engine_t g_engine;
 typedef struct gemm_buf { void *p; size_t n; } gemm_buf;
-static gemm_buf g_scratch_a[GEMM_MAX_THREADS], g_scratch_b[GEMM_MAX_THREADS];
+static gemm_buf g_scratch_a[GEMM_MAX_THREADS], g_scratch_b[GEMM_MAX_THREADS], g_scratch_sp[GEMM_MAX_THREADS];
 
 /* A per-thread packing buffer, grown to at least n bytes (aborts on OOM). */
 static void *gemm_scratch(gemm_buf *b, size_t n) {
     if (b->n < n) {
         free(b->p);
-        b->p = malloc(n);
+        b->p = aligned_alloc(64, (n + 63) / 64 * 64);
         if (!b->p) { fprintf(stderr, "[gemm] out of memory (%zu bytes)\n", n); abort(); }
         b->n = n;
     }
@@ -90,6 +91,11 @@ static gemm_entry *gemm_create(const gemm_key *k) {
 
     dnnl_primitive_attr_t attr;
     DNNL_CHECK(dnnl_primitive_attr_create(&attr));
+    /* The scratchpad is ours, one per thread: in oneDNN's default (library) mode
+     * it is one buffer for the process unless oneDNN was built for concurrent
+     * execution (Debian's 2.6 is not), and two threads running brgemm primitives
+     * at once (attention's per-thread GEMMs) corrupted each other's packed B. */
+    DNNL_CHECK(dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user));
     if (k->alpha != 1.0f) DNNL_CHECK(dnnl_primitive_attr_set_output_scales(attr, 1, 0, &k->alpha));
     if (k->beta != 0.0f) {
         dnnl_post_ops_t po;
@@ -102,6 +108,8 @@ static gemm_entry *gemm_create(const gemm_key *k) {
     DNNL_CHECK(dnnl_primitive_desc_create(&pd, &md, attr, g_engine, NULL));
     dnnl_primitive_attr_destroy(attr);
     DNNL_CHECK(dnnl_primitive_create(&en->prim, pd));
+    en->dsp = *dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+    en->sp_bytes = dnnl_memory_desc_get_size(&en->dsp);
     dnnl_primitive_desc_destroy(pd);
     return en;
 }
@@ -131,6 +139,7 @@ static gemm_entry *gemm_get(const gemm_key *k, int tid, dnnl_stream_t *st) {
             DNNL_CHECK(dnnl_memory_create(&en->mA[tid], &en->da, g_engine, DNNL_MEMORY_NONE));
             DNNL_CHECK(dnnl_memory_create(&en->mB[tid], &en->db, g_engine, DNNL_MEMORY_NONE));
             DNNL_CHECK(dnnl_memory_create(&en->mC[tid], &en->dc, g_engine, DNNL_MEMORY_NONE));
+            if (en->sp_bytes) DNNL_CHECK(dnnl_memory_create(&en->mS[tid], &en->dsp, g_engine, DNNL_MEMORY_NONE));
         }
         if (!g_stream[tid]) DNNL_CHECK(dnnl_stream_create(&g_stream[tid], g_engine, dnnl_stream_default_flags));
         *st = g_stream[tid];
@@ -151,25 +160,28 @@ void gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha
         if (!nested) ag_prof_pop(pc);
         return;
     }
-    /* A transposed B with a short K (a LoRA B product: y += s·u·Bᵀ, K = r) sends
-     * oneDNN 2.6 to its gemm:jit path, which measured 5–6× slower than the brgemm
-     * (AMX / AVX512_BF16) path it takes for the same product with B plain
-     * (docs/design.md "GEMM layouts"). B is then only K·N elements: copy Bᵀ into a
-     * per-thread (K, N) buffer first. The sums are the same products in an
-     * implementation-defined order, as before. */
+    int tid = nested ? omp_get_thread_num() : 0;
+    if (tid >= GEMM_MAX_THREADS) {
+        fprintf(stderr, "[gemm] thread %d: at most %d threads supported\n", tid, GEMM_MAX_THREADS);
+        abort();
+    }
+    /* A short K (a LoRA B product: y += s·u·Bᵀ, K = r) with B transposed or A
+     * strided sends oneDNN 2.6 to its gemm:jit path, measured 5–6× slower on those
+     * shapes than the brgemm (AMX / AVX512_BF16) path it takes with both operands
+     * dense and B plain (docs/design.md "GEMM layouts"). Both operands are then
+     * small (K·N and M·K elements): copy them into per-thread buffers first. The
+     * sums are the same products in an implementation-defined order, as before. */
     size_t es = dt == GEMM_BF16 ? 2 : 4;
-    int st_t = nested ? omp_get_thread_num() : 0;
-    if (st_t >= GEMM_MAX_THREADS) st_t = 0;
-    /* The same path also wants a dense A: a column slice of a wider u (the grouped
-     * LoRA A products' output, lda = 3r for q/k/v) goes to gemm:jit too. */
+    /* a dense A: a column slice of a wider u (the grouped LoRA A products'
+     * output, lda = 3r for q/k/v) */
     if (!trans_a && K <= GEMM_SHORT_K && lda != K) {
-        char *ad = gemm_scratch(&g_scratch_a[st_t], (size_t)(M * K) * es);
+        char *ad = gemm_scratch(&g_scratch_a[tid], (size_t)(M * K) * es);
         for (int64_t i = 0; i < M; i++) memcpy(ad + (size_t)(i * K) * es, (const char *)A + (size_t)(i * lda) * es, (size_t)K * es);
         A = ad;
         lda = K;
     }
     if (trans_b && K <= GEMM_SHORT_K) {
-        void *bt = gemm_scratch(&g_scratch_b[st_t], (size_t)(K * N) * es);
+        void *bt = gemm_scratch(&g_scratch_b[tid], (size_t)(K * N) * es);
         if (es == 2) {
             const uint16_t *src = B;
             uint16_t *dst = bt;
@@ -191,19 +203,19 @@ void gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha
     k.sa0 = trans_a ? 1 : lda;  k.sa1 = trans_a ? lda : 1;
     k.sb0 = trans_b ? 1 : ldb;  k.sb1 = trans_b ? ldb : 1;
     k.ldc = ldc; k.alpha = alpha; k.beta = beta; k.dt = dt;
-    int tid = nested ? omp_get_thread_num() : 0;
-    if (tid >= GEMM_MAX_THREADS) {
-        fprintf(stderr, "[gemm] thread %d: at most %d threads supported\n", tid, GEMM_MAX_THREADS);
-        abort();
-    }
     dnnl_stream_t st;
     gemm_entry *en = gemm_get(&k, tid, &st);
     DNNL_CHECK(dnnl_memory_set_data_handle(en->mA[tid], (void *)A));
     DNNL_CHECK(dnnl_memory_set_data_handle(en->mB[tid], (void *)B));
     DNNL_CHECK(dnnl_memory_set_data_handle(en->mC[tid], C));
-    dnnl_exec_arg_t args[3] = {
-        {DNNL_ARG_SRC, en->mA[tid]}, {DNNL_ARG_WEIGHTS, en->mB[tid]}, {DNNL_ARG_DST, en->mC[tid]}};
-    DNNL_CHECK(dnnl_primitive_execute(en->prim, st, 3, args));
+    dnnl_exec_arg_t args[4] = {
+        {DNNL_ARG_SRC, en->mA[tid]}, {DNNL_ARG_WEIGHTS, en->mB[tid]}, {DNNL_ARG_DST, en->mC[tid]}, {0, NULL}};
+    int nargs = 3;
+    if (en->sp_bytes) {
+        DNNL_CHECK(dnnl_memory_set_data_handle(en->mS[tid], gemm_scratch(&g_scratch_sp[tid], en->sp_bytes)));
+        args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_SCRATCHPAD, en->mS[tid]};
+    }
+    DNNL_CHECK(dnnl_primitive_execute(en->prim, st, nargs, args));
     DNNL_CHECK(dnnl_stream_wait(st));
     if (!nested) ag_prof_pop(pc);
 }
@@ -217,6 +229,7 @@ void gemm_shutdown(void) {
             if (en->mA[t]) dnnl_memory_destroy(en->mA[t]);
             if (en->mB[t]) dnnl_memory_destroy(en->mB[t]);
             if (en->mC[t]) dnnl_memory_destroy(en->mC[t]);
+            if (en->mS[t]) dnnl_memory_destroy(en->mS[t]);
         }
         free(en);
         g_table[i] = NULL;
@@ -229,6 +242,8 @@ void gemm_shutdown(void) {
     for (int t = 0; t < GEMM_MAX_THREADS; t++) {
         free(g_scratch_a[t].p);
         free(g_scratch_b[t].p);
+        free(g_scratch_sp[t].p);
+        g_scratch_sp[t] = (gemm_buf){0};
         g_scratch_a[t] = (gemm_buf){0};
         g_scratch_b[t] = (gemm_buf){0};
     }
