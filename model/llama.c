@@ -1202,9 +1202,13 @@ static tensor *batch_attention(ag_ctx *ctx, const void *argp, tensor *q, tensor 
                                llama_layer_window(hp, a->layer));
 }
 
+/* One block. Run again by a checkpoint's backward (ctx->recomputing), the block's output value is
+ * not read, only its tape: the down projection then skips its frozen GEMM, as selective's MLP half
+ * does (out_unread), 2·T·d_ff·d_model FLOPs per sequence and layer. */
 static tensor *llama_block(ag_ctx *ctx, void *argp, tensor *x) {
     const block_arg *a = argp;
-    return llama_layer_forward(ctx, a->m, a->ls, a->layer, x, a->b->position_ids, batch_attention, a);
+    x = layer_attention_half(ctx, a->m, a->ls, a->layer, x, a->b->position_ids, batch_attention, a);
+    return layer_mlp_half(ctx, a->m, a->ls, a->layer, x, ctx->recomputing);
 }
 
 /* FULL_SHARD in backward: a node recorded after block l runs just before the
