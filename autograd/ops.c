@@ -261,7 +261,9 @@ static void linear_backward(ag_ctx *ctx, const ag_node *n) {
     const lora_adapter *lo = s->lora;
     const ag_backend *be = ctx->be;
     int64_t N = x->shape[0], in = w->in, out = w->out;
-    float *dx = x->requires_grad ? ag_grad(ctx, x) : NULL;
+    /* a fresh dx (x's first gradient) is written by the first GEMM (β = 0) instead of zero-filled and added to */
+    int dx_fresh = 0;
+    float *dx = x->requires_grad ? ag_grad_fresh(ctx, x, &dx_fresh) : NULL;
     float *dA = lo && lo->A->requires_grad ? ag_grad(ctx, lo->A) : NULL;
     float *dB = lo && lo->B->requires_grad ? ag_grad(ctx, lo->B) : NULL;
     ag_mark m = ag_arena_mark(ctx);
@@ -276,9 +278,12 @@ static void linear_backward(ag_ctx *ctx, const ag_node *n) {
         if (tmp) { /* dx += fp16(dy W) */
             be->gemm(0, 0, N, in, out, 1.0f, dyb, out, wb, in, 0.0f, tmp, in, dt);
             be->round_f16(tmp, tmp, N * in);
-            be->add(dx, tmp, dx, N * in);
+            if (dx_fresh)
+                be->copy_d2d(dx, tmp, (size_t)(N * in) * sizeof(float));
+            else
+                be->add(dx, tmp, dx, N * in);
         } else {
-            be->gemm(0, 0, N, in, out, 1.0f, dyb, out, wb, in, 1.0f, dx, in, dt); /* dx += dy W */
+            be->gemm(0, 0, N, in, out, 1.0f, dyb, out, wb, in, dx_fresh ? 0.0f : 1.0f, dx, in, dt); /* dx (+)= dy W */
         }
     }
     if (lo) {
@@ -422,7 +427,8 @@ static void linear_group_backward(ag_ctx *ctx, const ag_node *nd) {
     const int64_t N = x->shape[0], in = s->w[0]->in, r = s->lora[0]->r, nr = n * r;
     const size_t es = ctx->bf16 ? sizeof(bf16) : sizeof(float);
     const gemm_dtype dt = gdt(ctx);
-    float *dx = x->requires_grad ? ag_grad(ctx, x) : NULL;
+    int dx_fresh = 0; /* a fresh dx is written by the first GEMM into it (β = 0), as in linear_backward */
+    float *dx = x->requires_grad ? ag_grad_fresh(ctx, x, &dx_fresh) : NULL;
     float *dA[LINEAR_GROUP_MAX], *dB[LINEAR_GROUP_MAX];
     int any_dA = 0;
     for (int i = 0; i < n; i++) {
@@ -443,7 +449,10 @@ static void linear_group_backward(ag_ctx *ctx, const ag_node *nd) {
         const int64_t out = w->out;
         ag_mark mi = ag_arena_mark(ctx);
         const void *dyb = operand(ctx, y->grad, N * out);
-        if (dx) be->gemm(0, 0, N, in, out, 1.0f, dyb, out, frozen_operand(ctx, w), in, 1.0f, dx, in, dt);
+        if (dx) {
+            be->gemm(0, 0, N, in, out, 1.0f, dyb, out, frozen_operand(ctx, w), in, dx_fresh ? 0.0f : 1.0f, dx, in, dt);
+            dx_fresh = 0;
+        }
         const void *ui = (const char *)s->ub + (size_t)(i * r) * es;
         if (dB[i]) be->gemm(1, 0, out, r, N, lo->scaling, dyb, out, ui, nr, 1.0f, dB[i], r, dt); /* dB += s dyᵀ u */
         const void *Bb = operand(ctx, lo->B->data, out * r);
@@ -458,8 +467,12 @@ static void linear_group_backward(ag_ctx *ctx, const ag_node *nd) {
             for (int i = 0; i < n; i++)
                 if (dA[i]) be->axpy(dA[i], 1.0f, dAs + i * r * in, r * in);
         }
-        if (dx) be->gemm(0, 0, N, in, nr, 1.0f, dub, nr, lora_a_stack(ctx, n, s->lora), in, 1.0f, dx, in, dt);
+        if (dx) {
+            be->gemm(0, 0, N, in, nr, 1.0f, dub, nr, lora_a_stack(ctx, n, s->lora), in, dx_fresh ? 0.0f : 1.0f, dx, in, dt);
+            dx_fresh = 0;
+        }
     }
+    if (dx && dx_fresh) be->zero(dx, (size_t)(N * in) * sizeof(float)); /* no output had a gradient */
     ag_arena_reset(ctx, m);
 }
 
