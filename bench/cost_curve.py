@@ -384,9 +384,10 @@ def main():
               "check are for what ran — nothing is scaled); **RSS** = measured peak resident memory; **pred.** = "
               "the planner for what ran, and its error; **pred. full depth** = the planner for all layers (a "
               "prediction only, not measured when layers < full). tokens/s and MFU (model FLOPs over the bf16 GEMM "
-              f"peak measured in the same run) are printed only when the 1-minute load stayed ≤ the bench's "
+              f"peak measured in the same run: the best of the calibration's runs, and against the median run's rate, "
+              "the rate the machine sustains) are printed only when the 1-minute load stayed ≤ the bench's "
               f"threads + {a.load_limit:g} before and after the point.\n")
-    md.append("| shape | layers | seq | r | ckpt | tokens/s | MFU | RSS MiB | pred. MiB (err) | arena MiB | "
+    md.append("| shape | layers | seq | r | ckpt | tokens/s | MFU (peak / median rate) | RSS MiB | pred. MiB (err) | arena MiB | "
               "pred. full depth MiB | command |")
     md.append("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|")
     worst, over = 0.0, []
@@ -405,7 +406,9 @@ def main():
         full = f"{r['predicted_full_depth_mb']:.0f}" + ("" if r["layers"] == r["full_depth"] else " (predicted)")
         md.append(f"| {r['shape']} | {r['layers']}/{r['full_depth']} | {r['seq']} | {r['lora_r']} | "
                   f"{r['checkpointing_mode']} | {fmt_time(r, 'tokens_per_s', a.load_limit, '{:.1f}')} | "
-                  f"{fmt_time(r, 'mfu', a.load_limit, '{:.3f}')} | {r['peak_rss_mb']:.0f} | "
+                  f"{fmt_time(r, 'mfu', a.load_limit, '{:.3f}')}"
+                  f"{fmt_time(r, 'mfu_sustained', a.load_limit, ' / {:.3f}') if 'mfu_sustained' in r else ''} | "
+                  f"{r['peak_rss_mb']:.0f} | "
                   f"{r['predicted_peak_mb']:.0f} ({100 * err:+.1f} %) | {r['arena_peak_mb']:.0f} | {full} | "
                   f"`{r['cmd']}` |")
     md.append(f"\nPlanner vs measured peak RSS: worst error {100 * worst:.1f} % over {len(results)} points; "
