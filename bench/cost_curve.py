@@ -4,7 +4,7 @@ checkpointing mode, measured with bin/qlora-bench, plotted and tabulated.
 
 usage: python3 bench/cost_curve.py [--quick] [--out-dir DIR] [--json FILE] [--peer-python PY]
                                    [--load-limit X] [--max-mib M] [--rate-gflops G] [--from-json FILE]
-                                   [--select KEY=V,...] [--one-step] [--dry-run]
+                                   [--select KEY=V,...] [--one-step] [--dry-run] [--repredict]
 
 Grid (full): shapes smollm2-135m (all 30 layers), smollm2-1.7b (first 6 of 24 layers), llama3-8b
 (first 2 of 32 layers); checkpointing off / selective / on (full); sequence length 256 ... 8192 at
@@ -221,6 +221,9 @@ def main():
                          "r, ckpt); several --select: any of them (a subset on a busy machine)")
     ap.add_argument("--from-json", action="append", default=[],
                     help="re-render docs from earlier runs' JSON (runs nothing; several: merged)")
+    ap.add_argument("--repredict", action="store_true",
+                    help="with --from-json: the planner of this build predicts every measured point again (the "
+                         "prediction made at run time is kept beside it as predicted_peak_mb_at_run)")
     a = ap.parse_args()
     if not os.access(BENCH, os.X_OK):
         raise SystemExit("[curve] bin/qlora-bench is missing: run make first")
@@ -245,6 +248,14 @@ def main():
             skipped += d.get("skipped", [])
             peers += d["peers"]
             limit = d.get("max_mib", 0)
+        if a.repredict:
+            for r in results:
+                r.setdefault("predicted_peak_mb_at_run", r["predicted_peak_mb"])
+                r["predicted_peak_mb"] = plan(r["shape"], r["seq"], r["lora_r"], r["checkpointing_mode"], r["layers"])[0]
+                r["predicted_full_depth_mb"] = plan_full(r["shape"], r["seq"], r["lora_r"], r["checkpointing_mode"])
+            os.makedirs(os.path.dirname(a.json), exist_ok=True)
+            with open(a.json, "w") as f:  # the measurements as they were, the predictions of this build
+                json.dump(dict(d, points=results, skipped=skipped, peers=peers, repredicted=True), f, indent=1)
     else:
         limit = a.max_mib if a.max_mib > 0 else 0.9 * mem_available_mib()
         runs.append(run_desc(a.quick, a.select, a.one_step, a.max_mib))
@@ -411,6 +422,13 @@ def main():
                   f"{r['peak_rss_mb']:.0f} | "
                   f"{r['predicted_peak_mb']:.0f} ({100 * err:+.1f} %) | {r['arena_peak_mb']:.0f} | {full} | "
                   f"`{r['cmd']}` |")
+    at_run = [r for r in results if "predicted_peak_mb_at_run" in r]
+    if at_run:
+        w0 = max(abs(r["predicted_peak_mb_at_run"] - r["peak_rss_mb"]) / r["peak_rss_mb"] for r in at_run)
+        md.append(f"\nThe **pred.** columns are this build's planner, run again for the measured points (`--repredict`); "
+                  f"the planner of the run itself was off by up to {100 * w0:.1f} % "
+                  f"({sum(abs(r['predicted_peak_mb_at_run'] - r['peak_rss_mb']) / r['peak_rss_mb'] > 0.15 for r in at_run)}"
+                  f" points beyond 15 %; `predicted_peak_mb_at_run` in the JSON).")
     md.append(f"\nPlanner vs measured peak RSS: worst error {100 * worst:.1f} % over {len(results)} points; "
               + ("within 15 % at every point.\n" if not over else
                  f"{len(over)} beyond 15 %: " + ", ".join(f"{r['shape']} L{r['layers']} seq {r['seq']} r {r['lora_r']} "

@@ -128,7 +128,13 @@ void memplan_predict(const memplan_input *in, memplan *out) {
     double attn_tmp = in->device_cuda ? 4.0 * B * H * T
                                       : (double)ag_cpu_attention_scratch_bytes(in->T, hp->head_dim, in->bf16, (int)nth);
     double widest = fused ? (2 * F > qd + 2 * kd ? 2 * F : qd + 2 * kd) : (F > qd + 2 * kd ? F : qd + 2 * kd);
-    double op_tmp = 2.0 * N * widest + 4.0 * N * r + attn_tmp + es * N * qd;
+    /* + the MLP backward's gradients live at its peak beyond the half block counted below (blk_f32 / 2,
+     * mlp_f32): dmm, dg and du, fp32 (N, F) each, before the gate/up backward frees them. The full cost curve
+     * (docs/cost_curve.md, 2026-12-07) measured the activation arena growing 10.0–10.7 bytes × d_ff per token
+     * faster than predicted without this term, in all three modes and on all three shapes (SmolLM2-135M: 16 MiB
+     * per 1k tokens, SmolLM2-1.7B: 80, Llama-3-8B: 142): one instance, not per layer */
+    double mlp_bwd = 10.0 * N * F;
+    double op_tmp = 2.0 * N * widest + 4.0 * N * r + attn_tmp + es * N * qd + mlp_bwd;
     double top = 4.0 * N * D * 5.0 + 128.0 * V * (4.0 + es) + es * 128.0 * D;
     if (!in->checkpointing) {
         double keep_layer = 4.0 * N * D * 2.0 + blk_ops + blk_stats;
