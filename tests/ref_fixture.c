@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cjson/cJSON.h>
 #include <cmocka.h>
 #include <zlib.h>
 
@@ -182,4 +183,14 @@ void ref_open_or_fail(const char *path, ref_file *f) {
     qerr e = {{0}};
     if (ref_open(path, f, &e))
         fail_msg("%s (the fixtures are committed; regenerate with `make reference-fixtures`)", e.msg);
+}
+
+cJSON *ref_read_gz_json(const char *path) {
+    qerr e = {0};
+    size_t len = 0;
+    unsigned char *buf = ref_slurp(path, &len, &e);
+    if (!buf) return NULL;
+    cJSON *j = cJSON_ParseWithLength((const char *)buf, len);
+    free(buf);
+    return j;
 }

@@ -59,6 +59,11 @@ double ref_scalar(const ref_file *f, const char *name);
 /* A UTF-8 string stored as a u8 array: malloc'd, NUL-terminated. */
 char *ref_str(const ref_file *f, const char *name);
 
+/* A gzip'd JSON fixture (tests/fixtures/NAME.json.gz, written by scripts/ with
+ * Python's gzip + json) parsed by cJSON; the caller cJSON_Delete()s it. NULL
+ * when the file cannot be read or is not JSON. */
+struct cJSON *ref_read_gz_json(const char *path);
+
 /* Opens a fixture relative to the repo root (tests run from there) or fails
  * the test with a message that names the regeneration command. */
 void ref_open_or_fail(const char *path, ref_file *f);

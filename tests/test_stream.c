@@ -17,10 +17,10 @@
 
 #include <cjson/cJSON.h>
 #include <cmocka.h>
-#include <zlib.h>
 
 #include "data/stream.h"
 #include "format/gguf.h"
+#include "tests/ref_fixture.h"
 
 #define MODEL_PATH "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 #define FIXTURE "tests/fixtures/ref_pretrain.json.gz"
@@ -31,32 +31,6 @@ typedef struct fixture {
     char dir[64];
 } fixture;
 
-static cJSON *read_gz_json(const char *path) {
-    gzFile g = gzopen(path, "rb");
-    if (!g) return NULL;
-    size_t cap = 1 << 16, n = 0;
-    char *b = malloc(cap);
-    int k;
-    while (b && (k = gzread(g, b + n, (unsigned)(cap - n - 1))) > 0) {
-        n += (size_t)k;
-        if (cap - n < 4096) {
-            char *nb = realloc(b, cap * 2);
-            if (!nb) {
-                free(b);
-                b = NULL;
-                break;
-            }
-            b = nb;
-            cap *= 2;
-        }
-    }
-    gzclose(g);
-    if (!b) return NULL;
-    b[n] = 0;
-    cJSON *j = cJSON_Parse(b);
-    free(b);
-    return j;
-}
 
 static int setup(void **state) {
     fixture *fx = calloc(1, sizeof *fx);
@@ -67,7 +41,7 @@ static int setup(void **state) {
         return -1;
     }
     *state = fx;
-    fx->ref = read_gz_json(FIXTURE);
+    fx->ref = ref_read_gz_json(FIXTURE);
     if (access(MODEL_PATH, R_OK) != 0) return 0;
     gguf_file *f = NULL;
     qerr e = {{0}};

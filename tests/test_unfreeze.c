@@ -19,40 +19,14 @@
 
 #include <cjson/cJSON.h>
 #include <cmocka.h>
-#include <zlib.h>
 
 #include "model/llama.h"
 #include "model/llama_linear.h"
 #include "trainer/unfreeze.h"
+#include "tests/ref_fixture.h"
 
 #define FIXTURE "tests/fixtures/ref_unfreeze.json.gz"
 
-static cJSON *read_gz_json(const char *path) {
-    gzFile g = gzopen(path, "rb");
-    if (!g) return NULL;
-    size_t cap = 1 << 16, n = 0;
-    char *b = malloc(cap);
-    int k;
-    while (b && (k = gzread(g, b + n, (unsigned)(cap - n - 1))) > 0) {
-        n += (size_t)k;
-        if (cap - n < 4096) {
-            char *nb = realloc(b, cap * 2);
-            if (!nb) {
-                free(b);
-                b = NULL;
-                break;
-            }
-            b = nb;
-            cap *= 2;
-        }
-    }
-    gzclose(g);
-    if (!b) return NULL;
-    b[n] = 0;
-    cJSON *j = cJSON_Parse(b);
-    free(b);
-    return j;
-}
 
 static int index_of(char **names, int n, const char *s) {
     for (int i = 0; i < n; i++)
@@ -89,7 +63,7 @@ static void case_setup(cJSON *cs, llama_hparams *hp, int target[LLAMA_N_LINEAR],
 
 static void test_against_axolotl(void **state) {
     (void)state;
-    cJSON *fx = read_gz_json(FIXTURE);
+    cJSON *fx = ref_read_gz_json(FIXTURE);
     assert_non_null(fx);
     int n_cases = 0, n_results = 0, n_accept = 0, n_refuse = 0;
     cJSON *cs;
