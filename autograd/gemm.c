@@ -147,6 +147,13 @@ static gemm_entry *gemm_get(const gemm_key *k, int tid, dnnl_stream_t *st) {
     return en;
 }
 
+/* dst (K, N) = the (N, K) matrix src (row stride ld) transposed, es bytes per element. */
+static inline __attribute__((always_inline)) void gemm_transpose(char *dst, const char *src, int64_t N, int64_t K,
+                                                                 int64_t ld, size_t es) {
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k++) memcpy(dst + (size_t)(k * N + n) * es, src + (size_t)(n * ld + k) * es, es);
+}
+
 void gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha,
           const void *A, int64_t lda, const void *B, int64_t ldb, float beta,
           float *C, int64_t ldc, gemm_dtype dt) {
@@ -181,18 +188,11 @@ void gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha
         lda = K;
     }
     if (trans_b && K <= GEMM_SHORT_K) {
-        void *bt = gemm_scratch(&g_scratch_b[tid], (size_t)(K * N) * es);
-        if (es == 2) {
-            const uint16_t *src = B;
-            uint16_t *dst = bt;
-            for (int64_t n = 0; n < N; n++)
-                for (int64_t kk = 0; kk < K; kk++) dst[kk * N + n] = src[n * ldb + kk];
-        } else {
-            const float *src = B;
-            float *dst = bt;
-            for (int64_t n = 0; n < N; n++)
-                for (int64_t kk = 0; kk < K; kk++) dst[kk * N + n] = src[n * ldb + kk];
-        }
+        char *bt = gemm_scratch(&g_scratch_b[tid], (size_t)(K * N) * es);
+        if (es == 2) /* a constant element size per call site: the copies compile to plain moves */
+            gemm_transpose(bt, B, N, K, ldb, 2);
+        else
+            gemm_transpose(bt, B, N, K, ldb, 4);
         B = bt;
         ldb = N;
         trans_b = 0;
