@@ -357,9 +357,11 @@ void ag_backend_fenced_mem(size_t *live, size_t *peak, int reset);
 /* 1 when the `cpu` table's vector path is compiled in and this processor runs it. */
 int ag_backend_cpu_vector_ok(void);
 /* Scratch bytes (activation arena) one attention call of the `cpu` table takes, forward or backward,
- * whichever is larger, at sequence length T, head_dim hd, bf16 operands or fp32, on n_threads threads
- * (per-thread packs and score tiles; independent of batch and heads). For the memory planner. */
-size_t ag_cpu_attention_scratch_bytes(int T, int hd, int use_bf16, int n_threads);
+ * whichever is larger, at micro-batch B, sequence length T, H query and KVH key/value heads, head_dim hd,
+ * bf16 operands or fp32, on n_threads threads: per-thread packs and score tiles, plus (B·KVH < 8, where
+ * each head of the backward is a task of its own) per-head fp32 dKᵀ, dVᵀ partials of B·H·2·hd·T' values
+ * (T' = T rounded up to 64). For the memory planner. */
+size_t ag_cpu_attention_scratch_bytes(int B, int T, int H, int KVH, int hd, int use_bf16, int n_threads);
 
 /* The CUDA table (autograd/backend_cuda.cu), defined only in a build with the
  * backend (`make CUDA=1`, or nvcc found: QLORA_CUDA is defined then). Its

@@ -204,7 +204,7 @@ static void test_attention_scratch(void **st) {
         ctx.arena.peak = ctx.arena.in_use;
         cpu->attention_bwd(&ctx, &a, dob, dq, dk, dv);
         const size_t bwd = ctx.arena.peak - ctx.arena.in_use, got = fwd > bwd ? fwd : bwd;
-        assert_int_equal(got, ag_cpu_attention_scratch_bytes(T, hd, bf, nth));
+        assert_int_equal(got, ag_cpu_attention_scratch_bytes(B, T, H, KVH, hd, bf, nth));
         ag_ctx_free(&ctx);
         free(q), free(k), free(v), free(dob), free(rmax), free(rinv), free(o), free(dq), free(dk), free(dv);
         free(ob), free(seglo);
@@ -222,8 +222,8 @@ static void test_attention_scratch(void **st) {
     memplan p64;
     memplan_predict(&in, &p64);
     const double d = p.activations - p64.activations;
-    const double want = (double)ag_cpu_attention_scratch_bytes(8192, 128, 1, 2) -
-                        (double)ag_cpu_attention_scratch_bytes(8192, 64, 1, 2);
+    const double want = (double)ag_cpu_attention_scratch_bytes(1, 8192, 32, 8, 128, 1, 2) -
+                        (double)ag_cpu_attention_scratch_bytes(1, 8192, 64, 16, 64, 1, 2);
     /* the rest of the activations depends on the head count only through the (B, H, T) row statistics each
      * of the 2 layers keeps */
     assert_true(fabs(d - want - 2 * 8.0 * 8192 * (32 - 64)) < 1.0);

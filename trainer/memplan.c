@@ -126,7 +126,8 @@ void memplan_predict(const memplan_input *in, memplan *out) {
      * ag_cpu_attention_scratch_bytes; it grows with head_dim: the former flat 128·T·12 bytes per thread was
      * the GEMM path's and missed 14 MiB at head_dim 128, T 8192, 2 threads) */
     double attn_tmp = in->device_cuda ? 4.0 * B * H * T
-                                      : (double)ag_cpu_attention_scratch_bytes(in->T, hp->head_dim, in->bf16, (int)nth);
+                                      : (double)ag_cpu_attention_scratch_bytes((int)B, in->T, (int)H, hp->n_kv_head,
+                                                                               hp->head_dim, in->bf16, (int)nth);
     double widest = fused ? (2 * F > qd + 2 * kd ? 2 * F : qd + 2 * kd) : (F > qd + 2 * kd ? F : qd + 2 * kd);
     /* + the MLP backward's gradients live at its peak beyond the half block counted below (blk_f32 / 2,
      * mlp_f32): dmm, dg and du, fp32 (N, F) each, before the gate/up backward frees them. The full cost curve
