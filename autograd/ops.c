@@ -273,7 +273,11 @@ static void linear_backward(ag_ctx *ctx, const ag_node *n) {
      * input, each adapter's gradient), so it is rounded to fp16 before it is added: a loss scale too large
      * for fp16 gives inf here, as there (GradScaler then skips the step) */
     float *tmp = ctx->fp16 && dx ? ag_alloc(ctx, (size_t)(N * in) * sizeof(float)) : NULL;
-    if (dx) {
+    /* A fresh dx with an adapter and no dropout: the LoRA product du A writes dx (β = 0) and the
+     * frozen product adds into it (β = 1), as in forward (linear_impl): the same two roundings,
+     * and the K = r product only writes dx. Otherwise the frozen product comes first. */
+    const int lora_first = dx && lo && dx_fresh && !s->drop && !tmp;
+    if (dx && !lora_first) {
         const void *wb = frozen_operand(ctx, w);
         if (tmp) { /* dx += fp16(dy W) */
             be->gemm(0, 0, N, in, out, 1.0f, dyb, out, wb, in, 0.0f, tmp, in, dt);
@@ -314,10 +318,12 @@ static void linear_backward(ag_ctx *ctx, const ag_node *n) {
                 be->round_f16(tmp, tmp, N * in);
                 be->add(dx, tmp, dx, N * in);
             } else {
-                be->gemm(0, 0, N, in, r, 1.0f, dub, r, Ab, in, 1.0f, dx, in, dt);
+                be->gemm(0, 0, N, in, r, 1.0f, dub, r, Ab, in, lora_first ? 0.0f : 1.0f, dx, in, dt);
             }
         }
     }
+    if (lora_first) /* dx += dy W */
+        be->gemm(0, 0, N, in, out, 1.0f, dyb, out, frozen_operand(ctx, w), in, 1.0f, dx, in, dt);
     ag_arena_reset(ctx, m);
 }
 
@@ -344,17 +350,12 @@ static tensor *linear_impl(ag_ctx *ctx, tensor *x, const frozen_weight *w, const
     }
     ag_mark m = ag_arena_mark(ctx);
     gemm_dtype dt = gdt(ctx);
-    if (!out_value) {
-        be->zero(y->data, (size_t)(N * out) * sizeof(float));
-    } else {
-        const void *wb = frozen_operand(ctx, w);
-        be->gemm(0, 1, N, out, in, 1.0f, xb, in, wb, in, 0.0f, y->data, out, dt); /* y = x Wᵀ */
-    }
-    if (w->bias && out_value) { /* y += ones(N, 1) · b(1, out): the bias through the table's GEMM, no per-row loop */
-        float *ones = ag_alloc(ctx, (size_t)N * sizeof(float));
-        be->fill_f32(ones, N, 1.0f);
-        be->gemm(0, 0, N, out, 1, 1.0f, ones, 1, w->bias, out, 1.0f, y->data, out, GEMM_F32);
-    }
+    /* With an adapter the LoRA B product runs first and writes y (β = 0); the frozen product then
+     * adds into it (β = 1). Both orders give fp32 y = fl(x Wᵀ + fl(s u Bᵀ)) with the same two
+     * roundings (a + b = b + a), but the memory-bound K = r product only writes y instead of
+     * reading and writing it, and the compute-bound frozen product reads y in its epilogue at
+     * no measurable cost (docs/design.md "GEMM layouts"). */
+    float beta_w = 0.0f;
     if (lora) {
         int64_t r = lora->r;
         const void *Ab = operand(ctx, lora->A->data, r * in);
@@ -364,8 +365,22 @@ static tensor *linear_impl(ag_ctx *ctx, tensor *x, const frozen_weight *w, const
         m = ag_arena_mark(ctx);
         if (out_value) {
             const void *Bb = operand(ctx, lora->B->data, out * r);
-            be->gemm(0, 1, N, out, r, lora->scaling, ub, r, Bb, r, 1.0f, y->data, out, dt); /* y += s u Bᵀ */
+            be->gemm(0, 1, N, out, r, lora->scaling, ub, r, Bb, r, 0.0f, y->data, out, dt); /* y = s u Bᵀ */
+            beta_w = 1.0f;
         }
+        ag_arena_reset(ctx, m);
+        m = ag_arena_mark(ctx);
+    }
+    if (!out_value) {
+        be->zero(y->data, (size_t)(N * out) * sizeof(float));
+    } else {
+        const void *wb = frozen_operand(ctx, w);
+        be->gemm(0, 1, N, out, in, 1.0f, xb, in, wb, in, beta_w, y->data, out, dt); /* y (+)= x Wᵀ */
+    }
+    if (w->bias && out_value) { /* y += ones(N, 1) · b(1, out): the bias through the table's GEMM, no per-row loop */
+        float *ones = ag_alloc(ctx, (size_t)N * sizeof(float));
+        be->fill_f32(ones, N, 1.0f);
+        be->gemm(0, 0, N, out, 1, 1.0f, ones, 1, w->bias, out, 1.0f, y->data, out, GEMM_F32);
     }
     ag_arena_reset(ctx, m);
     if (grad) {
@@ -512,15 +527,16 @@ void op_linear_group(ag_ctx *ctx, tensor *x, int n, const frozen_weight *const w
     for (int i = 0; i < n; i++) {
         const int64_t out = w[i]->out;
         m = ag_arena_mark(ctx);
-        be->gemm(0, 1, N, out, in, 1.0f, xb, in, frozen_operand(ctx, w[i]), in, 0.0f, y[i]->data, out, dt);
+        /* y = s u_i Bᵀ first, then y += x Wᵀ: as op_linear (the K = r product only writes y) */
+        const void *Bb = operand(ctx, lora[i]->B->data, out * r);
+        be->gemm(0, 1, N, out, r, lora[i]->scaling, (const char *)ub + (size_t)(i * r) * es, nr, Bb, r, 0.0f,
+                 y[i]->data, out, dt);
+        be->gemm(0, 1, N, out, in, 1.0f, xb, in, frozen_operand(ctx, w[i]), in, 1.0f, y[i]->data, out, dt);
         if (w[i]->bias) { /* as op_linear: y += ones(N, 1) · b(1, out) */
             float *ones = ag_alloc(ctx, (size_t)N * sizeof(float));
             be->fill_f32(ones, N, 1.0f);
             be->gemm(0, 0, N, out, 1, 1.0f, ones, 1, w[i]->bias, out, 1.0f, y[i]->data, out, GEMM_F32);
         }
-        const void *Bb = operand(ctx, lora[i]->B->data, out * r);
-        be->gemm(0, 1, N, out, r, lora[i]->scaling, (const char *)ub + (size_t)(i * r) * es, nr, Bb, r, 1.0f,
-                 y[i]->data, out, dt); /* y += s u_i Bᵀ */
         ag_arena_reset(ctx, m);
     }
     if (!grad) return;
@@ -753,8 +769,16 @@ static void add_backward(ag_ctx *ctx, const ag_node *n) {
     /* a gradient not yet started is dy itself: copied, not zero-filled and added to (the residual stream's
      * two branches usually both are) */
     int fa = 0, fb = 0;
-    float *da = a->requires_grad ? ag_grad_fresh(ctx, a, &fa) : NULL;
-    if (fa) ctx->be->copy_d2d(da, y->grad, bytes);
+    float *da = NULL;
+    if (a->requires_grad && !a->grad && a->numel == y->numel) {
+        /* a's gradient not yet started: it is dy's buffer itself. y's gradient is complete and only this node
+         * reads it (the tape runs backwards); a block's handover (tensor.c) may later overwrite that buffer as
+         * y's, when a is dead too. Saves a copy of (N, D) fp32 per residual add. */
+        a->grad = y->grad;
+    } else {
+        da = a->requires_grad ? ag_grad_fresh(ctx, a, &fa) : NULL;
+        if (fa) ctx->be->copy_d2d(da, y->grad, bytes);
+    }
     float *db = b->requires_grad ? ag_grad_fresh(ctx, b, &fb) : NULL; /* after a's: a == b adds the second dy */
     if (fb) ctx->be->copy_d2d(db, y->grad, bytes);
     if ((da && !fa) || (db && !fb)) ctx->be->add_bwd(y->grad, fa ? NULL : da, fb ? NULL : db, y->numel);

@@ -393,16 +393,36 @@ static void seg_end_backward(ag_ctx *ctx, const ag_node *n) {
     seg_saved *s = n->saved;
     s->before_gx = ag_arena_mark(ctx);
     s->fresh_gx = s->x->requires_grad && !s->x->grad && can_handover(s->x, s->y);
-    if (s->x->requires_grad) (void)ag_grad(ctx, s->x); /* survives the release below */
+    /* a fresh x's gradient is left to the block: its residual adds usually pass y's gradient buffer
+     * down to x unchanged (op_add's backward), so x's gradient ends in that buffer, which lies below
+     * the release point; otherwise x's gradient survives the release below */
+    if (s->x->requires_grad && !s->fresh_gx) (void)ag_grad(ctx, s->x);
     s->mark = ag_arena_mark(ctx);
     s->armed = 1;
+}
+
+/* x's gradient after a block whose output y had gradient buffer yg, everything allocated since
+ * `before` to be released: x's gradient in yg already (the residual adds passed the buffer down),
+ * moved there (grad_handover), or none (zeros in yg). */
+static void grad_settle(ag_ctx *ctx, tensor *x, tensor *y, float *yg, ag_mark before) {
+    if (x->grad == yg) {
+        ag_arena_reset(ctx, before);
+        y->grad = NULL;
+    } else if (x->grad) {
+        grad_handover(ctx, x, y, x->grad, before);
+    } else {
+        ctx->be->zero(yg, (size_t)x->numel * sizeof(float));
+        ag_arena_reset(ctx, before);
+        x->grad = yg;
+        y->grad = NULL;
+    }
 }
 
 /* Recorded before the block: runs after the block's own nodes in backward. */
 static void seg_start_backward(ag_ctx *ctx, const ag_node *n) {
     seg_saved *s = n->saved;
     if (s->armed) {
-        if (s->fresh_gx && can_handover(s->x, s->y)) grad_handover(ctx, s->x, s->y, s->x->grad, s->before_gx);
+        if (s->fresh_gx) grad_settle(ctx, s->x, s->y, s->y->grad, s->before_gx);
         else ag_arena_reset(ctx, s->mark);
     }
     s->armed = 0;
@@ -506,8 +526,8 @@ static void ckpt_backward(ag_ctx *ctx, const ag_node *n) {
     tensor *y2 = s->fn(ctx, s->arg, x2);
     ctx->recomputing = rc;
     if (y2->requires_grad) {
-        float *g2 = ag_grad(ctx, y2);
-        ctx->be->copy_d2d(g2, y->grad, (size_t)y->numel * sizeof(float));
+        /* the recomputed output's gradient is y's: only this node reads y's, so y2 takes the buffer itself */
+        y2->grad = y->grad;
         ag_backward_from(ctx, from);
     } else {
         ctx->n_nodes = from;
@@ -517,14 +537,8 @@ static void ckpt_backward(ag_ctx *ctx, const ag_node *n) {
     ctx->saving = sv;
     ctx->seed = seed;
     if (fresh) {
-        if (x2->grad) {
-            grad_handover(ctx, x, y, x2->grad, m);
-        } else {
-            ctx->be->zero(y->grad, (size_t)y->numel * sizeof(float));
-            ag_arena_reset(ctx, m);
-            x->grad = y->grad;
-            y->grad = NULL;
-        }
+        x->grad = x2->grad;
+        grad_settle(ctx, x, y, y->grad, m);
         return;
     }
     if (gx && x2->grad) ctx->be->axpy(gx, 1.0f, x2->grad, x->numel);
