@@ -762,6 +762,9 @@ tensor *op_cols(ag_ctx *ctx, tensor *x, int64_t c0, int64_t c) {
     return y;
 }
 
+/* The saved pointer of an add whose second operand's producer was the last node recorded before it. */
+static const int add_b_last = 1;
+
 static void add_backward(ag_ctx *ctx, const ag_node *n) {
     int pc = ag_prof_push(AG_PROF_ELTWISE);
     tensor *a = n->in[0], *b = n->in[1], *y = n->out;
@@ -779,8 +782,15 @@ static void add_backward(ag_ctx *ctx, const ag_node *n) {
         da = a->requires_grad ? ag_grad_fresh(ctx, a, &fa) : NULL;
         if (fa) ctx->be->copy_d2d(da, y->grad, bytes);
     }
-    float *db = b->requires_grad ? ag_grad_fresh(ctx, b, &fb) : NULL; /* after a's: a == b adds the second dy */
-    if (fb) ctx->be->copy_d2d(db, y->grad, bytes);
+    float *db = NULL;
+    if (n->saved == &add_b_last && b != a && b->requires_grad && !b->grad && b->numel == y->numel) {
+        /* b's producer is the node just before this one on the tape, so it runs next and reads b's gradient
+         * before any other node can add to a's (possibly the same buffer): b takes dy's buffer too */
+        b->grad = y->grad;
+    } else {
+        db = b->requires_grad ? ag_grad_fresh(ctx, b, &fb) : NULL; /* after a's: a == b adds the second dy */
+        if (fb) ctx->be->copy_d2d(db, y->grad, bytes);
+    }
     if ((da && !fa) || (db && !fb)) ctx->be->add_bwd(y->grad, fa ? NULL : da, fb ? NULL : db, y->numel);
     ag_prof_pop(pc);
 }
@@ -789,7 +799,11 @@ tensor *op_add(ag_ctx *ctx, tensor *a, tensor *b) {
     int pc = ag_prof_push(AG_PROF_ELTWISE);
     tensor *y = ag_tensor(ctx, AG_F32, a->ndim, a->shape);
     ctx->be->add(a->data, b->data, y->data, a->numel);
-    if (ag_needs_grad(ctx, a, b, NULL)) ag_record(ctx, add_backward, y, a, b, NULL, NULL);
+    if (ag_needs_grad(ctx, a, b, NULL)) {
+        /* b just produced (a residual branch's last op): its gradient may share dy's buffer (add_backward) */
+        const int b_last = ctx->n_nodes > 0 && ctx->nodes[ctx->n_nodes - 1].out == b;
+        ag_record(ctx, add_backward, y, a, b, NULL, NULL)->saved = b_last ? (void *)&add_b_last : NULL;
+    }
     ag_prof_pop(pc);
     return y;
 }

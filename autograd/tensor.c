@@ -514,8 +514,15 @@ static void ckpt_backward(ag_ctx *ctx, const ag_node *n) {
         x2->dtype = x->dtype;
         x2->data = (void *)offload_fetch(ctx, s->off_idx, x);
     } else {
-        x2 = ag_tensor(ctx, x->dtype, x->ndim, x->shape);
-        ctx->be->copy_d2d(x2->data, x->data, (size_t)x->numel * dtype_size(x->dtype));
+        /* the input in place: ops never write their inputs, and x's data lies below the mark (kept
+         * until this node is done) */
+        x2 = ag_alloc_host_keep(ctx, sizeof *x2);
+        memset(x2, 0, sizeof *x2);
+        x2->ndim = x->ndim;
+        memcpy(x2->shape, x->shape, sizeof x2->shape);
+        x2->numel = x->numel;
+        x2->dtype = x->dtype;
+        x2->data = x->data;
     }
     x2->requires_grad = x->requires_grad;
     /* the block before this one: its input on its way back while this block is recomputed */

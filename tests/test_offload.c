@@ -11,8 +11,8 @@
  *    must be.
  *  - The fenced backend's device-memory high-water mark (every byte it allocated: arena chunks,
  *    slots, scratch, adapters) drops by what the planner (trainer/memplan.c) predicts for the shape:
- *    (L - 1) block inputs of 4·N·D bytes (L inputs and the recompute's copy of one become two slots and
- *    the last output; the block-output buffer goes), within one arena chunk (the arena takes device memory a
+ *    (L - 2) block inputs of 4·N·D bytes (L inputs become two slots and the last output, and the
+ *    block-output buffer goes; both modes recompute a block from its input in place), within one arena chunk (the arena takes device memory a
  *    chunk at a time, so the measured figure moves in chunk steps); and counted in bytes used (the
  *    data arenas' peak plus the slots or the block-output buffer beside them), exactly.
  *  - The host side holds the L - 1 offloaded inputs, the planner's host figure, exactly.
@@ -209,14 +209,14 @@ static void test_offload_fenced(void **st) {
     memplan_predict(&pi, &po);
     double predicted = pf.total - po.total, measured = (double)full.dev_peak - (double)off.dev_peak;
     print_message("cpu-fenced device-memory high-water mark: on %zu, offload %zu bytes: drop %.0f bytes; planner "
-                  "%.0f bytes ((L - 1) x %zu); host %zu bytes, planner %.0f\n",
+                  "%.0f bytes ((L - 2) x %zu); host %zu bytes, planner %.0f\n",
                   full.dev_peak, off.dev_peak, measured, predicted, in_bytes, off.info.host_bytes, po.host_offload);
     /* exactly, in bytes used rather than chunks held: the arenas' peak plus the buffers beside them */
     double exact = ((double)full.arena_peak + (double)full.ascratch) -
                    ((double)off.arena_peak + (double)off.info.slot_bytes);
     print_message("data arenas at their peak + block buffers: on %zu + %zu, offload %zu + %zu: drop %.0f bytes\n",
                   full.arena_peak, full.ascratch, off.arena_peak, off.info.slot_bytes, exact);
-    assert_true(predicted == (double)(L_LAYERS - 1) * (double)in_bytes);
+    assert_true(predicted == (double)(L_LAYERS - 2) * (double)in_bytes);
     assert_true(exact == predicted);
     assert_true(fabs(measured - predicted) <= (double)CHUNK);
     assert_true(po.host_offload == (double)off.info.host_bytes);

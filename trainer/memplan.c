@@ -154,14 +154,16 @@ void memplan_predict(const memplan_input *in, memplan *out) {
         double mlp_f32 = 4.0 * N * (3 * D + 3 * F + nm * r) + 2.0 * post_keep; /* + the post-MLP norm's in/out */
         double mlp_ops = es * N * (D + 3 * F + nm * r);
         if (in->lora_dropout > 0) mlp_ops += es * N * (2 * D + F);
-        out->activations = L * keep_layer + SEL_LIVE * mlp_f32 + mlp_ops + 4.0 * N + op_tmp + top;
+        /* − the recomputed half's input, read in place (ckpt_backward) */
+        out->activations = L * keep_layer + SEL_LIVE * mlp_f32 - 4.0 * N * D + mlp_ops + 4.0 * N + op_tmp + top;
     } else {
         /* every block's fp32 input (L of them); offloaded on a device (checkpointing 3,
          * autograd/tensor.h ag_checkpoint_offload): two slots the block outputs take in turn and the
          * last output moved into the arena, the other L - 1 inputs in pinned host memory; the block
          * being recomputed reads its input from its slot instead of a copy (one of blk_f32's D
-         * terms), so 3 - 1 */
-        double inputs = offload ? 2.0 * 4.0 * N * D : L * 4.0 * N * D;
+         * terms), so 3 - 1. Without offload the recompute reads the kept input in place as well
+         * (autograd/tensor.c ckpt_backward), so that term goes there too: L - 1 */
+        double inputs = offload ? 2.0 * 4.0 * N * D : (L - 1.0) * 4.0 * N * D;
         if (offload) out->host_offload = (L - 1) * 4.0 * N * D;
         /* + one recomputed block: its outputs, most of their gradients, its bf16 memos */
         out->activations = inputs + 1.7 * blk_f32 + blk_ops + blk_stats + op_tmp + top;
