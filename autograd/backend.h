@@ -240,7 +240,9 @@ typedef struct ag_backend {
     void (*swiglu_fwd)(const float *g, const float *u, float *y, bf16 *yb, bf16 *gb, bf16 *ub, int64_t n);
     /* dg += dy·u·(σ + g σ (1−σ)), du += dy·g σ with σ = 1/(1+exp(−g)); g and u (n) bf16 when
      * is_bf16 else fp32; dg or du may be NULL. write 1: dg and du are written (=) instead, their old
-     * contents never read (a gradient not started yet: no zero fill, no read of zeros). */
+     * contents never read (a gradient not started yet: no zero fill, no read of zeros). write 2: as 1,
+     * but dg and du point to bf16 arrays (n) and the values are stored rounded to bf16 (nearest even):
+     * gradients only read as bf16 GEMM operands (autograd/ops.c glu_backward). */
     void (*swiglu_bwd)(const void *g, const void *u, int is_bf16, const float *dy, float *dg, float *du, int64_t n,
                        int write);
     /* GeGLU with the tanh GELU (Shazeer 2020; Gemma's gelu_pytorch_tanh, torch's gelu(approximate="tanh")):

@@ -1262,6 +1262,11 @@ __global__ void k_swiglu_bwd(const void *g, const void *u, int isb, const float 
         float uv = isb ? qe_bf16_to_f32(((const uint16_t *)u)[i]) : ((const float *)u)[i];
         float a, b;
         qe_swiglu_bwd(gv, uv, dy[i], &a, &b);
+        if (write == 2) { /* bf16 gradients (backend.h) */
+            if (du) ((uint16_t *)du)[i] = qe_f32_to_bf16(b);
+            if (dg) ((uint16_t *)dg)[i] = qe_f32_to_bf16(a);
+            continue;
+        }
         if (du) du[i] = write ? b : du[i] + b;
         if (dg) dg[i] = write ? a : dg[i] + a;
     }
@@ -1299,6 +1304,11 @@ __global__ void k_geglu_bwd(const void *g, const void *u, int isb, const float *
         float uv = isb ? qe_bf16_to_f32(((const uint16_t *)u)[i]) : ((const float *)u)[i];
         float a, b;
         qe_geglu_bwd(gv, uv, dy[i], &a, &b);
+        if (write == 2) { /* bf16 gradients (backend.h) */
+            if (du) ((uint16_t *)du)[i] = qe_f32_to_bf16(b);
+            if (dg) ((uint16_t *)dg)[i] = qe_f32_to_bf16(a);
+            continue;
+        }
         if (du) du[i] = write ? b : du[i] + b;
         if (dg) dg[i] = write ? a : dg[i] + a;
     }

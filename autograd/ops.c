@@ -267,7 +267,8 @@ static void linear_backward(ag_ctx *ctx, const ag_node *n) {
     float *dA = lo && lo->A->requires_grad ? ag_grad(ctx, lo->A) : NULL;
     float *dB = lo && lo->B->requires_grad ? ag_grad(ctx, lo->B) : NULL;
     ag_mark m = ag_arena_mark(ctx);
-    const void *dyb = operand(ctx, y->grad, N * out);
+    /* dy as bf16 operand: given as such (op_glu's backward), or converted */
+    const void *dyb = y->grad_bf16 ? (const void *)y->grad_bf16 : operand(ctx, y->grad, N * out);
     gemm_dtype dt = gdt(ctx);
     /* fp16 mode: every GEMM output of backward is an fp16 tensor under torch's autocast (each linear's grad
      * input, each adapter's gradient), so it is rounded to fp16 before it is added: a loss scale too large
@@ -457,13 +458,13 @@ static void linear_group_backward(ag_ctx *ctx, const ag_node *nd) {
     int any = 0;
     for (int i = n - 1; i >= 0; i--) { /* the order the separate nodes ran in (the tape backwards) */
         tensor *y = s->y[i];
-        if (!y->grad) continue;
+        if (!y->grad && !y->grad_bf16) continue;
         any = 1;
         const frozen_weight *w = s->w[i];
         const lora_adapter *lo = s->lora[i];
         const int64_t out = w->out;
         ag_mark mi = ag_arena_mark(ctx);
-        const void *dyb = operand(ctx, y->grad, N * out);
+        const void *dyb = y->grad_bf16 ? (const void *)y->grad_bf16 : operand(ctx, y->grad, N * out);
         if (dx) {
             be->gemm(0, 0, N, in, out, 1.0f, dyb, out, frozen_operand(ctx, w), in, dx_fresh ? 0.0f : 1.0f, dx, in, dt);
             dx_fresh = 0;
@@ -660,6 +661,7 @@ tensor *op_attention_window(ag_ctx *ctx, tensor *q, tensor *k, tensor *v, int B,
 typedef struct glu_saved {
     const void *g, *u; /* (N, F) inputs: bf16 in bf16 mode (activations saved as bf16), else fp32 */
     int bf16;
+    int grad_op;       /* g and u come straight from their linears (op_glu): gradients as bf16 operands */
     ag_glu_act act;
 } glu_saved;
 
@@ -669,6 +671,18 @@ static void glu_backward(ag_ctx *ctx, const ag_node *n) {
     const glu_saved *s = n->saved;
     /* g and u are usually read by this op only (the gate and up projections' outputs): their gradients are
      * then written, not zero-filled and added to; otherwise a fresh one is zeroed and both are added to */
+    if (s->grad_op && g != u && g->requires_grad && u->requires_grad && !g->grad && !u->grad && !g->grad_bf16 &&
+        !u->grad_bf16) {
+        /* the gate and up projections read these gradients only as bf16 GEMM operands, and nothing else adds
+         * to them (op_glu checked that their linears ran just before): written as bf16 once, the values
+         * operand() would have made, without the fp32 buffers and the conversion pass */
+        g->grad_bf16 = ag_alloc(ctx, (size_t)g->numel * sizeof(bf16));
+        u->grad_bf16 = ag_alloc(ctx, (size_t)u->numel * sizeof(bf16));
+        (s->act == AG_GLU_GELU_TANH ? ctx->be->geglu_bwd : ctx->be->swiglu_bwd)(
+            s->g, s->u, s->bf16, y->grad, (float *)g->grad_bf16, (float *)u->grad_bf16, g->numel, 2);
+        ag_prof_pop(pc);
+        return;
+    }
     int fg = 0, fu = 0;
     float *dg = g->requires_grad ? ag_grad_fresh(ctx, g, &fg) : NULL;
     float *du = u->requires_grad ? ag_grad_fresh(ctx, u, &fu) : NULL; /* after g's: g == u is not fresh twice */
@@ -694,9 +708,27 @@ tensor *op_glu(ag_ctx *ctx, tensor *g, tensor *u, ag_glu_act act) {
     (act == AG_GLU_GELU_TANH ? ctx->be->geglu_fwd : ctx->be->swiglu_fwd)(g->data, u->data, y->data, yb, gb, ubf,
                                                                        g->numel);
     if (grad) {
+        /* g and u straight from their projections, with no other op between: the gate and up linears' node
+         * (grouped) or their two nodes (gate, then up) are the last ones on the tape. Their backward then runs
+         * right after this one's and is the only reader of the gradients. */
+        int grad_op = 0;
+        if (ctx->bf16 && !ctx->fp16 && ctx->n_nodes >= 1) {
+            const ag_node *l1 = &ctx->nodes[ctx->n_nodes - 1];
+            if (l1->backward == linear_group_backward) {
+                const linear_group_saved *gs = l1->saved;
+                int hg = 0, hu = 0;
+                for (int i = 0; i < gs->n; i++) hg |= gs->y[i] == g, hu |= gs->y[i] == u;
+                grad_op = hg && hu;
+            } else if (ctx->n_nodes >= 2) {
+                const ag_node *l2 = &ctx->nodes[ctx->n_nodes - 2];
+                grad_op = l1->backward == linear_backward && l1->out == u && l2->backward == linear_backward &&
+                          l2->out == g;
+            }
+        }
         ag_node *nd = ag_record(ctx, glu_backward, y, g, u, NULL, NULL);
         glu_saved *s = alloc_saved_host(ctx, sizeof *s);
         s->bf16 = ctx->bf16;
+        s->grad_op = grad_op;
         s->act = act;
         s->g = ctx->bf16 ? ag_bf16_of(ctx, g, 1) : ag_keep(ctx, g);
         s->u = ctx->bf16 ? ag_bf16_of(ctx, u, 1) : ag_keep(ctx, u);

@@ -304,7 +304,7 @@ ag_node *ag_record(ag_ctx *ctx, ag_backward_fn fn, tensor *out, tensor *a, tenso
 void ag_backward_from(ag_ctx *ctx, int64_t from_node) {
     for (int64_t i = ctx->n_nodes - 1; i >= from_node; i--) {
         ag_node n = ctx->nodes[i]; /* copy: backward may grow (realloc) the tape */
-        if (n.out->grad) n.backward(ctx, &n);
+        if (n.out->grad || n.out->grad_bf16) n.backward(ctx, &n);
     }
     ctx->n_nodes = from_node;
 }

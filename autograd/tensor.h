@@ -30,6 +30,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/bf16.h"
 #include "core/status.h"
 
 struct ag_backend;
@@ -47,6 +48,8 @@ typedef struct tensor {
     void *kept;        /* copy of data (same dtype) that survives the segment, or NULL */
     void *kept_bf16;   /* bf16 copy of data (GEMM operand, saved for backward), or NULL */
     float *kept_f16;   /* fp16 mode: data rounded to fp16, held as fp32 (the GEMM operand), or NULL */
+    bf16 *grad_bf16;   /* the gradient held only as a bf16 GEMM operand (numel), instead of grad: written by
+                        * op_glu's backward for a linear's output that only its linear reads back (ops.c) */
 } tensor;
 
 /* ---- arena: chunked bump allocator with mark/reset ---- */

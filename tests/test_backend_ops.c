@@ -572,7 +572,9 @@ static void case_rope(const ag_backend *be, const ag_backend *ref) {
 /* The gated MLP's activation kernels, silu (swiglu_*) or the tanh GELU (geglu_*: a CUDA table is held to
  * NMSE there, its tanhf is not glibc's): forward with its three bf16 copies, backward from fp32 and from
  * bf16 saved inputs, accumulating into existing gradients (modes 0, 1), and from bf16 writing gradients
- * whose old contents (NaN here) must not be read (mode 2): dg0 + written == accumulated, bit for bit. */
+ * whose old contents (NaN here) must not be read (mode 2): dg0 + written == accumulated, bit for bit; and
+ * writing them as bf16 (write 2, op_glu's gradients for the gate and up projections): each value the
+ * bf16 rounding (nearest even) of the same backend's fp32 written value, bit for bit. */
 static void case_glu(const ag_backend *be, const ag_backend *ref, int gelu) {
     const char *nm = gelu ? "geglu" : "swiglu";
     const int64_t n = 3 * 4096 + 1013; /* chunks of 4096, then a tail that is not a multiple of 16 */
@@ -591,7 +593,7 @@ static void case_glu(const ag_backend *be, const ag_backend *ref, int gelu) {
     const ag_backend *bes[2] = {be, ref};
     enum { NMODE = 3 };
     float *y[2], *dg[2][NMODE], *du[2][NMODE];
-    bf16 *yb[2], *gb[2], *ub[2];
+    bf16 *yb[2], *gb[2], *ub[2], *dgw[2], *duw[2];
     for (int w = 0; w < 2; w++) {
         const ag_backend *b = bes[w];
         float *dG = to_dev(b, g, (size_t)n * 4), *dU = to_dev(b, u, (size_t)n * 4), *dY = b->alloc((size_t)n * 4);
@@ -616,6 +618,15 @@ static void case_glu(const ag_backend *be, const ag_backend *ref, int gelu) {
             }
             b->free(dDG);
             b->free(dDU);
+        }
+        { /* write 2: bf16 gradients, from bf16 saved inputs */
+            const void *sg = to_dev(b, gb16, (size_t)n * 2), *su = to_dev(b, ub16, (size_t)n * 2);
+            bf16 *dDG = b->alloc((size_t)n * 2), *dDU = b->alloc((size_t)n * 2);
+            (gelu ? b->geglu_bwd : b->swiglu_bwd)(sg, su, 1, dDY, (float *)dDG, (float *)dDU, n, 2);
+            dgw[w] = to_host(b, dDG, (size_t)n * 2);
+            duw[w] = to_host(b, dDU, (size_t)n * 2);
+            void *p2[] = {(void *)sg, (void *)su, dDG, dDU};
+            for (size_t i = 0; i < sizeof p2 / sizeof p2[0]; i++) b->free(p2[i]);
         }
         void *ptrs[] = {dG, dU, dY, dYb, dGb, dUb, dDY};
         for (size_t i = 0; i < sizeof ptrs / sizeof ptrs[0]; i++) b->free(ptrs[i]);
@@ -642,8 +653,15 @@ static void case_glu(const ag_backend *be, const ag_backend *ref, int gelu) {
             if (memcmp(&ag, &dg[w][1][i], 4) || memcmp(&au, &du[w][1][i], 4))
                 fail_msg("%s write mode at %lld on %s", nm, (long long)i, bes[w]->name);
         }
+    for (int w = 0; w < 2; w++) /* bf16 written = bf16(fp32 written) */
+        for (int64_t i = 0; i < n; i++)
+            if (dgw[w][i] != f32_to_bf16(dg[w][2][i]) || duw[w][i] != f32_to_bf16(du[w][2][i]))
+                fail_msg("%s bf16 write mode at %lld on %s: %04x %04x, expected %04x %04x", nm, (long long)i,
+                         bes[w]->name, dgw[w][i], duw[w][i], f32_to_bf16(dg[w][2][i]), f32_to_bf16(du[w][2][i]));
 #undef GLU_NAME
     for (int w = 0; w < 2; w++) {
+        free(dgw[w]);
+        free(duw[w]);
         free(y[w]);
         free(yb[w]);
         free(gb[w]);
