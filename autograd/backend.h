@@ -214,7 +214,8 @@ typedef struct ag_backend {
     void (*embedding)(const frozen_weight *table, const int32_t *ids, int64_t n, float *x);
     /* RMSNorm (Zhang & Sennrich 2019; HF LlamaRMSNorm): per row of x (N, D),
      * rstd = 1/sqrt(mean(x²) + eps) (sum of squares in double), y = w ⊙ (x · rstd);
-     * yb (N, D) bf16 copy of y or NULL. rstd (N). */
+     * yb (N, D) bf16 copy of y or NULL; y may be NULL when yb is given (only the bf16 copy is read:
+     * autograd/ops.c f32_unread). rstd (N). */
     void (*rmsnorm_fwd)(const float *x, const float *w, float *y, bf16 *yb, float *rstd, int64_t N, int64_t D,
                         float eps);
     /* dx += rstd·w⊙dy − (Σ dy⊙w⊙x / D)·rstd³·x (row dot in double), dw += Σ_rows dy⊙x·rstd;
@@ -222,7 +223,8 @@ typedef struct ag_backend {
     void (*rmsnorm_bwd)(const float *x, const float *w, const float *rstd, const float *dy, float *dx, float *dw,
                         int64_t N, int64_t D);
     /* RoPE (Su et al. 2021), HF rotate_half convention, on x (N, n_heads·hd) with token
-     * positions pos (N, host): fwd y = rot(θ) x (yb: bf16 copy or NULL); bwd dx += rot(−θ) dy. */
+     * positions pos (N, host): fwd y = rot(θ) x (yb: bf16 copy or NULL; y may be NULL when yb is given);
+     * bwd dx += rot(−θ) dy. */
     void (*rope_fwd)(const float *x, float *y, bf16 *yb, int64_t N, int n_heads, const rope_table *rt,
                      const int32_t *pos);
     void (*rope_bwd)(const float *dy, float *dx, int64_t N, int n_heads, const rope_table *rt, const int32_t *pos);
@@ -236,7 +238,7 @@ typedef struct ag_backend {
     /* KV-cached attention of model/llama_infer.c: out (n, H*hd) fp32. Scratch from ctx's arena. */
     void (*attention_cached)(struct ag_ctx *ctx, const ag_attn_cached *a, float *out);
     /* SwiGLU (Shazeer 2020): y = silu(g)·u = g/(1+exp(−g))·u, g u y (n) fp32; yb, gb, ub bf16
-     * copies of y, g, u or NULL. exp is autograd/exp_poly.h's. */
+     * copies of y, g, u or NULL; y may be NULL when yb is given. exp is autograd/exp_poly.h's. */
     void (*swiglu_fwd)(const float *g, const float *u, float *y, bf16 *yb, bf16 *gb, bf16 *ub, int64_t n);
     /* dg += dy·u·(σ + g σ (1−σ)), du += dy·g σ with σ = 1/(1+exp(−g)); g and u (n) bf16 when
      * is_bf16 else fp32; dg or du may be NULL. write 1: dg and du are written (=) instead, their old

@@ -748,7 +748,7 @@ __global__ void k_rmsnorm_fwd(const float *x, const float *w, float *y, uint16_t
     if (threadIdx.x == 0) rstd[blockIdx.x] = r;
     for (int64_t j = threadIdx.x; j < D; j += RED_T) {
         float v = qe_rmsnorm_y(w[j], xi[j], r);
-        y[blockIdx.x * D + j] = v;
+        if (y) y[blockIdx.x * D + j] = v;
         if (yb) yb[blockIdx.x * D + j] = qe_f32_to_bf16(v);
     }
 }
@@ -809,8 +809,10 @@ __global__ void k_rope(const float *x, float *y, uint16_t *yb, int64_t N, int nh
             y[o + i] += a;
             y[o + i + half] += b;
         } else {
-            y[o + i] = a;
-            y[o + i + half] = b;
+            if (y) {
+                y[o + i] = a;
+                y[o + i + half] = b;
+            }
             if (yb) {
                 yb[o + i] = qe_f32_to_bf16(a);
                 yb[o + i + half] = qe_f32_to_bf16(b);
@@ -1242,7 +1244,7 @@ __global__ void k_swiglu_fwd(const float *g, const float *u, float *y, uint16_t 
                              int64_t n) {
     GRID_LOOP(i, n) {
         float v = qe_swiglu_y(g[i], u[i]);
-        y[i] = v;
+        if (y) y[i] = v;
         if (yb) yb[i] = qe_f32_to_bf16(v);
         if (gb) gb[i] = qe_f32_to_bf16(g[i]);
         if (ub) ub[i] = qe_f32_to_bf16(u[i]);
@@ -1284,7 +1286,7 @@ __global__ void k_geglu_fwd(const float *g, const float *u, float *y, uint16_t *
                             int64_t n) {
     GRID_LOOP(i, n) {
         float v = qe_gelu_tanh(g[i]) * u[i];
-        y[i] = v;
+        if (y) y[i] = v;
         if (yb) yb[i] = qe_f32_to_bf16(v);
         if (gb) gb[i] = qe_f32_to_bf16(g[i]);
         if (ub) ub[i] = qe_f32_to_bf16(u[i]);

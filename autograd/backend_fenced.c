@@ -288,7 +288,7 @@ static void fc_rmsnorm_fwd(const float *x, const float *w, float *y, bf16 *yb, f
                            float eps) {
     NEED(x);
     NEED(w);
-    NEED(y);
+    OPT(y);
     OPT(yb);
     NEED(rstd);
     fence_open();
@@ -311,7 +311,7 @@ static void fc_rmsnorm_bwd(const float *x, const float *w, const float *rstd, co
 
 static void fc_rope_fwd(const float *x, float *y, bf16 *yb, int64_t N, int nh, const rope_table *rt, const int32_t *pos) {
     NEED(x);
-    NEED(y);
+    OPT(y);
     OPT(yb);
     fence_open();
     inner()->rope_fwd(x, y, yb, N, nh, rt, pos);
@@ -369,7 +369,7 @@ static void fc_attention_cached(struct ag_ctx *ctx, const ag_attn_cached *a, flo
 static void fc_swiglu_fwd(const float *g, const float *u, float *y, bf16 *yb, bf16 *gb, bf16 *ub, int64_t n) {
     NEED(g);
     NEED(u);
-    NEED(y);
+    OPT(y);
     OPT(yb);
     OPT(gb);
     OPT(ub);
@@ -393,7 +393,7 @@ static void fc_swiglu_bwd(const void *g, const void *u, int isb, const float *dy
 static void fc_geglu_fwd(const float *g, const float *u, float *y, bf16 *yb, bf16 *gb, bf16 *ub, int64_t n) {
     NEED(g);
     NEED(u);
-    NEED(y);
+    OPT(y);
     OPT(yb);
     OPT(gb);
     OPT(ub);

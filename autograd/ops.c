@@ -50,6 +50,15 @@ static bf16 *memo_bf16_alloc(ag_ctx *ctx, tensor *t) {
     return t->kept_bf16;
 }
 
+/* The (d0, d1) fp32 output of an op that also writes its bf16 copy: without fp32 data (NULL) when the caller
+ * said nothing reads it (ctx->f32_unread, cleared here) and GEMM operands are bf16. Whatever reads the data
+ * of such a tensor crashes at once on NULL instead of reading stale values. */
+static tensor *memo_output(ag_ctx *ctx, int64_t d0, int64_t d1) {
+    const int unread = ctx->f32_unread && ctx->bf16 && !ctx->fp16;
+    ctx->f32_unread = 0;
+    return unread ? ag_wrap(ctx, AG_F32, d0, d1, NULL, NULL) : ag_tensor2(ctx, AG_F32, d0, d1);
+}
+
 /* Per-row statistics and other small saved data buffers: keep arena inside a segment. */
 static void *alloc_saved(ag_ctx *ctx, size_t bytes) {
     return ctx->saving ? ag_alloc_keep(ctx, bytes) : ag_alloc(ctx, bytes);
@@ -226,7 +235,7 @@ static void rmsnorm_backward(ag_ctx *ctx, const ag_node *n) {
 tensor *op_rmsnorm(ag_ctx *ctx, tensor *x, tensor *w, float eps) {
     int pc = ag_prof_push(AG_PROF_NORM);
     int64_t N = x->shape[0], D = x->shape[1];
-    tensor *y = ag_tensor2(ctx, AG_F32, N, D);
+    tensor *y = memo_output(ctx, N, D);
     int grad = ag_needs_grad(ctx, x, w, NULL);
     float *rstd = grad ? alloc_saved(ctx, (size_t)N * sizeof(float)) : ag_alloc(ctx, (size_t)N * sizeof(float));
     bf16 *yb = memo_bf16_alloc(ctx, y); /* the linears that read y take it as bf16 */
@@ -584,7 +593,7 @@ static void rope_backward(ag_ctx *ctx, const ag_node *n) {
 tensor *op_rope(ag_ctx *ctx, tensor *x, int n_heads, const rope_table *rt, const int32_t *pos) {
     int pc = ag_prof_push(AG_PROF_ROPE);
     int64_t N = x->shape[0];
-    tensor *y = ag_tensor2(ctx, AG_F32, N, x->shape[1]);
+    tensor *y = memo_output(ctx, N, x->shape[1]);
     ctx->be->rope_fwd(x->data, y->data, memo_bf16_alloc(ctx, y), N, n_heads, rt, pos); /* attention reads bf16 */
     if (ag_needs_grad(ctx, x, NULL, NULL)) {
         ag_node *nd = ag_record(ctx, rope_backward, y, x, NULL, NULL, NULL);
@@ -698,7 +707,8 @@ static void glu_backward(ag_ctx *ctx, const ag_node *n) {
 
 tensor *op_glu(ag_ctx *ctx, tensor *g, tensor *u, ag_glu_act act) {
     int pc = ag_prof_push(AG_PROF_ELTWISE);
-    tensor *y = ag_tensor(ctx, AG_F32, g->ndim, g->shape);
+    tensor *y = g->ndim == 2 ? memo_output(ctx, g->shape[0], g->shape[1]) : ag_tensor(ctx, AG_F32, g->ndim, g->shape);
+    ctx->f32_unread = 0;
     int grad = ag_needs_grad(ctx, g, u, NULL);
     /* one pass: y, its bf16 copy for the down projection, and (for backward)
      * g and u in bf16 unless they already have one */

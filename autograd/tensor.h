@@ -107,6 +107,9 @@ typedef struct ag_ctx {
     int training;  /* 1: dropout active */
     int saving;    /* 1 inside a segment: ops copy what backward needs into the keep arena */
     int recomputing; /* 1 while a checkpoint's block runs again in backward (its output value is not read) */
+    int f32_unread; /* set by the caller just before op_rmsnorm / op_rope / op_glu, which clear it: their
+                     * output is read only as its bf16 copy (bf16 GEMM operands, attention), so in bf16 mode
+                     * its fp32 data is not written (tensor data NULL; see autograd/ops.c) */
     uint64_t seed;  /* dropout stream seed for the current micro-batch */
     /* reusable scratch (backend memory) for dequantized frozen weights and block outputs */
     void *wscratch;

@@ -1108,12 +1108,25 @@ tensor *llama_embed(ag_ctx *ctx, const llama_model *m, const int32_t *ids, int64
     return x;
 }
 
-/* The two halves of a block: x -> x + attention(norm(x)) and h -> h + MLP(norm(h)). */
+/* Dropout on the input of layer l's `module` in this pass: its linear reads the input's fp32 values. */
+static int lora_input_dropout(const ag_ctx *ctx, const lora_set *ls, int l, int module) {
+    const lora_adapter *lo = lora_set_get(ls, l, module);
+    return lo && lo->dropout > 0.0f && ctx->training;
+}
+
+static tensor *batch_attention(ag_ctx *ctx, const void *argp, tensor *q, tensor *k, tensor *v);
+
+/* The two halves of a block: x -> x + attention(norm(x)) and h -> h + MLP(norm(h)).
+ * A pre-norm's output is read only by its projections, as their bf16 operand, unless one of them applies
+ * LoRA dropout to it; RoPE's outputs only by the batch attention, as bf16: those ops are told so
+ * (ctx->f32_unread) and skip their fp32 output in bf16 mode (autograd/ops.c memo_output). */
 static tensor *layer_attention_half(ag_ctx *ctx, const llama_model *m, const lora_set *ls, int l, tensor *x,
                                     const int32_t *pos, llama_attention_fn attention, const void *arg) {
     const llama_hparams *hp = &m->hp;
     const llama_layer *L = &m->layers[l];
     tensor *an = wrap_vector(ctx, hp->d_model, L->attn_norm);
+    ctx->f32_unread = !lora_input_dropout(ctx, ls, l, LLAMA_Q) && !lora_input_dropout(ctx, ls, l, LLAMA_K) &&
+                      !lora_input_dropout(ctx, ls, l, LLAMA_V);
     tensor *h = op_rmsnorm(ctx, x, an, hp->rms_eps);
     tensor *q, *k, *v;
     if (hp->arch == LLAMA_ARCH_PHI3) {
@@ -1140,7 +1153,9 @@ static tensor *layer_attention_half(ag_ctx *ctx, const llama_model *m, const lor
                                        hp->rms_eps), N, hd * hp->n_kv_head);
     }
     const rope_table *rt = llama_layer_rope(m, l);
+    ctx->f32_unread = attention == batch_attention;
     q = op_rope(ctx, q, hp->n_head, rt, pos);
+    ctx->f32_unread = attention == batch_attention;
     k = op_rope(ctx, k, hp->n_kv_head, rt, pos);
     tensor *att = attention(ctx, arg, q, k, v);
     tensor *o = op_linear(ctx, att, &L->lin[LLAMA_O], lora_set_get(ls, l, LLAMA_O));
@@ -1155,6 +1170,7 @@ static tensor *layer_mlp_half(ag_ctx *ctx, const llama_model *m, const lora_set 
     const llama_hparams *hp = &m->hp;
     const llama_layer *L = &m->layers[l];
     tensor *fn = wrap_vector(ctx, hp->d_model, L->ffn_norm);
+    ctx->f32_unread = !lora_input_dropout(ctx, ls, l, LLAMA_GATE) && !lora_input_dropout(ctx, ls, l, LLAMA_UP);
     tensor *h2 = op_rmsnorm(ctx, x, fn, hp->rms_eps);
     tensor *g, *u;
     if (hp->arch == LLAMA_ARCH_PHI3) { /* Phi3MLP: gate, up = gate_up_proj(h2).chunk(2, dim=-1) */
@@ -1168,6 +1184,7 @@ static tensor *layer_mlp_half(ag_ctx *ctx, const llama_model *m, const lora_set 
         op_linear_group(ctx, h2, 2, w, lo, y);
         g = y[0], u = y[1];
     }
+    ctx->f32_unread = !lora_input_dropout(ctx, ls, l, LLAMA_DOWN);
     tensor *mm = op_glu(ctx, g, u, hp->act_geglu ? AG_GLU_GELU_TANH : AG_GLU_SILU);
     const lora_adapter *ld = lora_set_get(ls, l, LLAMA_DOWN);
     /* a post-feed-forward norm reads the down projection's output: it must be computed */

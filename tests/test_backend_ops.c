@@ -471,6 +471,17 @@ static void case_embedding(const ag_backend *be, const ag_backend *ref) {
 
 /* ------------------------------------------------------------------ norm, rope, swiglu, add, axpy */
 
+
+/* An op run again with no fp32 output (y NULL: only its bf16 copy is read, autograd/ops.c memo_output) must
+ * write the same bf16 copy, bit for bit, on the same backend. */
+static void check_memo_only(const ag_backend *b, const char *what, const bf16 *dev_with_y, const bf16 *dev_memo_only,
+                            int64_t n) {
+    bf16 *a = to_host(b, dev_with_y, (size_t)n * 2), *c = to_host(b, dev_memo_only, (size_t)n * 2);
+    if (memcmp(a, c, (size_t)n * 2)) fail_msg("%s on %s: bf16 copy without the fp32 output differs", what, b->name);
+    free(a);
+    free(c);
+}
+
 static void case_rmsnorm(const ag_backend *be, const ag_backend *ref) {
     const int64_t N = 37, D = 579;
     float *x = host_rand(N * D, 60, 2.0f), *wt = host_rand(D, 61, 1.0f), *dy = host_rand(N * D, 62, 1.0f);
@@ -486,6 +497,12 @@ static void case_rmsnorm(const ag_backend *be, const ag_backend *ref) {
         float *dDY = to_dev(b, dy, (size_t)(N * D) * 4), *dDX = to_dev(b, dx0, (size_t)(N * D) * 4);
         float *dDW = to_dev(b, dw0, (size_t)D * 4);
         b->rmsnorm_fwd(dX, dW, dY, dYb, dR, N, D, 1e-5f);
+        {
+            bf16 *dYb2 = b->alloc((size_t)(N * D) * 2);
+            b->rmsnorm_fwd(dX, dW, NULL, dYb2, dR, N, D, 1e-5f);
+            check_memo_only(b, "rmsnorm y bf16", dYb, dYb2, N * D);
+            b->free(dYb2);
+        }
         b->rmsnorm_bwd(dX, dW, dR, dDY, dDX, dDW, N, D);
         y[w] = to_host(b, dY, (size_t)(N * D) * 4);
         yb[w] = to_host(b, dYb, (size_t)(N * D) * 2);
@@ -544,6 +561,12 @@ static void case_rope(const ag_backend *be, const ag_backend *ref) {
         bf16 *dYb = b->alloc((size_t)n * 2);
         float *dDY = to_dev(b, dy, (size_t)n * 4), *dDX = to_dev(b, dx0, (size_t)n * 4);
         b->rope_fwd(dX, dY, dYb, N, nh, &rt, pos);
+        {
+            bf16 *dYb2 = b->alloc((size_t)n * 2);
+            b->rope_fwd(dX, NULL, dYb2, N, nh, &rt, pos);
+            check_memo_only(b, "rope y bf16", dYb, dYb2, n);
+            b->free(dYb2);
+        }
         b->rope_bwd(dDY, dDX, N, nh, &rt, pos);
         y[w] = to_host(b, dY, (size_t)n * 4);
         yb[w] = to_host(b, dYb, (size_t)n * 2);
@@ -599,6 +622,12 @@ static void case_glu(const ag_backend *be, const ag_backend *ref, int gelu) {
         float *dG = to_dev(b, g, (size_t)n * 4), *dU = to_dev(b, u, (size_t)n * 4), *dY = b->alloc((size_t)n * 4);
         bf16 *dYb = b->alloc((size_t)n * 2), *dGb = b->alloc((size_t)n * 2), *dUb = b->alloc((size_t)n * 2);
         (gelu ? b->geglu_fwd : b->swiglu_fwd)(dG, dU, dY, dYb, dGb, dUb, n);
+        {
+            bf16 *dYb2 = b->alloc((size_t)n * 2);
+            (gelu ? b->geglu_fwd : b->swiglu_fwd)(dG, dU, NULL, dYb2, NULL, NULL, n);
+            check_memo_only(b, gelu ? "geglu y bf16" : "swiglu y bf16", dYb, dYb2, n);
+            b->free(dYb2);
+        }
         y[w] = to_host(b, dY, (size_t)n * 4);
         yb[w] = to_host(b, dYb, (size_t)n * 2);
         gb[w] = to_host(b, dGb, (size_t)n * 2);

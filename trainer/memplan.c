@@ -107,6 +107,10 @@ void memplan_predict(const memplan_input *in, memplan *out) {
 
     /* one block's fp32 outputs (the same sizes again as their gradients in backward) */
     double blk_f32 = 4.0 * N * (D + (qd + 2 * kd) + (qd + kd) + qd + 4 * D + 3 * F + nl * r + fused_out);
+    /* outputs read only as their bf16 copies have no fp32 data in bf16 mode (model/llama.c, ctx->f32_unread):
+     * RoPE's q and k always; the two pre-norms' and SwiGLU's without LoRA dropout on the linears reading them */
+    const double unread_rope = in->bf16 ? qd + kd : 0.0, unread_lin = in->bf16 && !(in->lora_dropout > 0) ? 1.0 : 0.0;
+    blk_f32 -= 4.0 * N * (unread_rope + unread_lin * (2 * D + F));
     /* GEMM operand copies kept for backward */
     double blk_ops = es * N * (2 * D + (qd + 2 * kd) + qd + 3 * F + nl * r);
     if (in->lora_dropout > 0) blk_ops += es * N * (3 * D + qd + 2 * D + F); /* dropout(x) per linear */
@@ -151,7 +155,8 @@ void memplan_predict(const memplan_input *in, memplan *out) {
         double keep_layer = 4.0 * N * D * 2.0 + attn_ops + 8.0 * N + 8.0 * B * H * T + qk_keep + post_keep;
         /* + one recomputed MLP half: its fp32 outputs (norm, gate, up, SwiGLU, down, residual, LoRA u)
          * and most of their gradients, its bf16 memos */
-        double mlp_f32 = 4.0 * N * (3 * D + 3 * F + nm * r) + 2.0 * post_keep; /* + the post-MLP norm's in/out */
+        double mlp_f32 = 4.0 * N * (3 * D + 3 * F + nm * r - unread_lin * (D + F)) +
+                         2.0 * post_keep; /* + the post-MLP norm's in/out; − the fp32 outputs not written */
         double mlp_ops = es * N * (D + 3 * F + nm * r);
         if (in->lora_dropout > 0) mlp_ops += es * N * (2 * D + F);
         /* − the recomputed half's input, read in place (ckpt_backward) */
