@@ -501,29 +501,18 @@ static void ckpt_backward(ag_ctx *ctx, const ag_node *n) {
     ctx->seed = s->seed;
 
     int pc = ag_prof_push(AG_PROF_CKPT);
-    tensor *x2;
-    if (s->off_idx >= 0) {
-        /* an offloaded input: recomputed straight from its slot (copied back from host memory if it is
-         * not there any more), which nothing overwrites before this block's backward is done (the
-         * prefetch below takes the other slot); no copy in the arena */
-        x2 = ag_alloc_host_keep(ctx, sizeof *x2);
-        memset(x2, 0, sizeof *x2);
-        x2->ndim = x->ndim;
-        memcpy(x2->shape, x->shape, sizeof x2->shape);
-        x2->numel = x->numel;
-        x2->dtype = x->dtype;
-        x2->data = (void *)offload_fetch(ctx, s->off_idx, x);
-    } else {
-        /* the input in place: ops never write their inputs, and x's data lies below the mark (kept
-         * until this node is done) */
-        x2 = ag_alloc_host_keep(ctx, sizeof *x2);
-        memset(x2, 0, sizeof *x2);
-        x2->ndim = x->ndim;
-        memcpy(x2->shape, x->shape, sizeof x2->shape);
-        x2->numel = x->numel;
-        x2->dtype = x->dtype;
-        x2->data = x->data;
-    }
+    /* The recompute's input is a header over data that is not copied into the arena: an offloaded input is
+     * read straight from its slot (copied back from host memory if it is not there any more), which nothing
+     * overwrites before this block's backward is done (the prefetch below takes the other slot); any other
+     * input in place (ops never write their inputs, and x's data lies below the mark, kept until this node
+     * is done). */
+    tensor *x2 = ag_alloc_host_keep(ctx, sizeof *x2);
+    memset(x2, 0, sizeof *x2);
+    x2->ndim = x->ndim;
+    memcpy(x2->shape, x->shape, sizeof x2->shape);
+    x2->numel = x->numel;
+    x2->dtype = x->dtype;
+    x2->data = s->off_idx >= 0 ? (void *)offload_fetch(ctx, s->off_idx, x) : x->data;
     x2->requires_grad = x->requires_grad;
     /* the block before this one: its input on its way back while this block is recomputed */
     if (s->off_idx > 0) offload_prefetch(ctx, s->off_idx - 1);
