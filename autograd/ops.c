@@ -378,8 +378,6 @@ static tensor *linear_impl(ag_ctx *ctx, tensor *x, const frozen_weight *w, const
             be->gemm(0, 1, N, out, r, lora->scaling, ub, r, Bb, r, 0.0f, y->data, out, dt); /* y = s u Bᵀ */
             beta_w = 1.0f;
         }
-        ag_arena_reset(ctx, m);
-        m = ag_arena_mark(ctx);
     }
     if (!out_value) {
         be->zero(y->data, (size_t)(N * out) * sizeof(float));

@@ -374,16 +374,6 @@ typedef struct seg_saved {
     int armed, fresh_gx;
 } seg_saved;
 
-/* Move x's fresh gradient into y's dead gradient buffer and release
- * everything allocated since `before` (x's gradient included). */
-static void grad_handover(ag_ctx *ctx, tensor *x, tensor *y, const float *gx, ag_mark before) {
-    float *dst = y->grad;
-    ctx->be->copy_d2d(dst, gx, (size_t)x->numel * sizeof(float));
-    y->grad = NULL;
-    ag_arena_reset(ctx, before);
-    x->grad = dst;
-}
-
 static int can_handover(const tensor *x, const tensor *y) {
     return y && y->grad && x->numel == y->numel;
 }
@@ -401,28 +391,23 @@ static void seg_end_backward(ag_ctx *ctx, const ag_node *n) {
     s->armed = 1;
 }
 
-/* x's gradient after a block whose output y had gradient buffer yg, everything allocated since
- * `before` to be released: x's gradient in yg already (the residual adds passed the buffer down),
- * moved there (grad_handover), or none (zeros in yg). */
-static void grad_settle(ag_ctx *ctx, tensor *x, tensor *y, float *yg, ag_mark before) {
-    if (x->grad == yg) {
-        ag_arena_reset(ctx, before);
-        y->grad = NULL;
-    } else if (x->grad) {
-        grad_handover(ctx, x, y, x->grad, before);
-    } else {
-        ctx->be->zero(yg, (size_t)x->numel * sizeof(float));
-        ag_arena_reset(ctx, before);
-        x->grad = yg;
-        y->grad = NULL;
-    }
+/* x's fresh gradient into y's dead gradient buffer once the block's backward is done, and everything
+ * allocated since `before` released: already there when the residual adds passed the buffer down
+ * (op_add's backward), else copied there, or zeros when no gradient reached x. */
+static void grad_settle(ag_ctx *ctx, tensor *x, tensor *y, ag_mark before) {
+    float *yg = y->grad;
+    if (x->grad && x->grad != yg) ctx->be->copy_d2d(yg, x->grad, (size_t)x->numel * sizeof(float));
+    else if (!x->grad) ctx->be->zero(yg, (size_t)x->numel * sizeof(float));
+    ag_arena_reset(ctx, before);
+    x->grad = yg;
+    y->grad = NULL;
 }
 
 /* Recorded before the block: runs after the block's own nodes in backward. */
 static void seg_start_backward(ag_ctx *ctx, const ag_node *n) {
     seg_saved *s = n->saved;
     if (s->armed) {
-        if (s->fresh_gx) grad_settle(ctx, s->x, s->y, s->y->grad, s->before_gx);
+        if (s->fresh_gx) grad_settle(ctx, s->x, s->y, s->before_gx);
         else ag_arena_reset(ctx, s->mark);
     }
     s->armed = 0;
@@ -534,7 +519,7 @@ static void ckpt_backward(ag_ctx *ctx, const ag_node *n) {
     ctx->seed = seed;
     if (fresh) {
         x->grad = x2->grad;
-        grad_settle(ctx, x, y, y->grad, m);
+        grad_settle(ctx, x, y, m);
         return;
     }
     if (gx && x2->grad) ctx->be->axpy(gx, 1.0f, x2->grad, x->numel);
