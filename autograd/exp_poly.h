@@ -10,8 +10,9 @@
  *
  * Evaluated with fused multiply-adds (fmaf: one rounding each): the range
  * reduction n = floor(x·log2e + 0.5), r = x − n·C1 + n·C2, the five Horner
- * steps and y = (p·r)·r + r, then + 1. Ten roundings fewer than the separate
- * multiply and add, and 24 → 15 vector instructions per 16 lanes, which is
+ * steps and y = (p·r)·r + r, then + 1: 24 → 15 vector instructions per 16
+ * lanes at the same accuracy (largest relative error against double exp over
+ * [-80, 80]: 8.5e-8, with separate multiply and add 8.2e-8), which is
  * what the softmax rows of attention and the LM head, SwiGLU's sigmoid and
  * Sophia's sampling spend most of their arithmetic on. fmaf is exact
  * (correctly rounded) on every target: the FMA instruction where the
