@@ -10,6 +10,7 @@
 #include "autograd/gemm.h"
 
 #include "autograd/prof.h"
+#include "core/clock.h"
 
 #include <omp.h>
 #include <oneapi/dnnl/dnnl.h>
@@ -34,6 +35,8 @@ typedef struct gemm_entry {
     dnnl_memory_desc_t da, db, dc, dsp;
     size_t sp_bytes; /* the primitive's scratchpad (user mode), 0 when it needs none */
     dnnl_memory_t mA[GEMM_MAX_THREADS], mB[GEMM_MAX_THREADS], mC[GEMM_MAX_THREADS], mS[GEMM_MAX_THREADS];
+    int64_t calls;  /* calls from outside a parallel region since the last gemm_shape_stats_reset */
+    double seconds; /* their wall time (the host's clock around execute + wait) */
 } gemm_entry;
 
 /* Products with K at most this and B transposed go through a plain copy of B. */
@@ -215,9 +218,53 @@ void gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha
         DNNL_CHECK(dnnl_memory_set_data_handle(en->mS[tid], gemm_scratch(&g_scratch_sp[tid], en->sp_bytes)));
         args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_SCRATCHPAD, en->mS[tid]};
     }
+    const double t0 = nested ? 0.0 : clock_now_sec();
     DNNL_CHECK(dnnl_primitive_execute(en->prim, st, nargs, args));
     DNNL_CHECK(dnnl_stream_wait(st));
-    if (!nested) ag_prof_pop(pc);
+    if (!nested) {
+        en->calls++;
+        en->seconds += clock_now_sec() - t0;
+        ag_prof_pop(pc);
+    }
+}
+
+static int gemm_stat_cmp(const void *a, const void *b) {
+    const double x = ((const gemm_shape_stat *)a)->seconds, y = ((const gemm_shape_stat *)b)->seconds;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+int gemm_shape_stats(gemm_shape_stat *out, int max) {
+    int n = 0;
+#pragma omp critical(qlora_gemm_cache)
+    {
+        for (int i = 0; i < GEMM_HASH; i++) {
+            const gemm_entry *en = g_table[i];
+            if (!en || !en->calls) continue;
+            gemm_shape_stat st = {.M = en->key.M, .N = en->key.N, .K = en->key.K,
+                                  .trans_a = en->key.sa0 == 1 && en->key.sa1 != 1,
+                                  .trans_b = en->key.sb0 == 1 && en->key.sb1 != 1,
+                                  .beta = en->key.beta, .calls = en->calls, .seconds = en->seconds};
+            if (n < max) {
+                out[n++] = st;
+            } else { /* keep the max slowest: replace the fastest kept one when this one took longer */
+                int lo = 0;
+                for (int j = 1; j < n; j++)
+                    if (out[j].seconds < out[lo].seconds) lo = j;
+                if (n > 0 && st.seconds > out[lo].seconds) out[lo] = st;
+            }
+        }
+    }
+    qsort(out, (size_t)n, sizeof *out, gemm_stat_cmp);
+    return n;
+}
+
+void gemm_shape_stats_reset(void) {
+#pragma omp critical(qlora_gemm_cache)
+    for (int i = 0; i < GEMM_HASH; i++)
+        if (g_table[i]) {
+            g_table[i]->calls = 0;
+            g_table[i]->seconds = 0.0;
+        }
 }
 
 void gemm_shutdown(void) {

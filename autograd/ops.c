@@ -254,6 +254,15 @@ tensor *op_rmsnorm(ag_ctx *ctx, tensor *x, tensor *w, float eps) {
 
 /* ------------------------------------------------------------------ linear (+ LoRA) */
 
+/* A LoRA product (x Aᵀ, s u Bᵀ, and their gradients) through the table's GEMM, its time charged to the
+ * "lora_gemm" op class (autograd/prof.h) instead of "gemm". */
+#define LORA_GEMM(...)                                                                                       \
+    do {                                                                                                     \
+        ag_prof_lora(1);                                                                                     \
+        be->gemm(__VA_ARGS__);                                                                               \
+        ag_prof_lora(0);                                                                                     \
+    } while (0)
+
 typedef struct linear_saved {
     const frozen_weight *w;
     const lora_adapter *lora;
@@ -303,32 +312,32 @@ static void linear_backward(ag_ctx *ctx, const ag_node *n) {
     if (lo) {
         int64_t r = lo->r;
         /* dB += s · dyᵀ u   (out, r) */
-        if (dB) be->gemm(1, 0, out, r, N, lo->scaling, dyb, out, s->ub, r, 1.0f, dB, r, dt);
+        if (dB) LORA_GEMM(1, 0, out, r, N, lo->scaling, dyb, out, s->ub, r, 1.0f, dB, r, dt);
         if (dB && ctx->fp16) be->round_f16(dB, dB, out * r); /* one use per micro-batch: dB was 0 */
         /* du = s · dy B   (N, r) */
         float *du = ag_alloc(ctx, (size_t)(N * r) * sizeof(float));
         const void *Bb = operand(ctx, lo->B->data, out * r);
-        be->gemm(0, 0, N, r, out, lo->scaling, dyb, out, Bb, r, 0.0f, du, r, dt);
+        LORA_GEMM(0, 0, N, r, out, lo->scaling, dyb, out, Bb, r, 0.0f, du, r, dt);
         const void *dub = operand(ctx, du, N * r);
         /* dA += duᵀ dropout(x)   (r, in) */
-        if (dA) be->gemm(1, 0, r, in, N, 1.0f, dub, r, s->xdb, in, 1.0f, dA, in, dt);
+        if (dA) LORA_GEMM(1, 0, r, in, N, 1.0f, dub, r, s->xdb, in, 1.0f, dA, in, dt);
         if (dA && ctx->fp16) be->round_f16(dA, dA, r * in);
         if (dx) {
             /* d dropout(x) = du A ; dx += mask/(1-p) · that */
             const void *Ab = operand(ctx, lo->A->data, r * in);
             if (s->drop) {
                 float *dxd = ag_alloc(ctx, (size_t)(N * in) * sizeof(float));
-                be->gemm(0, 0, N, in, r, 1.0f, dub, r, Ab, in, 0.0f, dxd, in, dt);
+                LORA_GEMM(0, 0, N, in, r, 1.0f, dub, r, Ab, in, 0.0f, dxd, in, dt);
                 if (ctx->fp16) be->round_f16(dxd, dxd, N * in);
                 int pc = ag_prof_push(AG_PROF_ELTWISE);
                 be->dropout_bwd(dxd, dx, N * in, lo->dropout, s->seed, lo->stream);
                 ag_prof_pop(pc);
             } else if (tmp) { /* dx += fp16(du A) */
-                be->gemm(0, 0, N, in, r, 1.0f, dub, r, Ab, in, 0.0f, tmp, in, dt);
+                LORA_GEMM(0, 0, N, in, r, 1.0f, dub, r, Ab, in, 0.0f, tmp, in, dt);
                 be->round_f16(tmp, tmp, N * in);
                 be->add(dx, tmp, dx, N * in);
             } else {
-                be->gemm(0, 0, N, in, r, 1.0f, dub, r, Ab, in, lora_first ? 0.0f : 1.0f, dx, in, dt);
+                LORA_GEMM(0, 0, N, in, r, 1.0f, dub, r, Ab, in, lora_first ? 0.0f : 1.0f, dx, in, dt);
             }
         }
     }
@@ -369,13 +378,13 @@ static tensor *linear_impl(ag_ctx *ctx, tensor *x, const frozen_weight *w, const
     if (lora) {
         int64_t r = lora->r;
         const void *Ab = operand(ctx, lora->A->data, r * in);
-        be->gemm(0, 1, N, r, in, 1.0f, xdb, in, Ab, in, 0.0f, ut->data, r, dt); /* u = x Aᵀ */
+        LORA_GEMM(0, 1, N, r, in, 1.0f, xdb, in, Ab, in, 0.0f, ut->data, r, dt); /* u = x Aᵀ */
         ag_arena_reset(ctx, m);
         ub = operand_of(ctx, ut);
         m = ag_arena_mark(ctx);
         if (out_value) {
             const void *Bb = operand(ctx, lora->B->data, out * r);
-            be->gemm(0, 1, N, out, r, lora->scaling, ub, r, Bb, r, 0.0f, y->data, out, dt); /* y = s u Bᵀ */
+            LORA_GEMM(0, 1, N, out, r, lora->scaling, ub, r, Bb, r, 0.0f, y->data, out, dt); /* y = s u Bᵀ */
             beta_w = 1.0f;
         }
     }
@@ -477,21 +486,21 @@ static void linear_group_backward(ag_ctx *ctx, const ag_node *nd) {
             dx_fresh = 0;
         }
         const void *ui = (const char *)s->ub + (size_t)(i * r) * es;
-        if (dB[i]) be->gemm(1, 0, out, r, N, lo->scaling, dyb, out, ui, nr, 1.0f, dB[i], r, dt); /* dB += s dyᵀ u */
+        if (dB[i]) LORA_GEMM(1, 0, out, r, N, lo->scaling, dyb, out, ui, nr, 1.0f, dB[i], r, dt); /* dB += s dyᵀ u */
         const void *Bb = operand(ctx, lo->B->data, out * r);
-        be->gemm(0, 0, N, r, out, lo->scaling, dyb, out, Bb, r, 0.0f, du + i * r, nr, dt); /* du_i = s dy B */
+        LORA_GEMM(0, 0, N, r, out, lo->scaling, dyb, out, Bb, r, 0.0f, du + i * r, nr, dt); /* du_i = s dy B */
         ag_arena_reset(ctx, mi);
     }
     if (any) {
         const void *dub = operand(ctx, du, N * nr);
         if (any_dA) { /* [dA_0; …] = duᵀ x, then each dA_i += its rows */
             float *dAs = ag_alloc(ctx, (size_t)(nr * in) * sizeof(float));
-            be->gemm(1, 0, nr, in, N, 1.0f, dub, nr, s->xb, in, 0.0f, dAs, in, dt);
+            LORA_GEMM(1, 0, nr, in, N, 1.0f, dub, nr, s->xb, in, 0.0f, dAs, in, dt);
             for (int i = 0; i < n; i++)
                 if (dA[i]) be->axpy(dA[i], 1.0f, dAs + i * r * in, r * in);
         }
         if (dx) {
-            be->gemm(0, 0, N, in, nr, 1.0f, dub, nr, lora_a_stack(ctx, n, s->lora), in, dx_fresh ? 0.0f : 1.0f, dx, in, dt);
+            LORA_GEMM(0, 0, N, in, nr, 1.0f, dub, nr, lora_a_stack(ctx, n, s->lora), in, dx_fresh ? 0.0f : 1.0f, dx, in, dt);
             dx_fresh = 0;
         }
     }
@@ -529,7 +538,7 @@ void op_linear_group(ag_ctx *ctx, tensor *x, int n, const frozen_weight *const w
     for (int i = 0; i < n; i++) y[i] = ag_tensor2(ctx, AG_F32, N, w[i]->out);
     tensor *ut = ag_tensor2(ctx, AG_F32, N, nr);
     ag_mark m = ag_arena_mark(ctx);
-    be->gemm(0, 1, N, nr, in, 1.0f, xb, in, lora_a_stack(ctx, n, lora), in, 0.0f, ut->data, nr, dt); /* u = x Aᵀ */
+    LORA_GEMM(0, 1, N, nr, in, 1.0f, xb, in, lora_a_stack(ctx, n, lora), in, 0.0f, ut->data, nr, dt); /* u = x Aᵀ */
     ag_arena_reset(ctx, m);
     const void *ub = operand_of(ctx, ut);
     for (int i = 0; i < n; i++) {
@@ -537,7 +546,7 @@ void op_linear_group(ag_ctx *ctx, tensor *x, int n, const frozen_weight *const w
         m = ag_arena_mark(ctx);
         /* y = s u_i Bᵀ first, then y += x Wᵀ: as op_linear (the K = r product only writes y) */
         const void *Bb = operand(ctx, lora[i]->B->data, out * r);
-        be->gemm(0, 1, N, out, r, lora[i]->scaling, (const char *)ub + (size_t)(i * r) * es, nr, Bb, r, 0.0f,
+        LORA_GEMM(0, 1, N, out, r, lora[i]->scaling, (const char *)ub + (size_t)(i * r) * es, nr, Bb, r, 0.0f,
                  y[i]->data, out, dt);
         be->gemm(0, 1, N, out, in, 1.0f, xb, in, frozen_operand(ctx, w[i]), in, 1.0f, y[i]->data, out, dt);
         if (w[i]->bias) { /* as op_linear: y += ones(N, 1) · b(1, out) */

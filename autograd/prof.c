@@ -7,20 +7,22 @@
 
 const char *const ag_prof_names[AG_PROF_N] = {"other", "gemm",  "dequant", "convert", "attention", "norm",
                                               "rope",  "eltwise", "ce",    "embed",   "ckpt_copy", "optimizer",
-                                              "lm_head_gemm", "grad_zero"};
+                                              "lm_head_gemm", "grad_zero", "lora_gemm"};
 
 static double g_acc[AG_PROF_N];
 static double g_last;
 static int g_cur;
 static double g_gemm_flops;
+static double g_class_flops[AG_PROF_N];
 static int g_lm_head;
+static int g_lora;
 
 int ag_prof_push(int c) {
     double t = clock_now_sec();
     if (g_last > 0) g_acc[g_cur] += t - g_last;
     g_last = t;
     int prev = g_cur;
-    g_cur = c == AG_PROF_GEMM && g_lm_head ? AG_PROF_LM_HEAD_GEMM : c;
+    g_cur = c != AG_PROF_GEMM ? c : g_lm_head ? AG_PROF_LM_HEAD_GEMM : g_lora ? AG_PROF_LORA_GEMM : c;
     return prev;
 }
 
@@ -28,10 +30,16 @@ void ag_prof_pop(int prev) { (void)ag_prof_push(prev); }
 
 void ag_prof_lm_head(int on) { g_lm_head = on; }
 
-void ag_prof_add_gemm_flops(double flops) { g_gemm_flops += flops; }
+void ag_prof_lora(int on) { g_lora = on; }
+
+void ag_prof_add_gemm_flops(double flops) {
+    g_gemm_flops += flops;
+    g_class_flops[g_cur] += flops; /* the GEMM entry point pushed its class first */
+}
 
 void ag_prof_reset(void) {
     memset(g_acc, 0, sizeof g_acc);
+    memset(g_class_flops, 0, sizeof g_class_flops);
     g_gemm_flops = 0;
     g_last = clock_now_sec();
 }
@@ -41,3 +49,5 @@ void ag_prof_read(double secs[AG_PROF_N], double *gemm_flops) {
     memcpy(secs, g_acc, sizeof g_acc);
     if (gemm_flops) *gemm_flops = g_gemm_flops;
 }
+
+void ag_prof_read_gemm_flops(double flops[AG_PROF_N]) { memcpy(flops, g_class_flops, sizeof g_class_flops); }

@@ -27,6 +27,8 @@ typedef enum ag_prof_class {
     AG_PROF_LM_HEAD_GEMM, /* the GEMMs of the fused LM head + cross-entropy (logits, dh): GEMM time
                              charged here instead of AG_PROF_GEMM inside ag_prof_lm_head(1) */
     AG_PROF_GRAD_ZERO,    /* zero-filling a gradient buffer when it is first asked for (ag_grad), whichever op asks */
+    AG_PROF_LORA_GEMM,    /* the adapters' r-sized products (x Aᵀ, s u Bᵀ and their gradients): GEMM time charged
+                             here instead of AG_PROF_GEMM inside ag_prof_lora(1) (autograd/ops.c) */
     AG_PROF_N
 } ag_prof_class;
 
@@ -38,6 +40,9 @@ void ag_prof_pop(int prev);
 /* on = 1 while the LM head + cross-entropy runs (op_lm_head_ce_pick): GEMM time then goes to
  * AG_PROF_LM_HEAD_GEMM, so the profile shows the head apart from the blocks' GEMMs. */
 void ag_prof_lm_head(int on);
+/* on = 1 around a LoRA product (autograd/ops.c): its GEMM time goes to AG_PROF_LORA_GEMM, so the profile
+ * shows the r-sized, memory-bound products apart from the frozen ones. */
+void ag_prof_lora(int on);
 /* Count 2·M·N·K FLOPs executed by the GEMM entry point. */
 void ag_prof_add_gemm_flops(double flops);
 
@@ -45,5 +50,8 @@ void ag_prof_add_gemm_flops(double flops);
 void ag_prof_reset(void);
 /* Seconds per class since the last reset, and GEMM FLOPs executed. */
 void ag_prof_read(double secs[AG_PROF_N], double *gemm_flops);
+/* GEMM FLOPs since the last reset by the class their time went to (AG_PROF_GEMM, AG_PROF_LM_HEAD_GEMM,
+ * AG_PROF_LORA_GEMM; a GEMM nested in another op's parallel region is not counted, as in ag_prof_read). */
+void ag_prof_read_gemm_flops(double flops[AG_PROF_N]);
 
 #endif

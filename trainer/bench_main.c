@@ -44,6 +44,7 @@
 #include <unistd.h>
 
 #include "autograd/backend.h"
+#include "autograd/gemm.h"
 #include "autograd/prof.h"
 #include "autograd/tensor.h"
 #include "core/clock.h"
@@ -635,7 +636,10 @@ int main(int argc, char **argv) {
             strategy_name[strategy]);
     double step_time = 0, loss = 0, step_cpu = 0;
     for (int s = 0; s < warmup + steps; s++) {
-        if (s == warmup) ag_prof_reset();
+        if (s == warmup) {
+            ag_prof_reset();
+            gemm_shape_stats_reset();
+        }
         double ts = clock_now_sec(), cs = cpu_sec();
         if (m.grad_buckets) {
             llama_grad_buckets_zero(&gbk);
@@ -704,8 +708,15 @@ int main(int argc, char **argv) {
     }
     double prof_total = 0;
     for (int c = 0; c < AG_PROF_N; c++) prof_total += prof[c];
-    double gemm_s = prof[AG_PROF_GEMM] + prof[AG_PROF_LM_HEAD_GEMM]; /* gemm_flops counts both */
+    /* gemm_flops counts the three GEMM classes: the blocks' frozen products, the LM head's, LoRA's */
+    double gemm_s = prof[AG_PROF_GEMM] + prof[AG_PROF_LM_HEAD_GEMM] + prof[AG_PROF_LORA_GEMM];
     double gemm_rate = gemm_s > 0 ? gemm_flops / gemm_s : 0;
+    double class_flops[AG_PROF_N];
+    ag_prof_read_gemm_flops(class_flops);
+    const int gemm_class[3] = {AG_PROF_GEMM, AG_PROF_LM_HEAD_GEMM, AG_PROF_LORA_GEMM};
+    double class_rate[3];
+    for (int c = 0; c < 3; c++)
+        class_rate[c] = prof[gemm_class[c]] > 0 ? class_flops[gemm_class[c]] / prof[gemm_class[c]] : 0;
 
     printf("qlora-bench: %s, seq %d x batch %d, LoRA r %d (all linears), AdamW, checkpointing %s, %d threads%s%s\n",
            shape, T, B, r, ckpt_name[ckpt], n_threads, W > 1 || strategy ? ", " : "",
@@ -722,6 +733,11 @@ int main(int argc, char **argv) {
            100 * mfu_sustained);
     printf("  GEMM calls        %10.1f GFLOP/s inside oneDNN (%.1f%% of peak), incl. recompute\n", gemm_rate / 1e9,
            peak > 0 ? 100 * gemm_rate / peak : 0);
+    printf("    by class        frozen blocks %.0f, LM head %.0f, LoRA %.0f GFLOP/s (%.0f %% of the GEMM FLOPs in "
+           "%.0f %% of their time)\n",
+           class_rate[0] / 1e9, class_rate[1] / 1e9, class_rate[2] / 1e9,
+           gemm_flops > 0 ? 100 * class_flops[AG_PROF_LORA_GEMM] / gemm_flops : 0,
+           gemm_s > 0 ? 100 * prof[AG_PROF_LORA_GEMM] / gemm_s : 0);
     printf("  peak RSS          %10.0f MiB measured, %.0f MiB predicted (%+.1f%%); arena peak %.0f MiB\n", rss,
            plan.total / 1048576.0, 100.0 * (plan.total / 1048576.0 - rss) / rss, ctx.arena.peak / 1048576.0);
     double dev_used = 0;
@@ -737,6 +753,17 @@ int main(int argc, char **argv) {
     for (int c = 0; c < AG_PROF_N; c++)
         if (prof[c] > 0)
             printf("    %-12s %8.3f s  %5.1f%%\n", ag_prof_names[c], prof[c] / steps, 100 * prof[c] / prof_total);
+    gemm_shape_stat shp[8];
+    const int nshp = gemm_shape_stats(shp, 8);
+    if (nshp > 0) {
+        printf("  slowest GEMM shapes (per step; C (M, N) = op(A) (M, K) · op(B) (K, N), as oneDNN ran them):\n");
+        for (int i = 0; i < nshp; i++)
+            printf("    %6lld x %-6lld x %-6lld %s%s %s %5.1f calls %7.3f s %7.0f GFLOP/s\n", (long long)shp[i].M,
+                   (long long)shp[i].N, (long long)shp[i].K, shp[i].trans_a ? "Aᵀ" : "A ", shp[i].trans_b ? "Bᵀ" : "B ",
+                   shp[i].beta != 0.0f ? "C+=" : "C= ", (double)shp[i].calls / steps, shp[i].seconds / steps,
+                   2.0 * (double)shp[i].M * (double)shp[i].N * (double)shp[i].K * (double)shp[i].calls /
+                       shp[i].seconds / 1e9);
+    }
     printf("{\"shape\":\"%s\",\"seq\":%d,\"batch\":%d,\"lora_r\":%d,\"layers\":%d,\"checkpointing\":%s,"
            "\"checkpointing_mode\":\"%s\",\"threads\":%d,"
            "\"steps\":%d,\"tokens_per_s\":%.2f,\"s_per_step\":%.4f,\"cpu_s_per_step\":%.4f,\"model_gflop_per_token\":%.4f,"
@@ -747,6 +774,8 @@ int main(int argc, char **argv) {
            shape, T, B, r, hp.n_layer, ckpt ? "true" : "false", ckpt_name[ckpt], n_threads, steps, tps, step_time, step_cpu, fpt / 1e9, achieved / 1e9,
            peak / 1e9, mfu, sustained / 1e9, mfu_sustained, gemm_rate / 1e9, rss, plan.total / 1048576.0, ctx.arena.peak / 1048576.0, dev_used,
            plan.activations / 1048576.0, loss, W, strategy_name[strategy], g_base_int8 ? "int8" : "nf4");
+    printf(",\"gemm_gflops_by_class\":{\"gemm\":%.1f,\"lm_head_gemm\":%.1f,\"lora_gemm\":%.1f}", class_rate[0] / 1e9,
+           class_rate[1] / 1e9, class_rate[2] / 1e9);
     printf(",\"op_seconds_per_step\":{");
     for (int c = 0; c < AG_PROF_N; c++) printf("%s\"%s\":%.4f", c ? "," : "", ag_prof_names[c], prof[c] / steps);
     printf("}}\n");
