@@ -22,6 +22,7 @@
 #include "autograd/backend.h"
 #include "autograd/gemm.h"
 #include "autograd/ops.h"
+#include "autograd/prof.h"
 #include "autograd/tensor.h"
 #include "core/rng.h"
 #include "model/llama.h"
@@ -346,6 +347,95 @@ static void test_linear_group_equals_separate(void **st) {
     }
     nf4_free(&q);
     for (int i = 0; i < NL; i++) free(W[i]), free(A[i]), free(B[i]), free(R[i]);
+    free(x);
+}
+
+/* The profile's GEMM classes (qlora-bench's "lora_gemm" apart from "gemm"): one linear with LoRA, then a group
+ * of three, forward and backward. Every GEMM FLOP lands in the class of its role, counted exactly (2·M·N·K per
+ * call), and gemm_shape_stats sees each product's shape with its number of calls. */
+static void test_prof_gemm_classes(void **st) {
+    (void)st;
+    enum { NL = 3 };
+    const int64_t N = 40, in = 96, r = 8, outs[NL] = {64, 32, 32};
+    uint64_t s = 5;
+    qerr e;
+    float *x = malloc(N * in * 4), *W[NL], *A[NL], *B[NL];
+    fill(x, N * in, 1.0f, &s);
+    frozen_weight fw[NL];
+    for (int i = 0; i < NL; i++) {
+        W[i] = malloc(outs[i] * in * 4), A[i] = malloc(r * in * 4), B[i] = malloc(outs[i] * r * 4);
+        fill(W[i], outs[i] * in, 0.2f, &s);
+        fill(A[i], r * in, 0.3f, &s);
+        fill(B[i], outs[i] * r, 0.3f, &s);
+        fw[i] = (frozen_weight){.out = outs[i], .in = in, .kind = FROZEN_F32, .w_f32 = W[i]};
+    }
+    for (int grouped = 0; grouped <= 1; grouped++) {
+        ag_ctx ctx;
+        assert_int_equal(ag_ctx_init(&ctx, 16 << 20, &e), 0);
+        ctx.bf16 = 1;
+        ctx.training = 1;
+        ctx.recording = 1;
+        tensor *xt = ag_wrap(&ctx, AG_F32, N, in, x, NULL);
+        xt->requires_grad = 1;
+        lora_adapter lo[NL];
+        const lora_adapter *lp[NL];
+        const frozen_weight *wp[NL];
+        float *gA[NL], *gB[NL];
+        for (int i = 0; i < NL; i++) {
+            gA[i] = calloc(r * in, 4), gB[i] = calloc(outs[i] * r, 4);
+            lo[i] = (lora_adapter){.A = ag_wrap(&ctx, AG_F32, r, in, A[i], gA[i]),
+                                   .B = ag_wrap(&ctx, AG_F32, outs[i], r, B[i], gB[i]), .r = (int)r, .scaling = 2.0f};
+            lo[i].A->requires_grad = lo[i].B->requires_grad = 1;
+            lp[i] = &lo[i];
+            wp[i] = &fw[i];
+        }
+        const int n = grouped ? NL : 1;
+        ag_prof_reset();
+        gemm_shape_stats_reset();
+        tensor *y[NL];
+        if (grouped) op_linear_group(&ctx, xt, NL, wp, lp, y);
+        else y[0] = op_linear(&ctx, xt, wp[0], lp[0]);
+        for (int i = 0; i < n; i++) {
+            float *g = ag_grad(&ctx, y[i]);
+            for (int64_t k = 0; k < N * outs[i]; k++) g[k] = 0.01f * (float)(k % 7);
+        }
+        ag_backward_from(&ctx, 0);
+        double fl[AG_PROF_N], total;
+        double secs[AG_PROF_N];
+        ag_prof_read(secs, &total);
+        ag_prof_read_gemm_flops(fl);
+        double frozen = 0, lora = 0;
+        for (int i = 0; i < n; i++) {
+            frozen += 2.0 * (2.0 * N * outs[i] * in);   /* y += x Wᵀ; dx += dy W */
+            lora += 2.0 * N * r * in                    /* u = x Aᵀ */
+                    + 2.0 * N * outs[i] * r             /* y = s u Bᵀ */
+                    + 2.0 * outs[i] * r * N             /* dB += s dyᵀ u */
+                    + 2.0 * N * r * outs[i]             /* du = s dy B */
+                    + 2.0 * r * in * N                  /* dA += duᵀ x */
+                    + 2.0 * N * in * r;                 /* dx += du A */
+        }
+        print_message("prof classes (%s): gemm %.0f (expected %.0f), lora_gemm %.0f (expected %.0f) FLOPs\n",
+                      grouped ? "group of 3" : "one linear", fl[AG_PROF_GEMM], frozen, fl[AG_PROF_LORA_GEMM], lora);
+        assert_true(fl[AG_PROF_GEMM] == frozen);
+        assert_true(fl[AG_PROF_LORA_GEMM] == lora);
+        assert_true(fl[AG_PROF_LM_HEAD_GEMM] == 0.0);
+        assert_true(total == frozen + lora);
+        gemm_shape_stat shp[64];
+        const int ns = gemm_shape_stats(shp, 64);
+        int64_t calls = 0;
+        double sflops = 0;
+        for (int k = 0; k < ns; k++) {
+            calls += shp[k].calls;
+            sflops += 2.0 * (double)shp[k].M * (double)shp[k].N * (double)shp[k].K * (double)shp[k].calls;
+            if (k) assert_true(shp[k].seconds <= shp[k - 1].seconds); /* slowest first */
+        }
+        /* calls: single 2 frozen + 6 LoRA; group: 2 per frozen weight + u, 3 B products, 3 dB, 3 du, dA, dx */
+        assert_int_equal(calls, grouped ? 2 * NL + 1 + 3 * NL + 2 : 8);
+        assert_true(sflops == total);
+        ag_ctx_free(&ctx);
+        for (int i = 0; i < NL; i++) free(gA[i]), free(gB[i]);
+    }
+    for (int i = 0; i < NL; i++) free(W[i]), free(A[i]), free(B[i]);
     free(x);
 }
 
@@ -886,7 +976,7 @@ int main(void) {
         cmocka_unit_test(test_swiglu_add),       cmocka_unit_test(test_cross_entropy),
         cmocka_unit_test(test_checkpointing_matches), cmocka_unit_test(test_unpermute),
         cmocka_unit_test(test_embedding_train),  cmocka_unit_test(test_lm_head_train),
-        cmocka_unit_test(test_modules_to_save_model),
+        cmocka_unit_test(test_modules_to_save_model), cmocka_unit_test(test_prof_gemm_classes),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     gemm_shutdown();
