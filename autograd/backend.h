@@ -194,6 +194,11 @@ typedef struct ag_backend {
      * both bf16 (dt), C fp32; beta 0 or 1. Contract of autograd/gemm.h. */
     void (*gemm)(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void *A,
                  int64_t lda, const void *B, int64_t ldb, float beta, float *C, int64_t ldc, gemm_dtype dt);
+    /* gemm's contract, for the LoRA products (u = x Aᵀ, s u Bᵀ and their gradients; autograd/ops.c): a
+     * backend may run them on kernels of its own (the cpu backend on AMX: autograd/lora_gemm.h), with
+     * gemm's maths; cpu-ref and cuda run them as gemm. */
+    void (*lora_gemm)(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void *A,
+                      int64_t lda, const void *B, int64_t ldb, float beta, float *C, int64_t ldc, gemm_dtype dt);
     /* Rows [row0, row0+n) of a frozen weight into dst (n, w->in), fp32 or bf16. NF4: bitsandbytes'
      * dequantization (quant/nf4.h), bit for bit; bf16 -> fp32 exact; fp32 -> bf16 round to nearest even. */
     void (*frozen_rows_f32)(const frozen_weight *w, int64_t row0, int64_t n, float *dst);

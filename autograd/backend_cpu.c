@@ -5,12 +5,14 @@
  * dequantization of quant/nf4.c. */
 #define CPU_VECTOR 1
 #define CPU_GEMM gemm
+#define CPU_LORA_GEMM lora_gemm /* AMX kernels for the LoRA products where the processor has AMX */
 #define CPU_NF4_ROWS_F32 nf4_dequantize_rows_f32
 #define CPU_NF4_ROWS_BF16 nf4_dequantize_rows_bf16
 #define CPU_INT8_ROWS_F32 int8_dequantize_rows_f32
 #define CPU_INT8_ROWS_BF16 int8_dequantize_rows_bf16
 #define CPU_TABLE ag_backend_cpu
 #define CPU_NAME "cpu"
+#include "autograd/lora_gemm.h"
 #include "autograd/backend_cpu_kernels.inc"
 
 int ag_backend_cpu_vector_ok(void) {

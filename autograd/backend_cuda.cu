@@ -1733,6 +1733,7 @@ extern "C" const ag_backend ag_backend_cuda = {
     cu_fill_f32,
     cu_sync,
     cu_gemm,
+    cu_gemm, /* lora_gemm: the LoRA products through cuBLASLt as every product */
     cu_frozen_rows_f32,
     cu_frozen_rows_bf16,
     cu_frozen_data,

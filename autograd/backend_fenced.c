@@ -207,6 +207,16 @@ static void fc_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha
     fence_close();
 }
 
+static void fc_lora_gemm(int ta, int tb, int64_t M, int64_t N, int64_t K, float alpha, const void *A, int64_t lda,
+                         const void *B, int64_t ldb, float beta, float *C, int64_t ldc, gemm_dtype dt) {
+    NEED(A);
+    NEED(B);
+    NEED(C);
+    fence_open();
+    inner()->lora_gemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, dt);
+    fence_close();
+}
+
 static void fc_frozen_rows_f32(const frozen_weight *w, int64_t row0, int64_t n, float *dst) {
     NEED(dst);
     fence_open();
@@ -655,6 +665,7 @@ const ag_backend ag_backend_cpu_fenced = {
     .fill_f32 = fc_fill_f32,
     .sync = fc_sync,
     .gemm = fc_gemm,
+    .lora_gemm = fc_lora_gemm,
     .frozen_rows_f32 = fc_frozen_rows_f32,
     .frozen_rows_bf16 = fc_frozen_rows_bf16,
     .frozen_data = fc_frozen_data,

@@ -254,12 +254,13 @@ tensor *op_rmsnorm(ag_ctx *ctx, tensor *x, tensor *w, float eps) {
 
 /* ------------------------------------------------------------------ linear (+ LoRA) */
 
-/* A LoRA product (x Aᵀ, s u Bᵀ, and their gradients) through the table's GEMM, its time charged to the
- * "lora_gemm" op class (autograd/prof.h) instead of "gemm". */
+/* A LoRA product (x Aᵀ, s u Bᵀ, and their gradients) through the table's lora_gemm (gemm's contract; on
+ * the cpu backend with AMX, kernels that read the wide operand once: autograd/lora_gemm.h), its time
+ * charged to the "lora_gemm" op class (autograd/prof.h) instead of "gemm". */
 #define LORA_GEMM(...)                                                                                       \
     do {                                                                                                     \
         ag_prof_lora(1);                                                                                     \
-        be->gemm(__VA_ARGS__);                                                                               \
+        be->lora_gemm(__VA_ARGS__);                                                                          \
         ag_prof_lora(0);                                                                                     \
     } while (0)
 

@@ -36,6 +36,7 @@
 #include <cmocka.h>
 
 #include "autograd/backend.h"
+#include "autograd/lora_gemm.h"
 #include "autograd/tensor.h"
 #include "core/bf16.h"
 #include "core/rng.h"
@@ -210,8 +211,8 @@ static void case_memory(const ag_backend *be, const ag_backend *ref) {
 
 /* ------------------------------------------------------------------ GEMM */
 
-static void gemm_one(const ag_backend *be, const ag_backend *ref, int ta, int tb, int64_t M, int64_t N, int64_t K,
-                     float alpha, float beta, gemm_dtype dt, uint64_t seed) {
+static void gemm_one_entry(const ag_backend *be, const ag_backend *ref, int lora, int ta, int tb, int64_t M, int64_t N,
+                           int64_t K, float alpha, float beta, gemm_dtype dt, uint64_t seed) {
     int64_t lda = ta ? M : K, ldb = tb ? K : N, ldc = N + 3; /* C with a padded leading dimension */
     size_t es = dt == GEMM_BF16 ? 2 : 4;
     float *Af = host_rand(M * K, seed, 1.0f), *Bf = host_rand(K * N, seed + 1, 1.0f);
@@ -231,15 +232,15 @@ static void gemm_one(const ag_backend *be, const ag_backend *ref, int ta, int tb
     for (int w = 0; w < 2; w++) {
         void *dA = to_dev(bes[w], A, (size_t)(M * K) * es), *dB = to_dev(bes[w], B, (size_t)(K * N) * es);
         float *dC = to_dev(bes[w], C0, (size_t)(M * ldc) * sizeof(float));
-        bes[w]->gemm(ta, tb, M, N, K, alpha, dA, lda, dB, ldb, beta, dC, ldc, dt);
+        (lora ? bes[w]->lora_gemm : bes[w]->gemm)(ta, tb, M, N, K, alpha, dA, lda, dB, ldb, beta, dC, ldc, dt);
         out[w] = to_host(bes[w], dC, (size_t)(M * ldc) * sizeof(float));
         bes[w]->free(dA);
         bes[w]->free(dB);
         bes[w]->free(dC);
     }
     char what[96];
-    snprintf(what, sizeof what, "gemm %s ta %d tb %d %lldx%lldx%lld beta %g", dt == GEMM_BF16 ? "bf16" : "f32", ta,
-             tb, (long long)M, (long long)N, (long long)K, beta);
+    snprintf(what, sizeof what, "%s %s ta %d tb %d %lldx%lldx%lld beta %g", lora ? "lora_gemm" : "gemm",
+             dt == GEMM_BF16 ? "bf16" : "f32", ta, tb, (long long)M, (long long)N, (long long)K, beta);
     assert_nmse(what, out[0], out[1], M * ldc, NMSE_GEMM);
     for (int64_t i = 0; i < M; i++) /* the padding columns are not written */
         for (int64_t j = N; j < ldc; j++) assert_true(out[0][i * ldc + j] == C0[i * ldc + j]);
@@ -250,6 +251,55 @@ static void gemm_one(const ag_backend *be, const ag_backend *ref, int ta, int tb
     free(C0);
     free(Ab);
     free(Bb);
+}
+
+static void gemm_one(const ag_backend *be, const ag_backend *ref, int ta, int tb, int64_t M, int64_t N, int64_t K,
+                     float alpha, float beta, gemm_dtype dt, uint64_t seed) {
+    gemm_one_entry(be, ref, 0, ta, tb, M, N, K, alpha, beta, dt, seed);
+}
+
+/* The LoRA products' shapes (autograd/lora_gemm.h) through lora_gemm, against cpu-ref's GEMM under the GEMM's
+ * bound: the skinny-output kernel (u = x Aᵀ with B transposed, du = s dy B plain; token tails, r 8, 16 and a
+ * group's 48, K 64 to 160), the skinny-reduction kernel (dA = duᵀ x and dB = s dyᵀ u: token counts that are not
+ * multiples of 32, r 8 to 64 in one to four 16-row tiles), and shapes that go to gemm (K not a multiple of 32,
+ * fp32, a K = r product). Returns how many of the calls the AMX kernels can take. */
+static int lora_gemm_cases(const ag_backend *be, const ag_backend *ref) {
+    gemm_one_entry(be, ref, 1, 0, 1, 37, 8, 64, 1.0f, 0.0f, GEMM_BF16, 60);    /* u, 37 tokens, r 8 */
+    gemm_one_entry(be, ref, 1, 0, 1, 300, 48, 96, 1.0f, 0.0f, GEMM_BF16, 61);  /* grouped u, r 3·16 */
+    gemm_one_entry(be, ref, 1, 0, 0, 130, 16, 160, 2.0f, 0.0f, GEMM_BF16, 62); /* du = s dy B */
+    gemm_one_entry(be, ref, 1, 0, 0, 100, 16, 96, 0.5f, 1.0f, GEMM_BF16, 63);  /* accumulated */
+    gemm_one_entry(be, ref, 1, 1, 0, 16, 96, 75, 1.0f, 1.0f, GEMM_BF16, 64);   /* dA, 75 tokens */
+    gemm_one_entry(be, ref, 1, 1, 0, 48, 64, 128, 1.0f, 0.0f, GEMM_BF16, 65);  /* grouped dA, 3 row tiles */
+    gemm_one_entry(be, ref, 1, 1, 0, 40, 32, 64, 1.0f, 1.0f, GEMM_BF16, 66);   /* r 40: a partial row tile */
+    gemm_one_entry(be, ref, 1, 1, 0, 64, 48, 45, 1.0f, 0.0f, GEMM_BF16, 67);   /* 4 row tiles, 45 tokens */
+    gemm_one_entry(be, ref, 1, 1, 0, 96, 16, 70, 2.0f, 1.0f, GEMM_BF16, 68);   /* dB = s dyᵀ u, 70 tokens */
+    gemm_one_entry(be, ref, 1, 1, 0, 80, 8, 33, 2.0f, 1.0f, GEMM_BF16, 69);    /* dB, r 8, 33 tokens */
+    const int amx_calls = 10;
+    gemm_one_entry(be, ref, 1, 0, 0, 64, 16, 72, 1.0f, 0.0f, GEMM_BF16, 70);   /* K % 32 != 0: gemm */
+    gemm_one_entry(be, ref, 1, 0, 1, 50, 16, 64, 1.0f, 0.0f, GEMM_F32, 71);    /* fp32: gemm */
+    gemm_one_entry(be, ref, 1, 0, 1, 90, 96, 16, 2.0f, 0.0f, GEMM_BF16, 72);   /* y = s u Bᵀ (K = r): gemm */
+    return amx_calls;
+}
+
+static void case_lora_gemm(const ag_backend *be, const ag_backend *ref) { (void)lora_gemm_cases(be, ref); }
+
+/* The cpu backend's lora_gemm took the AMX kernels for every call they are for (where this processor has
+ * AMX; elsewhere the case is SKIPPED: the kernels are not compiled in or not allowed to run). */
+static void case_lora_gemm_amx(const ag_backend *be, const ag_backend *ref) {
+    if (strcmp(be->name, "cpu") != 0 && strcmp(be->name, "cpu-fenced") != 0) {
+        printf("SKIPPED: lora_gemm's AMX kernels are the cpu backend's (%s runs the LoRA products as gemm)\n", be->name);
+        skip();
+    }
+    if (!lora_gemm_amx_active()) {
+        printf("SKIPPED: no AMX-BF16 on this processor (or not compiled for it, or QLORA_CPU_AMX / QLORA_LORA_AMX "
+               "= 0): lora_gemm ran as gemm\n");
+        skip();
+    }
+    int64_t c0 = 0, c1 = 0;
+    lora_gemm_amx_stats(&c0, NULL, NULL);
+    const int expect = lora_gemm_cases(be, ref);
+    lora_gemm_amx_stats(&c1, NULL, NULL);
+    assert_int_equal(c1 - c0, expect);
 }
 
 static void case_gemm(const ag_backend *be, const ag_backend *ref) {
@@ -1328,6 +1378,8 @@ static const struct {
 } g_cases[] = {
     {"memory", case_memory},
     {"gemm", case_gemm},
+    {"lora_gemm", case_lora_gemm},
+    {"lora_gemm_amx", case_lora_gemm_amx},
     {"frozen_rows", case_frozen_rows},
     {"to_bf16", case_to_bf16},
     {"round_f16", case_round_f16},
@@ -1354,7 +1406,7 @@ static const struct {
 static void test_every_entry_covered(void **state) {
     (void)state;
     const char *covered[] = {"alloc", "free", "copy_h2d", "copy_d2h", "copy_d2d", "zero", "fill_f32", "sync",
-                             "gemm", "frozen_rows_f32", "frozen_rows_bf16", "frozen_data", "to_bf16", "dropout_fwd", "dropout_bwd",
+                             "gemm", "lora_gemm", "frozen_rows_f32", "frozen_rows_bf16", "frozen_data", "to_bf16", "dropout_fwd", "dropout_bwd",
                              "embedding", "rmsnorm_fwd", "rmsnorm_bwd", "rope_fwd", "rope_bwd", "attention_fwd",
                              "attention_bwd", "attention_cached", "swiglu_fwd", "swiglu_bwd", "geglu_fwd", "geglu_bwd", "add", "add_bwd",
                              "axpy", "copy_cols", "lm_head_ce", "adamw_update", "adamw8bit_update", "adamw_bnb32_update",

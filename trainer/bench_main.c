@@ -45,6 +45,7 @@
 
 #include "autograd/backend.h"
 #include "autograd/gemm.h"
+#include "autograd/lora_gemm.h"
 #include "autograd/prof.h"
 #include "autograd/tensor.h"
 #include "core/clock.h"
@@ -639,6 +640,7 @@ int main(int argc, char **argv) {
         if (s == warmup) {
             ag_prof_reset();
             gemm_shape_stats_reset();
+            lora_gemm_amx_stats_reset();
         }
         double ts = clock_now_sec(), cs = cpu_sec();
         if (m.grad_buckets) {
@@ -753,10 +755,17 @@ int main(int argc, char **argv) {
     for (int c = 0; c < AG_PROF_N; c++)
         if (prof[c] > 0)
             printf("    %-12s %8.3f s  %5.1f%%\n", ag_prof_names[c], prof[c] / steps, 100 * prof[c] / prof_total);
+    int64_t amx_calls = 0;
+    double amx_s = 0, amx_f = 0;
+    lora_gemm_amx_stats(&amx_calls, &amx_s, &amx_f);
+    if (amx_calls > 0)
+        printf("  LoRA products on qlora's AMX kernels (autograd/lora_gemm.c): %.1f calls, %.3f s, %.0f GFLOP/s per "
+               "step\n",
+               (double)amx_calls / steps, amx_s / steps, amx_s > 0 ? amx_f / amx_s / 1e9 : 0.0);
     gemm_shape_stat shp[8];
     const int nshp = gemm_shape_stats(shp, 8);
     if (nshp > 0) {
-        printf("  slowest GEMM shapes (per step; C (M, N) = op(A) (M, K) · op(B) (K, N), as oneDNN ran them):\n");
+        printf("  slowest oneDNN GEMM shapes (per step; C (M, N) = op(A) (M, K) · op(B) (K, N), as oneDNN ran them):\n");
         for (int i = 0; i < nshp; i++)
             printf("    %6lld x %-6lld x %-6lld %s%s %s %5.1f calls %7.3f s %7.0f GFLOP/s\n", (long long)shp[i].M,
                    (long long)shp[i].N, (long long)shp[i].K, shp[i].trans_a ? "Aᵀ" : "A ", shp[i].trans_b ? "Bᵀ" : "B ",

@@ -1,0 +1,262 @@
+/* autograd/lora_gemm.c — the LoRA products on AMX tiles (see lora_gemm.h), gemm() for everything else. */
+#include "autograd/lora_gemm.h"
+
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "autograd/prof.h"
+#include "core/bf16.h"
+#include "core/clock.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__)
+#define LG_AMX 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+static int64_t g_calls;
+static double g_seconds, g_flops;
+
+void lora_gemm_amx_stats(int64_t *calls, double *seconds, double *flops) {
+    if (calls) *calls = g_calls;
+    if (seconds) *seconds = g_seconds;
+    if (flops) *flops = g_flops;
+}
+
+void lora_gemm_amx_stats_reset(void) {
+    g_calls = 0;
+    g_seconds = 0.0;
+    g_flops = 0.0;
+}
+
+#ifdef LG_AMX
+enum { LG_TILE = 16, LG_KSTEP = 32, LG_MAXN = 64 };
+
+typedef struct lg_tilecfg {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} lg_tilecfg;
+
+/* tmm0-3: C (16 × 16 fp32); tmm4: A (16 rows × 16 bf16 pairs); tmm5: B (16 pairs × 16 columns × 2). */
+static void lg_config(void) {
+    lg_tilecfg c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 6; t++) {
+        c.rows[t] = 16;
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+static void lg_zero(int t) {
+    switch (t) {
+    case 0: _tile_zero(0); break;
+    case 1: _tile_zero(1); break;
+    case 2: _tile_zero(2); break;
+    default: _tile_zero(3); break;
+    }
+}
+
+static void lg_dp(int t) { /* C tile t += tmm4 · tmm5 */
+    switch (t) {
+    case 0: _tile_dpbf16ps(0, 4, 5); break;
+    case 1: _tile_dpbf16ps(1, 4, 5); break;
+    case 2: _tile_dpbf16ps(2, 4, 5); break;
+    default: _tile_dpbf16ps(3, 4, 5); break;
+    }
+}
+
+static void lg_store(int t, float *dst) { /* 16 × 16 fp32, row stride 64 B */
+    switch (t) {
+    case 0: _tile_stored(0, dst, 64); break;
+    case 1: _tile_stored(1, dst, 64); break;
+    case 2: _tile_stored(2, dst, 64); break;
+    default: _tile_stored(3, dst, 64); break;
+    }
+}
+
+/* A process-wide buffer grown to n bytes (the calls come from one thread; aborts on out of memory). */
+static void *lg_buf(void **p, size_t *have, size_t n) {
+    if (*have < n) {
+        free(*p);
+        *p = aligned_alloc(64, (n + 63) / 64 * 64);
+        if (!*p) {
+            fprintf(stderr, "[lora_gemm] out of memory (%zu bytes)\n", n);
+            abort();
+        }
+        *have = (n + 63) / 64 * 64;
+    }
+    return *p;
+}
+
+static void *g_yp, *g_st, *g_thr;
+static size_t g_yp_n, g_st_n, g_thr_n;
+
+/* C (M, N) (+)= alpha · X (M, K) · Y (K, N); X bf16 row-major (ldx), Y in pair layout yp[(kp·Np + n)·2 + e]
+ * = Y[2kp + e][n] (0 for n >= N), Np = N rounded up to 16, K a multiple of 32. Token tiles of 16 rows in
+ * parallel; a last partial tile is copied into a zero-padded per-thread buffer. */
+static void lg_skinny_out(int64_t M, int64_t N, int64_t K, float alpha, const bf16 *X, int64_t ldx,
+                          const bf16 *yp, float beta, float *C, int64_t ldc) {
+    const int64_t Np = (N + 15) / 16 * 16, nc = Np / 16, ntile = (M + LG_TILE - 1) / LG_TILE;
+    const size_t per = (size_t)LG_TILE * (size_t)K * sizeof(bf16) + (size_t)LG_MAXN * LG_TILE * sizeof(float);
+    char *thr = lg_buf(&g_thr, &g_thr_n, per * (size_t)omp_get_max_threads());
+#pragma omp parallel if (!omp_in_parallel())
+    {
+        lg_config();
+        bf16 *pad = (bf16 *)(thr + per * (size_t)omp_get_thread_num());
+        float *T = (float *)((char *)pad + (size_t)LG_TILE * (size_t)K * sizeof(bf16));
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < ntile; it++) {
+            const int64_t i0 = it * LG_TILE, rows = M - i0 < LG_TILE ? M - i0 : LG_TILE;
+            const bf16 *Ap = X + i0 * ldx;
+            int64_t as = ldx * (int64_t)sizeof(bf16);
+            if (rows < LG_TILE) {
+                for (int64_t r = 0; r < LG_TILE; r++)
+                    if (r < rows) memcpy(pad + r * K, X + (i0 + r) * ldx, (size_t)K * sizeof(bf16));
+                    else memset(pad + r * K, 0, (size_t)K * sizeof(bf16));
+                Ap = pad;
+                as = K * (int64_t)sizeof(bf16);
+            }
+            for (int c = 0; c < nc; c++) lg_zero(c);
+            for (int64_t k0 = 0; k0 < K; k0 += LG_KSTEP) {
+                _tile_loadd(4, Ap + k0, as);
+                for (int c = 0; c < nc; c++) {
+                    _tile_loadd(5, yp + ((k0 / 2) * Np + 16 * c) * 2, Np * 2 * (int64_t)sizeof(bf16));
+                    lg_dp(c);
+                }
+            }
+            for (int c = 0; c < nc; c++) lg_store(c, T + c * 256);
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t n = 0; n < N; n++) {
+                    const float v = alpha * T[(n / 16) * 256 + r * 16 + n % 16];
+                    float *cp = C + (i0 + r) * ldc + n;
+                    *cp = beta != 0.0f ? *cp + v : v;
+                }
+        }
+        _tile_release();
+    }
+}
+
+/* out[j][w] = Σ_t S[t][j] · X[t][w] for j < R, w < W (W a multiple of 16), t < K; then C (+)= alpha · out,
+ * C[j][w] (transposed = 0) or C[w][j] (transposed = 1), ldc. st is S transposed and padded: st[j·Kp + t],
+ * Rp × Kp bf16 (Rp = R rounded up to 16, Kp = K rounded up to 32, zeros outside). Groups of 16-column
+ * chunks of X in parallel, each summed over all tokens by one thread; per 32 tokens the group's token pairs
+ * of X are interleaved into a per-thread buffer (the tiles' B layout). */
+static void lg_skinny_reduce(int64_t R, int64_t W, int64_t K, float alpha, const bf16 *st, const bf16 *X,
+                             int64_t ldx, float beta, float *C, int64_t ldc, int transposed) {
+    const int64_t Rp = (R + 15) / 16 * 16, jc = Rp / 16, Kp = (K + 31) / 32 * 32;
+    const int wc = jc == 1 ? 4 : jc == 2 ? 2 : 1; /* column chunks per group: jc · wc <= 4 C tiles */
+    const int64_t W16 = W / 16, ng = (W16 + wc - 1) / wc;
+    const size_t per = 4 * 16 * 16 * sizeof(uint32_t) + 4 * 256 * sizeof(float);
+    char *thr = lg_buf(&g_thr, &g_thr_n, per * (size_t)omp_get_max_threads());
+    /* word interleave of two 16-word rows: dword i = (a[i], b[i]) */
+    const __m512i idx = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+#pragma omp parallel if (!omp_in_parallel())
+    {
+        lg_config();
+        uint32_t *Q = (uint32_t *)(thr + per * (size_t)omp_get_thread_num());
+        float *T = (float *)(Q + 4 * 16 * 16);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t g = 0; g < ng; g++) {
+            const int64_t w0 = g * wc * 16;
+            const int nw = (int)(W16 - g * wc < wc ? W16 - g * wc : wc);
+            for (int t = 0; t < jc * nw; t++) lg_zero(t);
+            for (int64_t t0 = 0; t0 < K; t0 += 32) {
+                for (int tp = 0; tp < 16; tp++) {
+                    const int64_t ta = t0 + 2 * tp, tb = ta + 1;
+                    for (int c = 0; c < nw; c++) {
+                        const __m256i a = ta < K ? _mm256_loadu_si256((const __m256i *)(X + ta * ldx + w0 + 16 * c))
+                                                 : _mm256_setzero_si256();
+                        const __m256i b = tb < K ? _mm256_loadu_si256((const __m256i *)(X + tb * ldx + w0 + 16 * c))
+                                                 : _mm256_setzero_si256();
+                        _mm512_storeu_si512(Q + (c * 16 + tp) * 16,
+                                            _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), idx,
+                                                                      _mm512_castsi256_si512(b)));
+                    }
+                }
+                for (int jj = 0; jj < jc; jj++) {
+                    _tile_loadd(4, st + (jj * 16) * Kp + t0, Kp * (int64_t)sizeof(bf16));
+                    for (int c = 0; c < nw; c++) {
+                        _tile_loadd(5, Q + c * 256, 64);
+                        lg_dp(jc == 1 ? c : jc == 2 ? jj * 2 + c : jj);
+                    }
+                }
+            }
+            for (int jj = 0; jj < jc; jj++)
+                for (int c = 0; c < nw; c++) {
+                    const int t = jc == 1 ? c : jc == 2 ? jj * 2 + c : jj;
+                    lg_store(t, T + t * 256);
+                    for (int64_t j = jj * 16; j < R && j < jj * 16 + 16; j++)
+                        for (int w = 0; w < 16; w++) {
+                            const float v = alpha * T[t * 256 + (j - jj * 16) * 16 + w];
+                            float *cp = transposed ? C + (w0 + 16 * c + w) * ldc + j : C + j * ldc + w0 + 16 * c + w;
+                            *cp = beta != 0.0f ? *cp + v : v;
+                        }
+                }
+        }
+        _tile_release();
+    }
+}
+#endif
+
+int lora_gemm_amx_active(void) {
+#ifdef LG_AMX
+    static int ok = -1;
+    if (ok < 0) {
+        const char *e = getenv("QLORA_CPU_AMX"), *l = getenv("QLORA_LORA_AMX");
+        unsigned a, b, c, d;
+        int has = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1) && (d >> 24 & 1);
+        ok = !(e && strcmp(e, "0") == 0) && !(l && strcmp(l, "0") == 0) && has &&
+             syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    }
+    return ok;
+#else
+    return 0;
+#endif
+}
+
+void lora_gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void *A,
+               int64_t lda, const void *B, int64_t ldb, float beta, float *C, int64_t ldc, gemm_dtype dt) {
+#ifdef LG_AMX
+    const int base = dt == GEMM_BF16 && M > 0 && N > 0 && K >= LG_KSTEP && !omp_in_parallel() && lora_gemm_amx_active();
+    const int out_k = base && !trans_a && N <= LG_MAXN && K % LG_KSTEP == 0;
+    const int red_a = base && trans_a && !trans_b && M <= LG_MAXN && N % 16 == 0;  /* dA = duᵀ x */
+    const int red_b = base && trans_a && !trans_b && !red_a && N <= LG_MAXN && M % 16 == 0; /* dB = s dyᵀ u */
+    if (out_k || red_a || red_b) {
+        const int pc = ag_prof_push(AG_PROF_GEMM);
+        ag_prof_add_gemm_flops(2.0 * (double)M * (double)N * (double)K);
+        const double t0 = clock_now_sec();
+        if (out_k) { /* op(B) (K, N) into pairs: yp[(kp·Np + n)·2 + e] = op(B)[2kp + e][n] */
+            const int64_t Np = (N + 15) / 16 * 16;
+            bf16 *yp = lg_buf(&g_yp, &g_yp_n, (size_t)(K * Np) * sizeof(bf16));
+            const bf16 *Bb = B;
+            for (int64_t k = 0; k < K; k++)
+                for (int64_t n = 0; n < Np; n++)
+                    yp[((k / 2) * Np + n) * 2 + (k & 1)] =
+                        n < N ? (trans_b ? Bb[n * ldb + k] : Bb[k * ldb + n]) : (bf16)0;
+            lg_skinny_out(M, N, K, alpha, A, lda, yp, beta, C, ldc);
+        } else { /* the skinny side S (K, R) transposed into st (Rp, Kp); X the wide side (K, W) */
+            const bf16 *S = red_a ? A : B, *X = red_a ? B : A;
+            const int64_t R = red_a ? M : N, W = red_a ? N : M, lds = red_a ? lda : ldb, ldx = red_a ? ldb : lda;
+            const int64_t Rp = (R + 15) / 16 * 16, Kp = (K + 31) / 32 * 32;
+            bf16 *st = lg_buf(&g_st, &g_st_n, (size_t)(Rp * Kp) * sizeof(bf16));
+            for (int64_t j = 0; j < Rp; j++)
+                for (int64_t t = 0; t < Kp; t++) st[j * Kp + t] = j < R && t < K ? S[t * lds + j] : (bf16)0;
+            lg_skinny_reduce(R, W, K, alpha, st, X, ldx, beta, C, ldc, !red_a);
+        }
+        g_calls++;
+        g_seconds += clock_now_sec() - t0;
+        g_flops += 2.0 * (double)M * (double)N * (double)K;
+        ag_prof_pop(pc);
+        return;
+    }
+#endif
+    gemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, dt);
+}
