@@ -42,8 +42,9 @@ typedef struct lg_tilecfg {
     uint8_t rows[16];
 } lg_tilecfg;
 
-/* tmm0-3: C (16 × 16 fp32); tmm4: A (16 rows × 16 bf16 pairs); tmm5: B (16 pairs × 16 columns × 2). */
-static void lg_config(void) {
+/* tmm0-3: C (16 × 16 fp32); tmm4: A (16 rows × 16 bf16 pairs); tmm5: B (16 pairs × 16 columns × 2);
+ * tmm6, tmm7: A and B of a short-K product (16 rows × kp pairs, kp pairs × 16 columns), kp = 1..16. */
+static void lg_config_k(int kp) {
     lg_tilecfg c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
@@ -51,8 +52,14 @@ static void lg_config(void) {
         c.rows[t] = 16;
         c.colsb[t] = 64;
     }
+    c.rows[6] = 16;
+    c.colsb[6] = (uint16_t)(4 * kp);
+    c.rows[7] = (uint8_t)kp;
+    c.colsb[7] = 64;
     _tile_loadconfig(&c);
 }
+
+static void lg_config(void) { lg_config_k(16); }
 
 static void lg_zero(int t) {
     switch (t) {
@@ -143,6 +150,48 @@ static void lg_skinny_out(int64_t M, int64_t N, int64_t K, float alpha, const bf
     }
 }
 
+/* C (M, N) = alpha · A (M, K) · Y (K, N) for a short K (2..32, even): the K = r products y = s·u·Bᵀ and
+ * dx = du·A with a fresh output. yp is Y in pair layout (as lg_skinny_out's, Np = N here, a multiple of 16);
+ * each 16 × 16 output tile is one tdpbf16ps, scaled by alpha in fp32 (as oneDNN's output scale) and stored
+ * once (plain stores: streaming ones, which skip the read-for-ownership, measured slower in the step, the
+ * frozen product and SwiGLU read C next). Token tiles of 16 rows in parallel; a last partial tile via a
+ * zero-padded copy of its rows of A. */
+static void lg_short_k(int64_t M, int64_t N, int64_t K, float alpha, const bf16 *A, int64_t lda, const bf16 *yp,
+                       float *C, int64_t ldc) {
+    const int kp = (int)(K / 2);
+    const int64_t ntile = (M + LG_TILE - 1) / LG_TILE;
+    const size_t per = (size_t)LG_TILE * 32 * sizeof(bf16) + 256 * sizeof(float);
+    char *thr = lg_buf(&g_thr, &g_thr_n, per * (size_t)omp_get_max_threads());
+    const __m512 va = _mm512_set1_ps(alpha);
+#pragma omp parallel if (!omp_in_parallel())
+    {
+        lg_config_k(kp);
+        bf16 *pad = (bf16 *)(thr + per * (size_t)omp_get_thread_num());
+        float *T = (float *)((char *)pad + (size_t)LG_TILE * 32 * sizeof(bf16));
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < ntile; it++) {
+            const int64_t i0 = it * LG_TILE, rows = M - i0 < LG_TILE ? M - i0 : LG_TILE;
+            if (rows < LG_TILE) {
+                for (int64_t r = 0; r < LG_TILE; r++)
+                    if (r < rows) memcpy(pad + r * K, A + (i0 + r) * lda, (size_t)K * sizeof(bf16));
+                    else memset(pad + r * K, 0, (size_t)K * sizeof(bf16));
+                _tile_loadd(6, pad, K * (int64_t)sizeof(bf16));
+            } else {
+                _tile_loadd(6, A + i0 * lda, lda * (int64_t)sizeof(bf16));
+            }
+            for (int64_t n0 = 0; n0 < N; n0 += 16) {
+                _tile_loadd(7, yp + n0 * 2, N * 2 * (int64_t)sizeof(bf16));
+                _tile_zero(0);
+                _tile_dpbf16ps(0, 6, 7);
+                _tile_stored(0, T, 64);
+                for (int64_t r = 0; r < rows; r++)
+                    _mm512_storeu_ps(C + (i0 + r) * ldc + n0, _mm512_mul_ps(_mm512_load_ps(T + r * 16), va));
+            }
+        }
+        _tile_release();
+    }
+}
+
 /* out[j][w] = Σ_t S[t][j] · X[t][w] for j < R, w < W (W a multiple of 16), t < K; then C (+)= alpha · out,
  * C[j][w] (transposed = 0) or C[w][j] (transposed = 1), ldc. st is S transposed and padded: st[j·Kp + t],
  * Rp × Kp bf16 (Rp = R rounded up to 16, Kp = K rounded up to 32, zeros outside). Groups of 16-column
@@ -206,6 +255,18 @@ static void lg_skinny_reduce(int64_t R, int64_t W, int64_t K, float alpha, const
 }
 #endif
 
+#ifdef LG_AMX
+/* QLORA_LORA_SHORTK=0: the K = r products on oneDNN (an A/B of lg_short_k alone in one binary). */
+static int lg_short_k_on(void) {
+    static int on = -1;
+    if (on < 0) {
+        const char *e = getenv("QLORA_LORA_SHORTK");
+        on = !(e && strcmp(e, "0") == 0);
+    }
+    return on;
+}
+#endif
+
 int lora_gemm_amx_active(void) {
 #ifdef LG_AMX
     static int ok = -1;
@@ -229,6 +290,25 @@ void lora_gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float 
     const int out_k = base && !trans_a && N <= LG_MAXN && K % LG_KSTEP == 0;
     const int red_a = base && trans_a && !trans_b && M <= LG_MAXN && N % 16 == 0;  /* dA = duᵀ x */
     const int red_b = base && trans_a && !trans_b && !red_a && N <= LG_MAXN && M % 16 == 0; /* dB = s dyᵀ u */
+    /* y = s u Bᵀ, dx = du A: K = r, a fresh output (β = 0) */
+    const int short_k = lg_short_k_on() && dt == GEMM_BF16 && M > 0 && !trans_a && K >= 2 && K <= 32 && K % 2 == 0 && N % 16 == 0 &&
+                        beta == 0.0f && !omp_in_parallel() && lora_gemm_amx_active();
+    if (short_k) {
+        const int pc = ag_prof_push(AG_PROF_GEMM);
+        ag_prof_add_gemm_flops(2.0 * (double)M * (double)N * (double)K);
+        const double t0 = clock_now_sec();
+        bf16 *yp = lg_buf(&g_yp, &g_yp_n, (size_t)(K * N) * sizeof(bf16));
+        const bf16 *Bb = B;
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t n = 0; n < N; n++)
+                yp[((k / 2) * N + n) * 2 + (k & 1)] = trans_b ? Bb[n * ldb + k] : Bb[k * ldb + n];
+        lg_short_k(M, N, K, alpha, A, lda, yp, C, ldc);
+        g_calls++;
+        g_seconds += clock_now_sec() - t0;
+        g_flops += 2.0 * (double)M * (double)N * (double)K;
+        ag_prof_pop(pc);
+        return;
+    }
     if (out_k || red_a || red_b) {
         const int pc = ag_prof_push(AG_PROF_GEMM);
         ag_prof_add_gemm_flops(2.0 * (double)M * (double)N * (double)K);

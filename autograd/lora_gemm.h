@@ -15,7 +15,10 @@
  *   - "skinny reduction" (trans_a, !trans_b, and M <= 64 with N % 16 == 0, or N <= 64 with M % 16 == 0):
  *     C (M, N) (+)= alpha · Aᵀ · B with K the tokens: the skinny side transposed once (r × K), the wide side
  *     read 32 tokens at a time and its token pairs interleaved in a 4 KiB buffer (the tiles' B layout).
- * Every other call (the K = r products y = s·u·Bᵀ and dx = du·A, fp32 operands, other shapes) is gemm().
+ *   - "short K" (!trans_a, K = r even and <= 32, N % 16 == 0, beta 0): y = s·u·Bᵀ and a fresh dx = du·A, one
+ *     tdpbf16ps per 16 × 16 output tile, scaled by alpha and stored once (oneDNN copies B and runs a kernel
+ *     made for long K on them).
+ * Every other call (fp32 operands, an accumulated K = r product, other shapes) is gemm().
  *
  * Numbers: each output element is the fp32 sum of its bf16 products in pair order of K (tdpbf16ps), a
  * different order from oneDNN's, so results differ from gemm()'s by fp32 rounding; they do not depend on
@@ -37,7 +40,8 @@ void lora_gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float 
 
 /* 1 when lora_gemm's AMX kernels are compiled in, the processor has AMX-BF16, the kernel granted the tile
  * state and neither QLORA_CPU_AMX (all AMX kernels) nor QLORA_LORA_AMX (these alone, for an A/B in one
- * binary) is 0 (asked once, outside parallel regions). */
+ * binary) is 0 (asked once, outside parallel regions). QLORA_LORA_SHORTK=0 leaves the short-K products
+ * alone on oneDNN. */
 int lora_gemm_amx_active(void);
 
 /* Calls and seconds the AMX kernels ran since the last reset (qlora-bench and the tests). */

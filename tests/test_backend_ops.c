@@ -261,8 +261,9 @@ static void gemm_one(const ag_backend *be, const ag_backend *ref, int ta, int tb
 /* The LoRA products' shapes (autograd/lora_gemm.h) through lora_gemm, against cpu-ref's GEMM under the GEMM's
  * bound: the skinny-output kernel (u = x Aᵀ with B transposed, du = s dy B plain; token tails, r 8, 16 and a
  * group's 48, K 64 to 160), the skinny-reduction kernel (dA = duᵀ x and dB = s dyᵀ u: token counts that are not
- * multiples of 32, r 8 to 64 in one to four 16-row tiles), and shapes that go to gemm (K not a multiple of 32,
- * fp32, a K = r product). Returns how many of the calls the AMX kernels can take. */
+ * multiples of 32, r 8 to 64 in one to four 16-row tiles), the short-K kernel (y = s u Bᵀ and dx = du A with
+ * K = r = 8, 16, 32 and a fresh output), and shapes that go to gemm (K not a multiple of 32, fp32, an
+ * accumulated K = r product, N not a multiple of 16). Returns how many of the calls the AMX kernels can take. */
 static int lora_gemm_cases(const ag_backend *be, const ag_backend *ref) {
     gemm_one_entry(be, ref, 1, 0, 1, 37, 8, 64, 1.0f, 0.0f, GEMM_BF16, 60);    /* u, 37 tokens, r 8 */
     gemm_one_entry(be, ref, 1, 0, 1, 300, 48, 96, 1.0f, 0.0f, GEMM_BF16, 61);  /* grouped u, r 3·16 */
@@ -274,10 +275,14 @@ static int lora_gemm_cases(const ag_backend *be, const ag_backend *ref) {
     gemm_one_entry(be, ref, 1, 1, 0, 64, 48, 45, 1.0f, 0.0f, GEMM_BF16, 67);   /* 4 row tiles, 45 tokens */
     gemm_one_entry(be, ref, 1, 1, 0, 96, 16, 70, 2.0f, 1.0f, GEMM_BF16, 68);   /* dB = s dyᵀ u, 70 tokens */
     gemm_one_entry(be, ref, 1, 1, 0, 80, 8, 33, 2.0f, 1.0f, GEMM_BF16, 69);    /* dB, r 8, 33 tokens */
-    const int amx_calls = 10;
+    gemm_one_entry(be, ref, 1, 0, 1, 90, 96, 16, 2.0f, 0.0f, GEMM_BF16, 72);   /* y = s u Bᵀ (K = r), 90 tokens */
+    gemm_one_entry(be, ref, 1, 0, 0, 37, 160, 8, 1.0f, 0.0f, GEMM_BF16, 73);   /* dx = du A, r 8 */
+    gemm_one_entry(be, ref, 1, 0, 1, 48, 64, 32, 0.5f, 0.0f, GEMM_BF16, 74);   /* K = r = 32 */
+    const int amx_calls = 13;
     gemm_one_entry(be, ref, 1, 0, 0, 64, 16, 72, 1.0f, 0.0f, GEMM_BF16, 70);   /* K % 32 != 0: gemm */
     gemm_one_entry(be, ref, 1, 0, 1, 50, 16, 64, 1.0f, 0.0f, GEMM_F32, 71);    /* fp32: gemm */
-    gemm_one_entry(be, ref, 1, 0, 1, 90, 96, 16, 2.0f, 0.0f, GEMM_BF16, 72);   /* y = s u Bᵀ (K = r): gemm */
+    gemm_one_entry(be, ref, 1, 0, 0, 40, 96, 48, 1.0f, 1.0f, GEMM_BF16, 75);   /* a group's dx += du A: gemm */
+    gemm_one_entry(be, ref, 1, 0, 1, 40, 40, 16, 1.0f, 0.0f, GEMM_BF16, 76);   /* N % 16 != 0: gemm */
     return amx_calls;
 }
 
