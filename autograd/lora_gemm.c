@@ -283,57 +283,54 @@ int lora_gemm_amx_active(void) {
 #endif
 }
 
+#ifdef LG_AMX
+/* op(B) (K, N) in pair layout, padded to Np columns: yp[(kp·Np + n)·2 + e] = op(B)[2kp + e][n], 0 for n >= N. */
+static const bf16 *lg_pack_pairs(const bf16 *B, int64_t ldb, int trans_b, int64_t K, int64_t N, int64_t Np) {
+    bf16 *yp = lg_buf(&g_yp, &g_yp_n, (size_t)(K * Np) * sizeof(bf16));
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t n = 0; n < Np; n++)
+            yp[((k / 2) * Np + n) * 2 + (k & 1)] = n < N ? (trans_b ? B[n * ldb + k] : B[k * ldb + n]) : (bf16)0;
+    return yp;
+}
+#endif
+
 void lora_gemm(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, float alpha, const void *A,
                int64_t lda, const void *B, int64_t ldb, float beta, float *C, int64_t ldc, gemm_dtype dt) {
 #ifdef LG_AMX
-    const int base = dt == GEMM_BF16 && M > 0 && N > 0 && K >= LG_KSTEP && !omp_in_parallel() && lora_gemm_amx_active();
-    const int out_k = base && !trans_a && N <= LG_MAXN && K % LG_KSTEP == 0;
-    const int red_a = base && trans_a && !trans_b && M <= LG_MAXN && N % 16 == 0;  /* dA = duᵀ x */
-    const int red_b = base && trans_a && !trans_b && !red_a && N <= LG_MAXN && M % 16 == 0; /* dB = s dyᵀ u */
-    /* y = s u Bᵀ, dx = du A: K = r, a fresh output (β = 0) */
-    const int short_k = lg_short_k_on() && dt == GEMM_BF16 && M > 0 && !trans_a && K >= 2 && K <= 32 && K % 2 == 0 && N % 16 == 0 &&
-                        beta == 0.0f && !omp_in_parallel() && lora_gemm_amx_active();
-    if (short_k) {
-        const int pc = ag_prof_push(AG_PROF_GEMM);
-        ag_prof_add_gemm_flops(2.0 * (double)M * (double)N * (double)K);
-        const double t0 = clock_now_sec();
-        bf16 *yp = lg_buf(&g_yp, &g_yp_n, (size_t)(K * N) * sizeof(bf16));
-        const bf16 *Bb = B;
-        for (int64_t k = 0; k < K; k++)
-            for (int64_t n = 0; n < N; n++)
-                yp[((k / 2) * N + n) * 2 + (k & 1)] = trans_b ? Bb[n * ldb + k] : Bb[k * ldb + n];
-        lg_short_k(M, N, K, alpha, A, lda, yp, C, ldc);
-        g_calls++;
-        g_seconds += clock_now_sec() - t0;
-        g_flops += 2.0 * (double)M * (double)N * (double)K;
-        ag_prof_pop(pc);
-        return;
+    enum { NONE, SHORT_K, OUT, RED_A, RED_B } kind = NONE;
+    if (dt == GEMM_BF16 && M > 0 && N > 0 && !omp_in_parallel() && lora_gemm_amx_active()) {
+        if (!trans_a && K >= 2 && K <= 32 && K % 2 == 0 && N % 16 == 0 && beta == 0.0f && lg_short_k_on())
+            kind = SHORT_K; /* y = s u Bᵀ, a fresh dx = du A: K = r */
+        else if (!trans_a && N <= LG_MAXN && K >= LG_KSTEP && K % LG_KSTEP == 0)
+            kind = OUT; /* u = x Aᵀ, du = s dy B */
+        else if (trans_a && !trans_b && K >= LG_KSTEP && M <= LG_MAXN && N % 16 == 0)
+            kind = RED_A; /* dA = duᵀ x */
+        else if (trans_a && !trans_b && K >= LG_KSTEP && N <= LG_MAXN && M % 16 == 0)
+            kind = RED_B; /* dB = s dyᵀ u */
     }
-    if (out_k || red_a || red_b) {
+    if (kind != NONE) {
+        const double flops = 2.0 * (double)M * (double)N * (double)K;
         const int pc = ag_prof_push(AG_PROF_GEMM);
-        ag_prof_add_gemm_flops(2.0 * (double)M * (double)N * (double)K);
+        ag_prof_add_gemm_flops(flops);
         const double t0 = clock_now_sec();
-        if (out_k) { /* op(B) (K, N) into pairs: yp[(kp·Np + n)·2 + e] = op(B)[2kp + e][n] */
-            const int64_t Np = (N + 15) / 16 * 16;
-            bf16 *yp = lg_buf(&g_yp, &g_yp_n, (size_t)(K * Np) * sizeof(bf16));
-            const bf16 *Bb = B;
-            for (int64_t k = 0; k < K; k++)
-                for (int64_t n = 0; n < Np; n++)
-                    yp[((k / 2) * Np + n) * 2 + (k & 1)] =
-                        n < N ? (trans_b ? Bb[n * ldb + k] : Bb[k * ldb + n]) : (bf16)0;
-            lg_skinny_out(M, N, K, alpha, A, lda, yp, beta, C, ldc);
+        if (kind == SHORT_K) {
+            lg_short_k(M, N, K, alpha, A, lda, lg_pack_pairs(B, ldb, trans_b, K, N, N), C, ldc);
+        } else if (kind == OUT) {
+            lg_skinny_out(M, N, K, alpha, A, lda, lg_pack_pairs(B, ldb, trans_b, K, N, (N + 15) / 16 * 16), beta, C,
+                          ldc);
         } else { /* the skinny side S (K, R) transposed into st (Rp, Kp); X the wide side (K, W) */
-            const bf16 *S = red_a ? A : B, *X = red_a ? B : A;
-            const int64_t R = red_a ? M : N, W = red_a ? N : M, lds = red_a ? lda : ldb, ldx = red_a ? ldb : lda;
+            const int ra = kind == RED_A;
+            const bf16 *S = ra ? A : B, *X = ra ? B : A;
+            const int64_t R = ra ? M : N, W = ra ? N : M, lds = ra ? lda : ldb, ldx = ra ? ldb : lda;
             const int64_t Rp = (R + 15) / 16 * 16, Kp = (K + 31) / 32 * 32;
             bf16 *st = lg_buf(&g_st, &g_st_n, (size_t)(Rp * Kp) * sizeof(bf16));
             for (int64_t j = 0; j < Rp; j++)
                 for (int64_t t = 0; t < Kp; t++) st[j * Kp + t] = j < R && t < K ? S[t * lds + j] : (bf16)0;
-            lg_skinny_reduce(R, W, K, alpha, st, X, ldx, beta, C, ldc, !red_a);
+            lg_skinny_reduce(R, W, K, alpha, st, X, ldx, beta, C, ldc, !ra);
         }
         g_calls++;
         g_seconds += clock_now_sec() - t0;
-        g_flops += 2.0 * (double)M * (double)N * (double)K;
+        g_flops += flops;
         ag_prof_pop(pc);
         return;
     }

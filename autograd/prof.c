@@ -12,8 +12,7 @@ const char *const ag_prof_names[AG_PROF_N] = {"other", "gemm",  "dequant", "conv
 static double g_acc[AG_PROF_N];
 static double g_last;
 static int g_cur;
-static double g_gemm_flops;
-static double g_class_flops[AG_PROF_N];
+static double g_class_flops[AG_PROF_N]; /* GEMM FLOPs by the class their time went to */
 static int g_lm_head;
 static int g_lora;
 
@@ -32,22 +31,21 @@ void ag_prof_lm_head(int on) { g_lm_head = on; }
 
 void ag_prof_lora(int on) { g_lora = on; }
 
-void ag_prof_add_gemm_flops(double flops) {
-    g_gemm_flops += flops;
-    g_class_flops[g_cur] += flops; /* the GEMM entry point pushed its class first */
-}
+void ag_prof_add_gemm_flops(double flops) { g_class_flops[g_cur] += flops; /* the GEMM entry point pushed its class first */ }
 
 void ag_prof_reset(void) {
     memset(g_acc, 0, sizeof g_acc);
     memset(g_class_flops, 0, sizeof g_class_flops);
-    g_gemm_flops = 0;
     g_last = clock_now_sec();
 }
 
 void ag_prof_read(double secs[AG_PROF_N], double *gemm_flops) {
     (void)ag_prof_push(g_cur);
     memcpy(secs, g_acc, sizeof g_acc);
-    if (gemm_flops) *gemm_flops = g_gemm_flops;
+    if (gemm_flops) {
+        *gemm_flops = 0;
+        for (int c = 0; c < AG_PROF_N; c++) *gemm_flops += g_class_flops[c];
+    }
 }
 
 void ag_prof_read_gemm_flops(double flops[AG_PROF_N]) { memcpy(flops, g_class_flops, sizeof g_class_flops); }
