@@ -111,9 +111,11 @@ DEFAULT_DATA  := datasets/manpages/train.jsonl datasets/manpages/heldout.jsonl
 
 # Tools around the trainer (trainer/<name>_main.c -> bin/qlora-<name>).
 TOOL_BINS := bin/qlora-export bin/qlora-generate bin/qlora-plot bin/qlora-preprocess
+# the within-process A/B benchmarks (bench/*_ab.c): built with everything, so they compile against the kernels as they are
+AB_BINS := build/attn_ab build/eltwise_ab build/gemm_group_ab
 
 .PHONY: all test test-unit test-interop setup model gemma3-model dataset clean features bench bench-curve check-layers
-all: features bin/qlora-train bin/qlora-bench $(TOOL_BINS)
+all: features bin/qlora-train bin/qlora-bench $(TOOL_BINS) $(AB_BINS)
 
 features:
 	@printf '[build] CPU engine (oneDNN, OpenMP) ✓\n'

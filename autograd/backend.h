@@ -203,6 +203,13 @@ typedef struct ag_backend {
      * dequantization (quant/nf4.h), bit for bit; bf16 -> fp32 exact; fp32 -> bf16 round to nearest even. */
     void (*frozen_rows_f32)(const frozen_weight *w, int64_t row0, int64_t n, float *dst);
     void (*frozen_rows_bf16)(const frozen_weight *w, int64_t row0, int64_t n, bf16 *dst);
+    /* Wᵀ of a frozen weight: dst (w->in, w->out) bf16 row-major, dst[i·out + o] = the value frozen_rows_bf16
+     * gives for W[o][i] (the same dequantization, written transposed). For the frozen input-gradient product
+     * dx = dy·W run as dy·(Wᵀ)ᵀ: oneDNN's AMX/AVX-512 brgemm takes op(B) stored (N, K) faster than (K, N) on
+     * every block shape measured (Llama-3-8B's 2048×4096×14336 1.6×, SmolLM2-135M's 1.05–1.15×; README
+     * *Benchmark*, session 12), with bit-identical sums. NULL where the backend's GEMM transposes op(B) in
+     * its kernel at no cost (cuda: cuBLASLt); autograd/ops.c then multiplies by W as stored. */
+    void (*frozen_t_bf16)(const frozen_weight *w, bf16 *dst);
     /* The stored array of a FROZEN_BF16 or FROZEN_F32 weight as this backend's data memory, for GEMMs to
      * read in place (the CPU: the host array itself; a device: its copy, uploaded once); NULL for
      * FROZEN_NF4 (dequantize with frozen_rows_*). Valid while the weight's host array lives. */

@@ -8,10 +8,12 @@
 #define CPU_LORA_GEMM lora_gemm /* AMX kernels for the LoRA products where the processor has AMX */
 #define CPU_NF4_ROWS_F32 nf4_dequantize_rows_f32
 #define CPU_NF4_ROWS_BF16 nf4_dequantize_rows_bf16
+#define CPU_NF4_T_BF16 nf4_dequantize_t_bf16
 #define CPU_INT8_ROWS_F32 int8_dequantize_rows_f32
 #define CPU_INT8_ROWS_BF16 int8_dequantize_rows_bf16
 #define CPU_TABLE ag_backend_cpu
 #define CPU_NAME "cpu"
+#define CPU_SHARED_DEFS 1 /* the one definition of the table's shared functions (backend_cpu_nn.inc) */
 #include "autograd/lora_gemm.h"
 #include "autograd/backend_cpu_kernels.inc"
 

@@ -37,6 +37,7 @@ static void gemm_ref(int trans_a, int trans_b, int64_t M, int64_t N, int64_t K, 
 #define CPU_GEMM gemm_ref
 #define CPU_NF4_ROWS_F32 nf4_dequantize_rows_f32_ref
 #define CPU_NF4_ROWS_BF16 nf4_dequantize_rows_bf16_ref
+#define CPU_NF4_T_BF16 nf4_dequantize_t_bf16_ref
 #define CPU_INT8_ROWS_F32 int8_dequantize_rows_f32_ref
 #define CPU_INT8_ROWS_BF16 int8_dequantize_rows_bf16_ref
 #define CPU_TABLE ag_backend_cpu_ref

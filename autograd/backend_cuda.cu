@@ -1736,6 +1736,7 @@ extern "C" const ag_backend ag_backend_cuda = {
     cu_gemm, /* lora_gemm: the LoRA products through cuBLASLt as every product */
     cu_frozen_rows_f32,
     cu_frozen_rows_bf16,
+    NULL, /* frozen_t_bf16: cuBLASLt takes op(B) = W transposed in its kernel (CUBLAS_OP_T), no copy */
     cu_frozen_data,
     cu_to_bf16,
     cu_dropout_fwd,

@@ -231,6 +231,13 @@ static void fc_frozen_rows_bf16(const frozen_weight *w, int64_t row0, int64_t n,
     fence_close();
 }
 
+static void fc_frozen_t_bf16(const frozen_weight *w, bf16 *dst) {
+    NEED(dst);
+    fence_open();
+    inner()->frozen_t_bf16(w, dst);
+    fence_close();
+}
+
 /* A fenced copy of the weight's host array, made once per array (the host array must not change,
  * as for a device's copy). */
 static const void *fc_frozen_data(const frozen_weight *w) {
@@ -668,6 +675,7 @@ const ag_backend ag_backend_cpu_fenced = {
     .lora_gemm = fc_lora_gemm,
     .frozen_rows_f32 = fc_frozen_rows_f32,
     .frozen_rows_bf16 = fc_frozen_rows_bf16,
+    .frozen_t_bf16 = fc_frozen_t_bf16,
     .frozen_data = fc_frozen_data,
     .to_bf16 = fc_to_bf16,
     .dropout_fwd = fc_dropout_fwd,

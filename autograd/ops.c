@@ -103,6 +103,34 @@ static const void *frozen_operand(ag_ctx *ctx, const frozen_weight *w) {
     return dst;
 }
 
+/* QLORA_FROZEN_T=0: the frozen input-gradient products multiply by W as stored (an A/B of frozen_dx in one
+ * binary, as QLORA_CPU_AMX=0). */
+static int frozen_t_on(void) {
+    static int on = -1;
+    if (on < 0) {
+        const char *e = getenv("QLORA_FROZEN_T");
+        on = !(e && strcmp(e, "0") == 0);
+    }
+    return on;
+}
+
+/* dx (N, in) fp32 (β = 0: written, 1: added to) += dy (N, out) · W, the frozen input gradient. With bf16
+ * operands and a backend that gives Wᵀ (frozen_t_bf16: the dequantization written transposed, into the
+ * same weight scratch) it runs as dy·(Wᵀ)ᵀ, which oneDNN's brgemm takes faster with the same sums
+ * (backend.h); a stored bf16 weight is read in place as W instead (a transposed copy would be a pass of its
+ * own), and so are fp32/fp16 GEMMs. */
+static void frozen_dx(ag_ctx *ctx, const frozen_weight *w, int64_t N, const void *dyb, float beta, float *dx) {
+    const ag_backend *be = ctx->be;
+    const int64_t in = w->in, out = w->out;
+    if (ctx->bf16 && be->frozen_t_bf16 && w->kind != FROZEN_BF16 && frozen_t_on()) {
+        bf16 *wt = scratch_grow(be, &ctx->wscratch, &ctx->wscratch_size, (size_t)(in * out) * sizeof(bf16));
+        be->frozen_t_bf16(w, wt);
+        be->gemm(0, 1, N, in, out, 1.0f, dyb, out, wt, out, beta, dx, in, GEMM_BF16);
+        return;
+    }
+    be->gemm(0, 0, N, in, out, 1.0f, dyb, out, frozen_operand(ctx, w), in, beta, dx, in, gdt(ctx));
+}
+
 void frozen_rows_f32(const frozen_weight *w, int64_t row0, int64_t n, float *dst) {
     ag_backend_default()->frozen_rows_f32(w, row0, n, dst);
 }
@@ -298,16 +326,15 @@ static void linear_backward(ag_ctx *ctx, const ag_node *n) {
      * and the K = r product only writes dx. Otherwise the frozen product comes first. */
     const int lora_first = dx && lo && dx_fresh && !s->drop && !tmp;
     if (dx && !lora_first) {
-        const void *wb = frozen_operand(ctx, w);
         if (tmp) { /* dx += fp16(dy W) */
-            be->gemm(0, 0, N, in, out, 1.0f, dyb, out, wb, in, 0.0f, tmp, in, dt);
+            be->gemm(0, 0, N, in, out, 1.0f, dyb, out, frozen_operand(ctx, w), in, 0.0f, tmp, in, dt);
             be->round_f16(tmp, tmp, N * in);
             if (dx_fresh)
                 be->copy_d2d(dx, tmp, (size_t)(N * in) * sizeof(float));
             else
                 be->add(dx, tmp, dx, N * in);
         } else {
-            be->gemm(0, 0, N, in, out, 1.0f, dyb, out, wb, in, dx_fresh ? 0.0f : 1.0f, dx, in, dt); /* dx (+)= dy W */
+            frozen_dx(ctx, w, N, dyb, dx_fresh ? 0.0f : 1.0f, dx); /* dx (+)= dy W */
         }
     }
     if (lo) {
@@ -343,7 +370,7 @@ static void linear_backward(ag_ctx *ctx, const ag_node *n) {
         }
     }
     if (lora_first) /* dx += dy W */
-        be->gemm(0, 0, N, in, out, 1.0f, dyb, out, frozen_operand(ctx, w), in, 1.0f, dx, in, dt);
+        frozen_dx(ctx, w, N, dyb, 1.0f, dx);
     ag_arena_reset(ctx, m);
 }
 
@@ -483,7 +510,7 @@ static void linear_group_backward(ag_ctx *ctx, const ag_node *nd) {
         ag_mark mi = ag_arena_mark(ctx);
         const void *dyb = y->grad_bf16 ? (const void *)y->grad_bf16 : operand(ctx, y->grad, N * out);
         if (dx) {
-            be->gemm(0, 0, N, in, out, 1.0f, dyb, out, frozen_operand(ctx, w), in, dx_fresh ? 0.0f : 1.0f, dx, in, dt);
+            frozen_dx(ctx, w, N, dyb, dx_fresh ? 0.0f : 1.0f, dx);
             dx_fresh = 0;
         }
         const void *ui = (const char *)s->ub + (size_t)(i * r) * es;

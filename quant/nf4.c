@@ -669,6 +669,99 @@ static void nf4_dequant_range(const nf4_tensor *t, int64_t e0, int64_t e1, void 
     }
 }
 
+/* Wᵀ in tiles of NF4_T_ROWS rows × NF4_T_COLS columns of W (4 KiB of bf16, in L1): each tile row decoded
+ * with the block kernel (a 64-column segment of a row lies in one quantization block when blocksize and cols
+ * are multiples of 64; otherwise element by element), then written as NF4_T_COLS rows of Wᵀ of NF4_T_ROWS
+ * values (64 bytes). Each element gets exactly the value of the rows kernels. */
+enum { NF4_T_ROWS = 32, NF4_T_COLS = 64, NF4_T_SPAN = 512 };
+
+/* dst[i·ldd + r] = tile[r·NF4_T_COLS + i] for r < nr, i < nc. */
+static void nf4_t_store(const uint16_t *tile, int nr, int nc, uint16_t *dst, int64_t ldd, int nt) {
+#ifdef NF4_USE_AVX512
+    if (nr == NF4_T_ROWS && nc == NF4_T_COLS && nt) {
+        const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(NF4_T_COLS / 2));
+        const int *lo = (const int *)tile, *hi = (const int *)(tile + 16 * NF4_T_COLS);
+        for (int i = 0; i < NF4_T_COLS; i += 2) {
+            const __m512i a = _mm512_i32gather_epi32(idx, lo + i / 2, 4), b = _mm512_i32gather_epi32(idx, hi + i / 2, 4);
+            _mm512_stream_si512((void *)(dst + i * ldd),
+                                _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(a)),
+                                                   _mm512_cvtepi32_epi16(b), 1));
+            _mm512_stream_si512((void *)(dst + (i + 1) * ldd),
+                                _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_srli_epi32(a, 16))),
+                                                   _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)), 1));
+        }
+        return;
+    }
+    if (nr == NF4_T_ROWS && nc == NF4_T_COLS) {
+        /* a dword gather per 16 rows and column pair: its low halves are column i, its high halves i + 1 */
+        const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(NF4_T_COLS / 2));
+        const int *lo = (const int *)tile, *hi = (const int *)(tile + 16 * NF4_T_COLS);
+        for (int i = 0; i < NF4_T_COLS; i += 2) {
+            const __m512i a = _mm512_i32gather_epi32(idx, lo + i / 2, 4), b = _mm512_i32gather_epi32(idx, hi + i / 2, 4);
+            _mm512_storeu_si512((void *)(dst + i * ldd),
+                                _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(a)),
+                                                   _mm512_cvtepi32_epi16(b), 1));
+            _mm512_storeu_si512((void *)(dst + (i + 1) * ldd),
+                                _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_srli_epi32(a, 16))),
+                                                   _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)), 1));
+        }
+        return;
+    }
+#endif
+    for (int i = 0; i < nc; i++)
+        for (int r = 0; r < nr; r++) dst[i * ldd + r] = tile[r * NF4_T_COLS + i];
+}
+
+void nf4_dequantize_t_bf16(const nf4_tensor *t, uint16_t *dst) {
+    const int64_t R = t->rows, C = t->cols, bs = t->blocksize;
+    /* tasks: a 64-column chunk of W (64 rows of Wᵀ) × a range of NF4_T_SPAN rows of W, in that order, so a
+     * thread's writes run along rows of Wᵀ (1 KiB per row and task) instead of touching a new page per 64 bytes */
+    const int64_t nci = (C + NF4_T_COLS - 1) / NF4_T_COLS, nro = (R + NF4_T_SPAN - 1) / NF4_T_SPAN;
+    const int whole = bs % NF4_T_COLS == 0 && C % NF4_T_COLS == 0;
+    /* a Wᵀ larger than the caches (16 MiB: the 7-8B projections) is written with streaming stores, which skip
+     * the read for ownership of lines the GEMM reads from memory anyway (Llama-3-8B's 14336 × 4096: 23 -> 14 ms);
+     * a small one stays in cache for the product that follows */
+    const int nt = R % NF4_T_ROWS == 0 && ((uintptr_t)dst & 63) == 0 && R * C * 2 > ((int64_t)16 << 20);
+#pragma omp parallel for schedule(static) if (nci * nro > 1)
+    for (int64_t task = 0; task < nci * nro; task++) {
+        uint16_t tile[NF4_T_ROWS * NF4_T_COLS] __attribute__((aligned(64)));
+        const int64_t i0 = task / nro * NF4_T_COLS, r0 = task % nro * NF4_T_SPAN;
+        const int64_t r1 = r0 + NF4_T_SPAN < R ? r0 + NF4_T_SPAN : R;
+        const int nc = (int)(C - i0 < NF4_T_COLS ? C - i0 : NF4_T_COLS);
+        for (int64_t o0 = r0; o0 < r1; o0 += NF4_T_ROWS) {
+            const int nr = (int)(r1 - o0 < NF4_T_ROWS ? r1 - o0 : NF4_T_ROWS);
+            for (int r = 0; r < nr; r++) {
+                const int64_t e = (o0 + r) * C + i0;
+                uint16_t *tr = tile + r * NF4_T_COLS;
+#ifdef NF4_USE_AVX512
+                if (whole) {
+                    nf4_block_bf16_avx512(t->packed + e / 2, NF4_T_COLS / 2, nf4_block_absmax(t, e / bs), tr);
+                    continue;
+                }
+#else
+                (void)whole;
+#endif
+                for (int k = 0; k < nc; k++)
+                    tr[k] = f32_to_bf16(nf4_code[nf4_nibble(t->packed, e + k)] * nf4_block_absmax(t, (e + k) / bs));
+            }
+            nf4_t_store(tile, nr, nc, dst + i0 * R + o0, R, nt);
+        }
+#ifdef NF4_USE_AVX512
+        if (nt) _mm_sfence(); /* the streaming stores visible before the GEMM's threads read them */
+#endif
+    }
+}
+
+void nf4_dequantize_t_bf16_ref(const nf4_tensor *t, uint16_t *dst) {
+    for (int64_t o = 0; o < t->rows; o++)
+        for (int64_t i = 0; i < t->cols; i++) {
+            const int64_t e = o * t->cols + i;
+            dst[i * t->rows + o] = f32_to_bf16(nf4_code[nf4_nibble(t->packed, e)] * nf4_block_absmax(t, e / t->blocksize));
+        }
+}
+
 void nf4_dequantize_rows_f32(const nf4_tensor *t, int64_t row0, int64_t nrows, float *dst) {
     nf4_dequant_range(t, row0 * t->cols, (row0 + nrows) * t->cols, dst, 0);
 }

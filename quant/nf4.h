@@ -176,6 +176,14 @@ void nf4_dequantize_rows_bf16(const nf4_tensor *t, int64_t row0, int64_t nrows, 
 /* nf4_dequantize_rows_f32: as above with fp32 output (nrows, cols). */
 void nf4_dequantize_rows_f32(const nf4_tensor *t, int64_t row0, int64_t nrows, float *dst);
 
+/* nf4_dequantize_t_bf16: Wᵀ, (cols, rows) bf16 row-major: dst[i·rows + o] is the value
+ * nf4_dequantize_rows_bf16 gives for W[o][i] (the input-gradient product dx = dy·W runs as dy·(Wᵀ)ᵀ,
+ * which oneDNN's brgemm takes faster: autograd/backend.h frozen_t_bf16). dst holds rows*cols elements.
+ * OpenMP over 32-row blocks, AVX-512 when compiled for it (64-column segments through the block kernel when
+ * blocksize and cols are multiples of 64), bit-identical to nf4_dequantize_t_bf16_ref. */
+void nf4_dequantize_t_bf16(const nf4_tensor *t, uint16_t *dst);
+void nf4_dequantize_t_bf16_ref(const nf4_tensor *t, uint16_t *dst);
+
 /* Reference versions: one element at a time, no SIMD, no threads. The fast
  * paths are tested against these bit for bit. Same preconditions. */
 void nf4_dequantize_rows_bf16_ref(const nf4_tensor *t, int64_t row0, int64_t nrows, uint16_t *dst);

@@ -41,6 +41,7 @@
 #include "core/bf16.h"
 #include "core/rng.h"
 #include "quant/blockwise8.h"
+#include "quant/int8.h"
 #include "quant/nf4.h"
 
 /* fp32 GEMM, fp32 accumulation against double accumulation: each of the K ≤
@@ -377,6 +378,70 @@ static void case_frozen_rows(const ag_backend *be, const ag_backend *ref) {
         free(b[1]);
     }
     frozen_set_free(&fs);
+}
+
+/* frozen_t_bf16 of one weight: the backend's Wᵀ is bit for bit the transpose of the reference's frozen_rows_bf16
+ * (the entry's definition), and the reference's own frozen_t_bf16 is too. A backend without the entry (NULL:
+ * its GEMM transposes op(B) itself) is not asked. */
+static void frozen_t_check(const ag_backend *be, const ag_backend *ref, const frozen_weight *w, const char *what) {
+    const int64_t R = w->out, C = w->in;
+    const size_t bytes = (size_t)(R * C) * sizeof(bf16);
+    bf16 *rows = malloc(bytes);
+    assert_non_null(rows);
+    ref->frozen_rows_bf16(w, 0, R, rows);
+    const ag_backend *bes[2] = {be, ref};
+    for (int k = 0; k < 2; k++) {
+        if (!bes[k]->frozen_t_bf16) continue;
+        bf16 *d = bes[k]->alloc(bytes);
+        assert_non_null(d);
+        bes[k]->frozen_t_bf16(w, d);
+        bf16 *t = to_host(bes[k], d, bytes);
+        bes[k]->free(d);
+        for (int64_t o = 0; o < R; o++)
+            for (int64_t i = 0; i < C; i++)
+                if (t[i * R + o] != rows[o * C + i])
+                    fail_msg("frozen_t_bf16 (%s, %s, %lld x %lld): element (%lld, %lld) is not W's", bes[k]->name, what,
+                             (long long)R, (long long)C, (long long)o, (long long)i);
+        free(t);
+    }
+    free(rows);
+}
+
+/* Shapes: rows that end in a partial 32-row tile, columns that are and are not multiples of 64 (the NF4 kernel's
+ * 64-column segments, else element by element), blocksizes 64 and 128, double quantization on and off, and one
+ * weight over 16 MiB as bf16 with rows a multiple of 32 (the NF4 kernel's streaming stores). */
+static void case_frozen_t(const ag_backend *be, const ag_backend *ref) {
+    frozen_set fs;
+    frozen_set_init(&fs, 41, 320, 21);
+    for (int k = 0; k < 3; k++) frozen_t_check(be, ref, &fs.w[k], k == 0 ? "nf4" : k == 1 ? "bf16" : "fp32");
+    frozen_set_free(&fs);
+    frozen_set_init(&fs, 70, 100, 22); /* 100 columns: 64-column segments cross quantization blocks */
+    for (int k = 0; k < 3; k++) frozen_t_check(be, ref, &fs.w[k], k == 0 ? "nf4" : k == 1 ? "bf16" : "fp32");
+    frozen_set_free(&fs);
+    const struct { int64_t R, C; int bs, dq; } sh[] = {{96, 384, 128, 0}, {33, 64, 64, 1}, {4096, 2112, 64, 1}};
+    for (size_t j = 0; j < sizeof sh / sizeof sh[0]; j++) {
+        qerr e = {0};
+        float *w = host_rand(sh[j].R * sh[j].C, 23 + j, 0.1f);
+        nf4_tensor t;
+        assert_int_equal(nf4_quantize(w, sh[j].R, sh[j].C, sh[j].bs, sh[j].dq, &t, &e), 0);
+        const frozen_weight fw = {.out = sh[j].R, .in = sh[j].C, .kind = FROZEN_NF4, .nf4 = &t};
+        frozen_t_check(be, ref, &fw, "nf4");
+        nf4_free(&t);
+        free(w);
+    }
+    { /* bitsandbytes' Int8Params: the generic tile path */
+        qerr e = {0};
+        const int64_t R = 45, C = 130;
+        float *w = host_rand(R * C, 29, 0.1f);
+        int8_t *cb = malloc((size_t)(R * C));
+        float *scb = malloc((size_t)R * sizeof(float));
+        assert_int_equal(int8_quantize_rows(w, R, C, cb, scb, &e), 0);
+        const frozen_weight fw = {.out = R, .in = C, .kind = FROZEN_INT8, .cb = cb, .scb = scb};
+        frozen_t_check(be, ref, &fw, "int8");
+        free(cb);
+        free(scb);
+        free(w);
+    }
 }
 
 static void case_to_bf16(const ag_backend *be, const ag_backend *ref) {
@@ -1386,6 +1451,7 @@ static const struct {
     {"lora_gemm", case_lora_gemm},
     {"lora_gemm_amx", case_lora_gemm_amx},
     {"frozen_rows", case_frozen_rows},
+    {"frozen_t", case_frozen_t},
     {"to_bf16", case_to_bf16},
     {"round_f16", case_round_f16},
     {"dropout", case_dropout},
@@ -1411,7 +1477,7 @@ static const struct {
 static void test_every_entry_covered(void **state) {
     (void)state;
     const char *covered[] = {"alloc", "free", "copy_h2d", "copy_d2h", "copy_d2d", "zero", "fill_f32", "sync",
-                             "gemm", "lora_gemm", "frozen_rows_f32", "frozen_rows_bf16", "frozen_data", "to_bf16", "dropout_fwd", "dropout_bwd",
+                             "gemm", "lora_gemm", "frozen_rows_f32", "frozen_rows_bf16", "frozen_t_bf16", "frozen_data", "to_bf16", "dropout_fwd", "dropout_bwd",
                              "embedding", "rmsnorm_fwd", "rmsnorm_bwd", "rope_fwd", "rope_bwd", "attention_fwd",
                              "attention_bwd", "attention_cached", "swiglu_fwd", "swiglu_bwd", "geglu_fwd", "geglu_bwd", "add", "add_bwd",
                              "axpy", "copy_cols", "lm_head_ce", "adamw_update", "adamw8bit_update", "adamw_bnb32_update",
@@ -1425,8 +1491,8 @@ static void test_every_entry_covered(void **state) {
         const ag_backend *b = ag_backend_find(*nm);
         if (!b) continue;
         void (*const *fp)(void) = (void (*const *)(void))((const char *)b + offsetof(ag_backend, alloc));
-        for (size_t i = 0; i < n_entries; i++)
-            if (!fp[i]) fail_msg("backend %s: entry %s is NULL", *nm, covered[i]);
+        for (size_t i = 0; i < n_entries; i++) /* frozen_t_bf16 may be NULL: backend.h (cuda's GEMM transposes op(B)) */
+            if (!fp[i] && strcmp(covered[i], "frozen_t_bf16") != 0) fail_msg("backend %s: entry %s is NULL", *nm, covered[i]);
     }
 }
 

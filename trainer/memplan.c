@@ -181,6 +181,9 @@ void memplan_predict(const memplan_input *in, memplan *out) {
      * place, FULL_SHARD gathers it into its own scratch */
     if (!in->bf16 && in->table_shard_bytes <= 0 && V * D * 4.0 > wmax) wmax = V * D * 4.0;
     out->scratch = wmax + (offload ? 0.0 : 4.0 * N * D);
+    /* the CPU's transposed dequantization for the input-gradient products (backend frozen_t_bf16): per thread a
+     * 32-row tile of the widest input (int8 and fp32 weights; NF4's 4 KiB tiles are on the stack) */
+    if (!in->device_cuda && in->bf16) out->scratch += nth * 32.0 * (F > D ? F : D) * 2.0;
     /* process baseline: code and libraries, oneDNN JIT kernels and scratchpads, thread stacks */
     if (in->device_cuda) /* CUDA context + kernels, cuBLASLt workspace, argument buffers */
         out->runtime = CUDA_CONTEXT_BYTES + 32.0 * 1048576.0 + 4.0 * 1048576.0;
