@@ -236,17 +236,19 @@ typedef struct ag_backend {
                         int64_t N, int64_t D);
     /* RoPE (Su et al. 2021), HF rotate_half convention, on x (N, n_heads·hd) with token
      * positions pos (N, host): fwd y = rot(θ) x (yb: bf16 copy or NULL; y may be NULL when yb is given);
-     * bwd dx += rot(−θ) dy. */
+     * bwd dx += rot(−θ) dy, or dx = rot(−θ) dy with write 1 (a gradient not yet started: no zero fill). */
     void (*rope_fwd)(const float *x, float *y, bf16 *yb, int64_t N, int n_heads, const rope_table *rt,
                      const int32_t *pos);
-    void (*rope_bwd)(const float *dy, float *dx, int64_t N, int n_heads, const rope_table *rt, const int32_t *pos);
+    void (*rope_bwd)(const float *dy, float *dx, int64_t N, int n_heads, const rope_table *rt, const int32_t *pos,
+                     int write);
     /* Causal GQA attention (Ainslie et al. 2023), scale 1/sqrt(hd): o (B*T, H*hd) fp32
      * (ob: bf16 copy or NULL) = softmax(q kᵀ · scale, masked) v. Scratch from ctx's arena. */
     void (*attention_fwd)(struct ag_ctx *ctx, ag_attn *a, float *o, bf16 *ob);
     /* Its backward from dob = dL/do as GEMM operand (same dtype as q): dq, dk, dv (fp32,
-     * accumulated into; each may be NULL), probabilities recomputed bit-identically
-     * from rmax/rinv (Dao et al. 2022). */
-    void (*attention_bwd)(struct ag_ctx *ctx, const ag_attn *a, const void *dob, float *dq, float *dk, float *dv);
+     * accumulated into, or with write 1 written: gradients not yet started, no zero fill; each may be NULL),
+     * probabilities recomputed bit-identically from rmax/rinv (Dao et al. 2022). */
+    void (*attention_bwd)(struct ag_ctx *ctx, const ag_attn *a, const void *dob, float *dq, float *dk, float *dv,
+                          int write);
     /* KV-cached attention of model/llama_infer.c: out (n, H*hd) fp32. Scratch from ctx's arena. */
     void (*attention_cached)(struct ag_ctx *ctx, const ag_attn_cached *a, float *out);
     /* SwiGLU (Shazeer 2020): y = silu(g)·u = g/(1+exp(−g))·u, g u y (n) fp32; yb, gb, ub bf16

@@ -837,8 +837,9 @@ static void cu_rope_fwd(const float *x, float *y, bf16 *yb, int64_t N, int n_hea
     rope_run(x, y, yb, N, n_heads, rt, pos, 1.0f, 0);
 }
 
-static void cu_rope_bwd(const float *dy, float *dx, int64_t N, int n_heads, const rope_table *rt, const int32_t *pos) {
-    rope_run(dy, dx, NULL, N, n_heads, rt, pos, -1.0f, 1);
+static void cu_rope_bwd(const float *dy, float *dx, int64_t N, int n_heads, const rope_table *rt, const int32_t *pos,
+                        int write) {
+    rope_run(dy, dx, NULL, N, n_heads, rt, pos, -1.0f, !write);
 }
 
 /* ------------------------------------------------------------------ attention (flash style) */
@@ -1148,9 +1149,15 @@ static void cu_attention_fwd(struct ag_ctx *ctx, ag_attn *a, float *o, bf16 *ob)
     (void)ctx;
 }
 
-static void cu_attention_bwd(struct ag_ctx *ctx, const ag_attn *a, const void *dob, float *dq, float *dk, float *dv) {
+static void cu_attention_bwd(struct ag_ctx *ctx, const ag_attn *a, const void *dob, float *dq, float *dk, float *dv,
+                             int write) {
     int B = a->B, T = a->T, hd = a->hd, w = a->window;
     attn_check(hd);
+    if (write) { /* the kernels below add into dq, dk, dv: gradients not yet started begin at 0 on the stream */
+        if (dq) cu_zero(dq, (size_t)B * T * a->H * hd * sizeof(float));
+        if (dk) cu_zero(dk, (size_t)B * T * a->KVH * hd * sizeof(float));
+        if (dv) cu_zero(dv, (size_t)B * T * a->KVH * hd * sizeof(float));
+    }
     ag_mark mk = ag_arena_mark(ctx);
     float *arow = (float *)ag_alloc(ctx, (size_t)B * a->H * T * sizeof(float));
     const int32_t *seq = (const int32_t *)dev_args(SLOT_SEQ, a->seq_ids, (size_t)B * T * 4);

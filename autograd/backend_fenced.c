@@ -335,11 +335,12 @@ static void fc_rope_fwd(const float *x, float *y, bf16 *yb, int64_t N, int nh, c
     fence_close();
 }
 
-static void fc_rope_bwd(const float *dy, float *dx, int64_t N, int nh, const rope_table *rt, const int32_t *pos) {
+static void fc_rope_bwd(const float *dy, float *dx, int64_t N, int nh, const rope_table *rt, const int32_t *pos,
+                        int write) {
     NEED(dy);
     NEED(dx);
     fence_open();
-    inner()->rope_bwd(dy, dx, N, nh, rt, pos);
+    inner()->rope_bwd(dy, dx, N, nh, rt, pos, write);
     fence_close();
 }
 
@@ -362,14 +363,15 @@ static void fc_attention_fwd(struct ag_ctx *ctx, ag_attn *a, float *o, bf16 *ob)
     fence_close();
 }
 
-static void fc_attention_bwd(struct ag_ctx *ctx, const ag_attn *a, const void *dob, float *dq, float *dk, float *dv) {
+static void fc_attention_bwd(struct ag_ctx *ctx, const ag_attn *a, const void *dob, float *dq, float *dk, float *dv,
+                             int write) {
     attn_need("attention_bwd", a);
     NEED(dob);
     OPT(dq);
     OPT(dk);
     OPT(dv);
     fence_open();
-    inner()->attention_bwd(ctx, a, dob, dq, dk, dv);
+    inner()->attention_bwd(ctx, a, dob, dq, dk, dv, write);
     fence_close();
 }
 

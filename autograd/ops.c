@@ -620,8 +620,9 @@ static void rope_backward(ag_ctx *ctx, const ag_node *n) {
     int pc = ag_prof_push(AG_PROF_ROPE);
     tensor *x = n->in[0], *y = n->out;
     const rope_saved *s = n->saved;
-    float *dx = ag_grad(ctx, x);
-    ctx->be->rope_bwd(y->grad, dx, x->shape[0], s->n_heads, s->rt, s->pos);
+    int fresh = 0; /* x's gradient not yet started (q's or k's projection output): written, not zero-filled and added to */
+    float *dx = ag_grad_fresh(ctx, x, &fresh);
+    ctx->be->rope_bwd(y->grad, dx, x->shape[0], s->n_heads, s->rt, s->pos, fresh);
     ag_prof_pop(pc);
 }
 
@@ -651,13 +652,25 @@ tensor *op_rope(ag_ctx *ctx, tensor *x, int n_heads, const rope_table *rt, const
 static void attn_backward(ag_ctx *ctx, const ag_node *n) {
     tensor *q = n->in[0], *k = n->in[1], *v = n->in[2], *o = n->out;
     const ag_attn *s = n->saved;
-    float *dq = q->requires_grad ? ag_grad(ctx, q) : NULL;
-    float *dk = k->requires_grad ? ag_grad(ctx, k) : NULL;
-    float *dv = v->requires_grad ? ag_grad(ctx, v) : NULL;
+    /* q, k and v usually have no gradient yet (RoPE's outputs and v's projection output): the kernel then writes
+     * them instead of adding to zero-filled buffers; if any of them has one, the new ones are zeroed and all
+     * three added to */
+    int fq = 0, fk = 0, fv = 0;
+    float *dq = q->requires_grad ? ag_grad_fresh(ctx, q, &fq) : NULL;
+    float *dk = k->requires_grad ? ag_grad_fresh(ctx, k, &fk) : NULL; /* after q's: q == k is not fresh twice */
+    float *dv = v->requires_grad ? ag_grad_fresh(ctx, v, &fv) : NULL;
+    const int write = (!dq || fq) && (!dk || fk) && (!dv || fv) && dq != dk && dq != dv && dk != dv;
+    if (!write) {
+        int pz = ag_prof_push(AG_PROF_GRAD_ZERO);
+        if (fq) ctx->be->zero(dq, (size_t)q->numel * sizeof(float));
+        if (fk) ctx->be->zero(dk, (size_t)k->numel * sizeof(float));
+        if (fv) ctx->be->zero(dv, (size_t)v->numel * sizeof(float));
+        ag_prof_pop(pz);
+    }
     ag_mark m = ag_arena_mark(ctx);
     const void *dob = operand(ctx, o->grad, o->numel);
     int pc = ag_prof_push(AG_PROF_ATTN);
-    ctx->be->attention_bwd(ctx, s, dob, dq, dk, dv);
+    ctx->be->attention_bwd(ctx, s, dob, dq, dk, dv, write);
     ag_prof_pop(pc);
     ag_arena_reset(ctx, m);
 }

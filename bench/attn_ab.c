@@ -112,7 +112,7 @@ int main(int argc, char **argv) {
             memset(r[x].dv, 0, (size_t)nk * 4);
             double c0 = cpu_sec(), w0 = clock_now_sec();
             be[x]->attention_fwd(&ctx, &a, r[x].o, r[x].ob);
-            be[x]->attention_bwd(&ctx, &a, dob, r[x].dq, r[x].dk, r[x].dv);
+            be[x]->attention_bwd(&ctx, &a, dob, r[x].dq, r[x].dk, r[x].dv, 0);
             if (it >= 0) {
                 cs[x][it] = cpu_sec() - c0;
                 ws[x][it] = clock_now_sec() - w0;

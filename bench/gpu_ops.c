@@ -133,7 +133,7 @@ int main(void) {
     be->sync();
     double tf = clock_now_sec() - t0;
     t0 = clock_now_sec();
-    be->attention_bwd(&ctx, &a, dob, dq_, dk, dv);
+    be->attention_bwd(&ctx, &a, dob, dq_, dk, dv, 0);
     be->sync();
     double tb = clock_now_sec() - t0;
     double af = 2.0 * 2.0 * T * (double)T / 2 * H * hd; /* causal: half the score matrix, QKᵀ and PV */

@@ -146,6 +146,12 @@ static void assert_bits_or_nmse(const ag_backend *be, const char *what, const fl
     else assert_bits(what, x, ref, (size_t)n * sizeof(float));
 }
 
+/* Equal values (±0 equal: a written gradient may be −0 where zero + −0 gave +0), NaN nowhere. */
+static void assert_same_values(const char *what, const float *x, const float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (!(x[i] == y[i])) fail_msg("%s: element %lld is %.9g, expected %.9g", what, (long long)i, x[i], y[i]);
+}
+
 /* A bf16 array that is the rounding of its own fp32 array (the backend's copy). */
 static void assert_bf16_copy(const char *what, const bf16 *b, const float *f, int64_t n) {
     for (int64_t i = 0; i < n; i++)
@@ -687,7 +693,21 @@ static void case_rope(const ag_backend *be, const ag_backend *ref) {
             check_memo_only(b, "rope y bf16", dYb, dYb2, n);
             b->free(dYb2);
         }
-        b->rope_bwd(dDY, dDX, N, nh, &rt, pos);
+        b->rope_bwd(dDY, dDX, N, nh, &rt, pos, 0);
+        { /* write 1: dx = rot(−θ) dy into a buffer whose old contents (NaN) must not be read; equals the sum
+           * onto zeros */
+            float *dW = b->alloc((size_t)n * 4), *dZ = b->alloc((size_t)n * 4);
+            b->fill_f32(dW, n, NAN);
+            b->zero(dZ, (size_t)n * 4);
+            b->rope_bwd(dDY, dW, N, nh, &rt, pos, 1);
+            b->rope_bwd(dDY, dZ, N, nh, &rt, pos, 0);
+            float *hw = to_host(b, dW, (size_t)n * 4), *hz = to_host(b, dZ, (size_t)n * 4);
+            assert_same_values("rope dx written", hw, hz, n);
+            free(hw);
+            free(hz);
+            b->free(dW);
+            b->free(dZ);
+        }
         y[w] = to_host(b, dY, (size_t)n * 4);
         yb[w] = to_host(b, dYb, (size_t)n * 2);
         dx[w] = to_host(b, dDX, (size_t)n * 4);
@@ -958,7 +978,24 @@ static void attn_run(const ag_backend *b, int B, int T, int H, int KVH, int hd, 
     b->zero(dk, (size_t)nk * 4);
     b->zero(dv, (size_t)nk * 4);
     void *dob = to_dev(b, doo, (size_t)nq * es);
-    b->attention_bwd(&ctx, &a, dob, dq, dk, dv);
+    b->attention_bwd(&ctx, &a, dob, dq, dk, dv, 0);
+    { /* write 1 (gradients not yet started): into NaN-filled buffers, the same values as the sum onto zeros */
+        float *wq = b->alloc((size_t)nq * 4), *wk = b->alloc((size_t)nk * 4), *wv = b->alloc((size_t)nk * 4);
+        b->fill_f32(wq, nq, NAN);
+        b->fill_f32(wk, nk, NAN);
+        b->fill_f32(wv, nk, NAN);
+        b->attention_bwd(&ctx, &a, dob, wq, wk, wv, 1);
+        float *hq = to_host(b, wq, (size_t)nq * 4), *hk = to_host(b, wk, (size_t)nk * 4), *hv = to_host(b, wv, (size_t)nk * 4);
+        float *zq = to_host(b, dq, (size_t)nq * 4), *zk = to_host(b, dk, (size_t)nk * 4), *zv = to_host(b, dv, (size_t)nk * 4);
+        assert_same_values("attention dq written", hq, zq, nq);
+        assert_same_values("attention dk written", hk, zk, nk);
+        assert_same_values("attention dv written", hv, zv, nk);
+        float *fr[] = {hq, hk, hv, zq, zk, zv};
+        for (int i = 0; i < 6; i++) free(fr[i]);
+        b->free(wq);
+        b->free(wk);
+        b->free(wv);
+    }
     out->o = to_host(b, o, (size_t)nq * 4);
     out->ob = to_host(b, ob, (size_t)nq * 2);
     out->dq = to_host(b, dq, (size_t)nq * 4);

@@ -264,7 +264,7 @@ static void test_rope_pair(void **state) {
     memcpy(dx0, dx, (size_t)n * 4);
     bf16 *yb = (bf16 *)malloc((size_t)n * 2);
     ref()->rope_fwd(x, y, yb, N, nh, &rt, pos);
-    ref()->rope_bwd(x, dx, N, nh, &rt, pos); /* dy = x */
+    ref()->rope_bwd(x, dx, N, nh, &rt, pos, 0); /* dy = x */
     for (int64_t t = 0; t < N; t++)
         for (int h = 0; h < nh; h++)
             for (int i = 0; i < half; i++) {
@@ -614,7 +614,7 @@ static void test_attn_rows(void **state) {
         float *o = (float *)malloc(B * T * 4), *dq = (float *)calloc(B * T, 4), *dk = (float *)calloc(B * T, 4),
               *dv = (float *)calloc(B * T, 4);
         ref()->attention_fwd(&ctx, &a, o, NULL);
-        ref()->attention_bwd(&ctx, &a, dout, dq, dk, dv);
+        ref()->attention_bwd(&ctx, &a, dout, dq, dk, dv, 0);
         double *dk2 = (double *)calloc(B * T, 8), *dv2 = (double *)calloc(B * T, 8);
         for (int b = 0; b < B; b++) {
             const int32_t *sb = sid + b * T;

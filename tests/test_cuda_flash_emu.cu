@@ -198,7 +198,7 @@ static fa_case make_case(int B, int T, int H, int KVH, int hd, const int32_t *se
     a.seg_ok = segok.data();
     a.B = B, a.T = T, a.H = H, a.KVH = KVH, a.hd = hd, a.bf16 = 1, a.window = window;
     ref->attention_fwd(&ctx, &a, c.o.data(), NULL);
-    ref->attention_bwd(&ctx, &a, c.db.data(), c.dq.data(), c.dk.data(), c.dv.data());
+    ref->attention_bwd(&ctx, &a, c.db.data(), c.dq.data(), c.dk.data(), c.dv.data(), 0);
     ag_ctx_free(&ctx);
     /* the launcher's bookkeeping (cu_attention_fwd uploads the same), checked against the CPU's */
     c.lo.assign((size_t)B * T, 0), c.ok.assign((size_t)B, 0);

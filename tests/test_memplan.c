@@ -202,7 +202,7 @@ static void test_attention_scratch(void **st) {
         cpu->attention_fwd(&ctx, &a, o, ob);
         const size_t fwd = ctx.arena.peak;
         ctx.arena.peak = ctx.arena.in_use;
-        cpu->attention_bwd(&ctx, &a, dob, dq, dk, dv);
+        cpu->attention_bwd(&ctx, &a, dob, dq, dk, dv, 0);
         const size_t bwd = ctx.arena.peak - ctx.arena.in_use, got = fwd > bwd ? fwd : bwd;
         assert_int_equal(got, ag_cpu_attention_scratch_bytes(B, T, H, KVH, hd, bf, nth));
         ag_ctx_free(&ctx);
