@@ -9,6 +9,7 @@
 #include "autograd/prof.h"
 #include "core/bf16.h"
 #include "core/clock.h"
+#include "core/parse.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BW__)
 #define LG_AMX 1
@@ -259,10 +260,7 @@ static void lg_skinny_reduce(int64_t R, int64_t W, int64_t K, float alpha, const
 /* QLORA_LORA_SHORTK=0: the K = r products on oneDNN (an A/B of lg_short_k alone in one binary). */
 static int lg_short_k_on(void) {
     static int on = -1;
-    if (on < 0) {
-        const char *e = getenv("QLORA_LORA_SHORTK");
-        on = !(e && strcmp(e, "0") == 0);
-    }
+    if (on < 0) on = !env_switch_off("QLORA_LORA_SHORTK");
     return on;
 }
 #endif
@@ -271,10 +269,9 @@ int lora_gemm_amx_active(void) {
 #ifdef LG_AMX
     static int ok = -1;
     if (ok < 0) {
-        const char *e = getenv("QLORA_CPU_AMX"), *l = getenv("QLORA_LORA_AMX");
         unsigned a, b, c, d;
         int has = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1) && (d >> 24 & 1);
-        ok = !(e && strcmp(e, "0") == 0) && !(l && strcmp(l, "0") == 0) && has &&
+        ok = !env_switch_off("QLORA_CPU_AMX") && !env_switch_off("QLORA_LORA_AMX") && has &&
              syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
     }
     return ok;

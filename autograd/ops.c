@@ -16,6 +16,7 @@
 
 #include "autograd/backend.h"
 #include "autograd/prof.h"
+#include "core/parse.h"
 
 /* ------------------------------------------------------------------ helpers */
 
@@ -107,10 +108,7 @@ static const void *frozen_operand(ag_ctx *ctx, const frozen_weight *w) {
  * binary, as QLORA_CPU_AMX=0). */
 static int frozen_t_on(void) {
     static int on = -1;
-    if (on < 0) {
-        const char *e = getenv("QLORA_FROZEN_T");
-        on = !(e && strcmp(e, "0") == 0);
-    }
+    if (on < 0) on = !env_switch_off("QLORA_FROZEN_T");
     return on;
 }
 
@@ -544,10 +542,7 @@ void op_linear_group(ag_ctx *ctx, tensor *x, int n, const frozen_weight *const w
     if (ctx->fp16 && !ctx->bf16) grouped = 0;
     /* QLORA_LINEAR_GROUP=0: one op_linear per projection, for an end-to-end A/B in one binary (as QLORA_CPU_AMX=0) */
     static int group_env = -1;
-    if (group_env < 0) {
-        const char *e = getenv("QLORA_LINEAR_GROUP");
-        group_env = !(e && strcmp(e, "0") == 0);
-    }
+    if (group_env < 0) group_env = !env_switch_off("QLORA_LINEAR_GROUP");
     if (!group_env) grouped = 0;
     for (int i = 0; grouped && i < n; i++)
         grouped = lora[i] && lora[i]->r == lora[0]->r && !(lora[i]->dropout > 0.0f && ctx->training) &&

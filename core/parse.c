@@ -79,3 +79,8 @@ int parse_double_range(const char *what, const char *s, double lo, double hi, in
     return qerr_set(e, "%s: expected a number in %c%g, %g], got \"%s\"", what, lo_open ? '(' : '[', lo, hi,
                     shown(s, buf, sizeof buf));
 }
+
+int env_switch_off(const char *name) {
+    const char *v = getenv(name);
+    return v && strcmp(v, "0") == 0;
+}

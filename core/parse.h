@@ -32,4 +32,9 @@ int parse_u64(const char *what, const char *s, uint64_t *out, qerr *e);
  * when hi is infinite). */
 int parse_double_range(const char *what, const char *s, double lo, double hi, int lo_open, double *out, qerr *e);
 
+/* env_switch_off: 1 when the environment variable `name` is set to exactly "0". The A/B switches of the fast
+ * paths (QLORA_CPU_AMX, QLORA_LORA_AMX, QLORA_LORA_SHORTK, QLORA_LINEAR_GROUP, QLORA_FROZEN_T) turn one path off
+ * in the same binary this way; anything else (unset, "1") leaves it on. */
+int env_switch_off(const char *name);
+
 #endif

@@ -76,6 +76,7 @@
 #include <string.h>
 
 #include "core/bf16.h"
+#include "core/transpose.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -675,45 +676,6 @@ static void nf4_dequant_range(const nf4_tensor *t, int64_t e0, int64_t e1, void 
  * values (64 bytes). Each element gets exactly the value of the rows kernels. */
 enum { NF4_T_ROWS = 32, NF4_T_COLS = 64, NF4_T_SPAN = 512 };
 
-/* dst[i·ldd + r] = tile[r·NF4_T_COLS + i] for r < nr, i < nc. */
-static void nf4_t_store(const uint16_t *tile, int nr, int nc, uint16_t *dst, int64_t ldd, int nt) {
-#ifdef NF4_USE_AVX512
-    if (nr == NF4_T_ROWS && nc == NF4_T_COLS && nt) {
-        const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                               _mm512_set1_epi32(NF4_T_COLS / 2));
-        const int *lo = (const int *)tile, *hi = (const int *)(tile + 16 * NF4_T_COLS);
-        for (int i = 0; i < NF4_T_COLS; i += 2) {
-            const __m512i a = _mm512_i32gather_epi32(idx, lo + i / 2, 4), b = _mm512_i32gather_epi32(idx, hi + i / 2, 4);
-            _mm512_stream_si512((void *)(dst + i * ldd),
-                                _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(a)),
-                                                   _mm512_cvtepi32_epi16(b), 1));
-            _mm512_stream_si512((void *)(dst + (i + 1) * ldd),
-                                _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_srli_epi32(a, 16))),
-                                                   _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)), 1));
-        }
-        return;
-    }
-    if (nr == NF4_T_ROWS && nc == NF4_T_COLS) {
-        /* a dword gather per 16 rows and column pair: its low halves are column i, its high halves i + 1 */
-        const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                               _mm512_set1_epi32(NF4_T_COLS / 2));
-        const int *lo = (const int *)tile, *hi = (const int *)(tile + 16 * NF4_T_COLS);
-        for (int i = 0; i < NF4_T_COLS; i += 2) {
-            const __m512i a = _mm512_i32gather_epi32(idx, lo + i / 2, 4), b = _mm512_i32gather_epi32(idx, hi + i / 2, 4);
-            _mm512_storeu_si512((void *)(dst + i * ldd),
-                                _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(a)),
-                                                   _mm512_cvtepi32_epi16(b), 1));
-            _mm512_storeu_si512((void *)(dst + (i + 1) * ldd),
-                                _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_srli_epi32(a, 16))),
-                                                   _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)), 1));
-        }
-        return;
-    }
-#endif
-    for (int i = 0; i < nc; i++)
-        for (int r = 0; r < nr; r++) dst[i * ldd + r] = tile[r * NF4_T_COLS + i];
-}
-
 void nf4_dequantize_t_bf16(const nf4_tensor *t, uint16_t *dst) {
     const int64_t R = t->rows, C = t->cols, bs = t->blocksize;
     /* tasks: a 64-column chunk of W (64 rows of Wᵀ) × a range of NF4_T_SPAN rows of W, in that order, so a
@@ -746,7 +708,7 @@ void nf4_dequantize_t_bf16(const nf4_tensor *t, uint16_t *dst) {
                 for (int k = 0; k < nc; k++)
                     tr[k] = f32_to_bf16(nf4_code[nf4_nibble(t->packed, e + k)] * nf4_block_absmax(t, (e + k) / bs));
             }
-            nf4_t_store(tile, nr, nc, dst + i0 * R + o0, R, nt);
+            bf16_transpose_rows(tile, NF4_T_COLS, nr, nc, dst + i0 * R + o0, R, nt);
         }
 #ifdef NF4_USE_AVX512
         if (nt) _mm_sfence(); /* the streaming stores visible before the GEMM's threads read them */
