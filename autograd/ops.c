@@ -880,9 +880,12 @@ static void add_backward(ag_ctx *ctx, const ag_node *n) {
     ag_prof_pop(pc);
 }
 
-tensor *op_add(ag_ctx *ctx, tensor *a, tensor *b) {
+static tensor *add_impl(ag_ctx *ctx, tensor *a, tensor *b, int residual) {
     int pc = ag_prof_push(AG_PROF_ELTWISE);
-    tensor *y = ag_tensor(ctx, AG_F32, a->ndim, a->shape);
+    tensor *y = residual && ctx->saving && a->ndim == 2
+                    ? ag_wrap(ctx, AG_F32, a->shape[0], a->shape[1],
+                              ag_alloc_keep(ctx, (size_t)a->numel * sizeof(float)), NULL) /* kept = data */
+                    : ag_tensor(ctx, AG_F32, a->ndim, a->shape);
     ctx->be->add(a->data, b->data, y->data, a->numel);
     if (ag_needs_grad(ctx, a, b, NULL)) {
         /* b just produced (a residual branch's last op): its gradient may share dy's buffer (add_backward) */
@@ -892,6 +895,10 @@ tensor *op_add(ag_ctx *ctx, tensor *a, tensor *b) {
     ag_prof_pop(pc);
     return y;
 }
+
+tensor *op_add(ag_ctx *ctx, tensor *a, tensor *b) { return add_impl(ctx, a, b, 0); }
+
+tensor *op_add_residual(ag_ctx *ctx, tensor *a, tensor *b) { return add_impl(ctx, a, b, 1); }
 
 /* ------------------------------------------------------------------ LM head + CE */
 

@@ -133,6 +133,11 @@ tensor *op_cols(ag_ctx *ctx, tensor *x, int64_t c0, int64_t c);
 /* y = a + b, same shapes. */
 tensor *op_add(ag_ctx *ctx, tensor *a, tensor *b);
 
+/* op_add for the residual stream (2-D): inside a segment (ctx->saving, checkpointing off or selective) the sum is
+ * written straight into the keep arena, where it would otherwise be copied — the next RMSNorm keeps its input for
+ * backward (ag_keep), a segment keeps its output (ag_segment) — so neither copy is made. Same values as op_add. */
+tensor *op_add_residual(ag_ctx *ctx, tensor *a, tensor *b);
+
 /* Fused LM head + cross-entropy with ignore index -100:
  *   loss = scale · Σ_{n: targets[n] != -100} −log softmax(h[n] Wᵀ)[targets[n]]
  * h (N, D) fp32, W the frozen (V, D) head. The logits are computed `chunk` rows

@@ -1160,7 +1160,7 @@ static tensor *layer_attention_half(ag_ctx *ctx, const llama_model *m, const lor
     tensor *att = attention(ctx, arg, q, k, v);
     tensor *o = op_linear(ctx, att, &L->lin[LLAMA_O], lora_set_get(ls, l, LLAMA_O));
     if (hp->post_norms) o = op_rmsnorm(ctx, o, wrap_vector(ctx, hp->d_model, L->post_attn_norm), hp->rms_eps);
-    return op_add(ctx, x, o);
+    return op_add_residual(ctx, x, o);
 }
 
 /* out_unread: the half runs again in backward and its output's value is not read (selective
@@ -1191,7 +1191,7 @@ static tensor *layer_mlp_half(ag_ctx *ctx, const llama_model *m, const lora_set 
     tensor *d = out_unread && !hp->post_norms ? op_linear_unread_output(ctx, mm, &L->lin[LLAMA_DOWN], ld)
                                               : op_linear(ctx, mm, &L->lin[LLAMA_DOWN], ld);
     if (hp->post_norms) d = op_rmsnorm(ctx, d, wrap_vector(ctx, hp->d_model, L->post_ffn_norm), hp->rms_eps);
-    return op_add(ctx, x, d);
+    return op_add_residual(ctx, x, d);
 }
 
 tensor *llama_layer_forward(ag_ctx *ctx, const llama_model *m, const lora_set *ls, int l, tensor *x,
