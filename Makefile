@@ -252,7 +252,7 @@ test-asan: $(ASAN_TEST_BIN) build-asan/bin/qlora-train $(ASAN_TOOL_BINS) $(DEFAU
 FUZZ_CC      ?= clang
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := gguf safetensors config jsonl hf
-FUZZ_LIB_SRC := core/status.c core/file.c core/hash.c core/strbuf.c quant/ggml_quants.c format/gguf.c format/safetensors.c \
+FUZZ_LIB_SRC := core/status.c core/file.c core/hash.c core/strbuf.c core/parse.c core/transpose.c quant/ggml_quants.c format/gguf.c format/safetensors.c \
                 model/llama_linear.c trainer/config.c trainer/config_axolotl.c data/tokenizer.c data/chat.c data/jsonl.c data/dataset.c data/pack.c \
                 model/hf.c data/tokenizer_json.c quant/nf4.c quant/int8.c quant/blockwise8.c trainer/unfreeze.c \
                 format/gguf_write.c model/llama.c model/llama_fsdp.c comm/comm.c comm/comm_mpi.c comm/comm_tcp.c \
