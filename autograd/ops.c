@@ -654,7 +654,8 @@ static void attn_backward(ag_ctx *ctx, const ag_node *n) {
     float *dq = q->requires_grad ? ag_grad_fresh(ctx, q, &fq) : NULL;
     float *dk = k->requires_grad ? ag_grad_fresh(ctx, k, &fk) : NULL; /* after q's: q == k is not fresh twice */
     float *dv = v->requires_grad ? ag_grad_fresh(ctx, v, &fv) : NULL;
-    const int write = (!dq || fq) && (!dk || fk) && (!dv || fv) && dq != dk && dq != dv && dk != dv;
+    /* written only when every gradient asked for is new and none is another's buffer (q == k: one gradient) */
+    const int write = (!dq || fq) && (!dk || fk) && (!dv || fv) && (!dq || (dq != dk && dq != dv)) && (!dk || dk != dv);
     if (!write) {
         int pz = ag_prof_push(AG_PROF_GRAD_ZERO);
         if (fq) ctx->be->zero(dq, (size_t)q->numel * sizeof(float));
